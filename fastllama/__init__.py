@@ -1,0 +1,22 @@
+"""fastllama: Triton kernels that make Llama-family models train and decode faster.
+
+``import fastllama`` is cheap and does not import Triton: the kernels load on first use of
+``fastllama.ops`` (or ``patch``), so a CPU-only program can set ``TRITON_INTERPRET=1`` first.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+from .tokenizer import Tokenizer  # noqa: E402
+
+__all__ = ["__version__", "Tokenizer", "ops", "reference", "testing", "checkpoint"]
+
+_LAZY_MODULES = {"ops", "reference", "testing", "checkpoint", "kernels", "optable"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastllama' has no attribute {name!r}")

@@ -1,0 +1,127 @@
+"""Hugging Face-format checkpoints: config.json + safetensors (one file, or sharded with an index).
+
+Loading is strict and checks everything before touching a weight: a missing key, an unexpected
+key or a shape mismatch raises :class:`CheckpointError` naming all of them, and the model is not
+half-loaded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["CheckpointError", "read_config", "load_pretrained", "save_pretrained", "checkpoint_files"]
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory does not match the model it is loaded into."""
+
+
+def read_config(path) -> dict:
+    """The parsed ``config.json`` of a checkpoint directory."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path}: no config.json (an HF-format checkpoint directory is expected)")
+    return json.loads(cfg.read_text())
+
+
+def checkpoint_files(path) -> dict[str, Path]:
+    """Maps every tensor name in the checkpoint to the safetensors file that holds it."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        files = {name: path / f for name, f in weight_map.items()}
+        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+        if absent:
+            raise CheckpointError(f"{path}: shard files named in {INDEX} are missing: {absent}")
+        return files
+    if (path / SINGLE).is_file():
+        with safe_open(path / SINGLE, framework="pt") as f:
+            return {name: path / SINGLE for name in f.keys()}
+    raise CheckpointError(f"{path}: neither {SINGLE} nor {INDEX} found")
+
+
+def _expected_tensors(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """Persistent state of the model, with tied parameters listed once (first name wins)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen[id(t)] = name
+        out[name] = t.shape
+    return out
+
+
+def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
+    """Builds ``cls(config)`` from ``path`` and loads its weights strictly.
+
+    ``dtype`` defaults to the config's ``torch_dtype``/``dtype`` when given there, else fp32.
+    """
+    path = Path(path)
+    config = read_config(path)
+    if dtype is None:
+        name = config.get("dtype") or config.get("torch_dtype") or "float32"
+        dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+    with torch.device("meta"):
+        model = cls(config)
+    files = checkpoint_files(path)
+    expected = _expected_tensors(model)
+
+    # Check every key and shape before loading anything.
+    found: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if files.get(name) == file:
+                    found[name] = tuple(f.get_slice(name).get_shape())
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    optional = {"lm_head.weight"} if tied else set()
+    missing = sorted(set(expected) - set(found) - optional)
+    unexpected = sorted(set(found) - set(expected) - optional)
+    mismatched = sorted(
+        f"{k}: checkpoint {found[k]} vs model {tuple(expected[k])}"
+        for k in set(found) & set(expected) if tuple(expected[k]) != found[k]
+    )
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys: {unexpected}")
+        if mismatched:
+            problems.append(f"shape mismatches: {mismatched}")
+        raise CheckpointError(f"{path} does not match {cls.__name__}:\n  " + "\n  ".join(problems))
+
+    state = {}
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name in expected:
+                    state[name] = f.get_tensor(name).to(dtype)
+    model = model.to_empty(device=device or "cpu")
+    model.load_state_dict(state, strict=False, assign=False)
+    if tied:  # to_empty() broke the tie's storage sharing only if it was re-created; re-tie to be sure
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # buffers that are not in the checkpoint (rotary inv_freq) are recomputed
+    model.inv_freq = model.config.inv_freq().to(model.inv_freq.device)
+    return model
+
+
+def save_pretrained(model, path) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` (tied ``lm_head.weight`` left out, as HF does)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_hf()
+    config["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(path / SINGLE), metadata={"format": "pt"})

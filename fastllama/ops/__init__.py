@@ -1,0 +1,14 @@
+"""The public functional API: validated, autograd-aware, ``torch.compile``-friendly ops.
+
+Each op lives in its own module here (validation, config choice, ``torch.autograd.Function``,
+``torch.library`` custom-op registration) and launches kernels from ``fastllama.kernels``.
+Call conventions mirror PyTorch and Hugging Face; see DESIGN.md for the list.
+"""
+from __future__ import annotations
+
+from .._interpreter import use_interpreter_if_no_gpu as _use_interpreter_if_no_gpu
+
+# Importing triton for the first time on a CPU-only machine: switch the interpreter on first.
+_use_interpreter_if_no_gpu()
+
+__all__: list[str] = []

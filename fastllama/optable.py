@@ -1,0 +1,80 @@
+"""The one table of ops: what each fastllama op is checked against, on which shapes.
+
+The parity tests (tests/test_op_parity.py), ``fastllama.verify`` and the op benchmarks read this
+table, so adding an op means adding one :class:`OpSpec` here (plus its kernel, op and reference).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["OpCase", "OpSpec", "OPS", "get"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCase:
+    """One shape case. ``params`` go to ``OpSpec.make_args``; ``cuda_only`` cases are too slow
+    for the interpreter and run only on a GPU (pytest marker ``cuda_only``)."""
+
+    id: str
+    params: dict
+    cuda_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """An op and its truth.
+
+    ``make_args(params, dtype, device)`` returns ``(args, kwargs)``: ``args`` are the tensors
+    (floating ones with ``requires_grad`` set where a gradient is checked), ``kwargs`` the
+    non-tensor options, passed to both ``op`` and ``reference``. ``kernels`` names the
+    ``fastllama.kernels`` modules the op launches (the build report covers them).
+    """
+
+    name: str
+    op: Callable[..., Any]
+    reference: Callable[..., Any]
+    make_args: Callable[[dict, torch.dtype, str], tuple[tuple, dict]]
+    cases: tuple[OpCase, ...]
+    kernels: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    names: tuple[str, ...] | None = None  # labels of args in parity tables
+    output_names: tuple[str, ...] | None = None
+
+
+def _build() -> list[OpSpec]:
+    """Imported lazily: building the table imports the ops (and so triton)."""
+    specs: list[OpSpec] = []
+    # Each op module contributes its spec(s) with an `OP_SPECS` list.
+    from . import ops  # noqa: F401  (switches the interpreter on where needed)
+
+    for module in _OP_MODULES:
+        mod = __import__(f"fastllama.ops.{module}", fromlist=["OP_SPECS"])
+        specs.extend(mod.OP_SPECS)
+    return specs
+
+
+# fastllama.ops submodules that define OP_SPECS; a new op adds its module name here.
+_OP_MODULES: list[str] = []
+
+_CACHE: list[OpSpec] = []
+
+
+def all_specs() -> list[OpSpec]:
+    """Every registered op spec."""
+    if not _CACHE:
+        _CACHE.extend(_build())
+    return list(_CACHE)
+
+
+def get(name: str) -> OpSpec:
+    """The spec named ``name``; KeyError lists the known names."""
+    for spec in all_specs():
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no op named {name!r}; known: {[s.name for s in all_specs()]}")
+
+
+OPS = all_specs  # alias: OPS() lists the table

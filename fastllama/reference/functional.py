@@ -1,0 +1,229 @@
+"""Pure-PyTorch functional references: the truth every kernel is checked against.
+
+Every function here is plain PyTorch, follows the Hugging Face Llama semantics it stands in for,
+and works in any floating dtype. Internal statistics are computed in
+``promote_types(dtype, float32)``: float32 for half-precision inputs (exactly what HF does) and
+float64 when the parity harness feeds float64 to get the "truth".
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "rms_norm",
+    "rotate_half",
+    "apply_rotary_pos_emb",
+    "rope_inv_freq",
+    "rope_cos_sin",
+    "swiglu",
+    "attention",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "SUPPORTED_ROPE_TYPES",
+]
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types (HF's upcast); float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+# ----------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+    """HF ``LlamaRMSNorm``: ``weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)``.
+
+    Statistics in fp32 (fp64 for fp64 input), the normalised value cast back to the input dtype
+    BEFORE the weight multiply, as HF does. With ``residual`` the sum ``x + residual`` (in the
+    input dtype, as the HF decoder layer computes it) is normalised and ``(normed, sum)`` returned.
+    """
+    if residual is not None:
+        x = x + residual
+    h = x.to(_stat_dtype(x.dtype))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return (out, x) if residual is not None else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF convention: the head dim is two halves (x1, x2); returns (-x2, x1)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """HF ``apply_rotary_pos_emb``: q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, D) or (T, D)."""
+    if cos.dim() == 3:  # (B, T, D) -> (B, 1, T, D), broadcast over heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q_out = q * cos + rotate_half(q) * sin
+    k_out = k * cos + rotate_half(k) * sin
+    return q_out, k_out
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0, rope_type: str = "default", **scaling) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) in fp32 for the rope types HF Llama uses.
+
+    ``scaling`` holds the rope parameters of the type: ``factor`` for "linear"; ``factor``,
+    ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings`` for "llama3".
+    """
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_type={rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotary embedding, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "llama3":
+        # Llama 3.1 scaling: long wavelengths (> original_ctx / low_freq_factor) are slowed down by
+        # `factor`, short ones (< original_ctx / high_freq_factor) are kept, and the band between
+        # is a linear blend of the two in "how many wavelengths fit the original context".
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        in_band = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(in_band, blended, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """cos, sin of shape (B, T, D) for integer ``position_ids`` (B, T), computed in fp32 like HF."""
+    freqs = position_ids[..., None].to(torch.float32) * inv_freq.to(device=position_ids.device, dtype=torch.float32)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU
+# ----------------------------------------------------------------------------------------------
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (the Llama MLP activation), in the input dtype like HF."""
+    return F.silu(gate) * up
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+def attention_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool = True,
+    window: tuple[int, int] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Boolean mask of allowed (query, key) pairs, broadcastable to (B, H, Tq, Tk).
+
+    Queries are the LAST ``q_len`` positions of the ``k_len`` keys (bottom-right alignment, as
+    flash-attn and a KV cache need): query i sits at absolute position ``i + k_len - q_len``.
+    ``window=(left, right)`` allows keys in ``[pos - left, pos + right]``; -1 means unlimited
+    (flash-attn's convention). Mistral's ``sliding_window=W`` is ``window=(W - 1, 0)``.
+    ``key_padding_mask`` (B, Tk) is True where a key is real.
+    """
+    q_pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= k_pos <= q_pos
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed &= k_pos >= q_pos - left
+        if right >= 0:
+            allowed &= k_pos <= q_pos + right
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
+    return allowed
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Softmax attention in the SDPA layout: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D), Hq % Hk == 0.
+
+    Query head h reads key/value head ``h // (Hq // Hk)`` (HF ``repeat_kv``). Scores and the
+    weighted sum run in the input dtype with the softmax in fp32, like HF's eager attention. A
+    query row with no allowed key returns zeros (and lse = -inf), never NaN. See
+    :func:`attention_mask` for causal alignment, ``window`` and ``key_padding_mask``.
+    """
+    B, Hq, Tq, D = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    if Hq % Hk:
+        raise ValueError(f"number of query heads ({Hq}) must be a multiple of key/value heads ({Hk})")
+    if Hq != Hk:
+        k = k.repeat_interleave(Hq // Hk, dim=1)
+        v = v.repeat_interleave(Hq // Hk, dim=1)
+    scale = D ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    allowed = attention_mask(Tq, Tk, causal=causal, window=window, key_padding_mask=key_padding_mask, device=q.device)
+    scores = scores.to(_stat_dtype(q.dtype)).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    # exp(-inf - -inf) is NaN: rows without any allowed key get probability 0 everywhere.
+    probs = torch.where(allowed, torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)), 0.0)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return (out, lse.squeeze(-1)) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-entropy
+# ----------------------------------------------------------------------------------------------
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of (N, V) logits, upcast to fp32 first (HF ``ForCausalLMLoss`` does).
+
+    "mean" divides by the number of non-ignored labels, or by ``num_items_in_batch`` when given
+    (HF's gradient-accumulation convention); all labels ignored gives 0, not NaN. "sum" and
+    "none" are as in ``F.cross_entropy``.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    logits = logits.to(_stat_dtype(logits.dtype))
+    losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    count = (labels != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.clamp(torch.as_tensor(count, device=total.device), min=1).to(total.dtype)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    bias: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, labels)``: the LM head and the loss, materialised."""
+    logits = F.linear(hidden, weight, bias)
+    return cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index, reduction, num_items_in_batch)

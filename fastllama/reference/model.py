@@ -1,0 +1,334 @@
+"""A small, readable Llama in pure PyTorch: the reference model.
+
+Module and parameter names follow Hugging Face's ``LlamaForCausalLM`` exactly
+(``model.layers.0.self_attn.q_proj.weight`` ...), so an HF checkpoint loads without renaming and
+what this model saves loads in HF. The math is the functional references in ``functional.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import functional as ref
+
+__all__ = ["LlamaConfig", "KVCache", "Llama"]
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    """The fields of an HF Llama ``config.json`` that the model uses."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_scaling: dict = dataclasses.field(default_factory=dict)  # type-specific parameters
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    raw: dict = dataclasses.field(default_factory=dict, repr=False)  # the dict it came from
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.rope_type not in ref.SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope type {self.rope_type!r} is not supported; supported: {ref.SUPPORTED_ROPE_TYPES}")
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> "LlamaConfig":
+        """Builds the config from an HF ``config.json`` dict (old ``rope_scaling``/``rope_theta``
+        keys or the newer ``rope_parameters``); raises ValueError naming anything unsupported."""
+        model_type = config.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"model_type {model_type!r} is not supported by the reference model; supported: 'llama'")
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported; supported: 'silu'")
+        if config.get("pretraining_tp", 1) != 1:
+            raise ValueError(f"pretraining_tp={config['pretraining_tp']} is not supported; supported: 1")
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        if rope.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported (rotary must cover the whole head_dim)")
+        known = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_type", "rope_scaling", "raw"}
+        kwargs = {k: v for k, v in config.items() if k in known and v is not None}
+        return cls(**kwargs, rope_theta=float(theta), rope_type=rope_type, rope_scaling=rope, raw=dict(config))
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF-loadable ``config.json`` dict (``LlamaForCausalLM``)."""
+        out = dict(self.raw)
+        out.pop("rope_scaling", None)
+        out.pop("rope_theta", None)
+        for f in dataclasses.fields(self):
+            if f.name not in ("rope_theta", "rope_type", "rope_scaling", "raw"):
+                out[f.name] = getattr(self, f.name)
+        out["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": self.rope_type, **self.rope_scaling}
+        out.setdefault("model_type", "llama")
+        out.setdefault("architectures", ["LlamaForCausalLM"])
+        out.setdefault("hidden_act", "silu")
+        return out
+
+    def inv_freq(self) -> torch.Tensor:
+        return ref.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_type, **self.rope_scaling)
+
+
+class KVCache(nn.Module):
+    """A static cache: keys and values (B, Hk, max_len, D) for one layer, filled left to right.
+
+    Slot t holds the key/value of the t-th token fed to the model (padding included), so the
+    first ``length`` slots are always the whole past and attention reads ``[:length]``.
+    """
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Writes k/v (B, Hk, T, D) at slots [start, start + T); returns all keys/values so far."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: {end} tokens, capacity {self.k.shape[2]}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps  # HF's attribute name
+
+    def forward(self, x):
+        return ref.rms_norm(x, self.weight, self.variance_epsilon)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(self, x, cos, sin, key_padding_mask=None, cache: KVCache | None = None, cache_start: int = 0):
+        B, T, _ = x.shape
+        # (B, T, H*D) -> (B, H, T, D): strided views, as in HF
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = ref.apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(cache_start, k, v)
+        out = ref.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(ref.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, key_padding_mask=None, cache=None, cache_start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embedding, decoder layers, final norm: HF's ``LlamaModel`` (``model.*`` keys)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """The reference Llama: ``logits = model(input_ids)``; ``model.generate(ids, max_new_tokens)``."""
+
+    def __init__(self, config: LlamaConfig | dict):
+        super().__init__()
+        self.config = config if isinstance(config, LlamaConfig) else LlamaConfig.from_hf(config)
+        cfg = self.config
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+        self.caches: list[KVCache] | None = None
+
+    # -- loading and saving live in fastllama.checkpoint; these are the documented entry points --
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "Llama":
+        """Loads an HF-format directory (config.json + model.safetensors, sharded or not)."""
+        from ..checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path) -> None:
+        """Writes config.json + model.safetensors that HF ``LlamaForCausalLM`` loads."""
+        from ..checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache_start: int | None = None,
+        labels: torch.Tensor | None = None,
+    ):
+        """Logits (B, T, V) for ``input_ids`` (B, T).
+
+        ``attention_mask`` (B, past + T), 1 for real tokens, covers every token the model has seen
+        (cache included). ``cache_start`` is the cache slot of ``input_ids[:, 0]`` when
+        :meth:`setup_caches` was called (None: no cache). With ``labels`` (B, T) returns
+        ``(logits, loss)``, labels shifted by one inside as HF does.
+        """
+        B, T = input_ids.shape
+        past = cache_start or 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = ref.rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+        use_cache = cache_start is not None
+        if use_cache and self.caches is None:
+            raise ValueError("cache_start given but no cache: call setup_caches() first")
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, key_padding_mask, self.caches[i] if use_cache else None, past)
+        logits = self.lm_head(self.model.norm(x))
+        if labels is None:
+            return logits
+        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        return logits, ref.cross_entropy(logits.flatten(0, 1), shifted.flatten())
+
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        """Allocates one static :class:`KVCache` per layer for ``batch`` sequences of ``max_len``."""
+        p = self.lm_head.weight
+        cfg = self.config
+        self.caches = [
+            KVCache(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, p.dtype, p.device)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        attention_mask: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: Iterable[int] | int | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Returns (B, T + new) token ids: the prompt followed by up to ``max_new_tokens`` tokens.
+
+        Greedy when ``temperature`` is 0; otherwise samples from ``softmax(logits / temperature)``
+        restricted to the ``top_k`` most likely tokens and the smallest set whose probability
+        reaches ``top_p``. Prompts of different lengths are LEFT-padded with ``attention_mask``
+        zeros. A sequence stops at any of ``stop_tokens`` (default: the config's eos) and is then
+        filled with ``pad_token_id``; generation ends when all have stopped.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if stop_tokens is None:
+            stop_tokens = self.config.eos_token_id
+        stop = torch.tensor(
+            [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens or []),
+            dtype=torch.long, device=input_ids.device,
+        )
+        pad = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
+        B, T = input_ids.shape
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        self.setup_caches(B, T + max_new_tokens)
+        try:
+            out = input_ids
+            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            logits = self(input_ids, attention_mask=mask, cache_start=0)[:, -1]
+            for step in range(max_new_tokens):
+                token = sample(logits.float(), temperature, top_k, top_p, generator)
+                token = torch.where(done, torch.full_like(token, pad), token)
+                out = torch.cat([out, token[:, None]], dim=1)
+                done |= torch.isin(token, stop)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits = self(token[:, None], attention_mask=mask, cache_start=T + step)[:, -1]
+            return out
+        finally:
+            self.caches = None
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token (B,) from logits (B, V): argmax at temperature 0, else top-k / top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first is always kept)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

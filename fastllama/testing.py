@@ -1,0 +1,230 @@
+"""The parity harness: does a kernel match pure PyTorch as well as PyTorch itself does?
+
+The rule (DESIGN.md, after flash-attention's tests): compute the truth in float64 from the SAME
+low-precision inputs, then compare the kernel's error with the error that the plain PyTorch op
+makes when run in the input dtype::
+
+    max|kernel - truth| <= 2 * max|torch_same_dtype - truth| + atol_floor     (outputs)
+    max|grad   - truth| <= 3 * max|torch_same_dtype_grad - truth| + atol_floor (input gradients)
+
+``atol_floor`` defaults to one unit of the dtype's epsilon at the tensor's largest magnitude
+(``finfo(dtype).eps * max|truth|``), so an op whose PyTorch version happens to round exactly
+is not held to an impossible zero. A non-finite kernel value where the truth is finite fails.
+
+Example::
+
+    from fastllama import ops, reference, testing
+    x = torch.randn(3, 77, 4099, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4099, dtype=torch.bfloat16, requires_grad=True)
+    testing.assert_parity(ops.rms_norm, reference.rms_norm, x, w)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["ParityRow", "ParityReport", "parity_report", "assert_parity"]
+
+
+@dataclasses.dataclass
+class ParityRow:
+    """One compared tensor: an output or the gradient of one input."""
+
+    name: str
+    kind: str  # "output" or "grad"
+    kernel_err: float
+    torch_err: float
+    allowed: float
+    worst_index: tuple[int, ...] | None
+    problem: str = ""  # set when the comparison could not be made (missing grad, non-finite)
+
+    @property
+    def ratio(self) -> float:
+        return self.kernel_err / self.allowed if self.allowed > 0 else float("inf")
+
+    @property
+    def passed(self) -> bool:
+        return not self.problem and self.kernel_err <= self.allowed
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """All rows of one parity check; ``str(report)`` is a readable table."""
+
+    rows: list[ParityRow]
+    title: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    def table(self) -> str:
+        head = f"{'tensor':<16}{'kind':<8}{'max|err|':>12}{'torch err':>12}{'allowed':>12}{'ratio':>8}  worst index / problem"
+        lines = [self.title] if self.title else []
+        lines += [head, "-" * len(head)]
+        for r in self.rows:
+            where = r.problem or (str(r.worst_index) if r.worst_index is not None else "")
+            mark = "" if r.passed else "  <-- FAIL"
+            lines.append(
+                f"{r.name:<16}{r.kind:<8}{r.kernel_err:>12.3e}{r.torch_err:>12.3e}{r.allowed:>12.3e}{r.ratio:>8.2f}  {where}{mark}"
+            )
+        return "\n".join(lines)
+
+    __str__ = table
+
+    def raise_if_failed(self) -> "ParityReport":
+        if not self.passed:
+            raise AssertionError("parity check failed\n" + self.table())
+        return self
+
+
+def _as_tuple(out: Any) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _convert(arg: Any, dtype: torch.dtype | None) -> Any:
+    """Detached leaf copy of a floating tensor (cast to ``dtype`` if given), keeping requires_grad."""
+    if not (isinstance(arg, torch.Tensor) and arg.is_floating_point()):
+        return arg
+    leaf = arg.detach()
+    if dtype is not None:
+        leaf = leaf.to(dtype)
+    return leaf.requires_grad_(arg.requires_grad)
+
+
+def _run(fn: Callable, args: Sequence, grad_outputs: Callable | None, dtype: torch.dtype | None):
+    """Runs ``fn`` on fresh leaves of ``args``; returns (outputs, grads of the inputs needing grad).
+
+    ``grad_outputs(outs)`` gives the upstream gradient of each output (None: no backward).
+    """
+    leaves = [_convert(a, dtype) for a in args]
+    outs = _as_tuple(fn(*leaves))
+    grad_outputs = grad_outputs(outs) if grad_outputs is not None else None
+    wanted = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads: list[torch.Tensor | None] = []
+    if wanted and grad_outputs is not None:
+        pairs = [
+            (o, g.to(o.dtype)) for o, g in zip(outs, grad_outputs)
+            if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
+        ]
+        if pairs:
+            grads = list(torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs], allow_unused=True))
+        else:
+            grads = [None] * len(wanted)
+    return outs, grads
+
+
+def _max_err(value: torch.Tensor, truth: torch.Tensor) -> tuple[float, tuple[int, ...] | None]:
+    diff = (value.to(truth.dtype) - truth).abs()
+    diff = torch.where(torch.isfinite(truth) | torch.isfinite(value.to(truth.dtype)), diff, 0.0)
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    if diff.numel() == 0:
+        return 0.0, None
+    flat = int(diff.argmax())
+    return float(diff.flatten()[flat]), tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+
+
+def _compare(name, kind, value, same, truth, factor, atol_floor, dtype) -> ParityRow:
+    if value is None:
+        return ParityRow(name, kind, float("inf"), 0.0, 0.0, None, problem="kernel gave no value (missing gradient?)")
+    if value.shape != truth.shape:
+        return ParityRow(name, kind, float("inf"), 0.0, 0.0, None,
+                         problem=f"shape {tuple(value.shape)} != expected {tuple(truth.shape)}")
+    truth = truth.detach().to(torch.float64)
+    value = value.detach().to(torch.float64)
+    finite = torch.isfinite(truth)
+    bad = finite & ~torch.isfinite(value)
+    # PyTorch's own op may overflow where the truth does not; judge it only where it is finite.
+    same = same.detach().to(torch.float64)
+    same = torch.where(torch.isfinite(same), same, truth)
+    torch_err, _ = _max_err(same, truth)
+    if atol_floor is None:
+        scale = float(truth[finite].abs().max()) if finite.any() else 0.0
+        atol_floor = torch.finfo(dtype).eps * scale
+    allowed = factor * torch_err + atol_floor
+    err, where = _max_err(value, truth)
+    problem = ""
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        problem = f"non-finite value where the truth is finite, first at {idx}"
+    return ParityRow(name, kind, err, torch_err, allowed, where, problem)
+
+
+def parity_report(
+    op: Callable,
+    reference: Callable,
+    *args: Any,
+    torch_op: Callable | None = None,
+    names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    check_grad: bool = True,
+    fwd_factor: float = 2.0,
+    bwd_factor: float = 3.0,
+    atol_floor: float | None = None,
+    truth_dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    title: str = "",
+) -> ParityReport:
+    """Compares ``op(*args)`` with ``reference`` under the parity rule; returns a report.
+
+    Args:
+        op: the function under test (a fastllama op).
+        reference: the pure-PyTorch reference; it is run on ``args`` cast to ``truth_dtype``
+            (the truth) and on ``args`` as given (PyTorch's own error in that dtype).
+        args: positional inputs. Floating tensors with ``requires_grad=True`` get their
+            gradients checked; other tensors (integer labels, masks) and non-tensors pass as is.
+            Bind keyword arguments with ``functools.partial`` or a lambda.
+        torch_op: what "plain PyTorch in the same dtype" means, if not ``reference``.
+        names / output_names: labels of all positional inputs and of the outputs in the table.
+        check_grad: also compare input gradients, using one fixed random upstream gradient per
+            floating output (seeded, shared by all three runs).
+        fwd_factor / bwd_factor: the 2x / 3x of the rule.
+        atol_floor: overrides the default floor (``eps(dtype) * max|truth|`` per tensor).
+        truth_dtype: float64 by default.
+    """
+    torch_op = torch_op or reference
+    in_dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    low_dtype = min(in_dtypes, key=lambda d: torch.finfo(d).bits) if in_dtypes else torch.float32
+
+    cached: list = []
+
+    def grad_outputs(outs):  # drawn once, from the first run's output shapes, then reused
+        if not cached:
+            gen = torch.Generator().manual_seed(seed)
+            cached.extend(
+                torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)
+                if isinstance(o, torch.Tensor) and o.is_floating_point() else None
+                for o in outs
+            )
+        return cached
+
+    grad_outputs = grad_outputs if check_grad else None
+    out_k, grad_k = _run(op, args, grad_outputs, None)
+    out_t, grad_t = _run(reference, args, grad_outputs, truth_dtype)
+    out_s, grad_s = _run(torch_op, args, grad_outputs, None)
+
+    arg_names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
+    grad_names = [n for n, a in zip(arg_names, args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    out_names = list(output_names) if output_names is not None else [f"out{i}" for i in range(len(out_t))]
+
+    rows = []
+    if len(out_k) != len(out_t):
+        rows.append(ParityRow("outputs", "output", float("inf"), 0.0, 0.0, None,
+                              problem=f"op returned {len(out_k)} outputs, reference {len(out_t)}"))
+    for name, k, s, t in zip(out_names, out_k, out_s, out_t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            dtype = s.dtype if isinstance(s, torch.Tensor) and s.is_floating_point() else low_dtype
+            rows.append(_compare(name, "output", k, s, t, fwd_factor, atol_floor, dtype))
+    for name, k, s, t, a in zip(grad_names, grad_k, grad_s, grad_t,
+                                [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]):
+        if t is None:
+            continue
+        rows.append(_compare("d" + name, "grad", k, s, t, bwd_factor, atol_floor, a.dtype))
+    return ParityReport(rows, title)
+
+
+def assert_parity(op: Callable, reference: Callable, *args: Any, **kwargs: Any) -> ParityReport:
+    """:func:`parity_report`, raising ``AssertionError`` with the table when any row fails."""
+    return parity_report(op, reference, *args, **kwargs).raise_if_failed()

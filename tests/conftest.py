@@ -1,0 +1,69 @@
+"""Runs the suite on CUDA when present, else on the CPU under the Triton interpreter.
+
+``TRITON_INTERPRET=1`` must be set before triton is imported, so this happens at the top of
+conftest, before any test module imports fastllama.ops.
+"""
+from __future__ import annotations
+
+from fastllama._interpreter import use_interpreter_if_no_gpu
+
+INTERPRETER = use_interpreter_if_no_gpu()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICE = "cpu" if INTERPRETER else "cuda"
+
+
+def _install_bf16_dot_shim() -> None:
+    """Works around triton-lang/triton#11584 in the interpreter only.
+
+    The interpreter keeps bfloat16 values as their raw uint16 bits, and its ``tl.dot`` hands those
+    bits to ``np.matmul`` as integers. The shim widens bf16 operands to fp32 (bf16 is the top half
+    of an fp32, so the widening is exact) before the original dot runs. It lives here, never in
+    the library: on a GPU ``tl.dot`` is right.
+    """
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder_cls = type(interpreter.interpreter_builder)
+    if getattr(builder_cls.create_dot, "_fastllama_bf16_shim", False):
+        return
+    original = builder_cls.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar == tl.bfloat16:
+            bits = handle.data.astype(np.uint32) << np.uint32(16)
+            return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._fastllama_bf16_shim = True
+    create_dot._original = original
+    builder_cls.create_dot = create_dot
+
+
+if INTERPRETER:
+    _install_bf16_dot_shim()
+
+
+@pytest.fixture
+def device() -> str:
+    """"cuda" on a GPU machine, "cpu" (Triton interpreter) otherwise."""
+    return DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    if not INTERPRETER:
+        return
+    skip = pytest.mark.skip(reason="cuda_only: full shape matrix, needs a CUDA device (interpreter too slow)")
+    for item in items:
+        if "cuda_only" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    return f"fastllama device: {DEVICE} ({'Triton interpreter' if INTERPRETER else torch.cuda.get_device_name()})"
