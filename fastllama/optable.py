@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["OpCase", "OpSpec", "OPS", "get"]
+__all__ = ["OpCase", "KernelBuild", "OpSpec", "OPS", "all_specs", "get"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +21,21 @@ class OpCase:
     id: str
     params: dict
     cuda_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBuild:
+    """One kernel specialisation that the op can launch, to compile for sm_80/sm_90 without a
+    GPU (the build report). ``signature`` maps every non-constexpr argument name of the
+    ``@triton.jit`` function to its Triton type string ("*fp16", "*bf16", "*fp32", "i32", "i64",
+    "fp32"); ``constexprs`` gives the constexpr arguments (block sizes, flags, head dim)."""
+
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    label: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +57,9 @@ class OpSpec:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     names: tuple[str, ...] | None = None  # labels of args in parity tables
     output_names: tuple[str, ...] | None = None
+    # Every (kernel, config) the op may launch: autotune configs x the constexpr specialisations
+    # it uses (head_dim, causal, dtype ...). The build report compiles them all.
+    build_configs: Callable[[], list[KernelBuild]] | None = None
 
 
 def _build() -> list[OpSpec]:
