@@ -105,12 +105,10 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
             for name in f.keys():
                 if name in expected:
                     state[name] = f.get_tensor(name).to(dtype)
-    model = model.to_empty(device=device or "cpu")
-    model.load_state_dict(state, strict=False, assign=False)
-    if tied:  # to_empty() broke the tie's storage sharing only if it was re-created; re-tie to be sure
+    model = model.to_empty(device=device or "cpu").to(dtype)
+    if tied:  # to_empty() makes a new tensor per module, which unties lm_head from the embedding
         model.lm_head.weight = model.model.embed_tokens.weight
-    # buffers that are not in the checkpoint (rotary inv_freq) are recomputed
-    model.inv_freq = model.config.inv_freq().to(model.inv_freq.device)
+    model.load_state_dict(state, strict=False)  # every key was checked above
     return model
 
 

@@ -45,6 +45,9 @@ def compare_with_hf(name: str, config: dict, *, seq_len: int = 33, batch: int = 
     """Saves a random HF ``LlamaForCausalLM`` with ``config``, loads it into the reference model,
     and compares fp32 logits (max abs diff) and ``new_tokens`` greedy tokens."""
     from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     from .reference import Llama
 

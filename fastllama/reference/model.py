@@ -198,6 +198,13 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
         self.caches: list[KVCache] | None = None
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) would round the rotary frequencies too; they are recomputed in fp32
+        # on the new device instead (HF likewise computes cos/sin from fp32 frequencies).
+        super()._apply(fn, recurse)
+        self.inv_freq = self.config.inv_freq().to(self.inv_freq.device)
+        return self
+
     # -- loading and saving live in fastllama.checkpoint; these are the documented entry points --
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "Llama":

@@ -1,0 +1,118 @@
+"""The ``fastllama`` command line.
+
+Subcommands register themselves in :data:`COMMANDS` (name -> (help, add_arguments, run)), so a
+new one is a function pair and one line, not an edit of ``main``. The interpreter switch
+happens before any subcommand imports triton, so every command also runs on a CPU-only machine.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from . import __version__
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str):
+    """Decorator: registers ``run(args) -> exit code``; ``run.add_arguments(parser)`` if defined."""
+
+    def wrap(run):
+        COMMANDS[name] = (help, getattr(run, "add_arguments", lambda p: None), run)
+        return run
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------------------------
+# fastllama parity: reference model vs Hugging Face, then every kernel vs its reference
+# ---------------------------------------------------------------------------------------------
+def _parity_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-hf", action="store_true", help="skip the reference-vs-Hugging-Face part")
+    p.add_argument("--skip-ops", action="store_true", help="skip the kernel-vs-reference part")
+
+
+def _parity(args: argparse.Namespace) -> int:
+    ok = True
+    if not args.skip_hf:
+        from .hf_parity import TINY_CONFIGS, compare_with_hf
+
+        print("Reference Llama vs Hugging Face LlamaForCausalLM (fp32, random tiny checkpoints)")
+        print(f"{'config':<20}{'max|logit diff|':>17}{'20 greedy tokens':>18}  result")
+        for name, cfg in TINY_CONFIGS.items():
+            r = compare_with_hf(name, cfg)
+            ok &= r.passed
+            print(f"{name:<20}{r.max_logit_diff:>17.2e}{'identical' if r.tokens_equal else 'DIFFER':>18}  "
+                  f"{'ok' if r.passed else 'FAIL'}")
+    if not args.skip_ops:
+        ok &= _op_parity()
+    return 0 if ok else 1
+
+
+_parity.add_arguments = _parity_arguments
+command("parity", "check the reference model against Hugging Face and every kernel against its reference")(_parity)
+
+
+def _op_parity() -> bool:
+    import functools
+
+    import torch
+
+    from . import optable
+    from .testing import parity_report
+
+    specs = optable.all_specs()
+    dev = "cuda" if torch.cuda.is_available() and not _interpreting() else "cpu"
+    print(f"\nKernels vs pure-PyTorch references ({'CUDA' if dev == 'cuda' else 'CPU, Triton interpreter'}),"
+          " first shape case per op, forward and gradients")
+    if not specs:
+        print("(no kernels registered yet)")
+        return True
+    ok = True
+    for spec in specs:
+        case = next(c for c in spec.cases if not c.cuda_only or dev == "cuda")
+        for dtype in spec.dtypes:
+            torch.manual_seed(0)
+            a, kw = spec.make_args(case.params, dtype, dev)
+            rep = parity_report(functools.partial(spec.op, **kw), functools.partial(spec.reference, **kw), *a,
+                                names=spec.names, output_names=spec.output_names,
+                                title=f"\n{spec.name} [{case.id}] {str(dtype).removeprefix('torch.')}")
+            ok &= rep.passed
+            print(rep.table())
+    return ok
+
+
+def _interpreting() -> bool:
+    from ._interpreter import interpreter_active
+
+    return interpreter_active()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastllama",
+        description="Triton kernels for Llama-family models: parity checks, benchmarks, generation.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastllama {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ._interpreter import use_interpreter_if_no_gpu
+
+    use_interpreter_if_no_gpu()  # before anything imports triton
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return COMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""``rms_norm``: HF ``LlamaRMSNorm``, optionally fused with the residual add before it.
+
+Validation, config choice, the ``torch.library`` custom ops (``fastllama::rms_norm_fwd`` /
+``fastllama::rms_norm_bwd``, so ``torch.compile(fullgraph=True)`` sees one op each way) and their
+autograd, plus the op-table entries.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+
+from .. import reference
+from .._interpreter import interpreter_active
+from ..kernels import rms_norm as _k
+from ..optable import KernelBuild, OpCase, OpSpec
+from ._checks import check_last_dim_contiguous, check_same, check_tensor
+
+__all__ = ["rms_norm", "MAX_HIDDEN"]
+
+# One row lives in registers (BLOCK_N = next_power_of_2(hidden)); beyond this it would spill.
+MAX_HIDDEN = 32768
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (sizes persistent-style grids)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _gpu_tile(block_n: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) on a GPU: ~4K elements a tile, so small rows are batched and a
+    16-byte vector per thread per load; up to 16 warps so a 32K row stays in registers."""
+    block_m = max(1, 4096 // block_n)
+    num_warps = min(16, max(4, block_m * block_n // 512))
+    return block_m, num_warps
+
+
+def _config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, backward programs)."""
+    block_n = triton.next_power_of_2(n_cols)
+    if interpreter_active():
+        # Each program is a Python-level step: fewer, larger tiles. A few backward programs keep
+        # the partial-dw reduction exercised.
+        return min(triton.next_power_of_2(max(n_rows, 1)), max(1, 65536 // block_n)), 1, 4
+    block_m, num_warps = _gpu_tile(block_n)
+    return block_m, num_warps, 2 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (M, N): a view whenever the leading dims collapse to one stride (always for
+    contiguous or row-sliced tensors); otherwise reshape copies, the one documented copy."""
+    return t.reshape(-1, t.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastllama::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, x + residual or an empty tensor, rstd of shape (rows,) in fp32)."""
+    x2 = _rows(x)
+    block_m, num_warps, _ = _config(x2.shape[0], x2.shape[1], x.device)
+    y, s, rstd = _k.rms_norm_forward(x2, weight, eps, _rows(residual) if residual is not None else None,
+                                     block_m=block_m, num_warps=num_warps)
+    return y.view(x.shape), (s.view(x.shape) if residual is not None else s), rstd
+
+
+@_rms_norm_fwd.register_fake
+def _(x, weight, residual, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    s = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), s, x.new_empty((rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastllama::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dx, dweight); ``x`` is the normalised input (x + residual when fused)."""
+    def rows(t):  # upstream gradients can be expanded (stride 0) or transposed: copy only then
+        return _rows(t if t.stride(-1) == 1 else t.contiguous())
+
+    x2 = rows(x)
+    block_m, num_warps, programs = _config(x2.shape[0], x2.shape[1], x.device)
+    dx, dw = _k.rms_norm_backward(rows(dy), x2, weight, rstd, rows(ds_out) if ds_out is not None else None,
+                                  block_m=block_m, num_programs=programs, num_warps=num_warps)
+    return dx.view(x.shape), dw
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, ds_out, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, _eps = inputs
+    _y, s, rstd = output
+    ctx.has_residual = residual is not None
+    # Only the normalised input (not an fp32 copy) and the per-row rstd are kept.
+    ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
+
+
+def _backward(ctx, dy, ds_out, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd(dy, ds_out if ctx.has_residual else None, x, weight, rstd)
+    # d(x + residual) reaches both summands unchanged, as in PyTorch's own add backward.
+    return dx, dw, (dx if ctx.has_residual else None), None
+
+
+torch.library.register_autograd("fastllama::rms_norm_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------
+def _validate(x, weight, eps, residual) -> None:
+    check_tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last (hidden) dim, got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, ndim=1)
+    check_same("x", x, "weight", weight, "dtype")
+    check_same("x", x, "weight", weight, "device")
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but x has hidden size {x.shape[-1]}; "
+                         f"weight must be ({x.shape[-1]},)")
+    if x.shape[-1] > MAX_HIDDEN:
+        raise ValueError(f"x has hidden size {x.shape[-1]}; accepted: up to {MAX_HIDDEN} (one row per tile)")
+    check_last_dim_contiguous("x", x)
+    check_last_dim_contiguous("weight", weight)
+    if residual is not None:
+        check_tensor("residual", residual)
+        check_same("x", x, "residual", residual, "dtype")
+        check_same("x", x, "residual", residual, "device")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but x has shape {tuple(x.shape)}; "
+                             f"they must match")
+        check_last_dim_contiguous("residual", residual)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+    """HF ``LlamaRMSNorm``: ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, one kernel.
+
+    Args:
+        x: (..., hidden), fp32/fp16/bf16, any row strides (unit stride in the hidden dim).
+        weight: (hidden,), same dtype and device as ``x``.
+        eps: added to the mean square, as ``LlamaRMSNorm.variance_epsilon``.
+        residual: optional tensor like ``x``. Then ``s = x + residual`` (rounded to the input
+            dtype, as HF's decoder layer adds) is normalised in the same kernel.
+
+    Returns:
+        ``y`` (contiguous, shape of ``x``), or ``(y, s)`` with ``residual``. Statistics are fp32;
+        backward keeps only the input (``s`` when fused) and one fp32 rstd per row.
+    """
+    _validate(x, weight, eps, residual)
+    y, s, _ = _rms_norm_fwd(x, weight, residual, float(eps))
+    return (y, s) if residual is not None else y
+
+
+# ----------------------------------------------------------------------------------------------
+# Op table
+# ----------------------------------------------------------------------------------------------
+def _make_args(params: dict, dtype: torch.dtype, device: str):
+    """params: shape (..., hidden); row_pad: extra elements per row (a strided row view);
+    transposed: x is built (T, B, N) and transposed, so rows do not collapse to one stride."""
+    *lead, n = params["shape"]
+    pad = params.get("row_pad", 0)
+
+    def make():
+        if params.get("transposed"):
+            return torch.randn(*reversed(lead), n, device=device, dtype=dtype).transpose(0, 1)
+        return torch.randn(*lead, n + pad, device=device, dtype=dtype)[..., :n]
+
+    x = make().requires_grad_()
+    w = (1 + 0.1 * torch.randn(n, device=device, dtype=torch.float32)).to(dtype).requires_grad_()
+    args = (x, w) + ((make().requires_grad_(),) if params.get("residual") else ())
+    return args, {"eps": params.get("eps", 1e-6)}
+
+
+def _residual_op(x, weight, residual, eps=1e-6):
+    return rms_norm(x, weight, eps, residual=residual)
+
+
+def _residual_ref(x, weight, residual, eps=1e-6):
+    return reference.rms_norm(x, weight, eps, residual=residual)
+
+
+_DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _build_configs() -> list[KernelBuild]:
+    """Every GPU specialisation: BLOCK_N (powers of two up to MAX_HIDDEN) x dtype x fused flag."""
+    builds = []
+    for dtype, ptr in _DTYPES.items():
+        block_n = 16
+        while block_n <= triton.next_power_of_2(MAX_HIDDEN):
+            block_m, num_warps = _gpu_tile(block_n)
+            for fused in (False, True):
+                tag = f"{ptr[1:]} N{block_n} M{block_m}{' residual' if fused else ''}"
+                builds.append(KernelBuild(
+                    _k.rms_norm_fwd_kernel,
+                    {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": ptr, "RSTD": "*fp32", "n_rows": "i32",
+                     "n_cols": "i32", "stride_x": "i64", "stride_r": "i64", "stride_s": "i64",
+                     "stride_y": "i64", "eps": "fp32"},
+                    {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n},
+                    num_warps=num_warps, label="rms_norm fwd " + tag))
+                builds.append(KernelBuild(
+                    _k.rms_norm_bwd_kernel,
+                    {"DY": ptr, "DS_OUT": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr,
+                     "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
+                     "stride_dy": "i64", "stride_ds": "i64", "stride_x": "i64", "stride_dx": "i64"},
+                    {"HAS_DS_OUT": fused, "BLOCK_M": block_m, "BLOCK_N": block_n},
+                    num_warps=num_warps, label="rms_norm bwd " + tag))
+            block_n *= 2
+    return builds
+
+
+_CASES = (
+    OpCase("3x77x4099", {"shape": (3, 77, 4099)}),
+    OpCase("1x1x64", {"shape": (1, 1, 64)}),
+    OpCase("5x4099-rowpad", {"shape": (5, 4099), "row_pad": 61}),
+    OpCase("77x3x96-transposed", {"shape": (3, 77, 96), "transposed": True}),
+    OpCase("big-eps", {"shape": (2, 33, 128), "eps": 0.5}),
+    OpCase("2x1024x4096", {"shape": (2, 1024, 4096)}, cuda_only=True),
+    OpCase("4x2048x16384", {"shape": (4, 2048, 16384)}, cuda_only=True),
+    OpCase("1x300x32768", {"shape": (1, 300, 32768)}, cuda_only=True),
+)
+_RESIDUAL_CASES = (
+    OpCase("3x77x256", {"shape": (3, 77, 256), "residual": True}),
+    OpCase("5x4099-rowpad", {"shape": (5, 4099), "residual": True, "row_pad": 3}),
+    OpCase("1x1x4096", {"shape": (1, 1, 4096), "residual": True}),
+    OpCase("8x2048x4096", {"shape": (8, 2048, 4096), "residual": True}, cuda_only=True),
+    OpCase("1x4097x14336", {"shape": (1, 4097, 14336), "residual": True}, cuda_only=True),
+)
+
+OP_SPECS = [
+    OpSpec("rms_norm", rms_norm, reference.rms_norm, _make_args, _CASES, kernels=("rms_norm",),
+           names=("x", "weight"), output_names=("y",), build_configs=_build_configs),
+    OpSpec("rms_norm_residual", _residual_op, _residual_ref, _make_args, _RESIDUAL_CASES, kernels=("rms_norm",),
+           names=("x", "weight", "residual"), output_names=("y", "x+residual"), build_configs=_build_configs),
+]

@@ -1,0 +1,343 @@
+"""Flash attention forward: softmax(Q K^T * scale + mask) V without materialising the scores.
+
+Layout is SDPA's: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D), any strides with a unit last stride
+(the transposed views of a (B, T, H, D) projection work as they are). Query head h reads key/value
+head h // (Hq // Hk): GQA/MQA needs no repeat_kv copy.
+
+Masks, in one form. Query row i of a sequence sits at absolute position p = i + Tk - Tq (bottom-
+right alignment: the queries are the LAST Tq positions, as in chunked prefill against a KV cache;
+SDPA's ``is_causal`` aligns top-left instead, the two agree when Tq == Tk). Row p may read key j
+when ``p - before <= j <= p + after`` and ``0 <= j < Tk``. The launcher folds everything into
+``before``/``after``: causal is ``after = 0``, a sliding window (left, right) bounds both sides,
+"unlimited" is any number larger than the sequences. So one runtime mask covers causal,
+non-causal, windows and Tq != Tk, and no mask flavour is a separate compiled kernel.
+
+Work skipping. For a tile of rows, :func:`block_span` splits the key axis into blocks that no row
+may read (never visited: causal blocks above the diagonal cost nothing), blocks every row may
+read completely (visited without any mask arithmetic or bounds checks), and the few edge blocks
+on the diagonal / window borders / sequence end, which pay for the mask.
+
+Varlen: with ``IS_VARLEN`` the sequences are packed along the T axis of batch 0 and
+``cu_seqlens_q/k`` (int32, N + 1) give their starts; each program reads its sequence's bounds,
+so padding costs nothing. The backward kernels live in ``flash_attention_backward.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)): the scale is folded into one multiply
+LN2 = 0.6931471805599453
+
+__all__ = [
+    "flash_attention_forward", "block_span", "fwd_configs", "dkdv_configs", "dq_configs",
+    "padded_head_dim", "seqlen_bucket", "INTERPRETER_CONFIG",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers (also used by the backward kernels)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def block_span(x_first, x_last, before, after, n_y, BLOCK_Y: tl.constexpr):
+    """Which blocks of the y axis a tile of x positions [x_first, x_last] must visit.
+
+    Each x sees y in [x - before, x + after] (and 0 <= y < n_y). Returns block-aligned
+    (lo, mid_lo, mid_hi, hi): blocks in [lo, mid_lo) and [mid_hi, hi) are partly visible and need
+    the mask; blocks in [mid_lo, mid_hi) are fully visible to every x and lie inside [0, n_y), so
+    they need neither mask nor bounds checks. Everything outside [lo, hi) is skipped.
+    Divisions only ever see non-negative numbers (integer // rounds differently on GPU and in
+    the interpreter for negatives).
+    """
+    lo = tl.maximum(x_first - before, 0)
+    hi = tl.minimum(x_last + after + 1, n_y)
+    full_lo = tl.maximum(x_last - before, 0)  # every x in the tile sees y >= full_lo ...
+    full_hi = tl.maximum(tl.minimum(x_first + after + 1, n_y), 0)  # ... and y < full_hi
+    lo = (lo // BLOCK_Y) * BLOCK_Y
+    mid_lo = tl.maximum(lo, tl.minimum(tl.cdiv(full_lo, BLOCK_Y) * BLOCK_Y, hi))
+    mid_hi = tl.maximum(mid_lo, (full_hi // BLOCK_Y) * BLOCK_Y)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def load_rows(base, offs_row, stride_row, offs_d, n_rows, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+              CHECK_ROWS: tl.constexpr):
+    """A (rows, D_PAD) tile; padded head-dim columns and (if CHECK_ROWS) rows >= n_rows read 0."""
+    ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :]
+    if CHECK_ROWS:
+        if HEAD_DIM == D_PAD:
+            return tl.load(ptrs, mask=offs_row[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(offs_row[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if HEAD_DIM == D_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def store_rows(base, tile, offs_row, stride_row, offs_d, n_rows, HEAD_DIM: tl.constexpr):
+    ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(offs_row[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(batch index, first row of the sequence in T, q length, first key, k length)."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + seq)
+        k_start = tl.load(CU_K + seq)
+        return seq * 0, q_start, tl.load(CU_Q + seq + 1) - q_start, k_start, tl.load(CU_K + seq + 1) - k_start
+    return seq, seq * 0, seqlen_q, seq * 0, seqlen_k
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, k_len,
+                    q_pos, offs_n, offs_d, qk_scale, before, after,
+                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key blocks [lo, hi), all in the log2 domain.
+
+        s = q k^T * scale * log2(e);  m' = max(m, rowmax s);  p = 2^(s - m')
+        l' = l * 2^(m - m') + rowsum p;  acc' = acc * 2^(m - m') + p v
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        k = load_rows(k_base + start_n.to(tl.int64) * stride_kt, offs_n, stride_kt, offs_d,
+                      k_len - start_n, HEAD_DIM, D_PAD, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            k_pos = start_n + offs_n
+            visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
+                       & (k_pos[None, :] <= q_pos[:, None] + after))
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps
+            # 2^(-inf - -inf) = NaN out: its p and alpha come out 0.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_rows(v_base + start_n.to(tl.int64) * stride_vt, offs_n, stride_vt, offs_d,
+                      k_len - start_n, HEAD_DIM, D_PAD, MASKED)
+        # p is rounded to the input dtype for the tensor-core product (fp32 stays fp32).
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    sm_scale,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    stride_lb, stride_lh,
+    n_heads, group, seqlen_q, seqlen_k, before, after,
+    Q_BUCKET, K_BUCKET,  # autotune key only (bucketed lengths)
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through."""
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1) // n_heads
+    h = tl.program_id(1) % n_heads
+    b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:  # varlen: this sequence is shorter than the longest one
+        return
+    # int64 bases: batch * stride_b + t * stride_t can pass 2**31 for long or wide tensors.
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + (q_start + start_m).to(tl.int64) * stride_qt
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + (q_start + start_m).to(tl.int64) * stride_ot
+    hk = (h // group).to(tl.int64)
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vt
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    q = load_rows(q_base, offs_m, stride_qt, offs_d, q_len - start_m, HEAD_DIM, D_PAD, True)
+
+    q_pos = start_m + offs_m + (k_len - q_len)  # absolute positions (bottom-right alignment)
+    n_real = tl.minimum(q_len - start_m, BLOCK_M)  # rows past q_len are never stored
+    lo, mid_lo, mid_hi, hi = block_span(start_m + k_len - q_len, start_m + n_real - 1 + k_len - q_len,
+                                        before, after, k_len, BLOCK_N)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, mid_lo, k_len,
+                                    q_pos, offs_n, offs_d, qk_scale, before, after,
+                                    True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, mid_lo, mid_hi, k_len,
+                                    q_pos, offs_n, offs_d, qk_scale, before, after,
+                                    False, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, mid_hi, hi, k_len,
+                                    q_pos, offs_n, offs_d, qk_scale, before, after,
+                                    True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+
+    # Normalise once. A row without any visible key has l = 0: it returns 0 and lse = -inf.
+    empty = m_i == float("-inf")
+    l_safe = tl.where(empty, 1.0, l_i)
+    store_rows(o_base, acc / l_safe[:, None], offs_m, stride_ot, offs_d, q_len - start_m, HEAD_DIM)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + start_m + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < q_len - start_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs: autotuned on a GPU (keyed on bucketed lengths), one large-block config under the
+# interpreter (fewer Python-level steps; autotuning there would only measure numpy).
+# ----------------------------------------------------------------------------------------------
+INTERPRETER_CONFIG = {"fwd": (128, 128, 4, 1), "dq": (128, 128, 4, 1), "dkdv": (128, 128, 4, 1)}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), by (arch major >= 9, padded head dim, element bytes).
+# Register and shared-memory budgets set the shapes: the forward keeps Q and the fp32
+# accumulator (BLOCK_M x D) resident; fp32 inputs double every tile, D = 256 doubles it again.
+_FWD = {
+    (9, 64, 2): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    (9, 128, 2): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    (9, 256, 2): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    (8, 64, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
+    (8, 128, 2): [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3)],
+    (8, 256, 2): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (9, 64, 4): [(64, 64, 4, 2), (128, 32, 4, 2)],
+    (9, 128, 4): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (9, 256, 4): [(32, 32, 4, 2), (64, 32, 8, 1)],
+    (8, 64, 4): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (8, 128, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    (8, 256, 4): [(32, 32, 4, 1)],
+}
+# dK/dV keeps K, V and two fp32 accumulators (BLOCK_N x D) resident while query blocks stream.
+_DKDV = {
+    (9, 64, 2): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
+    (9, 128, 2): [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)],
+    (9, 256, 2): [(32, 64, 4, 2), (64, 64, 8, 1)],
+    (8, 64, 2): [(64, 128, 8, 2), (64, 64, 4, 3)],
+    (8, 128, 2): [(32, 128, 8, 2), (64, 64, 4, 2)],
+    (8, 256, 2): [(32, 64, 4, 1), (32, 32, 4, 2)],
+    (9, 64, 4): [(32, 64, 4, 2), (64, 64, 8, 2)],
+    (9, 128, 4): [(32, 64, 4, 2), (32, 32, 4, 2)],
+    (9, 256, 4): [(16, 32, 4, 1), (32, 32, 8, 1)],
+    (8, 64, 4): [(32, 64, 4, 2), (32, 32, 4, 2)],
+    (8, 128, 4): [(32, 32, 4, 2), (16, 32, 4, 2)],
+    (8, 256, 4): [(16, 32, 4, 1)],
+}
+# dQ mirrors the forward: Q, dO and the fp32 dQ accumulator resident, K/V streamed.
+_DQ = {
+    (9, 64, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (9, 128, 2): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+    (9, 256, 2): [(64, 32, 4, 2), (64, 64, 8, 1)],
+    (8, 64, 2): [(128, 64, 8, 2), (64, 64, 4, 3)],
+    (8, 128, 2): [(128, 32, 8, 2), (64, 64, 4, 2)],
+    (8, 256, 2): [(64, 32, 4, 1), (32, 32, 4, 2)],
+    (9, 64, 4): [(64, 32, 4, 2), (64, 64, 8, 2)],
+    (9, 128, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    (9, 256, 4): [(32, 16, 4, 1), (32, 32, 8, 1)],
+    (8, 64, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    (8, 128, 4): [(32, 32, 4, 2), (32, 16, 4, 2)],
+    (8, 256, 4): [(32, 16, 4, 1)],
+}
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """tl.arange needs a power of two and tl.dot K >= 16: 80 and 96 run as 128 (masked)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def seqlen_bucket(n: int) -> int:
+    """Autotune key: next power of two, clamped to [128, 16384], so new lengths reuse a tuning."""
+    return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
+
+
+def _lookup(table, arch_major: int, d_pad: int, elem_bytes: int) -> list[tuple]:
+    return table[(9 if arch_major >= 9 else 8, max(64, d_pad), 4 if elem_bytes >= 4 else 2)]
+
+
+def fwd_configs(arch_major: int, d_pad: int, elem_bytes: int) -> list[tuple]:
+    """Forward autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    return _lookup(_FWD, arch_major, d_pad, elem_bytes)
+
+
+def dkdv_configs(arch_major: int, d_pad: int, elem_bytes: int) -> list[tuple]:
+    """dK/dV autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    return _lookup(_DKDV, arch_major, d_pad, elem_bytes)
+
+
+def dq_configs(arch_major: int, d_pad: int, elem_bytes: int) -> list[tuple]:
+    """dQ autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    return _lookup(_DQ, arch_major, d_pad, elem_bytes)
+
+
+def make_autotuned(kernel, table, key):
+    """``kernel`` autotuned over the union of ``table``; each launch keeps only the candidates
+    of its own (arch, padded head dim, dtype) row, so a config that was never compiled for the
+    build report can not be chosen."""
+    union = sorted({c for row in table.values() for c in row})
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
+
+    def prune(configs, named_args, **kwargs):
+        t = named_args["Q"]
+        arch = torch.cuda.get_device_capability(t.device)[0]
+        wanted = set(_lookup(table, arch, kwargs["D_PAD"], t.element_size()))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "IS_VARLEN", "PRECISION"]
+_attn_fwd_tuned = make_autotuned(_attn_fwd, _FWD, _TUNE_KEY)
+
+
+def mask_bounds(causal: bool, window: tuple[int, int] | None, limit: int) -> tuple[int, int]:
+    """(before, after) of the kernels' mask from causal + window=(left, right), -1 = unlimited."""
+    before, after = limit, limit
+    if window is not None:
+        left, right = window
+        before = left if left >= 0 else limit
+        after = right if right >= 0 else limit
+    if causal:
+        after = min(after, 0)
+    return before, after
+
+
+def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, cu_seqlens_q=None,
+                            cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                            precision: str = "ieee", config: tuple | None = None):
+    """Launches the forward; returns (out like q, lse (B, Hq, Tq) fp32, natural log).
+
+    ``before``/``after`` come from :func:`mask_bounds`. Varlen: q/k/v are (1, H, total, D) and
+    ``cu_seqlens_q/k`` int32 (N + 1,); ``max_seqlen_*`` size the grid. ``config``
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner (the interpreter, tests).
+    ``precision`` is tl.dot's input precision for fp32 inputs ("ieee" or "tf32").
+    """
+    B, Hq, Tq, D = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)  # same memory layout as q: a (B,T,H,D)-backed q gives a (B,T,H,D)-backed out
+    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    varlen = cu_seqlens_q is not None
+    n_seq = cu_seqlens_q.numel() - 1 if varlen else B
+    mq, mk = (max_seqlen_q, max_seqlen_k) if varlen else (Tq, Tk)
+    if q.numel() == 0 or n_seq == 0 or mq == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    cu_q = cu_seqlens_q if varlen else lse  # any pointer; unused when not IS_VARLEN
+    cu_k = cu_seqlens_k if varlen else lse
+    args = (q, k, v, out, lse, cu_q, cu_k, scale,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+            Hq, Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
+    meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), IS_VARLEN=varlen, PRECISION=precision)
+    if config is not None:
+        bm, bn, w, s = config
+        _attn_fwd[(triton.cdiv(mq, bm), n_seq * Hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    else:
+        _attn_fwd_tuned[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*args, **meta)
+    return out, lse

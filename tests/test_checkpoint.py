@@ -1,0 +1,95 @@
+"""HF-format checkpoints: sharded loading, strict key checks, and round trips both ways."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+from fastllama.checkpoint import CheckpointError
+from fastllama.hf_parity import TINY_CONFIGS
+from fastllama.reference import Llama
+
+hf_logging.disable_progress_bar()
+
+
+def _hf(name="gqa4-untied", **kw):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(HFConfig(**dict(TINY_CONFIGS[name], **kw))).eval()
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = _hf()
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    ours = Llama.from_pretrained(tmp_path)
+    ids = torch.randint(0, 263, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa4-untied", "mha-tied"])
+def test_saved_by_fastllama_loads_in_hf(tmp_path, name):
+    torch.manual_seed(1)
+    ours = Llama(TINY_CONFIGS[name]).eval()
+    ours.save_pretrained(tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 263, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
+    again = Llama.from_pretrained(tmp_path)
+    assert again.config.tie_word_embeddings == (name == "mha-tied")
+    if again.config.tie_word_embeddings:
+        assert again.lm_head.weight is again.model.embed_tokens.weight
+
+
+def test_dtype_argument_and_config_dtype(tmp_path):
+    _hf().save_pretrained(tmp_path)
+    assert Llama.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+
+def _corrupt(tmp_path, edit):
+    _hf().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    edit(state)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_missing_key_is_named(tmp_path):
+    _corrupt(tmp_path, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys: \['model.layers.1.mlp.up_proj.weight'\]"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_unexpected_key_is_named(tmp_path):
+    _corrupt(tmp_path, lambda s: s.__setitem__("model.layers.9.extra", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match="unexpected keys: .*model.layers.9.extra"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    _hf().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 160
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"gate_proj.weight: checkpoint \(176, 64\) vs model \(160, 64\)"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        Llama.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIGS["gqa4-untied"]))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_unsupported_config_raises_before_weights(tmp_path):
+    _hf().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="dynamic"):
+        Llama.from_pretrained(tmp_path)

@@ -1,0 +1,99 @@
+"""The reference Llama matches Hugging Face and generates sensibly."""
+import pytest
+import torch
+
+from fastllama.hf_parity import TINY_CONFIGS, compare_with_hf
+from fastllama.reference import Llama, LlamaConfig
+from fastllama.reference.model import sample
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_same_logits_and_greedy_tokens_as_hf(name):
+    result = compare_with_hf(name, TINY_CONFIGS[name])
+    assert result.new_tokens == 20
+    assert result.max_logit_diff <= 1e-5, result
+    assert result.tokens_equal, result
+
+
+def _tiny(**kw):
+    torch.manual_seed(0)
+    cfg = dict(TINY_CONFIGS["gqa4-untied"], **kw)
+    return Llama(cfg).eval()
+
+
+def test_left_padded_batch_generates_like_single_prompts():
+    model = _tiny()
+    prompts = [torch.tensor([5, 9, 17, 33, 2 + 40]), torch.tensor([7, 8]), torch.tensor([11, 12, 13])]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    batch = model.generate(ids, max_new_tokens=8, attention_mask=mask, stop_tokens=[])
+    for i, p in enumerate(prompts):
+        single = model.generate(p[None], max_new_tokens=8, stop_tokens=[])
+        assert torch.equal(batch[i, width:], single[0, len(p):])
+
+
+def test_cache_decoding_matches_full_forward():
+    model = _tiny()
+    ids = torch.randint(3, 263, (2, 12))
+    full = model(ids)
+    model.setup_caches(2, 12)
+    part = torch.cat([model(ids[:, :9], cache_start=0), model(ids[:, 9:10], cache_start=9),
+                      model(ids[:, 10:], cache_start=10)], dim=1)
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+
+
+def test_stop_tokens_pad_finished_sequences():
+    model = _tiny()
+    ids = torch.randint(3, 263, (2, 4))
+    greedy = model.generate(ids, max_new_tokens=6, stop_tokens=[])
+    first = int(greedy[0, 4])
+    out = model.generate(ids, max_new_tokens=6, stop_tokens=[first], pad_token_id=0)
+    assert out[0, 4] == first and (out[0, 5:] == 0).all()
+
+
+def test_sampling_options():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5]])
+    assert sample(logits).item() == 1
+    assert sample(logits, temperature=1.0, top_k=1).item() == 1
+    assert sample(logits, temperature=1.0, top_p=0.01).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, temperature=1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 3}
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    model = _tiny()
+    ids = torch.randint(3, 263, (1, 4))
+    a = model.generate(ids, 10, temperature=0.8, top_p=0.9, generator=g1, stop_tokens=[])
+    b = model.generate(ids, 10, temperature=0.8, top_p=0.9, generator=g2, stop_tokens=[])
+    assert torch.equal(a, b)
+
+
+def test_loss_with_labels_matches_shifted_cross_entropy():
+    model = _tiny()
+    ids = torch.randint(3, 263, (2, 9))
+    logits, loss = model(ids, labels=ids)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "yarn"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(model_type="gpt2"), "model_type"),
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+])
+def test_unsupported_config_is_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig.from_hf(dict(TINY_CONFIGS["gqa4-untied"], **bad))
+
+
+def test_generate_rejects_bad_arguments():
+    model = _tiny()
+    ids = torch.randint(3, 263, (1, 4))
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(ids, 2, temperature=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(ids, 2, temperature=-1.0)
