@@ -1,0 +1,240 @@
+"""Decode attention (flash-decoding): a few new query rows against a long, static KV cache.
+
+Layout: q (B, Hq, Tq, D) with small Tq (1 to 16), k_cache/v_cache (B, Hk, Tmax, D), any strides
+with a unit last stride (a transposed (B, T, H, D) projection, a slice of a bigger cache buffer).
+``cache_seqlens`` (B,) int32 lives on the device: sequence b has ``L = cache_seqlens[b]`` valid
+keys (the new tokens included) and its Tq queries are the LAST Tq of them (bottom-right causal
+alignment: query t sits at position ``L - Tq + t`` and reads keys ``0 .. L - Tq + t``).
+
+Why a separate kernel from flash attention. With Tq = 1 a flash-attention program owns one
+query row of one head, so every query head re-reads its KV head, and a batch of 1 launches only
+B * Hq programs that each walk the whole cache serially. Decoding is bound by reading the cache,
+so this kernel
+
+* packs the ``group = Hq // Hk`` query heads that share a KV head (times the Tq rows) into ONE
+  tile of rows: each K/V block is loaded once per group and used by a (group * Tq, D) x (D, N)
+  tensor-core product (rows padded to 16, the smallest tl.dot);
+* splits the key axis into ``num_splits`` chunks (grid: batch x KV head x split) so a batch of 1
+  still fills the GPU, each chunk writing a partial output and its log-sum-exp in fp32; a small
+  combine kernel then merges the chunks exactly:
+
+      out = sum_s exp(lse_s - lse) * out_s,   lse = log sum_s exp(lse_s)
+
+The lengths are read on the device (no host sync, CUDA-graph safe): the grid depends only on
+shapes and the (fixed) number of splits; a chunk is ``cdiv(cdiv(L, BLOCK_N), splits)`` blocks,
+so it adapts to the true length and chunks past the end write lse = -inf and leave. A length
+outside [0, Tmax] is clamped to it (never an out-of-bounds read). With one split the kernel
+writes the normalised output directly and no combine runs. Every reduction is in a fixed order
+(no atomics), so results are deterministic for a given ``num_splits``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decode_attention_forward", "decode_split_kernel", "decode_combine_kernel", "MAX_SPLITS"]
+
+MAX_SPLITS = 32  # fixed upper bound: the combine tile holds them all, and CUDA graphs fix the grid
+
+
+@triton.jit
+def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, q_pos,
+                   offs_n, offs_d, qk_scale,
+                   MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the key blocks [lo, hi), in the log2 domain:
+
+        s = q k^T * scale * log2(e);  m' = max(m, rowmax s);  p = 2^(s - m')
+        l' = l * 2^(m - m') + rowsum p;  acc' = acc * 2^(m - m') + p v
+
+    MASKED blocks check the causal bound ``key <= q_pos`` and the cache end ``key < seqlen``;
+    the slots past ``seqlen`` may hold anything (stale or NaN), so they are not even loaded:
+    a NaN in v would survive ``0 * NaN`` in the p v product.
+    """
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + offs_n
+        k_ptrs = k_base + keys[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + keys[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+        if MASKED:
+            in_cache = (keys[:, None] < seqlen) & d_ok
+            k = tl.load(k_ptrs, mask=in_cache, other=0.0)
+            v = tl.load(v_ptrs, mask=in_cache, other=0.0)
+        elif HEAD_DIM == D_PAD:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps
+            # 2^(-inf - -inf) = NaN out (its p and alpha come out 0).
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # p is rounded to the cache dtype for the tensor-core product, as in flash attention.
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def decode_split_kernel(
+    Q, K, V, SEQLENS, O, LSE,
+    sm_scale,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot, stride_os,
+    stride_lb, stride_lh, stride_lt,
+    q_len, group, max_len, m_tiles,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M (query head, query row) pairs of one KV head, one chunk of keys.
+
+    Grid (B, Hk * m_tiles, num_splits). SPLIT=False (one split): O is the final output
+    (B, Hq, Tq, D) in the input dtype. SPLIT=True: O is the fp32 partial output
+    (B, Hq, Tq, splits, D) and LSE (B, Hq, Tq, splits) the natural-log log-sum-exp per chunk.
+    """
+    b = tl.program_id(0)
+    hk = tl.program_id(1) // m_tiles
+    m_tile = tl.program_id(1) % m_tiles
+    split = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+
+    # Rows of the tile: r = g * Tq + t (query head hk * group + g, query row t).
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < group * q_len
+    head = hk * group + rows // q_len
+    t = rows % q_len
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), max_len)
+    q_pos = seqlen - q_len + t  # absolute position of each row (bottom-right alignment)
+
+    # This program's chunk of keys, in whole blocks: [lo, hi).
+    blocks_per_split = tl.cdiv(tl.cdiv(seqlen, BLOCK_N), n_splits)
+    lo = split * blocks_per_split * BLOCK_N
+    hi = tl.minimum(lo + blocks_per_split * BLOCK_N, seqlen)
+    # Keys below seqlen - Tq + 1 are visible to every row and inside the cache: no mask there.
+    full = tl.maximum(seqlen - q_len + 1, 0)
+    mid = tl.minimum(tl.maximum((full // BLOCK_N) * BLOCK_N, lo), tl.maximum(hi, lo))
+
+    # int64 offsets: batch * stride_b alone can pass 2**31 for a large cache.
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
+              + t[:, None].to(tl.int64) * stride_qt + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, mid, seqlen,
+                                   q_pos, offs_n, offs_d, qk_scale, False, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, mid, hi, seqlen,
+                                   q_pos, offs_n, offs_d, qk_scale, True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+
+    # A row with no visible key in this chunk (or at all) has l = 0: output 0, lse = -inf.
+    empty = m_i == float("-inf")
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = (O + b.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh
+              + t[:, None].to(tl.int64) * stride_ot + split.to(tl.int64) * stride_os + offs_d[None, :])
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if SPLIT:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse_ptrs = (LSE + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
+                    + t.to(tl.int64) * stride_lt + split)
+        tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def decode_combine_kernel(
+    O_PART, LSE, OUT,
+    stride_ob, stride_oh, stride_ot,
+    n_heads, q_len, n_splits,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """One program per (b, query head, row): merges the splits of one output row.
+
+        lse = log sum_s exp(lse_s);  out = sum_s exp(lse_s - lse) * out_s
+
+    Computed with the max subtracted; a row whose every split is empty (-inf) comes out 0.
+    """
+    row = tl.program_id(0)
+    b = row // (n_heads * q_len)
+    h = (row // q_len) % n_heads
+    t = row % q_len
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    s_ok = offs_s < n_splits
+    lse = tl.load(LSE + row.to(tl.int64) * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)  # 0 for empty splits
+    denom = tl.sum(w, 0)
+    part = tl.load(O_PART + (row.to(tl.int64) * n_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                   mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + t.to(tl.int64) * stride_ot + offs_d
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """tl.arange needs a power of two and tl.dot a K of at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def block_m(group: int, q_len: int) -> int:
+    """Rows per tile: group * Tq padded to a power of two >= 16 (tl.dot's minimum), at most 64
+    (larger groups take several tiles, each re-reading K/V; 64 rows x D=256 fp32 stays in
+    registers)."""
+    return min(64, max(16, triton.next_power_of_2(group * q_len)))
+
+
+def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, *, scale: float, num_splits: int,
+                             block_n: int, num_warps: int = 4, num_stages: int = 2,
+                             precision: str = "ieee"):
+    """Launches decode attention; returns out shaped like q (same memory layout when q is dense).
+
+    ``num_splits`` (1 .. MAX_SPLITS) fixes the grid; 1 runs the single-pass kernel only.
+    ``block_n`` keys per block; ``precision`` is tl.dot's input precision for fp32 ("ieee").
+    """
+    B, Hq, Tq, D = q.shape
+    Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hk
+    out = torch.empty_like(q)
+    if q.numel() == 0:
+        return out
+    bm = block_m(group, Tq)
+    m_tiles = triton.cdiv(group * Tq, bm)
+    grid = (B, Hk * m_tiles, num_splits)
+    meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_M=bm, BLOCK_N=block_n, PRECISION=precision,
+                num_warps=num_warps, num_stages=num_stages)
+    common = (scale, *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])
+    if num_splits == 1:
+        decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, out, out, *common,
+                                  *out.stride()[:3], 0, 0, 0, 0, Tq, group, Tmax, m_tiles,
+                                  SPLIT=False, **meta)
+        return out
+    part = torch.empty((B, Hq, Tq, num_splits, D), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, Hq, Tq, num_splits), device=q.device, dtype=torch.float32)
+    decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, part, lse, *common,
+                              *part.stride()[:4], *lse.stride()[:3], Tq, group, Tmax, m_tiles,
+                              SPLIT=True, **meta)
+    decode_combine_kernel[(B * Hq * Tq,)](part, lse, out, *out.stride()[:3], Hq, Tq, num_splits,
+                                          HEAD_DIM=D, D_PAD=padded_head_dim(D),
+                                          S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    return out
