@@ -11,12 +11,18 @@ __version__ = "0.1.0"
 
 from .tokenizer import Tokenizer  # noqa: E402
 
-__all__ = ["__version__", "Tokenizer", "ops", "reference", "testing", "checkpoint"]
+__all__ = ["__version__", "Tokenizer", "patch", "unpatch", "verify", "patch_summary", "ops", "reference",
+           "testing", "checkpoint"]
 
 _LAZY_MODULES = {"ops", "reference", "testing", "checkpoint", "kernels", "optable"}
+# (not modules named patch/verify: importing such a submodule would shadow the function)
+_LAZY_FUNCTIONS = {"patch": "patching", "unpatch": "patching", "patch_summary": "patching",
+                   "is_patched": "patching", "verify": "verification"}
 
 
 def __getattr__(name: str):
     if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_FUNCTIONS:
+        return getattr(importlib.import_module(f".{_LAZY_FUNCTIONS[name]}", __name__), name)
     raise AttributeError(f"module 'fastllama' has no attribute {name!r}")

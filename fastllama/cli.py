@@ -90,6 +90,57 @@ def _interpreting() -> bool:
     return interpreter_active()
 
 
+# fastllama build-report: every kernel config compiled for sm_80/sm_90 (fastllama/build_report.py;
+# importing it is cheap, it loads triton only when it runs)
+from . import build_report as _build_report  # noqa: E402
+
+command("build-report", "compile every kernel config for sm_80/sm_90 without a GPU: registers, spills, "
+        "shared memory, occupancy, wgmma, compile time")(_build_report.cli_run)
+
+
+# ---------------------------------------------------------------------------------------------
+# fastllama verify: patched vs original, module by module
+# ---------------------------------------------------------------------------------------------
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="an HF config.json: a model with random weights is built from it")
+    src.add_argument("--checkpoint", help="an HF checkpoint directory (config.json + safetensors)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--no-backward", action="store_true", help="compare forward outputs only")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .patching import patch
+    from .verification import verify
+
+    dev = "cpu" if _interpreting() else "cuda"
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    if args.config:
+        cfg = json.loads(open(args.config).read())
+        config = AutoConfig.for_model(**cfg)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype)
+    model = model.to(dev).train()
+    patch(model, verbose=True)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device=dev)
+    print()
+    report = verify(model, {"input_ids": ids, "labels": ids}, backward=not args.no_backward)
+    return 0 if report.passed else 1
+
+
+_verify.add_arguments = _verify_arguments
+command("verify", "run every patched module of a model against its original (parity table)")(_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastllama",

@@ -234,6 +234,13 @@ class Llama(nn.Module):
         :meth:`setup_caches` was called (None: no cache). With ``labels`` (B, T) returns
         ``(logits, loss)``, labels shifted by one inside as HF does.
         """
+        logits = self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache_start))
+        if labels is None:
+            return logits
+        return logits, ref.cross_entropy(logits.flatten(0, 1), shift_labels(labels).flatten())
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache_start=None) -> torch.Tensor:
+        """The final normed hidden states (B, T, hidden): everything but the LM head."""
         B, T = input_ids.shape
         past = cache_start or 0
         if position_ids is None:
@@ -249,11 +256,7 @@ class Llama(nn.Module):
             raise ValueError("cache_start given but no cache: call setup_caches() first")
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, key_padding_mask, self.caches[i] if use_cache else None, past)
-        logits = self.lm_head(self.model.norm(x))
-        if labels is None:
-            return logits
-        shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-        return logits, ref.cross_entropy(logits.flatten(0, 1), shifted.flatten())
+        return self.model.norm(x)
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         """Allocates one static :class:`KVCache` per layer for ``batch`` sequences of ``max_len``."""
@@ -319,6 +322,11 @@ class Llama(nn.Module):
             return out
         finally:
             self.caches = None
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Position t predicts token t + 1: labels moved left by one, the last padded with ignore_index."""
+    return F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

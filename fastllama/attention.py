@@ -1,0 +1,169 @@
+"""Attention as a patched model calls it: pick the kernel that fits the mask, or fall back.
+
+Hugging Face hands an attention function a boolean mask of shape (B, 1, Tq, Tk) (True = attend),
+or None when plain causal attention is meant. The kernels do not take arbitrary masks, so
+:func:`attend` recognises the masks that real models make and maps each onto a kernel:
+
+* ``None``: causal flash attention (HF's empty-static-cache prefill keeps only the first Tq
+  keys, top-left aligned, exactly as HF's SDPA path does); Tq <= 16 without autograd goes to the
+  decode kernel.
+* every row keeps a prefix of the keys, causal at its end (a static cache during decoding):
+  the decode kernel with per-sequence ``cache_seqlens`` (or flash attention on the prefix).
+* every row keeps one contiguous run of keys: left- or right-padded batches (Tq == Tk) and
+  left-padded caches (Tq < Tk, the run ending at the last key): the padding is removed and the
+  packed sequences go through varlen flash attention. Rows of padding queries come out as 0.
+* anything else (custom masks, dropout): PyTorch SDPA with the mask, counted in
+  :data:`FALLBACKS` so nothing slow happens silently.
+
+Recognising a mask compares it with the mask the kernel implements: one device sync per
+distinct mask tensor (HF passes the same mask object to every layer, so once per forward).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+__all__ = ["attend", "FALLBACKS", "DECODE_MAX_QUERIES"]
+
+DECODE_MAX_QUERIES = 16  # the decode kernel packs up to this many query tokens per sequence
+
+#: How often :func:`attend` fell back to SDPA, by reason (reset it with ``FALLBACKS.clear()``).
+FALLBACKS: collections.Counter = collections.Counter()
+
+
+@dataclasses.dataclass
+class _Plan:
+    kind: str  # "prefix", "runs" or "other"
+    lengths: torch.Tensor | None = None  # (B,) keys kept per row
+    starts: torch.Tensor | None = None  # (B,) first kept key ("runs")
+
+
+_last_plan: tuple[torch.Tensor, tuple, _Plan] | None = None
+
+
+def _window_allows(q_pos, k_pos, window):
+    ok = torch.ones_like(q_pos >= k_pos)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            ok &= k_pos >= q_pos - left
+        if right >= 0:
+            ok &= k_pos <= q_pos + right
+    return ok
+
+
+def _expected(keep_k, q_pos, j, causal, window):
+    """The mask a kernel implements: kept keys, causal and window in slot positions."""
+    m = keep_k[:, None, :] & _window_allows(q_pos, j, window)
+    return m & (j <= q_pos) if causal else m
+
+
+def _classify(mask: torch.Tensor, causal: bool, window) -> _Plan:
+    """Which kernel-shaped mask is ``mask`` (B, 1, Tq, Tk)? One host sync, cached per mask."""
+    global _last_plan
+    key = (tuple(mask.shape), causal, window)
+    if _last_plan is not None and _last_plan[0] is mask and _last_plan[1] == key:
+        return _last_plan[2]
+    m = mask[:, 0]
+    B, Tq, Tk = m.shape
+    i = torch.arange(Tq, device=m.device)[None, :, None]
+    j = torch.arange(Tk, device=m.device)[None, None, :]
+    keep_k = m.any(dim=1)
+    n = keep_k.sum(-1)
+    s = torch.where(n > 0, keep_k.int().argmax(-1), 0)
+    run = (j[:, 0] >= s[:, None]) & (j[:, 0] < (s + n)[:, None])
+    plan = _Plan("other")
+    if torch.equal(keep_k, run):  # every row keeps one contiguous run of keys
+        # prefix: run [0, n_b), queries at its end (a static cache, decoding)
+        prefix_q = n[:, None, None] - Tq + i
+        # runs, Tq < Tk: run [s_b, Tk), queries the last Tq slots (left-padded cache, decoding)
+        # runs, Tq == Tk: queries are the same tokens as the keys (padded batch, prefill/training)
+        if causal and bool((n >= Tq).all()) and torch.equal(m, _expected(keep_k, prefix_q, j, causal, window)):
+            plan = _Plan("prefix", lengths=n.to(torch.int32))
+        elif Tq == Tk and torch.equal(m & keep_k[:, :, None], _expected(keep_k, i, j, causal, window) & keep_k[:, :, None]):
+            # (rows of padding queries are not compared: their outputs are unused, and come out 0)
+            plan = _Plan("runs", lengths=n, starts=s)
+        elif Tq < Tk and bool(((s + n) == Tk).all()) and bool((n >= Tq).all()) and \
+                torch.equal(m, _expected(keep_k, Tk - Tq + i, j, causal, window)):
+            plan = _Plan("runs", lengths=n, starts=s)
+    _last_plan = (mask, key, plan)
+    return plan
+
+
+def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal: bool) -> bool:
+    """The decode kernel is forward-only, causal (bottom-right) and has no window."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (not needs_grad and window is None and q.shape[2] <= DECODE_MAX_QUERIES
+            and (causal or q.shape[2] == 1) and k.shape[2] >= q.shape[2])
+
+
+def _varlen(q, k, v, plan: _Plan, causal, scale, window):
+    """Packs each row's run of keys (and, when Tq == Tk, of queries), runs varlen flash
+    attention, and scatters the result back (0 for padding queries)."""
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    pos = torch.arange(Tk, device=q.device)[None] - plan.starts[:, None]
+    idx_k = ((pos >= 0) & (pos < plan.lengths[:, None])).flatten().nonzero().squeeze(1)
+    cu_k = F.pad(plan.lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+    def pack(t, idx):  # (B, H, T, D) -> (1, H, N, D): a strided view of the gathered rows
+        T = t.shape[2]
+        return t.transpose(1, 2).reshape(B * T, t.shape[1], D)[idx].transpose(0, 1).unsqueeze(0)
+
+    if Tq == Tk:
+        idx_q, cu_q = idx_k, cu_k
+    else:
+        idx_q = torch.arange(B * Tq, device=q.device)
+        cu_q = torch.arange(0, (B + 1) * Tq, Tq, device=q.device, dtype=torch.int32)
+    out = ops.flash_attention(pack(q, idx_q), pack(k, idx_k), pack(v, idx_k), causal=causal, scale=scale,
+                              window=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k)
+    full = out.new_zeros(B * Tq, Hq, D).index_copy(0, idx_q, out[0].transpose(0, 1))
+    return full.view(B, Tq, Hq, D).transpose(1, 2)
+
+
+def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, scale: float | None = None,
+           window: tuple[int, int] | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Attention for patched models: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D) -> (B, Hq, Tq, D).
+
+    ``mask`` is HF's boolean (B, 1, Tq, Tk) mask or None (see the module docstring for how each
+    shape of mask is served). ``window`` is ``(left, right)`` as in :func:`ops.flash_attention`.
+    """
+    Tq, Tk = q.shape[2], k.shape[2]
+    if dropout > 0:
+        FALLBACKS["attention dropout > 0"] += 1
+        return _sdpa(q, k, v, mask, causal and mask is None, scale, dropout)
+    if mask is not None and mask.dtype != torch.bool:
+        FALLBACKS["non-boolean mask"] += 1
+        return _sdpa(q, k, v, mask, False, scale, 0.0)
+    if mask is None:
+        if Tq > 1 and Tk > Tq:  # HF: empty static cache prefill, keys past Tq are unwritten
+            k, v = k[:, :, :Tq], v[:, :, :Tq]
+        if _decode_ok(q, k, v, window, causal):
+            seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+            return ops.decode_attention(q, k, v, seqlens, scale=scale)
+        return ops.flash_attention(q, k, v, causal=causal and Tq > 1, scale=scale, window=window)
+    plan = _classify(mask, causal, window)
+    if plan.kind == "prefix":
+        if _decode_ok(q, k, v, window, True):
+            return ops.decode_attention(q, k, v, plan.lengths, scale=scale)
+        if bool((plan.lengths == plan.lengths[0]).all()):
+            n = int(plan.lengths[0])
+            return ops.flash_attention(q, k[:, :, :n], v[:, :, :n], causal=True, scale=scale, window=window)
+    if plan.kind == "runs":
+        return _varlen(q, k, v, plan, causal, scale, window)
+    FALLBACKS["mask is not causal attention over one run of tokens per row"] += 1
+    return _sdpa(q, k, v, mask, False, scale, 0.0)
+
+
+def _sdpa(q, k, v, mask, is_causal, scale, dropout):
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale)
+    # SDPA gives NaN for rows that see no key; the kernels give 0
+    return torch.nan_to_num(out, nan=0.0) if mask is not None else out

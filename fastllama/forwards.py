@@ -1,0 +1,168 @@
+"""The forwards that :func:`fastllama.patch` puts on module instances.
+
+Each replaces one module class's ``forward`` with the same signature and semantics, computing
+with fastllama ops. Hugging Face's Llama, Mistral and Qwen2 modules share one set (their
+modeling files are copies of each other); the reference model has its own, smaller set.
+``self._fastllama`` holds the patch options of the module (which parts are on).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .attention import attend
+from .reference import functional as ref
+from .reference.model import shift_labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by HF and the reference model
+# ---------------------------------------------------------------------------------------------
+def rms_norm_forward(self, hidden_states):
+    """``LlamaRMSNorm.forward``: one fused kernel."""
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def mlp_forward(self, x):
+    """``LlamaMLP.forward``: the projections stay nn.Linear (LoRA keeps working), SwiGLU fused."""
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _rotate(self, q, k, cos, sin):
+    if self._fastllama["rope"] and cos.shape[-1] == q.shape[-1]:
+        return ops.apply_rotary_pos_emb(q, k, cos, sin)
+    return self._fastllama["original_rope"](q, k, cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face (Llama, Mistral, Qwen2)
+# ---------------------------------------------------------------------------------------------
+def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          sliding_window=None, is_causal=None, **kwargs):
+    """Registered with HF's ``AttentionInterface`` as "fastllama": HF's calling convention,
+    q (B, Hq, Tq, D) and un-repeated k/v (B, Hk, Tk, D) in, ``(out (B, Tq, Hq, D), None)`` out."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # HF's sliding window W lets query p see keys p - W < k <= p
+    window = (sliding_window - 1, 0) if sliding_window else None
+    out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window, dropout=dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """``LlamaAttention.forward`` (and Mistral's, Qwen2's) with fastllama's rotary kernel.
+
+    The attention itself goes through the model's attention interface, which ``patch`` points at
+    :func:`hf_attention_function` when attention is patched.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = _rotate(self, q, k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+    modeling = sys.modules[type(self).__module__]
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, modeling.eager_attention_forward)
+    if hasattr(self, "sliding_window"):  # Qwen2: per layer type
+        kwargs["sliding_window"] = self.sliding_window
+    elif getattr(self.config, "sliding_window", None) is not None:  # Mistral
+        kwargs["sliding_window"] = self.config.sliding_window
+    out, weights = attention_interface(
+        self, q, k, v, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling, **kwargs,
+    )
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
+                             use_cache=False, position_embeddings=None, **kwargs):
+    """``LlamaDecoderLayer.forward`` with the residual add fused into the second RMSNorm."""
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    residual = hidden_states
+    h = self.input_layernorm(hidden_states)
+    h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    norm = self.post_attention_layernorm
+    h, residual = ops.rms_norm(h, norm.weight, norm.variance_epsilon, residual=residual)
+    return residual + self.mlp(h)
+
+
+def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                         inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """``LlamaForCausalLM.forward``: with ``labels``, the LM head and the loss run as one fused
+    op and no logits are built (``logits`` is None); without, the original forward runs."""
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    if labels is None:
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+                                  use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    shifted = kwargs.pop("shift_labels", None)
+    kwargs.pop("ignore_index", None)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = outputs.last_hidden_state
+    if shifted is None:
+        shifted = shift_labels(labels.to(hidden.device))
+    loss = ops.linear_cross_entropy(
+        hidden, self.lm_head.weight, shifted, ignore_index=-100, bias=self.lm_head.bias,
+        num_items_in_batch=num_items_in_batch,
+    )
+    return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+# ---------------------------------------------------------------------------------------------
+# fastllama's reference model
+# ---------------------------------------------------------------------------------------------
+def reference_attention_forward(self, x, cos, sin, key_padding_mask=None, cache=None, cache_start=0):
+    """``reference.model.Attention.forward`` with the rotary and attention kernels."""
+    B, T, _ = x.shape
+    q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+    k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    q, k = _rotate(self, q, k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(cache_start, k, v)
+    if self._fastllama["attention"]:
+        mask = None
+        if key_padding_mask is not None:
+            mask = ref.attention_mask(T, k.shape[2], causal=True, key_padding_mask=key_padding_mask,
+                                      device=x.device)
+        out = attend(q, k, v, mask, causal=True)
+    else:
+        out = ref.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+    return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def reference_decoder_layer_forward(self, x, cos, sin, key_padding_mask=None, cache=None, cache_start=0):
+    """``reference.model.DecoderLayer.forward`` with the residual add fused into the second norm."""
+    h = self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cache_start)
+    norm = self.post_attention_layernorm
+    h, x = ops.rms_norm(h, norm.weight, norm.variance_epsilon, residual=x)
+    return x + self.mlp(h)
+
+
+def reference_llama_forward(self, input_ids, attention_mask=None, position_ids=None, cache_start=None,
+                            labels=None):
+    """``reference.Llama.forward``: with ``labels`` returns ``(None, loss)`` from the fused
+    linear cross-entropy (no logits are built); without, the logits as before."""
+    hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_start)
+    if labels is None:
+        return self.lm_head(hidden)
+    return None, ops.linear_cross_entropy(hidden, self.lm_head.weight, shift_labels(labels))

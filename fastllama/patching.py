@@ -1,0 +1,228 @@
+"""``fastllama.patch(model)``: swap fastllama's kernels into a model, per instance, reversibly.
+
+One table, :data:`RULES`, says which module classes get which replacement forward and which
+``patch`` option turns it on. Patching sets ``module.forward`` on the instance (the class, other
+models and the transformers module are untouched); ``unpatch`` deletes it again, so the class's
+own forward runs and outputs are bit-identical to never having patched. Weights are not touched:
+``state_dict()`` keys and values stay the same.
+
+Attention in Hugging Face models goes through HF's public extension point: an attention function
+and a mask function registered as "fastllama" (``AttentionInterface``/``AttentionMaskInterface``)
+and selected with ``model.set_attn_implementation`` — a per-model setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import types
+import weakref
+from typing import Callable
+
+import torch.nn as nn
+
+from . import forwards
+
+__all__ = ["patch", "unpatch", "patch_summary", "is_patched", "RULES", "SUPPORTED"]
+
+log = logging.getLogger("fastllama")
+
+OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
+_HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
+def _hf(kind: str) -> tuple[str, ...]:
+    return tuple(f"transformers.models.{m}.modeling_{m}.{prefix}{kind}" for m, prefix in _HF_FAMILIES.items())
+
+
+def _ref(name: str) -> tuple[str, ...]:
+    return (f"fastllama.reference.model.{name}",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: why a module cannot be patched (None: it can)
+# ---------------------------------------------------------------------------------------------
+def _check_silu(module) -> str | None:
+    act = getattr(module, "act_fn", None)
+    if act is not None and not isinstance(act, nn.SiLU):
+        return f"activation {type(act).__name__} is not SiLU (swiglu needs hidden_act='silu')"
+    return None
+
+
+def _check_head_dim(module) -> str | None:
+    d = module.head_dim
+    if not 1 <= d <= 256 or d % 2:
+        return f"head_dim={d} is not supported (attention and rotary kernels take even head_dim <= 256)"
+    return None
+
+
+def _check_lm_head(module) -> str | None:
+    head = getattr(module, "lm_head", None)
+    if type(head) is not nn.Linear:
+        return f"lm_head is {type(head).__name__}, not a plain nn.Linear (e.g. LoRA on the head): loss left as is"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Module classes (by qualified name) -> replacement forward, enabled by ``options``
+    (any of them on enables the rule; the forward reads which ones are on)."""
+
+    options: tuple[str, ...]
+    classes: tuple[str, ...]
+    forward: Callable
+    check: Callable | None = None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(("rms_norm",), _hf("RMSNorm") + _ref("RMSNorm"), forwards.rms_norm_forward),
+    Rule(("rms_norm",), _hf("DecoderLayer"), forwards.hf_decoder_layer_forward),
+    Rule(("rms_norm",), _ref("DecoderLayer"), forwards.reference_decoder_layer_forward),
+    Rule(("swiglu",), _hf("MLP") + _ref("MLP"), forwards.mlp_forward, _check_silu),
+    Rule(("rope",), _hf("Attention"), forwards.hf_attention_forward, _check_head_dim),
+    Rule(("rope", "attention"), _ref("Attention"), forwards.reference_attention_forward, _check_head_dim),
+    Rule(("cross_entropy",), _hf("ForCausalLM"), forwards.hf_causal_lm_forward, _check_lm_head),
+    Rule(("cross_entropy",), _ref("Llama"), forwards.reference_llama_forward, _check_lm_head),
+)
+
+#: Classes ``patch`` knows, by qualified name.
+SUPPORTED: tuple[str, ...] = tuple(sorted({c for r in RULES for c in r.classes}))
+
+
+def _qualname(module) -> str:
+    return f"{type(module).__module__}.{type(module).__name__}"
+
+
+@dataclasses.dataclass
+class _State:
+    summary: list[tuple[str, str, str, str]]  # (module name, class, what, status / reason)
+    options: dict
+    attn_before: str | None = None
+
+
+_STATE: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
+
+
+def _check_wrappers(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if type(m).__name__ in ("FullyShardedDataParallel", "FlatParameter") or hasattr(m, "_fsdp_wrapped_module"):
+            raise TypeError(
+                f"module {name or '<root>'} is wrapped by FSDP1 (FullyShardedDataParallel), whose flattened "
+                "parameters fastllama cannot see through: call fastllama.patch(model) BEFORE wrapping "
+                "(or use FSDP2's fully_shard, which patched models support)"
+            )
+
+
+def _original_rope(module):
+    modeling = sys.modules.get(type(module).__module__)
+    fn = getattr(modeling, "apply_rotary_pos_emb", None)
+    if fn is None:
+        from .reference import functional
+
+        fn = functional.apply_rotary_pos_emb
+    return fn
+
+
+def _register_hf_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("fastllama", forwards.hf_attention_function)
+    AttentionMaskInterface.register("fastllama", sdpa_mask)
+
+
+def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
+          attention: bool = True, cross_entropy: bool = True, verbose: bool = False) -> nn.Module:
+    """Swaps fastllama's kernels into ``model`` (this instance only) and returns it.
+
+    Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
+    ``Qwen2ForCausalLM`` (also inside a PEFT wrapper) and ``fastllama.reference.Llama``. Each
+    keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
+    options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the
+    reason recorded; :func:`patch_summary` prints what happened (``verbose=True`` prints it now,
+    and it is always logged at INFO on the "fastllama" logger).
+
+    Raises:
+        TypeError: ``model`` contains nothing fastllama knows how to patch (the message lists the
+            supported classes), or it is wrapped by FSDP1 (patch before wrapping).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_wrappers(model)
+    if model in _STATE:
+        unpatch(model)
+    options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy)
+    by_class = {c: r for r in RULES for c in r.classes}
+    summary, matched = [], 0
+    for name, module in model.named_modules():
+        rule = by_class.get(_qualname(module))
+        if rule is None:
+            continue
+        matched += 1
+        what = "/".join(rule.options)
+        if not any(options[o] for o in rule.options):
+            summary.append((name, type(module).__name__, what, "off"))
+            continue
+        reason = rule.check(module) if rule.check else None
+        if reason:
+            summary.append((name, type(module).__name__, what, f"skipped: {reason}"))
+            continue
+        module._fastllama = dict(options, original_rope=_original_rope(module))
+        module.forward = types.MethodType(rule.forward, module)
+        summary.append((name, type(module).__name__, what, "patched"))
+    if not matched:
+        raise TypeError(
+            f"{type(model).__name__} has no module fastllama can patch; supported classes: {', '.join(SUPPORTED)}"
+        )
+    state = _State(summary, options)
+    config = getattr(model, "config", None)
+    if attention and hasattr(model, "set_attn_implementation") and hasattr(config, "_attn_implementation"):
+        hf_attention = [m for m in model.modules() if _qualname(m) in _hf("Attention")]
+        reasons = {_check_head_dim(m) for m in hf_attention} - {None}
+        if reasons:
+            summary.append(("<model>", type(model).__name__, "attention", f"skipped: {reasons.pop()}"))
+        else:
+            _register_hf_attention()
+            state.attn_before = config._attn_implementation
+            model.set_attn_implementation("fastllama")
+            summary.append(("<model>", type(model).__name__, "attention", f"patched (was {state.attn_before!r})"))
+    _STATE[model] = state
+    log.info("fastllama.patch:\n%s", patch_summary(model))
+    if verbose:
+        print(patch_summary(model))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restores every original forward (and attention implementation) of a patched model."""
+    state = _STATE.pop(model, None)
+    for module in model.modules():
+        if "forward" in module.__dict__ and hasattr(module, "_fastllama"):
+            del module.forward
+            del module._fastllama
+    if state is not None and state.attn_before is not None:
+        model.set_attn_implementation(state.attn_before)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``patch`` was applied to this instance (and not undone)."""
+    return model in _STATE
+
+
+def patch_summary(model: nn.Module) -> str:
+    """A table of what ``patch`` did to ``model``: module, class, kernel, status or skip reason."""
+    state = _STATE.get(model)
+    if state is None:
+        return f"{type(model).__name__} is not patched"
+    rows = state.summary
+    w = max(len(r[0]) for r in rows) + 2 if rows else 10
+    c = max(len(r[1]) for r in rows) + 2 if rows else 10
+    lines = [f"{'module':<{w}}{'class':<{c}}{'kernel':<28}status", "-" * (w + c + 40)]
+    lines += [f"{r[0] or '<root>':<{w}}{r[1]:<{c}}{r[2]:<28}{r[3]}" for r in rows]
+    counts = {}
+    for r in rows:
+        key = r[3].split(":")[0].split(" (")[0]
+        counts[key] = counts.get(key, 0) + 1
+    lines.append(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return "\n".join(lines)

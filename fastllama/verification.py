@@ -1,0 +1,165 @@
+"""``fastllama.verify(model, inputs)``: every patched module against its original, on real
+activations, under the parity rule (DESIGN.md).
+
+One forward pass of the patched model records the inputs each patched module receives; then each
+module is run three ways on those inputs: patched, original in float64 (the truth) and original
+in the model's dtype, and :mod:`fastllama.testing` compares outputs and the gradients of the
+inputs and of the module's parameters. Containers (decoder layers, the whole model) are compared
+against their fully original computation, so their rows measure the accumulated difference.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from .attention import FALLBACKS
+from .patching import _STATE, is_patched
+from .testing import ParityReport, parity_report
+
+__all__ = ["verify", "VerifyReport"]
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """Per-module parity reports; ``str(report)`` is the table, ``report.passed`` the verdict."""
+
+    modules: list[tuple[str, str, ParityReport]]
+    fallbacks: dict
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for _, _, r in self.modules)
+
+    def table(self) -> str:
+        head = f"{'module':<36}{'class':<22}{'tensor':<16}{'max|err|':>11}{'allowed':>11}{'ratio':>7}  ok"
+        lines = [head, "-" * len(head)]
+        for name, cls, rep in self.modules:
+            for r in rep.rows:
+                ok = "yes" if r.passed else f"NO {r.problem}".rstrip()
+                lines.append(f"{name[-35:]:<36}{cls[:21]:<22}{r.name[:15]:<16}{r.kernel_err:>11.2e}"
+                             f"{r.allowed:>11.2e}{r.ratio:>7.2f}  {ok}")
+        n_fail = sum(not r.passed for _, _, rep in self.modules for r in rep.rows)
+        lines.append(f"{len(self.modules)} modules, {sum(len(rep.rows) for _, _, rep in self.modules)} tensors, "
+                     f"{n_fail} failing")
+        if self.fallbacks:
+            lines.append("attention fallbacks to SDPA during the pass: "
+                         + ", ".join(f"{k}: {v}" for k, v in self.fallbacks.items()))
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+@contextlib.contextmanager
+def _original_forwards(model: nn.Module):
+    """Temporarily runs ``model`` unpatched (instance forwards and attention implementation)."""
+    saved = [(m, m.__dict__.pop("forward")) for m in model.modules()
+             if "forward" in m.__dict__ and hasattr(m, "_fastllama")]
+    state = _STATE.get(model)
+    attn = state.attn_before if state is not None else None
+    config = getattr(model, "config", None)
+    if attn is not None:
+        current = config._attn_implementation
+        model.set_attn_implementation(attn)
+    try:
+        yield
+    finally:
+        for m, fwd in saved:
+            m.forward = fwd
+        if attn is not None:
+            model.set_attn_implementation(current)
+
+
+def _losses_only(out):
+    """With labels the patched causal LM builds no logits: compare the loss alone."""
+    if hasattr(out, "loss") and hasattr(out, "logits"):
+        return (out.loss,) if out.loss is not None else (out.logits,)
+    if isinstance(out, tuple):
+        if len(out) == 2 and out[1] is None:  # attention: (output, weights=None)
+            return (out[0],)
+        if len(out) == 2 and isinstance(out[1], torch.Tensor) and out[1].dim() == 0:  # reference (logits, loss)
+            return (out[1],)
+    return out
+
+
+def _capture(model: nn.Module, inputs) -> list[tuple[str, nn.Module, tuple, dict]]:
+    targets = {m: n for n, m in model.named_modules() if hasattr(m, "_fastllama")}
+    targets.setdefault(model, "")
+    seen: dict[nn.Module, tuple] = {}
+
+    def hook(module, args, kwargs):
+        if module not in seen:
+            def keep(t):
+                return t.detach().clone().requires_grad_(t.requires_grad and t.is_floating_point()) \
+                    if isinstance(t, torch.Tensor) else t
+            seen[module] = (pytree.tree_map(keep, args), pytree.tree_map(keep, kwargs))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in targets]
+    try:
+        with torch.enable_grad():  # so captured activations know whether they need a gradient
+            _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    order = [m for m in model.modules() if m in seen]
+    return [(targets[m] or "<model>", m, *seen[m]) for m in reversed(order)]  # leaves first
+
+
+def _call(model, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def verify(model: nn.Module, inputs, *, backward: bool = True, print_table: bool = True) -> VerifyReport:
+    """Checks every patched module of ``model`` against its original forward on ``inputs``.
+
+    Args:
+        model: a model ``fastllama.patch`` was applied to.
+        inputs: what ``model`` is called with: a dict of keyword arguments (for HF models, e.g.
+            ``{"input_ids": ids, "labels": ids}``; ``use_cache=False`` is added) or a tensor.
+        backward: also compare gradients of each module's inputs and parameters.
+        print_table: print the table as well as returning it.
+
+    Returns:
+        :class:`VerifyReport` (``.passed``, ``.table()``).
+    """
+    if not is_patched(model):
+        raise ValueError("verify needs a patched model: call fastllama.patch(model) first")
+    if isinstance(inputs, dict) and hasattr(getattr(model, "config", None), "use_cache"):
+        inputs = dict(inputs, use_cache=False)
+    before = dict(FALLBACKS)
+    captured = _capture(model, inputs)
+    results = []
+    for name, module, args, kwargs in captured:
+        params = dict(module.named_parameters())
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        float_pos = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        tensors = [leaves[i] for i in float_pos] + [p.detach().requires_grad_(backward and p.requires_grad)
+                                                     for p in params.values()]
+        labels = [f"in{i}" for i in range(len(float_pos))] + [n.replace(".", "_")[-15:] for n in params]
+
+        def run(*ts, _module=module, _leaves=leaves, _spec=spec, _pos=float_pos, _names=list(params)):
+            filled = list(_leaves)
+            for i, t in zip(_pos, ts):
+                filled[i] = t
+            a, kw = pytree.tree_unflatten(filled, _spec)
+            p = dict(zip(_names, ts[len(_pos):]))
+            return _losses_only(torch.func.functional_call(_module, p, tuple(a), kw))
+
+        def original(*ts, _run=run):
+            with _original_forwards(model):
+                return _run(*ts)
+
+        for t in tensors[: len(float_pos)]:
+            t.requires_grad_(backward and t.requires_grad)
+        report = parity_report(run, original, *tensors, names=labels, check_grad=backward)
+        results.append((name, type(module).__name__, report))
+    fallbacks = {k: v - before.get(k, 0) for k, v in FALLBACKS.items() if v != before.get(k, 0)}
+    report = VerifyReport(results, fallbacks)
+    if print_table:
+        print(report.table())
+    return report
