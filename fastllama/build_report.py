@@ -1,0 +1,670 @@
+"""The kernel build report: every shipped kernel config compiled for sm_80 and sm_90, no GPU needed.
+
+The Triton interpreter checks a kernel's math, not what the GPU compiler makes of it. This module
+compiles every :class:`~fastllama.optable.KernelBuild` of the op table with ``triton.compile`` for
+real NVIDIA targets (PTX, then a cubin through the ptxas bundled with Triton) and reads what the
+hardware would get:
+
+- registers per thread, and spilled bytes (``LOCAL`` + ``STACK`` from ``cuobjdump
+  --dump-resource-usage``: ptxas puts spills in the stack frame, so a non-zero ``STACK`` is what a
+  spill looks like in practice);
+- shared memory per block: Triton's dynamic allocation (``metadata.shared``) plus any static
+  ``SHARED`` in the cubin, checked against the per-block opt-in limit (163 KB sm_80, 227 KB sm_90);
+- tensor-core instructions in the PTX: ``wgmma`` (Hopper warpgroup MMA), ``mma`` (``mma.sync``),
+  or none. On sm_90 a ``tl.dot`` that lands on ``mma`` instead of ``wgmma`` leaves speed behind;
+- an occupancy estimate (:func:`occupancy`), and the compile time.
+
+Compile errors are rows of the report, never crashes. Compiles run in worker subprocesses (see
+:func:`_spawn_env` for why) and their results are cached on disk, keyed on Triton's hash of the
+kernel source (which covers the ``@triton.jit`` helpers it calls) + config + arch + Triton
+version, so a rerun only compiles what changed. The CLI is ``fastllama build-report``.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import pkgutil
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["ARCHS", "Arch", "Job", "Row", "jobs_from_specs", "run_report", "occupancy", "problems",
+           "format_table", "format_markdown", "report_json", "uncovered_kernels", "default_cache_dir",
+           "committed_report", "seed_cache"]
+
+SCHEMA = 1  # bump when what a cached row holds changes
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """Per-SM limits that bound occupancy (CUDA C Programming Guide, compute capability table)."""
+
+    name: str
+    capability: int
+    shared_per_block: int  # opt-in maximum of dynamic + static shared memory per block, bytes
+    shared_per_sm: int
+    regs_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    max_blocks_per_sm: int = 32
+    reserved_shared_per_block: int = 1024  # the CUDA runtime keeps 1 KB of shared memory per block
+
+
+ARCHS = {
+    "sm_80": Arch("sm_80", 80, shared_per_block=163 * 1024, shared_per_sm=164 * 1024),  # A100
+    "sm_90": Arch("sm_90", 90, shared_per_block=227 * 1024, shared_per_sm=228 * 1024),  # H100/H200
+}
+
+
+def occupancy(arch: Arch, regs: int, shared: int, num_warps: int) -> tuple[int, str]:
+    """Resident warps per SM and what limits them ("registers", "shared", "warps" or "blocks").
+
+    blocks/SM = min(max_warps_per_sm // num_warps,                           (thread slots)
+                    max_blocks_per_sm,                                       (block slots)
+                    (regs_per_sm // regs_per_warp) // num_warps,             (register file)
+                    shared_per_sm // (shared + reserved_shared_per_block))   (shared memory)
+    with regs_per_warp = 32 * regs rounded up to the allocation unit of 256 registers per warp,
+    and warps/SM = blocks/SM * num_warps. 0 means the block cannot launch at all. It is the CUDA
+    occupancy calculator's estimate; it ignores the L1/shared carve-out the driver picks.
+    """
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    limits = {
+        "warps": arch.max_warps_per_sm // num_warps,
+        "blocks": arch.max_blocks_per_sm,
+        "registers": (arch.regs_per_sm // regs_per_warp) // num_warps,
+        "shared": arch.shared_per_sm // (shared + arch.reserved_shared_per_block),
+    }
+    limiter = min(limits, key=limits.get)
+    return limits[limiter] * num_warps, limiter
+
+
+# ---------------------------------------------------------------------------------------------
+# What to compile: jobs, from the op table
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One KernelBuild on one arch, in a form a worker process can rebuild (names, not objects)."""
+
+    op: str
+    module: str  # the kernel's module, imported by name in the worker ...
+    file: str  # ... or loaded from this file when the name does not import there (test kernels)
+    qualname: str
+    signature: dict
+    constexprs: dict  # JSON-encoded values (see _encode)
+    num_warps: int
+    num_stages: int
+    label: str
+    arch: str
+
+    @property
+    def kernel(self) -> str:
+        return f"{self.module.removeprefix('fastllama.kernels.')}.{self.qualname}"
+
+    @property
+    def config(self) -> str:
+        """Constexprs, pointer element types, warps and stages, e.g. "BLOCK=1024 *bf16 w4 s3"."""
+        parts = [f"{k}={_display(v)}" for k, v in self.constexprs.items()]
+        parts.append("/".join(sorted({t for t in self.signature.values() if t.startswith("*")})))
+        parts.append(f"w{self.num_warps} s{self.num_stages}")
+        return " ".join(p for p in parts if p)
+
+
+def _python_function(kernel: Any):
+    """The plain Python function under a JITFunction / InterpretedFunction / Autotuner / Heuristics."""
+    obj = kernel
+    while not inspect.isfunction(obj):
+        if not hasattr(obj, "fn"):
+            raise TypeError(f"{kernel!r} is not a @triton.jit kernel")
+        obj = obj.fn
+    return obj
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    import triton.language as tl
+
+    if isinstance(value, tl.constexpr):
+        return _encode(value.value)
+    if isinstance(value, tl.dtype):
+        return {"tl.dtype": str(value)}
+    raise TypeError(f"constexpr value {value!r} of type {type(value).__name__} is not supported "
+                    "by the build report (use bool, int, float, str, None or a tl.dtype)")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "tl.dtype" in value:
+        import triton.language as tl
+
+        return tl.dtype(value["tl.dtype"])
+    return value
+
+
+def _display(value: Any) -> str:
+    return value["tl.dtype"] if isinstance(value, dict) and "tl.dtype" in value else str(value)
+
+
+def jobs_from_builds(op: str, builds: Iterable, archs: Iterable[str]) -> list[Job]:
+    """Jobs for ``builds`` (KernelBuild-like objects) of ``op`` on every arch in ``archs``."""
+    jobs = []
+    for b in builds:
+        fn = _python_function(b.kernel)
+        for arch in archs:
+            jobs.append(Job(op=op, module=fn.__module__, file=inspect.getsourcefile(fn) or "",
+                            qualname=fn.__qualname__, signature=dict(b.signature),
+                            constexprs={k: _encode(v) for k, v in b.constexprs.items()},
+                            num_warps=b.num_warps, num_stages=b.num_stages, label=b.label, arch=arch))
+    return jobs
+
+
+def jobs_from_specs(archs: Iterable[str], specs=None) -> tuple[list[Job], list[Row]]:
+    """Jobs for every build config of every op spec (default: the whole op table).
+
+    Returns ``(jobs, error_rows)``: a ``build_configs`` that raises becomes an error row. The same
+    build listed by two ops is compiled once, under both names ("op_a+op_b").
+    """
+    if specs is None:
+        from . import optable
+
+        specs = optable.all_specs()
+    archs = list(archs)
+    by_identity: dict[str, Job] = {}
+    errors: list[Row] = []
+    for spec in specs:
+        if spec.build_configs is None:
+            continue
+        try:
+            jobs = jobs_from_builds(spec.name, spec.build_configs(), archs)
+        except Exception as e:  # noqa: BLE001 - a broken table entry is a report row
+            errors += [Row(op=spec.name, kernel="(build_configs)", label="", config="", arch=a, num_warps=0,
+                           error=f"{type(e).__name__}: {e}") for a in archs]
+            continue
+        for job in jobs:
+            ident = json.dumps([job.module, job.qualname, job.signature, job.constexprs, job.num_warps,
+                                job.num_stages, job.arch], sort_keys=True)
+            if ident in by_identity:
+                seen = by_identity[ident]
+                if spec.name not in seen.op.split("+"):
+                    by_identity[ident] = dataclasses.replace(seen, op=f"{seen.op}+{spec.name}")
+            else:
+                by_identity[ident] = job
+    return list(by_identity.values()), errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Row:
+    """One (kernel, config, arch) of the report. ``error`` is set when it did not compile."""
+
+    op: str
+    kernel: str
+    label: str
+    config: str
+    arch: str
+    num_warps: int
+    error: str | None = None
+    regs: int | None = None
+    stack: int | None = None  # bytes per thread; ptxas reports spills here
+    local: int | None = None  # bytes per thread of local memory
+    shared: int | None = None  # bytes per block, dynamic (Triton) + static (cubin)
+    tensor_cores: str = ""  # "wgmma", "mma" or "-"
+    compile_s: float | None = None  # of the compile that produced the row (cached rows keep it)
+    cached: bool = False
+    key: str | None = None
+    warps_per_sm: int | None = None
+    occupancy_limit: str | None = None
+
+    @property
+    def spill(self) -> int | None:
+        return None if self.error else (self.local or 0) + (self.stack or 0)
+
+
+def _row(job: Job, result: dict) -> Row:
+    row = Row(op=job.op, kernel=job.kernel, label=job.label, config=job.config, arch=job.arch,
+              num_warps=job.num_warps, **{k: v for k, v in result.items() if k in _RESULT_FIELDS})
+    if row.error is None and row.regs is not None:
+        row.warps_per_sm, row.occupancy_limit = occupancy(ARCHS[job.arch], row.regs, row.shared or 0, job.num_warps)
+    return row
+
+
+_RESULT_FIELDS = {"error", "regs", "stack", "local", "shared", "tensor_cores", "compile_s", "cached", "key"}
+
+
+def problems(rows: Iterable[Row]) -> list[str]:
+    """What makes a config unfit to ship: a compile error, any spill, shared memory over the
+    arch's per-block limit, or a block that cannot be resident at all."""
+    out = []
+    for r in rows:
+        where = f"{r.kernel} [{r.label or r.config}] on {r.arch}"
+        if r.error:
+            out.append(f"{where}: compile error: {r.error}")
+            continue
+        limit = ARCHS[r.arch].shared_per_block
+        if r.spill:
+            out.append(f"{where}: spills {r.spill} bytes per thread (LOCAL {r.local}, STACK {r.stack})")
+        if (r.shared or 0) > limit:
+            out.append(f"{where}: shared memory {r.shared} B > {limit} B per block ({limit // 1024} KB)")
+        if r.warps_per_sm == 0:
+            out.append(f"{where}: cannot launch: {r.regs} registers x {r.num_warps} warps or {r.shared} B "
+                       "of shared memory exceed one SM")
+    return out
+
+
+_COLUMNS = ["op", "kernel", "config", "arch", "regs", "spill B", "smem KB", "warps/SM", "limit", "TC",
+            "compile s", "status"]
+
+
+def _cells(r: Row) -> list[str]:
+    config = f"{r.label}: {r.config}" if r.label else r.config
+    if r.error:
+        lines = [l.strip() for l in r.error.splitlines() if l.strip()] or ["error"]
+        # A CompilationError puts the source excerpt first and the reason last: show type + reason.
+        summary = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1]}"
+        return [r.op, r.kernel, config, r.arch, "", "", "", "", "", "", _secs(r), f"ERROR {summary[:80]}"]
+    status = "ok"
+    if r.spill:
+        status = "SPILLS"
+    if (r.shared or 0) > ARCHS[r.arch].shared_per_block or r.warps_per_sm == 0:
+        status = "TOO BIG" if status == "ok" else status + ", TOO BIG"
+    occ = f"{r.warps_per_sm} ({100 * r.warps_per_sm // ARCHS[r.arch].max_warps_per_sm}%)"
+    return [r.op, r.kernel, config, r.arch, str(r.regs), str(r.spill), f"{(r.shared or 0) / 1024:.1f}", occ,
+            r.occupancy_limit or "", r.tensor_cores, _secs(r), status]
+
+
+def _secs(r: Row) -> str:
+    return "" if r.compile_s is None else f"{r.compile_s:.2f}" + ("*" if r.cached else "")
+
+
+def format_table(rows: list[Row]) -> str:
+    """A fixed-width text table (``*`` after a compile time: taken from the cache)."""
+    cells = [_COLUMNS] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def format_markdown(rows: list[Row]) -> str:
+    """The same table as Markdown."""
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report_json(rows: list[Row], uncovered: dict | None = None) -> dict:
+    """Rows, problems, uncovered kernels and the toolchain, as one JSON-able dict."""
+    import triton
+
+    return {"triton": triton.__version__,
+            "archs": {n: dataclasses.asdict(a) for n, a in ARCHS.items()},
+            "rows": [dataclasses.asdict(r) | {"spill": r.spill} for r in rows],
+            "problems": problems(rows) + [f"{m}: no build config for {', '.join(k)}"
+                                          for m, k in (uncovered or {}).items()],
+            "uncovered": uncovered or {}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Coverage: every kernel in kernels/ must be in the op table
+# ---------------------------------------------------------------------------------------------
+def launched_kernels(module) -> list[str]:
+    """Function names of the @triton.jit kernels of ``module`` that need a build config.
+
+    A kernel is one the module launches (``name[grid](...)``) or a jit function that no other jit
+    function of the module calls; jit functions only called from other jit functions are device
+    helpers and compile as part of their callers.
+    """
+    jit = {name for name, obj in vars(module).items() if _is_jit(obj) and
+           getattr(_python_function(obj), "__module__", None) == module.__name__}
+    tree = ast.parse(inspect.getsource(module))
+    launched, called_from_jit = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and isinstance(node.func.value, ast.Name):
+            launched.add(node.func.value.id)
+        if isinstance(node, ast.FunctionDef) and node.name in jit:
+            called_from_jit |= {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call)
+                                and isinstance(c.func, ast.Name) and c.func.id != node.name}
+    # An autotuned alias (`_k_tuned = triton.autotune(...)(_k)`) is reported as the function it wraps.
+    return sorted({_python_function(getattr(module, n)).__qualname__ for n in jit
+                   if n in launched or n not in called_from_jit})
+
+
+def _is_jit(obj: Any) -> bool:
+    from triton.runtime.jit import KernelInterface
+
+    return isinstance(obj, KernelInterface)
+
+
+def kernel_modules() -> list[str]:
+    """Every module of ``fastllama.kernels`` (one per op)."""
+    from . import kernels
+
+    return [f"fastllama.kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_")]
+
+
+def uncovered_kernels(jobs: Iterable[Job], modules: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """{module: [kernel names]} of launched kernels that no job (no op-table build config) covers."""
+    covered = {(j.module, j.qualname) for j in jobs}
+    out = {}
+    for name in kernel_modules() if modules is None else modules:
+        missing = [k for k in launched_kernels(importlib.import_module(name)) if (name, k) not in covered]
+        if missing:
+            out[name] = missing
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the compiles
+# ---------------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    """``$FASTLLAMA_BUILD_CACHE``, else ``$XDG_CACHE_HOME/fastllama/build-report`` (~/.cache)."""
+    if os.environ.get("FASTLLAMA_BUILD_CACHE"):
+        return Path(os.environ["FASTLLAMA_BUILD_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "fastllama" / "build-report"
+
+
+def committed_report() -> Path | None:
+    """``benchmarks/results/build/report.json`` of the checkout fastllama runs from, if any."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "build" / "report.json"
+    return path if path.is_file() else None
+
+
+def seed_cache(report_path: Path, cache_dir: Path) -> int:
+    """Adds the rows of a saved ``report.json`` to the cache; returns how many were new.
+
+    Rows carry their cache keys, which hash the kernel source, config, arch and Triton version,
+    so a saved row is only ever used for the identical compile: a fresh CI machine reuses the
+    committed report for unchanged kernels and compiles what changed since.
+    """
+    added = 0
+    for row in json.loads(Path(report_path).read_text()).get("rows", []):
+        key = row.get("key")
+        path = Path(cache_dir) / f"{key}.json"
+        if key and not path.exists():
+            path.write_text(json.dumps({k: row[k] for k in _RESULT_FIELDS - {"cached"} if k in row}))
+            added += 1
+    return added
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def run_report(jobs: list[Job], cache_dir: Path | None = None, use_cache: bool = True,
+               workers: int | None = None, timeout_s: float = 600.0, seed: Path | None = None) -> list[Row]:
+    """Compiles ``jobs`` (cache first) in worker processes; one :class:`Row` per job, in order.
+
+    ``seed``: a saved report.json whose rows join the cache first (see :func:`seed_cache`).
+
+    A worker that dies (a compiler crash) or exceeds ``timeout_s`` on one job turns that job into
+    an error row and a fresh worker takes the rest.
+    """
+    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if seed is not None and use_cache:
+        seed_cache(seed, cache_dir)
+    results: list[dict | None] = [None] * len(jobs)
+    lanes = max(1, min(workers or default_workers(), len(jobs)))
+    threads = [threading.Thread(target=_lane, args=(jobs, list(range(i, len(jobs), lanes)), results,
+                                                    cache_dir, use_cache, timeout_s)) for i in range(lanes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [_row(j, r or {"error": "no result (internal error)"}) for j, r in zip(jobs, results)]
+
+
+def _spawn_env() -> dict:
+    """The worker's environment.
+
+    Compiles run in a subprocess because the parent usually runs under ``TRITON_INTERPRET=1``
+    (tests, and the CLI on a machine without a GPU): there ``@triton.jit`` returns
+    ``InterpretedFunction`` objects, which ``triton.compile`` cannot take (no ``cache_key``, no
+    AST lowering), and the flag is read once when triton is imported. The worker imports the
+    kernel modules afresh with the flag removed, so they are real ``JITFunction``s. It also gets
+    its own empty Triton cache, so compile times are real compiles and ~/.triton stays clean
+    (this module's cache does the reusing).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated so it does not warn
+    return env
+
+
+def _lane(jobs, indices, results, cache_dir, use_cache, timeout_s):
+    while indices:
+        with tempfile.TemporaryDirectory(prefix="fastllama-build-") as tmp:
+            env = _spawn_env() | {"TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
+            stderr_path = Path(tmp) / "stderr"
+            with open(stderr_path, "w+b") as stderr:
+                proc = subprocess.Popen([sys.executable, "-m", "fastllama.build_report", "--worker", str(cache_dir),
+                                         "1" if use_cache else "0"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=stderr, env=env)
+                payload = "\n".join(json.dumps([i, dataclasses.asdict(jobs[i])]) for i in indices) + "\n"
+                proc.stdin.write(payload.encode())
+                proc.stdin.close()
+                in_flight, timed_out = _read_results(proc, results, timeout_s)
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                stderr.seek(0)
+                tail = stderr.read().decode(errors="replace")[-2000:].strip()
+        if in_flight is not None:  # this job killed or hung the compiler: it becomes an error row
+            why = f"timed out after {timeout_s:.0f} s" if timed_out else f"compiler process died (exit {proc.returncode})"
+            results[in_flight] = {"error": f"{why}: {tail}"}
+        elif any(results[i] is None for i in indices):  # stopped between jobs: report, do not loop
+            for i in indices:
+                if results[i] is None:
+                    results[i] = {"error": f"compiler process exited (exit {proc.returncode}): {tail}"}
+        indices = [i for i in indices if results[i] is None]
+
+
+_TAG = b"@fastllama-build "  # marks the worker's protocol lines on its stdout
+
+
+def _read_results(proc, results, timeout_s) -> tuple[int | None, bool]:
+    """Reads the worker's ``["start", i]`` / ``["done", i, result]`` lines into ``results``.
+
+    Returns ``(i, timed_out)`` for a job the worker started but never finished (it died, or
+    ``timeout_s`` passed), else ``(None, False)``.
+    """
+    buf, current = b"", None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return current, current is not None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return current, False
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if not line.startswith(_TAG):
+                continue  # something the kernel module or the compiler printed
+            msg = json.loads(line[len(_TAG):])
+            if msg[0] == "start":
+                current, deadline = msg[1], time.monotonic() + timeout_s
+            else:
+                results[msg[1]], current = msg[2], None
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker (a subprocess without TRITON_INTERPRET)
+# ---------------------------------------------------------------------------------------------
+def _load_jit(job: dict):
+    from triton.runtime.jit import JITFunction
+
+    try:
+        module = importlib.import_module(job["module"])
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(f"_build_report_{abs(hash(job['file']))}", job["file"])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    obj = getattr(module, job["qualname"])
+    while not isinstance(obj, JITFunction):
+        obj = obj.fn  # Autotuner / Heuristics wrap the JITFunction
+    return obj
+
+
+def _compile(job: dict, cache_dir: Path, use_cache: bool) -> dict:
+    import triton
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.backends.compiler import GPUTarget
+
+    fn = _load_jit(job)
+    arch = ARCHS[job["arch"]]
+    # Pointers are compiled as 16-byte aligned, the specialisation a launch gets for ordinary torch
+    # tensors (it enables vector loads); integer arguments stay unspecialised.
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in job["signature"].items()
+             if t.startswith("*")}
+    key = hashlib.sha256(json.dumps([SCHEMA, triton.__version__, fn.cache_key, job["module"], job["qualname"],
+                                     job["signature"], job["constexprs"], job["num_warps"], job["num_stages"],
+                                     job["arch"], sorted(get_cache_invalidating_env_vars().items())],
+                                    sort_keys=True).encode()).hexdigest()
+    path = cache_dir / f"{key}.json"
+    if use_cache and path.exists():
+        try:
+            return json.loads(path.read_text()) | {"cached": True}
+        except ValueError:
+            pass  # a torn file: compile again
+    # CUDA warps are 32 threads on every arch (what the driver reports on a real GPU).
+    target = GPUTarget("cuda", arch.capability, 32)
+    src = triton.compiler.ASTSource(fn=fn, signature=job["signature"],
+                                    constexprs={k: _decode(v) for k, v in job["constexprs"].items()}, attrs=attrs)
+    t0 = time.perf_counter()
+    try:
+        compiled = triton.compile(src, target=target,
+                                  options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+    except OSError as e:  # the toolchain itself is broken: report, do not cache
+        return {"error": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row
+        result = {"error": f"{type(e).__name__}: {e}"}
+    else:
+        result = _resources(compiled)
+    result |= {"compile_s": round(time.perf_counter() - t0, 3), "key": key}
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)  # atomic: concurrent runs never see half a file
+    return result
+
+
+def _resources(compiled) -> dict:
+    """Registers, stack, local and static shared from cuobjdump; dynamic shared from Triton."""
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    # "  REG:168 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:560 ..." on the line after "Function <name>:"
+    line = next(l for l in out.splitlines() if "REG:" in l)
+    usage = dict(field.split(":", 1) for field in line.split())
+    ptx = compiled.asm["ptx"]
+    tc = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
+    return {"regs": int(usage["REG"]), "stack": int(usage["STACK"]), "local": int(usage["LOCAL"]),
+            "shared": int(compiled.metadata.shared) + int(usage["SHARED"]), "tensor_cores": tc}
+
+
+def _worker_main(cache_dir: str, use_cache: str) -> None:
+    """Reads ``[index, job]`` lines from stdin; writes ``["start", i]`` then ``["done", i, result]``."""
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the build worker must not run under the interpreter"
+    jobs = [json.loads(line) for line in sys.stdin if line.strip()]
+    for i, job in jobs:
+        print(_TAG.decode() + json.dumps(["start", i]), flush=True)
+        try:
+            result = _compile(job, Path(cache_dir), use_cache == "1")
+        except Exception as e:  # noqa: BLE001 - loading the kernel or reading the cubin failed
+            result = {"error": f"{type(e).__name__}: {e}"}
+        print(_TAG.decode() + json.dumps(["done", i, result]), flush=True)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: fastllama build-report (registered in fastllama/cli.py)
+# ---------------------------------------------------------------------------------------------
+def cli_add_arguments(p) -> None:
+    p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default: sm_80,sm_90)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--op", action="append", default=None, help="only this op (repeatable)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: cores / 2, max 4)")
+    p.add_argument("--no-cache", action="store_true", help="recompile everything (the cache is still refreshed)")
+    p.add_argument("--cache-dir", default=None, help=f"compile cache (default: {default_cache_dir()})")
+    p.add_argument("--output", default=None, help="also write report.md and report.json into this folder")
+
+
+def cli_run(args) -> int:
+    """Compiles every op-table build config; prints the table (or JSON); exit 1 on any problem."""
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown or not archs:
+        print(f"--arch: unknown {unknown or archs}; accepted: {', '.join(ARCHS)}", file=sys.stderr)
+        return 2
+    from . import optable
+
+    specs = optable.all_specs()
+    if args.op:
+        missing = sorted(set(args.op) - {s.name for s in specs})
+        if missing:
+            print(f"--op: no op named {missing}; known: {[s.name for s in specs]}", file=sys.stderr)
+            return 2
+        specs = [s for s in specs if s.name in args.op]
+    jobs, error_rows = jobs_from_specs(archs, specs)
+    t0 = time.perf_counter()
+    rows = error_rows + run_report(jobs, cache_dir=args.cache_dir, use_cache=not args.no_cache, workers=args.jobs,
+                                   seed=committed_report())
+    wall = time.perf_counter() - t0
+    uncovered = {} if args.op else uncovered_kernels(jobs)
+    data = report_json(rows, uncovered)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
+        (out / "report.md").write_text(_markdown_report(rows, data, archs))
+    if args.json:
+        print(json.dumps(data, indent=1))
+    else:
+        print(format_table(rows) if rows else "(no kernel build configs in the op table yet)")
+        print(f"\n{len(rows)} rows, {sum(not r.cached for r in rows if r.compile_s is not None)} compiled, "
+              f"{sum(r.cached for r in rows)} from the cache ({args.cache_dir or default_cache_dir()}), "
+              f"{wall:.1f} s. * = compile time of the cached compile.")
+        for p in data["problems"]:
+            print("PROBLEM:", _first_lines(p))
+    return 1 if data["problems"] else 0
+
+
+def _first_lines(text: str, n: int = 12) -> str:
+    lines = text.splitlines()
+    return "\n".join(lines[:n] + ([f"... ({len(lines) - n} more lines)"] if len(lines) > n else []))
+
+
+def _markdown_report(rows: list[Row], data: dict, archs: list[str]) -> str:
+    limits = ", ".join(f"{a} {ARCHS[a].shared_per_block // 1024} KB" for a in archs)
+    text = [f"# Kernel build report ({', '.join(archs)})", "",
+            f"Made by `fastllama build-report --output benchmarks/results/build` with Triton {data['triton']} "
+            f"(bundled ptxas), no GPU. Shared memory limits per block: {limits}. "
+            "How to read it: [README.md](README.md).", "",
+            format_markdown(rows) if rows else "(no kernel build configs in the op table yet)", ""]
+    text += ["## Problems", ""] + ([f"- {_first_lines(p, 1)}" for p in data["problems"]] or ["none"]) + [""]
+    return "\n".join(text)
+
+
+cli_run.add_arguments = cli_add_arguments
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker_main(*sys.argv[2:4])

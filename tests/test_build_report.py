@@ -1,0 +1,131 @@
+"""The kernel build report: compiles for sm_80/sm_90 on this (CPU) machine and reads the cubin.
+
+Two halves. The first proves the report's machinery on small kernels made to pass or fail
+(tests/_build_report_kernels.py): a spill, shared memory over one arch's limit, a compile error, a
+compiler crash and an uncovered kernel must each show up. The second is the gate for the shipped
+kernels: every build config in the op table compiles for both archs with no spill and shared
+memory within the limit, and every kernel in kernels/ has build configs. Compiles are cached
+(keyed on kernel source + config + arch + Triton version) and the committed
+benchmarks/results/build/report.json seeds the cache, so only kernels changed since the report
+was regenerated compile here.
+"""
+import json
+import os
+
+import pytest
+
+import _build_report_crash
+import _build_report_kernels as K
+from fastllama import build_report as br
+from fastllama.optable import KernelBuild
+
+ARCHS = ["sm_80", "sm_90"]
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}
+MM_SIG = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32"}
+
+
+def _copy(block=1024, label="copy"):
+    return KernelBuild(K.copy_kernel, SIG, {"BLOCK": block}, num_warps=4, label=label)
+
+
+@pytest.fixture(scope="module")
+def fixture_rows():
+    """One report over the fixture kernels: {label: {arch: Row}}."""
+    jobs = (br.jobs_from_builds("copy", [_copy()], ARCHS)
+            + br.jobs_from_builds("copy", [_copy(100, "bad")], ["sm_90"])
+            + br.jobs_from_builds("scale", [KernelBuild(K.row_scale_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32"},
+                                                        {"BLOCK": 8192}, num_warps=1, label="spill")], ["sm_80"])
+            + br.jobs_from_builds("mm", [KernelBuild(K.matmul_kernel, MM_SIG, {"BM": 128, "BN": 128, "BK": 128},
+                                                     num_warps=8, num_stages=6, label="mm")], ARCHS))
+    rows = br.run_report(jobs, workers=WORKERS)
+    out = {}
+    for r in rows:
+        out.setdefault(r.label, {})[r.arch] = r
+    return out
+
+
+def test_small_kernel_fits_everywhere(fixture_rows):
+    for arch in ARCHS:
+        r = fixture_rows["copy"][arch]
+        assert r.error is None, r.error
+        assert 0 < r.regs <= 64 and r.spill == 0 and r.tensor_cores == "-"
+        assert r.warps_per_sm == 64 and r.occupancy_limit == "warps"  # 16 blocks of 4 warps
+        assert r.compile_s is not None and r.key
+        assert br.problems([r]) == []
+    assert "BLOCK=1024 *fp32 w4 s3" in br.format_table(list(fixture_rows["copy"].values()))
+
+
+def test_spill_is_a_problem(fixture_rows):
+    r = fixture_rows["spill"]["sm_80"]
+    assert r.error is None and r.regs == 255 and r.spill > 0
+    assert any("spills" in p for p in br.problems([r]))
+    assert "SPILLS" in br.format_table([r])
+
+
+def test_shared_memory_limit_is_per_arch(fixture_rows):
+    a100, h100 = fixture_rows["mm"]["sm_80"], fixture_rows["mm"]["sm_90"]
+    assert a100.shared > 163 * 1024 >= h100.shared - 64 * 1024  # same config, different pipelines
+    assert any("shared memory" in p for p in br.problems([a100]))
+    assert h100.shared <= 227 * 1024 and br.problems([h100]) == []
+    assert (a100.tensor_cores, h100.tensor_cores) == ("mma", "wgmma")
+    assert h100.warps_per_sm == 8 and h100.occupancy_limit in ("shared", "registers")
+
+
+def test_compile_error_is_a_row(fixture_rows):
+    r = fixture_rows["bad"]["sm_90"]
+    assert "power of 2" in r.error and r.regs is None
+    assert any("compile error" in p for p in br.problems([r]))
+    assert "ERROR CompilationError: arange's range must be a power of 2" in br.format_table([r])
+
+
+def test_cache_hits_only_the_same_compile(tmp_path):
+    jobs = br.jobs_from_builds("copy", [_copy()], ["sm_80"])
+    first, = br.run_report(jobs, cache_dir=tmp_path, workers=1)
+    again, = br.run_report(jobs, cache_dir=tmp_path, workers=1)
+    assert not first.cached and again.cached
+    assert (again.regs, again.shared, again.compile_s, again.key) == (first.regs, first.shared, first.compile_s, first.key)
+    other, = br.run_report(br.jobs_from_builds("copy", [_copy(512)], ["sm_80"]), cache_dir=tmp_path, workers=1)
+    assert not other.cached and other.key != first.key
+    # a saved report seeds an empty cache with exactly its rows
+    saved = tmp_path / "report.json"
+    saved.write_text(json.dumps(br.report_json([first, other])))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert br.seed_cache(saved, fresh) == 2
+    seeded, = br.run_report(jobs, cache_dir=fresh, workers=1)
+    assert seeded.cached and seeded.regs == first.regs
+
+
+def test_crashing_compiler_is_a_row_and_the_rest_still_compile(tmp_path):
+    doomed = KernelBuild(_build_report_crash.doomed_kernel, {"x_ptr": "*fp32"}, {"BLOCK": 128})
+    jobs = br.jobs_from_builds("doomed", [doomed], ["sm_80"]) + br.jobs_from_builds("copy", [_copy()], ["sm_80"])
+    crashed, ok = br.run_report(jobs, cache_dir=tmp_path, workers=1)
+    assert "compiler process died (exit 3)" in crashed.error
+    assert ok.error is None and ok.regs > 0
+
+
+def test_occupancy_formula():
+    sm80, sm90 = br.ARCHS["sm_80"], br.ARCHS["sm_90"]
+    assert br.occupancy(sm90, 128, 0, 4) == (16, "registers")  # 4096 regs/warp -> 16 warps
+    assert br.occupancy(sm90, 255, 0, 8) == (8, "registers")  # 255 rounds up to 256/thread
+    assert br.occupancy(sm80, 32, 100 * 1024, 4) == (4, "shared")  # one 101 KB block per 164 KB
+    assert br.occupancy(sm90, 32, 100 * 1024, 4) == (8, "shared")  # two per 228 KB
+    assert br.occupancy(sm80, 16, 0, 1) == (32, "blocks")  # 32 resident blocks at most
+    assert br.occupancy(sm90, 255, 0, 16) == (0, "registers")  # 16 x 32 x 256 > 65536: no launch
+
+
+def test_shared_limit_boundary():
+    def row(arch, shared):
+        return br.Row(op="x", kernel="k", label="", config="", arch=arch, num_warps=4, regs=32, stack=0, local=0,
+                      shared=shared, warps_per_sm=4)
+
+    assert br.problems([row("sm_80", 163 * 1024), row("sm_90", 227 * 1024)]) == []
+    assert len(br.problems([row("sm_80", 163 * 1024 + 1), row("sm_90", 227 * 1024 + 1)])) == 2
+
+
+def test_coverage_names_kernels_without_build_configs():
+    assert br.launched_kernels(K) == ["copy_kernel", "fill_kernel", "matmul_kernel", "row_scale_kernel"]
+    jobs = br.jobs_from_builds("copy", [_copy()], ["sm_80"])
+    missing = br.uncovered_kernels(jobs, modules=[K.__name__])
+    assert missing == {K.__name__: ["fill_kernel", "matmul_kernel", "row_scale_kernel"]}
