@@ -164,32 +164,37 @@ def decode_split_kernel(
 def decode_combine_kernel(
     O_PART, LSE, OUT,
     stride_ob, stride_oh, stride_ot,
-    n_heads, q_len, n_splits,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    n_rows, n_heads, q_len, n_splits,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """One program per (b, query head, row): merges the splits of one output row.
+    """Merges the splits of ROWS output rows (row = (b * Hq + h) * Tq + t):
 
         lse = log sum_s exp(lse_s);  out = sum_s exp(lse_s - lse) * out_s
 
-    Computed with the max subtracted; a row whose every split is empty (-inf) comes out 0.
+    computed with the max subtracted; a row whose every split is empty (-inf) comes out 0.
+    ROWS is 1 on a GPU (a (S, D) fp32 tile per program is already plenty of registers) and
+    large under the interpreter, where each program costs a Python-level step.
     """
-    row = tl.program_id(0)
-    b = row // (n_heads * q_len)
-    h = (row // q_len) % n_heads
-    t = row % q_len
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    b = rows // (n_heads * q_len)
+    h = (rows // q_len) % n_heads
+    t = rows % q_len
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D_PAD)
-    s_ok = offs_s < n_splits
-    lse = tl.load(LSE + row.to(tl.int64) * n_splits + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
+    s_ok = row_ok[:, None] & (offs_s[None, :] < n_splits)
+    lse = tl.load(LSE + rows[:, None].to(tl.int64) * n_splits + offs_s[None, :], mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe)  # 0 for empty splits
-    denom = tl.sum(w, 0)
-    part = tl.load(O_PART + (row.to(tl.int64) * n_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-                   mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    o_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + t.to(tl.int64) * stride_ot + offs_d
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    w = tl.exp(lse - m_safe[:, None])  # 0 for empty splits
+    denom = tl.sum(w, 1)
+    part_ptrs = (O_PART + ((rows[:, None, None].to(tl.int64) * n_splits + offs_s[None, :, None]) * HEAD_DIM)
+                 + offs_d[None, None, :])
+    part = tl.load(part_ptrs, mask=s_ok[:, :, None] & (offs_d[None, None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(part * w[:, :, None], 1) / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    o_ptrs = (OUT + b[:, None].to(tl.int64) * stride_ob + h[:, None].to(tl.int64) * stride_oh
+              + t[:, None].to(tl.int64) * stride_ot + offs_d[None, :])
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -206,11 +211,12 @@ def block_m(group: int, q_len: int) -> int:
 
 def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, *, scale: float, num_splits: int,
                              block_n: int, num_warps: int = 4, num_stages: int = 2,
-                             precision: str = "ieee"):
+                             precision: str = "ieee", combine_rows: int = 1):
     """Launches decode attention; returns out shaped like q (same memory layout when q is dense).
 
     ``num_splits`` (1 .. MAX_SPLITS) fixes the grid; 1 runs the single-pass kernel only.
-    ``block_n`` keys per block; ``precision`` is tl.dot's input precision for fp32 ("ieee").
+    ``block_n`` keys per block; ``precision`` is tl.dot's input precision for fp32 ("ieee");
+    ``combine_rows`` output rows per combine program (a power of two).
     """
     B, Hq, Tq, D = q.shape
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
@@ -234,7 +240,9 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, *, scale: float
     decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, part, lse, *common,
                               *part.stride()[:4], *lse.stride()[:3], Tq, group, Tmax, m_tiles,
                               SPLIT=True, **meta)
-    decode_combine_kernel[(B * Hq * Tq,)](part, lse, out, *out.stride()[:3], Hq, Tq, num_splits,
-                                          HEAD_DIM=D, D_PAD=padded_head_dim(D),
-                                          S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    n_rows = B * Hq * Tq
+    decode_combine_kernel[(triton.cdiv(n_rows, combine_rows),)](
+        part, lse, out, *out.stride()[:3], n_rows, Hq, Tq, num_splits,
+        HEAD_DIM=D, D_PAD=padded_head_dim(D), S_PAD=max(2, triton.next_power_of_2(num_splits)), ROWS=combine_rows,
+        num_warps=4)
     return out

@@ -12,3 +12,6 @@ from .._interpreter import use_interpreter_if_no_gpu as _use_interpreter_if_no_g
 _use_interpreter_if_no_gpu()
 
 __all__: list[str] = []
+
+from .decode import decode_attention, rotary_cache_append  # noqa: E402
+__all__ += ["decode_attention", "rotary_cache_append"]

@@ -20,6 +20,8 @@ __all__ = [
     "rope_cos_sin",
     "swiglu",
     "attention",
+    "decode_attention",
+    "rotary_cache_append",
     "cross_entropy",
     "linear_cross_entropy",
     "SUPPORTED_ROPE_TYPES",
@@ -184,6 +186,65 @@ def attention(
     probs = torch.where(allowed, torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)), 0.0)
     out = torch.matmul(probs.to(v.dtype), v)
     return (out, lse.squeeze(-1)) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding against a static KV cache
+# ----------------------------------------------------------------------------------------------
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    scale: float | None = None,
+):
+    """:func:`attention` of new queries against a static cache, one sequence at a time.
+
+    q (B, Hq, Tq, D); k_cache/v_cache (B, Hk, Tmax, D) of which sequence b uses the first
+    ``L = cache_seqlens[b]`` slots (the new tokens included). Causal with bottom-right alignment:
+    query t sits at position ``L - Tq + t``. A sequence of length 0 (or a query row before the
+    first key) gives zeros. Slots past ``L`` are never read.
+    """
+    outs = []
+    for b, n in enumerate(cache_seqlens.tolist()):
+        n = max(0, min(int(n), k_cache.shape[2]))
+        outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n], causal=True, scale=scale))
+    return torch.cat(outs) if outs else torch.zeros_like(q)
+
+
+def rotary_cache_append(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    positions: torch.Tensor | None = None,
+):
+    """Rotary on new q (B, Hq, T, D) / k (B, Hk, T, D), then k/v written into the cache.
+
+    Returns ``(q_rotated, k_cache_new, v_cache_new)`` without touching the given caches. Token t
+    of sequence b goes to slot ``cache_seqlens[b] + t`` (slots past the cache end are dropped).
+    cos/sin are (P, D) tables read at position ``positions[b] + t`` (default: the slot), or
+    per-token (B, T, D) tensors as HF's rotary embedding returns them.
+    """
+    B, _, T, _ = q.shape
+    start = cache_seqlens.long()
+    if cos.dim() == 2:
+        first = start if positions is None else positions.long()
+        pos = (first[:, None] + torch.arange(T, device=q.device)).clamp(0, cos.shape[0] - 1)
+        cos, sin = cos[pos], sin[pos]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    for b in range(B):
+        for t in range(T):
+            slot = int(start[b]) + t
+            if 0 <= slot < k_cache.shape[2]:
+                k_cache[b, :, slot] = k[b, :, t]
+                v_cache[b, :, slot] = v[b, :, t]
+    return q, k_cache, v_cache
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,412 @@
+"""Decoding ops: ``decode_attention`` over a static KV cache and ``rotary_cache_append``.
+
+Both are forward-only (inference): they refuse inputs that require grad while grad mode is on.
+Both read per-sequence lengths from a device tensor, launch a grid that depends only on shapes
+and never synchronise with the host, so a decode step made of them can be captured once as a
+CUDA graph and replayed. Each is one ``torch.library`` custom op (``fastllama::decode_attention``,
+``fastllama::rotary_cache_append``, the latter declaring the caches it mutates), so
+``torch.compile(fullgraph=True)`` sees one op and no graph break.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from .._interpreter import interpreter_active
+from ..kernels import decode_attention as _dk
+from ..kernels import rotary_cache as _rk
+from ..optable import KernelBuild, OpCase, OpSpec
+from ..reference import functional as _ref
+from ._checks import check_last_dim_contiguous, check_same, check_tensor
+
+__all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "MAX_SPLITS", "MAX_QUERY_LEN",
+           "MAX_HEAD_DIM"]
+
+MAX_SPLITS = _dk.MAX_SPLITS
+MAX_QUERY_LEN = 16  # decode / speculative verification sizes; longer chunks belong to flash_attention
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block_n(d_pad: int, elem_bytes: int) -> int:
+    """Keys per block on a GPU: K and V blocks of ~16 KB each (x2 stages in shared memory)."""
+    return max(16, min(128, 8192 // (d_pad * elem_bytes) * 2))
+
+
+# Under the interpreter every program and every loop step is a Python-level step: fewer, larger
+# ones (a key block of 128 still leaves several blocks at length 1000 for the split tests).
+_INTERPRETER_BLOCK_N = 128
+_INTERPRETER_ROWS = 64  # combine rows per program
+_INTERPRETER_TOKENS = 64  # rotary: new tokens per program (and 1024 (token, head) rows per step)
+
+
+def default_num_splits(batch: int, kv_heads: int, m_tiles: int, max_len: int, device: torch.device) -> int:
+    """How many key chunks per (sequence, KV head): enough programs for about two waves of the
+    GPU when batch x KV heads alone cannot fill it, each chunk at least 256 keys of a full cache,
+    at most MAX_SPLITS. Depends only on shapes (so a CUDA graph's grid stays valid). Under the
+    interpreter: 1 (fewest Python-level programs, no combine)."""
+    if interpreter_active() or device.type != "cuda":
+        return 1
+    programs = batch * kv_heads * m_tiles
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, programs), triton.cdiv(max_len, 256)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastllama::decode_attention", mutates_args=())
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                      scale: float, num_splits: int) -> torch.Tensor:
+    d_pad = _dk.padded_head_dim(q.shape[-1])
+    block_n = _INTERPRETER_BLOCK_N if interpreter_active() else _block_n(d_pad, q.element_size())
+    return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, scale=scale, num_splits=num_splits,
+                                        block_n=block_n, combine_rows=_INTERPRETER_ROWS if interpreter_active() else 1)
+
+
+@_decode_attention.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("fastllama::rotary_cache_append", mutates_args=("k_cache", "v_cache"))
+def _rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_seqlens: torch.Tensor,
+                         positions: Optional[torch.Tensor]) -> torch.Tensor:
+    if interpreter_active():
+        return _rk.rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions,
+                                               tokens_per_program=_INTERPRETER_TOKENS, rows=1024)
+    return _rk.rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions)
+
+
+@_rotary_cache_append.register_fake
+def _(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions):
+    return torch.empty_like(q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _check_forward_only(op: str, **tensors) -> None:
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise ValueError(f"{op} is forward-only (inference) but {name} requires grad; "
+                                 f"call it under torch.no_grad() / torch.inference_mode() or detach {name}")
+
+
+def _check_lengths(name: str, t, batch: int, ref: torch.Tensor) -> None:
+    check_tensor(name, t, dtypes=(torch.int32,), ndim=1)
+    check_same("q", ref, name, t, "device")
+    if t.shape[0] != batch:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; accepted: ({batch},), one entry per sequence")
+
+
+def _check_cache(name: str, cache, q: torch.Tensor, kv_heads: int | None = None) -> None:
+    check_tensor(name, cache, ndim=4)
+    check_same("q", q, name, cache, "dtype")
+    check_same("q", q, name, cache, "device")
+    B, _, _, D = q.shape
+    if cache.shape[0] != B or cache.shape[3] != D or (kv_heads is not None and cache.shape[1] != kv_heads):
+        want = f"({B}, {kv_heads if kv_heads is not None else 'Hk'}, Tmax, {D})"
+        raise ValueError(f"{name} has shape {tuple(cache.shape)}; accepted: {want} (batch and head_dim of q)")
+    check_last_dim_contiguous(name, cache)
+
+
+def _validate_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits) -> None:
+    check_tensor("q", q, ndim=4)
+    B, Hq, Tq, D = q.shape
+    if not 1 <= Tq <= MAX_QUERY_LEN:
+        raise ValueError(f"q has {Tq} query rows (shape {tuple(q.shape)}); accepted: 1 to {MAX_QUERY_LEN} "
+                         f"(use flash_attention for longer chunks)")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q has head_dim {D}; accepted: 1 to {MAX_HEAD_DIM}")
+    check_last_dim_contiguous("q", q)
+    _check_cache("k_cache", k_cache, q)
+    _check_cache("v_cache", v_cache, q)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}; "
+                         f"they must match")
+    if Hq % k_cache.shape[1]:
+        raise ValueError(f"q has {Hq} heads and k_cache {k_cache.shape[1]}; accepted: a multiple (GQA/MQA)")
+    _check_lengths("cache_seqlens", cache_seqlens, B, q)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    _check_forward_only("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+
+
+def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions) -> None:
+    check_tensor("q", q, ndim=4)
+    B, Hq, T, D = q.shape
+    if D % 2 or not 2 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q has head_dim {D}; accepted: even, 2 to {MAX_HEAD_DIM} (rotary pairs the two halves)")
+    check_last_dim_contiguous("q", q)
+    check_tensor("k", k, ndim=4)
+    check_same("q", q, "k", k, "dtype")
+    check_same("q", q, "k", k, "device")
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"k has shape {tuple(k.shape)}; accepted: ({B}, Hk, {T}, {D}) like q")
+    check_last_dim_contiguous("k", k)
+    check_tensor("v", v, ndim=4)
+    check_same("k", k, "v", v, "dtype")
+    check_same("k", k, "v", v, "device")
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)}; accepted: {tuple(k.shape)} like k")
+    check_last_dim_contiguous("v", v)
+    _check_cache("k_cache", k_cache, q, k.shape[1])
+    _check_cache("v_cache", v_cache, q, k.shape[1])
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}; "
+                         f"they must match")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, ndim=(2, 3))
+        check_same("q", q, name, t, "dtype")
+        check_same("q", q, name, t, "device")
+        check_last_dim_contiguous(name, t)
+        if t.shape[-1] != D or (t.dim() == 3 and tuple(t.shape[:2]) != (B, T)) or t.shape[0] == 0:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; accepted: a table (P, {D}) indexed by position, "
+                             f"or per-token ({B}, {T}, {D}) as HF's rotary embedding returns")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin has shape {tuple(sin.shape)} but cos has {tuple(cos.shape)}; they must match")
+    _check_lengths("cache_seqlens", cache_seqlens, B, q)
+    if positions is not None:
+        if cos.dim() == 3:
+            raise ValueError("positions is only accepted with (P, D) cos/sin tables; per-token (B, T, D) cos/sin "
+                             "already encode the positions")
+        _check_lengths("positions", positions, B, q)
+    _check_forward_only("rotary_cache_append", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Attention of a few new queries against a static KV cache (flash-decoding), forward only.
+
+    Args:
+        q: (B, Hq, Tq, D) with 1 <= Tq <= 16, fp32/fp16/bf16, any strides with a unit last stride
+            (e.g. the transposed view of a (B, Tq, Hq * D) projection).
+        k_cache, v_cache: (B, Hk, Tmax, D), Hq % Hk == 0, same dtype/device as q; any strides
+            with a unit last stride (a slice of a larger buffer, an HF ``StaticCache`` layer).
+        cache_seqlens: (B,) int32 on q's device: sequence b uses the first ``L_b`` slots, the
+            new tokens' keys/values INCLUDED (write them first, e.g. with
+            :func:`rotary_cache_append`). Read on the device: no host sync; values outside
+            [0, Tmax] are clamped to it.
+        scale: softmax scale, default ``D ** -0.5``.
+        num_splits: key chunks per (sequence, KV head), 1 to ``MAX_SPLITS``; default
+            :func:`default_num_splits` (shapes only). 1 is a single pass with no combine kernel.
+            Every split count is deterministic (fixed-order reductions, no atomics).
+
+    Returns:
+        (B, Hq, Tq, D) like q (q's memory layout when q is dense): query t of sequence b attends
+        causally to keys ``0 .. L_b - Tq + t`` (bottom-right alignment, the queries are the last
+        Tq tokens); a query with no key (``L_b == 0`` or ``L_b - Tq + t < 0``) gives zeros.
+    """
+    _validate_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if num_splits is None:
+        group = q.shape[1] // k_cache.shape[1]
+        m_tiles = triton.cdiv(group * q.shape[2], _dk.block_m(group, q.shape[2]))
+        num_splits = default_num_splits(q.shape[0], k_cache.shape[1], m_tiles, k_cache.shape[2], q.device)
+    return _decode_attention(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+
+
+def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_seqlens: torch.Tensor,
+                        positions: torch.Tensor | None = None) -> torch.Tensor:
+    """HF rotary on the new q/k plus the KV-cache write, one kernel; returns rotated q.
+
+    Writes rotated k and raw v into ``k_cache``/``v_cache`` IN PLACE at slots
+    ``cache_seqlens[b] + t``; does not change ``cache_seqlens`` (the caller advances it, e.g.
+    passes ``cache_seqlens + T`` to :func:`decode_attention`). A slot past the cache end is not
+    written (no host check here: size the cache first).
+
+    Args:
+        q: (B, Hq, T, D); k, v: (B, Hk, T, D); any strides with a unit last stride; D even.
+        k_cache, v_cache: (B, Hk, Tmax, D), same dtype as q, any strides with unit last stride.
+        cos, sin: same dtype as q; a (P, D) table read at row ``position`` (clamped to P - 1),
+            or per-token (B, T, D) as HF's rotary embedding returns them.
+        cache_seqlens: (B,) int32, the slot of each sequence's first new token.
+        positions: optional (B,) int32, the rotary position of each sequence's first new token
+            when it is not the slot (a left-padded cache); tables only. Default: the slot.
+
+    Returns:
+        rotated q, a new tensor shaped like q (q's memory layout when q is dense).
+    """
+    _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions)
+    return _rotary_cache_append(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Op table (forward-only: no argument requires grad)
+# ----------------------------------------------------------------------------------------------
+def _decode_args(p: dict, dtype: torch.dtype, device: str):
+    """Params: B, Hq, Hk, Tq, D, lens (per sequence), Tmax, splits; ``cache_view``: the caches
+    are a slice of a larger (2B, Hk, Tmax + 13, D) buffer (HF StaticCache-like strided views).
+    Slots past each length hold NaN: they must never be read."""
+    B, Hq, Hk, Tq, D, Tmax = p["B"], p["Hq"], p["Hk"], p["Tq"], p["D"], p["Tmax"]
+    q = torch.randn(B, Tq, Hq, D, device=device, dtype=dtype).transpose(1, 2)
+    if p.get("cache_view"):
+        k = torch.randn(2 * B, Hk, Tmax + 13, D, device=device, dtype=dtype)[1::2, :, 5:5 + Tmax]
+        v = torch.randn(2 * B, Hk, Tmax + 13, D, device=device, dtype=dtype)[1::2, :, 5:5 + Tmax]
+    else:
+        k = torch.randn(B, Hk, Tmax, D, device=device, dtype=dtype)
+        v = torch.randn(B, Hk, Tmax, D, device=device, dtype=dtype)
+    for b, n in enumerate(p["lens"]):
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+    lens = torch.tensor(p["lens"], device=device, dtype=torch.int32)
+    return (q, k, v, lens), {"num_splits": p.get("splits")}
+
+
+def _decode_reference(q, k_cache, v_cache, cache_seqlens, num_splits=None, scale=None):
+    return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+
+
+def _dcase(id_, cuda_only=False, **p):
+    return OpCase(id_, p, cuda_only=cuda_only)
+
+
+_DECODE_CASES = (
+    _dcase("B3-H8/2-Tq1-D64-len1,77,1000-s8", B=3, Hq=8, Hk=2, Tq=1, D=64, lens=(1, 77, 1000), Tmax=1024, splits=8),
+    _dcase("B3-H8/1-Tq4-D128-len77,1,1000-s1", B=3, Hq=8, Hk=1, Tq=4, D=128, lens=(77, 1, 1000), Tmax=1000,
+           splits=1),
+    _dcase("B3-H2/2-Tq4-D64-len0,3,77-s5", B=3, Hq=2, Hk=2, Tq=4, D=64, lens=(0, 3, 77), Tmax=80, splits=5),
+    _dcase("B2-H4/4-Tq1-D128-len77,50-default-view", B=2, Hq=4, Hk=4, Tq=1, D=128, lens=(77, 50), Tmax=96,
+           cache_view=True),
+    _dcase("B2-H16/2-Tq16-D80-len200,16-s3", B=2, Hq=16, Hk=2, Tq=16, D=80, lens=(200, 16), Tmax=256, splits=3),
+    *(
+        _dcase(f"B4-H{8 * g}/8-Tq{tq}-D{d}-s{s}", cuda_only=True, B=4, Hq=8 * g, Hk=8, Tq=tq, D=d,
+               lens=(1, 77, 1000, 4097), Tmax=4224, splits=s, cache_view=(s == 7))
+        for g in (1, 4, 8) for tq in (1, 4, 16) for d in (64, 128) for s in (1, 7, 32, None)
+    ),
+)
+
+
+def _rotary_args(p: dict, dtype: torch.dtype, device: str):
+    """Params: B, Hq, Hk, T, D, Tmax, seqlens; ``positions`` (B,) or None; ``per_token``: HF-style
+    (B, T, D) cos/sin at positions ``positions[b] + t``."""
+    B, Hq, Hk, T, D, Tmax = p["B"], p["Hq"], p["Hk"], p["T"], p["D"], p["Tmax"]
+    q = torch.randn(B, T, Hq, D, device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(B, T, Hk, D, device=device, dtype=dtype).transpose(1, 2)
+    v = torch.randn(B, T, Hk, D, device=device, dtype=dtype).transpose(1, 2)
+    kc = torch.randn(B, Hk, Tmax, D, device=device, dtype=dtype)
+    vc = torch.randn(B, Hk, Tmax, D, device=device, dtype=dtype)
+    inv_freq = _ref.rope_inv_freq(D, 500000.0)
+    seqlens = torch.tensor(p["seqlens"], device=device, dtype=torch.int32)
+    pos = torch.tensor(p["positions"], device=device, dtype=torch.int32) if p.get("positions") else None
+    if p.get("per_token"):
+        ids = (pos if pos is not None else seqlens).long()[:, None] + torch.arange(T, device=device)
+        cos, sin = _ref.rope_cos_sin(ids, inv_freq, dtype)
+        pos = None
+    else:
+        cos, sin = _ref.rope_cos_sin(torch.arange(p.get("P", Tmax), device=device)[None], inv_freq, dtype)
+        cos, sin = cos[0], sin[0]
+    return (q, k, v, kc, vc, cos, sin, seqlens, pos), {}
+
+
+def _rotary_op(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions=None):
+    """Functional form for the table: appends into copies and returns (q, k_cache, v_cache)."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    return rotary_cache_append(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions), k_cache, v_cache
+
+
+_ROTARY_CASES = (
+    OpCase("decode-B3-H8/2-T1-D64-table", dict(B=3, Hq=8, Hk=2, T=1, D=64, Tmax=96, seqlens=(0, 40, 95))),
+    OpCase("prefill-B2-H4/2-T77-D80-table", dict(B=2, Hq=4, Hk=2, T=77, D=80, Tmax=100, seqlens=(0, 10))),
+    OpCase("B2-H4/1-T3-D128-positions", dict(B=2, Hq=4, Hk=1, T=3, D=128, Tmax=24, seqlens=(4, 9), positions=(0, 3))),
+    OpCase("B2-H4/4-T3-D64-hf-per-token", dict(B=2, Hq=4, Hk=4, T=3, D=64, Tmax=20, seqlens=(5, 2), positions=(1, 0),
+                                                per_token=True)),
+    OpCase("overflow-B1-T3-D32", dict(B=1, Hq=2, Hk=1, T=3, D=32, Tmax=20, seqlens=(18,), P=24)),
+    OpCase("B8-H32/8-T1-D128", dict(B=8, Hq=32, Hk=8, T=1, D=128, Tmax=4096, seqlens=(0, 1, 77, 1000, 4095, 7, 8, 9)),
+           cuda_only=True),
+    OpCase("B2-H32/8-T1024-D128", dict(B=2, Hq=32, Hk=8, T=1024, D=128, Tmax=2048, seqlens=(0, 1000)), cuda_only=True),
+)
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims of real Llama-family models
+
+
+def _decode_builds() -> list[KernelBuild]:
+    """Split kernel: dtype x head dim x BLOCK_M (16/32/64) x (single pass, split); combine
+    kernel: dtype x head dim x S_PAD (2..MAX_SPLITS)."""
+    builds = []
+    s3 = lambda n: {f"stride_{n}{s}": "i32" for s in "bht"}
+    for dtype, ptr in _PTR.items():
+        for D in _HEAD_DIMS:
+            d_pad = _dk.padded_head_dim(D)
+            bn = _block_n(d_pad, dtype.itemsize)
+            for bm in (16, 32, 64):
+                for split in (False, True):
+                    sig = {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "O": "*fp32" if split else ptr,
+                           "LSE": "*fp32" if split else ptr, "sm_scale": "fp32", **s3("q"), **s3("k"), **s3("v"),
+                           "stride_ob": "i32", "stride_oh": "i32", "stride_ot": "i32", "stride_os": "i32",
+                           "stride_lb": "i32", "stride_lh": "i32", "stride_lt": "i32",
+                           "q_len": "i32", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
+                    builds.append(KernelBuild(
+                        _dk.decode_split_kernel, sig,
+                        {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
+                         "PRECISION": "ieee"},
+                        num_warps=4, num_stages=2,
+                        label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"))
+            s_pad = 2
+            while s_pad <= MAX_SPLITS:
+                builds.append(KernelBuild(
+                    _dk.decode_combine_kernel,
+                    {"O_PART": "*fp32", "LSE": "*fp32", "OUT": ptr, "stride_ob": "i32", "stride_oh": "i32",
+                     "stride_ot": "i32", "n_rows": "i32", "n_heads": "i32", "q_len": "i32", "n_splits": "i32"},
+                    {"HEAD_DIM": D, "D_PAD": d_pad, "S_PAD": s_pad, "ROWS": 1}, num_warps=4, num_stages=1,
+                    label=f"decode_attention combine {ptr[1:]} d{D} S{s_pad}"))
+                s_pad *= 2
+    return builds
+
+
+def _rotary_builds() -> list[KernelBuild]:
+    """dtype x head dim x (table at the slot, table at given positions, HF per-token cos/sin)."""
+    builds = []
+    names = [f"stride_{n}{s}" for n in ("q", "k", "v", "o", "kc", "vc") for s in ("b", "h", "t")]
+    for dtype, ptr in _PTR.items():
+        for D in _HEAD_DIMS:
+            half_pad = triton.next_power_of_2(D // 2)
+            for table, has_pos in ((True, False), (True, True), (False, False)):
+                sig = {"Q": ptr, "K": ptr, "V": ptr, "COS": ptr, "SIN": ptr, "QO": ptr, "KC": ptr, "VC": ptr,
+                       "SEQLENS": "*i32", "POS": "*i32", **{n: "i32" for n in names},
+                       "stride_cb": "i32", "stride_ct": "i32", "stride_sb": "i32", "stride_st": "i32",
+                       "n_q_heads": "i32", "n_kv_heads": "i32", "q_len": "i32", "max_len": "i32", "n_pos": "i32",
+                       "tokens_per_program": "i32"}
+                builds.append(KernelBuild(
+                    _rk.rotary_cache_kernel, sig,
+                    {"HALF": D // 2, "HALF_PAD": half_pad, "BLOCK_R": _rk.block_r(half_pad), "TABLE": table,
+                     "HAS_POS": has_pos},
+                    num_warps=4, num_stages=1,
+                    label=f"rotary_cache_append {ptr[1:]} d{D} {'table' if table else 'per-token'}"
+                          f"{' positions' if has_pos else ''}"))
+    return builds
+
+
+OP_SPECS = [
+    OpSpec("decode_attention", decode_attention, _decode_reference, _decode_args, _DECODE_CASES,
+           kernels=("decode_attention",), names=("q", "k_cache", "v_cache", "cache_seqlens"), output_names=("out",),
+           build_configs=_decode_builds),
+    OpSpec("rotary_cache_append", _rotary_op, _ref.rotary_cache_append, _rotary_args, _ROTARY_CASES,
+           kernels=("rotary_cache",),
+           names=("q", "k", "v", "k_cache", "v_cache", "cos", "sin", "cache_seqlens", "positions"),
+           output_names=("q_rotated", "k_cache", "v_cache"), build_configs=_rotary_builds),
+]
