@@ -1,0 +1,130 @@
+"""decode_attention and rotary_cache_append beyond the op-table parity cases
+(tests/test_op_parity.py runs those: Tq 1/4/16, lengths 0/1/3/77/1000, GQA 1/4/8, D 64/80/128,
+fp32/fp16/bf16, 1 and many splits, strided cache views; the full matrix is cuda_only).
+
+Here: exact zeros for empty sequences, split-count invariance and determinism, lengths past
+the cache, output layout, validation messages, and torch.compile(fullgraph=True).
+"""
+import pytest
+import torch
+
+from conftest import DEVICE
+from fastllama import ops
+from fastllama.reference import functional as ref
+
+
+def _setup(B=3, Hq=8, Hk=2, Tq=1, D=64, Tmax=300, lens=(0, 77, 300), dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Tq, Hq, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
+    k = torch.randn(B, Hk, Tmax, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hk, Tmax, D, generator=g).to(DEVICE, dtype)
+    for b, n in enumerate(lens):
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+    return q, k, v, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_empty_sequence_gives_exact_zeros(splits):
+    q, k, v, lens = _setup(lens=(0, 5, 0), Tq=2)
+    out = ops.decode_attention(q, k, v, lens, num_splits=splits)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref.decode_attention(q, k, v, lens), rtol=0, atol=1e-6)
+
+
+def test_split_counts_agree_and_are_deterministic():
+    q, k, v, lens = _setup(B=2, Hq=4, Hk=1, Tq=3, lens=(77, 300))
+    base = ops.decode_attention(q, k, v, lens, num_splits=1)
+    for s in (3, 32):
+        out = ops.decode_attention(q, k, v, lens, num_splits=s)
+        torch.testing.assert_close(out, base, rtol=0, atol=2e-6)
+        assert torch.equal(out, ops.decode_attention(q, k, v, lens, num_splits=s)), f"splits={s} not deterministic"
+    torch.testing.assert_close(base, ref.decode_attention(q, k, v, lens), rtol=0, atol=2e-6)
+
+
+def test_lengths_outside_the_cache_are_clamped():
+    q, k, v, _ = _setup(lens=(300, 300, 300))
+    over = ops.decode_attention(q, k, v, torch.tensor([305, 10**6, -4], dtype=torch.int32, device=DEVICE),
+                                num_splits=3)
+    full = ops.decode_attention(q, k, v, torch.tensor([300, 300, 0], dtype=torch.int32, device=DEVICE),
+                                num_splits=3)
+    assert torch.equal(over, full)
+
+
+def test_output_keeps_the_projection_layout_and_custom_scale():
+    q, k, v, lens = _setup(lens=(3, 9, 40))
+    out = ops.decode_attention(q, k, v, lens, scale=0.3)
+    assert out.transpose(1, 2).is_contiguous()  # (B, T, H, D) memory, like q: o_proj reshapes for free
+    torch.testing.assert_close(out, ref.decode_attention(q, k, v, lens, scale=0.3), rtol=0, atol=2e-6)
+
+
+def test_decode_attention_validation():
+    q, k, v, lens = _setup()
+    with pytest.raises(ValueError, match="query rows"):
+        ops.decode_attention(torch.zeros(3, 8, 17, 64, device=DEVICE), k, v, lens)
+    with pytest.raises(TypeError, match="k_cache has dtype"):
+        ops.decode_attention(q, k.half(), v, lens)
+    with pytest.raises(ValueError, match="multiple"):
+        ops.decode_attention(q[:, :7], k[:, :1].expand(3, 3, 300, 64), v[:, :1].expand(3, 3, 300, 64), lens)
+    with pytest.raises(TypeError, match="cache_seqlens has dtype torch.int64"):
+        ops.decode_attention(q, k, v, lens.long())
+    with pytest.raises(ValueError, match=r"cache_seqlens has shape \(2,\)"):
+        ops.decode_attention(q, k, v, lens[:2])
+    with pytest.raises(ValueError, match="k_cache has shape"):
+        ops.decode_attention(q, k[:, :, :, :32], v[:, :, :, :32], lens)
+    with pytest.raises(ValueError, match="num_splits"):
+        ops.decode_attention(q, k, v, lens, num_splits=ops.decode.MAX_SPLITS + 1)
+    with pytest.raises(ValueError, match="contiguous in its last dim"):
+        ops.decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, lens)
+    with pytest.raises(ValueError, match="forward-only"):
+        ops.decode_attention(q.detach().requires_grad_(), k, v, lens)
+    with torch.no_grad():  # fine without grad mode
+        ops.decode_attention(q.detach().requires_grad_(), k, v, torch.tensor([1, 1, 1], dtype=torch.int32,
+                                                                                device=DEVICE))
+
+
+def _rotary_setup(B=2, T=3, Hq=4, Hk=2, D=32, Tmax=12):
+    q = torch.randn(B, T, Hq, D, device=DEVICE).transpose(1, 2)
+    k = torch.randn(B, T, Hk, D, device=DEVICE).transpose(1, 2)
+    v = torch.randn(B, T, Hk, D, device=DEVICE).transpose(1, 2)
+    kc, vc = torch.zeros(B, Hk, Tmax, D, device=DEVICE), torch.zeros(B, Hk, Tmax, D, device=DEVICE)
+    cos, sin = ref.rope_cos_sin(torch.arange(Tmax, device=DEVICE)[None], ref.rope_inv_freq(D))
+    return q, k, v, kc, vc, cos[0], sin[0]
+
+
+def test_rotary_cache_append_in_place_and_validation():
+    q, k, v, kc, vc, cos, sin = _rotary_setup()
+    lens = torch.tensor([0, 9], dtype=torch.int32, device=DEVICE)
+    q_ref, kc_ref, vc_ref = ref.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens)
+    q_rot = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref) and torch.equal(q_rot, q_ref)
+    assert torch.equal(lens, torch.tensor([0, 9], dtype=torch.int32, device=DEVICE))  # the caller advances it
+    with pytest.raises(ValueError, match="head_dim 31"):
+        ops.rotary_cache_append(q[..., :31], k[..., :31], v[..., :31], kc[..., :31], vc[..., :31], cos[:, :31],
+                                sin[:, :31], lens)
+    with pytest.raises(ValueError, match="positions is only accepted"):
+        ops.rotary_cache_append(q, k, v, kc, vc, cos[None, :3].expand(2, 3, 32), sin[None, :3].expand(2, 3, 32),
+                                lens, positions=lens)
+    with pytest.raises(TypeError, match="cos has dtype"):
+        ops.rotary_cache_append(q, k, v, kc, vc, cos.double(), sin, lens)
+    with pytest.raises(ValueError, match="k_cache has shape"):
+        ops.rotary_cache_append(q, k, v, kc[:, :1], vc[:, :1], cos, sin, lens)
+    with pytest.raises(ValueError, match="forward-only"):
+        ops.rotary_cache_append(q, k.detach().requires_grad_(), v, kc, vc, cos, sin, lens)
+
+
+def test_compile_fullgraph_matches_eager():
+    """One decode step (append + attend) compiles as two custom ops, no graph break."""
+    q, k, v, kc, vc, cos, sin = _rotary_setup(T=1, Tmax=40)
+    lens = torch.tensor([7, 30], dtype=torch.int32, device=DEVICE)
+
+    def step(q, k, v, kc, vc, lens):
+        q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens)
+        return ops.decode_attention(q, kc, vc, lens + 1, num_splits=2)
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    eager = step(q, k, v, kc, vc, lens)
+    compiled = torch.compile(step, fullgraph=True)(q, k, v, kc2, vc2, lens)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)  # the mutation survived compilation
