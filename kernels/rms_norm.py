@@ -5,15 +5,43 @@ A Llama decoder layer computes, twice per layer::
     s = x + residual                      (in the input dtype)
     y = w * (s * rstd).to(dtype),   rstd = 1 / sqrt(mean(s^2) + eps)   (statistics in fp32)
 
-Both kernels work on tiles of BLOCK_M whole rows (BLOCK_N >= n_cols): a row is read once, its
-statistics reduced in registers, and written once. Rows may have any stride; columns must be
-contiguous (vectorised 16-byte loads). Row offsets are int64: rows * stride can pass 2**31.
+Both kernels work on tiles of BLOCK_M rows. A row of up to BLOCK_N (<= 8192) columns is read
+once and held in registers. Wider rows are CHUNKED: a first loop over 4096-wide chunks reduces
+the statistics, a second re-reads the chunks (from L1/L2: the row was just read) to write the
+output. Holding 16K columns at once spills registers; the loops are runtime loops on purpose,
+since an unrolled (static) loop lets the compiler keep the first pass's loads live, and spill.
+Rows may have any stride; columns must be contiguous (vectorised 16-byte loads). Row offsets are
+int64: rows * stride can pass 2**31.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+MAX_BLOCK_N = 8192  # widest row held in registers (fp32: 16 values a thread at 16 warps)
+CHUNK_N = 4096  # chunk width for wider rows (8192 chunks spilled in the two-pass loops)
+
+
+@triton.jit
+def _sum_input(X, R, S, rows64, cols, mask, stride_x, stride_r, stride_s, HAS_RESIDUAL: tl.constexpr):
+    """Loads x (+ residual: stores the sum s), returns s in fp32."""
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # HF adds in the input dtype: the sum is rounded before it is normalised, and that
+        # rounded sum is what the next residual branch receives.
+        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(S + rows64 * stride_s + cols[None, :], x, mask=mask)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y):
+    """y = w * (s * rstd).to(dtype): HF casts BEFORE the weight multiply."""
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    normed = (s * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + rows64 * stride_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -25,32 +53,52 @@ def rms_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < n_cols)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_N)
 
-    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        # HF adds in the input dtype: the sum is rounded before it is normalised, and that
-        # rounded sum is what the next residual branch receives.
-        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(S + rows64 * stride_s + cols[None, :], x, mask=mask)
+    if not CHUNKED:
+        mask = row_ok[:, None] & (cols < n_cols)[None, :]
+        s = _sum_input(X, R, S, rows64, cols, mask, stride_x, stride_r, stride_s, HAS_RESIDUAL)
+        sum_sq = tl.sum(s * s, axis=1)
+    else:
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, n_cols, BLOCK_N):
+            cc = c0 + cols
+            mask = row_ok[:, None] & (cc < n_cols)[None, :]
+            s = _sum_input(X, R, S, rows64, cc, mask, stride_x, stride_r, stride_s, HAS_RESIDUAL)
+            sum_sq += tl.sum(s * s, axis=1)
 
-    xf = x.to(tl.float32)
-    # rstd = 1 / sqrt(sum(x^2) / n + eps). sqrt_rn/div_rn: one scalar per row, so the correctly
+    # rstd = 1 / sqrt(mean(s^2) + eps). sqrt_rn/div_rn: one scalar per row, so the correctly
     # rounded versions cost nothing and keep fp32 output as exact as torch.rsqrt.
-    mean_sq = tl.sum(xf * xf, axis=1) / n_cols
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(sum_sq / n_cols + eps))
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
-    # HF casts the normalised value to the input dtype BEFORE the weight multiply.
-    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    normed = (xf * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Y + rows64 * stride_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    if not CHUNKED:
+        _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y)
+    else:
+        # Second pass: re-read s (the stored sum, or x) chunk by chunk.
+        if HAS_RESIDUAL:
+            SRC = S
+            stride_src = stride_s
+        else:
+            SRC = X
+            stride_src = stride_x
+        for c0 in range(0, n_cols, BLOCK_N):
+            cc = c0 + cols
+            mask = row_ok[:, None] & (cc < n_cols)[None, :]
+            s = tl.load(SRC + rows64 * stride_src + cc[None, :], mask=mask, other=0.0).to(tl.float32)
+            _normalise_store(s, rstd, W, Y, rows64, cc, mask, n_cols, stride_y)
+
+
+def block_cols(n_cols: int) -> tuple[int, bool]:
+    """(BLOCK_N, CHUNKED) for rows of ``n_cols``."""
+    if n_cols > MAX_BLOCK_N:
+        return CHUNK_N, True
+    return max(16, triton.next_power_of_2(n_cols)), False
 
 
 def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps):
@@ -65,6 +113,7 @@ def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps):
     if n_rows == 0:
         return y, s, rstd
     r = residual if residual is not None else x
+    block_n, chunked = block_cols(n_cols)
     rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
         x, r, s if residual is not None else y, y, weight, rstd,
         n_rows, n_cols,
@@ -72,7 +121,8 @@ def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps):
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK_M=block_m,
-        BLOCK_N=triton.next_power_of_2(n_cols),
+        BLOCK_N=block_n,
+        CHUNKED=chunked,
         num_warps=num_warps,
     )
     return y, s, rstd
@@ -84,7 +134,30 @@ def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps):
 #     dw = sum over rows of dy * n
 # With the residual fused, s fed both y and the second output, so its gradient adds ds_out, and
 # x and residual both receive that same ds. Each program owns a contiguous run of rows and keeps
-# its share of dw in fp32 registers; the (programs, N) partial sums are reduced afterwards.
+# its share of dw in fp32 (registers; for chunked rows, its own zero-initialised row of the
+# partial buffer, which nobody else touches and so stays in L1/L2); the (programs, N) partial
+# sums are reduced afterwards.
+@triton.jit
+def _load_grad_inputs(X, DY, W, RSTD, rows, rows64, cols, row_ok, n_cols, stride_x, stride_dy):
+    """Masked rows load zeros everywhere (rstd too), so they add nothing to dw."""
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # w is re-read per tile (an L1/L2 hit) rather than held across the row loop: registers are
+    # better spent on x and dy, and holding it made wide rows spill.
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    return x * rstd[:, None], dy * w[None, :], dy, rstd, mask
+
+
+@triton.jit
+def _store_dx(n, dn, dot, rstd, DS_OUT, DX, rows64, cols, mask, stride_ds, stride_dx, HAS_DS_OUT: tl.constexpr):
+    dx = rstd[:, None] * (dn - n * dot[:, None])
+    if HAS_DS_OUT:
+        dx += tl.load(DS_OUT + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def rms_norm_bwd_kernel(
     DY, DS_OUT, X, W, RSTD, DX, DW_PARTIAL,
@@ -93,11 +166,10 @@ def rms_norm_bwd_kernel(
     HAS_DS_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < n_cols
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     first = pid * rows_per_program
@@ -105,24 +177,30 @@ def rms_norm_bwd_kernel(
     for start in range(first, last, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < last
-        mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)[:, None]
+        if not CHUNKED:
+            n, dn, dy, rstd, mask = _load_grad_inputs(X, DY, W, RSTD, rows, rows64, cols, row_ok, n_cols,
+                                                      stride_x, stride_dy)
+            dot = tl.sum(dn * n, axis=1) / n_cols
+            _store_dx(n, dn, dot, rstd, DS_OUT, DX, rows64, cols, mask, stride_ds, stride_dx, HAS_DS_OUT)
+            dw += tl.sum(dy * n, axis=0)
+        else:
+            dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for c0 in range(0, n_cols, BLOCK_N):
+                n, dn, dy, rstd, mask = _load_grad_inputs(X, DY, W, RSTD, rows, rows64, c0 + cols, row_ok, n_cols,
+                                                          stride_x, stride_dy)
+                dot += tl.sum(dn * n, axis=1)
+            dot = dot / n_cols
+            for c0 in range(0, n_cols, BLOCK_N):
+                cc = c0 + cols
+                n, dn, dy, rstd, mask = _load_grad_inputs(X, DY, W, RSTD, rows, rows64, cc, row_ok, n_cols,
+                                                          stride_x, stride_dy)
+                _store_dx(n, dn, dot, rstd, DS_OUT, DX, rows64, cc, mask, stride_ds, stride_dx, HAS_DS_OUT)
+                partial = DW_PARTIAL + pid * n_cols + cc
+                tl.store(partial, tl.load(partial, mask=cc < n_cols) + tl.sum(dy * n, axis=0), mask=cc < n_cols)
 
-        # Masked rows load zeros everywhere (rstd too), so they add nothing to dw.
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-
-        n = x * rstd[:, None]
-        dn = dy * w[None, :]
-        dot = tl.sum(dn * n, axis=1) / n_cols
-        dx = rstd[:, None] * (dn - n * dot[:, None])
-        if HAS_DS_OUT:
-            dx += tl.load(DS_OUT + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        dw += tl.sum(dy * n, axis=0)
-
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=col_ok)
+    if not CHUNKED:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=cols < n_cols)
 
 
 def rms_norm_backward(dy, x, weight, rstd, ds_out=None, *, block_m, num_programs, num_warps):
@@ -136,7 +214,9 @@ def rms_norm_backward(dy, x, weight, rstd, ds_out=None, *, block_m, num_programs
     # Whole BLOCK_M tiles per program, so no tile straddles two programs.
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, num_programs), block_m) * block_m
     num_programs = triton.cdiv(n_rows, rows_per_program)
-    partial = torch.empty((num_programs, n_cols), dtype=torch.float32, device=x.device)
+    block_n, chunked = block_cols(n_cols)
+    alloc = torch.zeros if chunked else torch.empty  # chunked rows accumulate in place
+    partial = alloc((num_programs, n_cols), dtype=torch.float32, device=x.device)
     ds = ds_out if ds_out is not None else dy
     rms_norm_bwd_kernel[(num_programs,)](
         dy, ds, x, weight, rstd, dx, partial,
@@ -144,7 +224,8 @@ def rms_norm_backward(dy, x, weight, rstd, ds_out=None, *, block_m, num_programs
         dy.stride(0), ds.stride(0), x.stride(0), dx.stride(0),
         HAS_DS_OUT=ds_out is not None,
         BLOCK_M=block_m,
-        BLOCK_N=triton.next_power_of_2(n_cols),
+        BLOCK_N=block_n,
+        CHUNKED=chunked,
         num_warps=num_warps,
     )
     return dx, partial.sum(0).to(weight.dtype)

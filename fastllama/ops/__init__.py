@@ -13,5 +13,12 @@ _use_interpreter_if_no_gpu()
 
 __all__: list[str] = []
 
+from .rms_norm import rms_norm  # noqa: E402
+__all__ += ["rms_norm"]
+from .rotary import apply_rotary_pos_emb, apply_rotary_pos_emb_from_positions  # noqa: E402
+__all__ += ["apply_rotary_pos_emb", "apply_rotary_pos_emb_from_positions"]
+from .swiglu import swiglu, swiglu_fused  # noqa: E402
+__all__ += ["swiglu", "swiglu_fused"]
+
 from .decode import decode_attention, rotary_cache_append  # noqa: E402
 __all__ += ["decode_attention", "rotary_cache_append"]

@@ -20,8 +20,9 @@ from ._checks import check_last_dim_contiguous, check_same, check_tensor
 
 __all__ = ["rms_norm", "MAX_HIDDEN"]
 
-# One row lives in registers (BLOCK_N = next_power_of_2(hidden)); beyond this it would spill.
-MAX_HIDDEN = 32768
+# Rows up to 8192 live in registers; wider ones are chunked (two passes). Any width would work;
+# this bound only keeps the chunk loop short.
+MAX_HIDDEN = 65536
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,8 +35,8 @@ def num_sms(device_index: int) -> int:
 
 
 def _gpu_tile(block_n: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps) on a GPU: ~4K elements a tile, so small rows are batched and a
-    16-byte vector per thread per load; up to 16 warps so a 32K row stays in registers."""
+    """(BLOCK_M, num_warps) on a GPU for a chunk width BLOCK_N: ~4K elements a tile, so small
+    rows are batched, and 8-16 fp32 values a thread per tensor."""
     block_m = max(1, 4096 // block_n)
     num_warps = min(16, max(4, block_m * block_n // 512))
     return block_m, num_warps
@@ -43,7 +44,7 @@ def _gpu_tile(block_n: int) -> tuple[int, int]:
 
 def _config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, backward programs)."""
-    block_n = triton.next_power_of_2(n_cols)
+    block_n, _ = _k.block_cols(n_cols)
     if interpreter_active():
         # Each program is a Python-level step: fewer, larger tiles. A few backward programs keep
         # the partial-dw reduction exercised.
@@ -130,7 +131,7 @@ def _validate(x, weight, eps, residual) -> None:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but x has hidden size {x.shape[-1]}; "
                          f"weight must be ({x.shape[-1]},)")
     if x.shape[-1] > MAX_HIDDEN:
-        raise ValueError(f"x has hidden size {x.shape[-1]}; accepted: up to {MAX_HIDDEN} (one row per tile)")
+        raise ValueError(f"x has hidden size {x.shape[-1]}; accepted: up to {MAX_HIDDEN}")
     check_last_dim_contiguous("x", x)
     check_last_dim_contiguous("weight", weight)
     if residual is not None:
@@ -195,54 +196,57 @@ def _residual_ref(x, weight, residual, eps=1e-6):
 _DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def _build_configs() -> list[KernelBuild]:
-    """Every GPU specialisation: BLOCK_N (powers of two up to MAX_HIDDEN) x dtype x fused flag."""
+def _build_configs(fused: bool) -> list[KernelBuild]:
+    """Every GPU specialisation: (BLOCK_N, CHUNKED) for hidden sizes up to MAX_HIDDEN x dtype,
+    forward and backward, with or without the fused residual."""
+    widths = sorted({_k.block_cols(2 ** i) for i in range(4, 14)} | {_k.block_cols(MAX_HIDDEN)})
     builds = []
-    for dtype, ptr in _DTYPES.items():
-        block_n = 16
-        while block_n <= triton.next_power_of_2(MAX_HIDDEN):
+    for ptr in _DTYPES.values():
+        for block_n, chunked in widths:
             block_m, num_warps = _gpu_tile(block_n)
-            for fused in (False, True):
-                tag = f"{ptr[1:]} N{block_n} M{block_m}{' residual' if fused else ''}"
-                builds.append(KernelBuild(
-                    _k.rms_norm_fwd_kernel,
-                    {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": ptr, "RSTD": "*fp32", "n_rows": "i32",
-                     "n_cols": "i32", "stride_x": "i64", "stride_r": "i64", "stride_s": "i64",
-                     "stride_y": "i64", "eps": "fp32"},
-                    {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n},
-                    num_warps=num_warps, label="rms_norm fwd " + tag))
-                builds.append(KernelBuild(
-                    _k.rms_norm_bwd_kernel,
-                    {"DY": ptr, "DS_OUT": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr,
-                     "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
-                     "stride_dy": "i64", "stride_ds": "i64", "stride_x": "i64", "stride_dx": "i64"},
-                    {"HAS_DS_OUT": fused, "BLOCK_M": block_m, "BLOCK_N": block_n},
-                    num_warps=num_warps, label="rms_norm bwd " + tag))
-            block_n *= 2
+            tag = f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}"
+            builds.append(KernelBuild(
+                _k.rms_norm_fwd_kernel,
+                {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": ptr, "RSTD": "*fp32", "n_rows": "i32",
+                 "n_cols": "i32", "stride_x": "i32", "stride_r": "i32", "stride_s": "i32",
+                 "stride_y": "i32", "eps": "fp32"},
+                {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked},
+                num_warps=num_warps, label="rms_norm fwd " + tag))
+            builds.append(KernelBuild(
+                _k.rms_norm_bwd_kernel,
+                {"DY": ptr, "DS_OUT": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr,
+                 "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
+                 "stride_dy": "i32", "stride_ds": "i32", "stride_x": "i32", "stride_dx": "i32"},
+                {"HAS_DS_OUT": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked},
+                num_warps=num_warps, label="rms_norm bwd " + tag))
     return builds
 
 
 _CASES = (
-    OpCase("3x77x4099", {"shape": (3, 77, 4099)}),
+    OpCase("3x77x160", {"shape": (3, 77, 160)}),
     OpCase("1x1x64", {"shape": (1, 1, 64)}),
     OpCase("5x4099-rowpad", {"shape": (5, 4099), "row_pad": 61}),
     OpCase("77x3x96-transposed", {"shape": (3, 77, 96), "transposed": True}),
     OpCase("big-eps", {"shape": (2, 33, 128), "eps": 0.5}),
+    OpCase("3x9001-chunked", {"shape": (3, 9001)}),
     OpCase("2x1024x4096", {"shape": (2, 1024, 4096)}, cuda_only=True),
     OpCase("4x2048x16384", {"shape": (4, 2048, 16384)}, cuda_only=True),
-    OpCase("1x300x32768", {"shape": (1, 300, 32768)}, cuda_only=True),
+    OpCase("1x300x65536", {"shape": (1, 300, 65536)}, cuda_only=True),
 )
 _RESIDUAL_CASES = (
     OpCase("3x77x256", {"shape": (3, 77, 256), "residual": True}),
     OpCase("5x4099-rowpad", {"shape": (5, 4099), "residual": True, "row_pad": 3}),
     OpCase("1x1x4096", {"shape": (1, 1, 4096), "residual": True}),
+    OpCase("2x16387-chunked-rowpad", {"shape": (2, 16387), "residual": True, "row_pad": 5}),
     OpCase("8x2048x4096", {"shape": (8, 2048, 4096), "residual": True}, cuda_only=True),
     OpCase("1x4097x14336", {"shape": (1, 4097, 14336), "residual": True}, cuda_only=True),
 )
 
 OP_SPECS = [
     OpSpec("rms_norm", rms_norm, reference.rms_norm, _make_args, _CASES, kernels=("rms_norm",),
-           names=("x", "weight"), output_names=("y",), build_configs=_build_configs),
+           names=("x", "weight"), output_names=("y",),
+           build_configs=functools.partial(_build_configs, fused=False)),
     OpSpec("rms_norm_residual", _residual_op, _residual_ref, _make_args, _RESIDUAL_CASES, kernels=("rms_norm",),
-           names=("x", "weight", "residual"), output_names=("y", "x+residual"), build_configs=_build_configs),
+           names=("x", "weight", "residual"), output_names=("y", "x+residual"),
+           build_configs=functools.partial(_build_configs, fused=True)),
 ]

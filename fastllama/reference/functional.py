@@ -16,6 +16,7 @@ __all__ = [
     "rms_norm",
     "rotate_half",
     "apply_rotary_pos_emb",
+    "apply_rotary_pos_emb_from_positions",
     "rope_inv_freq",
     "rope_cos_sin",
     "swiglu",
@@ -99,6 +100,15 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, rope_type: str = "defau
         in_band = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return torch.where(in_band, blended, scaled)
     return inv_freq
+
+
+def apply_rotary_pos_emb_from_positions(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
+                                        inv_freq: torch.Tensor):
+    """HF's rotary path end to end: cos/sin from :func:`rope_cos_sin` (fp32, then cast to q's
+    dtype as ``LlamaRotaryEmbedding`` returns them), then :func:`apply_rotary_pos_emb`.
+    ``position_ids`` (B, T) or (T,); ``inv_freq`` (D // 2,)."""
+    cos, sin = rope_cos_sin(position_ids, inv_freq, dtype=q.dtype)
+    return apply_rotary_pos_emb(q, k, cos, sin)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32):

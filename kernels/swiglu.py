@@ -1,0 +1,85 @@
+"""SwiGLU, the Llama MLP activation: out = silu(gate) * up, forward and backward.
+
+Elementwise over (rows, I) with any row strides and unit column stride, so the two halves of a
+merged gate_up projection (..., 2I) are just two strided views of one buffer: no split copy,
+and the backward can write both gradients into one (..., 2I) buffer the same way.
+Math in fp32, one rounding to the output dtype. Row offsets are int64.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(pid_m, pid_n, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows.to(tl.int64)[:, None], cols[None, :], mask
+
+
+@triton.jit
+def swiglu_fwd_kernel(
+    G, U, OUT,
+    n_rows, n_cols,
+    stride_g, stride_u, stride_o,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    out = g * tl.sigmoid(g) * u
+    tl.store(OUT + rows * stride_o + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+# Backward, with sig = sigmoid(g) and silu(g) = g * sig recomputed from the saved inputs:
+#     d_up   = d_out * silu(g)
+#     d_gate = d_out * up * sig * (1 + g * (1 - sig))        (d silu / dg)
+# DG/DU may alias G/U (in-place gradients): each element is read before the same program
+# writes it, and no other program touches it.
+@triton.jit
+def swiglu_bwd_kernel(
+    DOUT, G, U, DG, DU,
+    n_rows, n_cols,
+    stride_do, stride_g, stride_u, stride_dg, stride_du,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    d_out = tl.load(DOUT + rows * stride_do + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    d_up = d_out * g * sig
+    d_gate = d_out * u * sig * (1.0 + g * (1.0 - sig))
+    tl.store(DG + rows * stride_dg + cols, d_gate.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows * stride_du + cols, d_up.to(DU.dtype.element_ty), mask=mask)
+
+
+def swiglu_forward(gate, up, out, *, block_m, block_n, num_warps):
+    """gate, up, out: (M, I) with unit column stride; writes silu(gate) * up into out."""
+    n_rows, n_cols = gate.shape
+    if gate.numel() == 0:
+        return out
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    swiglu_fwd_kernel[grid](
+        gate, up, out, n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return out
+
+
+def swiglu_backward(d_out, gate, up, d_gate, d_up, *, block_m, block_n, num_warps):
+    """All (M, I) with unit column stride; d_gate/d_up may be gate/up (in place)."""
+    n_rows, n_cols = gate.shape
+    if gate.numel() == 0:
+        return d_gate, d_up
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    swiglu_bwd_kernel[grid](
+        d_out, gate, up, d_gate, d_up, n_rows, n_cols,
+        d_out.stride(0), gate.stride(0), up.stride(0), d_gate.stride(0), d_up.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return d_gate, d_up
