@@ -22,15 +22,18 @@ version, so a rerun only compiles what changed. The CLI is ``fastllama build-rep
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import math
 import os
 import pkgutil
+import re
 import select
 import subprocess
 import sys
@@ -42,9 +45,9 @@ from typing import Any, Iterable
 
 __all__ = ["ARCHS", "Arch", "Job", "Row", "jobs_from_specs", "run_report", "occupancy", "problems",
            "format_table", "format_markdown", "report_json", "uncovered_kernels", "default_cache_dir",
-           "committed_report", "seed_cache"]
+           "committed_report", "seed_cache", "by_pressure", "pressure"]
 
-SCHEMA = 1  # bump when what a cached row holds changes
+SCHEMA = 2  # bump when what a cached row holds changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +205,30 @@ def jobs_from_specs(archs: Iterable[str], specs=None) -> tuple[list[Job], list[R
     return list(by_identity.values()), errors
 
 
+def pressure(job: Job) -> float:
+    """A rough per-thread demand of a config, to order compiles when time is short: the product of
+    its integer constexprs (tile sizes, head dim) x the widest pointer element in bytes x
+    num_stages / num_warps. Only an ordering heuristic; the report itself measures."""
+    tile = math.prod(v for v in job.constexprs.values() if type(v) is int and v > 1)
+    width = max((_ELEM_BYTES.get(t.lstrip("*"), 4) for t in job.signature.values() if t.startswith("*")), default=4)
+    return tile * width * job.num_stages / job.num_warps
+
+
+_ELEM_BYTES = {"fp64": 8, "i64": 8, "u64": 8, "fp32": 4, "i32": 4, "u32": 4, "fp16": 2, "bf16": 2, "i16": 2,
+               "i8": 1, "u8": 1, "i1": 1}
+
+
+def by_pressure(jobs: list[Job]) -> list[Job]:
+    """``jobs`` reordered so that every (kernel, arch) comes up early with its most demanding
+    configs first (groups interleaved round-robin): a time budget then checks the likeliest
+    spills and shared-memory overflows of every kernel before the rest."""
+    groups: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault((j.kernel, j.arch), []).append(j)
+    ranked = [sorted(g, key=pressure, reverse=True) for g in groups.values()]
+    return [g[i] for i in range(max(map(len, ranked), default=0)) for g in ranked if i < len(g)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
@@ -220,16 +247,18 @@ class Row:
     stack: int | None = None  # bytes per thread; ptxas reports spills here
     local: int | None = None  # bytes per thread of local memory
     shared: int | None = None  # bytes per block, dynamic (Triton) + static (cubin)
+    spill_stores: int | None = None  # ptxas -v "bytes spill stores" (the part of STACK that is spills)
     tensor_cores: str = ""  # "wgmma", "mma" or "-"
     compile_s: float | None = None  # of the compile that produced the row (cached rows keep it)
     cached: bool = False
     key: str | None = None
+    skipped: bool = False  # not in the cache and not compiled: the time budget ran out first
     warps_per_sm: int | None = None
     occupancy_limit: str | None = None
 
     @property
     def spill(self) -> int | None:
-        return None if self.error else (self.local or 0) + (self.stack or 0)
+        return None if self.error or self.skipped else (self.local or 0) + (self.stack or 0)
 
 
 def _row(job: Job, result: dict) -> Row:
@@ -240,7 +269,8 @@ def _row(job: Job, result: dict) -> Row:
     return row
 
 
-_RESULT_FIELDS = {"error", "regs", "stack", "local", "shared", "tensor_cores", "compile_s", "cached", "key"}
+_RESULT_FIELDS = {"error", "regs", "stack", "local", "shared", "spill_stores", "tensor_cores", "compile_s",
+                  "cached", "key", "skipped"}
 
 
 def problems(rows: Iterable[Row]) -> list[str]:
@@ -249,12 +279,15 @@ def problems(rows: Iterable[Row]) -> list[str]:
     out = []
     for r in rows:
         where = f"{r.kernel} [{r.label or r.config}] on {r.arch}"
+        if r.skipped:
+            continue
         if r.error:
             out.append(f"{where}: compile error: {r.error}")
             continue
         limit = ARCHS[r.arch].shared_per_block
         if r.spill:
-            out.append(f"{where}: spills {r.spill} bytes per thread (LOCAL {r.local}, STACK {r.stack})")
+            out.append(f"{where}: spills {r.spill} bytes per thread (LOCAL {r.local}, STACK {r.stack}; ptxas: "
+                       f"{r.spill_stores} bytes spill stores)")
         if (r.shared or 0) > limit:
             out.append(f"{where}: shared memory {r.shared} B > {limit} B per block ({limit // 1024} KB)")
         if r.warps_per_sm == 0:
@@ -269,6 +302,8 @@ _COLUMNS = ["op", "kernel", "config", "arch", "regs", "spill B", "smem KB", "war
 
 def _cells(r: Row) -> list[str]:
     config = f"{r.label}: {r.config}" if r.label else r.config
+    if r.skipped:
+        return [r.op, r.kernel, config, r.arch] + [""] * 7 + ["not compiled (time budget)"]
     if r.error:
         lines = [l.strip() for l in r.error.splitlines() if l.strip()] or ["error"]
         # A CompilationError puts the source excerpt first and the reason last: show type + reason.
@@ -402,10 +437,13 @@ def default_workers() -> int:
 
 
 def run_report(jobs: list[Job], cache_dir: Path | None = None, use_cache: bool = True,
-               workers: int | None = None, timeout_s: float = 600.0, seed: Path | None = None) -> list[Row]:
+               workers: int | None = None, timeout_s: float = 600.0, seed: Path | None = None,
+               budget_s: float | None = None) -> list[Row]:
     """Compiles ``jobs`` (cache first) in worker processes; one :class:`Row` per job, in order.
 
     ``seed``: a saved report.json whose rows join the cache first (see :func:`seed_cache`).
+    ``budget_s``: after this many seconds, jobs not in the cache are not compiled but come back
+    as ``skipped`` rows (CI uses it with :func:`by_pressure` order; None compiles everything).
 
     A worker that dies (a compiler crash) or exceeds ``timeout_s`` on one job turns that job into
     an error row and a fresh worker takes the rest.
@@ -415,9 +453,10 @@ def run_report(jobs: list[Job], cache_dir: Path | None = None, use_cache: bool =
     if seed is not None and use_cache:
         seed_cache(seed, cache_dir)
     results: list[dict | None] = [None] * len(jobs)
+    deadline = "inf" if budget_s is None else repr(time.time() + budget_s)
     lanes = max(1, min(workers or default_workers(), len(jobs)))
     threads = [threading.Thread(target=_lane, args=(jobs, list(range(i, len(jobs), lanes)), results,
-                                                    cache_dir, use_cache, timeout_s)) for i in range(lanes)]
+                                                    cache_dir, use_cache, timeout_s, deadline)) for i in range(lanes)]
     for t in threads:
         t.start()
     for t in threads:
@@ -438,17 +477,18 @@ def _spawn_env() -> dict:
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated so it does not warn
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v: its "bytes spill stores" line, read in _compile
     return env
 
 
-def _lane(jobs, indices, results, cache_dir, use_cache, timeout_s):
+def _lane(jobs, indices, results, cache_dir, use_cache, timeout_s, deadline):
     while indices:
         with tempfile.TemporaryDirectory(prefix="fastllama-build-") as tmp:
             env = _spawn_env() | {"TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
             stderr_path = Path(tmp) / "stderr"
             with open(stderr_path, "w+b") as stderr:
                 proc = subprocess.Popen([sys.executable, "-m", "fastllama.build_report", "--worker", str(cache_dir),
-                                         "1" if use_cache else "0"], stdin=subprocess.PIPE,
+                                         "1" if use_cache else "0", deadline], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=stderr, env=env)
                 payload = "\n".join(json.dumps([i, dataclasses.asdict(jobs[i])]) for i in indices) + "\n"
                 proc.stdin.write(payload.encode())
@@ -519,7 +559,7 @@ def _load_jit(job: dict):
     return obj
 
 
-def _compile(job: dict, cache_dir: Path, use_cache: bool) -> dict:
+def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float) -> dict:
     import triton
     from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.backends.compiler import GPUTarget
@@ -540,20 +580,26 @@ def _compile(job: dict, cache_dir: Path, use_cache: bool) -> dict:
             return json.loads(path.read_text()) | {"cached": True}
         except ValueError:
             pass  # a torn file: compile again
+    if time.time() > deadline:
+        return {"skipped": True}
     # CUDA warps are 32 threads on every arch (what the driver reports on a real GPU).
     target = GPUTarget("cuda", arch.capability, 32)
     src = triton.compiler.ASTSource(fn=fn, signature=job["signature"],
                                     constexprs={k: _decode(v) for k, v in job["constexprs"].items()}, attrs=attrs)
     t0 = time.perf_counter()
+    log = io.StringIO()  # Triton prints the ptxas -v log (TRITON_DUMP_PTXAS_LOG) with print()
     try:
-        compiled = triton.compile(src, target=target,
-                                  options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target,
+                                      options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
     except OSError as e:  # the toolchain itself is broken: report, do not cache
         return {"error": f"{type(e).__name__}: {e}"}
     except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row
         result = {"error": f"{type(e).__name__}: {e}"}
     else:
         result = _resources(compiled)
+        stores = re.findall(r"(\d+) bytes spill stores", log.getvalue())
+        result["spill_stores"] = sum(map(int, stores)) if stores else None
     result |= {"compile_s": round(time.perf_counter() - t0, 3), "key": key}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result))
@@ -580,14 +626,14 @@ def _resources(compiled) -> dict:
             "shared": int(compiled.metadata.shared) + int(usage["SHARED"]), "tensor_cores": tc}
 
 
-def _worker_main(cache_dir: str, use_cache: str) -> None:
+def _worker_main(cache_dir: str, use_cache: str, deadline: str) -> None:
     """Reads ``[index, job]`` lines from stdin; writes ``["start", i]`` then ``["done", i, result]``."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the build worker must not run under the interpreter"
     jobs = [json.loads(line) for line in sys.stdin if line.strip()]
     for i, job in jobs:
         print(_TAG.decode() + json.dumps(["start", i]), flush=True)
         try:
-            result = _compile(job, Path(cache_dir), use_cache == "1")
+            result = _compile(job, Path(cache_dir), use_cache == "1", float(deadline))
         except Exception as e:  # noqa: BLE001 - loading the kernel or reading the cubin failed
             result = {"error": f"{type(e).__name__}: {e}"}
         print(_TAG.decode() + json.dumps(["done", i, result]), flush=True)
@@ -604,6 +650,9 @@ def cli_add_arguments(p) -> None:
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: cores / 2, max 4)")
     p.add_argument("--no-cache", action="store_true", help="recompile everything (the cache is still refreshed)")
     p.add_argument("--cache-dir", default=None, help=f"compile cache (default: {default_cache_dir()})")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of compiling; then configs not in the cache are listed as not compiled "
+                        "(most demanding configs of each kernel go first). Default: compile everything")
     p.add_argument("--output", default=None, help="also write report.md and report.json into this folder")
 
 
@@ -624,9 +673,11 @@ def cli_run(args) -> int:
             return 2
         specs = [s for s in specs if s.name in args.op]
     jobs, error_rows = jobs_from_specs(archs, specs)
+    if args.budget is not None:
+        jobs = by_pressure(jobs)
     t0 = time.perf_counter()
     rows = error_rows + run_report(jobs, cache_dir=args.cache_dir, use_cache=not args.no_cache, workers=args.jobs,
-                                   seed=committed_report())
+                                   seed=committed_report(), budget_s=args.budget)
     wall = time.perf_counter() - t0
     uncovered = {} if args.op else uncovered_kernels(jobs)
     data = report_json(rows, uncovered)
@@ -639,9 +690,12 @@ def cli_run(args) -> int:
         print(json.dumps(data, indent=1))
     else:
         print(format_table(rows) if rows else "(no kernel build configs in the op table yet)")
-        print(f"\n{len(rows)} rows, {sum(not r.cached for r in rows if r.compile_s is not None)} compiled, "
+        print(f"\n{len(rows)} rows, {sum(not r.cached and r.compile_s is not None for r in rows)} compiled, "
               f"{sum(r.cached for r in rows)} from the cache ({args.cache_dir or default_cache_dir()}), "
               f"{wall:.1f} s. * = compile time of the cached compile.")
+        skipped = sum(r.skipped for r in rows)
+        if skipped:
+            print(f"{skipped} configs not compiled: the --budget ran out (run without --budget to cover them)")
         for p in data["problems"]:
             print("PROBLEM:", _first_lines(p))
     return 1 if data["problems"] else 0
@@ -667,4 +721,4 @@ cli_run.add_arguments = cli_add_arguments
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    _worker_main(*sys.argv[2:4])
+    _worker_main(*sys.argv[2:5])

@@ -49,7 +49,7 @@ def test_small_kernel_fits_everywhere(fixture_rows):
     for arch in ARCHS:
         r = fixture_rows["copy"][arch]
         assert r.error is None, r.error
-        assert 0 < r.regs <= 64 and r.spill == 0 and r.tensor_cores == "-"
+        assert 0 < r.regs <= 64 and r.spill == 0 and r.spill_stores == 0 and r.tensor_cores == "-"
         assert r.warps_per_sm == 64 and r.occupancy_limit == "warps"  # 16 blocks of 4 warps
         assert r.compile_s is not None and r.key
         assert br.problems([r]) == []
@@ -58,7 +58,7 @@ def test_small_kernel_fits_everywhere(fixture_rows):
 
 def test_spill_is_a_problem(fixture_rows):
     r = fixture_rows["spill"]["sm_80"]
-    assert r.error is None and r.regs == 255 and r.spill > 0
+    assert r.error is None and r.regs == 255 and r.spill > 0 and r.spill_stores > 0
     assert any("spills" in p for p in br.problems([r]))
     assert "SPILLS" in br.format_table([r])
 
@@ -95,6 +95,25 @@ def test_cache_hits_only_the_same_compile(tmp_path):
     assert br.seed_cache(saved, fresh) == 2
     seeded, = br.run_report(jobs, cache_dir=fresh, workers=1)
     assert seeded.cached and seeded.regs == first.regs
+
+
+def test_budget_skips_only_uncached_compiles(tmp_path):
+    cached = br.jobs_from_builds("copy", [_copy()], ["sm_80"])
+    br.run_report(cached, cache_dir=tmp_path, workers=1)
+    uncached = br.jobs_from_builds("copy", [_copy(256)], ["sm_80"])
+    hit, skipped = br.run_report(cached + uncached, cache_dir=tmp_path, workers=1, budget_s=0)
+    assert hit.cached and hit.regs > 0
+    assert skipped.skipped and skipped.regs is None and br.problems([skipped]) == []
+    assert "not compiled (time budget)" in br.format_table([skipped])
+
+
+def test_pressure_order_puts_each_kernels_biggest_config_first():
+    small, big = _copy(256), _copy(4096)
+    mm = KernelBuild(K.matmul_kernel, MM_SIG, {"BM": 64, "BN": 64, "BK": 32})
+    jobs = br.jobs_from_builds("copy", [small, big], ARCHS) + br.jobs_from_builds("mm", [mm], ARCHS)
+    order = [(j.kernel.split(".")[-1], j.arch, j.constexprs.get("BLOCK")) for j in br.by_pressure(jobs)]
+    assert order == [("copy_kernel", "sm_80", 4096), ("copy_kernel", "sm_90", 4096), ("matmul_kernel", "sm_80", None),
+                     ("matmul_kernel", "sm_90", None), ("copy_kernel", "sm_80", 256), ("copy_kernel", "sm_90", 256)]
 
 
 def test_crashing_compiler_is_a_row_and_the_rest_still_compile(tmp_path):
