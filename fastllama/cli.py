@@ -141,6 +141,34 @@ _verify.add_arguments = _verify_arguments
 command("verify", "run every patched module of a model against its original (parity table)")(_verify)
 
 
+# ---------------------------------------------------------------------------------------------
+# fastllama generate: fast generation with the decode kernels (fastllama.generate)
+# ---------------------------------------------------------------------------------------------
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="HF-format directory: config.json, safetensors, "
+                   "tokenizer.model (or tokenizer.json)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu (Triton interpreter)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import run_cli
+
+    return run_cli(args)
+
+
+_generate.add_arguments = _generate_arguments
+command("generate", "generate text from a checkpoint with fastllama's decode kernels, streaming it")(_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastllama",

@@ -1,0 +1,493 @@
+"""Fast generation for the reference Llama's weights: static KV cache, Triton kernels, CUDA graph.
+
+:class:`Generator` runs a :class:`fastllama.reference.Llama` (its parameters, no copies) with
+
+* one static KV cache for all layers, preallocated for ``max_batch_size x max_seq_len``;
+  sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
+  device holds the ``L_b``: prompts of different lengths need no padding inside the cache;
+* prefill: the prompts right-padded into one (B, T) batch, rotary + cache write in one kernel
+  (``ops.rotary_cache_append``), causal ``ops.flash_attention`` (right padding is invisible to
+  the real tokens under a causal mask, and the padded slots are never read: each sequence's
+  length says where its cache ends), logits only at each prompt's last token;
+* decode: per layer ``rms_norm`` (fused with the residual add), projections, the fused
+  rotary + cache append, ``ops.decode_attention`` (split-KV flash-decoding over each sequence's
+  length), ``swiglu``; then sampling (greedy, temperature, top-k, top-p) on the device, stop
+  tokens, and the lengths advanced on the device. On CUDA the whole step is captured ONCE as a
+  ``torch.cuda.CUDAGraph`` per (batch size, sampling settings) and replayed: no Python, no
+  launch overhead, no host sync inside a step. On the CPU (the Triton interpreter) the same step
+  runs as a plain eager loop.
+
+The host reads each step's tokens (for streaming and the all-stopped check) through a pinned
+buffer while the next step already runs. Greedy output equals the reference model's
+``generate`` (left padding there, none here; the logits agree to rounding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .reference import functional as ref
+from .reference.model import Llama
+
+__all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats"]
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token (B,) from logits (B, V), entirely on the device (no host sync: CUDA-graph safe).
+
+    Greedy (argmax) at temperature 0; otherwise ``softmax(logits / temperature)`` restricted to
+    the ``top_k`` most likely tokens and to the smallest set whose probability reaches ``top_p``
+    (the reference model's rules), sampled with the exponential-race trick
+    ``argmax(p / E), E ~ Exp(1)``, which draws from ``p`` without ``torch.multinomial``'s sync.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p (the first is always kept)
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator).clamp_min_(1e-30)
+    return (probs / race).argmax(-1)
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Timings of the last :meth:`Generator.generate` call (host wall clock, device synced)."""
+
+    batch: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0  # generated tokens over all sequences, the first (from prefill) included
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # every step after prefill
+    steps: int = 0  # decode steps run after prefill
+    cuda_graph: bool = False
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode steps: batch x steps / decode time."""
+        return self.batch * self.steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class TextStreamer:
+    """Turns each step's tokens into text pieces of one sequence, for ``generate(streamer=...)``.
+
+    ``put(ids)`` gets the (B,) new token ids of a step; the text of sequence ``sequence`` so far
+    is decoded again and the new suffix passed to ``on_text`` (held back while it ends in an
+    incomplete UTF-8 character). Stop tokens end the stream and are not printed.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None, sequence: int = 0,
+                 stop_tokens: Iterable[int] = ()):
+        self.tokenizer = tokenizer
+        self.on_text = on_text or (lambda s: print(s, end="", flush=True))
+        self.sequence = sequence
+        self.stop = set(stop_tokens)
+        self.ids: list[int] = []
+        self.text = ""
+        self.done = False
+
+    def put(self, ids: Sequence[int]) -> None:
+        if self.done:
+            return
+        tok = int(ids[self.sequence])
+        if tok in self.stop:
+            self.done = True
+            return
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        if text.startswith(self.text) and len(text) > len(self.text):
+            self.on_text(text[len(self.text):])
+        self.text = text
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.text) and len(text) > len(self.text):
+            self.on_text(text[len(self.text):])
+        self.text = text
+
+
+@dataclasses.dataclass
+class _Sampling:
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop: tuple[int, ...]
+    pad: int
+
+
+class _State:
+    """The static buffers a decode step reads and writes (the CUDA graph's inputs/outputs)."""
+
+    def __init__(self, batch: int, device, sampling: _Sampling):
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)  # last token of each sequence
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)  # its cache slot
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.stop = torch.tensor(sampling.stop, dtype=torch.long, device=device)
+        self.sampling = sampling
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+class Generator:
+    """Reusable fast generation for one :class:`~fastllama.reference.Llama`.
+
+    Args:
+        model: the reference model (any dtype; CUDA, or CPU under the Triton interpreter). Its
+            parameters are used in place; the generator adds the KV cache
+            (``2 x layers x max_batch_size x kv_heads x max_seq_len x head_dim`` elements).
+        max_batch_size, max_seq_len: cache capacity; a call needs ``batch <= max_batch_size``
+            and ``longest prompt + max_new_tokens <= max_seq_len``.
+        cuda_graph: capture the decode step as a CUDA graph (default: True on CUDA). On the CPU
+            the step always runs eagerly.
+        num_splits: ``decode_attention``'s key splits (default: its shape heuristic).
+    """
+
+    def __init__(self, model: Llama, max_batch_size: int, max_seq_len: int, *, cuda_graph: bool | None = None,
+                 num_splits: int | None = None):
+        if not isinstance(model, Llama):
+            raise TypeError(f"model must be a fastllama.reference.Llama, got {type(model).__name__}")
+        if max_batch_size < 1 or max_seq_len < 1:
+            raise ValueError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size}, {max_seq_len}")
+        p = model.lm_head.weight
+        self.device, self.dtype = p.device, p.dtype
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA model, the model is on {self.device}")
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.model, cfg = model, model.config
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.num_splits = num_splits
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        shape = (cfg.num_hidden_layers, max_batch_size, self.n_kv_heads, max_seq_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # cos/sin tables (max_seq_len, D) exactly as the reference computes them (fp32, then cast).
+        positions = torch.arange(max_seq_len, device=self.device)[None]
+        cos, sin = ref.rope_cos_sin(positions, model.inv_freq, self.dtype)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self._states: dict[tuple, _State] = {}
+        self.stats = GenerationStats()
+
+    # -- the model, in fastllama ops --------------------------------------------------------
+    def _forward(self, tokens: torch.Tensor, slots: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, V) at position ``last`` (B,) of ``tokens`` (B, T) (default: the last one).
+
+        Token t of sequence b goes to cache slot ``slots[b] + t``. T > 16 (prefill, slots all 0)
+        attends with flash attention over slots [0, T); small T (decode) with decode attention
+        over each sequence's ``slots[b] + T`` cached tokens.
+        """
+        B, T = tokens.shape
+        layers = self.model.model.layers
+        x = self.model.model.embed_tokens(tokens)
+        mlp_out = None
+        lengths = slots + T if T <= ops.decode.MAX_QUERY_LEN else None
+        for i, layer in enumerate(layers):
+            a, m = layer.self_attn, layer.mlp
+            if mlp_out is None:
+                h = ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
+            else:  # x + mlp(...) of the previous layer and this layer's norm: one kernel
+                h, x = ops.rms_norm(mlp_out, layer.input_layernorm.weight, self.eps, residual=x)
+            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
+            q = ops.rotary_cache_append(q, k, v, kc, vc, self.cos, self.sin, slots)
+            if lengths is not None:
+                o = ops.decode_attention(q, kc, vc, lengths, num_splits=self.num_splits)
+            else:
+                o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True)
+            o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
+            h, x = ops.rms_norm(o, layer.post_attention_layernorm.weight, self.eps, residual=x)
+            gate = F.linear(h, m.gate_proj.weight, m.gate_proj.bias)
+            up = F.linear(h, m.up_proj.weight, m.up_proj.bias)
+            mlp_out = F.linear(ops.swiglu(gate, up), m.down_proj.weight, m.down_proj.bias)
+        x = x + mlp_out
+        x = x[torch.arange(B, device=x.device), last] if last is not None else x[:, -1]
+        h = ops.rms_norm(x, self.model.model.norm.weight, self.eps)
+        return F.linear(h, self.model.lm_head.weight)
+
+    def _advance(self, st: _State, logits: torch.Tensor, generator=None) -> None:
+        """Samples the next tokens into ``st.token`` and marks stopped sequences (device only)."""
+        s = st.sampling
+        nxt = sample_logits(logits.float(), s.temperature, s.top_k, s.top_p, generator)
+        nxt = torch.where(st.done, torch.full_like(nxt, s.pad), nxt)
+        st.done |= (nxt[:, None] == st.stop[None, :]).any(-1)
+        st.token.copy_(nxt)
+
+    def _step(self, st: _State, generator=None) -> None:
+        """One decode step on the static buffers: feed ``st.token``, sample the next one."""
+        logits = self._forward(st.token[:, None], st.seqlens, None)
+        self._advance(st, logits, generator)
+        st.seqlens += 1
+
+    def _capture(self, st: _State) -> None:
+        """Warms the step up (compiles every kernel) on a side stream, then captures it. The
+        warm-up writes cache slots 0 and 1, which prefill overwrites or decode writes before
+        reading; the state buffers are reset by the caller."""
+        st.seqlens.zero_()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(st)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        st.seqlens.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(st)
+        st.graph = graph
+
+    # -- the public loop --------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
+        max_new_tokens: int = 20,
+        attention_mask: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_tokens: Iterable[int] | int | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+    ):
+        """Generates up to ``max_new_tokens`` tokens per prompt; the reference model's contract.
+
+        ``input_ids`` is either a (B, T) tensor (LEFT-padded, with ``attention_mask`` zeros on the
+        padding, exactly as :meth:`Llama.generate` takes it) and then a (B, T + n) tensor is
+        returned like the reference's (finished sequences filled with ``pad_token_id``), or a
+        list of token-id lists and then a list of lists is returned (each prompt + its new
+        tokens, up to and including its stop token). Sampling rules, stop tokens (default: the
+        config's eos) and pad are the reference's; ``streamer.put(ids)`` receives each step's
+        (B,) token ids as a list (and ``streamer.end()`` at the end). ``generator`` seeds
+        sampling (eager CPU runs only: with a CUDA graph, seed with ``torch.manual_seed``).
+        Timings land in :attr:`stats`.
+        """
+        prompts, as_lists = self._prompts(input_ids, attention_mask)
+        sampling = self._check(prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token_id,
+                               generator)
+        B = len(prompts)
+        if max_new_tokens == 0:
+            return [list(p) for p in prompts] if as_lists else input_ids.clone()
+        key = (B, sampling.temperature, sampling.top_k, sampling.top_p, sampling.stop, sampling.pad)
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = _State(B, self.device, sampling)
+            if self.cuda_graph:
+                self._capture(st)  # before prefill: the warm-up writes cache slots
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+        T = int(lens.max())
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        st.done.zero_()
+        st.seqlens.zero_()
+        lens_dev = lens.to(self.device)
+        logits = self._forward(tokens.to(self.device), st.seqlens, (lens_dev - 1).long())
+        self._advance(st, logits, generator)
+        st.seqlens.copy_(lens_dev)
+        out = [st.token.clone()]
+        reader = _HostReader(out[0])
+        host_done = [False] * B
+        t1 = None if reader.cuda else time.perf_counter()  # eager CPU: prefill is done here
+        for i in range(max_new_tokens):
+            # Launch step i + 1 BEFORE waiting for token i: the device never idles on the host.
+            launched = len(out) < max_new_tokens
+            if launched:
+                if st.graph is not None:
+                    st.graph.replay()
+                else:
+                    self._step(st, generator)
+                out.append(st.token.clone())
+            ids = reader.read()  # token i (its copy was queued before step i + 1)
+            if t1 is None:
+                t1 = time.perf_counter()  # prefill done (its token is on the host)
+            if launched:
+                reader.start(out[-1])
+            host_done = [d or (t in sampling.stop) for d, t in zip(host_done, ids)]
+            if streamer is not None:
+                streamer.put(ids)
+            if all(host_done) or not launched:
+                break  # a step launched past the end is dropped (it only wrote pad tokens)
+        n = i + 1
+        sync()
+        t2 = time.perf_counter()
+        if streamer is not None and hasattr(streamer, "end"):
+            streamer.end()
+        self.stats = GenerationStats(B, int(lens.sum()), B * n, t1 - t0, t2 - t1, n - 1, st.graph is not None)
+        new = torch.stack(out[:n], dim=1).cpu()
+        if not as_lists:
+            return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+        result = []
+        for b, p in enumerate(prompts):
+            row = new[b].tolist()
+            stops = [j for j, t in enumerate(row) if t in sampling.stop]
+            result.append(list(p) + row[: stops[0] + 1 if stops else len(row)])
+        return result
+
+    def _prompts(self, input_ids, attention_mask):
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+            mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            if mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; accepted: {tuple(input_ids.shape)}")
+            prompts = [row[m].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
+            return prompts, False
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only accepted with a (B, T) tensor of input_ids")
+        return [[int(t) for t in p] for p in input_ids], True
+
+    def _check(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token_id, generator):
+        if not prompts:
+            raise ValueError("no prompts given")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (an all-padding row was given)")
+        if len(prompts) > self.max_batch_size:
+            raise ValueError(f"batch of {len(prompts)} prompts; this generator holds at most {self.max_batch_size}")
+        longest = max(len(p) for p in prompts)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the cache "
+                             f"capacity max_seq_len={self.max_seq_len}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if generator is not None and self.cuda_graph:
+            raise ValueError("generator= is not supported with a CUDA graph (the graph replays the default CUDA "
+                             "generator); seed with torch.manual_seed, or build the Generator with cuda_graph=False")
+        if stop_tokens is None:
+            stop_tokens = self.model.config.eos_token_id
+        stop = tuple(sorted({stop_tokens} if isinstance(stop_tokens, int) else {int(t) for t in stop_tokens or []}))
+        pad = pad_token_id if pad_token_id is not None else (self.model.config.pad_token_id or 0)
+        greedy = temperature == 0
+        return _Sampling(float(temperature), None if greedy else top_k, None if greedy else top_p, stop, int(pad))
+
+
+class _HostReader:
+    """Copies a step's (B,) tokens to pinned host memory without stalling the device: the copy is
+    queued, the next step is launched, and only then does the host wait (for the copy alone)."""
+
+    def __init__(self, like: torch.Tensor):
+        self.cuda = like.device.type == "cuda"
+        self.host = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.start(like)
+
+    def start(self, src: torch.Tensor) -> None:
+        self.host.copy_(src, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+
+    def read(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def generate(model: Llama, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | None = None,
+             num_splits: int | None = None, **kwargs):
+    """One-shot :meth:`Generator.generate` with a cache sized for this call (see there for the
+    arguments and return value). Reuse a :class:`Generator` to keep its cache and CUDA graphs."""
+    if isinstance(input_ids, torch.Tensor):
+        batch, longest = input_ids.shape[0], input_ids.shape[-1]
+    else:
+        batch, longest = len(input_ids), max((len(p) for p in input_ids), default=0)
+    gen = Generator(model, max(batch, 1), max(longest + max(max_new_tokens, 0), 1), cuda_graph=cuda_graph,
+                    num_splits=num_splits)
+    return gen.generate(input_ids, max_new_tokens, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# `fastllama generate` (registered in fastllama/cli.py)
+# ----------------------------------------------------------------------------------------------
+class _HFTokenizer:
+    """A ``tokenizer.json`` (HF ``tokenizers``) with fastllama.Tokenizer's encode/decode."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as _Tok
+
+        self.tok = _Tok.from_file(str(path))
+        self.eos_id = -1
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids  # BOS as the file's post-processor adds it
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(path):
+    """``tokenizer.json`` when present and ``tokenizers`` is installed, else the sentencepiece
+    ``tokenizer.model`` of checkpoint directory ``path``."""
+    from pathlib import Path
+
+    from .tokenizer import Tokenizer
+
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        try:
+            return _HFTokenizer(path / "tokenizer.json")
+        except ImportError:
+            pass
+    if (path / "tokenizer.model").is_file():
+        return Tokenizer(path)
+    raise FileNotFoundError(f"{path}: no tokenizer.model (sentencepiece) nor a usable tokenizer.json "
+                            f"(needs the `tokenizers` package)")
+
+
+def run_cli(args) -> int:
+    """``fastllama generate``: loads the checkpoint and tokenizer, streams the text of one
+    prompt to stdout, then prints prefill time and decode tokens/s."""
+    import sys
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    model = Llama.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
+    tok = load_tokenizer(args.checkpoint)
+    ids = tok.encode(args.prompt)
+    eos = model.config.eos_token_id
+    stop = set([eos] if isinstance(eos, int) else (eos or []))
+    if getattr(tok, "eos_id", -1) >= 0:
+        stop.add(tok.eos_id)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    gen = Generator(model, 1, len(ids) + args.max_new_tokens, cuda_graph=False if args.no_cuda_graph else None)
+    streamer = TextStreamer(tok, lambda piece: print(piece, end="", flush=True), stop_tokens=stop)
+    print(args.prompt, end="", flush=True)
+    gen.generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 stop_tokens=sorted(stop), streamer=streamer)
+    s = gen.stats
+    graph = "CUDA graph" if s.cuda_graph else ("eager, Triton interpreter" if device.type == "cpu" else "eager")
+    print(f"\n[{s.new_tokens} new tokens; prefill {s.prompt_tokens} tokens in {s.prefill_s:.3f} s; "
+          f"decode {s.steps} steps in {s.decode_s:.3f} s = {s.decode_tokens_per_s:.2f} tokens/s ({graph})]",
+          file=sys.stdout, flush=True)
+    return 0

@@ -1,0 +1,178 @@
+"""fastllama.generate against the reference model: greedy tokens, KV-cache contents, sampling,
+stop tokens, streaming, and the ``fastllama generate`` CLI on a tiny checkpoint."""
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from conftest import DEVICE
+from fastllama.cli import main
+from fastllama.generate import Generator, TextStreamer, generate, sample_logits
+from fastllama.reference import Llama, LlamaConfig
+
+CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
+
+
+def _tiny_model(seed=0, **overrides) -> Llama:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    cfg.update(overrides)
+    return Llama(LlamaConfig(**cfg)).to(DEVICE).eval()
+
+
+def _left_padded(prompts):
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_model()
+
+
+def test_greedy_tokens_equal_the_reference_batch_of_three(model):
+    """Three prompts of different lengths (left-padded for the reference, unpadded in the fast
+    cache); one sequence hits a stop token early and is then padded, as in the reference."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 16, 11)]
+    ids, mask = _left_padded(prompts)
+    free = model.generate(ids, 8, attention_mask=mask, stop_tokens=[])
+    stop = int(free[1, ids.shape[1] + 2])  # sequence 1 stops at its third new token
+    expected = model.generate(ids, 8, attention_mask=mask, stop_tokens=[stop], pad_token_id=0)
+    got = generate(model, ids, 8, attention_mask=mask, stop_tokens=[stop], pad_token_id=0)
+    assert torch.equal(got, expected), f"\nfast:\n{got}\nreference:\n{expected}"
+    assert (got[1, ids.shape[1] + 3:] == 0).all()
+
+
+def test_cache_after_77_token_prompt_and_5_steps_equals_the_reference(model):
+    """Prefill (flash attention, T = 77) then 5 decode steps: every layer's K/V cache slots
+    0..81 equal the reference model's KVCache (fp32)."""
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, 300, (1, 77), generator=g).to(DEVICE)
+    gen = Generator(model, 1, 83)
+    out = gen.generate(prompt, 6, stop_tokens=[])
+    assert gen.stats.steps == 5 and out.shape == (1, 83)
+
+    model.setup_caches(1, 83)
+    try:
+        logits = model(prompt, cache_start=0)[:, -1]
+        tokens = [logits.argmax(-1)]
+        for step in range(5):
+            logits = model(tokens[-1][:, None], cache_start=77 + step)[:, -1]
+            tokens.append(logits.argmax(-1))
+        assert torch.equal(out[0, 77:], torch.stack(tokens, 1)[0])
+        for i, cache in enumerate(model.caches):
+            torch.testing.assert_close(gen.k_cache[i, :1, :, :82], cache.k[:, :, :82], msg=f"layer {i} keys")
+            torch.testing.assert_close(gen.v_cache[i, :1, :, :82], cache.v[:, :, :82], msg=f"layer {i} values")
+    finally:
+        model.caches = None
+
+
+def test_lists_streaming_and_reuse(model):
+    """List prompts in, lists out (cut after the stop token); the streamer sees every step; a
+    reused Generator (second call, different lengths) still matches the reference."""
+    gen = Generator(model, 2, 24)
+    seen = []
+
+    class Collect:
+        def put(self, ids):
+            seen.append(list(ids))
+
+        def end(self):
+            seen.append("end")
+
+    first = gen.generate([[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]], 4, stop_tokens=[], streamer=Collect())
+    assert [r[-4:] for r in first] == [list(col) for col in zip(*seen[:-1])] and seen[-1] == "end"
+    ids, mask = _left_padded([[40, 41], [50, 51, 52, 53, 54, 55]])
+    expected = model.generate(ids, 5, attention_mask=mask, stop_tokens=[])
+    assert torch.equal(gen.generate(ids, 5, attention_mask=mask, stop_tokens=[]), expected)
+    stop = expected[0, 7].item()
+    cut = gen.generate([[40, 41]], 5, stop_tokens=[stop])[0]
+    assert cut == [40, 41] + expected[0, 6:8].tolist()
+
+
+def test_sampling_rules_on_device():
+    logits = torch.randn(256, 50, generator=torch.Generator().manual_seed(3))
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_logits(logits), greedy)
+    assert torch.equal(sample_logits(logits, 0.7, top_k=1), greedy)
+    assert torch.equal(sample_logits(logits, 1.3, top_p=1e-6), greedy)
+    top3 = torch.topk(logits, 3, dim=-1).indices
+    picks = sample_logits(logits, 1.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert (picks[:, None] == top3).any(-1).all()
+    assert not torch.equal(picks, greedy)  # it does sample
+    # top_p keeps the smallest prefix of the sorted distribution that reaches p
+    probs = logits.softmax(-1)
+    sp, order = probs.sort(-1, descending=True)
+    keep = ((sp.cumsum(-1) - sp) < 0.5).sum(-1)
+    picks = sample_logits(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    rank = (order == picks[:, None]).float().argmax(-1)
+    assert (rank < keep).all()
+    # the empirical distribution follows p (exponential race == categorical)
+    row = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
+    freq = torch.bincount(sample_logits(row, 1.0, generator=torch.Generator().manual_seed(1)), minlength=3) / 20000
+    torch.testing.assert_close(freq, row[0].softmax(-1), atol=0.015, rtol=0)
+
+
+def test_sampled_generation_is_seeded_and_checked(model):
+    a = generate(model, [[5, 6, 7]], 4, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(5),
+                 stop_tokens=[])
+    b = generate(model, [[5, 6, 7]], 4, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(5),
+                 stop_tokens=[])
+    assert a == b and len(a[0]) == 7
+    gen = Generator(model, 1, 8)
+    with pytest.raises(ValueError, match="exceeds the cache capacity"):
+        gen.generate([[1, 2, 3]], 6)
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.generate([[]], 2)
+    with pytest.raises(ValueError, match="at most 1"):
+        gen.generate([[1], [2]], 2)
+    with pytest.raises(ValueError, match="top_p"):
+        gen.generate([[1]], 2, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+        Generator(_tiny_model(num_hidden_layers=1).cpu(), 1, 4, cuda_graph=True)
+
+
+def test_text_streamer_emits_increments():
+    class Tok:
+        def decode(self, ids):
+            return "".join(chr(96 + i) for i in ids)
+
+    pieces = []
+    s = TextStreamer(Tok(), pieces.append, sequence=1, stop_tokens=[0])
+    for ids in ([9, 1], [9, 2], [9, 0], [9, 3]):
+        s.put(ids)
+    s.end()
+    assert pieces == ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    spm.SentencePieceTrainer.train(
+        input=str(CORPUS), model_prefix=str(d / "tokenizer"), vocab_size=300, model_type="bpe",
+        character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+    )
+    _tiny_model(seed=4).cpu().save_pretrained(d)
+    return d
+
+
+def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
+    from fastllama import Tokenizer
+
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "The keeper counted",
+                 "--max-new-tokens", "6", "--device", DEVICE, "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    tok = Tokenizer(checkpoint)
+    ids = torch.tensor([tok.encode("The keeper counted")], device=DEVICE)
+    ref = Llama.from_pretrained(checkpoint, device=DEVICE).generate(ids, 6, stop_tokens=[2])
+    expected_text = tok.decode(ref[0, ids.shape[1]:].tolist())
+    assert out.startswith("The keeper counted" + expected_text), out
+    assert "tokens/s" in out and "prefill" in out
