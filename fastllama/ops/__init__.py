@@ -22,3 +22,6 @@ __all__ += ["swiglu", "swiglu_fused"]
 
 from .decode import decode_attention, rotary_cache_append  # noqa: E402
 __all__ += ["decode_attention", "rotary_cache_append"]
+
+from .attention import flash_attention, flash_attention_with_lse  # noqa: E402
+__all__ += ["flash_attention", "flash_attention_with_lse"]

@@ -21,6 +21,7 @@ __all__ = [
     "rope_cos_sin",
     "swiglu",
     "attention",
+    "attention_varlen",
     "decode_attention",
     "rotary_cache_append",
     "cross_entropy",
@@ -196,6 +197,38 @@ def attention(
     probs = torch.where(allowed, torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)), 0.0)
     out = torch.matmul(probs.to(v.dtype), v)
     return (out, lse.squeeze(-1)) if return_lse else out
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """:func:`attention` over packed sequences (flash-attn's varlen form, SDPA layout).
+
+    q is (1, Hq, total_q, D) and k/v (1, Hk, total_k, D); sequence i owns query rows
+    ``cu_seqlens[i]:cu_seqlens[i+1]`` and key rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``
+    (``cu_seqlens_k`` defaults to ``cu_seqlens``) and attends only within itself, with
+    :func:`attention`'s masks (bottom-right causal alignment per sequence). Zero-length
+    sequences are allowed; query rows outside every sequence are 0 (lse -inf).
+    """
+    cu_q = [int(x) for x in cu_seqlens.tolist()]
+    cu_k = cu_q if cu_seqlens_k is None else [int(x) for x in cu_seqlens_k.tolist()]
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=_stat_dtype(q.dtype), device=q.device)
+    for i in range(len(cu_q) - 1):
+        (a, b), (c, d) = cu_q[i:i + 2], cu_k[i:i + 2]
+        o, l = attention(q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], causal=causal,
+                         scale=q.shape[-1] ** -0.5 if scale is None else scale, window=window, return_lse=True)
+        out = out.index_copy(2, torch.arange(a, b, device=q.device), o)
+        lse[:, :, a:b] = l
+    return (out, lse) if return_lse else out
 
 
 # ----------------------------------------------------------------------------------------------

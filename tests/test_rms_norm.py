@@ -1,0 +1,111 @@
+"""ops.rms_norm beyond the op-table parity cases: what backward saves, HF module parity,
+empty inputs, and bad input rejected before any launch."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from fastllama import modules, ops, reference
+from fastllama.kernels import rms_norm as kernels
+from fastllama.ops.rms_norm import MAX_HIDDEN
+from fastllama.testing import assert_parity
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Fails the test if a kernel launcher is reached (validation must come first)."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel was launched for invalid input")
+    monkeypatch.setattr(kernels, "rms_norm_forward", boom)
+
+
+def _x(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def _bad_inputs():
+    w = _x(64)
+    return [
+        ("int x", lambda: ops.rms_norm(torch.ones(2, 64, dtype=torch.int32, device=DEVICE), w), TypeError, "x has dtype"),
+        ("dtype mismatch", lambda: ops.rms_norm(_x(2, 64), _x(64, dtype=torch.float32)), TypeError, "weight has dtype"),
+        ("weight size", lambda: ops.rms_norm(_x(2, 64), _x(65)), ValueError, "weight has shape (65,)"),
+        ("weight 2d", lambda: ops.rms_norm(_x(2, 64), _x(1, 64)), ValueError, "weight must have 1 dims"),
+        ("strided hidden", lambda: ops.rms_norm(_x(2, 128)[:, ::2], w), ValueError, "x must be contiguous in its last dim"),
+        ("residual shape", lambda: ops.rms_norm(_x(2, 64), w, residual=_x(3, 64)), ValueError, "residual has shape"),
+        ("residual dtype", lambda: ops.rms_norm(_x(2, 64), w, residual=_x(2, 64, dtype=torch.float16)), TypeError,
+         "residual has dtype"),
+        ("negative eps", lambda: ops.rms_norm(_x(2, 64), w, eps=-1.0), ValueError, "eps must be"),
+        ("too wide", lambda: ops.rms_norm(_x(1, MAX_HIDDEN + 1), _x(MAX_HIDDEN + 1)), ValueError, "hidden size"),
+        ("not a tensor", lambda: ops.rms_norm([1.0, 2.0], w), TypeError, "x must be a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs())), ids=[c[0] for c in _bad_inputs()])
+def test_bad_input_rejected_before_launch(case, no_launch):
+    _, call, exc, message = _bad_inputs()[case]
+    with pytest.raises(exc, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+def test_cpu_tensor_without_interpreter(monkeypatch, no_launch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="x is on device cpu"):
+        ops.rms_norm(torch.randn(2, 64), torch.randn(64))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "residual"])
+def test_backward_saves_input_and_rstd_only(fused):
+    """No fp32 copy of x: saved = the (summed) input in its dtype, the weight, one fp32 per row."""
+    x = _x(3, 7, 256).requires_grad_()
+    r = _x(3, 7, 256).requires_grad_() if fused else None
+    w = _x(256).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.rms_norm(x, w, residual=r)
+    shapes = sorted((tuple(t.shape), t.dtype) for t in saved)
+    assert shapes == sorted([((21,), torch.float32), ((256,), torch.bfloat16), ((3, 7, 256), torch.bfloat16)])
+
+
+def test_matches_hf_module_and_loads_its_state_dict():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(96, eps=1e-5).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.normal_()
+    ours = modules.RMSNorm(96, eps=1e-5).to(DEVICE, torch.bfloat16)
+    assert ours.state_dict().keys() == hf.state_dict().keys()
+    ours.load_state_dict(hf.state_dict())
+    assert ours.variance_epsilon == hf.variance_epsilon
+    x = _x(2, 33, 96).requires_grad_()
+    call = torch.func.functional_call
+    assert_parity(lambda x, w: call(ours, {"weight": w}, (x,)), lambda x, w: reference.rms_norm(x, w, 1e-5),
+                  x, ours.weight, torch_op=lambda x, w: call(hf, {"weight": w}, (x,)), names=("x", "weight"))
+    assert repr(ours) == repr(hf).replace("LlamaRMSNorm", "RMSNorm")
+
+
+def test_module_residual_form():
+    norm = modules.RMSNorm(64).to(DEVICE, torch.float16)
+    x, r = _x(4, 64, dtype=torch.float16), _x(4, 64, dtype=torch.float16)
+    y, s = norm(x, residual=r)
+    torch.testing.assert_close(s, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(y, ops.rms_norm(x + r, norm.weight, norm.variance_epsilon), rtol=0, atol=0)
+
+
+def test_empty_rows():
+    x = _x(0, 64).requires_grad_()
+    w = _x(64).requires_grad_()
+    y = ops.rms_norm(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 64) and x.grad.shape == (0, 64)
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_expanded_upstream_gradient():
+    """y.sum() hands backward an expanded (stride 0) gradient; it must still be right."""
+    x = _x(5, 96, dtype=torch.float32).requires_grad_()
+    w = _x(96, dtype=torch.float32).requires_grad_()
+    ops.rms_norm(x, w).sum().backward()
+    x2, w2 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    reference.rms_norm(x2, w2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad.float(), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,143 @@
+"""ops.apply_rotary_pos_emb / apply_rotary_pos_emb_from_positions beyond the op-table parity
+cases: fp32 cos/sin with half-precision q, in-place (with autograd), output layout, agreement of
+the two variants, and bad input rejected before any launch."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from fastllama import ops, reference
+from fastllama.kernels import rotary as kernels
+from fastllama.testing import assert_parity
+
+
+def _qk(b=2, hq=4, hk=2, t=33, d=64, dtype=torch.bfloat16, transposed=True):
+    def make(h):
+        if transposed:
+            return torch.randn(b, t, h, d, device=DEVICE, dtype=dtype).transpose(1, 2)
+        return torch.randn(b, h, t, d, device=DEVICE, dtype=dtype)
+    return make(hq), make(hk)
+
+
+def _cos_sin(b, t, d, dtype, start=100):
+    pos = torch.arange(start, start + t, device=DEVICE)[None].expand(b, t)
+    inv_freq = reference.rope_inv_freq(d, 500000.0).to(DEVICE)
+    cos, sin = reference.rope_cos_sin(pos, inv_freq, dtype=dtype)
+    return pos, inv_freq, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_cos_sin_with_half_q(dtype):
+    """fp32 cos/sin are used as is (more exact than HF, which rounds them to q's dtype first);
+    the output keeps q's dtype. PyTorch's error is HF's path: cos/sin cast to q's dtype."""
+    q, k = _qk(dtype=dtype)
+    _, _, cos, sin = _cos_sin(2, 33, 64, torch.float32)
+    q.requires_grad_(), k.requires_grad_()
+
+    def hf_path(q, k, cos, sin):
+        return reference.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
+
+    out = ops.apply_rotary_pos_emb(q, k, cos, sin)
+    assert out[0].dtype == dtype
+    assert_parity(ops.apply_rotary_pos_emb, reference.apply_rotary_pos_emb, q, k, cos, sin,
+                  torch_op=hf_path, names=("q", "k", "cos", "sin"))
+
+
+def test_output_keeps_input_layout():
+    q, k = _qk()  # transposed from (B, T, H, D)
+    _, _, cos, sin = _cos_sin(2, 33, 64, torch.bfloat16)
+    q2, k2 = ops.apply_rotary_pos_emb(q, k, cos, sin)
+    assert q2.stride() == q.stride() and k2.stride() == k.stride()
+
+
+@pytest.mark.parametrize("variant", ["cos_sin", "positions"])
+def test_inplace_matches_out_of_place_with_grads(variant):
+    q0, k0 = _qk(dtype=torch.float32)
+    pos, inv_freq, cos, sin = _cos_sin(2, 33, 64, torch.float32)
+    extra = (cos, sin) if variant == "cos_sin" else (pos, inv_freq)
+    op = ops.apply_rotary_pos_emb if variant == "cos_sin" else ops.apply_rotary_pos_emb_from_positions
+    go_q, go_k = torch.randn_like(q0), torch.randn_like(k0)
+
+    qa, ka = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    ra = op(qa, ka, *extra)
+    torch.autograd.backward(ra, (go_q, go_k))
+
+    qb, kb = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+    q_view, k_view = qb * 1, kb * 1  # in place on non-leaf activations, as in a model
+    rb = op(q_view, k_view, *extra, inplace=True)
+    assert rb[0] is q_view and rb[1] is k_view
+    torch.autograd.backward(rb, (go_q, go_k))
+
+    for a, b in ((ra[0], rb[0]), (ra[1], rb[1]), (qa.grad, qb.grad), (ka.grad, kb.grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_inplace_without_grad():
+    q, k = _qk(dtype=torch.float16, transposed=False)
+    _, _, cos, sin = _cos_sin(2, 33, 64, torch.float16)
+    expect = ops.apply_rotary_pos_emb(q, k, cos, sin)
+    ptr = q.data_ptr()
+    with torch.no_grad():
+        got = ops.apply_rotary_pos_emb(q, k, cos, sin, inplace=True)
+    assert got[0].data_ptr() == ptr
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+
+def test_positions_variant_matches_fp32_cos_sin():
+    """In-kernel cos/sin from positions == the cos/sin tensors HF would compute in fp32."""
+    q, k = _qk(dtype=torch.float32, t=17, d=128)
+    pos, inv_freq, cos, sin = _cos_sin(2, 17, 128, torch.float32, start=70000)
+    a = ops.apply_rotary_pos_emb_from_positions(q, k, pos, inv_freq)
+    b = ops.apply_rotary_pos_emb(q, k, cos, sin)
+    # cosf of the same fp32 argument: the two libraries may differ in the last bit.
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+def _bad_inputs():
+    q, k = _qk(d=64)
+    _, _, cos, sin = _cos_sin(2, 33, 64, torch.bfloat16)
+    pos = torch.arange(33, device=DEVICE)
+    inv = reference.rope_inv_freq(64).to(DEVICE)
+    rot = ops.apply_rotary_pos_emb
+    rot_pos = ops.apply_rotary_pos_emb_from_positions
+    q7 = torch.randn(2, 4, 33, 7, device=DEVICE, dtype=torch.bfloat16)
+    q512 = torch.randn(1, 1, 33, 512, device=DEVICE, dtype=torch.bfloat16)
+    return [
+        ("odd head_dim", lambda: rot(q7, q7, cos[..., :7], sin[..., :7]), ValueError, "head_dim 7"),
+        ("head_dim 512", lambda: rot(q512, q512, cos, sin), ValueError, "head_dim 512"),
+        ("partial rotary", lambda: rot(q, k, cos[..., :32], sin[..., :32]), ValueError, "partial rotary"),
+        ("q/k dtype", lambda: rot(q, k.float(), cos, sin), TypeError, "k has dtype"),
+        ("int q", lambda: rot(q.to(torch.int32), k, cos, sin), TypeError, "q has dtype"),
+        ("q 3d", lambda: rot(q[0], k, cos, sin), ValueError, "q must have 4 dims"),
+        ("k seq_len", lambda: rot(q, k[:, :, :5], cos, sin), ValueError, "k has shape"),
+        ("cos seq_len", lambda: rot(q, k, cos[:, :5], sin[:, :5]), ValueError, "cos has shape"),
+        ("cos batch", lambda: rot(q, k, cos.repeat(2, 1, 1), sin.repeat(2, 1, 1)), ValueError, "cos has shape"),
+        ("sin dtype", lambda: rot(q, k, cos, sin.float()), TypeError, "sin has dtype"),
+        ("cos grad", lambda: rot(q, k, cos.clone().requires_grad_(), sin), ValueError, "cos requires grad"),
+        ("q strided D", lambda: rot(q[..., ::2], k[..., ::2], cos[..., :32], sin[..., :32]), ValueError,
+         "q must be contiguous in its last dim"),
+        ("float positions", lambda: rot_pos(q, k, pos.float(), inv), TypeError, "position_ids has dtype"),
+        ("positions length", lambda: rot_pos(q, k, pos[:5], inv), ValueError, "position_ids has shape"),
+        ("inv_freq size", lambda: rot_pos(q, k, pos, inv[:16]), ValueError, "inv_freq has shape"),
+        ("inv_freq dtype", lambda: rot_pos(q, k, pos, inv.double()), TypeError, "inv_freq has dtype"),
+    ]
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel was launched for invalid input")
+    monkeypatch.setattr(kernels, "rotary", boom)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs())), ids=[c[0] for c in _bad_inputs()])
+def test_bad_input_rejected_before_launch(case, no_launch):
+    _, call, exc, message = _bad_inputs()[case]
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_cpu_tensor_without_interpreter(monkeypatch, no_launch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k = torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64)
+    with pytest.raises(ValueError, match="q is on device cpu"):
+        ops.apply_rotary_pos_emb(q, k, torch.randn(3, 64), torch.randn(3, 64))

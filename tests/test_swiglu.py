@@ -1,0 +1,127 @@
+"""ops.swiglu / ops.swiglu_fused beyond the op-table parity cases: what backward saves, in-place
+gradients, fused == separate, the module form, and bad input rejected before any launch."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from fastllama import modules, ops, reference
+from fastllama.kernels import swiglu as kernels
+
+
+def _t(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def test_backward_saves_gate_and_up_only():
+    gate, up = _t(3, 5, 96).requires_grad_(), _t(3, 5, 96).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.swiglu(gate, up)
+    assert sorted(t.data_ptr() for t in saved) == sorted([gate.data_ptr(), up.data_ptr()])
+
+
+def test_fused_equals_separate_halves():
+    """Gate first: swiglu_fused(cat([gate, up], -1)) == swiglu(gate, up), bit for bit."""
+    gate_up = _t(2, 7, 2 * 80, dtype=torch.float16).requires_grad_()
+    out = ops.swiglu_fused(gate_up)
+    go = torch.randn_like(out)
+    out.backward(go)
+    g, u = gate_up.detach()[..., :80].clone().requires_grad_(), gate_up.detach()[..., 80:].clone().requires_grad_()
+    out2 = ops.swiglu(g, u)
+    out2.backward(go)
+    torch.testing.assert_close(out, out2, rtol=0, atol=0)
+    torch.testing.assert_close(gate_up.grad, torch.cat([g.grad, u.grad], -1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_inplace_backward_matches_and_reuses_memory(fused):
+    x = _t(4, 9, 2 * 64, dtype=torch.float32)
+    go = _t(4, 9, 64, dtype=torch.float32)
+    grads = []
+    for inplace in (False, True):
+        leaf = x.clone().requires_grad_()
+        act = leaf * 1  # an intermediate activation, like a projection's output
+        act.retain_grad()
+        if fused:
+            out = ops.swiglu_fused(act, inplace_backward=inplace)
+        else:
+            out = ops.swiglu(act[..., :64], act[..., 64:], inplace_backward=inplace)
+        ptr = act.data_ptr()
+        out.backward(go)
+        grads.append(leaf.grad)
+        if inplace:  # the gradient landed in the activation's own memory
+            torch.testing.assert_close(act.detach(), grads[0], rtol=0, atol=0)
+            assert act.data_ptr() == ptr
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_inplace_backward_rejects_leaves():
+    gate, up = _t(4, 32).requires_grad_(), _t(4, 32).requires_grad_()
+    with pytest.raises(ValueError, match="leaf tensor"):
+        ops.swiglu(gate, up, inplace_backward=True)
+
+
+def test_module_matches_hf_mlp():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160)
+    torch.manual_seed(0)
+    hf = LlamaMLP(config).to(DEVICE)
+    ours = modules.LlamaMLP(config).to(DEVICE)
+    ours.load_state_dict(hf.state_dict())
+    assert ours.state_dict().keys() == hf.state_dict().keys()
+    x = _t(2, 5, 64, dtype=torch.float32)
+    torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="hidden_act"):
+        modules.LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=160, hidden_act="gelu"))
+
+
+def test_empty():
+    gate, up = _t(0, 32).requires_grad_(), _t(0, 32).requires_grad_()
+    out = ops.swiglu(gate, up)
+    out.sum().backward()
+    assert out.shape == (0, 32) and gate.grad.shape == (0, 32)
+
+
+def test_expanded_upstream_gradient():
+    gate, up = _t(5, 48, dtype=torch.float32).requires_grad_(), _t(5, 48, dtype=torch.float32).requires_grad_()
+    ops.swiglu(gate, up).sum().backward()
+    g2, u2 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    reference.swiglu(g2, u2).sum().backward()
+    torch.testing.assert_close(gate.grad, g2.grad.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(up.grad, u2.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+def _bad_inputs():
+    g = _t(4, 32)
+    return [
+        ("shape", lambda: ops.swiglu(g, _t(4, 33)), ValueError, "up has shape"),
+        ("dtype", lambda: ops.swiglu(g, _t(4, 32, dtype=torch.float16)), TypeError, "up has dtype"),
+        ("int", lambda: ops.swiglu(g.to(torch.int64), g), TypeError, "gate has dtype"),
+        ("strided last dim", lambda: ops.swiglu(_t(4, 64)[:, ::2], g), ValueError, "gate must be contiguous"),
+        ("scalar", lambda: ops.swiglu(_t(1)[0], _t(1)[0]), ValueError, "at least 1 dim"),
+        ("odd gate_up", lambda: ops.swiglu_fused(_t(4, 33)), ValueError, "gate_up has last dim 33"),
+        ("fused dtype", lambda: ops.swiglu_fused(g.to(torch.int32)), TypeError, "gate_up has dtype"),
+    ]
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a kernel was launched for invalid input")
+    monkeypatch.setattr(kernels, "swiglu_forward", boom)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs())), ids=[c[0] for c in _bad_inputs()])
+def test_bad_input_rejected_before_launch(case, no_launch):
+    _, call, exc, message = _bad_inputs()[case]
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_cpu_tensor_without_interpreter(monkeypatch, no_launch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="gate is on device cpu"):
+        ops.swiglu(torch.randn(2, 8), torch.randn(2, 8))
