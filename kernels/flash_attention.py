@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)): the scale is folded into one multiply
-LN2 = 0.6931471805599453
 
 __all__ = [
     "flash_attention_forward", "block_span", "fwd_configs", "dkdv_configs", "dq_configs",
@@ -106,7 +105,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, 
         l' = l * 2^(m - m') + rowsum p;  acc' = acc * 2^(m - m') + p v
     """
     for start_n in range(lo, hi, BLOCK_N):
-        k = load_rows(k_base + start_n.to(tl.int64) * stride_kt, offs_n, stride_kt, offs_d,
+        k = load_rows(k_base + tl.cast(start_n, tl.int64) * stride_kt, offs_n, stride_kt, offs_d,
                       k_len - start_n, HEAD_DIM, D_PAD, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
@@ -124,7 +123,7 @@ def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, 
         alpha = tl.math.exp2(m_i - m_sub)
         p = tl.math.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_rows(v_base + start_n.to(tl.int64) * stride_vt, offs_n, stride_vt, offs_d,
+        v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d,
                       k_len - start_n, HEAD_DIM, D_PAD, MASKED)
         # p is rounded to the input dtype for the tensor-core product (fp32 stays fp32).
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -140,7 +139,7 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
-    stride_lb, stride_lh,
+    stride_lb, stride_lh, stride_lp,
     n_heads, group, seqlen_q, seqlen_k, before, after,
     Q_BUCKET, K_BUCKET,  # autotune key only (bucketed lengths)
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -185,13 +184,16 @@ def _attn_fwd(
                                     q_pos, offs_n, offs_d, qk_scale, before, after,
                                     True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
 
-    # Normalise once. A row without any visible key has l = 0: it returns 0 and lse = -inf.
+    # Normalise once. A row without any visible key has l = 0: it returns 0 (and m = -inf).
+    # The softmax statistics are saved as two planes, m and log2(l) (lse = (m + log2 l) ln 2):
+    # the backward forms p = 2^((s - m) - log2 l), where s - m is exact. Folding them into one
+    # fp32 lse would round log2(l) to an ulp of |m|: at logits of 1e4 that is 1e-3 in p.
     empty = m_i == float("-inf")
     l_safe = tl.where(empty, 1.0, l_i)
     store_rows(o_base, acc / l_safe[:, None], offs_m, stride_ot, offs_d, q_len - start_m, HEAD_DIM)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    lse_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + start_m + offs_m
-    tl.store(lse_ptrs, lse, mask=offs_m < q_len - start_m)
+    stat_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + start_m + offs_m
+    tl.store(stat_ptrs, m_i, mask=offs_m < q_len - start_m)
+    tl.store(stat_ptrs + stride_lp, tl.math.log2(l_safe), mask=offs_m < q_len - start_m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,52 +202,36 @@ def _attn_fwd(
 # ----------------------------------------------------------------------------------------------
 INTERPRETER_CONFIG = {"fwd": (128, 128, 4, 1), "dq": (128, 128, 4, 1), "dkdv": (128, 128, 4, 1)}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), by (arch major >= 9, padded head dim, element bytes).
-# Register and shared-memory budgets set the shapes: the forward keeps Q and the fp32
-# accumulator (BLOCK_M x D) resident; fp32 inputs double every tile, D = 256 doubles it again.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by (padded head dim, element bytes). One
+# list serves sm_80 and sm_90: every entry fits the smaller A100 shared memory (163 KB per block)
+# without register spills, so the build report compiles each for both and a Hopper run can still
+# pick any of them. Register and shared-memory budgets set the shapes: the forward keeps Q and the
+# fp32 accumulator (BLOCK_M x D) resident; fp32 inputs double every tile, D = 256 doubles it again.
 _FWD = {
-    (9, 64, 2): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    (9, 128, 2): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
-    (9, 256, 2): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-    (8, 64, 2): [(128, 64, 4, 3), (64, 64, 4, 3)],
-    (8, 128, 2): [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3)],
-    (8, 256, 2): [(64, 64, 4, 2), (64, 32, 4, 2)],
-    (9, 64, 4): [(64, 64, 4, 2), (128, 32, 4, 2)],
-    (9, 128, 4): [(64, 64, 4, 2), (64, 32, 4, 2)],
-    (9, 256, 4): [(32, 32, 4, 2), (64, 32, 8, 1)],
-    (8, 64, 4): [(64, 64, 4, 2), (64, 32, 4, 2)],
-    (8, 128, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (8, 256, 4): [(32, 32, 4, 1)],
+    (64, 2): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+    (128, 2): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    (256, 2): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+    (64, 4): [(64, 64, 4, 2), (128, 32, 4, 2)],
+    (128, 4): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    (256, 4): [(32, 32, 4, 2), (64, 32, 8, 1)],
 }
 # dK/dV keeps K, V and two fp32 accumulators (BLOCK_N x D) resident while query blocks stream.
 _DKDV = {
-    (9, 64, 2): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
-    (9, 128, 2): [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)],
-    (9, 256, 2): [(32, 64, 4, 2), (64, 64, 8, 1)],
-    (8, 64, 2): [(64, 128, 8, 2), (64, 64, 4, 3)],
-    (8, 128, 2): [(32, 128, 8, 2), (64, 64, 4, 2)],
-    (8, 256, 2): [(32, 64, 4, 1), (32, 32, 4, 2)],
-    (9, 64, 4): [(32, 64, 4, 2), (64, 64, 8, 2)],
-    (9, 128, 4): [(32, 64, 4, 2), (32, 32, 4, 2)],
-    (9, 256, 4): [(16, 32, 4, 1), (32, 32, 8, 1)],
-    (8, 64, 4): [(32, 64, 4, 2), (32, 32, 4, 2)],
-    (8, 128, 4): [(32, 32, 4, 2), (16, 32, 4, 2)],
-    (8, 256, 4): [(16, 32, 4, 1)],
+    (64, 2): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
+    (128, 2): [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)],
+    (256, 2): [(32, 64, 4, 2), (64, 64, 8, 1)],
+    (64, 4): [(32, 64, 4, 2), (64, 64, 8, 2)],
+    (128, 4): [(32, 64, 4, 2), (32, 32, 4, 2)],
+    (256, 4): [(16, 32, 4, 1), (32, 32, 8, 1)],
 }
 # dQ mirrors the forward: Q, dO and the fp32 dQ accumulator resident, K/V streamed.
 _DQ = {
-    (9, 64, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (9, 128, 2): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
-    (9, 256, 2): [(64, 32, 4, 2), (64, 64, 8, 1)],
-    (8, 64, 2): [(128, 64, 8, 2), (64, 64, 4, 3)],
-    (8, 128, 2): [(128, 32, 8, 2), (64, 64, 4, 2)],
-    (8, 256, 2): [(64, 32, 4, 1), (32, 32, 4, 2)],
-    (9, 64, 4): [(64, 32, 4, 2), (64, 64, 8, 2)],
-    (9, 128, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (9, 256, 4): [(32, 16, 4, 1), (32, 32, 8, 1)],
-    (8, 64, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (8, 128, 4): [(32, 32, 4, 2), (32, 16, 4, 2)],
-    (8, 256, 4): [(32, 16, 4, 1)],
+    (64, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    (128, 2): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+    (256, 2): [(64, 32, 4, 2), (64, 64, 8, 1)],
+    (64, 4): [(64, 32, 4, 2), (64, 64, 8, 2)],
+    (128, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    (256, 4): [(32, 16, 4, 1), (32, 32, 8, 1)],
 }
 
 
@@ -259,36 +245,34 @@ def seqlen_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
 
 
-def _lookup(table, arch_major: int, d_pad: int, elem_bytes: int) -> list[tuple]:
-    return table[(9 if arch_major >= 9 else 8, max(64, d_pad), 4 if elem_bytes >= 4 else 2)]
+def _lookup(table, d_pad: int, elem_bytes: int) -> list[tuple]:
+    return table[(max(64, d_pad), 4 if elem_bytes >= 4 else 2)]
 
 
-def fwd_configs(arch_major: int, d_pad: int, elem_bytes: int) -> list[tuple]:
+def fwd_configs(d_pad: int, elem_bytes: int) -> list[tuple]:
     """Forward autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lookup(_FWD, arch_major, d_pad, elem_bytes)
+    return _lookup(_FWD, d_pad, elem_bytes)
 
 
-def dkdv_configs(arch_major: int, d_pad: int, elem_bytes: int) -> list[tuple]:
+def dkdv_configs(d_pad: int, elem_bytes: int) -> list[tuple]:
     """dK/dV autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lookup(_DKDV, arch_major, d_pad, elem_bytes)
+    return _lookup(_DKDV, d_pad, elem_bytes)
 
 
-def dq_configs(arch_major: int, d_pad: int, elem_bytes: int) -> list[tuple]:
+def dq_configs(d_pad: int, elem_bytes: int) -> list[tuple]:
     """dQ autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lookup(_DQ, arch_major, d_pad, elem_bytes)
+    return _lookup(_DQ, d_pad, elem_bytes)
 
 
 def make_autotuned(kernel, table, key):
     """``kernel`` autotuned over the union of ``table``; each launch keeps only the candidates
-    of its own (arch, padded head dim, dtype) row, so a config that was never compiled for the
-    build report can not be chosen."""
+    of its own (padded head dim, dtype) row, so a config that the build report did not compile
+    for that row can not be chosen."""
     union = sorted({c for row in table.values() for c in row})
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
 
     def prune(configs, named_args, **kwargs):
-        t = named_args["Q"]
-        arch = torch.cuda.get_device_capability(t.device)[0]
-        wanted = set(_lookup(table, arch, kwargs["D_PAD"], t.element_size()))
+        wanted = set(_lookup(table, kwargs["D_PAD"], named_args["Q"].element_size()))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
@@ -313,7 +297,11 @@ def mask_bounds(causal: bool, window: tuple[int, int] | None, limit: int) -> tup
 def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, cu_seqlens_q=None,
                             cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                             precision: str = "ieee", config: tuple | None = None):
-    """Launches the forward; returns (out like q, lse (B, Hq, Tq) fp32, natural log).
+    """Launches the forward; returns (out like q, stats (2, B, Hq, Tq) fp32).
+
+    ``stats[0]`` is the row max m of the scores in base 2 (s * scale * log2 e), ``stats[1]``
+    log2 of the softmax denominator; the natural-log lse is ``(stats[0] + stats[1]) * ln 2``
+    (-inf for a row without any visible key).
 
     ``before``/``after`` come from :func:`mask_bounds`. Varlen: q/k/v are (1, H, total, D) and
     ``cu_seqlens_q/k`` int32 (N + 1,); ``max_seqlen_*`` size the grid. ``config``
@@ -323,16 +311,18 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
     B, Hq, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)  # same memory layout as q: a (B,T,H,D)-backed q gives a (B,T,H,D)-backed out
-    lse = torch.empty((B, Hq, Tq), device=q.device, dtype=torch.float32)
+    lse = torch.empty((2, B, Hq, Tq), device=q.device, dtype=torch.float32)
     varlen = cu_seqlens_q is not None
     n_seq = cu_seqlens_q.numel() - 1 if varlen else B
     mq, mk = (max_seqlen_q, max_seqlen_k) if varlen else (Tq, Tk)
     if q.numel() == 0 or n_seq == 0 or mq == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
+        lse[0].fill_(float("-inf"))
+        lse[1].fill_(0.0)
+        return out.zero_(), lse
     cu_q = cu_seqlens_q if varlen else lse  # any pointer; unused when not IS_VARLEN
     cu_k = cu_seqlens_k if varlen else lse
     args = (q, k, v, out, lse, cu_q, cu_k, scale,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[1:3], lse.stride(0),
             Hq, Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), IS_VARLEN=varlen, PRECISION=precision)
     if config is not None:

@@ -1,0 +1,407 @@
+"""``flash_attention``: a drop-in for ``scaled_dot_product_attention`` in Llama-family models.
+
+Validation, config choice, the ``torch.library`` custom ops (``fastllama::flash_attention_fwd`` /
+``fastllama::flash_attention_bwd``: ``torch.compile(fullgraph=True)`` sees one op each way) and
+their autograd, plus the op-table entries. Kernels: ``fastllama.kernels.flash_attention`` and
+``flash_attention_backward``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .. import reference
+from .._interpreter import interpreter_active
+from ..optable import KernelBuild, OpCase, OpSpec
+from ..reference.functional import attention_varlen
+from ..kernels import flash_attention as _fwd
+from ..kernels import flash_attention_backward as _bwd
+from ._checks import check_last_dim_contiguous, check_same, check_tensor
+
+__all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256  # one padded head row (up to 256) lives in registers per query row
+_PRECISIONS = ("ieee", "tf32")
+_LN2 = math.log(2.0)
+
+# Tests set this to {"fwd": cfg, "dq": cfg, "dkdv": cfg} with cfg = (BLOCK_M, BLOCK_N, warps,
+# stages) to force small blocks (every masked/unmasked phase in short sequences). None: the
+# interpreter uses fastllama.kernels.flash_attention.INTERPRETER_CONFIG, a GPU autotunes.
+FORCE_CONFIG: dict | None = None
+
+
+def _config(which: str):
+    if FORCE_CONFIG is not None:
+        return FORCE_CONFIG[which]
+    return _fwd.INTERPRETER_CONFIG[which] if interpreter_active() else None
+
+
+def _max_seqlen(cu: torch.Tensor, total: int, name: str) -> int:
+    """Checks the values of a cu_seqlens tensor (one host sync) and returns its longest sequence."""
+    vals = cu.tolist()
+    if vals[0] != 0 or vals[-1] != total or any(b < a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}; "
+                         f"got {vals if len(vals) <= 12 else vals[:6] + ['...'] + vals[-3:]}")
+    return max(b - a for a, b in zip(vals, vals[1:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastllama::flash_attention_fwd", mutates_args=())
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, before: int, after: int,
+               cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], precision: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out with q's layout, stats (2, B, Hq, Tq) fp32: row max and log2 of the softmax
+    denominator, base 2; lse = (stats[0] + stats[1]) * ln 2)."""
+    mq = mk = 0
+    if cu_seqlens_q is not None:
+        mq = _max_seqlen(cu_seqlens_q, q.shape[2], "cu_seqlens")
+        mk = _max_seqlen(cu_seqlens_k, k.shape[2], "cu_seqlens_k")
+    return _fwd.flash_attention_forward(q, k, v, scale=scale, before=before, after=after, cu_seqlens_q=cu_seqlens_q,
+                                        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq, max_seqlen_k=mk,
+                                        precision=precision, config=_config("fwd"))
+
+
+@_flash_fwd.register_fake
+def _(q, k, v, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision):
+    return torch.empty_like(q), q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastllama::flash_attention_bwd", mutates_args=())
+def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor, lse: torch.Tensor, scale: float, before: int, after: int,
+               cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], precision: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv) with the layouts of q, k, v."""
+    mq = mk = 0
+    if cu_seqlens_q is not None:
+        mq = _max_seqlen(cu_seqlens_q, q.shape[2], "cu_seqlens")
+        mk = _max_seqlen(cu_seqlens_k, k.shape[2], "cu_seqlens_k")
+    if do.stride(-1) != 1:  # upstream gradients may be expanded or transposed: copy only then
+        do = do.contiguous()
+    if dlse is not None:
+        # stats reach the loss only as lse = (stats[0] + stats[1]) ln 2 (flash_attention_with_lse),
+        # so d loss / d lse = dstats[0] / ln 2.
+        dlse = (dlse[0].to(torch.float32) * _fwd.LOG2E).contiguous()
+    return _bwd.flash_attention_backward(do, q, k, v, out, lse, scale=scale, before=before, after=after, dlse=dlse,
+                                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq,
+                                         max_seqlen_k=mk, precision=precision, config_dq=_config("dq"),
+                                         config_dkdv=_config("dkdv"))
+
+
+@_flash_bwd.register_fake
+def _(do, dlse, q, k, v, out, lse, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, before, after, cu_q, cu_k, precision = inputs
+    out, lse = output
+    # The backward keeps O and two fp32 statistics per row, never the (T x T) probabilities.
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (scale, before, after, precision)
+    # An unused lse output then arrives as None, not as a zero tensor the kernel would read.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    scale, before, after, precision = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _flash_bwd(dout, dlse, q, k, v, out, lse, scale, before, after, cu_q, cu_k, precision)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastllama::flash_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+def _check_cu_seqlens(name: str, cu, q: torch.Tensor) -> None:
+    check_tensor(name, cu, dtypes=(torch.int32,), ndim=1)
+    check_same("q", q, name, cu, "device")
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have N + 1 >= 1 entries (N packed sequences), got shape {tuple(cu.shape)}")
+    if not cu.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(cu.stride())}")
+
+
+def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision):
+    """Everything that can be checked without reading tensor values.
+
+    Returns (scale, before, after, dot precision) for the kernels."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    check_same("q", q, "k", k, "dtype")
+    check_same("q", q, "v", v, "dtype")
+    check_same("q", q, "k", k, "device")
+    check_same("q", q, "v", v, "device")
+    B, Hq, Tq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k has shape {tuple(k.shape)} but v has shape {tuple(v.shape)}; they must match (B, Hk, Tk, D)")
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {B}; they must match")
+    if k.shape[3] != D:
+        raise ValueError(f"k has head_dim {k.shape[3]} but q has {D}; they must match")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q has head_dim {D}; accepted: 1 to {MAX_HEAD_DIM} (64, 80, 96, 128, 256 are the tuned ones)")
+    Hk = k.shape[1]
+    if Hk == 0 or Hq % Hk:
+        raise ValueError(f"q has {Hq} heads and k/v have {Hk}; the number of query heads must be a positive "
+                         f"multiple of the number of key/value heads (GQA)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_last_dim_contiguous(name, t)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if window is not None:
+        if not (isinstance(window, Sequence) and len(window) == 2
+                and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+            raise TypeError(f"window must be None or a pair of ints (left, right), -1 for unlimited; got {window!r}. "
+                            f"Mistral's sliding_window=W is window=(W - 1, 0)")
+        if min(window) < -1:
+            raise ValueError(f"window entries must be >= 0 or -1 (unlimited), got {tuple(window)}")
+        window = (int(window[0]), int(window[1]))
+    if fp32_precision not in _PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {_PRECISIONS}, got {fp32_precision!r}")
+    precision = fp32_precision if q.dtype == torch.float32 else "ieee"  # no-op for fp16/bf16: one build
+    if cu_seqlens is None and cu_seqlens_k is not None:
+        raise ValueError("cu_seqlens_k was given without cu_seqlens; pass both (or cu_seqlens alone)")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"with cu_seqlens, sequences are packed along T of one batch: q must have batch size 1, "
+                             f"got shape {tuple(q.shape)}")
+        _check_cu_seqlens("cu_seqlens", cu_seqlens, q)
+        if cu_seqlens_k is not None:
+            _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+            if cu_seqlens_k.shape != cu_seqlens.shape:
+                raise ValueError(f"cu_seqlens_k has {cu_seqlens_k.shape[0]} entries but cu_seqlens has "
+                                 f"{cu_seqlens.shape[0]}; they must match (one per sequence + 1)")
+        elif k.shape[2] != Tq:
+            raise ValueError(f"k has {k.shape[2]} packed keys but q has {Tq} packed queries; pass cu_seqlens_k "
+                             f"when they differ")
+    limit = Tq + k.shape[2] + 1  # "unlimited": wider than any sequence
+    before, after = _fwd.mask_bounds(causal, window, limit)
+    return float(scale), before, after, precision
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------
+def flash_attention_with_lse(q, k, v, causal: bool = True, scale: float | None = None,
+                             window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
+                             cu_seqlens_k: torch.Tensor | None = None, fp32_precision: str = "ieee"):
+    """:func:`flash_attention` that also returns the log-sum-exp of each query row.
+
+    Returns ``(out, lse)``: lse is (B, Hq, Tq) fp32, natural log, ``-inf`` for a row with no
+    visible key. Both outputs are differentiable (a gradient on lse enters as ``delta -= dlse``).
+    """
+    scale, before, after, precision = _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k,
+                                                fp32_precision)
+    if cu_seqlens is not None and cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens
+    out, stats = _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision)
+    return out, (stats[0] + stats[1]) * _LN2
+
+
+def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
+                    window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
+                    cu_seqlens_k: torch.Tensor | None = None, fp32_precision: str = "ieee"):
+    """Softmax attention in SDPA's layout, forward and backward in Triton (flash attention).
+
+    Args:
+        q: (B, Hq, Tq, D); k, v: (B, Hk, Tk, D) with Hq % Hk == 0 (GQA/MQA: query head h reads
+            key/value head h // (Hq // Hk), no repeat_kv copy). fp16, bf16 or fp32, one dtype and
+            device for all three. Any strides with a unit stride in D: the transposed views HF
+            code makes from (B, T, H, D) projections are read in place. D from 1 to 256 (80 and
+            96 run padded to 128).
+        causal: mask keys after the query. Tq != Tk aligns bottom-right: the queries are the last
+            Tq of the Tk positions (flash-attn's convention, what chunked prefill against a KV
+            cache needs). SDPA's ``is_causal=True`` aligns top-left instead; both agree when
+            Tq == Tk (and for Tq = 1 only this one is right for decoding). Query rows that see no
+            key (Tq > Tk) return 0.
+        scale: multiplies q k^T; default 1 / sqrt(D).
+        window: ``(left, right)``: query at position p sees keys in [p - left, p + right]; -1 is
+            unlimited. Mistral's ``sliding_window=W`` is ``(W - 1, 0)`` with causal.
+        cu_seqlens: int32 (N + 1,) boundaries of N sequences packed along T (q/k/v batch 1), as
+            in flash-attn's varlen API: no work is spent on padding. ``cu_seqlens_k`` gives the
+            key boundaries when they differ (default: ``cu_seqlens``). Values are checked (one
+            host sync, inside the custom op).
+        fp32_precision: ``tl.dot`` input precision for fp32 inputs: "ieee" (default, exact fp32
+            products: fp32 models and CPU tests compare tightly) or "tf32" (tensor cores, about
+            3 decimal digits per product, much faster on a GPU). Ignored for fp16/bf16.
+
+    Returns:
+        out with q's shape and memory layout (a q viewed from (B, T, H, D) gives an out whose
+        ``transpose(1, 2)`` is contiguous, so HF's following ``.contiguous()`` copies nothing).
+        Softmax statistics are fp32; backward saves q, k, v, out and the fp32 lse only and is
+        deterministic (no atomics).
+
+    Raises:
+        TypeError / ValueError naming the argument, before any launch.
+    """
+    scale, before, after, precision = _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k,
+                                                fp32_precision)
+    if cu_seqlens is not None and cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens
+    return _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Op table
+# ----------------------------------------------------------------------------------------------
+def _reference(q, k, v, causal=True, scale=None, window=None, cu_seqlens=None, cu_seqlens_k=None, return_lse=False):
+    """The truth for both public ops: reference.attention, or its varlen form when packed."""
+    if cu_seqlens is None:
+        return reference.attention(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse)
+    return attention_varlen(q, k, v, cu_seqlens, causal=causal, scale=scale, window=window,
+                            cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+
+
+def _reference_with_lse(q, k, v, **kwargs):
+    return _reference(q, k, v, return_lse=True, **kwargs)
+
+
+def _make_args(p: dict, dtype: torch.dtype, device: str):
+    """params: B, Hq, Hk, Tq (Tk, default Tq), D; causal, window, scale; transposed (q/k/v are
+    (B, T, H, D) tensors viewed as (B, H, T, D)); seqlens / seqlens_k (varlen: packed, B = 1)."""
+    B, Hq, Hk, D = p.get("B", 1), p["Hq"], p.get("Hk", p["Hq"]), p["D"]
+    kwargs = {"causal": p.get("causal", True)}
+    for name in ("window", "scale"):
+        if name in p:
+            kwargs[name] = p[name]
+    if "seqlens" in p:
+        B = 1
+        lens_q = p["seqlens"]
+        lens_k = p.get("seqlens_k", lens_q)
+        cu = lambda lens: torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+        kwargs["cu_seqlens"] = cu(lens_q)
+        if "seqlens_k" in p:
+            kwargs["cu_seqlens_k"] = cu(lens_k)
+        Tq, Tk = sum(lens_q), sum(lens_k)
+    else:
+        Tq, Tk = p["Tq"], p.get("Tk", p["Tq"])
+
+    def make(H, T):
+        if p.get("transposed"):
+            t = torch.randn(B, T, H, D, device=device, dtype=dtype).transpose(1, 2)
+        else:
+            t = torch.randn(B, H, T, D, device=device, dtype=dtype)
+        return t.requires_grad_()
+
+    return (make(Hq, Tq), make(Hk, Tk), make(Hk, Tk)), kwargs
+
+
+def _case(id_, cuda_only=False, **params):
+    return OpCase(id_, params, cuda_only=cuda_only)
+
+
+def _full_matrix():
+    """The issue's whole grid, for a GPU: T x causal x GQA x head_dim x batch (+ Tq != Tk)."""
+    cases = []
+    for T in (1, 77, 113, 128, 1023):
+        for causal in (True, False):
+            for hq, hk in ((8, 8), (8, 2), (8, 1)):
+                for D in (64, 80, 96, 128, 256):
+                    for B in (1, 3):
+                        cases.append(_case(f"B{B}-H{hq}/{hk}-T{T}-D{D}-{'causal' if causal else 'full'}", True,
+                                           B=B, Hq=hq, Hk=hk, Tq=T, D=D, causal=causal))
+    for tq, tk in ((1, 1023), (77, 1023), (1023, 77), (113, 256), (256, 113)):
+        for causal in (True, False):
+            cases.append(_case(f"Tq{tq}-Tk{tk}-D128-{'causal' if causal else 'full'}", True,
+                               B=2, Hq=8, Hk=2, Tq=tq, Tk=tk, D=128, causal=causal))
+    cases += [
+        _case("transposed-T2048-D128", True, B=2, Hq=32, Hk=8, Tq=2048, D=128, transposed=True),
+        _case("window-4096-T8192", True, B=1, Hq=8, Hk=2, Tq=8192, D=128, window=(4095, 0)),
+        _case("varlen-long", True, Hq=16, Hk=4, D=128, seqlens=[0, 1, 4000, 77, 0, 2048, 513]),
+    ]
+    return cases
+
+
+_CASES = (
+    _case("B3-H4/1-T77-D64-causal", B=3, Hq=4, Hk=1, Tq=77, D=64),
+    _case("B1-H2/2-T77-D80-full", Hq=2, Tq=77, D=80, causal=False),
+    _case("B1-H2/1-Tq50-Tk113-D96-causal-transposed", Hq=2, Hk=1, Tq=50, Tk=113, D=96, transposed=True),
+    _case("B1-H2/1-T128-D256-causal", Hq=2, Hk=1, Tq=128, D=256),
+    _case("B1-H2/1-T113-D64-window", Hq=2, Hk=1, Tq=113, D=64, window=(20, 0)),
+    _case("varlen-0-1-77-50", Hq=2, Hk=1, D=64, seqlens=[0, 1, 77, 50]),
+    *_full_matrix(),
+)
+
+_LSE_CASES = (
+    _case("B1-H4/2-Tq113-Tk60-D64-causal", Hq=4, Hk=2, Tq=113, Tk=60, D=64),  # 53 fully masked rows
+)
+
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _build_configs() -> list[KernelBuild]:
+    """Every GPU specialisation the op can launch: each autotune candidate of each kernel x head
+    dim (64, 80, 96, 128, 256) x dtype (fp32 with ieee and tf32 dots) x dense/varlen, and the
+    delta preprocess x head dim x dtype x (with/without an lse gradient)."""
+    builds = []
+    strides3 = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in "bht"}
+    for dtype, ptr in _PTR.items():
+        for precision in (_PRECISIONS if dtype == torch.float32 else ("ieee",)):
+            for D in (64, 80, 96, 128, 256):
+                d_pad = _fwd.padded_head_dim(D)
+                for varlen in (False, True):
+                    cu = "*i32" if varlen else "*fp32"
+                    tail = {n: "i32" for n in ("n_heads", "group", "seqlen_q", "seqlen_k", "before", "after",
+                                               "Q_BUCKET", "K_BUCKET")}
+                    tag = f"{ptr[1:]}{'/' + precision if dtype == torch.float32 else ''} d{D}{' varlen' if varlen else ''}"
+                    kernels = (
+                        ("fwd", _fwd._attn_fwd, _fwd.fwd_configs,
+                         {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "CU_Q": cu, "CU_K": cu,
+                          "sm_scale": "fp32", **strides3("q", "k", "v", "o"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
+                          **tail}),
+                        ("dkdv", _bwd._attn_bwd_dkdv, _fwd.dkdv_configs,
+                         {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
+                          "DV": ptr, "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32",
+                          **strides3("q", "k", "v", "do", "dk", "dv"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
+                          **{("n_kv_heads" if n == "n_heads" else n): t for n, t in tail.items()}}),
+                        ("dq", _bwd._attn_bwd_dq, _fwd.dq_configs,
+                         {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
+                          "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", **strides3("q", "k", "v", "do", "dq"),
+                          "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32", **tail}),
+                    )
+                    for name, kernel, configs, signature in kernels:
+                        for bm, bn, w, s in configs(d_pad, dtype.itemsize):
+                            builds.append(KernelBuild(
+                                kernel, signature,
+                                {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "IS_VARLEN": varlen,
+                                 "PRECISION": precision},
+                                num_warps=w, num_stages=s, label=f"flash_attention {name} {tag} M{bm} N{bn}"))
+            if precision != "ieee":
+                continue
+            for D in (64, 80, 96, 128, 256):
+                d_pad = _fwd.padded_head_dim(D)
+                for has_dlse in (False, True):
+                    builds.append(KernelBuild(
+                        _bwd._bwd_preprocess,
+                        {"O": ptr, "DO": ptr, "DLSE": "*fp32", "DELTA": "*fp32", **strides3("o", "do"),
+                         "stride_lb": "i32", "stride_lh": "i32", "n_heads": "i32", "seqlen": "i32"},
+                        {"HAS_DLSE": has_dlse, "HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": _bwd.preprocess_block(d_pad)},
+                        num_warps=4, num_stages=1,
+                        label=f"flash_attention preprocess {ptr[1:]} d{D}{' dlse' if has_dlse else ''}"))
+    return builds
+
+
+OP_SPECS = [
+    OpSpec("flash_attention", flash_attention, _reference, _make_args, _CASES,
+           kernels=("flash_attention", "flash_attention_backward"), names=("q", "k", "v"), output_names=("out",),
+           build_configs=_build_configs),
+    OpSpec("flash_attention_lse", flash_attention_with_lse, _reference_with_lse, _make_args, _LSE_CASES,
+           kernels=("flash_attention", "flash_attention_backward"), names=("q", "k", "v"),
+           output_names=("out", "lse")),
+]

@@ -1,0 +1,316 @@
+"""Flash attention backward: three deterministic kernels, no atomics.
+
+With s = q k^T * scale, p = exp(s - lse) (lse saved by the forward) and dO the upstream gradient:
+
+    dV = p^T dO                          dP = dO V^T
+    dS = p * (dP - delta),  delta = rowsum(dO * O) - dlse        (dlse: gradient of the lse output)
+    dQ = scale * dS K                    dK = scale * dS^T Q
+
+1. ``_bwd_preprocess``: delta per query row, in fp32.
+2. ``_attn_bwd_dkdv``: one program owns a block of keys of one KV head, keeps K, V and the fp32
+   dK/dV accumulators on chip and streams the query blocks that can see it, for EVERY query head
+   of its GQA group in turn. The group sum happens in registers: no repeat_kv copy, no reduction
+   pass, no atomics.
+3. ``_attn_bwd_dq``: one program owns a block of queries and streams keys, like the forward.
+   Recomputing p here costs two extra matmuls against a fused kernel with atomic dQ adds, and
+   buys bit-identical gradients run to run (the order of every sum is fixed).
+
+Masks and block skipping are the forward's (see ``flash_attention.py``): the dK/dV kernel asks
+:func:`block_span` the transposed question (which query rows can see this key block).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash_attention import (_DKDV, _DQ, _TUNE_KEY, block_span, load_rows, make_autotuned,
+                              padded_head_dim, seqlen_bucket, sequence_bounds, store_rows)
+
+__all__ = ["flash_attention_backward"]
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DLSE, DELTA,
+                    stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot, stride_lb, stride_lh,
+                    n_heads, seqlen,
+                    HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse over the rows of one (batch, head). Varlen needs nothing
+    special: every row of the packed T axis belongs to exactly one sequence."""
+    start_m = tl.program_id(0) * BLOCK_M
+    b = (tl.program_id(1) // n_heads).to(tl.int64)
+    h = (tl.program_id(1) % n_heads).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    o = load_rows(O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_ot, offs_m, stride_ot,
+                  offs_d, seqlen - start_m, HEAD_DIM, D_PAD, True)
+    do = load_rows(DO + b * stride_dob + h * stride_doh + tl.cast(start_m, tl.int64) * stride_dot, offs_m, stride_dot,
+                   offs_d, seqlen - start_m, HEAD_DIM, D_PAD, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row = b * stride_lb + h * stride_lh + start_m + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + row, mask=start_m + offs_m < seqlen, other=0.0)
+    tl.store(DELTA + row, delta, mask=start_m + offs_m < seqlen)
+
+
+@triton.jit
+def _load_row_stats(stat_base, stride_lp, delta_base, rows, q_len, CHECK_ROWS: tl.constexpr):
+    """(m, log2 l, delta) of a block of rows, as the forward saved them (base 2). A row that saw
+    no key (m = -inf) and a padding row get m = +inf, so p = 2^(s - inf) = 0, not inf or NaN."""
+    if CHECK_ROWS:
+        m = tl.load(stat_base + rows, mask=rows < q_len, other=float("inf"))
+        log2_l = tl.load(stat_base + stride_lp + rows, mask=rows < q_len, other=0.0)
+        delta = tl.load(delta_base + rows, mask=rows < q_len, other=0.0)
+    else:
+        m = tl.load(stat_base + rows)
+        log2_l = tl.load(stat_base + stride_lp + rows)
+        delta = tl.load(delta_base + rows)
+    m = tl.where(m == float("-inf"), float("inf"), m)
+    return m, log2_l, delta
+
+
+# ----------------------------------------------------------------------------------------------
+# dK, dV
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta_base, stride_qt, stride_dot,
+                       lo, hi, q_len, k_pos, offset, offs_m, offs_d, qk_scale, before, after,
+                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                       BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulates dV += p^T dO and dK += dS^T Q over the query blocks [lo, hi).
+
+    The scores are recomputed as q k^T, the forward's orientation, and p is transposed after:
+    the per-element dot then repeats the forward's bit for bit (same operands, same order over
+    D), so p = 2^((s - m) - log2 l) is exact even when |s| is 1e4 (one ulp of s: 1e-3 in p).
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        q = load_rows(q_base + tl.cast(start_m, tl.int64) * stride_qt, offs_m, stride_qt, offs_d, q_len - start_m,
+                      HEAD_DIM, D_PAD, MASKED)
+        do = load_rows(do_base + tl.cast(start_m, tl.int64) * stride_dot, offs_m, stride_dot, offs_d, q_len - start_m,
+                       HEAD_DIM, D_PAD, MASKED)
+        rows = start_m + offs_m
+        m, log2_l, delta = _load_row_stats(lse_base, stride_lp, delta_base, rows, q_len, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
+        if MASKED:
+            q_pos = rows + offset
+            visible = ((rows[:, None] < q_len) & (k_pos[None, :] >= q_pos[:, None] - before)
+                       & (k_pos[None, :] <= q_pos[:, None] + after))
+            p = tl.where(visible, p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    sm_scale,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    stride_lb, stride_lh, stride_lp,
+    n_kv_heads, group, seqlen_q, seqlen_k, before, after,
+    Q_BUCKET, K_BUCKET,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_N keys of one (sequence, KV head); all query heads of its group."""
+    pid_n = tl.program_id(0)
+    seq = tl.program_id(1) // n_kv_heads
+    hk = tl.program_id(1) % n_kv_heads
+    b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= k_len:
+        return
+    b = b.to(tl.int64)
+    k_row0 = (k_start + start_n).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    k = load_rows(K + b * stride_kb + hk.to(tl.int64) * stride_kh + k_row0 * stride_kt, offs_n, stride_kt, offs_d,
+                  k_len - start_n, HEAD_DIM, D_PAD, True)
+    v = load_rows(V + b * stride_vb + hk.to(tl.int64) * stride_vh + k_row0 * stride_vt, offs_n, stride_vt, offs_d,
+                  k_len - start_n, HEAD_DIM, D_PAD, True)
+
+    # Key j is seen by rows at absolute positions [j - after, j + before]; row index = pos - offset.
+    offset = k_len - q_len
+    k_pos = start_n + offs_n
+    n_real = tl.minimum(k_len - start_n, BLOCK_N)  # keys past k_len are never stored
+    lo, mid_lo, mid_hi, hi = block_span(start_n - offset, start_n + n_real - 1 - offset, after, before,
+                                        q_len, BLOCK_M)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for g in range(group):  # the GQA sum: every query head that reads this KV head
+        h = (hk * group + g).to(tl.int64)
+        q_base = Q + b * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qt
+        do_base = DO + b * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dot
+        lse_base = LSE + b * stride_lb + h * stride_lh + q_start
+        delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta_base, stride_qt,
+                                    stride_dot,
+                                    lo, mid_lo, q_len, k_pos, offset, offs_m, offs_d, qk_scale, before, after,
+                                    True, HEAD_DIM, D_PAD, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta_base, stride_qt,
+                                    stride_dot,
+                                    mid_lo, mid_hi, q_len, k_pos, offset, offs_m, offs_d, qk_scale, before, after,
+                                    False, HEAD_DIM, D_PAD, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta_base, stride_qt,
+                                    stride_dot,
+                                    mid_hi, hi, q_len, k_pos, offset, offs_m, offs_d, qk_scale, before, after,
+                                    True, HEAD_DIM, D_PAD, BLOCK_M, PRECISION)
+    store_rows(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkt, dk * sm_scale,
+               offs_n, stride_dkt, offs_d, k_len - start_n, HEAD_DIM)
+    store_rows(DV + b * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvt, dv,
+               offs_n, stride_dvt, offs_d, k_len - start_n, HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------------------------
+# dQ
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_key_blocks(dq, q, do, m, log2_l, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, k_len, q_pos,
+                   offs_n, offs_d, qk_scale, before, after,
+                   MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ += dS K over the key blocks [lo, hi), with p recomputed from the saved lse."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k = load_rows(k_base + tl.cast(start_n, tl.int64) * stride_kt, offs_n, stride_kt, offs_d, k_len - start_n,
+                      HEAD_DIM, D_PAD, MASKED)
+        v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d, k_len - start_n,
+                      HEAD_DIM, D_PAD, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
+        if MASKED:
+            k_pos = start_n + offs_n
+            visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
+                       & (k_pos[None, :] <= q_pos[:, None] + after))
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    sm_scale,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_lb, stride_lh, stride_lp,
+    n_heads, group, seqlen_q, seqlen_k, before, after,
+    Q_BUCKET, K_BUCKET,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through."""
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1) // n_heads
+    h = tl.program_id(1) % n_heads
+    b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    b = b.to(tl.int64)
+    hq = h.to(tl.int64)
+    hk = (h // group).to(tl.int64)
+    row0 = (q_start + start_m).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    q = load_rows(Q + b * stride_qb + hq * stride_qh + row0 * stride_qt, offs_m, stride_qt, offs_d,
+                  q_len - start_m, HEAD_DIM, D_PAD, True)
+    do = load_rows(DO + b * stride_dob + hq * stride_doh + row0 * stride_dot, offs_m, stride_dot, offs_d,
+                   q_len - start_m, HEAD_DIM, D_PAD, True)
+    stats = b * stride_lb + hq * stride_lh + q_start + start_m
+    m, log2_l, delta = _load_row_stats(LSE + stats, stride_lp, DELTA + stats, offs_m, q_len - start_m, True)
+    k_base = K + b * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vt
+
+    q_pos = start_m + offs_m + (k_len - q_len)
+    n_real = tl.minimum(q_len - start_m, BLOCK_M)
+    lo, mid_lo, mid_hi, hi = block_span(start_m + k_len - q_len, start_m + n_real - 1 + k_len - q_len,
+                                        before, after, k_len, BLOCK_N)
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    dq = _dq_key_blocks(dq, q, do, m, log2_l, delta, k_base, v_base, stride_kt, stride_vt, lo, mid_lo, k_len, q_pos,
+                        offs_n, offs_d, qk_scale, before, after, True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+    dq = _dq_key_blocks(dq, q, do, m, log2_l, delta, k_base, v_base, stride_kt, stride_vt, mid_lo, mid_hi, k_len, q_pos,
+                        offs_n, offs_d, qk_scale, before, after, False, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+    dq = _dq_key_blocks(dq, q, do, m, log2_l, delta, k_base, v_base, stride_kt, stride_vt, mid_hi, hi, k_len, q_pos,
+                        offs_n, offs_d, qk_scale, before, after, True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+    store_rows(DQ + b * stride_dqb + hq * stride_dqh + row0 * stride_dqt, dq * sm_scale, offs_m, stride_dqt,
+               offs_d, q_len - start_m, HEAD_DIM)
+
+
+_attn_bwd_dkdv_tuned = make_autotuned(_attn_bwd_dkdv, _DKDV, _TUNE_KEY)
+_attn_bwd_dq_tuned = make_autotuned(_attn_bwd_dq, _DQ, _TUNE_KEY)
+
+
+def preprocess_block(d_pad: int) -> int:
+    """Rows per preprocess program: two (rows x D) tiles of about 8K elements each."""
+    return max(16, 8192 // d_pad)
+
+
+def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int, after: int, dlse=None,
+                             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                             precision: str = "ieee", config_dq: tuple | None = None,
+                             config_dkdv: tuple | None = None):
+    """Launches the three backward kernels; returns (dq, dk, dv) with the layouts of q, k, v.
+
+    ``do`` and ``out`` need a unit last stride; ``lse`` is the forward's (2, B, Hq, Tq) fp32
+    statistics and ``dlse`` (optional, (B, Hq, Tq)) the gradient of the loss with respect to the
+    natural-log lse, ``(lse[0] + lse[1]) * ln 2``. Other arguments as in
+    ``flash_attention_forward``; ``config_*`` bypass the autotuner.
+    """
+    B, Hq, Tq, D = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    varlen = cu_seqlens_q is not None
+    n_seq = cu_seqlens_q.numel() - 1 if varlen else B
+    mq, mk = (max_seqlen_q, max_seqlen_k) if varlen else (Tq, Tk)
+    if q.numel() == 0 or k.numel() == 0 or n_seq == 0 or mq == 0 or mk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    d_pad = padded_head_dim(D)
+
+    delta = torch.empty_like(lse[0])
+    assert lse.is_contiguous() and (dlse is None or dlse.is_contiguous())
+    bm = preprocess_block(d_pad)
+    _bwd_preprocess[(triton.cdiv(Tq, bm), B * Hq)](
+        out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], *delta.stride()[:2],
+        Hq, Tq, HAS_DLSE=dlse is not None, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm)
+
+    cu_q = cu_seqlens_q if varlen else delta
+    cu_k = cu_seqlens_k if varlen else delta
+    common = (Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
+    meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_VARLEN=varlen, PRECISION=precision)
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale,
+                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+                 *dv.stride()[:3], *lse.stride()[1:3], lse.stride(0), Hk, *common)
+    dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale,
+               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+               *lse.stride()[1:3], lse.stride(0), Hq, *common)
+    if config_dkdv is not None:
+        bm, bn, w, s = config_dkdv
+        _attn_bwd_dkdv[(triton.cdiv(mk, bn), n_seq * Hk)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                          num_warps=w, num_stages=s)
+    else:
+        _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(mk, m["BLOCK_N"]), n_seq * Hk)](*dkdv_args, **meta)
+    if config_dq is not None:
+        bm, bn, w, s = config_dq
+        _attn_bwd_dq[(triton.cdiv(mq, bm), n_seq * Hq)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                        num_warps=w, num_stages=s)
+    else:
+        _attn_bwd_dq_tuned[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*dq_args, **meta)
+    return dq, dk, dv

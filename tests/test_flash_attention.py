@@ -1,0 +1,259 @@
+"""ops.flash_attention beyond the op-table parity cases (tests/test_op_parity.py runs those).
+
+Here: every masked/unmasked block phase with small forced blocks, fully masked rows, huge logits,
+bit-identical backward, agreement with SDPA's causal conventions, output layout, varlen with
+different key lengths, torch.compile, the tf32 opt-in, autotune pruning, the build list, and
+bad input. All parity checks use the DESIGN.md rule (fastllama.testing.assert_parity).
+"""
+import functools
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, INTERPRETER
+from fastllama import ops
+from fastllama.kernels import flash_attention as kfa
+from fastllama.ops import attention as A
+from fastllama.reference import functional as R
+from fastllama.testing import assert_parity
+
+SMALL = {"fwd": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1)}
+
+
+def _qkv(B, Hq, Hk, Tq, Tk, D, dtype, grad=True, scale=1.0):
+    make = lambda H, T: (scale * torch.randn(B, H, T, D, device=DEVICE, dtype=torch.float32)).to(dtype)
+    return tuple(t.requires_grad_(grad) for t in (make(Hq, Tq), make(Hk, Tk), make(Hk, Tk)))
+
+
+def _parity(dtype, *qkv, **kwargs):
+    return assert_parity(functools.partial(ops.flash_attention, **kwargs), functools.partial(A._reference, **kwargs),
+                         *qkv, names=("q", "k", "v"), output_names=("out",), title=str(kwargs))
+
+
+@pytest.mark.parametrize("Tq,Tk,causal,window", [
+    (77, 113, True, None),       # queries are the last 77 positions: blocks above the diagonal skipped
+    (113, 77, False, (13, 5)),   # window edges inside blocks on both sides; first rows see few keys
+    (113, 77, True, (40, -1)),   # Tq > Tk causal: 36 rows see nothing
+])
+def test_small_blocks_every_phase(monkeypatch, Tq, Tk, causal, window):
+    """Blocks of 16/32 split short sequences into skipped, masked-edge and mask-free blocks."""
+    monkeypatch.setattr(A, "FORCE_CONFIG", SMALL)
+    torch.manual_seed(0)
+    _parity(torch.float32, *_qkv(1, 2, 1, Tq, Tk, 64, torch.float32), causal=causal, window=window)
+
+
+def test_long_sequence_bf16():
+    torch.manual_seed(0)
+    _parity(torch.bfloat16, *_qkv(1, 1, 1, 1023, 1023, 64, torch.bfloat16), causal=True)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 1, 40, 8, 64, torch.bfloat16)
+    out, lse = ops.flash_attention_with_lse(q, k, v, causal=True)  # rows 0..31 precede every key
+    assert torch.equal(out[:, :, :32], torch.zeros_like(out[:, :, :32]))
+    assert torch.isneginf(lse[:, :, :32]).all() and torch.isfinite(lse[:, :, 32:]).all()
+    (out.float().sum() + lse[:, :, 32:].sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[:, :, :32], torch.zeros_like(q.grad[:, :, :32]))
+
+
+def test_varlen_zero_length_keys_and_queries():
+    """Per sequence Tq != Tk (bottom-right), a sequence without keys (its rows give 0) and one
+    without queries (its keys get zero gradient)."""
+    torch.manual_seed(0)
+    lens_q, lens_k = [5, 0, 30, 7, 1], [9, 4, 30, 0, 1]
+    q, k, v = _qkv(1, 4, 2, sum(lens_q), sum(lens_k), 64, torch.float32)
+    cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEVICE)
+    _parity(torch.float32, q, k, v, causal=True, cu_seqlens=cu(lens_q), cu_seqlens_k=cu(lens_k))
+    out = ops.flash_attention(q, k, v, cu_seqlens=cu(lens_q), cu_seqlens_k=cu(lens_k))
+    assert torch.equal(out[:, :, 35:42], torch.zeros_like(out[:, :, 35:42]))  # the 7 queries with no key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_logits(dtype):
+    """|logits| ~ 1e4: exp2 only ever sees s - max <= 0, nothing overflows."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 2, 64, 64, 64, dtype, scale=60.0)  # logits ~ 60^2 * N(0, 1)
+    with torch.no_grad():
+        s = (q.float() @ k.float().transpose(-1, -2)) * 64 ** -0.5
+    assert s.abs().max() > 5e3
+    _parity(dtype, q, k, v, causal=False)
+
+
+def test_backward_is_deterministic(monkeypatch):
+    """Two backward runs give identical bits (no atomics; every sum in a fixed order)."""
+    monkeypatch.setattr(A, "FORCE_CONFIG", SMALL)
+    torch.manual_seed(0)
+    q, k, v = _qkv(2, 4, 1, 77, 77, 64, torch.bfloat16)
+    dout = torch.randn_like(q)
+    grads = [torch.autograd.grad(ops.flash_attention(q, k, v), (q, k, v), dout) for _ in range(2)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_causal_alignment_matches_sdpa():
+    """Tq == Tk: SDPA's is_causal agrees. Tq < Tk: bottom-right, SDPA's explicit lower-right mask
+    agrees and its is_causal (top-left) does not."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 2, 64, 64, 64, torch.float32, grad=False)
+    assert_close = functools.partial(torch.testing.assert_close, atol=2e-6, rtol=0)
+    assert_close(ops.flash_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    q = q[:, :, 40:]
+    mask = torch.ones(24, 64, dtype=torch.bool, device=DEVICE).tril(diagonal=40)
+    ours = ops.flash_attention(q, k, v)
+    assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert (ours - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max() > 1e-2
+
+
+def test_strided_views_and_output_layout():
+    """HF's transposed views are read in place and out keeps their (B, T, H, D) memory order;
+    q/k/v sliced out of one fused projection (non-dense) work too."""
+    torch.manual_seed(0)
+    B, T, Hq, Hk, D = 2, 50, 4, 2, 64
+    qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, device=DEVICE).view(B, T, Hq + 2 * Hk, D)
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in qkv.split([Hq, Hk, Hk], dim=2))
+    out = ops.flash_attention(q, k, v)
+    assert out.shape == (B, Hq, T, D)
+    _parity(torch.float32, q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_())
+    dense = torch.randn(B, T, Hq, D, device=DEVICE).transpose(1, 2)
+    assert ops.flash_attention(dense, dense[:, :2], dense[:, :2]).transpose(1, 2).is_contiguous()
+
+
+def test_lse_matches_reference():
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 1, 33, 70, 80, torch.float32, grad=False)
+    out, lse = ops.flash_attention_with_lse(q, k, v, causal=True, window=(20, 0))
+    ref_out, ref_lse = R.attention(q.double(), k.double(), v.double(), window=(20, 0), return_lse=True)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=0)
+
+
+def test_torch_compile_fullgraph():
+    """One custom op each way: fullgraph tracing sees no graph break, and values match eager."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 1, 40, 40, 64, torch.float32)
+
+    def step(q, k, v):
+        return ops.flash_attention(q, k, v, window=(16, 0)).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_grads = torch.autograd.grad(step(q, k, v), (q, k, v))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.equal(a, b)
+
+
+def test_tf32_opt_in():
+    """fp32_precision="tf32" is about as accurate as fp16 inputs (10-bit mantissa products)."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 2, 64, 64, 64, torch.float32)
+    to_half = lambda fn: lambda *t: fn(*(x.half() for x in t))
+    assert_parity(functools.partial(ops.flash_attention, fp32_precision="tf32"), A._reference, q, k, v,
+                  torch_op=to_half(A._reference), atol_floor=0.0)
+
+
+def test_interpreter_does_not_autotune():
+    if not INTERPRETER:
+        pytest.skip("interpreter only")
+    assert A._config("fwd") == kfa.INTERPRETER_CONFIG["fwd"]
+
+
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 80), (torch.float32, 256)])
+def test_autotune_candidates_are_the_built_ones(dtype, D):
+    """Each autotuner keeps only its (head dim, dtype) row, and every kept config is in the build
+    list the build report compiles."""
+    from fastllama.kernels import flash_attention_backward as kbwd
+
+    q = torch.empty(1, 1, 1, D, dtype=dtype)
+    labels = {b.label for b in A._build_configs()}
+    d_pad = kfa.padded_head_dim(D)
+    ptr = {torch.float32: "fp32/ieee", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    for name, tuned, table in (("fwd", kfa._attn_fwd_tuned, kfa.fwd_configs), ("dq", kbwd._attn_bwd_dq_tuned,
+                                                                               kfa.dq_configs),
+                               ("dkdv", kbwd._attn_bwd_dkdv_tuned, kfa.dkdv_configs)):
+        kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=d_pad)
+        got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+        assert got == set(table(d_pad, dtype.itemsize)) and got
+        for bm, bn, _, _ in got:
+            assert f"flash_attention {name} {ptr} d{D} M{bm} N{bn}" in labels
+
+
+def test_build_list_is_complete_and_unique():
+    builds = A._build_configs()
+    keys = [(b.kernel, tuple(sorted(b.signature.items())), tuple(sorted(b.constexprs.items())), b.num_warps,
+             b.num_stages) for b in builds]
+    assert len(set(keys)) == len(keys)
+    for D in (64, 80, 96, 128, 256):
+        assert any(b.constexprs.get("HEAD_DIM") == D and b.constexprs.get("IS_VARLEN") for b in builds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a ValueError/TypeError naming the argument, before any launch
+# ----------------------------------------------------------------------------------------------
+def _bad(**over):
+    q, k, v = _qkv(1, 4, 2, 8, 8, 64, torch.float32, grad=False)
+    args = dict(q=q, k=k, v=v)
+    args.update(over)
+    return args
+
+
+_cu = lambda *vals: torch.tensor(vals, dtype=torch.int32, device=DEVICE)
+_t = lambda *shape, dtype=torch.float32: torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(k=_t(2, 2, 8, 64), v=_t(2, 2, 8, 64)), ValueError, "batch size"),
+    (dict(k=_t(1, 2, 8, 32), v=_t(1, 2, 8, 32)), ValueError, "head_dim"),
+    (dict(v=_t(1, 2, 9, 64)), ValueError, "v has shape"),
+    (dict(k=_t(1, 3, 8, 64), v=_t(1, 3, 8, 64)), ValueError, "multiple of the number of key/value heads"),
+    (dict(q=_t(1, 4, 8, 320), k=_t(1, 2, 8, 320), v=_t(1, 2, 8, 320)), ValueError, "head_dim 320"),
+    (dict(k=_t(1, 2, 8, 64, dtype=torch.float16)), TypeError, "k has dtype"),
+    (dict(q=_t(1, 4, 8, 64, dtype=torch.int64)), TypeError, "q has dtype"),
+    (dict(q=_t(4, 8, 64)), ValueError, "q must have 4 dims"),
+    (dict(q=_t(1, 4, 8, 128)[..., ::2]), ValueError, "q must be contiguous in its last dim"),
+    (dict(window=4), TypeError, "window must be None or a pair"),
+    (dict(window=(4, 0, 1)), TypeError, "window must be None or a pair"),
+    (dict(window=(4.0, 0)), TypeError, "window must be None or a pair"),
+    (dict(window=(-2, 0)), ValueError, "window entries"),
+    (dict(scale="0.1"), TypeError, "scale"),
+    (dict(scale=float("nan")), TypeError, "scale"),
+    (dict(causal=1), TypeError, "causal"),
+    (dict(fp32_precision="tf32x3"), ValueError, "fp32_precision"),
+    (dict(cu_seqlens=_cu(0, 8).long()), TypeError, "cu_seqlens has dtype"),
+    (dict(cu_seqlens=_cu(0, 3, 8)[None]), ValueError, "cu_seqlens must have 1 dims"),
+    (dict(cu_seqlens=_cu(0, 3, 9)), ValueError, "cu_seqlens must start at 0"),
+    (dict(cu_seqlens=_cu(0, 5, 3, 8)), ValueError, "never decrease"),
+    (dict(cu_seqlens=_cu(0, 8), cu_seqlens_k=_cu(0, 4, 8)), ValueError, "cu_seqlens_k has 3 entries"),
+    (dict(cu_seqlens_k=_cu(0, 8)), ValueError, "without cu_seqlens"),
+    (dict(q=_t(2, 4, 8, 64), k=_t(2, 2, 8, 64), v=_t(2, 2, 8, 64), cu_seqlens=_cu(0, 8)), ValueError, "batch size 1"),
+    (dict(k=_t(1, 2, 6, 64), v=_t(1, 2, 6, 64), cu_seqlens=_cu(0, 8)), ValueError, "pass cu_seqlens_k"),
+])
+def test_bad_input(over, exc, match):
+    args = _bad(**over)
+    with pytest.raises(exc, match=match):
+        ops.flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    import fastllama.ops._checks as checks
+
+    monkeypatch.setattr(checks, "interpreter_active", lambda: False)
+    q = torch.randn(1, 2, 4, 64)
+    with pytest.raises(ValueError, match="q is on device cpu"):
+        ops.flash_attention(q, q, q)
+
+
+# ----------------------------------------------------------------------------------------------
+# The issue's full grid (GPU): op-table cases marked cuda_only run in tests/test_op_parity.py
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [(255, 0), (100, 30)])
+@pytest.mark.parametrize("Tq,Tk", [(1023, 1023), (512, 2048)])
+def test_window_grid(dtype, window, Tq, Tk):
+    torch.manual_seed(0)
+    _parity(dtype, *_qkv(2, 8, 2, Tq, Tk, 128, dtype), causal=window[1] == 0, window=window)
