@@ -1,0 +1,214 @@
+"""Decoding speed: fastllama's Generator vs Hugging Face ``generate`` (sdpa, static cache).
+
+Models: Llama-3.2-1B and Llama-3-8B shapes with random bf16 weights (the same weights in both
+implementations). For each batch (1, 8, 32) and context (512, 4096): a random prompt of
+``context`` tokens, then ``--new-tokens`` greedy tokens (no stop token), timed after a warm-up
+call (which captures the CUDA graphs / compiles).
+
+Rows:
+- ``fastllama``: ``fastllama.generate.Generator`` (decode step = one CUDA graph);
+- ``hf-static``: ``LlamaForCausalLM.generate(cache_implementation="static",
+  disable_compile=True)``, sdpa attention;
+- ``hf-static-compile``: the same with HF's automatic ``torch.compile`` of the forward
+  (mode "reduce-overhead", i.e. CUDA graphs too).
+
+Decode time excludes prefill: fastllama reports its decode steps directly; HF's is
+``t(new_tokens) - t(1)``. Bytes per decode step = every weight read once (LM head included,
+the embedding rows are negligible) + the K and V cache read up to the mean context of the timed
+steps. GB/s = bytes / step time; % roofline = GB/s / the measured device-to-device copy
+bandwidth (the roofline tokens/s is ``batch x copy_GBps / bytes``). Targets (issue 7), H100/H200,
+batch 1: >= 75 % of the roofline and >= 1.5x ``hf-static-compile``.
+
+Usage: ``python benchmarks/bench_decode.py [--models 1b 8b] [--batches 1 8 32] [--contexts 512 4096]
+[--new-tokens 128] [--skip-hf] [--skip-compile]``. The full sweep compiles HF once per shape
+(minutes each); narrow it for a quick look. Under the Triton interpreter (no GPU) it runs one tiny
+case to prove the script works: NOT a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastllama._interpreter import use_interpreter_if_no_gpu  # noqa: E402
+
+use_interpreter_if_no_gpu()
+
+import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from fastllama.generate import Generator  # noqa: E402
+from fastllama.reference import Llama, LlamaConfig  # noqa: E402
+
+SHAPES = {
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+               rope_theta=500000.0),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0),
+    "tiny": dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "tiny": "tiny (interpreter smoke)"}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(shape: str, dtype, device) -> Llama:
+    """Random weights, built directly on the device in ``dtype`` (no fp32 copy of an 8B model)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, max_position_embeddings=8192)
+    with _default_dtype(dtype), torch.device(device):
+        model = Llama(cfg)
+    return model.eval()
+
+
+def build_hf(model: Llama, dtype, device):
+    """transformers' LlamaForCausalLM with the same weights, sdpa attention."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(**model.config.to_hf())
+    cfg._attn_implementation = "sdpa"
+    with _default_dtype(dtype), torch.device(device):
+        hf = transformers.LlamaForCausalLM(cfg)
+    result = hf.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in result.missing_keys if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:  # the same weights in both, or the comparison means nothing
+        raise RuntimeError(f"weights do not map onto HF: missing {missing}, unexpected {result.unexpected_keys}")
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def step_bytes(model: Llama, batch: int, context: float) -> float:
+    """Bytes one decode step must read: every weight but the embedding table (its B rows are
+    negligible; a tied LM head is read as the head), plus K and V up to ``context``."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if cfg.tie_word_embeddings:
+        weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * context * cfg.head_dim
+    return weights + kv * model.lm_head.weight.element_size()
+
+
+def _sync():
+    if torch.cuda.is_available() and common.on_gpu():
+        torch.cuda.synchronize()
+
+
+def time_fastllama(model, prompt, new_tokens, reps):
+    B, T = prompt.shape
+    gen = Generator(model, B, T + new_tokens)
+    gen.generate(prompt, new_tokens, stop_tokens=[])  # warm-up: compiles, captures the graph
+    best = None
+    for _ in range(reps):
+        gen.generate(prompt, new_tokens, stop_tokens=[])
+        s = gen.stats
+        step = s.decode_s / max(s.steps, 1)
+        best = step if best is None else min(best, step)
+    return best, gen.stats.steps
+
+
+def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
+    kwargs = dict(do_sample=False, cache_implementation="static", disable_compile=not compile_,
+                  pad_token_id=0, attention_mask=torch.ones_like(prompt))
+
+    def run(n):
+        _sync()
+        t0 = time.perf_counter()
+        hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        _sync()
+        return time.perf_counter() - t0
+
+    run(new_tokens), run(1)  # warm-up (compiles every shape it will see)
+    full = min(run(new_tokens) for _ in range(reps))
+    prefill = min(run(1) for _ in range(reps))
+    return max(full - prefill, 1e-9) / (new_tokens - 1), new_tokens - 1
+
+
+def main(argv=None) -> int:
+    gpu = common.on_gpu()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["1b", "8b"] if gpu else ["tiny"], choices=list(SHAPES))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32] if gpu else [1])
+    p.add_argument("--contexts", nargs="+", type=int, default=[512, 4096] if gpu else [16])
+    p.add_argument("--new-tokens", type=int, default=128 if gpu else 4)
+    p.add_argument("--reps", type=int, default=3 if gpu else 1)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-compile", action="store_true", help="skip hf-static-compile")
+    args = p.parse_args(argv)
+
+    device = common.device()
+    dtype = torch.bfloat16 if gpu else torch.float32
+    copy_gbps = common.copy_bandwidth_gbps() if gpu else float("nan")
+    if not gpu:
+        print("Triton interpreter on the CPU: a smoke run of the script, NOT a measurement.")
+    rows = []
+    for shape in args.models:
+        model = build_model(shape, dtype, device)
+        hf = None
+        for batch in args.batches:
+            for context in args.contexts:
+                prompt = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
+                nbytes = step_bytes(model, batch, context + args.new_tokens / 2)
+                methods = [("fastllama", lambda: time_fastllama(model, prompt, args.new_tokens, args.reps))]
+                if not args.skip_hf:
+                    methods.append(("hf-static", lambda: time_hf(hf, prompt, args.new_tokens, args.reps, False)))
+                    if gpu and not args.skip_compile:
+                        methods.append(("hf-static-compile",
+                                        lambda: time_hf(hf, prompt, args.new_tokens, args.reps, True)))
+                for name, fn in methods:
+                    row = {"model": NAMES[shape], "batch": batch, "context": context, "impl": name}
+                    try:
+                        if name.startswith("hf") and hf is None:
+                            hf = build_hf(model, dtype, device)
+                        step_s, steps = fn()
+                        gbps = nbytes / step_s / 1e9
+                        row.update({"ms/step": step_s * 1e3, "tokens/s": batch / step_s, "GB/s": gbps,
+                                    "% roofline": 100 * gbps / copy_gbps if gpu else None,
+                                    "roofline tokens/s": batch * copy_gbps * 1e9 / nbytes if gpu else None,
+                                    "steps": steps})
+                    except Exception as e:  # a failing baseline is a row, not a crash
+                        row["error"] = f"{type(e).__name__}: {e}"[:200]
+                        traceback.print_exc()
+                    rows.append(row)
+                    print(row, flush=True)
+                    gc.collect()
+                    if gpu:
+                        torch.cuda.empty_cache()
+                base = {r["impl"]: r for r in rows[-len(methods):]}
+                fast = base["fastllama"].get("tokens/s")
+                for r in rows[-len(methods):]:
+                    if fast and r.get("tokens/s"):
+                        r["fastllama speed-up"] = fast / r["tokens/s"]
+        del model, hf
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+
+    columns = ["model", "batch", "context", "impl", "ms/step", "tokens/s", "GB/s", "% roofline",
+               "roofline tokens/s", "fastllama speed-up", "steps", "error"]
+    print()
+    print(common.markdown_table(rows, columns))
+    if gpu:
+        out = common.write_results("decode", rows, columns, extra={"copy_GBps": copy_gbps})
+        print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
