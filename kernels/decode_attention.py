@@ -4,7 +4,9 @@ Layout: q (B, Hq, Tq, D) with small Tq (1 to 16), k_cache/v_cache (B, Hk, Tmax, 
 with a unit last stride (a transposed (B, T, H, D) projection, a slice of a bigger cache buffer).
 ``cache_seqlens`` (B,) int32 lives on the device: sequence b has ``L = cache_seqlens[b]`` valid
 keys (the new tokens included) and its Tq queries are the LAST Tq of them (bottom-right causal
-alignment: query t sits at position ``L - Tq + t`` and reads keys ``0 .. L - Tq + t``).
+alignment: query t sits at slot ``L - Tq + t`` and reads keys ``0 .. L - Tq + t``; with
+``cache_leftpad`` the keys of sequence b start at slot ``cache_leftpad[b]`` instead of 0, as in
+flash-attn's ``flash_attn_with_kvcache``, for left-padded caches such as HF's static cache).
 
 Why a separate kernel from flash attention. With Tq = 1 a flash-attention program owns one
 query row of one head, so every query head re-reads its KV head, and a batch of 1 launches only
@@ -86,10 +88,10 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, h
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["use_leftpad"])
 def decode_split_kernel(
-    Q, K, V, SEQLENS, O, LSE,
-    sm_scale,
+    Q, K, V, SEQLENS, LEFTPAD, O, LSE,
+    sm_scale, use_leftpad,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -120,15 +122,18 @@ def decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
 
     seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), max_len)
-    q_pos = seqlen - q_len + t  # absolute position of each row (bottom-right alignment)
+    # Left padding (an HF static cache of a left-padded batch): keys start at slot `first`.
+    first = tl.minimum(tl.maximum(tl.load(LEFTPAD + b) * use_leftpad, 0), seqlen)
+    q_pos = seqlen - q_len + t  # absolute slot of each row (bottom-right alignment)
 
-    # This program's chunk of keys, in whole blocks: [lo, hi).
-    blocks_per_split = tl.cdiv(tl.cdiv(seqlen, BLOCK_N), n_splits)
-    lo = split * blocks_per_split * BLOCK_N
+    # This program's chunk of keys, in whole blocks from `first`: [lo, hi).
+    blocks_per_split = tl.cdiv(tl.cdiv(seqlen - first, BLOCK_N), n_splits)
+    lo = first + split * blocks_per_split * BLOCK_N
     hi = tl.minimum(lo + blocks_per_split * BLOCK_N, seqlen)
     # Keys below seqlen - Tq + 1 are visible to every row and inside the cache: no mask there.
-    full = tl.maximum(seqlen - q_len + 1, 0)
-    mid = tl.minimum(tl.maximum((full // BLOCK_N) * BLOCK_N, lo), tl.maximum(hi, lo))
+    # (Blocks start at lo, so the unmasked part ends on a block boundary counted from lo.)
+    full = tl.maximum(seqlen - q_len + 1, lo)
+    mid = tl.minimum(lo + ((full - lo) // BLOCK_N) * BLOCK_N, tl.maximum(hi, lo))
 
     # int64 offsets: batch * stride_b alone can pass 2**31 for a large cache.
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
@@ -209,10 +214,13 @@ def block_m(group: int, q_len: int) -> int:
     return min(64, max(16, triton.next_power_of_2(group * q_len)))
 
 
-def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, *, scale: float, num_splits: int,
+def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=None, *, scale: float,
+                             num_splits: int,
                              block_n: int, num_warps: int = 4, num_stages: int = 2,
                              precision: str = "ieee", combine_rows: int = 1):
     """Launches decode attention; returns out shaped like q (same memory layout when q is dense).
+
+    ``cache_leftpad`` (B,) int32 or None: sequence b's keys are slots [leftpad_b, L_b).
 
     ``num_splits`` (1 .. MAX_SPLITS) fixes the grid; 1 runs the single-pass kernel only.
     ``block_n`` keys per block; ``precision`` is tl.dot's input precision for fp32 ("ieee");
@@ -229,15 +237,16 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, *, scale: float
     grid = (B, Hk * m_tiles, num_splits)
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_M=bm, BLOCK_N=block_n, PRECISION=precision,
                 num_warps=num_warps, num_stages=num_stages)
-    common = (scale, *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])
+    leftpad = cache_leftpad if cache_leftpad is not None else cache_seqlens  # read x 0 when None
+    common = (scale, int(cache_leftpad is not None), *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])
     if num_splits == 1:
-        decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, out, out, *common,
+        decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, out, out, *common,
                                   *out.stride()[:3], 0, 0, 0, 0, Tq, group, Tmax, m_tiles,
                                   SPLIT=False, **meta)
         return out
     part = torch.empty((B, Hq, Tq, num_splits, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((B, Hq, Tq, num_splits), device=q.device, dtype=torch.float32)
-    decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, part, lse, *common,
+    decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, part, lse, *common,
                               *part.stride()[:4], *lse.stride()[:3], Tq, group, Tmax, m_tiles,
                               SPLIT=True, **meta)
     n_rows = B * Hq * Tq

@@ -70,15 +70,16 @@ def default_num_splits(batch: int, kv_heads: int, m_tiles: int, max_len: int, de
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastllama::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                      scale: float, num_splits: int) -> torch.Tensor:
+                      cache_leftpad: Optional[torch.Tensor], scale: float, num_splits: int) -> torch.Tensor:
     d_pad = _dk.padded_head_dim(q.shape[-1])
     block_n = _INTERPRETER_BLOCK_N if interpreter_active() else _block_n(d_pad, q.element_size())
-    return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, scale=scale, num_splits=num_splits,
+    return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
+                                        num_splits=num_splits,
                                         block_n=block_n, combine_rows=_INTERPRETER_ROWS if interpreter_active() else 1)
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits):
     return torch.empty_like(q)
 
 
@@ -126,7 +127,7 @@ def _check_cache(name: str, cache, q: torch.Tensor, kv_heads: int | None = None)
     check_last_dim_contiguous(name, cache)
 
 
-def _validate_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits) -> None:
+def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits) -> None:
     check_tensor("q", q, ndim=4)
     B, Hq, Tq, D = q.shape
     if not 1 <= Tq <= MAX_QUERY_LEN:
@@ -143,6 +144,8 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits) -> N
     if Hq % k_cache.shape[1]:
         raise ValueError(f"q has {Hq} heads and k_cache {k_cache.shape[1]}; accepted: a multiple (GQA/MQA)")
     _check_lengths("cache_seqlens", cache_seqlens, B, q)
+    if cache_leftpad is not None:
+        _check_lengths("cache_leftpad", cache_leftpad, B, q)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
@@ -197,7 +200,8 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
 # Public ops
 # ----------------------------------------------------------------------------------------------
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                     scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+                     scale: float | None = None, num_splits: int | None = None,
+                     cache_leftpad: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a few new queries against a static KV cache (flash-decoding), forward only.
 
     Args:
@@ -213,19 +217,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits: key chunks per (sequence, KV head), 1 to ``MAX_SPLITS``; default
             :func:`default_num_splits` (shapes only). 1 is a single pass with no combine kernel.
             Every split count is deterministic (fixed-order reductions, no atomics).
+        cache_leftpad: optional (B,) int32: sequence b's keys start at slot ``cache_leftpad[b]``
+            (a left-padded cache, e.g. HF's static cache of a left-padded batch; flash-attn's
+            ``cache_leftpad``). Slots before it are never read. Default: 0.
 
     Returns:
         (B, Hq, Tq, D) like q (q's memory layout when q is dense): query t of sequence b attends
         causally to keys ``0 .. L_b - Tq + t`` (bottom-right alignment, the queries are the last
         Tq tokens); a query with no key (``L_b == 0`` or ``L_b - Tq + t < 0``) gives zeros.
     """
-    _validate_decode(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+    _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if num_splits is None:
         group = q.shape[1] // k_cache.shape[1]
         m_tiles = triton.cdiv(group * q.shape[2], _dk.block_m(group, q.shape[2]))
         num_splits = default_num_splits(q.shape[0], k_cache.shape[1], m_tiles, k_cache.shape[2], q.device)
-    return _decode_attention(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+    return _decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
 
 
 def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -273,11 +280,17 @@ def _decode_args(p: dict, dtype: torch.dtype, device: str):
         k[b, :, n:] = float("nan")
         v[b, :, n:] = float("nan")
     lens = torch.tensor(p["lens"], device=device, dtype=torch.int32)
-    return (q, k, v, lens), {"num_splits": p.get("splits")}
+    kwargs = {"num_splits": p.get("splits")}
+    if p.get("leftpad"):  # slots before the start hold NaN too: they must never be read
+        for b, n in enumerate(p["leftpad"]):
+            k[b, :, :n] = float("nan")
+            v[b, :, :n] = float("nan")
+        kwargs["cache_leftpad"] = torch.tensor(p["leftpad"], device=device, dtype=torch.int32)
+    return (q, k, v, lens), kwargs
 
 
-def _decode_reference(q, k_cache, v_cache, cache_seqlens, num_splits=None, scale=None):
-    return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+def _decode_reference(q, k_cache, v_cache, cache_seqlens, num_splits=None, scale=None, cache_leftpad=None):
+    return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, cache_leftpad=cache_leftpad)
 
 
 def _dcase(id_, cuda_only=False, **p):
@@ -292,9 +305,12 @@ _DECODE_CASES = (
     _dcase("B2-H4/4-Tq1-D128-len77,50-default-view", B=2, Hq=4, Hk=4, Tq=1, D=128, lens=(77, 50), Tmax=96,
            cache_view=True),
     _dcase("B2-H16/2-Tq16-D80-len200,16-s3", B=2, Hq=16, Hk=2, Tq=16, D=80, lens=(200, 16), Tmax=256, splits=3),
+    _dcase("B3-H4/1-Tq2-D64-leftpad5,0,300-s4", B=3, Hq=4, Hk=1, Tq=2, D=64, lens=(77, 1, 300), leftpad=(5, 0, 300),
+           Tmax=320, splits=4),
     *(
         _dcase(f"B4-H{8 * g}/8-Tq{tq}-D{d}-s{s}", cuda_only=True, B=4, Hq=8 * g, Hk=8, Tq=tq, D=d,
-               lens=(1, 77, 1000, 4097), Tmax=4224, splits=s, cache_view=(s == 7))
+               lens=(1, 77, 1000, 4097), Tmax=4224, splits=s, cache_view=(s == 7),
+               leftpad=(0, 13, 999, 200) if s == 32 else None)
         for g in (1, 4, 8) for tq in (1, 4, 16) for d in (64, 128) for s in (1, 7, 32, None)
     ),
 )
@@ -355,8 +371,9 @@ def _decode_builds() -> list[KernelBuild]:
             bn = _block_n(d_pad, dtype.itemsize)
             for bm in (16, 32, 64):
                 for split in (False, True):
-                    sig = {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "O": "*fp32" if split else ptr,
-                           "LSE": "*fp32" if split else ptr, "sm_scale": "fp32", **s3("q"), **s3("k"), **s3("v"),
+                    sig = {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
+                           "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
+                           "use_leftpad": "i32", **s3("q"), **s3("k"), **s3("v"),
                            "stride_ob": "i32", "stride_oh": "i32", "stride_ot": "i32", "stride_os": "i32",
                            "stride_lb": "i32", "stride_lh": "i32", "stride_lt": "i32",
                            "q_len": "i32", "group": "i32", "max_len": "i32", "m_tiles": "i32"}

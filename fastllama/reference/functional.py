@@ -240,18 +240,23 @@ def decode_attention(
     v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,
     scale: float | None = None,
+    cache_leftpad: torch.Tensor | None = None,
 ):
     """:func:`attention` of new queries against a static cache, one sequence at a time.
 
     q (B, Hq, Tq, D); k_cache/v_cache (B, Hk, Tmax, D) of which sequence b uses the first
-    ``L = cache_seqlens[b]`` slots (the new tokens included). Causal with bottom-right alignment:
-    query t sits at position ``L - Tq + t``. A sequence of length 0 (or a query row before the
-    first key) gives zeros. Slots past ``L`` are never read.
+    ``L = cache_seqlens[b]`` slots (the new tokens included), from slot ``cache_leftpad[b]``
+    (default 0: flash-attn's left-padding convention). Causal with bottom-right alignment: query
+    t sits at slot ``L - Tq + t``. A sequence without keys (or a query row before the first key)
+    gives zeros. Slots outside ``[leftpad, L)`` are never read.
     """
     outs = []
-    for b, n in enumerate(cache_seqlens.tolist()):
+    starts = [0] * q.shape[0] if cache_leftpad is None else cache_leftpad.tolist()
+    for b, (n, s) in enumerate(zip(cache_seqlens.tolist(), starts)):
         n = max(0, min(int(n), k_cache.shape[2]))
-        outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :, :n], v_cache[b:b + 1, :, :n], causal=True, scale=scale))
+        s = max(0, min(int(s), n))
+        outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :, s:n], v_cache[b:b + 1, :, s:n], causal=True,
+                              scale=scale))
     return torch.cat(outs) if outs else torch.zeros_like(q)
 
 
