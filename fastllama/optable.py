@@ -76,6 +76,7 @@ def _build() -> list[OpSpec]:
 
 # fastllama.ops submodules that define OP_SPECS; a new op adds its module name here.
 _OP_MODULES: list[str] = []
+_OP_MODULES.append("cross_entropy")
 _OP_MODULES.append("attention")
 _OP_MODULES.append("rms_norm")
 _OP_MODULES.append("rotary")

@@ -25,3 +25,6 @@ __all__ += ["decode_attention", "rotary_cache_append"]
 
 from .attention import flash_attention, flash_attention_with_lse  # noqa: E402
 __all__ += ["flash_attention", "flash_attention_with_lse"]
+
+from .cross_entropy import linear_cross_entropy  # noqa: E402
+__all__ += ["linear_cross_entropy"]

@@ -304,17 +304,29 @@ def cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of (N, V) logits, upcast to fp32 first (HF ``ForCausalLMLoss`` does).
 
     "mean" divides by the number of non-ignored labels, or by ``num_items_in_batch`` when given
     (HF's gradient-accumulation convention); all labels ignored gives 0, not NaN. "sum" and
     "none" are as in ``F.cross_entropy``.
+
+    Optional extras (both off by default): ``softcap`` caps the (upcast) logits to
+    ``softcap * tanh(logits / softcap)`` before the loss (Gemma 2); ``z_loss`` adds
+    ``z_loss * logsumexp(logits)**2`` to the loss of every non-ignored token (PaLM's z-loss).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     logits = logits.to(_stat_dtype(logits.dtype))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)
+        losses = losses + torch.where(labels != ignore_index, z_loss * lse * lse, 0.0)
     if reduction == "none":
         return losses
     total = losses.sum()
@@ -332,7 +344,14 @@ def linear_cross_entropy(
     reduction: str = "mean",
     bias: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``cross_entropy(hidden @ weight.T + bias, labels)``: the LM head and the loss, materialised."""
+    """``cross_entropy(hidden @ weight.T + bias, labels)``: the LM head and the loss, materialised.
+
+    ``z_loss`` and ``softcap`` as in :func:`cross_entropy`. "none" returns the flat (N,) losses.
+    """
     logits = F.linear(hidden, weight, bias)
-    return cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index, reduction, num_items_in_batch)
+    return cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index, reduction, num_items_in_batch,
+                         z_loss=z_loss, softcap=softcap)

@@ -1,0 +1,151 @@
+"""Fused linear cross-entropy vs the materialised LM head + loss: time and peak memory, fwd+bwd.
+
+Compared (same inputs, same GPU, one run):
+- ``hf``: what a Hugging Face causal LM does: ``logits = lm_head(hidden)`` (bf16), then
+  ``ForCausalLMLoss`` (upcast to fp32, shift labels, cross-entropy).
+- ``liger``: Liger-Kernel's fused linear cross-entropy, when installed.
+- ``fastllama``: ``ops.linear_cross_entropy`` with the already-shifted labels.
+
+Targets (issue 5): peak memory <= 0.25x hf and time <= 1.0x hf (Liger is ~0.89x hf's speed).
+Peak memory is ``max_memory_allocated`` above what was allocated before the step (inputs,
+weights), so it counts the logits, the gradients and every temporary.
+
+Usage: ``python benchmarks/bench_cross_entropy.py [--tokens 4096 8192 16384 32768]``. Under the
+Triton interpreter (no GPU) it runs one tiny fp32 case to prove the script works: not a
+measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastllama._interpreter import use_interpreter_if_no_gpu  # noqa: E402
+
+use_interpreter_if_no_gpu()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from fastllama import ops  # noqa: E402
+
+
+def _hf_loss():
+    """transformers' ForCausalLMLoss, or a faithful copy of what it does when not installed."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+        return ForCausalLMLoss, "transformers.ForCausalLMLoss"
+    except ImportError:
+        def for_causal_lm_loss(logits, labels, vocab_size, ignore_index=-100, **_):
+            logits = logits.float()
+            labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+            return F.cross_entropy(logits.view(-1, vocab_size), labels.reshape(-1).to(logits.device),
+                                   ignore_index=ignore_index)
+        return for_causal_lm_loss, "ForCausalLMLoss (inline copy; transformers not installed)"
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss()
+
+
+def _methods(hidden, weight, labels, vocab):
+    """name -> step() running forward + backward; the first is the baseline."""
+    hf_loss, _ = _hf_loss()
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+    methods = {
+        "hf": lambda: hf_loss(F.linear(hidden, weight), labels, vocab_size=vocab),
+        "fastllama": lambda: ops.linear_cross_entropy(hidden, weight, shifted),
+    }
+    liger = _liger()
+    if liger is not None and common.on_gpu():
+        methods["liger"] = lambda: liger(weight, hidden.view(-1, hidden.shape[-1]), shifted.view(-1))
+    return methods
+
+
+def _measure(step, hidden, weight) -> tuple[float, float | None, float]:
+    """(ms, peak GiB above the starting allocation or None off-GPU, loss value)."""
+    def run():
+        hidden.grad = weight.grad = None
+        loss = step()
+        loss.backward()
+        return loss
+
+    loss = float(run())
+    peak = None
+    if common.on_gpu():
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = common.time_ms(run, warmup=3, rep=10)
+    hidden.grad = weight.grad = None
+    return ms, peak, loss
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=128256)
+    args = parser.parse_args(argv)
+
+    if common.on_gpu():
+        shapes, dtype, seq = [(t, args.hidden, args.vocab) for t in args.tokens], torch.bfloat16, 4096
+    else:  # interpreter smoke run
+        shapes, dtype, seq = [(256, 64, 1000)], torch.float32, 128
+    dev = common.device()
+    rows = []
+    for tokens, hidden_size, vocab in shapes:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        b, t = max(1, tokens // seq), min(seq, tokens)
+        hidden = torch.randn(b, t, hidden_size, device=dev, dtype=dtype, generator=gen).requires_grad_()
+        weight = (torch.randn(vocab, hidden_size, device=dev, dtype=dtype, generator=gen)
+                  * hidden_size**-0.5).requires_grad_()
+        labels = torch.randint(0, vocab, (b, t), device=dev, generator=gen)
+        base = None
+        for name, step in _methods(hidden, weight, labels, vocab).items():
+            try:
+                ms, peak, loss = _measure(step, hidden, weight)
+            except torch.OutOfMemoryError:
+                rows.append({"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "method": name, "ms": None,
+                             "peak_GiB": None, "note": "OOM"})
+                torch.cuda.empty_cache()
+                continue
+            row = {"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
+                   "method": name, "ms": ms, "peak_GiB": peak, "loss": loss}
+            if name == "hf":
+                base = row
+            elif base is not None and base.get("ms"):
+                row["time_vs_hf"] = ms / base["ms"]
+                row["mem_vs_hf"] = peak / base["peak_GiB"] if peak is not None and base["peak_GiB"] else None
+                row["loss_rel_diff"] = abs(loss - base["loss"]) / abs(base["loss"])
+            rows.append(row)
+            print(row, flush=True)
+        del hidden, weight, labels
+        if common.on_gpu():
+            torch.cuda.empty_cache()
+
+    columns = ["tokens", "hidden", "vocab", "dtype", "method", "ms", "peak_GiB", "time_vs_hf", "mem_vs_hf",
+               "loss_rel_diff", "note"]
+    extra = {"baseline": _hf_loss()[1], "liger_installed": _liger() is not None,
+             "targets": {"mem_vs_hf": "<= 0.25", "time_vs_hf": "<= 1.0"}}
+    if common.on_gpu():
+        extra["peaks"] = {"copy_GBps": common.copy_bandwidth_gbps(), "bf16_matmul_TFLOPs": common.matmul_tflops()}
+    out = common.write_results("cross_entropy", rows, columns, extra=extra)
+    print(common.markdown_table(rows, columns))
+    print(f"results in {out}" + ("" if common.is_measurement() else " (interpreter smoke run: not a measurement)"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""``linear_cross_entropy``: the LM head and its loss without materialising the logits.
+
+At a 128k vocabulary the logits of a Llama LM head are the largest tensor of a training step
+(HF keeps them in fp32 as well: 513 KiB per token). This op computes
+``cross_entropy(hidden @ weight.T + bias, labels)`` a chunk of rows at a time:
+
+1. ``logits = hidden[rows] @ weight.T`` (torch matmul, fp32 accumulation, input dtype out);
+2. one kernel streams each row once for the log-sum-exp and the loss, and once more to overwrite
+   the logits with their gradient ``scale * (softmax - onehot)``;
+3. ``grad_hidden[rows] = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden[rows]``,
+   the latter summed over chunks in an fp32 buffer.
+
+So the gradients exist when the forward returns; the backward only multiplies them by the
+upstream gradient (a scalar for "mean"/"sum"). Reduction "none" cannot know its per-token
+upstream gradient in advance: its forward computes losses only and its backward runs the chunk
+loop again. A tied embedding needs nothing special: autograd adds this op's weight gradient to
+the embedding's.
+
+The custom op ``fastllama::linear_cross_entropy`` (forward and, for "none", backward) makes the
+whole loop one opaque node for ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from .. import reference
+from .._interpreter import interpreter_active
+from ..kernels import cross_entropy as _k
+from ..optable import KernelBuild, OpCase, OpSpec
+from ._checks import check_same, check_tensor
+
+__all__ = ["linear_cross_entropy", "MIN_CHUNK_ROWS"]
+
+REDUCTIONS = ("mean", "sum", "none")
+LABEL_DTYPES = (torch.int64, torch.int32)
+# Below ~1024 rows the weight-gradient GEMM (K = rows of the chunk) stops being compute-bound
+# and re-reading the fp32 accumulator for every chunk dominates; chunks never go smaller.
+MIN_CHUNK_ROWS = 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+def chunk_rows_for(n_rows: int, hidden_size: int, vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk by default.
+
+    A chunk's logits are about the size of the hidden states (``rows * V ~ N * H``), but at least
+    :data:`MIN_CHUNK_ROWS` rows. For bf16/fp16, when ALL the logits take no more memory than the
+    fp32 weight-gradient accumulator that chunking would need (``N * V * itemsize <= V * H * 4``),
+    one chunk is used: no accumulator, the weight gradient is one GEMM over all rows.
+    """
+    rows = max(math.ceil(n_rows * hidden_size / max(vocab, 1)), MIN_CHUNK_ROWS)
+    if dtype != torch.float32 and n_rows * dtype.itemsize <= 4 * hidden_size:
+        rows = n_rows
+    return max(1, min(rows, n_rows))
+
+
+# The GPU configs (the build report compiles exactly these). One logits row per program: a
+# 128k-vocabulary row is 256 KB, plenty of work, and a row-tile needs no cross-row reductions.
+_CE_GPU = dict(block_m=1, block_v=4096, num_warps=8)
+# 128x128x32 with 8 warps: no spills on sm_80 / sm_90 with the fp32 tile loaded as the starting
+# accumulator (BLOCK_K=64 spilled 16-144 bytes there); wgmma on sm_90.
+_GEMM_GPU = dict(block_m=128, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3)
+
+
+def _ce_config(rows: int, vocab: int) -> dict:
+    if interpreter_active():
+        # Every program and loop step is a Python-level step: few, large tiles (but no tile
+        # taller than the chunk: padding rows cost as much as real ones).
+        return dict(block_m=min(64, triton.next_power_of_2(rows)), block_v=min(8192, triton.next_power_of_2(vocab)),
+                    num_warps=1)
+    return _CE_GPU
+
+
+def _gemm_config() -> dict:
+    if interpreter_active():
+        return dict(block_m=1024, block_n=128, block_k=128, group_m=8, num_warps=1, num_stages=1)
+    return _GEMM_GPU
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunk loop
+# ----------------------------------------------------------------------------------------------
+def _check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """ValueError on a label outside [0, vocab) that is not ignore_index (one device sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        where = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels contains {int(labels[where])} at flat position {where}; accepted: values in "
+            f"[0, {vocab}) (the vocabulary size, weight.shape[0]) or ignore_index={ignore_index}. "
+            f"(This check synchronises with the device; check_labels=False skips it and an "
+            f"out-of-range label then gives a NaN loss.)")
+
+
+def _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss, softcap,
+                want_gh, want_gw, want_gb, chunk_rows):
+    """Per-row losses (fp32) and, where wanted, the gradients scaled per row by ``scale``."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dtype, dev = hidden.dtype, hidden.device
+    write_grad = want_gh or want_gw or want_gb
+    losses = torch.empty(n, device=dev, dtype=torch.float32)
+    gh = torch.empty((n, h), device=dev, dtype=dtype) if want_gh else hidden.new_empty((0,))
+    gw = weight.new_empty((0,))
+    gb = weight.new_empty((0,))
+    rows = max(1, min(chunk_rows, n))
+    n_chunks = math.ceil(n / rows)
+    # Several chunks in half precision: sum the weight gradient in an fp32 buffer (the output
+    # dtype would round every chunk's share). fp32 weights accumulate in the output itself.
+    acc = None
+    if want_gw:
+        if n_chunks == 1 or dtype == torch.float32:
+            gw = torch.empty((v, h), device=dev, dtype=dtype)
+        else:
+            acc = torch.empty((v, h), device=dev, dtype=torch.float32)
+    gb_acc = torch.zeros(v, device=dev, dtype=torch.float32) if want_gb else None
+    ce_cfg, gemm_cfg = _ce_config(rows, v), _gemm_config()
+    wt = weight.t()
+
+    for i, start in enumerate(range(0, n, rows)):
+        stop = min(start + rows, n)
+        hc = hidden[start:stop]
+        logits = torch.mm(hc, wt) if bias is None else torch.addmm(bias, hc, wt)
+        sc = scale if scale.numel() == 1 else scale[start:stop]
+        loss_c, _ = _k.cross_entropy_chunk(
+            logits, labels[start:stop], sc, ignore_index=ignore_index, z_loss=z_loss,
+            softcap=softcap, write_grad=write_grad, **ce_cfg)
+        losses[start:stop] = loss_c
+        if not write_grad:
+            continue
+        dlogits = logits  # overwritten in place by the kernel
+        if want_gh:
+            torch.mm(dlogits, weight, out=gh[start:stop])
+        if want_gw:
+            if acc is None and n_chunks == 1:
+                torch.mm(dlogits.t(), hc, out=gw)
+            elif acc is None:  # fp32: cuBLAS/CPU addmm accumulates in place in fp32
+                if i == 0:
+                    torch.mm(dlogits.t(), hc, out=gw)
+                else:
+                    gw.addmm_(dlogits.t(), hc)
+            else:
+                _k.accumulate_at_b(dlogits, hc, acc, accumulate=i > 0, **gemm_cfg)
+        if want_gb:
+            gb_acc += dlogits.sum(0, dtype=torch.float32)
+        del logits, dlogits
+    if acc is not None:
+        gw = acc.to(dtype)
+        del acc
+    if want_gb:
+        gb = gb_acc.to(dtype)
+    return losses, gh, gw, gb
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op and autograd
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastllama::linear_cross_entropy", mutates_args=())
+def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
+            scale: torch.Tensor, reduction: str, ignore_index: int, z_loss: float, softcap: float,
+            want_gh: bool, want_gw: bool, want_gb: bool, check_labels: bool, chunk_rows: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_hidden, grad_weight, grad_bias); a gradient not wanted is an empty tensor.
+
+    ``scale`` (fp32) multiplies each row's gradient: the reduction's factor as one element, or
+    the upstream per-token gradient (reduction "none", backward). ``softcap`` 0 means off.
+    """
+    if check_labels:
+        _check_label_values(labels, weight.shape[0], ignore_index)
+    losses, gh, gw, gb = _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss,
+                                     softcap if softcap > 0 else None, want_gh, want_gw, want_gb, chunk_rows)
+    loss = losses if reduction == "none" else (losses.sum() * scale).reshape(())
+    return loss, gh, gw, gb
+
+
+@_lce_op.register_fake
+def _(hidden, weight, labels, bias, scale, reduction, ignore_index, z_loss, softcap,
+      want_gh, want_gw, want_gb, check_labels, chunk_rows):
+    n = hidden.shape[0]
+    loss = hidden.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
+    return (loss,
+            hidden.new_empty(hidden.shape if want_gh else (0,)),
+            weight.new_empty(weight.shape if want_gw else (0,)),
+            weight.new_empty((weight.shape[0],) if want_gb else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, _scale, reduction, ignore_index, z_loss, softcap, *_rest, chunk_rows = inputs
+    ctx.reduction = reduction
+    ctx.has_bias = bias is not None
+    if reduction == "none":
+        # Gradients depend on the per-token upstream gradient: keep the inputs, recompute later.
+        ctx.options = (ignore_index, z_loss, softcap, chunk_rows)
+        ctx.save_for_backward(hidden, weight, labels, bias)
+    else:
+        # Gradients were computed in the forward, already scaled by the reduction's factor.
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, _g1, _g2, _g3):
+    need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and ctx.has_bias
+    if ctx.reduction == "none":
+        hidden, weight, labels, bias = ctx.saved_tensors
+        ignore_index, z_loss, softcap, chunk_rows = ctx.options
+        _, gh, gw, gb = _lce_op(hidden, weight, labels, bias, grad_loss.float(), "none", ignore_index, z_loss,
+                                softcap, need_h, need_w, need_b, False, chunk_rows)
+    else:
+        # In place: a second backward through the same graph (retain_graph=True) then fails
+        # autograd's saved-tensor version check instead of scaling the gradients twice.
+        gh, gw, gb = (t.mul_(grad_loss) if t.numel() else t for t in ctx.saved_tensors)
+    return (gh if need_h else None, gw if need_w else None, None, gb if need_b else None,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fastllama::linear_cross_entropy", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------
+def _validate(hidden, weight, labels, ignore_index, reduction, bias, num_items_in_batch, z_loss, softcap,
+              check_labels, chunk_rows) -> None:
+    check_tensor("hidden", hidden)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be (..., hidden_size) with at least 2 dims, got shape {tuple(hidden.shape)}")
+    check_tensor("weight", weight, ndim=2)
+    check_same("hidden", hidden, "weight", weight, "dtype")
+    check_same("hidden", hidden, "weight", weight, "device")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} (vocab, hidden_size) but hidden has hidden "
+                         f"size {hidden.shape[-1]}; weight must be (vocab, {hidden.shape[-1]})")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (shape[0] == 0); accepted: vocab >= 1")
+    check_tensor("labels", labels, dtypes=LABEL_DTYPES)
+    check_same("hidden", hidden, "labels", labels, "device")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)} but hidden has shape {tuple(hidden.shape)}; "
+                         f"labels must be {tuple(hidden.shape[:-1])} (hidden without its last dim)")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_same("weight", weight, "bias", bias, "dtype")
+        check_same("weight", weight, "bias", bias, "device")
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; accepted: ({weight.shape[0]},) (the vocab)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError(f"num_items_in_batch divides the summed loss of reduction='mean'; "
+                             f"got it with reduction={reduction!r}")
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}")
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+            raise TypeError(f"num_items_in_batch must be an int or a one-element tensor, "
+                            f"got {type(num_items_in_batch).__name__}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not 0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    if not isinstance(check_labels, bool):
+        raise TypeError(f"check_labels must be a bool, got {type(check_labels).__name__}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be None or an int >= 1, got {chunk_rows!r}")
+
+
+def _scale(labels, ignore_index, reduction, num_items_in_batch, device) -> torch.Tensor:
+    """The reduction's factor as a one-element fp32 device tensor (no host sync)."""
+    if reduction != "mean":
+        return torch.ones((), device=device, dtype=torch.float32)
+    if num_items_in_batch is None:
+        count = (labels != ignore_index).sum()
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        count = num_items_in_batch.reshape(()).to(device)
+    else:
+        count = torch.tensor(num_items_in_batch, device=device)
+    return 1.0 / count.to(torch.float32).clamp(min=1.0)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    bias: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    check_labels: bool = True,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, labels)`` in chunks of rows: no (tokens, vocab)
+    tensor is ever allocated, forward or backward.
+
+    Labels are NOT shifted here (HF's ``ForCausalLMLoss`` shifts them first; pass the shifted
+    labels). Logits are computed in the input dtype with fp32 accumulation, exactly like
+    ``lm_head``; the log-sum-exp, softmax and loss are fp32.
+
+    Args:
+        hidden: (..., H) fp32/fp16/bf16. Flattened to (N, H) with ``reshape`` (a copy only when
+            the leading dims cannot be viewed as one, e.g. a transposed (T, B, H) view, or when
+            the last dim is not unit-stride).
+        weight: (V, H), same dtype and device, any strides (e.g. a tied input embedding: its
+            gradient then accumulates both uses, as autograd does for any shared leaf).
+        labels: hidden's shape without the last dim, int64 or int32; values in [0, V) or
+            ``ignore_index``.
+        ignore_index: label value that contributes neither loss nor gradient.
+        reduction: "mean" (over non-ignored tokens; all ignored gives 0, not NaN), "sum", or
+            "none" (fp32 losses in the shape of ``labels``, 0 at ignored tokens).
+        bias: optional (V,) added to the logits.
+        num_items_in_batch: with "mean", divide the summed loss by this count instead of the
+            number of non-ignored tokens (HF's gradient-accumulation convention; clamped to >= 1).
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` per non-ignored token (PaLM; 1e-4 is
+            typical) to keep the log-normaliser near 0. Default 0: off.
+        softcap: replaces the logits by ``softcap * tanh(logits / softcap)`` (Gemma 2's final
+            logit soft-capping, e.g. 30.0) before the loss. Default None: off.
+        check_labels: raise ValueError, before any kernel runs, if a label is outside [0, V) and
+            not ``ignore_index``. On CUDA this costs one device synchronisation per call; tuned
+            training loops with trusted labels can pass False (a bad label then yields a NaN
+            loss and NaN gradients, never a plausible wrong number).
+        chunk_rows: rows per chunk; default :func:`chunk_rows_for` (a chunk of logits about the
+            size of ``hidden``, at least :data:`MIN_CHUNK_ROWS` rows). Smaller saves memory,
+            larger saves time.
+
+    Returns:
+        fp32 loss: a scalar for "mean"/"sum", ``labels.shape`` for "none".
+
+    The gradients of "mean"/"sum" are computed during the forward (when grad is enabled and an
+    input requires it) and only scaled in the backward; a second backward through the same
+    graph (``retain_graph=True``) raises. Under ``torch.no_grad()`` no gradient work is done.
+    """
+    _validate(hidden, weight, labels, ignore_index, reduction, bias, num_items_in_batch, z_loss, softcap,
+              check_labels, chunk_rows)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if h2.stride(-1) != 1 and h2.shape[-1] > 1:
+        h2 = h2.contiguous()  # documented: the weight-gradient GEMM reads unit-stride rows
+    lab = labels.reshape(-1)
+    rows = chunk_rows if chunk_rows is not None else chunk_rows_for(h2.shape[0], h2.shape[1], weight.shape[0], h2.dtype)
+    scale = _scale(lab, ignore_index, reduction, num_items_in_batch, hidden.device)
+    grad = torch.is_grad_enabled() and reduction != "none"
+    loss, *_ = _lce_op(h2, weight, lab, bias, scale, reduction, ignore_index, float(z_loss),
+                       float(softcap) if softcap is not None else 0.0,
+                       grad and hidden.requires_grad, grad and weight.requires_grad,
+                       grad and bias is not None and bias.requires_grad, check_labels, rows)
+    return loss.view(labels.shape) if reduction == "none" else loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Op table
+# ----------------------------------------------------------------------------------------------
+def _make_args(params: dict, dtype: torch.dtype, device: str):
+    """params: batch, seq, hidden, vocab; ignore (fraction of ignored labels, 1.0: all);
+    bias; plus op options (reduction, num_items_in_batch, z_loss, softcap, chunk_rows)."""
+    b, t, h, v = params["batch"], params["seq"], params["hidden"], params["vocab"]
+    gen = torch.Generator().manual_seed(1234)
+    hidden = torch.randn(b, t, h, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    # Logits of a few units, like a trained LM head (std ~ params.get("logit_std", 2)).
+    w_std = params.get("logit_std", 2.0) / math.sqrt(h)
+    weight = (torch.randn(v, h, generator=gen) * w_std).to(device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    labels[torch.rand(b, t, generator=gen) < params.get("ignore", 0.25)] = -100
+    args = [hidden, weight, labels.to(device)]
+    if params.get("bias"):
+        args.append((torch.randn(v, generator=gen)).to(device=device, dtype=dtype).requires_grad_())
+    options = ("reduction", "num_items_in_batch", "z_loss", "softcap", "chunk_rows")
+    return tuple(args), {k: params[k] for k in options if k in params}
+
+
+def _spec_op(hidden, weight, labels, bias=None, **kwargs):
+    return linear_cross_entropy(hidden, weight, labels, bias=bias, **kwargs)
+
+
+def _spec_ref(hidden, weight, labels, bias=None, chunk_rows=None, **kwargs):
+    out = reference.linear_cross_entropy(hidden, weight, labels, bias=bias, **kwargs)
+    return out.view(labels.shape) if kwargs.get("reduction") == "none" else out
+
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _build_configs() -> list[KernelBuild]:
+    """Every GPU launch: the chunk kernel per logits dtype x label dtype x softcap x gradient,
+    and the fp32-accumulating GEMM (half dtypes only: fp32 weights use torch's addmm_) with and
+    without a first-chunk overwrite."""
+    builds = []
+    ce = dict(_CE_GPU)
+    for dtype, ptr in _PTR.items():
+        for lab in ("*i64", "*i32"):
+            for softcap in (False, True):
+                for write_grad in (False, True):
+                    builds.append(KernelBuild(
+                        _k._cross_entropy_chunk_kernel,
+                        {"logits_ptr": ptr, "stride_row": "i32", "labels_ptr": lab, "loss_ptr": "*fp32",
+                         "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "n_rows": "i32",
+                         "n_cols": "i32", "ignore_index": "i32", "z_loss": "fp32", "softcap": "fp32"},
+                        {"HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
+                         "BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]},
+                        num_warps=ce["num_warps"],
+                        label=f"cross_entropy chunk {ptr[1:]} labels {lab[1:]} softcap={softcap} grad={write_grad}"))
+        if dtype == torch.float32:
+            continue
+        g = _GEMM_GPU
+        for accumulate in (False, True):
+            builds.append(KernelBuild(
+                _k._accumulate_at_b_kernel,
+                {"a_ptr": ptr, "stride_ak": "i32", "b_ptr": ptr, "stride_bk": "i32", "c_ptr": "*fp32",
+                 "stride_cm": "i32", "M": "i32", "N": "i32", "K": "i32"},
+                # Unit strides are what the op passes (logits chunk, hidden rows, accumulator) and
+                # Triton specialises an int argument equal to 1 as a constexpr at launch.
+                {"stride_am": 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": accumulate, "PRECISION": "tf32", "BLOCK_M": g["block_m"], "BLOCK_N": g["block_n"],
+                 "BLOCK_K": g["block_k"], "GROUP_M": g["group_m"]},
+                num_warps=g["num_warps"], num_stages=g["num_stages"],
+                label=f"cross_entropy grad-weight GEMM {ptr[1:]} accumulate={accumulate}"))
+    return builds
+
+
+_CASES = (
+    OpCase("3x77-v1000-mean", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000}),
+    OpCase("3x77-v32003-mean", {"batch": 3, "seq": 77, "hidden": 16, "vocab": 32003}),
+    OpCase("1x6-v128256-sum", {"batch": 1, "seq": 6, "hidden": 32, "vocab": 128256, "reduction": "sum"}),
+    OpCase("3x77-v1000-none", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000, "reduction": "none"}),
+    OpCase("3x77-v1000-all-ignored", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000, "ignore": 1.0}),
+    OpCase("3x77-v1000-num-items", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000,
+                                    "num_items_in_batch": 500}),
+    OpCase("3x77-v1000-chunked", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000, "chunk_rows": 64}),
+    OpCase("2x33-v1000-bias-zloss-softcap", {"batch": 2, "seq": 33, "hidden": 64, "vocab": 1000, "bias": True,
+                                             "z_loss": 1e-2, "softcap": 3.0, "logit_std": 4.0, "chunk_rows": 32}),
+    OpCase("4x1023-v32000-h4096", {"batch": 4, "seq": 1023, "hidden": 4096, "vocab": 32000}, cuda_only=True),
+    OpCase("2x2048-v128256-h2048", {"batch": 2, "seq": 2048, "hidden": 2048, "vocab": 128256}, cuda_only=True),
+    OpCase("4x2048-v128256-h1024-chunked", {"batch": 4, "seq": 2048, "hidden": 1024, "vocab": 128256,
+                                            "chunk_rows": 1024}, cuda_only=True),
+    OpCase("2x1000-v128256-none-softcap", {"batch": 2, "seq": 1000, "hidden": 1024, "vocab": 128256,
+                                           "reduction": "none", "softcap": 30.0, "z_loss": 1e-4}, cuda_only=True),
+)
+
+OP_SPECS = [
+    OpSpec("linear_cross_entropy", _spec_op, _spec_ref, _make_args, _CASES, kernels=("cross_entropy",),
+           names=("hidden", "weight", "labels", "bias"), output_names=("loss",),
+           build_configs=_build_configs),
+]

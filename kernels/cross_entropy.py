@@ -1,0 +1,244 @@
+"""Cross-entropy over a chunk of logits, and the fp32-accumulating GEMM of its weight gradient.
+
+The fused linear cross-entropy (``fastllama.ops.linear_cross_entropy``) never holds the logits
+of all tokens: it computes them a chunk of rows at a time with a torch matmul and hands each
+chunk to the two kernels here.
+
+* :func:`cross_entropy_chunk` reads each logits row twice. The first read runs an online
+  log-sum-exp over the vocabulary and picks up the target logit, giving the loss. The second
+  read turns the row into the gradient of the loss with respect to the logits (softmax minus
+  one-hot, times the reduction's scale) and writes it OVER the logits, so the chunk needs no
+  second buffer and the backward becomes two matmuls.
+* :func:`accumulate_at_b` computes ``C += A^T @ B`` with ``C`` in fp32 and ``A``, ``B`` in bf16 /
+  fp16: the weight gradient summed over the chunks without rounding each chunk's share to
+  bf16. (torch's ``addmm`` wants the addend in the operands' dtype, so it cannot do this.)
+
+All statistics are fp32. Offsets are int64 (rows * vocab exceeds 2**31 at 16k rows x 128k).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["cross_entropy_chunk", "accumulate_at_b"]
+
+
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (the interpreter has none). (1 - e) / (1 + e) with e = exp(-2|x|)
+    # never overflows, but 1 - e loses digits for small |x|, so there the odd Taylor series
+    # (its first omitted term is below 1e-8 relative at |x| = 0.25) takes over.
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+# For a row of logits x (after optional soft-capping c = s * tanh(x / s)) and target y:
+#   lse  = log(sum_j exp(c_j))
+#   loss = lse - c_y + z * lse^2                                  (z: the z-loss weight)
+#   dloss/dc_j = softmax_j * (1 + 2 z lse) - [j == y]
+#   dloss/dx_j = dloss/dc_j * (1 - (c_j / s)^2)                   (tanh' = 1 - tanh^2)
+# and the kernel stores scale_row * dloss/dx_j in place of x_j. An ignored row (y ==
+# ignore_index) has loss 0 and gradient 0. A label outside [0, V) (only possible when the op's
+# label check is off) gives NaN loss and gradient, never a silently wrong number.
+@triton.jit
+def _cross_entropy_chunk_kernel(
+    logits_ptr, stride_row,        # (rows, V) logits of the chunk, unit stride along V
+    labels_ptr,                    # (rows,) int32/int64
+    loss_ptr,                      # (rows,) fp32 out
+    lse_ptr,                       # (rows,) fp32 out
+    scale_ptr, stride_scale,       # per-row gradient scale (stride 0: one scalar for all rows)
+    n_rows, n_cols, ignore_index,
+    z_loss, softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    # Rows past the end read the last row again (their results are never stored), so every
+    # row has at least one finite logit and the online max never subtracts -inf from -inf.
+    safe_rows = tl.minimum(rows, n_rows - 1).to(tl.int64)
+    row_ptrs = logits_ptr + safe_rows[:, None] * stride_row
+    labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < n_cols)
+    cols0 = tl.arange(0, BLOCK_V)
+
+    # Pass 1: online log-sum-exp. One max and one sum reduction per block (not per element):
+    # the running sum is rescaled by exp(m_old - m_new) whenever the max grows.
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    target = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + cols0
+        col_ok = cols[None, :] < n_cols
+        x = tl.load(row_ptrs + cols[None, :], mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x / softcap)
+        x = tl.where(col_ok, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+        target += tl.sum(tl.where(cols[None, :] == labels[:, None], x, 0.0), axis=1)
+    lse = m + tl.log(s)
+
+    loss = lse - target + z_loss * lse * lse
+    loss = tl.where(valid, loss, 0.0)
+    loss = tl.where(valid & ~in_range, float("nan"), loss)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+    if WRITE_GRAD:
+        # Pass 2: the gradient, overwriting the logits (the second and last read of the row).
+        coef = tl.load(scale_ptr + safe_rows * stride_scale).to(tl.float32)
+        coef = tl.where(valid, coef, 0.0)
+        coef = tl.where(valid & ~in_range, float("nan"), coef)
+        p_factor = 1.0 + 2.0 * z_loss * lse
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + cols0
+            mask = row_ok[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(row_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                x = softcap * t
+            g = tl.exp(x - lse[:, None]) * p_factor[:, None]
+            g = g - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+            if HAS_SOFTCAP:
+                g = g * (1.0 - t * t)
+            g = g * coef[:, None]
+            tl.store(row_ptrs + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_chunk(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    write_grad: bool = True,
+    block_m: int = 1,
+    block_v: int = 4096,
+    num_warps: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and log-sum-exp of ``logits`` (rows, V); with ``write_grad`` the logits are
+    overwritten by ``scale_row * dloss/dlogits``.
+
+    ``logits`` needs unit stride along V (any row stride). ``scale`` is fp32, one element (the
+    same scale for every row) or one per row. Returns fp32 ``(loss, lse)`` of shape (rows,).
+    """
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    if n_rows == 0:
+        return loss, lse
+    stride_scale = 0 if scale.numel() == 1 else scale.stride(0)
+    grid = (triton.cdiv(n_rows, block_m),)
+    _cross_entropy_chunk_kernel[grid](
+        logits, logits.stride(0), labels, loss, lse, scale, stride_scale,
+        n_rows, n_cols, ignore_index, float(z_loss), float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad,
+        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
+    )
+    return loss, lse
+
+
+# C (M, N) fp32 += A^T @ B with A (K, M) and B (K, N): M is the vocabulary, N the hidden size
+# and K the rows of the chunk. Each program owns one (BLOCK_M, BLOCK_N) tile of C, loads it once,
+# adds the K-loop of tile products to it in registers and stores it once: one read and one write
+# of the fp32 accumulator per chunk, as a GEMM with beta = 1 does. Programs are ordered
+# in groups of GROUP_M tile-rows so that neighbouring programs share B tiles in L2.
+@triton.jit
+def _accumulate_at_b_kernel(
+    a_ptr, stride_ak, stride_am,
+    b_ptr, stride_bk, stride_bn,
+    c_ptr, stride_cm, stride_cn,
+    M, N, K,
+    ACCUMULATE: tl.constexpr,      # False on the first chunk: C is overwritten, not read
+    PRECISION: tl.constexpr,       # "ieee" for fp32 operands (torch does not use tf32 either)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+
+    # 64-bit scalar bases (M * N and K * M can pass 2**31), 32-bit offsets inside a tile:
+    # 64-bit offset tiles would double the registers the pointers take and make the kernel spill.
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    c_ptrs = c_ptr + row0 * stride_cm + col0 * stride_cn + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (row0 + offs_m < M)[:, None] & (col0 + offs_n < N)[None, :]
+    # The accumulator starts as C itself (beta = 1), so C and the running sum never need
+    # registers at the same time.
+    if ACCUMULATE:
+        acc = tl.load(c_ptrs, mask=c_mask, other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # Rows / columns past the edge read a valid row / column again (wrapped with %) instead of
+    # carrying an M or N mask through the loop; their results are never stored.
+    rows = (row0 + offs_m) % M - row0
+    cols = (col0 + offs_n) % N - col0
+    # A^T tile (BLOCK_M, BLOCK_K) read straight from A's (K, M) layout: no transposed copy.
+    a_ptrs = a_ptr + row0 * stride_am + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + col0 * stride_bn + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    for k in range(0, K, BLOCK_K):
+        k_ok = (k + offs_k) < K
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    tl.store(c_ptrs, acc, mask=c_mask)
+
+
+def accumulate_at_b(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    accumulate: bool = True,
+    block_m: int = 128,
+    block_n: int = 128,
+    block_k: int = 64,
+    group_m: int = 8,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """``c += a.T @ b`` (or ``c = a.T @ b`` with ``accumulate=False``), in place; returns ``c``.
+
+    ``a`` (K, M) and ``b`` (K, N) share a dtype; ``c`` (M, N) is fp32. Any strides.
+    """
+    K, M = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c if accumulate else c.zero_()
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _accumulate_at_b_kernel[grid](
+        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), c, c.stride(0), c.stride(1),
+        M, N, K, ACCUMULATE=accumulate, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return c

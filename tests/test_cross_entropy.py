@@ -1,0 +1,267 @@
+"""ops.linear_cross_entropy beyond the op table (tests/test_op_parity.py runs its shape cases):
+strided inputs, tied embeddings, the no-(tokens x vocab)-tensor memory guarantee, bad input,
+label checking, torch.compile, and the fp32 accumulation of the weight gradient."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from conftest import DEVICE
+from fastllama import ops, reference
+from fastllama.kernels import cross_entropy as kernels
+from fastllama.ops import cross_entropy as ce_ops
+from fastllama.testing import assert_parity
+
+
+def _inputs(b=3, t=77, h=32, v=1000, dtype=torch.float32, ignore=0.25, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=gen).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) * 2 / h**0.5).to(DEVICE, dtype).requires_grad_()
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    labels[torch.rand(b, t, generator=gen) < ignore] = -100
+    return hidden, weight, labels.to(DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts and sharing
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_hidden_weight_and_int32_labels(dtype):
+    """hidden a transposed (T, B, H) view, weight a column slice of a wider matrix, int32 labels."""
+    b, t, h, v = 3, 77, 32, 1000
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(t, b, h, generator=gen).to(DEVICE, dtype).transpose(0, 1).requires_grad_()
+    weight = (torch.randn(v, h + 24, generator=gen) / 3).to(DEVICE, dtype)[:, :h].requires_grad_()
+    labels = torch.randint(0, v, (b, t), generator=gen, dtype=torch.int32).to(DEVICE)
+    labels[0, :5] = -100
+    assert not hidden.is_contiguous() and not weight.is_contiguous()
+    assert_parity(
+        lambda x, w, y: ops.linear_cross_entropy(x, w, y, reduction="sum", chunk_rows=100),
+        lambda x, w, y: reference.linear_cross_entropy(x, w, y.long(), reduction="sum"),
+        hidden, weight, labels, names=("hidden", "weight", "labels"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tied_embedding_gradient_accumulates_both_uses(dtype):
+    """A tiny embedding -> layer -> tied LM head model: weight's gradient is embedding + head."""
+    v, h = 1000, 32
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, v, (3, 77), generator=gen).to(DEVICE)
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = -100
+    emb = (torch.randn(v, h, generator=gen) / 2).to(DEVICE, dtype).requires_grad_()
+    layer = (torch.randn(h, h, generator=gen) / h**0.5).to(DEVICE, dtype).requires_grad_()
+
+    def model(loss_fn, weight, layer):
+        x = torch.tanh(F.embedding(ids, weight) @ layer)
+        return loss_fn(x, weight, labels)
+
+    assert_parity(functools.partial(model, ops.linear_cross_entropy),
+                  functools.partial(model, reference.linear_cross_entropy),
+                  emb, layer, names=("embedding", "layer"))
+
+    # The check above means something only if the embedding's share is not negligible.
+    w = emb.detach().clone().requires_grad_()
+    model(ops.linear_cross_entropy, w, layer.detach()).backward()
+    head_only = torch.autograd.grad(
+        ops.linear_cross_entropy(torch.tanh(F.embedding(ids, emb.detach()) @ layer.detach()), emb, labels), emb)[0]
+    assert (w.grad.float() - head_only.float()).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: no tensor of B*T*V/4 elements, forward or backward
+# ----------------------------------------------------------------------------------------------
+class _WatchAllocations(TorchDispatchMode):
+    """Records every tensor an op creates (a storage none of its inputs has) with >= limit
+    elements. Custom ops (fastllama::*) run their implementation below this mode, so the mode is
+    re-entered around them: the chunk loop's own allocations are watched too."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.violations, self.largest = limit, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastllama":
+            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+            with self:
+                out = func.redispatch(keys, *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        inputs = tree_leaves((args, kwargs))
+        known = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor)}
+        known |= {x.data_ptr() for x in inputs if isinstance(x, torch.UntypedStorage)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in known:
+                elements = t.untyped_storage().nbytes() // t.element_size()
+                self.largest = max(self.largest, elements)
+                if elements >= self.limit:
+                    self.violations.append(f"{func}: {tuple(t.shape)} {t.dtype}")
+        return out
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the dispatch-mode watch re-dispatches custom ops to their CPU kernel")
+@pytest.mark.parametrize("reduction,dtype,v,chunk", [("mean", torch.bfloat16, 4099, 56), ("none", torch.float32, 1000, 24)])
+def test_no_tokens_by_vocab_tensor_forward_or_backward(reduction, dtype, v, chunk):
+    b, t, h = 3, 77, 16
+    hidden, weight, labels = _inputs(b, t, h, v, dtype)
+    limit = b * t * v // 4
+    watch = _WatchAllocations(limit)
+    with watch:
+        loss = ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_rows=chunk)
+        loss.sum().backward()
+    assert not watch.violations, f"tensors of >= {limit} elements: {watch.violations}"
+    # The watch really saw the chunk loop: a chunk of logits was its largest allocation.
+    assert watch.largest >= chunk * v
+    assert hidden.grad is not None and weight.grad is not None
+
+
+def test_memory_watch_catches_the_materialised_path():
+    hidden, weight, labels = _inputs(v=1000)
+    watch = _WatchAllocations(3 * 77 * 1000 // 4)
+    with watch:
+        reference.linear_cross_entropy(hidden, weight, labels).backward()
+    assert watch.violations
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error before anything is launched
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_launch(monkeypatch):
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the input was rejected")
+
+    monkeypatch.setattr(kernels, "cross_entropy_chunk", launched)
+    monkeypatch.setattr(kernels, "accumulate_at_b", launched)
+
+
+_BAD = [
+    ("labels shape", lambda x, w, y: dict(labels=y[:, :-1]), ValueError, "labels has shape"),
+    ("labels dtype", lambda x, w, y: dict(labels=y.float()), TypeError, "labels has dtype"),
+    ("hidden size", lambda x, w, y: dict(weight=w[:, :-1]), ValueError, "hidden size"),
+    ("dtypes differ", lambda x, w, y: dict(weight=w.to(torch.float16)), TypeError, "weight has dtype"),
+    ("hidden fp64", lambda x, w, y: dict(hidden=x.double(), weight=w.double()), TypeError, "hidden has dtype"),
+    ("hidden 1-D", lambda x, w, y: dict(hidden=x[0, 0], labels=y[0, 0]), ValueError, "at least 2 dims"),
+    ("bias shape", lambda x, w, y: dict(bias=torch.zeros(7, device=x.device)), ValueError, "bias has shape"),
+    ("reduction", lambda x, w, y: dict(reduction="avg"), ValueError, "reduction must be"),
+    ("num_items with sum", lambda x, w, y: dict(reduction="sum", num_items_in_batch=5), ValueError, "num_items_in_batch"),
+    ("z_loss", lambda x, w, y: dict(z_loss=-1.0), ValueError, "z_loss"),
+    ("softcap", lambda x, w, y: dict(softcap=0.0), ValueError, "softcap"),
+    ("chunk_rows", lambda x, w, y: dict(chunk_rows=0), ValueError, "chunk_rows"),
+]
+
+
+@pytest.mark.parametrize("name,change,error,match", _BAD, ids=[b[0] for b in _BAD])
+def test_bad_input_rejected_before_launch(no_launch, name, change, error, match):
+    hidden, weight, labels = _inputs(1, 9, 16, 50)
+    kwargs = dict(hidden=hidden, weight=weight, labels=labels)
+    kwargs.update(change(hidden.detach(), weight.detach(), labels))
+    with pytest.raises(error, match=match):
+        ops.linear_cross_entropy(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [1000, -5])
+def test_out_of_range_label_raises_with_its_value(no_launch, bad):
+    hidden, weight, labels = _inputs(1, 9, 16, 1000)
+    labels[0, 4] = bad
+    with pytest.raises(ValueError, match=rf"labels contains {bad} at flat position 4.*\[0, 1000\)"):
+        ops.linear_cross_entropy(hidden, weight, labels)
+
+
+def test_unchecked_out_of_range_label_gives_nan_not_a_wrong_loss():
+    hidden, weight, labels = _inputs(1, 9, 16, 1000)
+    labels[0, 4] = 1000
+    loss = ops.linear_cross_entropy(hidden, weight, labels, check_labels=False)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(hidden.grad[0, 4]).all() and torch.isfinite(hidden.grad[0, :4]).all()
+    per_token = ops.linear_cross_entropy(hidden, weight, labels, reduction="none", check_labels=False)
+    assert torch.isnan(per_token[0, 4]) and torch.isfinite(per_token[0, :4]).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantics
+# ----------------------------------------------------------------------------------------------
+def test_num_items_tensor_equals_int_and_all_ignored_is_zero():
+    hidden, weight, labels = _inputs()
+    a = ops.linear_cross_entropy(hidden, weight, labels, num_items_in_batch=300)
+    b = ops.linear_cross_entropy(hidden, weight, labels, num_items_in_batch=torch.tensor(300))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for reduction in ("mean", "sum", "none"):
+        x, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = ops.linear_cross_entropy(x, w, torch.full_like(labels, -100), reduction=reduction)
+        assert (loss == 0).all()
+        loss.sum().backward()
+        assert (x.grad == 0).all() and (w.grad == 0).all()
+
+
+def test_no_grad_does_no_gradient_work(monkeypatch):
+    hidden, weight, labels = _inputs()
+    calls = []
+    original = kernels.cross_entropy_chunk
+    monkeypatch.setattr(kernels, "cross_entropy_chunk",
+                        lambda *a, **k: calls.append(k["write_grad"]) or original(*a, **k))
+    with torch.no_grad():
+        eval_loss = ops.linear_cross_entropy(hidden, weight, labels)
+    assert calls == [False]
+    train_loss = ops.linear_cross_entropy(hidden, weight, labels)
+    assert calls == [False, True]
+    torch.testing.assert_close(eval_loss, train_loss.detach(), rtol=0, atol=0)
+
+
+def test_second_backward_raises_instead_of_double_scaling():
+    hidden, weight, labels = _inputs()
+    loss = ops.linear_cross_entropy(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_upstream_gradient_scales_the_precomputed_gradients():
+    hidden, weight, labels = _inputs()
+    (ops.linear_cross_entropy(hidden, weight, labels, reduction="sum") * 2.5).backward()
+    x, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    (reference.linear_cross_entropy(x, w, labels, reduction="sum") * 2.5).backward()
+    torch.testing.assert_close(hidden.grad, x.grad)
+    torch.testing.assert_close(weight.grad, w.grad)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    hidden, weight, labels = _inputs(2, 17, 16, 300)
+
+    def loss_fn(x, w, y):
+        return ops.linear_cross_entropy(x, w, y, z_loss=1e-3) * 3.0
+
+    def step(fn):
+        x, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = fn(x, w, labels)
+        loss.backward()  # the backward graph is compiled too (AOT autograd)
+        return loss, x.grad, w.grad
+
+    eager = step(loss_fn)
+    # aot_eager: dynamo (fullgraph: no graph break) + AOT autograd over the fake kernel, without
+    # inductor's C++ compilation, which costs minutes on the 2-core CI machine.
+    compiled = step(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# The weight-gradient accumulator is fp32
+# ----------------------------------------------------------------------------------------------
+def test_accumulate_at_b_sums_chunks_in_fp32():
+    """Eight bf16 chunks summed into an fp32 buffer: the error stays at fp32 level (a bf16
+    accumulator would be ~1e-2 relative here)."""
+    gen = torch.Generator().manual_seed(3)
+    chunks = [(torch.randn(40, 300, generator=gen).bfloat16(), torch.randn(40, 24, generator=gen).bfloat16())
+              for _ in range(8)]
+    acc = torch.full((300, 24), float("nan"), device=DEVICE)  # the first chunk must overwrite
+    for i, (a, b) in enumerate(chunks):
+        cfg = ce_ops._gemm_config()
+        kernels.accumulate_at_b(a.to(DEVICE), b.to(DEVICE), acc, accumulate=i > 0, **cfg)
+    truth = sum(a.double().T @ b.double() for a, b in chunks)
+    assert (acc.double().cpu() - truth).abs().max() <= 1e-5 * truth.abs().max()
