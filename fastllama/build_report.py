@@ -14,40 +14,30 @@ hardware would get:
   or none. On sm_90 a ``tl.dot`` that lands on ``mma`` instead of ``wgmma`` leaves speed behind;
 - an occupancy estimate (:func:`occupancy`), and the compile time.
 
-Compile errors are rows of the report, never crashes. Compiles run in worker subprocesses (see
-:func:`_spawn_env` for why) and their results are cached on disk, keyed on Triton's hash of the
+Compile errors are rows of the report, never crashes. Compiles run in worker subprocesses
+(fastllama/_build_worker.py, which says why) and their results are cached on disk, keyed on Triton's hash of the
 kernel source (which covers the ``@triton.jit`` helpers it calls) + config + arch + Triton
 version, so a rerun only compiles what changed. The CLI is ``fastllama build-report``.
 """
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
-import hashlib
 import importlib
-import importlib.util
 import inspect
-import io
 import json
 import math
-import os
 import pkgutil
-import re
-import select
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ._build_worker import RESULT_FIELDS, default_cache_dir, run_jobs, seed_cache
+
 __all__ = ["ARCHS", "Arch", "Job", "Row", "jobs_from_specs", "run_report", "occupancy", "problems",
            "format_table", "format_markdown", "report_json", "uncovered_kernels", "default_cache_dir",
            "committed_report", "seed_cache", "by_pressure", "pressure"]
-
-SCHEMA = 2  # bump when what a cached row holds changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,14 +134,6 @@ def _encode(value: Any) -> Any:
         return {"tl.dtype": str(value)}
     raise TypeError(f"constexpr value {value!r} of type {type(value).__name__} is not supported "
                     "by the build report (use bool, int, float, str, None or a tl.dtype)")
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict) and "tl.dtype" in value:
-        import triton.language as tl
-
-        return tl.dtype(value["tl.dtype"])
-    return value
 
 
 def _display(value: Any) -> str:
@@ -263,14 +245,12 @@ class Row:
 
 def _row(job: Job, result: dict) -> Row:
     row = Row(op=job.op, kernel=job.kernel, label=job.label, config=job.config, arch=job.arch,
-              num_warps=job.num_warps, **{k: v for k, v in result.items() if k in _RESULT_FIELDS})
+              num_warps=job.num_warps, **{k: v for k, v in result.items() if k in RESULT_FIELDS})
     if row.error is None and row.regs is not None:
         row.warps_per_sm, row.occupancy_limit = occupancy(ARCHS[job.arch], row.regs, row.shared or 0, job.num_warps)
     return row
 
 
-_RESULT_FIELDS = {"error", "regs", "stack", "local", "shared", "spill_stores", "tensor_cores", "compile_s",
-                  "cached", "key", "skipped"}
 
 
 def problems(rows: Iterable[Row]) -> list[str]:
@@ -399,41 +379,12 @@ def uncovered_kernels(jobs: Iterable[Job], modules: Iterable[str] | None = None)
 
 
 # ---------------------------------------------------------------------------------------------
-# Running the compiles
+# Running the compiles (fastllama/_build_worker.py)
 # ---------------------------------------------------------------------------------------------
-def default_cache_dir() -> Path:
-    """``$FASTLLAMA_BUILD_CACHE``, else ``$XDG_CACHE_HOME/fastllama/build-report`` (~/.cache)."""
-    if os.environ.get("FASTLLAMA_BUILD_CACHE"):
-        return Path(os.environ["FASTLLAMA_BUILD_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "fastllama" / "build-report"
-
-
 def committed_report() -> Path | None:
     """``benchmarks/results/build/report.json`` of the checkout fastllama runs from, if any."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "build" / "report.json"
     return path if path.is_file() else None
-
-
-def seed_cache(report_path: Path, cache_dir: Path) -> int:
-    """Adds the rows of a saved ``report.json`` to the cache; returns how many were new.
-
-    Rows carry their cache keys, which hash the kernel source, config, arch and Triton version,
-    so a saved row is only ever used for the identical compile: a fresh CI machine reuses the
-    committed report for unchanged kernels and compiles what changed since.
-    """
-    added = 0
-    for row in json.loads(Path(report_path).read_text()).get("rows", []):
-        key = row.get("key")
-        path = Path(cache_dir) / f"{key}.json"
-        if key and not path.exists():
-            path.write_text(json.dumps({k: row[k] for k in _RESULT_FIELDS - {"cached"} if k in row}))
-            added += 1
-    return added
-
-
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def run_report(jobs: list[Job], cache_dir: Path | None = None, use_cache: bool = True,
@@ -444,6 +395,7 @@ def run_report(jobs: list[Job], cache_dir: Path | None = None, use_cache: bool =
     ``seed``: a saved report.json whose rows join the cache first (see :func:`seed_cache`).
     ``budget_s``: after this many seconds, jobs not in the cache are not compiled but come back
     as ``skipped`` rows (CI uses it with :func:`by_pressure` order; None compiles everything).
+    ``workers``: parallel compile processes (default: half the cores, at most 4).
 
     A worker that dies (a compiler crash) or exceeds ``timeout_s`` on one job turns that job into
     an error row and a fresh worker takes the rest.
@@ -452,192 +404,9 @@ def run_report(jobs: list[Job], cache_dir: Path | None = None, use_cache: bool =
     cache_dir.mkdir(parents=True, exist_ok=True)
     if seed is not None and use_cache:
         seed_cache(seed, cache_dir)
-    results: list[dict | None] = [None] * len(jobs)
-    deadline = "inf" if budget_s is None else repr(time.time() + budget_s)
-    lanes = max(1, min(workers or default_workers(), len(jobs)))
-    threads = [threading.Thread(target=_lane, args=(jobs, list(range(i, len(jobs), lanes)), results,
-                                                    cache_dir, use_cache, timeout_s, deadline)) for i in range(lanes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [_row(j, r or {"error": "no result (internal error)"}) for j, r in zip(jobs, results)]
-
-
-def _spawn_env() -> dict:
-    """The worker's environment.
-
-    Compiles run in a subprocess because the parent usually runs under ``TRITON_INTERPRET=1``
-    (tests, and the CLI on a machine without a GPU): there ``@triton.jit`` returns
-    ``InterpretedFunction`` objects, which ``triton.compile`` cannot take (no ``cache_key``, no
-    AST lowering), and the flag is read once when triton is imported. The worker imports the
-    kernel modules afresh with the flag removed, so they are real ``JITFunction``s. It also gets
-    its own empty Triton cache, so compile times are real compiles and ~/.triton stays clean
-    (this module's cache does the reusing).
-    """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated so it does not warn
-    env["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v: its "bytes spill stores" line, read in _compile
-    return env
-
-
-def _lane(jobs, indices, results, cache_dir, use_cache, timeout_s, deadline):
-    while indices:
-        with tempfile.TemporaryDirectory(prefix="fastllama-build-") as tmp:
-            env = _spawn_env() | {"TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
-            stderr_path = Path(tmp) / "stderr"
-            with open(stderr_path, "w+b") as stderr:
-                proc = subprocess.Popen([sys.executable, "-m", "fastllama.build_report", "--worker", str(cache_dir),
-                                         "1" if use_cache else "0", deadline], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=stderr, env=env)
-                payload = "\n".join(json.dumps([i, dataclasses.asdict(jobs[i])]) for i in indices) + "\n"
-                proc.stdin.write(payload.encode())
-                proc.stdin.close()
-                in_flight, timed_out = _read_results(proc, results, timeout_s)
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                stderr.seek(0)
-                tail = stderr.read().decode(errors="replace")[-2000:].strip()
-        if in_flight is not None:  # this job killed or hung the compiler: it becomes an error row
-            why = f"timed out after {timeout_s:.0f} s" if timed_out else f"compiler process died (exit {proc.returncode})"
-            results[in_flight] = {"error": f"{why}: {tail}"}
-        elif any(results[i] is None for i in indices):  # stopped between jobs: report, do not loop
-            for i in indices:
-                if results[i] is None:
-                    results[i] = {"error": f"compiler process exited (exit {proc.returncode}): {tail}"}
-        indices = [i for i in indices if results[i] is None]
-
-
-_TAG = b"@fastllama-build "  # marks the worker's protocol lines on its stdout
-
-
-def _read_results(proc, results, timeout_s) -> tuple[int | None, bool]:
-    """Reads the worker's ``["start", i]`` / ``["done", i, result]`` lines into ``results``.
-
-    Returns ``(i, timed_out)`` for a job the worker started but never finished (it died, or
-    ``timeout_s`` passed), else ``(None, False)``.
-    """
-    buf, current = b"", None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            return current, current is not None
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            return current, False
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            if not line.startswith(_TAG):
-                continue  # something the kernel module or the compiler printed
-            msg = json.loads(line[len(_TAG):])
-            if msg[0] == "start":
-                current, deadline = msg[1], time.monotonic() + timeout_s
-            else:
-                results[msg[1]], current = msg[2], None
-
-
-# ---------------------------------------------------------------------------------------------
-# The worker (a subprocess without TRITON_INTERPRET)
-# ---------------------------------------------------------------------------------------------
-def _load_jit(job: dict):
-    from triton.runtime.jit import JITFunction
-
-    try:
-        module = importlib.import_module(job["module"])
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(f"_build_report_{abs(hash(job['file']))}", job["file"])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    obj = getattr(module, job["qualname"])
-    while not isinstance(obj, JITFunction):
-        obj = obj.fn  # Autotuner / Heuristics wrap the JITFunction
-    return obj
-
-
-def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float) -> dict:
-    import triton
-    from triton._C.libtriton import get_cache_invalidating_env_vars
-    from triton.backends.compiler import GPUTarget
-
-    fn = _load_jit(job)
-    arch = ARCHS[job["arch"]]
-    # Pointers are compiled as 16-byte aligned, the specialisation a launch gets for ordinary torch
-    # tensors (it enables vector loads); integer arguments stay unspecialised.
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in job["signature"].items()
-             if t.startswith("*")}
-    key = hashlib.sha256(json.dumps([SCHEMA, triton.__version__, fn.cache_key, job["module"], job["qualname"],
-                                     job["signature"], job["constexprs"], job["num_warps"], job["num_stages"],
-                                     job["arch"], sorted(get_cache_invalidating_env_vars().items())],
-                                    sort_keys=True).encode()).hexdigest()
-    path = cache_dir / f"{key}.json"
-    if use_cache and path.exists():
-        try:
-            return json.loads(path.read_text()) | {"cached": True}
-        except ValueError:
-            pass  # a torn file: compile again
-    if time.time() > deadline:
-        return {"skipped": True}
-    # CUDA warps are 32 threads on every arch (what the driver reports on a real GPU).
-    target = GPUTarget("cuda", arch.capability, 32)
-    src = triton.compiler.ASTSource(fn=fn, signature=job["signature"],
-                                    constexprs={k: _decode(v) for k, v in job["constexprs"].items()}, attrs=attrs)
-    t0 = time.perf_counter()
-    log = io.StringIO()  # Triton prints the ptxas -v log (TRITON_DUMP_PTXAS_LOG) with print()
-    try:
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=target,
-                                      options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
-    except OSError as e:  # the toolchain itself is broken: report, do not cache
-        return {"error": f"{type(e).__name__}: {e}"}
-    except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row
-        result = {"error": f"{type(e).__name__}: {e}"}
-    else:
-        result = _resources(compiled)
-        stores = re.findall(r"(\d+) bytes spill stores", log.getvalue())
-        result["spill_stores"] = sum(map(int, stores)) if stores else None
-    result |= {"compile_s": round(time.perf_counter() - t0, 3), "key": key}
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)  # atomic: concurrent runs never see half a file
-    return result
-
-
-def _resources(compiled) -> dict:
-    """Registers, stack, local and static shared from cuobjdump; dynamic shared from Triton."""
-    import triton
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
-    # "  REG:168 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:560 ..." on the line after "Function <name>:"
-    line = next(l for l in out.splitlines() if "REG:" in l)
-    usage = dict(field.split(":", 1) for field in line.split())
-    ptx = compiled.asm["ptx"]
-    tc = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
-    return {"regs": int(usage["REG"]), "stack": int(usage["STACK"]), "local": int(usage["LOCAL"]),
-            "shared": int(compiled.metadata.shared) + int(usage["SHARED"]), "tensor_cores": tc}
-
-
-def _worker_main(cache_dir: str, use_cache: str, deadline: str) -> None:
-    """Reads ``[index, job]`` lines from stdin; writes ``["start", i]`` then ``["done", i, result]``."""
-    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the build worker must not run under the interpreter"
-    jobs = [json.loads(line) for line in sys.stdin if line.strip()]
-    for i, job in jobs:
-        print(_TAG.decode() + json.dumps(["start", i]), flush=True)
-        try:
-            result = _compile(job, Path(cache_dir), use_cache == "1", float(deadline))
-        except Exception as e:  # noqa: BLE001 - loading the kernel or reading the cubin failed
-            result = {"error": f"{type(e).__name__}: {e}"}
-        print(_TAG.decode() + json.dumps(["done", i, result]), flush=True)
-
+    results = run_jobs([dataclasses.asdict(j) for j in jobs], cache_dir, use_cache=use_cache, workers=workers,
+                       timeout_s=timeout_s, budget_s=budget_s)
+    return [_row(j, r) for j, r in zip(jobs, results)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,11 +442,12 @@ def cli_run(args) -> int:
             return 2
         specs = [s for s in specs if s.name in args.op]
     jobs, error_rows = jobs_from_specs(archs, specs)
-    if args.budget is not None:
-        jobs = by_pressure(jobs)
+    # With a budget, compile the likeliest problems first; the table keeps the op-table order.
+    order = by_pressure(jobs) if args.budget is not None else jobs
     t0 = time.perf_counter()
-    rows = error_rows + run_report(jobs, cache_dir=args.cache_dir, use_cache=not args.no_cache, workers=args.jobs,
-                                   seed=committed_report(), budget_s=args.budget)
+    done = dict(zip(map(id, order), run_report(order, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                                               workers=args.jobs, seed=committed_report(), budget_s=args.budget)))
+    rows = error_rows + [done[id(j)] for j in jobs]
     wall = time.perf_counter() - t0
     uncovered = {} if args.op else uncovered_kernels(jobs)
     data = report_json(rows, uncovered)
@@ -718,7 +488,3 @@ def _markdown_report(rows: list[Row], data: dict, archs: list[str]) -> str:
 
 
 cli_run.add_arguments = cli_add_arguments
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    _worker_main(*sys.argv[2:5])
