@@ -37,7 +37,7 @@ from ._build_worker import RESULT_FIELDS, default_cache_dir, run_jobs, seed_cach
 
 __all__ = ["ARCHS", "Arch", "Job", "Row", "jobs_from_specs", "run_report", "occupancy", "problems",
            "format_table", "format_markdown", "report_json", "uncovered_kernels", "default_cache_dir",
-           "committed_report", "seed_cache", "by_pressure", "pressure"]
+           "committed_report", "seed_cache", "by_pressure", "pressure", "problem_kinds"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,11 +203,22 @@ _ELEM_BYTES = {"fp64": 8, "i64": 8, "u64": 8, "fp32": 4, "i32": 4, "u32": 4, "fp
 def by_pressure(jobs: list[Job]) -> list[Job]:
     """``jobs`` reordered so that every (kernel, arch) comes up early with its most demanding
     configs first (groups interleaved round-robin): a time budget then checks the likeliest
-    spills and shared-memory overflows of every kernel before the rest."""
+    spills and shared-memory overflows of every kernel before the rest. Twins that differ only in
+    pointer types of the same width (fp16 / bf16) go after every config without a twin so far:
+    they compile to nearly the same code, so new shapes are worth more when time is short."""
     groups: dict[tuple, list[Job]] = {}
     for j in jobs:
         groups.setdefault((j.kernel, j.arch), []).append(j)
-    ranked = [sorted(g, key=pressure, reverse=True) for g in groups.values()]
+    ranked = []
+    for group in groups.values():
+        seen: dict[str, int] = {}
+        keyed = []
+        for j in sorted(group, key=pressure, reverse=True):
+            shape = json.dumps([j.constexprs, j.num_warps, j.num_stages,
+                                sorted(_ELEM_BYTES.get(t.lstrip("*"), 4) for t in j.signature.values())])
+            seen[shape] = seen.get(shape, -1) + 1
+            keyed.append((seen[shape], -pressure(j), j))
+        ranked.append([j for *_, j in sorted(keyed, key=lambda t: t[:2])])
     return [g[i] for i in range(max(map(len, ranked), default=0)) for g in ranked if i < len(g)]
 
 
@@ -255,24 +266,32 @@ def _row(job: Job, result: dict) -> Row:
 
 def problems(rows: Iterable[Row]) -> list[str]:
     """What makes a config unfit to ship: a compile error, any spill, shared memory over the
-    arch's per-block limit, or a block that cannot be resident at all."""
+    arch's per-block limit, or a block that cannot be resident at all. One line each."""
+    return [f"{r.kernel} [{r.label or r.config}] on {r.arch}: {kind}{detail}" for r in rows
+            for kind, detail in _row_problems(r)]
+
+
+def problem_kinds(rows: Iterable[Row]) -> set[str]:
+    """The problems as "kernel on arch: kind" (kind: compile error, spills, shared memory,
+    cannot launch), coarse enough to list as known while configs are being fixed."""
+    return {f"{r.kernel} on {r.arch}: {kind}" for r in rows for kind, _ in _row_problems(r)}
+
+
+def _row_problems(r: Row) -> list[tuple[str, str]]:
+    if r.skipped:
+        return []
+    if r.error:
+        return [("compile error", f": {r.error}")]
     out = []
-    for r in rows:
-        where = f"{r.kernel} [{r.label or r.config}] on {r.arch}"
-        if r.skipped:
-            continue
-        if r.error:
-            out.append(f"{where}: compile error: {r.error}")
-            continue
-        limit = ARCHS[r.arch].shared_per_block
-        if r.spill:
-            out.append(f"{where}: spills {r.spill} bytes per thread (LOCAL {r.local}, STACK {r.stack}; ptxas: "
-                       f"{r.spill_stores} bytes spill stores)")
-        if (r.shared or 0) > limit:
-            out.append(f"{where}: shared memory {r.shared} B > {limit} B per block ({limit // 1024} KB)")
-        if r.warps_per_sm == 0:
-            out.append(f"{where}: cannot launch: {r.regs} registers x {r.num_warps} warps or {r.shared} B "
-                       "of shared memory exceed one SM")
+    limit = ARCHS[r.arch].shared_per_block
+    if r.spill:
+        out.append(("spills", f" {r.spill} bytes per thread (LOCAL {r.local}, STACK {r.stack}; ptxas: "
+                              f"{r.spill_stores} bytes spill stores)"))
+    if (r.shared or 0) > limit:
+        out.append(("shared memory", f" {r.shared} B > {limit} B per block ({limit // 1024} KB)"))
+    if r.warps_per_sm == 0:
+        out.append(("cannot launch", f": {r.regs} registers x {r.num_warps} warps or {r.shared} B of shared "
+                                     "memory exceed one SM"))
     return out
 
 
@@ -478,10 +497,13 @@ def _first_lines(text: str, n: int = 12) -> str:
 
 def _markdown_report(rows: list[Row], data: dict, archs: list[str]) -> str:
     limits = ", ".join(f"{a} {ARCHS[a].shared_per_block // 1024} KB" for a in archs)
+    command = " ".join(["fastllama"] + sys.argv[1:]) if sys.argv[1:2] == ["build-report"] else "fastllama build-report"
+    skipped = sum(r.skipped for r in rows)
     text = [f"# Kernel build report ({', '.join(archs)})", "",
-            f"Made by `fastllama build-report --output benchmarks/results/build` with Triton {data['triton']} "
-            f"(bundled ptxas), no GPU. Shared memory limits per block: {limits}. "
-            "How to read it: [README.md](README.md).", "",
+            f"Made by `{command}` with Triton {data['triton']} (bundled ptxas), no GPU. Shared memory limits "
+            f"per block: {limits}. How to read it: [README.md](README.md).", "",
+            f"{len(rows)} builds, {len(data['problems'])} problems"
+            + (f", {skipped} not compiled (time budget)." if skipped else "."), "",
             format_markdown(rows) if rows else "(no kernel build configs in the op table yet)", ""]
     text += ["## Problems", ""] + ([f"- {_first_lines(p, 1)}" for p in data["problems"]] or ["none"]) + [""]
     return "\n".join(text)

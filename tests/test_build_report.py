@@ -114,6 +114,12 @@ def test_pressure_order_puts_each_kernels_biggest_config_first():
     order = [(j.kernel.split(".")[-1], j.arch, j.constexprs.get("BLOCK")) for j in br.by_pressure(jobs)]
     assert order == [("copy_kernel", "sm_80", 4096), ("copy_kernel", "sm_90", 4096), ("matmul_kernel", "sm_80", None),
                      ("matmul_kernel", "sm_90", None), ("copy_kernel", "sm_80", 256), ("copy_kernel", "sm_90", 256)]
+    # an fp16/bf16 twin waits until every shape has had its turn
+    twin = KernelBuild(K.copy_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "n": "i32"}, {"BLOCK": 4096})
+    big16 = KernelBuild(K.copy_kernel, {"x_ptr": "*fp16", "y_ptr": "*fp16", "n": "i32"}, {"BLOCK": 4096})
+    jobs = br.jobs_from_builds("copy", [big16, twin, _copy(256)], ["sm_80"])
+    assert [(j.constexprs["BLOCK"], j.signature["x_ptr"]) for j in br.by_pressure(jobs)] == [
+        (4096, "*fp16"), (256, "*fp32"), (4096, "*bf16")]
 
 
 def test_crashing_compiler_is_a_row_and_the_rest_still_compile(tmp_path):
