@@ -37,7 +37,7 @@ from ._build_worker import RESULT_FIELDS, default_cache_dir, run_jobs, seed_cach
 
 __all__ = ["ARCHS", "Arch", "Job", "Row", "jobs_from_specs", "run_report", "occupancy", "problems",
            "format_table", "format_markdown", "report_json", "uncovered_kernels", "default_cache_dir",
-           "committed_report", "seed_cache", "by_pressure", "pressure", "problem_kinds"]
+           "committed_report", "seed_cache", "by_pressure", "pressure", "problem_kinds", "summary"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,16 +324,42 @@ def _secs(r: Row) -> str:
 
 def format_table(rows: list[Row]) -> str:
     """A fixed-width text table (``*`` after a compile time: taken from the cache)."""
-    cells = [_COLUMNS] + [_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+    return _fixed_width([_COLUMNS] + [_cells(r) for r in rows])
 
 
 def format_markdown(rows: list[Row]) -> str:
     """The same table as Markdown."""
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
-    return "\n".join(lines)
+    return _markdown([_COLUMNS] + [_cells(r) for r in rows])
+
+
+def summary(rows: list[Row]) -> list[list[str]]:
+    """Per kernel and arch: builds, how many compiled, problems by kind, register and shared
+    memory ranges, fewest warps per SM, tensor-core instructions seen. First line: the header."""
+    out = [["kernel", "arch", "builds", "compiled", "spill", "too big", "error", "regs", "smem KB max",
+            "warps/SM min", "TC"]]
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.kernel, r.arch), []).append(r)
+    for (kernel, arch), g in groups.items():
+        ok = [r for r in g if not r.skipped and not r.error]
+        big = sum(1 for r in ok if (r.shared or 0) > ARCHS[arch].shared_per_block or r.warps_per_sm == 0)
+        regs = sorted(r.regs for r in ok if r.regs is not None)
+        out.append([kernel, arch, str(len(g)), str(sum(not r.skipped for r in g)), str(sum(bool(r.spill) for r in ok)),
+                    str(big), str(sum(bool(r.error) for r in g)), f"{regs[0]}-{regs[-1]}" if regs else "",
+                    f"{max((r.shared or 0) for r in ok) / 1024:.1f}" if ok else "",
+                    str(min(r.warps_per_sm for r in ok if r.warps_per_sm is not None)) if ok else "",
+                    "/".join(sorted({r.tensor_cores for r in ok} - {"-"})) or "-"])
+    return out
+
+
+def _fixed_width(lines: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _markdown(lines: list[list[str]]) -> str:
+    rows = ["| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in lines]
+    return "\n".join(rows[:1] + ["|" + "---|" * len(lines[0])] + rows[1:])
 
 
 def report_json(rows: list[Row], uncovered: dict | None = None) -> dict:
@@ -351,26 +377,32 @@ def report_json(rows: list[Row], uncovered: dict | None = None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Coverage: every kernel in kernels/ must be in the op table
 # ---------------------------------------------------------------------------------------------
-def launched_kernels(module) -> list[str]:
+def launched_kernels(module, helpers: Iterable[str] = ()) -> list[str]:
     """Function names of the @triton.jit kernels of ``module`` that need a build config.
 
-    A kernel is one the module launches (``name[grid](...)``) or a jit function that no other jit
-    function of the module calls; jit functions only called from other jit functions are device
-    helpers and compile as part of their callers.
+    A kernel is one the module launches (``name[grid](...)``) or a jit function that no jit
+    function calls; jit functions only called from other jit functions (of this module, or named
+    in ``helpers``: called from other modules) are device helpers and compile inside their callers.
     """
+    jit, launched, called = _jit_calls(module)
+    # An autotuned alias (`_k_tuned = triton.autotune(...)(_k)`) is reported as the function it wraps.
+    return sorted({_python_function(getattr(module, n)).__qualname__ for n in jit
+                   if n in launched or n not in called | set(helpers)})
+
+
+def _jit_calls(module) -> tuple[set[str], set[str], set[str]]:
+    """(jit functions defined in ``module``, names it launches, names its jit functions call)."""
     jit = {name for name, obj in vars(module).items() if _is_jit(obj) and
            getattr(_python_function(obj), "__module__", None) == module.__name__}
-    tree = ast.parse(inspect.getsource(module))
-    launched, called_from_jit = set(), set()
-    for node in ast.walk(tree):
+    launched, called = set(), set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and isinstance(node.func.value, ast.Name):
             launched.add(node.func.value.id)
         if isinstance(node, ast.FunctionDef) and node.name in jit:
-            called_from_jit |= {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call)
-                                and isinstance(c.func, ast.Name) and c.func.id != node.name}
-    # An autotuned alias (`_k_tuned = triton.autotune(...)(_k)`) is reported as the function it wraps.
-    return sorted({_python_function(getattr(module, n)).__qualname__ for n in jit
-                   if n in launched or n not in called_from_jit})
+            called |= {c.func.id if isinstance(c.func, ast.Name) else c.func.attr for c in ast.walk(node)
+                       if isinstance(c, ast.Call) and isinstance(c.func, (ast.Name, ast.Attribute))
+                       and getattr(c.func, "id", None) != node.name}
+    return jit, launched, called
 
 
 def _is_jit(obj: Any) -> bool:
@@ -389,9 +421,12 @@ def kernel_modules() -> list[str]:
 def uncovered_kernels(jobs: Iterable[Job], modules: Iterable[str] | None = None) -> dict[str, list[str]]:
     """{module: [kernel names]} of launched kernels that no job (no op-table build config) covers."""
     covered = {(j.module, j.qualname) for j in jobs}
+    mods = [importlib.import_module(name) for name in (kernel_modules() if modules is None else modules)]
+    helpers = set().union(*(_jit_calls(m)[2] for m in mods))  # e.g. `_fwd.load_rows(...)` from another file
     out = {}
-    for name in kernel_modules() if modules is None else modules:
-        missing = [k for k in launched_kernels(importlib.import_module(name)) if (name, k) not in covered]
+    for mod in mods:
+        name = mod.__name__
+        missing = [k for k in launched_kernels(mod, helpers) if (name, k) not in covered]
         if missing:
             out[name] = missing
     return out
@@ -479,6 +514,8 @@ def cli_run(args) -> int:
         print(json.dumps(data, indent=1))
     else:
         print(format_table(rows) if rows else "(no kernel build configs in the op table yet)")
+        if rows:
+            print("\n" + _fixed_width(summary(rows)))
         print(f"\n{len(rows)} rows, {sum(not r.cached and r.compile_s is not None for r in rows)} compiled, "
               f"{sum(r.cached for r in rows)} from the cache ({args.cache_dir or default_cache_dir()}), "
               f"{wall:.1f} s. * = compile time of the cached compile.")
@@ -503,8 +540,11 @@ def _markdown_report(rows: list[Row], data: dict, archs: list[str]) -> str:
             f"Made by `{command}` with Triton {data['triton']} (bundled ptxas), no GPU. Shared memory limits "
             f"per block: {limits}. How to read it: [README.md](README.md).", "",
             f"{len(rows)} builds, {len(data['problems'])} problems"
-            + (f", {skipped} not compiled (time budget)." if skipped else "."), "",
-            format_markdown(rows) if rows else "(no kernel build configs in the op table yet)", ""]
+            + (f", {skipped} not compiled (time budget)." if skipped else "."), ""]
+    if rows:
+        text += ["## Summary per kernel", "", _markdown(summary(rows)), "", "## Every build", "", format_markdown(rows), ""]
+    else:
+        text += ["(no kernel build configs in the op table yet)", ""]
     text += ["## Problems", ""] + ([f"- {_first_lines(p, 1)}" for p in data["problems"]] or ["none"]) + [""]
     return "\n".join(text)
 
