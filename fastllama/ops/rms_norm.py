@@ -42,15 +42,26 @@ def _gpu_tile(block_n: int) -> tuple[int, int]:
     return block_m, num_warps
 
 
-def _config(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int, int]:
+# dweight sums dy * n over rows: sequentially within a program, then the (programs, N) partial
+# sums by torch (a cascade sum). Sequential runs of more than ~32 rows lose fp32 accuracy against
+# torch's own dweight (the parity rule allows 3x its error), so no program takes more.
+_DW_ROWS_PER_PROGRAM = 32
+
+
+def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, backward programs)."""
     block_n, _ = _k.block_cols(n_cols)
     if interpreter_active():
-        # Each program is a Python-level step: fewer, larger tiles. A few backward programs keep
-        # the partial-dw reduction exercised.
-        return min(triton.next_power_of_2(max(n_rows, 1)), max(1, 65536 // block_n)), 1, 4
+        # Each program is a Python-level step: fewer, larger tiles. But the interpreter's
+        # tl.sum(axis=0) adds a tile's rows one after another, so backward tiles stay short.
+        rows = triton.next_power_of_2(max(n_rows, 1))
+        if backward:
+            block_m = min(rows, 16)
+            return block_m, 1, triton.cdiv(n_rows, block_m)
+        return min(rows, max(1, 65536 // block_n)), 1, 1
     block_m, num_warps = _gpu_tile(block_n)
-    return block_m, num_warps, 2 * num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return block_m, num_warps, max(2 * sms, triton.cdiv(n_rows, max(_DW_ROWS_PER_PROGRAM, block_m)))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -88,7 +99,7 @@ def _rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Ten
         return _rows(t if t.stride(-1) == 1 else t.contiguous())
 
     x2 = rows(x)
-    block_m, num_warps, programs = _config(x2.shape[0], x2.shape[1], x.device)
+    block_m, num_warps, programs = _config(x2.shape[0], x2.shape[1], x.device, backward=True)
     dx, dw = _k.rms_norm_backward(rows(dy), x2, weight, rstd, rows(ds_out) if ds_out is not None else None,
                                   block_m=block_m, num_programs=programs, num_warps=num_warps)
     return dx.view(x.shape), dw

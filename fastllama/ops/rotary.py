@@ -302,7 +302,7 @@ def _build_configs(from_positions: bool) -> list[KernelBuild]:
 
 
 _CASES = (
-    OpCase("b3-t77-d128-gqa4", {"b": 3, "hq": 8, "hk": 2, "t": 77, "d": 128}),
+    OpCase("b3-t77-d128-gqa4", {"b": 3, "hq": 4, "hk": 1, "t": 77, "d": 128}),
     OpCase("t1-d64-cos2d", {"b": 1, "hq": 4, "hk": 4, "t": 1, "d": 64, "cos_2d": True}),
     OpCase("b2-t33-d80-transposed", {"b": 2, "hq": 4, "hk": 2, "t": 33, "d": 80, "transposed": True}),
     OpCase("t17-d96", {"b": 1, "hq": 3, "hk": 1, "t": 17, "d": 96}),
@@ -311,7 +311,7 @@ _CASES = (
            cuda_only=True),
 )
 _POSITION_CASES = (
-    OpCase("b3-t77-d128-llama3", {"b": 3, "hq": 8, "hk": 2, "t": 77, "d": 128, "rope_type": "llama3",
+    OpCase("b3-t77-d128-llama3", {"b": 3, "hq": 4, "hk": 1, "t": 77, "d": 128, "rope_type": "llama3",
                                   "max_start": 100000}),
     OpCase("t1-d64-pos1d", {"b": 1, "hq": 4, "hk": 4, "t": 1, "d": 64, "pos_1d": True, "theta": 10000.0}),
     OpCase("t33-d80-transposed", {"b": 2, "hq": 4, "hk": 2, "t": 33, "d": 80, "transposed": True}),
