@@ -23,9 +23,9 @@ so this kernel
       out = sum_s exp(lse_s - lse) * out_s,   lse = log sum_s exp(lse_s)
 
 The lengths are read on the device (no host sync, CUDA-graph safe): the grid depends only on
-shapes and the (fixed) number of splits; a chunk is ``cdiv(cdiv(L, BLOCK_N), splits)`` blocks,
-so it adapts to the true length and chunks past the end write lse = -inf and leave. A length
-outside [0, Tmax] is clamped to it (never an out-of-bounds read). With one split the kernel
+shapes and the (fixed) number of splits; a chunk is ``cdiv(cdiv(L - leftpad, BLOCK_N), splits)``
+blocks, so it adapts to the true length, and chunks past the end write lse = -inf and leave. A
+length outside [0, Tmax] is clamped to it (never an out-of-bounds read). With one split the kernel
 writes the normalised output directly and no combine runs. Every reduction is in a fixed order
 (no atomics), so results are deterministic for a given ``num_splits``.
 """
