@@ -192,3 +192,27 @@ def test_cuda_graph_replay_matches_eager_and_reference(model):
         ids, mask = _left_padded(prompts)
         ref = model.generate(ids, 12, attention_mask=mask, stop_tokens=[])
         assert [r[-12:] for r in a] == ref[:, -12:].tolist()
+
+
+def test_cli_generate_uses_tokenizer_json_when_present(checkpoint, tmp_path, capsys):
+    """A checkpoint with a tokenizer.json (HF `tokenizers`) and no sentencepiece model."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train([str(CORPUS)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((checkpoint / f).read_bytes())
+    tok.save(str(tmp_path / "tokenizer.json"))
+
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "The sea", "--max-new-tokens", "4",
+                 "--device", DEVICE, "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    ids = tok.encode("The sea").ids
+    assert ids[0] == 1
+    ref = Llama.from_pretrained(tmp_path, device=DEVICE).generate(torch.tensor([ids], device=DEVICE), 4,
+                                                                  stop_tokens=[2])
+    assert out.startswith("The sea" + tok.decode(ref[0, len(ids):].tolist(), skip_special_tokens=True)), out
