@@ -265,3 +265,16 @@ def test_accumulate_at_b_sums_chunks_in_fp32():
         kernels.accumulate_at_b(a.to(DEVICE), b.to(DEVICE), acc, accumulate=i > 0, **cfg)
     truth = sum(a.double().T @ b.double() for a, b in chunks)
     assert (acc.double().cpu() - truth).abs().max() <= 1e-5 * truth.abs().max()
+
+
+def test_matches_hf_for_causal_lm_loss_with_shifted_labels():
+    """HF's loss (lm_head, upcast, shift, cross-entropy, num_items_in_batch) = this op on the
+    shifted labels."""
+    loss_utils = pytest.importorskip("transformers.loss.loss_utils")
+    hidden, weight, labels = _inputs()
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    for n in (None, torch.tensor(123)):
+        ours = ops.linear_cross_entropy(hidden, weight, shifted, num_items_in_batch=n)
+        hf = loss_utils.ForCausalLMLoss(F.linear(hidden, weight), labels, vocab_size=weight.shape[0],
+                                        num_items_in_batch=n)
+        torch.testing.assert_close(ours, hf)
