@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import (_DKDV, _DQ, _TUNE_KEY, block_span, load_rows, make_autotuned,
-                              padded_head_dim, seqlen_bucket, sequence_bounds, store_rows)
+from .flash_attention import (_DKDV, _DQ, _TUNE_KEY, aligned16, block_span, load_rows, make_autotuned,
+                              padded_head_dim, seqlen_bucket, sequence_bounds, store_rows, strides_aligned)
 
 __all__ = ["flash_attention_backward"]
 
@@ -79,9 +79,11 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta
                        BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulates dV += p^T dO and dK += dS^T Q over the query blocks [lo, hi).
 
-    The scores are recomputed as q k^T, the forward's orientation, and p is transposed after:
-    the per-element dot then repeats the forward's bit for bit (same operands, same order over
-    D), so p = 2^((s - m) - log2 l) is exact even when |s| is 1e4 (one ulp of s: 1e-3 in p).
+    fp16/bf16: the scores are recomputed transposed, s^T = K Q^T, so p^T and dS^T come out as
+    the left operands of the next two products directly (no layout conversion, fewer registers).
+    fp32: they are recomputed as Q K^T, the forward's orientation, so each element repeats the
+    forward's dot bit for bit and p = 2^((s - m) - log2 l) is exact even where |s| is 1e4 (one
+    ulp of s there is 1e-3 in p: far below a 16-bit p's own rounding, not below fp32's).
     """
     for start_m in range(lo, hi, BLOCK_M):
         q = load_rows(q_base + tl.cast(start_m, tl.int64) * stride_qt, offs_m, stride_qt, offs_d, q_len - start_m,
@@ -90,17 +92,27 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta
                        HEAD_DIM, D_PAD, MASKED)
         rows = start_m + offs_m
         m, log2_l, delta = _load_row_stats(lse_base, stride_lp, delta_base, rows, q_len, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
-        if MASKED:
-            q_pos = rows + offset
-            visible = ((rows[:, None] < q_len) & (k_pos[None, :] >= q_pos[:, None] - before)
-                       & (k_pos[None, :] <= q_pos[:, None] + after))
-            p = tl.where(visible, p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+        q_pos = rows + offset
+        if q.dtype == tl.float32:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if MASKED:  # hidden scores may exceed the row max: -inf keeps 2^(s - m) from overflowing
+                visible = ((rows[:, None] < q_len) & (k_pos[None, :] >= q_pos[:, None] - before)
+                           & (k_pos[None, :] <= q_pos[:, None] + after))
+                s = tl.where(visible, s, float("-inf"))
+            p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
+            dv = tl.dot(tl.trans(p), do, dv, input_precision=PRECISION)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+            dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
+        else:
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale
+            if MASKED:
+                visible = ((rows[None, :] < q_len) & (k_pos[:, None] >= q_pos[None, :] - before)
+                           & (k_pos[:, None] <= q_pos[None, :] + after))
+                s_t = tl.where(visible, s_t, float("-inf"))
+            p_t = tl.math.exp2((s_t - m[None, :]) - log2_l[None, :])
+            dv = tl.dot(p_t.to(do.dtype), do, dv)
+            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -118,9 +130,15 @@ def _attn_bwd_dkdv(
     n_kv_heads, group, seqlen_q, seqlen_k, before, after,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one (sequence, KV head); all query heads of its group."""
+    stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
+    stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
+    stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
+    stride_dob, stride_doh, stride_dot = aligned16(stride_dob, stride_doh, stride_dot, ALIGNED)
+    stride_dkb, stride_dkh, stride_dkt = aligned16(stride_dkb, stride_dkh, stride_dkt, ALIGNED)
+    stride_dvb, stride_dvh, stride_dvt = aligned16(stride_dvb, stride_dvh, stride_dvt, ALIGNED)
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // n_kv_heads
     hk = tl.program_id(1) % n_kv_heads
@@ -187,12 +205,12 @@ def _dq_key_blocks(dq, q, do, m, log2_l, delta, k_base, v_base, stride_kt, strid
         v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d, k_len - start_n,
                       HEAD_DIM, D_PAD, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
-        if MASKED:
+        if MASKED:  # hidden scores may exceed the row max: -inf keeps 2^(s - m) from overflowing
             k_pos = start_n + offs_n
             visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
                        & (k_pos[None, :] <= q_pos[:, None] + after))
-            p = tl.where(visible, p, 0.0)
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -212,9 +230,14 @@ def _attn_bwd_dq(
     n_heads, group, seqlen_q, seqlen_k, before, after,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through."""
+    stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
+    stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
+    stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
+    stride_dob, stride_doh, stride_dot = aligned16(stride_dob, stride_doh, stride_dot, ALIGNED)
+    stride_dqb, stride_dqh, stride_dqt = aligned16(stride_dqb, stride_dqh, stride_dqt, ALIGNED)
     pid_m = tl.program_id(0)
     seq = tl.program_id(1) // n_heads
     h = tl.program_id(1) % n_heads
@@ -294,7 +317,8 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
     cu_q = cu_seqlens_q if varlen else delta
     cu_k = cu_seqlens_k if varlen else delta
     common = (Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
-    meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_VARLEN=varlen, PRECISION=precision)
+    meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_VARLEN=varlen, PRECISION=precision,
+                ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv))
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale,
                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
                  *dv.stride()[:3], *lse.stride()[1:3], lse.stride(0), Hk, *common)

@@ -45,7 +45,7 @@ def _max_seqlen(cu: torch.Tensor, total: int, name: str) -> int:
     if vals[0] != 0 or vals[-1] != total or any(b < a for a, b in zip(vals, vals[1:])):
         raise ValueError(f"{name} must start at 0, never decrease and end at the packed length {total}; "
                          f"got {vals if len(vals) <= 12 else vals[:6] + ['...'] + vals[-3:]}")
-    return max(b - a for a, b in zip(vals, vals[1:]))
+    return max((b - a for a, b in zip(vals, vals[1:])), default=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +328,8 @@ def _full_matrix():
 
 
 _CASES = (
-    _case("B3-H4/1-T77-D64-causal", B=3, Hq=4, Hk=1, Tq=77, D=64),
+    _case("B3-H1-T77-D64-causal", B=3, Hq=1, Tq=77, D=64),
+    _case("B1-H4/1-T113-D64-causal", Hq=4, Hk=1, Tq=113, D=64),
     _case("B1-H2/2-T77-D80-full", Hq=2, Tq=77, D=80, causal=False),
     _case("B1-H2/1-Tq50-Tk113-D96-causal-transposed", Hq=2, Hk=1, Tq=50, Tk=113, D=96, transposed=True),
     _case("B1-H2/1-T128-D256-causal", Hq=2, Hk=1, Tq=128, D=256),
@@ -346,9 +347,11 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def _build_configs() -> list[KernelBuild]:
-    """Every GPU specialisation the op can launch: each autotune candidate of each kernel x head
-    dim (64, 80, 96, 128, 256) x dtype (fp32 with ieee and tf32 dots) x dense/varlen, and the
-    delta preprocess x head dim x dtype x (with/without an lse gradient)."""
+    """Every GPU specialisation the op launches for the supported head dims: each autotune
+    candidate of each kernel x head dim (64, 80, 96, 128, 256) x dtype (fp32 with ieee and tf32
+    dots) x dense/varlen, with 16-element-aligned strides (ALIGNED, what every HF layout of these
+    head dims gives), and the delta preprocess x head dim x dtype x (with/without an lse gradient).
+    Inputs with unaligned strides run ALIGNED=False builds, not listed (slower, still correct)."""
     builds = []
     strides3 = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in "bht"}
     for dtype, ptr in _PTR.items():
@@ -380,7 +383,7 @@ def _build_configs() -> list[KernelBuild]:
                             builds.append(KernelBuild(
                                 kernel, signature,
                                 {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "IS_VARLEN": varlen,
-                                 "PRECISION": precision},
+                                 "PRECISION": precision, "ALIGNED": True},
                                 num_warps=w, num_stages=s, label=f"flash_attention {name} {tag} M{bm} N{bn}"))
             if precision != "ieee":
                 continue

@@ -1,0 +1,163 @@
+"""Flash attention speed: fastllama vs SDPA's backends (and flash-attn when installed).
+
+Sweep (issue 4): bf16, head dim 64 and 128, sequence 512 to 16k with batch * seq = 16k tokens,
+2048 / head_dim heads (a 2048-wide model), causal and not. Rows per provider and direction:
+
+- ``fastllama``: ``ops.flash_attention`` (autotuned on first call; the tuning is not timed);
+- ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``: ``F.scaled_dot_product_attention`` pinned
+  to one backend with ``torch.nn.attention.sdpa_kernel`` (a backend that refuses the shape is
+  skipped with its error as the row's note);
+- ``flash-attn``: ``flash_attn_func`` on (B, T, H, D) tensors, when the package imports.
+
+FLOPs (DESIGN.md): forward 4 * B * H * T^2 * D, halved when causal; backward 2.5x forward. The
+backward is timed alone (``out.backward(dout, retain_graph=True)``, gradients accumulate into
+existing buffers). The device's bf16 matmul peak is measured in the same run for "% peak".
+Targets on H100/H200: forward >= 1.1x sdpa-flash and >= 450 TFLOP/s at T >= 4k, D 128, causal;
+backward >= 1.0x sdpa-flash.
+
+Writes ``results/<device>/bench_attention.{json,md,png}``. Without a GPU it runs one tiny case
+under the Triton interpreter and labels everything "not a measurement".
+
+Usage: ``python benchmarks/bench_attention.py [--dims 64 128] [--seqlens 512 ... 16384]
+[--tokens 16384] [--width 2048] [--out DIR]``
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastllama._interpreter import use_interpreter_if_no_gpu  # noqa: E402
+
+use_interpreter_if_no_gpu()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from fastllama import ops  # noqa: E402
+
+
+def _providers():
+    """name -> fn(q, k, v, causal) on (B, H, T, D) tensors."""
+    out = {"fastllama": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal)}
+    if not common.on_gpu():
+        return out
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def run(q, k, v, causal, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out[name] = run
+    try:
+        from flash_attn import flash_attn_func
+
+        # flash-attn wants (B, T, H, D); the transposes are views, its output is transposed back.
+        out["flash-attn"] = lambda q, k, v, causal: flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+    except ImportError:
+        pass
+    return out
+
+
+def _flops(B, H, T, D, causal):
+    fwd = 4.0 * B * H * T * T * D / (2 if causal else 1)
+    return fwd, 2.5 * fwd
+
+
+def bench_case(name, fn, B, H, T, D, causal, dtype):
+    """One provider on one shape: rows for the forward and the backward."""
+    dev = common.device()
+    q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    fwd_flops, bwd_flops = _flops(B, H, T, D, causal)
+    base = dict(provider=name, D=D, T=T, B=B, H=H, causal=causal)
+    try:
+        out = fn(q, k, v, causal)  # warm-up: compiles, autotunes
+        dout = torch.randn_like(out)
+        out.backward(dout, retain_graph=True)
+        ms_f = common.time_ms(lambda: fn(q, k, v, causal))
+        ms_b = common.time_ms(lambda: out.backward(dout, retain_graph=True))
+    except Exception as e:  # noqa: BLE001 - a backend that refuses a shape is a row, not a crash
+        note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return [dict(base, direction=d, ms=None, tflops=None, note=note) for d in ("fwd", "bwd")]
+    return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=""),
+            dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note="")]
+
+
+def _add_ratios(rows, peak):
+    """vs sdpa-flash and % of the measured matmul peak, per (shape, direction)."""
+    ref = {(r["D"], r["T"], r["causal"], r["direction"]): r["tflops"] for r in rows if r["provider"] == "sdpa-flash"}
+    for r in rows:
+        base = ref.get((r["D"], r["T"], r["causal"], r["direction"]))
+        r["vs_sdpa_flash"] = r["tflops"] / base if r["tflops"] and base else None
+        r["pct_peak"] = 100 * r["tflops"] / peak if r["tflops"] and peak else None
+
+
+def plot(rows, path, measurement: bool):
+    """TFLOP/s vs sequence length: one panel per (direction, D, causal), a line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["direction"], r["D"], r["causal"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (direction, D, causal) in zip(axes[0], panels):
+        for prov in sorted({r["provider"] for r in rows}):
+            pts = sorted((r["T"], r["tflops"]) for r in rows if r["provider"] == prov and r["tflops"]
+                         and (r["direction"], r["D"], r["causal"]) == (direction, D, causal))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=prov)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{direction} D{D} {'causal' if causal else 'full'}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if not measurement:
+        fig.suptitle("Triton interpreter smoke run: NOT a measurement", color="red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
+    p.add_argument("--width", type=int, default=2048, help="heads * head_dim")
+    p.add_argument("--out", default=None, help="results folder (default: results/<device>)")
+    args = p.parse_args(argv)
+
+    measurement = common.is_measurement()
+    if measurement:
+        shapes = [(max(1, args.tokens // T), args.width // D, T, D, causal)
+                  for D in args.dims for T in args.seqlens for causal in (True, False)]
+    else:
+        shapes = [(1, 2, 128, 64, True)]  # proves the script runs; timings mean nothing
+    rows = []
+    for B, H, T, D, causal in shapes:
+        for name, fn in _providers().items():
+            rows += bench_case(name, fn, B, H, T, D, causal, torch.bfloat16)
+            print(rows[-2]["provider"], f"D{D} T{T} {'causal' if causal else 'full'}",
+                  *(f"{r['direction']} {r['tflops']:.1f} TFLOP/s" if r["tflops"] else f"{r['direction']} {r['note']}"
+                    for r in rows[-2:]), flush=True)
+    peak = common.matmul_tflops() if measurement else None
+    _add_ratios(rows, peak)
+    cols = ["provider", "direction", "D", "T", "B", "H", "causal", "ms", "tflops", "vs_sdpa_flash", "pct_peak", "note"]
+    out = common.write_results("bench_attention", rows, cols, extra={"matmul_peak_tflops": peak},
+                               out_dir=args.out)
+    plot(rows, out / "bench_attention.png", measurement)
+    print(f"wrote {out}/bench_attention.{{json,md,png}}" + ("" if measurement else "  (NOT a measurement)"))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
