@@ -253,18 +253,70 @@ def test_torch_compile_fullgraph_matches_eager():
 # ----------------------------------------------------------------------------------------------
 # The weight-gradient accumulator is fp32
 # ----------------------------------------------------------------------------------------------
-def test_accumulate_at_b_sums_chunks_in_fp32():
-    """Eight bf16 chunks summed into an fp32 buffer: the error stays at fp32 level (a bf16
-    accumulator would be ~1e-2 relative here)."""
+@pytest.mark.parametrize("config", ["default", "gpu"])
+def test_accumulate_at_b_sums_chunks_in_fp32(config):
+    """Four bf16 chunks summed into an fp32 buffer: the error stays at fp32 level (a bf16
+    accumulator would be ~1e-3 relative here). "gpu" runs the tile config a GPU launches (edge
+    tiles in M, N and K), also under the interpreter."""
+    cfg = ce_ops._GEMM_GPU if config == "gpu" else ce_ops._gemm_config()
     gen = torch.Generator().manual_seed(3)
-    chunks = [(torch.randn(40, 300, generator=gen).bfloat16(), torch.randn(40, 24, generator=gen).bfloat16())
-              for _ in range(8)]
-    acc = torch.full((300, 24), float("nan"), device=DEVICE)  # the first chunk must overwrite
+    chunks = [(torch.randn(40, 300, generator=gen).bfloat16(), torch.randn(40, 136, generator=gen).bfloat16())
+              for _ in range(4)]
+    acc = torch.full((300, 136), float("nan"), device=DEVICE)  # the first chunk must overwrite
     for i, (a, b) in enumerate(chunks):
-        cfg = ce_ops._gemm_config()
         kernels.accumulate_at_b(a.to(DEVICE), b.to(DEVICE), acc, accumulate=i > 0, **cfg)
     truth = sum(a.double().T @ b.double() for a, b in chunks)
     assert (acc.double().cpu() - truth).abs().max() <= 1e-5 * truth.abs().max()
+
+
+def test_chunk_kernel_gpu_config_matches_interpreter_config():
+    """The one-row-per-program tile a GPU launches gives the same loss and gradient."""
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(9, 5000, generator=gen) * 3).to(DEVICE, torch.bfloat16)
+    labels = torch.randint(0, 5000, (9,), generator=gen).to(DEVICE)
+    labels[3] = -100
+    scale = torch.full((), 0.5, device=DEVICE)
+    results = []
+    for cfg in (ce_ops._CE_GPU, ce_ops._ce_config(9, 5000)):
+        x = logits.clone()
+        loss, lse = kernels.cross_entropy_chunk(x, labels, scale, z_loss=1e-3, softcap=7.0, **cfg)
+        results.append((loss, lse, x))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    truth = reference.cross_entropy(logits.double(), labels, reduction="none", z_loss=1e-3, softcap=7.0)
+    torch.testing.assert_close(results[0][0].double(), truth, rtol=1e-5, atol=1e-5)
+
+
+def test_default_chunking():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    # Llama 3 head, 32k tokens: hidden-sized chunks (32768 * 4096 / 128256 -> 1047 rows).
+    assert ce_ops.chunk_rows_for(32768, 4096, 128256, bf16) == 1047
+    # 16k tokens: the hidden-size rule gives 524 rows, raised to MIN_CHUNK_ROWS.
+    assert ce_ops.chunk_rows_for(16384, 4096, 128256, bf16) == ce_ops.MIN_CHUNK_ROWS
+    # 8k tokens in bf16: all logits (2 GiB) <= the fp32 accumulator chunking would need: one chunk.
+    assert ce_ops.chunk_rows_for(8192, 4096, 128256, bf16) == 8192
+    # fp32 accumulates in the gradient itself, so it always chunks.
+    assert ce_ops.chunk_rows_for(8192, 4096, 128256, fp32) == ce_ops.MIN_CHUNK_ROWS
+    assert ce_ops.chunk_rows_for(5, 64, 1000, fp32) == 5
+
+
+@pytest.mark.cuda_only
+def test_peak_memory_is_a_fraction_of_the_materialised_path():
+    """The issue's memory target (<= 0.25x HF's peak, fwd+bwd) at 8k tokens, hidden 2048, V 128256."""
+    hidden, weight, labels = _inputs(2, 4096, 2048, 128256, torch.bfloat16, ignore=0.1)
+
+    def peak(fn):
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    ours = peak(lambda: ops.linear_cross_entropy(hidden, weight, labels))
+    theirs = peak(lambda: F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), labels.flatten()))
+    assert ours <= 0.25 * theirs, (ours / 2**30, theirs / 2**30)
 
 
 def test_matches_hf_for_causal_lm_loss_with_shifted_labels():
