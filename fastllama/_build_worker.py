@@ -54,7 +54,7 @@ def seed_cache(report_path: Path, cache_dir: Path) -> int:
     for row in json.loads(Path(report_path).read_text()).get("rows", []):
         key = row.get("key")
         path = Path(cache_dir) / f"{key}.json"
-        if key and not path.exists():
+        if key and not row.get("skipped") and not path.exists():
             path.write_text(json.dumps({k: row[k] for k in RESULT_FIELDS - {"cached"} if k in row}))
             added += 1
     return added
@@ -65,18 +65,22 @@ def default_workers() -> int:
 
 
 def run_jobs(jobs: list[dict], cache_dir: Path, use_cache: bool = True, workers: int | None = None,
-             timeout_s: float = 600.0, budget_s: float | None = None) -> list[dict]:
+             timeout_s: float = 600.0, budget_s: float | None = None, skip_keys: set[str] = frozenset()) -> list[dict]:
     """Results of ``jobs`` (cache first), in order; see ``build_report.run_report``."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict | None] = [None] * len(jobs)
     deadline = "inf" if budget_s is None else repr(time.time() + budget_s)
     lanes = max(1, min(workers or default_workers(), len(jobs)))
-    threads = [threading.Thread(target=_lane, args=(jobs, list(range(i, len(jobs), lanes)), results,
-                                                    cache_dir, use_cache, timeout_s, deadline)) for i in range(lanes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="fastllama-skip-") as skip:
+        json.dump(sorted(skip_keys), skip)
+        skip.flush()
+        threads = [threading.Thread(target=_lane, args=(jobs, list(range(i, len(jobs), lanes)), results, cache_dir,
+                                                        use_cache, timeout_s, deadline, skip.name))
+                   for i in range(lanes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     return [r or {"error": "no result (internal error)"} for r in results]
 
 
@@ -97,14 +101,14 @@ def _spawn_env() -> dict:
     return env
 
 
-def _lane(jobs, indices, results, cache_dir, use_cache, timeout_s, deadline):
+def _lane(jobs, indices, results, cache_dir, use_cache, timeout_s, deadline, skip_file):
     while indices:
         with tempfile.TemporaryDirectory(prefix="fastllama-build-") as tmp:
             env = _spawn_env() | {"TRITON_CACHE_DIR": str(Path(tmp) / "triton")}
             stderr_path = Path(tmp) / "stderr"
             with open(stderr_path, "w+b") as stderr:
                 proc = subprocess.Popen([sys.executable, "-m", "fastllama._build_worker", str(cache_dir),
-                                         "1" if use_cache else "0", deadline], stdin=subprocess.PIPE,
+                                         "1" if use_cache else "0", deadline, skip_file], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=stderr, env=env)
                 payload = "\n".join(json.dumps([i, jobs[i]]) for i in indices) + "\n"
                 proc.stdin.write(payload.encode())
@@ -175,7 +179,7 @@ def _load_jit(job: dict):
     return obj
 
 
-def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float) -> dict:
+def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_keys: set[str]) -> dict:
     import triton
     from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.backends.compiler import GPUTarget
@@ -195,8 +199,8 @@ def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float) -> di
             return json.loads(path.read_text()) | {"cached": True}
         except ValueError:
             pass  # a torn file: compile again
-    if time.time() > deadline:
-        return {"skipped": True}
+    if key in skip_keys or time.time() > deadline:
+        return {"skipped": True, "key": key}
     # CUDA warps are 32 threads on every arch (what the driver reports on a real GPU).
     target = GPUTarget("cuda", int(job["arch"].removeprefix("sm_")), 32)
     src = triton.compiler.ASTSource(fn=fn, signature=job["signature"],
@@ -241,14 +245,16 @@ def _resources(compiled) -> dict:
             "shared": int(compiled.metadata.shared) + int(usage["SHARED"]), "tensor_cores": tc}
 
 
-def _worker_main(cache_dir: str, use_cache: str, deadline: str) -> None:
-    """Reads ``[index, job]`` lines from stdin; writes ``["start", i]`` then ``["done", i, result]``."""
+def _worker_main(cache_dir: str, use_cache: str, deadline: str, skip_file: str) -> None:
+    """Reads ``[index, job]`` lines from stdin; writes ``["start", i]`` then ``["done", i, result]``.
+    Jobs whose key is listed in ``skip_file`` (JSON) and not cached come back skipped."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the build worker must not run under the interpreter"
+    skip_keys = set(json.loads(Path(skip_file).read_text()))
     jobs = [json.loads(line) for line in sys.stdin if line.strip()]
     for i, job in jobs:
         print(_TAG.decode() + json.dumps(["start", i]), flush=True)
         try:
-            result = _compile(job, Path(cache_dir), use_cache == "1", float(deadline))
+            result = _compile(job, Path(cache_dir), use_cache == "1", float(deadline), skip_keys)
         except Exception as e:  # noqa: BLE001 - loading the kernel or reading the cubin failed
             result = {"error": f"{type(e).__name__}: {e}"}
         print(_TAG.decode() + json.dumps(["done", i, result]), flush=True)
@@ -264,4 +270,4 @@ def _decode(value: Any) -> Any:
 
 
 if __name__ == "__main__":
-    _worker_main(*sys.argv[1:4])
+    _worker_main(*sys.argv[1:5])

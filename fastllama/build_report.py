@@ -37,7 +37,8 @@ from ._build_worker import RESULT_FIELDS, default_cache_dir, run_jobs, seed_cach
 
 __all__ = ["ARCHS", "Arch", "Job", "Row", "jobs_from_specs", "run_report", "occupancy", "problems",
            "format_table", "format_markdown", "report_json", "uncovered_kernels", "default_cache_dir",
-           "committed_report", "seed_cache", "by_pressure", "pressure", "problem_kinds", "summary"]
+           "committed_report", "seed_cache", "by_pressure", "pressure", "problem_kinds", "summary",
+           "unchecked_keys"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,15 +442,30 @@ def committed_report() -> Path | None:
     return path if path.is_file() else None
 
 
+def unchecked_keys(report_path: Path | None) -> set[str]:
+    """Keys of the builds a saved report lists as not compiled (its time budget ran out).
+
+    CI passes them as ``skip_keys``: its time budget then goes to kernels changed since the report
+    was made instead of to configs the report already names as unchecked (a full run, without a
+    budget, checks those).
+    """
+    if report_path is None:
+        return set()
+    rows = json.loads(Path(report_path).read_text()).get("rows", [])
+    return {r["key"] for r in rows if r.get("skipped") and r.get("key")}
+
+
 def run_report(jobs: list[Job], cache_dir: Path | None = None, use_cache: bool = True,
                workers: int | None = None, timeout_s: float = 600.0, seed: Path | None = None,
-               budget_s: float | None = None) -> list[Row]:
+               budget_s: float | None = None, skip_keys: Iterable[str] = ()) -> list[Row]:
     """Compiles ``jobs`` (cache first) in worker processes; one :class:`Row` per job, in order.
 
     ``seed``: a saved report.json whose rows join the cache first (see :func:`seed_cache`).
     ``budget_s``: after this many seconds, jobs not in the cache are not compiled but come back
     as ``skipped`` rows (CI uses it with :func:`by_pressure` order; None compiles everything).
     ``workers``: parallel compile processes (default: half the cores, at most 4).
+    ``skip_keys``: cache keys not to compile (they come back skipped unless cached); see
+    :func:`unchecked_keys`.
 
     A worker that dies (a compiler crash) or exceeds ``timeout_s`` on one job turns that job into
     an error row and a fresh worker takes the rest.
@@ -459,7 +475,7 @@ def run_report(jobs: list[Job], cache_dir: Path | None = None, use_cache: bool =
     if seed is not None and use_cache:
         seed_cache(seed, cache_dir)
     results = run_jobs([dataclasses.asdict(j) for j in jobs], cache_dir, use_cache=use_cache, workers=workers,
-                       timeout_s=timeout_s, budget_s=budget_s)
+                       timeout_s=timeout_s, budget_s=budget_s, skip_keys=set(skip_keys))
     return [_row(j, r) for j, r in zip(jobs, results)]
 
 

@@ -54,6 +54,10 @@ def test_small_kernel_fits_everywhere(fixture_rows):
         assert r.compile_s is not None and r.key
         assert br.problems([r]) == []
     assert "BLOCK=1024 *fp32 w4 s3" in br.format_table(list(fixture_rows["copy"].values()))
+    header, a100, h100 = br.summary(list(fixture_rows["copy"].values()) + [fixture_rows["bad"]["sm_90"]])
+    assert header[:7] == ["kernel", "arch", "builds", "compiled", "spill", "too big", "error"]
+    assert a100[:7] == ["_build_report_kernels.copy_kernel", "sm_80", "1", "1", "0", "0", "0"]
+    assert h100[:7] == ["_build_report_kernels.copy_kernel", "sm_90", "2", "2", "0", "0", "1"]
 
 
 def test_spill_is_a_problem(fixture_rows):
@@ -103,8 +107,16 @@ def test_budget_skips_only_uncached_compiles(tmp_path):
     uncached = br.jobs_from_builds("copy", [_copy(256)], ["sm_80"])
     hit, skipped = br.run_report(cached + uncached, cache_dir=tmp_path, workers=1, budget_s=0)
     assert hit.cached and hit.regs > 0
-    assert skipped.skipped and skipped.regs is None and br.problems([skipped]) == []
+    assert skipped.skipped and skipped.regs is None and skipped.key and br.problems([skipped]) == []
     assert "not compiled (time budget)" in br.format_table([skipped])
+    # a saved report's not-compiled rows: seeding skips them, and their keys can be skipped on purpose
+    saved = tmp_path / "report.json"
+    saved.write_text(json.dumps(br.report_json([hit, skipped])))
+    assert br.unchecked_keys(saved) == {skipped.key}
+    (tmp_path / "fresh").mkdir()
+    assert br.seed_cache(saved, tmp_path / "fresh") == 1  # the compiled row only
+    again, = br.run_report(uncached, cache_dir=tmp_path, workers=1, skip_keys=br.unchecked_keys(saved))
+    assert again.skipped and again.key == skipped.key
 
 
 def test_pressure_order_puts_each_kernels_biggest_config_first():
