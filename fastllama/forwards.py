@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from .attention import attend
@@ -21,9 +20,45 @@ from .reference.model import shift_labels
 # ---------------------------------------------------------------------------------------------
 # Shared by HF and the reference model
 # ---------------------------------------------------------------------------------------------
+def _promote(*tensors):
+    """The tensors in their common (promoted) dtype, None passed through.
+
+    Under ``torch.autocast`` activations are bf16/fp16 while norm weights and the residual
+    stream stay fp32; the kernels take one dtype, so the narrower tensors are cast up (autograd
+    flows through the cast). This matches HF's output dtype (``fp32 weight * bf16 normed``
+    promotes to fp32) and keeps the residual stream in fp32 as HF does.
+    """
+    dtypes = [t.dtype for t in tensors if t is not None]
+    dtype = dtypes[0]
+    for d in dtypes[1:]:
+        dtype = torch.promote_types(dtype, d)
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def _matmul_dtype(hidden, weight):
+    """The dtype the LM head matmul runs in: autocast's when it is on (as ``nn.Linear`` would)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 def rms_norm_forward(self, hidden_states):
     """``LlamaRMSNorm.forward``: one fused kernel."""
-    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    x, w = _promote(hidden_states, self.weight)
+    return ops.rms_norm(x, w, self.variance_epsilon)
+
+
+def _fused_residual_norm(norm, h, residual):
+    """``norm(h + residual), h + residual`` in one kernel."""
+    h, w, residual = _promote(h, norm.weight, residual)
+    return ops.rms_norm(h, w, norm.variance_epsilon, residual=residual)
+
+
+def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None):
+    dtype = _matmul_dtype(hidden, lm_head.weight)
+    bias = lm_head.bias.to(dtype) if lm_head.bias is not None else None
+    return ops.linear_cross_entropy(hidden.to(dtype), lm_head.weight.to(dtype), labels, ignore_index=-100,
+                                    bias=bias, num_items_in_batch=num_items_in_batch)
 
 
 def mlp_forward(self, x):
@@ -33,7 +68,9 @@ def mlp_forward(self, x):
 
 def _rotate(self, q, k, cos, sin):
     if self._fastllama["rope"] and cos.shape[-1] == q.shape[-1]:
-        return ops.apply_rotary_pos_emb(q, k, cos, sin)
+        # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the
+        # fp32 embeddings; rotating in q's dtype is what an autocast-aware fused op does
+        return ops.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
     return self._fastllama["original_rope"](q, k, cos, sin)
 
 
@@ -94,8 +131,7 @@ def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_
     h = self.input_layernorm(hidden_states)
     h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
-    norm = self.post_attention_layernorm
-    h, residual = ops.rms_norm(h, norm.weight, norm.variance_epsilon, residual=residual)
+    h, residual = _fused_residual_norm(self.post_attention_layernorm, h, residual)
     return residual + self.mlp(h)
 
 
@@ -119,10 +155,7 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
     hidden = outputs.last_hidden_state
     if shifted is None:
         shifted = shift_labels(labels.to(hidden.device))
-    loss = ops.linear_cross_entropy(
-        hidden, self.lm_head.weight, shifted, ignore_index=-100, bias=self.lm_head.bias,
-        num_items_in_batch=num_items_in_batch,
-    )
+    loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch)
     return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
@@ -153,8 +186,7 @@ def reference_attention_forward(self, x, cos, sin, key_padding_mask=None, cache=
 def reference_decoder_layer_forward(self, x, cos, sin, key_padding_mask=None, cache=None, cache_start=0):
     """``reference.model.DecoderLayer.forward`` with the residual add fused into the second norm."""
     h = self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cache_start)
-    norm = self.post_attention_layernorm
-    h, x = ops.rms_norm(h, norm.weight, norm.variance_epsilon, residual=x)
+    h, x = _fused_residual_norm(self.post_attention_layernorm, h, x)
     return x + self.mlp(h)
 
 
@@ -165,4 +197,4 @@ def reference_llama_forward(self, input_ids, attention_mask=None, position_ids=N
     hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_start)
     if labels is None:
         return self.lm_head(hidden)
-    return None, ops.linear_cross_entropy(hidden, self.lm_head.weight, shift_labels(labels))
+    return None, _lm_head_loss(hidden, self.lm_head, shift_labels(labels))

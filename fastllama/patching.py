@@ -43,9 +43,9 @@ def _ref(name: str) -> tuple[str, ...]:
 # Checks: why a module cannot be patched (None: it can)
 # ---------------------------------------------------------------------------------------------
 def _check_silu(module) -> str | None:
-    act = getattr(module, "act_fn", None)
-    if act is not None and not isinstance(act, nn.SiLU):
-        return f"activation {type(act).__name__} is not SiLU (swiglu needs hidden_act='silu')"
+    act = getattr(getattr(module, "config", None), "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        return f"hidden_act={act!r} is not SiLU (swiglu needs hidden_act='silu')"
     return None
 
 

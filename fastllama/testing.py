@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["ParityRow", "ParityReport", "parity_report", "assert_parity"]
+__all__ = ["ParityRow", "ParityReport", "parity_report", "assert_parity", "float64_truth"]
 
 
 @dataclasses.dataclass
@@ -126,7 +126,7 @@ def _max_err(value: torch.Tensor, truth: torch.Tensor) -> tuple[float, tuple[int
     return float(diff.flatten()[flat]), tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
 
 
-def _compare(name, kind, value, same, truth, factor, atol_floor, dtype) -> ParityRow:
+def _compare(name, kind, value, same_list, truth, factor, atol_floor, dtype) -> ParityRow:
     if value is None:
         return ParityRow(name, kind, float("inf"), 0.0, 0.0, None, problem="kernel gave no value (missing gradient?)")
     if value.shape != truth.shape:
@@ -137,9 +137,13 @@ def _compare(name, kind, value, same, truth, factor, atol_floor, dtype) -> Parit
     finite = torch.isfinite(truth)
     bad = finite & ~torch.isfinite(value)
     # PyTorch's own op may overflow where the truth does not; judge it only where it is finite.
-    same = same.detach().to(torch.float64)
-    same = torch.where(torch.isfinite(same), same, truth)
-    torch_err, _ = _max_err(same, truth)
+    torch_err = 0.0
+    for same in same_list:
+        if same is None:
+            continue
+        same = same.detach().to(torch.float64)
+        same = torch.where(torch.isfinite(same), same, truth)
+        torch_err = max(torch_err, _max_err(same, truth)[0])
     if atol_floor is None:
         scale = float(truth[finite].abs().max()) if finite.any() else 0.0
         atol_floor = torch.finfo(dtype).eps * scale
@@ -150,6 +154,24 @@ def _compare(name, kind, value, same, truth, factor, atol_floor, dtype) -> Parit
         idx = tuple(int(i) for i in bad.nonzero()[0])
         problem = f"non-finite value where the truth is finite, first at {idx}"
     return ParityRow(name, kind, err, torch_err, allowed, where, problem)
+
+
+class float64_truth(torch.overrides.TorchFunctionMode):
+    """Context manager: code that hard-codes float32 upcasts runs in float64 instead.
+
+    Hugging Face modules compute statistics with ``x.to(torch.float32)``, ``.float()`` or
+    ``softmax(..., dtype=torch.float32)``; fed float64 inputs to get the truth, they would still
+    round to float32 there. Inside this mode every float32 request becomes float64, so such code
+    gives a float64 truth. Only for computing references, never in a model's real run.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.float:
+            return args[0].to(torch.float64)
+        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        kwargs = {k: (torch.float64 if v is torch.float32 else v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
 
 
 def parity_report(
@@ -176,7 +198,9 @@ def parity_report(
         args: positional inputs. Floating tensors with ``requires_grad=True`` get their
             gradients checked; other tensors (integer labels, masks) and non-tensors pass as is.
             Bind keyword arguments with ``functools.partial`` or a lambda.
-        torch_op: what "plain PyTorch in the same dtype" means, if not ``reference``.
+        torch_op: what "plain PyTorch in the same dtype" means, if not ``reference``. A list of
+            callables (several standard PyTorch formulations, e.g. eager and SDPA attention)
+            takes the largest of their errors as PyTorch's error, tensor by tensor.
         names / output_names: labels of all positional inputs and of the outputs in the table.
         check_grad: also compare input gradients, using one fixed random upstream gradient per
             floating output (seeded, shared by all three runs).
@@ -203,7 +227,7 @@ def parity_report(
     grad_outputs = grad_outputs if check_grad else None
     out_k, grad_k = _run(op, args, grad_outputs, None)
     out_t, grad_t = _run(reference, args, grad_outputs, truth_dtype)
-    out_s, grad_s = _run(torch_op, args, grad_outputs, None)
+    same_runs = [_run(f, args, grad_outputs, None) for f in (torch_op if isinstance(torch_op, (list, tuple)) else [torch_op])]
 
     arg_names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
     grad_names = [n for n, a in zip(arg_names, args) if isinstance(a, torch.Tensor) and a.requires_grad]
@@ -213,15 +237,16 @@ def parity_report(
     if len(out_k) != len(out_t):
         rows.append(ParityRow("outputs", "output", float("inf"), 0.0, 0.0, None,
                               problem=f"op returned {len(out_k)} outputs, reference {len(out_t)}"))
-    for name, k, s, t in zip(out_names, out_k, out_s, out_t):
+    for n, (name, k, t) in enumerate(zip(out_names, out_k, out_t)):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
-            dtype = s.dtype if isinstance(s, torch.Tensor) and s.is_floating_point() else low_dtype
-            rows.append(_compare(name, "output", k, s, t, fwd_factor, atol_floor, dtype))
-    for name, k, s, t, a in zip(grad_names, grad_k, grad_s, grad_t,
-                                [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]):
+            same = [run[0][n] for run in same_runs]
+            dtype = same[0].dtype if isinstance(same[0], torch.Tensor) and same[0].is_floating_point() else low_dtype
+            rows.append(_compare(name, "output", k, same, t, fwd_factor, atol_floor, dtype))
+    grad_args = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    for n, (name, k, t, a) in enumerate(zip(grad_names, grad_k, grad_t, grad_args)):
         if t is None:
             continue
-        rows.append(_compare("d" + name, "grad", k, s, t, bwd_factor, atol_floor, a.dtype))
+        rows.append(_compare("d" + name, "grad", k, [run[1][n] for run in same_runs], t, bwd_factor, atol_floor, a.dtype))
     return ParityReport(rows, title)
 
 

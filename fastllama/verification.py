@@ -3,7 +3,7 @@ activations, under the parity rule (DESIGN.md).
 
 One forward pass of the patched model records the inputs each patched module receives; then each
 module is run three ways on those inputs: patched, original in float64 (the truth) and original
-in the model's dtype, and :mod:`fastllama.testing` compares outputs and the gradients of the
+in the model's dtype (with HF's eager attention: plain PyTorch), and :mod:`fastllama.testing` compares outputs and the gradients of the
 inputs and of the module's parameters. Containers (decoder layers, the whole model) are compared
 against their fully original computation, so their rows measure the accumulated difference.
 """
@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from .attention import FALLBACKS
 from .patching import _STATE, is_patched
-from .testing import ParityReport, parity_report
+from .testing import ParityReport, float64_truth, parity_report
 
 __all__ = ["verify", "VerifyReport"]
 
@@ -35,12 +35,13 @@ class VerifyReport:
         return all(r.passed for _, _, r in self.modules)
 
     def table(self) -> str:
-        head = f"{'module':<36}{'class':<22}{'tensor':<16}{'max|err|':>11}{'allowed':>11}{'ratio':>7}  ok"
+        width = max([len(r.name) for _, _, rep in self.modules for r in rep.rows] + [6]) + 2
+        head = f"{'module':<36}{'class':<22}{'tensor':<{width}}{'max|err|':>11}{'allowed':>11}{'ratio':>7}  ok"
         lines = [head, "-" * len(head)]
         for name, cls, rep in self.modules:
             for r in rep.rows:
                 ok = "yes" if r.passed else f"NO {r.problem}".rstrip()
-                lines.append(f"{name[-35:]:<36}{cls[:21]:<22}{r.name[:15]:<16}{r.kernel_err:>11.2e}"
+                lines.append(f"{name[-35:]:<36}{cls[:21]:<22}{r.name:<{width}}{r.kernel_err:>11.2e}"
                              f"{r.allowed:>11.2e}{r.ratio:>7.2f}  {ok}")
         n_fail = sum(not r.passed for _, _, rep in self.modules for r in rep.rows)
         lines.append(f"{len(self.modules)} modules, {sum(len(rep.rows) for _, _, rep in self.modules)} tensors, "
@@ -54,12 +55,16 @@ class VerifyReport:
 
 
 @contextlib.contextmanager
-def _original_forwards(model: nn.Module):
-    """Temporarily runs ``model`` unpatched (instance forwards and attention implementation)."""
+def _original_forwards(model: nn.Module, attn: str | None = None):
+    """Temporarily runs ``model`` unpatched: instance forwards removed, and the attention
+    implementation set to ``attn`` (default: the one it had before patching)."""
     saved = [(m, m.__dict__.pop("forward")) for m in model.modules()
              if "forward" in m.__dict__ and hasattr(m, "_fastllama")]
     state = _STATE.get(model)
-    attn = state.attn_before if state is not None else None
+    if state is None or state.attn_before is None:
+        attn = None
+    else:
+        attn = attn or state.attn_before
     config = getattr(model, "config", None)
     if attn is not None:
         current = config._attn_implementation
@@ -114,7 +119,7 @@ def _call(model, inputs):
     return model(inputs)
 
 
-def verify(model: nn.Module, inputs, *, backward: bool = True, print_table: bool = True) -> VerifyReport:
+def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, print_table: bool = True) -> VerifyReport:
     """Checks every patched module of ``model`` against its original forward on ``inputs``.
 
     Args:
@@ -122,6 +127,8 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, print_table: bool
         inputs: what ``model`` is called with: a dict of keyword arguments (for HF models, e.g.
             ``{"input_ids": ids, "labels": ids}``; ``use_cache=False`` is added) or a tensor.
         backward: also compare gradients of each module's inputs and parameters.
+        modules: names of the modules to check (as in ``named_modules``; "<model>" is the whole
+            model); default: every patched module and the whole model.
         print_table: print the table as well as returning it.
 
     Returns:
@@ -133,6 +140,13 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, print_table: bool
         inputs = dict(inputs, use_cache=False)
     before = dict(FALLBACKS)
     captured = _capture(model, inputs)
+    if modules is not None:
+        wanted = set(modules)
+        unknown = wanted - {name for name, *_ in captured}
+        if unknown:
+            raise ValueError(f"modules {sorted(unknown)} were not run as patched modules; "
+                             f"checkable: {[name for name, *_ in captured]}")
+        captured = [c for c in captured if c[0] in wanted]
     results = []
     for name, module, args, kwargs in captured:
         params = dict(module.named_parameters())
@@ -140,7 +154,7 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, print_table: bool
         float_pos = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         tensors = [leaves[i] for i in float_pos] + [p.detach().requires_grad_(backward and p.requires_grad)
                                                      for p in params.values()]
-        labels = [f"in{i}" for i in range(len(float_pos))] + [n.replace(".", "_")[-15:] for n in params]
+        labels = [f"in{i}" for i in range(len(float_pos))] + list(params)
 
         def run(*ts, _module=module, _leaves=leaves, _spec=spec, _pos=float_pos, _names=list(params)):
             filled = list(_leaves)
@@ -151,12 +165,24 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, print_table: bool
             return _losses_only(torch.func.functional_call(_module, p, tuple(a), kw))
 
         def original(*ts, _run=run):
-            with _original_forwards(model):
+            # HF modules upcast to float32 by hand; for the float64 truth make that float64
+            truth = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in ts)
+            with _original_forwards(model), (float64_truth() if truth else contextlib.nullcontext()):
                 return _run(*ts)
+
+        def eager_pytorch(*ts, _run=run):
+            with _original_forwards(model, attn="eager"):
+                return _run(*ts)
+
+        # "PyTorch in the same dtype": the original model as it was, and with HF's eager attention
+        # (probabilities rounded to the dtype before P @ V, as GPU attention kernels do; CPU SDPA
+        # keeps them in fp32). PyTorch's error is the larger of the two, tensor by tensor: a
+        # scalar like the loss carries one noisy sample of rounding error per formulation.
+        plain_pytorch = [original, eager_pytorch]
 
         for t in tensors[: len(float_pos)]:
             t.requires_grad_(backward and t.requires_grad)
-        report = parity_report(run, original, *tensors, names=labels, check_grad=backward)
+        report = parity_report(run, original, *tensors, torch_op=plain_pytorch, names=labels, check_grad=backward)
         results.append((name, type(module).__name__, report))
     fallbacks = {k: v - before.get(k, 0) for k, v in FALLBACKS.items() if v != before.get(k, 0)}
     report = VerifyReport(results, fallbacks)
