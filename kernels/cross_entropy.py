@@ -71,11 +71,16 @@ def _cross_entropy_chunk_kernel(
     in_range = (labels >= 0) & (labels < n_cols)
     cols0 = tl.arange(0, BLOCK_V)
 
+    # The target logit: one gather per row (a label out of range reads column 0; it ends as NaN).
+    target_col = tl.where(valid & in_range, labels, 0)
+    target = tl.load(logits_ptr + safe_rows * stride_row + target_col).to(tl.float32)
+    if HAS_SOFTCAP:
+        target = softcap * _tanh(target / softcap)
+
     # Pass 1: online log-sum-exp. One max and one sum reduction per block (not per element):
     # the running sum is rescaled by exp(m_old - m_new) whenever the max grows.
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
-    target = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + cols0
         col_ok = cols[None, :] < n_cols
@@ -86,7 +91,6 @@ def _cross_entropy_chunk_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
-        target += tl.sum(tl.where(cols[None, :] == labels[:, None], x, 0.0), axis=1)
     lse = m + tl.log(s)
 
     loss = lse - target + z_loss * lse * lse
