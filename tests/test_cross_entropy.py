@@ -330,3 +330,18 @@ def test_matches_hf_for_causal_lm_loss_with_shifted_labels():
         hf = loss_utils.ForCausalLMLoss(F.linear(hidden, weight), labels, vocab_size=weight.shape[0],
                                         num_items_in_batch=n)
         torch.testing.assert_close(ours, hf)
+
+
+def test_autocast_computes_like_lm_head_under_autocast():
+    """fp32 leaves under autocast: operands cast like F.linear's, fp32 gradients come back."""
+    hidden, weight, labels = _inputs()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = ops.linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    x, w = hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_()
+    expected = ops.linear_cross_entropy(x, w, labels)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(hidden.grad, x.grad.float(), rtol=0, atol=0)
+    torch.testing.assert_close(weight.grad, w.grad.float(), rtol=0, atol=0)

@@ -175,8 +175,9 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bi
     """
     if check_labels:
         _check_label_values(labels, weight.shape[0], ignore_index)
-    losses, gh, gw, gb = _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss,
-                                     softcap if softcap > 0 else None, want_gh, want_gw, want_gb, chunk_rows)
+    with torch.autocast(hidden.device.type, enabled=False):  # the matmuls run in the inputs' dtype
+        losses, gh, gw, gb = _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss,
+                                         softcap if softcap > 0 else None, want_gh, want_gw, want_gb, chunk_rows)
     loss = losses if reduction == "none" else (losses.sum() * scale).reshape(())
     return loss, gh, gw, gb
 
@@ -278,14 +279,15 @@ def _validate(hidden, weight, labels, ignore_index, reduction, bias, num_items_i
 
 def _scale(labels, ignore_index, reduction, num_items_in_batch, device) -> torch.Tensor:
     """The reduction's factor as a one-element fp32 device tensor (no host sync)."""
+    # torch.full launches a fill kernel with the value as an argument: no host-to-device copy.
     if reduction != "mean":
-        return torch.ones((), device=device, dtype=torch.float32)
+        return torch.full((), 1.0, device=device, dtype=torch.float32)
     if num_items_in_batch is None:
         count = (labels != ignore_index).sum()
     elif isinstance(num_items_in_batch, torch.Tensor):
         count = num_items_in_batch.reshape(()).to(device)
     else:
-        count = torch.tensor(num_items_in_batch, device=device)
+        return torch.full((), 1.0 / max(num_items_in_batch, 1), device=device, dtype=torch.float32)
     return 1.0 / count.to(torch.float32).clamp(min=1.0)
 
 
@@ -311,7 +313,8 @@ def linear_cross_entropy(
     ``lm_head``; the log-sum-exp, softmax and loss are fp32.
 
     Args:
-        hidden: (..., H) fp32/fp16/bf16. Flattened to (N, H) with ``reshape`` (a copy only when
+        hidden: (..., H) fp32/fp16/bf16 (under ``torch.autocast``, hidden, weight and bias are
+            first cast to the autocast dtype, as ``lm_head`` would be). Flattened to (N, H) with ``reshape`` (a copy only when
             the leading dims cannot be viewed as one, e.g. a transposed (T, B, H) view, or when
             the last dim is not unit-stride).
         weight: (V, H), same dtype and device, any strides (e.g. a tied input embedding: its
@@ -343,6 +346,11 @@ def linear_cross_entropy(
     input requires it) and only scaled in the backward; a second backward through the same
     graph (``retain_graph=True``) raises. Under ``torch.no_grad()`` no gradient work is done.
     """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # What ``lm_head`` (F.linear) does under autocast: operands in the autocast dtype.
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dt), weight.to(dt) if isinstance(weight, torch.Tensor) else weight
+        bias = bias.to(dt) if isinstance(bias, torch.Tensor) else bias
     _validate(hidden, weight, labels, ignore_index, reduction, bias, num_items_in_batch, z_loss, softcap,
               check_labels, chunk_rows)
     h2 = hidden.reshape(-1, hidden.shape[-1])
