@@ -130,7 +130,7 @@ def cross_entropy_chunk(
     softcap: float | None = None,
     write_grad: bool = True,
     block_m: int = 1,
-    block_v: int = 4096,
+    block_v: int = 2048,
     num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss and log-sum-exp of ``logits`` (rows, V); with ``write_grad`` the logits are
@@ -220,9 +220,9 @@ def accumulate_at_b(
     c: torch.Tensor,
     *,
     accumulate: bool = True,
-    block_m: int = 128,
+    block_m: int = 64,
     block_n: int = 128,
-    block_k: int = 64,
+    block_k: int = 32,
     group_m: int = 8,
     num_warps: int = 8,
     num_stages: int = 3,
