@@ -57,8 +57,10 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, h
     d_ok = offs_d[None, :] < HEAD_DIM
     for start in range(lo, hi, BLOCK_N):
         keys = start + offs_n
-        k_ptrs = k_base + keys[:, None].to(tl.int64) * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + keys[:, None].to(tl.int64) * stride_vt + offs_d[None, :]
+        # A 64-bit block base plus 32-bit offsets inside the block: int64 offset tiles would
+        # double the registers of every pointer tile (the cause of spills at 64 x 128 tiles).
+        k_ptrs = k_base + tl.cast(start, tl.int64) * stride_kt + (offs_n[:, None] * stride_kt + offs_d[None, :])
+        v_ptrs = v_base + tl.cast(start, tl.int64) * stride_vt + (offs_n[:, None] * stride_vt + offs_d[None, :])
         if MASKED:
             in_cache = (keys[:, None] < seqlen) & d_ok
             k = tl.load(k_ptrs, mask=in_cache, other=0.0)
@@ -136,8 +138,8 @@ def decode_split_kernel(
     mid = tl.minimum(lo + ((full - lo) // BLOCK_N) * BLOCK_N, tl.maximum(hi, lo))
 
     # int64 offsets: batch * stride_b alone can pass 2**31 for a large cache.
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh
-              + t[:, None].to(tl.int64) * stride_qt + offs_d[None, :])
+    # 64-bit sequence base, 32-bit offsets within one sequence's heads x Tq rows.
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + (head[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -155,8 +157,8 @@ def decode_split_kernel(
     empty = m_i == float("-inf")
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = (O + b.to(tl.int64) * stride_ob + head[:, None].to(tl.int64) * stride_oh
-              + t[:, None].to(tl.int64) * stride_ot + split.to(tl.int64) * stride_os + offs_d[None, :])
+    o_ptrs = O + b.to(tl.int64) * stride_ob + (head[:, None] * stride_oh + t[:, None] * stride_ot
+                                                + split * stride_os + offs_d[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     if SPLIT:
         lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
@@ -207,23 +209,22 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def block_m(group: int, q_len: int) -> int:
-    """Rows per tile: group * Tq padded to a power of two >= 16 (tl.dot's minimum), at most 64
-    (larger groups take several tiles, each re-reading K/V; 64 rows x D=256 fp32 stays in
-    registers)."""
-    return min(64, max(16, triton.next_power_of_2(group * q_len)))
+def block_m(group: int, q_len: int, max_rows: int = 64) -> int:
+    """Rows per tile: group * Tq padded to a power of two >= 16 (tl.dot's minimum), at most
+    ``max_rows`` (larger groups take several tiles, each re-reading K/V)."""
+    return min(max_rows, max(16, triton.next_power_of_2(group * q_len)))
 
 
 def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=None, *, scale: float,
                              num_splits: int,
-                             block_n: int, num_warps: int = 4, num_stages: int = 2,
+                             block_n: int, max_block_m: int = 64, num_warps: int = 4, num_stages: int = 2,
                              precision: str = "ieee", combine_rows: int = 1):
     """Launches decode attention; returns out shaped like q (same memory layout when q is dense).
 
     ``cache_leftpad`` (B,) int32 or None: sequence b's keys are slots [leftpad_b, L_b).
 
     ``num_splits`` (1 .. MAX_SPLITS) fixes the grid; 1 runs the single-pass kernel only.
-    ``block_n`` keys per block; ``precision`` is tl.dot's input precision for fp32 ("ieee");
+    ``block_n`` keys per block, ``max_block_m`` rows per tile at most; ``precision`` is tl.dot's input precision for fp32 ("ieee");
     ``combine_rows`` output rows per combine program (a power of two).
     """
     B, Hq, Tq, D = q.shape
@@ -232,7 +233,7 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
     out = torch.empty_like(q)
     if q.numel() == 0:
         return out
-    bm = block_m(group, Tq)
+    bm = block_m(group, Tq, max_block_m)
     m_tiles = triton.cdiv(group * Tq, bm)
     grid = (B, Hk * m_tiles, num_splits)
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_M=bm, BLOCK_N=block_n, PRECISION=precision,

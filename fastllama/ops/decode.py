@@ -39,9 +39,14 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _block_n(d_pad: int, elem_bytes: int) -> int:
-    """Keys per block on a GPU: K and V blocks of ~16 KB each (x2 stages in shared memory)."""
-    return max(16, min(128, 8192 // (d_pad * elem_bytes) * 2))
+def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) on a GPU. K and V blocks of ~16 KB each (x2 stages in
+    shared memory); rows up to 64 for 16-bit inputs (8 warps once the tile passes 4K elements,
+    so the fp32 accumulator and the score tile stay in registers), 16 for fp32, whose ieee dots
+    run on FMA units with register-hungry operand layouts (checked with the build report)."""
+    block_n = max(16, min(128, 8192 // (d_pad * elem_bytes) * 2))
+    bm = _dk.block_m(group, q_len, 16 if elem_bytes >= 4 else 64)
+    return bm, block_n, 4 if bm * d_pad <= 4096 else 8
 
 
 # Under the interpreter every program and every loop step is a Python-level step: fewer, larger
@@ -71,11 +76,14 @@ def default_num_splits(batch: int, kv_heads: int, m_tiles: int, max_len: int, de
 @torch.library.custom_op("fastllama::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                       cache_leftpad: Optional[torch.Tensor], scale: float, num_splits: int) -> torch.Tensor:
-    d_pad = _dk.padded_head_dim(q.shape[-1])
-    block_n = _INTERPRETER_BLOCK_N if interpreter_active() else _block_n(d_pad, q.element_size())
+    if interpreter_active():
+        return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
+                                            num_splits=num_splits, block_n=_INTERPRETER_BLOCK_N,
+                                            combine_rows=_INTERPRETER_ROWS)
+    group = q.shape[1] // k_cache.shape[1]
+    bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size())
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
-                                        num_splits=num_splits,
-                                        block_n=block_n, combine_rows=_INTERPRETER_ROWS if interpreter_active() else 1)
+                                        num_splits=num_splits, block_n=bn, max_block_m=bm, num_warps=warps)
 
 
 @_decode_attention.register_fake
@@ -230,7 +238,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if num_splits is None:
         group = q.shape[1] // k_cache.shape[1]
-        m_tiles = triton.cdiv(group * q.shape[2], _dk.block_m(group, q.shape[2]))
+        bm = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size())[0]
+        m_tiles = triton.cdiv(group * q.shape[2], bm)
         num_splits = default_num_splits(q.shape[0], k_cache.shape[1], m_tiles, k_cache.shape[2], q.device)
     return _decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
 
@@ -361,15 +370,15 @@ _HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims of real Llama-family models
 
 
 def _decode_builds() -> list[KernelBuild]:
-    """Split kernel: dtype x head dim x BLOCK_M (16/32/64) x (single pass, split); combine
-    kernel: dtype x head dim x S_PAD (2..MAX_SPLITS)."""
+    """Split kernel: dtype x head dim x BLOCK_M (16/32/64; fp32: 16) x (single pass, split);
+    combine kernel: dtype x head dim x S_PAD (2..MAX_SPLITS)."""
     builds = []
     s3 = lambda n: {f"stride_{n}{s}": "i32" for s in "bht"}
     for dtype, ptr in _PTR.items():
         for D in _HEAD_DIMS:
             d_pad = _dk.padded_head_dim(D)
-            bn = _block_n(d_pad, dtype.itemsize)
-            for bm in (16, 32, 64):
+            for rows in ((16,) if dtype == torch.float32 else (16, 32, 64)):
+                bm, bn, warps = _gpu_config(rows, 1, d_pad, dtype.itemsize)
                 for split in (False, True):
                     sig = {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
                            "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
@@ -381,7 +390,7 @@ def _decode_builds() -> list[KernelBuild]:
                         _dk.decode_split_kernel, sig,
                         {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
                          "PRECISION": "ieee"},
-                        num_warps=4, num_stages=2,
+                        num_warps=warps, num_stages=2,
                         label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"))
             s_pad = 2
             while s_pad <= MAX_SPLITS:
