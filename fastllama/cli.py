@@ -97,6 +97,13 @@ from . import build_report as _build_report  # noqa: E402
 command("build-report", "compile every kernel config for sm_80/sm_90 without a GPU: registers, spills, "
         "shared memory, occupancy, wgmma, compile time")(_build_report.cli_run)
 
+# fastllama bench [train|memory|ops|decode]: the package's main job (fastllama/bench/cli.py; cheap
+# to import, it loads torch/transformers only when it runs)
+from .bench import cli as _bench_cli  # noqa: E402
+
+_bench_cli.run.add_arguments = _bench_cli.add_arguments
+command("bench", _bench_cli.HELP)(_bench_cli.run)
+
 
 # ---------------------------------------------------------------------------------------------
 # fastllama verify: patched vs original, module by module

@@ -1,0 +1,207 @@
+"""``fastllama bench``: the package's main job, from the command line.
+
+    fastllama bench                  the default preset of this machine (llama-3.2-1b on a GPU,
+                                     the tiny preset under the interpreter: a smoke run)
+    fastllama bench train            training tokens/s and peak memory (--preset, --quick ...)
+    fastllama bench memory           bytes saved for backward per token per layer (any device)
+    fastllama bench ops              every op benchmark in the repository's benchmarks/ folder
+    fastllama bench decode           the decoding benchmark (benchmarks/bench_decode.py)
+
+Everything writes the shared results format (JSON + markdown + PNG, see
+:mod:`fastllama.bench.common`) under ``benchmarks/results/<device-name>/`` or ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+HELP = "benchmarks: training tokens/s and memory, decoding, ops, saved-activation memory (see README)"
+
+# Per op-benchmark script: the arguments of a --quick sweep on a GPU (off-GPU every script runs its
+# own tiny smoke case). A script may define QUICK_ARGS itself instead.
+QUICK_ARGS = {
+    "bench_norm_rope_swiglu": ["--tokens", "4096", "16384"],
+    "bench_attention": ["--dims", "128", "--seqlens", "1024", "4096"],
+    "bench_cross_entropy": ["--tokens", "8192"],
+    "bench_decode": ["--models", "1b", "--batches", "1", "8", "--contexts", "512", "--new-tokens", "64",
+                     "--reps", "2"],
+}
+
+
+def _shared(p: argparse.ArgumentParser, sub: bool) -> None:
+    # sub-subcommands repeat these without defaults, so `bench --quick train` and
+    # `bench train --quick` both work
+    d = (lambda v: argparse.SUPPRESS) if sub else (lambda v: v)
+    p.add_argument("--quick", action="store_true", default=d(False), help="a short sweep (one shape, few steps)")
+    p.add_argument("--out", default=d(None), help="results folder (default: benchmarks/results/<device-name>/)")
+    p.add_argument("--no-progress", action="store_true", default=d(False), help="no progress bars")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options and its sub-subcommands."""
+    from .presets import CONFIGS, PRESETS
+
+    _shared(p, sub=False)
+    sub = p.add_subparsers(dest="bench_command", metavar="{train,memory,ops,decode}")
+    t = sub.add_parser("train", help="training tokens/s and peak memory, HF vs fastllama (and friends)")
+    _shared(t, sub=True)
+    t.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="model shape (default: llama-3.2-1b on a GPU, tiny under the interpreter)")
+    t.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
+    t.add_argument("--seq-len", type=int, nargs="+", default=None, help="sequence lengths (default: the preset's)")
+    t.add_argument("--batch", type=int, default=None, help="fixed batch (default: fill the GPU; 1 on CPU)")
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps, not timed")
+    t.add_argument("--steps", type=int, default=None, help="measured steps (the median is reported)")
+    t.add_argument("--configs", nargs="+", default=None, choices=CONFIGS, help="configurations to run")
+    m = sub.add_parser("memory", help="bytes saved for backward per token per layer, HF sdpa vs fastllama")
+    _shared(m, sub=True)
+    m.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS),
+                   help="model shapes (default: all)")
+    m.add_argument("--tokens", type=int, nargs=2, default=[8, 16], metavar=("T1", "T2"),
+                   help="the two token counts the per-token cost is fitted over")
+    for name, what in (("ops", "every op benchmark script in benchmarks/ (bench_*.py but decode)"),
+                       ("decode", "the decoding benchmark (benchmarks/bench_decode.py)")):
+        o = sub.add_parser(name, help=what)
+        _shared(o, sub=True)
+        o.add_argument("--benchmarks-dir", default=None, help="the repository's benchmarks/ folder")
+        if name == "ops":
+            o.add_argument("--only", nargs="+", default=None, help="script names to run (e.g. bench_attention)")
+        o.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script(s) after --")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``fastllama bench ...``; the exit code is 1 if any configuration failed (OOM is a
+    result, not a failure)."""
+    if args.out:
+        os.environ["FASTLLAMA_RESULTS_DIR"] = str(Path(args.out).resolve())
+    which = args.bench_command
+    if which is None:
+        return _default(args)
+    return {"train": _train, "memory": _memory, "ops": _ops, "decode": _decode}[which](args)
+
+
+# ---------------------------------------------------------------------------------------------
+def _banner() -> None:
+    from . import common
+
+    if not common.is_measurement():
+        print("=" * 88)
+        print("SMOKE RUN: no GPU, so every kernel runs on the CPU under the Triton interpreter.")
+        print("It proves the benchmark paths work; the numbers below are NOT measurements.")
+        print("=" * 88, flush=True)
+
+
+def _train(args, preset: str | None = None) -> int:
+    from . import common, train
+
+    _banner()
+    preset = preset or getattr(args, "preset", None) or ("llama-3.2-1b" if common.on_gpu() else "tiny")
+    settings = train.default_settings(
+        preset, args.quick, configs=getattr(args, "configs", None), seq_lens=getattr(args, "seq_len", None),
+        batch=getattr(args, "batch", None), warmup=getattr(args, "warmup", None), steps=getattr(args, "steps", None),
+        layers=getattr(args, "layers", None))
+    t0 = time.time()
+    rows = train.run_train(settings, progress=not args.no_progress)
+    name = f"train-{settings.preset.name}"
+    out = common.write_results(name, rows, train.TRAIN_COLUMNS, extra=train.train_extra(settings),
+                               plot=train.TRAIN_PLOTS)
+    print()
+    if not common.is_measurement():
+        print("**Smoke run under the Triton interpreter (float32, tiny shapes): not a measurement.**\n")
+    print(common.markdown_table(rows, train.TRAIN_COLUMNS))
+    for r in rows:
+        if "traceback" in r:
+            print(f"{r['config']} seq {r['seq_len']}:\n{r['traceback']}", file=sys.stderr)
+    print(f"{len(rows)} rows in {time.time() - t0:.0f} s; results in {out}/{name}.{{json,md,png}}")
+    return 1 if any(str(r.get("status", "")).startswith("error") for r in rows) else 0
+
+
+def _memory(args, presets=None) -> int:
+    from . import common, memory
+
+    presets = presets or getattr(args, "presets", None) or memory.DEFAULT_PRESETS
+    tokens = tuple(getattr(args, "tokens", None) or memory.DEFAULT_TOKENS)
+    t0 = time.time()
+    rows = memory.memory_report(presets=presets, token_counts=tokens, device=common.device(),
+                                progress=not args.no_progress)
+    out = common.write_results("memory", [memory.public_row(r) for r in rows], memory.MEMORY_COLUMNS,
+                               extra=memory.memory_extra(rows, tokens), plot=memory.MEMORY_PLOTS)
+    print("\nBytes saved for backward (saved_tensors_hooks), bf16, per token; device-independent:")
+    print(common.markdown_table(rows, memory.MEMORY_COLUMNS))
+    print(f"({time.time() - t0:.0f} s) results in {out}/memory.{{json,md,png}}")
+    return 0
+
+
+def _default(args) -> int:
+    """The main job: the training benchmark and the memory report on this machine's default preset."""
+    from . import common
+
+    preset = "llama-3.2-1b" if common.on_gpu() else "tiny"
+    print(f"fastllama bench: default preset for this machine: {preset}"
+          + ("" if common.on_gpu() else " (CPU only: a smoke run under the Triton interpreter)"))
+    rc = _train(args, preset)
+    rc |= _memory(args, presets=[preset])
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------
+def benchmarks_dir(given: str | None = None) -> Path:
+    """The repository's benchmarks/ folder (the op and decode scripts live there, not in the
+    installed package); FileNotFoundError says how to point at it."""
+    from .common import _REPO
+
+    path = Path(given) if given else _REPO / "benchmarks"
+    if not (path / "common.py").exists():
+        raise FileNotFoundError(
+            f"no benchmarks/ folder at {path}: the op and decode benchmark scripts ship with the "
+            "repository, not the wheel; run from a checkout (pip install -e .) or pass --benchmarks-dir")
+    return path
+
+
+def _run_scripts(names: list[str], args) -> int:
+    from . import common, plots
+
+    folder = benchmarks_dir(args.benchmarks_dir)
+    sys.path.insert(0, str(folder.parent))  # the scripts import `benchmarks.common`
+    extra = [a for a in (args.args or []) if a != "--"]
+    rc = 0
+    _banner()
+    for name in names:
+        mod = importlib.import_module(f"benchmarks.{name}")
+        argv = list(extra)
+        if args.quick and common.on_gpu() and not extra:
+            argv = list(getattr(mod, "QUICK_ARGS", QUICK_ARGS.get(name, [])))
+        print(f"\n### {name} {' '.join(argv)}", flush=True)
+        t0 = time.time()
+        try:
+            result = mod.main(argv)
+        except SystemExit as e:  # argparse errors
+            result = e.code
+        except Exception:  # noqa: BLE001  (one failing script does not stop the others)
+            import traceback
+
+            traceback.print_exc()
+            result = 1
+        if isinstance(result, int) and result:
+            rc = 1
+        print(f"### {name}: {time.time() - t0:.0f} s", flush=True)
+    plots.plot_missing(common.results_dir())
+    return rc
+
+
+def op_scripts(folder: Path) -> list[str]:
+    """Every ``bench_*.py`` in ``folder`` except the decoding one."""
+    return sorted(p.stem for p in folder.glob("bench_*.py") if p.stem != "bench_decode")
+
+
+def _ops(args) -> int:
+    names = args.only or op_scripts(benchmarks_dir(args.benchmarks_dir))
+    return _run_scripts(names, args)
+
+
+def _decode(args) -> int:
+    return _run_scripts(["bench_decode"], args)

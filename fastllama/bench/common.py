@@ -1,0 +1,245 @@
+"""What every benchmark shares: timing, the device's measured peaks, and the results format.
+
+Times are medians over repetitions. On CUDA a timed call synchronises the device (CUDA events
+through ``triton.testing.do_bench``). Under the Triton interpreter nothing is a measurement:
+``is_measurement()`` is False and results say so.
+
+The results format (``fastllama bench train|decode|ops|memory`` and every script in
+``benchmarks/``): under ``benchmarks/results/<device-name>/``, for a benchmark called NAME,
+
+* ``NAME.json``: ``{"benchmark", "environment" (date, command, device, versions, git commit),
+  "rows" (one dict per measured configuration), ...extra}``;
+* ``NAME.md``: the device, the date, a smoke-run warning off-GPU, and the rows as a table;
+* ``NAME.png``: a plot of the rows (when the benchmark gives a :class:`Plot`).
+
+``benchmarks/common.py`` re-exports this module, so the scripts there and the installed
+``fastllama bench`` command write the same files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _results_root() -> Path:
+    # In a checkout (editable install): the repository's benchmarks/results. Installed from a
+    # wheel: benchmarks/results under the current directory.
+    if (_REPO / "benchmarks" / "common.py").exists():
+        return _REPO / "benchmarks" / "results"
+    return Path.cwd() / "benchmarks" / "results"
+
+
+RESULTS = _results_root()
+
+
+def on_gpu() -> bool:
+    """A CUDA device is present and the Triton interpreter is off."""
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def is_measurement() -> bool:
+    """Only GPU timings are measurements; interpreter runs only prove the script works."""
+    return on_gpu()
+
+
+def device() -> str:
+    """"cuda" on a GPU, else "cpu"."""
+    return "cuda" if on_gpu() else "cpu"
+
+
+def device_name() -> str:
+    """A folder-safe name of the device: 'NVIDIA-H200', or 'cpu-interpreter'."""
+    if on_gpu():
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return "cpu-interpreter"
+
+
+def results_dir(out_dir: Path | str | None = None) -> Path:
+    """``out_dir`` if given, else ``$FASTLLAMA_RESULTS_DIR`` if set (``fastllama bench --out``
+    sets it, so scripts called from there write to the same folder), else
+    ``benchmarks/results/<device-name>/``."""
+    if out_dir:
+        return Path(out_dir)
+    if os.environ.get("FASTLLAMA_RESULTS_DIR"):
+        return Path(os.environ["FASTLLAMA_RESULTS_DIR"])
+    return RESULTS / device_name()
+
+
+def time_ms(fn, warmup: int = 5, rep: int = 20) -> float:
+    """Median milliseconds of ``fn()``; device-synchronised on CUDA."""
+    if on_gpu():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(max(1, min(rep, 3))):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes / time), GB/s."""
+    n = nbytes // 2
+    src = torch.empty(n, dtype=torch.uint8, device=device())
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * n / ms / 1e6
+
+
+def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
+    """Measured dense bf16 matmul TFLOP/s (n x n x n)."""
+    a = torch.randn(n, n, device=device(), dtype=dtype)
+    b = torch.randn(n, n, device=device(), dtype=dtype)
+    ms = time_ms(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    """Versions, device, date and command line, stored with every result file."""
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if on_gpu() else "CPU (Triton interpreter)",
+        "measurement": is_measurement(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if on_gpu():
+        env["cuda"] = torch.version.cuda
+        env["gpu_memory_GiB"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    for pkg in ("transformers", "liger_kernel", "flash_attn"):
+        try:
+            module = __import__(pkg)
+            env[pkg] = getattr(module, "__version__", "installed")
+        except ImportError:
+            pass
+    commit = _git_commit()
+    if commit:
+        env["git_commit"] = commit
+    return env
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A markdown table of ``rows`` (floats to 3 significant digits)."""
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass
+class Plot:
+    """How to plot a benchmark's rows: ``y`` against ``x``, one line (or bar group) per value of
+    ``series``, one panel per value of ``panel`` (optional). Bars when ``x`` is not numeric."""
+
+    x: str
+    y: str
+    series: str
+    panel: str | None = None
+    title: str = ""
+    logx: bool = False
+    higher_is_better: bool = True
+    where: dict = dataclasses.field(default_factory=dict)  # only rows with these values
+
+
+def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path | None:
+    """Draws ``rows`` per ``plot`` into the PNG ``path`` (None when nothing numeric to draw)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if isinstance(r.get(plot.y), (int, float)) and not isinstance(r.get(plot.y), bool)
+            and all(r.get(k) == v for k, v in plot.where.items())]
+    if not rows:
+        return None
+    panels = list(dict.fromkeys(r.get(plot.panel) for r in rows)) if plot.panel else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        sub = [r for r in rows if plot.panel is None or r.get(plot.panel) == panel]
+        series = list(dict.fromkeys(r.get(plot.series) for r in sub))
+        xs = list(dict.fromkeys(r.get(plot.x) for r in sub))
+        numeric = len(xs) > 1 and all(isinstance(x, (int, float)) for x in xs)  # else bars
+        width = 0.8 / max(1, len(series))
+        for i, s in enumerate(series):
+            pts = [(r[plot.x], r[plot.y]) for r in sub if r.get(plot.series) == s]
+            if numeric:
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(s))
+            else:
+                ax.bar([xs.index(p[0]) + i * width for p in pts], [p[1] for p in pts], width, label=str(s))
+        if not numeric:
+            ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(xs))], [str(x) for x in xs])
+        elif plot.logx:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(plot.x)
+        ax.set_ylabel(plot.y + (" (higher is better)" if plot.higher_is_better else " (lower is better)"))
+        where = ", ".join(f"{k}={v}" for k, v in plot.where.items())
+        ax.set_title(" ".join(t for t in (plot.title, f"{plot.panel}={panel}" if plot.panel else "", where) if t),
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if note:
+        fig.suptitle(note, fontsize=9, color="red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(name: str, rows: list[dict], columns: list[str] | None = None, extra: dict | None = None,
+                  out_dir: Path | None = None, plot: Plot | list[Plot] | None = None) -> Path:
+    """Writes ``<name>.json`` and ``<name>.md`` (and ``<name>.png`` with ``plot``; a list of plots
+    writes ``<name>.png``, ``<name>-2.png`` ...) under ``out_dir`` (default
+    ``benchmarks/results/<device-name>/``); returns the folder."""
+    out = results_dir(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    payload = {"benchmark": name, "environment": env, "rows": rows, **(extra or {})}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+    note = "" if env["measurement"] else "\n**Smoke run under the Triton interpreter: not a measurement.**\n"
+    images = []
+    plots = plot if isinstance(plot, list) else [plot] if plot else []
+    for i, p in enumerate(plots):
+        png = out / (f"{name}.png" if i == 0 else f"{name}-{i + 1}.png")
+        smoke = "" if env["measurement"] else "smoke run under the Triton interpreter: not a measurement"
+        if write_plot(png, rows, p, note=smoke):
+            images.append(f"![{name}]({png.name})\n")
+    (out / f"{name}.md").write_text(f"# {name}\n\n{env['device']}, {env['date']}\n{note}\n"
+                                    + markdown_table(rows, columns) + "".join("\n" + im for im in images))
+    return out

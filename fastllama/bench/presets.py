@@ -1,0 +1,115 @@
+"""Model shapes the benchmarks use: Llama-3.2-1B, Llama-3-8B (fewer layers) and a tiny one.
+
+Each preset is an HF ``config.json`` dict, so the same dict builds transformers'
+``LlamaForCausalLM`` and fastllama's reference ``Llama``. Weights are random: the benchmarks
+measure speed and memory, which do not depend on the values.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+__all__ = ["Preset", "PRESETS", "CONFIGS", "get_preset", "hf_model", "reference_model"]
+
+#: The training configurations compared (see fastllama.bench.train).
+CONFIGS = ("hf-sdpa", "hf-compile", "hf-liger", "hf+fastllama", "reference+fastllama")
+
+_LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A model shape plus the training-benchmark defaults for it."""
+
+    name: str
+    config: dict
+    seq_lens: tuple[int, ...]  # the full sweep
+    quick_seq_lens: tuple[int, ...]  # --quick
+    note: str = ""
+
+    @property
+    def layers(self) -> int:
+        return self.config["num_hidden_layers"]
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "tiny",
+            dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                 rms_norm_eps=1e-5, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+                 tie_word_embeddings=False),
+            seq_lens=(64, 128), quick_seq_lens=(64,),
+            note="tiny shape for the CPU smoke run under the Triton interpreter: not a measurement",
+        ),
+        Preset(
+            "llama-3.2-1b",
+            dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                 rms_norm_eps=1e-5, rope_parameters=dict(_LLAMA3_ROPE), tie_word_embeddings=True),
+            seq_lens=(2048, 4096, 8192), quick_seq_lens=(4096,),
+            note="Llama-3.2-1B shape (16 layers, tied embeddings), random weights",
+        ),
+        Preset(
+            "llama-3-8b",
+            dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=8,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                 rms_norm_eps=1e-5, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+                 tie_word_embeddings=False),
+            seq_lens=(2048, 4096, 8192), quick_seq_lens=(4096,),
+            note="Llama-3-8B layer shape with 8 of its 32 layers (so weights, gradients and AdamW "
+                 "states fit one GPU), random weights",
+        ),
+    )
+}
+
+
+def get_preset(name: str, layers: int | None = None) -> Preset:
+    """The preset called ``name`` (ValueError lists the names); ``layers`` overrides its depth."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[name]
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        note = p.note if layers == p.layers else f"{p.note}; {layers} layers"
+        p = dataclasses.replace(p, config=dict(p.config, num_hidden_layers=layers), note=note)
+    return p
+
+
+def hf_model(config: dict, dtype, device, attn_implementation: str = "sdpa"):
+    """transformers' ``LlamaForCausalLM`` with random weights, built directly on ``device``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**config)
+    cfg._attn_implementation = attn_implementation
+    with torch.device(device), _default_dtype(dtype):
+        return LlamaForCausalLM(cfg)
+
+
+def reference_model(config: dict, dtype, device):
+    """fastllama's reference ``Llama`` with random weights, built directly on ``device``."""
+    import torch
+
+    from ..reference import Llama
+
+    with torch.device(device), _default_dtype(dtype):
+        return Llama(dict(config, model_type="llama"))
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    """Parameters are created in ``dtype`` (as HF's ``from_config(dtype=...)`` does), while
+    buffers computed explicitly in fp32 (rotary frequencies) stay fp32."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)

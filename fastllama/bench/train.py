@@ -1,0 +1,333 @@
+"""The training benchmark: tokens/s and peak memory of full training steps, in one run.
+
+A step is what a training loop does: forward with labels (the model computes its loss),
+backward, a fused AdamW step, gradients set to None. Weights are random, bf16 on a GPU. Every
+configuration trains the same preset at the same (sequence length, batch):
+
+* ``hf-sdpa``: transformers' ``LlamaForCausalLM`` with ``attn_implementation="sdpa"`` (eager
+  PyTorch otherwise): the baseline every ratio refers to;
+* ``hf-compile``: the same model under ``torch.compile``;
+* ``hf-liger``: the same model with Liger-Kernel's Llama patch (only when installed, CUDA only);
+* ``hf+fastllama``: the same model after ``fastllama.patch(model)``;
+* ``reference+fastllama``: fastllama's reference ``Llama`` after ``fastllama.patch(model)``.
+
+Warm-up steps (compilation, autotuning, allocator growth) are excluded; the reported step time
+is the median over the measured steps, each timed between two device synchronisations. Peak
+memory is ``torch.cuda.max_memory_allocated`` over the measured steps (weights, gradients and
+AdamW states included). The batch is chosen to fill the GPU: one probe step of the baseline at
+batch 1 gives its fixed and per-sequence memory, and the batch is the largest that keeps the
+baseline under 85% of the device memory (``--batch`` overrides). A configuration that runs out
+of memory is recorded as an "OOM" row, not a crash; any other failure is recorded with its error.
+
+Off-GPU (CPU, Triton interpreter) the benchmark runs, in float32 (the interpreter computes bf16
+``tl.dot`` wrongly without the test suite's shim), to prove that every path works: a smoke run,
+not a measurement.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+from . import common
+from .presets import CONFIGS, Preset, get_preset, hf_model, reference_model
+
+__all__ = ["CONFIGS", "TrainSettings", "run_train", "TRAIN_COLUMNS", "TRAIN_PLOTS"]
+
+BASELINE = "hf-sdpa"
+
+TRAIN_COLUMNS = ["preset", "seq_len", "batch", "config", "tokens/s", "vs hf-sdpa", "step ms", "peak GiB",
+                 "peak vs hf-sdpa", "TFLOP/s", "loss", "status"]
+TRAIN_PLOTS = [
+    common.Plot(x="seq_len", y="tokens/s", series="config", panel="preset", title="training tokens/s"),
+    common.Plot(x="seq_len", y="peak GiB", series="config", panel="preset", title="training peak memory",
+                higher_is_better=False),
+]
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    preset: Preset
+    seq_lens: tuple[int, ...]
+    batch: int | None  # None: fill the GPU (1 off-GPU)
+    warmup: int
+    steps: int
+    configs: tuple[str, ...]
+    dtype: torch.dtype
+    device: str
+    memory_fraction: float = 0.85
+
+
+def default_settings(preset: str, quick: bool, configs=None, seq_lens=None, batch=None, warmup=None,
+                     steps=None, layers=None) -> TrainSettings:
+    """The settings ``fastllama bench train`` uses: GPU bf16, or the CPU smoke run in fp32."""
+    p = get_preset(preset, layers)
+    gpu = common.on_gpu()
+    return TrainSettings(
+        preset=p,
+        seq_lens=tuple(seq_lens or (p.quick_seq_lens if quick else p.seq_lens)),
+        batch=batch if batch else (None if gpu else 1),
+        warmup=warmup if warmup is not None else (2 if quick else 3) if gpu else 1,
+        steps=steps if steps is not None else (5 if quick else 10) if gpu else 2,
+        configs=tuple(configs or CONFIGS),
+        dtype=torch.bfloat16 if gpu else torch.float32,
+        device=common.device(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building each configuration
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _restored_modeling_llama():
+    """Liger patches transformers' Llama module globally (functions and class forwards); put
+    everything back afterwards so that later configurations run the original code."""
+    from transformers.models.llama import modeling_llama as mod
+
+    saved = dict(vars(mod))
+    classes = {name: dict(vars(cls)) for name, cls in saved.items()
+               if isinstance(cls, type) and cls.__module__ == mod.__name__}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(mod, name, value)
+        for name, attrs in classes.items():
+            cls = saved[name]
+            for attr in set(vars(cls)) - set(attrs):
+                with contextlib.suppress(AttributeError, TypeError):
+                    delattr(cls, attr)
+            for attr, value in attrs.items():
+                if vars(cls).get(attr) is not value:
+                    with contextlib.suppress(AttributeError, TypeError):
+                        setattr(cls, attr, value)
+
+
+def unavailable(config: str) -> str | None:
+    """Why ``config`` cannot run here (None: it can)."""
+    if config == "hf-liger":
+        try:
+            import liger_kernel.transformers  # noqa: F401
+        except ImportError:
+            return "liger-kernel not installed"
+        if not common.on_gpu():
+            return "Liger-Kernel needs CUDA"
+    return None
+
+
+def build(config: str, settings: TrainSettings):
+    """(model, forward) for ``config``; ``forward(ids)`` returns the loss of a causal-LM step."""
+    cfg, dtype, dev = settings.preset.config, settings.dtype, settings.device
+    torch.manual_seed(0)
+    if config == "reference+fastllama":
+        from ..patching import patch
+
+        model = patch(reference_model(cfg, dtype, dev).train())
+        return model, lambda ids: model(ids, labels=ids)[1]
+    model = hf_model(cfg, dtype, dev, "sdpa").train()
+    model.config.use_cache = False
+    if config == "hf-sdpa":
+        return model, lambda ids: model(input_ids=ids, labels=ids).loss
+    if config == "hf-compile":
+        compiled = torch.compile(model)
+        return model, lambda ids: compiled(input_ids=ids, labels=ids).loss
+    if config == "hf-liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=model)
+        return model, lambda ids: model(input_ids=ids, labels=ids).loss
+    if config == "hf+fastllama":
+        from ..patching import patch
+
+        patch(model)
+        return model, lambda ids: model(input_ids=ids, labels=ids).loss
+    raise ValueError(f"unknown configuration {config!r}; choose from {CONFIGS}")
+
+
+def _optimizer(model, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:  # the fused (single-kernel) AdamW step; CPU has one too in recent torch
+        return torch.optim.AdamW(params, lr=1e-5, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=1e-5)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def model_flops_per_step(cfg: dict, batch: int, seq: int) -> float:
+    """Training FLOPs of one step: 6 x (matmul parameters) x tokens for every linear layer and
+    the LM head, plus causal attention (forward 2*B*H*T^2*D, backward 2.5x that) per layer."""
+    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hq, hk = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // hq
+    per_layer = h * (hq * d) * 2 + h * (hk * d) * 2 + 3 * h * i
+    tokens = batch * seq
+    attention = 3.5 * 2 * batch * hq * seq * seq * d * L
+    return 6 * (per_layer * L + h * cfg["vocab_size"]) * tokens + attention
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+def _ids(cfg, batch, seq, device):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g).to(device)
+
+
+def _train_steps(model, forward, ids, warmup, steps, device, on_step=None):
+    """(median step seconds, peak bytes or None, last loss)."""
+    opt = _optimizer(model, device)
+
+    def step():
+        loss = forward(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+        on_step and on_step()
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = [], None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        on_step and on_step()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    del opt
+    return statistics.median(times), peak, float(loss.detach().float())
+
+
+def plan_batches(settings: TrainSettings, log=print) -> dict[int, int]:
+    """Batch per sequence length: fixed, or the largest that keeps the baseline under
+    ``memory_fraction`` of the device, from one probe step at batch 1."""
+    if settings.batch is not None or settings.device != "cuda":
+        return {s: settings.batch or 1 for s in settings.seq_lens}
+    total = torch.cuda.get_device_properties(0).total_memory * settings.memory_fraction
+    plan = {}
+    model, forward = build(BASELINE, settings)
+    try:
+        for seq in settings.seq_lens:
+            try:
+                _free("cuda")
+                fixed = torch.cuda.memory_allocated()
+                # the probe's first step allocates gradients and AdamW states (fixed, x3 weights)
+                _, peak, _ = _train_steps(model, forward, _ids(settings.preset.config, 1, seq, "cuda"), 1, 1, "cuda")
+                fixed_all = fixed * 4  # weights + gradients + two AdamW moments (all bf16)
+                per_seq = max(peak - fixed_all, 1)
+                plan[seq] = max(1, int((total - fixed_all) // per_seq))
+            except torch.OutOfMemoryError:
+                plan[seq] = 1
+            log(f"  batch for seq {seq}: {plan[seq]} (probe of {BASELINE} at batch 1)")
+    finally:
+        del model, forward
+        _free("cuda")
+    return plan
+
+
+def run_config(config: str, settings: TrainSettings, batches: dict[int, int], progress: bool = True) -> list[dict]:
+    """Rows for one configuration at every sequence length, behind one progress bar."""
+    from tqdm.auto import tqdm
+
+    p, dev = settings.preset, settings.device
+    base = dict(preset=p.name, config=config)
+    why = unavailable(config)
+    if why:
+        return [dict(base, seq_len=s, batch=batches[s], status=f"skipped: {why}") for s in settings.seq_lens]
+    rows = []
+    bar = tqdm(total=len(settings.seq_lens) * (settings.warmup + settings.steps), desc=f"{config:<20}",
+               disable=not progress, leave=True, file=sys.stderr)
+    guard = _restored_modeling_llama() if config == "hf-liger" else contextlib.nullcontext()
+    model = forward = None
+    try:
+        with guard:
+            for seq in settings.seq_lens:
+                batch = batches[seq]
+                row = dict(base, seq_len=seq, batch=batch)
+                bar.set_postfix_str(f"seq {seq} x {batch}")
+                try:
+                    if model is None:
+                        model, forward = build(config, settings)
+                    ids = _ids(p.config, batch, seq, dev)
+                    sec, peak, loss = _train_steps(model, forward, ids, settings.warmup, settings.steps, dev,
+                                                   on_step=lambda: bar.update(1))
+                    row.update({"tokens/s": batch * seq / sec, "step ms": sec * 1e3,
+                                "peak GiB": peak / 2**30 if peak is not None else None,
+                                "TFLOP/s": model_flops_per_step(p.config, batch, seq) / sec / 1e12,
+                                "loss": loss, "status": "ok"})
+                except torch.OutOfMemoryError:
+                    row["status"] = "OOM"
+                    model = forward = None  # rebuild: the failed step may have left state behind
+                except Exception as e:  # noqa: BLE001  (recorded, not raised: one broken path keeps the rest)
+                    row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    row["traceback"] = traceback.format_exc(limit=8)
+                    model = forward = None
+                rows.append(row)
+                _free(dev)
+    finally:
+        del model, forward
+        _free(dev)
+        bar.close()
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``vs hf-sdpa`` (tokens/s ratio) and ``peak vs hf-sdpa`` for every measured row."""
+    base = {(r["preset"], r["seq_len"]): r for r in rows if r["config"] == BASELINE and r.get("status") == "ok"}
+    for r in rows:
+        b = base.get((r["preset"], r["seq_len"]))
+        if b is None or r.get("status") != "ok":
+            continue
+        r["vs hf-sdpa"] = r["tokens/s"] / b["tokens/s"]
+        if r.get("peak GiB") and b.get("peak GiB"):
+            r["peak vs hf-sdpa"] = r["peak GiB"] / b["peak GiB"]
+
+
+def run_train(settings: TrainSettings, progress: bool = True, log=print) -> list[dict]:
+    """Every configuration of ``settings``, baseline first (Liger, which patches transformers
+    globally, after the others); returns the rows with ratios to the baseline."""
+    order = sorted(settings.configs, key=lambda c: (c != BASELINE, c == "hf-liger"))
+    log(f"training benchmark: {settings.preset.name} ({settings.preset.note}), "
+        f"{str(settings.dtype).removeprefix('torch.')} on {common.environment()['device']}, "
+        f"{settings.warmup} warm-up + {settings.steps} measured steps per shape")
+    batches = plan_batches(settings, log)
+    rows = []
+    for config in order:
+        rows += run_config(config, settings, batches, progress)
+    add_ratios(rows)
+    return rows
+
+
+def train_extra(settings: TrainSettings) -> dict:
+    """What goes into the JSON next to the rows: the settings and the preset."""
+    return {
+        "preset": settings.preset.name, "preset_note": settings.preset.note, "model_config": settings.preset.config,
+        "dtype": str(settings.dtype).removeprefix("torch."), "warmup_steps": settings.warmup,
+        "measured_steps": settings.steps, "optimizer": "torch.optim.AdamW(fused=True), lr 1e-5",
+        "step": "forward with labels (loss inside the model), backward, optimizer.step(), zero_grad(set_to_none)",
+        "batch": "fixed" if settings.batch else f"filled to {settings.memory_fraction:.0%} of device memory",
+        "targets (llama-3.2-1b, seq 4k, H100/H200)": {"tokens/s vs hf-sdpa": ">= 1.3", "tokens/s vs hf-liger": ">= 1.1",
+                                                     "peak vs hf-sdpa": "<= 0.6"},
+        "flops": "6 x matmul params x tokens + causal attention 7*B*H*T^2*D per layer",
+    }
+
