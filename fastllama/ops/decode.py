@@ -40,12 +40,15 @@ def _num_sms(device_index: int) -> int:
 
 
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) on a GPU. K and V blocks of ~16 KB each (x2 stages in
-    shared memory); rows up to 64 for 16-bit inputs (8 warps once the tile passes 4K elements,
-    so the fp32 accumulator and the score tile stay in registers), 16 for fp32, whose ieee dots
-    run on FMA units with register-hungry operand layouts (checked with the build report)."""
-    block_n = max(16, min(128, 8192 // (d_pad * elem_bytes) * 2))
-    bm = _dk.block_m(group, q_len, 16 if elem_bytes >= 4 else 64)
+    """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_90 compiles (ptxas registers, with the
+    16-divisible strides a launch gets specialised on): 16-bit inputs take up to 64 rows and 64
+    keys (32 at D = 256), 8 warps once the tile passes 4K elements, at most ~190 registers and
+    no spills; fp32 (ieee dots on FMA units, register-hungry operand layouts) 16 rows and
+    2048 / D keys (D = 128 with 32 keys spilled 352 bytes)."""
+    if elem_bytes >= 4:
+        block_n, bm = max(16, min(64, 2048 // d_pad)), _dk.block_m(group, q_len, 16)
+    else:
+        block_n, bm = min(64, 16384 // (d_pad * 2)), _dk.block_m(group, q_len, 64)
     return bm, block_n, 4 if bm * d_pad <= 4096 else 8
 
 
