@@ -142,7 +142,9 @@ def _default(args) -> int:
 
     preset = "llama-3.2-1b" if common.on_gpu() else "tiny"
     print(f"fastllama bench: default preset for this machine: {preset}"
-          + ("" if common.on_gpu() else " (CPU only: a smoke run under the Triton interpreter)"))
+          + ("" if common.on_gpu() else " (CPU only: a --quick smoke run under the Triton interpreter)"))
+    if not common.on_gpu():
+        args.quick = True
     rc = _train(args, preset)
     rc |= _memory(args, presets=[preset])
     return rc
