@@ -79,8 +79,9 @@ def _cases(tokens: int, dims: dict, dtype, dev):
     pos = torch.arange(tokens, device=dev)[None]
     inv_freq = reference.rope_inv_freq(d, 500000.0).to(dev)
     cos, sin = reference.rope_cos_sin(pos, inv_freq, dtype=dtype)
-    q = rand(1, tokens, hq, d).transpose(1, 2)  # HF layout: a transposed view
-    k = rand(1, tokens, hk, d).transpose(1, 2)
+    # HF layout: (B, T, H, D) transposed. Leaves, so no gradient accumulates into a base tensor.
+    q = rand(1, tokens, hq, d, grad=False).transpose(1, 2).requires_grad_()
+    k = rand(1, tokens, hk, d, grad=False).transpose(1, 2).requires_grad_()
     qk = (hq + hk) * tokens * d * e
     n = tokens * h * e
     m = tokens * inter * e

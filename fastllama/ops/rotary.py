@@ -27,8 +27,11 @@ MAX_HEAD_DIM = 256
 # Configs
 # ----------------------------------------------------------------------------------------------
 def _gpu_block_t(block_d: int) -> int:
-    """Positions per program on a GPU: a 2K-element half-tile (8 fp32 a thread at 4 warps)."""
-    return max(1, 2048 // block_d)
+    """Positions per program on a GPU: a 512-element half-tile (4 values a thread at 4 warps).
+    cos/sin (four half-tiles, or two from positions) stay in registers across all the heads
+    plus per-element 64-bit pointers: 2K-element tiles needed 255 registers and spilled, 1K
+    ones 178; 512 fit in 80 (sm_90 build, no spills)."""
+    return max(1, 512 // block_d)
 
 
 def _config(q: torch.Tensor, k: torch.Tensor) -> dict:
@@ -143,6 +146,8 @@ def _validate_qk(q, k) -> None:
     if (bk, tk, dk) != (b, t, d):
         raise ValueError(f"k has shape {tuple(k.shape)} but q has shape {tuple(q.shape)}; they must agree in "
                          f"batch, seq_len and head_dim (q (B, Hq, T, D), k (B, Hk, T, D))")
+    if b > 65535:  # the launch grid's second axis
+        raise ValueError(f"q has batch size {b}; accepted: at most 65535 (fold batch into seq_len)")
     if d % 2 or not 2 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"q has head_dim {d}; accepted: an even head_dim from 2 to {MAX_HEAD_DIM}")
     check_last_dim_contiguous("q", q)
