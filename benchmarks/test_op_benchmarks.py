@@ -1,0 +1,100 @@
+"""Every op of the op table as a pytest-benchmark test: forward, and forward + backward.
+
+    pytest benchmarks --benchmark-only                 # CUDA: Llama-3-8B-layer-sized shapes
+    pytest benchmarks --benchmark-only --benchmark-json=out.json
+
+Each timed call ends with ``torch.cuda.synchronize()``, so the time is the device's, not the
+launch's. Shapes on CUDA come from :data:`BENCH_PARAMS` (Llama-3-8B layer sizes at 16k tokens)
+or, for an op not listed, its largest parity case. Without a GPU each op runs its first (tiny)
+parity case once under the Triton interpreter: that proves the benchmark runs, it measures
+nothing.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.conftest import DEVICE, INTERPRETER  # (interpreter + bf16 shim set up there)
+from fastllama import optable
+
+# Llama-3-8B layer shapes: hidden 4096, intermediate 14336, 32/8 heads, head_dim 128, 16k tokens
+BENCH_PARAMS = {
+    "rms_norm": {"shape": (4, 4096, 4096)},
+    "rms_norm_residual": {"shape": (4, 4096, 4096), "residual": True},
+    "swiglu": {"shape": (4, 4096, 14336)},
+    "swiglu_fused": {"shape": (4, 4096, 14336), "fused": True},
+    "rotary": {"b": 4, "hq": 32, "hk": 8, "t": 4096, "d": 128, "transposed": True},
+    "flash_attention": {"B": 4, "Hq": 32, "Hk": 8, "Tq": 4096, "D": 128},
+    "linear_cross_entropy": {"batch": 4, "seq": 4096, "hidden": 4096, "vocab": 128256},
+}
+
+
+def _size(params: dict) -> int:
+    """A rough size of a parity case: the product of its integer parameters (lists summed)."""
+    n = 1
+    for v in params.values():
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, int):
+            n *= max(v, 1)
+        elif isinstance(v, (tuple, list)) and all(isinstance(x, int) for x in v):
+            n *= max(sum(v), 1) if v else 1
+    return n
+
+
+def _case(spec) -> tuple[str, dict]:
+    if INTERPRETER:
+        case = next(c for c in spec.cases if not c.cuda_only)
+        return case.id, case.params
+    if spec.name in BENCH_PARAMS:
+        return "llama-3-8b", BENCH_PARAMS[spec.name]
+    case = max(spec.cases, key=lambda c: _size(c.params))
+    return case.id, case.params
+
+
+SPECS = optable.all_specs()
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_op(benchmark, spec, backward):
+    dtype = torch.bfloat16 if torch.bfloat16 in spec.dtypes else spec.dtypes[0]
+    case_id, params = _case(spec)
+    torch.manual_seed(0)
+    args, kwargs = spec.make_args(params, dtype, DEVICE)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if backward and not inputs:
+        pytest.skip(f"{spec.name} has no gradient (forward-only op)")
+
+    def outputs():
+        out = spec.op(*args, **kwargs)
+        return [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+
+    grads = [torch.randn_like(o) for o in outputs()] if backward else None
+
+    def step():
+        if backward:
+            for a in inputs:
+                a.grad = None
+            torch.autograd.backward(outputs(), grads)
+        else:
+            with torch.no_grad():
+                spec.op(*args, **kwargs)
+        _sync()  # the device's time, not the launch's
+
+    benchmark.extra_info.update(op=spec.name, case=case_id, dtype=str(dtype).removeprefix("torch."),
+                                device=DEVICE, measurement=not INTERPRETER,
+                                elements=sum(a.numel() for a in args if isinstance(a, torch.Tensor)))
+    if INTERPRETER:  # one call: the interpreter proves the path, it does not time it
+        benchmark.pedantic(step, rounds=1, iterations=1, warmup_rounds=0)
+    else:
+        benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=3)
+    assert math.isfinite(benchmark.stats.stats.median)
