@@ -22,10 +22,12 @@ __all__ = ["swiglu", "swiglu_fused"]
 # Configs
 # ----------------------------------------------------------------------------------------------
 def _gpu_tile(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) on a GPU: 4K-element tiles, up to 1024 wide (32 values a thread at
-    4 warps: four 16-byte bf16 vectors per tensor, enough bytes in flight to saturate HBM)."""
+    """(BLOCK_M, BLOCK_N) on a GPU. Llama sizes (I >= 1024) get 4 x 1024 tiles: 32 values a
+    thread at 4 warps, four 16-byte bf16 vectors per tensor, enough bytes in flight to saturate
+    HBM. Narrower rows get 2K-element tiles: 4K ones of 16 x 256 spilled on sm_80 (each row
+    costs its own 64-bit pointers)."""
     block_n = max(16, min(1024, triton.next_power_of_2(n_cols)))
-    return 4096 // block_n, block_n
+    return (4 if block_n == 1024 else 2048 // block_n), block_n
 
 
 def _config(n_rows: int, n_cols: int) -> dict:
