@@ -221,35 +221,48 @@ def _attn_fwd(
 INTERPRETER_CONFIG = {"fwd": (256, 256, 4, 1), "dq": (256, 256, 4, 1), "dkdv": (256, 256, 4, 1)}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by (padded head dim, element bytes). One
-# list serves sm_80 and sm_90: every entry fits the smaller A100 shared memory (163 KB per block)
-# without register spills, so the build report compiles each for both and a Hopper run can still
-# pick any of them. Register and shared-memory budgets set the shapes: the forward keeps Q and the
-# fp32 accumulator (BLOCK_M x D) resident; fp32 inputs double every tile, D = 256 doubles it again.
+# list serves sm_80 and sm_90: the build report compiles every entry for both, so an entry must
+# fit both without spilling. Measured here (CPU compiles, aligned strides; registers / spilled
+# bytes per thread, 16-bit inputs, d128 unless said):
+#   forward (128,32,8,3): sm_90 183/0, sm_80 200/0.  Rejected: (128,64,8,2) sm_90 231/0 but
+#     sm_80 255/32; (128,64,8,3) 48 B, (128,128,8,2) 152 B, (128,64,4,3) 736 B, (64,64,4,3) 88 B
+#     on sm_90; d64 (128,64,4,3) sm_90 248/0 but sm_80 64 B.  d256 (64,32,8,2): sm_90 228/0
+#     ((64,64,4,2) 432 B, (128,64,8,2) 184 B).
+#   dQ (128,32,8,3): sm_90 186/0, sm_80 198/0 ((128,64,8,2) sm_80 24 B; (128,32,4,3) 248 B).
+#     d256 (32,32,4,2): sm_90 242/0.
+#   dK/dV, the register-hungry kernel (two fp32 BLOCK_N x D accumulators): every tile with 64
+#     keys or more spilled on sm_90 ((32,64,8,2) 160 B, (64,64,8,2) 480 B, (64,128,8,2) 1584 B,
+#     d64 (64,128,8,2) 144 B); (32,32,8,2): sm_90 216/0, sm_80 226/0. 32-key tiles run on
+#     mma.sync, not wgmma (a warpgroup MMA needs 64 rows): spill-free but not Hopper speed.
+#   fp32 with exact ("ieee") products runs its dots on FMA units, which hold operand rows in
+#     registers: only tiny tiles fit (forward (16,32,4,1) 230/0, d256 (16,16,4,1) 152/0; (64,32,4,2)
+#     needed an 8 KB stack; dQ (16,32,4,1) 202/0; dK/dV (16,16,4,1) 166/0, (16,32,4,1) 24 B).
+#     fp32 speed comes from the tf32 opt-in, on the same tiles (listed in the build too).
+# A tile that fits at d128 fits at d64 (every operand is smaller). Entries with one candidate
+# skip the autotuner's timing; the others are timed once per bucketed length (seqlen_bucket).
 _FWD = {
-    (64, 2): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    (128, 2): [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
-    (256, 2): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-    (64, 4): [(64, 64, 4, 2), (128, 32, 4, 2)],
-    (128, 4): [(64, 64, 4, 2), (64, 32, 4, 2)],
-    (256, 4): [(32, 32, 4, 2), (64, 32, 8, 1)],
+    (64, 2): [(128, 32, 8, 3)],
+    (128, 2): [(128, 32, 8, 3)],
+    (256, 2): [(64, 32, 8, 2)],
+    (64, 4): [(16, 32, 4, 1)],
+    (128, 4): [(16, 32, 4, 1)],
+    (256, 4): [(16, 16, 4, 1)],
 }
-# dK/dV keeps K, V and two fp32 accumulators (BLOCK_N x D) resident while query blocks stream.
-_DKDV = {
-    (64, 2): [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
-    (128, 2): [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3)],
-    (256, 2): [(32, 64, 4, 2), (64, 64, 8, 1)],
-    (64, 4): [(32, 64, 4, 2), (64, 64, 8, 2)],
-    (128, 4): [(32, 64, 4, 2), (32, 32, 4, 2)],
-    (256, 4): [(16, 32, 4, 1), (32, 32, 8, 1)],
-}
-# dQ mirrors the forward: Q, dO and the fp32 dQ accumulator resident, K/V streamed.
 _DQ = {
-    (64, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (128, 2): [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
-    (256, 2): [(64, 32, 4, 2), (64, 64, 8, 1)],
-    (64, 4): [(64, 32, 4, 2), (64, 64, 8, 2)],
-    (128, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    (256, 4): [(32, 16, 4, 1), (32, 32, 8, 1)],
+    (64, 2): [(128, 32, 8, 3)],
+    (128, 2): [(128, 32, 8, 3)],
+    (256, 2): [(32, 32, 4, 2)],
+    (64, 4): [(16, 32, 4, 1)],
+    (128, 4): [(16, 32, 4, 1)],
+    (256, 4): [(16, 16, 4, 1)],
+}
+_DKDV = {
+    (64, 2): [(32, 32, 8, 2)],
+    (128, 2): [(32, 32, 8, 2)],
+    (256, 2): [(16, 16, 8, 1)],
+    (64, 4): [(16, 16, 4, 1)],
+    (128, 4): [(16, 16, 4, 1)],
+    (256, 4): [(16, 16, 8, 1)],
 }
 
 
