@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention_forward", "decode_split_kernel", "decode_combine_kernel", "MAX_SPLITS"]
+__all__ = ["decode_attention_forward", "decode_split_kernel", "decode_combine_kernel", "MAX_SPLITS",
+           "strides_aligned", "block_m", "padded_head_dim"]
 
 MAX_SPLITS = 32  # fixed upper bound: the combine tile holds them all, and CUDA graphs fix the grid
 
@@ -101,14 +102,34 @@ def decode_split_kernel(
     stride_lb, stride_lh, stride_lt,
     q_len, group, max_len, m_tiles,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """One program: BLOCK_M (query head, query row) pairs of one KV head, one chunk of keys.
 
     Grid (B, Hk * m_tiles, num_splits). SPLIT=False (one split): O is the final output
     (B, Hq, Tq, D) in the input dtype. SPLIT=True: O is the fp32 partial output
     (B, Hq, Tq, splits, D) and LSE (B, Hq, Tq, splits) the natural-log log-sum-exp per chunk.
+    ALIGNED: every q/k/v/out stride is a multiple of 16 elements and arrives divided by 16, so the
+    compiler knows rows start 16-element aligned and vectorises the loads (one pointer per
+    vector, not per element: without it a 64 x 128 tile needs ~255 registers and spills). The
+    runtime would specialise such strides by itself; saying it in the code makes every compile
+    of the kernel (the build report's included) produce what actually runs. (tl.multiple_of on a
+    scalar argument did not get through to the loads.)
     """
+    if ALIGNED:  # the launcher passed stride // 16: the product tells the compiler "multiple of 16"
+        stride_qb = stride_qb * 16
+        stride_qh = stride_qh * 16
+        stride_qt = stride_qt * 16
+        stride_kb = stride_kb * 16
+        stride_kh = stride_kh * 16
+        stride_kt = stride_kt * 16
+        stride_vb = stride_vb * 16
+        stride_vh = stride_vh * 16
+        stride_vt = stride_vt * 16
+        stride_ob = stride_ob * 16
+        stride_oh = stride_oh * 16
+        stride_ot = stride_ot * 16
+        stride_os = stride_os * 16
     b = tl.program_id(0)
     hk = tl.program_id(1) // m_tiles
     m_tile = tl.program_id(1) % m_tiles
@@ -209,6 +230,13 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def strides_aligned(q, k_cache, v_cache) -> bool:
+    """ALIGNED: head_dim and every batch/head/token stride of q and the caches are multiples of
+    16 elements (then so are the output's, laid out like q or contiguous, and the partials')."""
+    strides = [*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3]]
+    return q.shape[-1] % 16 == 0 and all(s % 16 == 0 for s in strides)
+
+
 def block_m(group: int, q_len: int, max_rows: int = 64) -> int:
     """Rows per tile: group * Tq padded to a power of two >= 16 (tl.dot's minimum), at most
     ``max_rows`` (larger groups take several tiles, each re-reading K/V)."""
@@ -217,14 +245,17 @@ def block_m(group: int, q_len: int, max_rows: int = 64) -> int:
 
 def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=None, *, scale: float,
                              num_splits: int,
-                             block_n: int, max_block_m: int = 64, num_warps: int = 4, num_stages: int = 2,
+                             block_n: int, max_block_m: int = 64, aligned: bool | None = None, num_warps: int = 4,
+                             num_stages: int = 2,
                              precision: str = "ieee", combine_rows: int = 1):
     """Launches decode attention; returns out shaped like q (same memory layout when q is dense).
 
     ``cache_leftpad`` (B,) int32 or None: sequence b's keys are slots [leftpad_b, L_b).
 
     ``num_splits`` (1 .. MAX_SPLITS) fixes the grid; 1 runs the single-pass kernel only.
-    ``block_n`` keys per block, ``max_block_m`` rows per tile at most; ``precision`` is tl.dot's input precision for fp32 ("ieee");
+    ``block_n`` keys per block, ``max_block_m`` rows per tile at most; ``aligned`` (default:
+    :func:`strides_aligned`) selects the vectorised specialisation; ``precision`` is tl.dot's
+    input precision for fp32 ("ieee");
     ``combine_rows`` output rows per combine program (a power of two).
     """
     B, Hq, Tq, D = q.shape
@@ -236,19 +267,22 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
     bm = block_m(group, Tq, max_block_m)
     m_tiles = triton.cdiv(group * Tq, bm)
     grid = (B, Hk * m_tiles, num_splits)
-    meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_M=bm, BLOCK_N=block_n, PRECISION=precision,
-                num_warps=num_warps, num_stages=num_stages)
     leftpad = cache_leftpad if cache_leftpad is not None else cache_seqlens  # read x 0 when None
-    common = (scale, int(cache_leftpad is not None), *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])
+    aligned = strides_aligned(q, k_cache, v_cache) if aligned is None else aligned
+    meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_M=bm, BLOCK_N=block_n, PRECISION=precision,
+                ALIGNED=aligned, num_warps=num_warps, num_stages=num_stages)
+    div = 16 if aligned else 1  # ALIGNED strides travel divided by 16 (see the kernel)
+    strides = [x // div for x in (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])]
+    common = (scale, int(cache_leftpad is not None), *strides)
     if num_splits == 1:
         decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, out, out, *common,
-                                  *out.stride()[:3], 0, 0, 0, 0, Tq, group, Tmax, m_tiles,
+                                  *(x // div for x in out.stride()[:3]), 0, 0, 0, 0, Tq, group, Tmax, m_tiles,
                                   SPLIT=False, **meta)
         return out
     part = torch.empty((B, Hq, Tq, num_splits, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((B, Hq, Tq, num_splits), device=q.device, dtype=torch.float32)
     decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, part, lse, *common,
-                              *part.stride()[:4], *lse.stride()[:3], Tq, group, Tmax, m_tiles,
+                              *(x // div for x in part.stride()[:4]), *lse.stride()[:3], Tq, group, Tmax, m_tiles,
                               SPLIT=True, **meta)
     n_rows = B * Hq * Tq
     decode_combine_kernel[(triton.cdiv(n_rows, combine_rows),)](

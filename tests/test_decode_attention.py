@@ -59,6 +59,17 @@ def test_output_keeps_the_projection_layout_and_custom_scale():
     torch.testing.assert_close(out, ref.decode_attention(q, k, v, lens, scale=0.3), rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_unaligned_strides(splits):
+    """head_dim 24 (strides not multiples of 16): the unvectorised specialisation."""
+    from fastllama.kernels.decode_attention import strides_aligned
+
+    q, k, v, lens = _setup(B=2, Hq=4, Hk=2, Tq=2, D=24, Tmax=48, lens=(5, 40))
+    assert not strides_aligned(q, k, v)
+    out = ops.decode_attention(q, k, v, lens, num_splits=splits)
+    torch.testing.assert_close(out, ref.decode_attention(q, k, v, lens), rtol=0, atol=2e-6)
+
+
 def test_decode_attention_validation():
     q, k, v, lens = _setup()
     with pytest.raises(ValueError, match="query rows"):

@@ -39,12 +39,15 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int) -> tuple[int, int, int]:
+def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_90 compiles (ptxas registers, with the
     16-divisible strides a launch gets specialised on): 16-bit inputs take up to 64 rows and 64
     keys (32 at D = 256), 8 warps once the tile passes 4K elements, at most ~190 registers and
     no spills; fp32 (ieee dots on FMA units, register-hungry operand layouts) 16 rows and
-    2048 / D keys (D = 128 with 32 keys spilled 352 bytes)."""
+    2048 / D keys (D = 128 with 32 keys spilled 352 bytes). Strides that are not multiples of 16
+    (no vector loads: one 64-bit pointer per element) get 16 x 16 tiles, 8 warps at D = 256."""
+    if not aligned:
+        return _dk.block_m(group, q_len, 16), 16, 8 if d_pad >= 256 else 4
     if elem_bytes >= 4:
         block_n, bm = max(16, min(64, 2048 // d_pad)), _dk.block_m(group, q_len, 16)
     else:
@@ -84,9 +87,11 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                             num_splits=num_splits, block_n=_INTERPRETER_BLOCK_N,
                                             combine_rows=_INTERPRETER_ROWS)
     group = q.shape[1] // k_cache.shape[1]
-    bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size())
+    aligned = _dk.strides_aligned(q, k_cache, v_cache)
+    bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(), aligned)
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
-                                        num_splits=num_splits, block_n=bn, max_block_m=bm, num_warps=warps)
+                                        num_splits=num_splits, block_n=bn, max_block_m=bm, aligned=aligned,
+                                        num_warps=warps)
 
 
 @_decode_attention.register_fake
@@ -241,7 +246,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if num_splits is None:
         group = q.shape[1] // k_cache.shape[1]
-        bm = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size())[0]
+        bm = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(),
+                         _dk.strides_aligned(q, k_cache, v_cache))[0]
         m_tiles = triton.cdiv(group * q.shape[2], bm)
         num_splits = default_num_splits(q.shape[0], k_cache.shape[1], m_tiles, k_cache.shape[2], q.device)
     return _decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
@@ -373,15 +379,16 @@ _HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims of real Llama-family models
 
 
 def _decode_builds() -> list[KernelBuild]:
-    """Split kernel: dtype x head dim x BLOCK_M (16/32/64; fp32: 16) x (single pass, split);
-    combine kernel: dtype x head dim x S_PAD (2..MAX_SPLITS)."""
+    """Split kernel: dtype x head dim x (aligned strides: BLOCK_M 16/32/64, fp32 16; unaligned:
+    16 x 16 tiles) x (single pass, split); combine kernel: dtype x head dim x S_PAD."""
     builds = []
     s3 = lambda n: {f"stride_{n}{s}": "i32" for s in "bht"}
     for dtype, ptr in _PTR.items():
         for D in _HEAD_DIMS:
             d_pad = _dk.padded_head_dim(D)
-            for rows in ((16,) if dtype == torch.float32 else (16, 32, 64)):
-                bm, bn, warps = _gpu_config(rows, 1, d_pad, dtype.itemsize)
+            variants = [(rows, True) for rows in ((16,) if dtype == torch.float32 else (16, 32, 64))] + [(16, False)]
+            for rows, aligned in variants:
+                bm, bn, warps = _gpu_config(rows, 1, d_pad, dtype.itemsize, aligned)
                 for split in (False, True):
                     sig = {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
                            "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
@@ -392,9 +399,10 @@ def _decode_builds() -> list[KernelBuild]:
                     builds.append(KernelBuild(
                         _dk.decode_split_kernel, sig,
                         {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
-                         "PRECISION": "ieee"},
+                         "PRECISION": "ieee", "ALIGNED": aligned},
                         num_warps=warps, num_stages=2,
-                        label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"))
+                        label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
+                              f"{'' if aligned else ' unaligned'}"))
             s_pad = 2
             while s_pad <= MAX_SPLITS:
                 builds.append(KernelBuild(
