@@ -105,10 +105,14 @@ def _train(args, preset: str | None = None) -> int:
         batch=getattr(args, "batch", None), warmup=getattr(args, "warmup", None), steps=getattr(args, "steps", None),
         layers=getattr(args, "layers", None))
     t0 = time.time()
-    rows = train.run_train(settings, progress=not args.no_progress)
     name = f"train-{settings.preset.name}"
-    out = common.write_results(name, rows, train.TRAIN_COLUMNS, extra=train.train_extra(settings),
-                               plot=train.TRAIN_PLOTS)
+
+    def save(rows):
+        return common.write_results(name, rows, train.TRAIN_COLUMNS, extra=train.train_extra(settings),
+                                    plot=train.TRAIN_PLOTS)
+
+    rows = train.run_train(settings, progress=not args.no_progress, on_rows=save)
+    out = common.results_dir()
     print()
     if not common.is_measurement():
         print("**Smoke run under the Triton interpreter (float32, tiny shapes): not a measurement.**\n")
@@ -128,8 +132,12 @@ def _memory(args, presets=None) -> int:
     t0 = time.time()
     rows = memory.memory_report(presets=presets, token_counts=tokens, device=common.device(),
                                 progress=not args.no_progress)
+    # device-independent: one folder for every machine, unless --out / FASTLLAMA_RESULTS_DIR
+    out_dir = None if os.environ.get("FASTLLAMA_RESULTS_DIR") else common.RESULTS / "memory"
     out = common.write_results("memory", [memory.public_row(r) for r in rows], memory.MEMORY_COLUMNS,
-                               extra=memory.memory_extra(rows, tokens), plot=memory.MEMORY_PLOTS)
+                               extra=memory.memory_extra(rows, tokens), plot=memory.MEMORY_PLOTS, out_dir=out_dir,
+                               note="" if common.on_gpu() else "bytes saved for backward are device-independent: "
+                               "counted on the CPU, a measurement (timings would not be)")
     print("\nBytes saved for backward (saved_tensors_hooks), bf16, per token; device-independent:")
     print(common.markdown_table(rows, memory.MEMORY_COLUMNS))
     print(f"({time.time() - t0:.0f} s) results in {out}/memory.{{json,md,png}}")

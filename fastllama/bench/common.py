@@ -179,8 +179,11 @@ class Plot:
 
 def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path | None:
     """Draws ``rows`` per ``plot`` into the PNG ``path`` (None when nothing numeric to draw)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # an optional dependency (the dev extra): tables and JSON still get written
+        print(f"matplotlib not installed: no plot {path.name}", file=sys.stderr)
+        return None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
@@ -189,8 +192,12 @@ def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path
     if not rows:
         return None
     panels = list(dict.fromkeys(r.get(plot.panel) for r in rows)) if plot.panel else [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    n_rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(n_rows, cols, figsize=(5.5 * cols, 4 * n_rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels):
         sub = [r for r in rows if plot.panel is None or r.get(plot.panel) == panel]
         series = list(dict.fromkeys(r.get(plot.series) for r in sub))
         xs = list(dict.fromkeys(r.get(plot.x) for r in sub))
@@ -222,22 +229,52 @@ def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path
     return path
 
 
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm progress bar (to stderr), or a silent stand-in where tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        class _Silent:
+            def __init__(self, it=None, **_):
+                self.it = it
+
+            def __iter__(self):
+                return iter(self.it)
+
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                pass
+
+        return _Silent(iterable)
+    return tqdm(iterable, file=sys.stderr, **kwargs)
+
+
 def write_results(name: str, rows: list[dict], columns: list[str] | None = None, extra: dict | None = None,
-                  out_dir: Path | None = None, plot: Plot | list[Plot] | None = None) -> Path:
+                  out_dir: Path | None = None, plot: Plot | list[Plot] | None = None,
+                  note: str | None = None) -> Path:
     """Writes ``<name>.json`` and ``<name>.md`` (and ``<name>.png`` with ``plot``; a list of plots
     writes ``<name>.png``, ``<name>-2.png`` ...) under ``out_dir`` (default
-    ``benchmarks/results/<device-name>/``); returns the folder."""
+    ``benchmarks/results/<device-name>/``); returns the folder. Off-GPU the table and plots say
+    "smoke run: not a measurement", unless ``note`` says what they are instead (a device-
+    independent count is a measurement anywhere)."""
     out = results_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
     payload = {"benchmark": name, "environment": env, "rows": rows, **(extra or {})}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
-    note = "" if env["measurement"] else "\n**Smoke run under the Triton interpreter: not a measurement.**\n"
+    smoke = "" if env["measurement"] else "smoke run under the Triton interpreter: not a measurement"
+    if note is not None:
+        smoke = note
+    note = f"\n**{smoke[0].upper() + smoke[1:]}.**\n" if smoke else ""
     images = []
     plots = plot if isinstance(plot, list) else [plot] if plot else []
     for i, p in enumerate(plots):
         png = out / (f"{name}.png" if i == 0 else f"{name}-{i + 1}.png")
-        smoke = "" if env["measurement"] else "smoke run under the Triton interpreter: not a measurement"
         if write_plot(png, rows, p, note=smoke):
             images.append(f"![{name}]({png.name})\n")
     (out / f"{name}.md").write_text(f"# {name}\n\n{env['device']}, {env['date']}\n{note}\n"

@@ -242,12 +242,10 @@ def memory_report(presets=DEFAULT_PRESETS, modes=MODES, token_counts=DEFAULT_TOK
                   device="cpu", progress: bool = True, execution: str = "auto") -> list[dict]:
     """Rows (one per preset x mode) of saved bytes per token per layer, for the LM head + loss,
     and the fixed bytes, fitted over ``token_counts``; ratios to HF sdpa where it was measured."""
-    from tqdm.auto import tqdm
-
     t1, t2 = token_counts
     rows = []
     jobs = [(p, m) for p in presets for m in modes]
-    bar = tqdm(jobs, desc="memory report", disable=not progress, leave=False)
+    bar = common.progress_bar(jobs, desc="memory report", disable=not progress, leave=False)
     for preset_name, mode in bar:
         bar.set_postfix_str(f"{preset_name} {mode}")
         preset = get_preset(preset_name, layers=2)

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import gc
 import statistics
-import sys
 import time
 import traceback
 
@@ -247,16 +246,14 @@ def plan_batches(settings: TrainSettings, log=print) -> dict[int, int]:
 
 def run_config(config: str, settings: TrainSettings, batches: dict[int, int], progress: bool = True) -> list[dict]:
     """Rows for one configuration at every sequence length, behind one progress bar."""
-    from tqdm.auto import tqdm
-
     p, dev = settings.preset, settings.device
     base = dict(preset=p.name, config=config)
     why = unavailable(config)
     if why:
         return [dict(base, seq_len=s, batch=batches[s], status=f"skipped: {why}") for s in settings.seq_lens]
     rows = []
-    bar = tqdm(total=len(settings.seq_lens) * (settings.warmup + settings.steps), desc=f"{config:<20}",
-               disable=not progress, leave=True, file=sys.stderr)
+    bar = common.progress_bar(total=len(settings.seq_lens) * (settings.warmup + settings.steps),
+                              desc=f"{config:<20}", disable=not progress, leave=True)
     guard = _restored_modeling_llama() if config == "hf-liger" else contextlib.nullcontext()
     model = forward = None
     try:
@@ -303,9 +300,11 @@ def add_ratios(rows: list[dict]) -> None:
             r["peak vs hf-sdpa"] = r["peak GiB"] / b["peak GiB"]
 
 
-def run_train(settings: TrainSettings, progress: bool = True, log=print) -> list[dict]:
+def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows=None) -> list[dict]:
     """Every configuration of ``settings``, baseline first (Liger, which patches transformers
-    globally, after the others); returns the rows with ratios to the baseline."""
+    globally, after the others); returns the rows with ratios to the baseline. ``on_rows(rows)``
+    is called after each configuration (the CLI writes partial results: a run cut short by a
+    time limit keeps what it measured)."""
     order = sorted(settings.configs, key=lambda c: (c != BASELINE, c == "hf-liger"))
     log(f"training benchmark: {settings.preset.name} ({settings.preset.note}), "
         f"{str(settings.dtype).removeprefix('torch.')} on {common.environment()['device']}, "
@@ -314,7 +313,9 @@ def run_train(settings: TrainSettings, progress: bool = True, log=print) -> list
     rows = []
     for config in order:
         rows += run_config(config, settings, batches, progress)
-    add_ratios(rows)
+        add_ratios(rows)
+        if on_rows is not None:
+            on_rows(rows)
     return rows
 
 

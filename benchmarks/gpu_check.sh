@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# One script for a fresh H100/H200 machine (torch + triton preinstalled, no internet):
+#   1. installs fastllama from this working tree without downloading anything;
+#   2. runs the whole test suite on CUDA;
+#   3. runs the training, op, decode benchmarks in --quick mode and the memory report;
+# all within about 8 minutes, everything under ONE output folder:
+#
+#   bash benchmarks/gpu_check.sh [OUT]        (default: $OUT, else ./gpu_check_out)
+#
+#   OUT/summary.md            stage, status (ok / FAILED / TIMEOUT), seconds; then every table
+#   OUT/env.txt               nvidia-smi, python, package versions, missing packages
+#   OUT/pytest.log, pytest-junit.xml, pytest-benchmark.json
+#   OUT/<stage>.log           the output of each benchmark
+#   OUT/results/<device>/     the results files (JSON + markdown + PNG): commit them with
+#                             cp -r OUT/results/* benchmarks/results/ && git add benchmarks/results
+#
+# Python packages the suite needs but the machine lacks (transformers, pytest ...) can't be
+# downloaded here: put their wheels in a folder and set WHEELS=/that/folder (installed with
+# --no-index). Stage time limits add up to the 8-minute budget (GPU_CHECK_BUDGET_S, default 470 s);
+# a stage that runs out is marked TIMEOUT and the next one starts.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-$PWD/gpu_check_out}}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+SUMMARY="$OUT/summary.md"
+echo "# gpu_check $(date -u +%FT%TZ) (commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))" > "$SUMMARY"
+echo "" >> "$SUMMARY"
+echo "| stage | status | seconds |" >> "$SUMMARY"
+echo "|---|---|---|" >> "$SUMMARY"
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# stage NAME CAP_SECONDS COMMAND...: runs with a limit of min(CAP, time left), logs to OUT/NAME.log
+stage() {
+  local name=$1 cap=$2; shift 2
+  local limit; limit=$(left)
+  (( limit > cap )) && limit=$cap
+  if (( limit < 10 )); then
+    echo "| $name | SKIPPED (no time left) | 0 |" >> "$SUMMARY"; return
+  fi
+  echo "=== $name (limit ${limit}s): $*"
+  local t0; t0=$(date +%s)
+  timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  local status=ok
+  if (( rc == 124 || rc == 137 )); then status="TIMEOUT after ${limit}s"; elif (( rc != 0 )); then status="FAILED (exit $rc)"; fi
+  echo "| $name | $status | $dt |" >> "$SUMMARY"
+  tail -n 3 "$OUT/$name.log"
+}
+
+# --- 0. what is here ------------------------------------------------------------------------
+{
+  nvidia-smi || echo "nvidia-smi not found"
+  "$PY" --version
+  "$PY" - <<'EOF'
+import importlib
+for name in ["torch", "triton", "transformers", "safetensors", "sentencepiece", "tqdm", "pytest",
+             "pytest_benchmark", "matplotlib", "liger_kernel", "flash_attn", "setuptools", "wheel"]:
+    try:
+        m = importlib.import_module(name)
+        print(f"{name:18s} {getattr(m, '__version__', 'installed')}")
+    except Exception as e:  # noqa: BLE001
+        print(f"{name:18s} MISSING ({type(e).__name__})")
+import torch
+print("cuda available:", torch.cuda.is_available(), torch.version.cuda,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# --- 1. install from the working tree, downloading nothing ---------------------------------
+install() {
+  if [ -n "${WHEELS:-}" ]; then
+    "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl || return 1
+  fi
+  # editable, no dependencies, no isolated build env (it would fetch setuptools), no index
+  "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . && return 0
+  # fallback without pip/setuptools: lay out the package as it installs (kernels/ ->
+  # fastllama/kernels) in a folder on PYTHONPATH
+  echo "pip install failed: falling back to a PYTHONPATH layout in $OUT/site"
+  rm -rf "$OUT/site" && mkdir -p "$OUT/site" && cp -r fastllama "$OUT/site/" && cp -r kernels "$OUT/site/fastllama/kernels"
+}
+if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then stage install 120 install; fi
+if ! "$PY" -c "import fastllama.kernels" 2>/dev/null; then
+  export PYTHONPATH="$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" -c "import fastllama, fastllama.kernels; print('fastllama', fastllama.__version__, 'from', fastllama.__file__)" | tee -a "$OUT/env.txt"
+
+DEVICE_NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu-interpreter')")
+export FASTLLAMA_RESULTS_DIR="$OUT/results/$DEVICE_NAME"
+mkdir -p "$FASTLLAMA_RESULTS_DIR"
+FL=("$PY" -m fastllama.cli)
+
+# --- 2. the whole test suite on CUDA -------------------------------------------------------
+[ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest 200 "$PY" -m pytest -q -p no:cacheprovider tests --durations=25 \
+  --junitxml="$OUT/pytest-junit.xml" -o junit_family=xunit2
+
+# --- 3. benchmarks, --quick ---------------------------------------------------------------
+stage bench-train "${TRAIN_CAP_S:-170}" "${FL[@]}" bench train --quick --no-progress
+stage bench-ops "${OPS_CAP_S:-80}" "${FL[@]}" bench ops --quick
+stage bench-decode "${DECODE_CAP_S:-70}" "${FL[@]}" bench decode --quick
+stage bench-memory 40 "${FL[@]}" bench memory --no-progress
+stage pytest-benchmark 60 "$PY" -m pytest -q -p no:cacheprovider benchmarks --benchmark-only \
+  --benchmark-json="$OUT/pytest-benchmark.json"
+
+# --- summary ------------------------------------------------------------------------------
+{
+  echo ""
+  echo "total $(( $(date +%s) - START )) s (budget ${BUDGET} s)"
+  echo ""
+  grep -E "passed|failed|error" "$OUT/pytest.log" | tail -n 2
+  for md in "$FASTLLAMA_RESULTS_DIR"/*.md; do
+    [ -e "$md" ] || continue
+    echo ""
+    cat "$md"
+  done
+} >> "$SUMMARY"
+echo "=== done: $SUMMARY"
+cat "$SUMMARY" | head -n 20
