@@ -237,7 +237,12 @@ INTERPRETER_CONFIG = {"fwd": (256, 256, 4, 1), "dq": (256, 256, 4, 1), "dkdv": (
 #   fp32 with exact ("ieee") products runs its dots on FMA units, which hold operand rows in
 #     registers: only tiny tiles fit (forward (16,32,4,1) 230/0, d256 (16,16,4,1) 152/0; (64,32,4,2)
 #     needed an 8 KB stack; dQ (16,32,4,1) 202/0; dK/dV (16,16,4,1) 166/0, (16,32,4,1) 24 B).
-#     fp32 speed comes from the tf32 opt-in, on the same tiles (listed in the build too).
+#     fp32 speed comes from the tf32 opt-in, on the same tiles (listed in the build too): forward
+#     (16,32,4,1) tf32 160/0, dK/dV d256 (16,16,8,1) 170/0, but dK/dV d128 (16,16,4,1) tf32 keeps a
+#     16-byte stack frame at only 168 (w8: 128) registers - a known problem, not register pressure.
+#   Head dims 80/96 (masked columns) and varlen add little: d80 forward 182/0, d96 varlen dK/dV
+#     234/0, d80 varlen dQ 189/0 (sm_90); d96 varlen forward sm_80 200/0; d256 sm_80 forward
+#     248/0, dQ 250/0; d256 dK/dV (16,16,8,1) sm_90 152/0 (fp32 168/0).
 # A tile that fits at d128 fits at d64 (every operand is smaller). Entries with one candidate
 # skip the autotuner's timing; the others are timed once per bucketed length (seqlen_bucket).
 _FWD = {
