@@ -39,20 +39,24 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _stages(elem_bytes: int) -> int:
+    """Software-pipelining depth: 2; fp32 1 (2 spilled 32 bytes on sm_80 at 96 registers)."""
+    return 1 if elem_bytes >= 4 else 2
+
+
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_90 compiles (ptxas registers, with the
     16-divisible strides a launch gets specialised on): 16-bit inputs take up to 64 rows and 64
     keys (32 at D = 256), 8 warps once the tile passes 4K elements, at most ~190 registers and
     no spills; fp32 (ieee dots on FMA units, register-hungry operand layouts) 16 rows and
-    2048 / D keys (D = 128 with 32 keys spilled 352 bytes). Strides that are not multiples of 16
+    2048 / D keys (D = 128 with 32 keys spilled 352 bytes) and one pipeline stage. Strides that are not multiples of 16
     (no vector loads: one 64-bit pointer per element) get 16 x 16 tiles, 8 warps at D = 256."""
     if not aligned:
         return _dk.block_m(group, q_len, 16), 16, 8 if d_pad >= 256 else 4
-    if elem_bytes >= 4:
-        block_n, bm = max(16, min(64, 2048 // d_pad)), _dk.block_m(group, q_len, 16)
-    else:
-        block_n, bm = min(64, 16384 // (d_pad * 2)), _dk.block_m(group, q_len, 64)
-    return bm, block_n, 4 if bm * d_pad <= 4096 else 8
+    if elem_bytes >= 4:  # 8 warps at D = 256 (4 spilled 16 bytes on sm_80)
+        return _dk.block_m(group, q_len, 16), max(16, min(64, 2048 // d_pad)), 8 if d_pad >= 256 else 4
+    bm = _dk.block_m(group, q_len, 64)
+    return bm, min(64, 16384 // (d_pad * 2)), 4 if bm * d_pad <= 4096 else 8
 
 
 # Under the interpreter every program and every loop step is a Python-level step: fewer, larger
@@ -91,7 +95,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(), aligned)
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
                                         num_splits=num_splits, block_n=bn, max_block_m=bm, aligned=aligned,
-                                        num_warps=warps)
+                                        num_warps=warps, num_stages=_stages(q.element_size()))
 
 
 @_decode_attention.register_fake
@@ -400,7 +404,7 @@ def _decode_builds() -> list[KernelBuild]:
                         _dk.decode_split_kernel, sig,
                         {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
                          "PRECISION": "ieee", "ALIGNED": aligned},
-                        num_warps=warps, num_stages=2,
+                        num_warps=warps, num_stages=_stages(dtype.itemsize),
                         label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
                               f"{'' if aligned else ' unaligned'}"))
             s_pad = 2
