@@ -132,15 +132,19 @@ def _memory(args, presets=None) -> int:
     t0 = time.time()
     rows = memory.memory_report(presets=presets, token_counts=tokens, device=common.device(),
                                 progress=not args.no_progress)
-    # device-independent: one folder for every machine, unless --out / FASTLLAMA_RESULTS_DIR
-    out_dir = None if os.environ.get("FASTLLAMA_RESULTS_DIR") else common.RESULTS / "memory"
-    out = common.write_results("memory", [memory.public_row(r) for r in rows], memory.MEMORY_COLUMNS,
+    # device-independent: the full report (every preset) has one folder for every machine,
+    # benchmarks/results/memory/, unless --out / FASTLLAMA_RESULTS_DIR; a subset goes with the
+    # machine's other results
+    full = tuple(presets) == tuple(memory.DEFAULT_PRESETS) and tuple(tokens) == tuple(memory.DEFAULT_TOKENS)
+    name = "memory" if full else "memory-" + "-".join(presets)
+    out_dir = common.RESULTS / "memory" if full and not os.environ.get("FASTLLAMA_RESULTS_DIR") else None
+    out = common.write_results(name, [memory.public_row(r) for r in rows], memory.MEMORY_COLUMNS,
                                extra=memory.memory_extra(rows, tokens), plot=memory.MEMORY_PLOTS, out_dir=out_dir,
                                note="" if common.on_gpu() else "bytes saved for backward are device-independent: "
                                "counted on the CPU, a measurement (timings would not be)")
     print("\nBytes saved for backward (saved_tensors_hooks), bf16, per token; device-independent:")
     print(common.markdown_table(rows, memory.MEMORY_COLUMNS))
-    print(f"({time.time() - t0:.0f} s) results in {out}/memory.{{json,md,png}}")
+    print(f"({time.time() - t0:.0f} s) results in {out}/{name}.{{json,md,png}}")
     return 0
 
 
