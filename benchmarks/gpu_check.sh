@@ -85,7 +85,13 @@ install() {
   echo "pip install failed: falling back to a PYTHONPATH layout in $OUT/site"
   rm -rf "$OUT/site" && mkdir -p "$OUT/site" && cp -r fastllama "$OUT/site/" && cp -r kernels "$OUT/site/fastllama/kernels"
 }
-if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then stage install 120 install; fi
+if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
+  # (a shell function: run here, not through `timeout`, which only runs programs)
+  T0=$(date +%s)
+  if install > "$OUT/install.log" 2>&1; then STATUS=ok; else STATUS="FAILED (see install.log)"; fi
+  echo "| install | $STATUS | $(( $(date +%s) - T0 )) |" >> "$SUMMARY"
+  tail -n 3 "$OUT/install.log"
+fi
 if ! "$PY" -c "import fastllama.kernels" 2>/dev/null; then
   export PYTHONPATH="$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -169,6 +169,8 @@ def benchmarks_dir(given: str | None = None) -> Path:
     from .common import _REPO
 
     path = Path(given) if given else _REPO / "benchmarks"
+    if not given and not (path / "common.py").exists():
+        path = Path.cwd() / "benchmarks"  # installed elsewhere, run from a checkout
     if not (path / "common.py").exists():
         raise FileNotFoundError(
             f"no benchmarks/ folder at {path}: the op and decode benchmark scripts ship with the "
