@@ -80,10 +80,11 @@ install() {
   fi
   # editable, no dependencies, no isolated build env (it would fetch setuptools), no index
   "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . && return 0
-  # fallback without pip/setuptools: lay out the package as it installs (kernels/ ->
-  # fastllama/kernels) in a folder on PYTHONPATH
-  echo "pip install failed: falling back to a PYTHONPATH layout in $OUT/site"
-  rm -rf "$OUT/site" && mkdir -p "$OUT/site" && cp -r fastllama "$OUT/site/" && cp -r kernels "$OUT/site/fastllama/kernels"
+  # fallback when pip cannot build (no setuptools >= 68, or no `wheel` for an older one): run
+  # from the working tree (every command below runs in the repository root, which python puts
+  # first on sys.path) with kernels/ linked where the installed package has it
+  echo "pip install failed: falling back to the working tree + a fastllama/kernels -> ../kernels link"
+  [ -e fastllama/kernels ] || ln -s ../kernels fastllama/kernels
 }
 if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
   # (a shell function: run here, not through `timeout`, which only runs programs)
@@ -91,9 +92,6 @@ if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
   if install > "$OUT/install.log" 2>&1; then STATUS=ok; else STATUS="FAILED (see install.log)"; fi
   echo "| install | $STATUS | $(( $(date +%s) - T0 )) |" >> "$SUMMARY"
   tail -n 3 "$OUT/install.log"
-fi
-if ! "$PY" -c "import fastllama.kernels" 2>/dev/null; then
-  export PYTHONPATH="$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 "$PY" -c "import fastllama, fastllama.kernels; print('fastllama', fastllama.__version__, 'from', fastllama.__file__)" | tee -a "$OUT/env.txt"
 
