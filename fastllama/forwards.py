@@ -55,10 +55,53 @@ def _fused_residual_norm(norm, h, residual):
 
 
 def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None):
-    dtype = _matmul_dtype(hidden, lm_head.weight)
-    bias = lm_head.bias.to(dtype) if lm_head.bias is not None else None
-    return ops.linear_cross_entropy(hidden.to(dtype), lm_head.weight.to(dtype), labels, ignore_index=-100,
-                                    bias=bias, num_items_in_batch=num_items_in_batch)
+    """The fused LM head + cross-entropy, run as a call of ``lm_head`` when the head has hooks.
+
+    A fused loss must not read ``lm_head.weight`` from outside the head's forward when hooks
+    manage that weight: under FSDP2 (``fully_shard(lm_head)``, or ``fully_shard([embed_tokens,
+    lm_head])`` for tied weights) the head's forward hooks all-gather the sharded weight before
+    use, reshard it after, and arrange the backward all-gather and gradient reduce-scatter; read
+    from outside, the weight is this rank's shard only (Liger-Kernel issues 332, 767). So when the
+    head has forward hooks, the loss runs as its forward for one call, inside every hook
+    (FSDP2's, mixed-precision casts, user hooks). Without hooks, ``lm_head(h)`` would just run
+    ``forward``, so the loss is computed directly: same op, same tensors, and nothing for
+    ``torch.compile`` to trace through.
+    """
+
+    def loss_forward(h):
+        weight = lm_head.weight  # read inside the call: the unsharded weight under FSDP2
+        dtype = _matmul_dtype(h, weight)
+        bias = lm_head.bias.to(dtype) if lm_head.bias is not None else None
+        loss = ops.linear_cross_entropy(h.to(dtype), weight.to(dtype), labels, ignore_index=-100,
+                                        bias=bias, num_items_in_batch=num_items_in_batch)
+        # HF Trainer scales the loss in place (``loss *= num_processes``): autograd refuses that on
+        # a view output of a multi-output op, and FSDP2 would lose the head's pre-backward hook.
+        return loss.clone() if loss._is_view() else loss
+
+    if not _has_forward_hooks(lm_head):
+        return loss_forward(hidden)
+    return _call_with_forward(lm_head, loss_forward, hidden)
+
+
+def _has_forward_hooks(module) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(module._forward_pre_hooks or module._forward_hooks
+                or nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks)
+
+
+@torch.compiler.disable  # dynamo cannot trace the swap (and FSDP2's hooks run eagerly anyway)
+def _call_with_forward(module, forward, x):
+    """``module(x)`` with ``forward`` as the instance's forward for this one call."""
+    own_forward = module.__dict__.get("forward")  # someone else's per-instance forward, if any
+    module.forward = forward
+    try:
+        return module(x)
+    finally:
+        if own_forward is None:
+            del module.forward
+        else:
+            module.forward = own_forward
 
 
 def mlp_forward(self, x):

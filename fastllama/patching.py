@@ -58,7 +58,7 @@ def _check_head_dim(module) -> str | None:
 
 def _check_lm_head(module) -> str | None:
     head = getattr(module, "lm_head", None)
-    if type(head) is not nn.Linear:
+    if _original_class(head) is not nn.Linear:
         return f"lm_head is {type(head).__name__}, not a plain nn.Linear (e.g. LoRA on the head): loss left as is"
     return None
 
@@ -89,8 +89,28 @@ RULES: tuple[Rule, ...] = (
 SUPPORTED: tuple[str, ...] = tuple(sorted({c for r in RULES for c in r.classes}))
 
 
+def _original_class(module) -> type:
+    """The module's own class, seen through FSDP2: ``fully_shard`` swaps in a subclass
+    ``FSDP<Class>(FSDPModule, Class)``, whose name no rule knows."""
+    cls = type(module)
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp is not None and issubclass(cls, fsdp):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, fsdp))
+    return cls
+
+
 def _qualname(module) -> str:
-    return f"{type(module).__module__}.{type(module).__name__}"
+    cls = _original_class(module)
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def _attention_owner(model: nn.Module):
+    """The HF model whose attention implementation ``patch`` sets: ``model`` itself, or the one
+    inside a wrapper that is not an HF model (DDP's ``.module``); None for the reference model."""
+    for m in model.modules():
+        if hasattr(m, "set_attn_implementation") and hasattr(getattr(m, "config", None), "_attn_implementation"):
+            return m
+    return None
 
 
 @dataclasses.dataclass
@@ -114,7 +134,7 @@ def _check_wrappers(model: nn.Module) -> None:
 
 
 def _original_rope(module):
-    modeling = sys.modules.get(type(module).__module__)
+    modeling = sys.modules.get(_original_class(module).__module__)
     fn = getattr(modeling, "apply_rotary_pos_emb", None)
     if fn is None:
         from .reference import functional
@@ -136,7 +156,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     """Swaps fastllama's kernels into ``model`` (this instance only) and returns it.
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
-    ``Qwen2ForCausalLM`` (also inside a PEFT wrapper) and ``fastllama.reference.Llama``. Each
+    ``Qwen2ForCausalLM`` (also inside a PEFT wrapper) and ``fastllama.reference.Llama``. Patch before
+    wrapping for DDP or FSDP2 (``fully_shard``); both also work when patched after wrapping. Each
     keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the
     reason recorded; :func:`patch_summary` prints what happened (``verbose=True`` prints it now,
@@ -175,8 +196,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             f"{type(model).__name__} has no module fastllama can patch; supported classes: {', '.join(SUPPORTED)}"
         )
     state = _State(summary, options)
-    config = getattr(model, "config", None)
-    if attention and hasattr(model, "set_attn_implementation") and hasattr(config, "_attn_implementation"):
+    owner = _attention_owner(model)
+    if attention and owner is not None:
+        config = owner.config
         hf_attention = [m for m in model.modules() if _qualname(m) in _hf("Attention")]
         reasons = {_check_head_dim(m) for m in hf_attention} - {None}
         if reasons:
@@ -184,7 +206,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         else:
             _register_hf_attention()
             state.attn_before = config._attn_implementation
-            model.set_attn_implementation("fastllama")
+            owner.set_attn_implementation("fastllama")
             summary.append(("<model>", type(model).__name__, "attention", f"patched (was {state.attn_before!r})"))
     _STATE[model] = state
     log.info("fastllama.patch:\n%s", patch_summary(model))
@@ -201,7 +223,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             del module.forward
             del module._fastllama
     if state is not None and state.attn_before is not None:
-        model.set_attn_implementation(state.attn_before)
+        _attention_owner(model).set_attn_implementation(state.attn_before)
     return model
 
 
