@@ -1,0 +1,292 @@
+"""fastllama.patch on Hugging Face models and the reference model.
+
+Parity of the whole model (logits, loss, every parameter gradient) is checked with
+fastllama.verify, whose "<model>" row compares the patched model with its original computation
+under the DESIGN.md rule; the other rows check each patched module on real activations.
+"""
+import copy
+import types
+
+import pytest
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama import modeling_llama
+
+import fastllama
+from conftest import DEVICE
+from fastllama.attention import FALLBACKS
+from fastllama.reference import Llama
+
+BASE = dict(vocab_size=300, hidden_size=128, intermediate_size=200, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=64, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+
+ARCHS = {
+    "llama-gqa": (LlamaConfig, LlamaForCausalLM, dict(BASE)),
+    "llama-mha-tied": (LlamaConfig, LlamaForCausalLM, dict(BASE, num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama3-rope": (LlamaConfig, LlamaForCausalLM, dict(BASE, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "mistral-window": (MistralConfig, MistralForCausalLM, dict(BASE, sliding_window=8)),
+    "qwen2-bias": (Qwen2Config, Qwen2ForCausalLM, dict(BASE)),
+}
+
+
+def build(arch, dtype=torch.float32, seed=0):
+    cfg_cls, model_cls, kw = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw, attn_implementation="sdpa"))
+    with torch.no_grad():  # make norms and biases non-trivial
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.to(DEVICE, dtype)
+
+
+def ids(batch=2, seq=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 300, (batch, seq), generator=g).to(DEVICE)
+
+
+def test_every_module_loss_and_gradients_match_under_parity_rule():
+    model = fastllama.patch(build("llama-gqa").train())
+    x = ids()
+    report = fastllama.verify(model, {"input_ids": x, "labels": x}, print_table=False)
+    assert report.passed, report.table()
+    names = {n for n, _, _ in report.modules}
+    assert {"<model>", "model.layers.0.self_attn", "model.layers.1.mlp", "model.norm"} <= names
+    root = dict((n, r) for n, _, r in report.modules)["<model>"]
+    assert any(r.name.endswith("layers.1.self_attn.q_proj.weight") and r.kind == "grad" for r in root.rows)
+    assert not report.fallbacks, report.fallbacks
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_model_loss_and_all_gradients_match_under_parity_rule(arch):
+    model = fastllama.patch(build(arch, torch.bfloat16).train())
+    assert "skipped" not in fastllama.patch_summary(model)
+    x = ids()
+    report = fastllama.verify(model, {"input_ids": x, "labels": x}, modules=["<model>"], print_table=False)
+    assert report.passed, report.table()
+    assert sum(r.kind == "grad" for r in report.modules[0][2].rows) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
+def test_logits_match_under_parity_rule(arch):
+    model = fastllama.patch(build(arch, torch.bfloat16).eval())
+    report = fastllama.verify(model, {"input_ids": ids(seq=20)}, backward=False, modules=["<model>"],
+                              print_table=False)
+    assert report.passed, report.table()
+
+
+def test_patched_loss_builds_no_logits():
+    model = fastllama.patch(build("llama-gqa").train())
+    x = ids()
+    out = model(input_ids=x, labels=x)
+    assert out.logits is None and out.loss.requires_grad
+    assert model(input_ids=x).logits.shape == (2, 24, 300)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window"])
+def test_greedy_generation_identical(arch):
+    model = build(arch).eval()
+    prompt = ids(batch=1, seq=7)
+    kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(prompt, **kw)
+    fastllama.patch(model)
+    assert torch.equal(model.generate(prompt, **kw), expected)
+
+
+def test_left_padded_batch_generation_identical():
+    model = build("llama-gqa").eval()
+    x = ids(batch=3, seq=9)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    x = x.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(x, **kw)
+    FALLBACKS.clear()
+    fastllama.patch(model)
+    assert torch.equal(model.generate(x, **kw), expected)
+    assert not FALLBACKS, FALLBACKS
+
+
+def test_static_cache_generation_identical():
+    model = build("llama-gqa").eval()
+    prompt = ids(batch=2, seq=6)
+    kw = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0, cache_implementation="static")
+    expected = model.generate(prompt, **kw)
+    FALLBACKS.clear()
+    fastllama.patch(model)
+    assert torch.equal(model.generate(prompt, **kw), expected)
+    assert not FALLBACKS, FALLBACKS
+
+
+def test_per_instance_idempotent_and_unpatch_bit_identical():
+    a, b = build("llama-gqa").eval(), build("llama-gqa").eval()
+    x = ids()
+    before = a(x).logits
+    class_forwards = (modeling_llama.LlamaRMSNorm.forward, modeling_llama.LlamaAttention.forward)
+    rope_global = modeling_llama.apply_rotary_pos_emb
+    fastllama.patch(a)
+    fastllama.patch(a)  # twice is once
+    assert fastllama.is_patched(a) and not fastllama.is_patched(b)
+    assert "forward" not in b.model.norm.__dict__ and b.config._attn_implementation == "sdpa"
+    assert (modeling_llama.LlamaRMSNorm.forward, modeling_llama.LlamaAttention.forward) == class_forwards
+    assert modeling_llama.apply_rotary_pos_emb is rope_global
+    assert a.config._attn_implementation == "fastllama"
+    fastllama.unpatch(a)
+    assert a.config._attn_implementation == "sdpa"
+    assert not any("forward" in m.__dict__ for m in a.modules())
+    assert torch.equal(a(x).logits, before)
+
+
+def test_state_dict_unchanged_and_save_reload(tmp_path):
+    model = build("llama-mha-tied")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fastllama.patch(model)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    model.save_pretrained(tmp_path)
+    again = fastllama.patch(LlamaForCausalLM.from_pretrained(tmp_path).to(DEVICE))
+    x = ids()
+    torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_options_and_summary():
+    model = fastllama.patch(build("llama-gqa"), swiglu=False, attention=False)
+    summary = fastllama.patch_summary(model)
+    assert "LlamaMLP" in summary and "off" in summary
+    assert model.config._attn_implementation == "sdpa"
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+    assert "forward" in model.model.layers[0].input_layernorm.__dict__
+
+
+def test_unsupported_head_dim_is_skipped_with_reason():
+    model = LlamaForCausalLM(LlamaConfig(**dict(BASE, head_dim=300, hidden_size=128))).to(DEVICE)
+    fastllama.patch(model)
+    summary = fastllama.patch_summary(model)
+    assert "skipped: head_dim=300" in summary
+    assert model.config._attn_implementation != "fastllama"
+
+
+def test_unsupported_model_raises_listing_supported():
+    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+        fastllama.patch(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fastllama.patch("not a model")
+
+
+def test_fsdp1_wrapped_model_is_refused():
+    model = build("llama-gqa")
+    model.model.layers[0]._fsdp_wrapped_module = model.model.layers[0].mlp
+    with pytest.raises(TypeError, match="BEFORE wrapping"):
+        fastllama.patch(model)
+
+
+def test_peft_lora_model_keeps_working():
+    peft = pytest.importorskip("peft")
+    base = build("llama-gqa")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    for n, p in lora.named_parameters():  # make the adapters non-zero so they matter
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    x = ids()
+    expected = lora(input_ids=x, labels=x).loss
+    fastllama.patch(lora)
+    assert "patched" in fastllama.patch_summary(lora)
+    loss = lora(input_ids=x, labels=x).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    loss.backward()
+    assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing():
+    model = build("llama-gqa").train()
+    x = ids()
+    expected = model(input_ids=x, labels=x).loss
+    model.activation_checkpointing_enable()
+    fastllama.patch(model)
+    loss = model(input_ids=x, labels=x).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
+    loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_autocast_matches_unpatched_autocast():
+    """fp32 weights, bf16 autocast: the loss and gradients agree to bf16 precision (the matmuls
+    run in bf16 in both models), and the residual stream stays fp32 as in HF."""
+    model = build("llama-gqa").train()
+    x = ids()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        expected = model(input_ids=x, labels=x).loss
+    expected.backward()
+    expected_grad = model.model.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    fastllama.patch(model)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0)
+    grad = model.model.layers[0].mlp.up_proj.weight.grad
+    assert (grad - expected_grad).norm() <= 0.05 * expected_grad.norm()
+
+
+def test_reference_model_patch_matches_and_generates():
+    torch.manual_seed(0)
+    model = Llama(dict(BASE)).to(DEVICE).train()
+    x = ids()
+    fastllama.patch(model)
+    report = fastllama.verify(model, {"input_ids": x, "labels": x}, print_table=False)
+    assert report.passed, report.table()
+    model.eval()
+    expected = copy.deepcopy(model)
+    fastllama.unpatch(expected)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    assert torch.equal(model.generate(x, 8, attention_mask=mask, stop_tokens=[]),
+                       expected.generate(x, 8, attention_mask=mask, stop_tokens=[]))
+
+
+def test_right_padded_training_batch_and_num_items_in_batch():
+    """Padding removed for varlen attention: real tokens' loss and gradients are unchanged."""
+    model = build("llama-gqa").train()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, 17:] = 0
+    labels = x.masked_fill(mask == 0, -100)
+    kw = dict(input_ids=x, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(40))
+    expected = model(**kw).loss
+    expected.backward()
+    expected_grad = model.model.layers[1].self_attn.k_proj.weight.grad.clone()
+    model.zero_grad()
+    FALLBACKS.clear()
+    fastllama.patch(model)
+    loss = model(**kw).loss
+    loss.backward()
+    assert not FALLBACKS, FALLBACKS
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.model.layers[1].self_attn.k_proj.weight.grad, expected_grad,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_of_patched_model():
+    model = fastllama.patch(build("llama-gqa").train())
+    x = ids(seq=16)
+    expected = model(input_ids=x, labels=x).loss
+    compiled = torch.compile(model, backend="aot_eager")
+    loss = compiled(input_ids=x, labels=x).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_verify_command_line(tmp_path, capsys):
+    import json
+
+    from fastllama.cli import main
+
+    cfg = dict(BASE, model_type="llama", num_hidden_layers=1)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["verify", "--config", str(tmp_path / "config.json"), "--seq-len", "16", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaDecoderLayer" in out and "0 failing" in out
