@@ -186,9 +186,12 @@ def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_
 
     fn = _load_jit(job)
     # Pointers are compiled as 16-byte aligned, the specialisation a launch gets for ordinary torch
-    # tensors (it enables vector loads); integer arguments stay unspecialised.
+    # tensors (it enables vector loads). Integers stay unspecialised unless the type says "i32:16"
+    # (Triton's AOT notation): the launch guarantees a multiple of 16, so the JIT specialises on it
+    # at run time (strides the op checked are aligned), and so must this compile.
+    signature = {n: t.split(":")[0] for n, t in job["signature"].items()}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in job["signature"].items()
-             if t.startswith("*")}
+             if t.startswith("*") or t.endswith(":16")}
     key = hashlib.sha256(json.dumps([SCHEMA, triton.__version__, fn.cache_key, job["module"], job["qualname"],
                                      job["signature"], job["constexprs"], job["num_warps"], job["num_stages"],
                                      job["arch"], sorted(get_cache_invalidating_env_vars().items())],
@@ -203,7 +206,7 @@ def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_
         return {"skipped": True, "key": key}
     # CUDA warps are 32 threads on every arch (what the driver reports on a real GPU).
     target = GPUTarget("cuda", int(job["arch"].removeprefix("sm_")), 32)
-    src = triton.compiler.ASTSource(fn=fn, signature=job["signature"],
+    src = triton.compiler.ASTSource(fn=fn, signature=signature,
                                     constexprs={k: _decode(v) for k, v in job["constexprs"].items()}, attrs=attrs)
     t0 = time.perf_counter()
     log = io.StringIO()  # Triton prints the ptxas -v log (TRITON_DUMP_PTXAS_LOG) with print()

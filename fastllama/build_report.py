@@ -109,7 +109,10 @@ class Job:
     def config(self) -> str:
         """Constexprs, pointer element types, warps and stages, e.g. "BLOCK=1024 *bf16 w4 s3"."""
         parts = [f"{k}={_display(v)}" for k, v in self.constexprs.items()]
-        parts.append("/".join(sorted({t for t in self.signature.values() if t.startswith("*")})))
+        parts.append("/".join(sorted({t.split(":")[0] for t in self.signature.values() if t.startswith("*")})))
+        aligned = [n for n, t in self.signature.items() if not t.startswith("*") and t.endswith(":16")]
+        if aligned:
+            parts.append(f"{len(aligned)} ints %16")
         parts.append(f"w{self.num_warps} s{self.num_stages}")
         return " ".join(p for p in parts if p)
 
@@ -193,7 +196,8 @@ def pressure(job: Job) -> float:
     its integer constexprs (tile sizes, head dim) x the widest pointer element in bytes x
     num_stages / num_warps. Only an ordering heuristic; the report itself measures."""
     tile = math.prod(v for v in job.constexprs.values() if type(v) is int and v > 1)
-    width = max((_ELEM_BYTES.get(t.lstrip("*"), 4) for t in job.signature.values() if t.startswith("*")), default=4)
+    width = max((_ELEM_BYTES.get(t.lstrip("*").split(":")[0], 4) for t in job.signature.values() if t.startswith("*")),
+                default=4)
     return tile * width * job.num_stages / job.num_warps
 
 
@@ -216,7 +220,7 @@ def by_pressure(jobs: list[Job]) -> list[Job]:
         keyed = []
         for j in sorted(group, key=pressure, reverse=True):
             shape = json.dumps([j.constexprs, j.num_warps, j.num_stages,
-                                sorted(_ELEM_BYTES.get(t.lstrip("*"), 4) for t in j.signature.values())])
+                                sorted(_ELEM_BYTES.get(t.lstrip("*").split(":")[0], 4) for t in j.signature.values())])
             seen[shape] = seen.get(shape, -1) + 1
             keyed.append((seen[shape], -pressure(j), j))
         ranked.append([j for *_, j in sorted(keyed, key=lambda t: t[:2])])
@@ -246,7 +250,7 @@ class Row:
     compile_s: float | None = None  # of the compile that produced the row (cached rows keep it)
     cached: bool = False
     key: str | None = None
-    skipped: bool = False  # not in the cache and not compiled: the time budget ran out first
+    skipped: bool = False  # not in the cache and not compiled (time budget, or skipped on purpose)
     warps_per_sm: int | None = None
     occupancy_limit: str | None = None
 
@@ -261,8 +265,6 @@ def _row(job: Job, result: dict) -> Row:
     if row.error is None and row.regs is not None:
         row.warps_per_sm, row.occupancy_limit = occupancy(ARCHS[job.arch], row.regs, row.shared or 0, job.num_warps)
     return row
-
-
 
 
 def problems(rows: Iterable[Row]) -> list[str]:

@@ -69,9 +69,10 @@ def test_spill_is_a_problem(fixture_rows):
 
 def test_shared_memory_limit_is_per_arch(fixture_rows):
     a100, h100 = fixture_rows["mm"]["sm_80"], fixture_rows["mm"]["sm_90"]
-    assert a100.shared > 163 * 1024 >= h100.shared - 64 * 1024  # same config, different pipelines
+    # the same config: 6 stages of 128x128x128 fp16 tiles; sm_90's pipeline keeps more buffers
+    assert 163 * 1024 < a100.shared < h100.shared <= 227 * 1024
     assert any("shared memory" in p for p in br.problems([a100]))
-    assert h100.shared <= 227 * 1024 and br.problems([h100]) == []
+    assert br.problems([h100]) == []
     assert (a100.tensor_cores, h100.tensor_cores) == ("mma", "wgmma")
     assert h100.warps_per_sm == 8 and h100.occupancy_limit in ("shared", "registers")
 
@@ -91,6 +92,10 @@ def test_cache_hits_only_the_same_compile(tmp_path):
     assert (again.regs, again.shared, again.compile_s, again.key) == (first.regs, first.shared, first.compile_s, first.key)
     other, = br.run_report(br.jobs_from_builds("copy", [_copy(512)], ["sm_80"]), cache_dir=tmp_path, workers=1)
     assert not other.cached and other.key != first.key
+    # "i32:16": the launch guarantees a multiple of 16, a different specialisation (and compile)
+    div16 = KernelBuild(K.copy_kernel, SIG | {"n": "i32:16"}, {"BLOCK": 1024}, num_warps=4)
+    aligned, = br.run_report(br.jobs_from_builds("copy", [div16], ["sm_80"]), cache_dir=tmp_path, workers=1)
+    assert aligned.error is None and aligned.key not in (first.key, other.key) and "1 ints %16" in aligned.config
     # a saved report seeds an empty cache with exactly its rows
     saved = tmp_path / "report.json"
     saved.write_text(json.dumps(br.report_json([first, other])))
