@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK_N = 8192  # widest row held in registers (fp32: 16 values a thread at 16 warps)
+MAX_BLOCK_N = 8192  # widest row the forward holds in registers (fp32: 16 values a thread at 16 warps)
+MAX_BLOCK_N_BWD = 4096  # the backward holds x and dy: 8192-wide rows spilled on sm_90
 CHUNK_N = 4096  # chunk width for wider rows (8192 chunks spilled in the two-pass loops)
 
 
@@ -94,9 +95,9 @@ def rms_norm_fwd_kernel(
             _normalise_store(s, rstd, W, Y, rows64, cc, mask, n_cols, stride_y)
 
 
-def block_cols(n_cols: int) -> tuple[int, bool]:
+def block_cols(n_cols: int, backward: bool = False) -> tuple[int, bool]:
     """(BLOCK_N, CHUNKED) for rows of ``n_cols``."""
-    if n_cols > MAX_BLOCK_N:
+    if n_cols > (MAX_BLOCK_N_BWD if backward else MAX_BLOCK_N):
         return CHUNK_N, True
     return max(16, triton.next_power_of_2(n_cols)), False
 
@@ -214,7 +215,7 @@ def rms_norm_backward(dy, x, weight, rstd, ds_out=None, *, block_m, num_programs
     # Whole BLOCK_M tiles per program, so no tile straddles two programs.
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, num_programs), block_m) * block_m
     num_programs = triton.cdiv(n_rows, rows_per_program)
-    block_n, chunked = block_cols(n_cols)
+    block_n, chunked = block_cols(n_cols, backward=True)
     alloc = torch.zeros if chunked else torch.empty  # chunked rows accumulate in place
     partial = alloc((num_programs, n_cols), dtype=torch.float32, device=x.device)
     ds = ds_out if ds_out is not None else dy

@@ -20,7 +20,7 @@ from ._checks import check_last_dim_contiguous, check_same, check_tensor
 
 __all__ = ["rms_norm", "MAX_HIDDEN"]
 
-# Rows up to 8192 live in registers; wider ones are chunked (two passes). Any width would work;
+# Rows up to 8192 (4096 in the backward) live in registers; wider ones are chunked (two passes). Any width would work;
 # this bound only keeps the chunk loop short.
 MAX_HIDDEN = 65536
 
@@ -52,7 +52,7 @@ _DW_ROWS_PER_PROGRAM = 32
 
 def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, backward programs)."""
-    block_n, _ = _k.block_cols(n_cols)
+    block_n, _ = _k.block_cols(n_cols, backward)
     if interpreter_active():
         # Each program is a Python-level step: fewer, larger tiles. But the interpreter's
         # tl.sum(axis=0) adds a tile's rows one after another, so backward tiles stay short.
@@ -212,26 +212,32 @@ _DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf1
 def _build_configs(fused: bool) -> list[KernelBuild]:
     """Every GPU specialisation: (BLOCK_N, CHUNKED) for hidden sizes up to MAX_HIDDEN x dtype,
     forward and backward, with or without the fused residual."""
-    widths = sorted({_k.block_cols(2 ** i) for i in range(4, 14)} | {_k.block_cols(MAX_HIDDEN)})
+    def widths(backward):
+        return sorted({_k.block_cols(2 ** i, backward) for i in range(4, 14)} | {_k.block_cols(MAX_HIDDEN, backward)})
+
+    def tag(block_n, chunked, block_m):
+        return f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}"
+
     builds = []
     for ptr in _DTYPES.values():
-        for block_n, chunked in widths:
+        for block_n, chunked in widths(False):
             block_m, num_warps = _gpu_tile(block_n)
-            tag = f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}"
             builds.append(KernelBuild(
                 _k.rms_norm_fwd_kernel,
                 {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": ptr, "RSTD": "*fp32", "n_rows": "i32",
                  "n_cols": "i32", "stride_x": "i32", "stride_r": "i32", "stride_s": "i32",
                  "stride_y": "i32", "eps": "fp32"},
                 {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked},
-                num_warps=num_warps, label="rms_norm fwd " + tag))
+                num_warps=num_warps, label="rms_norm fwd " + tag(block_n, chunked, block_m)))
+        for block_n, chunked in widths(True):
+            block_m, num_warps = _gpu_tile(block_n)
             builds.append(KernelBuild(
                 _k.rms_norm_bwd_kernel,
                 {"DY": ptr, "DS_OUT": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr,
                  "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
                  "stride_dy": "i32", "stride_ds": "i32", "stride_x": "i32", "stride_dx": "i32"},
                 {"HAS_DS_OUT": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked},
-                num_warps=num_warps, label="rms_norm bwd " + tag))
+                num_warps=num_warps, label="rms_norm bwd " + tag(block_n, chunked, block_m)))
     return builds
 
 
