@@ -49,3 +49,30 @@ def test_bf16_dot_shim_is_needed():
         builder_cls.create_dot = shimmed
     assert (wrong - expected).abs().max() > 1.0  # bug still present upstream: shim still needed
     assert (_dot(a, b).double() - expected).abs().max() < 1e-3 * expected.abs().max()
+
+
+@triton.jit
+def _store_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs).to(tl.bfloat16))
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the shim only exists under the interpreter")
+def test_bf16_rounding_shim_is_needed():
+    """The interpreter's fp32 -> bf16 cast truncates; with the shim it rounds like torch (RTNE)."""
+    from triton.runtime import interpreter
+
+    builder_cls = type(interpreter.interpreter_builder)
+    shimmed = builder_cls.cast_impl
+    assert shimmed._fastllama_rtne_shim
+    x = torch.randn(4096)
+    x[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    y = torch.empty(4096, dtype=torch.bfloat16)
+    builder_cls.cast_impl = shimmed._original
+    try:
+        _store_kernel[(1,)](x, y, 4096)
+    finally:
+        builder_cls.cast_impl = shimmed
+    assert (y[3:] != x[3:].bfloat16()).sum() > 1000  # bug still present upstream: shim still needed
+    _store_kernel[(1,)](x, y, 4096)
+    assert torch.equal(y[3:], x[3:].bfloat16()) and torch.isnan(y[0]) and torch.equal(y[1:3], x[1:3].bfloat16())
