@@ -71,9 +71,15 @@ def _op_parity() -> bool:
         print("(no kernels registered yet)")
         return True
     ok = True
+    if dev == "cpu":
+        print("(bfloat16 rows are left out on the CPU: the Triton interpreter's bf16 tl.dot multiplies raw "
+              "bits, triton-lang/triton#11584, and its bf16 casts truncate; the test suite shims both, "
+              "the library does not)")
     for spec in specs:
         case = next(c for c in spec.cases if not c.cuda_only or dev == "cuda")
         for dtype in spec.dtypes:
+            if dev == "cpu" and dtype == torch.bfloat16:
+                continue
             torch.manual_seed(0)
             a, kw = spec.make_args(case.params, dtype, dev)
             rep = parity_report(functools.partial(spec.op, **kw), functools.partial(spec.reference, **kw), *a,

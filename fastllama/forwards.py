@@ -150,7 +150,9 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     q, k = _rotate(self, q, k, cos, sin)
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-    modeling = sys.modules[type(self).__module__]
+    from .patching import _original_class  # (FSDP2 renames the class; its module stays HF's)
+
+    modeling = sys.modules[_original_class(self).__module__]
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, modeling.eager_attention_forward)
     if hasattr(self, "sliding_window"):  # Qwen2: per layer type
