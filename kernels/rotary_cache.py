@@ -116,10 +116,10 @@ def rotary_cache_kernel(
 
 
 def block_r(half_pad: int) -> int:
-    """(token, head) rows per step: ~1K elements per half-tile (16 heads of D = 128; at 2K the
-    sm_90 build used 200 registers a thread); a function of the head dim only, so the compiled
-    variants are few."""
-    return max(1, min(64, 1024 // half_pad))
+    """(token, head) rows per step: 512 elements per half-tile (8 heads of D = 128; 1K-element
+    tiles spilled 8-16 bytes on sm_80 at D = 80/96/256); a function of the head dim only, so the
+    compiled variants are few."""
+    return max(1, min(64, 512 // half_pad))
 
 
 def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions=None,

@@ -47,16 +47,17 @@ def _stages(elem_bytes: int) -> int:
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_90 compiles (ptxas registers, with the
     16-divisible strides a launch gets specialised on): 16-bit inputs take up to 64 rows and 64
-    keys (32 at D = 256), 8 warps once the tile passes 4K elements, at most ~190 registers and
+    keys (32 at D = 256), 8 warps from 4K-element tiles on, at most ~240 registers and
     no spills; fp32 (ieee dots on FMA units, register-hungry operand layouts) 16 rows and
     2048 / D keys (D = 128 with 32 keys spilled 352 bytes) and one pipeline stage. Strides that are not multiples of 16
     (no vector loads: one 64-bit pointer per element) get 16 x 16 tiles, 8 warps at D = 256."""
     if not aligned:
-        return _dk.block_m(group, q_len, 16), 16, 8 if d_pad >= 256 else 4
-    if elem_bytes >= 4:  # 8 warps at D = 256 (4 spilled 16 bytes on sm_80)
-        return _dk.block_m(group, q_len, 16), max(16, min(64, 2048 // d_pad)), 8 if d_pad >= 256 else 4
+        return _dk.block_m(group, q_len, 16), 16, 8 if d_pad >= 256 or elem_bytes >= 4 else 4
+    if elem_bytes >= 4:  # 8 warps (4 spilled 16-24 bytes on sm_80)
+        return _dk.block_m(group, q_len, 16), max(16, min(64, 2048 // d_pad)), 8
     bm = _dk.block_m(group, q_len, 64)
-    return bm, min(64, 16384 // (d_pad * 2)), 4 if bm * d_pad <= 4096 else 8
+    # 8 warps from 4K-element tiles on (32 x 128 with 4 warps spilled 16 bytes on sm_80)
+    return bm, min(64, 16384 // (d_pad * 2)), 4 if bm * d_pad < 4096 else 8
 
 
 # Under the interpreter every program and every loop step is a Python-level step: fewer, larger
