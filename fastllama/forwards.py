@@ -219,9 +219,11 @@ def reference_attention_forward(self, x, cos, sin, key_padding_mask=None, cache=
         k, v = cache.update(cache_start, k, v)
     if self._fastllama["attention"]:
         mask = None
-        if key_padding_mask is not None:
+        if key_padding_mask is not None or k.shape[2] != T:
+            # the reference aligns queries bottom-right against the cache; `attend` reads a
+            # missing mask the HF way (top-left for an empty static cache), so spell it out
             mask = ref.attention_mask(T, k.shape[2], causal=True, key_padding_mask=key_padding_mask,
-                                      device=x.device)
+                                      device=x.device).expand(B, 1, T, k.shape[2])
         out = attend(q, k, v, mask, causal=True)
     else:
         out = ref.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)

@@ -290,3 +290,16 @@ def test_verify_command_line(tmp_path, capsys):
     assert main(["verify", "--config", str(tmp_path / "config.json"), "--seq-len", "16", "--batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "LlamaDecoderLayer" in out and "0 failing" in out
+
+
+def test_reference_model_cache_decoding_without_mask():
+    """Queries after a cache prefix align bottom-right (no attention mask given)."""
+    torch.manual_seed(0)
+    model = fastllama.patch(Llama(dict(BASE)).to(DEVICE).eval())
+    x = ids(seq=12)
+    with torch.no_grad():
+        full = model(x)
+        model.setup_caches(2, 12)
+        part = torch.cat([model(x[:, :9], cache_start=0), model(x[:, 9:10], cache_start=9),
+                          model(x[:, 10:], cache_start=10)], dim=1)
+    torch.testing.assert_close(part, full, rtol=1e-4, atol=1e-5)
