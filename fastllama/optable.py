@@ -28,7 +28,9 @@ class KernelBuild:
     """One kernel specialisation that the op can launch, to compile for sm_80/sm_90 without a
     GPU (the build report). ``signature`` maps every non-constexpr argument name of the
     ``@triton.jit`` function to its Triton type string ("*fp16", "*bf16", "*fp32", "i32", "i64",
-    "fp32"); ``constexprs`` gives the constexpr arguments (block sizes, flags, head dim)."""
+    "fp32"; "i32:16" for an integer the runtime sees as a multiple of 16 — Triton specialises such
+    strides at launch, and compiling them unspecialised overstates registers and spills);
+    ``constexprs`` gives the constexpr arguments (block sizes, flags, head dim)."""
 
     kernel: Any
     signature: dict[str, str]
