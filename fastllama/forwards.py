@@ -109,6 +109,62 @@ def mlp_forward(self, x):
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+# ---------------------------------------------------------------------------------------------
+# Norms and activations folded into the linears around them (activation memory)
+# ---------------------------------------------------------------------------------------------
+def _bypassable(*modules) -> bool:
+    """Whether calling these modules can be replaced by computing with their parameters: no
+    forward or backward hooks on them (FSDP2 units, user hooks) and none global."""
+    from torch.nn.modules import module as nn_module
+
+    if (nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
+            or nn_module._global_backward_pre_hooks or nn_module._global_backward_hooks):
+        return False
+    return not any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+                   for m in modules)
+
+
+def _patched_with(module, *forwards) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) in forwards
+
+
+def _plain_linears(*modules) -> bool:
+    """Plain ``nn.Linear`` (not LoRA, not a quantised or FSDP2-sharded subclass), no hooks."""
+    return all(type(m) is torch.nn.Linear for m in modules) and _bypassable(*modules)
+
+
+def _norm_into_attention(layer) -> bool:
+    """Whether the decoder layer can hand its input_layernorm to the attention, which then runs
+    the norm and q/k/v_proj as one node (``ops.rms_norm_linear``)."""
+    attn, norm = layer.self_attn, layer.input_layernorm
+    return (_patched_with(norm, rms_norm_forward)
+            and _patched_with(attn, hf_attention_forward, reference_attention_forward)
+            and _bypassable(norm, attn) and _plain_linears(attn.q_proj, attn.k_proj, attn.v_proj))
+
+
+def _norm_into_mlp(layer) -> bool:
+    """Whether post_attention_layernorm + the MLP can run as ``rms_norm_linear`` (gate, up) and
+    ``swiglu_linear`` (down)."""
+    mlp, norm = layer.mlp, layer.post_attention_layernorm
+    return (_patched_with(norm, rms_norm_forward) and _patched_with(mlp, mlp_forward) and _bypassable(norm, mlp)
+            and _plain_linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+
+
+def _norm_projections(norm, x, projections, residual=None):
+    """``[p(norm(x)) for p in projections]`` (and ``x + residual`` when given) via
+    ``ops.rms_norm_linear``: the normalised x is recomputed in the backward, not kept."""
+    x, w, residual = _promote(x, norm.weight, residual)
+    return ops.rms_norm_linear(x, w, [p.weight for p in projections], [p.bias for p in projections],
+                               eps=norm.variance_epsilon, residual=residual)
+
+
+def _residual_norm_mlp(norm, mlp, h, residual):
+    """``(mlp(norm(h + residual)), h + residual)`` keeping, per token, the norm's input and the
+    gate and up projections only (not the normalised input, not the SwiGLU output)."""
+    gate, up, s = _norm_projections(norm, h, (mlp.gate_proj, mlp.up_proj), residual)
+    return ops.swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias), s
+
+
 def _rotate(self, q, k, cos, sin):
     if self._fastllama["rope"] and cos.shape[-1] == q.shape[-1]:
         # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the
@@ -141,11 +197,14 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
 
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
+    norm = kwargs.pop("fastllama_norm", None)  # set by the patched decoder layer: hidden_states is not normed yet
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    if norm is not None:
+        q, k, v = _norm_projections(norm, hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+    else:
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in (q, k, v))
     cos, sin = position_embeddings
     q, k = _rotate(self, q, k, cos, sin)
     if cache is not None:
@@ -169,13 +228,21 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
 
 def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                              use_cache=False, position_embeddings=None, **kwargs):
-    """``LlamaDecoderLayer.forward`` with the residual add fused into the second RMSNorm."""
+    """``LlamaDecoderLayer.forward`` with the residual add fused into the second RMSNorm, and
+    each norm folded into the projections after it when they are plain linears (see
+    ``ops.fused_linear``: same math, less memory kept for backward)."""
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     residual = hidden_states
-    h = self.input_layernorm(hidden_states)
+    if _norm_into_attention(self):
+        h, kwargs["fastllama_norm"] = hidden_states, self.input_layernorm
+    else:
+        h = self.input_layernorm(hidden_states)
     h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    if _norm_into_mlp(self):
+        out, residual = _residual_norm_mlp(self.post_attention_layernorm, self.mlp, h, residual)
+        return residual + out
     h, residual = _fused_residual_norm(self.post_attention_layernorm, h, residual)
     return residual + self.mlp(h)
 
@@ -208,12 +275,18 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
 # ---------------------------------------------------------------------------------------------
 # fastllama's reference model
 # ---------------------------------------------------------------------------------------------
-def reference_attention_forward(self, x, cos, sin, key_padding_mask=None, cache=None, cache_start=0):
-    """``reference.model.Attention.forward`` with the rotary and attention kernels."""
+def reference_attention_forward(self, x, cos, sin, key_padding_mask=None, cache=None, cache_start=0,
+                                fastllama_norm=None):
+    """``reference.model.Attention.forward`` with the rotary and attention kernels
+    (``fastllama_norm``: x is not normed yet; the norm runs with q/k/v_proj as one node)."""
     B, T, _ = x.shape
-    q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-    k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-    v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    if fastllama_norm is not None:
+        q, k, v = _norm_projections(fastllama_norm, x, (self.q_proj, self.k_proj, self.v_proj))
+    else:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+    k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
     q, k = _rotate(self, q, k, cos, sin)
     if cache is not None:
         k, v = cache.update(cache_start, k, v)
@@ -231,8 +304,15 @@ def reference_attention_forward(self, x, cos, sin, key_padding_mask=None, cache=
 
 
 def reference_decoder_layer_forward(self, x, cos, sin, key_padding_mask=None, cache=None, cache_start=0):
-    """``reference.model.DecoderLayer.forward`` with the residual add fused into the second norm."""
-    h = self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cache_start)
+    """``reference.model.DecoderLayer.forward`` with the residual add fused into the second norm
+    and the norms folded into the projections, as :func:`hf_decoder_layer_forward`."""
+    if _norm_into_attention(self):
+        h = self.self_attn(x, cos, sin, key_padding_mask, cache, cache_start, fastllama_norm=self.input_layernorm)
+    else:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cache_start)
+    if _norm_into_mlp(self):
+        out, x = _residual_norm_mlp(self.post_attention_layernorm, self.mlp, h, x)
+        return x + out
     h, x = _fused_residual_norm(self.post_attention_layernorm, h, x)
     return x + self.mlp(h)
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .reference import functional as ref
-from .reference.model import Llama
+from .reference.model import Llama, filter_logits
 
 __all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats"]
 
@@ -48,18 +48,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
     """
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        sorted_probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens before it already reach top_p (the first is always kept)
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
     race = torch.empty_like(probs).exponential_(1, generator=generator).clamp_min_(1e-30)
     return (probs / race).argmax(-1)
 

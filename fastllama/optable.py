@@ -83,6 +83,7 @@ _OP_MODULES.append("attention")
 _OP_MODULES.append("rms_norm")
 _OP_MODULES.append("rotary")
 _OP_MODULES.append("swiglu")
+_OP_MODULES.append("fused_linear")
 _OP_MODULES.append("decode")
 
 _CACHE: list[OpSpec] = []

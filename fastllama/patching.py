@@ -161,7 +161,10 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the
     reason recorded; :func:`patch_summary` prints what happened (``verbose=True`` prints it now,
-    and it is always logged at INFO on the "fastllama" logger).
+    and it is always logged at INFO on the "fastllama" logger). In training, a decoder layer whose
+    projections are plain ``nn.Linear``s without hooks runs each norm together with the linears
+    after it, and the SwiGLU with down_proj (``ops.rms_norm_linear``/``ops.swiglu_linear``: same
+    math, the norm output and the SwiGLU output recomputed in backward rather than kept).
 
     Raises:
         TypeError: ``model`` contains nothing fastllama knows how to patch (the message lists the

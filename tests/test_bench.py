@@ -78,6 +78,7 @@ def test_memory_report_hf_vs_fastllama():
         assert f["head+loss KiB/token"] < h["head+loss KiB/token"], preset
         assert f["unattributed KiB/token"] == 0 and f["ctx-attribute bytes"] == 0
     assert fast["head+loss KiB/token"] < 0.05 * hf["head+loss KiB/token"]  # the target
+    assert fast["layer KiB/token"] <= 0.5 * hf["layer KiB/token"]  # the target (norms and SwiGLU folded)
     # at most the LM head's weight gradient (bf16 V x H), which a backward allocates anyway
     assert fast["head+loss fixed MiB"] <= 128256 * 2048 * 2 / 2**20 * (1 + 1e-9)
 

@@ -78,6 +78,14 @@ def _part(module_name: str) -> str:
     return _OTHER  # embedding, rotary tables, final norm
 
 
+def _is_part_boundary(module_name: str) -> bool:
+    """Modules the recorder hooks: enough to tell the parts apart (the root, the LM head, each
+    decoder layer, the other children of the base model), and no deeper, because hooks change
+    what they watch: ``fastllama.patch`` folds a norm into the linears after it only when no
+    hooks need those modules' calls (see ``fastllama.forwards``)."""
+    return (module_name.count(".") <= 1 or re.fullmatch(r"model\.layers\.\d+", module_name) is not None)
+
+
 class _Recorder:
     """Attributes each saved storage to the innermost module running when it is first saved."""
 
@@ -90,7 +98,8 @@ class _Recorder:
         self.ctx_bytes = 0
         self.keep = []  # the storages counted, kept alive so that no key is reused
         for name, module in model.named_modules():
-            self._track(module, name)
+            if _is_part_boundary(name):
+                self._track(module, name)
 
     def _track(self, module: nn.Module, name: str) -> None:
         def enter(m, args):

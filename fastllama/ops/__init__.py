@@ -19,6 +19,8 @@ from .rotary import apply_rotary_pos_emb, apply_rotary_pos_emb_from_positions  #
 __all__ += ["apply_rotary_pos_emb", "apply_rotary_pos_emb_from_positions"]
 from .swiglu import swiglu, swiglu_fused  # noqa: E402
 __all__ += ["swiglu", "swiglu_fused"]
+from .fused_linear import rms_norm_linear, swiglu_linear  # noqa: E402
+__all__ += ["rms_norm_linear", "swiglu_linear"]
 
 from .decode import decode_attention, rotary_cache_append  # noqa: E402
 __all__ += ["decode_attention", "rotary_cache_append"]

@@ -219,6 +219,16 @@ def _check_input(name: str, t) -> None:
     check_last_dim_contiguous(name, t)
 
 
+def validate_pair(gate, up) -> None:
+    """The checks of :func:`swiglu` on its inputs (also used by ``swiglu_linear``)."""
+    _check_input("gate", gate)
+    _check_input("up", up)
+    check_same("gate", gate, "up", up, "dtype")
+    check_same("gate", gate, "up", up, "device")
+    if gate.shape != up.shape:
+        raise ValueError(f"up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must match")
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False) -> torch.Tensor:
     """``silu(gate) * up`` in one kernel (fp32 math, one rounding), the Llama MLP activation.
 
@@ -233,12 +243,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
     Returns:
         A new contiguous (..., I) tensor. Backward saves gate and up only.
     """
-    _check_input("gate", gate)
-    _check_input("up", up)
-    check_same("gate", gate, "up", up, "dtype")
-    check_same("gate", gate, "up", up, "device")
-    if gate.shape != up.shape:
-        raise ValueError(f"up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must match")
+    validate_pair(gate, up)
     if inplace_backward and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         _check_inplace_ok("gate", gate)
         _check_inplace_ok("up", up)

@@ -1,0 +1,278 @@
+"""Norm and activation fused into the linear layers around them, for activation memory.
+
+Autograd keeps, for every ``nn.Linear``, its input until the backward. In a Llama layer two of
+those inputs are cheap to recompute from tensors that are kept anyway:
+
+* the output of an RMSNorm, ``y = w * x * rstd``, read by q/k/v_proj (or gate/up_proj): the norm
+  keeps ``x`` and ``rstd`` for its own backward, so ``y`` is one elementwise pass away;
+* the SwiGLU output ``h = silu(g) * u``, read by down_proj: the SwiGLU keeps ``g`` and ``u``.
+
+Two autograd functions do the norm (or the activation) and the matmuls as one node and keep only
+those inputs; the backward recomputes ``y`` (or ``h``) once, uses it for the weight gradients and
+frees it. The forward and backward math is unchanged (same kernels, same matmuls in the same
+dtypes); what changes is the memory held between them. At the Llama-3.2-1B shape in bf16 that is
+4 KiB per token for each norm and 16 KiB for the activation, out of ~74 KiB per token per layer.
+
+The matmuls are ``F.linear`` calls on the module's own weights, so only plain ``nn.Linear``
+projections without hooks can be folded in (``fastllama.patch`` checks; LoRA layers or hooked
+modules keep the unfused path).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..optable import OpCase, OpSpec
+from ._checks import check_same, check_tensor
+from .rms_norm import _rms_norm_bwd, _rms_norm_fwd, _validate as _validate_norm
+from .swiglu import _swiglu, _swiglu_bwd, validate_pair as validate_swiglu_inputs
+
+__all__ = ["rms_norm_linear", "swiglu_linear"]
+
+
+def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` would compute in: autocast's when it is on, else the input's (a
+    mismatch with the weight is an error, as in ``F.linear``)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but the input is {x.dtype}; they must match "
+                        f"(outside autocast, as in F.linear)")
+    return x.dtype
+
+
+def _check_linear(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], in_features: int,
+                  like: torch.Tensor) -> None:
+    check_tensor(name, weight, ndim=2)
+    check_same("x", like, name, weight, "device")
+    if weight.shape[1] != in_features:
+        raise ValueError(f"{name} has shape {tuple(weight.shape)} but the input has {in_features} features; "
+                         f"it must be (out_features, {in_features})")
+    if bias is not None:
+        check_tensor(f"bias of {name}", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias of {name} has shape {tuple(bias.shape)}; it must be ({weight.shape[0]},)")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm -> linears
+# ----------------------------------------------------------------------------------------------
+class _NormLinears(torch.autograd.Function):
+    """``y = rms_norm(x [+ residual])``, then ``y @ W_i^T + b_i`` for each projection i.
+
+    Saved: the norm's input (``s = x + residual`` when fused), its weight, rstd and the projection
+    weights. Backward recomputes ``y`` and then
+
+        dW_i = dout_i^T y          db_i = sum_rows dout_i          dy = sum_i dout_i W_i
+
+    and hands ``dy`` (plus the gradient reaching ``s`` directly) to the RMSNorm backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, residual, eps, mm_dtype, n, *params):
+        weights, biases = params[:n], params[n:]
+        y, s, rstd = _rms_norm_fwd(x, norm_weight, residual, eps)
+        y_mm = y.to(mm_dtype)
+        outs = tuple(F.linear(y_mm, w, b) for w, b in zip(weights, biases))
+        ctx.has_residual = residual is not None
+        ctx.eps, ctx.mm_dtype, ctx.n = eps, mm_dtype, n
+        ctx.has_bias = tuple(b is not None for b in biases)
+        ctx.save_for_backward(s if ctx.has_residual else x, norm_weight, rstd, *weights)
+        return outs + ((s,) if ctx.has_residual else ())
+
+    @staticmethod
+    def backward(ctx, *grads):
+        normed_input, norm_weight, rstd, *weights = ctx.saved_tensors
+        d_outs = grads[:ctx.n]
+        d_s = grads[ctx.n] if ctx.has_residual else None
+        y = _rms_norm_fwd(normed_input, norm_weight, None, ctx.eps)[0]  # the recomputation
+        y_mm = _rows(y.to(ctx.mm_dtype))
+        need_w = ctx.needs_input_grad[6:6 + ctx.n]
+        d_weights, d_biases, dy = [], [], None
+        for d_out, w, has_bias, want_w in zip(d_outs, weights, ctx.has_bias, need_w):
+            if d_out is None:  # this projection's output was not used
+                d_weights.append(None)
+                d_biases.append(None)
+                continue
+            d_out = _rows(d_out)
+            d_weights.append(d_out.t() @ y_mm if want_w else None)
+            d_biases.append(d_out.sum(0) if has_bias else None)
+            contribution = d_out @ w
+            dy = contribution if dy is None else dy + contribution
+        del y_mm
+        dy = torch.zeros_like(y) if dy is None else dy.view(y.shape).to(y.dtype)
+        dx, d_norm_weight = _rms_norm_bwd(dy, d_s, normed_input, norm_weight, rstd)
+        # d(x + residual) reaches both summands unchanged
+        return (dx, d_norm_weight, dx if ctx.has_residual else None, None, None, None, *d_weights, *d_biases)
+
+
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights: Sequence[torch.Tensor],
+                    biases: Optional[Sequence[Optional[torch.Tensor]]] = None, eps: float = 1e-6,
+                    residual: Optional[torch.Tensor] = None):
+    """``[F.linear(rms_norm(x), W, b) for W, b in zip(weights, biases)]`` keeping only the norm's input.
+
+    What HF's ``input_layernorm`` followed by ``q_proj``/``k_proj``/``v_proj`` computes (or
+    ``post_attention_layernorm`` followed by ``gate_proj``/``up_proj``), as one autograd node: the
+    normalised activations that each projection would keep for its weight gradient are recomputed
+    in the backward from the norm's input and per-row rstd, which the norm keeps anyway.
+
+    Args:
+        x: (..., hidden) activations; ``norm_weight`` (hidden,): as in :func:`rms_norm` (same
+            dtype, unit stride in the hidden dim).
+        weights: the projections' (out_i, hidden) weights; biases: one per weight, or None.
+            Outside autocast they must have the normalised activations' dtype (as ``F.linear``
+            requires); under ``torch.autocast`` they are cast to the autocast dtype, and so is the
+            normalised input to the matmuls, as ``nn.Linear`` would.
+        eps: RMSNorm epsilon. residual: fuse ``s = x + residual`` before the norm (as
+            :func:`rms_norm` does).
+
+    Returns:
+        A tuple of the projections (..., out_i), followed by ``s`` when ``residual`` is given.
+    """
+    _validate_norm(x, norm_weight, eps, residual)
+    weights = tuple(weights)
+    if not weights:
+        raise ValueError("weights is empty: give at least one projection")
+    biases = tuple(biases) if biases is not None else (None,) * len(weights)
+    if len(biases) != len(weights):
+        raise ValueError(f"biases has {len(biases)} entries for {len(weights)} weights; give one per weight "
+                         f"(None for no bias)")
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        _check_linear(f"weights[{i}]", w, b, x.shape[-1], x)
+    mm_dtype = _matmul_dtype(x, weights[0])
+    weights = tuple(w.to(mm_dtype) for w in weights)  # no-ops outside autocast
+    biases = tuple(b.to(mm_dtype) if b is not None else None for b in biases)
+    return _NormLinears.apply(x, norm_weight, residual, float(eps), mm_dtype, len(weights), *weights, *biases)
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU -> linear
+# ----------------------------------------------------------------------------------------------
+class _SwiGLULinear(torch.autograd.Function):
+    """``out = h W^T + b`` with ``h = silu(g) * u``. Saved: g, u and W (not h). Backward:
+
+        h = silu(g) * u  (recomputed)     dW = dout^T h     db = sum_rows dout
+        dh = dout W                       dg, du = SwiGLU backward of dh (the swiglu kernel)
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias):
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(_swiglu(gate, up), weight, bias)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        gate, up, weight = ctx.saved_tensors
+        d_rows = _rows(d_out)
+        d_weight = d_bias = None
+        if ctx.needs_input_grad[2]:
+            d_weight = d_rows.t() @ _rows(_swiglu(gate, up))  # h lives only for this matmul
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            d_bias = d_rows.sum(0)
+        d_h = (d_rows @ weight).view(gate.shape)
+        d_gate, d_up = _swiglu_bwd(d_h, gate, up)
+        return d_gate, d_up, d_weight, d_bias
+
+
+def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(swiglu(gate, up), weight, bias)``, the Llama MLP's ``down_proj(act(gate) * up)``,
+    keeping only ``gate`` and ``up`` for the backward (the SwiGLU output, which down_proj would
+    keep, is recomputed there: one elementwise kernel).
+
+    Args:
+        gate, up: (..., I) as in :func:`swiglu`. weight: (out, I); bias: (out,) or None. Outside
+            autocast the weight has the activations' dtype; under autocast it is cast to the
+            autocast dtype (as ``nn.Linear`` does).
+
+    Returns:
+        (..., out).
+    """
+    validate_swiglu_inputs(gate, up)
+    _check_linear("weight", weight, bias, gate.shape[-1], gate)
+    mm_dtype = _matmul_dtype(gate, weight)
+    gate, up = gate.to(mm_dtype), up.to(mm_dtype)
+    return _SwiGLULinear.apply(gate, up, weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Op table
+# ----------------------------------------------------------------------------------------------
+def _norm_linear_op(x, norm_weight, w_a, w_b, b_b, residual=None, eps=1e-6):
+    return rms_norm_linear(x, norm_weight, [w_a, w_b], [None, b_b], eps=eps, residual=residual)
+
+
+def _norm_linear_reference(x, norm_weight, w_a, w_b, b_b, residual=None, eps=1e-6):
+    """Two projections of the normalised x, the second with a bias (as Qwen2's k/v_proj)."""
+    if residual is not None:
+        s = x + residual
+        y = reference.rms_norm(s, norm_weight, eps)
+        return F.linear(y, w_a), F.linear(y, w_b, b_b), s
+    y = reference.rms_norm(x, norm_weight, eps)
+    return F.linear(y, w_a), F.linear(y, w_b, b_b)
+
+
+def _make_norm_linear_args(params: dict, dtype: torch.dtype, device: str):
+    *lead, n = params["shape"]
+    outs = params["outs"]
+
+    def t(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device=device, dtype=torch.float32)).to(dtype).requires_grad_()
+
+    x = t(*lead, n)
+    norm_weight = (1 + 0.1 * torch.randn(n, device=device)).to(dtype).requires_grad_()
+    args = (x, norm_weight, t(outs[0], n, scale=n ** -0.5), t(outs[1], n, scale=n ** -0.5), t(outs[1], scale=0.1))
+    return args + ((t(*lead, n),) if params.get("residual") else ()), {}
+
+
+def _swiglu_linear_reference(gate, up, weight, bias):
+    return F.linear(reference.swiglu(gate, up), weight, bias)
+
+
+def _make_swiglu_linear_args(params: dict, dtype: torch.dtype, device: str):
+    *lead, i = params["shape"]
+    out = params["out"]
+
+    def t(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device=device, dtype=torch.float32)).to(dtype).requires_grad_()
+
+    return (t(*lead, i, scale=2.0), t(*lead, i), t(out, i, scale=i ** -0.5), t(out, scale=0.1)), {}
+
+
+OP_SPECS = [
+    OpSpec(
+        name="rms_norm_linear",
+        op=_norm_linear_op,
+        reference=_norm_linear_reference,
+        make_args=_make_norm_linear_args,
+        cases=(
+            OpCase("3x77x160-q96-kv40", {"shape": (3, 77, 160), "outs": (96, 40)}),
+            OpCase("2x33x96-residual", {"shape": (2, 33, 96), "outs": (64, 24), "residual": True}),
+            OpCase("512x2048-residual", {"shape": (512, 2048), "outs": (2048, 512), "residual": True},
+                   cuda_only=True),
+        ),
+        kernels=("rms_norm",),
+        names=("x", "norm_weight", "w_a", "w_b", "b_b", "residual"),
+    ),
+    OpSpec(
+        name="swiglu_linear",
+        op=swiglu_linear,
+        reference=_swiglu_linear_reference,
+        make_args=_make_swiglu_linear_args,
+        cases=(
+            OpCase("3x77x160-out96", {"shape": (3, 77, 160), "out": 96}),
+            OpCase("1x5x4099-out33", {"shape": (1, 5, 4099), "out": 33}),
+            OpCase("512x8192-out2048", {"shape": (512, 8192), "out": 2048}, cuda_only=True),
+        ),
+        kernels=("swiglu",),
+        names=("gate", "up", "weight", "bias"),
+    ),
+]
