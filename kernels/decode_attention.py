@@ -44,16 +44,21 @@ MAX_SPLITS = 32  # fixed upper bound: the combine tile holds them all, and CUDA 
 @triton.jit
 def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, q_pos,
                    offs_n, offs_d, qk_scale,
-                   MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the key blocks [lo, hi), in the log2 domain:
 
         s = q k^T * scale * log2(e);  m' = max(m, rowmax s);  p = 2^(s - m')
         l' = l * 2^(m - m') + rowsum p;  acc' = acc * 2^(m - m') + p v
 
-    MASKED blocks check the causal bound ``key <= q_pos`` and the cache end ``key < seqlen``;
-    the slots past ``seqlen`` may hold anything (stale or NaN), so they are not even loaded:
-    a NaN in v would survive ``0 * NaN`` in the p v product.
+    Every block checks the causal bound ``key <= q_pos`` and the cache end ``key < seqlen``; the
+    slots past ``seqlen`` may hold anything (stale or NaN), so they are not even loaded: a NaN in
+    v would survive ``0 * NaN`` in the p v product.
+
+    One loop, masked throughout, on purpose. Peeling the unmasked blocks into a loop of their
+    own (as flash attention does) saves a compare and a select per score, which decode never
+    notices (it waits on the K/V bytes, not on the ALU), but the second copy of the pipelined
+    loop kept more values live and ptxas spilled 8-24 bytes on sm_80 to reach its occupancy
+    step (64 registers at 8 warps, 128 at 4).
     """
     d_ok = offs_d[None, :] < HEAD_DIM
     for start in range(lo, hi, BLOCK_N):
@@ -62,26 +67,15 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, h
         # double the registers of every pointer tile (the cause of spills at 64 x 128 tiles).
         k_ptrs = k_base + tl.cast(start, tl.int64) * stride_kt + (offs_n[:, None] * stride_kt + offs_d[None, :])
         v_ptrs = v_base + tl.cast(start, tl.int64) * stride_vt + (offs_n[:, None] * stride_vt + offs_d[None, :])
-        if MASKED:
-            in_cache = (keys[:, None] < seqlen) & d_ok
-            k = tl.load(k_ptrs, mask=in_cache, other=0.0)
-            v = tl.load(v_ptrs, mask=in_cache, other=0.0)
-        elif HEAD_DIM == D_PAD:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        in_cache = (keys[:, None] < seqlen) & d_ok
+        k = tl.load(k_ptrs, mask=in_cache, other=0.0)
+        v = tl.load(v_ptrs, mask=in_cache, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps
-            # 2^(-inf - -inf) = NaN out (its p and alpha come out 0).
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sub = m_new
+        s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps
+        # 2^(-inf - -inf) = NaN out (its p and alpha come out 0).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_sub)
         p = tl.math.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -102,34 +96,19 @@ def decode_split_kernel(
     stride_lb, stride_lh, stride_lt,
     q_len, group, max_len, m_tiles,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_M (query head, query row) pairs of one KV head, one chunk of keys.
 
     Grid (B, Hk * m_tiles, num_splits). SPLIT=False (one split): O is the final output
     (B, Hq, Tq, D) in the input dtype. SPLIT=True: O is the fp32 partial output
     (B, Hq, Tq, splits, D) and LSE (B, Hq, Tq, splits) the natural-log log-sum-exp per chunk.
-    ALIGNED: every q/k/v/out stride is a multiple of 16 elements and arrives divided by 16, so the
-    compiler knows rows start 16-element aligned and vectorises the loads (one pointer per
-    vector, not per element: without it a 64 x 128 tile needs ~255 registers and spills). The
-    runtime would specialise such strides by itself; saying it in the code makes every compile
-    of the kernel (the build report's included) produce what actually runs. (tl.multiple_of on a
-    scalar argument did not get through to the loads.)
+
+    Strides arrive as they are. A launch whose strides are all multiples of 16 elements (every
+    dense or HF layout with head_dim % 16 == 0) gets Triton's divisibility specialisation, so
+    rows are known 16-element aligned and K/V load as vectors (one pointer per vector, not per
+    element); the build report compiles that variant with "i32:16" strides.
     """
-    if ALIGNED:  # the launcher passed stride // 16: the product tells the compiler "multiple of 16"
-        stride_qb = stride_qb * 16
-        stride_qh = stride_qh * 16
-        stride_qt = stride_qt * 16
-        stride_kb = stride_kb * 16
-        stride_kh = stride_kh * 16
-        stride_kt = stride_kt * 16
-        stride_vb = stride_vb * 16
-        stride_vh = stride_vh * 16
-        stride_vt = stride_vt * 16
-        stride_ob = stride_ob * 16
-        stride_oh = stride_oh * 16
-        stride_ot = stride_ot * 16
-        stride_os = stride_os * 16
     b = tl.program_id(0)
     hk = tl.program_id(1) // m_tiles
     m_tile = tl.program_id(1) % m_tiles
@@ -153,10 +132,6 @@ def decode_split_kernel(
     blocks_per_split = tl.cdiv(tl.cdiv(seqlen - first, BLOCK_N), n_splits)
     lo = first + split * blocks_per_split * BLOCK_N
     hi = tl.minimum(lo + blocks_per_split * BLOCK_N, seqlen)
-    # Keys below seqlen - Tq + 1 are visible to every row and inside the cache: no mask there.
-    # (Blocks start at lo, so the unmasked part ends on a block boundary counted from lo.)
-    full = tl.maximum(seqlen - q_len + 1, lo)
-    mid = tl.minimum(lo + ((full - lo) // BLOCK_N) * BLOCK_N, tl.maximum(hi, lo))
 
     # int64 offsets: batch * stride_b alone can pass 2**31 for a large cache.
     # 64-bit sequence base, 32-bit offsets within one sequence's heads x Tq rows.
@@ -169,10 +144,8 @@ def decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, mid, seqlen,
-                                   q_pos, offs_n, offs_d, qk_scale, False, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, mid, hi, seqlen,
-                                   q_pos, offs_n, offs_d, qk_scale, True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+    acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen,
+                                   q_pos, offs_n, offs_d, qk_scale, HEAD_DIM, BLOCK_N, PRECISION)
 
     # A row with no visible key in this chunk (or at all) has l = 0: output 0, lse = -inf.
     empty = m_i == float("-inf")
@@ -231,8 +204,10 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def strides_aligned(q, k_cache, v_cache) -> bool:
-    """ALIGNED: head_dim and every batch/head/token stride of q and the caches are multiples of
-    16 elements (then so are the output's, laid out like q or contiguous, and the partials')."""
+    """head_dim and every batch/head/token stride of q and the caches are multiples of 16
+    elements (then so are the output's, laid out like q or contiguous, and the partials'): the
+    launch gets Triton's divisibility specialisation (vector loads), and the ops pick larger
+    tiles for it."""
     strides = [*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3]]
     return q.shape[-1] % 16 == 0 and all(s % 16 == 0 for s in strides)
 
@@ -245,7 +220,7 @@ def block_m(group: int, q_len: int, max_rows: int = 64) -> int:
 
 def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=None, *, scale: float,
                              num_splits: int,
-                             block_n: int, max_block_m: int = 64, aligned: bool | None = None, num_warps: int = 4,
+                             block_n: int, max_block_m: int = 64, num_warps: int = 4,
                              num_stages: int = 2,
                              precision: str = "ieee", combine_rows: int = 1):
     """Launches decode attention; returns out shaped like q (same memory layout when q is dense).
@@ -253,8 +228,7 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
     ``cache_leftpad`` (B,) int32 or None: sequence b's keys are slots [leftpad_b, L_b).
 
     ``num_splits`` (1 .. MAX_SPLITS) fixes the grid; 1 runs the single-pass kernel only.
-    ``block_n`` keys per block, ``max_block_m`` rows per tile at most; ``aligned`` (default:
-    :func:`strides_aligned`) selects the vectorised specialisation; ``precision`` is tl.dot's
+    ``block_n`` keys per block, ``max_block_m`` rows per tile at most; ``precision`` is tl.dot's
     input precision for fp32 ("ieee");
     ``combine_rows`` output rows per combine program (a power of two).
     """
@@ -268,21 +242,19 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
     m_tiles = triton.cdiv(group * Tq, bm)
     grid = (B, Hk * m_tiles, num_splits)
     leftpad = cache_leftpad if cache_leftpad is not None else cache_seqlens  # read x 0 when None
-    aligned = strides_aligned(q, k_cache, v_cache) if aligned is None else aligned
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_M=bm, BLOCK_N=block_n, PRECISION=precision,
-                ALIGNED=aligned, num_warps=num_warps, num_stages=num_stages)
-    div = 16 if aligned else 1  # ALIGNED strides travel divided by 16 (see the kernel)
-    strides = [x // div for x in (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])]
+                num_warps=num_warps, num_stages=num_stages)
+    strides = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])
     common = (scale, int(cache_leftpad is not None), *strides)
     if num_splits == 1:
         decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, out, out, *common,
-                                  *(x // div for x in out.stride()[:3]), 0, 0, 0, 0, Tq, group, Tmax, m_tiles,
+                                  *out.stride()[:3], 0, 0, 0, 0, Tq, group, Tmax, m_tiles,
                                   SPLIT=False, **meta)
         return out
     part = torch.empty((B, Hq, Tq, num_splits, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((B, Hq, Tq, num_splits), device=q.device, dtype=torch.float32)
     decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, part, lse, *common,
-                              *(x // div for x in part.stride()[:4]), *lse.stride()[:3], Tq, group, Tmax, m_tiles,
+                              *part.stride()[:4], *lse.stride()[:3], Tq, group, Tmax, m_tiles,
                               SPLIT=True, **meta)
     n_rows = B * Hq * Tq
     decode_combine_kernel[(triton.cdiv(n_rows, combine_rows),)](

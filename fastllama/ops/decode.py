@@ -10,6 +10,7 @@ CUDA graph and replayed. Each is one ``torch.library`` custom op (``fastllama::d
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Optional
 
@@ -45,14 +46,16 @@ def _stages(elem_bytes: int) -> int:
 
 
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_90 compiles (ptxas registers, with the
-    16-divisible strides a launch gets specialised on): 16-bit inputs take up to 64 rows and 64
-    keys (32 at D = 256), 8 warps from 4K-element tiles on, at most ~240 registers and
-    no spills; fp32 (ieee dots on FMA units, register-hungry operand layouts) 16 rows and
-    2048 / D keys (D = 128 with 32 keys spilled 352 bytes) and one pipeline stage. Strides that are not multiples of 16
-    (no vector loads: one 64-bit pointer per element) get 16 x 16 tiles, 8 warps at D = 256."""
+    """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_80 and sm_90 compiles (ptxas
+    registers, with the 16-divisible strides an aligned launch gets specialised on): 16-bit
+    inputs take up to 64 rows and 64 keys (32 at D = 256), 8 warps from 4K-element tiles on, at
+    most ~240 registers and no spills; fp32 (ieee dots on FMA units, register-hungry operand
+    layouts) 16 rows and 2048 / D keys (D = 128 with 32 keys spilled 352 bytes), 8 warps, one
+    pipeline stage. Strides that are not multiples of 16 (no vector loads: one 64-bit pointer
+    per element) get 16 x 16 tiles, 8 warps from fp32 D = 128 and at D = 256 (fp32 D = 64 with
+    8 warps spilled 8 bytes on sm_90: ptxas squeezed it to 80 registers for a third block)."""
     if not aligned:
-        return _dk.block_m(group, q_len, 16), 16, 8 if d_pad >= 256 or elem_bytes >= 4 else 4
+        return _dk.block_m(group, q_len, 16), 16, 8 if d_pad * elem_bytes >= 512 else 4
     if elem_bytes >= 4:  # 8 warps (4 spilled 16-24 bytes on sm_80)
         return _dk.block_m(group, q_len, 16), max(16, min(64, 2048 // d_pad)), 8
     bm = _dk.block_m(group, q_len, 64)
@@ -95,7 +98,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     aligned = _dk.strides_aligned(q, k_cache, v_cache)
     bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(), aligned)
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
-                                        num_splits=num_splits, block_n=bn, max_block_m=bm, aligned=aligned,
+                                        num_splits=num_splits, block_n=bn, max_block_m=bm,
                                         num_warps=warps, num_stages=_stages(q.element_size()))
 
 
@@ -379,58 +382,73 @@ _ROTARY_CASES = (
     OpCase("B2-H32/8-T1024-D128", dict(B=2, Hq=32, Hk=8, T=1024, D=128, Tmax=2048, seqlens=(0, 1000)), cuda_only=True),
 )
 
+_S_PADS = [2 ** i for i in range(1, (MAX_SPLITS - 1).bit_length() + 1)]  # the combine's padded split counts
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 _HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims of real Llama-family models
 
 
 def _decode_builds() -> list[KernelBuild]:
     """Split kernel: dtype x head dim x (aligned strides: BLOCK_M 16/32/64, fp32 16; unaligned:
-    16 x 16 tiles) x (single pass, split); combine kernel: dtype x head dim x S_PAD."""
+    16 x 16 tiles) x (single pass, split); combine kernel: dtype x head dim x S_PAD.
+
+    An aligned launch (:func:`~fastllama.kernels.decode_attention.strides_aligned`) has every
+    q/k/v/output stride a multiple of 16, which Triton specialises on at launch: those builds
+    say "i32:16". The single pass also passes 0 for the split and LSE strides (0 is a multiple of
+    16 too); the split pass's LSE strides depend on the split count, and the lengths (Tq, group,
+    Tmax, m_tiles) on the shapes, so they stay plain "i32", the conservative compile."""
     builds = []
-    s3 = lambda n: {f"stride_{n}{s}": "i32" for s in "bht"}
     for dtype, ptr in _PTR.items():
         for D in _HEAD_DIMS:
             d_pad = _dk.padded_head_dim(D)
             variants = [(rows, True) for rows in ((16,) if dtype == torch.float32 else (16, 32, 64))] + [(16, False)]
             for rows, aligned in variants:
                 bm, bn, warps = _gpu_config(rows, 1, d_pad, dtype.itemsize, aligned)
+                st = "i32:16" if aligned else "i32"
                 for split in (False, True):
+                    lse_st = "i32:16" if aligned and not split else "i32"
                     sig = {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
                            "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
-                           "use_leftpad": "i32", **s3("q"), **s3("k"), **s3("v"),
-                           "stride_ob": "i32", "stride_oh": "i32", "stride_ot": "i32", "stride_os": "i32",
-                           "stride_lb": "i32", "stride_lh": "i32", "stride_lt": "i32",
+                           "use_leftpad": "i32",
+                           **{f"stride_{n}{s}": st for n in "qkvo" for s in "bht"}, "stride_os": st,
+                           **{f"stride_l{s}": lse_st for s in "bht"},
                            "q_len": "i32", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
                     builds.append(KernelBuild(
                         _dk.decode_split_kernel, sig,
                         {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
-                         "PRECISION": "ieee", "ALIGNED": aligned},
+                         "PRECISION": "ieee"},
                         num_warps=warps, num_stages=_stages(dtype.itemsize),
                         label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
                               f"{'' if aligned else ' unaligned'}"))
-            s_pad = 2
-            while s_pad <= MAX_SPLITS:
+            for s_pad, aligned in itertools.product(_S_PADS, (True, False)):
+                st = "i32:16" if aligned else "i32"  # the output's strides (q's layout)
                 builds.append(KernelBuild(
                     _dk.decode_combine_kernel,
-                    {"O_PART": "*fp32", "LSE": "*fp32", "OUT": ptr, "stride_ob": "i32", "stride_oh": "i32",
-                     "stride_ot": "i32", "n_rows": "i32", "n_heads": "i32", "q_len": "i32", "n_splits": "i32"},
+                    {"O_PART": "*fp32", "LSE": "*fp32", "OUT": ptr, "stride_ob": st, "stride_oh": st,
+                     "stride_ot": st, "n_rows": "i32", "n_heads": "i32", "q_len": "i32", "n_splits": "i32"},
                     {"HEAD_DIM": D, "D_PAD": d_pad, "S_PAD": s_pad, "ROWS": 1}, num_warps=4, num_stages=1,
-                    label=f"decode_attention combine {ptr[1:]} d{D} S{s_pad}"))
-                s_pad *= 2
+                    label=f"decode_attention combine {ptr[1:]} d{D} S{s_pad}{'' if aligned else ' unaligned'}"))
     return builds
 
 
 def _rotary_builds() -> list[KernelBuild]:
-    """dtype x head dim x (table at the slot, table at given positions, HF per-token cos/sin)."""
+    """dtype x head dim x (table at the slot, table at given positions, HF per-token cos/sin) x
+    (aligned, unaligned strides).
+
+    Aligned: every stride a multiple of 16, as in every dense or HF layout with head_dim % 16 == 0
+    (table builds pass 0 for the cos/sin batch strides, a multiple too); Triton specialises on
+    that at launch, so those builds say "i32:16". Unaligned: a strided view can be launched with
+    any strides, compiled with none known (the most registers). The lengths stay plain "i32"."""
     builds = []
     names = [f"stride_{n}{s}" for n in ("q", "k", "v", "o", "kc", "vc") for s in ("b", "h", "t")]
-    for dtype, ptr in _PTR.items():
+    names += ["stride_cb", "stride_ct", "stride_sb", "stride_st"]
+    for ptr in _PTR.values():
         for D in _HEAD_DIMS:
             half_pad = triton.next_power_of_2(D // 2)
-            for table, has_pos in ((True, False), (True, True), (False, False)):
+            for aligned, (table, has_pos) in itertools.product((True, False),
+                                                                ((True, False), (True, True), (False, False))):
+                st = "i32:16" if aligned else "i32"
                 sig = {"Q": ptr, "K": ptr, "V": ptr, "COS": ptr, "SIN": ptr, "QO": ptr, "KC": ptr, "VC": ptr,
-                       "SEQLENS": "*i32", "POS": "*i32", **{n: "i32" for n in names},
-                       "stride_cb": "i32", "stride_ct": "i32", "stride_sb": "i32", "stride_st": "i32",
+                       "SEQLENS": "*i32", "POS": "*i32", **{n: st for n in names},
                        "n_q_heads": "i32", "n_kv_heads": "i32", "q_len": "i32", "max_len": "i32", "n_pos": "i32",
                        "tokens_per_program": "i32"}
                 builds.append(KernelBuild(
@@ -439,7 +457,7 @@ def _rotary_builds() -> list[KernelBuild]:
                      "HAS_POS": has_pos},
                     num_warps=4, num_stages=1,
                     label=f"rotary_cache_append {ptr[1:]} d{D} {'table' if table else 'per-token'}"
-                          f"{' positions' if has_pos else ''}"))
+                          f"{' positions' if has_pos else ''}{'' if aligned else ' unaligned'}"))
     return builds
 
 
