@@ -14,8 +14,10 @@ non-causal, windows and Tq != Tk, and no mask flavour is a separate compiled ker
 
 Work skipping. For a tile of rows, :func:`block_span` splits the key axis into blocks that no row
 may read (never visited: causal blocks above the diagonal cost nothing), blocks every row may
-read completely (visited without any mask arithmetic or bounds checks), and the few edge blocks
-on the diagonal / window borders / sequence end, which pay for the mask.
+read completely (no mask arithmetic), and the few edge blocks on the diagonal / window borders /
+sequence end, which pay for the mask. Both kinds run in ONE loop, the mask behind a uniform
+branch: separate loops per kind tripled the loop body and its live registers (see the config
+table below for what that cost).
 
 Varlen: with ``IS_VARLEN`` the sequences are packed along the T axis of batch 0 and
 ``cu_seqlens_q/k`` (int32, N + 1) give their starts; each program reads its sequence's bounds,
@@ -63,14 +65,14 @@ def block_span(x_first, x_last, before, after, n_y, BLOCK_Y: tl.constexpr):
 
 
 @triton.jit
-def load_rows(base, offs_row, stride_row, offs_d, n_rows, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-              CHECK_ROWS: tl.constexpr):
-    """A (rows, D_PAD) tile; padded head-dim columns and (if CHECK_ROWS) rows >= n_rows read 0."""
-    ptrs = base + offs_row[:, None] * stride_row + offs_d[None, :]
-    if CHECK_ROWS:
-        if HEAD_DIM == D_PAD:
-            return tl.load(ptrs, mask=offs_row[:, None] < n_rows, other=0.0)
-        return tl.load(ptrs, mask=(offs_row[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+def load_rows(base, offs_row, stride_row, offs_d, n_rows, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """A (rows, D_PAD) tile of rows [0, n_rows) of ``base`` (n_rows >= 1); padded head-dim columns
+    read 0. Rows past n_rows repeat row n_rows - 1 instead of being masked: every caller either
+    never stores them or multiplies them by a probability that is exactly 0 (a masked score, or a
+    padding row's m = +inf), and an unmasked load needs no per-row predicates across the software
+    pipeline (a row mask cost 40-90 registers per thread in the sm_80 tiles)."""
+    rows = tl.minimum(offs_row, n_rows - 1)
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
     if HEAD_DIM == D_PAD:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
@@ -88,10 +90,16 @@ def aligned16(stride_b, stride_h, stride_t, ALIGNED: tl.constexpr):
     """Declares a tensor's (batch, head, row) strides multiples of 16 elements when the launcher
     checked they are (every layout HF makes for head dims that are multiples of 16). That lets
     rows load as 16-byte vectors (cp.async into the software pipeline); without it each element
-    needs its own address and the tiles spill. The JIT would specialise on the same fact at run
-    time; saying it here makes the ahead-of-time build report compile what actually runs."""
+    needs its own address, the 64-bit address tensors stay live across the loop and the dK/dV
+    tile spills 650 bytes per thread.
+
+    Written as (s // 16) * 16, not tl.multiple_of(s, 16): Triton 3.9 drops a divisibility hint
+    set on a scalar argument (it has no defining op to carry the attribute), while the compiler's
+    alignment analysis reads "times 16" directly. The value is unchanged for aligned strides (the
+    only case ALIGNED is set), and costs two scalar instructions. The JIT also specialises an
+    integer argument that is a multiple of 16 at launch; this makes the kernel not depend on that."""
     if ALIGNED:
-        return tl.multiple_of(stride_b, 16), tl.multiple_of(stride_h, 16), tl.multiple_of(stride_t, 16)
+        return (stride_b // 16) * 16, (stride_h // 16) * 16, (stride_t // 16) * 16
     return stride_b, stride_h, stride_t
 
 
@@ -108,43 +116,6 @@ def sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, k_len,
-                    q_pos, offs_n, offs_d, qk_scale, before, after,
-                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over the key blocks [lo, hi), all in the log2 domain.
-
-        s = q k^T * scale * log2(e);  m' = max(m, rowmax s);  p = 2^(s - m')
-        l' = l * 2^(m - m') + rowsum p;  acc' = acc * 2^(m - m') + p v
-    """
-    for start_n in range(lo, hi, BLOCK_N):
-        k = load_rows(k_base + tl.cast(start_n, tl.int64) * stride_kt, offs_n, stride_kt, offs_d,
-                      k_len - start_n, HEAD_DIM, D_PAD, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            k_pos = start_n + offs_n
-            visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
-                       & (k_pos[None, :] <= q_pos[:, None] + after))
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps
-            # 2^(-inf - -inf) = NaN out: its p and alpha come out 0.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_sub = m_new
-        alpha = tl.math.exp2(m_i - m_sub)
-        p = tl.math.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d,
-                      k_len - start_n, HEAD_DIM, D_PAD, MASKED)
-        # p is rounded to the input dtype for the tensor-core product (fp32 stays fp32).
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CU_Q, CU_K,
@@ -181,26 +152,44 @@ def _attn_fwd(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    q = load_rows(q_base, offs_m, stride_qt, offs_d, q_len - start_m, HEAD_DIM, D_PAD, True)
+    q = load_rows(q_base, offs_m, stride_qt, offs_d, q_len - start_m, HEAD_DIM, D_PAD)
 
     q_pos = start_m + offs_m + (k_len - q_len)  # absolute positions (bottom-right alignment)
     n_real = tl.minimum(q_len - start_m, BLOCK_M)  # rows past q_len are never stored
     lo, mid_lo, mid_hi, hi = block_span(start_m + k_len - q_len, start_m + n_real - 1 + k_len - q_len,
                                         before, after, k_len, BLOCK_N)
 
+    # Online softmax over the visible key blocks, all in the log2 domain:
+    #     s = q k^T * scale * log2(e);  m' = max(m, rowmax s);  p = 2^(s - m')
+    #     l' = l * 2^(m - m') + rowsum p;  acc' = acc * 2^(m - m') + p v
+    # One loop; only the edge blocks (diagonal, window sides, sequence end) apply the mask, behind
+    # a uniform branch. A loop per mask phase (three copies of the body, each with its own
+    # pipeline prologue and hoisted invariants) cost up to 60 registers per thread and spilled.
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, mid_lo, k_len,
-                                    q_pos, offs_n, offs_d, qk_scale, before, after,
-                                    True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, mid_lo, mid_hi, k_len,
-                                    q_pos, offs_n, offs_d, qk_scale, before, after,
-                                    False, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
-    acc, m_i, l_i = _fwd_key_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, mid_hi, hi, k_len,
-                                    q_pos, offs_n, offs_d, qk_scale, before, after,
-                                    True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+    for start_n in range(lo, hi, BLOCK_N):
+        k = load_rows(k_base + tl.cast(start_n, tl.int64) * stride_kt, offs_n, stride_kt, offs_d,
+                      k_len - start_n, HEAD_DIM, D_PAD)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if (start_n < mid_lo) | (start_n >= mid_hi):
+            k_pos = start_n + offs_n
+            visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
+                       & (k_pos[None, :] <= q_pos[:, None] + after))
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps
+        # 2^(-inf - -inf) = NaN out: its p and alpha come out 0.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d,
+                      k_len - start_n, HEAD_DIM, D_PAD)
+        # p is rounded to the input dtype for the tensor-core product (fp32 stays fp32).
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
 
     # Normalise once. A row without any visible key has l = 0: it returns 0 (and m = -inf).
     # The softmax statistics are saved as two planes, m and log2(l) (lse = (m + log2 l) ln 2):
@@ -221,50 +210,49 @@ def _attn_fwd(
 INTERPRETER_CONFIG = {"fwd": (256, 256, 4, 1), "dq": (256, 256, 4, 1), "dkdv": (256, 256, 4, 1)}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by (padded head dim, element bytes). One
-# list serves sm_80 and sm_90: the build report compiles every entry for both, so an entry must
-# fit both without spilling. Measured here (CPU compiles, aligned strides; registers / spilled
-# bytes per thread, 16-bit inputs, d128 unless said):
-#   forward (128,32,8,3): sm_90 183/0, sm_80 200/0.  Rejected: (128,64,8,2) sm_90 231/0 but
-#     sm_80 255/32; (128,64,8,3) 48 B, (128,128,8,2) 152 B, (128,64,4,3) 736 B, (64,64,4,3) 88 B
-#     on sm_90; d64 (128,64,4,3) sm_90 248/0 but sm_80 64 B.  d256 (64,32,8,2): sm_90 228/0
-#     ((64,64,4,2) 432 B, (128,64,8,2) 184 B).
-#   dQ (128,32,8,3): sm_90 186/0, sm_80 198/0 ((128,64,8,2) sm_80 24 B; (128,32,4,3) 248 B).
-#     d256 (32,32,4,2): sm_90 242/0.
-#   dK/dV, the register-hungry kernel (two fp32 BLOCK_N x D accumulators): every tile with 64
-#     keys or more spilled on sm_90 ((32,64,8,2) 160 B, (64,64,8,2) 480 B, (64,128,8,2) 1584 B,
-#     d64 (64,128,8,2) 144 B); (32,32,8,2): sm_90 216/0, sm_80 226/0. 32-key tiles run on
-#     mma.sync, not wgmma (a warpgroup MMA needs 64 rows): spill-free but not Hopper speed.
+# list serves sm_80 and sm_90: the build report compiles every entry for both (with the
+# multiple-of-16 strides an aligned launch specialises on), so an entry must fit both without
+# spilling. Largest registers per thread over fp16/bf16, d64/80/96/128/256, dense/varlen, sm_80 /
+# sm_90 (tensor cores: mma.sync on sm_80; wgmma on sm_90 unless said):
+#   forward  d64 (128,64,8,3) 168/127, (128,128,8,2) 214/171; d80-128 (128,64,8,3) 210/168,
+#            (128,128,8,2) 249/240; d256 (64,32,8,2) 160/120, (64,64,8,2) 164/163.
+#            Rejected: d256 (128,64,8,2) 255/240 (no margin), (64,64,4,2) 208 B spill.
+#   dQ       d64 (128,64,8,2|3) 255/128; d80-128 (64,64,4,2|3) 239/168; d256 (64,32,8,2) 170/182,
+#            (64,64,8,2) 207/221. Rejected at d128: (128,32,8,3) sm_80 16 B spill, (128,64,8,2)
+#            sm_80 1.5 KB (it keeps q and dO as 128-row mma operands in registers).
+#   dK/dV    d64 (32,64,8,2) 255/125, (32,128,8,2) 255/180; d80-128 (32,64,8,2) 168/186,
+#            (64,64,8,2) 171/233; d256 (32,32,8,2) 170/170 on mma.sync: every 64-key tile spills
+#            at d256 ((16,64,8,2) 24 B, (32,64,8,2) 104 B on sm_90), and a warpgroup MMA needs 64
+#            rows. Rejected at d128: (32,128,8,2) sm_80 336 B, (64,128,8,2) 240 B on sm_90.
+#   What made these fit (the same tiles spilled 500-650 B before): one key/query-block loop
+#   instead of one per mask phase (and, in dK/dV, per GQA head), stride hints that reach the
+#   compiler (``aligned16``), and clamped instead of masked tile rows (``load_rows``).
 #   fp32 with exact ("ieee") products runs its dots on FMA units, which hold operand rows in
-#     registers: only tiny tiles fit (forward (16,32,4,1) 230/0, d256 (16,16,4,1) 152/0; (64,32,4,2)
-#     needed an 8 KB stack; dQ (16,32,4,1) 202/0; dK/dV (16,16,4,1) 166/0, (16,32,4,1) 24 B).
-#     fp32 speed comes from the tf32 opt-in, on the same tiles (listed in the build too): forward
-#     (16,32,4,1) tf32 160/0, dK/dV d256 (16,16,8,1) 170/0, but dK/dV d128 (16,16,4,1) tf32 keeps a
-#     16-byte stack frame at only 168 (w8: 128) registers - a known problem, not register pressure.
-#   Head dims 80/96 (masked columns) and varlen add little: d80 forward 182/0, d96 varlen dK/dV
-#     234/0, d80 varlen dQ 189/0 (sm_90); d96 varlen forward sm_80 200/0; d256 sm_80 forward
-#     248/0, dQ 250/0; d256 dK/dV (16,16,8,1) sm_90 152/0 (fp32 168/0).
+#     registers: only small tiles fit. The tf32 opt-in shares these tiles (both are compiled):
+#     forward (16,32,4,1) ieee 196/198, tf32 123/96 at d128; dQ (16,32,4,1) 96/84; dK/dV
+#     (16,16,4,1) 119/79 (tf32 128/134); d256 (16,16,...) 107-168.
 # A tile that fits at d128 fits at d64 (every operand is smaller). Entries with one candidate
 # skip the autotuner's timing; the others are timed once per bucketed length (seqlen_bucket).
 _FWD = {
-    (64, 2): [(128, 32, 8, 3)],
-    (128, 2): [(128, 32, 8, 3)],
-    (256, 2): [(64, 32, 8, 2)],
+    (64, 2): [(128, 64, 8, 3), (128, 128, 8, 2)],
+    (128, 2): [(128, 64, 8, 3), (128, 128, 8, 2)],
+    (256, 2): [(64, 32, 8, 2), (64, 64, 8, 2)],
     (64, 4): [(16, 32, 4, 1)],
     (128, 4): [(16, 32, 4, 1)],
     (256, 4): [(16, 16, 4, 1)],
 }
 _DQ = {
-    (64, 2): [(128, 32, 8, 3)],
-    (128, 2): [(128, 32, 8, 3)],
-    (256, 2): [(32, 32, 4, 2)],
+    (64, 2): [(128, 64, 8, 2), (128, 64, 8, 3)],
+    (128, 2): [(64, 64, 4, 2), (64, 64, 4, 3)],
+    (256, 2): [(64, 32, 8, 2), (64, 64, 8, 2)],
     (64, 4): [(16, 32, 4, 1)],
     (128, 4): [(16, 32, 4, 1)],
     (256, 4): [(16, 16, 4, 1)],
 }
 _DKDV = {
-    (64, 2): [(32, 32, 8, 2)],
-    (128, 2): [(32, 32, 8, 2)],
-    (256, 2): [(16, 16, 8, 1)],
+    (64, 2): [(32, 64, 8, 2), (32, 128, 8, 2)],
+    (128, 2): [(32, 64, 8, 2), (64, 64, 8, 2)],
+    (256, 2): [(32, 32, 8, 2)],
     (64, 4): [(16, 16, 4, 1)],
     (128, 4): [(16, 16, 4, 1)],
     (256, 4): [(16, 16, 8, 1)],

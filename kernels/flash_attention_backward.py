@@ -43,9 +43,9 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     o = load_rows(O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_ot, offs_m, stride_ot,
-                  offs_d, seqlen - start_m, HEAD_DIM, D_PAD, True)
+                  offs_d, seqlen - start_m, HEAD_DIM, D_PAD)
     do = load_rows(DO + b * stride_dob + h * stride_doh + tl.cast(start_m, tl.int64) * stride_dot, offs_m, stride_dot,
-                   offs_d, seqlen - start_m, HEAD_DIM, D_PAD, True)
+                   offs_d, seqlen - start_m, HEAD_DIM, D_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row = b * stride_lb + h * stride_lh + start_m + offs_m
     if HAS_DLSE:
@@ -54,17 +54,12 @@ def _bwd_preprocess(O, DO, DLSE, DELTA,
 
 
 @triton.jit
-def _load_row_stats(stat_base, stride_lp, delta_base, rows, q_len, CHECK_ROWS: tl.constexpr):
+def _load_row_stats(stat_base, stride_lp, delta_base, rows, q_len):
     """(m, log2 l, delta) of a block of rows, as the forward saved them (base 2). A row that saw
     no key (m = -inf) and a padding row get m = +inf, so p = 2^(s - inf) = 0, not inf or NaN."""
-    if CHECK_ROWS:
-        m = tl.load(stat_base + rows, mask=rows < q_len, other=float("inf"))
-        log2_l = tl.load(stat_base + stride_lp + rows, mask=rows < q_len, other=0.0)
-        delta = tl.load(delta_base + rows, mask=rows < q_len, other=0.0)
-    else:
-        m = tl.load(stat_base + rows)
-        log2_l = tl.load(stat_base + stride_lp + rows)
-        delta = tl.load(delta_base + rows)
+    m = tl.load(stat_base + rows, mask=rows < q_len, other=float("inf"))
+    log2_l = tl.load(stat_base + stride_lp + rows, mask=rows < q_len, other=0.0)
+    delta = tl.load(delta_base + rows, mask=rows < q_len, other=0.0)
     m = tl.where(m == float("-inf"), float("inf"), m)
     return m, log2_l, delta
 
@@ -73,11 +68,13 @@ def _load_row_stats(stat_base, stride_lp, delta_base, rows, q_len, CHECK_ROWS: t
 # dK, dV
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta_base, stride_qt, stride_dot,
-                       lo, hi, q_len, k_pos, offset, offs_m, offs_d, qk_scale, before, after,
-                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                       BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulates dV += p^T dO and dK += dS^T Q over the query blocks [lo, hi).
+def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, stride_qt, stride_dot, q_len, start_m,
+                k_pos, offset, offs_m, offs_d, qk_scale, before, after, edge,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Adds one block of query rows [start_m, start_m + BLOCK_M) to dV += p^T dO, dK += dS^T Q.
+
+    ``edge``: the block straddles a mask border (diagonal, window side, sequence end) and pays for
+    the mask; every other block is fully visible and skips it (a uniform branch, no divergence).
 
     fp16/bf16: the scores are recomputed transposed, s^T = K Q^T, so p^T and dS^T come out as
     the left operands of the next two products directly (no layout conversion, fewer registers).
@@ -85,34 +82,31 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta
     forward's dot bit for bit and p = 2^((s - m) - log2 l) is exact even where |s| is 1e4 (one
     ulp of s there is 1e-3 in p: far below a 16-bit p's own rounding, not below fp32's).
     """
-    for start_m in range(lo, hi, BLOCK_M):
-        q = load_rows(q_base + tl.cast(start_m, tl.int64) * stride_qt, offs_m, stride_qt, offs_d, q_len - start_m,
-                      HEAD_DIM, D_PAD, MASKED)
-        do = load_rows(do_base + tl.cast(start_m, tl.int64) * stride_dot, offs_m, stride_dot, offs_d, q_len - start_m,
-                       HEAD_DIM, D_PAD, MASKED)
-        rows = start_m + offs_m
-        m, log2_l, delta = _load_row_stats(lse_base, stride_lp, delta_base, rows, q_len, MASKED)
-        q_pos = rows + offset
-        if q.dtype == tl.float32:
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            if MASKED:  # hidden scores may exceed the row max: -inf keeps 2^(s - m) from overflowing
-                visible = ((rows[:, None] < q_len) & (k_pos[None, :] >= q_pos[:, None] - before)
-                           & (k_pos[None, :] <= q_pos[:, None] + after))
-                s = tl.where(visible, s, float("-inf"))
-            p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
-            dv = tl.dot(tl.trans(p), do, dv, input_precision=PRECISION)
-            ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
-            dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
-        else:
-            s_t = tl.dot(k, tl.trans(q)) * qk_scale
-            if MASKED:
-                visible = ((rows[None, :] < q_len) & (k_pos[:, None] >= q_pos[None, :] - before)
-                           & (k_pos[:, None] <= q_pos[None, :] + after))
-                s_t = tl.where(visible, s_t, float("-inf"))
-            p_t = tl.math.exp2((s_t - m[None, :]) - log2_l[None, :])
-            dv = tl.dot(p_t.to(do.dtype), do, dv)
-            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    rows = start_m + offs_m
+    q = load_rows(q_ptr, offs_m, stride_qt, offs_d, q_len - start_m, HEAD_DIM, D_PAD)
+    do = load_rows(do_ptr, offs_m, stride_dot, offs_d, q_len - start_m, HEAD_DIM, D_PAD)
+    m, log2_l, delta = _load_row_stats(stat_ptr, stride_lp, delta_ptr, offs_m, q_len - start_m)
+    q_pos = rows + offset
+    if q.dtype == tl.float32:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if edge:  # hidden scores may exceed the row max: -inf keeps 2^(s - m) from overflowing
+            visible = ((rows[:, None] < q_len) & (k_pos[None, :] >= q_pos[:, None] - before)
+                       & (k_pos[None, :] <= q_pos[:, None] + after))
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
+        dv = tl.dot(tl.trans(p), do, dv, input_precision=PRECISION)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
+    else:
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale
+        if edge:
+            visible = ((rows[None, :] < q_len) & (k_pos[:, None] >= q_pos[None, :] - before)
+                       & (k_pos[:, None] <= q_pos[None, :] + after))
+            s_t = tl.where(visible, s_t, float("-inf"))
+        p_t = tl.math.exp2((s_t - m[None, :]) - log2_l[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -132,7 +126,14 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """One program: BLOCK_N keys of one (sequence, KV head); all query heads of its group."""
+    """One program: BLOCK_N keys of one (sequence, KV head); all query heads of its group.
+
+    ONE loop runs over (query head of the group, query block) pairs, the edge blocks included:
+    a loop per mask phase and per head (the obvious structure) made three copies of the body,
+    each with its own pipeline prologue and hoisted loop invariants, all live at once inside the
+    head loop. That cost 50-90 registers per thread and made every tile with 64 keys spill; as one
+    loop the software pipeline also keeps streaming across the head boundary.
+    """
     stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
     stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
     stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
@@ -152,9 +153,9 @@ def _attn_bwd_dkdv(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     k = load_rows(K + b * stride_kb + hk.to(tl.int64) * stride_kh + k_row0 * stride_kt, offs_n, stride_kt, offs_d,
-                  k_len - start_n, HEAD_DIM, D_PAD, True)
+                  k_len - start_n, HEAD_DIM, D_PAD)
     v = load_rows(V + b * stride_vb + hk.to(tl.int64) * stride_vh + k_row0 * stride_vt, offs_n, stride_vt, offs_d,
-                  k_len - start_n, HEAD_DIM, D_PAD, True)
+                  k_len - start_n, HEAD_DIM, D_PAD)
 
     # Key j is seen by rows at absolute positions [j - after, j + before]; row index = pos - offset.
     offset = k_len - q_len
@@ -162,28 +163,23 @@ def _attn_bwd_dkdv(
     n_real = tl.minimum(k_len - start_n, BLOCK_N)  # keys past k_len are never stored
     lo, mid_lo, mid_hi, hi = block_span(start_n - offset, start_n + n_real - 1 - offset, after, before,
                                         q_len, BLOCK_M)
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)  # query blocks per head (0: no row sees a key)
 
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    for g in range(group):  # the GQA sum: every query head that reads this KV head
+    # The GQA sum: every query head that reads this KV head, in registers (no atomics, fixed order).
+    for it in range(0, group * n_blocks):
+        g = it // n_blocks
+        start_m = lo + (it - g * n_blocks) * BLOCK_M
         h = (hk * group + g).to(tl.int64)
-        q_base = Q + b * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qt
-        do_base = DO + b * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dot
-        lse_base = LSE + b * stride_lb + h * stride_lh + q_start
-        delta_base = DELTA + b * stride_lb + h * stride_lh + q_start
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta_base, stride_qt,
-                                    stride_dot,
-                                    lo, mid_lo, q_len, k_pos, offset, offs_m, offs_d, qk_scale, before, after,
-                                    True, HEAD_DIM, D_PAD, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta_base, stride_qt,
-                                    stride_dot,
-                                    mid_lo, mid_hi, q_len, k_pos, offset, offs_m, offs_d, qk_scale, before, after,
-                                    False, HEAD_DIM, D_PAD, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, lse_base, stride_lp, delta_base, stride_qt,
-                                    stride_dot,
-                                    mid_hi, hi, q_len, k_pos, offset, offs_m, offs_d, qk_scale, before, after,
-                                    True, HEAD_DIM, D_PAD, BLOCK_M, PRECISION)
+        row0 = (q_start + start_m).to(tl.int64)
+        stats = b * stride_lb + h * stride_lh + q_start + start_m
+        dk, dv = _dkdv_block(dk, dv, k, v, Q + b * stride_qb + h * stride_qh + row0 * stride_qt,
+                             DO + b * stride_dob + h * stride_doh + row0 * stride_dot, LSE + stats, stride_lp,
+                             DELTA + stats, stride_qt, stride_dot, q_len, start_m, k_pos, offset, offs_m, offs_d,
+                             qk_scale, before, after, (start_m < mid_lo) | (start_m >= mid_hi),
+                             HEAD_DIM, D_PAD, PRECISION)
     store_rows(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkt, dk * sm_scale,
                offs_n, stride_dkt, offs_d, k_len - start_n, HEAD_DIM)
     store_rows(DV + b * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvt, dv,
@@ -193,30 +189,6 @@ def _attn_bwd_dkdv(
 # ----------------------------------------------------------------------------------------------
 # dQ
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _dq_key_blocks(dq, q, do, m, log2_l, delta, k_base, v_base, stride_kt, stride_vt, lo, hi, k_len, q_pos,
-                   offs_n, offs_d, qk_scale, before, after,
-                   MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ += dS K over the key blocks [lo, hi), with p recomputed from the saved lse."""
-    for start_n in range(lo, hi, BLOCK_N):
-        k = load_rows(k_base + tl.cast(start_n, tl.int64) * stride_kt, offs_n, stride_kt, offs_d, k_len - start_n,
-                      HEAD_DIM, D_PAD, MASKED)
-        v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d, k_len - start_n,
-                      HEAD_DIM, D_PAD, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:  # hidden scores may exceed the row max: -inf keeps 2^(s - m) from overflowing
-            k_pos = start_n + offs_n
-            visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
-                       & (k_pos[None, :] <= q_pos[:, None] + after))
-            s = tl.where(visible, s, float("-inf"))
-        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    return dq
-
-
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
@@ -232,7 +204,13 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through."""
+    """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through.
+
+        dQ = scale * sum over key blocks of dS K,  dS = p * (dO V^T - delta),  p = 2^(s - m - log2 l)
+
+    One loop over the key blocks the rows can see; only the edge blocks (``block_span``) apply
+    the mask, behind a uniform branch (one copy of the loop body: see ``_attn_bwd_dkdv``).
+    """
     stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
     stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
     stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
@@ -253,11 +231,11 @@ def _attn_bwd_dq(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     q = load_rows(Q + b * stride_qb + hq * stride_qh + row0 * stride_qt, offs_m, stride_qt, offs_d,
-                  q_len - start_m, HEAD_DIM, D_PAD, True)
+                  q_len - start_m, HEAD_DIM, D_PAD)
     do = load_rows(DO + b * stride_dob + hq * stride_doh + row0 * stride_dot, offs_m, stride_dot, offs_d,
-                   q_len - start_m, HEAD_DIM, D_PAD, True)
+                   q_len - start_m, HEAD_DIM, D_PAD)
     stats = b * stride_lb + hq * stride_lh + q_start + start_m
-    m, log2_l, delta = _load_row_stats(LSE + stats, stride_lp, DELTA + stats, offs_m, q_len - start_m, True)
+    m, log2_l, delta = _load_row_stats(LSE + stats, stride_lp, DELTA + stats, offs_m, q_len - start_m)
     k_base = K + b * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_kt
     v_base = V + b * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vt
 
@@ -267,12 +245,21 @@ def _attn_bwd_dq(
                                         before, after, k_len, BLOCK_N)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    dq = _dq_key_blocks(dq, q, do, m, log2_l, delta, k_base, v_base, stride_kt, stride_vt, lo, mid_lo, k_len, q_pos,
-                        offs_n, offs_d, qk_scale, before, after, True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
-    dq = _dq_key_blocks(dq, q, do, m, log2_l, delta, k_base, v_base, stride_kt, stride_vt, mid_lo, mid_hi, k_len, q_pos,
-                        offs_n, offs_d, qk_scale, before, after, False, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
-    dq = _dq_key_blocks(dq, q, do, m, log2_l, delta, k_base, v_base, stride_kt, stride_vt, mid_hi, hi, k_len, q_pos,
-                        offs_n, offs_d, qk_scale, before, after, True, HEAD_DIM, D_PAD, BLOCK_N, PRECISION)
+    for start_n in range(lo, hi, BLOCK_N):
+        k = load_rows(k_base + tl.cast(start_n, tl.int64) * stride_kt, offs_n, stride_kt, offs_d, k_len - start_n,
+                      HEAD_DIM, D_PAD)
+        v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d, k_len - start_n,
+                      HEAD_DIM, D_PAD)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if (start_n < mid_lo) | (start_n >= mid_hi):  # edge block: hidden scores may exceed the row
+            k_pos = start_n + offs_n                    # max, -inf keeps 2^(s - m) from overflowing
+            visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
+                       & (k_pos[None, :] <= q_pos[:, None] + after))
+            s = tl.where(visible, s, float("-inf"))
+        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     store_rows(DQ + b * stride_dqb + hq * stride_dqh + row0 * stride_dqt, dq * sm_scale, offs_m, stride_dqt,
                offs_d, q_len - start_m, HEAD_DIM)
 
