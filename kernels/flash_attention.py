@@ -209,11 +209,11 @@ def _attn_fwd(
 # ----------------------------------------------------------------------------------------------
 INTERPRETER_CONFIG = {"fwd": (256, 256, 4, 1), "dq": (256, 256, 4, 1), "dkdv": (256, 256, 4, 1)}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by (padded head dim, element bytes). One
-# list serves sm_80 and sm_90: the build report compiles every entry for both (with the
-# multiple-of-16 strides an aligned launch specialises on), so an entry must fit both without
-# spilling. Largest registers per thread over fp16/bf16, d64/80/96/128/256, dense/varlen, sm_80 /
-# sm_90 (tensor cores: mma.sync on sm_80; wgmma on sm_90 unless said):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by (padded head dim, "16-bit" or the
+# fp32 dot precision). One list serves sm_80 and sm_90: the build report compiles every entry
+# for both (with the multiple-of-16 strides an aligned launch specialises on), so an entry must
+# fit both without spilling. Largest registers per thread over fp16/bf16, d64/80/96/128/256,
+# dense/varlen, sm_80 / sm_90 (tensor cores: mma.sync on sm_80; wgmma on sm_90 unless said):
 #   forward  d64 (128,64,8,3) 168/127, (128,128,8,2) 214/171; d80-128 (128,64,8,3) 210/168,
 #            (128,128,8,2) 249/240; d256 (64,32,8,2) 160/120, (64,64,8,2) 164/163.
 #            Rejected: d256 (128,64,8,2) 255/240 (no margin), (64,64,4,2) 208 B spill.
@@ -227,35 +227,50 @@ INTERPRETER_CONFIG = {"fwd": (256, 256, 4, 1), "dq": (256, 256, 4, 1), "dkdv": (
 #   What made these fit (the same tiles spilled 500-650 B before): one key/query-block loop
 #   instead of one per mask phase (and, in dK/dV, per GQA head), stride hints that reach the
 #   compiler (``aligned16``), and clamped instead of masked tile rows (``load_rows``).
-#   fp32 with exact ("ieee") products runs its dots on FMA units, which hold operand rows in
-#     registers: only small tiles fit. The tf32 opt-in shares these tiles (both are compiled):
-#     forward (16,32,4,1) ieee 196/198, tf32 123/96 at d128; dQ (16,32,4,1) 96/84; dK/dV
-#     (16,16,4,1) 119/79 (tf32 128/134); d256 (16,16,...) 107-168.
-# A tile that fits at d128 fits at d64 (every operand is smaller). Entries with one candidate
-# skip the autotuner's timing; the others are timed once per bucketed length (seqlen_bucket).
+#   fp32 rows are keyed by the dot precision too. Exact ("ieee") products run on FMA units,
+#     which hold operand rows in registers: small tiles, and erratic (forward (64,32,4,2) is
+#     255/168 at d128 but spills 80 B on sm_80 at d64, so d64 keeps only (16,32,4,1) 72/80;
+#     d128 (16,32,4,1) 196/198; d256 (32,16,4,1) 162/196; dQ (32,32,4,1) 146/136, d256
+#     (16,32,4,1) 198/179; dK/dV (16,32,4,1) 159/136 ((32,16,4,1) 264 B spill on sm_90), d256
+#     (16,32,8,1) 155/128). The tf32 opt-in runs on tensor cores with larger tiles: forward
+#     (64,32,4,2) 163/128 and (64,64,4,2) 211/194, d256 (64,32,8,2) 166/219; dQ (64,32,4,2)
+#     218/172, d256 (32,32,4,2) 232/221 (mma; (64,32,8,2) needs 257 KB of shared memory); dK/dV
+#     (32,64,8,2) 160/251, d256 (16,16,8,1) 106/80 ((32,32,8,2) needs 164 KB on sm_80).
+# The exceptions to "smaller head dim, smaller registers" are the reason the build report
+# compiles every head dim. Entries with one candidate skip the autotuner's timing; the others
+# are timed once per bucketed length (seqlen_bucket).
 _FWD = {
-    (64, 2): [(128, 64, 8, 3), (128, 128, 8, 2)],
-    (128, 2): [(128, 64, 8, 3), (128, 128, 8, 2)],
-    (256, 2): [(64, 32, 8, 2), (64, 64, 8, 2)],
-    (64, 4): [(16, 32, 4, 1)],
-    (128, 4): [(16, 32, 4, 1)],
-    (256, 4): [(16, 16, 4, 1)],
+    (64, "16-bit"): [(128, 64, 8, 3), (128, 128, 8, 2)],
+    (128, "16-bit"): [(128, 64, 8, 3), (128, 128, 8, 2)],
+    (256, "16-bit"): [(64, 32, 8, 2), (64, 64, 8, 2)],
+    (64, "ieee"): [(16, 32, 4, 1)],
+    (128, "ieee"): [(16, 32, 4, 1), (64, 32, 4, 2)],
+    (256, "ieee"): [(32, 16, 4, 1)],
+    (64, "tf32"): [(64, 32, 4, 2), (64, 64, 4, 2)],
+    (128, "tf32"): [(64, 32, 4, 2), (64, 64, 4, 2)],
+    (256, "tf32"): [(64, 32, 8, 2)],
 }
 _DQ = {
-    (64, 2): [(128, 64, 8, 2), (128, 64, 8, 3)],
-    (128, 2): [(64, 64, 4, 2), (64, 64, 4, 3)],
-    (256, 2): [(64, 32, 8, 2), (64, 64, 8, 2)],
-    (64, 4): [(16, 32, 4, 1)],
-    (128, 4): [(16, 32, 4, 1)],
-    (256, 4): [(16, 16, 4, 1)],
+    (64, "16-bit"): [(128, 64, 8, 2), (128, 64, 8, 3)],
+    (128, "16-bit"): [(64, 64, 4, 2), (64, 64, 4, 3)],
+    (256, "16-bit"): [(64, 32, 8, 2), (64, 64, 8, 2)],
+    (64, "ieee"): [(32, 32, 4, 1)],
+    (128, "ieee"): [(32, 32, 4, 1)],
+    (256, "ieee"): [(16, 32, 4, 1)],
+    (64, "tf32"): [(64, 32, 4, 2)],
+    (128, "tf32"): [(64, 32, 4, 2)],
+    (256, "tf32"): [(32, 32, 4, 2)],
 }
 _DKDV = {
-    (64, 2): [(32, 64, 8, 2), (32, 128, 8, 2)],
-    (128, 2): [(32, 64, 8, 2), (64, 64, 8, 2)],
-    (256, 2): [(32, 32, 8, 2)],
-    (64, 4): [(16, 16, 4, 1)],
-    (128, 4): [(16, 16, 4, 1)],
-    (256, 4): [(16, 16, 8, 1)],
+    (64, "16-bit"): [(32, 64, 8, 2), (32, 128, 8, 2)],
+    (128, "16-bit"): [(32, 64, 8, 2), (64, 64, 8, 2)],
+    (256, "16-bit"): [(32, 32, 8, 2)],
+    (64, "ieee"): [(16, 32, 4, 1)],
+    (128, "ieee"): [(16, 32, 4, 1)],
+    (256, "ieee"): [(16, 32, 8, 1)],
+    (64, "tf32"): [(32, 64, 8, 2)],
+    (128, "tf32"): [(32, 64, 8, 2)],
+    (256, "tf32"): [(16, 16, 8, 1)],
 }
 
 
@@ -269,34 +284,35 @@ def seqlen_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
 
 
-def _lookup(table, d_pad: int, elem_bytes: int) -> list[tuple]:
-    return table[(max(64, d_pad), 4 if elem_bytes >= 4 else 2)]
+def _lookup(table, d_pad: int, elem_bytes: int, precision: str = "ieee") -> list[tuple]:
+    kind = precision if elem_bytes >= 4 else "16-bit"  # fp16/bf16 ignore the fp32 dot precision
+    return table[(max(64, d_pad), kind)]
 
 
-def fwd_configs(d_pad: int, elem_bytes: int) -> list[tuple]:
+def fwd_configs(d_pad: int, elem_bytes: int, precision: str = "ieee") -> list[tuple]:
     """Forward autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lookup(_FWD, d_pad, elem_bytes)
+    return _lookup(_FWD, d_pad, elem_bytes, precision)
 
 
-def dkdv_configs(d_pad: int, elem_bytes: int) -> list[tuple]:
+def dkdv_configs(d_pad: int, elem_bytes: int, precision: str = "ieee") -> list[tuple]:
     """dK/dV autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lookup(_DKDV, d_pad, elem_bytes)
+    return _lookup(_DKDV, d_pad, elem_bytes, precision)
 
 
-def dq_configs(d_pad: int, elem_bytes: int) -> list[tuple]:
+def dq_configs(d_pad: int, elem_bytes: int, precision: str = "ieee") -> list[tuple]:
     """dQ autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lookup(_DQ, d_pad, elem_bytes)
+    return _lookup(_DQ, d_pad, elem_bytes, precision)
 
 
 def make_autotuned(kernel, table, key):
     """``kernel`` autotuned over the union of ``table``; each launch keeps only the candidates
-    of its own (padded head dim, dtype) row, so a config that the build report did not compile
-    for that row can not be chosen."""
+    of its own (padded head dim, dtype, fp32 precision) row, so a config that the build report
+    did not compile for that row can not be chosen."""
     union = sorted({c for row in table.values() for c in row})
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
 
     def prune(configs, named_args, **kwargs):
-        wanted = set(_lookup(table, kwargs["D_PAD"], named_args["Q"].element_size()))
+        wanted = set(_lookup(table, kwargs["D_PAD"], named_args["Q"].element_size(), kwargs.get("PRECISION", "ieee")))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)

@@ -163,22 +163,23 @@ def test_interpreter_does_not_autotune():
     assert A._config("fwd", 48)[:2] == (64, 64)  # tiles shrink to fit short sequences
 
 
-@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 128), (torch.float16, 80), (torch.float32, 256)])
-def test_autotune_candidates_are_the_built_ones(dtype, D):
-    """Each autotuner keeps only its (head dim, dtype) row, and every kept config is in the build
-    list the build report compiles."""
+@pytest.mark.parametrize("dtype,D,precision", [(torch.bfloat16, 128, "ieee"), (torch.float16, 80, "ieee"),
+                                               (torch.float32, 256, "ieee"), (torch.float32, 128, "tf32")])
+def test_autotune_candidates_are_the_built_ones(dtype, D, precision):
+    """Each autotuner keeps only its (head dim, dtype, fp32 precision) row, and every kept config
+    is in the build list the build report compiles."""
     from fastllama.kernels import flash_attention_backward as kbwd
 
     q = torch.empty(1, 1, 1, D, dtype=dtype)
     labels = {b.label for b in A._build_configs()}
     d_pad = kfa.padded_head_dim(D)
-    ptr = {torch.float32: "fp32/ieee", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    ptr = {torch.float32: f"fp32/{precision}", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     for name, tuned, table in (("fwd", kfa._attn_fwd_tuned, kfa.fwd_configs), ("dq", kbwd._attn_bwd_dq_tuned,
                                                                                kfa.dq_configs),
                                ("dkdv", kbwd._attn_bwd_dkdv_tuned, kfa.dkdv_configs)):
-        kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=d_pad)
+        kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=d_pad, PRECISION=precision)
         got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
-        assert got == set(table(d_pad, dtype.itemsize)) and got
+        assert got == set(table(d_pad, dtype.itemsize, precision)) and got
         for bm, bn, _, _ in got:
             assert f"flash_attention {name} {ptr} d{D} M{bm} N{bn}" in labels
 

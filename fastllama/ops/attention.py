@@ -392,7 +392,7 @@ def _build_configs() -> list[KernelBuild]:
                           "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32", **tail}),
                     )
                     for name, kernel, configs, signature in kernels:
-                        for bm, bn, w, s in configs(d_pad, dtype.itemsize):
+                        for bm, bn, w, s in configs(d_pad, dtype.itemsize, precision):
                             builds.append(KernelBuild(
                                 kernel, signature,
                                 {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "IS_VARLEN": varlen,
