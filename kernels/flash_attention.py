@@ -274,6 +274,64 @@ _DKDV = {
 }
 
 
+# Unaligned launches (a batch/head/row stride not a multiple of 16 elements: head dims such as
+# 24/40/72/136, odd views) run the ALIGNED=False builds. Rows then load element by element and
+# their 64-bit address tensors stay live across the loop, so the aligned tiles spill (forward
+# (128,128,8,2) 160 B on sm_80, (64,64,4,2) 16-96 B at d80-128; dQ d256 (64,32,8,2) 40 B on
+# sm_90). These are rare, slow-path shapes: one tile each (no autotuner timing), chosen from 2-4
+# candidates per row compiled unaligned ("i32" strides) for every head dim / dense+varlen / sm_80
+# and sm_90. Registers per thread sm_80/sm_90, worst over those (fp16 and bf16 agree):
+#   16-bit   forward d64 (128,64,8,2) 231/194, d80-128 (64,64,8,2) 200/232, d256 (64,32,8,2)
+#            226/214; dQ d64 (64,64,4,2) 250/168, d80-128 (64,32,8,2) 202/154, d256 (32,32,8,2)
+#            174/184; dK/dV d64 (32,32,4,2) 218/167, d80-256 (32,32,8,2) 225/209.
+#            Rejected: forward d80-128 (64,64,4,2) 16-96 B spill; dK/dV d128 (16,32,4,2) 8 B varlen.
+#   ieee     forward (16,32,4,1) 204/168, d256 (16,16,4,1) 128/110 ((32,16,4,1) 56 B varlen on sm_80);
+#            dQ (32,32,4,1) 121/104 at d64, (16,32,4,1) 128/128 at d80-128 and 255/254 at d256
+#            ((16,16,4,1) spills 8 B there); dK/dV d64 (16,32,4,1) 203/120, d80-128 (16,16,4,1)
+#            168/128 ((16,32,4,1) 8-16 B on sm_90), d256 (16,32,8,1) 238/184.
+#   tf32     forward (64,32,4,2) 254/252, d256 (64,32,8,2) 254/243; dQ (64,32,4,2) 254/255,
+#            d256 (16,32,8,2) 118/102; dK/dV d64 (32,64,8,2) 248/184, d80-128 (32,32,8,2) 128/128,
+#            d256 (16,16,8,1) 175/128. Rejected: dQ d256 (32,32,4,2) 40 B, (16,32,4,2) 8 B;
+#            dK/dV d128 (32,64,8,2) 8 B varlen on sm_90, (32,32,4,2) 16 B on sm_90.
+_FWD_UNALIGNED = {
+    (64, "16-bit"): [(128, 64, 8, 2)],
+    (128, "16-bit"): [(64, 64, 8, 2)],
+    (256, "16-bit"): [(64, 32, 8, 2)],
+    (64, "ieee"): [(16, 32, 4, 1)],
+    (128, "ieee"): [(16, 32, 4, 1)],
+    (256, "ieee"): [(16, 16, 4, 1)],
+    (64, "tf32"): [(64, 32, 4, 2)],
+    (128, "tf32"): [(64, 32, 4, 2)],
+    (256, "tf32"): [(64, 32, 8, 2)],
+}
+_DQ_UNALIGNED = {
+    (64, "16-bit"): [(64, 64, 4, 2)],
+    (128, "16-bit"): [(64, 32, 8, 2)],
+    (256, "16-bit"): [(32, 32, 8, 2)],
+    (64, "ieee"): [(32, 32, 4, 1)],
+    (128, "ieee"): [(16, 32, 4, 1)],
+    (256, "ieee"): [(16, 32, 4, 1)],
+    (64, "tf32"): [(64, 32, 4, 2)],
+    (128, "tf32"): [(64, 32, 4, 2)],
+    (256, "tf32"): [(16, 32, 8, 2)],
+}
+_DKDV_UNALIGNED = {
+    (64, "16-bit"): [(32, 32, 4, 2)],
+    (128, "16-bit"): [(32, 32, 8, 2)],
+    (256, "16-bit"): [(32, 32, 8, 2)],
+    (64, "ieee"): [(16, 32, 4, 1)],
+    (128, "ieee"): [(16, 16, 4, 1)],
+    (256, "ieee"): [(16, 32, 8, 1)],
+    (64, "tf32"): [(32, 64, 8, 2)],
+    (128, "tf32"): [(32, 32, 8, 2)],
+    (256, "tf32"): [(16, 16, 8, 1)],
+}
+
+
+# (aligned table, unaligned table) per kernel.
+CONFIG_TABLES = {"fwd": (_FWD, _FWD_UNALIGNED), "dq": (_DQ, _DQ_UNALIGNED), "dkdv": (_DKDV, _DKDV_UNALIGNED)}
+
+
 def padded_head_dim(head_dim: int) -> int:
     """tl.arange needs a power of two and tl.dot K >= 16: 80 and 96 run as 128 (masked)."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -284,48 +342,52 @@ def seqlen_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
 
 
-def _lookup(table, d_pad: int, elem_bytes: int, precision: str = "ieee") -> list[tuple]:
+def _lookup(tables, d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True) -> list[tuple]:
+    """The candidates of one launch: ``tables`` is (aligned table, unaligned table)."""
     kind = precision if elem_bytes >= 4 else "16-bit"  # fp16/bf16 ignore the fp32 dot precision
-    return table[(max(64, d_pad), kind)]
+    return tables[0 if aligned else 1][(max(64, d_pad), kind)]
 
 
-def fwd_configs(d_pad: int, elem_bytes: int, precision: str = "ieee") -> list[tuple]:
-    """Forward autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lookup(_FWD, d_pad, elem_bytes, precision)
+def fwd_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True) -> list[tuple]:
+    """Forward autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); ``aligned``: the
+    strides are multiples of 16 elements (:func:`strides_aligned`), else the unaligned table."""
+    return _lookup(CONFIG_TABLES["fwd"], d_pad, elem_bytes, precision, aligned)
 
 
-def dkdv_configs(d_pad: int, elem_bytes: int, precision: str = "ieee") -> list[tuple]:
-    """dK/dV autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lookup(_DKDV, d_pad, elem_bytes, precision)
+def dkdv_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True) -> list[tuple]:
+    """dK/dV autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); see :func:`fwd_configs`."""
+    return _lookup(CONFIG_TABLES["dkdv"], d_pad, elem_bytes, precision, aligned)
 
 
-def dq_configs(d_pad: int, elem_bytes: int, precision: str = "ieee") -> list[tuple]:
-    """dQ autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    return _lookup(_DQ, d_pad, elem_bytes, precision)
+def dq_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True) -> list[tuple]:
+    """dQ autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); see :func:`fwd_configs`."""
+    return _lookup(CONFIG_TABLES["dq"], d_pad, elem_bytes, precision, aligned)
 
 
-def make_autotuned(kernel, table, key):
-    """``kernel`` autotuned over the union of ``table``; each launch keeps only the candidates
-    of its own (padded head dim, dtype, fp32 precision) row, so a config that the build report
-    did not compile for that row can not be chosen."""
-    union = sorted({c for row in table.values() for c in row})
+def make_autotuned(kernel, tables, key):
+    """``kernel`` autotuned over the union of ``tables`` (aligned, unaligned); each launch keeps
+    only the candidates of its own (ALIGNED, padded head dim, dtype, fp32 precision) row, so a
+    config that the build report did not compile for that row can not be chosen."""
+    union = sorted({c for table in tables for row in table.values() for c in row})
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
 
     def prune(configs, named_args, **kwargs):
-        wanted = set(_lookup(table, kwargs["D_PAD"], named_args["Q"].element_size(), kwargs.get("PRECISION", "ieee")))
+        wanted = set(_lookup(tables, kwargs["D_PAD"], named_args["Q"].element_size(), kwargs.get("PRECISION", "ieee"),
+                             kwargs["ALIGNED"]))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "IS_VARLEN", "PRECISION", "ALIGNED"]
-_attn_fwd_tuned = make_autotuned(_attn_fwd, _FWD, _TUNE_KEY)
+_attn_fwd_tuned = make_autotuned(_attn_fwd, CONFIG_TABLES["fwd"], _TUNE_KEY)
 
 
 def strides_aligned(*tensors) -> bool:
     """True when every batch/head/row stride is a multiple of 16 elements (see ``aligned16``).
-    Otherwise the kernels run an unhinted (slower, still correct) specialisation that the build
-    report does not list: only unusual views (head dims not a multiple of 16, odd slices) get it."""
+    Otherwise the kernels run their ALIGNED=False specialisation with the smaller tiles of the
+    ``*_UNALIGNED`` tables (slower, still correct; the build report lists those builds too): only
+    unusual views (head dims not a multiple of 16, odd slices) get it."""
     return all(s % 16 == 0 for t in tensors for s in t.stride()[:3])
 
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import (_DKDV, _DQ, _TUNE_KEY, aligned16, block_span, load_rows, make_autotuned,
+from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, aligned16, block_span, load_rows, make_autotuned,
                               padded_head_dim, seqlen_bucket, sequence_bounds, store_rows, strides_aligned)
 
 __all__ = ["flash_attention_backward"]
@@ -264,8 +264,8 @@ def _attn_bwd_dq(
                offs_d, q_len - start_m, HEAD_DIM)
 
 
-_attn_bwd_dkdv_tuned = make_autotuned(_attn_bwd_dkdv, _DKDV, _TUNE_KEY)
-_attn_bwd_dq_tuned = make_autotuned(_attn_bwd_dq, _DQ, _TUNE_KEY)
+_attn_bwd_dkdv_tuned = make_autotuned(_attn_bwd_dkdv, CONFIG_TABLES["dkdv"], _TUNE_KEY)
+_attn_bwd_dq_tuned = make_autotuned(_attn_bwd_dq, CONFIG_TABLES["dq"], _TUNE_KEY)
 
 
 def preprocess_block(d_pad: int) -> int:

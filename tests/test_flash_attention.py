@@ -163,25 +163,38 @@ def test_interpreter_does_not_autotune():
     assert A._config("fwd", 48)[:2] == (64, 64)  # tiles shrink to fit short sequences
 
 
+@pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("dtype,D,precision", [(torch.bfloat16, 128, "ieee"), (torch.float16, 80, "ieee"),
                                                (torch.float32, 256, "ieee"), (torch.float32, 128, "tf32")])
-def test_autotune_candidates_are_the_built_ones(dtype, D, precision):
-    """Each autotuner keeps only its (head dim, dtype, fp32 precision) row, and every kept config
-    is in the build list the build report compiles."""
+def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned):
+    """Each autotuner keeps only its (stride alignment, head dim, dtype, fp32 precision) row, and
+    every kept config is in the build list the build report compiles. Unaligned launches get the
+    ``*_UNALIGNED`` tables (smaller tiles that do not spill without the 16-element stride hint)."""
     from fastllama.kernels import flash_attention_backward as kbwd
 
     q = torch.empty(1, 1, 1, D, dtype=dtype)
     labels = {b.label for b in A._build_configs()}
     d_pad = kfa.padded_head_dim(D)
     ptr = {torch.float32: f"fp32/{precision}", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    kind = precision if dtype == torch.float32 else "16-bit"
     for name, tuned, table in (("fwd", kfa._attn_fwd_tuned, kfa.fwd_configs), ("dq", kbwd._attn_bwd_dq_tuned,
                                                                                kfa.dq_configs),
                                ("dkdv", kbwd._attn_bwd_dkdv_tuned, kfa.dkdv_configs)):
-        kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=d_pad, PRECISION=precision)
+        kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=d_pad, PRECISION=precision, ALIGNED=aligned)
         got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
-        assert got == set(table(d_pad, dtype.itemsize, precision)) and got
+        assert got == set(table(d_pad, dtype.itemsize, precision, aligned)) and got
+        assert got == set(kfa.CONFIG_TABLES[name][0 if aligned else 1][(max(64, d_pad), kind)])
         for bm, bn, _, _ in got:
-            assert f"flash_attention {name} {ptr} d{D} M{bm} N{bn}" in labels
+            assert f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}" in labels
+
+
+def test_unaligned_head_dim():
+    """head_dim 40 gives strides that are not multiples of 16: the ALIGNED=False kernels run
+    (their own config tables on a GPU) and match the reference, forward and backward."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 1, 37, 37, 40, torch.float32)
+    assert not kfa.strides_aligned(q, k, v)
+    _parity(torch.float32, q, k, v, causal=True)
 
 
 def test_build_list_is_complete_and_unique():
@@ -191,6 +204,12 @@ def test_build_list_is_complete_and_unique():
     assert len(set(keys)) == len(keys)
     for D in (64, 80, 96, 128, 256):
         assert any(b.constexprs.get("HEAD_DIM") == D and b.constexprs.get("IS_VARLEN") for b in builds)
+    # Every aligned specialisation has its unaligned twin, compiled with plain "i32" strides.
+    spec = lambda b: (b.kernel, b.signature["Q"], *(b.constexprs[n] for n in ("HEAD_DIM", "IS_VARLEN", "PRECISION")))
+    aligned = {spec(b) for b in builds if b.constexprs.get("ALIGNED") is True}
+    unaligned = [b for b in builds if b.constexprs.get("ALIGNED") is False]
+    assert aligned == {spec(b) for b in unaligned}
+    assert all(t == "i32" for b in unaligned for n, t in b.signature.items() if n.startswith("stride_"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -359,57 +359,66 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 def _build_configs() -> list[KernelBuild]:
     """Every GPU specialisation the op launches for the supported head dims: each autotune
     candidate of each kernel x head dim (64, 80, 96, 128, 256) x dtype (fp32 with ieee and tf32
-    dots) x dense/varlen, with 16-element-aligned strides (ALIGNED, what every HF layout of these
-    head dims gives), and the delta preprocess x head dim x dtype x (with/without an lse gradient).
-    Inputs with unaligned strides run ALIGNED=False builds, not listed (slower, still correct)."""
+    dots) x dense/varlen x stride alignment, and the delta preprocess x head dim x dtype x
+    (with/without an lse gradient) x stride alignment.
+
+    ALIGNED=True builds have 16-element-aligned strides (what every HF layout of these head dims
+    gives) and the tuned tables; ALIGNED=False builds (a stride not a multiple of 16: head dims
+    such as 24/40/72/136, odd views) use the ``*_UNALIGNED`` tables of smaller tiles (slower,
+    still correct) and are compiled with plain "i32" strides, the worst case of that path."""
     builds = []
     strides3 = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in "bht"}
     # ALIGNED=True launches have every q/k/v/o/dO/dQ/dK/dV stride a multiple of 16, and the JIT
     # specialises such integer arguments at launch ("i32:16"): the report compiles that variant.
     aligned3 = lambda *names: {f"stride_{n}{s}": "i32:16" for n in names for s in "bht"}
     for dtype, ptr in _PTR.items():
-        for precision in (_PRECISIONS if dtype == torch.float32 else ("ieee",)):
+        for precision, aligned in itertools.product(_PRECISIONS if dtype == torch.float32 else ("ieee",), (True, False)):
+            typed3 = aligned3 if aligned else strides3
             for D in (64, 80, 96, 128, 256):
                 d_pad = _fwd.padded_head_dim(D)
                 for varlen in (False, True):
                     cu = "*i32" if varlen else "*fp32"
                     tail = {n: "i32" for n in ("n_heads", "group", "seqlen_q", "seqlen_k", "before", "after",
                                                "Q_BUCKET", "K_BUCKET")}
-                    tag = f"{ptr[1:]}{'/' + precision if dtype == torch.float32 else ''} d{D}{' varlen' if varlen else ''}"
+                    tag = (f"{ptr[1:]}{'/' + precision if dtype == torch.float32 else ''} d{D}"
+                           f"{' varlen' if varlen else ''}{'' if aligned else ' unaligned'}")
                     kernels = (
                         ("fwd", _fwd._attn_fwd, _fwd.fwd_configs,
                          {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "CU_Q": cu, "CU_K": cu,
-                          "sm_scale": "fp32", **aligned3("q", "k", "v", "o"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
+                          "sm_scale": "fp32", **typed3("q", "k", "v", "o"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
                           **tail}),
                         ("dkdv", _bwd._attn_bwd_dkdv, _fwd.dkdv_configs,
                          {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
                           "DV": ptr, "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32",
-                          **aligned3("q", "k", "v", "do", "dk", "dv"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
+                          **typed3("q", "k", "v", "do", "dk", "dv"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
                           **{("n_kv_heads" if n == "n_heads" else n): t for n, t in tail.items()}}),
                         ("dq", _bwd._attn_bwd_dq, _fwd.dq_configs,
                          {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
-                          "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", **aligned3("q", "k", "v", "do", "dq"),
+                          "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", **typed3("q", "k", "v", "do", "dq"),
                           "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32", **tail}),
                     )
                     for name, kernel, configs, signature in kernels:
-                        for bm, bn, w, s in configs(d_pad, dtype.itemsize, precision):
+                        for bm, bn, w, s in configs(d_pad, dtype.itemsize, precision, aligned):
                             builds.append(KernelBuild(
                                 kernel, signature,
                                 {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "IS_VARLEN": varlen,
-                                 "PRECISION": precision, "ALIGNED": True},
+                                 "PRECISION": precision, "ALIGNED": aligned},
                                 num_warps=w, num_stages=s, label=f"flash_attention {name} {tag} M{bm} N{bn}"))
             if precision != "ieee":
                 continue
+            # The preprocess has no ALIGNED flag: the JIT's own "i32:16" specialisation of O/dO
+            # strides that are multiples of 16 is its aligned build.
             for D in (64, 80, 96, 128, 256):
                 d_pad = _fwd.padded_head_dim(D)
                 for has_dlse in (False, True):
                     builds.append(KernelBuild(
                         _bwd._bwd_preprocess,
-                        {"O": ptr, "DO": ptr, "DLSE": "*fp32", "DELTA": "*fp32", **strides3("o", "do"),
+                        {"O": ptr, "DO": ptr, "DLSE": "*fp32", "DELTA": "*fp32", **typed3("o", "do"),
                          "stride_lb": "i32", "stride_lh": "i32", "n_heads": "i32", "seqlen": "i32"},
                         {"HAS_DLSE": has_dlse, "HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": _bwd.preprocess_block(d_pad)},
                         num_warps=4, num_stages=1,
-                        label=f"flash_attention preprocess {ptr[1:]} d{D}{' dlse' if has_dlse else ''}"))
+                        label=f"flash_attention preprocess {ptr[1:]} d{D}{' dlse' if has_dlse else ''}"
+                              f"{'' if aligned else ' unaligned'}"))
     return builds
 
 
