@@ -53,11 +53,15 @@ def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bo
     layouts) 16 rows and 2048 / D keys (D = 128 with 32 keys spilled 352 bytes), 8 warps, one
     pipeline stage. Strides that are not multiples of 16 (no vector loads: one 64-bit pointer
     per element) get 16 x 16 tiles, 8 warps from fp32 D = 128 and at D = 256 (fp32 D = 64 with
-    8 warps spilled 8 bytes on sm_90: ptxas squeezed it to 80 registers for a third block)."""
+    8 warps spilled 8 bytes on sm_90: ptxas squeezed it to 80 registers for a third block).
+    A one-token step (q_len = 1) compiles its own variant (the "tq1" builds): fp32 D = 256 there
+    takes 32 keys (16 spilled 4-16 bytes on sm_90 with a GQA group, again at 80 registers; 32
+    keys: 106-128 registers, 82 KB of shared memory, no spills)."""
     if not aligned:
         return _dk.block_m(group, q_len, 16), 16, 8 if d_pad * elem_bytes >= 512 else 4
     if elem_bytes >= 4:  # 8 warps (4 spilled 16-24 bytes on sm_80)
-        return _dk.block_m(group, q_len, 16), max(16, min(64, 2048 // d_pad)), 8
+        keys = 32 if q_len == 1 and d_pad == 256 else max(16, min(64, 2048 // d_pad))
+        return _dk.block_m(group, q_len, 16), keys, 8
     bm = _dk.block_m(group, q_len, 64)
     # 8 warps from 4K-element tiles on (32 x 128 with 4 warps spilled 16 bytes on sm_80)
     return bm, min(64, 16384 // (d_pad * 2)), 4 if bm * d_pad < 4096 else 8
@@ -387,9 +391,38 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 _HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims of real Llama-family models
 
 
+def _split_signature(ptr: str, split: bool, st: str, lse_st: str, lengths: dict) -> dict:
+    """The split kernel's argument types: pointers, strides ``st`` (LSE strides ``lse_st``), and
+    ``lengths`` for q_len / group / max_len / m_tiles."""
+    return {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
+            "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
+            "use_leftpad": "i32",
+            **{f"stride_{n}{s}": st for n in "qkvo" for s in "bht"}, "stride_os": st,
+            **{f"stride_l{s}": lse_st for s in "bht"}, **lengths}
+
+
+def _combine_signature(ptr: str, st: str, q_len: str) -> dict:
+    return {"O_PART": "*fp32", "LSE": "*fp32", "OUT": ptr, "stride_ob": st, "stride_oh": st, "stride_ot": st,
+            "n_rows": "i32", "n_heads": "i32", "q_len": q_len, "n_splits": "i32"}
+
+
+# A one-token decode step (Tq = 1, as fastllama.generate and a patched HF model run it): Triton's
+# JIT compiles an integer argument equal to 1 as a constant ("constexpr" in its signature, the
+# parameter gone from the PTX), so the step launches variants of its own. Checked by printing
+# native_specialize_impl of the launch arguments of generate() runs (GQA groups 4 and 8, MHA;
+# batch 1 and 8): q_len = 1; m_tiles = 1 (group x 1 row fits one 16-row tile); group = 1 for MHA
+# only; the combine's q_len = 1; rotary's q_len = 1 and tokens_per_program = 1 (always 1 on a
+# GPU). The other lengths (group 4/8, max_len, head counts, n_splits) depend on the model and
+# cache size; their divisibility by 16 changed no register count in test compiles, so they stay
+# "i32". Real head dims (64 to 256) make every stride a multiple of 16: aligned builds only.
+_ONE = {"q_len": 1}
+
+
 def _decode_builds() -> list[KernelBuild]:
     """Split kernel: dtype x head dim x (aligned strides: BLOCK_M 16/32/64, fp32 16; unaligned:
-    16 x 16 tiles) x (single pass, split); combine kernel: dtype x head dim x S_PAD.
+    16 x 16 tiles) x (single pass, split); combine kernel: dtype x head dim x S_PAD. Plus the
+    Tq = 1 decode-step variants ("tq1", see ``_ONE``): split kernel x (MHA, GQA) x (single pass,
+    split) and combine x S_PAD, aligned.
 
     An aligned launch (:func:`~fastllama.kernels.decode_attention.strides_aligned`) has every
     q/k/v/output stride a multiple of 16, which Triton specialises on at launch: those builds
@@ -397,42 +430,57 @@ def _decode_builds() -> list[KernelBuild]:
     16 too); the split pass's LSE strides depend on the split count, and the lengths (Tq, group,
     Tmax, m_tiles) on the shapes, so they stay plain "i32", the conservative compile."""
     builds = []
+    general = {"q_len": "i32", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
     for dtype, ptr in _PTR.items():
         for D in _HEAD_DIMS:
             d_pad = _dk.padded_head_dim(D)
             variants = [(rows, True) for rows in ((16,) if dtype == torch.float32 else (16, 32, 64))] + [(16, False)]
             for rows, aligned in variants:
-                bm, bn, warps = _gpu_config(rows, 1, d_pad, dtype.itemsize, aligned)
+                # A general build serves Tq >= 2 (Tq = 1 launches the tq1 variant below): a tile
+                # of `rows` rows as rows / 2 heads x 2 query rows.
+                bm, bn, warps = _gpu_config(rows // 2, 2, d_pad, dtype.itemsize, aligned)
                 st = "i32:16" if aligned else "i32"
                 for split in (False, True):
                     lse_st = "i32:16" if aligned and not split else "i32"
-                    sig = {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
-                           "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
-                           "use_leftpad": "i32",
-                           **{f"stride_{n}{s}": st for n in "qkvo" for s in "bht"}, "stride_os": st,
-                           **{f"stride_l{s}": lse_st for s in "bht"},
-                           "q_len": "i32", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
                     builds.append(KernelBuild(
-                        _dk.decode_split_kernel, sig,
+                        _dk.decode_split_kernel, _split_signature(ptr, split, st, lse_st, general),
                         {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
                          "PRECISION": "ieee"},
                         num_warps=warps, num_stages=_stages(dtype.itemsize),
                         label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
                               f"{'' if aligned else ' unaligned'}"))
+            # Tq = 1: the tile of a GQA group of up to 16 heads (MHA: 1) is 16 rows, as _gpu_config picks.
+            bm, bn, warps = _gpu_config(1, 1, d_pad, dtype.itemsize)
+            for mha, split in itertools.product((True, False), (False, True)):
+                ones = {**_ONE, "m_tiles": 1, **({"group": 1} if mha else {})}
+                lengths = {"q_len": "constexpr", "group": "constexpr" if mha else "i32", "max_len": "i32",
+                           "m_tiles": "constexpr"}
+                builds.append(KernelBuild(
+                    _dk.decode_split_kernel,
+                    _split_signature(ptr, split, "i32:16", "i32" if split else "i32:16", lengths),
+                    {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
+                     "PRECISION": "ieee", **ones},
+                    num_warps=warps, num_stages=_stages(dtype.itemsize),
+                    label=f"decode_attention tq1 {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn} "
+                          f"{'mha' if mha else 'gqa'}"))
             for s_pad, aligned in itertools.product(_S_PADS, (True, False)):
                 st = "i32:16" if aligned else "i32"  # the output's strides (q's layout)
                 builds.append(KernelBuild(
-                    _dk.decode_combine_kernel,
-                    {"O_PART": "*fp32", "LSE": "*fp32", "OUT": ptr, "stride_ob": st, "stride_oh": st,
-                     "stride_ot": st, "n_rows": "i32", "n_heads": "i32", "q_len": "i32", "n_splits": "i32"},
+                    _dk.decode_combine_kernel, _combine_signature(ptr, st, "i32"),
                     {"HEAD_DIM": D, "D_PAD": d_pad, "S_PAD": s_pad, "ROWS": 1}, num_warps=4, num_stages=1,
                     label=f"decode_attention combine {ptr[1:]} d{D} S{s_pad}{'' if aligned else ' unaligned'}"))
+            for s_pad in _S_PADS:
+                builds.append(KernelBuild(
+                    _dk.decode_combine_kernel, _combine_signature(ptr, "i32:16", "constexpr"),
+                    {"HEAD_DIM": D, "D_PAD": d_pad, "S_PAD": s_pad, "ROWS": 1, **_ONE}, num_warps=4, num_stages=1,
+                    label=f"decode_attention combine tq1 {ptr[1:]} d{D} S{s_pad}"))
     return builds
 
 
 def _rotary_builds() -> list[KernelBuild]:
     """dtype x head dim x (table at the slot, table at given positions, HF per-token cos/sin) x
-    (aligned, unaligned strides).
+    (aligned, unaligned strides), plus the Tq = 1 decode step of fastllama.generate ("tq1", see
+    ``_ONE``): q_len = tokens_per_program = 1 as constants, a table at the slot, aligned.
 
     Aligned: every stride a multiple of 16, as in every dense or HF layout with head_dim % 16 == 0
     (table builds pass 0 for the cos/sin batch strides, a multiple too); Triton specialises on
@@ -458,6 +506,15 @@ def _rotary_builds() -> list[KernelBuild]:
                     num_warps=4, num_stages=1,
                     label=f"rotary_cache_append {ptr[1:]} d{D} {'table' if table else 'per-token'}"
                           f"{' positions' if has_pos else ''}{'' if aligned else ' unaligned'}"))
+            sig = {"Q": ptr, "K": ptr, "V": ptr, "COS": ptr, "SIN": ptr, "QO": ptr, "KC": ptr, "VC": ptr,
+                   "SEQLENS": "*i32", "POS": "*i32", **{n: "i32:16" for n in names},
+                   "n_q_heads": "i32", "n_kv_heads": "i32", "q_len": "constexpr", "max_len": "i32", "n_pos": "i32",
+                   "tokens_per_program": "constexpr"}
+            builds.append(KernelBuild(
+                _rk.rotary_cache_kernel, sig,
+                {"HALF": D // 2, "HALF_PAD": half_pad, "BLOCK_R": _rk.block_r(half_pad), "TABLE": True,
+                 "HAS_POS": False, **_ONE, "tokens_per_program": 1},
+                num_warps=4, num_stages=1, label=f"rotary_cache_append tq1 {ptr[1:]} d{D} table"))
     return builds
 
 
