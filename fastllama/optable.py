@@ -29,8 +29,10 @@ class KernelBuild:
     GPU (the build report). ``signature`` maps every non-constexpr argument name of the
     ``@triton.jit`` function to its Triton type string ("*fp16", "*bf16", "*fp32", "i32", "i64",
     "fp32"; "i32:16" for an integer the runtime sees as a multiple of 16 — Triton specialises such
-    strides at launch, and compiling them unspecialised overstates registers and spills);
-    ``constexprs`` gives the constexpr arguments (block sizes, flags, head dim)."""
+    strides at launch, and compiling them unspecialised overstates registers and spills;
+    "constexpr" for an integer argument the launch passes as 1, which Triton also specialises,
+    with its value in ``constexprs``); ``constexprs`` gives the constexpr arguments (block sizes,
+    flags, head dim)."""
 
     kernel: Any
     signature: dict[str, str]
