@@ -27,7 +27,6 @@ case to prove the script works: NOT a measurement.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import sys
@@ -43,6 +42,7 @@ use_interpreter_if_no_gpu()
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from fastllama.bench.presets import default_dtype  # noqa: E402
 from fastllama.generate import Generator  # noqa: E402
 from fastllama.reference import Llama, LlamaConfig  # noqa: E402
 
@@ -58,21 +58,11 @@ SHAPES = {
 NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "tiny": "tiny (interpreter smoke)"}
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def build_model(shape: str, dtype, device) -> Llama:
     """Random weights, built directly on the device in ``dtype`` (no fp32 copy of an 8B model)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, max_position_embeddings=8192)
-    with _default_dtype(dtype), torch.device(device):
+    with default_dtype(dtype), torch.device(device):
         model = Llama(cfg)
     return model.eval()
 
@@ -83,7 +73,7 @@ def build_hf(model: Llama, dtype, device):
 
     cfg = transformers.LlamaConfig(**model.config.to_hf())
     cfg._attn_implementation = "sdpa"
-    with _default_dtype(dtype), torch.device(device):
+    with default_dtype(dtype), torch.device(device):
         hf = transformers.LlamaForCausalLM(cfg)
     result = hf.load_state_dict(model.state_dict(), strict=False)
     missing = [k for k in result.missing_keys if not (cfg.tie_word_embeddings and k == "lm_head.weight")]

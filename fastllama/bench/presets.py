@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-__all__ = ["Preset", "PRESETS", "CONFIGS", "get_preset", "hf_model", "reference_model"]
+__all__ = ["Preset", "PRESETS", "CONFIGS", "get_preset", "hf_model", "reference_model", "default_dtype"]
 
 #: The training configurations compared (see fastllama.bench.train).
 CONFIGS = ("hf-sdpa", "hf-compile", "hf-liger", "hf+fastllama", "reference+fastllama")
@@ -87,7 +87,7 @@ def hf_model(config: dict, dtype, device, attn_implementation: str = "sdpa"):
 
     cfg = LlamaConfig(**config)
     cfg._attn_implementation = attn_implementation
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         return LlamaForCausalLM(cfg)
 
 
@@ -97,12 +97,12 @@ def reference_model(config: dict, dtype, device):
 
     from ..reference import Llama
 
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         return Llama(dict(config, model_type="llama"))
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype):
+def default_dtype(dtype):
     """Parameters are created in ``dtype`` (as HF's ``from_config(dtype=...)`` does), while
     buffers computed explicitly in fp32 (rotary frequencies) stay fp32."""
     import torch

@@ -28,7 +28,7 @@ from .. import reference
 from ..optable import OpCase, OpSpec
 from ._checks import check_same, check_tensor
 from .rms_norm import _rms_norm_bwd, _rms_norm_fwd, _validate as _validate_norm
-from .swiglu import _swiglu, _swiglu_bwd, validate_pair as validate_swiglu_inputs
+from .swiglu import _rows, _swiglu, _swiglu_bwd, validate_pair as validate_swiglu_inputs
 
 __all__ = ["rms_norm_linear", "swiglu_linear"]
 
@@ -55,10 +55,6 @@ def _check_linear(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
         check_tensor(f"bias of {name}", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias of {name} has shape {tuple(bias.shape)}; it must be ({weight.shape[0]},)")
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------
