@@ -12,12 +12,21 @@ Peak memory is ``max_memory_allocated`` above what was allocated before the step
 weights), so it counts the logits, the gradients and every temporary.
 
 Usage: ``python benchmarks/bench_cross_entropy.py [--tokens 4096 8192 16384 32768]``. Under the
-Triton interpreter (no GPU) it runs one tiny fp32 case to prove the script works: not a
-measurement.
+Triton interpreter (no GPU) it runs one tiny fp32 case to prove the script works (its time is
+not a measurement), and then the memory model below.
+
+Memory model (CPU): the peak of each schedule is a sum of (tokens x vocab), (vocab x hidden) and
+(tokens x hidden) tensors, so dividing tokens, hidden and vocab by the same factor (16) divides
+every term by 16**2 and keeps the ratios. The model runs the issue's shapes scaled that way in
+bf16 on the CPU, with fastllama's size constants scaled likewise (its chunk rows and
+weight-gradient slice: the schedule chosen for the full shape), and reads the peak bytes the
+CPU allocator held (``cpu_peak_bytes``). What it cannot see: cuBLAS workspaces and allocator
+rounding. Written to ``cross_entropy_memory_model.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -32,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from fastllama import ops  # noqa: E402
+from fastllama.ops import cross_entropy as ce_ops  # noqa: E402
 
 
 def _hf_loss():
@@ -95,6 +105,48 @@ def _measure(step, hidden, weight) -> tuple[float, float | None, float]:
     return ms, peak, loss
 
 
+@contextlib.contextmanager
+def _scaled_slice(scale: int):
+    old = ce_ops.WEIGHT_GRAD_SLICE_ELEMENTS
+    ce_ops.WEIGHT_GRAD_SLICE_ELEMENTS = max(1, old // scale**2)
+    try:
+        yield
+    finally:
+        ce_ops.WEIGHT_GRAD_SLICE_ELEMENTS = old
+
+
+def memory_model(token_counts, hidden_size: int, vocab: int, scale: int = 16) -> list[dict]:
+    """Peak CPU bytes of hf and fastllama (fwd+bwd, bf16) at the shapes divided by ``scale``;
+    ``mem_vs_hf`` is the model's estimate of the GPU ratio at the full shape."""
+    rows = []
+    n_h, n_v = hidden_size // scale, vocab // scale
+    for tokens in token_counts:
+        n = tokens // scale
+        chunk = ce_ops.chunk_rows_for(tokens, hidden_size, vocab, torch.bfloat16)
+        chunk = n if chunk >= tokens else max(1, chunk // scale)
+        gen = torch.Generator().manual_seed(0)
+        hidden = torch.randn(1, n, n_h, generator=gen, dtype=torch.bfloat16).requires_grad_()
+        weight = (torch.randn(n_v, n_h, generator=gen) * n_h**-0.5).to(torch.bfloat16).requires_grad_()
+        labels = torch.randint(0, n_v, (1, n), generator=gen)
+        hf_loss, _ = _hf_loss()
+        shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+        steps = {"hf": lambda: hf_loss(F.linear(hidden, weight), labels, vocab_size=n_v),
+                 "fastllama": lambda: ops.linear_cross_entropy(hidden, weight, shifted, chunk_rows=chunk)}
+        peaks = {}
+        for name, step in steps.items():
+            hidden.grad = weight.grad = None
+            with _scaled_slice(scale):
+                peaks[name] = common.cpu_peak_bytes(lambda: step().backward())
+        full_chunk = ce_ops.chunk_rows_for(tokens, hidden_size, vocab, torch.bfloat16)
+        schedule = "logits in the weight gradient" if chunk >= n else f"chunks of {full_chunk} rows"
+        for name, peak in peaks.items():
+            rows.append({"tokens": tokens, "hidden": hidden_size, "vocab": vocab, "method": name,
+                         "schedule": schedule if name == "fastllama" else "materialised logits",
+                         "model_peak_GiB": peak * scale**2 / 2**30,
+                         "mem_vs_hf": peak / peaks["hf"] if name != "hf" else None})
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
@@ -147,6 +199,15 @@ def main(argv=None) -> list[dict]:
     out = common.write_results("cross_entropy", rows, columns, extra=extra)
     print(common.markdown_table(rows, columns))
     print(f"results in {out}" + ("" if common.is_measurement() else " (interpreter smoke run: not a measurement)"))
+    if not common.on_gpu():
+        model = memory_model(args.tokens, args.hidden, args.vocab)
+        columns = ["tokens", "hidden", "vocab", "method", "schedule", "model_peak_GiB", "mem_vs_hf"]
+        out = common.write_results("cross_entropy_memory_model", model, columns, extra={
+            "scale": 16, "what": "peak CPU-allocator bytes at tokens, hidden, vocab / 16, times 16**2 "
+                                 "(bf16, fwd+bwd); an estimate of the GPU peak, not a GPU measurement",
+            "target": {"mem_vs_hf": "<= 0.25"}})
+        print(common.markdown_table(model, columns))
+        print(f"memory model in {out}")
     return rows
 
 

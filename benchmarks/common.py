@@ -11,6 +11,7 @@ from fastllama.bench.common import (  # noqa: F401
     RESULTS,
     Plot,
     copy_bandwidth_gbps,
+    cpu_peak_bytes,
     device,
     device_name,
     environment,

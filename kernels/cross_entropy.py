@@ -1,8 +1,8 @@
 """Cross-entropy over a chunk of logits, and the fp32-accumulating GEMM of its weight gradient.
 
-The fused linear cross-entropy (``fastllama.ops.linear_cross_entropy``) never holds the logits
-of all tokens: it computes them a chunk of rows at a time with a torch matmul and hands each
-chunk to the two kernels here.
+The fused linear cross-entropy (``fastllama.ops.linear_cross_entropy``) computes the logits
+with a torch matmul, either a chunk of rows at a time (row-major) or, with few tokens, inside
+the weight gradient's buffer (transposed: column-major), and hands them to the kernels here.
 
 * :func:`cross_entropy_chunk` reads each logits row twice. The first read runs an online
   log-sum-exp over the vocabulary and picks up the target logit, giving the loss. The second
@@ -13,7 +13,7 @@ chunk to the two kernels here.
   fp16: the weight gradient summed over the chunks without rounding each chunk's share to
   bf16. (torch's ``addmm`` wants the addend in the operands' dtype, so it cannot do this.)
 
-All statistics are fp32. Offsets are int64 (rows * vocab exceeds 2**31 at 16k rows x 128k).
+All statistics are fp32. Tile starts are int64 (rows * vocab exceeds 2**31 at 16k rows x 128k).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def _tanh(x):
 # label check is off) gives NaN loss and gradient, never a silently wrong number.
 @triton.jit
 def _cross_entropy_chunk_kernel(
-    logits_ptr, stride_row,        # (rows, V) logits of the chunk, unit stride along V
+    logits_ptr, stride_row, stride_col,  # (rows, V) logits of the chunk: row-major (stride_col 1)
+                                         # or column-major (stride_row 1, the op's transposed logits)
     labels_ptr,                    # (rows,) int32/int64
     loss_ptr,                      # (rows,) fp32 out
     lse_ptr,                       # (rows,) fp32 out
@@ -60,20 +61,29 @@ def _cross_entropy_chunk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows stay a plain arange (masked, never clamped): the compiler then knows they are
+    # contiguous, which is what coalesces the column-major tiles along the rows.
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    # Rows past the end read the last row again (their results are never stored), so every
-    # row has at least one finite logit and the online max never subtracts -inf from -inf.
-    safe_rows = tl.minimum(rows, n_rows - 1).to(tl.int64)
-    row_ptrs = logits_ptr + safe_rows[:, None] * stride_row
-    labels = tl.load(labels_ptr + safe_rows).to(tl.int64)
+    rows64 = rows.to(tl.int64)
+    # Rows past the end act as ignored rows; their masked loads read 0, so every row has finite
+    # logits and the online max never subtracts -inf from -inf.
+    labels = tl.load(labels_ptr + rows64, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < n_cols)
     cols0 = tl.arange(0, BLOCK_V)
+    # A tile's position is one 64-bit scalar pointer (rows * V, or V * rows column-major, passes
+    # 2**31 at 16k x 128k), stepped by BLOCK_V columns; the offsets inside a tile are 32-bit and
+    # the same for every step. (A carried tile of 64-bit pointers took ~250 registers and spilled.)
+    tile_start = logits_ptr + first_row.to(tl.int64) * stride_row
+    in_tile = tl.arange(0, BLOCK_M)[:, None] * stride_row + cols0[None, :] * stride_col
+    step = BLOCK_V * stride_col
 
     # The target logit: one gather per row (a label out of range reads column 0; it ends as NaN).
     target_col = tl.where(valid & in_range, labels, 0)
-    target = tl.load(logits_ptr + safe_rows * stride_row + target_col).to(tl.float32)
+    target = tl.load(logits_ptr + rows64 * stride_row + target_col * stride_col, mask=row_ok,
+                     other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         target = softcap * _tanh(target / softcap)
 
@@ -81,16 +91,17 @@ def _cross_entropy_chunk_kernel(
     # the running sum is rescaled by exp(m_old - m_new) whenever the max grows.
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
+    tile = tile_start
     for start in range(0, n_cols, BLOCK_V):
-        cols = start + cols0
-        col_ok = cols[None, :] < n_cols
-        x = tl.load(row_ptrs + cols[None, :], mask=col_ok, other=0.0).to(tl.float32)
+        col_ok = (start + cols0)[None, :] < n_cols
+        x = tl.load(tile + in_tile, mask=row_ok[:, None] & col_ok, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             x = softcap * _tanh(x / softcap)
         x = tl.where(col_ok, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
+        tile += step
     lse = m + tl.log(s)
 
     loss = lse - target + z_loss * lse * lse
@@ -101,23 +112,27 @@ def _cross_entropy_chunk_kernel(
 
     if WRITE_GRAD:
         # Pass 2: the gradient, overwriting the logits (the second and last read of the row).
-        coef = tl.load(scale_ptr + safe_rows * stride_scale).to(tl.float32)
+        coef = tl.load(scale_ptr + rows64 * stride_scale, mask=row_ok, other=0.0).to(tl.float32)
         coef = tl.where(valid, coef, 0.0)
         coef = tl.where(valid & ~in_range, float("nan"), coef)
         p_factor = 1.0 + 2.0 * z_loss * lse
+        label32 = tl.where(valid & in_range, labels, -1).to(tl.int32)
+        tile = tile_start
         for start in range(0, n_cols, BLOCK_V):
             cols = start + cols0
             mask = row_ok[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(row_ptrs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(tile + in_tile, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
                 t = _tanh(x / softcap)
                 x = softcap * t
             g = tl.exp(x - lse[:, None]) * p_factor[:, None]
-            g = g - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+            # One-hot in 32 bits (labels < V < 2**31): an int64 compare tile doubles its registers.
+            g = g - tl.where(cols[None, :] == label32[:, None], 1.0, 0.0)
             if HAS_SOFTCAP:
                 g = g * (1.0 - t * t)
             g = g * coef[:, None]
-            tl.store(row_ptrs + cols[None, :], g.to(logits_ptr.dtype.element_ty), mask=mask)
+            tl.store(tile + in_tile, g.to(logits_ptr.dtype.element_ty), mask=mask)
+            tile += step
 
 
 def cross_entropy_chunk(
@@ -136,10 +151,15 @@ def cross_entropy_chunk(
     """Per-row loss and log-sum-exp of ``logits`` (rows, V); with ``write_grad`` the logits are
     overwritten by ``scale_row * dloss/dlogits``.
 
-    ``logits`` needs unit stride along V (any row stride). ``scale`` is fp32, one element (the
-    same scale for every row) or one per row. Returns fp32 ``(loss, lse)`` of shape (rows,).
+    ``logits`` is row-major (unit stride along V, any row stride) or column-major (unit stride
+    along the rows, e.g. the transpose of a contiguous (V, rows) matrix); a column-major chunk
+    wants a tile of several rows (``block_m``) so that its loads are contiguous. ``scale`` is
+    fp32, one element (the same scale for every row) or one per row. Returns fp32 ``(loss, lse)``
+    of shape (rows,).
     """
     n_rows, n_cols = logits.shape
+    if logits.stride(1) != 1 and logits.stride(0) != 1 and n_rows > 1 and n_cols > 1:
+        raise ValueError(f"logits must have unit stride along one dim, got strides {logits.stride()}")
     loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     if n_rows == 0:
@@ -147,7 +167,7 @@ def cross_entropy_chunk(
     stride_scale = 0 if scale.numel() == 1 else scale.stride(0)
     grid = (triton.cdiv(n_rows, block_m),)
     _cross_entropy_chunk_kernel[grid](
-        logits, logits.stride(0), labels, loss, lse, scale, stride_scale,
+        logits, logits.stride(0), logits.stride(1), labels, loss, lse, scale, stride_scale,
         n_rows, n_cols, ignore_index, float(z_loss), float(softcap or 1.0),
         HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad,
         BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,

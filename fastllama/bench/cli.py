@@ -26,7 +26,7 @@ HELP = "benchmarks: training tokens/s and memory, decoding, ops, saved-activatio
 QUICK_ARGS = {
     "bench_norm_rope_swiglu": ["--tokens", "4096", "16384"],
     "bench_attention": ["--dims", "128", "--seqlens", "1024", "4096"],
-    "bench_cross_entropy": ["--tokens", "8192"],
+    "bench_cross_entropy": ["--tokens", "4096", "8192"],
     "bench_decode": ["--models", "1b", "--batches", "1", "8", "--contexts", "512", "--new-tokens", "64",
                      "--reps", "2"],
 }

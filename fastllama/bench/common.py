@@ -26,9 +26,12 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -107,6 +110,59 @@ def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
     b = torch.randn(n, n, device=device(), dtype=dtype)
     ms = time_ms(lambda: a @ b)
     return 2 * n**3 / ms / 1e9
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Adds up the bytes of every storage an op creates until that storage is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.held -= nbytes
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastllama":
+            # A custom op's implementation runs below this mode: re-enter it around the op so
+            # that the op's own allocations are counted too.
+            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+            with self:
+                out = func.redispatch(keys, *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        inputs = {id(x.untyped_storage()) for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)  # the storage's Python object lives exactly as long as the storage
+            if key in self.seen or key in inputs or storage.nbytes() == 0:  # seen, a view, or `out=`
+                continue
+            self.seen.add(key)
+            self.held += storage.nbytes()
+            self.peak = max(self.peak, self.held)
+            weakref.finalize(storage, self._freed, key, storage.nbytes())
+        return out
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak bytes of the CPU tensors created while ``fn()`` runs (forward and backward, custom
+    ops' insides included) that were alive at the same time.
+
+    Counts each new storage from its creation to its release (a dispatch mode; the storage's
+    Python object is kept alive by torch exactly as long as the storage). Tensors only: not the
+    Triton interpreter's numpy copies, not Python objects. On a CPU-only machine this is how a
+    benchmark compares the memory two schedules of the same computation need: the sizes are
+    the ones CUDA's allocator would be asked for.
+    """
+    mode = _LiveBytes()
+    with mode:
+        fn()
+    return mode.peak
 
 
 def _git_commit() -> str | None:

@@ -2,13 +2,25 @@
 
 At a 128k vocabulary the logits of a Llama LM head are the largest tensor of a training step
 (HF keeps them in fp32 as well: 513 KiB per token). This op computes
-``cross_entropy(hidden @ weight.T + bias, labels)`` a chunk of rows at a time:
+``cross_entropy(hidden @ weight.T + bias, labels)`` with one of two schedules, whichever needs
+less memory (:func:`chunk_rows_for`):
+
+Chunks of rows (many tokens: N > about 3H):
 
 1. ``logits = hidden[rows] @ weight.T`` (torch matmul, fp32 accumulation, input dtype out);
 2. one kernel streams each row once for the log-sum-exp and the loss, and once more to overwrite
    the logits with their gradient ``scale * (softmax - onehot)``;
 3. ``grad_hidden[rows] = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden[rows]``,
    the latter summed over chunks in an fp32 buffer.
+
+Logits inside the weight gradient (fewer tokens, when the weight needs a gradient): the
+(V, H) buffer the weight gradient needs anyway holds the logits of H rows, transposed; the
+same kernel works on them column-major, ``grad_hidden`` is one GEMM over the whole vocabulary,
+and ``grad_weight`` is written over the consumed logits a slice of vocabulary rows at a time
+(``_logits_in_weight_grad`` has the memory layout). The peak is about one weight gradient
+where the chunked schedule needs the gradient plus a twice-as-large fp32 accumulator; at 4k
+tokens x hidden 4096 x V 128256 this is what brings the peak under 0.25x of the materialised
+path's.
 
 So the gradients exist when the forward returns; the backward only multiplies them by the
 upstream gradient (a scalar for "mean"/"sum"). Reduction "none" cannot know its per-token
@@ -46,37 +58,53 @@ MIN_CHUNK_ROWS = 1024
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-def chunk_rows_for(n_rows: int, hidden_size: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk by default.
+def chunk_rows_for(n_rows: int, hidden_size: int, vocab: int, dtype: torch.dtype, weight_grad: bool = True) -> int:
+    """Rows per chunk by default: the schedule with the smaller peak memory.
 
-    A chunk's logits are about the size of the hidden states (``rows * V ~ N * H``), but at least
-    :data:`MIN_CHUNK_ROWS` rows. For bf16/fp16, when ALL the logits take no more memory than the
-    fp32 weight-gradient accumulator that chunking would need (``N * V * itemsize <= V * H * 4``),
-    one chunk is used: no accumulator, the weight gradient is one GEMM over all rows.
+    Chunked, a chunk's logits are about the size of the hidden states (``rows * V ~ N * H``),
+    at least :data:`MIN_CHUNK_ROWS` rows, and the weight gradient is summed over the chunks:
+    in an fp32 (V, H) accumulator for bf16/fp16 (then converted), in the gradient itself for
+    fp32. Its peak is about ``V * (H * (4 + itemsize) + rows * itemsize)`` bytes (fp32:
+    ``V * 4 * (H + rows)``).
+
+    When the weight needs a gradient, all rows in one chunk instead compute the logits inside
+    that gradient's (V, H) buffer (``_logits_in_weight_grad``): a peak of about
+    ``V * max(N, H) * itemsize``, the weight gradient itself when N <= H. That wins up to
+    about N = 3H + rows (bf16/fp16) or N = H + rows (fp32), and is also the faster schedule
+    (three whole GEMMs, no accumulator traffic).
+
+    Without a weight gradient, bf16/fp16 use one chunk while all logits take no more memory
+    than the fp32 accumulator would (``N * itemsize <= 4 * H``).
     """
-    rows = max(math.ceil(n_rows * hidden_size / max(vocab, 1)), MIN_CHUNK_ROWS)
-    if dtype != torch.float32 and n_rows * dtype.itemsize <= 4 * hidden_size:
-        rows = n_rows
-    return max(1, min(rows, n_rows))
+    n_rows, size = max(1, n_rows), dtype.itemsize
+    rows = min(max(math.ceil(n_rows * hidden_size / max(vocab, 1)), MIN_CHUNK_ROWS), n_rows)
+    if weight_grad:
+        chunked = 4 * (hidden_size + rows) if dtype == torch.float32 else hidden_size * (4 + size) + rows * size
+        return n_rows if max(n_rows, hidden_size) * size <= chunked else rows
+    return n_rows if dtype != torch.float32 and n_rows * size <= 4 * hidden_size else rows
 
 
 # The GPU configs (the build report compiles exactly these). One logits row per program: a
 # 128k-vocabulary row is 256 KB, plenty of work, and a row-tile needs no cross-row reductions.
 # 2048 columns over 8 warps: 8 values a thread (4096 spilled 8 bytes on sm_90 for fp32 + softcap).
 _CE_GPU = dict(block_m=1, block_v=2048, num_warps=8)
+# Column-major logits (the transposed logits computed inside the weight gradient's buffer): 32
+# rows x 128 vocab columns per tile, so that each column's 32 rows are one contiguous 64-byte
+# read (bf16); N / 32 programs still cover the GPU at a few thousand rows.
+_CE_GPU_COLUMNS = dict(block_m=32, block_v=128, num_warps=8)
 # 64 (vocab) x 128 (hidden) x 32 with 8 warps: ~205 registers and no spill on sm_80 / sm_90 with
 # the fp32 tile loaded as the starting accumulator, even when the compiler cannot assume the
 # chunk's row stride (the vocab) is a multiple of 16. 128x128 tiles spilled 192-208 bytes there.
 _GEMM_GPU = dict(block_m=64, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3)
 
 
-def _ce_config(rows: int, vocab: int) -> dict:
+def _ce_config(rows: int, vocab: int, column_major: bool = False) -> dict:
     if interpreter_active():
         # Every program and loop step is a Python-level step: few, large tiles (but no tile
         # taller than the chunk: padding rows cost as much as real ones).
         return dict(block_m=min(64, triton.next_power_of_2(rows)), block_v=min(8192, triton.next_power_of_2(vocab)),
                     num_warps=1)
-    return _CE_GPU
+    return _CE_GPU_COLUMNS if column_major else _CE_GPU
 
 
 def _gemm_config() -> dict:
@@ -100,11 +128,93 @@ def _check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> 
             f"out-of-range label then gives a NaN loss.)")
 
 
+# Vocabulary rows of the weight gradient per GEMM in _logits_in_weight_grad: its scratch tile
+# holds at most this many elements (32 MiB in bf16; 4008 rows x 4096 at Llama 3's head).
+WEIGHT_GRAD_SLICE_ELEMENTS = 2**24
+
+
+def _logits_in_weight_grad(hidden, weight, labels, bias, scale, ignore_index, z_loss, softcap, want_gh, want_gb):
+    """The loss and its gradients with (most of) the logits stored inside the weight gradient.
+
+    The weight gradient needs a V x H buffer anyway; the logits of H rows fit in it. They are
+    computed there transposed, as a contiguous (V, N0) block at the END of the buffer (N0 =
+    min(N, H)); the logits of rows past H, if any, get a (V, N - N0) block of their own. So the
+    peak is max(N, H) x V elements (plus a scratch tile), not the logits plus the weight
+    gradient. In order, per block of rows:
+
+    1. ``logits^T = W @ hidden^T`` (one GEMM);
+    2. the chunk kernel turns them, column-major, into ``dlogits^T`` in place;
+    3. ``grad_hidden = dlogits @ W`` (one GEMM) and ``grad_bias = sum_rows dlogits``;
+
+    then ``grad_W[r0:r1] = dlogits^T[r0:r1] @ hidden`` a slice of vocabulary rows at a time, in
+    ascending order, over ALL rows at once (one rounding, no accumulator). Slice r0:r1 of
+    ``grad_W`` occupies elements [r0*H, r1*H) of the buffer; the in-buffer ``dlogits^T`` rows
+    from r0 on sit at [off + r0*N0, end) with off = V*H - V*N0. One block: a slice whose
+    destination ends before its source starts is written directly; otherwise (always when
+    N == H) it goes through the scratch tile and is copied into place after its GEMM, when only
+    rows from r1 on are still needed (r1*H <= off + r1*N0 always holds). Two blocks (then
+    N0 == H and off == 0): the slice's rows of both blocks are first gathered into a scratch
+    tile, after which its destination is free.
+    """
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dtype, dev = hidden.dtype, hidden.device
+    n0 = min(n, h)
+    buf = torch.empty(v * h, device=dev, dtype=dtype)
+    off = v * h - v * n0
+    blocks = [(0, n0, buf[off:].view(v, n0))]
+    if n > n0:
+        blocks.append((n0, n, torch.empty((v, n - n0), device=dev, dtype=dtype)))
+    losses = torch.empty(n, device=dev, dtype=torch.float32)
+    gh = torch.empty((n, h), device=dev, dtype=dtype) if want_gh else hidden.new_empty((0,))
+    gb_acc = torch.zeros(v, device=dev, dtype=torch.float32) if want_gb else None
+    for start, stop, logits_t in blocks:
+        rows = hidden[start:stop]
+        if bias is None:
+            torch.mm(weight, rows.t(), out=logits_t)
+        else:
+            torch.addmm(bias.unsqueeze(1), weight, rows.t(), out=logits_t)
+        losses[start:stop], _ = _k.cross_entropy_chunk(
+            logits_t.t(), labels[start:stop], scale if scale.numel() == 1 else scale[start:stop],
+            ignore_index=ignore_index, z_loss=z_loss, softcap=softcap, write_grad=True,
+            **_ce_config(stop - start, v, column_major=True))
+        dlogits_t = logits_t  # overwritten in place by the kernel
+        if want_gb:
+            gb_acc += dlogits_t.sum(1, dtype=torch.float32)
+        if want_gh:
+            torch.mm(dlogits_t.t(), weight, out=gh[start:stop])
+
+    # The scratch tile is at most 1/32 of the weight gradient (and WEIGHT_GRAD_SLICE_ELEMENTS).
+    slice_rows = max(1, min(WEIGHT_GRAD_SLICE_ELEMENTS // max(n, h, 1), -(-v // 32)))
+    scratch = None
+    for r0 in range(0, v, slice_rows):
+        r1 = min(r0 + slice_rows, v)
+        dest = buf[r0 * h:r1 * h].view(r1 - r0, h)
+        if len(blocks) == 1 and r1 * h <= off + r0 * n0:
+            torch.mm(blocks[0][2][r0:r1], hidden, out=dest)
+            continue
+        if scratch is None:
+            scratch = torch.empty(slice_rows * max(n, h), device=dev, dtype=dtype)
+        if len(blocks) == 1:
+            tile = scratch[:(r1 - r0) * h].view(r1 - r0, h)
+            torch.mm(blocks[0][2][r0:r1], hidden, out=tile)
+            dest.copy_(tile)
+        else:
+            gathered = scratch[:(r1 - r0) * n].view(r1 - r0, n)
+            torch.cat([blocks[0][2][r0:r1], blocks[1][2][r0:r1]], dim=1, out=gathered)
+            torch.mm(gathered, hidden, out=dest)
+    gb = gb_acc.to(dtype) if want_gb else weight.new_empty((0,))
+    return losses, gh, buf.view(v, h), gb
+
+
 def _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss, softcap,
                 want_gh, want_gw, want_gb, chunk_rows):
     """Per-row losses (fp32) and, where wanted, the gradients scaled per row by ``scale``."""
     n, h = hidden.shape
     v = weight.shape[0]
+    if want_gw and chunk_rows >= n:
+        return _logits_in_weight_grad(hidden, weight, labels, bias, scale, ignore_index, z_loss, softcap,
+                                      want_gh, want_gb)
     dtype, dev = hidden.dtype, hidden.device
     write_grad = want_gh or want_gw or want_gb
     losses = torch.empty(n, device=dev, dtype=torch.float32)
@@ -112,12 +222,12 @@ def _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss, softc
     gw = weight.new_empty((0,))
     gb = weight.new_empty((0,))
     rows = max(1, min(chunk_rows, n))
-    n_chunks = math.ceil(n / rows)
     # Several chunks in half precision: sum the weight gradient in an fp32 buffer (the output
     # dtype would round every chunk's share). fp32 weights accumulate in the output itself.
+    # (Weight gradient with a single chunk: _logits_in_weight_grad, above.)
     acc = None
     if want_gw:
-        if n_chunks == 1 or dtype == torch.float32:
+        if dtype == torch.float32:
             gw = torch.empty((v, h), device=dev, dtype=dtype)
         else:
             acc = torch.empty((v, h), device=dev, dtype=torch.float32)
@@ -140,9 +250,7 @@ def _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss, softc
         if want_gh:
             torch.mm(dlogits, weight, out=gh[start:stop])
         if want_gw:
-            if acc is None and n_chunks == 1:
-                torch.mm(dlogits.t(), hc, out=gw)
-            elif acc is None:  # fp32: cuBLAS/CPU addmm accumulates in place in fp32
+            if acc is None:  # fp32: cuBLAS/CPU addmm accumulates in place in fp32
                 if i == 0:
                     torch.mm(dlogits.t(), hc, out=gw)
                 else:
@@ -204,6 +312,9 @@ def _setup_context(ctx, inputs, output):
     else:
         # Gradients were computed in the forward, already scaled by the reduction's factor.
         ctx.save_for_backward(*output[1:])
+    # The gradient outputs are never used downstream: without this, autograd would allocate
+    # zeros for their incoming gradients (a weight-sized tensor) before calling _backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _g1, _g2, _g3):
@@ -335,9 +446,11 @@ def linear_cross_entropy(
             not ``ignore_index``. On CUDA this costs one device synchronisation per call; tuned
             training loops with trusted labels can pass False (a bad label then yields a NaN
             loss and NaN gradients, never a plausible wrong number).
-        chunk_rows: rows per chunk; default :func:`chunk_rows_for` (a chunk of logits about the
-            size of ``hidden``, at least :data:`MIN_CHUNK_ROWS` rows). Smaller saves memory,
-            larger saves time.
+        chunk_rows: rows per chunk; default :func:`chunk_rows_for`: all rows when there are no
+            more of them than the hidden size and the weight needs a gradient (the logits are
+            then computed inside that gradient's buffer: the peak is one weight gradient), else
+            a chunk of logits about the size of ``hidden``, at least :data:`MIN_CHUNK_ROWS` rows.
+            Smaller saves memory, larger saves time.
 
     Returns:
         fp32 loss: a scalar for "mean"/"sum", ``labels.shape`` for "none".
@@ -357,13 +470,15 @@ def linear_cross_entropy(
     if h2.stride(-1) != 1 and h2.shape[-1] > 1:
         h2 = h2.contiguous()  # documented: the weight-gradient GEMM reads unit-stride rows
     lab = labels.reshape(-1)
-    rows = chunk_rows if chunk_rows is not None else chunk_rows_for(h2.shape[0], h2.shape[1], weight.shape[0], h2.dtype)
+    if chunk_rows is None:
+        weight_grad = torch.is_grad_enabled() and weight.requires_grad
+        chunk_rows = chunk_rows_for(h2.shape[0], h2.shape[1], weight.shape[0], h2.dtype, weight_grad)
     scale = _scale(lab, ignore_index, reduction, num_items_in_batch, hidden.device)
     grad = torch.is_grad_enabled() and reduction != "none"
     loss, *_ = _lce_op(h2, weight, lab, bias, scale, reduction, ignore_index, float(z_loss),
                        float(softcap) if softcap is not None else 0.0,
                        grad and hidden.requires_grad, grad and weight.requires_grad,
-                       grad and bias is not None and bias.requires_grad, check_labels, rows)
+                       grad and bias is not None and bias.requires_grad, check_labels, chunk_rows)
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
@@ -401,24 +516,31 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def _build_configs() -> list[KernelBuild]:
-    """Every GPU launch: the chunk kernel per logits dtype x label dtype x softcap x gradient,
-    and the fp32-accumulating GEMM (half dtypes only: fp32 weights use torch's addmm_) with and
+    """Every GPU launch: the chunk kernel per logits layout (row-major chunks, column-major
+    logits inside the weight gradient) x dtype x label dtype x softcap x gradient, and the
+    fp32-accumulating GEMM (half dtypes only: fp32 weights use torch's addmm_) with and
     without a first-chunk overwrite."""
     builds = []
-    ce = dict(_CE_GPU)
+    # Row-major chunks (unit stride along V; Triton makes the argument equal to 1 a constant)
+    # and the column-major logits of _logits_in_weight_grad (unit stride along the rows; always
+    # writing the gradient).
+    layouts = (("rows", _CE_GPU, {"stride_col": 1}, {"stride_row": "i32"}, (False, True)),
+               ("columns", _CE_GPU_COLUMNS, {"stride_row": 1}, {"stride_col": "i32"}, (True,)))
     for dtype, ptr in _PTR.items():
-        for lab in ("*i64", "*i32"):
-            for softcap in (False, True):
-                for write_grad in (False, True):
-                    builds.append(KernelBuild(
-                        _k._cross_entropy_chunk_kernel,
-                        {"logits_ptr": ptr, "stride_row": "i32", "labels_ptr": lab, "loss_ptr": "*fp32",
-                         "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "n_rows": "i32",
-                         "n_cols": "i32", "ignore_index": "i32", "z_loss": "fp32", "softcap": "fp32"},
-                        {"HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
-                         "BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]},
-                        num_warps=ce["num_warps"],
-                        label=f"cross_entropy chunk {ptr[1:]} labels {lab[1:]} softcap={softcap} grad={write_grad}"))
+        for layout, ce, unit_stride, other_stride, grads in layouts:
+            for lab in ("*i64", "*i32"):
+                for softcap in (False, True):
+                    for write_grad in grads:
+                        builds.append(KernelBuild(
+                            _k._cross_entropy_chunk_kernel,
+                            {"logits_ptr": ptr, **other_stride, "labels_ptr": lab, "loss_ptr": "*fp32",
+                             "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "n_rows": "i32",
+                             "n_cols": "i32", "ignore_index": "i32", "z_loss": "fp32", "softcap": "fp32"},
+                            {**unit_stride, "HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
+                             "BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]},
+                            num_warps=ce["num_warps"],
+                            label=f"cross_entropy chunk {layout} {ptr[1:]} labels {lab[1:]} softcap={softcap} "
+                                  f"grad={write_grad}"))
         if dtype == torch.float32:
             continue
         g = _GEMM_GPU
@@ -445,6 +567,9 @@ _CASES = (
     OpCase("3x77-v1000-num-items", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000,
                                     "num_items_in_batch": 500}),
     OpCase("3x77-v1000-chunked", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000, "chunk_rows": 64}),
+    # N == H: the logits fill the weight gradient's buffer exactly (every slice via the scratch tile).
+    OpCase("2x32-h64-v4099-bias-softcap", {"batch": 2, "seq": 32, "hidden": 64, "vocab": 4099, "bias": True,
+                                           "softcap": 5.0}),
     OpCase("2x33-v1000-bias-zloss-softcap", {"batch": 2, "seq": 33, "hidden": 64, "vocab": 1000, "bias": True,
                                              "z_loss": 1e-2, "softcap": 3.0, "logit_std": 4.0, "chunk_rows": 32}),
     OpCase("4x1023-v32000-h4096", {"batch": 4, "seq": 1023, "hidden": 4096, "vocab": 32000}, cuda_only=True),
