@@ -112,8 +112,35 @@ def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
     return 2 * n**3 / ms / 1e9
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Adds up the bytes of every storage an op creates until that storage is freed."""
+class NewStorages(TorchDispatchMode):
+    """A dispatch mode that calls ``self.created(tensor)`` for every tensor an op returns in a
+    storage none of its inputs has (not a view, not an ``out=`` or in-place result).
+
+    Custom ops (``fastllama::*``) run their implementation below the mode, so the mode is
+    re-entered around them: their own allocations are seen too.
+    """
+
+    def created(self, tensor: torch.Tensor) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastllama":
+            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+            with self:
+                out = func.redispatch(keys, *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        inputs = {id(x.untyped_storage()) for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        for t in tree_leaves(out):
+            # A storage's Python object is unique and lives exactly as long as the storage.
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
+                self.created(t)
+        return out
+
+
+class _LiveBytes(NewStorages):
+    """Adds up the bytes of every new CPU storage until that storage is freed."""
 
     def __init__(self):
         super().__init__()
@@ -124,29 +151,15 @@ class _LiveBytes(TorchDispatchMode):
         self.held -= nbytes
         self.seen.discard(key)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fastllama":
-            # A custom op's implementation runs below this mode: re-enter it around the op so
-            # that the op's own allocations are counted too.
-            keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-            with self:
-                out = func.redispatch(keys, *args, **kwargs)
-        else:
-            out = func(*args, **kwargs)
-        inputs = {id(x.untyped_storage()) for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            key = id(storage)  # the storage's Python object lives exactly as long as the storage
-            if key in self.seen or key in inputs or storage.nbytes() == 0:  # seen, a view, or `out=`
-                continue
-            self.seen.add(key)
-            self.held += storage.nbytes()
-            self.peak = max(self.peak, self.held)
-            weakref.finalize(storage, self._freed, key, storage.nbytes())
-        return out
+    def created(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if tensor.device.type != "cpu" or key in self.seen or storage.nbytes() == 0:
+            return
+        self.seen.add(key)
+        self.held += storage.nbytes()
+        self.peak = max(self.peak, self.held)
+        weakref.finalize(storage, self._freed, key, storage.nbytes())
 
 
 def cpu_peak_bytes(fn) -> int:
