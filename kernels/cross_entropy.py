@@ -8,7 +8,9 @@ the weight gradient's buffer (transposed: column-major), and hands them to the k
   log-sum-exp over the vocabulary and picks up the target logit, giving the loss. The second
   read turns the row into the gradient of the loss with respect to the logits (softmax minus
   one-hot, times the reduction's scale) and writes it OVER the logits, so the chunk needs no
-  second buffer and the backward becomes two matmuls.
+  second buffer and the backward becomes two matmuls. With few rows the vocabulary is split
+  among several programs per row block (a partial log-sum-exp kernel, then the loss-and-
+  gradient kernel), so that the GPU still runs enough programs.
 * :func:`accumulate_at_b` computes ``C += A^T @ B`` with ``C`` in fp32 and ``A``, ``B`` in bf16 /
   fp16: the weight gradient summed over the chunks without rounding each chunk's share to
   bf16. (torch's ``addmm`` wants the addend in the operands' dtype, so it cannot do this.)
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["cross_entropy_chunk", "accumulate_at_b"]
+__all__ = ["cross_entropy_chunk", "accumulate_at_b", "vocab_splits", "MAX_SPLITS"]
 
 
 @triton.jit
@@ -43,57 +45,42 @@ def _tanh(x):
 #   loss = lse - c_y + z * lse^2                                  (z: the z-loss weight)
 #   dloss/dc_j = softmax_j * (1 + 2 z lse) - [j == y]
 #   dloss/dx_j = dloss/dc_j * (1 - (c_j / s)^2)                   (tanh' = 1 - tanh^2)
-# and the kernel stores scale_row * dloss/dx_j in place of x_j. An ignored row (y ==
+# and the kernels store scale_row * dloss/dx_j in place of x_j. An ignored row (y ==
 # ignore_index) has loss 0 and gradient 0. A label outside [0, V) (only possible when the op's
 # label check is off) gives NaN loss and gradient, never a silently wrong number.
+#
+# A program owns BLOCK_M rows and a range of vocabulary columns (a "split"). With one split per
+# row block, one launch of _loss_and_grad_kernel does everything. When that would be too few
+# programs to keep the GPU's memory system busy (4096 rows of column-major logits are only 128
+# row blocks), the vocabulary is split: _lse_partials_kernel writes each split's running
+# (max, sum of exp), and _loss_and_grad_kernel combines them into the row's log-sum-exp
+# before writing its split's gradient. Same two reads of the logits, one more small launch.
+
+
 @triton.jit
-def _cross_entropy_chunk_kernel(
-    logits_ptr, stride_row, stride_col,  # (rows, V) logits of the chunk: row-major (stride_col 1)
-                                         # or column-major (stride_row 1, the op's transposed logits)
-    labels_ptr,                    # (rows,) int32/int64
-    loss_ptr,                      # (rows,) fp32 out
-    lse_ptr,                       # (rows,) fp32 out
-    scale_ptr, stride_scale,       # per-row gradient scale (stride 0: one scalar for all rows)
-    n_rows, n_cols, ignore_index,
-    z_loss, softcap,
-    HAS_SOFTCAP: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    # Rows stay a plain arange (masked, never clamped): the compiler then knows they are
-    # contiguous, which is what coalesces the column-major tiles along the rows.
-    first_row = tl.program_id(0) * BLOCK_M
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    # Rows past the end act as ignored rows; their masked loads read 0, so every row has finite
-    # logits and the online max never subtracts -inf from -inf.
-    labels = tl.load(labels_ptr + rows64, mask=row_ok, other=ignore_index).to(tl.int64)
-    valid = labels != ignore_index
-    in_range = (labels >= 0) & (labels < n_cols)
-    cols0 = tl.arange(0, BLOCK_V)
+def _tile_pointers(logits_ptr, stride_row, stride_col, first_row, first_col,
+                   BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     # A tile's position is one 64-bit scalar pointer (rows * V, or V * rows column-major, passes
     # 2**31 at 16k x 128k), stepped by BLOCK_V columns; the offsets inside a tile are 32-bit and
     # the same for every step. (A carried tile of 64-bit pointers took ~250 registers and spilled.)
-    tile_start = logits_ptr + first_row.to(tl.int64) * stride_row
-    in_tile = tl.arange(0, BLOCK_M)[:, None] * stride_row + cols0[None, :] * stride_col
-    step = BLOCK_V * stride_col
+    start = logits_ptr + first_row.to(tl.int64) * stride_row + first_col.to(tl.int64) * stride_col
+    in_tile = tl.arange(0, BLOCK_M)[:, None] * stride_row + tl.arange(0, BLOCK_V)[None, :] * stride_col
+    return start, in_tile
 
-    # The target logit: one gather per row (a label out of range reads column 0; it ends as NaN).
-    target_col = tl.where(valid & in_range, labels, 0)
-    target = tl.load(logits_ptr + rows64 * stride_row + target_col * stride_col, mask=row_ok,
-                     other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        target = softcap * _tanh(target / softcap)
 
-    # Pass 1: online log-sum-exp. One max and one sum reduction per block (not per element):
-    # the running sum is rescaled by exp(m_old - m_new) whenever the max grows.
+@triton.jit
+def _online_lse(logits_ptr, stride_row, stride_col, first_row, row_ok, col_begin, col_end, softcap,
+                HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Running (max, sum of exp(x - max)) of each row over columns [col_begin, col_end). One max
+    and one sum reduction per tile (not per element): the sum is rescaled by exp(m_old - m_new)
+    whenever the max grows. An empty range gives (-inf, 0)."""
+    tile, in_tile = _tile_pointers(logits_ptr, stride_row, stride_col, first_row, col_begin, BLOCK_M, BLOCK_V)
+    cols0 = tl.arange(0, BLOCK_V)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_M,), tl.float32)
-    tile = tile_start
-    for start in range(0, n_cols, BLOCK_V):
-        col_ok = (start + cols0)[None, :] < n_cols
+    for start in range(col_begin, col_end, BLOCK_V):
+        col_ok = (start + cols0)[None, :] < col_end
+        # Rows past the end read 0 (masked): finite, so the max never subtracts -inf from -inf.
         x = tl.load(tile + in_tile, mask=row_ok[:, None] & col_ok, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             x = softcap * _tanh(x / softcap)
@@ -101,38 +88,151 @@ def _cross_entropy_chunk_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
-        tile += step
+        tile += BLOCK_V * stride_col
+    return m, s
+
+
+@triton.jit
+def _target_logit(logits_ptr, stride_row, stride_col, labels_ptr, rows, row_ok, n_cols, ignore_index, softcap,
+                  HAS_SOFTCAP: tl.constexpr):
+    """Each row's (soft-capped) target logit: one gather per row (an ignored row or a label out
+    of range reads column 0; the loss masks the first and turns the second into NaN)."""
+    rows64 = rows.to(tl.int64)
+    labels = tl.load(labels_ptr + rows64, mask=row_ok, other=ignore_index).to(tl.int64)
+    col = tl.where((labels != ignore_index) & (labels >= 0) & (labels < n_cols), labels, 0)
+    target = tl.load(logits_ptr + rows64 * stride_row + col * stride_col, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        target = softcap * _tanh(target / softcap)
+    return target
+
+
+@triton.jit
+def _lse_partials_kernel(
+    logits_ptr, stride_row, stride_col,  # (rows, V): row-major (stride_col 1) or column-major
+    labels_ptr,                          # (rows,) int32/int64
+    target_ptr,                          # (rows,) fp32 out: the target logits (split 0 gathers them)
+    part_ptr,                            # (2, splits, rows) fp32 out: max, then sum of exp
+    n_rows, n_cols, cols_per_split, ignore_index, softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    first_row = tl.program_id(0) * BLOCK_M
+    split = tl.program_id(1)
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    if split == 0:
+        # Gathered here, while nothing overwrites the logits: in the next kernel the target's
+        # column may belong to another split's program, which turns it into a gradient.
+        target = _target_logit(logits_ptr, stride_row, stride_col, labels_ptr, rows, row_ok, n_cols, ignore_index,
+                               softcap, HAS_SOFTCAP)
+        tl.store(target_ptr + rows, target, mask=row_ok)
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    m, s = _online_lse(logits_ptr, stride_row, stride_col, first_row, row_ok, col_begin, col_end, softcap,
+                       HAS_SOFTCAP, BLOCK_M, BLOCK_V)
+    n_splits = tl.num_programs(1)
+    tl.store(part_ptr + split * n_rows + rows, m, mask=row_ok)
+    tl.store(part_ptr + (n_splits + split) * n_rows + rows, s, mask=row_ok)
+
+
+@triton.jit
+def _loss_and_grad_kernel(
+    logits_ptr, stride_row, stride_col,  # (rows, V): row-major (stride_col 1) or column-major
+    labels_ptr,                    # (rows,) int32/int64
+    loss_ptr,                      # (rows,) fp32 out
+    lse_ptr,                       # (rows,) fp32 out
+    scale_ptr, stride_scale,       # per-row gradient scale (stride 0: one scalar for all rows)
+    part_ptr,                      # (2, splits, rows) fp32 from _lse_partials_kernel (SPLIT_PAD > 0);
+                                   # loss_ptr then holds its target logits on entry
+    n_rows, n_cols, cols_per_split, ignore_index,
+    z_loss, softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SPLIT_PAD: tl.constexpr,       # 0: one split, the log-sum-exp is computed here; else >= splits
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # Rows stay a plain arange (masked, never clamped): the compiler then knows they are
+    # contiguous, which is what coalesces the column-major tiles along the rows.
+    first_row = tl.program_id(0) * BLOCK_M
+    split = tl.program_id(1)
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+
+    if SPLIT_PAD == 0:
+        m, s = _online_lse(logits_ptr, stride_row, stride_col, first_row, row_ok, col_begin, col_end, softcap,
+                           HAS_SOFTCAP, BLOCK_M, BLOCK_V)
+    else:
+        # lse = M + log(sum_i s_i * exp(m_i - M)), M = max_i m_i over the splits (padding splits
+        # and empty ones hold (-inf, 0) and add exactly 0).
+        n_splits = tl.num_programs(1)
+        splits = tl.arange(0, SPLIT_PAD)
+        part = part_ptr + splits[None, :] * n_rows + rows[:, None]
+        ok = row_ok[:, None] & (splits[None, :] < n_splits)
+        m_i = tl.load(part, mask=ok, other=float("-inf"))
+        s_i = tl.load(part + n_splits * n_rows, mask=ok, other=0.0)
+        m = tl.max(m_i, axis=1)
+        m = tl.where(row_ok, m, 0.0)  # rows past the end: no partials; any finite value will do
+        s = tl.sum(s_i * tl.exp(m_i - m[:, None]), axis=1)
+        s = tl.where(row_ok, s, 1.0)
     lse = m + tl.log(s)
 
-    loss = lse - target + z_loss * lse * lse
-    loss = tl.where(valid, loss, 0.0)
-    loss = tl.where(valid & ~in_range, float("nan"), loss)
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    # Rows past the end act as ignored rows.
+    labels = tl.load(labels_ptr + rows64, mask=row_ok, other=ignore_index).to(tl.int64)
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < n_cols)
+    if split == 0:
+        if SPLIT_PAD == 0:
+            # This program owns all of its rows' columns: the target is still a logit here.
+            target = _target_logit(logits_ptr, stride_row, stride_col, labels_ptr, rows, row_ok, n_cols,
+                                   ignore_index, softcap, HAS_SOFTCAP)
+        else:
+            target = tl.load(loss_ptr + rows, mask=row_ok, other=0.0)  # _lse_partials_kernel's gather
+        loss = lse - target + z_loss * lse * lse
+        loss = tl.where(valid, loss, 0.0)
+        loss = tl.where(valid & ~in_range, float("nan"), loss)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
 
     if WRITE_GRAD:
-        # Pass 2: the gradient, overwriting the logits (the second and last read of the row).
+        # The gradient, overwriting the logits (the second and last read of them).
         coef = tl.load(scale_ptr + rows64 * stride_scale, mask=row_ok, other=0.0).to(tl.float32)
         coef = tl.where(valid, coef, 0.0)
         coef = tl.where(valid & ~in_range, float("nan"), coef)
         p_factor = 1.0 + 2.0 * z_loss * lse
+        # One-hot in 32 bits (labels < V < 2**31): an int64 compare tile doubles its registers.
         label32 = tl.where(valid & in_range, labels, -1).to(tl.int32)
-        tile = tile_start
-        for start in range(0, n_cols, BLOCK_V):
+        tile, in_tile = _tile_pointers(logits_ptr, stride_row, stride_col, first_row, col_begin, BLOCK_M, BLOCK_V)
+        cols0 = tl.arange(0, BLOCK_V)
+        for start in range(col_begin, col_end, BLOCK_V):
             cols = start + cols0
-            mask = row_ok[:, None] & (cols[None, :] < n_cols)
+            mask = row_ok[:, None] & (cols[None, :] < col_end)
             x = tl.load(tile + in_tile, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
                 t = _tanh(x / softcap)
                 x = softcap * t
             g = tl.exp(x - lse[:, None]) * p_factor[:, None]
-            # One-hot in 32 bits (labels < V < 2**31): an int64 compare tile doubles its registers.
             g = g - tl.where(cols[None, :] == label32[:, None], 1.0, 0.0)
             if HAS_SOFTCAP:
                 g = g * (1.0 - t * t)
             g = g * coef[:, None]
             tl.store(tile + in_tile, g.to(logits_ptr.dtype.element_ty), mask=mask)
-            tile += step
+            tile += BLOCK_V * stride_col
+
+
+MAX_SPLITS = 32
+
+
+def vocab_splits(n_rows: int, n_cols: int, block_m: int, block_v: int, programs: int) -> int:
+    """Vocabulary splits so that about ``programs`` programs run (0 or 1: no split). A split
+    keeps at least 8 tiles of columns; at most :data:`MAX_SPLITS`."""
+    row_blocks = triton.cdiv(max(n_rows, 1), block_m)
+    want = triton.cdiv(max(programs, 1), row_blocks)
+    return max(1, min(want, MAX_SPLITS, triton.cdiv(n_cols, 8 * block_v)))
 
 
 def cross_entropy_chunk(
@@ -147,6 +247,7 @@ def cross_entropy_chunk(
     block_m: int = 1,
     block_v: int = 2048,
     num_warps: int = 8,
+    splits: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss and log-sum-exp of ``logits`` (rows, V); with ``write_grad`` the logits are
     overwritten by ``scale_row * dloss/dlogits``.
@@ -154,23 +255,36 @@ def cross_entropy_chunk(
     ``logits`` is row-major (unit stride along V, any row stride) or column-major (unit stride
     along the rows, e.g. the transpose of a contiguous (V, rows) matrix); a column-major chunk
     wants a tile of several rows (``block_m``) so that its loads are contiguous. ``scale`` is
-    fp32, one element (the same scale for every row) or one per row. Returns fp32 ``(loss, lse)``
-    of shape (rows,).
+    fp32, one element (the same scale for every row) or one per row. ``splits`` > 1 divides the
+    vocabulary among that many programs per row block (see :func:`vocab_splits`). Returns fp32
+    ``(loss, lse)`` of shape (rows,).
     """
     n_rows, n_cols = logits.shape
     if logits.stride(1) != 1 and logits.stride(0) != 1 and n_rows > 1 and n_cols > 1:
         raise ValueError(f"logits must have unit stride along one dim, got strides {logits.stride()}")
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be in [1, {MAX_SPLITS}], got {splits}")
     loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     if n_rows == 0:
         return loss, lse
     stride_scale = 0 if scale.numel() == 1 else scale.stride(0)
-    grid = (triton.cdiv(n_rows, block_m),)
-    _cross_entropy_chunk_kernel[grid](
-        logits, logits.stride(0), logits.stride(1), labels, loss, lse, scale, stride_scale,
-        n_rows, n_cols, ignore_index, float(z_loss), float(softcap or 1.0),
+    cols_per_split = triton.cdiv(triton.cdiv(n_cols, splits), block_v) * block_v
+    splits = triton.cdiv(n_cols, cols_per_split)  # no empty split
+    grid = (triton.cdiv(n_rows, block_m), splits)
+    strides = (logits.stride(0), logits.stride(1))
+    softcap_arg = float(softcap or 1.0)
+    part = loss  # placeholder pointer when there is one split (never read)
+    if splits > 1:
+        part = torch.empty((2, splits, n_rows), device=logits.device, dtype=torch.float32)
+        _lse_partials_kernel[grid](
+            logits, *strides, labels, loss, part, n_rows, n_cols, cols_per_split, ignore_index, softcap_arg,
+            HAS_SOFTCAP=softcap is not None, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps)
+    _loss_and_grad_kernel[grid](
+        logits, *strides, labels, loss, lse, scale, stride_scale, part,
+        n_rows, n_cols, cols_per_split, ignore_index, float(z_loss), softcap_arg,
         HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad,
-        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
+        SPLIT_PAD=0 if splits == 1 else MAX_SPLITS, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
     )
     return loss, lse
 

@@ -317,8 +317,8 @@ def test_accumulate_at_b_sums_chunks_in_fp32(config):
 
 
 def test_chunk_kernel_gpu_config_matches_interpreter_config():
-    """The tiles a GPU launches (one row per program; 32 rows for column-major logits) give the
-    same loss and gradient as the interpreter's."""
+    """The tiles a GPU launches (one row per program; 32 rows for column-major logits) and
+    vocabulary splits give the same loss and gradient as the interpreter's one-split tiles."""
     gen = torch.Generator().manual_seed(4)
     logits = (torch.randn(9, 5000, generator=gen) * 3).to(DEVICE, torch.bfloat16)
     labels = torch.randint(0, 5000, (9,), generator=gen).to(DEVICE)
@@ -327,8 +327,12 @@ def test_chunk_kernel_gpu_config_matches_interpreter_config():
     results = []
     # Row-major (GPU and interpreter tiles) and column-major (the transposed logits of the
     # in-weight-gradient schedule, GPU and interpreter tiles; 9 rows: a partial row tile).
+    # Vocabulary splits (partials, then loss and gradient): 3 of 2048 columns (the last short)
+    # with 4-row tiles over 9 rows; 5 of 1024 with the column-major GPU tiles.
+    split_rows = dict(block_m=4, block_v=1024, num_warps=1, splits=3)
     for cfg, column_major in ((ce_ops._CE_GPU, False), (ce_ops._ce_config(9, 5000), False),
-                              (ce_ops._CE_GPU_COLUMNS, True), (ce_ops._ce_config(9, 5000, column_major=True), True)):
+                              (ce_ops._CE_GPU_COLUMNS, True), (ce_ops._ce_config(9, 5000, column_major=True), True),
+                              (split_rows, False), (dict(ce_ops._CE_GPU_COLUMNS, splits=5), True)):
         x = logits.t().contiguous().t() if column_major else logits.clone()
         assert x.stride(0) == (1 if column_major else 5000)
         loss, lse = kernels.cross_entropy_chunk(x, labels, scale, z_loss=1e-3, softcap=7.0, **cfg)

@@ -98,13 +98,23 @@ _CE_GPU_COLUMNS = dict(block_m=32, block_v=128, num_warps=8)
 _GEMM_GPU = dict(block_m=64, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _ce_config(rows: int, vocab: int, column_major: bool = False) -> dict:
     if interpreter_active():
         # Every program and loop step is a Python-level step: few, large tiles (but no tile
-        # taller than the chunk: padding rows cost as much as real ones).
+        # taller than the chunk: padding rows cost as much as real ones), one vocabulary split.
         return dict(block_m=min(64, triton.next_power_of_2(rows)), block_v=min(8192, triton.next_power_of_2(vocab)),
                     num_warps=1)
-    return _CE_GPU_COLUMNS if column_major else _CE_GPU
+    cfg = dict(_CE_GPU_COLUMNS if column_major else _CE_GPU)
+    # Four programs per SM: 4096 column-major rows are only 128 row blocks of 32, so their
+    # vocabulary is split (the kernels stream memory; too few programs leave bandwidth unused).
+    programs = 4 * _sm_count(torch.cuda.current_device())
+    cfg["splits"] = _k.vocab_splits(rows, vocab, cfg["block_m"], cfg["block_v"], programs)
+    return cfg
 
 
 def _gemm_config() -> dict:
@@ -516,31 +526,42 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def _build_configs() -> list[KernelBuild]:
-    """Every GPU launch: the chunk kernel per logits layout (row-major chunks, column-major
-    logits inside the weight gradient) x dtype x label dtype x softcap x gradient, and the
+    """Every GPU launch: the cross-entropy kernels per logits layout (row-major chunks,
+    column-major logits inside the weight gradient) x dtype x label dtype x softcap x split
+    x gradient, and the
     fp32-accumulating GEMM (half dtypes only: fp32 weights use torch's addmm_) with and
     without a first-chunk overwrite."""
     builds = []
     # Row-major chunks (unit stride along V; Triton makes the argument equal to 1 a constant)
     # and the column-major logits of _logits_in_weight_grad (unit stride along the rows; always
-    # writing the gradient).
+    # writing the gradient); each with one vocabulary split (one kernel) or several (partials,
+    # then loss and gradient).
     layouts = (("rows", _CE_GPU, {"stride_col": 1}, {"stride_row": "i32"}, (False, True)),
                ("columns", _CE_GPU_COLUMNS, {"stride_row": 1}, {"stride_col": "i32"}, (True,)))
+    common = {"n_rows": "i32", "n_cols": "i32", "cols_per_split": "i32", "ignore_index": "i32", "softcap": "fp32"}
     for dtype, ptr in _PTR.items():
         for layout, ce, unit_stride, other_stride, grads in layouts:
+            tiles = {"BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]}
             for lab in ("*i64", "*i32"):
                 for softcap in (False, True):
-                    for write_grad in grads:
-                        builds.append(KernelBuild(
-                            _k._cross_entropy_chunk_kernel,
-                            {"logits_ptr": ptr, **other_stride, "labels_ptr": lab, "loss_ptr": "*fp32",
-                             "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "n_rows": "i32",
-                             "n_cols": "i32", "ignore_index": "i32", "z_loss": "fp32", "softcap": "fp32"},
-                            {**unit_stride, "HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
-                             "BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]},
-                            num_warps=ce["num_warps"],
-                            label=f"cross_entropy chunk {layout} {ptr[1:]} labels {lab[1:]} softcap={softcap} "
-                                  f"grad={write_grad}"))
+                    name = f"cross_entropy {layout} {ptr[1:]} labels {lab[1:]} softcap={softcap}"
+                    builds.append(KernelBuild(
+                        _k._lse_partials_kernel,
+                        {"logits_ptr": ptr, **other_stride, "labels_ptr": lab, "target_ptr": "*fp32",
+                         "part_ptr": "*fp32", **common},
+                        {**unit_stride, "HAS_SOFTCAP": softcap, **tiles},
+                        num_warps=ce["num_warps"], label=f"{name} split partials"))
+                    for split_pad in (0, _k.MAX_SPLITS):
+                        for write_grad in grads:
+                            builds.append(KernelBuild(
+                                _k._loss_and_grad_kernel,
+                                {"logits_ptr": ptr, **other_stride, "labels_ptr": lab, "loss_ptr": "*fp32",
+                                 "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "part_ptr": "*fp32",
+                                 **common, "z_loss": "fp32"},
+                                {**unit_stride, "HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
+                                 "SPLIT_PAD": split_pad, **tiles},
+                                num_warps=ce["num_warps"],
+                                label=f"{name} {'splits' if split_pad else 'one split'} grad={write_grad}"))
         if dtype == torch.float32:
             continue
         g = _GEMM_GPU
