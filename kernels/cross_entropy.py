@@ -199,7 +199,11 @@ def _loss_and_grad_kernel(
         tl.store(lse_ptr + rows, lse, mask=row_ok)
 
     if WRITE_GRAD:
-        # The gradient, overwriting the logits (the second and last read of them).
+        # The gradient, overwriting the logits (the second and last read of them). Warps of a
+        # program are not ordered on global memory: without the barrier another warp could
+        # overwrite a target logit with its gradient before the gather above has read it.
+        if SPLIT_PAD == 0:
+            tl.debug_barrier()
         coef = tl.load(scale_ptr + rows64 * stride_scale, mask=row_ok, other=0.0).to(tl.float32)
         coef = tl.where(valid, coef, 0.0)
         coef = tl.where(valid & ~in_range, float("nan"), coef)

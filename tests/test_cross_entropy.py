@@ -201,6 +201,23 @@ def test_no_grad_does_no_gradient_work(monkeypatch):
     torch.testing.assert_close(eval_loss, train_loss.detach(), rtol=1e-6, atol=1e-6)
 
 
+def test_double_backward_raises_a_clear_error():
+    hidden, weight, labels = _inputs()
+    for reduction in ("mean", "none"):
+        loss = ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction).sum()
+        with pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.grad(loss, hidden, create_graph=True)
+
+
+def test_strided_labels_are_read_at_their_strides():
+    hidden, weight, labels = _inputs()
+    wide = torch.stack([labels, torch.zeros_like(labels)], dim=-1).flatten(1)  # every other column
+    strided = wide[:, ::2]
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(ops.linear_cross_entropy(hidden, weight, strided),
+                               ops.linear_cross_entropy(hidden, weight, labels.clone()))
+
+
 def test_second_backward_raises_instead_of_double_scaling():
     hidden, weight, labels = _inputs()
     loss = ops.linear_cross_entropy(hidden, weight, labels)
@@ -359,10 +376,11 @@ def test_default_chunking():
     assert ce_ops.chunk_rows_for(8192, 4096, 128256, bf16) == 8192
     assert ce_ops.chunk_rows_for(3 * 4096 + 1024, 4096, 128256, bf16) == 3 * 4096 + 1024
     assert ce_ops.chunk_rows_for(3 * 4096 + 1025, 4096, 128256, bf16) == ce_ops.MIN_CHUNK_ROWS
-    # Without a weight gradient there is no buffer to borrow: one chunk only while all logits
-    # are no bigger than the accumulator would have been (N * 2 <= 4 * H).
-    assert ce_ops.chunk_rows_for(8192, 4096, 128256, bf16, weight_grad=False) == 8192
-    assert ce_ops.chunk_rows_for(8193, 4096, 128256, bf16, weight_grad=False) == ce_ops.MIN_CHUNK_ROWS
+    # Without a weight gradient (a frozen head) there is no buffer to borrow and chunks need no
+    # accumulator: always chunks.
+    assert ce_ops.chunk_rows_for(4096, 4096, 128256, bf16, weight_grad=False) == ce_ops.MIN_CHUNK_ROWS
+    assert ce_ops.chunk_rows_for(8192, 4096, 128256, bf16, weight_grad=False) == ce_ops.MIN_CHUNK_ROWS
+    assert ce_ops.chunk_rows_for(700, 4096, 128256, bf16, weight_grad=False) == 700
     # fp32 accumulates in the gradient itself, so it always chunks.
     assert ce_ops.chunk_rows_for(8192, 4096, 128256, fp32) == ce_ops.MIN_CHUNK_ROWS
     assert ce_ops.chunk_rows_for(5, 64, 1000, fp32) == 5
