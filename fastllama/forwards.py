@@ -7,6 +7,7 @@ modeling files are copies of each other); the reference model has its own, small
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -247,6 +248,15 @@ def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_
     return residual + self.mlp(h)
 
 
+@functools.lru_cache(maxsize=None)
+def _hf_cache_name() -> str:
+    """The keyword / output field HF's models use for the KV cache: ``cache`` in the transformers
+    pinned here, ``past_key_values`` before (e.g. 5.17, the GPU machines' image)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                          inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     """``LlamaForCausalLM.forward``: with ``labels``, the LM head and the loss run as one fused
@@ -255,20 +265,21 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
         cache = kwargs.pop("past_key_values", None)
     if labels is None:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
-                                  use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                  position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **{_hf_cache_name(): cache}, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shifted = kwargs.pop("shift_labels", None)
     kwargs.pop("ignore_index", None)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **{_hf_cache_name(): cache}, **kwargs)
     hidden = outputs.last_hidden_state
     if shifted is None:
         shifted = shift_labels(labels.to(hidden.device))
     loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch)
-    return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
+    name = _hf_cache_name()
+    return CausalLMOutputWithPast(loss=loss, logits=None, **{name: getattr(outputs, name)},
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 

@@ -98,7 +98,18 @@ def reference_model(config: dict, dtype, device):
     from ..reference import Llama
 
     with torch.device(device), default_dtype(dtype):
-        return Llama(dict(config, model_type="llama"))
+        model = Llama(dict(config, model_type="llama"))
+    # HF's initialisation (normal, std initializer_range), so that both models start from the
+    # same distribution (torch's default embedding init, std 1, gives a tied head's logits in the
+    # hundreds and a first loss near 1900 instead of ln(V)).
+    std = config.get("initializer_range", 0.02)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+    return model
 
 
 @contextlib.contextmanager
