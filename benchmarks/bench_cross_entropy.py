@@ -21,7 +21,7 @@ every term by 16**2 and keeps the ratios. The model runs the issue's shapes scal
 bf16 on the CPU, with fastllama's size constants scaled likewise (its chunk rows and
 weight-gradient slice: the schedule chosen for the full shape), and reads the peak bytes the
 CPU allocator held (``cpu_peak_bytes``). What it cannot see: cuBLAS workspaces and allocator
-rounding. Written to ``cross_entropy_memory_model.{json,md}``.
+rounding. Written to ``benchmarks/results/memory/cross_entropy_memory_model.{json,md}``.
 """
 from __future__ import annotations
 
@@ -202,7 +202,10 @@ def main(argv=None) -> list[dict]:
     if not common.on_gpu():
         model = memory_model(args.tokens, args.hidden, args.vocab)
         columns = ["tokens", "hidden", "vocab", "method", "schedule", "model_peak_GiB", "mem_vs_hf"]
-        out = common.write_results("cross_entropy_memory_model", model, columns, extra={
+        # Device-independent, like `fastllama bench memory`: next to its report, unless the
+        # results folder was chosen (FASTLLAMA_RESULTS_DIR).
+        out_dir = None if os.environ.get("FASTLLAMA_RESULTS_DIR") else common.RESULTS / "memory"
+        out = common.write_results("cross_entropy_memory_model", model, columns, out_dir=out_dir, extra={
             "scale": 16, "what": "peak CPU-allocator bytes at tokens, hidden, vocab / 16, times 16**2 "
                                  "(bf16, fwd+bwd); an estimate of the GPU peak, not a GPU measurement",
             "target": {"mem_vs_hf": "<= 0.25"}})

@@ -141,7 +141,8 @@ def test_pressure_order_puts_each_kernels_biggest_config_first():
         (4096, "*fp16"), (256, "*fp32"), (4096, "*bf16")]
 
 
-def test_crashing_compiler_is_a_row_and_the_rest_still_compile(tmp_path):
+def test_crashing_compiler_is_a_row_and_the_rest_still_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLLAMA_TEST_CRASH_ON_IMPORT", "1")  # the worker's import of the module dies
     doomed = KernelBuild(_build_report_crash.doomed_kernel, {"x_ptr": "*fp32"}, {"BLOCK": 128})
     jobs = br.jobs_from_builds("doomed", [doomed], ["sm_80"]) + br.jobs_from_builds("copy", [_copy()], ["sm_80"])
     crashed, ok = br.run_report(jobs, cache_dir=tmp_path, workers=1)

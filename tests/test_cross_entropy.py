@@ -363,27 +363,25 @@ def test_chunk_kernel_gpu_config_matches_interpreter_config():
 
 def test_default_chunking():
     bf16, fp32 = torch.bfloat16, torch.float32
-    # Llama 3 head, 32k tokens: hidden-sized chunks (32768 * 4096 / 128256 -> 1047 rows).
-    assert ce_ops.chunk_rows_for(32768, 4096, 128256, bf16) == 1047
-    # 16k tokens: the hidden-size rule gives 524 rows, raised to MIN_CHUNK_ROWS.
-    assert ce_ops.chunk_rows_for(16384, 4096, 128256, bf16) == ce_ops.MIN_CHUNK_ROWS
-    # 4k tokens (N <= H): the logits fit in the weight gradient's buffer, any dtype: one chunk.
-    assert ce_ops.chunk_rows_for(4096, 4096, 128256, bf16) == 4096
-    assert ce_ops.chunk_rows_for(4096, 4096, 128256, fp32) == 4096
-    # 8k tokens in bf16: V x 8k logits (half of them in the weight gradient) peak below the
-    # chunked schedule's fp32 accumulator + gradient (V x (6H + 2 x 1024) bytes): one chunk,
-    # up to 3H + 1024 rows.
-    assert ce_ops.chunk_rows_for(8192, 4096, 128256, bf16) == 8192
-    assert ce_ops.chunk_rows_for(3 * 4096 + 1024, 4096, 128256, bf16) == 3 * 4096 + 1024
-    assert ce_ops.chunk_rows_for(3 * 4096 + 1025, 4096, 128256, bf16) == ce_ops.MIN_CHUNK_ROWS
-    # Without a weight gradient (a frozen head) there is no buffer to borrow and chunks need no
-    # accumulator: always chunks.
-    assert ce_ops.chunk_rows_for(4096, 4096, 128256, bf16, weight_grad=False) == ce_ops.MIN_CHUNK_ROWS
-    assert ce_ops.chunk_rows_for(8192, 4096, 128256, bf16, weight_grad=False) == ce_ops.MIN_CHUNK_ROWS
-    assert ce_ops.chunk_rows_for(700, 4096, 128256, bf16, weight_grad=False) == 700
-    # fp32 accumulates in the gradient itself, so it always chunks.
-    assert ce_ops.chunk_rows_for(8192, 4096, 128256, fp32) == ce_ops.MIN_CHUNK_ROWS
+    # Llama 3 head (H 4096, V 128256). Up to 4H rows in bf16 the logits inside the weight
+    # gradient's buffer (V x max(N, H) x 2 bytes) peak no higher than chunks with the fp32
+    # accumulator (V x (6H + 2 x rows) bytes, rows >= H): one chunk.
+    for n in (1, 4095, 4096, 8192, 16384):
+        assert ce_ops.chunk_rows_for(n, 4096, 128256, bf16) == n
+    # Past that: chunks of H rows (the accumulator's traffic per chunk stays small).
+    assert ce_ops.chunk_rows_for(16385, 4096, 128256, bf16) == 4096
+    assert ce_ops.chunk_rows_for(32768, 4096, 128256, bf16) == 4096
+    # ... and of about hidden-size logits once those pass H rows (200k tokens: 6388 rows).
+    assert ce_ops.chunk_rows_for(200_000, 4096, 128256, bf16) == 6388
+    # fp32 accumulates in the gradient itself (peak 4 V (H + rows)): one chunk up to 2H rows.
+    assert ce_ops.chunk_rows_for(8192, 4096, 128256, fp32) == 8192
+    assert ce_ops.chunk_rows_for(8193, 4096, 128256, fp32) == 4096
     assert ce_ops.chunk_rows_for(5, 64, 1000, fp32) == 5
+    # Without a weight gradient (a frozen head) there is no buffer to borrow and no accumulator:
+    # hidden-size chunks of at least MIN_CHUNK_ROWS rows.
+    assert ce_ops.chunk_rows_for(4096, 4096, 128256, bf16, weight_grad=False) == ce_ops.MIN_CHUNK_ROWS
+    assert ce_ops.chunk_rows_for(32768, 4096, 128256, bf16, weight_grad=False) == 1047
+    assert ce_ops.chunk_rows_for(700, 4096, 128256, bf16, weight_grad=False) == 700
 
 
 @pytest.mark.cuda_only
