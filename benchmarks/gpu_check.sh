@@ -81,12 +81,16 @@ install() {
     "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl || return 1
   fi
   # editable, no dependencies, no isolated build env (it would fetch setuptools), no index
-  "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . && return 0
-  # fallback when pip cannot build (no setuptools >= 68, or no `wheel` for an older one): run
-  # from the working tree (every command below runs in the repository root, which python puts
-  # first on sys.path) with kernels/ linked where the installed package has it
-  echo "pip install failed: falling back to the working tree + a fastllama/kernels -> ../kernels link"
+  "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . \
+    || echo "pip install failed: running from the working tree"
+  # Every command below runs in the repository root, which python puts first on sys.path, so
+  # `fastllama` is the working tree's folder; on the H200 image (setuptools 81) the editable
+  # install's mapping of fastllama.kernels -> kernels/ then did not apply. Link it where the
+  # installed package has it whenever that import fails.
+  "$PY" -c "import fastllama.kernels" 2>/dev/null && return 0
+  echo "fastllama.kernels not importable from the working tree: linking fastllama/kernels -> ../kernels"
   [ -e fastllama/kernels ] || ln -s ../kernels fastllama/kernels
+  "$PY" -c "import fastllama.kernels"
 }
 if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
   # (a shell function: run here, not through `timeout`, which only runs programs)

@@ -179,10 +179,16 @@ def cpu_peak_bytes(fn) -> int:
 
 
 def _git_commit() -> str | None:
+    """HEAD's short hash, with "+dirty" when tracked files differ from it (results from a
+    working tree that is not a commit, or a copied tree whose .git is stale, say so)."""
     try:
-        out = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+        if not head:
+            return None
+        dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
