@@ -161,12 +161,11 @@ def _logits_in_weight_grad(hidden, weight, labels, bias, scale, ignore_index, z_
     then ``grad_W[r0:r1] = dlogits^T[r0:r1] @ hidden`` a slice of vocabulary rows at a time, in
     ascending order, over ALL rows at once (one rounding, no accumulator). Slice r0:r1 of
     ``grad_W`` occupies elements [r0*H, r1*H) of the buffer; the in-buffer ``dlogits^T`` rows
-    from r0 on sit at [off + r0*N0, end) with off = V*H - V*N0. One block: a slice whose
-    destination ends before its source starts is written directly; otherwise (always when
-    N == H) it goes through the scratch tile and is copied into place after its GEMM, when only
-    rows from r1 on are still needed (r1*H <= off + r1*N0 always holds). Two blocks (then
-    N0 == H and off == 0): the slice's rows of both blocks are first gathered into a scratch
-    tile, after which its destination is free.
+    from r0 on sit at [off + r0*N0, end) with off = V*H - V*N0. A slice whose destination ends
+    before its source starts (one block only) is written directly. Otherwise (always when
+    N >= H) the slice's dlogits rows, from every block, are first copied into a scratch tile;
+    then only rows from r1 on are still needed, and r1*H <= off + r1*N0 always holds, so the
+    GEMM writes its destination directly.
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -196,26 +195,22 @@ def _logits_in_weight_grad(hidden, weight, labels, bias, scale, ignore_index, z_
         if want_gh:
             torch.mm(dlogits_t.t(), weight, out=gh[start:stop])
 
-    # Slices of at most ~1/32 of the vocabulary and WEIGHT_GRAD_SLICE_ELEMENTS / max(N, H) rows:
-    # the scratch tile (slice rows x max(N, H)) stays a few percent of the weight gradient.
-    slice_rows = max(1, min(WEIGHT_GRAD_SLICE_ELEMENTS // max(n, h, 1), -(-v // 32)))
+    # Slices of at most ~1/32 of the vocabulary and WEIGHT_GRAD_SLICE_ELEMENTS / N rows: the
+    # scratch tile (slice rows x N) stays a few percent of the weight gradient.
+    slice_rows = max(1, min(WEIGHT_GRAD_SLICE_ELEMENTS // max(n, 1), -(-v // 32)))
     scratch = None
     for r0 in range(0, v, slice_rows):
         r1 = min(r0 + slice_rows, v)
         dest = buf[r0 * h:r1 * h].view(r1 - r0, h)
+        source = [logits_t[r0:r1] for _, _, logits_t in blocks]
         if len(blocks) == 1 and r1 * h <= off + r0 * n0:
-            torch.mm(blocks[0][2][r0:r1], hidden, out=dest)
+            torch.mm(source[0], hidden, out=dest)
             continue
         if scratch is None:
-            scratch = torch.empty(slice_rows * max(n, h), device=dev, dtype=dtype)
-        if len(blocks) == 1:
-            tile = scratch[:(r1 - r0) * h].view(r1 - r0, h)
-            torch.mm(blocks[0][2][r0:r1], hidden, out=tile)
-            dest.copy_(tile)
-        else:
-            gathered = scratch[:(r1 - r0) * n].view(r1 - r0, n)
-            torch.cat([blocks[0][2][r0:r1], blocks[1][2][r0:r1]], dim=1, out=gathered)
-            torch.mm(gathered, hidden, out=dest)
+            scratch = torch.empty(slice_rows * n, device=dev, dtype=dtype)
+        gathered = scratch[:(r1 - r0) * n].view(r1 - r0, n)
+        torch.cat(source, dim=1, out=gathered)
+        torch.mm(gathered, hidden, out=dest)
     gb = gb_acc.to(dtype) if want_gb else weight.new_empty((0,))
     return losses, gh, buf.view(v, h), gb
 
