@@ -3,7 +3,8 @@
 Sweep (issue 4): bf16, head dim 64 and 128, sequence 512 to 16k with batch * seq = 16k tokens,
 2048 / head_dim heads (a 2048-wide model), causal and not. Rows per provider and direction:
 
-- ``fastllama``: ``ops.flash_attention`` (autotuned on first call; the tuning is not timed);
+- ``fastllama``: ``ops.flash_attention`` (autotuned on first call; the tuning is not timed; the
+  note names the tiles the autotuner chose);
 - ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``: ``F.scaled_dot_product_attention`` pinned
   to one backend with ``torch.nn.attention.sdpa_kernel`` (a backend that refuses the shape is
   skipped with its error as the row's note);
@@ -39,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from fastllama import ops  # noqa: E402
+from fastllama.ops import attention as attention_ops  # noqa: E402
 
 
 def _providers():
@@ -85,8 +87,12 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
     except Exception as e:  # noqa: BLE001 - a backend that refuses a shape is a row, not a crash
         note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         return [dict(base, direction=d, ms=None, tflops=None, note=note) for d in ("fwd", "bwd")]
-    return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=""),
-            dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note="")]
+    # fastllama's rows name the tiles its autotuner chose for this shape (what the next tuning
+    # round starts from).
+    picks = attention_ops.autotuned_choices() if name == "fastllama" else {}
+    notes = {"fwd": picks.get("fwd", ""), "bwd": "; ".join(f"{k} {picks[k]}" for k in ("dkdv", "dq") if k in picks)}
+    return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=notes["fwd"]),
+            dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note=notes["bwd"])]
 
 
 def _add_ratios(rows, peak):

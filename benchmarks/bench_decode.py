@@ -13,9 +13,9 @@ Rows:
   (mode "reduce-overhead", i.e. CUDA graphs too).
 
 Decode time excludes prefill: fastllama reports its decode steps directly; HF's is
-``t(new_tokens) - t(1)``. Bytes per decode step = every weight read once (LM head included,
-the embedding rows are negligible) + the K and V cache read up to the mean context of the timed
-steps. GB/s = bytes / step time; % roofline = GB/s / the measured device-to-device copy
+``(t(new_tokens) - t(2)) / (new_tokens - 2)`` (see ``time_hf``). Bytes per decode step = every
+weight read once (LM head included, the embedding rows are negligible) + the K and V cache read
+up to the mean context of the timed steps. GB/s = bytes / step time; % roofline = GB/s / the measured device-to-device copy
 bandwidth (the roofline tokens/s is ``batch x copy_GBps / bytes``). Targets (issue 7), H100/H200,
 batch 1: >= 75 % of the roofline and >= 1.5x ``hf-static-compile``.
 
@@ -114,6 +114,14 @@ def time_fastllama(model, prompt, new_tokens, reps):
 
 
 def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
+    """Seconds per HF decode step: (t(new_tokens) - t(2)) / (new_tokens - 2). Subtracting a
+    two-token call (prefill + one decode step) rather than a one-token call also removes what
+    each call pays once at its first decode step: HF builds a new static cache per call, and
+    with torch.compile's CUDA graphs a new cache address re-records the graph."""
+    # transformers sizes every new static cache to the largest it has made so far: after a
+    # 4k-context row, a 512-context row would attend over 4k+ slots and look slower than it is.
+    if hasattr(hf, "_previous_max_cache_length"):
+        del hf._previous_max_cache_length
     kwargs = dict(do_sample=False, cache_implementation="static", disable_compile=not compile_,
                   pad_token_id=0, attention_mask=torch.ones_like(prompt))
 
@@ -124,10 +132,10 @@ def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
         _sync()
         return time.perf_counter() - t0
 
-    run(new_tokens), run(1)  # warm-up (compiles every shape it will see)
+    run(new_tokens), run(2)  # warm-up (compiles every shape it will see)
     full = min(run(new_tokens) for _ in range(reps))
-    prefill = min(run(1) for _ in range(reps))
-    return max(full - prefill, 1e-9) / (new_tokens - 1), new_tokens - 1
+    first_step = min(run(2) for _ in range(reps))
+    return max(full - first_step, 1e-9) / (new_tokens - 2), new_tokens - 2
 
 
 def main(argv=None) -> int:
@@ -141,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-compile", action="store_true", help="skip hf-static-compile")
     args = p.parse_args(argv)
+    if args.new_tokens < 3 and not args.skip_hf:
+        p.error(f"--new-tokens must be >= 3 to time HF's decode steps (t(n) - t(2)), got {args.new_tokens}")
 
     device = common.device()
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -148,56 +158,61 @@ def main(argv=None) -> int:
     if not gpu:
         print("Triton interpreter on the CPU: a smoke run of the script, NOT a measurement.")
     rows = []
-    for shape in args.models:
-        model = build_model(shape, dtype, device)
-        hf = None
-        for batch in args.batches:
-            for context in args.contexts:
-                prompt = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
-                nbytes = step_bytes(model, batch, context + args.new_tokens / 2)
-                methods = [("fastllama", lambda: time_fastllama(model, prompt, args.new_tokens, args.reps))]
-                if not args.skip_hf:
-                    methods.append(("hf-static", lambda: time_hf(hf, prompt, args.new_tokens, args.reps, False)))
-                    if gpu and not args.skip_compile:
-                        methods.append(("hf-static-compile",
-                                        lambda: time_hf(hf, prompt, args.new_tokens, args.reps, True)))
-                for name, fn in methods:
-                    row = {"model": NAMES[shape], "batch": batch, "context": context, "impl": name}
-                    try:
-                        if name.startswith("hf") and hf is None:
-                            hf = build_hf(model, dtype, device)
-                        step_s, steps = fn()
-                        gbps = nbytes / step_s / 1e9
-                        row.update({"ms/step": step_s * 1e3, "tokens/s": batch / step_s, "GB/s": gbps,
-                                    "% roofline": 100 * gbps / copy_gbps if gpu else None,
-                                    "roofline tokens/s": batch * copy_gbps * 1e9 / nbytes if gpu else None,
-                                    "steps": steps})
-                    except Exception as e:  # a failing baseline is a row, not a crash
-                        row["error"] = f"{type(e).__name__}: {e}"[:200]
-                        traceback.print_exc()
-                    rows.append(row)
-                    print(row, flush=True)
-                    gc.collect()
-                    if gpu:
-                        torch.cuda.empty_cache()
-                base = {r["impl"]: r for r in rows[-len(methods):]}
-                fast = base["fastllama"].get("tokens/s")
-                for r in rows[-len(methods):]:
-                    if fast and r.get("tokens/s"):
-                        r["fastllama speed-up"] = fast / r["tokens/s"]
-        del model, hf
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
+    interrupted = False
+    try:
+        for shape in args.models:
+            model = build_model(shape, dtype, device)
+            hf = None
+            for batch in args.batches:
+                for context in args.contexts:
+                    prompt = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
+                    nbytes = step_bytes(model, batch, context + args.new_tokens / 2)
+                    methods = [("fastllama", lambda: time_fastllama(model, prompt, args.new_tokens, args.reps))]
+                    if not args.skip_hf:
+                        methods.append(("hf-static", lambda: time_hf(hf, prompt, args.new_tokens, args.reps, False)))
+                        if gpu and not args.skip_compile:
+                            methods.append(("hf-static-compile",
+                                            lambda: time_hf(hf, prompt, args.new_tokens, args.reps, True)))
+                    for name, fn in methods:
+                        row = {"model": NAMES[shape], "batch": batch, "context": context, "impl": name}
+                        try:
+                            if name.startswith("hf") and hf is None:
+                                hf = build_hf(model, dtype, device)
+                            step_s, steps = fn()
+                            gbps = nbytes / step_s / 1e9
+                            row.update({"ms/step": step_s * 1e3, "tokens/s": batch / step_s, "GB/s": gbps,
+                                        "% roofline": 100 * gbps / copy_gbps if gpu else None,
+                                        "roofline tokens/s": batch * copy_gbps * 1e9 / nbytes if gpu else None,
+                                        "steps": steps})
+                        except Exception as e:  # a failing baseline is a row, not a crash
+                            row["error"] = f"{type(e).__name__}: {e}"[:200]
+                            traceback.print_exc()
+                        rows.append(row)
+                        print(row, flush=True)
+                        gc.collect()
+                        if gpu:
+                            torch.cuda.empty_cache()
+                    base = {r["impl"]: r for r in rows[-len(methods):]}
+                    fast = base["fastllama"].get("tokens/s")
+                    for r in rows[-len(methods):]:
+                        if fast and r.get("tokens/s"):
+                            r["fastllama speed-up"] = fast / r["tokens/s"]
+            del model, hf
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # a time limit (gpu_check.sh sends SIGINT): keep the rows so far
+        interrupted = True
+        print("interrupted: writing the rows measured so far", flush=True)
 
     columns = ["model", "batch", "context", "impl", "ms/step", "tokens/s", "GB/s", "% roofline",
                "roofline tokens/s", "fastllama speed-up", "steps", "error"]
     print()
     print(common.markdown_table(rows, columns))
     if gpu:
-        out = common.write_results("decode", rows, columns, extra={"copy_GBps": copy_gbps})
+        out = common.write_results("decode", rows, columns, extra={"copy_GBps": copy_gbps, "interrupted": interrupted})
         print(f"written to {out}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@
 # Python packages the suite needs but the machine lacks (transformers, pytest ...) can't be
 # downloaded here: put their wheels in a folder and set WHEELS=/that/folder (installed with
 # --no-index). Stage time limits add up to the 8-minute budget (GPU_CHECK_BUDGET_S, default 470 s);
-# a stage that runs out is marked TIMEOUT and the next one starts.
+# a stage that runs out is marked TIMEOUT and the next one starts. GPU_CHECK_STAGES (names from
+# summary.md: pytest bench-train bench-ops bench-decode bench-memory pytest-benchmark pytest-matrix)
+# runs a subset.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-$PWD/gpu_check_out}}
@@ -36,9 +38,14 @@ echo "|---|---|---|" >> "$SUMMARY"
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
-# stage NAME CAP_SECONDS COMMAND...: runs with a limit of min(CAP, time left), logs to OUT/NAME.log
+# stage NAME CAP_SECONDS COMMAND...: runs with a limit of min(CAP, time left), logs to OUT/NAME.log.
+# GPU_CHECK_STAGES="bench-decode bench-ops ..." runs only the stages named (in this file's order),
+# for a short GPU slot that must measure what is still missing first.
 stage() {
   local name=$1 cap=$2; shift 2
+  if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ " $GPU_CHECK_STAGES " != *" $name "* ]]; then
+    echo "| $name | not selected (GPU_CHECK_STAGES) | 0 |" >> "$SUMMARY"; return
+  fi
   local limit; limit=$(left)
   (( limit > cap )) && limit=$cap
   if (( limit < 10 )); then

@@ -150,6 +150,8 @@ def jobs_from_builds(op: str, builds: Iterable, archs: Iterable[str]) -> list[Jo
     for b in builds:
         fn = _python_function(b.kernel)
         for arch in archs:
+            if getattr(b, "archs", None) is not None and arch not in b.archs:
+                continue
             jobs.append(Job(op=op, module=fn.__module__, file=inspect.getsourcefile(fn) or "",
                             qualname=fn.__qualname__, signature=dict(b.signature),
                             constexprs={k: _encode(v) for k, v in b.constexprs.items()},

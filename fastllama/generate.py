@@ -23,7 +23,9 @@ buffer while the next step already runs. Greedy output equals the reference mode
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -53,6 +55,19 @@ def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
     return (probs / race).argmax(-1)
 
 
+def _on_model_device(method):
+    """Runs a Generator method with the model's CUDA device current: capture streams, Triton
+    launches and ``synchronize()`` follow the current device, which need not be the model's
+    (a model on cuda:1 while cuda:0 is current)."""
+
+    @functools.wraps(method)
+    def on_device(self, *args, **kwargs):
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return method(self, *args, **kwargs)
+
+    return on_device
+
+
 @dataclasses.dataclass
 class GenerationStats:
     """Timings of the last :meth:`Generator.generate` call (host wall clock, device synced)."""
@@ -62,7 +77,7 @@ class GenerationStats:
     new_tokens: int = 0  # generated tokens over all sequences, the first (from prefill) included
     prefill_s: float = 0.0
     decode_s: float = 0.0  # every step after prefill
-    steps: int = 0  # decode steps run after prefill
+    steps: int = 0  # decode steps run after prefill (after an early stop, the one launched past it too)
     cuda_graph: bool = False
 
     @property
@@ -170,6 +185,9 @@ class Generator:
         cos, sin = ref.rope_cos_sin(positions, model.inv_freq, self.dtype)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         self._states: dict[tuple, _State] = {}
+        # One memory pool for every captured graph: they never replay at the same time, and no
+        # graph output lives in the pool (outputs are the static buffers or clones of them).
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.stats = GenerationStats()
 
     # -- the model, in fastllama ops --------------------------------------------------------
@@ -227,21 +245,25 @@ class Generator:
     def _capture(self, st: _State) -> None:
         """Warms the step up (compiles every kernel) on a side stream, then captures it. The
         warm-up writes cache slots 0 and 1, which prefill overwrites or decode writes before
-        reading; the state buffers are reset by the caller."""
+        reading; the state buffers are reset by the caller. The warm-up samples with its own
+        generator: drawing from the default one would shift every later draw, and the first
+        call of a key would not reproduce under the same ``torch.manual_seed``."""
         st.seqlens.zero_()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
+        warm_up_rng = torch.Generator(device=self.device)
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(st)
+                self._step(st, warm_up_rng)
         torch.cuda.current_stream(self.device).wait_stream(side)
         st.seqlens.zero_()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             self._step(st)
         st.graph = graph
 
     # -- the public loop --------------------------------------------------------------------
+    @_on_model_device
     @torch.no_grad()
     def generate(
         self,
@@ -278,8 +300,10 @@ class Generator:
         st = self._states.get(key)
         if st is None:
             st = self._states[key] = _State(B, self.device, sampling)
-            if self.cuda_graph:
-                self._capture(st)  # before prefill: the warm-up writes cache slots
+        if self.cuda_graph and st.graph is None and max_new_tokens > 1:
+            # before prefill: the warm-up writes cache slots. One new token needs no decode step
+            # (no graph yet); a capture that failed is tried again, never skipped for eager.
+            self._capture(st)
         lens = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
         T = int(lens.max())
         tokens = torch.zeros(B, T, dtype=torch.long)
@@ -323,7 +347,9 @@ class Generator:
         t2 = time.perf_counter()
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
-        self.stats = GenerationStats(B, int(lens.sum()), B * n, t1 - t0, t2 - t1, n - 1, st.graph is not None)
+        # decode_s covers every step launched, the dropped one after an early stop included
+        steps = len(out) - 1
+        self.stats = GenerationStats(B, int(lens.sum()), B * n, t1 - t0, t2 - t1, steps, st.graph is not None)
         new = torch.stack(out[:n], dim=1).cpu()
         if not as_lists:
             return torch.cat([input_ids, new.to(input_ids.device)], dim=1)

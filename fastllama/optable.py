@@ -32,7 +32,8 @@ class KernelBuild:
     strides at launch, and compiling them unspecialised overstates registers and spills;
     "constexpr" for an integer argument the launch passes as 1, which Triton also specialises,
     with its value in ``constexprs``); ``constexprs`` gives the constexpr arguments (block sizes,
-    flags, head dim)."""
+    flags, head dim). ``archs`` limits the build to some of the report's archs ("sm_90" for a
+    tile only Hopper launches); None means all of them."""
 
     kernel: Any
     signature: dict[str, str]
@@ -40,6 +41,7 @@ class KernelBuild:
     num_warps: int = 4
     num_stages: int = 3
     label: str = ""
+    archs: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

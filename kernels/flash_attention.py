@@ -28,6 +28,8 @@ never the probabilities. The backward kernels live in ``flash_attention_backward
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -130,12 +132,18 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through."""
+    """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through.
+
+    Query blocks run last-first: under a causal mask block i visits i + 1 key blocks, and the
+    GPU starts programs in grid order, so the longest ones go first and the last wave is short
+    ones (in grid order the final programs were each head's longest, which the other SMs waited
+    out). The key/value reads of one head stay close in time either way (L2 reuse).
+    """
     stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
     stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
     stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
     stride_ob, stride_oh, stride_ot = aligned16(stride_ob, stride_oh, stride_ot, ALIGNED)
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first (see above)
     seq = tl.program_id(1) // n_heads
     h = tl.program_id(1) % n_heads
     b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
@@ -328,8 +336,33 @@ _DKDV_UNALIGNED = {
 }
 
 
-# (aligned table, unaligned table) per kernel.
-CONFIG_TABLES = {"fwd": (_FWD, _FWD_UNALIGNED), "dq": (_DQ, _DQ_UNALIGNED), "dkdv": (_DKDV, _DKDV_UNALIGNED)}
+# Hopper (sm_90: H100/H200) adds these to the aligned 16-bit rows. Its register file and shared
+# memory hold tiles that spill or do not fit on sm_80 (dK/dV with 128 keys at d128: 229
+# registers on sm_90, a 336 B spill on sm_80), and its warpgroup MMA wants 64-row multiples.
+# The autotuner times them beside the shared candidates only on an sm_90 device; the build report
+# compiles them for sm_90 only. Registers per thread on sm_90, bf16 dense / varlen:
+#   forward  d64 (128,64,8,4) 127, (128,128,8,3) 167/173, (64,64,4,3) 124/125;
+#            d80-128 (128,64,8,4) 169, (128,32,8,3) 124/123, (64,64,4,3) 165.
+#   dQ       d64 (64,64,4,2) 123, (64,128,8,2) 168/167, (64,64,4,3) 128/126;
+#            d80-128 (128,64,8,2) 177/182, (128,32,8,2) 127, (64,64,8,2) 128/129.
+#   dK/dV    d64 (64,128,8,3) 223/236, (32,128,8,3) 184/181, (64,64,8,2) 174/168;
+#            d80-128 (32,128,8,2) 229/225, (32,128,8,3) 240/238, (16,128,8,2) 216/213.
+#   Rejected (sm_90 spills): dK/dV d64 (128,128,8,2) 456 B, (32,128,4,2) 56 B; d128
+#   (64,128,8,2) 120 B, (64,64,4,2) 160 B; forward d128 (128,64,4,3) 96 B. dQ d64 (128,128,8,2)
+#   compiles at 255 registers: no margin.
+# Nothing here is measured yet: the autotuner keeps a shared candidate wherever it is faster.
+_SM90_EXTRA_16BIT = {
+    "fwd": {64: [(128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)]},
+    "dq": {64: [(64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
+           128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)]},
+    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2)],
+             128: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2)]},
+}
+
+# (aligned table, unaligned table, sm_90 additions) per kernel.
+CONFIG_TABLES = {name: (aligned, unaligned, _SM90_EXTRA_16BIT[name]) for name, aligned, unaligned in (
+    ("fwd", _FWD, _FWD_UNALIGNED), ("dq", _DQ, _DQ_UNALIGNED), ("dkdv", _DKDV, _DKDV_UNALIGNED))}
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -342,38 +375,59 @@ def seqlen_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
 
 
-def _lookup(tables, d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True) -> list[tuple]:
-    """The candidates of one launch: ``tables`` is (aligned table, unaligned table)."""
+def _lookup(tables, d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
+            sm: int = 80) -> list[tuple]:
+    """The candidates of one launch: ``tables`` is (aligned, unaligned, sm_90 additions);
+    ``sm`` the device's compute capability as 10 * major + minor (90 for H100/H200)."""
     kind = precision if elem_bytes >= 4 else "16-bit"  # fp16/bf16 ignore the fp32 dot precision
-    return tables[0 if aligned else 1][(max(64, d_pad), kind)]
+    row = max(64, d_pad)
+    configs = tables[0 if aligned else 1][(row, kind)]
+    if sm == 90 and aligned and kind == "16-bit":
+        configs = configs + tables[2].get(row, [])
+    return configs
 
 
-def fwd_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True) -> list[tuple]:
+def fwd_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
+                sm: int = 80) -> list[tuple]:
     """Forward autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); ``aligned``: the
-    strides are multiples of 16 elements (:func:`strides_aligned`), else the unaligned table."""
-    return _lookup(CONFIG_TABLES["fwd"], d_pad, elem_bytes, precision, aligned)
+    strides are multiples of 16 elements (:func:`strides_aligned`), else the unaligned table;
+    ``sm`` 90 adds the Hopper-only tiles (see ``_SM90_EXTRA_16BIT``)."""
+    return _lookup(CONFIG_TABLES["fwd"], d_pad, elem_bytes, precision, aligned, sm)
 
 
-def dkdv_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True) -> list[tuple]:
+def dkdv_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
+                 sm: int = 80) -> list[tuple]:
     """dK/dV autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); see :func:`fwd_configs`."""
-    return _lookup(CONFIG_TABLES["dkdv"], d_pad, elem_bytes, precision, aligned)
+    return _lookup(CONFIG_TABLES["dkdv"], d_pad, elem_bytes, precision, aligned, sm)
 
 
-def dq_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True) -> list[tuple]:
+def dq_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
+               sm: int = 80) -> list[tuple]:
     """dQ autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); see :func:`fwd_configs`."""
-    return _lookup(CONFIG_TABLES["dq"], d_pad, elem_bytes, precision, aligned)
+    return _lookup(CONFIG_TABLES["dq"], d_pad, elem_bytes, precision, aligned, sm)
+
+
+@functools.lru_cache(maxsize=None)
+def device_sm(device: torch.device) -> int:
+    """10 * major + minor compute capability of a CUDA device; 0 for anything else."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def make_autotuned(kernel, tables, key):
-    """``kernel`` autotuned over the union of ``tables`` (aligned, unaligned); each launch keeps
-    only the candidates of its own (ALIGNED, padded head dim, dtype, fp32 precision) row, so a
-    config that the build report did not compile for that row can not be chosen."""
+    """``kernel`` autotuned over the union of ``tables`` (aligned, unaligned, sm_90 additions);
+    each launch keeps only the candidates of its own (ALIGNED, padded head dim, dtype, fp32
+    precision, device arch) row, so a config that the build report did not compile for that row
+    can not be chosen."""
     union = sorted({c for table in tables for row in table.values() for c in row})
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
 
     def prune(configs, named_args, **kwargs):
-        wanted = set(_lookup(tables, kwargs["D_PAD"], named_args["Q"].element_size(), kwargs.get("PRECISION", "ieee"),
-                             kwargs["ALIGNED"]))
+        q = named_args["Q"]
+        wanted = set(_lookup(tables, kwargs["D_PAD"], q.element_size(), kwargs.get("PRECISION", "ieee"),
+                             kwargs["ALIGNED"], device_sm(q.device)))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)

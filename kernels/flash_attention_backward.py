@@ -210,13 +210,15 @@ def _attn_bwd_dq(
 
     One loop over the key blocks the rows can see; only the edge blocks (``block_span``) apply
     the mask, behind a uniform branch (one copy of the loop body: see ``_attn_bwd_dkdv``).
+    Query blocks run last-first like the forward's; dK/dV needs no reversal, its first key
+    blocks are already the ones most query rows see.
     """
     stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
     stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
     stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
     stride_dob, stride_doh, stride_dot = aligned16(stride_dob, stride_doh, stride_dot, ALIGNED)
     stride_dqb, stride_dqh, stride_dqt = aligned16(stride_dqb, stride_dqh, stride_dqt, ALIGNED)
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in the forward
     seq = tl.program_id(1) // n_heads
     h = tl.program_id(1) % n_heads
     b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)

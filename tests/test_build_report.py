@@ -9,6 +9,7 @@ memory within the limit, and every kernel in kernels/ has build configs. Compile
 benchmarks/results/build/report.json seeds the cache, so only kernels changed since the report
 was regenerated compile here.
 """
+import dataclasses
 import json
 import os
 import warnings
@@ -124,6 +125,13 @@ def test_budget_skips_only_uncached_compiles(tmp_path):
     assert br.seed_cache(saved, tmp_path / "fresh") == 1  # the compiled row only
     again, = br.run_report(uncached, cache_dir=tmp_path, workers=1, skip_keys=br.unchecked_keys(saved))
     assert again.skipped and again.key == skipped.key
+
+
+def test_arch_limited_build_is_compiled_only_for_its_archs():
+    """A tile only Hopper launches (KernelBuild.archs) becomes an sm_90 job and no sm_80 one."""
+    hopper = dataclasses.replace(_copy(label="hopper"), archs=("sm_90",))
+    jobs = br.jobs_from_builds("copy", [_copy(), hopper], ARCHS)
+    assert sorted((j.label, j.arch) for j in jobs) == [("copy", "sm_80"), ("copy", "sm_90"), ("hopper", "sm_90")]
 
 
 def test_pressure_order_puts_each_kernels_biggest_config_first():

@@ -163,29 +163,52 @@ def test_interpreter_does_not_autotune():
     assert A._config("fwd", 48)[:2] == (64, 64)  # tiles shrink to fit short sequences
 
 
-@pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("dtype,D,precision", [(torch.bfloat16, 128, "ieee"), (torch.float16, 80, "ieee"),
-                                               (torch.float32, 256, "ieee"), (torch.float32, 128, "tf32")])
-def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned):
-    """Each autotuner keeps only its (stride alignment, head dim, dtype, fp32 precision) row, and
-    every kept config is in the build list the build report compiles. Unaligned launches get the
-    ``*_UNALIGNED`` tables (smaller tiles that do not spill without the 16-element stride hint)."""
+def test_autotuned_choices_names_the_latest_picks(monkeypatch):
+    """What the benchmarks note beside fastllama's timings: the tile each autotuner last chose."""
     from fastllama.kernels import flash_attention_backward as kbwd
 
+    for tuned in (kfa._attn_fwd_tuned, kbwd._attn_bwd_dq_tuned, kbwd._attn_bwd_dkdv_tuned):
+        monkeypatch.setattr(tuned, "best_config", None, raising=False)
+    assert A.autotuned_choices() == {}
+    monkeypatch.setattr(kfa._attn_fwd_tuned, "best_config", kfa._attn_fwd_tuned.configs[0])
+    c = kfa._attn_fwd_tuned.configs[0]
+    assert A.autotuned_choices() == {"fwd": f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} "
+                                            f"s{c.num_stages}"}
+
+
+@pytest.mark.parametrize("sm", [80, 90])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("dtype,D,precision", [(torch.bfloat16, 128, "ieee"), (torch.float16, 80, "ieee"),
+                                               (torch.bfloat16, 64, "ieee"), (torch.float32, 256, "ieee"),
+                                               (torch.float32, 128, "tf32")])
+def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm, monkeypatch):
+    """Each autotuner keeps only its (stride alignment, head dim, dtype, fp32 precision, device
+    arch) row, and every kept config is in the build list the build report compiles for that
+    arch. Unaligned launches get the ``*_UNALIGNED`` tables (smaller tiles that do not spill
+    without the 16-element stride hint); an sm_90 device adds the Hopper-only tiles to the
+    aligned 16-bit rows, and those are built for sm_90 alone."""
+    from fastllama.kernels import flash_attention_backward as kbwd
+
+    monkeypatch.setattr(kfa, "device_sm", lambda device: sm)  # the prune asks the device's arch
     q = torch.empty(1, 1, 1, D, dtype=dtype)
-    labels = {b.label for b in A._build_configs()}
+    archs = {(b.label, b.num_warps, b.num_stages): b.archs for b in A._build_configs()}
     d_pad = kfa.padded_head_dim(D)
     ptr = {torch.float32: f"fp32/{precision}", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     kind = precision if dtype == torch.float32 else "16-bit"
+    hopper = sm == 90 and aligned and kind == "16-bit"
     for name, tuned, table in (("fwd", kfa._attn_fwd_tuned, kfa.fwd_configs), ("dq", kbwd._attn_bwd_dq_tuned,
                                                                                kfa.dq_configs),
                                ("dkdv", kbwd._attn_bwd_dkdv_tuned, kfa.dkdv_configs)):
         kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=d_pad, PRECISION=precision, ALIGNED=aligned)
         got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
-        assert got == set(table(d_pad, dtype.itemsize, precision, aligned)) and got
-        assert got == set(kfa.CONFIG_TABLES[name][0 if aligned else 1][(max(64, d_pad), kind)])
-        for bm, bn, _, _ in got:
-            assert f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}" in labels
+        assert got == set(table(d_pad, dtype.itemsize, precision, aligned, sm)) and got
+        shared = set(kfa.CONFIG_TABLES[name][0 if aligned else 1][(max(64, d_pad), kind)])
+        extra = set(kfa.CONFIG_TABLES[name][2].get(max(64, d_pad), [])) - shared if hopper else set()
+        assert got == shared | extra
+        assert not hopper or d_pad > 128 or extra, "no Hopper-only tile for an aligned 16-bit d64/d128 row"
+        for bm, bn, w, s in got:
+            label = f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}"
+            assert archs[label, w, s] == (None if (bm, bn, w, s) in shared else ("sm_90",))
 
 
 def test_unaligned_head_dim():
@@ -278,3 +301,21 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 def test_window_grid(dtype, window, Tq, Tk):
     torch.manual_seed(0)
     _parity(dtype, *_qkv(2, 8, 2, Tq, Tk, 128, dtype), causal=window[1] == 0, window=window)
+
+
+@pytest.mark.cuda_only
+@pytest.mark.parametrize("D", [64, 96, 128])
+@pytest.mark.parametrize("which", ["fwd", "dq", "dkdv"])
+def test_every_autotune_candidate_of_this_gpu(monkeypatch, which, D):
+    """The autotuner may pick any candidate of the device's row (the Hopper-only tiles on an
+    H100/H200), and the interpreter only ever runs its own large tile: each candidate, forced in
+    turn, must pass the parity rule on an odd-length causal GQA case with edge blocks on both
+    axes (the other two kernels keep their row's first candidate)."""
+    torch.manual_seed(0)
+    sm = kfa.device_sm(torch.device(DEVICE))
+    tables = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs}
+    row = lambda name: tables[name](kfa.padded_head_dim(D), 2, "ieee", True, sm)
+    qkv = _qkv(2, 4, 2, 333, 333, D, torch.bfloat16)
+    for config in row(which):
+        monkeypatch.setattr(A, "FORCE_CONFIG", {name: row(name)[0] for name in tables} | {which: config})
+        _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=True)

@@ -1,5 +1,6 @@
 """fastllama.generate against the reference model: greedy tokens, KV-cache contents, sampling,
 stop tokens, streaming, and the ``fastllama generate`` CLI on a tiny checkpoint."""
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,80 @@ def test_cuda_graph_replay_matches_eager_and_reference(model):
         ids, mask = _left_padded(prompts)
         ref = model.generate(ids, 12, attention_mask=mask, stop_tokens=[])
         assert [r[-12:] for r in a] == ref[:, -12:].tolist()
+
+
+class _FakeCudaGraphs:
+    """Stand-ins for torch.cuda's streams and graphs, so the CUDA-graph branch of Generator runs
+    on the CPU: a "capture" executes the step once (as a real capture records it), then restores
+    every buffer and the RNG state (a real capture computes nothing and draws nothing); a replay
+    runs the recorded Python step again. ``fail`` makes the next capture raise."""
+
+    def __init__(self, monkeypatch):
+        self.captures, self.fail, self.current = 0, False, None
+        for name, value in (("Stream", lambda *a, **k: self), ("stream", lambda s: contextlib.nullcontext()),
+                            ("current_stream", lambda *a: self), ("CUDAGraph", _FakeGraph),
+                            ("graph", self.graph)):
+            monkeypatch.setattr(torch.cuda, name, value)
+        original = Generator._capture
+
+        def capture(gen, st):
+            self.current = (gen, st)
+            return original(gen, st)
+
+        monkeypatch.setattr(Generator, "_capture", capture)
+
+    def wait_stream(self, other):
+        pass
+
+    @contextlib.contextmanager
+    def graph(self, graph, pool=None):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("capture failed")
+        gen, st = self.current
+        buffers = (gen.k_cache, gen.v_cache, st.token, st.seqlens, st.done)
+        saved, rng = [t.clone() for t in buffers], torch.get_rng_state()
+        yield
+        for t, v in zip(buffers, saved):
+            t.copy_(v)
+        torch.set_rng_state(rng)
+        graph.step = lambda: gen._step(st)
+        self.captures += 1
+
+
+class _FakeGraph:
+    def replay(self):
+        self.step()
+
+
+def test_cuda_graph_branch_with_stand_in_graphs(model, monkeypatch):
+    """The CUDA-graph branch on the CPU (stand-in graphs, see _FakeCudaGraphs): greedy tokens
+    equal the eager loop's; one capture per (batch, sampling) key and none for a single new token;
+    sampling under one torch.manual_seed gives the same tokens on the call that captures as on
+    later calls (the warm-up draws from its own generator); a failed capture is retried on the
+    next call, never silently replaced by the eager loop."""
+    fake = _FakeCudaGraphs(monkeypatch)
+    eager, graph = Generator(model, 3, 64), Generator(model, 3, 64)
+    graph.cuda_graph = True  # the constructor refuses it for a CPU model; the stand-ins make it run
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40)), [3]]
+    assert graph.generate(prompts, 1, stop_tokens=[]) == eager.generate(prompts, 1, stop_tokens=[])
+    assert fake.captures == 0 and not graph.stats.cuda_graph
+    assert graph.generate(prompts, 6, stop_tokens=[]) == eager.generate(prompts, 6, stop_tokens=[])
+    assert fake.captures == 1 and graph.stats.cuda_graph
+
+    sampled = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        sampled.append(graph.generate([[5, 6, 7]] * 3, 6, temperature=1.0, stop_tokens=[]))
+    torch.manual_seed(123)
+    assert sampled[0] == sampled[1] == eager.generate([[5, 6, 7]] * 3, 6, temperature=1.0, stop_tokens=[])
+    assert fake.captures == 2
+
+    fake.fail = True
+    with pytest.raises(RuntimeError, match="capture failed"):
+        graph.generate([[5, 6]], 4, stop_tokens=[])
+    assert graph.generate([[5, 6]], 4, stop_tokens=[]) == eager.generate([[5, 6]], 4, stop_tokens=[])
+    assert fake.captures == 3 and graph.stats.cuda_graph
 
 
 def test_cli_generate_uses_tokenizer_json_when_present(checkpoint, tmp_path, capsys):

@@ -47,6 +47,15 @@ def _config(which: str, seqlen: int):
     return min(block_m, fit), min(block_n, fit), warps, stages
 
 
+def autotuned_choices() -> dict[str, str]:
+    """The attention autotuners' latest pick per kernel, e.g. ``{"fwd": "M128 N64 w8 s3"}``
+    (benchmarks note it beside their timings); empty before any autotuned (GPU) launch."""
+    tuned = {"fwd": _fwd._attn_fwd_tuned, "dq": _bwd._attn_bwd_dq_tuned, "dkdv": _bwd._attn_bwd_dkdv_tuned}
+    picks = {name: getattr(t, "best_config", None) for name, t in tuned.items()}
+    return {name: f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+            for name, c in picks.items() if c is not None}
+
+
 def _max_seqlen(cu: torch.Tensor, total: int, name: str) -> int:
     """Checks the values of a cu_seqlens tensor (one host sync) and returns its longest sequence."""
     vals = cu.tolist()
@@ -365,7 +374,8 @@ def _build_configs() -> list[KernelBuild]:
     ALIGNED=True builds have 16-element-aligned strides (what every HF layout of these head dims
     gives) and the tuned tables; ALIGNED=False builds (a stride not a multiple of 16: head dims
     such as 24/40/72/136, odd views) use the ``*_UNALIGNED`` tables of smaller tiles (slower,
-    still correct) and are compiled with plain "i32" strides, the worst case of that path."""
+    still correct) and are compiled with plain "i32" strides, the worst case of that path.
+    The Hopper-only tiles of the aligned 16-bit rows are built for sm_90 alone."""
     builds = []
     strides3 = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in "bht"}
     # ALIGNED=True launches have every q/k/v/o/dO/dQ/dK/dV stride a multiple of 16, and the JIT
@@ -398,12 +408,16 @@ def _build_configs() -> list[KernelBuild]:
                           "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32", **tail}),
                     )
                     for name, kernel, configs, signature in kernels:
-                        for bm, bn, w, s in configs(d_pad, dtype.itemsize, precision, aligned):
+                        shared = configs(d_pad, dtype.itemsize, precision, aligned)
+                        hopper = [c for c in configs(d_pad, dtype.itemsize, precision, aligned, sm=90)
+                                  if c not in shared]
+                        for (bm, bn, w, s), archs in [(c, None) for c in shared] + [(c, ("sm_90",)) for c in hopper]:
                             builds.append(KernelBuild(
                                 kernel, signature,
                                 {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "IS_VARLEN": varlen,
                                  "PRECISION": precision, "ALIGNED": aligned},
-                                num_warps=w, num_stages=s, label=f"flash_attention {name} {tag} M{bm} N{bn}"))
+                                num_warps=w, num_stages=s, archs=archs,
+                                label=f"flash_attention {name} {tag} M{bm} N{bn}"))
             if precision != "ieee":
                 continue
             # The preprocess has no ALIGNED flag: the JIT's own "i32:16" specialisation of O/dO
