@@ -117,7 +117,8 @@ FL=("$PY" -m fastllama.cli)
 # (every path a CPU-only CI cannot run: autotuning, CUDA graphs, the GPU configs); the full
 # shape matrix (`cuda_only`, ~1200 cases, each new shape a Triton JIT compile) runs last, in the
 # time left after the benchmarks, which are what no CPU can measure.
-[ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest "${TESTS_CAP_S:-100}" "$PY" -m pytest -q -p no:cacheprovider tests \
+# FASTLLAMA_AUTOTUNE=0: no autotuning per new test shape (one test forces every candidate tile).
+[ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest "${TESTS_CAP_S:-100}" env FASTLLAMA_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests \
   -m "not cuda_only" --durations=25 --junitxml="$OUT/pytest-junit.xml" -o junit_family=xunit2
 
 # --- 3. benchmarks, --quick ---------------------------------------------------------------
@@ -129,7 +130,7 @@ stage pytest-benchmark 40 "$PY" -m pytest -q -p no:cacheprovider benchmarks --be
   --benchmark-json="$OUT/pytest-benchmark.json"
 
 # --- 4. the shape matrix with whatever time is left (GPU_CHECK_BUDGET_S=570 gives it ~2 min) ---
-[ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest-matrix 600 "$PY" -m pytest -q -p no:cacheprovider tests \
+[ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest-matrix 600 env FASTLLAMA_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests \
   -m cuda_only --durations=25 --junitxml="$OUT/pytest-matrix-junit.xml" -o junit_family=xunit2
 
 # --- summary ------------------------------------------------------------------------------

@@ -416,18 +416,25 @@ def device_sm(device: torch.device) -> int:
     return 10 * major + minor
 
 
+# False: every launch takes the first candidate of its row, untimed (fastllama.ops sets it from
+# FASTLLAMA_AUTOTUNE=0). For test runs on a GPU: each new shape would otherwise compile and time
+# every candidate; one test forces each candidate in turn instead.
+AUTOTUNE = True
+
+
 def make_autotuned(kernel, tables, key):
     """``kernel`` autotuned over the union of ``tables`` (aligned, unaligned, sm_90 additions);
     each launch keeps only the candidates of its own (ALIGNED, padded head dim, dtype, fp32
     precision, device arch) row, so a config that the build report did not compile for that row
-    can not be chosen."""
+    can not be chosen. With ``AUTOTUNE`` off the row's first candidate runs untimed."""
     union = sorted({c for table in tables for row in table.values() for c in row})
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
 
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
-        wanted = set(_lookup(tables, kwargs["D_PAD"], q.element_size(), kwargs.get("PRECISION", "ieee"),
-                             kwargs["ALIGNED"], device_sm(q.device)))
+        wanted = _lookup(tables, kwargs["D_PAD"], q.element_size(), kwargs.get("PRECISION", "ieee"),
+                         kwargs["ALIGNED"], device_sm(q.device))
+        wanted = set(wanted if AUTOTUNE else wanted[:1])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)

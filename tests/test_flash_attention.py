@@ -211,6 +211,17 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
             assert archs[label, w, s] == (None if (bm, bn, w, s) in shared else ("sm_90",))
 
 
+def test_autotune_off_keeps_the_rows_first_candidate(monkeypatch):
+    """FASTLLAMA_AUTOTUNE=0 (kernels' AUTOTUNE flag): one candidate, the row's first, untimed."""
+    monkeypatch.setattr(kfa, "device_sm", lambda device: 90)
+    monkeypatch.setattr(kfa, "AUTOTUNE", False)
+    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
+    kept = kfa._attn_fwd_tuned.early_config_prune(kfa._attn_fwd_tuned.configs, {"Q": q}, D_PAD=64,
+                                                  PRECISION="ieee", ALIGNED=True)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == \
+        kfa.fwd_configs(64, 2, "ieee", True, 90)[:1]
+
+
 def test_unaligned_head_dim():
     """head_dim 40 gives strides that are not multiples of 16: the ALIGNED=False kernels run
     (their own config tables on a GPU) and match the reference, forward and backward."""

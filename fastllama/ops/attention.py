@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -27,6 +28,10 @@ __all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
 MAX_HEAD_DIM = 256  # one padded head row (up to 256) lives in registers per query row
 _PRECISIONS = ("ieee", "tf32")
 _LN2 = math.log(2.0)
+
+# FASTLLAMA_AUTOTUNE=0: every GPU launch takes its row's first candidate tile, untimed (test runs
+# on a GPU; see the README). Read once, at import.
+_fwd.AUTOTUNE = os.environ.get("FASTLLAMA_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 # Tests set this to {"fwd": cfg, "dq": cfg, "dkdv": cfg} with cfg = (BLOCK_M, BLOCK_N, warps,
 # stages) to force small blocks (every masked/unmasked phase in short sequences). None: the
