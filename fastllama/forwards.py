@@ -7,7 +7,6 @@ modeling files are copies of each other); the reference model has its own, small
 """
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
@@ -77,7 +76,8 @@ def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None):
                                         bias=bias, num_items_in_batch=num_items_in_batch)
         # HF Trainer scales the loss in place (``loss *= num_processes``): autograd refuses that on
         # a view output of a multi-output op, and FSDP2 would lose the head's pre-backward hook.
-        return loss.clone() if loss._is_view() else loss
+        # Always a copy (one scalar): asking ``loss._is_view()`` broke torch.compile's graph here.
+        return loss.clone()
 
     if not _has_forward_hooks(lm_head):
         return loss_forward(hidden)
@@ -248,13 +248,19 @@ def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_
     return residual + self.mlp(h)
 
 
-@functools.lru_cache(maxsize=None)
+_CACHE_NAME: str | None = None
+
+
 def _hf_cache_name() -> str:
     """The keyword / output field HF's models use for the KV cache: ``cache`` in the transformers
-    pinned here, ``past_key_values`` before (e.g. 5.17, the GPU machines' image)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPast
+    pinned here, ``past_key_values`` before (e.g. 5.17, the GPU machines' image). Kept in a
+    module global, not an lru_cache: torch.compile warns about (and skips) cache wrappers."""
+    global _CACHE_NAME
+    if _CACHE_NAME is None:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
 
-    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+        _CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+    return _CACHE_NAME
 
 
 def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,

@@ -173,6 +173,12 @@ def _attn_fwd(
     # One loop; only the edge blocks (diagonal, window sides, sequence end) apply the mask, behind
     # a uniform branch. A loop per mask phase (three copies of the body, each with its own
     # pipeline prologue and hoisted invariants) cost up to 60 registers per thread and spilled.
+    #
+    # The scale is applied late: the row max of s is max(q k^T) * scale exactly (rounding is
+    # monotonic and the scale positive), BLOCK_M multiplies instead of a tile of them; 16-bit
+    # inputs then form s - m' as one explicit fused multiply-add per score (the compiler cannot
+    # fuse a scaled tile that also feeds the mask branch and the row max: the sm_90 SASS had a
+    # multiply and a subtraction per score). fp32 rounds s first, as the backward recomputes it.
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -180,18 +186,21 @@ def _attn_fwd(
     for start_n in range(lo, hi, BLOCK_N):
         k = load_rows(k_base + tl.cast(start_n, tl.int64) * stride_kt, offs_n, stride_kt, offs_d,
                       k_len - start_n, HEAD_DIM, D_PAD)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # s = qk * qk_scale
         if (start_n < mid_lo) | (start_n >= mid_hi):
             k_pos = start_n + offs_n
             visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
                        & (k_pos[None, :] <= q_pos[:, None] + after))
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps
         # 2^(-inf - -inf) = NaN out: its p and alpha come out 0.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_sub)
-        p = tl.math.exp2(s - m_sub[:, None])
+        if q.dtype == tl.float32:
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+        else:
+            p = tl.math.exp2(tl.fma(qk, qk_scale, -m_sub[:, None]))
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d,
                       k_len - start_n, HEAD_DIM, D_PAD)
@@ -341,12 +350,13 @@ _DKDV_UNALIGNED = {
 # registers on sm_90, a 336 B spill on sm_80), and its warpgroup MMA wants 64-row multiples.
 # The autotuner times them beside the shared candidates only on an sm_90 device; the build report
 # compiles them for sm_90 only. Registers per thread on sm_90, bf16 dense / varlen:
-#   forward  d64 (128,64,8,4) 127, (128,128,8,3) 167/173, (64,64,4,3) 124/125;
-#            d80-128 (128,64,8,4) 169, (128,32,8,3) 124/123, (64,64,4,3) 165.
-#   dQ       d64 (64,64,4,2) 123, (64,128,8,2) 168/167, (64,64,4,3) 128/126;
-#            d80-128 (128,64,8,2) 177/182, (128,32,8,2) 127, (64,64,8,2) 128/129.
-#   dK/dV    d64 (64,128,8,3) 223/236, (32,128,8,3) 184/181, (64,64,8,2) 174/168;
-#            d80-128 (32,128,8,2) 229/225, (32,128,8,3) 240/238, (16,128,8,2) 216/213.
+#   forward  d64 (128,64,8,4) 126, (128,128,8,3) 169/171, (64,64,4,3) 127/125;
+#            d128 (128,64,8,4) 165/167, (128,32,8,3) 125, (64,64,4,3) 167/165.
+#   dQ       d64 (64,64,4,2) 122, (64,128,8,2) 170/167, (64,64,4,3) 127/122;
+#            d128 (128,64,8,2) 173, (128,32,8,2) 122, (64,64,8,2) 128.
+#   dK/dV    d64 (64,128,8,3) 239/236, (32,128,8,3) 184/181, (64,64,8,2) 174/168;
+#            d128 (32,128,8,2) 228/227, (32,128,8,3) 240/238, (16,128,8,2) 216/213.
+#   (fp16 and d80/96 are in the build report; none spills.)
 #   Rejected (sm_90 spills): dK/dV d64 (128,128,8,2) 456 B, (32,128,4,2) 56 B; d128
 #   (64,128,8,2) 120 B, (64,64,4,2) 160 B; forward d128 (128,64,4,3) 96 B. dQ d64 (128,128,8,2)
 #   compiles at 255 registers: no margin.

@@ -81,6 +81,10 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, str
     fp32: they are recomputed as Q K^T, the forward's orientation, so each element repeats the
     forward's dot bit for bit and p = 2^((s - m) - log2 l) is exact even where |s| is 1e4 (one
     ulp of s there is 1e-3 in p: far below a 16-bit p's own rounding, not below fp32's).
+    16-bit: the row's two statistics are added first, lse2 = m + log2 l (once per row), so each
+    score costs one fused multiply-add before the exp2: p = 2^(dot * scale - lse2). Rounding lse2
+    moves p by at most an ulp of |m| (3e-4 relative where |s| is 1e4, the size of the error s
+    itself carries there; 1e-7 at ordinary logits), below the 16-bit rounding p then gets.
     """
     rows = start_m + offs_m
     q = load_rows(q_ptr, offs_m, stride_qt, offs_d, q_len - start_m, HEAD_DIM, D_PAD)
@@ -98,12 +102,14 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, str
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
     else:
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale
+        lse2 = m + log2_l  # +inf for padding rows and rows without keys: p = 0
+        qk_t = tl.dot(k, tl.trans(q))  # unscaled; -inf stays -inf through the fma below
         if edge:
             visible = ((rows[None, :] < q_len) & (k_pos[:, None] >= q_pos[None, :] - before)
                        & (k_pos[:, None] <= q_pos[None, :] + after))
-            s_t = tl.where(visible, s_t, float("-inf"))
-        p_t = tl.math.exp2((s_t - m[None, :]) - log2_l[None, :])
+            qk_t = tl.where(visible, qk_t, float("-inf"))
+        # explicit: a scaled tile that passes the mask branch is not fused (sm_90 SASS: FMUL, FADD)
+        p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -lse2[None, :]))
         dv = tl.dot(p_t.to(do.dtype), do, dv)
         ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
@@ -210,6 +216,7 @@ def _attn_bwd_dq(
 
     One loop over the key blocks the rows can see; only the edge blocks (``block_span``) apply
     the mask, behind a uniform branch (one copy of the loop body: see ``_attn_bwd_dkdv``).
+    16-bit inputs use lse2 = m + log2 l, fixed for the program's rows (see ``_dkdv_block``).
     Query blocks run last-first like the forward's; dK/dV needs no reversal, its first key
     blocks are already the ones most query rows see.
     """
@@ -238,6 +245,7 @@ def _attn_bwd_dq(
                    q_len - start_m, HEAD_DIM, D_PAD)
     stats = b * stride_lb + hq * stride_lh + q_start + start_m
     m, log2_l, delta = _load_row_stats(LSE + stats, stride_lp, DELTA + stats, offs_m, q_len - start_m)
+    lse2 = m + log2_l  # the 16-bit statistic: one fused multiply-add per score (fp32 keeps both)
     k_base = K + b * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_kt
     v_base = V + b * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vt
 
@@ -252,13 +260,16 @@ def _attn_bwd_dq(
                       HEAD_DIM, D_PAD)
         v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d, k_len - start_n,
                       HEAD_DIM, D_PAD)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: -inf survives either form
         if (start_n < mid_lo) | (start_n >= mid_hi):  # edge block: hidden scores may exceed the row
             k_pos = start_n + offs_n                    # max, -inf keeps 2^(s - m) from overflowing
             visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
                        & (k_pos[None, :] <= q_pos[:, None] + after))
-            s = tl.where(visible, s, float("-inf"))
-        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+        if q.dtype == tl.float32:  # the forward's s = qk * scale, bit for bit
+            p = tl.math.exp2((qk * qk_scale - m[:, None]) - log2_l[:, None])
+        else:
+            p = tl.math.exp2(tl.fma(qk, qk_scale, -lse2[:, None]))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
