@@ -174,11 +174,12 @@ def _attn_fwd(
     # a uniform branch. A loop per mask phase (three copies of the body, each with its own
     # pipeline prologue and hoisted invariants) cost up to 60 registers per thread and spilled.
     #
-    # The scale is applied late: the row max of s is max(q k^T) * scale exactly (rounding is
-    # monotonic and the scale positive), BLOCK_M multiplies instead of a tile of them; 16-bit
-    # inputs then form s - m' as one explicit fused multiply-add per score (the compiler cannot
-    # fuse a scaled tile that also feeds the mask branch and the row max: the sm_90 SASS had a
-    # multiply and a subtraction per score). fp32 rounds s first, as the backward recomputes it.
+    # 16-bit inputs apply the scale late: the row max of s is max(q k^T) * scale exactly
+    # (rounding is monotonic, the scale positive), BLOCK_M multiplies instead of a tile of them,
+    # and s - m' is one explicit fused multiply-add per score (a scaled tile that feeds the mask
+    # branch and the row max is not fused: the sm_90 SASS had a multiply and a subtraction per
+    # score). fp32 keeps s rounded on its own, as the backward recomputes it; that s has those
+    # other uses too, so the compiler leaves its subtraction unfused (checked in the PTX).
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -186,21 +187,26 @@ def _attn_fwd(
     for start_n in range(lo, hi, BLOCK_N):
         k = load_rows(k_base + tl.cast(start_n, tl.int64) * stride_kt, offs_n, stride_kt, offs_d,
                       k_len - start_n, HEAD_DIM, D_PAD)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # s = qk * qk_scale
+        t = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # s / scale (16-bit) or s (fp32)
+        if q.dtype == tl.float32:
+            t = t * qk_scale
         if (start_n < mid_lo) | (start_n >= mid_hi):
             k_pos = start_n + offs_n
             visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
                        & (k_pos[None, :] <= q_pos[:, None] + after))
-            qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            t = tl.where(visible, t, float("-inf"))
+        if q.dtype == tl.float32:
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+        else:
+            m_new = tl.maximum(m_i, tl.max(t, 1) * qk_scale)
         # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps
         # 2^(-inf - -inf) = NaN out: its p and alpha come out 0.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_sub)
         if q.dtype == tl.float32:
-            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+            p = tl.math.exp2(t - m_sub[:, None])
         else:
-            p = tl.math.exp2(tl.fma(qk, qk_scale, -m_sub[:, None]))
+            p = tl.math.exp2(tl.fma(t, qk_scale, -m_sub[:, None]))
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d,
                       k_len - start_n, HEAD_DIM, D_PAD)

@@ -260,16 +260,18 @@ def _attn_bwd_dq(
                       HEAD_DIM, D_PAD)
         v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d, k_len - start_n,
                       HEAD_DIM, D_PAD)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: -inf survives either form
+        t = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # s / scale (16-bit) or s (fp32)
+        if q.dtype == tl.float32:
+            t = t * qk_scale  # the forward's s bit for bit (the mask branch keeps it unfused)
         if (start_n < mid_lo) | (start_n >= mid_hi):  # edge block: hidden scores may exceed the row
             k_pos = start_n + offs_n                    # max, -inf keeps 2^(s - m) from overflowing
             visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
                        & (k_pos[None, :] <= q_pos[:, None] + after))
-            qk = tl.where(visible, qk, float("-inf"))
-        if q.dtype == tl.float32:  # the forward's s = qk * scale, bit for bit
-            p = tl.math.exp2((qk * qk_scale - m[:, None]) - log2_l[:, None])
+            t = tl.where(visible, t, float("-inf"))
+        if q.dtype == tl.float32:
+            p = tl.math.exp2((t - m[:, None]) - log2_l[:, None])
         else:
-            p = tl.math.exp2(tl.fma(qk, qk_scale, -lse2[:, None]))
+            p = tl.math.exp2(tl.fma(t, qk_scale, -lse2[:, None]))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
