@@ -15,8 +15,8 @@ Rows:
 Decode time excludes prefill: fastllama reports its decode steps directly; HF's is
 ``(t(new_tokens) - t(2)) / (new_tokens - 2)`` (see ``time_hf``). Bytes per decode step = every
 weight read once (LM head included, the embedding rows are negligible) + the K and V cache read
-up to the mean context of the timed steps. GB/s = bytes / step time; % roofline = GB/s / the measured device-to-device copy
-bandwidth (the roofline tokens/s is ``batch x copy_GBps / bytes``). Targets (issue 7), H100/H200,
+up to the mean context of the timed steps. GB/s = bytes / step time; % roofline = GB/s / the
+measured device-to-device copy bandwidth (the roofline tokens/s is ``batch x copy_GBps / bytes``). Targets (issue 7), H100/H200,
 batch 1: >= 75 % of the roofline and >= 1.5x ``hf-static-compile``.
 
 Usage: ``python benchmarks/bench_decode.py [--models 1b 8b] [--batches 1 8 32] [--contexts 512 4096]

@@ -114,10 +114,11 @@ mkdir -p "$FASTLLAMA_RESULTS_DIR"
 FL=("$PY" -m fastllama.cli)
 
 # --- 2. the test suite on CUDA: the CPU suite's tests first ---------------------------------
-# (every path a CPU-only CI cannot run: autotuning, CUDA graphs, the GPU configs); the full
+# (every path a CPU-only CI cannot run: CUDA graphs, the GPU tiles, compiled kernels); the full
 # shape matrix (`cuda_only`, ~1200 cases, each new shape a Triton JIT compile) runs last, in the
 # time left after the benchmarks, which are what no CPU can measure.
-# FASTLLAMA_AUTOTUNE=0: no autotuning per new test shape (one test forces every candidate tile).
+# FASTLLAMA_AUTOTUNE=0: no autotuning per new test shape; test_every_autotune_candidate_of_this_gpu
+# (in this stage) forces every candidate tile in turn, and the benchmarks autotune.
 [ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest "${TESTS_CAP_S:-100}" env FASTLLAMA_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests \
   -m "not cuda_only" --durations=25 --junitxml="$OUT/pytest-junit.xml" -o junit_family=xunit2
 

@@ -134,10 +134,12 @@ def _attn_fwd(
 ):
     """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through.
 
-    Query blocks run last-first: under a causal mask block i visits i + 1 key blocks, and the
-    GPU starts programs in grid order, so the longest ones go first and the last wave is short
-    ones (in grid order the final programs were each head's longest, which the other SMs waited
-    out). The key/value reads of one head stay close in time either way (L2 reuse).
+    Query blocks run last-first within each (sequence, head): under a causal mask block i visits
+    i + 1 key blocks, and the GPU starts programs in grid order, so each head's longest programs
+    start first and the grid ends on short ones (in grid order it ended on the last head's
+    longest, which the other SMs waited out). Heads keep their order, so the programs running
+    together share one head's keys and values in L2. Longest-first across heads (blocks on the
+    slow grid axis) would trade that locality away: a GPU measurement should decide.
     """
     stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
     stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
@@ -216,8 +218,9 @@ def _attn_fwd(
 
     # Normalise once. A row without any visible key has l = 0: it returns 0 (and m = -inf).
     # The softmax statistics are saved as two planes, m and log2(l) (lse = (m + log2 l) ln 2):
-    # the backward forms p = 2^((s - m) - log2 l), where s - m is exact. Folding them into one
-    # fp32 lse would round log2(l) to an ulp of |m|: at logits of 1e4 that is 1e-3 in p.
+    # the fp32 backward forms p = 2^((s - m) - log2 l), where s - m is exact. One fp32 lse would
+    # round log2(l) to an ulp of |m|: 3e-4 in p at logits of 1e4. The 16-bit backward does fold
+    # them (lse2, once per row): there that is below p's own 16-bit rounding.
     empty = m_i == float("-inf")
     l_safe = tl.where(empty, 1.0, l_i)
     store_rows(o_base, acc / l_safe[:, None], offs_m, stride_ot, offs_d, q_len - start_m, HEAD_DIM)
@@ -432,25 +435,18 @@ def device_sm(device: torch.device) -> int:
     return 10 * major + minor
 
 
-# False: every launch takes the first candidate of its row, untimed (fastllama.ops sets it from
-# FASTLLAMA_AUTOTUNE=0). For test runs on a GPU: each new shape would otherwise compile and time
-# every candidate; one test forces each candidate in turn instead.
-AUTOTUNE = True
-
-
 def make_autotuned(kernel, tables, key):
     """``kernel`` autotuned over the union of ``tables`` (aligned, unaligned, sm_90 additions);
     each launch keeps only the candidates of its own (ALIGNED, padded head dim, dtype, fp32
     precision, device arch) row, so a config that the build report did not compile for that row
-    can not be chosen. With ``AUTOTUNE`` off the row's first candidate runs untimed."""
+    can not be chosen."""
     union = sorted({c for table in tables for row in table.values() for c in row})
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
 
     def prune(configs, named_args, **kwargs):
         q = named_args["Q"]
-        wanted = _lookup(tables, kwargs["D_PAD"], q.element_size(), kwargs.get("PRECISION", "ieee"),
-                         kwargs["ALIGNED"], device_sm(q.device))
-        wanted = set(wanted if AUTOTUNE else wanted[:1])
+        wanted = set(_lookup(tables, kwargs["D_PAD"], q.element_size(), kwargs.get("PRECISION", "ieee"),
+                             kwargs["ALIGNED"], device_sm(q.device)))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
@@ -458,6 +454,14 @@ def make_autotuned(kernel, tables, key):
 
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "IS_VARLEN", "PRECISION", "ALIGNED"]
 _attn_fwd_tuned = make_autotuned(_attn_fwd, CONFIG_TABLES["fwd"], _TUNE_KEY)
+
+
+def untuned_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -> tuple:
+    """The first candidate of a launch's row ("fwd", "dq" or "dkdv"): what runs, launched
+    directly and untimed, when a launcher gets ``autotune=False``. (Pruning the autotuner to one
+    candidate is not enough: Triton before 3.7 still times a lone candidate.)"""
+    configs = {"fwd": fwd_configs, "dq": dq_configs, "dkdv": dkdv_configs}[which]
+    return configs(padded_head_dim(q.shape[-1]), q.element_size(), precision, aligned, device_sm(q.device))[0]
 
 
 def strides_aligned(*tensors) -> bool:
@@ -482,7 +486,7 @@ def mask_bounds(causal: bool, window: tuple[int, int] | None, limit: int) -> tup
 
 def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, cu_seqlens_q=None,
                             cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-                            precision: str = "ieee", config: tuple | None = None):
+                            precision: str = "ieee", config: tuple | None = None, autotune: bool = True):
     """Launches the forward; returns (out like q, stats (2, B, Hq, Tq) fp32).
 
     ``stats[0]`` is the row max m of the scores in base 2 (s * scale * log2 e), ``stats[1]``
@@ -493,6 +497,7 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
     ``cu_seqlens_q/k`` int32 (N + 1,); ``max_seqlen_*`` size the grid. ``config``
     (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner (the interpreter, tests).
     ``precision`` is tl.dot's input precision for fp32 inputs ("ieee" or "tf32").
+    ``autotune=False`` launches the row's first candidate untimed (:func:`untuned_config`).
     """
     B, Hq, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -512,6 +517,8 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
             Hq, Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), IS_VARLEN=varlen, PRECISION=precision,
                 ALIGNED=strides_aligned(q, k, v, out))
+    if config is None and not autotune:
+        config = untuned_config("fwd", q, meta["ALIGNED"], precision)
     if config is not None:
         bm, bn, w, s = config
         _attn_fwd[(triton.cdiv(mq, bm), n_seq * Hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, aligned16, block_span, load_rows, make_autotuned,
-                              padded_head_dim, seqlen_bucket, sequence_bounds, store_rows, strides_aligned)
+                              padded_head_dim, seqlen_bucket, sequence_bounds, store_rows, strides_aligned,
+                              untuned_config)
 
 __all__ = ["flash_attention_backward"]
 
@@ -291,13 +292,14 @@ def preprocess_block(d_pad: int) -> int:
 def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int, after: int, dlse=None,
                              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                              precision: str = "ieee", config_dq: tuple | None = None,
-                             config_dkdv: tuple | None = None):
+                             config_dkdv: tuple | None = None, autotune: bool = True):
     """Launches the three backward kernels; returns (dq, dk, dv) with the layouts of q, k, v.
 
     ``do`` and ``out`` need a unit last stride; ``lse`` is the forward's (2, B, Hq, Tq) fp32
     statistics and ``dlse`` (optional, (B, Hq, Tq)) the gradient of the loss with respect to the
     natural-log lse, ``(lse[0] + lse[1]) * ln 2``. Other arguments as in
-    ``flash_attention_forward``; ``config_*`` bypass the autotuner.
+    ``flash_attention_forward``; ``config_*`` bypass the autotuner, and ``autotune=False`` takes
+    each kernel's first candidate instead.
     """
     B, Hq, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -327,6 +329,9 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
     dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale,
                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
                *lse.stride()[1:3], lse.stride(0), Hq, *common)
+    if not autotune:
+        config_dkdv = config_dkdv or untuned_config("dkdv", q, meta["ALIGNED"], precision)
+        config_dq = config_dq or untuned_config("dq", q, meta["ALIGNED"], precision)
     if config_dkdv is not None:
         bm, bn, w, s = config_dkdv
         _attn_bwd_dkdv[(triton.cdiv(mk, bn), n_seq * Hk)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,

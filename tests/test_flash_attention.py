@@ -7,6 +7,7 @@ bad input. All parity checks use the DESIGN.md rule (fastllama.testing.assert_pa
 """
 import functools
 import itertools
+import os
 
 import pytest
 import torch
@@ -43,6 +44,42 @@ def test_small_blocks_every_phase(monkeypatch, Tq, Tk, causal, window):
     torch.manual_seed(0)
     hq = 2 if window is None else 1  # one case keeps a GQA group in the small-block dK/dV loop
     _parity(torch.float32, *_qkv(1, hq, 1, Tq, Tk, 64, torch.float32), causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp16 runs the same 16-bit code path
+def test_small_blocks_16bit_varlen_gqa(monkeypatch, dtype):
+    """16-bit inputs (the late-scale fused multiply-add path) with 16-row blocks: varlen with
+    Tq != Tk per sequence, a sequence without queries and short ones whose query blocks return
+    early from the reversed grid, GQA 4:1, causal and a window; then dense Tq > Tk (fully masked
+    16-bit rows come out 0, no NaN)."""
+    monkeypatch.setattr(A, "FORCE_CONFIG", {name: (16, 16, 4, 1) for name in SMALL})
+    torch.manual_seed(0)
+    lens_q, lens_k = [70, 3, 0, 33, 17], [50, 9, 4, 33, 40]
+    cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEVICE)
+    q, _, _ = _qkv(1, 4, 1, sum(lens_q), 1, 32, dtype)
+    _, k, v = _qkv(1, 4, 1, 1, sum(lens_k), 32, dtype)
+    for causal, window in ((True, None), (False, (7, 3))):
+        _parity(dtype, q, k, v, causal=causal, window=window, cu_seqlens=cu(lens_q), cu_seqlens_k=cu(lens_k))
+    q, k, v = _qkv(1, 4, 2, 61, 29, 32, dtype)
+    _parity(dtype, q, k, v, causal=True)
+    out = ops.flash_attention(q, k, v, causal=True)
+    assert torch.equal(out[:, :, :32], torch.zeros_like(out[:, :, :32]))
+
+
+def test_hopper_only_block_shapes_under_the_interpreter(monkeypatch):
+    """The block shapes the sm_90 rows add (warps and stages mean nothing to the interpreter):
+    the i-th new shape of each kernel runs together, bf16, causal GQA with edge blocks."""
+    shapes = {}
+    for name, table in (("fwd", kfa.fwd_configs), ("dq", kfa.dq_configs), ("dkdv", kfa.dkdv_configs)):
+        shared = {c[:2] for d in (64, 128) for c in table(d, 2, "ieee", True, 80)}
+        shapes[name] = sorted({c[:2] for d in (64, 128) for c in table(d, 2, "ieee", True, 90)} - shared)
+        assert shapes[name], f"no Hopper-only block shape for {name}"
+    torch.manual_seed(0)
+    qkv = _qkv(1, 2, 1, 77, 77, 64, torch.bfloat16)
+    for i in range(max(map(len, shapes.values()))):
+        force = {name: (*s[i % len(s)], 4, 1) for name, s in shapes.items()}
+        monkeypatch.setattr(A, "FORCE_CONFIG", force)
+        _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=True)
 
 
 def test_long_sequence_bf16():
@@ -83,6 +120,15 @@ def test_large_logits(dtype):
         s = (q.float() @ k.float().transpose(-1, -2)) * 64 ** -0.5
     assert s.abs().max() > 5e3
     _parity(dtype, q, k, v, causal=False)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.25])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_zero_and_negative_scale(dtype, scale):
+    """SDPA takes any finite scale. The kernels scale 16-bit scores after the row max (exact for
+    a positive scale only), so the op runs c <= 0 as (-q, |c|) or (0 q, 1): no NaN, parity."""
+    torch.manual_seed(0)
+    _parity(dtype, *_qkv(1, 2, 1, 40, 40, 64, dtype), causal=True, scale=scale)
 
 
 def test_backward_is_deterministic(monkeypatch):
@@ -211,15 +257,23 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
             assert archs[label, w, s] == (None if (bm, bn, w, s) in shared else ("sm_90",))
 
 
-def test_autotune_off_keeps_the_rows_first_candidate(monkeypatch):
-    """FASTLLAMA_AUTOTUNE=0 (kernels' AUTOTUNE flag): one candidate, the row's first, untimed."""
+def test_autotune_off_launches_the_rows_first_candidate(monkeypatch):
+    """FASTLLAMA_AUTOTUNE=0 (read at import) reaches the launchers as autotune=False, and they
+    launch the row's first candidate directly (a pruned one-candidate autotuner would still be
+    timed by Triton before 3.7)."""
+    import subprocess
+    import sys
+
     monkeypatch.setattr(kfa, "device_sm", lambda device: 90)
-    monkeypatch.setattr(kfa, "AUTOTUNE", False)
-    q = torch.empty(1, 1, 1, 64, dtype=torch.bfloat16)
-    kept = kfa._attn_fwd_tuned.early_config_prune(kfa._attn_fwd_tuned.configs, {"Q": q}, D_PAD=64,
-                                                  PRECISION="ieee", ALIGNED=True)
-    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == \
-        kfa.fwd_configs(64, 2, "ieee", True, 90)[:1]
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+    for which, table in (("fwd", kfa.fwd_configs), ("dq", kfa.dq_configs), ("dkdv", kfa.dkdv_configs)):
+        assert kfa.untuned_config(which, q, True, "ieee") == table(128, 2, "ieee", True, 90)[0]
+        assert kfa.untuned_config(which, q, False, "ieee") == table(128, 2, "ieee", False, 90)[0]
+    code = "from fastllama.ops import attention as A; print(A._AUTOTUNE)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, FASTLLAMA_AUTOTUNE=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == expected
 
 
 def test_unaligned_head_dim():
@@ -314,7 +368,7 @@ def test_window_grid(dtype, window, Tq, Tk):
     _parity(dtype, *_qkv(2, 8, 2, Tq, Tk, 128, dtype), causal=window[1] == 0, window=window)
 
 
-@pytest.mark.cuda_only
+@pytest.mark.skipif(INTERPRETER, reason="GPU only: every tile of this device's tables (9 cases, not the matrix)")
 @pytest.mark.parametrize("D", [64, 96, 128])
 @pytest.mark.parametrize("which", ["fwd", "dq", "dkdv"])
 def test_every_autotune_candidate_of_this_gpu(monkeypatch, which, D):

@@ -31,7 +31,7 @@ _LN2 = math.log(2.0)
 
 # FASTLLAMA_AUTOTUNE=0: every GPU launch takes its row's first candidate tile, untimed (test runs
 # on a GPU; see the README). Read once, at import.
-_fwd.AUTOTUNE = os.environ.get("FASTLLAMA_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+_AUTOTUNE = os.environ.get("FASTLLAMA_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
 
 # Tests set this to {"fwd": cfg, "dq": cfg, "dkdv": cfg} with cfg = (BLOCK_M, BLOCK_N, warps,
 # stages) to force small blocks (every masked/unmasked phase in short sequences). None: the
@@ -85,7 +85,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
         mk = _max_seqlen(cu_seqlens_k, k.shape[2], "cu_seqlens_k")
     return _fwd.flash_attention_forward(q, k, v, scale=scale, before=before, after=after, cu_seqlens_q=cu_seqlens_q,
                                         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq, max_seqlen_k=mk,
-                                        precision=precision,
+                                        precision=precision, autotune=_AUTOTUNE,
                                         config=_config("fwd", max(mq or q.shape[2], mk or k.shape[2])))
 
 
@@ -114,7 +114,7 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
     return _bwd.flash_attention_backward(do, q, k, v, out, lse, scale=scale, before=before, after=after, dlse=dlse,
                                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq,
                                          max_seqlen_k=mk, precision=precision, config_dq=_config("dq", longest),
-                                         config_dkdv=_config("dkdv", longest))
+                                         config_dkdv=_config("dkdv", longest), autotune=_AUTOTUNE)
 
 
 @_flash_bwd.register_fake
@@ -218,6 +218,16 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
     return float(scale), before, after, precision
 
 
+def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """The kernels need scale > 0 (16-bit inputs take the row max before scaling, and a masked
+    -inf times a scale <= 0 is NaN or +inf). q k^T * c equals (-q) k^T * |c| for c < 0, and
+    (0 q) k^T * 1 for c = 0 (uniform weights over the visible keys, a zero dq): a copy of q, and
+    autograd carries the sign, in these rare cases only."""
+    if scale > 0:
+        return q, scale
+    return (-q, -scale) if scale < 0 else (q * 0, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------------------
@@ -231,6 +241,7 @@ def flash_attention_with_lse(q, k, v, causal: bool = True, scale: float | None =
     """
     scale, before, after, precision = _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k,
                                                 fp32_precision)
+    q, scale = _positive_scale(q, scale)
     if cu_seqlens is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens
     out, stats = _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision)
@@ -253,7 +264,7 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
             cache needs). SDPA's ``is_causal=True`` aligns top-left instead; both agree when
             Tq == Tk (and for Tq = 1 only this one is right for decoding). Query rows that see no
             key (Tq > Tk) return 0.
-        scale: multiplies q k^T; default 1 / sqrt(D).
+        scale: multiplies q k^T; default 1 / sqrt(D). Any finite value (0 or less costs a copy of q).
         window: ``(left, right)``: query at position p sees keys in [p - left, p + right]; -1 is
             unlimited. Mistral's ``sliding_window=W`` is ``(W - 1, 0)`` with causal.
         cu_seqlens: int32 (N + 1,) boundaries of N sequences packed along T (q/k/v batch 1), as
@@ -275,6 +286,7 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
     """
     scale, before, after, precision = _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k,
                                                 fp32_precision)
+    q, scale = _positive_scale(q, scale)
     if cu_seqlens is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens
     return _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision)[0]
