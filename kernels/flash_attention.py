@@ -496,7 +496,8 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
     ``before``/``after`` come from :func:`mask_bounds`. Varlen: q/k/v are (1, H, total, D) and
     ``cu_seqlens_q/k`` int32 (N + 1,); ``max_seqlen_*`` size the grid. ``config``
     (BLOCK_M, BLOCK_N, num_warps, num_stages) bypasses the autotuner (the interpreter, tests).
-    ``precision`` is tl.dot's input precision for fp32 inputs ("ieee" or "tf32").
+    ``precision`` is tl.dot's input precision for fp32 inputs ("ieee" or "tf32"). ``scale`` must
+    be > 0: 16-bit scores are scaled after the row max (``ops.flash_attention`` maps other scales).
     ``autotune=False`` launches the row's first candidate untimed (:func:`untuned_config`).
     """
     B, Hq, Tq, D = q.shape
