@@ -279,17 +279,18 @@ def cross_entropy_chunk(
     strides = (logits.stride(0), logits.stride(1))
     softcap_arg = float(softcap or 1.0)
     part = loss  # placeholder pointer when there is one split (never read)
-    if splits > 1:
-        part = torch.empty((2, splits, n_rows), device=logits.device, dtype=torch.float32)
-        _lse_partials_kernel[grid](
-            logits, *strides, labels, loss, part, n_rows, n_cols, cols_per_split, ignore_index, softcap_arg,
-            HAS_SOFTCAP=softcap is not None, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps)
-    _loss_and_grad_kernel[grid](
-        logits, *strides, labels, loss, lse, scale, stride_scale, part,
-        n_rows, n_cols, cols_per_split, ignore_index, float(z_loss), softcap_arg,
-        HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad,
-        SPLIT_PAD=0 if splits == 1 else MAX_SPLITS, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
-    )
+    with torch.cuda.device_of(logits):  # Triton launches on the current device, not the tensors'
+        if splits > 1:
+            part = torch.empty((2, splits, n_rows), device=logits.device, dtype=torch.float32)
+            _lse_partials_kernel[grid](
+                logits, *strides, labels, loss, part, n_rows, n_cols, cols_per_split, ignore_index, softcap_arg,
+                HAS_SOFTCAP=softcap is not None, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps)
+        _loss_and_grad_kernel[grid](
+            logits, *strides, labels, loss, lse, scale, stride_scale, part,
+            n_rows, n_cols, cols_per_split, ignore_index, float(z_loss), softcap_arg,
+            HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad,
+            SPLIT_PAD=0 if splits == 1 else MAX_SPLITS, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=num_warps,
+        )
     return loss, lse
 
 
@@ -377,10 +378,11 @@ def accumulate_at_b(
         return c if accumulate else c.zero_()
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _accumulate_at_b_kernel[grid](
-        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), c, c.stride(0), c.stride(1),
-        M, N, K, ACCUMULATE=accumulate, PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    with torch.cuda.device_of(c):
+        _accumulate_at_b_kernel[grid](
+            a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), c, c.stride(0), c.stride(1),
+            M, N, K, ACCUMULATE=accumulate, PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return c

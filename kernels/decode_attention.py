@@ -246,19 +246,20 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
                 num_warps=num_warps, num_stages=num_stages)
     strides = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])
     common = (scale, int(cache_leftpad is not None), *strides)
-    if num_splits == 1:
-        decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, out, out, *common,
-                                  *out.stride()[:3], 0, 0, 0, 0, Tq, group, Tmax, m_tiles,
-                                  SPLIT=False, **meta)
-        return out
-    part = torch.empty((B, Hq, Tq, num_splits, D), device=q.device, dtype=torch.float32)
-    lse = torch.empty((B, Hq, Tq, num_splits), device=q.device, dtype=torch.float32)
-    decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, part, lse, *common,
-                              *part.stride()[:4], *lse.stride()[:3], Tq, group, Tmax, m_tiles,
-                              SPLIT=True, **meta)
-    n_rows = B * Hq * Tq
-    decode_combine_kernel[(triton.cdiv(n_rows, combine_rows),)](
-        part, lse, out, *out.stride()[:3], n_rows, Hq, Tq, num_splits,
-        HEAD_DIM=D, D_PAD=padded_head_dim(D), S_PAD=max(2, triton.next_power_of_2(num_splits)), ROWS=combine_rows,
-        num_warps=4)
+    with torch.cuda.device_of(q):  # Triton launches on the current device
+        if num_splits == 1:
+            decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, out, out, *common,
+                                      *out.stride()[:3], 0, 0, 0, 0, Tq, group, Tmax, m_tiles,
+                                      SPLIT=False, **meta)
+            return out
+        part = torch.empty((B, Hq, Tq, num_splits, D), device=q.device, dtype=torch.float32)
+        lse = torch.empty((B, Hq, Tq, num_splits), device=q.device, dtype=torch.float32)
+        decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, part, lse, *common,
+                                  *part.stride()[:4], *lse.stride()[:3], Tq, group, Tmax, m_tiles,
+                                  SPLIT=True, **meta)
+        n_rows = B * Hq * Tq
+        decode_combine_kernel[(triton.cdiv(n_rows, combine_rows),)](
+            part, lse, out, *out.stride()[:3], n_rows, Hq, Tq, num_splits,
+            HEAD_DIM=D, D_PAD=padded_head_dim(D), S_PAD=max(2, triton.next_power_of_2(num_splits)), ROWS=combine_rows,
+            num_warps=4)
     return out

@@ -518,11 +518,12 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
             Hq, Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), IS_VARLEN=varlen, PRECISION=precision,
                 ALIGNED=strides_aligned(q, k, v, out))
-    if config is None and not autotune:
-        config = untuned_config("fwd", q, meta["ALIGNED"], precision)
-    if config is not None:
-        bm, bn, w, s = config
-        _attn_fwd[(triton.cdiv(mq, bm), n_seq * Hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-    else:
-        _attn_fwd_tuned[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*args, **meta)
+    with torch.cuda.device_of(q):  # Triton launches (and the autotuner times) on the current device
+        if config is None and not autotune:
+            config = untuned_config("fwd", q, meta["ALIGNED"], precision)
+        if config is not None:
+            bm, bn, w, s = config
+            _attn_fwd[(triton.cdiv(mq, bm), n_seq * Hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        else:
+            _attn_fwd_tuned[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*args, **meta)
     return out, lse

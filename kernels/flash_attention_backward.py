@@ -314,34 +314,35 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
     delta = torch.empty_like(lse[0])
     assert lse.is_contiguous() and (dlse is None or dlse.is_contiguous())
     bm = preprocess_block(d_pad)
-    _bwd_preprocess[(triton.cdiv(Tq, bm), B * Hq)](
-        out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], *delta.stride()[:2],
-        Hq, Tq, HAS_DLSE=dlse is not None, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm)
+    with torch.cuda.device_of(do):  # Triton launches (and the autotuner times) on the current device
+        _bwd_preprocess[(triton.cdiv(Tq, bm), B * Hq)](
+            out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], *delta.stride()[:2],
+            Hq, Tq, HAS_DLSE=dlse is not None, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm)
 
-    cu_q = cu_seqlens_q if varlen else delta
-    cu_k = cu_seqlens_k if varlen else delta
-    common = (Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
-    meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_VARLEN=varlen, PRECISION=precision,
-                ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv))
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale,
-                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-                 *dv.stride()[:3], *lse.stride()[1:3], lse.stride(0), Hk, *common)
-    dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale,
-               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-               *lse.stride()[1:3], lse.stride(0), Hq, *common)
-    if not autotune:
-        config_dkdv = config_dkdv or untuned_config("dkdv", q, meta["ALIGNED"], precision)
-        config_dq = config_dq or untuned_config("dq", q, meta["ALIGNED"], precision)
-    if config_dkdv is not None:
-        bm, bn, w, s = config_dkdv
-        _attn_bwd_dkdv[(triton.cdiv(mk, bn), n_seq * Hk)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                          num_warps=w, num_stages=s)
-    else:
-        _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(mk, m["BLOCK_N"]), n_seq * Hk)](*dkdv_args, **meta)
-    if config_dq is not None:
-        bm, bn, w, s = config_dq
-        _attn_bwd_dq[(triton.cdiv(mq, bm), n_seq * Hq)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                        num_warps=w, num_stages=s)
-    else:
-        _attn_bwd_dq_tuned[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*dq_args, **meta)
+        cu_q = cu_seqlens_q if varlen else delta
+        cu_k = cu_seqlens_k if varlen else delta
+        common = (Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
+        meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_VARLEN=varlen, PRECISION=precision,
+                    ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv))
+        dkdv_args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale,
+                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+                     *dv.stride()[:3], *lse.stride()[1:3], lse.stride(0), Hk, *common)
+        dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale,
+                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+                   *lse.stride()[1:3], lse.stride(0), Hq, *common)
+        if not autotune:
+            config_dkdv = config_dkdv or untuned_config("dkdv", q, meta["ALIGNED"], precision)
+            config_dq = config_dq or untuned_config("dq", q, meta["ALIGNED"], precision)
+        if config_dkdv is not None:
+            bm, bn, w, s = config_dkdv
+            _attn_bwd_dkdv[(triton.cdiv(mk, bn), n_seq * Hk)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                              num_warps=w, num_stages=s)
+        else:
+            _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(mk, m["BLOCK_N"]), n_seq * Hk)](*dkdv_args, **meta)
+        if config_dq is not None:
+            bm, bn, w, s = config_dq
+            _attn_bwd_dq[(triton.cdiv(mq, bm), n_seq * Hq)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                            num_warps=w, num_stages=s)
+        else:
+            _attn_bwd_dq_tuned[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*dq_args, **meta)
     return dq, dk, dv

@@ -115,17 +115,18 @@ def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps):
         return y, s, rstd
     r = residual if residual is not None else x
     block_n, chunked = block_cols(n_cols)
-    rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x, r, s if residual is not None else y, y, weight, rstd,
-        n_rows, n_cols,
-        x.stride(0), r.stride(0), s.stride(0) if residual is not None else 0, y.stride(0),
-        eps,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        CHUNKED=chunked,
-        num_warps=num_warps,
-    )
+    with torch.cuda.device_of(x):  # Triton launches on the current device
+        rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+            x, r, s if residual is not None else y, y, weight, rstd,
+            n_rows, n_cols,
+            x.stride(0), r.stride(0), s.stride(0) if residual is not None else 0, y.stride(0),
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            CHUNKED=chunked,
+            num_warps=num_warps,
+        )
     return y, s, rstd
 
 
@@ -219,14 +220,15 @@ def rms_norm_backward(dy, x, weight, rstd, ds_out=None, *, block_m, num_programs
     alloc = torch.zeros if chunked else torch.empty  # chunked rows accumulate in place
     partial = alloc((num_programs, n_cols), dtype=torch.float32, device=x.device)
     ds = ds_out if ds_out is not None else dy
-    rms_norm_bwd_kernel[(num_programs,)](
-        dy, ds, x, weight, rstd, dx, partial,
-        n_rows, n_cols, rows_per_program,
-        dy.stride(0), ds.stride(0), x.stride(0), dx.stride(0),
-        HAS_DS_OUT=ds_out is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        CHUNKED=chunked,
-        num_warps=num_warps,
-    )
+    with torch.cuda.device_of(x):
+        rms_norm_bwd_kernel[(num_programs,)](
+            dy, ds, x, weight, rstd, dx, partial,
+            n_rows, n_cols, rows_per_program,
+            dy.stride(0), ds.stride(0), x.stride(0), dx.stride(0),
+            HAS_DS_OUT=ds_out is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            CHUNKED=chunked,
+            num_warps=num_warps,
+        )
     return dx, partial.sum(0).to(weight.dtype)

@@ -18,6 +18,7 @@ every head of q and then of k. All tensors are strided views: q (B, Hq, T, D) tr
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -117,19 +118,20 @@ def rotary(q, k, q_out, k_out, cos=None, sin=None, position_ids=None, inv_freq=N
         stride_pb = stride_pt = 0
     n_heads = n_q_heads + n_k_heads
     grid = (triton.cdiv(seq_len, block_t), batch, triton.cdiv(n_heads, heads_per_program))
-    rotary_kernel[grid](
-        q, k, q_out, k_out, COS, SIN, POS, INV,
-        seq_len, n_q_heads, n_k_heads, heads_per_program, head_dim // 2,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        stride_cb, stride_ct, stride_sb, stride_st,
-        stride_pb, stride_pt,
-        FROM_POSITIONS=from_positions,
-        BACKWARD=backward,
-        BLOCK_T=block_t,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim // 2)),
-        num_warps=num_warps,
-    )
+    with torch.cuda.device_of(q):  # Triton launches on the current device
+        rotary_kernel[grid](
+            q, k, q_out, k_out, COS, SIN, POS, INV,
+            seq_len, n_q_heads, n_k_heads, heads_per_program, head_dim // 2,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2),
+            k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            stride_cb, stride_ct, stride_sb, stride_st,
+            stride_pb, stride_pt,
+            FROM_POSITIONS=from_positions,
+            BACKWARD=backward,
+            BLOCK_T=block_t,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim // 2)),
+            num_warps=num_warps,
+        )
     return q_out, k_out

@@ -145,13 +145,14 @@ def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqle
         cos_strides = (0, cos.stride(0), 0, sin.stride(0))
     else:
         cos_strides = (cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
-    rotary_cache_kernel[(B, triton.cdiv(T, tokens_per_program))](
-        q, k, v, cos, sin, qo, k_cache, v_cache, cache_seqlens,
-        positions if positions is not None else cache_seqlens,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *qo.stride()[:3],
-        *k_cache.stride()[:3], *v_cache.stride()[:3], *cos_strides,
-        Hq, Hk, T, k_cache.shape[2], cos.shape[0] if table else T, tokens_per_program,
-        HALF=half, HALF_PAD=half_pad, BLOCK_R=rows or block_r(half_pad), TABLE=table,
-        HAS_POS=positions is not None, num_warps=num_warps,
-    )
+    with torch.cuda.device_of(q):  # Triton launches on the current device
+        rotary_cache_kernel[(B, triton.cdiv(T, tokens_per_program))](
+            q, k, v, cos, sin, qo, k_cache, v_cache, cache_seqlens,
+            positions if positions is not None else cache_seqlens,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *qo.stride()[:3],
+            *k_cache.stride()[:3], *v_cache.stride()[:3], *cos_strides,
+            Hq, Hk, T, k_cache.shape[2], cos.shape[0] if table else T, tokens_per_program,
+            HALF=half, HALF_PAD=half_pad, BLOCK_R=rows or block_r(half_pad), TABLE=table,
+            HAS_POS=positions is not None, num_warps=num_warps,
+        )
     return qo

@@ -7,6 +7,7 @@ Math in fp32, one rounding to the output dtype. Row offsets are int64.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -64,10 +65,11 @@ def swiglu_forward(gate, up, out, *, block_m, block_n, num_warps):
     if gate.numel() == 0:
         return out
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
-    swiglu_fwd_kernel[grid](
-        gate, up, out, n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    with torch.cuda.device_of(gate):  # Triton launches on the current device
+        swiglu_fwd_kernel[grid](
+            gate, up, out, n_rows, n_cols, gate.stride(0), up.stride(0), out.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )
     return out
 
 
@@ -77,9 +79,10 @@ def swiglu_backward(d_out, gate, up, d_gate, d_up, *, block_m, block_n, num_warp
     if gate.numel() == 0:
         return d_gate, d_up
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
-    swiglu_bwd_kernel[grid](
-        d_out, gate, up, d_gate, d_up, n_rows, n_cols,
-        d_out.stride(0), gate.stride(0), up.stride(0), d_gate.stride(0), d_up.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    with torch.cuda.device_of(gate):
+        swiglu_bwd_kernel[grid](
+            d_out, gate, up, d_gate, d_up, n_rows, n_cols,
+            d_out.stride(0), gate.stride(0), up.stride(0), d_gate.stride(0), d_up.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )
     return d_gate, d_up

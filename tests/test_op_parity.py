@@ -40,3 +40,72 @@ def test_table_is_not_empty_once_ops_exist():
     """Every op module in the table's registry contributes at least one spec with cases."""
     for spec in optable.all_specs():
         assert spec.cases, f"{spec.name} has no shape cases"
+
+
+def _smallest_cpu_case(spec, dtype):
+    """The op's case with the fewest tensor elements, among those the interpreter runs."""
+    def size(case):
+        args, _ = spec.make_args(case.params, dtype, "cpu")
+        return sum(a.numel() for a in args if isinstance(a, torch.Tensor))
+    return min((c for c in spec.cases if not c.cuda_only), key=size)
+
+
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the *current* CUDA device, not on its tensors' device: in a model spread
+    over several GPUs (HF ``device_map="auto"``) the layers on cuda:1 would launch on cuda:0 and
+    fail ("cannot be accessed from Triton") or read another GPU's memory. Every launcher enters
+    ``torch.cuda.device_of`` of one of its tensors; here each kernel launch of every
+    op, forward and backward, must happen inside such a block (a recorder stands in for it, so
+    this runs on the CPU)."""
+    import contextlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    guards, launches = [], []
+
+    @contextlib.contextmanager
+    def recording_device_of(obj):
+        guards.append(obj)
+        try:
+            yield
+        finally:
+            guards.pop()
+
+    run = InterpretedFunction.run
+
+    def checked_run(self, *args, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        guarded = bool(guards) and all(t.device == guards[-1].device for t in tensors)
+        launches.append((self.fn.__name__, guarded))
+        return run(self, *args, **kwargs)
+
+    if DEVICE != "cpu":
+        pytest.skip("checks launches under the interpreter")
+    monkeypatch.setattr(torch.cuda, "device_of", recording_device_of)
+    monkeypatch.setattr(InterpretedFunction, "run", checked_run)
+    for spec in optable.all_specs():
+        launches.clear()
+        dtype = torch.bfloat16
+        case = _smallest_cpu_case(spec, dtype)
+        torch.manual_seed(0)
+        args, kwargs = spec.make_args(case.params, dtype, DEVICE)
+        out = spec.op(*args, **kwargs)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        loss = sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)
+        if isinstance(loss, torch.Tensor):
+            loss.backward()
+        assert launches, f"{spec.name} {case.id}: no kernel launched"
+        unguarded = sorted({name for name, ok in launches if not ok})
+        assert not unguarded, f"{spec.name} {case.id}: launched outside torch.cuda.device_of: {unguarded}"
+
+
+@pytest.mark.skipif(DEVICE == "cpu" or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_every_op_on_the_second_gpu_while_the_first_is_current():
+    """The multi-GPU case the recorder above stands for, where two GPUs exist."""
+    assert torch.cuda.current_device() == 0
+    for spec in optable.all_specs():
+        case = _smallest_cpu_case(spec, torch.bfloat16)
+        torch.manual_seed(0)
+        args, kwargs = spec.make_args(case.params, torch.bfloat16, "cuda:1")
+        assert_parity(functools.partial(spec.op, **kwargs), functools.partial(spec.reference, **kwargs), *args,
+                      names=spec.names, output_names=spec.output_names, title=f"{spec.name} {case.id} on cuda:1")
