@@ -7,6 +7,8 @@ call (which captures the CUDA graphs / compiles).
 
 Rows:
 - ``fastllama``: ``fastllama.generate.Generator`` (decode step = one CUDA graph);
+- ``fastllama-unfused`` (batch 1 only): the same with ``fuse_projections=False`` (q/k/v and
+  gate/up as separate GEMVs), to measure what the fused projections give;
 - ``hf-static``: ``LlamaForCausalLM.generate(cache_implementation="static",
   disable_compile=True)``, sdpa attention;
 - ``hf-static-compile``: the same with HF's automatic ``torch.compile`` of the forward
@@ -100,9 +102,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def time_fastllama(model, prompt, new_tokens, reps):
+def time_fastllama(model, prompt, new_tokens, reps, fuse_projections=True):
     B, T = prompt.shape
-    gen = Generator(model, B, T + new_tokens)
+    gen = Generator(model, B, T + new_tokens, fuse_projections=fuse_projections)
     gen.generate(prompt, new_tokens, stop_tokens=[])  # warm-up: compiles, captures the graph
     best = None
     for _ in range(reps):
@@ -168,6 +170,9 @@ def main(argv=None) -> int:
                     prompt = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
                     nbytes = step_bytes(model, batch, context + args.new_tokens / 2)
                     methods = [("fastllama", lambda: time_fastllama(model, prompt, args.new_tokens, args.reps))]
+                    if batch == 1:
+                        methods.append(("fastllama-unfused", lambda: time_fastllama(
+                            model, prompt, args.new_tokens, args.reps, fuse_projections=False)))
                     if not args.skip_hf:
                         methods.append(("hf-static", lambda: time_hf(hf, prompt, args.new_tokens, args.reps, False)))
                         if gpu and not args.skip_compile:

@@ -9,10 +9,11 @@
   (``ops.rotary_cache_append``), causal ``ops.flash_attention`` (right padding is invisible to
   the real tokens under a causal mask, and the padded slots are never read: each sequence's
   length says where its cache ends), logits only at each prompt's last token;
-* decode: per layer ``rms_norm`` (fused with the residual add), projections, the fused
-  rotary + cache append, ``ops.decode_attention`` (split-KV flash-decoding over each sequence's
-  length), ``swiglu``; then sampling (greedy, temperature, top-k, top-p) on the device, stop
-  tokens, and the lengths advanced on the device. On CUDA the whole step is captured ONCE as a
+* decode: per layer ``rms_norm`` (fused with the residual add), projections (q/k/v in one
+  GEMM, gate/up in one: see :class:`_RowBlocks`), the fused rotary + cache append,
+  ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length), ``swiglu``;
+  then sampling (greedy, temperature, top-k, top-p) on the device, stop tokens, and the
+  lengths advanced on the device. On CUDA the whole step is captured ONCE as a
   ``torch.cuda.CUDAGraph`` per (batch size, sampling settings) and replayed: no Python, no
   launch overhead, no host sync inside a step. On the CPU (the Triton interpreter) the same step
   runs as a plain eager loop.
@@ -147,6 +148,76 @@ class _State:
         self.graph: torch.cuda.CUDAGraph | None = None
 
 
+class _RowBlocks:
+    """Linears that read the same input, with their weights (and biases) laid out as consecutive
+    row blocks of ONE buffer, so that one GEMM computes all their outputs.
+
+    Why: at batch 1 a decode step is a chain of GEMVs, and k_proj/v_proj (512 x 2048 at the
+    Llama-3.2-1B shape) are too small to reach the memory bandwidth on their own; one q/k/v GEMV
+    and one gate/up GEMV per layer also launch three fewer kernels. (gpt-fast loads its weights
+    fused for the same reason.)
+
+    How, without a copy of the weights: the buffer is made once, and each parameter becomes a
+    view of its block (``param.data = block``): the same Parameter objects with the same values,
+    so the model computes as before, optimizer steps and ``load_state_dict`` (in-place writes)
+    land in the buffer, and no memory is added. Parameters that already are consecutive blocks
+    of one storage (a second Generator over the same model) are adopted as they are.
+    :meth:`intact` says whether something re-pointed a parameter since (``param.data = t``,
+    ``model.to(...)``); the Generator then lays the weights out again.
+    """
+
+    def __init__(self, linears):
+        self.linears = list(linears)
+        self.sizes = [lin.weight.shape[0] for lin in self.linears]
+        self.weight = self._stack([lin.weight for lin in self.linears])
+        has_bias = self.linears[0].bias is not None
+        self.bias = self._stack([lin.bias for lin in self.linears]) if has_bias else None
+
+    @staticmethod
+    def fusable(linears) -> bool:
+        """One dtype, device and input size, and all with a bias or all without."""
+        kinds = {(lin.weight.dtype, lin.weight.device, lin.weight.shape[1:], lin.bias is not None)
+                 for lin in linears}
+        return len(kinds) == 1 and all(lin.weight.dim() == 2 for lin in linears)
+
+    @staticmethod
+    def _spans(buffer: torch.Tensor, params) -> bool:
+        """``params`` are the consecutive row blocks of ``buffer``, in order."""
+        row_bytes = buffer.stride(0) * buffer.element_size()
+        address = buffer.data_ptr()
+        for p in params:
+            if p.data_ptr() != address or not p.is_contiguous() or p.shape[1:] != buffer.shape[1:]:
+                return False
+            address += p.shape[0] * row_bytes
+        return address == buffer.data_ptr() + buffer.shape[0] * row_bytes
+
+    @classmethod
+    def _stack(cls, params) -> torch.Tensor:
+        rows = sum(p.shape[0] for p in params)
+        first = params[0]
+        if all(p.is_contiguous() and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+               for p in params):  # maybe already laid out: adopt the storage, copy nothing
+            adopted = first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                              (rows, *first.shape[1:]), first.stride())
+            if cls._spans(adopted, params):
+                return adopted
+        buffer = torch.cat([p.detach() for p in params])
+        start = 0
+        for p in params:
+            p.data = buffer[start:start + p.shape[0]]
+            start += p.shape[0]
+        return buffer
+
+    def intact(self) -> bool:
+        """Every parameter is still a view of its block of the buffer."""
+        return self._spans(self.weight, [lin.weight for lin in self.linears]) and (
+            self.bias is None or self._spans(self.bias, [lin.bias for lin in self.linears]))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every linear's output, as column views of one GEMM's output."""
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
 class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama`.
 
@@ -154,15 +225,21 @@ class Generator:
         model: the reference model (any dtype; CUDA, or CPU under the Triton interpreter). Its
             parameters are used in place; the generator adds the KV cache
             (``2 x layers x max_batch_size x kv_heads x max_seq_len x head_dim`` elements).
+            Moving the model to another device or dtype afterwards is an error (build a new
+            Generator); changing its weights in place or re-pointing them is fine: each call
+            checks that the captured graphs still read the weights' memory, else captures again.
         max_batch_size, max_seq_len: cache capacity; a call needs ``batch <= max_batch_size``
             and ``longest prompt + max_new_tokens <= max_seq_len``.
         cuda_graph: capture the decode step as a CUDA graph (default: True on CUDA). On the CPU
             the step always runs eagerly.
         num_splits: ``decode_attention``'s key splits (default: its shape heuristic).
+        fuse_projections: compute q/k/v with one GEMM and gate/up with one, by laying each
+            layer's weights out as row blocks of one buffer (see :class:`_RowBlocks`: the
+            model's parameters become views of it, same values, no extra memory). Default True.
     """
 
     def __init__(self, model: Llama, max_batch_size: int, max_seq_len: int, *, cuda_graph: bool | None = None,
-                 num_splits: int | None = None):
+                 num_splits: int | None = None, fuse_projections: bool = True):
         if not isinstance(model, Llama):
             raise TypeError(f"model must be a fastllama.reference.Llama, got {type(model).__name__}")
         if max_batch_size < 1 or max_seq_len < 1:
@@ -189,6 +266,44 @@ class Generator:
         # graph output lives in the pool (outputs are the static buffers or clones of them).
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.stats = GenerationStats()
+        self.fuse_projections = fuse_projections
+        self._projections: list[tuple[_RowBlocks | None, _RowBlocks | None]] = []
+        self._weights_key: tuple[int, ...] = ()
+        self._bind_weights()
+
+    def _bind_weights(self) -> None:
+        """Before each call: the model is where the cache is; the fused projections still back
+        the parameters (laid out again if something re-pointed them); and the captured graphs,
+        which hold the addresses of every weight, are dropped if any weight moved since."""
+        moved = {(p.device, p.dtype) for p in self.model.parameters()} - {(self.device, self.dtype)}
+        if moved:
+            raise ValueError(f"the model has parameters on {sorted(map(str, moved))} but this Generator was built "
+                             f"for {self.device} / {self.dtype} (its cache and tables are); build a new Generator")
+        if self.fuse_projections:
+            layers = self.model.model.layers
+            if len(self._projections) != len(layers):
+                self._projections = [(None, None)] * len(layers)
+            self._projections = [
+                tuple(old if old is not None and old.linears == group and old.intact()
+                      else (_RowBlocks(group) if _RowBlocks.fusable(group) else None)
+                      for old, group in zip(fused, self._layer_groups(layer)))
+                for fused, layer in zip(self._projections, layers)]
+        key = tuple(p.data_ptr() for p in self.model.parameters())
+        if key != self._weights_key:
+            for st in self._states.values():
+                st.graph = None
+            self._weights_key = key
+
+    @staticmethod
+    def _layer_groups(layer) -> tuple[list, list]:
+        """The linears reading the attention's input (q, k, v) and the MLP's (gate, up)."""
+        a, m = layer.self_attn, layer.mlp
+        return [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
+
+    @staticmethod
+    def _project(fused: _RowBlocks | None, linears, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs of ``linears`` on ``h``: one GEMM when they are fused."""
+        return fused(h) if fused is not None else tuple(F.linear(h, lin.weight, lin.bias) for lin in linears)
 
     # -- the model, in fastllama ops --------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, slots: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
@@ -205,13 +320,17 @@ class Generator:
         lengths = slots + T if T <= ops.decode.MAX_QUERY_LEN else None
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
+            attention_in, mlp_in = self._layer_groups(layer)
+            qkv, gate_up = self._projections[i] if self._projections else (None, None)
             if mlp_out is None:
                 h = ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
             else:  # x + mlp(...) of the previous layer and this layer's norm: one kernel
                 h, x = ops.rms_norm(mlp_out, layer.input_layernorm.weight, self.eps, residual=x)
-            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            # q/k/v as column views of one GEMM's output: the kernels below take any strides
+            q, k, v = self._project(qkv, attention_in, h)
+            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
             q = ops.rotary_cache_append(q, k, v, kc, vc, self.cos, self.sin, slots)
             if lengths is not None:
@@ -220,8 +339,7 @@ class Generator:
                 o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True)
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
             h, x = ops.rms_norm(o, layer.post_attention_layernorm.weight, self.eps, residual=x)
-            gate = F.linear(h, m.gate_proj.weight, m.gate_proj.bias)
-            up = F.linear(h, m.up_proj.weight, m.up_proj.bias)
+            gate, up = self._project(gate_up, mlp_in, h)
             mlp_out = F.linear(ops.swiglu(gate, up), m.down_proj.weight, m.down_proj.bias)
         x = x + mlp_out
         x = x[torch.arange(B, device=x.device), last] if last is not None else x[:, -1]
@@ -290,6 +408,7 @@ class Generator:
         sampling (eager CPU runs only: with a CUDA graph, seed with ``torch.manual_seed``).
         Timings land in :attr:`stats`.
         """
+        self._bind_weights()
         prompts, as_lists = self._prompts(input_ids, attention_mask)
         sampling = self._check(prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token_id,
                                generator)
@@ -428,7 +547,7 @@ class _HostReader:
 
 
 def generate(model: Llama, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | None = None,
-             num_splits: int | None = None, **kwargs):
+             num_splits: int | None = None, fuse_projections: bool = True, **kwargs):
     """One-shot :meth:`Generator.generate` with a cache sized for this call (see there for the
     arguments and return value). Reuse a :class:`Generator` to keep its cache and CUDA graphs."""
     if isinstance(input_ids, torch.Tensor):
@@ -436,7 +555,7 @@ def generate(model: Llama, input_ids, max_new_tokens: int = 20, *, cuda_graph: b
     else:
         batch, longest = len(input_ids), max((len(p) for p in input_ids), default=0)
     gen = Generator(model, max(batch, 1), max(longest + max(max_new_tokens, 0), 1), cuda_graph=cuda_graph,
-                    num_splits=num_splits)
+                    num_splits=num_splits, fuse_projections=fuse_projections)
     return gen.generate(input_ids, max_new_tokens, **kwargs)
 
 

@@ -291,3 +291,77 @@ def test_cli_generate_uses_tokenizer_json_when_present(checkpoint, tmp_path, cap
     ref = Llama.from_pretrained(tmp_path, device=DEVICE).generate(torch.tensor([ids], device=DEVICE), 4,
                                                                   stop_tokens=[2])
     assert out.startswith("The sea" + tok.decode(ref[0, len(ids):].tolist(), skip_special_tokens=True)), out
+
+
+def test_fused_projections_share_the_models_weights_and_follow_them(tmp_path):
+    """q/k/v and gate/up run as one GEMM each over a buffer the parameters become views of: the
+    model's values and Parameter objects are unchanged, a second Generator adopts the layout
+    without copying, writes to the weights (even through ``.data``, which autograd's version
+    counters miss) are seen by the next call, a re-pointed parameter is laid out again, moving
+    the model to another dtype is an error, and the model still saves and loads."""
+    model = _tiny_model(seed=3, attention_bias=True, mlp_bias=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {k: id(p) for k, p in model.named_parameters()}
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40))]
+
+    def reference_tokens():
+        ids, mask = _left_padded(prompts)
+        return model.generate(ids, 6, attention_mask=mask, stop_tokens=[])[:, ids.shape[1]:].tolist()
+
+    gen = Generator(model, 2, 64)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    qkv, gate_up = gen._projections[1]
+    assert qkv.weight.shape == (64 + 32 + 32, 64) and gate_up.bias.shape == (2 * 160,)
+    assert attn.v_proj.weight.data_ptr() == qkv.weight[96:].data_ptr()
+    assert mlp.up_proj.bias.data_ptr() == gate_up.bias[160:].data_ptr()
+    assert {k: id(p) for k, p in model.named_parameters()} == params
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    unfused = Generator(model, 2, 64, fuse_projections=False)
+    assert unfused._projections == []
+    expected = reference_tokens()
+    assert [g[5:] for g in gen.generate(prompts[:1], 6, stop_tokens=[])] == [expected[0]]
+    assert [p[len(q):] for p, q in zip(gen.generate(prompts, 6, stop_tokens=[]), prompts)] == expected
+    assert unfused.generate(prompts, 6, stop_tokens=[]) == gen.generate(prompts, 6, stop_tokens=[])
+
+    again = Generator(model, 2, 64)
+    assert again._projections[1][0].weight.data_ptr() == qkv.weight.data_ptr()  # adopted, not copied
+
+    with torch.no_grad():
+        attn.k_proj.weight.data.mul_(-1.5)  # lands in the fused buffer
+        mlp.gate_proj.bias.add_(0.5)
+    changed = reference_tokens()
+    assert changed != expected
+    assert [p[len(q):] for p, q in zip(gen.generate(prompts, 6, stop_tokens=[]), prompts)] == changed
+
+    mlp.up_proj.weight.data = torch.randn_like(mlp.up_proj.weight)  # re-pointed: laid out again
+    assert not gate_up.intact()
+    repointed = reference_tokens()
+    assert [p[len(q):] for p, q in zip(gen.generate(prompts, 6, stop_tokens=[]), prompts)] == repointed
+    assert gen._projections[1][1] is not gate_up and gen._projections[1][1].intact()
+    assert gen._projections[1][0] is qkv  # the untouched group is kept
+
+    model.save_pretrained(tmp_path)
+    loaded = Llama.from_pretrained(tmp_path, device=DEVICE)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="build a new Generator"):
+        gen.generate(prompts, 2)
+
+
+def test_captured_graphs_are_dropped_when_a_weight_moves(monkeypatch):
+    """A CUDA graph holds every weight's address: in-place writes keep the graph (it reads the
+    same memory), a parameter given new memory makes the next call capture again."""
+    fake = _FakeCudaGraphs(monkeypatch)
+    model = _tiny_model(seed=4)
+    gen = Generator(model, 1, 32)
+    gen.cuda_graph = True
+    gen.generate([[5, 6, 7]], 4, stop_tokens=[])
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.mul_(2.0)
+    gen.generate([[5, 6, 7]], 4, stop_tokens=[])
+    assert fake.captures == 1
+    model.model.layers[0].self_attn.o_proj.weight.data = model.model.layers[0].self_attn.o_proj.weight.clone()
+    gen.generate([[5, 6, 7]], 4, stop_tokens=[])
+    assert fake.captures == 2
