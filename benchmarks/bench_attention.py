@@ -5,6 +5,8 @@ Sweep (issue 4): bf16, head dim 64 and 128, sequence 512 to 16k with batch * seq
 
 - ``fastllama``: ``ops.flash_attention`` (autotuned on first call; the tuning is not timed; the
   note names the tiles the autotuner chose);
+- ``fastllama-atomic``: the same with ``deterministic=False`` (dQ added with atomics in the dK/dV
+  kernel, as sdpa-flash and flash-attn do; the forward is the same kernel as ``fastllama``'s);
 - ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``: ``F.scaled_dot_product_attention`` pinned
   to one backend with ``torch.nn.attention.sdpa_kernel`` (a backend that refuses the shape is
   skipped with its error as the row's note);
@@ -45,7 +47,9 @@ from fastllama.ops import attention as attention_ops  # noqa: E402
 
 def _providers():
     """name -> fn(q, k, v, causal) on (B, H, T, D) tensors."""
-    out = {"fastllama": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal)}
+    out = {"fastllama": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal),
+           "fastllama-atomic": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal,
+                                                                           deterministic=False)}
     if not common.on_gpu():
         return out
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -89,8 +93,9 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
         return [dict(base, direction=d, ms=None, tflops=None, note=note) for d in ("fwd", "bwd")]
     # fastllama's rows name the tiles its autotuner chose for this shape (what the next tuning
     # round starts from).
-    picks = attention_ops.autotuned_choices() if name == "fastllama" else {}
-    notes = {"fwd": picks.get("fwd", ""), "bwd": "; ".join(f"{k} {picks[k]}" for k in ("dkdv", "dq") if k in picks)}
+    picks = attention_ops.autotuned_choices() if name.startswith("fastllama") else {}
+    bwd_kernels = ("dkdv", "dq") if name == "fastllama" else ("dkdv_atomic",)
+    notes = {"fwd": picks.get("fwd", ""), "bwd": "; ".join(f"{k} {picks[k]}" for k in bwd_kernels if k in picks)}
     return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=notes["fwd"]),
             dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note=notes["bwd"])]
 

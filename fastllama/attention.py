@@ -102,7 +102,7 @@ def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal
             and (causal or q.shape[2] == 1) and k.shape[2] >= q.shape[2])
 
 
-def _varlen(q, k, v, plan: _Plan, causal, scale, window):
+def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic):
     """Packs each row's run of keys (and, when Tq == Tk, of queries), runs varlen flash
     attention, and scatters the result back (0 for padding queries)."""
     B, Hq, Tq, D = q.shape
@@ -121,17 +121,18 @@ def _varlen(q, k, v, plan: _Plan, causal, scale, window):
         idx_q = torch.arange(B * Tq, device=q.device)
         cu_q = torch.arange(0, (B + 1) * Tq, Tq, device=q.device, dtype=torch.int32)
     out = ops.flash_attention(pack(q, idx_q), pack(k, idx_k), pack(v, idx_k), causal=causal, scale=scale,
-                              window=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k)
+                              window=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, deterministic=deterministic)
     full = out.new_zeros(B * Tq, Hq, D).index_copy(0, idx_q, out[0].transpose(0, 1))
     return full.view(B, Tq, Hq, D).transpose(1, 2)
 
 
 def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, scale: float | None = None,
-           window: tuple[int, int] | None = None, dropout: float = 0.0) -> torch.Tensor:
+           window: tuple[int, int] | None = None, dropout: float = 0.0, deterministic: bool = True) -> torch.Tensor:
     """Attention for patched models: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D) -> (B, Hq, Tq, D).
 
     ``mask`` is HF's boolean (B, 1, Tq, Tk) mask or None (see the module docstring for how each
-    shape of mask is served). ``window`` is ``(left, right)`` as in :func:`ops.flash_attention`.
+    shape of mask is served). ``window`` and ``deterministic`` are as in
+    :func:`ops.flash_attention`.
     """
     Tq, Tk = q.shape[2], k.shape[2]
     if dropout > 0:
@@ -146,16 +147,18 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
         if _decode_ok(q, k, v, window, causal):
             seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
             return ops.decode_attention(q, k, v, seqlens, scale=scale)
-        return ops.flash_attention(q, k, v, causal=causal and Tq > 1, scale=scale, window=window)
+        return ops.flash_attention(q, k, v, causal=causal and Tq > 1, scale=scale, window=window,
+                                   deterministic=deterministic)
     plan = _classify(mask, causal, window)
     if plan.kind == "prefix":
         if _decode_ok(q, k, v, window, True):
             return ops.decode_attention(q, k, v, plan.lengths, scale=scale)
         if bool((plan.lengths == plan.lengths[0]).all()):
             n = int(plan.lengths[0])
-            return ops.flash_attention(q, k[:, :, :n], v[:, :, :n], causal=True, scale=scale, window=window)
+            return ops.flash_attention(q, k[:, :, :n], v[:, :, :n], causal=True, scale=scale, window=window,
+                                       deterministic=deterministic)
     if plan.kind == "runs":
-        return _varlen(q, k, v, plan, causal, scale, window)
+        return _varlen(q, k, v, plan, causal, scale, window, deterministic)
     FALLBACKS["mask is not causal attention over one run of tokens per row"] += 1
     return _sdpa(q, k, v, mask, False, scale, 0.0)
 

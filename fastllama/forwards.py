@@ -184,7 +184,9 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
-    out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window, dropout=dropout)
+    deterministic = getattr(module, "_fastllama", {}).get("deterministic", True)
+    out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window, dropout=dropout,
+                 deterministic=deterministic)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -314,7 +316,7 @@ def reference_attention_forward(self, x, cos, sin, key_padding_mask=None, cache=
             # missing mask the HF way (top-left for an empty static cache), so spell it out
             mask = ref.attention_mask(T, k.shape[2], causal=True, key_padding_mask=key_padding_mask,
                                       device=x.device).expand(B, 1, T, k.shape[2])
-        out = attend(q, k, v, mask, causal=True)
+        out = attend(q, k, v, mask, causal=True, deterministic=self._fastllama.get("deterministic", True))
     else:
         out = ref.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
     return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

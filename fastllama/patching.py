@@ -152,7 +152,8 @@ def _register_hf_attention() -> None:
 
 
 def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
-          attention: bool = True, cross_entropy: bool = True, verbose: bool = False) -> nn.Module:
+          attention: bool = True, cross_entropy: bool = True, deterministic: bool = True,
+          verbose: bool = False) -> nn.Module:
     """Swaps fastllama's kernels into ``model`` (this instance only) and returns it.
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
@@ -165,6 +166,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     projections are plain ``nn.Linear``s without hooks runs each norm together with the linears
     after it, and the SwiGLU with down_proj (``ops.rms_norm_linear``/``ops.swiglu_linear``: same
     math, the norm output and the SwiGLU output recomputed in backward rather than kept).
+    ``deterministic=False`` lets the attention backward add dQ with atomics, as SDPA's flash
+    backend does (fp16/bf16: fewer matmuls, gradients vary in their last bits run to run; see
+    :func:`fastllama.ops.flash_attention`).
 
     Raises:
         TypeError: ``model`` contains nothing fastllama knows how to patch (the message lists the
@@ -175,7 +179,10 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     _check_wrappers(model)
     if model in _STATE:
         unpatch(model)
-    options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy,
+                   deterministic=deterministic)
     by_class = {c: r for r in RULES for c in r.classes}
     summary, matched = [], 0
     for name, module in model.named_modules():

@@ -379,9 +379,36 @@ _SM90_EXTRA_16BIT = {
              128: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2)]},
 }
 
+# dK/dV with atomic dQ adds (``deterministic=False``, fp16/bf16 only). The program also forms a
+# (BLOCK_M, D) dQ tile per step and stages dS^T through shared memory for it, so it gets tiles
+# of its own: the deterministic kernel's d128 tiles spill here. Registers per thread, worst over
+# fp16/bf16, dense/varlen and the head dims of the row, sm_80 / sm_90:
+#   aligned  d64 (32,64,8,2) 224/169, (32,128,8,2) 255/210, (16,64,4,2) 222/168; d80-128
+#            (32,64,8,2) 255/230, (32,32,4,2) 244/242; d256 (32,32,8,2) 216/222, (16,32,8,2) 191/188.
+#            sm_90 only, d64: (64,64,8,2|3) 240, (32,128,8,3) 220.
+#            Rejected: d64 (64,64,8,2) 272 B spill on sm_80, (64,128,8,2) 32 B on sm_90; d128
+#            (16,64,4,2) 72 B, (32,128,8,2) 56 B, (64,64,8,2|3) 64-152 B, (64,128,8,2) 416 B;
+#            d256 (16,64,8,2) 16-256 B.
+#   unaligned d64 (16,32,4,2) 215/191 ((32,32,4,2) 32 B on sm_90); d80-128 (32,32,8,2) 238/240,
+#            (16,32,8,2) 225/210; d256 (16,32,8,2) 231/214, (32,32,8,2) 255/236.
+# Unmeasured: which of them is fastest, and whether the atomics beat the separate dQ pass.
+_DKDV_ATOMIC = {
+    (64, "16-bit"): [(32, 64, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2)],
+    (128, "16-bit"): [(32, 64, 8, 2), (32, 32, 4, 2)],
+    (256, "16-bit"): [(32, 32, 8, 2), (16, 32, 8, 2)],
+}
+_DKDV_ATOMIC_UNALIGNED = {
+    (64, "16-bit"): [(16, 32, 4, 2)],
+    (128, "16-bit"): [(32, 32, 8, 2)],
+    (256, "16-bit"): [(16, 32, 8, 2)],
+}
+_SM90_EXTRA_ATOMIC = {64: [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3)]}
+
 # (aligned table, unaligned table, sm_90 additions) per kernel.
-CONFIG_TABLES = {name: (aligned, unaligned, _SM90_EXTRA_16BIT[name]) for name, aligned, unaligned in (
-    ("fwd", _FWD, _FWD_UNALIGNED), ("dq", _DQ, _DQ_UNALIGNED), ("dkdv", _DKDV, _DKDV_UNALIGNED))}
+CONFIG_TABLES = {name: (aligned, unaligned, sm90) for name, aligned, unaligned, sm90 in (
+    ("fwd", _FWD, _FWD_UNALIGNED, _SM90_EXTRA_16BIT["fwd"]), ("dq", _DQ, _DQ_UNALIGNED, _SM90_EXTRA_16BIT["dq"]),
+    ("dkdv", _DKDV, _DKDV_UNALIGNED, _SM90_EXTRA_16BIT["dkdv"]),
+    ("dkdv_atomic", _DKDV_ATOMIC, _DKDV_ATOMIC_UNALIGNED, _SM90_EXTRA_ATOMIC))}
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -426,6 +453,14 @@ def dq_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bo
     return _lookup(CONFIG_TABLES["dq"], d_pad, elem_bytes, precision, aligned, sm)
 
 
+def dkdv_atomic_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
+                        sm: int = 80) -> list[tuple]:
+    """Candidates of the dK/dV kernel with atomic dQ adds (16-bit inputs only); see :func:`fwd_configs`."""
+    if elem_bytes >= 4:
+        raise ValueError("the atomic-dQ backward runs fp16/bf16 only")
+    return _lookup(CONFIG_TABLES["dkdv_atomic"], d_pad, elem_bytes, precision, aligned, sm)
+
+
 @functools.lru_cache(maxsize=None)
 def device_sm(device: torch.device) -> int:
     """10 * major + minor compute capability of a CUDA device; 0 for anything else."""
@@ -435,11 +470,11 @@ def device_sm(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def make_autotuned(kernel, tables, key):
+def make_autotuned(kernel, tables, key, **autotune_kwargs):
     """``kernel`` autotuned over the union of ``tables`` (aligned, unaligned, sm_90 additions);
     each launch keeps only the candidates of its own (ALIGNED, padded head dim, dtype, fp32
     precision, device arch) row, so a config that the build report did not compile for that row
-    can not be chosen."""
+    can not be chosen. ``autotune_kwargs`` go to ``triton.autotune`` (e.g. ``restore_value``)."""
     union = sorted({c for table in tables for row in table.values() for c in row})
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
 
@@ -449,7 +484,7 @@ def make_autotuned(kernel, tables, key):
                              kwargs["ALIGNED"], device_sm(q.device)))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, **autotune_kwargs)(kernel)
 
 
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "IS_VARLEN", "PRECISION", "ALIGNED"]
@@ -457,10 +492,10 @@ _attn_fwd_tuned = make_autotuned(_attn_fwd, CONFIG_TABLES["fwd"], _TUNE_KEY)
 
 
 def untuned_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -> tuple:
-    """The first candidate of a launch's row ("fwd", "dq" or "dkdv"): what runs, launched
-    directly and untimed, when a launcher gets ``autotune=False``. (Pruning the autotuner to one
-    candidate is not enough: Triton before 3.7 still times a lone candidate.)"""
-    configs = {"fwd": fwd_configs, "dq": dq_configs, "dkdv": dkdv_configs}[which]
+    """The first candidate of a launch's row ("fwd", "dq", "dkdv" or "dkdv_atomic"): what runs,
+    launched directly and untimed, when a launcher gets ``autotune=False``. (Pruning the
+    autotuner to one candidate is not enough: Triton before 3.7 still times a lone candidate.)"""
+    configs = {"fwd": fwd_configs, "dq": dq_configs, "dkdv": dkdv_configs, "dkdv_atomic": dkdv_atomic_configs}[which]
     return configs(padded_head_dim(q.shape[-1]), q.element_size(), precision, aligned, device_sm(q.device))[0]
 
 
@@ -523,7 +558,8 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
             config = untuned_config("fwd", q, meta["ALIGNED"], precision)
         if config is not None:
             bm, bn, w, s = config
-            _attn_fwd[(triton.cdiv(mq, bm), n_seq * Hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+            _attn_fwd[(triton.cdiv(mq, bm), n_seq * Hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                                                        num_stages=s)
         else:
             _attn_fwd_tuned[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*args, **meta)
     return out, lse

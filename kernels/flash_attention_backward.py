@@ -1,4 +1,4 @@
-"""Flash attention backward: three deterministic kernels, no atomics.
+"""Flash attention backward: three deterministic kernels by default, or two with atomic dQ adds.
 
 With s = q k^T * scale, p = exp(s - lse) (lse saved by the forward) and dO the upstream gradient:
 
@@ -14,6 +14,12 @@ With s = q k^T * scale, p = exp(s - lse) (lse saved by the forward) and dO the u
 3. ``_attn_bwd_dq``: one program owns a block of queries and streams keys, like the forward.
    Recomputing p here costs two extra matmuls against a fused kernel with atomic dQ adds, and
    buys bit-identical gradients run to run (the order of every sum is fixed).
+
+``deterministic=False`` (16-bit inputs) is that fused kernel: the dK/dV kernel also forms
+dS K for each block of query rows it visits and adds it into an fp32 dQ buffer with atomic adds,
+and kernel 3 does not run: five matmuls per (query block, key block) pair instead of seven, as in
+flash-attn 2 and SDPA's flash backend. The key blocks add to a row in whatever order they
+finish, so dQ varies in its last bits from run to run.
 
 Masks and block skipping are the forward's (see ``flash_attention.py``): the dK/dV kernel asks
 :func:`block_span` the transposed question (which query rows can see this key block).
@@ -69,10 +75,11 @@ def _load_row_stats(stat_base, stride_lp, delta_base, rows, q_len):
 # dK, dV
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, stride_qt, stride_dot, q_len, start_m,
-                k_pos, offset, offs_m, offs_d, qk_scale, before, after, edge,
-                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """Adds one block of query rows [start_m, start_m + BLOCK_M) to dV += p^T dO, dK += dS^T Q.
+def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, dq_ptr, stride_qt, stride_dot,
+                stride_dqt, q_len, start_m, k_pos, offset, offs_m, offs_d, qk_scale, before, after, edge,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Adds one block of query rows [start_m, start_m + BLOCK_M) to dV += p^T dO, dK += dS^T Q
+    (and, with ``ATOMIC_DQ``, dS K to those rows of the fp32 dQ buffer, unscaled).
 
     ``edge``: the block straddles a mask border (diagonal, window side, sequence end) and pays for
     the mask; every other block is fully visible and skips it (a uniform branch, no divergence).
@@ -93,6 +100,7 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, str
     m, log2_l, delta = _load_row_stats(stat_ptr, stride_lp, delta_ptr, offs_m, q_len - start_m)
     q_pos = rows + offset
     if q.dtype == tl.float32:
+        tl.static_assert(not ATOMIC_DQ, "fp32 runs the deterministic backward only")
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if edge:  # hidden scores may exceed the row max: -inf keeps 2^(s - m) from overflowing
             visible = ((rows[:, None] < q_len) & (k_pos[None, :] >= q_pos[:, None] - before)
@@ -112,14 +120,21 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, str
         # explicit: a scaled tile that passes the mask branch is not fused (sm_90 SASS: FMUL, FADD)
         p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -lse2[None, :]))
         dv = tl.dot(p_t.to(do.dtype), do, dv)
-        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk)
+        if ATOMIC_DQ:
+            # relaxed: only the sum matters, no ordering against other memory (no fence per add).
+            # Padding rows (p = 0) add zeros; their addresses are masked all the same.
+            dq = tl.dot(tl.trans(ds_t), k)
+            ptrs = dq_ptr + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :]
+            tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < q_len - start_m) & (offs_d[None, :] < HEAD_DIM),
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
     sm_scale,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
@@ -127,13 +142,15 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dot,
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
+    stride_dqb, stride_dqh, stride_dqt,
     stride_lb, stride_lh, stride_lp,
     n_kv_heads, group, seqlen_q, seqlen_k, before, after,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one (sequence, KV head); all query heads of its group.
+    ``ATOMIC_DQ``: also adds dS K into the fp32 buffer DQ (unscaled; DQ is unused otherwise).
 
     ONE loop runs over (query head of the group, query block) pairs, the edge blocks included:
     a loop per mask phase and per head (the obvious structure) made three copies of the body,
@@ -147,6 +164,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dot = aligned16(stride_dob, stride_doh, stride_dot, ALIGNED)
     stride_dkb, stride_dkh, stride_dkt = aligned16(stride_dkb, stride_dkh, stride_dkt, ALIGNED)
     stride_dvb, stride_dvh, stride_dvt = aligned16(stride_dvb, stride_dvh, stride_dvt, ALIGNED)
+    stride_dqb, stride_dqh, stride_dqt = aligned16(stride_dqb, stride_dqh, stride_dqt, ALIGNED)
     pid_n = tl.program_id(0)
     seq = tl.program_id(1) // n_kv_heads
     hk = tl.program_id(1) % n_kv_heads
@@ -163,6 +181,10 @@ def _attn_bwd_dkdv(
                   k_len - start_n, HEAD_DIM, D_PAD)
     v = load_rows(V + b * stride_vb + hk.to(tl.int64) * stride_vh + k_row0 * stride_vt, offs_n, stride_vt, offs_d,
                   k_len - start_n, HEAD_DIM, D_PAD)
+    if ATOMIC_DQ:  # rows past k_len repeat the last key (load_rows), and no mask hides them from
+        # the rows of an interior block: zero keys add nothing to dS K (their own dK/dV rows are
+        # never stored).
+        k = tl.where(offs_n[:, None] < k_len - start_n, k, tl.zeros_like(k))
 
     # Key j is seen by rows at absolute positions [j - after, j + before]; row index = pos - offset.
     offset = k_len - q_len
@@ -184,9 +206,10 @@ def _attn_bwd_dkdv(
         stats = b * stride_lb + h * stride_lh + q_start + start_m
         dk, dv = _dkdv_block(dk, dv, k, v, Q + b * stride_qb + h * stride_qh + row0 * stride_qt,
                              DO + b * stride_dob + h * stride_doh + row0 * stride_dot, LSE + stats, stride_lp,
-                             DELTA + stats, stride_qt, stride_dot, q_len, start_m, k_pos, offset, offs_m, offs_d,
+                             DELTA + stats, DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqt,
+                             stride_qt, stride_dot, stride_dqt, q_len, start_m, k_pos, offset, offs_m, offs_d,
                              qk_scale, before, after, (start_m < mid_lo) | (start_m >= mid_hi),
-                             HEAD_DIM, D_PAD, PRECISION)
+                             HEAD_DIM, D_PAD, PRECISION, ATOMIC_DQ)
     store_rows(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkt, dk * sm_scale,
                offs_n, stride_dkt, offs_d, k_len - start_n, HEAD_DIM)
     store_rows(DV + b * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvt, dv,
@@ -282,6 +305,10 @@ def _attn_bwd_dq(
 
 _attn_bwd_dkdv_tuned = make_autotuned(_attn_bwd_dkdv, CONFIG_TABLES["dkdv"], _TUNE_KEY)
 _attn_bwd_dq_tuned = make_autotuned(_attn_bwd_dq, CONFIG_TABLES["dq"], _TUNE_KEY)
+# The atomic variant has its own tiles (it holds a dQ tile too) and its own tuning cache. Each
+# timed run adds into DQ: the autotuner restores its zeros before the run that counts.
+_attn_bwd_dkdv_atomic_tuned = make_autotuned(_attn_bwd_dkdv, CONFIG_TABLES["dkdv_atomic"], _TUNE_KEY,
+                                             restore_value=["DQ"])
 
 
 def preprocess_block(d_pad: int) -> int:
@@ -292,15 +319,19 @@ def preprocess_block(d_pad: int) -> int:
 def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int, after: int, dlse=None,
                              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                              precision: str = "ieee", config_dq: tuple | None = None,
-                             config_dkdv: tuple | None = None, autotune: bool = True):
+                             config_dkdv: tuple | None = None, autotune: bool = True,
+                             deterministic: bool = True):
     """Launches the three backward kernels; returns (dq, dk, dv) with the layouts of q, k, v.
 
     ``do`` and ``out`` need a unit last stride; ``lse`` is the forward's (2, B, Hq, Tq) fp32
     statistics and ``dlse`` (optional, (B, Hq, Tq)) the gradient of the loss with respect to the
     natural-log lse, ``(lse[0] + lse[1]) * ln 2``. Other arguments as in
     ``flash_attention_forward``; ``config_*`` bypass the autotuner, and ``autotune=False`` takes
-    each kernel's first candidate instead.
+    each kernel's first candidate instead. ``deterministic=False`` (fp16/bf16 only) adds dQ with
+    atomics inside the dK/dV kernel (``config_dkdv`` then picks its tile; see the module doc).
     """
+    if not deterministic and q.dtype == torch.float32:
+        raise ValueError("deterministic=False needs fp16/bf16 inputs; fp32 runs the deterministic backward")
     B, Hq, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -316,29 +347,37 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
     bm = preprocess_block(d_pad)
     with torch.cuda.device_of(do):  # Triton launches (and the autotuner times) on the current device
         _bwd_preprocess[(triton.cdiv(Tq, bm), B * Hq)](
-            out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], *delta.stride()[:2],
+            out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3],
+            *delta.stride()[:2],
             Hq, Tq, HAS_DLSE=dlse is not None, HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=bm)
 
         cu_q = cu_seqlens_q if varlen else delta
         cu_k = cu_seqlens_k if varlen else delta
         common = (Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
+        # atomic: dS K accumulates unscaled in fp32 rows of D elements, converted once at the end
+        dq_acc = torch.zeros((*q.shape[:3], D), device=q.device, dtype=torch.float32) if not deterministic else dq
         meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_VARLEN=varlen, PRECISION=precision,
-                    ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv))
-        dkdv_args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, scale,
+                    ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv, dq_acc))
+        dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, scale,
                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-                     *dv.stride()[:3], *lse.stride()[1:3], lse.stride(0), Hk, *common)
+                     *dv.stride()[:3], *dq_acc.stride()[:3], *lse.stride()[1:3], lse.stride(0), Hk, *common)
         dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale,
                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
                    *lse.stride()[1:3], lse.stride(0), Hq, *common)
+        dkdv_kind = "dkdv" if deterministic else "dkdv_atomic"
         if not autotune:
-            config_dkdv = config_dkdv or untuned_config("dkdv", q, meta["ALIGNED"], precision)
+            config_dkdv = config_dkdv or untuned_config(dkdv_kind, q, meta["ALIGNED"], precision)
             config_dq = config_dq or untuned_config("dq", q, meta["ALIGNED"], precision)
         if config_dkdv is not None:
             bm, bn, w, s = config_dkdv
             _attn_bwd_dkdv[(triton.cdiv(mk, bn), n_seq * Hk)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                              num_warps=w, num_stages=s)
+                                                              ATOMIC_DQ=not deterministic, num_warps=w, num_stages=s)
         else:
-            _attn_bwd_dkdv_tuned[lambda m: (triton.cdiv(mk, m["BLOCK_N"]), n_seq * Hk)](*dkdv_args, **meta)
+            tuned = _attn_bwd_dkdv_tuned if deterministic else _attn_bwd_dkdv_atomic_tuned
+            tuned[lambda m: (triton.cdiv(mk, m["BLOCK_N"]), n_seq * Hk)](*dkdv_args, **meta,
+                                                                          ATOMIC_DQ=not deterministic)
+        if not deterministic:
+            return dq.copy_(dq_acc.mul_(scale)), dk, dv
         if config_dq is not None:
             bm, bn, w, s = config_dq
             _attn_bwd_dq[(triton.cdiv(mq, bm), n_seq * Hq)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn,

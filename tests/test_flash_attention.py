@@ -28,9 +28,10 @@ def _qkv(B, Hq, Hk, Tq, Tk, D, dtype, grad=True, scale=1.0):
     return tuple(t.requires_grad_(grad) for t in (make(Hq, Tq), make(Hk, Tk), make(Hk, Tk)))
 
 
-def _parity(dtype, *qkv, **kwargs):
-    return assert_parity(functools.partial(ops.flash_attention, **kwargs), functools.partial(A._reference, **kwargs),
-                         *qkv, names=("q", "k", "v"), output_names=("out",), title=str(kwargs))
+def _parity(dtype, *qkv, deterministic=True, **kwargs):
+    return assert_parity(functools.partial(ops.flash_attention, deterministic=deterministic, **kwargs),
+                         functools.partial(A._reference, **kwargs), *qkv, names=("q", "k", "v"), output_names=("out",),
+                         title=f"{kwargs}{'' if deterministic else ' atomic dQ'}")
 
 
 @pytest.mark.parametrize("Tq,Tk,causal,window", [
@@ -66,11 +67,51 @@ def test_small_blocks_16bit_varlen_gqa(monkeypatch, dtype):
     assert torch.equal(out[:, :, :32], torch.zeros_like(out[:, :, :32]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_atomic_dq_backward(monkeypatch, dtype):
+    """deterministic=False: dQ added with atomics in the dK/dV kernel. 16-row blocks so several
+    key blocks add into each dQ row: varlen with Tq != Tk (a sequence without queries, one without
+    keys), GQA 4:1, causal, a window, full attention over a key length that leaves a partial key
+    block (its padding keys must add nothing to dQ, though no mask covers the interior rows), and
+    dense Tq > Tk. dK and dV are the deterministic path's bit for bit (same kernel, same order)."""
+    monkeypatch.setattr(A, "FORCE_CONFIG", {name: (16, 16, 4, 1) for name in SMALL})
+    torch.manual_seed(0)
+
+    def check(q, k, v, **kwargs):
+        _parity(dtype, q, k, v, deterministic=False, **kwargs)
+        dout = torch.randn_like(q)
+        fast = torch.autograd.grad(ops.flash_attention(q, k, v, deterministic=False, **kwargs), (k, v), dout)
+        exact = torch.autograd.grad(ops.flash_attention(q, k, v, **kwargs), (k, v), dout)
+        assert all(torch.equal(a, b) for a, b in zip(fast, exact))
+
+    lens_q, lens_k = [70, 3, 0, 33, 17, 5], [50, 9, 4, 33, 40, 0]
+    cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEVICE)
+    q, _, _ = _qkv(1, 4, 1, sum(lens_q), 1, 32, dtype)
+    _, k, v = _qkv(1, 4, 1, 1, sum(lens_k), 32, dtype)
+    for causal, window in ((True, None), (False, (7, 3)), (False, None)):
+        check(q, k, v, causal=causal, window=window, cu_seqlens=cu(lens_q), cu_seqlens_k=cu(lens_k))
+    check(*_qkv(2, 2, 2, 37, 45, 64, dtype), causal=False)
+    check(*_qkv(1, 4, 2, 61, 29, 32, dtype), causal=True)
+
+
+def test_atomic_dq_leaves_fp32_deterministic():
+    """fp32 inputs always run the exact, deterministic backward; deterministic=False is accepted
+    (a model may switch it on globally) and changes nothing."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 1, 40, 40, 64, torch.float32)
+    grads = [torch.autograd.grad(ops.flash_attention(q, k, v, deterministic=d), (q, k, v), torch.ones_like(q))
+             for d in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        kfa.dkdv_atomic_configs(64, 4)
+
+
 def test_hopper_only_block_shapes_under_the_interpreter(monkeypatch):
     """The block shapes the sm_90 rows add (warps and stages mean nothing to the interpreter):
     the i-th new shape of each kernel runs together, bf16, causal GQA with edge blocks."""
     shapes = {}
-    for name, table in (("fwd", kfa.fwd_configs), ("dq", kfa.dq_configs), ("dkdv", kfa.dkdv_configs)):
+    for name, table in (("fwd", kfa.fwd_configs), ("dq", kfa.dq_configs), ("dkdv", kfa.dkdv_configs),
+                        ("dkdv_atomic", kfa.dkdv_atomic_configs)):
         shared = {c[:2] for d in (64, 128) for c in table(d, 2, "ieee", True, 80)}
         shapes[name] = sorted({c[:2] for d in (64, 128) for c in table(d, 2, "ieee", True, 90)} - shared)
         assert shapes[name], f"no Hopper-only block shape for {name}"
@@ -79,7 +120,9 @@ def test_hopper_only_block_shapes_under_the_interpreter(monkeypatch):
     for i in range(max(map(len, shapes.values()))):
         force = {name: (*s[i % len(s)], 4, 1) for name, s in shapes.items()}
         monkeypatch.setattr(A, "FORCE_CONFIG", force)
-        _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=True)
+        for deterministic in (True, False):
+            _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=True,
+                    deterministic=deterministic)
 
 
 def test_long_sequence_bf16():
@@ -213,7 +256,8 @@ def test_autotuned_choices_names_the_latest_picks(monkeypatch):
     """What the benchmarks note beside fastllama's timings: the tile each autotuner last chose."""
     from fastllama.kernels import flash_attention_backward as kbwd
 
-    for tuned in (kfa._attn_fwd_tuned, kbwd._attn_bwd_dq_tuned, kbwd._attn_bwd_dkdv_tuned):
+    for tuned in (kfa._attn_fwd_tuned, kbwd._attn_bwd_dq_tuned, kbwd._attn_bwd_dkdv_tuned,
+                  kbwd._attn_bwd_dkdv_atomic_tuned):
         monkeypatch.setattr(tuned, "best_config", None, raising=False)
     assert A.autotuned_choices() == {}
     monkeypatch.setattr(kfa._attn_fwd_tuned, "best_config", kfa._attn_fwd_tuned.configs[0])
@@ -242,16 +286,20 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
     ptr = {torch.float32: f"fp32/{precision}", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     kind = precision if dtype == torch.float32 else "16-bit"
     hopper = sm == 90 and aligned and kind == "16-bit"
-    for name, tuned, table in (("fwd", kfa._attn_fwd_tuned, kfa.fwd_configs), ("dq", kbwd._attn_bwd_dq_tuned,
-                                                                               kfa.dq_configs),
-                               ("dkdv", kbwd._attn_bwd_dkdv_tuned, kfa.dkdv_configs)):
+    kernels = [("fwd", kfa._attn_fwd_tuned, kfa.fwd_configs), ("dq", kbwd._attn_bwd_dq_tuned, kfa.dq_configs),
+               ("dkdv", kbwd._attn_bwd_dkdv_tuned, kfa.dkdv_configs)]
+    if dtype != torch.float32:
+        kernels.append(("dkdv_atomic", kbwd._attn_bwd_dkdv_atomic_tuned, kfa.dkdv_atomic_configs))
+    for name, tuned, table in kernels:
         kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=d_pad, PRECISION=precision, ALIGNED=aligned)
         got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
         assert got == set(table(d_pad, dtype.itemsize, precision, aligned, sm)) and got
         shared = set(kfa.CONFIG_TABLES[name][0 if aligned else 1][(max(64, d_pad), kind)])
         extra = set(kfa.CONFIG_TABLES[name][2].get(max(64, d_pad), [])) - shared if hopper else set()
         assert got == shared | extra
-        assert not hopper or d_pad > 128 or extra, "no Hopper-only tile for an aligned 16-bit d64/d128 row"
+        # (the atomic-dQ kernel has none at d128: every larger tile spills there)
+        assert not hopper or d_pad > (64 if name == "dkdv_atomic" else 128) or extra, \
+            "no Hopper-only tile for an aligned 16-bit d64/d128 row"
         for bm, bn, w, s in got:
             label = f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}"
             assert archs[label, w, s] == (None if (bm, bn, w, s) in shared else ("sm_90",))
@@ -266,7 +314,8 @@ def test_autotune_off_launches_the_rows_first_candidate(monkeypatch):
 
     monkeypatch.setattr(kfa, "device_sm", lambda device: 90)
     q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
-    for which, table in (("fwd", kfa.fwd_configs), ("dq", kfa.dq_configs), ("dkdv", kfa.dkdv_configs)):
+    for which, table in (("fwd", kfa.fwd_configs), ("dq", kfa.dq_configs), ("dkdv", kfa.dkdv_configs),
+                         ("dkdv_atomic", kfa.dkdv_atomic_configs)):
         assert kfa.untuned_config(which, q, True, "ieee") == table(128, 2, "ieee", True, 90)[0]
         assert kfa.untuned_config(which, q, False, "ieee") == table(128, 2, "ieee", False, 90)[0]
     code = "from fastllama.ops import attention as A; print(A._AUTOTUNE)"
@@ -332,6 +381,7 @@ _t = lambda *shape, dtype=torch.float32: torch.randn(*shape, device=DEVICE).to(d
     (dict(scale=float("nan")), TypeError, "scale"),
     (dict(causal=1), TypeError, "causal"),
     (dict(fp32_precision="tf32x3"), ValueError, "fp32_precision"),
+    (dict(deterministic=0), TypeError, "deterministic must be a bool"),
     (dict(cu_seqlens=_cu(0, 8).long()), TypeError, "cu_seqlens has dtype"),
     (dict(cu_seqlens=_cu(0, 3, 8)[None]), ValueError, "cu_seqlens must have 1 dims"),
     (dict(cu_seqlens=_cu(0, 3, 9)), ValueError, "cu_seqlens must start at 0"),
@@ -370,7 +420,7 @@ def test_window_grid(dtype, window, Tq, Tk):
 
 @pytest.mark.skipif(INTERPRETER, reason="GPU only: every tile of this device's tables (9 cases, not the matrix)")
 @pytest.mark.parametrize("D", [64, 96, 128])
-@pytest.mark.parametrize("which", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("which", ["fwd", "dq", "dkdv", "dkdv_atomic"])
 def test_every_autotune_candidate_of_this_gpu(monkeypatch, which, D):
     """The autotuner may pick any candidate of the device's row (the Hopper-only tiles on an
     H100/H200), and the interpreter only ever runs its own large tile: each candidate, forced in
@@ -378,9 +428,11 @@ def test_every_autotune_candidate_of_this_gpu(monkeypatch, which, D):
     axes (the other two kernels keep their row's first candidate)."""
     torch.manual_seed(0)
     sm = kfa.device_sm(torch.device(DEVICE))
-    tables = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs}
+    tables = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs,
+              "dkdv_atomic": kfa.dkdv_atomic_configs}
     row = lambda name: tables[name](kfa.padded_head_dim(D), 2, "ieee", True, sm)
     qkv = _qkv(2, 4, 2, 333, 333, D, torch.bfloat16)
     for config in row(which):
         monkeypatch.setattr(A, "FORCE_CONFIG", {name: row(name)[0] for name in tables} | {which: config})
-        _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=True)
+        _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=True,
+                deterministic=which != "dkdv_atomic")

@@ -303,3 +303,26 @@ def test_reference_model_cache_decoding_without_mask():
         part = torch.cat([model(x[:, :9], cache_start=0), model(x[:, 9:10], cache_start=9),
                           model(x[:, 10:], cache_start=10)], dim=1)
     torch.testing.assert_close(part, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "reference"])
+def test_atomic_dq_attention_option(arch, monkeypatch):
+    """patch(deterministic=False) reaches every flash-attention call (the backward then adds dQ
+    with atomics) and the bf16 model still passes the parity rule, loss and every gradient."""
+    import fastllama.attention as fa
+
+    seen = []
+    flash = fa.ops.flash_attention
+    monkeypatch.setattr(fa.ops, "flash_attention", lambda *a, **kw: seen.append(kw["deterministic"]) or flash(*a, **kw))
+    if arch == "reference":
+        torch.manual_seed(0)
+        model = Llama(dict(BASE)).to(DEVICE, torch.bfloat16).train()
+    else:
+        model = build(arch, torch.bfloat16).train()
+    fastllama.patch(model, deterministic=False)
+    x = ids()
+    report = fastllama.verify(model, {"input_ids": x, "labels": x}, modules=["<model>"], print_table=False)
+    assert report.passed, report.table()
+    assert seen and not any(seen)
+    with pytest.raises(TypeError, match="deterministic"):
+        fastllama.patch(model, deterministic="no")

@@ -9,6 +9,8 @@ configuration trains the same preset at the same (sequence length, batch):
 * ``hf-compile``: the same model under ``torch.compile``;
 * ``hf-liger``: the same model with Liger-Kernel's Llama patch (only when installed, CUDA only);
 * ``hf+fastllama``: the same model after ``fastllama.patch(model)``;
+* ``hf+fastllama-atomic``: ``fastllama.patch(model, deterministic=False)``: the attention
+  backward adds dQ with atomics, as SDPA's flash backend in ``hf-sdpa`` does;
 * ``reference+fastllama``: fastllama's reference ``Llama`` after ``fastllama.patch(model)``.
 
 Warm-up steps (compilation, autotuning, allocator growth) are excluded; the reported step time
@@ -141,10 +143,10 @@ def build(config: str, settings: TrainSettings):
 
         apply_liger_kernel_to_llama(model=model)
         return model, lambda ids: model(input_ids=ids, labels=ids).loss
-    if config == "hf+fastllama":
+    if config in ("hf+fastllama", "hf+fastllama-atomic"):
         from ..patching import patch
 
-        patch(model)
+        patch(model, deterministic=config == "hf+fastllama")
         return model, lambda ids: model(input_ids=ids, labels=ids).loss
     raise ValueError(f"unknown configuration {config!r}; choose from {CONFIGS}")
 

@@ -40,14 +40,16 @@ FORCE_CONFIG: dict | None = None
 
 
 def _config(which: str, seqlen: int):
+    """A forced or interpreter tile for kernel ``which``, or None (autotune). "dkdv_atomic" takes
+    the "dkdv" entry unless it has one of its own."""
     if FORCE_CONFIG is not None:
-        return FORCE_CONFIG[which]
+        return FORCE_CONFIG.get(which) or FORCE_CONFIG[which.removesuffix("_atomic")]
     if not interpreter_active():
         return None
     # Under the interpreter every tl op costs time in proportion to the tile's elements, so a
     # tile just large enough for the sequence (up to the default) is fastest: T=48 runs 2.5x
     # faster with 64-wide tiles than with 256-wide ones.
-    block_m, block_n, warps, stages = _fwd.INTERPRETER_CONFIG[which]
+    block_m, block_n, warps, stages = _fwd.INTERPRETER_CONFIG[which.removesuffix("_atomic")]
     fit = max(16, triton.next_power_of_2(max(seqlen, 1)))
     return min(block_m, fit), min(block_n, fit), warps, stages
 
@@ -55,7 +57,8 @@ def _config(which: str, seqlen: int):
 def autotuned_choices() -> dict[str, str]:
     """The attention autotuners' latest pick per kernel, e.g. ``{"fwd": "M128 N64 w8 s3"}``
     (benchmarks note it beside their timings); empty before any autotuned (GPU) launch."""
-    tuned = {"fwd": _fwd._attn_fwd_tuned, "dq": _bwd._attn_bwd_dq_tuned, "dkdv": _bwd._attn_bwd_dkdv_tuned}
+    tuned = {"fwd": _fwd._attn_fwd_tuned, "dq": _bwd._attn_bwd_dq_tuned, "dkdv": _bwd._attn_bwd_dkdv_tuned,
+             "dkdv_atomic": _bwd._attn_bwd_dkdv_atomic_tuned}
     picks = {name: getattr(t, "best_config", None) for name, t in tuned.items()}
     return {name: f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
             for name, c in picks.items() if c is not None}
@@ -75,10 +78,11 @@ def _max_seqlen(cu: torch.Tensor, total: int, name: str) -> int:
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastllama::flash_attention_fwd", mutates_args=())
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, before: int, after: int,
-               cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], precision: str
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], precision: str,
+               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out with q's layout, stats (2, B, Hq, Tq) fp32: row max and log2 of the softmax
-    denominator, base 2; lse = (stats[0] + stats[1]) * ln 2)."""
+    denominator, base 2; lse = (stats[0] + stats[1]) * ln 2). ``deterministic`` is the
+    backward's (the forward always is)."""
     mq = mk = 0
     if cu_seqlens_q is not None:
         mq = _max_seqlen(cu_seqlens_q, q.shape[2], "cu_seqlens")
@@ -90,15 +94,15 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision):
+def _(q, k, v, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision, deterministic):
     return torch.empty_like(q), q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastllama::flash_attention_bwd", mutates_args=())
 def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                out: torch.Tensor, lse: torch.Tensor, scale: float, before: int, after: int,
-               cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], precision: str
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], precision: str,
+               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) with the layouts of q, k, v."""
     mq = mk = 0
     if cu_seqlens_q is not None:
@@ -114,31 +118,33 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
     return _bwd.flash_attention_backward(do, q, k, v, out, lse, scale=scale, before=before, after=after, dlse=dlse,
                                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq,
                                          max_seqlen_k=mk, precision=precision, config_dq=_config("dq", longest),
-                                         config_dkdv=_config("dkdv", longest), autotune=_AUTOTUNE)
+                                         config_dkdv=_config("dkdv" if deterministic else "dkdv_atomic", longest),
+                                         autotune=_AUTOTUNE, deterministic=deterministic)
 
 
 @_flash_bwd.register_fake
-def _(do, dlse, q, k, v, out, lse, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision):
+def _(do, dlse, q, k, v, out, lse, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, before, after, cu_q, cu_k, precision = inputs
+    q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic = inputs
     out, lse = output
     # The backward keeps O and two fp32 statistics per row, never the (T x T) probabilities.
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (scale, before, after, precision)
+    ctx.args = (scale, before, after, precision, deterministic)
     # An unused lse output then arrives as None, not as a zero tensor the kernel would read.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    scale, before, after, precision = ctx.args
+    scale, before, after, precision, deterministic = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _flash_bwd(dout, dlse, q, k, v, out, lse, scale, before, after, cu_q, cu_k, precision)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = _flash_bwd(dout, dlse, q, k, v, out, lse, scale, before, after, cu_q, cu_k, precision,
+                            deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastllama::flash_attention_fwd", _backward, setup_context=_setup_context)
@@ -156,7 +162,7 @@ def _check_cu_seqlens(name: str, cu, q: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous, got strides {tuple(cu.stride())}")
 
 
-def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision):
+def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic):
     """Everything that can be checked without reading tensor values.
 
     Returns (scale, before, after, dot precision) for the kernels."""
@@ -197,6 +203,8 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
         window = (int(window[0]), int(window[1]))
     if fp32_precision not in _PRECISIONS:
         raise ValueError(f"fp32_precision must be one of {_PRECISIONS}, got {fp32_precision!r}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     precision = fp32_precision if q.dtype == torch.float32 else "ieee"  # no-op for fp16/bf16: one build
     if cu_seqlens is None and cu_seqlens_k is not None:
         raise ValueError("cu_seqlens_k was given without cu_seqlens; pass both (or cu_seqlens alone)")
@@ -215,7 +223,8 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
                              f"when they differ")
     limit = Tq + k.shape[2] + 1  # "unlimited": wider than any sequence
     before, after = _fwd.mask_bounds(causal, window, limit)
-    return float(scale), before, after, precision
+    # fp32 is for exactness: it always runs the deterministic backward
+    return float(scale), before, after, precision, deterministic or q.dtype == torch.float32
 
 
 def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
@@ -233,24 +242,26 @@ def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]
 # ----------------------------------------------------------------------------------------------
 def flash_attention_with_lse(q, k, v, causal: bool = True, scale: float | None = None,
                              window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
-                             cu_seqlens_k: torch.Tensor | None = None, fp32_precision: str = "ieee"):
+                             cu_seqlens_k: torch.Tensor | None = None, fp32_precision: str = "ieee",
+                             deterministic: bool = True):
     """:func:`flash_attention` that also returns the log-sum-exp of each query row.
 
     Returns ``(out, lse)``: lse is (B, Hq, Tq) fp32, natural log, ``-inf`` for a row with no
     visible key. Both outputs are differentiable (a gradient on lse enters as ``delta -= dlse``).
     """
-    scale, before, after, precision = _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k,
-                                                fp32_precision)
+    scale, before, after, precision, deterministic = _validate(q, k, v, causal, scale, window, cu_seqlens,
+                                                               cu_seqlens_k, fp32_precision, deterministic)
     q, scale = _positive_scale(q, scale)
     if cu_seqlens is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens
-    out, stats = _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision)
+    out, stats = _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision, deterministic)
     return out, (stats[0] + stats[1]) * _LN2
 
 
 def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
                     window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
-                    cu_seqlens_k: torch.Tensor | None = None, fp32_precision: str = "ieee"):
+                    cu_seqlens_k: torch.Tensor | None = None, fp32_precision: str = "ieee",
+                    deterministic: bool = True):
     """Softmax attention in SDPA's layout, forward and backward in Triton (flash attention).
 
     Args:
@@ -274,22 +285,27 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
         fp32_precision: ``tl.dot`` input precision for fp32 inputs: "ieee" (default, exact fp32
             products: fp32 models and CPU tests compare tightly) or "tf32" (tensor cores, about
             3 decimal digits per product, much faster on a GPU). Ignored for fp16/bf16.
+        deterministic: True (default): the backward gives bit-identical gradients run to run
+            (dQ in a kernel of its own, no atomics). False, for fp16/bf16: dQ is added with
+            atomics inside the dK/dV kernel, as flash-attn 2 and SDPA's flash backend do: two
+            fewer matmuls per block pair (5 instead of 7), and dQ's last bits vary from run to
+            run. fp32 inputs always run deterministically.
 
     Returns:
         out with q's shape and memory layout (a q viewed from (B, T, H, D) gives an out whose
         ``transpose(1, 2)`` is contiguous, so HF's following ``.contiguous()`` copies nothing).
-        Softmax statistics are fp32; backward saves q, k, v, out and the fp32 lse only and is
-        deterministic (no atomics).
+        Softmax statistics are fp32; backward saves q, k, v, out and the fp32 lse only (and is
+        deterministic unless asked otherwise).
 
     Raises:
         TypeError / ValueError naming the argument, before any launch.
     """
-    scale, before, after, precision = _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k,
-                                                fp32_precision)
+    scale, before, after, precision, deterministic = _validate(q, k, v, causal, scale, window, cu_seqlens,
+                                                               cu_seqlens_k, fp32_precision, deterministic)
     q, scale = _positive_scale(q, scale)
     if cu_seqlens is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens
-    return _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision)[0]
+    return _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision, deterministic)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,22 +425,26 @@ def _build_configs() -> list[KernelBuild]:
                                                "Q_BUCKET", "K_BUCKET")}
                     tag = (f"{ptr[1:]}{'/' + precision if dtype == torch.float32 else ''} d{D}"
                            f"{' varlen' if varlen else ''}{'' if aligned else ' unaligned'}")
-                    kernels = (
-                        ("fwd", _fwd._attn_fwd, _fwd.fwd_configs,
+                    dkdv_signature = {
+                        "Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
+                        "DV": ptr, "DQ": ptr, "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32",
+                        **typed3("q", "k", "v", "do", "dk", "dv", "dq"), "stride_lb": "i32", "stride_lh": "i32",
+                        "stride_lp": "i32", **{("n_kv_heads" if n == "n_heads" else n): t for n, t in tail.items()}}
+                    kernels = [
+                        ("fwd", _fwd._attn_fwd, _fwd.fwd_configs, {},
                          {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "CU_Q": cu, "CU_K": cu,
                           "sm_scale": "fp32", **typed3("q", "k", "v", "o"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
                           **tail}),
-                        ("dkdv", _bwd._attn_bwd_dkdv, _fwd.dkdv_configs,
-                         {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
-                          "DV": ptr, "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32",
-                          **typed3("q", "k", "v", "do", "dk", "dv"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
-                          **{("n_kv_heads" if n == "n_heads" else n): t for n, t in tail.items()}}),
-                        ("dq", _bwd._attn_bwd_dq, _fwd.dq_configs,
+                        ("dkdv", _bwd._attn_bwd_dkdv, _fwd.dkdv_configs, {"ATOMIC_DQ": False}, dkdv_signature),
+                        ("dq", _bwd._attn_bwd_dq, _fwd.dq_configs, {},
                          {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
                           "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", **typed3("q", "k", "v", "do", "dq"),
                           "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32", **tail}),
-                    )
-                    for name, kernel, configs, signature in kernels:
+                    ]
+                    if dtype != torch.float32:  # deterministic=False: dQ in fp32, added with atomics
+                        kernels.append(("dkdv_atomic", _bwd._attn_bwd_dkdv, _fwd.dkdv_atomic_configs,
+                                        {"ATOMIC_DQ": True}, dkdv_signature | {"DQ": "*fp32"}))
+                    for name, kernel, configs, flags, signature in kernels:
                         shared = configs(d_pad, dtype.itemsize, precision, aligned)
                         hopper = [c for c in configs(d_pad, dtype.itemsize, precision, aligned, sm=90)
                                   if c not in shared]
@@ -432,7 +452,7 @@ def _build_configs() -> list[KernelBuild]:
                             builds.append(KernelBuild(
                                 kernel, signature,
                                 {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "IS_VARLEN": varlen,
-                                 "PRECISION": precision, "ALIGNED": aligned},
+                                 "PRECISION": precision, "ALIGNED": aligned, **flags},
                                 num_warps=w, num_stages=s, archs=archs,
                                 label=f"flash_attention {name} {tag} M{bm} N{bn}"))
             if precision != "ieee":
