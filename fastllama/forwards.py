@@ -184,7 +184,7 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
-    deterministic = getattr(module, "_fastllama", {}).get("deterministic", True)
+    deterministic = getattr(module, "_fastllama_attention", {}).get("deterministic", True)
     out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window, dropout=dropout,
                  deterministic=deterministic)
     return out.transpose(1, 2).contiguous(), None

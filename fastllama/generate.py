@@ -160,8 +160,10 @@ class _RowBlocks:
     How, without a copy of the weights: the buffer is made once, and each parameter becomes a
     view of its block (``param.data = block``): the same Parameter objects with the same values,
     so the model computes as before, optimizer steps and ``load_state_dict`` (in-place writes)
-    land in the buffer, and no memory is added. Parameters that already are consecutive blocks
-    of one storage (a second Generator over the same model) are adopted as they are.
+    land in the buffer, and no second copy is kept (the old tensors are freed unless something
+    else holds them; while a group is laid out, its weights exist twice). Parameters that
+    already are consecutive blocks of one storage (a second Generator over the same model) are
+    adopted as they are.
     :meth:`intact` says whether something re-pointed a parameter since (``param.data = t``,
     ``model.to(...)``); the Generator then lays the weights out again.
     """
@@ -181,26 +183,27 @@ class _RowBlocks:
         return len(kinds) == 1 and all(lin.weight.dim() == 2 for lin in linears)
 
     @staticmethod
-    def _spans(buffer: torch.Tensor, params) -> bool:
-        """``params`` are the consecutive row blocks of ``buffer``, in order."""
-        row_bytes = buffer.stride(0) * buffer.element_size()
-        address = buffer.data_ptr()
+    def _consecutive(params) -> bool:
+        """``params`` are contiguous, consecutive row blocks of one storage, in order (checked on
+        addresses alone: nothing is viewed or resized)."""
+        first = params[0]
+        storage = first.untyped_storage()
+        row_bytes = first.stride(0) * first.element_size()
+        address = first.data_ptr()
         for p in params:
-            if p.data_ptr() != address or not p.is_contiguous() or p.shape[1:] != buffer.shape[1:]:
+            if (not p.is_contiguous() or p.untyped_storage().data_ptr() != storage.data_ptr()
+                    or p.data_ptr() != address or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype):
                 return False
             address += p.shape[0] * row_bytes
-        return address == buffer.data_ptr() + buffer.shape[0] * row_bytes
+        return address <= storage.data_ptr() + storage.nbytes()
 
     @classmethod
     def _stack(cls, params) -> torch.Tensor:
-        rows = sum(p.shape[0] for p in params)
         first = params[0]
-        if all(p.is_contiguous() and p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-               for p in params):  # maybe already laid out: adopt the storage, copy nothing
-            adopted = first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
-                                              (rows, *first.shape[1:]), first.stride())
-            if cls._spans(adopted, params):
-                return adopted
+        if cls._consecutive(params):  # already laid out (a second Generator): adopt, copy nothing
+            rows = sum(p.shape[0] for p in params)
+            return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                           (rows, *first.shape[1:]), first.stride())
         buffer = torch.cat([p.detach() for p in params])
         start = 0
         for p in params:
@@ -210,8 +213,11 @@ class _RowBlocks:
 
     def intact(self) -> bool:
         """Every parameter is still a view of its block of the buffer."""
-        return self._spans(self.weight, [lin.weight for lin in self.linears]) and (
-            self.bias is None or self._spans(self.bias, [lin.bias for lin in self.linears]))
+        def spans(buffer, params):
+            return buffer.data_ptr() == params[0].data_ptr() and self._consecutive(params) and (
+                sum(p.shape[0] for p in params) == buffer.shape[0])
+        return spans(self.weight, [lin.weight for lin in self.linears]) and (
+            self.bias is None or spans(self.bias, [lin.bias for lin in self.linears]))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every linear's output, as column views of one GEMM's output."""

@@ -177,10 +177,10 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_wrappers(model)
-    if model in _STATE:
-        unpatch(model)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if model in _STATE:
+        unpatch(model)
     options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy,
                    deterministic=deterministic)
     by_class = {c: r for r in RULES for c in r.classes}
@@ -217,6 +217,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             _register_hf_attention()
             state.attn_before = config._attn_implementation
             owner.set_attn_implementation("fastllama")
+            for m in hf_attention:  # what forwards.hf_attention_function reads (with or without rope)
+                m._fastllama_attention = {"deterministic": deterministic}
             summary.append(("<model>", type(model).__name__, "attention", f"patched (was {state.attn_before!r})"))
     _STATE[model] = state
     log.info("fastllama.patch:\n%s", patch_summary(model))
@@ -232,6 +234,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if "forward" in module.__dict__ and hasattr(module, "_fastllama"):
             del module.forward
             del module._fastllama
+        module.__dict__.pop("_fastllama_attention", None)
     if state is not None and state.attn_before is not None:
         _attention_owner(model).set_attn_implementation(state.attn_before)
     return model

@@ -383,14 +383,14 @@ _SM90_EXTRA_16BIT = {
 # (BLOCK_M, D) dQ tile per step and stages dS^T through shared memory for it, so it gets tiles
 # of its own: the deterministic kernel's d128 tiles spill here. Registers per thread, worst over
 # fp16/bf16, dense/varlen and the head dims of the row, sm_80 / sm_90:
-#   aligned  d64 (32,64,8,2) 224/169, (32,128,8,2) 255/210, (16,64,4,2) 222/168; d80-128
-#            (32,64,8,2) 255/230, (32,32,4,2) 244/242; d256 (32,32,8,2) 216/222, (16,32,8,2) 191/188.
-#            sm_90 only, d64: (64,64,8,2|3) 240, (32,128,8,3) 220.
-#            Rejected: d64 (64,64,8,2) 272 B spill on sm_80, (64,128,8,2) 32 B on sm_90; d128
-#            (16,64,4,2) 72 B, (32,128,8,2) 56 B, (64,64,8,2|3) 64-152 B, (64,128,8,2) 416 B;
-#            d256 (16,64,8,2) 16-256 B.
-#   unaligned d64 (16,32,4,2) 215/191 ((32,32,4,2) 32 B on sm_90); d80-128 (32,32,8,2) 238/240,
-#            (16,32,8,2) 225/210; d256 (16,32,8,2) 231/214, (32,32,8,2) 255/236.
+#   aligned  d64 (32,64,8,2) 253/165, (32,128,8,2) 255/196, (16,64,4,2) 232/158; d80-128
+#            (32,64,8,2) 255/222, (32,32,4,2) 250/246; d256 (32,32,8,2) 232/220, (16,32,8,2) 199/192.
+#            sm_90 only, d64: (64,64,8,2) 240, (64,64,8,3) 248, (32,128,8,3) 203.
+#            Rejected (an earlier build of this kernel): d64 (64,64,8,2) 272 B spill on sm_80,
+#            (64,128,8,2) 32 B on sm_90; d128 (16,64,4,2) 72 B, (32,128,8,2) 56 B, (64,64,8,2|3)
+#            64-152 B, (64,128,8,2) 416 B; d256 (16,64,8,2) 16-256 B.
+#   unaligned d64 (16,32,4,2) 215/198 ((32,32,4,2) 32 B on sm_90); d80-128 (32,32,8,2) 225/250;
+#            d256 (16,32,8,2) 228/194.
 # Unmeasured: which of them is fastest, and whether the atomics beat the separate dQ pass.
 _DKDV_ATOMIC = {
     (64, "16-bit"): [(32, 64, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2)],

@@ -76,7 +76,7 @@ def _load_row_stats(stat_base, stride_lp, delta_base, rows, q_len):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, dq_ptr, stride_qt, stride_dot,
-                stride_dqt, q_len, start_m, k_pos, offset, offs_m, offs_d, qk_scale, before, after, edge,
+                stride_dqt, q_len, k_len, start_m, k_pos, offset, offs_m, offs_d, qk_scale, before, after, edge,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Adds one block of query rows [start_m, start_m + BLOCK_M) to dV += p^T dO, dK += dS^T Q
     (and, with ``ATOMIC_DQ``, dS K to those rows of the fp32 dQ buffer, unscaled).
@@ -123,8 +123,12 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, dq_
         ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk)
         if ATOMIC_DQ:
-            # relaxed: only the sum matters, no ordering against other memory (no fence per add).
-            # Padding rows (p = 0) add zeros; their addresses are masked all the same.
+            # Keys past k_len (a partial key block) repeat the last key (load_rows), and no mask
+            # hides them from an interior block's rows: their dS rows, garbage (even inf or NaN:
+            # the repeated key may outscore a row's max), must not reach dQ. Their own dK/dV rows
+            # are never stored. Padding query rows have p = 0 and masked addresses.
+            ds_t = tl.where(k_pos[:, None] < k_len, ds_t, tl.zeros_like(ds_t))
+            # relaxed: only the sum matters, no ordering against other memory (no fence per add)
             dq = tl.dot(tl.trans(ds_t), k)
             ptrs = dq_ptr + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :]
             tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < q_len - start_m) & (offs_d[None, :] < HEAD_DIM),
@@ -181,10 +185,6 @@ def _attn_bwd_dkdv(
                   k_len - start_n, HEAD_DIM, D_PAD)
     v = load_rows(V + b * stride_vb + hk.to(tl.int64) * stride_vh + k_row0 * stride_vt, offs_n, stride_vt, offs_d,
                   k_len - start_n, HEAD_DIM, D_PAD)
-    if ATOMIC_DQ:  # rows past k_len repeat the last key (load_rows), and no mask hides them from
-        # the rows of an interior block: zero keys add nothing to dS K (their own dK/dV rows are
-        # never stored).
-        k = tl.where(offs_n[:, None] < k_len - start_n, k, tl.zeros_like(k))
 
     # Key j is seen by rows at absolute positions [j - after, j + before]; row index = pos - offset.
     offset = k_len - q_len
@@ -207,7 +207,7 @@ def _attn_bwd_dkdv(
         dk, dv = _dkdv_block(dk, dv, k, v, Q + b * stride_qb + h * stride_qh + row0 * stride_qt,
                              DO + b * stride_dob + h * stride_doh + row0 * stride_dot, LSE + stats, stride_lp,
                              DELTA + stats, DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqt,
-                             stride_qt, stride_dot, stride_dqt, q_len, start_m, k_pos, offset, offs_m, offs_d,
+                             stride_qt, stride_dot, stride_dqt, q_len, k_len, start_m, k_pos, offset, offs_m, offs_d,
                              qk_scale, before, after, (start_m < mid_lo) | (start_m >= mid_hi),
                              HEAD_DIM, D_PAD, PRECISION, ATOMIC_DQ)
     store_rows(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkt, dk * sm_scale,

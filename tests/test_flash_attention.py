@@ -73,7 +73,8 @@ def test_atomic_dq_backward(monkeypatch, dtype):
     key blocks add into each dQ row: varlen with Tq != Tk (a sequence without queries, one without
     keys), GQA 4:1, causal, a window, full attention over a key length that leaves a partial key
     block (its padding keys must add nothing to dQ, though no mask covers the interior rows), and
-    dense Tq > Tk. dK and dV are the deterministic path's bit for bit (same kernel, same order)."""
+    dense Tq > Tk; and large negative scores (lse << 0). dK and dV are the deterministic path's
+    bit for bit (same kernel, same order)."""
     monkeypatch.setattr(A, "FORCE_CONFIG", {name: (16, 16, 4, 1) for name in SMALL})
     torch.manual_seed(0)
 
@@ -92,11 +93,22 @@ def test_atomic_dq_backward(monkeypatch, dtype):
         check(q, k, v, causal=causal, window=window, cu_seqlens=cu(lens_q), cu_seqlens_k=cu(lens_k))
     check(*_qkv(2, 2, 2, 37, 45, 64, dtype), causal=False)
     check(*_qkv(1, 4, 2, 61, 29, 32, dtype), causal=True)
+    # Scores near -18, so every lse is far below 0: a padding key that is zeroed rather than
+    # masked scores 0 there and p = 2^(-lse2) overflows fp16 (dQ came out NaN).
+    q, k, v = _qkv(1, 2, 1, 24, 20, 64, dtype)
+    with torch.no_grad():
+        q.add_(1.5)
+        k.sub_(1.5)
+    check(q, k, v, causal=False)
+    check(q, k, v, causal=False, window=(7, 3))
 
 
-def test_atomic_dq_leaves_fp32_deterministic():
+def test_atomic_dq_leaves_fp32_and_torch_deterministic_mode_deterministic(monkeypatch):
     """fp32 inputs always run the exact, deterministic backward; deterministic=False is accepted
-    (a model may switch it on globally) and changes nothing."""
+    (a model may switch it on globally) and changes nothing. Under
+    torch.use_deterministic_algorithms(True) 16-bit inputs run it too."""
+    from fastllama.kernels import flash_attention_backward as kbwd
+
     torch.manual_seed(0)
     q, k, v = _qkv(1, 2, 1, 40, 40, 64, torch.float32)
     grads = [torch.autograd.grad(ops.flash_attention(q, k, v, deterministic=d), (q, k, v), torch.ones_like(q))
@@ -104,6 +116,20 @@ def test_atomic_dq_leaves_fp32_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     with pytest.raises(ValueError, match="fp16/bf16"):
         kfa.dkdv_atomic_configs(64, 4)
+
+    launched = []
+    backward = kbwd.flash_attention_backward
+    monkeypatch.setattr(kbwd, "flash_attention_backward",
+                        lambda *a, **kw: launched.append(kw["deterministic"]) or backward(*a, **kw))
+    q, k, v = _qkv(1, 2, 1, 40, 40, 64, torch.bfloat16)
+    was = torch.are_deterministic_algorithms_enabled()
+    for mode in (False, True):
+        torch.use_deterministic_algorithms(mode)
+        try:
+            torch.autograd.grad(ops.flash_attention(q, k, v, deterministic=False), (q, k, v), torch.ones_like(q))
+        finally:
+            torch.use_deterministic_algorithms(was)
+    assert launched == [False, True]
 
 
 def test_hopper_only_block_shapes_under_the_interpreter(monkeypatch):
@@ -436,3 +462,6 @@ def test_every_autotune_candidate_of_this_gpu(monkeypatch, which, D):
         monkeypatch.setattr(A, "FORCE_CONFIG", {name: row(name)[0] for name in tables} | {which: config})
         _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=True,
                 deterministic=which != "dkdv_atomic")
+        if which == "dkdv_atomic":  # interior blocks that see a partial key block's padding keys
+            _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=False,
+                    deterministic=False)

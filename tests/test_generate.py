@@ -365,3 +365,21 @@ def test_captured_graphs_are_dropped_when_a_weight_moves(monkeypatch):
     model.model.layers[0].self_attn.o_proj.weight.data = model.model.layers[0].self_attn.o_proj.weight.clone()
     gen.generate([[5, 6, 7]], 4, stop_tokens=[])
     assert fake.captures == 2
+
+
+def test_fused_projections_never_resize_a_shared_storage():
+    """Parameters that share one storage in another order (up before gate) are copied into a
+    buffer of their own, never viewed past the storage's end (that would resize it, and fail for
+    a storage that can't be resized, e.g. one from numpy)."""
+    import numpy as np
+
+    model = _tiny_model(seed=5)
+    mlp = model.model.layers[0].mlp
+    shared = torch.from_numpy(np.concatenate([mlp.up_proj.weight.detach().numpy(),
+                                              mlp.gate_proj.weight.detach().numpy()])).to(DEVICE)
+    mlp.up_proj.weight.data, mlp.gate_proj.weight.data = shared[:160], shared[160:]
+    expected = [model.generate(torch.tensor([[5, 6, 7]], device=DEVICE), 4, stop_tokens=[])[0, 3:].tolist()]
+    gen = Generator(model, 1, 16)
+    assert shared.untyped_storage().nbytes() == 2 * 160 * 64 * 4
+    assert gen._projections[0][1].intact()
+    assert [g[3:] for g in gen.generate([[5, 6, 7]], 4, stop_tokens=[])] == expected

@@ -305,10 +305,11 @@ def test_reference_model_cache_decoding_without_mask():
     torch.testing.assert_close(part, full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "reference"])
-def test_atomic_dq_attention_option(arch, monkeypatch):
+@pytest.mark.parametrize("arch,rope", [("llama-gqa", True), ("llama-gqa", False), ("reference", True)])
+def test_atomic_dq_attention_option(arch, rope, monkeypatch):
     """patch(deterministic=False) reaches every flash-attention call (the backward then adds dQ
-    with atomics) and the bf16 model still passes the parity rule, loss and every gradient."""
+    with atomics), also with the rotary kernel off, and the bf16 model still passes the parity
+    rule, loss and every gradient. A bad value is refused before the model is touched."""
     import fastllama.attention as fa
 
     seen = []
@@ -319,10 +320,13 @@ def test_atomic_dq_attention_option(arch, monkeypatch):
         model = Llama(dict(BASE)).to(DEVICE, torch.bfloat16).train()
     else:
         model = build(arch, torch.bfloat16).train()
-    fastllama.patch(model, deterministic=False)
+    fastllama.patch(model, deterministic=False, rope=rope)
     x = ids()
     report = fastllama.verify(model, {"input_ids": x, "labels": x}, modules=["<model>"], print_table=False)
     assert report.passed, report.table()
     assert seen and not any(seen)
     with pytest.raises(TypeError, match="deterministic"):
         fastllama.patch(model, deterministic="no")
+    assert fastllama.is_patched(model)
+    fastllama.unpatch(model)
+    assert not any(hasattr(m, "_fastllama_attention") for m in model.modules())

@@ -223,8 +223,10 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
                              f"when they differ")
     limit = Tq + k.shape[2] + 1  # "unlimited": wider than any sequence
     before, after = _fwd.mask_bounds(causal, window, limit)
-    # fp32 is for exactness: it always runs the deterministic backward
-    return float(scale), before, after, precision, deterministic or q.dtype == torch.float32
+    # fp32 is for exactness: it always runs the deterministic backward; so does everything under
+    # torch.use_deterministic_algorithms(True), as SDPA's flash backward does
+    deterministic = deterministic or q.dtype == torch.float32 or torch.are_deterministic_algorithms_enabled()
+    return float(scale), before, after, precision, deterministic
 
 
 def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
@@ -289,7 +291,8 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
             (dQ in a kernel of its own, no atomics). False, for fp16/bf16: dQ is added with
             atomics inside the dK/dV kernel, as flash-attn 2 and SDPA's flash backend do: two
             fewer matmuls per block pair (5 instead of 7), and dQ's last bits vary from run to
-            run. fp32 inputs always run deterministically.
+            run. fp32 inputs, and every input under ``torch.use_deterministic_algorithms(True)``,
+            always run deterministically.
 
     Returns:
         out with q's shape and memory layout (a q viewed from (B, T, H, D) gives an out whose
