@@ -470,25 +470,50 @@ def device_sm(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def make_autotuned(kernel, tables, key, **autotune_kwargs):
-    """``kernel`` autotuned over the union of ``tables`` (aligned, unaligned, sm_90 additions);
-    each launch keeps only the candidates of its own (ALIGNED, padded head dim, dtype, fp32
-    precision, device arch) row, so a config that the build report did not compile for that row
-    can not be chosen. ``autotune_kwargs`` go to ``triton.autotune`` (e.g. ``restore_value``)."""
-    union = sorted({c for table in tables for row in table.values() for c in row})
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in union]
+class ArchAutotuner:
+    """``kernel`` autotuned over ``tables`` (aligned, unaligned, sm_90 additions), with one Triton
+    autotuner per GPU architecture.
 
-    def prune(configs, named_args, **kwargs):
-        q = named_args["Q"]
-        wanted = set(_lookup(tables, kwargs["D_PAD"], q.element_size(), kwargs.get("PRECISION", "ieee"),
-                             kwargs["ALIGNED"], device_sm(q.device)))
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+    Why per arch: Triton keys its tuning cache on the launch's arguments, not on the device, so
+    in one process with an A100 and an H100 a Hopper-only tile tuned on the H100 would then be
+    launched on the A100, where it spills or does not fit. Each launch also keeps only the
+    candidates of its own (ALIGNED, padded head dim, dtype, fp32 precision) row of its arch, so a
+    config that the build report did not compile for that row and arch can not be chosen.
+    ``autotune_kwargs`` go to ``triton.autotune`` (e.g. ``restore_value``).
+    """
 
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, **autotune_kwargs)(kernel)
+    def __init__(self, kernel, tables, key, **autotune_kwargs):
+        self.kernel, self.tables, self.key, self.autotune_kwargs = kernel, tables, key, autotune_kwargs
+        self._by_sm: dict[int, object] = {}
+        self.latest = None  # the autotuner of the latest launch (its best_config: what it chose)
+
+    def for_sm(self, sm: int):
+        """The autotuner of compute capability ``sm`` (10 * major + minor)."""
+        if sm not in self._by_sm:
+            tables = self.tables
+            union = sorted({c for i, table in enumerate(tables) if i < 2 or sm == 90
+                            for row in table.values() for c in row})
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                       for bm, bn, w, s in union]
+
+            def prune(configs, named_args, **kwargs):
+                wanted = set(_lookup(tables, kwargs["D_PAD"], named_args["Q"].element_size(),
+                                     kwargs.get("PRECISION", "ieee"), kwargs["ALIGNED"], sm))
+                return [c for c in configs
+                        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+            self._by_sm[sm] = triton.autotune(configs, key=self.key, prune_configs_by={"early_config_prune": prune},
+                                              **self.autotune_kwargs)(self.kernel)
+        return self._by_sm[sm]
+
+    def for_device(self, device: torch.device):
+        """The autotuner of ``device``'s arch; launch it as ``tuner.for_device(q.device)[grid](...)``."""
+        self.latest = self.for_sm(device_sm(device))
+        return self.latest
 
 
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "IS_VARLEN", "PRECISION", "ALIGNED"]
-_attn_fwd_tuned = make_autotuned(_attn_fwd, CONFIG_TABLES["fwd"], _TUNE_KEY)
+_attn_fwd_tuned = ArchAutotuner(_attn_fwd, CONFIG_TABLES["fwd"], _TUNE_KEY)
 
 
 def untuned_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -> tuple:
@@ -561,5 +586,5 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
             _attn_fwd[(triton.cdiv(mq, bm), n_seq * Hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                                         num_stages=s)
         else:
-            _attn_fwd_tuned[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*args, **meta)
+            _attn_fwd_tuned.for_device(q.device)[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*args, **meta)
     return out, lse

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, aligned16, block_span, load_rows, make_autotuned,
+from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, ArchAutotuner, aligned16, block_span, load_rows,
                               padded_head_dim, seqlen_bucket, sequence_bounds, store_rows, strides_aligned,
                               untuned_config)
 
@@ -303,12 +303,12 @@ def _attn_bwd_dq(
                offs_d, q_len - start_m, HEAD_DIM)
 
 
-_attn_bwd_dkdv_tuned = make_autotuned(_attn_bwd_dkdv, CONFIG_TABLES["dkdv"], _TUNE_KEY)
-_attn_bwd_dq_tuned = make_autotuned(_attn_bwd_dq, CONFIG_TABLES["dq"], _TUNE_KEY)
+_attn_bwd_dkdv_tuned = ArchAutotuner(_attn_bwd_dkdv, CONFIG_TABLES["dkdv"], _TUNE_KEY)
+_attn_bwd_dq_tuned = ArchAutotuner(_attn_bwd_dq, CONFIG_TABLES["dq"], _TUNE_KEY)
 # The atomic variant has its own tiles (it holds a dQ tile too) and its own tuning cache. Each
 # timed run adds into DQ: the autotuner restores its zeros before the run that counts.
-_attn_bwd_dkdv_atomic_tuned = make_autotuned(_attn_bwd_dkdv, CONFIG_TABLES["dkdv_atomic"], _TUNE_KEY,
-                                             restore_value=["DQ"])
+_attn_bwd_dkdv_atomic_tuned = ArchAutotuner(_attn_bwd_dkdv, CONFIG_TABLES["dkdv_atomic"], _TUNE_KEY,
+                                            restore_value=["DQ"])
 
 
 def preprocess_block(d_pad: int) -> int:
@@ -373,7 +373,7 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
             _attn_bwd_dkdv[(triton.cdiv(mk, bn), n_seq * Hk)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                               ATOMIC_DQ=not deterministic, num_warps=w, num_stages=s)
         else:
-            tuned = _attn_bwd_dkdv_tuned if deterministic else _attn_bwd_dkdv_atomic_tuned
+            tuned = (_attn_bwd_dkdv_tuned if deterministic else _attn_bwd_dkdv_atomic_tuned).for_device(q.device)
             tuned[lambda m: (triton.cdiv(mk, m["BLOCK_N"]), n_seq * Hk)](*dkdv_args, **meta,
                                                                           ATOMIC_DQ=not deterministic)
         if not deterministic:
@@ -383,5 +383,6 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
             _attn_bwd_dq[(triton.cdiv(mq, bm), n_seq * Hq)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                             num_warps=w, num_stages=s)
         else:
-            _attn_bwd_dq_tuned[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](*dq_args, **meta)
+            _attn_bwd_dq_tuned.for_device(q.device)[lambda m: (triton.cdiv(mq, m["BLOCK_M"]), n_seq * Hq)](
+                *dq_args, **meta)
     return dq, dk, dv

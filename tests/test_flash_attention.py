@@ -284,12 +284,30 @@ def test_autotuned_choices_names_the_latest_picks(monkeypatch):
 
     for tuned in (kfa._attn_fwd_tuned, kbwd._attn_bwd_dq_tuned, kbwd._attn_bwd_dkdv_tuned,
                   kbwd._attn_bwd_dkdv_atomic_tuned):
-        monkeypatch.setattr(tuned, "best_config", None, raising=False)
+        monkeypatch.setattr(tuned, "latest", None)
     assert A.autotuned_choices() == {}
-    monkeypatch.setattr(kfa._attn_fwd_tuned, "best_config", kfa._attn_fwd_tuned.configs[0])
-    c = kfa._attn_fwd_tuned.configs[0]
+    latest = kfa._attn_fwd_tuned.for_sm(90)
+    c = latest.configs[0]
+    monkeypatch.setattr(kfa._attn_fwd_tuned, "latest", latest)
+    monkeypatch.setattr(latest, "best_config", c, raising=False)
     assert A.autotuned_choices() == {"fwd": f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} "
                                             f"s{c.num_stages}"}
+
+
+def test_one_autotuner_per_arch():
+    """Triton's tuning cache has no device in its key: each arch gets its own autotuner, and an
+    sm_80 one never holds a Hopper-only tile (a tile tuned on an H100 would otherwise be launched
+    on an A100 in the same process)."""
+    from fastllama.kernels import flash_attention_backward as kbwd
+
+    for tuned in (kfa._attn_fwd_tuned, kbwd._attn_bwd_dq_tuned, kbwd._attn_bwd_dkdv_tuned,
+                  kbwd._attn_bwd_dkdv_atomic_tuned):
+        ampere, hopper = tuned.for_sm(80), tuned.for_sm(90)
+        assert ampere is not hopper and tuned.for_sm(80) is ampere
+        tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        shared = {c for table in tuned.tables[:2] for row in table.values() for c in row}
+        assert {tile(c) for c in ampere.configs} == shared
+        assert {tile(c) for c in hopper.configs} == shared | {c for row in tuned.tables[2].values() for c in row}
 
 
 @pytest.mark.parametrize("sm", [80, 90])
@@ -317,6 +335,7 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
     if dtype != torch.float32:
         kernels.append(("dkdv_atomic", kbwd._attn_bwd_dkdv_atomic_tuned, kfa.dkdv_atomic_configs))
     for name, tuned, table in kernels:
+        tuned = tuned.for_device(torch.device("cuda", 0))  # (device_sm is the stand-in above)
         kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=d_pad, PRECISION=precision, ALIGNED=aligned)
         got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
         assert got == set(table(d_pad, dtype.itemsize, precision, aligned, sm)) and got

@@ -59,7 +59,7 @@ def autotuned_choices() -> dict[str, str]:
     (benchmarks note it beside their timings); empty before any autotuned (GPU) launch."""
     tuned = {"fwd": _fwd._attn_fwd_tuned, "dq": _bwd._attn_bwd_dq_tuned, "dkdv": _bwd._attn_bwd_dkdv_tuned,
              "dkdv_atomic": _bwd._attn_bwd_dkdv_atomic_tuned}
-    picks = {name: getattr(t, "best_config", None) for name, t in tuned.items()}
+    picks = {name: getattr(t.latest, "best_config", None) for name, t in tuned.items()}
     return {name: f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
             for name, c in picks.items() if c is not None}
 
