@@ -1,6 +1,7 @@
-"""Fast generation for the reference Llama's weights: static KV cache, Triton kernels, CUDA graph.
+"""Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
-:class:`Generator` runs a :class:`fastllama.reference.Llama` (its parameters, no copies) with
+:class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
+/ Qwen2 causal LM (their parameters, no copies), with
 
 * one static KV cache for all layers, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -224,11 +225,51 @@ class _RowBlocks:
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
+# transformers causal LMs whose modules and config the generator reads like the reference's
+# (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
+_HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def _rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (max_seq_len, D) exactly as the model computes them (fp32, then cast): the
+    reference's ``rope_cos_sin``, or an HF model's own rotary module (its rope scaling
+    included)."""
+    positions = torch.arange(max_seq_len, device=device)[None]
+    if isinstance(model, Llama):
+        cos, sin = ref.rope_cos_sin(positions, model.inv_freq, dtype)
+    else:
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
+    return cos[0].contiguous(), sin[0].contiguous()
+
+
+def _check_model(model, max_seq_len: int) -> None:
+    """The reference Llama, or an HF Llama / Mistral / Qwen2 causal LM the decode step computes
+    exactly: SwiGLU MLP, no sliding window within ``max_seq_len`` (the decode kernel has none)."""
+    if isinstance(model, Llama):
+        return
+    cls = type(model)
+    if cls.__name__ not in _HF_CAUSAL_LMS or not cls.__module__.startswith("transformers."):
+        raise TypeError(f"model must be a fastllama.reference.Llama or a transformers "
+                        f"{' / '.join(_HF_CAUSAL_LMS)}, got {cls.__name__}")
+    cfg = model.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"{cls.__name__} has hidden_act={cfg.hidden_act!r}; the generator's MLP is SwiGLU (silu)")
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window and max_seq_len > window:
+        raise ValueError(f"{cls.__name__} has sliding_window={window} and the decode kernel attends to every cached "
+                         f"token: max_seq_len must be <= {window}, got {max_seq_len}")
+
+
 class Generator:
-    """Reusable fast generation for one :class:`~fastllama.reference.Llama`.
+    """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
+    ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``.
 
     Args:
-        model: the reference model (any dtype; CUDA, or CPU under the Triton interpreter). Its
+        model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
+            under the Triton interpreter; patched by ``fastllama.patch`` or not: the generator
+            reads the weights, not the forwards). Stop and pad tokens default to
+            ``model.config``'s, as the reference's ``generate`` does. Its
             parameters are used in place; the generator adds the KV cache
             (``2 x layers x max_batch_size x kv_heads x max_seq_len x head_dim`` elements).
             Moving the model to another device or dtype afterwards is an error (build a new
@@ -244,29 +285,26 @@ class Generator:
             model's parameters become views of it, same values, no extra memory). Default True.
     """
 
-    def __init__(self, model: Llama, max_batch_size: int, max_seq_len: int, *, cuda_graph: bool | None = None,
+    def __init__(self, model, max_batch_size: int, max_seq_len: int, *, cuda_graph: bool | None = None,
                  num_splits: int | None = None, fuse_projections: bool = True):
-        if not isinstance(model, Llama):
-            raise TypeError(f"model must be a fastllama.reference.Llama, got {type(model).__name__}")
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size}, {max_seq_len}")
+        _check_model(model, max_seq_len)
         p = model.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA model, the model is on {self.device}")
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.model, cfg = model, model.config
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.num_splits = num_splits
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         shape = (cfg.num_hidden_layers, max_batch_size, self.n_kv_heads, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # cos/sin tables (max_seq_len, D) exactly as the reference computes them (fp32, then cast).
-        positions = torch.arange(max_seq_len, device=self.device)[None]
-        cos, sin = ref.rope_cos_sin(positions, model.inv_freq, self.dtype)
-        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self.cos, self.sin = _rope_tables(model, max_seq_len, self.dtype, self.device)
         self._states: dict[tuple, _State] = {}
         # One memory pool for every captured graph: they never replay at the same time, and no
         # graph output lives in the pool (outputs are the static buffers or clones of them).
@@ -552,7 +590,7 @@ class _HostReader:
         return self.host.tolist()
 
 
-def generate(model: Llama, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | None = None,
+def generate(model, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | None = None,
              num_splits: int | None = None, fuse_projections: bool = True, **kwargs):
     """One-shot :meth:`Generator.generate` with a cache sized for this call (see there for the
     arguments and return value). Reuse a :class:`Generator` to keep its cache and CUDA graphs."""

@@ -383,3 +383,46 @@ def test_fused_projections_never_resize_a_shared_storage():
     assert shared.untyped_storage().nbytes() == 2 * 160 * 64 * 4
     assert gen._projections[0][1].intact()
     assert [g[3:] for g in gen.generate([[5, 6, 7]], 4, stop_tokens=[])] == expected
+
+
+def _hf_model(arch):
+    import transformers
+
+    base = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    cfg_cls, model_cls, extra = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "llama3-rope-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+            tie_word_embeddings=True, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                        high_freq_factor=4.0, original_max_position_embeddings=16))),
+        "qwen2-bias": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=24)),
+    }[arch]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**base, **extra))
+    with torch.no_grad():  # non-trivial norms and biases
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.generation_config.eos_token_id = None
+    return model.to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window"])
+def test_hf_model_greedy_tokens_equal_hf_generate(arch):
+    """An HF causal LM (its own weights and rotary module, rope scaling and q/k/v biases
+    included) decodes the tokens of its own greedy ``generate`` (fp32), three prompts of
+    different lengths in one batch; a sliding window shorter than the cache is refused."""
+    model = _hf_model(arch)
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 21)), [3, 4]]
+    expected = [model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    got = Generator(model, 3, 24).generate(prompts, 6, stop_tokens=[])
+    assert [g[len(p):] for g, p in zip(got, prompts)] == expected
+    if arch == "mistral-window":
+        with pytest.raises(ValueError, match="sliding_window=24"):
+            Generator(model, 1, 25)
+
+
+def test_unsupported_model_is_refused():
+    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+        Generator(torch.nn.Linear(2, 2), 1, 8)
