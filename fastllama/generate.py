@@ -245,7 +245,8 @@ def _rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, 
 
 def _check_model(model, max_seq_len: int) -> None:
     """The reference Llama, or an HF Llama / Mistral / Qwen2 causal LM the decode step computes
-    exactly: SwiGLU MLP, no sliding window within ``max_seq_len`` (the decode kernel has none)."""
+    exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope" scaling), no
+    sliding window within ``max_seq_len`` (the decode kernel has none)."""
     if isinstance(model, Llama):
         return
     cls = type(model)
@@ -255,6 +256,9 @@ def _check_model(model, max_seq_len: int) -> None:
     cfg = model.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"{cls.__name__} has hidden_act={cfg.hidden_act!r}; the generator's MLP is SwiGLU (silu)")
+    rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
+        raise ValueError(f"{cls.__name__} uses rope_type={rope_type!r}; the generator precomputes one rotary table")
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     if window and max_seq_len > window:
         raise ValueError(f"{cls.__name__} has sliding_window={window} and the decode kernel attends to every cached "

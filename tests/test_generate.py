@@ -424,5 +424,11 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
 
 
 def test_unsupported_model_is_refused():
+    import transformers
+
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         Generator(torch.nn.Linear(2, 2), 1, 8)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="dynamic"):
+        Generator(transformers.LlamaForCausalLM(cfg).to(DEVICE), 1, 8)
