@@ -390,7 +390,8 @@ def launched_kernels(module, helpers: Iterable[str] = ()) -> list[str]:
     in ``helpers``: called from other modules) are device helpers and compile inside their callers.
     """
     jit, launched, called = _jit_calls(module)
-    # An autotuned alias (`_k_tuned = triton.autotune(...)(_k)`) is reported as the function it wraps.
+    # An autotuned alias (`_k_tuned = triton.autotune(...)(_k)`) is reported as the function it wraps
+    # (fastllama's own ArchAutotuner objects are not jit objects: their kernels are launched directly too).
     return sorted({_python_function(getattr(module, n)).__qualname__ for n in jit
                    if n in launched or n not in called | set(helpers)})
 

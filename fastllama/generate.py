@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import ops
 from .reference import functional as ref
@@ -260,9 +261,40 @@ def _check_model(model, max_seq_len: int) -> None:
     if rope_type in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
         raise ValueError(f"{cls.__name__} uses rope_type={rope_type!r}; the generator precomputes one rotary table")
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if "sliding_attention" not in (getattr(cfg, "layer_types", None) or ["sliding_attention"]):
+        window = None  # Qwen2: max_window_layers >= layers leaves every layer on full attention
     if window and max_seq_len > window:
         raise ValueError(f"{cls.__name__} has sliding_window={window} and the decode kernel attends to every cached "
                          f"token: max_seq_len must be <= {window}, got {max_seq_len}")
+
+
+def _projection_problem(model) -> str | None:
+    """Why the weights alone do not compute the model: a projection that is not a plain
+    ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised layer has none
+    to read) or that has forward hooks (the generator would not run them). None when fine."""
+    named = [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in enumerate(model.model.layers)
+             for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    named += [(f"layers.{i}.mlp.{n}", getattr(layer.mlp, n)) for i, layer in enumerate(model.model.layers)
+              for n in ("gate_proj", "up_proj", "down_proj")]
+    for name, lin in named + [("lm_head", model.lm_head)]:
+        if type(lin) is not nn.Linear:
+            return (f"{name} is a {type(lin).__name__}, not a plain nn.Linear: merge adapters into the weights "
+                    f"first (peft: merge_and_unload())")
+        if lin._forward_pre_hooks or lin._forward_hooks:
+            return f"{name} has forward hooks, which the generator (reading weights, not calling modules) would skip"
+    return None
+
+
+def _default_stop_and_pad(model) -> tuple[set[int], int]:
+    """Stop tokens: the config's eos ids, and for an HF model its generation_config's too (HF's
+    generate stops on those: Llama-3 Instruct's <|eot_id|> is only there). Pad: the first set."""
+    def ids(value) -> set[int]:
+        return set() if value is None else {int(value)} if isinstance(value, int) else {int(t) for t in value}
+
+    configs = [model.config, getattr(model, "generation_config", None)]
+    stop = set().union(*(ids(getattr(c, "eos_token_id", None)) for c in configs))
+    pad = next((c.pad_token_id for c in configs if getattr(c, "pad_token_id", None) is not None), 0)
+    return stop, int(pad)
 
 
 class Generator:
@@ -272,8 +304,10 @@ class Generator:
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
             under the Triton interpreter; patched by ``fastllama.patch`` or not: the generator
-            reads the weights, not the forwards). Stop and pad tokens default to
-            ``model.config``'s, as the reference's ``generate`` does. Its
+            reads the weights, not the forwards, so every projection must be a plain
+            ``nn.Linear``: merge LoRA adapters first). Stop tokens default to the eos ids of
+            ``model.config`` and, for HF, ``model.generation_config`` (what HF's generate stops
+            on). Its
             parameters are used in place; the generator adds the KV cache
             (``2 x layers x max_batch_size x kv_heads x max_seq_len x head_dim`` elements).
             Moving the model to another device or dtype afterwards is an error (build a new
@@ -323,6 +357,9 @@ class Generator:
         """Before each call: the model is where the cache is; the fused projections still back
         the parameters (laid out again if something re-pointed them); and the captured graphs,
         which hold the addresses of every weight, are dropped if any weight moved since."""
+        problem = _projection_problem(self.model)
+        if problem:
+            raise ValueError(f"the generator computes with the projection weights directly, but {problem}")
         moved = {(p.device, p.dtype) for p in self.model.parameters()} - {(self.device, self.dtype)}
         if moved:
             raise ValueError(f"the model has parameters on {sorted(map(str, moved))} but this Generator was built "
@@ -381,10 +418,11 @@ class Generator:
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
             q = ops.rotary_cache_append(q, k, v, kc, vc, self.cos, self.sin, slots)
+            scale = getattr(a, "scaling", None)  # HF's; 1/sqrt(D) (the default) for these models
             if lengths is not None:
-                o = ops.decode_attention(q, kc, vc, lengths, num_splits=self.num_splits)
+                o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits)
             else:
-                o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True)
+                o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale)
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
             h, x = ops.rms_norm(o, layer.post_attention_layernorm.weight, self.eps, residual=x)
             gate, up = self._project(gate_up, mlp_in, h)
@@ -565,10 +603,11 @@ class Generator:
         if generator is not None and self.cuda_graph:
             raise ValueError("generator= is not supported with a CUDA graph (the graph replays the default CUDA "
                              "generator); seed with torch.manual_seed, or build the Generator with cuda_graph=False")
+        default_stop, default_pad = _default_stop_and_pad(self.model)
         if stop_tokens is None:
-            stop_tokens = self.model.config.eos_token_id
+            stop_tokens = default_stop
         stop = tuple(sorted({stop_tokens} if isinstance(stop_tokens, int) else {int(t) for t in stop_tokens or []}))
-        pad = pad_token_id if pad_token_id is not None else (self.model.config.pad_token_id or 0)
+        pad = pad_token_id if pad_token_id is not None else default_pad
         greedy = temperature == 0
         return _Sampling(float(temperature), None if greedy else top_k, None if greedy else top_p, stop, int(pad))
 

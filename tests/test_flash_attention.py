@@ -335,7 +335,7 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
     if dtype != torch.float32:
         kernels.append(("dkdv_atomic", kbwd._attn_bwd_dkdv_atomic_tuned, kfa.dkdv_atomic_configs))
     for name, tuned, table in kernels:
-        tuned = tuned.for_device(torch.device("cuda", 0))  # (device_sm is the stand-in above)
+        tuned = tuned.for_sm(sm)
         kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=d_pad, PRECISION=precision, ALIGNED=aligned)
         got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
         assert got == set(table(d_pad, dtype.itemsize, precision, aligned, sm)) and got

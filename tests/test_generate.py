@@ -423,6 +423,45 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
             Generator(model, 1, 25)
 
 
+def test_hf_defaults_lora_and_qwen2_layer_types(monkeypatch):
+    """Stop tokens default to config + generation_config eos ids (HF's generate stops on both);
+    a projection that is not a plain nn.Linear (LoRA: its .weight is the base weight only) or
+    has hooks is refused at the call, not silently ignored; a Qwen2 config that turns the window
+    on for no layer (max_window_layers >= layers) is accepted."""
+    import transformers
+
+    model = _hf_model("llama")
+    model.config.eos_token_id, model.generation_config.eos_token_id = 2, [2, 7]
+    model.generation_config.pad_token_id = 5
+    gen = Generator(model, 1, 24)
+    sampling = gen._check([[3, 4]], 2, 0.0, None, None, None, None, None)
+    assert sampling.stop == (2, 7) and sampling.pad == 5
+
+    attn = model.model.layers[1].self_attn
+    handle = attn.o_proj.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="o_proj has forward hooks"):
+        gen.generate([[3, 4]], 2)
+    handle.remove()
+
+    class LoraLinear(torch.nn.Linear):
+        pass
+
+    lora = LoraLinear(64, 32, bias=False).to(DEVICE)
+    attn.k_proj = lora
+    with pytest.raises(ValueError, match="k_proj is a LoraLinear, not a plain nn.Linear"):
+        gen.generate([[3, 4]], 2)
+
+    cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=2)
+    qwen = transformers.Qwen2ForCausalLM(cfg).to(DEVICE)
+    if "sliding_attention" not in (getattr(cfg, "layer_types", None) or ["sliding_attention"]):
+        Generator(qwen, 1, 16)
+    else:  # a transformers without layer_types: the window is taken as on
+        with pytest.raises(ValueError, match="sliding_window"):
+            Generator(qwen, 1, 16)
+
+
 def test_unsupported_model_is_refused():
     import transformers
 
