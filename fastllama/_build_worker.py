@@ -179,9 +179,10 @@ def _load_jit(job: dict):
     return obj
 
 
-def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_keys: set[str]) -> dict:
+def compile_job(job: dict):
+    """``triton.compile`` of one job for its arch, no cache: the compiled kernel (``.asm`` holds
+    its PTX and cubin). Runs in a process without TRITON_INTERPRET (see :func:`_spawn_env`)."""
     import triton
-    from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.backends.compiler import GPUTarget
 
     fn = _load_jit(job)
@@ -192,6 +193,18 @@ def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_
     signature = {n: t.split(":")[0] for n, t in job["signature"].items()}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in job["signature"].items()
              if t.startswith("*") or t.endswith(":16")}
+    # CUDA warps are 32 threads on every arch (what the driver reports on a real GPU).
+    target = GPUTarget("cuda", int(job["arch"].removeprefix("sm_")), 32)
+    src = triton.compiler.ASTSource(fn=fn, signature=signature,
+                                    constexprs={k: _decode(v) for k, v in job["constexprs"].items()}, attrs=attrs)
+    return triton.compile(src, target=target, options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+
+
+def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_keys: set[str]) -> dict:
+    import triton
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+
+    fn = _load_jit(job)
     key = hashlib.sha256(json.dumps([SCHEMA, triton.__version__, fn.cache_key, job["module"], job["qualname"],
                                      job["signature"], job["constexprs"], job["num_warps"], job["num_stages"],
                                      job["arch"], sorted(get_cache_invalidating_env_vars().items())],
@@ -204,16 +217,11 @@ def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_
             pass  # a torn file: compile again
     if key in skip_keys or time.time() > deadline:
         return {"skipped": True, "key": key}
-    # CUDA warps are 32 threads on every arch (what the driver reports on a real GPU).
-    target = GPUTarget("cuda", int(job["arch"].removeprefix("sm_")), 32)
-    src = triton.compiler.ASTSource(fn=fn, signature=signature,
-                                    constexprs={k: _decode(v) for k, v in job["constexprs"].items()}, attrs=attrs)
     t0 = time.perf_counter()
     log = io.StringIO()  # Triton prints the ptxas -v log (TRITON_DUMP_PTXAS_LOG) with print()
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=target,
-                                      options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+            compiled = compile_job(job)
     except OSError as e:  # the toolchain itself is broken: report, do not cache
         return {"error": f"{type(e).__name__}: {e}"}
     except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row

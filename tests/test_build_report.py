@@ -237,3 +237,65 @@ def test_shipped_kernel_configs_compile_without_spills_for_sm80_and_sm90(tmp_pat
                                                ("spills", "shared memory", "compile error", "cannot launch")}
     if fixed:
         warnings.warn(f"known build problems no longer seen, remove them from {KNOWN_PROBLEMS.name}: {sorted(fixed)}")
+
+
+# An exp2's source register, and the instruction that last defined each register, in PTX text.
+_PTX_INSTRUCTION = __import__("re").compile(r"^\s*([a-z][\w.]*)\s+(%\w+)\s*(?:,\s*(%\w+))?")
+
+
+def _exp2_inputs_made_by_fma(ptx: str) -> tuple[int, int]:
+    """(number of ex2 instructions, how many of them take a register last written by an fma)."""
+    defined_by, total, fused = {}, 0, 0
+    for line in ptx.splitlines():
+        m = _PTX_INSTRUCTION.match(line)
+        if not m:
+            continue
+        op, dest, first_source = m.groups()
+        if op.startswith("ex2"):
+            total += 1
+            fused += defined_by.get(first_source, "").startswith("fma")
+        defined_by[dest] = op
+    return total, fused
+
+
+def test_fp32_attention_scores_reach_exp2_unfused(tmp_path):
+    """fp32 flash attention promises p = 2^((s - m) - log2 l) with s = q.k * scale rounded on its
+    own, so the backward recomputes the forward's s bit for bit and p is exact at |s| = 1e4. A
+    compiler that contracts ``s * scale - m`` into one fma breaks that silently (it did once: see
+    2d89cac). In the sm_90 PTX of the fp32 forward, dK/dV and dQ kernels no exp2 may read an fma's
+    result; the bf16 forward, which asks for that fma on purpose, must (the check finds what it
+    looks for)."""
+    import subprocess
+    import sys
+
+    from fastllama import _build_worker
+    from fastllama.ops import attention as A
+
+    def wanted(b):
+        c = b.constexprs
+        return (b.label.split()[1] in ("fwd", "dkdv", "dq") and c["HEAD_DIM"] == 64 and c["ALIGNED"]
+                and not c["IS_VARLEN"] and b.archs is None and (b.signature["Q"], c["PRECISION"]) in
+                (("*fp32", "ieee"), ("*bf16", "ieee")) and (b.signature["Q"] == "*fp32" or b.label.split()[1] == "fwd"))
+
+    first = {}
+    for b in A._build_configs():
+        if wanted(b):
+            first.setdefault((b.label.split()[1], b.signature["Q"]), b)
+    assert len(first) == 4, sorted(first)
+    jobs = [dataclasses.asdict(j) for j in br.jobs_from_builds("flash_attention", first.values(), ["sm_90"])]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    script = ("import json, sys\nfrom fastllama._build_worker import compile_job\n"
+              "for job in json.load(open(sys.argv[1])):\n"
+              "    print(json.dumps([job['label'], compile_job(job).asm['ptx']]))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "jobs.json")], env=_build_worker._spawn_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ptx = dict(json.loads(line) for line in out.stdout.splitlines() if line.startswith("["))
+    assert len(ptx) == 4
+    for label, text in ptx.items():
+        total, fused = _exp2_inputs_made_by_fma(text)
+        assert total > 0, f"{label}: no ex2 in the PTX"
+        if "bf16" in label:
+            assert fused > 0, f"{label}: the 16-bit fma before exp2 is gone (or the check no longer sees it)"
+        else:
+            assert fused == 0, f"{label}: {fused} of {total} exp2 inputs come from an fma (contracted s * scale - m)"
