@@ -11,7 +11,7 @@
   the real tokens under a causal mask, and the padded slots are never read: each sequence's
   length says where its cache ends), logits only at each prompt's last token;
 * decode: per layer ``rms_norm`` (fused with the residual add), projections (q/k/v in one
-  GEMM, gate/up in one: see :class:`_RowBlocks`), the fused rotary + cache append,
+  GEMM, gate/up in one: see :class:`RowBlocks`), the fused rotary + cache append,
   ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length), ``swiglu``;
   then sampling (greedy, temperature, top-k, top-p) on the device, stop tokens, and the
   lengths advanced on the device. On CUDA the whole step is captured ONCE as a
@@ -33,10 +33,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import ops
-from .reference import functional as ref
+from .model_weights import RowBlocks, check_model, default_stop_and_pad, projection_problem, rope_tables
 from .reference.model import Llama, filter_logits
 
 __all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats"]
@@ -150,153 +149,6 @@ class _State:
         self.graph: torch.cuda.CUDAGraph | None = None
 
 
-class _RowBlocks:
-    """Linears that read the same input, with their weights (and biases) laid out as consecutive
-    row blocks of ONE buffer, so that one GEMM computes all their outputs.
-
-    Why: at batch 1 a decode step is a chain of GEMVs, and k_proj/v_proj (512 x 2048 at the
-    Llama-3.2-1B shape) are too small to reach the memory bandwidth on their own; one q/k/v GEMV
-    and one gate/up GEMV per layer also launch three fewer kernels. (gpt-fast loads its weights
-    fused for the same reason.)
-
-    How, without a copy of the weights: the buffer is made once, and each parameter becomes a
-    view of its block (``param.data = block``): the same Parameter objects with the same values,
-    so the model computes as before, optimizer steps and ``load_state_dict`` (in-place writes)
-    land in the buffer, and no second copy is kept (the old tensors are freed unless something
-    else holds them; while a group is laid out, its weights exist twice). Parameters that
-    already are consecutive blocks of one storage (a second Generator over the same model) are
-    adopted as they are.
-    :meth:`intact` says whether something re-pointed a parameter since (``param.data = t``,
-    ``model.to(...)``); the Generator then lays the weights out again.
-    """
-
-    def __init__(self, linears):
-        self.linears = list(linears)
-        self.sizes = [lin.weight.shape[0] for lin in self.linears]
-        self.weight = self._stack([lin.weight for lin in self.linears])
-        has_bias = self.linears[0].bias is not None
-        self.bias = self._stack([lin.bias for lin in self.linears]) if has_bias else None
-
-    @staticmethod
-    def fusable(linears) -> bool:
-        """One dtype, device and input size, and all with a bias or all without."""
-        kinds = {(lin.weight.dtype, lin.weight.device, lin.weight.shape[1:], lin.bias is not None)
-                 for lin in linears}
-        return len(kinds) == 1 and all(lin.weight.dim() == 2 for lin in linears)
-
-    @staticmethod
-    def _consecutive(params) -> bool:
-        """``params`` are contiguous, consecutive row blocks of one storage, in order (checked on
-        addresses alone: nothing is viewed or resized)."""
-        first = params[0]
-        storage = first.untyped_storage()
-        row_bytes = first.stride(0) * first.element_size()
-        address = first.data_ptr()
-        for p in params:
-            if (not p.is_contiguous() or p.untyped_storage().data_ptr() != storage.data_ptr()
-                    or p.data_ptr() != address or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype):
-                return False
-            address += p.shape[0] * row_bytes
-        return address <= storage.data_ptr() + storage.nbytes()
-
-    @classmethod
-    def _stack(cls, params) -> torch.Tensor:
-        first = params[0]
-        if cls._consecutive(params):  # already laid out (a second Generator): adopt, copy nothing
-            rows = sum(p.shape[0] for p in params)
-            return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
-                                           (rows, *first.shape[1:]), first.stride())
-        buffer = torch.cat([p.detach() for p in params])
-        start = 0
-        for p in params:
-            p.data = buffer[start:start + p.shape[0]]
-            start += p.shape[0]
-        return buffer
-
-    def intact(self) -> bool:
-        """Every parameter is still a view of its block of the buffer."""
-        def spans(buffer, params):
-            return buffer.data_ptr() == params[0].data_ptr() and self._consecutive(params) and (
-                sum(p.shape[0] for p in params) == buffer.shape[0])
-        return spans(self.weight, [lin.weight for lin in self.linears]) and (
-            self.bias is None or spans(self.bias, [lin.bias for lin in self.linears]))
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every linear's output, as column views of one GEMM's output."""
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
-
-
-# transformers causal LMs whose modules and config the generator reads like the reference's
-# (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
-_HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-
-def _rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin (max_seq_len, D) exactly as the model computes them (fp32, then cast): the
-    reference's ``rope_cos_sin``, or an HF model's own rotary module (its rope scaling
-    included)."""
-    positions = torch.arange(max_seq_len, device=device)[None]
-    if isinstance(model, Llama):
-        cos, sin = ref.rope_cos_sin(positions, model.inv_freq, dtype)
-    else:
-        with torch.no_grad():
-            cos, sin = model.model.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
-    return cos[0].contiguous(), sin[0].contiguous()
-
-
-def _check_model(model, max_seq_len: int) -> None:
-    """The reference Llama, or an HF Llama / Mistral / Qwen2 causal LM the decode step computes
-    exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope" scaling), no
-    sliding window within ``max_seq_len`` (the decode kernel has none)."""
-    if isinstance(model, Llama):
-        return
-    cls = type(model)
-    if cls.__name__ not in _HF_CAUSAL_LMS or not cls.__module__.startswith("transformers."):
-        raise TypeError(f"model must be a fastllama.reference.Llama or a transformers "
-                        f"{' / '.join(_HF_CAUSAL_LMS)}, got {cls.__name__}")
-    cfg = model.config
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ValueError(f"{cls.__name__} has hidden_act={cfg.hidden_act!r}; the generator's MLP is SwiGLU (silu)")
-    rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
-    if rope_type in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
-        raise ValueError(f"{cls.__name__} uses rope_type={rope_type!r}; the generator precomputes one rotary table")
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if "sliding_attention" not in (getattr(cfg, "layer_types", None) or ["sliding_attention"]):
-        window = None  # Qwen2: max_window_layers >= layers leaves every layer on full attention
-    if window and max_seq_len > window:
-        raise ValueError(f"{cls.__name__} has sliding_window={window} and the decode kernel attends to every cached "
-                         f"token: max_seq_len must be <= {window}, got {max_seq_len}")
-
-
-def _projection_problem(model) -> str | None:
-    """Why the weights alone do not compute the model: a projection that is not a plain
-    ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised layer has none
-    to read) or that has forward hooks (the generator would not run them). None when fine."""
-    named = [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in enumerate(model.model.layers)
-             for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    named += [(f"layers.{i}.mlp.{n}", getattr(layer.mlp, n)) for i, layer in enumerate(model.model.layers)
-              for n in ("gate_proj", "up_proj", "down_proj")]
-    for name, lin in named + [("lm_head", model.lm_head)]:
-        if type(lin) is not nn.Linear:
-            return (f"{name} is a {type(lin).__name__}, not a plain nn.Linear: merge adapters into the weights "
-                    f"first (peft: merge_and_unload())")
-        if lin._forward_pre_hooks or lin._forward_hooks:
-            return f"{name} has forward hooks, which the generator (reading weights, not calling modules) would skip"
-    return None
-
-
-def _default_stop_and_pad(model) -> tuple[set[int], int]:
-    """Stop tokens: the config's eos ids, and for an HF model its generation_config's too (HF's
-    generate stops on those: Llama-3 Instruct's <|eot_id|> is only there). Pad: the first set."""
-    def ids(value) -> set[int]:
-        return set() if value is None else {int(value)} if isinstance(value, int) else {int(t) for t in value}
-
-    configs = [model.config, getattr(model, "generation_config", None)]
-    stop = set().union(*(ids(getattr(c, "eos_token_id", None)) for c in configs))
-    pad = next((c.pad_token_id for c in configs if getattr(c, "pad_token_id", None) is not None), 0)
-    return stop, int(pad)
-
-
 class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
     ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``.
@@ -307,8 +159,7 @@ class Generator:
             reads the weights, not the forwards, so every projection must be a plain
             ``nn.Linear``: merge LoRA adapters first). Stop tokens default to the eos ids of
             ``model.config`` and, for HF, ``model.generation_config`` (what HF's generate stops
-            on). Its
-            parameters are used in place; the generator adds the KV cache
+            on). Its parameters are used in place; the generator adds the KV cache
             (``2 x layers x max_batch_size x kv_heads x max_seq_len x head_dim`` elements).
             Moving the model to another device or dtype afterwards is an error (build a new
             Generator); changing its weights in place or re-pointing them is fine: each call
@@ -319,15 +170,15 @@ class Generator:
             the step always runs eagerly.
         num_splits: ``decode_attention``'s key splits (default: its shape heuristic).
         fuse_projections: compute q/k/v with one GEMM and gate/up with one, by laying each
-            layer's weights out as row blocks of one buffer (see :class:`_RowBlocks`: the
-            model's parameters become views of it, same values, no extra memory). Default True.
+            layer's weights out as row blocks of one buffer (see :class:`RowBlocks`: the
+            model's parameters become views of it: same values, no second copy). Default True.
     """
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, *, cuda_graph: bool | None = None,
                  num_splits: int | None = None, fuse_projections: bool = True):
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size}, {max_seq_len}")
-        _check_model(model, max_seq_len)
+        check_model(model, max_seq_len)
         p = model.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
         if cuda_graph and self.device.type != "cuda":
@@ -342,14 +193,14 @@ class Generator:
         shape = (cfg.num_hidden_layers, max_batch_size, self.n_kv_heads, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.cos, self.sin = _rope_tables(model, max_seq_len, self.dtype, self.device)
+        self.cos, self.sin = rope_tables(model, max_seq_len, self.dtype, self.device)
         self._states: dict[tuple, _State] = {}
         # One memory pool for every captured graph: they never replay at the same time, and no
         # graph output lives in the pool (outputs are the static buffers or clones of them).
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.stats = GenerationStats()
         self.fuse_projections = fuse_projections
-        self._projections: list[tuple[_RowBlocks | None, _RowBlocks | None]] = []
+        self._projections: list[tuple[RowBlocks | None, RowBlocks | None]] = []
         self._weights_key: tuple[int, ...] = ()
         self._bind_weights()
 
@@ -357,7 +208,7 @@ class Generator:
         """Before each call: the model is where the cache is; the fused projections still back
         the parameters (laid out again if something re-pointed them); and the captured graphs,
         which hold the addresses of every weight, are dropped if any weight moved since."""
-        problem = _projection_problem(self.model)
+        problem = projection_problem(self.model)
         if problem:
             raise ValueError(f"the generator computes with the projection weights directly, but {problem}")
         moved = {(p.device, p.dtype) for p in self.model.parameters()} - {(self.device, self.dtype)}
@@ -370,7 +221,7 @@ class Generator:
                 self._projections = [(None, None)] * len(layers)
             self._projections = [
                 tuple(old if old is not None and old.linears == group and old.intact()
-                      else (_RowBlocks(group) if _RowBlocks.fusable(group) else None)
+                      else (RowBlocks(group) if RowBlocks.fusable(group) else None)
                       for old, group in zip(fused, self._layer_groups(layer)))
                 for fused, layer in zip(self._projections, layers)]
         key = tuple(p.data_ptr() for p in self.model.parameters())
@@ -386,7 +237,7 @@ class Generator:
         return [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
 
     @staticmethod
-    def _project(fused: _RowBlocks | None, linears, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _project(fused: RowBlocks | None, linears, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs of ``linears`` on ``h``: one GEMM when they are fused."""
         return fused(h) if fused is not None else tuple(F.linear(h, lin.weight, lin.bias) for lin in linears)
 
@@ -603,7 +454,7 @@ class Generator:
         if generator is not None and self.cuda_graph:
             raise ValueError("generator= is not supported with a CUDA graph (the graph replays the default CUDA "
                              "generator); seed with torch.manual_seed, or build the Generator with cuda_graph=False")
-        default_stop, default_pad = _default_stop_and_pad(self.model)
+        default_stop, default_pad = default_stop_and_pad(self.model)
         if stop_tokens is None:
             stop_tokens = default_stop
         stop = tuple(sorted({stop_tokens} if isinstance(stop_tokens, int) else {int(t) for t in stop_tokens or []}))

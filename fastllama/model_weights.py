@@ -1,0 +1,166 @@
+"""What :class:`fastllama.generate.Generator` reads from a model, and how it lays the weights out.
+
+The generator computes a model from its weights, not by calling its modules: the reference
+``Llama`` and transformers' Llama / Mistral / Qwen2 causal LMs share the attribute names it
+reads (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...). Here:
+which models that computes exactly (:func:`check_model`, :func:`projection_problem`), their
+rotary tables and default stop tokens, and :class:`RowBlocks`, the one-GEMM layout of the
+projections that read the same input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .reference import functional as ref
+from .reference.model import Llama
+
+__all__ = ["RowBlocks", "rope_tables", "check_model", "projection_problem", "default_stop_and_pad"]
+
+
+class RowBlocks:
+    """Linears that read the same input, with their weights (and biases) laid out as consecutive
+    row blocks of ONE buffer, so that one GEMM computes all their outputs.
+
+    Why: at batch 1 a decode step is a chain of GEMVs, and k_proj/v_proj (512 x 2048 at the
+    Llama-3.2-1B shape) are too small to reach the memory bandwidth on their own; one q/k/v GEMV
+    and one gate/up GEMV per layer also launch three fewer kernels. (gpt-fast loads its weights
+    fused for the same reason.)
+
+    How, without a copy of the weights: the buffer is made once, and each parameter becomes a
+    view of its block (``param.data = block``): the same Parameter objects with the same values,
+    so the model computes as before, optimizer steps and ``load_state_dict`` (in-place writes)
+    land in the buffer, and no second copy is kept (the old tensors are freed unless something
+    else holds them; while a group is laid out, its weights exist twice). Parameters that
+    already are consecutive blocks of one storage (a second Generator over the same model) are
+    adopted as they are.
+    :meth:`intact` says whether something re-pointed a parameter since (``param.data = t``,
+    ``model.to(...)``); the Generator then lays the weights out again.
+    """
+
+    def __init__(self, linears):
+        self.linears = list(linears)
+        self.sizes = [lin.weight.shape[0] for lin in self.linears]
+        self.weight = self._stack([lin.weight for lin in self.linears])
+        has_bias = self.linears[0].bias is not None
+        self.bias = self._stack([lin.bias for lin in self.linears]) if has_bias else None
+
+    @staticmethod
+    def fusable(linears) -> bool:
+        """One dtype, device and input size, and all with a bias or all without."""
+        kinds = {(lin.weight.dtype, lin.weight.device, lin.weight.shape[1:], lin.bias is not None)
+                 for lin in linears}
+        return len(kinds) == 1 and all(lin.weight.dim() == 2 for lin in linears)
+
+    @staticmethod
+    def _consecutive(params) -> bool:
+        """``params`` are contiguous, consecutive row blocks of one storage, in order (checked on
+        addresses alone: nothing is viewed or resized)."""
+        first = params[0]
+        storage = first.untyped_storage()
+        row_bytes = first.stride(0) * first.element_size()
+        address = first.data_ptr()
+        for p in params:
+            if (not p.is_contiguous() or p.untyped_storage().data_ptr() != storage.data_ptr()
+                    or p.data_ptr() != address or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype):
+                return False
+            address += p.shape[0] * row_bytes
+        return address <= storage.data_ptr() + storage.nbytes()
+
+    @classmethod
+    def _stack(cls, params) -> torch.Tensor:
+        first = params[0]
+        if cls._consecutive(params):  # already laid out (a second Generator): adopt, copy nothing
+            rows = sum(p.shape[0] for p in params)
+            return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                           (rows, *first.shape[1:]), first.stride())
+        buffer = torch.cat([p.detach() for p in params])
+        start = 0
+        for p in params:
+            p.data = buffer[start:start + p.shape[0]]
+            start += p.shape[0]
+        return buffer
+
+    def intact(self) -> bool:
+        """Every parameter is still a view of its block of the buffer."""
+        def spans(buffer, params):
+            return buffer.data_ptr() == params[0].data_ptr() and self._consecutive(params) and (
+                sum(p.shape[0] for p in params) == buffer.shape[0])
+        return spans(self.weight, [lin.weight for lin in self.linears]) and (
+            self.bias is None or spans(self.bias, [lin.bias for lin in self.linears]))
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every linear's output, as column views of one GEMM's output."""
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+# transformers causal LMs whose modules and config the generator reads like the reference's
+# (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
+_HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (max_seq_len, D) exactly as the model computes them (fp32, then cast): the
+    reference's ``rope_cos_sin``, or an HF model's own rotary module (its rope scaling
+    included)."""
+    positions = torch.arange(max_seq_len, device=device)[None]
+    if isinstance(model, Llama):
+        cos, sin = ref.rope_cos_sin(positions, model.inv_freq, dtype)
+    else:
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
+    return cos[0].contiguous(), sin[0].contiguous()
+
+
+def check_model(model, max_seq_len: int) -> None:
+    """The reference Llama, or an HF Llama / Mistral / Qwen2 causal LM the decode step computes
+    exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope" scaling), no
+    sliding window within ``max_seq_len`` (the decode kernel has none)."""
+    if isinstance(model, Llama):
+        return
+    cls = type(model)
+    if cls.__name__ not in _HF_CAUSAL_LMS or not cls.__module__.startswith("transformers."):
+        raise TypeError(f"model must be a fastllama.reference.Llama or a transformers "
+                        f"{' / '.join(_HF_CAUSAL_LMS)}, got {cls.__name__}")
+    cfg = model.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"{cls.__name__} has hidden_act={cfg.hidden_act!r}; the generator's MLP is SwiGLU (silu)")
+    rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
+        raise ValueError(f"{cls.__name__} uses rope_type={rope_type!r}; the generator precomputes one rotary table")
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if "sliding_attention" not in (getattr(cfg, "layer_types", None) or ["sliding_attention"]):
+        window = None  # Qwen2: max_window_layers >= layers leaves every layer on full attention
+    if window and max_seq_len > window:
+        raise ValueError(f"{cls.__name__} has sliding_window={window} and the decode kernel attends to every cached "
+                         f"token: max_seq_len must be <= {window}, got {max_seq_len}")
+
+
+def projection_problem(model) -> str | None:
+    """Why the weights alone do not compute the model: a projection that is not a plain
+    ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised layer has none
+    to read) or that has forward hooks (the generator would not run them). None when fine."""
+    named = [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in enumerate(model.model.layers)
+             for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    named += [(f"layers.{i}.mlp.{n}", getattr(layer.mlp, n)) for i, layer in enumerate(model.model.layers)
+              for n in ("gate_proj", "up_proj", "down_proj")]
+    for name, lin in named + [("lm_head", model.lm_head)]:
+        if type(lin) is not nn.Linear:
+            return (f"{name} is a {type(lin).__name__}, not a plain nn.Linear: merge adapters into the weights "
+                    f"first (peft: merge_and_unload())")
+        if lin._forward_pre_hooks or lin._forward_hooks:
+            return f"{name} has forward hooks, which the generator (reading weights, not calling modules) would skip"
+    return None
+
+
+def default_stop_and_pad(model) -> tuple[set[int], int]:
+    """Stop tokens: the config's eos ids, and for an HF model its generation_config's too (HF's
+    generate stops on those: Llama-3 Instruct's <|eot_id|> is only there). Pad: the first set."""
+    def ids(value) -> set[int]:
+        return set() if value is None else {int(value)} if isinstance(value, int) else {int(t) for t in value}
+
+    configs = [model.config, getattr(model, "generation_config", None)]
+    stop = set().union(*(ids(getattr(c, "eos_token_id", None)) for c in configs))
+    pad = next((c.pad_token_id for c in configs if getattr(c, "pad_token_id", None) is not None), 0)
+    return stop, int(pad)
