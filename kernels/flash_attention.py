@@ -385,10 +385,12 @@ _SM90_EXTRA_16BIT = {
 # fp16/bf16, dense/varlen and the head dims of the row, sm_80 / sm_90:
 #   aligned  d64 (32,64,8,2) 253/165, (32,128,8,2) 255/196, (16,64,4,2) 232/158; d80-128
 #            (32,64,8,2) 255/222, (32,32,4,2) 250/246; d256 (32,32,8,2) 232/220, (16,32,8,2) 199/192.
-#            sm_90 only, d64: (64,64,8,2) 240, (64,64,8,3) 248, (32,128,8,3) 203.
+#            sm_90 only, d64: (64,64,8,2) 240, (64,64,8,3) 248, (32,128,8,3) 203; d80-128, 128 keys
+#            (half the dQ atomics per FLOP of the 64-key tiles): (16,128,8,2) 224, (32,128,8,1) 231.
 #            Rejected (an earlier build of this kernel): d64 (64,64,8,2) 272 B spill on sm_80,
 #            (64,128,8,2) 32 B on sm_90; d128 (16,64,4,2) 72 B, (32,128,8,2) 56 B, (64,64,8,2|3)
-#            64-152 B, (64,128,8,2) 416 B; d256 (16,64,8,2) 16-256 B.
+#            64-152 B, (64,128,8,2) 416 B, (64,128,8,1) 136 B, (16|32,128,4,2) 0.8-1.1 KB;
+#            d256 (16,64,8,2) 16-256 B.
 #   unaligned d64 (16,32,4,2) 215/198 ((32,32,4,2) 32 B on sm_90); d80-128 (32,32,8,2) 225/250;
 #            d256 (16,32,8,2) 228/194.
 # Unmeasured: which of them is fastest, and whether the atomics beat the separate dQ pass.
@@ -402,7 +404,8 @@ _DKDV_ATOMIC_UNALIGNED = {
     (128, "16-bit"): [(32, 32, 8, 2)],
     (256, "16-bit"): [(16, 32, 8, 2)],
 }
-_SM90_EXTRA_ATOMIC = {64: [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3)]}
+_SM90_EXTRA_ATOMIC = {64: [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3)],
+                      128: [(16, 128, 8, 2), (32, 128, 8, 1)]}
 
 # (aligned table, unaligned table, sm_90 additions) per kernel.
 CONFIG_TABLES = {name: (aligned, unaligned, sm90) for name, aligned, unaligned, sm90 in (

@@ -342,9 +342,7 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
         shared = set(kfa.CONFIG_TABLES[name][0 if aligned else 1][(max(64, d_pad), kind)])
         extra = set(kfa.CONFIG_TABLES[name][2].get(max(64, d_pad), [])) - shared if hopper else set()
         assert got == shared | extra
-        # (the atomic-dQ kernel has none at d128: every larger tile spills there)
-        assert not hopper or d_pad > (64 if name == "dkdv_atomic" else 128) or extra, \
-            "no Hopper-only tile for an aligned 16-bit d64/d128 row"
+        assert not hopper or d_pad > 128 or extra, "no Hopper-only tile for an aligned 16-bit d64/d128 row"
         for bm, bn, w, s in got:
             label = f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}"
             assert archs[label, w, s] == (None if (bm, bn, w, s) in shared else ("sm_90",))
