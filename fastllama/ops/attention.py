@@ -165,7 +165,7 @@ def _check_cu_seqlens(name: str, cu, q: torch.Tensor) -> None:
 def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic):
     """Everything that can be checked without reading tensor values.
 
-    Returns (scale, before, after, dot precision) for the kernels."""
+    Returns (scale, before, after, dot precision, deterministic backward) for the kernels."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
     check_same("q", q, "k", k, "dtype")
