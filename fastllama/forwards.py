@@ -190,6 +190,33 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     return out.transpose(1, 2).contiguous(), None
 
 
+def hf_attention_mask(**kwargs):
+    """Registered with HF's ``AttentionMaskInterface`` as "fastllama": HF's ``sdpa_mask``, except
+    that plain causal attention without a padding mask gives None also while torch.compile traces.
+
+    ``sdpa_mask`` returns None (no mask: causal attention, which :func:`attend` serves with flash
+    attention) when there is no padding and q_length == 1, q_length == kv_length, or the cache is
+    empty. transformers before 5.24 (5.17 on the GPU machines), and 5.24 under torch < 2.14,
+    never skip while dynamo traces: they build the (B, 1, Tq, Tk) mask, whose inspection in
+    :func:`attend` is data-dependent and breaks the graph. Without a padding mask (and with an
+    int offset) the decision reads shapes only, so it is made here, under tracing too; the cases
+    are exactly those of HF's own ``_ignore_causal_mask_sdpa`` with ``padding_mask=None``.
+    (HF stops skipping under ``torch.export`` because SDPA's ``is_causal`` aligns top-left and
+    would be baked into the graph; :func:`attend` aligns bottom-right and reads Tq/Tk at run
+    time, so an exported graph stays right.)
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    q_length, kv_length = kwargs.get("q_length"), kwargs.get("kv_length")
+    q_offset, local_size = kwargs.get("q_offset", 0), kwargs.get("local_size")
+    if (kwargs.get("attention_mask") is None and kwargs.get("allow_is_causal_skip", True)
+            and isinstance(q_length, int) and isinstance(kv_length, int) and isinstance(q_offset, int)
+            and (local_size is None or kv_length < local_size)
+            and (q_length == 1 or kv_length == q_length or q_offset == 0)):
+        return None
+    return sdpa_mask(**kwargs)
+
+
 def hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """``LlamaAttention.forward`` (and Mistral's, Qwen2's) with fastllama's rotary kernel.
 

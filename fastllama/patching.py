@@ -145,10 +145,10 @@ def _original_rope(module):
 
 def _register_hf_attention() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register("fastllama", forwards.hf_attention_function)
-    AttentionMaskInterface.register("fastllama", sdpa_mask)
+    AttentionMaskInterface.register("fastllama", forwards.hf_attention_mask)
 
 
 def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,

@@ -87,6 +87,13 @@ def device() -> str:
     return DEVICE
 
 
+def enable_activation_checkpointing(model) -> None:
+    """HF's activation checkpointing switch: ``activation_checkpointing_enable`` since
+    transformers 5.24, ``gradient_checkpointing_enable`` before (5.17 on the GPU machines)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def pytest_collection_modifyitems(config, items):
     if not INTERPRETER:
         return

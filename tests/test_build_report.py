@@ -211,8 +211,17 @@ def test_every_kernel_module_is_in_the_op_table():
 
 
 def test_shipped_kernel_configs_compile_without_spills_for_sm80_and_sm90(tmp_path):
-    jobs, errors = br.jobs_from_specs(ARCHS)
+    import triton
+
     committed = br.committed_report()
+    made_with = json.loads(committed.read_text()).get("triton") if committed else None
+    if made_with is not None and made_with != triton.__version__:
+        # Registers and spills are the compiler's: the committed report, and this gate, are for the
+        # Triton that CI pins (.ci/constraints.txt). Under another Triton every build would be
+        # uncached and the gate would spend its budget compiling, then fail as stale.
+        pytest.skip(f"the committed build report was made with Triton {made_with}, this is "
+                    f"{triton.__version__}: run `fastllama build-report` for this Triton's own table")
+    jobs, errors = br.jobs_from_specs(ARCHS)
     # A cache of its own, seeded from the committed report: the verdict depends on the checkout,
     # not on what other runs left in ~/.cache.
     rows = errors + br.run_report(br.by_pressure(jobs), cache_dir=tmp_path, workers=WORKERS, seed=committed,

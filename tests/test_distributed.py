@@ -40,7 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import fastllama
-from conftest import DEVICE
+from conftest import DEVICE, enable_activation_checkpointing
 from fastllama import testing
 
 WORLD, STEPS, SEQ, LR = 2, 3, 16, 1e-3
@@ -158,7 +158,7 @@ def _wrap(model, sc: Scenario, device):
 def _run_scenario(sc: Scenario, rank: int, device) -> dict:
     model = build(sc.tied, device=device)
     if sc.checkpointing:
-        model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model)
     if sc.patched and not sc.patch_after_wrap:
         fastllama.patch(model)
     wrapped = _wrap(model, sc, device)

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from transformers.models.llama import modeling_llama
 
 import fastllama
-from conftest import DEVICE
+from conftest import DEVICE, enable_activation_checkpointing
 from fastllama.attention import FALLBACKS
 from fastllama.reference import Llama
 
@@ -204,7 +204,7 @@ def test_gradient_checkpointing():
     model = build("llama-gqa").train()
     x = ids()
     expected = model(input_ids=x, labels=x).loss
-    model.activation_checkpointing_enable()
+    enable_activation_checkpointing(model)
     fastllama.patch(model)
     loss = model(input_ids=x, labels=x).loss
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
@@ -267,6 +267,33 @@ def test_right_padded_training_batch_and_num_items_in_batch():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.model.layers[1].self_attn.k_proj.weight.grad, expected_grad,
                                rtol=1e-4, atol=1e-6)
+
+
+def test_mask_function_skips_the_mask_exactly_where_hf_sdpa_mask_does():
+    """patch's mask function returns None (plain causal attention) in the cases where HF's own
+    ``sdpa_mask`` does when it runs eagerly, and is ``sdpa_mask`` otherwise; it differs only in
+    also skipping while dynamo traces (see ``forwards.hf_attention_mask``)."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+
+    from fastllama.forwards import hf_attention_mask
+
+    padded = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    cases = 0
+    for q_length, kv_length in [(8, 8), (1, 8), (3, 8), (8, 16), (1, 1)]:
+        for q_offset in (0, kv_length - q_length, torch.tensor(kv_length - q_length)):
+            for local_size in (None, 4, 64):
+                for attention_mask in (None, padded[:, :kv_length] if kv_length == 8 else None):
+                    for skip in (True, False):
+                        fn = causal_mask_function if local_size is None else sliding_window_causal_mask_function(local_size)
+                        kw = dict(batch_size=2, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=0,
+                                  mask_function=fn, attention_mask=attention_mask, allow_is_causal_skip=skip,
+                                  local_size=local_size, dtype=torch.float32, config=None, device="cpu")
+                        ours, hf = hf_attention_mask(**kw), sdpa_mask(**kw)
+                        assert (ours is None) == (hf is None), kw
+                        if hf is not None:
+                            assert torch.equal(ours, hf), kw
+                        cases += 1
+    assert cases == 5 * 3 * 3 * 2 * 2
 
 
 def test_torch_compile_of_patched_model():
