@@ -73,7 +73,7 @@ def _online_lse(logits_ptr, stride_row, stride_col, first_row, row_ok, col_begin
                 HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
     """Running (max, sum of exp(x - max)) of each row over columns [col_begin, col_end). One max
     and one sum reduction per tile (not per element): the sum is rescaled by exp(m_old - m_new)
-    whenever the max grows. An empty range gives (-inf, 0)."""
+    whenever the max grows. An empty range, or one of -inf logits only, gives (-inf, 0)."""
     tile, in_tile = _tile_pointers(logits_ptr, stride_row, stride_col, first_row, col_begin, BLOCK_M, BLOCK_V)
     cols0 = tl.arange(0, BLOCK_V)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -86,7 +86,10 @@ def _online_lse(logits_ptr, stride_row, stride_col, first_row, row_ok, col_begin
             x = softcap * _tanh(x / softcap)
         x = tl.where(col_ok, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        # While a row has seen only -inf logits (a -inf bias masking part of the vocabulary),
+        # m_new is -inf and x - m_new would be -inf + inf = NaN: subtract 0 instead (exp gives 0).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub[:, None]), axis=1)
         m = m_new
         tile += BLOCK_V * stride_col
     return m, s

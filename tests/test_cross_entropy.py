@@ -1,6 +1,7 @@
 """ops.linear_cross_entropy beyond the op table (tests/test_op_parity.py runs its shape cases):
 strided inputs, tied embeddings, the no-(tokens x vocab)-tensor memory guarantee, bad input,
 label checking, torch.compile, and the fp32 accumulation of the weight gradient."""
+import contextlib
 import functools
 
 import pytest
@@ -137,6 +138,13 @@ _BAD = [
     ("z_loss", lambda x, w, y: dict(z_loss=-1.0), ValueError, "z_loss"),
     ("softcap", lambda x, w, y: dict(softcap=0.0), ValueError, "softcap"),
     ("chunk_rows", lambda x, w, y: dict(chunk_rows=0), ValueError, "chunk_rows"),
+    ("ignore_index past int32", lambda x, w, y: dict(ignore_index=2**32 - 100, labels=y.int()), ValueError,
+     "ignore_index must fit in 32 bits"),
+    ("ignore_index huge", lambda x, w, y: dict(ignore_index=2**70), ValueError, "ignore_index must fit"),
+    ("num_items negative", lambda x, w, y: dict(num_items_in_batch=-3), ValueError, "num_items_in_batch must be a finite"),
+    ("num_items nan", lambda x, w, y: dict(num_items_in_batch=float("nan")), ValueError, "num_items_in_batch must be a"),
+    ("num_items bool tensor", lambda x, w, y: dict(num_items_in_batch=torch.tensor(True)), TypeError, "real number"),
+    ("hidden size 0", lambda x, w, y: dict(hidden=x[..., :0], weight=w[:, :0]), ValueError, "hidden size 0"),
 ]
 
 
@@ -218,12 +226,53 @@ def test_strided_labels_are_read_at_their_strides():
                                ops.linear_cross_entropy(hidden, weight, labels.clone()))
 
 
-def test_second_backward_raises_instead_of_double_scaling():
+@pytest.mark.parametrize("hooks", [False, True], ids=["plain", "saved_tensors_hooks"])
+def test_second_backward_raises_instead_of_double_scaling(hooks):
+    # Under saved_tensors_hooks autograd skips its saved-tensor version check, so the refusal
+    # must not rely on it (it once scaled the gradients twice there).
+    context = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks else contextlib.nullcontext()
     hidden, weight, labels = _inputs()
-    loss = ops.linear_cross_entropy(hidden, weight, labels)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+    with context:
+        loss = ops.linear_cross_entropy(hidden, weight, labels)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="one backward per forward"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("schedule", ["one split", "splits", "rows"])
+def test_minus_inf_logits_over_whole_tiles_and_splits_stay_finite(schedule):
+    """A -inf bias masking a vocabulary range (constrained vocabularies, padded embeddings): the
+    loss is finite as long as the target is allowed. It was NaN once the range covered a whole
+    tile of the online log-sum-exp, or a whole vocabulary split (exp(-inf + inf))."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 300, generator=gen)
+    logits[:, :150] = float("-inf")  # the first tiles (and split) of every row
+    logits[:, 192:256] = float("-inf")  # one whole middle split of 64 columns
+    labels = torch.tensor([200, 299, 150, -100, 160])
+    expected = F.cross_entropy(logits.double(), labels, reduction="none")
+    probs = torch.softmax(logits.double(), -1)
+    probs[torch.arange(5), labels.clamp(min=0)] -= 1
+    probs[labels == -100] = 0
+    config = {"one split": dict(block_m=1, block_v=64), "splits": dict(block_m=4, block_v=64, splits=5),
+              "rows": dict(block_m=4, block_v=32)}[schedule]
+    grad = logits.to(DEVICE).clone()
+    loss, _ = kernels.cross_entropy_chunk(grad, labels.to(DEVICE), torch.ones((), device=DEVICE), **config)
+    torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double().cpu(), probs, rtol=1e-5, atol=1e-6)
+
+
+def test_minus_inf_bias_through_the_op():
+    # 8192 masked columns: whole tiles on a GPU and under the interpreter (tiles <= 8192 wide)
+    hidden, weight, labels = _inputs(1, 9, 8, 8200)
+    bias = torch.zeros(8200, device=DEVICE)
+    bias[:8192] = float("-inf")
+    labels = torch.randint(8192, 8200, labels.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    ops.linear_cross_entropy(hidden, weight, labels, bias=bias).backward()
+    x, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    reference.linear_cross_entropy(x, w, labels, bias=bias).backward()
+    assert torch.isfinite(hidden.grad).all()
+    torch.testing.assert_close(hidden.grad, x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad, w.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_upstream_gradient_scales_the_precomputed_gradients():

@@ -337,8 +337,16 @@ def _backward(ctx, grad_loss, _g1, _g2, _g3):
         _, gh, gw, gb = _lce_op(hidden, weight, labels, bias, grad_loss.float(), "none", ignore_index, z_loss,
                                 softcap, need_h, need_w, need_b, False, chunk_rows)
     else:
-        # In place: a second backward through the same graph (retain_graph=True) then fails
-        # autograd's saved-tensor version check instead of scaling the gradients twice.
+        # The gradients were computed in the forward and are scaled in place (no second copy of
+        # a weight-sized tensor), so they can serve one backward only. autograd's saved-tensor
+        # version check would catch a second one, but it is skipped under saved_tensors_hooks:
+        # the flag makes the refusal unconditional.
+        if getattr(ctx, "gradients_used", False):
+            raise RuntimeError("linear_cross_entropy with reduction='mean' or 'sum' supports one backward per "
+                               "forward: its gradients are computed in the forward and were already used "
+                               "(a second backward through the graph, retain_graph=True); run the forward again, "
+                               "or use reduction='none' and reduce the losses yourself")
+        ctx.gradients_used = True
         gh, gw, gb = (t.mul_(grad_loss) if t.numel() else t for t in ctx.saved_tensors)
     return (gh if need_h else None, gw if need_w else None, None, gb if need_b else None,
             None, None, None, None, None, None, None, None, None, None)
@@ -363,6 +371,8 @@ def _validate(hidden, weight, labels, ignore_index, reduction, bias, num_items_i
                          f"size {hidden.shape[-1]}; weight must be (vocab, {hidden.shape[-1]})")
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary (shape[0] == 0); accepted: vocab >= 1")
+    if weight.shape[1] == 0:
+        raise ValueError("hidden and weight have hidden size 0 (no features); accepted: hidden_size >= 1")
     check_tensor("labels", labels, dtypes=LABEL_DTYPES)
     check_same("hidden", hidden, "labels", labels, "device")
     if labels.shape != hidden.shape[:-1]:
@@ -378,6 +388,9 @@ def _validate(hidden, weight, labels, ignore_index, reduction, bias, num_items_i
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**31 <= ignore_index < 2**31:
+        # The kernels take it as a 32-bit int; and int32 labels would compare with it wrapped.
+        raise ValueError(f"ignore_index must fit in 32 bits (-2**31 <= ignore_index < 2**31), got {ignore_index}")
     if num_items_in_batch is not None:
         if reduction != "mean":
             raise ValueError(f"num_items_in_batch divides the summed loss of reduction='mean'; "
@@ -385,9 +398,13 @@ def _validate(hidden, weight, labels, ignore_index, reduction, bias, num_items_i
         if isinstance(num_items_in_batch, torch.Tensor):
             if num_items_in_batch.numel() != 1:
                 raise ValueError(f"num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}")
+            if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+                raise TypeError(f"num_items_in_batch must be a real number, got a {num_items_in_batch.dtype} tensor")
         elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
             raise TypeError(f"num_items_in_batch must be an int or a one-element tensor, "
                             f"got {type(num_items_in_batch).__name__}")
+        elif not 0 <= num_items_in_batch < math.inf:  # (a tensor's value is not read: no device sync)
+            raise ValueError(f"num_items_in_batch must be a finite count >= 0, got {num_items_in_batch!r}")
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not 0 <= z_loss < math.inf:
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
@@ -445,12 +462,13 @@ def linear_cross_entropy(
             gradient then accumulates both uses, as autograd does for any shared leaf).
         labels: hidden's shape without the last dim, int64 or int32; values in [0, V) or
             ``ignore_index``.
-        ignore_index: label value that contributes neither loss nor gradient.
+        ignore_index: label value that contributes neither loss nor gradient (a 32-bit int).
         reduction: "mean" (over non-ignored tokens; all ignored gives 0, not NaN), "sum", or
             "none" (fp32 losses in the shape of ``labels``, 0 at ignored tokens).
         bias: optional (V,) added to the logits.
         num_items_in_batch: with "mean", divide the summed loss by this count instead of the
-            number of non-ignored tokens (HF's gradient-accumulation convention; clamped to >= 1).
+            number of non-ignored tokens (HF's gradient-accumulation convention): a count >= 0,
+            an int or a one-element tensor; below 1 (a batch without targets) it counts as 1.
         z_loss: adds ``z_loss * logsumexp(logits)**2`` per non-ignored token (PaLM; 1e-4 is
             typical) to keep the log-normaliser near 0. Default 0: off.
         softcap: replaces the logits by ``softcap * tanh(logits / softcap)`` (Gemma 2's final
