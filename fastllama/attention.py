@@ -11,7 +11,10 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   the decode kernel with per-sequence ``cache_seqlens`` (or flash attention on the prefix).
 * every row keeps one contiguous run of keys: left- or right-padded batches (Tq == Tk) and
   left-padded caches (Tq < Tk, the run ending at the last key): the padding is removed and the
-  packed sequences go through varlen flash attention. Rows of padding queries come out as 0.
+  packed sequences go through varlen flash attention. Padding queries get what the mask gives
+  them: 0 where it shows them no key (left padding), and attention over their row's whole run
+  where it shows them all of it (right padding, causal: a second, non-causal varlen call), so
+  a loss over padded positions matches HF's too.
 * anything else (custom masks, dropout): PyTorch SDPA with the mask, counted in
   :data:`FALLBACKS` so nothing slow happens silently.
 
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 
 from . import ops
 
-__all__ = ["attend", "FALLBACKS", "DECODE_MAX_QUERIES"]
+__all__ = ["attend", "attend_with_weights", "FALLBACKS", "DECODE_MAX_QUERIES"]
 
 DECODE_MAX_QUERIES = 16  # the decode kernel packs up to this many query tokens per sequence
 
@@ -41,6 +44,9 @@ class _Plan:
     kind: str  # "prefix", "runs" or "other"
     lengths: torch.Tensor | None = None  # (B,) keys kept per row
     starts: torch.Tensor | None = None  # (B,) first kept key ("runs")
+    # "runs", Tq == Tk: flat indices (b * Tq + t) of the padding queries that the mask lets see
+    # their row's whole run (right padding under a causal mask), or None when there are none
+    pad_rows: torch.Tensor | None = None
 
 
 _last_plan: tuple[torch.Tensor, tuple, _Plan] | None = None
@@ -86,8 +92,15 @@ def _classify(mask: torch.Tensor, causal: bool, window) -> _Plan:
         if causal and bool((n >= Tq).all()) and torch.equal(m, _expected(keep_k, prefix_q, j, causal, window)):
             plan = _Plan("prefix", lengths=n.to(torch.int32))
         elif Tq == Tk and torch.equal(m & keep_k[:, :, None], _expected(keep_k, i, j, causal, window) & keep_k[:, :, None]):
-            # (rows of padding queries are not compared: their outputs are unused, and come out 0)
-            plan = _Plan("runs", lengths=n, starts=s)
+            # The padding queries' rows: HF's causal mask lets a query after a right-padded run
+            # see the whole run, one before a left-padded run nothing. Their outputs reach the
+            # loss when labels cover padding, so they are computed as the mask says: whole run,
+            # or nothing (0); any other row goes to SDPA.
+            pad_attends = m.any(-1) & ~keep_k
+            if not bool(pad_attends.any()):
+                plan = _Plan("runs", lengths=n, starts=s)
+            elif torch.equal(m[pad_attends], keep_k[:, None, :].expand_as(m)[pad_attends]):
+                plan = _Plan("runs", lengths=n, starts=s, pad_rows=pad_attends.flatten().nonzero().squeeze(1))
         elif Tq < Tk and bool(((s + n) == Tk).all()) and bool((n >= Tq).all()) and \
                 torch.equal(m, _expected(keep_k, Tk - Tq + i, j, causal, window)):
             plan = _Plan("runs", lengths=n, starts=s)
@@ -123,6 +136,12 @@ def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic):
     out = ops.flash_attention(pack(q, idx_q), pack(k, idx_k), pack(v, idx_k), causal=causal, scale=scale,
                               window=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, deterministic=deterministic)
     full = out.new_zeros(B * Tq, Hq, D).index_copy(0, idx_q, out[0].transpose(0, 1))
+    if plan.pad_rows is not None:  # padding queries that see their row's whole run: non-causal
+        counts = torch.bincount(plan.pad_rows // Tq, minlength=B)
+        cu_p = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        pads = ops.flash_attention(pack(q, plan.pad_rows), pack(k, idx_k), pack(v, idx_k), causal=False, scale=scale,
+                                   cu_seqlens=cu_p, cu_seqlens_k=cu_k, deterministic=deterministic)
+        full = full.index_copy(0, plan.pad_rows, pads[0].transpose(0, 1))
     return full.view(B, Tq, Hq, D).transpose(1, 2)
 
 
@@ -161,6 +180,35 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
         return _varlen(q, k, v, plan, causal, scale, window, deterministic)
     FALLBACKS["mask is not causal attention over one run of tokens per row"] += 1
     return _sdpa(q, k, v, mask, False, scale, 0.0)
+
+
+def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True,
+                        scale: float | None = None, window: tuple[int, int] | None = None,
+                        dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend` in plain PyTorch, also returning the (B, Hq, Tq, Tk) attention probabilities:
+    for ``output_attentions=True``, which no fused kernel can serve (they never form the matrix).
+    Same mask conventions as :func:`attend`; probabilities as HF's eager attention makes them
+    (softmax in fp32, cast to q's dtype, dropout after). Counted in :data:`FALLBACKS`."""
+    FALLBACKS["output_attentions (attention probabilities requested)"] += 1
+    Tq, Tk = q.shape[2], k.shape[2]
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if mask is None:
+        # as attend: bottom-right causal, except HF's empty-static-cache prefill (top-left)
+        offset = 0 if Tq > 1 and Tk > Tq else Tk - Tq
+        q_pos = torch.arange(Tq, device=q.device)[:, None] + offset
+        k_pos = torch.arange(Tk, device=q.device)[None, :]
+        keep = _window_allows(q_pos, k_pos, window)
+        if causal and Tq > 1:
+            keep = keep & (k_pos <= q_pos)
+        if offset == 0 and Tk > Tq:
+            keep = keep & (k_pos < Tq)
+        mask = keep[None, None]
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)
+    return F.dropout(probs, p=dropout, training=dropout > 0) @ v, probs
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, dropout):

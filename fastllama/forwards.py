@@ -12,7 +12,7 @@ import sys
 import torch
 
 from . import ops
-from .attention import attend
+from .attention import attend, attend_with_weights
 from .reference import functional as ref
 from .reference.model import shift_labels
 
@@ -54,7 +54,7 @@ def _fused_residual_norm(norm, h, residual):
     return ops.rms_norm(h, w, norm.variance_epsilon, residual=residual)
 
 
-def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None):
+def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index=-100):
     """The fused LM head + cross-entropy, run as a call of ``lm_head`` when the head has hooks.
 
     A fused loss must not read ``lm_head.weight`` from outside the head's forward when hooks
@@ -72,7 +72,7 @@ def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None):
         weight = lm_head.weight  # read inside the call: the unsharded weight under FSDP2
         dtype = _matmul_dtype(h, weight)
         bias = lm_head.bias.to(dtype) if lm_head.bias is not None else None
-        loss = ops.linear_cross_entropy(h.to(dtype), weight.to(dtype), labels, ignore_index=-100,
+        loss = ops.linear_cross_entropy(h.to(dtype), weight.to(dtype), labels, ignore_index=ignore_index,
                                         bias=bias, num_items_in_batch=num_items_in_batch)
         # HF Trainer scales the loss in place (``loss *= num_processes``): autograd refuses that on
         # a view output of a multi-output op, and FSDP2 would lose the head's pre-backward hook.
@@ -184,6 +184,10 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
+    if kwargs.get("output_attentions"):  # the probabilities are asked for: plain PyTorch (counted)
+        out, weights = attend_with_weights(query, key, value, attention_mask, causal=causal, scale=scaling,
+                                           window=window, dropout=dropout)
+        return out.transpose(1, 2).contiguous(), weights
     deterministic = getattr(module, "_fastllama_attention", {}).get("deterministic", True)
     out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window, dropout=dropout,
                  deterministic=deterministic)
@@ -306,16 +310,22 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
 
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shifted = kwargs.pop("shift_labels", None)
-    kwargs.pop("ignore_index", None)
+    ignore_index = kwargs.pop("ignore_index", -100)  # HF's loss takes it as a keyword too
+    # HF's @can_return_tuple: return_dict=False (argument, else config) asks for a tuple
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, **{_hf_cache_name(): cache}, **kwargs)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True,
+                         **{_hf_cache_name(): cache}, **kwargs)
     hidden = outputs.last_hidden_state
     if shifted is None:
-        shifted = shift_labels(labels.to(hidden.device))
-    loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch)
+        shifted = shift_labels(labels.to(hidden.device), ignore_index)
+    loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch, ignore_index)
     name = _hf_cache_name()
-    return CausalLMOutputWithPast(loss=loss, logits=None, **{name: getattr(outputs, name)},
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    output = CausalLMOutputWithPast(loss=loss, logits=None, **{name: getattr(outputs, name)},
+                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return output if return_dict else output.to_tuple()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import sys
 import types
-import weakref
 from typing import Callable
 
 import torch.nn as nn
@@ -120,7 +119,14 @@ class _State:
     attn_before: str | None = None
 
 
-_STATE: "weakref.WeakKeyDictionary[nn.Module, _State]" = weakref.WeakKeyDictionary()
+# A patched model carries its _State as an instance attribute (not a parameter or buffer, so not in
+# its state_dict): a deepcopy or pickle of the model, whose patched forwards come along, is then
+# a patched model too, which unpatch can restore.
+_STATE_ATTR = "_fastllama_patch"
+
+
+def _state(model: nn.Module) -> _State | None:
+    return model.__dict__.get(_STATE_ATTR)
 
 
 def _check_wrappers(model: nn.Module) -> None:
@@ -179,7 +185,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     _check_wrappers(model)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if model in _STATE:
+    if _state(model) is not None:
         unpatch(model)
     options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy,
                    deterministic=deterministic)
@@ -220,7 +226,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             for m in hf_attention:  # what forwards.hf_attention_function reads (with or without rope)
                 m._fastllama_attention = {"deterministic": deterministic}
             summary.append(("<model>", type(model).__name__, "attention", f"patched (was {state.attn_before!r})"))
-    _STATE[model] = state
+    model.__dict__[_STATE_ATTR] = state
     log.info("fastllama.patch:\n%s", patch_summary(model))
     if verbose:
         print(patch_summary(model))
@@ -229,7 +235,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restores every original forward (and attention implementation) of a patched model."""
-    state = _STATE.pop(model, None)
+    state = model.__dict__.pop(_STATE_ATTR, None)
     for module in model.modules():
         if "forward" in module.__dict__ and hasattr(module, "_fastllama"):
             del module.forward
@@ -242,12 +248,12 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def is_patched(model: nn.Module) -> bool:
     """Whether ``patch`` was applied to this instance (and not undone)."""
-    return model in _STATE
+    return _state(model) is not None
 
 
 def patch_summary(model: nn.Module) -> str:
     """A table of what ``patch`` did to ``model``: module, class, kernel, status or skip reason."""
-    state = _STATE.get(model)
+    state = _state(model)
     if state is None:
         return f"{type(model).__name__} is not patched"
     rows = state.summary

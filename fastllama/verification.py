@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .attention import FALLBACKS
-from .patching import _STATE, is_patched
+from .patching import _state, is_patched
 from .testing import ParityReport, float64_truth, parity_report
 
 __all__ = ["verify", "VerifyReport"]
@@ -60,7 +60,7 @@ def _original_forwards(model: nn.Module, attn: str | None = None):
     implementation set to ``attn`` (default: the one it had before patching)."""
     saved = [(m, m.__dict__.pop("forward")) for m in model.modules()
              if "forward" in m.__dict__ and hasattr(m, "_fastllama")]
-    state = _STATE.get(model)
+    state = _state(model)
     if state is None or state.attn_before is None:
         attn = None
     else:

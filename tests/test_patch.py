@@ -269,6 +269,88 @@ def test_right_padded_training_batch_and_num_items_in_batch():
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
+def test_loss_over_padded_positions_matches(arch):
+    """labels=input_ids on a padded batch (padding not set to -100): the padding queries' outputs
+    reach the loss. HF's mask lets a query after a right-padded run see the whole run; fastllama
+    once gave those rows 0 (gradients off by 1.3x relative)."""
+    model = build(arch).train()
+    x = ids(batch=3, seq=20)
+    mask = torch.ones_like(x)
+    mask[0, 15:] = 0  # right padding
+    mask[1, :4] = 0   # left padding
+    mask[2, 1:] = 0   # one real token
+    kw = dict(input_ids=x, attention_mask=mask, labels=x)
+    expected = model(**kw).loss
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    FALLBACKS.clear()
+    fastllama.patch(model)
+    loss = model(**kw).loss
+    loss.backward()
+    if arch == "llama-gqa":  # (Mistral's window of 8 shows padding queries part of a run: SDPA)
+        assert not FALLBACKS, FALLBACKS
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_loss_keywords_ignore_index_and_return_dict():
+    model = build("llama-gqa").train()
+    x = ids()
+    labels = x.clone()
+    labels[:, :6] = 0  # pad id 0, ignored through ignore_index
+    variants = [dict(ignore_index=0), dict(ignore_index=0, num_items_in_batch=30), dict(return_dict=False)]
+    expected = [model(input_ids=x, labels=labels, **kw) for kw in variants]
+    fastllama.patch(model)
+    for kw, want in zip(variants, expected):
+        got = model(input_ids=x, labels=labels, **kw)
+        if kw.get("return_dict") is False:
+            assert isinstance(got, tuple) and isinstance(want, tuple)
+            got, want = got[0], want[0]
+        else:
+            got, want = got.loss, want.loss
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=str(kw))
+
+
+def test_output_attentions_returns_the_eager_probabilities():
+    cfg_cls, model_cls, kw = ARCHS["llama-gqa"]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**kw, attn_implementation="eager")).to(DEVICE).eval()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        expected = model(input_ids=x, attention_mask=mask, output_attentions=True)
+        fastllama.patch(model)
+        FALLBACKS.clear()
+        got = model(input_ids=x, attention_mask=mask, output_attentions=True)
+    assert len(got.attentions) == len(expected.attentions) == 2
+    assert sum(FALLBACKS.values()) == 2, FALLBACKS  # one per layer, counted
+    real = mask.bool()
+    for a, b in zip(got.attentions, expected.attentions):
+        torch.testing.assert_close(a[real[:, None, :, None].expand_as(a)], b[real[:, None, :, None].expand_as(b)],
+                                   rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits[real], expected.logits[real], rtol=1e-4, atol=1e-5)
+
+
+def test_deepcopy_of_a_patched_model_is_patched_and_unpatches():
+    model = build("llama-gqa").eval()
+    x = ids()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    fastllama.patch(model)
+    twin = copy.deepcopy(model)
+    assert fastllama.is_patched(twin) and "patched" in fastllama.patch_summary(twin)
+    assert twin.config._attn_implementation == "fastllama"
+    fastllama.unpatch(twin)
+    assert twin.config._attn_implementation == "sdpa" and not fastllama.is_patched(twin)
+    assert fastllama.is_patched(model)  # the original keeps its own state
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=x).logits, before)
+
+
 def test_mask_function_skips_the_mask_exactly_where_hf_sdpa_mask_does():
     """patch's mask function returns None (plain causal attention) in the cases where HF's own
     ``sdpa_mask`` does when it runs eagerly, and is ``sdpa_mask`` otherwise; it differs only in
