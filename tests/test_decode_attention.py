@@ -90,6 +90,15 @@ def test_decode_attention_validation():
         ops.decode_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, lens)
     with pytest.raises(ValueError, match="forward-only"):
         ops.decode_attention(q.detach().requires_grad_(), k, v, lens)
+    # the kernels read entry b at base + b: a strided lengths tensor once gave silently wrong rows
+    with pytest.raises(ValueError, match="cache_seqlens must be contiguous"):
+        ops.decode_attention(q, k, v, torch.stack([lens, lens], 1)[:, 0])
+    with pytest.raises(ValueError, match="cache_seqlens must be contiguous"):
+        ops.decode_attention(q, k, v, lens[:1].expand(3))
+    with pytest.raises(ValueError, match="cache_leftpad must be contiguous"):
+        ops.decode_attention(q, k, v, lens, cache_leftpad=torch.zeros_like(lens)[:, None].repeat(1, 2)[:, 1])
+    with pytest.raises(ValueError, match="q has 8 heads and k_cache 0"):
+        ops.decode_attention(q, k[:, :0], v[:, :0], lens)
     with torch.no_grad():  # fine without grad mode
         ops.decode_attention(q.detach().requires_grad_(), k, v, torch.tensor([1, 1, 1], dtype=torch.int32,
                                                                                 device=DEVICE))
@@ -123,6 +132,12 @@ def test_rotary_cache_append_in_place_and_validation():
         ops.rotary_cache_append(q, k, v, kc[:, :1], vc[:, :1], cos, sin, lens)
     with pytest.raises(ValueError, match="forward-only"):
         ops.rotary_cache_append(q, k.detach().requires_grad_(), v, kc, vc, cos, sin, lens)
+    with pytest.raises(ValueError, match="cache_seqlens must be contiguous"):
+        ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, torch.stack([lens, lens], 1)[:, 0])
+    with pytest.raises(ValueError, match="positions must be contiguous"):
+        ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens, positions=torch.stack([lens, lens], 1)[:, 0])
+    with pytest.raises(ValueError, match="q has 0 heads"):  # (nothing would reach the cache)
+        ops.rotary_cache_append(q[:, :0], k, v, kc, vc, cos, sin, lens)
 
 
 def test_compile_fullgraph_matches_eager():

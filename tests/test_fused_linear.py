@@ -144,6 +144,11 @@ def test_bad_input_is_rejected_before_launch():
         ops.rms_norm_linear(x, w, [torch.randn(8, 32, device=DEVICE, dtype=torch.bfloat16)])
     with pytest.raises(ValueError, match="bias of weights"):
         ops.rms_norm_linear(x, w, [torch.randn(8, 32, device=DEVICE)], [torch.randn(7, device=DEVICE)])
+    # every weight and bias, not only the first, must have the input's dtype (as F.linear requires)
+    with pytest.raises(TypeError, match=r"weights\[1\] has dtype torch.bfloat16"):
+        ops.rms_norm_linear(x, w, [torch.randn(8, 32, device=DEVICE), torch.randn(8, 32, device=DEVICE).bfloat16()])
+    with pytest.raises(TypeError, match=r"bias of weights\[0\] has dtype torch.float64"):
+        ops.rms_norm_linear(x, w, [torch.randn(8, 32, device=DEVICE)], [torch.randn(8, device=DEVICE).double()])
     g = torch.randn(4, 16, device=DEVICE)
     with pytest.raises(ValueError, match="up has shape"):
         ops.swiglu_linear(g, g[:, :8], torch.randn(8, 16, device=DEVICE))

@@ -119,6 +119,9 @@ def _bad_inputs():
         ("positions length", lambda: rot_pos(q, k, pos[:5], inv), ValueError, "position_ids has shape"),
         ("inv_freq size", lambda: rot_pos(q, k, pos, inv[:16]), ValueError, "inv_freq has shape"),
         ("inv_freq dtype", lambda: rot_pos(q, k, pos, inv.double()), TypeError, "inv_freq has dtype"),
+        ("in place, k is q", lambda: rot(q, q, cos, sin, inplace=True), ValueError, "q and k start at the same"),
+        ("in place, expanded q", lambda: rot(q[:, :1].expand(q.shape), k, cos, sin, inplace=True), ValueError,
+         "q has a stride-0"),
     ]
 
 

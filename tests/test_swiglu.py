@@ -2,6 +2,7 @@
 gradients, fused == separate, the module form, and bad input rejected before any launch."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import DEVICE
 from fastllama import modules, ops, reference
@@ -55,6 +56,16 @@ def test_inplace_backward_matches_and_reuses_memory(fused):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+def test_inplace_backward_with_gate_and_up_in_one_storage_runs_out_of_place():
+    # swiglu(x, x): an in-place backward would write d_gate and d_up over each other
+    x = (torch.randn(5, 24, device=DEVICE) * 2).requires_grad_()
+    h = x * 1.0
+    ops.swiglu(h, h, inplace_backward=True).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    (F.silu(x64) * x64).sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_inplace_backward_rejects_leaves():
     gate, up = _t(4, 32).requires_grad_(), _t(4, 32).requires_grad_()
     with pytest.raises(ValueError, match="leaf tensor"):
@@ -103,6 +114,8 @@ def _bad_inputs():
         ("strided last dim", lambda: ops.swiglu(_t(4, 64)[:, ::2], g), ValueError, "gate must be contiguous"),
         ("scalar", lambda: ops.swiglu(_t(1)[0], _t(1)[0]), ValueError, "at least 1 dim"),
         ("odd gate_up", lambda: ops.swiglu_fused(_t(4, 33)), ValueError, "gate_up has last dim 33"),
+        ("size 0", lambda: ops.swiglu(_t(4, 0), _t(4, 0)), ValueError, "intermediate size of 0"),
+        ("fused size 0", lambda: ops.swiglu_fused(_t(4, 0)), ValueError, "gate_up has last dim 0"),
         ("fused dtype", lambda: ops.swiglu_fused(g.to(torch.int32)), TypeError, "gate_up has dtype"),
     ]
 

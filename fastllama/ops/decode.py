@@ -142,6 +142,8 @@ def _check_lengths(name: str, t, batch: int, ref: torch.Tensor) -> None:
     check_same("q", ref, name, t, "device")
     if t.shape[0] != batch:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; accepted: ({batch},), one entry per sequence")
+    if batch > 1 and t.stride(0) != 1:  # the kernels read entry b at base + b
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)} (call .contiguous())")
 
 
 def _check_cache(name: str, cache, q: torch.Tensor, kv_heads: int | None = None) -> None:
@@ -169,7 +171,7 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}; "
                          f"they must match")
-    if Hq % k_cache.shape[1]:
+    if k_cache.shape[1] == 0 or Hq % k_cache.shape[1]:
         raise ValueError(f"q has {Hq} heads and k_cache {k_cache.shape[1]}; accepted: a multiple (GQA/MQA)")
     _check_lengths("cache_seqlens", cache_seqlens, B, q)
     if cache_leftpad is not None:
@@ -193,6 +195,8 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
     check_same("q", q, "k", k, "device")
     if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
         raise ValueError(f"k has shape {tuple(k.shape)}; accepted: ({B}, Hk, {T}, {D}) like q")
+    if Hq == 0 or k.shape[1] == 0:  # (with no q heads nothing would reach the cache)
+        raise ValueError(f"q has {Hq} heads and k {k.shape[1]}; accepted: at least one of each")
     check_last_dim_contiguous("k", k)
     check_tensor("v", v, ndim=4)
     check_same("k", k, "v", v, "dtype")

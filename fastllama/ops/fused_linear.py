@@ -55,6 +55,11 @@ def _check_linear(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
         check_tensor(f"bias of {name}", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias of {name} has shape {tuple(bias.shape)}; it must be ({weight.shape[0]},)")
+    if not torch.is_autocast_enabled(like.device.type):  # (under autocast all are cast, as nn.Linear does)
+        for what, t in ((name, weight), (f"bias of {name}", bias)):
+            if t is not None and t.dtype != like.dtype:
+                raise TypeError(f"{what} has dtype {t.dtype} but the input is {like.dtype}; they must match "
+                                f"(outside autocast, as in F.linear)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -125,9 +125,24 @@ class _RotaryInplace(torch.autograd.Function):
         return dq, dk, None, None, None, None
 
 
+def _check_inplace_targets(q, k) -> None:
+    """In place, every element of q and k must be its own memory: one rotated twice (k is q, or a
+    stride-0 head/position dim) would come out rotated twice, silently. (torch's own in-place ops
+    refuse such targets too.) Distinct views of one buffer, e.g. q and k of a fused qkv
+    projection, are fine and common."""
+    for name, t in (("q", q), ("k", k)):
+        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(f"inplace=True but {name} has a stride-0 (expanded) dim, strides {tuple(t.stride())}: "
+                             f"its elements share memory and would be rotated more than once")
+    if q.numel() and q.data_ptr() == k.data_ptr():
+        raise ValueError("inplace=True but q and k start at the same memory (k is q?): it would be rotated twice; "
+                         "rotate out of place or pass separate tensors")
+
+
 def _run(q, k, cos, sin, position_ids, inv_freq, inplace):
     if not inplace:
         return _rotary(q, k, cos, sin, position_ids, inv_freq, False)
+    _check_inplace_targets(q, k)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return _RotaryInplace.apply(q, k, cos, sin, position_ids, inv_freq)
     _rotary_(q, k, cos, sin, position_ids, inv_freq, False)
@@ -170,9 +185,11 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     Args:
         q: (B, Hq, T, D), k: (B, Hk, T, D); any strides with unit stride in D (e.g. transposed
             from (B, T, H, D)). Hk may differ from Hq (GQA). D even, at most 256.
-        cos, sin: (B, T, D), (1, T, D) or (T, D), fp32 or q's dtype, unit stride in D. A rotary
-            dim smaller than D (partial rotary) is not supported and is rejected.
-        inplace: rotate q and k in place and return them (works under autograd too).
+        cos, sin: (B, T, D), (1, T, D) or (T, D), any float dtype (read as fp32; normally fp32
+            or q's dtype), unit stride in D. A rotary dim smaller than D (partial rotary) is not
+            supported and is rejected.
+        inplace: rotate q and k in place and return them (works under autograd too). q and k
+            must not share elements (k is q, expanded dims): a ValueError.
 
     Returns:
         (q_rotated, k_rotated), new tensors in the layout of q and k unless ``inplace``. Math in

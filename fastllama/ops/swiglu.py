@@ -227,6 +227,8 @@ def validate_pair(gate, up) -> None:
     check_same("gate", gate, "up", up, "device")
     if gate.shape != up.shape:
         raise ValueError(f"up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must match")
+    if gate.shape[-1] == 0:
+        raise ValueError(f"gate and up have shape {tuple(gate.shape)}: an intermediate size of 0; accepted: >= 1")
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False) -> torch.Tensor:
@@ -237,14 +239,20 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
             unit stride in the last dim.
         inplace_backward: backward writes d_gate into gate's memory and d_up into up's (saves two
             allocations). Only for intermediate activations nobody reads afterwards (the outputs
-            of gate_proj/up_proj); rejected for leaves that require grad. Not compatible with
-            ``retain_graph=True`` / a second backward.
+            of gate_proj/up_proj); rejected for leaves that require grad; ignored (out of place)
+            when gate and up share elements (``swiglu(x, x)``, expanded dims). Not compatible
+            with ``retain_graph=True`` / a second backward.
 
     Returns:
         A new contiguous (..., I) tensor. Backward saves gate and up only.
     """
     validate_pair(gate, up)
-    if inplace_backward and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+    # gate and up sharing elements (swiglu(x, x), or an expanded dim): the in-place backward would
+    # write d_gate and d_up over each other, so it runs out of place. (Disjoint views of one
+    # buffer, like the two halves of a gate_up projection, keep the in-place backward.)
+    shared = (gate.numel() > 0 and gate.data_ptr() == up.data_ptr()) or any(
+        st == 0 and n > 1 for t in (gate, up) for st, n in zip(t.stride(), t.shape))
+    if inplace_backward and not shared and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         _check_inplace_ok("gate", gate)
         _check_inplace_ok("up", up)
         return _InplaceBackward.apply(False, gate, up)
@@ -260,8 +268,8 @@ def swiglu_fused(gate_up: torch.Tensor, inplace_backward: bool = False) -> torch
     :func:`swiglu`). Returns a new contiguous (..., I) tensor.
     """
     _check_input("gate_up", gate_up)
-    if gate_up.shape[-1] % 2:
-        raise ValueError(f"gate_up has last dim {gate_up.shape[-1]}; accepted: an even size 2*I "
+    if gate_up.shape[-1] % 2 or gate_up.shape[-1] == 0:
+        raise ValueError(f"gate_up has last dim {gate_up.shape[-1]}; accepted: an even size 2*I >= 2 "
                          f"(gate first, then up)")
     if inplace_backward and torch.is_grad_enabled() and gate_up.requires_grad:
         _check_inplace_ok("gate_up", gate_up)
