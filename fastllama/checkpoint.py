@@ -84,7 +84,9 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     tied = getattr(model.config, "tie_word_embeddings", False)
     optional = {"lm_head.weight"} if tied else set()
     missing = sorted(set(expected) - set(found) - optional)
-    unexpected = sorted(set(found) - set(expected) - optional)
+    # transformers < 4.31 saved each layer's rotary inv_freq buffer, a function of the config
+    # that HF also ignores on load
+    unexpected = sorted(k for k in set(found) - set(expected) - optional if not k.endswith("rotary_emb.inv_freq"))
     mismatched = sorted(
         f"{k}: checkpoint {found[k]} vs model {tuple(expected[k])}"
         for k in set(found) & set(expected) if tuple(expected[k]) != found[k]

@@ -173,9 +173,14 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
     from .generate import run_cli
 
-    return run_cli(args)
+    try:
+        return run_cli(args)
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:  # bad arguments or files
+        print(f"fastllama generate: error: {e}", file=sys.stderr)
+        return 2
 
 
 _generate.add_arguments = _generate_arguments

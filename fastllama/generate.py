@@ -93,24 +93,29 @@ class TextStreamer:
 
     ``put(ids)`` gets the (B,) new token ids of a step; the text of sequence ``sequence`` so far
     is decoded again and the new suffix passed to ``on_text`` (held back while it ends in an
-    incomplete UTF-8 character). Stop tokens end the stream and are not printed.
+    incomplete UTF-8 character). Stop tokens end the stream and are not printed; by default
+    (``stop_tokens=None``) they are those of the ``generate`` call the streamer is given to.
+
+    ``prompt``: that sequence's prompt ids. The pieces then continue the prompt's text: a
+    SentencePiece decoder drops the leading space of a text's first word, so the generated
+    tokens decoded on their own would lose the space after the prompt ("hi" + "read").
     """
 
     def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None, sequence: int = 0,
-                 stop_tokens: Iterable[int] = ()):
+                 stop_tokens: Iterable[int] | None = None, prompt: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.on_text = on_text or (lambda s: print(s, end="", flush=True))
         self.sequence = sequence
-        self.stop = set(stop_tokens)
-        self.ids: list[int] = []
-        self.text = ""
+        self.stop = None if stop_tokens is None else set(stop_tokens)
+        self.ids: list[int] = [int(t) for t in prompt]
+        self.text = tokenizer.decode(self.ids) if self.ids else ""
         self.done = False
 
     def put(self, ids: Sequence[int]) -> None:
         if self.done:
             return
         tok = int(ids[self.sequence])
-        if tok in self.stop:
+        if tok in (self.stop or ()):
             self.done = True
             return
         self.ids.append(tok)
@@ -350,7 +355,12 @@ class Generator:
         sampling = self._check(prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token_id,
                                generator)
         B = len(prompts)
+        if streamer is not None and getattr(streamer, "stop", ()) is None:
+            streamer.stop = set(sampling.stop)  # a TextStreamer left to take this call's stop tokens
         if max_new_tokens == 0:
+            self.stats = GenerationStats(B, sum(len(p) for p in prompts), 0)
+            if streamer is not None and hasattr(streamer, "end"):
+                streamer.end()
             return [list(p) for p in prompts] if as_lists else input_ids.clone()
         key = (B, sampling.temperature, sampling.top_k, sampling.top_p, sampling.stop, sampling.pad)
         st = self._states.get(key)
@@ -427,6 +437,9 @@ class Generator:
             return prompts, False
         if attention_mask is not None:
             raise ValueError("attention_mask is only accepted with a (B, T) tensor of input_ids")
+        if isinstance(input_ids, (str, bytes)) or any(isinstance(p, (str, bytes)) for p in input_ids):
+            raise TypeError("prompts are token ids (a (B, T) tensor or lists of ints), not text: encode the text "
+                            "with the tokenizer first")
         return [[int(t) for t in p] for p in input_ids], True
 
     def _check(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token_id, generator):
@@ -540,6 +553,8 @@ def run_cli(args) -> int:
     prompt to stdout, then prints prefill time and decode tokens/s."""
     import sys
 
+    if args.max_new_tokens < 0:  # (checked before the cache is sized from it)
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
@@ -553,7 +568,7 @@ def run_cli(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     gen = Generator(model, 1, len(ids) + args.max_new_tokens, cuda_graph=False if args.no_cuda_graph else None)
-    streamer = TextStreamer(tok, lambda piece: print(piece, end="", flush=True), stop_tokens=stop)
+    streamer = TextStreamer(tok, lambda piece: print(piece, end="", flush=True), stop_tokens=stop, prompt=ids)
     print(args.prompt, end="", flush=True)
     gen.generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  stop_tokens=sorted(stop), streamer=streamer)

@@ -116,6 +116,8 @@ def test_sampling_rules_on_device():
     picks = sample_logits(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
     rank = (order == picks[:, None]).float().argmax(-1)
     assert (rank < keep).all()
+    # a tiny temperature is greedy, not NaN (logits / 1e-40 overflowed to inf; argmax of NaN is 0)
+    assert torch.equal(sample_logits(logits, 1e-40, generator=torch.Generator().manual_seed(0)), greedy)
     # the empirical distribution follows p (exponential race == categorical)
     row = torch.tensor([[0.0, 1.0, 2.0]]).expand(20000, 3)
     freq = torch.bincount(sample_logits(row, 1.0, generator=torch.Generator().manual_seed(1)), minlength=3) / 20000
@@ -175,9 +177,54 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     tok = Tokenizer(checkpoint)
     ids = torch.tensor([tok.encode("The keeper counted")], device=DEVICE)
     ref = Llama.from_pretrained(checkpoint, device=DEVICE).generate(ids, 6, stop_tokens=[2])
-    expected_text = tok.decode(ref[0, ids.shape[1]:].tolist())
-    assert out.startswith("The keeper counted" + expected_text), out
+    # the text of prompt + new tokens, decoded together: decoding the new tokens on their own
+    # drops the space a SentencePiece piece carries before its first word
+    expected_text = tok.decode(ref[0].tolist())
+    assert out.startswith(expected_text), out
     assert "tokens/s" in out and "prefill" in out
+
+
+def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "-3"]) == 2
+    assert "fastllama generate: error: --max-new-tokens must be >= 0" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(checkpoint / "nowhere"), "--prompt", "hi"]) == 2
+    assert "fastllama generate: error:" in capsys.readouterr().err
+
+
+def test_streamer_continues_the_prompt_and_takes_the_calls_stop_tokens(checkpoint):
+    from fastllama import Tokenizer
+
+    tok = Tokenizer(checkpoint)
+    model = Llama.from_pretrained(checkpoint, device=DEVICE).eval()
+    prompts = [tok.encode("The keeper"), tok.encode("counted the")]
+    gen = Generator(model, 2, 32)
+    first = gen.generate(prompts, 3, stop_tokens=[])
+    stop = first[0][len(prompts[0])]  # sequence 0 stops at once; sequence 1 keeps the loop going
+    pieces = []
+    out = gen.generate(prompts, 5, stop_tokens=[stop], streamer=TextStreamer(tok, pieces.append, prompt=prompts[0]))
+    assert out[0] == prompts[0] + [stop]
+    assert pieces == []  # nothing after the stop token (pad tokens of later steps are not text)
+    pieces = []
+    gen.generate(prompts, 3, stop_tokens=[], streamer=TextStreamer(tok, pieces.append, prompt=prompts[0]))
+    assert tok.decode(prompts[0]) + "".join(pieces) == tok.decode(first[0])
+
+
+def test_zero_new_tokens_updates_stats_and_ends_the_stream(model):
+    gen = Generator(model, 2, 16)
+    gen.generate([[5, 6, 7], [8, 9]], 3, stop_tokens=[])
+    ended = []
+
+    class Collect:
+        def put(self, ids):
+            raise AssertionError("no step runs")
+
+        def end(self):
+            ended.append(True)
+
+    assert gen.generate([[5, 6]], 0, streamer=Collect()) == [[5, 6]]
+    assert ended == [True] and gen.stats.new_tokens == 0 and gen.stats.batch == 1 and gen.stats.prompt_tokens == 2
+    with pytest.raises(TypeError, match="not text"):
+        gen.generate(["123"], 2)
 
 
 # GPU-only paths (real CUDA graphs) run in gpu_check.sh's first test stage: skipif, not cuda_only
@@ -292,7 +339,8 @@ def test_cli_generate_uses_tokenizer_json_when_present(checkpoint, tmp_path, cap
     assert ids[0] == 1
     ref = Llama.from_pretrained(tmp_path, device=DEVICE).generate(torch.tensor([ids], device=DEVICE), 4,
                                                                   stop_tokens=[2])
-    assert out.startswith("The sea" + tok.decode(ref[0, len(ids):].tolist(), skip_special_tokens=True)), out
+    assert out.startswith(tok.decode(ref[0].tolist(), skip_special_tokens=True)), out  # (prompt + new, as above)
+    assert out.startswith("The sea ")  # this model's first new piece starts a word: its space survives
 
 
 def test_fused_projections_share_the_models_weights_and_follow_them(tmp_path):

@@ -332,8 +332,10 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """``logits / temperature`` (temperature > 0) with every token outside the ``top_k`` most
-    likely, and outside the smallest set whose probability reaches ``top_p``, set to -inf."""
-    logits = logits / temperature
+    likely, and outside the smallest set whose probability reaches ``top_p``, set to -inf.
+    The row maximum is subtracted first (softmax is unchanged by it): a tiny temperature then
+    sends the other logits to -inf instead of the top one to +inf (inf - inf = NaN in softmax)."""
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
