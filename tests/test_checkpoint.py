@@ -81,6 +81,12 @@ def test_unexpected_key_is_named(tmp_path):
         Llama.from_pretrained(tmp_path)
 
 
+def test_old_transformers_rotary_buffers_are_ignored(tmp_path):
+    # transformers < 4.31 saved each layer's rotary inv_freq (a function of the config); HF ignores it
+    _corrupt(tmp_path, lambda s: s.__setitem__("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8)))
+    assert isinstance(Llama.from_pretrained(tmp_path), Llama)
+
+
 def test_shape_mismatch_is_named(tmp_path):
     _hf().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())

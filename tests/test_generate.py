@@ -486,6 +486,10 @@ def test_hf_defaults_lora_and_qwen2_layer_types(monkeypatch):
     gen = Generator(model, 1, 24)
     sampling = gen._check([[3, 4]], 2, 0.0, None, None, None, None, None)
     assert sampling.stop == (2, 7) and sampling.pad == 5
+    model.generation_config.pad_token_id = None  # then HF's generate pads with the first eos
+    model.generation_config.eos_token_id = [7, 2]
+    assert Generator(model, 1, 24)._check([[3, 4]], 2, 0.0, None, None, None, None, None).pad == 7
+    model.generation_config.eos_token_id = [2, 7]
 
     attn = model.model.layers[1].self_attn
     handle = attn.o_proj.register_forward_hook(lambda *a: None)
