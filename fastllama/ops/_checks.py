@@ -54,3 +54,19 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
             f"{name} must be contiguous in its last dim (stride 1), got strides {tuple(t.stride())}; "
             f"call .contiguous() first"
         )
+
+
+def has_expanded_dim(t: torch.Tensor) -> bool:
+    """A stride-0 dim of size > 1: several elements of ``t`` are one memory location."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
+
+
+def same_start(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are the same tensor, or views starting at the same memory (``f(x, x)``).
+    (Disjoint views of one buffer, e.g. q and k of a fused projection, are not. Under
+    torch.compile only identity is checked: dynamo cannot compare data pointers.)"""
+    if a is b:
+        return True
+    if torch.compiler.is_compiling() or a.numel() == 0 or b.numel() == 0:
+        return False
+    return a.data_ptr() == b.data_ptr()

@@ -15,7 +15,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import rotary as _k
 from ..optable import KernelBuild, OpCase, OpSpec
-from ._checks import check_device, check_last_dim_contiguous, check_same, check_tensor
+from ._checks import check_device, check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, same_start
 from .rms_norm import num_sms
 
 __all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_from_positions", "MAX_HEAD_DIM"]
@@ -131,10 +131,10 @@ def _check_inplace_targets(q, k) -> None:
     refuse such targets too.) Distinct views of one buffer, e.g. q and k of a fused qkv
     projection, are fine and common."""
     for name, t in (("q", q), ("k", k)):
-        if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        if has_expanded_dim(t):
             raise ValueError(f"inplace=True but {name} has a stride-0 (expanded) dim, strides {tuple(t.stride())}: "
                              f"its elements share memory and would be rotated more than once")
-    if q.numel() and q.data_ptr() == k.data_ptr():
+    if same_start(q, k):
         raise ValueError("inplace=True but q and k start at the same memory (k is q?): it would be rotated twice; "
                          "rotate out of place or pass separate tensors")
 

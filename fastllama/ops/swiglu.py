@@ -13,7 +13,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import swiglu as _k
 from ..optable import KernelBuild, OpCase, OpSpec
-from ._checks import check_last_dim_contiguous, check_same, check_tensor
+from ._checks import check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, same_start
 
 __all__ = ["swiglu", "swiglu_fused"]
 
@@ -250,9 +250,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
     # gate and up sharing elements (swiglu(x, x), or an expanded dim): the in-place backward would
     # write d_gate and d_up over each other, so it runs out of place. (Disjoint views of one
     # buffer, like the two halves of a gate_up projection, keep the in-place backward.)
-    shared = (gate.numel() > 0 and gate.data_ptr() == up.data_ptr()) or any(
-        st == 0 and n > 1 for t in (gate, up) for st, n in zip(t.stride(), t.shape))
-    if inplace_backward and not shared and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+    if inplace_backward and (same_start(gate, up) or has_expanded_dim(gate) or has_expanded_dim(up)):
+        inplace_backward = False
+    if inplace_backward and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         _check_inplace_ok("gate", gate)
         _check_inplace_ok("up", up)
         return _InplaceBackward.apply(False, gate, up)
