@@ -109,10 +109,10 @@ def test_autocast_matches_norm_then_linear_under_autocast():
     wd = (0.1 * torch.randn(48, 24, device=DEVICE)).requires_grad_()
     device_type = torch.device(DEVICE).type
 
-    def run(fused):
+    def run(fused, autocast=True):
         for t in (x, w, wq, bq, wd):
             t.grad = None
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
             if fused:
                 (q,) = ops.rms_norm_linear(x, w, [wq], [bq])
                 out = ops.swiglu_linear(q, q, wd)
@@ -124,11 +124,14 @@ def test_autocast_matches_norm_then_linear_under_autocast():
 
     out_f, grads_f = run(True)
     out_u, grads_u = run(False)
+    _, truth = run(False, autocast=False)  # fp32 throughout
     assert out_f.dtype == out_u.dtype == torch.bfloat16
     torch.testing.assert_close(out_f, out_u, rtol=0, atol=0)
-    for gf, gu in zip(grads_f, grads_u):
+    for gf, gu, gt in zip(grads_f, grads_u, truth):
         assert gf.dtype == gu.dtype == torch.float32  # fp32 master weights get fp32 gradients
-        torch.testing.assert_close(gf, gu, rtol=1e-2, atol=1e-3)
+        # the parity rule: the fused path's error against fp32 within 2x of the unfused bf16 path's
+        # (on the interpreter the two are bit-identical; GPU GEMMs may round differently)
+        assert (gf - gt).norm() <= 2 * (gu - gt).norm() + 1e-6 * gt.norm()
 
 
 def test_bad_input_is_rejected_before_launch():

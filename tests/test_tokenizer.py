@@ -32,7 +32,7 @@ def test_encode_decode_round_trip(tokenizer_path):
 def test_directory_path_and_errors(tokenizer_path, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
     assert Tokenizer(tmp_path).encode("sea", bos=False)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="nope.model"):
         Tokenizer(tmp_path / "nope.model")
     with pytest.raises(TypeError, match="str"):
         Tokenizer(tmp_path).encode(123)

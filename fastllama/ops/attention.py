@@ -384,7 +384,7 @@ def _full_matrix():
 
 _CASES = (
     _case("B3-H1-T77-D64-causal", B=3, Hq=1, Tq=77, D=64),
-    _case("B1-H4/1-T113-D64-causal", Hq=4, Hk=1, Tq=113, D=64),
+    _case("B1-H4/2-T113-D64-causal", Hq=4, Hk=2, Tq=113, D=64),  # a real GQA group (h // 2 != h % 2)
     _case("B1-H2/2-T77-D80-full", Hq=2, Tq=77, D=80, causal=False),
     _case("B1-H2/1-Tq50-Tk113-D96-causal-transposed", Hq=2, Hk=1, Tq=50, Tk=113, D=96, transposed=True),
     _case("B1-H2/1-T128-D256-causal", Hq=2, Hk=1, Tq=128, D=256),
