@@ -193,7 +193,9 @@ def _make_args(params: dict, dtype: torch.dtype, device: str):
         return torch.randn(*lead, n + pad, device=device, dtype=dtype)[..., :n]
 
     x = make().requires_grad_()
-    w = (1 + 0.1 * torch.randn(n, device=device, dtype=torch.float32)).to(dtype).requires_grad_()
+    # widely spread weights (not ~1, as trained ones are): a wrong weight term in the backward must
+    # show in bf16 too (with 1 + 0.1 * randn one such mutation stayed inside bf16 noise)
+    w = (1 + 0.5 * torch.randn(n, device=device, dtype=torch.float32)).to(dtype).requires_grad_()
     args = (x, w) + ((make().requires_grad_(),) if params.get("residual") else ())
     return args, {"eps": params.get("eps", 1e-6)}
 
