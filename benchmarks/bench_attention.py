@@ -87,7 +87,7 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
         dout = torch.randn_like(out)
         out.backward(dout, retain_graph=True)
         ms_f = common.time_ms(lambda: fn(q, k, v, causal))
-        ms_b = common.time_ms(lambda: out.backward(dout, retain_graph=True))
+        ms_b = common.time_ms(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v])
     except Exception as e:  # noqa: BLE001 - a backend that refuses a shape is a row, not a crash
         note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         return [dict(base, direction=d, ms=None, tflops=None, note=note) for d in ("fwd", "bwd")]
@@ -143,30 +143,35 @@ def main(argv=None) -> int:
     p.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
     p.add_argument("--width", type=int, default=2048, help="heads * head_dim")
+    p.add_argument("--masks", nargs="+", choices=("causal", "full"), default=["causal", "full"])
     p.add_argument("--out", default=None, help="results folder (default: results/<device>)")
     args = p.parse_args(argv)
 
     measurement = common.is_measurement()
     if measurement:
-        shapes = [(max(1, args.tokens // T), args.width // D, T, D, causal)
-                  for D in args.dims for T in args.seqlens for causal in (True, False)]
+        shapes = [(max(1, args.tokens // T), args.width // D, T, D, mask == "causal")
+                  for D in args.dims for T in args.seqlens for mask in args.masks]
     else:
         shapes = [(1, 2, 128, 64, True)]  # proves the script runs; timings mean nothing
-    rows = []
-    for B, H, T, D, causal in shapes:
-        for name, fn in _providers().items():
-            rows += bench_case(name, fn, B, H, T, D, causal, torch.bfloat16)
-            print(rows[-2]["provider"], f"D{D} T{T} {'causal' if causal else 'full'}",
-                  *(f"{r['direction']} {r['tflops']:.1f} TFLOP/s" if r["tflops"] else f"{r['direction']} {r['note']}"
-                    for r in rows[-2:]), flush=True)
-    peak = common.matmul_tflops() if measurement else None
+    rows, interrupted = [], False
+    try:
+        for B, H, T, D, causal in shapes:
+            for name, fn in _providers().items():
+                rows += bench_case(name, fn, B, H, T, D, causal, torch.bfloat16)
+                print(rows[-2]["provider"], f"D{D} T{T} {'causal' if causal else 'full'}",
+                      *(f"{r['direction']} {r['tflops']:.1f} TFLOP/s" if r["tflops"] else f"{r['direction']} {r['note']}"
+                        for r in rows[-2:]), flush=True)
+    except KeyboardInterrupt:  # a time limit (gpu_check.sh sends SIGINT): keep the rows so far
+        interrupted = True
+        print("interrupted: writing the rows measured so far", flush=True)
+    peak = common.matmul_tflops() if measurement and not interrupted else None
     _add_ratios(rows, peak)
     cols = ["provider", "direction", "D", "T", "B", "H", "causal", "ms", "tflops", "vs_sdpa_flash", "pct_peak", "note"]
-    out = common.write_results("bench_attention", rows, cols, extra={"matmul_peak_tflops": peak},
-                               out_dir=args.out)
+    out = common.write_results("bench_attention", rows, cols, extra={"matmul_peak_tflops": peak,
+                                                                      "interrupted": interrupted}, out_dir=args.out)
     plot(rows, out / "bench_attention.png", measurement)
     print(f"wrote {out}/bench_attention.{{json,md,png}}" + ("" if measurement else "  (NOT a measurement)"))
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

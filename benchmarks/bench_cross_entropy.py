@@ -160,45 +160,54 @@ def main(argv=None) -> list[dict]:
         shapes, dtype, seq = [(256, 64, 1000)], torch.float32, 128
     dev = common.device()
     rows = []
-    for tokens, hidden_size, vocab in shapes:
-        gen = torch.Generator(device=dev).manual_seed(0)
-        b, t = max(1, tokens // seq), min(seq, tokens)
-        hidden = torch.randn(b, t, hidden_size, device=dev, dtype=dtype, generator=gen).requires_grad_()
-        weight = (torch.randn(vocab, hidden_size, device=dev, dtype=dtype, generator=gen)
-                  * hidden_size**-0.5).requires_grad_()
-        labels = torch.randint(0, vocab, (b, t), device=dev, generator=gen)
-        base = None
-        for name, step in _methods(hidden, weight, labels, vocab).items():
-            try:
-                ms, peak, loss = _measure(step, hidden, weight)
-            except torch.OutOfMemoryError:
-                rows.append({"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "method": name, "ms": None,
-                             "peak_GiB": None, "note": "OOM"})
+    interrupted = False
+    try:
+        for tokens, hidden_size, vocab in shapes:
+            gen = torch.Generator(device=dev).manual_seed(0)
+            b, t = max(1, tokens // seq), min(seq, tokens)
+            hidden = torch.randn(b, t, hidden_size, device=dev, dtype=dtype, generator=gen).requires_grad_()
+            weight = (torch.randn(vocab, hidden_size, device=dev, dtype=dtype, generator=gen)
+                      * hidden_size**-0.5).requires_grad_()
+            labels = torch.randint(0, vocab, (b, t), device=dev, generator=gen)
+            base = None
+            for name, step in _methods(hidden, weight, labels, vocab).items():
+                try:
+                    ms, peak, loss = _measure(step, hidden, weight)
+                except torch.OutOfMemoryError:
+                    rows.append({"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "method": name, "ms": None,
+                                 "peak_GiB": None, "note": "OOM"})
+                    torch.cuda.empty_cache()
+                    continue
+                row = {"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
+                       "method": name, "ms": ms, "peak_GiB": peak, "loss": loss}
+                if name == "hf":
+                    base = row
+                elif base is not None and base.get("ms"):
+                    row["time_vs_hf"] = ms / base["ms"]
+                    row["mem_vs_hf"] = peak / base["peak_GiB"] if peak is not None and base["peak_GiB"] else None
+                    row["loss_rel_diff"] = abs(loss - base["loss"]) / abs(base["loss"])
+                rows.append(row)
+                print(row, flush=True)
+            del hidden, weight, labels
+            if common.on_gpu():
                 torch.cuda.empty_cache()
-                continue
-            row = {"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
-                   "method": name, "ms": ms, "peak_GiB": peak, "loss": loss}
-            if name == "hf":
-                base = row
-            elif base is not None and base.get("ms"):
-                row["time_vs_hf"] = ms / base["ms"]
-                row["mem_vs_hf"] = peak / base["peak_GiB"] if peak is not None and base["peak_GiB"] else None
-                row["loss_rel_diff"] = abs(loss - base["loss"]) / abs(base["loss"])
-            rows.append(row)
-            print(row, flush=True)
-        del hidden, weight, labels
-        if common.on_gpu():
-            torch.cuda.empty_cache()
+
+    except KeyboardInterrupt:  # a time limit (gpu_check.sh sends SIGINT): keep the rows so far
+        interrupted = True
+        print("interrupted: writing the rows measured so far", flush=True)
 
     columns = ["tokens", "hidden", "vocab", "dtype", "method", "ms", "peak_GiB", "time_vs_hf", "mem_vs_hf",
                "loss_rel_diff", "note"]
     extra = {"baseline": _hf_loss()[1], "liger_installed": _liger() is not None,
              "targets": {"mem_vs_hf": "<= 0.25", "time_vs_hf": "<= 1.0"}}
-    if common.on_gpu():
+    extra["interrupted"] = interrupted
+    if common.on_gpu() and not interrupted:
         extra["peaks"] = {"copy_GBps": common.copy_bandwidth_gbps(), "bf16_matmul_TFLOPs": common.matmul_tflops()}
     out = common.write_results("cross_entropy", rows, columns, extra=extra)
     print(common.markdown_table(rows, columns))
     print(f"results in {out}" + ("" if common.is_measurement() else " (interpreter smoke run: not a measurement)"))
+    if interrupted:
+        return 130
     if not common.on_gpu():
         model = memory_model(args.tokens, args.hidden, args.vocab)
         columns = ["tokens", "hidden", "vocab", "method", "schedule", "model_peak_GiB", "mem_vs_hf"]

@@ -143,37 +143,42 @@ def main(argv=None) -> list[dict]:
 
     dev = common.device()
     rows = []
-    for tokens in tokens_list:
-        for name, (inputs, fns, fwd_bytes, bwd_bytes) in _cases(tokens, dims, dtype, dev).items():
-            methods = dict(fns)
-            if compile_:
-                methods["compile"] = torch.compile(fns["eager"])
-            for backward, nbytes in ((False, fwd_bytes), (True, fwd_bytes + bwd_bytes)):
-                base = None
-                for method in ("eager", "compile", "fastllama"):
-                    if method not in methods:
-                        continue
-                    ms = _timed(methods[method], inputs, backward)
-                    gbps = nbytes / ms / 1e6
-                    row = {"op": name, "pass": "fwd+bwd" if backward else "fwd", "tokens": tokens,
-                           "MB": nbytes / 1e6, "method": method, "ms": ms, "GB/s": gbps,
-                           "%copy": 100 * gbps / copy_gbps if copy_gbps else None}
-                    base = ms if method == "eager" else base
-                    row["speedup_vs_eager"] = base / ms if base else None
-                    rows.append(row)
-                    print(row, flush=True)
-            del inputs, methods
-        if common.on_gpu():
-            torch.cuda.empty_cache()
+    interrupted = False
+    try:
+        for tokens in tokens_list:
+            for name, (inputs, fns, fwd_bytes, bwd_bytes) in _cases(tokens, dims, dtype, dev).items():
+                methods = dict(fns)
+                if compile_:
+                    methods["compile"] = torch.compile(fns["eager"])
+                for backward, nbytes in ((False, fwd_bytes), (True, fwd_bytes + bwd_bytes)):
+                    base = None
+                    for method in ("eager", "compile", "fastllama"):
+                        if method not in methods:
+                            continue
+                        ms = _timed(methods[method], inputs, backward)
+                        gbps = nbytes / ms / 1e6
+                        row = {"op": name, "pass": "fwd+bwd" if backward else "fwd", "tokens": tokens,
+                               "MB": nbytes / 1e6, "method": method, "ms": ms, "GB/s": gbps,
+                               "%copy": 100 * gbps / copy_gbps if copy_gbps else None}
+                        base = ms if method == "eager" else base
+                        row["speedup_vs_eager"] = base / ms if base else None
+                        rows.append(row)
+                        print(row, flush=True)
+                del inputs, methods
+            if common.on_gpu():
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # a time limit (gpu_check.sh sends SIGINT): keep the rows so far
+        interrupted = True
+        print("interrupted: writing the rows measured so far", flush=True)
 
     columns = ["op", "pass", "tokens", "MB", "method", "ms", "GB/s", "%copy", "speedup_vs_eager"]
     extra = {"dims": dims, "dtype": str(dtype), "copy_GBps": copy_gbps,
              "bytes": "minimum traffic: each tensor read or written once (gradients included for fwd+bwd)",
-             "targets": {"fwd %copy at >= 32 MB": ">= 80", "speedup_vs_eager": ">= 2"}}
+             "targets": {"fwd %copy at >= 32 MB": ">= 80", "speedup_vs_eager": ">= 2"}, "interrupted": interrupted}
     out = common.write_results("norm_rope_swiglu", rows, columns, extra=extra)
     print(common.markdown_table(rows, columns))
     print(f"results in {out}" + ("" if common.is_measurement() else " (interpreter smoke run: NOT a measurement)"))
-    return rows
+    return 130 if interrupted else rows
 
 
 if __name__ == "__main__":

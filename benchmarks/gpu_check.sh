@@ -20,8 +20,8 @@
 # downloaded here: put their wheels in a folder and set WHEELS=/that/folder (installed with
 # --no-index). Stage time limits add up to the 8-minute budget (GPU_CHECK_BUDGET_S, default 470 s);
 # a stage that runs out is marked TIMEOUT and the next one starts. GPU_CHECK_STAGES (names from
-# summary.md: pytest bench-train bench-ops bench-decode bench-memory pytest-benchmark pytest-matrix)
-# runs a subset.
+# summary.md: pytest bench-train bench-ops bench-decode pytest-benchmark bench-memory pytest-matrix)
+# runs a subset, in the order given.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-$PWD/gpu_check_out}}
@@ -39,13 +39,8 @@ echo "|---|---|---|" >> "$SUMMARY"
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 # stage NAME CAP_SECONDS COMMAND...: runs with a limit of min(CAP, time left), logs to OUT/NAME.log.
-# GPU_CHECK_STAGES="bench-decode bench-ops ..." runs only the stages named (in this file's order),
-# for a short GPU slot that must measure what is still missing first.
 stage() {
   local name=$1 cap=$2; shift 2
-  if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ " $GPU_CHECK_STAGES " != *" $name "* ]]; then
-    echo "| $name | not selected (GPU_CHECK_STAGES) | 0 |" >> "$SUMMARY"; return
-  fi
   local limit; limit=$(left)
   (( limit > cap )) && limit=$cap
   if (( limit < 10 )); then
@@ -85,7 +80,9 @@ cat "$OUT/env.txt"
 # --- 1. install from the working tree, downloading nothing ---------------------------------
 install() {
   if [ -n "${WHEELS:-}" ]; then
-    "$PY" -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl || return 1
+    # (a failure here must not skip the editable install and the kernels link below)
+    "$PY" -m pip install --no-deps --no-index --find-links "$WHEELS" "$WHEELS"/*.whl \
+      || echo "installing the wheels in $WHEELS failed: going on without them"
   fi
   # editable, no dependencies, no isolated build env (it would fetch setuptools), no index
   "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . \
@@ -113,26 +110,43 @@ export FASTLLAMA_RESULTS_DIR="$OUT/results/$DEVICE_NAME"
 mkdir -p "$FASTLLAMA_RESULTS_DIR"
 FL=("$PY" -m fastllama.cli)
 
-# --- 2. the test suite on CUDA: the CPU suite's tests first ---------------------------------
-# (every path a CPU-only CI cannot run: CUDA graphs, the GPU tiles, compiled kernels); the full
-# shape matrix (`cuda_only`, ~1200 cases, each new shape a Triton JIT compile) runs last, in the
-# time left after the benchmarks, which are what no CPU can measure.
-# FASTLLAMA_AUTOTUNE=0: no autotuning per new test shape; test_every_autotune_candidate_of_this_gpu
-# (in this stage) forces every candidate tile in turn, and the benchmarks autotune.
-[ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest "${TESTS_CAP_S:-100}" env FASTLLAMA_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests \
-  -m "not cuda_only" --durations=25 --junitxml="$OUT/pytest-junit.xml" -o junit_family=xunit2
-
-# --- 3. benchmarks, --quick ---------------------------------------------------------------
-stage bench-train "${TRAIN_CAP_S:-150}" "${FL[@]}" bench train --quick --no-progress
-stage bench-ops "${OPS_CAP_S:-60}" "${FL[@]}" bench ops --quick
-stage bench-decode "${DECODE_CAP_S:-60}" "${FL[@]}" bench decode --quick
-stage bench-memory 30 "${FL[@]}" bench memory --no-progress
-stage pytest-benchmark 40 "$PY" -m pytest -q -p no:cacheprovider benchmarks --benchmark-only \
-  --benchmark-json="$OUT/pytest-benchmark.json"
-
-# --- 4. the shape matrix with whatever time is left (GPU_CHECK_BUDGET_S=570 gives it ~2 min) ---
-[ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest-matrix 600 env FASTLLAMA_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider tests \
-  -m cuda_only --durations=25 --junitxml="$OUT/pytest-matrix-junit.xml" -o junit_family=xunit2
+# --- 2-4. the stages ------------------------------------------------------------------------
+# pytest: the test suite on CUDA, the CPU suite's tests (every path a CPU-only CI cannot run: CUDA
+#   graphs, the GPU tiles, compiled kernels). FASTLLAMA_AUTOTUNE=0: no autotuning per new test
+#   shape; test_every_autotune_candidate_of_this_gpu forces every candidate tile in turn, and the
+#   benchmarks autotune.
+# bench-*: the benchmarks, --quick. Each script writes the rows it has when a time limit
+#   interrupts it (SIGINT).
+# pytest-matrix: the full shape matrix (`cuda_only`, ~1200 cases, each new shape a Triton JIT
+#   compile), last, in the time left.
+# Caps (seconds) add up to the default budget; GPU_CHECK_STAGES="bench-train bench-ops ..." runs
+# only those stages, IN THAT ORDER (a short GPU slot measures what is still missing first).
+run_stage() {
+  case $1 in
+    pytest) [ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest "${TESTS_CAP_S:-100}" env FASTLLAMA_AUTOTUNE=0 \
+      "$PY" -m pytest -q -p no:cacheprovider tests -m "not cuda_only" --durations=25 \
+      --junitxml="$OUT/pytest-junit.xml" -o junit_family=xunit2 ;;
+    bench-train) stage bench-train "${TRAIN_CAP_S:-150}" "${FL[@]}" bench train --quick --no-progress ;;
+    bench-ops) stage bench-ops "${OPS_CAP_S:-90}" "${FL[@]}" bench ops --quick ;;
+    bench-decode) stage bench-decode "${DECODE_CAP_S:-100}" "${FL[@]}" bench decode --quick ;;
+    pytest-benchmark) stage pytest-benchmark 30 "$PY" -m pytest -q -p no:cacheprovider benchmarks \
+      --benchmark-only --benchmark-json="$OUT/pytest-benchmark.json" ;;
+    # device-independent (its results are committed from CPU runs): only when time is left
+    bench-memory) stage bench-memory 30 "${FL[@]}" bench memory --no-progress ;;
+    pytest-matrix) [ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest-matrix 600 env FASTLLAMA_AUTOTUNE=0 \
+      "$PY" -m pytest -q -p no:cacheprovider tests -m cuda_only --durations=25 \
+      --junitxml="$OUT/pytest-matrix-junit.xml" -o junit_family=xunit2 ;;
+    *) echo "| $1 | unknown stage | 0 |" >> "$SUMMARY" ;;
+  esac
+}
+ALL_STAGES="pytest bench-train bench-ops bench-decode pytest-benchmark bench-memory pytest-matrix"
+SELECTED=${GPU_CHECK_STAGES:-$ALL_STAGES}
+for name in $SELECTED; do
+  run_stage "$name"
+done
+for name in $ALL_STAGES; do
+  [[ " $SELECTED " == *" $name "* ]] || echo "| $name | not selected (GPU_CHECK_STAGES) | 0 |" >> "$SUMMARY"
+done
 
 # --- summary ------------------------------------------------------------------------------
 {

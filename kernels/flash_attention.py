@@ -424,6 +424,16 @@ def seqlen_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
 
 
+def key_bucket(mk: int, mq: int, before: int, after: int) -> int:
+    """The K_BUCKET autotune key: the keys' length bucket, plus which sides of the mask bind (bit
+    20: ``after``, i.e. causal; bit 21: ``before``, a window). Causal and full attention at one
+    length do different work per query block and may want different tiles. The flags sit above
+    every bucket value and are multiples of 16, so the launch's integer specialisation (Triton
+    specialises ints divisible by 16) is the same for every kind: no extra compile."""
+    reach = mq + mk  # a bound at least this far never masks anything
+    return seqlen_bucket(mk) | (int(after < reach) << 20) | (int(before < reach) << 21)
+
+
 def _lookup(tables, d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
             sm: int = 80) -> list[tuple]:
     """The candidates of one launch: ``tables`` is (aligned, unaligned, sm_90 additions);
@@ -578,7 +588,7 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
     cu_k = cu_seqlens_k if varlen else lse
     args = (q, k, v, out, lse, cu_q, cu_k, scale,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[1:3], lse.stride(0),
-            Hq, Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
+            Hq, Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), key_bucket(mk, mq, before, after))
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), IS_VARLEN=varlen, PRECISION=precision,
                 ALIGNED=strides_aligned(q, k, v, out))
     with torch.cuda.device_of(q):  # Triton launches (and the autotuner times) on the current device

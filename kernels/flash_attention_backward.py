@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, ArchAutotuner, aligned16, block_span, load_rows,
-                              padded_head_dim, seqlen_bucket, sequence_bounds, store_rows, strides_aligned,
-                              untuned_config)
+from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, ArchAutotuner, aligned16, block_span, key_bucket,
+                              load_rows, padded_head_dim, seqlen_bucket, sequence_bounds, store_rows,
+                              strides_aligned, untuned_config)
 
 __all__ = ["flash_attention_backward"]
 
@@ -353,7 +353,7 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
 
         cu_q = cu_seqlens_q if varlen else delta
         cu_k = cu_seqlens_k if varlen else delta
-        common = (Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), seqlen_bucket(mk))
+        common = (Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), key_bucket(mk, mq, before, after))
         # atomic: dS K accumulates unscaled in fp32 rows of D elements, converted once at the end
         dq_acc = torch.zeros((*q.shape[:3], D), device=q.device, dtype=torch.float32) if not deterministic else dq
         meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_VARLEN=varlen, PRECISION=precision,

@@ -294,6 +294,20 @@ def test_autotuned_choices_names_the_latest_picks(monkeypatch):
                                             f"s{c.num_stages}"}
 
 
+def test_autotune_key_tells_causal_full_and_window_apart():
+    """Causal and full attention at one length tune separately (they do different work per query
+    block); the flags keep the key a multiple of 16 (no extra JIT specialisation)."""
+    from fastllama.kernels.flash_attention import key_bucket, mask_bounds, seqlen_bucket
+
+    T = 4000
+    keys = {name: key_bucket(T, T, *mask_bounds(causal, window, 2 * T + 1))
+            for name, causal, window in [("full", False, None), ("causal", True, None), ("window", True, (256, 0)),
+                                         ("window wider than T", True, (2 * T, 0))]}
+    assert len({keys["full"], keys["causal"], keys["window"]}) == 3
+    assert keys["window wider than T"] == keys["causal"]  # a bound that never masks is no bound
+    assert all(k % 16 == 0 and k & 0xFFFFF == seqlen_bucket(T) for k in keys.values())
+
+
 def test_one_autotuner_per_arch():
     """Triton's tuning cache has no device in its key: each arch gets its own autotuner, and an
     sm_80 one never holds a Hopper-only tile (a tile tuned on an H100 would otherwise be launched

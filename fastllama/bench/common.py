@@ -69,6 +69,20 @@ def device_name() -> str:
     return "cpu-interpreter"
 
 
+# Datasheet memory bandwidth (GB/s) by device-name substring, most specific first: the roofline
+# is the measured copy bandwidth (what a kernel can reach), this is the spec it falls short of.
+SPEC_BANDWIDTH_GBPS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0),
+                       ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0))
+
+
+def spec_bandwidth_gbps() -> float | None:
+    """The datasheet memory bandwidth of this GPU, if :data:`SPEC_BANDWIDTH_GBPS` knows it."""
+    if not on_gpu():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((bw for key, bw in SPEC_BANDWIDTH_GBPS if key in name), None)
+
+
 def results_dir(out_dir: Path | str | None = None) -> Path:
     """``out_dir`` if given, else ``$FASTLLAMA_RESULTS_DIR`` if set (``fastllama bench --out``
     sets it, so scripts called from there write to the same folder), else
@@ -80,15 +94,33 @@ def results_dir(out_dir: Path | str | None = None) -> Path:
     return RESULTS / device_name()
 
 
-def time_ms(fn, warmup: int = 5, rep: int = 20) -> float:
-    """Median milliseconds of ``fn()``; device-synchronised on CUDA."""
+def time_ms(fn, warmup: int = 5, rep: int = 20, grad_to_none=None) -> float:
+    """Median milliseconds of ``fn()`` over about ``rep`` timed calls after ``warmup`` calls;
+    device-synchronised on CUDA. ``grad_to_none``: tensors whose ``.grad`` is reset before each
+    call (a timed backward must not also time the accumulation into existing gradients)."""
     if on_gpu():
+        import torch
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+        # Triton's do_bench takes warmup and rep in MILLISECONDS (and flushes L2 between calls):
+        # convert the counts with one timed call, or a 50 ms call would get a single sample.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        one = max(start.elapsed_time(end), 1e-3)
+        return float(triton.testing.do_bench(fn, warmup=max(1.0, warmup * one), rep=max(1.0, rep * one),
+                                             grad_to_none=grad_to_none, return_mode="median"))
+    if grad_to_none:
+        for t in grad_to_none:
+            t.grad = None
     fn()
     samples = []
     for _ in range(max(1, min(rep, 3))):
+        for t in grad_to_none or ():
+            t.grad = None
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
