@@ -337,6 +337,13 @@ def test_output_attentions_returns_the_eager_probabilities():
         torch.testing.assert_close(a[real[:, None, :, None].expand_as(a)], b[real[:, None, :, None].expand_as(b)],
                                    rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.logits[real], expected.logits[real], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # no attention mask: the causal pattern is built, not read from HF's mask
+        fastllama.unpatch(model)
+        expected = model(input_ids=x, output_attentions=True)
+        fastllama.patch(model)
+        got = model(input_ids=x, output_attentions=True)
+    for a, b in zip(got.attentions, expected.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_deepcopy_of_a_patched_model_is_patched_and_unpatches():
