@@ -550,8 +550,10 @@ def mask_bounds(causal: bool, window: tuple[int, int] | None, limit: int) -> tup
     before, after = limit, limit
     if window is not None:
         left, right = window
-        before = left if left >= 0 else limit
-        after = right if right >= 0 else limit
+        # clamped: the kernels add these to positions in 32 bits, and a huge "unlimited" window
+        # such as 2**31 - 1 would wrap (no key visited, zero gradients, silently)
+        before = min(left, limit) if left >= 0 else limit
+        after = min(right, limit) if right >= 0 else limit
     if causal:
         after = min(after, 0)
     return before, after

@@ -145,6 +145,9 @@ def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqle
         cos_strides = (0, cos.stride(0), 0, sin.stride(0))
     else:
         cos_strides = (cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1))
+    # the token axis is the grid's second, which CUDA caps at 65535 programs: a longer prompt
+    # gives each program more tokens
+    tokens_per_program = max(tokens_per_program, triton.cdiv(T, 65535))
     with torch.cuda.device_of(q):  # Triton launches on the current device
         rotary_cache_kernel[(B, triton.cdiv(T, tokens_per_program))](
             q, k, v, cos, sin, qo, k_cache, v_cache, cache_seqlens,

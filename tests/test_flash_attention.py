@@ -447,11 +447,26 @@ _t = lambda *shape, dtype=torch.float32: torch.randn(*shape, device=DEVICE).to(d
     (dict(cu_seqlens_k=_cu(0, 8)), ValueError, "without cu_seqlens"),
     (dict(q=_t(2, 4, 8, 64), k=_t(2, 2, 8, 64), v=_t(2, 2, 8, 64), cu_seqlens=_cu(0, 8)), ValueError, "batch size 1"),
     (dict(k=_t(1, 2, 6, 64), v=_t(1, 2, 6, 64), cu_seqlens=_cu(0, 8)), ValueError, "pass cu_seqlens_k"),
+    # 16385 sequences x 4 heads: more programs than the grid's second axis takes (a launch error)
+    (dict(cu_seqlens=_cu(*[0] * 16385, 8)), ValueError, "exceeds the CUDA grid limit 65535"),
 ])
 def test_bad_input(over, exc, match):
     args = _bad(**over)
     with pytest.raises(exc, match=match):
         ops.flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_huge_window_is_no_window():
+    # (2**31 - 1, 0), "unlimited" by habit: the kernels add the bounds to positions in 32 bits on a
+    # GPU, where an unclamped value wrapped and no key block was visited (zero dK/dV)
+    q, k, v = (torch.randn(1, 2, 40, 64, device=DEVICE, requires_grad=True) for _ in range(3))
+    go = torch.randn(1, 2, 40, 64, device=DEVICE)
+    grads = []
+    for window in (None, (2**31 - 1, 0)):
+        out = ops.flash_attention(q, k, v, causal=True, window=window)
+        grads.append((out, *torch.autograd.grad(out, (q, k, v), go)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

@@ -26,6 +26,7 @@ from ._checks import check_last_dim_contiguous, check_same, check_tensor
 __all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256  # one padded head row (up to 256) lives in registers per query row
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis
 _PRECISIONS = ("ieee", "tf32")
 _LN2 = math.log(2.0)
 
@@ -221,6 +222,12 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
         elif k.shape[2] != Tq:
             raise ValueError(f"k has {k.shape[2]} packed keys but q has {Tq} packed queries; pass cu_seqlens_k "
                              f"when they differ")
+    n_seq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    if n_seq * Hq > MAX_GRID_Y:
+        # the kernels' grid has one program row per (sequence, head) on its second axis
+        raise ValueError(f"{n_seq} sequences x {Hq} query heads = {n_seq * Hq} exceeds the CUDA grid limit "
+                         f"{MAX_GRID_Y} of the kernels' (sequence, head) axis; call flash_attention on groups of "
+                         f"at most {MAX_GRID_Y // max(Hq, 1)} sequences")
     limit = Tq + k.shape[2] + 1  # "unlimited": wider than any sequence
     before, after = _fwd.mask_bounds(causal, window, limit)
     # fp32 is for exactness: it always runs the deterministic backward; so does everything under
