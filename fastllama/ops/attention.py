@@ -26,7 +26,7 @@ from ._checks import check_last_dim_contiguous, check_same, check_tensor
 __all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256  # one padded head row (up to 256) lives in registers per query row
-MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis: (sequence, head) programs
 _PRECISIONS = ("ieee", "tf32")
 _LN2 = math.log(2.0)
 
@@ -222,12 +222,6 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
         elif k.shape[2] != Tq:
             raise ValueError(f"k has {k.shape[2]} packed keys but q has {Tq} packed queries; pass cu_seqlens_k "
                              f"when they differ")
-    n_seq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
-    if n_seq * Hq > MAX_GRID_Y:
-        # the kernels' grid has one program row per (sequence, head) on its second axis
-        raise ValueError(f"{n_seq} sequences x {Hq} query heads = {n_seq * Hq} exceeds the CUDA grid limit "
-                         f"{MAX_GRID_Y} of the kernels' (sequence, head) axis; call flash_attention on groups of "
-                         f"at most {MAX_GRID_Y // max(Hq, 1)} sequences")
     limit = Tq + k.shape[2] + 1  # "unlimited": wider than any sequence
     before, after = _fwd.mask_bounds(causal, window, limit)
     # fp32 is for exactness: it always runs the deterministic backward; so does everything under
@@ -263,7 +257,8 @@ def flash_attention_with_lse(q, k, v, causal: bool = True, scale: float | None =
     q, scale = _positive_scale(q, scale)
     if cu_seqlens is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens
-    out, stats = _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision, deterministic)
+    out, stats = _flash_fwd_in_groups(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision,
+                                      deterministic)
     return out, (stats[0] + stats[1]) * _LN2
 
 
@@ -315,7 +310,34 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
     q, scale = _positive_scale(q, scale)
     if cu_seqlens is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens
-    return _flash_fwd(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision, deterministic)[0]
+    return _flash_fwd_in_groups(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision,
+                                deterministic)[0]
+
+
+def _flash_fwd_in_groups(q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic):
+    """``_flash_fwd``, run on groups of sequences when there are more (sequence, query head)
+    pairs than the kernels' grid takes on its second axis (:data:`MAX_GRID_Y`; e.g. a varlen
+    pack of 1M tokens in 512-token samples at 32 heads): each group is an independent call on
+    views (rebased ``cu_seqlens``), joined along the batch (dense) or the packed tokens (varlen).
+    One host sync reads the group boundaries, in this path only."""
+    Hq = q.shape[1]
+    n_seq = cu_q.shape[0] - 1 if cu_q is not None else q.shape[0]
+    per = max(1, MAX_GRID_Y // max(Hq, 1))
+    if n_seq <= per:
+        return _flash_fwd(q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic)
+    parts = []
+    if cu_q is None:
+        for b in range(0, n_seq, per):
+            parts.append(_flash_fwd(q[b:b + per], k[b:b + per], v[b:b + per], scale, before, after, None, None,
+                                    precision, deterministic))
+        return torch.cat([o for o, _ in parts], 0), torch.cat([st for _, st in parts], 1)
+    tq, tk = cu_q.tolist(), cu_k.tolist()
+    for s0 in range(0, n_seq, per):
+        s1 = min(s0 + per, n_seq)
+        q0, q1, k0, k1 = tq[s0], tq[s1], tk[s0], tk[s1]
+        parts.append(_flash_fwd(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], scale, before, after,
+                                cu_q[s0:s1 + 1] - q0, cu_k[s0:s1 + 1] - k0, precision, deterministic))
+    return torch.cat([o for o, _ in parts], 2), torch.cat([st for _, st in parts], -1)
 
 
 # ----------------------------------------------------------------------------------------------
