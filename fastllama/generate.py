@@ -568,7 +568,7 @@ def run_cli(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     gen = Generator(model, 1, len(ids) + args.max_new_tokens, cuda_graph=False if args.no_cuda_graph else None)
-    streamer = TextStreamer(tok, lambda piece: print(piece, end="", flush=True), stop_tokens=stop, prompt=ids)
+    streamer = TextStreamer(tok, lambda piece: print(piece, end="", flush=True), prompt=ids)  # (the call's stops)
     print(args.prompt, end="", flush=True)
     gen.generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  stop_tokens=sorted(stop), streamer=streamer)

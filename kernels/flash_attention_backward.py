@@ -361,9 +361,6 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
         dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, scale,
                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
                      *dv.stride()[:3], *dq_acc.stride()[:3], *lse.stride()[1:3], lse.stride(0), Hk, *common)
-        dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale,
-                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-                   *lse.stride()[1:3], lse.stride(0), Hq, *common)
         dkdv_kind = "dkdv" if deterministic else "dkdv_atomic"
         if not autotune:
             config_dkdv = config_dkdv or untuned_config(dkdv_kind, q, meta["ALIGNED"], precision)
@@ -378,6 +375,9 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
                                                                           ATOMIC_DQ=not deterministic)
         if not deterministic:
             return dq.copy_(dq_acc.mul_(scale)), dk, dv
+        dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale,
+                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+                   *lse.stride()[1:3], lse.stride(0), Hq, *common)
         if config_dq is not None:
             bm, bn, w, s = config_dq
             _attn_bwd_dq[(triton.cdiv(mq, bm), n_seq * Hq)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn,

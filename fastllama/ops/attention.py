@@ -252,13 +252,7 @@ def flash_attention_with_lse(q, k, v, causal: bool = True, scale: float | None =
     Returns ``(out, lse)``: lse is (B, Hq, Tq) fp32, natural log, ``-inf`` for a row with no
     visible key. Both outputs are differentiable (a gradient on lse enters as ``delta -= dlse``).
     """
-    scale, before, after, precision, deterministic = _validate(q, k, v, causal, scale, window, cu_seqlens,
-                                                               cu_seqlens_k, fp32_precision, deterministic)
-    q, scale = _positive_scale(q, scale)
-    if cu_seqlens is not None and cu_seqlens_k is None:
-        cu_seqlens_k = cu_seqlens
-    out, stats = _flash_fwd_in_groups(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision,
-                                      deterministic)
+    out, stats = _attention(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic)
     return out, (stats[0] + stats[1]) * _LN2
 
 
@@ -305,21 +299,21 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
     Raises:
         TypeError / ValueError naming the argument, before any launch.
     """
-    scale, before, after, precision, deterministic = _validate(q, k, v, causal, scale, window, cu_seqlens,
-                                                               cu_seqlens_k, fp32_precision, deterministic)
+    return _attention(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic)[0]
+
+
+def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic):
+    """Both public ops: validate, then ``_flash_fwd`` -> (out, stats). It runs on groups of
+    sequences when there are more (sequence, query head) pairs than the kernels' grid takes on
+    its second axis (:data:`MAX_GRID_Y`; e.g. a varlen pack of 1M tokens in 512-token samples at
+    32 heads): each group is an independent call on views (rebased ``cu_seqlens``), joined along
+    the batch (dense) or the packed tokens (varlen). One host sync reads the group boundaries,
+    in that path only."""
+    scale, before, after, precision, deterministic = _validate(q, k, v, causal, scale, window, cu_q, cu_k,
+                                                               fp32_precision, deterministic)
     q, scale = _positive_scale(q, scale)
-    if cu_seqlens is not None and cu_seqlens_k is None:
-        cu_seqlens_k = cu_seqlens
-    return _flash_fwd_in_groups(q, k, v, scale, before, after, cu_seqlens, cu_seqlens_k, precision,
-                                deterministic)[0]
-
-
-def _flash_fwd_in_groups(q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic):
-    """``_flash_fwd``, run on groups of sequences when there are more (sequence, query head)
-    pairs than the kernels' grid takes on its second axis (:data:`MAX_GRID_Y`; e.g. a varlen
-    pack of 1M tokens in 512-token samples at 32 heads): each group is an independent call on
-    views (rebased ``cu_seqlens``), joined along the batch (dense) or the packed tokens (varlen).
-    One host sync reads the group boundaries, in this path only."""
+    if cu_q is not None and cu_k is None:
+        cu_k = cu_q
     Hq = q.shape[1]
     n_seq = cu_q.shape[0] - 1 if cu_q is not None else q.shape[0]
     per = max(1, MAX_GRID_Y // max(Hq, 1))
