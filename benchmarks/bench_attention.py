@@ -18,7 +18,9 @@ existing buffers). The device's bf16 matmul peak is measured in the same run for
 Targets on H100/H200: forward >= 1.1x sdpa-flash and >= 450 TFLOP/s at T >= 4k, D 128, causal;
 backward >= 1.0x sdpa-flash.
 
-Writes ``results/<device>/bench_attention.{json,md,png}``. Without a GPU it runs one tiny case
+Writes ``results/<device>/bench_attention.{json,md,png}``, and ``bench_attention_tuning.{json,md}``:
+the time of every autotune candidate of fastllama's kernels per shape (the data for pruning the
+candidate tables). Without a GPU it runs one tiny case
 under the Triton interpreter and labels everything "not a measurement".
 
 Usage: ``python benchmarks/bench_attention.py [--dims 64 128] [--seqlens 512 ... 16384]
@@ -77,11 +79,13 @@ def _flops(B, H, T, D, causal):
 
 
 def bench_case(name, fn, B, H, T, D, causal, dtype):
-    """One provider on one shape: rows for the forward and the backward."""
+    """One provider on one shape: (rows for the forward and the backward, tuning rows: every
+    autotune candidate's time when this case's warm-up tuned fastllama's kernels)."""
     dev = common.device()
     q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
     fwd_flops, bwd_flops = _flops(B, H, T, D, causal)
     base = dict(provider=name, D=D, T=T, B=B, H=H, causal=causal)
+    attention_ops.autotune_timings(clear=True)
     try:
         out = fn(q, k, v, causal)  # warm-up: compiles, autotunes
         dout = torch.randn_like(out)
@@ -90,14 +94,27 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
         ms_b = common.time_ms(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v])
     except Exception as e:  # noqa: BLE001 - a backend that refuses a shape is a row, not a crash
         note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        return [dict(base, direction=d, ms=None, tflops=None, note=note) for d in ("fwd", "bwd")]
+        return [dict(base, direction=d, ms=None, tflops=None, note=note) for d in ("fwd", "bwd")], []
+    tuning = _tuning_rows(base)
     # fastllama's rows name the tiles its autotuner chose for this shape (what the next tuning
     # round starts from).
     picks = attention_ops.autotuned_choices() if name.startswith("fastllama") else {}
     bwd_kernels = ("dkdv", "dq") if name == "fastllama" else ("dkdv_atomic",)
     notes = {"fwd": picks.get("fwd", ""), "bwd": "; ".join(f"{k} {picks[k]}" for k in bwd_kernels if k in picks)}
     return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=notes["fwd"]),
-            dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note=notes["bwd"])]
+            dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note=notes["bwd"])], tuning
+
+
+def _tuning_rows(base):
+    """One row per candidate the autotuners timed since the last call: what the next tuning
+    round prunes the candidate tables by (a GPU slot is too short for a separate sweep)."""
+    rows = []
+    for kernel, timings in attention_ops.autotune_timings(clear=True).items():
+        best = min(timings.values())
+        for config, ms in sorted(timings.items(), key=lambda item: item[1]):
+            rows.append(dict(base, kernel=kernel, config=config, ms=ms,
+                             vs_best=ms / best if best > 0 and ms != float("inf") else None))
+    return rows
 
 
 def _add_ratios(rows, peak):
@@ -153,11 +170,13 @@ def main(argv=None) -> int:
                   for D in args.dims for T in args.seqlens for mask in args.masks]
     else:
         shapes = [(1, 2, 128, 64, True)]  # proves the script runs; timings mean nothing
-    rows, interrupted = [], False
+    rows, tuning, interrupted = [], [], False
     try:
         for B, H, T, D, causal in shapes:
             for name, fn in _providers().items():
-                rows += bench_case(name, fn, B, H, T, D, causal, torch.bfloat16)
+                case_rows, case_tuning = bench_case(name, fn, B, H, T, D, causal, torch.bfloat16)
+                rows += case_rows
+                tuning += case_tuning
                 print(rows[-2]["provider"], f"D{D} T{T} {'causal' if causal else 'full'}",
                       *(f"{r['direction']} {r['tflops']:.1f} TFLOP/s" if r["tflops"] else f"{r['direction']} {r['note']}"
                         for r in rows[-2:]), flush=True)
@@ -170,6 +189,9 @@ def main(argv=None) -> int:
     out = common.write_results("bench_attention", rows, cols, extra={"matmul_peak_tflops": peak,
                                                                       "interrupted": interrupted}, out_dir=args.out)
     plot(rows, out / "bench_attention.png", measurement)
+    if tuning:
+        common.write_results("bench_attention_tuning", tuning, ["provider", "kernel", "D", "T", "B", "H", "causal",
+                                                                "config", "ms", "vs_best"], out_dir=args.out)
     print(f"wrote {out}/bench_attention.{{json,md,png}}" + ("" if measurement else "  (NOT a measurement)"))
     return 130 if interrupted else 0
 

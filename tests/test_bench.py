@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -129,3 +130,22 @@ def test_results_dir_and_plots_for_other_benchmarks(tmp_path, monkeypatch):
     written = plot_missing(tmp_path)
     assert (tmp_path / "cross_entropy.png") in written
     assert "cross_entropy.png" in (tmp_path / "cross_entropy.md").read_text()
+
+
+def test_attention_tuning_rows_and_no_plot_for_them(tmp_path, monkeypatch):
+    """bench_attention's tuning table: a row per timed candidate, fastest first, relative to the
+    fastest; a candidate that failed (inf) has no ratio; plot_missing draws nothing for it."""
+    from benchmarks import bench_attention
+    from fastllama.ops import attention as attention_ops
+
+    timings = {"fwd": {"M128 N64 w8 s3": 0.6, "M128 N128 w8 s2": 0.4, "M64 N64 w4 s3": float("inf")}}
+    monkeypatch.setattr(attention_ops, "autotune_timings", lambda clear=False: timings)
+    rows = bench_attention._tuning_rows({"provider": "fastllama", "T": 4096})
+    assert [r["config"] for r in rows] == ["M128 N128 w8 s2", "M128 N64 w8 s3", "M64 N64 w4 s3"]
+    assert [r["vs_best"] for r in rows] == [1.0, pytest.approx(1.5), None]
+    assert all(r["kernel"] == "fwd" and r["T"] == 4096 for r in rows)
+    monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))
+    common.write_results("bench_attention_tuning", rows)
+    from fastllama.bench.plots import plot_missing
+
+    assert plot_missing(tmp_path) == []

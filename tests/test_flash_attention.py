@@ -294,6 +294,25 @@ def test_autotuned_choices_names_the_latest_picks(monkeypatch):
                                             f"s{c.num_stages}"}
 
 
+def test_autotune_timings_reads_each_candidates_median_and_clears(monkeypatch):
+    """The benchmark's tuning table: every candidate's median (Triton's [median, p20, p80]),
+    failed candidates as inf, and clear=True so a shape whose key was tuned before records none."""
+    from fastllama.kernels import flash_attention_backward as kbwd
+
+    for tuned in (kfa._attn_fwd_tuned, kbwd._attn_bwd_dq_tuned, kbwd._attn_bwd_dkdv_tuned,
+                  kbwd._attn_bwd_dkdv_atomic_tuned):
+        monkeypatch.setattr(tuned, "latest", None)
+    assert A.autotune_timings() == {}
+    latest = kfa._attn_fwd_tuned.for_sm(90)
+    a, b = latest.configs[:2]
+    monkeypatch.setattr(kfa._attn_fwd_tuned, "latest", latest)
+    monkeypatch.setattr(latest, "configs_timings", {a: [0.5, 0.4, 0.6], b: [float("inf")] * 3}, raising=False)
+    name = A._config_name
+    assert A.autotune_timings() == {"fwd": {name(a): 0.5, name(b): float("inf")}}
+    assert A.autotune_timings(clear=True) == {"fwd": {name(a): 0.5, name(b): float("inf")}}
+    assert A.autotune_timings() == {}
+
+
 def test_autotune_key_tells_causal_full_and_window_apart():
     """Causal and full attention at one length tune separately (they do different work per query
     block); the flags keep the key a multiple of 16 (no extra JIT specialisation)."""

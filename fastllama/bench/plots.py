@@ -23,6 +23,7 @@ KNOWN: dict[str, list[Plot]] = {
         Plot(x="tokens", y="peak_GiB", series="method", logx=True, higher_is_better=False, title="peak memory"),
     ],
     "decode": [Plot(x="batch", y="tokens/s", series="impl", panel="model", logx=True, title="decoding")],
+    "bench_attention_tuning": [],  # every autotune candidate's time: a table to tune from, no plot
 }
 
 _X = ("tokens", "seq_len", "T", "seqlen", "batch", "context", "preset")
@@ -53,7 +54,8 @@ def plot_missing(folder: Path) -> list[Path]:
         except (OSError, ValueError):
             continue
         rows = data.get("rows") or []
-        plots = KNOWN.get(data.get("benchmark", js.stem)) or [p for p in [guess(rows)] if p]
+        name = data.get("benchmark", js.stem)
+        plots = KNOWN[name] if name in KNOWN else [p for p in [guess(rows)] if p]
         smoke = "" if data.get("environment", {}).get("measurement") else \
             "smoke run under the Triton interpreter: not a measurement"
         for i, plot in enumerate(plots):

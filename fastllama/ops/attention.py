@@ -55,14 +55,38 @@ def _config(which: str, seqlen: int):
     return min(block_m, fit), min(block_n, fit), warps, stages
 
 
+def _tuners() -> dict:
+    return {"fwd": _fwd._attn_fwd_tuned, "dq": _bwd._attn_bwd_dq_tuned, "dkdv": _bwd._attn_bwd_dkdv_tuned,
+            "dkdv_atomic": _bwd._attn_bwd_dkdv_atomic_tuned}
+
+
+def _config_name(c) -> str:
+    return f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+
+
 def autotuned_choices() -> dict[str, str]:
     """The attention autotuners' latest pick per kernel, e.g. ``{"fwd": "M128 N64 w8 s3"}``
     (benchmarks note it beside their timings); empty before any autotuned (GPU) launch."""
-    tuned = {"fwd": _fwd._attn_fwd_tuned, "dq": _bwd._attn_bwd_dq_tuned, "dkdv": _bwd._attn_bwd_dkdv_tuned,
-             "dkdv_atomic": _bwd._attn_bwd_dkdv_atomic_tuned}
-    picks = {name: getattr(t.latest, "best_config", None) for name, t in tuned.items()}
-    return {name: f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
-            for name, c in picks.items() if c is not None}
+    picks = {name: getattr(t.latest, "best_config", None) for name, t in _tuners().items()}
+    return {name: _config_name(c) for name, c in picks.items() if c is not None}
+
+
+def autotune_timings(clear: bool = False) -> dict[str, dict[str, float]]:
+    """Per kernel, every candidate's median time in ms from its autotuner's latest tuning run,
+    e.g. ``{"fwd": {"M128 N64 w8 s3": 0.41, ...}}`` (inf: the candidate failed to launch). This
+    is the data the candidate tables are pruned and tuned from: the benchmark records it per
+    shape. ``clear=True`` forgets the timings after reading them, so that the next call returns
+    only the tunings run in between (a launch whose key is already tuned runs none)."""
+    out = {}
+    for name, t in _tuners().items():
+        timings = getattr(t.latest, "configs_timings", None)
+        if timings:
+            # Triton times each candidate as [median, 20th, 80th percentile] (older: one float).
+            out[name] = {_config_name(c): float(ms[0] if isinstance(ms, (list, tuple)) else ms)
+                         for c, ms in timings.items()}
+            if clear:
+                t.latest.configs_timings = None
+    return out
 
 
 def _max_seqlen(cu: torch.Tensor, total: int, name: str) -> int:
