@@ -126,7 +126,7 @@ run_stage() {
     pytest) [ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || stage pytest "${TESTS_CAP_S:-100}" env FASTLLAMA_AUTOTUNE=0 \
       "$PY" -m pytest -q -p no:cacheprovider tests -m "not cuda_only" --durations=25 \
       --junitxml="$OUT/pytest-junit.xml" -o junit_family=xunit2 ;;
-    bench-train) stage bench-train "${TRAIN_CAP_S:-150}" "${FL[@]}" bench train --quick --no-progress ;;
+    bench-train) stage bench-train "${TRAIN_CAP_S:-150}" "${FL[@]}" bench train --quick --profile --no-progress ;;
     bench-ops) stage bench-ops "${OPS_CAP_S:-90}" "${FL[@]}" bench ops --quick ;;
     bench-decode) stage bench-decode "${DECODE_CAP_S:-100}" "${FL[@]}" bench decode --quick ;;
     pytest-benchmark) stage pytest-benchmark 30 "$PY" -m pytest -q -p no:cacheprovider benchmarks \

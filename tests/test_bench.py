@@ -149,3 +149,67 @@ def test_attention_tuning_rows_and_no_plot_for_them(tmp_path, monkeypatch):
     from fastllama.bench.plots import plot_missing
 
     assert plot_missing(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# --profile: kernel time by category
+# ---------------------------------------------------------------------------------------------
+def test_profile_categories_of_gpu_kernel_names():
+    """Kernel names as profilers print them on an H100/H200 (SDPA's FA2, cuBLAS, ATen, inductor,
+    Liger and fastllama's own kernels) land in the category a reader expects."""
+    from fastllama.bench.profile import category
+
+    expected = {
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, "
+        "cutlass::bfloat16_t, Flash_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t> >, false, true>": "attention fwd",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128, 64, 128, "
+        "8, 2, 4, 2, false, false, cutlass::bfloat16_t>, false, true, false>": "attention bwd",
+        "void pytorch_flash::flash_bwd_dot_do_o_kernel<true, Flash_bwd_kernel_traits<128>>": "attention bwd",
+        "fmha_cutlassB_bf16_aligned_64x64_k128_sm80": "attention bwd",
+        "_attn_fwd": "attention fwd", "_attn_bwd_dkdv": "attention bwd", "_attn_bwd_dq": "attention bwd",
+        "_bwd_preprocess": "attention bwd",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_"
+        "segment_k_off_kernel__5x_cublas": "matmul",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<8, c10::BFloat16, float, float, "
+        "at::native::(anonymous namespace)::LogSoftMaxForwardEpilogue>(float*, c10::BFloat16 const*, int)": "loss",
+        "void at::native::(anonymous namespace)::nll_loss_forward_reduce_cuda_kernel_2d<float, long>": "loss",
+        "_lse_partials_kernel": "loss", "_loss_and_grad_kernel": "loss", "liger_cross_entropy_kernel": "loss",
+        "rms_norm_fwd_kernel": "norm", "_rms_norm_backward_kernel": "norm", "rotary_kernel": "rotary",
+        "swiglu_bwd_kernel": "swiglu",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel(at::TensorIteratorBase&)"
+        "::{lambda()#1}::operator()() const::{lambda(c10::BFloat16)#1}, std::array<char*, 2ul> >": "swiglu",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+        "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, "
+        "(at::native::ADAM_MODE)1, false>, bool, float>": "optimizer",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<c10::BFloat16>, "
+        "std::array<char*, 1ul> >(int, at::native::FillFunctor<c10::BFloat16>, std::array<char*, 1ul>)":
+            "elementwise/copy",
+        "Memcpy DtoD (Device -> Device)": "elementwise/copy",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "inductor fused",
+        "some_new_kernel": "other",
+    }
+    assert {name: category(name) for name in expected} == expected
+
+
+def test_profile_summary_rows():
+    from fastllama.bench.profile import summarize
+
+    long_name = "sm90_xmma_gemm_" + "x" * 100
+    kernels = [(long_name, 10, 6.0), ("_attn_fwd", 2, 3.0), ("nvjet_tst_a", 4, 1.0)]
+    rows = summarize(kernels, {"config": "c"})
+    assert [(r["category"], r["ms/step"], r["calls"]) for r in rows] == [("matmul", 7.0, 14), ("attention fwd", 3.0, 2)]
+    assert rows[0]["share"] == pytest.approx(0.7) and rows[0]["config"] == "c"
+    assert rows[0]["top kernel"] == long_name[:67] + "..."
+
+
+def test_bench_train_profile_writes_a_table_and_a_plot(tmp_path, capsys):
+    assert main(["bench", "train", "--quick", "--profile", "--configs", "hf-sdpa", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    assert "Kernel time of one step by category" in capsys.readouterr().out
+    data = json.loads((tmp_path / "train-tiny-profile.json").read_text())
+    rows = data["rows"]
+    assert {r["config"] for r in rows} == {"hf-sdpa"} and sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert "matmul" in {r["category"] for r in rows}  # off-GPU: aten::mm's CPU time
+    assert (tmp_path / "train-tiny-profile.png").stat().st_size > 1000
+    assert "![train-tiny-profile](train-tiny-profile.png)" in (tmp_path / "train-tiny-profile.md").read_text()

@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup", type=int, default=None, help="warm-up steps, not timed")
     t.add_argument("--steps", type=int, default=None, help="measured steps (the median is reported)")
     t.add_argument("--configs", nargs="+", default=None, choices=CONFIGS, help="configurations to run")
+    t.add_argument("--profile", action="store_true",
+                   help="also profile one step per configuration: kernel time by category "
+                        "(train-<preset>-profile.{json,md,png})")
     m = sub.add_parser("memory", help="bytes saved for backward per token per layer, HF sdpa vs fastllama")
     _shared(m, sub=True)
     m.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS),
@@ -99,14 +102,14 @@ def _banner() -> None:
 
 
 def _train(args, preset: str | None = None) -> int:
-    from . import common, train
+    from . import common, profile, train
 
     _banner()
     preset = preset or getattr(args, "preset", None) or ("llama-3.2-1b" if common.on_gpu() else "tiny")
     settings = train.default_settings(
         preset, args.quick, configs=getattr(args, "configs", None), seq_lens=getattr(args, "seq_len", None),
         batch=getattr(args, "batch", None), warmup=getattr(args, "warmup", None), steps=getattr(args, "steps", None),
-        layers=getattr(args, "layers", None))
+        layers=getattr(args, "layers", None), profile=getattr(args, "profile", False))
     t0 = time.time()
     name = f"train-{settings.preset.name}"
 
@@ -114,12 +117,25 @@ def _train(args, preset: str | None = None) -> int:
         return common.write_results(name, rows, train.TRAIN_COLUMNS, extra=train.train_extra(settings),
                                     plot=train.TRAIN_PLOTS)
 
-    rows = train.run_train(settings, progress=not args.no_progress, on_rows=save)
+    profiles: list[dict] = []
+
+    def save_all(rows):
+        save(rows)
+        if profiles:
+            profile.write_profile(f"{name}-profile", profiles, extra={
+                "what": "kernel time of one training step per configuration, by category "
+                        "(torch.profiler; off-GPU: aten ops' CPU time)",
+                "categories": dict(profile.CATEGORIES)})
+
+    rows = train.run_train(settings, progress=not args.no_progress, on_rows=save_all, profiles=profiles)
     out = common.results_dir()
     print()
     if not common.is_measurement():
         print("**Smoke run under the Triton interpreter (float32, tiny shapes): not a measurement.**\n")
     print(common.markdown_table(rows, train.TRAIN_COLUMNS))
+    if profiles:
+        print("\nKernel time of one step by category (--profile):")
+        print(common.markdown_table(profiles, profile.PROFILE_COLUMNS))
     for r in rows:
         if "traceback" in r:
             print(f"{r['config']} seq {r['seq_len']}:\n{r['traceback']}", file=sys.stderr)

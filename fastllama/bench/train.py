@@ -38,6 +38,7 @@ import torch
 
 from . import common
 from .presets import CONFIGS, Preset, get_preset, hf_model, reference_model
+from .profile import profile_step, summarize
 
 __all__ = ["CONFIGS", "TrainSettings", "run_train", "TRAIN_COLUMNS", "TRAIN_PLOTS"]
 
@@ -63,10 +64,11 @@ class TrainSettings:
     dtype: torch.dtype
     device: str
     memory_fraction: float = 0.85
+    profile: bool = False  # one extra, profiled step per configuration at the first sequence length
 
 
 def default_settings(preset: str, quick: bool, configs=None, seq_lens=None, batch=None, warmup=None,
-                     steps=None, layers=None) -> TrainSettings:
+                     steps=None, layers=None, profile=False) -> TrainSettings:
     """The settings ``fastllama bench train`` uses: GPU bf16, or the CPU smoke run in fp32."""
     p = get_preset(preset, layers)
     gpu = common.on_gpu()
@@ -79,6 +81,7 @@ def default_settings(preset: str, quick: bool, configs=None, seq_lens=None, batc
         configs=tuple(configs or CONFIGS),
         dtype=torch.bfloat16 if gpu else torch.float32,
         device=common.device(),
+        profile=profile,
     )
 
 
@@ -192,8 +195,9 @@ def _ids(cfg, batch, seq, device):
     return torch.randint(0, cfg["vocab_size"], (batch, seq), generator=g).to(device)
 
 
-def _train_steps(model, forward, ids, warmup, steps, device, on_step=None):
-    """(median step seconds, peak bytes or None, last loss)."""
+def _train_steps(model, forward, ids, warmup, steps, device, on_step=None, profile=False):
+    """(median step seconds, peak bytes or None, last loss, kernels of one more step run under the
+    profiler: see :func:`fastllama.bench.profile.profile_step`; None without ``profile``)."""
     opt = _optimizer(model, device)
 
     def step():
@@ -217,8 +221,9 @@ def _train_steps(model, forward, ids, warmup, steps, device, on_step=None):
         times.append(time.perf_counter() - t0)
         on_step and on_step()
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    kernels = profile_step(step, device) if profile else None
     del opt
-    return statistics.median(times), peak, float(loss.detach().float())
+    return statistics.median(times), peak, float(loss.detach().float()), kernels
 
 
 def plan_batches(settings: TrainSettings, log=print) -> dict[int, int]:
@@ -252,8 +257,11 @@ def plan_batches(settings: TrainSettings, log=print) -> dict[int, int]:
     return plan
 
 
-def run_config(config: str, settings: TrainSettings, batches: dict[int, int], progress: bool = True) -> list[dict]:
-    """Rows for one configuration at every sequence length, behind one progress bar."""
+def run_config(config: str, settings: TrainSettings, batches: dict[int, int], progress: bool = True,
+               profiles: list | None = None) -> list[dict]:
+    """Rows for one configuration at every sequence length, behind one progress bar. With
+    ``settings.profile`` the per-category kernel times of one step at the first sequence length
+    are appended to ``profiles``."""
     p, dev = settings.preset, settings.device
     base = dict(preset=p.name, config=config)
     why = unavailable(config)
@@ -274,8 +282,11 @@ def run_config(config: str, settings: TrainSettings, batches: dict[int, int], pr
                     if model is None:
                         model, forward = build(config, settings)
                     ids = _ids(p.config, batch, seq, dev)
-                    sec, peak, loss = _train_steps(model, forward, ids, settings.warmup, settings.steps, dev,
-                                                   on_step=lambda: bar.update(1))
+                    profile = settings.profile and seq == settings.seq_lens[0] and profiles is not None
+                    sec, peak, loss, kernels = _train_steps(model, forward, ids, settings.warmup, settings.steps,
+                                                            dev, on_step=lambda: bar.update(1), profile=profile)
+                    if kernels is not None:
+                        profiles += summarize(kernels, dict(config=config, seq_len=seq, batch=batch))
                     row.update({"tokens/s": batch * seq / sec, "step ms": sec * 1e3,
                                 "peak GiB": peak / 2**30 if peak is not None else None,
                                 "TFLOP/s": model_flops_per_step(p.config, batch, seq) / sec / 1e12,
@@ -315,12 +326,14 @@ def add_ratios(rows: list[dict]) -> None:
 RUN_ORDER = ("hf-sdpa", "hf+fastllama", "hf+fastllama-atomic", "hf-liger", "reference+fastllama", "hf-compile")
 
 
-def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows=None) -> list[dict]:
+def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows=None,
+              profiles: list | None = None) -> list[dict]:
     """Every configuration of ``settings``, in the order of :data:`RUN_ORDER` (baseline first;
     what the targets compare with before what they do not; torch.compile, the slowest to set up,
     last); returns the rows with ratios to the baseline. ``on_rows(rows)`` is called after each
     configuration (the CLI writes partial results: a run cut short by a time limit keeps what
-    it measured)."""
+    it measured). With ``settings.profile``, ``profiles`` receives the kernel-time rows (see
+    :mod:`fastllama.bench.profile`)."""
     order = sorted(settings.configs, key=lambda c: RUN_ORDER.index(c) if c in RUN_ORDER else len(RUN_ORDER))
     log(f"training benchmark: {settings.preset.name} ({settings.preset.note}), "
         f"{str(settings.dtype).removeprefix('torch.')} on {common.environment()['device']}, "
@@ -328,7 +341,7 @@ def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows
     batches = plan_batches(settings, log)
     rows = []
     for config in order:
-        rows += run_config(config, settings, batches, progress)
+        rows += run_config(config, settings, batches, progress, profiles)
         add_ratios(rows)
         if on_rows is not None:
             on_rows(rows)
