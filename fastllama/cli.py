@@ -56,12 +56,9 @@ command("parity", "check the reference model against Hugging Face and every kern
 
 
 def _op_parity() -> bool:
-    import functools
-
     import torch
 
     from . import optable
-    from .testing import parity_report
 
     specs = optable.all_specs()
     dev = "cuda" if torch.cuda.is_available() and not _interpreting() else "cpu"
@@ -81,10 +78,7 @@ def _op_parity() -> bool:
             if dev == "cpu" and dtype == torch.bfloat16:
                 continue
             torch.manual_seed(0)
-            a, kw = spec.make_args(case.params, dtype, dev)
-            rep = parity_report(functools.partial(spec.op, **kw), functools.partial(spec.reference, **kw), *a,
-                                names=spec.names, output_names=spec.output_names,
-                                title=f"\n{spec.name} [{case.id}] {str(dtype).removeprefix('torch.')}")
+            rep = spec.parity(case, dtype, dev, title=f"\n{spec.name} [{case.id}] {str(dtype).removeprefix('torch.')}")
             ok &= rep.passed
             print(rep.table())
     return ok

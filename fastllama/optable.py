@@ -6,6 +6,7 @@ table, so adding an op means adding one :class:`OpSpec` here (plus its kernel, o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import torch
@@ -61,11 +62,23 @@ class OpSpec:
     cases: tuple[OpCase, ...]
     kernels: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    names: tuple[str, ...] | None = None  # labels of args in parity tables
+    # labels of the args in parity tables; a case whose make_args leaves optional trailing
+    # arguments out (a bias, a residual) takes the first len(args) of them
+    names: tuple[str, ...] | None = None
     output_names: tuple[str, ...] | None = None
     # Every (kernel, config) the op may launch: autotune configs x the constexpr specialisations
     # it uses (head_dim, causal, dtype ...). The build report compiles them all.
     build_configs: Callable[[], list[KernelBuild]] | None = None
+
+    def parity(self, case: OpCase, dtype: torch.dtype, device: str, title: str = ""):
+        """Builds ``case``'s inputs and runs the parity harness on them: a
+        :class:`fastllama.testing.ParityReport` (the parity tests and ``fastllama parity``)."""
+        from .testing import parity_report
+
+        args, kwargs = self.make_args(case.params, dtype, device)
+        names = self.names[:len(args)] if self.names is not None else None
+        return parity_report(functools.partial(self.op, **kwargs), functools.partial(self.reference, **kwargs),
+                             *args, names=names, output_names=self.output_names, title=title)
 
 
 def _build() -> list[OpSpec]:

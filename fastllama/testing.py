@@ -80,8 +80,12 @@ class ParityReport:
         return self
 
 
-def _as_tuple(out: Any) -> tuple:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+def _flatten(out: Any) -> tuple:
+    """Outputs as a flat tuple: nested tuples/lists are flattened (a nested output is compared
+    like any other), None entries kept so that positions line up between runs."""
+    if isinstance(out, (tuple, list)):
+        return tuple(leaf for item in out for leaf in _flatten(item))
+    return (out,)
 
 
 def _convert(arg: Any, dtype: torch.dtype | None) -> Any:
@@ -99,26 +103,40 @@ def _run(fn: Callable, args: Sequence, grad_outputs: Callable | None, dtype: tor
 
     ``grad_outputs(outs)`` gives the upstream gradient of each output (None: no backward).
     """
-    leaves = [_convert(a, dtype) for a in args]
-    outs = _as_tuple(fn(*leaves))
-    grad_outputs = grad_outputs(outs) if grad_outputs is not None else None
-    wanted = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
-    grads: list[torch.Tensor | None] = []
-    if wanted and grad_outputs is not None:
-        pairs = [
-            (o, g.to(o.dtype)) for o, g in zip(outs, grad_outputs)
-            if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
-        ]
-        if pairs:
-            grads = list(torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs], allow_unused=True))
-        else:
-            grads = [None] * len(wanted)
+    # enable_grad: under a caller's no_grad the reference would give no gradients and every
+    # gradient row would silently go missing.
+    with torch.enable_grad():
+        leaves = [_convert(a, dtype) for a in args]
+        outs = _flatten(fn(*leaves))
+        grad_outputs = grad_outputs(outs) if grad_outputs is not None else None
+        wanted = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+        grads: list[torch.Tensor | None] = []
+        if wanted and grad_outputs is not None:
+            pairs = [
+                (o, g.to(o.dtype)) for o, g in zip(outs, grad_outputs)
+                if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
+            ]
+            if pairs:
+                grads = list(torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs],
+                                                 allow_unused=True))
+            else:
+                grads = [None] * len(wanted)
     return outs, grads
 
 
+def _nonfinite_mismatch(value: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Where the truth is not finite (an lse of -inf for a fully masked row ...), the value must be
+    the same infinity, or NaN where the truth is NaN: True where it is not."""
+    same = (value == truth) | (torch.isnan(value) & torch.isnan(truth))
+    return ~torch.isfinite(truth) & ~same
+
+
 def _max_err(value: torch.Tensor, truth: torch.Tensor) -> tuple[float, tuple[int, ...] | None]:
-    diff = (value.to(truth.dtype) - truth).abs()
-    diff = torch.where(torch.isfinite(truth) | torch.isfinite(value.to(truth.dtype)), diff, 0.0)
+    value = value.to(truth.dtype)
+    diff = (value - truth).abs()
+    # exact matches at non-finite truth count 0, any mismatch there inf (inf - inf would be NaN)
+    diff = torch.where(torch.isfinite(truth), diff, 0.0)
+    diff = torch.where(_nonfinite_mismatch(value, truth), float("inf"), diff)
     diff = torch.nan_to_num(diff, nan=float("inf"))
     if diff.numel() == 0:
         return 0.0, None
@@ -135,7 +153,7 @@ def _compare(name, kind, value, same_list, truth, factor, atol_floor, dtype) -> 
     truth = truth.detach().to(torch.float64)
     value = value.detach().to(torch.float64)
     finite = torch.isfinite(truth)
-    bad = finite & ~torch.isfinite(value)
+    bad = (finite & ~torch.isfinite(value)) | _nonfinite_mismatch(value, truth)
     # PyTorch's own op may overflow where the truth does not; judge it only where it is finite.
     torch_err = 0.0
     for same in same_list:
@@ -152,7 +170,8 @@ def _compare(name, kind, value, same_list, truth, factor, atol_floor, dtype) -> 
     problem = ""
     if bad.any():
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        problem = f"non-finite value where the truth is finite, first at {idx}"
+        problem = (f"non-finite value where the truth is finite, first at {idx}" if finite[idx] else
+                   f"{value[idx].item()} where the truth is {truth[idx].item()}, first at {idx}")
     return ParityRow(name, kind, err, torch_err, allowed, where, problem)
 
 
@@ -214,11 +233,14 @@ def parity_report(
 
     cached: list = []
 
-    def grad_outputs(outs):  # drawn once, from the first run's output shapes, then reused
+    def grad_outputs(outs):
+        # Drawn once, from the first (kernel) run's outputs, then reused, ROUNDED to that output's
+        # dtype: the truth must come from the same low-precision upstream gradient as the other
+        # runs, or its difference from the float64 draw counts as PyTorch's own error.
         if not cached:
             gen = torch.Generator().manual_seed(seed)
             cached.extend(
-                torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)
+                torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype).to(o.device)
                 if isinstance(o, torch.Tensor) and o.is_floating_point() else None
                 for o in outs
             )
@@ -229,6 +251,12 @@ def parity_report(
     out_t, grad_t = _run(reference, args, grad_outputs, truth_dtype)
     same_runs = [_run(f, args, grad_outputs, None) for f in (torch_op if isinstance(torch_op, (list, tuple)) else [torch_op])]
 
+    # Names must cover exactly what they label: a short list would silently leave inputs' gradients
+    # or outputs out of the comparison.
+    if names is not None and len(names) != len(args):
+        raise ValueError(f"names has {len(names)} entries for {len(args)} arguments")
+    if output_names is not None and len(output_names) != len(out_t):
+        raise ValueError(f"output_names has {len(output_names)} entries; the reference returned {len(out_t)} outputs")
     arg_names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
     grad_names = [n for n, a in zip(arg_names, args) if isinstance(a, torch.Tensor) and a.requires_grad]
     out_names = list(output_names) if output_names is not None else [f"out{i}" for i in range(len(out_t))]
@@ -238,15 +266,28 @@ def parity_report(
         rows.append(ParityRow("outputs", "output", float("inf"), 0.0, 0.0, None,
                               problem=f"op returned {len(out_k)} outputs, reference {len(out_t)}"))
     for n, (name, k, t) in enumerate(zip(out_names, out_k, out_t)):
+        same = [run[0][n] for run in same_runs]
         if isinstance(t, torch.Tensor) and t.is_floating_point():
-            same = [run[0][n] for run in same_runs]
-            dtype = same[0].dtype if isinstance(same[0], torch.Tensor) and same[0].is_floating_point() else low_dtype
-            rows.append(_compare(name, "output", k, same, t, fwd_factor, atol_floor, dtype))
+            expected = same[0] if isinstance(same[0], torch.Tensor) and same[0].is_floating_point() else None
+            dtype = expected.dtype if expected is not None else low_dtype
+            row = _compare(name, "output", k, same, t, fwd_factor, atol_floor, dtype)
+            if not row.problem and expected is not None and k.dtype != expected.dtype:
+                row.problem = f"dtype {k.dtype}, PyTorch gives {expected.dtype}"
+            rows.append(row)
+        elif isinstance(t, torch.Tensor):  # integer / bool outputs (indices, counts): exactly equal
+            equal = isinstance(k, torch.Tensor) and k.dtype == t.dtype and k.shape == t.shape and torch.equal(k, t)
+            rows.append(ParityRow(name, "output", 0.0 if equal else float("inf"), 0.0, 0.0, None,
+                                  problem="" if equal else "differs from the reference (compared exactly)"))
     grad_args = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     for n, (name, k, t, a) in enumerate(zip(grad_names, grad_k, grad_t, grad_args)):
-        if t is None:
-            continue
+        if t is None:  # the reference's outputs do not depend on this input
+            if k is None:
+                continue
+            t = torch.zeros_like(k, dtype=truth_dtype)
         rows.append(_compare("d" + name, "grad", k, [run[1][n] for run in same_runs], t, bwd_factor, atol_floor, a.dtype))
+    if not rows:
+        rows.append(ParityRow("(nothing)", "output", float("inf"), 0.0, 0.0, None,
+                              problem="no tensor output or gradient to compare"))
     return ParityReport(rows, title)
 
 

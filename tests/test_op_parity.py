@@ -3,14 +3,11 @@
 Cases come from fastllama.optable: adding an op there adds it here. CPU runs use the
 interpreter; ``cuda_only`` cases (the full shape matrix) run on a GPU.
 """
-import functools
-
 import pytest
 import torch
 
 from conftest import DEVICE
 from fastllama import optable
-from fastllama.testing import assert_parity
 
 
 def _cases():
@@ -25,15 +22,7 @@ def _cases():
 @pytest.mark.parametrize("spec,case,dtype", list(_cases()))
 def test_parity(spec, case, dtype):
     torch.manual_seed(0)
-    args, kwargs = spec.make_args(case.params, dtype, DEVICE)
-    assert_parity(
-        functools.partial(spec.op, **kwargs),
-        functools.partial(spec.reference, **kwargs),
-        *args,
-        names=spec.names,
-        output_names=spec.output_names,
-        title=f"{spec.name} {case.id} {dtype}",
-    )
+    spec.parity(case, dtype, DEVICE, title=f"{spec.name} {case.id} {dtype}").raise_if_failed()
 
 
 def test_table_is_not_empty_once_ops_exist():
@@ -106,6 +95,4 @@ def test_every_op_on_the_second_gpu_while_the_first_is_current():
     for spec in optable.all_specs():
         case = _smallest_cpu_case(spec, torch.bfloat16)
         torch.manual_seed(0)
-        args, kwargs = spec.make_args(case.params, torch.bfloat16, "cuda:1")
-        assert_parity(functools.partial(spec.op, **kwargs), functools.partial(spec.reference, **kwargs), *args,
-                      names=spec.names, output_names=spec.output_names, title=f"{spec.name} {case.id} on cuda:1")
+        spec.parity(case, torch.bfloat16, "cuda:1", title=f"{spec.name} {case.id} on cuda:1").raise_if_failed()

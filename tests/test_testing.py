@@ -92,3 +92,101 @@ def test_table_names_worst_index():
     report = parity_report(off_by_one_element, reference.rms_norm, x, w, check_grad=False, names=["x", "w"])
     assert report.rows[0].worst_index == (2, 5, 7)
     assert "(2, 5, 7)" in report.table()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ways a wrong op could slip through (each found by planting the bug; all failed to fail before)
+# ---------------------------------------------------------------------------------------------
+def _masked_lse(x):
+    """Row log-sum-exp with the second half of the rows fully masked: truth -inf there."""
+    keep = torch.arange(x.shape[0])[:, None] < x.shape[0] // 2
+    return torch.logsumexp(x.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("wrong", [float("inf"), float("nan")])
+def test_wrong_non_finite_value_where_the_truth_is_minus_inf_fails(wrong):
+    x = torch.randn(6, 9, dtype=torch.float16)
+
+    def planted(x):
+        out = _masked_lse(x).clone()
+        out[-1] = wrong  # a fully masked row: -inf expected
+        return out
+
+    assert parity_report(_masked_lse, _masked_lse, x).passed  # the same -inf: passes
+    report = parity_report(planted, _masked_lse, x)
+    assert not report.passed and "where the truth is -inf" in report.rows[0].problem
+
+
+def test_gradients_are_checked_under_no_grad():
+    class BadGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            return reference.rms_norm(x, w)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 0, None  # wrong gradient of x, none for w
+
+    with torch.no_grad():
+        report = parity_report(BadGrad.apply, reference.rms_norm, *_inputs(torch.float32))
+    assert [r.name for r in report.rows] == ["out0", "darg0", "darg1"]
+    assert not report.passed
+
+
+def test_output_dtype_must_be_pytorchs():
+    report = parity_report(lambda x, w: reference.rms_norm(x, w).float(), reference.rms_norm,
+                           *_inputs(torch.bfloat16), check_grad=False)
+    assert not report.passed and "dtype torch.float32" in report.rows[0].problem
+
+
+def test_names_must_cover_every_argument_and_output():
+    x, w = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="names has 1 entries for 2 arguments"):
+        parity_report(reference.rms_norm, reference.rms_norm, x, w, names=["x"])
+    with pytest.raises(ValueError, match="output_names has 2 entries"):
+        parity_report(reference.rms_norm, reference.rms_norm, x, w, output_names=["y", "z"])
+
+
+def test_nested_and_integer_outputs_are_compared():
+    x = torch.randn(4, 10)
+
+    def ref(x):
+        return (x * 2, (x + 1, x.argmax(-1)))
+
+    def wrong_nested(x):
+        return (x * 2, (x + 1.5, x.argmax(-1)))
+
+    def wrong_index(x):
+        return (x * 2, (x + 1, x.argmin(-1)))
+
+    assert [r.name for r in parity_report(ref, ref, x).rows] == ["out0", "out1", "out2"]
+    assert not parity_report(wrong_nested, ref, x).passed
+    report = parity_report(wrong_index, ref, x)
+    assert [r.passed for r in report.rows] == [True, True, False]
+
+
+def test_nothing_to_compare_fails():
+    x = torch.randn(4, 10)
+    assert not parity_report(lambda x: None, lambda x: None, x).passed
+
+
+def test_truth_uses_the_same_rounded_upstream_gradient():
+    """y = x + r in bf16 has an exact gradient (the upstream gradient itself) in every dtype;
+    drawn in float64 and left unrounded for the truth alone, it made PyTorch's bf16 gradient look
+    ~1e-2 wrong and let a wrong gradient of that size pass."""
+    x, r = (torch.randn(64, 33, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    report = parity_report(torch.add, torch.add, x, r)
+    assert [row.torch_err for row in report.rows[1:]] == [0.0, 0.0]
+
+    class OffGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a + b
+
+        @staticmethod
+        def backward(ctx, g):
+            g2 = g.clone()
+            g2[0, 0] += 0.05 * g.abs().max()  # well inside the old, inflated allowance
+            return g2, g
+
+    assert not parity_report(OffGrad.apply, torch.add, x, r).passed
