@@ -3,9 +3,17 @@ activations, under the parity rule (DESIGN.md).
 
 One forward pass of the patched model records the inputs each patched module receives; then each
 module is run three ways on those inputs: patched, original in float64 (the truth) and original
-in the model's dtype (with HF's eager attention: plain PyTorch), and :mod:`fastllama.testing` compares outputs and the gradients of the
-inputs and of the module's parameters. Containers (decoder layers, the whole model) are compared
-against their fully original computation, so their rows measure the accumulated difference.
+in the model's dtype (as it was, and with HF's eager attention: both plain PyTorch), and
+:mod:`fastllama.testing` compares outputs and the gradients of the inputs and of the module's
+parameters. Containers (decoder layers, the whole model) are compared against their fully
+original computation, so their rows measure the accumulated difference.
+
+Attention masks differ per attention implementation (SDPA takes None for "causal" or a boolean
+mask, eager an additive float mask), so each original run gets the mask HF builds for ITS
+implementation, recorded in one more forward pass; the patched run's mask would make eager
+attention non-causal. With a padding mask, positions that are padding are left out of every
+comparison: what a padding query's row holds is implementation-defined (eager and SDPA differ
+there by O(1)), and letting it into "PyTorch's own error" would hide real errors elsewhere.
 """
 from __future__ import annotations
 
@@ -90,6 +98,53 @@ def _losses_only(out):
     return out
 
 
+def _masks_under(model: nn.Module, inputs, attn: str, modules) -> dict:
+    """The ``attention_mask`` each of ``modules`` receives when the model runs unpatched with
+    attention implementation ``attn`` (HF builds a different mask for each implementation)."""
+    seen: dict = {}
+
+    def hook(module, args, kwargs):
+        if module not in seen and "attention_mask" in kwargs:
+            seen[module] = kwargs["attention_mask"]
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules if m is not model]
+    try:
+        with torch.no_grad(), _original_forwards(model, attn=attn):
+            _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _real_positions(inputs):
+    """(B, T) bool of the non-padding positions when ``inputs`` has a 2-D attention mask with
+    padding, else None."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+        return mask.bool()
+    return None
+
+
+def _labels_without_padding(labels: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``labels`` with -100 (ignored) at padding and after it: a causal LM's loss at position t
+    pairs the logits of t with the label of t + 1, and a padding position's logits are
+    implementation-defined."""
+    labels = labels.clone()
+    labels[~real] = -100
+    labels[:, 1:][~real[:, :-1]] = -100
+    return labels
+
+
+def _select_rows(out, real):
+    """Outputs with leading (B, T) dims reduced to their real positions (index, so gradients
+    reach only those)."""
+    if real is None:
+        return out
+    pick = lambda t: t[real] if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == real.shape else t  # noqa: E731
+    return pytree.tree_map(pick, out)
+
+
 def _capture(model: nn.Module, inputs) -> list[tuple[str, nn.Module, tuple, dict]]:
     targets = {m: n for n, m in model.named_modules() if hasattr(m, "_fastllama")}
     targets.setdefault(model, "")
@@ -126,6 +181,8 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
         model: a model ``fastllama.patch`` was applied to.
         inputs: what ``model`` is called with: a dict of keyword arguments (for HF models, e.g.
             ``{"input_ids": ids, "labels": ids}``; ``use_cache=False`` is added) or a tensor.
+            With a padding ``attention_mask``, padding positions are not compared and their
+            ``labels`` (and those right after them) become -100 for every run.
         backward: also compare gradients of each module's inputs and parameters.
         modules: names of the modules to check (as in ``named_modules``; "<model>" is the whole
             model); default: every patched module and the whole model.
@@ -138,6 +195,9 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
         raise ValueError("verify needs a patched model: call fastllama.patch(model) first")
     if isinstance(inputs, dict) and hasattr(getattr(model, "config", None), "use_cache"):
         inputs = dict(inputs, use_cache=False)
+    real = _real_positions(inputs)
+    if real is not None and isinstance(inputs.get("labels"), torch.Tensor):
+        inputs = dict(inputs, labels=_labels_without_padding(inputs["labels"], real))
     before = dict(FALLBACKS)
     captured = _capture(model, inputs)
     if modules is not None:
@@ -147,6 +207,13 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
             raise ValueError(f"modules {sorted(unknown)} were not run as patched modules; "
                              f"checkable: {[name for name, *_ in captured]}")
         captured = [c for c in captured if c[0] in wanted]
+    # The masks of the original runs' implementations (HF models only; the reference model
+    # builds its masks inside the attention call).
+    state = _state(model)
+    masks = {}
+    if state is not None and state.attn_before is not None:
+        masks = {attn: _masks_under(model, inputs, attn, [m for _, m, *_ in captured])
+                 for attn in {state.attn_before, "eager"}}
     results = []
     for name, module, args, kwargs in captured:
         params = dict(module.named_parameters())
@@ -156,23 +223,25 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
                                                      for p in params.values()]
         labels = [f"in{i}" for i in range(len(float_pos))] + list(params)
 
-        def run(*ts, _module=module, _leaves=leaves, _spec=spec, _pos=float_pos, _names=list(params)):
+        def run(*ts, _module=module, _leaves=leaves, _spec=spec, _pos=float_pos, _names=list(params), attn=None):
             filled = list(_leaves)
             for i, t in zip(_pos, ts):
                 filled[i] = t
             a, kw = pytree.tree_unflatten(filled, _spec)
+            if attn is not None and _module in masks.get(attn, {}):
+                kw = dict(kw, attention_mask=masks[attn][_module])
             p = dict(zip(_names, ts[len(_pos):]))
-            return _losses_only(torch.func.functional_call(_module, p, tuple(a), kw))
+            return _select_rows(_losses_only(torch.func.functional_call(_module, p, tuple(a), kw)), real)
 
         def original(*ts, _run=run):
             # HF modules upcast to float32 by hand; for the float64 truth make that float64
             truth = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in ts)
             with _original_forwards(model), (float64_truth() if truth else contextlib.nullcontext()):
-                return _run(*ts)
+                return _run(*ts, attn=state.attn_before if state is not None else None)
 
         def eager_pytorch(*ts, _run=run):
             with _original_forwards(model, attn="eager"):
-                return _run(*ts)
+                return _run(*ts, attn="eager")
 
         # "PyTorch in the same dtype": the original model as it was, and with HF's eager attention
         # (probabilities rounded to the dtype before P @ V, as GPU attention kernels do; CPU SDPA

@@ -77,6 +77,70 @@ def test_logits_match_under_parity_rule(arch):
     assert report.passed, report.table()
 
 
+@pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
+def test_verify_with_left_padding_passes_correct_kernels(arch):
+    """Padding positions are left out (their rows are implementation-defined); the original runs
+    get their own implementation's masks (eager's additive, SDPA's boolean or None)."""
+    model = fastllama.patch(build(arch).train())
+    x = ids(seq=16)
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    report = fastllama.verify(model, {"input_ids": x, "attention_mask": mask, "labels": x}, print_table=False,
+                              modules=["<model>", "model.layers.0", "model.layers.1.self_attn"])
+    assert report.passed, report.table()
+
+
+def _planted_attention(wrong):
+    """Registers a wrong "fastllama" attention function for the duration of a with-block."""
+    from transformers import AttentionInterface
+
+    from fastllama import forwards
+
+    class _Planted:
+        def __enter__(self):
+            AttentionInterface.register("fastllama", wrong)
+
+        def __exit__(self, *exc):
+            AttentionInterface.register("fastllama", forwards.hf_attention_function)
+
+    return _Planted()
+
+
+def test_verify_catches_non_causal_attention_in_the_attention_row():
+    """The eager baseline once got the patched run's mask (None: causal for SDPA, but NO mask for
+    eager), so PyTorch's "own error" was the non-causal difference and the attention and layer
+    rows passed a non-causal kernel."""
+    from fastllama import forwards
+
+    def non_causal(module, q, k, v, attention_mask, **kw):
+        return forwards.hf_attention_function(module, q, k, v, attention_mask, **dict(kw, is_causal=False))
+
+    model = fastllama.patch(build("llama-gqa").eval())
+    with _planted_attention(non_causal):
+        report = fastllama.verify(model, {"input_ids": ids(batch=1, seq=16)}, backward=False, print_table=False,
+                                  modules=["model.layers.0.self_attn", "model.layers.0"])
+    assert [rep.passed for _, _, rep in report.modules] == [False, False], report.table()
+
+
+def test_verify_with_padding_catches_an_attention_error_on_real_tokens():
+    """Eager and SDPA disagree by O(1) at padding rows; counted as PyTorch's own error, that let
+    a 30% attention error pass the whole-model row."""
+    from fastllama import forwards
+
+    def scaled(module, q, k, v, attention_mask, **kw):
+        out, weights = forwards.hf_attention_function(module, q, k, v, attention_mask, **kw)
+        return out * 1.3, weights
+
+    model = fastllama.patch(build("llama-gqa").eval())
+    x = ids(seq=16)
+    mask = torch.ones_like(x)
+    mask[1, :6] = 0
+    with _planted_attention(scaled):
+        report = fastllama.verify(model, {"input_ids": x, "attention_mask": mask}, backward=False,
+                                  modules=["<model>"], print_table=False)
+    assert not report.passed, report.table()
+
+
 def test_patched_loss_builds_no_logits():
     model = fastllama.patch(build("llama-gqa").train())
     x = ids()
