@@ -49,8 +49,9 @@ def test_output_keeps_input_layout():
     assert q2.stride() == q.stride() and k2.stride() == k.stride()
 
 
+@pytest.mark.parametrize("views", [False, True], ids=["activations", "hf-views"])
 @pytest.mark.parametrize("variant", ["cos_sin", "positions"])
-def test_inplace_matches_out_of_place_with_grads(variant):
+def test_inplace_matches_out_of_place_with_grads(variant, views):
     q0, k0 = _qk(dtype=torch.float32)
     pos, inv_freq, cos, sin = _cos_sin(2, 33, 64, torch.float32)
     extra = (cos, sin) if variant == "cos_sin" else (pos, inv_freq)
@@ -62,9 +63,15 @@ def test_inplace_matches_out_of_place_with_grads(variant):
     torch.autograd.backward(ra, (go_q, go_k))
 
     qb, kb = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-    q_view, k_view = qb * 1, kb * 1  # in place on non-leaf activations, as in a model
+    if views:  # HF's layout: views (.view().transpose()) of projection outputs; autograd refuses
+        # a two-output Function that modifies views in place, so these take a copy path
+        q_view, k_view = ((t.transpose(1, 2) * 1).transpose(1, 2) for t in (qb, kb))
+        assert q_view._is_view() and k_view._is_view()
+    else:
+        q_view, k_view = qb * 1, kb * 1  # in place on non-leaf activations, as in a model
+    ptrs = (q_view.data_ptr(), k_view.data_ptr())
     rb = op(q_view, k_view, *extra, inplace=True)
-    assert rb[0] is q_view and rb[1] is k_view
+    assert rb[0] is q_view and rb[1] is k_view and (rb[0].data_ptr(), rb[1].data_ptr()) == ptrs
     torch.autograd.backward(rb, (go_q, go_k))
 
     for a, b in ((ra[0], rb[0]), (ra[1], rb[1]), (qa.grad, qb.grad), (ka.grad, kb.grad)):
@@ -119,7 +126,10 @@ def _bad_inputs():
         ("positions length", lambda: rot_pos(q, k, pos[:5], inv), ValueError, "position_ids has shape"),
         ("inv_freq size", lambda: rot_pos(q, k, pos, inv[:16]), ValueError, "inv_freq has shape"),
         ("inv_freq dtype", lambda: rot_pos(q, k, pos, inv.double()), TypeError, "inv_freq has dtype"),
-        ("in place, k is q", lambda: rot(q, q, cos, sin, inplace=True), ValueError, "q and k start at the same"),
+        ("in place, k is q", lambda: rot(q, q, cos, sin, inplace=True), ValueError, "q and k share memory"),
+        ("in place, q and k overlap in one head", lambda: rot(q.transpose(1, 2)[:, :, :3].transpose(1, 2),
+                                                            q.transpose(1, 2)[:, :, 2:].transpose(1, 2), cos, sin,
+                                                            inplace=True), ValueError, "q and k share memory"),
         ("in place, expanded q", lambda: rot(q[:, :1].expand(q.shape), k, cos, sin, inplace=True), ValueError,
          "q has a stride-0"),
     ]

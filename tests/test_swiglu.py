@@ -66,10 +66,75 @@ def test_inplace_backward_with_gate_and_up_in_one_storage_runs_out_of_place():
     torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-6)
 
 
-def test_inplace_backward_rejects_leaves():
+def test_inplace_backward_rejects_leaves_and_their_views():
     gate, up = _t(4, 32).requires_grad_(), _t(4, 32).requires_grad_()
     with pytest.raises(ValueError, match="leaf tensor"):
         ops.swiglu(gate, up, inplace_backward=True)
+    param = torch.nn.Parameter(_t(4, 64))  # its halves would be overwritten with gradients
+    with pytest.raises(ValueError, match="view of a leaf tensor"):
+        ops.swiglu(param[:, :32], param[:, 32:], inplace_backward=True)
+    with pytest.raises(ValueError, match="view of a leaf tensor"):
+        ops.swiglu_fused(param[:2], inplace_backward=True)
+
+
+def test_inplace_backward_leaves_an_input_that_needs_no_grad_alone():
+    gate = (_t(4, 32, dtype=torch.float32) * 1).requires_grad_()
+    up = _t(4, 32, dtype=torch.float32)
+    before = up.clone()
+    ops.swiglu(gate, up, inplace_backward=True).sum().backward()
+    torch.testing.assert_close(up, before, rtol=0, atol=0)
+
+
+def test_inplace_backward_with_partly_overlapping_views_is_correct():
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    h = x * 1.0
+    ops.swiglu(h[:, :32], h[:, 1:33], inplace_backward=True).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    (F.silu(x64[:, :32]) * x64[:, 1:33]).sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_inplace_backward_on_chunked_halves_compiles():
+    """Dynamo refuses in-place writes into the outputs of chunk(); under torch.compile the
+    in-place backward is off (inductor plans buffer reuse itself)."""
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+
+    def f(x):
+        gate, up = (x * 1).chunk(2, -1)
+        return ops.swiglu(gate, up, inplace_backward=True)
+
+    torch.compile(f, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    (F.silu(x64[:, :32]) * x64[:, 32:]).sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_share_memory_is_exact_for_views_with_equal_strides():
+    import itertools
+
+    from fastllama.ops._checks import share_memory
+
+    def brute(a, b):
+        def addrs(t):
+            return {t.data_ptr() + t.element_size() * sum(i * st for i, st in zip(ix, t.stride()))
+                    for ix in itertools.product(*map(range, t.shape))}
+        return bool(addrs(a) & addrs(b))
+
+    buf = torch.randn(4, 10, 12)
+    qkv = torch.randn(2, 7, 8 * 8).view(2, 7, 8, 8).transpose(1, 2)  # 4 q, 2 k, 2 v heads
+    pairs = [(buf[..., :6], buf[..., 6:]), (buf[..., :6], buf[..., 5:11]), (buf[:, ::2], buf[:, 1::2]),
+             (buf[:, ::2], buf[:, 2::2]), (qkv[:, :4], qkv[:, 4:6]), (qkv[:, :4], qkv[:, 3:5]),
+             (qkv[:, 4:6], qkv[:, 6:]), (buf, torch.randn(4, 10, 12))]
+    assert [share_memory(a, b) for a, b in pairs] == [brute(a, b) for a, b in pairs] == \
+        [False, True, False, True, False, True, False, False]
+    flat, g = torch.randn(4000), torch.Generator().manual_seed(0)
+    for _ in range(300):  # random nested layouts, random offsets
+        shape = [int(n) for n in torch.randint(1, 5, (3,), generator=g)]
+        s2 = int(torch.randint(1, 4, (1,), generator=g))
+        s1 = s2 * shape[2] + int(torch.randint(0, 4, (1,), generator=g))
+        strides = (s1 * shape[1] + int(torch.randint(0, 6, (1,), generator=g)), s1, s2)
+        a, b = (flat.as_strided(shape, strides, int(torch.randint(0, 150, (1,), generator=g))) for _ in range(2))
+        assert share_memory(a, b) == brute(a, b)
 
 
 def test_module_matches_hf_mlp():

@@ -61,12 +61,44 @@ def has_expanded_dim(t: torch.Tensor) -> bool:
     return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
-def same_start(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` and ``b`` are the same tensor, or views starting at the same memory (``f(x, x)``).
-    (Disjoint views of one buffer, e.g. q and k of a fused projection, are not. Under
-    torch.compile only identity is checked: dynamo cannot compare data pointers.)"""
+def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Some element of ``a`` is at the same memory as some element of ``b`` (``f(x, x)``, or views
+    that partly overlap). Disjoint views of one buffer, e.g. the gate and up halves of a fused
+    gate_up projection or q and k of a fused qkv projection, do not. Exact for views with the
+    same strides (what real code passes); views with different strides count as sharing when
+    their address ranges intersect. Under torch.compile only identity is checked: dynamo cannot
+    compare data pointers."""
     if a is b:
         return True
     if torch.compiler.is_compiling() or a.numel() == 0 or b.numel() == 0:
         return False
-    return a.data_ptr() == b.data_ptr()
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    size = a.element_size()
+
+    def extent(t):  # [first byte, last byte] the view can touch
+        return t.data_ptr(), t.data_ptr() + size * sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    if a1 < b0 or b1 < a0:
+        return False
+    if a.dtype != b.dtype or a.stride() != b.stride() or a.dim() != b.dim() or (b0 - a0) % size:
+        return True  # (conservative)
+    # Same strides: an element of b is one of a iff b0 - a0 = sum_k j_k * stride_k with
+    # -(b.shape[k] - 1) <= j_k <= a.shape[k] - 1. With the dims sorted by stride, largest first,
+    # and each stride larger than everything the smaller dims can reach, only j_k = floor or
+    # floor + 1 of (rest / stride_k) can leave a reachable rest: a search of 2**dims branches.
+    dims = sorted(((st, a.shape[k] - 1, b.shape[k] - 1) for k, st in enumerate(a.stride())
+                   if max(a.shape[k], b.shape[k]) > 1), reverse=True)
+    for k, (st, _, _) in enumerate(dims):
+        if st <= sum(max(na, nb) * s for s, na, nb in dims[k + 1:]):
+            return True  # not nested (unusual layout): conservative
+
+    def reachable(rest, k):
+        if k == len(dims):
+            return rest == 0
+        st, na, nb = dims[k]
+        j = rest // st
+        return any(-nb <= c <= na and reachable(rest - c * st, k + 1) for c in (j, j + 1))
+
+    return reachable((b0 - a0) // size, 0)

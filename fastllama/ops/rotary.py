@@ -15,7 +15,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import rotary as _k
 from ..optable import KernelBuild, OpCase, OpSpec
-from ._checks import check_device, check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, same_start
+from ._checks import check_device, check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, share_memory
 from .rms_norm import num_sms
 
 __all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_from_positions", "MAX_HEAD_DIM"]
@@ -134,8 +134,8 @@ def _check_inplace_targets(q, k) -> None:
         if has_expanded_dim(t):
             raise ValueError(f"inplace=True but {name} has a stride-0 (expanded) dim, strides {tuple(t.stride())}: "
                              f"its elements share memory and would be rotated more than once")
-    if same_start(q, k):
-        raise ValueError("inplace=True but q and k start at the same memory (k is q?): it would be rotated twice; "
+    if share_memory(q, k):
+        raise ValueError("inplace=True but q and k share memory (k is q, or overlapping views): it would be rotated twice; "
                          "rotate out of place or pass separate tensors")
 
 
@@ -144,6 +144,12 @@ def _run(q, k, cos, sin, position_ids, inv_freq, inplace):
         return _rotary(q, k, cos, sin, position_ids, inv_freq, False)
     _check_inplace_targets(q, k)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        if q._is_view() or k._is_view():
+            # autograd refuses a Function that modifies a view in place and returns two tensors
+            # (HF's q/k are views: projection output .view().transpose()): rotate out of place,
+            # then copy into q and k, which autograd records on views (one extra temporary).
+            q_rot, k_rot = _rotary(q, k, cos, sin, position_ids, inv_freq, False)
+            return q.copy_(q_rot), k.copy_(k_rot)
         return _RotaryInplace.apply(q, k, cos, sin, position_ids, inv_freq)
     _rotary_(q, k, cos, sin, position_ids, inv_freq, False)
     return q, k
@@ -188,8 +194,10 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         cos, sin: (B, T, D), (1, T, D) or (T, D), any float dtype (read as fp32; normally fp32
             or q's dtype), unit stride in D. A rotary dim smaller than D (partial rotary) is not
             supported and is rejected.
-        inplace: rotate q and k in place and return them (works under autograd too). q and k
-            must not share elements (k is q, expanded dims): a ValueError.
+        inplace: rotate q and k in place and return them (works under autograd too; for views
+            that require grad, such as HF's transposed projections, through one temporary and a
+            copy). q and k must not share elements (k is q, overlapping views, expanded dims): a
+            ValueError.
 
     Returns:
         (q_rotated, k_rotated), new tensors in the layout of q and k unless ``inplace``. Math in

@@ -13,7 +13,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import swiglu as _k
 from ..optable import KernelBuild, OpCase, OpSpec
-from ._checks import check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, same_start
+from ._checks import check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, share_memory
 
 __all__ = ["swiglu", "swiglu_fused"]
 
@@ -205,6 +205,9 @@ def _check_inplace_ok(name: str, t: torch.Tensor) -> None:
     if t.is_leaf and t.requires_grad:
         raise ValueError(f"inplace_backward=True would overwrite {name}, a leaf tensor that requires grad, "
                          f"with its own gradient; use it only on intermediate activations")
+    if t._base is not None and t._base.is_leaf and t._base.requires_grad:
+        raise ValueError(f"inplace_backward=True would overwrite {name}, a view of a leaf tensor that requires "
+                         f"grad (a parameter?), with its gradient; use it only on intermediate activations")
     try:
         t.view(-1, t.shape[-1])
     except RuntimeError:
@@ -239,18 +242,23 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
             unit stride in the last dim.
         inplace_backward: backward writes d_gate into gate's memory and d_up into up's (saves two
             allocations). Only for intermediate activations nobody reads afterwards (the outputs
-            of gate_proj/up_proj); rejected for leaves that require grad; ignored (out of place)
-            when gate and up share elements (``swiglu(x, x)``, expanded dims). Not compatible
-            with ``retain_graph=True`` / a second backward.
+            of gate_proj/up_proj); rejected for leaves that require grad and their views; ignored
+            (out of place) when gate and up share elements (``swiglu(x, x)``, overlapping views,
+            expanded dims), when one of them does not require grad (nobody asked for its
+            gradient, so its memory is not scratch) and under ``torch.compile`` (which plans
+            buffer reuse itself). Not compatible with ``retain_graph=True`` / a second backward.
 
     Returns:
         A new contiguous (..., I) tensor. Backward saves gate and up only.
     """
     validate_pair(gate, up)
-    # gate and up sharing elements (swiglu(x, x), or an expanded dim): the in-place backward would
-    # write d_gate and d_up over each other, so it runs out of place. (Disjoint views of one
-    # buffer, like the two halves of a gate_up projection, keep the in-place backward.)
-    if inplace_backward and (same_start(gate, up) or has_expanded_dim(gate) or has_expanded_dim(up)):
+    # gate and up sharing elements (swiglu(x, x), overlapping views, an expanded dim): the in-place
+    # backward would write d_gate and d_up over each other, so it runs out of place. (Disjoint
+    # views of one buffer, like the two halves of a gate_up projection, keep the in-place
+    # backward.) Under torch.compile the in-place write into chunk() halves breaks dynamo
+    # ("output of Split is a view ... modified inplace"), and inductor reuses buffers anyway.
+    if inplace_backward and (torch.compiler.is_compiling() or not (gate.requires_grad and up.requires_grad)
+                             or share_memory(gate, up) or has_expanded_dim(gate) or has_expanded_dim(up)):
         inplace_backward = False
     if inplace_backward and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         _check_inplace_ok("gate", gate)
@@ -271,7 +279,7 @@ def swiglu_fused(gate_up: torch.Tensor, inplace_backward: bool = False) -> torch
     if gate_up.shape[-1] % 2 or gate_up.shape[-1] == 0:
         raise ValueError(f"gate_up has last dim {gate_up.shape[-1]}; accepted: an even size 2*I >= 2 "
                          f"(gate first, then up)")
-    if inplace_backward and torch.is_grad_enabled() and gate_up.requires_grad:
+    if inplace_backward and torch.is_grad_enabled() and gate_up.requires_grad and not torch.compiler.is_compiling():
         _check_inplace_ok("gate_up", gate_up)
         return _InplaceBackward.apply(True, gate_up)
     return _swiglu_fused(gate_up)
