@@ -56,7 +56,10 @@ class Tokenizer:
         """Text of ``ids`` (a list or 1-D tensor); BOS/EOS/pad are dropped."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        return self.sp.decode([int(i) for i in ids])
+        if isinstance(ids, int):  # a 0-d tensor
+            ids = [ids]
+        pad = self.pad_id  # -1 when undefined: sentencepiece would raise on it
+        return self.sp.decode([int(i) for i in ids if int(i) != pad])
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

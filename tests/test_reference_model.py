@@ -55,6 +55,26 @@ def test_stop_tokens_pad_finished_sequences():
     assert out[0, 4] == first and (out[0, 5:] == 0).all()
 
 
+def test_finished_rows_repeat_eos_without_a_pad_token():
+    """As HF's generate: with no pad token, finished sequences are filled with the (first) eos."""
+    model = _tiny()
+    ids = torch.randint(3, 263, (2, 4))
+    first = int(model.generate(ids, max_new_tokens=1, stop_tokens=[])[0, 4])
+    model.config.eos_token_id, model.config.pad_token_id = [first, 7], None
+    out = model.generate(ids, max_new_tokens=5)
+    assert out[0, 4] == first and (out[0, 5:] == first).all()
+
+
+def test_explicit_null_special_tokens_stay_none():
+    """transformers writes "eos_token_id": null when a model has none; that is not "missing" (it
+    used to become the default 2, and generation stopped on token 2)."""
+    cfg = LlamaConfig.from_hf(dict(TINY_CONFIGS["gqa4-untied"], eos_token_id=None, bos_token_id=None))
+    assert cfg.eos_token_id is None and cfg.bos_token_id is None
+    assert cfg.to_hf()["eos_token_id"] is None
+    missing = {k: v for k, v in TINY_CONFIGS["gqa4-untied"].items() if k not in ("eos_token_id", "bos_token_id")}
+    assert (LlamaConfig.from_hf(missing).bos_token_id, LlamaConfig.from_hf(missing).eos_token_id) == (1, 2)
+
+
 def test_sampling_options():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.5]])
     assert sample(logits).item() == 1

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import torch
 
 from fastllama import Tokenizer
 
@@ -27,6 +28,8 @@ def test_encode_decode_round_trip(tokenizer_path):
     assert tok.decode(ids) == text
     assert tok.encode(text, bos=False, eos=True)[-1] == tok.eos_id
     assert tok.vocab_size == 300 and tok.pad_id == -1
+    assert tok.decode(ids + [-1, -1]) == text  # its own "no pad" id -1 is dropped, as pad is
+    assert tok.decode(torch.tensor(ids[1])) == tok.decode(ids[1:2])  # a 0-d tensor
 
 
 def test_directory_path_and_errors(tokenizer_path, tmp_path):

@@ -105,10 +105,12 @@ class _NormLinears(torch.autograd.Function):
             d_out = _rows(d_out)
             d_weights.append(d_out.t() @ y_mm if want_w else None)
             d_biases.append(d_out.sum(0) if has_bias else None)
-            contribution = d_out @ w
+            # summed in the norm output's dtype, as autograd sums the projections' gradients for
+            # HF (fp32 under autocast of an fp32 model: a bf16 sum was 1.4x HF's error)
+            contribution = (d_out @ w).to(y.dtype)
             dy = contribution if dy is None else dy + contribution
         del y_mm
-        dy = torch.zeros_like(y) if dy is None else dy.view(y.shape).to(y.dtype)
+        dy = torch.zeros_like(y) if dy is None else dy.view(y.shape)
         dx, d_norm_weight = _rms_norm_bwd(dy, d_s, normed_input, norm_weight, rstd)
         # d(x + residual) reaches both summands unchanged
         return (dx, d_norm_weight, dx if ctx.has_residual else None, None, None, None, *d_weights, *d_biases)

@@ -2,23 +2,8 @@
 
 Nothing here imports Triton or a fastllama kernel.
 """
-from .functional import (
-    SUPPORTED_ROPE_TYPES,
-    apply_rotary_pos_emb,
-    attention,
-    attention_mask,
-    cross_entropy,
-    linear_cross_entropy,
-    rms_norm,
-    rope_cos_sin,
-    rope_inv_freq,
-    rotate_half,
-    swiglu,
-)
+from .functional import *  # noqa: F401,F403  (every reference op: functional.__all__)
+from .functional import __all__ as _functional_all
 from .model import KVCache, Llama, LlamaConfig
 
-__all__ = [
-    "SUPPORTED_ROPE_TYPES", "apply_rotary_pos_emb", "attention", "attention_mask", "cross_entropy",
-    "linear_cross_entropy", "rms_norm", "rope_cos_sin", "rope_inv_freq", "rotate_half", "swiglu",
-    "KVCache", "Llama", "LlamaConfig",
-]
+__all__ = [*_functional_all, "KVCache", "Llama", "LlamaConfig"]

@@ -20,6 +20,7 @@ __all__ = [
     "rope_inv_freq",
     "rope_cos_sin",
     "swiglu",
+    "attention_mask",
     "attention",
     "attention_varlen",
     "decode_attention",

@@ -73,7 +73,10 @@ class LlamaConfig:
         if rope.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported (rotary must cover the whole head_dim)")
         known = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_type", "rope_scaling", "raw"}
-        kwargs = {k: v for k, v in config.items() if k in known and v is not None}
+        # An explicit null means "none" for the special tokens (HF writes "eos_token_id": null);
+        # only fields whose default is derived (kv heads, head dim) treat null as "missing".
+        nullable = {"bos_token_id", "eos_token_id", "pad_token_id"}
+        kwargs = {k: v for k, v in config.items() if k in known and (v is not None or k in nullable)}
         return cls(**kwargs, rope_theta=float(theta), rope_type=rope_type, rope_scaling=rope, raw=dict(config))
 
     def to_hf(self) -> dict[str, Any]:
@@ -302,7 +305,10 @@ class Llama(nn.Module):
             [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens or []),
             dtype=torch.long, device=input_ids.device,
         )
-        pad = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
+        pad = pad_token_id if pad_token_id is not None else self.config.pad_token_id
+        if pad is None:  # as HF's generate: finished rows repeat the (first) eos, else 0
+            eos = self.config.eos_token_id
+            pad = (eos if isinstance(eos, int) else (list(eos) or [0])[0]) if eos is not None else 0
         B, T = input_ids.shape
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         self.setup_caches(B, T + max_new_tokens)
