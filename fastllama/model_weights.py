@@ -157,15 +157,16 @@ def projection_problem(model) -> str | None:
 def default_stop_and_pad(model) -> tuple[set[int], int]:
     """Stop tokens: the config's eos ids, and for an HF model its generation_config's too (HF's
     generate stops on those: Llama-3 Instruct's <|eot_id|> is only there). Pad: the first set;
-    else, for an HF model, its generation_config's first eos id (what HF's generate pads with),
-    and 0 for the reference model (its own generate's pad)."""
+    else the first eos id, the generation_config's before the config's (what HF's generate and
+    the reference model's pad with); else 0."""
     def ids(value) -> set[int]:
         return set() if value is None else {int(value)} if isinstance(value, int) else {int(t) for t in value}
 
     configs = [model.config, getattr(model, "generation_config", None)]
     stop = set().union(*(ids(getattr(c, "eos_token_id", None)) for c in configs))
     pad = next((c.pad_token_id for c in configs if getattr(c, "pad_token_id", None) is not None), None)
-    if pad is None:
-        eos = getattr(configs[1], "eos_token_id", None)
-        pad = eos if isinstance(eos, int) or eos is None else (list(eos) or [None])[0]
+    for config in reversed(configs):
+        eos = getattr(config, "eos_token_id", None)
+        if pad is None and eos is not None:
+            pad = eos if isinstance(eos, int) else (list(eos) or [None])[0]
     return stop, int(pad if pad is not None else 0)

@@ -184,6 +184,25 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     assert "tokens/s" in out and "prefill" in out
 
 
+def test_cli_generate_stops_on_generation_config_eos(checkpoint, tmp_path, capsys):
+    """Llama-3 Instruct's <|eot_id|> is an eos only in generation_config.json."""
+    import json
+
+    from fastllama import Tokenizer
+
+    for f in ("config.json", "model.safetensors", "tokenizer.model"):
+        (tmp_path / f).write_bytes((checkpoint / f).read_bytes())
+    tok = Tokenizer(tmp_path)
+    ids = torch.tensor([tok.encode("The keeper counted")], device=DEVICE)
+    ref = Llama.from_pretrained(tmp_path, device=DEVICE).generate(ids, 6, stop_tokens=[])
+    third = int(ref[0, ids.shape[1] + 2])
+    assert third not in ref[0, ids.shape[1]:ids.shape[1] + 2].tolist() + [2]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, third]}))
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "The keeper counted",
+                 "--max-new-tokens", "6", "--device", DEVICE, "--dtype", "float32"]) == 0
+    assert "[3 new tokens" in capsys.readouterr().out
+
+
 def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys):
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "-3"]) == 2
     assert "fastllama generate: error: --max-new-tokens must be >= 0" in capsys.readouterr().err
