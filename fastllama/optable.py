@@ -69,6 +69,10 @@ class OpSpec:
     # Every (kernel, config) the op may launch: autotune configs x the constexpr specialisations
     # it uses (head_dim, causal, dtype ...). The build report compiles them all.
     build_configs: Callable[[], list[KernelBuild]] | None = None
+    # Other standard PyTorch formulations of the op (called like ``reference``): PyTorch's own
+    # error is the largest of theirs and the reference's, tensor by tensor (parity_report's
+    # list torch_op), as when the op's usual PyTorch path differentiates another way.
+    torch_ops: tuple[Callable[..., Any], ...] = ()
 
     def parity(self, case: OpCase, dtype: torch.dtype, device: str, title: str = ""):
         """Builds ``case``'s inputs and runs the parity harness on them: a
@@ -77,8 +81,9 @@ class OpSpec:
 
         args, kwargs = self.make_args(case.params, dtype, device)
         names = self.names[:len(args)] if self.names is not None else None
+        torch_ops = [functools.partial(f, **kwargs) for f in (self.reference, *self.torch_ops)]
         return parity_report(functools.partial(self.op, **kwargs), functools.partial(self.reference, **kwargs),
-                             *args, names=names, output_names=self.output_names, title=title)
+                             *args, torch_op=torch_ops, names=names, output_names=self.output_names, title=title)
 
 
 def _build() -> list[OpSpec]:

@@ -96,3 +96,33 @@ def test_cross_entropy_mean_ignores_and_all_ignored_is_zero():
     assert ref.cross_entropy(logits, torch.full((6,), -100)).item() == 0.0
     with pytest.raises(ValueError, match="reduction"):
         ref.cross_entropy(logits, labels, reduction="avg")
+
+
+@pytest.mark.parametrize("kind", ["causal-gqa", "window-tq<tk", "varlen-lse"])
+def test_flash_backward_formulation_equals_autograd_in_float64(kind):
+    """attention(flash_backward=True) is a second "PyTorch in the same dtype" for the parity
+    harness; a wrong formula would silently loosen every flash-attention gradient check, so in
+    float64 its gradients must equal autograd's."""
+    from fastllama.reference.functional import attention_varlen
+
+    torch.manual_seed(0)
+    Tq, Tk = (9, 13) if kind == "window-tq<tk" else (13, 13)
+    q = torch.randn(1, 4, Tq, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, Tk, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    if kind == "varlen-lse":
+        cu = torch.tensor([0, 0, 1, 6, 13], dtype=torch.int32)
+        fn = lambda flash: attention_varlen(q, k, v, cu, return_lse=True, flash_backward=flash)  # noqa: E731
+    else:
+        window = (3, 1) if kind == "window-tq<tk" else None
+        fn = lambda flash: ref.attention(q, k, v, window=window, return_lse=True,  # noqa: E731
+                                               flash_backward=flash)
+    grads = []
+    for flash in (False, True):
+        out, lse = fn(flash)
+        g_out = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        g_lse = torch.randn(lse.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        # fully masked rows have lse -inf: their lse gradient must not reach anything
+        grads.append(torch.autograd.grad((out, lse), (q, k, v), (g_out, g_lse.masked_fill(lse.isinf(), 0))))
+        assert torch.isfinite(out).all()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -361,16 +361,30 @@ def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deter
 # ----------------------------------------------------------------------------------------------
 # Op table
 # ----------------------------------------------------------------------------------------------
-def _reference(q, k, v, causal=True, scale=None, window=None, cu_seqlens=None, cu_seqlens_k=None, return_lse=False):
+def _reference(q, k, v, causal=True, scale=None, window=None, cu_seqlens=None, cu_seqlens_k=None, return_lse=False,
+               flash_backward=False):
     """The truth for both public ops: reference.attention, or its varlen form when packed."""
     if cu_seqlens is None:
-        return reference.attention(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse)
+        return reference.attention(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse,
+                                   flash_backward=flash_backward)
     return attention_varlen(q, k, v, cu_seqlens, causal=causal, scale=scale, window=window,
-                            cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+                            cu_seqlens_k=cu_seqlens_k, return_lse=return_lse, flash_backward=flash_backward)
 
 
 def _reference_with_lse(q, k, v, **kwargs):
     return _reference(q, k, v, return_lse=True, **kwargs)
+
+
+# The second "PyTorch in the same dtype" of both ops' parity cases: the same forward,
+# differentiated as SDPA's flash backend does (delta = rowsum(dO * O)). Where autograd's
+# rowsum(P * dP) cancels exactly (T = 1: one key per row, dq = dk = 0 exactly) this formulation,
+# like every flash kernel, leaves fp32 rounding noise, and a zero allowance would fail it.
+def _flash_formulation(q, k, v, **kwargs):
+    return _reference(q, k, v, flash_backward=True, **kwargs)
+
+
+def _flash_formulation_with_lse(q, k, v, **kwargs):
+    return _reference(q, k, v, return_lse=True, flash_backward=True, **kwargs)
 
 
 def _make_args(p: dict, dtype: torch.dtype, device: str):
@@ -526,8 +540,8 @@ def _build_configs() -> list[KernelBuild]:
 OP_SPECS = [
     OpSpec("flash_attention", flash_attention, _reference, _make_args, _CASES,
            kernels=("flash_attention", "flash_attention_backward"), names=("q", "k", "v"), output_names=("out",),
-           build_configs=_build_configs),
+           build_configs=_build_configs, torch_ops=(_flash_formulation,)),
     OpSpec("flash_attention_lse", flash_attention_with_lse, _reference_with_lse, _make_args, _LSE_CASES,
            kernels=("flash_attention", "flash_attention_backward"), names=("q", "k", "v"),
-           output_names=("out", "lse")),
+           output_names=("out", "lse"), torch_ops=(_flash_formulation_with_lse,)),
 ]

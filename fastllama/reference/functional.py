@@ -174,6 +174,7 @@ def attention(
     window: tuple[int, int] | None = None,
     key_padding_mask: torch.Tensor | None = None,
     return_lse: bool = False,
+    flash_backward: bool = False,
 ):
     """Softmax attention in the SDPA layout: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D), Hq % Hk == 0.
 
@@ -181,6 +182,13 @@ def attention(
     weighted sum run in the input dtype with the softmax in fp32, like HF's eager attention. A
     query row with no allowed key returns zeros (and lse = -inf), never NaN. See
     :func:`attention_mask` for causal alignment, ``window`` and ``key_padding_mask``.
+
+    ``flash_backward=True`` keeps this forward but differentiates it the way flash-attention
+    kernels do (SDPA's flash backend among them): probabilities recomputed in fp32 from the lse,
+    and dS = P * (dP - delta) with delta = rowsum(dO * O) of the stored output, instead of
+    autograd's rowsum(P * dP). The two agree in exact arithmetic; in floating point the second
+    leaves rounding noise where the first cancels exactly (one visible key: dS = 0). The parity
+    harness takes it as a second "PyTorch in the same dtype".
     """
     B, Hq, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -190,14 +198,54 @@ def attention(
         k = k.repeat_interleave(Hq // Hk, dim=1)
         v = v.repeat_interleave(Hq // Hk, dim=1)
     scale = D ** -0.5 if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     allowed = attention_mask(Tq, Tk, causal=causal, window=window, key_padding_mask=key_padding_mask, device=q.device)
+    if flash_backward:
+        out, lse = _FlashBackwardAttention.apply(q, k, v, allowed, scale)
+    else:
+        out, lse = _attention_forward(q, k, v, allowed, scale)
+    return (out, lse) if return_lse else out
+
+
+def _probs(scores: torch.Tensor, allowed: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    # exp(-inf - -inf) is NaN: rows without any allowed key get probability 0 everywhere.
+    return torch.where(allowed, torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)), 0.0)
+
+
+def _attention_forward(q, k, v, allowed, scale):
+    """(out, lse) of :func:`attention` for repeated (MHA) k/v."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.to(_stat_dtype(q.dtype)).masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    # exp(-inf - -inf) is NaN: rows without any allowed key get probability 0 everywhere.
-    probs = torch.where(allowed, torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)), 0.0)
-    out = torch.matmul(probs.to(v.dtype), v)
-    return (out, lse.squeeze(-1)) if return_lse else out
+    out = torch.matmul(_probs(scores, allowed, lse).to(v.dtype), v)
+    return out, lse.squeeze(-1)
+
+
+class _FlashBackwardAttention(torch.autograd.Function):
+    """:func:`attention`'s forward with a flash-attention style backward (see ``flash_backward``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, scale):
+        out, lse = _attention_forward(q, k, v, allowed, scale)
+        ctx.save_for_backward(q, k, v, out, lse, allowed)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse, allowed = ctx.saved_tensors
+        f = _stat_dtype(q.dtype)
+        q32, k32, v32 = q.to(f), k.to(f), v.to(f)
+        scores = (q32 @ k32.transpose(-1, -2) * ctx.scale).masked_fill(~allowed, float("-inf"))
+        p = _probs(scores, allowed, lse[..., None])
+        do = d_out.to(f) if d_out is not None else torch.zeros_like(out, dtype=f)
+        delta = (do * out.to(f)).sum(-1, keepdim=True)  # from the stored, rounded output
+        ds = p * (do @ v32.transpose(-1, -2) - delta)
+        if d_lse is not None:  # d lse / d s = P
+            ds = ds + p * d_lse.to(f)[..., None]
+        dq = ds @ k32 * ctx.scale
+        dk = ds.transpose(-1, -2) @ q32 * ctx.scale
+        dv = p.transpose(-1, -2) @ do
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 def attention_varlen(
@@ -210,6 +258,7 @@ def attention_varlen(
     window: tuple[int, int] | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
     return_lse: bool = False,
+    flash_backward: bool = False,
 ):
     """:func:`attention` over packed sequences (flash-attn's varlen form, SDPA layout).
 
@@ -226,7 +275,8 @@ def attention_varlen(
     for i in range(len(cu_q) - 1):
         (a, b), (c, d) = cu_q[i:i + 2], cu_k[i:i + 2]
         o, l = attention(q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], causal=causal,
-                         scale=q.shape[-1] ** -0.5 if scale is None else scale, window=window, return_lse=True)
+                         scale=q.shape[-1] ** -0.5 if scale is None else scale, window=window, return_lse=True,
+                         flash_backward=flash_backward)
         out = out.index_copy(2, torch.arange(a, b, device=q.device), o)
         lse[:, :, a:b] = l
     return (out, lse) if return_lse else out
