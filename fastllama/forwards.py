@@ -55,14 +55,16 @@ def _fused_residual_norm(norm, h, residual):
 
 
 def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index=-100):
-    """The fused LM head + cross-entropy, run as a call of ``lm_head`` when the head has hooks.
+    """The fused LM head + cross-entropy, run as a call of ``lm_head`` when the head has hooks
+    (forward or backward, its own or global: a backward hook then sees the loss's gradient, the
+    output of that call).
 
     A fused loss must not read ``lm_head.weight`` from outside the head's forward when hooks
     manage that weight: under FSDP2 (``fully_shard(lm_head)``, or ``fully_shard([embed_tokens,
     lm_head])`` for tied weights) the head's forward hooks all-gather the sharded weight before
     use, reshard it after, and arrange the backward all-gather and gradient reduce-scatter; read
     from outside, the weight is this rank's shard only (Liger-Kernel issues 332, 767). So when the
-    head has forward hooks, the loss runs as its forward for one call, inside every hook
+    head has hooks, the loss runs as its forward for one call, inside every hook
     (FSDP2's, mixed-precision casts, user hooks). Without hooks, ``lm_head(h)`` would just run
     ``forward``, so the loss is computed directly: same op, same tensors, and nothing for
     ``torch.compile`` to trace through.
@@ -79,16 +81,9 @@ def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index
         # Always a copy (one scalar): asking ``loss._is_view()`` broke torch.compile's graph here.
         return loss.clone()
 
-    if not _has_forward_hooks(lm_head):
+    if _bypassable(lm_head):
         return loss_forward(hidden)
     return _call_with_forward(lm_head, loss_forward, hidden)
-
-
-def _has_forward_hooks(module) -> bool:
-    from torch.nn.modules import module as nn_module
-
-    return bool(module._forward_pre_hooks or module._forward_hooks
-                or nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks)
 
 
 @torch.compiler.disable  # dynamo cannot trace the swap (and FSDP2's hooks run eagerly anyway)

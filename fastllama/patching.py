@@ -121,12 +121,25 @@ class _State:
 
 # A patched model carries its _State as an instance attribute (not a parameter or buffer, so not in
 # its state_dict): a deepcopy or pickle of the model, whose patched forwards come along, is then
-# a patched model too, which unpatch can restore.
+# a patched model too, which unpatch can restore. It sits on the innermost model, not on a
+# wrapper that may have been passed (DDP, PEFT), and is looked up below whatever is passed, so
+# patch(model) then unpatch(DDP(model)) works, and so does patch(ddp) then unpatch(ddp.module).
 _STATE_ATTR = "_fastllama_patch"
 
 
+def _state_holder(model: nn.Module) -> nn.Module:
+    """Where ``patch`` keeps its state: the outermost HF model, else the reference Llama, inside
+    ``model`` (``model`` itself when it is one)."""
+    from .reference import Llama
+
+    owner = _attention_owner(model)
+    if owner is not None:
+        return owner
+    return next((m for m in model.modules() if isinstance(m, Llama)), model)
+
+
 def _state(model: nn.Module) -> _State | None:
-    return model.__dict__.get(_STATE_ATTR)
+    return next((m.__dict__[_STATE_ATTR] for m in model.modules() if _STATE_ATTR in m.__dict__), None)
 
 
 def _check_wrappers(model: nn.Module) -> None:
@@ -226,7 +239,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             for m in hf_attention:  # what forwards.hf_attention_function reads (with or without rope)
                 m._fastllama_attention = {"deterministic": deterministic}
             summary.append(("<model>", type(model).__name__, "attention", f"patched (was {state.attn_before!r})"))
-    model.__dict__[_STATE_ATTR] = state
+    _state_holder(model).__dict__[_STATE_ATTR] = state
     log.info("fastllama.patch:\n%s", patch_summary(model))
     if verbose:
         print(patch_summary(model))
@@ -234,9 +247,11 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Restores every original forward (and attention implementation) of a patched model."""
-    state = model.__dict__.pop(_STATE_ATTR, None)
+    """Restores every original forward (and attention implementation) of a patched model (also
+    through a wrapper added before or after patching)."""
+    state = _state(model)
     for module in model.modules():
+        module.__dict__.pop(_STATE_ATTR, None)
         if "forward" in module.__dict__ and hasattr(module, "_fastllama"):
             del module.forward
             del module._fastllama

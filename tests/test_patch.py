@@ -426,6 +426,48 @@ def test_deepcopy_of_a_patched_model_is_patched_and_unpatches():
         assert torch.equal(twin(input_ids=x).logits, before)
 
 
+class _Wrapper(torch.nn.Module):
+    """Stands for DDP: the model as ``.module``, not an HF model itself."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("order", ["patch-then-wrap", "wrap-then-patch"])
+def test_unpatch_and_repatch_through_a_wrapper(order):
+    """The state lives on the HF model and is found below whatever is passed: unpatch through the
+    wrapper (or on the inner model after patching the wrapper) restores everything, and patching
+    again with a kernel off really turns it off (it stayed patched)."""
+    model = build("llama-gqa").eval()
+    wrapper = _Wrapper(model)
+    fastllama.patch(model if order == "patch-then-wrap" else wrapper)
+    assert fastllama.is_patched(wrapper) and fastllama.is_patched(model)
+    fastllama.patch(wrapper, rms_norm=False)
+    assert "forward" not in model.model.norm.__dict__ and model.config._attn_implementation == "fastllama"
+    fastllama.unpatch(wrapper if order == "patch-then-wrap" else model)
+    assert not fastllama.is_patched(wrapper) and not fastllama.is_patched(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_lm_head_backward_hooks_fire_on_the_fused_loss():
+    """A backward hook on lm_head (no forward hook) made the fused loss bypass the head's call,
+    so the hook never ran."""
+    model = fastllama.patch(build("llama-gqa").train())
+    calls = []
+    model.lm_head.register_full_backward_hook(lambda *a: calls.append("hook"))
+    model.lm_head.register_full_backward_pre_hook(lambda *a: calls.append("pre"))
+    x = ids()
+    out = model(input_ids=x, labels=x)
+    assert out.logits is None  # still the fused loss
+    out.loss.backward()
+    assert sorted(calls) == ["hook", "pre"]
+
+
 def test_mask_function_skips_the_mask_exactly_where_hf_sdpa_mask_does():
     """patch's mask function returns None (plain causal attention) in the cases where HF's own
     ``sdpa_mask`` does when it runs eagerly, and is ``sdpa_mask`` otherwise; it differs only in
