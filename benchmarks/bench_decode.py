@@ -217,10 +217,9 @@ def main(argv=None) -> int:
                "roofline tokens/s", "fastllama speed-up", "steps", "error"]
     print()
     print(common.markdown_table(rows, columns))
-    if gpu:
-        out = common.write_results("decode", rows, columns, extra={"copy_GBps": copy_gbps, "spec_GBps": spec_gbps,
-                                                                  "interrupted": interrupted})
-        print(f"written to {out}")
+    out = common.write_results("decode", rows, columns, extra={"copy_GBps": copy_gbps, "spec_GBps": spec_gbps,
+                                                              "interrupted": interrupted})
+    print(f"written to {out}" + ("" if gpu else "  (smoke run: NOT a measurement)"))
     return 130 if interrupted else 0
 
 

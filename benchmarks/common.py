@@ -20,6 +20,7 @@ from fastllama.bench.common import (  # noqa: F401
     matmul_tflops,
     on_gpu,
     results_dir,
+    spec_bandwidth_gbps,
     time_ms,
     write_plot,
     write_results,

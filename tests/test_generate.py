@@ -38,11 +38,13 @@ def model():
     return _tiny_model()
 
 
-def test_greedy_tokens_equal_the_reference_batch_of_three(model):
+@pytest.mark.parametrize("lengths", [(5, 16, 11), (23, 41, 17)], ids=["decode-kernel-prefill", "flash-prefill"])
+def test_greedy_tokens_equal_the_reference_batch_of_three(model, lengths):
     """Three prompts of different lengths (left-padded for the reference, unpadded in the fast
-    cache); one sequence hits a stop token early and is then padded, as in the reference."""
+    cache); one sequence hits a stop token early and is then padded, as in the reference.
+    Prompts up to 16 tokens are prefilled by the decode kernel, longer ones by flash attention."""
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 16, 11)]
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in lengths]
     ids, mask = _left_padded(prompts)
     free = model.generate(ids, 8, attention_mask=mask, stop_tokens=[])
     stop = int(free[1, ids.shape[1] + 2])  # sequence 1 stops at its third new token

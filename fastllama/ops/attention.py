@@ -451,6 +451,13 @@ _CASES = (
     _case("B1-H2/1-T128-D256-causal", Hq=2, Hk=1, Tq=128, D=256),
     _case("B1-H2/1-T113-D64-window", Hq=2, Hk=1, Tq=113, D=64, window=(20, 0)),
     _case("varlen-0-1-77-50", Hq=2, Hk=1, D=64, seqlens=[0, 1, 77, 50]),
+    # (under 10 s together on the CPU: the D 128, GQA 8 with batch 3, dense T 1,
+    # T 1023 without a mask, and D 256 varlen with a window and Tq != Tk per sequence)
+    _case("B3-H8/1-T113-D128-causal", B=3, Hq=8, Hk=1, Tq=113, D=128),
+    _case("B1-H8/2-T1-D64-full", Hq=8, Hk=2, Tq=1, D=64, causal=False),
+    _case("B1-H2/1-T1023-D64-full", Hq=2, Hk=1, Tq=1023, D=64, causal=False),
+    _case("varlen-D256-window-Tq<Tk", Hq=2, Hk=1, D=256, seqlens=[0, 1, 77, 30], seqlens_k=[5, 1, 77, 60],
+          window=(20, 0)),
     *_full_matrix(),
 )
 
