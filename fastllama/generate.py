@@ -112,6 +112,8 @@ class TextStreamer:
         self.done = False
 
     def put(self, ids: Sequence[int]) -> None:
+        """Takes one decoding step's tokens (one per sequence; this streamer follows
+        ``sequence``) and passes on the text they complete; a stop token ends the stream."""
         if self.done:
             return
         tok = int(ids[self.sequence])
@@ -127,6 +129,7 @@ class TextStreamer:
         self.text = text
 
     def end(self) -> None:
+        """Flushes text held back (an incomplete multi-byte character) at the end of generation."""
         text = self.tokenizer.decode(self.ids)
         if text.startswith(self.text) and len(text) > len(self.text):
             self.on_text(text[len(self.text):])

@@ -29,9 +29,11 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
+        """``norm(x)``, or with ``residual`` the fused ``(norm(x + residual), x + residual)``."""
         return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon, residual=residual)
 
     def extra_repr(self) -> str:
+        """Shape and eps, as HF's LlamaRMSNorm prints them."""
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
@@ -60,5 +62,6 @@ class LlamaMLP(nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``down_proj(silu(gate_proj(x)) * up_proj(x))`` with the activation as one kernel."""
         act = ops.swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=self.inplace_backward)
         return self.down_proj(act)

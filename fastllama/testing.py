@@ -61,6 +61,7 @@ class ParityReport:
         return all(r.passed for r in self.rows)
 
     def table(self) -> str:
+        """The rows as a text table; failing rows are marked ``<-- FAIL``."""
         head = f"{'tensor':<16}{'kind':<8}{'max|err|':>12}{'torch err':>12}{'allowed':>12}{'ratio':>8}  worst index / problem"
         lines = [self.title] if self.title else []
         lines += [head, "-" * len(head)]
@@ -75,6 +76,7 @@ class ParityReport:
     __str__ = table
 
     def raise_if_failed(self) -> "ParityReport":
+        """Returns the report, or raises ``AssertionError`` with its table when a row failed."""
         if not self.passed:
             raise AssertionError("parity check failed\n" + self.table())
         return self

@@ -43,6 +43,7 @@ class VerifyReport:
         return all(r.passed for _, _, r in self.modules)
 
     def table(self) -> str:
+        """One line per compared tensor of every module, then counts and the attention fallbacks."""
         width = max([len(r.name) for _, _, rep in self.modules for r in rep.rows] + [6]) + 2
         head = f"{'module':<36}{'class':<22}{'tensor':<{width}}{'max|err|':>11}{'allowed':>11}{'ratio':>7}  ok"
         lines = [head, "-" * len(head)]

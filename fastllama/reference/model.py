@@ -94,6 +94,7 @@ class LlamaConfig:
         return out
 
     def inv_freq(self) -> torch.Tensor:
+        """The rotary inverse frequencies (head_dim / 2,) of this config's rope type and scaling."""
         return ref.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_type, **self.rope_scaling)
 
 
