@@ -268,7 +268,7 @@ def parity_report(
         rows.append(ParityRow("outputs", "output", float("inf"), 0.0, 0.0, None,
                               problem=f"op returned {len(out_k)} outputs, reference {len(out_t)}"))
     for n, (name, k, t) in enumerate(zip(out_names, out_k, out_t)):
-        same = [run[0][n] for run in same_runs]
+        same = [run[0][n] if n < len(run[0]) else None for run in same_runs]
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             expected = same[0] if isinstance(same[0], torch.Tensor) and same[0].is_floating_point() else None
             dtype = expected.dtype if expected is not None else low_dtype

@@ -154,3 +154,24 @@ def test_cpu_tensor_without_interpreter(monkeypatch, no_launch):
     q, k = torch.randn(1, 2, 3, 64), torch.randn(1, 2, 3, 64)
     with pytest.raises(ValueError, match="q is on device cpu"):
         ops.apply_rotary_pos_emb(q, k, torch.randn(3, 64), torch.randn(3, 64))
+
+
+def test_inplace_on_views_with_grad_compiles():
+    """Under torch.compile the in-place path with grad takes the copy route (dynamo cannot ask
+    whether a tensor is a view): same values and gradients as eager."""
+    B, T, H, D = 1, 8, 2, 16
+    x = torch.randn(B, T, H * D, device=DEVICE, requires_grad=True)
+    _, _, cos, sin = _cos_sin(B, T, D, torch.float32)
+
+    def f(x):
+        q = (x * 1).view(B, T, H, D).transpose(1, 2)
+        k = (x * 2).view(B, T, H, D).transpose(1, 2)
+        q2, k2 = ops.apply_rotary_pos_emb(q, k, cos, sin, inplace=True)
+        return (q2 * k2).sum()
+
+    eager = f(x)
+    (g_eager,) = torch.autograd.grad(eager, x)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    (g_compiled,) = torch.autograd.grad(compiled, x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)

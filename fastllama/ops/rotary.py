@@ -144,10 +144,12 @@ def _run(q, k, cos, sin, position_ids, inv_freq, inplace):
         return _rotary(q, k, cos, sin, position_ids, inv_freq, False)
     _check_inplace_targets(q, k)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        if q._is_view() or k._is_view():
+        if torch.compiler.is_compiling() or q._is_view() or k._is_view():
             # autograd refuses a Function that modifies a view in place and returns two tensors
             # (HF's q/k are views: projection output .view().transpose()): rotate out of place,
             # then copy into q and k, which autograd records on views (one extra temporary).
+            # Under torch.compile too (dynamo cannot ask _is_view; functionalization removes
+            # the copy).
             q_rot, k_rot = _rotary(q, k, cos, sin, position_ids, inv_freq, False)
             return q.copy_(q_rot), k.copy_(k_rot)
         return _RotaryInplace.apply(q, k, cos, sin, position_ids, inv_freq)
