@@ -1,7 +1,6 @@
 """torch.compile(fullgraph=True) over a function using rms_norm (+residual), rotary and SwiGLU:
 each op is one custom op in the graph (no graph break), and compiled == eager, forward and
 backward. Runs on CPU under the interpreter (the custom_op + register_fake path compiles there)."""
-import pytest
 import torch
 
 from conftest import DEVICE

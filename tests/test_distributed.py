@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import warnings
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch

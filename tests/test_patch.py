@@ -5,11 +5,9 @@ fastllama.verify, whose "<model>" row compares the patched model with its origin
 under the DESIGN.md rule; the other rows check each patched module on real activations.
 """
 import copy
-import types
 
 import pytest
 import torch
-import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama import modeling_llama
 

@@ -66,7 +66,7 @@ def test_backward_saves_input_and_rstd_only(fused):
 
 
 def test_matches_hf_module_and_loads_its_state_dict():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     hf = LlamaRMSNorm(96, eps=1e-5).to(DEVICE, torch.bfloat16)
