@@ -10,16 +10,23 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
 * every row keeps a prefix of the keys, causal at its end (a static cache during decoding):
   the decode kernel with per-sequence ``cache_seqlens`` (or flash attention on the prefix).
 * every row keeps one contiguous run of keys: left- or right-padded batches (Tq == Tk) and
-  left-padded caches (Tq < Tk, the run ending at the last key): the padding is removed and the
-  packed sequences go through varlen flash attention. Padding queries get what the mask gives
+  left-padded caches (Tq < Tk, the run ending at the last key, or for a static cache at the
+  same slot in every row, its unwritten end cut off): the padding is removed and the packed
+  sequences go through varlen flash attention. Padding queries get what the mask gives
   them: 0 where it shows them no key (left padding), and attention over their row's whole run
   where it shows them all of it (right padding, causal: a second, non-causal varlen call), so
   a loss over padded positions matches HF's too.
-* anything else (custom masks, dropout): PyTorch SDPA with the mask, counted in
-  :data:`FALLBACKS` so nothing slow happens silently.
+* anything else (custom masks, a mask that differs between heads, dropout, any mask while
+  torch.compile traces): PyTorch SDPA with the mask, counted in :data:`FALLBACKS` so nothing
+  slow happens silently.
 
-Recognising a mask compares it with the mask the kernel implements: one device sync per
-distinct mask tensor (HF passes the same mask object to every layer, so once per forward).
+Masks that broadcast (batch or query dim 1) are read as their broadcast; one with a dim other
+than 1 or the scores' own raises ValueError. Recognising a mask compares it with the mask the
+kernel implements: a few device syncs per distinct mask tensor (HF passes the same mask object
+to every layer, so once per forward; a mask edited in place is looked at again). Under
+torch.compile that inspection would break the graph in every layer, so there a mask goes to
+SDPA; HF builds none for unpadded batches (see ``forwards.hf_attention_mask``), which compile to the
+kernels.
 """
 from __future__ import annotations
 
@@ -47,8 +54,15 @@ class _Plan:
     # "runs", Tq == Tk: flat indices (b * Tq + t) of the padding queries that the mask lets see
     # their row's whole run (right padding under a causal mask), or None when there are none
     pad_rows: torch.Tensor | None = None
+    # keys at and past this slot are masked for every query (the unwritten end of a static
+    # cache): the plan is for k[:, :, :key_end]
+    key_end: int | None = None
+    reason: str = "mask is not causal attention over one run of tokens per row"  # "other": why
 
 
+# The last mask classified, its key and plan. The key holds the mask's version counter, so a
+# mask edited in place is looked at again; the reference keeps the object alive, so ``is``
+# cannot be fooled by a new tensor at a recycled address.
 _last_plan: tuple[torch.Tensor, tuple, _Plan] | None = None
 
 
@@ -69,41 +83,88 @@ def _expected(keep_k, q_pos, j, causal, window):
     return m & (j <= q_pos) if causal else m
 
 
-def _classify(mask: torch.Tensor, causal: bool, window) -> _Plan:
-    """Which kernel-shaped mask is ``mask`` (B, 1, Tq, Tk)? One host sync, cached per mask."""
-    global _last_plan
-    key = (tuple(mask.shape), causal, window)
-    if _last_plan is not None and _last_plan[0] is mask and _last_plan[1] == key:
-        return _last_plan[2]
-    m = mask[:, 0]
+def _implicit_mask(Tq: int, Tk: int, causal: bool, window, device) -> torch.Tensor:
+    """The (1, 1, Tq, Tk) mask :func:`attend` applies when HF passes none: causal aligned
+    bottom-right (query i at key slot Tk - Tq + i), one query sees every key (decoding), except
+    HF's empty-static-cache prefill (Tq > 1, Tk > Tq: keys past Tq unwritten, top-left)."""
+    static_prefill = Tq > 1 and Tk > Tq
+    q_pos = torch.arange(Tq, device=device)[:, None] + (0 if static_prefill else Tk - Tq)
+    k_pos = torch.arange(Tk, device=device)[None, :]
+    keep = _window_allows(q_pos, k_pos, window)
+    if causal and Tq > 1:
+        keep = keep & (k_pos <= q_pos)
+    if static_prefill:
+        keep = keep & (k_pos < Tq)
+    return keep[None, None]
+
+
+def _runs_plan(m, keep_k, n, s, causal, window) -> _Plan | None:
+    """The plan for a (B, Tq, Tk) mask whose rows each keep one contiguous run of keys
+    [s_b, s_b + n_b), or None when the kernels cannot serve it."""
     B, Tq, Tk = m.shape
     i = torch.arange(Tq, device=m.device)[None, :, None]
     j = torch.arange(Tk, device=m.device)[None, None, :]
-    keep_k = m.any(dim=1)
-    n = keep_k.sum(-1)
-    s = torch.where(n > 0, keep_k.int().argmax(-1), 0)
-    run = (j[:, 0] >= s[:, None]) & (j[:, 0] < (s + n)[:, None])
-    plan = _Plan("other")
-    if torch.equal(keep_k, run):  # every row keeps one contiguous run of keys
-        # prefix: run [0, n_b), queries at its end (a static cache, decoding)
-        prefix_q = n[:, None, None] - Tq + i
-        # runs, Tq < Tk: run [s_b, Tk), queries the last Tq slots (left-padded cache, decoding)
-        # runs, Tq == Tk: queries are the same tokens as the keys (padded batch, prefill/training)
-        if causal and bool((n >= Tq).all()) and torch.equal(m, _expected(keep_k, prefix_q, j, causal, window)):
-            plan = _Plan("prefix", lengths=n.to(torch.int32))
-        elif Tq == Tk and torch.equal(m & keep_k[:, :, None], _expected(keep_k, i, j, causal, window) & keep_k[:, :, None]):
-            # The padding queries' rows: HF's causal mask lets a query after a right-padded run
-            # see the whole run, one before a left-padded run nothing. Their outputs reach the
-            # loss when labels cover padding, so they are computed as the mask says: whole run,
-            # or nothing (0); any other row goes to SDPA.
-            pad_attends = m.any(-1) & ~keep_k
-            if not bool(pad_attends.any()):
-                plan = _Plan("runs", lengths=n, starts=s)
-            elif torch.equal(m[pad_attends], keep_k[:, None, :].expand_as(m)[pad_attends]):
-                plan = _Plan("runs", lengths=n, starts=s, pad_rows=pad_attends.flatten().nonzero().squeeze(1))
-        elif Tq < Tk and bool(((s + n) == Tk).all()) and bool((n >= Tq).all()) and \
-                torch.equal(m, _expected(keep_k, Tk - Tq + i, j, causal, window)):
-            plan = _Plan("runs", lengths=n, starts=s)
+    # prefix: run [0, n_b), queries at its end (a static cache, decoding)
+    prefix_q = n[:, None, None] - Tq + i
+    if causal and bool((n >= Tq).all()) and torch.equal(m, _expected(keep_k, prefix_q, j, causal, window)):
+        return _Plan("prefix", lengths=n.to(torch.int32))
+    # runs, Tq == Tk: queries are the same tokens as the keys (padded batch, prefill/training)
+    if Tq == Tk and torch.equal(m & keep_k[:, :, None], _expected(keep_k, i, j, causal, window) & keep_k[:, :, None]):
+        # The padding queries' rows: HF's causal mask lets a query after a right-padded run
+        # see the whole run, one before a left-padded run nothing. Their outputs reach the
+        # loss when labels cover padding, so they are computed as the mask says: whole run,
+        # or nothing (0); any other row goes to SDPA.
+        pad_attends = m.any(-1) & ~keep_k
+        if not bool(pad_attends.any()):
+            return _Plan("runs", lengths=n, starts=s)
+        if torch.equal(m[pad_attends], keep_k[:, None, :].expand_as(m)[pad_attends]):
+            return _Plan("runs", lengths=n, starts=s, pad_rows=pad_attends.flatten().nonzero().squeeze(1))
+        return None
+    # runs, Tq < Tk: run [s_b, Tk), queries the last Tq slots (left-padded cache, decoding)
+    if Tq < Tk and bool(((s + n) == Tk).all()) and bool((n >= Tq).all()) and \
+            torch.equal(m, _expected(keep_k, Tk - Tq + i, j, causal, window)):
+        return _Plan("runs", lengths=n, starts=s)
+    return None
+
+
+def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
+    """Which kernel-shaped mask is ``mask`` (broadcastable to ``shape`` = (B, Hq, Tq, Tk))?
+    A few host syncs, once per mask object (HF passes the same one to every layer)."""
+    global _last_plan
+    key = (mask._version, tuple(mask.shape), shape, causal, window)
+    last = _last_plan
+    if last is not None and last[0] is mask and last[1] == key:
+        return last[2]
+    B, Hq, Tq, Tk = shape
+    try:
+        broadcasts = torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        broadcasts = False
+    if not broadcasts:
+        raise ValueError(f"attention mask of shape {tuple(mask.shape)} does not broadcast to the "
+                         f"attention scores' shape (B, Hq, Tq, Tk) = {shape}")
+    m = mask.expand(shape)  # a view: broadcast batch / query dims cost nothing
+    if mask.dim() >= 3 and mask.shape[-3] > 1 and not torch.equal(m, m[:, :1].expand(shape)):
+        plan = _Plan("other", reason="mask differs between heads")
+    else:
+        m = m[:, 0]
+        keep_k = m.any(dim=1)
+        n = keep_k.sum(-1)
+        s = torch.where(n > 0, keep_k.int().argmax(-1), 0)
+        j = torch.arange(Tk, device=m.device)[None, :]
+        plan = None
+        if torch.equal(keep_k, (j >= s[:, None]) & (j < (s + n)[:, None])):  # one contiguous run per row
+            plan = _runs_plan(m, keep_k, n, s, causal, window)
+            # A static cache's unwritten end: every row's run ends at the same slot e < Tk
+            # (left-padded prompts). The plan is then for the first e keys.
+            ends = (s + n)[n > 0]
+            if plan is None and ends.numel() and bool((ends == ends[0]).all()):
+                e = int(ends[0])
+                if Tq <= e < Tk:
+                    plan = _runs_plan(m[..., :e], keep_k[:, :e], n, s, causal, window)
+                    if plan is not None:
+                        plan.key_end = e
+        plan = plan or _Plan("other")
     _last_plan = (mask, key, plan)
     return plan
 
@@ -149,14 +210,17 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
            window: tuple[int, int] | None = None, dropout: float = 0.0, deterministic: bool = True) -> torch.Tensor:
     """Attention for patched models: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D) -> (B, Hq, Tq, D).
 
-    ``mask`` is HF's boolean (B, 1, Tq, Tk) mask or None (see the module docstring for how each
-    shape of mask is served). ``window`` and ``deterministic`` are as in
-    :func:`ops.flash_attention`.
+    ``mask`` is HF's boolean (B, 1, Tq, Tk) mask (any shape that broadcasts to (B, Hq, Tq, Tk)
+    is accepted) or None (see the module docstring for how each shape of mask is served).
+    ``window`` and ``deterministic`` are as in :func:`ops.flash_attention`.
     """
-    Tq, Tk = q.shape[2], k.shape[2]
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
     if dropout > 0:
         FALLBACKS["attention dropout > 0"] += 1
-        return _sdpa(q, k, v, mask, causal and mask is None, scale, dropout)
+        if mask is None:  # the mask attend implies; SDPA's is_causal is top-left, and has no window
+            mask = _implicit_mask(Tq, Tk, causal, window, q.device)
+        return _sdpa(q, k, v, mask, False, scale, dropout)
     if mask is not None and mask.dtype != torch.bool:
         FALLBACKS["non-boolean mask"] += 1
         return _sdpa(q, k, v, mask, False, scale, 0.0)
@@ -168,7 +232,14 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
             return ops.decode_attention(q, k, v, seqlens, scale=scale)
         return ops.flash_attention(q, k, v, causal=causal and Tq > 1, scale=scale, window=window,
                                    deterministic=deterministic)
-    plan = _classify(mask, causal, window)
+    if torch.compiler.is_compiling():
+        # Reading a mask's contents is data-dependent: dynamo would break the graph in every
+        # layer (an error under fullgraph=True). Compiled models with a mask get SDPA.
+        FALLBACKS["mask under torch.compile"] += 1
+        return _sdpa(q, k, v, mask, False, scale, 0.0)
+    plan = _classify(mask, (B, Hq, Tq, Tk), causal, window)
+    if plan.key_end is not None:
+        k, v = k[:, :, :plan.key_end], v[:, :, :plan.key_end]
     if plan.kind == "prefix":
         if _decode_ok(q, k, v, window, True):
             return ops.decode_attention(q, k, v, plan.lengths, scale=scale)
@@ -176,9 +247,11 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
             n = int(plan.lengths[0])
             return ops.flash_attention(q, k[:, :, :n], v[:, :, :n], causal=True, scale=scale, window=window,
                                        deterministic=deterministic)
+        # differing prefixes: runs starting at 0, the queries at each run's end (Tq < Tk here)
+        plan = dataclasses.replace(plan, kind="runs", starts=torch.zeros_like(plan.lengths))
     if plan.kind == "runs":
         return _varlen(q, k, v, plan, causal, scale, window, deterministic)
-    FALLBACKS["mask is not causal attention over one run of tokens per row"] += 1
+    FALLBACKS[plan.reason] += 1
     return _sdpa(q, k, v, mask, False, scale, 0.0)
 
 
@@ -195,16 +268,7 @@ def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bo
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     if mask is None:
-        # as attend: bottom-right causal, except HF's empty-static-cache prefill (top-left)
-        offset = 0 if Tq > 1 and Tk > Tq else Tk - Tq
-        q_pos = torch.arange(Tq, device=q.device)[:, None] + offset
-        k_pos = torch.arange(Tk, device=q.device)[None, :]
-        keep = _window_allows(q_pos, k_pos, window)
-        if causal and Tq > 1:
-            keep = keep & (k_pos <= q_pos)
-        if offset == 0 and Tk > Tq:
-            keep = keep & (k_pos < Tq)
-        mask = keep[None, None]
+        mask = _implicit_mask(Tq, Tk, causal, window, q.device)
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)

@@ -1,0 +1,157 @@
+"""fastllama.attention.attend: each mask a model can pass is served as the mask says.
+
+Every case compares attend with plain float64 attention under the same mask (rows that see no
+key give 0, as the kernels do), and checks which path served it through FALLBACKS.
+"""
+import pytest
+import torch
+
+from conftest import DEVICE
+from fastllama import attention
+from fastllama.attention import FALLBACKS, attend
+
+
+def qkv(B=2, Hq=4, Hk=2, Tq=9, Tk=9, D=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, t, D, generator=g).to(DEVICE) for h, t in ((Hq, Tq), (Hk, Tk), (Hk, Tk)))
+    return q, k, v
+
+
+def truth(q, k, v, mask):
+    """float64 attention under a boolean mask broadcast to (B, Hq, Tq, Tk)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs @ v
+
+
+def check(out, q, k, v, mask):
+    torch.testing.assert_close(out.double(), truth(q, k, v, mask), rtol=1e-4, atol=1e-5)
+
+
+def padded_causal(lengths, Tq, Tk, end=None, left=True):
+    """HF's mask for rows holding ``lengths`` real tokens, left- (or right-) padded so that
+    every row's tokens end at slot ``end`` (default Tk), queries the last Tq of them."""
+    end = Tk if end is None else end
+    j = torch.arange(Tk)
+    q_pos = end - Tq + torch.arange(Tq)
+    rows = []
+    for n in lengths:
+        keep = (j >= end - n) & (j < end) if left else j < n
+        rows.append(keep[None, :] & (j[None, :] <= q_pos[:, None]))
+    return torch.stack(rows)[:, None].to(DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def fresh_counts():
+    FALLBACKS.clear()
+    yield
+
+
+@pytest.mark.parametrize("Tq", [7, 1, 3])
+def test_left_padded_static_cache_uses_the_kernels(Tq):
+    """A static cache of 16 slots, prompts left-padded to 7 tokens: prefill (Tq 7) and decode
+    steps (Tq 1, 3) keep keys [s_b, e) with the same e < Tk in every row."""
+    Tk, end = 16, 7 if Tq == 7 else 10
+    q, k, v = qkv(B=3, Tq=Tq, Tk=Tk)
+    mask = padded_causal([7, 4, 2 + (end - 7)], Tq, Tk, end=end)
+    check(attend(q, k, v, mask), q, k, v, mask)
+    assert not FALLBACKS, FALLBACKS
+
+
+def test_left_padded_static_cache_generation_has_no_fallback():
+    from test_patch import build, ids
+
+    import fastllama
+
+    model = build("llama-gqa").eval()
+    x = ids(batch=3, seq=9)
+    pad = torch.ones_like(x)
+    pad[0, :4] = 0
+    pad[2, :1] = 0
+    x = x.masked_fill(pad == 0, 0)
+    kw = dict(attention_mask=pad, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+              cache_implementation="static")
+    expected = model.generate(x, **kw)
+    FALLBACKS.clear()
+    fastllama.patch(model)
+    assert torch.equal(model.generate(x, **kw), expected)
+    assert not FALLBACKS, FALLBACKS
+
+
+def test_prefix_masks_of_different_lengths_with_grad_use_varlen():
+    """A static cache's decode-shaped mask while autograd records (no decode kernel)."""
+    q, k, v = qkv(Tq=3, Tk=12)
+    q.requires_grad_(True)
+    mask = torch.stack([padded_causal([n], 3, 12, end=n, left=False)[0] for n in (5, 9)])
+    out = attend(q, k, v, mask)
+    check(out, q, k, v, mask)
+    assert not FALLBACKS, FALLBACKS
+    out.sum().backward()
+    assert q.grad is not None
+
+
+def test_dropout_without_mask_attends_as_attend_does():
+    """With dropout (SDPA fallback) and no mask, one decoding query sees every key, not only the
+    first (SDPA's is_causal is top-left); p so small that nothing is dropped."""
+    q, k, v = qkv(Tq=1, Tk=7)
+    out = attend(q, k, v, None, dropout=1e-12)
+    check(out, q, k, v, torch.ones(1, 1, 1, 7, dtype=torch.bool, device=DEVICE))
+    assert FALLBACKS["attention dropout > 0"] == 1
+    window = (2, 0)  # and a sliding window is kept too
+    q, k, v = qkv(Tq=6, Tk=6)
+    out = attend(q, k, v, None, window=window, dropout=1e-12)
+    i = torch.arange(6, device=DEVICE)
+    check(out, q, k, v, (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - 2))
+
+
+def test_a_mask_edited_in_place_is_looked_at_again():
+    q, k, v = qkv(Tq=9, Tk=9)
+    mask = padded_causal([9, 5], 9, 9)
+    check(attend(q, k, v, mask), q, k, v, mask)
+    mask.copy_(padded_causal([3, 8], 9, 9))  # same object, new contents
+    check(attend(q, k, v, mask), q, k, v, mask)
+    assert not FALLBACKS, FALLBACKS
+
+
+@pytest.mark.parametrize("shape", ["batch", "query", "both"])
+def test_masks_that_broadcast(shape):
+    q, k, v = qkv(B=2, Tq=5, Tk=5)
+    i = torch.arange(5, device=DEVICE)
+    if shape == "batch":  # (1, 1, Tq, Tk): one causal mask for the batch
+        mask = (i[None, :] <= i[:, None])[None, None]
+    elif shape == "query":  # (B, 1, 1, Tk): key padding only, non-causal
+        mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool, device=DEVICE)[:, None, None]
+    else:  # (Tk,)
+        mask = torch.tensor([1, 1, 1, 0, 0], dtype=torch.bool, device=DEVICE)
+    check(attend(q, k, v, mask, causal=shape == "batch"), q, k, v, mask)
+    assert not FALLBACKS, FALLBACKS
+
+
+def test_a_mask_that_does_not_broadcast_is_refused():
+    q, k, v = qkv(B=2, Tq=5, Tk=5)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attend(q, k, v, torch.ones(3, 1, 5, 5, dtype=torch.bool, device=DEVICE))
+
+
+def test_per_head_masks():
+    q, k, v = qkv(B=2, Hq=4, Tq=6, Tk=6)
+    causal = padded_causal([6, 4], 6, 6)
+    same = causal.expand(2, 4, 6, 6).clone()  # one mask repeated per head: the kernels
+    check(attend(q, k, v, same), q, k, v, same)
+    assert not FALLBACKS, FALLBACKS
+    differ = same.clone()
+    differ[:, 1, :, 0] = False  # head 1 never sees key 0: SDPA, counted
+    check(attend(q, k, v, differ), q, k, v, differ)
+    assert FALLBACKS["mask differs between heads"] == 1
+
+
+def test_padding_mask_under_torch_compile_fullgraph():
+    q, k, v = qkv(Tq=8, Tk=8)
+    mask = padded_causal([8, 5], 8, 8)
+    compiled = torch.compile(attend, backend="eager", fullgraph=True)
+    check(compiled(q, k, v, mask), q, k, v, mask)
+    assert FALLBACKS["mask under torch.compile"] == 1
+
