@@ -16,6 +16,9 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   them: 0 where it shows them no key (left padding), and attention over their row's whole run
   where it shows them all of it (right padding, causal: a second, non-causal varlen call), so
   a loss over padded positions matches HF's too.
+* several sequences in each row, each attending only to itself (position_ids that restart:
+  padding-free packing): varlen flash attention on the flattened batch, sequence boundaries
+  read off the mask.
 * anything else (custom masks, a mask that differs between heads, dropout, any mask while
   torch.compile traces): PyTorch SDPA with the mask, counted in :data:`FALLBACKS` so nothing
   slow happens silently.
@@ -48,7 +51,7 @@ FALLBACKS: collections.Counter = collections.Counter()
 
 @dataclasses.dataclass
 class _Plan:
-    kind: str  # "prefix", "runs" or "other"
+    kind: str  # "prefix", "runs", "packed" or "other"
     lengths: torch.Tensor | None = None  # (B,) keys kept per row
     starts: torch.Tensor | None = None  # (B,) first kept key ("runs")
     # "runs", Tq == Tk: flat indices (b * Tq + t) of the padding queries that the mask lets see
@@ -57,6 +60,7 @@ class _Plan:
     # keys at and past this slot are masked for every query (the unwritten end of a static
     # cache): the plan is for k[:, :, :key_end]
     key_end: int | None = None
+    cu_seqlens: torch.Tensor | None = None  # "packed": sequence boundaries in the flattened (B * T) tokens
     reason: str = "mask is not causal attention over one run of tokens per row"  # "other": why
 
 
@@ -127,6 +131,25 @@ def _runs_plan(m, keep_k, n, s, causal, window) -> _Plan | None:
     return None
 
 
+def _packed_plan(m, causal, window) -> _Plan | None:
+    """Several sequences packed in each row (HF's mask for position_ids that restart, as
+    padding-free training collators make): query i sees key j iff both are in the same sequence
+    (and causal / window allow it). A sequence starts where a query does not see the key before
+    it; the plan holds their boundaries in the flattened B * T tokens, for varlen attention."""
+    B, T, _ = m.shape
+    i = torch.arange(T, device=m.device)
+    starts = torch.ones(B, T, dtype=torch.bool, device=m.device)
+    starts[:, 1:] = ~m[:, i[1:], i[1:] - 1]
+    seq = starts.cumsum(-1)
+    expected = (seq[:, :, None] == seq[:, None, :]) & _window_allows(i[:, None], i[None, :], window)
+    if causal:
+        expected &= i[None, :] <= i[:, None]
+    if not torch.equal(m, expected):
+        return None
+    cu = F.pad(starts.flatten().nonzero().squeeze(1), (0, 1), value=B * T).to(torch.int32)
+    return _Plan("packed", cu_seqlens=cu)
+
+
 def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
     """Which kernel-shaped mask is ``mask`` (broadcastable to ``shape`` = (B, Hq, Tq, Tk))?
     A few host syncs, once per mask object (HF passes the same one to every layer)."""
@@ -164,6 +187,8 @@ def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
                     plan = _runs_plan(m[..., :e], keep_k[:, :e], n, s, causal, window)
                     if plan is not None:
                         plan.key_end = e
+        if plan is None and Tq == Tk:
+            plan = _packed_plan(m, causal, window)
         plan = plan or _Plan("other")
     _last_plan = (mask, key, plan)
     return plan
@@ -251,6 +276,11 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
         plan = dataclasses.replace(plan, kind="runs", starts=torch.zeros_like(plan.lengths))
     if plan.kind == "runs":
         return _varlen(q, k, v, plan, causal, scale, window, deterministic)
+    if plan.kind == "packed":  # (B, H, T, D) -> (1, H, B * T, D) views, as projections lay them out
+        out = ops.flash_attention(*(t.transpose(1, 2).reshape(1, -1, t.shape[1], t.shape[3]).transpose(1, 2)
+                                    for t in (q, k, v)), causal=causal, scale=scale, window=window,
+                                  cu_seqlens=plan.cu_seqlens, deterministic=deterministic)
+        return out.transpose(1, 2).reshape(B, Tq, Hq, -1).transpose(1, 2)
     FALLBACKS[plan.reason] += 1
     return _sdpa(q, k, v, mask, False, scale, 0.0)
 

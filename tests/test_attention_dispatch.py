@@ -155,3 +155,61 @@ def test_padding_mask_under_torch_compile_fullgraph():
     check(compiled(q, k, v, mask), q, k, v, mask)
     assert FALLBACKS["mask under torch.compile"] == 1
 
+
+
+def packed_mask(lengths_per_row, causal=True, window=None):
+    """HF's mask for position_ids that restart: block diagonal, one block per sequence."""
+    rows = []
+    for lengths in lengths_per_row:
+        seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        i = torch.arange(len(seq))
+        m = seq[:, None] == seq[None, :]
+        m &= attention._window_allows(i[:, None], i[None, :], window)
+        rows.append(m & (i[None, :] <= i[:, None]) if causal else m)
+    return torch.stack(rows)[:, None].to(DEVICE)
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, (3, 0))])
+def test_packed_sequences_use_varlen(causal, window):
+    q, k, v = qkv(B=2, Tq=13, Tk=13)
+    q.requires_grad_(True)
+    mask = packed_mask([[5, 1, 7], [13]], causal, window)
+    out = attend(q, k, v, mask, causal=causal, window=window)
+    check(out, q, k, v, mask)
+    assert not FALLBACKS, FALLBACKS
+    out.sum().backward()
+    assert q.grad is not None
+
+
+def test_packed_training_batch_matches_and_uses_the_kernels():
+    """Padding-free training: two rows, each several sequences, position_ids restarting (HF
+    builds the block-diagonal mask when there is no cache and no attention_mask)."""
+    from test_patch import build, ids
+
+    import fastllama
+
+    model = build("mistral-window").train()
+    x = ids(batch=2, seq=20)
+    position_ids = torch.tensor([list(range(7)) + list(range(13)), list(range(4)) + list(range(16))], device=DEVICE)
+
+    def run():  # logits, loss, and a gradient (a patched model's loss builds no logits)
+        kw = dict(input_ids=x, position_ids=position_ids, use_cache=False)
+        with torch.no_grad():
+            logits = model(**kw).logits
+        loss = model(**kw, labels=x).loss
+        loss.backward()
+        grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        model.zero_grad()
+        return logits, loss.detach(), grad
+
+    expected, expected_loss, expected_grad = run()
+    with torch.no_grad():
+        unpacked = model(input_ids=x, position_ids=position_ids).logits  # a cache: HF does not unpack
+    assert (unpacked - expected).abs().max() > 1e-3  # the packing matters
+    fastllama.patch(model)
+    FALLBACKS.clear()
+    out, loss, grad = run()
+    assert not FALLBACKS, FALLBACKS
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-5)
