@@ -284,6 +284,56 @@ def test_upstream_gradient_scales_the_precomputed_gradients():
     torch.testing.assert_close(weight.grad, w.grad)
 
 
+def _fp16_weight_grad_errors(hidden, weight, labels, upstream, rows=slice(None), **kwargs):
+    """Relative error (L2) of weight.grad[rows] vs float64 truth: fastllama's, and PyTorch's own
+    in fp16 (an fp16 LM head, the loss on .float() logits, as HF computes it)."""
+    def grad(fn, dtype):
+        w = weight.detach().to(dtype).requires_grad_()
+        (fn(hidden.detach().to(dtype), w) * upstream).backward()
+        return w.grad.double()
+
+    truth = grad(lambda x, w: F.cross_entropy(F.linear(x, w), labels, **kwargs), torch.float64)
+    ours = grad(lambda x, w: ops.linear_cross_entropy(x, w, labels, **kwargs), torch.float16)
+    torch_fp16 = grad(lambda x, w: F.cross_entropy(F.linear(x, w).float(), labels, **kwargs), torch.float16)
+    assert torch.isfinite(ours).all()
+    def error(g):
+        return ((g - truth)[rows].norm() / truth[rows].norm()).item()
+
+    return error(ours), error(torch_fp16)
+
+
+def test_fp16_gradients_take_the_upstream_gradient_before_rounding():
+    """fp16's exponent range: gradients rounded at the reduction's scale before the upstream
+    factor arrives underflow (mean, under a GradScaler's 2**16 loss scale: the softmax terms of
+    rows never targeted were 6x worse than PyTorch's here) or overflow (sum, then divided by N:
+    inf where PyTorch is finite)."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(1024, 16, generator=gen).to(DEVICE)
+    weight = (torch.randn(8000, 16, generator=gen) / 2).to(DEVICE)
+    labels = torch.randint(0, 100, (1024,), generator=gen).to(DEVICE)
+    ours, theirs = _fp16_weight_grad_errors(hidden, weight, labels, 2.0**16, rows=slice(100, None))
+    assert ours <= 3 * theirs, (ours, theirs)
+    n = 8192  # sum: a frequent target's weight-gradient row reaches N * |h| ~ 1e5 > fp16's 65504
+    hidden = (12 + torch.randn(n, 16, generator=gen)).to(DEVICE)
+    weight = (torch.randn(64, 16, generator=gen) / 8).to(DEVICE)
+    labels = torch.where(torch.rand(n, generator=gen) < 0.9, 0, torch.randint(0, 64, (n,), generator=gen)).to(DEVICE)
+    ours, theirs = _fp16_weight_grad_errors(hidden, weight, labels, 1.0 / n, reduction="sum")
+    assert ours <= 3 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_loss_can_be_scaled_in_place(reduction):
+    """Gradient accumulation's ``loss /= steps`` (autograd refused it on a view output)."""
+    hidden, weight, labels = _inputs()
+    loss = ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    loss /= 4
+    loss.backward()
+    x, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    (reference.linear_cross_entropy(x, w, labels, reduction=reduction) / 4).backward()
+    torch.testing.assert_close(hidden.grad, x.grad)
+    torch.testing.assert_close(weight.grad, w.grad)
+
+
 def test_torch_compile_fullgraph_matches_eager():
     hidden, weight, labels = _inputs(2, 17, 16, 300)
 

@@ -294,8 +294,22 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bi
     with torch.autocast(hidden.device.type, enabled=False):  # the matmuls run in the inputs' dtype
         losses, gh, gw, gb = _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss,
                                          softcap if softcap > 0 else None, want_gh, want_gw, want_gb, chunk_rows)
-    loss = losses if reduction == "none" else (losses.sum() * scale).reshape(())
+    # (losses.sum() * scale).reshape(()) would be a view: autograd then refuses ``loss /= steps``
+    loss = losses if reduction == "none" else losses.sum() * scale.reshape(())
     return loss, gh, gw, gb
+
+
+def _gradients_in_backward(reduction: str, dtype: torch.dtype) -> bool:
+    """Whether the gradients wait for the upstream gradient instead of being made in the forward.
+
+    "none": each row has its own upstream factor. fp16: its 5-bit exponent cannot hold gradients
+    rounded before the upstream factor is known: at the reduction's scale 1/N the softmax terms
+    underflow (a GradScaler's loss scale of 2**16 comes too late to save them), and "sum" can
+    overflow to inf. PyTorch multiplies the fp32 logit gradients by the upstream gradient first,
+    then rounds; so does the backward here, at the cost of recomputing the logits (one GEMM).
+    bf16 has fp32's exponent range and keeps the cheaper forward schedule.
+    """
+    return reduction == "none" or dtype == torch.float16
 
 
 @_lce_op.register_fake
@@ -310,13 +324,14 @@ def _(hidden, weight, labels, bias, scale, reduction, ignore_index, z_loss, soft
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, labels, bias, _scale, reduction, ignore_index, z_loss, softcap, *_rest, chunk_rows = inputs
+    hidden, weight, labels, bias, scale, reduction, ignore_index, z_loss, softcap, *_rest, chunk_rows = inputs
     ctx.reduction = reduction
     ctx.has_bias = bias is not None
-    if reduction == "none":
-        # Gradients depend on the per-token upstream gradient: keep the inputs, recompute later.
+    ctx.deferred = _gradients_in_backward(reduction, hidden.dtype)
+    if ctx.deferred:
+        # Gradients depend on the upstream gradient: keep the inputs, recompute later.
         ctx.options = (ignore_index, z_loss, softcap, chunk_rows)
-        ctx.save_for_backward(hidden, weight, labels, bias)
+        ctx.save_for_backward(hidden, weight, labels, bias, scale)
     else:
         # Gradients were computed in the forward, already scaled by the reduction's factor.
         ctx.save_for_backward(*output[1:])
@@ -331,10 +346,12 @@ def _backward(ctx, grad_loss, _g1, _g2, _g3):
                            "not by differentiable ops (backward(create_graph=True) is not supported)")
     need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
     need_b = need_b and ctx.has_bias
-    if ctx.reduction == "none":
-        hidden, weight, labels, bias = ctx.saved_tensors
+    if ctx.deferred:
+        hidden, weight, labels, bias, scale = ctx.saved_tensors
         ignore_index, z_loss, softcap, chunk_rows = ctx.options
-        _, gh, gw, gb = _lce_op(hidden, weight, labels, bias, grad_loss.float(), "none", ignore_index, z_loss,
+        # per row: the upstream gradient ("none"), or the reduction's factor times it
+        upstream = grad_loss.float() if ctx.reduction == "none" else (scale * grad_loss.float()).reshape(1)
+        _, gh, gw, gb = _lce_op(hidden, weight, labels, bias, upstream, "none", ignore_index, z_loss,
                                 softcap, need_h, need_w, need_b, False, chunk_rows)
     else:
         # The gradients were computed in the forward and are scaled in place (no second copy of
@@ -491,6 +508,9 @@ def linear_cross_entropy(
     The gradients of "mean"/"sum" are computed during the forward (when grad is enabled and an
     input requires it) and only scaled in the backward; a second backward through the same
     graph (``retain_graph=True``) raises. Under ``torch.no_grad()`` no gradient work is done.
+    fp16 inputs (and "none") compute the gradients in the backward instead, recomputing the
+    logits: rounded to fp16 before the upstream gradient (a loss scale) is applied, they would
+    underflow or overflow where PyTorch's do not.
     """
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
         # What ``lm_head`` (F.linear) does under autocast: operands in the autocast dtype.
@@ -507,7 +527,7 @@ def linear_cross_entropy(
         weight_grad = torch.is_grad_enabled() and weight.requires_grad
         chunk_rows = chunk_rows_for(h2.shape[0], h2.shape[1], weight.shape[0], h2.dtype, weight_grad)
     scale = _scale(lab, ignore_index, reduction, num_items_in_batch, hidden.device)
-    grad = torch.is_grad_enabled() and reduction != "none"
+    grad = torch.is_grad_enabled() and not _gradients_in_backward(reduction, h2.dtype)
     loss, *_ = _lce_op(h2, weight, lab, bias, scale, reduction, ignore_index, float(z_loss),
                        float(softcap) if softcap is not None else 0.0,
                        grad and hidden.requires_grad, grad and weight.requires_grad,
