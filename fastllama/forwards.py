@@ -76,9 +76,8 @@ def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index
         bias = lm_head.bias.to(dtype) if lm_head.bias is not None else None
         loss = ops.linear_cross_entropy(h.to(dtype), weight.to(dtype), labels, ignore_index=ignore_index,
                                         bias=bias, num_items_in_batch=num_items_in_batch)
-        # HF Trainer scales the loss in place (``loss *= num_processes``): autograd refuses that on
-        # a view output of a multi-output op, and FSDP2 would lose the head's pre-backward hook.
-        # Always a copy (one scalar): asking ``loss._is_view()`` broke torch.compile's graph here.
+        # HF Trainer scales the loss in place (``loss *= num_processes``): on the op's own output
+        # FSDP2 would lose the head's pre-backward hook, so the caller gets a copy (one scalar).
         return loss.clone()
 
     if _bypassable(lm_head):
