@@ -202,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if getattr(args, "dtype", None) == "bfloat16" and _interpreting():
+        print(f"fastllama {args.command}: error: --dtype bfloat16 needs a GPU: on the CPU the kernels run under "
+              "the Triton interpreter, whose bf16 tl.dot multiplies raw bits (triton-lang/triton#11584) and whose "
+              "bf16 casts truncate, so results would be wrong; use --dtype float32 (or float16) here", file=sys.stderr)
+        return 2
     return COMMANDS[args.command][2](args)
 
 

@@ -76,7 +76,7 @@ class GenerationStats:
 
     batch: int = 0
     prompt_tokens: int = 0
-    new_tokens: int = 0  # generated tokens over all sequences, the first (from prefill) included
+    new_tokens: int = 0  # tokens generated, stop tokens and the first (from prefill) included, pads not
     prefill_s: float = 0.0
     decode_s: float = 0.0  # every step after prefill
     steps: int = 0  # decode steps run after prefill (after an early stop, the one launched past it too)
@@ -301,7 +301,9 @@ class Generator:
 
     def _step(self, st: _State, generator=None) -> None:
         """One decode step on the static buffers: feed ``st.token``, sample the next one."""
-        logits = self._forward(st.token[:, None], st.seqlens, None)
+        # A finished sequence's token is its pad, which need not be a valid id (-1 marks padding
+        # for Tokenizer.decode): feed 0 instead; its logits are ignored anyway.
+        logits = self._forward(torch.where(st.done, 0, st.token)[:, None], st.seqlens, None)
         self._advance(st, logits, generator)
         st.seqlens += 1
 
@@ -390,7 +392,7 @@ class Generator:
         st.seqlens.copy_(lens_dev)
         out = [st.token.clone()]
         reader = _HostReader(out[0])
-        host_done = [False] * B
+        host_done, produced = [False] * B, 0
         t1 = None if reader.cuda else time.perf_counter()  # eager CPU: prefill is done here
         for i in range(max_new_tokens):
             # Launch step i + 1 BEFORE waiting for token i: the device never idles on the host.
@@ -406,6 +408,7 @@ class Generator:
                 t1 = time.perf_counter()  # prefill done (its token is on the host)
             if launched:
                 reader.start(out[-1])
+            produced += host_done.count(False)  # a finished sequence's pad is no new token
             host_done = [d or (t in sampling.stop) for d, t in zip(host_done, ids)]
             if streamer is not None:
                 streamer.put(ids)
@@ -418,7 +421,7 @@ class Generator:
             streamer.end()
         # decode_s covers every step launched, the dropped one after an early stop included
         steps = len(out) - 1
-        self.stats = GenerationStats(B, int(lens.sum()), B * n, t1 - t0, t2 - t1, steps, st.graph is not None)
+        self.stats = GenerationStats(B, int(lens.sum()), produced, t1 - t0, t2 - t1, steps, st.graph is not None)
         new = torch.stack(out[:n], dim=1).cpu()
         if not as_lists:
             return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
@@ -505,7 +508,9 @@ def generate(model, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | N
     """One-shot :meth:`Generator.generate` with a cache sized for this call (see there for the
     arguments and return value). Reuse a :class:`Generator` to keep its cache and CUDA graphs."""
     if isinstance(input_ids, torch.Tensor):
-        batch, longest = input_ids.shape[0], input_ids.shape[-1]
+        if input_ids.dim() != 2:  # before sizing a cache from its shape
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        batch, longest = input_ids.shape
     else:
         batch, longest = len(input_ids), max((len(p) for p in input_ids), default=0)
     gen = Generator(model, max(batch, 1), max(longest + max(max_new_tokens, 0), 1), cuda_graph=cuda_graph,

@@ -248,6 +248,38 @@ def test_zero_new_tokens_updates_stats_and_ends_the_stream(model):
         gen.generate(["123"], 2)
 
 
+def test_finished_sequences_with_an_invalid_pad_id_and_token_counts(model):
+    """pad_token_id -1 (padding for Tokenizer.decode): a finished sequence's pad is not fed to
+    the embedding (an index error once one of two sequences had stopped); stats count real
+    tokens, stop included, pads not."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    gen = Generator(model, 2, 16)
+    free = gen.generate(prompts, 6, stop_tokens=[])
+    stop = free[0][4]  # sequence 0 stops at its second new token
+    assert stop not in free[1][4:], "pick prompts whose second sequence does not stop"
+    out = gen.generate(prompts, 6, stop_tokens=[stop], pad_token_id=-1)
+    assert out == [free[0][:5], free[1]]
+    assert gen.stats.new_tokens == 2 + 6
+    ids = torch.tensor([[0] + prompts[0], prompts[1]], device=DEVICE)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], device=DEVICE)
+    padded = generate(model, ids, 6, attention_mask=mask, stop_tokens=[stop], pad_token_id=-1)
+    assert padded[0, 4:].tolist() == free[0][3:5] + [-1] * 4
+
+
+def test_a_one_dimensional_prompt_is_refused_before_a_cache_is_built(model, monkeypatch):
+    import fastllama.generate as generation
+
+    monkeypatch.setattr(generation, "Generator", lambda *a, **k: pytest.fail("a cache was sized from a 1-D shape"))
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\)"):
+        generate(model, torch.arange(3, 40, device=DEVICE), 4)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="bfloat16 is refused only under the Triton interpreter")
+def test_cli_refuses_bfloat16_under_the_interpreter(checkpoint, capsys):
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hi", "--dtype", "bfloat16"]) == 2
+    assert "--dtype bfloat16 needs a GPU" in capsys.readouterr().err
+
+
 # GPU-only paths (real CUDA graphs) run in gpu_check.sh's first test stage: skipif, not cuda_only
 # (that marker is for the slow shape matrix, which runs last).
 @pytest.mark.skipif(INTERPRETER, reason="real CUDA graphs need a GPU")
