@@ -157,3 +157,24 @@ def test_bad_input_is_rejected_before_launch():
         ops.swiglu_linear(g, g[:, :8], torch.randn(8, 16, device=DEVICE))
     with pytest.raises(ValueError, match="weight has shape"):
         ops.swiglu_linear(g, g, torch.randn(8, 15, device=DEVICE))
+
+
+def test_unused_outputs_leave_their_weights_without_a_gradient():
+    """As nn.Linear: a projection (or the norm) whose output the loss never uses gets grad None,
+    not zeros (an optimizer with weight decay moves a zero-grad parameter, skips a None one)."""
+    x, r = (torch.randn(3, 5, 32, device=DEVICE, requires_grad=True) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(32, device=DEVICE)).requires_grad_()
+    wq, wk = (torch.randn(o, 32, device=DEVICE, requires_grad=True) for o in (16, 8))
+    q, k, s = ops.rms_norm_linear(x, w, [wq, wk], residual=r)
+    q.sum().backward()
+    assert wq.grad is not None and wk.grad is None and w.grad is not None
+    for p in (x, r, w, wq):
+        p.grad = None
+    q, k, s = ops.rms_norm_linear(x, w, [wq, wk], residual=r)
+    (2 * s).sum().backward()  # only the residual stream
+    assert wq.grad is None and w.grad is None
+    assert torch.equal(x.grad, torch.full_like(x, 2.0)) and torch.equal(r.grad, x.grad)
+    x.grad = r.grad = None
+    y, s = ops.rms_norm(x, w, residual=r)
+    (2 * s).sum().backward()
+    assert w.grad is None and torch.equal(x.grad, torch.full_like(x, 2.0)) and torch.equal(r.grad, x.grad)

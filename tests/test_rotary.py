@@ -175,3 +175,24 @@ def test_inplace_on_views_with_grad_compiles():
     (g_compiled,) = torch.autograd.grad(compiled, x)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+
+
+def test_hf_signature_unsqueeze_dim_and_keyword_only_inplace():
+    """HF's fifth argument is unsqueeze_dim (2: q, k as (B, T, H, D)); it was ``inplace``, so a
+    call written for HF rotated the caller's q and k in place. Old HF passed position_ids there."""
+    q, k = _qk(dtype=torch.float32, transposed=False)
+    _, _, cos, sin = _cos_sin(2, 33, 64, torch.float32)
+    q_bthd, k_bthd = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+    before = q_bthd.clone()
+    got = ops.apply_rotary_pos_emb(q_bthd, k_bthd, cos, sin, 2)
+    expect = reference.apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(q_bthd, before)  # not in place
+    for g, e in zip(got, expect):
+        assert g.shape == e.transpose(1, 2).shape
+        torch.testing.assert_close(g, e.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    for bad in (True, 3, torch.tensor([[7]])):
+        with pytest.raises(ValueError, match="unsqueeze_dim"):
+            ops.apply_rotary_pos_emb(q, k, cos, sin, bad)
+    with pytest.raises(TypeError):
+        ops.apply_rotary_pos_emb_from_positions(q, k, _cos_sin(2, 33, 64, torch.float32)[0],
+                                                reference.rope_inv_freq(64, 500000.0).to(DEVICE), True)

@@ -203,3 +203,26 @@ def test_cpu_tensor_without_interpreter(monkeypatch, no_launch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="gate is on device cpu"):
         ops.swiglu(torch.randn(2, 8), torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_inplace_backward_has_no_double_backward(fused):
+    """The in-place kernels have no derivative: create_graph raises (it gave second-order
+    gradients off by 100%)."""
+    x = _t(3, 2 * 32, dtype=torch.float32).requires_grad_()
+    gate_up = x * 2  # an activation, not a leaf: in-place backward allowed
+    out = ops.swiglu_fused(gate_up, True) if fused else ops.swiglu(*gate_up.chunk(2, -1), True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+def test_fused_inplace_backward_with_an_expanded_gate_up_runs_out_of_place():
+    """Rows of an expanded gate_up share memory: writing their gradients in place summed them
+    over each other (dx 360 off at magnitude 100)."""
+    x = _t(1, 24, dtype=torch.float32).requires_grad_()
+    w = _t(64, 24, dtype=torch.float32)
+    go = _t(5, 32, dtype=torch.float32)  # rows differ (with equal rows the overwrites agreed)
+    (ops.swiglu_fused((x @ w.t()).expand(5, 64), inplace_backward=True) * go).sum().backward()
+    x2 = x.detach().double().requires_grad_()
+    (reference.swiglu(*((x2 @ w.double().t()).expand(5, 64)).chunk(2, -1)) * go.double()).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad.float(), rtol=1e-5, atol=1e-4)

@@ -86,6 +86,8 @@ class _NormLinears(torch.autograd.Function):
         ctx.eps, ctx.mm_dtype, ctx.n = eps, mm_dtype, n
         ctx.has_bias = tuple(b is not None for b in biases)
         ctx.save_for_backward(s if ctx.has_residual else x, norm_weight, rstd, *weights)
+        # unused outputs get None, not zeros: their weights get no gradient (None, as nn.Linear's)
+        ctx.set_materialize_grads(False)
         return outs + ((s,) if ctx.has_residual else ())
 
     @staticmethod
@@ -93,6 +95,8 @@ class _NormLinears(torch.autograd.Function):
         normed_input, norm_weight, rstd, *weights = ctx.saved_tensors
         d_outs = grads[:ctx.n]
         d_s = grads[ctx.n] if ctx.has_residual else None
+        if all(d is None for d in d_outs):  # only s = x + residual was used: nothing else gets a gradient
+            return (d_s, None, d_s, None, None, None) + (None,) * (2 * ctx.n)
         y = _rms_norm_fwd(normed_input, norm_weight, None, ctx.eps)[0]  # the recomputation
         y_mm = _rows(y.to(ctx.mm_dtype))
         need_w = ctx.needs_input_grad[6:6 + ctx.n]
@@ -110,8 +114,7 @@ class _NormLinears(torch.autograd.Function):
             contribution = (d_out @ w).to(y.dtype)
             dy = contribution if dy is None else dy + contribution
         del y_mm
-        dy = torch.zeros_like(y) if dy is None else dy.view(y.shape)
-        dx, d_norm_weight = _rms_norm_bwd(dy, d_s, normed_input, norm_weight, rstd)
+        dx, d_norm_weight = _rms_norm_bwd(dy.view(y.shape), d_s, normed_input, norm_weight, rstd)
         # d(x + residual) reaches both summands unchanged
         return (dx, d_norm_weight, dx if ctx.has_residual else None, None, None, None, *d_weights, *d_biases)
 

@@ -118,11 +118,17 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
     # Only the normalised input (not an fp32 copy) and the per-row rstd are kept.
     ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
+    # An unused output's gradient stays None (not zeros): with only s used, weight gets no
+    # gradient (None, as for HF's modules; an optimizer skips it) and no kernel runs.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, ds_out, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = _rms_norm_bwd(dy, ds_out if ctx.has_residual else None, x, weight, rstd)
+    ds_out = ds_out if ctx.has_residual else None
+    if dy is None:  # only s = x + residual was used
+        return ds_out, None, ds_out, None
+    dx, dw = _rms_norm_bwd(dy, ds_out, x, weight, rstd)
     # d(x + residual) reaches both summands unchanged, as in PyTorch's own add backward.
     return dx, dw, (dx if ctx.has_residual else None), None
 

@@ -187,7 +187,7 @@ def _check_bt(name: str, t: torch.Tensor, batch: int, seq_len: int, batched_dims
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         inplace: bool = False):
+                         unsqueeze_dim: int = 1, *, inplace: bool = False):
     """HF ``apply_rotary_pos_emb``: ``q * cos + rotate_half(q) * sin`` (and k), one launch.
 
     Args:
@@ -196,7 +196,9 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         cos, sin: (B, T, D), (1, T, D) or (T, D), any float dtype (read as fp32; normally fp32
             or q's dtype), unit stride in D. A rotary dim smaller than D (partial rotary) is not
             supported and is rejected.
-        inplace: rotate q and k in place and return them (works under autograd too; for views
+        unsqueeze_dim: HF's argument: 1 for the (B, H, T, D) layout above, 2 for q, k in
+            (B, T, H, D) (served as transposed views; the results are in that layout too).
+        inplace: keyword only; rotate q and k in place and return them (works under autograd too; for views
             that require grad, such as HF's transposed projections, through one temporary and a
             copy). q and k must not share elements (k is q, overlapping views, expanded dims): a
             ValueError.
@@ -205,6 +207,13 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         (q_rotated, k_rotated), new tensors in the layout of q and k unless ``inplace``. Math in
         fp32, one rounding to q's dtype. Gradients flow to q and k, not to cos/sin.
     """
+    if isinstance(unsqueeze_dim, bool) or not isinstance(unsqueeze_dim, int) or unsqueeze_dim not in (1, 2):
+        raise ValueError(f"unsqueeze_dim must be 1 (q, k as (B, H, T, D)) or 2 ((B, T, H, D)), got {unsqueeze_dim!r}")
+    if unsqueeze_dim == 2:
+        check_tensor("q", q, ndim=(4,))
+        check_tensor("k", k, ndim=(4,))
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, inplace=inplace)
+        return q.transpose(1, 2), k.transpose(1, 2)
     _validate_qk(q, k)
     b, _, t, d = q.shape
     for name, c in (("cos", cos), ("sin", sin)):
@@ -226,7 +235,7 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 
 
 def apply_rotary_pos_emb_from_positions(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
-                                        inv_freq: torch.Tensor, inplace: bool = False):
+                                        inv_freq: torch.Tensor, *, inplace: bool = False):
     """Rotary embedding with cos/sin computed in the kernel: none are materialised in memory.
 
     Matches HF's ``LlamaRotaryEmbedding`` + ``apply_rotary_pos_emb`` for the "default",

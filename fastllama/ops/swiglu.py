@@ -194,6 +194,9 @@ class _InplaceBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
+        if torch.is_grad_enabled():  # the in-place kernels have no derivative of their own
+            raise RuntimeError("swiglu with inplace_backward=True has no double backward (backward(create_graph=True)"
+                               "); use inplace_backward=False")
         grads = _backward_fused(ctx, d_out) if ctx.fused else _backward(ctx, d_out)
         return (None,) + (tuple(grads) if isinstance(grads, (tuple, list)) else (grads,))
 
@@ -246,7 +249,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
             (out of place) when gate and up share elements (``swiglu(x, x)``, overlapping views,
             expanded dims), when one of them does not require grad (nobody asked for its
             gradient, so its memory is not scratch) and under ``torch.compile`` (which plans
-            buffer reuse itself). Not compatible with ``retain_graph=True`` / a second backward.
+            buffer reuse itself). Not compatible with ``retain_graph=True`` / a second backward or
+            with double backward (both raise).
 
     Returns:
         A new contiguous (..., I) tensor. Backward saves gate and up only.
@@ -273,13 +277,15 @@ def swiglu_fused(gate_up: torch.Tensor, inplace_backward: bool = False) -> torch
 
     The halves are read in place as strided views (no split copy); backward writes one
     (..., 2I) gradient (or, with ``inplace_backward``, overwrites ``gate_up`` with it; see
-    :func:`swiglu`). Returns a new contiguous (..., I) tensor.
+    :func:`swiglu`; out of place for a ``gate_up`` with an expanded dim). Returns a new contiguous (..., I) tensor.
     """
     _check_input("gate_up", gate_up)
     if gate_up.shape[-1] % 2 or gate_up.shape[-1] == 0:
         raise ValueError(f"gate_up has last dim {gate_up.shape[-1]}; accepted: an even size 2*I >= 2 "
                          f"(gate first, then up)")
-    if inplace_backward and torch.is_grad_enabled() and gate_up.requires_grad and not torch.compiler.is_compiling():
+    # an expanded dim: rows would write their gradients over each other, so out of place
+    if inplace_backward and torch.is_grad_enabled() and gate_up.requires_grad and not torch.compiler.is_compiling() \
+            and not has_expanded_dim(gate_up):
         _check_inplace_ok("gate_up", gate_up)
         return _InplaceBackward.apply(True, gate_up)
     return _swiglu_fused(gate_up)
