@@ -1,6 +1,6 @@
 """The parity harness: does a kernel match pure PyTorch as well as PyTorch itself does?
 
-The rule (DESIGN.md, after flash-attention's tests): compute the truth in float64 from the SAME
+The rule (README.md, after flash-attention's tests): compute the truth in float64 from the SAME
 low-precision inputs, then compare the kernel's error with the error that the plain PyTorch op
 makes when run in the input dtype::
 

@@ -1,5 +1,5 @@
 """``fastllama.verify(model, inputs)``: every patched module against its original, on real
-activations, under the parity rule (DESIGN.md).
+activations, under the parity rule (README.md).
 
 One forward pass of the patched model records the inputs each patched module receives; then each
 module is run three ways on those inputs: patched, original in float64 (the truth) and original

@@ -16,8 +16,8 @@ configuration trains the same preset at the same (sequence length, batch):
 Warm-up steps (compilation, autotuning, allocator growth) are excluded; the reported step time
 is the median over the measured steps, each timed between two device synchronisations. Peak
 memory is ``torch.cuda.max_memory_allocated`` over the measured steps (weights, gradients and
-AdamW states included). The batch is chosen to fill the GPU: one probe step of the baseline at
-batch 1 gives its fixed and per-sequence memory, and the batch is the largest that keeps the
+AdamW states included). The batch is chosen to fill the GPU: probe steps of the baseline at
+batch 1 and 2 give its fixed and per-sequence memory, and the batch is the largest that keeps the
 baseline under 85% of the device memory (``--batch`` overrides). A configuration that runs out
 of memory is recorded as an "OOM" row, not a crash; any other failure is recorded with its error.
 

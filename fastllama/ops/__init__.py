@@ -2,7 +2,7 @@
 
 Each op lives in its own module here (validation, config choice, ``torch.autograd.Function``,
 ``torch.library`` custom-op registration) and launches kernels from ``fastllama.kernels``.
-Call conventions mirror PyTorch and Hugging Face; see DESIGN.md for the list.
+Call conventions mirror PyTorch and Hugging Face; README.md's Public API lists them.
 """
 from __future__ import annotations
 
