@@ -5,8 +5,8 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
 :func:`attend` recognises the masks that real models make and maps each onto a kernel:
 
 * ``None``: causal flash attention (HF's empty-static-cache prefill keeps only the first Tq
-  keys, top-left aligned, exactly as HF's SDPA path does); Tq <= 16 without autograd goes to the
-  decode kernel.
+  keys, top-left aligned, exactly as HF's SDPA path does), or every key when not causal;
+  Tq <= 16 without autograd goes to the decode kernel.
 * every row keeps a prefix of the keys, causal at its end (a static cache during decoding):
   the decode kernel with per-sequence ``cache_seqlens`` (or flash attention on the prefix).
 * every row keeps one contiguous run of keys: left- or right-padded batches (Tq == Tk) and
@@ -26,7 +26,9 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
 Masks that broadcast (batch or query dim 1) are read as their broadcast; one with a dim other
 than 1 or the scores' own raises ValueError. Recognising a mask compares it with the mask the
 kernel implements: a few device syncs per distinct mask tensor (HF passes the same mask object
-to every layer, so once per forward; a mask edited in place is looked at again). Under
+to every layer, so once per forward; a mask edited in place is looked at again, as far as its
+version counter sees it: not through ``.data`` or numpy, nor for a mask made under
+``torch.inference_mode()``, which has no counter; pass a new mask instead). Under
 torch.compile that inspection would break the graph in every layer, so there a mask goes to
 SDPA; HF builds none for unpadded batches (see ``forwards.hf_attention_mask``), which compile to the
 kernels.
@@ -90,8 +92,9 @@ def _expected(keep_k, q_pos, j, causal, window):
 def _implicit_mask(Tq: int, Tk: int, causal: bool, window, device) -> torch.Tensor:
     """The (1, 1, Tq, Tk) mask :func:`attend` applies when HF passes none: causal aligned
     bottom-right (query i at key slot Tk - Tq + i), one query sees every key (decoding), except
-    HF's empty-static-cache prefill (Tq > 1, Tk > Tq: keys past Tq unwritten, top-left)."""
-    static_prefill = Tq > 1 and Tk > Tq
+    HF's empty-static-cache prefill (causal, Tq > 1, Tk > Tq: keys past Tq unwritten, top-left);
+    not causal: every key (within the window)."""
+    static_prefill = causal and Tq > 1 and Tk > Tq
     q_pos = torch.arange(Tq, device=device)[:, None] + (0 if static_prefill else Tk - Tq)
     k_pos = torch.arange(Tk, device=device)[None, :]
     keep = _window_allows(q_pos, k_pos, window)
@@ -154,7 +157,8 @@ def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
     """Which kernel-shaped mask is ``mask`` (broadcastable to ``shape`` = (B, Hq, Tq, Tk))?
     A few host syncs, once per mask object (HF passes the same one to every layer)."""
     global _last_plan
-    key = (mask._version, tuple(mask.shape), shape, causal, window)
+    # an inference-mode tensor has no version counter: identity alone (see the module docstring)
+    key = (None if mask.is_inference() else mask._version, tuple(mask.shape), shape, causal, window)
     last = _last_plan
     if last is not None and last[0] is mask and last[1] == key:
         return last[2]
@@ -250,7 +254,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
         FALLBACKS["non-boolean mask"] += 1
         return _sdpa(q, k, v, mask, False, scale, 0.0)
     if mask is None:
-        if Tq > 1 and Tk > Tq:  # HF: empty static cache prefill, keys past Tq are unwritten
+        if causal and Tq > 1 and Tk > Tq:  # HF: empty static cache prefill, keys past Tq are unwritten
             k, v = k[:, :, :Tq], v[:, :, :Tq]
         if _decode_ok(q, k, v, window, causal):
             seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)

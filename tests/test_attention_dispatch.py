@@ -213,3 +213,30 @@ def test_packed_training_batch_matches_and_uses_the_kernels():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_non_causal_without_a_mask_sees_every_key():
+    """Only causal attention reads Tq > 1 < Tk without a mask as HF's empty static cache."""
+    q, k, v = qkv(Tq=4, Tk=9)
+    out = attend(q, k, v, None, causal=False)
+    check(out, q, k, v, torch.ones(1, 1, 4, 9, dtype=torch.bool, device=DEVICE))
+
+
+def test_padding_mask_made_under_inference_mode():
+    """Inference tensors have no version counter (reading it raised): plans are cached by
+    identity; a patched model with left padding runs under torch.inference_mode."""
+    from test_patch import build, ids
+
+    import fastllama
+
+    model = build("llama-gqa").eval()
+    x = ids(batch=2, seq=9)
+    pad = torch.ones_like(x)
+    pad[0, :3] = 0
+    with torch.inference_mode():
+        expected = model(input_ids=x, attention_mask=pad).logits
+        fastllama.patch(model)
+        FALLBACKS.clear()
+        out = model(input_ids=x, attention_mask=pad).logits
+    assert not FALLBACKS, FALLBACKS
+    torch.testing.assert_close(out[pad.bool()], expected[pad.bool()], rtol=1e-4, atol=1e-4)
