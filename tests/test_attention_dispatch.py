@@ -61,26 +61,6 @@ def test_left_padded_static_cache_uses_the_kernels(Tq):
     assert not FALLBACKS, FALLBACKS
 
 
-def test_left_padded_static_cache_generation_has_no_fallback():
-    from test_patch import build, ids
-
-    import fastllama
-
-    model = build("llama-gqa").eval()
-    x = ids(batch=3, seq=9)
-    pad = torch.ones_like(x)
-    pad[0, :4] = 0
-    pad[2, :1] = 0
-    x = x.masked_fill(pad == 0, 0)
-    kw = dict(attention_mask=pad, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
-              cache_implementation="static")
-    expected = model.generate(x, **kw)
-    FALLBACKS.clear()
-    fastllama.patch(model)
-    assert torch.equal(model.generate(x, **kw), expected)
-    assert not FALLBACKS, FALLBACKS
-
-
 def test_prefix_masks_of_different_lengths_with_grad_use_varlen():
     """A static cache's decode-shaped mask while autograd records (no decode kernel)."""
     q, k, v = qkv(Tq=3, Tk=12)

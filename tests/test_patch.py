@@ -157,14 +157,17 @@ def test_greedy_generation_identical(arch):
     assert torch.equal(model.generate(prompt, **kw), expected)
 
 
-def test_left_padded_batch_generation_identical():
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_left_padded_batch_generation_identical(cache):
+    """A static cache's masks keep [s_b, e) with e < Tk in every row (they fell back to SDPA)."""
     model = build("llama-gqa").eval()
     x = ids(batch=3, seq=9)
     mask = torch.ones_like(x)
     mask[0, :4] = 0
     mask[2, :1] = 0
     x = x.masked_fill(mask == 0, 0)
-    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0,
+              cache_implementation=cache)
     expected = model.generate(x, **kw)
     FALLBACKS.clear()
     fastllama.patch(model)
