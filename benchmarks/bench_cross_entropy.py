@@ -215,7 +215,7 @@ def main(argv=None) -> list[dict]:
         # results folder was chosen (FASTLLAMA_RESULTS_DIR).
         out_dir = None if os.environ.get("FASTLLAMA_RESULTS_DIR") else common.RESULTS / "memory"
         out = common.write_results("cross_entropy_memory_model", model, columns, out_dir=out_dir,
-                                   note="a CPU allocation model at shapes / 16, scaled by 16**2: an estimate of "
+                                   note="a CPU allocation model at shapes / 16, scaled by 256: an estimate of "
                                         "the GPU peak, not a GPU measurement", extra={
             "scale": 16, "what": "peak CPU-allocator bytes at tokens, hidden, vocab / 16, times 16**2 "
                                  "(bf16, fwd+bwd); an estimate of the GPU peak, not a GPU measurement",
