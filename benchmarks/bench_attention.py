@@ -128,6 +128,8 @@ def _add_ratios(rows, peak):
 
 def plot(rows, path, measurement: bool):
     """TFLOP/s vs sequence length: one panel per (direction, D, causal), a line per provider."""
+    if not rows:  # stopped before its first row (a time limit): the table says so, no plot
+        return
     import matplotlib
 
     matplotlib.use("Agg")

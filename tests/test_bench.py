@@ -12,6 +12,10 @@ from fastllama.bench import common, memory, train
 from fastllama.bench.presets import get_preset
 from fastllama.cli import main
 
+# The CLI runs the real benchmarks on a GPU (minutes each; gpu_check.sh's bench stages run them
+# there): these tests check the interpreter smoke runs, so they are for CPU-only machines.
+smoke_run_only = pytest.mark.skipif(common.on_gpu(), reason="the interpreter smoke run; on a GPU "
+                                    "the benchmarks themselves run in gpu_check.sh's bench stages")
 
 # ---------------------------------------------------------------------------------------------
 # The recorder: storages once, parameters out, ctx attributes in
@@ -55,14 +59,14 @@ def test_fake_execution_saves_the_same_tensors_as_real():
     what the real forward (kernels in the interpreter) saves, at the 1B layer shape."""
     cfg = dict(get_preset("llama-3.2-1b", layers=2).config, vocab_size=512)
     for mode in ("hf-sdpa", "hf+fastllama"):
-        real = memory.measure_mode(mode, cfg, (8,), execution="real")[0]
-        fake = memory.measure_mode(mode, cfg, (8,), execution="fake")[0]
+        real = memory.measure_mode(mode, cfg, (8,), device=common.device(), execution="real")[0]
+        fake = memory.measure_mode(mode, cfg, (8,), device=common.device(), execution="fake")[0]
         assert [d[:5] for d in fake.detail] == [d[:5] for d in real.detail], mode
         assert fake.by_part == real.by_part
 
 
 def test_memory_report_hf_vs_fastllama():
-    rows = memory.memory_report(presets=("tiny", "llama-3.2-1b"), modes=("hf-sdpa", "hf+fastllama"),
+    rows = memory.memory_report(presets=("tiny", "llama-3.2-1b"), modes=("hf-sdpa", "hf+fastllama"), device=common.device(),
                                 progress=False)
     by = {(r["preset"], r["mode"]): r for r in rows}
     assert by[("tiny", "hf-sdpa")]["execution"] == "real"
@@ -97,6 +101,7 @@ def test_oom_is_a_row_not_a_crash(monkeypatch):
     assert [r["status"] for r in rows] == ["OOM"]
 
 
+@smoke_run_only
 def test_bench_default_smoke_run(tmp_path, monkeypatch, capsys):
     """`fastllama bench` on a CPU: the tiny preset, labelled a smoke run, table printed, results
     written (JSON with the environment, markdown, PNG)."""
@@ -149,6 +154,8 @@ def test_attention_tuning_rows_and_no_plot_for_them(tmp_path, monkeypatch):
     from fastllama.bench.plots import plot_missing
 
     assert plot_missing(tmp_path) == []
+    bench_attention.plot([], tmp_path / "none.png", False)  # a run stopped before its first row
+    assert not (tmp_path / "none.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +210,7 @@ def test_profile_summary_rows():
     assert rows[0]["top kernel"] == long_name[:67] + "..."
 
 
+@smoke_run_only
 def test_bench_train_profile_writes_a_table_and_a_plot(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))  # (--out sets it; restored after)
     assert main(["bench", "train", "--quick", "--profile", "--configs", "hf-sdpa", "--out", str(tmp_path),
@@ -216,6 +224,7 @@ def test_bench_train_profile_writes_a_table_and_a_plot(tmp_path, capsys, monkeyp
     assert "![train-tiny-profile](train-tiny-profile.png)" in (tmp_path / "train-tiny-profile.md").read_text()
 
 
+@smoke_run_only
 def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch):
     """`fastllama bench ops` and `bench decode` off-GPU: every script runs its tiny interpreter
     case and writes the shared results format, labelled as a smoke run (a missing re-export in
@@ -231,6 +240,7 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
     assert decode["fastllama"]["tokens/s"] > 0 and "error" not in decode["fastllama"]
 
 
+@smoke_run_only
 def test_pytest_benchmark_tests_pass_off_gpu():
     """benchmarks/ holds the op benchmarks as pytest-benchmark tests (one tiny interpreter case
     each off-GPU); CI runs tests/ only, so they are run from here."""

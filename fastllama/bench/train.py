@@ -120,6 +120,8 @@ def unavailable(config: str) -> str | None:
             import liger_kernel.transformers  # noqa: F401
         except ImportError:
             return "liger-kernel not installed"
+        except Exception as e:  # an install that breaks on import: a row with the reason, not a crashed run
+            return f"liger-kernel fails to import: {type(e).__name__}: {e}"
         if not common.on_gpu():
             return "Liger-Kernel needs CUDA"
     return None
