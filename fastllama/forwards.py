@@ -49,7 +49,11 @@ def rms_norm_forward(self, hidden_states):
 
 
 def _fused_residual_norm(norm, h, residual):
-    """``norm(h + residual), h + residual`` in one kernel."""
+    """``norm(h + residual), h + residual`` in one kernel; as a call of ``norm`` when hooks
+    manage it (they may move or load its weight: accelerate's offload, FSDP2)."""
+    if not _bypassable(norm):
+        s = residual + h
+        return norm(s), s
     h, w, residual = _promote(h, norm.weight, residual)
     return ops.rms_norm(h, w, norm.variance_epsilon, residual=residual)
 
@@ -115,12 +119,22 @@ def _bypassable(*modules) -> bool:
     if (nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
             or nn_module._global_backward_pre_hooks or nn_module._global_backward_hooks):
         return False
+    # (accelerate's hooks, ``_hf_hook``, wrap the instance's forward instead: device moves, offload)
     return not any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
-                   for m in modules)
+                   or "_hf_hook" in m.__dict__ for m in modules)
+
+
+def _plain_linear(head) -> bool:
+    """The fused loss reads the head's weight (and bias): only an nn.Linear's are all it computes
+    with. ``patch`` checks this, and so does each call: a LoRA added to the head after patching
+    (PEFT swaps in its own Linear) would otherwise be left out of the loss, with no gradient."""
+    from .patching import _original_class
+
+    return _original_class(head) is torch.nn.Linear
 
 
 def _patched_with(module, *forwards) -> bool:
-    return getattr(module.__dict__.get("forward"), "__func__", None) in forwards
+    return module.__dict__.get("_fastllama", {}).get("forward") in forwards
 
 
 def _plain_linears(*modules) -> bool:
@@ -296,10 +310,10 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
     op and no logits are built (``logits`` is None); without, the original forward runs."""
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
-    if labels is None:
+    if labels is None or not _plain_linear(self.lm_head):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                  logits_to_keep=logits_to_keep, **{_hf_cache_name(): cache}, **kwargs)
+                                  logits_to_keep=logits_to_keep, labels=labels, **{_hf_cache_name(): cache}, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -371,6 +385,8 @@ def reference_llama_forward(self, input_ids, attention_mask=None, position_ids=N
                             labels=None):
     """``reference.Llama.forward``: with ``labels`` returns ``(None, loss)`` from the fused
     linear cross-entropy (no logits are built); without, the logits as before."""
+    if labels is not None and not _plain_linear(self.lm_head):
+        return type(self).forward(self, input_ids, attention_mask, position_ids, cache_start, labels)
     hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_start)
     if labels is None:
         return self.lm_head(hidden)

@@ -13,9 +13,11 @@ and selected with ``model.set_attn_implementation`` — a per-model setting.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import types
+import weakref
 from typing import Callable
 
 import torch.nn as nn
@@ -126,6 +128,11 @@ class _State:
 # patch(model) then unpatch(DDP(model)) works, and so does patch(ddp) then unpatch(ddp.module).
 _STATE_ATTR = "_fastllama_patch"
 
+# HF models whose attention patch() set to "fastllama". The implementation is a field of the
+# model's config, which two models can share (LlamaForCausalLM(other.config)): unpatching one
+# leaves it alone while another patched model still uses that config.
+_ATTENTION_PATCHED: weakref.WeakSet = weakref.WeakSet()
+
 
 def _state_holder(model: nn.Module) -> nn.Module:
     """Where ``patch`` keeps its state: the outermost HF model, else the reference Llama, inside
@@ -150,6 +157,34 @@ def _check_wrappers(model: nn.Module) -> None:
                 "parameters fastllama cannot see through: call fastllama.patch(model) BEFORE wrapping "
                 "(or use FSDP2's fully_shard, which patched models support)"
             )
+
+
+# Where a patched module's forward goes. Usually the instance attribute ``forward``. A module
+# that accelerate hooked (``device_map``, offload: ``add_hook_to_module``) already has an instance
+# ``forward``, accelerate's wrapper, which runs its hook around ``module._old_forward``: fastllama's
+# forward goes there, inside the hook (that moves inputs between GPUs and loads offloaded weights).
+# The forward is a functools.partial of the rule's function: it pickles (a bound method of a
+# function the class does not own pickles as a getattr of the module, which fails on load).
+def _forward_attr(module) -> str:
+    return "_old_forward" if "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__ else "forward"
+
+
+def _installed_at(module) -> str | None:
+    """The instance attribute holding fastllama's forward (None: not patched)."""
+    patched = module.__dict__.get("_fastllama")
+    for attr in ("forward", "_old_forward"):
+        f = module.__dict__.get(attr)
+        if patched is not None and isinstance(f, functools.partial) and f.func is patched["forward"]:
+            return attr
+    return None
+
+
+def _install_original(module, attr: str) -> None:
+    """Puts the class's own forward back where fastllama's was."""
+    if attr == "forward":
+        del module.__dict__["forward"]
+    else:  # what accelerate had saved: the class forward, bound
+        module.__dict__[attr] = types.MethodType(_original_class(module).forward, module)
 
 
 def _original_rope(module):
@@ -189,6 +224,10 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     backend does (fp16/bf16: fewer matmuls, gradients vary in their last bits run to run; see
     :func:`fastllama.ops.flash_attention`).
 
+    Attention is switched through HF's ``set_attn_implementation``, a field of the config: a model
+    built on the same config object (``LlamaForCausalLM(model.config)``) uses it too. Modules
+    that accelerate hooked (``device_map``, offload) keep their hooks: the kernels run inside them.
+
     Raises:
         TypeError: ``model`` contains nothing fastllama knows how to patch (the message lists the
             supported classes), or it is wrapped by FSDP1 (patch before wrapping).
@@ -217,8 +256,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         if reason:
             summary.append((name, type(module).__name__, what, f"skipped: {reason}"))
             continue
-        module._fastllama = dict(options, original_rope=_original_rope(module))
-        module.forward = types.MethodType(rule.forward, module)
+        module._fastllama = dict(options, original_rope=_original_rope(module), forward=rule.forward)
+        module.__dict__[_forward_attr(module)] = functools.partial(rule.forward, module)
         summary.append((name, type(module).__name__, what, "patched"))
     if not matched:
         raise TypeError(
@@ -234,8 +273,11 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             summary.append(("<model>", type(model).__name__, "attention", f"skipped: {reasons.pop()}"))
         else:
             _register_hf_attention()
-            state.attn_before = config._attn_implementation
+            # "fastllama" already: a config shared with a patched model, whose own unpatch
+            # restores what it found; this one falls back to HF's default
+            state.attn_before = config._attn_implementation if config._attn_implementation != "fastllama" else "sdpa"
             owner.set_attn_implementation("fastllama")
+            _ATTENTION_PATCHED.add(owner)
             for m in hf_attention:  # what forwards.hf_attention_function reads (with or without rope)
                 m._fastllama_attention = {"deterministic": deterministic}
             summary.append(("<model>", type(model).__name__, "attention", f"patched (was {state.attn_before!r})"))
@@ -252,12 +294,18 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = _state(model)
     for module in model.modules():
         module.__dict__.pop(_STATE_ATTR, None)
-        if "forward" in module.__dict__ and hasattr(module, "_fastllama"):
-            del module.forward
-            del module._fastllama
+        attr = _installed_at(module)
+        if attr is not None:
+            _install_original(module, attr)
+        module.__dict__.pop("_fastllama", None)
         module.__dict__.pop("_fastllama_attention", None)
-    if state is not None and state.attn_before is not None:
-        _attention_owner(model).set_attn_implementation(state.attn_before)
+    owner = _attention_owner(model)
+    if state is not None and state.attn_before is not None and owner is not None:
+        _ATTENTION_PATCHED.discard(owner)
+        # unless the user chose another implementation since, or a patched model shares the config
+        shared = any(other.config is owner.config for other in _ATTENTION_PATCHED)
+        if owner.config._attn_implementation == "fastllama" and not shared:
+            owner.set_attn_implementation(state.attn_before)
     return model
 
 

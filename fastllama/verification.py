@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .attention import FALLBACKS
-from .patching import _state, is_patched
+from .patching import _install_original, _installed_at, _state, is_patched
 from .testing import ParityReport, float64_truth, parity_report
 
 __all__ = ["verify", "VerifyReport"]
@@ -67,8 +67,9 @@ class VerifyReport:
 def _original_forwards(model: nn.Module, attn: str | None = None):
     """Temporarily runs ``model`` unpatched: instance forwards removed, and the attention
     implementation set to ``attn`` (default: the one it had before patching)."""
-    saved = [(m, m.__dict__.pop("forward")) for m in model.modules()
-             if "forward" in m.__dict__ and hasattr(m, "_fastllama")]
+    saved = [(m, attr, m.__dict__[attr]) for m in model.modules() if (attr := _installed_at(m)) is not None]
+    for m, attr, _ in saved:
+        _install_original(m, attr)
     state = _state(model)
     if state is None or state.attn_before is None:
         attn = None
@@ -81,8 +82,8 @@ def _original_forwards(model: nn.Module, attn: str | None = None):
     try:
         yield
     finally:
-        for m, fwd in saved:
-            m.forward = fwd
+        for m, attr, fwd in saved:
+            m.__dict__[attr] = fwd
         if attn is not None:
             model.set_attn_implementation(current)
 

@@ -265,6 +265,97 @@ def test_peft_lora_model_keeps_working():
     assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
 
 
+def test_lora_on_the_lm_head_added_after_patch_is_in_the_loss():
+    """PEFT swaps lm_head for its own Linear after patching: the fused loss (which reads the base
+    weight) must not run then; it left the adapter out (loss off by 3e-2, no adapter gradient)."""
+    peft = pytest.importorskip("peft")
+    x = ids()
+
+    def adapted(patch):
+        base = build("llama-gqa")
+        if patch:
+            fastllama.patch(base)
+        lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0,
+                                                         init_lora_weights=False))
+        loss = lora(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss, {n: p.grad for n, p in lora.named_parameters() if p.requires_grad and "lm_head" in n}
+
+    expected, expected_grads = adapted(False)
+    loss, grads = adapted(True)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and all(g is not None for g in grads.values())
+
+
+def test_pickle_of_a_patched_model():
+    """torch.save(model) / pickle: the patched forwards pickle (a bound method of a function the
+    module does not own did not: AttributeError on load); the copy is patched and unpatches."""
+    import pickle
+
+    model = fastllama.patch(build("llama-gqa"))
+    x = ids()
+    again = pickle.loads(pickle.dumps(model))
+    assert fastllama.is_patched(again)
+    torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=0)
+    plain = build("llama-gqa")
+    assert torch.equal(fastllama.unpatch(again)(x).logits, plain(x).logits)
+
+
+def test_accelerate_hooks_and_offload_survive_patch_and_unpatch(tmp_path):
+    """accelerate wraps an instance's forward (device_map dispatch, offload): patch put its own
+    forward over the wrapper (the hooks stopped running: offloaded weights stayed on meta) and
+    unpatch deleted it (the model was broken after unpatch too)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    calls = []
+
+    class Count(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    model = build("llama-gqa")
+    x = ids()
+    expected = model(input_ids=x, labels=x).loss
+    for m in (model.model.layers[1], model.model.layers[1].post_attention_layernorm, model.model.norm):
+        add_hook_to_module(m, Count())
+    for step in ("patched", "unpatched again"):
+        fastllama.patch(model) if step == "patched" else fastllama.unpatch(model)
+        calls.clear()
+        loss = model(input_ids=x, labels=x).loss
+        assert len(calls) == 3, step
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    if DEVICE != "cpu":
+        return  # (the offload case below is the CPU map)
+    build("llama-gqa").save_pretrained(tmp_path / "ckpt")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
+                                                 offload_folder=str(tmp_path / "offload"))
+    assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    with torch.no_grad():
+        expected = offloaded(input_ids=x, labels=x).loss
+        torch.testing.assert_close(fastllama.patch(offloaded)(input_ids=x, labels=x).loss, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(fastllama.unpatch(offloaded)(input_ids=x, labels=x).loss, expected)
+
+
+def test_models_sharing_a_config_and_a_later_attention_choice():
+    """The attention implementation lives in the config, which two models can share: unpatching
+    one leaves "fastllama" while the other is patched, and a choice made after patching stays."""
+    a = build("llama-gqa")
+    b = LlamaForCausalLM(a.config).to(DEVICE)
+    fastllama.patch(a)
+    fastllama.patch(b)
+    fastllama.unpatch(a)
+    assert b.config._attn_implementation == "fastllama" and fastllama.is_patched(b)
+    fastllama.unpatch(b)
+    assert a.config._attn_implementation == "sdpa"
+    fastllama.patch(a)
+    a.set_attn_implementation("eager")
+    fastllama.unpatch(a)
+    assert a.config._attn_implementation == "eager"
+
+
 def test_gradient_checkpointing():
     model = build("llama-gqa").train()
     x = ids()
