@@ -247,7 +247,10 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
     Tk = k.shape[2]
     if dropout > 0:
         FALLBACKS["attention dropout > 0"] += 1
-        if mask is None:  # the mask attend implies; SDPA's is_causal is top-left, and has no window
+        if mask is None and window is None and (Tq == Tk or not causal):
+            # no mask for SDPA's flash backend: is_causal (top-left) is attend's causal when Tq == Tk
+            return _sdpa(q, k, v, None, causal and Tq > 1, scale, dropout)
+        if mask is None:  # the mask attend implies (bottom-right causal, window)
             mask = _implicit_mask(Tq, Tk, causal, window, q.device)
         return _sdpa(q, k, v, mask, False, scale, dropout)
     if mask is not None and mask.dtype != torch.bool:

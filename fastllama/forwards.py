@@ -91,16 +91,18 @@ def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index
 
 @torch.compiler.disable  # dynamo cannot trace the swap (and FSDP2's hooks run eagerly anyway)
 def _call_with_forward(module, forward, x):
-    """``module(x)`` with ``forward`` as the instance's forward for this one call."""
-    own_forward = module.__dict__.get("forward")  # someone else's per-instance forward, if any
-    module.forward = forward
+    """``module(x)`` with ``forward`` as the instance's forward for this one call (inside
+    accelerate's hook when it has one: its wrapper calls ``_old_forward``)."""
+    attr = forward_attr(module)
+    own_forward = module.__dict__.get(attr)  # someone else's per-instance forward, if any
+    module.__dict__[attr] = forward
     try:
         return module(x)
     finally:
         if own_forward is None:
-            del module.forward
+            del module.__dict__[attr]
         else:
-            module.forward = own_forward
+            module.__dict__[attr] = own_forward
 
 
 def mlp_forward(self, x):
@@ -133,8 +135,18 @@ def _plain_linear(head) -> bool:
     return _original_class(head) is torch.nn.Linear
 
 
+def forward_attr(module) -> str:
+    """The instance attribute a per-instance forward goes in: ``forward``, or for a module that
+    accelerate hooked (``device_map``, offload: ``add_hook_to_module``) ``_old_forward``, which
+    accelerate's own instance ``forward`` calls inside its hook (input moves, offloaded weights)."""
+    return "_old_forward" if "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__ else "forward"
+
+
 def _patched_with(module, *forwards) -> bool:
-    return module.__dict__.get("_fastllama", {}).get("forward") in forwards
+    """Whether fastllama's forward for one of ``forwards`` is what ``module`` runs now (not
+    replaced or wrapped since: then its parameters are not read directly)."""
+    f = module.__dict__.get(forward_attr(module))
+    return getattr(f, "func", None) in forwards and f.args[:1] == (module,)
 
 
 def _plain_linears(*modules) -> bool:

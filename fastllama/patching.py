@@ -159,28 +159,28 @@ def _check_wrappers(model: nn.Module) -> None:
             )
 
 
-# Where a patched module's forward goes. Usually the instance attribute ``forward``. A module
-# that accelerate hooked (``device_map``, offload: ``add_hook_to_module``) already has an instance
-# ``forward``, accelerate's wrapper, which runs its hook around ``module._old_forward``: fastllama's
-# forward goes there, inside the hook (that moves inputs between GPUs and loads offloaded weights).
-# The forward is a functools.partial of the rule's function: it pickles (a bound method of a
-# function the class does not own pickles as a getattr of the module, which fails on load).
-def _forward_attr(module) -> str:
-    return "_old_forward" if "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__ else "forward"
-
-
+# Where a patched module's forward goes: ``forwards.forward_attr`` (inside accelerate's hook when
+# the module has one). It is a functools.partial of the rule's function, so it pickles (a bound
+# method of a function the class does not own pickles as a getattr of the module: fails on load).
 def _installed_at(module) -> str | None:
-    """The instance attribute holding fastllama's forward (None: not patched)."""
+    """The instance attribute holding fastllama's forward, itself or inside wrappers added since
+    (accelerate's mixed precision wraps a model's forward; ``__wrapped__`` leads back); None: not
+    patched."""
     patched = module.__dict__.get("_fastllama")
     for attr in ("forward", "_old_forward"):
         f = module.__dict__.get(attr)
-        if patched is not None and isinstance(f, functools.partial) and f.func is patched["forward"]:
-            return attr
+        for _ in range(16):  # a chain of wrappers, never a cycle
+            if patched is None or f is None:
+                break
+            if isinstance(f, functools.partial) and f.func is patched["forward"]:
+                return attr
+            f = getattr(f, "__wrapped__", None) or getattr(f, "__func__", None)
     return None
 
 
 def _install_original(module, attr: str) -> None:
-    """Puts the class's own forward back where fastllama's was."""
+    """Puts the class's own forward back where fastllama's was (with any wrapper added around
+    it since: it wrapped the patched forward, so it goes too)."""
     if attr == "forward":
         del module.__dict__["forward"]
     else:  # what accelerate had saved: the class forward, bound
@@ -257,7 +257,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             summary.append((name, type(module).__name__, what, f"skipped: {reason}"))
             continue
         module._fastllama = dict(options, original_rope=_original_rope(module), forward=rule.forward)
-        module.__dict__[_forward_attr(module)] = functools.partial(rule.forward, module)
+        module.__dict__[forwards.forward_attr(module)] = functools.partial(rule.forward, module)
         summary.append((name, type(module).__name__, what, "patched"))
     if not matched:
         raise TypeError(

@@ -317,26 +317,50 @@ def test_accelerate_hooks_and_offload_survive_patch_and_unpatch(tmp_path):
     model = build("llama-gqa")
     x = ids()
     expected = model(input_ids=x, labels=x).loss
-    for m in (model.model.layers[1], model.model.layers[1].post_attention_layernorm, model.model.norm):
+    hooked = (model.model.layers[1], model.model.layers[1].post_attention_layernorm, model.model.norm, model.lm_head)
+    for m in hooked:
         add_hook_to_module(m, Count())
     for step in ("patched", "unpatched again"):
         fastllama.patch(model) if step == "patched" else fastllama.unpatch(model)
         calls.clear()
         loss = model(input_ids=x, labels=x).loss
-        assert len(calls) == 3, step
+        assert len(calls) == len(hooked), step
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     if DEVICE != "cpu":
         return  # (the offload case below is the CPU map)
     build("llama-gqa").save_pretrained(tmp_path / "ckpt")
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+                  "model.rotary_emb": "cpu", "lm_head": "disk"}
     offloaded = LlamaForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
                                                  offload_folder=str(tmp_path / "offload"))
     assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    assert offloaded.lm_head.weight.device.type == "meta"
     with torch.no_grad():
         expected = offloaded(input_ids=x, labels=x).loss
         torch.testing.assert_close(fastllama.patch(offloaded)(input_ids=x, labels=x).loss, expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(fastllama.unpatch(offloaded)(input_ids=x, labels=x).loss, expected)
+
+
+def test_forwards_wrapped_or_replaced_after_patch():
+    """A wrapper around the patched forward (accelerate's mixed precision wraps a model's forward;
+    __wrapped__ leads back) is unpatched with it (unpatch left the fused loss running); a norm
+    whose forward was replaced after patching is called, not fused past (its forward never ran)."""
+    import functools
+
+    model = fastllama.patch(build("llama-gqa"))
+    x = ids()
+    inner = model.forward
+    model.forward = functools.wraps(inner)(lambda *a, **k: inner(*a, **k))
+    fastllama.unpatch(model)
+    assert not fastllama.is_patched(model) and model(input_ids=x, labels=x).logits is not None
+    fastllama.patch(model)
+    norm = model.model.layers[0].input_layernorm
+    patched_norm, calls = norm.forward, []
+    norm.forward = lambda h: calls.append(1) or 2 * patched_norm(h)
+    doubled = model(x).logits
+    assert calls == [1]
+    del norm.forward
+    assert not torch.allclose(doubled, model(x).logits)
 
 
 def test_models_sharing_a_config_and_a_later_attention_choice():
