@@ -20,8 +20,8 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   padding-free packing): varlen flash attention on the flattened batch, sequence boundaries
   read off the mask.
 * anything else (custom masks, a mask that differs between heads, dropout, any mask while
-  torch.compile traces): PyTorch SDPA with the mask, counted in :data:`FALLBACKS` so nothing
-  slow happens silently.
+  torch.compile traces): PyTorch SDPA with the mask, counted in :data:`FALLBACKS` (the first
+  of each reason also logged as a warning) so nothing slow happens silently.
 
 Masks that broadcast (batch or query dim 1) are read as their broadcast; one with a dim other
 than 1 or the scores' own raises ValueError. Recognising a mask compares it with the mask the
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,18 @@ DECODE_MAX_QUERIES = 16  # the decode kernel packs up to this many query tokens 
 
 #: How often :func:`attend` fell back to SDPA, by reason (reset it with ``FALLBACKS.clear()``).
 FALLBACKS: collections.Counter = collections.Counter()
+_WARNED: set[str] = set()
+log = logging.getLogger("fastllama")
+
+
+def _fall_back(reason: str) -> None:
+    """Counts a fallback; the first of each reason is also logged as a warning (once per process:
+    HF calls attention once per layer and step)."""
+    FALLBACKS[reason] += 1
+    if reason not in _WARNED and not torch.compiler.is_compiling():  # (dynamo: the counter only)
+        _WARNED.add(reason)
+        log.warning("fastllama: attention fell back to PyTorch (%s); counted in fastllama.attention.FALLBACKS",
+                    reason)
 
 
 @dataclasses.dataclass
@@ -246,7 +259,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     if dropout > 0:
-        FALLBACKS["attention dropout > 0"] += 1
+        _fall_back("attention dropout > 0")
         if mask is None and window is None and (Tq == Tk or not causal):
             # no mask for SDPA's flash backend: is_causal (top-left) is attend's causal when Tq == Tk
             return _sdpa(q, k, v, None, causal and Tq > 1, scale, dropout)
@@ -254,7 +267,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
             mask = _implicit_mask(Tq, Tk, causal, window, q.device)
         return _sdpa(q, k, v, mask, False, scale, dropout)
     if mask is not None and mask.dtype != torch.bool:
-        FALLBACKS["non-boolean mask"] += 1
+        _fall_back("non-boolean mask")
         return _sdpa(q, k, v, mask, False, scale, 0.0)
     if mask is None:
         if causal and Tq > 1 and Tk > Tq:  # HF: empty static cache prefill, keys past Tq are unwritten
@@ -267,7 +280,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
     if torch.compiler.is_compiling():
         # Reading a mask's contents is data-dependent: dynamo would break the graph in every
         # layer (an error under fullgraph=True). Compiled models with a mask get SDPA.
-        FALLBACKS["mask under torch.compile"] += 1
+        _fall_back("mask under torch.compile")
         return _sdpa(q, k, v, mask, False, scale, 0.0)
     plan = _classify(mask, (B, Hq, Tq, Tk), causal, window)
     if plan.key_end is not None:
@@ -288,7 +301,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
                                     for t in (q, k, v)), causal=causal, scale=scale, window=window,
                                   cu_seqlens=plan.cu_seqlens, deterministic=deterministic)
         return out.transpose(1, 2).reshape(B, Tq, Hq, -1).transpose(1, 2)
-    FALLBACKS[plan.reason] += 1
+    _fall_back(plan.reason)
     return _sdpa(q, k, v, mask, False, scale, 0.0)
 
 
@@ -299,7 +312,7 @@ def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bo
     for ``output_attentions=True``, which no fused kernel can serve (they never form the matrix).
     Same mask conventions as :func:`attend`; probabilities as HF's eager attention makes them
     (softmax in fp32, cast to q's dtype, dropout after). Counted in :data:`FALLBACKS`."""
-    FALLBACKS["output_attentions (attention probabilities requested)"] += 1
+    _fall_back("output_attentions (attention probabilities requested)")
     Tq, Tk = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)

@@ -116,7 +116,8 @@ def test_a_mask_that_does_not_broadcast_is_refused():
         attend(q, k, v, torch.ones(3, 1, 5, 5, dtype=torch.bool, device=DEVICE))
 
 
-def test_per_head_masks():
+def test_per_head_masks(caplog, monkeypatch):
+    monkeypatch.setattr(attention, "_WARNED", set())
     q, k, v = qkv(B=2, Hq=4, Tq=6, Tk=6)
     causal = padded_causal([6, 4], 6, 6)
     same = causal.expand(2, 4, 6, 6).clone()  # one mask repeated per head: the kernels
@@ -124,8 +125,12 @@ def test_per_head_masks():
     assert not FALLBACKS, FALLBACKS
     differ = same.clone()
     differ[:, 1, :, 0] = False  # head 1 never sees key 0: SDPA, counted
-    check(attend(q, k, v, differ), q, k, v, differ)
-    assert FALLBACKS["mask differs between heads"] == 1
+    with caplog.at_level("WARNING", logger="fastllama"):
+        check(attend(q, k, v, differ), q, k, v, differ)
+        attend(q, k, v, differ)
+    assert FALLBACKS["mask differs between heads"] == 2
+    warned = [r.getMessage() for r in caplog.records if "fell back" in r.getMessage()]
+    assert len(warned) == 1 and "mask differs between heads" in warned[0]  # once per reason
 
 
 def test_padding_mask_under_torch_compile_fullgraph():
