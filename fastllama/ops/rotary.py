@@ -198,9 +198,9 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
             supported and is rejected.
         unsqueeze_dim: HF's argument: 1 for the (B, H, T, D) layout above, 2 for q, k in
             (B, T, H, D) (served as transposed views; the results are in that layout too).
-        inplace: keyword only; rotate q and k in place and return them (works under autograd too; for views
-            that require grad, such as HF's transposed projections, through one temporary and a
-            copy). q and k must not share elements (k is q, overlapping views, expanded dims): a
+        inplace: (keyword only) rotate q and k in place and return them (works under autograd
+            too; for views that require grad, such as HF's transposed projections, through one
+            temporary and a copy). q and k must not share elements (k is q, overlapping views, expanded dims): a
             ValueError.
 
     Returns:
