@@ -59,7 +59,7 @@ def _check_head_dim(module) -> str | None:
 
 def _check_lm_head(module) -> str | None:
     head = getattr(module, "lm_head", None)
-    if _original_class(head) is not nn.Linear:
+    if not forwards._plain_linear(head):
         return f"lm_head is {type(head).__name__}, not a plain nn.Linear (e.g. LoRA on the head): loss left as is"
     return None
 
