@@ -138,6 +138,15 @@ def test_rotary_cache_append_in_place_and_validation():
         ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens, positions=torch.stack([lens, lens], 1)[:, 0])
     with pytest.raises(ValueError, match="q has 0 heads"):  # (nothing would reach the cache)
         ops.rotary_cache_append(q[:, :0], k, v, kc, vc, cos, sin, lens)
+    # written in place: aliased or expanded caches would lose writes (k_cache is v_cache kept v only)
+    with pytest.raises(ValueError, match="k_cache and v_cache share memory"):
+        ops.rotary_cache_append(q, k, v, kc, kc, cos, sin, lens)
+    with pytest.raises(ValueError, match="k_cache has a stride-0"):
+        ops.rotary_cache_append(q, k, v, kc[:1].expand_as(kc), vc, cos, sin, lens)
+    with pytest.raises(ValueError, match="k and k_cache share memory"):
+        ops.rotary_cache_append(q, kc[:, :, :3], v, kc, vc, cos, sin, lens)
+    qkv = torch.randn(2, 3, 8, 32, device=DEVICE).transpose(1, 2)  # q, k, v as views of one buffer: fine
+    ops.rotary_cache_append(qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], kc, vc, cos, sin, lens)
 
 
 def test_compile_fullgraph_matches_eager():
