@@ -268,6 +268,27 @@ def test_torch_compile_fullgraph():
         assert torch.equal(a, b)
 
 
+def test_torch_compile_dynamic_with_a_module_float_scale():
+    """Under torch.compile(dynamic=True) a module's float attribute (HF's self.scaling) is traced as
+    a symbolic float: validation must not need its value (math.isfinite on it broke fullgraph)."""
+    torch.manual_seed(0)
+
+    class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scaling = 0.2
+
+        def forward(self, q, k, v):
+            return ops.flash_attention(q, k, v, scale=self.scaling)
+
+    torch._dynamo.reset()
+    module = Attend()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="eager")
+    for t in (24, 17):
+        q, k, v = _qkv(1, 2, 1, t, t, 32, torch.float32)
+        assert torch.equal(compiled(q, k, v), module(q, k, v))
+
+
 def test_tf32_opt_in():
     """fp32_precision="tf32" is about as accurate as fp16 inputs (10-bit mantissa products)."""
     torch.manual_seed(0)

@@ -216,7 +216,11 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is None:
         scale = D ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    # (under torch.compile(dynamic=True) a model's float attribute is traced symbolically and
+    # math.isfinite cannot read it; eager calls check the value)
+    elif not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
     if window is not None:
         if not (isinstance(window, Sequence) and len(window) == 2

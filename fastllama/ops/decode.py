@@ -176,7 +176,9 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
     _check_lengths("cache_seqlens", cache_seqlens, B, q)
     if cache_leftpad is not None:
         _check_lengths("cache_leftpad", cache_leftpad, B, q)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    # (math.isfinite cannot read a float traced symbolically under torch.compile(dynamic=True))
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or (not torch.compiler.is_compiling() and not math.isfinite(scale))):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or not 1 <= num_splits <= MAX_SPLITS):
