@@ -126,13 +126,23 @@ def _bypassable(*modules) -> bool:
                    or "_hf_hook" in m.__dict__ for m in modules)
 
 
+def _forward_replaced(module) -> bool:
+    """Whether an instance attribute replaces the class's forward (``lin.forward = adapter``, a
+    hand-made LoRA): then reading the module's parameters leaves the replacement out. Accelerate's
+    hook wrapper around the class's own forward (``_old_forward``) is not a replacement."""
+    f = module.__dict__.get(forward_attr(module))
+    return f is not None and not (getattr(f, "__func__", None) is type(module).forward
+                                  and getattr(f, "__self__", None) is module)
+
+
 def _plain_linear(head) -> bool:
     """The fused loss reads the head's weight (and bias): only an nn.Linear's are all it computes
     with. ``patch`` checks this, and so does each call: a LoRA added to the head after patching
-    (PEFT swaps in its own Linear) would otherwise be left out of the loss, with no gradient."""
+    (PEFT swaps in its own Linear, or a forward set on the instance) would otherwise be left out of
+    the loss, with no gradient."""
     from .patching import _original_class
 
-    return _original_class(head) is torch.nn.Linear
+    return _original_class(head) is torch.nn.Linear and not _forward_replaced(head)
 
 
 def forward_attr(module) -> str:
@@ -150,8 +160,10 @@ def _patched_with(module, *forwards) -> bool:
 
 
 def _plain_linears(*modules) -> bool:
-    """Plain ``nn.Linear`` (not LoRA, not a quantised or FSDP2-sharded subclass), no hooks."""
-    return all(type(m) is torch.nn.Linear for m in modules) and _bypassable(*modules)
+    """Plain ``nn.Linear`` (not LoRA, not a quantised or FSDP2-sharded subclass, no forward set on
+    the instance), no hooks."""
+    return (all(type(m) is torch.nn.Linear and not _forward_replaced(m) for m in modules)
+            and _bypassable(*modules))
 
 
 def _norm_into_attention(layer) -> bool:

@@ -60,7 +60,8 @@ def _check_head_dim(module) -> str | None:
 def _check_lm_head(module) -> str | None:
     head = getattr(module, "lm_head", None)
     if not forwards._plain_linear(head):
-        return f"lm_head is {type(head).__name__}, not a plain nn.Linear (e.g. LoRA on the head): loss left as is"
+        what = "an nn.Linear with a forward set on the instance" if type(head) is nn.Linear else type(head).__name__
+        return f"lm_head is {what}, not a plain nn.Linear (e.g. LoRA on the head): loss left as is"
     return None
 
 

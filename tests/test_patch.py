@@ -287,6 +287,46 @@ def test_lora_on_the_lm_head_added_after_patch_is_in_the_loss():
     assert grads.keys() == expected_grads.keys() and all(g is not None for g in grads.values())
 
 
+def _add_instance_forward_adapter(linear, seed):
+    """A hand-made LoRA: extra parameters and a forward set on the nn.Linear instance."""
+    g = torch.Generator().manual_seed(seed)
+    linear.lora_a = torch.nn.Parameter(torch.randn(4, linear.in_features, generator=g) * 0.1)
+    linear.lora_b = torch.nn.Parameter(torch.randn(linear.out_features, 4, generator=g) * 0.1)
+    linear.forward = lambda x: torch.nn.Linear.forward(linear, x) + x @ linear.lora_a.t() @ linear.lora_b.t()
+
+
+@pytest.mark.parametrize("order", ["adapters then patch", "patch then adapters"])
+def test_adapters_set_as_an_instance_forward_are_not_bypassed(order):
+    """The fused norm + q/k/v, SwiGLU + down_proj and LM-head loss read the linears' weights; a
+    forward set on a linear's instance was left out (logits off by 0.2, adapters without grads)."""
+    x = ids()
+
+    def run(patch):
+        model = build("llama-gqa")
+        if patch and order == "patch then adapters":
+            fastllama.patch(model)
+        for i, layer in enumerate(model.model.layers):
+            _add_instance_forward_adapter(layer.self_attn.q_proj, 10 + i)
+            _add_instance_forward_adapter(layer.mlp.down_proj, 20 + i)
+        _add_instance_forward_adapter(model.lm_head, 30)
+        if patch and order == "adapters then patch":
+            fastllama.patch(model)
+        model.train()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        with torch.no_grad():
+            logits = model(input_ids=x).logits
+        return loss, logits, {n: p.grad for n, p in model.named_parameters()}
+
+    expected, expected_logits, expected_grads = run(False)
+    loss, logits, grads = run(True)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_pickle_of_a_patched_model():
     """torch.save(model) / pickle: the patched forwards pickle (a bound method of a function the
     module does not own did not: AttributeError on load); the copy is patched and unpatches."""
