@@ -280,9 +280,11 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     modeling = sys.modules[_original_class(self).__module__]
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, modeling.eager_attention_forward)
-    if hasattr(self, "sliding_window"):  # Qwen2: per layer type
+    # the window each family's own forward passes: Qwen2's per layer type, Mistral's from the
+    # config; Llama passes none (a sliding_window a Llama config carries is ignored by HF)
+    if hasattr(self, "sliding_window"):
         kwargs["sliding_window"] = self.sliding_window
-    elif getattr(self.config, "sliding_window", None) is not None:  # Mistral
+    elif modeling.__name__.endswith(".modeling_mistral") and getattr(self.config, "sliding_window", None) is not None:
         kwargs["sliding_window"] = self.config.sliding_window
     out, weights = attention_interface(
         self, q, k, v, attention_mask,

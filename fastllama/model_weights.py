@@ -130,6 +130,8 @@ def check_model(model, max_seq_len: int) -> None:
     if rope_type in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
         raise ValueError(f"{cls.__name__} uses rope_type={rope_type!r}; the generator precomputes one rotary table")
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if cls.__name__.startswith("Llama"):
+        window = None  # HF's Llama ignores a sliding_window its config carries
     if "sliding_attention" not in (getattr(cfg, "layer_types", None) or ["sliding_attention"]):
         window = None  # Qwen2: max_window_layers >= layers leaves every layer on full attention
     if window and max_seq_len > window:

@@ -67,6 +67,19 @@ def test_model_loss_and_all_gradients_match_under_parity_rule(arch):
     assert sum(r.kind == "grad" for r in report.modules[0][2].rows) == len(list(model.parameters()))
 
 
+def test_a_sliding_window_in_a_llama_config_is_ignored_as_hf_does():
+    """HF's Llama passes no window to attention, whatever its config carries (Mistral passes the
+    config's): the patched Llama applied it (positions past the window were off by 0.7)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**BASE, sliding_window=4, attn_implementation="sdpa")).to(DEVICE).eval()
+    x = ids(seq=12)
+    expected = model(x).logits
+    fastllama.patch(model)
+    torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-5)
+    from fastllama.generate import Generator  # nor does the generator refuse a cache past it
+    Generator(model, 1, 12)
+
+
 @pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
 def test_logits_match_under_parity_rule(arch):
     model = fastllama.patch(build(arch, torch.bfloat16).eval())
