@@ -50,8 +50,9 @@ def rms_norm_forward(self, hidden_states):
 
 def _fused_residual_norm(norm, h, residual):
     """``norm(h + residual), h + residual`` in one kernel; as a call of ``norm`` when hooks
-    manage it (they may move or load its weight: accelerate's offload, FSDP2)."""
-    if not _bypassable(norm):
+    manage it (they may move or load its weight: accelerate's offload, FSDP2) or when it is not
+    an RMSNorm fastllama patched (a subclass with its own forward, another norm)."""
+    if not (_bypassable(norm) and _patched_with(norm, rms_norm_forward)):
         s = residual + h
         return norm(s), s
     h, w, residual = _promote(h, norm.weight, residual)
@@ -105,8 +106,20 @@ def _call_with_forward(module, forward, x):
             module.__dict__[attr] = own_forward
 
 
+def silu_activation(mlp) -> bool:
+    """Whether the MLP's activation is SiLU: HF's ``act_fn`` (``SiLUActivation`` or ``nn.SiLU``,
+    what ``hidden_act="silu"``/``"swish"`` build) as it is NOW, not what the config says (a
+    swapped ``act_fn`` must not become SwiGLU); the reference MLP has no ``act_fn``: SiLU."""
+    act = getattr(mlp, "act_fn", None)
+    return act is None or type(act) is torch.nn.SiLU or (type(act).__name__ == "SiLUActivation"
+                                                         and type(act).__module__ == "transformers.activations")
+
+
 def mlp_forward(self, x):
-    """``LlamaMLP.forward``: the projections stay nn.Linear (LoRA keeps working), SwiGLU fused."""
+    """``LlamaMLP.forward``: the projections stay nn.Linear (LoRA keeps working), SwiGLU fused.
+    An activation swapped for another after patching runs the original forward."""
+    if not silu_activation(self):
+        return type(self).forward(self, x)
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -179,7 +192,8 @@ def _norm_into_mlp(layer) -> bool:
     """Whether post_attention_layernorm + the MLP can run as ``rms_norm_linear`` (gate, up) and
     ``swiglu_linear`` (down)."""
     mlp, norm = layer.mlp, layer.post_attention_layernorm
-    return (_patched_with(norm, rms_norm_forward) and _patched_with(mlp, mlp_forward) and _bypassable(norm, mlp)
+    return (_patched_with(norm, rms_norm_forward) and _patched_with(mlp, mlp_forward) and silu_activation(mlp)
+            and _bypassable(norm, mlp)
             and _plain_linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
 

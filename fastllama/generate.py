@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .model_weights import RowBlocks, check_model, default_stop_and_pad, projection_problem, rope_tables
+from .model_weights import RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables
 from .reference.model import Llama, filter_logits
 
 __all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats"]
@@ -216,9 +216,9 @@ class Generator:
         """Before each call: the model is where the cache is; the fused projections still back
         the parameters (laid out again if something re-pointed them); and the captured graphs,
         which hold the addresses of every weight, are dropped if any weight moved since."""
-        problem = projection_problem(self.model)
+        problem = module_problem(self.model)
         if problem:
-            raise ValueError(f"the generator computes with the projection weights directly, but {problem}")
+            raise ValueError(f"the generator computes with the weights directly, but {problem}")
         moved = {(p.device, p.dtype) for p in self.model.parameters()} - {(self.device, self.dtype)}
         if moved:
             raise ValueError(f"the model has parameters on {sorted(map(str, moved))} but this Generator was built "

@@ -3,20 +3,22 @@
 The generator computes a model from its weights, not by calling its modules: the reference
 ``Llama`` and transformers' Llama / Mistral / Qwen2 causal LMs share the attribute names it
 reads (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...). Here:
-which models that computes exactly (:func:`check_model`, :func:`projection_problem`), their
+which models that computes exactly (:func:`check_model`, :func:`module_problem`), their
 rotary tables and default stop tokens, and :class:`RowBlocks`, the one-GEMM layout of the
 projections that read the same input.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .reference import functional as ref
-from .reference.model import Llama
+from .reference.model import Llama, RMSNorm
 
-__all__ = ["RowBlocks", "rope_tables", "check_model", "projection_problem", "default_stop_and_pad"]
+__all__ = ["RowBlocks", "rope_tables", "check_model", "module_problem", "default_stop_and_pad"]
 
 
 class RowBlocks:
@@ -139,20 +141,38 @@ def check_model(model, max_seq_len: int) -> None:
                          f"token: max_seq_len must be <= {window}, got {max_seq_len}")
 
 
-def projection_problem(model) -> str | None:
-    """Why the weights alone do not compute the model: a projection that is not a plain
-    ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised layer has none
-    to read) or that has forward hooks (the generator would not run them). None when fine."""
-    named = [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in enumerate(model.model.layers)
+def module_problem(model) -> str | None:
+    """Why the weights alone do not compute the model, as its modules are NOW: a projection that
+    is not a plain ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised
+    layer has none to read; a forward set on the instance) or that has forward hooks (the
+    generator would not run them); a norm that is not the model's own RMSNorm class (a subclass
+    with its own forward, a LayerNorm); an MLP activation swapped for one that is not SiLU.
+    None when fine."""
+    from . import forwards
+
+    layers = list(enumerate(model.model.layers))
+    named = [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in layers
              for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    named += [(f"layers.{i}.mlp.{n}", getattr(layer.mlp, n)) for i, layer in enumerate(model.model.layers)
+    named += [(f"layers.{i}.mlp.{n}", getattr(layer.mlp, n)) for i, layer in layers
               for n in ("gate_proj", "up_proj", "down_proj")]
     for name, lin in named + [("lm_head", model.lm_head)]:
-        if type(lin) is not nn.Linear:
-            return (f"{name} is a {type(lin).__name__}, not a plain nn.Linear: merge adapters into the weights "
+        if type(lin) is not nn.Linear or forwards._forward_replaced(lin):
+            what = "an nn.Linear with a forward set on the instance" if type(lin) is nn.Linear else f"a {type(lin).__name__}"
+            return (f"{name} is {what}, not a plain nn.Linear: merge adapters into the weights "
                     f"first (peft: merge_and_unload())")
         if lin._forward_pre_hooks or lin._forward_hooks:
             return f"{name} has forward hooks, which the generator (reading weights, not calling modules) would skip"
+    rms_norm = RMSNorm if isinstance(model, Llama) else getattr(
+        sys.modules[type(model).__module__], type(model).__name__.replace("ForCausalLM", "RMSNorm"), None)
+    norms = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in layers
+             for n in ("input_layernorm", "post_attention_layernorm")] + [("norm", model.model.norm)]
+    for name, norm in norms:
+        if type(norm) is not rms_norm or norm._forward_pre_hooks or norm._forward_hooks:
+            return (f"{name} is {'a hooked ' if type(norm) is rms_norm else 'a '}{type(norm).__name__}, which the "
+                    f"generator (computing the model's own RMSNorm from its weight) would not run")
+    for i, layer in layers:
+        if not forwards.silu_activation(layer.mlp):
+            return f"layers.{i}.mlp.act_fn is {type(layer.mlp.act_fn).__name__}; the generator's MLP is SwiGLU (SiLU)"
     return None
 
 

@@ -47,6 +47,8 @@ def _check_silu(module) -> str | None:
     act = getattr(getattr(module, "config", None), "hidden_act", "silu")
     if act not in ("silu", "swish"):
         return f"hidden_act={act!r} is not SiLU (swiglu needs hidden_act='silu')"
+    if not forwards.silu_activation(module):
+        return f"act_fn is {type(getattr(module, 'act_fn', None)).__name__}, not SiLU (swiglu needs SiLU)"
     return None
 
 

@@ -558,6 +558,26 @@ def test_hf_defaults_lora_and_qwen2_layer_types(monkeypatch):
     with pytest.raises(ValueError, match="k_proj is a LoraLinear, not a plain nn.Linear"):
         gen.generate([[3, 4]], 2)
 
+    attn.k_proj = torch.nn.Linear(64, 32, bias=False).to(DEVICE)
+    gen.generate([[3, 4]], 2)  # plain again: fine
+    # modules edited by hand that the weights alone do not compute: refused, not silently wrong
+    attn.k_proj.forward = lambda x, lin=attn.k_proj: torch.nn.Linear.forward(lin, x) * 2
+    with pytest.raises(ValueError, match="k_proj is an nn.Linear with a forward set on the instance"):
+        gen.generate([[3, 4]], 2)
+    del attn.k_proj.forward
+    layer = model.model.layers[0]
+    norm = layer.post_attention_layernorm
+    layer.post_attention_layernorm = torch.nn.LayerNorm(64).to(DEVICE)
+    with pytest.raises(ValueError, match="layers.0.post_attention_layernorm is a LayerNorm"):
+        gen.generate([[3, 4]], 2)
+    layer.post_attention_layernorm = norm
+    act = layer.mlp.act_fn
+    layer.mlp.act_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match="layers.0.mlp.act_fn is GELU"):
+        gen.generate([[3, 4]], 2)
+    layer.mlp.act_fn = act
+    gen.generate([[3, 4]], 2)
+
     cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=2, use_sliding_window=True, sliding_window=4,
                                    max_window_layers=2)

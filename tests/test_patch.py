@@ -80,6 +80,54 @@ def test_a_sliding_window_in_a_llama_config_is_ignored_as_hf_does():
     Generator(model, 1, 12)
 
 
+class _OnePlusWeightNorm(modeling_llama.LlamaRMSNorm):
+    """A subclass with its own forward (Gemma's (1 + w) scale): not a norm fastllama patches."""
+
+    def forward(self, x):
+        return super().forward(x) * (1 + self.weight) / self.weight
+
+
+def _act_gelu(model):
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+
+
+@pytest.mark.parametrize("edit", ["norm subclass", "layer norm", "gelu before patch", "gelu after patch"])
+def test_modules_edited_by_hand_are_not_bypassed(edit):
+    """The patched decoder layer read post_attention_layernorm's weight whatever the norm was
+    (a subclass's forward never ran: logits off by 0.4; nn.LayerNorm: AttributeError), and the
+    MLP became SwiGLU when the config said silu though act_fn was swapped (off by 1e-2)."""
+    x = ids()
+
+    def run(patch):
+        model = build("llama-gqa").train()
+        if edit == "norm subclass":
+            for layer in model.model.layers:
+                norm = _OnePlusWeightNorm(128, eps=1e-6).to(DEVICE)
+                norm.load_state_dict(layer.post_attention_layernorm.state_dict())
+                layer.post_attention_layernorm = norm
+        elif edit == "layer norm":
+            for layer in model.model.layers:
+                layer.post_attention_layernorm = torch.nn.LayerNorm(128).to(DEVICE)
+        elif edit == "gelu before patch":
+            _act_gelu(model)
+        if patch:
+            fastllama.patch(model)
+            if edit == "gelu before patch":
+                assert "act_fn is GELU" in fastllama.patch_summary(model)
+        if edit == "gelu after patch":
+            _act_gelu(model)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters()}
+
+    expected, expected_grads = run(False)
+    loss, grads = run(True)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
 def test_logits_match_under_parity_rule(arch):
     model = fastllama.patch(build(arch, torch.bfloat16).eval())
