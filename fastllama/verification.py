@@ -93,8 +93,8 @@ def _losses_only(out):
     if hasattr(out, "loss") and hasattr(out, "logits"):
         return (out.loss,) if out.loss is not None else (out.logits,)
     if isinstance(out, tuple):
-        if len(out) == 2 and out[1] is None:  # attention: (output, weights=None)
-            return (out[0],)
+        if len(out) == 2 and (out[1] is None or isinstance(out[1], torch.Tensor) and out[1].dim() == 4):
+            return (out[0],)  # attention: (output, weights); eager's weights are no output the kernels change
         if len(out) == 2 and isinstance(out[1], torch.Tensor) and out[1].dim() == 0:  # reference (logits, loss)
             return (out[1],)
     return out
@@ -195,7 +195,11 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
     """
     if not is_patched(model):
         raise ValueError("verify needs a patched model: call fastllama.patch(model) first")
-    if isinstance(inputs, dict) and hasattr(getattr(model, "config", None), "use_cache"):
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if isinstance(inputs, dict) and (hasattr(config, "use_cache") or hasattr(text_config, "use_cache")):
+        # (a composite model, e.g. Llava, keeps use_cache on its text config only; a cache built
+        # by one run would be read by the next)
         inputs = dict(inputs, use_cache=False)
     real = _real_positions(inputs)
     if real is not None and isinstance(inputs.get("labels"), torch.Tensor):

@@ -128,6 +128,30 @@ def test_modules_edited_by_hand_are_not_bypassed(edit):
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_verify_of_an_eager_attention_model_and_of_a_composite_model():
+    """verify failed every attention row of a model loaded with eager attention (its original
+    returns the weights: 'NO op returned 1 outputs, reference 2'), and crashed on Llava, whose
+    use_cache lives on the text config only (a cache built by one run was read by the next)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    eager = LlamaForCausalLM(LlamaConfig(**BASE, attn_implementation="eager")).to(DEVICE)
+    x = ids(seq=12)
+    report = fastllama.verify(fastllama.patch(eager), {"input_ids": x, "labels": x}, print_table=False)
+    assert report.passed, report.table()
+
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 image_size=16, patch_size=8, projection_dim=32)
+    text = LlamaConfig(**dict(BASE, num_hidden_layers=1))
+    llava = tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=99,
+                                                            vision_feature_layer=-1)).to(DEVICE)
+    x = torch.where(x == 99, 100, x)
+    x[:, 1:5] = 99  # the 4 image patches' places
+    inputs = {"input_ids": x, "pixel_values": torch.randn(2, 3, 16, 16, device=DEVICE), "labels": x}
+    report = fastllama.verify(fastllama.patch(llava), inputs, print_table=False)
+    assert report.passed, report.table()
+
+
 @pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
 def test_logits_match_under_parity_rule(arch):
     model = fastllama.patch(build(arch, torch.bfloat16).eval())
