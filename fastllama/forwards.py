@@ -373,7 +373,11 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
     name = _hf_cache_name()
     output = CausalLMOutputWithPast(loss=loss, logits=None, **{name: getattr(outputs, name)},
                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-    return output if return_dict else output.to_tuple()
+    if return_dict:
+        return output
+    # HF's tuple is (loss, logits, cache, ...) with the None fields dropped: logits keeps its
+    # place as None, so out[2] is the cache as it is for HF (dropped, it would become out[1])
+    return (loss, None) + output.to_tuple()[1:]
 
 
 # ---------------------------------------------------------------------------------------------
