@@ -85,6 +85,24 @@ def test_inplace_backward_leaves_an_input_that_needs_no_grad_alone():
     torch.testing.assert_close(up, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_inplace_backward_on_rows_that_do_not_collapse_runs_out_of_place(fused):
+    """The first 3 of 7 rows per batch of an activation, (4, 3, 32) with strides (224, 32, 1): any
+    row strides are accepted, so the in-place request falls back instead of raising ValueError."""
+    x = torch.randn(4, 7, 32, device=DEVICE, requires_grad=True)
+    grads = []
+    for inplace in (False, True):
+        x.grad = None
+        rows = (x * 1.0)[:, :3]
+        if fused:
+            out = ops.swiglu_fused(rows, inplace_backward=inplace)
+        else:
+            out = ops.swiglu(rows[..., :16], rows[..., 16:], inplace_backward=inplace)
+        out.sum().backward()
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 def test_inplace_backward_with_partly_overlapping_views_is_correct():
     x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     h = x * 1.0

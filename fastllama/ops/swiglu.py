@@ -211,11 +211,15 @@ def _check_inplace_ok(name: str, t: torch.Tensor) -> None:
     if t._base is not None and t._base.is_leaf and t._base.requires_grad:
         raise ValueError(f"inplace_backward=True would overwrite {name}, a view of a leaf tensor that requires "
                          f"grad (a parameter?), with its gradient; use it only on intermediate activations")
+
+
+def _rows_collapse(t: torch.Tensor) -> bool:
+    """Whether (..., I) views as (M, I) (the in-place backward writes through such a view)."""
     try:
         t.view(-1, t.shape[-1])
     except RuntimeError:
-        raise ValueError(f"inplace_backward=True needs {name} whose leading dims collapse to one stride, got "
-                         f"shape {tuple(t.shape)} strides {tuple(t.stride())}") from None
+        return False
+    return True
 
 
 def _check_input(name: str, t) -> None:
@@ -248,7 +252,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
             of gate_proj/up_proj); rejected for leaves that require grad and their views; ignored
             (out of place) when gate and up share elements (``swiglu(x, x)``, overlapping views,
             expanded dims), when one of them does not require grad (nobody asked for its
-            gradient, so its memory is not scratch) and under ``torch.compile`` (which plans
+            gradient, so its memory is not scratch), when the leading dims of either do not
+            collapse to one stride (e.g. every other row) and under ``torch.compile`` (which plans
             buffer reuse itself). Not compatible with ``retain_graph=True`` / a second backward or
             with double backward (both raise).
 
@@ -262,7 +267,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
     # backward.) Under torch.compile the in-place write into chunk() halves breaks dynamo
     # ("output of Split is a view ... modified inplace"), and inductor reuses buffers anyway.
     if inplace_backward and (torch.compiler.is_compiling() or not (gate.requires_grad and up.requires_grad)
-                             or share_memory(gate, up) or has_expanded_dim(gate) or has_expanded_dim(up)):
+                             or share_memory(gate, up) or has_expanded_dim(gate) or has_expanded_dim(up)
+                             or not (_rows_collapse(gate) and _rows_collapse(up))):
         inplace_backward = False
     if inplace_backward and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         _check_inplace_ok("gate", gate)
@@ -277,15 +283,17 @@ def swiglu_fused(gate_up: torch.Tensor, inplace_backward: bool = False) -> torch
 
     The halves are read in place as strided views (no split copy); backward writes one
     (..., 2I) gradient (or, with ``inplace_backward``, overwrites ``gate_up`` with it; see
-    :func:`swiglu`; out of place for a ``gate_up`` with an expanded dim). Returns a new contiguous (..., I) tensor.
+    :func:`swiglu`; out of place for a ``gate_up`` with an expanded dim or rows that do not
+    collapse to one stride). Returns a new contiguous (..., I) tensor.
     """
     _check_input("gate_up", gate_up)
     if gate_up.shape[-1] % 2 or gate_up.shape[-1] == 0:
         raise ValueError(f"gate_up has last dim {gate_up.shape[-1]}; accepted: an even size 2*I >= 2 "
                          f"(gate first, then up)")
-    # an expanded dim: rows would write their gradients over each other, so out of place
+    # an expanded dim: rows would write their gradients over each other, so out of place (and
+    # rows that do not view as (M, 2I): no view to write through)
     if inplace_backward and torch.is_grad_enabled() and gate_up.requires_grad and not torch.compiler.is_compiling() \
-            and not has_expanded_dim(gate_up):
+            and not has_expanded_dim(gate_up) and _rows_collapse(gate_up):
         _check_inplace_ok("gate_up", gate_up)
         return _InplaceBackward.apply(True, gate_up)
     return _swiglu_fused(gate_up)
