@@ -44,6 +44,23 @@ def test_strided_hidden_weight_and_int32_labels(dtype):
         hidden, weight, labels, names=("hidden", "weight", "labels"))
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_confident_predictions_keep_fp32_precision(reduction):
+    """Target logits ~24 above the rest (p ~ 0.99996, as for many tokens of a trained LM): the
+    loss (~4e-5) and p - 1 must not carry lse's rounding at the size of the max logit (they did:
+    1.6x PyTorch's fp32 error on the loss, over the 2x rule for dhidden at hidden 1)."""
+    n, h, v = 48, 64, 2000
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(v, h, generator=gen) / h ** 0.5 * 2
+    labels = torch.randint(0, v, (n,), generator=gen)
+    target = weight[labels]
+    hidden = torch.randn(n, h, generator=gen) + 24 * target / target.norm(dim=1, keepdim=True) ** 2
+    assert_parity(lambda x, w, y: ops.linear_cross_entropy(x, w, y, reduction=reduction),
+                  lambda x, w, y: reference.linear_cross_entropy(x, w, y, reduction=reduction),
+                  hidden.to(DEVICE).requires_grad_(), weight.to(DEVICE).requires_grad_(), labels.to(DEVICE),
+                  names=("hidden", "weight", "labels"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tied_embedding_gradient_accumulates_both_uses(dtype):
     """A tiny embedding -> layer -> tied LM head model: weight's gradient is embedding + head."""
