@@ -110,9 +110,12 @@ def _qualname(module) -> str:
 
 def _attention_owner(model: nn.Module):
     """The HF model whose attention implementation ``patch`` sets: ``model`` itself, or the one
-    inside a wrapper that is not an HF model (DDP's ``.module``); None for the reference model."""
+    inside a wrapper that is not an HF model (DDP's ``.module``); None for the reference model.
+    The method is looked up on the class: PEFT's and torch.compile's wrappers forward unknown
+    attributes to the model they wrap, and the state must not sit on the wrapper (merge_and_unload
+    or unpatch of the inner model would not find it)."""
     for m in model.modules():
-        if hasattr(m, "set_attn_implementation") and hasattr(getattr(m, "config", None), "_attn_implementation"):
+        if hasattr(type(m), "set_attn_implementation") and hasattr(getattr(m, "config", None), "_attn_implementation"):
             return m
     return None
 

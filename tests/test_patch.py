@@ -350,6 +350,25 @@ def test_peft_lora_model_keeps_working():
     assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
 
 
+def test_patch_state_sits_on_the_hf_model_inside_peft_and_compile_wrappers():
+    """The wrappers forward unknown attributes to the model inside (set_attn_implementation,
+    config), so patch kept its state on the wrapper: after merge_and_unload, or patch(compiled)
+    then unpatch(model), unpatch left the attention on 'fastllama'."""
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(build("llama-gqa"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    fastllama.patch(lora)
+    merged = lora.merge_and_unload()
+    assert fastllama.is_patched(merged)
+    fastllama.unpatch(merged)
+    assert merged.config._attn_implementation == "sdpa" and not fastllama.is_patched(merged)
+
+    model = build("llama-gqa")
+    fastllama.patch(torch.compile(model))  # (nothing is compiled before a call)
+    assert fastllama.is_patched(model)
+    fastllama.unpatch(model)
+    assert model.config._attn_implementation == "sdpa" and not fastllama.is_patched(model)
+
+
 def test_lora_on_the_lm_head_added_after_patch_is_in_the_loss():
     """PEFT swaps lm_head for its own Linear after patching: the fused loss (which reads the base
     weight) must not run then; it left the adapter out (loss off by 3e-2, no adapter gradient)."""
