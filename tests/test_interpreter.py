@@ -76,3 +76,21 @@ def test_bf16_rounding_shim_is_needed():
     assert (y[3:] != x[3:].bfloat16()).sum() > 1000  # bug still present upstream: shim still needed
     _store_kernel[(1,)](x, y, 4096)
     assert torch.equal(y[3:], x[3:].bfloat16()) and torch.isnan(y[0]) and torch.equal(y[1:3], x[1:3].bfloat16())
+
+
+def test_ops_refuse_bf16_under_an_unfixed_interpreter(monkeypatch):
+    """Without the shims the interpreter's bf16 results are garbage (a patched model's loss was
+    NaN, no error): the ops refuse bf16 CPU tensors, except for byte/time counting code."""
+    if not INTERPRETER:
+        pytest.skip("interpreter only")
+    from fastllama import _interpreter, ops
+
+    x = torch.randn(3, 16).bfloat16()
+    w = torch.ones(16, dtype=torch.bfloat16)
+    ops.rms_norm(x, w)  # the suite's shims fix the interpreter: accepted
+    monkeypatch.setattr(_interpreter, "_bf16_shims_installed", lambda: False)
+    with pytest.raises(TypeError, match="x is bfloat16 on the CPU: the Triton interpreter computes bf16 wrongly"):
+        ops.rms_norm(x, w)
+    with _interpreter.wrong_bf16_values_ok():
+        assert ops.rms_norm(x, w).dtype == torch.bfloat16
+    ops.rms_norm(x.float(), w.float())  # fp32 is fine

@@ -40,6 +40,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .._interpreter import wrong_bf16_values_ok
 from . import common
 from .presets import get_preset
 
@@ -160,8 +161,10 @@ def measure_saved(model: nn.Module, tokens: int, batch: int = 1, seed: int = 0) 
     rec = _Recorder(model)
     try:
         # Only bytes are counted. Under the interpreter bf16 values come out wrong (its tl.dot,
-        # triton-lang/triton#11584) and NumPy warns of overflows in them: noise, silenced here.
-        with torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t), warnings.catch_warnings():
+        # triton-lang/triton#11584; the ops refuse them unless told so) and NumPy warns of
+        # overflows in them: noise, silenced here.
+        with torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t), warnings.catch_warnings(), \
+                wrong_bf16_values_ok():
             warnings.simplefilter("ignore", RuntimeWarning)
             out = model(input_ids=ids, labels=ids)
         loss = out.loss if hasattr(out, "loss") else out[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .._interpreter import interpreter_active
+from .._interpreter import check_bf16_on_interpreter, interpreter_active
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,6 +26,7 @@ def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, ndim: int | tuple[int, ..
         if t.dim() not in allowed:
             raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
     check_device(name, t)
+    check_bf16_on_interpreter(name, t)
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
