@@ -6,21 +6,34 @@ half-loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import types
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 __all__ = ["CheckpointError", "read_config", "load_pretrained", "save_pretrained", "checkpoint_files"]
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory does not match the model it is loaded into."""
+
+
+def _read_json_object(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}; a JSON object is expected")
+    return data
 
 
 def read_config(path) -> dict:
@@ -28,23 +41,44 @@ def read_config(path) -> dict:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{path}: no config.json (an HF-format checkpoint directory is expected)")
-    return json.loads(cfg.read_text())
+    return _read_json_object(cfg)
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path, device=None):
+    """``safe_open``, with a corrupt or truncated file reported as a CheckpointError naming it."""
+    try:
+        with safe_open(file, framework="pt", **({"device": device} if device else {})) as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
 
 
 def checkpoint_files(path) -> dict[str, Path]:
     """Maps every tensor name in the checkpoint to the safetensors file that holds it."""
     path = Path(path)
     if (path / INDEX).is_file():
-        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        weight_map = _read_json_object(path / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path / INDEX} has no \"weight_map\" object (tensor name -> shard file)")
         files = {name: path / f for name, f in weight_map.items()}
         absent = sorted({str(f) for f in files.values() if not f.is_file()})
         if absent:
             raise CheckpointError(f"{path}: shard files named in {INDEX} are missing: {absent}")
         return files
     if (path / SINGLE).is_file():
-        with safe_open(path / SINGLE, framework="pt") as f:
+        with _open_safetensors(path / SINGLE) as f:
             return {name: path / SINGLE for name in f.keys()}
     raise CheckpointError(f"{path}: neither {SINGLE} nor {INDEX} found")
+
+
+def read_generation_config(path) -> types.SimpleNamespace | None:
+    """The token ids of ``generation_config.json`` (eos, pad, bos), None when there is none."""
+    file = Path(path) / GENERATION_CONFIG
+    if not file.is_file():
+        return None
+    data = _read_json_object(file)
+    return types.SimpleNamespace(**{k: data.get(k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")})
 
 
 def _expected_tensors(model: torch.nn.Module) -> dict[str, torch.Size]:
@@ -77,7 +111,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     # Check every key and shape before loading anything.
     found: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 if files.get(name) == file:
                     found[name] = tuple(f.get_slice(name).get_shape())
@@ -103,7 +137,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
 
     state = {}
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open_safetensors(file, device="cpu") as f:
             for name in f.keys():
                 if name in expected:
                     state[name] = f.get_tensor(name).to(dtype)
@@ -111,11 +145,13 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     if tied:  # to_empty() makes a new tensor per module, which unties lm_head from the embedding
         model.lm_head.weight = model.model.embed_tokens.weight
     model.load_state_dict(state, strict=False)  # every key was checked above
+    model.generation_config = read_generation_config(path)
     return model
 
 
 def save_pretrained(model, path) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` (tied ``lm_head.weight`` left out, as HF does)."""
+    """Writes ``config.json`` and ``model.safetensors`` (tied ``lm_head.weight`` left out, as HF does),
+    and the ``generation_config.json`` token ids the model was loaded with, if any."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf()
@@ -125,3 +161,5 @@ def save_pretrained(model, path) -> None:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(path / SINGLE), metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:
+        (path / GENERATION_CONFIG).write_text(json.dumps(vars(model.generation_config), indent=2, sort_keys=True))

@@ -556,22 +556,6 @@ def load_tokenizer(path):
                             f"(needs the `tokenizers` package)")
 
 
-def _checkpoint_stop_tokens(path, config_eos) -> set[int]:
-    """The eos ids of a checkpoint: config.json's and generation_config.json's (HF's generate stops
-    on the latter; Llama-3 Instruct's <|eot_id|> is only there)."""
-    import json
-    from pathlib import Path
-
-    def ids(value) -> set[int]:
-        return set() if value is None else {int(value)} if isinstance(value, int) else {int(t) for t in value}
-
-    stop = ids(config_eos)
-    gen_config = Path(path) / "generation_config.json"
-    if gen_config.is_file():
-        stop |= ids(json.loads(gen_config.read_text()).get("eos_token_id"))
-    return stop
-
-
 def run_cli(args) -> int:
     """``fastllama generate``: loads the checkpoint and tokenizer, streams the text of one
     prompt to stdout, then prints prefill time and decode tokens/s."""
@@ -585,7 +569,7 @@ def run_cli(args) -> int:
     model = Llama.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
     tok = load_tokenizer(args.checkpoint)
     ids = tok.encode(args.prompt)
-    stop = _checkpoint_stop_tokens(args.checkpoint, model.config.eos_token_id)
+    stop = default_stop_and_pad(model)[0]  # config.json's and generation_config.json's eos ids
     if getattr(tok, "eos_id", -1) >= 0:
         stop.add(tok.eos_id)
     if args.seed is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .reference import functional as ref
-from .reference.model import Llama, RMSNorm
+from .reference.model import Llama, RMSNorm, default_stop_and_pad
 
 __all__ = ["RowBlocks", "rope_tables", "check_model", "module_problem", "default_stop_and_pad"]
 
@@ -174,21 +174,3 @@ def module_problem(model) -> str | None:
         if not forwards.silu_activation(layer.mlp):
             return f"layers.{i}.mlp.act_fn is {type(layer.mlp.act_fn).__name__}; the generator's MLP is SwiGLU (SiLU)"
     return None
-
-
-def default_stop_and_pad(model) -> tuple[set[int], int]:
-    """Stop tokens: the config's eos ids, and for an HF model its generation_config's too (HF's
-    generate stops on those: Llama-3 Instruct's <|eot_id|> is only there). Pad: the first set;
-    else the first eos id, the generation_config's before the config's (what HF's generate and
-    the reference model's pad with); else 0."""
-    def ids(value) -> set[int]:
-        return set() if value is None else {int(value)} if isinstance(value, int) else {int(t) for t in value}
-
-    configs = [model.config, getattr(model, "generation_config", None)]
-    stop = set().union(*(ids(getattr(c, "eos_token_id", None)) for c in configs))
-    pad = next((c.pad_token_id for c in configs if getattr(c, "pad_token_id", None) is not None), None)
-    for config in reversed(configs):
-        eos = getattr(config, "eos_token_id", None)
-        if pad is None and eos is not None:
-            pad = eos if isinstance(eos, int) else (list(eos) or [None])[0]
-    return stop, int(pad if pad is not None else 0)

@@ -111,3 +111,46 @@ def test_unsupported_config_raises_before_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="dynamic"):
         Llama.from_pretrained(tmp_path)
+
+
+def test_malformed_files_are_checkpoint_errors_naming_the_file(tmp_path):
+    """A config that is not a JSON object, a truncated or garbage safetensors file, an index
+    without a weight_map: CheckpointError naming the file (they were AttributeError, the
+    library's SafetensorError and KeyError: tracebacks from the CLI)."""
+    _hf().save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json holds a JSON list"):
+        Llama.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        Llama.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(config)
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    for broken in (weights[: len(weights) // 2], b"\xff" * 64):
+        (tmp_path / "model.safetensors").write_bytes(broken)
+        with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+            Llama.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match='index.json has no "weight_map"'):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_generation_config_eos_ids_are_default_stop_tokens(tmp_path):
+    """HF's generate stops on generation_config.json's eos ids too (Llama-3 Instruct's <|eot_id|>
+    is only there); the reference model's generate ignored them. Saved back with the model."""
+    hf = _hf()
+    hf.save_pretrained(tmp_path)
+    ids = torch.tensor([[5, 9, 4]])
+    free = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 3:]
+    stop = int(free[2])  # the third token becomes an eos of generation_config.json only
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop], "pad_token_id": 0}))
+    hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    expected = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, 3:].tolist()
+    ours = Llama.from_pretrained(tmp_path).eval()
+    got = ours.generate(ids, max_new_tokens=8)[0, 3:].tolist()
+    assert got[:3] == expected[:3] and expected[2] == stop
+    assert all(t == 0 for t in got[3:])  # stopped: the rest is padding
+    ours.save_pretrained(tmp_path / "again")
+    assert Llama.from_pretrained(tmp_path / "again").generation_config.eos_token_id == [2, stop]

@@ -7,6 +7,7 @@ what this model saves loads in HF. The math is the functional references in ``fu
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Iterable
 
 import torch
@@ -201,6 +202,9 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
         self.caches: list[KVCache] | None = None
+        # generation_config.json's token ids (eos, pad, bos) when loaded from a checkpoint that
+        # has one: generate's default stop tokens include its eos ids, as HF's generate does
+        self.generation_config: types.SimpleNamespace | None = None
 
     def _apply(self, fn, recurse=True):
         # .to(bfloat16) would round the rotary frequencies too; they are recomputed in fp32
@@ -289,7 +293,8 @@ class Llama(nn.Module):
         Greedy when ``temperature`` is 0; otherwise samples from ``softmax(logits / temperature)``
         restricted to the ``top_k`` most likely tokens and the smallest set whose probability
         reaches ``top_p``. Prompts of different lengths are LEFT-padded with ``attention_mask``
-        zeros. A sequence stops at any of ``stop_tokens`` (default: the config's eos) and is then
+        zeros. A sequence stops at any of ``stop_tokens`` (default: the eos ids of the config and of
+        generation_config.json when the checkpoint has one, as HF's generate) and is then
         filled with ``pad_token_id``; generation ends when all have stopped.
         """
         if max_new_tokens < 0:
@@ -300,16 +305,15 @@ class Llama(nn.Module):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        default_stop, default_pad = default_stop_and_pad(self)
         if stop_tokens is None:
-            stop_tokens = self.config.eos_token_id
+            stop_tokens = sorted(default_stop)
         stop = torch.tensor(
             [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens or []),
             dtype=torch.long, device=input_ids.device,
         )
-        pad = pad_token_id if pad_token_id is not None else self.config.pad_token_id
-        if pad is None:  # as HF's generate: finished rows repeat the (first) eos, else 0
-            eos = self.config.eos_token_id
-            pad = (eos if isinstance(eos, int) else (list(eos) or [0])[0]) if eos is not None else 0
+        # as HF's generate: finished rows repeat the pad, else the (first) eos, else 0
+        pad = pad_token_id if pad_token_id is not None else default_pad
         B, T = input_ids.shape
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         self.setup_caches(B, T + max_new_tokens)
@@ -334,6 +338,25 @@ class Llama(nn.Module):
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Position t predicts token t + 1: labels moved left by one, the last padded with ignore_index."""
     return F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+
+
+def default_stop_and_pad(model) -> tuple[set[int], int]:
+    """Stop tokens: the config's eos ids, and the generation_config's too (an HF model's, or the
+    reference model's from generation_config.json: HF's generate stops on those; Llama-3
+    Instruct's <|eot_id|> is only there). Pad: the first set;
+    else the first eos id, the generation_config's before the config's (what HF's generate and
+    the reference model's pad with); else 0."""
+    def ids(value) -> set[int]:
+        return set() if value is None else {int(value)} if isinstance(value, int) else {int(t) for t in value}
+
+    configs = [model.config, getattr(model, "generation_config", None)]
+    stop = set().union(*(ids(getattr(c, "eos_token_id", None)) for c in configs))
+    pad = next((c.pad_token_id for c in configs if getattr(c, "pad_token_id", None) is not None), None)
+    for config in reversed(configs):
+        eos = getattr(config, "eos_token_id", None)
+        if pad is None and eos is not None:
+            pad = eos if isinstance(eos, int) else (list(eos) or [None])[0]
+    return stop, int(pad if pad is not None else 0)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
