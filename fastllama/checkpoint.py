@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,12 +74,18 @@ def checkpoint_files(path) -> dict[str, Path]:
 
 
 def read_generation_config(path) -> types.SimpleNamespace | None:
-    """The token ids of ``generation_config.json`` (eos, pad, bos), None when there is none."""
+    """``generation_config.json`` as attributes (every field kept, so that saving writes it back
+    whole; ``eos_token_id``, ``pad_token_id``, ``bos_token_id`` always present), None when there
+    is none. A malformed one is ignored with a warning, as HF's from_pretrained does."""
     file = Path(path) / GENERATION_CONFIG
     if not file.is_file():
         return None
-    data = _read_json_object(file)
-    return types.SimpleNamespace(**{k: data.get(k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")})
+    try:
+        data = _read_json_object(file)
+    except CheckpointError as e:
+        warnings.warn(f"{e}; ignored (the stop tokens are config.json's)", stacklevel=3)
+        return None
+    return types.SimpleNamespace(**{"eos_token_id": None, "pad_token_id": None, "bos_token_id": None, **data})
 
 
 def _expected_tensors(model: torch.nn.Module) -> dict[str, torch.Size]:
@@ -151,7 +158,7 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
 
 def save_pretrained(model, path) -> None:
     """Writes ``config.json`` and ``model.safetensors`` (tied ``lm_head.weight`` left out, as HF does),
-    and the ``generation_config.json`` token ids the model was loaded with, if any."""
+    and the ``generation_config.json`` the model was loaded with, if any (all of its fields)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf()

@@ -109,10 +109,14 @@ def _call_with_forward(module, forward, x):
 def silu_activation(mlp) -> bool:
     """Whether the MLP's activation is SiLU: HF's ``act_fn`` (``SiLUActivation`` or ``nn.SiLU``,
     what ``hidden_act="silu"``/``"swish"`` build) as it is NOW, not what the config says (a
-    swapped ``act_fn`` must not become SwiGLU); the reference MLP has no ``act_fn``: SiLU."""
+    swapped ``act_fn`` must not become SwiGLU), with no forward set on its instance and no hooks
+    (the fused SwiGLU never calls it); the reference MLP has no ``act_fn``: SiLU."""
     act = getattr(mlp, "act_fn", None)
-    return act is None or type(act) is torch.nn.SiLU or (type(act).__name__ == "SiLUActivation"
-                                                         and type(act).__module__ == "transformers.activations")
+    if act is None:
+        return True
+    silu = type(act) is torch.nn.SiLU or (type(act).__name__ == "SiLUActivation"
+                                          and type(act).__module__ == "transformers.activations")
+    return silu and not _forward_replaced(act) and _bypassable(act)
 
 
 def mlp_forward(self, x):

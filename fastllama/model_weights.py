@@ -126,7 +126,7 @@ def check_model(model, max_seq_len: int) -> None:
         raise TypeError(f"model must be a fastllama.reference.Llama or a transformers "
                         f"{' / '.join(_HF_CAUSAL_LMS)}, got {cls.__name__}")
     cfg = model.config
-    if getattr(cfg, "hidden_act", "silu") != "silu":
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"{cls.__name__} has hidden_act={cfg.hidden_act!r}; the generator's MLP is SwiGLU (silu)")
     rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
     if rope_type in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
@@ -167,10 +167,14 @@ def module_problem(model) -> str | None:
     norms = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in layers
              for n in ("input_layernorm", "post_attention_layernorm")] + [("norm", model.model.norm)]
     for name, norm in norms:
-        if type(norm) is not rms_norm or norm._forward_pre_hooks or norm._forward_hooks:
-            return (f"{name} is {'a hooked ' if type(norm) is rms_norm else 'a '}{type(norm).__name__}, which the "
-                    f"generator (computing the model's own RMSNorm from its weight) would not run")
+        replaced = forwards._forward_replaced(norm) and not forwards._patched_with(norm, forwards.rms_norm_forward)
+        if type(norm) is not rms_norm or norm._forward_pre_hooks or norm._forward_hooks or replaced:
+            what = ("a hooked " if norm._forward_pre_hooks or norm._forward_hooks
+                    else "a forward-replaced " if replaced else "a ")
+            return (f"{name} is {what}{type(norm).__name__}, which the generator (computing the model's own "
+                    f"RMSNorm from its weight) would not run")
     for i, layer in layers:
         if not forwards.silu_activation(layer.mlp):
-            return f"layers.{i}.mlp.act_fn is {type(layer.mlp.act_fn).__name__}; the generator's MLP is SwiGLU (SiLU)"
+            return (f"layers.{i}.mlp.act_fn is {type(layer.mlp.act_fn).__name__} (with its forward replaced or hooked, "
+                    f"or not SiLU); the generator's MLP is SwiGLU (SiLU), computed without calling it")
     return None

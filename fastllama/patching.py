@@ -48,7 +48,8 @@ def _check_silu(module) -> str | None:
     if act not in ("silu", "swish"):
         return f"hidden_act={act!r} is not SiLU (swiglu needs hidden_act='silu')"
     if not forwards.silu_activation(module):
-        return f"act_fn is {type(getattr(module, 'act_fn', None)).__name__}, not SiLU (swiglu needs SiLU)"
+        return (f"act_fn is {type(getattr(module, 'act_fn', None)).__name__}, not a plain SiLU (swiglu needs SiLU, "
+                f"with no forward set on its instance and no hooks)")
     return None
 
 

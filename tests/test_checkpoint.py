@@ -154,3 +154,19 @@ def test_generation_config_eos_ids_are_default_stop_tokens(tmp_path):
     assert all(t == 0 for t in got[3:])  # stopped: the rest is padding
     ours.save_pretrained(tmp_path / "again")
     assert Llama.from_pretrained(tmp_path / "again").generation_config.eos_token_id == [2, stop]
+
+
+def test_generation_config_survives_a_save_and_a_malformed_one_is_ignored(tmp_path):
+    """Saving into the directory loaded from keeps every field (sampling defaults too: writing
+    back only the token ids made an Instruct checkpoint greedy in HF); a malformed file is
+    ignored with a warning, as HF's from_pretrained does, not a refused checkpoint."""
+    _hf().save_pretrained(tmp_path)
+    fields = {"eos_token_id": [2, 7], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (tmp_path / "generation_config.json").write_text(json.dumps(fields))
+    Llama.from_pretrained(tmp_path).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert {k: saved[k] for k in fields} == fields
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="generation_config.json is not valid JSON"):
+        model = Llama.from_pretrained(tmp_path)
+    assert model.generation_config is None

@@ -8,6 +8,7 @@ import sentencepiece as spm
 import torch
 
 from conftest import DEVICE, INTERPRETER
+import fastllama
 from fastllama.cli import main
 from fastllama.generate import Generator, TextStreamer, generate, sample_logits
 from fastllama.reference import Llama, LlamaConfig
@@ -576,7 +577,18 @@ def test_hf_defaults_lora_and_qwen2_layer_types(monkeypatch):
     with pytest.raises(ValueError, match="layers.0.mlp.act_fn is GELU"):
         gen.generate([[3, 4]], 2)
     layer.mlp.act_fn = act
+    act.forward = torch.nn.functional.gelu  # still a SiLU class, but not what runs
+    with pytest.raises(ValueError, match="layers.0.mlp.act_fn is SiLUActivation"):
+        gen.generate([[3, 4]], 2)
+    del act.forward
+    norm.forward = lambda x: x
+    with pytest.raises(ValueError, match="post_attention_layernorm is a forward-replaced LlamaRMSNorm"):
+        gen.generate([[3, 4]], 2)
+    del norm.forward
     gen.generate([[3, 4]], 2)
+    fastllama.patch(model)  # fastllama's own forwards are no replacement
+    gen.generate([[3, 4]], 2)
+    fastllama.unpatch(model)
 
     cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=2, use_sliding_window=True, sliding_window=4,

@@ -92,7 +92,8 @@ def _act_gelu(model):
         layer.mlp.act_fn = torch.nn.GELU()
 
 
-@pytest.mark.parametrize("edit", ["norm subclass", "layer norm", "gelu before patch", "gelu after patch"])
+@pytest.mark.parametrize("edit", ["norm subclass", "layer norm", "gelu before patch", "gelu after patch",
+                                  "silu forward replaced"])
 def test_modules_edited_by_hand_are_not_bypassed(edit):
     """The patched decoder layer read post_attention_layernorm's weight whatever the norm was
     (a subclass's forward never ran: logits off by 0.4; nn.LayerNorm: AttributeError), and the
@@ -117,6 +118,9 @@ def test_modules_edited_by_hand_are_not_bypassed(edit):
                 assert "act_fn is GELU" in fastllama.patch_summary(model)
         if edit == "gelu after patch":
             _act_gelu(model)
+        if edit == "silu forward replaced":  # the class is still SiLU: the instance's forward counts
+            for layer in model.model.layers:
+                layer.mlp.act_fn.forward = torch.nn.functional.gelu
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         return loss, {n: p.grad for n, p in model.named_parameters()}
