@@ -202,8 +202,8 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
         self.caches: list[KVCache] | None = None
-        # generation_config.json's token ids (eos, pad, bos) when loaded from a checkpoint that
-        # has one: generate's default stop tokens include its eos ids, as HF's generate does
+        # generation_config.json's fields when loaded from a checkpoint that has one (saved back
+        # with the model): generate's default stop tokens include its eos ids, as HF's does
         self.generation_config: types.SimpleNamespace | None = None
 
     def _apply(self, fn, recurse=True):
