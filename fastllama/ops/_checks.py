@@ -62,6 +62,25 @@ def has_expanded_dim(t: torch.Tensor) -> bool:
     return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
+def check_write_targets(written: dict, read: dict | None = None, why: str = "") -> None:
+    """Every element an op writes in place must be its own memory, apart from what it reads: a
+    stride-0 (expanded) dim makes several elements one location, and two targets sharing memory,
+    or an input viewing a target, would overwrite each other or values still to be read (on a
+    GPU: whichever program wins a race). torch refuses such in-place targets too. Inputs may share
+    memory with each other, and disjoint views of one buffer are fine (q and k of a fused qkv
+    projection). ``why`` ends each message (what would go wrong for this op)."""
+    for name, t in written.items():
+        if has_expanded_dim(t):
+            raise ValueError(f"{name} has a stride-0 (expanded) dim, strides {tuple(t.stride())}, and is written in "
+                             f"place{why}")
+    targets = list(written.items())
+    pairs = [(a, b) for i, a in enumerate(targets) for b in targets[i + 1:]]
+    pairs += [(r, w) for r in (read or {}).items() for w in targets]
+    for (a, ta), (b, tb) in pairs:
+        if share_memory(ta, tb):
+            raise ValueError(f"{a} and {b} share memory, and {b} is written in place{why}")
+
+
 def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Some element of ``a`` is at the same memory as some element of ``b`` (``f(x, x)``, or views
     that partly overlap). Disjoint views of one buffer, e.g. the gate and up halves of a fused

@@ -22,7 +22,7 @@ from ..kernels import decode_attention as _dk
 from ..kernels import rotary_cache as _rk
 from ..optable import KernelBuild, OpCase, OpSpec
 from ..reference import functional as _ref
-from ._checks import check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, share_memory
+from ._checks import check_last_dim_contiguous, check_same, check_tensor, check_write_targets
 
 __all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "MAX_SPLITS", "MAX_QUERY_LEN",
            "MAX_HEAD_DIM"]
@@ -186,25 +186,6 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
     _check_forward_only("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
 
 
-def _check_write_targets(**tensors) -> None:
-    """The caches are written in place, each slot by one program: a cache with a stride-0 dim
-    (several sequences or heads on one slot), the two caches sharing memory, or an input that
-    is a view of a cache would make writes overwrite each other or the values other programs
-    still read (on a GPU, whichever program wins a race). torch refuses such in-place targets too.
-    Inputs may share memory with each other (q, k, v as views of one qkv projection)."""
-    caches = {n: t for n, t in tensors.items() if n.endswith("_cache")}
-    for name, cache in caches.items():
-        if has_expanded_dim(cache):
-            raise ValueError(f"{name} has a stride-0 (expanded) dim, strides {tuple(cache.stride())}: it is written in "
-                             f"place, and several sequences or heads would write the same memory")
-    names = list(tensors)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            if (a in caches or b in caches) and share_memory(tensors[a], tensors[b]):
-                raise ValueError(f"{a} and {b} share memory; {'they are' if a in caches and b in caches else 'the cache is'} "
-                                 f"written in place, so each cache must be its own memory, apart from the inputs")
-
-
 def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions) -> None:
     check_tensor("q", q, ndim=4)
     B, Hq, T, D = q.shape
@@ -230,7 +211,9 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}; "
                          f"they must match")
-    _check_write_targets(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    # each slot is written by one program: aliased caches would lose writes
+    check_write_targets({"k_cache": k_cache, "v_cache": v_cache}, {"q": q, "k": k, "v": v},
+                        why=" (each cache slot by one program): writes would be lost")
     for name, t in (("cos", cos), ("sin", sin)):
         check_tensor(name, t, ndim=(2, 3))
         check_same("q", q, name, t, "dtype")

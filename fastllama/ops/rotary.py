@@ -15,7 +15,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import rotary as _k
 from ..optable import KernelBuild, OpCase, OpSpec
-from ._checks import check_device, check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, share_memory
+from ._checks import check_device, check_last_dim_contiguous, check_same, check_tensor, check_write_targets
 from .rms_norm import num_sms
 
 __all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_from_positions", "MAX_HEAD_DIM"]
@@ -127,16 +127,10 @@ class _RotaryInplace(torch.autograd.Function):
 
 def _check_inplace_targets(q, k) -> None:
     """In place, every element of q and k must be its own memory: one rotated twice (k is q, or a
-    stride-0 head/position dim) would come out rotated twice, silently. (torch's own in-place ops
-    refuse such targets too.) Distinct views of one buffer, e.g. q and k of a fused qkv
-    projection, are fine and common."""
-    for name, t in (("q", q), ("k", k)):
-        if has_expanded_dim(t):
-            raise ValueError(f"inplace=True but {name} has a stride-0 (expanded) dim, strides {tuple(t.stride())}: "
-                             f"its elements share memory and would be rotated more than once")
-    if share_memory(q, k):
-        raise ValueError("inplace=True but q and k share memory (k is q, or overlapping views): it would be rotated twice; "
-                         "rotate out of place or pass separate tensors")
+    stride-0 head/position dim) would come out rotated twice, silently. Distinct views of one
+    buffer, e.g. q and k of a fused qkv projection, are fine and common."""
+    check_write_targets({"q": q, "k": k}, why=" (inplace=True): it would be rotated more than once; rotate out "
+                                               "of place or pass separate tensors")
 
 
 def _run(q, k, cos, sin, position_ids, inv_freq, inplace):
