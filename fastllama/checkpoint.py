@@ -16,7 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-__all__ = ["CheckpointError", "read_config", "load_pretrained", "save_pretrained", "checkpoint_files"]
+__all__ = ["CheckpointError", "read_config", "read_generation_config", "load_pretrained", "save_pretrained",
+           "checkpoint_files"]
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
