@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 __all__ = ["ParityRow", "ParityReport", "parity_report", "assert_parity", "float64_truth"]
 
@@ -42,11 +43,14 @@ class ParityRow:
 
     @property
     def ratio(self) -> float:
-        return self.kernel_err / self.allowed if self.allowed > 0 else float("inf")
+        if self.allowed > 0:
+            return self.kernel_err / self.allowed
+        return 0.0 if self.kernel_err == 0 else float("inf")
 
     @property
     def passed(self) -> bool:
-        return not self.problem and self.kernel_err <= self.allowed
+        # an infinite allowance (an atol_floor of inf) would pass anything
+        return not self.problem and self.kernel_err <= self.allowed < float("inf")
 
 
 @dataclasses.dataclass
@@ -90,13 +94,25 @@ def _flatten(out: Any) -> tuple:
     return (out,)
 
 
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, in memory of its own, with the same sizes and strides (a transposed view,
+    a slice of a wider tensor, an expanded stride-0 view stay what they are: the strides are
+    part of what a kernel is tested on). A run that writes into its inputs (an in-place op)
+    must neither change the caller's tensors nor the inputs of the other runs."""
+    t = t.detach()
+    if t.numel() == 0:
+        return t.clone()
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    region = t.as_strided((extent,), (1,), t.storage_offset()).clone()
+    return region.as_strided(t.shape, t.stride(), 0)
+
+
 def _convert(arg: Any, dtype: torch.dtype | None) -> Any:
-    """Detached leaf copy of a floating tensor (cast to ``dtype`` if given), keeping requires_grad."""
+    """A floating tensor as a leaf of its own (cast to ``dtype`` if given), keeping
+    requires_grad; anything else as is."""
     if not (isinstance(arg, torch.Tensor) and arg.is_floating_point()):
         return arg
-    leaf = arg.detach()
-    if dtype is not None:
-        leaf = leaf.to(dtype)
+    leaf = _own_copy(arg) if dtype is None or dtype == arg.dtype else arg.detach().to(dtype)
     return leaf.requires_grad_(arg.requires_grad)
 
 
@@ -108,10 +124,10 @@ def _run(fn: Callable, args: Sequence, grad_outputs: Callable | None, dtype: tor
     # enable_grad: under a caller's no_grad the reference would give no gradients and every
     # gradient row would silently go missing.
     with torch.enable_grad():
-        leaves = [_convert(a, dtype) for a in args]
+        leaves = pytree.tree_map(lambda a: _convert(a, dtype), list(args))
         outs = _flatten(fn(*leaves))
         grad_outputs = grad_outputs(outs) if grad_outputs is not None else None
-        wanted = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+        wanted = [a for a in pytree.tree_leaves(leaves) if isinstance(a, torch.Tensor) and a.requires_grad]
         grads: list[torch.Tensor | None] = []
         if wanted and grad_outputs is not None:
             pairs = [
@@ -139,7 +155,7 @@ def _max_err(value: torch.Tensor, truth: torch.Tensor) -> tuple[float, tuple[int
     # exact matches at non-finite truth count 0, any mismatch there inf (inf - inf would be NaN)
     diff = torch.where(torch.isfinite(truth), diff, 0.0)
     diff = torch.where(_nonfinite_mismatch(value, truth), float("inf"), diff)
-    diff = torch.nan_to_num(diff, nan=float("inf"))
+    diff = torch.nan_to_num(diff, nan=float("inf"), posinf=float("inf"))
     if diff.numel() == 0:
         return 0.0, None
     flat = int(diff.argmax())
@@ -149,6 +165,8 @@ def _max_err(value: torch.Tensor, truth: torch.Tensor) -> tuple[float, tuple[int
 def _compare(name, kind, value, same_list, truth, factor, atol_floor, dtype) -> ParityRow:
     if value is None:
         return ParityRow(name, kind, float("inf"), 0.0, 0.0, None, problem="kernel gave no value (missing gradient?)")
+    if not isinstance(value, torch.Tensor):
+        return ParityRow(name, kind, float("inf"), 0.0, 0.0, None, problem=f"kernel gave a {type(value).__name__}, not a tensor")
     if value.shape != truth.shape:
         return ParityRow(name, kind, float("inf"), 0.0, 0.0, None,
                          problem=f"shape {tuple(value.shape)} != expected {tuple(truth.shape)}")
@@ -156,13 +174,15 @@ def _compare(name, kind, value, same_list, truth, factor, atol_floor, dtype) -> 
     value = value.detach().to(torch.float64)
     finite = torch.isfinite(truth)
     bad = (finite & ~torch.isfinite(value)) | _nonfinite_mismatch(value, truth)
-    # PyTorch's own op may overflow where the truth does not; judge it only where it is finite.
+    # PyTorch's own op may overflow where the truth does not, or be finite where the truth is
+    # NaN (a fully masked row): judge it only where both are finite, or one such position would
+    # make its error, and so the allowance, infinite.
     torch_err = 0.0
     for same in same_list:
         if same is None:
             continue
         same = same.detach().to(torch.float64)
-        same = torch.where(torch.isfinite(same), same, truth)
+        same = torch.where(torch.isfinite(same) & finite, same, truth)
         torch_err = max(torch_err, _max_err(same, truth)[0])
     if atol_floor is None:
         scale = float(truth[finite].abs().max()) if finite.any() else 0.0
@@ -217,8 +237,11 @@ def parity_report(
         reference: the pure-PyTorch reference; it is run on ``args`` cast to ``truth_dtype``
             (the truth) and on ``args`` as given (PyTorch's own error in that dtype).
         args: positional inputs. Floating tensors with ``requires_grad=True`` get their
-            gradients checked; other tensors (integer labels, masks) and non-tensors pass as is.
-            Bind keyword arguments with ``functools.partial`` or a lambda.
+            gradients checked, also inside lists and tuples (named ``name[i]``); other tensors
+            (integer labels, masks) and non-tensors pass as is. Each run gets its own copy of
+            every tensor, strides kept, so an op that writes into its inputs changes neither
+            the caller's tensors nor the other runs'. Bind keyword arguments with
+            ``functools.partial`` or a lambda.
         torch_op: what "plain PyTorch in the same dtype" means, if not ``reference``. A list of
             callables (several standard PyTorch formulations, e.g. eager and SDPA attention)
             takes the largest of their errors as PyTorch's error, tensor by tensor.
@@ -228,9 +251,22 @@ def parity_report(
         fwd_factor / bwd_factor: the 2x / 3x of the rule.
         atol_floor: overrides the default floor (``eps(dtype) * max|truth|`` per tensor).
         truth_dtype: float64 by default.
+        seed: seeds the random upstream gradients.
+        title: a first line for the report's table.
     """
     torch_op = torch_op or reference
-    in_dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    # Names must cover exactly what they label: a short list would silently leave inputs' gradients
+    # or outputs out of the comparison.
+    if names is not None and len(names) != len(args):
+        raise ValueError(f"names has {len(names)} entries for {len(args)} arguments")
+    arg_names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
+    # Tensors inside a list or tuple argument (the weights of ops.rms_norm_linear) count like any
+    # other input, named name[i], in the order the runs find them (pytree order).
+    inputs = []
+    for name, a in zip(arg_names, args):
+        leaves = [a] if isinstance(a, torch.Tensor) else pytree.tree_leaves(a)
+        inputs += [(name if t is a else f"{name}[{i}]", t) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    in_dtypes = [t.dtype for _, t in inputs if t.is_floating_point()]
     low_dtype = min(in_dtypes, key=lambda d: torch.finfo(d).bits) if in_dtypes else torch.float32
 
     cached: list = []
@@ -246,21 +282,18 @@ def parity_report(
                 if isinstance(o, torch.Tensor) and o.is_floating_point() else None
                 for o in outs
             )
-        return cached
+        # (an output of the wrong shape gets no upstream gradient: its row reports the shape)
+        return [g if g is not None and isinstance(o, torch.Tensor) and o.shape == g.shape else None
+                for g, o in zip(cached, outs)]
 
     grad_outputs = grad_outputs if check_grad else None
     out_k, grad_k = _run(op, args, grad_outputs, None)
     out_t, grad_t = _run(reference, args, grad_outputs, truth_dtype)
     same_runs = [_run(f, args, grad_outputs, None) for f in (torch_op if isinstance(torch_op, (list, tuple)) else [torch_op])]
 
-    # Names must cover exactly what they label: a short list would silently leave inputs' gradients
-    # or outputs out of the comparison.
-    if names is not None and len(names) != len(args):
-        raise ValueError(f"names has {len(names)} entries for {len(args)} arguments")
     if output_names is not None and len(output_names) != len(out_t):
         raise ValueError(f"output_names has {len(output_names)} entries; the reference returned {len(out_t)} outputs")
-    arg_names = list(names) if names is not None else [f"arg{i}" for i in range(len(args))]
-    grad_names = [n for n, a in zip(arg_names, args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    grad_inputs = [(n, t) for n, t in inputs if t.requires_grad]
     out_names = list(output_names) if output_names is not None else [f"out{i}" for i in range(len(out_t))]
 
     rows = []
@@ -280,8 +313,7 @@ def parity_report(
             equal = isinstance(k, torch.Tensor) and k.dtype == t.dtype and k.shape == t.shape and torch.equal(k, t)
             rows.append(ParityRow(name, "output", 0.0 if equal else float("inf"), 0.0, 0.0, None,
                                   problem="" if equal else "differs from the reference (compared exactly)"))
-    grad_args = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    for n, (name, k, t, a) in enumerate(zip(grad_names, grad_k, grad_t, grad_args)):
+    for n, ((name, a), k, t) in enumerate(zip(grad_inputs, grad_k, grad_t)):
         if t is None:  # the reference's outputs do not depend on this input
             if k is None:
                 continue

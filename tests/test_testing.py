@@ -190,3 +190,70 @@ def test_truth_uses_the_same_rounded_upstream_gradient():
             return g2, g
 
     assert not parity_report(OffGrad.apply, torch.add, x, r).passed
+
+
+def test_finite_pytorch_where_the_truth_is_nan_does_not_make_the_allowance_infinite():
+    # A second PyTorch formulation that is finite where the truth is NaN (a fully masked row) must
+    # not count as an infinite error of PyTorch's: the allowance stays finite, a wrong op fails.
+    x = torch.randn(16, dtype=torch.float16)
+
+    def nan_first(t, scale):
+        y = t * scale
+        y[0] = float("nan")
+        return y
+
+    zero_first = lambda t: torch.where(torch.arange(t.numel()) == 0, 0.0, t * 2).to(t.dtype)  # noqa: E731
+    report = parity_report(lambda t: nan_first(t, 3.0), lambda t: nan_first(t, 2.0), x,
+                           torch_op=[lambda t: nan_first(t, 2.0), zero_first], check_grad=False)
+    assert not report.passed and report.rows[0].allowed < 1, report.table()
+
+
+def test_every_run_gets_its_own_inputs_with_their_strides():
+    # An op that writes into its input must not change the caller's tensor, nor the inputs the
+    # truth is computed from: a wrong in-place op fails, a right one passes.
+    base = torch.randn(4, 16)
+    x = base[:, ::2]  # a strided view: the copy keeps its strides
+    seen = []
+
+    def zero_in_place(t):
+        seen.append(t.stride())
+        return t.zero_()
+
+    def double_in_place(t):
+        return t.mul_(2)
+
+    before = base.clone()
+    assert not parity_report(zero_in_place, lambda t: t.clone(), x).passed
+    assert parity_report(double_in_place, lambda t: t * 2, x).passed
+    assert torch.equal(base, before)
+    assert seen == [x.stride()]
+
+
+def test_tensors_inside_a_list_argument_are_compared():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float16, requires_grad=True)
+    weights = [torch.randn(8, 8, dtype=torch.float16, requires_grad=True)]
+
+    class ZeroWeightGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t, w):
+            ctx.save_for_backward(t, w)
+            return t @ w.t()
+
+        @staticmethod
+        def backward(ctx, g):
+            t, w = ctx.saved_tensors
+            return g @ w, torch.zeros_like(w)
+
+    matmul = lambda t, ws: t @ ws[0].t()  # noqa: E731
+    report = parity_report(lambda t, ws: ZeroWeightGrad.apply(t, ws[0]), matmul, x, weights, names=["x", "w"])
+    assert [(r.name, r.passed) for r in report.rows] == [("out0", True), ("dx", True), ("dw[0]", False)], report.table()
+    assert parity_report(matmul, matmul, x, weights).passed
+
+
+def test_output_of_the_wrong_shape_or_type_is_a_failing_row():
+    x = torch.randn(4, 8, requires_grad=True)
+    report = parity_report(lambda t: t.t().contiguous(), lambda t: t * 1, x)
+    assert "shape (8, 4)" in report.rows[0].problem and not report.passed
+    report = parity_report(lambda t: 1.0, lambda t: t.sum(), x, check_grad=False)
+    assert "float" in report.rows[0].problem and not report.passed
