@@ -128,12 +128,10 @@ def _add_ratios(rows, peak):
 
 def plot(rows, path, measurement: bool):
     """TFLOP/s vs sequence length: one panel per (direction, D, causal), a line per provider."""
-    if not rows:  # stopped before its first row (a time limit): the table says so, no plot
+    # (no rows: stopped before its first row, a time limit; the table says so, no plot)
+    plt = common.pyplot(path) if rows else None
+    if plt is None:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     panels = sorted({(r["direction"], r["D"], r["causal"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)

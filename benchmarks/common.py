@@ -19,6 +19,7 @@ from fastllama.bench.common import (  # noqa: F401
     markdown_table,
     matmul_tflops,
     on_gpu,
+    pyplot,
     results_dir,
     spec_bandwidth_gbps,
     time_ms,

@@ -28,6 +28,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -103,15 +104,21 @@ def time_ms(fn, warmup: int = 5, rep: int = 20, grad_to_none=None) -> float:
         import triton.testing
 
         # Triton's do_bench takes warmup and rep in MILLISECONDS (and flushes L2 between calls):
-        # convert the counts with one timed call, or a 50 ms call would get a single sample.
+        # convert the counts with one timed call, or a 50 ms call would get a single sample. That
+        # call comes after an untimed one: a first call may compile (Triton's JIT, a backward
+        # compiled lazily, torch.compile recompiling under no_grad), and do_bench, which sizes its
+        # own loop from the warm time, would then run rep * compile time / call time calls.
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()
         torch.cuda.synchronize()
         start.record()
         fn()
         end.record()
         end.synchronize()
         one = max(start.elapsed_time(end), 1e-3)
-        return float(triton.testing.do_bench(fn, warmup=max(1.0, warmup * one), rep=max(1.0, rep * one),
+        budget_ms = 5000.0  # per measurement, whatever ``one`` says
+        return float(triton.testing.do_bench(fn, warmup=min(max(1.0, warmup * one), budget_ms / 5),
+                                             rep=min(max(1.0, rep * one), budget_ms),
                                              grad_to_none=grad_to_none, return_mode="median"))
     if grad_to_none:
         for t in grad_to_none:
@@ -284,15 +291,26 @@ class Plot:
     where: dict = dataclasses.field(default_factory=dict)  # only rows with these values
 
 
-def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path | None:
-    """Draws ``rows`` per ``plot`` into the PNG ``path`` (None when nothing numeric to draw)."""
+def pyplot(path) -> Any:
+    """matplotlib.pyplot drawing to files, or None with a note when matplotlib is not installed
+    (an optional dependency, the dev extra, which a GPU image may lack: tables and JSON still get
+    written, and a missing plot must not cost the measurements)."""
     try:
         import matplotlib
-    except ImportError:  # an optional dependency (the dev extra): tables and JSON still get written
-        print(f"matplotlib not installed: no plot {path.name}", file=sys.stderr)
+    except ImportError:
+        print(f"matplotlib not installed: no plot {Path(path).name}", file=sys.stderr)
         return None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path | None:
+    """Draws ``rows`` per ``plot`` into the PNG ``path`` (None when nothing numeric to draw)."""
+    plt = pyplot(path)
+    if plt is None:
+        return None
 
     rows = [r for r in rows if isinstance(r.get(plot.y), (int, float)) and not isinstance(r.get(plot.y), bool)
             and all(r.get(k) == v for k, v in plot.where.items())]

@@ -94,12 +94,9 @@ def summarize(kernels: list[tuple[str, int, float]], base: dict) -> list[dict]:
 
 def plot_profile(rows: list[dict], path, note: str = "") -> bool:
     """One horizontal bar per configuration, split into its categories' ms per step."""
-    if not rows:
+    plt = common.pyplot(path) if rows else None
+    if plt is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     configs = list(dict.fromkeys(r["config"] for r in rows))
     cats = [c for c, _ in CATEGORIES] + ["other"]

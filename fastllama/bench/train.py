@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import gc
 import statistics
+import sys
 import time
 import traceback
 
@@ -223,7 +224,12 @@ def _train_steps(model, forward, ids, warmup, steps, device, on_step=None, profi
         times.append(time.perf_counter() - t0)
         on_step and on_step()
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    kernels = profile_step(step, device) if profile else None
+    kernels = None
+    if profile:
+        try:
+            kernels = profile_step(step, device)
+        except Exception as e:  # noqa: BLE001  (a profiler failure, CUPTI say, must not cost the timed row)
+            print(f"profiler failed, no kernel times for this configuration: {type(e).__name__}: {e}", file=sys.stderr)
     del opt
     return statistics.median(times), peak, float(loss.detach().float()), kernels
 
