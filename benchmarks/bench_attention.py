@@ -94,7 +94,10 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
         ms_b = common.time_ms(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v])
     except Exception as e:  # noqa: BLE001 - a backend that refuses a shape is a row, not a crash
         note = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        return [dict(base, direction=d, ms=None, tflops=None, note=note) for d in ("fwd", "bwd")], []
+        # fastllama failing is an error (the script's exit code says so); a baseline refusing a
+        # shape (SDPA's flash backend at D 256 ...) is a note
+        key = "error" if name.startswith("fastllama") else "note"
+        return [dict(base, direction=d, ms=None, tflops=None, **{key: note}) for d in ("fwd", "bwd")], []
     tuning = _tuning_rows(base)
     # fastllama's rows name the tiles its autotuner chose for this shape (what the next tuning
     # round starts from).
@@ -180,14 +183,14 @@ def main(argv=None) -> int:
                 rows += case_rows
                 tuning += case_tuning
                 print(rows[-2]["provider"], f"D{D} T{T} {'causal' if causal else 'full'}",
-                      *(f"{r['direction']} {r['tflops']:.1f} TFLOP/s" if r["tflops"] else f"{r['direction']} {r['note']}"
+                      *(f"{r['direction']} {r['tflops']:.1f} TFLOP/s" if r["tflops"] else f"{r['direction']} {r.get('error') or r['note']}"
                         for r in rows[-2:]), flush=True)
     except KeyboardInterrupt:  # a time limit (gpu_check.sh sends SIGINT): keep the rows so far
         interrupted = True
         print("interrupted: writing the rows measured so far", flush=True)
     peak = common.matmul_tflops() if measurement and not interrupted else None
     _add_ratios(rows, peak)
-    cols = ["provider", "direction", "D", "T", "B", "H", "causal", "ms", "tflops", "vs_sdpa_flash", "pct_peak", "note"]
+    cols = ["provider", "direction", "D", "T", "B", "H", "causal", "ms", "tflops", "vs_sdpa_flash", "pct_peak", "note", "error"]
     out = common.write_results("bench_attention", rows, cols, extra={"matmul_peak_tflops": peak,
                                                                       "interrupted": interrupted}, out_dir=args.out)
     plot(rows, out / "bench_attention.png", measurement)
@@ -195,7 +198,7 @@ def main(argv=None) -> int:
         common.write_results("bench_attention_tuning", tuning, ["provider", "kernel", "D", "T", "B", "H", "causal",
                                                                 "config", "ms", "vs_best"], out_dir=args.out)
     print(f"wrote {out}/bench_attention.{{json,md,png}}" + ("" if measurement else "  (NOT a measurement)"))
-    return 130 if interrupted else 0
+    return 130 if interrupted else common.exit_code(rows)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def _hf_loss():
 def _liger():
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
+    except Exception:  # noqa: BLE001  (not installed, or broken against this Triton: no Liger rows)
         return None
     return LigerFusedLinearCrossEntropyLoss()
 
@@ -180,6 +180,11 @@ def main(argv=None) -> list[dict]:
                                  "peak_GiB": None, "note": "OOM"})
                     torch.cuda.empty_cache()
                     continue
+                except Exception as e:  # noqa: BLE001  (a failing method is a row; the others still run)
+                    rows.append({"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "method": name, "ms": None,
+                                 "peak_GiB": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+                    print(rows[-1], flush=True)
+                    continue
                 row = {"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
                        "method": name, "ms": ms, "peak_GiB": peak, "loss": loss}
                 if name == "hf":
@@ -199,7 +204,7 @@ def main(argv=None) -> list[dict]:
         print("interrupted: writing the rows measured so far", flush=True)
 
     columns = ["tokens", "hidden", "vocab", "dtype", "method", "ms", "peak_GiB", "time_vs_hf", "mem_vs_hf",
-               "loss_rel_diff", "note"]
+               "loss_rel_diff", "note", "error"]
     extra = {"baseline": _hf_loss()[1], "liger_installed": _liger() is not None,
              "targets": {"mem_vs_hf": "<= 0.25", "time_vs_hf": "<= 1.0"}}
     extra["interrupted"] = interrupted
@@ -228,4 +233,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.exit_code(main()))

@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     out = common.write_results("decode", rows, columns, extra={"copy_GBps": copy_gbps, "spec_GBps": spec_gbps,
                                                               "interrupted": interrupted})
     print(f"written to {out}" + ("" if gpu else "  (smoke run: NOT a measurement)"))
-    return 130 if interrupted else 0
+    return 130 if interrupted else common.exit_code(rows)
 
 
 if __name__ == "__main__":

@@ -157,11 +157,18 @@ def main(argv=None) -> list[dict]:
                     for method in ("eager", "compile", "fastllama"):
                         if method not in methods:
                             continue
-                        ms = _timed(methods[method], inputs, backward)
-                        gbps = nbytes / ms / 1e6
                         row = {"op": name, "pass": "fwd+bwd" if backward else "fwd", "tokens": tokens,
-                               "MB": nbytes / 1e6, "method": method, "ms": ms, "GB/s": gbps,
-                               "%copy": 100 * gbps / copy_gbps if copy_gbps else None}
+                               "MB": nbytes / 1e6, "method": method}
+                        try:
+                            ms = _timed(methods[method], inputs, backward)
+                        except Exception as e:  # noqa: BLE001  (a failing method is a row; the rest still run)
+                            if isinstance(e, torch.OutOfMemoryError):
+                                torch.cuda.empty_cache()
+                            rows.append(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+                            print(rows[-1], flush=True)
+                            continue
+                        gbps = nbytes / ms / 1e6
+                        row.update({"ms": ms, "GB/s": gbps, "%copy": 100 * gbps / copy_gbps if copy_gbps else None})
                         base = ms if method == "eager" else base
                         row["speedup_vs_eager"] = base / ms if base else None
                         rows.append(row)
@@ -173,7 +180,7 @@ def main(argv=None) -> list[dict]:
         interrupted = True
         print("interrupted: writing the rows measured so far", flush=True)
 
-    columns = ["op", "pass", "tokens", "MB", "method", "ms", "GB/s", "%copy", "speedup_vs_eager"]
+    columns = ["op", "pass", "tokens", "MB", "method", "ms", "GB/s", "%copy", "speedup_vs_eager", "error"]
     extra = {"dims": dims, "dtype": str(dtype), "copy_GBps": copy_gbps,
              "bytes": "minimum traffic: each tensor read or written once (gradients included for fwd+bwd)",
              "targets": {"fwd %copy at >= 32 MB": ">= 80", "speedup_vs_eager": ">= 2"}, "interrupted": interrupted}
@@ -184,4 +191,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.exit_code(main()))

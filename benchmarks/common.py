@@ -15,6 +15,7 @@ from fastllama.bench.common import (  # noqa: F401
     device,
     device_name,
     environment,
+    exit_code,
     is_measurement,
     markdown_table,
     matmul_tflops,

@@ -308,3 +308,27 @@ def test_plots_are_skipped_without_matplotlib(monkeypatch, tmp_path, capsys):
     assert common.write_plot(tmp_path / "w.png", [{"x": 1, "y": 2.0, "s": "a"}], common.Plot("x", "y", "s")) is None
     assert not list(tmp_path.iterdir())
     assert capsys.readouterr().err.count("matplotlib not installed") == 3
+
+
+@smoke_run_only
+@pytest.mark.parametrize("script, timer", [("bench_norm_rope_swiglu", "_timed"), ("bench_cross_entropy", "_measure")])
+def test_a_failing_method_is_an_error_row_and_the_exit_code(script, timer, tmp_path, monkeypatch):
+    # One method raising (a broken baseline, a kernel error) must not lose the script's other rows,
+    # and `bench ops` must exit 1 so that gpu_check.sh does not call the stage ok.
+    import importlib
+
+    mod = importlib.import_module(f"benchmarks.{script}")
+    real, calls = getattr(mod, timer), []
+
+    def first_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("broken baseline")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, timer, first_call_fails)
+    monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))
+    assert main(["bench", "ops", "--only", script, "--out", str(tmp_path), "--no-progress"]) == 1
+    name = {"bench_norm_rope_swiglu": "norm_rope_swiglu", "bench_cross_entropy": "cross_entropy"}[script]
+    rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+    assert "broken baseline" in rows[0]["error"] and len(rows) > 1 and all(r.get("ms") for r in rows[1:])

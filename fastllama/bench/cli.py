@@ -215,13 +215,14 @@ def _run_scripts(names: list[str], args) -> int:
         try:
             result = mod.main(argv)
         except SystemExit as e:  # argparse errors
-            result = e.code
+            result = e.code if isinstance(e.code, int) else int(e.code is not None)
         except Exception:  # noqa: BLE001  (one failing script does not stop the others)
             import traceback
 
             traceback.print_exc()
             result = 1
-        if isinstance(result, int) and result:
+        result = common.exit_code(result)  # rows: 1 when a row holds an error
+        if result:
             rc = 1
         print(f"### {name}: {time.time() - t0:.0f} s", flush=True)
         if result == 130:  # interrupted (a time limit): the scripts after it would be cut off too

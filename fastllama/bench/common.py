@@ -291,6 +291,14 @@ class Plot:
     where: dict = dataclasses.field(default_factory=dict)  # only rows with these values
 
 
+def exit_code(result) -> int:
+    """A benchmark script's exit status from what its ``main`` returned: an int as is (130:
+    interrupted by a time limit), rows: 1 when one holds an ``error``, else 0."""
+    if isinstance(result, int):
+        return result
+    return 1 if any(r.get("error") for r in result or ()) else 0
+
+
 def pyplot(path) -> Any:
     """matplotlib.pyplot drawing to files, or None with a note when matplotlib is not installed
     (an optional dependency, the dev extra, which a GPU image may lack: tables and JSON still get
