@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -107,13 +108,13 @@ def time_fastllama(model, prompt, new_tokens, reps, fuse_projections=True):
     B, T = prompt.shape
     gen = Generator(model, B, T + new_tokens, fuse_projections=fuse_projections)
     gen.generate(prompt, new_tokens, stop_tokens=[])  # warm-up: compiles, captures the graph
-    best = None
+    per_step = []
     for _ in range(reps):
         gen.generate(prompt, new_tokens, stop_tokens=[])
-        s = gen.stats
-        step = s.decode_s / max(s.steps, 1)
-        best = step if best is None else min(best, step)
-    return best, gen.stats.steps
+        if gen.stats.steps < 1:
+            raise ValueError(f"{new_tokens} new tokens took no decode step to time")
+        per_step.append(gen.stats.decode_s / gen.stats.steps)
+    return statistics.median(per_step), gen.stats.steps
 
 
 def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
@@ -136,8 +137,8 @@ def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
         return time.perf_counter() - t0
 
     run(new_tokens), run(2)  # warm-up (compiles every shape it will see)
-    full = min(run(new_tokens) for _ in range(reps))
-    first_step = min(run(2) for _ in range(reps))
+    full = statistics.median(run(new_tokens) for _ in range(reps))
+    first_step = statistics.median(run(2) for _ in range(reps))
     return max(full - first_step, 1e-9) / (new_tokens - 2), new_tokens - 2
 
 
@@ -152,6 +153,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-compile", action="store_true", help="skip hf-static-compile")
     args = p.parse_args(argv)
+    for name in ("batches", "contexts"):
+        if min(getattr(args, name)) < 1:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.reps < 1:
+        p.error(f"--reps must be >= 1, got {args.reps}")
+    if args.new_tokens < 2:  # the first new token comes from the prefill: nothing else to time
+        p.error(f"--new-tokens must be >= 2 (one decode step at least), got {args.new_tokens}")
     if args.new_tokens < 3 and not args.skip_hf:
         p.error(f"--new-tokens must be >= 3 to time HF's decode steps (t(n) - t(2)), got {args.new_tokens}")
 

@@ -332,3 +332,28 @@ def test_a_failing_method_is_an_error_row_and_the_exit_code(script, timer, tmp_p
     name = {"bench_norm_rope_swiglu": "norm_rope_swiglu", "bench_cross_entropy": "cross_entropy"}[script]
     rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
     assert "broken baseline" in rows[0]["error"] and len(rows) > 1 and all(r.get("ms") for r in rows[1:])
+
+
+def test_decode_plot_has_a_panel_per_model_and_context(tmp_path, monkeypatch):
+    # The decode sweep has two contexts per model: drawn into one panel, a line zigzagged between
+    # them with nothing saying which point was which.
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from fastllama.bench import plots
+
+    made, real = [], plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    rows = [{"model": "m", "context": c, "batch": b, "impl": i, "tokens/s": float(b * c)}
+            for c in (512, 4096) for b in (1, 8) for i in ("fastllama", "hf")]
+    assert common.write_plot(tmp_path / "d.png", rows, plots.KNOWN["decode"][0])
+    titles = sorted(ax.get_title() for ax in made[0][1].flat if ax.get_visible())
+    assert titles == ["decoding model=m context=4096", "decoding model=m context=512"]
+
+
+@pytest.mark.parametrize("bad", [["--new-tokens", "1", "--skip-hf"], ["--batches", "0"], ["--contexts", "-3"],
+                                 ["--reps", "0"]])
+def test_decode_benchmark_refuses_arguments_that_time_nothing(bad, tmp_path, capsys):
+    # --new-tokens 1 has no decode step to time (it reported 54,300 tokens/s from nothing);
+    # batch 0 and negative contexts gave error rows or an abort with exit code 0.
+    assert main(["bench", "decode", "--out", str(tmp_path), "--no-progress", "--", *bad]) == 1
+    assert "must be" in capsys.readouterr().err
+    assert not (tmp_path / "decode.json").exists()

@@ -279,12 +279,13 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 @dataclasses.dataclass
 class Plot:
     """How to plot a benchmark's rows: ``y`` against ``x``, one line (or bar group) per value of
-    ``series``, one panel per value of ``panel`` (optional). Bars when ``x`` is not numeric."""
+    ``series``, one panel per value of ``panel`` (optional; a tuple of columns: one panel per
+    combination of their values). Bars when ``x`` is not numeric."""
 
     x: str
     y: str
     series: str
-    panel: str | None = None
+    panel: str | tuple[str, ...] | None = None
     title: str = ""
     logx: bool = False
     higher_is_better: bool = True
@@ -324,14 +325,17 @@ def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path
             and all(r.get(k) == v for k, v in plot.where.items())]
     if not rows:
         return None
-    panels = list(dict.fromkeys(r.get(plot.panel) for r in rows)) if plot.panel else [None]
+    # a panel per value of plot.panel, or per combination when it names several columns
+    names = (plot.panel,) if isinstance(plot.panel, str) else tuple(plot.panel or ())
+    panel_of = lambda r: tuple(r.get(c) for c in names)  # noqa: E731
+    panels = list(dict.fromkeys(panel_of(r) for r in rows))
     cols = min(3, len(panels))
     n_rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(n_rows, cols, figsize=(5.5 * cols, 4 * n_rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, panel in zip(axes.flat, panels):
-        sub = [r for r in rows if plot.panel is None or r.get(plot.panel) == panel]
+        sub = [r for r in rows if panel_of(r) == panel]
         series = list(dict.fromkeys(r.get(plot.series) for r in sub))
         xs = list(dict.fromkeys(r.get(plot.x) for r in sub))
         numeric = len(xs) > 1 and all(isinstance(x, (int, float)) for x in xs)  # else bars
@@ -350,7 +354,7 @@ def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path
         ax.set_xlabel(plot.x)
         ax.set_ylabel(plot.y + (" (higher is better)" if plot.higher_is_better else " (lower is better)"))
         where = ", ".join(f"{k}={v}" for k, v in plot.where.items())
-        ax.set_title(" ".join(t for t in (plot.title, f"{plot.panel}={panel}" if plot.panel else "", where) if t),
+        ax.set_title(" ".join(t for t in (plot.title, *(f"{c}={v}" for c, v in zip(names, panel)), where) if t),
                      fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -22,7 +22,7 @@ KNOWN: dict[str, list[Plot]] = {
         Plot(x="tokens", y="ms", series="method", logx=True, higher_is_better=False, title="fwd+bwd time"),
         Plot(x="tokens", y="peak_GiB", series="method", logx=True, higher_is_better=False, title="peak memory"),
     ],
-    "decode": [Plot(x="batch", y="tokens/s", series="impl", panel="model", logx=True, title="decoding")],
+    "decode": [Plot(x="batch", y="tokens/s", series="impl", panel=("model", "context"), logx=True, title="decoding")],
     "bench_attention_tuning": [],  # every autotune candidate's time: a table to tune from, no plot
 }
 
