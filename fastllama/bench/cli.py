@@ -35,6 +35,21 @@ QUICK_ARGS = {
 }
 
 
+def _at_least(low: int):
+    """An argparse type: an int >= ``low`` (a clear usage error, not a traceback or a run that
+    measures nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _shared(p: argparse.ArgumentParser, sub: bool) -> None:
     # sub-subcommands repeat these without defaults, so `bench --quick train` and
     # `bench train --quick` both work
@@ -54,11 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _shared(t, sub=True)
     t.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="model shape (default: llama-3.2-1b on a GPU, tiny under the interpreter)")
-    t.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
-    t.add_argument("--seq-len", type=int, nargs="+", default=None, help="sequence lengths (default: the preset's)")
-    t.add_argument("--batch", type=int, default=None, help="fixed batch (default: fill the GPU; 1 on CPU)")
-    t.add_argument("--warmup", type=int, default=None, help="warm-up steps, not timed")
-    t.add_argument("--steps", type=int, default=None, help="measured steps (the median is reported)")
+    t.add_argument("--layers", type=_at_least(1), default=None, help="override the preset's number of layers")
+    t.add_argument("--seq-len", type=_at_least(2), nargs="+", default=None,
+                   help="sequence lengths (default: the preset's)")
+    t.add_argument("--batch", type=_at_least(1), default=None, help="fixed batch (default: fill the GPU; 1 on CPU)")
+    t.add_argument("--warmup", type=_at_least(0), default=None, help="warm-up steps, not timed")
+    t.add_argument("--steps", type=_at_least(1), default=None, help="measured steps (the median is reported)")
     t.add_argument("--configs", nargs="+", default=None, choices=CONFIGS, help="configurations to run")
     t.add_argument("--profile", action="store_true",
                    help="also profile one step per configuration: kernel time by category "
@@ -67,8 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _shared(m, sub=True)
     m.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS),
                    help="model shapes (default: all)")
-    m.add_argument("--tokens", type=int, nargs=2, default=[8, 16], metavar=("T1", "T2"),
-                   help="the two token counts the per-token cost is fitted over")
+    m.add_argument("--tokens", type=_at_least(1), nargs=2, default=[8, 16], metavar=("T1", "T2"),
+                   help="the two (different) token counts the per-token cost is fitted over")
     for name, what in (("ops", "every op benchmark script in benchmarks/ (bench_*.py but decode)"),
                        ("decode", "the decoding benchmark (benchmarks/bench_decode.py)")):
         o = sub.add_parser(name, help=what)
@@ -83,11 +99,23 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``fastllama bench ...``; the exit code is 1 if any configuration failed (OOM is a
     result, not a failure)."""
     if args.out:
-        os.environ["FASTLLAMA_RESULTS_DIR"] = str(Path(args.out).resolve())
+        out = Path(args.out).resolve()
+        if out.exists() and not out.is_dir():  # (found before a first configuration has run)
+            print(f"fastllama bench: --out {args.out} exists and is not a folder", file=sys.stderr)
+            return 2
+        os.environ["FASTLLAMA_RESULTS_DIR"] = str(out)
+    tokens = getattr(args, "tokens", None)
+    if tokens is not None and tokens[0] == tokens[1]:
+        print(f"fastllama bench memory: --tokens needs two different counts, got {tokens}", file=sys.stderr)
+        return 2
     which = args.bench_command
     if which is None:
         return _default(args)
-    return {"train": _train, "memory": _memory, "ops": _ops, "decode": _decode}[which](args)
+    try:
+        return {"train": _train, "memory": _memory, "ops": _ops, "decode": _decode}[which](args)
+    except FileNotFoundError as e:  # no benchmarks/ folder (the message says how to point at one)
+        print(f"fastllama bench {which}: {e}", file=sys.stderr)
+        return 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +266,13 @@ def op_scripts(folder: Path) -> list[str]:
 
 
 def _ops(args) -> int:
-    names = args.only or op_scripts(benchmarks_dir(args.benchmarks_dir))
-    return _run_scripts(names, args)
+    available = op_scripts(benchmarks_dir(args.benchmarks_dir))
+    unknown = [n for n in args.only or () if n not in available]
+    if unknown:
+        print(f"fastllama bench ops: no op benchmark {', '.join(unknown)}; available: {', '.join(available)}",
+              file=sys.stderr)
+        return 2
+    return _run_scripts(args.only or available, args)
 
 
 def _decode(args) -> int:
