@@ -20,3 +20,11 @@ DEVICE = _tests_conftest.DEVICE
 device = _tests_conftest.device  # the fixture
 pytest_collection_modifyitems = _tests_conftest.pytest_collection_modifyitems
 pytest_report_header = _tests_conftest.pytest_report_header
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """pytest-benchmark's JSON gets the results files' environment: GPU name, torch, triton and
+    transformers versions, commit (its own machine info has none of these)."""
+    from fastllama.bench.common import environment
+
+    machine_info["fastllama_environment"] = environment()

@@ -23,15 +23,24 @@
 # summary.md: pytest bench-train bench-ops bench-decode pytest-benchmark bench-memory pytest-matrix)
 # runs a subset, in the order given.
 set -uo pipefail
+OUT=${1:-${OUT:-}}
+case $OUT in
+  "") ;;
+  /*) ;;
+  *) OUT="$PWD/$OUT" ;;  # relative to where the script was started, not to the repository root
+esac
 cd "$(dirname "$0")/.."
-OUT=${1:-${OUT:-$PWD/gpu_check_out}}
+OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 SUMMARY="$OUT/summary.md"
-echo "# gpu_check $(date -u +%FT%TZ) (commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))" > "$SUMMARY"
+# FASTLLAMA_GIT_COMMIT: the commit the tree is, when its .git is missing or stale (a copied tree);
+# the results files record it too (fastllama.bench.common.environment)
+COMMIT=${FASTLLAMA_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}
+echo "# gpu_check $(date -u +%FT%TZ) (commit $COMMIT)" > "$SUMMARY"
 echo "" >> "$SUMMARY"
 echo "| stage | status | seconds |" >> "$SUMMARY"
 echo "|---|---|---|" >> "$SUMMARY"

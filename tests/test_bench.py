@@ -379,3 +379,19 @@ def test_bench_refuses_bad_arguments_before_running(argv, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert "must be >=" in err or "different counts" in err or "available:" in err or "benchmarks/" in err \
         or "not a folder" in err, err
+
+
+def test_results_record_a_command_that_can_be_typed_again_and_the_commit_override(monkeypatch):
+    # `python -m fastllama.cli bench ...` (gpu_check.sh) was recorded as "cli.py bench ...", and a
+    # copied tree with a stale .git recorded the wrong commit.
+    import sys
+    import types
+
+    monkeypatch.setattr(sys, "argv", ["/x/fastllama/cli.py", "bench", "train", "--quick"])
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=types.SimpleNamespace(name="fastllama.cli")))
+    assert common.command_line() == "python -m fastllama.cli bench train --quick"
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=None))
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/fastllama", "bench"])
+    assert common.command_line() == "fastllama bench"
+    monkeypatch.setenv("FASTLLAMA_GIT_COMMIT", "0123abc")
+    assert common.environment()["git_commit"] == "0123abc"

@@ -219,7 +219,10 @@ def cpu_peak_bytes(fn) -> int:
 
 def _git_commit() -> str | None:
     """HEAD's short hash, with "+dirty" when tracked files differ from it (results from a
-    working tree that is not a commit, or a copied tree whose .git is stale, say so)."""
+    working tree that is not a commit, or a copied tree whose .git is stale, say so).
+    ``FASTLLAMA_GIT_COMMIT`` overrides it: what a copied tree without its history really is."""
+    if os.environ.get("FASTLLAMA_GIT_COMMIT"):
+        return os.environ["FASTLLAMA_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=5).stdout.strip()
@@ -232,13 +235,22 @@ def _git_commit() -> str | None:
         return None
 
 
+def command_line() -> str:
+    """The command this process runs, as it could be typed again: ``python -m fastllama.cli
+    bench ...`` for a module run (argv[0] is then the module's file path), else the program's
+    name and its arguments."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None and spec.name else Path(sys.argv[0]).name
+    return " ".join([prog] + sys.argv[1:])
+
+
 def environment() -> dict:
     """Versions, device, date and command line, stored with every result file."""
     import triton
 
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": command_line(),
         "device": torch.cuda.get_device_name() if on_gpu() else "CPU (Triton interpreter)",
         "measurement": is_measurement(),
         "torch": torch.__version__,
