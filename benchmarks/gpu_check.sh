@@ -138,7 +138,7 @@ run_stage() {
     bench-train) stage bench-train "${TRAIN_CAP_S:-150}" "${FL[@]}" bench train --quick --profile --no-progress ;;
     bench-ops) stage bench-ops "${OPS_CAP_S:-90}" "${FL[@]}" bench ops --quick ;;
     bench-decode) stage bench-decode "${DECODE_CAP_S:-100}" "${FL[@]}" bench decode --quick ;;
-    pytest-benchmark) stage pytest-benchmark 30 "$PY" -m pytest -q -p no:cacheprovider benchmarks \
+    pytest-benchmark) stage pytest-benchmark 30 env FASTLLAMA_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider benchmarks \
       --benchmark-only --benchmark-json="$OUT/pytest-benchmark.json" ;;
     # device-independent (its results are committed from CPU runs): only when time is left
     bench-memory) stage bench-memory 30 "${FL[@]}" bench memory --no-progress ;;
