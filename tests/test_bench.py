@@ -395,3 +395,26 @@ def test_results_record_a_command_that_can_be_typed_again_and_the_commit_overrid
     assert common.command_line() == "fastllama bench"
     monkeypatch.setenv("FASTLLAMA_GIT_COMMIT", "0123abc")
     assert common.environment()["git_commit"] == "0123abc"
+
+
+@smoke_run_only
+def test_interrupted_training_benchmark_keeps_its_rows_and_says_so(tmp_path, monkeypatch, capsys):
+    # A time limit's SIGINT lost the configuration in progress (its measured shapes too), left no
+    # row for the rest, wrote no `interrupted` flag and exited with a traceback.
+    calls = []
+
+    def steps(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return 0.01, None, 1.0, None
+
+    monkeypatch.setattr(train, "_train_steps", steps)
+    rc = main(["bench", "train", "--configs", "hf-sdpa", "hf+fastllama", "--seq-len", "16", "32",
+               "--out", str(tmp_path), "--no-progress"])
+    assert rc == 130
+    data = json.loads((tmp_path / "train-tiny.json").read_text())
+    status = {(r["config"], r["seq_len"]): r["status"] for r in data["rows"]}
+    assert status == {("hf-sdpa", 16): "ok", ("hf-sdpa", 32): train.INTERRUPTED,
+                      ("hf+fastllama", 16): train.INTERRUPTED, ("hf+fastllama", 32): train.INTERRUPTED}
+    assert data["interrupted"] is True

@@ -142,8 +142,9 @@ def _train(args, preset: str | None = None) -> int:
     name = f"train-{settings.preset.name}"
 
     def save(rows):
-        return common.write_results(name, rows, train.TRAIN_COLUMNS, extra=train.train_extra(settings),
-                                    plot=train.TRAIN_PLOTS)
+        interrupted = any(r.get("status") == train.INTERRUPTED for r in rows)
+        return common.write_results(name, rows, train.TRAIN_COLUMNS, plot=train.TRAIN_PLOTS,
+                                    extra=dict(train.train_extra(settings), interrupted=interrupted))
 
     profiles: list[dict] = []
 
@@ -168,6 +169,8 @@ def _train(args, preset: str | None = None) -> int:
         if "traceback" in r:
             print(f"{r['config']} seq {r['seq_len']}:\n{r['traceback']}", file=sys.stderr)
     print(f"{len(rows)} rows in {time.time() - t0:.0f} s; results in {out}/{name}.{{json,md,png}}")
+    if any(r.get("status") == train.INTERRUPTED for r in rows):
+        return 130
     return 1 if any(str(r.get("status", "")).startswith("error") for r in rows) else 0
 
 

@@ -308,6 +308,8 @@ def run_config(config: str, settings: TrainSettings, batches: dict[int, int], pr
                     model = forward = None
                 rows.append(row)
                 _free(dev)
+    except KeyboardInterrupt as e:  # a time limit's SIGINT: the rows measured so far go with it
+        raise _Interrupted(rows) from e
     finally:
         del model, forward
         if config == "hf-compile":
@@ -334,6 +336,17 @@ def add_ratios(rows: list[dict]) -> None:
 RUN_ORDER = ("hf-sdpa", "hf+fastllama", "hf+fastllama-atomic", "hf-liger", "reference+fastllama", "hf-compile")
 
 
+class _Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or a time limit's SIGINT, carrying the configuration's rows so far."""
+
+    def __init__(self, rows: list[dict]):
+        super().__init__()
+        self.rows = rows
+
+
+INTERRUPTED = "interrupted (time limit or Ctrl-C): not run"
+
+
 def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows=None,
               profiles: list | None = None) -> list[dict]:
     """Every configuration of ``settings``, in the order of :data:`RUN_ORDER` (baseline first;
@@ -341,16 +354,27 @@ def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows
     last); returns the rows with ratios to the baseline. ``on_rows(rows)`` is called after each
     configuration (the CLI writes partial results: a run cut short by a time limit keeps what
     it measured). With ``settings.profile``, ``profiles`` receives the kernel-time rows (see
-    :mod:`fastllama.bench.profile`)."""
+    :mod:`fastllama.bench.profile`). Interrupted (SIGINT), it keeps the rows measured and gives
+    every shape not measured a row with status :data:`INTERRUPTED`."""
     order = sorted(settings.configs, key=lambda c: RUN_ORDER.index(c) if c in RUN_ORDER else len(RUN_ORDER))
     log(f"training benchmark: {settings.preset.name} ({settings.preset.note}), "
         f"{str(settings.dtype).removeprefix('torch.')} on {common.environment()['device']}, "
         f"{settings.warmup} warm-up + {settings.steps} measured steps per shape")
     batches = plan_batches(settings, log)
     rows = []
-    for config in order:
-        rows += run_config(config, settings, batches, progress, profiles)
+    try:
+        for config in order:
+            rows += run_config(config, settings, batches, progress, profiles)
+            add_ratios(rows)
+            if on_rows is not None:
+                on_rows(rows)
+    except KeyboardInterrupt as e:
+        rows += e.rows if isinstance(e, _Interrupted) else []
+        done = {(r["config"], r["seq_len"]) for r in rows}
+        rows += [dict(preset=settings.preset.name, config=c, seq_len=s, batch=batches[s], status=INTERRUPTED)
+                 for c in order for s in settings.seq_lens if (c, s) not in done]
         add_ratios(rows)
+        log("interrupted: writing the rows measured so far")
         if on_rows is not None:
             on_rows(rows)
     return rows
