@@ -129,12 +129,13 @@ def _add_ratios(rows, peak):
         r["pct_peak"] = 100 * r["tflops"] / peak if r["tflops"] and peak else None
 
 
-def plot(rows, path, measurement: bool):
-    """TFLOP/s vs sequence length: one panel per (direction, D, causal), a line per provider."""
+def plot(rows, path, measurement: bool) -> bool:
+    """TFLOP/s vs sequence length: one panel per (direction, D, causal), a line per provider;
+    False when nothing was drawn."""
     # (no rows: stopped before its first row, a time limit; the table says so, no plot)
     plt = common.pyplot(path) if rows else None
     if plt is None:
-        return
+        return False
 
     panels = sorted({(r["direction"], r["D"], r["causal"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
@@ -155,6 +156,7 @@ def plot(rows, path, measurement: bool):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 # (under the interpreter bf16 values are wrong; this smoke run reports times and bytes only)
@@ -193,7 +195,9 @@ def main(argv=None) -> int:
     cols = ["provider", "direction", "D", "T", "B", "H", "causal", "ms", "tflops", "vs_sdpa_flash", "pct_peak", "note", "error"]
     out = common.write_results("bench_attention", rows, cols, extra={"matmul_peak_tflops": peak,
                                                                       "interrupted": interrupted}, out_dir=args.out)
-    plot(rows, out / "bench_attention.png", measurement)
+    if plot(rows, out / "bench_attention.png", measurement):
+        md = out / "bench_attention.md"
+        md.write_text(md.read_text() + "\n![bench_attention](bench_attention.png)\n")
     if tuning:
         common.write_results("bench_attention_tuning", tuning, ["provider", "kernel", "D", "T", "B", "H", "causal",
                                                                 "config", "ms", "vs_best"], out_dir=args.out)

@@ -236,6 +236,10 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["rows"] and data["environment"]["measurement"] is False, name
         assert "not a measurement" in (tmp_path / f"{name}.md").read_text(), name
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib"):  # (the plot is linked from its table)
+        assert "![bench_attention](bench_attention.png)" in (tmp_path / "bench_attention.md").read_text()
     decode = {r["impl"]: r for r in json.loads((tmp_path / "decode.json").read_text())["rows"]}
     assert decode["fastllama"]["tokens/s"] > 0 and "error" not in decode["fastllama"]
 

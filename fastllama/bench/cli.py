@@ -134,6 +134,9 @@ def _train(args, preset: str | None = None) -> int:
 
     _banner()
     preset = preset or getattr(args, "preset", None) or ("llama-3.2-1b" if common.on_gpu() else "tiny")
+    if preset != "tiny" and not common.on_gpu():
+        print(f"warning: preset {preset} on the CPU runs full-size steps under the Triton interpreter "
+              "(hours, tens of GiB); --preset tiny is the CPU smoke run", file=sys.stderr, flush=True)
     settings = train.default_settings(
         preset, args.quick, configs=getattr(args, "configs", None), seq_lens=getattr(args, "seq_len", None),
         batch=getattr(args, "batch", None), warmup=getattr(args, "warmup", None), steps=getattr(args, "steps", None),
