@@ -131,11 +131,18 @@ def _verify(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     if args.config:
-        cfg = json.loads(open(args.config).read())
-        config = AutoConfig.for_model(**cfg)
+        config = AutoConfig.for_model(**json.loads(open(args.config).read()))
+    else:
+        config = AutoConfig.from_pretrained(args.checkpoint)
+    # train mode (the training paths are what is checked), but without dropout: runs that draw
+    # other masks cannot be compared (verify refuses them)
+    if getattr(config, "attention_dropout", 0.0):
+        print(f"attention_dropout={config.attention_dropout} set to 0: verify compares deterministic runs")
+        config.attention_dropout = 0.0
+    if args.config:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, config=config, dtype=dtype)
     model = model.to(dev).train()
     patch(model, verbose=True)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device=dev)

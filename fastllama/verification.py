@@ -40,7 +40,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for _, _, r in self.modules)
+        return bool(self.modules) and all(r.passed for _, _, r in self.modules)
 
     def table(self) -> str:
         """One line per compared tensor of every module, then counts and the attention fallbacks."""
@@ -56,7 +56,7 @@ class VerifyReport:
         lines.append(f"{len(self.modules)} modules, {sum(len(rep.rows) for _, _, rep in self.modules)} tensors, "
                      f"{n_fail} failing")
         if self.fallbacks:
-            lines.append("attention fallbacks to SDPA during the pass: "
+            lines.append("attention calls that fell back to PyTorch in the patched forward pass: "
                          + ", ".join(f"{k}: {v}" for k, v in self.fallbacks.items()))
         return "\n".join(lines)
 
@@ -89,9 +89,12 @@ def _original_forwards(model: nn.Module, attn: str | None = None):
 
 
 def _losses_only(out):
-    """With labels the patched causal LM builds no logits: compare the loss alone."""
+    """With labels the patched causal LM builds no logits: compare the loss alone. Other model
+    outputs (a base model's ``last_hidden_state`` ...) are compared field by field."""
     if hasattr(out, "loss") and hasattr(out, "logits"):
         return (out.loss,) if out.loss is not None else (out.logits,)
+    if hasattr(out, "to_tuple"):  # an HF ModelOutput: a dict, which the harness would not look into
+        return out.to_tuple()
     if isinstance(out, tuple):
         if len(out) == 2 and (out[1] is None or isinstance(out[1], torch.Tensor) and out[1].dim() == 4):
             return (out[0],)  # attention: (output, weights); eager's weights are no output the kernels change
@@ -176,6 +179,18 @@ def _call(model, inputs):
     return model(inputs)
 
 
+def _active_dropout(model: nn.Module) -> str | None:
+    """The first module that drops out at random in this mode (a training model with
+    ``attention_dropout`` or an ``nn.Dropout`` with p > 0), as 'name (p=...)'; None if none."""
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        p = m.p if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "attention_dropout", 0.0)
+        if isinstance(p, (int, float)) and p > 0:
+            return f"{name or '<model>'} (p={p})"
+    return None
+
+
 def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, print_table: bool = True) -> VerifyReport:
     """Checks every patched module of ``model`` against its original forward on ``inputs``.
 
@@ -192,12 +207,33 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
 
     Returns:
         :class:`VerifyReport` (``.passed``, ``.table()``).
+
+    Raises:
+        ValueError: ``model`` is not patched, has weights on the meta device, or drops out at
+            random (train mode with dropout > 0: every run would draw other masks, and their
+            noise would count as PyTorch's own error, hiding real errors; use ``model.eval()``
+            or dropout 0); ``modules`` is empty or names modules that did not run patched; every
+            label is ignored (HF's loss is then NaN, fastllama's 0: nothing to compare).
     """
     if not is_patched(model):
         raise ValueError("verify needs a patched model: call fastllama.patch(model) first")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("verify runs the model: its weights are on the meta device (load or materialise them first)")
+    dropping = _active_dropout(model)
+    if dropping is not None:
+        raise ValueError(f"verify compares deterministic runs, but {dropping} drops out at random in train mode: "
+                         "call model.eval() or set the dropout to 0")
+    if modules is not None and not list(modules):
+        raise ValueError("modules is empty: nothing to compare (None checks every patched module)")
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if isinstance(inputs, dict) and (hasattr(config, "use_cache") or hasattr(text_config, "use_cache")):
+    hf_model = hasattr(config, "use_cache") or hasattr(text_config, "use_cache")
+    if isinstance(inputs, torch.Tensor) and hf_model:
+        inputs = {"input_ids": inputs}  # (so that use_cache=False goes with it)
+    labels = inputs.get("labels") if isinstance(inputs, dict) else None
+    if isinstance(labels, torch.Tensor) and labels.numel() and bool((labels == -100).all()):
+        raise ValueError("every label is -100 (ignored): HF's loss is NaN there and fastllama's 0; nothing to compare")
+    if isinstance(inputs, dict) and hf_model:
         # (a composite model, e.g. Llava, keeps use_cache on its text config only; a cache built
         # by one run would be read by the next)
         inputs = dict(inputs, use_cache=False)
@@ -206,6 +242,9 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
         inputs = dict(inputs, labels=_labels_without_padding(inputs["labels"], real))
     before = dict(FALLBACKS)
     captured = _capture(model, inputs)
+    # the fallbacks of the patched model's own forward pass (the per-module runs below repeat
+    # attention calls, which would count again)
+    fallbacks = {k: v - before.get(k, 0) for k, v in FALLBACKS.items() if v != before.get(k, 0)}
     if modules is not None:
         wanted = set(modules)
         unknown = wanted - {name for name, *_ in captured}
@@ -259,7 +298,6 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
             t.requires_grad_(backward and t.requires_grad)
         report = parity_report(run, original, *tensors, torch_op=plain_pytorch, names=labels, check_grad=backward)
         results.append((name, type(module).__name__, report))
-    fallbacks = {k: v - before.get(k, 0) for k, v in FALLBACKS.items() if v != before.get(k, 0)}
     report = VerifyReport(results, fallbacks)
     if print_table:
         print(report.table())

@@ -777,11 +777,12 @@ def test_verify_command_line(tmp_path, capsys):
 
     from fastllama.cli import main
 
-    cfg = dict(BASE, model_type="llama", num_hidden_layers=1)
+    # (a config with attention dropout: the command checks train mode without it)
+    cfg = dict(BASE, model_type="llama", num_hidden_layers=1, attention_dropout=0.2)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert main(["verify", "--config", str(tmp_path / "config.json"), "--seq-len", "16", "--batch", "1"]) == 0
     out = capsys.readouterr().out
-    assert "LlamaDecoderLayer" in out and "0 failing" in out
+    assert "LlamaDecoderLayer" in out and "0 failing" in out and "attention_dropout=0.2 set to 0" in out
 
 
 def test_reference_model_cache_decoding_without_mask():
@@ -822,3 +823,51 @@ def test_atomic_dq_attention_option(arch, rope, monkeypatch):
     assert fastllama.is_patched(model)
     fastllama.unpatch(model)
     assert not any(hasattr(m, "_fastllama_attention") for m in model.modules())
+
+
+def test_verify_refuses_what_it_cannot_compare():
+    """Attention dropout in train mode passed a 5% attention bug (each run's masks differ, and
+    that noise counted as PyTorch's error); an empty module list or all-ignored labels 'passed'
+    with nothing compared; weights on the meta device failed deep inside HF's mask code."""
+    x = ids(seq=12)
+    dropping = fastllama.patch(build("llama-gqa").train())
+    dropping.model.layers[0].self_attn.attention_dropout = 0.3
+    with pytest.raises(ValueError, match=r"self_attn \(p=0.3\) drops out"):
+        fastllama.verify(dropping, {"input_ids": x, "labels": x}, print_table=False)
+    assert fastllama.verify(dropping.eval(), {"input_ids": x}, backward=False, modules=["<model>"],
+                            print_table=False).passed
+    model = fastllama.patch(build("llama-gqa").eval())
+    with pytest.raises(ValueError, match="modules is empty"):
+        fastllama.verify(model, {"input_ids": x}, modules=[], print_table=False)
+    with pytest.raises(ValueError, match="every label is -100"):
+        fastllama.verify(model, {"input_ids": x, "labels": torch.full_like(x, -100)}, print_table=False)
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(LlamaConfig(**BASE))
+    with pytest.raises(ValueError, match="meta device"):
+        fastllama.verify(fastllama.patch(meta), {"input_ids": x.cpu()}, print_table=False)
+
+
+def test_verify_of_a_base_model_and_of_a_tensor_input():
+    """verify on a LlamaModel (no loss, no logits) found 'no tensor output' and failed; a tensor
+    input to an HF model crashed (no use_cache=False: the capture run's cache was read by the
+    float64 runs)."""
+    model = build("llama-gqa").eval()
+    base = fastllama.patch(model.model)
+    report = fastllama.verify(base, {"input_ids": ids(seq=12)}, modules=["<model>", "norm"], print_table=False)
+    assert report.passed and all(len(rep.rows) > 1 for _, _, rep in report.modules), report.table()
+    report = fastllama.verify(fastllama.patch(model), ids(seq=12), backward=False, print_table=False,
+                              modules=["model.layers.0.self_attn", "<model>"])
+    assert report.passed, report.table()
+
+
+def test_verify_counts_the_fallbacks_of_the_patched_pass_only():
+    model = fastllama.patch(build("llama-gqa").eval())
+    x = ids(seq=12)
+    before = dict(FALLBACKS)
+    with torch.no_grad():
+        model(input_ids=x, output_attentions=True)
+    one_pass = {k: v - before.get(k, 0) for k, v in FALLBACKS.items() if v != before.get(k, 0)}
+    report = fastllama.verify(model, {"input_ids": x, "output_attentions": True}, backward=False,
+                              modules=["model.layers.0.self_attn"], print_table=False)
+    assert report.fallbacks == one_pass and sum(one_pass.values()) == 2, (report.fallbacks, one_pass)
+    assert "fell back to PyTorch in the patched forward pass" in report.table()
