@@ -260,6 +260,10 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             summary.append((name, type(module).__name__, what, "off"))
             continue
         reason = rule.check(module) if rule.check else None
+        if _installed_at(module) is None and forwards._forward_replaced(module):
+            # a forward set on the instance by hand (a wrapper, an adapter): overwriting it would
+            # drop what it does, and unpatch would then delete it
+            reason = "a forward is set on this instance (edited by hand): left as is"
         if reason:
             summary.append((name, type(module).__name__, what, f"skipped: {reason}"))
             continue
@@ -280,9 +284,14 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             summary.append(("<model>", type(model).__name__, "attention", f"skipped: {reasons.pop()}"))
         else:
             _register_hf_attention()
-            # "fastllama" already: a config shared with a patched model, whose own unpatch
-            # restores what it found; this one falls back to HF's default
-            state.attn_before = config._attn_implementation if config._attn_implementation != "fastllama" else "sdpa"
+            # "fastllama" already: a config shared with a patched model; what that one found is
+            # what this one restores (each unpatch leaves the config alone while the other
+            # still uses it, so the last one restores it)
+            state.attn_before = config._attn_implementation
+            if state.attn_before == "fastllama":
+                found = [st.attn_before for o in _ATTENTION_PATCHED
+                         if o.config is config and (st := _state(o)) is not None and st.attn_before]
+                state.attn_before = found[0] if found else "sdpa"
             owner.set_attn_implementation("fastllama")
             _ATTENTION_PATCHED.add(owner)
             for m in hf_attention:  # what forwards.hf_attention_function reads (with or without rope)

@@ -871,3 +871,39 @@ def test_verify_counts_the_fallbacks_of_the_patched_pass_only():
                               modules=["model.layers.0.self_attn"], print_table=False)
     assert report.fallbacks == one_pass and sum(one_pass.values()) == 2, (report.fallbacks, one_pass)
     assert "fell back to PyTorch in the patched forward pass" in report.table()
+
+
+def test_a_forward_set_by_hand_before_patch_is_kept_and_survives_unpatch():
+    """patch overwrote a forward the user had set on a module (logits off by 0.72) and unpatch
+    then deleted it."""
+    model = build("llama-gqa").eval()
+    norm, mlp = model.model.norm, model.model.layers[0].mlp
+
+    def doubled_norm(h):
+        return type(norm).forward(norm, h) * 2.0
+
+    def silent_mlp(h):
+        return type(mlp).forward(mlp, h) * 0.0
+
+    norm.forward, mlp.forward = doubled_norm, silent_mlp
+    x = ids(seq=12)
+    with torch.no_grad():
+        expected = model(x).logits
+        fastllama.patch(model)
+        patched = model(x).logits
+    assert "edited by hand" in fastllama.patch_summary(model)
+    torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)
+    fastllama.unpatch(model)
+    assert norm.forward is doubled_norm and mlp.forward is silent_mlp
+
+
+def test_two_models_sharing_an_eager_config_restore_eager_in_either_order():
+    for order in ((0, 1), (1, 0)):
+        torch.manual_seed(0)
+        first = LlamaForCausalLM(LlamaConfig(**BASE, attn_implementation="eager"))
+        models = [first, LlamaForCausalLM(first.config)]
+        for m in models:
+            fastllama.patch(m)
+        for i in order:
+            fastllama.unpatch(models[i])
+        assert first.config._attn_implementation == "eager", order
