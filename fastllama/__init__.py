@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 from .tokenizer import Tokenizer  # noqa: E402
 
-__all__ = ["__version__", "Tokenizer", "patch", "unpatch", "verify", "patch_summary", "ops", "reference",
-           "testing", "checkpoint"]
+__all__ = ["__version__", "Tokenizer", "patch", "unpatch", "verify", "patch_summary", "is_patched", "ops",
+           "reference", "testing", "checkpoint"]
 
 _LAZY_MODULES = {"ops", "reference", "testing", "checkpoint", "kernels", "optable"}
 # (not modules named patch/verify: importing such a submodule would shadow the function)
@@ -26,3 +26,8 @@ def __getattr__(name: str):
     if name in _LAZY_FUNCTIONS:
         return getattr(importlib.import_module(f".{_LAZY_FUNCTIONS[name]}", __name__), name)
     raise AttributeError(f"module 'fastllama' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazily loaded names too (tab completion, help())
+    return sorted(set(globals()) | _LAZY_MODULES | set(_LAZY_FUNCTIONS))
