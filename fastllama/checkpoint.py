@@ -124,7 +124,9 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
                 if files.get(name) == file:
                     found[name] = tuple(f.get_slice(name).get_shape())
     tied = getattr(model.config, "tie_word_embeddings", False)
-    optional = {"lm_head.weight"} if tied else set()
+    # Tied, either of the two may stand for both (HF ties the one the checkpoint has)
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    optional = {head, embed} if tied and (head in found or embed in found) else set()
     missing = sorted(set(expected) - set(found) - optional)
     # transformers < 4.31 saved each layer's rotary inv_freq buffer, a function of the config
     # that HF also ignores on load
@@ -147,11 +149,21 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     for file in sorted(set(files.values())):
         with _open_safetensors(file, device="cpu") as f:
             for name in f.keys():
-                if name in expected:
+                if name in expected or name in optional:
                     state[name] = f.get_tensor(name).to(dtype)
     model = model.to_empty(device=device or "cpu").to(dtype)
-    if tied:  # to_empty() makes a new tensor per module, which unties lm_head from the embedding
+    if tied and head in state and embed in state and not torch.equal(state[head], state[embed]):
+        # The config says tied, the checkpoint holds two different matrices: the config is wrong.
+        # HF keeps both (untied, with a warning); tying would drop the trained head.
+        warnings.warn(f"{path}: tie_word_embeddings is true but the checkpoint's lm_head.weight differs from "
+                      "its embedding: loaded untied, as transformers does (set tie_word_embeddings=false)",
+                      stacklevel=2)
+        model.config.tie_word_embeddings = False
+    elif tied:  # to_empty() makes a new tensor per module, which unties lm_head from the embedding
         model.lm_head.weight = model.model.embed_tokens.weight
+        if embed not in state:
+            state[embed] = state.pop(head)
+        state.pop(head, None)
     model.load_state_dict(state, strict=False)  # every key was checked above
     model.generation_config = read_generation_config(path)
     return model

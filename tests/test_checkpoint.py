@@ -170,3 +170,50 @@ def test_generation_config_survives_a_save_and_a_malformed_one_is_ignored(tmp_pa
     with pytest.warns(UserWarning, match="generation_config.json is not valid JSON"):
         model = Llama.from_pretrained(tmp_path)
     assert model.generation_config is None
+
+
+def _rewrite(path, config=None, weights=None):
+    """Edits a saved checkpoint in place: ``config(dict)`` and ``weights(dict)`` change them."""
+    if config is not None:
+        cfg = json.loads((path / "config.json").read_text())
+        config(cfg)
+        (path / "config.json").write_text(json.dumps(cfg))
+    if weights is not None:
+        state = load_file(path / "model.safetensors")
+        weights(state)
+        save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_tied_config_over_two_different_matrices_loads_untied_as_hf_does(tmp_path):
+    """The reference tied anyway and dropped the checkpoint's trained head: logits off by 28.7."""
+    _hf("mha-tied").save_pretrained(tmp_path)
+    _rewrite(tmp_path, weights=lambda s: s.update({"lm_head.weight": torch.randn_like(s["model.embed_tokens.weight"])}))
+    with pytest.warns(UserWarning, match="loaded untied"):
+        ours = Llama.from_pretrained(tmp_path)
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight and not ours.config.tie_word_embeddings
+    _same_logits(ours, LlamaForCausalLM.from_pretrained(tmp_path), torch.randint(0, 263, (1, 10)))
+
+
+def test_tied_checkpoint_holding_only_the_head_ties_to_it(tmp_path):
+    _hf("mha-tied").save_pretrained(tmp_path)
+    _rewrite(tmp_path, weights=lambda s: s.update({"lm_head.weight": s.pop("model.embed_tokens.weight")}))
+    ours = Llama.from_pretrained(tmp_path)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    _same_logits(ours, LlamaForCausalLM.from_pretrained(tmp_path), torch.randint(0, 263, (1, 10)))
+
+
+@pytest.mark.parametrize("edit", [
+    # rope_scaling added next to the saved rope_parameters (as older guides say): it wins in HF
+    lambda c: c.update(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    # a top-level original_max_position_embeddings wins over the one in the rope dict
+    lambda c: c.update(original_max_position_embeddings=4),
+    # none at all: llama3 falls back to max_position_embeddings
+    lambda c: (c["rope_parameters"].pop("original_max_position_embeddings"), c.update(max_position_embeddings=16)),
+], ids=["rope_scaling-wins", "top-level-original-max", "no-original-max"])
+def test_rope_keys_are_read_as_transformers_reads_them(tmp_path, edit):
+    """Each of these gave the reference other rotary frequencies than HF (logits off by 3.5-5.2)
+    or a bare KeyError."""
+    _hf("llama3-rope").save_pretrained(tmp_path)
+    _rewrite(tmp_path, config=edit)
+    _same_logits(Llama.from_pretrained(tmp_path), LlamaForCausalLM.from_pretrained(tmp_path),
+                 torch.randint(0, 263, (1, 40)))

@@ -117,3 +117,23 @@ def test_generate_rejects_bad_arguments():
         model.generate(ids, 2, temperature=1.0, top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(ids, 2, temperature=-1.0)
+
+
+def test_pad_token_row_of_the_embedding_gets_no_gradient_as_in_hf():
+    torch.manual_seed(0)
+    model = Llama(dict(TINY_CONFIGS["gqa4-untied"], pad_token_id=0))
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    model(ids, attention_mask=(ids != 0).long(), labels=ids)[1].backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert grad[0].abs().max() == 0 and grad[5].abs().max() > 0
+
+
+@pytest.mark.parametrize("same", [dict(hidden_act="swish"), dict(pretraining_tp=2)])
+def test_config_keys_that_change_nothing_in_hf_are_accepted(same):
+    # swish is silu; pretraining_tp > 1 only sliced HF's old matmuls (the same function)
+    LlamaConfig.from_hf(dict(TINY_CONFIGS["gqa4-untied"], **same))
+
+
+def test_a_rope_type_without_its_parameters_is_named():
+    with pytest.raises(ValueError, match="needs low_freq_factor, high_freq_factor"):
+        LlamaConfig.from_hf(dict(TINY_CONFIGS["gqa4-untied"], rope_scaling=dict(rope_type="llama3", factor=8.0)))

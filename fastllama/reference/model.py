@@ -64,15 +64,25 @@ class LlamaConfig:
         if model_type != "llama":
             raise ValueError(f"model_type {model_type!r} is not supported by the reference model; supported: 'llama'")
         act = config.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # (the same function)
             raise ValueError(f"hidden_act {act!r} is not supported; supported: 'silu'")
-        if config.get("pretraining_tp", 1) != 1:
-            raise ValueError(f"pretraining_tp={config['pretraining_tp']} is not supported; supported: 1")
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        # pretraining_tp > 1 only split HF's old matmuls into slices: the same math, ignored there too
+        # As transformers reads them: a rope_scaling given next to rope_parameters wins (a user
+        # adding it, as older guides say, to a config saved with rope_parameters), and a top-level
+        # original_max_position_embeddings wins over the one in the dict.
+        rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported (rotary must cover the whole head_dim)")
+        if rope_type == "llama3":
+            if "original_max_position_embeddings" in config:
+                rope["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+            rope.setdefault("original_max_position_embeddings", config.get("max_position_embeddings", 2048))
+        needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
+        absent = [k for k in needed if k not in rope]
+        if absent:
+            raise ValueError(f"rope type {rope_type!r} needs {', '.join(absent)} in rope_parameters (or rope_scaling)")
         known = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_type", "rope_scaling", "raw"}
         # An explicit null means "none" for the special tokens (HF writes "eos_token_id": null);
         # only fields whose default is derived (kv heads, head dim) treat null as "missing".
@@ -184,7 +194,8 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # (padding_idx as HF's: the pad token's row gets no gradient)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -239,8 +250,11 @@ class Llama(nn.Module):
 
         ``attention_mask`` (B, past + T), 1 for real tokens, covers every token the model has seen
         (cache included). ``cache_start`` is the cache slot of ``input_ids[:, 0]`` when
-        :meth:`setup_caches` was called (None: no cache). With ``labels`` (B, T) returns
-        ``(logits, loss)``, labels shifted by one inside as HF does.
+        :meth:`setup_caches` was called (None: no cache). ``position_ids`` (B, T) are the rotary
+        positions only (default: each token's index among the real tokens); the mask is causal
+        over the whole row whatever they say. HF's Llama, given position_ids that restart with
+        no attention mask and no cache, instead treats each restart as a new packed sequence.
+        With ``labels`` (B, T) returns ``(logits, loss)``, labels shifted by one inside as HF does.
         """
         logits = self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache_start))
         if labels is None:
