@@ -582,3 +582,40 @@ def test_every_autotune_candidate_of_this_gpu(monkeypatch, which, D):
         if which == "dkdv_atomic":  # interior blocks that see a partial key block's padding keys
             _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=False,
                     deterministic=False)
+
+
+def test_k_and_v_with_different_layouts():
+    """k a transposed (B, T, H, D) view, v dense (B, H, T, D): reading v with k's strides passed
+    every test that built k and v alike."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 40, 64, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 40, 2, 64, device=DEVICE).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, 2, 40, 64, device=DEVICE, requires_grad=True)
+    assert_parity(functools.partial(ops.flash_attention, causal=True), functools.partial(A._reference, causal=True),
+                  q, k, v)
+
+
+@pytest.mark.parametrize("window", [(5, -1), (-1, 3)])
+def test_unlimited_side_of_a_non_causal_window(window):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 64, device=DEVICE, requires_grad=True) for _ in range(3))
+    assert_parity(functools.partial(ops.flash_attention, causal=False, window=window),
+                  functools.partial(A._reference, causal=False, window=window), q, k, v)
+
+
+def test_grid_groups_of_varlen_sequences_with_other_key_lengths(monkeypatch):
+    """More sequences than a grid dimension holds run in groups, each with its cu_seqlens rebased;
+    key boundaries that differ from the query ones must be rebased by their own start."""
+    torch.manual_seed(0)
+    lens_q, lens_k = [7, 0, 12, 5, 9], [9, 4, 12, 8, 9]
+
+    def cu(lens):
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+    q = torch.randn(1, 2, sum(lens_q), 64, device=DEVICE)
+    k, v = (torch.randn(1, 2, sum(lens_k), 64, device=DEVICE) for _ in range(2))
+    outs = []
+    for limit in (65535, 5):
+        monkeypatch.setattr(A, "MAX_GRID_Y", limit)
+        outs.append(ops.flash_attention(q, k, v, causal=True, cu_seqlens=cu(lens_q), cu_seqlens_k=cu(lens_k)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

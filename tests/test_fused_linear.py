@@ -178,3 +178,16 @@ def test_unused_outputs_leave_their_weights_without_a_gradient():
     y, s = ops.rms_norm(x, w, residual=r)
     (2 * s).sum().backward()
     assert w.grad is None and torch.equal(x.grad, torch.full_like(x, 2.0)) and torch.equal(r.grad, x.grad)
+
+
+def test_norm_linear_backward_recomputes_with_the_callers_eps():
+    # the backward recomputes the norm; the cases above all used the default eps
+    from fastllama import reference
+    from fastllama.testing import assert_parity
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 96, device=DEVICE, requires_grad=True)
+    w = (1 + 0.5 * torch.randn(96, device=DEVICE)).requires_grad_()
+    wa = (0.1 * torch.randn(40, 96, device=DEVICE)).requires_grad_()
+    assert_parity(lambda x, w, wa: ops.rms_norm_linear(x, w, [wa], eps=0.5)[0],
+                  lambda x, w, wa: F.linear(reference.rms_norm(x, w, 0.5), wa), x, w, wa)

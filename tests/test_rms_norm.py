@@ -109,3 +109,34 @@ def test_expanded_upstream_gradient():
     reference.rms_norm(x2, w2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad, w2.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_cols", [160, 9001])  # the register path and the chunked path
+def test_backward_program_walking_several_row_tiles(n_cols):
+    """The GPU schedule, forced here: one program walks several BLOCK_M tiles and accumulates dw
+    over them. Under the interpreter each program has one tile, so dropping that accumulation
+    passed every other CPU test."""
+    torch.manual_seed(0)
+    x = torch.randn(77, n_cols, device=DEVICE)
+    w = 1 + 0.5 * torch.randn(n_cols, device=DEVICE)
+    dy = torch.randn(77, n_cols, device=DEVICE)
+    _, _, rstd = kernels.rms_norm_forward(x, w, 1e-6, block_m=16, num_warps=1)
+    dx, dw = kernels.rms_norm_backward(dy, x, w, rstd, block_m=16, num_programs=2, num_warps=1)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    reference.rms_norm(x64, w64, 1e-6).backward(dy.double())
+    torch.testing.assert_close(dw.double(), w64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dx.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_rounds_to_the_dtype_before_the_weight_as_hf_does():
+    """HF: weight * (x * rstd).to(bf16). Skipping that rounding moves the output closer to the
+    float64 truth, which the parity rule cannot see: compare with HF's bf16 module directly
+    (equal but for rare one-ulp differences of rstd)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    hf = LlamaRMSNorm(256, eps=1e-6).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(1 + 0.5 * torch.randn(256))
+    x = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
+    assert (ops.rms_norm(x, hf.weight, 1e-6) != hf(x)).float().mean() < 1e-3

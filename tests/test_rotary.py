@@ -196,3 +196,39 @@ def test_hf_signature_unsqueeze_dim_and_keyword_only_inplace():
     with pytest.raises(TypeError):
         ops.apply_rotary_pos_emb_from_positions(q, k, _cos_sin(2, 33, 64, torch.float32)[0],
                                                 reference.rope_inv_freq(64, 500000.0).to(DEVICE), True)
+
+
+def test_backward_with_different_cos_sin_halves():
+    """cos/sin whose two halves differ (supported, see the kernel's docs): rope_cos_sin's halves
+    are equal, which hid a swapped pair in the backward."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 64, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 2, 9, 64, device=DEVICE, requires_grad=True)
+    cos, sin = torch.randn(2, 9, 64, device=DEVICE), torch.randn(2, 9, 64, device=DEVICE)
+    assert_parity(ops.apply_rotary_pos_emb, reference.apply_rotary_pos_emb, q, k, cos, sin)
+
+
+@pytest.mark.parametrize("shape", ["T", "1xT"])
+def test_positions_shared_by_a_batch(shape):
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 17, 64, device=DEVICE, requires_grad=True)
+    k = torch.randn(3, 2, 17, 64, device=DEVICE, requires_grad=True)
+    inv_freq = reference.rope_inv_freq(64, 10000.0).to(DEVICE)
+    pos = torch.arange(5, 22, device=DEVICE)
+    pos = pos if shape == "T" else pos[None]
+    assert_parity(ops.apply_rotary_pos_emb_from_positions, reference.functional.apply_rotary_pos_emb_from_positions,
+                  q, k, pos, inv_freq)
+
+
+def test_in_place_with_heads_split_over_programs():
+    """The GPU schedule, forced here: fewer heads per program than Hq + Hk (under the interpreter
+    one program takes every head), in place: a k head must be rotated once."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 64, device=DEVICE)
+    k = torch.randn(2, 3, 9, 64, device=DEVICE)
+    pos = torch.arange(9, device=DEVICE)[None].expand(2, 9)
+    cos, sin = reference.rope_cos_sin(pos, reference.rope_inv_freq(64))
+    q_ref, k_ref = reference.apply_rotary_pos_emb(q, k, cos, sin)
+    kernels.rotary(q, k, q, k, cos, sin, backward=False, block_t=16, heads_per_program=3, num_warps=1)
+    torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)

@@ -540,7 +540,8 @@ def linear_cross_entropy(
 # ----------------------------------------------------------------------------------------------
 def _make_args(params: dict, dtype: torch.dtype, device: str):
     """params: batch, seq, hidden, vocab; ignore (fraction of ignored labels, 1.0: all);
-    bias; plus op options (reduction, num_items_in_batch, z_loss, softcap, chunk_rows)."""
+    bias; plus op options (reduction, num_items_in_batch, z_loss, softcap, chunk_rows,
+    ignore_index: the value ignored labels get, -100 by default)."""
     b, t, h, v = params["batch"], params["seq"], params["hidden"], params["vocab"]
     gen = torch.Generator().manual_seed(1234)
     hidden = torch.randn(b, t, h, generator=gen).to(device=device, dtype=dtype).requires_grad_()
@@ -548,11 +549,11 @@ def _make_args(params: dict, dtype: torch.dtype, device: str):
     w_std = params.get("logit_std", 2.0) / math.sqrt(h)
     weight = (torch.randn(v, h, generator=gen) * w_std).to(device=device, dtype=dtype).requires_grad_()
     labels = torch.randint(0, v, (b, t), generator=gen)
-    labels[torch.rand(b, t, generator=gen) < params.get("ignore", 0.25)] = -100
+    labels[torch.rand(b, t, generator=gen) < params.get("ignore", 0.25)] = params.get("ignore_index", -100)
     args = [hidden, weight, labels.to(device)]
     if params.get("bias"):
         args.append((torch.randn(v, generator=gen)).to(device=device, dtype=dtype).requires_grad_())
-    options = ("reduction", "num_items_in_batch", "z_loss", "softcap", "chunk_rows")
+    options = ("reduction", "num_items_in_batch", "z_loss", "softcap", "chunk_rows", "ignore_index")
     return tuple(args), {k: params[k] for k in options if k in params}
 
 
@@ -631,6 +632,11 @@ _CASES = (
     OpCase("3x77-v1000-num-items", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000,
                                     "num_items_in_batch": 500}),
     OpCase("3x77-v1000-chunked", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000, "chunk_rows": 64}),
+    # per-row upstream gradients offset per chunk; ignore_index other than -100 on both paths
+    # (row chunks, and the logits inside the weight gradient), one of them a valid id
+    OpCase("3x77-v1000-none-chunked-ignore-1", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000,
+                                                "reduction": "none", "chunk_rows": 64, "ignore_index": -1}),
+    OpCase("3x77-v1000-ignore7", {"batch": 3, "seq": 77, "hidden": 64, "vocab": 1000, "ignore_index": 7}),
     # N == H: the logits fill the weight gradient's buffer exactly (every slice via the scratch tile).
     OpCase("2x32-h64-v4099-bias-softcap", {"batch": 2, "seq": 32, "hidden": 64, "vocab": 4099, "bias": True,
                                            "softcap": 5.0}),
