@@ -25,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import weakref
 from pathlib import Path
@@ -371,7 +372,9 @@ def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if note:
-        fig.suptitle(note, fontsize=9, color="red")
+        # wrapped to the figure's width (about 14 characters per inch at this size): a long note
+        # over one panel was cut off at both sides
+        fig.suptitle(textwrap.fill(note, width=int(14 * 5.5 * cols)), fontsize=9, color="red")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
