@@ -186,3 +186,20 @@ def test_splits_that_do_not_divide_the_block_count(splits):
     lens = torch.tensor([1000, 700], dtype=torch.int32, device=DEVICE)
     out = ops.decode_attention(q, k, v, lens, num_splits=splits)
     torch.testing.assert_close(out, ref.decode_attention(q, k, v, lens), rtol=0, atol=2e-6)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter shows the int32 wrap as a crash")
+def test_token_strides_too_large_for_int32_tile_offsets():
+    """q with such a stride runs from a copy (same bits); a cache with one is refused (it is not
+    copied every step). Strides just under 2**31: the kernel's int32 row offsets wrapped."""
+    stride, d = 2**30 + 64, 16
+    buf = torch.empty(2 * stride + 256, dtype=torch.float16)
+    q = torch.as_strided(buf, (1, 3, 1, d), (3 * stride, stride, stride, 1))
+    q.copy_(torch.randn(1, 3, 1, d))
+    k, v = (torch.randn(1, 1, 8, d, dtype=torch.float16) for _ in range(2))
+    lens = torch.tensor([5], dtype=torch.int32)
+    torch.testing.assert_close(ops.decode_attention(q, k, v, lens), ops.decode_attention(q.contiguous(), k, v, lens),
+                               rtol=0, atol=0)
+    far_cache = torch.as_strided(buf, (1, 1, 3, d), (3 * stride, 3 * stride, stride, 1), 64)
+    with pytest.raises(ValueError, match="k_cache has a token stride of"):
+        ops.decode_attention(q.contiguous(), far_cache, far_cache.clone(), lens.clamp(max=3))

@@ -619,3 +619,31 @@ def test_grid_groups_of_varlen_sequences_with_other_key_lengths(monkeypatch):
         monkeypatch.setattr(A, "MAX_GRID_Y", limit)
         outs.append(ops.flash_attention(q, k, v, causal=True, cu_seqlens=cu(lens_q), cu_seqlens_k=cu(lens_k)))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def _far_rows(buf, offset, rows, stride, d, seed):
+    """(1, 1, rows, d) view of ``buf`` whose rows are ``stride`` elements apart, filled."""
+    view = torch.as_strided(buf, (1, 1, rows, d), (rows * stride, rows * stride, stride, 1), offset)
+    view.copy_(torch.randn(1, 1, rows, d, generator=torch.Generator().manual_seed(seed)))
+    return view
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter shows the int32 wrap as a crash; on a GPU it would "
+                    "be an illegal address")
+def test_token_stride_too_large_for_int32_tile_offsets_is_read_from_a_copy():
+    """A token stride just under 2**31 (Triton passes it as int32): row 2 of a tile sits past
+    element 2**31, and the kernels' int32 row offsets wrapped (a segfault under the interpreter,
+    an illegal address on a GPU). Such inputs now run on contiguous copies: same bits as dense
+    inputs. The 4 GiB buffer is virtual: only the rows used are touched."""
+    stride, rows, d = 2**30 + 64, 3, 16
+    buf = torch.empty((rows - 1) * stride + 256, dtype=torch.float16)
+    far = [_far_rows(buf, off, rows, stride, d, seed) for seed, off in enumerate((0, 64, 128, 192))]
+    dense = [t.contiguous() for t in far]
+    results = []
+    for q, k, v, do in (far, dense):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = ops.flash_attention(q, k, v, causal=False)
+        out.backward(do)
+        results.append([out.detach(), q.grad, k.grad, v.grad])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -57,6 +57,19 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         )
 
 
+# The attention kernels address a tile's rows as (row within the tile) x (row stride) in int32:
+# one 32-bit multiply per row, and every ordinary layout keeps it small (a (B, T, H, D) view has
+# a token stride of H * D). Batch, head and tile starts are int64. Triton passes a stride of
+# 2**31 or more as int64 itself; below that, 256 rows (the largest tile) of a stride from
+# 2**31 / 255 up would wrap.
+_TILE_ROWS_MAX = 256
+
+
+def tile_rows_fit_int32(t: torch.Tensor, *dims: int) -> bool:
+    """Whether a tile of up to 256 rows along each of ``dims`` is addressed within int32."""
+    return all(t.stride(d) >= 2**31 or t.stride(d) * (_TILE_ROWS_MAX - 1) < 2**31 for d in dims)
+
+
 def has_expanded_dim(t: torch.Tensor) -> bool:
     """A stride-0 dim of size > 1: several elements of ``t`` are one memory location."""
     return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))

@@ -21,7 +21,7 @@ from ..optable import KernelBuild, OpCase, OpSpec
 from ..reference.functional import attention_varlen
 from ..kernels import flash_attention as _fwd
 from ..kernels import flash_attention_backward as _bwd
-from ._checks import check_last_dim_contiguous, check_same, check_tensor
+from ._checks import check_last_dim_contiguous, check_same, check_tensor, tile_rows_fit_int32
 
 __all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
 
@@ -133,7 +133,9 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
     if cu_seqlens_q is not None:
         mq = _max_seqlen(cu_seqlens_q, q.shape[2], "cu_seqlens")
         mk = _max_seqlen(cu_seqlens_k, k.shape[2], "cu_seqlens_k")
-    if do.stride(-1) != 1:  # upstream gradients may be expanded or transposed: copy only then
+    # upstream gradients may be expanded or transposed, or have a token stride too large for the
+    # kernels' int32 row offsets: copy only then
+    if do.stride(-1) != 1 or not tile_rows_fit_int32(do, 2):
         do = do.contiguous()
     if dlse is not None:
         # stats reach the loss only as lse = (stats[0] + stats[1]) ln 2 (flash_attention_with_lse),
@@ -340,6 +342,9 @@ def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deter
     scale, before, after, precision, deterministic = _validate(q, k, v, causal, scale, window, cu_q, cu_k,
                                                                fp32_precision, deterministic)
     q, scale = _positive_scale(q, scale)
+    # a token stride so large that a tile's row offsets pass 2**31 elements (a sequence-first
+    # tensor of more than 8M elements per token): read from a copy
+    q, k, v = (t if tile_rows_fit_int32(t, 2) else t.contiguous() for t in (q, k, v))
     if cu_q is not None and cu_k is None:
         cu_k = cu_q
     Hq = q.shape[1]

@@ -22,7 +22,7 @@ from ..kernels import decode_attention as _dk
 from ..kernels import rotary_cache as _rk
 from ..optable import KernelBuild, OpCase, OpSpec
 from ..reference import functional as _ref
-from ._checks import check_last_dim_contiguous, check_same, check_tensor, check_write_targets
+from ._checks import check_last_dim_contiguous, check_same, check_tensor, check_write_targets, tile_rows_fit_int32
 
 __all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "MAX_SPLITS", "MAX_QUERY_LEN",
            "MAX_HEAD_DIM"]
@@ -171,6 +171,11 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}; "
                          f"they must match")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not tile_rows_fit_int32(cache, 2):  # (a cache is not copied per step: refused)
+            raise ValueError(f"{name} has a token stride of {cache.stride(2)} elements; accepted: below "
+                             f"{2**31 // 255} (the kernel's int32 row offsets) or 2**31 and more, e.g. a "
+                             f"(B, Hk, Tmax, D)-contiguous cache")
     if k_cache.shape[1] == 0 or Hq % k_cache.shape[1]:
         raise ValueError(f"q has {Hq} heads and k_cache {k_cache.shape[1]}; accepted: a multiple (GQA/MQA)")
     _check_lengths("cache_seqlens", cache_seqlens, B, q)
@@ -264,6 +269,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         Tq tokens); a query with no key (``L_b == 0`` or ``L_b - Tq + t < 0``) gives zeros.
     """
     _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
+    if not tile_rows_fit_int32(q, 1, 2):  # (int32 row offsets in the kernel; q is a few tokens)
+        q = q.contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if num_splits is None:
         group = q.shape[1] // k_cache.shape[1]
