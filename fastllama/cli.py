@@ -159,8 +159,8 @@ command("verify", "run every patched module of a model against its original (par
 # fastllama generate: fast generation with the decode kernels (fastllama.generate)
 # ---------------------------------------------------------------------------------------------
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="HF-format directory: config.json, safetensors, "
-                   "tokenizer.model (or tokenizer.json)")
+    p.add_argument("--checkpoint", required=True, help="HF-format directory: config.json, safetensors, and "
+                   "tokenizer.json (used when present, as HF does) or tokenizer.model (sentencepiece)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

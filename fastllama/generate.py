@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -99,6 +100,12 @@ class TextStreamer:
     ``prompt``: that sequence's prompt ids. The pieces then continue the prompt's text: a
     SentencePiece decoder drops the leading space of a text's first word, so the generated
     tokens decoded on their own would lose the space after the prompt ("hi" + "read").
+
+    Decoding is incremental: each step decodes only the tokens not yet printed plus the ones
+    printed last, as context (what a text's first word would lose), so a step costs the same
+    after 100k tokens as after 10. For valid text the pieces add up to the final decode; where
+    a tokenizer rewrites text already printed (HF's byte fallback turns a run of bytes that is
+    not UTF-8 into U+FFFD, earlier bytes included) the stream keeps what it printed and goes on.
     """
 
     def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None, sequence: int = 0,
@@ -108,7 +115,9 @@ class TextStreamer:
         self.sequence = sequence
         self.stop = None if stop_tokens is None else set(stop_tokens)
         self.ids: list[int] = [int(t) for t in prompt]
-        self.text = tokenizer.decode(self.ids) if self.ids else ""
+        # ids[context:printed] were printed last (or end the prompt); ids[printed:] are not yet
+        self.printed = len(self.ids)
+        self.context = max(0, self.printed - 4)
         self.done = False
 
     def put(self, ids: Sequence[int]) -> None:
@@ -121,19 +130,27 @@ class TextStreamer:
             self.done = True
             return
         self.ids.append(tok)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        if text.startswith(self.text) and len(text) > len(self.text):
-            self.on_text(text[len(self.text):])
-        self.text = text
+        self._emit(final=False)
 
     def end(self) -> None:
         """Flushes text held back (an incomplete multi-byte character) at the end of generation."""
-        text = self.tokenizer.decode(self.ids)
-        if text.startswith(self.text) and len(text) > len(self.text):
-            self.on_text(text[len(self.text):])
-        self.text = text
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        # the text the new tokens add to their context's: held back while it ends in an incomplete
+        # UTF-8 character (the next token may complete it). The context must start cleanly: not
+        # inside a multi-byte character (HF's byte fallback would turn the whole byte run, new
+        # bytes too, into U+FFFD) and not with bare whitespace (which a decoder may strip).
+        before = self.tokenizer.decode(self.ids[self.context:self.printed])
+        for _ in range(16):
+            if self.context == 0 or (before and before[0] != "\ufffd" and not before[0].isspace()):
+                break
+            self.context -= 1
+            before = self.tokenizer.decode(self.ids[self.context:self.printed])
+        text = self.tokenizer.decode(self.ids[self.context:])
+        if len(text) > len(before) and (final or not text.endswith("\ufffd")):
+            self.on_text(text[len(before):])
+            self.context, self.printed = self.printed, len(self.ids)
 
 
 @dataclasses.dataclass
@@ -464,7 +481,7 @@ class Generator:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if temperature < 0:
+        if not temperature >= 0:  # (NaN too)
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -534,7 +551,10 @@ class _HFTokenizer:
         return self.tok.encode(text).ids  # BOS as the file's post-processor adds it
 
     def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+        # ids outside the vocabulary (a checkpoint's vocab padded past the tokenizer's, -1 pads)
+        # are skipped, as sentencepiece's wrapper does
+        n = self.tok.get_vocab_size(with_added_tokens=True)
+        return self.tok.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens=True)
 
 
 def load_tokenizer(path):
@@ -545,13 +565,21 @@ def load_tokenizer(path):
     from .tokenizer import Tokenizer
 
     path = Path(path)
-    if (path / "tokenizer.json").is_file():
+    json_file, sp_file = path / "tokenizer.json", path / "tokenizer.model"
+    if json_file.is_file():
         try:
-            return _HFTokenizer(path / "tokenizer.json")
+            return _HFTokenizer(json_file)
         except ImportError:
             pass
-    if (path / "tokenizer.model").is_file():
-        return Tokenizer(path)
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception on a bad file)
+            if not sp_file.is_file():
+                raise ValueError(f"{json_file} is not a readable tokenizer file: {e}") from None
+            warnings.warn(f"{json_file} is not a readable tokenizer file ({e}); using {sp_file}", stacklevel=2)
+    if sp_file.is_file():
+        try:
+            return Tokenizer(path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{sp_file} is not a sentencepiece model: {e}") from None
     raise FileNotFoundError(f"{path}: no tokenizer.model (sentencepiece) nor a usable tokenizer.json "
                             f"(needs the `tokenizers` package)")
 
@@ -561,22 +589,51 @@ def run_cli(args) -> int:
     prompt to stdout, then prints prefill time and decode tokens/s."""
     import sys
 
-    if args.max_new_tokens < 0:  # (checked before the cache is sized from it)
+    # every argument checked before the model loads
+    if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.temperature == 0 and (args.top_p is not None or args.top_k is not None):
+        print("note: --top-p/--top-k only apply when sampling (--temperature > 0); decoding greedily",
+              file=sys.stderr)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r} is not a device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch sees no CUDA device (use --device cpu: the Triton interpreter)")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {args.device!r}: accepted cuda or cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     model = Llama.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
     tok = load_tokenizer(args.checkpoint)
     ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens (and the tokenizer adds no BOS): give a non-empty prompt")
+    limit = model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        print(f"warning: {len(ids)} prompt tokens + {args.max_new_tokens} new ones pass the model's "
+              f"max_position_embeddings ({limit}): the text past it may degrade", file=sys.stderr)
     stop = default_stop_and_pad(model)[0]  # config.json's and generation_config.json's eos ids
     if getattr(tok, "eos_id", -1) >= 0:
         stop.add(tok.eos_id)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    gen = Generator(model, 1, len(ids) + args.max_new_tokens, cuda_graph=False if args.no_cuda_graph else None)
+    try:
+        gen = Generator(model, 1, len(ids) + args.max_new_tokens, cuda_graph=False if args.no_cuda_graph else None)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+            raise
+        raise ValueError(f"no memory for a KV cache of {len(ids) + args.max_new_tokens} tokens "
+                         f"(prompt + --max-new-tokens): {str(e).splitlines()[0]}") from None
     streamer = TextStreamer(tok, lambda piece: print(piece, end="", flush=True), prompt=ids)  # (the call's stops)
-    print(args.prompt, end="", flush=True)
+    print(tok.decode(ids), end="", flush=True)  # the prompt as the model sees it
     gen.generate([ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  stop_tokens=sorted(stop), streamer=streamer)
     s = gen.stats

@@ -53,13 +53,16 @@ class Tokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        """Text of ``ids`` (a list or 1-D tensor); BOS/EOS/pad are dropped."""
+        """Text of ``ids`` (a list or 1-D tensor); BOS/EOS/pad are dropped, and so are ids
+        outside the vocabulary (a model's vocabulary padded past the tokenizer's, -1 pads)."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         if isinstance(ids, int):  # a 0-d tensor
             ids = [ids]
-        pad = self.pad_id  # -1 when undefined: sentencepiece would raise on it
-        return self.sp.decode([int(i) for i in ids if int(i) != pad])
+        if ids and isinstance(ids[0], list):
+            raise ValueError(f"decode takes one sequence of ids; got {len(ids)} sequences (decode each row)")
+        pad, n = self.pad_id, self.vocab_size  # (sentencepiece raises on ids outside [0, n))
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < n and int(i) != pad])
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -206,11 +206,72 @@ def test_cli_generate_stops_on_generation_config_eos(checkpoint, tmp_path, capsy
     assert "[3 new tokens" in capsys.readouterr().out
 
 
-def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys):
+def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, tmp_path):
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "-3"]) == 2
     assert "fastllama generate: error: --max-new-tokens must be >= 0" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(checkpoint / "nowhere"), "--prompt", "hi"]) == 2
     assert "fastllama generate: error:" in capsys.readouterr().err
+    # (each was a traceback, a NaN temperature sampled id 0 every step, or an error after the prompt)
+    for bad, says in ((["--temperature", "nan"], "--temperature must be >= 0"), (["--top-k", "0"], "--top-k must be"),
+                      (["--top-p", "1.5"], "--top-p must be"), (["--device", "tpu"], "is not a device")):
+        assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hi", *bad]) == 2
+        captured = capsys.readouterr()
+        assert says in captured.err and captured.out == "", (bad, captured)
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((checkpoint / f).read_bytes())
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
+    assert "is not a sentencepiece model" in capsys.readouterr().err
+
+
+def test_streamer_decodes_a_window_not_the_whole_text():
+    """Each step decoded prompt + everything generated: 25 ms per token after a 100k-token prompt
+    (and inside the timed decode loop). It decodes the unprinted tokens and a little context."""
+    lengths = []
+
+    class Tok:
+        def decode(self, ids):
+            lengths.append(len(ids))
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    pieces = []
+    s = TextStreamer(Tok(), pieces.append, prompt=list(range(10_000)))
+    for t in range(5):
+        s.put([t])
+    s.end()
+    assert "".join(pieces) == "abcde" and max(lengths) < 20, lengths
+
+
+def test_streamed_text_equals_the_final_decode_with_byte_fallback_after_a_multibyte_prompt(tmp_path):
+    """HF's byte fallback decodes a run of byte tokens together: a window starting inside the
+    prompt's last character turned the new characters into U+FFFD too ("东京" + "是大的")."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, normalizers
+
+    from fastllama.generate import _HFTokenizer
+
+    # Llama-2's layout: byte tokens are ordinary vocabulary entries (not special: those are
+    # skipped in decode), characters outside the vocabulary fall back to them
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)),
+              *sorted(set(CORPUS.read_text()) - {" ", "\n"} | {"\u2581"})]
+    tok = tokenizers.Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>",
+                                          byte_fallback=True))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    wrapped = _HFTokenizer(tmp_path / "tokenizer.json")
+    for prompt_text, new_text in (("东京", "是大的"), ("The sea 😀", " and 日本語 keeper")):
+        prompt = wrapped.encode(prompt_text)
+        ids = wrapped.encode(prompt_text + new_text)
+        assert ids[:len(prompt)] == prompt and any(i >= 3 and i < 259 for i in ids)  # byte tokens in play
+        pieces = []
+        s = TextStreamer(wrapped, pieces.append, prompt=prompt)
+        for t in ids[len(prompt):]:
+            s.put([t])
+        s.end()
+        assert wrapped.decode(prompt) + "".join(pieces) == wrapped.decode(ids) == prompt_text + new_text
 
 
 def test_streamer_continues_the_prompt_and_takes_the_calls_stop_tokens(checkpoint):

@@ -39,3 +39,12 @@ def test_directory_path_and_errors(tokenizer_path, tmp_path):
         Tokenizer(tmp_path / "nope.model")
     with pytest.raises(TypeError, match="str"):
         Tokenizer(tmp_path).encode(123)
+
+
+def test_ids_outside_the_vocabulary_are_dropped(tokenizer_path):
+    # a checkpoint's vocabulary padded past its tokenizer's: sampling such an id crashed the CLI
+    tok = Tokenizer(tokenizer_path)
+    ids = tok.encode("The sea", bos=False)
+    assert tok.decode(ids + [300, 511]) == tok.decode(ids) == "The sea"
+    with pytest.raises(ValueError, match="one sequence"):
+        tok.decode(torch.tensor([ids]))
