@@ -250,7 +250,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q: (B, Hq, Tq, D) with 1 <= Tq <= 16, fp32/fp16/bf16, any strides with a unit last stride
             (e.g. the transposed view of a (B, Tq, Hq * D) projection).
         k_cache, v_cache: (B, Hk, Tmax, D), Hq % Hk == 0, same dtype/device as q; any strides
-            with a unit last stride (a slice of a larger buffer, an HF ``StaticCache`` layer).
+            with a unit last stride (a slice of a larger buffer, an HF ``StaticCache`` layer) and
+            a token stride below 8M elements (the kernel's int32 row offsets; larger ones are refused).
         cache_seqlens: (B,) int32 on q's device: sequence b uses the first ``L_b`` slots, the
             new tokens' keys/values INCLUDED (write them first, e.g. with
             :func:`rotary_cache_append`). Read on the device: no host sync; values outside
