@@ -225,3 +225,42 @@ def test_padding_mask_made_under_inference_mode():
         out = model(input_ids=x, attention_mask=pad).logits
     assert not FALLBACKS, FALLBACKS
     torch.testing.assert_close(out[pad.bool()], expected[pad.bool()], rtol=1e-4, atol=1e-4)
+
+
+# Tests from mutation testing: each fails on a plausible bug the suite let through.
+def test_window_without_a_mask_while_decoding_is_kept():
+    """The decode kernel has no window: one query with a window and no mask must not reach it."""
+    q, k, v = qkv(Tq=1, Tk=9)
+    i = torch.arange(9, device=DEVICE)
+    mask = (i[None, :] <= 8) & (i[None, :] >= 6)
+    with torch.no_grad():
+        out = attend(q, k, v, None, window=(2, 0))
+    check(out, q, k, v, mask)
+
+
+def test_rows_that_see_no_key_are_zero_whatever_sdpa_gives(monkeypatch):
+    """SDPA may return NaN for a query that sees no key (this CPU build gives 0): the fallback
+    zeroes such rows itself. Stood in here by an SDPA that returns NaN there."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def nan_rows(q, k, v, attn_mask=None, **kw):
+        out = sdpa(q, k, v, attn_mask=attn_mask, **kw)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            blind = ~attn_mask.expand(*out.shape[:-1], attn_mask.shape[-1]).any(-1, keepdim=True)
+            out = out.masked_fill(blind, float("nan"))
+        return out
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", nan_rows)
+    q, k, v = qkv(B=2, Hq=4, Tq=6, Tk=6)
+    mask = padded_causal([6, 4], 6, 6).expand(2, 4, 6, 6).clone()
+    mask[:, 1, :, 0] = False  # differs between heads: SDPA; row 1's first two queries see nothing
+    check(attend(q, k, v, mask), q, k, v, mask)
+    assert FALLBACKS["mask differs between heads"] == 1
+
+
+def test_equal_prefixes_with_grad_read_only_the_prefix():
+    q, k, v = qkv(Tq=3, Tk=12)
+    q.requires_grad_(True)
+    mask = torch.stack([padded_causal([n], 3, 12, end=n, left=False)[0] for n in (7, 7)])
+    check(attend(q, k, v, mask), q, k, v, mask)
+    assert not FALLBACKS, FALLBACKS

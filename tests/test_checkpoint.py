@@ -217,3 +217,13 @@ def test_rope_keys_are_read_as_transformers_reads_them(tmp_path, edit):
     _rewrite(tmp_path, config=edit)
     _same_logits(Llama.from_pretrained(tmp_path), LlamaForCausalLM.from_pretrained(tmp_path),
                  torch.randint(0, 263, (1, 40)))
+
+
+def test_config_dtype_wins_over_legacy_torch_dtype(tmp_path):
+    """transformers 5 takes ``dtype`` when a config.json has both it and ``torch_dtype``."""
+    import transformers
+
+    _hf().save_pretrained(tmp_path)
+    _rewrite(tmp_path, config=lambda c: c.update(dtype="float16", torch_dtype="float32"))
+    assert transformers.AutoConfig.from_pretrained(tmp_path).dtype == torch.float16
+    assert Llama.from_pretrained(tmp_path).lm_head.weight.dtype == torch.float16

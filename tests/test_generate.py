@@ -689,3 +689,59 @@ def test_cuda_graph_with_an_hf_model_follows_moved_weights():
     after = graph.generate(prompts, 8, stop_tokens=[])
     assert graph.stats.cuda_graph and after == eager.generate(prompts, 8, stop_tokens=[])
     assert after != before
+
+
+# Tests from mutation testing: each fails on a plausible bug the suite let through.
+def test_generator_uses_the_models_rms_norm_eps():
+    """Every other model here has the default eps; the second layer's cached keys depend on the
+    first layer's norms."""
+    model = _tiny_model(seed=4, rms_norm_eps=0.5)
+    prompt = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    gen = Generator(model, 1, 10)
+    gen.generate(prompt, 1, stop_tokens=[])
+    model.setup_caches(1, 10)
+    try:
+        model(prompt, cache_start=0)
+        for i, cache in enumerate(model.caches):
+            torch.testing.assert_close(gen.k_cache[i, :1, :, :9], cache.k[:, :, :9], msg=f"layer {i} keys")
+    finally:
+        model.caches = None
+
+
+def test_forward_pre_hooks_are_refused_by_the_generator():
+    model = _tiny_model(num_hidden_layers=1)
+    gen = Generator(model, 1, 8)
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    try:
+        with pytest.raises(ValueError, match="o_proj has forward hooks"):
+            gen.generate([[3, 4]], 2)
+    finally:
+        handle.remove()
+
+
+def test_top_p_keeps_the_token_that_reaches_p():
+    """Probabilities 0.5 / 0.3 / 0.2 with top_p 0.7 keep tokens 0 and 1: the smallest set whose
+    probability reaches p, not one token short of it."""
+    from fastllama.reference.model import filter_logits, sample
+
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    assert torch.isfinite(filter_logits(logits, 1.0, top_p=0.7)).tolist() == [[True, True, False]]
+    rows = logits.expand(4000, 3)
+    for picks in (sample_logits(rows, 1.0, top_p=0.7, generator=torch.Generator().manual_seed(0)),
+                  sample(rows, 1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))):
+        counts = torch.bincount(picks, minlength=3)
+        assert counts[2] == 0 and counts[1] > 1000, counts
+
+
+def test_row_blocks_not_intact_after_a_weight_shrinks():
+    """A last weight re-pointed to a shorter view of its block (same start address) is no longer
+    laid out: the fused GEMM would keep computing the old rows."""
+    from fastllama.model_weights import RowBlocks
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4).to(DEVICE), torch.nn.Linear(8, 6).to(DEVICE)
+    blocks = RowBlocks([a, b])
+    assert blocks.intact()
+    b.weight.data = b.weight.data[:3]
+    b.bias.data = b.bias.data[:3]
+    assert not blocks.intact()

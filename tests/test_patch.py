@@ -907,3 +907,84 @@ def test_two_models_sharing_an_eager_config_restore_eager_in_either_order():
         for i in order:
             fastllama.unpatch(models[i])
         assert first.config._attn_implementation == "eager", order
+
+
+# Tests from mutation testing: each fails on a plausible bug the suite let through.
+def test_an_lm_head_with_a_bias_is_in_the_fused_loss():
+    model = build("llama-gqa").train()
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True).to(DEVICE)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.copy_(torch.randn(head.out_features, generator=torch.Generator().manual_seed(0)))
+    model.lm_head = head
+    x = ids()
+    expected = model(input_ids=x, labels=x).loss
+    fastllama.patch(model)
+    torch.testing.assert_close(model(input_ids=x, labels=x).loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_function_with_a_window_as_long_as_the_keys():
+    """No mask exactly where HF's sdpa_mask builds none, also at kv_length == the window."""
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    from fastllama.forwards import hf_attention_mask
+
+    for q_length in (8, 1):
+        kw = dict(batch_size=2, q_length=q_length, kv_length=8, q_offset=8 - q_length, kv_offset=0,
+                  mask_function=sliding_window_causal_mask_function(8), attention_mask=None,
+                  allow_is_causal_skip=True, local_size=8, dtype=torch.float32, config=None, device="cpu")
+        assert (hf_attention_mask(**kw) is None) == (sdpa_mask(**kw) is None), kw
+
+
+def test_shift_labels_keyword_is_used_as_given():
+    model = build("llama-gqa").train()
+    x = ids()
+    shifted = torch.roll(x, -2, dims=1)  # not the labels shifted by one: the keyword must win
+    shifted[:, -2:] = -100
+    expected = model(input_ids=x, labels=x, shift_labels=shifted).loss
+    fastllama.patch(model)
+    torch.testing.assert_close(model(input_ids=x, labels=x, shift_labels=shifted).loss, expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loss_runs_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the LM head + loss run in bf16, as nn.Linear would (the autocast
+    parity test bounds the error from above only: fp32 would pass it)."""
+    from fastllama import ops
+
+    seen = []
+    loss = ops.linear_cross_entropy
+    monkeypatch.setattr(ops, "linear_cross_entropy",
+                        lambda h, w, *a, **kw: seen.append((h.dtype, w.dtype)) or loss(h, w, *a, **kw))
+    model = fastllama.patch(build("llama-gqa").train())
+    x = ids()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model(input_ids=x, labels=x)
+    assert seen == [(torch.bfloat16, torch.bfloat16)], seen
+
+
+def test_head_dim_256_is_patched():
+    model = LlamaForCausalLM(LlamaConfig(**dict(BASE, head_dim=256))).to(DEVICE)
+    fastllama.patch(model)
+    assert "skipped" not in fastllama.patch_summary(model)
+    assert model.config._attn_implementation == "fastllama"
+
+
+def test_hidden_act_swish_gets_the_swiglu_kernel():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dict(BASE, hidden_act="swish"))).to(DEVICE).eval()
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+        fastllama.patch(model)
+        got = model(input_ids=x).logits
+    assert "forward" in model.model.layers[0].mlp.__dict__, fastllama.patch_summary(model)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unpatch_leaves_no_fastllama_attribute():
+    model = build("llama-gqa")
+    before = {n: set(m.__dict__) for n, m in model.named_modules()}
+    fastllama.patch(model)
+    fastllama.unpatch(model)
+    assert {n: set(m.__dict__) for n, m in model.named_modules()} == before

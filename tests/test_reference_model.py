@@ -137,3 +137,16 @@ def test_config_keys_that_change_nothing_in_hf_are_accepted(same):
 def test_a_rope_type_without_its_parameters_is_named():
     with pytest.raises(ValueError, match="needs low_freq_factor, high_freq_factor"):
         LlamaConfig.from_hf(dict(TINY_CONFIGS["gqa4-untied"], rope_scaling=dict(rope_type="llama3", factor=8.0)))
+
+
+def test_config_defaults_are_transformers_defaults():
+    """A config.json that leaves a key out must mean what it means for transformers."""
+    import transformers
+
+    ours = LlamaConfig.from_hf({"model_type": "llama"})
+    hf = transformers.LlamaConfig()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "rms_norm_eps", "max_position_embeddings", "attention_bias", "mlp_bias", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(ours, key) == getattr(hf, key), key
+    assert ours.rope_theta == hf.rope_parameters["rope_theta"]
