@@ -131,9 +131,13 @@ def load_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):
     # transformers < 4.31 saved each layer's rotary inv_freq buffer, a function of the config
     # that HF also ignores on load
     unexpected = sorted(k for k in set(found) - set(expected) - optional if not k.endswith("rotary_emb.inv_freq"))
+    shapes = {k: tuple(v) for k, v in expected.items()}
+    if optional:  # (tied: the head has the embedding's shape, and the other way round)
+        shapes.setdefault(head, shapes.get(embed))
+        shapes.setdefault(embed, shapes.get(head))
     mismatched = sorted(
-        f"{k}: checkpoint {found[k]} vs model {tuple(expected[k])}"
-        for k in set(found) & set(expected) if tuple(expected[k]) != found[k]
+        f"{k}: checkpoint {found[k]} vs model {shapes[k]}"
+        for k in set(found) & set(shapes) if shapes[k] != found[k]
     )
     if missing or unexpected or mismatched:
         problems = []

@@ -92,9 +92,9 @@ class GenerationStats:
 class TextStreamer:
     """Turns each step's tokens into text pieces of one sequence, for ``generate(streamer=...)``.
 
-    ``put(ids)`` gets the (B,) new token ids of a step; the text of sequence ``sequence`` so far
-    is decoded again and the new suffix passed to ``on_text`` (held back while it ends in an
-    incomplete UTF-8 character). Stop tokens end the stream and are not printed; by default
+    ``put(ids)`` gets the (B,) new token ids of a step; the text they add to sequence
+    ``sequence`` is passed to ``on_text`` (held back while it ends in an incomplete UTF-8
+    character). Stop tokens end the stream and are not printed; by default
     (``stop_tokens=None``) they are those of the ``generate`` call the streamer is given to.
 
     ``prompt``: that sequence's prompt ids. The pieces then continue the prompt's text: a

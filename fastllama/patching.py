@@ -261,9 +261,11 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             continue
         reason = rule.check(module) if rule.check else None
         if _installed_at(module) is None and forwards._forward_replaced(module):
-            # a forward set on the instance by hand (a wrapper, an adapter): overwriting it would
-            # drop what it does, and unpatch would then delete it
-            reason = "a forward is set on this instance (edited by hand): left as is"
+            # a forward set on the instance (a hand edit, an adapter, or a wrapper: accelerate's
+            # mixed-precision autocast, torch.compile of the method): overwriting it would drop
+            # what it does, and unpatch would then delete it
+            reason = ("a forward is set on this instance (edited by hand, or wrapped, e.g. by accelerate's "
+                      "mixed precision or torch.compile: patch before wrapping): left as is")
         if reason:
             summary.append((name, type(module).__name__, what, f"skipped: {reason}"))
             continue

@@ -108,10 +108,12 @@ def _own_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def _convert(arg: Any, dtype: torch.dtype | None) -> Any:
-    """A floating tensor as a leaf of its own (cast to ``dtype`` if given), keeping
-    requires_grad; anything else as is."""
-    if not (isinstance(arg, torch.Tensor) and arg.is_floating_point()):
+    """A tensor in memory of its own: a floating one as a leaf (cast to ``dtype`` if given)
+    keeping requires_grad, any other (labels, lengths) as a plain copy; non-tensors as they are."""
+    if not isinstance(arg, torch.Tensor):
         return arg
+    if not arg.is_floating_point():
+        return _own_copy(arg)
     leaf = _own_copy(arg) if dtype is None or dtype == arg.dtype else arg.detach().to(dtype)
     return leaf.requires_grad_(arg.requires_grad)
 

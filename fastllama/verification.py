@@ -223,16 +223,15 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
     if dropping is not None:
         raise ValueError(f"verify compares deterministic runs, but {dropping} drops out at random in train mode: "
                          "call model.eval() or set the dropout to 0")
-    if modules is not None and not list(modules):
-        raise ValueError("modules is empty: nothing to compare (None checks every patched module)")
+    if modules is not None:
+        modules = list(modules)  # (once: a generator would be empty the second time)
+        if not modules:
+            raise ValueError("modules is empty: nothing to compare (None checks every patched module)")
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     hf_model = hasattr(config, "use_cache") or hasattr(text_config, "use_cache")
     if isinstance(inputs, torch.Tensor) and hf_model:
         inputs = {"input_ids": inputs}  # (so that use_cache=False goes with it)
-    labels = inputs.get("labels") if isinstance(inputs, dict) else None
-    if isinstance(labels, torch.Tensor) and labels.numel() and bool((labels == -100).all()):
-        raise ValueError("every label is -100 (ignored): HF's loss is NaN there and fastllama's 0; nothing to compare")
     if isinstance(inputs, dict) and hf_model:
         # (a composite model, e.g. Llava, keeps use_cache on its text config only; a cache built
         # by one run would be read by the next)
@@ -240,6 +239,11 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
     real = _real_positions(inputs)
     if real is not None and isinstance(inputs.get("labels"), torch.Tensor):
         inputs = dict(inputs, labels=_labels_without_padding(inputs["labels"], real))
+    labels = inputs.get("labels") if isinstance(inputs, dict) else None
+    # (the loss pairs position t with label t + 1: the first label never counts)
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and bool((labels[:, 1:] == -100).all()):
+        raise ValueError("every label that counts is -100 (ignored, padding included): HF's loss is NaN there "
+                         "and fastllama's 0; nothing to compare")
     before = dict(FALLBACKS)
     captured = _capture(model, inputs)
     # the fallbacks of the patched model's own forward pass (the per-module runs below repeat

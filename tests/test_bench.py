@@ -422,3 +422,12 @@ def test_interrupted_training_benchmark_keeps_its_rows_and_says_so(tmp_path, mon
     assert status == {("hf-sdpa", 16): "ok", ("hf-sdpa", 32): train.INTERRUPTED,
                       ("hf+fastllama", 16): train.INTERRUPTED, ("hf+fastllama", 32): train.INTERRUPTED}
     assert data["interrupted"] is True
+
+
+def test_default_bench_stops_after_an_interrupted_training_run(monkeypatch, tmp_path):
+    from fastllama.bench import cli as bench_cli
+
+    monkeypatch.setattr(bench_cli, "_train", lambda args, preset=None: 130)
+    monkeypatch.setattr(bench_cli, "_memory", lambda *a, **k: pytest.fail("ran after an interrupt"))
+    assert main(["bench", "--out", str(tmp_path), "--no-progress"]) == 130
+    assert common.exit_code({"not": "rows"}) == 0 and common.exit_code([{"error": "x"}]) == 1

@@ -227,3 +227,10 @@ def test_config_dtype_wins_over_legacy_torch_dtype(tmp_path):
     _rewrite(tmp_path, config=lambda c: c.update(dtype="float16", torch_dtype="float32"))
     assert transformers.AutoConfig.from_pretrained(tmp_path).dtype == torch.float16
     assert Llama.from_pretrained(tmp_path).lm_head.weight.dtype == torch.float16
+
+
+def test_tied_checkpoint_with_a_head_of_the_wrong_shape_is_named(tmp_path):
+    _hf("mha-tied").save_pretrained(tmp_path)
+    _rewrite(tmp_path, weights=lambda s: s.update({"lm_head.weight": torch.zeros(5, 64)}))
+    with pytest.raises(CheckpointError, match=r"lm_head.weight: checkpoint \(5, 64\)"):
+        Llama.from_pretrained(tmp_path)

@@ -839,7 +839,7 @@ def test_verify_refuses_what_it_cannot_compare():
     model = fastllama.patch(build("llama-gqa").eval())
     with pytest.raises(ValueError, match="modules is empty"):
         fastllama.verify(model, {"input_ids": x}, modules=[], print_table=False)
-    with pytest.raises(ValueError, match="every label is -100"):
+    with pytest.raises(ValueError, match="every label that counts is -100"):
         fastllama.verify(model, {"input_ids": x, "labels": torch.full_like(x, -100)}, print_table=False)
     with torch.device("meta"):
         meta = LlamaForCausalLM(LlamaConfig(**BASE))
@@ -988,3 +988,15 @@ def test_unpatch_leaves_no_fastllama_attribute():
     fastllama.patch(model)
     fastllama.unpatch(model)
     assert {n: set(m.__dict__) for n, m in model.named_modules()} == before
+
+
+def test_verify_takes_a_generator_of_names_and_refuses_labels_ignored_after_the_shift():
+    model = fastllama.patch(build("llama-gqa").eval())
+    x = ids(seq=12)
+    report = fastllama.verify(model, {"input_ids": x}, backward=False, modules=(n for n in ["model.norm"]),
+                              print_table=False)
+    assert [n for n, _, _ in report.modules] == ["model.norm"] and report.passed
+    labels = torch.full_like(x, -100)
+    labels[:, 0] = x[:, 0]  # the first label pairs with no logits: nothing counts
+    with pytest.raises(ValueError, match="every label that counts is -100"):
+        fastllama.verify(model, {"input_ids": x, "labels": labels}, print_table=False)

@@ -257,3 +257,15 @@ def test_output_of_the_wrong_shape_or_type_is_a_failing_row():
     assert "shape (8, 4)" in report.rows[0].problem and not report.passed
     report = parity_report(lambda t: 1.0, lambda t: t.sum(), x, check_grad=False)
     assert "float" in report.rows[0].problem and not report.passed
+
+
+def test_integer_inputs_get_their_own_copy_too():
+    # an op that advances its lengths in place changed the caller's tensor and the truth's input
+    lens = torch.tensor([1, 2, 3, 4])
+
+    def advances(x, n):
+        n += 1
+        return x * n
+
+    report = parity_report(advances, lambda x, n: x * n, torch.ones(4), lens, check_grad=False)
+    assert not report.passed and lens.tolist() == [1, 2, 3, 4]

@@ -211,8 +211,9 @@ def _default(args) -> int:
     if not common.on_gpu():
         args.quick = True
     rc = _train(args, preset)
-    rc |= _memory(args, presets=[preset])
-    return rc
+    if rc == 130:  # interrupted (Ctrl-C, a time limit): nothing more
+        return rc
+    return max(rc, _memory(args, presets=[preset]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def _run_scripts(names: list[str], args) -> int:
             result = 1
         result = common.exit_code(result)  # rows: 1 when a row holds an error
         if result:
-            rc = 1
+            rc = 130 if result == 130 else max(rc, 1)
         print(f"### {name}: {time.time() - t0:.0f} s", flush=True)
         if result == 130:  # interrupted (a time limit): the scripts after it would be cut off too
             print("### interrupted: the remaining scripts are not run", flush=True)

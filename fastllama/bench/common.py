@@ -310,7 +310,9 @@ def exit_code(result) -> int:
     interrupted by a time limit), rows: 1 when one holds an ``error``, else 0."""
     if isinstance(result, int):
         return result
-    return 1 if any(r.get("error") for r in result or ()) else 0
+    if isinstance(result, list):
+        return 1 if any(isinstance(r, dict) and r.get("error") for r in result) else 0
+    return 0
 
 
 def pyplot(path) -> Any:

@@ -173,8 +173,8 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
                          f"they must match")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not tile_rows_fit_int32(cache, 2):  # (a cache is not copied per step: refused)
-            raise ValueError(f"{name} has a token stride of {cache.stride(2)} elements; accepted: below "
-                             f"{2**31 // 255} (the kernel's int32 row offsets) or 2**31 and more, e.g. a "
+            raise ValueError(f"{name} has a token stride of {cache.stride(2)} elements; accepted: at most "
+                             f"{(2**31 - 1) // 255} (the kernel's int32 row offsets) or 2**31 and more, e.g. a "
                              f"(B, Hk, Tmax, D)-contiguous cache")
     if k_cache.shape[1] == 0 or Hq % k_cache.shape[1]:
         raise ValueError(f"q has {Hq} heads and k_cache {k_cache.shape[1]}; accepted: a multiple (GQA/MQA)")
@@ -270,7 +270,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         Tq tokens); a query with no key (``L_b == 0`` or ``L_b - Tq + t < 0``) gives zeros.
     """
     _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
-    if not tile_rows_fit_int32(q, 1, 2):  # (int32 row offsets in the kernel; q is a few tokens)
+    # the kernel addresses q's rows as head * stride + token * stride in int32: a q that could
+    # pass 2**31 elements that way runs from a copy (a few tokens: cheap)
+    if (q.shape[1] - 1) * q.stride(1) + (q.shape[2] - 1) * q.stride(2) >= 2**31:
         q = q.contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if num_splits is None:

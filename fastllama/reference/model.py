@@ -65,7 +65,7 @@ class LlamaConfig:
             raise ValueError(f"model_type {model_type!r} is not supported by the reference model; supported: 'llama'")
         act = config.get("hidden_act", "silu")
         if act not in ("silu", "swish"):  # (the same function)
-            raise ValueError(f"hidden_act {act!r} is not supported; supported: 'silu'")
+            raise ValueError(f"hidden_act {act!r} is not supported; supported: 'silu' (or its other name 'swish')")
         # pretraining_tp > 1 only split HF's old matmuls into slices: the same math, ignored there too
         # As transformers reads them: a rope_scaling given next to rope_parameters wins (a user
         # adding it, as older guides say, to a config saved with rope_parameters), and a top-level
