@@ -39,7 +39,7 @@ from . import ops
 from .model_weights import RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables
 from .reference.model import Llama, filter_logits
 
-__all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats"]
+__all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer"]
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -558,8 +558,16 @@ class _HFTokenizer:
 
 
 def load_tokenizer(path):
-    """``tokenizer.json`` when present and ``tokenizers`` is installed, else the sentencepiece
-    ``tokenizer.model`` of checkpoint directory ``path``."""
+    """The tokenizer of checkpoint directory ``path``, as ``fastllama generate`` loads it: its
+    ``tokenizer.json`` when present and ``tokenizers`` is installed (as HF does; Llama 3 ships
+    only this), else its sentencepiece ``tokenizer.model`` (:class:`fastllama.Tokenizer`). Both
+    have ``encode(text) -> ids`` (with the BOS the tokenizer adds) and ``decode(ids) -> text``.
+
+    Raises:
+        FileNotFoundError: neither file is there (or only a tokenizer.json without ``tokenizers``).
+        ValueError: the file is not a readable tokenizer (a bad tokenizer.json next to a good
+            tokenizer.model warns and uses the latter).
+    """
     from pathlib import Path
 
     from .tokenizer import Tokenizer
