@@ -646,7 +646,11 @@ def run_cli(args) -> int:
                  stop_tokens=sorted(stop), streamer=streamer)
     s = gen.stats
     graph = "CUDA graph" if s.cuda_graph else ("eager, Triton interpreter" if device.type == "cpu" else "eager")
-    print(f"\n[{s.new_tokens} new tokens; prefill {s.prompt_tokens} tokens in {s.prefill_s:.3f} s; "
-          f"decode {s.steps} steps in {s.decode_s:.3f} s = {s.decode_tokens_per_s:.2f} tokens/s ({graph})]",
-          file=sys.stdout, flush=True)
+    if s.new_tokens == 0:
+        summary = "no new tokens asked for: nothing run"
+    else:
+        decode = (f"decode {s.steps} steps in {s.decode_s:.3f} s = {s.decode_tokens_per_s:.2f} tokens/s" if s.steps
+                  else "no decode step (the first new token comes from the prefill)")
+        summary = f"{s.new_tokens} new tokens; prefill {s.prompt_tokens} tokens in {s.prefill_s:.3f} s; {decode}"
+    print(f"\n[{summary} ({graph})]", file=sys.stdout, flush=True)
     return 0

@@ -185,6 +185,10 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     expected_text = tok.decode(ref[0].tolist())
     assert out.startswith(expected_text), out
     assert "tokens/s" in out and "prefill" in out
+    # no decode step to time: said so, not "0.00 tokens/s"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "The keeper counted",
+                 "--max-new-tokens", "1", "--device", DEVICE, "--dtype", "float32"]) == 0
+    assert "no decode step" in capsys.readouterr().out
 
 
 def test_cli_generate_stops_on_generation_config_eos(checkpoint, tmp_path, capsys):
