@@ -547,3 +547,56 @@ def test_autocast_computes_like_lm_head_under_autocast():
     assert hidden.grad.dtype == weight.grad.dtype == torch.float32
     torch.testing.assert_close(hidden.grad, x.grad.float(), rtol=0, atol=0)
     torch.testing.assert_close(weight.grad, w.grad.float(), rtol=0, atol=0)
+
+
+# Tests from mutation testing (op wrappers, harness, modules): each fails on a plausible bug the
+# suite let through.
+
+
+def _ce_inputs(v=50):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
+    weight = (0.1 * torch.randn(v, 16, device=DEVICE)).requires_grad_()
+    labels = torch.randint(0, max(v, 1), (2, 9), device=DEVICE)
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("case", ["empty vocab", "bias dtype", "num_items shape"])
+def test_linear_cross_entropy_bad_input(case):
+    """C02 (an empty vocabulary accepted), C03 (bias's dtype not compared with weight's: addmm then
+    raised a RuntimeError from inside the chunk loop), C04 (a num_items_in_batch tensor of several
+    elements accepted: reshape(()) raised a RuntimeError). tests/test_cross_entropy.py (_BAD)."""
+    hidden, weight, labels = _ce_inputs()
+    kwargs = {}
+    if case == "empty vocab":
+        weight, exc, match = weight.detach()[:0], ValueError, "empty vocabulary"
+        labels = torch.full_like(labels, -100)
+    elif case == "bias dtype":
+        kwargs, exc, match = {"bias": torch.zeros(50, device=DEVICE, dtype=torch.float16)}, TypeError, "bias has dtype"
+    else:
+        kwargs, exc, match = {"num_items_in_batch": torch.tensor([3, 4], device=DEVICE)}, ValueError, \
+            "num_items_in_batch must hold one number"
+    with pytest.raises(exc, match=match):
+        ops.linear_cross_entropy(hidden, weight, labels, **kwargs)
+
+
+def test_num_items_in_batch_below_one_counts_as_one():
+    """C05 (1 / max(num_items_in_batch, 1) became 1 / num_items_in_batch: an int 0, a batch
+    without targets as HF passes it, raised ZeroDivisionError). tests/test_cross_entropy.py."""
+    hidden, weight, labels = _ce_inputs()
+    total = ops.linear_cross_entropy(hidden, weight, labels, reduction="sum")
+    for n in (0, 0.5):
+        torch.testing.assert_close(ops.linear_cross_entropy(hidden, weight, labels, num_items_in_batch=n), total)
+
+
+def test_linear_cross_entropy_fake_kernel_matches_the_real_one():
+    """C06 (register_fake of linear_cross_entropy gives reduction='none' a scalar loss instead of
+    (N,)). tests/test_cross_entropy.py: its compile test runs reduction='mean' only."""
+    hidden, weight, labels = _ce_inputs()
+    h2, lab = hidden.detach().reshape(-1, 16), labels.reshape(-1)
+    scale = torch.ones((), device=DEVICE)
+    for reduction in ("none", "mean"):
+        torch.library.opcheck(torch.ops.fastllama.linear_cross_entropy.default,
+                              (h2, weight.detach(), lab, None, scale, reduction, -100, 0.0, 0.0,
+                               True, True, False, True, 64),
+                              test_utils=("test_schema", "test_faketensor"))

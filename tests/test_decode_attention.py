@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from fastllama import ops
+from fastllama import ops, reference
 from fastllama.reference import functional as ref
 
 
@@ -203,3 +203,55 @@ def test_token_strides_too_large_for_int32_tile_offsets():
     far_cache = torch.as_strided(buf, (1, 1, 3, d), (3 * stride, 3 * stride, stride, 1), 64)
     with pytest.raises(ValueError, match="k_cache has a token stride of"):
         ops.decode_attention(q.contiguous(), far_cache, far_cache.clone(), lens.clamp(max=3))
+
+
+# Tests from mutation testing (op wrappers, harness, modules): each fails on a plausible bug the
+# suite let through.
+
+
+def _decode_inputs():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 1, 32, device=DEVICE)
+    kc, vc = torch.randn(2, 2, 16, 32, device=DEVICE), torch.randn(2, 2, 16, 32, device=DEVICE)
+    lens = torch.tensor([3, 16], dtype=torch.int32, device=DEVICE)
+    return q, kc, vc, lens
+
+
+@pytest.mark.parametrize("case", ["v_cache length", "nan scale", "zero splits"])
+def test_decode_attention_bad_input(case):
+    """D01 (v_cache's shape not compared with k_cache's: a shorter v_cache was read past its end),
+    D02 (a NaN / inf scale accepted), D03 (num_splits=0 accepted: 1 <= n became 0 <= n).
+    tests/test_decode_attention.py::test_decode_attention_validation."""
+    q, kc, vc, lens = _decode_inputs()
+    kwargs, match = {}, "num_splits"
+    if case == "v_cache length":
+        vc, match = vc[:, :, :8], "v_cache has shape"
+    elif case == "nan scale":
+        kwargs, match = {"scale": float("nan")}, "scale must be a finite"
+    else:
+        kwargs = {"num_splits": 0}
+    with pytest.raises(ValueError, match=match):
+        ops.decode_attention(q, kc, vc, lens, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["empty table", "v shape", "sin shape"])
+def test_rotary_cache_append_bad_input(case):
+    """D04 (a (0, D) cos/sin table accepted: positions are clamped to P - 1 = -1, a read before the
+    table), D05 (v's shape not compared with k's), D06 (sin's shape not compared with cos's).
+    tests/test_decode_attention.py::test_rotary_cache_append_in_place_and_validation."""
+    torch.manual_seed(0)
+    B, T, Hq, Hk, D, Tmax = 2, 3, 4, 2, 32, 12
+    q = torch.randn(B, Hq, T, D, device=DEVICE)
+    k, v = torch.randn(B, Hk, T, D, device=DEVICE), torch.randn(B, Hk, T, D, device=DEVICE)
+    kc, vc = torch.zeros(B, Hk, Tmax, D, device=DEVICE), torch.zeros(B, Hk, Tmax, D, device=DEVICE)
+    cos, sin = reference.rope_cos_sin(torch.arange(Tmax, device=DEVICE)[None], reference.rope_inv_freq(D))
+    cos, sin = cos[0], sin[0]
+    lens = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    if case == "empty table":
+        cos, sin, match = cos[:0], sin[:0], "cos has shape"
+    elif case == "v shape":
+        v, match = v[:, :, :2], "v has shape"
+    else:
+        sin, match = sin[:6], "sin has shape"
+    with pytest.raises(ValueError, match=match):
+        ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens)

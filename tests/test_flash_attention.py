@@ -647,3 +647,54 @@ def test_token_stride_too_large_for_int32_tile_offsets_is_read_from_a_copy():
         results.append([out.detach(), q.grad, k.grad, v.grad])
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# Tests from mutation testing (op wrappers, harness, modules): each fails on a plausible bug the
+# suite let through.
+
+
+def _small_qkv(hq=4, hk=2, t=8, d=64, dtype=torch.float32):
+    torch.manual_seed(0)
+    return tuple(torch.randn(1, h, t, d, device=DEVICE, dtype=dtype) for h in (hq, hk, hk))
+
+
+@pytest.mark.parametrize("case", ["no kv heads", "cu_seqlens strided", "v dtype", "window of bools"])
+def test_flash_attention_bad_input(case, monkeypatch):
+    """A01 (Hk == 0 unchecked: ZeroDivisionError from Hq % 0), A02 (cu_seqlens contiguity
+    unchecked: the kernels read entry i at base + i, so a strided one gave other boundaries),
+    A03 (v's dtype unchecked: only k's was compared with q's), A06 (window=(True, 0) accepted:
+    bool is an int). tests/test_flash_attention.py::test_bad_input."""
+    from fastllama.kernels import flash_attention as kfa
+    from fastllama.kernels import flash_attention_backward as kbwd
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the input was rejected")
+
+    monkeypatch.setattr(kfa, "flash_attention_forward", launched)
+    monkeypatch.setattr(kbwd, "flash_attention_backward", launched)
+    q, k, v = _small_qkv()
+    if case == "no kv heads":
+        call, exc, match = lambda: ops.flash_attention(q, k[:, :0], v[:, :0]), ValueError, "multiple of the number"
+    elif case == "cu_seqlens strided":
+        cu = torch.tensor([0, 99, 3, 99, 8], dtype=torch.int32, device=DEVICE)[::2]
+        call, exc, match = lambda: ops.flash_attention(q, k[:, :, :8], v, cu_seqlens=cu), ValueError, \
+            "cu_seqlens must be contiguous"
+    elif case == "v dtype":
+        call, exc, match = lambda: ops.flash_attention(q, k, v.half()), TypeError, "v has dtype"
+    else:
+        call, exc, match = lambda: ops.flash_attention(q, k, v, window=(True, 0)), TypeError, "window must be"
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_flash_attention_fake_kernel_matches_the_real_one():
+    """A04 (register_fake of flash_attention_fwd gives the softmax statistics q's dtype; the
+    kernel returns fp32). tests/test_flash_attention.py: the compile tests run only
+    flash_attention, whose graph drops the statistics."""
+    from fastllama.ops.attention import _validate
+
+    q, k, v = _small_qkv(dtype=torch.float16)
+    scale, before, after, precision, det = _validate(q, k, v, True, None, None, None, None, "ieee", True)
+    torch.library.opcheck(torch.ops.fastllama.flash_attention_fwd.default,
+                          (q, k, v, scale, before, after, None, None, precision, det),
+                          test_utils=("test_schema", "test_faketensor"))

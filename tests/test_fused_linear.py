@@ -11,8 +11,9 @@ from torch.nn.modules import module as nn_module
 
 import fastllama
 from conftest import DEVICE
-from fastllama import ops
+from fastllama import ops, reference
 from fastllama.reference import Llama, LlamaConfig
+from fastllama.testing import assert_parity
 
 FUSED_NODES = ("_NormLinearsBackward", "_SwiGLULinearBackward")
 
@@ -182,12 +183,26 @@ def test_unused_outputs_leave_their_weights_without_a_gradient():
 
 def test_norm_linear_backward_recomputes_with_the_callers_eps():
     # the backward recomputes the norm; the cases above all used the default eps
-    from fastllama import reference
-    from fastllama.testing import assert_parity
-
     torch.manual_seed(0)
     x = torch.randn(3, 7, 96, device=DEVICE, requires_grad=True)
     w = (1 + 0.5 * torch.randn(96, device=DEVICE)).requires_grad_()
     wa = (0.1 * torch.randn(40, 96, device=DEVICE)).requires_grad_()
     assert_parity(lambda x, w, wa: ops.rms_norm_linear(x, w, [wa], eps=0.5)[0],
                   lambda x, w, wa: F.linear(reference.rms_norm(x, w, 0.5), wa), x, w, wa)
+
+
+# Tests from mutation testing (op wrappers, harness, modules): each fails on a plausible bug the
+# suite let through.
+
+
+def test_swiglu_linear_bias_gradient_with_a_frozen_weight():
+    """F02 (the bias gradient asked needs_input_grad[2], the weight's flag: a trainable bias on a
+    frozen weight got no gradient). tests/test_fused_linear.py."""
+    torch.manual_seed(0)
+    gate = (2 * torch.randn(3, 7, 40, device=DEVICE)).requires_grad_()
+    up = torch.randn(3, 7, 40, device=DEVICE, requires_grad=True)
+    weight = 0.1 * torch.randn(24, 40, device=DEVICE)  # frozen
+    bias = (0.1 * torch.randn(24, device=DEVICE)).requires_grad_()
+    report = assert_parity(ops.swiglu_linear, lambda g, u, w, b: F.linear(reference.swiglu(g, u), w, b),
+                           gate, up, weight, bias, names=("gate", "up", "weight", "bias"))
+    assert "dbias" in [r.name for r in report.rows]

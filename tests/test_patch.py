@@ -1000,3 +1000,22 @@ def test_verify_takes_a_generator_of_names_and_refuses_labels_ignored_after_the_
     labels[:, 0] = x[:, 0]  # the first label pairs with no logits: nothing counts
     with pytest.raises(ValueError, match="every label that counts is -100"):
         fastllama.verify(model, {"input_ids": x, "labels": labels}, print_table=False)
+
+
+# Tests from mutation testing (op wrappers, harness, modules): each fails on a plausible bug the
+# suite let through.
+
+
+def test_verify_ignores_the_label_right_after_padding():
+    """V01 (_labels_without_padding ignored the padding labels only: the label of the first real
+    token after left padding, which the loss pairs with a padding position's logits, what each
+    attention implementation fills differently, stayed in every run's loss and inflated
+    PyTorch's own error). tests/test_patch.py."""
+    from fastllama.verification import _labels_without_padding, _real_positions
+
+    ids = torch.arange(1, 13).reshape(2, 6)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[0, 5:] = 0  # right padding
+    labels = _labels_without_padding(ids, _real_positions({"attention_mask": mask}))
+    assert labels.tolist() == [[1, 2, 3, 4, 5, -100], [-100, -100, -100, -100, 11, 12]]

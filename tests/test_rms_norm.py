@@ -140,3 +140,64 @@ def test_rounds_to_the_dtype_before_the_weight_as_hf_does():
         hf.weight.copy_(1 + 0.5 * torch.randn(256))
     x = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
     assert (ops.rms_norm(x, hf.weight, 1e-6) != hf(x)).float().mean() < 1e-3
+
+
+# Tests from mutation testing (op wrappers, harness, modules): each fails on a plausible bug the
+# suite let through.
+
+
+def test_rmsnorm_module_uses_its_eps():
+    """M01 (modules.RMSNorm.forward drops variance_epsilon: the op's default 1e-6 ran).
+    tests/test_rms_norm.py. A large eps shows in fp32."""
+    torch.manual_seed(0)
+    norm = modules.RMSNorm(96, eps=0.5).to(DEVICE)
+    x = torch.randn(2, 7, 96, device=DEVICE, requires_grad=True)
+    w = (1 + 0.5 * torch.randn(96, device=DEVICE)).requires_grad_()
+    call = torch.func.functional_call
+    assert_parity(lambda x, w: call(norm, {"weight": w}, (x,)), lambda x, w: reference.rms_norm(x, w, 0.5), x, w)
+
+
+def test_rms_norm_fake_kernel_matches_the_real_one_in_half_precision():
+    """N03 (register_fake of rms_norm_fwd gives rstd the input's dtype; the kernel returns fp32).
+    tests/test_rms_norm.py (or tests/test_compile.py): torch.compile plans with the fake kernel's
+    metadata, and test_compile only runs fp32, where the two agree."""
+    x = torch.randn(3, 5, 64, device=DEVICE, dtype=torch.float16)
+    w = torch.randn(64, device=DEVICE, dtype=torch.float16)
+    for residual in (None, torch.randn_like(x)):
+        torch.library.opcheck(torch.ops.fastllama.rms_norm_fwd.default, (x, w, residual, 1e-6),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("which", ["weight", "residual"])
+def test_rms_norm_rejects_a_weight_or_residual_with_a_strided_hidden_dim(which):
+    """N04 / N05 (check_last_dim_contiguous of weight / of residual removed: the kernel reads them
+    at unit stride, a silently wrong result). tests/test_rms_norm.py (_bad_inputs)."""
+    x = torch.randn(2, 64, device=DEVICE)
+    w = torch.randn(64, device=DEVICE)
+    if which == "weight":
+        call = lambda: ops.rms_norm(x, torch.randn(128, device=DEVICE)[::2])  # noqa: E731
+    else:
+        call = lambda: ops.rms_norm(x, w, residual=torch.randn(2, 128, device=DEVICE)[:, ::2])  # noqa: E731
+    with pytest.raises(ValueError, match=f"{which} must be contiguous in its last dim"):
+        call()
+
+
+def test_rms_norm_accepts_eps_zero():
+    """N06 (eps > 0 demanded instead of eps >= 0: eps=0, which HF's LlamaRMSNorm takes, raised).
+    tests/test_rms_norm.py."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 96, device=DEVICE, requires_grad=True)
+    w = (1 + 0.5 * torch.randn(96, device=DEVICE)).requires_grad_()
+    assert_parity(lambda x, w: ops.rms_norm(x, w, eps=0.0), lambda x, w: reference.rms_norm(x, w, 0.0), x, w)
+
+
+def test_rms_norm_takes_the_largest_documented_hidden_size():
+    """N07 (x.shape[-1] >= MAX_HIDDEN rejected: hidden 65536, documented as accepted, raised; only a
+    cuda_only case has that width). tests/test_rms_norm.py."""
+    from fastllama.ops.rms_norm import MAX_HIDDEN
+
+    torch.manual_seed(0)
+    x = torch.randn(2, MAX_HIDDEN, device=DEVICE)
+    w = 1 + 0.5 * torch.randn(MAX_HIDDEN, device=DEVICE)
+    torch.testing.assert_close(ops.rms_norm(x, w), reference.rms_norm(x.double(), w.double()).float(),
+                               rtol=1e-5, atol=1e-5)

@@ -232,3 +232,63 @@ def test_in_place_with_heads_split_over_programs():
     kernels.rotary(q, k, q, k, cos, sin, backward=False, block_t=16, heads_per_program=3, num_warps=1)
     torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+
+
+# Tests from mutation testing (op wrappers, harness, modules): each fails on a plausible bug the
+# suite let through.
+
+
+def _rot_inputs(d=64, b=2, t=9, hq=4, hk=2, dtype=torch.float32):
+    torch.manual_seed(0)
+    q = torch.randn(b, hq, t, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, hk, t, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    pos = torch.arange(3, 3 + t, device=DEVICE)[None].expand(b, t)
+    cos, sin = reference.rope_cos_sin(pos, reference.rope_inv_freq(d).to(DEVICE), dtype=dtype)
+    return q, k, cos, sin
+
+
+@pytest.mark.parametrize("d", [2, 256])
+def test_rotary_accepts_the_smallest_and_largest_head_dim(d):
+    """R02 / R03 (head_dim bounds off by one: 2 <= d became 4 <= d, d <= 256 became d < 256).
+    tests/test_rotary.py. Both ends are documented as accepted."""
+    q, k, cos, sin = _rot_inputs(d=d, t=5)
+    assert_parity(ops.apply_rotary_pos_emb, reference.apply_rotary_pos_emb, q, k, cos, sin)
+
+
+def test_rotary_in_place_with_only_q_a_view():
+    """R04 (the copy path for views taken only when q AND k are views: q a view of a projection,
+    k an activation of its own, went into the two-output in-place Function, which autograd
+    refuses for views). tests/test_rotary.py."""
+    q0, k0, cos, sin = _rot_inputs()
+    go_q, go_k = torch.randn_like(q0), torch.randn_like(k0)
+    ra = ops.apply_rotary_pos_emb(q0, k0, cos, sin)
+    torch.autograd.backward(ra, (go_q, go_k))
+    qb, kb = q0.detach().clone().requires_grad_(), k0.detach().clone().requires_grad_()
+    q_view = (qb.transpose(1, 2) * 1).transpose(1, 2)
+    k_act = kb * 1
+    assert q_view._is_view() and not k_act._is_view()
+    rb = ops.apply_rotary_pos_emb(q_view, k_act, cos, sin, inplace=True)
+    torch.autograd.backward(rb, (go_q, go_k))
+    for a, b in ((ra[0], rb[0]), (ra[1], rb[1]), (q0.grad, qb.grad), (k0.grad, kb.grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rotary_rejects_cos_and_sin_of_different_shapes():
+    """R05 (the cos.shape == sin.shape check removed: a (T, D) cos with a (B, T, D) sin was read
+    with the wrong strides, silently). tests/test_rotary.py (_bad_inputs)."""
+    q, k, cos, sin = _rot_inputs()
+    with pytest.raises(ValueError, match="sin has shape"):
+        ops.apply_rotary_pos_emb(q, k, cos[0], sin)
+
+
+def test_rotary_backward_of_an_expanded_upstream_gradient():
+    """R06 (the backward's _unit_stride dropped: q2.sum() hands a stride-0 gradient to a kernel
+    that reads unit stride in D). tests/test_rotary.py."""
+    q, k, cos, sin = _rot_inputs()
+    q2, k2 = ops.apply_rotary_pos_emb(q, k, cos, sin)
+    (q2.sum() + k2.sum()).backward()
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    a, b = reference.apply_rotary_pos_emb(q64, k64, cos.double(), sin.double())
+    (a.sum() + b.sum()).backward()
+    torch.testing.assert_close(q.grad, q64.grad.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k.grad, k64.grad.float(), rtol=1e-5, atol=1e-5)

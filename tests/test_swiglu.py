@@ -254,3 +254,44 @@ def test_gate_and_up_with_different_row_strides():
     gate = torch.randn(5, 4099 + 13, device=DEVICE)[:, :4099].requires_grad_()
     up = torch.randn(5, 4099, device=DEVICE).requires_grad_()
     assert_parity(ops.swiglu, reference.swiglu, gate, up)
+
+
+# Tests from mutation testing (op wrappers, harness, modules): each fails on a plausible bug the
+# suite let through.
+
+
+class _Config:
+    def __init__(self, **kw):
+        self.hidden_size, self.intermediate_size = 32, 80
+        self.__dict__.update(kw)
+
+
+def test_llama_mlp_module_honours_mlp_bias():
+    """M02 (modules.LlamaMLP ignores config.mlp_bias). tests/test_swiglu.py. HF's LlamaMLP has
+    biases on all three projections when mlp_bias=True: the state_dict keys must match."""
+    mlp = modules.LlamaMLP(_Config(mlp_bias=True, hidden_act="silu"))
+    assert sorted(mlp.state_dict()) == sorted(f"{p}.{t}" for p in ("gate_proj", "up_proj", "down_proj")
+                                              for t in ("weight", "bias"))
+
+
+def test_llama_mlp_module_accepts_swish():
+    """M03 (modules.LlamaMLP rejects hidden_act='swish', which is silu in HF's ACT2FN).
+    tests/test_swiglu.py."""
+    torch.manual_seed(0)
+    mlp = modules.LlamaMLP(_Config(hidden_act="swish")).to(DEVICE)
+    x = torch.randn(3, 32, device=DEVICE)
+    expect = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(mlp(x), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_fake_kernels_match_the_real_ones():
+    """S03 (register_fake of swiglu_fused returns the (..., 2I) input's shape, not (..., I)).
+    tests/test_swiglu.py (or tests/test_compile.py, whose eager == compiled check let it pass:
+    the fallback kernel's real output is used, but the graph around it is planned with the
+    fake shape)."""
+    gate_up = torch.randn(3, 5, 2 * 48, device=DEVICE, requires_grad=True)
+    gate, up = torch.randn(3, 5, 48, device=DEVICE), torch.randn(3, 5, 48, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastllama.swiglu_fused.default, (gate_up,),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastllama.swiglu.default, (gate, up),
+                          test_utils=("test_schema", "test_faketensor"))

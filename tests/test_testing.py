@@ -269,3 +269,102 @@ def test_integer_inputs_get_their_own_copy_too():
 
     report = parity_report(advances, lambda x, n: x * n, torch.ones(4), lens, check_grad=False)
     assert not report.passed and lens.tolist() == [1, 2, 3, 4]
+
+
+# Tests from mutation testing (op wrappers, harness, modules): each fails on a plausible bug the
+# suite let through.
+
+
+def _offset(x, c):
+    return x + c
+
+
+def test_forward_allowance_is_twice_pytorchs_error_plus_the_floor():
+    """T01 (fwd_factor default 2.0 -> 3.0). tests/test_testing.py. An op 2.5x as far from the truth
+    as PyTorch fails; its row's allowance is exactly 2 * PyTorch's error + eps * max|truth|."""
+    x = 1 + torch.rand(64, 33)  # float32 in [1, 2): the truth (x itself) is exact
+    report = parity_report(lambda t: _offset(t, 2.5e-3), lambda t: t, x, torch_op=lambda t: _offset(t, 1e-3))
+    row = report.rows[0]
+    floor = torch.finfo(torch.float32).eps * float(x.abs().max())
+    assert row.allowed == pytest.approx(2 * row.torch_err + floor, rel=1e-9)
+    assert not report.passed
+    assert parity_report(lambda t: _offset(t, 1.5e-3), lambda t: t, x, torch_op=lambda t: _offset(t, 1e-3)).passed
+
+
+def _grad_off(c):
+    class F2(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2 + c
+    return F2.apply
+
+
+def test_gradient_allowance_is_three_times_pytorchs_error_plus_the_floor():
+    """T02 (bwd_factor default 3.0 -> 4.0). tests/test_testing.py. A gradient 3.5x as far from the
+    truth as PyTorch's fails; 2.5x passes."""
+    x = torch.randn(64, 33, requires_grad=True)
+    torch_like = _grad_off(1e-3)
+    report = parity_report(_grad_off(3.5e-3), lambda t: t * 2, x, torch_op=torch_like)
+    assert [r.passed for r in report.rows] == [True, False], report.table()
+    assert parity_report(_grad_off(2.5e-3), lambda t: t * 2, x, torch_op=torch_like).passed
+
+
+def test_pytorch_overflowing_where_the_truth_is_finite_does_not_fail_a_correct_op():
+    """T04 (PyTorch's error taken where only the truth is finite: `torch.where(finite, same,
+    truth)`). tests/test_testing.py. fp16 PyTorch overflows to inf in x * 1000 where the float64
+    truth is finite; that must not make the allowance infinite (which fails every op)."""
+    x = (100 + 10 * torch.rand(8, 16)).to(torch.float16)
+
+    def scaled(t):
+        return (t * 1000) / 1000  # fp16: inf; float64: t
+
+    def exact(t):
+        return scaled(t.float()).to(t.dtype)
+
+    report = parity_report(exact, scaled, x)
+    assert report.passed, report.table()
+
+
+def test_integer_output_of_another_dtype_fails():
+    """T05 (integer outputs compared without their dtype). tests/test_testing.py."""
+    x = torch.randn(4, 10)
+    report = parity_report(lambda t: (t * 2, t.argmax(-1).int()), lambda t: (t * 2, t.argmax(-1)), x)
+    assert [r.passed for r in report.rows] == [True, False]
+
+
+def test_equal_integer_outputs_pass():
+    """T09 (ParityRow.passed with `<` instead of `<=`: an exact integer row, error 0 and
+    allowance 0, failed). tests/test_testing.py."""
+    x = torch.randn(4, 10)
+    ref = lambda t: (t * 2, t.argmax(-1))  # noqa: E731
+    report = parity_report(ref, ref, x)
+    assert report.passed, report.table()
+
+
+def test_gradient_for_an_input_the_reference_ignores_fails():
+    """T06 (a kernel gradient is skipped when the reference has none for that input).
+    tests/test_testing.py. The truth's gradient is zero there: a non-zero one must fail."""
+    class Leaky(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2, torch.ones(4, 8)
+
+    a, b = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    report = parity_report(Leaky.apply, lambda a, b: a * 2, a, b, names=["a", "b"])
+    assert [(r.name, r.passed) for r in report.rows] == [("out0", True), ("da", True), ("db", False)], report.table()
+
+
+def test_an_op_returning_fewer_outputs_fails():
+    """T07 (the 'op returned N outputs, reference M' row dropped: zip compared the common prefix
+    only). tests/test_testing.py."""
+    x = torch.randn(4, 10)
+    report = parity_report(lambda t: (t * 2,), lambda t: (t * 2, t + 1), x)
+    assert not report.passed and "op returned 1 outputs, reference 2" in report.table()
