@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -241,8 +242,11 @@ def command_line() -> str:
     bench ...`` for a module run (argv[0] is then the module's file path), else the program's
     name and its arguments."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    prog = f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None and spec.name else Path(sys.argv[0]).name
-    return " ".join([prog] + sys.argv[1:])
+    if spec is not None and spec.name:
+        prog = f"python -m {spec.name.removesuffix('.__main__')}"
+    else:
+        prog = Path(sys.argv[0]).name
+    return " ".join([prog] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
 def environment() -> dict:

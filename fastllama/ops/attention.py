@@ -297,8 +297,8 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
             key/value head h // (Hq // Hk), no repeat_kv copy). fp16, bf16 or fp32, one dtype and
             device for all three. Any strides with a unit stride in D: the transposed views HF
             code makes from (B, T, H, D) projections are read in place (a token stride over 8M
-            elements, where the kernels' int32 row offsets would wrap, is read from a copy). D from 1 to 256 (80 and
-            96 run padded to 128).
+            elements, where the kernels' int32 row offsets would wrap, is read from a copy).
+            D from 1 to 256 (80 and 96 run padded to 128).
         causal: mask keys after the query. Tq != Tk aligns bottom-right: the queries are the last
             Tq of the Tk positions (flash-attn's convention, what chunked prefill against a KV
             cache needs). SDPA's ``is_causal=True`` aligns top-left instead; both agree when
