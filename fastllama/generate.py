@@ -7,9 +7,10 @@
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
   device holds the ``L_b``: prompts of different lengths need no padding inside the cache;
 * prefill: the prompts right-padded into one (B, T) batch, rotary + cache write in one kernel
-  (``ops.rotary_cache_append``), causal ``ops.flash_attention`` (right padding is invisible to
-  the real tokens under a causal mask, and the padded slots are never read: each sequence's
-  length says where its cache ends), logits only at each prompt's last token;
+  (``ops.rotary_cache_append``), causal ``ops.flash_attention`` (``ops.decode_attention`` for a
+  batch of up to 16 tokens; right padding is invisible to the real tokens under a causal mask,
+  and the padded slots are never read: each sequence's length says where its cache ends),
+  logits only at each prompt's last token;
 * decode: per layer ``rms_norm`` (fused with the residual add), projections (q/k/v in one
   GEMM, gate/up in one: see :class:`RowBlocks`), the fused rotary + cache append,
   ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length), ``swiglu``;
