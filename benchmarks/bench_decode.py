@@ -146,20 +146,14 @@ def main(argv=None) -> int:
     gpu = common.on_gpu()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["1b", "8b"] if gpu else ["tiny"], choices=list(SHAPES))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32] if gpu else [1])
-    p.add_argument("--contexts", nargs="+", type=int, default=[512, 4096] if gpu else [16])
-    p.add_argument("--new-tokens", type=int, default=128 if gpu else 4)
-    p.add_argument("--reps", type=int, default=3 if gpu else 1)
+    p.add_argument("--batches", nargs="+", type=common.at_least(1), default=[1, 8, 32] if gpu else [1])
+    p.add_argument("--contexts", nargs="+", type=common.at_least(1), default=[512, 4096] if gpu else [16])
+    # (the first new token comes from the prefill: at least one decode step to time)
+    p.add_argument("--new-tokens", type=common.at_least(2), default=128 if gpu else 4)
+    p.add_argument("--reps", type=common.at_least(1), default=3 if gpu else 1)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-compile", action="store_true", help="skip hf-static-compile")
     args = p.parse_args(argv)
-    for name in ("batches", "contexts"):
-        if min(getattr(args, name)) < 1:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.reps < 1:
-        p.error(f"--reps must be >= 1, got {args.reps}")
-    if args.new_tokens < 2:  # the first new token comes from the prefill: nothing else to time
-        p.error(f"--new-tokens must be >= 2 (one decode step at least), got {args.new_tokens}")
     if args.new_tokens < 3 and not args.skip_hf:
         p.error(f"--new-tokens must be >= 3 to time HF's decode steps (t(n) - t(2)), got {args.new_tokens}")
 

@@ -35,21 +35,6 @@ QUICK_ARGS = {
 }
 
 
-def _at_least(low: int):
-    """An argparse type: an int >= ``low`` (a clear usage error, not a traceback or a run that
-    measures nothing)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
 def _shared(p: argparse.ArgumentParser, sub: bool) -> None:
     # sub-subcommands repeat these without defaults, so `bench --quick train` and
     # `bench train --quick` both work
@@ -61,6 +46,7 @@ def _shared(p: argparse.ArgumentParser, sub: bool) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options and its sub-subcommands."""
+    from . import common
     from .presets import CONFIGS, PRESETS
 
     _shared(p, sub=False)
@@ -69,12 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _shared(t, sub=True)
     t.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="model shape (default: llama-3.2-1b on a GPU, tiny under the interpreter)")
-    t.add_argument("--layers", type=_at_least(1), default=None, help="override the preset's number of layers")
-    t.add_argument("--seq-len", type=_at_least(2), nargs="+", default=None,
+    t.add_argument("--layers", type=common.at_least(1), default=None, help="override the preset's number of layers")
+    t.add_argument("--seq-len", type=common.at_least(2), nargs="+", default=None,
                    help="sequence lengths (default: the preset's)")
-    t.add_argument("--batch", type=_at_least(1), default=None, help="fixed batch (default: fill the GPU; 1 on CPU)")
-    t.add_argument("--warmup", type=_at_least(0), default=None, help="warm-up steps, not timed")
-    t.add_argument("--steps", type=_at_least(1), default=None, help="measured steps (the median is reported)")
+    t.add_argument("--batch", type=common.at_least(1), default=None, help="fixed batch (default: fill the GPU; 1 on CPU)")
+    t.add_argument("--warmup", type=common.at_least(0), default=None, help="warm-up steps, not timed")
+    t.add_argument("--steps", type=common.at_least(1), default=None, help="measured steps (the median is reported)")
     t.add_argument("--configs", nargs="+", default=None, choices=CONFIGS, help="configurations to run")
     t.add_argument("--profile", action="store_true",
                    help="also profile one step per configuration: kernel time by category "
@@ -83,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _shared(m, sub=True)
     m.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS),
                    help="model shapes (default: all)")
-    m.add_argument("--tokens", type=_at_least(1), nargs=2, default=[8, 16], metavar=("T1", "T2"),
+    m.add_argument("--tokens", type=common.at_least(1), nargs=2, default=[8, 16], metavar=("T1", "T2"),
                    help="the two (different) token counts the per-token cost is fitted over")
     for name, what in (("ops", "every op benchmark script in benchmarks/ (bench_*.py but decode)"),
                        ("decode", "the decoding benchmark (benchmarks/bench_decode.py)")):

@@ -309,6 +309,23 @@ class Plot:
     where: dict = dataclasses.field(default_factory=dict)  # only rows with these values
 
 
+def at_least(low: int):
+    """An argparse type: an int >= ``low`` (a clear usage error, not a traceback or a run that
+    measures nothing)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def exit_code(result) -> int:
     """A benchmark script's exit status from what its ``main`` returned: an int as is (130:
     interrupted by a time limit), rows: 1 when one holds an ``error``, else 0."""
