@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .model_weights import RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables
-from .reference.model import Llama, filter_logits
+from .reference.model import Llama, check_sampling, filter_logits
 
 __all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer"]
 
@@ -482,7 +482,7 @@ class Generator:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        _check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p)
         if generator is not None and self.cuda_graph:
             raise ValueError("generator= is not supported with a CUDA graph (the graph replays the default CUDA "
                              "generator); seed with torch.manual_seed, or build the Generator with cuda_graph=False")
@@ -514,18 +514,6 @@ class _HostReader:
         if self.cuda:
             self.event.synchronize()
         return self.host.tolist()
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None,
-                   names: tuple[str, str, str] = ("temperature", "top_k", "top_p")) -> None:
-    """ValueError, naming the argument (``names``: how the caller spells them), for a temperature
-    that is negative or NaN, a top_k below 1 or a top_p outside (0, 1]."""
-    if not temperature >= 0:  # (NaN too)
-        raise ValueError(f"{names[0]} must be >= 0 (0: greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"{names[1]} must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"{names[2]} must be in (0, 1], got {top_p}")
 
 
 def generate(model, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | None = None,
@@ -608,7 +596,7 @@ def run_cli(args) -> int:
     # every argument checked before the model loads
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    _check_sampling(args.temperature, args.top_k, args.top_p, names=("--temperature", "--top-k", "--top-p"))
+    check_sampling(args.temperature, args.top_k, args.top_p, names=("--temperature", "--top-k", "--top-p"))
     if args.temperature == 0 and (args.top_p is not None or args.top_k is not None):
         print("note: --top-p/--top-k only apply when sampling (--temperature > 0); decoding greedily",
               file=sys.stderr)

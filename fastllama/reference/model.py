@@ -313,12 +313,7 @@ class Llama(nn.Module):
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not temperature >= 0:  # (NaN too)
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        check_sampling(temperature, top_k, top_p)
         default_stop, default_pad = default_stop_and_pad(self)
         if stop_tokens is None:
             stop_tokens = sorted(default_stop)
@@ -371,6 +366,18 @@ def default_stop_and_pad(model) -> tuple[set[int], int]:
         if pad is None and eos is not None:
             pad = eos if isinstance(eos, int) else (list(eos) or [None])[0]
     return stop, int(pad if pad is not None else 0)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   names: tuple[str, str, str] = ("temperature", "top_k", "top_p")) -> None:
+    """ValueError, naming the argument (``names``: how the caller spells them), for a temperature
+    that is negative or NaN, a top_k below 1 or a top_p outside (0, 1]."""
+    if not temperature >= 0:  # (NaN too)
+        raise ValueError(f"{names[0]} must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"{names[1]} must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"{names[2]} must be in (0, 1], got {top_p}")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
