@@ -2,7 +2,9 @@
 results are written in the shared format."""
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -21,16 +23,17 @@ smoke_run_only = pytest.mark.skipif(common.on_gpu(), reason="the interpreter smo
 # The recorder: storages once, parameters out, ctx attributes in
 # ---------------------------------------------------------------------------------------------
 class _Stash(torch.autograd.Function):
-    """Keeps a tensor as a plain ctx attribute, bypassing save_for_backward (and its hooks)."""
+    """Keeps a tensor as a plain ctx attribute, inside nested containers, bypassing
+    save_for_backward (and its hooks)."""
 
     @staticmethod
     def forward(ctx, x):
-        ctx.kept = x * 2
+        ctx.kept = {"doubled": [x * 2]}
         return x + 1
 
     @staticmethod
     def backward(ctx, g):
-        return g * ctx.kept
+        return g * ctx.kept["doubled"][0]
 
 
 def test_recorder_counts_storages_once_without_parameters_and_with_ctx_attributes():
@@ -49,6 +52,41 @@ def test_recorder_counts_storages_once_without_parameters_and_with_ctx_attribute
     # exp's output (256 B), mul saves lin's output (256 B); lin.weight excluded; ctx.kept 256 B
     assert rec.ctx_bytes == 256
     assert sum(parts.values()) == 3 * 256, rec.detail
+
+
+class _AliveStorages(common.NewStorages):
+    """Every storage an op creates (custom ops' insides included), by storage key, with a weak
+    reference: which of them a forward leaves alive is seen without any autograd hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.created_storages = {}
+
+    def created(self, tensor):
+        storage = tensor.untyped_storage()
+        earlier = self.created_storages.get(storage._cdata)
+        if earlier is None or earlier[0]() is None:  # (a freed storage's key can be reused)
+            self.created_storages[storage._cdata] = (weakref.ref(storage), storage.nbytes())
+
+
+@pytest.mark.parametrize("mode", memory.MODES)
+def test_recorder_counts_every_storage_the_forward_leaves_alive(mode):
+    """Independent of the recorder's hooks and graph walk: the storages a training forward
+    creates and leaves alive while only its loss is held (what the graph keeps for backward,
+    however it keeps it: save_for_backward, ctx attributes, nested containers, closures) are
+    exactly the storages the recorder counted, byte for byte."""
+    model = memory.build_model(mode, get_preset("tiny", layers=2).config)
+    params = {memory._storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+    alive = _AliveStorages()
+    with alive:
+        ids = torch.randint(0, model.config.vocab_size, (1, 16))  # embedding backward keeps the ids
+        rec, loss = memory.recorded_forward(model, ids)
+    rec.keep.clear()  # the recorder's own references: only the graph holds the storages now
+    gc.collect()
+    left_alive = {key: nbytes for key, (ref, nbytes) in alive.created_storages.items()
+                  if ref() is not None and key not in params and key != memory._storage_key(loss)}
+    assert set(left_alive) == set(rec.seen), rec.detail
+    assert sum(left_alive.values()) == sum(n for _, n in rec.seen.values()) > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +122,10 @@ def test_memory_report_hf_vs_fastllama():
         assert f["unattributed KiB/token"] == 0 and f["ctx-attribute bytes"] == 0
     assert fast["head+loss KiB/token"] < 0.05 * hf["head+loss KiB/token"]  # the issue's target
     assert fast["layer KiB/token"] <= 0.5 * hf["layer KiB/token"]  # the issue's target (norms and SwiGLU folded)
+    # with that fixed part included, at a 4k-token step: still under HF's, and above the
+    # per-token ratio (the fixed bytes are not hidden)
+    at_step = fast[memory._HEAD_AT_STEP]
+    assert fast["head+loss vs HF"] < at_step < 1
     # at most the LM head's weight gradient (bf16 V x H), which a backward allocates anyway
     assert fast["head+loss fixed MiB"] <= 128256 * 2048 * 2 / 2**20 * (1 + 1e-9)
 

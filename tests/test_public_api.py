@@ -2,6 +2,9 @@
 docstring (the brief: docs for every public function)."""
 import importlib
 import inspect
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +28,35 @@ def test_dir_lists_the_lazily_loaded_names():
     import fastllama
 
     assert set(fastllama.__all__) <= set(dir(fastllama))
+
+
+# ---------------------------------------------------------------------------------------------
+# The top-level kernels/ directory does not take the name ``kernels`` from the installed package
+# ---------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_kernels_from_repo_root(extra_path=None):
+    """``import kernels`` in a Python started in the repository root (sys.path[0] = the root, as
+    for ``python -m pytest`` or ``python -m fastllama.cli`` there)."""
+    code = ("import sys; sys.path.insert(0, ''); sys.path.append(sys.argv[1]) if len(sys.argv) > 1 else None; "
+            "import kernels; print(kernels.__file__); from kernels import CUDAProperties; print(CUDAProperties)")
+    return subprocess.run([sys.executable, "-c", code, *([str(extra_path)] if extra_path else [])], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_import_kernels_from_the_repo_root_finds_the_installed_kernels_package(tmp_path):
+    """transformers >= 5.25 requires Hugging Face's ``kernels`` package and imports it with every
+    model (``from kernels import CUDAProperties``). From the repository root, fastllama's kernel
+    source directory was found first: every transformers import failed with an ImportError."""
+    hub = tmp_path / "kernels"  # stands in for the installed package, later on sys.path
+    hub.mkdir()
+    (hub / "__init__.py").write_text("CUDAProperties = 'the installed kernels package'\n")
+    run = _import_kernels_from_repo_root(tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [str(hub / "__init__.py"), "the installed kernels package"]
+
+
+def test_import_kernels_from_the_repo_root_without_the_package_fails_as_usual():
+    run = _import_kernels_from_repo_root()
+    assert run.returncode == 1 and "ModuleNotFoundError: No module named 'kernels'" in run.stderr, run.stderr
