@@ -341,7 +341,11 @@ class Generator:
         torch.cuda.current_stream(self.device).wait_stream(side)
         st.seqlens.zero_()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # Captured on the side stream, on this Generator's device. Left out, torch.cuda.graph
+        # captures on one stream per process, made on whichever GPU was current at the
+        # process's first capture: a model on another GPU would run its step eagerly there and
+        # leave an empty graph (every replay then repeats the last token).
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=side):
             self._step(st)
         st.graph = graph
 

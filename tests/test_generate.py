@@ -370,8 +370,8 @@ class _FakeCudaGraphs:
     runs the recorded Python step again. ``fail`` makes the next capture raise."""
 
     def __init__(self, monkeypatch):
-        self.captures, self.fail, self.current = 0, False, None
-        for name, value in (("Stream", lambda *a, **k: self), ("stream", lambda s: contextlib.nullcontext()),
+        self.captures, self.fail, self.current, self.capture_streams = 0, False, None, []
+        for name, value in (("Stream", _FakeStream), ("stream", lambda s: contextlib.nullcontext()),
                             ("current_stream", lambda *a: self), ("CUDAGraph", _FakeGraph),
                             ("graph", self.graph)):
             monkeypatch.setattr(torch.cuda, name, value)
@@ -387,7 +387,8 @@ class _FakeCudaGraphs:
         pass
 
     @contextlib.contextmanager
-    def graph(self, graph, pool=None):
+    def graph(self, graph, pool=None, stream=None):
+        self.capture_streams.append(stream)
         if self.fail:
             self.fail = False
             raise RuntimeError("capture failed")
@@ -400,6 +401,14 @@ class _FakeCudaGraphs:
         torch.set_rng_state(rng)
         graph.step = lambda: gen._step(st)
         self.captures += 1
+
+
+class _FakeStream:
+    def __init__(self, device=None):
+        self.device = device
+
+    def wait_stream(self, other):
+        pass
 
 
 class _FakeGraph:
@@ -421,6 +430,9 @@ def test_cuda_graph_branch_with_stand_in_graphs(model, monkeypatch):
     assert fake.captures == 0 and not graph.stats.cuda_graph
     assert graph.generate(prompts, 6, stop_tokens=[]) == eager.generate(prompts, 6, stop_tokens=[])
     assert fake.captures == 1 and graph.stats.cuda_graph
+    # captured on a stream of the model's device (torch's default capture stream is made on
+    # whichever GPU was current at the process's first capture: empty graphs on any other GPU)
+    assert isinstance(fake.capture_streams[-1], _FakeStream) and fake.capture_streams[-1].device == graph.device
 
     sampled = []
     for _ in range(2):
