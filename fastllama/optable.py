@@ -73,6 +73,10 @@ class OpSpec:
     # error is the largest of theirs and the reference's, tensor by tensor (parity_report's
     # list torch_op), as when the op's usual PyTorch path differentiates another way.
     torch_ops: tuple[Callable[..., Any], ...] = ()
+    # What the op benchmarks time (called like ``op``), where ``op`` does more than the op
+    # itself for the parity harness: rotary_cache_append's ``op`` appends into copies of the
+    # caches, and the copies would dominate the timing.
+    bench_op: Callable[..., Any] | None = None
 
     def parity(self, case: OpCase, dtype: torch.dtype, device: str, title: str = ""):
         """Builds ``case``'s inputs and runs the parity harness on them: a

@@ -96,3 +96,24 @@ def test_every_op_on_the_second_gpu_while_the_first_is_current():
         case = _smallest_cpu_case(spec, torch.bfloat16)
         torch.manual_seed(0)
         spec.parity(case, torch.bfloat16, "cuda:1", title=f"{spec.name} {case.id} on cuda:1").raise_if_failed()
+
+
+def test_benchmarks_time_rotary_cache_append_without_cache_copies():
+    """The op benchmarks time ``spec.bench_op or spec.op``. rotary_cache_append's table ``op``
+    appends into copies of the caches (the parity harness compares the caches it returns): at
+    the benchmark shape the two copies are ~1000x the bytes the kernel writes, and were what the
+    benchmark timed."""
+    from fastllama.bench.common import NewStorages
+
+    spec = next(s for s in optable.all_specs() if s.name == "rotary_cache_append")
+    args, kwargs = spec.make_args(spec.cases[0].params, torch.float32, DEVICE)
+    k_cache = args[3]
+    sizes = []
+
+    class Created(NewStorages):
+        def created(self, tensor):
+            sizes.append(tensor.untyped_storage().nbytes())
+
+    with Created():
+        (spec.bench_op or spec.op)(*args, **kwargs)
+    assert max(sizes, default=0) < k_cache.untyped_storage().nbytes(), sizes

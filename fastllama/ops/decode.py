@@ -542,7 +542,7 @@ OP_SPECS = [
            kernels=("decode_attention",), names=("q", "k_cache", "v_cache", "cache_seqlens"), output_names=("out",),
            build_configs=_decode_builds),
     OpSpec("rotary_cache_append", _rotary_op, _ref.rotary_cache_append, _rotary_args, _ROTARY_CASES,
-           kernels=("rotary_cache",),
+           kernels=("rotary_cache",), bench_op=rotary_cache_append,
            names=("q", "k", "v", "k_cache", "v_cache", "cos", "sin", "cache_seqlens", "positions"),
            output_names=("q_rotated", "k_cache", "v_cache"), build_configs=_rotary_builds),
 ]
