@@ -306,9 +306,10 @@ def _attn_bwd_dq(
 _attn_bwd_dkdv_tuned = ArchAutotuner(_attn_bwd_dkdv, CONFIG_TABLES["dkdv"], _TUNE_KEY)
 _attn_bwd_dq_tuned = ArchAutotuner(_attn_bwd_dq, CONFIG_TABLES["dq"], _TUNE_KEY)
 # The atomic variant has its own tiles (it holds a dQ tile too) and its own tuning cache. Each
-# timed run adds into DQ: the autotuner restores its zeros before the run that counts.
+# timed run adds into DQ: the autotuner zeroes it before each (and before the run that counts;
+# restore_value would add a clone and a copy-back of the fp32 buffer to every timed run).
 _attn_bwd_dkdv_atomic_tuned = ArchAutotuner(_attn_bwd_dkdv, CONFIG_TABLES["dkdv_atomic"], _TUNE_KEY,
-                                            restore_value=["DQ"])
+                                            reset_to_zero=["DQ"])
 
 
 def preprocess_block(d_pad: int) -> int:

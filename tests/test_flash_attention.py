@@ -698,3 +698,29 @@ def test_flash_attention_fake_kernel_matches_the_real_one():
     torch.library.opcheck(torch.ops.fastllama.flash_attention_fwd.default,
                           (q, k, v, scale, before, after, None, None, precision, det),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_atomic_backward_autotuner_zeroes_dq_without_copying_it():
+    """Each timed candidate of the atomic dK/dV kernel adds into the fp32 dQ buffer, which the
+    launch starts at zeros: Triton's hooks around every timed run must bring it back to zeros
+    without a clone and a copy-back of the whole buffer (restore_value did that inside the timed
+    call: two extra passes over B*H*T*D*4 bytes added to every candidate's time)."""
+    from fastllama.bench.common import NewStorages
+    from fastllama.kernels import flash_attention_backward as kfb
+
+    tuner = kfb._attn_bwd_dkdv_atomic_tuned.for_sm(90)
+    dq = torch.zeros(2, 3, 33, 64)
+    sizes = []
+
+    class Created(NewStorages):
+        def created(self, tensor):
+            sizes.append(tensor.untyped_storage().nbytes())
+
+    with Created():
+        for _ in range(2):  # two timed candidates, as Autotuner._bench runs them
+            tuner.pre_hook({"DQ": dq})
+            dq.add_(1.0)  # what the candidate's atomics add
+            tuner.post_hook({"DQ": dq}, exception=None)
+        tuner.pre_hook({"DQ": dq}, reset_only=True)  # before the run that counts
+    assert torch.count_nonzero(dq) == 0
+    assert max(sizes, default=0) < dq.untyped_storage().nbytes(), sizes
