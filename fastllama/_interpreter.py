@@ -12,13 +12,14 @@ import sys
 import torch
 
 
-def use_interpreter_if_no_gpu() -> bool:
-    """Sets ``TRITON_INTERPRET=1`` when no CUDA device is present; returns whether it is on.
+def use_interpreter_if_no_gpu(cpu_requested: bool = False) -> bool:
+    """Sets ``TRITON_INTERPRET=1`` when no CUDA device is present, or when the caller asked to
+    run on the CPU (``--device cpu`` on a machine with a GPU); returns whether it is on.
 
-    Raises RuntimeError if triton was already imported without the interpreter on a machine
-    without a GPU (the setting would silently not apply).
+    Raises RuntimeError if triton was already imported without the interpreter (the setting
+    would silently not apply).
     """
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if torch.cuda.is_available() and not cpu_requested and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return False
     if os.environ.get("TRITON_INTERPRET") != "1" and "triton" in sys.modules:
         raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set; "

@@ -203,9 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ._interpreter import use_interpreter_if_no_gpu
 
-    use_interpreter_if_no_gpu()  # before anything imports triton
     parser = build_parser()
     args = parser.parse_args(argv)
+    # before anything imports triton; --device cpu runs the kernels in the interpreter even
+    # where a GPU is present (Triton's GPU launchers take CUDA tensors only)
+    use_interpreter_if_no_gpu(cpu_requested=str(getattr(args, "device", None) or "").startswith("cpu"))
     if args.command is None:
         parser.print_help()
         return 0

@@ -35,3 +35,23 @@ def test_no_top_level_kernels_package(tmp_path):
             "print(importlib.util.find_spec('kernels') is None, k.__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "fastllama.kernels"]
+
+
+@pytest.mark.parametrize("device, interpreter", [("cpu", "1"), ("cuda", None), (None, None)])
+def test_generate_device_cpu_turns_the_interpreter_on_where_a_gpu_is_present(tmp_path, device, interpreter):
+    """On a machine with a GPU, ``fastllama generate --device cpu`` loaded the model and then
+    failed at the first kernel (Triton's GPU launchers take CUDA tensors only): the interpreter
+    was only turned on where no GPU is present. A fresh process with a stand-in GPU."""
+    code = f"""
+import os, sys, torch
+torch.cuda.is_available = lambda: True
+os.environ.pop("TRITON_INTERPRET", None)
+from fastllama import cli
+cli.COMMANDS["generate"] = (*cli.COMMANDS["generate"][:2],
+                            lambda args: print("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET"), "triton" in sys.modules) or 0)
+argv = ["generate", "--checkpoint", "x", "--prompt", "y"] + (["--device", {device!r}] if {device!r} else [])
+sys.exit(cli.main(argv))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["TRITON_INTERPRET", str(interpreter), "False"]
