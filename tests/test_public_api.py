@@ -38,9 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _import_kernels_from_repo_root(extra_path=None):
     """``import kernels`` in a Python started in the repository root (sys.path[0] = the root, as
-    for ``python -m pytest`` or ``python -m fastllama.cli`` there)."""
+    for ``python -m pytest`` or ``python -m fastllama.cli`` there); prints the module's file and,
+    if it has one, its ``CUDAProperties``."""
     code = ("import sys; sys.path.insert(0, ''); sys.path.append(sys.argv[1]) if len(sys.argv) > 1 else None; "
-            "import kernels; print(kernels.__file__); from kernels import CUDAProperties; print(CUDAProperties)")
+            "import kernels; print(kernels.__file__); print(getattr(kernels, 'CUDAProperties', None))")
     return subprocess.run([sys.executable, "-c", code, *([str(extra_path)] if extra_path else [])], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
@@ -57,6 +58,9 @@ def test_import_kernels_from_the_repo_root_finds_the_installed_kernels_package(t
     assert run.stdout.splitlines() == [str(hub / "__init__.py"), "the installed kernels package"]
 
 
-def test_import_kernels_from_the_repo_root_without_the_package_fails_as_usual():
+def test_import_kernels_from_the_repo_root_without_the_package_still_imports():
+    """Without an installed ``kernels``, the import finds this directory, as before:
+    transformers <= 5.24 imports ``kernels`` to probe for a version and must not fail there."""
     run = _import_kernels_from_repo_root()
-    assert run.returncode == 1 and "ModuleNotFoundError: No module named 'kernels'" in run.stderr, run.stderr
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [str(REPO / "kernels" / "__init__.py"), "None"]
