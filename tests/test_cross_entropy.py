@@ -463,8 +463,9 @@ def test_chunk_kernel_gpu_config_matches_interpreter_config():
     # Vocabulary splits (partials, then loss and gradient): 3 of 2048 columns (the last short)
     # with 4-row tiles over 9 rows; 5 of 1024 with the column-major GPU tiles.
     split_rows = dict(block_m=4, block_v=1024, num_warps=1, splits=3)
-    for cfg, column_major in ((ce_ops._CE_GPU, False), (ce_ops._ce_config(9, 5000), False),
-                              (ce_ops._CE_GPU_COLUMNS, True), (ce_ops._ce_config(9, 5000, column_major=True), True),
+    dev = torch.device(DEVICE)
+    for cfg, column_major in ((ce_ops._CE_GPU, False), (ce_ops._ce_config(9, 5000, dev), False),
+                              (ce_ops._CE_GPU_COLUMNS, True), (ce_ops._ce_config(9, 5000, dev, column_major=True), True),
                               (split_rows, False), (dict(ce_ops._CE_GPU_COLUMNS, splits=5), True)):
         x = logits.t().contiguous().t() if column_major else logits.clone()
         assert x.stride(0) == (1 if column_major else 5000)
@@ -600,3 +601,13 @@ def test_linear_cross_entropy_fake_kernel_matches_the_real_one():
                               (h2, weight.detach(), lab, None, scale, reduction, -100, 0.0, 0.0,
                                True, True, False, True, 64),
                               test_utils=("test_schema", "test_faketensor"))
+
+
+def test_vocabulary_splits_are_sized_for_the_tensors_gpu(monkeypatch):
+    """The split count comes from the SM count of the logits' GPU, not of the current device
+    (a model split over GPUs of different sizes). The GPU branch, with a stand-in SM count."""
+    asked = []
+    monkeypatch.setattr(ce_ops, "interpreter_active", lambda: False)
+    monkeypatch.setattr(ce_ops, "num_sms", lambda device: asked.append(device) or 132)
+    cfg = ce_ops._ce_config(4096, 128256, torch.device("cuda", 1), column_major=True)
+    assert asked == [torch.device("cuda", 1)] and cfg["splits"] >= 1

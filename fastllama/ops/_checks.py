@@ -4,11 +4,24 @@ Every message says which argument, what was given and what is accepted.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._interpreter import check_bf16_on_interpreter, interpreter_active
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (sizes persistent-style grids and splits):
+    the tensors' device, not the current one (a model split over GPUs of different sizes)."""
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _names(dtypes) -> str:

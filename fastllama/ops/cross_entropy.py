@@ -33,7 +33,6 @@ whole loop one opaque node for ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -44,7 +43,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import cross_entropy as _k
 from ..optable import KernelBuild, OpCase, OpSpec
-from ._checks import check_same, check_tensor
+from ._checks import check_same, check_tensor, num_sms
 
 __all__ = ["linear_cross_entropy", "MIN_CHUNK_ROWS"]
 
@@ -100,12 +99,7 @@ _CE_GPU_COLUMNS = dict(block_m=32, block_v=128, num_warps=8)
 _GEMM_GPU = dict(block_m=64, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _ce_config(rows: int, vocab: int, column_major: bool = False) -> dict:
+def _ce_config(rows: int, vocab: int, device: torch.device, column_major: bool = False) -> dict:
     if interpreter_active():
         # Every program and loop step is a Python-level step: few, large tiles (but no tile
         # taller than the chunk: padding rows cost as much as real ones), one vocabulary split.
@@ -114,7 +108,7 @@ def _ce_config(rows: int, vocab: int, column_major: bool = False) -> dict:
     cfg = dict(_CE_GPU_COLUMNS if column_major else _CE_GPU)
     # Four programs per SM: 4096 column-major rows are only 128 row blocks of 32, so their
     # vocabulary is split (the kernels stream memory; too few programs leave bandwidth unused).
-    programs = 4 * _sm_count(torch.cuda.current_device())
+    programs = 4 * num_sms(device)
     cfg["splits"] = _k.vocab_splits(rows, vocab, cfg["block_m"], cfg["block_v"], programs)
     return cfg
 
@@ -188,7 +182,7 @@ def _logits_in_weight_grad(hidden, weight, labels, bias, scale, ignore_index, z_
         losses[start:stop], _ = _k.cross_entropy_chunk(
             logits_t.t(), labels[start:stop], scale if scale.numel() == 1 else scale[start:stop],
             ignore_index=ignore_index, z_loss=z_loss, softcap=softcap, write_grad=True,
-            **_ce_config(stop - start, v, column_major=True))
+            **_ce_config(stop - start, v, dev, column_major=True))
         dlogits_t = logits_t  # overwritten in place by the kernel
         if want_gb:
             gb_acc += dlogits_t.sum(1, dtype=torch.float32)
@@ -240,7 +234,7 @@ def _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss, softc
         else:
             acc = torch.empty((v, h), device=dev, dtype=torch.float32)
     gb_acc = torch.zeros(v, device=dev, dtype=torch.float32) if want_gb else None
-    ce_cfg, gemm_cfg = _ce_config(rows, v), _gemm_config()
+    ce_cfg, gemm_cfg = _ce_config(rows, v, dev), _gemm_config()
     wt = weight.t()
 
     for i, start in enumerate(range(0, n, rows)):

@@ -9,7 +9,6 @@ CUDA graph and replayed. Each is one ``torch.library`` custom op (``fastllama::d
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import Optional
@@ -22,7 +21,8 @@ from ..kernels import decode_attention as _dk
 from ..kernels import rotary_cache as _rk
 from ..optable import KernelBuild, OpCase, OpSpec
 from ..reference import functional as _ref
-from ._checks import check_last_dim_contiguous, check_same, check_tensor, check_write_targets, tile_rows_fit_int32
+from ._checks import (check_last_dim_contiguous, check_same, check_tensor, check_write_targets, num_sms,
+                      tile_rows_fit_int32)
 
 __all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "MAX_SPLITS", "MAX_QUERY_LEN",
            "MAX_HEAD_DIM"]
@@ -35,11 +35,6 @@ MAX_HEAD_DIM = 256
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _stages(elem_bytes: int) -> int:
     """Software-pipelining depth: 2; fp32 1 (2 spilled 32 bytes on sm_80 at 96 registers)."""
     return 1 if elem_bytes >= 4 else 2
@@ -82,7 +77,7 @@ def default_num_splits(batch: int, kv_heads: int, m_tiles: int, max_len: int, de
     if interpreter_active() or device.type != "cuda":
         return 1
     programs = batch * kv_heads * m_tiles
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = num_sms(device)
     if programs >= sms:
         return 1
     return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, programs), triton.cdiv(max_len, 256)))

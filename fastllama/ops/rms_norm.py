@@ -16,7 +16,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import rms_norm as _k
 from ..optable import KernelBuild, OpCase, OpSpec
-from ._checks import check_last_dim_contiguous, check_same, check_tensor
+from ._checks import check_last_dim_contiguous, check_same, check_tensor, num_sms
 
 __all__ = ["rms_norm", "MAX_HIDDEN"]
 
@@ -28,12 +28,6 @@ MAX_HIDDEN = 65536
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def num_sms(device_index: int) -> int:
-    """Streaming multiprocessors of a CUDA device (sizes persistent-style grids)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _gpu_tile(block_n: int) -> tuple[int, int]:
     """(BLOCK_M, num_warps) on a GPU for a chunk width BLOCK_N: ~4K elements a tile, so small
     rows are batched, and 8-16 fp32 values a thread per tensor."""
@@ -62,7 +56,7 @@ def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = Fal
             return block_m, 1, triton.cdiv(n_rows, block_m)
         return min(rows, max(1, 65536 // block_n)), 1, 1
     block_m, num_warps = _gpu_tile(block_n)
-    sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = num_sms(device)
     return block_m, num_warps, max(2 * sms, triton.cdiv(n_rows, max(_DW_ROWS_PER_PROGRAM, block_m)))
 
 

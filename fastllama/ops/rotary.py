@@ -15,8 +15,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import rotary as _k
 from ..optable import KernelBuild, OpCase, OpSpec
-from ._checks import check_device, check_last_dim_contiguous, check_same, check_tensor, check_write_targets
-from .rms_norm import num_sms
+from ._checks import check_device, check_last_dim_contiguous, check_same, check_tensor, check_write_targets, num_sms
 
 __all__ = ["apply_rotary_pos_emb", "apply_rotary_pos_emb_from_positions", "MAX_HEAD_DIM"]
 
@@ -44,8 +43,7 @@ def _config(q: torch.Tensor, k: torch.Tensor) -> dict:
     block_t = _gpu_block_t(block_d)
     t_blocks = triton.cdiv(seq_len, block_t) * batch
     # Enough programs for ~4 waves; beyond that, more heads a program reuse the loaded cos/sin.
-    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    groups = min(heads, max(1, triton.cdiv(4 * num_sms(device), t_blocks)))
+    groups = min(heads, max(1, triton.cdiv(4 * num_sms(q.device), t_blocks)))
     return dict(block_t=block_t, heads_per_program=triton.cdiv(heads, groups), num_warps=4)
 
 
