@@ -473,3 +473,14 @@ def test_default_bench_stops_after_an_interrupted_training_run(monkeypatch, tmp_
     monkeypatch.setattr(bench_cli, "_memory", lambda *a, **k: pytest.fail("ran after an interrupt"))
     assert main(["bench", "--out", str(tmp_path), "--no-progress"]) == 130
     assert common.exit_code({"not": "rows"}) == 0 and common.exit_code([{"error": "x"}]) == 1
+
+
+@pytest.mark.parametrize("name, gbps", [("NVIDIA H200", 4800.0), ("NVIDIA H100 80GB HBM3", 3350.0),
+                                        ("NVIDIA H100 PCIe", 2000.0), ("NVIDIA GH200 480GB", None),
+                                        ("NVIDIA A100-SXM4-80GB", 2039.0), ("NVIDIA L4", None)])
+def test_spec_bandwidth_by_device_name(monkeypatch, name, gbps):
+    """The datasheet bandwidth behind decode's "% of spec": a GH200 is not an H200 (its HBM3
+    version has 4.0 TB/s, not 4.8), and an unknown GPU has no figure rather than a wrong one."""
+    monkeypatch.setattr(common, "on_gpu", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert common.spec_bandwidth_gbps() == gbps
