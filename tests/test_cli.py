@@ -1,4 +1,5 @@
 """The console script."""
+import os
 import subprocess
 import sys
 
@@ -27,13 +28,17 @@ def test_console_script_is_installed():
 
 
 def test_no_top_level_kernels_package(tmp_path):
-    """kernels/ ships only as fastllama.kernels (PyPI's `kernels` owns the top-level name).
+    """kernels/ ships only as fastllama.kernels (PyPI's `kernels` owns the top-level name, and
+    transformers >= 5.25 installs it: a top-level `kernels`, if any, is that one).
 
     Run from an empty folder so the repo root (which has a kernels/ folder) is not on sys.path.
     """
-    code = ("import importlib.util, fastllama.kernels as k; "
-            "print(importlib.util.find_spec('kernels') is None, k.__name__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    import fastllama.kernels
+
+    ours = os.path.dirname(fastllama.kernels.__file__)
+    code = ("import importlib.util, os, sys, fastllama.kernels as k; spec = importlib.util.find_spec('kernels'); "
+            "print(spec is None or os.path.dirname(spec.origin) != sys.argv[1], k.__name__)")
+    out = subprocess.run([sys.executable, "-c", code, ours], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "fastllama.kernels"]
 
 

@@ -36,13 +36,15 @@ def test_dir_lists_the_lazily_loaded_names():
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _import_kernels_from_repo_root(extra_path=None):
+def _import_kernels_from_repo_root(other_kernels=None):
     """``import kernels`` in a Python started in the repository root (sys.path[0] = the root, as
-    for ``python -m pytest`` or ``python -m fastllama.cli`` there); prints the module's file and,
-    if it has one, its ``CUDAProperties``."""
-    code = ("import sys; sys.path.insert(0, ''); sys.path.append(sys.argv[1]) if len(sys.argv) > 1 else None; "
+    for ``python -m pytest`` or ``python -m fastllama.cli`` there), with ``other_kernels`` (a
+    folder holding a ``kernels`` package) next on sys.path, and no other ``kernels`` anywhere:
+    prints the module's file and its ``CUDAProperties``, if any."""
+    code = ("import os, sys; sys.path[:] = [''] + [p for p in sys.path if p and not os.path.exists(os.path.join(p, "
+            "'kernels'))]; sys.path[1:1] = sys.argv[1:]; "
             "import kernels; print(kernels.__file__); print(getattr(kernels, 'CUDAProperties', None))")
-    return subprocess.run([sys.executable, "-c", code, *([str(extra_path)] if extra_path else [])], cwd=REPO,
+    return subprocess.run([sys.executable, "-c", code, *([str(other_kernels)] if other_kernels else [])], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -50,7 +52,7 @@ def test_import_kernels_from_the_repo_root_finds_the_installed_kernels_package(t
     """transformers >= 5.25 requires Hugging Face's ``kernels`` package and imports it with every
     model (``from kernels import CUDAProperties``). From the repository root, fastllama's kernel
     source directory was found first: every transformers import failed with an ImportError."""
-    hub = tmp_path / "kernels"  # stands in for the installed package, later on sys.path
+    hub = tmp_path / "kernels"  # stands in for the installed package
     hub.mkdir()
     (hub / "__init__.py").write_text("CUDAProperties = 'the installed kernels package'\n")
     run = _import_kernels_from_repo_root(tmp_path)
