@@ -1,7 +1,9 @@
 """fastllama: Triton kernels that make Llama-family models train and decode faster.
 
-``import fastllama`` is cheap and does not import Triton: the kernels load on first use of
-``fastllama.ops`` (or ``patch``), so a CPU-only program can set ``TRITON_INTERPRET=1`` first.
+``import fastllama`` does not import Triton (the kernels load on first use of ``fastllama.ops``
+or ``patch``). On a machine without a CUDA GPU it switches Triton's interpreter on
+(``TRITON_INTERPRET=1``), which only works before triton is imported: import fastllama before
+loading a model (transformers imports triton then) or export the variable yourself.
 """
 from __future__ import annotations
 
@@ -9,12 +11,16 @@ import importlib
 
 __version__ = "0.1.0"
 
+from ._interpreter import use_interpreter_while_possible as _use_interpreter_while_possible  # noqa: E402
+
+_use_interpreter_while_possible()
+
 from .tokenizer import Tokenizer  # noqa: E402
 
 __all__ = ["__version__", "Tokenizer", "patch", "unpatch", "verify", "patch_summary", "is_patched", "ops",
            "reference", "testing", "checkpoint"]
 
-_LAZY_MODULES = {"ops", "reference", "testing", "checkpoint", "kernels", "optable"}
+_LAZY_MODULES = {"ops", "reference", "testing", "checkpoint", "kernels", "optable", "generate"}
 # (not modules named patch/verify: importing such a submodule would shadow the function)
 _LAZY_FUNCTIONS = {"patch": "patching", "unpatch": "patching", "patch_summary": "patching",
                    "is_patched": "patching", "verify": "verification"}

@@ -1,7 +1,8 @@
 """Choosing between a CUDA device and the Triton interpreter (CPU).
 
-``TRITON_INTERPRET=1`` only takes effect if it is set before ``triton`` is imported, so entry
-points (the CLI, tests/conftest.py) call :func:`use_interpreter_if_no_gpu` first thing.
+``TRITON_INTERPRET=1`` only takes effect if it is set before ``triton`` is imported (Triton's own
+``tl`` library functions are compiled or interpreted as triton imports them), so ``import
+fastllama``, the CLI and tests/conftest.py call :func:`use_interpreter_if_no_gpu` first thing.
 """
 from __future__ import annotations
 
@@ -22,10 +23,20 @@ def use_interpreter_if_no_gpu(cpu_requested: bool = False) -> bool:
     if torch.cuda.is_available() and not cpu_requested and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return False
     if os.environ.get("TRITON_INTERPRET") != "1" and "triton" in sys.modules:
-        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set; "
-                           "call use_interpreter_if_no_gpu() before importing triton or fastllama.ops")
+        raise RuntimeError("without a CUDA GPU fastllama's kernels run in the Triton interpreter, which must be "
+                           "switched on before triton is imported, and something imported triton first (loading a "
+                           "transformers model or torch.compile do): export TRITON_INTERPRET=1 before starting "
+                           "Python, or import fastllama before anything imports triton")
     os.environ["TRITON_INTERPRET"] = "1"
     return True
+
+
+def use_interpreter_while_possible() -> None:
+    """At ``import fastllama``: :func:`use_interpreter_if_no_gpu` while triton is not imported
+    yet (a program that imports fastllama, then loads a model, which imports triton, can still
+    patch it on a CPU); never raises (``fastllama.ops`` does, with what to do, if too late)."""
+    if "triton" not in sys.modules:
+        use_interpreter_if_no_gpu()
 
 
 def interpreter_active() -> bool:

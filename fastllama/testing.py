@@ -11,11 +11,12 @@ makes when run in the input dtype::
 (``finfo(dtype).eps * max|truth|``), so an op whose PyTorch version happens to round exactly
 is not held to an impossible zero. A non-finite kernel value where the truth is finite fails.
 
-Example::
+Example (on a GPU; on a CPU, under the Triton interpreter, use float16 or float32)::
 
+    import torch
     from fastllama import ops, reference, testing
-    x = torch.randn(3, 77, 4099, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(4099, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(3, 77, 4099, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    w = torch.randn(4099, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     testing.assert_parity(ops.rms_norm, reference.rms_norm, x, w)
 """
 from __future__ import annotations

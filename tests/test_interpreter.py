@@ -94,3 +94,42 @@ def test_ops_refuse_bf16_under_an_unfixed_interpreter(monkeypatch):
     with _interpreter.wrong_bf16_values_ok():
         assert ops.rms_norm(x, w).dtype == torch.bfloat16
     ops.rms_norm(x.float(), w.float())  # fp32 is fine
+
+
+def _fresh_python(code: str):
+    """``code`` in a new Python without TRITON_INTERPRET in its environment (conftest set it for
+    this process), as a user's program starts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the interpreter is switched on only where there is no GPU")
+def test_import_fastllama_then_load_a_model_then_patch_on_a_cpu():
+    """The README's order (import fastllama, load an HF model, patch it) on a CPU-only machine:
+    loading the model imports triton, after which the interpreter can no longer be switched on,
+    and patch raised. ``import fastllama`` now switches it on (without importing triton)."""
+    code = """
+import sys, torch, fastllama
+assert "triton" not in sys.modules
+from transformers import LlamaConfig, LlamaForCausalLM
+model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, vocab_size=100))
+ids = torch.randint(0, 100, (1, 9))
+expected = model(ids).logits
+fastllama.patch(model)
+print(float((model(ids).logits - expected).abs().max()))
+"""
+    run = _fresh_python(code)
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout) < 1e-5
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the interpreter is switched on only where there is no GPU")
+def test_triton_imported_first_on_a_cpu_says_what_to_do():
+    run = _fresh_python("import triton, fastllama; fastllama.ops")
+    assert run.returncode == 1
+    assert "export TRITON_INTERPRET=1 before starting Python" in run.stderr, run.stderr

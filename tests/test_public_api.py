@@ -66,3 +66,13 @@ def test_import_kernels_from_the_repo_root_without_the_package_still_imports():
     run = _import_kernels_from_repo_root()
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [str(REPO / "kernels" / "__init__.py"), "None"]
+
+
+def test_submodules_in_the_readme_are_attributes_after_import_fastllama():
+    """README's Public API reaches them as ``fastllama.<module>.<name>`` after ``import fastllama``
+    (``fastllama.generate.load_tokenizer`` raised AttributeError)."""
+    code = ("import fastllama; print(fastllama.generate.load_tokenizer.__name__, fastllama.reference.Llama.__name__, "
+            "fastllama.testing.assert_parity.__name__, fastllama.checkpoint.__name__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["load_tokenizer", "Llama", "assert_parity", "fastllama.checkpoint"]
