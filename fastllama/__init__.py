@@ -18,7 +18,7 @@ _use_interpreter_while_possible()
 from .tokenizer import Tokenizer  # noqa: E402
 
 __all__ = ["__version__", "Tokenizer", "patch", "unpatch", "verify", "patch_summary", "is_patched", "ops",
-           "reference", "testing", "checkpoint"]
+           "reference", "testing", "checkpoint", "generate"]
 
 _LAZY_MODULES = {"ops", "reference", "testing", "checkpoint", "kernels", "optable", "generate"}
 # (not modules named patch/verify: importing such a submodule would shadow the function)
