@@ -91,11 +91,13 @@ def _spawn_env() -> dict:
     (tests, and the CLI on a machine without a GPU): there ``@triton.jit`` returns
     ``InterpretedFunction`` objects, which ``triton.compile`` cannot take (no ``cache_key``, no
     AST lowering), and the flag is read once when triton is imported. The worker imports the
-    kernel modules afresh with the flag removed, so they are real ``JITFunction``s. It also gets
+    kernel modules afresh with the flag at 0, so they are real ``JITFunction``s. It also gets
     its own empty Triton cache, so compile times are real compiles and ~/.triton stays clean
     (this module's cache does the reusing).
     """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # "0", not unset: ``import fastllama`` (the worker is fastllama._build_worker) switches the
+    # interpreter on where there is no GPU unless the variable says otherwise
+    env = os.environ | {"TRITON_INTERPRET": "0"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated so it does not warn
     env["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v: its "bytes spill stores" line, read in _compile
     return env

@@ -34,8 +34,10 @@ def use_interpreter_if_no_gpu(cpu_requested: bool = False) -> bool:
 def use_interpreter_while_possible() -> None:
     """At ``import fastllama``: :func:`use_interpreter_if_no_gpu` while triton is not imported
     yet (a program that imports fastllama, then loads a model, which imports triton, can still
-    patch it on a CPU); never raises (``fastllama.ops`` does, with what to do, if too late)."""
-    if "triton" not in sys.modules:
+    patch it on a CPU); never raises (``fastllama.ops`` does, with what to do, if too late).
+    An explicit ``TRITON_INTERPRET`` is left as it is (the build report's compile workers set
+    it to 0: they compile for GPUs they do not have)."""
+    if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ:
         use_interpreter_if_no_gpu()
 
 
