@@ -36,6 +36,16 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)): the scale is folded into one multiply
 
+# Integer arguments whose values vary from launch to launch, compiled as plain i32 at every
+# launch, exactly as the build report compiles them. Left to the JIT, a value of 1 becomes a
+# constant and a multiple of 16 a divisibility hint, one more compile per class of lengths, and
+# a variant the report never saw: fp32 dQ at head dim 128 on sm_90 spilled 440 B with
+# seqlen_q % 16 == 0 (136 registers, no spill, without the hint), fp32 dK/dV, dQ and the head
+# dim 256 forward spilled with one query or key. (Strides of q/k/v/o/dO/dQ/dK/dV keep theirs:
+# the launcher checks they are multiples of 16 and the report compiles that variant.)
+LAUNCH_VARYING_INTS = ["stride_lb", "stride_lh", "stride_lp", "group", "seqlen_q", "seqlen_k", "before", "after",
+                       "Q_BUCKET", "K_BUCKET"]
+
 __all__ = [
     "flash_attention_forward", "mask_bounds", "strides_aligned", "fwd_configs", "dkdv_configs", "dq_configs",
     "padded_head_dim", "seqlen_bucket", "INTERPRETER_CONFIG",
@@ -118,7 +128,7 @@ def sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=LAUNCH_VARYING_INTS + ["n_heads"])
 def _attn_fwd(
     Q, K, V, O, LSE, CU_Q, CU_K,
     sm_scale,

@@ -30,14 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, ArchAutotuner, aligned16, block_span, key_bucket,
-                              load_rows, padded_head_dim, seqlen_bucket, sequence_bounds, store_rows,
+from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, LAUNCH_VARYING_INTS, ArchAutotuner, aligned16, block_span,
+                              key_bucket, load_rows, padded_head_dim, seqlen_bucket, sequence_bounds, store_rows,
                               strides_aligned, untuned_config)
 
 __all__ = ["flash_attention_backward"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_lb", "stride_lh", "n_heads", "seqlen"])  # see LAUNCH_VARYING_INTS
 def _bwd_preprocess(O, DO, DLSE, DELTA,
                     stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot, stride_lb, stride_lh,
                     n_heads, seqlen,
@@ -136,7 +136,7 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, dq_
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LAUNCH_VARYING_INTS + ["n_kv_heads"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
     sm_scale,
@@ -219,7 +219,7 @@ def _attn_bwd_dkdv(
 # ----------------------------------------------------------------------------------------------
 # dQ
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=LAUNCH_VARYING_INTS + ["n_heads"])
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     sm_scale,

@@ -308,3 +308,30 @@ def test_fp32_attention_scores_reach_exp2_unfused(tmp_path):
             assert fused > 0, f"{label}: the 16-bit fma before exp2 is gone (or the check no longer sees it)"
         else:
             assert fused == 0, f"{label}: {fused} of {total} exp2 inputs come from an fma (contracted s * scale - m)"
+
+
+def _unspecialised(kernel) -> set[str]:
+    """The argument names a @triton.jit kernel (or its interpreter stand-in) never specialises."""
+    names = kernel.kwargs.get("do_not_specialize") if hasattr(kernel, "kwargs") else kernel.do_not_specialize
+    arg_names = kernel.arg_names
+    return {arg_names[n] if isinstance(n, int) else n for n in names or ()}
+
+
+def test_flash_attention_launches_compile_the_reports_integer_variants():
+    """At a launch Triton specialises an integer argument equal to 1 (a constant) or a multiple
+    of 16 (a divisibility hint) unless the kernel says not to. The flash-attention builds compile
+    the lengths, window bounds, head counts, lse strides and buckets as plain i32; launched
+    specialised, fp32 dQ at head dim 128 spilled 440 B on sm_90 (seqlen_q % 16 == 0) and fp32
+    dK/dV, dQ and the head dim 256 forward spilled with one query or key, none of it in the
+    report. Every integer that ALL of a flash kernel's builds compile as plain i32 is therefore
+    left unspecialised at launch: what runs is what the report compiled."""
+    from fastllama import optable
+
+    spec = next(s for s in optable.all_specs() if s.name == "flash_attention")
+    plain = {}
+    for b in spec.build_configs():
+        ints = {n for n, t in b.signature.items() if t == "i32"}
+        plain[b.kernel] = plain.get(b.kernel, ints) & ints
+    assert len(plain) == 4  # forward, dK/dV, dQ, preprocess
+    for kernel, names in plain.items():
+        assert names and names <= _unspecialised(kernel), (kernel.arg_names[:3], sorted(names - _unspecialised(kernel)))
