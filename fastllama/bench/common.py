@@ -74,11 +74,10 @@ def device_name() -> str:
 
 # Datasheet memory bandwidth (GB/s) by device-name substring, most specific first: the roofline
 # is the measured copy bandwidth (what a kernel can reach), this is the spec it falls short of.
-# First match wins (substring of the device name). GH200 comes in an HBM3 (4.0 TB/s) and an
-# HBM3e (4.9 TB/s) version that the name does not always tell apart: no datasheet figure, rather
-# than the H200's.
-SPEC_BANDWIDTH_GBPS = (("GH200", None), ("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0),
-                       ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0))
+# The first match wins. GH200 comes in an HBM3 (4.0 TB/s) and an HBM3e (4.9 TB/s) version that
+# its name does not always tell apart: no datasheet figure, rather than the H200's.
+SPEC_BANDWIDTH_GBPS = (("GH200", None), ("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0),
+                       ("H100", 3350.0), ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0))
 
 
 def spec_bandwidth_gbps() -> float | None:
