@@ -58,8 +58,11 @@ def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bo
         keys = 32 if q_len == 1 and d_pad == 256 else max(16, min(64, 2048 // d_pad))
         return _dk.block_m(group, q_len, 16), keys, 8
     bm = _dk.block_m(group, q_len, 64)
-    # 8 warps from 4K-element tiles on (32 x 128 with 4 warps spilled 16 bytes on sm_80)
-    return bm, min(64, 16384 // (d_pad * 2)), 4 if bm * d_pad < 4096 else 8
+    # 8 warps from 4K-element tiles on (32 x 128 with 4 warps spilled 16 bytes on sm_80); the
+    # one-token variant only above them (its 32 x 128 tile, a GQA group of 17-32, spilled 8
+    # bytes with 8 warps: ptxas held it to 128 registers; 4 warps: 168-182, no spill)
+    big = bm * d_pad > 4096 if q_len == 1 else bm * d_pad >= 4096
+    return bm, min(64, 16384 // (d_pad * 2)), 8 if big else 4
 
 
 # Under the interpreter every program and every loop step is a Python-level step: fewer, larger
@@ -463,9 +466,13 @@ def _decode_builds() -> list[KernelBuild]:
                         num_warps=warps, num_stages=_stages(dtype.itemsize),
                         label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
                               f"{'' if aligned else ' unaligned'}"))
-            # Tq = 1: the tile of a GQA group of up to 16 heads (MHA: 1) is 16 rows, as _gpu_config picks.
-            bm, bn, warps = _gpu_config(1, 1, d_pad, dtype.itemsize)
-            for mha, split in itertools.product((True, False), (False, True)):
+            # Tq = 1: the tile of a GQA group of up to 16 heads (MHA: 1) is 16 rows, as _gpu_config
+            # picks; 16-bit groups of 17-32 and 33-64 heads take one tile of 32 and 64 rows (m_tiles
+            # 1 again), fp32 several 16-row tiles (m_tiles > 1: the general build).
+            groups = (1, 16) if dtype == torch.float32 else (1, 16, 32, 64)
+            for group, split in itertools.product(groups, (False, True)):
+                mha = group == 1
+                bm, bn, warps = _gpu_config(group, 1, d_pad, dtype.itemsize)
                 ones = {**_ONE, "m_tiles": 1, **({"group": 1} if mha else {})}
                 lengths = {"q_len": "constexpr", "group": "constexpr" if mha else "i32", "max_len": "i32",
                            "m_tiles": "constexpr"}
