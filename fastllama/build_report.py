@@ -38,7 +38,7 @@ from ._build_worker import RESULT_FIELDS, default_cache_dir, run_jobs, seed_cach
 __all__ = ["ARCHS", "Arch", "Job", "Row", "jobs_from_specs", "run_report", "occupancy", "problems",
            "format_table", "format_markdown", "report_json", "uncovered_kernels", "default_cache_dir",
            "committed_report", "seed_cache", "by_pressure", "pressure", "problem_kinds", "summary",
-           "unchecked_keys"]
+           "unchecked_keys", "launch_build"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,6 +436,51 @@ def uncovered_kernels(jobs: Iterable[Job], modules: Iterable[str] | None = None)
         if missing:
             out[name] = missing
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What a launch compiles: the build a kernel[grid](...) call would get on a GPU
+# ---------------------------------------------------------------------------------------------
+def launch_build(kernel: Any, args: tuple, kwargs: dict):
+    """The :class:`~fastllama.optable.KernelBuild` that ``kernel[grid](*args, **kwargs)`` compiles
+    on a GPU, worked out on any machine (the tensors may be CPU tensors; nothing runs).
+
+    Triton specialises each argument at launch with its own rule (``native_specialize_impl``,
+    used here): an integer equal to 1 becomes a constant (``"constexpr"``, value in
+    ``constexprs``), a multiple of 16 gets a divisibility hint (``"i32:16"``), unless the kernel
+    lists it in ``do_not_specialize``. A tensor whose address is not 16-byte aligned gets the type
+    ``"*T unaligned"``, which no build config has (the report compiles pointers aligned).
+    Comparing the result with an op's ``build_configs()`` tells whether the report compiled what
+    the launch runs.
+    """
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import native_specialize_impl
+
+    from .optable import KernelBuild
+
+    fn = _python_function(kernel)
+    sig = inspect.signature(fn)
+    params = sig.parameters
+    bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+    bound.apply_defaults()
+    names = getattr(kernel, "kwargs", {}).get("do_not_specialize") if hasattr(kernel, "kwargs") else None
+    names = names if names is not None else getattr(kernel, "do_not_specialize", None) or ()
+    unspecialised = {fn.__code__.co_varnames[n] if isinstance(n, int) else n for n in names}
+    signature, constexprs = {}, {}
+    for name, param in params.items():
+        value = bound.arguments[name]
+        if "constexpr" in str(param.annotation):  # a string under `from __future__ import annotations`
+            constexprs[name] = value.value if hasattr(value, "value") else value
+            continue
+        kind, spec = native_specialize_impl(CUDABackend, value, False, name not in unspecialised, True)
+        if kind == "constexpr":
+            signature[name], constexprs[name] = "constexpr", spec
+        elif kind.startswith("*"):
+            signature[name] = kind if spec == "D" else f"{kind} unaligned"
+        else:
+            signature[name] = f"{kind}:16" if spec == "D" else kind
+    return KernelBuild(kernel, signature, constexprs, num_warps=kwargs.get("num_warps", 4),
+                       num_stages=kwargs.get("num_stages", 3))
 
 
 # ---------------------------------------------------------------------------------------------

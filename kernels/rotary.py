@@ -35,7 +35,15 @@ def _rotate_head(X, OUT, x_base, out_base, t64, d, mask, half, stride_xt, stride
     tl.store(out_ptr + half, (x2 * c2 + x1 * s2).to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# Integers Triton must not specialise at launch (it would compile a variant per value class:
+# == 1, a multiple of 16, other): lengths, head counts and the position-id strides (contiguous ids
+# pass stride 1; batch strides follow T). Their hints buy nothing, and unspecialised, a launch
+# compiles what the build report compiled. The q/k/out and cos/sin strides and ``half`` keep their
+# hints: a multiple of 16 is what lets the loads and stores be vectorised.
+LAUNCH_VARYING_INTS = ["seq_len", "n_q_heads", "n_k_heads", "heads_per_program", "stride_pb", "stride_pt"]
+
+
+@triton.jit(do_not_specialize=LAUNCH_VARYING_INTS)
 def rotary_kernel(
     Q, K, Q_OUT, K_OUT, COS, SIN, POS, INV_FREQ,
     seq_len, n_q_heads, n_k_heads, heads_per_program, half,

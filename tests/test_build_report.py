@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import _build_report_crash
 import _build_report_kernels as K
@@ -335,3 +336,84 @@ def test_flash_attention_launches_compile_the_reports_integer_variants():
     assert len(plain) == 4  # forward, dK/dV, dQ, preprocess
     for kernel, names in plain.items():
         assert names and names <= _unspecialised(kernel), (kernel.arg_names[:3], sorted(names - _unspecialised(kernel)))
+
+
+def _dry_run(monkeypatch, op, kernels: dict) -> list[KernelBuild]:
+    """Launches become records: each ``kernel[grid](...)`` of ``kernels`` ({module: [names]})
+    appends the build it would compile on a GPU (br.launch_build) to the returned list, and runs
+    nothing. The op module ``op`` sees a GPU with 132 SMs (its tile configs are the GPU's, not the
+    interpreter's)."""
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = self.fn = kernel  # fn: the op table's builds, made now, name the recorder
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(br.launch_build(self.kernel, args, kwargs))
+
+    for module, names in kernels.items():
+        for name in names:
+            monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    monkeypatch.setattr(op, "interpreter_active", lambda: False)
+    monkeypatch.setattr(op, "num_sms", lambda device: 132)
+    return launched
+
+
+def _not_in_report(launched: list[KernelBuild], spec_names) -> list[str]:
+    """The launched builds that no build config of the op specs ``spec_names`` is (the report did
+    not compile them), described briefly."""
+    from fastllama import optable
+
+    builds = [b for s in optable.all_specs() if s.name in spec_names for b in s.build_configs()]
+
+    def listed(x):
+        return any(br._python_function(b.kernel) is br._python_function(x.kernel) and b.signature == x.signature and b.constexprs == x.constexprs
+                   and (b.num_warps, b.num_stages) == (x.num_warps, x.num_stages) for b in builds)
+
+    return sorted({f"{br._python_function(x.kernel).__name__} {x.constexprs} w{x.num_warps} "
+                   f"{ {n: t for n, t in x.signature.items() if not t.startswith('*')} }"
+                   for x in launched if not listed(x)})
+
+
+def test_launch_build_reads_triton_launch_specialisation():
+    """launch_build (what the launch gates below compare with the report) applies Triton's own rule."""
+    x = torch.zeros(64)
+    launched = br.launch_build(K.copy_kernel, (x, x, 32), {"BLOCK": 1024, "num_warps": 8})
+    assert launched.signature == {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32:16"}
+    assert (launched.constexprs, launched.num_warps) == ({"BLOCK": 1024}, 8)
+    assert br.launch_build(K.copy_kernel, (x, x, 33), {"BLOCK": 1024}).signature["n"] == "i32"
+    one = br.launch_build(K.copy_kernel, (x, x, 1), {"BLOCK": 1024})
+    assert one.signature["n"] == "constexpr" and one.constexprs["n"] == 1
+    assert br.launch_build(K.copy_kernel, (x[1:], x, 32), {"BLOCK": 1024}).signature["x_ptr"] == "*fp32 unaligned"
+
+
+def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
+    """Dry-runs the rotary launches at Llama-family shapes, both cos/sin and position ids, forward
+    and backward, and requires each launched build to be a build config (so the report checked
+    it). The position-id builds were compiled with plain i32 strides; launched with their
+    multiple-of-16 hints, every sm_80 build spilled."""
+    from fastllama.ops import rotary as op
+
+    launched = _dry_run(monkeypatch, op, {op._k: ["rotary_kernel"]})
+    shapes = [(1, 32, 8, 77, 64), (2, 32, 8, 4096, 128), (1, 32, 32, 33, 80), (3, 24, 8, 1, 96), (2, 8, 1, 17, 256)]
+    for dtype in (torch.bfloat16, torch.float32):
+        for b, hq, hk, t, d in shapes:
+            # HF: q/k are projection outputs viewed (B, T, H, D) and transposed to (B, H, T, D)
+            q = torch.empty(b, t, hq, d, dtype=dtype).transpose(1, 2)
+            k = torch.empty(b, t, hk, d, dtype=dtype).transpose(1, 2)
+            cos = torch.empty(b, t, d, dtype=dtype)
+            positions = torch.arange(t).expand(b, t)
+            inv_freq = torch.empty(d // 2)
+            for grad in (False, True):
+                qg, kg = q.clone().requires_grad_(grad), k.clone().requires_grad_(grad)
+                outs = [op.apply_rotary_pos_emb(qg, kg, cos, cos),
+                        op.apply_rotary_pos_emb(qg, kg, cos[0], cos[0]),
+                        op.apply_rotary_pos_emb_from_positions(qg, kg, positions, inv_freq),
+                        op.apply_rotary_pos_emb_from_positions(qg, kg, positions[:1].int(), inv_freq)]
+                if grad:
+                    sum(o.float().sum() for pair in outs for o in pair).backward()
+    assert len(launched) == 2 * len(shapes) * 12
+    missing = _not_in_report(launched, ("rotary", "rotary_from_positions"))
+    assert not missing, missing[:3]
+

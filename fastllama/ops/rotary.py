@@ -25,22 +25,26 @@ MAX_HEAD_DIM = 256
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-def _gpu_block_t(block_d: int) -> int:
-    """Positions per program on a GPU: a 512-element half-tile (4 values a thread at 4 warps).
-    cos/sin (four half-tiles, or two from positions) stay in registers across all the heads
-    plus per-element 64-bit pointers: 2K-element tiles needed 255 registers and spilled, 1K
-    ones 178; 512 fit in 80 (sm_90 build, no spills)."""
-    return max(1, 512 // block_d)
+def _gpu_block_t(block_d: int, from_positions: bool) -> int:
+    """Positions per program on a GPU: a 512-element half-tile (4 values a thread at 4 warps),
+    256 from positions (2 a thread). cos/sin (four half-tiles, or two from positions) stay in
+    registers across all the heads plus per-element 64-bit pointers: 2K-element tiles needed 255
+    registers and spilled, 1K ones 178; 512 fit in 80 (sm_90 build, no spills). From positions,
+    512 compiled to 40 registers yet ptxas spilled 4 bytes (the "argument is infinite" predicate,
+    kept across libdevice's long-argument sin/cos path) on every sm_80 build once the strides
+    carried their multiple-of-16 hints, as launches at Llama shapes do; 256 compiles clean with
+    and without hints (32-40 registers)."""
+    return max(1, (256 if from_positions else 512) // block_d)
 
 
-def _config(q: torch.Tensor, k: torch.Tensor) -> dict:
+def _config(q: torch.Tensor, k: torch.Tensor, from_positions: bool) -> dict:
     batch, n_q, seq_len, head_dim = q.shape
     heads = n_q + k.shape[1]
     block_d = max(16, triton.next_power_of_2(head_dim // 2))
     if interpreter_active():  # few, large programs: every program is a Python-level step
         block_t = min(triton.next_power_of_2(seq_len), max(1, 8192 // block_d))
         return dict(block_t=block_t, heads_per_program=max(heads, 1), num_warps=1)
-    block_t = _gpu_block_t(block_d)
+    block_t = _gpu_block_t(block_d, from_positions)
     t_blocks = triton.cdiv(seq_len, block_t) * batch
     # Enough programs for ~4 waves; beyond that, more heads a program reuse the loaded cos/sin.
     groups = min(heads, max(1, triton.cdiv(4 * num_sms(q.device), t_blocks)))
@@ -53,7 +57,8 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward):
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     if position_ids is not None and position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
-    _k.rotary(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward=backward, **_config(q, k))
+    _k.rotary(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward=backward,
+             **_config(q, k, position_ids is not None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,10 +311,25 @@ def _make_position_args(params: dict, dtype: torch.dtype, device: str):
 _DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
+# The integers whose multiple-of-16 hint a launch may carry (the rest are in the kernel's
+# do_not_specialize list, always plain): q/k/out and cos/sin strides, and ``half``.
+_HINTABLE_INTS = ("half", "stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_kt",
+                  "stride_qob", "stride_qoh", "stride_qot", "stride_kob", "stride_koh", "stride_kot",
+                  "stride_cb", "stride_ct", "stride_sb", "stride_st")
+# Which of them carry it: none (odd strides), all (head dims 32, 64, 96, 128, 256: every stride of
+# a (B, T, H, D) or (B, H, T, D) layout and D/2 are multiples of 16), all but ``half`` (head dims
+# 80, 112, ...: strides multiples of 16, D/2 = 40, 56 not), the last for BLOCK_D >= 64 only: with
+# D/2 of 17-31 (no Llama-family size) fp32 from positions spilled 4 bytes on sm_90, the predicate
+# spill _gpu_block_t describes. A launch with another mix compiles a build the report did not
+# check; tests/test_build_report.py dry-runs the Llama-shape launches against the report.
+_HINT_VARIANTS = {"": (), " %16": _HINTABLE_INTS, " %16 but half": _HINTABLE_INTS[1:]}
+
+
 def _build_configs(from_positions: bool) -> list[KernelBuild]:
     """BLOCK_D (16..128, head_dim up to 256) x q dtype x cos dtype (q's or fp32) or position
-    dtype (int32/int64) x direction."""
+    dtype (int32/int64) x direction x integer hints (_HINT_VARIANTS)."""
     builds = []
+    ints = ("seq_len", "n_q_heads", "n_k_heads", "heads_per_program", *_HINTABLE_INTS, "stride_pb", "stride_pt")
     for q_ptr in _DTYPES.values():
         extras = ("*i32", "*i64") if from_positions else sorted({q_ptr, "*fp32"})
         for extra in extras:
@@ -319,18 +339,17 @@ def _build_configs(from_positions: bool) -> list[KernelBuild]:
                 ptrs = {"COS": extra, "SIN": extra, "POS": extra, "INV_FREQ": extra}
             for block_d in (16, 32, 64, 128):
                 for backward in (False, True):
-                    sig = {"Q": q_ptr, "K": q_ptr, "Q_OUT": q_ptr, "K_OUT": q_ptr, **ptrs}
-                    sig.update({name: "i32" for name in (
-                        "seq_len", "n_q_heads", "n_k_heads", "heads_per_program", "half",
-                        "stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_kt",
-                        "stride_qob", "stride_qoh", "stride_qot", "stride_kob", "stride_koh", "stride_kot",
-                        "stride_cb", "stride_ct", "stride_sb", "stride_st", "stride_pb", "stride_pt")})
-                    builds.append(KernelBuild(
-                        _k.rotary_kernel, sig,
-                        {"FROM_POSITIONS": from_positions, "BACKWARD": backward,
-                         "BLOCK_T": _gpu_block_t(block_d), "BLOCK_D": block_d},
-                        num_warps=4,
-                        label=f"rotary {q_ptr[1:]} {extra[1:]} D/2<={block_d}{' bwd' if backward else ''}"))
+                    for hints, hinted in _HINT_VARIANTS.items():
+                        if hints == " %16 but half" and block_d < 64:
+                            continue
+                        sig = {"Q": q_ptr, "K": q_ptr, "Q_OUT": q_ptr, "K_OUT": q_ptr, **ptrs}
+                        sig.update({name: "i32:16" if name in hinted else "i32" for name in ints})
+                        builds.append(KernelBuild(
+                            _k.rotary_kernel, sig,
+                            {"FROM_POSITIONS": from_positions, "BACKWARD": backward,
+                             "BLOCK_T": _gpu_block_t(block_d, from_positions), "BLOCK_D": block_d},
+                            num_warps=4,
+                            label=f"rotary {q_ptr[1:]} {extra[1:]} D/2<={block_d}{' bwd' if backward else ''}{hints}"))
     return builds
 
 
