@@ -448,7 +448,7 @@ def launch_build(kernel: Any, args: tuple, kwargs: dict):
     Triton specialises each argument at launch with its own rule (``native_specialize_impl``,
     used here): an integer equal to 1 becomes a constant (``"constexpr"``, value in
     ``constexprs``), a multiple of 16 gets a divisibility hint (``"i32:16"``), unless the kernel
-    lists it in ``do_not_specialize``. A tensor whose address is not 16-byte aligned gets the type
+    lists it in ``do_not_specialize`` (neither) or ``do_not_specialize_on_alignment`` (no hint). A tensor whose address is not 16-byte aligned gets the type
     ``"*T unaligned"``, which no build config has (the report compiles pointers aligned).
     Comparing the result with an op's ``build_configs()`` tells whether the report compiled what
     the launch runs.
@@ -463,16 +463,21 @@ def launch_build(kernel: Any, args: tuple, kwargs: dict):
     params = sig.parameters
     bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
     bound.apply_defaults()
-    names = getattr(kernel, "kwargs", {}).get("do_not_specialize") if hasattr(kernel, "kwargs") else None
-    names = names if names is not None else getattr(kernel, "do_not_specialize", None) or ()
-    unspecialised = {fn.__code__.co_varnames[n] if isinstance(n, int) else n for n in names}
+
+    def arg_names(option: str) -> set[str]:  # the kernel's do_not_specialize(_on_alignment) list
+        names = getattr(kernel, "kwargs", {}).get(option) if hasattr(kernel, "kwargs") else None
+        names = names if names is not None else getattr(kernel, option, None) or ()
+        return {fn.__code__.co_varnames[n] if isinstance(n, int) else n for n in names}
+
+    unspecialised, unaligned = arg_names("do_not_specialize"), arg_names("do_not_specialize_on_alignment")
     signature, constexprs = {}, {}
     for name, param in params.items():
         value = bound.arguments[name]
         if "constexpr" in str(param.annotation):  # a string under `from __future__ import annotations`
             constexprs[name] = value.value if hasattr(value, "value") else value
             continue
-        kind, spec = native_specialize_impl(CUDABackend, value, False, name not in unspecialised, True)
+        kind, spec = native_specialize_impl(CUDABackend, value, False, name not in unspecialised,
+                                            name not in unaligned)
         if kind == "constexpr":
             signature[name], constexprs[name] = "constexpr", spec
         elif kind.startswith("*"):

@@ -40,6 +40,15 @@ __all__ = ["decode_attention_forward", "decode_split_kernel", "decode_combine_ke
 
 MAX_SPLITS = 32  # fixed upper bound: the combine tile holds them all, and CUDA graphs fix the grid
 
+# Integers Triton must not specialise at launch. It would compile a variant for each value class
+# (== 1, a multiple of 16, other) of every length, so launches compiled builds the build report
+# never made (a dry run at decode shapes: 1838 of 1842 launches). Lengths, the GQA group, the
+# tile count and the LSE strides (0 in the single pass, split-count multiples otherwise) stay
+# plain; q_len keeps only its == 1 specialisation ("do_not_specialize_on_alignment"): the
+# one-token step is its own, simpler compile (the "tq1" builds). Strides keep their hints, which
+# is what makes the K/V loads vectors.
+SPLIT_UNSPECIALISED = ["use_leftpad", "stride_lb", "stride_lh", "stride_lt", "group", "max_len", "m_tiles"]
+
 
 @triton.jit
 def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, q_pos,
@@ -85,7 +94,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, h
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["use_leftpad"])
+@triton.jit(do_not_specialize=SPLIT_UNSPECIALISED, do_not_specialize_on_alignment=["q_len"])
 def decode_split_kernel(
     Q, K, V, SEQLENS, LEFTPAD, O, LSE,
     sm_scale, use_leftpad,
@@ -161,7 +170,7 @@ def decode_split_kernel(
         tl.store(lse_ptrs, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_heads", "n_splits"], do_not_specialize_on_alignment=["q_len"])
 def decode_combine_kernel(
     O_PART, LSE, OUT,
     stride_ob, stride_oh, stride_ot,

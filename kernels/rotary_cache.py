@@ -78,7 +78,10 @@ def _rotate_rows(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, stri
         tl.store(dst + HALF, x2.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+# Lengths and head counts stay unspecialised at launch (see decode_attention.SPLIT_UNSPECIALISED);
+# q_len keeps its == 1 specialisation, the one-token decode step's own build.
+@triton.jit(do_not_specialize=["n_q_heads", "n_kv_heads", "max_len", "n_pos", "tokens_per_program"],
+            do_not_specialize_on_alignment=["q_len"])
 def rotary_cache_kernel(
     Q, K, V, COS, SIN, QO, KC, VC, SEQLENS, POS,
     stride_qb, stride_qh, stride_qt,

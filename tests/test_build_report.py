@@ -10,6 +10,7 @@ benchmarks/results/build/report.json seeds the cache, so only kernels changed si
 was regenerated compile here.
 """
 import dataclasses
+import itertools
 import json
 import os
 import warnings
@@ -20,6 +21,7 @@ import torch
 
 import _build_report_crash
 import _build_report_kernels as K
+from fastllama import _interpreter as _interp
 from fastllama import build_report as br
 from fastllama.optable import KernelBuild
 
@@ -365,7 +367,7 @@ def _not_in_report(launched: list[KernelBuild], spec_names) -> list[str]:
     not compile them), described briefly."""
     from fastllama import optable
 
-    builds = [b for s in optable.all_specs() if s.name in spec_names for b in s.build_configs()]
+    builds = [b for s in optable.all_specs() if s.name in spec_names and s.build_configs for b in s.build_configs()]
 
     def listed(x):
         return any(br._python_function(b.kernel) is br._python_function(x.kernel) and b.signature == x.signature and b.constexprs == x.constexprs
@@ -417,3 +419,36 @@ def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
     missing = _not_in_report(launched, ("rotary", "rotary_from_positions"))
     assert not missing, missing[:3]
 
+
+
+def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
+    """Dry-runs decode attention (single pass and split + combine) and the rotary + cache append
+    at decode and chunked-prefill shapes: Llama-family head dims and GQA groups (MHA to 64),
+    1-16 new tokens, a few cache sizes and batches, HF's layouts (q a transposed projection, a
+    contiguous static cache), and requires every launched build to be a build config. Before the
+    decode kernels left their lengths unspecialised, 1838 of 1842 such launches compiled a variant
+    (a length of 16, 4096 or 1, a split count) that the report never built."""
+    from fastllama.ops import decode as op
+
+    launched = _dry_run(monkeypatch, op, {op._dk: ["decode_split_kernel", "decode_combine_kernel"],
+                                          op._rk: ["rotary_cache_kernel"]})
+    splits = op.default_num_splits  # its GPU choice: the device it sees is a CUDA one
+    monkeypatch.setattr(op, "default_num_splits", lambda *a: splits(*a[:4], torch.device("cuda")))
+    heads = [(32, 8, 128), (32, 8, 64), (32, 32, 80), (24, 8, 96), (8, 1, 256), (64, 8, 128), (32, 1, 128)]
+    with _interp.wrong_bf16_values_ok():  # nothing runs
+        for dtype, (hq, hk, d), b, tq, tmax in itertools.product(
+                (torch.bfloat16, torch.float32), heads, (1, 8), (1, 2, 5, 16), (1000, 4096)):
+            q = torch.empty(b, tq, hq, d, dtype=dtype).transpose(1, 2)
+            k = torch.empty(b, tq, hk, d, dtype=dtype).transpose(1, 2)
+            k_cache, v_cache = torch.empty(2, b, hk, tmax, d, dtype=dtype)
+            seqlens = torch.full((b,), tmax // 2, dtype=torch.int32)
+            table = torch.empty(tmax, d, dtype=dtype)
+            per_token = torch.empty(b, tq, d, dtype=dtype)
+            op.rotary_cache_append(q, k, k, k_cache, v_cache, table, table, seqlens)
+            op.rotary_cache_append(q, k, k, k_cache, v_cache, table, table, seqlens, positions=seqlens)
+            op.rotary_cache_append(q, k, k, k_cache, v_cache, per_token, per_token, seqlens)
+            op.decode_attention(q, k_cache, v_cache, seqlens)
+            op.decode_attention(q, k_cache, v_cache, seqlens, num_splits=1)
+    assert len(launched) > 1000
+    missing = _not_in_report(launched, ("decode_attention", "rotary_cache_append"))
+    assert not missing, (len(missing), missing[:3])

@@ -425,27 +425,29 @@ def _combine_signature(ptr: str, st: str, q_len: str) -> dict:
 
 # A one-token decode step (Tq = 1, as fastllama.generate and a patched HF model run it): Triton's
 # JIT compiles an integer argument equal to 1 as a constant ("constexpr" in its signature, the
-# parameter gone from the PTX), so the step launches variants of its own. Checked by printing
-# native_specialize_impl of the launch arguments of generate() runs (GQA groups 4 and 8, MHA;
-# batch 1 and 8): q_len = 1; m_tiles = 1 (group x 1 row fits one 16-row tile); group = 1 for MHA
-# only; the combine's q_len = 1; rotary's q_len = 1 and tokens_per_program = 1 (always 1 on a
-# GPU). The other lengths (group 4/8, max_len, head counts, n_splits) depend on the model and
-# cache size; their divisibility by 16 changed no register count in test compiles, so they stay
-# "i32". Real head dims (64 to 256) make every stride a multiple of 16: aligned builds only.
+# parameter gone from the PTX), so the step launches variants of its own. The kernels keep that
+# specialisation for q_len only and leave every other length unspecialised (their
+# do_not_specialize lists), so a launch compiles one of these builds whatever the group, cache
+# size, split count or batch; tests/test_build_report.py dry-runs the ops at decode shapes and
+# requires it. Real head dims (64 to 256) make every stride a multiple of 16: aligned builds
+# only for the one-token step.
 _ONE = {"q_len": 1}
+# The combine and rotary + cache launches pass no num_stages: they compile with Triton's default.
+# (The report built them with 1 until a dry run of the launches showed the difference.)
+_DEFAULT_STAGES = 3
 
 
 def _decode_builds() -> list[KernelBuild]:
     """Split kernel: dtype x head dim x (aligned strides: BLOCK_M 16/32/64, fp32 16; unaligned:
     16 x 16 tiles) x (single pass, split); combine kernel: dtype x head dim x S_PAD. Plus the
-    Tq = 1 decode-step variants ("tq1", see ``_ONE``): split kernel x (MHA, GQA) x (single pass,
-    split) and combine x S_PAD, aligned.
+    Tq = 1 decode-step variants ("tq1", see ``_ONE``): split kernel x tile (GQA groups up to 16,
+    17-32, 33-64) x (single pass, split) and combine x S_PAD, aligned.
 
     An aligned launch (:func:`~fastllama.kernels.decode_attention.strides_aligned`) has every
     q/k/v/output stride a multiple of 16, which Triton specialises on at launch: those builds
-    say "i32:16". The single pass also passes 0 for the split and LSE strides (0 is a multiple of
-    16 too); the split pass's LSE strides depend on the split count, and the lengths (Tq, group,
-    Tmax, m_tiles) on the shapes, so they stay plain "i32", the conservative compile."""
+    say "i32:16" (the single pass passes 0 for the partial output's split stride, a multiple of 16
+    too). The LSE strides and the lengths (Tq >= 2, group, Tmax, m_tiles) are never specialised
+    (the kernel's do_not_specialize lists): plain "i32"."""
     builds = []
     general = {"q_len": "i32", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
     for dtype, ptr in _PTR.items():
@@ -458,84 +460,74 @@ def _decode_builds() -> list[KernelBuild]:
                 bm, bn, warps = _gpu_config(rows // 2, 2, d_pad, dtype.itemsize, aligned)
                 st = "i32:16" if aligned else "i32"
                 for split in (False, True):
-                    lse_st = "i32:16" if aligned and not split else "i32"
                     builds.append(KernelBuild(
-                        _dk.decode_split_kernel, _split_signature(ptr, split, st, lse_st, general),
+                        _dk.decode_split_kernel, _split_signature(ptr, split, st, "i32", general),
                         {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
                          "PRECISION": "ieee"},
                         num_warps=warps, num_stages=_stages(dtype.itemsize),
                         label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
                               f"{'' if aligned else ' unaligned'}"))
-            # Tq = 1: the tile of a GQA group of up to 16 heads (MHA: 1) is 16 rows, as _gpu_config
-            # picks; 16-bit groups of 17-32 and 33-64 heads take one tile of 32 and 64 rows (m_tiles
-            # 1 again), fp32 several 16-row tiles (m_tiles > 1: the general build).
-            groups = (1, 16) if dtype == torch.float32 else (1, 16, 32, 64)
+            # Tq = 1: the tile of a GQA group of up to 16 heads (MHA too) is 16 rows, as _gpu_config
+            # picks; 16-bit groups of 17-32 and 33-64 heads take one tile of 32 and 64 rows, fp32
+            # several 16-row tiles.
+            groups = (16,) if dtype == torch.float32 else (16, 32, 64)
             for group, split in itertools.product(groups, (False, True)):
-                mha = group == 1
                 bm, bn, warps = _gpu_config(group, 1, d_pad, dtype.itemsize)
-                ones = {**_ONE, "m_tiles": 1, **({"group": 1} if mha else {})}
-                lengths = {"q_len": "constexpr", "group": "constexpr" if mha else "i32", "max_len": "i32",
-                           "m_tiles": "constexpr"}
+                lengths = {"q_len": "constexpr", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
                 builds.append(KernelBuild(
-                    _dk.decode_split_kernel,
-                    _split_signature(ptr, split, "i32:16", "i32" if split else "i32:16", lengths),
+                    _dk.decode_split_kernel, _split_signature(ptr, split, "i32:16", "i32", lengths),
                     {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
-                     "PRECISION": "ieee", **ones},
+                     "PRECISION": "ieee", **_ONE},
                     num_warps=warps, num_stages=_stages(dtype.itemsize),
-                    label=f"decode_attention tq1 {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn} "
-                          f"{'mha' if mha else 'gqa'}"))
+                    label=f"decode_attention tq1 {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"))
             for s_pad, aligned in itertools.product(_S_PADS, (True, False)):
                 st = "i32:16" if aligned else "i32"  # the output's strides (q's layout)
                 builds.append(KernelBuild(
                     _dk.decode_combine_kernel, _combine_signature(ptr, st, "i32"),
-                    {"HEAD_DIM": D, "D_PAD": d_pad, "S_PAD": s_pad, "ROWS": 1}, num_warps=4, num_stages=1,
+                    {"HEAD_DIM": D, "D_PAD": d_pad, "S_PAD": s_pad, "ROWS": 1},
+                    num_warps=4, num_stages=_DEFAULT_STAGES,
                     label=f"decode_attention combine {ptr[1:]} d{D} S{s_pad}{'' if aligned else ' unaligned'}"))
             for s_pad in _S_PADS:
                 builds.append(KernelBuild(
                     _dk.decode_combine_kernel, _combine_signature(ptr, "i32:16", "constexpr"),
-                    {"HEAD_DIM": D, "D_PAD": d_pad, "S_PAD": s_pad, "ROWS": 1, **_ONE}, num_warps=4, num_stages=1,
+                    {"HEAD_DIM": D, "D_PAD": d_pad, "S_PAD": s_pad, "ROWS": 1, **_ONE}, num_warps=4,
+                    num_stages=_DEFAULT_STAGES,
                     label=f"decode_attention combine tq1 {ptr[1:]} d{D} S{s_pad}"))
     return builds
 
 
 def _rotary_builds() -> list[KernelBuild]:
     """dtype x head dim x (table at the slot, table at given positions, HF per-token cos/sin) x
-    (aligned, unaligned strides), plus the Tq = 1 decode step of fastllama.generate ("tq1", see
-    ``_ONE``): q_len = tokens_per_program = 1 as constants, a table at the slot, aligned.
+    (aligned, unaligned strides), plus the Tq = 1 decode step ("tq1", see ``_ONE``): q_len = 1
+    as a constant, each cos/sin mode, aligned.
 
     Aligned: every stride a multiple of 16, as in every dense or HF layout with head_dim % 16 == 0
     (table builds pass 0 for the cos/sin batch strides, a multiple too); Triton specialises on
     that at launch, so those builds say "i32:16". Unaligned: a strided view can be launched with
-    any strides, compiled with none known (the most registers). The lengths stay plain "i32"."""
+    any strides, compiled with none known (the most registers). The lengths are never
+    specialised but q_len's == 1 (the kernel's do_not_specialize lists): plain "i32"."""
     builds = []
     names = [f"stride_{n}{s}" for n in ("q", "k", "v", "o", "kc", "vc") for s in ("b", "h", "t")]
     names += ["stride_cb", "stride_ct", "stride_sb", "stride_st"]
     for ptr in _PTR.values():
         for D in _HEAD_DIMS:
             half_pad = triton.next_power_of_2(D // 2)
-            for aligned, (table, has_pos) in itertools.product((True, False),
-                                                                ((True, False), (True, True), (False, False))):
+            modes = ((True, False), (True, True), (False, False))  # (TABLE, HAS_POS)
+            variants = [(False, aligned) for aligned in (True, False)] + [(True, True)]  # (tq1, aligned)
+            for (tq1, aligned), (table, has_pos) in itertools.product(variants, modes):
                 st = "i32:16" if aligned else "i32"
                 sig = {"Q": ptr, "K": ptr, "V": ptr, "COS": ptr, "SIN": ptr, "QO": ptr, "KC": ptr, "VC": ptr,
                        "SEQLENS": "*i32", "POS": "*i32", **{n: st for n in names},
-                       "n_q_heads": "i32", "n_kv_heads": "i32", "q_len": "i32", "max_len": "i32", "n_pos": "i32",
-                       "tokens_per_program": "i32"}
+                       "n_q_heads": "i32", "n_kv_heads": "i32", "q_len": "constexpr" if tq1 else "i32",
+                       "max_len": "i32", "n_pos": "i32", "tokens_per_program": "i32"}
                 builds.append(KernelBuild(
                     _rk.rotary_cache_kernel, sig,
                     {"HALF": D // 2, "HALF_PAD": half_pad, "BLOCK_R": _rk.block_r(half_pad), "TABLE": table,
-                     "HAS_POS": has_pos},
-                    num_warps=4, num_stages=1,
-                    label=f"rotary_cache_append {ptr[1:]} d{D} {'table' if table else 'per-token'}"
-                          f"{' positions' if has_pos else ''}{'' if aligned else ' unaligned'}"))
-            sig = {"Q": ptr, "K": ptr, "V": ptr, "COS": ptr, "SIN": ptr, "QO": ptr, "KC": ptr, "VC": ptr,
-                   "SEQLENS": "*i32", "POS": "*i32", **{n: "i32:16" for n in names},
-                   "n_q_heads": "i32", "n_kv_heads": "i32", "q_len": "constexpr", "max_len": "i32", "n_pos": "i32",
-                   "tokens_per_program": "constexpr"}
-            builds.append(KernelBuild(
-                _rk.rotary_cache_kernel, sig,
-                {"HALF": D // 2, "HALF_PAD": half_pad, "BLOCK_R": _rk.block_r(half_pad), "TABLE": True,
-                 "HAS_POS": False, **_ONE, "tokens_per_program": 1},
-                num_warps=4, num_stages=1, label=f"rotary_cache_append tq1 {ptr[1:]} d{D} table"))
+                     "HAS_POS": has_pos, **(_ONE if tq1 else {})},
+                    num_warps=4, num_stages=_DEFAULT_STAGES,
+                    label=f"rotary_cache_append{' tq1' if tq1 else ''} {ptr[1:]} d{D} "
+                          f"{'table' if table else 'per-token'}{' positions' if has_pos else ''}"
+                          f"{'' if aligned else ' unaligned'}"))
     return builds
 
 
