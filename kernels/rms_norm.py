@@ -45,7 +45,7 @@ def _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y):
     tl.store(Y + rows64 * stride_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # row counts: see ops/rms_norm._build_configs
 def rms_norm_fwd_kernel(
     X, R, S, Y, W, RSTD,
     n_rows, n_cols,
@@ -160,7 +160,7 @@ def _store_dx(n, dn, dot, rstd, DS_OUT, DX, rows64, cols, mask, stride_ds, strid
     tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])  # row counts: see ops/rms_norm._build_configs
 def rms_norm_bwd_kernel(
     DY, DS_OUT, X, W, RSTD, DX, DW_PARTIAL,
     n_rows, n_cols, rows_per_program,

@@ -20,7 +20,7 @@ def _tile(pid_m, pid_n, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
     return rows.to(tl.int64)[:, None], cols[None, :], mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # see ops/swiglu._build_configs
 def swiglu_fwd_kernel(
     G, U, OUT,
     n_rows, n_cols,
@@ -40,7 +40,7 @@ def swiglu_fwd_kernel(
 #     d_gate = d_out * up * sig * (1 + g * (1 - sig))        (d silu / dg)
 # DG/DU may alias G/U (in-place gradients): each element is read before the same program
 # writes it, and no other program touches it.
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # see ops/swiglu._build_configs
 def swiglu_bwd_kernel(
     DOUT, G, U, DG, DU,
     n_rows, n_cols,

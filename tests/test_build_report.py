@@ -343,8 +343,8 @@ def test_flash_attention_launches_compile_the_reports_integer_variants():
 def _dry_run(monkeypatch, op, kernels: dict) -> list[KernelBuild]:
     """Launches become records: each ``kernel[grid](...)`` of ``kernels`` ({module: [names]})
     appends the build it would compile on a GPU (br.launch_build) to the returned list, and runs
-    nothing. The op module ``op`` sees a GPU with 132 SMs (its tile configs are the GPU's, not the
-    interpreter's)."""
+    nothing. The op module ``op`` (or each of a list) sees a GPU with 132 SMs (its tile configs are
+    the GPU's, not the interpreter's)."""
     launched = []
 
     class Recorder:
@@ -357,8 +357,9 @@ def _dry_run(monkeypatch, op, kernels: dict) -> list[KernelBuild]:
     for module, names in kernels.items():
         for name in names:
             monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
-    monkeypatch.setattr(op, "interpreter_active", lambda: False)
-    monkeypatch.setattr(op, "num_sms", lambda device: 132)
+    for module in op if isinstance(op, list) else [op]:
+        monkeypatch.setattr(module, "interpreter_active", lambda: False)
+        monkeypatch.setattr(module, "num_sms", lambda device: 132, raising=False)
     return launched
 
 
@@ -451,4 +452,33 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
             op.decode_attention(q, k_cache, v_cache, seqlens, num_splits=1)
     assert len(launched) > 1000
     missing = _not_in_report(launched, ("decode_attention", "rotary_cache_append"))
+    assert not missing, (len(missing), missing[:3])
+
+
+def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
+    """Dry-runs RMSNorm (plain and with the residual) and SwiGLU (two tensors and the fused
+    gate_up projection), forward and backward, at Llama hidden and intermediate sizes, for a
+    decode step, a prompt and a training batch, and requires every launched build in the report.
+    They compiled every integer plain; launched, the row counts, hidden size and strides carried
+    their multiple-of-16 hints (or the row count its == 1 constant): no launch was in the report."""
+    import importlib
+
+    rms = importlib.import_module("fastllama.ops.rms_norm")
+    swiglu = importlib.import_module("fastllama.ops.swiglu")
+    launched = _dry_run(monkeypatch, [rms, swiglu], {rms._k: ["rms_norm_fwd_kernel", "rms_norm_bwd_kernel"],
+                                                     swiglu._k: ["swiglu_fwd_kernel", "swiglu_bwd_kernel"]})
+    # Llama 3.2 1B/3B, 3.1 8B, 2 13B, and a toy model's 16 (the 16-wide backward tile spilled)
+    sizes = [(2048, 8192), (3072, 8192), (4096, 14336), (5120, 13824), (16, 48)]
+    with _interp.wrong_bf16_values_ok():  # nothing runs
+        for dtype, (hidden, inter), (b, t) in itertools.product(
+                (torch.bfloat16, torch.float32), sizes, ((1, 1), (1, 77), (2, 4096))):
+            x, res = (torch.empty(b, t, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+            w = torch.empty(hidden, dtype=dtype, requires_grad=True)
+            y, s = rms.rms_norm(x, w, residual=res)
+            (y.float().sum() + s.float().sum() + rms.rms_norm(x, w).float().sum()).backward()
+            gate, up = (torch.empty(b, t, inter, dtype=dtype, requires_grad=True) for _ in range(2))
+            gate_up = torch.empty(b, t, 2 * inter, dtype=dtype, requires_grad=True)
+            (swiglu.swiglu(gate, up).float().sum() + swiglu.swiglu_fused(gate_up).float().sum()).backward()
+    assert len(launched) == 2 * len(sizes) * 3 * 8
+    missing = _not_in_report(launched, ("rms_norm", "rms_norm_residual", "swiglu", "swiglu_fused"))
     assert not missing, (len(missing), missing[:3])

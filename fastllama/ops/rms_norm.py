@@ -7,6 +7,7 @@ autograd, plus the op-table entries.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Optional
 
 import torch
@@ -28,10 +29,12 @@ MAX_HIDDEN = 65536
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-def _gpu_tile(block_n: int) -> tuple[int, int]:
+def _gpu_tile(block_n: int, backward: bool = False) -> tuple[int, int]:
     """(BLOCK_M, num_warps) on a GPU for a chunk width BLOCK_N: ~4K elements a tile, so small
-    rows are batched, and 8-16 fp32 values a thread per tensor."""
-    block_m = max(1, 4096 // block_n)
+    rows are batched, and 8-16 fp32 values a thread per tensor. The 16-wide backward takes 2K:
+    256 x 16 at 8 warps spilled 8 bytes on sm_80 for 16-bit inputs once launched with its
+    multiple-of-16 hints (ptxas held it to 80 registers); 128 x 16 needs 64, no spill."""
+    block_m = max(1, (2048 if backward and block_n == 16 else 4096) // block_n)
     num_warps = min(16, max(4, block_m * block_n // 512))
     if block_n == 1024:  # 4 rows x 1024 at 8 warps spilled 8 bytes (sm_80, fp32 backward); 4 warps do not
         num_warps = 4
@@ -55,7 +58,7 @@ def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = Fal
             block_m = min(rows, 16)
             return block_m, 1, triton.cdiv(n_rows, block_m)
         return min(rows, max(1, 65536 // block_n)), 1, 1
-    block_m, num_warps = _gpu_tile(block_n)
+    block_m, num_warps = _gpu_tile(block_n, backward)
     sms = num_sms(device)
     return block_m, num_warps, max(2 * sms, triton.cdiv(n_rows, max(_DW_ROWS_PER_PROGRAM, block_m)))
 
@@ -213,33 +216,37 @@ _DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf1
 
 def _build_configs(fused: bool) -> list[KernelBuild]:
     """Every GPU specialisation: (BLOCK_N, CHUNKED) for hidden sizes up to MAX_HIDDEN x dtype,
-    forward and backward, with or without the fused residual."""
+    forward and backward, with or without the fused residual, x integer hints: n_cols and the
+    row strides all plain or all multiples of 16 (every Llama hidden size: Triton hints them at
+    launch, and the hint on n_cols keeps the masked loads vectors). The row counts are never
+    specialised (the kernels' do_not_specialize)."""
     def widths(backward):
         return sorted({_k.block_cols(2 ** i, backward) for i in range(4, 14)} | {_k.block_cols(MAX_HIDDEN, backward)})
 
-    def tag(block_n, chunked, block_m):
-        return f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}"
+    def tag(block_n, chunked, block_m, hints):
+        return f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}{hints}"
 
     builds = []
-    for ptr in _DTYPES.values():
+    for ptr, (hints, hint) in itertools.product(_DTYPES.values(), (("", "i32"), (" %16", "i32:16"))):
         for block_n, chunked in widths(False):
             block_m, num_warps = _gpu_tile(block_n)
             builds.append(KernelBuild(
                 _k.rms_norm_fwd_kernel,
                 {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": ptr, "RSTD": "*fp32", "n_rows": "i32",
-                 "n_cols": "i32", "stride_x": "i32", "stride_r": "i32", "stride_s": "i32",
-                 "stride_y": "i32", "eps": "fp32"},
+                 "n_cols": hint, "stride_x": hint, "stride_r": hint,
+                 "stride_s": hint if fused else "i32:16",  # without a residual the launch passes 0
+                 "stride_y": hint, "eps": "fp32"},
                 {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked},
-                num_warps=num_warps, label="rms_norm fwd " + tag(block_n, chunked, block_m)))
+                num_warps=num_warps, label="rms_norm fwd " + tag(block_n, chunked, block_m, hints)))
         for block_n, chunked in widths(True):
-            block_m, num_warps = _gpu_tile(block_n)
+            block_m, num_warps = _gpu_tile(block_n, backward=True)
             builds.append(KernelBuild(
                 _k.rms_norm_bwd_kernel,
                 {"DY": ptr, "DS_OUT": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr,
-                 "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
-                 "stride_dy": "i32", "stride_ds": "i32", "stride_x": "i32", "stride_dx": "i32"},
+                 "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": hint, "rows_per_program": "i32",
+                 "stride_dy": hint, "stride_ds": hint, "stride_x": hint, "stride_dx": hint},
                 {"HAS_DS_OUT": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked},
-                num_warps=num_warps, label="rms_norm bwd " + tag(block_n, chunked, block_m)))
+                num_warps=num_warps, label="rms_norm bwd " + tag(block_n, chunked, block_m, hints)))
     return builds
 
 

@@ -327,22 +327,27 @@ _DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf1
 
 
 def _build_configs() -> list[KernelBuild]:
-    """GPU tiles for every intermediate size (BLOCK_N 16..1024) x dtype, forward and backward."""
+    """GPU tiles for every intermediate size (BLOCK_N 16..1024) x dtype, forward and backward, x
+    integer hints: n_cols and the row strides all plain or all multiples of 16 (every Llama
+    intermediate size, so what those launches compile: Triton hints them at launch, and the hint
+    on n_cols is what keeps the masked loads vectors). n_rows is never specialised (the kernels'
+    do_not_specialize)."""
     builds = []
     for ptr in _DTYPES.values():
         for block_n in (16, 32, 64, 128, 256, 512, 1024):
             block_m, _ = _gpu_tile(block_n)
             consts = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-            ints = {name: "i32" for name in ("n_rows", "n_cols")}
-            builds.append(KernelBuild(
-                _k.swiglu_fwd_kernel,
-                {"G": ptr, "U": ptr, "OUT": ptr, **ints, "stride_g": "i32", "stride_u": "i32", "stride_o": "i32"},
-                consts, num_warps=4, label=f"swiglu fwd {ptr[1:]} N{block_n}"))
-            builds.append(KernelBuild(
-                _k.swiglu_bwd_kernel,
-                {"DOUT": ptr, "G": ptr, "U": ptr, "DG": ptr, "DU": ptr, **ints,
-                 **{f"stride_{s}": "i32" for s in ("do", "g", "u", "dg", "du")}},
-                consts, num_warps=4, label=f"swiglu bwd {ptr[1:]} N{block_n}"))
+            for hints, hint in (("", "i32"), (" %16", "i32:16")):
+                ints = {"n_rows": "i32", "n_cols": hint}
+                builds.append(KernelBuild(
+                    _k.swiglu_fwd_kernel,
+                    {"G": ptr, "U": ptr, "OUT": ptr, **ints, **{f"stride_{s}": hint for s in ("g", "u", "o")}},
+                    consts, num_warps=4, label=f"swiglu fwd {ptr[1:]} N{block_n}{hints}"))
+                builds.append(KernelBuild(
+                    _k.swiglu_bwd_kernel,
+                    {"DOUT": ptr, "G": ptr, "U": ptr, "DG": ptr, "DU": ptr, **ints,
+                     **{f"stride_{s}": hint for s in ("do", "g", "u", "dg", "du")}},
+                    consts, num_warps=4, label=f"swiglu bwd {ptr[1:]} N{block_n}{hints}"))
     return builds
 
 
