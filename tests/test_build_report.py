@@ -482,3 +482,29 @@ def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds
     assert len(launched) == 2 * len(sizes) * 3 * 8
     missing = _not_in_report(launched, ("rms_norm", "rms_norm_residual", "swiglu", "swiglu_fused"))
     assert not missing, (len(missing), missing[:3])
+
+
+def test_cross_entropy_launches_compile_the_reports_builds(monkeypatch):
+    """Dry-runs linear_cross_entropy forward and backward on its three paths (logits inside the
+    weight gradient, row chunks with the fp32 weight-gradient GEMM, a frozen head), mean and
+    per-row losses, with Llama 3's and an odd vocabulary, and requires every launched build in
+    the report. Its builds compiled every integer plain, so no launch was in it."""
+    import importlib
+
+    ce = importlib.import_module("fastllama.ops.cross_entropy")
+    launched = _dry_run(monkeypatch, ce, {ce._k: ["_lse_partials_kernel", "_loss_and_grad_kernel",
+                                                  "_accumulate_at_b_kernel"]})
+    n, hidden = 77, 64  # the kernels' integer classes follow the vocabulary, the hidden size and the rows
+    with _interp.wrong_bf16_values_ok():  # nothing runs
+        for dtype, vocab in ((torch.bfloat16, 32000), (torch.bfloat16, 32003), (torch.float32, 32003)):
+            labels = torch.randint(0, vocab, (n,))
+            for chunk_rows, frozen, reduction in ((None, False, "mean"), (32, False, "none"), (None, True, "mean")):
+                h = torch.zeros(n, hidden, dtype=dtype, requires_grad=True)
+                w = torch.zeros(vocab, hidden, dtype=dtype, requires_grad=not frozen)
+                loss = ce.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_rows=chunk_rows,
+                                               softcap=30.0 if frozen else None)
+                loss.backward(torch.ones_like(loss))
+    kernels = {br._python_function(x.kernel).__name__ for x in launched}
+    assert kernels == {"_lse_partials_kernel", "_loss_and_grad_kernel", "_accumulate_at_b_kernel"}, kernels
+    missing = _not_in_report(launched, ("linear_cross_entropy",))
+    assert not missing, (len(missing), missing[:3])

@@ -33,6 +33,7 @@ whole loop one opaque node for ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -566,54 +567,68 @@ _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 def _build_configs() -> list[KernelBuild]:
     """Every GPU launch: the cross-entropy kernels per logits layout (row-major chunks,
     column-major logits inside the weight gradient) x dtype x label dtype x softcap x split
-    x gradient, and the
-    fp32-accumulating GEMM (half dtypes only: fp32 weights use torch's addmm_) with and
-    without a first-chunk overwrite."""
+    x gradient, and the fp32-accumulating GEMM (half dtypes only: fp32 weights use torch's
+    addmm_) with and without a first-chunk overwrite; each x the integer hints a launch gets.
+
+    Triton hints an integer that is a multiple of 16 at launch (and makes one equal to 1 a
+    constant). The kernels never specialise the row counts, the ignore index, the gradient
+    scale's stride and the GEMM's chunk rows K (their do_not_specialize lists); the rest come in
+    both classes: the vocabulary size with the row-major logits' row stride, the column-major
+    logits' column stride (the chunk's rows), and for the GEMM the vocabulary size with its
+    stride and the hidden size with its strides. ``cols_per_split`` is a multiple of BLOCK_V,
+    always hinted."""
     builds = []
+    hints = {"": "i32", " %16": "i32:16"}
     # Row-major chunks (unit stride along V; Triton makes the argument equal to 1 a constant)
     # and the column-major logits of _logits_in_weight_grad (unit stride along the rows; always
     # writing the gradient); each with one vocabulary split (one kernel) or several (partials,
     # then loss and gradient).
-    layouts = (("rows", _CE_GPU, {"stride_col": 1}, {"stride_row": "i32"}, (False, True)),
-               ("columns", _CE_GPU_COLUMNS, {"stride_row": 1}, {"stride_col": "i32"}, (True,)))
-    common = {"n_rows": "i32", "n_cols": "i32", "cols_per_split": "i32", "ignore_index": "i32", "softcap": "fp32"}
+    layouts = (("rows", _CE_GPU, {"stride_col": 1}, "stride_row", (False, True)),
+               ("columns", _CE_GPU_COLUMNS, {"stride_row": 1}, "stride_col", (True,)))
     for dtype, ptr in _PTR.items():
         for layout, ce, unit_stride, other_stride, grads in layouts:
             tiles = {"BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]}
-            for lab in ("*i64", "*i32"):
-                for softcap in (False, True):
-                    name = f"cross_entropy {layout} {ptr[1:]} labels {lab[1:]} softcap={softcap}"
+            for lab, softcap, (vh, v_hint), (sh, s_hint) in itertools.product(
+                    ("*i64", "*i32"), (False, True), hints.items(), hints.items()):
+                if layout == "rows" and vh != sh:
+                    continue  # row-major logits: the row stride is the vocabulary size (or a padded one)
+                common = {"n_rows": "i32", "n_cols": v_hint, "cols_per_split": "i32:16", "ignore_index": "i32",
+                          "softcap": "fp32"}
+                name = (f"cross_entropy {layout} {ptr[1:]} labels {lab[1:]} softcap={softcap}"
+                        f"{' V' + vh if vh else ''}{' stride' + sh if sh else ''}")
+                unit = {name: "constexpr" for name in unit_stride}
+                builds.append(KernelBuild(
+                    _k._lse_partials_kernel,
+                    {"logits_ptr": ptr, **unit, other_stride: s_hint, "labels_ptr": lab, "target_ptr": "*fp32",
+                     "part_ptr": "*fp32", **common},
+                    {**unit_stride, "HAS_SOFTCAP": softcap, **tiles},
+                    num_warps=ce["num_warps"], label=f"{name} split partials"))
+                for split_pad, write_grad in itertools.product((0, _k.MAX_SPLITS), grads):
                     builds.append(KernelBuild(
-                        _k._lse_partials_kernel,
-                        {"logits_ptr": ptr, **other_stride, "labels_ptr": lab, "target_ptr": "*fp32",
-                         "part_ptr": "*fp32", **common},
-                        {**unit_stride, "HAS_SOFTCAP": softcap, **tiles},
-                        num_warps=ce["num_warps"], label=f"{name} split partials"))
-                    for split_pad in (0, _k.MAX_SPLITS):
-                        for write_grad in grads:
-                            builds.append(KernelBuild(
-                                _k._loss_and_grad_kernel,
-                                {"logits_ptr": ptr, **other_stride, "labels_ptr": lab, "loss_ptr": "*fp32",
-                                 "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "part_ptr": "*fp32",
-                                 **common, "z_loss": "fp32"},
-                                {**unit_stride, "HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
-                                 "SPLIT_PAD": split_pad, **tiles},
-                                num_warps=ce["num_warps"],
-                                label=f"{name} {'splits' if split_pad else 'one split'} grad={write_grad}"))
+                        _k._loss_and_grad_kernel,
+                        {"logits_ptr": ptr, **unit, other_stride: s_hint, "labels_ptr": lab, "loss_ptr": "*fp32",
+                         "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "part_ptr": "*fp32",
+                         **common, "z_loss": "fp32"},
+                        {**unit_stride, "HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
+                         "SPLIT_PAD": split_pad, **tiles},
+                        num_warps=ce["num_warps"],
+                        label=f"{name} {'splits' if split_pad else 'one split'} grad={write_grad}"))
         if dtype == torch.float32:
             continue
         g = _GEMM_GPU
-        for accumulate in (False, True):
+        for accumulate, (vh, v_hint), (hh, h_hint) in itertools.product((False, True), hints.items(), hints.items()):
             builds.append(KernelBuild(
                 _k._accumulate_at_b_kernel,
-                {"a_ptr": ptr, "stride_ak": "i32", "b_ptr": ptr, "stride_bk": "i32", "c_ptr": "*fp32",
-                 "stride_cm": "i32", "M": "i32", "N": "i32", "K": "i32"},
+                {"a_ptr": ptr, "stride_ak": v_hint, "stride_am": "constexpr", "b_ptr": ptr, "stride_bk": h_hint,
+                 "stride_bn": "constexpr", "c_ptr": "*fp32", "stride_cm": h_hint, "stride_cn": "constexpr",
+                 "M": v_hint, "N": h_hint, "K": "i32"},
                 # Unit strides are what the op passes (logits chunk, hidden rows, accumulator) and
                 # Triton specialises an int argument equal to 1 as a constexpr at launch.
-                {"stride_am": 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": accumulate, "PRECISION": "tf32", "BLOCK_M": g["block_m"], "BLOCK_N": g["block_n"],
-                 "BLOCK_K": g["block_k"], "GROUP_M": g["group_m"]},
+                {"stride_am": 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": accumulate, "PRECISION": "tf32",
+                 "BLOCK_M": g["block_m"], "BLOCK_N": g["block_n"], "BLOCK_K": g["block_k"], "GROUP_M": g["group_m"]},
                 num_warps=g["num_warps"], num_stages=g["num_stages"],
-                label=f"cross_entropy grad-weight GEMM {ptr[1:]} accumulate={accumulate}"))
+                label=f"cross_entropy grad-weight GEMM {ptr[1:]} accumulate={accumulate}"
+                      f"{' V' + vh if vh else ''}{' H' + hh if hh else ''}"))
     return builds
 
 
