@@ -448,8 +448,9 @@ def launch_build(kernel: Any, args: tuple, kwargs: dict):
     Triton specialises each argument at launch with its own rule (``native_specialize_impl``,
     used here): an integer equal to 1 becomes a constant (``"constexpr"``, value in
     ``constexprs``), a multiple of 16 gets a divisibility hint (``"i32:16"``), unless the kernel
-    lists it in ``do_not_specialize`` (neither) or ``do_not_specialize_on_alignment`` (no hint). A tensor whose address is not 16-byte aligned gets the type
-    ``"*T unaligned"``, which no build config has (the report compiles pointers aligned).
+    lists it in ``do_not_specialize`` (neither) or ``do_not_specialize_on_alignment`` (no hint).
+    A tensor whose address is not 16-byte aligned gets the type ``"*T unaligned"``, which no
+    build config has (the report compiles pointers aligned).
     Comparing the result with an op's ``build_configs()`` tells whether the report compiled what
     the launch runs.
     """

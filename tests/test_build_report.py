@@ -371,8 +371,9 @@ def _not_in_report(launched: list[KernelBuild], spec_names) -> list[str]:
     builds = [b for s in optable.all_specs() if s.name in spec_names and s.build_configs for b in s.build_configs()]
 
     def listed(x):
-        return any(br._python_function(b.kernel) is br._python_function(x.kernel) and b.signature == x.signature and b.constexprs == x.constexprs
-                   and (b.num_warps, b.num_stages) == (x.num_warps, x.num_stages) for b in builds)
+        return any(br._python_function(b.kernel) is br._python_function(x.kernel) and b.signature == x.signature
+                   and b.constexprs == x.constexprs and (b.num_warps, b.num_stages) == (x.num_warps, x.num_stages)
+                   for b in builds)
 
     return sorted({f"{br._python_function(x.kernel).__name__} {x.constexprs} w{x.num_warps} "
                    f"{ {n: t for n, t in x.signature.items() if not t.startswith('*')} }"

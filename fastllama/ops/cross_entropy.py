@@ -596,7 +596,7 @@ def _build_configs() -> list[KernelBuild]:
                           "softcap": "fp32"}
                 name = (f"cross_entropy {layout} {ptr[1:]} labels {lab[1:]} softcap={softcap}"
                         f"{' V' + vh if vh else ''}{' stride' + sh if sh else ''}")
-                unit = {name: "constexpr" for name in unit_stride}
+                unit = {arg: "constexpr" for arg in unit_stride}  # the launch makes a 1 a constant
                 builds.append(KernelBuild(
                     _k._lse_partials_kernel,
                     {"logits_ptr": ptr, **unit, other_stride: s_hint, "labels_ptr": lab, "target_ptr": "*fp32",
