@@ -462,13 +462,19 @@ def launch_build(kernel: Any, args: tuple, kwargs: dict):
     fn = _python_function(kernel)
     sig = inspect.signature(fn)
     params = sig.parameters
+    options = {k: v for k, v in kwargs.items() if k not in params}
+    if set(options) - {"num_warps", "num_stages"}:
+        raise TypeError(f"launch_build: launch options {sorted(set(options) - {'num_warps', 'num_stages'})} "
+                        "have no place in a KernelBuild (only num_warps and num_stages)")
     bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
     bound.apply_defaults()
+    jit = kernel  # under @triton.autotune / @triton.heuristics wrappers: the jit object itself
+    while not hasattr(jit, "do_not_specialize") and not hasattr(jit, "kwargs") and hasattr(jit, "fn"):
+        jit = jit.fn
 
     def arg_names(option: str) -> set[str]:  # the kernel's do_not_specialize(_on_alignment) list
-        names = getattr(kernel, "kwargs", {}).get(option) if hasattr(kernel, "kwargs") else None
-        names = names if names is not None else getattr(kernel, option, None) or ()
-        return {fn.__code__.co_varnames[n] if isinstance(n, int) else n for n in names}
+        names = jit.kwargs.get(option) if hasattr(jit, "kwargs") else getattr(jit, option, None)
+        return {fn.__code__.co_varnames[n] if isinstance(n, int) else n for n in names or ()}
 
     unspecialised, unaligned = arg_names("do_not_specialize"), arg_names("do_not_specialize_on_alignment")
     signature, constexprs = {}, {}
@@ -485,8 +491,8 @@ def launch_build(kernel: Any, args: tuple, kwargs: dict):
             signature[name] = kind if spec == "D" else f"{kind} unaligned"
         else:
             signature[name] = f"{kind}:16" if spec == "D" else kind
-    return KernelBuild(kernel, signature, constexprs, num_warps=kwargs.get("num_warps", 4),
-                       num_stages=kwargs.get("num_stages", 3))
+    return KernelBuild(kernel, signature, constexprs, num_warps=options.get("num_warps", 4),
+                       num_stages=options.get("num_stages", 3))  # the NVIDIA backend's defaults
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def _target_logit(logits_ptr, stride_row, stride_col, labels_ptr, rows, row_ok, 
     return target
 
 
-@triton.jit(do_not_specialize=["n_rows", "ignore_index"])  # see ops/cross_entropy._build_configs
+@triton.jit(do_not_specialize=["ignore_index"])  # see ops/cross_entropy._build_configs
 def _lse_partials_kernel(
     logits_ptr, stride_row, stride_col,  # (rows, V): row-major (stride_col 1) or column-major
     labels_ptr,                          # (rows,) int32/int64
@@ -139,7 +139,7 @@ def _lse_partials_kernel(
     tl.store(part_ptr + (n_splits + split) * n_rows + rows, s, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["n_rows", "ignore_index", "stride_scale"])  # see ops/cross_entropy._build_configs
+@triton.jit(do_not_specialize=["ignore_index", "stride_scale"])  # see ops/cross_entropy._build_configs
 def _loss_and_grad_kernel(
     logits_ptr, stride_row, stride_col,  # (rows, V): row-major (stride_col 1) or column-major
     labels_ptr,                    # (rows,) int32/int64

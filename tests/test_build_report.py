@@ -390,6 +390,14 @@ def test_launch_build_reads_triton_launch_specialisation():
     one = br.launch_build(K.copy_kernel, (x, x, 1), {"BLOCK": 1024})
     assert one.signature["n"] == "constexpr" and one.constexprs["n"] == 1
     assert br.launch_build(K.copy_kernel, (x[1:], x, 32), {"BLOCK": 1024}).signature["x_ptr"] == "*fp32 unaligned"
+    # the kernel's own do_not_specialize, also under an autotune/heuristics wrapper
+    import triton
+
+    unspecialised = triton.jit(do_not_specialize=["n"])(br._python_function(K.copy_kernel))
+    wrapped = triton.heuristics({"BLOCK": lambda args: 1024})(unspecialised)
+    assert br.launch_build(wrapped, (x, x, 32), {"BLOCK": 1024}).signature["n"] == "i32"
+    with pytest.raises(TypeError, match="maxnreg"):  # a launch option a KernelBuild cannot hold
+        br.launch_build(K.copy_kernel, (x, x, 32), {"BLOCK": 1024, "maxnreg": 128})
 
 
 def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
@@ -436,7 +444,7 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
                                           op._rk: ["rotary_cache_kernel"]})
     splits = op.default_num_splits  # its GPU choice: the device it sees is a CUDA one
     monkeypatch.setattr(op, "default_num_splits", lambda *a: splits(*a[:4], torch.device("cuda")))
-    heads = [(32, 8, 128), (32, 8, 64), (32, 32, 80), (24, 8, 96), (8, 1, 256), (64, 8, 128), (32, 1, 128)]
+    heads = [(32, 8, 128), (32, 8, 64), (32, 32, 80), (24, 8, 96), (8, 1, 256), (64, 8, 128), (32, 1, 128), (64, 1, 128)]
     with _interp.wrong_bf16_values_ok():  # nothing runs
         for dtype, (hq, hk, d), b, tq, tmax in itertools.product(
                 (torch.bfloat16, torch.float32), heads, (1, 8), (1, 2, 5, 16), (1000, 4096)):
@@ -488,16 +496,18 @@ def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds
 def test_cross_entropy_launches_compile_the_reports_builds(monkeypatch):
     """Dry-runs linear_cross_entropy forward and backward on its three paths (logits inside the
     weight gradient, row chunks with the fp32 weight-gradient GEMM, a frozen head), mean and
-    per-row losses, with Llama 3's and an odd vocabulary, and requires every launched build in
-    the report. Its builds compiled every integer plain, so no launch was in it."""
+    per-row losses, with a Llama and an odd vocabulary, 1, 64 and 77 rows, and requires every
+    launched build in the report. Its builds compiled every integer plain, so no launch was in
+    it."""
     import importlib
 
     ce = importlib.import_module("fastllama.ops.cross_entropy")
     launched = _dry_run(monkeypatch, ce, {ce._k: ["_lse_partials_kernel", "_loss_and_grad_kernel",
                                                   "_accumulate_at_b_kernel"]})
-    n, hidden = 77, 64  # the kernels' integer classes follow the vocabulary, the hidden size and the rows
+    hidden = 64  # the kernels' integer classes follow the vocabulary, the hidden size and the rows
     with _interp.wrong_bf16_values_ok():  # nothing runs
-        for dtype, vocab in ((torch.bfloat16, 32000), (torch.bfloat16, 32003), (torch.float32, 32003)):
+        for dtype, vocab, n in ((torch.bfloat16, 32000, 77), (torch.bfloat16, 32003, 64), (torch.float32, 32003, 77),
+                                (torch.bfloat16, 32000, 1)):
             labels = torch.randint(0, vocab, (n,))
             for chunk_rows, frozen, reduction in ((None, False, "mean"), (32, False, "none"), (None, True, "mean")):
                 h = torch.zeros(n, hidden, dtype=dtype, requires_grad=True)

@@ -571,14 +571,17 @@ def _build_configs() -> list[KernelBuild]:
     addmm_) with and without a first-chunk overwrite; each x the integer hints a launch gets.
 
     Triton hints an integer that is a multiple of 16 at launch (and makes one equal to 1 a
-    constant). The kernels never specialise the row counts, the ignore index, the gradient
-    scale's stride and the GEMM's chunk rows K (their do_not_specialize lists); the rest come in
-    both classes: the vocabulary size with the row-major logits' row stride, the column-major
-    logits' column stride (the chunk's rows), and for the GEMM the vocabulary size with its
-    stride and the hidden size with its strides. ``cols_per_split`` is a multiple of BLOCK_V,
-    always hinted."""
+    constant). The kernels never specialise the ignore index, the gradient scale's stride and
+    the GEMM's chunk rows K (their do_not_specialize lists); the rest come in the classes
+    launches give them: the vocabulary size with the row-major logits' row stride, the
+    column-major logits' column stride (the chunk's rows), the row count (plain, a multiple of
+    16, or 1: in the column-major layout the rows are the contiguous axis, and the hint on
+    ``rows < n_rows`` is what makes those loads and stores vectors: 16-bit scalar ones without
+    it), and for the GEMM the vocabulary size with its stride and the hidden size with its
+    strides. ``cols_per_split`` is a multiple of BLOCK_V, always hinted."""
     builds = []
     hints = {"": "i32", " %16": "i32:16"}
+    row_hints = {**hints, " 1": "constexpr"}
     # Row-major chunks (unit stride along V; Triton makes the argument equal to 1 a constant)
     # and the column-major logits of _logits_in_weight_grad (unit stride along the rows; always
     # writing the gradient); each with one vocabulary split (one kernel) or several (partials,
@@ -588,20 +591,24 @@ def _build_configs() -> list[KernelBuild]:
     for dtype, ptr in _PTR.items():
         for layout, ce, unit_stride, other_stride, grads in layouts:
             tiles = {"BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]}
-            for lab, softcap, (vh, v_hint), (sh, s_hint) in itertools.product(
-                    ("*i64", "*i32"), (False, True), hints.items(), hints.items()):
-                if layout == "rows" and vh != sh:
-                    continue  # row-major logits: the row stride is the vocabulary size (or a padded one)
-                common = {"n_rows": "i32", "n_cols": v_hint, "cols_per_split": "i32:16", "ignore_index": "i32",
+            for lab, softcap, (vh, v_hint), (rh, r_hint) in itertools.product(
+                    ("*i64", "*i32"), (False, True), hints.items(), row_hints.items()):
+                # The other stride is the vocabulary size (row-major logits) or the row count
+                # (column-major: (V, N) logits), and shares its class; a 1 is a constant.
+                s_hint = v_hint if layout == "rows" else r_hint
+                common = {"n_rows": r_hint, "n_cols": v_hint, "cols_per_split": "i32:16", "ignore_index": "i32",
                           "softcap": "fp32"}
                 name = (f"cross_entropy {layout} {ptr[1:]} labels {lab[1:]} softcap={softcap}"
-                        f"{' V' + vh if vh else ''}{' stride' + sh if sh else ''}")
+                        f"{' V' + vh if vh else ''}{' rows' + rh if rh else ''}")
                 unit = {arg: "constexpr" for arg in unit_stride}  # the launch makes a 1 a constant
+                one_row = {"n_rows": 1} if r_hint == "constexpr" else {}
+                if s_hint == "constexpr":
+                    one_row[other_stride] = 1
                 builds.append(KernelBuild(
                     _k._lse_partials_kernel,
                     {"logits_ptr": ptr, **unit, other_stride: s_hint, "labels_ptr": lab, "target_ptr": "*fp32",
                      "part_ptr": "*fp32", **common},
-                    {**unit_stride, "HAS_SOFTCAP": softcap, **tiles},
+                    {**unit_stride, **one_row, "HAS_SOFTCAP": softcap, **tiles},
                     num_warps=ce["num_warps"], label=f"{name} split partials"))
                 for split_pad, write_grad in itertools.product((0, _k.MAX_SPLITS), grads):
                     builds.append(KernelBuild(
@@ -609,7 +616,7 @@ def _build_configs() -> list[KernelBuild]:
                         {"logits_ptr": ptr, **unit, other_stride: s_hint, "labels_ptr": lab, "loss_ptr": "*fp32",
                          "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "part_ptr": "*fp32",
                          **common, "z_loss": "fp32"},
-                        {**unit_stride, "HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
+                        {**unit_stride, **one_row, "HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
                          "SPLIT_PAD": split_pad, **tiles},
                         num_warps=ce["num_warps"],
                         label=f"{name} {'splits' if split_pad else 'one split'} grad={write_grad}"))

@@ -410,11 +410,12 @@ _HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims of real Llama-family models
 
 def _split_signature(ptr: str, split: bool, st: str, lse_st: str, lengths: dict) -> dict:
     """The split kernel's argument types: pointers, strides ``st`` (LSE strides ``lse_st``), and
-    ``lengths`` for q_len / group / max_len / m_tiles."""
+    ``lengths`` for q_len / group / max_len / m_tiles. The single pass passes 0 for the split
+    stride (a multiple of 16 to Triton)."""
     return {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
             "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
             "use_leftpad": "i32",
-            **{f"stride_{n}{s}": st for n in "qkvo" for s in "bht"}, "stride_os": st,
+            **{f"stride_{n}{s}": st for n in "qkvo" for s in "bht"}, "stride_os": st if split else "i32:16",
             **{f"stride_l{s}": lse_st for s in "bht"}, **lengths}
 
 

@@ -344,6 +344,8 @@ def _build_configs(from_positions: bool) -> list[KernelBuild]:
                             continue
                         sig = {"Q": q_ptr, "K": q_ptr, "Q_OUT": q_ptr, "K_OUT": q_ptr, **ptrs}
                         sig.update({name: "i32:16" if name in hinted else "i32" for name in ints})
+                        if from_positions:  # the launcher passes 0 for the unused cos/sin strides
+                            sig.update(dict.fromkeys(("stride_cb", "stride_ct", "stride_sb", "stride_st"), "i32:16"))
                         builds.append(KernelBuild(
                             _k.rotary_kernel, sig,
                             {"FROM_POSITIONS": from_positions, "BACKWARD": backward,
