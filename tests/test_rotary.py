@@ -89,6 +89,23 @@ def test_inplace_without_grad():
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
 
 
+def test_inplace_on_a_one_token_fused_qkv_projection():
+    """A decode step's q and k from one fused qkv projection are disjoint views: rotating them in
+    place must work. With T == 1, ``.view().transpose()`` gives q and k different strides for the
+    size-1 token dim (which no element ever steps along); the overlap check counted that as
+    possibly shared memory and refused."""
+    hq, hk, d = 4, 2, 64
+    qkv = torch.randn(2, 1, (hq + 2 * hk) * d)
+    q = qkv[..., :hq * d].view(2, 1, hq, d).transpose(1, 2)
+    k = qkv[..., hq * d:(hq + hk) * d].view(2, 1, hk, d).transpose(1, 2)
+    assert q.stride(2) != k.stride(2)  # the case
+    _, _, cos, sin = _cos_sin(2, 1, d, torch.float32)
+    expect = ops.apply_rotary_pos_emb(q, k, cos, sin)
+    got = ops.apply_rotary_pos_emb(q, k, cos, sin, inplace=True)
+    assert got[0].data_ptr() == q.data_ptr()
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+
+
 def test_positions_variant_matches_fp32_cos_sin():
     """In-kernel cos/sin from positions == the cos/sin tensors HF would compute in fp32."""
     q, k = _qk(dtype=torch.float32, t=17, d=128)

@@ -111,9 +111,9 @@ def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Some element of ``a`` is at the same memory as some element of ``b`` (``f(x, x)``, or views
     that partly overlap). Disjoint views of one buffer, e.g. the gate and up halves of a fused
     gate_up projection or q and k of a fused qkv projection, do not. Exact for views with the
-    same strides (what real code passes); views with different strides count as sharing when
-    their address ranges intersect. Under torch.compile only identity is checked: dynamo cannot
-    compare data pointers."""
+    same strides along their dims of size > 1 (what real code passes); views with different
+    strides count as sharing when their address ranges intersect. Under torch.compile only
+    identity is checked: dynamo cannot compare data pointers."""
     if a is b:
         return True
     if torch.compiler.is_compiling() or a.numel() == 0 or b.numel() == 0:
@@ -128,7 +128,10 @@ def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     (a0, a1), (b0, b1) = extent(a), extent(b)
     if a1 < b0 or b1 < a0:
         return False
-    if a.dtype != b.dtype or a.stride() != b.stride() or a.dim() != b.dim() or (b0 - a0) % size:
+    # the strides of dims of size 1 in both never move an address (views give them any value)
+    same_strides = a.dim() == b.dim() and all(
+        sa == sb for sa, sb, na, nb in zip(a.stride(), b.stride(), a.shape, b.shape) if max(na, nb) > 1)
+    if a.dtype != b.dtype or not same_strides or (b0 - a0) % size:
         return True  # (conservative)
     # Same strides: an element of b is one of a iff b0 - a0 = sum_k j_k * stride_k with
     # -(b.shape[k] - 1) <= j_k <= a.shape[k] - 1. With the dims sorted by stride, largest first,
