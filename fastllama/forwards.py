@@ -351,10 +351,14 @@ def _hf_cache_name() -> str:
 def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                          inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     """``LlamaForCausalLM.forward``: with ``labels``, the LM head and the loss run as one fused
-    op and no logits are built (``logits`` is None); without, the original forward runs."""
+    op and no logits are built (``logits`` is None); without, the original forward runs. So
+    does a call with labels and a ``logits_to_keep`` other than 0: HF then computes the loss of
+    the kept logits against all the labels (a shape error for any shorter slice), and the fused
+    loss over every position would silently answer something else."""
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
-    if labels is None or not _plain_linear(self.lm_head):
+    keeps_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+    if labels is None or not keeps_all or not _plain_linear(self.lm_head):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                   logits_to_keep=logits_to_keep, labels=labels, **{_hf_cache_name(): cache}, **kwargs)

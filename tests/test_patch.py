@@ -947,6 +947,20 @@ def test_shift_labels_keyword_is_used_as_given():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_labels_with_logits_to_keep_behave_as_hf():
+    """HF computes the loss of the kept logits against all the labels (for a shorter slice: its
+    shape error); the patched model returned the fused loss over every position instead."""
+    model = build("llama-gqa").train()
+    x = ids()
+    with pytest.raises(ValueError) as hf_error:
+        model(input_ids=x, labels=x, logits_to_keep=1)
+    fastllama.patch(model)
+    with pytest.raises(ValueError) as patched_error:
+        model(input_ids=x, labels=x, logits_to_keep=1)
+    assert str(patched_error.value) == str(hf_error.value)
+    assert model(input_ids=x, labels=x, logits_to_keep=0).logits is None  # 0 keeps all: the fused loss
+
+
 def test_fused_loss_runs_in_the_autocast_dtype(monkeypatch):
     """Under bf16 autocast the LM head + loss run in bf16, as nn.Linear would (the autocast
     parity test bounds the error from above only: fp32 would pass it)."""
