@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["OpCase", "KernelBuild", "OpSpec", "OPS", "all_specs", "get"]
+__all__ = ["OpCase", "KernelBuild", "INT_HINTS", "OpSpec", "OPS", "all_specs", "get"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,12 @@ class OpCase:
     id: str
     params: dict
     cuda_only: bool = False
+
+
+# The two classes Triton sorts an integer argument into at launch besides == 1 (a constant),
+# as {label suffix: signature type}: build configs list the classes their launches give an
+# integer (tests/test_build_report.py dry-runs the launches against them).
+INT_HINTS = {"": "i32", " %16": "i32:16"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ import triton
 from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import cross_entropy as _k
-from ..optable import KernelBuild, OpCase, OpSpec
+from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec
 from ._checks import check_same, check_tensor, num_sms
 
 __all__ = ["linear_cross_entropy", "MIN_CHUNK_ROWS"]
@@ -580,8 +580,7 @@ def _build_configs() -> list[KernelBuild]:
     it), and for the GEMM the vocabulary size with its stride and the hidden size with its
     strides. ``cols_per_split`` is a multiple of BLOCK_V, always hinted."""
     builds = []
-    hints = {"": "i32", " %16": "i32:16"}
-    row_hints = {**hints, " 1": "constexpr"}
+    row_hints = {**INT_HINTS, " 1": "constexpr"}
     # Row-major chunks (unit stride along V; Triton makes the argument equal to 1 a constant)
     # and the column-major logits of _logits_in_weight_grad (unit stride along the rows; always
     # writing the gradient); each with one vocabulary split (one kernel) or several (partials,
@@ -592,7 +591,7 @@ def _build_configs() -> list[KernelBuild]:
         for layout, ce, unit_stride, other_stride, grads in layouts:
             tiles = {"BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]}
             for lab, softcap, (vh, v_hint), (rh, r_hint) in itertools.product(
-                    ("*i64", "*i32"), (False, True), hints.items(), row_hints.items()):
+                    ("*i64", "*i32"), (False, True), INT_HINTS.items(), row_hints.items()):
                 # The other stride is the vocabulary size (row-major logits) or the row count
                 # (column-major: (V, N) logits), and shares its class; a 1 is a constant.
                 s_hint = v_hint if layout == "rows" else r_hint
@@ -623,7 +622,8 @@ def _build_configs() -> list[KernelBuild]:
         if dtype == torch.float32:
             continue
         g = _GEMM_GPU
-        for accumulate, (vh, v_hint), (hh, h_hint) in itertools.product((False, True), hints.items(), hints.items()):
+        for accumulate, (vh, v_hint), (hh, h_hint) in itertools.product(
+                (False, True), INT_HINTS.items(), INT_HINTS.items()):
             builds.append(KernelBuild(
                 _k._accumulate_at_b_kernel,
                 {"a_ptr": ptr, "stride_ak": v_hint, "stride_am": "constexpr", "b_ptr": ptr, "stride_bk": h_hint,

@@ -16,7 +16,7 @@ import triton
 from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import rms_norm as _k
-from ..optable import KernelBuild, OpCase, OpSpec
+from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec
 from ._checks import check_last_dim_contiguous, check_same, check_tensor, num_sms
 
 __all__ = ["rms_norm", "MAX_HIDDEN"]
@@ -227,7 +227,7 @@ def _build_configs(fused: bool) -> list[KernelBuild]:
         return f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}{hints}"
 
     builds = []
-    for ptr, (hints, hint) in itertools.product(_DTYPES.values(), (("", "i32"), (" %16", "i32:16"))):
+    for ptr, (hints, hint) in itertools.product(_DTYPES.values(), INT_HINTS.items()):
         for block_n, chunked in widths(False):
             block_m, num_warps = _gpu_tile(block_n)
             builds.append(KernelBuild(

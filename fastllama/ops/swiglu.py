@@ -12,7 +12,7 @@ import triton
 from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import swiglu as _k
-from ..optable import KernelBuild, OpCase, OpSpec
+from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec
 from ._checks import check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, share_memory
 
 __all__ = ["swiglu", "swiglu_fused"]
@@ -337,7 +337,7 @@ def _build_configs() -> list[KernelBuild]:
         for block_n in (16, 32, 64, 128, 256, 512, 1024):
             block_m, _ = _gpu_tile(block_n)
             consts = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-            for hints, hint in (("", "i32"), (" %16", "i32:16")):
+            for hints, hint in INT_HINTS.items():
                 ints = {"n_rows": "i32", "n_cols": hint}
                 builds.append(KernelBuild(
                     _k.swiglu_fwd_kernel,
