@@ -167,7 +167,15 @@ def main(argv=None) -> int:
     interrupted = False
     try:
         for shape in args.models:
-            model = build_model(shape, dtype, device)
+            try:
+                model = build_model(shape, dtype, device)
+            except torch.OutOfMemoryError as e:  # the 8B model on a 16 GB GPU: an error row, keep the rest
+                rows.append({"model": NAMES[shape], "impl": "fastllama", "error": f"OutOfMemoryError: {e}"[:200]})
+                print(rows[-1], flush=True)
+                gc.collect()
+                if gpu:
+                    torch.cuda.empty_cache()
+                continue
             hf = None
             for batch in args.batches:
                 for context in args.contexts:

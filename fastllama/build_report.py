@@ -1,4 +1,4 @@
-"""The kernel build report: every shipped kernel config compiled for sm_80 and sm_90, no GPU needed.
+"""The kernel build report: every shipped kernel config compiled for sm_80, sm_86 and sm_90, no GPU needed.
 
 The Triton interpreter checks a kernel's math, not what the GPU compiler makes of it. This module
 compiles every :class:`~fastllama.optable.KernelBuild` of the op table with ``triton.compile`` for
@@ -9,7 +9,8 @@ hardware would get:
   --dump-resource-usage``: ptxas puts spills in the stack frame, so a non-zero ``STACK`` is what a
   spill looks like in practice);
 - shared memory per block: Triton's dynamic allocation (``metadata.shared``) plus any static
-  ``SHARED`` in the cubin, checked against the per-block opt-in limit (163 KB sm_80, 227 KB sm_90);
+  ``SHARED`` in the cubin, checked against the per-block opt-in limit (163 KB sm_80, 227 KB sm_90; 98 KB
+  on sm_86, which stands for every 99 KB GPU: see ``ARCHS``);
 - tensor-core instructions in the PTX: ``wgmma`` (Hopper warpgroup MMA), ``mma`` (``mma.sync``),
   or none. On sm_90 a ``tl.dot`` that lands on ``mma`` instead of ``wgmma`` leaves speed behind;
 - an occupancy estimate (:func:`occupancy`), and the compile time.
@@ -57,6 +58,12 @@ class Arch:
 
 ARCHS = {
     "sm_80": Arch("sm_80", 80, shared_per_block=163 * 1024, shared_per_sm=164 * 1024),  # A100
+    # A10, A40, RTX 30, standing for every GPU with 99 KB per block (sm_89 L4/L40S/RTX 40, sm_120
+    # RTX 50), where tiles that fit an A100 do not. Checked against 98 KB: on sm_120 ptxas adds 1 KB
+    # of static shared memory to a kernel that uses any (as on sm_90), so within 98 KB on sm_86
+    # fits all three. 48 warps and 16 blocks per SM: the least of the three.
+    "sm_86": Arch("sm_86", 86, shared_per_block=98 * 1024, shared_per_sm=100 * 1024, max_warps_per_sm=48,
+                  max_blocks_per_sm=16),
     "sm_90": Arch("sm_90", 90, shared_per_block=227 * 1024, shared_per_sm=228 * 1024),  # H100/H200
 }
 
@@ -545,7 +552,7 @@ def run_report(jobs: list[Job], cache_dir: Path | None = None, use_cache: bool =
 # CLI: fastllama build-report (registered in fastllama/cli.py)
 # ---------------------------------------------------------------------------------------------
 def cli_add_arguments(p) -> None:
-    p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default: sm_80,sm_90)")
+    p.add_argument("--arch", default=",".join(ARCHS), help=f"comma-separated targets (default: {','.join(ARCHS)})")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--op", action="append", default=None, help="only this op (repeatable)")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: cores / 2, max 4)")

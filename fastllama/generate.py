@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .ops._checks import check_attention_device
 from .model_weights import RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables
 from .reference.model import Llama, check_sampling, filter_logits
 
@@ -209,6 +210,7 @@ class Generator:
         self.device, self.dtype = p.device, p.dtype
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA model, the model is on {self.device}")
+        check_attention_device(p)  # its prefill and decode steps run the attention kernels
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.model, cfg = model, model.config
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads

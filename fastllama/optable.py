@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["OpCase", "KernelBuild", "INT_HINTS", "OpSpec", "OPS", "all_specs", "get"]
+__all__ = ["OpCase", "KernelBuild", "INT_HINTS", "REPORT_ARCHS", "by_arch", "OpSpec", "OPS", "all_specs", "get"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +29,23 @@ class OpCase:
 # integer (tests/test_build_report.py dry-runs the launches against them).
 INT_HINTS = {"": "i32", " %16": "i32:16"}
 
+# The archs the build report compiles for (``build_report.ARCHS``), each also a config-table arch
+# of the ops (``kernels.flash_attention.table_arch``: sm_86 stands for every 99 KB GPU).
+REPORT_ARCHS = ("sm_80", "sm_86", "sm_90")
+
+
+def by_arch(config: Callable[[int], Any]) -> list[tuple[Any, tuple[str, ...] | None]]:
+    """The distinct values of ``config(sm)`` (sm = 80, 86, 90), each with the archs that launch
+    it, for ``KernelBuild.archs`` (None: every arch)."""
+    archs: dict[Any, list[str]] = {}
+    for arch in REPORT_ARCHS:
+        archs.setdefault(config(int(arch.removeprefix("sm_"))), []).append(arch)
+    return [(value, None if len(a) == len(REPORT_ARCHS) else tuple(a)) for value, a in archs.items()]
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelBuild:
-    """One kernel specialisation that the op can launch, to compile for sm_80/sm_90 without a
+    """One kernel specialisation that the op can launch, to compile for sm_80/sm_86/sm_90 without a
     GPU (the build report). ``signature`` maps every non-constexpr argument name of the
     ``@triton.jit`` function to its Triton type string ("*fp16", "*bf16", "*fp32", "i32", "i64",
     "fp32"; "i32:16" for an integer the runtime sees as a multiple of 16 — Triton specialises such

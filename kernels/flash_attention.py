@@ -417,8 +417,47 @@ _DKDV_ATOMIC_UNALIGNED = {
 _SM90_EXTRA_ATOMIC = {64: [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3)],
                       128: [(16, 128, 8, 2), (32, 128, 8, 1)]}
 
-# (aligned table, unaligned table, sm_90 additions) per kernel.
-CONFIG_TABLES = {name: (aligned, unaligned, sm90) for name, aligned, unaligned, sm90 in (
+# GPUs with 99 KB of shared memory per block (sm_86: A10, A40, RTX 30; sm_89: L4, L40S, RTX 40;
+# sm_120: RTX 50) run the tables above except where a row's tiles need more, which Triton refuses
+# to launch there ("out of resource: shared memory"): the 16-bit forward at d80-128 needed 115
+# and 131 KB, so a patched Llama did not run on those GPUs at all. Those rows are replaced here,
+# keyed (aligned, padded head dim, kind), and so are the few whose tiles spill there although
+# they do not on sm_80 (ptxas for sm_86 caps registers at 64-128 to fit more blocks: fp32 dK/dV
+# (16,32,4,1) 8 B at d80/96, (16,32,8,1) 8 B at d256 varlen; unaligned fp32 dQ (16,32,4,1) 184-200
+# B; atomic dK/dV (32,128,8,2) 8 B at d64). Compiled for sm_86 (the build report's "sm_86" arch),
+# registers / shared KB, worst over fp16/bf16, dense/varlen and the head dims of the row:
+#   forward  16-bit d80-128 (128,64,8,2) 172 / 80.5, (64,64,4,3) 204 / 88.2, (128,32,8,3) 169 / 72.5;
+#            tf32 d256 (32,16,4,2) 127 / 66.3 (unaligned 156). Rejected: 16-bit (128,32,4,2) and
+#            (128,64,4,2) spill 8-112 B; tf32 d256 (32,32,4|8,2) 100.3 KB, (64,32,8,1) 104 KB.
+#   dQ       16-bit d256 (32,32,8,2) 128 / 68, (64,32,8,1) 197 / 96; tf32 d80-128 (64,32,4,1)
+#            228 / 96, (32,32,4,2) 143 / 72 (unaligned 140 / 80); tf32 d256 (16,32,8,1) 147 / 96,
+#            (16,16,4,2) 116 / 80 (unaligned 147). Rejected: tf32 d80-128 (64,16,4,2) 8 B varlen
+#            spill; d256 (32,32,4,1) 104 B spill, (16,32,4,2) and (32,16,4,2) 112-128 KB.
+#            ieee unaligned d80-128 (16,32,8,1) 76 / 48. Rejected: (16,16,4,1) 16 B varlen spill.
+#   dK/dV    tf32 d80-128 (32,32,8,2) 128 / 84.4; ieee d80-128 (16,32,8,1) 84 / 50, d256
+#            (16,16,8,1) 80 / 65. Rejected: (32,64,8,1) 128 KB.
+# Rows that are a subset of their sm_80 row keep its order (the first is what autotune=False runs).
+_SM86_ROWS = {
+    "fwd": {(True, 128, "16-bit"): [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+            (True, 256, "16-bit"): [(64, 32, 8, 2)],
+            (True, 128, "tf32"): [(64, 32, 4, 2)],
+            (True, 256, "tf32"): [(32, 16, 4, 2)],
+            (False, 256, "tf32"): [(32, 16, 4, 2)]},
+    "dq": {(True, 128, "16-bit"): [(64, 64, 4, 2)],
+           (True, 256, "16-bit"): [(32, 32, 8, 2), (64, 32, 8, 1)],
+           (True, 128, "tf32"): [(64, 32, 4, 1), (32, 32, 4, 2)],
+           (False, 128, "tf32"): [(32, 32, 4, 2)],
+           (True, 256, "tf32"): [(16, 32, 8, 1), (16, 16, 4, 2)],
+           (False, 256, "tf32"): [(16, 16, 4, 2)],
+           (False, 128, "ieee"): [(16, 32, 8, 1)]},
+    "dkdv": {(True, 128, "tf32"): [(32, 32, 8, 2)],
+             (True, 128, "ieee"): [(16, 32, 8, 1)],
+             (True, 256, "ieee"): [(16, 16, 8, 1)]},
+    "dkdv_atomic": {(True, 64, "16-bit"): [(32, 64, 8, 2), (16, 64, 4, 2)]},
+}
+
+# (aligned table, unaligned table, sm_90 additions, sm_86 replacement rows) per kernel.
+CONFIG_TABLES = {name: (aligned, unaligned, sm90, _SM86_ROWS[name]) for name, aligned, unaligned, sm90 in (
     ("fwd", _FWD, _FWD_UNALIGNED, _SM90_EXTRA_16BIT["fwd"]), ("dq", _DQ, _DQ_UNALIGNED, _SM90_EXTRA_16BIT["dq"]),
     ("dkdv", _DKDV, _DKDV_UNALIGNED, _SM90_EXTRA_16BIT["dkdv"]),
     ("dkdv_atomic", _DKDV_ATOMIC, _DKDV_ATOMIC_UNALIGNED, _SM90_EXTRA_ATOMIC))}
@@ -446,13 +485,15 @@ def key_bucket(mk: int, mq: int, before: int, after: int) -> int:
 
 def _lookup(tables, d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
             sm: int = 80) -> list[tuple]:
-    """The candidates of one launch: ``tables`` is (aligned, unaligned, sm_90 additions);
-    ``sm`` the device's compute capability as 10 * major + minor (90 for H100/H200)."""
+    """The candidates of one launch: ``tables`` is (aligned, unaligned, sm_90 additions, sm_86
+    replacement rows); ``sm`` the device's table arch (:func:`table_arch`: 80, 86 or 90)."""
     kind = precision if elem_bytes >= 4 else "16-bit"  # fp16/bf16 ignore the fp32 dot precision
     row = max(64, d_pad)
     configs = tables[0 if aligned else 1][(row, kind)]
     if sm == 90 and aligned and kind == "16-bit":
         configs = configs + tables[2].get(row, [])
+    if sm == 86:
+        configs = tables[3].get((aligned, row, kind), configs)
     return configs
 
 
@@ -460,7 +501,8 @@ def fwd_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: b
                 sm: int = 80) -> list[tuple]:
     """Forward autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); ``aligned``: the
     strides are multiples of 16 elements (:func:`strides_aligned`), else the unaligned table;
-    ``sm`` 90 adds the Hopper-only tiles (see ``_SM90_EXTRA_16BIT``)."""
+    ``sm`` (:func:`table_arch`) 90 adds the Hopper-only tiles (see ``_SM90_EXTRA_16BIT``), 86
+    swaps in the rows made for 99 KB GPUs (``_SM86_ROWS``)."""
     return _lookup(CONFIG_TABLES["fwd"], d_pad, elem_bytes, precision, aligned, sm)
 
 
@@ -484,24 +526,46 @@ def dkdv_atomic_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", al
     return _lookup(CONFIG_TABLES["dkdv_atomic"], d_pad, elem_bytes, precision, aligned, sm)
 
 
+SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024}  # the least opt-in shared memory per block of each table arch
+
+
 @functools.lru_cache(maxsize=None)
-def device_sm(device: torch.device) -> int:
-    """10 * major + minor compute capability of a CUDA device; 0 for anything else."""
+def table_arch(device: torch.device) -> int:
+    """Which config tables a device runs, named by the arch the build report compiles them for:
+    90 on sm_90 (H100/H200: the shared tables plus the Hopper-only tiles); 86 on GPUs with 99 to
+    163 KB of shared memory per block (sm_86, sm_89, sm_120: ``_SM86_ROWS``); 80 on the others
+    (A100, B200: 163 KB or more); 0 for a device that is not CUDA (the interpreter: the sm_80
+    tables). A GPU with less than 99 KB per block (sm_75, sm_70) is refused with a ValueError."""
     if device.type != "cuda":
         return 0
     major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    if (major, minor) == (9, 0):
+        return 90
+    props = torch.cuda.get_device_properties(device)
+    shared = getattr(props, "shared_memory_per_block_optin", None)
+    if shared is None:  # torch before 2.6 does not report it; Triton's launcher checks this number
+        shared = triton.runtime.driver.active.utils.get_device_properties(
+            device.index if device.index is not None else torch.cuda.current_device())["max_shared_mem"]
+    if shared >= SHARED_PER_BLOCK[80]:
+        return 80
+    if shared >= SHARED_PER_BLOCK[86]:
+        return 86
+    raise ValueError(f"fastllama's attention kernels need 99 KB of shared memory per block; {device} "
+                     f"({props.name}, sm_{major}{minor}) has {shared // 1024} KB. Supported: compute capability 8.0 "
+                     "and newer (A100, A10, L4, RTX 30/40/50, H100, ...). On this GPU, fastllama.patch(model, "
+                     "attention=False) leaves a model's attention to PyTorch")
 
 
 class ArchAutotuner:
-    """``kernel`` autotuned over ``tables`` (aligned, unaligned, sm_90 additions), with one Triton
-    autotuner per GPU architecture.
+    """``kernel`` autotuned over ``tables`` (aligned, unaligned, sm_90 additions, sm_86
+    replacement rows), with one Triton autotuner per table arch (:func:`table_arch`).
 
     Why per arch: Triton keys its tuning cache on the launch's arguments, not on the device, so
     in one process with an A100 and an H100 a Hopper-only tile tuned on the H100 would then be
-    launched on the A100, where it spills or does not fit. Each launch also keeps only the
-    candidates of its own (ALIGNED, padded head dim, dtype, fp32 precision) row of its arch, so a
-    config that the build report did not compile for that row and arch can not be chosen.
+    launched on the A100, where it spills or does not fit (and an A100's tile on an L4). Each
+    launch also keeps only the candidates of its own (ALIGNED, padded head dim, dtype, fp32
+    precision) row of its arch, so a config that the build report did not compile for that row
+    and arch can not be chosen.
     ``autotune_kwargs`` go to ``triton.autotune`` (e.g. ``restore_value``).
     """
 
@@ -511,10 +575,10 @@ class ArchAutotuner:
         self.latest = None  # the autotuner of the latest launch (its best_config: what it chose)
 
     def for_sm(self, sm: int):
-        """The autotuner of compute capability ``sm`` (10 * major + minor)."""
+        """The autotuner of table arch ``sm`` (80, 86 or 90: :func:`table_arch`)."""
         if sm not in self._by_sm:
             tables = self.tables
-            union = sorted({c for i, table in enumerate(tables) if i < 2 or sm == 90
+            union = sorted({c for i, table in enumerate(tables) if i < 2 or (i, sm) in ((2, 90), (3, 86))
                             for row in table.values() for c in row})
             configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                        for bm, bn, w, s in union]
@@ -531,7 +595,7 @@ class ArchAutotuner:
 
     def for_device(self, device: torch.device):
         """The autotuner of ``device``'s arch; launch it as ``tuner.for_device(q.device)[grid](...)``."""
-        self.latest = self.for_sm(device_sm(device))
+        self.latest = self.for_sm(table_arch(device))
         return self.latest
 
 
@@ -544,7 +608,7 @@ def untuned_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -
     launched directly and untimed, when a launcher gets ``autotune=False``. (Pruning the
     autotuner to one candidate is not enough: Triton before 3.7 still times a lone candidate.)"""
     configs = {"fwd": fwd_configs, "dq": dq_configs, "dkdv": dkdv_configs, "dkdv_atomic": dkdv_atomic_configs}[which]
-    return configs(padded_head_dim(q.shape[-1]), q.element_size(), precision, aligned, device_sm(q.device))[0]
+    return configs(padded_head_dim(q.shape[-1]), q.element_size(), precision, aligned, table_arch(q.device))[0]
 
 
 def strides_aligned(*tensors) -> bool:

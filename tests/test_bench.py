@@ -380,6 +380,28 @@ def test_a_failing_method_is_an_error_row_and_the_exit_code(script, timer, tmp_p
     assert "broken baseline" in rows[0]["error"] and len(rows) > 1 and all(r.get("ms") for r in rows[1:])
 
 
+@smoke_run_only
+def test_decode_model_that_does_not_fit_is_an_error_row(tmp_path, monkeypatch):
+    # The default 8B model on a 16 GB GPU: building it raised out of the script, and the rows of
+    # the 1B model measured before it were never written.
+    from benchmarks import bench_decode
+
+    real = bench_decode.build_model
+
+    def oom_first(shape, dtype, device):
+        if not oom_first.raised:
+            oom_first.raised = True
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+        return real(shape, dtype, device)
+
+    oom_first.raised = False
+    monkeypatch.setattr(bench_decode, "build_model", oom_first)
+    monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))
+    assert bench_decode.main(["--models", "tiny", "tiny", "--skip-hf"]) == 1
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert "OutOfMemoryError" in rows[0]["error"] and rows[1]["tokens/s"] > 0
+
+
 def test_decode_plot_has_a_panel_per_model_and_context(tmp_path, monkeypatch):
     # The decode sweep has two contexts per model: drawn into one panel, a line zigzagged between
     # them with nothing saying which point was which.

@@ -25,7 +25,7 @@ from fastllama import _interpreter as _interp
 from fastllama import build_report as br
 from fastllama.optable import KernelBuild
 
-ARCHS = ["sm_80", "sm_90"]
+ARCHS = ["sm_80", "sm_90"]  # of the fixture kernels; the gate below compiles for every arch of br.ARCHS
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}
 MM_SIG = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32"}
@@ -205,6 +205,16 @@ def _known_problems() -> set[str]:
             if line.strip() and not line.lstrip().startswith("#")}
 
 
+def test_the_report_compiles_for_the_op_tables_archs():
+    """KernelBuild.archs names the archs of optable.REPORT_ARCHS (what the op tables are made
+    for); the report must compile exactly those, or a build made for one of them goes unchecked."""
+    from fastllama import optable
+
+    assert tuple(br.ARCHS) == optable.REPORT_ARCHS
+    sm86 = br.ARCHS["sm_86"]  # within it on sm_86 means within 99 KB on sm_120 (+1 KB static) too
+    assert sm86.shared_per_block + 1024 <= 99 * 1024 and sm86.max_warps_per_sm == 48
+
+
 def test_every_kernel_module_is_in_the_op_table():
     jobs, errors = br.jobs_from_specs(["sm_90"])
     assert not errors, br.problems(errors)
@@ -213,7 +223,7 @@ def test_every_kernel_module_is_in_the_op_table():
                          + "; ".join(f"{m}: {', '.join(k)}" for m, k in missing.items()))
 
 
-def test_shipped_kernel_configs_compile_without_spills_for_sm80_and_sm90(tmp_path):
+def test_shipped_kernel_configs_compile_without_spills_for_every_arch(tmp_path):
     import triton
 
     committed = br.committed_report()
@@ -224,7 +234,7 @@ def test_shipped_kernel_configs_compile_without_spills_for_sm80_and_sm90(tmp_pat
         # uncached and the gate would spend its budget compiling, then fail as stale.
         pytest.skip(f"the committed build report was made with Triton {made_with}, this is "
                     f"{triton.__version__}: run `fastllama build-report` for this Triton's own table")
-    jobs, errors = br.jobs_from_specs(ARCHS)
+    jobs, errors = br.jobs_from_specs(br.ARCHS)
     # A cache of its own, seeded from the committed report: the verdict depends on the checkout,
     # not on what other runs left in ~/.cache.
     rows = errors + br.run_report(br.by_pressure(jobs), cache_dir=tmp_path, workers=WORKERS, seed=committed,
@@ -363,9 +373,9 @@ def _dry_run(monkeypatch, op, kernels: dict) -> list[KernelBuild]:
     return launched
 
 
-def _not_in_report(launched: list[KernelBuild], spec_names) -> list[str]:
-    """The launched builds that no build config of the op specs ``spec_names`` is (the report did
-    not compile them), described briefly."""
+def _not_in_report(launched: list[KernelBuild], spec_names, arch: str = "sm_80") -> list[str]:
+    """The launched builds that no build config of the op specs ``spec_names`` is for ``arch``
+    (the report did not compile them there), described briefly."""
     from fastllama import optable
 
     builds = [b for s in optable.all_specs() if s.name in spec_names and s.build_configs for b in s.build_configs()]
@@ -373,7 +383,7 @@ def _not_in_report(launched: list[KernelBuild], spec_names) -> list[str]:
     def listed(x):
         return any(br._python_function(b.kernel) is br._python_function(x.kernel) and b.signature == x.signature
                    and b.constexprs == x.constexprs and (b.num_warps, b.num_stages) == (x.num_warps, x.num_stages)
-                   for b in builds)
+                   and (b.archs is None or arch in b.archs) for b in builds)
 
     return sorted({f"{br._python_function(x.kernel).__name__} {x.constexprs} w{x.num_warps} "
                    f"{ {n: t for n, t in x.signature.items() if not t.startswith('*')} }"
@@ -431,17 +441,20 @@ def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
 
 
 
-def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
+@pytest.mark.parametrize("sm", [80, 86, 90])
+def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs decode attention (single pass and split + combine) and the rotary + cache append
     at decode and chunked-prefill shapes: Llama-family head dims and GQA groups (MHA to 64),
     1-16 new tokens, a few cache sizes and batches, HF's layouts (q a transposed projection, a
-    contiguous static cache), and requires every launched build to be a build config. Before the
-    decode kernels left their lengths unspecialised, 1838 of 1842 such launches compiled a variant
-    (a length of 16, 4096 or 1, a split count) that the report never built."""
+    contiguous static cache), and requires every launched build to be a build config for the
+    device's arch (the fp32 tiles of 99 KB GPUs differ). Before the decode kernels left their
+    lengths unspecialised, 1838 of 1842 such launches compiled a variant (a length of 16, 4096 or
+    1, a split count) that the report never built."""
     from fastllama.ops import decode as op
 
     launched = _dry_run(monkeypatch, op, {op._dk: ["decode_split_kernel", "decode_combine_kernel"],
                                           op._rk: ["rotary_cache_kernel"]})
+    monkeypatch.setattr(op, "table_arch", lambda device: sm)
     splits = op.default_num_splits  # its GPU choice: the device it sees is a CUDA one
     monkeypatch.setattr(op, "default_num_splits", lambda *a: splits(*a[:4], torch.device("cuda")))
     heads = [(32, 8, 128), (32, 8, 64), (32, 32, 80), (24, 8, 96), (8, 1, 256), (64, 8, 128), (32, 1, 128), (64, 1, 128)]
@@ -460,7 +473,7 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
             op.decode_attention(q, k_cache, v_cache, seqlens)
             op.decode_attention(q, k_cache, v_cache, seqlens, num_splits=1)
     assert len(launched) > 1000
-    missing = _not_in_report(launched, ("decode_attention", "rotary_cache_append"))
+    missing = _not_in_report(launched, ("decode_attention", "rotary_cache_append"), f"sm_{sm}")
     assert not missing, (len(missing), missing[:3])
 
 

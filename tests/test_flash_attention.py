@@ -370,20 +370,103 @@ def test_one_autotuner_per_arch():
         assert {tile(c) for c in hopper.configs} == shared | {c for row in tuned.tables[2].values() for c in row}
 
 
-@pytest.mark.parametrize("sm", [80, 90])
+@pytest.mark.parametrize("name,capability,shared_kb,arch", [
+    ("NVIDIA A100-SXM4-80GB", (8, 0), 163, 80), ("NVIDIA H100 80GB HBM3", (9, 0), 227, 90),
+    ("NVIDIA L4", (8, 9), 99, 86), ("NVIDIA A10", (8, 6), 99, 86), ("NVIDIA GeForce RTX 5090", (12, 0), 99, 86),
+    ("NVIDIA B200", (10, 0), 227, 80), ("Tesla T4", (7, 5), 64, None), ("Tesla V100-SXM2-16GB", (7, 0), 96, None)])
+def test_table_arch_follows_shared_memory(monkeypatch, name, capability, shared_kb, arch):
+    """The tables a GPU runs: sm_90's with the Hopper tiles, the 99 KB rows on GPUs with that much
+    shared memory per block (an L4 ran the A100's 115 KB forward tiles, which Triton refuses to
+    launch there), and a clear error below 99 KB instead of Triton's out-of-resources one."""
+    import types
+
+    props = types.SimpleNamespace(name=name, shared_memory_per_block_optin=shared_kb * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    kfa.table_arch.cache_clear()
+    try:
+        if arch is None:
+            with pytest.raises(ValueError, match=f"need 99 KB of shared memory per block.*{shared_kb} KB"):
+                kfa.table_arch(torch.device("cuda", 0))
+        else:
+            assert kfa.table_arch(torch.device("cuda", 0)) == arch
+        assert kfa.table_arch(torch.device("cpu")) == 0
+    finally:
+        kfa.table_arch.cache_clear()
+
+
+def test_attention_entry_points_check_the_gpu_before_launch(monkeypatch):
+    """flash_attention, decode_attention and the Generator ask for the device check before
+    anything runs (on a T4 the user reads which GPUs work, not Triton's out-of-resources error at
+    the first launch), and the check refuses a CUDA device below 99 KB of shared memory."""
+    import types
+
+    from fastllama import generate as G
+    from fastllama.ops import _checks
+    from fastllama.ops import decode as D
+    from fastllama.reference import Llama, LlamaConfig
+
+    class Refused(Exception):
+        pass
+
+    def refuse(t):
+        raise Refused(t.device)
+
+    for module in (A, D, G):
+        monkeypatch.setattr(module, "check_attention_device", refuse)
+    q, k, v = _qkv(1, 2, 1, 3, 3, 16, torch.float32, grad=False)
+    with pytest.raises(Refused):
+        ops.flash_attention(q, k, v)
+    with pytest.raises(Refused):
+        ops.decode_attention(q, k, v, torch.full((1,), 3, dtype=torch.int32, device=q.device))
+    model = Llama(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1)).to(DEVICE)
+    with pytest.raises(Refused):
+        G.Generator(model, 1, 8)
+
+    t4 = types.SimpleNamespace(name="Tesla T4", shared_memory_per_block_optin=64 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: t4)
+    kfa.table_arch.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"Tesla T4, sm_75\) has 64 KB.*attention=False"):
+            _checks.check_attention_device(types.SimpleNamespace(device=torch.device("cuda", 0)))
+        _checks.check_attention_device(q)  # CPU tensors (the interpreter) are not asked about
+    finally:
+        kfa.table_arch.cache_clear()
+
+
+def test_sm86_rows_replace_only_their_own_rows():
+    """Every ``_SM86_ROWS`` row replaces an existing sm_80 row, and the sm_86 tables differ from
+    the sm_80 ones only there: rows that fit and do not spill keep their tuned candidates."""
+    for name, (aligned_table, unaligned_table, _, small) in kfa.CONFIG_TABLES.items():
+        for aligned, row, kind in small:
+            assert (row, kind) in (aligned_table if aligned else unaligned_table), (name, aligned, row, kind)
+        configs = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs,
+                   "dkdv_atomic": kfa.dkdv_atomic_configs}[name]
+        for aligned, table in ((True, aligned_table), (False, unaligned_table)):
+            for row, kind in table:
+                elem, precision = (2, "ieee") if kind == "16-bit" else (4, kind)
+                got = configs(row, elem, precision, aligned, 86)
+                assert got == small.get((aligned, row, kind), configs(row, elem, precision, aligned, 80)) and got
+
+
+@pytest.mark.parametrize("sm", [80, 86, 90])
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("dtype,D,precision", [(torch.bfloat16, 128, "ieee"), (torch.float16, 80, "ieee"),
                                                (torch.bfloat16, 64, "ieee"), (torch.float32, 256, "ieee"),
-                                               (torch.float32, 128, "tf32")])
+                                               (torch.float32, 128, "tf32"), (torch.float32, 256, "tf32"),
+                                               (torch.bfloat16, 256, "ieee")])
 def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm, monkeypatch):
     """Each autotuner keeps only its (stride alignment, head dim, dtype, fp32 precision, device
     arch) row, and every kept config is in the build list the build report compiles for that
     arch. Unaligned launches get the ``*_UNALIGNED`` tables (smaller tiles that do not spill
     without the 16-element stride hint); an sm_90 device adds the Hopper-only tiles to the
-    aligned 16-bit rows, and those are built for sm_90 alone."""
+    aligned 16-bit rows, and those are built for sm_90 alone; a 99 KB GPU (sm_86) swaps in the
+    ``_SM86_ROWS``, built for sm_86 alone, and no tile of its sm_80 row that they drop."""
     from fastllama.kernels import flash_attention_backward as kbwd
 
-    monkeypatch.setattr(kfa, "device_sm", lambda device: sm)  # the prune asks the device's arch
+    monkeypatch.setattr(kfa, "table_arch", lambda device: sm)  # the prune asks the device's arch
     q = torch.empty(1, 1, 1, D, dtype=dtype)
     archs = {(b.label, b.num_warps, b.num_stages): b.archs for b in A._build_configs()}
     d_pad = kfa.padded_head_dim(D)
@@ -401,11 +484,17 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
         assert got == set(table(d_pad, dtype.itemsize, precision, aligned, sm)) and got
         shared = set(kfa.CONFIG_TABLES[name][0 if aligned else 1][(max(64, d_pad), kind)])
         extra = set(kfa.CONFIG_TABLES[name][2].get(max(64, d_pad), [])) - shared if hopper else set()
-        assert got == shared | extra
+        small = kfa.CONFIG_TABLES[name][3].get((aligned, max(64, d_pad), kind))
+        assert got == (set(small) if sm == 86 and small else shared | extra)
         assert not hopper or d_pad > 128 or extra, "no Hopper-only tile for an aligned 16-bit d64/d128 row"
         for bm, bn, w, s in got:
             label = f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}"
-            assert archs[label, w, s] == (None if (bm, bn, w, s) in shared else ("sm_90",))
+            built_for = archs[label, w, s]
+            assert built_for is None or f"sm_{sm}" in built_for, (label, w, s, built_for)
+        if sm == 86 and small:  # the dropped sm_80 tiles are not built for sm_86 (they do not fit there)
+            for bm, bn, w, s in shared - set(small):
+                label = f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}"
+                assert archs[label, w, s] == ("sm_80", "sm_90")
 
 
 def test_autotune_off_launches_the_rows_first_candidate(monkeypatch):
@@ -415,7 +504,7 @@ def test_autotune_off_launches_the_rows_first_candidate(monkeypatch):
     import subprocess
     import sys
 
-    monkeypatch.setattr(kfa, "device_sm", lambda device: 90)
+    monkeypatch.setattr(kfa, "table_arch", lambda device: 90)
     q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
     for which, table in (("fwd", kfa.fwd_configs), ("dq", kfa.dq_configs), ("dkdv", kfa.dkdv_configs),
                          ("dkdv_atomic", kfa.dkdv_atomic_configs)):
@@ -570,7 +659,7 @@ def test_every_autotune_candidate_of_this_gpu(monkeypatch, which, D):
     turn, must pass the parity rule on an odd-length causal GQA case with edge blocks on both
     axes (the other two kernels keep their row's first candidate)."""
     torch.manual_seed(0)
-    sm = kfa.device_sm(torch.device(DEVICE))
+    sm = kfa.table_arch(torch.device(DEVICE))
     tables = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs,
               "dkdv_atomic": kfa.dkdv_atomic_configs}
     row = lambda name: tables[name](kfa.padded_head_dim(D), 2, "ieee", True, sm)

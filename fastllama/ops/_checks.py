@@ -52,6 +52,17 @@ def check_device(name: str, t: torch.Tensor) -> None:
     raise ValueError(f"{name} is on device {t.device}; accepted: {accepted}")
 
 
+def check_attention_device(t: torch.Tensor) -> None:
+    """The attention kernels (flash and decode) run on GPUs with at least 99 KB of shared memory
+    per block (compute capability 8.0 and newer; ``kernels.flash_attention.table_arch``): below
+    that (T4, V100) their tiles do not fit, and this says so instead of Triton's out-of-resources
+    error at launch."""
+    if t.device.type == "cuda":
+        from ..kernels.flash_attention import table_arch
+
+        table_arch(t.device)
+
+
 def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, what: str = "dtype") -> None:
     """``a`` and ``b`` agree on ``what`` ("dtype" or "device")."""
     va, vb = getattr(a, what), getattr(b, what)

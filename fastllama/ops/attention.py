@@ -17,11 +17,11 @@ import triton
 
 from .. import reference
 from .._interpreter import interpreter_active
-from ..optable import KernelBuild, OpCase, OpSpec
+from ..optable import REPORT_ARCHS, KernelBuild, OpCase, OpSpec
 from ..reference.functional import attention_varlen
 from ..kernels import flash_attention as _fwd
 from ..kernels import flash_attention_backward as _bwd
-from ._checks import check_last_dim_contiguous, check_same, check_tensor, tile_rows_fit_int32
+from ._checks import check_attention_device, check_last_dim_contiguous, check_same, check_tensor, tile_rows_fit_int32
 
 __all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
 
@@ -198,6 +198,7 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
     check_same("q", q, "k", k, "dtype")
     check_same("q", q, "v", v, "dtype")
     check_same("q", q, "k", k, "device")
+    check_attention_device(q)
     check_same("q", q, "v", v, "device")
     B, Hq, Tq, D = q.shape
     if k.shape != v.shape:
@@ -489,7 +490,9 @@ def _build_configs() -> list[KernelBuild]:
     gives) and the tuned tables; ALIGNED=False builds (a stride not a multiple of 16: head dims
     such as 24/40/72/136, odd views) use the ``*_UNALIGNED`` tables of smaller tiles (slower,
     still correct) and are compiled with plain "i32" strides, the worst case of that path.
-    The Hopper-only tiles of the aligned 16-bit rows are built for sm_90 alone."""
+    Each tile is built for the archs whose table row holds it: the Hopper-only tiles of the
+    aligned 16-bit rows for sm_90 alone, the sm_86 replacement rows (``_SM86_ROWS``) for sm_86 alone, the sm_80 tiles
+    they replace for sm_80 and sm_90."""
     builds = []
     strides3 = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in "bht"}
     # ALIGNED=True launches have every q/k/v/o/dO/dQ/dK/dV stride a multiple of 16, and the JIT
@@ -526,15 +529,15 @@ def _build_configs() -> list[KernelBuild]:
                         kernels.append(("dkdv_atomic", _bwd._attn_bwd_dkdv, _fwd.dkdv_atomic_configs,
                                         {"ATOMIC_DQ": True}, dkdv_signature | {"DQ": "*fp32"}))
                     for name, kernel, configs, flags, signature in kernels:
-                        shared = configs(d_pad, dtype.itemsize, precision, aligned)
-                        hopper = [c for c in configs(d_pad, dtype.itemsize, precision, aligned, sm=90)
-                                  if c not in shared]
-                        for (bm, bn, w, s), archs in [(c, None) for c in shared] + [(c, ("sm_90",)) for c in hopper]:
+                        by_arch = {arch: configs(d_pad, dtype.itemsize, precision, aligned, sm=int(arch[3:]))
+                                   for arch in REPORT_ARCHS}
+                        for bm, bn, w, s in dict.fromkeys(c for row in by_arch.values() for c in row):
+                            archs = tuple(a for a, row in by_arch.items() if (bm, bn, w, s) in row)
                             builds.append(KernelBuild(
                                 kernel, signature,
                                 {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "IS_VARLEN": varlen,
                                  "PRECISION": precision, "ALIGNED": aligned, **flags},
-                                num_warps=w, num_stages=s, archs=archs,
+                                num_warps=w, num_stages=s, archs=None if archs == REPORT_ARCHS else archs,
                                 label=f"flash_attention {name} {tag} M{bm} N{bn}"))
             if precision != "ieee":
                 continue
@@ -547,7 +550,8 @@ def _build_configs() -> list[KernelBuild]:
                         _bwd._bwd_preprocess,
                         {"O": ptr, "DO": ptr, "DLSE": "*fp32", "DELTA": "*fp32", **typed3("o", "do"),
                          "stride_lb": "i32", "stride_lh": "i32", "n_heads": "i32", "seqlen": "i32"},
-                        {"HAS_DLSE": has_dlse, "HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": _bwd.preprocess_block(d_pad)},
+                        {"HAS_DLSE": has_dlse, "HEAD_DIM": D, "D_PAD": d_pad,
+                         "BLOCK_M": _bwd.preprocess_block(d_pad, aligned)},
                         num_warps=4, num_stages=1,
                         label=f"flash_attention preprocess {ptr[1:]} d{D}{' dlse' if has_dlse else ''}"
                               f"{'' if aligned else ' unaligned'}"))

@@ -19,10 +19,11 @@ import triton
 from .._interpreter import interpreter_active
 from ..kernels import decode_attention as _dk
 from ..kernels import rotary_cache as _rk
-from ..optable import KernelBuild, OpCase, OpSpec
+from ..kernels.flash_attention import table_arch
+from ..optable import KernelBuild, OpCase, OpSpec, by_arch
 from ..reference import functional as _ref
-from ._checks import (check_last_dim_contiguous, check_same, check_tensor, check_write_targets, num_sms,
-                      tile_rows_fit_int32)
+from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_tensor,
+                      check_write_targets, num_sms, tile_rows_fit_int32)
 
 __all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "MAX_SPLITS", "MAX_QUERY_LEN",
            "MAX_HEAD_DIM"]
@@ -40,7 +41,8 @@ def _stages(elem_bytes: int) -> int:
     return 1 if elem_bytes >= 4 else 2
 
 
-def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True) -> tuple[int, int, int]:
+def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True,
+                sm: int = 80, split: bool = True) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_80 and sm_90 compiles (ptxas
     registers, with the 16-divisible strides an aligned launch gets specialised on): 16-bit
     inputs take up to 64 rows and 64 keys (32 at D = 256), 8 warps from 4K-element tiles on, at
@@ -51,12 +53,21 @@ def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bo
     8 warps spilled 8 bytes on sm_90: ptxas squeezed it to 80 registers for a third block).
     A one-token step (q_len = 1) compiles its own variant (the "tq1" builds): fp32 D = 256 there
     takes 32 keys (16 spilled 4-16 bytes on sm_90 with a GQA group, again at 80 registers; 32
-    keys: 106-128 registers, 82 KB of shared memory, no spills)."""
+    keys: 106-128 registers, 82 KB of shared memory, no spills).
+
+    ``sm`` is the device's table arch (``kernels.flash_attention.table_arch``), ``split`` whether
+    the launch splits the keys (num_splits > 1). On 99 KB GPUs ("sm_86") ptxas holds four of the
+    fp32 tiles at 8 warps to 64-128 registers and spills 8-40 bytes; there they take 4 warps (the
+    one-token D = 128 tile, the split D = 256 one (the single pass spills 32 bytes with 4) and the
+    unaligned D = 256 one: 80-255 registers, no spill) or 16 keys (the one-token D = 256 tile: 80-86
+    registers)."""
     if not aligned:
-        return _dk.block_m(group, q_len, 16), 16, 8 if d_pad * elem_bytes >= 512 else 4
+        big = d_pad * elem_bytes >= 512 and not (sm == 86 and elem_bytes >= 4 and d_pad == 256)
+        return _dk.block_m(group, q_len, 16), 16, 8 if big else 4
     if elem_bytes >= 4:  # 8 warps (4 spilled 16-24 bytes on sm_80)
-        keys = 32 if q_len == 1 and d_pad == 256 else max(16, min(64, 2048 // d_pad))
-        return _dk.block_m(group, q_len, 16), keys, 8
+        keys = 32 if q_len == 1 and d_pad == 256 and sm != 86 else max(16, min(64, 2048 // d_pad))
+        four = sm == 86 and (d_pad == 256 and q_len > 1 and split or d_pad == 128 and q_len == 1)
+        return _dk.block_m(group, q_len, 16), keys, 4 if four else 8
     bm = _dk.block_m(group, q_len, 64)
     # 8 warps from 4K-element tiles on (32 x 128 with 4 warps spilled 16 bytes on sm_80); the
     # one-token variant only above them (its 32 x 128 tile, a GQA group of 17-32, spilled 8
@@ -98,7 +109,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                             combine_rows=_INTERPRETER_ROWS)
     group = q.shape[1] // k_cache.shape[1]
     aligned = _dk.strides_aligned(q, k_cache, v_cache)
-    bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(), aligned)
+    bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(), aligned,
+                                table_arch(q.device), num_splits > 1)
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
                                         num_splits=num_splits, block_n=bn, max_block_m=bm,
                                         num_warps=warps, num_stages=_stages(q.element_size()))
@@ -164,6 +176,7 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"q has head_dim {D}; accepted: 1 to {MAX_HEAD_DIM}")
     check_last_dim_contiguous("q", q)
+    check_attention_device(q)
     _check_cache("k_cache", k_cache, q)
     _check_cache("v_cache", v_cache, q)
     if v_cache.shape != k_cache.shape:
@@ -276,7 +289,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         group = q.shape[1] // k_cache.shape[1]
         bm = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(),
-                         _dk.strides_aligned(q, k_cache, v_cache))[0]
+                         _dk.strides_aligned(q, k_cache, v_cache), table_arch(q.device))[0]
         m_tiles = triton.cdiv(group * q.shape[2], bm)
         num_splits = default_num_splits(q.shape[0], k_cache.shape[1], m_tiles, k_cache.shape[2], q.device)
     return _decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
@@ -458,29 +471,31 @@ def _decode_builds() -> list[KernelBuild]:
             for rows, aligned in variants:
                 # A general build serves Tq >= 2 (Tq = 1 launches the tq1 variant below): a tile
                 # of `rows` rows as rows / 2 heads x 2 query rows.
-                bm, bn, warps = _gpu_config(rows // 2, 2, d_pad, dtype.itemsize, aligned)
                 st = "i32:16" if aligned else "i32"
                 for split in (False, True):
-                    builds.append(KernelBuild(
-                        _dk.decode_split_kernel, _split_signature(ptr, split, st, "i32", general),
-                        {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
-                         "PRECISION": "ieee"},
-                        num_warps=warps, num_stages=_stages(dtype.itemsize),
-                        label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
-                              f"{'' if aligned else ' unaligned'}"))
+                    for (bm, bn, warps), archs in by_arch(
+                            lambda sm: _gpu_config(rows // 2, 2, d_pad, dtype.itemsize, aligned, sm, split)):
+                        builds.append(KernelBuild(
+                            _dk.decode_split_kernel, _split_signature(ptr, split, st, "i32", general),
+                            {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
+                             "PRECISION": "ieee"},
+                            num_warps=warps, num_stages=_stages(dtype.itemsize), archs=archs,
+                            label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
+                                  f"{'' if aligned else ' unaligned'}"))
             # Tq = 1: the tile of a GQA group of up to 16 heads (MHA too) is 16 rows, as _gpu_config
             # picks; 16-bit groups of 17-32 and 33-64 heads take one tile of 32 and 64 rows, fp32
             # several 16-row tiles.
             groups = (16,) if dtype == torch.float32 else (16, 32, 64)
             for group, split in itertools.product(groups, (False, True)):
-                bm, bn, warps = _gpu_config(group, 1, d_pad, dtype.itemsize)
                 lengths = {"q_len": "constexpr", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
-                builds.append(KernelBuild(
-                    _dk.decode_split_kernel, _split_signature(ptr, split, "i32:16", "i32", lengths),
-                    {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
-                     "PRECISION": "ieee", **_ONE},
-                    num_warps=warps, num_stages=_stages(dtype.itemsize),
-                    label=f"decode_attention tq1 {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"))
+                for (bm, bn, warps), archs in by_arch(
+                        lambda sm: _gpu_config(group, 1, d_pad, dtype.itemsize, True, sm, split)):
+                    builds.append(KernelBuild(
+                        _dk.decode_split_kernel, _split_signature(ptr, split, "i32:16", "i32", lengths),
+                        {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
+                         "PRECISION": "ieee", **_ONE},
+                        num_warps=warps, num_stages=_stages(dtype.itemsize), archs=archs,
+                        label=f"decode_attention tq1 {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"))
             for s_pad, aligned in itertools.product(_S_PADS, (True, False)):
                 st = "i32:16" if aligned else "i32"  # the output's strides (q's layout)
                 builds.append(KernelBuild(
