@@ -162,7 +162,7 @@ def plot(rows, path, measurement: bool) -> bool:
 # (under the interpreter bf16 values are wrong; this smoke run reports times and bytes only)
 @wrong_bf16_values_ok()
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")

@@ -150,7 +150,7 @@ def memory_model(token_counts, hidden_size: int, vocab: int, scale: int = 16) ->
 # (under the interpreter bf16 values are wrong; this smoke run reports times and bytes only)
 @wrong_bf16_values_ok()
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=common.description(__doc__))
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=128256)

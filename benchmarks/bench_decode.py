@@ -144,7 +144,7 @@ def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
 
 def main(argv=None) -> int:
     gpu = common.on_gpu()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=common.description(__doc__))
     p.add_argument("--models", nargs="+", default=["1b", "8b"] if gpu else ["tiny"], choices=list(SHAPES))
     p.add_argument("--batches", nargs="+", type=common.at_least(1), default=[1, 8, 32] if gpu else [1])
     p.add_argument("--contexts", nargs="+", type=common.at_least(1), default=[512, 4096] if gpu else [16])

@@ -129,7 +129,7 @@ def _timed(fn, inputs, backward: bool):
 # (under the interpreter bf16 values are wrong; this smoke run reports times and bytes only)
 @wrong_bf16_values_ok()
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=common.description(__doc__))
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     args = parser.parse_args(argv)

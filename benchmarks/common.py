@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastllama.bench.common import (  # noqa: F401
     RESULTS,
     at_least,
+    description,
     Plot,
     copy_bandwidth_gbps,
     cpu_peak_bytes,

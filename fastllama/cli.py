@@ -118,20 +118,26 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-backward", action="store_true", help="compare forward outputs only")
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _verify_model(args: argparse.Namespace):
+    """The model ``fastllama verify`` checks, patched: random weights from --config or the
+    weights of --checkpoint, in train mode without dropout."""
     import json
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .patching import patch
-    from .verification import verify
 
     dev = "cpu" if _interpreting() else "cuda"
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     if args.config:
-        config = AutoConfig.for_model(**json.loads(open(args.config).read()))
+        with open(args.config) as f:
+            fields = json.load(f)
+        if not isinstance(fields, dict) or "model_type" not in fields:
+            raise ValueError(f"{args.config} has no \"model_type\": an HF config.json names its model family "
+                             "(e.g. \"llama\", \"mistral\", \"qwen2\")")
+        config = AutoConfig.for_model(**fields)
     else:
         config = AutoConfig.from_pretrained(args.checkpoint)
     # train mode (the training paths are what is checked), but without dropout: runs that draw
@@ -145,6 +151,20 @@ def _verify(args: argparse.Namespace) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.checkpoint, config=config, dtype=dtype)
     model = model.to(dev).train()
     patch(model, verbose=True)
+    return model
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import torch
+
+    from .verification import verify
+
+    try:
+        model = _verify_model(args)
+    except (ValueError, TypeError, OSError) as e:  # bad arguments or files (json's errors are ValueErrors)
+        print(f"fastllama verify: error: {e}", file=sys.stderr)
+        return 2
+    dev = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len), device=dev)
     print()
     report = verify(model, {"input_ids": ids, "labels": ids}, backward=not args.no_backward)

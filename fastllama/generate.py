@@ -99,9 +99,12 @@ class TextStreamer:
     character). Stop tokens end the stream and are not printed; by default
     (``stop_tokens=None``) they are those of the ``generate`` call the streamer is given to.
 
-    ``prompt``: that sequence's prompt ids. The pieces then continue the prompt's text: a
-    SentencePiece decoder drops the leading space of a text's first word, so the generated
-    tokens decoded on their own would lose the space after the prompt ("hi" + "read").
+    ``prompt``: that sequence's prompt ids (a list or 1-D tensor), or the (B, T) prompt given to
+    ``generate``, of which row ``sequence`` is taken (a padding token in it decodes as the
+    tokenizer decodes it: pass the row without padding if that is text). The pieces then
+    continue the prompt's text: a SentencePiece decoder drops the leading space of a text's
+    first word, so the generated tokens decoded on their own would lose the space after the
+    prompt ("hi" + "read").
 
     Decoding is incremental: each step decodes only the tokens not yet printed plus the ones
     printed last, as context (what a text's first word would lose), so a step costs the same
@@ -116,6 +119,13 @@ class TextStreamer:
         self.on_text = on_text or (lambda s: print(s, end="", flush=True))
         self.sequence = sequence
         self.stop = None if stop_tokens is None else set(stop_tokens)
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2:
+                prompt = prompt[sequence]
+            if prompt.dim() != 1:
+                raise ValueError(f"prompt must be token ids (a list, a 1-D tensor, or the (B, T) prompt of "
+                                 f"generate), got a tensor of shape {tuple(prompt.shape)}")
+            prompt = prompt.tolist()
         self.ids: list[int] = [int(t) for t in prompt]
         # ids[context:printed] were printed last (or end the prompt); ids[printed:] are not yet
         self.printed = len(self.ids)
@@ -376,7 +386,8 @@ class Generator:
         tokens, up to and including its stop token). Sampling rules, stop tokens (default: the
         config's eos) and pad are the reference's; ``streamer.put(ids)`` receives each step's
         (B,) token ids as a list (and ``streamer.end()`` at the end). ``generator`` seeds
-        sampling (eager CPU runs only: with a CUDA graph, seed with ``torch.manual_seed``).
+        sampling (eager runs only, ``cuda_graph=False`` or the CPU: with a CUDA graph, seed with
+        ``torch.manual_seed``).
         Timings land in :attr:`stats`.
         """
         self._bind_weights()

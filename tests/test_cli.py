@@ -60,3 +60,22 @@ sys.exit(cli.main(argv))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["TRITON_INTERPRET", str(interpreter), "False"]
+
+
+def test_verify_reports_bad_config_files_as_errors(tmp_path, capsys):
+    """`fastllama verify --config` with a config lacking "model_type", an unknown one, a file that
+    is not JSON or no file at all: an 'error:' line and exit code 2, as `generate` gives (they
+    ended in Python tracebacks)."""
+    import json
+
+    cases = {"no_type.json": json.dumps({"hidden_size": 64}), "unknown.json": json.dumps({"model_type": "nope"}),
+             "broken.json": "{", "missing.json": None}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        assert main(["verify", "--config", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("fastllama verify: error: ") and "Traceback" not in err, (name, err)
+    (tmp_path / "no_type.json").write_text(json.dumps({"hidden_size": 64}))
+    main(["verify", "--config", str(tmp_path / "no_type.json")])
+    assert 'has no "model_type"' in capsys.readouterr().err

@@ -278,6 +278,24 @@ def test_streamed_text_equals_the_final_decode_with_byte_fallback_after_a_multib
         assert wrapped.decode(prompt) + "".join(pieces) == wrapped.decode(ids) == prompt_text + new_text
 
 
+def test_streamer_takes_the_batch_prompt_of_generate():
+    """README: ``streamer=TextStreamer(tok, on_text, prompt=ids)`` with the (B, T) ids given to
+    generate (it raised "only one element tensors can be converted"): row ``sequence`` is taken."""
+    class Tok:
+        def decode(self, ids):
+            return "".join(chr(97 + i) for i in ids)
+
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    for sequence in (0, 1):
+        pieces = []
+        s = TextStreamer(Tok(), pieces.append, sequence=sequence, prompt=ids)
+        s.put([6, 7])
+        assert s.ids == ids[sequence].tolist() + [6 + sequence] and pieces == [chr(97 + 6 + sequence)]
+    assert TextStreamer(Tok(), prompt=ids[1]).ids == [3, 4, 5]
+    with pytest.raises(ValueError, match=r"prompt must be token ids.*\(2, 3, 1\)"):
+        TextStreamer(Tok(), prompt=ids[..., None])
+
+
 def test_streamer_continues_the_prompt_and_takes_the_calls_stop_tokens(checkpoint):
     from fastllama import Tokenizer
 

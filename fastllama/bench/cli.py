@@ -35,11 +35,13 @@ QUICK_ARGS = {
 }
 
 
-def _shared(p: argparse.ArgumentParser, sub: bool) -> None:
+def _shared(p: argparse.ArgumentParser, sub: bool, quick: bool = True) -> None:
     # sub-subcommands repeat these without defaults, so `bench --quick train` and
-    # `bench train --quick` both work
+    # `bench train --quick` both work (memory has no --quick of its own: its report is short)
     d = (lambda v: argparse.SUPPRESS) if sub else (lambda v: v)
-    p.add_argument("--quick", action="store_true", default=d(False), help="a short sweep (one shape, few steps)")
+    if quick:
+        p.add_argument("--quick", action="store_true", default=d(False),
+                       help="a short sweep (one shape, few steps; the memory report has no shorter form)")
     p.add_argument("--out", default=d(None), help="results folder (default: benchmarks/results/<device-name>/)")
     p.add_argument("--no-progress", action="store_true", default=d(False), help="no progress bars")
 
@@ -66,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also profile one step per configuration: kernel time by category "
                         "(train-<preset>-profile.{json,md,png})")
     m = sub.add_parser("memory", help="bytes saved for backward per token per layer, HF sdpa vs fastllama")
-    _shared(m, sub=True)
+    _shared(m, sub=True, quick=False)
     m.add_argument("--presets", nargs="+", default=None, choices=sorted(PRESETS),
                    help="model shapes (default: all)")
     m.add_argument("--tokens", type=common.at_least(1), nargs=2, default=[8, 16], metavar=("T1", "T2"),

@@ -311,6 +311,12 @@ class Plot:
     where: dict = dataclasses.field(default_factory=dict)  # only rows with these values
 
 
+def description(doc: str) -> str:
+    """A script's ``--help`` description: the first paragraph of its module docstring, unwrapped
+    (its first line alone stopped mid-sentence)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def at_least(low: int):
     """An argparse type: an int >= ``low`` (a clear usage error, not a traceback or a run that
     measures nothing)."""
