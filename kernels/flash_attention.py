@@ -246,9 +246,9 @@ def _attn_fwd(
 INTERPRETER_CONFIG = {"fwd": (256, 256, 4, 1), "dq": (256, 256, 4, 1), "dkdv": (256, 256, 4, 1)}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by (padded head dim, "16-bit" or the
-# fp32 dot precision). One list serves sm_80 and sm_90: the build report compiles every entry
-# for both (with the multiple-of-16 strides an aligned launch specialises on), so an entry must
-# fit both without spilling. Largest registers per thread over fp16/bf16, d64/80/96/128/256,
+# fp32 dot precision). One list serves sm_80 and sm_90 (and 99 KB GPUs, except the rows
+# ``_SM86_ROWS`` replaces): the build report compiles every entry for each of them (with the
+# multiple-of-16 strides an aligned launch specialises on), so an entry must fit without spilling. Largest registers per thread over fp16/bf16, d64/80/96/128/256,
 # dense/varlen, sm_80 / sm_90 (tensor cores: mma.sync on sm_80; wgmma on sm_90 unless said):
 #   forward  d64 (128,64,8,3) 168/127, (128,128,8,2) 214/171; d80-128 (128,64,8,3) 210/168,
 #            (128,128,8,2) 249/240; d256 (64,32,8,2) 160/120, (64,64,8,2) 164/163.
@@ -419,8 +419,8 @@ _SM90_EXTRA_ATOMIC = {64: [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3)],
 
 # GPUs with 99 KB of shared memory per block (sm_86: A10, A40, RTX 30; sm_89: L4, L40S, RTX 40;
 # sm_120: RTX 50) run the tables above except where a row's tiles need more, which Triton refuses
-# to launch there ("out of resource: shared memory"): the 16-bit forward at d80-128 needed 115
-# and 131 KB, so a patched Llama did not run on those GPUs at all. Those rows are replaced here,
+# to launch there ("out of resource: shared memory"): the 16-bit forward at d80-128 needed 112.5
+# and 128 KB, so a patched Llama did not run on those GPUs at all. Those rows are replaced here,
 # keyed (aligned, padded head dim, kind), and so are the few whose tiles spill there although
 # they do not on sm_80 (ptxas for sm_86 caps registers at 64-128 to fit more blocks: fp32 dK/dV
 # (16,32,4,1) 8 B at d80/96, (16,32,8,1) 8 B at d256 varlen; unaligned fp32 dQ (16,32,4,1) 184-200

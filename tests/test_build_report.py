@@ -1,9 +1,9 @@
-"""The kernel build report: compiles for sm_80/sm_90 on this (CPU) machine and reads the cubin.
+"""The kernel build report: compiles for sm_80/sm_86/sm_90 on this (CPU) machine and reads the cubin.
 
 Two halves. The first proves the report's machinery on small kernels made to pass or fail
 (tests/_build_report_kernels.py): a spill, shared memory over one arch's limit, a compile error, a
 compiler crash and an uncovered kernel must each show up. The second is the gate for the shipped
-kernels: every build config in the op table compiles for both archs with no spill and shared
+kernels: every build config in the op table compiles for its archs with no spill and shared
 memory within the limit, and every kernel in kernels/ has build configs. Compiles are cached
 (keyed on kernel source + config + arch + Triton version) and the committed
 benchmarks/results/build/report.json seeds the cache, so only kernels changed since the report
@@ -474,6 +474,34 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
             op.decode_attention(q, k_cache, v_cache, seqlens, num_splits=1)
     assert len(launched) > 1000
     missing = _not_in_report(launched, ("decode_attention", "rotary_cache_append"), f"sm_{sm}")
+    assert not missing, (len(missing), missing[:3])
+
+
+@pytest.mark.parametrize("sm", [80, 86, 90])
+def test_flash_attention_untuned_launches_compile_the_reports_builds(monkeypatch, sm):
+    """Dry-runs flash attention forward and backward (deterministic and atomic dQ) with autotuning
+    off, as FASTLLAMA_AUTOTUNE=0 launches it: each kernel's first candidate of the device's row,
+    on each table arch, and the backward preprocess (launched with Triton's default num_stages 3
+    while the report compiled 1, until this test). Every launched build must be a build for that
+    arch. Llama layouts: q/k/v transposed (B, T, H, D) projections, GQA, head dims 64-128."""
+    from fastllama.kernels import flash_attention as kfa
+    from fastllama.kernels import flash_attention_backward as kbwd
+    from fastllama.ops import attention as op
+
+    launched = _dry_run(monkeypatch, op, {kfa: ["_attn_fwd"], kbwd: ["_attn_bwd_dkdv", "_attn_bwd_dq", "_bwd_preprocess"]})
+    monkeypatch.setattr(kfa, "table_arch", lambda device: sm)
+    monkeypatch.setattr(op, "_AUTOTUNE", False)
+    with _interp.wrong_bf16_values_ok():  # nothing runs
+        for dtype, d, deterministic, t in itertools.product((torch.bfloat16, torch.float32), (64, 80, 128),
+                                                             (True, False), (16, 1000)):
+            if dtype == torch.float32 and not deterministic:
+                continue
+            q = torch.zeros(2, t, 32, d, dtype=dtype).transpose(1, 2).requires_grad_()
+            k, v = (torch.zeros(2, t, 8, d, dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(2))
+            op.flash_attention(q, k, v, deterministic=deterministic).sum().backward()
+    kinds = {br._python_function(b.kernel).__name__ for b in launched}
+    assert kinds == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_bwd_preprocess"}, kinds
+    missing = _not_in_report(launched, ("flash_attention",), f"sm_{sm}")
     assert not missing, (len(missing), missing[:3])
 
 

@@ -436,6 +436,38 @@ def test_attention_entry_points_check_the_gpu_before_launch(monkeypatch):
         kfa.table_arch.cache_clear()
 
 
+def test_fake_cuda_tensors_trace_without_a_gpu():
+    """Shape tracing (FakeTensorMode) with CUDA tensors on a host without a GPU: the device check
+    must not ask the (absent) GPU (it raised "Torch not compiled with CUDA enabled"); the
+    launchers ask before any real launch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16)
+        assert ops.flash_attention(q, q, q).shape == q.shape
+        q1 = torch.empty(1, 2, 1, 64, device="cuda", dtype=torch.bfloat16)
+        lens = torch.empty(1, dtype=torch.int32, device="cuda")
+        assert ops.decode_attention(q1, q, q, lens, num_splits=2).shape == q1.shape
+
+
+@pytest.mark.parametrize("sm", [80, 86, 90])
+def test_launch_side_picks_the_devices_tables(monkeypatch, sm):
+    """The launchers ask the device's table arch: the autotuner of that arch, and with autotuning
+    off the first candidate of that arch's row (on sm_86 the bf16 d128 forward's first tile is
+    (128, 64, 8, 2), not sm_80's (128, 64, 8, 3), which does not fit there)."""
+    from fastllama.kernels import flash_attention_backward as kbwd
+
+    monkeypatch.setattr(kfa, "table_arch", lambda device: sm)
+    device = torch.device("cuda", 0)
+    for tuned in (kfa._attn_fwd_tuned, kbwd._attn_bwd_dq_tuned, kbwd._attn_bwd_dkdv_tuned):
+        monkeypatch.setattr(tuned, "latest", tuned.latest)  # restored after the test
+        assert tuned.for_device(device) is tuned.for_sm(sm)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+    first = kfa.untuned_config("fwd", q, True, "ieee")
+    assert first == kfa.fwd_configs(128, 2, "ieee", True, sm)[0]
+    assert first == ((128, 64, 8, 2) if sm == 86 else (128, 64, 8, 3))
+
+
 def test_sm86_rows_replace_only_their_own_rows():
     """Every ``_SM86_ROWS`` row replaces an existing sm_80 row, and the sm_86 tables differ from
     the sm_80 ones only there: rows that fit and do not spill keep their tuned candidates."""

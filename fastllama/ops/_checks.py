@@ -56,8 +56,11 @@ def check_attention_device(t: torch.Tensor) -> None:
     """The attention kernels (flash and decode) run on GPUs with at least 99 KB of shared memory
     per block (compute capability 8.0 and newer; ``kernels.flash_attention.table_arch``): below
     that (T4, V100) their tiles do not fit, and this says so instead of Triton's out-of-resources
-    error at launch."""
-    if t.device.type == "cuda":
+    error at launch. Not while torch.compile traces or for fake tensors (shape tracing on a host
+    without a GPU): the launchers ask ``table_arch`` again before any launch."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if t.device.type == "cuda" and not torch.compiler.is_compiling() and not isinstance(t, FakeTensor):
         from ..kernels.flash_attention import table_arch
 
         table_arch(t.device)

@@ -43,7 +43,7 @@ def _stages(elem_bytes: int) -> int:
 
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True,
                 sm: int = 80, split: bool = True) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_80 and sm_90 compiles (ptxas
+    """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_80, sm_86 and sm_90 compiles (ptxas
     registers, with the 16-divisible strides an aligned launch gets specialised on): 16-bit
     inputs take up to 64 rows and 64 keys (32 at D = 256), 8 warps from 4K-element tiles on, at
     most ~240 registers and no spills; fp32 (ieee dots on FMA units, register-hungry operand
