@@ -248,8 +248,9 @@ INTERPRETER_CONFIG = {"fwd": (256, 256, 4, 1), "dq": (256, 256, 4, 1), "dkdv": (
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by (padded head dim, "16-bit" or the
 # fp32 dot precision). One list serves sm_80 and sm_90 (and 99 KB GPUs, except the rows
 # ``_SM86_ROWS`` replaces): the build report compiles every entry for each of them (with the
-# multiple-of-16 strides an aligned launch specialises on), so an entry must fit without spilling. Largest registers per thread over fp16/bf16, d64/80/96/128/256,
-# dense/varlen, sm_80 / sm_90 (tensor cores: mma.sync on sm_80; wgmma on sm_90 unless said):
+# multiple-of-16 strides an aligned launch specialises on), so an entry must fit without
+# spilling. Largest registers per thread over fp16/bf16, d64/80/96/128/256, dense/varlen,
+# sm_80 / sm_90 (tensor cores: mma.sync on sm_80; wgmma on sm_90 unless said):
 #   forward  d64 (128,64,8,3) 168/127, (128,128,8,2) 214/171; d80-128 (128,64,8,3) 210/168,
 #            (128,128,8,2) 249/240; d256 (64,32,8,2) 160/120, (64,64,8,2) 164/163.
 #            Rejected: d256 (128,64,8,2) 255/240 (no margin), (64,64,4,2) 208 B spill.

@@ -488,7 +488,8 @@ def test_flash_attention_untuned_launches_compile_the_reports_builds(monkeypatch
     from fastllama.kernels import flash_attention_backward as kbwd
     from fastllama.ops import attention as op
 
-    launched = _dry_run(monkeypatch, op, {kfa: ["_attn_fwd"], kbwd: ["_attn_bwd_dkdv", "_attn_bwd_dq", "_bwd_preprocess"]})
+    launched = _dry_run(monkeypatch, op, {kfa: ["_attn_fwd"],
+                                          kbwd: ["_attn_bwd_dkdv", "_attn_bwd_dq", "_bwd_preprocess"]})
     monkeypatch.setattr(kfa, "table_arch", lambda device: sm)
     monkeypatch.setattr(op, "_AUTOTUNE", False)
     with _interp.wrong_bf16_values_ok():  # nothing runs
