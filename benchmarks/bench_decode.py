@@ -165,6 +165,12 @@ def main(argv=None) -> int:
         print("Triton interpreter on the CPU: a smoke run of the script, NOT a measurement.")
     rows = []
     interrupted = False
+
+    def release():  # what the last row or model held, before the next allocates
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+
     try:
         for shape in args.models:
             try:
@@ -172,9 +178,7 @@ def main(argv=None) -> int:
             except torch.OutOfMemoryError as e:  # the 8B model on a 16 GB GPU: an error row, keep the rest
                 rows.append({"model": NAMES[shape], "impl": "fastllama", "error": f"OutOfMemoryError: {e}"[:200]})
                 print(rows[-1], flush=True)
-                gc.collect()
-                if gpu:
-                    torch.cuda.empty_cache()
+                release()
                 continue
             hf = None
             for batch in args.batches:
@@ -207,18 +211,14 @@ def main(argv=None) -> int:
                             traceback.print_exc()
                         rows.append(row)
                         print(row, flush=True)
-                        gc.collect()
-                        if gpu:
-                            torch.cuda.empty_cache()
+                        release()
                     base = {r["impl"]: r for r in rows[-len(methods):]}
                     fast = base["fastllama"].get("tokens/s")
                     for r in rows[-len(methods):]:
                         if fast and r.get("tokens/s"):
                             r["fastllama speed-up"] = fast / r["tokens/s"]
             del model, hf
-            gc.collect()
-            if gpu:
-                torch.cuda.empty_cache()
+            release()
     except KeyboardInterrupt:  # a time limit (gpu_check.sh sends SIGINT): keep the rows so far
         interrupted = True
         print("interrupted: writing the rows measured so far", flush=True)

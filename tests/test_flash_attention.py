@@ -498,7 +498,6 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
     ``_SM86_ROWS``, built for sm_86 alone, and no tile of its sm_80 row that they drop."""
     from fastllama.kernels import flash_attention_backward as kbwd
 
-    monkeypatch.setattr(kfa, "table_arch", lambda device: sm)  # the prune asks the device's arch
     q = torch.empty(1, 1, 1, D, dtype=dtype)
     archs = {(b.label, b.num_warps, b.num_stages): b.archs for b in A._build_configs()}
     d_pad = kfa.padded_head_dim(D)

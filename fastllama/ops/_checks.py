@@ -58,11 +58,13 @@ def check_attention_device(t: torch.Tensor) -> None:
     that (T4, V100) their tiles do not fit, and this says so instead of Triton's out-of-resources
     error at launch. Not while torch.compile traces or for fake tensors (shape tracing on a host
     without a GPU): the launchers ask ``table_arch`` again before any launch."""
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return
     from torch._subclasses.fake_tensor import FakeTensor
 
-    if t.device.type == "cuda" and not torch.compiler.is_compiling() and not isinstance(t, FakeTensor):
-        from ..kernels.flash_attention import table_arch
+    from ..kernels.flash_attention import table_arch
 
+    if not isinstance(t, FakeTensor):
         table_arch(t.device)
 
 
