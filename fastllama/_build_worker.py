@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import os
+import random
 import re
 import select
 import subprocess
@@ -25,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-SCHEMA = 2  # bump when what a cached result holds changes
+SCHEMA = 2  # bump when what a cached result holds changes (a field only new archs fill need not)
 
 # The fields of a result (and of a cached entry, less "cached").
-RESULT_FIELDS = {"error", "regs", "stack", "local", "shared", "spill_stores", "tensor_cores", "compile_s",
+RESULT_FIELDS = {"error", "regs", "stack", "local", "shared", "spill_stores", "tensor_cores", "tmem", "compile_s",
                  "cached", "key", "skipped"}
 
 
@@ -64,6 +65,16 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+def lane_shares(n_jobs: int, lanes: int) -> list[list[int]]:
+    """The job indices each worker lane compiles: a fixed random share each, every share in job
+    order (a budgeted run's priority order). Striping by index instead put every build of one arch
+    into one lane when the archs alternate (4 archs, 2 lanes: all sm_86 and sm_120 builds in lane
+    1), so a run with the other archs cached compiled on one core."""
+    order = list(range(n_jobs))
+    random.Random(0).shuffle(order)
+    return [sorted(order[i::lanes]) for i in range(lanes)]
+
+
 def run_jobs(jobs: list[dict], cache_dir: Path, use_cache: bool = True, workers: int | None = None,
              timeout_s: float = 600.0, budget_s: float | None = None, skip_keys: set[str] = frozenset()) -> list[dict]:
     """Results of ``jobs`` (cache first), in order; see ``build_report.run_report``."""
@@ -71,12 +82,13 @@ def run_jobs(jobs: list[dict], cache_dir: Path, use_cache: bool = True, workers:
     results: list[dict | None] = [None] * len(jobs)
     deadline = "inf" if budget_s is None else repr(time.time() + budget_s)
     lanes = max(1, min(workers or default_workers(), len(jobs)))
+    shares = lane_shares(len(jobs), lanes)
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="fastllama-skip-") as skip:
         json.dump(sorted(skip_keys), skip)
         skip.flush()
-        threads = [threading.Thread(target=_lane, args=(jobs, list(range(i, len(jobs), lanes)), results, cache_dir,
-                                                        use_cache, timeout_s, deadline, skip.name))
-                   for i in range(lanes)]
+        threads = [threading.Thread(target=_lane, args=(jobs, share, results, cache_dir, use_cache, timeout_s,
+                                                        deadline, skip.name))
+                   for share in shares]
         for t in threads:
             t.start()
         for t in threads:
@@ -253,9 +265,13 @@ def _resources(compiled) -> dict:
     line = next(l for l in out.splitlines() if "REG:" in l)
     usage = dict(field.split(":", 1) for field in line.split())
     ptx = compiled.asm["ptx"]
-    tc = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
+    tc = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx
+          else "mma" if "mma.sync" in ptx else "-")
+    # sm_100's tensor-core accumulators live in tensor memory: columns per block, of 512 per SM
+    tmem = int(getattr(compiled.metadata, "tmem_size", 0) or 0)
     return {"regs": int(usage["REG"]), "stack": int(usage["STACK"]), "local": int(usage["LOCAL"]),
-            "shared": int(compiled.metadata.shared) + int(usage["SHARED"]), "tensor_cores": tc}
+            "shared": int(compiled.metadata.shared) + int(usage["SHARED"]), "tensor_cores": tc,
+            **({"tmem": tmem} if tmem else {})}
 
 
 def _worker_main(cache_dir: str, use_cache: str, deadline: str, skip_file: str) -> None:

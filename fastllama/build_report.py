@@ -1,4 +1,4 @@
-"""The kernel build report: every shipped kernel config compiled for sm_80, sm_86 and sm_90, no GPU needed.
+"""The kernel build report: every shipped kernel config compiled for five GPU archs, no GPU needed.
 
 The Triton interpreter checks a kernel's math, not what the GPU compiler makes of it. This module
 compiles every :class:`~fastllama.optable.KernelBuild` of the op table with ``triton.compile`` for
@@ -9,10 +9,13 @@ hardware would get:
   --dump-resource-usage``: ptxas puts spills in the stack frame, so a non-zero ``STACK`` is what a
   spill looks like in practice);
 - shared memory per block: Triton's dynamic allocation (``metadata.shared``) plus any static
-  ``SHARED`` in the cubin, checked against the per-block opt-in limit (163 KB sm_80, 227 KB sm_90; 98 KB
-  on sm_86, which stands for every 99 KB GPU: see ``ARCHS``);
-- tensor-core instructions in the PTX: ``wgmma`` (Hopper warpgroup MMA), ``mma`` (``mma.sync``),
-  or none. On sm_90 a ``tl.dot`` that lands on ``mma`` instead of ``wgmma`` leaves speed behind;
+  ``SHARED`` in the cubin, checked against the per-block opt-in limit (163 KB sm_80 (A100), 227 KB sm_90
+  (H100/H200) and sm_100 (B200), 99 KB sm_86 (A10, RTX 30; it stands for sm_89: L4, RTX 40) and
+  sm_120 (RTX 50): see ``ARCHS``);
+- tensor-core instructions in the PTX: ``tcgen05`` (Blackwell MMA, accumulating in tensor
+  memory, whose columns per block the report also reads), ``wgmma`` (Hopper warpgroup MMA),
+  ``mma`` (``mma.sync``), or none. On sm_90 a ``tl.dot`` that lands on ``mma`` instead of
+  ``wgmma`` leaves speed behind;
 - an occupancy estimate (:func:`occupancy`), and the compile time.
 
 Compile errors are rows of the report, never crashes. Compiles run in worker subprocesses
@@ -54,27 +57,33 @@ class Arch:
     max_warps_per_sm: int = 64
     max_blocks_per_sm: int = 32
     reserved_shared_per_block: int = 1024  # the CUDA runtime keeps 1 KB of shared memory per block
+    tmem_per_sm: int = 0  # tensor-memory columns (sm_100: 512 x 128 lanes x 32 bits)
 
 
 ARCHS = {
     "sm_80": Arch("sm_80", 80, shared_per_block=163 * 1024, shared_per_sm=164 * 1024),  # A100
-    # A10, A40, RTX 30, standing for every GPU with 99 KB per block (sm_89 L4/L40S/RTX 40, sm_120
-    # RTX 50), where tiles that fit an A100 do not. Checked against 98 KB: on sm_120 ptxas adds 1 KB
-    # of static shared memory to a kernel that uses any (as on sm_90), so within 98 KB on sm_86
-    # fits all three. 48 warps and 16 blocks per SM: the least of the three.
-    "sm_86": Arch("sm_86", 86, shared_per_block=98 * 1024, shared_per_sm=100 * 1024, max_warps_per_sm=48,
+    # A10, A40, RTX 30, standing for sm_89 too (L4, L40S, RTX 40: the same registers and shared
+    # memory in every build compiled for both): 99 KB per block, 48 warps and 16 blocks per SM.
+    "sm_86": Arch("sm_86", 86, shared_per_block=99 * 1024, shared_per_sm=100 * 1024, max_warps_per_sm=48,
                   max_blocks_per_sm=16),
     "sm_90": Arch("sm_90", 90, shared_per_block=227 * 1024, shared_per_sm=228 * 1024),  # H100/H200
+    "sm_100": Arch("sm_100", 100, shared_per_block=227 * 1024, shared_per_sm=228 * 1024, tmem_per_sm=512),  # B200
+    # RTX 50: 99 KB per block like sm_86, but ptxas adds 1 KB of static shared memory to a kernel
+    # that uses any and allocates registers differently (tiles that fit sm_86 spill here)
+    "sm_120": Arch("sm_120", 120, shared_per_block=99 * 1024, shared_per_sm=100 * 1024, max_warps_per_sm=48,
+                   max_blocks_per_sm=32),
 }
 
 
-def occupancy(arch: Arch, regs: int, shared: int, num_warps: int) -> tuple[int, str]:
-    """Resident warps per SM and what limits them ("registers", "shared", "warps" or "blocks").
+def occupancy(arch: Arch, regs: int, shared: int, num_warps: int, tmem: int = 0) -> tuple[int, str]:
+    """Resident warps per SM and what limits them ("registers", "shared", "warps", "blocks" or
+    "tmem").
 
     blocks/SM = min(max_warps_per_sm // num_warps,                           (thread slots)
                     max_blocks_per_sm,                                       (block slots)
                     (regs_per_sm // regs_per_warp) // num_warps,             (register file)
-                    shared_per_sm // (shared + reserved_shared_per_block))   (shared memory)
+                    shared_per_sm // (shared + reserved_shared_per_block),   (shared memory)
+                    tmem_per_sm // tmem)                                     (tensor memory, sm_100)
     with regs_per_warp = 32 * regs rounded up to the allocation unit of 256 registers per warp,
     and warps/SM = blocks/SM * num_warps. 0 means the block cannot launch at all. It is the CUDA
     occupancy calculator's estimate; it ignores the L1/shared carve-out the driver picks.
@@ -86,6 +95,8 @@ def occupancy(arch: Arch, regs: int, shared: int, num_warps: int) -> tuple[int, 
         "registers": (arch.regs_per_sm // regs_per_warp) // num_warps,
         "shared": arch.shared_per_sm // (shared + arch.reserved_shared_per_block),
     }
+    if tmem:
+        limits["tmem"] = arch.tmem_per_sm // tmem
     limiter = min(limits, key=limits.get)
     return limits[limiter] * num_warps, limiter
 
@@ -255,7 +266,8 @@ class Row:
     local: int | None = None  # bytes per thread of local memory
     shared: int | None = None  # bytes per block, dynamic (Triton) + static (cubin)
     spill_stores: int | None = None  # ptxas -v "bytes spill stores" (the part of STACK that is spills)
-    tensor_cores: str = ""  # "wgmma", "mma" or "-"
+    tensor_cores: str = ""  # "tcgen05" (sm_100), "wgmma" (sm_90), "mma" or "-"
+    tmem: int | None = None  # tensor-memory columns per block (sm_100's MMA accumulators)
     compile_s: float | None = None  # of the compile that produced the row (cached rows keep it)
     cached: bool = False
     key: str | None = None
@@ -272,7 +284,8 @@ def _row(job: Job, result: dict) -> Row:
     row = Row(op=job.op, kernel=job.kernel, label=job.label, config=job.config, arch=job.arch,
               num_warps=job.num_warps, **{k: v for k, v in result.items() if k in RESULT_FIELDS})
     if row.error is None and row.regs is not None:
-        row.warps_per_sm, row.occupancy_limit = occupancy(ARCHS[job.arch], row.regs, row.shared or 0, job.num_warps)
+        row.warps_per_sm, row.occupancy_limit = occupancy(ARCHS[job.arch], row.regs, row.shared or 0, job.num_warps,
+                                                          row.tmem or 0)
     return row
 
 
@@ -302,8 +315,9 @@ def _row_problems(r: Row) -> list[tuple[str, str]]:
     if (r.shared or 0) > limit:
         out.append(("shared memory", f" {r.shared} B > {limit} B per block ({limit // 1024} KB)"))
     if r.warps_per_sm == 0:
-        out.append(("cannot launch", f": {r.regs} registers x {r.num_warps} warps or {r.shared} B of shared "
-                                     "memory exceed one SM"))
+        out.append(("cannot launch", f": {r.regs} registers x {r.num_warps} warps, {r.shared} B of shared "
+                                     f"memory or {r.tmem or 0} tensor-memory columns exceed one SM "
+                                     f"(limit: {r.occupancy_limit})"))
     return out
 
 

@@ -90,11 +90,11 @@ def _interpreting() -> bool:
     return interpreter_active()
 
 
-# fastllama build-report: every kernel config compiled for sm_80/sm_86/sm_90 (fastllama/build_report.py;
+# fastllama build-report: every kernel config compiled for sm_80/86/90/100/120 (fastllama/build_report.py;
 # importing it is cheap, it loads triton only when it runs)
 from . import build_report as _build_report  # noqa: E402
 
-command("build-report", "compile every kernel config for sm_80/sm_86/sm_90 without a GPU: registers, spills, "
+command("build-report", "compile every kernel config for sm_80/86/90/100/120 without a GPU: registers, spills, "
         "shared memory, occupancy, wgmma, compile time")(_build_report.cli_run)
 
 # fastllama bench [train|memory|ops|decode]: the package's main job (fastllama/bench/cli.py; cheap

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["OpCase", "KernelBuild", "INT_HINTS", "REPORT_ARCHS", "by_arch", "OpSpec", "OPS", "all_specs", "get"]
+__all__ = ["OpCase", "KernelBuild", "INT_HINTS", "REPORT_ARCHS", "device_arch", "shared_memory_per_block", "by_arch",
+           "OpSpec", "OPS", "all_specs", "get"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,22 +31,66 @@ class OpCase:
 INT_HINTS = {"": "i32", " %16": "i32:16"}
 
 # The archs the build report compiles for (``build_report.ARCHS``), each also a config-table arch
-# of the ops (``kernels.flash_attention.table_arch``: sm_86 stands for every 99 KB GPU).
-REPORT_ARCHS = ("sm_80", "sm_86", "sm_90")
+# of the ops (``kernels.flash_attention.table_arch``: sm_86 stands for sm_89 too).
+REPORT_ARCHS = ("sm_80", "sm_86", "sm_90", "sm_100", "sm_120")
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """The opt-in shared memory per block of a CUDA device, bytes (what Triton's launcher checks)."""
+    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    if shared is None:  # torch before 2.6 does not report it
+        import triton
+
+        shared = triton.runtime.driver.active.utils.get_device_properties(
+            device.index if device.index is not None else torch.cuda.current_device())["max_shared_mem"]
+    return shared
+
+
+def device_arch(device: torch.device) -> int:
+    """Which arch of ``REPORT_ARCHS`` a device runs the builds of, as a number: 90 for sm_90
+    (H100/H200); 100 for compute capability 10.x and 11.x (B200, B300, Jetson Thor: Triton's
+    Blackwell code path; the report compiles sm_100 alone); 80 for other GPUs with 163 KB of
+    shared memory per block or more (A100); 120 for 12.x (RTX 50, sm_120; DGX Spark's sm_121) and
+    86 for other GPUs with 99 KB (A10, A40, RTX 30, sm_86; L4, L40S, RTX 40, sm_89: the same
+    registers and shared memory in every build compiled for both). A GPU with less (T4, V100) is
+    none of them: it gets 80, whose builds the report never checked there (attention refuses it:
+    ``kernels.flash_attention.table_arch``). 0 for a device that is not CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 0
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) == (9, 0):
+        return 90
+    shared = shared_memory_per_block(torch.device("cuda", index))
+    if shared >= 163 * 1024:
+        return 100 if major in (10, 11) else 80
+    if shared >= 99 * 1024:
+        return 120 if major == 12 else 86
+    return 80
 
 
 def by_arch(config: Callable[[int], Any]) -> list[tuple[Any, tuple[str, ...] | None]]:
-    """The distinct values of ``config(sm)`` (sm = 80, 86, 90), each with the archs that launch
-    it, for ``KernelBuild.archs`` (None: every arch)."""
-    archs: dict[Any, list[str]] = {}
+    """The distinct values of ``config(sm)`` (sm = 80, 86, 90, 100, 120), each with the archs
+    that launch it, for ``KernelBuild.archs`` (None: every arch). Values are compared with ==
+    (config dicts work)."""
+    groups: list[tuple[Any, list[str]]] = []
     for arch in REPORT_ARCHS:
-        archs.setdefault(config(int(arch.removeprefix("sm_"))), []).append(arch)
-    return [(value, None if len(a) == len(REPORT_ARCHS) else tuple(a)) for value, a in archs.items()]
+        value = config(int(arch.removeprefix("sm_")))
+        same = next((archs for v, archs in groups if v == value), None)
+        if same is None:
+            groups.append((value, [arch]))
+        else:
+            same.append(arch)
+    return [(value, None if len(a) == len(REPORT_ARCHS) else tuple(a)) for value, a in groups]
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelBuild:
-    """One kernel specialisation that the op can launch, to compile for sm_80/sm_86/sm_90 without a
+    """One kernel specialisation that the op can launch, to compile for every report arch without a
     GPU (the build report). ``signature`` maps every non-constexpr argument name of the
     ``@triton.jit`` function to its Triton type string ("*fp16", "*bf16", "*fp32", "i32", "i64",
     "fp32"; "i32:16" for an integer the runtime sees as a multiple of 16 — Triton specialises such

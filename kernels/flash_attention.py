@@ -246,10 +246,10 @@ def _attn_fwd(
 INTERPRETER_CONFIG = {"fwd": (256, 256, 4, 1), "dq": (256, 256, 4, 1), "dkdv": (256, 256, 4, 1)}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by (padded head dim, "16-bit" or the
-# fp32 dot precision). One list serves sm_80 and sm_90 (and 99 KB GPUs, except the rows
-# ``_SM86_ROWS`` replaces): the build report compiles every entry for each of them (with the
-# multiple-of-16 strides an aligned launch specialises on), so an entry must fit without
-# spilling. Largest registers per thread over fp16/bf16, d64/80/96/128/256, dense/varlen,
+# fp32 dot precision). One list serves every arch, except the rows an arch replaces
+# (``REPLACEMENTS``, below): the build report compiles every entry for each arch that launches
+# it (with the multiple-of-16 strides an aligned launch specialises on), so an entry must fit
+# without spilling. Largest registers per thread over fp16/bf16, d64/80/96/128/256, dense/varlen,
 # sm_80 / sm_90 (tensor cores: mma.sync on sm_80; wgmma on sm_90 unless said):
 #   forward  d64 (128,64,8,3) 168/127, (128,128,8,2) 214/171; d80-128 (128,64,8,3) 210/168,
 #            (128,128,8,2) 249/240; d256 (64,32,8,2) 160/120, (64,64,8,2) 164/163.
@@ -457,8 +457,40 @@ _SM86_ROWS = {
     "dkdv_atomic": {(True, 64, "16-bit"): [(32, 64, 8, 2), (16, 64, 4, 2)]},
 }
 
-# (aligned table, unaligned table, sm_90 additions, sm_86 replacement rows) per kernel.
-CONFIG_TABLES = {name: (aligned, unaligned, sm90, _SM86_ROWS[name]) for name, aligned, unaligned, sm90 in (
+# RTX 50 (sm_120) runs the 99 KB tables above, except where they spill there: its ptxas holds
+# some tiles to fewer registers than sm_86's (the build report's "sm_120" arch). Registers worst
+# over fp16/bf16, dense/varlen and the head dims of the row, on sm_120:
+#   dQ       16-bit d64: (128,64,8,2|3) spilled 32 B at 255 registers, and so did every 64 x 64 tile
+#            (24 B); (128,32,8,2|3) 210, (64,32,4,2|3) 208 do not. Taken: the 128-row pair.
+#   forward  ieee d80-128: the second candidate (64,32,4,2) spilled 8 B; the first stays alone.
+#   dK/dV with atomic dQ, unaligned 16-bit d64: (16,32,4,2) spilled 8-24 B; with 8 warps 158.
+_SM120_ROWS = {
+    "fwd": {(True, 128, "ieee"): [(16, 32, 4, 1)]},
+    "dq": {(True, 64, "16-bit"): [(128, 32, 8, 2), (128, 32, 8, 3)]},
+    "dkdv": {},
+    "dkdv_atomic": {(False, 64, "16-bit"): [(16, 32, 8, 2)]},
+}
+
+# B200 (sm_100) runs the sm_80 tables (its 227 KB hold every tile), except where they spill there
+# (the build report's "sm_100" arch; Triton's Blackwell path puts the 16-bit dots on tcgen05).
+# Registers / shared KB, worst over fp16/bf16, dense/varlen and the head dims of the row:
+#   forward  16-bit d80-128: (128,128,8,2) spilled 24 B varlen at 255 registers, (128,128,8,3) 40 B;
+#            (128,64,8,3) fits, and with 4 stages 228 / 162 (the second candidate).
+#            unaligned tf32 d256: (64,32,8,2) spilled 112-152 B; (32,32,8,2) 128 / 101.5.
+_SM100_ROWS = {
+    "fwd": {(True, 128, "16-bit"): [(128, 64, 8, 3), (128, 64, 8, 4)],
+            (False, 256, "tf32"): [(32, 32, 8, 2)]},
+    "dq": {}, "dkdv": {}, "dkdv_atomic": {},
+}
+
+# The replacement rows each table arch applies, in order, to the shared tables: sm_120 is a 99 KB
+# GPU too (the sm_86 rows first, then its own).
+REPLACEMENTS = {86: (_SM86_ROWS,), 100: (_SM100_ROWS,), 120: (_SM86_ROWS, _SM120_ROWS)}
+
+# (aligned table, unaligned table, sm_90 additions, {table arch: its replacement rows}) per kernel.
+CONFIG_TABLES = {name: (aligned, unaligned, sm90, {sm: [rows[name] for rows in chain]
+                                                   for sm, chain in REPLACEMENTS.items()})
+                 for name, aligned, unaligned, sm90 in (
     ("fwd", _FWD, _FWD_UNALIGNED, _SM90_EXTRA_16BIT["fwd"]), ("dq", _DQ, _DQ_UNALIGNED, _SM90_EXTRA_16BIT["dq"]),
     ("dkdv", _DKDV, _DKDV_UNALIGNED, _SM90_EXTRA_16BIT["dkdv"]),
     ("dkdv_atomic", _DKDV_ATOMIC, _DKDV_ATOMIC_UNALIGNED, _SM90_EXTRA_ATOMIC))}
@@ -486,15 +518,16 @@ def key_bucket(mk: int, mq: int, before: int, after: int) -> int:
 
 def _lookup(tables, d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
             sm: int = 80) -> list[tuple]:
-    """The candidates of one launch: ``tables`` is (aligned, unaligned, sm_90 additions, sm_86
-    replacement rows); ``sm`` the device's table arch (:func:`table_arch`: 80, 86 or 90)."""
+    """The candidates of one launch: ``tables`` is (aligned, unaligned, sm_90 additions, {table
+    arch: its replacement rows}); ``sm`` the device's table arch (:func:`table_arch`: 80, 86, 90,
+    100 or 120)."""
     kind = precision if elem_bytes >= 4 else "16-bit"  # fp16/bf16 ignore the fp32 dot precision
     row = max(64, d_pad)
     configs = tables[0 if aligned else 1][(row, kind)]
     if sm == 90 and aligned and kind == "16-bit":
         configs = configs + tables[2].get(row, [])
-    if sm == 86:
-        configs = tables[3].get((aligned, row, kind), configs)
+    for rows in tables[3].get(sm, ()):
+        configs = rows.get((aligned, row, kind), configs)
     return configs
 
 
@@ -502,8 +535,8 @@ def fwd_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: b
                 sm: int = 80) -> list[tuple]:
     """Forward autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); ``aligned``: the
     strides are multiples of 16 elements (:func:`strides_aligned`), else the unaligned table;
-    ``sm`` (:func:`table_arch`) 90 adds the Hopper-only tiles (see ``_SM90_EXTRA_16BIT``), 86
-    swaps in the rows made for 99 KB GPUs (``_SM86_ROWS``)."""
+    ``sm`` (:func:`table_arch`) 90 adds the Hopper-only tiles (see ``_SM90_EXTRA_16BIT``), 86,
+    100 and 120 swap in their replacement rows (``REPLACEMENTS``)."""
     return _lookup(CONFIG_TABLES["fwd"], d_pad, elem_bytes, precision, aligned, sm)
 
 
@@ -527,39 +560,33 @@ def dkdv_atomic_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", al
     return _lookup(CONFIG_TABLES["dkdv_atomic"], d_pad, elem_bytes, precision, aligned, sm)
 
 
-SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024}  # the least opt-in shared memory per block of each table arch
-
-
 @functools.lru_cache(maxsize=None)
 def table_arch(device: torch.device) -> int:
-    """Which config tables a device runs, named by the arch the build report compiles them for:
-    90 on sm_90 (H100/H200: the shared tables plus the Hopper-only tiles); 86 on GPUs with 99 to
-    163 KB of shared memory per block (sm_86, sm_89, sm_120: ``_SM86_ROWS``); 80 on the others
-    (A100, B200: 163 KB or more); 0 for a device that is not CUDA (the interpreter: the sm_80
-    tables). A GPU with less than 99 KB per block (sm_75, sm_70) is refused with a ValueError."""
+    """Which config tables a device runs, named by the arch the build report compiles them for
+    (``fastllama.optable.device_arch``): 90 on sm_90 (H100/H200: the shared tables plus the
+    Hopper-only tiles); 86 on sm_86/sm_89 (A10, L4, RTX 30/40: 99 KB of shared memory per block,
+    ``_SM86_ROWS``), 120 on RTX 50 (sm_120: the same plus ``_SM120_ROWS``); 100 on B200 (sm_100:
+    the sm_80 tables with ``_SM100_ROWS``); 80 on the others (A100); 0 for a device that is not
+    CUDA (the interpreter: the sm_80 tables). A GPU with less than 99 KB per block (sm_75, sm_70)
+    is refused with a ValueError."""
     if device.type != "cuda":
         return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) == (9, 0):
-        return 90
-    props = torch.cuda.get_device_properties(device)
-    shared = getattr(props, "shared_memory_per_block_optin", None)
-    if shared is None:  # torch before 2.6 does not report it; Triton's launcher checks this number
-        shared = triton.runtime.driver.active.utils.get_device_properties(
-            device.index if device.index is not None else torch.cuda.current_device())["max_shared_mem"]
-    if shared >= SHARED_PER_BLOCK[80]:
-        return 80
-    if shared >= SHARED_PER_BLOCK[86]:
-        return 86
-    raise ValueError(f"fastllama's attention kernels need 99 KB of shared memory per block; {device} "
-                     f"({props.name}, sm_{major}{minor}) has {shared // 1024} KB. Supported: compute capability 8.0 "
-                     "and newer (A100, A10, L4, RTX 30/40/50, H100, ...). On this GPU, fastllama.patch(model, "
-                     "attention=False) leaves a model's attention to PyTorch")
+    from ..optable import device_arch, shared_memory_per_block
+
+    shared = shared_memory_per_block(device)
+    if shared < 99 * 1024:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"fastllama's attention kernels need 99 KB of shared memory per block; {device} "
+                         f"({torch.cuda.get_device_properties(device).name}, sm_{major}{minor}) has {shared // 1024} "
+                         "KB. Supported: compute capability 8.0 and newer (A100, A10, L4, RTX 30/40/50, H100, "
+                         "B200, ...). On this GPU, fastllama.patch(model, attention=False) leaves a model's "
+                         "attention to PyTorch")
+    return device_arch(device)
 
 
 class ArchAutotuner:
-    """``kernel`` autotuned over ``tables`` (aligned, unaligned, sm_90 additions, sm_86
-    replacement rows), with one Triton autotuner per table arch (:func:`table_arch`).
+    """``kernel`` autotuned over ``tables`` (aligned, unaligned, sm_90 additions, replacement
+    rows per table arch), with one Triton autotuner per table arch (:func:`table_arch`).
 
     Why per arch: Triton keys its tuning cache on the launch's arguments, not on the device, so
     in one process with an A100 and an H100 a Hopper-only tile tuned on the H100 would then be
@@ -576,11 +603,11 @@ class ArchAutotuner:
         self.latest = None  # the autotuner of the latest launch (its best_config: what it chose)
 
     def for_sm(self, sm: int):
-        """The autotuner of table arch ``sm`` (80, 86 or 90: :func:`table_arch`)."""
+        """The autotuner of table arch ``sm`` (80, 86, 90, 100 or 120: :func:`table_arch`)."""
         if sm not in self._by_sm:
             tables = self.tables
-            union = sorted({c for i, table in enumerate(tables) if i < 2 or (i, sm) in ((2, 90), (3, 86))
-                            for row in table.values() for c in row})
+            union = sorted({c for aligned in (True, False) for row, kind in tables[0]
+                            for c in _lookup(tables, row, 4 if kind in ("ieee", "tf32") else 2, kind, aligned, sm)})
             configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                        for bm, bn, w, s in union]
 

@@ -1,4 +1,4 @@
-"""The kernel build report: compiles for sm_80/sm_86/sm_90 on this (CPU) machine and reads the cubin.
+"""The kernel build report: compiles for every report arch on this (CPU) machine and reads the cubin.
 
 Two halves. The first proves the report's machinery on small kernels made to pass or fail
 (tests/_build_report_kernels.py): a spill, shared memory over one arch's limit, a compile error, a
@@ -43,7 +43,7 @@ def fixture_rows():
             + br.jobs_from_builds("scale", [KernelBuild(K.row_scale_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32"},
                                                         {"BLOCK": 8192}, num_warps=1, label="spill")], ["sm_80"])
             + br.jobs_from_builds("mm", [KernelBuild(K.matmul_kernel, MM_SIG, {"BM": 128, "BN": 128, "BK": 128},
-                                                     num_warps=8, num_stages=6, label="mm")], ARCHS))
+                                                     num_warps=8, num_stages=6, label="mm")], ARCHS + ["sm_100"]))
     rows = br.run_report(jobs, workers=WORKERS)
     out = {}
     for r in rows:
@@ -80,6 +80,8 @@ def test_shared_memory_limit_is_per_arch(fixture_rows):
     assert any("shared memory" in p for p in br.problems([a100]))
     assert br.problems([h100]) == []
     assert (a100.tensor_cores, h100.tensor_cores) == ("mma", "wgmma")
+    b200 = fixture_rows["mm"]["sm_100"]  # the accumulator in tensor memory: 128 columns of fp32
+    assert (b200.tensor_cores, b200.tmem, a100.tmem) == ("tcgen05", 128, None)
     assert h100.warps_per_sm == 8 and h100.occupancy_limit in ("shared", "registers")
 
 
@@ -169,6 +171,7 @@ def test_occupancy_formula():
     assert br.occupancy(sm90, 32, 100 * 1024, 4) == (8, "shared")  # two per 228 KB
     assert br.occupancy(sm80, 16, 0, 1) == (32, "blocks")  # 32 resident blocks at most
     assert br.occupancy(sm90, 255, 0, 16) == (0, "registers")  # 16 x 32 x 256 > 65536: no launch
+    assert br.occupancy(br.ARCHS["sm_100"], 64, 0, 4, tmem=256) == (8, "tmem")  # 2 x 256 of 512 columns
 
 
 def test_shared_limit_boundary():
@@ -211,8 +214,23 @@ def test_the_report_compiles_for_the_op_tables_archs():
     from fastllama import optable
 
     assert tuple(br.ARCHS) == optable.REPORT_ARCHS
-    sm86 = br.ARCHS["sm_86"]  # within it on sm_86 means within 99 KB on sm_120 (+1 KB static) too
-    assert sm86.shared_per_block + 1024 <= 99 * 1024 and sm86.max_warps_per_sm == 48
+    for arch in ("sm_86", "sm_120"):  # every 99 KB GPU: the opt-in limit, with the static part counted
+        assert br.ARCHS[arch].shared_per_block == 99 * 1024 and br.ARCHS[arch].max_warps_per_sm == 48
+
+
+def test_worker_lanes_share_every_arch():
+    """The report's jobs alternate archs; with the others cached a run compiles one arch, and
+    both lanes must get a fair part of it (striped by index, one lane got all of it), each lane
+    in job order (a budgeted run's priority order), every job exactly once."""
+    from fastllama import _build_worker
+
+    archs = len(br.ARCHS)
+    shares = _build_worker.lane_shares(1000 * archs, 2)
+    assert sorted(i for share in shares for i in share) == list(range(1000 * archs))
+    for share in shares:
+        assert share == sorted(share)
+        for arch in range(archs):
+            assert 400 < sum(1 for i in share if i % archs == arch) < 600
 
 
 def test_every_kernel_module_is_in_the_op_table():
@@ -441,7 +459,7 @@ def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
 
 
 
-@pytest.mark.parametrize("sm", [80, 86, 90])
+@pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs decode attention (single pass and split + combine) and the rotary + cache append
     at decode and chunked-prefill shapes: Llama-family head dims and GQA groups (MHA to 64),
@@ -477,7 +495,7 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
     assert not missing, (len(missing), missing[:3])
 
 
-@pytest.mark.parametrize("sm", [80, 86, 90])
+@pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 def test_flash_attention_untuned_launches_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs flash attention forward and backward (deterministic and atomic dQ) with autotuning
     off, as FASTLLAMA_AUTOTUNE=0 launches it: each kernel's first candidate of the device's row,
@@ -518,11 +536,15 @@ def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds
     swiglu = importlib.import_module("fastllama.ops.swiglu")
     launched = _dry_run(monkeypatch, [rms, swiglu], {rms._k: ["rms_norm_fwd_kernel", "rms_norm_bwd_kernel"],
                                                      swiglu._k: ["swiglu_fwd_kernel", "swiglu_bwd_kernel"]})
-    # Llama 3.2 1B/3B, 3.1 8B, 2 13B, and a toy model's 16 (the 16-wide backward tile spilled)
+    # Llama 3.2 1B/3B, 3.1 8B, 2 13B, and a toy model's 16 (the 16-wide backward tile spilled);
+    # SmolLM's 960 (the 1024-wide tile) and Llama 3.1 405B's 16384 (chunked rows), not at 8k tokens
     sizes = [(2048, 8192), (3072, 8192), (4096, 14336), (5120, 13824), (16, 48)]
+    small_batch = [(960, 2560), (16384, 53248)]
+    cases = [(dtype, size, bt) for dtype in (torch.bfloat16, torch.float32)
+             for group, bts in ((sizes, ((1, 1), (1, 77), (2, 4096))), (small_batch, ((1, 1), (1, 77))))
+             for size, bt in itertools.product(group, bts)]
     with _interp.wrong_bf16_values_ok():  # nothing runs
-        for dtype, (hidden, inter), (b, t) in itertools.product(
-                (torch.bfloat16, torch.float32), sizes, ((1, 1), (1, 77), (2, 4096))):
+        for dtype, (hidden, inter), (b, t) in cases:
             x, res = (torch.empty(b, t, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
             w = torch.empty(hidden, dtype=dtype, requires_grad=True)
             y, s = rms.rms_norm(x, w, residual=res)
@@ -530,22 +552,24 @@ def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds
             gate, up = (torch.empty(b, t, inter, dtype=dtype, requires_grad=True) for _ in range(2))
             gate_up = torch.empty(b, t, 2 * inter, dtype=dtype, requires_grad=True)
             (swiglu.swiglu(gate, up).float().sum() + swiglu.swiglu_fused(gate_up).float().sum()).backward()
-    assert len(launched) == 2 * len(sizes) * 3 * 8
+    assert len(launched) == 2 * (len(sizes) * 3 + len(small_batch) * 2) * 8
     missing = _not_in_report(launched, ("rms_norm", "rms_norm_residual", "swiglu", "swiglu_fused"))
     assert not missing, (len(missing), missing[:3])
 
 
-def test_cross_entropy_launches_compile_the_reports_builds(monkeypatch):
+@pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
+def test_cross_entropy_launches_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs linear_cross_entropy forward and backward on its three paths (logits inside the
     weight gradient, row chunks with the fp32 weight-gradient GEMM, a frozen head), mean and
-    per-row losses, with a Llama and an odd vocabulary, 1, 64 and 77 rows, and requires every
-    launched build in the report. Its builds compiled every integer plain, so no launch was in
-    it."""
+    per-row losses, with a Llama and an odd vocabulary, 1, 64 and 77 rows, on each report arch
+    (the GEMM's tile depends on it), and requires every launched build in the report for that
+    arch. Its builds compiled every integer plain, so no launch was in it."""
     import importlib
 
     ce = importlib.import_module("fastllama.ops.cross_entropy")
     launched = _dry_run(monkeypatch, ce, {ce._k: ["_lse_partials_kernel", "_loss_and_grad_kernel",
                                                   "_accumulate_at_b_kernel"]})
+    monkeypatch.setattr(ce, "device_arch", lambda device: sm)
     hidden = 64  # the kernels' integer classes follow the vocabulary, the hidden size and the rows
     with _interp.wrong_bf16_values_ok():  # nothing runs
         for dtype, vocab, n in ((torch.bfloat16, 32000, 77), (torch.bfloat16, 32003, 64), (torch.float32, 32003, 77),
@@ -559,5 +583,5 @@ def test_cross_entropy_launches_compile_the_reports_builds(monkeypatch):
                 loss.backward(torch.ones_like(loss))
     kernels = {br._python_function(x.kernel).__name__ for x in launched}
     assert kernels == {"_lse_partials_kernel", "_loss_and_grad_kernel", "_accumulate_at_b_kernel"}, kernels
-    missing = _not_in_report(launched, ("linear_cross_entropy",))
+    missing = _not_in_report(launched, ("linear_cross_entropy",), f"sm_{sm}")
     assert not missing, (len(missing), missing[:3])

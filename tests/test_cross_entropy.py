@@ -433,12 +433,12 @@ def test_logits_in_weight_grad_peak_is_one_weight_gradient():
 # ----------------------------------------------------------------------------------------------
 # The weight-gradient accumulator is fp32
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", ["default", "gpu"])
+@pytest.mark.parametrize("config", ["default", 80, 100, 120])
 def test_accumulate_at_b_sums_chunks_in_fp32(config):
     """Four bf16 chunks summed into an fp32 buffer: the error stays at fp32 level (a bf16
-    accumulator would be ~1e-3 relative here). "gpu" runs the tile config a GPU launches (edge
-    tiles in M, N and K), also under the interpreter."""
-    cfg = ce_ops._GEMM_GPU if config == "gpu" else ce_ops._gemm_config()
+    accumulator would be ~1e-3 relative here). A number runs the tile config a GPU of that
+    report arch launches (edge tiles in M, N and K), also under the interpreter."""
+    cfg = ce_ops._gemm_config(torch.device(DEVICE)) if config == "default" else ce_ops._gemm_gpu(config)
     gen = torch.Generator().manual_seed(3)
     chunks = [(torch.randn(40, 300, generator=gen).bfloat16(), torch.randn(40, 136, generator=gen).bfloat16())
               for _ in range(4)]
@@ -605,9 +605,12 @@ def test_linear_cross_entropy_fake_kernel_matches_the_real_one():
 
 def test_vocabulary_splits_are_sized_for_the_tensors_gpu(monkeypatch):
     """The split count comes from the SM count of the logits' GPU, not of the current device
-    (a model split over GPUs of different sizes). The GPU branch, with a stand-in SM count."""
-    asked = []
+    (a model split over GPUs of different sizes), and the tile from that GPU's arch. The GPU
+    branch, with a stand-in SM count and arch."""
+    asked, archs = [], []
     monkeypatch.setattr(ce_ops, "interpreter_active", lambda: False)
     monkeypatch.setattr(ce_ops, "num_sms", lambda device: asked.append(device) or 132)
+    monkeypatch.setattr(ce_ops, "device_arch", lambda device: archs.append(device) or 100)
     cfg = ce_ops._ce_config(4096, 128256, torch.device("cuda", 1), column_major=True)
-    assert asked == [torch.device("cuda", 1)] and cfg["splits"] >= 1
+    assert asked == archs == [torch.device("cuda", 1)] and cfg["splits"] >= 1
+    assert cfg["num_warps"] == ce_ops._ce_gpu(100, True)["num_warps"] == 16

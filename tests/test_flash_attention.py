@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, INTERPRETER
-from fastllama import ops
+from fastllama import ops, optable
 from fastllama.kernels import flash_attention as kfa
 from fastllama.ops import attention as A
 from fastllama.reference import functional as R
@@ -372,8 +372,10 @@ def test_one_autotuner_per_arch():
 
 @pytest.mark.parametrize("name,capability,shared_kb,arch", [
     ("NVIDIA A100-SXM4-80GB", (8, 0), 163, 80), ("NVIDIA H100 80GB HBM3", (9, 0), 227, 90),
-    ("NVIDIA L4", (8, 9), 99, 86), ("NVIDIA A10", (8, 6), 99, 86), ("NVIDIA GeForce RTX 5090", (12, 0), 99, 86),
-    ("NVIDIA B200", (10, 0), 227, 80), ("Tesla T4", (7, 5), 64, None), ("Tesla V100-SXM2-16GB", (7, 0), 96, None)])
+    ("NVIDIA L4", (8, 9), 99, 86), ("NVIDIA A10", (8, 6), 99, 86), ("NVIDIA GeForce RTX 5090", (12, 0), 99, 120),
+    ("NVIDIA B200", (10, 0), 227, 100), ("NVIDIA B300", (10, 3), 227, 100), ("NVIDIA Jetson Thor", (11, 0), 227, 100),
+    ("NVIDIA GB10", (12, 1), 99, 120), ("Orin", (8, 7), 163, 80),
+    ("Tesla T4", (7, 5), 64, None), ("Tesla V100-SXM2-16GB", (7, 0), 96, None)])
 def test_table_arch_follows_shared_memory(monkeypatch, name, capability, shared_kb, arch):
     """The tables a GPU runs: sm_90's with the Hopper tiles, the 99 KB rows on GPUs with that much
     shared memory per block (an L4 ran the A100's 115 KB forward tiles, which Triton refuses to
@@ -383,16 +385,18 @@ def test_table_arch_follows_shared_memory(monkeypatch, name, capability, shared_
     props = types.SimpleNamespace(name=name, shared_memory_per_block_optin=shared_kb * 1024)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
-    kfa.table_arch.cache_clear()
+    kfa.table_arch.cache_clear(), optable._cuda_arch.cache_clear()
     try:
         if arch is None:
             with pytest.raises(ValueError, match=f"need 99 KB of shared memory per block.*{shared_kb} KB"):
                 kfa.table_arch(torch.device("cuda", 0))
         else:
             assert kfa.table_arch(torch.device("cuda", 0)) == arch
-        assert kfa.table_arch(torch.device("cpu")) == 0
+        # the other ops' configs (CE's GEMM tile): the same arch; below 99 KB the sm_80 builds
+        assert optable.device_arch(torch.device("cuda", 0)) == (arch or 80)
+        assert kfa.table_arch(torch.device("cpu")) == 0 and optable.device_arch(torch.device("cpu")) == 0
     finally:
-        kfa.table_arch.cache_clear()
+        kfa.table_arch.cache_clear(), optable._cuda_arch.cache_clear()
 
 
 def test_attention_entry_points_check_the_gpu_before_launch(monkeypatch):
@@ -427,13 +431,13 @@ def test_attention_entry_points_check_the_gpu_before_launch(monkeypatch):
     t4 = types.SimpleNamespace(name="Tesla T4", shared_memory_per_block_optin=64 * 1024)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: t4)
-    kfa.table_arch.cache_clear()
+    kfa.table_arch.cache_clear(), optable._cuda_arch.cache_clear()
     try:
         with pytest.raises(ValueError, match=r"Tesla T4, sm_75\) has 64 KB.*attention=False"):
             _checks.check_attention_device(types.SimpleNamespace(device=torch.device("cuda", 0)))
         _checks.check_attention_device(q)  # CPU tensors (the interpreter) are not asked about
     finally:
-        kfa.table_arch.cache_clear()
+        kfa.table_arch.cache_clear(), optable._cuda_arch.cache_clear()
 
 
 def test_fake_cuda_tensors_trace_without_a_gpu():
@@ -450,7 +454,7 @@ def test_fake_cuda_tensors_trace_without_a_gpu():
         assert ops.decode_attention(q1, q, q, lens, num_splits=2).shape == q1.shape
 
 
-@pytest.mark.parametrize("sm", [80, 86, 90])
+@pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 def test_launch_side_picks_the_devices_tables(monkeypatch, sm):
     """The launchers ask the device's table arch: the autotuner of that arch, and with autotuning
     off the first candidate of that arch's row (on sm_86 the bf16 d128 forward's first tile is
@@ -465,25 +469,31 @@ def test_launch_side_picks_the_devices_tables(monkeypatch, sm):
     q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
     first = kfa.untuned_config("fwd", q, True, "ieee")
     assert first == kfa.fwd_configs(128, 2, "ieee", True, sm)[0]
-    assert first == ((128, 64, 8, 2) if sm == 86 else (128, 64, 8, 3))
+    assert first == ((128, 64, 8, 2) if sm in (86, 120) else (128, 64, 8, 3))
 
 
-def test_sm86_rows_replace_only_their_own_rows():
+def test_replacement_rows_replace_only_their_own_rows():
     """Every ``_SM86_ROWS`` row replaces an existing sm_80 row, and the sm_86 tables differ from
-    the sm_80 ones only there: rows that fit and do not spill keep their tuned candidates."""
-    for name, (aligned_table, unaligned_table, _, small) in kfa.CONFIG_TABLES.items():
-        for aligned, row, kind in small:
-            assert (row, kind) in (aligned_table if aligned else unaligned_table), (name, aligned, row, kind)
+    the sm_80 ones only there: rows that fit and do not spill keep their tuned candidates. The
+    same for the ``_SM120_ROWS`` against the sm_86 tables and the ``_SM100_ROWS`` against sm_80's."""
+    assert kfa.REPLACEMENTS == {86: (kfa._SM86_ROWS,), 100: (kfa._SM100_ROWS,),
+                                120: (kfa._SM86_ROWS, kfa._SM120_ROWS)}
+    for name, (aligned_table, unaligned_table, _, replacements) in kfa.CONFIG_TABLES.items():
+        for rows in (kfa._SM86_ROWS, kfa._SM100_ROWS, kfa._SM120_ROWS):
+            for aligned, row, kind in rows[name]:
+                assert (row, kind) in (aligned_table if aligned else unaligned_table), (name, aligned, row, kind)
         configs = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs,
                    "dkdv_atomic": kfa.dkdv_atomic_configs}[name]
         for aligned, table in ((True, aligned_table), (False, unaligned_table)):
             for row, kind in table:
                 elem, precision = (2, "ieee") if kind == "16-bit" else (4, kind)
-                got = configs(row, elem, precision, aligned, 86)
-                assert got == small.get((aligned, row, kind), configs(row, elem, precision, aligned, 80)) and got
+                for sm, base, rows in ((86, 80, kfa._SM86_ROWS), (120, 86, kfa._SM120_ROWS), (100, 80, kfa._SM100_ROWS)):
+                    got = configs(row, elem, precision, aligned, sm)
+                    assert got == rows[name].get((aligned, row, kind), configs(row, elem, precision, aligned, base))
+                    assert got
 
 
-@pytest.mark.parametrize("sm", [80, 86, 90])
+@pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("dtype,D,precision", [(torch.bfloat16, 128, "ieee"), (torch.float16, 80, "ieee"),
                                                (torch.bfloat16, 64, "ieee"), (torch.float32, 256, "ieee"),
@@ -495,7 +505,8 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
     arch. Unaligned launches get the ``*_UNALIGNED`` tables (smaller tiles that do not spill
     without the 16-element stride hint); an sm_90 device adds the Hopper-only tiles to the
     aligned 16-bit rows, and those are built for sm_90 alone; a 99 KB GPU (sm_86) swaps in the
-    ``_SM86_ROWS``, built for sm_86 alone, and no tile of its sm_80 row that they drop."""
+    ``_SM86_ROWS``, and no tile of its sm_80 row that they drop is built for it; sm_120 the same
+    with the ``_SM120_ROWS`` on top, sm_100 the sm_80 tables with the ``_SM100_ROWS``."""
     from fastllama.kernels import flash_attention_backward as kbwd
 
     q = torch.empty(1, 1, 1, D, dtype=dtype)
@@ -515,17 +526,19 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
         assert got == set(table(d_pad, dtype.itemsize, precision, aligned, sm)) and got
         shared = set(kfa.CONFIG_TABLES[name][0 if aligned else 1][(max(64, d_pad), kind)])
         extra = set(kfa.CONFIG_TABLES[name][2].get(max(64, d_pad), [])) - shared if hopper else set()
-        small = kfa.CONFIG_TABLES[name][3].get((aligned, max(64, d_pad), kind))
-        assert got == (set(small) if sm == 86 and small else shared | extra)
+        small = None
+        for rows in kfa.CONFIG_TABLES[name][3].get(sm, ()):  # e.g. sm_86's replacement rows, then sm_120's
+            small = rows.get((aligned, max(64, d_pad), kind), small)
+        assert got == (set(small) if small else shared | extra)
         assert not hopper or d_pad > 128 or extra, "no Hopper-only tile for an aligned 16-bit d64/d128 row"
         for bm, bn, w, s in got:
             label = f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}"
             built_for = archs[label, w, s]
             assert built_for is None or f"sm_{sm}" in built_for, (label, w, s, built_for)
-        if sm == 86 and small:  # the dropped sm_80 tiles are not built for sm_86 (they do not fit there)
+        if small:  # the dropped tiles are not built for this arch (they do not fit or spill there)
             for bm, bn, w, s in shared - set(small):
                 label = f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}"
-                assert archs[label, w, s] == ("sm_80", "sm_90")
+                assert archs[label, w, s] is not None and f"sm_{sm}" not in archs[label, w, s]
 
 
 def test_autotune_off_launches_the_rows_first_candidate(monkeypatch):

@@ -490,9 +490,10 @@ def _build_configs() -> list[KernelBuild]:
     gives) and the tuned tables; ALIGNED=False builds (a stride not a multiple of 16: head dims
     such as 24/40/72/136, odd views) use the ``*_UNALIGNED`` tables of smaller tiles (slower,
     still correct) and are compiled with plain "i32" strides, the worst case of that path.
-    Each tile is built for the archs whose table row holds it: the Hopper-only tiles of the
-    aligned 16-bit rows for sm_90 alone, the sm_86 replacement rows (``_SM86_ROWS``) for sm_86 alone, the sm_80 tiles
-    they replace for sm_80 and sm_90."""
+    Each tile is built for the archs whose table row holds it (``configs(..., sm)``): the
+    Hopper-only tiles of the aligned 16-bit rows for sm_90 alone, the replacement rows
+    (``kernels.flash_attention.REPLACEMENTS``: ``_SM86_ROWS`` on sm_86 and sm_120, ``_SM120_ROWS``
+    on sm_120, ``_SM100_ROWS`` on sm_100) for their archs, the tiles they replace for the others."""
     builds = []
     strides3 = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in "bht"}
     # ALIGNED=True launches have every q/k/v/o/dO/dQ/dK/dV stride a multiple of 16, and the JIT

@@ -43,7 +43,7 @@ import triton
 from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import cross_entropy as _k
-from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec
+from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec, by_arch, device_arch
 from ._checks import check_same, check_tensor, num_sms
 
 __all__ = ["linear_cross_entropy", "MIN_CHUNK_ROWS"]
@@ -94,10 +94,28 @@ _CE_GPU = dict(block_m=1, block_v=2048, num_warps=8)
 # rows x 128 vocab columns per tile, so that each column's 32 rows are one contiguous 64-byte
 # read (bf16); with few row blocks the vocabulary is split among programs (see _ce_config).
 _CE_GPU_COLUMNS = dict(block_m=32, block_v=128, num_warps=8)
+# On sm_100 the column-major split partials with softcap (fp16) spilled 8 bytes at 8 warps (held
+# to 64 registers); with 16 warps every column-major build compiles at 94 or fewer, no spill.
+_CE_GPU_COLUMNS_BY_ARCH = {100: dict(_CE_GPU_COLUMNS, num_warps=16)}
+
+
+def _ce_gpu(sm: int, column_major: bool) -> dict:
+    """The loss kernels' tile on report arch ``sm`` (``optable.device_arch``) for a layout."""
+    return _CE_GPU_COLUMNS_BY_ARCH.get(sm, _CE_GPU_COLUMNS) if column_major else _CE_GPU
 # 64 (vocab) x 128 (hidden) x 32 with 8 warps: ~205 registers and no spill on sm_80 / sm_90 with
 # the fp32 tile loaded as the starting accumulator, even when the compiler cannot assume the
 # chunk's row stride (the vocab) is a multiple of 16. 128x128 tiles spilled 192-208 bytes there.
 _GEMM_GPU = dict(block_m=64, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3)
+# Where that tile spills (build report): on sm_120 ptxas held it to 128 registers (8 B with the
+# accumulator loaded, fp16/bf16); 2 stages: 212, no spill. On sm_100 fp16 without accumulator
+# spilled 16 B (190 registers); 64 x 64 with 4 warps: 184, no spill (64 x 128 with 4 warps, 128-row
+# tiles and BLOCK_K 64 spilled 72-1056 B or sat at 255 registers).
+_GEMM_GPU_BY_ARCH = {100: dict(_GEMM_GPU, block_n=64, num_warps=4), 120: dict(_GEMM_GPU, num_stages=2)}
+
+
+def _gemm_gpu(sm: int) -> dict:
+    """The grad-weight GEMM's tile on report arch ``sm`` (``optable.device_arch``)."""
+    return _GEMM_GPU_BY_ARCH.get(sm, _GEMM_GPU)
 
 
 def _ce_config(rows: int, vocab: int, device: torch.device, column_major: bool = False) -> dict:
@@ -106,7 +124,7 @@ def _ce_config(rows: int, vocab: int, device: torch.device, column_major: bool =
         # taller than the chunk: padding rows cost as much as real ones), one vocabulary split.
         return dict(block_m=min(64, triton.next_power_of_2(rows)), block_v=min(8192, triton.next_power_of_2(vocab)),
                     num_warps=1)
-    cfg = dict(_CE_GPU_COLUMNS if column_major else _CE_GPU)
+    cfg = dict(_ce_gpu(device_arch(device), column_major))
     # Four programs per SM: 4096 column-major rows are only 128 row blocks of 32, so their
     # vocabulary is split (the kernels stream memory; too few programs leave bandwidth unused).
     programs = 4 * num_sms(device)
@@ -114,10 +132,10 @@ def _ce_config(rows: int, vocab: int, device: torch.device, column_major: bool =
     return cfg
 
 
-def _gemm_config() -> dict:
+def _gemm_config(device: torch.device) -> dict:
     if interpreter_active():
         return dict(block_m=1024, block_n=128, block_k=128, group_m=8, num_warps=1, num_stages=1)
-    return _GEMM_GPU
+    return _gemm_gpu(device_arch(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +253,7 @@ def _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss, softc
         else:
             acc = torch.empty((v, h), device=dev, dtype=torch.float32)
     gb_acc = torch.zeros(v, device=dev, dtype=torch.float32) if want_gb else None
-    ce_cfg, gemm_cfg = _ce_config(rows, v, dev), _gemm_config()
+    ce_cfg, gemm_cfg = _ce_config(rows, v, dev), _gemm_config(dev)
     wt = weight.t()
 
     for i, start in enumerate(range(0, n, rows)):
@@ -585,45 +603,45 @@ def _build_configs() -> list[KernelBuild]:
     # and the column-major logits of _logits_in_weight_grad (unit stride along the rows; always
     # writing the gradient); each with one vocabulary split (one kernel) or several (partials,
     # then loss and gradient).
-    layouts = (("rows", _CE_GPU, {"stride_col": 1}, "stride_row", (False, True)),
-               ("columns", _CE_GPU_COLUMNS, {"stride_row": 1}, "stride_col", (True,)))
+    layouts = (("rows", False, {"stride_col": 1}, "stride_row", (False, True)),
+               ("columns", True, {"stride_row": 1}, "stride_col", (True,)))
     for dtype, ptr in _PTR.items():
-        for layout, ce, unit_stride, other_stride, grads in layouts:
-            tiles = {"BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]}
-            for lab, softcap, (vh, v_hint), (rh, r_hint) in itertools.product(
-                    ("*i64", "*i32"), (False, True), INT_HINTS.items(), row_hints.items()):
-                # The other stride is the vocabulary size (row-major logits) or the row count
-                # (column-major: (V, N) logits), and shares its class; a 1 is a constant.
-                s_hint = v_hint if layout == "rows" else r_hint
-                common = {"n_rows": r_hint, "n_cols": v_hint, "cols_per_split": "i32:16", "ignore_index": "i32",
-                          "softcap": "fp32"}
-                name = (f"cross_entropy {layout} {ptr[1:]} labels {lab[1:]} softcap={softcap}"
-                        f"{' V' + vh if vh else ''}{' rows' + rh if rh else ''}")
-                unit = {arg: "constexpr" for arg in unit_stride}  # the launch makes a 1 a constant
-                one_row = {"n_rows": 1} if r_hint == "constexpr" else {}
-                if s_hint == "constexpr":
-                    one_row[other_stride] = 1
-                builds.append(KernelBuild(
-                    _k._lse_partials_kernel,
-                    {"logits_ptr": ptr, **unit, other_stride: s_hint, "labels_ptr": lab, "target_ptr": "*fp32",
-                     "part_ptr": "*fp32", **common},
-                    {**unit_stride, **one_row, "HAS_SOFTCAP": softcap, **tiles},
-                    num_warps=ce["num_warps"], label=f"{name} split partials"))
-                for split_pad, write_grad in itertools.product((0, _k.MAX_SPLITS), grads):
+        for layout, column_major, unit_stride, other_stride, grads in layouts:
+            for ce, archs in by_arch(lambda sm: _ce_gpu(sm, column_major)):
+                tiles = {"BLOCK_M": ce["block_m"], "BLOCK_V": ce["block_v"]}
+                for lab, softcap, (vh, v_hint), (rh, r_hint) in itertools.product(
+                        ("*i64", "*i32"), (False, True), INT_HINTS.items(), row_hints.items()):
+                    # The other stride is the vocabulary size (row-major logits) or the row count
+                    # (column-major: (V, N) logits), and shares its class; a 1 is a constant.
+                    s_hint = v_hint if layout == "rows" else r_hint
+                    common = {"n_rows": r_hint, "n_cols": v_hint, "cols_per_split": "i32:16", "ignore_index": "i32",
+                              "softcap": "fp32"}
+                    name = (f"cross_entropy {layout} {ptr[1:]} labels {lab[1:]} softcap={softcap}"
+                            f"{' V' + vh if vh else ''}{' rows' + rh if rh else ''}")
+                    unit = {arg: "constexpr" for arg in unit_stride}  # the launch makes a 1 a constant
+                    one_row = {"n_rows": 1} if r_hint == "constexpr" else {}
+                    if s_hint == "constexpr":
+                        one_row[other_stride] = 1
                     builds.append(KernelBuild(
-                        _k._loss_and_grad_kernel,
-                        {"logits_ptr": ptr, **unit, other_stride: s_hint, "labels_ptr": lab, "loss_ptr": "*fp32",
-                         "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "part_ptr": "*fp32",
-                         **common, "z_loss": "fp32"},
-                        {**unit_stride, **one_row, "HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
-                         "SPLIT_PAD": split_pad, **tiles},
-                        num_warps=ce["num_warps"],
-                        label=f"{name} {'splits' if split_pad else 'one split'} grad={write_grad}"))
+                        _k._lse_partials_kernel,
+                        {"logits_ptr": ptr, **unit, other_stride: s_hint, "labels_ptr": lab, "target_ptr": "*fp32",
+                         "part_ptr": "*fp32", **common},
+                        {**unit_stride, **one_row, "HAS_SOFTCAP": softcap, **tiles},
+                        num_warps=ce["num_warps"], archs=archs, label=f"{name} split partials"))
+                    for split_pad, write_grad in itertools.product((0, _k.MAX_SPLITS), grads):
+                        builds.append(KernelBuild(
+                            _k._loss_and_grad_kernel,
+                            {"logits_ptr": ptr, **unit, other_stride: s_hint, "labels_ptr": lab, "loss_ptr": "*fp32",
+                             "lse_ptr": "*fp32", "scale_ptr": "*fp32", "stride_scale": "i32", "part_ptr": "*fp32",
+                             **common, "z_loss": "fp32"},
+                            {**unit_stride, **one_row, "HAS_SOFTCAP": softcap, "WRITE_GRAD": write_grad,
+                             "SPLIT_PAD": split_pad, **tiles},
+                            num_warps=ce["num_warps"], archs=archs,
+                            label=f"{name} {'splits' if split_pad else 'one split'} grad={write_grad}"))
         if dtype == torch.float32:
             continue
-        g = _GEMM_GPU
-        for accumulate, (vh, v_hint), (hh, h_hint) in itertools.product(
-                (False, True), INT_HINTS.items(), INT_HINTS.items()):
+        for accumulate, (vh, v_hint), (hh, h_hint), (g, archs) in itertools.product(
+                (False, True), INT_HINTS.items(), INT_HINTS.items(), by_arch(_gemm_gpu)):
             builds.append(KernelBuild(
                 _k._accumulate_at_b_kernel,
                 {"a_ptr": ptr, "stride_ak": v_hint, "stride_am": "constexpr", "b_ptr": ptr, "stride_bk": h_hint,
@@ -633,7 +651,7 @@ def _build_configs() -> list[KernelBuild]:
                 # Triton specialises an int argument equal to 1 as a constexpr at launch.
                 {"stride_am": 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": accumulate, "PRECISION": "tf32",
                  "BLOCK_M": g["block_m"], "BLOCK_N": g["block_n"], "BLOCK_K": g["block_k"], "GROUP_M": g["group_m"]},
-                num_warps=g["num_warps"], num_stages=g["num_stages"],
+                num_warps=g["num_warps"], num_stages=g["num_stages"], archs=archs,
                 label=f"cross_entropy grad-weight GEMM {ptr[1:]} accumulate={accumulate}"
                       f"{' V' + vh if vh else ''}{' H' + hh if hh else ''}"))
     return builds

@@ -43,7 +43,7 @@ def _stages(elem_bytes: int) -> int:
 
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True,
                 sm: int = 80, split: bool = True) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_80, sm_86 and sm_90 compiles (ptxas
+    """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_80/86/90/100/120 compiles (ptxas
     registers, with the 16-divisible strides an aligned launch gets specialised on): 16-bit
     inputs take up to 64 rows and 64 keys (32 at D = 256), 8 warps from 4K-element tiles on, at
     most ~240 registers and no spills; fp32 (ieee dots on FMA units, register-hungry operand
@@ -56,23 +56,27 @@ def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bo
     keys: 106-128 registers, 82 KB of shared memory, no spills).
 
     ``sm`` is the device's table arch (``kernels.flash_attention.table_arch``), ``split`` whether
-    the launch splits the keys (num_splits > 1). On 99 KB GPUs ("sm_86") ptxas holds four of the
+    the launch splits the keys (num_splits > 1). On 99 KB GPUs (sm_86, sm_120) ptxas holds four of the
     fp32 tiles at 8 warps to 64-128 registers and spills 8-40 bytes; there they take 4 warps (the
     one-token D = 128 tile, the split D = 256 one (the single pass spills 32 bytes with 4) and the
     unaligned D = 256 one: 80-255 registers, no spill) or 16 keys (the one-token D = 256 tile: 80-86
-    registers)."""
+    registers). sm_100 gives the unaligned fp32 D = 256 tile 4 warps too (8 spilled 8 bytes)."""
     if not aligned:
-        big = d_pad * elem_bytes >= 512 and not (sm == 86 and elem_bytes >= 4 and d_pad == 256)
+        big = d_pad * elem_bytes >= 512 and not (sm in (86, 100, 120) and elem_bytes >= 4 and d_pad == 256)
         return _dk.block_m(group, q_len, 16), 16, 8 if big else 4
     if elem_bytes >= 4:  # 8 warps (4 spilled 16-24 bytes on sm_80)
-        keys = 32 if q_len == 1 and d_pad == 256 and sm != 86 else max(16, min(64, 2048 // d_pad))
-        four = sm == 86 and (d_pad == 256 and q_len > 1 and split or d_pad == 128 and q_len == 1)
+        keys = 32 if q_len == 1 and d_pad == 256 and sm not in (86, 120) else max(16, min(64, 2048 // d_pad))
+        four = sm in (86, 120) and (d_pad == 256 and q_len > 1 and split or d_pad == 128 and q_len == 1)
         return _dk.block_m(group, q_len, 16), keys, 4 if four else 8
     bm = _dk.block_m(group, q_len, 64)
     # 8 warps from 4K-element tiles on (32 x 128 with 4 warps spilled 16 bytes on sm_80); the
     # one-token variant only above them (its 32 x 128 tile, a GQA group of 17-32, spilled 8
-    # bytes with 8 warps: ptxas held it to 128 registers; 4 warps: 168-182, no spill)
+    # bytes with 8 warps: ptxas held it to 128 registers; 4 warps: 168-182, no spill). The single
+    # pass's 32-row tile (Tq >= 2) spilled 16 bytes the same way at D = 256 on sm_120 and at
+    # D = 128 on sm_100; there it takes 4 warps (236 and 242 registers).
     big = bm * d_pad > 4096 if q_len == 1 else bm * d_pad >= 4096
+    if not split and q_len > 1 and (sm, bm, d_pad) in ((120, 32, 256), (100, 32, 128)):
+        big = False
     return bm, min(64, 16384 // (d_pad * 2)), 8 if big else 4
 
 

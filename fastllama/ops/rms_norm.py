@@ -29,15 +29,22 @@ MAX_HIDDEN = 65536
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-def _gpu_tile(block_n: int, backward: bool = False) -> tuple[int, int]:
+def _gpu_tile(block_n: int, backward: bool = False, chunked: bool = False) -> tuple[int, int]:
     """(BLOCK_M, num_warps) on a GPU for a chunk width BLOCK_N: ~4K elements a tile, so small
     rows are batched, and 8-16 fp32 values a thread per tensor. The 16-wide backward takes 2K:
     256 x 16 at 8 warps spilled 8 bytes on sm_80 for 16-bit inputs once launched with its
-    multiple-of-16 hints (ptxas held it to 80 registers); 128 x 16 needs 64, no spill."""
+    multiple-of-16 hints (ptxas held it to 80 registers); 128 x 16 needs 64, no spill.
+    1024-wide rows: 4 x 1024 at 8 warps spilled 8 bytes (sm_80, fp32 backward, and the forward
+    with the residual); the backward takes 4 warps, the forward 2 rows with 4 warps (4 rows with
+    4 warps spilled 8 bytes on sm_120: ptxas held them to 64 registers; 2 rows: 62-70, every arch).
+    The chunked forward (rows wider than MAX_BLOCK_N) takes 16 warps: 8 spilled 8 bytes on sm_120
+    with the residual (held to 64-74 registers); 16: 52-58."""
     block_m = max(1, (2048 if backward and block_n == 16 else 4096) // block_n)
     num_warps = min(16, max(4, block_m * block_n // 512))
-    if block_n == 1024:  # 4 rows x 1024 at 8 warps spilled 8 bytes (sm_80, fp32 backward); 4 warps do not
-        num_warps = 4
+    if block_n == 1024:
+        block_m, num_warps = (4, 4) if backward else (2, 4)
+    if chunked and not backward:
+        num_warps = 16
     return block_m, num_warps
 
 
@@ -49,7 +56,7 @@ _DW_ROWS_PER_PROGRAM = 32
 
 def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, backward programs)."""
-    block_n, _ = _k.block_cols(n_cols, backward)
+    block_n, chunked = _k.block_cols(n_cols, backward)
     if interpreter_active():
         # Each program is a Python-level step: fewer, larger tiles. But the interpreter's
         # tl.sum(axis=0) adds a tile's rows one after another, so backward tiles stay short.
@@ -58,7 +65,7 @@ def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = Fal
             block_m = min(rows, 16)
             return block_m, 1, triton.cdiv(n_rows, block_m)
         return min(rows, max(1, 65536 // block_n)), 1, 1
-    block_m, num_warps = _gpu_tile(block_n, backward)
+    block_m, num_warps = _gpu_tile(block_n, backward, chunked)
     sms = num_sms(device)
     return block_m, num_warps, max(2 * sms, triton.cdiv(n_rows, max(_DW_ROWS_PER_PROGRAM, block_m)))
 
@@ -229,7 +236,7 @@ def _build_configs(fused: bool) -> list[KernelBuild]:
     builds = []
     for ptr, (hints, hint) in itertools.product(_DTYPES.values(), INT_HINTS.items()):
         for block_n, chunked in widths(False):
-            block_m, num_warps = _gpu_tile(block_n)
+            block_m, num_warps = _gpu_tile(block_n, chunked=chunked)
             builds.append(KernelBuild(
                 _k.rms_norm_fwd_kernel,
                 {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": ptr, "RSTD": "*fp32", "n_rows": "i32",
@@ -239,7 +246,7 @@ def _build_configs(fused: bool) -> list[KernelBuild]:
                 {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked},
                 num_warps=num_warps, label="rms_norm fwd " + tag(block_n, chunked, block_m, hints)))
         for block_n, chunked in widths(True):
-            block_m, num_warps = _gpu_tile(block_n, backward=True)
+            block_m, num_warps = _gpu_tile(block_n, backward=True, chunked=chunked)
             builds.append(KernelBuild(
                 _k.rms_norm_bwd_kernel,
                 {"DY": ptr, "DS_OUT": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr,
