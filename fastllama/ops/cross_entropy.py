@@ -102,6 +102,8 @@ _CE_GPU_COLUMNS_BY_ARCH = {100: dict(_CE_GPU_COLUMNS, num_warps=16)}
 def _ce_gpu(sm: int, column_major: bool) -> dict:
     """The loss kernels' tile on report arch ``sm`` (``optable.device_arch``) for a layout."""
     return _CE_GPU_COLUMNS_BY_ARCH.get(sm, _CE_GPU_COLUMNS) if column_major else _CE_GPU
+
+
 # 64 (vocab) x 128 (hidden) x 32 with 8 warps: ~205 registers and no spill on sm_80 / sm_90 with
 # the fp32 tile loaded as the starting accumulator, even when the compiler cannot assume the
 # chunk's row stride (the vocab) is a multiple of 16. 128x128 tiles spilled 192-208 bytes there.
