@@ -56,7 +56,7 @@ def seed_cache(report_path: Path, cache_dir: Path) -> int:
         key = row.get("key")
         path = Path(cache_dir) / f"{key}.json"
         if key and not row.get("skipped") and not path.exists():
-            path.write_text(json.dumps({k: row[k] for k in RESULT_FIELDS - {"cached"} if k in row}))
+            _write_atomic(path, {k: row[k] for k in RESULT_FIELDS - {"cached"} if k in row})
             added += 1
     return added
 
@@ -245,10 +245,15 @@ def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_
         stores = re.findall(r"(\d+) bytes spill stores", log.getvalue())
         result["spill_stores"] = sum(map(int, stores)) if stores else None
     result |= {"compile_s": round(time.perf_counter() - t0, 3), "key": key}
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)  # atomic: concurrent runs never see half a file
+    _write_atomic(path, result)
     return result
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    # Concurrent runs (two test workers seeding the cache, two reports) never read half a file.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def _resources(compiled) -> dict:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ._build_worker import RESULT_FIELDS, default_cache_dir, run_jobs, seed_cache
+from .optable import SHARED_MEMORY_SM80, SHARED_MEMORY_SM86
 
 __all__ = ["ARCHS", "Arch", "Job", "Row", "jobs_from_specs", "run_report", "occupancy", "problems",
            "format_table", "format_markdown", "report_json", "uncovered_kernels", "default_cache_dir",
@@ -61,16 +62,16 @@ class Arch:
 
 
 ARCHS = {
-    "sm_80": Arch("sm_80", 80, shared_per_block=163 * 1024, shared_per_sm=164 * 1024),  # A100
+    "sm_80": Arch("sm_80", 80, shared_per_block=SHARED_MEMORY_SM80, shared_per_sm=164 * 1024),  # A100
     # A10, A40, RTX 30, standing for sm_89 too (L4, L40S, RTX 40: the same registers and shared
     # memory in every build compiled for both): 99 KB per block, 48 warps and 16 blocks per SM.
-    "sm_86": Arch("sm_86", 86, shared_per_block=99 * 1024, shared_per_sm=100 * 1024, max_warps_per_sm=48,
+    "sm_86": Arch("sm_86", 86, shared_per_block=SHARED_MEMORY_SM86, shared_per_sm=100 * 1024, max_warps_per_sm=48,
                   max_blocks_per_sm=16),
     "sm_90": Arch("sm_90", 90, shared_per_block=227 * 1024, shared_per_sm=228 * 1024),  # H100/H200
     "sm_100": Arch("sm_100", 100, shared_per_block=227 * 1024, shared_per_sm=228 * 1024, tmem_per_sm=512),  # B200
     # RTX 50: 99 KB per block like sm_86, but ptxas adds 1 KB of static shared memory to a kernel
     # that uses any and allocates registers differently (tiles that fit sm_86 spill here)
-    "sm_120": Arch("sm_120", 120, shared_per_block=99 * 1024, shared_per_sm=100 * 1024, max_warps_per_sm=48,
+    "sm_120": Arch("sm_120", 120, shared_per_block=SHARED_MEMORY_SM86, shared_per_sm=100 * 1024, max_warps_per_sm=48,
                    max_blocks_per_sm=32),
 }
 

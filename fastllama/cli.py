@@ -95,7 +95,7 @@ def _interpreting() -> bool:
 from . import build_report as _build_report  # noqa: E402
 
 command("build-report", "compile every kernel config for sm_80/86/90/100/120 without a GPU: registers, spills, "
-        "shared memory, occupancy, wgmma, compile time")(_build_report.cli_run)
+        "shared memory, occupancy, tensor-core instructions (wgmma, tcgen05), compile time")(_build_report.cli_run)
 
 # fastllama bench [train|memory|ops|decode]: the package's main job (fastllama/bench/cli.py; cheap
 # to import, it loads torch/transformers only when it runs)

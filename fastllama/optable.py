@@ -60,15 +60,22 @@ def device_arch(device: torch.device) -> int:
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# Opt-in shared memory per block that separates the table archs: A100 has 163 KB (what sm_80's
+# tables are checked against), H100/B200 227 KB, sm_86/89/120 99 KB. Below 99 KB (T4, V100)
+# attention refuses the GPU.
+SHARED_MEMORY_SM80 = 163 * 1024
+SHARED_MEMORY_SM86 = 99 * 1024
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_arch(index: int) -> int:
     major, minor = torch.cuda.get_device_capability(index)
     if (major, minor) == (9, 0):
         return 90
     shared = shared_memory_per_block(torch.device("cuda", index))
-    if shared >= 163 * 1024:
+    if shared >= SHARED_MEMORY_SM80:
         return 100 if major in (10, 11) else 80
-    if shared >= 99 * 1024:
+    if shared >= SHARED_MEMORY_SM86:
         return 120 if major == 12 else 86
     return 80
 

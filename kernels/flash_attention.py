@@ -571,10 +571,10 @@ def table_arch(device: torch.device) -> int:
     is refused with a ValueError."""
     if device.type != "cuda":
         return 0
-    from ..optable import device_arch, shared_memory_per_block
+    from ..optable import SHARED_MEMORY_SM86, device_arch, shared_memory_per_block
 
     shared = shared_memory_per_block(device)
-    if shared < 99 * 1024:
+    if shared < SHARED_MEMORY_SM86:
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"fastllama's attention kernels need 99 KB of shared memory per block; {device} "
                          f"({torch.cuda.get_device_properties(device).name}, sm_{major}{minor}) has {shared // 1024} "

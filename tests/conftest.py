@@ -5,6 +5,8 @@ conftest, before any test module imports fastllama.ops.
 """
 from __future__ import annotations
 
+import os
+
 from fastllama._interpreter import use_interpreter_if_no_gpu
 
 INTERPRETER = use_interpreter_if_no_gpu()
@@ -14,6 +16,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETER else "cuda"
+
+# Under pytest-xdist (the README's `-n auto`) each worker gets its share of the cores for torch's
+# own threads: N workers of N threads each would oversubscribe the CPU.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def _install_bf16_dot_shim() -> None:
@@ -92,6 +99,13 @@ def enable_activation_checkpointing(model) -> None:
     transformers 5.24, ``gradient_checkpointing_enable`` before (5.17 on the GPU machines)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: on the CPU one worker per core, at most 8 (each holds torch, transformers and
+    the interpreter: about 1.5 GB); on CUDA one, since workers would share the GPU's memory and
+    time each other's autotuning."""
+    return min(os.cpu_count() or 1, 8) if INTERPRETER else 1
 
 
 def pytest_collection_modifyitems(config, items):

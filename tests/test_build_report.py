@@ -25,6 +25,8 @@ from fastllama import _interpreter as _interp
 from fastllama import build_report as br
 from fastllama.optable import KernelBuild
 
+# One xdist worker runs the whole module: `fixture_rows` compiles once.
+pytestmark = pytest.mark.xdist_group("build_report")
 ARCHS = ["sm_80", "sm_90"]  # of the fixture kernels; the gate below compiles for every arch of br.ARCHS
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}

@@ -1,7 +1,8 @@
 """Convergence: a patched model trains like the unpatched one, step for step (also under HF Trainer).
 
-A 4-layer GQA Llama is trained for 30 AdamW steps on the text the repo ships (byte tokens), once
-unpatched and once patched, from the same initial weights and the same batches. The losses must
+A 2-layer GQA Llama is trained for 12 AdamW steps on the text the repo ships (byte tokens), once
+unpatched and once patched, from the same initial weights and the same batches (its loss falls
+from 5.5 to about 3.2 in those steps). The losses must
 agree at every step and the final parameters must stay close: the way Liger-Kernel's convergence
 tests compare. fp32, so any difference is rounding order, not precision.
 """
@@ -14,7 +15,7 @@ import fastllama
 from conftest import DEVICE
 
 TEXT = (Path(__file__).parent / "data" / "tiny_corpus.txt").read_bytes()
-STEPS, BATCH, SEQ = 30, 1, 32
+STEPS, BATCH, SEQ = 12, 1, 32
 
 
 def batches():
@@ -38,7 +39,7 @@ def train(model):
 
 
 def test_patched_training_follows_unpatched():
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=224, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=224, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=64,
                       attn_implementation="sdpa")
     torch.manual_seed(0)
@@ -105,7 +106,7 @@ def test_hf_trainer_with_gradient_accumulation_packed_and_padded(tmp_path):
         model.load_state_dict(initial)
         if patch:
             fastllama.patch(model)
-        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                  max_steps=2, learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
                                  use_cpu=DEVICE == "cpu", seed=0, data_seed=0, disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=_examples(), data_collator=collator)

@@ -45,8 +45,10 @@ WORLD, STEPS, SEQ, LR = 2, 3, 16, 1e-3
 CONFIG = dict(vocab_size=300, hidden_size=128, intermediate_size=200, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, head_dim=64, max_position_embeddings=64)
 
+# One xdist worker runs the whole module: the `runs` fixture (both ranks' training) runs once.
+pytestmark = [pytest.mark.xdist_group("distributed")]
 if DEVICE == "cuda" and torch.cuda.device_count() < WORLD:
-    pytestmark = pytest.mark.skip(reason=f"needs {WORLD} CUDA devices (nccl); without a GPU it runs on CPU with gloo")
+    pytestmark.append(pytest.mark.skip(reason=f"needs {WORLD} CUDA devices (nccl); without a GPU it runs on CPU with gloo"))
 
 
 @dataclasses.dataclass(frozen=True)
