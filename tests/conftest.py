@@ -101,6 +101,9 @@ def enable_activation_checkpointing(model) -> None:
     enable()
 
 
+# optionalhook: without pytest-xdist (the GPU machines' image lacks it) pytest would refuse an
+# unknown hook and run nothing.
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: on the CPU one worker per core, at most 8 (each holds torch, transformers and
     the interpreter: about 1.5 GB); on CUDA one, since workers would share the GPU's memory and

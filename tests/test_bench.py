@@ -308,6 +308,21 @@ def test_pytest_benchmark_tests_pass_off_gpu(tmp_path):
     assert len(timed) >= 10 and all(b["stats"]["median"] > 0 for b in timed), [b["name"] for b in timed]
 
 
+def test_suite_runs_without_pytest_xdist():
+    """The GPU machines' image has no pytest-xdist (gpu_check.sh runs the suite without -n):
+    tests/conftest.py's xdist hook must not stop pytest there (an unknown hook is an error)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "--collect-only", "tests/test_public_api.py"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0 and "tests collected" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_gpu_timing_sizes_its_loop_from_a_warm_call(monkeypatch):
     # On CUDA, time_ms turns call counts into do_bench's milliseconds with one timed call. A first
     # call that compiles (0.2 s here, against microseconds after) must not be that call: do_bench
