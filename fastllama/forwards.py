@@ -1,8 +1,8 @@
 """The forwards that :func:`fastllama.patch` puts on module instances.
 
 Each replaces one module class's ``forward`` with the same signature and semantics, computing
-with fastllama ops. Hugging Face's Llama, Mistral and Qwen2 modules share one set (their
-modeling files are copies of each other); the reference model has its own, smaller set.
+with fastllama ops. Hugging Face's Llama, Mistral, Qwen2 and Qwen3 modules share one set (their
+modeling files are copies of each other; Qwen3's attention adds an RMSNorm of q and k per head); the reference model has its own, smaller set.
 ``self._fastllama`` holds the patch options of the module (which parts are on).
 """
 from __future__ import annotations
@@ -225,7 +225,7 @@ def _rotate(self, q, k, cos, sin):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face (Llama, Mistral, Qwen2)
+# Hugging Face (Llama, Mistral, Qwen2, Qwen3)
 # ---------------------------------------------------------------------------------------------
 def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           sliding_window=None, is_causal=None, **kwargs):
@@ -272,7 +272,7 @@ def hf_attention_mask(**kwargs):
 
 
 def hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    """``LlamaAttention.forward`` (and Mistral's, Qwen2's) with fastllama's rotary kernel.
+    """``LlamaAttention.forward`` (and Mistral's, Qwen2's, Qwen3's) with fastllama's rotary kernel.
 
     The attention itself goes through the model's attention interface, which ``patch`` points at
     :func:`hf_attention_function` when attention is patched.
@@ -288,7 +288,10 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
         q, k, v = _norm_projections(norm, hidden_states, (self.q_proj, self.k_proj, self.v_proj))
     else:
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-    q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.view(hidden_shape) for t in (q, k, v))
+    if hasattr(self, "q_norm"):  # Qwen3: an RMSNorm over each head's q and k, before rotary
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     cos, sin = position_embeddings
     q, k = _rotate(self, q, k, cos, sin)
     if cache is not None:

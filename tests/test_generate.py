@@ -701,6 +701,11 @@ def test_unsupported_model_is_refused():
 
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         Generator(torch.nn.Linear(2, 2), 1, 8)
+    # Qwen3's attention normalises q and k per head, which the decode step does not (patch serves it)
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16))
+    with pytest.raises(TypeError, match="got Qwen3ForCausalLM"):
+        Generator(qwen3, 1, 8)
     cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="dynamic"):

@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 from transformers.models.llama import modeling_llama
 
 import fastllama
@@ -27,6 +28,7 @@ ARCHS = {
         original_max_position_embeddings=16))),
     "mistral-window": (MistralConfig, MistralForCausalLM, dict(BASE, sliding_window=8)),
     "qwen2-bias": (Qwen2Config, Qwen2ForCausalLM, dict(BASE)),
+    "qwen3-qk-norm": (Qwen3Config, Qwen3ForCausalLM, dict(BASE)),  # RMSNorm of each head's q and k
 }
 
 
@@ -236,7 +238,7 @@ def test_patched_loss_builds_no_logits():
     assert model(input_ids=x).logits.shape == (2, 24, 300)
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window"])
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm"])
 def test_greedy_generation_identical(arch):
     model = build(arch).eval()
     prompt = ids(batch=1, seq=7)
