@@ -1,7 +1,7 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Qwen2 causal LM (their parameters, no copies), with
+/ Qwen2 / Qwen3 causal LM (their parameters, no copies), with
 
 * one static KV cache for all layers, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -188,7 +188,7 @@ class _State:
 
 class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
-    ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``.
+    ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -302,8 +302,11 @@ class Generator:
                 h, x = ops.rms_norm(mlp_out, layer.input_layernorm.weight, self.eps, residual=x)
             # q/k/v as column views of one GEMM's output: the kernels below take any strides
             q, k, v = self._project(qkv, attention_in, h)
-            q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q = q.view(B, T, self.n_heads, self.head_dim)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim)
+            if hasattr(a, "q_norm"):  # Qwen3: an RMSNorm over each head's q and k, before rotary
+                q, k = ops.rms_norm(q, a.q_norm.weight, self.eps), ops.rms_norm(k, a.k_norm.weight, self.eps)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
             q = ops.rotary_cache_append(q, k, v, kc, vc, self.cos, self.sin, slots)

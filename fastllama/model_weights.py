@@ -1,8 +1,9 @@
 """What :class:`fastllama.generate.Generator` reads from a model, and how it lays the weights out.
 
 The generator computes a model from its weights, not by calling its modules: the reference
-``Llama`` and transformers' Llama / Mistral / Qwen2 causal LMs share the attribute names it
-reads (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...). Here:
+``Llama`` and transformers' Llama / Mistral / Qwen2 / Qwen3 causal LMs share the attribute names it
+reads (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's
+attention adds ``q_norm``/``k_norm``). Here:
 which models that computes exactly (:func:`check_model`, :func:`module_problem`), their
 rotary tables and default stop tokens, and :class:`RowBlocks`, the one-GEMM layout of the
 projections that read the same input.
@@ -99,7 +100,7 @@ class RowBlocks:
 
 # transformers causal LMs whose modules and config the generator reads like the reference's
 # (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
-_HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +117,7 @@ def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, t
 
 
 def check_model(model, max_seq_len: int) -> None:
-    """The reference Llama, or an HF Llama / Mistral / Qwen2 causal LM the decode step computes
+    """The reference Llama, or an HF Llama / Mistral / Qwen2 / Qwen3 causal LM the decode step computes
     exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope" scaling), no
     sliding window within ``max_seq_len`` (the decode kernel has none)."""
     if isinstance(model, Llama):
@@ -166,6 +167,8 @@ def module_problem(model) -> str | None:
         sys.modules[type(model).__module__], type(model).__name__.replace("ForCausalLM", "RMSNorm"), None)
     norms = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in layers
              for n in ("input_layernorm", "post_attention_layernorm")] + [("norm", model.model.norm)]
+    norms += [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in layers
+              for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]  # Qwen3's per-head q/k norms
     for name, norm in norms:
         replaced = forwards._forward_replaced(norm) and not forwards._patched_with(norm, forwards.rms_norm_forward)
         if type(norm) is not rms_norm or norm._forward_pre_hooks or norm._forward_hooks or replaced:

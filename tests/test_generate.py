@@ -596,6 +596,7 @@ def _hf_model(arch):
                                                         high_freq_factor=4.0, original_max_position_embeddings=16))),
         "qwen2-bias": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
         "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=24)),
+        "qwen3-qk-norm": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=16)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -606,10 +607,10 @@ def _hf_model(arch):
     return model.to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window"])
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
-    """An HF causal LM (its own weights and rotary module, rope scaling and q/k/v biases
-    included) decodes the tokens of its own greedy ``generate`` (fp32), three prompts of
+    """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases and
+    Qwen3's per-head q/k norms included) decodes the tokens of its own greedy ``generate`` (fp32), three prompts of
     different lengths in one batch; a sliding window shorter than the cache is refused."""
     model = _hf_model(arch)
     prompts = [[5, 6, 7, 8, 9], list(range(10, 21)), [3, 4]]
@@ -620,6 +621,11 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     if arch == "mistral-window":
         with pytest.raises(ValueError, match="sliding_window=24"):
             Generator(model, 1, 25)
+    if arch == "qwen3-qk-norm":  # the q/k norms are computed from their weights: a hooked one is refused
+        handle = model.model.layers[1].self_attn.k_norm.register_forward_hook(lambda *a: None)
+        with pytest.raises(ValueError, match="layers.1.self_attn.k_norm is a hooked Qwen3RMSNorm"):
+            Generator(model, 1, 24).generate([[3, 4]], 2)
+        handle.remove()
 
 
 def test_hf_defaults_lora_and_qwen2_layer_types(monkeypatch):
@@ -701,11 +707,6 @@ def test_unsupported_model_is_refused():
 
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         Generator(torch.nn.Linear(2, 2), 1, 8)
-    # Qwen3's attention normalises q and k per head, which the decode step does not (patch serves it)
-    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16))
-    with pytest.raises(TypeError, match="got Qwen3ForCausalLM"):
-        Generator(qwen3, 1, 8)
     cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="dynamic"):
