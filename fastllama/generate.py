@@ -41,7 +41,7 @@ from .ops._checks import check_attention_device
 from .model_weights import RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables
 from .reference.model import Llama, check_sampling, filter_logits
 
-__all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer"]
+__all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer", "load_checkpoint"]
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -608,6 +608,36 @@ def load_tokenizer(path):
                             f"(needs the `tokenizers` package)")
 
 
+# config.json model types that ``fastllama generate`` loads through transformers (the Generator
+# runs them as they are); "llama" loads into the reference model, without transformers.
+TRANSFORMERS_MODEL_TYPES = ("mistral", "qwen2", "qwen3")
+
+
+def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
+    it: a Llama into :class:`fastllama.reference.Llama` (strict, see
+    :mod:`fastllama.checkpoint`); a Mistral, Qwen2 or Qwen3 (``model_type`` in config.json)
+    through transformers' ``AutoModelForCausalLM``, which must then be installed."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    model_type = None
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            pass  # the reference loader reports a malformed config.json
+    if model_type not in TRANSFORMERS_MODEL_TYPES:
+        return Llama.from_pretrained(path, dtype=dtype, device=device).eval()
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ValueError(f"{path} holds a {model_type!r} model, which loads through transformers: "
+                         "pip install transformers") from None
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
 def run_cli(args) -> int:
     """``fastllama generate``: loads the checkpoint and tokenizer, streams the text of one
     prompt to stdout, then prints prefill time and decode tokens/s."""
@@ -630,7 +660,7 @@ def run_cli(args) -> int:
         raise ValueError(f"--device {args.device!r}: accepted cuda or cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
-    model = Llama.from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
+    model = load_checkpoint(args.checkpoint, dtype, device)
     tok = load_tokenizer(args.checkpoint)
     ids = tok.encode(args.prompt)
     if not ids:

@@ -191,6 +191,31 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     assert "no decode step" in capsys.readouterr().out
 
 
+def test_cli_generate_loads_a_qwen3_checkpoint_through_transformers(checkpoint, tmp_path, capsys):
+    """model_type "qwen3" (transformers' save_pretrained, the fixture's tokenizer): the CLI loads
+    it with transformers and streams the text of HF's own greedy generate."""
+    import transformers
+
+    from fastllama import Tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2))
+    with torch.no_grad():  # non-trivial norms
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "The keeper counted",
+                 "--max-new-tokens", "6", "--device", DEVICE, "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    tok = Tokenizer(tmp_path)
+    ids = torch.tensor([tok.encode("The keeper counted")], device=DEVICE)
+    ref = model.to(DEVICE).generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0)
+    assert out.startswith(tok.decode(ref[0].tolist())), out
+
+
 def test_cli_generate_stops_on_generation_config_eos(checkpoint, tmp_path, capsys):
     """Llama-3 Instruct's <|eot_id|> is an eos only in generation_config.json."""
     import json
