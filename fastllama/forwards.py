@@ -2,7 +2,8 @@
 
 Each replaces one module class's ``forward`` with the same signature and semantics, computing
 with fastllama ops. Hugging Face's Llama, Mistral, Qwen2 and Qwen3 modules share one set (their
-modeling files are copies of each other; Qwen3's attention adds an RMSNorm of q and k per head); the reference model has its own, smaller set.
+modeling files are copies of each other; Qwen3's attention adds an RMSNorm of q and k per head);
+the reference model has its own, smaller set.
 ``self._fastllama`` holds the patch options of the module (which parts are on).
 """
 from __future__ import annotations

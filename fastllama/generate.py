@@ -41,7 +41,8 @@ from .ops._checks import check_attention_device
 from .model_weights import RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables
 from .reference.model import Llama, check_sampling, filter_logits
 
-__all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer", "load_checkpoint"]
+__all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer",
+           "load_checkpoint"]
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

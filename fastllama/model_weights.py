@@ -117,8 +117,8 @@ def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, t
 
 
 def check_model(model, max_seq_len: int) -> None:
-    """The reference Llama, or an HF Llama / Mistral / Qwen2 / Qwen3 causal LM the decode step computes
-    exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope" scaling), no
+    """The reference Llama, or an HF Llama / Mistral / Qwen2 / Qwen3 causal LM the decode step
+    computes exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope" scaling), no
     sliding window within ``max_seq_len`` (the decode kernel has none)."""
     if isinstance(model, Llama):
         return

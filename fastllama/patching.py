@@ -218,9 +218,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     """Swaps fastllama's kernels into ``model`` (this instance only) and returns it.
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
-    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (also inside a PEFT wrapper) and ``fastllama.reference.Llama``. Patch before
-    wrapping for DDP or FSDP2 (``fully_shard``); both also work when patched after wrapping. Each
-    keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
+    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (also inside a PEFT wrapper) and
+    ``fastllama.reference.Llama``. Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
+    also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the
     reason recorded; :func:`patch_summary` prints what happened (``verbose=True`` prints it now,
     and it is always logged at INFO on the "fastllama" logger). In training, a decoder layer whose

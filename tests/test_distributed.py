@@ -48,7 +48,8 @@ CONFIG = dict(vocab_size=300, hidden_size=128, intermediate_size=200, num_hidden
 # One xdist worker runs the whole module: the `runs` fixture (both ranks' training) runs once.
 pytestmark = [pytest.mark.xdist_group("distributed")]
 if DEVICE == "cuda" and torch.cuda.device_count() < WORLD:
-    pytestmark.append(pytest.mark.skip(reason=f"needs {WORLD} CUDA devices (nccl); without a GPU it runs on CPU with gloo"))
+    pytestmark.append(pytest.mark.skip(
+        reason=f"needs {WORLD} CUDA devices (nccl); without a GPU it runs on CPU with gloo"))
 
 
 @dataclasses.dataclass(frozen=True)
