@@ -287,21 +287,24 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
     assert decode["fastllama"]["tokens/s"] > 0 and "error" not in decode["fastllama"]
 
 
-@smoke_run_only
-def test_pytest_benchmark_tests_pass_off_gpu(tmp_path):
-    """benchmarks/ holds the op benchmarks as pytest-benchmark tests (one tiny interpreter case
-    each off-GPU); CI runs tests/ only, so they are run from here, and every op is timed."""
+def _run_pytest(*args: str, timeout: float):
+    """A separate pytest run in the repository root, not as an xdist worker (this suite's
+    `-n auto`): pytest-benchmark reads an inherited PYTEST_XDIST_WORKER and switches timing off."""
     import subprocess
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
-    # Not as an xdist worker (this suite's `-n auto`): pytest-benchmark reads an inherited
-    # PYTEST_XDIST_WORKER and switches timing off (each op then runs once, untimed).
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks",
-                           f"--benchmark-json={tmp_path / 'bench.json'}"],
-                          cwd=repo, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@smoke_run_only
+def test_pytest_benchmark_tests_pass_off_gpu(tmp_path):
+    """benchmarks/ holds the op benchmarks as pytest-benchmark tests (one tiny interpreter case
+    each off-GPU); CI runs tests/ only, so they are run from here, and every op is timed."""
+    proc = _run_pytest("benchmarks", f"--benchmark-json={tmp_path / 'bench.json'}", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
     timed = json.loads((tmp_path / "bench.json").read_text())["benchmarks"]
@@ -311,15 +314,7 @@ def test_pytest_benchmark_tests_pass_off_gpu(tmp_path):
 def test_suite_runs_without_pytest_xdist():
     """The GPU machines' image has no pytest-xdist (gpu_check.sh runs the suite without -n):
     tests/conftest.py's xdist hook must not stop pytest there (an unknown hook is an error)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                           "--collect-only", "tests/test_public_api.py"],
-                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
-                          env=env)
+    proc = _run_pytest("-p", "no:xdist", "--collect-only", "tests/test_public_api.py", timeout=300)
     assert proc.returncode == 0 and "tests collected" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
