@@ -141,10 +141,13 @@ def _verify_model(args: argparse.Namespace):
     else:
         config = AutoConfig.from_pretrained(args.checkpoint)
     # train mode (the training paths are what is checked), but without dropout: runs that draw
-    # other masks cannot be compared (verify refuses them)
-    if getattr(config, "attention_dropout", 0.0):
-        print(f"attention_dropout={config.attention_dropout} set to 0: verify compares deterministic runs")
-        config.attention_dropout = 0.0
+    # other masks cannot be compared (verify refuses them). Llama's attention_dropout, Phi-3's
+    # resid_pdrop and embd_pdrop ...
+    for field, value in sorted(config.to_dict().items()):
+        if (field.endswith(("dropout", "pdrop")) and isinstance(value, (int, float)) and not isinstance(value, bool)
+                and value and hasattr(config, field)):
+            print(f"{field}={value} set to 0: verify compares deterministic runs")
+            setattr(config, field, 0.0)
     if args.config:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:

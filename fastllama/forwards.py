@@ -1,9 +1,10 @@
 """The forwards that :func:`fastllama.patch` puts on module instances.
 
 Each replaces one module class's ``forward`` with the same signature and semantics, computing
-with fastllama ops. Hugging Face's Llama, Mistral, Qwen2 and Qwen3 modules share one set (their
-modeling files are copies of each other; Qwen3's attention adds an RMSNorm of q and k per head);
-the reference model has its own, smaller set.
+with fastllama ops. Hugging Face's Llama, Mistral, Qwen2, Qwen3 and Phi-3 modules share one set
+(their modeling files are copies of each other; Qwen3's attention adds an RMSNorm of q and k per
+head; Phi-3 merges q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``, and puts a
+dropout on each residual branch); the reference model has its own, smaller set.
 ``self._fastllama`` holds the patch options of the module (which parts are on).
 """
 from __future__ import annotations
@@ -107,12 +108,43 @@ def _call_with_forward(module, forward, x):
             module.__dict__[attr] = own_forward
 
 
+# ---------------------------------------------------------------------------------------------
+# Where each family keeps its projections (Phi-3 merges them)
+# ---------------------------------------------------------------------------------------------
+def attention_input_linears(attn) -> tuple:
+    """The linears that read the attention's input: ``(q_proj, k_proj, v_proj)``, or Phi-3's
+    merged ``(qkv_proj,)``."""
+    return (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)
+
+
+def split_qkv(attn, outputs) -> tuple:
+    """q, k, v from the outputs of :func:`attention_input_linears` (column views of Phi-3's
+    merged projection: q's heads first, then k's, then v's, as HF's Phi-3 slices it)."""
+    if len(outputs) == 3:
+        return tuple(outputs)
+    q_size = attn.config.num_attention_heads * attn.head_dim
+    kv_size = attn.config.num_key_value_heads * attn.head_dim
+    return outputs[0].split([q_size, kv_size, kv_size], dim=-1)
+
+
+def mlp_input_linears(mlp) -> tuple:
+    """The linears that read the MLP's input: ``(gate_proj, up_proj)``, or Phi-3's merged
+    ``(gate_up_proj,)`` (gate's rows first)."""
+    return (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
+
+
+def mlp_activation(mlp):
+    """The MLP's activation module: ``act_fn`` (Llama ...) or ``activation_fn`` (Phi-3); None for
+    the reference MLP, which has none (SiLU)."""
+    return getattr(mlp, "act_fn", None) if hasattr(mlp, "act_fn") else getattr(mlp, "activation_fn", None)
+
+
 def silu_activation(mlp) -> bool:
     """Whether the MLP's activation is SiLU: HF's ``act_fn`` (``SiLUActivation`` or ``nn.SiLU``,
-    what ``hidden_act="silu"``/``"swish"`` build) as it is NOW, not what the config says (a
-    swapped ``act_fn`` must not become SwiGLU), with no forward set on its instance and no hooks
-    (the fused SwiGLU never calls it); the reference MLP has no ``act_fn``: SiLU."""
-    act = getattr(mlp, "act_fn", None)
+    what ``hidden_act="silu"``/``"swish"`` build; Phi-3's ``activation_fn``) as it is NOW, not
+    what the config says (a swapped activation must not become SwiGLU), with no forward set on
+    its instance and no hooks (the fused SwiGLU never calls it); the reference MLP has none: SiLU."""
+    act = mlp_activation(mlp)
     if act is None:
         return True
     silu = type(act) is torch.nn.SiLU or (type(act).__name__ == "SiLUActivation"
@@ -121,10 +153,13 @@ def silu_activation(mlp) -> bool:
 
 
 def mlp_forward(self, x):
-    """``LlamaMLP.forward``: the projections stay nn.Linear (LoRA keeps working), SwiGLU fused.
+    """``LlamaMLP.forward`` (and Phi-3's, whose gate and up are one ``gate_up_proj``): the
+    projections stay nn.Linear (LoRA keeps working), SwiGLU fused.
     An activation swapped for another after patching runs the original forward."""
     if not silu_activation(self):
         return type(self).forward(self, x)
+    if hasattr(self, "gate_up_proj"):  # Phi-3: the halves are read in place (no split copy)
+        return self.down_proj(ops.swiglu_fused(self.gate_up_proj(x)))
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -190,7 +225,7 @@ def _norm_into_attention(layer) -> bool:
     attn, norm = layer.self_attn, layer.input_layernorm
     return (_patched_with(norm, rms_norm_forward)
             and _patched_with(attn, hf_attention_forward, reference_attention_forward)
-            and _bypassable(norm, attn) and _plain_linears(attn.q_proj, attn.k_proj, attn.v_proj))
+            and _bypassable(norm, attn) and _plain_linears(*attention_input_linears(attn)))
 
 
 def _norm_into_mlp(layer) -> bool:
@@ -199,7 +234,7 @@ def _norm_into_mlp(layer) -> bool:
     mlp, norm = layer.mlp, layer.post_attention_layernorm
     return (_patched_with(norm, rms_norm_forward) and _patched_with(mlp, mlp_forward) and silu_activation(mlp)
             and _bypassable(norm, mlp)
-            and _plain_linears(mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            and _plain_linears(*mlp_input_linears(mlp), mlp.down_proj))
 
 
 def _norm_projections(norm, x, projections, residual=None):
@@ -213,16 +248,24 @@ def _norm_projections(norm, x, projections, residual=None):
 def _residual_norm_mlp(norm, mlp, h, residual):
     """``(mlp(norm(h + residual)), h + residual)`` keeping, per token, the norm's input and the
     gate and up projections only (not the normalised input, not the SwiGLU output)."""
-    gate, up, s = _norm_projections(norm, h, (mlp.gate_proj, mlp.up_proj), residual)
+    *projected, s = _norm_projections(norm, h, mlp_input_linears(mlp), residual)
+    gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
     return ops.swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias), s
 
 
 def _rotate(self, q, k, cos, sin):
-    if self._fastllama["rope"] and cos.shape[-1] == q.shape[-1]:
-        # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the
-        # fp32 embeddings; rotating in q's dtype is what an autocast-aware fused op does
-        return ops.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
-    return self._fastllama["original_rope"](q, k, cos, sin)
+    rotary_dim = cos.shape[-1]
+    if not (self._fastllama["rope"] and rotary_dim <= q.shape[-1] and rotary_dim % 2 == 0):
+        return self._fastllama["original_rope"](q, k, cos, sin)
+    # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the fp32
+    # embeddings; rotating in q's dtype is what an autocast-aware fused op does
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    if rotary_dim == q.shape[-1]:
+        return ops.apply_rotary_pos_emb(q, k, cos, sin)
+    # partial rotary (Phi-4-mini: the first 3/4 of each head; HF's rotate_half pairs i with
+    # i + rotary_dim / 2): the kernel reads the leading dims as strided views, the rest passes
+    q_rot, k_rot = ops.apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+    return torch.cat([q_rot, q[..., rotary_dim:]], -1), torch.cat([k_rot, k[..., rotary_dim:]], -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,8 +315,12 @@ def hf_attention_mask(**kwargs):
     return sdpa_mask(**kwargs)
 
 
+# HF families whose attention passes the config's sliding_window (by modeling module name)
+_WINDOW_FROM_CONFIG = (".modeling_mistral", ".modeling_phi3")
+
+
 def hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    """``LlamaAttention.forward`` (and Mistral's, Qwen2's, Qwen3's) with fastllama's rotary kernel.
+    """``LlamaAttention.forward`` (and Mistral's, Qwen2's, Qwen3's, Phi-3's) with fastllama's rotary kernel.
 
     The attention itself goes through the model's attention interface, which ``patch`` points at
     :func:`hf_attention_function` when attention is patched.
@@ -285,11 +332,12 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     norm = kwargs.pop("fastllama_norm", None)  # set by the patched decoder layer: hidden_states is not normed yet
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
+    linears = attention_input_linears(self)
     if norm is not None:
-        q, k, v = _norm_projections(norm, hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+        projected = _norm_projections(norm, hidden_states, linears)
     else:
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-    q, k, v = (t.view(hidden_shape) for t in (q, k, v))
+        projected = [lin(hidden_states) for lin in linears]
+    q, k, v = (t.view(hidden_shape) for t in split_qkv(self, projected))
     if hasattr(self, "q_norm"):  # Qwen3: an RMSNorm over each head's q and k, before rotary
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -302,11 +350,11 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     modeling = sys.modules[_original_class(self).__module__]
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, modeling.eager_attention_forward)
-    # the window each family's own forward passes: Qwen2's per layer type, Mistral's from the
-    # config; Llama passes none (a sliding_window a Llama config carries is ignored by HF)
+    # the window each family's own forward passes: Qwen2's per layer type, Mistral's and Phi-3's
+    # from the config; Llama passes none (a sliding_window a Llama config carries is ignored by HF)
     if hasattr(self, "sliding_window"):
         kwargs["sliding_window"] = self.sliding_window
-    elif modeling.__name__.endswith(".modeling_mistral") and getattr(self.config, "sliding_window", None) is not None:
+    elif modeling.__name__.endswith(_WINDOW_FROM_CONFIG) and getattr(self.config, "sliding_window", None) is not None:
         kwargs["sliding_window"] = self.config.sliding_window
     out, weights = attention_interface(
         self, q, k, v, attention_mask,
@@ -318,9 +366,9 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
 
 def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                              use_cache=False, position_embeddings=None, **kwargs):
-    """``LlamaDecoderLayer.forward`` with the residual add fused into the second RMSNorm, and
-    each norm folded into the projections after it when they are plain linears (see
-    ``ops.fused_linear``: same math, less memory kept for backward)."""
+    """``LlamaDecoderLayer.forward`` (and Phi-3's, with its residual dropouts) with the residual
+    add fused into the second RMSNorm, and each norm folded into the projections after it when
+    they are plain linears (see ``ops.fused_linear``: same math, less memory kept for backward)."""
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     residual = hidden_states
@@ -330,11 +378,21 @@ def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_
         h = self.input_layernorm(hidden_states)
     h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    h = _residual_dropout(self, "resid_attn_dropout", h)
     if _norm_into_mlp(self):
         out, residual = _residual_norm_mlp(self.post_attention_layernorm, self.mlp, h, residual)
-        return residual + out
-    h, residual = _fused_residual_norm(self.post_attention_layernorm, h, residual)
-    return residual + self.mlp(h)
+    else:
+        h, residual = _fused_residual_norm(self.post_attention_layernorm, h, residual)
+        out = self.mlp(h)
+    return residual + _residual_dropout(self, "resid_mlp_dropout", out)
+
+
+def _residual_dropout(layer, name: str, h):
+    """Phi-3's dropout on a residual branch (``resid_pdrop``) where it drops anything (training
+    with p > 0); other families have none, and it is the identity otherwise (not called then:
+    F.dropout with p = 0 in training still costs a kernel)."""
+    dropout = getattr(layer, name, None)
+    return dropout(h) if dropout is not None and dropout.training and dropout.p > 0 else h
 
 
 _CACHE_NAME: str | None = None

@@ -29,7 +29,7 @@ __all__ = ["patch", "unpatch", "patch_summary", "is_patched", "RULES", "SUPPORTE
 log = logging.getLogger("fastllama")
 
 OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
-_HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}
 
 
 def _hf(kind: str) -> tuple[str, ...]:
@@ -48,7 +48,8 @@ def _check_silu(module) -> str | None:
     if act not in ("silu", "swish"):
         return f"hidden_act={act!r} is not SiLU (swiglu needs hidden_act='silu')"
     if not forwards.silu_activation(module):
-        return (f"act_fn is {type(getattr(module, 'act_fn', None)).__name__}, not a plain SiLU (swiglu needs SiLU, "
+        name = "act_fn" if hasattr(module, "act_fn") else "activation_fn"
+        return (f"{name} is {type(forwards.mlp_activation(module)).__name__}, not a plain SiLU (swiglu needs SiLU, "
                 f"with no forward set on its instance and no hooks)")
     return None
 
@@ -218,7 +219,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     """Swaps fastllama's kernels into ``model`` (this instance only) and returns it.
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
-    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (also inside a PEFT wrapper) and
+    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Phi3ForCausalLM`` (also inside a PEFT wrapper) and
     ``fastllama.reference.Llama``. Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
     also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the

@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from transformers.models.llama import modeling_llama
 
 import fastllama
@@ -29,6 +29,10 @@ ARCHS = {
     "mistral-window": (MistralConfig, MistralForCausalLM, dict(BASE, sliding_window=8)),
     "qwen2-bias": (Qwen2Config, Qwen2ForCausalLM, dict(BASE)),
     "qwen3-qk-norm": (Qwen3Config, Qwen3ForCausalLM, dict(BASE)),  # RMSNorm of each head's q and k
+    "phi3-merged-proj": (Phi3Config, Phi3ForCausalLM, dict(BASE, pad_token_id=0)),  # qkv_proj, gate_up_proj
+    # Phi-4-mini rotates 3/4 of each head (the rest passes through), Phi-3-mini-4k has a window
+    "phi3-window-partial-rope": (Phi3Config, Phi3ForCausalLM, dict(BASE, pad_token_id=0, sliding_window=8, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75))),
 }
 
 
@@ -67,6 +71,7 @@ def test_model_loss_and_all_gradients_match_under_parity_rule(arch):
     report = fastllama.verify(model, {"input_ids": x, "labels": x}, modules=["<model>"], print_table=False)
     assert report.passed, report.table()
     assert sum(r.kind == "grad" for r in report.modules[0][2].rows) == len(list(model.parameters()))
+    assert not report.fallbacks, report.fallbacks  # windows included: each runs on the flash kernel
 
 
 def test_a_sliding_window_in_a_llama_config_is_ignored_as_hf_does():
@@ -238,7 +243,8 @@ def test_patched_loss_builds_no_logits():
     assert model(input_ids=x).logits.shape == (2, 24, 300)
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm"])
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
+                                  "phi3-window-partial-rope"])
 def test_greedy_generation_identical(arch):
     model = build(arch).eval()
     prompt = ids(batch=1, seq=7)
@@ -246,6 +252,46 @@ def test_greedy_generation_identical(arch):
     expected = model.generate(prompt, **kw)
     fastllama.patch(model)
     assert torch.equal(model.generate(prompt, **kw), expected)
+
+
+def test_phi3_residual_dropout_runs_as_hf_runs_it():
+    """Phi-3 drops out each residual branch (resid_pdrop) in training: with the same seed the
+    patched model draws the same masks in the same order (without the dropouts: loss off by 6e-3)."""
+    cfg_cls, model_cls, kw = ARCHS["phi3-merged-proj"]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**kw, resid_pdrop=0.3, attn_implementation="sdpa")).to(DEVICE).train()
+    x = ids()
+
+    def run():
+        torch.manual_seed(5)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        return loss.detach(), grads
+
+    expected, expected_grads = run()
+    with torch.no_grad():
+        assert (model.eval()(input_ids=x, labels=x).loss - expected).abs() > 1e-3  # the dropout matters
+    model.train()
+    fastllama.patch(model)
+    loss, grads = run()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_phi3_activation_swapped_by_hand_is_not_fused():
+    """Phi-3's MLP calls its activation ``activation_fn``, not ``act_fn``: a GELU put there is not
+    SiLU, so the MLP is not patched to SwiGLU (the summary says why) and runs as HF's."""
+    model = build("phi3-merged-proj").eval()
+    for layer in model.model.layers:
+        layer.mlp.activation_fn = torch.nn.GELU()
+    x = ids()
+    expected = model(x).logits
+    fastllama.patch(model)
+    assert "activation_fn is GELU" in fastllama.patch_summary(model)
+    torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("cache", [None, "static"])
@@ -774,17 +820,22 @@ def test_torch_compile_of_patched_model():
     assert model.lm_head.weight.grad is not None
 
 
-def test_verify_command_line(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_verify_command_line(tmp_path, capsys, family):
     import json
 
     from fastllama.cli import main
 
-    # (a config with attention dropout: the command checks train mode without it)
-    cfg = dict(BASE, model_type="llama", num_hidden_layers=1, attention_dropout=0.2)
+    # (a config with dropouts: the command checks train mode without them; Phi-3 drops out
+    # each residual branch too, which verify would refuse)
+    dropouts = dict(attention_dropout=0.2) if family == "llama" else dict(attention_dropout=0.2, resid_pdrop=0.1)
+    cfg = dict(BASE, model_type=family, num_hidden_layers=1, pad_token_id=0, **dropouts)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert main(["verify", "--config", str(tmp_path / "config.json"), "--seq-len", "16", "--batch", "1"]) == 0
     out = capsys.readouterr().out
-    assert "LlamaDecoderLayer" in out and "0 failing" in out and "attention_dropout=0.2 set to 0" in out
+    assert "DecoderLayer" in out and "0 failing" in out and "skipped" not in out
+    for field, value in dropouts.items():
+        assert f"{field}={value} set to 0" in out
 
 
 def test_reference_model_cache_decoding_without_mask():
