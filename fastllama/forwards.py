@@ -269,7 +269,7 @@ def _rotate(self, q, k, cos, sin):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face (Llama, Mistral, Qwen2, Qwen3)
+# Hugging Face (Llama, Mistral, Qwen2, Qwen3, Phi-3)
 # ---------------------------------------------------------------------------------------------
 def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           sliding_window=None, is_causal=None, **kwargs):

@@ -1,7 +1,7 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Qwen2 / Qwen3 causal LM (their parameters, no copies), with
+/ Qwen2 / Qwen3 / Phi-3 causal LM (their parameters, no copies), with
 
 * one static KV cache for all layers, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .forwards import attention_input_linears, mlp_input_linears, split_qkv
 from .ops._checks import check_attention_device
 from .model_weights import RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables
 from .reference.model import Llama, check_sampling, filter_logits
@@ -189,7 +190,8 @@ class _State:
 
 class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
-    ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM``.
+    ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
+    ``Phi3ForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -271,9 +273,9 @@ class Generator:
 
     @staticmethod
     def _layer_groups(layer) -> tuple[list, list]:
-        """The linears reading the attention's input (q, k, v) and the MLP's (gate, up)."""
-        a, m = layer.self_attn, layer.mlp
-        return [a.q_proj, a.k_proj, a.v_proj], [m.gate_proj, m.up_proj]
+        """The linears reading the attention's input (q, k, v) and the MLP's (gate, up); Phi-3's
+        are one merged linear each, already one GEMM."""
+        return list(attention_input_linears(layer.self_attn)), list(mlp_input_linears(layer.mlp))
 
     @staticmethod
     def _project(fused: RowBlocks | None, linears, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -302,7 +304,7 @@ class Generator:
             else:  # x + mlp(...) of the previous layer and this layer's norm: one kernel
                 h, x = ops.rms_norm(mlp_out, layer.input_layernorm.weight, self.eps, residual=x)
             # q/k/v as column views of one GEMM's output: the kernels below take any strides
-            q, k, v = self._project(qkv, attention_in, h)
+            q, k, v = split_qkv(a, self._project(qkv, attention_in, h))
             q = q.view(B, T, self.n_heads, self.head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)
             if hasattr(a, "q_norm"):  # Qwen3: an RMSNorm over each head's q and k, before rotary
@@ -318,7 +320,8 @@ class Generator:
                 o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale)
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
             h, x = ops.rms_norm(o, layer.post_attention_layernorm.weight, self.eps, residual=x)
-            gate, up = self._project(gate_up, mlp_in, h)
+            projected = self._project(gate_up, mlp_in, h)
+            gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
             mlp_out = F.linear(ops.swiglu(gate, up), m.down_proj.weight, m.down_proj.bias)
         x = x + mlp_out
         x = x[torch.arange(B, device=x.device), last] if last is not None else x[:, -1]
@@ -611,13 +614,13 @@ def load_tokenizer(path):
 
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
-TRANSFORMERS_MODEL_TYPES = ("mistral", "qwen2", "qwen3")
+TRANSFORMERS_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "phi3")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
-    :mod:`fastllama.checkpoint`); a Mistral, Qwen2 or Qwen3 (``model_type`` in config.json)
+    :mod:`fastllama.checkpoint`); a Mistral, Qwen2, Qwen3 or Phi-3 (``model_type`` in config.json)
     through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path

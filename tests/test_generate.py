@@ -191,18 +191,19 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     assert "no decode step" in capsys.readouterr().out
 
 
-def test_cli_generate_loads_a_qwen3_checkpoint_through_transformers(checkpoint, tmp_path, capsys):
-    """model_type "qwen3" (transformers' save_pretrained, the fixture's tokenizer): the CLI loads
-    it with transformers and streams the text of HF's own greedy generate."""
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3"])
+def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
+    """model_type "qwen3" / "phi3" (transformers' save_pretrained, the fixture's tokenizer): the
+    CLI loads it with transformers and streams the text of HF's own greedy generate."""
     import transformers
 
     from fastllama import Tokenizer
 
     (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
     torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(
         vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2))
+        num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     with torch.no_grad():  # non-trivial norms
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -622,6 +623,9 @@ def _hf_model(arch):
         "qwen2-bias": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
         "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=24)),
         "qwen3-qk-norm": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=16)),
+        "phi3-merged-proj": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0)),
+        "phi3-partial-rope": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0, rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75))),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -632,11 +636,13 @@ def _hf_model(arch):
     return model.to(DEVICE).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm"])
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
+                                  "phi3-merged-proj"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
-    """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases and
-    Qwen3's per-head q/k norms included) decodes the tokens of its own greedy ``generate`` (fp32), three prompts of
-    different lengths in one batch; a sliding window shorter than the cache is refused."""
+    """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
+    Qwen3's per-head q/k norms and Phi-3's merged projections included) decodes the tokens of its
+    own greedy ``generate`` (fp32), three prompts of different lengths in one batch; a sliding
+    window shorter than the cache is refused."""
     model = _hf_model(arch)
     prompts = [[5, 6, 7, 8, 9], list(range(10, 21)), [3, 4]]
     expected = [model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=6, do_sample=False,
@@ -651,6 +657,19 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         with pytest.raises(ValueError, match="layers.1.self_attn.k_norm is a hooked Qwen3RMSNorm"):
             Generator(model, 1, 24).generate([[3, 4]], 2)
         handle.remove()
+
+
+def test_phi3_partial_rotary_and_swapped_activation_are_refused():
+    """Phi-4-mini rotates 3/4 of each head, which the fused rotary + cache append does not do
+    (refused when the generator is built); a Phi-3 MLP whose ``activation_fn`` is no longer SiLU
+    is refused at the call (the generator's MLP is SwiGLU)."""
+    with pytest.raises(ValueError, match="rotates 12 of each head's 16 dims"):
+        Generator(_hf_model("phi3-partial-rope"), 1, 24)
+    model = _hf_model("phi3-merged-proj")
+    gen = Generator(model, 1, 24)
+    model.model.layers[1].mlp.activation_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match="layers.1.mlp.activation_fn is GELU"):
+        gen.generate([[3, 4]], 2)
 
 
 def test_hf_defaults_lora_and_qwen2_layer_types(monkeypatch):
