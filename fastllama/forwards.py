@@ -254,18 +254,12 @@ def _residual_norm_mlp(norm, mlp, h, residual):
 
 
 def _rotate(self, q, k, cos, sin):
-    rotary_dim = cos.shape[-1]
-    if not (self._fastllama["rope"] and rotary_dim <= q.shape[-1] and rotary_dim % 2 == 0):
-        return self._fastllama["original_rope"](q, k, cos, sin)
-    # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the fp32
-    # embeddings; rotating in q's dtype is what an autocast-aware fused op does
-    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    if rotary_dim == q.shape[-1]:
-        return ops.apply_rotary_pos_emb(q, k, cos, sin)
-    # partial rotary (Phi-4-mini: the first 3/4 of each head; HF's rotate_half pairs i with
-    # i + rotary_dim / 2): the kernel reads the leading dims as strided views, the rest passes
-    q_rot, k_rot = ops.apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
-    return torch.cat([q_rot, q[..., rotary_dim:]], -1), torch.cat([k_rot, k[..., rotary_dim:]], -1)
+    # (a rotary dim below head_dim is partial rotary, e.g. Phi-4-mini's: the op does it too)
+    if self._fastllama["rope"] and cos.shape[-1] <= q.shape[-1] and cos.shape[-1] % 2 == 0:
+        # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the
+        # fp32 embeddings; rotating in q's dtype is what an autocast-aware fused op does
+        return ops.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
+    return self._fastllama["original_rope"](q, k, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,27 @@ def test_fp32_cos_sin_with_half_q(dtype):
                   torch_op=hf_path, names=("q", "k", "cos", "sin"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [48, 2])
+def test_partial_rotary_matches_hf(dtype, rotary_dim):
+    """cos/sin over the first rotary_dim dims of each head (Phi-4-mini: 3/4 of them): those rotate,
+    pairing i with i + rotary_dim / 2 as HF's rotate_half of the slice does, the rest pass through
+    bit for bit, in q's layout; gradients too, and in place (the tail untouched)."""
+    q, k = _qk(dtype=dtype, d=64, hq=3, hk=1)
+    _, _, cos, sin = _cos_sin(2, 33, rotary_dim, dtype)
+    assert_parity(ops.apply_rotary_pos_emb, reference.apply_rotary_pos_emb, q.requires_grad_(), k.requires_grad_(),
+                  cos, sin, names=("q", "k", "cos", "sin"))
+    with torch.no_grad():
+        q2, k2 = ops.apply_rotary_pos_emb(q, k, cos, sin)
+        assert q2.stride() == q.stride() and torch.equal(q2[..., rotary_dim:], q[..., rotary_dim:])
+        assert not torch.equal(k2[..., :rotary_dim], k[..., :rotary_dim])
+        ref_q, ref_k = reference.apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
+        torch.testing.assert_close(q2.float(), ref_q, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+        qi, ki = q.detach().clone(), k.detach().clone()
+        assert ops.apply_rotary_pos_emb(qi, ki, cos, sin, inplace=True)[0] is qi
+        assert torch.equal(qi, q2) and torch.equal(ki, k2)
+
+
 def test_output_keeps_input_layout():
     q, k = _qk()  # transposed from (B, T, H, D)
     _, _, cos, sin = _cos_sin(2, 33, 64, torch.bfloat16)
@@ -50,12 +71,14 @@ def test_output_keeps_input_layout():
 
 
 @pytest.mark.parametrize("views", [False, True], ids=["activations", "hf-views"])
-@pytest.mark.parametrize("variant", ["cos_sin", "positions"])
+@pytest.mark.parametrize("variant", ["cos_sin", "positions", "partial"])
 def test_inplace_matches_out_of_place_with_grads(variant, views):
     q0, k0 = _qk(dtype=torch.float32)
     pos, inv_freq, cos, sin = _cos_sin(2, 33, 64, torch.float32)
-    extra = (cos, sin) if variant == "cos_sin" else (pos, inv_freq)
-    op = ops.apply_rotary_pos_emb if variant == "cos_sin" else ops.apply_rotary_pos_emb_from_positions
+    if variant == "partial":  # the first 40 dims rotate
+        cos, sin = cos[..., :40].contiguous(), sin[..., :40].contiguous()
+    extra = (pos, inv_freq) if variant == "positions" else (cos, sin)
+    op = ops.apply_rotary_pos_emb_from_positions if variant == "positions" else ops.apply_rotary_pos_emb
     go_q, go_k = torch.randn_like(q0), torch.randn_like(k0)
 
     qa, ka = q0.clone().requires_grad_(), k0.clone().requires_grad_()
@@ -128,7 +151,8 @@ def _bad_inputs():
     return [
         ("odd head_dim", lambda: rot(q7, q7, cos[..., :7], sin[..., :7]), ValueError, "head_dim 7"),
         ("head_dim 512", lambda: rot(q512, q512, cos, sin), ValueError, "head_dim 512"),
-        ("partial rotary", lambda: rot(q, k, cos[..., :32], sin[..., :32]), ValueError, "partial rotary"),
+        ("odd rotary dim", lambda: rot(q, k, cos[..., :31], sin[..., :31]), ValueError, "an even rotary dim"),
+        ("rotary dim > head_dim", lambda: rot(q[..., :32], k[..., :32], cos, sin), ValueError, "an even rotary dim"),
         ("q/k dtype", lambda: rot(q, k.float(), cos, sin), TypeError, "k has dtype"),
         ("int q", lambda: rot(q.to(torch.int32), k, cos, sin), TypeError, "q has dtype"),
         ("q 3d", lambda: rot(q[0], k, cos, sin), ValueError, "q must have 4 dims"),

@@ -190,9 +190,10 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     Args:
         q: (B, Hq, T, D), k: (B, Hk, T, D); any strides with unit stride in D (e.g. transposed
             from (B, T, H, D)). Hk may differ from Hq (GQA). D even, at most 256.
-        cos, sin: (B, T, D), (1, T, D) or (T, D), any float dtype (read as fp32; normally fp32
-            or q's dtype), unit stride in D. A rotary dim smaller than D (partial rotary) is not
-            supported and is rejected.
+        cos, sin: (B, T, R), (1, T, R) or (T, R), any float dtype (read as fp32; normally fp32
+            or q's dtype), unit stride in R. R = D, or an even R < D: partial rotary as HF's
+            ``apply_rotary_pos_emb`` does it (Phi-4-mini, ``partial_rotary_factor``): the first R
+            dims of each head are rotated (pairing i with i + R/2), the other D - R pass through.
         unsqueeze_dim: HF's argument: 1 for the (B, H, T, D) layout above, 2 for q, k in
             (B, T, H, D) (served as transposed views; the results are in that layout too).
         inplace: (keyword only) rotate q and k in place and return them (works under autograd
@@ -217,9 +218,9 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         check_tensor(name, c, ndim=(2, 3))
         check_device(name, c)
         check_same("q", q, name, c, "device")
-        if c.shape[-1] != d:
-            raise ValueError(f"{name} has last dim {c.shape[-1]} but q has head_dim {d}; partial rotary "
-                             f"(rotary dim < head_dim) is not supported: cos/sin must cover all of head_dim")
+        if c.shape[-1] > d or c.shape[-1] % 2 or c.shape[-1] == 0:
+            raise ValueError(f"{name} has last dim {c.shape[-1]} but q has head_dim {d}; accepted: head_dim, or "
+                             f"an even rotary dim below it (partial rotary)")
         _check_bt(name, c, b, t, 3, "(B, T, D) or (T, D)")
         check_last_dim_contiguous(name, c)
         if c.requires_grad:
@@ -228,7 +229,26 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     check_same("cos", cos, "sin", sin, "dtype")
     if cos.shape != sin.shape:
         raise ValueError(f"sin has shape {tuple(sin.shape)} but cos has shape {tuple(cos.shape)}; they must match")
-    return _run(q, k, cos, sin, None, None, inplace)
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == d:
+        return _run(q, k, cos, sin, None, None, inplace)
+    # Partial rotary: the kernel reads the leading rotary_dim dims as strided views (any row
+    # strides are fine). In place, the other dims are simply not touched.
+    if inplace:
+        _check_inplace_targets(q, k)
+        _run(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, None, None, True)
+        return q, k
+    q_rot, k_rot = _run(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, None, None, False)
+    return _with_tail(q_rot, q, rotary_dim), _with_tail(k_rot, k, rotary_dim)
+
+
+def _with_tail(rotated: torch.Tensor, x: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """``cat([rotated, x[..., rotary_dim:]], -1)`` in x's memory layout (as every output of this
+    op is: a (B, T, H, D) buffer transposed stays one); autograd slices the gradient back."""
+    out = torch.empty_like(x)
+    out[..., :rotary_dim] = rotated
+    out[..., rotary_dim:] = x[..., rotary_dim:]
+    return out
 
 
 def apply_rotary_pos_emb_from_positions(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,

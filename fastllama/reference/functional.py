@@ -67,9 +67,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """HF ``apply_rotary_pos_emb``: q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, D) or (T, D)."""
+    """HF ``apply_rotary_pos_emb``: q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, R) or (T, R)
+    with R = D, or R < D (partial rotary: the first R dims rotate, the rest pass through)."""
     if cos.dim() == 3:  # (B, T, D) -> (B, 1, T, D), broadcast over heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    r = cos.shape[-1]
+    if r < q.shape[-1]:
+        (q_out, k_out), tails = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin), (q[..., r:], k[..., r:])
+        return torch.cat([q_out, tails[0]], -1), torch.cat([k_out, tails[1]], -1)
     q_out = q * cos + rotate_half(q) * sin
     k_out = k * cos + rotate_half(k) * sin
     return q_out, k_out
