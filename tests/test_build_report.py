@@ -432,7 +432,7 @@ def test_launch_build_reads_triton_launch_specialisation():
 
 def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
     """Dry-runs the rotary launches at Llama-family shapes, both cos/sin and position ids, forward
-    and backward, and requires each launched build to be a build config (so the report checked
+    and backward (and partial rotary), and requires each launched build to be a build config (so the report checked
     it). The position-id builds were compiled with plain i32 strides; launched with their
     multiple-of-16 hints, every sm_80 build spilled."""
     from fastllama.ops import rotary as op
@@ -455,7 +455,18 @@ def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
                         op.apply_rotary_pos_emb_from_positions(qg, kg, positions[:1].int(), inv_freq)]
                 if grad:
                     sum(o.float().sum() for pair in outs for o in pair).backward()
-    assert len(launched) == 2 * len(shapes) * 12
+    # partial rotary (Phi-4-mini: 96 of 128 dims; 1/2 and 1/4 of a head elsewhere): the kernel
+    # runs on q/k's leading dims, views with the full head's row strides
+    for dtype, (d, r) in itertools.product((torch.bfloat16, torch.float32), ((128, 96), (128, 64), (64, 32))):
+        q = torch.empty(1, 77, 24, d, dtype=dtype).transpose(1, 2)
+        k = torch.empty(1, 77, 8, d, dtype=dtype).transpose(1, 2)
+        cos = torch.empty(1, 77, r, dtype=dtype)
+        for grad in (False, True):
+            qg, kg = q.clone().requires_grad_(grad), k.clone().requires_grad_(grad)
+            out = op.apply_rotary_pos_emb(qg, kg, cos, cos)
+            if grad:
+                sum(o.float().sum() for o in out).backward()
+    assert len(launched) == 2 * len(shapes) * 12 + 2 * 3 * 3
     missing = _not_in_report(launched, ("rotary", "rotary_from_positions"))
     assert not missing, missing[:3]
 
