@@ -1,10 +1,11 @@
 """The forwards that :func:`fastllama.patch` puts on module instances.
 
 Each replaces one module class's ``forward`` with the same signature and semantics, computing
-with fastllama ops. Hugging Face's Llama, Mistral, Qwen2, Qwen3 and Phi-3 modules share one set
+with fastllama ops. Hugging Face's Llama, Mistral, Qwen2, Qwen3, Phi-3 and Granite modules share one set
 (their modeling files are copies of each other; Qwen3's attention adds an RMSNorm of q and k per
 head; Phi-3 merges q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``, and puts a
-dropout on each residual branch); the reference model has its own, smaller set.
+dropout on each residual branch; Granite scales the embeddings, each residual branch and the
+logits, and sets the attention scale); the reference model has its own, smaller set.
 ``self._fastllama`` holds the patch options of the module (which parts are on).
 """
 from __future__ import annotations
@@ -263,7 +264,7 @@ def _rotate(self, q, k, cos, sin):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face (Llama, Mistral, Qwen2, Qwen3, Phi-3)
+# Hugging Face (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite)
 # ---------------------------------------------------------------------------------------------
 def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           sliding_window=None, is_causal=None, **kwargs):
@@ -372,21 +373,24 @@ def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_
         h = self.input_layernorm(hidden_states)
     h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
-    h = _residual_dropout(self, "resid_attn_dropout", h)
+    h = _residual_branch(self, "resid_attn_dropout", h)
     if _norm_into_mlp(self):
         out, residual = _residual_norm_mlp(self.post_attention_layernorm, self.mlp, h, residual)
     else:
         h, residual = _fused_residual_norm(self.post_attention_layernorm, h, residual)
         out = self.mlp(h)
-    return residual + _residual_dropout(self, "resid_mlp_dropout", out)
+    return residual + _residual_branch(self, "resid_mlp_dropout", out)
 
 
-def _residual_dropout(layer, name: str, h):
-    """Phi-3's dropout on a residual branch (``resid_pdrop``) where it drops anything (training
-    with p > 0); other families have none, and it is the identity otherwise (not called then:
-    F.dropout with p = 0 in training still costs a kernel)."""
-    dropout = getattr(layer, name, None)
-    return dropout(h) if dropout is not None and dropout.training and dropout.p > 0 else h
+def _residual_branch(layer, dropout_name: str, h):
+    """What a branch adds to the residual stream: ``h``, after Phi-3's dropout (``resid_pdrop``,
+    applied where it drops anything: training with p > 0; F.dropout with p = 0 in training
+    would still cost a kernel) and times Granite's ``residual_multiplier``."""
+    dropout = getattr(layer, dropout_name, None)
+    if dropout is not None and dropout.training and dropout.p > 0:
+        h = dropout(h)
+    multiplier = getattr(layer, "residual_multiplier", 1.0)
+    return h if multiplier == 1.0 else h * multiplier
 
 
 _CACHE_NAME: str | None = None
@@ -431,6 +435,9 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
                          inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True,
                          **{_hf_cache_name(): cache}, **kwargs)
     hidden = outputs.last_hidden_state
+    scaling = getattr(self.config, "logits_scaling", 1.0)  # Granite: logits / logits_scaling
+    if scaling != 1.0:  # (h W^T) / s = (h / s) W^T: the fused loss then needs no scale of its own
+        hidden = hidden / scaling
     if shifted is None:
         shifted = shift_labels(labels.to(hidden.device), ignore_index)
     loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch, ignore_index)

@@ -1,7 +1,7 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Qwen2 / Qwen3 / Phi-3 causal LM (their parameters, no copies), with
+/ Qwen2 / Qwen3 / Phi-3 / Granite causal LM (their parameters, no copies), with
 
 * one static KV cache for all layers, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -188,10 +188,20 @@ class _State:
         self.graph: torch.cuda.CUDAGraph | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Multipliers:
+    """Granite's scalars (1 for the other families): embeddings times ``embedding``, each
+    residual branch times ``residual``, logits divided by ``logits``."""
+
+    embedding: float
+    residual: float
+    logits: float
+
+
 class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
     ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
-    ``Phi3ForCausalLM``.
+    ``Phi3ForCausalLM`` / ``GraniteForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -229,6 +239,8 @@ class Generator:
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
+        self.multipliers = _Multipliers(getattr(cfg, "embedding_multiplier", 1.0),
+                                        getattr(cfg, "residual_multiplier", 1.0), getattr(cfg, "logits_scaling", 1.0))
         self.num_splits = num_splits
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         shape = (cfg.num_hidden_layers, max_batch_size, self.n_kv_heads, max_seq_len, self.head_dim)
@@ -293,6 +305,8 @@ class Generator:
         B, T = tokens.shape
         layers = self.model.model.layers
         x = self.model.model.embed_tokens(tokens)
+        if self.multipliers.embedding != 1.0:
+            x = x * self.multipliers.embedding
         mlp_out = None
         lengths = slots + T if T <= ops.decode.MAX_QUERY_LEN else None
         for i, layer in enumerate(layers):
@@ -318,15 +332,20 @@ class Generator:
                 o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits)
             else:
                 o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale)
-            o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
+            o = self._residual_branch(F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias))
             h, x = ops.rms_norm(o, layer.post_attention_layernorm.weight, self.eps, residual=x)
             projected = self._project(gate_up, mlp_in, h)
             gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
-            mlp_out = F.linear(ops.swiglu(gate, up), m.down_proj.weight, m.down_proj.bias)
+            mlp_out = self._residual_branch(F.linear(ops.swiglu(gate, up), m.down_proj.weight, m.down_proj.bias))
         x = x + mlp_out
         x = x[torch.arange(B, device=x.device), last] if last is not None else x[:, -1]
         h = ops.rms_norm(x, self.model.model.norm.weight, self.eps)
-        return F.linear(h, self.model.lm_head.weight)
+        logits = F.linear(h, self.model.lm_head.weight)
+        return logits if self.multipliers.logits == 1.0 else logits / self.multipliers.logits
+
+    def _residual_branch(self, h: torch.Tensor) -> torch.Tensor:
+        """What a layer's attention or MLP adds to the residual stream (Granite scales it)."""
+        return h if self.multipliers.residual == 1.0 else h * self.multipliers.residual
 
     def _advance(self, st: _State, logits: torch.Tensor, generator=None) -> None:
         """Samples the next tokens into ``st.token`` and marks stopped sequences (device only)."""
@@ -614,13 +633,13 @@ def load_tokenizer(path):
 
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
-TRANSFORMERS_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "phi3")
+TRANSFORMERS_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "phi3", "granite")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
-    :mod:`fastllama.checkpoint`); a Mistral, Qwen2, Qwen3 or Phi-3 (``model_type`` in config.json)
+    :mod:`fastllama.checkpoint`); a Mistral, Qwen2, Qwen3, Phi-3 or Granite (``model_type`` in config.json)
     through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path

@@ -1,10 +1,10 @@
 """What :class:`fastllama.generate.Generator` reads from a model, and how it lays the weights out.
 
 The generator computes a model from its weights, not by calling its modules: the reference
-``Llama`` and transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 causal LMs share the attribute
+``Llama`` and transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite causal LMs share the attribute
 names it reads (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...;
 Qwen3's attention adds ``q_norm``/``k_norm``, Phi-3 merges q/k/v into ``qkv_proj`` and gate/up into
-``gate_up_proj``). Here:
+``gate_up_proj``; Granite adds scalar multipliers, read from its config). Here:
 which models that computes exactly (:func:`check_model`, :func:`module_problem`), their
 rotary tables and default stop tokens, and :class:`RowBlocks`, the one-GEMM layout of the
 projections that read the same input.
@@ -101,7 +101,8 @@ class RowBlocks:
 
 # transformers causal LMs whose modules and config the generator reads like the reference's
 # (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
-_HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
+_HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                  "GraniteForCausalLM")
 
 
 def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +119,10 @@ def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, t
 
 
 def check_model(model, max_seq_len: int) -> None:
-    """The reference Llama, or an HF Llama / Mistral / Qwen2 / Qwen3 / Phi-3 causal LM the decode
+    """The reference Llama, or an HF Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite causal LM the decode
     step computes exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope"
-    scaling) over the whole head (no partial rotary: the fused rotary + cache append rotates every
-    dim), no sliding window within ``max_seq_len`` (the decode kernel has none)."""
+    scaling; partial rotary is fine), no sliding window within ``max_seq_len`` (the decode kernel
+    has none)."""
     if isinstance(model, Llama):
         return
     cls = type(model)
@@ -134,12 +135,6 @@ def check_model(model, max_seq_len: int) -> None:
     rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
     if rope_type in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
         raise ValueError(f"{cls.__name__} uses rope_type={rope_type!r}; the generator precomputes one rotary table")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rotary_dim = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", torch.empty(head_dim // 2)).numel() * 2
-    if rotary_dim != head_dim:  # Phi-4-mini: partial_rotary_factor 0.75
-        raise ValueError(f"{cls.__name__} rotates {rotary_dim} of each head's {head_dim} dims (partial rotary); the "
-                         f"generator's fused rotary + cache append rotates all of them (fastllama.patch(model) "
-                         f"runs it in training and HF's generate)")
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     if cls.__name__.startswith("Llama"):
         window = None  # HF's Llama ignores a sliding_window its config carries

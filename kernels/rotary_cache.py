@@ -12,7 +12,10 @@ Rotary (HF convention, the head dim is two halves x1 | x2, ``rotate_half(x) = (-
     out[:half] = x1 * cos[:half] - x2 * sin[:half]
     out[half:] = x2 * cos[half:] + x1 * sin[half:]
 
-computed in fp32 and rounded once. cos/sin come either as a table (P, D) indexed by position
+computed in fp32 and rounded once. Partial rotary (cos/sin of R < D dims, e.g. Phi-4-mini's 96
+of 128): the first R dims are the two halves above (``HALF = R / 2``), the last D - R dims are
+copied as they are (``TAIL_HALF = (D - R) / 2``, a second pass over each row's tail; v is
+always all copy). cos/sin come either as a table (P, R) indexed by position
 (``position = positions[b] + t``, or the cache slot when no positions are given: a cache without
 padding has slot == position), or as HF's per-token (B, T, D) tensors. Positions and slots are
 read on the device (no host sync, CUDA-graph safe). A slot past the cache end is not written and
@@ -25,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rotary_cache_append_forward", "rotary_cache_kernel", "block_r"]
+__all__ = ["rotary_cache_append_forward", "rotary_cache_kernel", "block_r", "tail_pad"]
 
 
 @triton.jit
@@ -93,12 +96,13 @@ def rotary_cache_kernel(
     stride_cb, stride_ct, stride_sb, stride_st,
     n_q_heads, n_kv_heads, q_len, max_len, n_pos, tokens_per_program,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-    TABLE: tl.constexpr, HAS_POS: tl.constexpr,
+    TABLE: tl.constexpr, HAS_POS: tl.constexpr, TAIL_HALF: tl.constexpr, TAIL_PAD: tl.constexpr,
 ):
     """Grid (B, cdiv(T, tokens_per_program)): a run of new tokens of one sequence, all heads.
 
-    TABLE: cos/sin are (P, D) tables read at row ``position``; else (B, T, D) read at (b, t).
+    TABLE: cos/sin are (P, R) tables read at row ``position``; else (B, T, R) read at (b, t).
     HAS_POS: positions come from POS (B,) + t, else they equal the cache slot.
+    TAIL_HALF > 0: partial rotary; dims [2 HALF, 2 HALF + 2 TAIL_HALF) of q and k are copied.
     """
     b = tl.program_id(0)
     t0 = tl.program_id(1) * tokens_per_program
@@ -116,6 +120,21 @@ def rotary_cache_kernel(
     _rotate_rows(V, VC, V + b64 * stride_vb, VC + b64 * stride_vcb, stride_vh, stride_vt, stride_vch, stride_vct,
                  n_kv_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base, stride_ct, stride_st, SEQLENS, POS,
                  b, max_len, n_pos, q_len, offs_d, d_ok, HALF, BLOCK_R, False, True, TABLE, HAS_POS)
+    if TAIL_HALF > 0:  # partial rotary: the tails of q, k and v (as two halves: the same copy code)
+        offs_t = tl.arange(0, TAIL_PAD)
+        t_ok = offs_t < TAIL_HALF
+        _rotate_rows(Q, QO, Q + b64 * stride_qb + 2 * HALF, QO + b64 * stride_ob + 2 * HALF, stride_qh, stride_qt,
+                     stride_oh, stride_ot, n_q_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base,
+                     stride_ct, stride_st, SEQLENS, POS, b, max_len, n_pos, q_len, offs_t, t_ok, TAIL_HALF, BLOCK_R,
+                     False, False, TABLE, HAS_POS)
+        _rotate_rows(K, KC, K + b64 * stride_kb + 2 * HALF, KC + b64 * stride_kcb + 2 * HALF, stride_kh, stride_kt,
+                     stride_kch, stride_kct, n_kv_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base,
+                     stride_ct, stride_st, SEQLENS, POS, b, max_len, n_pos, q_len, offs_t, t_ok, TAIL_HALF, BLOCK_R,
+                     False, True, TABLE, HAS_POS)
+        _rotate_rows(V, VC, V + b64 * stride_vb + 2 * HALF, VC + b64 * stride_vcb + 2 * HALF, stride_vh, stride_vt,
+                     stride_vch, stride_vct, n_kv_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base,
+                     stride_ct, stride_st, SEQLENS, POS, b, max_len, n_pos, q_len, offs_t, t_ok, TAIL_HALF, BLOCK_R,
+                     False, True, TABLE, HAS_POS)
 
 
 def block_r(half_pad: int) -> int:
@@ -125,13 +144,19 @@ def block_r(half_pad: int) -> int:
     return max(1, min(64, 512 // half_pad))
 
 
+def tail_pad(tail_half: int) -> int:
+    """The tail's tile width: a power of two (1 when there is no tail: full rotary)."""
+    return triton.next_power_of_2(max(tail_half, 1))
+
+
 def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions=None,
                                 tokens_per_program: int = 1, rows: int | None = None, num_warps: int = 4):
     """Rotates q (B, Hq, T, D) and k (B, Hk, T, D), writes rotated k and v into
     k_cache/v_cache (B, Hk, Tmax, D) at slots ``cache_seqlens[b] + t`` (in place); returns
     rotated q (a new tensor, same memory layout as q when q is dense).
 
-    cos/sin: (P, D) tables (row = position) or (B, T, D) per token. ``positions`` (B,) int32:
+    cos/sin: (P, R) tables (row = position) or (B, T, R) per token, R = D or an even R < D
+    (partial rotary: the last D - R dims are copied). ``positions`` (B,) int32:
     the position of each sequence's first new token when it differs from its cache slot (tables
     only). ``tokens_per_program`` new tokens per program (1 on a GPU; more under the interpreter,
     where a program is a Python-level step); ``rows`` overrides :func:`block_r`.
@@ -141,8 +166,9 @@ def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqle
     qo = torch.empty_like(q)
     if q.numel() == 0:
         return qo
-    half = D // 2
+    half = cos.shape[-1] // 2  # R / 2: D / 2 unless partial rotary
     half_pad = triton.next_power_of_2(half)
+    tail_half = D // 2 - half
     table = cos.dim() == 2
     if table:
         cos_strides = (0, cos.stride(0), 0, sin.stride(0))
@@ -159,6 +185,6 @@ def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqle
             *k_cache.stride()[:3], *v_cache.stride()[:3], *cos_strides,
             Hq, Hk, T, k_cache.shape[2], cos.shape[0] if table else T, tokens_per_program,
             HALF=half, HALF_PAD=half_pad, BLOCK_R=rows or block_r(half_pad), TABLE=table,
-            HAS_POS=positions is not None, num_warps=num_warps,
+            HAS_POS=positions is not None, TAIL_HALF=tail_half, TAIL_PAD=tail_pad(tail_half), num_warps=num_warps,
         )
     return qo

@@ -503,6 +503,9 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
             op.rotary_cache_append(q, k, k, k_cache, v_cache, per_token, per_token, seqlens)
             op.decode_attention(q, k_cache, v_cache, seqlens)
             op.decode_attention(q, k_cache, v_cache, seqlens, num_splits=1)
+            if (hq, hk, d) == (32, 8, 128):  # partial rotary as Phi-4-mini's (96 of 128 dims): its own builds
+                partial_table = torch.empty(tmax, 96, dtype=dtype)
+                op.rotary_cache_append(q, k, k, k_cache, v_cache, partial_table, partial_table, seqlens)
     assert len(launched) > 1000
     missing = _not_in_report(launched, ("decode_attention", "rotary_cache_append"), f"sm_{sm}")
     assert not missing, (len(missing), missing[:3])

@@ -191,10 +191,10 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     assert "no decode step" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", ["Qwen3", "Phi3"])
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite"])
 def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
-    """model_type "qwen3" / "phi3" (transformers' save_pretrained, the fixture's tokenizer): the
-    CLI loads it with transformers and streams the text of HF's own greedy generate."""
+    """model_type "qwen3" / "phi3" / "granite" (transformers' save_pretrained, the fixture's
+    tokenizer): the CLI loads it with transformers and streams the text of HF's own greedy generate."""
     import transformers
 
     from fastllama import Tokenizer
@@ -626,6 +626,8 @@ def _hf_model(arch):
         "phi3-merged-proj": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0)),
         "phi3-partial-rope": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0, rope_parameters=dict(
             rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75))),
+        "granite-multipliers": (transformers.GraniteConfig, transformers.GraniteForCausalLM, dict(
+            embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=8.0)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -637,12 +639,13 @@ def _hf_model(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
-                                  "phi3-merged-proj"])
+                                  "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
-    Qwen3's per-head q/k norms and Phi-3's merged projections included) decodes the tokens of its
-    own greedy ``generate`` (fp32), three prompts of different lengths in one batch; a sliding
-    window shorter than the cache is refused."""
+    Qwen3's per-head q/k norms, Phi-3's merged projections, Phi-4-mini's partial rotary and
+    Granite's multipliers included) decodes the tokens of its own greedy ``generate`` (fp32),
+    three prompts of different lengths in one batch; a sliding window shorter than the cache is
+    refused. Granite's logits are HF's (scaled), which sampling with a temperature reads."""
     model = _hf_model(arch)
     prompts = [[5, 6, 7, 8, 9], list(range(10, 21)), [3, 4]]
     expected = [model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=6, do_sample=False,
@@ -652,6 +655,12 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     if arch == "mistral-window":
         with pytest.raises(ValueError, match="sliding_window=24"):
             Generator(model, 1, 25)
+    if arch == "granite-multipliers":
+        gen, ids = Generator(model, 1, 24), torch.tensor([prompts[0]], device=DEVICE)
+        with torch.no_grad():
+            expected_logits = model(ids).logits[0, -1]
+            slots = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+            torch.testing.assert_close(gen._forward(ids, slots, None)[0], expected_logits, rtol=1e-4, atol=1e-4)
     if arch == "qwen3-qk-norm":  # the q/k norms are computed from their weights: a hooked one is refused
         handle = model.model.layers[1].self_attn.k_norm.register_forward_hook(lambda *a: None)
         with pytest.raises(ValueError, match="layers.1.self_attn.k_norm is a hooked Qwen3RMSNorm"):
@@ -659,12 +668,9 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         handle.remove()
 
 
-def test_phi3_partial_rotary_and_swapped_activation_are_refused():
-    """Phi-4-mini rotates 3/4 of each head, which the fused rotary + cache append does not do
-    (refused when the generator is built); a Phi-3 MLP whose ``activation_fn`` is no longer SiLU
-    is refused at the call (the generator's MLP is SwiGLU)."""
-    with pytest.raises(ValueError, match="rotates 12 of each head's 16 dims"):
-        Generator(_hf_model("phi3-partial-rope"), 1, 24)
+def test_phi3_swapped_activation_is_refused():
+    """A Phi-3 MLP whose ``activation_fn`` is no longer SiLU is refused at the call (the
+    generator's MLP is SwiGLU, computed without calling it)."""
     model = _hf_model("phi3-merged-proj")
     gen = Generator(model, 1, 24)
     model.model.layers[1].mlp.activation_fn = torch.nn.GELU()

@@ -8,8 +8,9 @@ import copy
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 from transformers.models.llama import modeling_llama
 
 import fastllama
@@ -33,6 +34,11 @@ ARCHS = {
     # Phi-4-mini rotates 3/4 of each head (the rest passes through), Phi-3-mini-4k has a window
     "phi3-window-partial-rope": (Phi3Config, Phi3ForCausalLM, dict(BASE, pad_token_id=0, sliding_window=8, rope_parameters=dict(
         rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75))),
+    # Granite 3: Llama times four scalars (embeddings, each residual branch, the attention scale
+    # in place of 1/sqrt(D), logits divided)
+    "granite-multipliers": (GraniteConfig, GraniteForCausalLM, dict(BASE, embedding_multiplier=12.0,
+                                                                    residual_multiplier=0.22, attention_multiplier=0.05,
+                                                                    logits_scaling=8.0)),
 }
 
 
@@ -244,7 +250,7 @@ def test_patched_loss_builds_no_logits():
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
-                                  "phi3-window-partial-rope"])
+                                  "phi3-window-partial-rope", "granite-multipliers"])
 def test_greedy_generation_identical(arch):
     model = build(arch).eval()
     prompt = ids(batch=1, seq=7)
@@ -385,10 +391,12 @@ def test_fsdp1_wrapped_model_is_refused():
         fastllama.patch(model)
 
 
-def test_peft_lora_model_keeps_working():
+@pytest.mark.parametrize("arch, targets", [("llama-gqa", ["q_proj", "v_proj"]),
+                                           ("phi3-merged-proj", ["qkv_proj", "gate_up_proj"])])
+def test_peft_lora_model_keeps_working(arch, targets):
     peft = pytest.importorskip("peft")
-    base = build("llama-gqa")
-    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    base = build(arch)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
     for n, p in lora.named_parameters():  # make the adapters non-zero so they matter
         if "lora_B" in n:
             p.data.normal_(0, 0.05)

@@ -239,9 +239,11 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
         check_same("q", q, name, t, "dtype")
         check_same("q", q, name, t, "device")
         check_last_dim_contiguous(name, t)
-        if t.shape[-1] != D or (t.dim() == 3 and tuple(t.shape[:2]) != (B, T)) or t.shape[0] == 0:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; accepted: a table (P, {D}) indexed by position, "
-                             f"or per-token ({B}, {T}, {D}) as HF's rotary embedding returns")
+        R = t.shape[-1]
+        if not 0 < R <= D or R % 2 or (t.dim() == 3 and tuple(t.shape[:2]) != (B, T)) or t.shape[0] == 0:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; accepted: a table (P, R) indexed by position, "
+                             f"or per-token ({B}, {T}, R) as HF's rotary embedding returns, with R = {D} or an even "
+                             f"R < {D} (partial rotary)")
     if sin.shape != cos.shape:
         raise ValueError(f"sin has shape {tuple(sin.shape)} but cos has {tuple(cos.shape)}; they must match")
     _check_lengths("cache_seqlens", cache_seqlens, B, q)
@@ -312,8 +314,10 @@ def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     Args:
         q: (B, Hq, T, D); k, v: (B, Hk, T, D); any strides with a unit last stride; D even.
         k_cache, v_cache: (B, Hk, Tmax, D), same dtype as q, any strides with unit last stride.
-        cos, sin: same dtype as q; a (P, D) table read at row ``position`` (clamped to P - 1),
-            or per-token (B, T, D) as HF's rotary embedding returns them.
+        cos, sin: same dtype as q; a (P, R) table read at row ``position`` (clamped to P - 1),
+            or per-token (B, T, R) as HF's rotary embedding returns them. R = D, or an even
+            R < D: partial rotary (Phi-4-mini), the first R dims rotated as HF's
+            ``apply_rotary_pos_emb`` does, the rest written as they are.
         cache_seqlens: (B,) int32, the slot of each sequence's first new token.
         positions: optional (B,) int32, the rotary position of each sequence's first new token
             when it is not the slot (a left-padded cache); tables only. Default: the slot.
@@ -382,14 +386,14 @@ _DECODE_CASES = (
 
 def _rotary_args(p: dict, dtype: torch.dtype, device: str):
     """Params: B, Hq, Hk, T, D, Tmax, seqlens; ``positions`` (B,) or None; ``per_token``: HF-style
-    (B, T, D) cos/sin at positions ``positions[b] + t``."""
+    (B, T, R) cos/sin at positions ``positions[b] + t``; ``R``: rotary dim (default D)."""
     B, Hq, Hk, T, D, Tmax = p["B"], p["Hq"], p["Hk"], p["T"], p["D"], p["Tmax"]
     q = torch.randn(B, T, Hq, D, device=device, dtype=dtype).transpose(1, 2)
     k = torch.randn(B, T, Hk, D, device=device, dtype=dtype).transpose(1, 2)
     v = torch.randn(B, T, Hk, D, device=device, dtype=dtype).transpose(1, 2)
     kc = torch.randn(B, Hk, Tmax, D, device=device, dtype=dtype)
     vc = torch.randn(B, Hk, Tmax, D, device=device, dtype=dtype)
-    inv_freq = _ref.rope_inv_freq(D, 500000.0)
+    inv_freq = _ref.rope_inv_freq(p.get("R", D), 500000.0)
     seqlens = torch.tensor(p["seqlens"], device=device, dtype=torch.int32)
     pos = torch.tensor(p["positions"], device=device, dtype=torch.int32) if p.get("positions") else None
     if p.get("per_token"):
@@ -415,6 +419,10 @@ _ROTARY_CASES = (
     OpCase("B2-H4/4-T3-D64-hf-per-token", dict(B=2, Hq=4, Hk=4, T=3, D=64, Tmax=20, seqlens=(5, 2), positions=(1, 0),
                                                 per_token=True)),
     OpCase("overflow-B1-T3-D32", dict(B=1, Hq=2, Hk=1, T=3, D=32, Tmax=20, seqlens=(18,), P=24)),
+    # partial rotary: Phi-4-mini rotates 96 of 128 dims (tq1: a decode step), others half a head
+    OpCase("partial-B2-H6/2-T1-D128-R96-table", dict(B=2, Hq=6, Hk=2, T=1, D=128, R=96, Tmax=40, seqlens=(0, 33))),
+    OpCase("partial-B2-H4/1-T5-D64-R32-hf-per-token", dict(B=2, Hq=4, Hk=1, T=5, D=64, R=32, Tmax=20, seqlens=(3, 0),
+                                                            positions=(3, 0), per_token=True)),
     OpCase("B8-H32/8-T1-D128", dict(B=8, Hq=32, Hk=8, T=1, D=128, Tmax=4096, seqlens=(0, 1, 77, 1000, 4095, 7, 8, 9)),
            cuda_only=True),
     OpCase("B2-H32/8-T1024-D128", dict(B=2, Hq=32, Hk=8, T=1024, D=128, Tmax=2048, seqlens=(0, 1000)), cuda_only=True),
@@ -423,6 +431,8 @@ _ROTARY_CASES = (
 _S_PADS = [2 ** i for i in range(1, (MAX_SPLITS - 1).bit_length() + 1)]  # the combine's padded split counts
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 _HEAD_DIMS = (64, 80, 96, 128, 256)  # the head dims of real Llama-family models
+# (head dim, rotary dim) of partial rotary: Phi-4-mini's 96 of 128, and half a head
+_PARTIAL_ROTARY = ((128, 96), (128, 64), (64, 32))
 
 
 def _split_signature(ptr: str, split: bool, st: str, lse_st: str, lengths: dict) -> dict:
@@ -517,7 +527,8 @@ def _decode_builds() -> list[KernelBuild]:
 
 
 def _rotary_builds() -> list[KernelBuild]:
-    """dtype x head dim x (table at the slot, table at given positions, HF per-token cos/sin) x
+    """dtype x head dim (and the partial rotary dims of ``_PARTIAL_ROTARY``) x (table at the slot,
+    table at given positions, HF per-token cos/sin) x
     (aligned, unaligned strides), plus the Tq = 1 decode step ("tq1", see ``_ONE``): q_len = 1
     as a constant, each cos/sin mode, aligned.
 
@@ -530,8 +541,10 @@ def _rotary_builds() -> list[KernelBuild]:
     names = [f"stride_{n}{s}" for n in ("q", "k", "v", "o", "kc", "vc") for s in ("b", "h", "t")]
     names += ["stride_cb", "stride_ct", "stride_sb", "stride_st"]
     for ptr in _PTR.values():
-        for D in _HEAD_DIMS:
-            half_pad = triton.next_power_of_2(D // 2)
+        for D, R in [(D, D) for D in _HEAD_DIMS] + list(_PARTIAL_ROTARY):
+            half_pad = triton.next_power_of_2(R // 2)
+            tail = D // 2 - R // 2
+            partial = {"TAIL_HALF": tail, "TAIL_PAD": _rk.tail_pad(tail)}
             modes = ((True, False), (True, True), (False, False))  # (TABLE, HAS_POS)
             variants = [(False, aligned) for aligned in (True, False)] + [(True, True)]  # (tq1, aligned)
             for (tq1, aligned), (table, has_pos) in itertools.product(variants, modes):
@@ -542,10 +555,10 @@ def _rotary_builds() -> list[KernelBuild]:
                        "max_len": "i32", "n_pos": "i32", "tokens_per_program": "i32"}
                 builds.append(KernelBuild(
                     _rk.rotary_cache_kernel, sig,
-                    {"HALF": D // 2, "HALF_PAD": half_pad, "BLOCK_R": _rk.block_r(half_pad), "TABLE": table,
-                     "HAS_POS": has_pos, **(_ONE if tq1 else {})},
+                    {"HALF": R // 2, "HALF_PAD": half_pad, "BLOCK_R": _rk.block_r(half_pad), "TABLE": table,
+                     "HAS_POS": has_pos, **partial, **(_ONE if tq1 else {})},
                     num_warps=4, num_stages=_DEFAULT_STAGES,
-                    label=f"rotary_cache_append{' tq1' if tq1 else ''} {ptr[1:]} d{D} "
+                    label=f"rotary_cache_append{' tq1' if tq1 else ''} {ptr[1:]} d{D}{f' r{R}' if tail else ''} "
                           f"{'table' if table else 'per-token'}{' positions' if has_pos else ''}"
                           f"{'' if aligned else ' unaligned'}"))
     return builds
