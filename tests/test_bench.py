@@ -131,6 +131,56 @@ def test_memory_report_hf_vs_fastllama():
     assert fast["head+loss fixed MiB"] <= 128256 * 2048 * 2 / 2**20 * (1 + 1e-9)
 
 
+def test_memory_report_of_the_other_families():
+    """Qwen3-0.6B and Phi-4-mini shapes (q/k norms; merged projections, partial rotary): patched,
+    a layer keeps at most half what HF sdpa keeps and the head + loss no logits; the reference
+    model (a Llama) has no row for them."""
+    rows = memory.memory_report(presets=("qwen3-0.6b", "phi-4-mini"), device=common.device(), progress=False)
+    by = {(r["preset"], r["mode"]): r for r in rows}
+    assert set(by) == {(p, m) for p in ("qwen3-0.6b", "phi-4-mini") for m in ("hf-sdpa", "hf+fastllama")}
+    for preset in ("qwen3-0.6b", "phi-4-mini"):
+        hf, fast = by[(preset, "hf-sdpa")], by[(preset, "hf+fastllama")]
+        assert fast["layer KiB/token"] <= 0.5 * hf["layer KiB/token"], preset
+        assert fast["head+loss KiB/token"] < 0.05 * hf["head+loss KiB/token"], preset
+        assert fast["unattributed KiB/token"] == 0 and fast["ctx-attribute bytes"] == 0
+
+
+def test_family_presets_build_their_own_hf_class(monkeypatch):
+    """A preset's model_type picks the transformers class; the reference model and Liger's
+    patch of another family are refused with a reason (a row, not a crash)."""
+    from fastllama.bench import presets
+
+    for name, cls in (("llama-3.2-1b", "LlamaForCausalLM"), ("qwen3-0.6b", "Qwen3ForCausalLM"),
+                      ("phi-4-mini", "Phi3ForCausalLM")):
+        p = get_preset(name, layers=1)
+        model = presets.hf_model(p.config, torch.bfloat16, "meta")
+        assert type(model).__name__ == cls and model.config._attn_implementation == "sdpa"
+        assert next(model.parameters()).dtype == torch.bfloat16
+        assert model.config.num_hidden_layers == 1 and model.config.vocab_size == p.config["vocab_size"]
+    assert "partial_rotary_factor" in str(get_preset("phi-4-mini").config)
+    assert presets.hf_model(get_preset("phi-4-mini", layers=1).config, torch.bfloat16, "meta").model.rotary_emb.inv_freq.numel() == 48
+    with pytest.raises(ValueError, match="the reference model is a Llama"):
+        presets.reference_model(get_preset("qwen3-0.6b").config, torch.bfloat16, "meta")
+    assert "reference model is a Llama" in train.unavailable("reference+fastllama", "qwen3")
+    assert train.unavailable("reference+fastllama", "llama") is None
+
+
+def test_training_benchmark_of_a_family_preset_smoke_run(monkeypatch):
+    """The training benchmark on a Qwen3 (and a Phi-3) shape, shrunk to the tiny preset's size:
+    HF sdpa and the patched model run; the reference model's row says why it is skipped."""
+    import dataclasses
+
+    tiny = get_preset("tiny")
+    for family, extra in (("qwen3", {}), ("phi3", dict(pad_token_id=0))):
+        preset = dataclasses.replace(tiny, name=f"tiny-{family}", config=dict(tiny.config, model_type=family, **extra))
+        monkeypatch.setattr(train, "get_preset", lambda name, layers=None, preset=preset: preset)
+        s = train.default_settings(preset.name, quick=True, configs=("hf-sdpa", "hf+fastllama", "reference+fastllama"),
+                                   steps=1, warmup=0)
+        rows = {r["config"]: r for r in train.run_train(s, progress=False, log=lambda *a: None)}
+        assert rows["hf-sdpa"]["status"] == rows["hf+fastllama"]["status"] == "ok", rows
+        assert rows["reference+fastllama"]["status"].startswith("skipped: the reference model is a Llama")
+
+
 # ---------------------------------------------------------------------------------------------
 # Training benchmark and CLI
 # ---------------------------------------------------------------------------------------------

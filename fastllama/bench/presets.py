@@ -1,8 +1,9 @@
-"""Model shapes the benchmarks use: Llama-3.2-1B, Llama-3-8B (fewer layers) and a tiny one.
+"""Model shapes the benchmarks use: Llama-3.2-1B, Llama-3-8B (fewer layers), a tiny one, and
+the shapes of the other families ``fastllama.patch`` takes (Qwen3-0.6B, Phi-4-mini).
 
-Each preset is an HF ``config.json`` dict, so the same dict builds transformers'
-``LlamaForCausalLM`` and fastllama's reference ``Llama``. Weights are random: the benchmarks
-measure speed and memory, which do not depend on the values.
+Each preset is an HF ``config.json`` dict (``model_type`` "llama" unless it says otherwise), so
+the same dict builds the transformers model and, for a Llama, fastllama's reference ``Llama``.
+Weights are random: the benchmarks measure speed and memory, which do not depend on the values.
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ class Preset:
     @property
     def layers(self) -> int:
         return self.config["num_hidden_layers"]
+
+    @property
+    def model_type(self) -> str:
+        """The HF family ("llama", "qwen3", "phi3"): only a Llama also builds the reference model."""
+        return self.config.get("model_type", "llama")
 
 
 PRESETS: dict[str, Preset] = {
@@ -63,6 +69,27 @@ PRESETS: dict[str, Preset] = {
             note="Llama-3-8B layer shape with 8 of its 32 layers (so weights, gradients and AdamW "
                  "states fit one GPU), random weights",
         ),
+        Preset(
+            "qwen3-0.6b",
+            dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                 num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                 max_position_embeddings=40960, rms_norm_eps=1e-6,
+                 rope_parameters=dict(rope_type="default", rope_theta=1000000.0), tie_word_embeddings=True),
+            seq_lens=(2048, 4096, 8192), quick_seq_lens=(4096,),
+            note="Qwen3-0.6B shape (28 layers, per-head q/k RMSNorm, tied embeddings), random weights",
+        ),
+        Preset(
+            "phi-4-mini",
+            dict(model_type="phi3", vocab_size=200064, hidden_size=3072, intermediate_size=8192,
+                 num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                 max_position_embeddings=131072, rms_norm_eps=1e-5, pad_token_id=199999,
+                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75),
+                 tie_word_embeddings=True),
+            seq_lens=(2048, 4096, 8192), quick_seq_lens=(4096,),
+            note="Phi-4-mini shape (32 layers, merged qkv and gate_up projections, rotary over 96 of "
+                 "128 dims, tied embeddings; its longrope scaling left out: it changes the rotary "
+                 "tables, not the work), random weights",
+        ),
     )
 }
 
@@ -81,22 +108,27 @@ def get_preset(name: str, layers: int | None = None) -> Preset:
 
 
 def hf_model(config: dict, dtype, device, attn_implementation: str = "sdpa"):
-    """transformers' ``LlamaForCausalLM`` with random weights, built directly on ``device``."""
+    """transformers' causal LM of the config's ``model_type`` (``LlamaForCausalLM`` by default)
+    with random weights, built directly on ``device``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = LlamaConfig(**config)
+    fields = dict(config)
+    cfg = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
     cfg._attn_implementation = attn_implementation
     with torch.device(device), default_dtype(dtype):
-        return LlamaForCausalLM(cfg)
+        return AutoModelForCausalLM.from_config(cfg)
 
 
 def reference_model(config: dict, dtype, device):
-    """fastllama's reference ``Llama`` with random weights, built directly on ``device``."""
+    """fastllama's reference ``Llama`` with random weights, built directly on ``device`` (a
+    ValueError for a config of another family: the reference model is a Llama)."""
     import torch
 
     from ..reference import Llama
 
+    if config.get("model_type", "llama") != "llama":
+        raise ValueError(f"the reference model is a Llama; this config is a {config['model_type']!r}")
     with torch.device(device), default_dtype(dtype):
         model = Llama(dict(config, model_type="llama"))
     # HF's initialisation (normal, std initializer_range), so that both models start from the

@@ -4,14 +4,17 @@ A step is what a training loop does: forward with labels (the model computes its
 backward, a fused AdamW step, gradients set to None. Weights are random, bf16 on a GPU. Every
 configuration trains the same preset at the same (sequence length, batch):
 
-* ``hf-sdpa``: transformers' ``LlamaForCausalLM`` with ``attn_implementation="sdpa"`` (eager
-  PyTorch otherwise): the baseline every ratio refers to;
+* ``hf-sdpa``: transformers' ``LlamaForCausalLM`` (the preset's family: ``Qwen3ForCausalLM``
+  ...) with ``attn_implementation="sdpa"`` (eager PyTorch otherwise): the baseline every ratio
+  refers to;
 * ``hf-compile``: the same model under ``torch.compile``;
-* ``hf-liger``: the same model with Liger-Kernel's Llama patch (only when installed, CUDA only);
+* ``hf-liger``: the same model with Liger-Kernel's patch of its family (only when installed,
+  CUDA only);
 * ``hf+fastllama``: the same model after ``fastllama.patch(model)``;
 * ``hf+fastllama-atomic``: ``fastllama.patch(model, deterministic=False)``: the attention
   backward adds dQ with atomics, as SDPA's flash backend in ``hf-sdpa`` does;
-* ``reference+fastllama``: fastllama's reference ``Llama`` after ``fastllama.patch(model)``.
+* ``reference+fastllama``: fastllama's reference ``Llama`` after ``fastllama.patch(model)``
+  (Llama presets only).
 
 Warm-up steps (compilation, autotuning, allocator growth) are excluded; the reported step time
 is the median over the measured steps, each timed between two device synchronisations. Peak
@@ -90,10 +93,13 @@ def default_settings(preset: str, quick: bool, configs=None, seq_lens=None, batc
 # Building each configuration
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _restored_modeling_llama():
-    """Liger patches transformers' Llama module globally (functions and class forwards); put
-    everything back afterwards so that later configurations run the original code."""
-    from transformers.models.llama import modeling_llama as mod
+def _restored_modeling(model_type: str):
+    """Liger patches transformers' modeling module of the family (``modeling_llama`` ...)
+    globally (functions and class forwards); put everything back afterwards so that later
+    configurations run the original code."""
+    import importlib
+
+    mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
     saved = dict(vars(mod))
     classes = {name: dict(vars(cls)) for name, cls in saved.items()
@@ -114,17 +120,21 @@ def _restored_modeling_llama():
                         setattr(cls, attr, value)
 
 
-def unavailable(config: str) -> str | None:
-    """Why ``config`` cannot run here (None: it can)."""
+def unavailable(config: str, model_type: str = "llama") -> str | None:
+    """Why ``config`` cannot run here, for a preset of family ``model_type`` (None: it can)."""
+    if config == "reference+fastllama" and model_type != "llama":
+        return f"the reference model is a Llama (this preset is a {model_type})"
     if config == "hf-liger":
         try:
-            import liger_kernel.transformers  # noqa: F401
+            import liger_kernel.transformers as liger
         except ImportError:
             return "liger-kernel not installed"
         except Exception as e:  # an install that breaks on import: a row with the reason, not a crashed run
             return f"liger-kernel fails to import: {type(e).__name__}: {e}"
         if not common.on_gpu():
             return "Liger-Kernel needs CUDA"
+        if not hasattr(liger, f"apply_liger_kernel_to_{model_type}"):
+            return f"this liger-kernel has no apply_liger_kernel_to_{model_type}"
     return None
 
 
@@ -147,9 +157,9 @@ def build(config: str, settings: TrainSettings):
         compiled = torch.compile(model, dynamic=False)
         return model, lambda ids: compiled(input_ids=ids, labels=ids).loss
     if config == "hf-liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        import liger_kernel.transformers as liger
 
-        apply_liger_kernel_to_llama(model=model)
+        getattr(liger, f"apply_liger_kernel_to_{settings.preset.model_type}")(model=model)
         return model, lambda ids: model(input_ids=ids, labels=ids).loss
     if config in ("hf+fastllama", "hf+fastllama-atomic"):
         from ..patching import patch
@@ -272,13 +282,13 @@ def run_config(config: str, settings: TrainSettings, batches: dict[int, int], pr
     are appended to ``profiles``."""
     p, dev = settings.preset, settings.device
     base = dict(preset=p.name, config=config)
-    why = unavailable(config)
+    why = unavailable(config, p.model_type)
     if why:
         return [dict(base, seq_len=s, batch=batches[s], status=f"skipped: {why}") for s in settings.seq_lens]
     rows = []
     bar = common.progress_bar(total=len(settings.seq_lens) * (settings.warmup + settings.steps),
                               desc=f"{config:<20}", disable=not progress, leave=True)
-    guard = _restored_modeling_llama() if config == "hf-liger" else contextlib.nullcontext()
+    guard = _restored_modeling(p.model_type) if config == "hf-liger" else contextlib.nullcontext()
     model = forward = None
     try:
         with guard:
