@@ -1,11 +1,12 @@
 """The forwards that :func:`fastllama.patch` puts on module instances.
 
 Each replaces one module class's ``forward`` with the same signature and semantics, computing
-with fastllama ops. Hugging Face's Llama, Mistral, Qwen2, Qwen3, Phi-3 and Granite modules share one set
-(their modeling files are copies of each other; Qwen3's attention adds an RMSNorm of q and k per
-head; Phi-3 merges q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``, and puts a
-dropout on each residual branch; Granite scales the embeddings, each residual branch and the
-logits, and sets the attention scale); the reference model has its own, smaller set.
+with fastllama ops. Hugging Face's Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3 and
+Granite modules share one set (their modeling files are copies of each other; Qwen3's attention
+adds an RMSNorm of q and k per head, SmolLM3's skips rotary in every 4th layer; Phi-3 merges
+q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``, and puts a dropout on each
+residual branch; Granite scales the embeddings, each residual branch and the logits, and sets
+the attention scale); the reference model has its own, smaller set.
 ``self._fastllama`` holds the patch options of the module (which parts are on).
 """
 from __future__ import annotations
@@ -264,7 +265,7 @@ def _rotate(self, q, k, cos, sin):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite)
+# Hugging Face (Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite)
 # ---------------------------------------------------------------------------------------------
 def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           sliding_window=None, is_causal=None, **kwargs):
@@ -315,7 +316,7 @@ _WINDOW_FROM_CONFIG = (".modeling_mistral", ".modeling_phi3")
 
 
 def hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    """``LlamaAttention.forward`` (and Mistral's, Qwen2's, Qwen3's, Phi-3's) with fastllama's rotary kernel.
+    """``LlamaAttention.forward`` (and the other families') with fastllama's rotary kernel.
 
     The attention itself goes through the model's attention interface, which ``patch`` points at
     :func:`hf_attention_function` when attention is patched.
@@ -336,8 +337,9 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     if hasattr(self, "q_norm"):  # Qwen3: an RMSNorm over each head's q and k, before rotary
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    cos, sin = position_embeddings
-    q, k = _rotate(self, q, k, cos, sin)
+    if getattr(self, "use_rope", True):  # SmolLM3's NoPE layers (every 4th) have no rotary
+        cos, sin = position_embeddings
+        q, k = _rotate(self, q, k, cos, sin)
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
     from .patching import _original_class  # (FSDP2 renames the class; its module stays HF's)
@@ -345,8 +347,9 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     modeling = sys.modules[_original_class(self).__module__]
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, modeling.eager_attention_forward)
-    # the window each family's own forward passes: Qwen2's per layer type, Mistral's and Phi-3's
-    # from the config; Llama passes none (a sliding_window a Llama config carries is ignored by HF)
+    # the window each family's own forward passes: Qwen2's, Ministral's and SmolLM3's per layer
+    # type, Mistral's and Phi-3's from the config; Llama passes none (a sliding_window a Llama
+    # config carries is ignored by HF)
     if hasattr(self, "sliding_window"):
         kwargs["sliding_window"] = self.sliding_window
     elif modeling.__name__.endswith(_WINDOW_FROM_CONFIG) and getattr(self.config, "sliding_window", None) is not None:

@@ -1,7 +1,7 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Qwen2 / Qwen3 / Phi-3 / Granite causal LM (their parameters, no copies), with
+/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite causal LM (their parameters, no copies), with
 
 * one static KV cache for all layers, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -200,8 +200,8 @@ class _Multipliers:
 
 class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
-    ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` /
-    ``Phi3ForCausalLM`` / ``GraniteForCausalLM``.
+    ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``MinistralForCausalLM`` / ``Qwen2ForCausalLM`` /
+    ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -247,6 +247,8 @@ class Generator:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cos, self.sin = rope_tables(model, max_seq_len, self.dtype, self.device)
+        # one table row for every position: x cos - y sin = x exactly (fp32 math, sin 0)
+        self.no_rotation = (torch.ones_like(self.cos[:1]), torch.zeros_like(self.sin[:1]))
         self._states: dict[tuple, _State] = {}
         # One memory pool for every captured graph: they never replay at the same time, and no
         # graph output lives in the pool (outputs are the static buffers or clones of them).
@@ -326,7 +328,9 @@ class Generator:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
-            q = ops.rotary_cache_append(q, k, v, kc, vc, self.cos, self.sin, slots)
+            # (SmolLM3's NoPE layers: cos 1, sin 0, so the same kernel appends k unrotated)
+            cos, sin = (self.cos, self.sin) if getattr(a, "use_rope", True) else self.no_rotation
+            q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots)
             scale = getattr(a, "scaling", None)  # HF's; 1/sqrt(D) (the default) for these models
             if lengths is not None:
                 o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits)
@@ -633,13 +637,14 @@ def load_tokenizer(path):
 
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
-TRANSFORMERS_MODEL_TYPES = ("mistral", "qwen2", "qwen3", "phi3", "granite")
+TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
-    :mod:`fastllama.checkpoint`); a Mistral, Qwen2, Qwen3, Phi-3 or Granite (``model_type`` in config.json)
+    :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3 or Granite
+    (``model_type`` in config.json)
     through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path

@@ -1,10 +1,11 @@
 """What :class:`fastllama.generate.Generator` reads from a model, and how it lays the weights out.
 
 The generator computes a model from its weights, not by calling its modules: the reference
-``Llama`` and transformers' Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite causal LMs share the attribute
-names it reads (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...;
-Qwen3's attention adds ``q_norm``/``k_norm``, Phi-3 merges q/k/v into ``qkv_proj`` and gate/up into
-``gate_up_proj``; Granite adds scalar multipliers, read from its config). Here:
+``Llama`` and transformers' Llama / Mistral / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 /
+Granite causal LMs share the attribute names it reads (``model.layers[i].self_attn.q_proj``,
+``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's attention adds ``q_norm``/``k_norm``,
+SmolLM3's ``use_rope`` (False: no rotary), Phi-3 merges q/k/v into ``qkv_proj`` and gate/up
+into ``gate_up_proj``; Granite adds scalar multipliers, read from its config). Here:
 which models that computes exactly (:func:`check_model`, :func:`module_problem`), their
 rotary tables and default stop tokens, and :class:`RowBlocks`, the one-GEMM layout of the
 projections that read the same input.
@@ -101,8 +102,8 @@ class RowBlocks:
 
 # transformers causal LMs whose modules and config the generator reads like the reference's
 # (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
-_HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-                  "GraniteForCausalLM")
+_HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
+                  "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM")
 
 
 def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +120,7 @@ def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, t
 
 
 def check_model(model, max_seq_len: int) -> None:
-    """The reference Llama, or an HF Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Granite causal LM the decode
+    """The reference Llama, or one of the HF causal LMs of ``_HF_CAUSAL_LMS``, that the decode
     step computes exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope"
     scaling; partial rotary is fine), no sliding window within ``max_seq_len`` (the decode kernel
     has none)."""
@@ -139,7 +140,7 @@ def check_model(model, max_seq_len: int) -> None:
     if cls.__name__.startswith("Llama"):
         window = None  # HF's Llama ignores a sliding_window its config carries
     if "sliding_attention" not in (getattr(cfg, "layer_types", None) or ["sliding_attention"]):
-        window = None  # Qwen2: max_window_layers >= layers leaves every layer on full attention
+        window = None  # Qwen2 (max_window_layers >= layers), Ministral, SmolLM3: every layer full attention
     if window and max_seq_len > window:
         raise ValueError(f"{cls.__name__} has sliding_window={window} and the decode kernel attends to every cached "
                          f"token: max_seq_len must be <= {window}, got {max_seq_len}")

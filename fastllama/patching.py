@@ -29,8 +29,8 @@ __all__ = ["patch", "unpatch", "patch_summary", "is_patched", "RULES", "SUPPORTE
 log = logging.getLogger("fastllama")
 
 OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
-_HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
-                "granite": "Granite"}
+_HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite"}
 
 
 def _hf(kind: str) -> tuple[str, ...]:
@@ -220,8 +220,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     """Swaps fastllama's kernels into ``model`` (this instance only) and returns it.
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
-    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Phi3ForCausalLM``, ``GraniteForCausalLM`` (also inside
-    a PEFT wrapper) and
+    ``MinistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``,
+    ``Phi3ForCausalLM``, ``GraniteForCausalLM`` (also inside a PEFT wrapper) and
     ``fastllama.reference.Llama``. Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
     also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the

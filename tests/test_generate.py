@@ -628,6 +628,10 @@ def _hf_model(arch):
             rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75))),
         "granite-multipliers": (transformers.GraniteConfig, transformers.GraniteForCausalLM, dict(
             embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=8.0)),
+        "smollm3-nope": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM, dict(
+            pad_token_id=0, no_rope_layer_interval=2)),  # rotary in layer 0 only
+        "ministral-layer-window": (transformers.MinistralConfig, transformers.MinistralForCausalLM, dict(
+            head_dim=16, sliding_window=24, layer_types=["full_attention", "sliding_attention"])),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -639,28 +643,29 @@ def _hf_model(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
-                                  "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers"])
+                                  "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers", "smollm3-nope",
+                                  "ministral-layer-window"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
-    Qwen3's per-head q/k norms, Phi-3's merged projections, Phi-4-mini's partial rotary and
-    Granite's multipliers included) decodes the tokens of its own greedy ``generate`` (fp32),
+    Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
+    Phi-4-mini's partial rotary and Granite's multipliers included) decodes the tokens of its own greedy ``generate`` (fp32),
     three prompts of different lengths in one batch; a sliding window shorter than the cache is
-    refused. Granite's logits are HF's (scaled), which sampling with a temperature reads."""
+    refused. The prefill's logits are HF's (Granite's scaled: sampling with a temperature reads them)."""
     model = _hf_model(arch)
     prompts = [[5, 6, 7, 8, 9], list(range(10, 21)), [3, 4]]
     expected = [model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=6, do_sample=False,
                                pad_token_id=0)[0, len(p):].tolist() for p in prompts]
     got = Generator(model, 3, 24).generate(prompts, 6, stop_tokens=[])
     assert [g[len(p):] for g, p in zip(got, prompts)] == expected
-    if arch == "mistral-window":
+    if arch in ("mistral-window", "ministral-layer-window"):
         with pytest.raises(ValueError, match="sliding_window=24"):
             Generator(model, 1, 25)
-    if arch == "granite-multipliers":
-        gen, ids = Generator(model, 1, 24), torch.tensor([prompts[0]], device=DEVICE)
-        with torch.no_grad():
-            expected_logits = model(ids).logits[0, -1]
-            slots = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-            torch.testing.assert_close(gen._forward(ids, slots, None)[0], expected_logits, rtol=1e-4, atol=1e-4)
+    # and the logits themselves (greedy tokens of a tiny model can survive a wrong layer)
+    gen, ids = Generator(model, 1, 24), torch.tensor([prompts[1]], device=DEVICE)
+    with torch.no_grad():
+        expected_logits = model(ids).logits[0, -1]
+        slots = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        torch.testing.assert_close(gen._forward(ids, slots, None)[0], expected_logits, rtol=1e-4, atol=1e-4)
     if arch == "qwen3-qk-norm":  # the q/k norms are computed from their weights: a hooked one is refused
         handle = model.model.layers[1].self_attn.k_norm.register_forward_hook(lambda *a: None)
         with pytest.raises(ValueError, match="layers.1.self_attn.k_norm is a hooked Qwen3RMSNorm"):

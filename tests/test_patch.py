@@ -8,9 +8,10 @@ import copy
 
 import pytest
 import torch
-from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MinistralConfig,
+                          MinistralForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
+                          SmolLM3ForCausalLM)
 from transformers.models.llama import modeling_llama
 
 import fastllama
@@ -39,6 +40,12 @@ ARCHS = {
     "granite-multipliers": (GraniteConfig, GraniteForCausalLM, dict(BASE, embedding_multiplier=12.0,
                                                                     residual_multiplier=0.22, attention_multiplier=0.05,
                                                                     logits_scaling=8.0)),
+    # Ministral: a window on the layers layer_types says; SmolLM3: no rotary in every 2nd layer
+    # here (no_rope_layers; every 4th in SmolLM3-3B), a window on those
+    "ministral-layer-window": (MinistralConfig, MinistralForCausalLM, dict(
+        BASE, sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    "smollm3-nope": (SmolLM3Config, SmolLM3ForCausalLM, dict(BASE, pad_token_id=0, no_rope_layer_interval=2,
+                                                             use_sliding_window=True, sliding_window=8)),
 }
 
 
@@ -250,7 +257,8 @@ def test_patched_loss_builds_no_logits():
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
-                                  "phi3-window-partial-rope", "granite-multipliers"])
+                                  "phi3-window-partial-rope", "granite-multipliers", "ministral-layer-window",
+                                  "smollm3-nope"])
 def test_greedy_generation_identical(arch):
     model = build(arch).eval()
     prompt = ids(batch=1, seq=7)
