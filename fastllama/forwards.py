@@ -63,7 +63,7 @@ def _fused_residual_norm(norm, h, residual):
     return ops.rms_norm(h, w, norm.variance_epsilon, residual=residual)
 
 
-def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index=-100):
+def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index=-100, softcap=None):
     """The fused LM head + cross-entropy, run as a call of ``lm_head`` when the head has hooks
     (forward or backward, its own or global: a backward hook then sees the loss's gradient, the
     output of that call).
@@ -84,7 +84,7 @@ def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index
         dtype = _matmul_dtype(h, weight)
         bias = lm_head.bias.to(dtype) if lm_head.bias is not None else None
         loss = ops.linear_cross_entropy(h.to(dtype), weight.to(dtype), labels, ignore_index=ignore_index,
-                                        bias=bias, num_items_in_batch=num_items_in_batch)
+                                        bias=bias, num_items_in_batch=num_items_in_batch, softcap=softcap)
         # HF Trainer scales the loss in place (``loss *= num_processes``): on the op's own output
         # FSDP2 would lose the head's pre-backward hook, so the caller gets a copy (one scalar).
         return loss.clone()
@@ -271,6 +271,9 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
                           sliding_window=None, is_causal=None, **kwargs):
     """Registered with HF's ``AttentionInterface`` as "fastllama": HF's calling convention,
     q (B, Hq, Tq, D) and un-repeated k/v (B, Hk, Tk, D) in, ``(out (B, Tq, Hq, D), None)`` out."""
+    if kwargs.get("softcap") is not None:  # (Gemma 2 passes it; none of the families patch() takes)
+        raise ValueError(f"attention score soft-capping (softcap={kwargs['softcap']}) is not supported by "
+                         "fastllama's attention kernels")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
@@ -443,7 +446,9 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
         hidden = hidden / scaling
     if shifted is None:
         shifted = shift_labels(labels.to(hidden.device), ignore_index)
-    loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch, ignore_index)
+    # Gemma's final_logit_softcapping: logits = cap * tanh(logits / cap), before the loss
+    softcap = getattr(self.config, "final_logit_softcapping", None)
+    loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch, ignore_index, softcap)
     name = _hf_cache_name()
     output = CausalLMOutputWithPast(loss=loss, logits=None, **{name: getattr(outputs, name)},
                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)

@@ -29,12 +29,19 @@ __all__ = ["patch", "unpatch", "patch_summary", "is_patched", "RULES", "SUPPORTE
 log = logging.getLogger("fastllama")
 
 OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
-_HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
-                "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite"}
+_KINDS = ("RMSNorm", "DecoderLayer", "MLP", "Attention", "ForCausalLM")
+# transformers family (its modeling module) -> (class name prefix, the kinds of its modules fastllama
+# patches). Gemma 3's norms scale by (1 + w) after the cast and its MLP is GELU-gated: those stay
+# HF's, its attention (q/k norms, per-layer windows and rotary bases) and loss are fastllama's.
+_HF_FAMILIES = {"llama": ("Llama", _KINDS), "mistral": ("Mistral", _KINDS), "ministral": ("Ministral", _KINDS),
+                "qwen2": ("Qwen2", _KINDS), "qwen3": ("Qwen3", _KINDS), "smollm3": ("SmolLM3", _KINDS),
+                "phi3": ("Phi3", _KINDS), "granite": ("Granite", _KINDS),
+                "gemma3": ("Gemma3", ("Attention", "ForCausalLM"))}
 
 
 def _hf(kind: str) -> tuple[str, ...]:
-    return tuple(f"transformers.models.{m}.modeling_{m}.{prefix}{kind}" for m, prefix in _HF_FAMILIES.items())
+    return tuple(f"transformers.models.{m}.modeling_{m}.{prefix}{kind}" for m, (prefix, kinds) in _HF_FAMILIES.items()
+                 if kind in kinds)
 
 
 def _ref(name: str) -> tuple[str, ...]:
@@ -60,6 +67,7 @@ def _check_head_dim(module) -> str | None:
     if not 1 <= d <= 256 or d % 2:
         return f"head_dim={d} is not supported (attention and rotary kernels take even head_dim <= 256)"
     return None
+
 
 
 def _check_lm_head(module) -> str | None:
@@ -221,7 +229,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
     ``MinistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``,
-    ``Phi3ForCausalLM``, ``GraniteForCausalLM`` (also inside a PEFT wrapper) and
+    ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``Gemma3ForCausalLM`` (attention, rotary and the
+    loss; its norms and GELU MLP stay HF's) (also inside a PEFT wrapper) and
     ``fastllama.reference.Llama``. Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
     also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the

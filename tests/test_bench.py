@@ -145,13 +145,27 @@ def test_memory_report_of_the_other_families():
         assert fast["unattributed KiB/token"] == 0 and fast["ctx-attribute bytes"] == 0
 
 
+def test_memory_report_of_gemma3():
+    """Gemma 3 is patched in its attention and loss only (its norms and GELU MLP stay HF's): its
+    layer keeps what HF's keeps, plus 4 bytes per token and query head (the flash attention keeps
+    two fp32 row statistics, m and log2 l, where SDPA keeps one lse); its head + loss keeps no
+    logits (1 MiB a token in fp32 at its 262k vocabulary)."""
+    rows = memory.memory_report(presets=("gemma-3-1b",), device=common.device(), progress=False)
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == {"hf-sdpa", "hf+fastllama"}
+    hf, fast = by["hf-sdpa"], by["hf+fastllama"]
+    heads = get_preset("gemma-3-1b").config["num_attention_heads"]
+    assert fast["layer KiB/token"] * 1024 <= hf["layer KiB/token"] * 1024 + 4 * heads
+    assert hf["head+loss KiB/token"] > 1024 and fast["head+loss KiB/token"] < 0.05 * hf["head+loss KiB/token"]
+
+
 def test_family_presets_build_their_own_hf_class(monkeypatch):
     """A preset's model_type picks the transformers class; the reference model and Liger's
     patch of another family are refused with a reason (a row, not a crash)."""
     from fastllama.bench import presets
 
     for name, cls in (("llama-3.2-1b", "LlamaForCausalLM"), ("qwen3-0.6b", "Qwen3ForCausalLM"),
-                      ("phi-4-mini", "Phi3ForCausalLM")):
+                      ("phi-4-mini", "Phi3ForCausalLM"), ("gemma-3-1b", "Gemma3ForCausalLM")):
         p = get_preset(name, layers=1)
         model = presets.hf_model(p.config, torch.bfloat16, "meta")
         assert type(model).__name__ == cls and model.config._attn_implementation == "sdpa"
@@ -166,12 +180,12 @@ def test_family_presets_build_their_own_hf_class(monkeypatch):
 
 
 def test_training_benchmark_of_a_family_preset_smoke_run(monkeypatch):
-    """The training benchmark on a Qwen3 (and a Phi-3) shape, shrunk to the tiny preset's size:
+    """The training benchmark on a Qwen3 (a Phi-3, a Gemma 3) shape, shrunk to the tiny preset's size:
     HF sdpa and the patched model run; the reference model's row says why it is skipped."""
     import dataclasses
 
     tiny = get_preset("tiny")
-    for family, extra in (("qwen3", {}), ("phi3", dict(pad_token_id=0))):
+    for family, extra in (("qwen3", {}), ("phi3", dict(pad_token_id=0)), ("gemma3_text", dict(pad_token_id=0))):
         preset = dataclasses.replace(tiny, name=f"tiny-{family}", config=dict(tiny.config, model_type=family, **extra))
         monkeypatch.setattr(train, "get_preset", lambda name, layers=None, preset=preset: preset)
         s = train.default_settings(preset.name, quick=True, configs=("hf-sdpa", "hf+fastllama", "reference+fastllama"),

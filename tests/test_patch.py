@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MinistralConfig,
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MinistralConfig,
                           MinistralForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM)
@@ -46,6 +46,11 @@ ARCHS = {
         BASE, sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
     "smollm3-nope": (SmolLM3Config, SmolLM3ForCausalLM, dict(BASE, pad_token_id=0, no_rope_layer_interval=2,
                                                              use_sliding_window=True, sliding_window=8)),
+    # Gemma 3 (attention and loss patched): q/k norms, a window and its own rotary base on the
+    # local layers, the query_pre_attn_scalar scale; here with Gemma 2's final logit soft-capping
+    "gemma3-softcap": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        BASE, pad_token_id=0, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=32, final_logit_softcapping=0.3)),  # (a cap the tiny logits, ~0.2, reach)
 }
 
 
@@ -258,7 +263,7 @@ def test_patched_loss_builds_no_logits():
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-window-partial-rope", "granite-multipliers", "ministral-layer-window",
-                                  "smollm3-nope"])
+                                  "smollm3-nope", "gemma3-softcap"])
 def test_greedy_generation_identical(arch):
     model = build(arch).eval()
     prompt = ids(batch=1, seq=7)
@@ -306,6 +311,16 @@ def test_phi3_activation_swapped_by_hand_is_not_fused():
     fastllama.patch(model)
     assert "activation_fn is GELU" in fastllama.patch_summary(model)
     torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gemma3_gets_attention_rotary_and_loss_and_keeps_its_norms_and_mlp():
+    """Gemma 3's norms scale by (1 + w) after the cast and its MLP is GELU-gated: not what the
+    RMSNorm and SwiGLU kernels compute, so patch leaves them (and the decoder layer) to HF."""
+    model = fastllama.patch(build("gemma3-softcap"))
+    kinds = {(cls, status) for _, cls, _, status in model.__dict__["_fastllama_patch"].summary}
+    assert {("Gemma3Attention", "patched"), ("Gemma3ForCausalLM", "patched")} <= kinds
+    assert not {cls for cls, _ in kinds} & {"Gemma3RMSNorm", "Gemma3MLP", "Gemma3DecoderLayer"}
+    assert model.config._attn_implementation == "fastllama"
 
 
 @pytest.mark.parametrize("cache", [None, "static"])

@@ -392,7 +392,11 @@ def write_plot(path: Path, rows: list[dict], plot: Plot, note: str = "") -> Path
             else:
                 ax.bar([xs.index(p[0]) + i * width for p in pts], [p[1] for p in pts], width, label=str(s))
         if not numeric:
-            ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(xs))], [str(x) for x in xs])
+            labels = [str(x) for x in xs]
+            # long category names side by side overlap: slanted when they would not fit
+            slant = sum(len(t) for t in labels) > 40
+            ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(xs))], labels,
+                          rotation=30 if slant else 0, ha="right" if slant else "center")
         elif plot.logx:
             ax.set_xscale("log", base=2)
         ax.set_xlabel(plot.x)

@@ -48,7 +48,7 @@ from .presets import get_preset
 __all__ = ["SavedBytes", "measure_saved", "memory_report", "MODES", "DEFAULT_PRESETS", "DEFAULT_TOKENS"]
 
 MODES = ("hf-sdpa", "hf+fastllama", "reference+fastllama")
-DEFAULT_PRESETS = ("tiny", "llama-3.2-1b", "llama-3-8b", "qwen3-0.6b", "phi-4-mini")
+DEFAULT_PRESETS = ("tiny", "llama-3.2-1b", "llama-3-8b", "qwen3-0.6b", "phi-4-mini", "gemma-3-1b")
 DEFAULT_TOKENS = (8, 16)
 # The step length at which the head + loss is also compared with its fixed bytes included (the
 # issues' training shape: sequences of 4k tokens)
@@ -239,12 +239,10 @@ def _cheap_random(model: nn.Module, dtype) -> nn.Module:
                 m.weight.fill_(1.0)
     if hasattr(model, "inv_freq"):  # the reference model
         model.inv_freq = model.config.inv_freq().to(device)
-    else:
+    else:  # a fresh rotary module (its buffers, one set per layer type for Gemma 3, on device)
         rot = model.model.rotary_emb
         with torch.device(device):
-            fresh = type(rot)(rot.config)
-        rot.inv_freq, rot.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
-        rot.attention_scaling = fresh.attention_scaling
+            model.model.rotary_emb = type(rot)(rot.config)
     return model
 
 

@@ -1,5 +1,5 @@
 """Model shapes the benchmarks use: Llama-3.2-1B, Llama-3-8B (fewer layers), a tiny one, and
-the shapes of the other families ``fastllama.patch`` takes (Qwen3-0.6B, Phi-4-mini).
+the shapes of the other families ``fastllama.patch`` takes (Qwen3-0.6B, Phi-4-mini, Gemma-3-1B).
 
 Each preset is an HF ``config.json`` dict (``model_type`` "llama" unless it says otherwise), so
 the same dict builds the transformers model and, for a Llama, fastllama's reference ``Llama``.
@@ -35,7 +35,8 @@ class Preset:
 
     @property
     def model_type(self) -> str:
-        """The HF family ("llama", "qwen3", "phi3"): only a Llama also builds the reference model."""
+        """The HF model type ("llama", "qwen3", "phi3", "gemma3_text"): only a Llama also builds the
+        reference model."""
         return self.config.get("model_type", "llama")
 
 
@@ -89,6 +90,16 @@ PRESETS: dict[str, Preset] = {
             note="Phi-4-mini shape (32 layers, merged qkv and gate_up projections, rotary over 96 of "
                  "128 dims, tied embeddings; its longrope scaling left out: it changes the rotary "
                  "tables, not the work), random weights",
+        ),
+        Preset(
+            "gemma-3-1b",
+            dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                 num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                 query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32768,
+                 rms_norm_eps=1e-6, pad_token_id=0, tie_word_embeddings=True),
+            seq_lens=(2048, 4096, 8192), quick_seq_lens=(4096,),
+            note="Gemma-3-1B shape (26 layers, 5 of 6 with a 512-token window, head_dim 256, 262k "
+                 "vocabulary, tied embeddings; patched: attention, rotary and loss), random weights",
         ),
     )
 }

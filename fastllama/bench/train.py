@@ -99,7 +99,10 @@ def _restored_modeling(model_type: str):
     configurations run the original code."""
     import importlib
 
-    mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    name = model_type_to_module_name(model_type)  # "gemma3_text" lives in models/gemma3
+    mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
 
     saved = dict(vars(mod))
     classes = {name: dict(vars(cls)) for name, cls in saved.items()
