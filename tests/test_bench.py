@@ -186,7 +186,9 @@ def test_training_benchmark_of_a_family_preset_smoke_run(monkeypatch):
 
     tiny = get_preset("tiny")
     for family, extra in (("qwen3", {}), ("phi3", dict(pad_token_id=0)), ("gemma3_text", dict(pad_token_id=0))):
-        preset = dataclasses.replace(tiny, name=f"tiny-{family}", config=dict(tiny.config, model_type=family, **extra))
+        # (each family's default rotary parameters: Gemma 3's are per layer type)
+        config = {k: v for k, v in tiny.config.items() if k != "rope_parameters"}
+        preset = dataclasses.replace(tiny, name=f"tiny-{family}", config=dict(config, model_type=family, **extra))
         monkeypatch.setattr(train, "get_preset", lambda name, layers=None, preset=preset: preset)
         s = train.default_settings(preset.name, quick=True, configs=("hf-sdpa", "hf+fastllama", "reference+fastllama"),
                                    steps=1, warmup=0)
