@@ -1,4 +1,4 @@
-"""RMSNorm (+residual), rotary and SwiGLU: fastllama vs PyTorch eager (the HF module code) and
+"""RMSNorm (+residual), rotary and SwiGLU (and Gemma's norm and GeGLU): fastllama vs PyTorch eager (the HF module code) and
 torch.compile of that code, forward and forward+backward, on Llama-3-8B layer sizes.
 
 Shapes: hidden 4096, intermediate 14336, 32 query / 8 key-value heads of dim 128, at 1k-16k
@@ -64,6 +64,18 @@ def hf_swiglu_fused(gate_up):
     return F.silu(gate) * up
 
 
+def hf_gemma_rms_norm(x, weight, eps=1e-6):
+    """Gemma3RMSNorm.forward: (normed * (1 + w)) in fp32, rounded once."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).type_as(x)
+
+
+def hf_geglu(gate, up):
+    """Gemma3MLP's gate: gelu_pytorch_tanh(gate) * up."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
 # ----------------------------------------------------------------------------------------------
 # Cases: inputs, the three implementations, and the bytes each must move
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +116,13 @@ def _cases(tokens: int, dims: dict, dtype, dev):
                    3 * m, 5 * m),
         "swiglu_fused": ((rand(tokens, 2 * inter),), {"eager": hf_swiglu_fused, "fastllama": ops.swiglu_fused},
                          3 * m, 5 * m),
+        # Gemma's: the (1 + w) norm rounded once, and GeGLU (same bytes as their Llama twins)
+        "gemma_rms_norm": ((rand(tokens, h), rand(h)),
+                           {"eager": hf_gemma_rms_norm,
+                            "fastllama": lambda x, w: ops.rms_norm(x, w, 1e-6, unit_offset=True)}, 2 * n, 3 * n),
+        "geglu": ((rand(tokens, inter), rand(tokens, inter)),
+                  {"eager": hf_geglu, "fastllama": lambda g, u: ops.swiglu(g, u, activation="gelu_tanh")},
+                  3 * m, 5 * m),
     }
 
 

@@ -35,6 +35,11 @@ BENCH_PARAMS = {
     # decoding: batch 8, 4k tokens in the cache each
     "decode_attention": {"B": 8, "Hq": 32, "Hk": 8, "Tq": 1, "D": 128, "lens": (4096,) * 8, "Tmax": 4224, "splits": 16},
     "rotary_cache_append": {"B": 8, "Hq": 32, "Hk": 8, "T": 1, "D": 128, "Tmax": 4224, "seqlens": (4096,) * 8},
+    # Gemma-3-12B layer shapes (hidden 3840, intermediate 15360): its (1 + w) norms and GeGLU
+    "rms_norm_unit_offset": {"shape": (4, 4096, 3840), "unit_offset": True},
+    "rms_norm_residual_unit_offset": {"shape": (4, 4096, 3840), "residual": True, "unit_offset": True},
+    "geglu": {"shape": (4, 4096, 15360), "gelu": True},
+    "geglu_fused": {"shape": (4, 4096, 15360), "fused": True, "gelu": True},
 }
 
 

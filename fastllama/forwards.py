@@ -6,7 +6,9 @@ Granite modules share one set (their modeling files are copies of each other; Qw
 adds an RMSNorm of q and k per head, SmolLM3's skips rotary in every 4th layer; Phi-3 merges
 q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``, and puts a dropout on each
 residual branch; Granite scales the embeddings, each residual branch and the logits, and sets
-the attention scale); the reference model has its own, smaller set.
+the attention scale), and so do Gemma 3's attention, MLP (GeGLU), norms ((1 + w), rounded once)
+and causal LM (final logit soft-capping), with a decoder layer of its own (four norms); the
+reference model has its own, smaller set.
 ``self._fastllama`` holds the patch options of the module (which parts are on).
 """
 from __future__ import annotations
@@ -46,21 +48,48 @@ def _matmul_dtype(hidden, weight):
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _unit_last_stride(x):
+    """The kernels read rows with unit stride; a module may be handed a transposed view (Gemma 3's
+    image-token norm is): that one input is copied, as HF's ops would read it anyway."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def rms_norm_forward(self, hidden_states):
     """``LlamaRMSNorm.forward``: one fused kernel."""
-    x, w = _promote(hidden_states, self.weight)
+    x, w = _promote(_unit_last_stride(hidden_states), self.weight)
     return ops.rms_norm(x, w, self.variance_epsilon)
+
+
+def gemma_rms_norm_forward(self, hidden_states):
+    """``Gemma3RMSNorm.forward``: ``(normed * (1 + w)).type_as(x)`` in one kernel (the output
+    keeps x's dtype, as HF's ``type_as``: a wider weight is cast to it)."""
+    x = _unit_last_stride(hidden_states)
+    return ops.rms_norm(x, self.weight.to(x.dtype), self.eps, unit_offset=True)
+
+
+NORM_FORWARDS = (rms_norm_forward, gemma_rms_norm_forward)
+
+
+def _norm_args(norm, *tensors):
+    """(``tensors`` in the norm's computing dtype, its weight, eps, unit_offset) for a norm
+    patched with one of ``NORM_FORWARDS``: Llama's promotes to the widest dtype (HF's
+    ``weight * normed`` does), Gemma's keeps the activations' dtype (HF's ``type_as``)."""
+    if _patched_with(norm, gemma_rms_norm_forward):
+        tensors = _promote(*tensors)  # (a residual stream wider than h: their sum is)
+        return (*tensors, norm.weight.to(tensors[0].dtype), norm.eps, True)
+    *tensors, w = _promote(*tensors, norm.weight)
+    return (*tensors, w, norm.variance_epsilon, False)
 
 
 def _fused_residual_norm(norm, h, residual):
     """``norm(h + residual), h + residual`` in one kernel; as a call of ``norm`` when hooks
     manage it (they may move or load its weight: accelerate's offload, FSDP2) or when it is not
     an RMSNorm fastllama patched (a subclass with its own forward, another norm)."""
-    if not (_bypassable(norm) and _patched_with(norm, rms_norm_forward)):
+    if not (_bypassable(norm) and _patched_with(norm, *NORM_FORWARDS)):
         s = residual + h
         return norm(s), s
-    h, w, residual = _promote(h, norm.weight, residual)
-    return ops.rms_norm(h, w, norm.variance_epsilon, residual=residual)
+    h, residual, w, eps, unit_offset = _norm_args(norm, h, residual)
+    return ops.rms_norm(h, w, eps, residual=residual, unit_offset=unit_offset)
 
 
 def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index=-100, softcap=None):
@@ -141,28 +170,41 @@ def mlp_activation(mlp):
     return getattr(mlp, "act_fn", None) if hasattr(mlp, "act_fn") else getattr(mlp, "activation_fn", None)
 
 
-def silu_activation(mlp) -> bool:
-    """Whether the MLP's activation is SiLU: HF's ``act_fn`` (``SiLUActivation`` or ``nn.SiLU``,
-    what ``hidden_act="silu"``/``"swish"`` build; Phi-3's ``activation_fn``) as it is NOW, not
-    what the config says (a swapped activation must not become SwiGLU), with no forward set on
-    its instance and no hooks (the fused SwiGLU never calls it); the reference MLP has none: SiLU."""
+def gate_activation(mlp) -> str | None:
+    """The fused kernel's ``activation`` for the MLP's gate as it is NOW, not what the config
+    says (a swapped activation must not be fused): "silu" for HF's ``act_fn`` ``SiLUActivation``
+    or ``nn.SiLU`` (``hidden_act="silu"``/``"swish"``; Phi-3's ``activation_fn``) and for the
+    reference MLP, which has none; "gelu_tanh" for ``GELUTanh`` (Gemma's
+    ``gelu_pytorch_tanh``); None for anything else, or an activation with a forward set on its
+    instance or hooks (the fused kernel never calls it)."""
     act = mlp_activation(mlp)
     if act is None:
-        return True
-    silu = type(act) is torch.nn.SiLU or (type(act).__name__ == "SiLUActivation"
-                                          and type(act).__module__ == "transformers.activations")
-    return silu and not _forward_replaced(act) and _bypassable(act)
+        return "silu"
+    if _forward_replaced(act) or not _bypassable(act):
+        return None
+    if type(act) is torch.nn.SiLU:
+        return "silu"
+    if type(act).__module__ == "transformers.activations":
+        return {"SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}.get(
+            type(act).__name__)
+    return None
+
+
+def silu_activation(mlp) -> bool:
+    """Whether the MLP's gate is SiLU (:func:`gate_activation`): what the generator computes."""
+    return gate_activation(mlp) == "silu"
 
 
 def mlp_forward(self, x):
-    """``LlamaMLP.forward`` (and Phi-3's, whose gate and up are one ``gate_up_proj``): the
-    projections stay nn.Linear (LoRA keeps working), SwiGLU fused.
+    """``LlamaMLP.forward`` (and Phi-3's, whose gate and up are one ``gate_up_proj``; Gemma's,
+    GeGLU): the projections stay nn.Linear (LoRA keeps working), the gated activation fused.
     An activation swapped for another after patching runs the original forward."""
-    if not silu_activation(self):
+    activation = gate_activation(self)
+    if activation is None:
         return type(self).forward(self, x)
     if hasattr(self, "gate_up_proj"):  # Phi-3: the halves are read in place (no split copy)
-        return self.down_proj(ops.swiglu_fused(self.gate_up_proj(x)))
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(ops.swiglu_fused(self.gate_up_proj(x), activation=activation))
+    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), activation=activation))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,26 +267,26 @@ def _norm_into_attention(layer) -> bool:
     """Whether the decoder layer can hand its input_layernorm to the attention, which then runs
     the norm and q/k/v_proj as one node (``ops.rms_norm_linear``)."""
     attn, norm = layer.self_attn, layer.input_layernorm
-    return (_patched_with(norm, rms_norm_forward)
+    return (_patched_with(norm, *NORM_FORWARDS)
             and _patched_with(attn, hf_attention_forward, reference_attention_forward)
             and _bypassable(norm, attn) and _plain_linears(*attention_input_linears(attn)))
 
 
-def _norm_into_mlp(layer) -> bool:
-    """Whether post_attention_layernorm + the MLP can run as ``rms_norm_linear`` (gate, up) and
-    ``swiglu_linear`` (down)."""
-    mlp, norm = layer.mlp, layer.post_attention_layernorm
-    return (_patched_with(norm, rms_norm_forward) and _patched_with(mlp, mlp_forward) and silu_activation(mlp)
-            and _bypassable(norm, mlp)
+def _norm_into_mlp(layer, norm=None) -> bool:
+    """Whether ``norm`` (default post_attention_layernorm; Gemma's pre_feedforward_layernorm) +
+    the MLP can run as ``rms_norm_linear`` (gate, up) and ``swiglu_linear`` (down)."""
+    mlp, norm = layer.mlp, norm if norm is not None else layer.post_attention_layernorm
+    return (_patched_with(norm, *NORM_FORWARDS) and _patched_with(mlp, mlp_forward)
+            and gate_activation(mlp) is not None and _bypassable(norm, mlp)
             and _plain_linears(*mlp_input_linears(mlp), mlp.down_proj))
 
 
 def _norm_projections(norm, x, projections, residual=None):
     """``[p(norm(x)) for p in projections]`` (and ``x + residual`` when given) via
     ``ops.rms_norm_linear``: the normalised x is recomputed in the backward, not kept."""
-    x, w, residual = _promote(x, norm.weight, residual)
+    x, residual, w, eps, unit_offset = _norm_args(norm, x, residual)
     return ops.rms_norm_linear(x, w, [p.weight for p in projections], [p.bias for p in projections],
-                               eps=norm.variance_epsilon, residual=residual)
+                               eps=eps, residual=residual, unit_offset=unit_offset)
 
 
 def _residual_norm_mlp(norm, mlp, h, residual):
@@ -252,20 +294,38 @@ def _residual_norm_mlp(norm, mlp, h, residual):
     gate and up projections only (not the normalised input, not the SwiGLU output)."""
     *projected, s = _norm_projections(norm, h, mlp_input_linears(mlp), residual)
     gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
-    return ops.swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias), s
+    return ops.swiglu_linear(gate, up, mlp.down_proj.weight, mlp.down_proj.bias, activation=gate_activation(mlp)), s
 
 
 def _rotate(self, q, k, cos, sin):
-    # (a rotary dim below head_dim is partial rotary, e.g. Phi-4-mini's: the op does it too)
-    if self._fastllama["rope"] and cos.shape[-1] <= q.shape[-1] and cos.shape[-1] % 2 == 0:
+    # A rotary dim below head_dim is partial rotary, which the op does as Phi-3's
+    # apply_rotary_pos_emb does (Phi-4-mini). The other families' functions rotate the whole head
+    # and fail on such tables (HF's rope init honours partial_rotary_factor for any family): their
+    # own function runs then, so the patched model fails as HF's does, not differently.
+    partial_ok = cos.shape[-1] == q.shape[-1] or _family(self) in PARTIAL_ROTARY_FAMILIES
+    if self._fastllama["rope"] and partial_ok and cos.shape[-1] <= q.shape[-1] and cos.shape[-1] % 2 == 0:
         # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the
         # fp32 embeddings; rotating in q's dtype is what an autocast-aware fused op does
         return ops.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
     return self._fastllama["original_rope"](q, k, cos, sin)
 
 
+#: HF families (modeling module names) whose apply_rotary_pos_emb rotates the leading rotary
+#: dims only when cos/sin cover fewer than head_dim (the others' would fail on such tables).
+PARTIAL_ROTARY_FAMILIES = ("phi3",)
+
+
+def _family(module) -> str:
+    """The transformers family of a module ("phi3" for ``...models.phi3.modeling_phi3``), or
+    its module path when it is not a transformers model (the reference model)."""
+    from .patching import _original_class  # (FSDP2 renames the class; its module stays HF's)
+
+    name = _original_class(module).__module__
+    return name.rsplit(".modeling_", 1)[-1] if ".modeling_" in name else name
+
+
 # ---------------------------------------------------------------------------------------------
-# Hugging Face (Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite)
+# Hugging Face (Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite, Gemma 3)
 # ---------------------------------------------------------------------------------------------
 def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           sliding_window=None, is_causal=None, **kwargs):
@@ -388,12 +448,43 @@ def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_
     return residual + _residual_branch(self, "resid_mlp_dropout", out)
 
 
+def gemma3_decoder_layer_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                                 position_ids=None, cache=None, **kwargs):
+    """``Gemma3DecoderLayer.forward``: four norms, each branch normed before it is added::
+
+        s = x + post_attention_norm(attention(input_norm(x)))
+        out = s + post_feedforward_norm(mlp(pre_feedforward_norm(s)))
+
+    input_norm runs with q/k/v_proj and pre_feedforward_norm (with the add before it) with
+    gate/up_proj as one node each when the projections are plain linears, as in
+    :func:`hf_decoder_layer_forward`; the two post-branch norms are kernels of their own."""
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    residual = hidden_states
+    if _norm_into_attention(self):
+        h, kwargs["fastllama_norm"] = hidden_states, self.input_layernorm
+    else:
+        h = self.input_layernorm(hidden_states)
+    h, _ = self.self_attn(hidden_states=h, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                          position_ids=position_ids, cache=cache, **kwargs)
+    h = self.post_attention_layernorm(h)
+    if _norm_into_mlp(self, self.pre_feedforward_layernorm):
+        out, residual = _residual_norm_mlp(self.pre_feedforward_layernorm, self.mlp, h, residual)
+    else:
+        h, residual = _fused_residual_norm(self.pre_feedforward_layernorm, h, residual)
+        out = self.mlp(h)
+    return residual + self.post_feedforward_layernorm(out)
+
+
 def _residual_branch(layer, dropout_name: str, h):
-    """What a branch adds to the residual stream: ``h``, after Phi-3's dropout (``resid_pdrop``,
-    applied where it drops anything: training with p > 0; F.dropout with p = 0 in training
-    would still cost a kernel) and times Granite's ``residual_multiplier``."""
+    """What a branch adds to the residual stream: ``h``, after Phi-3's dropout (``resid_pdrop``)
+    and times Granite's ``residual_multiplier``. The dropout module is called as HF calls it
+    unless it is a plain ``nn.Dropout`` without hooks that drops nothing (eval, or p = 0: an
+    identity that would still cost a kernel in training); a module put in its place, or hooked,
+    always runs."""
     dropout = getattr(layer, dropout_name, None)
-    if dropout is not None and dropout.training and dropout.p > 0:
+    if dropout is not None and (type(dropout) is not torch.nn.Dropout or not _bypassable(dropout)
+                                or (dropout.training and dropout.p > 0)):
         h = dropout(h)
     multiplier = getattr(layer, "residual_multiplier", 1.0)
     return h if multiplier == 1.0 else h * multiplier

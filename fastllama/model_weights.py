@@ -136,6 +136,15 @@ def check_model(model, max_seq_len: int) -> None:
     rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
     if rope_type in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
         raise ValueError(f"{cls.__name__} uses rope_type={rope_type!r}; the generator precomputes one rotary table")
+    from . import forwards
+
+    rotary = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    family = cls.__module__.rsplit(".modeling_", 1)[-1]
+    if rotary is not None and 2 * rotary.numel() < head_dim and family not in forwards.PARTIAL_ROTARY_FAMILIES:
+        # (HF's rope init makes such tables for any family; only Phi-3's attention slices for them)
+        raise ValueError(f"{cls.__name__} has rotary tables of {2 * rotary.numel()} of its {head_dim} head dims, "
+                         f"which its own attention does not handle (HF fails on them too)")
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     if cls.__name__.startswith("Llama"):
         window = None  # HF's Llama ignores a sliding_window its config carries

@@ -29,19 +29,15 @@ __all__ = ["patch", "unpatch", "patch_summary", "is_patched", "RULES", "SUPPORTE
 log = logging.getLogger("fastllama")
 
 OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
-_KINDS = ("RMSNorm", "DecoderLayer", "MLP", "Attention", "ForCausalLM")
-# transformers family (its modeling module) -> (class name prefix, the kinds of its modules fastllama
-# patches). Gemma 3's norms scale by (1 + w) after the cast and its MLP is GELU-gated: those stay
-# HF's, its attention (q/k norms, per-layer windows and rotary bases) and loss are fastllama's.
-_HF_FAMILIES = {"llama": ("Llama", _KINDS), "mistral": ("Mistral", _KINDS), "ministral": ("Ministral", _KINDS),
-                "qwen2": ("Qwen2", _KINDS), "qwen3": ("Qwen3", _KINDS), "smollm3": ("SmolLM3", _KINDS),
-                "phi3": ("Phi3", _KINDS), "granite": ("Granite", _KINDS),
-                "gemma3": ("Gemma3", ("Attention", "ForCausalLM"))}
+# transformers family (its modeling module) -> the class name prefix of its modules. Gemma 3's
+# norms ((1 + w), rounded once) and decoder layer (four norms) have rules of their own below.
+_HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite", "gemma3": "Gemma3"}
+_LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m != "gemma3")  # families whose RMSNorm is Llama's
 
 
-def _hf(kind: str) -> tuple[str, ...]:
-    return tuple(f"transformers.models.{m}.modeling_{m}.{prefix}{kind}" for m, (prefix, kinds) in _HF_FAMILIES.items()
-                 if kind in kinds)
+def _hf(kind: str, families=tuple(_HF_FAMILIES)) -> tuple[str, ...]:
+    return tuple(f"transformers.models.{m}.modeling_{m}.{_HF_FAMILIES[m]}{kind}" for m in families)
 
 
 def _ref(name: str) -> tuple[str, ...]:
@@ -51,14 +47,13 @@ def _ref(name: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 # Checks: why a module cannot be patched (None: it can)
 # ---------------------------------------------------------------------------------------------
-def _check_silu(module) -> str | None:
-    act = getattr(getattr(module, "config", None), "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        return f"hidden_act={act!r} is not SiLU (swiglu needs hidden_act='silu')"
-    if not forwards.silu_activation(module):
+def _check_activation(module) -> str | None:
+    """Why the MLP's gate cannot run fused (None: it can): SiLU (SwiGLU) or GELU-tanh (GeGLU),
+    as its activation module is (:func:`forwards.gate_activation`)."""
+    if forwards.gate_activation(module) is None:
         name = "act_fn" if hasattr(module, "act_fn") else "activation_fn"
-        return (f"{name} is {type(forwards.mlp_activation(module)).__name__}, not a plain SiLU (swiglu needs SiLU, "
-                f"with no forward set on its instance and no hooks)")
+        return (f"{name} is {type(forwards.mlp_activation(module)).__name__}, not a plain SiLU or GELU-tanh (the fused "
+                f"gated activation needs one, with no forward set on its instance and no hooks)")
     return None
 
 
@@ -90,10 +85,12 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(("rms_norm",), _hf("RMSNorm") + _ref("RMSNorm"), forwards.rms_norm_forward),
-    Rule(("rms_norm",), _hf("DecoderLayer"), forwards.hf_decoder_layer_forward),
+    Rule(("rms_norm",), _hf("RMSNorm", _LLAMA_NORMS) + _ref("RMSNorm"), forwards.rms_norm_forward),
+    Rule(("rms_norm",), _hf("RMSNorm", ("gemma3",)), forwards.gemma_rms_norm_forward),
+    Rule(("rms_norm",), _hf("DecoderLayer", _LLAMA_NORMS), forwards.hf_decoder_layer_forward),
+    Rule(("rms_norm",), _hf("DecoderLayer", ("gemma3",)), forwards.gemma3_decoder_layer_forward),
     Rule(("rms_norm",), _ref("DecoderLayer"), forwards.reference_decoder_layer_forward),
-    Rule(("swiglu",), _hf("MLP") + _ref("MLP"), forwards.mlp_forward, _check_silu),
+    Rule(("swiglu",), _hf("MLP") + _ref("MLP"), forwards.mlp_forward, _check_activation),
     Rule(("rope",), _hf("Attention"), forwards.hf_attention_forward, _check_head_dim),
     Rule(("rope", "attention"), _ref("Attention"), forwards.reference_attention_forward, _check_head_dim),
     Rule(("cross_entropy",), _hf("ForCausalLM"), forwards.hf_causal_lm_forward, _check_lm_head),
@@ -229,8 +226,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
     ``MinistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``,
-    ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``Gemma3ForCausalLM`` (attention, rotary and the
-    loss; its norms and GELU MLP stay HF's) (also inside a PEFT wrapper) and
+    ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``Gemma3ForCausalLM`` (also inside a PEFT wrapper) and
     ``fastllama.reference.Llama``. Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
     also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the

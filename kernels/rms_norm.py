@@ -5,6 +5,10 @@ A Llama decoder layer computes, twice per layer::
     s = x + residual                      (in the input dtype)
     y = w * (s * rstd).to(dtype),   rstd = 1 / sqrt(mean(s^2) + eps)   (statistics in fp32)
 
+Gemma's RMSNorm (``UNIT_OFFSET``) scales by (1 + w) and rounds once, at the end::
+
+    y = ((s * rstd) * (1 + w)).to(dtype)  (all in fp32)
+
 Both kernels work on tiles of BLOCK_M rows. A row of up to BLOCK_N (<= 8192) columns is read
 once and held in registers. Wider rows are CHUNKED: a first loop over 4096-wide chunks reduces
 the statistics, a second re-reads the chunks (from L1/L2: the row was just read) to write the
@@ -38,11 +42,15 @@ def _sum_input(X, R, S, rows64, cols, mask, stride_x, stride_r, stride_s, HAS_RE
 
 
 @triton.jit
-def _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y):
-    """y = w * (s * rstd).to(dtype): HF casts BEFORE the weight multiply."""
+def _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y, UNIT_OFFSET: tl.constexpr):
+    """y = w * (s * rstd).to(dtype): HF's Llama casts BEFORE the weight multiply; Gemma's
+    (UNIT_OFFSET) multiplies by 1 + w in fp32 and casts after."""
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    normed = (s * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32)
-    tl.store(Y + rows64 * stride_y + cols[None, :], (normed * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    if UNIT_OFFSET:
+        y = (s * rstd[:, None]) * (1.0 + w[None, :])
+    else:
+        y = (s * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32) * w[None, :]
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])  # row counts: see ops/rms_norm._build_configs
@@ -55,6 +63,7 @@ def rms_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CHUNKED: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -79,7 +88,7 @@ def rms_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
     if not CHUNKED:
-        _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y)
+        _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y, UNIT_OFFSET)
     else:
         # Second pass: re-read s (the stored sum, or x) chunk by chunk.
         if HAS_RESIDUAL:
@@ -92,18 +101,20 @@ def rms_norm_fwd_kernel(
             cc = c0 + cols
             mask = row_ok[:, None] & (cc < n_cols)[None, :]
             s = tl.load(SRC + rows64 * stride_src + cc[None, :], mask=mask, other=0.0).to(tl.float32)
-            _normalise_store(s, rstd, W, Y, rows64, cc, mask, n_cols, stride_y)
+            _normalise_store(s, rstd, W, Y, rows64, cc, mask, n_cols, stride_y, UNIT_OFFSET)
 
 
-def block_cols(n_cols: int, backward: bool = False) -> tuple[int, bool]:
-    """(BLOCK_N, CHUNKED) for rows of ``n_cols``."""
+def block_cols(n_cols: int, backward: bool = False, unit_offset: bool = False) -> tuple[int, bool]:
+    """(BLOCK_N, CHUNKED) for rows of ``n_cols``. The unit-offset backward chunks by 2048: at
+    4096 it spilled 8-16 bytes on sm_90/100/120 whatever the warp count (4, 8 or 16)."""
     if n_cols > (MAX_BLOCK_N_BWD if backward else MAX_BLOCK_N):
-        return CHUNK_N, True
+        return (CHUNK_N // 2 if backward and unit_offset else CHUNK_N), True
     return max(16, triton.next_power_of_2(n_cols)), False
 
 
-def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps):
+def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps, unit_offset=False):
     """x, residual: (M, N) with unit column stride; weight (N,). Returns (y, s, rstd).
+    ``unit_offset``: Gemma's (1 + w) scale, rounded once.
 
     ``s`` is ``x + residual`` (an empty tensor without residual); ``rstd`` is (M,) fp32.
     """
@@ -125,13 +136,14 @@ def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps):
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             CHUNKED=chunked,
+            UNIT_OFFSET=unit_offset,
             num_warps=num_warps,
         )
     return y, s, rstd
 
 
-# Backward. With n = s * rstd (the normalised row, n_cols = N) and y = w * n:
-#     dn = dy * w
+# Backward. With n = s * rstd (the normalised row, n_cols = N) and y = w * n (Gemma: (1 + w) * n):
+#     dn = dy * w                                  (Gemma: dy * (1 + w))
 #     ds = rstd * (dn - n * mean(dn * n))          (the projection that keeps |n| fixed)
 #     dw = sum over rows of dy * n
 # With the residual fused, s fed both y and the second output, so its gradient adds ds_out, and
@@ -140,7 +152,8 @@ def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps):
 # partial buffer, which nobody else touches and so stays in L1/L2); the (programs, N) partial
 # sums are reduced afterwards.
 @triton.jit
-def _load_grad_inputs(X, DY, W, RSTD, rows, rows64, cols, row_ok, n_cols, stride_x, stride_dy):
+def _load_grad_inputs(X, DY, W, RSTD, rows, rows64, cols, row_ok, n_cols, stride_x, stride_dy,
+                      UNIT_OFFSET: tl.constexpr):
     """Masked rows load zeros everywhere (rstd too), so they add nothing to dw."""
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
     x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -148,6 +161,8 @@ def _load_grad_inputs(X, DY, W, RSTD, rows, rows64, cols, row_ok, n_cols, stride
     # w is re-read per tile (an L1/L2 hit) rather than held across the row loop: registers are
     # better spent on x and dy, and holding it made wide rows spill.
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        w = w + 1.0
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     return x * rstd[:, None], dy * w[None, :], dy, rstd, mask
 
@@ -169,6 +184,7 @@ def rms_norm_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CHUNKED: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -182,7 +198,7 @@ def rms_norm_bwd_kernel(
         rows64 = rows.to(tl.int64)[:, None]
         if not CHUNKED:
             n, dn, dy, rstd, mask = _load_grad_inputs(X, DY, W, RSTD, rows, rows64, cols, row_ok, n_cols,
-                                                      stride_x, stride_dy)
+                                                      stride_x, stride_dy, UNIT_OFFSET)
             dot = tl.sum(dn * n, axis=1) / n_cols
             _store_dx(n, dn, dot, rstd, DS_OUT, DX, rows64, cols, mask, stride_ds, stride_dx, HAS_DS_OUT)
             dw += tl.sum(dy * n, axis=0)
@@ -190,13 +206,13 @@ def rms_norm_bwd_kernel(
             dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for c0 in range(0, n_cols, BLOCK_N):
                 n, dn, dy, rstd, mask = _load_grad_inputs(X, DY, W, RSTD, rows, rows64, c0 + cols, row_ok, n_cols,
-                                                          stride_x, stride_dy)
+                                                          stride_x, stride_dy, UNIT_OFFSET)
                 dot += tl.sum(dn * n, axis=1)
             dot = dot / n_cols
             for c0 in range(0, n_cols, BLOCK_N):
                 cc = c0 + cols
                 n, dn, dy, rstd, mask = _load_grad_inputs(X, DY, W, RSTD, rows, rows64, cc, row_ok, n_cols,
-                                                          stride_x, stride_dy)
+                                                          stride_x, stride_dy, UNIT_OFFSET)
                 _store_dx(n, dn, dot, rstd, DS_OUT, DX, rows64, cc, mask, stride_ds, stride_dx, HAS_DS_OUT)
                 partial = DW_PARTIAL + pid * n_cols + cc
                 tl.store(partial, tl.load(partial, mask=cc < n_cols) + tl.sum(dy * n, axis=0), mask=cc < n_cols)
@@ -205,7 +221,7 @@ def rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=cols < n_cols)
 
 
-def rms_norm_backward(dy, x, weight, rstd, ds_out=None, *, block_m, num_programs, num_warps):
+def rms_norm_backward(dy, x, weight, rstd, ds_out=None, *, block_m, num_programs, num_warps, unit_offset=False):
     """dy, x, ds_out: (M, N) with unit column stride (x is the normalised input: s with the
     residual fused). Returns (dx, dweight); dx is also the residual's gradient."""
     n_rows, n_cols = x.shape
@@ -216,7 +232,7 @@ def rms_norm_backward(dy, x, weight, rstd, ds_out=None, *, block_m, num_programs
     # Whole BLOCK_M tiles per program, so no tile straddles two programs.
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, num_programs), block_m) * block_m
     num_programs = triton.cdiv(n_rows, rows_per_program)
-    block_n, chunked = block_cols(n_cols, backward=True)
+    block_n, chunked = block_cols(n_cols, backward=True, unit_offset=unit_offset)
     alloc = torch.zeros if chunked else torch.empty  # chunked rows accumulate in place
     partial = alloc((num_programs, n_cols), dtype=torch.float32, device=x.device)
     ds = ds_out if ds_out is not None else dy
@@ -229,6 +245,7 @@ def rms_norm_backward(dy, x, weight, rstd, ds_out=None, *, block_m, num_programs
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             CHUNKED=chunked,
+            UNIT_OFFSET=unit_offset,
             num_warps=num_warps,
         )
     return dx, partial.sum(0).to(weight.dtype)

@@ -17,7 +17,7 @@ of 128): the first R dims are the two halves above (``HALF = R / 2``), the last 
 copied as they are (``TAIL_HALF = (D - R) / 2``, a second pass over each row's tail; v is
 always all copy). cos/sin come either as a table (P, R) indexed by position
 (``position = positions[b] + t``, or the cache slot when no positions are given: a cache without
-padding has slot == position), or as HF's per-token (B, T, D) tensors. Positions and slots are
+padding has slot == position), or as HF's per-token (B, T, R) tensors. Positions and slots are
 read on the device (no host sync, CUDA-graph safe). A slot past the cache end is not written and
 a position past the table is clamped to its last row: never an out-of-bounds access; callers
 size the cache (fastllama.generate checks capacity before it starts).

@@ -542,7 +542,8 @@ def test_flash_attention_untuned_launches_compile_the_reports_builds(monkeypatch
 
 def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
     """Dry-runs RMSNorm (plain and with the residual) and SwiGLU (two tensors and the fused
-    gate_up projection), forward and backward, at Llama hidden and intermediate sizes, for a
+    gate_up projection), forward and backward, at Llama hidden and intermediate sizes (and
+    Gemma 3's unit-offset norms and GeGLU at its sizes), for a
     decode step, a prompt and a training batch, and requires every launched build in the report.
     They compiled every integer plain; launched, the row counts, hidden size and strides carried
     their multiple-of-16 hints (or the row count its == 1 constant): no launch was in the report."""
@@ -569,7 +570,23 @@ def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds
             gate_up = torch.empty(b, t, 2 * inter, dtype=dtype, requires_grad=True)
             (swiglu.swiglu(gate, up).float().sum() + swiglu.swiglu_fused(gate_up).float().sum()).backward()
     assert len(launched) == 2 * (len(sizes) * 3 + len(small_batch) * 2) * 8
-    missing = _not_in_report(launched, ("rms_norm", "rms_norm_residual", "swiglu", "swiglu_fused"))
+    # Gemma 3 (1B, 4B, 12B, 27B): the unit-offset norms and GeGLU (27B's 5376 takes chunked rows)
+    gemma = [(1152, 6912), (2560, 10240), (3840, 15360), (5376, 21504)]
+    before = len(launched)
+    with _interp.wrong_bf16_values_ok():
+        for dtype, (hidden, inter), (b, t) in itertools.product((torch.bfloat16, torch.float32), gemma,
+                                                                 ((1, 1), (1, 77))):
+            x, res = (torch.empty(b, t, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+            w = torch.empty(hidden, dtype=dtype, requires_grad=True)
+            y, s = rms.rms_norm(x, w, residual=res, unit_offset=True)
+            (y.float().sum() + s.float().sum() + rms.rms_norm(x, w, unit_offset=True).float().sum()).backward()
+            gate, up = (torch.empty(b, t, inter, dtype=dtype, requires_grad=True) for _ in range(2))
+            gate_up = torch.empty(b, t, 2 * inter, dtype=dtype, requires_grad=True)
+            (swiglu.swiglu(gate, up, activation="gelu_tanh").float().sum()
+             + swiglu.swiglu_fused(gate_up, activation="gelu_tanh").float().sum()).backward()
+    assert len(launched) - before == 2 * len(gemma) * 2 * 8
+    missing = _not_in_report(launched, ("rms_norm", "rms_norm_residual", "swiglu", "swiglu_fused",
+                                        "rms_norm_unit_offset", "rms_norm_residual_unit_offset", "geglu"))
     assert not missing, (len(missing), missing[:3])
 
 

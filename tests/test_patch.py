@@ -181,6 +181,32 @@ def test_verify_of_an_eager_attention_model_and_of_a_composite_model():
     assert report.passed, report.table()
 
 
+def test_gemma3_multimodal_model_runs_its_language_model_on_the_kernels():
+    """Gemma 3's 4B+ checkpoints are Gemma3ForConditionalGeneration: its language model's modules
+    are patched (its loss stays HF's: the causal-LM rule does not match), and the attention
+    implementation, set on the whole model, also runs the SigLIP vision tower's attention
+    (bidirectional) and the image tokens' block mask (SDPA, counted) under the parity rule."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=3,
+                max_position_embeddings=64, final_logit_softcapping=5.0,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=4)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=70,
+                          boi_token_index=71, eoi_token_index=72)
+    model = fastllama.patch(tf.Gemma3ForConditionalGeneration(cfg).to(DEVICE).train())
+    summary = fastllama.patch_summary(model)
+    assert "Gemma3DecoderLayer" in summary and "Gemma3MLP" in summary and "skipped" not in summary
+    x = torch.tensor([[1, 2, 71, 70, 70, 70, 70, 72, 5, 6, 7]] * 2, device=DEVICE)
+    inputs = {"input_ids": x, "pixel_values": torch.randn(2, 3, 16, 16, device=DEVICE),
+              "token_type_ids": (x == 70).long(), "labels": x}
+    report = fastllama.verify(model, inputs, modules=["<model>"], print_table=False)
+    assert report.passed, report.table()
+
+
 @pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
 def test_logits_match_under_parity_rule(arch):
     model = fastllama.patch(build(arch, torch.bfloat16).eval())
@@ -298,6 +324,14 @@ def test_phi3_residual_dropout_runs_as_hf_runs_it():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for n, g in grads.items():
         torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    # the dropout modules are called as HF calls them, in eval too, when hooked or replaced
+    calls = []
+    model.model.layers[0].resid_attn_dropout.register_forward_hook(lambda *a: calls.append("hook"))
+    model.model.layers[1].resid_mlp_dropout = torch.nn.Identity()
+    with torch.no_grad():
+        model.eval()(input_ids=x)
+        model.train()(input_ids=x)
+    assert calls == ["hook", "hook"]
 
 
 def test_phi3_activation_swapped_by_hand_is_not_fused():
@@ -313,14 +347,23 @@ def test_phi3_activation_swapped_by_hand_is_not_fused():
     torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_gemma3_gets_attention_rotary_and_loss_and_keeps_its_norms_and_mlp():
-    """Gemma 3's norms scale by (1 + w) after the cast and its MLP is GELU-gated: not what the
-    RMSNorm and SwiGLU kernels compute, so patch leaves them (and the decoder layer) to HF."""
-    model = fastllama.patch(build("gemma3-softcap"))
-    kinds = {(cls, status) for _, cls, _, status in model.__dict__["_fastllama_patch"].summary}
-    assert {("Gemma3Attention", "patched"), ("Gemma3ForCausalLM", "patched")} <= kinds
-    assert not {cls for cls, _ in kinds} & {"Gemma3RMSNorm", "Gemma3MLP", "Gemma3DecoderLayer"}
-    assert model.config._attn_implementation == "fastllama"
+def test_gemma3_every_module_is_patched_and_its_norms_fold_into_the_projections(monkeypatch):
+    """Gemma 3: its (1 + w) norms run on the unit-offset RMSNorm kernel, its GELU-tanh MLP on the
+    GeGLU kernel, and each decoder layer folds input_layernorm into q/k/v_proj and the
+    pre-feedforward norm (with the residual add) into gate/up_proj: two norm + linears nodes a
+    layer, all with the unit offset."""
+    from fastllama import ops
+
+    model = fastllama.patch(build("gemma3-softcap").train())
+    rows = model.__dict__["_fastllama_patch"].summary
+    assert {cls for _, cls, _, status in rows if status == "patched"} >= {
+        "Gemma3RMSNorm", "Gemma3MLP", "Gemma3DecoderLayer", "Gemma3Attention", "Gemma3ForCausalLM"}
+    assert "skipped" not in fastllama.patch_summary(model)
+    folded, norm_linear = [], ops.rms_norm_linear
+    monkeypatch.setattr(ops, "rms_norm_linear", lambda *a, **k: folded.append(k["unit_offset"]) or norm_linear(*a, **k))
+    x = ids()
+    model(input_ids=x, labels=x).loss.backward()
+    assert folded == [True] * 4
 
 
 @pytest.mark.parametrize("cache", [None, "static"])
@@ -1117,3 +1160,22 @@ def test_verify_ignores_the_label_right_after_padding():
     mask[0, 5:] = 0  # right padding
     labels = _labels_without_padding(ids, _real_positions({"attention_mask": mask}))
     assert labels.tolist() == [[1, 2, 3, 4, 5, -100], [-100, -100, -100, -100, 11, 12]]
+
+
+def test_partial_rotary_tables_of_a_family_that_does_not_slice_fail_as_in_hf():
+    """HF's rope init makes rotary tables over partial_rotary_factor of a head for any family,
+    but only Phi-3's attention rotates just those dims; Qwen3's fails on them. The patched model
+    must fail too, not quietly compute Phi-3's partial rotary; the Generator refuses the model."""
+    from fastllama.generate import Generator
+
+    cfg_cls, model_cls, kw = ARCHS["qwen3-qk-norm"]
+    model = model_cls(cfg_cls(**dict(kw, rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0,
+                                                                partial_rotary_factor=0.5)))).to(DEVICE).eval()
+    x = ids(batch=1, seq=6)
+    with pytest.raises(RuntimeError):
+        model(x)
+    fastllama.patch(model)
+    with pytest.raises(RuntimeError):
+        model(x)
+    with pytest.raises(ValueError, match="rotary tables of 32 of its 64 head dims"):
+        Generator(model, 1, 8)

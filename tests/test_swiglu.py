@@ -34,8 +34,9 @@ def test_fused_equals_separate_halves():
     torch.testing.assert_close(gate_up.grad, torch.cat([g.grad, u.grad], -1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
-def test_inplace_backward_matches_and_reuses_memory(fused):
+def test_inplace_backward_matches_and_reuses_memory(fused, activation):
     x = _t(4, 9, 2 * 64, dtype=torch.float32)
     go = _t(4, 9, 64, dtype=torch.float32)
     grads = []
@@ -44,9 +45,9 @@ def test_inplace_backward_matches_and_reuses_memory(fused):
         act = leaf * 1  # an intermediate activation, like a projection's output
         act.retain_grad()
         if fused:
-            out = ops.swiglu_fused(act, inplace_backward=inplace)
+            out = ops.swiglu_fused(act, inplace_backward=inplace, activation=activation)
         else:
-            out = ops.swiglu(act[..., :64], act[..., 64:], inplace_backward=inplace)
+            out = ops.swiglu(act[..., :64], act[..., 64:], inplace_backward=inplace, activation=activation)
         ptr = act.data_ptr()
         out.backward(go)
         grads.append(leaf.grad)
@@ -295,3 +296,27 @@ def test_swiglu_fake_kernels_match_the_real_ones():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fastllama.swiglu.default, (gate, up),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_geglu_matches_gemma3_mlp_and_rejects_unknown_activations():
+    """activation="gelu_tanh": HF's Gemma3MLP (GELUTanh gate) through the kernel, forward and
+    backward (fp32: to rounding); any other activation name is a ValueError."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP
+
+    torch.manual_seed(0)
+    mlp = Gemma3MLP(Gemma3TextConfig(hidden_size=64, intermediate_size=160)).to(DEVICE)
+    x = (2 * torch.randn(3, 7, 64, device=DEVICE)).requires_grad_()
+    expected = mlp(x)
+    expected.sum().backward()
+    expected_grad = x.grad.clone()
+    x.grad = None
+    out = mlp.down_proj(ops.swiglu(mlp.gate_proj(x), mlp.up_proj(x), activation="gelu_tanh"))
+    out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-6)
+    gate = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.swiglu(gate, gate, activation="gelu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.swiglu_fused(gate, activation="relu")

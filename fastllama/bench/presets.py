@@ -98,8 +98,8 @@ PRESETS: dict[str, Preset] = {
                  query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32768,
                  rms_norm_eps=1e-6, pad_token_id=0, tie_word_embeddings=True),
             seq_lens=(2048, 4096, 8192), quick_seq_lens=(4096,),
-            note="Gemma-3-1B shape (26 layers, 5 of 6 with a 512-token window, head_dim 256, 262k "
-                 "vocabulary, tied embeddings; patched: attention, rotary and loss), random weights",
+            note="Gemma-3-1B shape (26 layers, 5 of 6 with a 512-token window, head_dim 256, GeGLU, "
+                 "262k vocabulary, tied embeddings), random weights",
         ),
     )
 }

@@ -249,7 +249,7 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
     _check_lengths("cache_seqlens", cache_seqlens, B, q)
     if positions is not None:
         if cos.dim() == 3:
-            raise ValueError("positions is only accepted with (P, D) cos/sin tables; per-token (B, T, D) cos/sin "
+            raise ValueError("positions is only accepted with (P, R) cos/sin tables; per-token (B, T, R) cos/sin "
                              "already encode the positions")
         _check_lengths("positions", positions, B, q)
     _check_forward_only("rotary_cache_append", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)

@@ -28,7 +28,7 @@ from .. import reference
 from ..optable import OpCase, OpSpec
 from ._checks import check_same, check_tensor
 from .rms_norm import _rms_norm_bwd, _rms_norm_fwd, _validate as _validate_norm
-from .swiglu import _rows, _swiglu, _swiglu_bwd, validate_pair as validate_swiglu_inputs
+from .swiglu import _gelu, _rows, _swiglu, _swiglu_bwd, validate_pair as validate_swiglu_inputs
 
 __all__ = ["rms_norm_linear", "swiglu_linear"]
 
@@ -77,13 +77,13 @@ class _NormLinears(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, residual, eps, mm_dtype, n, *params):
+    def forward(ctx, x, norm_weight, residual, eps, unit_offset, mm_dtype, n, *params):
         weights, biases = params[:n], params[n:]
-        y, s, rstd = _rms_norm_fwd(x, norm_weight, residual, eps)
+        y, s, rstd = _rms_norm_fwd(x, norm_weight, residual, eps, unit_offset)
         y_mm = y.to(mm_dtype)
         outs = tuple(F.linear(y_mm, w, b) for w, b in zip(weights, biases))
         ctx.has_residual = residual is not None
-        ctx.eps, ctx.mm_dtype, ctx.n = eps, mm_dtype, n
+        ctx.eps, ctx.unit_offset, ctx.mm_dtype, ctx.n = eps, unit_offset, mm_dtype, n
         ctx.has_bias = tuple(b is not None for b in biases)
         ctx.save_for_backward(s if ctx.has_residual else x, norm_weight, rstd, *weights)
         # unused outputs get None, not zeros: their weights get no gradient (None, as nn.Linear's)
@@ -96,10 +96,10 @@ class _NormLinears(torch.autograd.Function):
         d_outs = grads[:ctx.n]
         d_s = grads[ctx.n] if ctx.has_residual else None
         if all(d is None for d in d_outs):  # only s = x + residual was used: nothing else gets a gradient
-            return (d_s, None, d_s, None, None, None) + (None,) * (2 * ctx.n)
-        y = _rms_norm_fwd(normed_input, norm_weight, None, ctx.eps)[0]  # the recomputation
+            return (d_s, None, d_s, None, None, None, None) + (None,) * (2 * ctx.n)
+        y = _rms_norm_fwd(normed_input, norm_weight, None, ctx.eps, ctx.unit_offset)[0]  # the recomputation
         y_mm = _rows(y.to(ctx.mm_dtype))
-        need_w = ctx.needs_input_grad[6:6 + ctx.n]
+        need_w = ctx.needs_input_grad[7:7 + ctx.n]  # (after x, weight, residual, eps, unit_offset, dtype, n)
         d_weights, d_biases, dy = [], [], None
         for d_out, w, has_bias, want_w in zip(d_outs, weights, ctx.has_bias, need_w):
             if d_out is None:  # this projection's output was not used
@@ -114,14 +114,14 @@ class _NormLinears(torch.autograd.Function):
             contribution = (d_out @ w).to(y.dtype)
             dy = contribution if dy is None else dy + contribution
         del y_mm
-        dx, d_norm_weight = _rms_norm_bwd(dy.view(y.shape), d_s, normed_input, norm_weight, rstd)
+        dx, d_norm_weight = _rms_norm_bwd(dy.view(y.shape), d_s, normed_input, norm_weight, rstd, ctx.unit_offset)
         # d(x + residual) reaches both summands unchanged
-        return (dx, d_norm_weight, dx if ctx.has_residual else None, None, None, None, *d_weights, *d_biases)
+        return (dx, d_norm_weight, dx if ctx.has_residual else None, None, None, None, None, *d_weights, *d_biases)
 
 
 def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights: Sequence[torch.Tensor],
                     biases: Optional[Sequence[Optional[torch.Tensor]]] = None, eps: float = 1e-6,
-                    residual: Optional[torch.Tensor] = None):
+                    residual: Optional[torch.Tensor] = None, *, unit_offset: bool = False):
     """``[F.linear(rms_norm(x), W, b) for W, b in zip(weights, biases)]`` keeping only the norm's input.
 
     What HF's ``input_layernorm`` followed by ``q_proj``/``k_proj``/``v_proj`` computes (or
@@ -137,7 +137,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights: Sequenc
             requires); under ``torch.autocast`` they are cast to the autocast dtype, and so is the
             normalised input to the matmuls, as ``nn.Linear`` would.
         eps: RMSNorm epsilon. residual: fuse ``s = x + residual`` before the norm (as
-            :func:`rms_norm` does).
+            :func:`rms_norm` does). unit_offset: (keyword only) Gemma's norm, as in :func:`rms_norm`.
 
     Returns:
         A tuple of the projections (..., out_i), followed by ``s`` when ``residual`` is given.
@@ -155,7 +155,8 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights: Sequenc
     mm_dtype = _matmul_dtype(x, weights[0])
     weights = tuple(w.to(mm_dtype) for w in weights)  # no-ops outside autocast
     biases = tuple(b.to(mm_dtype) if b is not None else None for b in biases)
-    return _NormLinears.apply(x, norm_weight, residual, float(eps), mm_dtype, len(weights), *weights, *biases)
+    return _NormLinears.apply(x, norm_weight, residual, float(eps), bool(unit_offset), mm_dtype, len(weights),
+                              *weights, *biases)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,10 +170,10 @@ class _SwiGLULinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias):
-        ctx.has_bias = bias is not None
+    def forward(ctx, gate, up, weight, bias, gelu):
+        ctx.has_bias, ctx.gelu = bias is not None, gelu
         ctx.save_for_backward(gate, up, weight)
-        return F.linear(_swiglu(gate, up), weight, bias)
+        return F.linear(_swiglu(gate, up, gelu), weight, bias)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -180,16 +181,16 @@ class _SwiGLULinear(torch.autograd.Function):
         d_rows = _rows(d_out)
         d_weight = d_bias = None
         if ctx.needs_input_grad[2]:
-            d_weight = d_rows.t() @ _rows(_swiglu(gate, up))  # h lives only for this matmul
+            d_weight = d_rows.t() @ _rows(_swiglu(gate, up, ctx.gelu))  # h lives only for this matmul
         if ctx.has_bias and ctx.needs_input_grad[3]:
             d_bias = d_rows.sum(0)
         d_h = (d_rows @ weight).view(gate.shape)
-        d_gate, d_up = _swiglu_bwd(d_h, gate, up)
-        return d_gate, d_up, d_weight, d_bias
+        d_gate, d_up = _swiglu_bwd(d_h, gate, up, ctx.gelu)
+        return d_gate, d_up, d_weight, d_bias, None
 
 
 def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
-                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  bias: Optional[torch.Tensor] = None, *, activation: str = "silu") -> torch.Tensor:
     """``F.linear(swiglu(gate, up), weight, bias)``, the Llama MLP's ``down_proj(act(gate) * up)``,
     keeping only ``gate`` and ``up`` for the backward (the SwiGLU output, which down_proj would
     keep, is recomputed there: one elementwise kernel).
@@ -198,31 +199,34 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
         gate, up: (..., I) as in :func:`swiglu`. weight: (out, I); bias: (out,) or None. Outside
             autocast the weight has the activations' dtype; under autocast it is cast to the
             autocast dtype (as ``nn.Linear`` does).
+        activation: (keyword only) "silu", or "gelu_tanh": GeGLU (Gemma's MLP), as in :func:`swiglu`.
 
     Returns:
         (..., out).
     """
+    gelu = _gelu(activation)
     validate_swiglu_inputs(gate, up)
     _check_linear("weight", weight, bias, gate.shape[-1], gate)
     mm_dtype = _matmul_dtype(gate, weight)
     gate, up = gate.to(mm_dtype), up.to(mm_dtype)
-    return _SwiGLULinear.apply(gate, up, weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None)
+    return _SwiGLULinear.apply(gate, up, weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None, gelu)
 
 
 # ----------------------------------------------------------------------------------------------
 # Op table
 # ----------------------------------------------------------------------------------------------
-def _norm_linear_op(x, norm_weight, w_a, w_b, b_b, residual=None, eps=1e-6):
-    return rms_norm_linear(x, norm_weight, [w_a, w_b], [None, b_b], eps=eps, residual=residual)
+def _norm_linear_op(x, norm_weight, w_a, w_b, b_b, residual=None, eps=1e-6, unit_offset=False):
+    return rms_norm_linear(x, norm_weight, [w_a, w_b], [None, b_b], eps=eps, residual=residual,
+                           unit_offset=unit_offset)
 
 
-def _norm_linear_reference(x, norm_weight, w_a, w_b, b_b, residual=None, eps=1e-6):
+def _norm_linear_reference(x, norm_weight, w_a, w_b, b_b, residual=None, eps=1e-6, unit_offset=False):
     """Two projections of the normalised x, the second with a bias (as Qwen2's k/v_proj)."""
     if residual is not None:
         s = x + residual
-        y = reference.rms_norm(s, norm_weight, eps)
+        y = reference.rms_norm(s, norm_weight, eps, unit_offset=unit_offset)
         return F.linear(y, w_a), F.linear(y, w_b, b_b), s
-    y = reference.rms_norm(x, norm_weight, eps)
+    y = reference.rms_norm(x, norm_weight, eps, unit_offset=unit_offset)
     return F.linear(y, w_a), F.linear(y, w_b, b_b)
 
 
@@ -236,11 +240,12 @@ def _make_norm_linear_args(params: dict, dtype: torch.dtype, device: str):
     x = t(*lead, n)
     norm_weight = (1 + 0.1 * torch.randn(n, device=device)).to(dtype).requires_grad_()
     args = (x, norm_weight, t(outs[0], n, scale=n ** -0.5), t(outs[1], n, scale=n ** -0.5), t(outs[1], scale=0.1))
-    return args + ((t(*lead, n),) if params.get("residual") else ()), {}
+    return args + ((t(*lead, n),) if params.get("residual") else ()), (
+        {"unit_offset": True} if params.get("unit_offset") else {})
 
 
-def _swiglu_linear_reference(gate, up, weight, bias):
-    return F.linear(reference.swiglu(gate, up), weight, bias)
+def _swiglu_linear_reference(gate, up, weight, bias, activation="silu"):
+    return F.linear(reference.swiglu(gate, up, activation=activation), weight, bias)
 
 
 def _make_swiglu_linear_args(params: dict, dtype: torch.dtype, device: str):
@@ -250,7 +255,8 @@ def _make_swiglu_linear_args(params: dict, dtype: torch.dtype, device: str):
     def t(*shape, scale=1.0):
         return (scale * torch.randn(*shape, device=device, dtype=torch.float32)).to(dtype).requires_grad_()
 
-    return (t(*lead, i, scale=2.0), t(*lead, i), t(out, i, scale=i ** -0.5), t(out, scale=0.1)), {}
+    return (t(*lead, i, scale=2.0), t(*lead, i), t(out, i, scale=i ** -0.5), t(out, scale=0.1)), (
+        {"activation": "gelu_tanh"} if params.get("gelu") else {})
 
 
 OP_SPECS = [
@@ -264,6 +270,10 @@ OP_SPECS = [
             OpCase("2x33x96-residual", {"shape": (2, 33, 96), "outs": (64, 24), "residual": True}),
             OpCase("512x2048-residual", {"shape": (512, 2048), "outs": (2048, 512), "residual": True},
                    cuda_only=True),
+            # Gemma's (1 + w) norm, rounded once
+            OpCase("3x77x160-unit-offset", {"shape": (3, 77, 160), "outs": (96, 40), "unit_offset": True}),
+            OpCase("2x33x96-residual-unit-offset", {"shape": (2, 33, 96), "outs": (64, 24), "residual": True,
+                                                    "unit_offset": True}),
         ),
         kernels=("rms_norm",),
         names=("x", "norm_weight", "w_a", "w_b", "b_b", "residual"),
@@ -277,6 +287,7 @@ OP_SPECS = [
             OpCase("3x77x160-out96", {"shape": (3, 77, 160), "out": 96}),
             OpCase("1x5x4099-out33", {"shape": (1, 5, 4099), "out": 33}),
             OpCase("512x8192-out2048", {"shape": (512, 8192), "out": 2048}, cuda_only=True),
+            OpCase("3x77x160-out96-geglu", {"shape": (3, 77, 160), "out": 96, "gelu": True}),  # Gemma's MLP
         ),
         kernels=("swiglu",),
         names=("gate", "up", "weight", "bias"),

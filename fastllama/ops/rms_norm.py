@@ -1,4 +1,5 @@
-"""``rms_norm``: HF ``LlamaRMSNorm``, optionally fused with the residual add before it.
+"""``rms_norm``: HF ``LlamaRMSNorm`` (or Gemma's, ``unit_offset``), optionally fused with the
+residual add before it.
 
 Validation, config choice, the ``torch.library`` custom ops (``fastllama::rms_norm_fwd`` /
 ``fastllama::rms_norm_bwd``, so ``torch.compile(fullgraph=True)`` sees one op each way) and their
@@ -29,7 +30,8 @@ MAX_HIDDEN = 65536
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-def _gpu_tile(block_n: int, backward: bool = False, chunked: bool = False) -> tuple[int, int]:
+def _gpu_tile(block_n: int, backward: bool = False, chunked: bool = False, unit_offset: bool = False
+              ) -> tuple[int, int]:
     """(BLOCK_M, num_warps) on a GPU for a chunk width BLOCK_N: ~4K elements a tile, so small
     rows are batched, and 8-16 fp32 values a thread per tensor. The 16-wide backward takes 2K:
     256 x 16 at 8 warps spilled 8 bytes on sm_80 for 16-bit inputs once launched with its
@@ -38,13 +40,20 @@ def _gpu_tile(block_n: int, backward: bool = False, chunked: bool = False) -> tu
     with the residual); the backward takes 4 warps, the forward 2 rows with 4 warps (4 rows with
     4 warps spilled 8 bytes on sm_120: ptxas held them to 64 registers; 2 rows: 62-70, every arch).
     The chunked forward (rows wider than MAX_BLOCK_N) takes 16 warps: 8 spilled 8 bytes on sm_120
-    with the residual (held to 64-74 registers); 16: 52-58."""
+    with the residual (held to 64-74 registers); 16: 52-58.
+    Gemma's unit-offset backward: 32 x 128 (bf16, residual) spilled 8 bytes on sm_90 at 8 warps
+    (16 here); chunked rows spilled 8-16 bytes on sm_90/100/120 with 4096-wide chunks at 4, 8 or
+    16 warps, and with 2048-wide ones at 4 or 8 (1 or 2 rows): 2 x 2048 at 16 warps does not."""
     block_m = max(1, (2048 if backward and block_n == 16 else 4096) // block_n)
     num_warps = min(16, max(4, block_m * block_n // 512))
     if block_n == 1024:
         block_m, num_warps = (4, 4) if backward else (2, 4)
     if chunked and not backward:
         num_warps = 16
+    if unit_offset and backward and block_n == 128:
+        num_warps = 16
+    if unit_offset and backward and chunked:  # (2048-wide chunks: see block_cols)
+        block_m, num_warps = 2, 16
     return block_m, num_warps
 
 
@@ -54,9 +63,10 @@ def _gpu_tile(block_n: int, backward: bool = False, chunked: bool = False) -> tu
 _DW_ROWS_PER_PROGRAM = 32
 
 
-def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = False) -> tuple[int, int, int]:
+def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = False,
+            unit_offset: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, backward programs)."""
-    block_n, chunked = _k.block_cols(n_cols, backward)
+    block_n, chunked = _k.block_cols(n_cols, backward, unit_offset)
     if interpreter_active():
         # Each program is a Python-level step: fewer, larger tiles. But the interpreter's
         # tl.sum(axis=0) adds a tile's rows one after another, so backward tiles stay short.
@@ -65,7 +75,7 @@ def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = Fal
             block_m = min(rows, 16)
             return block_m, 1, triton.cdiv(n_rows, block_m)
         return min(rows, max(1, 65536 // block_n)), 1, 1
-    block_m, num_warps = _gpu_tile(block_n, backward, chunked)
+    block_m, num_warps = _gpu_tile(block_n, backward, chunked, unit_offset)
     sms = num_sms(device)
     return block_m, num_warps, max(2 * sms, triton.cdiv(n_rows, max(_DW_ROWS_PER_PROGRAM, block_m)))
 
@@ -80,18 +90,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastllama::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float,
+                  unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, x + residual or an empty tensor, rstd of shape (rows,) in fp32)."""
     x2 = _rows(x)
     block_m, num_warps, _ = _config(x2.shape[0], x2.shape[1], x.device)
     y, s, rstd = _k.rms_norm_forward(x2, weight, eps, _rows(residual) if residual is not None else None,
-                                     block_m=block_m, num_warps=num_warps)
+                                     block_m=block_m, num_warps=num_warps, unit_offset=unit_offset)
     return y.view(x.shape), (s.view(x.shape) if residual is not None else s), rstd
 
 
 @_rms_norm_fwd.register_fake
-def _(x, weight, residual, eps):
+def _(x, weight, residual, eps, unit_offset=False):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     s = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
     return x.new_empty(x.shape), s, x.new_empty((rows,), dtype=torch.float32)
@@ -99,27 +109,28 @@ def _(x, weight, residual, eps):
 
 @torch.library.custom_op("fastllama::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
-                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  rstd: torch.Tensor, unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dx, dweight); ``x`` is the normalised input (x + residual when fused)."""
     def rows(t):  # upstream gradients can be expanded (stride 0) or transposed: copy only then
         return _rows(t if t.stride(-1) == 1 else t.contiguous())
 
     x2 = rows(x)
-    block_m, num_warps, programs = _config(x2.shape[0], x2.shape[1], x.device, backward=True)
+    block_m, num_warps, programs = _config(x2.shape[0], x2.shape[1], x.device, backward=True, unit_offset=unit_offset)
     dx, dw = _k.rms_norm_backward(rows(dy), x2, weight, rstd, rows(ds_out) if ds_out is not None else None,
-                                  block_m=block_m, num_programs=programs, num_warps=num_warps)
+                                  block_m=block_m, num_programs=programs, num_warps=num_warps,
+                                  unit_offset=unit_offset)
     return dx.view(x.shape), dw
 
 
 @_rms_norm_bwd.register_fake
-def _(dy, ds_out, x, weight, rstd):
+def _(dy, ds_out, x, weight, rstd, unit_offset=False):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, residual, _eps = inputs
+    x, weight, residual, _eps, unit_offset = inputs
     _y, s, rstd = output
-    ctx.has_residual = residual is not None
+    ctx.has_residual, ctx.unit_offset = residual is not None, unit_offset
     # Only the normalised input (not an fp32 copy) and the per-row rstd are kept.
     ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
     # An unused output's gradient stays None (not zeros): with only s used, weight gets no
@@ -131,10 +142,10 @@ def _backward(ctx, dy, ds_out, _drstd):
     x, weight, rstd = ctx.saved_tensors
     ds_out = ds_out if ctx.has_residual else None
     if dy is None:  # only s = x + residual was used
-        return ds_out, None, ds_out, None
-    dx, dw = _rms_norm_bwd(dy, ds_out, x, weight, rstd)
+        return ds_out, None, ds_out, None, None
+    dx, dw = _rms_norm_bwd(dy, ds_out, x, weight, rstd, ctx.unit_offset)
     # d(x + residual) reaches both summands unchanged, as in PyTorch's own add backward.
-    return dx, dw, (dx if ctx.has_residual else None), None
+    return dx, dw, (dx if ctx.has_residual else None), None, None
 
 
 torch.library.register_autograd("fastllama::rms_norm_fwd", _backward, setup_context=_setup_context)
@@ -169,7 +180,8 @@ def _validate(x, weight, eps, residual) -> None:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+             *, unit_offset: bool = False):
     """HF ``LlamaRMSNorm``: ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, one kernel.
 
     Args:
@@ -178,13 +190,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
         eps: added to the mean square, as ``LlamaRMSNorm.variance_epsilon``.
         residual: optional tensor like ``x``. Then ``s = x + residual`` (rounded to the input
             dtype, as HF's decoder layer adds) is normalised in the same kernel.
+        unit_offset: (keyword only) Gemma's RMSNorm instead: ``(x * rsqrt(mean(x^2) + eps) *
+            (1 + weight))`` computed in fp32 and rounded once (``Gemma3RMSNorm``; its weights
+            are stored as offsets from 1).
 
     Returns:
         ``y`` (contiguous, shape of ``x``), or ``(y, s)`` with ``residual``. Statistics are fp32;
         backward keeps only the input (``s`` when fused) and one fp32 rstd per row.
     """
     _validate(x, weight, eps, residual)
-    y, s, _ = _rms_norm_fwd(x, weight, residual, float(eps))
+    if not isinstance(unit_offset, bool):
+        raise TypeError(f"unit_offset must be a bool, got {type(unit_offset).__name__}")
+    y, s, _ = _rms_norm_fwd(x, weight, residual, float(eps), unit_offset)
     return (y, s) if residual is not None else y
 
 
@@ -207,31 +224,33 @@ def _make_args(params: dict, dtype: torch.dtype, device: str):
     # show in bf16 too (with 1 + 0.1 * randn one such mutation stayed inside bf16 noise)
     w = (1 + 0.5 * torch.randn(n, device=device, dtype=torch.float32)).to(dtype).requires_grad_()
     args = (x, w) + ((make().requires_grad_(),) if params.get("residual") else ())
-    return args, {"eps": params.get("eps", 1e-6)}
+    return args, {"eps": params.get("eps", 1e-6), **({"unit_offset": True} if params.get("unit_offset") else {})}
 
 
-def _residual_op(x, weight, residual, eps=1e-6):
-    return rms_norm(x, weight, eps, residual=residual)
+def _residual_op(x, weight, residual, eps=1e-6, unit_offset=False):
+    return rms_norm(x, weight, eps, residual=residual, unit_offset=unit_offset)
 
 
-def _residual_ref(x, weight, residual, eps=1e-6):
-    return reference.rms_norm(x, weight, eps, residual=residual)
+def _residual_ref(x, weight, residual, eps=1e-6, unit_offset=False):
+    return reference.rms_norm(x, weight, eps, residual=residual, unit_offset=unit_offset)
 
 
 _DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def _build_configs(fused: bool) -> list[KernelBuild]:
+def _build_configs(fused: bool, unit_offset: bool = False) -> list[KernelBuild]:
     """Every GPU specialisation: (BLOCK_N, CHUNKED) for hidden sizes up to MAX_HIDDEN x dtype,
     forward and backward, with or without the fused residual, x integer hints: n_cols and the
     row strides all plain or all multiples of 16 (every Llama hidden size: Triton hints them at
     launch, and the hint on n_cols keeps the masked loads vectors). The row counts are never
     specialised (the kernels' do_not_specialize)."""
     def widths(backward):
-        return sorted({_k.block_cols(2 ** i, backward) for i in range(4, 14)} | {_k.block_cols(MAX_HIDDEN, backward)})
+        return sorted({_k.block_cols(2 ** i, backward, unit_offset) for i in range(4, 14)}
+                      | {_k.block_cols(MAX_HIDDEN, backward, unit_offset)})
 
     def tag(block_n, chunked, block_m, hints):
-        return f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}{hints}"
+        return (f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}"
+                f"{' unit-offset' if unit_offset else ''}{hints}")
 
     builds = []
     for ptr, (hints, hint) in itertools.product(_DTYPES.values(), INT_HINTS.items()):
@@ -243,16 +262,18 @@ def _build_configs(fused: bool) -> list[KernelBuild]:
                  "n_cols": hint, "stride_x": hint, "stride_r": hint,
                  "stride_s": hint if fused else "i32:16",  # without a residual the launch passes 0
                  "stride_y": hint, "eps": "fp32"},
-                {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked},
+                {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked,
+                 "UNIT_OFFSET": unit_offset},
                 num_warps=num_warps, label="rms_norm fwd " + tag(block_n, chunked, block_m, hints)))
         for block_n, chunked in widths(True):
-            block_m, num_warps = _gpu_tile(block_n, backward=True, chunked=chunked)
+            block_m, num_warps = _gpu_tile(block_n, backward=True, chunked=chunked, unit_offset=unit_offset)
             builds.append(KernelBuild(
                 _k.rms_norm_bwd_kernel,
                 {"DY": ptr, "DS_OUT": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr,
                  "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": hint, "rows_per_program": "i32",
                  "stride_dy": hint, "stride_ds": hint, "stride_x": hint, "stride_dx": hint},
-                {"HAS_DS_OUT": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked},
+                {"HAS_DS_OUT": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked,
+                 "UNIT_OFFSET": unit_offset},
                 num_warps=num_warps, label="rms_norm bwd " + tag(block_n, chunked, block_m, hints)))
     return builds
 
@@ -276,6 +297,17 @@ _RESIDUAL_CASES = (
     OpCase("8x2048x4096", {"shape": (8, 2048, 4096), "residual": True}, cuda_only=True),
     OpCase("1x4097x14336", {"shape": (1, 4097, 14336), "residual": True}, cuda_only=True),
 )
+# Gemma's (1 + w), rounded once: without and with the residual, a chunked row among them
+_UNIT_OFFSET_CASES = (
+    OpCase("3x77x1152", {"shape": (3, 77, 1152), "unit_offset": True}),
+    OpCase("100x3x256-transposed", {"shape": (3, 100, 256), "transposed": True, "unit_offset": True}),
+    OpCase("2x9001-chunked", {"shape": (2, 9001), "unit_offset": True, "row_pad": 7}),
+)
+_RESIDUAL_UNIT_OFFSET_CASES = (
+    OpCase("5x33x160", {"shape": (5, 33, 160), "residual": True, "unit_offset": True}),
+    OpCase("2x9001-chunked-rowpad", {"shape": (2, 9001), "residual": True, "unit_offset": True, "row_pad": 7}),
+    OpCase("8x2048x3840", {"shape": (8, 2048, 3840), "residual": True, "unit_offset": True}, cuda_only=True),
+)
 
 OP_SPECS = [
     OpSpec("rms_norm", rms_norm, reference.rms_norm, _make_args, _CASES, kernels=("rms_norm",),
@@ -284,4 +316,10 @@ OP_SPECS = [
     OpSpec("rms_norm_residual", _residual_op, _residual_ref, _make_args, _RESIDUAL_CASES, kernels=("rms_norm",),
            names=("x", "weight", "residual"), output_names=("y", "x+residual"),
            build_configs=functools.partial(_build_configs, fused=True)),
+    OpSpec("rms_norm_unit_offset", rms_norm, reference.rms_norm, _make_args, _UNIT_OFFSET_CASES, kernels=("rms_norm",),
+           names=("x", "weight"), output_names=("y",),
+           build_configs=functools.partial(_build_configs, fused=False, unit_offset=True)),
+    OpSpec("rms_norm_residual_unit_offset", _residual_op, _residual_ref, _make_args, _RESIDUAL_UNIT_OFFSET_CASES,
+           kernels=("rms_norm",), names=("x", "weight", "residual"), output_names=("y", "x+residual"),
+           build_configs=functools.partial(_build_configs, fused=True, unit_offset=True)),
 ]

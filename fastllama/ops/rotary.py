@@ -221,7 +221,7 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         if c.shape[-1] > d or c.shape[-1] % 2 or c.shape[-1] == 0:
             raise ValueError(f"{name} has last dim {c.shape[-1]} but q has head_dim {d}; accepted: head_dim, or "
                              f"an even rotary dim below it (partial rotary)")
-        _check_bt(name, c, b, t, 3, "(B, T, D) or (T, D)")
+        _check_bt(name, c, b, t, 3, "(B, T, R) or (T, R)")
         check_last_dim_contiguous(name, c)
         if c.requires_grad:
             raise ValueError(f"{name} requires grad; gradients with respect to cos/sin are not computed "

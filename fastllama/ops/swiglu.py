@@ -1,10 +1,13 @@
-"""``swiglu(gate, up)`` = ``silu(gate) * up`` and ``swiglu_fused(gate_up)`` for a merged projection.
+"""``swiglu(gate, up)`` = ``silu(gate) * up`` and ``swiglu_fused(gate_up)`` for a merged projection
+(``activation="gelu_tanh"``: GeGLU, ``gelu_tanh(gate) * up``, Gemma's MLP).
 
 Custom ops: ``fastllama::swiglu`` / ``fastllama::swiglu_fused`` forward, each with a functional
 backward op and an in-place one (``*_bwd_``) that writes the gradients into the saved inputs'
 memory. Backward saves only the inputs and recomputes silu.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -21,21 +24,24 @@ __all__ = ["swiglu", "swiglu_fused"]
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-def _gpu_tile(n_cols: int) -> tuple[int, int]:
+def _gpu_tile(n_cols: int, gelu: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) on a GPU. Llama sizes (I >= 1024) get 4 x 1024 tiles: 32 values a
     thread at 4 warps, four 16-byte bf16 vectors per tensor, enough bytes in flight to saturate
     HBM. Narrower rows get 2K-element tiles: 4K ones of 16 x 256 spilled on sm_80 (each row
-    costs its own 64-bit pointers)."""
+    costs its own 64-bit pointers). GeGLU's wide rows take 2 x 1024: its backward spilled 8
+    bytes at 4 x 1024 on sm_120 (fp16; ptxas held it to 80 registers)."""
     block_n = max(16, min(1024, triton.next_power_of_2(n_cols)))
-    return (4 if block_n == 1024 else 2048 // block_n), block_n
+    if block_n == 1024:
+        return (2 if gelu else 4), block_n
+    return 2048 // block_n, block_n
 
 
-def _config(n_rows: int, n_cols: int) -> dict:
+def _config(n_rows: int, n_cols: int, gelu: bool = False) -> dict:
     if interpreter_active():  # few, large programs: every program is a Python-level step
         block_n = max(16, min(4096, triton.next_power_of_2(n_cols)))
         block_m = max(1, min(triton.next_power_of_2(max(n_rows, 1)), 32768 // block_n))
         return dict(block_m=block_m, block_n=block_n, num_warps=1)
-    block_m, block_n = _gpu_tile(n_cols)
+    block_m, block_n = _gpu_tile(n_cols, gelu)
     return dict(block_m=block_m, block_n=block_n, num_warps=4)
 
 
@@ -53,57 +59,59 @@ def _unit_stride(g: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Custom ops: separate gate and up
 # ----------------------------------------------------------------------------------------------
+# ``gelu`` (every op below): GeGLU's gelu_tanh gate instead of SiLU.
 @torch.library.custom_op("fastllama::swiglu", mutates_args=())
-def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     g = _rows(gate)
-    _k.swiglu_forward(g, _rows(up), out.view(g.shape), **_config(*g.shape))
+    _k.swiglu_forward(g, _rows(up), out.view(g.shape), gelu=gelu, **_config(*g.shape, gelu=gelu))
     return out
 
 
 @_swiglu.register_fake
-def _(gate, up):
+def _(gate, up, gelu=False):
     return gate.new_empty(gate.shape)
 
 
 @torch.library.custom_op("fastllama::swiglu_bwd", mutates_args=())
-def _swiglu_bwd(d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_bwd(d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     d_gate, d_up = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(2))
     g = _rows(gate)
     _k.swiglu_backward(_rows(_unit_stride(d_out)), g, _rows(up), d_gate.view(g.shape), d_up.view(g.shape),
-                       **_config(*g.shape))
+                       gelu=gelu, **_config(*g.shape, gelu=gelu))
     return d_gate, d_up
 
 
 @_swiglu_bwd.register_fake
-def _(d_out, gate, up):
+def _(d_out, gate, up, gelu=False):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
 @torch.library.custom_op("fastllama::swiglu_bwd_", mutates_args=("gate", "up"))
-def _swiglu_bwd_(d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> None:
+def _swiglu_bwd_(d_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool = False) -> None:
     """Overwrites gate with d_gate and up with d_up. Needs gate/up whose rows collapse to one
     stride (checked before the forward), so the (M, I) views write into their memory."""
     g, u = gate.view(-1, gate.shape[-1]), up.view(-1, up.shape[-1])
-    _k.swiglu_backward(_rows(_unit_stride(d_out)), g, u, g, u, **_config(*g.shape))
+    _k.swiglu_backward(_rows(_unit_stride(d_out)), g, u, g, u, gelu=gelu, **_config(*g.shape, gelu=gelu))
 
 
 @_swiglu_bwd_.register_fake
-def _(d_out, gate, up):
+def _(d_out, gate, up, gelu=False):
     return None
 
 
 def _setup(ctx, inputs, output):
-    gate, up = inputs
+    gate, up, ctx.gelu = inputs
     ctx.save_for_backward(gate, up)
 
 
 def _backward(ctx, d_out):
     gate, up = ctx.saved_tensors
     if ctx.inplace_backward:
-        _swiglu_bwd_(d_out, gate, up)
-        return gate, up
-    return _swiglu_bwd(d_out, gate, up)
+        _swiglu_bwd_(d_out, gate, up, ctx.gelu)
+        return gate, up, None
+    return (*_swiglu_bwd(d_out, gate, up, ctx.gelu), None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,56 +125,57 @@ def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.library.custom_op("fastllama::swiglu_fused", mutates_args=())
-def _swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+def _swiglu_fused(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     out = torch.empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2), dtype=gate_up.dtype, device=gate_up.device)
     g, u = _halves(gate_up)
-    _k.swiglu_forward(g, u, out.view(g.shape), **_config(*g.shape))
+    _k.swiglu_forward(g, u, out.view(g.shape), gelu=gelu, **_config(*g.shape, gelu=gelu))
     return out
 
 
 @_swiglu_fused.register_fake
-def _(gate_up):
+def _(gate_up, gelu=False):
     return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
 
 @torch.library.custom_op("fastllama::swiglu_fused_bwd", mutates_args=())
-def _swiglu_fused_bwd(d_out: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+def _swiglu_fused_bwd(d_out: torch.Tensor, gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     d_gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
     g, u = _halves(gate_up)
     dg, du = _halves(d_gate_up)
-    _k.swiglu_backward(_rows(_unit_stride(d_out)), g, u, dg, du, **_config(*g.shape))
+    _k.swiglu_backward(_rows(_unit_stride(d_out)), g, u, dg, du, gelu=gelu, **_config(*g.shape, gelu=gelu))
     return d_gate_up
 
 
 @_swiglu_fused_bwd.register_fake
-def _(d_out, gate_up):
+def _(d_out, gate_up, gelu=False):
     return gate_up.new_empty(gate_up.shape)
 
 
 @torch.library.custom_op("fastllama::swiglu_fused_bwd_", mutates_args=("gate_up",))
-def _swiglu_fused_bwd_(d_out: torch.Tensor, gate_up: torch.Tensor) -> None:
+def _swiglu_fused_bwd_(d_out: torch.Tensor, gate_up: torch.Tensor, gelu: bool = False) -> None:
     """Overwrites gate_up with its gradient (rows collapsible to one stride: checked up front)."""
     rows = gate_up.view(-1, gate_up.shape[-1])
     half = rows.shape[-1] // 2
     g, u = rows[:, :half], rows[:, half:]
-    _k.swiglu_backward(_rows(_unit_stride(d_out)), g, u, g, u, **_config(*g.shape))
+    _k.swiglu_backward(_rows(_unit_stride(d_out)), g, u, g, u, gelu=gelu, **_config(*g.shape, gelu=gelu))
 
 
 @_swiglu_fused_bwd_.register_fake
-def _(d_out, gate_up):
+def _(d_out, gate_up, gelu=False):
     return None
 
 
 def _setup_fused(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    gate_up, ctx.gelu = inputs
+    ctx.save_for_backward(gate_up)
 
 
 def _backward_fused(ctx, d_out):
     (gate_up,) = ctx.saved_tensors
     if ctx.inplace_backward:
-        _swiglu_fused_bwd_(d_out, gate_up)
-        return gate_up
-    return _swiglu_fused_bwd(d_out, gate_up)
+        _swiglu_fused_bwd_(d_out, gate_up, ctx.gelu)
+        return gate_up, None
+    return _swiglu_fused_bwd(d_out, gate_up, ctx.gelu), None
 
 
 # The in-place choice is not an op argument (it would change the schema): the public functions
@@ -187,10 +196,10 @@ class _InplaceBackward(torch.autograd.Function):
     """Same forward ops; backward writes the gradients into the saved inputs' memory."""
 
     @staticmethod
-    def forward(ctx, fused, *inputs):
-        ctx.fused, ctx.inplace_backward = fused, True
+    def forward(ctx, fused, gelu, *inputs):
+        ctx.fused, ctx.gelu, ctx.inplace_backward = fused, gelu, True
         ctx.save_for_backward(*inputs)
-        return _swiglu_fused(*inputs) if fused else _swiglu(*inputs)
+        return _swiglu_fused(*inputs, gelu) if fused else _swiglu(*inputs, gelu)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -198,7 +207,7 @@ class _InplaceBackward(torch.autograd.Function):
             raise RuntimeError("swiglu with inplace_backward=True has no double backward (backward(create_graph=True)"
                                "); use inplace_backward=False")
         grads = _backward_fused(ctx, d_out) if ctx.fused else _backward(ctx, d_out)
-        return (None,) + (tuple(grads) if isinstance(grads, (tuple, list)) else (grads,))
+        return (None, None) + tuple(grads)[:-1]  # (the ops' own gelu flag gets no gradient)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +250,18 @@ def validate_pair(gate, up) -> None:
         raise ValueError(f"gate and up have shape {tuple(gate.shape)}: an intermediate size of 0; accepted: >= 1")
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False) -> torch.Tensor:
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def _gelu(activation) -> bool:
+    """The kernels' flag for ``activation`` (ValueError names the accepted ones)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation == "gelu_tanh"
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False, *,
+           activation: str = "silu") -> torch.Tensor:
     """``silu(gate) * up`` in one kernel (fp32 math, one rounding), the Llama MLP activation.
 
     Args:
@@ -256,10 +276,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
             collapse to one stride (e.g. every other row) and under ``torch.compile`` (which plans
             buffer reuse itself). Not compatible with ``retain_graph=True`` / a second backward or
             with double backward (both raise).
+        activation: (keyword only) "silu", or "gelu_tanh" for GeGLU: ``gelu(gate,
+            approximate="tanh") * up``, Gemma's MLP (HF's ``gelu_pytorch_tanh``).
 
     Returns:
         A new contiguous (..., I) tensor. Backward saves gate and up only.
     """
+    gelu = _gelu(activation)
     validate_pair(gate, up)
     # gate and up sharing elements (swiglu(x, x), overlapping views, an expanded dim): the in-place
     # backward would write d_gate and d_up over each other, so it runs out of place. (Disjoint
@@ -273,19 +296,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False)
     if inplace_backward and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         _check_inplace_ok("gate", gate)
         _check_inplace_ok("up", up)
-        return _InplaceBackward.apply(False, gate, up)
-    return _swiglu(gate, up)
+        return _InplaceBackward.apply(False, gelu, gate, up)
+    return _swiglu(gate, up, gelu)
 
 
-def swiglu_fused(gate_up: torch.Tensor, inplace_backward: bool = False) -> torch.Tensor:
+def swiglu_fused(gate_up: torch.Tensor, inplace_backward: bool = False, *, activation: str = "silu") -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up = cat([gate, up], -1)`` of shape (..., 2I): the output of
     a merged gate_up projection, GATE FIRST (as HF/vLLM merged projections lay it out).
 
     The halves are read in place as strided views (no split copy); backward writes one
     (..., 2I) gradient (or, with ``inplace_backward``, overwrites ``gate_up`` with it; see
     :func:`swiglu`; out of place for a ``gate_up`` with an expanded dim or rows that do not
-    collapse to one stride). Returns a new contiguous (..., I) tensor.
+    collapse to one stride). ``activation`` as in :func:`swiglu`. Returns a new contiguous
+    (..., I) tensor.
     """
+    gelu = _gelu(activation)
     _check_input("gate_up", gate_up)
     if gate_up.shape[-1] % 2 or gate_up.shape[-1] == 0:
         raise ValueError(f"gate_up has last dim {gate_up.shape[-1]}; accepted: an even size 2*I >= 2 "
@@ -295,8 +320,8 @@ def swiglu_fused(gate_up: torch.Tensor, inplace_backward: bool = False) -> torch
     if inplace_backward and torch.is_grad_enabled() and gate_up.requires_grad and not torch.compiler.is_compiling() \
             and not has_expanded_dim(gate_up) and _rows_collapse(gate_up):
         _check_inplace_ok("gate_up", gate_up)
-        return _InplaceBackward.apply(True, gate_up)
-    return _swiglu_fused(gate_up)
+        return _InplaceBackward.apply(True, gelu, gate_up)
+    return _swiglu_fused(gate_up, gelu)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,20 +338,21 @@ def _make_args(params: dict, dtype: torch.dtype, device: str):
             return torch.randn(*reversed(lead), width, device=device, dtype=dtype).transpose(0, 1).requires_grad_()
         return (2 * torch.randn(*lead, width + pad, device=device, dtype=dtype))[..., :width].requires_grad_()
 
+    kwargs = {"activation": "gelu_tanh"} if params.get("gelu") else {}
     if params.get("fused"):
-        return (make(2 * n),), {}
-    return (make(n), make(n)), {}
+        return (make(2 * n),), kwargs
+    return (make(n), make(n)), kwargs
 
 
-def _fused_reference(gate_up: torch.Tensor) -> torch.Tensor:
+def _fused_reference(gate_up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     half = gate_up.shape[-1] // 2
-    return reference.swiglu(gate_up[..., :half], gate_up[..., half:])
+    return reference.swiglu(gate_up[..., :half], gate_up[..., half:], activation=activation)
 
 
 _DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def _build_configs() -> list[KernelBuild]:
+def _build_configs(gelu: bool = False) -> list[KernelBuild]:
     """GPU tiles for every intermediate size (BLOCK_N 16..1024) x dtype, forward and backward, x
     integer hints: n_cols and the row strides all plain or all multiples of 16 (every Llama
     intermediate size, so what those launches compile: Triton hints them at launch, and the hint
@@ -335,19 +361,20 @@ def _build_configs() -> list[KernelBuild]:
     builds = []
     for ptr in _DTYPES.values():
         for block_n in (16, 32, 64, 128, 256, 512, 1024):
-            block_m, _ = _gpu_tile(block_n)
-            consts = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+            block_m, _ = _gpu_tile(block_n, gelu)
+            consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "GELU": gelu}
+            act = "geglu" if gelu else "swiglu"
             for hints, hint in INT_HINTS.items():
                 ints = {"n_rows": "i32", "n_cols": hint}
                 builds.append(KernelBuild(
                     _k.swiglu_fwd_kernel,
                     {"G": ptr, "U": ptr, "OUT": ptr, **ints, **{f"stride_{s}": hint for s in ("g", "u", "o")}},
-                    consts, num_warps=4, label=f"swiglu fwd {ptr[1:]} N{block_n}{hints}"))
+                    consts, num_warps=4, label=f"{act} fwd {ptr[1:]} N{block_n}{hints}"))
                 builds.append(KernelBuild(
                     _k.swiglu_bwd_kernel,
                     {"DOUT": ptr, "G": ptr, "U": ptr, "DG": ptr, "DU": ptr, **ints,
                      **{f"stride_{s}": hint for s in ("do", "g", "u", "dg", "du")}},
-                    consts, num_warps=4, label=f"swiglu bwd {ptr[1:]} N{block_n}{hints}"))
+                    consts, num_warps=4, label=f"{act} bwd {ptr[1:]} N{block_n}{hints}"))
     return builds
 
 
@@ -366,10 +393,27 @@ _FUSED_CASES = (
     OpCase("2x2048x2x14336", {"shape": (2, 2048, 14336), "fused": True}, cuda_only=True),
 )
 
+# GeGLU (activation="gelu_tanh"): the same kernels with GELU set; gates spread wide (2 randn) so
+# both tails of the tanh approximation are exercised
+_GEGLU_CASES = (
+    OpCase("3x77x160", {"shape": (3, 77, 160), "gelu": True}),
+    OpCase("5x4099-rowpad", {"shape": (5, 4099), "row_pad": 13, "gelu": True}),
+    OpCase("77x3x96-transposed", {"shape": (3, 77, 96), "transposed": True, "gelu": True}),
+    OpCase("4096x6912", {"shape": (4096, 6912), "gelu": True}, cuda_only=True),
+)
+_GEGLU_FUSED_CASES = (
+    OpCase("3x77x2x96", {"shape": (3, 77, 96), "fused": True, "gelu": True}),
+    OpCase("2x4099-rowpad", {"shape": (2, 4099), "fused": True, "row_pad": 7, "gelu": True}),
+)
+
 OP_SPECS = [
     OpSpec("swiglu", swiglu, reference.swiglu, _make_args, _CASES, kernels=("swiglu",),
            names=("gate", "up"), output_names=("out",), build_configs=_build_configs),
     # The same two kernels; its build configs are listed once, under "swiglu".
     OpSpec("swiglu_fused", swiglu_fused, _fused_reference, _make_args, _FUSED_CASES, kernels=("swiglu",),
+           names=("gate_up",), output_names=("out",), build_configs=lambda: []),
+    OpSpec("geglu", swiglu, reference.swiglu, _make_args, _GEGLU_CASES, kernels=("swiglu",),
+           names=("gate", "up"), output_names=("out",), build_configs=functools.partial(_build_configs, gelu=True)),
+    OpSpec("geglu_fused", swiglu_fused, _fused_reference, _make_args, _GEGLU_FUSED_CASES, kernels=("swiglu",),
            names=("gate_up",), output_names=("out",), build_configs=lambda: []),
 ]

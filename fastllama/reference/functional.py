@@ -39,18 +39,24 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # RMSNorm
 # ----------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+             unit_offset: bool = False):
     """HF ``LlamaRMSNorm``: ``weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)``.
 
     Statistics in fp32 (fp64 for fp64 input), the normalised value cast back to the input dtype
     BEFORE the weight multiply, as HF does. With ``residual`` the sum ``x + residual`` (in the
     input dtype, as the HF decoder layer computes it) is normalised and ``(normed, sum)`` returned.
+    ``unit_offset``: HF's ``Gemma3RMSNorm`` instead, ``(normed * (1 + weight)).to(x.dtype)`` with
+    the product in the statistics dtype (one rounding).
     """
     if residual is not None:
         x = x + residual
     h = x.to(_stat_dtype(x.dtype))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    out = weight * h.to(x.dtype)
+    if unit_offset:
+        out = (h * (1.0 + weight.to(h.dtype))).to(x.dtype)
+    else:
+        out = weight * h.to(x.dtype)
     return (out, x) if residual is not None else out
 
 
@@ -128,8 +134,11 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torc
 # ----------------------------------------------------------------------------------------------
 # SwiGLU
 # ----------------------------------------------------------------------------------------------
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (the Llama MLP activation), in the input dtype like HF."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """``silu(gate) * up`` (the Llama MLP activation), in the input dtype like HF;
+    ``activation="gelu_tanh"``: GeGLU, ``gelu(gate, approximate="tanh") * up`` (Gemma's MLP)."""
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
     return F.silu(gate) * up
 
 
