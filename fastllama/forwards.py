@@ -425,6 +425,25 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
+def _attention_and_mlp(layer, hidden_states, attention_kwargs, attention_out, mlp_norm):
+    """The body a decoder layer shares: input_layernorm and attention (the norm folded into
+    q/k/v_proj when they are plain linears), ``attention_out`` applied to the attention's output
+    (the branch as added to the residual stream), then ``mlp_norm`` of the sum with the MLP
+    after it (folded into gate/up_proj, else fused with the residual add). Returns (mlp
+    output, the residual stream before the MLP)."""
+    residual = hidden_states
+    if _norm_into_attention(layer):
+        h, attention_kwargs["fastllama_norm"] = hidden_states, layer.input_layernorm
+    else:
+        h = layer.input_layernorm(hidden_states)
+    h, _ = layer.self_attn(hidden_states=h, **attention_kwargs)
+    h = attention_out(h)
+    if _norm_into_mlp(layer, mlp_norm):
+        return _residual_norm_mlp(mlp_norm, layer.mlp, h, residual)
+    h, residual = _fused_residual_norm(mlp_norm, h, residual)
+    return layer.mlp(h), residual
+
+
 def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                              use_cache=False, position_embeddings=None, **kwargs):
     """``LlamaDecoderLayer.forward`` (and Phi-3's, with its residual dropouts) with the residual
@@ -432,19 +451,11 @@ def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_
     they are plain linears (see ``ops.fused_linear``: same math, less memory kept for backward)."""
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
-    residual = hidden_states
-    if _norm_into_attention(self):
-        h, kwargs["fastllama_norm"] = hidden_states, self.input_layernorm
-    else:
-        h = self.input_layernorm(hidden_states)
-    h, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
-    h = _residual_branch(self, "resid_attn_dropout", h)
-    if _norm_into_mlp(self):
-        out, residual = _residual_norm_mlp(self.post_attention_layernorm, self.mlp, h, residual)
-    else:
-        h, residual = _fused_residual_norm(self.post_attention_layernorm, h, residual)
-        out = self.mlp(h)
+    attention_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
+                            position_embeddings=position_embeddings, **kwargs)
+    out, residual = _attention_and_mlp(self, hidden_states, attention_kwargs,
+                                       lambda h: _residual_branch(self, "resid_attn_dropout", h),
+                                       self.post_attention_layernorm)
     return residual + _residual_branch(self, "resid_mlp_dropout", out)
 
 
@@ -460,19 +471,10 @@ def gemma3_decoder_layer_forward(self, hidden_states, position_embeddings=None, 
     :func:`hf_decoder_layer_forward`; the two post-branch norms are kernels of their own."""
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
-    residual = hidden_states
-    if _norm_into_attention(self):
-        h, kwargs["fastllama_norm"] = hidden_states, self.input_layernorm
-    else:
-        h = self.input_layernorm(hidden_states)
-    h, _ = self.self_attn(hidden_states=h, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                          position_ids=position_ids, cache=cache, **kwargs)
-    h = self.post_attention_layernorm(h)
-    if _norm_into_mlp(self, self.pre_feedforward_layernorm):
-        out, residual = _residual_norm_mlp(self.pre_feedforward_layernorm, self.mlp, h, residual)
-    else:
-        h, residual = _fused_residual_norm(self.pre_feedforward_layernorm, h, residual)
-        out = self.mlp(h)
+    attention_kwargs = dict(position_embeddings=position_embeddings, attention_mask=attention_mask,
+                            position_ids=position_ids, cache=cache, **kwargs)
+    out, residual = _attention_and_mlp(self, hidden_states, attention_kwargs, self.post_attention_layernorm,
+                                       self.pre_feedforward_layernorm)
     return residual + self.post_feedforward_layernorm(out)
 
 
