@@ -122,8 +122,8 @@ def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, t
 def check_model(model, max_seq_len: int) -> None:
     """The reference Llama, or one of the HF causal LMs of ``_HF_CAUSAL_LMS``, that the decode
     step computes exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope"
-    scaling; partial rotary is fine), no sliding window within ``max_seq_len`` (the decode kernel
-    has none)."""
+    scaling; partial rotary where the family's attention does it: Phi-3), no sliding window within
+    ``max_seq_len`` (the decode kernel has none)."""
     if isinstance(model, Llama):
         return
     cls = type(model)
@@ -140,8 +140,8 @@ def check_model(model, max_seq_len: int) -> None:
 
     rotary = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    family = cls.__module__.rsplit(".modeling_", 1)[-1]
-    if rotary is not None and 2 * rotary.numel() < head_dim and family not in forwards.PARTIAL_ROTARY_FAMILIES:
+    partial_ok = forwards._family(model) in forwards.PARTIAL_ROTARY_FAMILIES
+    if rotary is not None and 2 * rotary.numel() < head_dim and not partial_ok:
         # (HF's rope init makes such tables for any family; only Phi-3's attention slices for them)
         raise ValueError(f"{cls.__name__} has rotary tables of {2 * rotary.numel()} of its {head_dim} head dims, "
                          f"which its own attention does not handle (HF fails on them too)")
