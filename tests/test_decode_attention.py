@@ -234,7 +234,7 @@ def test_decode_attention_bad_input(case):
         ops.decode_attention(q, kc, vc, lens, **kwargs)
 
 
-@pytest.mark.parametrize("case", ["empty table", "v shape", "sin shape"])
+@pytest.mark.parametrize("case", ["empty table", "v shape", "sin shape", "odd rotary dim", "rotary dim > head_dim"])
 def test_rotary_cache_append_bad_input(case):
     """D04 (a (0, D) cos/sin table accepted: positions are clamped to P - 1 = -1, a read before the
     table), D05 (v's shape not compared with k's), D06 (sin's shape not compared with cos's).
@@ -251,7 +251,11 @@ def test_rotary_cache_append_bad_input(case):
         cos, sin, match = cos[:0], sin[:0], "cos has shape"
     elif case == "v shape":
         v, match = v[:, :, :2], "v has shape"
-    else:
+    elif case == "sin shape":
         sin, match = sin[:6], "sin has shape"
+    elif case == "odd rotary dim":  # partial rotary takes an even rotary dim (two halves)
+        cos, sin, match = cos[:, :15].contiguous(), sin[:, :15].contiguous(), "an even R < 32"
+    else:
+        cos, sin, match = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1), "an even R < 32"
     with pytest.raises(ValueError, match=match):
         ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens)
