@@ -374,8 +374,8 @@ def hf_attention_mask(**kwargs):
     return sdpa_mask(**kwargs)
 
 
-# HF families whose attention passes the config's sliding_window (by modeling module name)
-_WINDOW_FROM_CONFIG = (".modeling_mistral", ".modeling_phi3")
+# HF families whose attention passes the config's sliding_window (see _family)
+_WINDOW_FROM_CONFIG = ("mistral", "phi3")
 
 
 def hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
@@ -415,7 +415,7 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     # config carries is ignored by HF)
     if hasattr(self, "sliding_window"):
         kwargs["sliding_window"] = self.sliding_window
-    elif modeling.__name__.endswith(_WINDOW_FROM_CONFIG) and getattr(self.config, "sliding_window", None) is not None:
+    elif _family(self) in _WINDOW_FROM_CONFIG and getattr(self.config, "sliding_window", None) is not None:
         kwargs["sliding_window"] = self.config.sliding_window
     out, weights = attention_interface(
         self, q, k, v, attention_mask,
