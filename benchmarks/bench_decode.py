@@ -1,7 +1,9 @@
 """Decoding speed: fastllama's Generator vs Hugging Face ``generate`` (sdpa, static cache).
 
 Models: Llama-3.2-1B and Llama-3-8B shapes with random bf16 weights (the same weights in both
-implementations). For each batch (1, 8, 32) and context (512, 4096): a random prompt of
+implementations); on request (``--models gemma3-1b``) the Gemma-3-1B shape, a transformers
+``Gemma3ForCausalLM`` that both run (5 of its 6 layers attend to a 512-token window, which
+fastllama's decode kernel reads alone). For each batch (1, 8, 32) and context (512, 4096): a random prompt of
 ``context`` tokens, then ``--new-tokens`` greedy tokens (no stop token), timed after a warm-up
 call (which captures the CUDA graphs / compiles).
 
@@ -17,7 +19,7 @@ Rows:
 Decode time excludes prefill: fastllama reports its decode steps directly; HF's is
 ``(t(new_tokens) - t(2)) / (new_tokens - 2)`` (see ``time_hf``). Bytes per decode step = every
 weight read once (LM head included, the embedding rows are negligible) + the K and V cache read
-up to the mean context of the timed steps. GB/s = bytes / step time; % roofline = GB/s / the
+up to the mean context of the timed steps (a windowed layer's window of it). GB/s = bytes / step time; % roofline = GB/s / the
 measured device-to-device copy bandwidth (the roofline tokens/s is ``batch x copy_GBps / bytes``);
 % spec = GB/s / the datasheet bandwidth (4.8 TB/s on an H200; the copy reaches less). Targets (issue 7), H100/H200,
 batch 1: >= 75 % of the roofline and >= 1.5x ``hf-static-compile``.
@@ -46,7 +48,8 @@ use_interpreter_if_no_gpu()
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from fastllama.bench.presets import default_dtype  # noqa: E402
+from fastllama import forwards  # noqa: E402
+from fastllama.bench.presets import PRESETS, default_dtype, hf_model  # noqa: E402
 from fastllama.generate import Generator  # noqa: E402
 from fastllama.reference import Llama, LlamaConfig  # noqa: E402
 
@@ -59,21 +62,39 @@ SHAPES = {
     "tiny": dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
 }
-NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "tiny": "tiny (interpreter smoke)"}
+# Shapes run as a transformers model by both implementations (HF config dicts)
+HF_SHAPES = {
+    "gemma3-1b": PRESETS["gemma-3-1b"].config,
+    "tiny-gemma3": dict(model_type="gemma3_text", vocab_size=300, hidden_size=64, intermediate_size=160,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        sliding_window=8, layer_types=["sliding_attention", "full_attention"], pad_token_id=0),
+}
+NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "tiny": "tiny (interpreter smoke)", "gemma3-1b": "Gemma-3-1B",
+         "tiny-gemma3": "tiny Gemma 3 (interpreter smoke)"}
 
 
-def build_model(shape: str, dtype, device) -> Llama:
-    """Random weights, built directly on the device in ``dtype`` (no fp32 copy of an 8B model)."""
+def build_model(shape: str, dtype, device):
+    """Random weights, built directly on the device in ``dtype`` (no fp32 copy of an 8B model):
+    fastllama's reference Llama, or for ``HF_SHAPES`` the transformers model."""
     torch.manual_seed(0)
+    if shape in HF_SHAPES:
+        model = hf_model(dict(HF_SHAPES[shape], bos_token_id=1, eos_token_id=2), dtype, device)
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        return model.eval()
     cfg = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, max_position_embeddings=8192)
     with default_dtype(dtype), torch.device(device):
         model = Llama(cfg)
     return model.eval()
 
 
-def build_hf(model: Llama, dtype, device):
-    """transformers' LlamaForCausalLM with the same weights, sdpa attention."""
+def build_hf(model, dtype, device):
+    """transformers' LlamaForCausalLM with the reference model's weights, sdpa attention; a
+    transformers model is its own."""
     import transformers
+
+    if not isinstance(model, Llama):
+        return model
 
     cfg = transformers.LlamaConfig(**model.config.to_hf())
     cfg._attn_implementation = "sdpa"
@@ -88,14 +109,18 @@ def build_hf(model: Llama, dtype, device):
     return hf.eval()
 
 
-def step_bytes(model: Llama, batch: int, context: float) -> float:
+def step_bytes(model, batch: int, context: float) -> float:
     """Bytes one decode step must read: every weight but the embedding table (its B rows are
-    negligible; a tied LM head is read as the head), plus K and V up to ``context``."""
+    negligible; a tied LM head is read as the head), plus K and V up to ``context`` (a layer
+    with a sliding window W: up to W)."""
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if cfg.tie_word_embeddings:
         weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * context * cfg.head_dim
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    windows = [forwards.sliding_window(layer.self_attn) for layer in model.model.layers]
+    keys = sum(min(context, w) if w else context for w in windows)
+    kv = 2 * keys * batch * cfg.num_key_value_heads * head_dim
     return weights + kv * model.lm_head.weight.element_size()
 
 
@@ -145,7 +170,7 @@ def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
 def main(argv=None) -> int:
     gpu = common.on_gpu()
     p = argparse.ArgumentParser(description=common.description(__doc__))
-    p.add_argument("--models", nargs="+", default=["1b", "8b"] if gpu else ["tiny"], choices=list(SHAPES))
+    p.add_argument("--models", nargs="+", default=["1b", "8b"] if gpu else ["tiny"], choices=[*SHAPES, *HF_SHAPES])
     p.add_argument("--batches", nargs="+", type=common.at_least(1), default=[1, 8, 32] if gpu else [1])
     p.add_argument("--contexts", nargs="+", type=common.at_least(1), default=[512, 4096] if gpu else [16])
     # (the first new token comes from the prefill: at least one decode step to time)

@@ -212,10 +212,16 @@ def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
 
 
 def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal: bool) -> bool:
-    """The decode kernel is forward-only, causal (bottom-right) and has no window."""
+    """The decode kernel is forward-only and causal (bottom-right); of a window it takes the left
+    bound (the right one is the causal bound: 0, or -1 which causal makes 0)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return (not needs_grad and window is None and q.shape[2] <= DECODE_MAX_QUERIES
+    return (not needs_grad and (window is None or window[1] in (0, -1)) and q.shape[2] <= DECODE_MAX_QUERIES
             and (causal or q.shape[2] == 1) and k.shape[2] >= q.shape[2])
+
+
+def _decode_window(window):
+    """``window`` as decode attention takes it: ``(left, 0)``."""
+    return None if window is None else (window[0], 0)
 
 
 def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic):
@@ -274,7 +280,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
             k, v = k[:, :, :Tq], v[:, :, :Tq]
         if _decode_ok(q, k, v, window, causal):
             seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
-            return ops.decode_attention(q, k, v, seqlens, scale=scale)
+            return ops.decode_attention(q, k, v, seqlens, scale=scale, window=_decode_window(window))
         return ops.flash_attention(q, k, v, causal=causal and Tq > 1, scale=scale, window=window,
                                    deterministic=deterministic)
     if torch.compiler.is_compiling():
@@ -287,7 +293,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
         k, v = k[:, :, :plan.key_end], v[:, :, :plan.key_end]
     if plan.kind == "prefix":
         if _decode_ok(q, k, v, window, True):
-            return ops.decode_attention(q, k, v, plan.lengths, scale=scale)
+            return ops.decode_attention(q, k, v, plan.lengths, scale=scale, window=_decode_window(window))
         if bool((plan.lengths == plan.lengths[0]).all()):
             n = int(plan.lengths[0])
             return ops.flash_attention(q, k[:, :, :n], v[:, :, :n], causal=True, scale=scale, window=window,

@@ -190,11 +190,6 @@ def gate_activation(mlp) -> str | None:
     return None
 
 
-def silu_activation(mlp) -> bool:
-    """Whether the MLP's gate is SiLU (:func:`gate_activation`): what the generator computes."""
-    return gate_activation(mlp) == "silu"
-
-
 def mlp_forward(self, x):
     """``LlamaMLP.forward`` (and Phi-3's, whose gate and up are one ``gate_up_proj``; Gemma's,
     GeGLU): the projections stay nn.Linear (LoRA keeps working), the gated activation fused.
@@ -378,6 +373,18 @@ def hf_attention_mask(**kwargs):
 _WINDOW_FROM_CONFIG = ("mistral", "phi3")
 
 
+def sliding_window(attn) -> int | None:
+    """The ``sliding_window`` an HF attention module's own forward passes (query p sees keys
+    p - W < k <= p), None for full attention: Qwen2's, Ministral's, SmolLM3's and Gemma 3's per
+    layer type (their ``self.sliding_window``), Mistral's and Phi-3's from the config; Llama
+    passes none (a sliding_window a Llama config carries is ignored by HF)."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    if _family(attn) in _WINDOW_FROM_CONFIG:
+        return getattr(attn.config, "sliding_window", None)
+    return None
+
+
 def hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """``LlamaAttention.forward`` (and the other families') with fastllama's rotary kernel.
 
@@ -410,13 +417,9 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     modeling = sys.modules[_original_class(self).__module__]
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, modeling.eager_attention_forward)
-    # the window each family's own forward passes: Qwen2's, Ministral's and SmolLM3's per layer
-    # type, Mistral's and Phi-3's from the config; Llama passes none (a sliding_window a Llama
-    # config carries is ignored by HF)
-    if hasattr(self, "sliding_window"):
-        kwargs["sliding_window"] = self.sliding_window
-    elif _family(self) in _WINDOW_FROM_CONFIG and getattr(self.config, "sliding_window", None) is not None:
-        kwargs["sliding_window"] = self.config.sliding_window
+    window = sliding_window(self)
+    if window is not None or hasattr(self, "sliding_window"):
+        kwargs["sliding_window"] = window
     out, weights = attention_interface(
         self, q, k, v, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,

@@ -1,7 +1,8 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite causal LM (their parameters, no copies), with
+/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma 3 causal LM (their parameters,
+no copies), with
 
 * one static KV cache for all layers, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -13,7 +14,8 @@
   logits only at each prompt's last token;
 * decode: per layer ``rms_norm`` (fused with the residual add), projections (q/k/v in one
   GEMM, gate/up in one: see :class:`RowBlocks`), the fused rotary + cache append,
-  ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length), ``swiglu``;
+  ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length, or the
+  layer's sliding window of it), ``swiglu`` (GeGLU for Gemma);
   then sampling (greedy, temperature, top-k, top-p) on the device, stop tokens, and the
   lengths advanced on the device. On CUDA the whole step is captured ONCE as a
   ``torch.cuda.CUDAGraph`` per (batch size, sampling settings) and replayed: no Python, no
@@ -37,9 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .forwards import attention_input_linears, mlp_input_linears, split_qkv
+from . import forwards
+from .forwards import attention_input_linears, gate_activation, mlp_input_linears, split_qkv
 from .ops._checks import check_attention_device
-from .model_weights import RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables
+from .model_weights import (RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables,
+                            rotary_layer_types)
 from .reference.model import Llama, check_sampling, filter_logits
 
 __all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer",
@@ -201,7 +205,8 @@ class _Multipliers:
 class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
     ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``MinistralForCausalLM`` / ``Qwen2ForCausalLM`` /
-    ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM``.
+    ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM`` /
+    ``Gemma3ForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -228,7 +233,7 @@ class Generator:
                  num_splits: int | None = None, fuse_projections: bool = True):
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size}, {max_seq_len}")
-        check_model(model, max_seq_len)
+        check_model(model)
         p = model.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
         if cuda_graph and self.device.type != "cuda":
@@ -246,9 +251,22 @@ class Generator:
         shape = (cfg.num_hidden_layers, max_batch_size, self.n_kv_heads, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.cos, self.sin = rope_tables(model, max_seq_len, self.dtype, self.device)
-        # one table row for every position: x cos - y sin = x exactly (fp32 math, sin 0)
-        self.no_rotation = (torch.ones_like(self.cos[:1]), torch.zeros_like(self.sin[:1]))
+        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        # Gemma 3: norms compute x * (1 + w), and each branch is normed before it joins the stream
+        self.gemma = forwards._family(model) == "gemma3"
+        layers = model.model.layers
+        # Each layer's rotary tables: one pair for the model, or one per layer type (Gemma 3's
+        # local and global bases); SmolLM3's NoPE layers get a one-row table of cos 1, sin 0,
+        # with which x cos - y sin = x exactly (fp32 math), so the same kernel appends k unrotated.
+        types = rotary_layer_types(model) or [None] * len(layers)
+        tables = {t: rope_tables(model, max_seq_len, self.dtype, self.device, t) for t in dict.fromkeys(types)}
+        cos = next(iter(tables.values()))[0]
+        no_rotation = (torch.ones_like(cos[:1]), torch.zeros_like(cos[:1]))
+        self.rotary = [tables[t] if getattr(layer.self_attn, "use_rope", True) else no_rotation
+                       for t, layer in zip(types, layers)]
+        # Sliding windows (Mistral, Phi-3, Gemma 3's local layers ...): HF's W is (W - 1, 0)
+        self.windows = [(w - 1, 0) if w else None for w in (forwards.sliding_window(layer.self_attn)
+                                                            for layer in layers)]
         self._states: dict[tuple, _State] = {}
         # One memory pool for every captured graph: they never replay at the same time, and no
         # graph output lives in the pool (outputs are the static buffers or clones of them).
@@ -279,7 +297,9 @@ class Generator:
                       else (RowBlocks(group) if RowBlocks.fusable(group) else None)
                       for old, group in zip(fused, self._layer_groups(layer)))
                 for fused, layer in zip(self._projections, layers)]
-        key = tuple(p.data_ptr() for p in self.model.parameters())
+        # (an MLP's activation swapped between SiLU and GELU-tanh changes the captured step too)
+        self.activations = [gate_activation(layer.mlp) for layer in self.model.model.layers]
+        key = (*(p.data_ptr() for p in self.model.parameters()), *self.activations)
         if key != self._weights_key:
             for st in self._states.values():
                 st.graph = None
@@ -316,36 +336,51 @@ class Generator:
             attention_in, mlp_in = self._layer_groups(layer)
             qkv, gate_up = self._projections[i] if self._projections else (None, None)
             if mlp_out is None:
-                h = ops.rms_norm(x, layer.input_layernorm.weight, self.eps)
+                h = self._norm(x, layer.input_layernorm)
             else:  # x + mlp(...) of the previous layer and this layer's norm: one kernel
-                h, x = ops.rms_norm(mlp_out, layer.input_layernorm.weight, self.eps, residual=x)
+                h, x = self._norm(mlp_out, layer.input_layernorm, residual=x)
             # q/k/v as column views of one GEMM's output: the kernels below take any strides
             q, k, v = split_qkv(a, self._project(qkv, attention_in, h))
             q = q.view(B, T, self.n_heads, self.head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)
-            if hasattr(a, "q_norm"):  # Qwen3: an RMSNorm over each head's q and k, before rotary
-                q, k = ops.rms_norm(q, a.q_norm.weight, self.eps), ops.rms_norm(k, a.k_norm.weight, self.eps)
+            if hasattr(a, "q_norm"):  # Qwen3, Gemma 3: an RMSNorm over each head's q and k, before rotary
+                q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
-            # (SmolLM3's NoPE layers: cos 1, sin 0, so the same kernel appends k unrotated)
-            cos, sin = (self.cos, self.sin) if getattr(a, "use_rope", True) else self.no_rotation
+            cos, sin = self.rotary[i]
             q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots)
-            scale = getattr(a, "scaling", None)  # HF's; 1/sqrt(D) (the default) for these models
+            scale, window = getattr(a, "scaling", None), self.windows[i]  # (HF's scale; default 1/sqrt(D))
             if lengths is not None:
-                o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits)
+                o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window)
             else:
-                o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale)
-            o = self._residual_branch(F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias))
-            h, x = ops.rms_norm(o, layer.post_attention_layernorm.weight, self.eps, residual=x)
+                o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale, window=window)
+            o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
+            if self.gemma:  # s = x + post_attention_norm(o); h = pre_feedforward_norm(s)
+                o, mlp_norm = self._norm(o, layer.post_attention_layernorm), layer.pre_feedforward_layernorm
+            else:  # s = x + o; h = post_attention_norm(s)
+                o, mlp_norm = self._residual_branch(o), layer.post_attention_layernorm
+            h, x = self._norm(o, mlp_norm, residual=x)
             projected = self._project(gate_up, mlp_in, h)
             gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
-            mlp_out = self._residual_branch(F.linear(ops.swiglu(gate, up), m.down_proj.weight, m.down_proj.bias))
+            mlp_out = F.linear(ops.swiglu(gate, up, activation=self.activations[i]), m.down_proj.weight,
+                               m.down_proj.bias)
+            mlp_out = self._norm(mlp_out, layer.post_feedforward_layernorm) if self.gemma \
+                else self._residual_branch(mlp_out)
         x = x + mlp_out
         x = x[torch.arange(B, device=x.device), last] if last is not None else x[:, -1]
-        h = ops.rms_norm(x, self.model.model.norm.weight, self.eps)
+        h = self._norm(x, self.model.model.norm)
         logits = F.linear(h, self.model.lm_head.weight)
-        return logits if self.multipliers.logits == 1.0 else logits / self.multipliers.logits
+        if self.multipliers.logits != 1.0:
+            logits = logits / self.multipliers.logits
+        if self.final_softcap is not None:  # Gemma's final soft-capping: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def _norm(self, x: torch.Tensor, norm, residual: torch.Tensor | None = None):
+        """The model's RMSNorm ``norm`` of x from its weight, in one kernel (with ``residual``:
+        ``(norm(x + residual), x + residual)``); Gemma's scales by ``1 + w``."""
+        return ops.rms_norm(x, norm.weight, self.eps, residual=residual, unit_offset=self.gemma)
 
     def _residual_branch(self, h: torch.Tensor) -> torch.Tensor:
         """What a layer's attention or MLP adds to the residual stream (Granite scales it)."""
@@ -637,14 +672,14 @@ def load_tokenizer(path):
 
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
-TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite")
+TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma3_text")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
-    :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3 or Granite
-    (``model_type`` in config.json)
+    :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite or
+    Gemma 3 text model (``model_type`` in config.json)
     through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path

@@ -2,10 +2,11 @@
 
 The generator computes a model from its weights, not by calling its modules: the reference
 ``Llama`` and transformers' Llama / Mistral / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 /
-Granite causal LMs share the attribute names it reads (``model.layers[i].self_attn.q_proj``,
+Granite / Gemma 3 causal LMs share the attribute names it reads (``model.layers[i].self_attn.q_proj``,
 ``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's attention adds ``q_norm``/``k_norm``,
 SmolLM3's ``use_rope`` (False: no rotary), Phi-3 merges q/k/v into ``qkv_proj`` and gate/up
-into ``gate_up_proj``; Granite adds scalar multipliers, read from its config). Here:
+into ``gate_up_proj``; Granite adds scalar multipliers, read from its config; Gemma 3 adds a
+norm after each branch and rotary tables per layer type). Here:
 which models that computes exactly (:func:`check_model`, :func:`module_problem`), their
 rotary tables and default stop tokens, and :class:`RowBlocks`, the one-GEMM layout of the
 projections that read the same input.
@@ -103,27 +104,43 @@ class RowBlocks:
 # transformers causal LMs whose modules and config the generator reads like the reference's
 # (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
 _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
-                  "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM")
+                  "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
+                  "Gemma3ForCausalLM")
 
 
-def rope_tables(model, max_seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_layer_types(model) -> list[str] | None:
+    """The layer type whose rotary table each layer reads, for a model whose rotary module
+    keeps one table per layer type (Gemma 3: "sliding_attention" layers a local base,
+    "full_attention" a global one, scaled); None when every layer reads the same table."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if isinstance(model, Llama) or not hasattr(rotary, "layer_types"):
+        return None
+    return list(model.config.layer_types)
+
+
+def rope_tables(model, max_seq_len: int, dtype, device, layer_type: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin (max_seq_len, D) exactly as the model computes them (fp32, then cast): the
     reference's ``rope_cos_sin``, or an HF model's own rotary module (its rope scaling
-    included)."""
+    included), for ``layer_type``'s layers when it keeps a table per type
+    (:func:`rotary_layer_types`)."""
     positions = torch.arange(max_seq_len, device=device)[None]
     if isinstance(model, Llama):
         cos, sin = ref.rope_cos_sin(positions, model.inv_freq, dtype)
     else:
         with torch.no_grad():
-            cos, sin = model.model.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
+            x = torch.empty(0, dtype=dtype, device=device)
+            by_type = () if layer_type is None else (layer_type,)
+            cos, sin = model.model.rotary_emb(x, positions, *by_type)
     return cos[0].contiguous(), sin[0].contiguous()
 
 
-def check_model(model, max_seq_len: int) -> None:
+def check_model(model) -> None:
     """The reference Llama, or one of the HF causal LMs of ``_HF_CAUSAL_LMS``, that the decode
-    step computes exactly: SwiGLU MLP, a rotary table fixed in advance (not "dynamic"/"longrope"
-    scaling; partial rotary where the family's attention does it: Phi-3), no sliding window within
-    ``max_seq_len`` (the decode kernel has none)."""
+    step computes exactly: a rotary table fixed in advance (not "dynamic"/"longrope" scaling;
+    partial rotary where the family's attention does it: Phi-3), causal attention without
+    score soft-capping. (The MLP's activation, SiLU or GELU-tanh, is read from the modules:
+    :func:`module_problem`.)"""
     if isinstance(model, Llama):
         return
     cls = type(model)
@@ -131,11 +148,16 @@ def check_model(model, max_seq_len: int) -> None:
         raise TypeError(f"model must be a fastllama.reference.Llama or a transformers "
                         f"{' / '.join(_HF_CAUSAL_LMS)}, got {cls.__name__}")
     cfg = model.config
-    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
-        raise ValueError(f"{cls.__name__} has hidden_act={cfg.hidden_act!r}; the generator's MLP is SwiGLU (silu)")
     rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
-    if rope_type in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
-        raise ValueError(f"{cls.__name__} uses rope_type={rope_type!r}; the generator precomputes one rotary table")
+    for kind in rope_type.values() if isinstance(rope_type, dict) else (rope_type,):  # (Gemma 3: per layer type)
+        if kind in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
+            raise ValueError(f"{cls.__name__} uses rope_type={kind!r}; the generator precomputes its rotary tables")
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"{cls.__name__} has attn_logit_softcapping={cfg.attn_logit_softcapping}; fastllama's "
+                         f"attention kernels have no score soft-capping")
+    if not all(getattr(layer.self_attn, "is_causal", True) for layer in model.model.layers):
+        raise ValueError(f"{cls.__name__} has bidirectional attention (use_bidirectional_attention); the generator "
+                         f"decodes causally")
     from . import forwards
 
     rotary = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
@@ -145,14 +167,6 @@ def check_model(model, max_seq_len: int) -> None:
         # (HF's rope init makes such tables for any family; only Phi-3's attention slices for them)
         raise ValueError(f"{cls.__name__} has rotary tables of {2 * rotary.numel()} of its {head_dim} head dims, "
                          f"which its own attention does not handle (HF fails on them too)")
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if cls.__name__.startswith("Llama"):
-        window = None  # HF's Llama ignores a sliding_window its config carries
-    if "sliding_attention" not in (getattr(cfg, "layer_types", None) or ["sliding_attention"]):
-        window = None  # Qwen2 (max_window_layers >= layers), Ministral, SmolLM3: every layer full attention
-    if window and max_seq_len > window:
-        raise ValueError(f"{cls.__name__} has sliding_window={window} and the decode kernel attends to every cached "
-                         f"token: max_seq_len must be <= {window}, got {max_seq_len}")
 
 
 def module_problem(model) -> str | None:
@@ -160,7 +174,8 @@ def module_problem(model) -> str | None:
     is not a plain ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised
     layer has none to read; a forward set on the instance) or that has forward hooks (the
     generator would not run them); a norm that is not the model's own RMSNorm class (a subclass
-    with its own forward, a LayerNorm); an MLP activation swapped for one that is not SiLU.
+    with its own forward, a LayerNorm); an MLP activation swapped for one that is neither SiLU nor
+    GELU-tanh.
     None when fine."""
     from . import forwards
 
@@ -179,19 +194,21 @@ def module_problem(model) -> str | None:
     rms_norm = RMSNorm if isinstance(model, Llama) else getattr(
         sys.modules[type(model).__module__], type(model).__name__.replace("ForCausalLM", "RMSNorm"), None)
     norms = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in layers
-             for n in ("input_layernorm", "post_attention_layernorm")] + [("norm", model.model.norm)]
+             for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                       "post_feedforward_layernorm") if hasattr(layer, n)] + [("norm", model.model.norm)]
     norms += [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in layers
               for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]  # Qwen3's per-head q/k norms
     for name, norm in norms:
-        replaced = forwards._forward_replaced(norm) and not forwards._patched_with(norm, forwards.rms_norm_forward)
+        replaced = forwards._forward_replaced(norm) and not forwards._patched_with(norm, *forwards.NORM_FORWARDS)
         if type(norm) is not rms_norm or norm._forward_pre_hooks or norm._forward_hooks or replaced:
             what = ("a hooked " if norm._forward_pre_hooks or norm._forward_hooks
                     else "a forward-replaced " if replaced else "a ")
             return (f"{name} is {what}{type(norm).__name__}, which the generator (computing the model's own "
                     f"RMSNorm from its weight) would not run")
     for i, layer in layers:
-        if not forwards.silu_activation(layer.mlp):
+        if forwards.gate_activation(layer.mlp) is None:
             name = "act_fn" if hasattr(layer.mlp, "act_fn") else "activation_fn"
             return (f"layers.{i}.mlp.{name} is {type(forwards.mlp_activation(layer.mlp)).__name__} (with its forward "
-                    f"replaced or hooked, or not SiLU); the generator's MLP is SwiGLU (SiLU), computed without calling it")
+                    f"replaced or hooked, or neither SiLU nor GELU-tanh); the generator computes the gated MLP "
+                    f"(SwiGLU or GeGLU) without calling it")
     return None

@@ -7,6 +7,10 @@ keys (the new tokens included) and its Tq queries are the LAST Tq of them (botto
 alignment: query t sits at slot ``L - Tq + t`` and reads keys ``0 .. L - Tq + t``; with
 ``cache_leftpad`` the keys of sequence b start at slot ``cache_leftpad[b]`` instead of 0, as in
 flash-attn's ``flash_attn_with_kvcache``, for left-padded caches such as HF's static cache).
+A sliding window of ``window_left`` keys (Mistral's, Gemma's local layers) narrows query t's keys
+to ``q_pos - window_left .. q_pos``; the key blocks before the first row's bound are never read,
+so a windowed layer reads at most ``window_left + Tq`` keys however long the cache is. The window
+is a compile-time variant (``WINDOW``), so the kernels of full-attention layers are unchanged by it.
 
 Why a separate kernel from flash attention. With Tq = 1 a flash-attention program owns one
 query row of one head, so every query head re-reads its KV head, and a batch of 1 launches only
@@ -42,26 +46,29 @@ MAX_SPLITS = 32  # fixed upper bound: the combine tile holds them all, and CUDA 
 
 # Integers Triton must not specialise at launch. It would compile a variant for each value class
 # (== 1, a multiple of 16, other) of every length, so launches compiled builds the build report
-# never made (a dry run at decode shapes: 1838 of 1842 launches). Lengths, the GQA group, the
-# tile count and the LSE strides (0 in the single pass, split-count multiples otherwise) stay
-# plain; q_len keeps only its == 1 specialisation ("do_not_specialize_on_alignment"): the
-# one-token step is its own, simpler compile (the "tq1" builds). Strides keep their hints, which
-# is what makes the K/V loads vectors.
-SPLIT_UNSPECIALISED = ["use_leftpad", "stride_lb", "stride_lh", "stride_lt", "group", "max_len", "m_tiles"]
+# never made (a dry run at decode shapes: 1838 of 1842 launches). Lengths, the window, the GQA
+# group, the tile count and the LSE strides (0 in the single pass, split-count multiples
+# otherwise) stay plain; q_len keeps only its == 1 specialisation
+# ("do_not_specialize_on_alignment"): the one-token step is its own, simpler compile (the "tq1"
+# builds). Strides keep their hints, which is what makes the K/V loads vectors.
+SPLIT_UNSPECIALISED = ["use_leftpad", "window_left", "stride_lb", "stride_lh", "stride_lt", "group", "max_len",
+                       "m_tiles"]
 
 
 @triton.jit
-def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, q_pos,
+def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, q_pos, window,
                    offs_n, offs_d, qk_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                   ROW_WINDOWS: tl.constexpr):
     """Online softmax over the key blocks [lo, hi), in the log2 domain:
 
         s = q k^T * scale * log2(e);  m' = max(m, rowmax s);  p = 2^(s - m')
         l' = l * 2^(m - m') + rowsum p;  acc' = acc * 2^(m - m') + p v
 
-    Every block checks the causal bound ``key <= q_pos`` and the cache end ``key < seqlen``; the
-    slots past ``seqlen`` may hold anything (stale or NaN), so they are not even loaded: a NaN in
-    v would survive ``0 * NaN`` in the p v product.
+    Every block checks the causal bound ``key <= q_pos`` (with ROW_WINDOWS also the window's,
+    ``q_pos - window <= key``) and the cache end ``key < seqlen``; the slots past ``seqlen`` may
+    hold anything (stale or NaN), so they are not even loaded: a NaN in v would survive
+    ``0 * NaN`` in the p v product.
 
     One loop, masked throughout, on purpose. Peeling the unmasked blocks into a loop of their
     own (as flash attention does) saves a compare and a select per score, which decode never
@@ -80,7 +87,13 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, h
         k = tl.load(k_ptrs, mask=in_cache, other=0.0)
         v = tl.load(v_ptrs, mask=in_cache, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
+        if ROW_WINDOWS:
+            # q_pos - window <= key <= q_pos as one unsigned compare: a key after q_pos (or a
+            # row before the first key, q_pos < 0) wraps to a distance above any window
+            distance = (q_pos[:, None] - keys[None, :]).to(tl.uint32, bitcast=True)
+            s = tl.where(distance <= window, s, float("-inf"))
+        else:
+            s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key keeps m = -inf; subtracting 0 instead keeps
         # 2^(-inf - -inf) = NaN out (its p and alpha come out 0).
@@ -97,7 +110,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, h
 @triton.jit(do_not_specialize=SPLIT_UNSPECIALISED, do_not_specialize_on_alignment=["q_len"])
 def decode_split_kernel(
     Q, K, V, SEQLENS, LEFTPAD, O, LSE,
-    sm_scale, use_leftpad,
+    sm_scale, use_leftpad, window_left,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -105,7 +118,7 @@ def decode_split_kernel(
     stride_lb, stride_lh, stride_lt,
     q_len, group, max_len, m_tiles,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """One program: BLOCK_M (query head, query row) pairs of one KV head, one chunk of keys.
 
@@ -117,6 +130,11 @@ def decode_split_kernel(
     dense or HF layout with head_dim % 16 == 0) gets Triton's divisibility specialisation, so
     rows are known 16-element aligned and K/V load as vectors (one pointer per vector, not per
     element); the build report compiles that variant with "i32:16" strides.
+
+    WINDOW: 0 no sliding window (``window_left`` unread); 1 a window over one query row per
+    head (Tq = 1): the chunks' start bound alone applies it, as every row sits at the same
+    slot; 2 a window over several rows: each score is masked per row too. (A per-score mask
+    in every variant cost one more live register, and 15 builds spilled 8-32 bytes.)
     """
     b = tl.program_id(0)
     hk = tl.program_id(1) // m_tiles
@@ -136,6 +154,10 @@ def decode_split_kernel(
     # Left padding (an HF static cache of a left-padded batch): keys start at slot `first`.
     first = tl.minimum(tl.maximum(tl.load(LEFTPAD + b) * use_leftpad, 0), seqlen)
     q_pos = seqlen - q_len + t  # absolute slot of each row (bottom-right alignment)
+    if WINDOW > 0:
+        # Sliding window: row t sees keys q_pos - window_left .. q_pos. The chunks below start
+        # at the FIRST row's bound (the last row's when Tq = 1): older keys are not read.
+        first = tl.maximum(first, seqlen - q_len - window_left)
 
     # This program's chunk of keys, in whole blocks from `first`: [lo, hi).
     blocks_per_split = tl.cdiv(tl.cdiv(seqlen - first, BLOCK_N), n_splits)
@@ -154,7 +176,8 @@ def decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen,
-                                   q_pos, offs_n, offs_d, qk_scale, HEAD_DIM, BLOCK_N, PRECISION)
+                                   q_pos, window_left.to(tl.uint32), offs_n, offs_d, qk_scale, HEAD_DIM, BLOCK_N,
+                                   PRECISION, WINDOW == 2)
 
     # A row with no visible key in this chunk (or at all) has l = 0: output 0, lse = -inf.
     empty = m_i == float("-inf")
@@ -228,13 +251,15 @@ def block_m(group: int, q_len: int, max_rows: int = 64) -> int:
 
 
 def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=None, *, scale: float,
-                             num_splits: int,
+                             num_splits: int, window_left: int = -1,
                              block_n: int, max_block_m: int = 64, num_warps: int = 4,
                              num_stages: int = 2,
                              precision: str = "ieee", combine_rows: int = 1):
     """Launches decode attention; returns out shaped like q (same memory layout when q is dense).
 
     ``cache_leftpad`` (B,) int32 or None: sequence b's keys are slots [leftpad_b, L_b).
+    ``window_left``: query slot p sees keys p - window_left .. p; -1 (default) unlimited (a
+    window of the cache length or more is too, and launches the kernel without one).
 
     ``num_splits`` (1 .. MAX_SPLITS) fixes the grid; 1 runs the single-pass kernel only.
     ``block_n`` keys per block, ``max_block_m`` rows per tile at most; ``precision`` is tl.dot's
@@ -254,7 +279,11 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), BLOCK_M=bm, BLOCK_N=block_n, PRECISION=precision,
                 num_warps=num_warps, num_stages=num_stages)
     strides = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3])
-    common = (scale, int(cache_leftpad is not None), *strides)
+    if window_left >= Tmax:
+        window_left = -1
+    window = 0 if window_left < 0 else (1 if Tq == 1 else 2)
+    meta["WINDOW"] = window
+    common = (scale, int(cache_leftpad is not None), max(window_left, 0), *strides)
     with torch.cuda.device_of(q):  # Triton launches on the current device
         if num_splits == 1:
             decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, out, out, *common,

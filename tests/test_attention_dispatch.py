@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from fastllama import attention
+from fastllama import attention, ops
 from fastllama.attention import FALLBACKS, attend
 
 
@@ -228,14 +228,20 @@ def test_padding_mask_made_under_inference_mode():
 
 
 # Tests from mutation testing: each fails on a plausible bug the suite let through.
-def test_window_without_a_mask_while_decoding_is_kept():
-    """The decode kernel has no window: one query with a window and no mask must not reach it."""
+@pytest.mark.parametrize("window", [(2, 0), (2, -1)])
+def test_window_without_a_mask_while_decoding_is_kept(monkeypatch, window):
+    """One query with a window and no mask goes to the decode kernel with the window's left
+    bound (a right bound of -1 is the causal one), and sees only its window."""
     q, k, v = qkv(Tq=1, Tk=9)
     i = torch.arange(9, device=DEVICE)
     mask = (i[None, :] <= 8) & (i[None, :] >= 6)
+    calls = []
+    decode = ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: calls.append(kw["window"]) or decode(*a, **kw))
     with torch.no_grad():
-        out = attend(q, k, v, None, window=(2, 0))
+        out = attend(q, k, v, None, window=window)
     check(out, q, k, v, mask)
+    assert calls == [(2, 0)]
 
 
 def test_rows_that_see_no_key_are_zero_whatever_sdpa_gives(monkeypatch):

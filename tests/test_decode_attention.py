@@ -43,6 +43,26 @@ def test_split_counts_agree_and_are_deterministic():
     torch.testing.assert_close(base, ref.decode_attention(q, k, v, lens), rtol=0, atol=2e-6)
 
 
+def test_unlimited_window_is_no_window():
+    q, k, v, lens = _setup(B=2, Hq=4, Hk=1, Tq=3, lens=(77, 300))
+    base = ops.decode_attention(q, k, v, lens, num_splits=2)
+    for window in ((-1, 0), (300, 0), (2**40, 0)):  # -1, or as long as the cache (or longer)
+        assert torch.equal(ops.decode_attention(q, k, v, lens, num_splits=2, window=window), base), window
+
+
+def test_window_splits_only_the_keys_in_it():
+    """A windowed query's chunks cover its window, not the cache: with 4 splits of a window of
+    40 keys at length 300 every split does work (none stays empty), so the result equals one
+    split's, and the first 256 slots (NaN) are never read."""
+    q, k, v, lens = _setup(B=1, Hq=4, Hk=1, Tq=2, lens=(300,))
+    k[:, :, :256] = float("nan")
+    v[:, :, :256] = float("nan")
+    out = ops.decode_attention(q, k, v, lens, num_splits=4, window=(40, 0))
+    torch.testing.assert_close(out, ref.decode_attention(q, k, v, lens, window=(40, 0)), rtol=0, atol=2e-6)
+    torch.testing.assert_close(out, ops.decode_attention(q, k, v, lens, num_splits=1, window=(40, 0)),
+                               rtol=0, atol=2e-6)
+
+
 def test_lengths_outside_the_cache_are_clamped():
     q, k, v, _ = _setup(lens=(300, 300, 300))
     over = ops.decode_attention(q, k, v, torch.tensor([305, 10**6, -4], dtype=torch.int32, device=DEVICE),
@@ -99,6 +119,12 @@ def test_decode_attention_validation():
         ops.decode_attention(q, k, v, lens, cache_leftpad=torch.zeros_like(lens)[:, None].repeat(1, 2)[:, 1])
     with pytest.raises(ValueError, match="q has 8 heads and k_cache 0"):
         ops.decode_attention(q, k[:, :0], v[:, :0], lens)
+    with pytest.raises(TypeError, match=r"window must be None or a pair of ints.*sliding_window=W"):
+        ops.decode_attention(q, k, v, lens, window=20)
+    with pytest.raises(ValueError, match="decode attention is causal, so the right bound must be 0"):
+        ops.decode_attention(q, k, v, lens, window=(20, 3))
+    with pytest.raises(ValueError, match="left bound must be >= 0 or -1"):
+        ops.decode_attention(q, k, v, lens, window=(-2, 0))
     with torch.no_grad():  # fine without grad mode
         ops.decode_attention(q.detach().requires_grad_(), k, v, torch.tensor([1, 1, 1], dtype=torch.int32,
                                                                                 device=DEVICE))

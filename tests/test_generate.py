@@ -191,17 +191,19 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     assert "no decode step" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite"])
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma3"])
 def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
-    """model_type "qwen3" / "phi3" / "granite" (transformers' save_pretrained, the fixture's
-    tokenizer): the CLI loads it with transformers and streams the text of HF's own greedy generate."""
+    """model_type "qwen3" / "phi3" / "granite" / "gemma3_text" (transformers' save_pretrained, the
+    fixture's tokenizer): the CLI loads it with transformers and streams the text of HF's own
+    greedy generate."""
     import transformers
 
     from fastllama import Tokenizer
 
     (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
     torch.manual_seed(0)
-    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(
+    config = "Gemma3TextConfig" if family == "Gemma3" else f"{family}Config"
+    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, config)(
         vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     with torch.no_grad():  # non-trivial norms
@@ -621,7 +623,7 @@ def _hf_model(arch):
             tie_word_embeddings=True, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                         high_freq_factor=4.0, original_max_position_embeddings=16))),
         "qwen2-bias": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
-        "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=24)),
+        "mistral-window": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=6)),
         "qwen3-qk-norm": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=16)),
         "phi3-merged-proj": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0)),
         "phi3-partial-rope": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0, rope_parameters=dict(
@@ -631,7 +633,13 @@ def _hf_model(arch):
         "smollm3-nope": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM, dict(
             pad_token_id=0, no_rope_layer_interval=2)),  # rotary in layer 0 only
         "ministral-layer-window": (transformers.MinistralConfig, transformers.MinistralForCausalLM, dict(
-            head_dim=16, sliding_window=24, layer_types=["full_attention", "sliding_attention"])),
+            head_dim=16, sliding_window=6, layer_types=["full_attention", "sliding_attention"])),
+        # Gemma 3: four unit-offset norms a layer, q/k norms, GeGLU, the embedding scale, a window
+        # and its own rotary base on the local layers, query_pre_attn_scalar's scale, and the
+        # final logit soft-capping (at a cap the tiny logits reach)
+        "gemma3-window-softcap": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
+            head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24, final_logit_softcapping=0.5)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -644,22 +652,21 @@ def _hf_model(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers", "smollm3-nope",
-                                  "ministral-layer-window"])
+                                  "ministral-layer-window", "gemma3-window-softcap"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
-    Phi-4-mini's partial rotary and Granite's multipliers included) decodes the tokens of its own greedy ``generate`` (fp32),
-    three prompts of different lengths in one batch; a sliding window shorter than the cache is
-    refused. The prefill's logits are HF's (Granite's scaled: sampling with a temperature reads them)."""
+    Phi-4-mini's partial rotary, Granite's multipliers and Gemma 3 included) decodes the tokens
+    of its own greedy ``generate`` (fp32), three prompts of different lengths in one batch,
+    with sliding windows (6 keys) shorter than the prompts and the cache, in prefill and decode.
+    The prefill's logits are HF's (Granite's scaled, Gemma's soft-capped: sampling with a
+    temperature reads them)."""
     model = _hf_model(arch)
     prompts = [[5, 6, 7, 8, 9], list(range(10, 21)), [3, 4]]
     expected = [model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=6, do_sample=False,
                                pad_token_id=0)[0, len(p):].tolist() for p in prompts]
     got = Generator(model, 3, 24).generate(prompts, 6, stop_tokens=[])
     assert [g[len(p):] for g, p in zip(got, prompts)] == expected
-    if arch in ("mistral-window", "ministral-layer-window"):
-        with pytest.raises(ValueError, match="sliding_window=24"):
-            Generator(model, 1, 25)
     # and the logits themselves (greedy tokens of a tiny model can survive a wrong layer)
     gen, ids = Generator(model, 1, 24), torch.tensor([prompts[1]], device=DEVICE)
     with torch.no_grad():
@@ -671,6 +678,31 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         with pytest.raises(ValueError, match="layers.1.self_attn.k_norm is a hooked Qwen3RMSNorm"):
             Generator(model, 1, 24).generate([[3, 4]], 2)
         handle.remove()
+
+
+def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_activations_followed():
+    """What the kernels do not compute is refused (attention score soft-capping, Gemma 2's;
+    bidirectional attention); an MLP activation swapped between GELU-tanh and SiLU after the
+    generator was built is what the next call computes."""
+    model = _hf_model("gemma3-window-softcap")
+    gen = Generator(model, 1, 24)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.SiLU()
+    gen.generate([[5, 6, 7]], 1)
+    ids = torch.tensor([list(range(10, 21))], device=DEVICE)
+    with torch.no_grad():  # (greedy tokens of a tiny model can survive the wrong activation)
+        torch.testing.assert_close(gen._forward(ids, torch.zeros(1, dtype=torch.int32, device=DEVICE), None)[0],
+                                   model(ids).logits[0, -1], rtol=1e-4, atol=1e-4)
+    fastllama.patch(model)  # fastllama's own forwards (Gemma's norms too) are no replacement
+    gen.generate([[5, 6, 7]], 2)
+    fastllama.unpatch(model)
+    model.config.attn_logit_softcapping = 50.0
+    with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
+        Generator(model, 1, 24)
+    model.config.attn_logit_softcapping = None
+    model.model.layers[1].self_attn.is_causal = False
+    with pytest.raises(ValueError, match="bidirectional attention"):
+        Generator(model, 1, 24)
 
 
 def test_phi3_swapped_activation_is_refused():
@@ -686,8 +718,8 @@ def test_phi3_swapped_activation_is_refused():
 def test_hf_defaults_lora_and_qwen2_layer_types(monkeypatch):
     """Stop tokens default to config + generation_config eos ids (HF's generate stops on both);
     a projection that is not a plain nn.Linear (LoRA: its .weight is the base weight only) or
-    has hooks is refused at the call, not silently ignored; a Qwen2 config that turns the window
-    on for no layer (max_window_layers >= layers) is accepted."""
+    has hooks is refused at the call, not silently ignored; a Qwen2 config windows the layers
+    from max_window_layers on, as HF's attention does."""
     import transformers
 
     model = _hf_model("llama")
@@ -746,15 +778,12 @@ def test_hf_defaults_lora_and_qwen2_layer_types(monkeypatch):
     gen.generate([[3, 4]], 2)
     fastllama.unpatch(model)
 
-    cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, use_sliding_window=True, sliding_window=4,
-                                   max_window_layers=2)
-    qwen = transformers.Qwen2ForCausalLM(cfg).to(DEVICE)
-    if "sliding_attention" not in (getattr(cfg, "layer_types", None) or ["sliding_attention"]):
-        Generator(qwen, 1, 16)
-    else:  # a transformers without layer_types: the window is taken as on
-        with pytest.raises(ValueError, match="sliding_window"):
-            Generator(qwen, 1, 16)
+    for max_window_layers, windows in ((2, [None, None]), (1, [None, (3, 0)])):
+        cfg = transformers.Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, use_sliding_window=True, sliding_window=4,
+                                       max_window_layers=max_window_layers)
+        qwen = transformers.Qwen2ForCausalLM(cfg).to(DEVICE)
+        assert Generator(qwen, 1, 16).windows == windows  # the layers HF's own attention windows
 
 
 def test_unsupported_model_is_refused():

@@ -42,7 +42,7 @@ def _stages(elem_bytes: int) -> int:
 
 
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True,
-                sm: int = 80, split: bool = True) -> tuple[int, int, int]:
+                sm: int = 80, split: bool = True, window: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_80/86/90/100/120 compiles (ptxas
     registers, with the 16-divisible strides an aligned launch gets specialised on): 16-bit
     inputs take up to 64 rows and 64 keys (32 at D = 256), 8 warps from 4K-element tiles on, at
@@ -60,7 +60,20 @@ def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bo
     fp32 tiles at 8 warps to 64-128 registers and spills 8-40 bytes; there they take 4 warps (the
     one-token D = 128 tile, the split D = 256 one (the single pass spills 32 bytes with 4) and the
     unaligned D = 256 one: 80-255 registers, no spill) or 16 keys (the one-token D = 256 tile: 80-86
-    registers). sm_100 gives the unaligned fp32 D = 256 tile 4 warps too (8 spilled 8 bytes)."""
+    registers). sm_100 gives the unaligned fp32 D = 256 tile 4 warps too (8 spilled 8 bytes).
+
+    ``window``: a sliding window over several query rows (q_len > 1), whose per-row mask holds one
+    more value in the loop: ptxas capped the 8-warp tiles at 128 (16-bit) or 64 (fp32) registers
+    and spilled 8-16 bytes in 12 of them (16-bit 32 x 64 tiles at D 80/96, fp32 D 64-128 on
+    sm_80/100). There 16-bit tiles take half the keys (108-120 registers) and fp32 tiles up to
+    D = 128 4 warps (80-96), except on 99 KB GPUs (sm_86/120), where 4 warps spilled the
+    single-pass D = 128 tile and 8 do not (58-64 registers). One-token windows need no mask (the
+    chunk bound applies them) and keep their tiles."""
+    if window and q_len > 1 and aligned:
+        bm, bn, warps = _gpu_config(group, q_len, d_pad, elem_bytes, aligned, sm, split)
+        if elem_bytes < 4:
+            return bm, max(16, bn // 2), warps
+        return bm, bn, 4 if d_pad <= 128 and sm not in (86, 120) else warps
     if not aligned:
         big = d_pad * elem_bytes >= 512 and not (sm in (86, 100, 120) and elem_bytes >= 4 and d_pad == 256)
         return _dk.block_m(group, q_len, 16), 16, 8 if big else 4
@@ -106,22 +119,24 @@ def default_num_splits(batch: int, kv_heads: int, m_tiles: int, max_len: int, de
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastllama::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                      cache_leftpad: Optional[torch.Tensor], scale: float, num_splits: int) -> torch.Tensor:
+                      cache_leftpad: Optional[torch.Tensor], scale: float, num_splits: int,
+                      window_left: int) -> torch.Tensor:
     if interpreter_active():
         return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
-                                            num_splits=num_splits, block_n=_INTERPRETER_BLOCK_N,
+                                            num_splits=num_splits, window_left=window_left,
+                                            block_n=_INTERPRETER_BLOCK_N,
                                             combine_rows=_INTERPRETER_ROWS)
     group = q.shape[1] // k_cache.shape[1]
     aligned = _dk.strides_aligned(q, k_cache, v_cache)
     bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(), aligned,
-                                table_arch(q.device), num_splits > 1)
+                                table_arch(q.device), num_splits > 1, 0 <= window_left < k_cache.shape[2])
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
-                                        num_splits=num_splits, block_n=bn, max_block_m=bm,
+                                        num_splits=num_splits, window_left=window_left, block_n=bn, max_block_m=bm,
                                         num_warps=warps, num_stages=_stages(q.element_size()))
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits):
+def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, window_left):
     return torch.empty_like(q)
 
 
@@ -169,6 +184,22 @@ def _check_cache(name: str, cache, q: torch.Tensor, kv_heads: int | None = None)
         want = f"({B}, {kv_heads if kv_heads is not None else 'Hk'}, Tmax, {D})"
         raise ValueError(f"{name} has shape {tuple(cache.shape)}; accepted: {want} (batch and head_dim of q)")
     check_last_dim_contiguous(name, cache)
+
+
+def _window_left(window) -> int:
+    """``window=(left, 0)`` as the kernel's ``window_left`` (-1: unlimited); refuses other forms."""
+    if window is None:
+        return -1
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be None or a pair of ints (left, 0), -1 for unlimited; got {window!r}. "
+                        f"HF's sliding_window=W is window=(W - 1, 0)")
+    left, right = window
+    if right != 0:
+        raise ValueError(f"window={tuple(window)}: decode attention is causal, so the right bound must be 0")
+    if left < -1:
+        raise ValueError(f"window={tuple(window)}: the left bound must be >= 0 or -1 (unlimited)")
+    return min(int(left), 2**31 - 1)
 
 
 def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits) -> None:
@@ -260,7 +291,8 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
 # ----------------------------------------------------------------------------------------------
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      scale: float | None = None, num_splits: int | None = None,
-                     cache_leftpad: torch.Tensor | None = None) -> torch.Tensor:
+                     cache_leftpad: torch.Tensor | None = None,
+                     window: tuple[int, int] | None = None) -> torch.Tensor:
     """Attention of a few new queries against a static KV cache (flash-decoding), forward only.
 
     Args:
@@ -280,6 +312,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         cache_leftpad: optional (B,) int32: sequence b's keys start at slot ``cache_leftpad[b]``
             (a left-padded cache, e.g. HF's static cache of a left-padded batch; flash-attn's
             ``cache_leftpad``). Slots before it are never read. Default: 0.
+        window: ``(left, 0)``, a sliding window as in :func:`flash_attention`: the query at slot
+            p sees keys ``p - left .. p`` only (HF's ``sliding_window=W`` is ``(W - 1, 0)``); the
+            older slots are never read, so a windowed layer costs ``left + Tq`` keys at most.
+            ``(-1, 0)`` or None (default): unlimited. The right bound must be 0 (causal).
 
     Returns:
         (B, Hq, Tq, D) like q (q's memory layout when q is dense): query t of sequence b attends
@@ -287,6 +323,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         Tq tokens); a query with no key (``L_b == 0`` or ``L_b - Tq + t < 0``) gives zeros.
     """
     _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
+    window_left = _window_left(window)
     # the kernel addresses q's rows as head * stride + token * stride in int32: a q that could
     # pass 2**31 elements that way runs from a copy (a few tokens: cheap)
     if (q.shape[1] - 1) * q.stride(1) + (q.shape[2] - 1) * q.stride(2) >= 2**31:
@@ -297,8 +334,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         bm = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(),
                          _dk.strides_aligned(q, k_cache, v_cache), table_arch(q.device))[0]
         m_tiles = triton.cdiv(group * q.shape[2], bm)
-        num_splits = default_num_splits(q.shape[0], k_cache.shape[1], m_tiles, k_cache.shape[2], q.device)
-    return _decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
+        keys = k_cache.shape[2] if window_left < 0 else min(k_cache.shape[2], window_left + q.shape[2])
+        num_splits = default_num_splits(q.shape[0], k_cache.shape[1], m_tiles, keys, q.device)
+    return _decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, window_left)
 
 
 def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -349,6 +387,11 @@ def _decode_args(p: dict, dtype: torch.dtype, device: str):
         v[b, :, n:] = float("nan")
     lens = torch.tensor(p["lens"], device=device, dtype=torch.int32)
     kwargs = {"num_splits": p.get("splits")}
+    if p.get("window"):  # slots older than every query's window hold NaN: they must never be read
+        kwargs["window"] = p["window"]
+        for b, n in enumerate(p["lens"]):
+            k[b, :, :max(0, n - Tq - p["window"][0])] = float("nan")
+            v[b, :, :max(0, n - Tq - p["window"][0])] = float("nan")
     if p.get("leftpad"):  # slots before the start hold NaN too: they must never be read
         for b, n in enumerate(p["leftpad"]):
             k[b, :, :n] = float("nan")
@@ -357,8 +400,10 @@ def _decode_args(p: dict, dtype: torch.dtype, device: str):
     return (q, k, v, lens), kwargs
 
 
-def _decode_reference(q, k_cache, v_cache, cache_seqlens, num_splits=None, scale=None, cache_leftpad=None):
-    return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, cache_leftpad=cache_leftpad)
+def _decode_reference(q, k_cache, v_cache, cache_seqlens, num_splits=None, scale=None, cache_leftpad=None,
+                      window=None):
+    return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, cache_leftpad=cache_leftpad,
+                                 window=window)
 
 
 def _dcase(id_, cuda_only=False, **p):
@@ -375,6 +420,19 @@ _DECODE_CASES = (
     _dcase("B2-H16/2-Tq16-D80-len200,16-s3", B=2, Hq=16, Hk=2, Tq=16, D=80, lens=(200, 16), Tmax=256, splits=3),
     _dcase("B3-H4/1-Tq2-D64-leftpad5,0,300-s4", B=3, Hq=4, Hk=1, Tq=2, D=64, lens=(77, 1, 300), leftpad=(5, 0, 300),
            Tmax=320, splits=4),
+    # sliding windows (Mistral's, Gemma 3's local layers): a window shorter than some lengths,
+    # one of a single key (0), and one reaching back past a left padding
+    _dcase("B3-H4/2-Tq1-D64-len1,77,300-window20-s4", B=3, Hq=4, Hk=2, Tq=1, D=64, lens=(1, 77, 300), Tmax=320,
+           splits=4, window=(20, 0)),
+    _dcase("B2-H8/2-Tq3-D128-len9,200-window0-s1", B=2, Hq=8, Hk=2, Tq=3, D=128, lens=(9, 200), Tmax=256,
+           splits=1, window=(0, 0)),
+    _dcase("B2-H4/1-Tq4-D80-len150,60-leftpad40,10-window100-default", B=2, Hq=4, Hk=1, Tq=4, D=80, lens=(150, 60),
+           leftpad=(40, 10), Tmax=160, window=(100, 0)),
+    *(
+        _dcase(f"B4-H32/8-Tq{tq}-D128-window{w}-s{s}", cuda_only=True, B=4, Hq=32, Hk=8, Tq=tq, D=128,
+               lens=(1, 77, 1000, 4097), Tmax=4224, splits=s, window=(w, 0))
+        for tq in (1, 4) for w in (511, 4095) for s in (1, 32, None)
+    ),
     *(
         _dcase(f"B4-H{8 * g}/8-Tq{tq}-D{d}-s{s}", cuda_only=True, B=4, Hq=8 * g, Hk=8, Tq=tq, D=d,
                lens=(1, 77, 1000, 4097), Tmax=4224, splits=s, cache_view=(s == 7),
@@ -441,7 +499,7 @@ def _split_signature(ptr: str, split: bool, st: str, lse_st: str, lengths: dict)
     stride (a multiple of 16 to Triton)."""
     return {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
             "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
-            "use_leftpad": "i32",
+            "use_leftpad": "i32", "window_left": "i32",
             **{f"stride_{n}{s}": st for n in "qkvo" for s in "bht"}, "stride_os": st if split else "i32:16",
             **{f"stride_l{s}": lse_st for s in "bht"}, **lengths}
 
@@ -467,9 +525,10 @@ _DEFAULT_STAGES = 3
 
 def _decode_builds() -> list[KernelBuild]:
     """Split kernel: dtype x head dim x (aligned strides: BLOCK_M 16/32/64, fp32 16; unaligned:
-    16 x 16 tiles) x (single pass, split); combine kernel: dtype x head dim x S_PAD. Plus the
-    Tq = 1 decode-step variants ("tq1", see ``_ONE``): split kernel x tile (GQA groups up to 16,
-    17-32, 33-64) x (single pass, split) and combine x S_PAD, aligned.
+    16 x 16 tiles) x (single pass, split) x (no window, windowed rows: WINDOW 0 / 2); combine
+    kernel: dtype x head dim x S_PAD. Plus the Tq = 1 decode-step variants ("tq1", see
+    ``_ONE``): split kernel x tile (GQA groups up to 16, 17-32, 33-64) x (single pass, split) x
+    (no window, window bound: WINDOW 0 / 1) and combine x S_PAD, aligned.
 
     An aligned launch (:func:`~fastllama.kernels.decode_attention.strides_aligned`) has every
     q/k/v/output stride a multiple of 16, which Triton specialises on at launch: those builds
@@ -486,30 +545,32 @@ def _decode_builds() -> list[KernelBuild]:
                 # A general build serves Tq >= 2 (Tq = 1 launches the tq1 variant below): a tile
                 # of `rows` rows as rows / 2 heads x 2 query rows.
                 st = "i32:16" if aligned else "i32"
-                for split in (False, True):
+                for split, window in itertools.product((False, True), (0, 2)):
                     for (bm, bn, warps), archs in by_arch(
-                            lambda sm: _gpu_config(rows // 2, 2, d_pad, dtype.itemsize, aligned, sm, split)):
+                            lambda sm: _gpu_config(rows // 2, 2, d_pad, dtype.itemsize, aligned, sm, split,
+                                                   window > 0)):
                         builds.append(KernelBuild(
                             _dk.decode_split_kernel, _split_signature(ptr, split, st, "i32", general),
                             {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
-                             "PRECISION": "ieee"},
+                             "PRECISION": "ieee", "WINDOW": window},
                             num_warps=warps, num_stages=_stages(dtype.itemsize), archs=archs,
                             label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
-                                  f"{'' if aligned else ' unaligned'}"))
+                                  f"{'' if aligned else ' unaligned'}{' window' if window else ''}"))
             # Tq = 1: the tile of a GQA group of up to 16 heads (MHA too) is 16 rows, as _gpu_config
             # picks; 16-bit groups of 17-32 and 33-64 heads take one tile of 32 and 64 rows, fp32
             # several 16-row tiles.
             groups = (16,) if dtype == torch.float32 else (16, 32, 64)
-            for group, split in itertools.product(groups, (False, True)):
+            for group, split, window in itertools.product(groups, (False, True), (0, 1)):
                 lengths = {"q_len": "constexpr", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
                 for (bm, bn, warps), archs in by_arch(
                         lambda sm: _gpu_config(group, 1, d_pad, dtype.itemsize, True, sm, split)):
                     builds.append(KernelBuild(
                         _dk.decode_split_kernel, _split_signature(ptr, split, "i32:16", "i32", lengths),
                         {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
-                         "PRECISION": "ieee", **_ONE},
+                         "PRECISION": "ieee", "WINDOW": window, **_ONE},
                         num_warps=warps, num_stages=_stages(dtype.itemsize), archs=archs,
-                        label=f"decode_attention tq1 {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"))
+                        label=f"decode_attention tq1 {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
+                              f"{' window' if window else ''}"))
             for s_pad, aligned in itertools.product(_S_PADS, (True, False)):
                 st = "i32:16" if aligned else "i32"  # the output's strides (q's layout)
                 builds.append(KernelBuild(

@@ -306,6 +306,7 @@ def decode_attention(
     cache_seqlens: torch.Tensor,
     scale: float | None = None,
     cache_leftpad: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
 ):
     """:func:`attention` of new queries against a static cache, one sequence at a time.
 
@@ -313,15 +314,18 @@ def decode_attention(
     ``L = cache_seqlens[b]`` slots (the new tokens included), from slot ``cache_leftpad[b]``
     (default 0: flash-attn's left-padding convention). Causal with bottom-right alignment: query
     t sits at slot ``L - Tq + t``. A sequence without keys (or a query row before the first key)
-    gives zeros. Slots outside ``[leftpad, L)`` are never read.
+    gives zeros. Slots outside ``[leftpad, L)`` are never read. ``window=(left, 0)``: the query
+    at slot p sees keys ``p - left .. p`` only (:func:`attention_mask`'s convention).
     """
     outs = []
     starts = [0] * q.shape[0] if cache_leftpad is None else cache_leftpad.tolist()
     for b, (n, s) in enumerate(zip(cache_seqlens.tolist(), starts)):
         n = max(0, min(int(n), k_cache.shape[2]))
         s = max(0, min(int(s), n))
+        if window is not None and window[0] >= 0:  # keys older than every query's window: not read
+            s = max(s, n - q.shape[2] - window[0])
         outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :, s:n], v_cache[b:b + 1, :, s:n], causal=True,
-                              scale=scale))
+                              scale=scale, window=window))
     return torch.cat(outs) if outs else torch.zeros_like(q)
 
 
