@@ -67,6 +67,15 @@ def gemma_rms_norm_forward(self, hidden_states):
     return ops.rms_norm(x, self.weight.to(x.dtype), self.eps, unit_offset=True)
 
 
+def olmo_rms_norm_forward(self, hidden_states):
+    """``Olmo2RMSNorm.forward`` (OLMo 2 and 3): ``(w * normed).to(x.dtype)``, rounded once, in one
+    kernel (the output keeps x's dtype, as HF's ``.to(input_dtype)``: a wider weight is cast to it)."""
+    x = _unit_last_stride(hidden_states)
+    return ops.rms_norm(x, self.weight.to(x.dtype), self.variance_epsilon, round_once=True)
+
+
+# the patched norms a decoder layer fuses with the residual add or the projections after them
+# (OLMo's norms follow their branches: nothing to fuse)
 NORM_FORWARDS = (rms_norm_forward, gemma_rms_norm_forward)
 
 
@@ -320,7 +329,7 @@ def _family(module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face (Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite, Gemma 3)
+# Hugging Face (Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite, Gemma 3, OLMo 2/3)
 # ---------------------------------------------------------------------------------------------
 def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           sliding_window=None, is_causal=None, **kwargs):
@@ -373,6 +382,12 @@ def hf_attention_mask(**kwargs):
 _WINDOW_FROM_CONFIG = ("mistral", "phi3")
 
 
+def qk_norm_over_all_heads(attn) -> bool:
+    """Whether the attention's q/k RMSNorms (``q_norm``/``k_norm``) normalise the whole projection
+    (OLMo 2/3: a weight of heads x head_dim), not each head (Qwen3, Gemma 3: head_dim)."""
+    return hasattr(attn, "q_norm") and attn.q_norm.weight.shape[-1] != attn.head_dim
+
+
 def sliding_window(attn) -> int | None:
     """The ``sliding_window`` an HF attention module's own forward passes (query p sees keys
     p - W < k <= p), None for full attention: Qwen2's, Ministral's, SmolLM3's and Gemma 3's per
@@ -403,8 +418,11 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
         projected = _norm_projections(norm, hidden_states, linears)
     else:
         projected = [lin(hidden_states) for lin in linears]
-    q, k, v = (t.view(hidden_shape) for t in split_qkv(self, projected))
-    if hasattr(self, "q_norm"):  # Qwen3: an RMSNorm over each head's q and k, before rotary
+    q, k, v = split_qkv(self, projected)
+    if qk_norm_over_all_heads(self):  # OLMo 2/3: an RMSNorm over the whole q and k projections
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (t.view(hidden_shape) for t in (q, k, v))
+    if hasattr(self, "q_norm") and not qk_norm_over_all_heads(self):  # Qwen3, Gemma 3: over each head
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if getattr(self, "use_rope", True):  # SmolLM3's NoPE layers (every 4th) have no rotary

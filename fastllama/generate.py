@@ -1,8 +1,8 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma 3 causal LM (their parameters,
-no copies), with
+/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma 3 / OLMo 2 / OLMo 3 causal LM
+(their parameters, no copies), with
 
 * one static KV cache for all layers, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -206,7 +206,7 @@ class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
     ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``MinistralForCausalLM`` / ``Qwen2ForCausalLM`` /
     ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM`` /
-    ``Gemma3ForCausalLM``.
+    ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` / ``Olmo3ForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -252,8 +252,9 @@ class Generator:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
-        # Gemma 3: norms compute x * (1 + w), and each branch is normed before it joins the stream
-        self.gemma = forwards._family(model) == "gemma3"
+        # Gemma 3's norms compute (x * (1 + w)), OLMo 2/3's (x * w), in fp32 and round once
+        family = forwards._family(model)
+        self.unit_offset, self.round_once = family == "gemma3", family in ("gemma3", "olmo2", "olmo3")
         layers = model.model.layers
         # Each layer's rotary tables: one pair for the model, or one per layer type (Gemma 3's
         # local and global bases); SmolLM3's NoPE layers get a one-row table of cos 1, sin 0,
@@ -335,15 +336,17 @@ class Generator:
             a, m = layer.self_attn, layer.mlp
             attention_in, mlp_in = self._layer_groups(layer)
             qkv, gate_up = self._projections[i] if self._projections else (None, None)
-            if mlp_out is None:
-                h = self._norm(x, layer.input_layernorm)
-            else:  # x + mlp(...) of the previous layer and this layer's norm: one kernel
-                h, x = self._norm(mlp_out, layer.input_layernorm, residual=x)
+            # x + the previous layer's MLP branch, and this layer's input norm: one kernel (OLMo
+            # has no input norm: the sum itself goes in)
+            x, h = self._add_and_norm(x, mlp_out, getattr(layer, "input_layernorm", None))
             # q/k/v as column views of one GEMM's output: the kernels below take any strides
             q, k, v = split_qkv(a, self._project(qkv, attention_in, h))
+            over_all_heads = forwards.qk_norm_over_all_heads(a)
+            if over_all_heads:  # OLMo 2/3: an RMSNorm over the whole q and k projections
+                q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
             q = q.view(B, T, self.n_heads, self.head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)
-            if hasattr(a, "q_norm"):  # Qwen3, Gemma 3: an RMSNorm over each head's q and k, before rotary
+            if hasattr(a, "q_norm") and not over_all_heads:  # Qwen3, Gemma 3: over each head, before rotary
                 q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -356,17 +359,22 @@ class Generator:
             else:
                 o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale, window=window)
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
-            if self.gemma:  # s = x + post_attention_norm(o); h = pre_feedforward_norm(s)
-                o, mlp_norm = self._norm(o, layer.post_attention_layernorm), layer.pre_feedforward_layernorm
+            if hasattr(layer, "post_feedforward_layernorm"):
+                # Gemma 3, OLMo: each branch normed before it joins the stream; the MLP's input is
+                # normed (Gemma 3's pre_feedforward_layernorm) or not (OLMo)
+                o, mlp_norm = self._norm(o, layer.post_attention_layernorm), getattr(
+                    layer, "pre_feedforward_layernorm", None)
             else:  # s = x + o; h = post_attention_norm(s)
                 o, mlp_norm = self._residual_branch(o), layer.post_attention_layernorm
-            h, x = self._norm(o, mlp_norm, residual=x)
+            x, h = self._add_and_norm(x, o, mlp_norm)
             projected = self._project(gate_up, mlp_in, h)
             gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
             mlp_out = F.linear(ops.swiglu(gate, up, activation=self.activations[i]), m.down_proj.weight,
                                m.down_proj.bias)
-            mlp_out = self._norm(mlp_out, layer.post_feedforward_layernorm) if self.gemma \
-                else self._residual_branch(mlp_out)
+            if hasattr(layer, "post_feedforward_layernorm"):
+                mlp_out = self._norm(mlp_out, layer.post_feedforward_layernorm)
+            else:
+                mlp_out = self._residual_branch(mlp_out)
         x = x + mlp_out
         x = x[torch.arange(B, device=x.device), last] if last is not None else x[:, -1]
         h = self._norm(x, self.model.model.norm)
@@ -379,8 +387,21 @@ class Generator:
 
     def _norm(self, x: torch.Tensor, norm, residual: torch.Tensor | None = None):
         """The model's RMSNorm ``norm`` of x from its weight, in one kernel (with ``residual``:
-        ``(norm(x + residual), x + residual)``); Gemma's scales by ``1 + w``."""
-        return ops.rms_norm(x, norm.weight, self.eps, residual=residual, unit_offset=self.gemma)
+        ``(norm(x + residual), x + residual)``): Gemma's scales by ``1 + w``, Gemma's and OLMo's
+        round once."""
+        return ops.rms_norm(x, norm.weight, self.eps, residual=residual, unit_offset=self.unit_offset,
+                            round_once=self.round_once)
+
+    def _add_and_norm(self, x: torch.Tensor, branch: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, norm(s))`` for the residual stream ``s = x + branch`` (``x`` when there is no
+        branch yet), in one kernel; ``(s, s)`` when ``norm`` is None."""
+        if branch is None:
+            return x, (x if norm is None else self._norm(x, norm))
+        if norm is None:
+            s = x + branch
+            return s, s
+        h, s = self._norm(branch, norm, residual=x)
+        return s, h
 
     def _residual_branch(self, h: torch.Tensor) -> torch.Tensor:
         """What a layer's attention or MLP adds to the residual stream (Granite scales it)."""
@@ -672,14 +693,15 @@ def load_tokenizer(path):
 
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
-TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma3_text")
+TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma3_text",
+                            "olmo2", "olmo3")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
-    :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite or
-    Gemma 3 text model (``model_type`` in config.json)
+    :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
+    Gemma 3 text, OLMo 2 or OLMo 3 model (``model_type`` in config.json)
     through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path

@@ -2,11 +2,12 @@
 
 The generator computes a model from its weights, not by calling its modules: the reference
 ``Llama`` and transformers' Llama / Mistral / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 /
-Granite / Gemma 3 causal LMs share the attribute names it reads (``model.layers[i].self_attn.q_proj``,
+Granite / Gemma 3 / OLMo 2 / OLMo 3 causal LMs share the attribute names it reads (``model.layers[i].self_attn.q_proj``,
 ``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's attention adds ``q_norm``/``k_norm``,
 SmolLM3's ``use_rope`` (False: no rotary), Phi-3 merges q/k/v into ``qkv_proj`` and gate/up
 into ``gate_up_proj``; Granite adds scalar multipliers, read from its config; Gemma 3 adds a
-norm after each branch and rotary tables per layer type). Here:
+norm after each branch and rotary tables per layer type; OLMo 2/3 norm after each branch only,
+and their q/k norms span all heads). Here:
 which models that computes exactly (:func:`check_model`, :func:`module_problem`), their
 rotary tables and default stop tokens, and :class:`RowBlocks`, the one-GEMM layout of the
 projections that read the same input.
@@ -105,7 +106,7 @@ class RowBlocks:
 # (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
 _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
-                  "Gemma3ForCausalLM")
+                  "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:
@@ -199,7 +200,8 @@ def module_problem(model) -> str | None:
     norms += [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in layers
               for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]  # Qwen3's per-head q/k norms
     for name, norm in norms:
-        replaced = forwards._forward_replaced(norm) and not forwards._patched_with(norm, *forwards.NORM_FORWARDS)
+        replaced = forwards._forward_replaced(norm) and not forwards._patched_with(
+            norm, *forwards.NORM_FORWARDS, forwards.olmo_rms_norm_forward)
         if type(norm) is not rms_norm or norm._forward_pre_hooks or norm._forward_hooks or replaced:
             what = ("a hooked " if norm._forward_pre_hooks or norm._forward_hooks
                     else "a forward-replaced " if replaced else "a ")

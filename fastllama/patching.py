@@ -30,10 +30,14 @@ log = logging.getLogger("fastllama")
 
 OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
 # transformers family (its modeling module) -> the class name prefix of its modules. Gemma 3's
-# norms ((1 + w), rounded once) and decoder layer (four norms) have rules of their own below.
+# norms ((1 + w), rounded once) and decoder layer (four norms) have rules of their own below;
+# OLMo 2/3's norms (w, rounded once) too, and their decoder layers (a norm after each branch,
+# none before) run as they are, with the patched modules inside.
 _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
-                "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite", "gemma3": "Gemma3"}
-_LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m != "gemma3")  # families whose RMSNorm is Llama's
+                "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite", "gemma3": "Gemma3", "olmo2": "Olmo2",
+                "olmo3": "Olmo3"}
+_OLMO = ("olmo2", "olmo3")
+_LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in ("gemma3", *_OLMO))  # families whose RMSNorm is Llama's
 
 
 def _hf(kind: str, families=tuple(_HF_FAMILIES)) -> tuple[str, ...]:
@@ -87,6 +91,7 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule(("rms_norm",), _hf("RMSNorm", _LLAMA_NORMS) + _ref("RMSNorm"), forwards.rms_norm_forward),
     Rule(("rms_norm",), _hf("RMSNorm", ("gemma3",)), forwards.gemma_rms_norm_forward),
+    Rule(("rms_norm",), _hf("RMSNorm", _OLMO), forwards.olmo_rms_norm_forward),
     Rule(("rms_norm",), _hf("DecoderLayer", _LLAMA_NORMS), forwards.hf_decoder_layer_forward),
     Rule(("rms_norm",), _hf("DecoderLayer", ("gemma3",)), forwards.gemma3_decoder_layer_forward),
     Rule(("rms_norm",), _ref("DecoderLayer"), forwards.reference_decoder_layer_forward),
@@ -226,7 +231,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
     ``MinistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``,
-    ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``Gemma3ForCausalLM`` (also inside a PEFT wrapper) and
+    ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
+    ``Olmo3ForCausalLM`` (also inside a PEFT wrapper) and
     ``fastllama.reference.Llama``. Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
     also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the

@@ -5,9 +5,10 @@ A Llama decoder layer computes, twice per layer::
     s = x + residual                      (in the input dtype)
     y = w * (s * rstd).to(dtype),   rstd = 1 / sqrt(mean(s^2) + eps)   (statistics in fp32)
 
-Gemma's RMSNorm (``UNIT_OFFSET``) scales by (1 + w) and rounds once, at the end::
+Gemma's RMSNorm (``UNIT_OFFSET``) scales by (1 + w) and rounds once, at the end; OLMo 2/3's
+(``ROUND_ONCE``) scales by w and rounds once::
 
-    y = ((s * rstd) * (1 + w)).to(dtype)  (all in fp32)
+    y = ((s * rstd) * (1 + w)).to(dtype)      y = ((s * rstd) * w).to(dtype)   (all in fp32)
 
 Both kernels work on tiles of BLOCK_M rows. A row of up to BLOCK_N (<= 8192) columns is read
 once and held in registers. Wider rows are CHUNKED: a first loop over 4096-wide chunks reduces
@@ -42,12 +43,15 @@ def _sum_input(X, R, S, rows64, cols, mask, stride_x, stride_r, stride_s, HAS_RE
 
 
 @triton.jit
-def _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y, UNIT_OFFSET: tl.constexpr):
+def _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y, UNIT_OFFSET: tl.constexpr,
+                     ROUND_ONCE: tl.constexpr):
     """y = w * (s * rstd).to(dtype): HF's Llama casts BEFORE the weight multiply; Gemma's
-    (UNIT_OFFSET) multiplies by 1 + w in fp32 and casts after."""
+    (UNIT_OFFSET) multiplies by 1 + w in fp32 and casts after, OLMo's (ROUND_ONCE) by w."""
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     if UNIT_OFFSET:
         y = (s * rstd[:, None]) * (1.0 + w[None, :])
+    elif ROUND_ONCE:
+        y = (s * rstd[:, None]) * w[None, :]
     else:
         y = (s * rstd[:, None]).to(Y.dtype.element_ty).to(tl.float32) * w[None, :]
     tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -64,6 +68,7 @@ def rms_norm_fwd_kernel(
     BLOCK_N: tl.constexpr,
     CHUNKED: tl.constexpr,
     UNIT_OFFSET: tl.constexpr,
+    ROUND_ONCE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
@@ -88,7 +93,7 @@ def rms_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
     if not CHUNKED:
-        _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y, UNIT_OFFSET)
+        _normalise_store(s, rstd, W, Y, rows64, cols, mask, n_cols, stride_y, UNIT_OFFSET, ROUND_ONCE)
     else:
         # Second pass: re-read s (the stored sum, or x) chunk by chunk.
         if HAS_RESIDUAL:
@@ -101,7 +106,7 @@ def rms_norm_fwd_kernel(
             cc = c0 + cols
             mask = row_ok[:, None] & (cc < n_cols)[None, :]
             s = tl.load(SRC + rows64 * stride_src + cc[None, :], mask=mask, other=0.0).to(tl.float32)
-            _normalise_store(s, rstd, W, Y, rows64, cc, mask, n_cols, stride_y, UNIT_OFFSET)
+            _normalise_store(s, rstd, W, Y, rows64, cc, mask, n_cols, stride_y, UNIT_OFFSET, ROUND_ONCE)
 
 
 def block_cols(n_cols: int, backward: bool = False, unit_offset: bool = False) -> tuple[int, bool]:
@@ -112,9 +117,10 @@ def block_cols(n_cols: int, backward: bool = False, unit_offset: bool = False) -
     return max(16, triton.next_power_of_2(n_cols)), False
 
 
-def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps, unit_offset=False):
+def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps, unit_offset=False, round_once=False):
     """x, residual: (M, N) with unit column stride; weight (N,). Returns (y, s, rstd).
-    ``unit_offset``: Gemma's (1 + w) scale, rounded once.
+    ``unit_offset``: Gemma's (1 + w) scale, rounded once; ``round_once``: OLMo's w scale, rounded
+    once (the backward is Llama's: the two differ only in the forward's rounding).
 
     ``s`` is ``x + residual`` (an empty tensor without residual); ``rstd`` is (M,) fp32.
     """
@@ -137,6 +143,7 @@ def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps, unit_
             BLOCK_N=block_n,
             CHUNKED=chunked,
             UNIT_OFFSET=unit_offset,
+            ROUND_ONCE=round_once and not unit_offset,
             num_warps=num_warps,
         )
     return y, s, rstd

@@ -588,8 +588,20 @@ def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds
             (swiglu.swiglu(gate, up, activation="gelu_tanh").float().sum()
              + swiglu.swiglu_fused(gate_up, activation="gelu_tanh").float().sum()).backward()
     assert len(launched) - before == 2 * len(gemma) * 2 * 8
+    # OLMo 2/3 (1B, 7B, 13B, 32B): norms rounded once, on hidden rows and on q/k projections (whole
+    # rows too; 32B's 8 KV heads make a 1024-wide k), with and without the residual
+    olmo = (2048, 4096, 5120, 1024)
+    before = len(launched)
+    with _interp.wrong_bf16_values_ok():
+        for dtype, hidden, (b, t) in itertools.product((torch.bfloat16, torch.float32), olmo, ((1, 1), (1, 77))):
+            x, res = (torch.empty(b, t, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+            w = torch.empty(hidden, dtype=dtype, requires_grad=True)
+            y, s = rms.rms_norm(x, w, residual=res, round_once=True)
+            (y.float().sum() + s.float().sum() + rms.rms_norm(x, w, round_once=True).float().sum()).backward()
+    assert len(launched) - before == 2 * len(olmo) * 2 * 4
     missing = _not_in_report(launched, ("rms_norm", "rms_norm_residual", "swiglu", "swiglu_fused",
-                                        "rms_norm_unit_offset", "rms_norm_residual_unit_offset", "geglu"))
+                                        "rms_norm_unit_offset", "rms_norm_residual_unit_offset", "geglu",
+                                        "rms_norm_round_once", "rms_norm_residual_round_once"))
     assert not missing, (len(missing), missing[:3])
 
 

@@ -9,6 +9,7 @@ import torch
 
 from conftest import DEVICE, INTERPRETER
 import fastllama
+from fastllama import ops
 from fastllama.cli import main
 from fastllama.generate import Generator, TextStreamer, generate, sample_logits
 from fastllama.reference import Llama, LlamaConfig
@@ -191,9 +192,9 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     assert "no decode step" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma3"])
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma3", "Olmo3"])
 def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
-    """model_type "qwen3" / "phi3" / "granite" / "gemma3_text" (transformers' save_pretrained, the
+    """model_type "qwen3" / "phi3" / "granite" / "gemma3_text" / "olmo3" (transformers' save_pretrained, the
     fixture's tokenizer): the CLI loads it with transformers and streams the text of HF's own
     greedy generate."""
     import transformers
@@ -640,6 +641,10 @@ def _hf_model(arch):
         "gemma3-window-softcap": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
             head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=24, final_logit_softcapping=0.5)),
+        # OLMo 2/3: norms after each branch only, q/k norms over all heads, rounded once; a window
+        "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, dict(pad_token_id=0)),
+        "olmo3-window": (transformers.Olmo3Config, transformers.Olmo3ForCausalLM, dict(
+            pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -652,11 +657,11 @@ def _hf_model(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers", "smollm3-nope",
-                                  "ministral-layer-window", "gemma3-window-softcap"])
+                                  "ministral-layer-window", "gemma3-window-softcap", "olmo2", "olmo3-window"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
-    Phi-4-mini's partial rotary, Granite's multipliers and Gemma 3 included) decodes the tokens
+    Phi-4-mini's partial rotary, Granite's multipliers, Gemma 3 and OLMo 2/3 included) decodes the tokens
     of its own greedy ``generate`` (fp32), three prompts of different lengths in one batch,
     with sliding windows (6 keys) shorter than the prompts and the cache, in prefill and decode.
     The prefill's logits are HF's (Granite's scaled, Gemma's soft-capped: sampling with a
@@ -703,6 +708,24 @@ def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_ac
     model.model.layers[1].self_attn.is_causal = False
     with pytest.raises(ValueError, match="bidirectional attention"):
         Generator(model, 1, 24)
+
+
+@pytest.mark.parametrize("arch,flags", [("olmo3-window", (False, True)), ("gemma3-window-softcap", (True, True)),
+                                        ("llama", (False, False))])
+def test_generator_norms_round_as_the_family_does(monkeypatch, arch, flags):
+    """Every norm the generator computes rounds as the model's own does (fp32 logits cannot tell
+    one rounding from two): OLMo's w once, Gemma's 1 + w once, Llama's twice. OLMo's q/k norms
+    span all heads (hidden-wide rows), the others' one head."""
+    model = _hf_model(arch)
+    gen = Generator(model, 1, 24)
+    seen = []
+    rms_norm = ops.rms_norm
+    monkeypatch.setattr(ops, "rms_norm", lambda x, w, *a, **k: seen.append(
+        (x.shape[-1], k["unit_offset"], k["round_once"])) or rms_norm(x, w, *a, **k))
+    gen.generate([[3, 4, 5]], 2)
+    assert {(u, r) for _, u, r in seen} == {flags}
+    widths = {n for n, _, _ in seen}
+    assert widths == ({64, 32} if arch.startswith("olmo") else {64, 16} if arch.startswith("gemma") else {64})
 
 
 def test_phi3_swapped_activation_is_refused():

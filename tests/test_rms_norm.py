@@ -223,3 +223,28 @@ def test_unit_offset_rounds_once_as_gemma3_rms_norm(dtype):
     assert ((y.float() - expected.float()).abs() <= ulp).all()
     with pytest.raises(TypeError, match="unit_offset must be a bool"):
         ops.rms_norm(x, norm.weight, unit_offset=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_round_once_as_olmo2_rms_norm(dtype):
+    """``round_once``: HF's Olmo2RMSNorm computes (w * normed) in fp32 and rounds once; the kernel
+    matches it bit for bit but for rsqrt's last bit, where Llama's rounding (the default) does
+    not. Gemma's unit offset always rounds once: asking it to round twice is refused."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    torch.manual_seed(0)
+    norm = Olmo2RMSNorm(1152, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+    norm = norm.to(DEVICE, dtype)
+    x = 3 * _x(64, 1152, dtype=dtype)
+    expected = norm(x)
+    y = ops.rms_norm(x, norm.weight, 1e-6, round_once=True)
+    assert (y == expected).float().mean() > 0.999
+    ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((y.float() - expected.float()).abs() <= ulp).all()
+    assert (ops.rms_norm(x, norm.weight, 1e-6) == expected).float().mean() < 0.95  # Llama's: two roundings
+    with pytest.raises(TypeError, match="round_once must be a bool or None"):
+        ops.rms_norm(x, norm.weight, round_once=1)
+    with pytest.raises(ValueError, match="unit_offset=True rounds once"):
+        ops.rms_norm(x, norm.weight, unit_offset=True, round_once=False)

@@ -1,5 +1,6 @@
 """Model shapes the benchmarks use: Llama-3.2-1B, Llama-3-8B (fewer layers), a tiny one, and
-the shapes of the other families ``fastllama.patch`` takes (Qwen3-0.6B, Phi-4-mini, Gemma-3-1B).
+the shapes of the other families ``fastllama.patch`` takes (Qwen3-0.6B, Phi-4-mini, Gemma-3-1B,
+OLMo-2-1B).
 
 Each preset is an HF ``config.json`` dict (``model_type`` "llama" unless it says otherwise), so
 the same dict builds the transformers model and, for a Llama, fastllama's reference ``Llama``.
@@ -100,6 +101,16 @@ PRESETS: dict[str, Preset] = {
             seq_lens=(2048, 4096, 8192), quick_seq_lens=(4096,),
             note="Gemma-3-1B shape (26 layers, 5 of 6 with a 512-token window, head_dim 256, GeGLU, "
                  "262k vocabulary, tied embeddings), random weights",
+        ),
+        Preset(
+            "olmo-2-1b",
+            dict(model_type="olmo2", vocab_size=100352, hidden_size=2048, intermediate_size=8192,
+                 num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
+                 rms_norm_eps=1e-6, pad_token_id=100277, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+                 tie_word_embeddings=False),
+            seq_lens=(2048, 4096), quick_seq_lens=(4096,),
+            note="OLMo-2-1B shape (16 layers, a norm after each branch and none before, q/k norms over "
+                 "all heads, untied embeddings), random weights",
         ),
     )
 }

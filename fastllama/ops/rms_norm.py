@@ -1,5 +1,5 @@
-"""``rms_norm``: HF ``LlamaRMSNorm`` (or Gemma's, ``unit_offset``), optionally fused with the
-residual add before it.
+"""``rms_norm``: HF ``LlamaRMSNorm`` (or Gemma's, ``unit_offset``, or OLMo's, ``round_once``),
+optionally fused with the residual add before it.
 
 Validation, config choice, the ``torch.library`` custom ops (``fastllama::rms_norm_fwd`` /
 ``fastllama::rms_norm_bwd``, so ``torch.compile(fullgraph=True)`` sees one op each way) and their
@@ -91,17 +91,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastllama::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float,
-                  unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  unit_offset: bool = False, round_once: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, x + residual or an empty tensor, rstd of shape (rows,) in fp32)."""
     x2 = _rows(x)
     block_m, num_warps, _ = _config(x2.shape[0], x2.shape[1], x.device)
     y, s, rstd = _k.rms_norm_forward(x2, weight, eps, _rows(residual) if residual is not None else None,
-                                     block_m=block_m, num_warps=num_warps, unit_offset=unit_offset)
+                                     block_m=block_m, num_warps=num_warps, unit_offset=unit_offset,
+                                     round_once=round_once)
     return y.view(x.shape), (s.view(x.shape) if residual is not None else s), rstd
 
 
 @_rms_norm_fwd.register_fake
-def _(x, weight, residual, eps, unit_offset=False):
+def _(x, weight, residual, eps, unit_offset=False, round_once=False):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     s = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
     return x.new_empty(x.shape), s, x.new_empty((rows,), dtype=torch.float32)
@@ -128,7 +130,7 @@ def _(dy, ds_out, x, weight, rstd, unit_offset=False):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, residual, _eps, unit_offset = inputs
+    x, weight, residual, _eps, unit_offset, _round_once = inputs
     _y, s, rstd = output
     ctx.has_residual, ctx.unit_offset = residual is not None, unit_offset
     # Only the normalised input (not an fp32 copy) and the per-row rstd are kept.
@@ -142,10 +144,11 @@ def _backward(ctx, dy, ds_out, _drstd):
     x, weight, rstd = ctx.saved_tensors
     ds_out = ds_out if ctx.has_residual else None
     if dy is None:  # only s = x + residual was used
-        return ds_out, None, ds_out, None, None
+        return ds_out, None, ds_out, None, None, None
+    # (round_once changes only the forward's rounding: the backward is the same math in fp32)
     dx, dw = _rms_norm_bwd(dy, ds_out, x, weight, rstd, ctx.unit_offset)
     # d(x + residual) reaches both summands unchanged, as in PyTorch's own add backward.
-    return dx, dw, (dx if ctx.has_residual else None), None, None
+    return dx, dw, (dx if ctx.has_residual else None), None, None, None
 
 
 torch.library.register_autograd("fastllama::rms_norm_fwd", _backward, setup_context=_setup_context)
@@ -181,7 +184,7 @@ def _validate(x, weight, eps, residual) -> None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
-             *, unit_offset: bool = False):
+             *, unit_offset: bool = False, round_once: bool | None = None):
     """HF ``LlamaRMSNorm``: ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, one kernel.
 
     Args:
@@ -193,6 +196,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
         unit_offset: (keyword only) Gemma's RMSNorm instead: ``(x * rsqrt(mean(x^2) + eps) *
             (1 + weight))`` computed in fp32 and rounded once (``Gemma3RMSNorm``; its weights
             are stored as offsets from 1).
+        round_once: (keyword only) multiply by the weight in fp32 and round once at the end,
+            ``(weight * (x * rsqrt(mean(x^2) + eps))).to(x.dtype)``: HF's ``Olmo2RMSNorm`` /
+            ``Olmo3RMSNorm``, where Llama's rounds the normalised row before the weight
+            multiply (two roundings). Default: ``unit_offset`` (Gemma's rounds once too;
+            ``unit_offset=True, round_once=False`` is refused).
 
     Returns:
         ``y`` (contiguous, shape of ``x``), or ``(y, s)`` with ``residual``. Statistics are fp32;
@@ -201,7 +209,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     _validate(x, weight, eps, residual)
     if not isinstance(unit_offset, bool):
         raise TypeError(f"unit_offset must be a bool, got {type(unit_offset).__name__}")
-    y, s, _ = _rms_norm_fwd(x, weight, residual, float(eps), unit_offset)
+    if round_once is None:
+        round_once = unit_offset
+    if not isinstance(round_once, bool):
+        raise TypeError(f"round_once must be a bool or None, got {type(round_once).__name__}")
+    if unit_offset and not round_once:
+        raise ValueError("unit_offset=True rounds once (Gemma's RMSNorm): round_once=False is not a norm any model has")
+    y, s, _ = _rms_norm_fwd(x, weight, residual, float(eps), unit_offset, round_once)
     return (y, s) if residual is not None else y
 
 
@@ -224,33 +238,35 @@ def _make_args(params: dict, dtype: torch.dtype, device: str):
     # show in bf16 too (with 1 + 0.1 * randn one such mutation stayed inside bf16 noise)
     w = (1 + 0.5 * torch.randn(n, device=device, dtype=torch.float32)).to(dtype).requires_grad_()
     args = (x, w) + ((make().requires_grad_(),) if params.get("residual") else ())
-    return args, {"eps": params.get("eps", 1e-6), **({"unit_offset": True} if params.get("unit_offset") else {})}
+    flags = {name: True for name in ("unit_offset", "round_once") if params.get(name)}
+    return args, {"eps": params.get("eps", 1e-6), **flags}
 
 
-def _residual_op(x, weight, residual, eps=1e-6, unit_offset=False):
-    return rms_norm(x, weight, eps, residual=residual, unit_offset=unit_offset)
+def _residual_op(x, weight, residual, eps=1e-6, unit_offset=False, round_once=None):
+    return rms_norm(x, weight, eps, residual=residual, unit_offset=unit_offset, round_once=round_once)
 
 
-def _residual_ref(x, weight, residual, eps=1e-6, unit_offset=False):
-    return reference.rms_norm(x, weight, eps, residual=residual, unit_offset=unit_offset)
+def _residual_ref(x, weight, residual, eps=1e-6, unit_offset=False, round_once=None):
+    return reference.rms_norm(x, weight, eps, residual=residual, unit_offset=unit_offset, round_once=round_once)
 
 
 _DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def _build_configs(fused: bool, unit_offset: bool = False) -> list[KernelBuild]:
+def _build_configs(fused: bool, unit_offset: bool = False, round_once: bool = False) -> list[KernelBuild]:
     """Every GPU specialisation: (BLOCK_N, CHUNKED) for hidden sizes up to MAX_HIDDEN x dtype,
     forward and backward, with or without the fused residual, x integer hints: n_cols and the
     row strides all plain or all multiples of 16 (every Llama hidden size: Triton hints them at
     launch, and the hint on n_cols keeps the masked loads vectors). The row counts are never
-    specialised (the kernels' do_not_specialize)."""
+    specialised (the kernels' do_not_specialize). ``round_once`` (OLMo's norm): the forward's
+    variants only, its backward is Llama's (the ``rms_norm`` specs' builds)."""
     def widths(backward):
         return sorted({_k.block_cols(2 ** i, backward, unit_offset) for i in range(4, 14)}
                       | {_k.block_cols(MAX_HIDDEN, backward, unit_offset)})
 
     def tag(block_n, chunked, block_m, hints):
         return (f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}"
-                f"{' unit-offset' if unit_offset else ''}{hints}")
+                f"{' unit-offset' if unit_offset else ''}{' round-once' if round_once else ''}{hints}")
 
     builds = []
     for ptr, (hints, hint) in itertools.product(_DTYPES.values(), INT_HINTS.items()):
@@ -263,9 +279,9 @@ def _build_configs(fused: bool, unit_offset: bool = False) -> list[KernelBuild]:
                  "stride_s": hint if fused else "i32:16",  # without a residual the launch passes 0
                  "stride_y": hint, "eps": "fp32"},
                 {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked,
-                 "UNIT_OFFSET": unit_offset},
+                 "UNIT_OFFSET": unit_offset, "ROUND_ONCE": round_once},
                 num_warps=num_warps, label="rms_norm fwd " + tag(block_n, chunked, block_m, hints)))
-        for block_n, chunked in widths(True):
+        for block_n, chunked in widths(True) if not round_once else ():
             block_m, num_warps = _gpu_tile(block_n, backward=True, chunked=chunked, unit_offset=unit_offset)
             builds.append(KernelBuild(
                 _k.rms_norm_bwd_kernel,
@@ -308,6 +324,17 @@ _RESIDUAL_UNIT_OFFSET_CASES = (
     OpCase("2x9001-chunked-rowpad", {"shape": (2, 9001), "residual": True, "unit_offset": True, "row_pad": 7}),
     OpCase("8x2048x3840", {"shape": (8, 2048, 3840), "residual": True, "unit_offset": True}, cuda_only=True),
 )
+# OLMo 2/3's w, rounded once: their norms run on whole rows and on q/k projections (all heads)
+_ROUND_ONCE_CASES = (
+    OpCase("3x77x160", {"shape": (3, 77, 160), "round_once": True}),
+    OpCase("77x3x96-transposed", {"shape": (3, 77, 96), "transposed": True, "round_once": True}),
+    OpCase("2x9001-chunked-rowpad", {"shape": (2, 9001), "round_once": True, "row_pad": 7}),
+    OpCase("4x2048x2048", {"shape": (4, 2048, 2048), "round_once": True}, cuda_only=True),
+)
+_RESIDUAL_ROUND_ONCE_CASES = (
+    OpCase("5x33x160", {"shape": (5, 33, 160), "residual": True, "round_once": True}),
+    OpCase("2x9001-chunked", {"shape": (2, 9001), "residual": True, "round_once": True}),
+)
 
 OP_SPECS = [
     OpSpec("rms_norm", rms_norm, reference.rms_norm, _make_args, _CASES, kernels=("rms_norm",),
@@ -322,4 +349,10 @@ OP_SPECS = [
     OpSpec("rms_norm_residual_unit_offset", _residual_op, _residual_ref, _make_args, _RESIDUAL_UNIT_OFFSET_CASES,
            kernels=("rms_norm",), names=("x", "weight", "residual"), output_names=("y", "x+residual"),
            build_configs=functools.partial(_build_configs, fused=True, unit_offset=True)),
+    OpSpec("rms_norm_round_once", rms_norm, reference.rms_norm, _make_args, _ROUND_ONCE_CASES, kernels=("rms_norm",),
+           names=("x", "weight"), output_names=("y",),
+           build_configs=functools.partial(_build_configs, fused=False, round_once=True)),
+    OpSpec("rms_norm_residual_round_once", _residual_op, _residual_ref, _make_args, _RESIDUAL_ROUND_ONCE_CASES,
+           kernels=("rms_norm",), names=("x", "weight", "residual"), output_names=("y", "x+residual"),
+           build_configs=functools.partial(_build_configs, fused=True, round_once=True)),
 ]

@@ -40,14 +40,16 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 # RMSNorm
 # ----------------------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
-             unit_offset: bool = False):
+             unit_offset: bool = False, round_once: bool | None = None):
     """HF ``LlamaRMSNorm``: ``weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)``.
 
     Statistics in fp32 (fp64 for fp64 input), the normalised value cast back to the input dtype
     BEFORE the weight multiply, as HF does. With ``residual`` the sum ``x + residual`` (in the
     input dtype, as the HF decoder layer computes it) is normalised and ``(normed, sum)`` returned.
     ``unit_offset``: HF's ``Gemma3RMSNorm`` instead, ``(normed * (1 + weight)).to(x.dtype)`` with
-    the product in the statistics dtype (one rounding).
+    the product in the statistics dtype (one rounding). ``round_once`` (default: ``unit_offset``):
+    the weight multiply in the statistics dtype too, then one rounding: HF's ``Olmo2RMSNorm``,
+    ``(weight * normed).to(x.dtype)``.
     """
     if residual is not None:
         x = x + residual
@@ -55,6 +57,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if unit_offset:
         out = (h * (1.0 + weight.to(h.dtype))).to(x.dtype)
+    elif round_once:
+        out = (h * weight.to(h.dtype)).to(x.dtype)
     else:
         out = weight * h.to(x.dtype)
     return (out, x) if residual is not None else out
