@@ -38,6 +38,9 @@ BENCH_PARAMS = {
     # Gemma-3-12B layer shapes (hidden 3840, intermediate 15360): its (1 + w) norms and GeGLU
     "rms_norm_unit_offset": {"shape": (4, 4096, 3840), "unit_offset": True},
     "rms_norm_residual_unit_offset": {"shape": (4, 4096, 3840), "residual": True, "unit_offset": True},
+    # OLMo-2-7B (hidden 4096): its norms, w rounded once
+    "rms_norm_round_once": {"shape": (4, 4096, 4096), "round_once": True},
+    "rms_norm_residual_round_once": {"shape": (4, 4096, 4096), "residual": True, "round_once": True},
     "geglu": {"shape": (4, 4096, 15360), "gelu": True},
     "geglu_fused": {"shape": (4, 4096, 15360), "fused": True, "gelu": True},
 }

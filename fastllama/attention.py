@@ -124,10 +124,13 @@ def _runs_plan(m, keep_k, n, s, causal, window) -> _Plan | None:
     B, Tq, Tk = m.shape
     i = torch.arange(Tq, device=m.device)[None, :, None]
     j = torch.arange(Tk, device=m.device)[None, None, :]
-    # prefix: run [0, n_b), queries at its end (a static cache, decoding)
-    prefix_q = n[:, None, None] - Tq + i
-    if causal and bool((n >= Tq).all()) and torch.equal(m, _expected(keep_k, prefix_q, j, causal, window)):
-        return _Plan("prefix", lengths=n.to(torch.int32))
+    # prefix: run [0, e_b), queries at its end (a static cache, decoding); with a sliding window
+    # the run starts where the first query's window does, and the kernels apply the window
+    ends = s + n
+    prefix_q = ends[:, None, None] - Tq + i
+    if causal and bool((ends >= Tq).all()) and torch.equal(m, _expected(j[0] < ends[:, None], prefix_q, j, causal,
+                                                                       window)):
+        return _Plan("prefix", lengths=ends.to(torch.int32))
     # runs, Tq == Tk: queries are the same tokens as the keys (padded batch, prefill/training)
     if Tq == Tk and torch.equal(m & keep_k[:, :, None], _expected(keep_k, i, j, causal, window) & keep_k[:, :, None]):
         # The padding queries' rows: HF's causal mask lets a query after a right-padded run

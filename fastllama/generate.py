@@ -12,7 +12,8 @@
   batch of up to 16 tokens; right padding is invisible to the real tokens under a causal mask,
   and the padded slots are never read: each sequence's length says where its cache ends),
   logits only at each prompt's last token;
-* decode: per layer ``rms_norm`` (fused with the residual add), projections (q/k/v in one
+* decode: per layer ``rms_norm`` (fused with the residual add; Gemma 3 and OLMo also norm each
+  branch, and OLMo has no norm before one), projections (q/k/v in one
   GEMM, gate/up in one: see :class:`RowBlocks`), the fused rotary + cache append,
   ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length, or the
   layer's sliding window of it), ``swiglu`` (GeGLU for Gemma);
@@ -216,8 +217,9 @@ class Generator:
             ``model.config`` and, for HF, ``model.generation_config`` (what HF's generate stops
             on). Its parameters are used in place; the generator adds the KV cache
             (``2 x layers x max_batch_size x kv_heads x max_seq_len x head_dim`` elements).
-            Moving the model to another device or dtype afterwards is an error (build a new
-            Generator); changing its weights in place or re-pointing them is fine: each call
+            Every layer gets ``max_seq_len`` slots, a windowed one too (Gemma 3's local layers read
+            only their last 512, but hold them all). Moving the model to another device or dtype
+            afterwards is an error (build a new Generator); changing its weights in place or re-pointing them is fine: each call
             checks that the captured graphs still read the weights' memory, else captures again.
         max_batch_size, max_seq_len: cache capacity; a call needs ``batch <= max_batch_size``
             and ``longest prompt + max_new_tokens <= max_seq_len``.
@@ -323,7 +325,8 @@ class Generator:
 
         Token t of sequence b goes to cache slot ``slots[b] + t``. T > 16 (prefill, slots all 0)
         attends with flash attention over slots [0, T); small T (decode) with decode attention
-        over each sequence's ``slots[b] + T`` cached tokens.
+        over each sequence's ``slots[b] + T`` cached tokens. Both apply each layer's sliding
+        window (:attr:`windows`).
         """
         B, T = tokens.shape
         layers = self.model.model.layers

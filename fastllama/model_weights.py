@@ -161,13 +161,16 @@ def check_model(model) -> None:
                          f"decodes causally")
     from . import forwards
 
-    rotary = getattr(getattr(model.model, "rotary_emb", None), "inv_freq", None)
+    rotary_emb = getattr(model.model, "rotary_emb", None)
+    # (one table, or one per layer type: Gemma 3's, OLMo 3's "{type}_inv_freq")
+    names = [f"{t}_inv_freq" for t in getattr(rotary_emb, "layer_types", ())] or ["inv_freq"]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     partial_ok = forwards._family(model) in forwards.PARTIAL_ROTARY_FAMILIES
-    if rotary is not None and 2 * rotary.numel() < head_dim and not partial_ok:
-        # (HF's rope init makes such tables for any family; only Phi-3's attention slices for them)
-        raise ValueError(f"{cls.__name__} has rotary tables of {2 * rotary.numel()} of its {head_dim} head dims, "
-                         f"which its own attention does not handle (HF fails on them too)")
+    for rotary in (getattr(rotary_emb, name, None) for name in names):
+        if rotary is not None and 2 * rotary.numel() < head_dim and not partial_ok:
+            # (HF's rope init makes such tables for any family; only Phi-3's attention slices for them)
+            raise ValueError(f"{cls.__name__} has rotary tables of {2 * rotary.numel()} of its {head_dim} head dims, "
+                             f"which its own attention does not handle (HF fails on them too)")
 
 
 def module_problem(model) -> str | None:

@@ -73,6 +73,28 @@ def test_prefix_masks_of_different_lengths_with_grad_use_varlen():
     assert q.grad is not None
 
 
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_static_cache_mask_with_a_window_uses_the_decode_kernel(monkeypatch, Tq):
+    """A static cache with sequences of different lengths (10, 20) and a sliding window of 5
+    keys (HF's sliding_window=5): each row keeps only its window, so its run of keys starts past
+    slot 0. It is still a prefix of the cache to the decode kernel, which applies the window
+    (it fell back to SDPA, the runs ending at different slots)."""
+    q, k, v = qkv(Tq=Tq, Tk=24)
+    ends, window = torch.tensor([10, 20]), (4, 0)
+    i, j = torch.arange(Tq)[:, None], torch.arange(24)[None, :]
+    q_pos = ends[:, None, None] - Tq + i
+    mask = ((j <= q_pos) & (j >= q_pos - window[0]))[:, None].to(DEVICE)
+    calls = []
+    decode = ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: calls.append((a[3].tolist(), kw["window"]))
+                        or decode(*a, **kw))
+    with torch.no_grad():
+        out = attend(q, k, v, mask, window=window)
+    check(out, q, k, v, mask)
+    assert not FALLBACKS, FALLBACKS
+    assert calls == [([10, 20], (4, 0))]
+
+
 def test_dropout_without_mask_attends_as_attend_does():
     """With dropout (SDPA fallback) and no mask, one decoding query sees every key, not only the
     first (SDPA's is_causal is top-left); p so small that nothing is dropped."""

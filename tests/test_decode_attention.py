@@ -51,15 +51,15 @@ def test_unlimited_window_is_no_window():
 
 
 def test_window_splits_only_the_keys_in_it():
-    """A windowed query's chunks cover its window, not the cache: with 4 splits of a window of
-    40 keys at length 300 every split does work (none stays empty), so the result equals one
-    split's, and the first 256 slots (NaN) are never read."""
-    q, k, v, lens = _setup(B=1, Hq=4, Hk=1, Tq=2, lens=(300,))
-    k[:, :, :256] = float("nan")
-    v[:, :, :256] = float("nan")
-    out = ops.decode_attention(q, k, v, lens, num_splits=4, window=(40, 0))
-    torch.testing.assert_close(out, ref.decode_attention(q, k, v, lens, window=(40, 0)), rtol=0, atol=2e-6)
-    torch.testing.assert_close(out, ops.decode_attention(q, k, v, lens, num_splits=1, window=(40, 0)),
+    """A windowed query's chunks cover its window, not the cache: at length 1000 a window of 400
+    keys (402 with Tq = 2: 4 key blocks of 128 under the interpreter) gives each of 4 splits one
+    block, the result equals one split's, and the 598 older slots (NaN) are never read."""
+    q, k, v, lens = _setup(B=1, Hq=4, Hk=1, Tq=2, Tmax=1000, lens=(1000,))
+    k[:, :, :1000 - 2 - 400] = float("nan")
+    v[:, :, :1000 - 2 - 400] = float("nan")
+    out = ops.decode_attention(q, k, v, lens, num_splits=4, window=(400, 0))
+    torch.testing.assert_close(out, ref.decode_attention(q, k, v, lens, window=(400, 0)), rtol=0, atol=2e-6)
+    torch.testing.assert_close(out, ops.decode_attention(q, k, v, lens, num_splits=1, window=(400, 0)),
                                rtol=0, atol=2e-6)
 
 

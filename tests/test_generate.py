@@ -687,7 +687,7 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
 
 def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_activations_followed():
     """What the kernels do not compute is refused (attention score soft-capping, Gemma 2's;
-    bidirectional attention); an MLP activation swapped between GELU-tanh and SiLU after the
+    bidirectional attention; a layer type's rotary table narrower than the head); an MLP activation swapped between GELU-tanh and SiLU after the
     generator was built is what the next call computes."""
     model = _hf_model("gemma3-window-softcap")
     gen = Generator(model, 1, 24)
@@ -707,6 +707,12 @@ def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_ac
     model.config.attn_logit_softcapping = None
     model.model.layers[1].self_attn.is_causal = False
     with pytest.raises(ValueError, match="bidirectional attention"):
+        Generator(model, 1, 24)
+    model.model.layers[1].self_attn.is_causal = True
+    # a rotary table of a layer type covering half the head (Gemma's attention rotates it all)
+    rotary = model.model.rotary_emb
+    rotary.sliding_attention_inv_freq = rotary.sliding_attention_inv_freq[:4]
+    with pytest.raises(ValueError, match="rotary tables of 8 of its 16 head dims"):
         Generator(model, 1, 24)
 
 

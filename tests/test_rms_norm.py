@@ -204,47 +204,33 @@ def test_rms_norm_takes_the_largest_documented_hidden_size():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_unit_offset_rounds_once_as_gemma3_rms_norm(dtype):
-    """``unit_offset``: HF's Gemma3RMSNorm computes (normed * (1 + w)) in fp32 and rounds once.
-    The kernel's output equals it bit for bit but for rsqrt's last bit (measured: 1 element in
-    70k); rounding the normalised value first, as Llama's norm does, matched 74% of them."""
+@pytest.mark.parametrize("family", ["gemma3", "olmo2"])
+def test_norms_that_round_once_match_hf(family, dtype):
+    """HF's Gemma3RMSNorm computes (normed * (1 + w)) in fp32 and rounds once (``unit_offset``);
+    Olmo2RMSNorm (w * normed) (``round_once``). The kernel's output equals each bit for bit but
+    for rsqrt's last bit (measured for Gemma: 1 element in 70k); rounding the normalised value
+    first, as Llama's norm does, matched 74% of Gemma's. Bad flags are refused: a flag that is not
+    a bool, and Gemma's offset rounded twice, which no model does."""
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
-
-    torch.manual_seed(0)
-    norm = Gemma3RMSNorm(1152, eps=1e-6)
-    with torch.no_grad():
-        norm.weight.normal_(0, 0.5)
-    norm = norm.to(DEVICE, dtype)
-    x = 3 * _x(64, 1152, dtype=dtype)
-    expected = norm(x)
-    y = ops.rms_norm(x, norm.weight, 1e-6, unit_offset=True)
-    assert (y == expected).float().mean() > 0.999
-    ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
-    assert ((y.float() - expected.float()).abs() <= ulp).all()
-    with pytest.raises(TypeError, match="unit_offset must be a bool"):
-        ops.rms_norm(x, norm.weight, unit_offset=1)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_round_once_as_olmo2_rms_norm(dtype):
-    """``round_once``: HF's Olmo2RMSNorm computes (w * normed) in fp32 and rounds once; the kernel
-    matches it bit for bit but for rsqrt's last bit, where Llama's rounding (the default) does
-    not. Gemma's unit offset always rounds once: asking it to round twice is refused."""
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
+    cls, weight_mean, flag = {"gemma3": (Gemma3RMSNorm, 0.0, "unit_offset"),
+                              "olmo2": (Olmo2RMSNorm, 1.0, "round_once")}[family]
     torch.manual_seed(0)
-    norm = Olmo2RMSNorm(1152, eps=1e-6)
+    norm = cls(1152, eps=1e-6)
     with torch.no_grad():
-        norm.weight.normal_(1, 0.5)
+        norm.weight.normal_(weight_mean, 0.5)
     norm = norm.to(DEVICE, dtype)
     x = 3 * _x(64, 1152, dtype=dtype)
     expected = norm(x)
-    y = ops.rms_norm(x, norm.weight, 1e-6, round_once=True)
+    y = ops.rms_norm(x, norm.weight, 1e-6, **{flag: True})
     assert (y == expected).float().mean() > 0.999
     ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(torch.finfo(dtype).tiny)
     assert ((y.float() - expected.float()).abs() <= ulp).all()
-    assert (ops.rms_norm(x, norm.weight, 1e-6) == expected).float().mean() < 0.95  # Llama's: two roundings
-    with pytest.raises(TypeError, match="round_once must be a bool or None"):
-        ops.rms_norm(x, norm.weight, round_once=1)
+    if family == "olmo2":
+        assert (ops.rms_norm(x, norm.weight, 1e-6) == expected).float().mean() < 0.95  # Llama's: two roundings
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        ops.rms_norm(x, norm.weight, **{flag: 1})
     with pytest.raises(ValueError, match="unit_offset=True rounds once"):
         ops.rms_norm(x, norm.weight, unit_offset=True, round_once=False)
+

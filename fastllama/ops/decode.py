@@ -318,9 +318,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             ``(-1, 0)`` or None (default): unlimited. The right bound must be 0 (causal).
 
     Returns:
-        (B, Hq, Tq, D) like q (q's memory layout when q is dense): query t of sequence b attends
-        causally to keys ``0 .. L_b - Tq + t`` (bottom-right alignment, the queries are the last
-        Tq tokens); a query with no key (``L_b == 0`` or ``L_b - Tq + t < 0``) gives zeros.
+        (B, Hq, Tq, D) like q (q's memory layout when q is dense): query t of sequence b, at slot
+        ``p = L_b - Tq + t`` (bottom-right alignment, the queries are the last Tq tokens), attends
+        causally to keys ``max(leftpad_b, p - left) .. p`` (``left``: the window's; unlimited
+        without one); a query with no key (``L_b == 0`` or ``p < 0``) gives zeros.
     """
     _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
     window_left = _window_left(window)

@@ -336,23 +336,21 @@ _RESIDUAL_ROUND_ONCE_CASES = (
     OpCase("2x9001-chunked", {"shape": (2, 9001), "residual": True, "round_once": True}),
 )
 
+# One spec per norm (Llama's, Gemma's unit offset, OLMo's single rounding), each without and with
+# the fused residual add
 OP_SPECS = [
-    OpSpec("rms_norm", rms_norm, reference.rms_norm, _make_args, _CASES, kernels=("rms_norm",),
-           names=("x", "weight"), output_names=("y",),
-           build_configs=functools.partial(_build_configs, fused=False)),
-    OpSpec("rms_norm_residual", _residual_op, _residual_ref, _make_args, _RESIDUAL_CASES, kernels=("rms_norm",),
-           names=("x", "weight", "residual"), output_names=("y", "x+residual"),
-           build_configs=functools.partial(_build_configs, fused=True)),
-    OpSpec("rms_norm_unit_offset", rms_norm, reference.rms_norm, _make_args, _UNIT_OFFSET_CASES, kernels=("rms_norm",),
-           names=("x", "weight"), output_names=("y",),
-           build_configs=functools.partial(_build_configs, fused=False, unit_offset=True)),
-    OpSpec("rms_norm_residual_unit_offset", _residual_op, _residual_ref, _make_args, _RESIDUAL_UNIT_OFFSET_CASES,
-           kernels=("rms_norm",), names=("x", "weight", "residual"), output_names=("y", "x+residual"),
-           build_configs=functools.partial(_build_configs, fused=True, unit_offset=True)),
-    OpSpec("rms_norm_round_once", rms_norm, reference.rms_norm, _make_args, _ROUND_ONCE_CASES, kernels=("rms_norm",),
-           names=("x", "weight"), output_names=("y",),
-           build_configs=functools.partial(_build_configs, fused=False, round_once=True)),
-    OpSpec("rms_norm_residual_round_once", _residual_op, _residual_ref, _make_args, _RESIDUAL_ROUND_ONCE_CASES,
-           kernels=("rms_norm",), names=("x", "weight", "residual"), output_names=("y", "x+residual"),
-           build_configs=functools.partial(_build_configs, fused=True, round_once=True)),
+    spec
+    for suffix, flags, cases, residual_cases in (
+        ("", {}, _CASES, _RESIDUAL_CASES),
+        ("_unit_offset", {"unit_offset": True}, _UNIT_OFFSET_CASES, _RESIDUAL_UNIT_OFFSET_CASES),
+        ("_round_once", {"round_once": True}, _ROUND_ONCE_CASES, _RESIDUAL_ROUND_ONCE_CASES),
+    )
+    for spec in (
+        OpSpec(f"rms_norm{suffix}", rms_norm, reference.rms_norm, _make_args, cases, kernels=("rms_norm",),
+               names=("x", "weight"), output_names=("y",),
+               build_configs=functools.partial(_build_configs, fused=False, **flags)),
+        OpSpec(f"rms_norm_residual{suffix}", _residual_op, _residual_ref, _make_args, residual_cases,
+               kernels=("rms_norm",), names=("x", "weight", "residual"), output_names=("y", "x+residual"),
+               build_configs=functools.partial(_build_configs, fused=True, **flags)),
+    )
 ]
