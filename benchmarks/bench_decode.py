@@ -19,8 +19,8 @@ Rows:
 Decode time excludes prefill: fastllama reports its decode steps directly; HF's is
 ``(t(new_tokens) - t(2)) / (new_tokens - 2)`` (see ``time_hf``). Bytes per decode step = every
 weight read once (LM head included, the embedding rows are negligible) + the K and V cache read
-up to the mean context of the timed steps (a windowed layer's window of it). GB/s = bytes / step time; % roofline = GB/s / the
-measured device-to-device copy bandwidth (the roofline tokens/s is ``batch x copy_GBps / bytes``);
+up to the mean context of the timed steps (a windowed layer's window of it). GB/s = bytes /
+step time; % roofline = GB/s / the measured device-to-device copy bandwidth (the roofline tokens/s is ``batch x copy_GBps / bytes``);
 % spec = GB/s / the datasheet bandwidth (4.8 TB/s on an H200; the copy reaches less). Targets (issue 7), H100/H200,
 batch 1: >= 75 % of the roofline and >= 1.5x ``hf-static-compile``.
 

@@ -219,8 +219,8 @@ class Generator:
             (``2 x layers x max_batch_size x kv_heads x max_seq_len x head_dim`` elements).
             Every layer gets ``max_seq_len`` slots, a windowed one too (Gemma 3's local layers read
             only their last 512, but hold them all). Moving the model to another device or dtype
-            afterwards is an error (build a new Generator); changing its weights in place or re-pointing them is fine: each call
-            checks that the captured graphs still read the weights' memory, else captures again.
+            afterwards is an error (build a new Generator); changing its weights in place or
+            re-pointing them is fine: each call checks that the captured graphs still read the weights' memory, else captures again.
         max_batch_size, max_seq_len: cache capacity; a call needs ``batch <= max_batch_size``
             and ``longest prompt + max_new_tokens <= max_seq_len``.
         cuda_graph: capture the decode step as a CUDA graph (default: True on CUDA). On the CPU

@@ -2,8 +2,9 @@
 
 The generator computes a model from its weights, not by calling its modules: the reference
 ``Llama`` and transformers' Llama / Mistral / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 /
-Granite / Gemma 3 / OLMo 2 / OLMo 3 causal LMs share the attribute names it reads (``model.layers[i].self_attn.q_proj``,
-``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's attention adds ``q_norm``/``k_norm``,
+Granite / Gemma 3 / OLMo 2 / OLMo 3 causal LMs share the attribute names it reads
+(``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's
+attention adds ``q_norm``/``k_norm``,
 SmolLM3's ``use_rope`` (False: no rotary), Phi-3 merges q/k/v into ``qkv_proj`` and gate/up
 into ``gate_up_proj``; Granite adds scalar multipliers, read from its config; Gemma 3 adds a
 norm after each branch and rotary tables per layer type; OLMo 2/3 norm after each branch only,

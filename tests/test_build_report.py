@@ -475,8 +475,8 @@ def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
 @pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs decode attention (single pass and split + combine, with and without a sliding
-    window) and the rotary + cache append at decode and chunked-prefill shapes: Llama-family head dims and GQA groups (MHA to 64),
-    1-16 new tokens, a few cache sizes and batches, HF's layouts (q a transposed projection, a
+    window) and the rotary + cache append at decode and chunked-prefill shapes: Llama-family
+    head dims and GQA groups (MHA to 64), 1-16 new tokens, a few cache sizes and batches, HF's layouts (q a transposed projection, a
     contiguous static cache), and requires every launched build to be a build config for the
     device's arch (the fp32 tiles of 99 KB GPUs differ). Before the decode kernels left their
     lengths unspecialised, 1838 of 1842 such launches compiled a variant (a length of 16, 4096 or

@@ -687,8 +687,9 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
 
 def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_activations_followed():
     """What the kernels do not compute is refused (attention score soft-capping, Gemma 2's;
-    bidirectional attention; a layer type's rotary table narrower than the head); an MLP activation swapped between GELU-tanh and SiLU after the
-    generator was built is what the next call computes."""
+    bidirectional attention; a layer type's rotary table narrower than the head); an MLP
+    activation swapped between GELU-tanh and SiLU after the generator was built is what the next
+    call computes."""
     model = _hf_model("gemma3-window-softcap")
     gen = Generator(model, 1, 24)
     for layer in model.model.layers:
