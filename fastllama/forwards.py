@@ -19,6 +19,7 @@ import torch
 
 from . import ops
 from .attention import attend, attend_with_weights
+from .ops.rms_norm import wide_weight
 from .reference import functional as ref
 from .reference.model import shift_labels
 
@@ -60,18 +61,25 @@ def rms_norm_forward(self, hidden_states):
     return ops.rms_norm(x, w, self.variance_epsilon)
 
 
+def _single_rounding_weight(weight, x):
+    """The weight of a norm that rounds once (Gemma's, OLMo's), as its kernel takes it: an fp32
+    weight under fp16/bf16 activations as it is (autocast over fp32 weights: HF multiplies by
+    ``weight.float()``, and its gradient stays fp32), any other in x's dtype."""
+    return weight if wide_weight(x, weight) else weight.to(x.dtype)
+
+
 def gemma_rms_norm_forward(self, hidden_states):
     """``Gemma3RMSNorm.forward``: ``(normed * (1 + w)).type_as(x)`` in one kernel (the output
-    keeps x's dtype, as HF's ``type_as``: a wider weight is cast to it)."""
+    keeps x's dtype, as HF's ``type_as``)."""
     x = _unit_last_stride(hidden_states)
-    return ops.rms_norm(x, self.weight.to(x.dtype), self.eps, unit_offset=True)
+    return ops.rms_norm(x, _single_rounding_weight(self.weight, x), self.eps, unit_offset=True)
 
 
 def olmo_rms_norm_forward(self, hidden_states):
     """``Olmo2RMSNorm.forward`` (OLMo 2 and 3): ``(w * normed).to(x.dtype)``, rounded once, in one
-    kernel (the output keeps x's dtype, as HF's ``.to(input_dtype)``: a wider weight is cast to it)."""
+    kernel (the output keeps x's dtype, as HF's ``.to(input_dtype)``)."""
     x = _unit_last_stride(hidden_states)
-    return ops.rms_norm(x, self.weight.to(x.dtype), self.variance_epsilon, round_once=True)
+    return ops.rms_norm(x, _single_rounding_weight(self.weight, x), self.variance_epsilon, round_once=True)
 
 
 # the patched norms a decoder layer fuses with the residual add or the projections after them
@@ -85,7 +93,7 @@ def _norm_args(norm, *tensors):
     ``weight * normed`` does), Gemma's keeps the activations' dtype (HF's ``type_as``)."""
     if _patched_with(norm, gemma_rms_norm_forward):
         tensors = _promote(*tensors)  # (a residual stream wider than h: their sum is)
-        return (*tensors, norm.weight.to(tensors[0].dtype), norm.eps, True)
+        return (*tensors, _single_rounding_weight(norm.weight, tensors[0]), norm.eps, True)
     *tensors, w = _promote(*tensors, norm.weight)
     return (*tensors, w, norm.variance_epsilon, False)
 

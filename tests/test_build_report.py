@@ -590,15 +590,21 @@ def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds
     assert len(launched) - before == 2 * len(gemma) * 2 * 8
     # OLMo 2/3 (1B, 7B, 13B, 32B): norms rounded once, on hidden rows and on q/k projections (whole
     # rows too; 32B's 8 KV heads make a 1024-wide k), with and without the residual
+    # (and both single-rounding norms with an fp32 weight under bf16 x, as autocast over fp32
+    # weights gives them)
     olmo = (2048, 4096, 5120, 1024)
     before = len(launched)
     with _interp.wrong_bf16_values_ok():
-        for dtype, hidden, (b, t) in itertools.product((torch.bfloat16, torch.float32), olmo, ((1, 1), (1, 77))):
+        for (dtype, w_dtype), hidden, (b, t), flag in itertools.product(
+                ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)),
+                olmo, ((1, 1), (1, 77)), ("round_once", "unit_offset")):
+            if flag == "unit_offset" and w_dtype == dtype:
+                continue  # (Gemma's same-dtype norms: above)
             x, res = (torch.empty(b, t, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
-            w = torch.empty(hidden, dtype=dtype, requires_grad=True)
-            y, s = rms.rms_norm(x, w, residual=res, round_once=True)
-            (y.float().sum() + s.float().sum() + rms.rms_norm(x, w, round_once=True).float().sum()).backward()
-    assert len(launched) - before == 2 * len(olmo) * 2 * 4
+            w = torch.empty(hidden, dtype=w_dtype, requires_grad=True)
+            y, s = rms.rms_norm(x, w, residual=res, **{flag: True})
+            (y.float().sum() + s.float().sum() + rms.rms_norm(x, w, **{flag: True}).float().sum()).backward()
+    assert len(launched) - before == (3 + 1) * len(olmo) * 2 * 4
     missing = _not_in_report(launched, ("rms_norm", "rms_norm_residual", "swiglu", "swiglu_fused",
                                         "rms_norm_unit_offset", "rms_norm_residual_unit_offset", "geglu",
                                         "rms_norm_round_once", "rms_norm_residual_round_once"))

@@ -719,10 +719,12 @@ def test_gradient_checkpointing():
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
 
 
-def test_autocast_matches_unpatched_autocast():
+@pytest.mark.parametrize("arch", ["llama-gqa", "gemma3-softcap", "olmo3-window"])
+def test_autocast_matches_unpatched_autocast(arch):
     """fp32 weights, bf16 autocast: the loss and gradients agree to bf16 precision (the matmuls
-    run in bf16 in both models), and the residual stream stays fp32 as in HF."""
-    model = build("llama-gqa").train()
+    run in bf16 in both models), and the residual stream stays fp32 as in HF. Gemma's and OLMo's
+    norms multiply by their fp32 weights (their gradients fp32, as HF's)."""
+    model = build(arch).train()
     x = ids()
 
     def run(autocast=True):

@@ -234,3 +234,35 @@ def test_norms_that_round_once_match_hf(family, dtype):
     with pytest.raises(ValueError, match="unit_offset=True rounds once"):
         ops.rms_norm(x, norm.weight, unit_offset=True, round_once=False)
 
+
+@pytest.mark.parametrize("family", ["gemma3", "olmo2"])
+def test_single_rounding_norms_keep_an_fp32_weight_under_16_bit_activations(family):
+    """Autocast over fp32 weights hands Gemma's and OLMo's norms bf16 activations and an fp32
+    weight: HF multiplies by the fp32 weight and its gradient stays fp32. The patched forwards
+    pass the weight as it is (casting it to bf16 first rounded the weight gradient to bf16: a
+    relative error of ~4e-3 against HF's); a Llama-rounding norm still refuses mixed dtypes."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    from fastllama import forwards
+
+    cls, forward = {"gemma3": (Gemma3RMSNorm, forwards.gemma_rms_norm_forward),
+                    "olmo2": (Olmo2RMSNorm, forwards.olmo_rms_norm_forward)}[family]
+    torch.manual_seed(0)
+    norm = cls(1152, eps=1e-6).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.normal_(0.5, 0.5)
+    x = (3 * _x(64, 1152, dtype=torch.bfloat16)).requires_grad_()
+    dy = _x(64, 1152, dtype=torch.bfloat16)
+    expected = norm(x)
+    expected.backward(dy)
+    expected_dw = norm.weight.grad.clone()
+    norm.weight.grad = None
+    y = forward(norm, x)
+    y.backward(dy)
+    assert y.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+    assert (y == expected).float().mean() > 0.999
+    rel = (norm.weight.grad - expected_dw).abs().max() / expected_dw.abs().max()
+    assert rel < 1e-5, rel
+    with pytest.raises(TypeError, match="weight has dtype torch.float32 but x has torch.bfloat16"):
+        ops.rms_norm(x, norm.weight)

@@ -131,7 +131,8 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights: Sequenc
 
     Args:
         x: (..., hidden) activations; ``norm_weight`` (hidden,): as in :func:`rms_norm` (same
-            dtype, unit stride in the hidden dim).
+            dtype, or fp32 with fp16/bf16 ``x`` for Gemma's ``unit_offset``; unit stride in the
+            hidden dim).
         weights: the projections' (out_i, hidden) weights; biases: one per weight, or None.
             Outside autocast they must have the normalised activations' dtype (as ``F.linear``
             requires); under ``torch.autocast`` they are cast to the autocast dtype, and so is the
@@ -142,7 +143,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights: Sequenc
     Returns:
         A tuple of the projections (..., out_i), followed by ``s`` when ``residual`` is given.
     """
-    _validate_norm(x, norm_weight, eps, residual)
+    _validate_norm(x, norm_weight, eps, residual, round_once=unit_offset is True)
     weights = tuple(weights)
     if not weights:
         raise ValueError("weights is empty: give at least one projection")

@@ -30,8 +30,8 @@ MAX_HIDDEN = 65536
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-def _gpu_tile(block_n: int, backward: bool = False, chunked: bool = False, unit_offset: bool = False
-              ) -> tuple[int, int]:
+def _gpu_tile(block_n: int, backward: bool = False, chunked: bool = False, unit_offset: bool = False,
+              wide_weight: bool = False) -> tuple[int, int]:
     """(BLOCK_M, num_warps) on a GPU for a chunk width BLOCK_N: ~4K elements a tile, so small
     rows are batched, and 8-16 fp32 values a thread per tensor. The 16-wide backward takes 2K:
     256 x 16 at 8 warps spilled 8 bytes on sm_80 for 16-bit inputs once launched with its
@@ -43,7 +43,9 @@ def _gpu_tile(block_n: int, backward: bool = False, chunked: bool = False, unit_
     with the residual (held to 64-74 registers); 16: 52-58.
     Gemma's unit-offset backward: 32 x 128 (bf16, residual) spilled 8 bytes on sm_90 at 8 warps
     (16 here); chunked rows spilled 8-16 bytes on sm_90/100/120 with 4096-wide chunks at 4, 8 or
-    16 warps, and with 2048-wide ones at 4 or 8 (1 or 2 rows): 2 x 2048 at 16 warps does not."""
+    16 warps, and with 2048-wide ones at 4 or 8 (1 or 2 rows): 2 x 2048 at 16 warps does not.
+    An fp32 weight under 16-bit x (``wide_weight``): the 4096-wide backward at 8 warps spilled 16
+    bytes on sm_86 (the weight tile twice as wide in registers); 16 warps: 48-102 registers."""
     block_m = max(1, (2048 if backward and block_n == 16 else 4096) // block_n)
     num_warps = min(16, max(4, block_m * block_n // 512))
     if block_n == 1024:
@@ -54,6 +56,8 @@ def _gpu_tile(block_n: int, backward: bool = False, chunked: bool = False, unit_
         num_warps = 16
     if unit_offset and backward and chunked:  # (2048-wide chunks: see block_cols)
         block_m, num_warps = 2, 16
+    if wide_weight and backward and block_n == 4096:
+        num_warps = 16
     return block_m, num_warps
 
 
@@ -64,7 +68,7 @@ _DW_ROWS_PER_PROGRAM = 32
 
 
 def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = False,
-            unit_offset: bool = False) -> tuple[int, int, int]:
+            unit_offset: bool = False, wide_weight: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, backward programs)."""
     block_n, chunked = _k.block_cols(n_cols, backward, unit_offset)
     if interpreter_active():
@@ -75,7 +79,7 @@ def _config(n_rows: int, n_cols: int, device: torch.device, backward: bool = Fal
             block_m = min(rows, 16)
             return block_m, 1, triton.cdiv(n_rows, block_m)
         return min(rows, max(1, 65536 // block_n)), 1, 1
-    block_m, num_warps = _gpu_tile(block_n, backward, chunked, unit_offset)
+    block_m, num_warps = _gpu_tile(block_n, backward, chunked, unit_offset, wide_weight)
     sms = num_sms(device)
     return block_m, num_warps, max(2 * sms, triton.cdiv(n_rows, max(_DW_ROWS_PER_PROGRAM, block_m)))
 
@@ -117,7 +121,8 @@ def _rms_norm_bwd(dy: torch.Tensor, ds_out: Optional[torch.Tensor], x: torch.Ten
         return _rows(t if t.stride(-1) == 1 else t.contiguous())
 
     x2 = rows(x)
-    block_m, num_warps, programs = _config(x2.shape[0], x2.shape[1], x.device, backward=True, unit_offset=unit_offset)
+    block_m, num_warps, programs = _config(x2.shape[0], x2.shape[1], x.device, backward=True, unit_offset=unit_offset,
+                                           wide_weight=weight.dtype != x.dtype)
     dx, dw = _k.rms_norm_backward(rows(dy), x2, weight, rstd, rows(ds_out) if ds_out is not None else None,
                                   block_m=block_m, num_programs=programs, num_warps=num_warps,
                                   unit_offset=unit_offset)
@@ -157,12 +162,21 @@ torch.library.register_autograd("fastllama::rms_norm_fwd", _backward, setup_cont
 # ----------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------
-def _validate(x, weight, eps, residual) -> None:
+def wide_weight(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """An fp32 weight with fp16/bf16 activations (autocast over fp32 weights), which the norms that
+    round once take as it is: they multiply by it in fp32 (HF's ``weight.float()``)."""
+    return weight.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _validate(x, weight, eps, residual, round_once: bool = False) -> None:
     check_tensor("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last (hidden) dim, got shape {tuple(x.shape)}")
     check_tensor("weight", weight, ndim=1)
-    check_same("x", x, "weight", weight, "dtype")
+    if not (round_once and wide_weight(x, weight)):
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; accepted: the same dtype, or "
+                            f"an fp32 weight with fp16/bf16 x for a norm that rounds once (unit_offset, round_once)")
     check_same("x", x, "weight", weight, "device")
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but x has hidden size {x.shape[-1]}; "
@@ -189,7 +203,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
 
     Args:
         x: (..., hidden), fp32/fp16/bf16, any row strides (unit stride in the hidden dim).
-        weight: (hidden,), same dtype and device as ``x``.
+        weight: (hidden,), same device as ``x``; same dtype too, or fp32 with fp16/bf16 ``x`` for
+            the norms that round once (``unit_offset``, ``round_once``: multiplied in fp32, its
+            gradient fp32, as HF's Gemma and OLMo norms under autocast over fp32 weights).
         eps: added to the mean square, as ``LlamaRMSNorm.variance_epsilon``.
         residual: optional tensor like ``x``. Then ``s = x + residual`` (rounded to the input
             dtype, as HF's decoder layer adds) is normalised in the same kernel.
@@ -206,7 +222,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
         ``y`` (contiguous, shape of ``x``), or ``(y, s)`` with ``residual``. Statistics are fp32;
         backward keeps only the input (``s`` when fused) and one fp32 rstd per row.
     """
-    _validate(x, weight, eps, residual)
     if not isinstance(unit_offset, bool):
         raise TypeError(f"unit_offset must be a bool, got {type(unit_offset).__name__}")
     if round_once is None:
@@ -215,6 +230,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
         raise TypeError(f"round_once must be a bool or None, got {type(round_once).__name__}")
     if unit_offset and not round_once:
         raise ValueError("unit_offset=True rounds once (Gemma's RMSNorm): round_once=False is not a norm any model has")
+    _validate(x, weight, eps, residual, round_once)
     y, s, _ = _rms_norm_fwd(x, weight, residual, float(eps), unit_offset, round_once)
     return (y, s) if residual is not None else y
 
@@ -236,7 +252,10 @@ def _make_args(params: dict, dtype: torch.dtype, device: str):
     x = make().requires_grad_()
     # widely spread weights (not ~1, as trained ones are): a wrong weight term in the backward must
     # show in bf16 too (with 1 + 0.1 * randn one such mutation stayed inside bf16 noise)
-    w = (1 + 0.5 * torch.randn(n, device=device, dtype=torch.float32)).to(dtype).requires_grad_()
+    # (fp32_weight: an fp32 weight under 16-bit x, as autocast over fp32 weights gives the norms
+    # that round once)
+    w_dtype = torch.float32 if params.get("fp32_weight") else dtype
+    w = (1 + 0.5 * torch.randn(n, device=device, dtype=torch.float32)).to(w_dtype).requires_grad_()
     args = (x, w) + ((make().requires_grad_(),) if params.get("residual") else ())
     flags = {name: True for name in ("unit_offset", "round_once") if params.get(name)}
     return args, {"eps": params.get("eps", 1e-6), **flags}
@@ -259,7 +278,9 @@ def _build_configs(fused: bool, unit_offset: bool = False, round_once: bool = Fa
     row strides all plain or all multiples of 16 (every Llama hidden size: Triton hints them at
     launch, and the hint on n_cols keeps the masked loads vectors). The row counts are never
     specialised (the kernels' do_not_specialize). ``round_once`` (OLMo's norm): the forward's
-    variants only, its backward is Llama's (the ``rms_norm`` specs' builds)."""
+    variants only, its backward is Llama's (the ``rms_norm`` specs' builds). The norms that round
+    once also take an fp32 weight with fp16/bf16 activations (``wide_weight``): those builds in
+    both directions ("w-fp32")."""
     def widths(backward):
         return sorted({_k.block_cols(2 ** i, backward, unit_offset) for i in range(4, 14)}
                       | {_k.block_cols(MAX_HIDDEN, backward, unit_offset)})
@@ -268,29 +289,36 @@ def _build_configs(fused: bool, unit_offset: bool = False, round_once: bool = Fa
         return (f"{ptr[1:]} N{block_n}{' chunked' if chunked else ''} M{block_m}{' residual' if fused else ''}"
                 f"{' unit-offset' if unit_offset else ''}{' round-once' if round_once else ''}{hints}")
 
+    single_rounding = unit_offset or round_once
     builds = []
     for ptr, (hints, hint) in itertools.product(_DTYPES.values(), INT_HINTS.items()):
-        for block_n, chunked in widths(False):
-            block_m, num_warps = _gpu_tile(block_n, chunked=chunked)
-            builds.append(KernelBuild(
-                _k.rms_norm_fwd_kernel,
-                {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": ptr, "RSTD": "*fp32", "n_rows": "i32",
-                 "n_cols": hint, "stride_x": hint, "stride_r": hint,
-                 "stride_s": hint if fused else "i32:16",  # without a residual the launch passes 0
-                 "stride_y": hint, "eps": "fp32"},
-                {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked,
-                 "UNIT_OFFSET": unit_offset, "ROUND_ONCE": round_once},
-                num_warps=num_warps, label="rms_norm fwd " + tag(block_n, chunked, block_m, hints)))
-        for block_n, chunked in widths(True) if not round_once else ():
-            block_m, num_warps = _gpu_tile(block_n, backward=True, chunked=chunked, unit_offset=unit_offset)
-            builds.append(KernelBuild(
-                _k.rms_norm_bwd_kernel,
-                {"DY": ptr, "DS_OUT": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr,
-                 "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": hint, "rows_per_program": "i32",
-                 "stride_dy": hint, "stride_ds": hint, "stride_x": hint, "stride_dx": hint},
-                {"HAS_DS_OUT": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked,
-                 "UNIT_OFFSET": unit_offset},
-                num_warps=num_warps, label="rms_norm bwd " + tag(block_n, chunked, block_m, hints)))
+        # (weight pointer, whether the backward builds are this spec's: round_once's same-dtype
+        # backward is Llama's)
+        weights = [(ptr, not round_once)] + ([("*fp32", True)] if single_rounding and ptr != "*fp32" else [])
+        for w_ptr, own_backward in weights:
+            wide = " w-fp32" if w_ptr != ptr else ""
+            for block_n, chunked in widths(False):
+                block_m, num_warps = _gpu_tile(block_n, chunked=chunked)
+                builds.append(KernelBuild(
+                    _k.rms_norm_fwd_kernel,
+                    {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": w_ptr, "RSTD": "*fp32", "n_rows": "i32",
+                     "n_cols": hint, "stride_x": hint, "stride_r": hint,
+                     "stride_s": hint if fused else "i32:16",  # without a residual the launch passes 0
+                     "stride_y": hint, "eps": "fp32"},
+                    {"HAS_RESIDUAL": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked,
+                     "UNIT_OFFSET": unit_offset, "ROUND_ONCE": round_once},
+                    num_warps=num_warps, label="rms_norm fwd " + tag(block_n, chunked, block_m, hints) + wide))
+            for block_n, chunked in widths(True) if own_backward else ():
+                block_m, num_warps = _gpu_tile(block_n, backward=True, chunked=chunked, unit_offset=unit_offset,
+                                               wide_weight=bool(wide))
+                builds.append(KernelBuild(
+                    _k.rms_norm_bwd_kernel,
+                    {"DY": ptr, "DS_OUT": ptr, "X": ptr, "W": w_ptr, "RSTD": "*fp32", "DX": ptr,
+                     "DW_PARTIAL": "*fp32", "n_rows": "i32", "n_cols": hint, "rows_per_program": "i32",
+                     "stride_dy": hint, "stride_ds": hint, "stride_x": hint, "stride_dx": hint},
+                    {"HAS_DS_OUT": fused, "BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNKED": chunked,
+                     "UNIT_OFFSET": unit_offset},
+                    num_warps=num_warps, label="rms_norm bwd " + tag(block_n, chunked, block_m, hints) + wide))
     return builds
 
 
@@ -318,10 +346,13 @@ _UNIT_OFFSET_CASES = (
     OpCase("3x77x1152", {"shape": (3, 77, 1152), "unit_offset": True}),
     OpCase("100x3x256-transposed", {"shape": (3, 100, 256), "transposed": True, "unit_offset": True}),
     OpCase("2x9001-chunked", {"shape": (2, 9001), "unit_offset": True, "row_pad": 7}),
+    OpCase("3x77x1152-fp32-weight", {"shape": (3, 77, 1152), "unit_offset": True, "fp32_weight": True}),
 )
 _RESIDUAL_UNIT_OFFSET_CASES = (
     OpCase("5x33x160", {"shape": (5, 33, 160), "residual": True, "unit_offset": True}),
     OpCase("2x9001-chunked-rowpad", {"shape": (2, 9001), "residual": True, "unit_offset": True, "row_pad": 7}),
+    OpCase("5x33x160-fp32-weight", {"shape": (5, 33, 160), "residual": True, "unit_offset": True,
+                                    "fp32_weight": True}),
     OpCase("8x2048x3840", {"shape": (8, 2048, 3840), "residual": True, "unit_offset": True}, cuda_only=True),
 )
 # OLMo 2/3's w, rounded once: their norms run on whole rows and on q/k projections (all heads)
@@ -329,11 +360,14 @@ _ROUND_ONCE_CASES = (
     OpCase("3x77x160", {"shape": (3, 77, 160), "round_once": True}),
     OpCase("77x3x96-transposed", {"shape": (3, 77, 96), "transposed": True, "round_once": True}),
     OpCase("2x9001-chunked-rowpad", {"shape": (2, 9001), "round_once": True, "row_pad": 7}),
+    OpCase("3x77x160-fp32-weight", {"shape": (3, 77, 160), "round_once": True, "fp32_weight": True}),
+    OpCase("2x9001-chunked-fp32-weight", {"shape": (2, 9001), "round_once": True, "fp32_weight": True}),
     OpCase("4x2048x2048", {"shape": (4, 2048, 2048), "round_once": True}, cuda_only=True),
 )
 _RESIDUAL_ROUND_ONCE_CASES = (
     OpCase("5x33x160", {"shape": (5, 33, 160), "residual": True, "round_once": True}),
     OpCase("2x9001-chunked", {"shape": (2, 9001), "residual": True, "round_once": True}),
+    OpCase("5x33x160-fp32-weight", {"shape": (5, 33, 160), "residual": True, "round_once": True, "fp32_weight": True}),
 )
 
 # One spec per norm (Llama's, Gemma's unit offset, OLMo's single rounding), each without and with
