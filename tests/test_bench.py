@@ -182,12 +182,14 @@ def test_family_presets_build_their_own_hf_class(monkeypatch):
 
 
 def test_training_benchmark_of_a_family_preset_smoke_run(monkeypatch):
-    """The training benchmark on a Qwen3 (a Phi-3, a Gemma 3) shape, shrunk to the tiny preset's size:
-    HF sdpa and the patched model run; the reference model's row says why it is skipped."""
+    """The training benchmark on a Qwen3 (a Phi-3, a Gemma 3, an OLMo 2) shape, shrunk to the tiny
+    preset's size: HF sdpa and the patched model run; the reference model's row says why it is
+    skipped."""
     import dataclasses
 
     tiny = get_preset("tiny")
-    for family, extra in (("qwen3", {}), ("phi3", dict(pad_token_id=0)), ("gemma3_text", dict(pad_token_id=0))):
+    for family, extra in (("qwen3", {}), ("phi3", dict(pad_token_id=0)), ("gemma3_text", dict(pad_token_id=0)),
+                          ("olmo2", dict(pad_token_id=0))):
         # (each family's default rotary parameters: Gemma 3's are per layer type)
         config = {k: v for k, v in tiny.config.items() if k != "rope_parameters"}
         preset = dataclasses.replace(tiny, name=f"tiny-{family}", config=dict(config, model_type=family, **extra))
