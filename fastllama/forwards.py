@@ -427,10 +427,11 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     else:
         projected = [lin(hidden_states) for lin in linears]
     q, k, v = split_qkv(self, projected)
-    if qk_norm_over_all_heads(self):  # OLMo 2/3: an RMSNorm over the whole q and k projections
+    over_all_heads = qk_norm_over_all_heads(self)
+    if over_all_heads:  # OLMo 2/3: an RMSNorm over the whole q and k projections
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.view(hidden_shape) for t in (q, k, v))
-    if hasattr(self, "q_norm") and not qk_norm_over_all_heads(self):  # Qwen3, Gemma 3: over each head
+    if hasattr(self, "q_norm") and not over_all_heads:  # Qwen3, Gemma 3: over each head
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if getattr(self, "use_rope", True):  # SmolLM3's NoPE layers (every 4th) have no rotary

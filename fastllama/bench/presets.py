@@ -105,9 +105,9 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "olmo-2-1b",
             dict(model_type="olmo2", vocab_size=100352, hidden_size=2048, intermediate_size=8192,
-                 num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
-                 rms_norm_eps=1e-6, pad_token_id=100277, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
-                 tie_word_embeddings=False),
+                 num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                 max_position_embeddings=4096, rms_norm_eps=1e-6, pad_token_id=100277,
+                 rope_parameters=dict(rope_type="default", rope_theta=500000.0), tie_word_embeddings=False),
             seq_lens=(2048, 4096), quick_seq_lens=(4096,),
             note="OLMo-2-1B shape (16 layers, a norm after each branch and none before, q/k norms over "
                  "all heads, untied embeddings), random weights",

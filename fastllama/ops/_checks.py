@@ -167,3 +167,15 @@ def share_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
         return any(-nb <= c <= na and reachable(rest - c * st, k + 1) for c in (j, j + 1))
 
     return reachable((b0 - a0) // size, 0)
+
+
+def check_window_form(window) -> tuple[int, int]:
+    """A sliding window as the attention ops take it: a pair of ints ``(left, right)`` (TypeError
+    otherwise); returns it as a tuple. The values are each op's to check."""
+    from collections.abc import Sequence
+
+    if not (isinstance(window, Sequence) and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be None or a pair of ints (left, right), -1 for unlimited; got {window!r}. "
+                        f"HF's sliding_window=W is window=(W - 1, 0)")
+    return int(window[0]), int(window[1])

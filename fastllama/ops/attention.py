@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
@@ -21,7 +21,8 @@ from ..optable import REPORT_ARCHS, KernelBuild, OpCase, OpSpec
 from ..reference.functional import attention_varlen
 from ..kernels import flash_attention as _fwd
 from ..kernels import flash_attention_backward as _bwd
-from ._checks import check_attention_device, check_last_dim_contiguous, check_same, check_tensor, tile_rows_fit_int32
+from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_tensor, check_window_form,
+                      tile_rows_fit_int32)
 
 __all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
 
@@ -226,13 +227,9 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
     elif not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
     if window is not None:
-        if not (isinstance(window, Sequence) and len(window) == 2
-                and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
-            raise TypeError(f"window must be None or a pair of ints (left, right), -1 for unlimited; got {window!r}. "
-                            f"Mistral's sliding_window=W is window=(W - 1, 0)")
+        window = check_window_form(window)
         if min(window) < -1:
-            raise ValueError(f"window entries must be >= 0 or -1 (unlimited), got {tuple(window)}")
-        window = (int(window[0]), int(window[1]))
+            raise ValueError(f"window entries must be >= 0 or -1 (unlimited), got {window}")
     if fp32_precision not in _PRECISIONS:
         raise ValueError(f"fp32_precision must be one of {_PRECISIONS}, got {fp32_precision!r}")
     if not isinstance(deterministic, bool):

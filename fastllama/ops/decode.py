@@ -23,7 +23,7 @@ from ..kernels.flash_attention import table_arch
 from ..optable import KernelBuild, OpCase, OpSpec, by_arch
 from ..reference import functional as _ref
 from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_tensor,
-                      check_write_targets, num_sms, tile_rows_fit_int32)
+                      check_window_form, check_write_targets, num_sms, tile_rows_fit_int32)
 
 __all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "MAX_SPLITS", "MAX_QUERY_LEN",
            "MAX_HEAD_DIM"]
@@ -190,16 +190,12 @@ def _window_left(window) -> int:
     """``window=(left, 0)`` as the kernel's ``window_left`` (-1: unlimited); refuses other forms."""
     if window is None:
         return -1
-    if not (isinstance(window, (tuple, list)) and len(window) == 2
-            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
-        raise TypeError(f"window must be None or a pair of ints (left, 0), -1 for unlimited; got {window!r}. "
-                        f"HF's sliding_window=W is window=(W - 1, 0)")
-    left, right = window
+    left, right = check_window_form(window)
     if right != 0:
-        raise ValueError(f"window={tuple(window)}: decode attention is causal, so the right bound must be 0")
+        raise ValueError(f"window={(left, right)}: decode attention is causal, so the right bound must be 0")
     if left < -1:
-        raise ValueError(f"window={tuple(window)}: the left bound must be >= 0 or -1 (unlimited)")
-    return min(int(left), 2**31 - 1)
+        raise ValueError(f"window={(left, right)}: the left bound must be >= 0 or -1 (unlimited)")
+    return min(left, 2**31 - 1)
 
 
 def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits) -> None:
