@@ -4,9 +4,12 @@
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma 3 / OLMo 2 / OLMo 3 causal LM
 (their parameters, no copies), with
 
-* one static KV cache for all layers, preallocated for ``max_batch_size x max_seq_len``;
+* a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
-  device holds the ``L_b``: prompts of different lengths need no padding inside the cache;
+  device holds the ``L_b``: prompts of different lengths need no padding inside the cache.
+  A layer with a sliding window of W keys shorter than that gets a ring of W slots instead
+  (position p in slot p mod W), as HF's sliding-window caches do: Gemma 3's local layers hold 512
+  keys, not the whole context;
 * prefill: the prompts right-padded into one (B, T) batch, rotary + cache write in one kernel
   (``ops.rotary_cache_append``), causal ``ops.flash_attention`` (``ops.decode_attention`` for a
   batch of up to 16 tokens; right padding is invisible to the real tokens under a causal mask,
@@ -181,6 +184,21 @@ class _Sampling:
     pad: int
 
 
+def _fill_ring(ring: torch.Tensor, full: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Copies the last W positions of each sequence in ``full`` (B, H, T, D), sequence b
+    ``lengths[b]`` long, into ``ring`` (B, H, W, D), position p to slot p mod W.
+
+    Slot s takes the latest position p < n with p = s (mod W): p = n - 1 - ((n - 1 - s) mod W).
+    A slot no position reaches yet (p < 0, a prompt shorter than the ring) keeps what it held:
+    decoding reads only the first min(n + 1, W) slots, and writes slot n before reading it.
+    """
+    B, H, W, D = ring.shape
+    n = lengths.to(torch.long)[:, None]
+    source = n - 1 - torch.remainder(n - 1 - torch.arange(W, device=ring.device), W)  # (B, W)
+    taken = torch.gather(full, 2, source.clamp(min=0)[:, None, :, None].expand(B, H, W, D))
+    ring.copy_(torch.where((source >= 0)[:, None, :, None], taken, ring))
+
+
 class _State:
     """The static buffers a decode step reads and writes (the CUDA graph's inputs/outputs)."""
 
@@ -216,11 +234,12 @@ class Generator:
             ``nn.Linear``: merge LoRA adapters first). Stop tokens default to the eos ids of
             ``model.config`` and, for HF, ``model.generation_config`` (what HF's generate stops
             on). Its parameters are used in place; the generator adds the KV cache
-            (``2 x layers x max_batch_size x kv_heads x max_seq_len x head_dim`` elements).
-            Every layer gets ``max_seq_len`` slots, a windowed one too (Gemma 3's local layers read
-            only their last 512, but hold them all). Moving the model to another device or dtype
+            (``2 x max_batch_size x kv_heads x head_dim x`` the sum of :attr:`cache_lengths`
+            elements: ``max_seq_len`` slots per layer, or a ring of W slots for a layer with a
+            sliding window of W < max_seq_len keys). Moving the model to another device or dtype
             afterwards is an error (build a new Generator); changing its weights in place or
-            re-pointing them is fine: each call checks that the captured graphs still read the weights' memory, else captures again.
+            re-pointing them is fine: each call checks that the captured graphs still read the
+            weights' memory, else captures again.
         max_batch_size, max_seq_len: cache capacity; a call needs ``batch <= max_batch_size``
             and ``longest prompt + max_new_tokens <= max_seq_len``.
         cuda_graph: capture the decode step as a CUDA graph (default: True on CUDA). On the CPU
@@ -250,9 +269,6 @@ class Generator:
                                         getattr(cfg, "residual_multiplier", 1.0), getattr(cfg, "logits_scaling", 1.0))
         self.num_splits = num_splits
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        shape = (cfg.num_hidden_layers, max_batch_size, self.n_kv_heads, max_seq_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         # Gemma 3's norms compute (x * (1 + w)), OLMo 2/3's (x * w), in fp32 and round once
         family = forwards._family(model)
@@ -270,6 +286,11 @@ class Generator:
         # Sliding windows (Mistral, Phi-3, Gemma 3's local layers ...): HF's W is (W - 1, 0)
         self.windows = [(w - 1, 0) if w else None for w in (forwards.sliding_window(layer.self_attn)
                                                             for layer in layers)]
+        # Each layer's cache: max_seq_len slots, or a ring of W slots for a window of W keys (a
+        # decode step's query reads exactly the last W positions, which are then every slot)
+        self.cache_lengths = [min(max_seq_len, w[0] + 1) if w else max_seq_len for w in self.windows]
+        self.k_cache, self.v_cache = ([torch.zeros(max_batch_size, self.n_kv_heads, n, self.head_dim, dtype=self.dtype,
+                                                   device=self.device) for n in self.cache_lengths] for _ in range(2))
         self._states: dict[tuple, _State] = {}
         # One memory pool for every captured graph: they never replay at the same time, and no
         # graph output lives in the pool (outputs are the static buffers or clones of them).
@@ -326,7 +347,9 @@ class Generator:
         Token t of sequence b goes to cache slot ``slots[b] + t``. T > 16 (prefill, slots all 0)
         attends with flash attention over slots [0, T); small T (decode) with decode attention
         over each sequence's ``slots[b] + T`` cached tokens. Both apply each layer's sliding
-        window (:attr:`windows`).
+        window (:attr:`windows`). A layer whose cache is a ring (:attr:`cache_lengths`) takes
+        T == 1 (a decode step: position ``slots[b]``) or a prefill (T > 1, slots all 0, sequence
+        b ``last[b] + 1`` tokens long, default T).
         """
         B, T = tokens.shape
         layers = self.model.model.layers
@@ -335,6 +358,8 @@ class Generator:
             x = x * self.multipliers.embedding
         mlp_out = None
         lengths = slots + T if T <= ops.decode.MAX_QUERY_LEN else None
+        rings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ring size -> its write slots, lengths
+        scratch: list[torch.Tensor] = []  # a prefill's full-length K/V for the ring layers, made once
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
             attention_in, mlp_in = self._layer_groups(layer)
@@ -353,14 +378,7 @@ class Generator:
                 q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            kc, vc = self.k_cache[i, :B], self.v_cache[i, :B]
-            cos, sin = self.rotary[i]
-            q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots)
-            scale, window = getattr(a, "scaling", None), self.windows[i]  # (HF's scale; default 1/sqrt(D))
-            if lengths is not None:
-                o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window)
-            else:
-                o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale, window=window)
+            o = self._attend(i, q, k, v, slots, lengths, last, rings, scratch)
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
             if hasattr(layer, "post_feedforward_layernorm"):
                 # Gemma 3, OLMo: each branch normed before it joins the stream; the MLP's input is
@@ -387,6 +405,42 @@ class Generator:
         if self.final_softcap is not None:  # Gemma's final soft-capping: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
+
+    def _attend(self, i: int, q, k, v, slots, lengths, last, rings: dict, scratch: list) -> torch.Tensor:
+        """Layer i's attention of the new tokens' q (B, Hq, T, D) after the rotary + cache append of
+        their k/v (see :meth:`_forward`). ``lengths``: the cached lengths after the append when
+        the decode kernel attends (T <= 16), else None; ``rings`` and ``scratch``: what one
+        forward computes once for every ring layer (their write slots and lengths by ring size;
+        a prefill's full-length K/V)."""
+        B, T = q.shape[0], q.shape[2]
+        kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]
+        cos, sin = self.rotary[i]
+        scale, window = getattr(self.model.model.layers[i].self_attn, "scaling", None), self.windows[i]
+        ring = self.cache_lengths[i] if self.cache_lengths[i] < self.max_seq_len else None
+        if ring is not None and T == 1:
+            # A decode step on a ring of W slots: position p = slots[b] goes to slot p mod W, and
+            # the min(p + 1, W) slots filled are exactly p's window (the softmax does not care in
+            # which order its keys sit), so no window mask is needed.
+            if ring not in rings:
+                rings[ring] = (slots % ring, torch.clamp(slots + 1, max=ring))
+            ring_slots, ring_lengths = rings[ring]
+            q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, ring_slots, positions=slots)
+            return ops.decode_attention(q, kc, vc, ring_lengths, scale=scale, num_splits=self.num_splits)
+        if ring is not None:  # a prefill on a ring: the whole prompt to a scratch cache, attended there
+            if not scratch:
+                scratch.extend(torch.empty(B, self.n_kv_heads, T, self.head_dim, dtype=self.dtype,
+                                           device=self.device) for _ in range(2))
+            ring_k, ring_v, (kc, vc) = kc, vc, scratch
+        q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots)
+        if lengths is not None:
+            o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window)
+        else:
+            o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale, window=window)
+        if ring is not None:  # then each prompt's last W positions into the ring
+            prompt_lengths = last + 1 if last is not None else torch.full_like(slots, T)
+            _fill_ring(ring_k, kc, prompt_lengths)
+            _fill_ring(ring_v, vc, prompt_lengths)
+        return o
 
     def _norm(self, x: torch.Tensor, norm, residual: torch.Tensor | None = None):
         """The model's RMSNorm ``norm`` of x from its weight, in one kernel (with ``residual``:

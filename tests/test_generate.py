@@ -74,8 +74,8 @@ def test_cache_after_77_token_prompt_and_5_steps_equals_the_reference(model):
             tokens.append(logits.argmax(-1))
         assert torch.equal(out[0, 77:], torch.stack(tokens, 1)[0])
         for i, cache in enumerate(model.caches):
-            torch.testing.assert_close(gen.k_cache[i, :1, :, :82], cache.k[:, :, :82], msg=f"layer {i} keys")
-            torch.testing.assert_close(gen.v_cache[i, :1, :, :82], cache.v[:, :, :82], msg=f"layer {i} values")
+            torch.testing.assert_close(gen.k_cache[i][:1, :, :82], cache.k[:, :, :82], msg=f"layer {i} keys")
+            torch.testing.assert_close(gen.v_cache[i][:1, :, :82], cache.v[:, :, :82], msg=f"layer {i} values")
     finally:
         model.caches = None
 
@@ -440,7 +440,7 @@ class _FakeCudaGraphs:
             self.fail = False
             raise RuntimeError("capture failed")
         gen, st = self.current
-        buffers = (gen.k_cache, gen.v_cache, st.token, st.seqlens, st.done)
+        buffers = (*gen.k_cache, *gen.v_cache, st.token, st.seqlens, st.done)
         saved, rng = [t.clone() for t in buffers], torch.get_rng_state()
         yield
         for t, v in zip(buffers, saved):
@@ -685,6 +685,51 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         handle.remove()
 
 
+def test_windowed_layers_hold_a_ring_of_their_window_and_keep_each_positions_key():
+    """A layer with a sliding window of W keys gets a cache of W slots (position p in slot p mod
+    W), the others max_seq_len; after a batch prefill (prompts shorter and longer than the ring)
+    and decode steps that wrap it, each ring slot holds the key and value of the latest position
+    that maps to it, bit for bit what the same Generator wrote for that position with rings
+    turned off (each layer max_seq_len slots, the window applied by the kernels)."""
+    model = _hf_model("ministral-layer-window")  # layer 0 full, layer 1 a window of 6 keys
+    prompts, new = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4], list(range(20, 26))], 7
+    ringed = Generator(model, 3, 30)
+    assert ringed.cache_lengths == [30, 6] and [c.shape[2] for c in ringed.k_cache] == [30, 6]
+    got = ringed.generate(prompts, new, stop_tokens=[])
+
+    full = Generator(model, 3, 30)
+    full.cache_lengths = [30, 30]  # the same layers, every cache max_seq_len long
+    full.k_cache, full.v_cache = ([torch.zeros_like(full.k_cache[0]) for _ in range(2)] for _ in range(2))
+    assert full.generate(prompts, new, stop_tokens=[]) == got
+    for b, p in enumerate(prompts):
+        n = len(p) + new - 1  # positions written: the last token sampled is not fed back
+        for pos in range(n - 6, n):
+            for ring, whole in ((ringed.k_cache[1], full.k_cache[1]), (ringed.v_cache[1], full.v_cache[1])):
+                assert torch.equal(ring[b, :, pos % 6], whole[b, :, pos]), (b, pos)
+        assert torch.equal(ringed.k_cache[0][b, :, :n], full.k_cache[0][b, :, :n])
+
+    # a ring is never longer than the cache: a window of max_seq_len keys or more is no ring
+    assert Generator(model, 1, 6).cache_lengths == [6, 6] and Generator(model, 1, 4).cache_lengths == [4, 4]
+
+
+def _fill_ring_by_hand(ring, full, lengths):
+    for b, n in enumerate(lengths):
+        for p in range(max(0, n - ring.shape[2]), n):
+            ring[b, :, p % ring.shape[2]] = full[b, :, p]
+
+
+def test_fill_ring_copies_the_last_window_of_each_prompt():
+    from fastllama.generate import _fill_ring
+
+    full = torch.randn(4, 2, 13, 3)
+    ring = torch.randn(4, 2, 5, 3)
+    expected = ring.clone()
+    lengths = [13, 1, 5, 7]  # longer than the ring, one token, exactly the ring, one past it
+    _fill_ring_by_hand(expected, full, lengths)
+    _fill_ring(ring, full, torch.tensor(lengths, dtype=torch.int32))
+    assert torch.equal(ring, expected)
+
+
 def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_activations_followed():
     """What the kernels do not compute is refused (attention score soft-capping, Gemma 2's;
     bidirectional attention; a layer type's rotary table narrower than the head); an MLP
@@ -857,7 +902,7 @@ def test_generator_uses_the_models_rms_norm_eps():
     try:
         model(prompt, cache_start=0)
         for i, cache in enumerate(model.caches):
-            torch.testing.assert_close(gen.k_cache[i, :1, :, :9], cache.k[:, :, :9], msg=f"layer {i} keys")
+            torch.testing.assert_close(gen.k_cache[i][:1, :, :9], cache.k[:, :, :9], msg=f"layer {i} keys")
     finally:
         model.caches = None
 
