@@ -13,6 +13,7 @@ reference model has its own, smaller set.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -337,7 +338,8 @@ def _family(module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face (Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite, Gemma 3, OLMo 2/3)
+# Hugging Face (Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite, Gemma 3, OLMo 2/3,
+# and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)
 # ---------------------------------------------------------------------------------------------
 def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           sliding_window=None, is_causal=None, **kwargs):
@@ -387,7 +389,7 @@ def hf_attention_mask(**kwargs):
 
 
 # HF families whose attention passes the config's sliding_window (see _family)
-_WINDOW_FROM_CONFIG = ("mistral", "phi3")
+_WINDOW_FROM_CONFIG = ("mistral", "phi3", "mixtral", "olmoe")
 
 
 def qk_norm_over_all_heads(attn) -> bool:
@@ -428,8 +430,11 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
         projected = [lin(hidden_states) for lin in linears]
     q, k, v = split_qkv(self, projected)
     over_all_heads = qk_norm_over_all_heads(self)
-    if over_all_heads:  # OLMo 2/3: an RMSNorm over the whole q and k projections
+    if over_all_heads:  # OLMo 2/3, OLMoE: an RMSNorm over the whole q and k projections
         q, k = self.q_norm(q), self.k_norm(k)
+    clip = getattr(self.config, "clip_qkv", None)
+    if clip is not None:  # OLMoE's option: q, k, v clamped to [-clip, clip] (after the norms)
+        q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
     q, k, v = (t.view(hidden_shape) for t in (q, k, v))
     if hasattr(self, "q_norm") and not over_all_heads:  # Qwen3, Gemma 3: over each head
         q, k = self.q_norm(q), self.k_norm(k)
@@ -543,7 +548,9 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
     op and no logits are built (``logits`` is None); without, the original forward runs. So
     does a call with labels and a ``logits_to_keep`` other than 0: HF then computes the loss of
     the kept logits against all the labels (a shape error for any shorter slice), and the fused
-    loss over every position would silently answer something else."""
+    loss over every position would silently answer something else. A mixture-of-experts model's
+    output (``MoeCausalLMOutputWithPast``) carries its router logits and, with
+    ``output_router_logits``, its load-balancing loss, added to the loss as HF adds it."""
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     keeps_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
@@ -551,8 +558,15 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                   logits_to_keep=logits_to_keep, labels=labels, **{_hf_cache_name(): cache}, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
+    # mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE): the router logits, and its balancing loss
+    moe = hasattr(self, "router_aux_loss_coef")
+    if moe:
+        output_router_logits = kwargs.pop("output_router_logits", None)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        kwargs["output_router_logits"] = output_router_logits
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shifted = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)  # HF's loss takes it as a keyword too
@@ -573,13 +587,31 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
     softcap = getattr(self.config, "final_logit_softcapping", None)
     loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch, ignore_index, softcap)
     name = _hf_cache_name()
-    output = CausalLMOutputWithPast(loss=loss, logits=None, **{name: getattr(outputs, name)},
-                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    fields = dict(loss=loss, logits=None, **{name: getattr(outputs, name)}, hidden_states=outputs.hidden_states,
+                  attentions=outputs.attentions)
+    if moe:
+        fields.update(_router_loss(self, outputs, attention_mask, output_router_logits, loss))
+    output = (MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast)(**fields)
     if return_dict:
         return output
-    # HF's tuple is (loss, logits, cache, ...) with the None fields dropped: logits keeps its
-    # place as None, so out[2] is the cache as it is for HF (dropped, it would become out[1])
-    return (loss, None) + output.to_tuple()[1:]
+    # HF's tuple is its fields in order with the None ones dropped: logits keeps its place as
+    # None, so out[2] is the cache as it is for HF (dropped, it would become out[1])
+    return tuple(getattr(output, f.name) for f in dataclasses.fields(output)
+                 if f.name == "logits" or getattr(output, f.name) is not None)
+
+
+def _router_loss(model, outputs, attention_mask, output_router_logits: bool, loss) -> dict:
+    """A mixture-of-experts causal LM's extra output fields: the router logits, and with
+    ``output_router_logits`` the load-balancing loss, added to ``loss`` times the model's
+    ``router_aux_loss_coef`` as its own forward adds it (its module's ``load_balancing_loss_func``)."""
+    from .patching import _original_class
+
+    fields = dict(router_logits=outputs.router_logits, aux_loss=None)
+    if output_router_logits:
+        balance = sys.modules[_original_class(model).__module__].load_balancing_loss_func
+        aux = balance(outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
+        fields.update(aux_loss=aux, loss=loss + model.router_aux_loss_coef * aux.to(loss.device))
+    return fields
 
 
 # ---------------------------------------------------------------------------------------------

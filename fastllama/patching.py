@@ -35,7 +35,9 @@ OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
 # none before) run as they are, with the patched modules inside.
 _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
                 "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite", "gemma3": "Gemma3", "olmo2": "Olmo2",
-                "olmo3": "Olmo3"}
+                "olmo3": "Olmo3",
+                # mixtures of experts: everything but the experts and their router (HF's own)
+                "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe"}
 _OLMO = ("olmo2", "olmo3")
 _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in ("gemma3", *_OLMO))  # families whose RMSNorm is Llama's
 
@@ -232,7 +234,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
     ``MinistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``,
     ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
-    ``Olmo3ForCausalLM`` (also inside a PEFT wrapper) and
+    ``Olmo3ForCausalLM``, the mixtures of experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
+    ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM`` (their experts and routers stay HF's; the loss
+    adds the router's balancing loss as HF's does), all also inside a PEFT wrapper, and
     ``fastllama.reference.Llama``. Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
     also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the

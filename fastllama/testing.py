@@ -200,6 +200,23 @@ def _compare(name, kind, value, same_list, truth, factor, atol_floor, dtype) -> 
     return ParityRow(name, kind, err, torch_err, allowed, where, problem)
 
 
+# Grouped matmuls (HF's mixture-of-experts layers) have no float64 kernel
+_GROUPED_MM = tuple(f for f in (getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None))
+                    if f is not None)
+
+
+def _grouped_mm_float64(a, b, offs=None, bias=None, out_dtype=None):
+    """A grouped matmul as a loop, for the float64 truth: rows ``offs[g - 1]:offs[g]`` of ``a``
+    (S, K) times ``b[g]`` (G, K, N), the form HF's experts use (rows past ``offs[-1]`` are 0)."""
+    if offs is None or a.dim() != 2 or b.dim() != 3 or bias is not None:
+        raise NotImplementedError("float64_truth computes only grouped_mm(a (S, K), b (G, K, N), offs=...)")
+    ends = offs.tolist()
+    pieces = [a[start:end] @ b[g] for g, (start, end) in enumerate(zip([0] + ends[:-1], ends))]
+    pieces.append(a.new_zeros(a.shape[0] - ends[-1], b.shape[2]))
+    out = torch.cat(pieces)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
 class float64_truth(torch.overrides.TorchFunctionMode):
     """Context manager: code that hard-codes float32 upcasts runs in float64 instead.
 
@@ -213,6 +230,8 @@ class float64_truth(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.float:
             return args[0].to(torch.float64)
+        if func in _GROUPED_MM and any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args):
+            return _grouped_mm_float64(*args, **kwargs)
         args = tuple(torch.float64 if a is torch.float32 else a for a in args)
         kwargs = {k: (torch.float64 if v is torch.float32 else v) for k, v in kwargs.items()}
         return func(*args, **kwargs)

@@ -368,3 +368,28 @@ def test_an_op_returning_fewer_outputs_fails():
     x = torch.randn(4, 10)
     report = parity_report(lambda t: (t * 2,), lambda t: (t * 2, t + 1), x)
     assert not report.passed and "op returned 1 outputs, reference 2" in report.table()
+
+
+def test_float64_truth_runs_grouped_matmuls_in_float64():
+    """HF's mixture-of-experts layers multiply with torch's grouped matmul, which has no float64
+    kernel: inside float64_truth it runs as a loop in float64, values and gradients equal to
+    the float32 kernel's to float32 rounding (rows past the last group, which the kernel leaves
+    unwritten, are 0)."""
+    from fastllama.testing import float64_truth
+
+    grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(13, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 8, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    offs = torch.tensor([4, 4, 11], dtype=torch.int32)  # an empty group, two rows past the last
+    with float64_truth():
+        out = grouped_mm(a, b, offs=offs)
+    assert out.dtype == torch.float64
+    out[:11].sum().backward()
+    a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    expected = grouped_mm(a32, b32, offs=offs)
+    expected[:11].sum().backward()
+    torch.testing.assert_close(out[:11].float(), expected[:11])
+    assert (out[11:] == 0).all()
+    torch.testing.assert_close(a.grad[:11].float(), a32.grad[:11])  # (the kernel leaves the rest unwritten)
+    torch.testing.assert_close(b.grad.float(), b32.grad)
