@@ -338,14 +338,14 @@ def _family(module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face (Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite, Gemma 3, OLMo 2/3,
+# Hugging Face (Llama, Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite, Gemma 1/2/3, OLMo 2/3,
 # and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)
 # ---------------------------------------------------------------------------------------------
 def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           sliding_window=None, is_causal=None, **kwargs):
     """Registered with HF's ``AttentionInterface`` as "fastllama": HF's calling convention,
     q (B, Hq, Tq, D) and un-repeated k/v (B, Hk, Tk, D) in, ``(out (B, Tq, Hq, D), None)`` out."""
-    if kwargs.get("softcap") is not None:  # (Gemma 2 passes it; none of the families patch() takes)
+    if kwargs.get("softcap") is not None:  # (Gemma 2's: patch() leaves such a model's attention as it is)
         raise ValueError(f"attention score soft-capping (softcap={kwargs['softcap']}) is not supported by "
                          "fastllama's attention kernels")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -452,6 +452,8 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     window = sliding_window(self)
     if window is not None or hasattr(self, "sliding_window"):
         kwargs["sliding_window"] = window
+    if hasattr(self, "attn_logit_softcapping"):  # Gemma 2 (HF's own attention then: patch skips ours)
+        kwargs["softcap"] = self.attn_logit_softcapping
     out, weights = attention_interface(
         self, q, k, v, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
@@ -496,7 +498,7 @@ def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_
 
 def gemma3_decoder_layer_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                                  position_ids=None, cache=None, **kwargs):
-    """``Gemma3DecoderLayer.forward``: four norms, each branch normed before it is added::
+    """``Gemma3DecoderLayer.forward`` (and Gemma 2's): four norms, each branch normed before it is added::
 
         s = x + post_attention_norm(attention(input_norm(x)))
         out = s + post_feedforward_norm(mlp(pre_feedforward_norm(s)))

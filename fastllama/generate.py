@@ -1,7 +1,7 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma 3 / OLMo 2 / OLMo 3 causal LM
+/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 3 / OLMo 2 / OLMo 3 causal LM
 (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
@@ -225,7 +225,7 @@ class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
     ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``MinistralForCausalLM`` / ``Qwen2ForCausalLM`` /
     ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM`` /
-    ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` / ``Olmo3ForCausalLM``.
+    ``GemmaForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` / ``Olmo3ForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -270,9 +270,10 @@ class Generator:
         self.num_splits = num_splits
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
-        # Gemma 3's norms compute (x * (1 + w)), OLMo 2/3's (x * w), in fp32 and round once
+        # Gemma's norms compute (x * (1 + w)), OLMo 2/3's (x * w), in fp32 and round once
         family = forwards._family(model)
-        self.unit_offset, self.round_once = family == "gemma3", family in ("gemma3", "olmo2", "olmo3")
+        self.unit_offset = family in ("gemma", "gemma3")
+        self.round_once = family in ("gemma", "gemma3", "olmo2", "olmo3")
         layers = model.model.layers
         # Each layer's rotary tables: one pair for the model, or one per layer type (Gemma 3's
         # local and global bases); SmolLM3's NoPE layers get a one-row table of cos 1, sin 0,
@@ -750,15 +751,15 @@ def load_tokenizer(path):
 
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
-TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma3_text",
-                            "olmo2", "olmo3")
+TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
+                            "gemma3_text", "olmo2", "olmo3")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
-    Gemma 3 text, OLMo 2 or OLMo 3 model (``model_type`` in config.json)
+    Gemma, Gemma 3 text, OLMo 2 or OLMo 3 model (``model_type`` in config.json)
     through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path

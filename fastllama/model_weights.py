@@ -2,11 +2,12 @@
 
 The generator computes a model from its weights, not by calling its modules: the reference
 ``Llama`` and transformers' Llama / Mistral / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 /
-Granite / Gemma 3 / OLMo 2 / OLMo 3 causal LMs share the attribute names it reads
+Granite / Gemma / Gemma 3 / OLMo 2 / OLMo 3 causal LMs share the attribute names it reads
 (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's
 attention adds ``q_norm``/``k_norm``,
 SmolLM3's ``use_rope`` (False: no rotary), Phi-3 merges q/k/v into ``qkv_proj`` and gate/up
-into ``gate_up_proj``; Granite adds scalar multipliers, read from its config; Gemma 3 adds a
+into ``gate_up_proj``; Granite adds scalar multipliers, read from its config; Gemma's norms
+scale by 1 + w; Gemma 3 adds a
 norm after each branch and rotary tables per layer type; OLMo 2/3 norm after each branch only,
 and their q/k norms span all heads). Here:
 which models that computes exactly (:func:`check_model`, :func:`module_problem`), their
@@ -107,7 +108,7 @@ class RowBlocks:
 # (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
 _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
-                  "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+                  "GemmaForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:

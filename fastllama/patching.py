@@ -29,17 +29,18 @@ __all__ = ["patch", "unpatch", "patch_summary", "is_patched", "RULES", "SUPPORTE
 log = logging.getLogger("fastllama")
 
 OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
-# transformers family (its modeling module) -> the class name prefix of its modules. Gemma 3's
-# norms ((1 + w), rounded once) and decoder layer (four norms) have rules of their own below;
-# OLMo 2/3's norms (w, rounded once) too, and their decoder layers (a norm after each branch,
-# none before) run as they are, with the patched modules inside.
+# transformers family (its modeling module) -> the class name prefix of its modules. Gemma's
+# norms ((1 + w), rounded once) have a rule of their own below, and so have Gemma 2/3's decoder
+# layers (four norms); OLMo 2/3's norms (w, rounded once) too, and their decoder layers (a norm
+# after each branch, none before) run as they are, with the patched modules inside.
 _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
-                "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite", "gemma3": "Gemma3", "olmo2": "Olmo2",
-                "olmo3": "Olmo3",
+                "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite", "gemma": "Gemma", "gemma2": "Gemma2",
+                "gemma3": "Gemma3", "olmo2": "Olmo2", "olmo3": "Olmo3",
                 # mixtures of experts: everything but the experts and their router (HF's own)
                 "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe"}
+_GEMMA = ("gemma", "gemma2", "gemma3")
 _OLMO = ("olmo2", "olmo3")
-_LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in ("gemma3", *_OLMO))  # families whose RMSNorm is Llama's
+_LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # families whose RMSNorm is Llama's
 
 
 def _hf(kind: str, families=tuple(_HF_FAMILIES)) -> tuple[str, ...]:
@@ -71,6 +72,15 @@ def _check_head_dim(module) -> str | None:
 
 
 
+def _check_attention_kernels(module) -> str | None:
+    """Why the model's attention cannot run on the flash/decode kernels (None: it can)."""
+    cap = getattr(module, "attn_logit_softcapping", None)
+    if cap is not None:
+        return (f"attention score soft-capping (attn_logit_softcapping={cap}, Gemma 2's) is not in the attention "
+                f"kernels: attention stays as it is")
+    return _check_head_dim(module)
+
+
 def _check_lm_head(module) -> str | None:
     head = getattr(module, "lm_head", None)
     if not forwards._plain_linear(head):
@@ -92,10 +102,10 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule(("rms_norm",), _hf("RMSNorm", _LLAMA_NORMS) + _ref("RMSNorm"), forwards.rms_norm_forward),
-    Rule(("rms_norm",), _hf("RMSNorm", ("gemma3",)), forwards.gemma_rms_norm_forward),
+    Rule(("rms_norm",), _hf("RMSNorm", _GEMMA), forwards.gemma_rms_norm_forward),
     Rule(("rms_norm",), _hf("RMSNorm", _OLMO), forwards.olmo_rms_norm_forward),
-    Rule(("rms_norm",), _hf("DecoderLayer", _LLAMA_NORMS), forwards.hf_decoder_layer_forward),
-    Rule(("rms_norm",), _hf("DecoderLayer", ("gemma3",)), forwards.gemma3_decoder_layer_forward),
+    Rule(("rms_norm",), _hf("DecoderLayer", (*_LLAMA_NORMS, "gemma")), forwards.hf_decoder_layer_forward),
+    Rule(("rms_norm",), _hf("DecoderLayer", ("gemma2", "gemma3")), forwards.gemma3_decoder_layer_forward),
     Rule(("rms_norm",), _ref("DecoderLayer"), forwards.reference_decoder_layer_forward),
     Rule(("swiglu",), _hf("MLP") + _ref("MLP"), forwards.mlp_forward, _check_activation),
     Rule(("rope",), _hf("Attention"), forwards.hf_attention_forward, _check_head_dim),
@@ -233,7 +243,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
     ``MinistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``,
-    ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
+    ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM`` (its
+    attention score soft-capping is not in the kernels: attention stays HF's, everything else is
+    patched), ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
     ``Olmo3ForCausalLM``, the mixtures of experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
     ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM`` (their experts and routers stay HF's; the loss
     adds the router's balancing loss as HF's does), all also inside a PEFT wrapper, and
@@ -299,7 +311,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     if attention and owner is not None:
         config = owner.config
         hf_attention = [m for m in model.modules() if _qualname(m) in _hf("Attention")]
-        reasons = {_check_head_dim(m) for m in hf_attention} - {None}
+        reasons = {_check_attention_kernels(m) for m in hf_attention} - {None}
         if reasons:
             summary.append(("<model>", type(model).__name__, "attention", f"skipped: {reasons.pop()}"))
         else:

@@ -192,11 +192,11 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     assert "no decode step" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma3", "Olmo3"])
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma", "Gemma3", "Olmo3"])
 def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
-    """model_type "qwen3" / "phi3" / "granite" / "gemma3_text" / "olmo3" (transformers' save_pretrained, the
-    fixture's tokenizer): the CLI loads it with transformers and streams the text of HF's own
-    greedy generate."""
+    """model_type "qwen3" / "phi3" / "granite" / "gemma" / "gemma3_text" / "olmo3" (transformers'
+    save_pretrained, the fixture's tokenizer): the CLI loads it with transformers and streams the
+    text of HF's own greedy generate."""
     import transformers
 
     from fastllama import Tokenizer
@@ -638,6 +638,8 @@ def _hf_model(arch):
         # Gemma 3: four unit-offset norms a layer, q/k norms, GeGLU, the embedding scale, a window
         # and its own rotary base on the local layers, query_pre_attn_scalar's scale, and the
         # final logit soft-capping (at a cap the tiny logits reach)
+        # Gemma (1): Gemma's norms, GeGLU and embedding scale in Llama's layer
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(head_dim=16, pad_token_id=0)),
         "gemma3-window-softcap": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
             head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=24, final_logit_softcapping=0.5)),
@@ -657,7 +659,7 @@ def _hf_model(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers", "smollm3-nope",
-                                  "ministral-layer-window", "gemma3-window-softcap", "olmo2", "olmo3-window"])
+                                  "ministral-layer-window", "gemma", "gemma3-window-softcap", "olmo2", "olmo3-window"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -763,7 +765,7 @@ def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_ac
 
 
 @pytest.mark.parametrize("arch,flags", [("olmo3-window", (False, True)), ("gemma3-window-softcap", (True, True)),
-                                        ("llama", (False, False))])
+                                        ("gemma", (True, True)), ("llama", (False, False))])
 def test_generator_norms_round_as_the_family_does(monkeypatch, arch, flags):
     """Every norm the generator computes rounds as the model's own does (fp32 logits cannot tell
     one rounding from two): OLMo's w once, Gemma's 1 + w once, Llama's twice. OLMo's q/k norms
@@ -777,7 +779,7 @@ def test_generator_norms_round_as_the_family_does(monkeypatch, arch, flags):
     gen.generate([[3, 4, 5]], 2)
     assert {(u, r) for _, u, r in seen} == {flags}
     widths = {n for n, _, _ in seen}
-    assert widths == ({64, 32} if arch.startswith("olmo") else {64, 16} if arch.startswith("gemma") else {64})
+    assert widths == ({64, 32} if arch.startswith("olmo") else {64, 16} if arch.startswith("gemma3") else {64})
 
 
 def test_phi3_swapped_activation_is_refused():

@@ -9,7 +9,8 @@ import copy
 
 import pytest
 import torch
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                          GemmaForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig,
                           LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM,
                           MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config,
                           Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
@@ -54,6 +55,13 @@ ARCHS = {
     "gemma3-softcap": (Gemma3TextConfig, Gemma3ForCausalLM, dict(
         BASE, pad_token_id=0, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
         query_pre_attn_scalar=32, final_logit_softcapping=0.3)),  # (a cap the tiny logits, ~0.2, reach)
+    # Gemma (1): Gemma's norms and GeGLU in Llama's layer; Gemma 2: Gemma 3's layer without q/k
+    # norms, here without its attention score soft-capping (with it, attention stays HF's:
+    # test_gemma2_with_score_softcapping_keeps_its_attention_and_patches_the_rest)
+    "gemma": (GemmaConfig, GemmaForCausalLM, dict(BASE, pad_token_id=0)),
+    "gemma2-no-score-cap": (Gemma2Config, Gemma2ForCausalLM, dict(
+        BASE, pad_token_id=0, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=32, attn_logit_softcapping=None, final_logit_softcapping=0.3)),
     # OLMo 2: a norm after each branch (none before), q/k norms over all heads, norms rounded
     # once; OLMo 3 adds a window on 3 layers of 4 (here the first of 2)
     "olmo2": (Olmo2Config, Olmo2ForCausalLM, dict(BASE, pad_token_id=0)),
@@ -80,7 +88,8 @@ MOE = ("mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip")
 def build(arch, dtype=torch.float32, seed=0):
     cfg_cls, model_cls, kw = ARCHS[arch]
     torch.manual_seed(seed)
-    model = model_cls(cfg_cls(**kw, attn_implementation="sdpa"))
+    attn = "sdpa" if model_cls._supports_sdpa else "eager"  # (Gemma 2 refuses SDPA: it caps scores)
+    model = model_cls(cfg_cls(**kw, attn_implementation=attn))
     with torch.no_grad():  # make norms and biases non-trivial
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -345,7 +354,8 @@ def test_patched_loss_builds_no_logits():
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-window-partial-rope", "granite-multipliers", "ministral-layer-window",
-                                  "smollm3-nope", "gemma3-softcap", "olmo2", "olmo3-window", *MOE])
+                                  "smollm3-nope", "gemma", "gemma2-no-score-cap", "gemma3-softcap", "olmo2",
+                                  "olmo3-window", *MOE])
 def test_greedy_generation_identical(arch):
     model = build(arch).eval()
     prompt = ids(batch=1, seq=7)
@@ -467,6 +477,55 @@ def test_gemma3_every_module_is_patched_and_its_norms_fold_into_the_projections(
     x = ids()
     model(input_ids=x, labels=x).loss.backward()
     assert folded == [True] * 4
+
+
+def test_gemma2_with_score_softcapping_keeps_its_attention_and_patches_the_rest():
+    """Gemma 2 as released caps its attention scores (50 * tanh(s / 50)), which the attention
+    kernels do not compute: patch leaves the attention implementation as it was (eager), says
+    why, and patches everything else (norms, GeGLU, rotary, the loss with its final soft-capping);
+    the score cap still applies (it binds here: 0.05 on scores of about 0.5), so logits, loss and
+    every gradient are HF's (fp32), and so is greedy generation."""
+    kw = dict(ARCHS["gemma2-no-score-cap"][2], attn_logit_softcapping=0.05)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(**kw, attn_implementation="eager"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model = model.to(DEVICE).train()
+    x = ids()
+
+    def run():
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        return out.loss.detach(), grads, model(input_ids=x).logits.detach()
+
+    expected_loss, expected_grads, expected_logits = run()
+    with torch.no_grad():  # the cap binds: without it the logits move
+        model.config.attn_logit_softcapping = None
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        assert (model(input_ids=x).logits - expected_logits).abs().max() > 1e-3
+        model.config.attn_logit_softcapping = 0.05
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = 0.05
+    fastllama.patch(model)
+    summary = fastllama.patch_summary(model)
+    assert "attention score soft-capping (attn_logit_softcapping=0.05" in summary
+    assert model.config._attn_implementation == "eager"
+    rows = model.__dict__["_fastllama_patch"].summary
+    assert {cls for _, cls, _, status in rows if status == "patched"} >= {
+        "Gemma2RMSNorm", "Gemma2MLP", "Gemma2DecoderLayer", "Gemma2Attention", "Gemma2ForCausalLM"}
+    loss, grads, logits = run()
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    model.eval()
+    prompt = ids(batch=1, seq=7)
+    generated = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **generated), fastllama.unpatch(model).generate(prompt, **generated))
 
 
 def test_olmo_norms_round_once_and_q_k_norms_span_all_heads(monkeypatch):
