@@ -220,6 +220,18 @@ def mlp_forward(self, x):
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), activation=activation))
 
 
+def experts_apply_gate(self, gate_up_out):
+    """The ``_apply_gate`` of HF's mixture-of-experts layers (Mixtral, Qwen2/3-MoE, OLMoE):
+    ``act(gate) * up`` of the (S, 2I) gate-up projection of the S routed (token, expert) pairs,
+    gate first, in one kernel (``ops.swiglu_fused``: it keeps the gate-up output for backward,
+    not act(gate) too). HF's grouped and batched matmul implementations of the experts call it
+    between their two expert matmuls; its eager loop over experts does not (it stays HF's)."""
+    activation = gate_activation(self)
+    if activation is None:
+        return type(self)._apply_gate(self, gate_up_out)
+    return ops.swiglu_fused(gate_up_out, activation=activation)
+
+
 # ---------------------------------------------------------------------------------------------
 # Norms and activations folded into the linears around them (activation memory)
 # ---------------------------------------------------------------------------------------------
