@@ -1,6 +1,6 @@
 """Model shapes the benchmarks use: Llama-3.2-1B, Llama-3-8B (fewer layers), a tiny one, and
 the shapes of the other families ``fastllama.patch`` takes (Qwen3-0.6B, Phi-4-mini, Gemma-3-1B,
-OLMo-2-1B).
+OLMo-2-1B, and the mixture of experts Qwen3-30B-A3B).
 
 Each preset is an HF ``config.json`` dict (``model_type`` "llama" unless it says otherwise), so
 the same dict builds the transformers model and, for a Llama, fastllama's reference ``Llama``.
@@ -111,6 +111,18 @@ PRESETS: dict[str, Preset] = {
             seq_lens=(2048, 4096), quick_seq_lens=(4096,),
             note="OLMo-2-1B shape (16 layers, a norm after each branch and none before, q/k norms over "
                  "all heads, untied embeddings), random weights",
+        ),
+        Preset(
+            "qwen3-30b-a3b",
+            dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                 moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                 num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                 max_position_embeddings=40960, rms_norm_eps=1e-6,
+                 rope_parameters=dict(rope_type="default", rope_theta=1000000.0), tie_word_embeddings=False),
+            seq_lens=(2048, 4096), quick_seq_lens=(4096,),
+            note="Qwen3-30B-A3B layer shape (a mixture of 128 experts, 8 per token: their matmuls and the "
+                 "router stay HF's) with 4 of its 48 layers (so weights, gradients and AdamW states fit one "
+                 "GPU), random weights",
         ),
     )
 }
