@@ -220,16 +220,36 @@ def mlp_forward(self, x):
     return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), activation=activation))
 
 
-def experts_apply_gate(self, gate_up_out):
-    """The ``_apply_gate`` of HF's mixture-of-experts layers (Mixtral, Qwen2/3-MoE, OLMoE):
-    ``act(gate) * up`` of the (S, 2I) gate-up projection of the S routed (token, expert) pairs,
-    gate first, in one kernel (``ops.swiglu_fused``: it keeps the gate-up output for backward,
-    not act(gate) too). HF's grouped and batched matmul implementations of the experts call it
-    between their two expert matmuls; its eager loop over experts does not (it stays HF's)."""
+def experts_layout_problem(experts) -> str | None:
+    """Why an HF experts module is not the layout ``ops.moe_experts`` computes (None: it is)."""
+    from transformers.integrations import moe
+
+    from .patching import _original_class
+
+    if getattr(_original_class(experts), "_apply_gate", moe._default_apply_gate) is not moe._default_apply_gate:
+        return "the experts have a gate function of their own (not act(gate) * up): left as is"
+    for flag, why in (("is_transposed", "transposed expert weights"), ("has_bias", "expert biases"),
+                      ("has_post_expert_norm", "a norm after each expert"), ("_is_expert_parallel", "expert parallelism")):
+        if getattr(experts, flag, False):
+            return f"{why}: left as is"
+    if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
+        return "the experts have no gate-up projection: left as is"
+    return None
+
+
+def experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """``MixtralExperts.forward`` (Qwen2/3-MoE's, OLMoE's) on ``ops.moe_experts``: grouped matmuls
+    with the gated activation fused, keeping one (S, 2I) tensor for backward. HF's own forward
+    (its ``experts_implementation``) runs where torch's grouped matmul cannot (a GPU before sm_80,
+    rows that are not 16-byte multiples) or the module changed since patching."""
     activation = gate_activation(self)
-    if activation is None:
-        return type(self)._apply_gate(self, gate_up_out)
-    return ops.swiglu_fused(gate_up_out, activation=activation)
+    H, I = self.down_proj.shape[-2:]
+    row = 16 // self.down_proj.element_size()
+    if (activation is None or experts_layout_problem(self) or H % row or I % row
+            or not ops.experts.grouped_mm_available(hidden_states.device)):
+        return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+    return ops.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+                           activation=activation)
 
 
 # ---------------------------------------------------------------------------------------------

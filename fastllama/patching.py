@@ -36,7 +36,7 @@ OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
 _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
                 "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite", "gemma": "Gemma", "gemma2": "Gemma2",
                 "gemma3": "Gemma3", "olmo2": "Olmo2", "olmo3": "Olmo3",
-                # mixtures of experts: all but the expert matmuls and the router (HF's own)
+                # mixtures of experts: all but the router (HF's own)
                 "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe"}
 _GEMMA = ("gemma", "gemma2", "gemma3")
 _MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -65,17 +65,11 @@ def _check_activation(module) -> str | None:
     return None
 
 
-def _check_experts_gate(module) -> str | None:
-    """Why a mixture of experts' gated activation cannot run fused (None: it can): the fused
-    kernel replaces HF's default ``_apply_gate`` (act(gate) * up of the gate-up output), which
-    HF's grouped and batched matmul implementations call; a class with its own gate keeps it."""
-    from transformers.integrations import moe
-
-    if getattr(_original_class(module), "_apply_gate", None) is not moe._default_apply_gate:
-        return "the experts have a gate function of their own (not act(gate) * up): left as is"
-    if not getattr(module, "has_gate", True):
-        return "the experts have no gate projection"
-    return _check_activation(module)
+def _check_experts(module) -> str | None:
+    """Why a mixture of experts cannot run on ``ops.moe_experts`` (None: it can): the layout it
+    computes is HF's default one (gate-up weights (E, 2I, H) gate first, down (E, H, I), no
+    biases, act(gate) * up, no norm after the experts, not split across devices)."""
+    return forwards.experts_layout_problem(module) or _check_activation(module)
 
 
 def _check_head_dim(module) -> str | None:
@@ -112,7 +106,6 @@ class Rule:
     classes: tuple[str, ...]
     forward: Callable
     check: Callable | None = None
-    attr: str = "forward"  # the method replaced: forward, or a hook the class's forward calls
 
 
 RULES: tuple[Rule, ...] = (
@@ -123,7 +116,7 @@ RULES: tuple[Rule, ...] = (
     Rule(("rms_norm",), _hf("DecoderLayer", ("gemma2", "gemma3")), forwards.gemma3_decoder_layer_forward),
     Rule(("rms_norm",), _ref("DecoderLayer"), forwards.reference_decoder_layer_forward),
     Rule(("swiglu",), _hf("MLP") + _ref("MLP"), forwards.mlp_forward, _check_activation),
-    Rule(("swiglu",), _hf("Experts", _MOE), forwards.experts_apply_gate, _check_experts_gate, attr="_apply_gate"),
+    Rule(("swiglu",), _hf("Experts", _MOE), forwards.experts_forward, _check_experts),
     Rule(("rope",), _hf("Attention"), forwards.hf_attention_forward, _check_head_dim),
     Rule(("rope", "attention"), _ref("Attention"), forwards.reference_attention_forward, _check_head_dim),
     Rule(("cross_entropy",), _hf("ForCausalLM"), forwards.hf_causal_lm_forward, _check_lm_head),
@@ -214,7 +207,7 @@ def _installed_at(module) -> str | None:
     (accelerate's mixed precision wraps a model's forward; ``__wrapped__`` leads back); None: not
     patched."""
     patched = module.__dict__.get("_fastllama")
-    for attr in dict.fromkeys(("forward", "_old_forward", (patched or {}).get("attr", "forward"))):
+    for attr in ("forward", "_old_forward"):
         f = module.__dict__.get(attr)
         for _ in range(16):  # a chain of wrappers, never a cycle
             if patched is None or f is None:
@@ -226,10 +219,10 @@ def _installed_at(module) -> str | None:
 
 
 def _install_original(module, attr: str) -> None:
-    """Puts the class's own forward (or hook) back where fastllama's was (with any wrapper added
-    around it since: it wrapped the patched forward, so it goes too)."""
-    if attr != "_old_forward":
-        del module.__dict__[attr]
+    """Puts the class's own forward back where fastllama's was (with any wrapper added around
+    it since: it wrapped the patched forward, so it goes too)."""
+    if attr == "forward":
+        del module.__dict__["forward"]
     else:  # what accelerate had saved: the class forward, bound
         module.__dict__[attr] = types.MethodType(_original_class(module).forward, module)
 
@@ -263,8 +256,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     attention score soft-capping is not in the kernels: attention stays HF's, everything else is
     patched), ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
     ``Olmo3ForCausalLM``, the mixtures of experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
-    ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM`` (the experts' gated activation fused; their
-    matmuls and routers stay HF's; the loss adds the router's balancing loss as HF's does), all also inside a PEFT wrapper, and
+    ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM`` (the experts on ``ops.moe_experts``; the routers
+    stay HF's; the loss adds the router's balancing loss as HF's does), all also inside a PEFT wrapper, and
     ``fastllama.reference.Llama``. Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
     also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the
@@ -315,9 +308,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
         if reason:
             summary.append((name, type(module).__name__, what, f"skipped: {reason}"))
             continue
-        attr = forwards.forward_attr(module) if rule.attr == "forward" else rule.attr
-        module._fastllama = dict(options, original_rope=_original_rope(module), forward=rule.forward, attr=attr)
-        module.__dict__[attr] = functools.partial(rule.forward, module)
+        module._fastllama = dict(options, original_rope=_original_rope(module), forward=rule.forward)
+        module.__dict__[forwards.forward_attr(module)] = functools.partial(rule.forward, module)
         summary.append((name, type(module).__name__, what, "patched"))
     if not matched:
         raise TypeError(

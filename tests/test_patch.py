@@ -367,8 +367,8 @@ def test_greedy_generation_identical(arch):
 
 @pytest.mark.parametrize("arch", MOE)
 def test_moe_sparse_routing_router_outputs_and_balancing_loss_match_hf(arch):
-    """Top-2 of 4 experts (fp32), the experts' gated activation on the fused kernel (HF's
-    grouped-matmul experts call it): the patched model's logits, its loss with the router's
+    """Top-2 of 4 experts (fp32), the experts on ``ops.moe_experts``: the patched model's logits,
+    its loss with the router's
     load-balancing loss added (``output_router_logits``), that aux loss, the router logits and
     every parameter's gradient are HF's; with ``return_dict=False`` the tuple has HF's layout
     (logits kept in place as None); and greedy generation is identical."""
@@ -397,9 +397,9 @@ def test_moe_sparse_routing_router_outputs_and_balancing_loss_match_hf(arch):
     experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
     rows = model.__dict__["_fastllama_patch"].summary
     assert experts and [status for _, cls, _, status in rows if cls.endswith("Experts")] == ["patched"] * len(experts)
-    fused, swiglu_fused = [], fastllama.ops.swiglu_fused
+    fused, moe_experts = [], fastllama.ops.moe_experts
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fastllama.ops, "swiglu_fused", lambda *a, **k: fused.append(1) or swiglu_fused(*a, **k))
+        mp.setattr(fastllama.ops, "moe_experts", lambda *a, **k: fused.append(1) or moe_experts(*a, **k))
         got, grads, got_tuple, logits = run()
     assert len(fused) == 3 * len(experts)  # each MoE layer, in each of the three patched calls
     assert got.logits is None and expected.logits is not None

@@ -30,3 +30,5 @@ __all__ += ["flash_attention", "flash_attention_with_lse"]
 
 from .cross_entropy import linear_cross_entropy  # noqa: E402
 __all__ += ["linear_cross_entropy"]
+from .experts import moe_experts  # noqa: E402
+__all__ += ["moe_experts"]

@@ -20,6 +20,7 @@ __all__ = [
     "rope_inv_freq",
     "rope_cos_sin",
     "swiglu",
+    "moe_experts",
     "attention_mask",
     "attention",
     "attention_varlen",
@@ -144,6 +145,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> to
     if activation == "gelu_tanh":
         return F.gelu(gate, approximate="tanh") * up
     return F.silu(gate) * up
+
+
+def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                gate_up_proj: torch.Tensor, down_proj: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """A mixture of experts' output (T, H): for each token t and each of its k chosen experts e
+    (weight w), ``w * (act(x_t G_e^T) * (x_t U_e^T)) D_e^T`` summed over the k, with
+    ``gate_up_proj[e] = [G_e; U_e]`` (E, 2I, H) and ``down_proj[e] = D_e`` (E, H, I); each
+    product in the weights' dtype, the weighted outputs summed in their promoted dtype and cast
+    to hidden's (HF's grouped experts). Every (token, expert) pair's weights are gathered: a
+    reference for small shapes."""
+    x = hidden.to(gate_up_proj.dtype)
+    u = torch.einsum("th,tkoh->tko", x, gate_up_proj[top_k_index])  # (T, k, 2I)
+    gate, up = u.chunk(2, dim=-1)
+    y = torch.einsum("tki,tkhi->tkh", swiglu(gate, up, activation), down_proj[top_k_index])  # (T, k, H)
+    return (y * top_k_weights[..., None]).sum(1).to(hidden.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
