@@ -229,7 +229,8 @@ def experts_layout_problem(experts) -> str | None:
     if getattr(_original_class(experts), "_apply_gate", moe._default_apply_gate) is not moe._default_apply_gate:
         return "the experts have a gate function of their own (not act(gate) * up): left as is"
     for flag, why in (("is_transposed", "transposed expert weights"), ("has_bias", "expert biases"),
-                      ("has_post_expert_norm", "a norm after each expert"), ("_is_expert_parallel", "expert parallelism")):
+                      ("has_post_expert_norm", "a norm after each expert"),
+                      ("_is_expert_parallel", "expert parallelism")):
         if getattr(experts, flag, False):
             return f"{why}: left as is"
     if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):

@@ -83,3 +83,17 @@ def test_bad_input_is_refused_before_any_work():
         ops.moe_experts(hidden[:, :30], index, weights, gate_up[:, :, :30], down[:, :30])
     with pytest.raises(ValueError, match="activation"):
         ops.moe_experts(hidden, index, weights, gate_up, down, activation="relu")
+
+
+def test_frozen_experts_get_no_weight_gradients_and_the_rest_is_unchanged():
+    """Experts that do not require grad (adapters elsewhere) get none, and the gradients of the
+    tokens and routing weights are those of the trainable case, bit for bit."""
+    hidden, index, weights, gate_up, down = _inputs()
+    ops.moe_experts(hidden, index, weights, gate_up, down).square().sum().backward()
+    expected = hidden.grad.clone(), weights.grad.clone()
+    hidden.grad = weights.grad = None
+    gate_up.requires_grad_(False), down.requires_grad_(False)
+    gate_up.grad = down.grad = None
+    ops.moe_experts(hidden, index, weights, gate_up, down).square().sum().backward()
+    assert gate_up.grad is None and down.grad is None
+    assert torch.equal(hidden.grad, expected[0]) and torch.equal(weights.grad, expected[1])

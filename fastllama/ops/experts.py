@@ -85,22 +85,24 @@ class _Experts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_weighted):
         x, top_k_weights, gate_up_proj, down_proj, u, order, token, offs = ctx.saved_tensors
+        need_hidden, _, need_weights, need_gate_up, need_down, _ = ctx.needs_input_grad
         empty = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None]  # experts no pair chose
         w = top_k_weights.reshape(-1)[order, None]
         dout = d_weighted[order]  # (S, H), sorted; each token's rows are its gradient (the sum's backward)
         a = _swiglu_fused(u, ctx.gelu)  # recomputed (S, I)
         b = _grouped_mm(dout.to(down_proj.dtype), down_proj, offs=offs)  # (S, I)
-        d_w = (b.float() * a.float()).sum(-1, keepdim=True)  # <dout_s, y_s> without y
-        dy = (dout * w).to(down_proj.dtype)
-        d_down = _grouped_mm(dy.t(), a, offs=offs).masked_fill_(empty, 0)  # (E, H, I)
-        da = (b * w).to(u.dtype)
-        _swiglu_fused_bwd_(da, u, ctx.gelu)  # u now holds du (S, 2I)
-        xs = x[token]
-        d_gate_up = _grouped_mm(u.t(), xs, offs=offs).masked_fill_(empty, 0)  # (E, 2I, H)
-        dx_sorted = _grouped_mm(u, gate_up_proj, offs=offs)  # (S, H)
-        k = top_k_weights.shape[-1]
-        d_hidden = _unsort(dx_sorted, order).view(-1, k, x.shape[-1]).sum(1).to(ctx.hidden_dtype)
-        d_weights = _unsort(d_w, order).view(top_k_weights.shape).to(top_k_weights.dtype)
+        d_weights = d_down = d_gate_up = d_hidden = None
+        if need_weights:  # <dout_s, y_s> without y
+            d_w = (b.float() * a.float()).sum(-1, keepdim=True)
+            d_weights = _unsort(d_w, order).view(top_k_weights.shape).to(top_k_weights.dtype)
+        if need_down:  # (frozen experts, e.g. adapters elsewhere, skip their weight-gradient matmuls)
+            d_down = _grouped_mm((dout * w).to(down_proj.dtype).t(), a, offs=offs).masked_fill_(empty, 0)  # (E, H, I)
+        _swiglu_fused_bwd_((b * w).to(u.dtype), u, ctx.gelu)  # u now holds du (S, 2I)
+        if need_gate_up:
+            d_gate_up = _grouped_mm(u.t(), x[token], offs=offs).masked_fill_(empty, 0)  # (E, 2I, H)
+        if need_hidden:
+            dx = _unsort(_grouped_mm(u, gate_up_proj, offs=offs), order)  # (S, H), pair order
+            d_hidden = dx.view(-1, top_k_weights.shape[-1], x.shape[-1]).sum(1).to(ctx.hidden_dtype)
         return d_hidden, None, d_weights, d_gate_up, d_down, None
 
 
