@@ -360,10 +360,12 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))  # (--out sets it; restored after)
     assert main(["bench", "ops", "--out", str(tmp_path), "--no-progress"]) == 0
     assert main(["bench", "decode", "--out", str(tmp_path), "--no-progress"]) == 0
-    for name in ("bench_attention", "cross_entropy", "norm_rope_swiglu", "decode"):
+    for name in ("bench_attention", "cross_entropy", "norm_rope_swiglu", "moe_experts", "decode"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["rows"] and data["environment"]["measurement"] is False, name
         assert "not a measurement" in (tmp_path / f"{name}.md").read_text(), name
+    moe = json.loads((tmp_path / "moe_experts.json").read_text())["rows"]  # (saved bytes are exact off-GPU too)
+    assert all(r["saved vs hf"] < 0.5 for r in moe if r["method"] == "fastllama") and len(moe) == 4
     import importlib.util
 
     if importlib.util.find_spec("matplotlib"):  # (the plot is linked from its table)

@@ -29,6 +29,7 @@ QUICK_ARGS = {
     # (causal only: each mask kind autotunes every kernel again, and a --quick run has ~90 s)
     "bench_attention": ["--dims", "128", "64", "--seqlens", "4096", "--masks", "causal"],
     "bench_cross_entropy": ["--tokens", "4096", "16384"],
+    "bench_moe": ["--tokens", "4096"],
     # batch 1 is the target; every other batch would be one more torch.compile of HF's forward
     "bench_decode": ["--models", "1b", "--batches", "1", "--contexts", "512", "--new-tokens", "64",
                      "--reps", "2"],
