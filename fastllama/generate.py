@@ -1,8 +1,8 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 3 / OLMo 2 / OLMo 3 causal LM
-(their parameters, no copies), with
+/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 3 / OLMo 2 / OLMo 3 causal LM, or
+the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -19,7 +19,8 @@
   branch, and OLMo has no norm before one), projections (q/k/v in one
   GEMM, gate/up in one: see :class:`RowBlocks`), the fused rotary + cache append,
   ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length, or the
-  layer's sliding window of it), ``swiglu`` (GeGLU for Gemma);
+  layer's sliding window of it), ``swiglu`` (GeGLU for Gemma; a mixture of experts: the model's
+  router, then ``ops.moe_experts``);
   then sampling (greedy, temperature, top-k, top-p) on the device, stop tokens, and the
   lengths advanced on the device. On CUDA the whole step is captured ONCE as a
   ``torch.cuda.CUDAGraph`` per (batch size, sampling settings) and replayed: no Python, no
@@ -199,6 +200,11 @@ def _fill_ring(ring: torch.Tensor, full: torch.Tensor, lengths: torch.Tensor) ->
     ring.copy_(torch.where((source >= 0)[:, None, :, None], taken, ring))
 
 
+def _gated(mlp):
+    """The module holding the MLP's activation: the MLP, or a mixture of experts' experts."""
+    return mlp.experts if hasattr(mlp, "experts") else mlp
+
+
 class _State:
     """The static buffers a decode step reads and writes (the CUDA graph's inputs/outputs)."""
 
@@ -225,7 +231,8 @@ class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
     ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``MinistralForCausalLM`` / ``Qwen2ForCausalLM`` /
     ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM`` /
-    ``GemmaForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` / ``Olmo3ForCausalLM``.
+    ``GemmaForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` / ``Olmo3ForCausalLM`` /
+    ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -270,6 +277,7 @@ class Generator:
         self.num_splits = num_splits
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.clip_qkv = getattr(cfg, "clip_qkv", None)
         # Gemma's norms compute (x * (1 + w)), OLMo 2/3's (x * w), in fp32 and round once
         family = forwards._family(model)
         self.unit_offset = family in ("gemma", "gemma3")
@@ -323,7 +331,7 @@ class Generator:
                       for old, group in zip(fused, self._layer_groups(layer)))
                 for fused, layer in zip(self._projections, layers)]
         # (an MLP's activation swapped between SiLU and GELU-tanh changes the captured step too)
-        self.activations = [gate_activation(layer.mlp) for layer in self.model.model.layers]
+        self.activations = [gate_activation(_gated(layer.mlp)) for layer in self.model.model.layers]
         key = (*(p.data_ptr() for p in self.model.parameters()), *self.activations)
         if key != self._weights_key:
             for st in self._states.values():
@@ -333,8 +341,9 @@ class Generator:
     @staticmethod
     def _layer_groups(layer) -> tuple[list, list]:
         """The linears reading the attention's input (q, k, v) and the MLP's (gate, up); Phi-3's
-        are one merged linear each, already one GEMM."""
-        return list(attention_input_linears(layer.self_attn)), list(mlp_input_linears(layer.mlp))
+        are one merged linear each, already one GEMM. A mixture of experts has none of the latter."""
+        mlp = [] if hasattr(layer.mlp, "experts") else list(mlp_input_linears(layer.mlp))
+        return list(attention_input_linears(layer.self_attn)), mlp
 
     @staticmethod
     def _project(fused: RowBlocks | None, linears, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -371,8 +380,10 @@ class Generator:
             # q/k/v as column views of one GEMM's output: the kernels below take any strides
             q, k, v = split_qkv(a, self._project(qkv, attention_in, h))
             over_all_heads = forwards.qk_norm_over_all_heads(a)
-            if over_all_heads:  # OLMo 2/3: an RMSNorm over the whole q and k projections
+            if over_all_heads:  # OLMo 2/3, OLMoE: an RMSNorm over the whole q and k projections
                 q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
+            if self.clip_qkv is not None:  # OLMoE's option: q, k, v clamped after the norms
+                q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
             q = q.view(B, T, self.n_heads, self.head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)
             if hasattr(a, "q_norm") and not over_all_heads:  # Qwen3, Gemma 3: over each head, before rotary
@@ -389,10 +400,13 @@ class Generator:
             else:  # s = x + o; h = post_attention_norm(s)
                 o, mlp_norm = self._residual_branch(o), layer.post_attention_layernorm
             x, h = self._add_and_norm(x, o, mlp_norm)
-            projected = self._project(gate_up, mlp_in, h)
-            gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
-            mlp_out = F.linear(ops.swiglu(gate, up, activation=self.activations[i]), m.down_proj.weight,
-                               m.down_proj.bias)
+            if hasattr(m, "experts"):
+                mlp_out = self._experts(m, h, self.activations[i])
+            else:
+                projected = self._project(gate_up, mlp_in, h)
+                gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
+                mlp_out = F.linear(ops.swiglu(gate, up, activation=self.activations[i]), m.down_proj.weight,
+                                   m.down_proj.bias)
             if hasattr(layer, "post_feedforward_layernorm"):
                 mlp_out = self._norm(mlp_out, layer.post_feedforward_layernorm)
             else:
@@ -442,6 +456,22 @@ class Generator:
             _fill_ring(ring_k, kc, prompt_lengths)
             _fill_ring(ring_v, vc, prompt_lengths)
         return o
+
+    @staticmethod
+    def _experts(block, h: torch.Tensor, activation: str) -> torch.Tensor:
+        """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE): the model's own router module
+        picks each token's experts, which run on ``ops.moe_experts``; Qwen2-MoE adds its shared
+        expert, scaled by a sigmoid gate. All on the device (no sync: the step stays capturable)."""
+        x = h.reshape(-1, h.shape[-1])
+        _, weights, index = block.gate(x)
+        out = ops.moe_experts(x, index, weights, block.experts.gate_up_proj, block.experts.down_proj,
+                              activation=activation)
+        if hasattr(block, "shared_expert"):
+            s = block.shared_expert
+            shared = F.linear(ops.swiglu(F.linear(x, s.gate_proj.weight), F.linear(x, s.up_proj.weight),
+                                         activation=gate_activation(s)), s.down_proj.weight)
+            out = out + torch.sigmoid(F.linear(x, block.shared_expert_gate.weight)) * shared
+        return out.view_as(h)
 
     def _norm(self, x: torch.Tensor, norm, residual: torch.Tensor | None = None):
         """The model's RMSNorm ``norm`` of x from its weight, in one kernel (with ``residual``:
@@ -752,15 +782,15 @@ def load_tokenizer(path):
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
-                            "gemma3_text", "olmo2", "olmo3")
+                            "gemma3_text", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
-    Gemma, Gemma 3 text, OLMo 2 or OLMo 3 model (``model_type`` in config.json)
-    through transformers' ``AutoModelForCausalLM``, which must then be installed."""
+    Gemma, Gemma 3 text, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE model (``model_type``
+    in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path
 

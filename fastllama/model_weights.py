@@ -2,7 +2,8 @@
 
 The generator computes a model from its weights, not by calling its modules: the reference
 ``Llama`` and transformers' Llama / Mistral / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 /
-Granite / Gemma / Gemma 3 / OLMo 2 / OLMo 3 causal LMs share the attribute names it reads
+Granite / Gemma / Gemma 3 / OLMo 2 / OLMo 3 causal LMs (and the mixtures of experts Mixtral /
+Qwen2-MoE / Qwen3-MoE / OLMoE, whose experts hold 3-D weights) share the attribute names it reads
 (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's
 attention adds ``q_norm``/``k_norm``,
 SmolLM3's ``use_rope`` (False: no rotary), Phi-3 merges q/k/v into ``qkv_proj`` and gate/up
@@ -108,7 +109,9 @@ class RowBlocks:
 # (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
 _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
-                  "GemmaForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+                  "GemmaForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
+                  # mixtures of experts
+                  "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:
@@ -186,10 +189,17 @@ def module_problem(model) -> str | None:
     from . import forwards
 
     layers = list(enumerate(model.model.layers))
-    named = [(f"layers.{i}.{part}.{n}", getattr(getattr(layer, part), n)) for i, layer in layers
-             for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")),
-                                 ("mlp", ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
-             for n in names if hasattr(getattr(layer, part), n)]  # Phi-3's merged ones, or the others
+    named = []
+    for i, layer in layers:
+        groups = [("self_attn", layer.self_attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"))]
+        if hasattr(layer.mlp, "experts"):  # a mixture of experts: Qwen2-MoE's shared expert and its gate
+            groups += [("mlp.shared_expert", getattr(layer.mlp, "shared_expert", None), ("gate_proj", "up_proj",
+                                                                                         "down_proj")),
+                       ("mlp", layer.mlp, ("shared_expert_gate",))]
+        else:  # Phi-3's merged ones, or the others
+            groups.append(("mlp", layer.mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
+        named += [(f"layers.{i}.{part}.{n}", getattr(m, n)) for part, m, names in groups for n in names
+                  if hasattr(m, n)]
     for name, lin in named + [("lm_head", model.lm_head)]:
         if type(lin) is not nn.Linear or forwards._forward_replaced(lin):
             what = "an nn.Linear with a forward set on the instance" if type(lin) is nn.Linear else f"a {type(lin).__name__}"
@@ -213,9 +223,38 @@ def module_problem(model) -> str | None:
             return (f"{name} is {what}{type(norm).__name__}, which the generator (computing the model's own "
                     f"RMSNorm from its weight) would not run")
     for i, layer in layers:
-        if forwards.gate_activation(layer.mlp) is None:
-            name = "act_fn" if hasattr(layer.mlp, "act_fn") else "activation_fn"
-            return (f"layers.{i}.mlp.{name} is {type(forwards.mlp_activation(layer.mlp)).__name__} (with its forward "
-                    f"replaced or hooked, or neither SiLU nor GELU-tanh); the generator computes the gated MLP "
-                    f"(SwiGLU or GeGLU) without calling it")
+        experts = getattr(layer.mlp, "experts", None)
+        gated = [("mlp", layer.mlp)] if experts is None else [("mlp.experts", experts)] + (
+            [("mlp.shared_expert", layer.mlp.shared_expert)] if hasattr(layer.mlp, "shared_expert") else [])
+        for part, mlp in gated:
+            if forwards.gate_activation(mlp) is None:
+                name = "act_fn" if hasattr(mlp, "act_fn") else "activation_fn"
+                return (f"layers.{i}.{part}.{name} is {type(forwards.mlp_activation(mlp)).__name__} (with its forward "
+                        f"replaced or hooked, or neither SiLU nor GELU-tanh); the generator computes the gated MLP "
+                        f"(SwiGLU or GeGLU) without calling it")
+        if experts is not None:
+            problem = _experts_problem(experts)
+            if problem:
+                return f"layers.{i}.mlp.experts: {problem}"
+    return None
+
+
+def _experts_problem(experts) -> str | None:
+    """Why the generator cannot run a mixture of experts' experts on ``ops.moe_experts`` from
+    their weights (None: it can)."""
+    from . import forwards
+    from .ops.experts import grouped_mm_available
+
+    problem = forwards.experts_layout_problem(experts)
+    if problem:
+        return problem
+    if experts._forward_pre_hooks or experts._forward_hooks or (
+            forwards._forward_replaced(experts) and not forwards._patched_with(experts, forwards.experts_forward)):
+        return "hooked or forward-replaced, which the generator (reading the expert weights) would not run"
+    H, I = experts.down_proj.shape[-2:]
+    row = 16 // experts.down_proj.element_size()
+    if H % row or I % row:
+        return f"hidden {H} and intermediate {I} must be multiples of {row} (torch's grouped matmul: 16-byte rows)"
+    if not grouped_mm_available(experts.down_proj.device):
+        return f"torch's grouped matmul does not run on {experts.down_proj.device} (it needs the CPU or sm_80+)"
     return None

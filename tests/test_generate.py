@@ -647,6 +647,18 @@ def _hf_model(arch):
         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, dict(pad_token_id=0)),
         "olmo3-window": (transformers.Olmo3Config, transformers.Olmo3ForCausalLM, dict(
             pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+        # mixtures of experts (top-2 of 4, the experts on ops.moe_experts, the router HF's):
+        # Mixtral with a window; Qwen2-MoE's shared expert and a dense layer; Qwen3-MoE's per-head
+        # q/k norms; OLMoE's q/k norms over all heads and its q/k/v clipping
+        "mixtral-window": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+            sliding_window=6, num_local_experts=4, num_experts_per_tok=2)),
+        "qwen2-moe-shared": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            mlp_only_layers=[1])),
+        "qwen3-moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+        "olmoe-clip": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
+            pad_token_id=0, num_experts=4, num_experts_per_tok=2, clip_qkv=1.0)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -659,7 +671,8 @@ def _hf_model(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers", "smollm3-nope",
-                                  "ministral-layer-window", "gemma", "gemma3-window-softcap", "olmo2", "olmo3-window"])
+                                  "ministral-layer-window", "gemma", "gemma3-window-softcap", "olmo2", "olmo3-window",
+                                  "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -730,6 +743,29 @@ def test_fill_ring_copies_the_last_window_of_each_prompt():
     _fill_ring_by_hand(expected, full, lengths)
     _fill_ring(ring, full, torch.tensor(lengths, dtype=torch.int32))
     assert torch.equal(ring, expected)
+
+
+def test_moe_experts_the_generator_cannot_read_are_refused(monkeypatch):
+    """A mixture of experts runs from the expert weights: hooked experts, a device where torch's
+    grouped matmul does not run, and a swapped expert activation are refused at the call."""
+    from fastllama.ops import experts as experts_op
+
+    model = _hf_model("qwen3-moe")
+    gen = Generator(model, 1, 16)
+    handle = model.model.layers[1].mlp.experts.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="layers.1.mlp.experts: hooked"):
+        gen.generate([[3, 4]], 2)
+    handle.remove()
+    monkeypatch.setattr(experts_op, "grouped_mm_available", lambda device: False)
+    with pytest.raises(ValueError, match="grouped matmul does not run"):
+        gen.generate([[3, 4]], 2)
+    monkeypatch.undo()
+    act = model.model.layers[0].mlp.experts.act_fn
+    model.model.layers[0].mlp.experts.act_fn = torch.nn.ReLU()
+    with pytest.raises(ValueError, match="layers.0.mlp.experts.act_fn is ReLU"):
+        gen.generate([[3, 4]], 2)
+    model.model.layers[0].mlp.experts.act_fn = act
+    assert gen.generate([[3, 4]], 2) == Generator(model, 1, 16).generate([[3, 4]], 2)
 
 
 def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_activations_followed():
