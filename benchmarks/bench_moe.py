@@ -40,6 +40,9 @@ def hf_experts(dims: dict, dtype, dev):
     cfg._experts_implementation = "grouped_mm"
     with torch.device(dev):
         module = Qwen3MoeExperts(cfg).to(dtype)
+    with torch.no_grad():  # (created with torch.empty: whatever the memory held)
+        module.gate_up_proj.normal_(0, dims["hidden"] ** -0.5)
+        module.down_proj.normal_(0, dims["intermediate"] ** -0.5)
     return module
 
 
@@ -69,8 +72,8 @@ def _saved_bytes(fn, inputs, params) -> int:
     return sum(kept.values())
 
 
-def _timed(fn, inputs, backward: bool):
-    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+def _timed(fn, inputs, params, backward: bool):
+    leaves = [t for t in (*inputs, *params) if isinstance(t, torch.Tensor) and t.requires_grad]
     grad = torch.randn_like(fn(*inputs))
 
     def forward():
@@ -117,7 +120,7 @@ def main(argv=None) -> list[dict] | int:
                            "saved KiB/token": saved[method] / tokens / 1024,
                            "saved vs hf": saved[method] / saved["hf"] if saved["hf"] else None}
                     try:
-                        ms = _timed(fn, inputs, backward)
+                        ms = _timed(fn, inputs, params, backward)
                     except Exception as e:  # noqa: BLE001  (a failing method is a row; the rest still run)
                         rows.append(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
                         print(rows[-1], flush=True)

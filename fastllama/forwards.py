@@ -233,6 +233,8 @@ def experts_layout_problem(experts) -> str | None:
                       ("_is_expert_parallel", "expert parallelism")):
         if getattr(experts, flag, False):
             return f"{why}: left as is"
+    if not getattr(experts, "is_concatenated", True):
+        return "interleaved gate/up expert weights: left as is"
     if not getattr(experts, "has_gate", True) or not hasattr(experts, "gate_up_proj"):
         return "the experts have no gate-up projection: left as is"
     return None

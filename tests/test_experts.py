@@ -97,3 +97,30 @@ def test_frozen_experts_get_no_weight_gradients_and_the_rest_is_unchanged():
     ops.moe_experts(hidden, index, weights, gate_up, down).square().sum().backward()
     assert gate_up.grad is None and down.grad is None
     assert torch.equal(hidden.grad, expected[0]) and torch.equal(weights.grad, expected[1])
+
+
+def test_a_second_backward_works_and_double_backward_is_refused():
+    """``retain_graph=True`` then a second backward gives the same gradients again (the kept
+    gate-up output is not overwritten); a backward that would itself be differentiated is refused."""
+    hidden, index, weights, gate_up, down = _inputs()
+    out = ops.moe_experts(hidden, index, weights, gate_up, down).square().sum()
+    out.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (hidden, weights, gate_up, down)]
+    out.backward()
+    for g, t in zip(first, (hidden, weights, gate_up, down)):
+        torch.testing.assert_close(t.grad, 2 * g)
+    out = ops.moe_experts(hidden, index, weights, gate_up, down).square().sum()
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(out, hidden, create_graph=True)
+
+
+def test_fp32_tokens_with_16bit_experts_get_an_fp32_gradient_summed_in_fp32():
+    hidden, index, weights, gate_up, down = _inputs(dtype=torch.bfloat16, weights_dtype=torch.float32)
+    hidden = hidden.detach().float().requires_grad_()
+    out = ops.moe_experts(hidden, index, weights, gate_up, down)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert hidden.grad.dtype == torch.float32
+    expected = hidden.detach().clone().requires_grad_()
+    reference.moe_experts(expected, index, weights, gate_up, down).sum().backward()
+    torch.testing.assert_close(hidden.grad, expected.grad, rtol=2e-2, atol=2e-2)

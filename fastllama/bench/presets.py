@@ -120,9 +120,8 @@ PRESETS: dict[str, Preset] = {
                  max_position_embeddings=40960, rms_norm_eps=1e-6,
                  rope_parameters=dict(rope_type="default", rope_theta=1000000.0), tie_word_embeddings=False),
             seq_lens=(2048, 4096), quick_seq_lens=(4096,),
-            note="Qwen3-30B-A3B layer shape (a mixture of 128 experts, 8 per token: their matmuls and the "
-                 "router stay HF's) with 4 of its 48 layers (so weights, gradients and AdamW states fit one "
-                 "GPU), random weights",
+            note="Qwen3-30B-A3B layer shape (a mixture of 128 experts, 8 per token; the router stays HF's) "
+                 "with 4 of its 48 layers (so weights, gradients and AdamW states fit one GPU), random weights",
         ),
     )
 }

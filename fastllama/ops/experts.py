@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_tensor
-from .swiglu import _gelu, _swiglu_fused, _swiglu_fused_bwd_
+from .swiglu import _gelu, _swiglu_fused, _swiglu_fused_bwd
 
 __all__ = ["moe_experts", "grouped_mm_available"]
 
@@ -84,6 +84,8 @@ class _Experts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_weighted):
+        if torch.is_grad_enabled():  # (create_graph=True: this backward is not itself differentiable)
+            raise RuntimeError("moe_experts supports first-order gradients only (no create_graph / double backward)")
         x, top_k_weights, gate_up_proj, down_proj, u, order, token, offs = ctx.saved_tensors
         need_hidden, _, need_weights, need_gate_up, need_down, _ = ctx.needs_input_grad
         empty = (torch.diff(offs, prepend=offs.new_zeros(1)) == 0)[:, None, None]  # experts no pair chose
@@ -97,12 +99,14 @@ class _Experts(torch.autograd.Function):
             d_weights = _unsort(d_w, order).view(top_k_weights.shape).to(top_k_weights.dtype)
         if need_down:  # (frozen experts, e.g. adapters elsewhere, skip their weight-gradient matmuls)
             d_down = _grouped_mm((dout * w).to(down_proj.dtype).t(), a, offs=offs).masked_fill_(empty, 0)  # (E, H, I)
-        _swiglu_fused_bwd_((b * w).to(u.dtype), u, ctx.gelu)  # u now holds du (S, 2I)
+        # out of place: u stays intact for a second backward (retain_graph=True)
+        du = _swiglu_fused_bwd((b * w).to(u.dtype), u, ctx.gelu)  # (S, 2I)
         if need_gate_up:
-            d_gate_up = _grouped_mm(u.t(), x[token], offs=offs).masked_fill_(empty, 0)  # (E, 2I, H)
-        if need_hidden:
-            dx = _unsort(_grouped_mm(u, gate_up_proj, offs=offs), order)  # (S, H), pair order
-            d_hidden = dx.view(-1, top_k_weights.shape[-1], x.shape[-1]).sum(1).to(ctx.hidden_dtype)
+            d_gate_up = _grouped_mm(du.t(), x[token], offs=offs).masked_fill_(empty, 0)  # (E, 2I, H)
+        if need_hidden:  # (summed in the wider of the two dtypes: an fp32 hidden gets an fp32 sum)
+            dx = _unsort(_grouped_mm(du, gate_up_proj, offs=offs), order)  # (S, H), pair order
+            d_hidden = dx.view(-1, top_k_weights.shape[-1], x.shape[-1]).sum(
+                1, dtype=torch.promote_types(dx.dtype, ctx.hidden_dtype)).to(ctx.hidden_dtype)
         return d_hidden, None, d_weights, d_gate_up, d_down, None
 
 
