@@ -246,10 +246,7 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     (its ``experts_implementation``) runs where torch's grouped matmul cannot (a GPU before sm_80,
     rows that are not 16-byte multiples) or the module changed since patching."""
     activation = gate_activation(self)
-    H, I = self.down_proj.shape[-2:]
-    row = 16 // self.down_proj.element_size()
-    if (activation is None or experts_layout_problem(self) or H % row or I % row
-            or not ops.experts.grouped_mm_available(hidden_states.device)):
+    if activation is None or experts_layout_problem(self) or ops.experts.grouped_mm_problem(self.down_proj):
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
     return ops.moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
                            activation=activation)

@@ -243,7 +243,7 @@ def _experts_problem(experts) -> str | None:
     """Why the generator cannot run a mixture of experts' experts on ``ops.moe_experts`` from
     their weights (None: it can)."""
     from . import forwards
-    from .ops.experts import grouped_mm_available
+    from .ops.experts import grouped_mm_problem
 
     problem = forwards.experts_layout_problem(experts)
     if problem:
@@ -251,10 +251,4 @@ def _experts_problem(experts) -> str | None:
     if experts._forward_pre_hooks or experts._forward_hooks or (
             forwards._forward_replaced(experts) and not forwards._patched_with(experts, forwards.experts_forward)):
         return "hooked or forward-replaced, which the generator (reading the expert weights) would not run"
-    H, I = experts.down_proj.shape[-2:]
-    row = 16 // experts.down_proj.element_size()
-    if H % row or I % row:
-        return f"hidden {H} and intermediate {I} must be multiples of {row} (torch's grouped matmul: 16-byte rows)"
-    if not grouped_mm_available(experts.down_proj.device):
-        return f"torch's grouped matmul does not run on {experts.down_proj.device} (it needs the CPU or sm_80+)"
-    return None
+    return grouped_mm_problem(experts.down_proj)

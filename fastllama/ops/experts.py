@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ._checks import check_tensor
 from .swiglu import _gelu, _swiglu_fused, _swiglu_fused_bwd
 
-__all__ = ["moe_experts", "grouped_mm_available"]
+__all__ = ["moe_experts", "grouped_mm_available", "grouped_mm_problem"]
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -48,6 +48,19 @@ def grouped_mm_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu"
+
+
+def grouped_mm_problem(down_proj: torch.Tensor) -> str | None:
+    """Why torch's grouped matmul cannot run experts whose down projection is ``down_proj``
+    (E, H, I) (None: it can): its device, or rows of H or I elements that are not 16 bytes."""
+    if not grouped_mm_available(down_proj.device):
+        return f"torch's grouped matmul does not run on {down_proj.device} (it needs the CPU or sm_80+)"
+    H, I = down_proj.shape[-2:]
+    row = 16 // down_proj.element_size()
+    if H % row or I % row:
+        return (f"H={H} and I={I} must be multiples of {row} for {down_proj.dtype} (torch's grouped matmul "
+                f"needs 16-byte rows)")
+    return None
 
 
 def _sorted_pairs(top_k_index: torch.Tensor, n_experts: int):
@@ -144,11 +157,8 @@ def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
                          f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
     if down_proj.dtype != gate_up_proj.dtype:
         raise TypeError(f"gate_up_proj and down_proj must share a dtype, got {gate_up_proj.dtype}, {down_proj.dtype}")
-    if not grouped_mm_available(hidden.device):
-        raise ValueError(f"torch's grouped matmul does not run on {hidden.device} (it needs the CPU or sm_80+)")
-    row_elems = 16 // gate_up_proj.element_size()
-    if H % row_elems or (two_i // 2) % row_elems:
-        raise ValueError(f"H={H} and I={two_i // 2} must be multiples of {row_elems} for {gate_up_proj.dtype} "
-                         f"(torch's grouped matmul needs 16-byte rows)")
+    problem = grouped_mm_problem(down_proj)
+    if problem:
+        raise ValueError(problem)
     out = _Experts.apply(hidden, top_k_index, top_k_weights, gate_up_proj.contiguous(), down_proj.contiguous(), gelu)
     return out.view(hidden.shape[0], top_k_index.shape[1], H).sum(1).to(hidden.dtype)
