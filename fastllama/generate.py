@@ -332,7 +332,10 @@ class Generator:
                 for fused, layer in zip(self._projections, layers)]
         # (an MLP's activation swapped between SiLU and GELU-tanh changes the captured step too)
         self.activations = [gate_activation(_gated(layer.mlp)) for layer in self.model.model.layers]
-        key = (*(p.data_ptr() for p in self.model.parameters()), *self.activations)
+        # (and Qwen2-MoE's shared experts': captured like the others)
+        self.shared_activations = [gate_activation(layer.mlp.shared_expert) if hasattr(layer.mlp, "shared_expert")
+                                   else None for layer in self.model.model.layers]
+        key = (*(p.data_ptr() for p in self.model.parameters()), *self.activations, *self.shared_activations)
         if key != self._weights_key:
             for st in self._states.values():
                 st.graph = None
@@ -401,7 +404,7 @@ class Generator:
                 o, mlp_norm = self._residual_branch(o), layer.post_attention_layernorm
             x, h = self._add_and_norm(x, o, mlp_norm)
             if hasattr(m, "experts"):
-                mlp_out = self._experts(m, h, self.activations[i])
+                mlp_out = self._experts(m, h, self.activations[i], self.shared_activations[i])
             else:
                 projected = self._project(gate_up, mlp_in, h)
                 gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
@@ -458,7 +461,7 @@ class Generator:
         return o
 
     @staticmethod
-    def _experts(block, h: torch.Tensor, activation: str) -> torch.Tensor:
+    def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
         """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE): the model's own router module
         picks each token's experts, which run on ``ops.moe_experts``; Qwen2-MoE adds its shared
         expert, scaled by a sigmoid gate. All on the device (no sync: the step stays capturable)."""
@@ -469,7 +472,7 @@ class Generator:
         if hasattr(block, "shared_expert"):
             s = block.shared_expert
             shared = F.linear(ops.swiglu(F.linear(x, s.gate_proj.weight), F.linear(x, s.up_proj.weight),
-                                         activation=gate_activation(s)), s.down_proj.weight)
+                                         activation=shared_activation), s.down_proj.weight)
             out = out + torch.sigmoid(F.linear(x, block.shared_expert_gate.weight)) * shared
         return out.view_as(h)
 
