@@ -7,6 +7,9 @@ Sweep (issue 4): bf16, head dim 64 and 128, sequence 512 to 16k with batch * seq
   note names the tiles the autotuner chose);
 - ``fastllama-atomic``: the same with ``deterministic=False`` (dQ added with atomics in the dK/dV
   kernel, as sdpa-flash and flash-attn do; the forward is the same kernel as ``fastllama``'s);
+- ``fastllama-softcap``: ``ops.flash_attention`` with Gemma 2's score soft-capping (``softcap=50``:
+  a tanh per score, one untimed tile per kernel); its ratio to ``fastllama`` is what the cap costs
+  (SDPA has no soft-capping, so HF runs Gemma 2's attention eagerly);
 - ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``: ``F.scaled_dot_product_attention`` pinned
   to one backend with ``torch.nn.attention.sdpa_kernel`` (a backend that refuses the shape is
   skipped with its error as the row's note);
@@ -51,7 +54,8 @@ def _providers():
     """name -> fn(q, k, v, causal) on (B, H, T, D) tensors."""
     out = {"fastllama": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal),
            "fastllama-atomic": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal,
-                                                                           deterministic=False)}
+                                                                           deterministic=False),
+           "fastllama-softcap": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal, softcap=50.0)}
     if not common.on_gpu():
         return out
     from torch.nn.attention import SDPBackend, sdpa_kernel

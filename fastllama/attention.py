@@ -23,6 +23,9 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   torch.compile traces): PyTorch SDPA with the mask, counted in :data:`FALLBACKS` (the first
   of each reason also logged as a warning) so nothing slow happens silently.
 
+Soft-capped scores (``softcap``, Gemma 2) take flash attention in every case above, the decode
+kernel's included (it has no cap); the fallbacks then compute in plain PyTorch (SDPA has no cap).
+
 Masks that broadcast (batch or query dim 1) are read as their broadcast; one with a dim other
 than 1 or the scores' own raises ValueError. Recognising a mask compares it with the mask the
 kernel implements: a few device syncs per distinct mask tensor (HF passes the same mask object
@@ -214,11 +217,11 @@ def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
     return plan
 
 
-def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal: bool) -> bool:
-    """The decode kernel is forward-only and causal (bottom-right); of a window it takes the left
-    bound (the right one is the causal bound: 0, or -1 which causal makes 0)."""
+def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal: bool, softcap=None) -> bool:
+    """The decode kernel is forward-only, causal (bottom-right) and uncapped; of a window it takes
+    the left bound (the right one is the causal bound: 0, or -1 which causal makes 0)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return (not needs_grad and (window is None or window[1] in (0, -1)) and q.shape[2] <= DECODE_MAX_QUERIES
+    return (softcap is None and not needs_grad and (window is None or window[1] in (0, -1)) and q.shape[2] <= DECODE_MAX_QUERIES
             and (causal or q.shape[2] == 1) and k.shape[2] >= q.shape[2])
 
 
@@ -227,7 +230,7 @@ def _decode_window(window):
     return None if window is None else (window[0], 0)
 
 
-def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic):
+def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap):
     """Packs each row's run of keys (and, when Tq == Tk, of queries), runs varlen flash
     attention, and scatters the result back (0 for padding queries)."""
     B, Hq, Tq, D = q.shape
@@ -246,82 +249,89 @@ def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic):
         idx_q = torch.arange(B * Tq, device=q.device)
         cu_q = torch.arange(0, (B + 1) * Tq, Tq, device=q.device, dtype=torch.int32)
     out = ops.flash_attention(pack(q, idx_q), pack(k, idx_k), pack(v, idx_k), causal=causal, scale=scale,
-                              window=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, deterministic=deterministic)
+                              window=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, deterministic=deterministic,
+                              softcap=softcap)
     full = out.new_zeros(B * Tq, Hq, D).index_copy(0, idx_q, out[0].transpose(0, 1))
     if plan.pad_rows is not None:  # padding queries that see their row's whole run: non-causal
         counts = torch.bincount(plan.pad_rows // Tq, minlength=B)
         cu_p = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
         pads = ops.flash_attention(pack(q, plan.pad_rows), pack(k, idx_k), pack(v, idx_k), causal=False, scale=scale,
-                                   cu_seqlens=cu_p, cu_seqlens_k=cu_k, deterministic=deterministic)
+                                   cu_seqlens=cu_p, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap)
         full = full.index_copy(0, plan.pad_rows, pads[0].transpose(0, 1))
     return full.view(B, Tq, Hq, D).transpose(1, 2)
 
 
 def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, scale: float | None = None,
-           window: tuple[int, int] | None = None, dropout: float = 0.0, deterministic: bool = True) -> torch.Tensor:
+           window: tuple[int, int] | None = None, dropout: float = 0.0, deterministic: bool = True,
+           softcap: float | None = None) -> torch.Tensor:
     """Attention for patched models: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D) -> (B, Hq, Tq, D).
 
     ``mask`` is HF's boolean (B, 1, Tq, Tk) mask (any shape that broadcasts to (B, Hq, Tq, Tk)
     is accepted) or None (see the module docstring for how each shape of mask is served).
-    ``window`` and ``deterministic`` are as in :func:`ops.flash_attention`.
+    ``window``, ``deterministic`` and ``softcap`` are as in :func:`ops.flash_attention`.
     """
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
+    flash = lambda q, k, v, **kw: ops.flash_attention(q, k, v, scale=scale, window=window, softcap=softcap,
+                                                      deterministic=deterministic, **kw)
     if dropout > 0:
         _fall_back("attention dropout > 0")
         if mask is None and window is None and (Tq == Tk or not causal):
             # no mask for SDPA's flash backend: is_causal (top-left) is attend's causal when Tq == Tk
-            return _sdpa(q, k, v, None, causal and Tq > 1, scale, dropout)
+            return _sdpa(q, k, v, None, causal and Tq > 1, scale, dropout, softcap)
         if mask is None:  # the mask attend implies (bottom-right causal, window)
             mask = _implicit_mask(Tq, Tk, causal, window, q.device)
-        return _sdpa(q, k, v, mask, False, scale, dropout)
+        return _sdpa(q, k, v, mask, False, scale, dropout, softcap)
     if mask is not None and mask.dtype != torch.bool:
         _fall_back("non-boolean mask")
-        return _sdpa(q, k, v, mask, False, scale, 0.0)
+        return _sdpa(q, k, v, mask, False, scale, 0.0, softcap)
     if mask is None:
         if causal and Tq > 1 and Tk > Tq:  # HF: empty static cache prefill, keys past Tq are unwritten
             k, v = k[:, :, :Tq], v[:, :, :Tq]
-        if _decode_ok(q, k, v, window, causal):
+        if _decode_ok(q, k, v, window, causal, softcap):
             seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
             return ops.decode_attention(q, k, v, seqlens, scale=scale, window=_decode_window(window))
-        return ops.flash_attention(q, k, v, causal=causal and Tq > 1, scale=scale, window=window,
-                                   deterministic=deterministic)
+        return flash(q, k, v, causal=causal and Tq > 1)
     if torch.compiler.is_compiling():
         # Reading a mask's contents is data-dependent: dynamo would break the graph in every
         # layer (an error under fullgraph=True). Compiled models with a mask get SDPA.
         _fall_back("mask under torch.compile")
-        return _sdpa(q, k, v, mask, False, scale, 0.0)
+        return _sdpa(q, k, v, mask, False, scale, 0.0, softcap)
     plan = _classify(mask, (B, Hq, Tq, Tk), causal, window)
     if plan.key_end is not None:
         k, v = k[:, :, :plan.key_end], v[:, :, :plan.key_end]
     if plan.kind == "prefix":
-        if _decode_ok(q, k, v, window, True):
+        if _decode_ok(q, k, v, window, True, softcap):
             return ops.decode_attention(q, k, v, plan.lengths, scale=scale, window=_decode_window(window))
         if bool((plan.lengths == plan.lengths[0]).all()):
             n = int(plan.lengths[0])
-            return ops.flash_attention(q, k[:, :, :n], v[:, :, :n], causal=True, scale=scale, window=window,
-                                       deterministic=deterministic)
+            return flash(q, k[:, :, :n], v[:, :, :n], causal=True)
         # differing prefixes: runs starting at 0, the queries at each run's end (Tq < Tk here)
         plan = dataclasses.replace(plan, kind="runs", starts=torch.zeros_like(plan.lengths))
     if plan.kind == "runs":
-        return _varlen(q, k, v, plan, causal, scale, window, deterministic)
+        return _varlen(q, k, v, plan, causal, scale, window, deterministic, softcap)
     if plan.kind == "packed":  # (B, H, T, D) -> (1, H, B * T, D) views, as projections lay them out
-        out = ops.flash_attention(*(t.transpose(1, 2).reshape(1, -1, t.shape[1], t.shape[3]).transpose(1, 2)
-                                    for t in (q, k, v)), causal=causal, scale=scale, window=window,
-                                  cu_seqlens=plan.cu_seqlens, deterministic=deterministic)
+        out = flash(*(t.transpose(1, 2).reshape(1, -1, t.shape[1], t.shape[3]).transpose(1, 2) for t in (q, k, v)),
+                    causal=causal, cu_seqlens=plan.cu_seqlens)
         return out.transpose(1, 2).reshape(B, Tq, Hq, -1).transpose(1, 2)
     _fall_back(plan.reason)
-    return _sdpa(q, k, v, mask, False, scale, 0.0)
+    return _sdpa(q, k, v, mask, False, scale, 0.0, softcap)
 
 
 def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True,
                         scale: float | None = None, window: tuple[int, int] | None = None,
-                        dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                        dropout: float = 0.0, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend` in plain PyTorch, also returning the (B, Hq, Tq, Tk) attention probabilities:
     for ``output_attentions=True``, which no fused kernel can serve (they never form the matrix).
     Same mask conventions as :func:`attend`; probabilities as HF's eager attention makes them
-    (softmax in fp32, cast to q's dtype, dropout after). Counted in :data:`FALLBACKS`."""
+    (softmax in fp32, cast to q's dtype, dropout after; scores soft-capped before the mask).
+    Counted in :data:`FALLBACKS`."""
     _fall_back("output_attentions (attention probabilities requested)")
+    return _eager(q, k, v, mask, causal, scale, window, dropout, softcap)
+
+
+def _eager(q, k, v, mask, causal, scale, window, dropout, softcap):
+    """(out, probabilities) in plain PyTorch, as HF's eager attention computes them."""
     Tq, Tk = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -329,12 +339,18 @@ def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bo
     if mask is None:
         mask = _implicit_mask(Tq, Tk, causal, window, q.device)
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)
     return F.dropout(probs, p=dropout, training=dropout > 0) @ v, probs
 
 
-def _sdpa(q, k, v, mask, is_causal, scale, dropout):
+def _sdpa(q, k, v, mask, is_causal, scale, dropout, softcap=None):
+    if softcap is not None:  # SDPA has no soft-capping: plain PyTorch (the causal mask attend means)
+        if mask is None:
+            mask = _implicit_mask(q.shape[2], k.shape[2], is_causal, None, q.device)
+        return _eager(q, k, v, mask, False, scale, None, dropout, softcap)[0]
     if q.shape[1] != k.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)

@@ -377,19 +377,17 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
                           sliding_window=None, is_causal=None, **kwargs):
     """Registered with HF's ``AttentionInterface`` as "fastllama": HF's calling convention,
     q (B, Hq, Tq, D) and un-repeated k/v (B, Hk, Tk, D) in, ``(out (B, Tq, Hq, D), None)`` out."""
-    if kwargs.get("softcap") is not None:  # (Gemma 2's: patch() leaves such a model's attention as it is)
-        raise ValueError(f"attention score soft-capping (softcap={kwargs['softcap']}) is not supported by "
-                         "fastllama's attention kernels")
+    softcap = kwargs.get("softcap")  # Gemma 2's attn_logit_softcapping
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
     if kwargs.get("output_attentions"):  # the probabilities are asked for: plain PyTorch (counted)
         out, weights = attend_with_weights(query, key, value, attention_mask, causal=causal, scale=scaling,
-                                           window=window, dropout=dropout)
+                                           window=window, dropout=dropout, softcap=softcap)
         return out.transpose(1, 2).contiguous(), weights
     deterministic = getattr(module, "_fastllama_attention", {}).get("deterministic", True)
     out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window, dropout=dropout,
-                 deterministic=deterministic)
+                 deterministic=deterministic, softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -484,7 +482,7 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     window = sliding_window(self)
     if window is not None or hasattr(self, "sliding_window"):
         kwargs["sliding_window"] = window
-    if hasattr(self, "attn_logit_softcapping"):  # Gemma 2 (HF's own attention then: patch skips ours)
+    if hasattr(self, "attn_logit_softcapping"):  # Gemma 2
         kwargs["softcap"] = self.attn_logit_softcapping
     out, weights = attention_interface(
         self, q, k, v, attention_mask,

@@ -160,7 +160,8 @@ def check_model(model) -> None:
             raise ValueError(f"{cls.__name__} uses rope_type={kind!r}; the generator precomputes its rotary tables")
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"{cls.__name__} has attn_logit_softcapping={cfg.attn_logit_softcapping}; fastllama's "
-                         f"attention kernels have no score soft-capping")
+                         f"decode kernel has no score soft-capping yet (fastllama.patch(model) and HF's generate "
+                         f"run this model with it)")
     if not all(getattr(layer.self_attn, "is_causal", True) for layer in model.model.layers):
         raise ValueError(f"{cls.__name__} has bidirectional attention (use_bidirectional_attention); the generator "
                          f"decodes causally")

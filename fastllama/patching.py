@@ -82,10 +82,6 @@ def _check_head_dim(module) -> str | None:
 
 def _check_attention_kernels(module) -> str | None:
     """Why the model's attention cannot run on the flash/decode kernels (None: it can)."""
-    cap = getattr(module, "attn_logit_softcapping", None)
-    if cap is not None:
-        return (f"attention score soft-capping (attn_logit_softcapping={cap}, Gemma 2's) is not in the attention "
-                f"kernels: attention stays as it is")
     return _check_head_dim(module)
 
 
@@ -253,8 +249,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
     ``MinistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``,
     ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM`` (its
-    attention score soft-capping is not in the kernels: attention stays HF's, everything else is
-    patched), ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
+    attention score soft-capping in the flash kernels), ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
     ``Olmo3ForCausalLM``, the mixtures of experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
     ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM`` (the experts on ``ops.moe_experts``; the routers
     stay HF's; the loss adds the router's balancing loss as HF's does), all also inside a PEFT wrapper, and

@@ -1,4 +1,5 @@
-"""Flash attention forward: softmax(Q K^T * scale + mask) V without materialising the scores.
+"""Flash attention forward: softmax(Q K^T * scale + mask) V without materialising the scores
+(optionally soft-capped first: cap * tanh(Q K^T * scale / cap), Gemma 2's).
 
 Layout is SDPA's: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D), any strides with a unit last stride
 (the transposed views of a (B, T, H, D) projection work as they are). Query head h reads key/value
@@ -34,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cross_entropy import _tanh as tanh
+
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)): the scale is folded into one multiply
 
 # Integer arguments whose values vary from launch to launch, compiled as plain i32 at every
@@ -48,7 +51,8 @@ LAUNCH_VARYING_INTS = ["stride_lb", "stride_lh", "stride_lp", "group", "seqlen_q
 
 __all__ = [
     "flash_attention_forward", "mask_bounds", "strides_aligned", "fwd_configs", "dkdv_configs", "dq_configs",
-    "padded_head_dim", "seqlen_bucket", "INTERPRETER_CONFIG",
+    "padded_head_dim", "seqlen_bucket", "INTERPRETER_CONFIG", "capped_scores", "softcap_config",
+    "softcap_tile",
 ]
 
 
@@ -125,13 +129,27 @@ def sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr
     return seq, seq * 0, seqlen_q, seq * 0, seqlen_k
 
 
+@triton.jit
+def capped_scores(qk, sm_scale, softcap):
+    """Soft-capped scores in the log2 domain, and the tanh they came from (for the backward):
+
+        s = cap * tanh(qk * scale / cap)           (Gemma 2's attn_logit_softcapping)
+        returns (s * log2(e), tanh(qk * scale / cap));   ds / d(qk * scale) = 1 - tanh^2
+
+    The cap is applied before the mask, as HF applies it: a masked score is -inf after it, not
+    -cap. |s| <= cap, so the exponentials never see the huge logits an uncapped row may have.
+    """
+    th = tanh(qk * (sm_scale / softcap))
+    return th * (softcap * 1.4426950408889634), th
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=LAUNCH_VARYING_INTS + ["n_heads"])
 def _attn_fwd(
     Q, K, V, O, LSE, CU_Q, CU_K,
-    sm_scale,
+    sm_scale, softcap,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -140,9 +158,10 @@ def _attn_fwd(
     n_heads, group, seqlen_q, seqlen_k, before, after,
     Q_BUCKET, K_BUCKET,  # autotune key only (bucketed lengths)
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through.
+    ``SOFTCAP``: the scores are soft-capped first (see :func:`capped_scores`).
 
     Query blocks run last-first within each (sequence, head): under a causal mask block i visits
     i + 1 key blocks, and the GPU starts programs in grid order, so each head's longest programs
@@ -192,6 +211,7 @@ def _attn_fwd(
     # branch and the row max is not fused: the sm_90 SASS had a multiply and a subtraction per
     # score). fp32 keeps s rounded on its own, as the backward recomputes it; that s has those
     # other uses too, so the compiler leaves its subtraction unfused (checked in the PTX).
+    # Soft-capped scores are scaled up front whatever the dtype (the cap is not linear).
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -200,14 +220,16 @@ def _attn_fwd(
         k = load_rows(k_base + tl.cast(start_n, tl.int64) * stride_kt, offs_n, stride_kt, offs_d,
                       k_len - start_n, HEAD_DIM, D_PAD)
         t = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # s / scale (16-bit) or s (fp32)
-        if q.dtype == tl.float32:
+        if SOFTCAP:
+            t, _ = capped_scores(t, sm_scale, softcap)
+        elif q.dtype == tl.float32:
             t = t * qk_scale
         if (start_n < mid_lo) | (start_n >= mid_hi):
             k_pos = start_n + offs_n
             visible = ((k_pos[None, :] < k_len) & (k_pos[None, :] >= q_pos[:, None] - before)
                        & (k_pos[None, :] <= q_pos[:, None] + after))
             t = tl.where(visible, t, float("-inf"))
-        if q.dtype == tl.float32:
+        if SOFTCAP or q.dtype == tl.float32:  # t is s * log2(e) already
             m_new = tl.maximum(m_i, tl.max(t, 1))
         else:
             m_new = tl.maximum(m_i, tl.max(t, 1) * qk_scale)
@@ -215,7 +237,7 @@ def _attn_fwd(
         # 2^(-inf - -inf) = NaN out: its p and alpha come out 0.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_sub)
-        if q.dtype == tl.float32:
+        if SOFTCAP or q.dtype == tl.float32:
             p = tl.math.exp2(t - m_sub[:, None])
         else:
             p = tl.math.exp2(tl.fma(t, qk_scale, -m_sub[:, None]))
@@ -322,11 +344,13 @@ _DKDV = {
 #            226/214; dQ d64 (64,64,4,2) 250/168, d80-128 (64,32,8,2) 202/154, d256 (32,32,8,2)
 #            174/184; dK/dV d64 (32,32,4,2) 218/167, d80-256 (32,32,8,2) 225/209.
 #            Rejected: forward d80-128 (64,64,4,2) 16-96 B spill; dK/dV d128 (16,32,4,2) 8 B varlen.
-#   ieee     forward (16,32,4,1) 204/168, d256 (16,16,4,1) 128/110 ((32,16,4,1) 56 B varlen on sm_80);
+#   ieee     forward (16,32,4,1) 204/168 (d64: 16 B spill on sm_90 once the kernels took a soft-cap
+#            argument: (16,16,4,1)), d256 (16,16,4,1) 128/110 ((32,16,4,1) 56 B varlen on sm_80);
 #            dQ (32,32,4,1) 121/104 at d64, (16,32,4,1) 128/128 at d80-128 and 255/254 at d256
 #            ((16,16,4,1) spills 8 B there); dK/dV d64 (16,32,4,1) 203/120, d80-128 (16,16,4,1)
 #            168/128 ((16,32,4,1) 8-16 B on sm_90), d256 (16,32,8,1) 238/184.
-#   tf32     forward (64,32,4,2) 254/252, d256 (64,32,8,2) 254/243; dQ (64,32,4,2) 254/255,
+#   tf32     forward (64,32,4,2) 254/252, d256 (64,32,8,2) 254/243; dQ (64,32,4,2) 254/255 (d80-128:
+#            24 B varlen on sm_90 with the soft-cap argument: (32,32,4,2), sm_86's tile before),
 #            d256 (16,32,8,2) 118/102; dK/dV d64 (32,64,8,2) 248/184, d80-128 (32,32,8,2) 128/128,
 #            d256 (16,16,8,1) 175/128. Rejected: dQ d256 (32,32,4,2) 40 B, (16,32,4,2) 8 B;
 #            dK/dV d128 (32,64,8,2) 8 B varlen on sm_90, (32,32,4,2) 16 B on sm_90.
@@ -334,7 +358,7 @@ _FWD_UNALIGNED = {
     (64, "16-bit"): [(128, 64, 8, 2)],
     (128, "16-bit"): [(64, 64, 8, 2)],
     (256, "16-bit"): [(64, 32, 8, 2)],
-    (64, "ieee"): [(16, 32, 4, 1)],
+    (64, "ieee"): [(16, 16, 4, 1)],
     (128, "ieee"): [(16, 32, 4, 1)],
     (256, "ieee"): [(16, 16, 4, 1)],
     (64, "tf32"): [(64, 32, 4, 2)],
@@ -349,7 +373,7 @@ _DQ_UNALIGNED = {
     (128, "ieee"): [(16, 32, 4, 1)],
     (256, "ieee"): [(16, 32, 4, 1)],
     (64, "tf32"): [(64, 32, 4, 2)],
-    (128, "tf32"): [(64, 32, 4, 2)],
+    (128, "tf32"): [(32, 32, 4, 2)],
     (256, "tf32"): [(16, 32, 8, 2)],
 }
 _DKDV_UNALIGNED = {
@@ -431,7 +455,7 @@ _SM90_EXTRA_ATOMIC = {64: [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3)],
 #            tf32 d256 (32,16,4,2) 127 / 66.3 (unaligned 156). Rejected: 16-bit (128,32,4,2) and
 #            (128,64,4,2) spill 8-112 B; tf32 d256 (32,32,4|8,2) 100.3 KB, (64,32,8,1) 104 KB.
 #   dQ       16-bit d256 (32,32,8,2) 128 / 68, (64,32,8,1) 197 / 96; tf32 d80-128 (64,32,4,1)
-#            228 / 96, (32,32,4,2) 143 / 72 (unaligned 140 / 80); tf32 d256 (16,32,8,1) 147 / 96,
+#            228 / 96, (32,32,4,2) 143 / 72 (unaligned: every arch's tile now); tf32 d256 (16,32,8,1) 147 / 96,
 #            (16,16,4,2) 116 / 80 (unaligned 147). Rejected: tf32 d80-128 (64,16,4,2) 8 B varlen
 #            spill; d256 (32,32,4,1) 104 B spill, (16,32,4,2) and (32,16,4,2) 112-128 KB.
 #            ieee unaligned d80-128 (16,32,8,1) 76 / 48. Rejected: (16,16,4,1) 16 B varlen spill.
@@ -447,7 +471,6 @@ _SM86_ROWS = {
     "dq": {(True, 128, "16-bit"): [(64, 64, 4, 2)],
            (True, 256, "16-bit"): [(32, 32, 8, 2), (64, 32, 8, 1)],
            (True, 128, "tf32"): [(64, 32, 4, 1), (32, 32, 4, 2)],
-           (False, 128, "tf32"): [(32, 32, 4, 2)],
            (True, 256, "tf32"): [(16, 32, 8, 1), (16, 16, 4, 2)],
            (False, 256, "tf32"): [(16, 16, 4, 2)],
            (False, 128, "ieee"): [(16, 32, 8, 1)]},
@@ -639,6 +662,47 @@ def untuned_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -
     return configs(padded_head_dim(q.shape[-1]), q.element_size(), precision, aligned, table_arch(q.device))[0]
 
 
+# Soft-capped launches (Gemma 2's attention) run one tile per row, untimed: the row's first
+# candidate (what autotune=False runs), except where the tanh and, in the backward, the tile of
+# 1 - tanh^2 kept beside p push that tile into spilling. The build report compiles these tiles
+# with SOFTCAP; the backward with soft-capping is always the deterministic one. Keyed (kernel, aligned, padded head dim row, kind[, table arch]) -> tile.
+# What spilled with the cap (bytes of stack, dense/varlen) and took the tile below instead:
+#   forward  16-bit d64 (128,64,8,3) 8-16 B on sm_100.
+#   dQ       16-bit d64 (128,64,8,2) 8-24 B on sm_80/86 (128 keys x 64 rows of tanh held);
+#            d80-128 (64,64,4,2) 24 B on sm_120; unaligned tf32 d64 (64,32,4,2) 8 B on sm_120.
+#   dK/dV    16-bit d64 (32,64,8,2) 8-16 B on sm_120; d80-128 (32,64,8,2) 16 B on sm_100; tf32
+#            d80-128 (32,64,8,2) 16 B on sm_90; ieee d80/96 (16,32,4,1) 208-416 B on sm_90/100.
+_SOFTCAP_TILES: dict[tuple, tuple] = {
+    ("fwd", True, 64, "16-bit", 100): (64, 64, 4, 3),
+    ("dq", True, 64, "16-bit"): (128, 32, 8, 2),
+    ("dq", True, 128, "16-bit", 120): (64, 32, 8, 2),
+    ("dq", False, 64, "tf32"): (32, 32, 4, 2),
+    ("dkdv", True, 64, "16-bit", 120): (32, 32, 8, 2),
+    ("dkdv", True, 128, "16-bit", 100): (32, 32, 8, 2),
+    ("dkdv", True, 128, "tf32", 90): (32, 32, 8, 2),
+    ("dkdv", True, 128, "ieee"): (16, 16, 4, 1),
+}
+
+
+def softcap_tile(which: str, d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
+                 sm: int = 80) -> tuple:
+    """The tile (BLOCK_M, BLOCK_N, num_warps, num_stages) a soft-capped launch of kernel
+    ``which`` ("fwd", "dq" or "dkdv") runs on table arch ``sm``; arguments as :func:`fwd_configs`."""
+    kind = precision if elem_bytes >= 4 else "16-bit"
+    row = (which, aligned, max(64, d_pad), kind)
+    tile = _SOFTCAP_TILES.get((*row, sm), _SOFTCAP_TILES.get(row))
+    if tile is not None:
+        return tile
+    configs = {"fwd": fwd_configs, "dq": dq_configs, "dkdv": dkdv_configs}[which]
+    return configs(d_pad, elem_bytes, precision, aligned, sm)[0]
+
+
+def softcap_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -> tuple:
+    """:func:`softcap_tile` for a launch on ``q``'s device."""
+    return softcap_tile(which, padded_head_dim(q.shape[-1]), q.element_size(), precision, aligned,
+                        table_arch(q.device))
+
+
 def strides_aligned(*tensors) -> bool:
     """True when every batch/head/row stride is a multiple of 16 elements (see ``aligned16``).
     Otherwise the kernels run their ALIGNED=False specialisation with the smaller tiles of the
@@ -663,10 +727,12 @@ def mask_bounds(causal: bool, window: tuple[int, int] | None, limit: int) -> tup
 
 def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, cu_seqlens_q=None,
                             cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-                            precision: str = "ieee", config: tuple | None = None, autotune: bool = True):
+                            precision: str = "ieee", config: tuple | None = None, autotune: bool = True,
+                            softcap: float = 0.0):
     """Launches the forward; returns (out like q, stats (2, B, Hq, Tq) fp32).
 
-    ``stats[0]`` is the row max m of the scores in base 2 (s * scale * log2 e), ``stats[1]``
+    ``stats[0]`` is the row max m of the scores in base 2 (s * scale * log2 e, soft-capped when
+    ``softcap`` > 0), ``stats[1]``
     log2 of the softmax denominator; the natural-log lse is ``(stats[0] + stats[1]) * ln 2``
     (-inf for a row without any visible key).
 
@@ -676,6 +742,8 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
     ``precision`` is tl.dot's input precision for fp32 inputs ("ieee" or "tf32"). ``scale`` must
     be > 0: 16-bit scores are scaled after the row max (``ops.flash_attention`` maps other scales).
     ``autotune=False`` launches the row's first candidate untimed (:func:`untuned_config`).
+    ``softcap`` > 0 caps the scores to ``softcap * tanh(s / softcap)`` (0: off); such launches
+    run :func:`softcap_config`'s tile, untimed.
     """
     B, Hq, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -690,12 +758,14 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
         return out.zero_(), lse
     cu_q = cu_seqlens_q if varlen else lse  # any pointer; unused when not IS_VARLEN
     cu_k = cu_seqlens_k if varlen else lse
-    args = (q, k, v, out, lse, cu_q, cu_k, scale,
+    args = (q, k, v, out, lse, cu_q, cu_k, scale, softcap,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[1:3], lse.stride(0),
             Hq, Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), key_bucket(mk, mq, before, after))
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), IS_VARLEN=varlen, PRECISION=precision,
-                ALIGNED=strides_aligned(q, k, v, out))
+                ALIGNED=strides_aligned(q, k, v, out), SOFTCAP=softcap > 0)
     with torch.cuda.device_of(q):  # Triton launches (and the autotuner times) on the current device
+        if config is None and softcap > 0:
+            config = softcap_config("fwd", q, meta["ALIGNED"], precision)
         if config is None and not autotune:
             config = untuned_config("fwd", q, meta["ALIGNED"], precision)
         if config is not None:

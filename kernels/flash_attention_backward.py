@@ -6,6 +6,10 @@ With s = q k^T * scale, p = exp(s - lse) (lse saved by the forward) and dO the u
     dS = p * (dP - delta),  delta = rowsum(dO * O) - dlse        (dlse: gradient of the lse output)
     dQ = scale * dS K                    dK = scale * dS^T Q
 
+Soft-capped scores (``SOFTCAP``, Gemma 2), s = cap * tanh(s_raw / cap): p and dS above are
+those of the capped s, and the chain rule through the cap multiplies dS by its derivative before
+the two products, dS_raw = dS * (1 - tanh^2) (``capped_scores`` returns the tanh).
+
 1. ``_bwd_preprocess``: delta per query row, in fp32.
 2. ``_attn_bwd_dkdv``: one program owns a block of keys of one KV head, keeps K, V and the fp32
    dK/dV accumulators on chip and streams the query blocks that can see it, for EVERY query head
@@ -31,8 +35,8 @@ import triton
 import triton.language as tl
 
 from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, LAUNCH_VARYING_INTS, ArchAutotuner, aligned16, block_span,
-                              key_bucket, load_rows, padded_head_dim, seqlen_bucket, sequence_bounds, store_rows,
-                              strides_aligned, untuned_config)
+                              capped_scores, key_bucket, load_rows, padded_head_dim, seqlen_bucket, sequence_bounds,
+                              softcap_config, store_rows, strides_aligned, untuned_config)
 
 __all__ = ["flash_attention_backward"]
 
@@ -76,8 +80,9 @@ def _load_row_stats(stat_base, stride_lp, delta_base, rows, q_len):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, dq_ptr, stride_qt, stride_dot,
-                stride_dqt, q_len, k_len, start_m, k_pos, offset, offs_m, offs_d, qk_scale, before, after, edge,
-                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                stride_dqt, q_len, k_len, start_m, k_pos, offset, offs_m, offs_d, qk_scale, sm_scale, softcap,
+                before, after, edge, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, SOFTCAP: tl.constexpr):
     """Adds one block of query rows [start_m, start_m + BLOCK_M) to dV += p^T dO, dK += dS^T Q
     (and, with ``ATOMIC_DQ``, dS K to those rows of the fp32 dQ buffer, unscaled).
 
@@ -101,7 +106,11 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, dq_
     q_pos = rows + offset
     if q.dtype == tl.float32:
         tl.static_assert(not ATOMIC_DQ, "fp32 runs the deterministic backward only")
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if SOFTCAP:
+            s, th = capped_scores(s, sm_scale, softcap)
+        else:
+            s = s * qk_scale
         if edge:  # hidden scores may exceed the row max: -inf keeps 2^(s - m) from overflowing
             visible = ((rows[:, None] < q_len) & (k_pos[None, :] >= q_pos[:, None] - before)
                        & (k_pos[None, :] <= q_pos[:, None] + after))
@@ -109,18 +118,28 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, dq_
         p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
         dv = tl.dot(tl.trans(p), do, dv, input_precision=PRECISION)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
         dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
     else:
         lse2 = m + log2_l  # +inf for padding rows and rows without keys: p = 0
         qk_t = tl.dot(k, tl.trans(q))  # unscaled; -inf stays -inf through the fma below
+        if SOFTCAP:
+            qk_t, th_t = capped_scores(qk_t, sm_scale, softcap)  # scaled, capped, log2 domain
         if edge:
             visible = ((rows[None, :] < q_len) & (k_pos[:, None] >= q_pos[None, :] - before)
                        & (k_pos[:, None] <= q_pos[None, :] + after))
             qk_t = tl.where(visible, qk_t, float("-inf"))
-        # explicit: a scaled tile that passes the mask branch is not fused (sm_90 SASS: FMUL, FADD)
-        p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -lse2[None, :]))
+        if SOFTCAP:
+            p_t = tl.math.exp2(qk_t - lse2[None, :])
+        else:
+            # explicit: a scaled tile that passes the mask branch is not fused (sm_90 SASS: FMUL, FADD)
+            p_t = tl.math.exp2(tl.fma(qk_t, qk_scale, -lse2[None, :]))
         dv = tl.dot(p_t.to(do.dtype), do, dv)
-        ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - th_t * th_t)
+        ds_t = ds_t.to(q.dtype)
         dk = tl.dot(ds_t, q, dk)
         if ATOMIC_DQ:
             # Keys past k_len (a partial key block) repeat the last key (load_rows), and no mask
@@ -139,7 +158,7 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, dq_
 @triton.jit(do_not_specialize=LAUNCH_VARYING_INTS + ["n_kv_heads"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
-    sm_scale,
+    sm_scale, softcap,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -152,6 +171,7 @@ def _attn_bwd_dkdv(
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one (sequence, KV head); all query heads of its group.
     ``ATOMIC_DQ``: also adds dS K into the fp32 buffer DQ (unscaled; DQ is unused otherwise).
@@ -208,8 +228,8 @@ def _attn_bwd_dkdv(
                              DO + b * stride_dob + h * stride_doh + row0 * stride_dot, LSE + stats, stride_lp,
                              DELTA + stats, DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqt,
                              stride_qt, stride_dot, stride_dqt, q_len, k_len, start_m, k_pos, offset, offs_m, offs_d,
-                             qk_scale, before, after, (start_m < mid_lo) | (start_m >= mid_hi),
-                             HEAD_DIM, D_PAD, PRECISION, ATOMIC_DQ)
+                             qk_scale, sm_scale, softcap, before, after, (start_m < mid_lo) | (start_m >= mid_hi),
+                             HEAD_DIM, D_PAD, PRECISION, ATOMIC_DQ, SOFTCAP)
     store_rows(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkt, dk * sm_scale,
                offs_n, stride_dkt, offs_d, k_len - start_n, HEAD_DIM)
     store_rows(DV + b * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvt, dv,
@@ -222,7 +242,7 @@ def _attn_bwd_dkdv(
 @triton.jit(do_not_specialize=LAUNCH_VARYING_INTS + ["n_heads"])
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
-    sm_scale,
+    sm_scale, softcap,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -232,7 +252,7 @@ def _attn_bwd_dq(
     n_heads, group, seqlen_q, seqlen_k, before, after,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through.
 
@@ -285,7 +305,9 @@ def _attn_bwd_dq(
         v = load_rows(v_base + tl.cast(start_n, tl.int64) * stride_vt, offs_n, stride_vt, offs_d, k_len - start_n,
                       HEAD_DIM, D_PAD)
         t = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # s / scale (16-bit) or s (fp32)
-        if q.dtype == tl.float32:
+        if SOFTCAP:
+            t, th = capped_scores(t, sm_scale, softcap)
+        elif q.dtype == tl.float32:
             t = t * qk_scale  # the forward's s bit for bit (the mask branch keeps it unfused)
         if (start_n < mid_lo) | (start_n >= mid_hi):  # edge block: hidden scores may exceed the row
             k_pos = start_n + offs_n                    # max, -inf keeps 2^(s - m) from overflowing
@@ -294,10 +316,14 @@ def _attn_bwd_dq(
             t = tl.where(visible, t, float("-inf"))
         if q.dtype == tl.float32:
             p = tl.math.exp2((t - m[:, None]) - log2_l[:, None])
+        elif SOFTCAP:
+            p = tl.math.exp2(t - lse2[:, None])
         else:
             p = tl.math.exp2(tl.fma(t, qk_scale, -lse2[:, None]))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     store_rows(DQ + b * stride_dqb + hq * stride_dqh + row0 * stride_dqt, dq * sm_scale, offs_m, stride_dqt,
                offs_d, q_len - start_m, HEAD_DIM)
@@ -323,7 +349,7 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
                              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                              precision: str = "ieee", config_dq: tuple | None = None,
                              config_dkdv: tuple | None = None, autotune: bool = True,
-                             deterministic: bool = True):
+                             deterministic: bool = True, softcap: float = 0.0):
     """Launches the three backward kernels; returns (dq, dk, dv) with the layouts of q, k, v.
 
     ``do`` and ``out`` need a unit last stride; ``lse`` is the forward's (2, B, Hq, Tq) fp32
@@ -332,9 +358,13 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
     ``flash_attention_forward``; ``config_*`` bypass the autotuner, and ``autotune=False`` takes
     each kernel's first candidate instead. ``deterministic=False`` (fp16/bf16 only) adds dQ with
     atomics inside the dK/dV kernel (``config_dkdv`` then picks its tile; see the module doc).
+    ``softcap`` > 0: the forward's soft-capped scores (deterministic only; tiles from
+    ``softcap_config``).
     """
     if not deterministic and q.dtype == torch.float32:
         raise ValueError("deterministic=False needs fp16/bf16 inputs; fp32 runs the deterministic backward")
+    if not deterministic and softcap > 0:
+        raise ValueError("deterministic=False does not take softcap; soft-capped scores run the deterministic backward")
     B, Hq, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -361,11 +391,14 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
         # atomic: dS K accumulates unscaled in fp32 rows of D elements, converted once at the end
         dq_acc = torch.zeros((*q.shape[:3], D), device=q.device, dtype=torch.float32) if not deterministic else dq
         meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_VARLEN=varlen, PRECISION=precision,
-                    ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv, dq_acc))
-        dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, scale,
+                    ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv, dq_acc), SOFTCAP=softcap > 0)
+        dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, scale, softcap,
                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
                      *dv.stride()[:3], *dq_acc.stride()[:3], *lse.stride()[1:3], lse.stride(0), Hk, *common)
         dkdv_kind = "dkdv" if deterministic else "dkdv_atomic"
+        if softcap > 0:
+            config_dkdv = config_dkdv or softcap_config("dkdv", q, meta["ALIGNED"], precision)
+            config_dq = config_dq or softcap_config("dq", q, meta["ALIGNED"], precision)
         if not autotune:
             config_dkdv = config_dkdv or untuned_config(dkdv_kind, q, meta["ALIGNED"], precision)
             config_dq = config_dq or untuned_config("dq", q, meta["ALIGNED"], precision)
@@ -379,7 +412,7 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
                                                                           ATOMIC_DQ=not deterministic)
         if not deterministic:
             return dq.copy_(dq_acc.mul_(scale)), dk, dv
-        dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale,
+        dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale, softcap,
                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
                    *lse.stride()[1:3], lse.stride(0), Hq, *common)
         if config_dq is not None:

@@ -17,18 +17,21 @@ def qkv(B=2, Hq=4, Hk=2, Tq=9, Tk=9, D=64, seed=0):
     return q, k, v
 
 
-def truth(q, k, v, mask):
-    """float64 attention under a boolean mask broadcast to (B, Hq, Tq, Tk)."""
+def truth(q, k, v, mask, softcap=None):
+    """float64 attention under a boolean mask broadcast to (B, Hq, Tq, Tk), scores soft-capped
+    (before the mask) when ``softcap`` is given."""
     q, k, v = (t.double() for t in (q, k, v))
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
     return probs @ v
 
 
-def check(out, q, k, v, mask):
-    torch.testing.assert_close(out.double(), truth(q, k, v, mask), rtol=1e-4, atol=1e-5)
+def check(out, q, k, v, mask, softcap=None):
+    torch.testing.assert_close(out.double(), truth(q, k, v, mask, softcap), rtol=1e-4, atol=1e-5)
 
 
 def padded_causal(lengths, Tq, Tk, end=None, left=True):
@@ -292,3 +295,40 @@ def test_equal_prefixes_with_grad_read_only_the_prefix():
     mask = torch.stack([padded_causal([n], 3, 12, end=n, left=False)[0] for n in (7, 7)])
     check(attend(q, k, v, mask), q, k, v, mask)
     assert not FALLBACKS, FALLBACKS
+
+
+def test_softcap_reaches_every_path(monkeypatch):
+    """Soft-capped scores (Gemma 2) on each of attend's paths: no mask, a static cache's prefix
+    (which the uncapped decode kernel must not serve, with or without autograd), padded rows
+    (varlen), packed sequences, and the PyTorch fallbacks (a float mask; dropout) and
+    attend_with_weights. The cap binds (scores of std 8 capped at 2)."""
+    decode = []
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: decode.append(1))
+    cap = 2.0
+    q, k, v = (t * s for t, s in zip(qkv(Tq=9, Tk=9), (8 ** 0.5, 8 ** 0.5, 1)))
+    causal = padded_causal([9, 9], 9, 9)
+    check(attend(q.requires_grad_(), k, v, None, softcap=cap), q, k, v, causal, cap)  # (flash: autograd)
+    q = q.detach()
+    assert (truth(q, k, v, causal, cap) - truth(q, k, v, causal)).abs().max() > 0.1  # it binds
+    with torch.no_grad():
+        check(attend(q[:, :, -1:], k, v, None, softcap=cap), q[:, :, -1:], k, v, causal[:, :, -1:], cap)
+        static = torch.stack([padded_causal([n], 1, 12, end=n, left=False)[0] for n in (5, 9)])
+        kk, vv = (torch.cat([t, t[:, :, :3]], 2) for t in (k, v))
+        check(attend(q[:, :, :1], kk, vv, static, softcap=cap), q[:, :, :1], kk, vv, static, cap)
+    assert not decode
+    padded = padded_causal([9, 4], 9, 9)
+    check(attend(q, k, v, padded, softcap=cap), q, k, v, padded, cap)
+    segments = torch.zeros(2, 9, dtype=torch.long)
+    segments[:, 4:] = 1  # two sequences per row, each attending only to itself
+    i = torch.arange(9)
+    packed = ((segments[:, :, None] == segments[:, None, :]) & (i[None, :] <= i[:, None]))[:, None].to(DEVICE)
+    check(attend(q, k, v, packed, softcap=cap), q, k, v, packed, cap)
+    assert not FALLBACKS, FALLBACKS
+    additive = torch.zeros(padded.shape, device=DEVICE).masked_fill(~padded, float("-inf"))
+    check(attend(q, k, v, additive, softcap=cap), q, k, v, padded, cap)
+    check(attend(q, k, v, None, dropout=1e-12, softcap=cap), q, k, v, causal, cap)
+    check(attend(q, k, v, padded, dropout=1e-12, softcap=cap), q, k, v, padded, cap)
+    out, probs = attention.attend_with_weights(q, k, v, padded, softcap=cap)
+    check(out, q, k, v, padded, cap)
+    assert set(FALLBACKS) == {"non-boolean mask", "attention dropout > 0",
+                              "output_attentions (attention probabilities requested)"}

@@ -543,6 +543,38 @@ def test_flash_attention_untuned_launches_compile_the_reports_builds(monkeypatch
     assert not missing, (len(missing), missing[:3])
 
 
+@pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
+def test_flash_attention_softcap_launches_compile_the_reports_builds(monkeypatch, sm):
+    """Soft-capped attention (Gemma 2: head dim 256 in 2B/9B, 128 in 27B) launches one tile per
+    kernel, untimed (``softcap_config``), whatever the autotune setting: dry-runs forward and
+    backward in bf16, fp16 and fp32 (exact and tf32 dots), dense and varlen, on each table arch,
+    and requires every launched build to be a build for that arch."""
+    from fastllama.kernels import flash_attention as kfa
+    from fastllama.kernels import flash_attention_backward as kbwd
+    from fastllama.ops import attention as op
+
+    launched = _dry_run(monkeypatch, op, {kfa: ["_attn_fwd", "_attn_fwd_tuned"],
+                                          kbwd: ["_attn_bwd_dkdv", "_attn_bwd_dq", "_bwd_preprocess",
+                                                 "_attn_bwd_dkdv_tuned", "_attn_bwd_dq_tuned"]})
+    monkeypatch.setattr(kfa, "table_arch", lambda device: sm)
+    cu = torch.tensor([0, 5, 700, 1000], dtype=torch.int32)
+    with _interp.wrong_bf16_values_ok():  # nothing runs
+        for (dtype, precision), (hq, hk, d), varlen in itertools.product(
+                ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32")),
+                ((8, 4, 256), (16, 8, 256), (32, 16, 128)), (False, True)):
+            b = 1 if varlen else 2
+            q = torch.zeros(b, 1000, hq, d, dtype=dtype).transpose(1, 2).requires_grad_()
+            k, v = (torch.zeros(b, 1000, hk, d, dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(2))
+            op.flash_attention(q, k, v, softcap=50.0, window=(4095, 0), fp32_precision=precision, deterministic=False,
+                               cu_seqlens=cu if varlen else None).sum().backward()
+    kinds = [br._python_function(b.kernel).__name__ for b in launched]
+    assert kinds.count("_attn_fwd") == 4 * 3 * 2 and set(kinds) == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq",
+                                                                  "_bwd_preprocess"}, kinds  # never an autotuner
+    assert all(b.constexprs["SOFTCAP"] for b in launched if "SOFTCAP" in b.constexprs)
+    missing = _not_in_report(launched, ("flash_attention",), f"sm_{sm}")
+    assert not missing, (len(missing), missing[:3])
+
+
 def test_rms_norm_and_swiglu_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
     """Dry-runs RMSNorm (plain and with the residual) and SwiGLU (two tensors and the fused
     gate_up projection), forward and backward, at Llama hidden and intermediate sizes (and

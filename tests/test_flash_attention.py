@@ -47,6 +47,36 @@ def test_small_blocks_every_phase(monkeypatch, Tq, Tk, causal, window):
     _parity(torch.float32, *_qkv(1, hq, 1, Tq, Tk, 64, torch.float32), causal=causal, window=window)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_softcap_small_blocks_every_phase(monkeypatch, dtype):
+    """Soft-capped scores (Gemma 2) with 16/32-wide blocks, in the fp32 and the 16-bit code paths
+    of all three kernels: skipped, masked-edge and mask-free blocks, a window, Tq != Tk and GQA.
+    The cap comes before the mask (a masked score is -inf, not -cap), and here it binds: scores
+    of std 9 capped at 5."""
+    monkeypatch.setattr(A, "FORCE_CONFIG", SMALL)
+    torch.manual_seed(0)
+    for Tq, Tk, causal, window in ((45, 77, True, None), (77, 45, False, (13, 5)), (77, 45, True, None)):
+        _parity(dtype, *_qkv(1, 2, 1, Tq, Tk, 64, dtype, scale=3.0), causal=causal, window=window, softcap=5.0)
+
+
+def test_softcap_runs_the_deterministic_backward(monkeypatch):
+    """The atomic-dQ kernel has no soft-capped build: deterministic=False with softcap runs the
+    deterministic backward, and the kernel launcher refuses the pair."""
+    from fastllama.kernels import flash_attention_backward as kbwd
+
+    seen, real = [], kbwd.flash_attention_backward
+    monkeypatch.setattr(kbwd, "flash_attention_backward",
+                        lambda *args, **kwargs: seen.append(kwargs["deterministic"]) or real(*args, **kwargs))
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 1, 40, 40, 64, torch.float16)
+    out = ops.flash_attention(q, k, v, softcap=5.0, deterministic=False)
+    out.sum().backward()
+    assert seen == [True]
+    with pytest.raises(ValueError, match="softcap"):
+        real(out, q, k, v, out, torch.zeros(2, 1, 2, 40), scale=0.125, before=80, after=0, deterministic=False,
+             softcap=5.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp16 runs the same 16-bit code path
 def test_small_blocks_16bit_varlen_gqa(monkeypatch, dtype):
     """16-bit inputs (the late-scale fused multiply-add path) with 16-row blocks: varlen with
@@ -630,6 +660,14 @@ _t = lambda *shape, dtype=torch.float32: torch.randn(*shape, device=DEVICE).to(d
     (dict(causal=1), TypeError, "causal"),
     (dict(fp32_precision="tf32x3"), ValueError, "fp32_precision"),
     (dict(deterministic=0), TypeError, "deterministic must be a bool"),
+    (dict(softcap=0.0), ValueError, "softcap must be"),
+    (dict(softcap=-30.0), ValueError, "softcap must be"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be"),
+    (dict(softcap="50"), TypeError, "softcap must be"),
+    (dict(softcap=True), TypeError, "softcap must be"),
+    (dict(softcap=1e39), ValueError, "softcap must be"),
+    (dict(softcap=1e-300), ValueError, "softcap must be"),
     (dict(cu_seqlens=_cu(0, 8).long()), TypeError, "cu_seqlens has dtype"),
     (dict(cu_seqlens=_cu(0, 3, 8)[None]), ValueError, "cu_seqlens must have 1 dims"),
     (dict(cu_seqlens=_cu(0, 3, 9)), ValueError, "cu_seqlens must start at 0"),
@@ -839,10 +877,12 @@ def test_flash_attention_fake_kernel_matches_the_real_one():
     from fastllama.ops.attention import _validate
 
     q, k, v = _small_qkv(dtype=torch.float16)
-    scale, before, after, precision, det = _validate(q, k, v, True, None, None, None, None, "ieee", True)
-    torch.library.opcheck(torch.ops.fastllama.flash_attention_fwd.default,
-                          (q, k, v, scale, before, after, None, None, precision, det),
-                          test_utils=("test_schema", "test_faketensor"))
+    for softcap in (None, 5.0):
+        scale, before, after, precision, det, cap = _validate(q, k, v, True, None, None, None, None, "ieee", True,
+                                                              softcap)
+        torch.library.opcheck(torch.ops.fastllama.flash_attention_fwd.default,
+                              (q, k, v, scale, before, after, None, None, precision, det, cap),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_atomic_backward_autotuner_zeroes_dq_without_copying_it():

@@ -56,12 +56,12 @@ ARCHS = {
         BASE, pad_token_id=0, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
         query_pre_attn_scalar=32, final_logit_softcapping=0.3)),  # (a cap the tiny logits, ~0.2, reach)
     # Gemma (1): Gemma's norms and GeGLU in Llama's layer; Gemma 2: Gemma 3's layer without q/k
-    # norms, here without its attention score soft-capping (with it, attention stays HF's:
-    # test_gemma2_with_score_softcapping_keeps_its_attention_and_patches_the_rest)
+    # norms, with its attention score soft-capping in the flash kernels (a cap of 0.3 binds on
+    # these scores; test_gemma2_score_softcapping_runs_on_the_kernels_as_hf_computes_it)
     "gemma": (GemmaConfig, GemmaForCausalLM, dict(BASE, pad_token_id=0)),
-    "gemma2-no-score-cap": (Gemma2Config, Gemma2ForCausalLM, dict(
+    "gemma2-score-cap": (Gemma2Config, Gemma2ForCausalLM, dict(
         BASE, pad_token_id=0, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-        query_pre_attn_scalar=32, attn_logit_softcapping=None, final_logit_softcapping=0.3)),
+        query_pre_attn_scalar=32, attn_logit_softcapping=0.3, final_logit_softcapping=0.3)),
     # OLMo 2: a norm after each branch (none before), q/k norms over all heads, norms rounded
     # once; OLMo 3 adds a window on 3 layers of 4 (here the first of 2)
     "olmo2": (Olmo2Config, Olmo2ForCausalLM, dict(BASE, pad_token_id=0)),
@@ -354,7 +354,7 @@ def test_patched_loss_builds_no_logits():
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-window-partial-rope", "granite-multipliers", "ministral-layer-window",
-                                  "smollm3-nope", "gemma", "gemma2-no-score-cap", "gemma3-softcap", "olmo2",
+                                  "smollm3-nope", "gemma", "gemma2-score-cap", "gemma3-softcap", "olmo2",
                                   "olmo3-window", *MOE])
 def test_greedy_generation_identical(arch):
     model = build(arch).eval()
@@ -487,13 +487,14 @@ def test_gemma3_every_module_is_patched_and_its_norms_fold_into_the_projections(
     assert folded == [True] * 4
 
 
-def test_gemma2_with_score_softcapping_keeps_its_attention_and_patches_the_rest():
-    """Gemma 2 as released caps its attention scores (50 * tanh(s / 50)), which the attention
-    kernels do not compute: patch leaves the attention implementation as it was (eager), says
-    why, and patches everything else (norms, GeGLU, rotary, the loss with its final soft-capping);
-    the score cap still applies (it binds here: 0.05 on scores of about 0.5), so logits, loss and
-    every gradient are HF's (fp32), and so is greedy generation."""
-    kw = dict(ARCHS["gemma2-no-score-cap"][2], attn_logit_softcapping=0.05)
+def test_gemma2_score_softcapping_runs_on_the_kernels_as_hf_computes_it():
+    """Gemma 2 as released caps its attention scores (50 * tanh(s / 50)); the flash kernels cap
+    them too (``softcap``), so patch swaps Gemma 2's attention like every other family's. Here
+    the cap binds (0.05 on scores of about 0.5: without it the logits move), and against HF's
+    eager attention (fp32) the logits, the loss and every gradient match, for a batch with
+    left padding (varlen flash attention) too, as do the probabilities output_attentions asks
+    for and greedy generation (whose single-token steps skip the uncapped decode kernel)."""
+    kw = dict(ARCHS["gemma2-score-cap"][2], attn_logit_softcapping=0.05)
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(Gemma2Config(**kw, attn_implementation="eager"))
     with torch.no_grad():
@@ -501,35 +502,47 @@ def test_gemma2_with_score_softcapping_keeps_its_attention_and_patches_the_rest(
             p.add_(0.02 * torch.randn_like(p))
     model = model.to(DEVICE).train()
     x = ids()
+    padding = torch.ones_like(x)
+    padding[1, :5] = 0
 
     def run():
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad()
-        return out.loss.detach(), grads, model(input_ids=x).logits.detach()
+        results = []
+        for mask in (None, padding):
+            # (a padding query sees no key: what its row holds differs between HF's own
+            # attention implementations, so the loss leaves out the labels they predict)
+            labels = x.clone()
+            if mask is not None:
+                labels[1, :6] = -100  # label t is predicted at position t - 1
+            out = model(input_ids=x, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad()
+            logits = model(input_ids=x, attention_mask=mask).logits.detach()
+            results.append((out.loss.detach(), grads, logits if mask is None else logits[1, 5:]))
+        return results, model(input_ids=x, output_attentions=True).attentions
 
-    expected_loss, expected_grads, expected_logits = run()
+    expected, expected_attentions = run()
     with torch.no_grad():  # the cap binds: without it the logits move
-        model.config.attn_logit_softcapping = None
         for layer in model.model.layers:
             layer.self_attn.attn_logit_softcapping = None
-        assert (model(input_ids=x).logits - expected_logits).abs().max() > 1e-3
-        model.config.attn_logit_softcapping = 0.05
+        assert (model(input_ids=x).logits - expected[0][2]).abs().max() > 1e-3
         for layer in model.model.layers:
             layer.self_attn.attn_logit_softcapping = 0.05
     fastllama.patch(model)
     summary = fastllama.patch_summary(model)
-    assert "attention score soft-capping (attn_logit_softcapping=0.05" in summary
-    assert model.config._attn_implementation == "eager"
-    rows = model.__dict__["_fastllama_patch"].summary
-    assert {cls for _, cls, _, status in rows if status == "patched"} >= {
-        "Gemma2RMSNorm", "Gemma2MLP", "Gemma2DecoderLayer", "Gemma2Attention", "Gemma2ForCausalLM"}
-    loss, grads, logits = run()
-    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
-    for n, g in grads.items():
-        torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert "soft-capping" not in summary and model.config._attn_implementation == "fastllama"
+    flash, real = [], fastllama.ops.flash_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastllama.ops, "flash_attention", lambda *a, **k: flash.append(k.get("softcap")) or real(*a, **k))
+        got, attentions = run()
+    assert flash and set(flash) == {0.05}
+    for (loss, grads, logits), (e_loss, e_grads, e_logits) in zip(got, expected):
+        torch.testing.assert_close(logits, e_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loss, e_loss, rtol=1e-5, atol=1e-6)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, e_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    for a, e in zip(attentions, expected_attentions):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
     model.eval()
     prompt = ids(batch=1, seq=7)
     generated = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)

@@ -179,3 +179,18 @@ def check_window_form(window) -> tuple[int, int]:
         raise TypeError(f"window must be None or a pair of ints (left, right), -1 for unlimited; got {window!r}. "
                         f"HF's sliding_window=W is window=(W - 1, 0)")
     return int(window[0]), int(window[1])
+
+
+def check_softcap(softcap) -> float:
+    """A score soft-capping value as the attention ops take it: None (off, returned as 0.0) or a
+    number (TypeError otherwise) that the kernels' fp32 arithmetic holds: ``scale / softcap``
+    and ``softcap * log2(e)`` stay finite and non-zero (ValueError otherwise; under
+    torch.compile a symbolic value is not checked)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    fp32 = torch.finfo(torch.float32)
+    if not torch.compiler.is_compiling() and not fp32.tiny <= softcap <= fp32.max / 2:
+        raise ValueError(f"softcap must be None or a finite float > 0 (within fp32's normal range), got {softcap!r}")
+    return float(softcap)

@@ -21,8 +21,8 @@ from ..optable import REPORT_ARCHS, KernelBuild, OpCase, OpSpec
 from ..reference.functional import attention_varlen
 from ..kernels import flash_attention as _fwd
 from ..kernels import flash_attention_backward as _bwd
-from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_tensor, check_window_form,
-                      tile_rows_fit_int32)
+from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_softcap, check_tensor,
+                      check_window_form, tile_rows_fit_int32)
 
 __all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
 
@@ -105,22 +105,22 @@ def _max_seqlen(cu: torch.Tensor, total: int, name: str) -> int:
 @torch.library.custom_op("fastllama::flash_attention_fwd", mutates_args=())
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, before: int, after: int,
                cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], precision: str,
-               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               deterministic: bool, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out with q's layout, stats (2, B, Hq, Tq) fp32: row max and log2 of the softmax
     denominator, base 2; lse = (stats[0] + stats[1]) * ln 2). ``deterministic`` is the
-    backward's (the forward always is)."""
+    backward's (the forward always is). ``softcap`` 0 means no soft-capping."""
     mq = mk = 0
     if cu_seqlens_q is not None:
         mq = _max_seqlen(cu_seqlens_q, q.shape[2], "cu_seqlens")
         mk = _max_seqlen(cu_seqlens_k, k.shape[2], "cu_seqlens_k")
     return _fwd.flash_attention_forward(q, k, v, scale=scale, before=before, after=after, cu_seqlens_q=cu_seqlens_q,
                                         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq, max_seqlen_k=mk,
-                                        precision=precision, autotune=_AUTOTUNE,
+                                        precision=precision, autotune=_AUTOTUNE, softcap=softcap,
                                         config=_config("fwd", max(mq or q.shape[2], mk or k.shape[2])))
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision, deterministic):
+def _(q, k, v, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision, deterministic, softcap):
     return torch.empty_like(q), q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
 
 
@@ -128,7 +128,7 @@ def _(q, k, v, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision, dete
 def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                out: torch.Tensor, lse: torch.Tensor, scale: float, before: int, after: int,
                cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor], precision: str,
-               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               deterministic: bool, softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) with the layouts of q, k, v."""
     mq = mk = 0
     if cu_seqlens_q is not None:
@@ -147,32 +147,33 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
                                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq,
                                          max_seqlen_k=mk, precision=precision, config_dq=_config("dq", longest),
                                          config_dkdv=_config("dkdv" if deterministic else "dkdv_atomic", longest),
-                                         autotune=_AUTOTUNE, deterministic=deterministic)
+                                         autotune=_AUTOTUNE, deterministic=deterministic, softcap=softcap)
 
 
 @_flash_bwd.register_fake
-def _(do, dlse, q, k, v, out, lse, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision, deterministic):
+def _(do, dlse, q, k, v, out, lse, scale, before, after, cu_seqlens_q, cu_seqlens_k, precision, deterministic,
+      softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic = inputs
+    q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic, softcap = inputs
     out, lse = output
     # The backward keeps O and two fp32 statistics per row, never the (T x T) probabilities.
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (scale, before, after, precision, deterministic)
+    ctx.args = (scale, before, after, precision, deterministic, softcap)
     # An unused lse output then arrives as None, not as a zero tensor the kernel would read.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    scale, before, after, precision, deterministic = ctx.args
+    scale, before, after, precision, deterministic, softcap = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = _flash_bwd(dout, dlse, q, k, v, out, lse, scale, before, after, cu_q, cu_k, precision,
-                            deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                            deterministic, softcap)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastllama::flash_attention_fwd", _backward, setup_context=_setup_context)
@@ -190,10 +191,11 @@ def _check_cu_seqlens(name: str, cu, q: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous, got strides {tuple(cu.stride())}")
 
 
-def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic):
+def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic, softcap):
     """Everything that can be checked without reading tensor values.
 
-    Returns (scale, before, after, dot precision, deterministic backward) for the kernels."""
+    Returns (scale, before, after, dot precision, deterministic backward, softcap (0: off)) for
+    the kernels."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
     check_same("q", q, "k", k, "dtype")
@@ -234,6 +236,7 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
         raise ValueError(f"fp32_precision must be one of {_PRECISIONS}, got {fp32_precision!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    capped = check_softcap(softcap) > 0
     precision = fp32_precision if q.dtype == torch.float32 else "ieee"  # no-op for fp16/bf16: one build
     if cu_seqlens is None and cu_seqlens_k is not None:
         raise ValueError("cu_seqlens_k was given without cu_seqlens; pass both (or cu_seqlens alone)")
@@ -253,9 +256,10 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
     limit = Tq + k.shape[2] + 1  # "unlimited": wider than any sequence
     before, after = _fwd.mask_bounds(causal, window, limit)
     # fp32 is for exactness: it always runs the deterministic backward; so does everything under
-    # torch.use_deterministic_algorithms(True), as SDPA's flash backward does
-    deterministic = deterministic or q.dtype == torch.float32 or torch.are_deterministic_algorithms_enabled()
-    return float(scale), before, after, precision, deterministic
+    # torch.use_deterministic_algorithms(True), as SDPA's flash backward does, and soft-capping
+    # (the atomic kernel has no soft-capped build)
+    deterministic = deterministic or q.dtype == torch.float32 or capped or torch.are_deterministic_algorithms_enabled()
+    return float(scale), before, after, precision, deterministic, check_softcap(softcap)
 
 
 def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
@@ -274,20 +278,21 @@ def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]
 def flash_attention_with_lse(q, k, v, causal: bool = True, scale: float | None = None,
                              window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
                              cu_seqlens_k: torch.Tensor | None = None, fp32_precision: str = "ieee",
-                             deterministic: bool = True):
+                             deterministic: bool = True, softcap: float | None = None):
     """:func:`flash_attention` that also returns the log-sum-exp of each query row.
 
     Returns ``(out, lse)``: lse is (B, Hq, Tq) fp32, natural log, ``-inf`` for a row with no
     visible key. Both outputs are differentiable (a gradient on lse enters as ``delta -= dlse``).
     """
-    out, stats = _attention(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic)
+    out, stats = _attention(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic,
+                            softcap)
     return out, (stats[0] + stats[1]) * _LN2
 
 
 def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
                     window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
                     cu_seqlens_k: torch.Tensor | None = None, fp32_precision: str = "ieee",
-                    deterministic: bool = True):
+                    deterministic: bool = True, softcap: float | None = None):
     """Softmax attention in SDPA's layout, forward and backward in Triton (flash attention).
 
     Args:
@@ -318,6 +323,10 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
             fewer matmuls per block pair (5 instead of 7), and dQ's last bits vary from run to
             run. fp32 inputs, and every input under ``torch.use_deterministic_algorithms(True)``,
             always run deterministically.
+        softcap: soft-caps the scores to ``softcap * tanh(s / softcap)`` before the mask and the
+            softmax, s = q k^T * scale (Gemma 2's ``attn_logit_softcapping``; None: off). The
+            backward is then always the deterministic one. GPU launches run one tile per kernel,
+            untimed (``kernels.flash_attention.softcap_config``).
 
     Returns:
         out with q's shape and memory layout (a q viewed from (B, T, H, D) gives an out whose
@@ -328,18 +337,19 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
     Raises:
         TypeError / ValueError naming the argument, before any launch.
     """
-    return _attention(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic)[0]
+    return _attention(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic,
+                      softcap)[0]
 
 
-def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic):
+def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic, softcap):
     """Both public ops: validate, then ``_flash_fwd`` -> (out, stats). It runs on groups of
     sequences when there are more (sequence, query head) pairs than the kernels' grid takes on
     its second axis (:data:`MAX_GRID_Y`; e.g. a varlen pack of 1M tokens in 512-token samples at
     32 heads): each group is an independent call on views (rebased ``cu_seqlens``), joined along
     the batch (dense) or the packed tokens (varlen). One host sync reads the group boundaries,
     in that path only."""
-    scale, before, after, precision, deterministic = _validate(q, k, v, causal, scale, window, cu_q, cu_k,
-                                                               fp32_precision, deterministic)
+    scale, before, after, precision, deterministic, softcap = _validate(q, k, v, causal, scale, window, cu_q, cu_k,
+                                                                        fp32_precision, deterministic, softcap)
     q, scale = _positive_scale(q, scale)
     # a token stride so large that a tile's row offsets pass 2**31 elements (a sequence-first
     # tensor of more than 8M elements per token): read from a copy
@@ -350,19 +360,19 @@ def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deter
     n_seq = cu_q.shape[0] - 1 if cu_q is not None else q.shape[0]
     per = max(1, MAX_GRID_Y // max(Hq, 1))
     if n_seq <= per:
-        return _flash_fwd(q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic)
+        return _flash_fwd(q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic, softcap)
     parts = []
     if cu_q is None:
         for b in range(0, n_seq, per):
             parts.append(_flash_fwd(q[b:b + per], k[b:b + per], v[b:b + per], scale, before, after, None, None,
-                                    precision, deterministic))
+                                    precision, deterministic, softcap))
         return torch.cat([o for o, _ in parts], 0), torch.cat([st for _, st in parts], 1)
     tq, tk = cu_q.tolist(), cu_k.tolist()
     for s0 in range(0, n_seq, per):
         s1 = min(s0 + per, n_seq)
         q0, q1, k0, k1 = tq[s0], tq[s1], tk[s0], tk[s1]
         parts.append(_flash_fwd(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], scale, before, after,
-                                cu_q[s0:s1 + 1] - q0, cu_k[s0:s1 + 1] - k0, precision, deterministic))
+                                cu_q[s0:s1 + 1] - q0, cu_k[s0:s1 + 1] - k0, precision, deterministic, softcap))
     return torch.cat([o for o, _ in parts], 2), torch.cat([st for _, st in parts], -1)
 
 
@@ -370,13 +380,14 @@ def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deter
 # Op table
 # ----------------------------------------------------------------------------------------------
 def _reference(q, k, v, causal=True, scale=None, window=None, cu_seqlens=None, cu_seqlens_k=None, return_lse=False,
-               flash_backward=False):
+               flash_backward=False, softcap=None):
     """The truth for both public ops: reference.attention, or its varlen form when packed."""
     if cu_seqlens is None:
         return reference.attention(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse,
-                                   flash_backward=flash_backward)
+                                   flash_backward=flash_backward, softcap=softcap)
     return attention_varlen(q, k, v, cu_seqlens, causal=causal, scale=scale, window=window,
-                            cu_seqlens_k=cu_seqlens_k, return_lse=return_lse, flash_backward=flash_backward)
+                            cu_seqlens_k=cu_seqlens_k, return_lse=return_lse, flash_backward=flash_backward,
+                            softcap=softcap)
 
 
 def _reference_with_lse(q, k, v, **kwargs):
@@ -396,11 +407,12 @@ def _flash_formulation_with_lse(q, k, v, **kwargs):
 
 
 def _make_args(p: dict, dtype: torch.dtype, device: str):
-    """params: B, Hq, Hk, Tq (Tk, default Tq), D; causal, window, scale; transposed (q/k/v are
-    (B, T, H, D) tensors viewed as (B, H, T, D)); seqlens / seqlens_k (varlen: packed, B = 1)."""
+    """params: B, Hq, Hk, Tq (Tk, default Tq), D; causal, window, scale, softcap; transposed (q/k/v
+    are (B, T, H, D) tensors viewed as (B, H, T, D)); seqlens / seqlens_k (varlen: packed, B = 1);
+    std (of q and k: the scores' spread, default 1)."""
     B, Hq, Hk, D = p.get("B", 1), p["Hq"], p.get("Hk", p["Hq"]), p["D"]
     kwargs = {"causal": p.get("causal", True)}
-    for name in ("window", "scale"):
+    for name in ("window", "scale", "softcap"):
         if name in p:
             kwargs[name] = p[name]
     if "seqlens" in p:
@@ -415,14 +427,15 @@ def _make_args(p: dict, dtype: torch.dtype, device: str):
     else:
         Tq, Tk = p["Tq"], p.get("Tk", p["Tq"])
 
-    def make(H, T):
+    def make(H, T, std=1.0):
         if p.get("transposed"):
             t = torch.randn(B, T, H, D, device=device, dtype=dtype).transpose(1, 2)
         else:
             t = torch.randn(B, H, T, D, device=device, dtype=dtype)
-        return t.requires_grad_()
+        return (t if std == 1.0 else (t * std).detach()).requires_grad_()
 
-    return (make(Hq, Tq), make(Hk, Tk), make(Hk, Tk)), kwargs
+    std = p.get("std", 1.0)
+    return (make(Hq, Tq, std), make(Hk, Tk, std), make(Hk, Tk)), kwargs
 
 
 def _case(id_, cuda_only=False, **params):
@@ -466,15 +479,28 @@ _CASES = (
     _case("B1-H2/1-T1023-D64-full", Hq=2, Hk=1, Tq=1023, D=64, causal=False),
     _case("varlen-D256-window-Tq<Tk", Hq=2, Hk=1, D=256, seqlens=[0, 1, 77, 30], seqlens_k=[5, 1, 77, 60],
           window=(20, 0)),
+    # soft-capped scores (Gemma 2): a cap that binds hard (scores of std 9 capped at 5: most
+    # probabilities come from the flat part of the tanh), a mild one, and varlen with a window
+    _case("B2-H4/2-T77-D128-causal-softcap5-binding", B=2, Hq=4, Hk=2, Tq=77, D=128, softcap=5.0, std=3.0),
+    _case("B1-H2/1-T113-D64-full-softcap50", Hq=2, Hk=1, Tq=113, D=64, causal=False, softcap=50.0, std=2.0),
+    _case("varlen-D256-window-Tq<Tk-softcap2", Hq=2, Hk=1, D=256, seqlens=[0, 1, 77, 30], seqlens_k=[5, 1, 77, 60],
+          window=(20, 0), softcap=2.0),
     *_full_matrix(),
 )
 
 _LSE_CASES = (
     _case("B1-H4/2-Tq113-Tk60-D64-causal", Hq=4, Hk=2, Tq=113, Tk=60, D=64),  # 53 fully masked rows
+    _case("B1-H4/2-Tq113-Tk60-D64-causal-softcap3", Hq=4, Hk=2, Tq=113, Tk=60, D=64, softcap=3.0, std=2.0),
 )
 
 
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _softcap_row(name: str):
+    """``kernels.flash_attention.softcap_tile`` of kernel ``name`` in the form of ``fwd_configs``
+    (a list of candidates: here one)."""
+    return lambda *args, **kwargs: [_fwd.softcap_tile(name, *args, **kwargs)]
 
 
 def _build_configs() -> list[KernelBuild]:
@@ -490,7 +516,11 @@ def _build_configs() -> list[KernelBuild]:
     Each tile is built for the archs whose table row holds it (``configs(..., sm)``): the
     Hopper-only tiles of the aligned 16-bit rows for sm_90 alone, the replacement rows
     (``kernels.flash_attention.REPLACEMENTS``: ``_SM86_ROWS`` on sm_86 and sm_120, ``_SM120_ROWS``
-    on sm_120, ``_SM100_ROWS`` on sm_100) for their archs, the tiles they replace for the others."""
+    on sm_120, ``_SM100_ROWS`` on sm_100) for their archs, the tiles they replace for the others.
+
+    Soft-capped launches (``SOFTCAP=True``, Gemma 2) run one untimed tile per row
+    (``kernels.flash_attention.softcap_tile``): those are built for the same head dims, dtypes,
+    dense/varlen and stride alignments, forward, dQ and deterministic dK/dV."""
     builds = []
     strides3 = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in "bht"}
     # ALIGNED=True launches have every q/k/v/o/dO/dQ/dK/dV stride a multiple of 16, and the JIT
@@ -509,24 +539,29 @@ def _build_configs() -> list[KernelBuild]:
                            f"{' varlen' if varlen else ''}{'' if aligned else ' unaligned'}")
                     dkdv_signature = {
                         "Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
-                        "DV": ptr, "DQ": ptr, "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32",
+                        "DV": ptr, "DQ": ptr, "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", "softcap": "fp32",
                         **typed3("q", "k", "v", "do", "dk", "dv", "dq"), "stride_lb": "i32", "stride_lh": "i32",
                         "stride_lp": "i32", **{("n_kv_heads" if n == "n_heads" else n): t for n, t in tail.items()}}
                     kernels = [
                         ("fwd", _fwd._attn_fwd, _fwd.fwd_configs, {},
                          {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "CU_Q": cu, "CU_K": cu,
-                          "sm_scale": "fp32", **typed3("q", "k", "v", "o"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
+                          "sm_scale": "fp32", "softcap": "fp32", **typed3("q", "k", "v", "o"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
                           **tail}),
                         ("dkdv", _bwd._attn_bwd_dkdv, _fwd.dkdv_configs, {"ATOMIC_DQ": False}, dkdv_signature),
                         ("dq", _bwd._attn_bwd_dq, _fwd.dq_configs, {},
                          {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
-                          "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", **typed3("q", "k", "v", "do", "dq"),
+                          "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", "softcap": "fp32",
+                          **typed3("q", "k", "v", "do", "dq"),
                           "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32", **tail}),
                     ]
                     if dtype != torch.float32:  # deterministic=False: dQ in fp32, added with atomics
                         kernels.append(("dkdv_atomic", _bwd._attn_bwd_dkdv, _fwd.dkdv_atomic_configs,
                                         {"ATOMIC_DQ": True}, dkdv_signature | {"DQ": "*fp32"}))
-                    for name, kernel, configs, flags, signature in kernels:
+                    for (name, kernel, configs, flags, signature), softcap in itertools.product(kernels, (False, True)):
+                        if softcap and name == "dkdv_atomic":
+                            continue
+                        if softcap:  # one tile per row and arch
+                            configs = _softcap_row(name)
                         by_arch = {arch: configs(d_pad, dtype.itemsize, precision, aligned, sm=int(arch[3:]))
                                    for arch in REPORT_ARCHS}
                         for bm, bn, w, s in dict.fromkeys(c for row in by_arch.values() for c in row):
@@ -534,9 +569,9 @@ def _build_configs() -> list[KernelBuild]:
                             builds.append(KernelBuild(
                                 kernel, signature,
                                 {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "IS_VARLEN": varlen,
-                                 "PRECISION": precision, "ALIGNED": aligned, **flags},
+                                 "PRECISION": precision, "ALIGNED": aligned, **flags, "SOFTCAP": softcap},
                                 num_warps=w, num_stages=s, archs=None if archs == REPORT_ARCHS else archs,
-                                label=f"flash_attention {name} {tag} M{bm} N{bn}"))
+                                label=f"flash_attention {name} {tag}{' softcap' if softcap else ''} M{bm} N{bn}"))
             if precision != "ieee":
                 continue
             # The preprocess has no ALIGNED flag: the JIT's own "i32:16" specialisation of O/dO

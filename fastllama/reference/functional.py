@@ -209,6 +209,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     return_lse: bool = False,
     flash_backward: bool = False,
+    softcap: float | None = None,
 ):
     """Softmax attention in the SDPA layout: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D), Hq % Hk == 0.
 
@@ -216,6 +217,8 @@ def attention(
     weighted sum run in the input dtype with the softmax in fp32, like HF's eager attention. A
     query row with no allowed key returns zeros (and lse = -inf), never NaN. See
     :func:`attention_mask` for causal alignment, ``window`` and ``key_padding_mask``.
+    ``softcap`` replaces the scores s by ``softcap * tanh(s / softcap)`` before the mask (Gemma
+    2's attention; computed on the upcast scores).
 
     ``flash_backward=True`` keeps this forward but differentiates it the way flash-attention
     kernels do (SDPA's flash backend among them): probabilities recomputed in fp32 from the lse,
@@ -234,10 +237,14 @@ def attention(
     scale = D ** -0.5 if scale is None else scale
     allowed = attention_mask(Tq, Tk, causal=causal, window=window, key_padding_mask=key_padding_mask, device=q.device)
     if flash_backward:
-        out, lse = _FlashBackwardAttention.apply(q, k, v, allowed, scale)
+        out, lse = _FlashBackwardAttention.apply(q, k, v, allowed, scale, softcap)
     else:
-        out, lse = _attention_forward(q, k, v, allowed, scale)
+        out, lse = _attention_forward(q, k, v, allowed, scale, softcap)
     return (out, lse) if return_lse else out
+
+
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
 
 def _probs(scores: torch.Tensor, allowed: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -245,10 +252,10 @@ def _probs(scores: torch.Tensor, allowed: torch.Tensor, lse: torch.Tensor) -> to
     return torch.where(allowed, torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)), 0.0)
 
 
-def _attention_forward(q, k, v, allowed, scale):
+def _attention_forward(q, k, v, allowed, scale, softcap=None):
     """(out, lse) of :func:`attention` for repeated (MHA) k/v."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores.to(_stat_dtype(q.dtype)).masked_fill(~allowed, float("-inf"))
+    scores = _capped(scores.to(_stat_dtype(q.dtype)), softcap).masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     out = torch.matmul(_probs(scores, allowed, lse).to(v.dtype), v)
     return out, lse.squeeze(-1)
@@ -258,10 +265,10 @@ class _FlashBackwardAttention(torch.autograd.Function):
     """:func:`attention`'s forward with a flash-attention style backward (see ``flash_backward``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, allowed, scale):
-        out, lse = _attention_forward(q, k, v, allowed, scale)
+    def forward(ctx, q, k, v, allowed, scale, softcap):
+        out, lse = _attention_forward(q, k, v, allowed, scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse, allowed)
-        ctx.scale = scale
+        ctx.scale, ctx.softcap = scale, softcap
         return out, lse
 
     @staticmethod
@@ -269,17 +276,20 @@ class _FlashBackwardAttention(torch.autograd.Function):
         q, k, v, out, lse, allowed = ctx.saved_tensors
         f = _stat_dtype(q.dtype)
         q32, k32, v32 = q.to(f), k.to(f), v.to(f)
-        scores = (q32 @ k32.transpose(-1, -2) * ctx.scale).masked_fill(~allowed, float("-inf"))
+        raw = q32 @ k32.transpose(-1, -2) * ctx.scale
+        scores = _capped(raw, ctx.softcap).masked_fill(~allowed, float("-inf"))
         p = _probs(scores, allowed, lse[..., None])
         do = d_out.to(f) if d_out is not None else torch.zeros_like(out, dtype=f)
         delta = (do * out.to(f)).sum(-1, keepdim=True)  # from the stored, rounded output
         ds = p * (do @ v32.transpose(-1, -2) - delta)
         if d_lse is not None:  # d lse / d s = P
             ds = ds + p * d_lse.to(f)[..., None]
+        if ctx.softcap is not None:  # d s / d raw = 1 - tanh(raw / cap)^2
+            ds = ds * (1 - torch.tanh(raw / ctx.softcap) ** 2)
         dq = ds @ k32 * ctx.scale
         dk = ds.transpose(-1, -2) @ q32 * ctx.scale
         dv = p.transpose(-1, -2) @ do
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def attention_varlen(
@@ -293,6 +303,7 @@ def attention_varlen(
     cu_seqlens_k: torch.Tensor | None = None,
     return_lse: bool = False,
     flash_backward: bool = False,
+    softcap: float | None = None,
 ):
     """:func:`attention` over packed sequences (flash-attn's varlen form, SDPA layout).
 
@@ -310,7 +321,7 @@ def attention_varlen(
         (a, b), (c, d) = cu_q[i:i + 2], cu_k[i:i + 2]
         o, l = attention(q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], causal=causal,
                          scale=q.shape[-1] ** -0.5 if scale is None else scale, window=window, return_lse=True,
-                         flash_backward=flash_backward)
+                         flash_backward=flash_backward, softcap=softcap)
         out = out.index_copy(2, torch.arange(a, b, device=q.device), o)
         lse[:, :, a:b] = l
     return (out, lse) if return_lse else out
