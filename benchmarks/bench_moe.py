@@ -136,12 +136,8 @@ def main(argv=None) -> list[dict] | int:
         print("interrupted: writing the rows measured so far", flush=True)
 
     columns = ["pass", "tokens", "method", "ms", "speedup_vs_hf", "saved KiB/token", "saved vs hf", "error"]
-    extra = {"dims": dims, "dtype": str(dtype), "baseline": "transformers' Qwen3MoeExperts, grouped_mm",
-             "interrupted": interrupted}
-    out = common.write_results("moe_experts", rows, columns, extra=extra)
-    print(common.markdown_table(rows, columns))
-    print(f"results in {out}" + ("" if common.is_measurement() else " (interpreter smoke run: NOT a measurement)"))
-    return 130 if interrupted else rows
+    extra = {"dims": dims, "dtype": str(dtype), "baseline": "transformers' Qwen3MoeExperts, grouped_mm"}
+    return common.report_rows("moe_experts", rows, columns, extra, interrupted)
 
 
 if __name__ == "__main__":

@@ -202,11 +202,8 @@ def main(argv=None) -> list[dict]:
     columns = ["op", "pass", "tokens", "MB", "method", "ms", "GB/s", "%copy", "speedup_vs_eager", "error"]
     extra = {"dims": dims, "dtype": str(dtype), "copy_GBps": copy_gbps,
              "bytes": "minimum traffic: each tensor read or written once (gradients included for fwd+bwd)",
-             "targets": {"fwd %copy at >= 32 MB": ">= 80", "speedup_vs_eager": ">= 2"}, "interrupted": interrupted}
-    out = common.write_results("norm_rope_swiglu", rows, columns, extra=extra)
-    print(common.markdown_table(rows, columns))
-    print(f"results in {out}" + ("" if common.is_measurement() else " (interpreter smoke run: NOT a measurement)"))
-    return 130 if interrupted else rows
+             "targets": {"fwd %copy at >= 32 MB": ">= 80", "speedup_vs_eager": ">= 2"}}
+    return common.report_rows("norm_rope_swiglu", rows, columns, extra, interrupted)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from fastllama.bench.common import (  # noqa: F401
     matmul_tflops,
     on_gpu,
     pyplot,
+    report_rows,
     results_dir,
     spec_bandwidth_gbps,
     time_ms,

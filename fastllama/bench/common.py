@@ -441,6 +441,16 @@ def progress_bar(iterable=None, **kwargs):
     return tqdm(iterable, file=sys.stderr, **kwargs)
 
 
+def report_rows(name: str, rows: list[dict], columns: list[str], extra: dict, interrupted: bool):
+    """The end of an op benchmark script: :func:`write_results`, the table and where it went
+    printed; returns 130 when a time limit interrupted the sweep (gpu_check.sh's SIGINT), else the
+    rows (for :func:`exit_code`)."""
+    out = write_results(name, rows, columns, extra=extra | {"interrupted": interrupted})
+    print(markdown_table(rows, columns))
+    print(f"results in {out}" + ("" if is_measurement() else " (interpreter smoke run: NOT a measurement)"))
+    return 130 if interrupted else rows
+
+
 def write_results(name: str, rows: list[dict], columns: list[str] | None = None, extra: dict | None = None,
                   out_dir: Path | None = None, plot: Plot | list[Plot] | None = None,
                   note: str | None = None) -> Path:
