@@ -23,8 +23,8 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   torch.compile traces): PyTorch SDPA with the mask, counted in :data:`FALLBACKS` (the first
   of each reason also logged as a warning) so nothing slow happens silently.
 
-Soft-capped scores (``softcap``, Gemma 2) take flash attention in every case above, the decode
-kernel's included (it has no cap); the fallbacks then compute in plain PyTorch (SDPA has no cap).
+Soft-capped scores (``softcap``, Gemma 2) take the same kernels, every one of which caps; the
+fallbacks then compute in plain PyTorch (SDPA has no cap).
 
 Masks that broadcast (batch or query dim 1) are read as their broadcast; one with a dim other
 than 1 or the scores' own raises ValueError. Recognising a mask compares it with the mask the
@@ -217,11 +217,13 @@ def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
     return plan
 
 
-def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal: bool, softcap=None) -> bool:
-    """The decode kernel is forward-only, causal (bottom-right) and uncapped; of a window it takes
-    the left bound (the right one is the causal bound: 0, or -1 which causal makes 0)."""
+def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal: bool, softcap) -> bool:
+    """The decode kernel is forward-only and causal (bottom-right), and caps 16-bit scores at
+    up to ``ops.decode.MAX_16BIT_SOFTCAP``; of a window it takes the left bound (the right one
+    is the causal bound: 0, or -1 which causal makes 0)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return (softcap is None and not needs_grad and (window is None or window[1] in (0, -1)) and q.shape[2] <= DECODE_MAX_QUERIES
+    cap_ok = softcap is None or q.element_size() >= 4 or softcap <= ops.decode.MAX_16BIT_SOFTCAP
+    return (cap_ok and not needs_grad and (window is None or window[1] in (0, -1)) and q.shape[2] <= DECODE_MAX_QUERIES
             and (causal or q.shape[2] == 1) and k.shape[2] >= q.shape[2])
 
 
@@ -290,7 +292,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
             k, v = k[:, :, :Tq], v[:, :, :Tq]
         if _decode_ok(q, k, v, window, causal, softcap):
             seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
-            return ops.decode_attention(q, k, v, seqlens, scale=scale, window=_decode_window(window))
+            return ops.decode_attention(q, k, v, seqlens, scale=scale, window=_decode_window(window), softcap=softcap)
         return flash(q, k, v, causal=causal and Tq > 1)
     if torch.compiler.is_compiling():
         # Reading a mask's contents is data-dependent: dynamo would break the graph in every
@@ -302,7 +304,8 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
         k, v = k[:, :, :plan.key_end], v[:, :, :plan.key_end]
     if plan.kind == "prefix":
         if _decode_ok(q, k, v, window, True, softcap):
-            return ops.decode_attention(q, k, v, plan.lengths, scale=scale, window=_decode_window(window))
+            return ops.decode_attention(q, k, v, plan.lengths, scale=scale, window=_decode_window(window),
+                                        softcap=softcap)
         if bool((plan.lengths == plan.lengths[0]).all()):
             n = int(plan.lengths[0])
             return flash(q, k[:, :, :n], v[:, :, :n], causal=True)

@@ -1,7 +1,7 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 3 / OLMo 2 / OLMo 3 causal LM, or
+/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 causal LM, or
 the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
@@ -15,12 +15,12 @@ the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE (their parameter
   batch of up to 16 tokens; right padding is invisible to the real tokens under a causal mask,
   and the padded slots are never read: each sequence's length says where its cache ends),
   logits only at each prompt's last token;
-* decode: per layer ``rms_norm`` (fused with the residual add; Gemma 3 and OLMo also norm each
+* decode: per layer ``rms_norm`` (fused with the residual add; Gemma 2/3 and OLMo also norm each
   branch, and OLMo has no norm before one), projections (q/k/v in one
   GEMM, gate/up in one: see :class:`RowBlocks`), the fused rotary + cache append,
   ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length, or the
-  layer's sliding window of it), ``swiglu`` (GeGLU for Gemma; a mixture of experts: the model's
-  router, then ``ops.moe_experts``);
+  layer's sliding window of it; Gemma 2's scores soft-capped), ``swiglu`` (GeGLU for Gemma; a
+  mixture of experts: the model's router, then ``ops.moe_experts``);
   then sampling (greedy, temperature, top-k, top-p) on the device, stop tokens, and the
   lengths advanced on the device. On CUDA the whole step is captured ONCE as a
   ``torch.cuda.CUDAGraph`` per (batch size, sampling settings) and replayed: no Python, no
@@ -280,8 +280,8 @@ class Generator:
         self.clip_qkv = getattr(cfg, "clip_qkv", None)
         # Gemma's norms compute (x * (1 + w)), OLMo 2/3's (x * w), in fp32 and round once
         family = forwards._family(model)
-        self.unit_offset = family in ("gemma", "gemma3")
-        self.round_once = family in ("gemma", "gemma3", "olmo2", "olmo3")
+        self.unit_offset = family in ("gemma", "gemma2", "gemma3")
+        self.round_once = family in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3")
         layers = model.model.layers
         # Each layer's rotary tables: one pair for the model, or one per layer type (Gemma 3's
         # local and global bases); SmolLM3's NoPE layers get a one-row table of cos 1, sin 0,
@@ -335,7 +335,15 @@ class Generator:
         # (and Qwen2-MoE's shared experts': captured like the others)
         self.shared_activations = [gate_activation(layer.mlp.shared_expert) if hasattr(layer.mlp, "shared_expert")
                                    else None for layer in self.model.model.layers]
-        key = (*(p.data_ptr() for p in self.model.parameters()), *self.activations, *self.shared_activations)
+        # (and Gemma 2's attention score caps, read from the modules as HF's forward reads them)
+        self.softcaps = [getattr(layer.self_attn, "attn_logit_softcapping", None) for layer in self.model.model.layers]
+        too_big = [c for c in self.softcaps if c is not None and c > ops.decode.MAX_16BIT_SOFTCAP]
+        if too_big and self.dtype != torch.float32:
+            raise ValueError(f"the model's attn_logit_softcapping={too_big[0]} is above what the decode kernel takes "
+                             f"with {self.dtype} ({ops.decode.MAX_16BIT_SOFTCAP:g}); fastllama.patch(model) and HF's "
+                             f"generate run it")
+        key = (*(p.data_ptr() for p in self.model.parameters()), *self.activations, *self.shared_activations,
+               *self.softcaps)
         if key != self._weights_key:
             for st in self._states.values():
                 st.graph = None
@@ -396,8 +404,8 @@ class Generator:
             o = self._attend(i, q, k, v, slots, lengths, last, rings, scratch)
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
             if hasattr(layer, "post_feedforward_layernorm"):
-                # Gemma 3, OLMo: each branch normed before it joins the stream; the MLP's input is
-                # normed (Gemma 3's pre_feedforward_layernorm) or not (OLMo)
+                # Gemma 2/3, OLMo: each branch normed before it joins the stream; the MLP's input
+                # is normed (Gemma's pre_feedforward_layernorm) or not (OLMo)
                 o, mlp_norm = self._norm(o, layer.post_attention_layernorm), getattr(
                     layer, "pre_feedforward_layernorm", None)
             else:  # s = x + o; h = post_attention_norm(s)
@@ -434,6 +442,7 @@ class Generator:
         kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]
         cos, sin = self.rotary[i]
         scale, window = getattr(self.model.model.layers[i].self_attn, "scaling", None), self.windows[i]
+        softcap = self.softcaps[i]
         ring = self.cache_lengths[i] if self.cache_lengths[i] < self.max_seq_len else None
         if ring is not None and T == 1:
             # A decode step on a ring of W slots: position p = slots[b] goes to slot p mod W, and
@@ -443,7 +452,8 @@ class Generator:
                 rings[ring] = (slots % ring, torch.clamp(slots + 1, max=ring))
             ring_slots, ring_lengths = rings[ring]
             q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, ring_slots, positions=slots)
-            return ops.decode_attention(q, kc, vc, ring_lengths, scale=scale, num_splits=self.num_splits)
+            return ops.decode_attention(q, kc, vc, ring_lengths, scale=scale, num_splits=self.num_splits,
+                                        softcap=softcap)
         if ring is not None:  # a prefill on a ring: the whole prompt to a scratch cache, attended there
             if not scratch:
                 scratch.extend(torch.empty(B, self.n_kv_heads, T, self.head_dim, dtype=self.dtype,
@@ -451,9 +461,11 @@ class Generator:
             ring_k, ring_v, (kc, vc) = kc, vc, scratch
         q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots)
         if lengths is not None:
-            o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window)
+            o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window,
+                                     softcap=softcap)
         else:
-            o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale, window=window)
+            o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale, window=window,
+                                    softcap=softcap)
         if ring is not None:  # then each prompt's last W positions into the ring
             prompt_lengths = last + 1 if last is not None else torch.full_like(slots, T)
             _fill_ring(ring_k, kc, prompt_lengths)
@@ -785,7 +797,7 @@ def load_tokenizer(path):
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
-                            "gemma3_text", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+                            "gemma2", "gemma3_text", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:

@@ -2,15 +2,15 @@
 
 The generator computes a model from its weights, not by calling its modules: the reference
 ``Llama`` and transformers' Llama / Mistral / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 /
-Granite / Gemma / Gemma 3 / OLMo 2 / OLMo 3 causal LMs (and the mixtures of experts Mixtral /
+Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 causal LMs (and the mixtures of experts Mixtral /
 Qwen2-MoE / Qwen3-MoE / OLMoE, whose experts hold 3-D weights) share the attribute names it reads
 (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's
 attention adds ``q_norm``/``k_norm``,
 SmolLM3's ``use_rope`` (False: no rotary), Phi-3 merges q/k/v into ``qkv_proj`` and gate/up
 into ``gate_up_proj``; Granite adds scalar multipliers, read from its config; Gemma's norms
-scale by 1 + w; Gemma 3 adds a
-norm after each branch and rotary tables per layer type; OLMo 2/3 norm after each branch only,
-and their q/k norms span all heads). Here:
+scale by 1 + w; Gemma 2 adds a norm after each branch and caps its attention scores
+(``attn_logit_softcapping``); Gemma 3 has those norms and rotary tables per layer type; OLMo 2/3
+norm after each branch only, and their q/k norms span all heads). Here:
 which models that computes exactly (:func:`check_model`, :func:`module_problem`), their
 rotary tables and default stop tokens, and :class:`RowBlocks`, the one-GEMM layout of the
 projections that read the same input.
@@ -109,7 +109,8 @@ class RowBlocks:
 # (same attribute names: model.layers[i].self_attn.q_proj, mlp.gate_proj, input_layernorm ...).
 _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
-                  "GemmaForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
+                  "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
+                  "Olmo3ForCausalLM",
                   # mixtures of experts
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
 
@@ -144,9 +145,9 @@ def rope_tables(model, max_seq_len: int, dtype, device, layer_type: str | None =
 def check_model(model) -> None:
     """The reference Llama, or one of the HF causal LMs of ``_HF_CAUSAL_LMS``, that the decode
     step computes exactly: a rotary table fixed in advance (not "dynamic"/"longrope" scaling;
-    partial rotary where the family's attention does it: Phi-3), causal attention without
-    score soft-capping. (The MLP's activation, SiLU or GELU-tanh, is read from the modules:
-    :func:`module_problem`.)"""
+    partial rotary where the family's attention does it: Phi-3), causal attention (its scores
+    soft-capped or not: Gemma 2). (The MLP's activation, SiLU or GELU-tanh, is read from the
+    modules: :func:`module_problem`.)"""
     if isinstance(model, Llama):
         return
     cls = type(model)
@@ -158,10 +159,6 @@ def check_model(model) -> None:
     for kind in rope_type.values() if isinstance(rope_type, dict) else (rope_type,):  # (Gemma 3: per layer type)
         if kind in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
             raise ValueError(f"{cls.__name__} uses rope_type={kind!r}; the generator precomputes its rotary tables")
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        raise ValueError(f"{cls.__name__} has attn_logit_softcapping={cfg.attn_logit_softcapping}; fastllama's "
-                         f"decode kernel has no score soft-capping yet (fastllama.patch(model) and HF's generate "
-                         f"run this model with it)")
     if not all(getattr(layer.self_attn, "is_causal", True) for layer in model.model.layers):
         raise ValueError(f"{cls.__name__} has bidirectional attention (use_bidirectional_attention); the generator "
                          f"decodes causally")

@@ -11,6 +11,8 @@ A sliding window of ``window_left`` keys (Mistral's, Gemma's local layers) narro
 to ``q_pos - window_left .. q_pos``; the key blocks before the first row's bound are never read,
 so a windowed layer reads at most ``window_left + Tq`` keys however long the cache is. The window
 is a compile-time variant (``WINDOW``), so the kernels of full-attention layers are unchanged by it.
+Soft-capped scores (Gemma 2's ``attn_logit_softcapping``, s = cap * tanh(s / cap) before the
+mask) are one too (``SOFTCAP``).
 
 Why a separate kernel from flash attention. With Tq = 1 a flash-attention program owns one
 query row of one head, so every query head re-reads its KV head, and a batch of 1 launches only
@@ -39,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cross_entropy import _tanh as tanh
+
 __all__ = ["decode_attention_forward", "decode_split_kernel", "decode_combine_kernel", "MAX_SPLITS",
            "strides_aligned", "block_m", "padded_head_dim"]
 
@@ -56,14 +60,35 @@ SPLIT_UNSPECIALISED = ["use_leftpad", "window_left", "stride_lb", "stride_lh", "
 
 
 @triton.jit
+def _capped_scores(qk, cap_scale, cap_log2, EXACT: tl.constexpr):
+    """cap * tanh(qk * scale / cap) * log2(e), given ``cap_scale`` = scale / cap and ``cap_log2``
+    = cap * log2(e).
+
+    16-bit inputs: tanh(x) = 1 - 2 / (2^(2x log2 e) + 1), one exp2 and a division, no branch
+    (2^... = inf or 0 gives +-cap exactly). Its absolute error, about 1e-7 of the cap, is far
+    below what 16-bit q and k already put into a score (ops.decode_attention refuses caps above
+    1e4, where it would not be); it does not keep tanh's relative accuracy near 0, which is what
+    flash attention's tanh pays for with a series computed beside the exponential for every
+    score: those extra live values made 53 decode builds spill 8-72 bytes.
+    fp32 inputs (EXACT), whose scores carry 1e-7 of their own size, take that tanh.
+    """
+    if EXACT:
+        return tanh(qk * cap_scale) * cap_log2
+    return cap_log2 - (2.0 * cap_log2) / (tl.math.exp2(qk * (cap_scale * 2.8853900817779268)) + 1.0)
+
+
+@triton.jit
 def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen, q_pos, window,
-                   offs_n, offs_d, qk_scale,
+                   offs_n, offs_d, qk_scale, cap_log2,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                   ROW_WINDOWS: tl.constexpr):
+                   ROW_WINDOWS: tl.constexpr, SOFTCAP: tl.constexpr):
     """Online softmax over the key blocks [lo, hi), in the log2 domain:
 
         s = q k^T * scale * log2(e);  m' = max(m, rowmax s);  p = 2^(s - m')
         l' = l * 2^(m - m') + rowsum p;  acc' = acc * 2^(m - m') + p v
+
+    With SOFTCAP the scores are capped first, s = cap * tanh(q k^T * scale / cap) * log2(e)
+    (``qk_scale`` is then scale / cap, ``cap_log2`` cap * log2(e)); see :func:`_capped_scores`.
 
     Every block checks the causal bound ``key <= q_pos`` (with ROW_WINDOWS also the window's,
     ``q_pos - window <= key``) and the cache end ``key < seqlen``; the slots past ``seqlen`` may
@@ -86,7 +111,8 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, h
         in_cache = (keys[:, None] < seqlen) & d_ok
         k = tl.load(k_ptrs, mask=in_cache, other=0.0)
         v = tl.load(v_ptrs, mask=in_cache, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = _capped_scores(s, qk_scale, cap_log2, q.dtype == tl.float32) if SOFTCAP else s * qk_scale
         if ROW_WINDOWS:
             # q_pos - window <= key <= q_pos as one unsigned compare: a key after q_pos (or a
             # row before the first key, q_pos < 0) wraps to a distance above any window
@@ -110,7 +136,7 @@ def _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, h
 @triton.jit(do_not_specialize=SPLIT_UNSPECIALISED, do_not_specialize_on_alignment=["q_len"])
 def decode_split_kernel(
     Q, K, V, SEQLENS, LEFTPAD, O, LSE,
-    sm_scale, use_leftpad, window_left,
+    sm_scale, softcap, use_leftpad, window_left,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -118,7 +144,7 @@ def decode_split_kernel(
     stride_lb, stride_lh, stride_lt,
     q_len, group, max_len, m_tiles,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program: BLOCK_M (query head, query row) pairs of one KV head, one chunk of keys.
 
@@ -135,6 +161,7 @@ def decode_split_kernel(
     head (Tq = 1): the chunks' start bound alone applies it, as every row sits at the same
     slot; 2 a window over several rows: each score is masked per row too. (A per-score mask
     in every variant cost one more live register, and 15 builds spilled 8-32 bytes.)
+    SOFTCAP: scores capped at ``softcap`` (> 0; unread without it), before the mask.
     """
     b = tl.program_id(0)
     hk = tl.program_id(1) // m_tiles
@@ -172,12 +199,16 @@ def decode_split_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     qk_scale = sm_scale * 1.4426950408889634
+    cap_log2 = 0.0
+    if SOFTCAP:
+        qk_scale = sm_scale / softcap
+        cap_log2 = softcap * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, lo, hi, seqlen,
-                                   q_pos, window_left.to(tl.uint32), offs_n, offs_d, qk_scale, HEAD_DIM, BLOCK_N,
-                                   PRECISION, WINDOW == 2)
+                                   q_pos, window_left.to(tl.uint32), offs_n, offs_d, qk_scale, cap_log2, HEAD_DIM,
+                                   BLOCK_N, PRECISION, WINDOW == 2, SOFTCAP)
 
     # A row with no visible key in this chunk (or at all) has l = 0: output 0, lse = -inf.
     empty = m_i == float("-inf")
@@ -251,7 +282,7 @@ def block_m(group: int, q_len: int, max_rows: int = 64) -> int:
 
 
 def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=None, *, scale: float,
-                             num_splits: int, window_left: int = -1,
+                             num_splits: int, window_left: int = -1, softcap: float = 0.0,
                              block_n: int, max_block_m: int = 64, num_warps: int = 4,
                              num_stages: int = 2,
                              precision: str = "ieee", combine_rows: int = 1):
@@ -260,6 +291,7 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
     ``cache_leftpad`` (B,) int32 or None: sequence b's keys are slots [leftpad_b, L_b).
     ``window_left``: query slot p sees keys p - window_left .. p; -1 (default) unlimited (a
     window of the cache length or more is too, and launches the kernel without one).
+    ``softcap`` > 0 caps the scores at it (``cap * tanh(s / cap)``); 0 (default): no cap.
 
     ``num_splits`` (1 .. MAX_SPLITS) fixes the grid; 1 runs the single-pass kernel only.
     ``block_n`` keys per block, ``max_block_m`` rows per tile at most; ``precision`` is tl.dot's
@@ -283,7 +315,8 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
         window_left = -1
     window = 0 if window_left < 0 else (1 if Tq == 1 else 2)
     meta["WINDOW"] = window
-    common = (scale, int(cache_leftpad is not None), max(window_left, 0), *strides)
+    meta["SOFTCAP"] = softcap > 0
+    common = (scale, float(softcap), int(cache_leftpad is not None), max(window_left, 0), *strides)
     with torch.cuda.device_of(q):  # Triton launches on the current device
         if num_splits == 1:
             decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, out, out, *common,

@@ -298,12 +298,13 @@ def test_equal_prefixes_with_grad_read_only_the_prefix():
 
 
 def test_softcap_reaches_every_path(monkeypatch):
-    """Soft-capped scores (Gemma 2) on each of attend's paths: no mask, a static cache's prefix
-    (which the uncapped decode kernel must not serve, with or without autograd), padded rows
-    (varlen), packed sequences, and the PyTorch fallbacks (a float mask; dropout) and
-    attend_with_weights. The cap binds (scores of std 8 capped at 2)."""
-    decode = []
-    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: decode.append(1))
+    """Soft-capped scores (Gemma 2) on each of attend's paths: no mask (flash attention with
+    autograd, the decode kernel for a step without), a static cache's prefix (the decode
+    kernel), padded rows (varlen), packed sequences, and the PyTorch fallbacks (a float mask;
+    dropout) and attend_with_weights. The cap binds (scores of std 8 capped at 2)."""
+    decode, decode_attention = [], ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: decode.append(kw["softcap"]) or decode_attention(
+        *a, **kw))
     cap = 2.0
     q, k, v = (t * s for t, s in zip(qkv(Tq=9, Tk=9), (8 ** 0.5, 8 ** 0.5, 1)))
     causal = padded_causal([9, 9], 9, 9)
@@ -315,7 +316,7 @@ def test_softcap_reaches_every_path(monkeypatch):
         static = torch.stack([padded_causal([n], 1, 12, end=n, left=False)[0] for n in (5, 9)])
         kk, vv = (torch.cat([t, t[:, :, :3]], 2) for t in (k, v))
         check(attend(q[:, :, :1], kk, vv, static, softcap=cap), q[:, :, :1], kk, vv, static, cap)
-    assert not decode
+    assert decode == [cap, cap]
     padded = padded_causal([9, 4], 9, 9)
     check(attend(q, k, v, padded, softcap=cap), q, k, v, padded, cap)
     segments = torch.zeros(2, 9, dtype=torch.long)
@@ -330,5 +331,13 @@ def test_softcap_reaches_every_path(monkeypatch):
     check(attend(q, k, v, padded, dropout=1e-12, softcap=cap), q, k, v, padded, cap)
     out, probs = attention.attend_with_weights(q, k, v, padded, softcap=cap)
     check(out, q, k, v, padded, cap)
+    # a 16-bit step whose cap the decode kernel refuses (above ops.decode.MAX_16BIT_SOFTCAP):
+    # flash attention instead
+    decode.clear()
+    q16, k16, v16 = (t.half() for t in (q[:, :, -1:], k, v))
+    with torch.no_grad():
+        out = attend(q16, k16, v16, None, softcap=2e4)
+    assert not decode
+    torch.testing.assert_close(out.double(), truth(q16, k16, v16, causal[:, :, -1:], 2e4), rtol=0, atol=2e-3)
     assert set(FALLBACKS) == {"non-boolean mask", "attention dropout > 0",
                               "output_attentions (attention probabilities requested)"}

@@ -475,9 +475,10 @@ def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
 @pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs decode attention (single pass and split + combine, with and without a sliding
-    window) and the rotary + cache append at decode and chunked-prefill shapes: Llama-family
-    head dims and GQA groups (MHA to 64), 1-16 new tokens, a few cache sizes and batches, HF's layouts (q a transposed projection, a
-    contiguous static cache), and requires every launched build to be a build config for the
+    window, with and without capped scores) and the rotary + cache append at decode and
+    chunked-prefill shapes: Llama-family head dims and GQA groups (MHA to 64), 1-16 new tokens,
+    a few cache sizes and batches, HF's layouts (q a transposed projection, a contiguous static
+    cache), and requires every launched build to be a build config for the
     device's arch (the fp32 tiles of 99 KB GPUs differ). Before the decode kernels left their
     lengths unspecialised, 1838 of 1842 such launches compiled a variant (a length of 16, 4096 or
     1, a split count) that the report never built."""
@@ -501,11 +502,12 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
             op.rotary_cache_append(q, k, k, k_cache, v_cache, table, table, seqlens)
             op.rotary_cache_append(q, k, k, k_cache, v_cache, table, table, seqlens, positions=seqlens)
             op.rotary_cache_append(q, k, k, k_cache, v_cache, per_token, per_token, seqlens)
-            op.decode_attention(q, k_cache, v_cache, seqlens)
-            op.decode_attention(q, k_cache, v_cache, seqlens, num_splits=1)
-            if b == 1:  # a sliding window (Mistral's, Gemma 3's local layers): variants of their own
-                op.decode_attention(q, k_cache, v_cache, seqlens, window=(511, 0))
-                op.decode_attention(q, k_cache, v_cache, seqlens, num_splits=1, window=(511, 0))
+            for cap in (None, 50.0):  # Gemma 2's capped scores: variants of their own
+                op.decode_attention(q, k_cache, v_cache, seqlens, softcap=cap)
+                op.decode_attention(q, k_cache, v_cache, seqlens, num_splits=1, softcap=cap)
+                if b == 1:  # a sliding window (Mistral's, Gemma 2/3's local layers): variants too
+                    op.decode_attention(q, k_cache, v_cache, seqlens, window=(511, 0), softcap=cap)
+                    op.decode_attention(q, k_cache, v_cache, seqlens, num_splits=1, window=(511, 0), softcap=cap)
             if (hq, hk, d) == (32, 8, 128):  # partial rotary as Phi-4-mini's (96 of 128 dims): its own builds
                 partial_table = torch.empty(tmax, 96, dtype=dtype)
                 op.rotary_cache_append(q, k, k, k_cache, v_cache, partial_table, partial_table, seqlens)

@@ -130,6 +130,43 @@ def test_decode_attention_validation():
                                                                                 device=DEVICE))
 
 
+@pytest.mark.parametrize("softcap, error", [(0.0, ValueError), (-30.0, ValueError), (float("inf"), ValueError),
+                                            (float("nan"), ValueError), (1e39, ValueError), (1e-300, ValueError),
+                                            ("50", TypeError), (True, TypeError)])
+def test_softcap_bad_values(softcap, error):
+    q, k, v, lens = _setup()
+    with pytest.raises(error, match="softcap must be"):
+        ops.decode_attention(q, k, v, lens, softcap=softcap)
+
+
+def test_softcap_16bit_limit_and_extremes():
+    """fp16/bf16 take caps up to MAX_16BIT_SOFTCAP (the kernel's capped scores are exact to about
+    1e-7 of the cap), fp32 any; scores 1e4 times past the cap give exactly +-cap (no overflow,
+    no NaN), an empty sequence zeros. The capped split and single-pass results agree."""
+    q, k, v, lens = _setup(dtype=torch.float16, lens=(0, 77, 300))
+    with pytest.raises(ValueError, match="softcap=20000.0 with torch.float16 inputs; accepted: at most 10000"):
+        ops.decode_attention(q, k, v, lens, softcap=2e4)
+    ops.decode_attention(q, k, v, lens, softcap=1e4)
+    q, k, v, lens = _setup(lens=(0, 77, 300))
+    ops.decode_attention(q, k, v, lens, softcap=1e30)
+    # scores q.k * scale = +-(0.5 .. 1.5) * 1e4 / 8, exact products: every one capped to +-2 exactly
+    q = torch.zeros_like(q)
+    q[..., 0] = 1e4
+    k[..., 0] = torch.where(torch.rand_like(k[..., 0]) < 0.5, -1.0, 1.0) * (0.5 + torch.rand_like(k[..., 0]))
+    out = ops.decode_attention(q, k, v, lens, softcap=2.0, num_splits=3)
+    torch.testing.assert_close(out.double(), ref.decode_attention(q.double(), k.double(), v.double(), lens,
+                                                                  softcap=2.0), rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out, ops.decode_attention(q, k, v, lens, softcap=2.0, num_splits=1), rtol=1e-6,
+                               atol=1e-6)
+    # fp16's capped scores (2^(+-huge) = inf or 0 in the kernel's tanh): +-2 too; what differs is
+    # the rounding of the probabilities and the output to fp16 (2^-11 relative)
+    out = ops.decode_attention(q.half(), k.half(), v.half(), lens, softcap=2.0, num_splits=3)
+    torch.testing.assert_close(out.double(), ref.decode_attention(q.half().double(), k.half().double(),
+                                                                  v.half().double(), lens, softcap=2.0),
+                               rtol=0, atol=2e-3)
+
+
 def _rotary_setup(B=2, T=3, Hq=4, Hk=2, D=32, Tmax=12):
     q = torch.randn(B, T, Hq, D, device=DEVICE).transpose(1, 2)
     k = torch.randn(B, T, Hk, D, device=DEVICE).transpose(1, 2)
@@ -176,13 +213,15 @@ def test_rotary_cache_append_in_place_and_validation():
 
 
 def test_compile_fullgraph_matches_eager():
-    """One decode step (append + attend) compiles as two custom ops, no graph break."""
+    """One decode step (append + attend, and attend with capped scores) compiles as custom ops,
+    no graph break."""
     q, k, v, kc, vc, cos, sin = _rotary_setup(T=1, Tmax=40)
     lens = torch.tensor([7, 30], dtype=torch.int32, device=DEVICE)
 
     def step(q, k, v, kc, vc, lens):
         q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens)
-        return ops.decode_attention(q, kc, vc, lens + 1, num_splits=2)
+        return ops.decode_attention(q, kc, vc, lens + 1, num_splits=2), ops.decode_attention(q, kc, vc, lens + 1,
+                                                                                             softcap=1.5)
 
     kc2, vc2 = kc.clone(), vc.clone()
     eager = step(q, k, v, kc, vc, lens)

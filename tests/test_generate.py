@@ -192,9 +192,9 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     assert "no decode step" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma", "Gemma3", "Olmo3"])
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma", "Gemma2", "Gemma3", "Olmo3"])
 def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
-    """model_type "qwen3" / "phi3" / "granite" / "gemma" / "gemma3_text" / "olmo3" (transformers'
+    """model_type "qwen3" / "phi3" / "granite" / "gemma" / "gemma2" / "gemma3_text" / "olmo3" (transformers'
     save_pretrained, the fixture's tokenizer): the CLI loads it with transformers and streams the
     text of HF's own greedy generate."""
     import transformers
@@ -640,6 +640,11 @@ def _hf_model(arch):
         # final logit soft-capping (at a cap the tiny logits reach)
         # Gemma (1): Gemma's norms, GeGLU and embedding scale in Llama's layer
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(head_dim=16, pad_token_id=0)),
+        # Gemma 2: Gemma 3's layer without q/k norms, its attention scores soft-capped (0.1 binds on
+        # these scores; checked in test_gemma2_score_softcapping_binds_and_is_computed) and a window
+        "gemma2-window-softcap": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
+            head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24, attn_logit_softcapping=0.1, final_logit_softcapping=0.5)),
         "gemma3-window-softcap": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
             head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=24, final_logit_softcapping=0.5)),
@@ -671,7 +676,8 @@ def _hf_model(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers", "smollm3-nope",
-                                  "ministral-layer-window", "gemma", "gemma3-window-softcap", "olmo2", "olmo3-window",
+                                  "ministral-layer-window", "gemma", "gemma2-window-softcap", "gemma3-window-softcap",
+                                  "olmo2", "olmo3-window",
                                   "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
@@ -768,11 +774,45 @@ def test_moe_experts_the_generator_cannot_read_are_refused(monkeypatch):
     assert gen.generate([[3, 4]], 2) == Generator(model, 1, 16).generate([[3, 4]], 2)
 
 
-def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_activations_followed():
-    """What the kernels do not compute is refused (attention score soft-capping, Gemma 2's;
-    bidirectional attention; a layer type's rotary table narrower than the head); an MLP
-    activation swapped between GELU-tanh and SiLU after the generator was built is what the next
-    call computes."""
+def test_gemma2_score_softcapping_binds_and_is_computed(monkeypatch):
+    """Gemma 2's attention score cap (0.1 here) changes the logits, and the generator computes
+    them capped, in prefill (flash attention, and the decode kernel for a prompt of up to 16
+    tokens) and in decode steps (the windowed layer's ring of 6 slots too); a cap changed on the
+    modules after the generator was built is the one the next call uses, as in HF's forward:
+    the captured decode step (stand-in graphs) is captured again. A cap the 16-bit decode
+    kernel does not take is refused."""
+    model = _hf_model("gemma2-window-softcap")
+    ids = torch.tensor([list(range(10, 34))], device=DEVICE)
+    gen, slots = Generator(model, 1, 32), torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        for cap in (0.1, None, 0.3):
+            for layer in model.model.layers:
+                layer.self_attn.attn_logit_softcapping = cap
+            gen._bind_weights()  # (what each generate call does first)
+            for n in (9, 21, 22, 23, 24):  # the decode kernel, flash attention, decode steps
+                expected = model(ids[:, :n]).logits[0, -1]
+                tokens, at = (ids[:, :n], slots) if n < 22 else (ids[:, n - 1:n], slots + n - 1)
+                torch.testing.assert_close(gen._forward(tokens, at, None)[0], expected, rtol=1e-4, atol=1e-4)
+            if cap is None:
+                assert (expected - capped).abs().max() > 1e-3  # the cap binds
+            capped = expected
+    fake = _FakeCudaGraphs(monkeypatch)
+    gen.cuda_graph = True
+    gen.generate([[5, 6, 7]], 4, stop_tokens=[])
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = 0.1
+    tokens = gen.generate([[5, 6, 7]], 4, stop_tokens=[])
+    assert fake.captures == 2 and tokens == Generator(model, 1, 32).generate([[5, 6, 7]], 4, stop_tokens=[])
+    model.model.layers[1].self_attn.attn_logit_softcapping = 2e4
+    model.half()
+    with pytest.raises(ValueError, match="attn_logit_softcapping=20000.0 is above"):
+        Generator(model, 1, 32)
+
+
+def test_gemma3_bidirectional_attention_is_refused_and_activations_followed():
+    """What the kernels do not compute is refused (bidirectional attention; a layer type's
+    rotary table narrower than the head); an MLP activation swapped between GELU-tanh and SiLU
+    after the generator was built is what the next call computes."""
     model = _hf_model("gemma3-window-softcap")
     gen = Generator(model, 1, 24)
     for layer in model.model.layers:
@@ -785,10 +825,6 @@ def test_gemma3_score_softcapping_and_bidirectional_attention_are_refused_and_ac
     fastllama.patch(model)  # fastllama's own forwards (Gemma's norms too) are no replacement
     gen.generate([[5, 6, 7]], 2)
     fastllama.unpatch(model)
-    model.config.attn_logit_softcapping = 50.0
-    with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
-        Generator(model, 1, 24)
-    model.config.attn_logit_softcapping = None
     model.model.layers[1].self_attn.is_causal = False
     with pytest.raises(ValueError, match="bidirectional attention"):
         Generator(model, 1, 24)

@@ -493,7 +493,7 @@ def test_gemma2_score_softcapping_runs_on_the_kernels_as_hf_computes_it():
     the cap binds (0.05 on scores of about 0.5: without it the logits move), and against HF's
     eager attention (fp32) the logits, the loss and every gradient match, for a batch with
     left padding (varlen flash attention) too, as do the probabilities output_attentions asks
-    for and greedy generation (whose single-token steps skip the uncapped decode kernel)."""
+    for and greedy generation (whose single-token steps run the decode kernel, capped too)."""
     kw = dict(ARCHS["gemma2-score-cap"][2], attn_logit_softcapping=0.05)
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(Gemma2Config(**kw, attn_implementation="eager"))
@@ -546,7 +546,12 @@ def test_gemma2_score_softcapping_runs_on_the_kernels_as_hf_computes_it():
     model.eval()
     prompt = ids(batch=1, seq=7)
     generated = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(model.generate(prompt, **generated), fastllama.unpatch(model).generate(prompt, **generated))
+    decode, real = [], fastllama.ops.decode_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastllama.ops, "decode_attention", lambda *a, **k: decode.append(k.get("softcap")) or real(*a, **k))
+        tokens = model.generate(prompt, **generated)
+    assert decode and set(decode) == {0.05}
+    assert torch.equal(tokens, fastllama.unpatch(model).generate(prompt, **generated))
 
 
 def test_olmo_norms_round_once_and_q_k_norms_span_all_heads(monkeypatch):

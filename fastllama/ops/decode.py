@@ -22,7 +22,7 @@ from ..kernels import rotary_cache as _rk
 from ..kernels.flash_attention import table_arch
 from ..optable import KernelBuild, OpCase, OpSpec, by_arch
 from ..reference import functional as _ref
-from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_tensor,
+from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_softcap, check_tensor,
                       check_window_form, check_write_targets, num_sms, tile_rows_fit_int32)
 
 __all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "MAX_SPLITS", "MAX_QUERY_LEN",
@@ -31,6 +31,11 @@ __all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "MAX
 MAX_SPLITS = _dk.MAX_SPLITS
 MAX_QUERY_LEN = 16  # decode / speculative verification sizes; longer chunks belong to flash_attention
 MAX_HEAD_DIM = 256
+# The largest softcap taken with 16-bit inputs: the kernel's capped scores carry an absolute
+# error of about 1e-7 of the cap (see kernels/decode_attention.py, _capped_scores), which above
+# this would pass the error 16-bit q and k put into a score (measured: 1.4x PyTorch's fp16 error
+# at a cap of 1e4 on scores of 0.1, 14x at 1e5).
+MAX_16BIT_SOFTCAP = 1e4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +47,7 @@ def _stages(elem_bytes: int) -> int:
 
 
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True,
-                sm: int = 80, split: bool = True, window: bool = False) -> tuple[int, int, int]:
+                sm: int = 80, split: bool = True, window: bool = False, softcap: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) on a GPU, sized from sm_80/86/90/100/120 compiles (ptxas
     registers, with the 16-divisible strides an aligned launch gets specialised on): 16-bit
     inputs take up to 64 rows and 64 keys (32 at D = 256), 8 warps from 4K-element tiles on, at
@@ -68,11 +73,22 @@ def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bo
     sm_80/100). There 16-bit tiles take half the keys (108-120 registers) and fp32 tiles up to
     D = 128 4 warps (80-96), except on 99 KB GPUs (sm_86/120), where 4 warps spilled the
     single-pass D = 128 tile and 8 do not (58-64 registers). One-token windows need no mask (the
-    chunk bound applies them) and keep their tiles."""
+    chunk bound applies them) and keep their tiles.
+
+    (The kernel's ``softcap`` argument, unread without a cap, moved ptxas's registers enough that
+    sm_120's single-pass 64 x 32 window tile at D = 80/96 spilled 16 bytes; that tile (D = 80-128)
+    takes 4 warps there: 238 registers.)
+
+    ``softcap``: capped scores (Gemma 2), whose tanh keeps about one more value per score live:
+    the same tiles, but for those of :data:`_SOFTCAP_FLIP_WARPS`."""
+    if softcap:
+        bm, bn, warps = _gpu_config(group, q_len, d_pad, elem_bytes, aligned, sm, split, window)
+        key = (sm, q_len == 1, split, window and q_len > 1, elem_bytes, d_pad, bm, bn)
+        return bm, bn, 12 - warps if aligned and key in _SOFTCAP_FLIP_WARPS else warps
     if window and q_len > 1 and aligned:
         bm, bn, warps = _gpu_config(group, q_len, d_pad, elem_bytes, aligned, sm, split)
         if elem_bytes < 4:
-            return bm, max(16, bn // 2), warps
+            return bm, max(16, bn // 2), 4 if (sm, split, bm, d_pad) == (120, False, 64, 128) else warps
         return bm, bn, 4 if d_pad <= 128 and sm not in (86, 120) else warps
     if not aligned:
         big = d_pad * elem_bytes >= 512 and not (sm in (86, 100, 120) and elem_bytes >= 4 and d_pad == 256)
@@ -92,6 +108,27 @@ def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bo
         big = False
     return bm, min(64, 16384 // (d_pad * 2)), 8 if big else 4
 
+
+# The capped tiles that differ from the uncapped ones. On the uncapped tiles, 51 of the 1700
+# capped builds spilled 8-24 bytes (ptxas holding them at its 64 to 168 register steps, the tanh
+# keeping about one more value per score live); every one compiled without spills with the other
+# warp count (8 <-> 4), while halving their keys instead spilled 32 builds that had not. Keys, of
+# aligned launches: (sm, one-token step, split, windowed rows, input bytes, D_PAD, BLOCK_M, BLOCK_N).
+_SOFTCAP_FLIP_WARPS = frozenset({
+    (86, False, False, False, 2, 128, 32, 64),  # 8 bytes at D 80/96 (128 registers)
+    (86, True, False, False, 4, 256, 16, 16),  # 16 bytes (80 registers)
+    (86, True, True, False, 2, 128, 64, 64),  # 8 bytes (128 registers)
+    (86, True, True, False, 4, 256, 16, 16),  # 16 bytes (64 registers)
+    (90, False, False, False, 4, 64, 16, 32),  # 8 bytes (64 registers)
+    (90, False, False, True, 2, 256, 32, 16),  # 8 bytes (128 registers)
+    (90, False, True, False, 2, 128, 32, 64),  # 8 bytes (128 registers)
+    (100, False, False, True, 2, 64, 32, 32),  # 8 bytes (96 registers, 4 warps)
+    (100, False, True, False, 4, 64, 16, 32),  # 8 bytes (80 registers)
+    (100, True, False, False, 2, 256, 32, 32),  # 16 bytes (128 registers)
+    (100, True, True, False, 2, 128, 32, 64),  # 8 bytes (168 registers, 4 warps)
+    (120, False, True, False, 2, 128, 32, 64),  # 24 bytes (128 registers)
+    (120, False, True, False, 4, 64, 16, 32),  # 8 bytes (64 registers)
+})
 
 # Under the interpreter every program and every loop step is a Python-level step: fewer, larger
 # ones (a key block of 128 still leaves several blocks at length 1000 for the split tests).
@@ -120,23 +157,24 @@ def default_num_splits(batch: int, kv_heads: int, m_tiles: int, max_len: int, de
 @torch.library.custom_op("fastllama::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                       cache_leftpad: Optional[torch.Tensor], scale: float, num_splits: int,
-                      window_left: int) -> torch.Tensor:
+                      window_left: int, softcap: float) -> torch.Tensor:
+    """``softcap`` 0 means no soft-capping."""
     if interpreter_active():
         return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
                                             num_splits=num_splits, window_left=window_left,
                                             block_n=_INTERPRETER_BLOCK_N,
-                                            combine_rows=_INTERPRETER_ROWS)
+                                            combine_rows=_INTERPRETER_ROWS, softcap=softcap)
     group = q.shape[1] // k_cache.shape[1]
     aligned = _dk.strides_aligned(q, k_cache, v_cache)
     bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(), aligned,
-                                table_arch(q.device), num_splits > 1, 0 <= window_left < k_cache.shape[2])
+                                table_arch(q.device), num_splits > 1, 0 <= window_left < k_cache.shape[2], softcap > 0)
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
                                         num_splits=num_splits, window_left=window_left, block_n=bn, max_block_m=bm,
-                                        num_warps=warps, num_stages=_stages(q.element_size()))
+                                        num_warps=warps, num_stages=_stages(q.element_size()), softcap=softcap)
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, window_left):
+def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, window_left, softcap):
     return torch.empty_like(q)
 
 
@@ -198,7 +236,7 @@ def _window_left(window) -> int:
     return min(left, 2**31 - 1)
 
 
-def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits) -> None:
+def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, softcap=None) -> None:
     check_tensor("q", q, ndim=4)
     B, Hq, Tq, D = q.shape
     if not 1 <= Tq <= MAX_QUERY_LEN:
@@ -230,6 +268,11 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    check_softcap(softcap)
+    if softcap is not None and q.element_size() < 4 and softcap > MAX_16BIT_SOFTCAP:
+        raise ValueError(f"softcap={softcap} with {q.dtype} inputs; accepted: at most {MAX_16BIT_SOFTCAP:g} (the "
+                         f"kernel's capped scores are exact to about 1e-7 of the cap, beyond 16-bit's own error "
+                         f"above that); use flash_attention, or fp32 inputs")
     _check_forward_only("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
 
 
@@ -288,7 +331,7 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      scale: float | None = None, num_splits: int | None = None,
                      cache_leftpad: torch.Tensor | None = None,
-                     window: tuple[int, int] | None = None) -> torch.Tensor:
+                     window: tuple[int, int] | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of a few new queries against a static KV cache (flash-decoding), forward only.
 
     Args:
@@ -312,6 +355,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             p sees keys ``p - left .. p`` only (HF's ``sliding_window=W`` is ``(W - 1, 0)``); the
             older slots are never read, so a windowed layer costs ``left + Tq`` keys at most.
             ``(-1, 0)`` or None (default): unlimited. The right bound must be 0 (causal).
+        softcap: soft-caps the scores to ``softcap * tanh(s / softcap)`` before the mask (Gemma
+            2's ``attn_logit_softcapping``, as in :func:`flash_attention`); None: off. With
+            fp16/bf16 inputs at most ``MAX_16BIT_SOFTCAP`` (1e4; Gemma 2's is 50).
 
     Returns:
         (B, Hq, Tq, D) like q (q's memory layout when q is dense): query t of sequence b, at slot
@@ -319,7 +365,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         causally to keys ``max(leftpad_b, p - left) .. p`` (``left``: the window's; unlimited
         without one); a query with no key (``L_b == 0`` or ``p < 0``) gives zeros.
     """
-    _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits)
+    _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, softcap)
     window_left = _window_left(window)
     # the kernel addresses q's rows as head * stride + token * stride in int32: a q that could
     # pass 2**31 elements that way runs from a copy (a few tokens: cheap)
@@ -333,7 +379,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         m_tiles = triton.cdiv(group * q.shape[2], bm)
         keys = k_cache.shape[2] if window_left < 0 else min(k_cache.shape[2], window_left + q.shape[2])
         num_splits = default_num_splits(q.shape[0], k_cache.shape[1], m_tiles, keys, q.device)
-    return _decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, window_left)
+    return _decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, window_left,
+                             float(softcap or 0.0))
 
 
 def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -384,6 +431,9 @@ def _decode_args(p: dict, dtype: torch.dtype, device: str):
         v[b, :, n:] = float("nan")
     lens = torch.tensor(p["lens"], device=device, dtype=torch.int32)
     kwargs = {"num_splits": p.get("splits")}
+    if p.get("softcap"):
+        kwargs["softcap"] = p["softcap"]
+        q = q * p.get("q_scale", 1.0)  # (3: scores of std 3, which a cap of 2 binds)
     if p.get("window"):  # slots older than every query's window hold NaN: they must never be read
         kwargs["window"] = p["window"]
         for b, n in enumerate(p["lens"]):
@@ -398,9 +448,9 @@ def _decode_args(p: dict, dtype: torch.dtype, device: str):
 
 
 def _decode_reference(q, k_cache, v_cache, cache_seqlens, num_splits=None, scale=None, cache_leftpad=None,
-                      window=None):
+                      window=None, softcap=None):
     return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, cache_leftpad=cache_leftpad,
-                                 window=window)
+                                 window=window, softcap=softcap)
 
 
 def _dcase(id_, cuda_only=False, **p):
@@ -425,6 +475,14 @@ _DECODE_CASES = (
            splits=1, window=(0, 0)),
     _dcase("B2-H4/1-Tq4-D80-len150,60-leftpad40,10-window100-default", B=2, Hq=4, Hk=1, Tq=4, D=80, lens=(150, 60),
            leftpad=(40, 10), Tmax=160, window=(100, 0)),
+    # soft-capped scores (Gemma 2): a cap that binds, one token and several, split and single pass,
+    # and Gemma 2's own cap (50) on plain scores
+    _dcase("B3-H8/4-Tq1-D256-len1,77,300-softcap2-s4", B=3, Hq=8, Hk=4, Tq=1, D=256, lens=(1, 77, 300), Tmax=320,
+           splits=4, softcap=2.0, q_scale=3.0),
+    _dcase("B2-H4/2-Tq3-D128-len9,200-window50-softcap2-s1", B=2, Hq=4, Hk=2, Tq=3, D=128, lens=(9, 200), Tmax=256,
+           splits=1, window=(50, 0), softcap=2.0, q_scale=3.0),
+    _dcase("B2-H8/8-Tq2-D96-len300,1-softcap50-s3", B=2, Hq=8, Hk=8, Tq=2, D=96, lens=(300, 1), Tmax=300, splits=3,
+           softcap=50.0),
     *(
         _dcase(f"B4-H32/8-Tq{tq}-D128-window{w}-s{s}", cuda_only=True, B=4, Hq=32, Hk=8, Tq=tq, D=128,
                lens=(1, 77, 1000, 4097), Tmax=4224, splits=s, window=(w, 0))
@@ -435,6 +493,12 @@ _DECODE_CASES = (
                lens=(1, 77, 1000, 4097), Tmax=4224, splits=s, cache_view=(s == 7),
                leftpad=(0, 13, 999, 200) if s == 32 else None)
         for g in (1, 4, 8) for tq in (1, 4, 16) for d in (64, 128) for s in (1, 7, 32, None)
+    ),
+    *(
+        _dcase(f"B4-H16/8-Tq{tq}-D{d}-softcap{cap:g}-s{s}", cuda_only=True, B=4, Hq=16, Hk=8, Tq=tq, D=d,
+               lens=(1, 77, 1000, 4097), Tmax=4224, splits=s, softcap=cap, q_scale=3.0 if cap == 2 else 1.0,
+               window=(4095, 0) if s == 32 else None)
+        for tq in (1, 4) for d in (128, 256) for s in (1, 32, None) for cap in (2.0, 50.0)
     ),
 )
 
@@ -495,7 +559,7 @@ def _split_signature(ptr: str, split: bool, st: str, lse_st: str, lengths: dict)
     ``lengths`` for q_len / group / max_len / m_tiles. The single pass passes 0 for the split
     stride (a multiple of 16 to Triton)."""
     return {"Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
-            "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
+            "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32", "softcap": "fp32",
             "use_leftpad": "i32", "window_left": "i32",
             **{f"stride_{n}{s}": st for n in "qkvo" for s in "bht"}, "stride_os": st if split else "i32:16",
             **{f"stride_l{s}": lse_st for s in "bht"}, **lengths}
@@ -525,7 +589,8 @@ def _decode_builds() -> list[KernelBuild]:
     16 x 16 tiles) x (single pass, split) x (no window, windowed rows: WINDOW 0 / 2); combine
     kernel: dtype x head dim x S_PAD. Plus the Tq = 1 decode-step variants ("tq1", see
     ``_ONE``): split kernel x tile (GQA groups up to 16, 17-32, 33-64) x (single pass, split) x
-    (no window, window bound: WINDOW 0 / 1) and combine x S_PAD, aligned.
+    (no window, window bound: WINDOW 0 / 1) and combine x S_PAD, aligned. Every split-kernel
+    build is repeated with soft-capped scores (``SOFTCAP``, Gemma 2's), on its capped tile.
 
     An aligned launch (:func:`~fastllama.kernels.decode_attention.strides_aligned`) has every
     q/k/v/output stride a multiple of 16, which Triton specialises on at launch: those builds
@@ -542,32 +607,33 @@ def _decode_builds() -> list[KernelBuild]:
                 # A general build serves Tq >= 2 (Tq = 1 launches the tq1 variant below): a tile
                 # of `rows` rows as rows / 2 heads x 2 query rows.
                 st = "i32:16" if aligned else "i32"
-                for split, window in itertools.product((False, True), (0, 2)):
+                for split, window, softcap in itertools.product((False, True), (0, 2), (False, True)):
                     for (bm, bn, warps), archs in by_arch(
                             lambda sm: _gpu_config(rows // 2, 2, d_pad, dtype.itemsize, aligned, sm, split,
-                                                   window > 0)):
+                                                   window > 0, softcap)):
                         builds.append(KernelBuild(
                             _dk.decode_split_kernel, _split_signature(ptr, split, st, "i32", general),
                             {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
-                             "PRECISION": "ieee", "WINDOW": window},
+                             "PRECISION": "ieee", "WINDOW": window, "SOFTCAP": softcap},
                             num_warps=warps, num_stages=_stages(dtype.itemsize), archs=archs,
                             label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
-                                  f"{'' if aligned else ' unaligned'}{' window' if window else ''}"))
+                                  f"{'' if aligned else ' unaligned'}{' window' if window else ''}"
+                                  f"{' softcap' if softcap else ''}"))
             # Tq = 1: the tile of a GQA group of up to 16 heads (MHA too) is 16 rows, as _gpu_config
             # picks; 16-bit groups of 17-32 and 33-64 heads take one tile of 32 and 64 rows, fp32
             # several 16-row tiles.
             groups = (16,) if dtype == torch.float32 else (16, 32, 64)
-            for group, split, window in itertools.product(groups, (False, True), (0, 1)):
+            for group, split, window, softcap in itertools.product(groups, (False, True), (0, 1), (False, True)):
                 lengths = {"q_len": "constexpr", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
                 for (bm, bn, warps), archs in by_arch(
-                        lambda sm: _gpu_config(group, 1, d_pad, dtype.itemsize, True, sm, split)):
+                        lambda sm: _gpu_config(group, 1, d_pad, dtype.itemsize, True, sm, split, softcap=softcap)):
                     builds.append(KernelBuild(
                         _dk.decode_split_kernel, _split_signature(ptr, split, "i32:16", "i32", lengths),
                         {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
-                         "PRECISION": "ieee", "WINDOW": window, **_ONE},
+                         "PRECISION": "ieee", "WINDOW": window, "SOFTCAP": softcap, **_ONE},
                         num_warps=warps, num_stages=_stages(dtype.itemsize), archs=archs,
                         label=f"decode_attention tq1 {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
-                              f"{' window' if window else ''}"))
+                              f"{' window' if window else ''}{' softcap' if softcap else ''}"))
             for s_pad, aligned in itertools.product(_S_PADS, (True, False)):
                 st = "i32:16" if aligned else "i32"  # the output's strides (q's layout)
                 builds.append(KernelBuild(

@@ -338,6 +338,7 @@ def decode_attention(
     scale: float | None = None,
     cache_leftpad: torch.Tensor | None = None,
     window: tuple[int, int] | None = None,
+    softcap: float | None = None,
 ):
     """:func:`attention` of new queries against a static cache, one sequence at a time.
 
@@ -346,7 +347,8 @@ def decode_attention(
     (default 0: flash-attn's left-padding convention). Causal with bottom-right alignment: query
     t sits at slot ``L - Tq + t``. A sequence without keys (or a query row before the first key)
     gives zeros. Slots outside ``[leftpad, L)`` are never read. ``window=(left, 0)``: the query
-    at slot p sees keys ``p - left .. p`` only (:func:`attention_mask`'s convention).
+    at slot p sees keys ``p - left .. p`` only (:func:`attention_mask`'s convention);
+    ``softcap`` as in :func:`attention`.
     """
     outs = []
     starts = [0] * q.shape[0] if cache_leftpad is None else cache_leftpad.tolist()
@@ -356,7 +358,7 @@ def decode_attention(
         if window is not None and window[0] >= 0:  # keys older than every query's window: not read
             s = max(s, n - q.shape[2] - window[0])
         outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :, s:n], v_cache[b:b + 1, :, s:n], causal=True,
-                              scale=scale, window=window))
+                              scale=scale, window=window, softcap=softcap))
     return torch.cat(outs) if outs else torch.zeros_like(q)
 
 
