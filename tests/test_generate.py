@@ -641,10 +641,12 @@ def _hf_model(arch):
         # Gemma (1): Gemma's norms, GeGLU and embedding scale in Llama's layer
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(head_dim=16, pad_token_id=0)),
         # Gemma 2: Gemma 3's layer without q/k norms, its attention scores soft-capped (0.1 binds on
-        # these scores; checked in test_gemma2_score_softcapping_binds_and_is_computed) and a window
+        # these scores; checked in test_gemma2_score_softcapping_binds_and_is_computed) and a window.
+        # Eager attention: transformers 5.17's sdpa path drops the cap (5.25 refuses sdpa for Gemma 2)
         "gemma2-window-softcap": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
             head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
-            query_pre_attn_scalar=24, attn_logit_softcapping=0.1, final_logit_softcapping=0.5)),
+            query_pre_attn_scalar=24, attn_logit_softcapping=0.1, final_logit_softcapping=0.5,
+            attn_implementation="eager")),
         "gemma3-window-softcap": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
             head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=24, final_logit_softcapping=0.5)),
