@@ -440,6 +440,13 @@ def sliding_window(attn) -> int | None:
     return None
 
 
+def score_softcap(attn) -> float | None:
+    """The soft-cap an HF attention module's own forward applies to its scores: Gemma 2's
+    ``attn_logit_softcapping``, None otherwise. (Gemma 3's attention stores the config's value
+    too but never applies it: a cap there would make the logits differ from HF's.)"""
+    return getattr(attn, "attn_logit_softcapping", None) if _family(attn) == "gemma2" else None
+
+
 def hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """``LlamaAttention.forward`` (and the other families') with fastllama's rotary kernel.
 
@@ -482,8 +489,8 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     window = sliding_window(self)
     if window is not None or hasattr(self, "sliding_window"):
         kwargs["sliding_window"] = window
-    if hasattr(self, "attn_logit_softcapping"):  # Gemma 2
-        kwargs["softcap"] = self.attn_logit_softcapping
+    if _family(self) == "gemma2":
+        kwargs["softcap"] = score_softcap(self)
     out, weights = attention_interface(
         self, q, k, v, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,

@@ -231,8 +231,9 @@ class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
     ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``MinistralForCausalLM`` / ``Qwen2ForCausalLM`` /
     ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM`` /
-    ``GemmaForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` / ``Olmo3ForCausalLM`` /
-    ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM``.
+    ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` /
+    ``Olmo3ForCausalLM`` / ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` /
+    ``OlmoeForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -336,7 +337,7 @@ class Generator:
         self.shared_activations = [gate_activation(layer.mlp.shared_expert) if hasattr(layer.mlp, "shared_expert")
                                    else None for layer in self.model.model.layers]
         # (and Gemma 2's attention score caps, read from the modules as HF's forward reads them)
-        self.softcaps = [getattr(layer.self_attn, "attn_logit_softcapping", None) for layer in self.model.model.layers]
+        self.softcaps = [forwards.score_softcap(layer.self_attn) for layer in self.model.model.layers]
         too_big = [c for c in self.softcaps if c is not None and c > ops.decode.MAX_16BIT_SOFTCAP]
         if too_big and self.dtype != torch.float32:
             raise ValueError(f"the model's attn_logit_softcapping={too_big[0]} is above what the decode kernel takes "
@@ -804,8 +805,8 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
-    Gemma, Gemma 3 text, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE model (``model_type``
-    in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
+    Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE model
+    (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path
 

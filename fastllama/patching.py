@@ -249,7 +249,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
     ``MinistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``SmolLM3ForCausalLM``,
     ``Phi3ForCausalLM``, ``GraniteForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM`` (its
-    attention score soft-capping in the flash kernels), ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
+    attention score soft-capping in the attention kernels), ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
     ``Olmo3ForCausalLM``, the mixtures of experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
     ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM`` (the experts on ``ops.moe_experts``; the routers
     stay HF's; the loss adds the router's balancing loss as HF's does), all also inside a PEFT wrapper, and

@@ -814,8 +814,17 @@ def test_gemma2_score_softcapping_binds_and_is_computed(monkeypatch):
 def test_gemma3_bidirectional_attention_is_refused_and_activations_followed():
     """What the kernels do not compute is refused (bidirectional attention; a layer type's
     rotary table narrower than the head); an MLP activation swapped between GELU-tanh and SiLU
-    after the generator was built is what the next call computes."""
+    after the generator was built is what the next call computes; a score cap Gemma 3 stores
+    but does not apply is not applied."""
     model = _hf_model("gemma3-window-softcap")
+    # Gemma 3's attention stores attn_logit_softcapping but never applies it: nor does the generator
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = 0.05
+    ids = torch.tensor([list(range(10, 22))], device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(Generator(model, 1, 24)._forward(ids, torch.zeros(1, dtype=torch.int32,
+                                                                                   device=DEVICE), None)[0],
+                                   model(ids).logits[0, -1], rtol=1e-4, atol=1e-4)
     gen = Generator(model, 1, 24)
     for layer in model.model.layers:
         layer.mlp.act_fn = torch.nn.SiLU()

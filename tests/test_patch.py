@@ -487,6 +487,18 @@ def test_gemma3_every_module_is_patched_and_its_norms_fold_into_the_projections(
     assert folded == [True] * 4
 
 
+def test_gemma3_stored_score_cap_is_not_applied():
+    """Gemma 3's attention stores the config's attn_logit_softcapping but its forward never applies
+    it: patched, the model does not either (logits equal HF's with a cap that would bind)."""
+    model = build("gemma3-softcap").eval()
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = 0.05
+    x = ids()
+    with torch.no_grad():
+        expected = model(x).logits
+        torch.testing.assert_close(fastllama.patch(model)(x).logits, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_gemma2_score_softcapping_runs_on_the_kernels_as_hf_computes_it():
     """Gemma 2 as released caps its attention scores (50 * tanh(s / 50)); the flash kernels cap
     them too (``softcap``), so patch swaps Gemma 2's attention like every other family's. Here
