@@ -3,7 +3,8 @@
 Models: Llama-3.2-1B and Llama-3-8B shapes with random bf16 weights (the same weights in both
 implementations); on request (``--models gemma3-1b``) the Gemma-3-1B shape, a transformers
 ``Gemma3ForCausalLM`` that both run (5 of its 6 layers attend to a 512-token window, which
-fastllama's decode kernel reads alone). For each batch (1, 8, 32) and context (512, 4096): a random prompt of
+fastllama's decode kernel reads alone), and (``--models gemma2-2b``) the Gemma-2-2B shape, whose
+attention scores are soft-capped (HF runs it with eager attention: its sdpa path has no cap). For each batch (1, 8, 32) and context (512, 4096): a random prompt of
 ``context`` tokens, then ``--new-tokens`` greedy tokens (no stop token), timed after a warm-up
 call (which captures the CUDA graphs / compiles).
 
@@ -63,14 +64,23 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2),
 }
 # Shapes run as a transformers model by both implementations (HF config dicts)
+_TINY_GEMMA = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"], pad_token_id=0)
 HF_SHAPES = {
     "gemma3-1b": PRESETS["gemma-3-1b"].config,
-    "tiny-gemma3": dict(model_type="gemma3_text", vocab_size=300, hidden_size=64, intermediate_size=160,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                        sliding_window=8, layer_types=["sliding_attention", "full_attention"], pad_token_id=0),
+    "tiny-gemma3": dict(_TINY_GEMMA, model_type="gemma3_text"),
+    # Gemma-2-2B: 26 layers, every other one with a 4096-token window, scores capped at 50
+    "gemma2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                      num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                      query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                      final_logit_softcapping=30.0, max_position_embeddings=8192, rms_norm_eps=1e-6, pad_token_id=0,
+                      tie_word_embeddings=True),
+    "tiny-gemma2": dict(_TINY_GEMMA, model_type="gemma2", attn_logit_softcapping=0.5),
 }
 NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "tiny": "tiny (interpreter smoke)", "gemma3-1b": "Gemma-3-1B",
-         "tiny-gemma3": "tiny Gemma 3 (interpreter smoke)"}
+         "tiny-gemma3": "tiny Gemma 3 (interpreter smoke)", "gemma2-2b": "Gemma-2-2B",
+         "tiny-gemma2": "tiny Gemma 2 (interpreter smoke)"}
 
 
 def build_model(shape: str, dtype, device):
@@ -78,7 +88,9 @@ def build_model(shape: str, dtype, device):
     fastllama's reference Llama, or for ``HF_SHAPES`` the transformers model."""
     torch.manual_seed(0)
     if shape in HF_SHAPES:
-        model = hf_model(dict(HF_SHAPES[shape], bos_token_id=1, eos_token_id=2), dtype, device)
+        # (HF's sdpa attention has no score cap: a capped model runs eager attention there)
+        attention = "eager" if HF_SHAPES[shape].get("attn_logit_softcapping") else "sdpa"
+        model = hf_model(dict(HF_SHAPES[shape], bos_token_id=1, eos_token_id=2), dtype, device, attention)
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
         return model.eval()

@@ -509,17 +509,20 @@ def test_decode_model_that_does_not_fit_is_an_error_row(tmp_path, monkeypatch):
 
 
 @smoke_run_only
-def test_decode_runs_a_transformers_gemma3_and_counts_only_its_windows_keys(tmp_path, monkeypatch):
-    """``--models tiny-gemma3``: the Generator and HF's generate both run the same transformers
-    model; the bytes a step reads count a windowed layer's window of the context, not all of it."""
+@pytest.mark.parametrize("shape", ["tiny-gemma3", "tiny-gemma2"])
+def test_decode_runs_a_transformers_gemma_and_counts_only_its_windows_keys(tmp_path, monkeypatch, shape):
+    """``--models tiny-gemma3`` / ``tiny-gemma2`` (scores soft-capped: HF on eager attention): the
+    Generator and HF's generate both run the same transformers model; the bytes a step reads
+    count a windowed layer's window of the context, not all of it."""
     from benchmarks import bench_decode
 
     monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))
-    assert bench_decode.main(["--models", "tiny-gemma3", "--new-tokens", "4"]) == 0
+    assert bench_decode.main(["--models", shape, "--new-tokens", "4"]) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
     assert {r["impl"] for r in rows} == {"fastllama", "fastllama-unfused", "hf-static"}
     assert all(r["tokens/s"] > 0 and "error" not in r for r in rows), rows
-    model = bench_decode.build_model("tiny-gemma3", torch.float32, "cpu")
+    model = bench_decode.build_model(shape, torch.float32, "cpu")
+    assert model.config._attn_implementation == ("eager" if shape == "tiny-gemma2" else "sdpa")
     per_key = 2 * 2 * 16 * 4  # K and V, 2 KV heads of 16 dims, fp32
     # layer 0 has a window of 8 keys, layer 1 none: 100 keys of context read 8 + 100
     assert bench_decode.step_bytes(model, 1, 100) - bench_decode.step_bytes(model, 1, 0) == (8 + 100) * per_key

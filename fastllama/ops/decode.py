@@ -112,8 +112,9 @@ def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bo
 # The capped tiles that differ from the uncapped ones. On the uncapped tiles, 51 of the 1700
 # capped builds spilled 8-24 bytes (ptxas holding them at its 64 to 168 register steps, the tanh
 # keeping about one more value per score live); every one compiled without spills with the other
-# warp count (8 <-> 4), while halving their keys instead spilled 32 builds that had not. Keys, of
-# aligned launches: (sm, one-token step, split, windowed rows, input bytes, D_PAD, BLOCK_M, BLOCK_N).
+# warp count (8 <-> 4). (Halving every capped tile's keys, the first rule tried, left 32 spilling,
+# 28 of them clean on the uncapped tiles.) Keys, of aligned launches: (sm, one-token step, split,
+# windowed rows, input bytes, D_PAD, BLOCK_M, BLOCK_N).
 _SOFTCAP_FLIP_WARPS = frozenset({
     (86, False, False, False, 2, 128, 32, 64),  # 8 bytes at D 80/96 (128 registers)
     (86, True, False, False, 4, 256, 16, 16),  # 16 bytes (80 registers)
@@ -417,7 +418,8 @@ def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
 def _decode_args(p: dict, dtype: torch.dtype, device: str):
     """Params: B, Hq, Hk, Tq, D, lens (per sequence), Tmax, splits; ``cache_view``: the caches
     are a slice of a larger (2B, Hk, Tmax + 13, D) buffer (HF StaticCache-like strided views).
-    Slots past each length hold NaN: they must never be read."""
+    Slots past each length hold NaN: they must never be read. ``window``, ``leftpad``, ``softcap``
+    as the op takes them (``q_scale`` multiplies q with a cap, so that a small one binds)."""
     B, Hq, Hk, Tq, D, Tmax = p["B"], p["Hq"], p["Hk"], p["Tq"], p["D"], p["Tmax"]
     q = torch.randn(B, Tq, Hq, D, device=device, dtype=dtype).transpose(1, 2)
     if p.get("cache_view"):
