@@ -139,6 +139,13 @@ def test_softcap_bad_values(softcap, error):
         ops.decode_attention(q, k, v, lens, softcap=softcap)
 
 
+def test_softcap_that_overflows_the_scale():
+    q, k, v, lens = _setup()
+    with pytest.raises(ValueError, match="softcap=1e-37 with scale=100.0: scale / softcap overflows fp32"):
+        ops.decode_attention(q, k, v, lens, scale=100.0, softcap=1e-37)
+    ops.decode_attention(q, k, v, lens, scale=1.0, softcap=1e-37)  # 1e37: within fp32
+
+
 def test_softcap_16bit_limit_and_extremes():
     """fp16/bf16 take caps up to MAX_16BIT_SOFTCAP (the kernel's capped scores are exact to about
     1e-7 of the cap), fp32 any; scores 1e4 times past the cap give exactly +-cap (no overflow,

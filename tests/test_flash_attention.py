@@ -668,6 +668,7 @@ _t = lambda *shape, dtype=torch.float32: torch.randn(*shape, device=DEVICE).to(d
     (dict(softcap=True), TypeError, "softcap must be"),
     (dict(softcap=1e39), ValueError, "softcap must be"),
     (dict(softcap=1e-300), ValueError, "softcap must be"),
+    (dict(softcap=1e-37, scale=100.0), ValueError, "scale / softcap overflows fp32"),
     (dict(cu_seqlens=_cu(0, 8).long()), TypeError, "cu_seqlens has dtype"),
     (dict(cu_seqlens=_cu(0, 3, 8)[None]), ValueError, "cu_seqlens must have 1 dims"),
     (dict(cu_seqlens=_cu(0, 3, 9)), ValueError, "cu_seqlens must start at 0"),

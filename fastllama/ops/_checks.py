@@ -181,16 +181,20 @@ def check_window_form(window) -> tuple[int, int]:
     return int(window[0]), int(window[1])
 
 
-def check_softcap(softcap) -> float:
+def check_softcap(softcap, scale: float) -> float:
     """A score soft-capping value as the attention ops take it: None (off, returned as 0.0) or a
-    number (TypeError otherwise) that the kernels' fp32 arithmetic holds: ``scale / softcap``
-    and ``softcap * log2(e)`` stay finite and non-zero (ValueError otherwise; under
-    torch.compile a symbolic value is not checked)."""
+    number (TypeError otherwise) that the kernels' fp32 arithmetic holds with the softmax scale
+    ``scale``: ``softcap * log2(e)`` and ``scale / softcap`` stay finite, the cap non-zero
+    (ValueError otherwise; under torch.compile a symbolic value is not checked)."""
     if softcap is None:
         return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"softcap must be None or a finite float > 0, got {softcap!r}")
     fp32 = torch.finfo(torch.float32)
-    if not torch.compiler.is_compiling() and not fp32.tiny <= softcap <= fp32.max / 2:
+    if torch.compiler.is_compiling():
+        return float(softcap)
+    if not fp32.tiny <= softcap <= fp32.max / 2:
         raise ValueError(f"softcap must be None or a finite float > 0 (within fp32's normal range), got {softcap!r}")
+    if abs(scale) / softcap > fp32.max / 2:
+        raise ValueError(f"softcap={softcap!r} with scale={scale!r}: scale / softcap overflows fp32; use a larger cap")
     return float(softcap)

@@ -269,7 +269,7 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-    check_softcap(softcap)
+    check_softcap(softcap, q.shape[-1] ** -0.5 if scale is None else scale)
     if softcap is not None and q.element_size() < 4 and softcap > MAX_16BIT_SOFTCAP:
         raise ValueError(f"softcap={softcap} with {q.dtype} inputs; accepted: at most {MAX_16BIT_SOFTCAP:g} (the "
                          f"kernel's capped scores are exact to about 1e-7 of the cap, beyond 16-bit's own error "
