@@ -3,7 +3,8 @@
 fp32/fp16/bf16, 1 and many splits, strided cache views; the full matrix is cuda_only).
 
 Here: exact zeros for empty sequences, split-count invariance and determinism, lengths past
-the cache, output layout, validation messages, and torch.compile(fullgraph=True).
+the cache, output layout, validation messages, soft-capped scores at their limits, and
+torch.compile(fullgraph=True).
 """
 import pytest
 import torch
