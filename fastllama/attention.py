@@ -222,8 +222,7 @@ def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal
     up to ``ops.decode.MAX_16BIT_SOFTCAP``; of a window it takes the left bound (the right one
     is the causal bound: 0, or -1 which causal makes 0)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    cap_ok = softcap is None or q.element_size() >= 4 or softcap <= ops.decode.MAX_16BIT_SOFTCAP
-    return (cap_ok and not needs_grad and (window is None or window[1] in (0, -1)) and q.shape[2] <= DECODE_MAX_QUERIES
+    return (ops.decode.takes_softcap(softcap, q.dtype) and not needs_grad and (window is None or window[1] in (0, -1)) and q.shape[2] <= DECODE_MAX_QUERIES
             and (causal or q.shape[2] == 1) and k.shape[2] >= q.shape[2])
 
 

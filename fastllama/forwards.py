@@ -489,8 +489,9 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     window = sliding_window(self)
     if window is not None or hasattr(self, "sliding_window"):
         kwargs["sliding_window"] = window
-    if _family(self) == "gemma2":
-        kwargs["softcap"] = score_softcap(self)
+    softcap = score_softcap(self)
+    if softcap is not None:
+        kwargs["softcap"] = softcap
     out, weights = attention_interface(
         self, q, k, v, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,

@@ -338,8 +338,8 @@ class Generator:
                                    else None for layer in self.model.model.layers]
         # (and Gemma 2's attention score caps, read from the modules as HF's forward reads them)
         self.softcaps = [forwards.score_softcap(layer.self_attn) for layer in self.model.model.layers]
-        too_big = [c for c in self.softcaps if c is not None and c > ops.decode.MAX_16BIT_SOFTCAP]
-        if too_big and self.dtype != torch.float32:
+        too_big = [c for c in self.softcaps if not ops.decode.takes_softcap(c, self.dtype)]
+        if too_big:
             raise ValueError(f"the model's attn_logit_softcapping={too_big[0]} is above what the decode kernel takes "
                              f"with {self.dtype} ({ops.decode.MAX_16BIT_SOFTCAP:g}); fastllama.patch(model) and HF's "
                              f"generate run it")

@@ -236,7 +236,7 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
         raise ValueError(f"fp32_precision must be one of {_PRECISIONS}, got {fp32_precision!r}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    capped = check_softcap(softcap, scale) > 0
+    softcap = check_softcap(softcap, scale)
     precision = fp32_precision if q.dtype == torch.float32 else "ieee"  # no-op for fp16/bf16: one build
     if cu_seqlens is None and cu_seqlens_k is not None:
         raise ValueError("cu_seqlens_k was given without cu_seqlens; pass both (or cu_seqlens alone)")
@@ -258,8 +258,9 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
     # fp32 is for exactness: it always runs the deterministic backward; so does everything under
     # torch.use_deterministic_algorithms(True), as SDPA's flash backward does, and soft-capping
     # (the atomic kernel has no soft-capped build)
-    deterministic = deterministic or q.dtype == torch.float32 or capped or torch.are_deterministic_algorithms_enabled()
-    return float(scale), before, after, precision, deterministic, check_softcap(softcap, scale)
+    deterministic = (deterministic or q.dtype == torch.float32 or softcap > 0
+                     or torch.are_deterministic_algorithms_enabled())
+    return float(scale), before, after, precision, deterministic, softcap
 
 
 def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:

@@ -25,8 +25,8 @@ from ..reference import functional as _ref
 from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_softcap, check_tensor,
                       check_window_form, check_write_targets, num_sms, tile_rows_fit_int32)
 
-__all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "MAX_SPLITS", "MAX_QUERY_LEN",
-           "MAX_HEAD_DIM"]
+__all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "takes_softcap", "MAX_SPLITS",
+           "MAX_QUERY_LEN", "MAX_HEAD_DIM", "MAX_16BIT_SOFTCAP"]
 
 MAX_SPLITS = _dk.MAX_SPLITS
 MAX_QUERY_LEN = 16  # decode / speculative verification sizes; longer chunks belong to flash_attention
@@ -36,6 +36,12 @@ MAX_HEAD_DIM = 256
 # this would pass the error 16-bit q and k put into a score (measured: 1.4x PyTorch's fp16 error
 # at a cap of 1e4 on scores of 0.1, 14x at 1e5).
 MAX_16BIT_SOFTCAP = 1e4
+
+
+def takes_softcap(softcap: float | None, dtype: torch.dtype) -> bool:
+    """Whether :func:`decode_attention` takes ``softcap`` with inputs of ``dtype``: any cap in
+    fp32, up to :data:`MAX_16BIT_SOFTCAP` in fp16/bf16 (None always)."""
+    return softcap is None or dtype == torch.float32 or softcap <= MAX_16BIT_SOFTCAP
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +276,7 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     check_softcap(softcap, q.shape[-1] ** -0.5 if scale is None else scale)
-    if softcap is not None and q.element_size() < 4 and softcap > MAX_16BIT_SOFTCAP:
+    if not takes_softcap(softcap, q.dtype):
         raise ValueError(f"softcap={softcap} with {q.dtype} inputs; accepted: at most {MAX_16BIT_SOFTCAP:g} (the "
                          f"kernel's capped scores are exact to about 1e-7 of the cap, beyond 16-bit's own error "
                          f"above that); use flash_attention, or fp32 inputs")
