@@ -71,11 +71,7 @@ HF_SHAPES = {
     "gemma3-1b": PRESETS["gemma-3-1b"].config,
     "tiny-gemma3": dict(_TINY_GEMMA, model_type="gemma3_text"),
     # Gemma-2-2B: 26 layers, every other one with a 4096-token window, scores capped at 50
-    "gemma2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
-                      num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                      query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
-                      final_logit_softcapping=30.0, max_position_embeddings=8192, rms_norm_eps=1e-6, pad_token_id=0,
-                      tie_word_embeddings=True),
+    "gemma2-2b": PRESETS["gemma-2-2b"].config,
     "tiny-gemma2": dict(_TINY_GEMMA, model_type="gemma2", attn_logit_softcapping=0.5),
 }
 NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "tiny": "tiny (interpreter smoke)", "gemma3-1b": "Gemma-3-1B",

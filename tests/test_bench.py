@@ -193,6 +193,11 @@ def test_family_presets_build_their_own_hf_class(monkeypatch):
         presets.reference_model(get_preset("qwen3-0.6b").config, torch.bfloat16, "meta")
     assert "reference model is a Llama" in train.unavailable("reference+fastllama", "qwen3")
     assert train.unavailable("reference+fastllama", "llama") is None
+    g2 = get_preset("gemma-2-2b", layers=1)
+    model = presets.hf_model(g2.config, torch.bfloat16, "meta", g2.hf_attention)
+    assert type(model).__name__ == "Gemma2ForCausalLM" and model.config.attn_logit_softcapping == 50.0
+    assert g2.baseline == "hf-eager" and "hf-sdpa" not in g2.default_configs
+    assert get_preset("tiny").baseline == "hf-sdpa" and "hf-eager" not in get_preset("tiny").default_configs
 
 
 def test_training_benchmark_of_a_family_preset_smoke_run(monkeypatch):
@@ -216,6 +221,33 @@ def test_training_benchmark_of_a_family_preset_smoke_run(monkeypatch):
         assert rows["reference+fastllama"]["status"].startswith("skipped: the reference model is a Llama")
 
 
+def test_training_benchmark_of_an_eager_preset(monkeypatch):
+    """A preset whose HF rows run eager attention (Gemma 2: transformers' sdpa path does not apply
+    its score cap), shrunk to the tiny preset's size: hf-eager is the baseline the ratios name,
+    hf-sdpa is a row saying why it is not run, and the patched model computes the eager model's
+    loss (caps small enough to bind on these weights: a dropped cap changes the loss)."""
+    import dataclasses
+
+    tiny = get_preset("tiny")
+    config = {k: v for k, v in tiny.config.items() if k != "rope_parameters"}
+    preset = dataclasses.replace(tiny, name="tiny-gemma2", hf_attention="eager", config=dict(
+        config, model_type="gemma2", pad_token_id=0, sliding_window=16, attn_logit_softcapping=0.002,
+        final_logit_softcapping=0.05))
+    monkeypatch.setattr(train, "get_preset", lambda name, layers=None: preset)
+    s = train.default_settings(preset.name, quick=True, steps=1, warmup=0)
+    assert s.configs[0] == "hf-eager" and "hf-sdpa" not in s.configs
+    s = dataclasses.replace(s, configs=("hf+fastllama", "hf-sdpa", "hf-eager"))
+    rows = train.run_train(s, progress=False, log=lambda *a: None)
+    assert [r["config"] for r in rows] == ["hf-sdpa", "hf-eager", "hf+fastllama"]  # the baseline first
+    by = {r["config"]: r for r in rows}
+    assert by["hf-sdpa"]["status"].startswith("skipped: transformers' sdpa attention does not compute")
+    assert by["hf-eager"]["status"] == by["hf+fastllama"]["status"] == "ok", rows
+    assert by["hf+fastllama"]["vs hf-eager"] > 0 and "vs hf-sdpa" not in by["hf+fastllama"]
+    assert by["hf+fastllama"]["loss"] == pytest.approx(by["hf-eager"]["loss"], rel=2e-6)
+    assert "vs hf-eager" in train.train_columns(preset.baseline)
+    assert train.train_extra(s)["baseline"] == "hf-eager"
+
+
 # ---------------------------------------------------------------------------------------------
 # Training benchmark and CLI
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +265,9 @@ def test_oom_is_a_row_not_a_crash(monkeypatch):
 def test_bench_default_smoke_run(tmp_path, monkeypatch, capsys):
     """`fastllama bench` on a CPU: the tiny preset, labelled a smoke run, table printed, results
     written (JSON with the environment, markdown, PNG)."""
-    monkeypatch.setattr(train, "CONFIGS", ("hf-sdpa", "hf+fastllama"))  # compile: minutes on CPU
+    from fastllama.bench import presets
+
+    monkeypatch.setattr(presets, "CONFIGS", ("hf-sdpa", "hf+fastllama"))  # compile: minutes on CPU
     monkeypatch.delenv("FASTLLAMA_RESULTS_DIR", raising=False)
     assert main(["bench", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out

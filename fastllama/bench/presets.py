@@ -1,6 +1,6 @@
 """Model shapes the benchmarks use: Llama-3.2-1B, Llama-3-8B (fewer layers), a tiny one, and
-the shapes of the other families ``fastllama.patch`` takes (Qwen3-0.6B, Phi-4-mini, Gemma-3-1B,
-OLMo-2-1B, and the mixture of experts Qwen3-30B-A3B).
+the shapes of the other families ``fastllama.patch`` takes (Qwen3-0.6B, Phi-4-mini, Gemma-2-2B,
+Gemma-3-1B, OLMo-2-1B, and the mixture of experts Qwen3-30B-A3B).
 
 Each preset is an HF ``config.json`` dict (``model_type`` "llama" unless it says otherwise), so
 the same dict builds the transformers model and, for a Llama, fastllama's reference ``Llama``.
@@ -14,7 +14,7 @@ import dataclasses
 __all__ = ["Preset", "PRESETS", "CONFIGS", "get_preset", "hf_model", "reference_model", "default_dtype"]
 
 #: The training configurations compared (see fastllama.bench.train).
-CONFIGS = ("hf-sdpa", "hf-compile", "hf-liger", "hf+fastllama", "hf+fastllama-atomic", "reference+fastllama")
+CONFIGS = ("hf-sdpa", "hf-eager", "hf-compile", "hf-liger", "hf+fastllama", "hf+fastllama-atomic", "reference+fastllama")
 
 _LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
                     high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -29,6 +29,23 @@ class Preset:
     seq_lens: tuple[int, ...]  # the full sweep
     quick_seq_lens: tuple[int, ...]  # --quick
     note: str = ""
+    # The attention transformers runs in every "hf-*" configuration but hf-eager; the baseline is
+    # "hf-<it>". "eager" where transformers' sdpa path would compute something else than the model
+    # (Gemma 2's score cap).
+    hf_attention: str = "sdpa"
+
+    @property
+    def baseline(self) -> str:
+        """The configuration the ratios refer to: "hf-sdpa", or "hf-eager" for an eager preset."""
+        return f"hf-{self.hf_attention}"
+
+    @property
+    def default_configs(self) -> tuple[str, ...]:
+        """:data:`CONFIGS` without the HF attention this preset does not run by default (HF eager
+        next to HF sdpa: a slower second baseline, materialising every score; HF sdpa next to an
+        eager baseline: a wrong model)."""
+        other = "hf-eager" if self.hf_attention == "sdpa" else "hf-sdpa"
+        return tuple(c for c in CONFIGS if c != other)
 
     @property
     def layers(self) -> int:
@@ -91,6 +108,20 @@ PRESETS: dict[str, Preset] = {
             note="Phi-4-mini shape (32 layers, merged qkv and gate_up projections, rotary over 96 of "
                  "128 dims, tied embeddings; its longrope scaling left out: it changes the rotary "
                  "tables, not the work), random weights",
+        ),
+        Preset(
+            "gemma-2-2b",
+            dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                 num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                 query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                 final_logit_softcapping=30.0, max_position_embeddings=8192, rms_norm_eps=1e-6, pad_token_id=0,
+                 tie_word_embeddings=True),
+            seq_lens=(2048, 4096, 8192), quick_seq_lens=(4096,),
+            note="Gemma-2-2B shape (26 layers, every other one with a 4096-token window, attention scores "
+                 "capped at 50 and logits at 30, head_dim 256, GeGLU, 256k vocabulary, tied embeddings), random "
+                 "weights; HF runs eager attention, its only path that applies the score cap (transformers "
+                 "5.17's sdpa path drops it, later versions refuse it)",
+            hf_attention="eager",
         ),
         Preset(
             "gemma-3-1b",

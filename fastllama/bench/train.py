@@ -7,6 +7,10 @@ configuration trains the same preset at the same (sequence length, batch):
 * ``hf-sdpa``: transformers' ``LlamaForCausalLM`` (the preset's family: ``Qwen3ForCausalLM``
   ...) with ``attn_implementation="sdpa"`` (eager PyTorch otherwise): the baseline every ratio
   refers to;
+* ``hf-eager``: the same with ``attn_implementation="eager"`` (every score materialised). It is
+  the baseline instead of ``hf-sdpa`` for a preset whose ``hf_attention`` is "eager" (Gemma 2:
+  transformers' sdpa path does not apply its score cap), and then every other HF configuration
+  below starts from the eager model too; elsewhere it runs only when asked for;
 * ``hf-compile``: the same model under ``torch.compile``;
 * ``hf-liger``: the same model with Liger-Kernel's patch of its family (only when installed,
   CUDA only);
@@ -44,12 +48,17 @@ from . import common
 from .presets import CONFIGS, Preset, get_preset, hf_model, reference_model
 from .profile import profile_step, summarize
 
-__all__ = ["CONFIGS", "TrainSettings", "run_train", "TRAIN_COLUMNS", "TRAIN_PLOTS"]
+__all__ = ["CONFIGS", "TrainSettings", "run_train", "train_columns", "TRAIN_COLUMNS", "TRAIN_PLOTS"]
 
-BASELINE = "hf-sdpa"
 
-TRAIN_COLUMNS = ["preset", "seq_len", "batch", "config", "tokens/s", "vs hf-sdpa", "step ms", "peak GiB",
-                 "peak vs hf-sdpa", "TFLOP/s", "loss", "status"]
+
+def train_columns(baseline: str = "hf-sdpa") -> list[str]:
+    """The table's columns; the ratios are to ``baseline`` (the preset's, :attr:`Preset.baseline`)."""
+    return ["preset", "seq_len", "batch", "config", "tokens/s", f"vs {baseline}", "step ms", "peak GiB",
+            f"peak vs {baseline}", "TFLOP/s", "loss", "status"]
+
+
+TRAIN_COLUMNS = train_columns()  # the Llama presets'
 TRAIN_PLOTS = [
     common.Plot(x="seq_len", y="tokens/s", series="config", panel="preset", title="training tokens/s"),
     common.Plot(x="seq_len", y="peak GiB", series="config", panel="preset", title="training peak memory",
@@ -82,7 +91,7 @@ def default_settings(preset: str, quick: bool, configs=None, seq_lens=None, batc
         batch=batch if batch else (None if gpu else 1),
         warmup=warmup if warmup is not None else (2 if quick else 3) if gpu else 1,
         steps=steps if steps is not None else (5 if quick else 10) if gpu else 2,
-        configs=tuple(configs or CONFIGS),
+        configs=tuple(configs or p.default_configs),
         dtype=torch.bfloat16 if gpu else torch.float32,
         device=common.device(),
         profile=profile,
@@ -123,10 +132,14 @@ def _restored_modeling(model_type: str):
                         setattr(cls, attr, value)
 
 
-def unavailable(config: str, model_type: str = "llama") -> str | None:
-    """Why ``config`` cannot run here, for a preset of family ``model_type`` (None: it can)."""
+def unavailable(config: str, model_type: str = "llama", hf_attention: str = "sdpa") -> str | None:
+    """Why ``config`` cannot run here, for a preset of family ``model_type`` whose HF rows run
+    ``hf_attention`` (None: it can)."""
     if config == "reference+fastllama" and model_type != "llama":
         return f"the reference model is a Llama (this preset is a {model_type})"
+    if config == "hf-sdpa" and hf_attention != "sdpa":
+        return (f"transformers' sdpa attention does not compute this {model_type} model (its score cap): "
+                f"the HF rows run {hf_attention} attention")
     if config == "hf-liger":
         try:
             import liger_kernel.transformers as liger
@@ -150,9 +163,10 @@ def build(config: str, settings: TrainSettings):
 
         model = patch(reference_model(cfg, dtype, dev).train())
         return model, lambda ids: model(ids, labels=ids)[1]
-    model = hf_model(cfg, dtype, dev, "sdpa").train()
+    attention = "eager" if config == "hf-eager" else settings.preset.hf_attention
+    model = hf_model(cfg, dtype, dev, attention).train()
     model.config.use_cache = False
-    if config == "hf-sdpa":
+    if config in ("hf-sdpa", "hf-eager"):
         return model, lambda ids: model(input_ids=ids, labels=ids).loss
     if config == "hf-compile":
         # static shapes: on a second (seq, batch) dynamo would otherwise recompile with symbolic
@@ -254,7 +268,8 @@ def plan_batches(settings: TrainSettings, log=print) -> dict[int, int]:
         return {s: settings.batch or 1 for s in settings.seq_lens}
     total = torch.cuda.get_device_properties(0).total_memory * settings.memory_fraction
     plan = {}
-    model, forward = build(BASELINE, settings)
+    baseline = settings.preset.baseline
+    model, forward = build(baseline, settings)
     try:
         for seq in settings.seq_lens:
             try:
@@ -271,7 +286,7 @@ def plan_batches(settings: TrainSettings, log=print) -> dict[int, int]:
                 plan[seq] = max(1, int((total - fixed) // per_seq))
             except torch.OutOfMemoryError:
                 plan[seq] = 1
-            log(f"  batch for seq {seq}: {plan[seq]} (probes of {BASELINE} at batch 1 and 2)")
+            log(f"  batch for seq {seq}: {plan[seq]} (probes of {baseline} at batch 1 and 2)")
     finally:
         del model, forward
         _free("cuda")
@@ -285,7 +300,7 @@ def run_config(config: str, settings: TrainSettings, batches: dict[int, int], pr
     are appended to ``profiles``."""
     p, dev = settings.preset, settings.device
     base = dict(preset=p.name, config=config)
-    why = unavailable(config, p.model_type)
+    why = unavailable(config, p.model_type, p.hf_attention)
     if why:
         return [dict(base, seq_len=s, batch=batches[s], status=f"skipped: {why}") for s in settings.seq_lens]
     rows = []
@@ -332,21 +347,21 @@ def run_config(config: str, settings: TrainSettings, batches: dict[int, int], pr
     return rows
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """``vs hf-sdpa`` (tokens/s ratio) and ``peak vs hf-sdpa`` for every measured row."""
-    base = {(r["preset"], r["seq_len"]): r for r in rows if r["config"] == BASELINE and r.get("status") == "ok"}
+def add_ratios(rows: list[dict], baseline: str = "hf-sdpa") -> None:
+    """``vs <baseline>`` (tokens/s ratio) and ``peak vs <baseline>`` for every measured row."""
+    base = {(r["preset"], r["seq_len"]): r for r in rows if r["config"] == baseline and r.get("status") == "ok"}
     for r in rows:
         b = base.get((r["preset"], r["seq_len"]))
         if b is None or r.get("status") != "ok":
             continue
-        r["vs hf-sdpa"] = r["tokens/s"] / b["tokens/s"]
+        r[f"vs {baseline}"] = r["tokens/s"] / b["tokens/s"]
         if r.get("peak GiB") and b.get("peak GiB"):
-            r["peak vs hf-sdpa"] = r["peak GiB"] / b["peak GiB"]
+            r[f"peak vs {baseline}"] = r["peak GiB"] / b["peak GiB"]
 
 
 # Liger patches transformers' modeling module globally; run_config restores it afterwards, so its
 # place in the order is free: right after fastllama's rows, which the 1.1x target compares it with.
-RUN_ORDER = ("hf-sdpa", "hf+fastllama", "hf+fastllama-atomic", "hf-liger", "reference+fastllama", "hf-compile")
+RUN_ORDER = ("hf-sdpa", "hf-eager", "hf+fastllama", "hf+fastllama-atomic", "hf-liger", "reference+fastllama", "hf-compile")
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -378,7 +393,7 @@ def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows
     try:
         for config in order:
             rows += run_config(config, settings, batches, progress, profiles)
-            add_ratios(rows)
+            add_ratios(rows, settings.preset.baseline)
             if on_rows is not None:
                 on_rows(rows)
     except KeyboardInterrupt as e:
@@ -386,7 +401,7 @@ def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows
         done = {(r["config"], r["seq_len"]) for r in rows}
         rows += [dict(preset=settings.preset.name, config=c, seq_len=s, batch=batches[s], status=INTERRUPTED)
                  for c in order for s in settings.seq_lens if (c, s) not in done]
-        add_ratios(rows)
+        add_ratios(rows, settings.preset.baseline)
         log("interrupted: writing the rows measured so far")
         if on_rows is not None:
             on_rows(rows)
@@ -397,6 +412,7 @@ def train_extra(settings: TrainSettings) -> dict:
     """What goes into the JSON next to the rows: the settings and the preset."""
     return {
         "preset": settings.preset.name, "preset_note": settings.preset.note, "model_config": settings.preset.config,
+        "baseline": settings.preset.baseline,
         "dtype": str(settings.dtype).removeprefix("torch."), "warmup_steps": settings.warmup,
         "measured_steps": settings.steps, "optimizer": "torch.optim.AdamW(fused=True), lr 1e-5",
         "step": "forward with labels (loss inside the model), backward, optimizer.step(), zero_grad(set_to_none)",
