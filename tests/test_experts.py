@@ -83,6 +83,12 @@ def test_bad_input_is_refused_before_any_work():
         ops.moe_experts(hidden[:, :30], index, weights, gate_up[:, :, :30], down[:, :30])
     with pytest.raises(ValueError, match="activation"):
         ops.moe_experts(hidden, index, weights, gate_up, down, activation="relu")
+    if DEVICE == "cpu":  # (on CUDA the check would be a host sync: the docstring says what happens there)
+        for bad in (gate_up.shape[0], -1):  # E: one past the last expert
+            wrong = index.clone()
+            wrong[3, 1] = bad
+            with pytest.raises(ValueError, match="top_k_index holds expert ids from"):
+                ops.moe_experts(hidden, wrong, weights, gate_up, down)
 
 
 def test_frozen_experts_get_no_weight_gradients_and_the_rest_is_unchanged():
@@ -124,3 +130,21 @@ def test_fp32_tokens_with_16bit_experts_get_an_fp32_gradient_summed_in_fp32():
     expected = hidden.detach().clone().requires_grad_()
     reference.moe_experts(expected, index, weights, gate_up, down).sum().backward()
     torch.testing.assert_close(hidden.grad, expected.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_compiles_in_every_dtype_and_matches_eager(dtype):
+    """torch.compile(fullgraph=True) of moe_experts, forward and backward, gives eager's values
+    in every dtype the op takes (torch's own fake grouped matmul accepts bf16 only)."""
+    args = _inputs(T=13, E=4, H=32, I=16, dtype=dtype)
+
+    def run(fn):
+        out = fn(*args)
+        grads = torch.autograd.grad(out.square().sum(), [args[i] for i in (0, 2, 3, 4)])
+        return [out, *grads]
+
+    eager = run(ops.moe_experts)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(ops.moe_experts, fullgraph=True, backend="aot_eager"))
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)

@@ -63,6 +63,29 @@ def grouped_mm_problem(down_proj: torch.Tensor) -> str | None:
     return None
 
 
+@torch.library.custom_op("fastllama::grouped_mm", mutates_args=())
+def _grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch's grouped matmul as an opaque op, for torch.compile: see :func:`_grouped_matmul`."""
+    return _grouped_mm(a, b, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:  # (S, K) x (E, K, N): each expert's rows times its matrix -> (S, N)
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # (M, S) x (S, N), summed per expert -> (E, M, N)
+
+
+def _grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch's grouped matmul over the expert groups ending at ``offs``. Its fake (meta) kernel,
+    which torch.compile traces, accepts bf16 only, while its CPU and CUDA kernels run fp32 and
+    fp16 too: a compiled graph in those dtypes calls it through an opaque op with a fake of its
+    own. bf16 (and every eager call) calls it directly, where inductor can see it."""
+    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_mm_op(a, b, offs)
+    return _grouped_mm(a, b, offs=offs)
+
+
 def _sorted_pairs(top_k_index: torch.Tensor, n_experts: int):
     """(order, token, offs): the (token, expert) pairs sorted by expert (a stable sort: pairs of
     one expert keep token order), each pair's token, and the end of each expert's group (int32).
@@ -88,8 +111,8 @@ class _Experts(torch.autograd.Function):
     def forward(ctx, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gelu):
         order, token, offs = _sorted_pairs(top_k_index, gate_up_proj.shape[0])
         x = hidden.to(gate_up_proj.dtype)
-        u = _grouped_mm(x[token], gate_up_proj.transpose(1, 2), offs=offs)  # (S, 2I)
-        y = _grouped_mm(_swiglu_fused(u, gelu), down_proj.transpose(1, 2), offs=offs)  # (S, H)
+        u = _grouped_matmul(x[token], gate_up_proj.transpose(1, 2), offs)  # (S, 2I)
+        y = _grouped_matmul(_swiglu_fused(u, gelu), down_proj.transpose(1, 2), offs)  # (S, H)
         weighted = y * top_k_weights.reshape(-1)[order, None]  # (HF's product: the promoted dtype)
         ctx.save_for_backward(x, top_k_weights, gate_up_proj, down_proj, u, order, token, offs)
         ctx.gelu, ctx.hidden_dtype = gelu, hidden.dtype
@@ -105,19 +128,19 @@ class _Experts(torch.autograd.Function):
         w = top_k_weights.reshape(-1)[order, None]
         dout = d_weighted[order]  # (S, H), sorted; each token's rows are its gradient (the sum's backward)
         a = _swiglu_fused(u, ctx.gelu)  # recomputed (S, I)
-        b = _grouped_mm(dout.to(down_proj.dtype), down_proj, offs=offs)  # (S, I)
+        b = _grouped_matmul(dout.to(down_proj.dtype), down_proj, offs)  # (S, I)
         d_weights = d_down = d_gate_up = d_hidden = None
         if need_weights:  # <dout_s, y_s> without y
             d_w = (b.float() * a.float()).sum(-1, keepdim=True)
             d_weights = _unsort(d_w, order).view(top_k_weights.shape).to(top_k_weights.dtype)
         if need_down:  # (frozen experts, e.g. adapters elsewhere, skip their weight-gradient matmuls)
-            d_down = _grouped_mm((dout * w).to(down_proj.dtype).t(), a, offs=offs).masked_fill_(empty, 0)  # (E, H, I)
+            d_down = _grouped_matmul((dout * w).to(down_proj.dtype).t(), a, offs).masked_fill_(empty, 0)  # (E, H, I)
         # out of place: u stays intact for a second backward (retain_graph=True)
         du = _swiglu_fused_bwd((b * w).to(u.dtype), u, ctx.gelu)  # (S, 2I)
         if need_gate_up:
-            d_gate_up = _grouped_mm(du.t(), x[token], offs=offs).masked_fill_(empty, 0)  # (E, 2I, H)
+            d_gate_up = _grouped_matmul(du.t(), x[token], offs).masked_fill_(empty, 0)  # (E, 2I, H)
         if need_hidden:  # (summed in the wider of the two dtypes: an fp32 hidden gets an fp32 sum)
-            dx = _unsort(_grouped_mm(du, gate_up_proj, offs=offs), order)  # (S, H), pair order
+            dx = _unsort(_grouped_matmul(du, gate_up_proj, offs), order)  # (S, H), pair order
             d_hidden = dx.view(-1, top_k_weights.shape[-1], x.shape[-1]).sum(
                 1, dtype=torch.promote_types(dx.dtype, ctx.hidden_dtype)).to(ctx.hidden_dtype)
         return d_hidden, None, d_weights, d_gate_up, d_down, None
@@ -131,8 +154,11 @@ def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
 
     Args:
         hidden: (T, H) token rows (cast to the weights' dtype, as HF's grouped matmul path does).
-        top_k_index: (T, k) integer expert ids in [0, E) (not checked on the device: a host sync).
-        top_k_weights: (T, k) routing weights (any float dtype; differentiable).
+        top_k_index: (T, k) int32/int64 expert ids in [0, E). Checked on the CPU (ValueError); on
+            CUDA a check would cost a host sync per layer, so an id out of range there stops the
+            program at the sort's ``scatter_add_`` with PyTorch's device-side index assert (never
+            a wrong result).
+        top_k_weights: (T, k) routing weights, fp32/fp16/bf16 (differentiable).
         gate_up_proj: (E, 2I, H), each expert's gate rows first, then up; down_proj: (E, H, I).
             H and I must make 16-byte rows (multiples of 8 in 16-bit, of 4 in fp32): torch's
             grouped matmul needs them.
@@ -155,6 +181,10 @@ def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
     if E is None or two_i % 2 or H != hidden.shape[1] or down_proj.shape != (E, H, two_i // 2):
         raise ValueError(f"gate_up_proj must be (E, 2I, H) and down_proj (E, H, I) with H = {hidden.shape[1]}, got "
                          f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
+    if top_k_index.device.type == "cpu" and top_k_index.numel() and not torch.compiler.is_compiling():
+        low, high = int(top_k_index.min()), int(top_k_index.max())
+        if low < 0 or high >= E:
+            raise ValueError(f"top_k_index holds expert ids from {low} to {high}; the experts are 0..{E - 1}")
     if down_proj.dtype != gate_up_proj.dtype:
         raise TypeError(f"gate_up_proj and down_proj must share a dtype, got {gate_up_proj.dtype}, {down_proj.dtype}")
     problem = grouped_mm_problem(down_proj)

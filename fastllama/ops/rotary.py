@@ -190,7 +190,7 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     Args:
         q: (B, Hq, T, D), k: (B, Hk, T, D); any strides with unit stride in D (e.g. transposed
             from (B, T, H, D)). Hk may differ from Hq (GQA). D even, at most 256.
-        cos, sin: (B, T, R), (1, T, R) or (T, R), any float dtype (read as fp32; normally fp32
+        cos, sin: (B, T, R), (1, T, R) or (T, R), fp32/fp16/bf16 (read as fp32; normally fp32
             or q's dtype), unit stride in R. R = D, or an even R < D: partial rotary as HF's
             ``apply_rotary_pos_emb`` does it (Phi-4-mini, ``partial_rotary_factor``): the first R
             dims of each head are rotated (pairing i with i + R/2), the other D - R pass through.
