@@ -352,6 +352,26 @@ def test_patched_loss_builds_no_logits():
     assert model(input_ids=x).logits.shape == (2, 24, 300)
 
 
+def test_evaluation_with_labels_returns_hf_logits_and_loss():
+    """An evaluation loop (eval mode, no grad: ``Trainer.evaluate`` with ``compute_metrics``)
+    reads the logits: with labels, the patched model returns HF's logits and loss there. Any
+    call a backward can follow (train mode, or grad enabled) keeps the fused loss, no logits."""
+    model = build("llama-gqa").eval()
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x, labels=x)
+    fastllama.patch(model)
+    with torch.no_grad():
+        got = model(input_ids=x, labels=x)
+        tuple_out = model(input_ids=x, labels=x, return_dict=False)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert tuple_out[1].shape == expected.logits.shape  # HF's (loss, logits, ...): what Trainer slices
+    assert model(input_ids=x, labels=x).logits is None  # eval mode, grad enabled (a backward may follow)
+    with torch.no_grad():
+        assert model.train()(input_ids=x, labels=x).logits is None
+
+
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-window-partial-rope", "granite-multipliers", "ministral-layer-window",
                                   "smollm3-nope", "gemma", "gemma2-score-cap", "gemma3-softcap", "olmo2",
