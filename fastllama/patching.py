@@ -155,6 +155,9 @@ class _State:
     summary: list[tuple[str, str, str, str]]  # (module name, class, what, status / reason)
     options: dict
     attn_before: str | None = None
+    # the HF model whose attention implementation patch set (what unpatch restores, whatever
+    # model it is given: patch(m.model) then unpatch(m) must reach m.model, not m)
+    attention_owner: nn.Module | None = dataclasses.field(default=None, repr=False)
 
 
 # A patched model carries its _State as an instance attribute (not a parameter or buffer, so not in
@@ -330,6 +333,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
                 state.attn_before = found[0] if found else "sdpa"
             owner.set_attn_implementation("fastllama")
             _ATTENTION_PATCHED.add(owner)
+            state.attention_owner = owner
             for m in hf_attention:  # what forwards.hf_attention_function reads (with or without rope)
                 m._fastllama_attention = {"deterministic": deterministic}
             summary.append(("<model>", type(model).__name__, "attention", f"patched (was {state.attn_before!r})"))
@@ -343,7 +347,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
 def unpatch(model: nn.Module) -> nn.Module:
     """Restores every original forward (and attention implementation) of a patched model (also
     through a wrapper added before or after patching)."""
-    state = _state(model)
+    # every patch found below model (patch(m), then patch(m.model, ...): two), outermost first
+    states = [m.__dict__[_STATE_ATTR] for m in model.modules() if _STATE_ATTR in m.__dict__]
     for module in model.modules():
         module.__dict__.pop(_STATE_ATTR, None)
         attr = _installed_at(module)
@@ -351,13 +356,17 @@ def unpatch(model: nn.Module) -> nn.Module:
             _install_original(module, attr)
         module.__dict__.pop("_fastllama", None)
         module.__dict__.pop("_fastllama_attention", None)
-    owner = _attention_owner(model)
-    if state is not None and state.attn_before is not None and owner is not None:
+    # (a state pickled before it recorded its owner: the owner found below model, as then)
+    owners = [(st, st.attention_owner if st.attention_owner is not None else _attention_owner(model))
+              for st in states if st.attn_before is not None]
+    owners = [(st, owner) for st, owner in owners if owner is not None]
+    for _, owner in owners:
         _ATTENTION_PATCHED.discard(owner)
+    for st, owner in owners:
         # unless the user chose another implementation since, or a patched model shares the config
         shared = any(other.config is owner.config for other in _ATTENTION_PATCHED)
         if owner.config._attn_implementation == "fastllama" and not shared:
-            owner.set_attn_implementation(state.attn_before)
+            owner.set_attn_implementation(st.attn_before)
     return model
 
 

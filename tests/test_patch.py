@@ -891,6 +891,24 @@ def test_models_sharing_a_config_and_a_later_attention_choice():
     assert a.config._attn_implementation == "eager"
 
 
+@pytest.mark.parametrize("steps", [["inner", "unpatch"], ["inner", "outer", "unpatch"],
+                                   ["outer", "inner-no-rope", "unpatch"]])
+def test_patch_and_unpatch_at_different_levels_restore_the_attention(steps):
+    """patch(m.model) (a base model, supported) then unpatch(m), and the other orders that leave
+    two patches at two levels: unpatch restores the attention implementation of whichever
+    model patch set it on, and the logits are the unpatched ones bit for bit."""
+    model = build("llama-gqa")
+    x = ids()
+    expected = model(input_ids=x).logits
+    for step in steps:
+        if step == "unpatch":
+            fastllama.unpatch(model)
+        else:
+            fastllama.patch(model.model if step.startswith("inner") else model, rope=step != "inner-no-rope")
+    assert model.config._attn_implementation == "sdpa" and not fastllama.is_patched(model)
+    assert torch.equal(model(input_ids=x).logits, expected)
+
+
 def test_gradient_checkpointing():
     model = build("llama-gqa").train()
     x = ids()
