@@ -102,6 +102,18 @@ class GenerationStats:
         return self.batch * self.steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
+def _token_id_set(ids) -> set[int]:
+    """Token ids given as an int, an iterable of ints, a tensor or an array (of any shape, 0-d
+    included), or None (no ids), as a set of ints."""
+    if ids is None:
+        return set()
+    if isinstance(ids, int):
+        return {ids}
+    if isinstance(ids, torch.Tensor) or hasattr(ids, "__array__"):
+        return set(torch.as_tensor(ids).reshape(-1).tolist())
+    return {int(t) for t in ids}
+
+
 class TextStreamer:
     """Turns each step's tokens into text pieces of one sequence, for ``generate(streamer=...)``.
 
@@ -129,7 +141,7 @@ class TextStreamer:
         self.tokenizer = tokenizer
         self.on_text = on_text or (lambda s: print(s, end="", flush=True))
         self.sequence = sequence
-        self.stop = None if stop_tokens is None else set(stop_tokens)
+        self.stop = None if stop_tokens is None else _token_id_set(stop_tokens)
         if isinstance(prompt, torch.Tensor):
             if prompt.dim() == 2:
                 prompt = prompt[sequence]
@@ -562,7 +574,7 @@ class Generator:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        stop_tokens: Iterable[int] | int | None = None,
+        stop_tokens: Iterable[int] | int | torch.Tensor | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
         streamer=None,
@@ -696,7 +708,7 @@ class Generator:
         default_stop, default_pad = default_stop_and_pad(self.model)
         if stop_tokens is None:
             stop_tokens = default_stop
-        stop = tuple(sorted({stop_tokens} if isinstance(stop_tokens, int) else {int(t) for t in stop_tokens or []}))
+        stop = tuple(sorted(_token_id_set(stop_tokens)))
         pad = pad_token_id if pad_token_id is not None else default_pad
         greedy = temperature == 0
         return _Sampling(float(temperature), None if greedy else top_k, None if greedy else top_p, stop, int(pad))
@@ -817,6 +829,11 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
             model_type = json.loads(config.read_text()).get("model_type")
         except (ValueError, AttributeError):
             pass  # the reference loader reports a malformed config.json
+    if isinstance(model_type, str) and model_type != "llama" and model_type not in TRANSFORMERS_MODEL_TYPES:
+        hint = (" (a Gemma 3 with its vision tower: the text model alone, model_type 'gemma3_text', is supported)"
+                if model_type == "gemma3" else "")
+        raise ValueError(f"{path} holds a {model_type!r} model, which fastllama generate does not take{hint}; "
+                         f"supported model types: {', '.join(sorted(['llama', *TRANSFORMERS_MODEL_TYPES]))}")
     if model_type not in TRANSFORMERS_MODEL_TYPES:
         return Llama.from_pretrained(path, dtype=dtype, device=device).eval()
     try:

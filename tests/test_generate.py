@@ -1,6 +1,7 @@
 """fastllama.generate against the reference model: greedy tokens, KV-cache contents, sampling,
 stop tokens, streaming, and the ``fastllama generate`` CLI on a tiny checkpoint."""
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,9 @@ def test_lists_streaming_and_reuse(model):
     stop = expected[0, 7].item()
     cut = gen.generate([[40, 41]], 5, stop_tokens=[stop])[0]
     assert cut == [40, 41] + expected[0, 6:8].tolist()
+    # stop tokens as a tensor (0-d, or with an id that never comes) or an array: the same ids
+    for given in (torch.tensor(stop), torch.tensor([stop, 299]), expected[0, 7:8].numpy()):
+        assert gen.generate([[40, 41]], 5, stop_tokens=given)[0] == cut
 
 
 def test_sampling_rules_on_device():
@@ -255,6 +259,13 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
     assert "is not a sentencepiece model" in capsys.readouterr().err
+    # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
+    for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
+                                      "types: gemma, gemma2, gemma3_text, granite, llama,"),
+                             ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+        assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_streamer_decodes_a_window_not_the_whole_text():
