@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 import time
 import warnings
 from typing import Callable, Iterable, Sequence
@@ -112,6 +113,34 @@ def _token_id_set(ids) -> set[int]:
     if isinstance(ids, torch.Tensor) or hasattr(ids, "__array__"):
         return set(torch.as_tensor(ids).reshape(-1).tolist())
     return {int(t) for t in ids}
+
+
+class _HFStreamer:
+    """A transformers streamer (``BaseStreamer``) called as HF's ``generate`` calls it: ``put``
+    of the (B, T) prompt ids first (left-padded with the pad id when given as lists), then of
+    each step's (B,) ids, as CPU tensors; ``end`` at the end."""
+
+    stop = ()  # (not None: the Generator does not hand it stop tokens, as it does a TextStreamer)
+
+    def __init__(self, streamer):
+        self.streamer = streamer
+
+    @classmethod
+    def wrap(cls, streamer, input_ids, prompts, pad: int):
+        base = getattr(sys.modules.get("transformers.generation.streamers"), "BaseStreamer", None)
+        if streamer is None or base is None or not isinstance(streamer, base):
+            return streamer  # (a transformers streamer's class is loaded: its module is imported)
+        if not isinstance(input_ids, torch.Tensor):
+            longest = max(len(p) for p in prompts)
+            input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+        streamer.put(input_ids.cpu())
+        return cls(streamer)
+
+    def put(self, ids: list[int]) -> None:
+        self.streamer.put(torch.tensor(ids))
+
+    def end(self) -> None:
+        self.streamer.end()
 
 
 class TextStreamer:
@@ -587,7 +616,9 @@ class Generator:
         list of token-id lists and then a list of lists is returned (each prompt + its new
         tokens, up to and including its stop token). Sampling rules, stop tokens (default: the
         config's eos) and pad are the reference's; ``streamer.put(ids)`` receives each step's
-        (B,) token ids as a list (and ``streamer.end()`` at the end). ``generator`` seeds
+        (B,) token ids as a list (and ``streamer.end()`` at the end); a transformers streamer
+        (``TextStreamer``, ``TextIteratorStreamer``: any ``BaseStreamer``) is called as HF's
+        ``generate`` calls it, the prompts first, then each step's ids, as tensors. ``generator`` seeds
         sampling (eager runs only, ``cuda_graph=False`` or the CPU: with a CUDA graph, seed with
         ``torch.manual_seed``).
         Timings land in :attr:`stats`.
@@ -597,6 +628,7 @@ class Generator:
         sampling = self._check(prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token_id,
                                generator)
         B = len(prompts)
+        streamer = _HFStreamer.wrap(streamer, input_ids, prompts, sampling.pad)
         if streamer is not None and getattr(streamer, "stop", ()) is None:
             streamer.stop = set(sampling.stop)  # a TextStreamer left to take this call's stop tokens
         if max_new_tokens == 0:

@@ -107,6 +107,28 @@ def test_lists_streaming_and_reuse(model):
         assert gen.generate([[40, 41]], 5, stop_tokens=given)[0] == cut
 
 
+def test_a_transformers_streamer_is_called_as_hf_generate_calls_it(model):
+    """transformers' TextStreamer (prompt first, then each step's ids, as tensors; its
+    skip_prompt) prints the text of the prompt and the generated tokens, as under HF's generate."""
+    from transformers import TextStreamer as HFTextStreamer
+
+    class Tok:
+        def decode(self, ids, **kwargs):
+            return "".join(f"<{int(i)}>" for i in ids)
+
+    class Collect(HFTextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            self.pieces = getattr(self, "pieces", []) + [text]
+
+    gen = Generator(model, 1, 16)
+    for skip in (False, True):
+        for prompt in ([[5, 6, 7]], torch.tensor([[5, 6, 7]], device=DEVICE)):
+            streamer = Collect(Tok(), skip_prompt=skip)
+            out = gen.generate(prompt, 4, stop_tokens=[], streamer=streamer)
+            tokens = out[0] if isinstance(out, list) else out[0].tolist()
+            assert "".join(streamer.pieces) == Tok().decode(tokens[3 if skip else 0:]), (skip, streamer.pieces)
+
+
 def test_sampling_rules_on_device():
     logits = torch.randn(256, 50, generator=torch.Generator().manual_seed(3))
     greedy = logits.argmax(-1)
