@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -82,10 +83,12 @@ class _Plan:
     reason: str = "mask is not causal attention over one run of tokens per row"  # "other": why
 
 
-# The last mask classified, its key and plan. The key holds the mask's version counter, so a
-# mask edited in place is looked at again; the reference keeps the object alive, so ``is``
-# cannot be fooled by a new tensor at a recycled address.
-_last_plan: tuple[torch.Tensor, tuple, _Plan] | None = None
+# The last mask classified (a weak reference), its key and plan. The key holds the mask's version
+# counter, so a mask edited in place is looked at again. A weak reference cannot be fooled by a new
+# tensor at a recycled address (a dead one answers None), and does not keep the mask alive past
+# its forward into the next one's peak: a padded batch's (B, 1, T, T) boolean mask is 64 MiB per
+# sequence at 8k tokens.
+_last_plan: tuple[weakref.ref, tuple, _Plan] | None = None
 
 
 def _window_allows(q_pos, k_pos, window):
@@ -179,7 +182,7 @@ def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
     # an inference-mode tensor has no version counter: identity alone (see the module docstring)
     key = (None if mask.is_inference() else mask._version, tuple(mask.shape), shape, causal, window)
     last = _last_plan
-    if last is not None and last[0] is mask and last[1] == key:
+    if last is not None and last[0]() is mask and last[1] == key:
         return last[2]
     B, Hq, Tq, Tk = shape
     try:
@@ -213,7 +216,7 @@ def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
         if plan is None and Tq == Tk:
             plan = _packed_plan(m, causal, window)
         plan = plan or _Plan("other")
-    _last_plan = (mask, key, plan)
+    _last_plan = (weakref.ref(mask), key, plan)
     return plan
 
 

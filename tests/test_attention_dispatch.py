@@ -121,6 +121,27 @@ def test_a_mask_edited_in_place_is_looked_at_again():
     assert not FALLBACKS, FALLBACKS
 
 
+def test_the_mask_is_not_kept_alive_and_a_new_one_is_classified():
+    """The last mask's plan is reused for the same object (HF passes one mask to every layer),
+    but it is not kept alive after the forward (a (B, 1, T, T) mask held into the next forward's
+    peak), and a new mask at the dead one's address is looked at, not taken for it."""
+    import gc
+    import weakref
+
+    q, k, v = qkv(Tq=9, Tk=9)
+    mask = padded_causal([9, 5], 9, 9)
+    check(attend(q, k, v, mask), q, k, v, mask)
+    dead = weakref.ref(mask)
+    del mask
+    gc.collect()
+    assert dead() is None
+    for lengths in ([3, 8], [9, 2], [1, 9]):  # (new masks, some at a recycled address)
+        mask = padded_causal(lengths, 9, 9)
+        check(attend(q, k, v, mask), q, k, v, mask)
+        del mask
+    assert not FALLBACKS, FALLBACKS
+
+
 @pytest.mark.parametrize("shape", ["batch", "query", "both"])
 def test_masks_that_broadcast(shape):
     q, k, v = qkv(B=2, Tq=5, Tk=5)
