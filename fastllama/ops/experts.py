@@ -181,7 +181,9 @@ def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
     if E is None or two_i % 2 or H != hidden.shape[1] or down_proj.shape != (E, H, two_i // 2):
         raise ValueError(f"gate_up_proj must be (E, 2I, H) and down_proj (E, H, I) with H = {hidden.shape[1]}, got "
                          f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}")
-    if top_k_index.device.type == "cpu" and top_k_index.numel() and not torch.compiler.is_compiling():
+    # (values exist: a plain CPU tensor, not a FakeTensor of a memory estimate or a traced graph)
+    if (top_k_index.device.type == "cpu" and type(top_k_index) is torch.Tensor and top_k_index.numel()
+            and not torch.compiler.is_compiling()):
         low, high = int(top_k_index.min()), int(top_k_index.max())
         if low < 0 or high >= E:
             raise ValueError(f"top_k_index holds expert ids from {low} to {high}; the experts are 0..{E - 1}")
