@@ -291,8 +291,9 @@ class Generator:
             weights' memory, else captures again.
         max_batch_size, max_seq_len: cache capacity; a call needs ``batch <= max_batch_size``
             and ``longest prompt + max_new_tokens <= max_seq_len``.
-        cuda_graph: capture the decode step as a CUDA graph (default: True on CUDA). On the CPU
-            the step always runs eagerly.
+        cuda_graph: capture the decode step as a CUDA graph (default: True on CUDA, except for a
+            mixture of experts whose grouped matmul syncs with the host: see
+            :func:`fastllama.ops.experts.grouped_mm_syncs`). On the CPU the step always runs eagerly.
         num_splits: ``decode_attention``'s key splits (default: its shape heuristic).
         fuse_projections: compute q/k/v with one GEMM and gate/up with one, by laying each
             layer's weights out as row blocks of one buffer (see :class:`RowBlocks`: the
@@ -309,7 +310,15 @@ class Generator:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA model, the model is on {self.device}")
         check_attention_device(p)  # its prefill and decode steps run the attention kernels
-        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        # A mixture of experts' grouped matmul syncs with the host outside its bf16 sm_90/sm_100
+        # kernels: such a step cannot be captured, so it runs eagerly
+        experts = next((layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")), None)
+        syncs = experts is not None and ops.experts.grouped_mm_syncs(experts.gate_up_proj)
+        if cuda_graph and syncs:
+            raise ValueError(f"cuda_graph=True: this mixture of experts' grouped matmul ({experts.gate_up_proj.dtype} on "
+                             "this GPU) reads its group offsets on the host, which a CUDA graph cannot capture; "
+                             "use cuda_graph=False (the default picks it), or bf16 on an sm_90/sm_100 GPU")
+        self.cuda_graph = self.device.type == "cuda" and not syncs if cuda_graph is None else cuda_graph
         self.model, cfg = model, model.config
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

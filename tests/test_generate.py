@@ -809,6 +809,38 @@ def test_moe_experts_the_generator_cannot_read_are_refused(monkeypatch):
     assert gen.generate([[3, 4]], 2) == Generator(model, 1, 16).generate([[3, 4]], 2)
 
 
+def test_which_grouped_matmuls_sync_with_the_host(monkeypatch):
+    """torch's grouped matmul needs no host sync only in its bf16 kernels of sm_90 / sm_100;
+    elsewhere on CUDA it reads the offsets on the host (no CUDA graph), never on the CPU."""
+    import types
+
+    from fastllama.ops import experts as experts_op
+
+    for major, dtype, syncs in ((9, torch.bfloat16, False), (10, torch.bfloat16, False), (9, torch.float16, True),
+                                (9, torch.float32, True), (8, torch.bfloat16, True), (12, torch.bfloat16, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, major=major: (major, 0))
+        weight = types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+        assert experts_op.grouped_mm_syncs(weight) is syncs, (major, dtype)
+    assert not experts_op.grouped_mm_syncs(torch.zeros(2, dtype=torch.float16))
+
+
+@pytest.mark.skipif(INTERPRETER, reason="real CUDA graphs need a GPU")
+def test_a_mixture_of_experts_that_syncs_decodes_without_a_cuda_graph():
+    """An fp32 mixture of experts (its grouped matmul syncs with the host): the Generator
+    decodes it eagerly by default, HF's tokens, and refuses cuda_graph=True with the reason."""
+    from fastllama.ops import experts as experts_op
+
+    model = _hf_model("qwen3-moe")
+    assert experts_op.grouped_mm_syncs(model.model.layers[0].mlp.experts.gate_up_proj)
+    gen = Generator(model, 1, 16)
+    assert not gen.cuda_graph
+    prompt = torch.tensor([[3, 4, 5]], device=DEVICE)
+    expected = model.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert gen.generate([[3, 4, 5]], 4, stop_tokens=[])[0] == expected[0].tolist()
+    with pytest.raises(ValueError, match="reads its group offsets on the host"):
+        Generator(model, 1, 16, cuda_graph=True)
+
+
 def test_gemma2_score_softcapping_binds_and_is_computed(monkeypatch):
     """Gemma 2's attention score cap (0.1 here) changes the logits, and the generator computes
     them capped, in prefill (flash attention, and the decode kernel for a prompt of up to 16

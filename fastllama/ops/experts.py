@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ._checks import check_tensor
 from .swiglu import _gelu, _swiglu_fused, _swiglu_fused_bwd
 
-__all__ = ["moe_experts", "grouped_mm_available", "grouped_mm_problem"]
+__all__ = ["moe_experts", "grouped_mm_available", "grouped_mm_problem", "grouped_mm_syncs"]
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -84,6 +84,17 @@ def _grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> tor
     if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
         return _grouped_mm_op(a, b, offs)
     return _grouped_mm(a, b, offs=offs)
+
+
+def grouped_mm_syncs(weight: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul over ``weight``'s dtype and device reads the group offsets
+    on the host: a device sync per call, which a CUDA graph capture forbids. Its fast kernels
+    (bf16 on sm_90 / sm_100: H100, H200, B200) need no sync; every other CUDA case runs a
+    fallback that copies the offsets to the host and loops over the groups. The CPU has no
+    device to wait for."""
+    if weight.device.type != "cuda":
+        return False
+    return not (weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device)[0] in (9, 10))
 
 
 def _sorted_pairs(top_k_index: torch.Tensor, n_experts: int):
