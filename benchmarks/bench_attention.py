@@ -106,7 +106,14 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
     # fastllama's rows name the tiles its autotuner chose for this shape (what the next tuning
     # round starts from).
     picks = attention_ops.autotuned_choices() if name.startswith("fastllama") else {}
-    bwd_kernels = ("dkdv", "dq") if name == "fastllama" else ("dkdv_atomic",)
+    if name == "fastllama-softcap":  # untimed tiles (the autotuners' picks are another provider's),
+        # and the deterministic backward whatever the patch option (flash_attention_backward)
+        from fastllama.kernels.flash_attention import softcap_config, strides_aligned
+
+        aligned = strides_aligned(q, k, v)
+        picks = {which: "M{} N{} w{} s{}".format(*softcap_config(which, q, aligned, "ieee"))
+                 for which in ("fwd", "dkdv", "dq")}
+    bwd_kernels = ("dkdv_atomic",) if name == "fastllama-atomic" else ("dkdv", "dq")
     notes = {"fwd": picks.get("fwd", ""), "bwd": "; ".join(f"{k} {picks[k]}" for k in bwd_kernels if k in picks)}
     return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=notes["fwd"]),
             dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note=notes["bwd"])], tuning

@@ -299,6 +299,22 @@ def test_results_dir_and_plots_for_other_benchmarks(tmp_path, monkeypatch):
     assert "cross_entropy.png" in (tmp_path / "cross_entropy.md").read_text()
 
 
+def test_attention_softcap_rows_name_the_tiles_they_ran(monkeypatch):
+    """Soft-capped launches skip the autotuner: their rows name the soft-cap tiles and the
+    deterministic backward's two kernels, not the previous provider's autotuned picks."""
+    from benchmarks import bench_attention
+    from fastllama.kernels.flash_attention import softcap_config
+    from fastllama.ops import attention as attention_ops
+
+    monkeypatch.setattr(attention_ops, "autotuned_choices", lambda: {"fwd": "M1 N1 w1 s1", "dkdv_atomic": "M2 N2 w2 s2"})
+    monkeypatch.setattr(bench_attention.common, "time_ms", lambda fn, **kw: (fn(), 1.0)[1])  # one run
+    fn = bench_attention._providers()["fastllama-softcap"]
+    rows, _ = bench_attention.bench_case("fastllama-softcap", fn, 1, 2, 16, 64, True, torch.float32)
+    q = torch.empty(1, 2, 16, 64)
+    tile = {w: "M{} N{} w{} s{}".format(*softcap_config(w, q, True, "ieee")) for w in ("fwd", "dkdv", "dq")}
+    assert [r["note"] for r in rows] == [tile["fwd"], f"dkdv {tile['dkdv']}; dq {tile['dq']}"]
+
+
 def test_attention_tuning_rows_and_no_plot_for_them(tmp_path, monkeypatch):
     """bench_attention's tuning table: a row per timed candidate, fastest first, relative to the
     fastest; a candidate that failed (inf) has no ratio; plot_missing draws nothing for it."""
