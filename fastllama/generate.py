@@ -50,7 +50,7 @@ from .forwards import attention_input_linears, gate_activation, mlp_input_linear
 from .ops._checks import check_attention_device
 from .model_weights import (RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables,
                             rotary_layer_types)
-from .reference.model import Llama, check_sampling, filter_logits
+from .reference.model import Llama, check_sampling, filter_logits, token_id_set
 
 __all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer",
            "load_checkpoint"]
@@ -101,18 +101,6 @@ class GenerationStats:
     def decode_tokens_per_s(self) -> float:
         """Tokens per second of the decode steps: batch x steps / decode time."""
         return self.batch * self.steps / self.decode_s if self.decode_s > 0 else 0.0
-
-
-def _token_id_set(ids) -> set[int]:
-    """Token ids given as an int, an iterable of ints, a tensor or an array (of any shape, 0-d
-    included), or None (no ids), as a set of ints."""
-    if ids is None:
-        return set()
-    if isinstance(ids, int):
-        return {ids}
-    if isinstance(ids, torch.Tensor) or hasattr(ids, "__array__"):
-        return set(torch.as_tensor(ids).reshape(-1).tolist())
-    return {int(t) for t in ids}
 
 
 class _HFStreamer:
@@ -170,7 +158,7 @@ class TextStreamer:
         self.tokenizer = tokenizer
         self.on_text = on_text or (lambda s: print(s, end="", flush=True))
         self.sequence = sequence
-        self.stop = None if stop_tokens is None else _token_id_set(stop_tokens)
+        self.stop = None if stop_tokens is None else token_id_set(stop_tokens)
         if isinstance(prompt, torch.Tensor):
             if prompt.dim() == 2:
                 prompt = prompt[sequence]
@@ -749,7 +737,7 @@ class Generator:
         default_stop, default_pad = default_stop_and_pad(self.model)
         if stop_tokens is None:
             stop_tokens = default_stop
-        stop = tuple(sorted(_token_id_set(stop_tokens)))
+        stop = tuple(sorted(token_id_set(stop_tokens)))
         pad = pad_token_id if pad_token_id is not None else default_pad
         greedy = temperature == 0
         return _Sampling(float(temperature), None if greedy else top_k, None if greedy else top_p, stop, int(pad))

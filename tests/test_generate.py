@@ -410,6 +410,9 @@ def test_finished_sequences_with_an_invalid_pad_id_and_token_counts(model):
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], device=DEVICE)
     padded = generate(model, ids, 6, attention_mask=mask, stop_tokens=[stop], pad_token_id=-1)
     assert padded[0, 4:].tolist() == free[0][3:5] + [-1] * 4
+    # the reference model's own generate too (it fed the pad to its embedding), stop ids as a tensor
+    reference = model.generate(ids, 6, attention_mask=mask, stop_tokens=torch.tensor([stop]), pad_token_id=-1)
+    assert torch.equal(reference, padded)
 
 
 def test_a_one_dimensional_prompt_is_refused_before_a_cache_is_built(model, monkeypatch):

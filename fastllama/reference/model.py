@@ -317,10 +317,7 @@ class Llama(nn.Module):
         default_stop, default_pad = default_stop_and_pad(self)
         if stop_tokens is None:
             stop_tokens = sorted(default_stop)
-        stop = torch.tensor(
-            [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens or []),
-            dtype=torch.long, device=input_ids.device,
-        )
+        stop = torch.tensor(sorted(token_id_set(stop_tokens)), dtype=torch.long, device=input_ids.device)
         # as HF's generate: finished rows repeat the pad, else the (first) eos, else 0
         pad = pad_token_id if pad_token_id is not None else default_pad
         B, T = input_ids.shape
@@ -331,17 +328,31 @@ class Llama(nn.Module):
             done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             logits = self(input_ids, attention_mask=mask, cache_start=0)[:, -1]
             for step in range(max_new_tokens):
-                token = sample(logits.float(), temperature, top_k, top_p, generator)
-                token = torch.where(done, torch.full_like(token, pad), token)
+                sampled = sample(logits.float(), temperature, top_k, top_p, generator)
+                token = torch.where(done, torch.full_like(sampled, pad), sampled)
                 out = torch.cat([out, token[:, None]], dim=1)
                 done |= torch.isin(token, stop)
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                logits = self(token[:, None], attention_mask=mask, cache_start=T + step)[:, -1]
+                # a finished row steps on its sampled id, not its pad, which may be no token
+                # (-1: a tokenizer without one); its output is the pad whatever it computes
+                logits = self(sampled[:, None], attention_mask=mask, cache_start=T + step)[:, -1]
             return out
         finally:
             self.caches = None
+
+
+def token_id_set(ids) -> set[int]:
+    """Token ids given as an int, an iterable of ints, a tensor or an array (any shape, 0-d
+    included), or None (no ids), as a set of ints."""
+    if ids is None:
+        return set()
+    if isinstance(ids, int):
+        return {ids}
+    if isinstance(ids, torch.Tensor) or hasattr(ids, "__array__"):
+        return set(torch.as_tensor(ids).reshape(-1).tolist())
+    return {int(t) for t in ids}
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
