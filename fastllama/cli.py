@@ -113,8 +113,11 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", help="an HF config.json: a model with random weights is built from it")
     src.add_argument("--checkpoint", help="an HF checkpoint directory (config.json + safetensors)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=64)
+    from .bench.common import at_least
+
+    p.add_argument("--batch", type=at_least(1), default=2)
+    # (2 tokens at least: the loss compares a label shifted by one; one token has none)
+    p.add_argument("--seq-len", type=at_least(2), default=64)
     p.add_argument("--no-backward", action="store_true", help="compare forward outputs only")
 
 

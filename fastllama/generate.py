@@ -870,7 +870,13 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     except ImportError:
         raise ValueError(f"{path} holds a {model_type!r} model, which loads through transformers: "
                          "pip install transformers") from None
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, SafetensorError) as e:  # missing or unreadable weight files: the user's to fix
+        raise ValueError(f"transformers could not load the {model_type!r} checkpoint {path}: {e}") from None
+    return model.to(device).eval()
 
 
 def run_cli(args) -> int:

@@ -79,3 +79,9 @@ def test_verify_reports_bad_config_files_as_errors(tmp_path, capsys):
     (tmp_path / "no_type.json").write_text(json.dumps({"hidden_size": 64}))
     main(["verify", "--config", str(tmp_path / "no_type.json")])
     assert 'has no "model_type"' in capsys.readouterr().err
+    # sizes that build no comparable input: usage errors before any model is built (a traceback,
+    # exit 1 — "parity failed" — after building and patching one)
+    for bad in (["--batch", "0"], ["--batch", "-1"], ["--seq-len", "1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["verify", "--config", str(tmp_path / "no_type.json"), *bad])
+        assert exit_.value.code == 2 and "must be >=" in capsys.readouterr().err, bad

@@ -281,6 +281,14 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
     assert "is not a sentencepiece model" in capsys.readouterr().err
+    # a transformers family whose weights are missing or broken: an error line, not a traceback
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "vocab_size": 300}))
+    (tmp_path / "model.safetensors").unlink()
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
+    assert "transformers could not load the 'mistral' checkpoint" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00")
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
+    assert "transformers could not load the 'mistral' checkpoint" in capsys.readouterr().err
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
                                       "types: gemma, gemma2, gemma3_text, granite, llama,"),
