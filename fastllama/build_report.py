@@ -595,6 +595,14 @@ def cli_run(args) -> int:
             print(f"--op: no op named {missing}; known: {[s.name for s in specs]}", file=sys.stderr)
             return 2
         specs = [s for s in specs if s.name in args.op]
+    # the folders first: a path that cannot be one is found before hours of compiling, not after
+    for flag, folder in (("--output", args.output), ("--cache-dir", args.cache_dir)):
+        try:
+            if folder:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"{flag}: cannot make the folder {folder}: {e}", file=sys.stderr)
+            return 2
     jobs, error_rows = jobs_from_specs(archs, specs)
     # With a budget, compile the likeliest problems first; the table keeps the op-table order.
     order = by_pressure(jobs) if args.budget is not None else jobs
@@ -607,7 +615,6 @@ def cli_run(args) -> int:
     data = report_json(rows, uncovered)
     if args.output:
         out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
         (out / "report.md").write_text(_markdown_report(rows, data, archs))
     if args.json:

@@ -7,6 +7,7 @@ happens before any subcommand imports triton, so every command also runs on a CP
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -142,6 +143,8 @@ def _verify_model(args: argparse.Namespace):
                              "(e.g. \"llama\", \"mistral\", \"qwen2\")")
         config = AutoConfig.for_model(**fields)
     else:
+        if not os.path.isdir(args.checkpoint):  # (transformers would take it for a Hub name and go online)
+            raise ValueError(f"--checkpoint {args.checkpoint}: no such directory")
         config = AutoConfig.from_pretrained(args.checkpoint)
     # train mode (the training paths are what is checked), but without dropout: runs that draw
     # other masks cannot be compared (verify refuses them). Llama's attention_dropout, Phi-3's

@@ -607,12 +607,13 @@ def test_decode_benchmark_refuses_arguments_that_time_nothing(bad, tmp_path, cap
     ["train", "--layers", "0"], ["train", "--seq-len", "-5"], ["train", "--batch", "0"], ["train", "--warmup", "-1"],
     ["train", "--steps", "0"], ["memory", "--tokens", "8", "8"], ["memory", "--tokens", "0", "8"],
     ["ops", "--only", "attention"], ["ops", "--benchmarks-dir", "/nonexistent"], ["train", "--out", "FILE"],
+    ["train", "--out", "FILE/sub"],  # (a folder under a file: it failed after the first configuration)
 ])
 def test_bench_refuses_bad_arguments_before_running(argv, tmp_path, capsys, monkeypatch):
     # Each of these used to be a traceback, a silent change (batch 0 ran batch 1) or a run whose
     # rows were all errors; now a usage error before any model is built.
     (tmp_path / "FILE").write_text("")
-    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    argv = [str(tmp_path / a) if a.startswith("FILE") else a for a in argv]
     monkeypatch.setattr(train, "run_train", lambda *a, **k: pytest.fail("ran"))
     monkeypatch.setattr(memory, "memory_report", lambda *a, **k: pytest.fail("ran"))
     try:
@@ -622,7 +623,7 @@ def test_bench_refuses_bad_arguments_before_running(argv, tmp_path, capsys, monk
     assert rc == 2
     err = capsys.readouterr().err
     assert "must be >=" in err or "different counts" in err or "available:" in err or "benchmarks/" in err \
-        or "not a folder" in err, err
+        or "cannot be a folder" in err, err
 
 
 def test_results_record_a_command_that_can_be_typed_again_and_the_commit_override(monkeypatch):

@@ -673,3 +673,16 @@ def test_cross_entropy_launches_compile_the_reports_builds(monkeypatch, sm):
     assert kernels == {"_lse_partials_kernel", "_loss_and_grad_kernel", "_accumulate_at_b_kernel"}, kernels
     missing = _not_in_report(launched, ("linear_cross_entropy",), f"sm_{sm}")
     assert not missing, (len(missing), missing[:3])
+
+
+def test_cli_refuses_an_output_or_cache_folder_it_cannot_make_before_compiling(tmp_path, monkeypatch, capsys):
+    """--output / --cache-dir naming a file: an error and exit 2 before any compile (the output
+    folder was made after every build had compiled: a traceback and no report)."""
+    from fastllama.cli import main
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(br, "run_report", lambda *a, **k: pytest.fail("compiled"))
+    for flag in ("--output", "--cache-dir"):
+        for path in ("afile", "afile/sub"):
+            assert main(["build-report", "--op", "swiglu", "--arch", "sm_80", flag, str(tmp_path / path)]) == 2
+            assert f"{flag}: cannot make the folder" in capsys.readouterr().err

@@ -81,6 +81,8 @@ def test_verify_reports_bad_config_files_as_errors(tmp_path, capsys):
     assert 'has no "model_type"' in capsys.readouterr().err
     # sizes that build no comparable input: usage errors before any model is built (a traceback,
     # exit 1 — "parity failed" — after building and patching one)
+    assert main(["verify", "--checkpoint", str(tmp_path / "nowhere")]) == 2  # (not a Hub lookup)
+    assert "nowhere: no such directory" in capsys.readouterr().err
     for bad in (["--batch", "0"], ["--batch", "-1"], ["--seq-len", "1"]):
         with pytest.raises(SystemExit) as exit_:
             main(["verify", "--config", str(tmp_path / "no_type.json"), *bad])

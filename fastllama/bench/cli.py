@@ -92,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
     result, not a failure)."""
     if args.out:
         out = Path(args.out).resolve()
-        if out.exists() and not out.is_dir():  # (found before a first configuration has run)
-            print(f"fastllama bench: --out {args.out} exists and is not a folder", file=sys.stderr)
+        try:  # (made before a first configuration has run: a path that cannot be a folder is found now)
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"fastllama bench: --out {args.out} cannot be a folder: {e}", file=sys.stderr)
             return 2
         os.environ["FASTLLAMA_RESULTS_DIR"] = str(out)
     tokens = getattr(args, "tokens", None)
