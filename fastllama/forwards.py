@@ -586,10 +586,12 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
                          inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     """``LlamaForCausalLM.forward``: with ``labels``, the LM head and the loss run as one fused
     op and no logits are built (``logits`` is None); without, the original forward runs. So
-    does a call with labels that no backward can follow (an evaluation loop: eval mode under
-    ``torch.no_grad`` / ``inference_mode``), which reads the logits for its metrics
-    (``Trainer.evaluate`` with ``compute_metrics``): there the logits cost no saved memory. So
-    does a call with labels and a ``logits_to_keep`` other than 0: HF then computes the loss of
+    does, by default, a call with labels that no backward can follow (eval mode under
+    ``torch.no_grad`` / ``inference_mode``: an evaluation loop, which may read the logits for
+    its metrics, as ``Trainer.evaluate`` with ``compute_metrics`` does), at HF's memory cost
+    (the full fp32 logits, for a loss-only evaluation too). ``skip_logits`` (Liger-Kernel's
+    keyword) decides instead: True, the fused loss even there; False, the logits in training
+    too. So does a call with labels and a ``logits_to_keep`` other than 0: HF then computes the loss of
     the kept logits against all the labels (a shape error for any shorter slice), and the fused
     loss over every position would silently answer something else. A mixture-of-experts model's
     output (``MoeCausalLMOutputWithPast``) carries its router logits and, with
@@ -597,8 +599,10 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     keeps_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
-    evaluation = not self.training and not torch.is_grad_enabled()
-    if labels is None or evaluation or not keeps_all or not _plain_linear(self.lm_head):
+    skip_logits = kwargs.pop("skip_logits", None)
+    if skip_logits is None:
+        skip_logits = self.training or torch.is_grad_enabled()  # (not an evaluation loop's call)
+    if labels is None or not skip_logits or not keeps_all or not _plain_linear(self.lm_head):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                   logits_to_keep=logits_to_keep, labels=labels, **{_hf_cache_name(): cache}, **kwargs)

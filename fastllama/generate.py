@@ -301,7 +301,8 @@ class Generator:
         # A mixture of experts' grouped matmul syncs with the host outside its bf16 sm_90/sm_100
         # kernels: such a step cannot be captured, so it runs eagerly
         experts = next((layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")), None)
-        syncs = experts is not None and ops.experts.grouped_mm_syncs(experts.gate_up_proj)
+        weight = getattr(experts, "gate_up_proj", None)  # (missing: refused with its reason at the call)
+        syncs = isinstance(weight, torch.Tensor) and ops.experts.grouped_mm_syncs(weight)
         if cuda_graph and syncs:
             raise ValueError(f"cuda_graph=True: this mixture of experts' grouped matmul ({experts.gate_up_proj.dtype} on "
                              "this GPU) reads its group offsets on the host, which a CUDA graph cannot capture; "

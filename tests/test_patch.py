@@ -355,7 +355,8 @@ def test_patched_loss_builds_no_logits():
 def test_evaluation_with_labels_returns_hf_logits_and_loss():
     """An evaluation loop (eval mode, no grad: ``Trainer.evaluate`` with ``compute_metrics``)
     reads the logits: with labels, the patched model returns HF's logits and loss there. Any
-    call a backward can follow (train mode, or grad enabled) keeps the fused loss, no logits."""
+    call a backward can follow (train mode, or grad enabled) keeps the fused loss, no logits.
+    ``skip_logits`` (Liger-Kernel's keyword) overrides both."""
     model = build("llama-gqa").eval()
     x = ids()
     with torch.no_grad():
@@ -370,6 +371,12 @@ def test_evaluation_with_labels_returns_hf_logits_and_loss():
     assert model(input_ids=x, labels=x).logits is None  # eval mode, grad enabled (a backward may follow)
     with torch.no_grad():
         assert model.train()(input_ids=x, labels=x).logits is None
+        # Liger-Kernel's keyword decides when given: the fused loss in evaluation, logits in training
+        loss_only = model.eval()(input_ids=x, labels=x, skip_logits=True)
+        assert loss_only.logits is None
+        torch.testing.assert_close(loss_only.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    with_logits = model.train()(input_ids=x, labels=x, skip_logits=False)
+    torch.testing.assert_close(with_logits.logits, expected.logits, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm",

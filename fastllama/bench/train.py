@@ -384,7 +384,8 @@ def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows
     it measured). With ``settings.profile``, ``profiles`` receives the kernel-time rows (see
     :mod:`fastllama.bench.profile`). Interrupted (SIGINT), it keeps the rows measured and gives
     every shape not measured a row with status :data:`INTERRUPTED`."""
-    order = sorted(settings.configs, key=lambda c: RUN_ORDER.index(c) if c in RUN_ORDER else len(RUN_ORDER))
+    order = sorted(settings.configs, key=lambda c: (c != settings.preset.baseline,
+                                                    RUN_ORDER.index(c) if c in RUN_ORDER else len(RUN_ORDER)))
     log(f"training benchmark: {settings.preset.name} ({settings.preset.note}), "
         f"{str(settings.dtype).removeprefix('torch.')} on {common.environment()['device']}, "
         f"{settings.warmup} warm-up + {settings.steps} measured steps per shape")

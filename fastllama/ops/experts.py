@@ -94,6 +94,8 @@ def grouped_mm_syncs(weight: torch.Tensor) -> bool:
     device to wait for."""
     if weight.device.type != "cuda":
         return False
+    if torch.version.hip:  # (ROCm: its grouped matmul is not those kernels)
+        return True
     return not (weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device)[0] in (9, 10))
 
 
