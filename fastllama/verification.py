@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from .attention import FALLBACKS
 from .patching import _install_original, _installed_at, _state, is_patched
-from .testing import ParityReport, float64_truth, parity_report
+from .testing import ParityReport, ParityRow, float64_truth, parity_report
 
 __all__ = ["verify", "VerifyReport"]
 
@@ -302,6 +302,12 @@ def verify(model: nn.Module, inputs, *, backward: bool = True, modules=None, pri
             t.requires_grad_(backward and t.requires_grad)
         report = parity_report(run, original, *tensors, torch_op=plain_pytorch, names=labels, check_grad=backward)
         results.append((name, type(module).__name__, report))
+    if backward and results and not any(r.kind == "grad" for _, _, rep in results for r in rep.rows):
+        # (a frozen model: nothing requires grad, so no backward kernel was compared)
+        results.append(("<model>", type(model).__name__, ParityReport([ParityRow(
+            "(gradients)", "grad", float("inf"), 0.0, 0.0, None,
+            problem="backward=True, but no input or parameter requires grad: no gradient was compared "
+                    "(unfreeze something, or pass backward=False)")])))
     report = VerifyReport(results, fallbacks)
     if print_table:
         print(report.table())

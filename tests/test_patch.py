@@ -1240,6 +1240,12 @@ def test_verify_refuses_what_it_cannot_compare():
         meta = LlamaForCausalLM(LlamaConfig(**BASE))
     with pytest.raises(ValueError, match="meta device"):
         fastllama.verify(fastllama.patch(meta), {"input_ids": x.cpu()}, print_table=False)
+    # a frozen model with backward=True compared no gradient at all and passed
+    frozen = fastllama.patch(build("llama-gqa").eval().requires_grad_(False))
+    report = fastllama.verify(frozen, {"input_ids": x, "labels": x}, modules=["<model>"], print_table=False)
+    assert not report.passed and "no gradient was compared" in report.table()
+    assert fastllama.verify(frozen, {"input_ids": x, "labels": x}, backward=False, modules=["<model>"],
+                            print_table=False).passed
 
 
 def test_verify_of_a_base_model_and_of_a_tensor_input():

@@ -393,3 +393,61 @@ def test_float64_truth_runs_grouped_matmuls_in_float64():
     assert (out[11:] == 0).all()
     torch.testing.assert_close(a.grad[:11].float(), a32.grad[:11])  # (the kernel leaves the rest unwritten)
     torch.testing.assert_close(b.grad.float(), b32.grad)
+
+
+# Harness audit (2026-12-06): each of these passed something wrong.
+def test_a_backward_writing_into_its_incoming_gradient_is_judged_on_its_own_copy():
+    """Each run gets its own upstream gradient: a backward that scales dY in place (reusing the
+    buffer) changed the gradient the later runs used, passing a wrong one and failing a right one."""
+    def scaling_in_place(factor, wrong):
+        class Op(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x * factor
+
+            @staticmethod
+            def backward(ctx, g):
+                return g.mul_(factor * (1.5 if wrong else 1.0))
+        return Op.apply
+
+    x = torch.randn(16, requires_grad=True)
+    assert not parity_report(scaling_in_place(1.0, wrong=True), lambda t: t * 1, x).passed
+    assert parity_report(scaling_in_place(2.0, wrong=False), lambda t: t * 2, x).passed
+
+
+def test_tensors_bound_by_partial_get_their_own_copy_and_may_not_be_written():
+    """Keyword tensors bound with functools.partial (the op table's cu_seqlens) were shared by
+    every run: an op that merged two sequences in them made the reference compute the same."""
+    import functools
+
+    def merged_segments(x, offsets):
+        offsets[2] = offsets[1]  # a kernel "bug": sequences 1 and 2 merged
+        return torch.stack([x[a:b].sum() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+
+    def segments(x, offsets):
+        return torch.stack([x[a:b].sum() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+
+    offsets = torch.tensor([0, 3, 5, 9])
+    x = torch.randn(9, requires_grad=True)
+    report = parity_report(functools.partial(merged_segments, offsets=offsets),
+                           functools.partial(segments, offsets=offsets), x)
+    assert not report.passed and offsets.tolist() == [0, 3, 5, 9]
+    assert "wrote into an integer input" in report.table()
+    assert parity_report(functools.partial(segments, offsets=offsets), functools.partial(segments, offsets=offsets), x).passed
+
+
+def test_dict_outputs_and_the_references_none_places_are_compared():
+    x = torch.randn(8, requires_grad=True)
+    assert not parity_report(lambda t: (t * 2, {"aux": t + 100}), lambda t: (t * 2, {"aux": t + 1}), x).passed
+    assert not parity_report(lambda t: (t * 2, {"other": t + 1}), lambda t: (t * 2, {"aux": t + 1}), x).passed
+    assert parity_report(lambda t: (t * 2, {"aux": t + 1}), lambda t: (t * 2, {"aux": t + 1}), x).passed
+    report = parity_report(lambda t: (t * 2, t * 999), lambda t: (t * 2, None), x)
+    assert not report.passed and "where the reference gives None" in report.table()
+
+
+def test_a_plain_pytorch_op_of_another_shape_is_a_problem_not_a_larger_allowance():
+    """A broadcastable (64, 1) against (64,) inflated PyTorch's error to the spread of the whole
+    tensor, and with it the allowance: an op off by 0.5 passed."""
+    x = torch.randn(64, requires_grad=True)
+    report = parity_report(lambda t: t + 0.5, lambda t: t * 1, x, torch_op=lambda t: t[:, None] * 1)
+    assert not report.passed and "PyTorch's own op gave shape (64, 1)" in report.table()
