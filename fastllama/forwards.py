@@ -14,6 +14,7 @@ reference model has its own, smaller set.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import torch
@@ -519,6 +520,39 @@ def _attention_and_mlp(layer, hidden_states, attention_kwargs, attention_out, ml
     return layer.mlp(h), residual
 
 
+def _checkpoints_itself(layer) -> bool:
+    """Whether a patched HF decoder layer must run its own gradient checkpointing. transformers
+    checkpoints a layer in ``GradientCheckpointingLayer.__call__`` up to 5.1x, which still wraps
+    the instance forward ``patch`` installs; later versions wrap the CLASS's ``forward`` instead,
+    which the instance forward shadows: without this, ``gradient_checkpointing_enable()`` on a
+    patched model kept every activation, silently."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return False
+    return (isinstance(layer, GradientCheckpointingLayer) and "__call__" not in vars(GradientCheckpointingLayer)
+            and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled())
+
+
+def _checkpointable(forward):
+    """A patched decoder layer's forward, checkpointed as HF's class wrapper does it when
+    :func:`_checkpoints_itself`: the inputs kept, the layer recomputed in backward, and no cache
+    (a recompute would write it twice)."""
+    @functools.wraps(forward)
+    def layer_forward(self, *args, **kwargs):
+        if not _checkpoints_itself(self):
+            return forward(self, *args, **kwargs)
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        if not getattr(self, "_can_checkpoint_with_cache", False):
+            for name in ("cache", "past_key_values", "layer_past"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] = None
+        return self._gradient_checkpointing_func(functools.partial(forward, self, **kwargs), *args)
+    return layer_forward
+
+
+@_checkpointable
 def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                              use_cache=False, position_embeddings=None, **kwargs):
     """``LlamaDecoderLayer.forward`` (and Phi-3's, with its residual dropouts) with the residual
@@ -534,6 +568,7 @@ def hf_decoder_layer_forward(self, hidden_states, attention_mask=None, position_
     return residual + _residual_branch(self, "resid_mlp_dropout", out)
 
 
+@_checkpointable
 def gemma3_decoder_layer_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                                  position_ids=None, cache=None, **kwargs):
     """``Gemma3DecoderLayer.forward`` (and Gemma 2's): four norms, each branch normed before it is added::
