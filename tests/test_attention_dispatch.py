@@ -362,3 +362,25 @@ def test_softcap_reaches_every_path(monkeypatch):
     torch.testing.assert_close(out.double(), truth(q16, k16, v16, causal[:, :, -1:], 2e4), rtol=0, atol=2e-3)
     assert set(FALLBACKS) == {"non-boolean mask", "attention dropout > 0",
                               "output_attentions (attention probabilities requested)"}
+
+
+def test_compiled_training_without_a_cache_gets_a_mask_and_falls_back_counted():
+    """A documented limit (README, attention module docstring): under torch.compile without a
+    cache, transformers cannot rule out packed sequences while tracing and builds a mask, which
+    attention serves with SDPA, counted. With a cache HF builds none: the kernels run. If this
+    starts failing because no mask comes, the limit is gone: update the docs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fastllama
+
+    for use_cache, fallbacks in ((True, {}), (False, {"mask under torch.compile": 2})):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = fastllama.patch(LlamaForCausalLM(LlamaConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, attn_implementation="sdpa", use_cache=use_cache)).to(DEVICE).train())
+        x = torch.randint(0, 128, (2, 12), device=DEVICE)
+        FALLBACKS.clear()
+        torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=x, labels=x).loss.backward()
+        assert dict(FALLBACKS) == fallbacks, use_cache
+    torch._dynamo.reset()
