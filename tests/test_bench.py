@@ -683,3 +683,17 @@ def test_spec_bandwidth_by_device_name(monkeypatch, name, gbps):
     monkeypatch.setattr(common, "on_gpu", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     assert common.spec_bandwidth_gbps() == gbps
+
+
+def test_memory_report_where_fake_execution_cannot_pick_a_kernel_is_an_error(monkeypatch, capsys, tmp_path):
+    """Fake execution past a sliding window (HF builds a mask, whose values pick fastllama's
+    kernel) raised DataDependentOutputException from deep in attention: now an error line, exit 2."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    def no_values(model, tokens):
+        raise DataDependentOutputException(torch.ops.aten.equal.default)
+
+    monkeypatch.setattr(memory, "measure_saved", no_values)
+    monkeypatch.setattr(memory, "execution_for", lambda *a, **k: "fake")
+    assert main(["bench", "memory", "--presets", "tiny", "--no-progress", "--out", str(tmp_path)]) == 2
+    assert "fake execution cannot run hf-sdpa at [8, 16] tokens" in capsys.readouterr().err

@@ -178,8 +178,12 @@ def _memory(args, presets=None) -> int:
     presets = presets or getattr(args, "presets", None) or memory.DEFAULT_PRESETS
     tokens = tuple(getattr(args, "tokens", None) or memory.DEFAULT_TOKENS)
     t0 = time.time()
-    rows = memory.memory_report(presets=presets, token_counts=tokens, device=common.device(),
-                                progress=not args.no_progress)
+    try:
+        rows = memory.memory_report(presets=presets, token_counts=tokens, device=common.device(),
+                                    progress=not args.no_progress)
+    except ValueError as e:
+        print(f"fastllama bench memory: {e}", file=sys.stderr)
+        return 2
     # device-independent: the full report (every preset) has one folder for every machine,
     # benchmarks/results/memory/, unless --out / FASTLLAMA_RESULTS_DIR; a subset goes with the
     # machine's other results

@@ -260,12 +260,19 @@ def execution_for(preset: str, device: str, execution: str = "auto") -> str:
 
 def measure_mode(mode: str, config: dict, token_counts, device="cpu", execution="real"):
     """``measure_saved`` at each token count for a freshly built ``mode`` model."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     torch.manual_seed(0)
     with FakeTensorMode() if execution == "fake" else contextlib.nullcontext():
         model = build_model(mode, config, device=device)
-        return [measure_saved(model, t) for t in token_counts]
+        try:
+            return [measure_saved(model, t) for t in token_counts]
+        except DataDependentOutputException as e:
+            # fastllama's attention reads a mask's values to pick its kernel; a fake tensor has
+            # none (HF builds masks past a sliding window, or for a mask it cannot skip)
+            raise ValueError(f"fake execution cannot run {mode} at {list(token_counts)} tokens: the model builds "
+                             "an attention mask there, whose values pick fastllama's kernel; use fewer tokens "
+                             "(below any sliding window) or a GPU (real execution)") from e
 
 
 def memory_report(presets=DEFAULT_PRESETS, modes=MODES, token_counts=DEFAULT_TOKENS,
