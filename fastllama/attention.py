@@ -34,10 +34,11 @@ version counter sees it: not through ``.data`` or numpy, nor for a mask made und
 ``torch.inference_mode()``, which has no counter; pass a new mask instead). Under
 torch.compile that inspection would break the graph in every layer, so there a mask goes to
 SDPA; HF builds none for unpadded batches (see ``forwards.hf_attention_mask``), which compile to the
-kernels, but only when the model runs with a cache: without one (``use_cache=False``, HF's
-choice in training with gradient checkpointing) transformers checks position_ids for packed
-sequences, which it cannot rule out while tracing, so it builds the mask and attention runs
-SDPA with it in every compiled training step (counted as "mask under torch.compile").
+kernels. Without a cache (``use_cache=False``, HF's choice in training with checkpointing)
+transformers checks position_ids for packed sequences, which it cannot rule out while tracing:
+a patched causal LM tells it that positions it generated itself are not packed
+(``forwards.find_packed_sequence_indices``), but position_ids passed in (a packing collator's)
+get a mask, and attention runs SDPA with it (counted as "mask under torch.compile").
 """
 from __future__ import annotations
 

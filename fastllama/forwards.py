@@ -617,8 +617,40 @@ def _hf_cache_name() -> str:
     return _CACHE_NAME
 
 
+# True while a patched causal LM runs a call whose position_ids HF generates itself (none given,
+# no cache: 0 .. T-1 in every row, so no packed sequences). transformers checks position_ids for
+# packing before it builds a mask; while torch.compile traces it cannot rule packing out, so it
+# built a (B, 1, T, T) mask for every compiled training step without a cache, and attention ran
+# SDPA with it instead of the flash kernels. A one-item list: dynamo replays the item's change.
+_GENERATED_POSITIONS = [False]
+_HF_FIND_PACKED = []  # transformers' own find_packed_sequence_indices, once wrapped
+
+
+def find_packed_sequence_indices(position_ids):
+    """Installed over ``transformers.masking_utils.find_packed_sequence_indices`` by ``patch``:
+    None (no packing) for positions HF generated in a patched causal LM's call (see
+    :data:`_GENERATED_POSITIONS`), else transformers' own answer."""
+    if _GENERATED_POSITIONS[0]:
+        return None
+    return _HF_FIND_PACKED[0](position_ids)
+
+
 def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                          inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """See :func:`_causal_lm_forward`; positions HF generates are known not to be packed."""
+    if cache is None and "past_key_values" in kwargs:
+        cache = kwargs.pop("past_key_values")
+    before = _GENERATED_POSITIONS[0]
+    _GENERATED_POSITIONS[0] = position_ids is None and cache is None
+    try:
+        return _causal_lm_forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels,
+                                  use_cache, logits_to_keep, **kwargs)
+    finally:
+        _GENERATED_POSITIONS[0] = before
+
+
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     """``LlamaForCausalLM.forward``: with ``labels``, the LM head and the loss run as one fused
     op and no logits are built (``logits`` is None); without, the original forward runs. So
     does, by default, a call with labels that no backward can follow (eval mode under

@@ -242,6 +242,12 @@ def _register_hf_attention() -> None:
 
     AttentionInterface.register("fastllama", forwards.hf_attention_function)
     AttentionMaskInterface.register("fastllama", forwards.hf_attention_mask)
+    from transformers import masking_utils
+
+    # (once: transformers' function is kept, and the wrapper only answers for patched calls)
+    if masking_utils.find_packed_sequence_indices is not forwards.find_packed_sequence_indices:
+        forwards._HF_FIND_PACKED[:] = [masking_utils.find_packed_sequence_indices]
+        masking_utils.find_packed_sequence_indices = forwards.find_packed_sequence_indices
 
 
 def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,

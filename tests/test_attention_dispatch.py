@@ -364,23 +364,30 @@ def test_softcap_reaches_every_path(monkeypatch):
                               "output_attentions (attention probabilities requested)"}
 
 
-def test_compiled_training_without_a_cache_gets_a_mask_and_falls_back_counted():
-    """A documented limit (README, attention module docstring): under torch.compile without a
-    cache, transformers cannot rule out packed sequences while tracing and builds a mask, which
-    attention serves with SDPA, counted. With a cache HF builds none: the kernels run. If this
-    starts failing because no mask comes, the limit is gone: update the docs."""
+def test_compiled_training_without_a_cache_takes_the_kernels_and_packing_is_counted():
+    """Under torch.compile without a cache, transformers checks position_ids for packed
+    sequences, which it cannot rule out while tracing: it built a mask for every compiled
+    training step and attention ran SDPA. A patched causal LM says the positions HF generates
+    are not packed: the kernels run, same loss. Positions passed in that restart (packed) still
+    get their mask, served by SDPA, counted, with eager's loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import fastllama
 
-    for use_cache, fallbacks in ((True, {}), (False, {"mask under torch.compile": 2})):
-        torch._dynamo.reset()
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]] * 2, device=DEVICE)
+    for use_cache in (True, False):
         torch.manual_seed(0)
         model = fastllama.patch(LlamaForCausalLM(LlamaConfig(
             vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=32, attn_implementation="sdpa", use_cache=use_cache)).to(DEVICE).train())
         x = torch.randint(0, 128, (2, 12), device=DEVICE)
-        FALLBACKS.clear()
-        torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=x, labels=x).loss.backward()
-        assert dict(FALLBACKS) == fallbacks, use_cache
+        for position_ids, fallbacks in ((None, {}), (packed, {} if use_cache else {"mask under torch.compile": 2})):
+            torch._dynamo.reset()
+            FALLBACKS.clear()
+            loss = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=x, labels=x,
+                                                                            position_ids=position_ids).loss
+            loss.backward()
+            assert dict(FALLBACKS) == fallbacks, (use_cache, position_ids)
+            FALLBACKS.clear()
+            torch.testing.assert_close(loss, model(input_ids=x, labels=x, position_ids=position_ids).loss)
     torch._dynamo.reset()
