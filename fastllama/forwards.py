@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import threading
 
 import torch
 
@@ -617,20 +618,21 @@ def _hf_cache_name() -> str:
     return _CACHE_NAME
 
 
-# True while a patched causal LM runs a call whose position_ids HF generates itself (none given,
-# no cache: 0 .. T-1 in every row, so no packed sequences). transformers checks position_ids for
-# packing before it builds a mask; while torch.compile traces it cannot rule packing out, so it
-# built a (B, 1, T, T) mask for every compiled training step without a cache, and attention ran
-# SDPA with it instead of the flash kernels. A one-item list: dynamo replays the item's change.
-_GENERATED_POSITIONS = [False]
+# ``generated`` is True while torch.compile traces a patched causal LM's call whose position_ids
+# HF generates itself (none given, no cache: 0 .. T-1 in every row, so no packed sequences).
+# transformers checks position_ids for packing before it builds a mask; while tracing it cannot
+# rule packing out, so it built a (B, 1, T, T) mask for every compiled training step without a
+# cache, and attention ran SDPA with it instead of the flash kernels. Eager calls never set it
+# (there transformers' own check reads the values); per thread, as traces are.
+_POSITIONS = threading.local()
 _HF_FIND_PACKED = []  # transformers' own find_packed_sequence_indices, once wrapped
 
 
 def find_packed_sequence_indices(position_ids):
     """Installed over ``transformers.masking_utils.find_packed_sequence_indices`` by ``patch``:
-    None (no packing) for positions HF generated in a patched causal LM's call (see
-    :data:`_GENERATED_POSITIONS`), else transformers' own answer."""
-    if _GENERATED_POSITIONS[0]:
+    None (no packing) for positions HF generated in a patched causal LM's call being traced
+    (see :data:`_POSITIONS`), else transformers' own answer."""
+    if getattr(_POSITIONS, "generated", False):
         return None
     return _HF_FIND_PACKED[0](position_ids)
 
@@ -640,13 +642,16 @@ def hf_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids
     """See :func:`_causal_lm_forward`; positions HF generates are known not to be packed."""
     if cache is None and "past_key_values" in kwargs:
         cache = kwargs.pop("past_key_values")
-    before = _GENERATED_POSITIONS[0]
-    _GENERATED_POSITIONS[0] = position_ids is None and cache is None
+    if not torch.compiler.is_compiling() or position_ids is not None or cache is not None:
+        return _causal_lm_forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels,
+                                  use_cache, logits_to_keep, **kwargs)
+    before = getattr(_POSITIONS, "generated", False)
+    _POSITIONS.generated = True
     try:
         return _causal_lm_forward(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, labels,
                                   use_cache, logits_to_keep, **kwargs)
     finally:
-        _GENERATED_POSITIONS[0] = before
+        _POSITIONS.generated = before
 
 
 def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,

@@ -244,8 +244,9 @@ def _register_hf_attention() -> None:
     AttentionMaskInterface.register("fastllama", forwards.hf_attention_mask)
     from transformers import masking_utils
 
-    # (once: transformers' function is kept, and the wrapper only answers for patched calls)
-    if masking_utils.find_packed_sequence_indices is not forwards.find_packed_sequence_indices:
+    # (once: transformers' function is kept, and the wrapper answers only for patched calls; a
+    # wrapper someone put over it since keeps calling it, and is not taken for transformers')
+    if not forwards._HF_FIND_PACKED:
         forwards._HF_FIND_PACKED[:] = [masking_utils.find_packed_sequence_indices]
         masking_utils.find_packed_sequence_indices = forwards.find_packed_sequence_indices
 

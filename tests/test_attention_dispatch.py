@@ -391,3 +391,31 @@ def test_compiled_training_without_a_cache_takes_the_kernels_and_packing_is_coun
             FALLBACKS.clear()
             torch.testing.assert_close(loss, model(input_ids=x, labels=x, position_ids=position_ids).loss)
     torch._dynamo.reset()
+
+
+def test_the_packing_answer_is_for_traced_patched_calls_only_and_survives_another_wrapper(monkeypatch):
+    """Eager calls never tell transformers "not packed" (its own check reads the values; a flag
+    shared with other threads gave a concurrent packed call a wrong mask), and a wrapper someone
+    puts over transformers' function after patch is not taken for transformers' own on the next
+    patch (that recursed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, masking_utils
+
+    import fastllama
+    from fastllama import forwards
+
+    config = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, attn_implementation="sdpa", use_cache=False)
+    seen = []
+    model = fastllama.patch(LlamaForCausalLM(LlamaConfig(**config)).to(DEVICE))
+    model.model.register_forward_pre_hook(lambda *a: seen.append(getattr(forwards._POSITIONS, "generated", False)))
+    x = torch.randint(0, 128, (2, 12), device=DEVICE)
+    model(input_ids=x)
+    assert seen == [False]
+    wrapped = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: wrapped(position_ids))
+    other = fastllama.patch(LlamaForCausalLM(LlamaConfig(**config)).to(DEVICE))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]] * 2, device=DEVICE)
+    expected = fastllama.unpatch(LlamaForCausalLM(LlamaConfig(**config)).to(DEVICE))
+    expected.load_state_dict(other.state_dict())
+    torch.testing.assert_close(other(input_ids=x, position_ids=packed).logits,
+                               expected(input_ids=x, position_ids=packed).logits, rtol=1e-4, atol=1e-5)
