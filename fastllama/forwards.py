@@ -521,18 +521,25 @@ def _attention_and_mlp(layer, hidden_states, attention_kwargs, attention_out, ml
     return layer.mlp(h), residual
 
 
-def _checkpoints_itself(layer) -> bool:
-    """Whether a patched HF decoder layer must run its own gradient checkpointing. transformers
-    checkpoints a layer in ``GradientCheckpointingLayer.__call__`` up to 5.1x, which still wraps
-    the instance forward ``patch`` installs; later versions wrap the CLASS's ``forward`` instead,
-    which the instance forward shadows: without this, ``gradient_checkpointing_enable()`` on a
-    patched model kept every activation, silently."""
+@functools.cache
+def _layer_class_checkpointing_in_forward():
+    """transformers' ``GradientCheckpointingLayer`` when it checkpoints in the CLASS's ``forward``
+    (5.2x), else None: up to 5.1x it checkpoints in ``__call__``, which still wraps the instance
+    forward ``patch`` installs. (Asked once, not on every layer call.)"""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
-        return False
-    return (isinstance(layer, GradientCheckpointingLayer) and "__call__" not in vars(GradientCheckpointingLayer)
-            and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled())
+        return None
+    return None if "__call__" in vars(GradientCheckpointingLayer) else GradientCheckpointingLayer
+
+
+def _checkpoints_itself(layer) -> bool:
+    """Whether a patched HF decoder layer must run its own gradient checkpointing: the instance
+    forward shadows a class ``forward`` that checkpoints (without this,
+    ``gradient_checkpointing_enable()`` on a patched model kept every activation, silently)."""
+    base = _layer_class_checkpointing_in_forward()
+    return (base is not None and isinstance(layer, base) and layer.gradient_checkpointing and layer.training
+            and torch.is_grad_enabled())
 
 
 def _checkpointable(forward):

@@ -366,11 +366,8 @@ def default_stop_and_pad(model) -> tuple[set[int], int]:
     Instruct's <|eot_id|> is only there). Pad: the first set;
     else the first eos id, the generation_config's before the config's (what HF's generate and
     the reference model's pad with); else 0."""
-    def ids(value) -> set[int]:
-        return set() if value is None else {int(value)} if isinstance(value, int) else {int(t) for t in value}
-
     configs = [model.config, getattr(model, "generation_config", None)]
-    stop = set().union(*(ids(getattr(c, "eos_token_id", None)) for c in configs))
+    stop = set().union(*(token_id_set(getattr(c, "eos_token_id", None)) for c in configs))
     pad = next((c.pad_token_id for c in configs if getattr(c, "pad_token_id", None) is not None), None)
     for config in reversed(configs):
         eos = getattr(config, "eos_token_id", None)
