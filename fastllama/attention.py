@@ -278,6 +278,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
     is accepted) or None (see the module docstring for how each shape of mask is served).
     ``window``, ``deterministic`` and ``softcap`` are as in :func:`ops.flash_attention`.
     """
+    q, k, v = ops.attention.autocast_inputs(q, k, v)  # SDPA's dtypes under autocast (all paths below)
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     flash = lambda q, k, v, **kw: ops.flash_attention(q, k, v, scale=scale, window=window, softcap=softcap,
@@ -351,8 +352,18 @@ def _eager(q, k, v, mask, causal, scale, window, dropout, softcap):
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)
-    return F.dropout(probs, p=dropout, training=dropout > 0) @ v, probs
+    blind = _sees_no_key(mask)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).masked_fill(blind, 0.0).to(q.dtype)
+    return (F.dropout(probs, p=dropout, training=dropout > 0) @ v).masked_fill(blind, 0.0), probs  # 0 * inf
+
+
+def _sees_no_key(mask: torch.Tensor) -> torch.Tensor:
+    """Where ``mask`` (boolean, or additive with -inf) shows a query row no key: shape (..., Tq, 1).
+    Those rows are 0, as in the kernels, where softmax and SDPA give NaN. Only those: a NaN or
+    inf that came from the inputs must reach the output, as it does in SDPA and in the kernels."""
+    if mask.dtype == torch.bool:
+        return ~mask.any(-1, keepdim=True)
+    return torch.isneginf(mask).all(-1, keepdim=True)
 
 
 def _sdpa(q, k, v, mask, is_causal, scale, dropout, softcap=None):
@@ -364,5 +375,4 @@ def _sdpa(q, k, v, mask, is_causal, scale, dropout, softcap=None):
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale)
-    # SDPA gives NaN for rows that see no key; the kernels give 0
-    return torch.nan_to_num(out, nan=0.0) if mask is not None else out
+    return out if mask is None else out.masked_fill(_sees_no_key(mask), 0.0)  # SDPA: NaN there

@@ -310,6 +310,65 @@ def test_rows_that_see_no_key_are_zero_whatever_sdpa_gives(monkeypatch):
     assert FALLBACKS["mask differs between heads"] == 1
 
 
+@pytest.mark.parametrize("path", ["sdpa", "sdpa-float-mask", "eager", "eager-softcap"])
+def test_nan_and_inf_in_the_inputs_reach_the_output_on_the_fallbacks(path):
+    """Only rows that see no key are zeroed on the fallback paths: a NaN or inf from the inputs
+    propagates as in SDPA, HF's eager attention and the kernels (it was zeroed / clamped)."""
+    q, k, v = qkv(B=1, Hq=2, Hk=2, Tq=5, Tk=5)
+    q[0, 0, 2, 0] = float("nan")
+    v[0, 1, 0, 0] = float("inf")
+    mask = torch.tril(torch.ones(5, 5, dtype=torch.bool, device=DEVICE))[None, None].clone()
+    mask[..., 3, 1] = False  # a hole: no kernel serves it
+    mask[..., 4, :] = False  # a row that sees no key: 0
+    softcap = 5.0 if path == "eager-softcap" else None
+    if path == "sdpa-float-mask":
+        fmask = torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, float("-inf"))
+        out = attend(q, k, v, fmask)
+    elif path.startswith("eager"):
+        out = attention.attend_with_weights(q, k, v, mask, softcap=softcap)[0]
+    else:
+        out = attend(q, k, v, mask)
+    assert FALLBACKS, "expected a fallback"
+    assert out[0, 0, 2].isnan().all()  # query 2 of head 0 is NaN
+    assert torch.isinf(out[0, 1, :4, 0]).all()  # every row of head 1 that sees key 0
+    assert (out[:, :, 4] == 0).all()
+    keep = torch.ones(out.shape[:3], dtype=torch.bool, device=DEVICE)
+    keep[0, 0, 2] = False
+    keep[0, 1, :4] = False
+    keep[:, :, 4] = False  # (checked above; float64 truth makes 0 * inf = NaN there)
+    expect = truth(q, k, v, mask, softcap)
+    torch.testing.assert_close(out[keep].double(), expect[keep], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_mixed_dtypes_under_autocast_attend_as_sdpa_does(rope):
+    """Under autocast, HF's rotary returns fp32 q/k (fp32 cos/sin) beside a 16-bit v, and SDPA
+    casts all three to the autocast dtype. attend and ops.flash_attention do the same (a patched
+    model with ``rope=False`` raised a dtype mismatch under autocast)."""
+    transformers = pytest.importorskip("transformers")
+    import fastllama
+
+    q, k, v = qkv(B=1, Hq=4, Hk=2, Tq=7, Tk=7, D=16)
+    with torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16):
+        out = ops.flash_attention(q, k, v.bfloat16())
+        assert out.dtype == torch.bfloat16
+        expect = ops.flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        torch.testing.assert_close(out, expect, rtol=0, atol=0)
+        torch.testing.assert_close(attend(q, k.bfloat16(), v), expect, rtol=0, atol=0)
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=97)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEVICE)
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    with torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16):
+        hf = model(input_ids=ids).logits.float()
+        fastllama.patch(model, rope=rope)
+        out = model(input_ids=ids).logits.float()
+    # one bf16 forward against another: within a few bf16 ulps of logits of size ~1
+    assert (out - hf).abs().max() < 0.05, (out - hf).abs().max()
+
+
 def test_equal_prefixes_with_grad_read_only_the_prefix():
     q, k, v = qkv(Tq=3, Tk=12)
     q.requires_grad_(True)

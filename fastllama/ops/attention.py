@@ -263,6 +263,19 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
     return float(scale), before, after, precision, deterministic, softcap
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under ``torch.autocast``, the floating-point tensors in the autocast dtype, as SDPA (an
+    autocast op) gets them: HF's rotary returns fp32 q/k from 16-bit ones and fp32 cos/sin, next
+    to a 16-bit v, and SDPA computes them in the autocast dtype. Outside autocast: as they are."""
+    if not tensors or not isinstance(tensors[0], torch.Tensor):
+        return tensors
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def _positive_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
     """The kernels need scale > 0 (16-bit inputs take the row max before scaling, and a masked
     -inf times a scale <= 0 is NaN or +inf). q k^T * c equals (-q) k^T * |c| for c < 0, and
@@ -335,6 +348,8 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
         Softmax statistics are fp32; backward saves q, k, v, out and the fp32 lse only (and is
         deterministic unless asked otherwise).
 
+    Under ``torch.autocast``, q, k and v are first cast to the autocast dtype, as SDPA's are.
+
     Raises:
         TypeError / ValueError naming the argument, before any launch.
     """
@@ -349,6 +364,7 @@ def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deter
     32 heads): each group is an independent call on views (rebased ``cu_seqlens``), joined along
     the batch (dense) or the packed tokens (varlen). One host sync reads the group boundaries,
     in that path only."""
+    q, k, v = autocast_inputs(q, k, v)
     scale, before, after, precision, deterministic, softcap = _validate(q, k, v, causal, scale, window, cu_q, cu_k,
                                                                         fp32_precision, deterministic, softcap)
     q, scale = _positive_scale(q, scale)
