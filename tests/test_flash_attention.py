@@ -646,6 +646,7 @@ _t = lambda *shape, dtype=torch.float32: torch.randn(*shape, device=DEVICE).to(d
     (dict(k=_t(1, 2, 8, 32), v=_t(1, 2, 8, 32)), ValueError, "head_dim"),
     (dict(v=_t(1, 2, 9, 64)), ValueError, "v has shape"),
     (dict(k=_t(1, 3, 8, 64), v=_t(1, 3, 8, 64)), ValueError, "multiple of the number of key/value heads"),
+    (dict(q=_t(1, 65536, 1, 8), k=_t(1, 1, 1, 8), v=_t(1, 1, 1, 8)), ValueError, "65536 heads"),
     (dict(q=_t(1, 4, 8, 320), k=_t(1, 2, 8, 320), v=_t(1, 2, 8, 320)), ValueError, "head_dim 320"),
     (dict(k=_t(1, 2, 8, 64, dtype=torch.float16)), TypeError, "k has dtype"),
     (dict(q=_t(1, 4, 8, 64, dtype=torch.int64)), TypeError, "q has dtype"),

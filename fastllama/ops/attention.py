@@ -216,6 +216,8 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
     if Hk == 0 or Hq % Hk:
         raise ValueError(f"q has {Hq} heads and k/v have {Hk}; the number of query heads must be a positive "
                          f"multiple of the number of key/value heads (GQA)")
+    if Hq > MAX_GRID_Y:  # one sequence's heads are one launch's second grid axis
+        raise ValueError(f"q has {Hq} heads; at most {MAX_GRID_Y} are accepted")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
     if not isinstance(causal, bool):
