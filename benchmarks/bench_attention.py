@@ -16,8 +16,8 @@ Sweep (issue 4): bf16, head dim 64 and 128, sequence 512 to 16k with batch * seq
 - ``flash-attn``: ``flash_attn_func`` on (B, T, H, D) tensors, when the package imports.
 
 FLOPs (DESIGN.md): forward 4 * B * H * T^2 * D, halved when causal; backward 2.5x forward. The
-backward is timed alone (``out.backward(dout, retain_graph=True)``, gradients accumulate into
-existing buffers). The device's bf16 matmul peak is measured in the same run for "% peak".
+backward is timed alone (``out.backward(dout, retain_graph=True)``; q, k and v's gradients are
+reset to None before each call, so no accumulation into ``.grad`` is timed). The device's bf16 matmul peak is measured in the same run for "% peak".
 Targets on H100/H200: forward >= 1.1x sdpa-flash and >= 450 TFLOP/s at T >= 4k, D 128, causal;
 backward >= 1.0x sdpa-flash.
 

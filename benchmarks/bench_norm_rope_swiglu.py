@@ -169,8 +169,9 @@ def main(argv=None) -> list[dict]:
         for tokens in tokens_list:
             for name, (inputs, fns, fwd_bytes, bwd_bytes) in _cases(tokens, dims, dtype, dev).items():
                 methods = dict(fns)
-                if compile_:
-                    methods["compile"] = torch.compile(fns["eager"])
+                if compile_:  # static shapes: dynamo caches per code object, and from the second
+                    torch._dynamo.reset()  # token count on would compile the baseline symbolically
+                    methods["compile"] = torch.compile(fns["eager"], dynamic=False)
                 for backward, nbytes in ((False, fwd_bytes), (True, fwd_bytes + bwd_bytes)):
                     base = None
                     for method in ("eager", "compile", "fastllama"):

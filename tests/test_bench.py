@@ -297,6 +297,51 @@ def test_results_dir_and_plots_for_other_benchmarks(tmp_path, monkeypatch):
     written = plot_missing(tmp_path)
     assert (tmp_path / "cross_entropy.png") in written
     assert "cross_entropy.png" in (tmp_path / "cross_entropy.md").read_text()
+    assert plot_missing(tmp_path) == []  # up to date: drawn once
+    # a second run into the same folder: its plot, not the first run's, and the table links it
+    png = tmp_path / "cross_entropy.png"
+    os.utime(png, ns=(png.stat().st_mtime_ns - 10**9,) * 2)
+    common.write_results("cross_entropy", rows[:2])
+    assert png in plot_missing(tmp_path) and "cross_entropy.png" in (tmp_path / "cross_entropy.md").read_text()
+
+
+def test_training_flops_count_windows_and_active_experts():
+    """The TFLOP/s column's count, against one written out here for three presets' shapes."""
+    from fastllama.bench.train import model_flops_per_step
+
+    def count(h, i, L, hq, hk, d, vocab, windows, T, mlp=None):
+        linear = L * (2 * h * hq * d + 2 * h * hk * d + (3 * h * i if mlp is None else mlp)) + h * vocab
+        pairs = sum(sum(min(t + 1, w or T) for t in range(T)) for w in windows)  # keys each query sees
+        return 6 * linear * T + 3.5 * 4 * hq * d * pairs
+
+    T = 4096
+    llama = count(2048, 8192, 16, 32, 8, 64, 128256, [None] * 16, T)
+    assert model_flops_per_step(get_preset("llama-3.2-1b").config, 1, T) == pytest.approx(llama, rel=1e-3)
+    gemma3 = count(1152, 6912, 26, 4, 1, 256, 262144, [None if (i + 1) % 6 == 0 else 512 for i in range(26)], T)
+    assert model_flops_per_step(get_preset("gemma-3-1b").config, 1, T) == pytest.approx(gemma3, rel=1e-3)
+    qwen = count(2048, 0, 4, 32, 4, 128, 151936, [None] * 4, T, mlp=3 * 2048 * 8 * 768 + 2048 * 128)
+    assert model_flops_per_step(get_preset("qwen3-30b-a3b").config, 1, T) == pytest.approx(qwen, rel=1e-3)
+
+
+def test_decode_timing_drowned_in_noise_is_an_error_not_a_huge_speed(monkeypatch):
+    """HF's decode step is t(n) - t(2): when noise makes that <= 0 a measurement says so (it was
+    clamped to 1e-9 s, a row of 2e9 tokens/s); a smoke run reports no time (NaN)."""
+    import math
+    import time as time_module
+
+    from benchmarks import bench_decode
+
+    class SlowerWithFewerTokens:  # t(2) > t(n)
+        def generate(self, prompt, max_new_tokens, **kw):
+            time_module.sleep(0.02 if max_new_tokens == 2 else 0.005)
+
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    monkeypatch.setattr(bench_decode.common, "is_measurement", lambda: False)
+    step, steps = bench_decode.time_hf(SlowerWithFewerTokens(), prompt, 6, 1, False)
+    assert math.isnan(step) and steps == 4
+    monkeypatch.setattr(bench_decode.common, "is_measurement", lambda: True)
+    with pytest.raises(ValueError, match="is not above t\\(2\\)"):
+        bench_decode.time_hf(SlowerWithFewerTokens(), prompt, 6, 1, False)
 
 
 def test_attention_softcap_rows_name_the_tiles_they_ran(monkeypatch):
@@ -414,6 +459,8 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["rows"] and data["environment"]["measurement"] is False, name
         assert "not a measurement" in (tmp_path / f"{name}.md").read_text(), name
+        script = {"decode": "bench_decode", "moe_experts": "bench_moe"}.get(name, "bench_" + name.removeprefix("bench_"))
+        assert data["environment"]["script"].startswith(f"python benchmarks/{script}.py"), name
     moe = json.loads((tmp_path / "moe_experts.json").read_text())["rows"]  # (saved bytes are exact off-GPU too)
     assert all(r["saved vs hf"] < 0.5 for r in moe if r["method"] == "fastllama") and len(moe) == 4
     import importlib.util

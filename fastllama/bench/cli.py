@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -246,6 +247,7 @@ def _run_scripts(names: list[str], args) -> int:
             argv = list(getattr(mod, "QUICK_ARGS", QUICK_ARGS.get(name, [])))
         print(f"\n### {name} {' '.join(argv)}", flush=True)
         t0 = time.time()
+        common.SCRIPT_COMMAND = " ".join(["python", f"benchmarks/{name}.py", *map(shlex.quote, argv)])
         try:
             result = mod.main(argv)
         except SystemExit as e:  # argparse errors
@@ -255,6 +257,7 @@ def _run_scripts(names: list[str], args) -> int:
 
             traceback.print_exc()
             result = 1
+        common.SCRIPT_COMMAND = None
         result = common.exit_code(result)  # rows: 1 when a row holds an error
         if result:
             rc = 130 if result == 130 else max(rc, 1)

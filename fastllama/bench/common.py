@@ -273,10 +273,17 @@ def environment() -> dict:
             env[pkg] = getattr(module, "__version__", "installed")
         except ImportError:
             pass
+    if SCRIPT_COMMAND:
+        env["script"] = SCRIPT_COMMAND
     commit = _git_commit()
     if commit:
         env["git_commit"] = commit
     return env
+
+
+#: Set by ``fastllama bench ops|decode`` while it runs a script: the script's own command line
+#: (``--quick`` picks the script's arguments), recorded beside the CLI's in the results.
+SCRIPT_COMMAND: str | None = None
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:

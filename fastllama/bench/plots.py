@@ -23,6 +23,10 @@ KNOWN: dict[str, list[Plot]] = {
         Plot(x="tokens", y="peak_GiB", series="method", logx=True, higher_is_better=False, title="peak memory"),
     ],
     "decode": [Plot(x="batch", y="tokens/s", series="impl", panel=("model", "context"), logx=True, title="decoding")],
+    "moe_experts": [
+        Plot(x="tokens", y="ms", series="method", where={"pass": p}, logx=True, higher_is_better=False, title=p)
+        for p in ("fwd", "fwd+bwd")
+    ],
     "bench_attention_tuning": [],  # every autotune candidate's time: a table to tune from, no plot
 }
 
@@ -44,10 +48,12 @@ def guess(rows: list[dict]) -> Plot | None:
 
 
 def plot_missing(folder: Path) -> list[Path]:
-    """Writes ``NAME.png`` for every ``NAME.json`` in ``folder`` that has no PNG yet."""
+    """Writes ``NAME.png`` for every ``NAME.json`` in ``folder`` that has no PNG yet, or only
+    one older than the JSON (a run that rewrote the results: its plot must show them too)."""
     written = []
     for js in sorted(Path(folder).glob("*.json")):
-        if js.with_suffix(".png").exists():
+        png = js.with_suffix(".png")
+        if png.exists() and png.stat().st_mtime_ns >= js.stat().st_mtime_ns:
             continue
         try:
             data = json.loads(js.read_text())

@@ -171,14 +171,34 @@ def get_preset(name: str, layers: int | None = None) -> Preset:
     return p
 
 
+def hf_config(config: dict):
+    """transformers' config object of a preset's dict (``model_type`` "llama" by default)."""
+    from transformers import AutoConfig
+
+    fields = dict(config)
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
+
+
+def layer_windows(config: dict) -> list[int | None]:
+    """Per layer, the number of keys a query sees in a sliding-window layer (HF's
+    ``sliding_window``, the query included), None for full causal attention; as transformers
+    assigns them (``layer_types``: Gemma 2 every other layer, Gemma 3 five of six)."""
+    cfg = hf_config(config)
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # families without layer_types window every layer when they window at all
+        types = ["sliding_attention" if getattr(cfg, "use_sliding_window", True) else "full_attention"] \
+            * cfg.num_hidden_layers
+    return [window if window and kind == "sliding_attention" else None for kind in types]
+
+
 def hf_model(config: dict, dtype, device, attn_implementation: str = "sdpa"):
     """transformers' causal LM of the config's ``model_type`` (``LlamaForCausalLM`` by default)
     with random weights, built directly on ``device``."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    fields = dict(config)
-    cfg = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
+    cfg = hf_config(config)
     cfg._attn_implementation = attn_implementation
     with torch.device(device), default_dtype(dtype):
         return AutoModelForCausalLM.from_config(cfg)

@@ -45,7 +45,7 @@ import traceback
 import torch
 
 from . import common
-from .presets import CONFIGS, Preset, get_preset, hf_model, reference_model
+from .presets import CONFIGS, Preset, get_preset, hf_model, layer_windows, reference_model
 from .profile import profile_step, summarize
 
 __all__ = ["CONFIGS", "TrainSettings", "run_train", "train_columns", "TRAIN_COLUMNS", "TRAIN_PLOTS"]
@@ -207,13 +207,23 @@ def _free(device):
 
 def model_flops_per_step(cfg: dict, batch: int, seq: int) -> float:
     """Training FLOPs of one step: 6 x (matmul parameters) x tokens for every linear layer and
-    the LM head, plus causal attention (forward 2*B*H*T^2*D, backward 2.5x that) per layer."""
+    the LM head, plus attention per layer: forward 4*B*H*D per (query, key) pair it computes,
+    backward 2.5x that. A causal layer has T^2/2 pairs (forward 2*B*H*T^2*D); a sliding-window
+    layer of W keys W^2/2 + (T - W) W once T > W. A mixture of experts counts the experts a
+    token runs (``num_experts_per_tok`` of ``moe_intermediate_size``) and its router."""
     h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     hq, hk = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg.get("head_dim") or h // hq
-    per_layer = h * (hq * d) * 2 + h * (hk * d) * 2 + 3 * h * i
+    if cfg.get("num_experts_per_tok"):
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts", 0)  # (Qwen3-MoE, Mixtral)
+        mlp = 3 * h * cfg["num_experts_per_tok"] * cfg.get("moe_intermediate_size", i) + h * experts
+    else:
+        mlp = 3 * h * i
+    per_layer = h * (hq * d) * 2 + h * (hk * d) * 2 + mlp
     tokens = batch * seq
-    attention = 3.5 * 2 * batch * hq * seq * seq * d * L
+    pairs = sum(seq * seq / 2 if w is None or seq <= w else w * w / 2 + (seq - w) * w
+                for w in layer_windows(cfg))
+    attention = 3.5 * 4 * batch * hq * d * pairs
     return 6 * (per_layer * L + h * cfg["vocab_size"]) * tokens + attention
 
 
