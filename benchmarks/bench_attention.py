@@ -27,7 +27,7 @@ candidate tables). Without a GPU it runs one tiny case
 under the Triton interpreter and labels everything "not a measurement".
 
 Usage: ``python benchmarks/bench_attention.py [--dims 64 128] [--seqlens 512 ... 16384]
-[--tokens 16384] [--width 2048] [--out DIR]``
+[--tokens 16384] [--width 2048] [--masks causal full] [--providers fastllama sdpa-flash ...] [--out DIR]``
 """
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks import common  # noqa: E402
 from fastllama import ops  # noqa: E402
 from fastllama.ops import attention as attention_ops  # noqa: E402
+
+
+PROVIDERS = ("fastllama", "fastllama-atomic", "fastllama-softcap", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
+             "flash-attn")
 
 
 def _providers():
@@ -179,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
     p.add_argument("--width", type=int, default=2048, help="heads * head_dim")
     p.add_argument("--masks", nargs="+", choices=("causal", "full"), default=["causal", "full"])
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
+                   help="which rows to run (default: all; those not installed are left out)")
     p.add_argument("--out", default=None, help="results folder (default: results/<device>)")
     args = p.parse_args(argv)
 
@@ -192,6 +198,8 @@ def main(argv=None) -> int:
     try:
         for B, H, T, D, causal in shapes:
             for name, fn in _providers().items():
+                if name not in args.providers:
+                    continue
                 case_rows, case_tuning = bench_case(name, fn, B, H, T, D, causal, torch.bfloat16)
                 rows += case_rows
                 tuning += case_tuning

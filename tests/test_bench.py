@@ -360,6 +360,17 @@ def test_attention_softcap_rows_name_the_tiles_they_ran(monkeypatch):
     assert [r["note"] for r in rows] == [tile["fwd"], f"dkdv {tile['dkdv']}; dq {tile['dq']}"]
 
 
+def test_attention_providers_option_picks_rows(tmp_path, capsys):
+    """--providers (what --quick passes) runs only the providers named, and names every provider
+    the script has (one missing from PROVIDERS would silently never run)."""
+    from benchmarks import bench_attention
+
+    assert set(bench_attention._providers()) <= set(bench_attention.PROVIDERS)
+    assert bench_attention.main(["--providers", "fastllama-atomic", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_attention.json").read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"fastllama-atomic"} and len(rows) == 2
+
+
 def test_attention_tuning_rows_and_no_plot_for_them(tmp_path, monkeypatch):
     """bench_attention's tuning table: a row per timed candidate, fastest first, relative to the
     fastest; a candidate that failed (inf) has no ratio; plot_missing draws nothing for it."""
