@@ -20,6 +20,11 @@
 # Through the device tool (8 files at most come back, none more than 2 folders below $OUT, so
 # the results folder would not): bundle, and keep OUT itself outside $OUT:
 #   GPU_CHECK_BUNDLE=$OUT/gc.tar.gz bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/summary.md $OUT/
+# For a 15-minute device slot (a command may run 10 minutes; the machine's start counts too), with
+# the Liger wheel fetched here first (pip download liger-kernel==0.8.5 --no-deps -d gpu_wheels):
+#   FASTLLAMA_GIT_COMMIT=<hash> WHEELS=gpu_wheels GPU_CHECK_BUDGET_S=540 GPU_CHECK_BUNDLE=$OUT/gc.tar.gz \
+#   GPU_CHECK_STAGES="pytest-candidates bench-attention bench-train bench-ops bench-decode pytest" \
+#   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/summary.md $OUT/
 #
 # Python packages the suite needs but the machine lacks (transformers, pytest ...) can't be
 # downloaded here: put their wheels in a folder and set WHEELS=/that/folder (installed with
