@@ -183,8 +183,8 @@ def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
     run(new_tokens), run(2)  # warm-up (compiles every shape it will see)
     full = statistics.median(run(new_tokens) for _ in range(reps))
     first_step = statistics.median(run(2) for _ in range(reps))
-    if full <= first_step and not common.is_measurement():
-        return float("nan"), new_tokens - 2  # a smoke run's timings mean nothing anyway
+    if full <= first_step and not common.is_measurement():  # a smoke run's timings mean nothing anyway:
+        return full / new_tokens, new_tokens - 2  # the whole call per token, prefill included
     if full <= first_step:  # noise larger than the decode steps: no time to report (an error row)
         raise ValueError(f"t({new_tokens}) = {full * 1e3:.3g} ms is not above t(2) = {first_step * 1e3:.3g} ms: "
                          f"the decode steps drown in the calls' noise; use more --new-tokens or --reps")

@@ -15,7 +15,9 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   sequences go through varlen flash attention. Padding queries get what the mask gives
   them: 0 where it shows them no key (left padding), and attention over their row's whole run
   where it shows them all of it (right padding, causal: a second, non-causal varlen call), so
-  a loss over padded positions matches HF's too.
+  a loss over padded positions matches HF's SDPA path too. (HF's eager attention gives a query
+  that sees no key equal weights over every key: a patched model that ran eager attention takes
+  :func:`attend_as_eager` for masks with such rows, ``forwards.hf_attention_function``.)
 * several sequences in each row, each attending only to itself (position_ids that restart:
   padding-free packing): varlen flash attention on the flattened batch, sequence boundaries
   read off the mask.
@@ -340,6 +342,39 @@ def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bo
     return _eager(q, k, v, mask, causal, scale, window, dropout, softcap)
 
 
+def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, dropout: float = 0.0,
+                    softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's eager attention exactly, ``(out, probabilities)``: the boolean ``mask`` (True =
+    attend) becomes an additive one of the dtype's minimum, as transformers makes it for eager
+    attention. The difference from :func:`attend_with_weights` is a query row that sees no key:
+    its scores all round to that minimum, softmax weighs every key equally (output: the mean of
+    v, and gradients through the scores as if they counted), where this module gives 0. For
+    models that ran eager attention before patching. Counted in :data:`FALLBACKS`."""
+    _fall_back("a query that sees no key, on a model that ran eager attention")
+    q, k, v = ops.attention.autocast_inputs(q, k, v)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+    return _eager(q, k, v, mask, False, scale, None, dropout, softcap)
+
+
+_last_blind: tuple | None = None  # (weakref to the mask, its key, the answer): one per forward
+
+
+def has_blind_rows(mask: torch.Tensor) -> bool:
+    """Whether a boolean ``mask`` shows some query row no key (one host sync per mask object;
+    True while torch.compile traces, which cannot read it)."""
+    global _last_blind
+    if torch.compiler.is_compiling():
+        return True
+    key = (None if mask.is_inference() else mask._version, tuple(mask.shape))
+    last = _last_blind
+    if last is not None and last[0]() is mask and last[1] == key:
+        return last[2]
+    answer = bool(sees_no_key(mask).any())
+    _last_blind = (weakref.ref(mask), key, answer)
+    return answer
+
+
 def _eager(q, k, v, mask, causal, scale, window, dropout, softcap):
     """(out, probabilities) in plain PyTorch, as HF's eager attention computes them."""
     Tq, Tk = q.shape[2], k.shape[2]
@@ -352,12 +387,12 @@ def _eager(q, k, v, mask, causal, scale, window, dropout, softcap):
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    blind = _sees_no_key(mask)
+    blind = sees_no_key(mask)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).masked_fill(blind, 0.0).to(q.dtype)
     return (F.dropout(probs, p=dropout, training=dropout > 0) @ v).masked_fill(blind, 0.0), probs  # 0 * inf
 
 
-def _sees_no_key(mask: torch.Tensor) -> torch.Tensor:
+def sees_no_key(mask: torch.Tensor) -> torch.Tensor:
     """Where ``mask`` (boolean, or additive with -inf) shows a query row no key: shape (..., Tq, 1).
     Those rows are 0, as in the kernels, where softmax and SDPA give NaN. Only those: a NaN or
     inf that came from the inputs must reach the output, as it does in SDPA and in the kernels."""
@@ -375,4 +410,4 @@ def _sdpa(q, k, v, mask, is_causal, scale, dropout, softcap=None):
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale)
-    return out if mask is None else out.masked_fill(_sees_no_key(mask), 0.0)  # SDPA: NaN there
+    return out if mask is None else out.masked_fill(sees_no_key(mask), 0.0)  # SDPA: NaN there

@@ -21,7 +21,7 @@ import threading
 import torch
 
 from . import ops
-from .attention import attend, attend_with_weights
+from .attention import attend, attend_as_eager, attend_with_weights, has_blind_rows
 from .ops.rms_norm import wide_weight
 from .reference import functional as ref
 from .reference.model import shift_labels
@@ -289,6 +289,31 @@ def _plain_linear(head) -> bool:
     return _original_class(head) is torch.nn.Linear and not _forward_replaced(head)
 
 
+#: Where the forward hooks come from that manage a module's weights and leave its output alone
+#: (FSDP2 reshards after the forward, DeepSpeed ZeRO-3 releases the gathered weights).
+WEIGHT_MANAGING_HOOKS = ("torch.distributed.", "deepspeed.")
+
+
+def _output_hooked(module) -> bool:
+    """Whether a forward hook (the module's own or a global one) other than a weight-managing one
+    sees the module's output: a hook on the LM head that reads or changes the logits (a
+    temperature, a logit lens, a vocabulary mask) would get the fused loss instead, and what it
+    returned would become the loss. Such heads run HF's path, logits and all."""
+    from torch.nn.modules import module as nn_module
+
+    def origin(hook) -> str:
+        hook = getattr(hook, "func", hook)  # (functools.partial)
+        return getattr(hook, "__module__", None) or ""
+
+    hooks = (*module._forward_hooks.values(), *nn_module._global_forward_hooks.values())
+    return any(not origin(h).startswith(WEIGHT_MANAGING_HOOKS) for h in hooks)
+
+
+def _fusable_head(head) -> bool:
+    """Whether the fused linear cross-entropy computes what calling ``head`` and the loss would."""
+    return _plain_linear(head) and not _output_hooked(head)
+
+
 def forward_attr(module) -> str:
     """The instance attribute a per-instance forward goes in: ``forward``, or for a module that
     accelerate hooked (``device_map``, offload: ``add_hook_to_module``) ``_old_forward``, which
@@ -383,13 +408,21 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
+    options = getattr(module, "_fastllama_attention", {})
+    if options.get("eager") and attention_mask is not None and has_blind_rows(attention_mask):
+        # A model that ran HF's eager attention (Gemma 2 always does) and a query that sees no
+        # key (left padding): eager gives it equal weights over every key, where the kernels and
+        # SDPA give 0; training on left-padded batches reads those rows (the last padding position
+        # predicts the first real token). Eager's own computation, then (counted).
+        out, weights = attend_as_eager(query, key, value, attention_mask, scale=scaling, dropout=dropout,
+                                       softcap=softcap)
+        return out.transpose(1, 2).contiguous(), weights if kwargs.get("output_attentions") else None
     if kwargs.get("output_attentions"):  # the probabilities are asked for: plain PyTorch (counted)
         out, weights = attend_with_weights(query, key, value, attention_mask, causal=causal, scale=scaling,
                                            window=window, dropout=dropout, softcap=softcap)
         return out.transpose(1, 2).contiguous(), weights
-    deterministic = getattr(module, "_fastllama_attention", {}).get("deterministic", True)
     out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window, dropout=dropout,
-                 deterministic=deterministic, softcap=softcap)
+                 deterministic=options.get("deterministic", True), softcap=softcap)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -681,7 +714,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     skip_logits = kwargs.pop("skip_logits", None)
     if skip_logits is None:
         skip_logits = self.training or torch.is_grad_enabled()  # (not an evaluation loop's call)
-    if labels is None or not skip_logits or not keeps_all or not _plain_linear(self.lm_head):
+    if labels is None or not skip_logits or not keeps_all or not _fusable_head(self.lm_head):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                   logits_to_keep=logits_to_keep, labels=labels, **{_hf_cache_name(): cache}, **kwargs)
@@ -790,7 +823,7 @@ def reference_llama_forward(self, input_ids, attention_mask=None, position_ids=N
                             labels=None):
     """``reference.Llama.forward``: with ``labels`` returns ``(None, loss)`` from the fused
     linear cross-entropy (no logits are built); without, the logits as before."""
-    if labels is not None and not _plain_linear(self.lm_head):
+    if labels is not None and not _fusable_head(self.lm_head):
         return type(self).forward(self, input_ids, attention_mask, position_ids, cache_start, labels)
     hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_start)
     if labels is None:

@@ -159,6 +159,13 @@ class _State:
     # model it is given: patch(m.model) then unpatch(m) must reach m.model, not m)
     attention_owner: nn.Module | None = dataclasses.field(default=None, repr=False)
 
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled in another process (torch.load, a spawned worker): the "fastllama" attention
+        # and mask functions its model names must be registered with transformers there too.
+        self.__dict__.update(state)
+        if self.attn_before is not None:
+            _register_hf_attention()
+
 
 # A patched model carries its _State as an instance attribute (not a parameter or buffer, so not in
 # its state_dict): a deepcopy or pickle of the model, whose patched forwards come along, is then
@@ -342,7 +349,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             _ATTENTION_PATCHED.add(owner)
             state.attention_owner = owner
             for m in hf_attention:  # what forwards.hf_attention_function reads (with or without rope)
-                m._fastllama_attention = {"deterministic": deterministic}
+                m._fastllama_attention = {"deterministic": deterministic, "eager": state.attn_before == "eager"}
             summary.append(("<model>", type(model).__name__, "attention", f"patched (was {state.attn_before!r})"))
     _state_holder(model).__dict__[_STATE_ATTR] = state
     log.info("fastllama.patch:\n%s", patch_summary(model))

@@ -325,8 +325,7 @@ def test_training_flops_count_windows_and_active_experts():
 
 def test_decode_timing_drowned_in_noise_is_an_error_not_a_huge_speed(monkeypatch):
     """HF's decode step is t(n) - t(2): when noise makes that <= 0 a measurement says so (it was
-    clamped to 1e-9 s, a row of 2e9 tokens/s); a smoke run reports no time (NaN)."""
-    import math
+    clamped to 1e-9 s, a row of 2e9 tokens/s); a smoke run reports the whole call per token."""
     import time as time_module
 
     from benchmarks import bench_decode
@@ -338,7 +337,7 @@ def test_decode_timing_drowned_in_noise_is_an_error_not_a_huge_speed(monkeypatch
     prompt = torch.zeros(1, 4, dtype=torch.long)
     monkeypatch.setattr(bench_decode.common, "is_measurement", lambda: False)
     step, steps = bench_decode.time_hf(SlowerWithFewerTokens(), prompt, 6, 1, False)
-    assert math.isnan(step) and steps == 4
+    assert 0.005 / 6 <= step < 0.02 / 6 and steps == 4
     monkeypatch.setattr(bench_decode.common, "is_measurement", lambda: True)
     with pytest.raises(ValueError, match="is not above t\\(2\\)"):
         bench_decode.time_hf(SlowerWithFewerTokens(), prompt, 6, 1, False)

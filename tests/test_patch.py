@@ -805,6 +805,74 @@ def test_adapters_set_as_an_instance_forward_are_not_bypassed(order):
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["gemma2-score-cap", "llama-gqa"])
+def test_left_padded_training_of_an_eager_model_follows_eager_attention(arch):
+    """HF's eager attention gives a query that sees no key (a left-padding position) equal weights
+    over every key, the kernels and SDPA give it 0. The last padding position predicts the first
+    real token, so a loss over it read that row: a model that ran eager attention (Gemma 2 always
+    does) got another loss and gradients (up to 1.5x the largest) once patched."""
+    model = build(arch).train()
+    model.set_attn_implementation("eager")
+    patched = fastllama.patch(copy.deepcopy(model))
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0
+    labels = x.masked_fill(mask == 0, -100)
+
+    def run(m):
+        m.zero_grad()
+        loss = m(input_ids=x, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        with torch.no_grad():
+            weights = m(input_ids=x, attention_mask=mask, output_attentions=True).attentions[0]
+        return loss, {n: p.grad for n, p in m.named_parameters()}, weights
+
+    loss, grads, weights = run(model)
+    loss_p, grads_p, weights_p = run(patched)
+    torch.testing.assert_close(loss_p, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_p[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.allclose(weights_p[0, :, 4], torch.full_like(weights_p[0, :, 4], 1 / x.shape[1]))
+    torch.testing.assert_close(weights_p, weights, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_hook_on_the_head_gets_the_logits():
+    """A forward hook on lm_head reads or changes the logits (a temperature, a logit lens): it got
+    the fused loss instead, and what it returned became the loss. Such a head runs HF's path;
+    the weight-managing hooks of FSDP2 / DeepSpeed keep the fused loss (tests/test_distributed.py)."""
+    model = build("llama-gqa").train()
+    patched = fastllama.patch(copy.deepcopy(model))
+    seen = []
+
+    def halve(module, inputs, output):
+        seen.append(tuple(output.shape))
+        return output / 2
+
+    for m in (model, patched):
+        m.lm_head.register_forward_hook(halve)
+    x = ids()
+    expected, out = model(input_ids=x, labels=x), patched(input_ids=x, labels=x)
+    assert seen == [(*x.shape, 300)] * 2
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert out.logits is not None
+
+
+def test_a_patched_model_saved_whole_runs_in_a_new_process(tmp_path):
+    """torch.save(model) then torch.load in another process: the "fastllama" attention the model
+    names was registered with transformers only by patch(), so the loaded model raised KeyError."""
+    import subprocess
+    import sys
+
+    model = fastllama.patch(build("llama-gqa"))
+    x = ids()
+    torch.save({"model": model, "x": x, "logits": model(x).logits}, tmp_path / "m.pt")
+    code = (f"import fastllama, torch; d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False); "
+            "assert fastllama.is_patched(d['model']); "
+            "torch.testing.assert_close(d['model'](d['x']).logits, d['logits'], rtol=0, atol=0); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_pickle_of_a_patched_model():
     """torch.save(model) / pickle: the patched forwards pickle (a bound method of a function the
     module does not own did not: AttributeError on load); the copy is patched and unpatches."""
