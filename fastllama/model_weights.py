@@ -152,8 +152,11 @@ def check_model(model) -> None:
         return
     cls = type(model)
     if cls.__name__ not in _HF_CAUSAL_LMS or not cls.__module__.startswith("transformers."):
+        # (a PEFT wrapper: its adapters must be merged into the weights the generator reads)
+        peft = " (a PEFT model: merge its adapters first, model.merge_and_unload())" if hasattr(
+            model, "merge_and_unload") else ""
         raise TypeError(f"model must be a fastllama.reference.Llama or a transformers "
-                        f"{' / '.join(_HF_CAUSAL_LMS)}, got {cls.__name__}")
+                        f"{' / '.join(_HF_CAUSAL_LMS)}, got {cls.__name__}{peft}")
     cfg = model.config
     rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
     for kind in rope_type.values() if isinstance(rope_type, dict) else (rope_type,):  # (Gemma 3: per layer type)
