@@ -30,7 +30,13 @@ SCHEMA = 2  # bump when what a cached result holds changes (a field only new arc
 
 # The fields of a result (and of a cached entry, less "cached").
 RESULT_FIELDS = {"error", "regs", "stack", "local", "shared", "spill_stores", "tensor_cores", "tmem", "compile_s",
-                 "cached", "key", "skipped"}
+                 "cached", "key", "skipped", "perf_warnings"}
+
+# ptxas's "Potential Performance Loss" advisories, e.g. "(C7515) ... wgmma.mma_async instructions
+# are serialized due to non wgmma instructions defining accumulator registers of a wgmma between
+# start and end of the pipeline stage": each Hopper tensor-core op then waits for the previous
+# one (an arrive/wait pair per instruction instead of two per loop iteration).
+_PERF_WARNING = re.compile(r"\((C\d+)\) Potential Performance Loss: ([^\n]*?)(?: in the function|$)", re.M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,9 +232,12 @@ def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_
     path = cache_dir / f"{key}.json"
     if use_cache and path.exists():
         try:
-            return json.loads(path.read_text()) | {"cached": True}
+            cached = json.loads(path.read_text())
         except ValueError:
-            pass  # a torn file: compile again
+            cached = None  # a torn file: compile again
+        # (a Hopper tensor-core build cached before ptxas's advisories were kept: compile again)
+        if cached is not None and not (cached.get("tensor_cores") == "wgmma" and "perf_warnings" not in cached):
+            return cached | {"cached": True}
     if key in skip_keys or time.time() > deadline:
         return {"skipped": True, "key": key}
     t0 = time.perf_counter()
@@ -244,6 +253,8 @@ def _compile(job: dict, cache_dir: Path, use_cache: bool, deadline: float, skip_
         result = _resources(compiled)
         stores = re.findall(r"(\d+) bytes spill stores", log.getvalue())
         result["spill_stores"] = sum(map(int, stores)) if stores else None
+        result["perf_warnings"] = sorted({f"{code} {text.strip()}"
+                                          for code, text in _PERF_WARNING.findall(log.getvalue())})
     result |= {"compile_s": round(time.perf_counter() - t0, 3), "key": key}
     _write_atomic(path, result)
     return result

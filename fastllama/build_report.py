@@ -269,6 +269,7 @@ class Row:
     spill_stores: int | None = None  # ptxas -v "bytes spill stores" (the part of STACK that is spills)
     tensor_cores: str = ""  # "tcgen05" (sm_100), "wgmma" (sm_90), "mma" or "-"
     tmem: int | None = None  # tensor-memory columns per block (sm_100's MMA accumulators)
+    perf_warnings: list | None = None  # ptxas's "Potential Performance Loss" advisories ("C7515 ...")
     compile_s: float | None = None  # of the compile that produced the row (cached rows keep it)
     cached: bool = False
     key: str | None = None
@@ -279,6 +280,11 @@ class Row:
     @property
     def spill(self) -> int | None:
         return None if self.error or self.skipped else (self.local or 0) + (self.stack or 0)
+
+    @property
+    def serialized(self) -> bool:
+        """ptxas serialized the warpgroup MMAs (C7515): each waits for the one before."""
+        return any(w.startswith("C7515") for w in self.perf_warnings or ())
 
 
 def _row(job: Job, result: dict) -> Row:
@@ -292,14 +298,15 @@ def _row(job: Job, result: dict) -> Row:
 
 def problems(rows: Iterable[Row]) -> list[str]:
     """What makes a config unfit to ship: a compile error, any spill, shared memory over the
-    arch's per-block limit, or a block that cannot be resident at all. One line each."""
+    arch's per-block limit, a block that cannot be resident at all, or Hopper tensor-core ops
+    that ptxas serialized (C7515: a tile that cannot overlap its own matmuls). One line each."""
     return [f"{r.kernel} [{r.label or r.config}] on {r.arch}: {kind}{detail}" for r in rows
             for kind, detail in _row_problems(r)]
 
 
 def problem_kinds(rows: Iterable[Row]) -> set[str]:
     """The problems as "kernel on arch: kind" (kind: compile error, spills, shared memory,
-    cannot launch), coarse enough to list as known while configs are being fixed."""
+    cannot launch, wgmma serialized), coarse enough to list as known while configs are being fixed."""
     return {f"{r.kernel} on {r.arch}: {kind}" for r in rows for kind, _ in _row_problems(r)}
 
 
@@ -315,6 +322,8 @@ def _row_problems(r: Row) -> list[tuple[str, str]]:
                               f"{r.spill_stores} bytes spill stores)"))
     if (r.shared or 0) > limit:
         out.append(("shared memory", f" {r.shared} B > {limit} B per block ({limit // 1024} KB)"))
+    if r.serialized:
+        out.append(("wgmma serialized", ": ptxas C7515, every warpgroup MMA waits for the one before"))
     if r.warps_per_sm == 0:
         out.append(("cannot launch", f": {r.regs} registers x {r.num_warps} warps, {r.shared} B of shared "
                                      f"memory or {r.tmem or 0} tensor-memory columns exceed one SM "
@@ -340,6 +349,8 @@ def _cells(r: Row) -> list[str]:
         status = "SPILLS"
     if (r.shared or 0) > ARCHS[r.arch].shared_per_block or r.warps_per_sm == 0:
         status = "TOO BIG" if status == "ok" else status + ", TOO BIG"
+    if r.serialized:
+        status = "SERIALIZED" if status == "ok" else status + ", SERIALIZED"
     occ = f"{r.warps_per_sm} ({100 * r.warps_per_sm // ARCHS[r.arch].max_warps_per_sm}%)"
     return [r.op, r.kernel, config, r.arch, str(r.regs), str(r.spill), f"{(r.shared or 0) / 1024:.1f}", occ,
             r.occupancy_limit or "", r.tensor_cores, _secs(r), status]
@@ -362,7 +373,7 @@ def format_markdown(rows: list[Row]) -> str:
 def summary(rows: list[Row]) -> list[list[str]]:
     """Per kernel and arch: builds, how many compiled, problems by kind, register and shared
     memory ranges, fewest warps per SM, tensor-core instructions seen. First line: the header."""
-    out = [["kernel", "arch", "builds", "compiled", "spill", "too big", "error", "regs", "smem KB max",
+    out = [["kernel", "arch", "builds", "compiled", "spill", "too big", "error", "serialized", "regs", "smem KB max",
             "warps/SM min", "TC"]]
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
@@ -372,7 +383,8 @@ def summary(rows: list[Row]) -> list[list[str]]:
         big = sum(1 for r in ok if (r.shared or 0) > ARCHS[arch].shared_per_block or r.warps_per_sm == 0)
         regs = sorted(r.regs for r in ok if r.regs is not None)
         out.append([kernel, arch, str(len(g)), str(sum(not r.skipped for r in g)), str(sum(bool(r.spill) for r in ok)),
-                    str(big), str(sum(bool(r.error) for r in g)), f"{regs[0]}-{regs[-1]}" if regs else "",
+                    str(big), str(sum(bool(r.error) for r in g)), str(sum(r.serialized for r in ok)),
+                    f"{regs[0]}-{regs[-1]}" if regs else "",
                     f"{max((r.shared or 0) for r in ok) / 1024:.1f}" if ok else "",
                     str(min(r.warps_per_sm for r in ok if r.warps_per_sm is not None)) if ok else "",
                     "/".join(sorted({r.tensor_cores for r in ok} - {"-"})) or "-"])

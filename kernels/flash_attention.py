@@ -396,22 +396,15 @@ _DKDV_UNALIGNED = {
 # compiles them for sm_90 only. Registers per thread on sm_90, bf16 dense / varlen:
 #   forward  d64 (128,64,8,4) 126, (128,128,8,3) 169/171, (64,64,4,3) 127/125;
 #            d128 (128,64,8,4) 165/167, (128,32,8,3) 125, (64,64,4,3) 167/165.
-#   dQ       d64 (64,64,4,2) 122, (64,128,8,2) 170/167, (64,64,4,3) 127/122;
-#            d128 (128,64,8,2) 173, (128,32,8,2) 122, (64,64,8,2) 128.
-#   dK/dV    d64 (64,128,8,3) 239/236, (32,128,8,3) 184/181, (64,64,8,2) 174/168;
-#            d128 (32,128,8,2) 228/227, (32,128,8,3) 240/238, (16,128,8,2) 216/213.
 #   (fp16 and d80/96 are in the build report; none spills.)
-#   Rejected (sm_90 spills): dK/dV d64 (128,128,8,2) 456 B, (32,128,4,2) 56 B; d128
-#   (64,128,8,2) 120 B, (64,64,4,2) 160 B; forward d128 (128,64,4,3) 96 B. dQ d64 (128,128,8,2)
-#   compiles at 255 registers: no margin.
+#   Rejected (sm_90 spills): forward d128 (128,64,4,3) 96 B.
+# The dQ and dK/dV rows of sm_90 (16-bit, aligned, d64-128) are all its own: ``_SM90_ROWS``.
 # Nothing here is measured yet: the autotuner keeps a shared candidate wherever it is faster.
 _SM90_EXTRA_16BIT = {
     "fwd": {64: [(128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)],
             128: [(128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3)]},
-    "dq": {64: [(64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
-           128: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)]},
-    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2)],
-             128: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2)]},
+    "dq": {},
+    "dkdv": {},
 }
 
 # dK/dV with atomic dQ adds (``deterministic=False``, fp16/bf16 only). The program also forms a
@@ -420,8 +413,7 @@ _SM90_EXTRA_16BIT = {
 # fp16/bf16, dense/varlen and the head dims of the row, sm_80 / sm_90:
 #   aligned  d64 (32,64,8,2) 253/165, (32,128,8,2) 255/196, (16,64,4,2) 232/158; d80-128
 #            (32,64,8,2) 255/222, (32,32,4,2) 250/246; d256 (32,32,8,2) 232/220, (16,32,8,2) 199/192.
-#            sm_90 only, d64: (64,64,8,2) 240, (64,64,8,3) 248, (32,128,8,3) 203; d80-128, 128 keys
-#            (half the dQ atomics per FLOP of the 64-key tiles): (16,128,8,2) 224, (32,128,8,1) 231.
+#            sm_90 runs rows of its own at d64-128 (``_SM90_ROWS``: these serialized its MMAs).
 #            Rejected (an earlier build of this kernel): d64 (64,64,8,2) 272 B spill on sm_80,
 #            (64,128,8,2) 32 B on sm_90; d128 (16,64,4,2) 72 B, (32,128,8,2) 56 B, (64,64,8,2|3)
 #            64-152 B, (64,128,8,2) 416 B, (64,128,8,1) 136 B, (16|32,128,4,2) 0.8-1.1 KB;
@@ -439,8 +431,7 @@ _DKDV_ATOMIC_UNALIGNED = {
     (128, "16-bit"): [(32, 32, 8, 2)],
     (256, "16-bit"): [(16, 32, 8, 2)],
 }
-_SM90_EXTRA_ATOMIC = {64: [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3)],
-                      128: [(16, 128, 8, 2), (32, 128, 8, 1)]}
+_SM90_EXTRA_ATOMIC: dict = {}  # (sm_90's aligned 16-bit rows: _SM90_ROWS)
 
 # GPUs with 99 KB of shared memory per block (sm_86: A10, A40, RTX 30; sm_89: L4, L40S, RTX 40;
 # sm_120: RTX 50) run the tables above except where a row's tiles need more, which Triton refuses
@@ -506,9 +497,48 @@ _SM100_ROWS = {
     "dq": {}, "dkdv": {}, "dkdv_atomic": {},
 }
 
+# Hopper (sm_90) rows that replace the shared ones where ptxas serialized the warpgroup MMAs of
+# a tile ("(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized":
+# every tensor-core op waits for the one before; the build report now flags it, a problem like
+# a spill). Serialized were dK/dV (32,64,8,2) and (64,64,8,2) at d64-128 (the first candidate,
+# what autotune=False ran), dQ (64,128,8,2) at d64 and (64,64,8,2) at d80-128, atomic dK/dV
+# (32,64,8,2), (32,128,8,2|3), (16,64,4,2) at d64 and (32,64,8,2), (16,128,8,2) at d80-128, the
+# d256 forward and dQ (64,32|64,8,2) (Gemma's head dim), and tf32 dK/dV (32,64,8,2) and forward
+# d256 (64,32,8,2). The 2-stage backward tiles also had no load in flight across an iteration
+# (cp.async waited to 0 at its top): these prefer 3-4 stages. Registers on sm_90, worst over
+# fp16/bf16, dense/varlen and the head dims of the row; none spills or is serialized:
+#   forward  d256 (128,32,8,2) 222, (64,32,4,2) 242, (128,64,8,2) 240, (64,16,4,3) 217;
+#            tf32 d256 (32,32,8,2) 93 (unaligned 128).
+#   dQ       d64 (128,64,8,3|4) 124, (64,128,4,3) 206, (128,128,8,3) 201; d80-128 (128,32,8,3|4) 128,
+#            (128,64,8,3) 175, (64,32,4,3) 133; d256 (128,32,8,2) 230, (64,32,4,2) 237, (128,16,8,2) 214.
+#   dK/dV    d64 (32,128,8,3|4) 184, (64,128,8,3) 238, (32,64,4,3) 164; d80-128 (32,128,8,3|4|5) 245,
+#            (32,64,4,3) 242; tf32 d64 (32,32,8,2) 125, (32,64,4,2) 228; tf32 d80-128 (32,32,4,2) 162,
+#            (32,16,8,2) 128 (unaligned d64: (32,32,8,2) 128).
+#   atomic   d64 (64,64,8,3) 246, (64,64,8,2) 238; d80-128 (64,16,8,2|3) 236, (32,32,4,2) 246 (its
+#            dQ product has 16-32 rows there: mma.sync, Hopper's MMA needs 64).
+#   Rejected: dK/dV d128 (64,64,4,3) 152-176 B spill; tf32 (32,32,8,2) at d80-128 8 B, (16,64,4,2)
+#   and (32,64,4,2) serialized (4 warps too); atomic d64 (64,128,8,3) 40-72 B, (64,64,4,2) 48-80 B,
+#   d80-128 every 4-warp 64-row tile 32-512 B, (64,32,8,2) 8 B, (64,32,8,1) 255 registers.
+# Unmeasured, like the rest of the Hopper candidates: the autotuner picks among them on the GPU.
+_SM90_ROWS = {
+    "fwd": {(True, 256, "16-bit"): [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 16, 4, 3)],
+            (True, 256, "tf32"): [(32, 32, 8, 2)],
+            (False, 256, "tf32"): [(32, 32, 8, 2)]},
+    "dq": {(True, 64, "16-bit"): [(128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3), (128, 128, 8, 3)],
+           (True, 128, "16-bit"): [(128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3)],
+           (True, 256, "16-bit"): [(128, 32, 8, 2), (64, 32, 4, 2), (128, 16, 8, 2)]},
+    "dkdv": {(True, 64, "16-bit"): [(32, 128, 8, 3), (32, 128, 8, 4), (64, 128, 8, 3), (32, 64, 4, 3)],
+             (True, 128, "16-bit"): [(32, 128, 8, 3), (32, 128, 8, 4), (32, 128, 8, 5), (32, 64, 4, 3)],
+             (True, 64, "tf32"): [(32, 32, 8, 2), (32, 64, 4, 2)],
+             (True, 128, "tf32"): [(32, 32, 4, 2), (32, 16, 8, 2)],
+             (False, 64, "tf32"): [(32, 32, 8, 2)]},
+    "dkdv_atomic": {(True, 64, "16-bit"): [(64, 64, 8, 3), (64, 64, 8, 2)],
+                    (True, 128, "16-bit"): [(64, 16, 8, 2), (64, 16, 8, 3), (32, 32, 4, 2)]},
+}
+
 # The replacement rows each table arch applies, in order, to the shared tables: sm_120 is a 99 KB
 # GPU too (the sm_86 rows first, then its own).
-REPLACEMENTS = {86: (_SM86_ROWS,), 100: (_SM100_ROWS,), 120: (_SM86_ROWS, _SM120_ROWS)}
+REPLACEMENTS = {86: (_SM86_ROWS,), 90: (_SM90_ROWS,), 100: (_SM100_ROWS,), 120: (_SM86_ROWS, _SM120_ROWS)}
 
 # (aligned table, unaligned table, sm_90 additions, {table arch: its replacement rows}) per kernel.
 CONFIG_TABLES = {name: (aligned, unaligned, sm90, {sm: [rows[name] for rows in chain]
@@ -558,8 +588,8 @@ def fwd_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: b
                 sm: int = 80) -> list[tuple]:
     """Forward autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); ``aligned``: the
     strides are multiples of 16 elements (:func:`strides_aligned`), else the unaligned table;
-    ``sm`` (:func:`table_arch`) 90 adds the Hopper-only tiles (see ``_SM90_EXTRA_16BIT``), 86,
-    100 and 120 swap in their replacement rows (``REPLACEMENTS``)."""
+    ``sm`` (:func:`table_arch`) 90 adds the Hopper-only tiles (see ``_SM90_EXTRA_16BIT``); 86,
+    90, 100 and 120 swap in their replacement rows (``REPLACEMENTS``)."""
     return _lookup(CONFIG_TABLES["fwd"], d_pad, elem_bytes, precision, aligned, sm)
 
 

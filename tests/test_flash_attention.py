@@ -409,7 +409,10 @@ def test_one_autotuner_per_arch():
         tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
         shared = {c for table in tuned.tables[:2] for row in table.values() for c in row}
         assert {tile(c) for c in ampere.configs} == shared
-        assert {tile(c) for c in hopper.configs} == shared | {c for row in tuned.tables[2].values() for c in row}
+        hopper_only = ({c for row in tuned.tables[2].values() for c in row}
+                       | {c for rows in tuned.tables[3].get(90, ()) for row in rows.values() for c in row})
+        assert hopper_only <= {tile(c) for c in hopper.configs}  # (and no shared tile sm_90's rows dropped)
+        assert {tile(c) for c in hopper.configs} <= shared | hopper_only
 
 
 @pytest.mark.parametrize("name,capability,shared_kb,arch", [
@@ -517,11 +520,12 @@ def test_launch_side_picks_the_devices_tables(monkeypatch, sm):
 def test_replacement_rows_replace_only_their_own_rows():
     """Every ``_SM86_ROWS`` row replaces an existing sm_80 row, and the sm_86 tables differ from
     the sm_80 ones only there: rows that fit and do not spill keep their tuned candidates. The
-    same for the ``_SM120_ROWS`` against the sm_86 tables and the ``_SM100_ROWS`` against sm_80's."""
-    assert kfa.REPLACEMENTS == {86: (kfa._SM86_ROWS,), 100: (kfa._SM100_ROWS,),
+    same for the ``_SM120_ROWS`` against the sm_86 tables, the ``_SM100_ROWS`` against sm_80's and
+    the ``_SM90_ROWS`` against sm_80's with the Hopper-only tiles."""
+    assert kfa.REPLACEMENTS == {86: (kfa._SM86_ROWS,), 90: (kfa._SM90_ROWS,), 100: (kfa._SM100_ROWS,),
                                 120: (kfa._SM86_ROWS, kfa._SM120_ROWS)}
-    for name, (aligned_table, unaligned_table, _, replacements) in kfa.CONFIG_TABLES.items():
-        for rows in (kfa._SM86_ROWS, kfa._SM100_ROWS, kfa._SM120_ROWS):
+    for name, (aligned_table, unaligned_table, extras, replacements) in kfa.CONFIG_TABLES.items():
+        for rows in (kfa._SM86_ROWS, kfa._SM90_ROWS, kfa._SM100_ROWS, kfa._SM120_ROWS):
             for aligned, row, kind in rows[name]:
                 assert (row, kind) in (aligned_table if aligned else unaligned_table), (name, aligned, row, kind)
         configs = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs,
@@ -533,6 +537,9 @@ def test_replacement_rows_replace_only_their_own_rows():
                     got = configs(row, elem, precision, aligned, sm)
                     assert got == rows[name].get((aligned, row, kind), configs(row, elem, precision, aligned, base))
                     assert got
+                hopper = configs(row, elem, precision, aligned, 80) + (extras.get(row, []) if aligned and kind == "16-bit"
+                                                                       else [])
+                assert configs(row, elem, precision, aligned, 90) == kfa._SM90_ROWS[name].get((aligned, row, kind), hopper)
 
 
 @pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
@@ -572,7 +579,8 @@ def test_autotune_candidates_are_the_built_ones(dtype, D, precision, aligned, sm
         for rows in kfa.CONFIG_TABLES[name][3].get(sm, ()):  # e.g. sm_86's replacement rows, then sm_120's
             small = rows.get((aligned, max(64, d_pad), kind), small)
         assert got == (set(small) if small else shared | extra)
-        assert not hopper or d_pad > 128 or extra, "no Hopper-only tile for an aligned 16-bit d64/d128 row"
+        # (dQ and dK/dV: sm_90's rows are its own, _SM90_ROWS)
+        assert not hopper or d_pad > 128 or extra or small, "no Hopper-only tile for an aligned 16-bit d64/d128 row"
         for bm, bn, w, s in got:
             label = f"flash_attention {name} {ptr} d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}"
             built_for = archs[label, w, s]
