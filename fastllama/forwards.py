@@ -294,19 +294,29 @@ def _plain_linear(head) -> bool:
 WEIGHT_MANAGING_HOOKS = ("torch.distributed.", "deepspeed.")
 
 
+def output_agnostic(hook):
+    """Marks a forward hook as one that neither reads nor changes the module's output (a timer, a
+    memory recorder): on ``lm_head`` it then leaves the fused loss on, and sees the loss as the
+    head's output. Returns the hook: ``lm_head.register_forward_hook(output_agnostic(fn))``."""
+    hook._fastllama_output_agnostic = True
+    return hook
+
+
 def _output_hooked(module) -> bool:
     """Whether a forward hook (the module's own or a global one) other than a weight-managing one
-    sees the module's output: a hook on the LM head that reads or changes the logits (a
-    temperature, a logit lens, a vocabulary mask) would get the fused loss instead, and what it
-    returned would become the loss. Such heads run HF's path, logits and all."""
+    (:data:`WEIGHT_MANAGING_HOOKS`) or one marked :func:`output_agnostic` sees the module's
+    output: a hook on the LM head that reads or changes the logits (a temperature, a logit lens,
+    a vocabulary mask) would get the fused loss instead, and what it returned would become the
+    loss. Such heads run HF's path, logits and all."""
     from torch.nn.modules import module as nn_module
 
-    def origin(hook) -> str:
+    def managed(hook) -> bool:
         hook = getattr(hook, "func", hook)  # (functools.partial)
-        return getattr(hook, "__module__", None) or ""
+        return (getattr(hook, "_fastllama_output_agnostic", False)
+                or (getattr(hook, "__module__", None) or "").startswith(WEIGHT_MANAGING_HOOKS))
 
     hooks = (*module._forward_hooks.values(), *nn_module._global_forward_hooks.values())
-    return any(not origin(h).startswith(WEIGHT_MANAGING_HOOKS) for h in hooks)
+    return not all(managed(h) for h in hooks)
 
 
 def _fusable_head(head) -> bool:

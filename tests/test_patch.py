@@ -860,6 +860,12 @@ def test_a_forward_hook_on_the_head_gets_the_logits():
     assert seen == [(*x.shape, 300)] * 2
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
     assert out.logits is not None
+    # a hook marked output-agnostic (a timer, a recorder) keeps the fused loss, and sees the loss
+    from fastllama.forwards import output_agnostic
+
+    plain = fastllama.patch(build("llama-gqa").train())
+    plain.lm_head.register_forward_hook(output_agnostic(lambda m, i, o: seen.append(tuple(o.shape))))
+    assert plain(input_ids=x, labels=x).logits is None and seen[-1] == ()
 
 
 def test_a_patched_model_saved_whole_runs_in_a_new_process(tmp_path):

@@ -116,8 +116,11 @@ class _Recorder:
         def leave(m, args, out):  # (a hook that returns something replaces the output)
             self.stack.pop()
 
+        from ..forwards import output_agnostic
+
         self.handles.append(module.register_forward_pre_hook(enter))
-        self.handles.append(module.register_forward_hook(leave))
+        # (marked: on a patched lm_head an unmarked hook would turn the fused loss off)
+        self.handles.append(module.register_forward_hook(output_agnostic(leave)))
 
     def add(self, t: torch.Tensor, module: str | None = None, how: str = "saved") -> int:
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided:

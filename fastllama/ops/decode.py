@@ -47,9 +47,17 @@ def takes_softcap(softcap: float | None, dtype: torch.dtype) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-def _stages(elem_bytes: int) -> int:
-    """Software-pipelining depth: 2; fp32 1 (2 spilled 32 bytes on sm_80 at 96 registers)."""
-    return 1 if elem_bytes >= 4 else 2
+def _stages(elem_bytes: int, sm: int = 80) -> int:
+    """Software-pipelining depth: fp32 1 (2 spilled 32 bytes on sm_80 at 96 registers); 16-bit 2,
+    3 on sm_90 and sm_100. With 2, the compiled loop waits for all of its K/V copies at its top
+    and issues the next tile's only after the p V product (sm_90 SASS: DEPBAR.LE SB0, 0x0, the
+    LDGSTS at the end of the body), so nothing streams while the tile computes: at batch 1 (one
+    program per SM) decoding waited a memory round trip per 64 keys. With 3 the next tile is in
+    flight during the current one (two 32 KB K+V tiles at D = 128), which those GPUs' shared
+    memory holds for every tile (up to 128 KB; the 99 KB GPUs keep 2)."""
+    if elem_bytes >= 4:
+        return 1
+    return 3 if sm in (90, 100) else 2
 
 
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True,
@@ -177,7 +185,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                 table_arch(q.device), num_splits > 1, 0 <= window_left < k_cache.shape[2], softcap > 0)
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
                                         num_splits=num_splits, window_left=window_left, block_n=bn, max_block_m=bm,
-                                        num_warps=warps, num_stages=_stages(q.element_size()), softcap=softcap)
+                                        num_warps=warps, num_stages=_stages(q.element_size(), table_arch(q.device)),
+                                        softcap=softcap)
 
 
 @_decode_attention.register_fake
@@ -616,14 +625,14 @@ def _decode_builds() -> list[KernelBuild]:
                 # of `rows` rows as rows / 2 heads x 2 query rows.
                 st = "i32:16" if aligned else "i32"
                 for split, window, softcap in itertools.product((False, True), (0, 2), (False, True)):
-                    for (bm, bn, warps), archs in by_arch(
-                            lambda sm: _gpu_config(rows // 2, 2, d_pad, dtype.itemsize, aligned, sm, split,
-                                                   window > 0, softcap)):
+                    for (bm, bn, warps, stages), archs in by_arch(
+                            lambda sm: (*_gpu_config(rows // 2, 2, d_pad, dtype.itemsize, aligned, sm, split,
+                                                     window > 0, softcap), _stages(dtype.itemsize, sm))):
                         builds.append(KernelBuild(
                             _dk.decode_split_kernel, _split_signature(ptr, split, st, "i32", general),
                             {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
                              "PRECISION": "ieee", "WINDOW": window, "SOFTCAP": softcap},
-                            num_warps=warps, num_stages=_stages(dtype.itemsize), archs=archs,
+                            num_warps=warps, num_stages=stages, archs=archs,
                             label=f"decode_attention {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
                                   f"{'' if aligned else ' unaligned'}{' window' if window else ''}"
                                   f"{' softcap' if softcap else ''}"))
@@ -633,13 +642,14 @@ def _decode_builds() -> list[KernelBuild]:
             groups = (16,) if dtype == torch.float32 else (16, 32, 64)
             for group, split, window, softcap in itertools.product(groups, (False, True), (0, 1), (False, True)):
                 lengths = {"q_len": "constexpr", "group": "i32", "max_len": "i32", "m_tiles": "i32"}
-                for (bm, bn, warps), archs in by_arch(
-                        lambda sm: _gpu_config(group, 1, d_pad, dtype.itemsize, True, sm, split, softcap=softcap)):
+                for (bm, bn, warps, stages), archs in by_arch(
+                        lambda sm: (*_gpu_config(group, 1, d_pad, dtype.itemsize, True, sm, split, softcap=softcap),
+                                    _stages(dtype.itemsize, sm))):
                     builds.append(KernelBuild(
                         _dk.decode_split_kernel, _split_signature(ptr, split, "i32:16", "i32", lengths),
                         {"HEAD_DIM": D, "D_PAD": d_pad, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT": split,
                          "PRECISION": "ieee", "WINDOW": window, "SOFTCAP": softcap, **_ONE},
-                        num_warps=warps, num_stages=_stages(dtype.itemsize), archs=archs,
+                        num_warps=warps, num_stages=stages, archs=archs,
                         label=f"decode_attention tq1 {'split' if split else 'single'} {ptr[1:]} d{D} M{bm} N{bn}"
                               f"{' window' if window else ''}{' softcap' if softcap else ''}"))
             for s_pad, aligned in itertools.product(_S_PADS, (True, False)):
