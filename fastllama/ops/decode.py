@@ -49,15 +49,16 @@ def takes_softcap(softcap: float | None, dtype: torch.dtype) -> bool:
 # ----------------------------------------------------------------------------------------------
 def _stages(elem_bytes: int, sm: int = 80) -> int:
     """Software-pipelining depth: fp32 1 (2 spilled 32 bytes on sm_80 at 96 registers); 16-bit 2,
-    3 on sm_90 and sm_100. With 2, the compiled loop waits for all of its K/V copies at its top
-    and issues the next tile's only after the p V product (sm_90 SASS: DEPBAR.LE SB0, 0x0, the
-    LDGSTS at the end of the body), so nothing streams while the tile computes: at batch 1 (one
-    program per SM) decoding waited a memory round trip per 64 keys. With 3 the next tile is in
-    flight during the current one (two 32 KB K+V tiles at D = 128), which those GPUs' shared
-    memory holds for every tile (up to 128 KB; the 99 KB GPUs keep 2)."""
+    3 on sm_90. With 2, the compiled loop waits for all of its K/V copies at its top and issues
+    the next tile's only after the p V product (sm_90 SASS: DEPBAR.LE SB0, 0x0, the LDGSTS at the
+    end of the body), so nothing streams while the tile computes: at batch 1 (one program per
+    SM) decoding waited a memory round trip per 64 keys. With 3 the next tile is in flight
+    during the current one (two 32 KB K+V tiles at D = 128); sm_90's shared memory holds that
+    for every tile (up to 128 KB), none spills. (sm_100 with 3: 14 tiles spilled 8 bytes, the
+    soft-capped split d80-128 and some d256 ones; it keeps 2, as do the 99 KB GPUs.)"""
     if elem_bytes >= 4:
         return 1
-    return 3 if sm in (90, 100) else 2
+    return 3 if sm == 90 else 2
 
 
 def _gpu_config(group: int, q_len: int, d_pad: int, elem_bytes: int, aligned: bool = True,
