@@ -15,7 +15,7 @@
 #   OUT/<stage>.log           the output of each benchmark
 #   OUT/results/<device>/     the results files (JSON + markdown + PNG): commit them with
 #                             cp -r OUT/results/* benchmarks/results/ && git add benchmarks/results
-#   GPU_CHECK_BUNDLE=FILE     also all of OUT in one FILE.tar.gz, rewritten after every stage
+#   GPU_CHECK_BUNDLE=FILE     also all of OUT in one archive FILE (.tar.gz), rewritten after every stage
 #
 # Through the device tool (8 files at most come back, none more than 2 folders below $OUT, so
 # the results folder would not): bundle, and keep OUT itself outside $OUT:
@@ -68,7 +68,7 @@ bundle() {  # GPU_CHECK_BUNDLE: OUT as one archive, made anew after each stage (
     && mv -f "$GPU_CHECK_BUNDLE.tmp" "$GPU_CHECK_BUNDLE"
 }
 
-# stage NAME CAP_SECONDS COMMAND...: runs with a limit of min(CAP, time left), logs to OUT/NAME.log.
+# stage NAME CAP_SECONDS COMMAND...: runs with a limit of min(CAP, time left - RESERVE), logs to OUT/NAME.log.
 stage() {
   local name=$1 cap=$2; shift 2
   local limit; limit=$(( $(left) - RESERVE ))
@@ -168,8 +168,9 @@ FL=("$PY" -m fastllama.cli)
 #   left them no time), bench-ops the other op scripts.
 # pytest-matrix: the full shape matrix (`cuda_only`, ~1200 cases, each new shape a Triton JIT
 #   compile), last, in the time left.
-# Caps (seconds) add up to the default budget; GPU_CHECK_STAGES="bench-train bench-ops ..." runs
-# only those stages, IN THAT ORDER (a short GPU slot measures what is still missing first).
+# The caps (seconds) add up to more than the budget: the stages run in order until it is spent
+# (the benchmarks first, then the suite); GPU_CHECK_STAGES="bench-train bench-ops ..." runs only
+# those stages, IN THAT ORDER (a short GPU slot measures what is still missing first).
 run_stage() {
   case $1 in
     pytest) skipped_tests pytest || stage pytest "${TESTS_CAP_S:-100}" env FASTLLAMA_AUTOTUNE=0 \
@@ -206,7 +207,7 @@ TEST_FILES=("${TEST_FIRST[@]}")
 for f in tests/test_*.py; do
   [[ " ${TEST_FIRST[*]} tests/test_build_report.py " == *" $f "* ]] || TEST_FILES+=("$f")
 done
-ALL_STAGES="pytest-candidates pytest bench-train bench-attention bench-ops bench-decode pytest-benchmark bench-memory
+ALL_STAGES="pytest-candidates bench-attention bench-train bench-ops bench-decode pytest pytest-benchmark bench-memory
 pytest-matrix"
 SELECTED=$(echo ${GPU_CHECK_STAGES:-$ALL_STAGES})  # (one line)
 CANDIDATES=test_every_autotune_candidate_of_this_gpu

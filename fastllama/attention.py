@@ -16,8 +16,8 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   them: 0 where it shows them no key (left padding), and attention over their row's whole run
   where it shows them all of it (right padding, causal: a second, non-causal varlen call), so
   a loss over padded positions matches HF's SDPA path too. (HF's eager attention gives a query
-  that sees no key equal weights over every key: a patched model that ran eager attention takes
-  :func:`attend_as_eager` for masks with such rows, ``forwards.hf_attention_function``.)
+  that sees no key equal weights over every key: for a patched model that ran eager attention,
+  :func:`eager_blind_rows` recomputes those rows as eager does.)
 * several sequences in each row, each attending only to itself (position_ids that restart:
   padding-free packing): varlen flash attention on the flattened batch, sequence boundaries
   read off the mask.
@@ -35,7 +35,7 @@ to every layer, so once per forward; a mask edited in place is looked at again, 
 version counter sees it: not through ``.data`` or numpy, nor for a mask made under
 ``torch.inference_mode()``, which has no counter; pass a new mask instead). Under
 torch.compile that inspection would break the graph in every layer, so there a mask goes to
-SDPA; HF builds none for unpadded batches (see ``forwards.hf_attention_mask``), which compile to the
+SDPA (or, for a model that ran eager attention, to eager attention: :func:`eager_blind_rows`); HF builds none for unpadded batches (see ``forwards.hf_attention_mask``), which compile to the
 kernels. Without a cache (``use_cache=False``, HF's choice in training with checkpointing)
 transformers checks position_ids for packed sequences, which it cannot rule out while tracing:
 a patched causal LM tells it that positions it generated itself are not packed
@@ -89,12 +89,27 @@ class _Plan:
     reason: str = "mask is not causal attention over one run of tokens per row"  # "other": why
 
 
-# The last mask classified (a weak reference), its key and plan. The key holds the mask's version
-# counter, so a mask edited in place is looked at again. A weak reference cannot be fooled by a new
-# tensor at a recycled address (a dead one answers None), and does not keep the mask alive past
-# its forward into the next one's peak: a padded batch's (B, 1, T, T) boolean mask is 64 MiB per
-# sequence at 8k tokens.
-_last_plan: tuple[weakref.ref, tuple, _Plan] | None = None
+# What was read off the last few masks: (a weak reference to the mask, a key, the answer). HF
+# passes the same mask object to every layer of a kind (Gemma 2/3 alternate two, a windowed and a
+# full one), so a forward reads each mask once. The key holds the mask's version counter, so a
+# mask edited in place is looked at again. A weak reference cannot be fooled by a new tensor at a
+# recycled address (a dead one answers None), and does not keep the mask alive past its forward
+# into the next one's peak: a padded batch's (B, 1, T, T) boolean mask is 64 MiB per sequence at
+# 8k tokens.
+_MASK_MEMO: collections.deque = collections.deque(maxlen=4)
+_last_plan: tuple[weakref.ref, tuple, _Plan] | None = None  # (the latest plan: tests read it)
+
+
+def _memo(mask: torch.Tensor, key: tuple, compute):
+    """``compute()`` once per (mask object, its version, ``key``) among the last few asked."""
+    # an inference-mode tensor has no version counter: identity alone (see the module docstring)
+    key = (None if mask.is_inference() else mask._version, tuple(mask.shape), *key)
+    for ref, k, value in _MASK_MEMO:
+        if ref() is mask and k == key:
+            return value
+    value = compute()
+    _MASK_MEMO.append((weakref.ref(mask), key, value))
+    return value
 
 
 def _window_allows(q_pos, k_pos, window):
@@ -185,11 +200,12 @@ def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
     """Which kernel-shaped mask is ``mask`` (broadcastable to ``shape`` = (B, Hq, Tq, Tk))?
     A few host syncs, once per mask object (HF passes the same one to every layer)."""
     global _last_plan
-    # an inference-mode tensor has no version counter: identity alone (see the module docstring)
-    key = (None if mask.is_inference() else mask._version, tuple(mask.shape), shape, causal, window)
-    last = _last_plan
-    if last is not None and last[0]() is mask and last[1] == key:
-        return last[2]
+    plan = _memo(mask, ("plan", shape, causal, window), lambda: _classify_now(mask, shape, causal, window))
+    _last_plan = (weakref.ref(mask), shape, plan)
+    return plan
+
+
+def _classify_now(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
     B, Hq, Tq, Tk = shape
     try:
         broadcasts = torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
@@ -222,7 +238,6 @@ def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
         if plan is None and Tq == Tk:
             plan = _packed_plan(m, causal, window)
         plan = plan or _Plan("other")
-    _last_plan = (weakref.ref(mask), key, plan)
     return plan
 
 
@@ -345,34 +360,52 @@ def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bo
 def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, dropout: float = 0.0,
                     softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's eager attention exactly, ``(out, probabilities)``: the boolean ``mask`` (True =
-    attend) becomes an additive one of the dtype's minimum, as transformers makes it for eager
-    attention. The difference from :func:`attend_with_weights` is a query row that sees no key:
-    its scores all round to that minimum, softmax weighs every key equally (output: the mean of
-    v, and gradients through the scores as if they counted), where this module gives 0. For
-    models that ran eager attention before patching. Counted in :data:`FALLBACKS`."""
-    _fall_back("a query that sees no key, on a model that ran eager attention")
+    attend) becomes an additive one of the minimum of the mask's dtype, as transformers makes it
+    for eager attention (the model's dtype: fp32 under autocast). The difference from
+    :func:`attend_with_weights` is a query row that sees no key: its scores all round to that
+    minimum, softmax weighs every key equally (output: the mean of v, and gradients through the
+    scores as if they counted), where this module gives 0. (An fp16 model's -65504 does not
+    absorb every score: eager's row is not quite uniform there, and neither is this.) For models
+    that ran eager attention before patching: :func:`eager_blind_rows`."""
+    wide = torch.is_autocast_enabled(q.device.type)
     q, k, v = ops.attention.autocast_inputs(q, k, v)
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min)
+        dtype = torch.float32 if wide else q.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=q.device).masked_fill(~mask, torch.finfo(dtype).min)
     return _eager(q, k, v, mask, False, scale, None, dropout, softcap)
 
 
-_last_blind: tuple | None = None  # (weakref to the mask, its key, the answer): one per forward
-
-
-def has_blind_rows(mask: torch.Tensor) -> bool:
-    """Whether a boolean ``mask`` shows some query row no key (one host sync per mask object;
-    True while torch.compile traces, which cannot read it)."""
-    global _last_blind
+def eager_blind_rows(out, q, k, v, mask: torch.Tensor, *, scale: float | None = None, dropout: float = 0.0,
+                     softcap: float | None = None, weights: torch.Tensor | None = None):
+    """``(out, weights)`` with the query rows that ``mask`` shows no key (left padding) computed as
+    HF's eager attention computes them (:func:`attend_as_eager`), for a model that ran eager
+    attention before patching (Gemma 2 always does): eager weighs every key equally there, where
+    the kernels and SDPA give 0, and training on left-padded batches reads those rows (the last
+    padding position predicts the first real token). Only those rows are recomputed, per batch
+    row (their scores: heads x rows x Tk); the rest keep the kernels' result. One host sync per
+    mask object. Under torch.compile, which cannot find the rows, the whole call is eager's
+    (what HF computes for such a model anyway). Counted in :data:`FALLBACKS`."""
     if torch.compiler.is_compiling():
-        return True
-    key = (None if mask.is_inference() else mask._version, tuple(mask.shape))
-    last = _last_blind
-    if last is not None and last[0]() is mask and last[1] == key:
-        return last[2]
-    answer = bool(sees_no_key(mask).any())
-    _last_blind = (weakref.ref(mask), key, answer)
-    return answer
+        _fall_back("a model that ran eager attention, with a mask, under torch.compile")
+        return attend_as_eager(q, k, v, mask, scale=scale, dropout=dropout, softcap=softcap)
+    B, Hq, Tq = out.shape[:3]
+    rows = _memo(mask, ("blind", B, Tq), lambda: [
+        r.nonzero().flatten() for r in sees_no_key(mask).expand(B, 1, Tq, 1)[:, 0, :, 0]])
+    if not any(r.numel() for r in rows):
+        return out, weights
+    _fall_back("padding queries that see no key, on a model that ran eager attention (those rows)")
+    m = mask.expand(B, mask.shape[1], Tq, mask.shape[-1])
+    outs, probs = [], []
+    for b, r in enumerate(rows):
+        if not r.numel():
+            outs.append(out[b])
+            probs.append(None if weights is None else weights[b])
+            continue
+        o, p = attend_as_eager(q[b:b + 1, :, r], k[b:b + 1], v[b:b + 1], m[b:b + 1, :, r], scale=scale,
+                               dropout=dropout, softcap=softcap)
+        outs.append(out[b].index_copy(1, r, o[0].to(out.dtype)))
+        probs.append(None if weights is None else weights[b].index_copy(1, r, p[0].to(weights.dtype)))
+    return torch.stack(outs), (None if weights is None else torch.stack(probs))
 
 
 def _eager(q, k, v, mask, causal, scale, window, dropout, softcap):

@@ -21,7 +21,7 @@ import threading
 import torch
 
 from . import ops
-from .attention import attend, attend_as_eager, attend_with_weights, has_blind_rows
+from .attention import attend, attend_with_weights, eager_blind_rows
 from .ops.rms_norm import wide_weight
 from .reference import functional as ref
 from .reference.model import shift_labels
@@ -289,31 +289,38 @@ def _plain_linear(head) -> bool:
     return _original_class(head) is torch.nn.Linear and not _forward_replaced(head)
 
 
-#: Where the forward hooks come from that manage a module's weights and leave its output alone
-#: (FSDP2 reshards after the forward, DeepSpeed ZeRO-3 releases the gathered weights).
-WEIGHT_MANAGING_HOOKS = ("torch.distributed.", "deepspeed.")
+#: Where the forward hooks come from that leave a module's output alone: FSDP2 reshards after
+#: the forward, DeepSpeed ZeRO-3 releases the gathered weights, torch's module tracker (under
+#: ``FlopCounterMode``, a global hook) records which module runs.
+OUTPUT_AGNOSTIC_HOOK_MODULES = ("torch.distributed.", "deepspeed.", "torch.utils.module_tracker")
 
 
 def output_agnostic(hook):
     """Marks a forward hook as one that neither reads nor changes the module's output (a timer, a
     memory recorder): on ``lm_head`` it then leaves the fused loss on, and sees the loss as the
-    head's output. Returns the hook: ``lm_head.register_forward_hook(output_agnostic(fn))``."""
-    hook._fastllama_output_agnostic = True
-    return hook
+    head's output. Returns the hook to register, a function (any callable, a bound method or a
+    ``functools.partial`` too): ``lm_head.register_forward_hook(output_agnostic(fn))``."""
+    @functools.wraps(hook)
+    def marked(*args, **kwargs):
+        return hook(*args, **kwargs)
+
+    marked._fastllama_output_agnostic = True
+    return marked
 
 
 def _output_hooked(module) -> bool:
-    """Whether a forward hook (the module's own or a global one) other than a weight-managing one
-    (:data:`WEIGHT_MANAGING_HOOKS`) or one marked :func:`output_agnostic` sees the module's
+    """Whether a forward hook (the module's own or a global one) other than those of
+    :data:`OUTPUT_AGNOSTIC_HOOK_MODULES` or one marked :func:`output_agnostic` sees the module's
     output: a hook on the LM head that reads or changes the logits (a temperature, a logit lens,
     a vocabulary mask) would get the fused loss instead, and what it returned would become the
     loss. Such heads run HF's path, logits and all."""
     from torch.nn.modules import module as nn_module
 
     def managed(hook) -> bool:
+        if getattr(hook, "_fastllama_output_agnostic", False):
+            return True
         hook = getattr(hook, "func", hook)  # (functools.partial)
-        return (getattr(hook, "_fastllama_output_agnostic", False)
-                or (getattr(hook, "__module__", None) or "").startswith(WEIGHT_MANAGING_HOOKS))
+        return (getattr(hook, "__module__", None) or "").startswith(OUTPUT_AGNOSTIC_HOOK_MODULES)
 
     hooks = (*module._forward_hooks.values(), *nn_module._global_forward_hooks.values())
     return not all(managed(h) for h in hooks)
@@ -419,21 +426,17 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
     options = getattr(module, "_fastllama_attention", {})
-    if options.get("eager") and attention_mask is not None and has_blind_rows(attention_mask):
-        # A model that ran HF's eager attention (Gemma 2 always does) and a query that sees no
-        # key (left padding): eager gives it equal weights over every key, where the kernels and
-        # SDPA give 0; training on left-padded batches reads those rows (the last padding position
-        # predicts the first real token). Eager's own computation, then (counted).
-        out, weights = attend_as_eager(query, key, value, attention_mask, scale=scaling, dropout=dropout,
-                                       softcap=softcap)
-        return out.transpose(1, 2).contiguous(), weights if kwargs.get("output_attentions") else None
+    weights = None
     if kwargs.get("output_attentions"):  # the probabilities are asked for: plain PyTorch (counted)
         out, weights = attend_with_weights(query, key, value, attention_mask, causal=causal, scale=scaling,
                                            window=window, dropout=dropout, softcap=softcap)
-        return out.transpose(1, 2).contiguous(), weights
-    out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window, dropout=dropout,
-                 deterministic=options.get("deterministic", True), softcap=softcap)
-    return out.transpose(1, 2).contiguous(), None
+    else:
+        out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window,
+                     dropout=dropout, deterministic=options.get("deterministic", True), softcap=softcap)
+    if options.get("eager") and attention_mask is not None:  # (left padding, as eager attention has it)
+        out, weights = eager_blind_rows(out, query, key, value, attention_mask, scale=scaling, dropout=dropout,
+                                        softcap=softcap, weights=weights)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def hf_attention_mask(**kwargs):

@@ -389,13 +389,13 @@ _DKDV_UNALIGNED = {
 }
 
 
-# Hopper (sm_90: H100/H200) adds these to the aligned 16-bit rows. Its register file and shared
-# memory hold tiles that spill or do not fit on sm_80 (dK/dV with 128 keys at d128: 229
-# registers on sm_90, a 336 B spill on sm_80), and its warpgroup MMA wants 64-row multiples.
-# The autotuner times them beside the shared candidates only on an sm_90 device; the build report
-# compiles them for sm_90 only. Registers per thread on sm_90, bf16 dense / varlen:
-#   forward  d64 (128,64,8,4) 126, (128,128,8,3) 169/171, (64,64,4,3) 127/125;
-#            d128 (128,64,8,4) 165/167, (128,32,8,3) 125, (64,64,4,3) 167/165.
+# Hopper (sm_90: H100/H200) adds these to the aligned 16-bit forward rows. Its register file and
+# shared memory hold tiles that spill or do not fit on sm_80, and its warpgroup MMA wants 64-row
+# multiples. The autotuner times them beside the shared candidates only on an sm_90 device; the
+# build report compiles them for sm_90 only. Registers per thread on sm_90, worst over fp16/bf16,
+# dense / varlen:
+#   forward  d64 (128,64,8,4) 127/126, (128,128,8,3) 167/171, (64,64,4,3) 127/125;
+#            d128 (128,64,8,4) 167/166, (128,32,8,3) 125, (64,64,4,3) 167/165.
 #   (fp16 and d80/96 are in the build report; none spills.)
 #   Rejected (sm_90 spills): forward d128 (128,64,4,3) 96 B.
 # The dQ and dK/dV rows of sm_90 (16-bit, aligned, d64-128) are all its own: ``_SM90_ROWS``.
@@ -410,7 +410,8 @@ _SM90_EXTRA_16BIT = {
 # dK/dV with atomic dQ adds (``deterministic=False``, fp16/bf16 only). The program also forms a
 # (BLOCK_M, D) dQ tile per step and stages dS^T through shared memory for it, so it gets tiles
 # of its own: the deterministic kernel's d128 tiles spill here. Registers per thread, worst over
-# fp16/bf16, dense/varlen and the head dims of the row, sm_80 / sm_90:
+# fp16/bf16, dense/varlen and the head dims of the row, sm_80 / sm_90 (sm_90 as compiled before it
+# took rows of its own at d64-128):
 #   aligned  d64 (32,64,8,2) 253/165, (32,128,8,2) 255/196, (16,64,4,2) 232/158; d80-128
 #            (32,64,8,2) 255/222, (32,32,4,2) 250/246; d256 (32,32,8,2) 232/220, (16,32,8,2) 199/192.
 #            sm_90 runs rows of its own at d64-128 (``_SM90_ROWS``: these serialized its MMAs).

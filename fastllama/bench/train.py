@@ -430,6 +430,7 @@ def train_extra(settings: TrainSettings) -> dict:
         "batch": "fixed" if settings.batch else f"filled to {settings.memory_fraction:.0%} of device memory",
         "targets (llama-3.2-1b, seq 4k, H100/H200)": {"tokens/s vs hf-sdpa": ">= 1.3", "tokens/s vs hf-liger": ">= 1.1",
                                                      "peak vs hf-sdpa": "<= 0.6"},
-        "flops": "6 x matmul params x tokens + causal attention 7*B*H*T^2*D per layer",
+        "flops": "6 x matmul params (MoE: the active experts + router) x tokens + causal attention "
+                 "7*B*H*T^2*D per layer (a window of W keys: 14*B*H*D*(W^2/2 + (T-W)*W))",
     }
 

@@ -535,7 +535,8 @@ def _build_configs() -> list[KernelBuild]:
     Each tile is built for the archs whose table row holds it (``configs(..., sm)``): the
     Hopper-only tiles of the aligned 16-bit rows for sm_90 alone, the replacement rows
     (``kernels.flash_attention.REPLACEMENTS``: ``_SM86_ROWS`` on sm_86 and sm_120, ``_SM120_ROWS``
-    on sm_120, ``_SM100_ROWS`` on sm_100) for their archs, the tiles they replace for the others.
+    on sm_120, ``_SM90_ROWS`` on sm_90, ``_SM100_ROWS`` on sm_100) for their archs, the tiles they
+    replace for the others.
 
     Soft-capped launches (``SOFTCAP=True``, Gemma 2) run one untimed tile per row
     (``kernels.flash_attention.softcap_tile``): those are built for the same head dims, dtypes,
