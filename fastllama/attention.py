@@ -366,7 +366,10 @@ def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, 
     minimum, softmax weighs every key equally (output: the mean of v, and gradients through the
     scores as if they counted), where this module gives 0. (An fp16 model's -65504 does not
     absorb every score: eager's row is not quite uniform there, and neither is this.) For models
-    that ran eager attention before patching: :func:`eager_blind_rows`."""
+    that ran eager attention before patching: :func:`eager_blind_rows`, and their masked calls
+    under torch.compile (counted in :data:`FALLBACKS`)."""
+    if torch.compiler.is_compiling():
+        _fall_back("a model that ran eager attention, with a mask, under torch.compile")
     wide = torch.is_autocast_enabled(q.device.type)
     q, k, v = ops.attention.autocast_inputs(q, k, v)
     if mask.dtype == torch.bool:
@@ -383,11 +386,9 @@ def eager_blind_rows(out, q, k, v, mask: torch.Tensor, *, scale: float | None = 
     the kernels and SDPA give 0, and training on left-padded batches reads those rows (the last
     padding position predicts the first real token). Only those rows are recomputed, per batch
     row (their scores: heads x rows x Tk); the rest keep the kernels' result. One host sync per
-    mask object. Under torch.compile, which cannot find the rows, the whole call is eager's
-    (what HF computes for such a model anyway). Counted in :data:`FALLBACKS`."""
-    if torch.compiler.is_compiling():
-        _fall_back("a model that ran eager attention, with a mask, under torch.compile")
-        return attend_as_eager(q, k, v, mask, scale=scale, dropout=dropout, softcap=softcap)
+    mask object: not under torch.compile, where ``forwards.hf_attention_function`` runs the whole
+    call as eager (:func:`attend_as_eager`, what HF computes for such a model anyway). Counted in
+    :data:`FALLBACKS`."""
     B, Hq, Tq = out.shape[:3]
     rows = _memo(mask, ("blind", B, Tq), lambda: [
         r.nonzero().flatten() for r in sees_no_key(mask).expand(B, 1, Tq, 1)[:, 0, :, 0]])

@@ -21,7 +21,7 @@ import threading
 import torch
 
 from . import ops
-from .attention import attend, attend_with_weights, eager_blind_rows
+from .attention import attend, attend_as_eager, attend_with_weights, eager_blind_rows
 from .ops.rms_norm import wide_weight
 from .reference import functional as ref
 from .reference.model import shift_labels
@@ -426,6 +426,11 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
     options = getattr(module, "_fastllama_attention", {})
+    eager_mask = options.get("eager") and attention_mask is not None  # (left padding, as eager has it)
+    if eager_mask and torch.compiler.is_compiling():  # which rows see no key cannot be read: eager's whole call
+        out, weights = attend_as_eager(query, key, value, attention_mask, scale=scaling, dropout=dropout,
+                                       softcap=softcap)
+        return out.transpose(1, 2).contiguous(), weights if kwargs.get("output_attentions") else None
     weights = None
     if kwargs.get("output_attentions"):  # the probabilities are asked for: plain PyTorch (counted)
         out, weights = attend_with_weights(query, key, value, attention_mask, causal=causal, scale=scaling,
@@ -433,7 +438,7 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     else:
         out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window,
                      dropout=dropout, deterministic=options.get("deterministic", True), softcap=softcap)
-    if options.get("eager") and attention_mask is not None:  # (left padding, as eager attention has it)
+    if eager_mask:
         out, weights = eager_blind_rows(out, query, key, value, attention_mask, scale=scaling, dropout=dropout,
                                         softcap=softcap, weights=weights)
     return out.transpose(1, 2).contiguous(), weights

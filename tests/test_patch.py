@@ -842,6 +842,24 @@ def test_left_padded_training_of_an_eager_model_follows_eager_attention(arch):
     torch.testing.assert_close(weights_p, weights, rtol=1e-5, atol=1e-6)
 
 
+def test_eager_model_with_a_padding_mask_under_torch_compile_runs_eager_attention_once():
+    """Under torch.compile the rows that see no key cannot be found: such a model's masked calls
+    run eager attention whole (its logits, padding rows included), and nothing else (the kernels'
+    SDPA fallback ran first and was thrown away)."""
+    model = build("llama-gqa").eval()
+    model.set_attn_implementation("eager")
+    patched = fastllama.patch(copy.deepcopy(model))
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0
+    FALLBACKS.clear()
+    with torch.no_grad():
+        expected = model(input_ids=x, attention_mask=mask).logits
+        got = torch.compile(patched, backend="aot_eager")(input_ids=x, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert dict(FALLBACKS) == {"a model that ran eager attention, with a mask, under torch.compile": 2}, FALLBACKS
+
+
 def test_a_forward_hook_on_the_head_gets_the_logits():
     """A forward hook on lm_head reads or changes the logits (a temperature, a logit lens): it got
     the fused loss instead, and what it returned became the loss. Such a head runs HF's path;
