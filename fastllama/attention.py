@@ -358,7 +358,7 @@ def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bo
 
 
 def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, dropout: float = 0.0,
-                    softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    softcap: float | None = None, reason: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's eager attention exactly, ``(out, probabilities)``: the boolean ``mask`` (True =
     attend) becomes an additive one of the minimum of the mask's dtype, as transformers makes it
     for eager attention (the model's dtype: fp32 under autocast). The difference from
@@ -367,9 +367,9 @@ def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, 
     scores as if they counted), where this module gives 0. (An fp16 model's -65504 does not
     absorb every score: eager's row is not quite uniform there, and neither is this.) For models
     that ran eager attention before patching: :func:`eager_blind_rows`, and their masked calls
-    under torch.compile (counted in :data:`FALLBACKS`)."""
-    if torch.compiler.is_compiling():
-        _fall_back("a model that ran eager attention, with a mask, under torch.compile")
+    under torch.compile. ``reason``: counted in :data:`FALLBACKS` under it."""
+    if reason is not None:
+        _fall_back(reason)
     wide = torch.is_autocast_enabled(q.device.type)
     q, k, v = ops.attention.autocast_inputs(q, k, v)
     if mask.dtype == torch.bool:

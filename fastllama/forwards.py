@@ -429,7 +429,8 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     eager_mask = options.get("eager") and attention_mask is not None  # (left padding, as eager has it)
     if eager_mask and torch.compiler.is_compiling():  # which rows see no key cannot be read: eager's whole call
         out, weights = attend_as_eager(query, key, value, attention_mask, scale=scaling, dropout=dropout,
-                                       softcap=softcap)
+                                       softcap=softcap,
+                                       reason="a model that ran eager attention, with a mask, under torch.compile")
         return out.transpose(1, 2).contiguous(), weights if kwargs.get("output_attentions") else None
     weights = None
     if kwargs.get("output_attentions"):  # the probabilities are asked for: plain PyTorch (counted)

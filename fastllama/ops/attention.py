@@ -268,13 +268,11 @@ def _validate(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_pre
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Under ``torch.autocast``, the floating-point tensors in the autocast dtype, as SDPA (an
     autocast op) gets them: HF's rotary returns fp32 q/k from 16-bit ones and fp32 cos/sin, next
-    to a 16-bit v, and SDPA computes them in the autocast dtype. Outside autocast: as they are."""
-    if not tensors or not isinstance(tensors[0], torch.Tensor):
+    to a 16-bit v, and SDPA computes them in the autocast dtype. Outside autocast: as they are.
+    (Runs before the public op's validation: what is not a tensor is left for it to name.)"""
+    if not isinstance(tensors[0], torch.Tensor) or not torch.is_autocast_enabled(tensors[0].device.type):
         return tensors
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
