@@ -462,9 +462,9 @@ class Generator:
                 mlp_out = self._norm(mlp_out, layer.post_feedforward_layernorm)
             else:
                 mlp_out = self._residual_branch(mlp_out)
-        x = x + mlp_out
-        x = x[torch.arange(B, device=x.device), last] if last is not None else x[:, -1]
-        h = self._norm(x, self.model.model.norm)
+        # the last residual add and the final norm in one kernel, at the rows that give logits
+        rows = (torch.arange(B, device=x.device), last) if last is not None else (slice(None), -1)
+        h, _ = self._norm(mlp_out[rows], self.model.model.norm, residual=x[rows])
         logits = F.linear(h, self.model.lm_head.weight)
         if self.multipliers.logits != 1.0:
             logits = logits / self.multipliers.logits
@@ -553,10 +553,15 @@ class Generator:
     def _advance(self, st: _State, logits: torch.Tensor, generator=None) -> None:
         """Samples the next tokens into ``st.token`` and marks stopped sequences (device only)."""
         s = st.sampling
-        nxt = sample_logits(logits.float(), s.temperature, s.top_k, s.top_p, generator)
-        nxt = torch.where(st.done, torch.full_like(nxt, s.pad), nxt)
-        st.done |= (nxt[:, None] == st.stop[None, :]).any(-1)
-        st.token.copy_(nxt)
+        # Each launch here is a few microseconds of a decode step that reads the weights in a
+        # few hundred: greedy picks its tokens from the model's dtype (the fp32 copy of 16-bit
+        # logits has the same largest entry, first index on ties) straight into st.token.
+        if s.temperature == 0:
+            torch.argmax(logits, dim=-1, out=st.token)
+        else:
+            st.token.copy_(sample_logits(logits.float(), s.temperature, s.top_k, s.top_p, generator))
+        st.token.masked_fill_(st.done, s.pad)
+        st.done |= (st.token[:, None] == st.stop[None, :]).any(-1)
 
     def _step(self, st: _State, generator=None) -> None:
         """One decode step on the static buffers: feed ``st.token``, sample the next one."""

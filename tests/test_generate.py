@@ -1105,3 +1105,55 @@ def test_row_blocks_not_intact_after_a_weight_shrinks():
     b.weight.data = b.weight.data[:3]
     b.bias.data = b.bias.data[:3]
     assert not blocks.intact()
+
+
+def _decode_step_launches(model, temperature=0.0):
+    """The device work of one decode step, as names: each Triton launch and each aten op that is
+    not a view (the custom ops' own launches are the Triton ones)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+    gen = Generator(model, 2, 64, cuda_graph=False)
+    gen.generate([[5, 6, 7], [8]], 2, temperature=temperature)
+    st = next(iter(gen._states.values()))
+    names = []
+    launch = InterpretedFunction.__getitem__
+
+    def recorded(self, grid):
+        names.append(self.fn.__name__)
+        return launch(self, grid)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            # (_unsafe_view: a view its schema does not mark; scalar_tensor: a host scalar)
+            if func.namespace == "aten" and not func.is_view and name not in ("_unsafe_view", "scalar_tensor"):
+                names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(InterpretedFunction, "__getitem__", recorded)
+        with Ops():
+            gen._step(st)
+    return names
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="counts the interpreter's launches")
+def test_a_greedy_decode_step_launches_ten_kernels_per_layer_and_eleven_more():
+    """At batch 1 a decode step is a few hundred launches of a few microseconds each beside
+    reading the weights once: each one counts. Per layer: the input norm, the q/k/v GEMM, rotary +
+    cache append, decode attention (on a GPU a split kernel and its combine; here one pass), the
+    output projection, the add + norm, the gate/up GEMM, SwiGLU, the down GEMM. Per step: the
+    token fed (a finished sequence's pad is not an id), the embedding, the lengths, the last add +
+    final norm, the LM head, greedy argmax into the token buffer, the pad of finished sequences,
+    the stop-token check (3 ops) and the lengths advanced."""
+    one, two = (_decode_step_launches(_tiny_model(num_hidden_layers=n)) for n in (1, 2))
+    layer = [n for n in two]
+    for n in one:
+        layer.remove(n)
+    assert sorted(layer) == sorted(["rms_norm_fwd_kernel", "mm", "rotary_cache_kernel", "decode_split_kernel", "mm",
+                                    "rms_norm_fwd_kernel", "mm", "swiglu_fwd_kernel", "mm"]), layer
+    fixed = [n for n in one]
+    for n in layer:
+        fixed.remove(n)
+    assert fixed == ["where", "embedding", "add", "rms_norm_fwd_kernel", "mm", "argmax", "masked_fill_", "eq", "any",
+                     "bitwise_or_", "add_"], fixed
