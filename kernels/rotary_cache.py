@@ -2,10 +2,11 @@
 
 A decode step otherwise costs three kernels per layer before attention (rotate q, rotate k,
 copy k and v into the cache at each sequence's position), each re-reading what the previous one
-wrote. Here one program owns one new token (b, t) of one sequence: it reads that token's q, k and
-v heads once, rotates q and k, writes rotated q to a fresh tensor and rotated k and raw v into the
-cache slot ``cache_seqlens[b] + t``. (A program may own a run of tokens: the rows of the
-tile are (token, head) pairs.)
+wrote. Here each new token (b, t) of a sequence has its q, k and v heads read once: q and k
+rotated, rotated q written to a fresh tensor, rotated k and raw v into the cache slot
+``cache_seqlens[b] + t``. A program owns one block of (token, head) rows of q, of k or of v (of
+one token on a GPU, of a run of them under the interpreter), so a one-token decode step runs a
+few programs side by side, not one walking every head in turn.
 
 Rotary (HF convention, the head dim is two halves x1 | x2, ``rotate_half(x) = (-x2, x1)``):
 
@@ -28,57 +29,75 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rotary_cache_append_forward", "rotary_cache_kernel", "block_r", "tail_pad"]
+__all__ = ["rotary_cache_append_forward", "rotary_cache_kernel", "rotary_cache_grid", "block_r", "tail_pad"]
 
 
 @triton.jit
-def _rotate_rows(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, stride_ot, n_heads, t0, n_tok,
-                 COS, SIN, cos_base, sin_base, stride_ct, stride_st, SEQLENS, POS, b, max_len, n_pos, q_len,
+def _rotate_rows(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, stride_ot, n_heads, t0, r0, n_tok, start,
+                 COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len,
                  offs_d, d_ok, HALF: tl.constexpr, BLOCK_R: tl.constexpr, ROTATE: tl.constexpr,
                  TO_CACHE: tl.constexpr, TABLE: tl.constexpr, HAS_POS: tl.constexpr):
-    """Rotates (ROTATE=False: copies) the (token, head) rows r = t * n_heads + h of n_tok tokens
-    starting at t0, BLOCK_R rows per step. TO_CACHE: the destination row is the cache slot
-    ``cache_seqlens[b] + t`` (skipped past the cache end), else the token row t."""
-    start = tl.load(SEQLENS + b)
-    for r0 in range(0, n_tok * n_heads, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        t = t0 + r // n_heads
-        h = r % n_heads
-        ok = (r < n_tok * n_heads) & (t < q_len)
-        if ROTATE:
-            # cos/sin row of each token: the table row of its position, or HF's (b, t) row.
-            if TABLE:
-                if HAS_POS:
-                    pos = tl.load(POS + b) + t
-                else:
-                    pos = start + t
-                c_row = tl.minimum(tl.maximum(pos, 0), n_pos - 1).to(tl.int64)
+    """Rotates (ROTATE=False: copies) the (token, head) rows r0 .. r0 + BLOCK_R - 1 of the n_tok
+    tokens starting at t0, row r = t * n_heads + h. TO_CACHE: the destination row is the cache
+    slot ``start + t`` (skipped past the cache end), else the token row t."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    t = t0 + r // n_heads
+    h = r % n_heads
+    ok = (r < n_tok * n_heads) & (t < q_len)
+    # the rows first: their loads do not wait for ``start`` (the cos/sin rows below may)
+    src = x_base + h[:, None].to(tl.int64) * stride_xh + t[:, None].to(tl.int64) * stride_xt + offs_d[None, :]
+    x1 = tl.load(src, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    x2 = tl.load(src + HALF, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    if ROTATE:
+        # cos/sin row of each token: the table row of its position, or HF's (b, t) row.
+        if TABLE:
+            if HAS_POS:
+                pos = tl.load(POS + b) + t
             else:
-                c_row = t.to(tl.int64)
-            c_ptrs = cos_base + c_row[:, None] * stride_ct + offs_d[None, :]
-            s_ptrs = sin_base + c_row[:, None] * stride_st + offs_d[None, :]
-            cs_ok = ok[:, None] & d_ok[None, :]  # rows past the last token have no (b, t) row
-            c1 = tl.load(c_ptrs, mask=cs_ok, other=0.0).to(tl.float32)
-            c2 = tl.load(c_ptrs + HALF, mask=cs_ok, other=0.0).to(tl.float32)
-            s1 = tl.load(s_ptrs, mask=cs_ok, other=0.0).to(tl.float32)
-            s2 = tl.load(s_ptrs + HALF, mask=cs_ok, other=0.0).to(tl.float32)
-        src = x_base + h[:, None].to(tl.int64) * stride_xh + t[:, None].to(tl.int64) * stride_xt + offs_d[None, :]
-        x1 = tl.load(src, mask=ok[:, None] & d_ok[None, :], other=0.0)
-        x2 = tl.load(src + HALF, mask=ok[:, None] & d_ok[None, :], other=0.0)
-        if ROTATE:
-            a = x1.to(tl.float32)
-            bb = x2.to(tl.float32)
-            x1 = a * c1 - bb * s1
-            x2 = bb * c2 + a * s2
-        if TO_CACHE:
-            dst_row = start + t
-            ok = ok & (dst_row >= 0) & (dst_row < max_len)  # nothing past the cache end
-            dst_row = tl.minimum(tl.maximum(dst_row, 0), max_len - 1)  # the address stays in bounds
+                pos = start + t
+            c_row = tl.minimum(tl.maximum(pos, 0), n_pos - 1).to(tl.int64)
         else:
-            dst_row = t
-        dst = out_base + h[:, None].to(tl.int64) * stride_oh + dst_row[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
-        tl.store(dst, x1.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
-        tl.store(dst + HALF, x2.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+            c_row = t.to(tl.int64)
+        c_ptrs = cos_base + c_row[:, None] * stride_ct + offs_d[None, :]
+        s_ptrs = sin_base + c_row[:, None] * stride_st + offs_d[None, :]
+        cs_ok = ok[:, None] & d_ok[None, :]  # rows past the last token have no (b, t) row
+        c1 = tl.load(c_ptrs, mask=cs_ok, other=0.0).to(tl.float32)
+        c2 = tl.load(c_ptrs + HALF, mask=cs_ok, other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptrs, mask=cs_ok, other=0.0).to(tl.float32)
+        s2 = tl.load(s_ptrs + HALF, mask=cs_ok, other=0.0).to(tl.float32)
+        a = x1.to(tl.float32)
+        bb = x2.to(tl.float32)
+        x1 = a * c1 - bb * s1
+        x2 = bb * c2 + a * s2
+    if TO_CACHE:
+        dst_row = start + t
+        ok = ok & (dst_row >= 0) & (dst_row < max_len)  # nothing past the cache end
+        dst_row = tl.minimum(tl.maximum(dst_row, 0), max_len - 1)  # the address stays in bounds
+    else:
+        dst_row = t
+    dst = out_base + h[:, None].to(tl.int64) * stride_oh + dst_row[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
+    tl.store(dst, x1.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+    tl.store(dst + HALF, x2.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _rows_with_tail(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, stride_ot, n_heads, t0, r0, n_tok,
+                    start, COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len,
+                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROTATE: tl.constexpr,
+                    TO_CACHE: tl.constexpr, TABLE: tl.constexpr, HAS_POS: tl.constexpr, TAIL_HALF: tl.constexpr,
+                    TAIL_PAD: tl.constexpr):
+    """One block of rows: the rotated (or copied) first 2 HALF dims, then, with partial rotary,
+    the tail dims [2 HALF, 2 HALF + 2 TAIL_HALF) copied (as two halves: the same code)."""
+    offs_d = tl.arange(0, HALF_PAD)
+    _rotate_rows(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, stride_ot, n_heads, t0, r0, n_tok,
+                 start, COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len,
+                 offs_d, offs_d < HALF, HALF, BLOCK_R, ROTATE, TO_CACHE, TABLE, HAS_POS)
+    if TAIL_HALF > 0:
+        offs_t = tl.arange(0, TAIL_PAD)
+        _rotate_rows(X, OUT, x_base + 2 * HALF, out_base + 2 * HALF, stride_xh, stride_xt, stride_oh, stride_ot,
+                     n_heads, t0, r0, n_tok, start, COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b,
+                     max_len, n_pos, q_len, offs_t, offs_t < TAIL_HALF, TAIL_HALF, BLOCK_R, False, TO_CACHE,
+                     TABLE, HAS_POS)
 
 
 # Lengths and head counts stay unspecialised at launch (see decode_attention.SPLIT_UNSPECIALISED);
@@ -98,7 +117,13 @@ def rotary_cache_kernel(
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     TABLE: tl.constexpr, HAS_POS: tl.constexpr, TAIL_HALF: tl.constexpr, TAIL_PAD: tl.constexpr,
 ):
-    """Grid (B, cdiv(T, tokens_per_program)): a run of new tokens of one sequence, all heads.
+    """Grid (B, cdiv(T, tokens_per_program), row blocks): one block of BLOCK_R (token, head) rows
+    of q, of k or of v (``rotary_cache_grid``), of a run of new tokens of one sequence.
+
+    One program per block, not one looping over q, k and v: a decode step at batch 1 is one token,
+    and its single program walked the blocks one after another, each a round trip to memory
+    (length, cos/sin rows, the rows, the stores): 4-6 programs in parallel wait for two (the
+    length, then the cos/sin rows at the position it gives).
 
     TABLE: cos/sin are (P, R) tables read at row ``position``; else (B, T, R) read at (b, t).
     HAS_POS: positions come from POS (B,) + t, else they equal the cache slot.
@@ -106,35 +131,35 @@ def rotary_cache_kernel(
     """
     b = tl.program_id(0)
     t0 = tl.program_id(1) * tokens_per_program
+    blk = tl.program_id(2)
+    q_blocks = tl.cdiv(tokens_per_program * n_q_heads, BLOCK_R)
+    kv_blocks = tl.cdiv(tokens_per_program * n_kv_heads, BLOCK_R)
     b64 = b.to(tl.int64)
-    offs_d = tl.arange(0, HALF_PAD)
-    d_ok = offs_d < HALF
+    start = tl.load(SEQLENS + b)  # the cache slot of the run's first token
     cos_base = COS + b64 * stride_cb  # stride_cb = 0 for tables
     sin_base = SIN + b64 * stride_sb
-    _rotate_rows(Q, QO, Q + b64 * stride_qb, QO + b64 * stride_ob, stride_qh, stride_qt, stride_oh, stride_ot,
-                 n_q_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base, stride_ct, stride_st, SEQLENS, POS,
-                 b, max_len, n_pos, q_len, offs_d, d_ok, HALF, BLOCK_R, True, False, TABLE, HAS_POS)
-    _rotate_rows(K, KC, K + b64 * stride_kb, KC + b64 * stride_kcb, stride_kh, stride_kt, stride_kch, stride_kct,
-                 n_kv_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base, stride_ct, stride_st, SEQLENS, POS,
-                 b, max_len, n_pos, q_len, offs_d, d_ok, HALF, BLOCK_R, True, True, TABLE, HAS_POS)
-    _rotate_rows(V, VC, V + b64 * stride_vb, VC + b64 * stride_vcb, stride_vh, stride_vt, stride_vch, stride_vct,
-                 n_kv_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base, stride_ct, stride_st, SEQLENS, POS,
-                 b, max_len, n_pos, q_len, offs_d, d_ok, HALF, BLOCK_R, False, True, TABLE, HAS_POS)
-    if TAIL_HALF > 0:  # partial rotary: the tails of q, k and v (as two halves: the same copy code)
-        offs_t = tl.arange(0, TAIL_PAD)
-        t_ok = offs_t < TAIL_HALF
-        _rotate_rows(Q, QO, Q + b64 * stride_qb + 2 * HALF, QO + b64 * stride_ob + 2 * HALF, stride_qh, stride_qt,
-                     stride_oh, stride_ot, n_q_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base,
-                     stride_ct, stride_st, SEQLENS, POS, b, max_len, n_pos, q_len, offs_t, t_ok, TAIL_HALF, BLOCK_R,
-                     False, False, TABLE, HAS_POS)
-        _rotate_rows(K, KC, K + b64 * stride_kb + 2 * HALF, KC + b64 * stride_kcb + 2 * HALF, stride_kh, stride_kt,
-                     stride_kch, stride_kct, n_kv_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base,
-                     stride_ct, stride_st, SEQLENS, POS, b, max_len, n_pos, q_len, offs_t, t_ok, TAIL_HALF, BLOCK_R,
-                     False, True, TABLE, HAS_POS)
-        _rotate_rows(V, VC, V + b64 * stride_vb + 2 * HALF, VC + b64 * stride_vcb + 2 * HALF, stride_vh, stride_vt,
-                     stride_vch, stride_vct, n_kv_heads, t0, tokens_per_program, COS, SIN, cos_base, sin_base,
-                     stride_ct, stride_st, SEQLENS, POS, b, max_len, n_pos, q_len, offs_t, t_ok, TAIL_HALF, BLOCK_R,
-                     False, True, TABLE, HAS_POS)
+    if blk < q_blocks:  # (a uniform branch: the whole program takes one side)
+        _rows_with_tail(Q, QO, Q + b64 * stride_qb, QO + b64 * stride_ob, stride_qh, stride_qt, stride_oh, stride_ot,
+                        n_q_heads, t0, blk * BLOCK_R, tokens_per_program, start, COS, SIN, cos_base, sin_base,
+                        stride_ct, stride_st, POS, b, max_len, n_pos, q_len, HALF, HALF_PAD, BLOCK_R, True, False,
+                        TABLE, HAS_POS, TAIL_HALF, TAIL_PAD)
+    elif blk < q_blocks + kv_blocks:
+        _rows_with_tail(K, KC, K + b64 * stride_kb, KC + b64 * stride_kcb, stride_kh, stride_kt, stride_kch,
+                        stride_kct, n_kv_heads, t0, (blk - q_blocks) * BLOCK_R, tokens_per_program, start, COS, SIN,
+                        cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len, HALF, HALF_PAD,
+                        BLOCK_R, True, True, TABLE, HAS_POS, TAIL_HALF, TAIL_PAD)
+    else:  # v: copied into its cache, never rotated
+        _rows_with_tail(V, VC, V + b64 * stride_vb, VC + b64 * stride_vcb, stride_vh, stride_vt, stride_vch,
+                        stride_vct, n_kv_heads, t0, (blk - q_blocks - kv_blocks) * BLOCK_R, tokens_per_program,
+                        start, COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len,
+                        HALF, HALF_PAD, BLOCK_R, False, True, TABLE, HAS_POS, TAIL_HALF, TAIL_PAD)
+
+
+def rotary_cache_grid(batch: int, q_len: int, n_q_heads: int, n_kv_heads: int, tokens_per_program: int,
+                      rows: int) -> tuple[int, int, int]:
+    """The launch grid: (sequence, run of tokens, row block), the row blocks of q, then k, then v."""
+    per_run = triton.cdiv(tokens_per_program * n_q_heads, rows) + 2 * triton.cdiv(tokens_per_program * n_kv_heads, rows)
+    return batch, triton.cdiv(q_len, tokens_per_program), per_run
 
 
 def block_r(half_pad: int) -> int:
@@ -177,14 +202,15 @@ def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqle
     # the token axis is the grid's second, which CUDA caps at 65535 programs: a longer prompt
     # gives each program more tokens
     tokens_per_program = max(tokens_per_program, triton.cdiv(T, 65535))
+    rows = rows or block_r(half_pad)
     with torch.cuda.device_of(q):  # Triton launches on the current device
-        rotary_cache_kernel[(B, triton.cdiv(T, tokens_per_program))](
+        rotary_cache_kernel[rotary_cache_grid(B, T, Hq, Hk, tokens_per_program, rows)](
             q, k, v, cos, sin, qo, k_cache, v_cache, cache_seqlens,
             positions if positions is not None else cache_seqlens,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *qo.stride()[:3],
             *k_cache.stride()[:3], *v_cache.stride()[:3], *cos_strides,
             Hq, Hk, T, k_cache.shape[2], cos.shape[0] if table else T, tokens_per_program,
-            HALF=half, HALF_PAD=half_pad, BLOCK_R=rows or block_r(half_pad), TABLE=table,
+            HALF=half, HALF_PAD=half_pad, BLOCK_R=rows, TABLE=table,
             HAS_POS=positions is not None, TAIL_HALF=tail_half, TAIL_PAD=tail_pad(tail_half), num_warps=num_warps,
         )
     return qo

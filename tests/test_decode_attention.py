@@ -226,6 +226,28 @@ def test_rotary_cache_append_in_place_and_validation():
     ops.rotary_cache_append(qkv[:, :4], qkv[:, 4:6], qkv[:, 6:], kc, vc, cos, sin, lens)
 
 
+@pytest.mark.parametrize("tokens_per_program,rows", [(1, None), (1, 4), (2, 4), (3, 2), (4, 1024)])
+@pytest.mark.parametrize("rotary_dim", [32, 16])
+def test_rotary_cache_append_every_row_block_layout(tokens_per_program, rows, rotary_dim):
+    """The op runs the GPU's launch (one token per program, ``block_r`` rows) only on a GPU; here
+    the kernel runs it and others under the interpreter: row blocks that end inside a token's
+    heads, cross into the next token, or hold q, k and v of several tokens, with the rows past
+    the last token masked; full and partial rotary, cache slots and given positions."""
+    from fastllama.kernels import rotary_cache as rk
+    q, k, v, kc, vc, cos, sin = _rotary_setup(B=2, T=3, Hq=6, Hk=2, D=32, Tmax=12)
+    cos, sin = ref.rope_cos_sin(torch.arange(12, device=DEVICE)[None], ref.rope_inv_freq(rotary_dim))
+    cos, sin = cos[0], sin[0]
+    lens = torch.tensor([0, 8], dtype=torch.int32, device=DEVICE)
+    for positions in (None, torch.tensor([2, 5], dtype=torch.int32, device=DEVICE)):
+        q_ref, kc_ref, vc_ref = ref.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens, positions)
+        kc2, vc2 = kc.clone(), vc.clone()
+        q_rot = rk.rotary_cache_append_forward(q, k, v, kc2, vc2, cos, sin, lens, positions,
+                                               tokens_per_program=tokens_per_program, rows=rows)
+        torch.testing.assert_close(q_rot, q_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(kc2, kc_ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(vc2, vc_ref)
+
+
 def test_compile_fullgraph_matches_eager():
     """One decode step (append + attend, and attend with capped scores) compiles as custom ops,
     no graph break."""
