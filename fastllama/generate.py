@@ -48,6 +48,7 @@ from . import ops
 from . import forwards
 from .forwards import attention_input_linears, gate_activation, mlp_input_linears, split_qkv
 from .ops._checks import check_attention_device
+from .checkpoint import CheckpointError
 from .model_weights import (RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables,
                             rotary_layer_types)
 from .reference.model import Llama, check_sampling, filter_logits, token_id_set
@@ -879,9 +880,22 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     from safetensors import SafetensorError
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except (OSError, SafetensorError) as e:  # missing or unreadable weight files: the user's to fix
         raise ValueError(f"transformers could not load the {model_type!r} checkpoint {path}: {e}") from None
+    except RuntimeError as e:  # a tensor of the wrong shape (transformers' "size mismatch" error)
+        if "mismatch" not in str(e):
+            raise
+        raise CheckpointError(f"{path} does not match its {model_type!r} config: {e}") from None
+    # transformers initialises a weight the files lack at random and only logs it: as strict as
+    # the reference loader (fastllama.checkpoint) instead
+    problems = {what: sorted(str(k) for k in info.get(key) or ())
+                for what, key in (("missing keys", "missing_keys"), ("shape mismatches", "mismatched_keys"))}
+    problems = {what: keys for what, keys in problems.items() if keys}
+    if problems:
+        raise CheckpointError(f"{path} does not match its {model_type!r} config: "
+                              + "; ".join(f"{what}: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+                                          for what, keys in problems.items()))
     return model.to(device).eval()
 
 

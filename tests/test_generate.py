@@ -1157,3 +1157,29 @@ def test_a_greedy_decode_step_launches_ten_kernels_per_layer_and_eleven_more():
         fixed.remove(n)
     assert fixed == ["where", "embedding", "add", "rms_norm_fwd_kernel", "mm", "argmax", "masked_fill_", "eq", "any",
                      "bitwise_or_", "add_"], fixed
+
+
+def test_a_transformers_checkpoint_missing_a_tensor_or_misshapen_is_refused(tmp_path):
+    """transformers initialises a weight its files lack at random and only logs it, and raises
+    its own RuntimeError for a wrong shape: load_checkpoint (what ``fastllama generate`` runs)
+    refuses both with a CheckpointError naming the tensor, as the reference loader does."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from fastllama.checkpoint import CheckpointError
+    from fastllama.generate import load_checkpoint
+
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16))
+    model.save_pretrained(tmp_path)
+    good = load_file(tmp_path / "model.safetensors")
+    assert isinstance(load_checkpoint(tmp_path, torch.float32, "cpu"), transformers.Qwen3ForCausalLM)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    save_file({k: v for k, v in good.items() if k != name}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"missing keys: \['{name}'\]"):
+        load_checkpoint(tmp_path, torch.float32, "cpu")
+    save_file(dict(good, **{name: good[name][:, :32].contiguous()}), tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="does not match its 'qwen3' config"):
+        load_checkpoint(tmp_path, torch.float32, "cpu")
