@@ -117,19 +117,25 @@ def block_cols(n_cols: int, backward: bool = False, unit_offset: bool = False) -
     return max(16, triton.next_power_of_2(n_cols)), False
 
 
-def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps, unit_offset=False, round_once=False):
+def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps, unit_offset=False, round_once=False,
+                     out_shape=None):
     """x, residual: (M, N) with unit column stride; weight (N,). Returns (y, s, rstd).
     ``unit_offset``: Gemma's (1 + w) scale, rounded once; ``round_once``: OLMo's w scale, rounded
     once (the backward is Llama's: the two differ only in the forward's rounding).
 
-    ``s`` is ``x + residual`` (an empty tensor without residual); ``rstd`` is (M,) fp32.
+    ``s`` is ``x + residual`` (an empty tensor without residual); ``rstd`` is (M,) fp32. ``y`` and
+    ``s`` are allocated in ``out_shape`` (M x N elements; default (M, N)): returned as views of
+    (M, N) buffers, autograd would refuse in-place ops on a custom op's outputs.
     """
     n_rows, n_cols = x.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    s = torch.empty((n_rows, n_cols) if residual is not None else (0,), dtype=x.dtype, device=x.device)
+    out_shape = (n_rows, n_cols) if out_shape is None else out_shape
+    y_out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    s_out = torch.empty(out_shape if residual is not None else (0,), dtype=x.dtype, device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     if n_rows == 0:
-        return y, s, rstd
+        return y_out, s_out, rstd
+    y = y_out.view(n_rows, n_cols)
+    s = s_out.view(n_rows, n_cols) if residual is not None else s_out
     r = residual if residual is not None else x
     block_n, chunked = block_cols(n_cols)
     with torch.cuda.device_of(x):  # Triton launches on the current device
@@ -146,7 +152,7 @@ def rms_norm_forward(x, weight, eps, residual=None, *, block_m, num_warps, unit_
             ROUND_ONCE=round_once and not unit_offset,
             num_warps=num_warps,
         )
-    return y, s, rstd
+    return y_out, s_out, rstd
 
 
 # Backward. With n = s * rstd (the normalised row, n_cols = N) and y = w * n (Gemma: (1 + w) * n):

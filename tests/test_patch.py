@@ -1577,3 +1577,29 @@ def test_partial_rotary_tables_of_a_family_that_does_not_slice_fail_as_in_hf():
         model(x)
     with pytest.raises(ValueError, match="rotary tables of 32 of its 64 head dims"):
         Generator(model, 1, 8)
+
+
+def test_mixtral_router_jitter_trains_patched_as_hf():
+    """Mixtral's router jitter scales the post-attention norm's output in place in training
+    (``hidden_states *= uniform_(...)``): the patched norm's output takes it (a view would not:
+    autograd refuses in-place ops on a custom op's view outputs), loss and gradients as HF's
+    for the same random draws."""
+    cfg_cls, model_cls, kw = ARCHS["mixtral-window"]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**dict(kw, router_jitter_noise=0.1), attn_implementation="sdpa")).to(DEVICE).train()
+    x = ids()
+
+    def run():
+        torch.manual_seed(5)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        return loss.detach(), grads
+
+    expected, expected_grads = run()
+    fastllama.patch(model)
+    got, grads = run()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-5, msg=n)

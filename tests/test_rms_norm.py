@@ -266,3 +266,35 @@ def test_single_rounding_norms_keep_an_fp32_weight_under_16_bit_activations(fami
     assert rel < 1e-5, rel
     with pytest.raises(TypeError, match="weight has dtype torch.float32 but x has torch.bfloat16"):
         ops.rms_norm(x, norm.weight)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_outputs_take_in_place_ops_under_autograd(fused):
+    """HF code scales a norm's output in place (Mixtral's router jitter: ``hidden_states *=``):
+    the outputs must not be views, which autograd refuses to modify in place for a custom op's
+    outputs; the gradient then flows through the scaling as through HF's module."""
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(2, 3, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    w = (1 + 0.1 * torch.randn(16, generator=g)).to(DEVICE).requires_grad_()
+    scale = torch.rand(2, 3, 16, generator=g).to(DEVICE) + 0.5
+
+    def loss(norm):
+        y, s = norm(x, w, r) if fused else (norm(x, w, None), x)
+        y *= scale
+        return y.square().sum() + (s * s).sum()
+
+    ours = loss(lambda a, wt, res: ops.rms_norm(a, wt, 1e-6, residual=res) if res is not None
+                else ops.rms_norm(a, wt, 1e-6))
+    got = torch.autograd.grad(ours, (x, w, r) if fused else (x, w))
+
+    def torch_norm(a, wt, res):
+        s = a + res if res is not None else a
+        y = torch.nn.functional.rms_norm(s, (16,), wt, 1e-6)
+        return (y, s) if res is not None else y
+    expected = torch.autograd.grad(loss(torch_norm), (x, w, r) if fused else (x, w))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if fused:  # rms_norm_linear's outputs too (a view there was its residual sum)
+        out = ops.rms_norm_linear(x, w, [torch.randn(4, 16, device=DEVICE)], residual=r)
+        for t in out:
+            t.mul_(2)

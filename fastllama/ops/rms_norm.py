@@ -102,8 +102,8 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torc
     block_m, num_warps, _ = _config(x2.shape[0], x2.shape[1], x.device)
     y, s, rstd = _k.rms_norm_forward(x2, weight, eps, _rows(residual) if residual is not None else None,
                                      block_m=block_m, num_warps=num_warps, unit_offset=unit_offset,
-                                     round_once=round_once)
-    return y.view(x.shape), (s.view(x.shape) if residual is not None else s), rstd
+                                     round_once=round_once, out_shape=x.shape)
+    return y, s, rstd  # (not views: autograd would refuse in-place ops on them, as HF's Mixtral does)
 
 
 @_rms_norm_fwd.register_fake
