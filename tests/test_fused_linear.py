@@ -206,3 +206,30 @@ def test_swiglu_linear_bias_gradient_with_a_frozen_weight():
     report = assert_parity(ops.swiglu_linear, lambda g, u, w, b: F.linear(reference.swiglu(g, u), w, b),
                            gate, up, weight, bias, names=("gate", "up", "weight", "bias"))
     assert "dbias" in [r.name for r in report.rows]
+
+
+def test_outputs_with_a_bias_take_in_place_ops_under_autograd():
+    """F.linear of a 3-D input with a bias returns a view of its 2-D product; made inside a custom
+    Function, such a view refused in-place ops ("is a view and is being modified inplace"),
+    which F.linear's own output takes. Gradients after the in-place scaling are torch's."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_()
+    x, r, nw, w, b, gate, up = t(2, 3, 16), t(2, 3, 16), t(16), t(8, 16), t(8), t(2, 3, 16), t(2, 3, 16)
+    scale = torch.rand(2, 3, 8, generator=g).to(DEVICE)
+
+    def loss(norm_linear, swiglu_linear):
+        a, s = norm_linear()
+        c = swiglu_linear()
+        a *= scale
+        c *= scale
+        return a.square().sum() + c.square().sum() + s.sum()
+
+    inputs = (x, r, nw, w, b, gate, up)
+    got = torch.autograd.grad(loss(lambda: ops.rms_norm_linear(x, nw, [w], [b], residual=r),
+                                   lambda: ops.swiglu_linear(gate, up, w, b)), inputs)
+    expected = torch.autograd.grad(loss(lambda: (F.linear(F.rms_norm(x + r, (16,), nw, 1e-6), w, b), x + r),
+                                        lambda: F.linear(F.silu(gate) * up, w, b)), inputs)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)

@@ -80,7 +80,9 @@ class _NormLinears(torch.autograd.Function):
     def forward(ctx, x, norm_weight, residual, eps, unit_offset, mm_dtype, n, *params):
         weights, biases = params[:n], params[n:]
         y, s, rstd = _rms_norm_fwd(x, norm_weight, residual, eps, unit_offset)
-        y_mm = y.to(mm_dtype)
+        # (M, out) products, shaped by the caller: F.linear of an N-D input with a bias returns a
+        # view, and autograd refuses in-place ops on a custom Function's view outputs
+        y_mm = _rows(y.to(mm_dtype))
         outs = tuple(F.linear(y_mm, w, b) for w, b in zip(weights, biases))
         ctx.has_residual = residual is not None
         ctx.eps, ctx.unit_offset, ctx.mm_dtype, ctx.n = eps, unit_offset, mm_dtype, n
@@ -156,8 +158,10 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights: Sequenc
     mm_dtype = _matmul_dtype(x, weights[0])
     weights = tuple(w.to(mm_dtype) for w in weights)  # no-ops outside autocast
     biases = tuple(b.to(mm_dtype) if b is not None else None for b in biases)
-    return _NormLinears.apply(x, norm_weight, residual, float(eps), bool(unit_offset), mm_dtype, len(weights),
+    outs = _NormLinears.apply(x, norm_weight, residual, float(eps), bool(unit_offset), mm_dtype, len(weights),
                               *weights, *biases)
+    lead = x.shape[:-1]
+    return tuple(o.view(*lead, o.shape[-1]) for o in outs[:len(weights)]) + tuple(outs[len(weights):])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +178,7 @@ class _SwiGLULinear(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias, gelu):
         ctx.has_bias, ctx.gelu = bias is not None, gelu
         ctx.save_for_backward(gate, up, weight)
-        return F.linear(_swiglu(gate, up, gelu), weight, bias)
+        return F.linear(_rows(_swiglu(gate, up, gelu)), weight, bias)  # (M, out): see _NormLinears
 
     @staticmethod
     def backward(ctx, d_out):
@@ -210,7 +214,8 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
     _check_linear("weight", weight, bias, gate.shape[-1], gate)
     mm_dtype = _matmul_dtype(gate, weight)
     gate, up = gate.to(mm_dtype), up.to(mm_dtype)
-    return _SwiGLULinear.apply(gate, up, weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None, gelu)
+    out = _SwiGLULinear.apply(gate, up, weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None, gelu)
+    return out.view(*gate.shape[:-1], out.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------
