@@ -333,3 +333,24 @@ def test_rotary_backward_of_an_expanded_upstream_gradient():
     (a.sum() + b.sum()).backward()
     torch.testing.assert_close(q.grad, q64.grad.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k.grad, k64.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_tensor_without_gradient_stays_out_of_the_graph(inplace):
+    """q needs a gradient, k does not (a frozen key path, a persistent buffer): as with torch's
+    ``q * cos + rotate_half(q) * sin`` (and copy_ in place), rotated k needs none, and in place k
+    stays a leaf outside the graph: marked dirty by a Function, it was put in the graph, and a
+    second step backward through a persistent k failed ("backward through the graph a second
+    time"). q's gradient is torch's."""
+    cos, sin = reference.rope_cos_sin(torch.arange(3, device=DEVICE)[None], reference.rope_inv_freq(16))
+    k = torch.randn(1, 1, 3, 16, device=DEVICE)
+    for _ in range(2):  # (the second step used to fail)
+        leaf = torch.randn(1, 2, 3, 16, device=DEVICE, requires_grad=True)
+        q = leaf * 1  # (in place needs a non-leaf)
+        q_rot, k_rot = ops.apply_rotary_pos_emb(q, k, cos, sin, inplace=inplace)
+        assert not k_rot.requires_grad and k_rot.grad_fn is None
+        assert k.is_leaf and not k.requires_grad
+        weights = torch.arange(16, device=DEVICE)
+        (got,) = torch.autograd.grad((q_rot * weights).sum(), leaf)
+        (expected,) = torch.autograd.grad((reference.apply_rotary_pos_emb(leaf, k, cos, sin)[0] * weights).sum(), leaf)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -97,9 +97,12 @@ def _unit_stride(g: torch.Tensor) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    _q, _k_, cos, sin, position_ids, inv_freq, backward = inputs
+    q, k, cos, sin, position_ids, inv_freq, backward = inputs
     ctx.save_for_backward(cos, sin, position_ids, inv_freq)
     ctx.backward = backward
+    # As torch's q * cos + rotate_half(q) * sin: the rotation of a tensor that needs no gradient
+    # needs none either (cos and sin never get one)
+    ctx.mark_non_differentiable(*(out for x, out in zip((q, k), output) if not x.requires_grad))
 
 
 def _backward(ctx, dq, dk):
@@ -141,7 +144,10 @@ def _run(q, k, cos, sin, position_ids, inv_freq, inplace):
         return _rotary(q, k, cos, sin, position_ids, inv_freq, False)
     _check_inplace_targets(q, k)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        if torch.compiler.is_compiling() or q._is_view() or k._is_view():
+        # (one of them without a gradient stays so, as after torch's copy_: a Function marking
+        # both dirty would put it in the graph, and a persistent one, say a cache, would then
+        # break the next backward)
+        if torch.compiler.is_compiling() or q._is_view() or k._is_view() or q.requires_grad != k.requires_grad:
             # autograd refuses a Function that modifies a view in place and returns two tensors
             # (HF's q/k are views: projection output .view().transpose()): rotate out of place,
             # then copy into q and k, which autograd records on views (one extra temporary).
