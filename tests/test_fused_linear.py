@@ -233,3 +233,24 @@ def test_outputs_with_a_bias_take_in_place_ops_under_autograd():
                                         lambda: F.linear(F.silu(gate) * up, w, b)), inputs)
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_tensors_feed_trainable_weights():
+    """Features made under torch.inference_mode, frozen, into a norm / SwiGLU / their fused linears
+    whose weights train: torch's formulas save tensors computed from the features and run; the
+    ops saved the features themselves ("Inference tensors cannot be saved for backward")."""
+    with torch.inference_mode():
+        feats, feats2 = torch.randn(4, 16, device=DEVICE), torch.randn(4, 16, device=DEVICE)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    W = torch.randn(8, 16, device=DEVICE, requires_grad=True)
+    up = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+    for ours, theirs, params in (
+            (lambda: ops.rms_norm(feats, w), lambda: F.rms_norm(feats, (16,), w, 1e-6), (w,)),
+            (lambda: ops.swiglu(feats, up), lambda: F.silu(feats) * up, (up,)),
+            (lambda: ops.rms_norm_linear(feats, w, [W])[0], lambda: F.linear(F.rms_norm(feats, (16,), w, 1e-6), W),
+             (w, W)),
+            (lambda: ops.swiglu_linear(feats, feats2, W), lambda: F.linear(F.silu(feats) * feats2, W), (W,))):
+        got = torch.autograd.grad(ours().square().sum(), params)
+        expected = torch.autograd.grad(theirs().square().sum(), params)
+        for a, e in zip(got, expected):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)

@@ -24,6 +24,13 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def savable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as a backward may keep it: an inference tensor (made under torch.inference_mode,
+    say precomputed features feeding a trainable norm) cannot be saved, so it is copied. (Torch's
+    own formulas for these ops save tensors computed from such an input, not the input itself.)"""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
 def _names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 

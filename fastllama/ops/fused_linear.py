@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..optable import OpCase, OpSpec
-from ._checks import check_same, check_tensor
+from ._checks import check_same, check_tensor, savable
 from .rms_norm import _rms_norm_bwd, _rms_norm_fwd, _validate as _validate_norm
 from .swiglu import _gelu, _rows, _swiglu, _swiglu_bwd, validate_pair as validate_swiglu_inputs
 
@@ -87,7 +87,7 @@ class _NormLinears(torch.autograd.Function):
         ctx.has_residual = residual is not None
         ctx.eps, ctx.unit_offset, ctx.mm_dtype, ctx.n = eps, unit_offset, mm_dtype, n
         ctx.has_bias = tuple(b is not None for b in biases)
-        ctx.save_for_backward(s if ctx.has_residual else x, norm_weight, rstd, *weights)
+        ctx.save_for_backward(savable(s if ctx.has_residual else x), norm_weight, rstd, *weights)
         # unused outputs get None, not zeros: their weights get no gradient (None, as nn.Linear's)
         ctx.set_materialize_grads(False)
         return outs + ((s,) if ctx.has_residual else ())
@@ -177,7 +177,7 @@ class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, gelu):
         ctx.has_bias, ctx.gelu = bias is not None, gelu
-        ctx.save_for_backward(gate, up, weight)
+        ctx.save_for_backward(savable(gate), savable(up), weight)
         return F.linear(_rows(_swiglu(gate, up, gelu)), weight, bias)  # (M, out): see _NormLinears
 
     @staticmethod

@@ -18,7 +18,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import rms_norm as _k
 from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec
-from ._checks import check_last_dim_contiguous, check_same, check_tensor, num_sms
+from ._checks import check_last_dim_contiguous, check_same, check_tensor, num_sms, savable
 
 __all__ = ["rms_norm", "MAX_HIDDEN"]
 
@@ -139,7 +139,7 @@ def _setup_context(ctx, inputs, output):
     _y, s, rstd = output
     ctx.has_residual, ctx.unit_offset = residual is not None, unit_offset
     # Only the normalised input (not an fp32 copy) and the per-row rstd are kept.
-    ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
+    ctx.save_for_backward(savable(s if ctx.has_residual else x), weight, rstd)
     # An unused output's gradient stays None (not zeros): with only s used, weight gets no
     # gradient (None, as for HF's modules; an optimizer skips it) and no kernel runs.
     ctx.set_materialize_grads(False)

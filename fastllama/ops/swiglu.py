@@ -16,7 +16,7 @@ from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import swiglu as _k
 from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec
-from ._checks import check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, share_memory
+from ._checks import check_last_dim_contiguous, check_same, check_tensor, has_expanded_dim, savable, share_memory
 
 __all__ = ["swiglu", "swiglu_fused"]
 
@@ -103,7 +103,7 @@ def _(d_out, gate, up, gelu=False):
 
 def _setup(ctx, inputs, output):
     gate, up, ctx.gelu = inputs
-    ctx.save_for_backward(gate, up)
+    ctx.save_for_backward(savable(gate), savable(up))
 
 
 def _backward(ctx, d_out):
@@ -167,7 +167,7 @@ def _(d_out, gate_up, gelu=False):
 
 def _setup_fused(ctx, inputs, output):
     gate_up, ctx.gelu = inputs
-    ctx.save_for_backward(gate_up)
+    ctx.save_for_backward(savable(gate_up))
 
 
 def _backward_fused(ctx, d_out):
