@@ -220,7 +220,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
 
     Returns:
         ``y`` (contiguous, shape of ``x``), or ``(y, s)`` with ``residual``. Statistics are fp32;
-        backward keeps only the input (``s`` when fused) and one fp32 rstd per row.
+        backward keeps only the input (``s`` when fused) and one fp32 rstd per row. ``y`` and
+        ``s`` come out of one autograd node, so a tensor hook on ``s`` sees the gradient that
+        reaches ``s`` directly, not ``y``'s share (torch's ``norm(x + residual)`` makes ``s`` the
+        norm's input, whose hook sees the sum); the gradients of ``x`` and ``residual`` are the
+        same either way. (Two nodes would cost the backward one more pass over the rows.)
     """
     if not isinstance(unit_offset, bool):
         raise TypeError(f"unit_offset must be a bool, got {type(unit_offset).__name__}")
