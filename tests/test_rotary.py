@@ -354,3 +354,18 @@ def test_a_tensor_without_gradient_stays_out_of_the_graph(inplace):
         (got,) = torch.autograd.grad((q_rot * weights).sum(), leaf)
         (expected,) = torch.autograd.grad((reference.apply_rotary_pos_emb(leaf, k, cos, sin)[0] * weights).sum(), leaf)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_input_its_used_outputs_do_not_reach_gets_no_gradient():
+    """Only rotated q used: k gets None, as with torch's formula (not a zero tensor, which
+    torch.autograd.grad(allow_unused=True) and .grad would show). The same for attention's v
+    when only its log-sum-exp is used."""
+    cos, sin = reference.rope_cos_sin(torch.arange(3, device=DEVICE)[None], reference.rope_inv_freq(16))
+    q, k, v = (torch.randn(1, h, 3, 16, device=DEVICE, requires_grad=True) for h in (2, 1, 1))
+    dq, dk = torch.autograd.grad(ops.apply_rotary_pos_emb(q, k, cos, sin)[0].square().sum(), (q, k), allow_unused=True)
+    assert dk is None
+    expected = torch.autograd.grad(reference.apply_rotary_pos_emb(q, k, cos, sin)[0].square().sum(), q)[0]
+    torch.testing.assert_close(dq, expected, rtol=1e-6, atol=1e-6)
+    assert torch.autograd.grad(ops.apply_rotary_pos_emb(q, k, cos, sin)[1].sum(), q, allow_unused=True)[0] is None
+    lse = ops.flash_attention_with_lse(q, k, v)[1]
+    assert torch.autograd.grad(lse.sum(), (q, v), allow_unused=True)[1] is None

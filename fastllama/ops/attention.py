@@ -169,11 +169,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     scale, before, after, precision, deterministic, softcap = ctx.args
-    if dout is None:
+    used_out = dout is not None
+    if not used_out:
         dout = torch.zeros_like(out)
     dq, dk, dv = _flash_bwd(dout, dlse, q, k, v, out, lse, scale, before, after, cu_q, cu_k, precision,
                             deterministic, softcap)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    # lse alone does not depend on v: None, as torch gives an input its result does not reach
+    return dq, dk, dv if used_out else None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastllama::flash_attention_fwd", _backward, setup_context=_setup_context)

@@ -103,12 +103,20 @@ def _setup_context(ctx, inputs, output):
     # As torch's q * cos + rotate_half(q) * sin: the rotation of a tensor that needs no gradient
     # needs none either (cos and sin never get one)
     ctx.mark_non_differentiable(*(out for x, out in zip((q, k), output) if not x.requires_grad))
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+    ctx.shapes = (q.shape, k.shape)
 
 
 def _backward(ctx, dq, dk):
     cos, sin, position_ids, inv_freq = ctx.saved_tensors
-    dq, dk = _rotary(_unit_stride(dq), _unit_stride(dk), cos, sin, position_ids, inv_freq, not ctx.backward)
-    return dq, dk, None, None, None, None, None
+    if dq is None and dk is None:
+        return None, None, None, None, None, None, None
+    # one rotation only used: the other input gets None, as in torch (the kernel takes a zero one)
+    grads = [g if g is not None else other.new_zeros(shape)
+             for g, other, shape in ((dq, dk, ctx.shapes[0]), (dk, dq, ctx.shapes[1]))]
+    rq, rk = _rotary(_unit_stride(grads[0]), _unit_stride(grads[1]), cos, sin, position_ids, inv_freq,
+                     not ctx.backward)
+    return rq if dq is not None else None, rk if dk is not None else None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastllama::rotary", _backward, setup_context=_setup_context)
