@@ -880,16 +880,20 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     from safetensors import SafetensorError
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        # (ignore_mismatched_sizes: a tensor of the wrong shape is listed, not raised as an error
+        # that names none; the check below refuses it)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
     except (OSError, SafetensorError) as e:  # missing or unreadable weight files: the user's to fix
         raise ValueError(f"transformers could not load the {model_type!r} checkpoint {path}: {e}") from None
-    except RuntimeError as e:  # a tensor of the wrong shape (transformers' "size mismatch" error)
-        if "mismatch" not in str(e):
-            raise
-        raise CheckpointError(f"{path} does not match its {model_type!r} config: {e}") from None
-    # transformers initialises a weight the files lack at random and only logs it: as strict as
-    # the reference loader (fastllama.checkpoint) instead
-    problems = {what: sorted(str(k) for k in info.get(key) or ())
+    # transformers initialises a weight the files lack (or one of the wrong shape) at random and
+    # only logs it: as strict as the reference loader (fastllama.checkpoint) instead
+    def describe(entry):  # a mismatch is (name, checkpoint shape, model shape)
+        if isinstance(entry, tuple) and len(entry) == 3:
+            return f"{entry[0]} (checkpoint {tuple(entry[1])}, config {tuple(entry[2])})"
+        return str(entry)
+
+    problems = {what: sorted(describe(k) for k in info.get(key) or ())
                 for what, key in (("missing keys", "missing_keys"), ("shape mismatches", "mismatched_keys"))}
     problems = {what: keys for what, keys in problems.items() if keys}
     if problems:

@@ -157,7 +157,9 @@ def rotary_cache_kernel(
 
 def rotary_cache_grid(batch: int, q_len: int, n_q_heads: int, n_kv_heads: int, tokens_per_program: int,
                       rows: int) -> tuple[int, int, int]:
-    """The launch grid: (sequence, run of tokens, row block), the row blocks of q, then k, then v."""
+    """The launch grid: (sequence, run of tokens, row block), the row blocks of q, then k, then v.
+    (The third axis, like the second, may not pass 65535: at 1-2 tokens per run it holds a few
+    dozen blocks; it would take prompts of tens of millions of tokens.)"""
     per_run = triton.cdiv(tokens_per_program * n_q_heads, rows) + 2 * triton.cdiv(tokens_per_program * n_kv_heads, rows)
     return batch, triton.cdiv(q_len, tokens_per_program), per_run
 

@@ -1181,5 +1181,5 @@ def test_a_transformers_checkpoint_missing_a_tensor_or_misshapen_is_refused(tmp_
         load_checkpoint(tmp_path, torch.float32, "cpu")
     save_file(dict(good, **{name: good[name][:, :32].contiguous()}), tmp_path / "model.safetensors",
               metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="does not match its 'qwen3' config"):
+    with pytest.raises(CheckpointError, match=f"shape mismatches: .*{name}"):
         load_checkpoint(tmp_path, torch.float32, "cpu")

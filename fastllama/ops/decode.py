@@ -150,7 +150,7 @@ _SOFTCAP_FLIP_WARPS = frozenset({
 # ones (a key block of 128 still leaves several blocks at length 1000 for the split tests).
 _INTERPRETER_BLOCK_N = 128
 _INTERPRETER_ROWS = 64  # combine rows per program
-_INTERPRETER_TOKENS = 64  # rotary: new tokens per program (and 1024 (token, head) rows per step)
+_INTERPRETER_TOKENS = 64  # rotary: new tokens per program (and up to 1024 (token, head) rows each)
 
 
 def default_num_splits(batch: int, kv_heads: int, m_tiles: int, max_len: int, device: torch.device) -> int:
