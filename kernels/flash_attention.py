@@ -703,12 +703,17 @@ def untuned_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -
 #            d80-128 (64,64,4,2) 24 B on sm_120; unaligned tf32 d64 (64,32,4,2) 8 B on sm_120.
 #   dK/dV    16-bit d64 (32,64,8,2) 8-16 B on sm_120; d80-128 (32,64,8,2) 16 B on sm_100; tf32
 #            d80-128 (32,64,8,2) 16 B on sm_90; ieee d80/96 (16,32,4,1) 208-416 B on sm_90/100.
+#            With the loop's row pointers carried (not recomputed per step), ptxas held two 4-warp
+#            tiles at 128 registers and spilled 8 B: unaligned 16-bit d64 (32,32,4,2) on sm_100
+#            (8 warps: 160-161 registers) and ieee d64 varlen (16,32,4,1) on sm_90 (8 warps: 66-69).
 _SOFTCAP_TILES: dict[tuple, tuple] = {
     ("fwd", True, 64, "16-bit", 100): (64, 64, 4, 3),
     ("dq", True, 64, "16-bit"): (128, 32, 8, 2),
     ("dq", True, 128, "16-bit", 120): (64, 32, 8, 2),
     ("dq", False, 64, "tf32"): (32, 32, 4, 2),
     ("dkdv", True, 64, "16-bit", 120): (32, 32, 8, 2),
+    ("dkdv", False, 64, "16-bit", 100): (32, 32, 8, 2),
+    ("dkdv", True, 64, "ieee", 90): (16, 32, 8, 1),
     ("dkdv", True, 128, "16-bit", 100): (32, 32, 8, 2),
     ("dkdv", True, 128, "tf32", 90): (32, 32, 8, 2),
     ("dkdv", True, 128, "ieee"): (16, 16, 4, 1),

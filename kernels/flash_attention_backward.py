@@ -218,18 +218,31 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     # The GQA sum: every query head that reads this KV head, in registers (no atomics, fixed order).
+    # A step's rows are those of (query head, block start_m): their pointers advance a block per
+    # step and jump to the next head's first block after its last. Recomputed from the step index
+    # (a division, 64-bit products of head and row by their strides), a step compiled to 478 SASS
+    # instructions beside 12 tensor-core ops at d64 on sm_90, 426 this way (d128: 535 and 492).
+    h0 = (hk * group).to(tl.int64)
+    row0 = (q_start + lo).to(tl.int64)
+    q_ptr = Q + b * stride_qb + h0 * stride_qh + row0 * stride_qt
+    do_ptr = DO + b * stride_dob + h0 * stride_doh + row0 * stride_dot
+    dq_ptr = DQ + b * stride_dqb + h0 * stride_dqh + row0 * stride_dqt
+    stats = b * stride_lb + h0 * stride_lh + row0
+    back = ((n_blocks - 1) * BLOCK_M).to(tl.int64)  # from a head's last block to its first row
+    end_m = lo + n_blocks * BLOCK_M
+    start_m = lo
     for it in range(0, group * n_blocks):
-        g = it // n_blocks
-        start_m = lo + (it - g * n_blocks) * BLOCK_M
-        h = (hk * group + g).to(tl.int64)
-        row0 = (q_start + start_m).to(tl.int64)
-        stats = b * stride_lb + h * stride_lh + q_start + start_m
-        dk, dv = _dkdv_block(dk, dv, k, v, Q + b * stride_qb + h * stride_qh + row0 * stride_qt,
-                             DO + b * stride_dob + h * stride_doh + row0 * stride_dot, LSE + stats, stride_lp,
-                             DELTA + stats, DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqt,
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, LSE + stats, stride_lp, DELTA + stats, dq_ptr,
                              stride_qt, stride_dot, stride_dqt, q_len, k_len, start_m, k_pos, offset, offs_m, offs_d,
                              qk_scale, sm_scale, softcap, before, after, (start_m < mid_lo) | (start_m >= mid_hi),
                              HEAD_DIM, D_PAD, PRECISION, ATOMIC_DQ, SOFTCAP)
+        start_m += BLOCK_M
+        next_head = start_m >= end_m
+        start_m = tl.where(next_head, lo, start_m)
+        q_ptr += tl.where(next_head, stride_qh - back * stride_qt, BLOCK_M * stride_qt.to(tl.int64))
+        do_ptr += tl.where(next_head, stride_doh - back * stride_dot, BLOCK_M * stride_dot.to(tl.int64))
+        dq_ptr += tl.where(next_head, stride_dqh - back * stride_dqt, BLOCK_M * stride_dqt.to(tl.int64))
+        stats += tl.where(next_head, stride_lh - back, BLOCK_M)
     store_rows(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkt, dk * sm_scale,
                offs_n, stride_dkt, offs_d, k_len - start_n, HEAD_DIM)
     store_rows(DV + b * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvt, dv,
