@@ -102,6 +102,17 @@ def ids(batch=2, seq=24, seed=1):
     return torch.randint(3, 300, (batch, seq), generator=g).to(DEVICE)
 
 
+def seeded_loss_and_grads(model, x, seed=5):
+    """The training loss on x and every parameter's gradient, with the RNG seeded first (a model
+    that draws random numbers in training, dropout or router jitter, draws the same ones)."""
+    torch.manual_seed(seed)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
 def test_every_module_loss_and_gradients_match_under_parity_rule():
     model = fastllama.patch(build("llama-gqa").train())
     x = ids()
@@ -456,20 +467,12 @@ def test_phi3_residual_dropout_runs_as_hf_runs_it():
     model = model_cls(cfg_cls(**kw, resid_pdrop=0.3, attn_implementation="sdpa")).to(DEVICE).train()
     x = ids()
 
-    def run():
-        torch.manual_seed(5)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad()
-        return loss.detach(), grads
-
-    expected, expected_grads = run()
+    expected, expected_grads = seeded_loss_and_grads(model, x)
     with torch.no_grad():
         assert (model.eval()(input_ids=x, labels=x).loss - expected).abs() > 1e-3  # the dropout matters
     model.train()
     fastllama.patch(model)
-    loss, grads = run()
+    loss, grads = seeded_loss_and_grads(model, x)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for n, g in grads.items():
         torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-6, msg=n)
@@ -1589,17 +1592,9 @@ def test_mixtral_router_jitter_trains_patched_as_hf():
     model = model_cls(cfg_cls(**dict(kw, router_jitter_noise=0.1), attn_implementation="sdpa")).to(DEVICE).train()
     x = ids()
 
-    def run():
-        torch.manual_seed(5)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad()
-        return loss.detach(), grads
-
-    expected, expected_grads = run()
+    expected, expected_grads = seeded_loss_and_grads(model, x)
     fastllama.patch(model)
-    got, grads = run()
+    got, grads = seeded_loss_and_grads(model, x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     for n, g in grads.items():
         torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-5, msg=n)
