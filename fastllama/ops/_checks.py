@@ -27,8 +27,11 @@ def _num_sms(device_index: int) -> int:
 def savable(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` as a backward may keep it: an inference tensor (made under torch.inference_mode,
     say precomputed features feeding a trainable norm) cannot be saved, so it is copied. (Torch's
-    own formulas for these ops save tensors computed from such an input, not the input itself.)"""
-    return t.clone() if t is not None and t.is_inference() else t
+    own formulas for these ops save tensors computed from such an input, not the input itself.)
+    Under torch.compile, which cannot trace ``is_inference``, ``t`` as it is."""
+    if t is None or torch.compiler.is_compiling():
+        return t
+    return t.clone() if t.is_inference() else t
 
 
 def _names(dtypes) -> str:
