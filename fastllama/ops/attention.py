@@ -322,7 +322,9 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
             Tq of the Tk positions (flash-attn's convention, what chunked prefill against a KV
             cache needs). SDPA's ``is_causal=True`` aligns top-left instead; both agree when
             Tq == Tk (and for Tq = 1 only this one is right for decoding). Query rows that see no
-            key (Tq > Tk) return 0.
+            key (Tq > Tk) return 0 and lse -inf (but NaN where a key block their tile of rows
+            visits holds a NaN value: p = 0 times NaN, as in SDPA); a row whose scores are NaN
+            returns NaN, and NaN lse.
         scale: multiplies q k^T; default 1 / sqrt(D). Any finite value (0 or less costs a copy of q).
         window: ``(left, right)``: query at position p sees keys in [p - left, p + right]; -1 is
             unlimited. Mistral's ``sliding_window=W`` is ``(W - 1, 0)`` with causal.
