@@ -523,6 +523,8 @@ def linear_cross_entropy(
     The gradients of "mean"/"sum" are computed during the forward (when grad is enabled and an
     input requires it) and only scaled in the backward; a second backward through the same
     graph (``retain_graph=True``) raises. Under ``torch.no_grad()`` no gradient work is done.
+    (An infinite upstream gradient, an overflowed loss scale, then gives ignored rows NaN where
+    torch gives 0: every gradient is non-finite either way.)
     fp16 inputs (and "none") compute the gradients in the backward instead, recomputing the
     logits: rounded to fp16 before the upstream gradient (a loss scale) is applied, they would
     underflow or overflow where PyTorch's do not.
