@@ -253,7 +253,7 @@ def _attn_fwd(
     # the fp32 backward forms p = 2^((s - m) - log2 l), where s - m is exact. One fp32 lse would
     # round log2(l) to an ulp of |m|: 3e-4 in p at logits of 1e4. The 16-bit backward does fold
     # them (lse2, once per row): there that is below p's own 16-bit rounding.
-    empty = m_i == float("-inf")
+    empty = (m_i == float("-inf")) & (l_i == 0.0)  # (NaN scores: max skips them, l is NaN)
     l_safe = tl.where(empty, 1.0, l_i)
     store_rows(o_base, acc / l_safe[:, None], offs_m, stride_ot, offs_d, q_len - start_m, HEAD_DIM)
     stat_ptrs = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + start_m + offs_m

@@ -210,6 +210,23 @@ def test_fully_masked_rows_are_zero_not_nan():
     assert torch.equal(q.grad[:, :, :32], torch.zeros_like(q.grad[:, :, :32]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_nan_row_reports_nan_not_no_key(dtype):
+    """A query row whose scores are all NaN (a NaN in its q, or in the one key it sees) gives NaN
+    output AND NaN lse, as torch.logsumexp does: max() skips NaN, so its running max stayed -inf
+    and the row passed for one that sees no key (lse -inf, the documented sentinel), which an
+    lse-weighted merge of key chunks then drops as empty, turning the NaN into finite values."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 8, 16, device=DEVICE, dtype=dtype) for _ in range(3))
+    q[0, 0, 4] = float("nan")
+    k[0, 0, 0, 0] = float("nan")
+    out, lse = ops.flash_attention_with_lse(q, k, v, causal=True, window=(0, 0))  # row i sees key i only
+    assert out[0, 0, 4].isnan().all() and out[0, 0, 0].isnan().all()
+    assert lse[0, 0, 4].isnan() and lse[0, 0, 0].isnan()
+    rest = [1, 2, 3, 5, 6, 7]
+    assert torch.isfinite(out[0, 0, rest]).all() and torch.isfinite(lse[0, 0, rest]).all()
+
+
 def test_varlen_zero_length_keys_and_queries():
     """Per sequence Tq != Tk (bottom-right), a sequence without keys (its rows give 0) and one
     without queries (its keys get zero gradient)."""
