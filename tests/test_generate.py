@@ -1107,13 +1107,13 @@ def test_row_blocks_not_intact_after_a_weight_shrinks():
     assert not blocks.intact()
 
 
-def _decode_step_launches(model, temperature=0.0):
+def _decode_step_launches(model):
     """The device work of one decode step, as names: each Triton launch and each aten op that is
     not a view (the custom ops' own launches are the Triton ones)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.interpreter import InterpretedFunction
     gen = Generator(model, 2, 64, cuda_graph=False)
-    gen.generate([[5, 6, 7], [8]], 2, temperature=temperature)
+    gen.generate([[5, 6, 7], [8]], 2)  # (greedy)
     st = next(iter(gen._states.values()))
     names = []
     launch = InterpretedFunction.__getitem__
@@ -1147,12 +1147,12 @@ def test_a_greedy_decode_step_launches_ten_kernels_per_layer_and_eleven_more():
     final norm, the LM head, greedy argmax into the token buffer, the pad of finished sequences,
     the stop-token check (3 ops) and the lengths advanced."""
     one, two = (_decode_step_launches(_tiny_model(num_hidden_layers=n)) for n in (1, 2))
-    layer = [n for n in two]
+    layer = list(two)
     for n in one:
         layer.remove(n)
     assert sorted(layer) == sorted(["rms_norm_fwd_kernel", "mm", "rotary_cache_kernel", "decode_split_kernel", "mm",
                                     "rms_norm_fwd_kernel", "mm", "swiglu_fwd_kernel", "mm"]), layer
-    fixed = [n for n in one]
+    fixed = list(one)
     for n in layer:
         fixed.remove(n)
     assert fixed == ["where", "embedding", "add", "rms_norm_fwd_kernel", "mm", "argmax", "masked_fill_", "eq", "any",
