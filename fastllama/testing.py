@@ -150,6 +150,10 @@ def _fresh(fn: Callable) -> tuple[Callable, list]:
     the (original, copy) pairs of those that are not floating (see :func:`_changed_integers`)."""
     if not isinstance(fn, functools.partial):
         return fn, []
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*fn.args, *fn.keywords.values())):
+        # its gradient would not be compared (only the positional arguments' are)
+        raise ValueError("a tensor bound by functools.partial requires grad: pass it as a positional argument "
+                         "so that its gradient is checked")
     inner, pairs = _fresh(fn.func)
     args = [_convert(a, None) for a in fn.args]
     kwargs = {k: _convert(v, None) for k, v in fn.keywords.items()}
@@ -392,7 +396,7 @@ def parity_report(
             equal = isinstance(k, torch.Tensor) and k.dtype == t.dtype and k.shape == t.shape and torch.equal(k, t)
             rows.append(ParityRow(name, "output", 0.0 if equal else float("inf"), 0.0, 0.0, None,
                                   problem="" if equal else "differs from the reference (compared exactly)"))
-        elif (not (isinstance(k, _DictKey) and k == t)) if isinstance(t, _DictKey) else (t is None and k is not None):
+        elif not (type(k) is type(t) and k == t):  # a dict key, None, a Python number: equal, same type
             rows.append(ParityRow(name, "output", float("inf"), 0.0, 0.0, None,
                                   problem=f"op gave {k!r:.60} where the reference gives {t!r:.60}"))
     for n, ((name, a), k, t) in enumerate(zip(grad_inputs, grad_k, grad_t)):

@@ -451,3 +451,34 @@ def test_a_plain_pytorch_op_of_another_shape_is_a_problem_not_a_larger_allowance
     x = torch.randn(64, requires_grad=True)
     report = parity_report(lambda t: t + 0.5, lambda t: t * 1, x, torch_op=lambda t: t[:, None] * 1)
     assert not report.passed and "PyTorch's own op gave shape (64, 1)" in report.table()
+
+
+def test_non_tensor_outputs_must_equal_the_references():
+    """A Python value in the reference's outputs (a count, a flag) was never compared: an op
+    giving 3.0 (or tensor(5.)) where the reference gives 2.0 passed."""
+    x = torch.randn(8, requires_grad=True)
+    assert not parity_report(lambda t: (t * 2, 3.0), lambda t: (t * 2, 2.0), x).passed
+    assert not parity_report(lambda t: (t * 2, torch.tensor(5.0)), lambda t: (t * 2, 2.0), x).passed
+    assert not parity_report(lambda t: (t * 2, 2), lambda t: (t * 2, 2.0), x).passed  # (another type)
+    assert parity_report(lambda t: (t * 2, 2.0), lambda t: (t * 2, 2.0), x).passed
+
+
+def test_a_tensor_needing_grad_bound_by_partial_is_refused():
+    """Only positional arguments' gradients are compared: a weight bound with functools.partial
+    had its gradient (here 1.5x too large) silently go unchecked."""
+    import functools
+
+    class GradTimes1_5(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.5
+
+    x, w = torch.randn(4, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+    with pytest.raises(ValueError, match="bound by functools.partial requires grad"):
+        parity_report(functools.partial(lambda t, w: t * GradTimes1_5.apply(w), w=w),
+                      functools.partial(lambda t, w: t * w, w=w), x)
+    assert not parity_report(lambda t, w: t * GradTimes1_5.apply(w), lambda t, w: t * w, x, w).passed
