@@ -182,12 +182,12 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                             combine_rows=_INTERPRETER_ROWS, softcap=softcap)
     group = q.shape[1] // k_cache.shape[1]
     aligned = _dk.strides_aligned(q, k_cache, v_cache)
+    sm = table_arch(q.device)
     bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(), aligned,
-                                table_arch(q.device), num_splits > 1, 0 <= window_left < k_cache.shape[2], softcap > 0)
+                                sm, num_splits > 1, 0 <= window_left < k_cache.shape[2], softcap > 0)
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
                                         num_splits=num_splits, window_left=window_left, block_n=bn, max_block_m=bm,
-                                        num_warps=warps, num_stages=_stages(q.element_size(), table_arch(q.device)),
-                                        softcap=softcap)
+                                        num_warps=warps, num_stages=_stages(q.element_size(), sm), softcap=softcap)
 
 
 @_decode_attention.register_fake
