@@ -15,14 +15,17 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   sequences go through varlen flash attention. Padding queries get what the mask gives
   them: 0 where it shows them no key (left padding), and attention over their row's whole run
   where it shows them all of it (right padding, causal: a second, non-causal varlen call), so
-  a loss over padded positions matches HF's SDPA path too. (HF's eager attention gives a query
+  a loss over padded positions matches HF's SDPA path too. Under a sliding window the mask
+  shows a padding query only the part of the run its window covers, which moves with the
+  query: those rows (at most a window's width per sequence) run in PyTorch, counted in
+  :data:`FALLBACKS`, the rest on the kernels. (HF's eager attention gives a query
   that sees no key equal weights over every key: for a patched model that ran eager attention,
   :func:`eager_blind_rows` recomputes those rows as eager does.)
 * several sequences in each row, each attending only to itself (position_ids that restart:
   padding-free packing): varlen flash attention on the flattened batch, sequence boundaries
   read off the mask.
-* anything else (custom masks, a mask that differs between heads, dropout, any mask while
-  torch.compile traces): PyTorch SDPA with the mask, counted in :data:`FALLBACKS` (the first
+* anything else (custom masks, a mask that differs between heads, dropout): PyTorch SDPA
+  with the mask, counted in :data:`FALLBACKS` (the first
   of each reason also logged as a warning) so nothing slow happens silently.
 
 Soft-capped scores (``softcap``, Gemma 2) take the same kernels, every one of which caps; the
@@ -33,14 +36,17 @@ than 1 or the scores' own raises ValueError. Recognising a mask compares it with
 kernel implements: a few device syncs per distinct mask tensor (HF passes the same mask object
 to every layer, so once per forward; a mask edited in place is looked at again, as far as its
 version counter sees it: not through ``.data`` or numpy, nor for a mask made under
-``torch.inference_mode()``, which has no counter; pass a new mask instead). Under
-torch.compile that inspection would break the graph in every layer, so there a mask goes to
-SDPA (or, for a model that ran eager attention, to eager attention: :func:`eager_blind_rows`); HF builds none for unpadded batches (see ``forwards.hf_attention_mask``), which compile to the
-kernels. Without a cache (``use_cache=False``, HF's choice in training with checkpointing)
-transformers checks position_ids for packed sequences, which it cannot rule out while tracing:
-a patched causal LM tells it that positions it generated itself are not packed
-(``forwards.find_packed_sequence_indices``), but position_ids passed in (a packing collator's)
-get a mask, and attention runs SDPA with it (counted as "mask under torch.compile").
+``torch.inference_mode()``, which has no counter; pass a new mask instead).
+
+Under torch.compile that inspection would break the graph in every layer, so a mask goes into
+one custom op (:func:`masked_op`) that torch.compile does not look into: the mask is read and
+served as above when the compiled graph runs. Its backward runs the call again with autograd
+(one more attention forward per layer than an eager call). HF builds no mask for unpadded
+batches (see ``forwards.hf_attention_mask``). Without a cache (``use_cache=False``, HF's choice
+in training with checkpointing) transformers checks position_ids for packed sequences, which it
+cannot rule out while tracing: a patched causal LM tells it that positions it generated itself
+are not packed (``forwards.find_packed_sequence_indices``: no mask), and position_ids passed in
+(a packing collator's) get a mask, served by that op.
 """
 from __future__ import annotations
 
@@ -82,11 +88,47 @@ class _Plan:
     # "runs", Tq == Tk: flat indices (b * Tq + t) of the padding queries that the mask lets see
     # their row's whole run (right padding under a causal mask), or None when there are none
     pad_rows: torch.Tensor | None = None
+    # ... or that see only part of it (a sliding window): where to gather them (_PadWindow)
+    pad_window: "_PadWindow | None" = None
     # keys at and past this slot are masked for every query (the unwritten end of a static
     # cache): the plan is for k[:, :, :key_end]
     key_end: int | None = None
     cu_seqlens: torch.Tensor | None = None  # "packed": sequence boundaries in the flattened (B * T) tokens
     reason: str = "mask is not causal attention over one run of tokens per row"  # "other": why
+
+
+@dataclasses.dataclass
+class _PadWindow:
+    """Padding queries of a right-padded batch under a sliding window (HF's mask shows the query
+    at slot t the run's keys within t's window: a part of the run that moves with t, which no
+    kernel call can express, as varlen aligns each sequence's queries bottom-right). Only the
+    queries that see a key are computed, each sequence's gathered into a row of ``P`` queries
+    against the ``S`` keys its windows cover (at most the window's width past the run's end:
+    later queries see nothing), by PyTorch attention under the mask's own (B, 1, P, S) part."""
+    batch: torch.Tensor   # (N,) sequence of each such query
+    slot: torch.Tensor    # (N,) its slot t
+    rank: torch.Tensor    # (N,) its place among its sequence's queries, < P
+    keys: torch.Tensor    # (B, S) slots of the keys gathered for each sequence (clamped to Tk - 1)
+    mask: torch.Tensor    # (B, 1, P, S) which of those keys each gathered query sees
+
+
+def _pad_window(m: torch.Tensor, pad_attends: torch.Tensor) -> _PadWindow:
+    """The gather plan of the padding queries ``pad_attends`` (B, Tq) that see a key of ``m``
+    (B, Tq, Tk); a few host syncs (P and S), once per mask."""
+    B, Tq, Tk = m.shape
+    batch, slot = pad_attends.nonzero(as_tuple=True)
+    counts = pad_attends.sum(-1)
+    rank = torch.arange(batch.numel(), device=m.device) - F.pad(counts.cumsum(0), (1, 0))[batch]
+    seen = (m & pad_attends[:, :, None]).any(1)  # (B, Tk): keys some padding query sees
+    j = torch.arange(Tk, device=m.device)
+    lo = torch.where(seen, j, Tk).amin(-1)
+    hi = torch.where(seen, j + 1, 0).amax(-1)
+    P, S = int(counts.max()), int((hi - lo).clamp(min=0).max())
+    keys = (lo.clamp(max=Tk - 1)[:, None] + torch.arange(S, device=m.device)).clamp(max=Tk - 1)
+    in_span = keys < hi[:, None]
+    mask = torch.zeros(B, P, S, dtype=torch.bool, device=m.device)
+    mask[batch, rank] = m[batch, slot][torch.arange(batch.numel(), device=m.device)[:, None], keys[batch]] & in_span[batch]
+    return _PadWindow(batch, slot, rank, keys, mask[:, None])
 
 
 # What was read off the last few masks: (a weak reference to the mask, a key, the answer). HF
@@ -169,6 +211,10 @@ def _runs_plan(m, keep_k, n, s, causal, window) -> _Plan | None:
             return _Plan("runs", lengths=n, starts=s)
         if torch.equal(m[pad_attends], keep_k[:, None, :].expand_as(m)[pad_attends]):
             return _Plan("runs", lengths=n, starts=s, pad_rows=pad_attends.flatten().nonzero().squeeze(1))
+        # or, under a sliding window, the part of the run their window covers
+        seen = keep_k[:, None, :] & _window_allows(i, j, window)
+        if window is not None and torch.equal(m[pad_attends], seen.expand_as(m)[pad_attends]):
+            return _Plan("runs", lengths=n, starts=s, pad_window=_pad_window(m, pad_attends))
         return None
     # runs, Tq < Tk: run [s_b, Tk), queries the last Tq slots (left-padded cache, decoding)
     if Tq < Tk and bool(((s + n) == Tk).all()) and bool((n >= Tq).all()) and \
@@ -283,6 +329,14 @@ def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap)
         pads = ops.flash_attention(pack(q, plan.pad_rows), pack(k, idx_k), pack(v, idx_k), causal=False, scale=scale,
                                    cu_seqlens=cu_p, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap)
         full = full.index_copy(0, plan.pad_rows, pads[0].transpose(0, 1))
+    if plan.pad_window is not None:  # padding queries that see part of their row's run (a window)
+        pw = plan.pad_window
+        _fall_back("padding queries that see part of their run through a sliding window (those rows)")
+        rows = torch.arange(B, device=q.device)[:, None]
+        q_pad = q.new_zeros(B, pw.mask.shape[2], Hq, D).index_put((pw.batch, pw.rank), q[pw.batch, :, pw.slot])
+        k_pad, v_pad = (t[rows, :, pw.keys].transpose(1, 2) for t in (k, v))  # (B, Hk, S, D)
+        pads = _sdpa(q_pad.transpose(1, 2), k_pad, v_pad, pw.mask, False, scale, 0.0, softcap)
+        full = full.index_copy(0, pw.batch * Tq + pw.slot, pads[pw.batch, :, pw.rank])
     return full.view(B, Tq, Hq, D).transpose(1, 2)
 
 
@@ -320,9 +374,21 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
         return flash(q, k, v, causal=causal and Tq > 1)
     if torch.compiler.is_compiling():
         # Reading a mask's contents is data-dependent: dynamo would break the graph in every
-        # layer (an error under fullgraph=True). Compiled models with a mask get SDPA.
-        _fall_back("mask under torch.compile")
+        # layer (an error under fullgraph=True). One opaque op reads it when the graph runs.
+        if masked_op_serves(q, k, v):
+            return masked_op(q, k, v, mask, causal=causal, scale=scale, window=window, deterministic=deterministic,
+                             softcap=softcap)
+        _fall_back("mask under torch.compile, decoding")
         return _sdpa(q, k, v, mask, False, scale, 0.0, softcap)
+    return _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap)
+
+
+def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap):
+    """:func:`attend` for a boolean mask, dropout 0, outside torch.compile's tracing."""
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    flash = lambda q, k, v, **kw: ops.flash_attention(q, k, v, scale=scale, window=window, softcap=softcap,
+                                                      deterministic=deterministic, **kw)
     plan = _classify(mask, (B, Hq, Tq, Tk), causal, window)
     if plan.key_end is not None:
         k, v = k[:, :, :plan.key_end], v[:, :, :plan.key_end]
@@ -343,6 +409,101 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
         return out.transpose(1, 2).reshape(B, Tq, Hq, -1).transpose(1, 2)
     _fall_back(plan.reason)
     return _sdpa(q, k, v, mask, False, scale, 0.0, softcap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks under torch.compile: one custom op that reads the mask when the compiled graph runs
+# ---------------------------------------------------------------------------------------------
+def masked_op_serves(q, k, v) -> bool:
+    """Whether a masked call under torch.compile goes to :func:`masked_op`: with autograd, or
+    more than ``DECODE_MAX_QUERIES`` queries. A decoding step without autograd stays on
+    traceable PyTorch attention (counted), which a CUDA graph can capture (mode="reduce-overhead",
+    HF's compiled static-cache decoding): the op syncs with the host."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return needs_grad or q.shape[2] > DECODE_MAX_QUERIES
+
+
+def masked_op(q, k, v, mask, *, causal: bool = True, scale: float | None = None, window=None,
+              deterministic: bool = True, softcap: float | None = None, eager_blind: bool = False) -> torch.Tensor:
+    """:func:`attend` with a boolean ``mask`` (dropout 0) as the custom op
+    ``fastllama::attend_masked``, which torch.compile traces as one call: the mask is read and
+    served (kernels, counted fallbacks) when the graph runs, as in an eager call, without a graph
+    break. Its backward (``fastllama::attend_masked_backward``) runs that call again with autograd
+    and differentiates it: one more attention forward per layer than an eager call spends, and
+    only q, k, v and the mask kept between the passes. Reading the mask syncs with the host, so
+    the op is tagged ``cudagraph_unsafe``: inductor keeps it out of the CUDA graphs of
+    ``mode="reduce-overhead"``. ``eager_blind``: then :func:`eager_blind_rows` (a model that ran
+    HF's eager attention). Returns (B, Hq, Tq, D)."""
+    has_window = window is not None
+    left, right = window if has_window else (0, 0)
+    return _attend_masked_op(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap,
+                             eager_blind)
+
+
+def _masked_call(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind):
+    out = _attend_masked(q, k, v, mask, causal, scale, (left, right) if has_window else None, deterministic, softcap)
+    if eager_blind:
+        out = eager_blind_rows(out, q, k, v, mask, scale=scale, softcap=softcap)[0]
+    return out
+
+
+def _laid_out_as(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides ``like`` has (what the fake implementations promise), zeros for None."""
+    if t is None:
+        return torch.zeros_like(like)
+    return t if t.stride() == like.stride() else like.copy_(t)
+
+
+_HOST_SYNCING = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("fastllama::attend_masked", mutates_args=(), tags=_HOST_SYNCING)
+def _attend_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool,
+                      scale: float | None, has_window: bool, left: int, right: int, deterministic: bool,
+                      softcap: float | None, eager_blind: bool) -> torch.Tensor:
+    out = _masked_call(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind)
+    return _laid_out_as(out, _attend_masked_fake(q, k, v, mask, causal, scale, has_window, left, right,
+                                                 deterministic, softcap, eager_blind))
+
+
+@_attend_masked_op.register_fake
+def _attend_masked_fake(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind):
+    B, Hq, Tq, D = q.shape  # (B, Tq, Hq, D) memory: HF's transpose(1, 2).contiguous() after it is free
+    return q.new_empty((B, Tq, Hq, D)).transpose(1, 2)
+
+
+@torch.library.custom_op("fastllama::attend_masked_backward", mutates_args=(), tags=_HOST_SYNCING)
+def _attend_masked_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor, causal: bool, scale: float | None, has_window: bool, left: int,
+                            right: int, deterministic: bool, softcap: float | None,
+                            eager_blind: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A custom op runs with autograd's dispatch keys excluded (it sits below autograd): this one
+    # records its own small graph, so it lifts that for its body (a private torch guard).
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \
+            torch.enable_grad():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = _masked_call(qq, kk, vv, mask, causal, scale, has_window, left, right, deterministic, softcap,
+                           eager_blind)
+        grads = torch.autograd.grad(out, (qq, kk, vv), grad, allow_unused=True)
+    return tuple(_laid_out_as(g, torch.empty_like(t)) for g, t in zip(grads, (q, k, v)))
+
+
+@_attend_masked_backward.register_fake
+def _(grad, q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _masked_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.args = inputs[4:]
+
+
+def _masked_backward(ctx, grad):
+    dq, dk, dv = _attend_masked_backward(grad, *ctx.saved_tensors, *ctx.args)
+    return (dq, dk, dv) + (None,) * 9
+
+
+torch.library.register_autograd("fastllama::attend_masked", _masked_backward, setup_context=_masked_setup_context)
 
 
 def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True,

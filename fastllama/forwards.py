@@ -21,7 +21,7 @@ import threading
 import torch
 
 from . import ops
-from .attention import attend, attend_as_eager, attend_with_weights, eager_blind_rows
+from .attention import attend, attend_as_eager, attend_with_weights, eager_blind_rows, masked_op, masked_op_serves
 from .ops.rms_norm import wide_weight
 from .reference import functional as ref
 from .reference.model import shift_labels
@@ -427,7 +427,13 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     window = (sliding_window - 1, 0) if sliding_window else None
     options = getattr(module, "_fastllama_attention", {})
     eager_mask = options.get("eager") and attention_mask is not None  # (left padding, as eager has it)
-    if eager_mask and torch.compiler.is_compiling():  # which rows see no key cannot be read: eager's whole call
+    if eager_mask and torch.compiler.is_compiling():  # the mask can only be read when the graph runs
+        if dropout == 0 and not kwargs.get("output_attentions") and attention_mask.dtype == torch.bool and \
+                masked_op_serves(query, key, value):
+            query, key, value = ops.attention.autocast_inputs(query, key, value)
+            out = masked_op(query, key, value, attention_mask, causal=causal, scale=scaling, window=window,
+                            deterministic=options.get("deterministic", True), softcap=softcap, eager_blind=True)
+            return out.transpose(1, 2).contiguous(), None
         out, weights = attend_as_eager(query, key, value, attention_mask, scale=scaling, dropout=dropout,
                                        softcap=softcap,
                                        reason="a model that ran eager attention, with a mask, under torch.compile")

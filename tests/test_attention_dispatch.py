@@ -179,12 +179,33 @@ def test_per_head_masks(caplog, monkeypatch):
     assert len(warned) == 1 and "mask differs between heads" in warned[0]  # once per reason
 
 
-def test_padding_mask_under_torch_compile_fullgraph():
-    q, k, v = qkv(Tq=8, Tk=8)
-    mask = padded_causal([8, 5], 8, 8)
-    compiled = torch.compile(attend, backend="eager", fullgraph=True)
-    check(compiled(q, k, v, mask), q, k, v, mask)
-    assert FALLBACKS["mask under torch.compile"] == 1
+@pytest.mark.parametrize("window", [None, (2, 0)])
+def test_padding_mask_under_torch_compile_fullgraph_runs_the_kernels(monkeypatch, window):
+    """A mask under torch.compile is read when the graph runs, inside one custom op (no graph
+    break): left and right padding take varlen flash attention (it was SDPA), forward and
+    backward; the backward runs the call again with autograd (the op keeps only its inputs)."""
+    calls = []
+    flash = ops.flash_attention
+    monkeypatch.setattr(ops, "flash_attention", lambda *a, **kw: calls.append(kw.get("cu_seqlens") is not None)
+                        or flash(*a, **kw))
+    q, k, v = (t.requires_grad_() for t in qkv(Tq=8, Tk=8))
+    mask = torch.cat([padded_causal([5], 8, 8), padded_causal([6], 8, 8, left=False)])
+    if window is not None:
+        mask &= attention._window_allows(torch.arange(8)[:, None], torch.arange(8)[None, :], window).to(DEVICE)
+
+    def step(q, k, v, mask):
+        return attend(q, k, v, mask, window=window)
+
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, mask)
+    check(out, q, k, v, mask)
+    assert calls and all(calls), calls  # varlen flash attention
+    assert set(FALLBACKS) <= {"padding queries that see part of their run through a sliding window (those rows)"}
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(truth(q, k, v, mask), (q, k, v), grad.double())
+    for g, w in zip(got, want):
+        assert g.stride() == (q if g.shape == q.shape else k).stride()
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-5)
 
 
 
@@ -369,6 +390,29 @@ def test_mixed_dtypes_under_autocast_attend_as_sdpa_does(rope):
     assert (out - hf).abs().max() < 0.05, (out - hf).abs().max()
 
 
+@pytest.mark.parametrize("causal,window,softcap", [(True, (3, 0), None), (True, (5, -1), 2.0), (False, (4, 2), None)])
+def test_right_padding_under_a_window_keeps_the_runs_on_the_kernels(causal, window, softcap):
+    """Right padding with a sliding window: a padding query sees the part of its row's run that
+    its window covers (HF's mask), a part that moves with the query, which varlen cannot align.
+    The runs go through varlen flash attention and only those padding rows through PyTorch
+    (counted); rows whose window holds no run key give 0. Output and gradients (it fell back to
+    SDPA for the whole call)."""
+    q, k, v = qkv(B=3, Hq=4, Hk=2, Tq=17, Tk=17)
+    i, j = torch.arange(17)[:, None], torch.arange(17)[None, :]
+    mask = torch.stack([(j < n) & attention._window_allows(i, j, window) & ((j <= i) | (not causal))
+                        for n in (11, 17, 5)])[:, None].to(DEVICE)
+    assert not mask[2, 0, 16].any() and mask[0, 0, 12, :11].sum() < 11  # rows that see nothing, part of a run
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = attend(q, k, v, mask, causal=causal, window=window, softcap=softcap)
+    check(out, q, k, v, mask, softcap)
+    assert set(FALLBACKS) == {"padding queries that see part of their run through a sliding window (those rows)"}
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(truth(q, k, v, mask, softcap), (q, k, v), grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-5)
+
+
 def test_equal_prefixes_with_grad_read_only_the_prefix():
     q, k, v = qkv(Tq=3, Tk=12)
     q.requires_grad_(True)
@@ -423,12 +467,28 @@ def test_softcap_reaches_every_path(monkeypatch):
                               "output_attentions (attention probabilities requested)"}
 
 
-def test_compiled_training_without_a_cache_takes_the_kernels_and_packing_is_counted():
+def test_a_masked_decoding_step_under_torch_compile_stays_capturable():
+    """Under torch.compile a decoding step without autograd (Tq <= 16) with a mask takes SDPA,
+    counted: the mask-reading op syncs with the host, which a CUDA graph cannot capture
+    (mode="reduce-overhead", HF's compiled static-cache decoding); that op carries the
+    cudagraph_unsafe tag for the calls that do take it."""
+    q, k, v = qkv(Tq=1, Tk=12)
+    mask = torch.stack([padded_causal([n], 1, 12, end=n, left=False)[0] for n in (5, 9)])
+    with torch.no_grad():
+        out = torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v, mask)
+    check(out, q, k, v, mask)
+    assert dict(FALLBACKS) == {"mask under torch.compile, decoding": 1}
+    for op in (torch.ops.fastllama.attend_masked, torch.ops.fastllama.attend_masked_backward):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags
+
+
+def test_compiled_training_without_a_cache_takes_the_kernels_packed_or_not():
     """Under torch.compile without a cache, transformers checks position_ids for packed
     sequences, which it cannot rule out while tracing: it built a mask for every compiled
     training step and attention ran SDPA. A patched causal LM says the positions HF generates
-    are not packed: the kernels run, same loss. Positions passed in that restart (packed) still
-    get their mask, served by SDPA, counted, with eager's loss."""
+    are not packed: no mask, the kernels run, same loss. Positions passed in that restart
+    (packed) get their mask, read when the graph runs (``attention.masked_op``): varlen flash
+    attention (it was SDPA), with eager's loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import fastllama
@@ -440,7 +500,7 @@ def test_compiled_training_without_a_cache_takes_the_kernels_and_packing_is_coun
             vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=32, attn_implementation="sdpa", use_cache=use_cache)).to(DEVICE).train())
         x = torch.randint(0, 128, (2, 12), device=DEVICE)
-        for position_ids, fallbacks in ((None, {}), (packed, {} if use_cache else {"mask under torch.compile": 2})):
+        for position_ids, fallbacks in ((None, {}), (packed, {})):
             torch._dynamo.reset()
             FALLBACKS.clear()
             loss = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=x, labels=x,

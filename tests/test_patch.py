@@ -845,10 +845,11 @@ def test_left_padded_training_of_an_eager_model_follows_eager_attention(arch):
     torch.testing.assert_close(weights_p, weights, rtol=1e-5, atol=1e-6)
 
 
-def test_eager_model_with_a_padding_mask_under_torch_compile_runs_eager_attention_once():
-    """Under torch.compile the rows that see no key cannot be found: such a model's masked calls
-    run eager attention whole (its logits, padding rows included), and nothing else (the kernels'
-    SDPA fallback ran first and was thrown away)."""
+def test_eager_model_with_a_padding_mask_under_torch_compile():
+    """Under torch.compile the mask is read when the graph runs (``attention.masked_op``): such a
+    model's masked calls run the kernels and recompute only the rows that see no key as eager
+    does (they ran eager attention whole, the kernels' SDPA fallback first and thrown away).
+    With dropout (or attention probabilities asked for) they still run eager attention whole."""
     model = build("llama-gqa").eval()
     model.set_attn_implementation("eager")
     patched = fastllama.patch(copy.deepcopy(model))
@@ -858,6 +859,15 @@ def test_eager_model_with_a_padding_mask_under_torch_compile_runs_eager_attentio
     FALLBACKS.clear()
     with torch.no_grad():
         expected = model(input_ids=x, attention_mask=mask).logits
+        got = torch.compile(patched, backend="aot_eager")(input_ids=x, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert dict(FALLBACKS) == {
+        "padding queries that see no key, on a model that ran eager attention (those rows)": 2}, FALLBACKS
+    patched.train()
+    for layer in patched.model.layers:
+        layer.self_attn.attention_dropout = 1e-12  # nothing dropped
+    FALLBACKS.clear()
+    with torch.no_grad():
         got = torch.compile(patched, backend="aot_eager")(input_ids=x, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert dict(FALLBACKS) == {"a model that ran eager attention, with a mask, under torch.compile": 2}, FALLBACKS
@@ -1138,8 +1148,10 @@ def test_loss_over_padded_positions_matches(arch):
     fastllama.patch(model)
     loss = model(**kw).loss
     loss.backward()
-    if arch == "llama-gqa":  # (Mistral's window of 8 shows padding queries part of a run: SDPA)
+    if arch == "llama-gqa":
         assert not FALLBACKS, FALLBACKS
+    else:  # Mistral's window of 8 shows padding queries part of a run: only those rows in PyTorch
+        assert set(FALLBACKS) == {"padding queries that see part of their run through a sliding window (those rows)"}
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected_grads[n], rtol=1e-4, atol=1e-6, msg=n)
