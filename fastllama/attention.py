@@ -94,6 +94,7 @@ class _Plan:
     # cache): the plan is for k[:, :, :key_end]
     key_end: int | None = None
     cu_seqlens: torch.Tensor | None = None  # "packed": sequence boundaries in the flattened (B * T) tokens
+    packing: tuple | None = None  # "runs": what _varlen packs by, made by its first call (_packing)
     reason: str = "mask is not causal attention over one run of tokens per row"  # "other": why
 
 
@@ -301,34 +302,51 @@ def _decode_window(window):
     return None if window is None else (window[0], 0)
 
 
+def _packing(plan: _Plan, B: int, Tq: int, Tk: int, device) -> tuple:
+    """(idx_q, cu_q, idx_k, cu_k, cu_p) of a "runs" plan: the flat (b * T + t) rows of the
+    queries and keys that varlen attention packs, their int32 sequence boundaries, and those of
+    the padding queries (``pad_rows``) that see their whole run. Kept on the plan, which is
+    memoized per mask: every layer packs alike without a host sync of its own."""
+    key = (Tq, Tk, device)
+    if plan.packing is not None and plan.packing[0] == key:
+        return plan.packing[1]
+    pos = torch.arange(Tk, device=device)[None] - plan.starts[:, None]
+    idx_k = ((pos >= 0) & (pos < plan.lengths[:, None])).flatten().nonzero().squeeze(1)
+    cu_k = F.pad(plan.lengths.cumsum(0), (1, 0)).to(torch.int32)
+    if Tq == Tk:
+        idx_q, cu_q = idx_k, cu_k
+    else:
+        idx_q = torch.arange(B * Tq, device=device)
+        cu_q = torch.arange(0, (B + 1) * Tq, Tq, device=device, dtype=torch.int32)
+    cu_p = None
+    if plan.pad_rows is not None:
+        counts = torch.bincount(plan.pad_rows // Tq, minlength=B)
+        cu_p = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    plan.packing = (key, (idx_q, cu_q, idx_k, cu_k, cu_p))
+    return plan.packing[1]
+
+
 def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap):
     """Packs each row's run of keys (and, when Tq == Tk, of queries), runs varlen flash
     attention, and scatters the result back (0 for padding queries)."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
-    pos = torch.arange(Tk, device=q.device)[None] - plan.starts[:, None]
-    idx_k = ((pos >= 0) & (pos < plan.lengths[:, None])).flatten().nonzero().squeeze(1)
-    cu_k = F.pad(plan.lengths.cumsum(0), (1, 0)).to(torch.int32)
+    idx_q, cu_q, idx_k, cu_k, cu_p = _packing(plan, B, Tq, Tk, q.device)
 
     def pack(t, idx):  # (B, H, T, D) -> (1, H, N, D): a strided view of the gathered rows
         T = t.shape[2]
         return t.transpose(1, 2).reshape(B * T, t.shape[1], D)[idx].transpose(0, 1).unsqueeze(0)
 
-    if Tq == Tk:
-        idx_q, cu_q = idx_k, cu_k
-    else:
-        idx_q = torch.arange(B * Tq, device=q.device)
-        cu_q = torch.arange(0, (B + 1) * Tq, Tq, device=q.device, dtype=torch.int32)
-    out = ops.flash_attention(pack(q, idx_q), pack(k, idx_k), pack(v, idx_k), causal=causal, scale=scale,
+    k_packed, v_packed = pack(k, idx_k), pack(v, idx_k)
+    out = ops.flash_attention(pack(q, idx_q), k_packed, v_packed, causal=causal, scale=scale,
                               window=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, deterministic=deterministic,
                               softcap=softcap)
-    full = out.new_zeros(B * Tq, Hq, D).index_copy(0, idx_q, out[0].transpose(0, 1))
+    # (squeeze, not [0]: its backward is a view, where select's writes the gradient into zeros)
+    full = out.new_zeros(B * Tq, Hq, D).index_copy_(0, idx_q, out.squeeze(0).transpose(0, 1))
     if plan.pad_rows is not None:  # padding queries that see their row's whole run: non-causal
-        counts = torch.bincount(plan.pad_rows // Tq, minlength=B)
-        cu_p = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        pads = ops.flash_attention(pack(q, plan.pad_rows), pack(k, idx_k), pack(v, idx_k), causal=False, scale=scale,
+        pads = ops.flash_attention(pack(q, plan.pad_rows), k_packed, v_packed, causal=False, scale=scale,
                                    cu_seqlens=cu_p, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap)
-        full = full.index_copy(0, plan.pad_rows, pads[0].transpose(0, 1))
+        full.index_copy_(0, plan.pad_rows, pads.squeeze(0).transpose(0, 1))
     if plan.pad_window is not None:  # padding queries that see part of their row's run (a window)
         pw = plan.pad_window
         _fall_back("padding queries that see part of their run through a sliding window (those rows)")
@@ -336,7 +354,7 @@ def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap)
         q_pad = q.new_zeros(B, pw.mask.shape[2], Hq, D).index_put((pw.batch, pw.rank), q[pw.batch, :, pw.slot])
         k_pad, v_pad = (t[rows, :, pw.keys].transpose(1, 2) for t in (k, v))  # (B, Hk, S, D)
         pads = _sdpa(q_pad.transpose(1, 2), k_pad, v_pad, pw.mask, False, scale, 0.0, softcap)
-        full = full.index_copy(0, pw.batch * Tq + pw.slot, pads[pw.batch, :, pw.rank])
+        full.index_copy_(0, pw.batch * Tq + pw.slot, pads[pw.batch, :, pw.rank])
     return full.view(B, Tq, Hq, D).transpose(1, 2)
 
 

@@ -21,7 +21,8 @@ import threading
 import torch
 
 from . import ops
-from .attention import attend, attend_as_eager, attend_with_weights, eager_blind_rows, masked_op, masked_op_serves
+from .attention import (_memo, attend, attend_as_eager, attend_with_weights, eager_blind_rows, masked_op,
+                        masked_op_serves)
 from .ops.rms_norm import wide_weight
 from .reference import functional as ref
 from .reference.model import shift_labels
@@ -112,7 +113,8 @@ def _fused_residual_norm(norm, h, residual):
     return ops.rms_norm(h, w, eps, residual=residual, unit_offset=unit_offset)
 
 
-def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index=-100, softcap=None):
+def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index=-100, softcap=None,
+                  check_labels=True):
     """The fused LM head + cross-entropy, run as a call of ``lm_head`` when the head has hooks
     (forward or backward, its own or global: a backward hook then sees the loss's gradient, the
     output of that call).
@@ -133,7 +135,8 @@ def _lm_head_loss(hidden, lm_head, labels, num_items_in_batch=None, ignore_index
         dtype = _matmul_dtype(h, weight)
         bias = lm_head.bias.to(dtype) if lm_head.bias is not None else None
         loss = ops.linear_cross_entropy(h.to(dtype), weight.to(dtype), labels, ignore_index=ignore_index,
-                                        bias=bias, num_items_in_batch=num_items_in_batch, softcap=softcap)
+                                        bias=bias, num_items_in_batch=num_items_in_batch, softcap=softcap,
+                                        check_labels=check_labels)
         # HF Trainer scales the loss in place (``loss *= num_processes``): on the op's own output
         # FSDP2 would lose the head's pre-backward hook, so the caller gets a copy (one scalar).
         return loss.clone()
@@ -770,7 +773,8 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         shifted = shift_labels(labels.to(hidden.device), ignore_index)
     # Gemma's final_logit_softcapping: logits = cap * tanh(logits / cap), before the loss
     softcap = getattr(self.config, "final_logit_softcapping", None)
-    loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch, ignore_index, softcap)
+    loss = _lm_head_loss(hidden, self.lm_head, shifted, num_items_in_batch, ignore_index, softcap,
+                         self._fastllama.get("check_labels", True))
     name = _hf_cache_name()
     fields = dict(loss=loss, logits=None, **{name: getattr(outputs, name)}, hidden_states=outputs.hidden_states,
                   attentions=outputs.attentions)
@@ -821,9 +825,13 @@ def reference_attention_forward(self, x, cos, sin, key_padding_mask=None, cache=
         mask = None
         if key_padding_mask is not None or k.shape[2] != T:
             # the reference aligns queries bottom-right against the cache; `attend` reads a
-            # missing mask the HF way (top-left for an empty static cache), so spell it out
-            mask = ref.attention_mask(T, k.shape[2], causal=True, key_padding_mask=key_padding_mask,
-                                      device=x.device).expand(B, 1, T, k.shape[2])
+            # missing mask the HF way (top-left for an empty static cache), so spell it out,
+            # once per forward (remembered by the padding mask, else by cos, which every layer
+            # shares): `attend` reads a mask object once, not in every layer
+            build = lambda: ref.attention_mask(T, k.shape[2], causal=True, key_padding_mask=key_padding_mask,
+                                               device=x.device).expand(B, 1, T, k.shape[2])
+            anchor = cos if key_padding_mask is None else key_padding_mask
+            mask = build() if anchor is None else _memo(anchor, ("reference mask", B, T, k.shape[2]), build)
         out = attend(q, k, v, mask, causal=True, deterministic=self._fastllama.get("deterministic", True))
     else:
         out = ref.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
@@ -853,4 +861,5 @@ def reference_llama_forward(self, input_ids, attention_mask=None, position_ids=N
     hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_start)
     if labels is None:
         return self.lm_head(hidden)
-    return None, _lm_head_loss(hidden, self.lm_head, shift_labels(labels))
+    return None, _lm_head_loss(hidden, self.lm_head, shift_labels(labels),
+                               check_labels=self._fastllama.get("check_labels", True))

@@ -260,7 +260,7 @@ def _register_hf_attention() -> None:
 
 def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True,
           attention: bool = True, cross_entropy: bool = True, deterministic: bool = True,
-          verbose: bool = False) -> nn.Module:
+          check_labels: bool = True, verbose: bool = False) -> nn.Module:
     """Swaps fastllama's kernels into ``model`` (this instance only) and returns it.
 
     Supported: transformers' ``LlamaForCausalLM``/``LlamaModel``, ``MistralForCausalLM``,
@@ -280,7 +280,10 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     math, the norm output and the SwiGLU output recomputed in backward rather than kept).
     ``deterministic=False`` lets the attention backward add dQ with atomics, as SDPA's flash
     backend does (fp16/bf16: fewer matmuls, gradients vary in their last bits run to run; see
-    :func:`fastllama.ops.flash_attention`).
+    :func:`fastllama.ops.flash_attention`). ``check_labels=False`` skips the fused loss's check
+    that every label is in [0, V) or ignored, one host sync per forward (see
+    :func:`fastllama.ops.linear_cross_entropy`): for tuned loops whose labels are known good (an
+    out-of-range label then gives a NaN loss and NaN gradients, not an error).
 
     Attention is switched through HF's ``set_attn_implementation``, a field of the config: a model
     built on the same config object (``LlamaForCausalLM(model.config)``) uses it too. Modules
@@ -293,12 +296,13 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_wrappers(model)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    for flag, value in (("deterministic", deterministic), ("check_labels", check_labels)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
     if _state(model) is not None:
         unpatch(model)
     options = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, attention=attention, cross_entropy=cross_entropy,
-                   deterministic=deterministic)
+                   deterministic=deterministic, check_labels=check_labels)
     by_class = {c: r for r in RULES for c in r.classes}
     summary, matched = [], 0
     for name, module in model.named_modules():

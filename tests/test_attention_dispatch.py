@@ -538,3 +538,39 @@ def test_the_packing_answer_is_for_traced_patched_calls_only_and_survives_anothe
     expected.load_state_dict(other.state_dict())
     torch.testing.assert_close(other(input_ids=x, position_ids=packed).logits,
                                expected(input_ids=x, position_ids=packed).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_a_padded_layer_after_the_first_adds_one_host_sync_per_kernel_call(monkeypatch, left):
+    """HF passes one mask to every layer: the first classifies it, and the packing (row indices,
+    sequence boundaries) is kept on its plan, so a later layer makes no nonzero/bincount (host
+    syncs on a GPU), and each flash call reads its boundaries once (one tensor for q and k)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastllama.ops import attention as flash_op
+
+    syncing = {torch.ops.aten.nonzero.default, torch.ops.aten.bincount.default,
+               torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default}
+
+    class Syncs(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in syncing:
+                self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    reads = []
+    max_seqlen = flash_op._max_seqlen
+    monkeypatch.setattr(flash_op, "_max_seqlen", lambda *a: reads.append(a[2]) or max_seqlen(*a))
+    q, k, v = (t.requires_grad_() for t in qkv(B=3, Tq=12, Tk=12))
+    mask = padded_causal([12, 9, 7], 12, 12, left=left)
+    attend(q, k, v, mask)  # the first layer
+    reads.clear()
+    with Syncs():
+        attend(q, k, v, mask).sum().backward()
+    assert not Syncs.seen
+    # forward and backward of the runs' call, and for right padding of the padding rows' call
+    # (their own boundaries against the runs' keys: two reads each)
+    expected = ["cu_seqlens"] * 2 if left else ["cu_seqlens"] * 4 + ["cu_seqlens_k"] * 2
+    assert sorted(reads) == expected, reads

@@ -1106,6 +1106,29 @@ def test_reference_model_patch_matches_and_generates():
                        expected.generate(x, 8, attention_mask=mask, stop_tokens=[]))
 
 
+def test_reference_model_reads_a_padding_mask_once_per_forward(monkeypatch):
+    """The patched reference model built its attention mask anew in every layer, so `attend`
+    classified it (about 50 mask-sized ops and 6-15 host syncs) in every layer, not once per
+    forward as for HF models; the loss is unchanged."""
+    from fastllama import attention
+
+    classified = []
+    classify = attention._classify_now
+    monkeypatch.setattr(attention, "_classify_now", lambda *a: classified.append(1) or classify(*a))
+    torch.manual_seed(0)
+    model = Llama(dict(BASE, num_hidden_layers=3)).to(DEVICE).train()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    expected = model(x, attention_mask=mask)
+    fastllama.patch(model)
+    for _ in range(2):
+        classified.clear()
+        got = model(x, attention_mask=mask)
+        assert len(classified) == 1
+    torch.testing.assert_close(got[1, 5:], expected[1, 5:], rtol=1e-4, atol=1e-5)
+
+
 def test_right_padded_training_batch_and_num_items_in_batch():
     """Padding removed for varlen attention: real tokens' loss and gradients are unchanged."""
     model = build("llama-gqa").train()
@@ -1357,6 +1380,28 @@ def test_atomic_dq_attention_option(arch, rope, monkeypatch):
     assert fastllama.is_patched(model)
     fastllama.unpatch(model)
     assert not any(hasattr(m, "_fastllama_attention") for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "reference"])
+def test_check_labels_option(arch):
+    """patch(check_labels=False) reaches the fused loss (it skips the label range check, a host
+    sync per forward): a label out of range raises by default and does not with it off."""
+    if arch == "reference":
+        torch.manual_seed(0)
+        model = Llama(dict(BASE)).to(DEVICE).train()
+    else:
+        model = build(arch).train()
+    x = ids()
+    bad = x.clone()
+    bad[0, 3] = 10 ** 6
+    run = (lambda: model(input_ids=x, labels=bad).loss) if arch != "reference" else (lambda: model(x, labels=bad)[1])
+    fastllama.patch(model)
+    with pytest.raises(ValueError, match="label"):
+        run()
+    fastllama.patch(model, check_labels=False)
+    assert torch.isnan(run())  # unchecked: NaN, as the op documents
+    with pytest.raises(TypeError, match="check_labels"):
+        fastllama.patch(model, check_labels=1)
 
 
 def test_verify_refuses_what_it_cannot_compare():

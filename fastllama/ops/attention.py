@@ -99,6 +99,11 @@ def _max_seqlen(cu: torch.Tensor, total: int, name: str) -> int:
     return max((b - a for a, b in zip(vals, vals[1:])), default=0)
 
 
+def _same_boundaries(cu_q: torch.Tensor, cu_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """One tensor for both (varlen self-attention): its values are read once (a host sync)."""
+    return cu_k is cu_q and q.shape[2] == k.shape[2]
+
+
 # ----------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +117,8 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     mq = mk = 0
     if cu_seqlens_q is not None:
         mq = _max_seqlen(cu_seqlens_q, q.shape[2], "cu_seqlens")
-        mk = _max_seqlen(cu_seqlens_k, k.shape[2], "cu_seqlens_k")
+        mk = mq if _same_boundaries(cu_seqlens_q, cu_seqlens_k, q, k) else _max_seqlen(cu_seqlens_k, k.shape[2],
+                                                                                      "cu_seqlens_k")
     return _fwd.flash_attention_forward(q, k, v, scale=scale, before=before, after=after, cu_seqlens_q=cu_seqlens_q,
                                         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq, max_seqlen_k=mk,
                                         precision=precision, autotune=_AUTOTUNE, softcap=softcap,
@@ -133,7 +139,8 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
     mq = mk = 0
     if cu_seqlens_q is not None:
         mq = _max_seqlen(cu_seqlens_q, q.shape[2], "cu_seqlens")
-        mk = _max_seqlen(cu_seqlens_k, k.shape[2], "cu_seqlens_k")
+        mk = mq if _same_boundaries(cu_seqlens_q, cu_seqlens_k, q, k) else _max_seqlen(cu_seqlens_k, k.shape[2],
+                                                                                      "cu_seqlens_k")
     # upstream gradients may be expanded or transposed, or have a token stride too large for the
     # kernels' int32 row offsets: copy only then
     if do.stride(-1) != 1 or not tile_rows_fit_int32(do, 2):

@@ -113,8 +113,12 @@ class _NormLinears(torch.autograd.Function):
             d_biases.append(d_out.sum(0) if has_bias else None)
             # summed in the norm output's dtype, as autograd sums the projections' gradients for
             # HF (fp32 under autocast of an fp32 model: a bf16 sum was 1.4x HF's error)
-            contribution = (d_out @ w).to(y.dtype)
-            dy = contribution if dy is None else dy + contribution
+            if dy is None:
+                dy = (d_out @ w).to(y.dtype)
+            elif d_out.dtype == dy.dtype:  # added in the GEMM's epilogue: no separate add pass (3 per layer)
+                dy.addmm_(d_out, w)
+            else:
+                dy += (d_out @ w).to(y.dtype)
         del y_mm
         dx, d_norm_weight = _rms_norm_bwd(dy.view(y.shape), d_s, normed_input, norm_weight, rstd, ctx.unit_offset)
         # d(x + residual) reaches both summands unchanged
