@@ -465,11 +465,13 @@ def _masked_call(q, k, v, mask, causal, scale, has_window, left, right, determin
     return out
 
 
-def _laid_out_as(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """``t`` with the strides ``like`` has (what the fake implementations promise), zeros for None."""
-    if t is None:
-        return torch.zeros_like(like)
-    return t if t.stride() == like.stride() else like.copy_(t)
+def _laid_out_as(t: torch.Tensor | None, promised: torch.Tensor, device) -> torch.Tensor:
+    """``t`` with the strides of ``promised`` (a meta tensor: what the fake implementation
+    returns), copied only when they differ; zeros for None."""
+    if t is not None and t.stride() == promised.stride():
+        return t
+    like = torch.empty_strided(promised.shape, promised.stride(), dtype=promised.dtype, device=device)
+    return like.zero_() if t is None else like.copy_(t)
 
 
 _HOST_SYNCING = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
@@ -480,8 +482,8 @@ def _attend_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       scale: float | None, has_window: bool, left: int, right: int, deterministic: bool,
                       softcap: float | None, eager_blind: bool) -> torch.Tensor:
     out = _masked_call(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind)
-    return _laid_out_as(out, _attend_masked_fake(q, k, v, mask, causal, scale, has_window, left, right,
-                                                 deterministic, softcap, eager_blind))
+    return _laid_out_as(out, _attend_masked_fake(q.to("meta"), k, v, mask, causal, scale, has_window, left, right,
+                                                 deterministic, softcap, eager_blind), q.device)
 
 
 @_attend_masked_op.register_fake
@@ -503,7 +505,7 @@ def _attend_masked_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         out = _masked_call(qq, kk, vv, mask, causal, scale, has_window, left, right, deterministic, softcap,
                            eager_blind)
         grads = torch.autograd.grad(out, (qq, kk, vv), grad, allow_unused=True)
-    return tuple(_laid_out_as(g, torch.empty_like(t)) for g, t in zip(grads, (q, k, v)))
+    return tuple(_laid_out_as(g, torch.empty_like(t, device="meta"), t.device) for g, t in zip(grads, (q, k, v)))
 
 
 @_attend_masked_backward.register_fake
