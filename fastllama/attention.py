@@ -95,6 +95,8 @@ class _Plan:
     key_end: int | None = None
     cu_seqlens: torch.Tensor | None = None  # "packed": sequence boundaries in the flattened (B * T) tokens
     packing: tuple | None = None  # "runs": what _varlen packs by, made by its first call (_packing)
+    common_length: int | None = None  # "prefix": the length every row shares, None if they differ
+    as_runs: "_Plan | None" = None  # "prefix" of differing lengths with autograd: the "runs" plan it takes
     reason: str = "mask is not causal attention over one run of tokens per row"  # "other": why
 
 
@@ -125,8 +127,9 @@ def _pad_window(m: torch.Tensor, pad_attends: torch.Tensor) -> _PadWindow:
     lo = torch.where(seen, j, Tk).amin(-1)
     hi = torch.where(seen, j + 1, 0).amax(-1)
     P, S = int(counts.max()), int((hi - lo).clamp(min=0).max())
-    keys = (lo.clamp(max=Tk - 1)[:, None] + torch.arange(S, device=m.device)).clamp(max=Tk - 1)
-    in_span = keys < hi[:, None]
+    slots = lo.clamp(max=Tk - 1)[:, None] + torch.arange(S, device=m.device)
+    in_span = slots < hi[:, None]  # (on the slots before clamping: a clamped slot repeats the last key)
+    keys = slots.clamp(max=Tk - 1)
     mask = torch.zeros(B, P, S, dtype=torch.bool, device=m.device)
     mask[batch, rank] = m[batch, slot][torch.arange(batch.numel(), device=m.device)[:, None], keys[batch]] & in_span[batch]
     return _PadWindow(batch, slot, rank, keys, mask[:, None])
@@ -200,7 +203,8 @@ def _runs_plan(m, keep_k, n, s, causal, window) -> _Plan | None:
     prefix_q = ends[:, None, None] - Tq + i
     if causal and bool((ends >= Tq).all()) and torch.equal(m, _expected(j[0] < ends[:, None], prefix_q, j, causal,
                                                                        window)):
-        return _Plan("prefix", lengths=ends.to(torch.int32))
+        common = int(ends[0]) if bool((ends == ends[0]).all()) else None
+        return _Plan("prefix", lengths=ends.to(torch.int32), common_length=common)
     # runs, Tq == Tk: queries are the same tokens as the keys (padded batch, prefill/training)
     if Tq == Tk and torch.equal(m & keep_k[:, :, None], _expected(keep_k, i, j, causal, window) & keep_k[:, :, None]):
         # The padding queries' rows: HF's causal mask lets a query after a right-padded run
@@ -414,11 +418,14 @@ def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap)
         if _decode_ok(q, k, v, window, True, softcap):
             return ops.decode_attention(q, k, v, plan.lengths, scale=scale, window=_decode_window(window),
                                         softcap=softcap)
-        if bool((plan.lengths == plan.lengths[0]).all()):
-            n = int(plan.lengths[0])
+        if plan.common_length is not None:
+            n = plan.common_length
             return flash(q, k[:, :, :n], v[:, :, :n], causal=True)
-        # differing prefixes: runs starting at 0, the queries at each run's end (Tq < Tk here)
-        plan = dataclasses.replace(plan, kind="runs", starts=torch.zeros_like(plan.lengths))
+        # differing prefixes: runs starting at 0, the queries at each run's end (Tq < Tk here),
+        # a plan kept beside this one (with its packing: see _packing)
+        if plan.as_runs is None:
+            plan.as_runs = dataclasses.replace(plan, kind="runs", starts=torch.zeros_like(plan.lengths))
+        plan = plan.as_runs
     if plan.kind == "runs":
         return _varlen(q, k, v, plan, causal, scale, window, deterministic, softcap)
     if plan.kind == "packed":  # (B, H, T, D) -> (1, H, B * T, D) views, as projections lay them out
@@ -448,7 +455,8 @@ def masked_op(q, k, v, mask, *, causal: bool = True, scale: float | None = None,
     served (kernels, counted fallbacks) when the graph runs, as in an eager call, without a graph
     break. Its backward (``fastllama::attend_masked_backward``) runs that call again with autograd
     and differentiates it: one more attention forward per layer than an eager call spends, and
-    only q, k, v and the mask kept between the passes. Reading the mask syncs with the host, so
+    only q, k, v and the mask kept between the passes (a fallback inside is counted in
+    :data:`FALLBACKS` by both passes). Reading the mask syncs with the host, so
     the op is tagged ``cudagraph_unsafe``: inductor keeps it out of the CUDA graphs of
     ``mode="reduce-overhead"``. ``eager_blind``: then :func:`eager_blind_rows` (a model that ran
     HF's eager attention). Returns (B, Hq, Tq, D)."""

@@ -13,6 +13,7 @@ reference model has its own, smaller set.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -21,8 +22,7 @@ import threading
 import torch
 
 from . import ops
-from .attention import (_memo, attend, attend_as_eager, attend_with_weights, eager_blind_rows, masked_op,
-                        masked_op_serves)
+from .attention import attend, attend_as_eager, attend_with_weights, eager_blind_rows, masked_op, masked_op_serves
 from .ops.rms_norm import wide_weight
 from .reference import functional as ref
 from .reference.model import shift_labels
@@ -826,12 +826,16 @@ def reference_attention_forward(self, x, cos, sin, key_padding_mask=None, cache=
         if key_padding_mask is not None or k.shape[2] != T:
             # the reference aligns queries bottom-right against the cache; `attend` reads a
             # missing mask the HF way (top-left for an empty static cache), so spell it out,
-            # once per forward (remembered by the padding mask, else by cos, which every layer
-            # shares): `attend` reads a mask object once, not in every layer
-            build = lambda: ref.attention_mask(T, k.shape[2], causal=True, key_padding_mask=key_padding_mask,
-                                               device=x.device).expand(B, 1, T, k.shape[2])
-            anchor = cos if key_padding_mask is None else key_padding_mask
-            mask = build() if anchor is None else _memo(anchor, ("reference mask", B, T, k.shape[2]), build)
+            # once per forward of the model (see _reference_masks): `attend` reads a mask object
+            # once, not in every layer
+            masks = getattr(_REFERENCE_MASKS, "masks", None)
+            key = (id(key_padding_mask), B, T, k.shape[2])  # (that mask is passed to every layer of a forward)
+            mask = masks.get(key) if masks is not None else None
+            if mask is None:
+                mask = ref.attention_mask(T, k.shape[2], causal=True, key_padding_mask=key_padding_mask,
+                                          device=x.device).expand(B, 1, T, k.shape[2])
+                if masks is not None:
+                    masks[key] = mask
         out = attend(q, k, v, mask, causal=True, deterministic=self._fastllama.get("deterministic", True))
     else:
         out = ref.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
@@ -852,13 +856,36 @@ def reference_decoder_layer_forward(self, x, cos, sin, key_padding_mask=None, ca
     return x + self.mlp(h)
 
 
+# The attention masks the reference model's layers build in this thread's current forward (the
+# layers of one forward share one; it is dropped when the forward returns).
+_REFERENCE_MASKS = threading.local()
+
+
+@contextlib.contextmanager
+def _reference_masks():
+    """One attention mask per forward for the patched reference model's layers (each built its
+    own, so `attend` classified the mask in every layer: ~50 mask-sized ops and several host
+    syncs each). Not while torch.compile traces (the graph builds the mask; the masked op reads
+    it), and not for layers run outside a forward (checkpoint recomputation builds its own)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    outer = getattr(_REFERENCE_MASKS, "masks", None)
+    _REFERENCE_MASKS.masks = {}
+    try:
+        yield
+    finally:
+        _REFERENCE_MASKS.masks = outer
+
+
 def reference_llama_forward(self, input_ids, attention_mask=None, position_ids=None, cache_start=None,
                             labels=None):
     """``reference.Llama.forward``: with ``labels`` returns ``(None, loss)`` from the fused
     linear cross-entropy (no logits are built); without, the logits as before."""
     if labels is not None and not _fusable_head(self.lm_head):
         return type(self).forward(self, input_ids, attention_mask, position_ids, cache_start, labels)
-    hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_start)
+    with _reference_masks():
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache_start)
     if labels is None:
         return self.lm_head(hidden)
     return None, _lm_head_loss(hidden, self.lm_head, shift_labels(labels),

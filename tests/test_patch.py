@@ -1127,6 +1127,39 @@ def test_reference_model_reads_a_padding_mask_once_per_forward(monkeypatch):
         got = model(x, attention_mask=mask)
         assert len(classified) == 1
     torch.testing.assert_close(got[1, 5:], expected[1, 5:], rtol=1e-4, atol=1e-5)
+    # the mask is the forward's own: not kept after it (a (B, 1, T, T) mask per forward held into
+    # the next one's peak), and a padding mask edited in place (under inference_mode, where no
+    # version counter tells) is read anew
+    from fastllama import forwards
+
+    assert getattr(forwards._REFERENCE_MASKS, "masks", None) is None
+    assert not [v for _, _, v in attention._MASK_MEMO if isinstance(v, torch.Tensor)]
+    with torch.inference_mode():
+        bool_mask = mask.bool()
+        model(x, attention_mask=bool_mask)
+        bool_mask[1, :5], bool_mask[0, :3] = True, False
+        got = model(x, attention_mask=bool_mask)
+    fastllama.unpatch(model)
+    with torch.inference_mode():
+        expected = model(x, attention_mask=bool_mask)
+    torch.testing.assert_close(got[:, 3:], expected[:, 3:], rtol=1e-4, atol=1e-5)
+
+
+def test_reference_model_with_a_padding_mask_compiles_whole():
+    """torch.compile(fullgraph=True) of the patched reference model with a padding mask (the
+    layers' mask memo read tensor versions and weak references, which dynamo cannot trace)."""
+    torch.manual_seed(0)
+    model = Llama(dict(BASE)).to(DEVICE).train()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0
+    labels = x.masked_fill(mask == 0, -100)
+    fastllama.patch(model)
+    expected = model(x, attention_mask=mask, labels=labels)[1]
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="aot_eager", fullgraph=True)(x, attention_mask=mask, labels=labels)[1]
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_right_padded_training_batch_and_num_items_in_batch():
