@@ -222,7 +222,17 @@ def mlp_forward(self, x):
         return type(self).forward(self, x)
     if hasattr(self, "gate_up_proj"):  # Phi-3: the halves are read in place (no split copy)
         return self.down_proj(ops.swiglu_fused(self.gate_up_proj(x), activation=activation))
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), activation=activation))
+    h = ops.swiglu(self.gate_proj(x), self.up_proj(x), activation=activation)
+    if hasattr(self, "ffn_sub_norm"):  # BitNet: an RMSNorm of the gated activation, before down_proj
+        h = self.ffn_sub_norm(h)
+    return residual_dropout(self, self.down_proj(h))
+
+
+def residual_dropout(module, h):
+    """Seed-OSS's ``residual_dropout``: its attention drops out its output (after o_proj) and its
+    MLP its own (after down_proj), in training; called as HF calls it (same draws, same order)."""
+    p = getattr(module, "residual_dropout", None)
+    return h if p is None else torch.nn.functional.dropout(h, p=p, training=module.training)
 
 
 def experts_layout_problem(experts) -> str | None:
@@ -368,6 +378,8 @@ def _norm_into_mlp(layer, norm=None) -> bool:
     """Whether ``norm`` (default post_attention_layernorm; Gemma's pre_feedforward_layernorm) +
     the MLP can run as ``rms_norm_linear`` (gate, up) and ``swiglu_linear`` (down)."""
     mlp, norm = layer.mlp, norm if norm is not None else layer.post_attention_layernorm
+    if hasattr(mlp, "ffn_sub_norm") or (getattr(mlp, "residual_dropout", 0) and mlp.training):
+        return False  # (BitNet's norm before down_proj, Seed-OSS's dropout after it: the MLP's forward runs)
     return (_patched_with(norm, *NORM_FORWARDS) and _patched_with(mlp, mlp_forward)
             and gate_activation(mlp) is not None and _bypassable(norm, mlp)
             and _plain_linears(*mlp_input_linears(mlp), mlp.down_proj))
@@ -395,7 +407,8 @@ def _rotate(self, q, k, cos, sin):
     # and fail on such tables (HF's rope init honours partial_rotary_factor for any family): their
     # own function runs then, so the patched model fails as HF's does, not differently.
     partial_ok = cos.shape[-1] == q.shape[-1] or _family(self) in PARTIAL_ROTARY_FAMILIES
-    if self._fastllama["rope"] and partial_ok and cos.shape[-1] <= q.shape[-1] and cos.shape[-1] % 2 == 0:
+    pairs_ok = _family(self) not in ROTARY_INTERLEAVED_FAMILIES
+    if self._fastllama["rope"] and partial_ok and pairs_ok and cos.shape[-1] <= q.shape[-1] and cos.shape[-1] % 2 == 0:
         # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the
         # fp32 embeddings; rotating in q's dtype is what an autocast-aware fused op does
         return ops.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
@@ -405,6 +418,20 @@ def _rotate(self, q, k, cos, sin):
 #: HF families (modeling module names) whose apply_rotary_pos_emb rotates the leading rotary
 #: dims only when cos/sin cover fewer than head_dim (the others' would fail on such tables).
 PARTIAL_ROTARY_FAMILIES = ("phi3",)
+
+#: HF families whose rotary rotates adjacent pairs (2i, 2i + 1) (GLM's rotate_half, cos/sin
+#: repeat_interleave'd): the kernel pairs i with i + R/2, so their own apply_rotary_pos_emb runs.
+ROTARY_INTERLEAVED_FAMILIES = ("helium", "ernie4_5", "glm", "glm4")
+
+
+def uses_rope(attn) -> bool:
+    """Whether an HF attention module rotates q and k: not SmolLM3's NoPE layers (``use_rope``),
+    nor EXAONE 4's full-attention layers in a model with a window (it rotates the windowed ones only)."""
+    if not getattr(attn, "use_rope", True):
+        return False
+    if _family(attn) == "exaone4":
+        return attn.sliding_window is None or attn.is_sliding
+    return True
 
 
 def _family(module) -> str:
@@ -482,7 +509,7 @@ def hf_attention_mask(**kwargs):
 
 
 # HF families whose attention passes the config's sliding_window (see _family)
-_WINDOW_FROM_CONFIG = ("mistral", "phi3", "mixtral", "olmoe")
+_WINDOW_FROM_CONFIG = ("mistral", "phi3", "mixtral", "olmoe", "ministral3", "minimax")
 
 
 def qk_norm_over_all_heads(attn) -> bool:
@@ -496,8 +523,8 @@ def sliding_window(attn) -> int | None:
     p - W < k <= p), None for full attention: Qwen2's, Ministral's, SmolLM3's and Gemma 3's per
     layer type (their ``self.sliding_window``), Mistral's and Phi-3's from the config; Llama
     passes none (a sliding_window a Llama config carries is ignored by HF)."""
-    if hasattr(attn, "sliding_window"):
-        return attn.sliding_window
+    if hasattr(attn, "sliding_window"):  # (EXAONE 4 keeps the config's on every layer, uses it where is_sliding)
+        return attn.sliding_window if getattr(attn, "is_sliding", True) else None
     if _family(attn) in _WINDOW_FROM_CONFIG:
         return getattr(attn.config, "sliding_window", None)
     return None
@@ -507,7 +534,7 @@ def score_softcap(attn) -> float | None:
     """The soft-cap an HF attention module's own forward applies to its scores: Gemma 2's
     ``attn_logit_softcapping``, None otherwise. (Gemma 3's attention stores the config's value
     too but never applies it: a cap there would make the logits differ from HF's.)"""
-    return getattr(attn, "attn_logit_softcapping", None) if _family(attn) == "gemma2" else None
+    return getattr(attn, "attn_logit_softcapping", None) if _family(attn) in ("gemma2", "vaultgemma") else None
 
 
 def hf_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
@@ -539,9 +566,18 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     if hasattr(self, "q_norm") and not over_all_heads:  # Qwen3, Gemma 3: over each head
         q, k = self.q_norm(q), self.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if getattr(self, "use_rope", True):  # SmolLM3's NoPE layers (every 4th) have no rotary
+    if uses_rope(self):  # SmolLM3's NoPE layers (every 4th) have no rotary
         cos, sin = position_embeddings
         q, k = _rotate(self, q, k, cos, sin)
+    if hasattr(self, "query_layernorm"):  # HunYuan: an RMSNorm of each head's q and k AFTER rotary
+        q, k = self.query_layernorm(q), self.key_layernorm(k)
+    if _family(self) == "ministral3":  # Ministral 3: q scaled by Llama 4's position-dependent factor
+        from .patching import _original_class
+
+        rope = self.config.rope_parameters
+        scale = sys.modules[_original_class(self).__module__].get_llama_4_attn_scale(
+            kwargs["position_ids"], rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings"))
+        q = q * scale.to(q.dtype)
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
     from .patching import _original_class  # (FSDP2 renames the class; its module stays HF's)
@@ -560,7 +596,10 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
         dropout=0.0 if not self.training else self.attention_dropout,
         scaling=self.scaling, **kwargs,
     )
-    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+    out = out.reshape(*input_shape, -1).contiguous()
+    if hasattr(self, "attn_sub_norm"):  # BitNet: an RMSNorm before o_proj
+        out = self.attn_sub_norm(out)
+    return residual_dropout(self, self.o_proj(out)), weights
 
 
 def _attention_and_mlp(layer, hidden_states, attention_kwargs, attention_out, mlp_norm):
@@ -768,7 +807,8 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     hidden = outputs.last_hidden_state
     scaling = getattr(self.config, "logits_scaling", 1.0)  # Granite: logits / logits_scaling
     if scaling != 1.0:  # (h W^T) / s = (h / s) W^T: the fused loss then needs no scale of its own
-        hidden = hidden / scaling
+        # (HyperCLOVAX multiplies its logits by it)
+        hidden = hidden * scaling if _family(self) in LOGITS_MULTIPLIED else hidden / scaling
     if shifted is None:
         shifted = shift_labels(labels.to(hidden.device), ignore_index)
     # Gemma's final_logit_softcapping: logits = cap * tanh(logits / cap), before the loss
@@ -778,15 +818,23 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     name = _hf_cache_name()
     fields = dict(loss=loss, logits=None, **{name: getattr(outputs, name)}, hidden_states=outputs.hidden_states,
                   attentions=outputs.attentions)
+    # (a MoE without a balancing loss, dots.llm1: HF's output still carries the router logits)
+    moe_output = moe or "router_logits" in getattr(outputs, "__dataclass_fields__", ())
     if moe:
         fields.update(_router_loss(self, outputs, attention_mask, output_router_logits, loss))
-    output = (MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast)(**fields)
+    elif moe_output:
+        fields.update(router_logits=outputs.router_logits)
+    output = (MoeCausalLMOutputWithPast if moe_output else CausalLMOutputWithPast)(**fields)
     if return_dict:
         return output
     # HF's tuple is its fields in order with the None ones dropped: logits keeps its place as
     # None, so out[2] is the cache as it is for HF (dropped, it would become out[1])
     return tuple(getattr(output, f.name) for f in dataclasses.fields(output)
                  if f.name == "logits" or getattr(output, f.name) is not None)
+
+
+#: HF families whose causal LM multiplies its logits by ``logits_scaling`` (Granite divides)
+LOGITS_MULTIPLIED = ("hyperclovax",)
 
 
 def _router_loss(model, outputs, attention_mask, output_router_logits: bool, loss) -> dict:

@@ -36,12 +36,32 @@ OPTIONS = ("rms_norm", "rope", "swiglu", "attention", "cross_entropy")
 _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral", "qwen2": "Qwen2", "qwen3": "Qwen3",
                 "smollm3": "SmolLM3", "phi3": "Phi3", "granite": "Granite", "gemma": "Gemma", "gemma2": "Gemma2",
                 "gemma3": "Gemma3", "olmo2": "Olmo2", "olmo3": "Olmo3",
+                # Llama's modules as they are (Arcee's MLP, ReLU^2 without a gate, is skipped by its check;
+                # CWM's window per layer type is Qwen2's)
+                "arcee": "Arcee", "cwm": "Cwm",
+                # with small rules: _OWN_DECODER_LAYERS below, forwards.ROTARY_INTERLEAVED_FAMILIES,
+                # and the per-family lines in forwards (LOGITS_MULTIPLIED, uses_rope, residual_dropout ...)
+                "helium": "Helium", "ernie4_5": "Ernie4_5", "glm": "Glm", "glm4": "Glm4", "seed_oss": "SeedOss",
+                "hunyuan_v1_dense": "HunYuanDenseV1", "apertus": "Apertus", "exaone4": "Exaone4",
+                "hyperclovax": "HyperCLOVAX", "vaultgemma": "VaultGemma", "bitnet": "BitNet",
+                "ministral3": "Ministral3", "olmo": "Olmo", "qwen3_5": "Qwen3_5",
                 # mixtures of experts: all but the router (HF's own)
-                "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe"}
-_GEMMA = ("gemma", "gemma2", "gemma3")
-_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-_OLMO = ("olmo2", "olmo3")
+                "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
+                "granitemoe": "GraniteMoe", "dots1": "Dots1", "flex_olmo": "FlexOlmo", "minimax": "MiniMax"}
+_GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "qwen3_5")
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dots1", "flex_olmo", "minimax")
+# norms that multiply by w in fp32 and round once (Helium's: (w.float() * normed).to(dtype))
+_OLMO = ("olmo2", "olmo3", "flex_olmo", "helium")
 _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # families whose RMSNorm is Llama's
+# decoder layers that run as they are (the patched modules inside): norms named otherwise (Apertus),
+# a norm after each branch (EXAONE 4: OLMo 2's layout; GLM-4 and HyperCLOVAX: before and after),
+# no `mlp` (GraniteMoE's block_sparse_moe); VaultGemma's (two norms, Gemma's) has no rule either
+_OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "qwen3_5")
+# attention modules that run as they are, on the attention kernels through HF's interface (their
+# norms patched): Qwen 3.5's gates its output with half of its q_proj (and its other layers are
+# Gated DeltaNet, not attention)
+_OWN_ATTENTION = ("qwen3_5",)
+_LLAMA_LAYERS = tuple(m for m in (*_LLAMA_NORMS, "gemma", "helium") if m not in _OWN_DECODER_LAYERS)
 
 
 def _hf(kind: str, families=tuple(_HF_FAMILIES)) -> tuple[str, ...]:
@@ -57,7 +77,10 @@ def _ref(name: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------
 def _check_activation(module) -> str | None:
     """Why the MLP's gate cannot run fused (None: it can): SiLU (SwiGLU) or GELU-tanh (GeGLU),
-    as its activation module is (:func:`forwards.gate_activation`)."""
+    as its activation module is (:func:`forwards.gate_activation`), on a gate projection (Arcee's
+    and Apertus's MLPs have none: down(act(up(x))))."""
+    if not (hasattr(module, "gate_proj") or hasattr(module, "gate_up_proj")):
+        return "the MLP has no gate projection (down(act(up(x)))): left as is"
     if forwards.gate_activation(module) is None:
         name = "act_fn" if hasattr(module, "act_fn") else "activation_fn"
         return (f"{name} is {type(forwards.mlp_activation(module)).__name__}, not a plain SiLU or GELU-tanh (the fused "
@@ -108,12 +131,13 @@ RULES: tuple[Rule, ...] = (
     Rule(("rms_norm",), _hf("RMSNorm", _LLAMA_NORMS) + _ref("RMSNorm"), forwards.rms_norm_forward),
     Rule(("rms_norm",), _hf("RMSNorm", _GEMMA), forwards.gemma_rms_norm_forward),
     Rule(("rms_norm",), _hf("RMSNorm", _OLMO), forwards.olmo_rms_norm_forward),
-    Rule(("rms_norm",), _hf("DecoderLayer", (*_LLAMA_NORMS, "gemma")), forwards.hf_decoder_layer_forward),
+    Rule(("rms_norm",), _hf("DecoderLayer", _LLAMA_LAYERS), forwards.hf_decoder_layer_forward),
     Rule(("rms_norm",), _hf("DecoderLayer", ("gemma2", "gemma3")), forwards.gemma3_decoder_layer_forward),
     Rule(("rms_norm",), _ref("DecoderLayer"), forwards.reference_decoder_layer_forward),
     Rule(("swiglu",), _hf("MLP") + _ref("MLP"), forwards.mlp_forward, _check_activation),
     Rule(("swiglu",), _hf("Experts", _MOE), forwards.experts_forward, _check_experts),
-    Rule(("rope",), _hf("Attention"), forwards.hf_attention_forward, _check_head_dim),
+    Rule(("rope",), _hf("Attention", tuple(m for m in _HF_FAMILIES if m not in _OWN_ATTENTION)),
+         forwards.hf_attention_forward, _check_head_dim),
     Rule(("rope", "attention"), _ref("Attention"), forwards.reference_attention_forward, _check_head_dim),
     Rule(("cross_entropy",), _hf("ForCausalLM"), forwards.hf_causal_lm_forward, _check_lm_head),
     Rule(("cross_entropy",), _ref("Llama"), forwards.reference_llama_forward, _check_lm_head),
@@ -269,8 +293,15 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     attention score soft-capping in the attention kernels), ``Gemma3ForCausalLM``, ``Olmo2ForCausalLM``,
     ``Olmo3ForCausalLM``, the mixtures of experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
     ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM`` (the experts on ``ops.moe_experts``; the routers
-    stay HF's; the loss adds the router's balancing loss as HF's does), all also inside a PEFT wrapper, and
-    ``fastllama.reference.Llama``. Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
+    stay HF's; the loss adds the router's balancing loss as HF's does), and the families that reuse
+    those modules: Arcee, CWM, Helium, Ernie 4.5, GLM, GLM-4 (their adjacent-pair rotary runs as HF's),
+    Seed-OSS, HunYuan dense, Apertus, EXAONE 4, HyperCLOVA X, VaultGemma, BitNet, Ministral 3,
+    OLMo (its weightless LayerNorms left as they are), GraniteMoE, dots.llm1, FlexOlmo, MiniMax
+    (its lightning-attention layers left as they are) and Qwen 3.5's text model (norms, MLP, loss and
+    the attention kernels; its gated attention and Gated DeltaNet modules left as they are); an MLP
+    without a gate (Arcee's, Apertus's) is left as is. All also inside a PEFT wrapper, and
+    ``fastllama.reference.Llama``.
+    Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
     also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the
     reason recorded; :func:`patch_summary` prints what happened (``verbose=True`` prints it now,
@@ -326,7 +357,11 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             continue
         module._fastllama = dict(options, original_rope=_original_rope(module), forward=rule.forward)
         module.__dict__[forwards.forward_attr(module)] = functools.partial(rule.forward, module)
-        summary.append((name, type(module).__name__, what, "patched"))
+        note = ""
+        if rule.forward is forwards.hf_attention_forward and forwards._family(module) in \
+                forwards.ROTARY_INTERLEAVED_FAMILIES:
+            note = " (its rotary of adjacent pairs runs as HF's)"
+        summary.append((name, type(module).__name__, what, "patched" + note))
     if not matched:
         # (the families, not the 90-odd classes: fastllama.patching.SUPPORTED lists those)
         families = sorted({c.split(".modeling_")[-1].split(".")[0] if ".modeling_" in c else "fastllama.reference"

@@ -10,6 +10,7 @@ import functools
 
 import pytest
 import torch
+import transformers as tf
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
                           GemmaForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig,
                           LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM,
@@ -84,6 +85,52 @@ ARCHS = {
                                                         clip_qkv=2.0)),
 }
 MOE = ("mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip")
+
+# Families that reuse the modules above, some with a small rule (fastllama.patching._HF_FAMILIES)
+_WINDOWED = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+NEW_ARCHS = {
+    "cwm-window": (tf.CwmConfig, tf.CwmForCausalLM, dict(BASE, **_WINDOWED)),  # Llama, Qwen2's per-layer window
+    # rotary on adjacent pairs (their own apply_rotary_pos_emb runs); Helium's norms round once
+    "helium": (tf.HeliumConfig, tf.HeliumForCausalLM, dict(BASE)),
+    "ernie4_5-bias": (tf.Ernie4_5Config, tf.Ernie4_5ForCausalLM, dict(BASE, use_bias=True)),
+    "glm-full-rope": (tf.GlmConfig, tf.GlmForCausalLM, dict(BASE, pad_token_id=0, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=1.0))),
+    "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM, dict(BASE, pad_token_id=0)),  # + a norm after each branch
+    "seed-oss": (tf.SeedOssConfig, tf.SeedOssForCausalLM, dict(BASE, residual_dropout=0.0, attention_dropout=0.0)),
+    "hunyuan-dense": (tf.HunYuanDenseV1Config, tf.HunYuanDenseV1ForCausalLM, dict(BASE)),  # q/k norms after rotary
+    "exaone4-window": (tf.Exaone4Config, tf.Exaone4ForCausalLM, dict(BASE, **_WINDOWED)),  # NoPE on full layers
+    "hyperclovax": (tf.HyperCLOVAXConfig, tf.HyperCLOVAXForCausalLM, dict(  # logits * logits_scaling, post norms
+        BASE, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=0.125,
+        use_post_norm=True)),
+    "vaultgemma-score-cap": (tf.VaultGemmaConfig, tf.VaultGemmaForCausalLM, dict(
+        BASE, pad_token_id=0, query_pre_attn_scalar=32, attn_logit_softcapping=0.3, final_logit_softcapping=0.3,
+        **_WINDOWED)),
+    "bitnet-silu": (tf.BitNetConfig, tf.BitNetForCausalLM, dict(BASE, hidden_act="silu")),  # sub-norms
+    "ministral3-llama4-scale": (tf.Ministral3Config, tf.Ministral3ForCausalLM, dict(
+        BASE, sliding_window=8, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                    original_max_position_embeddings=8, llama_4_scaling_beta=0.1))),
+    "granitemoe-multipliers": (tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM, dict(
+        BASE, num_local_experts=3, num_experts_per_tok=3, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.05, logits_scaling=8.0)),
+    "dots1-shared": (tf.Dots1Config, tf.Dots1ForCausalLM, dict(
+        BASE, n_routed_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, sliding_window=None)),
+    "flex-olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM, dict(BASE, pad_token_id=0, num_experts=3,
+                                                                  num_experts_per_tok=3)),
+    # OLMo (1): LayerNorms without weights (left as they are) in Llama's layer, q/k/v clipping
+    "olmo-clip": (tf.OlmoConfig, tf.OlmoForCausalLM, dict(BASE, pad_token_id=0, clip_qkv=2.0)),
+    # MiniMax: lightning (linear) attention on some layers, scaled residuals (its layers run as they are)
+    "minimax-hybrid": (tf.MiniMaxConfig, tf.MiniMaxForCausalLM, dict(
+        BASE, layer_types=["linear_attention", "full_attention"], num_local_experts=3, num_experts_per_tok=3,
+        block_size=8, full_attn_alpha_factor=1.5, full_attn_beta_factor=0.7, mlp_alpha_factor=1.2,
+        mlp_beta_factor=0.9)),
+    # Qwen 3.5 (text): Gated DeltaNet layers and a gated attention, both as they are; norms (1 + w), MLP, loss
+    "qwen3_5-hybrid": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForCausalLM, dict(
+        BASE, layer_types=["linear_attention", "full_attention"], linear_key_head_dim=32, linear_value_head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=4, rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))),
+}
+ARCHS.update(NEW_ARCHS)
 
 
 def build(arch, dtype=torch.float32, seed=0):
@@ -394,7 +441,7 @@ def test_evaluation_with_labels_returns_hf_logits_and_loss():
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
                                   "phi3-window-partial-rope", "granite-multipliers", "ministral-layer-window",
                                   "smollm3-nope", "gemma", "gemma2-score-cap", "gemma3-softcap", "olmo2",
-                                  "olmo3-window", *MOE])
+                                  "olmo3-window", *MOE, *NEW_ARCHS])
 def test_greedy_generation_identical(arch):
     model = build(arch).eval()
     prompt = ids(batch=1, seq=7)
@@ -1688,3 +1735,45 @@ def test_mixtral_router_jitter_trains_patched_as_hf():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     for n, g in grads.items():
         torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("family", ["arcee", "apertus"])
+def test_mlp_without_gate_is_left_as_is_and_the_rest_is_patched(family):
+    """Arcee's (ReLU^2) and Apertus's (xIELU) MLPs are down(act(up(x))), no gate: skipped with that
+    reason (not fused as a SwiGLU); everything else is patched, and loss and gradients are HF's."""
+    cfg = getattr(tf, f"{family.capitalize()}Config")(**BASE, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = getattr(tf, f"{family.capitalize()}ForCausalLM")(cfg).to(DEVICE).train()
+    x = ids()
+    expected, expected_grads = seeded_loss_and_grads(model, x)
+    fastllama.patch(model)
+    rows = model.__dict__["_fastllama_patch"].summary
+    assert {status for _, _, _, status in rows if not status.startswith("patched")} == {
+        "skipped: the MLP has no gate projection (down(act(up(x)))): left as is"}
+    loss, grads = seeded_loss_and_grads(model, x)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_adjacent_pair_rotary_is_named_in_the_summary():
+    """Helium, Ernie 4.5 and GLM rotate adjacent pairs (2i, 2i + 1), which the rotary kernel does
+    not: their attention modules run it as HF does, and the summary says so (it said "patched")."""
+    model = fastllama.patch(build("helium"))
+    rows = [status for _, cls, _, status in model.__dict__["_fastllama_patch"].summary if cls.endswith("Attention")]
+    assert rows and all(status == "patched (its rotary of adjacent pairs runs as HF's)" for status in rows), rows
+
+
+def test_seed_oss_residual_dropout_runs_as_hf_runs_it():
+    """Seed-OSS drops out the attention's and the MLP's outputs in training (residual_dropout,
+    0.1 by default): with the same seed the patched model draws the same masks."""
+    cfg_cls, model_cls, kw = ARCHS["seed-oss"]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**dict(kw, residual_dropout=0.3), attn_implementation="sdpa")).to(DEVICE).train()
+    x = ids()
+    expected, expected_grads = seeded_loss_and_grads(model, x)
+    fastllama.patch(model)
+    loss, grads = seeded_loss_and_grads(model, x)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-6, msg=n)
