@@ -1754,6 +1754,27 @@ def test_mlp_without_gate_is_left_as_is_and_the_rest_is_patched(family):
         "skipped: the MLP has no gate projection (down(act(up(x)))): left as is"}
 
 
+@pytest.mark.parametrize("arch", ["helium", "exaone4-window", "qwen3_5-hybrid", "seed-oss", "hyperclovax"])
+def test_newer_families_compile_a_padded_training_step_whole(arch):
+    """torch.compile(fullgraph=True) of a patched padded training step of families with rules of
+    their own (adjacent-pair rotary, rotary per layer kind, HF's own attention module, residual
+    dropout, multiplied logits): HF's loss, no fallback."""
+    model = build(arch).train()
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    kw = dict(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100))
+    expected = model(**kw).loss
+    fastllama.patch(model)
+    FALLBACKS.clear()
+    torch._dynamo.reset()
+    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(**kw).loss
+    loss.backward()
+    torch._dynamo.reset()
+    assert not FALLBACKS, FALLBACKS
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_adjacent_pair_rotary_is_named_in_the_summary():
     """Helium, Ernie 4.5 and GLM rotate adjacent pairs (2i, 2i + 1), which the rotary kernel does
     not: their attention modules run it as HF does, and the summary says so (it said "patched")."""
