@@ -102,9 +102,10 @@ class _Plan:
 
 @dataclasses.dataclass
 class _PadWindow:
-    """Padding queries of a right-padded batch under a sliding window (HF's mask shows the query
-    at slot t the run's keys within t's window: a part of the run that moves with t, which no
-    kernel call can express, as varlen aligns each sequence's queries bottom-right). Only the
+    """Padding queries that see part of their row's run through a window (right padding under a
+    sliding window; left padding under a two-sided one): HF's mask shows the query at slot t the
+    run's keys within t's window, a part of the run that moves with t, which no kernel call can
+    express, as varlen aligns each sequence's queries bottom-right. Only the
     queries that see a key are computed, each sequence's gathered into a row of ``P`` queries
     against the ``S`` keys its windows cover (at most the window's width past the run's end:
     later queries see nothing), by PyTorch attention under the mask's own (B, 1, P, S) part."""
