@@ -460,7 +460,9 @@ def masked_op(q, k, v, mask, *, causal: bool = True, scale: float | None = None,
     :data:`FALLBACKS` by both passes). Reading the mask syncs with the host, so
     the op is tagged ``cudagraph_unsafe``: inductor keeps it out of the CUDA graphs of
     ``mode="reduce-overhead"``. ``eager_blind``: then :func:`eager_blind_rows` (a model that ran
-    HF's eager attention). Returns (B, Hq, Tq, D)."""
+    HF's eager attention). q, k, v are first cast as :func:`attend` casts them under autocast.
+    Returns (B, Hq, Tq, D)."""
+    q, k, v = ops.attention.autocast_inputs(q, k, v)
     has_window = window is not None
     left, right = window if has_window else (0, 0)
     return _attend_masked_op(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap,

@@ -460,7 +460,6 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     if eager_mask and torch.compiler.is_compiling():  # the mask can only be read when the graph runs
         if dropout == 0 and not kwargs.get("output_attentions") and attention_mask.dtype == torch.bool and \
                 masked_op_serves(query, key, value):
-            query, key, value = ops.attention.autocast_inputs(query, key, value)
             out = masked_op(query, key, value, attention_mask, causal=causal, scale=scaling, window=window,
                             deterministic=options.get("deterministic", True), softcap=softcap, eager_blind=True)
             return out.transpose(1, 2).contiguous(), None
@@ -569,20 +568,18 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     if uses_rope(self):  # SmolLM3's NoPE layers (every 4th) have no rotary
         cos, sin = position_embeddings
         q, k = _rotate(self, q, k, cos, sin)
-    if hasattr(self, "query_layernorm"):  # HunYuan: an RMSNorm of each head's q and k AFTER rotary
-        q, k = self.query_layernorm(q), self.key_layernorm(k)
-    if _family(self) == "ministral3":  # Ministral 3: q scaled by Llama 4's position-dependent factor
-        from .patching import _original_class
-
-        rope = self.config.rope_parameters
-        scale = sys.modules[_original_class(self).__module__].get_llama_4_attn_scale(
-            kwargs["position_ids"], rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings"))
-        q = q * scale.to(q.dtype)
-    if cache is not None:
-        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
     from .patching import _original_class  # (FSDP2 renames the class; its module stays HF's)
 
     modeling = sys.modules[_original_class(self).__module__]
+    if hasattr(self, "query_layernorm"):  # HunYuan: an RMSNorm of each head's q and k AFTER rotary
+        q, k = self.query_layernorm(q), self.key_layernorm(k)
+    if _family(self) == "ministral3":  # Ministral 3: q scaled by Llama 4's position-dependent factor
+        rope = self.config.rope_parameters
+        scale = modeling.get_llama_4_attn_scale(kwargs["position_ids"], rope.get("llama_4_scaling_beta"),
+                                                rope.get("original_max_position_embeddings"))
+        q = q * scale.to(q.dtype)
+    if cache is not None:
+        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, modeling.eager_attention_forward)
     window = sliding_window(self)
