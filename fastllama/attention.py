@@ -40,8 +40,10 @@ version counter sees it: not through ``.data`` or numpy, nor for a mask made und
 
 Under torch.compile that inspection would break the graph in every layer, so a mask goes into
 one custom op (:func:`masked_op`) that torch.compile does not look into: the mask is read and
-served as above when the compiled graph runs. Its backward runs the call again with autograd
-(one more attention forward per layer than an eager call). HF builds no mask for unpadded
+served as above when the compiled graph runs. It returns its flash calls' softmax statistics
+beside the output, and its backward replays the call with them: the flash backward runs on the
+forward's output, no attention forward runs again (rows served in PyTorch are computed again).
+HF builds no mask for unpadded
 batches (see ``forwards.hf_attention_mask``). Without a cache (``use_cache=False``, HF's choice
 in training with checkpointing) transformers checks position_ids for packed sequences, which it
 cannot rule out while tracing: a patched causal LM tells it that positions it generated itself
@@ -331,9 +333,10 @@ def _packing(plan: _Plan, B: int, Tq: int, Tk: int, device) -> tuple:
     return plan.packing[1]
 
 
-def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap):
+def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap, keep):
     """Packs each row's run of keys (and, when Tq == Tk, of queries), runs varlen flash
-    attention, and scatters the result back (0 for padding queries)."""
+    attention, and scatters the result back (0 for padding queries). ``keep``: see
+    :class:`_FlashStats`."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     idx_q, cu_q, idx_k, cu_k, cu_p = _packing(plan, B, Tq, Tk, q.device)
@@ -343,14 +346,13 @@ def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap)
         return t.transpose(1, 2).reshape(B * T, t.shape[1], D)[idx].transpose(0, 1).unsqueeze(0)
 
     k_packed, v_packed = pack(k, idx_k), pack(v, idx_k)
-    out = ops.flash_attention(pack(q, idx_q), k_packed, v_packed, causal=causal, scale=scale,
-                              window=window, cu_seqlens=cu_q, cu_seqlens_k=cu_k, deterministic=deterministic,
-                              softcap=softcap)
+    out = _flash(keep, idx_q, pack(q, idx_q), k_packed, v_packed, causal=causal, scale=scale, window=window,
+                 cu_seqlens=cu_q, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap)
     # (squeeze, not [0]: its backward is a view, where select's writes the gradient into zeros)
     full = out.new_zeros(B * Tq, Hq, D).index_copy_(0, idx_q, out.squeeze(0).transpose(0, 1))
     if plan.pad_rows is not None:  # padding queries that see their row's whole run: non-causal
-        pads = ops.flash_attention(pack(q, plan.pad_rows), k_packed, v_packed, causal=False, scale=scale,
-                                   cu_seqlens=cu_p, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap)
+        pads = _flash(keep, plan.pad_rows, pack(q, plan.pad_rows), k_packed, v_packed, causal=False, scale=scale,
+                      cu_seqlens=cu_p, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap)
         full.index_copy_(0, plan.pad_rows, pads.squeeze(0).transpose(0, 1))
     if plan.pad_window is not None:  # padding queries that see part of their row's run (a window)
         pw = plan.pad_window
@@ -406,17 +408,19 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
     return _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap)
 
 
-def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap):
-    """:func:`attend` for a boolean mask, dropout 0, outside torch.compile's tracing."""
+def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap, keep: "_FlashStats | None" = None):
+    """:func:`attend` for a boolean mask, dropout 0, outside torch.compile's tracing. ``keep``:
+    for :func:`masked_op`, which keeps the flash calls' statistics (see :class:`_FlashStats`)."""
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
-    flash = lambda q, k, v, **kw: ops.flash_attention(q, k, v, scale=scale, window=window, softcap=softcap,
-                                                      deterministic=deterministic, **kw)
+    flash = lambda q, k, v, **kw: _flash(keep, None, q, k, v, scale=scale, window=window, softcap=softcap,
+                                         deterministic=deterministic, **kw)
     plan = _classify(mask, (B, Hq, Tq, Tk), causal, window)
     if plan.key_end is not None:
         k, v = k[:, :, :plan.key_end], v[:, :, :plan.key_end]
     if plan.kind == "prefix":
-        if _decode_ok(q, k, v, window, True, softcap):
+        # (not while keeping statistics: the backward differentiates what the forward ran)
+        if keep is None and _decode_ok(q, k, v, window, True, softcap):
             return ops.decode_attention(q, k, v, plan.lengths, scale=scale, window=_decode_window(window),
                                         softcap=softcap)
         if plan.common_length is not None:
@@ -428,7 +432,7 @@ def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap)
             plan.as_runs = dataclasses.replace(plan, kind="runs", starts=torch.zeros_like(plan.lengths))
         plan = plan.as_runs
     if plan.kind == "runs":
-        return _varlen(q, k, v, plan, causal, scale, window, deterministic, softcap)
+        return _varlen(q, k, v, plan, causal, scale, window, deterministic, softcap, keep)
     if plan.kind == "packed":  # (B, H, T, D) -> (1, H, B * T, D) views, as projections lay them out
         out = flash(*(t.transpose(1, 2).reshape(1, -1, t.shape[1], t.shape[3]).transpose(1, 2) for t in (q, k, v)),
                     causal=causal, cu_seqlens=plan.cu_seqlens)
@@ -454,23 +458,64 @@ def masked_op(q, k, v, mask, *, causal: bool = True, scale: float | None = None,
     """:func:`attend` with a boolean ``mask`` (dropout 0) as the custom op
     ``fastllama::attend_masked``, which torch.compile traces as one call: the mask is read and
     served (kernels, counted fallbacks) when the graph runs, as in an eager call, without a graph
-    break. Its backward (``fastllama::attend_masked_backward``) runs that call again with autograd
-    and differentiates it: one more attention forward per layer than an eager call spends, and
-    only q, k, v and the mask kept between the passes (a fallback inside is counted in
-    :data:`FALLBACKS` by both passes). Reading the mask syncs with the host, so
-    the op is tagged ``cudagraph_unsafe``: inductor keeps it out of the CUDA graphs of
-    ``mode="reduce-overhead"``. ``eager_blind``: then :func:`eager_blind_rows` (a model that ran
-    HF's eager attention). q, k, v are first cast as :func:`attend` casts them under autocast.
-    Returns (B, Hq, Tq, D)."""
+    break. With autograd it also returns the softmax statistics of its flash calls (fp32, two
+    per query row and head), kept with q, k, v, the mask and the output for its backward
+    (``fastllama::attend_masked_backward``), which replays the call with autograd: each flash
+    call hands back its rows of the output as an autograd node whose backward is the flash
+    backward (:class:`_FlashStats`), so no attention forward runs again; rows served in PyTorch
+    (a fallback, counted in :data:`FALLBACKS` by both passes) are computed again. Reading the
+    mask syncs with the host, so the op is tagged ``cudagraph_unsafe``: inductor keeps it out of
+    the CUDA graphs of ``mode="reduce-overhead"``. ``eager_blind``: then :func:`eager_blind_rows`
+    (a model that ran HF's eager attention). q, k, v are first cast as :func:`attend` casts them
+    under autocast. Returns (B, Hq, Tq, D)."""
     q, k, v = ops.attention.autocast_inputs(q, k, v)
     has_window = window is not None
     left, right = window if has_window else (0, 0)
+    record = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return _attend_masked_op(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap,
-                             eager_blind)
+                             eager_blind, record)[0]
 
 
-def _masked_call(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind):
-    out = _attend_masked(q, k, v, mask, causal, scale, (left, right) if has_window else None, deterministic, softcap)
+class _FlashStats:
+    """What :func:`masked_op` keeps of its flash calls for its backward: their softmax statistics,
+    (2, B * Tq, Hq) fp32 by the output row (b * Tq + t) each call computed (rows no call
+    computed: 0). The forward records each call's rows. The backward replays the call with
+    autograd and the forward's output ``out``: each flash call then returns its rows of ``out``
+    as :func:`ops.attention.flash_attention_replayed` makes them, an autograd node whose backward
+    is the flash backward, so no attention forward runs again. The PyTorch pieces (fallback
+    rows, :func:`eager_blind_rows`) are computed again, with autograd."""
+
+    def __init__(self, stats: torch.Tensor, out: torch.Tensor | None = None):
+        self.stats, self.out = stats, out
+
+
+def _flash(keep: _FlashStats | None, rows: torch.Tensor | None, q, k, v, **kw) -> torch.Tensor:
+    """``ops.flash_attention(q, k, v, **kw)``, a call that computes the output rows ``rows`` of
+    a masked call (flat b * Tq + t, in the call's order; None: all of them in order, a dense
+    call or the packed view of every row), recording or replaying them in ``keep``."""
+    if keep is None:
+        return ops.flash_attention(q, k, v, **kw)
+    B, Hq, T = q.shape[:3]
+    if keep.out is None:
+        out, stats = ops.attention.flash_attention_with_stats(q, k, v, **kw)
+        stats = stats.transpose(2, 3).reshape(2, B * T, Hq)  # rows in the call's order
+        if rows is None:
+            keep.stats.copy_(stats)
+        else:
+            keep.stats.index_copy_(1, rows, stats)
+        return out
+    rows_out = keep.out.transpose(1, 2).reshape(-1, Hq, keep.out.shape[-1])  # (b * Tq + t, Hq, D), a view
+    out = rows_out.view(B, T, Hq, -1) if rows is None else rows_out[rows].unsqueeze(0)
+    stats = keep.stats if rows is None else keep.stats[:, rows]
+    replayed = ops.attention.flash_attention_replayed(q, k, v, out.transpose(1, 2),
+                                                      stats.view(2, B, T, Hq).transpose(2, 3).contiguous(), **kw)
+    return ops.flash_attention(q, k, v, **kw) if replayed is None else replayed
+
+
+def _masked_call(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind,
+                 keep=None):
+    out = _attend_masked(q, k, v, mask, causal, scale, (left, right) if has_window else None, deterministic, softcap,
+                         keep)
     if eager_blind:
         out = eager_blind_rows(out, q, k, v, mask, scale=scale, softcap=softcap)[0]
     return out
@@ -491,47 +536,58 @@ _HOST_SYNCING = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_u
 @torch.library.custom_op("fastllama::attend_masked", mutates_args=(), tags=_HOST_SYNCING)
 def _attend_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool,
                       scale: float | None, has_window: bool, left: int, right: int, deterministic: bool,
-                      softcap: float | None, eager_blind: bool) -> torch.Tensor:
-    out = _masked_call(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind)
-    return _laid_out_as(out, _attend_masked_fake(q.to("meta"), k, v, mask, causal, scale, has_window, left, right,
-                                                 deterministic, softcap, eager_blind), q.device)
+                      softcap: float | None, eager_blind: bool, record: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, the flash calls' statistics: :class:`_FlashStats`; with ``record`` False, for a call
+    without autograd, an empty (2, 0, Hq))."""
+    B, Hq, Tq = q.shape[:3]
+    keep = _FlashStats(torch.zeros(2, B * Tq, Hq, device=q.device)) if record else None
+    out = _masked_call(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind,
+                       keep)
+    promised = _attend_masked_fake(q.to("meta"), k, v, mask, causal, scale, has_window, left, right, deterministic,
+                                   softcap, eager_blind, record)[0]
+    return _laid_out_as(out, promised, q.device), (keep.stats if record else q.new_zeros((2, 0, Hq),
+                                                                                          dtype=torch.float32))
 
 
 @_attend_masked_op.register_fake
-def _attend_masked_fake(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind):
+def _attend_masked_fake(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind,
+                        record):
     B, Hq, Tq, D = q.shape  # (B, Tq, Hq, D) memory: HF's transpose(1, 2).contiguous() after it is free
-    return q.new_empty((B, Tq, Hq, D)).transpose(1, 2)
+    return (q.new_empty((B, Tq, Hq, D)).transpose(1, 2),
+            q.new_empty((2, B * Tq if record else 0, Hq), dtype=torch.float32))
 
 
 @torch.library.custom_op("fastllama::attend_masked_backward", mutates_args=(), tags=_HOST_SYNCING)
 def _attend_masked_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            mask: torch.Tensor, causal: bool, scale: float | None, has_window: bool, left: int,
-                            right: int, deterministic: bool, softcap: float | None,
+                            mask: torch.Tensor, out: torch.Tensor, stats: torch.Tensor, causal: bool,
+                            scale: float | None, has_window: bool, left: int, right: int, deterministic: bool,
+                            softcap: float | None,
                             eager_blind: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # A custom op runs with autograd's dispatch keys excluded (it sits below autograd): this one
     # records its own small graph, so it lifts that for its body (a private torch guard).
     with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \
             torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        out = _masked_call(qq, kk, vv, mask, causal, scale, has_window, left, right, deterministic, softcap,
-                           eager_blind)
-        grads = torch.autograd.grad(out, (qq, kk, vv), grad, allow_unused=True)
+        keep = _FlashStats(stats, out) if stats.shape[1] else None  # (none recorded: run it all again)
+        again = _masked_call(qq, kk, vv, mask, causal, scale, has_window, left, right, deterministic, softcap,
+                             eager_blind, keep)
+        grads = torch.autograd.grad(again, (qq, kk, vv), grad, allow_unused=True)
     return tuple(_laid_out_as(g, torch.empty_like(t, device="meta"), t.device) for g, t in zip(grads, (q, k, v)))
 
 
 @_attend_masked_backward.register_fake
-def _(grad, q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind):
+def _(grad, q, k, v, mask, out, stats, causal, scale, has_window, left, right, deterministic, softcap, eager_blind):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _masked_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.args = inputs[4:]
+    ctx.save_for_backward(*inputs[:4], *output)
+    ctx.args = inputs[4:12]  # (not record)
 
 
-def _masked_backward(ctx, grad):
+def _masked_backward(ctx, grad, grad_stats):
     dq, dk, dv = _attend_masked_backward(grad, *ctx.saved_tensors, *ctx.args)
-    return (dq, dk, dv) + (None,) * 9
+    return (dq, dk, dv) + (None,) * 10
 
 
 torch.library.register_autograd("fastllama::attend_masked", _masked_backward, setup_context=_masked_setup_context)
@@ -582,8 +638,9 @@ def eager_blind_rows(out, q, k, v, mask: torch.Tensor, *, scale: float | None = 
     call as eager (:func:`attend_as_eager`, what HF computes for such a model anyway). Counted in
     :data:`FALLBACKS`."""
     B, Hq, Tq = out.shape[:3]
+    # (a mask per head: the rows where some head sees no key, all heads of them)
     rows = _memo(mask, ("blind", B, Tq), lambda: [
-        r.nonzero().flatten() for r in sees_no_key(mask).expand(B, 1, Tq, 1)[:, 0, :, 0]])
+        r.nonzero().flatten() for r in sees_no_key(mask).expand(B, mask.shape[1], Tq, 1).any(1)[:, :, 0]])
     if not any(r.numel() for r in rows):
         return out, weights
     _fall_back("padding queries that see no key, on a model that ran eager attention (those rows)")

@@ -183,11 +183,15 @@ def test_per_head_masks(caplog, monkeypatch):
 def test_padding_mask_under_torch_compile_fullgraph_runs_the_kernels(monkeypatch, window):
     """A mask under torch.compile is read when the graph runs, inside one custom op (no graph
     break): left and right padding take varlen flash attention (it was SDPA), forward and
-    backward; the backward runs the call again with autograd (the op keeps only its inputs)."""
-    calls = []
-    flash = ops.flash_attention
-    monkeypatch.setattr(ops, "flash_attention", lambda *a, **kw: calls.append(kw.get("cu_seqlens") is not None)
-                        or flash(*a, **kw))
+    backward. The backward replays the call with the forward's output and softmax statistics:
+    no attention forward runs again (it did: the op kept only its inputs)."""
+    from fastllama.ops import attention as flash_op
+
+    launches = {"forward": [], "backward": []}
+    for kind, kernels in (("forward", flash_op._fwd), ("backward", flash_op._bwd)):
+        name = f"flash_attention_{kind}"
+        monkeypatch.setattr(kernels, name, lambda *a, _kind=kind, _run=getattr(kernels, name), **kw: launches[
+            _kind].append(kw["cu_seqlens_q"] is not None) or _run(*a, **kw))
     q, k, v = (t.requires_grad_() for t in qkv(Tq=8, Tk=8))
     mask = torch.cat([padded_causal([5], 8, 8), padded_causal([6], 8, 8, left=False)])
     if window is not None:
@@ -198,15 +202,69 @@ def test_padding_mask_under_torch_compile_fullgraph_runs_the_kernels(monkeypatch
 
     out = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, mask)
     check(out, q, k, v, mask)
-    assert calls and all(calls), calls  # varlen flash attention
+    # varlen flash attention: the runs, and without a window the padding rows after the right-padded run
+    assert launches["forward"] == [True] * (2 if window is None else 1), launches
     assert set(FALLBACKS) <= {"padding queries that see part of their run through a sliding window (those rows)"}
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
+    assert launches["backward"] == launches["forward"], launches
     want = torch.autograd.grad(truth(q, k, v, mask), (q, k, v), grad.double())
     for g, w in zip(got, want):
         assert g.stride() == (q if g.shape == q.shape else k).stride()
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-5)
 
+
+
+def _masked_op_cases():
+    """(name, q/k/v shape kwargs, mask, attend kwargs, flash forward launches) for each plan."""
+    i, j = torch.arange(11)[:, None], torch.arange(11)[None, :]
+    right_window = torch.stack([(j < n) & (j <= i) & (j >= i - 3) for n in (11, 6)])[:, None].to(DEVICE)
+    per_head = padded_causal([11, 7], 11, 11).expand(2, 4, 11, 11).clone()
+    per_head[:, 1, :, 0] = False
+    return [
+        ("left padding", dict(Tq=11, Tk=11), padded_causal([11, 7], 11, 11), {}, 1),
+        ("right padding", dict(Tq=11, Tk=11), padded_causal([11, 7], 11, 11, left=False), {}, 2),
+        ("right padding, softcap", dict(Tq=11, Tk=11), padded_causal([4, 7], 11, 11, left=False),
+         dict(softcap=2.0), 2),
+        ("right padding, window", dict(Tq=11, Tk=11), right_window, dict(window=(3, 0)), 1),
+        ("packed", dict(Tq=11, Tk=11), packed_mask([[5, 6], [2, 9]]), {}, 1),
+        ("equal prefixes", dict(Tq=3, Tk=12), padded_causal([9, 9], 3, 12, end=9, left=False), {}, 1),
+        ("prefixes", dict(Tq=3, Tk=12), torch.cat([padded_causal([n], 3, 12, end=n, left=False) for n in (5, 9)]),
+         {}, 1),
+        ("per-head mask", dict(Tq=11, Tk=11), per_head, {}, 0),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("eager_blind", [False, True])
+def test_masked_op_backward_replays_the_flash_calls(monkeypatch, case, eager_blind):
+    """The op that serves masks under torch.compile, on each plan: output and gradients equal
+    attend's (eager autograd through the same kernels), and the backward runs no attention
+    forward kernel: each flash call's output and statistics come back from the forward (the
+    PyTorch rows, fallbacks and HF-eager blind rows, are computed again with autograd)."""
+    from fastllama.ops import attention as flash_op
+
+    name, shape, mask, kwargs, n_flash = _masked_op_cases()[case]
+    forwards = []
+    run = flash_op._fwd.flash_attention_forward
+    monkeypatch.setattr(flash_op._fwd, "flash_attention_forward", lambda *a, **kw: forwards.append(1) or run(*a, **kw))
+    q, k, v = (t.requires_grad_() for t in qkv(B=2, Hq=4, Hk=2, **shape))
+    want = attend(q, k, v, mask, **kwargs)
+    if eager_blind:
+        want = attention.eager_blind_rows(want, q, k, v, mask, softcap=kwargs.get("softcap"))[0]
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    forwards.clear()
+    out = attention.masked_op(q, k, v, mask, eager_blind=eager_blind, **kwargs)
+    assert len(forwards) == n_flash, (name, forwards)
+    got_grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert len(forwards) == n_flash, (name, "the backward ran an attention forward")
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    if eager_blind:  # what HF's eager attention gives, rows that see no key (in some head) included
+        eager = attention.attend_as_eager(q, k, v, mask, softcap=kwargs.get("softcap"))[0]
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def packed_mask(lengths_per_row, causal=True, window=None):

@@ -368,13 +368,9 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
                       softcap)[0]
 
 
-def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic, softcap):
-    """Both public ops: validate, then ``_flash_fwd`` -> (out, stats). It runs on groups of
-    sequences when there are more (sequence, query head) pairs than the kernels' grid takes on
-    its second axis (:data:`MAX_GRID_Y`; e.g. a varlen pack of 1M tokens in 512-token samples at
-    32 heads): each group is an independent call on views (rebased ``cu_seqlens``), joined along
-    the batch (dense) or the packed tokens (varlen). One host sync reads the group boundaries,
-    in that path only."""
+def _prepared(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic, softcap):
+    """Validated inputs as the kernels take them: ``(q, k, v, cu_k, (scale, before, after,
+    precision, deterministic, softcap))``, the forward's and a replay's alike."""
     q, k, v = autocast_inputs(q, k, v)
     scale, before, after, precision, deterministic, softcap = _validate(q, k, v, causal, scale, window, cu_q, cu_k,
                                                                         fp32_precision, deterministic, softcap)
@@ -384,9 +380,73 @@ def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deter
     q, k, v = (t if tile_rows_fit_int32(t, 2) else t.contiguous() for t in (q, k, v))
     if cu_q is not None and cu_k is None:
         cu_k = cu_q
-    Hq = q.shape[1]
+    return q, k, v, cu_k, (scale, before, after, precision, deterministic, softcap)
+
+
+def _sequences_per_launch(q: torch.Tensor, cu_q) -> tuple[int, int]:
+    """(sequences, the most one launch takes: :data:`MAX_GRID_Y` over the query heads)."""
     n_seq = cu_q.shape[0] - 1 if cu_q is not None else q.shape[0]
-    per = max(1, MAX_GRID_Y // max(Hq, 1))
+    return n_seq, max(1, MAX_GRID_Y // max(q.shape[1], 1))
+
+
+def flash_attention_with_stats(q, k, v, causal: bool = True, scale: float | None = None,
+                               window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
+                               cu_seqlens_k: torch.Tensor | None = None, deterministic: bool = True,
+                               softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``fastllama.attention``'s masked op: :func:`flash_attention`'s ``(out, stats)``, stats
+    the kernels' (2, B, Hq, Tq) fp32 softmax statistics (row max and log2 of the denominator,
+    base 2), which :func:`flash_attention_replayed` takes back."""
+    return _attention(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, "ieee", deterministic, softcap)
+
+
+class _Replayed(torch.autograd.Function):
+    """``out`` of an earlier flash forward on the same q, k, v, as if computed again: the forward
+    runs nothing, the backward is the flash backward on the saved out and statistics."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, stats, cu_q, cu_k, args):
+        ctx.save_for_backward(q, k, v, out, stats, cu_q, cu_k)  # as _setup_context saves them
+        ctx.args = args
+        ctx.set_materialize_grads(False)
+        return out  # (an input returned: autograd hands back a view of it with this node)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*_backward(ctx, dout, None)[:3], None, None, None, None, None)
+
+
+def flash_attention_replayed(q, k, v, out: torch.Tensor, stats: torch.Tensor, causal: bool = True,
+                             scale: float | None = None, window: tuple[int, int] | None = None,
+                             cu_seqlens: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                             deterministic: bool = True, softcap: float | None = None) -> torch.Tensor | None:
+    """:func:`flash_attention` (same arguments) whose forward already ran and gave ``out`` and
+    ``stats`` (:func:`flash_attention_with_stats`; ``stats`` contiguous): returns ``out`` as the
+    result of an autograd node whose backward is the flash backward, without running the forward
+    kernel again (``fastllama.attention``'s masked op differentiates its call this way). None
+    when the call would run in several launches (more sequences than one launch takes): then
+    run it again."""
+    q, k, v, cu_k, args = _prepared(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, "ieee", deterministic,
+                                    softcap)
+    n_seq, per = _sequences_per_launch(q, cu_seqlens)
+    if n_seq > per:
+        return None
+    if not (stats.is_contiguous() and stats.shape == (2, *q.shape[:3]) and out.shape == q.shape[:3] + v.shape[3:]):
+        raise ValueError(f"replayed flash attention: out {tuple(out.shape)} and stats {tuple(stats.shape)} "
+                         f"(contiguous) do not fit q {tuple(q.shape)}")
+    return _Replayed.apply(q, k, v, out, stats, cu_seqlens, cu_k, args)
+
+
+def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic, softcap):
+    """Both public ops: validate, then ``_flash_fwd`` -> (out, stats). It runs on groups of
+    sequences when there are more (sequence, query head) pairs than the kernels' grid takes on
+    its second axis (:data:`MAX_GRID_Y`; e.g. a varlen pack of 1M tokens in 512-token samples at
+    32 heads): each group is an independent call on views (rebased ``cu_seqlens``), joined along
+    the batch (dense) or the packed tokens (varlen). One host sync reads the group boundaries,
+    in that path only."""
+    q, k, v, cu_k, args = _prepared(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic,
+                                    softcap)
+    scale, before, after, precision, deterministic, softcap = args
+    n_seq, per = _sequences_per_launch(q, cu_q)
     if n_seq <= per:
         return _flash_fwd(q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic, softcap)
     parts = []
