@@ -43,6 +43,8 @@ BENCH_PARAMS = {
     "rms_norm_residual_round_once": {"shape": (4, 4096, 4096), "residual": True, "round_once": True},
     "geglu": {"shape": (4, 4096, 15360), "gelu": True},
     "geglu_fused": {"shape": (4, 4096, 15360), "fused": True, "gelu": True},
+    # GLM-4-9B: 32 / 2 heads of 128 dims, adjacent pairs of the first 64 rotated
+    "rotary_pairs": {"b": 4, "hq": 32, "hk": 2, "t": 4096, "d": 128, "r": 64, "transposed": True},
 }
 
 

@@ -407,20 +407,20 @@ def _rotate(self, q, k, cos, sin):
     # and fail on such tables (HF's rope init honours partial_rotary_factor for any family): their
     # own function runs then, so the patched model fails as HF's does, not differently.
     partial_ok = cos.shape[-1] == q.shape[-1] or _family(self) in PARTIAL_ROTARY_FAMILIES
-    pairs_ok = _family(self) not in ROTARY_INTERLEAVED_FAMILIES
-    if self._fastllama["rope"] and partial_ok and pairs_ok and cos.shape[-1] <= q.shape[-1] and cos.shape[-1] % 2 == 0:
+    if self._fastllama["rope"] and partial_ok and cos.shape[-1] <= q.shape[-1] and cos.shape[-1] % 2 == 0:
         # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the
         # fp32 embeddings; rotating in q's dtype is what an autocast-aware fused op does
-        return ops.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        return ops.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype),
+                                        interleaved=_family(self) in ROTARY_INTERLEAVED_FAMILIES)
     return self._fastllama["original_rope"](q, k, cos, sin)
 
 
 #: HF families (modeling module names) whose apply_rotary_pos_emb rotates the leading rotary
 #: dims only when cos/sin cover fewer than head_dim (the others' would fail on such tables).
-PARTIAL_ROTARY_FAMILIES = ("phi3",)
+PARTIAL_ROTARY_FAMILIES = ("phi3", "glm", "glm4")
 
 #: HF families whose rotary rotates adjacent pairs (2i, 2i + 1) (GLM's rotate_half, cos/sin
-#: repeat_interleave'd): the kernel pairs i with i + R/2, so their own apply_rotary_pos_emb runs.
+#: repeat_interleave'd): the op's ``interleaved=True``.
 ROTARY_INTERLEAVED_FAMILIES = ("helium", "ernie4_5", "glm", "glm4")
 
 

@@ -294,7 +294,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     ``Olmo3ForCausalLM``, the mixtures of experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM``,
     ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM`` (the experts on ``ops.moe_experts``; the routers
     stay HF's; the loss adds the router's balancing loss as HF's does), and the families that reuse
-    those modules: Arcee, CWM, Helium, Ernie 4.5, GLM, GLM-4 (their adjacent-pair rotary runs as HF's),
+    those modules: Arcee, CWM, Helium, Ernie 4.5, GLM, GLM-4 (their rotary of adjacent pairs included),
     Seed-OSS, HunYuan dense, Apertus, EXAONE 4, HyperCLOVA X, VaultGemma, BitNet, Ministral 3,
     OLMo (its weightless LayerNorms left as they are), GraniteMoE, dots.llm1, FlexOlmo, MiniMax
     (its lightning-attention layers left as they are) and Qwen 3.5's text model (norms, MLP, loss and
@@ -357,11 +357,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
             continue
         module._fastllama = dict(options, original_rope=_original_rope(module), forward=rule.forward)
         module.__dict__[forwards.forward_attr(module)] = functools.partial(rule.forward, module)
-        note = ""
-        if rule.forward is forwards.hf_attention_forward and forwards._family(module) in \
-                forwards.ROTARY_INTERLEAVED_FAMILIES:
-            note = " (its rotary of adjacent pairs runs as HF's)"
-        summary.append((name, type(module).__name__, what, "patched" + note))
+        summary.append((name, type(module).__name__, what, "patched"))
     if not matched:
         # (the families, not the 90-odd classes: fastllama.patching.SUPPORTED lists those)
         families = sorted({c.split(".modeling_")[-1].split(".")[0] if ".modeling_" in c else "fastllama.reference"

@@ -6,7 +6,10 @@ sin = (s1, s2) split the same way (normally c1 == c2, s1 == s2: HF concatenates 
     out1 = x1 * c1 - x2 * s1
     out2 = x2 * c2 + x1 * s2
 
-That is a rotation of each pair (x1[i], x2[i]) by theta_i. Its transpose, the backward, is the
+That is a rotation of each pair (x1[i], x2[i]) by theta_i. GLM, GLM-4, Helium and Ernie 4.5 pair
+adjacent dims instead (``INTERLEAVED``): x1 = x[0::2], x2 = x[1::2], each pair rotated by the angle
+of cos/sin's first half (HF repeat_interleaves cos[..., :R/2]), so c2 = c1 and s2 = s1 there; the
+rotated pairs go back to the same dims. Its transpose, the backward, is the
 rotation by -theta: dx1 = g1 * c1 + g2 * s2, dx2 = g2 * c2 - g1 * s1, i.e. the same formula with
 (s1, s2) replaced by (-s2, -s1). So one kernel does both directions (BACKWARD), and the backward
 saves nothing but cos/sin.
@@ -24,15 +27,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_head(X, OUT, x_base, out_base, t64, d, mask, half, stride_xt, stride_ot, c1, c2, s1, s2):
+def _rotate_head(X, OUT, x_base, out_base, t64, d, mask, half, stride_xt, stride_ot, c1, c2, s1, s2,
+                 INTERLEAVED: tl.constexpr):
     """Rotates one head's (BLOCK_T, D) slice; x and out may be the same memory (in place):
     each element is read before the same program writes it."""
-    x_ptr = X + x_base + t64[:, None] * stride_xt + d[None, :]
-    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
-    out_ptr = OUT + out_base + t64[:, None] * stride_ot + d[None, :]
-    tl.store(out_ptr, (x1 * c1 - x2 * s1).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + half, (x2 * c2 + x1 * s2).to(OUT.dtype.element_ty), mask=mask)
+    if INTERLEAVED:  # (dims 2i and 2i + 1: two loads with a stride of 2 that share their cache lines)
+        first = 2 * d
+        second = first + 1
+    else:
+        first = d
+        second = d + half
+    x_ptr = X + x_base + t64[:, None] * stride_xt
+    x1 = tl.load(x_ptr + first[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + second[None, :], mask=mask, other=0.0).to(tl.float32)
+    out_ptr = OUT + out_base + t64[:, None] * stride_ot
+    tl.store(out_ptr + first[None, :], (x1 * c1 - x2 * s1).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + second[None, :], (x2 * c2 + x1 * s2).to(OUT.dtype.element_ty), mask=mask)
 
 
 # Integers Triton must not specialise at launch (it would compile a variant per value class:
@@ -55,6 +65,7 @@ def rotary_kernel(
     stride_pb, stride_pt,
     FROM_POSITIONS: tl.constexpr,
     BACKWARD: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -79,9 +90,13 @@ def rotary_kernel(
         cs = COS + b * stride_cb + t64[:, None] * stride_ct + d[None, :]
         sn = SIN + b * stride_sb + t64[:, None] * stride_st + d[None, :]
         c1 = tl.load(cs, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(cs + half, mask=mask, other=0.0).to(tl.float32)
         s1 = tl.load(sn, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(sn + half, mask=mask, other=0.0).to(tl.float32)
+        if INTERLEAVED:  # HF reads only the first half of the table
+            c2 = c1
+            s2 = s1
+        else:
+            c2 = tl.load(cs + half, mask=mask, other=0.0).to(tl.float32)
+            s2 = tl.load(sn + half, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:  # rotate by -theta: (s1, s2) -> (-s2, -s1)
         s1, s2 = -s2, -s1
 
@@ -91,20 +106,20 @@ def rotary_kernel(
     for h in range(h_start, tl.minimum(h_end, n_q_heads)):
         h64 = tl.cast(h, tl.int64)
         _rotate_head(Q, Q_OUT, b * stride_qb + h64 * stride_qh, b * stride_qob + h64 * stride_qoh,
-                     t64, d, mask, half, stride_qt, stride_qot, c1, c2, s1, s2)
+                     t64, d, mask, half, stride_qt, stride_qot, c1, c2, s1, s2, INTERLEAVED)
     for h in range(tl.maximum(h_start, n_q_heads), h_end):
         h64 = tl.cast(h - n_q_heads, tl.int64)
         _rotate_head(K, K_OUT, b * stride_kb + h64 * stride_kh, b * stride_kob + h64 * stride_koh,
-                     t64, d, mask, half, stride_kt, stride_kot, c1, c2, s1, s2)
+                     t64, d, mask, half, stride_kt, stride_kot, c1, c2, s1, s2, INTERLEAVED)
 
 
 def rotary(q, k, q_out, k_out, cos=None, sin=None, position_ids=None, inv_freq=None, *,
-           backward, block_t, heads_per_program, num_warps):
+           backward, block_t, heads_per_program, num_warps, interleaved=False):
     """Writes the rotated q, k into q_out, k_out (which may be q, k: in place).
 
     q (B, Hq, T, D), k (B, Hk, T, D) and the outputs: any strides, unit stride in D. Either
     cos/sin (B or 1, T, D) (unit stride in D), or position_ids (B or 1, T) with inv_freq (D/2,)
-    fp32. ``backward`` rotates by -theta.
+    fp32. ``backward`` rotates by -theta; ``interleaved`` pairs dims (2i, 2i + 1).
     """
     batch, n_q_heads, seq_len, head_dim = q.shape
     n_k_heads = k.shape[1]
@@ -138,6 +153,7 @@ def rotary(q, k, q_out, k_out, cos=None, sin=None, position_ids=None, inv_freq=N
             stride_pb, stride_pt,
             FROM_POSITIONS=from_positions,
             BACKWARD=backward,
+            INTERLEAVED=interleaved,
             BLOCK_T=block_t,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim // 2)),
             num_warps=num_warps,

@@ -452,7 +452,7 @@ def test_launch_build_reads_triton_launch_specialisation():
 
 def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
     """Dry-runs the rotary launches at Llama-family shapes, both cos/sin and position ids, forward
-    and backward (and partial rotary), and requires each launched build to be a build config (so the report checked
+    and backward (and partial rotary, and GLM's adjacent pairs), and requires each launched build to be a build config (so the report checked
     it). The position-id builds were compiled with plain i32 strides; launched with their
     multiple-of-16 hints, every sm_80 build spilled."""
     from fastllama.ops import rotary as op
@@ -472,7 +472,8 @@ def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
                 outs = [op.apply_rotary_pos_emb(qg, kg, cos, cos),
                         op.apply_rotary_pos_emb(qg, kg, cos[0], cos[0]),
                         op.apply_rotary_pos_emb_from_positions(qg, kg, positions, inv_freq),
-                        op.apply_rotary_pos_emb_from_positions(qg, kg, positions[:1].int(), inv_freq)]
+                        op.apply_rotary_pos_emb_from_positions(qg, kg, positions[:1].int(), inv_freq),
+                        op.apply_rotary_pos_emb(qg, kg, cos, cos, interleaved=True)]
                 if grad:
                     sum(o.float().sum() for pair in outs for o in pair).backward()
     # partial rotary (Phi-4-mini: 96 of 128 dims; 1/2 and 1/4 of a head elsewhere): the kernel
@@ -483,11 +484,11 @@ def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch)
         cos = torch.empty(1, 77, r, dtype=dtype)
         for grad in (False, True):
             qg, kg = q.clone().requires_grad_(grad), k.clone().requires_grad_(grad)
-            out = op.apply_rotary_pos_emb(qg, kg, cos, cos)
+            outs = [op.apply_rotary_pos_emb(qg, kg, cos, cos), op.apply_rotary_pos_emb(qg, kg, cos, cos, interleaved=True)]
             if grad:
-                sum(o.float().sum() for o in out).backward()
-    assert len(launched) == 2 * len(shapes) * 12 + 2 * 3 * 3
-    missing = _not_in_report(launched, ("rotary", "rotary_from_positions"))
+                sum(o.float().sum() for pair in outs for o in pair).backward()
+    assert len(launched) == 2 * len(shapes) * 15 + 2 * 3 * 6
+    missing = _not_in_report(launched, ("rotary", "rotary_from_positions", "rotary_pairs"))
     assert not missing, missing[:3]
 
 

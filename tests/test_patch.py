@@ -1775,12 +1775,29 @@ def test_newer_families_compile_a_padded_training_step_whole(arch):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_adjacent_pair_rotary_is_named_in_the_summary():
-    """Helium, Ernie 4.5 and GLM rotate adjacent pairs (2i, 2i + 1), which the rotary kernel does
-    not: their attention modules run it as HF does, and the summary says so (it said "patched")."""
-    model = fastllama.patch(build("helium"))
-    rows = [status for _, cls, _, status in model.__dict__["_fastllama_patch"].summary if cls.endswith("Attention")]
-    assert rows and all(status == "patched (its rotary of adjacent pairs runs as HF's)" for status in rows), rows
+@pytest.mark.parametrize("arch", ["helium", "ernie4_5-bias", "glm-full-rope", "glm4"])
+def test_adjacent_pair_rotary_runs_on_the_kernel(monkeypatch, arch):
+    """Helium, Ernie 4.5, GLM and GLM-4 rotate adjacent pairs (2i, 2i + 1), GLM-4 (and GLM by
+    default) on the first half of each head: the rotary kernel's ``interleaved`` pairing, once per
+    layer (their own apply_rotary_pos_emb ran), with HF's logits and gradients."""
+    from fastllama.ops import rotary as rotary_op
+
+    launches = []
+    run = rotary_op._k.rotary
+    monkeypatch.setattr(rotary_op._k, "rotary", lambda *a, **kw: launches.append(kw["interleaved"]) or run(*a, **kw))
+    model = build(arch)
+    x = ids()
+    expected = model(input_ids=x, labels=x)
+    expected.loss.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    fastllama.patch(model)
+    got = model(input_ids=x, labels=x, skip_logits=False)
+    assert launches == [True] * model.config.num_hidden_layers, launches
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_seed_oss_residual_dropout_runs_as_hf_runs_it():

@@ -63,6 +63,37 @@ def test_partial_rotary_matches_hf(dtype, rotary_dim):
         assert torch.equal(qi, q2) and torch.equal(ki, k2)
 
 
+@pytest.mark.parametrize("family,rotary_dim", [("glm", 32), ("glm4", 64), ("helium", 64), ("ernie4_5", 64)])
+def test_adjacent_pairs_match_the_families_own_rotary(family, rotary_dim):
+    """``interleaved=True`` is the apply_rotary_pos_emb of GLM (half the head here, as GLM's
+    default partial_rotary_factor 0.5), GLM-4, Helium and Ernie 4.5: adjacent pairs rotated by
+    the tables' first half. Only that half is read: the second half of cos/sin is garbage here.
+    Output, gradients, in place, and the (B, T, H, D) layout of unsqueeze_dim=2."""
+    import importlib
+
+    hf = importlib.import_module(f"transformers.models.{family}.modeling_{family}").apply_rotary_pos_emb
+    q, k = (t.requires_grad_() for t in _qk(dtype=torch.float32, d=64, hq=3, hk=1))
+    _, _, cos, sin = _cos_sin(2, 33, rotary_dim, torch.float32)
+    cos, sin = (torch.cat([t[..., :rotary_dim // 2], torch.randn_like(t[..., rotary_dim // 2:])], -1)
+                for t in (cos, sin))
+    grads = [torch.randn_like(q), torch.randn_like(k)]
+    want = hf(q, k, cos, sin)
+    got = ops.apply_rotary_pos_emb(q, k, cos, sin, interleaved=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    for g, w in zip(torch.autograd.grad(got, (q, k), grads), torch.autograd.grad(want, (q, k), grads)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    for g, w in zip(reference.apply_rotary_pos_emb(q, k, cos, sin, interleaved=True), want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        qi, ki = q.detach().clone(), k.detach().clone()
+        ops.apply_rotary_pos_emb(qi, ki, cos, sin, inplace=True, interleaved=True)
+        torch.testing.assert_close((qi, ki), (got[0].detach(), got[1].detach()), rtol=0, atol=0)
+        by_token = ops.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2,
+                                            interleaved=True)
+        torch.testing.assert_close(by_token[0].transpose(1, 2), got[0].detach(), rtol=0, atol=0)
+
+
 def test_output_keeps_input_layout():
     q, k = _qk()  # transposed from (B, T, H, D)
     _, _, cos, sin = _cos_sin(2, 33, 64, torch.bfloat16)

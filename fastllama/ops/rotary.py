@@ -51,13 +51,13 @@ def _config(q: torch.Tensor, k: torch.Tensor, from_positions: bool) -> dict:
     return dict(block_t=block_t, heads_per_program=triton.cdiv(heads, groups), num_warps=4)
 
 
-def _launch(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward):
+def _launch(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward, interleaved):
     # The launcher wants cos/sin (B or 1, T, D) and position ids (B or 1, T): add the batch dim.
     if cos is not None and cos.dim() == 2:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     if position_ids is not None and position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
-    _k.rotary(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward=backward,
+    _k.rotary(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward=backward, interleaved=interleaved,
              **_config(q, k, position_ids is not None))
 
 
@@ -66,28 +66,29 @@ def _launch(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward):
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastllama::rotary", mutates_args=())
 def _rotary(q: torch.Tensor, k: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-            position_ids: Optional[torch.Tensor], inv_freq: Optional[torch.Tensor], backward: bool
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            position_ids: Optional[torch.Tensor], inv_freq: Optional[torch.Tensor], backward: bool,
+            interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """New rotated q, k in the layout of the inputs (``empty_like`` keeps a transposed layout)."""
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    _launch(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward)
+    _launch(q, k, q_out, k_out, cos, sin, position_ids, inv_freq, backward, interleaved)
     return q_out, k_out
 
 
 @_rotary.register_fake
-def _(q, k, cos, sin, position_ids, inv_freq, backward):
+def _(q, k, cos, sin, position_ids, inv_freq, backward, interleaved):
     return torch.empty_like(q), torch.empty_like(k)
 
 
 @torch.library.custom_op("fastllama::rotary_", mutates_args=("q", "k"))
 def _rotary_(q: torch.Tensor, k: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-             position_ids: Optional[torch.Tensor], inv_freq: Optional[torch.Tensor], backward: bool) -> None:
+             position_ids: Optional[torch.Tensor], inv_freq: Optional[torch.Tensor], backward: bool,
+             interleaved: bool) -> None:
     """Rotates q and k in place."""
-    _launch(q, k, q, k, cos, sin, position_ids, inv_freq, backward)
+    _launch(q, k, q, k, cos, sin, position_ids, inv_freq, backward, interleaved)
 
 
 @_rotary_.register_fake
-def _(q, k, cos, sin, position_ids, inv_freq, backward):
+def _(q, k, cos, sin, position_ids, inv_freq, backward, interleaved):
     return None
 
 
@@ -97,9 +98,9 @@ def _unit_stride(g: torch.Tensor) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, cos, sin, position_ids, inv_freq, backward = inputs
+    q, k, cos, sin, position_ids, inv_freq, backward, interleaved = inputs
     ctx.save_for_backward(cos, sin, position_ids, inv_freq)
-    ctx.backward = backward
+    ctx.backward, ctx.interleaved = backward, interleaved
     # As torch's q * cos + rotate_half(q) * sin: the rotation of a tensor that needs no gradient
     # needs none either (cos and sin never get one)
     ctx.mark_non_differentiable(*(out for x, out in zip((q, k), output) if not x.requires_grad))
@@ -110,13 +111,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dq, dk):
     cos, sin, position_ids, inv_freq = ctx.saved_tensors
     if dq is None and dk is None:
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
     # one rotation only used: the other input gets None, as in torch (the kernel takes a zero one)
     grads = [g if g is not None else other.new_zeros(shape)
              for g, other, shape in ((dq, dk, ctx.shapes[0]), (dk, dq, ctx.shapes[1]))]
     rq, rk = _rotary(_unit_stride(grads[0]), _unit_stride(grads[1]), cos, sin, position_ids, inv_freq,
-                     not ctx.backward)
-    return rq if dq is not None else None, rk if dk is not None else None, None, None, None, None, None
+                     not ctx.backward, ctx.interleaved)
+    return rq if dq is not None else None, rk if dk is not None else None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastllama::rotary", _backward, setup_context=_setup_context)
@@ -126,17 +127,18 @@ class _RotaryInplace(torch.autograd.Function):
     """In-place rotation under autograd: q and k are marked dirty; backward rotates by -theta."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids, inv_freq):
-        _rotary_(q, k, cos, sin, position_ids, inv_freq, False)
+    def forward(ctx, q, k, cos, sin, position_ids, inv_freq, interleaved):
+        _rotary_(q, k, cos, sin, position_ids, inv_freq, False, interleaved)
         ctx.mark_dirty(q, k)
         ctx.save_for_backward(cos, sin, position_ids, inv_freq)
+        ctx.interleaved = interleaved
         return q, k
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin, position_ids, inv_freq = ctx.saved_tensors
-        dq, dk = _rotary(_unit_stride(dq), _unit_stride(dk), cos, sin, position_ids, inv_freq, True)
-        return dq, dk, None, None, None, None
+        dq, dk = _rotary(_unit_stride(dq), _unit_stride(dk), cos, sin, position_ids, inv_freq, True, ctx.interleaved)
+        return dq, dk, None, None, None, None, None
 
 
 def _check_inplace_targets(q, k) -> None:
@@ -147,9 +149,9 @@ def _check_inplace_targets(q, k) -> None:
                                                "of place or pass separate tensors")
 
 
-def _run(q, k, cos, sin, position_ids, inv_freq, inplace):
+def _run(q, k, cos, sin, position_ids, inv_freq, inplace, interleaved=False):
     if not inplace:
-        return _rotary(q, k, cos, sin, position_ids, inv_freq, False)
+        return _rotary(q, k, cos, sin, position_ids, inv_freq, False, interleaved)
     _check_inplace_targets(q, k)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         # (one of them without a gradient stays so, as after torch's copy_: a Function marking
@@ -161,10 +163,10 @@ def _run(q, k, cos, sin, position_ids, inv_freq, inplace):
             # then copy into q and k, which autograd records on views (one extra temporary).
             # Under torch.compile too (dynamo cannot ask _is_view; functionalization removes
             # the copy).
-            q_rot, k_rot = _rotary(q, k, cos, sin, position_ids, inv_freq, False)
+            q_rot, k_rot = _rotary(q, k, cos, sin, position_ids, inv_freq, False, interleaved)
             return q.copy_(q_rot), k.copy_(k_rot)
-        return _RotaryInplace.apply(q, k, cos, sin, position_ids, inv_freq)
-    _rotary_(q, k, cos, sin, position_ids, inv_freq, False)
+        return _RotaryInplace.apply(q, k, cos, sin, position_ids, inv_freq, interleaved)
+    _rotary_(q, k, cos, sin, position_ids, inv_freq, False, interleaved)
     return q, k
 
 
@@ -198,7 +200,7 @@ def _check_bt(name: str, t: torch.Tensor, batch: int, seq_len: int, batched_dims
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         unsqueeze_dim: int = 1, *, inplace: bool = False):
+                         unsqueeze_dim: int = 1, *, inplace: bool = False, interleaved: bool = False):
     """HF ``apply_rotary_pos_emb``: ``q * cos + rotate_half(q) * sin`` (and k), one launch.
 
     Args:
@@ -214,6 +216,11 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
             too; for views that require grad, such as HF's transposed projections, through one
             temporary and a copy). q and k must not share elements (k is q, overlapping views, expanded dims): a
             ValueError.
+        interleaved: (keyword only) rotate adjacent pairs (2i, 2i + 1) of the R rotary dims, as GLM,
+            GLM-4, Helium and Ernie 4.5 do (their ``rotate_half`` takes x[..., 0::2] and
+            x[..., 1::2]), pair i by the angle of ``cos[..., i]``, ``sin[..., i]``: only the first
+            R/2 entries of the tables are read, as those families' ``apply_rotary_pos_emb``
+            repeat_interleaves them. Partial rotary (R < D) as in GLM's.
 
     Returns:
         (q_rotated, k_rotated), new tensors in the layout of q and k unless ``inplace``. Math in
@@ -224,7 +231,8 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     if unsqueeze_dim == 2:
         check_tensor("q", q, ndim=(4,))
         check_tensor("k", k, ndim=(4,))
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, inplace=inplace)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin, inplace=inplace,
+                                    interleaved=interleaved)
         return q.transpose(1, 2), k.transpose(1, 2)
     _validate_qk(q, k)
     b, _, t, d = q.shape
@@ -240,19 +248,21 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
         if c.requires_grad:
             raise ValueError(f"{name} requires grad; gradients with respect to cos/sin are not computed "
                              f"(compute them under torch.no_grad(), as HF's rotary embedding does)")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {interleaved!r}")
     check_same("cos", cos, "sin", sin, "dtype")
     if cos.shape != sin.shape:
         raise ValueError(f"sin has shape {tuple(sin.shape)} but cos has shape {tuple(cos.shape)}; they must match")
     rotary_dim = cos.shape[-1]
     if rotary_dim == d:
-        return _run(q, k, cos, sin, None, None, inplace)
+        return _run(q, k, cos, sin, None, None, inplace, interleaved)
     # Partial rotary: the kernel reads the leading rotary_dim dims as strided views (any row
     # strides are fine). In place, the other dims are simply not touched.
     if inplace:
         _check_inplace_targets(q, k)
-        _run(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, None, None, True)
+        _run(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, None, None, True, interleaved)
         return q, k
-    q_rot, k_rot = _run(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, None, None, False)
+    q_rot, k_rot = _run(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin, None, None, False, interleaved)
     return _with_tail(q_rot, q, rotary_dim), _with_tail(k_rot, k, rotary_dim)
 
 
@@ -337,6 +347,14 @@ def _make_args(params: dict, dtype: torch.dtype, device: str):
     return (q, k, cos, sin), {}
 
 
+def _make_pair_args(params: dict, dtype: torch.dtype, device: str):
+    """GLM-style tables: cos/sin of R = ``r`` (default D) rotary dims, pairs rotated adjacent."""
+    q, k = _qk(params, dtype, device)
+    inv_freq = reference.rope_inv_freq(params.get("r", params["d"]), 10000.0).to(device)
+    cos, sin = reference.rope_cos_sin(_positions(params, device), inv_freq, dtype=dtype)
+    return (q, k, cos, sin), {"interleaved": True}
+
+
 def _make_position_args(params: dict, dtype: torch.dtype, device: str):
     q, k = _qk(params, dtype, device)
     return (q, k, _positions(params, device), _inv_freq(params, device)), {}
@@ -359,9 +377,10 @@ _HINTABLE_INTS = ("half", "stride_qb", "stride_qh", "stride_qt", "stride_kb", "s
 _HINT_VARIANTS = {"": (), " %16": _HINTABLE_INTS, " %16 but half": _HINTABLE_INTS[1:]}
 
 
-def _build_configs(from_positions: bool) -> list[KernelBuild]:
+def _build_configs(from_positions: bool, interleaved: bool = False) -> list[KernelBuild]:
     """BLOCK_D (16..128, head_dim up to 256) x q dtype x cos dtype (q's or fp32) or position
-    dtype (int32/int64) x direction x integer hints (_HINT_VARIANTS)."""
+    dtype (int32/int64) x direction x integer hints (_HINT_VARIANTS), for one pairing (halves,
+    or adjacent pairs: ``interleaved``, which only the cos/sin path takes)."""
     builds = []
     ints = ("seq_len", "n_q_heads", "n_k_heads", "heads_per_program", *_HINTABLE_INTS, "stride_pb", "stride_pt")
     for q_ptr in _DTYPES.values():
@@ -382,10 +401,11 @@ def _build_configs(from_positions: bool) -> list[KernelBuild]:
                             sig.update(dict.fromkeys(("stride_cb", "stride_ct", "stride_sb", "stride_st"), "i32:16"))
                         builds.append(KernelBuild(
                             _k.rotary_kernel, sig,
-                            {"FROM_POSITIONS": from_positions, "BACKWARD": backward,
+                            {"FROM_POSITIONS": from_positions, "BACKWARD": backward, "INTERLEAVED": interleaved,
                              "BLOCK_T": _gpu_block_t(block_d, from_positions), "BLOCK_D": block_d},
                             num_warps=4,
-                            label=f"rotary {q_ptr[1:]} {extra[1:]} D/2<={block_d}{' bwd' if backward else ''}{hints}"))
+                            label=f"rotary {q_ptr[1:]} {extra[1:]} D/2<={block_d}{' bwd' if backward else ''}"
+                                  f"{' pairs' if interleaved else ''}{hints}"))
     return builds
 
 
@@ -396,6 +416,13 @@ _CASES = (
     OpCase("t17-d96", {"b": 1, "hq": 3, "hk": 1, "t": 17, "d": 96}),
     OpCase("t9-d256-gqa8", {"b": 2, "hq": 8, "hk": 1, "t": 9, "d": 256, "transposed": True}),
     OpCase("b2-t4096-llama3-8b", {"b": 2, "hq": 32, "hk": 8, "t": 4096, "d": 128, "transposed": True},
+           cuda_only=True),
+)
+_PAIR_CASES = (  # GLM / GLM-4 rotate half the head (partial_rotary_factor 0.5); Helium, Ernie 4.5 all of it
+    OpCase("b3-t77-d128-r64-gqa4", {"b": 3, "hq": 4, "hk": 1, "t": 77, "d": 128, "r": 64, "transposed": True}),
+    OpCase("t17-d96", {"b": 1, "hq": 3, "hk": 1, "t": 17, "d": 96}),
+    OpCase("b2-t9-d80-r40", {"b": 2, "hq": 4, "hk": 2, "t": 9, "d": 80, "r": 40}),
+    OpCase("b2-t4096-glm4-9b", {"b": 2, "hq": 32, "hk": 2, "t": 4096, "d": 128, "r": 64, "transposed": True},
            cuda_only=True),
 )
 _POSITION_CASES = (
@@ -411,6 +438,9 @@ OP_SPECS = [
     OpSpec("rotary", apply_rotary_pos_emb, reference.apply_rotary_pos_emb, _make_args, _CASES,
            kernels=("rotary",), names=("q", "k", "cos", "sin"), output_names=("q_rot", "k_rot"),
            build_configs=lambda: _build_configs(False)),
+    OpSpec("rotary_pairs", apply_rotary_pos_emb, reference.apply_rotary_pos_emb, _make_pair_args, _PAIR_CASES,
+           kernels=("rotary",), names=("q", "k", "cos", "sin"), output_names=("q_rot", "k_rot"),
+           build_configs=lambda: _build_configs(False, interleaved=True)),
     OpSpec("rotary_from_positions", apply_rotary_pos_emb_from_positions,
            reference.functional.apply_rotary_pos_emb_from_positions, _make_position_args, _POSITION_CASES,
            kernels=("rotary",), names=("q", "k", "position_ids", "inv_freq"), output_names=("q_rot", "k_rot"),

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 __all__ = [
     "rms_norm",
     "rotate_half",
+    "rotate_adjacent_pairs",
     "apply_rotary_pos_emb",
     "apply_rotary_pos_emb_from_positions",
     "rope_inv_freq",
@@ -77,15 +78,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def rotate_adjacent_pairs(x: torch.Tensor) -> torch.Tensor:
+    """GLM's ``rotate_half``: pairs of adjacent dims (x[2i], x[2i + 1]) become (-x[2i + 1], x[2i])."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         interleaved: bool = False):
     """HF ``apply_rotary_pos_emb``: q (B, Hq, T, D), k (B, Hk, T, D), cos/sin (B, T, R) or (T, R)
-    with R = D, or R < D (partial rotary: the first R dims rotate, the rest pass through)."""
+    with R = D, or R < D (partial rotary: the first R dims rotate, the rest pass through).
+    ``interleaved``: GLM's (also GLM-4's, Helium's, Ernie 4.5's): adjacent pairs rotate, by the
+    tables' first half repeated twice each (``repeat_interleave(2)``)."""
     if cos.dim() == 3:  # (B, T, D) -> (B, 1, T, D), broadcast over heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     r = cos.shape[-1]
     if r < q.shape[-1]:
-        (q_out, k_out), tails = apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin), (q[..., r:], k[..., r:])
+        (q_out, k_out), tails = (apply_rotary_pos_emb(q[..., :r], k[..., :r], cos, sin, interleaved),
+                                 (q[..., r:], k[..., r:]))
         return torch.cat([q_out, tails[0]], -1), torch.cat([k_out, tails[1]], -1)
+    if interleaved:
+        cos, sin = (t[..., :r // 2].repeat_interleave(2, dim=-1) for t in (cos, sin))
+        return q * cos + rotate_adjacent_pairs(q) * sin, k * cos + rotate_adjacent_pairs(k) * sin
     q_out = q * cos + rotate_half(q) * sin
     k_out = k * cos + rotate_half(k) * sin
     return q_out, k_out
