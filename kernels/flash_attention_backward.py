@@ -424,7 +424,7 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
             tuned[lambda m: (triton.cdiv(mk, m["BLOCK_N"]), n_seq * Hk)](*dkdv_args, **meta,
                                                                           ATOMIC_DQ=not deterministic)
         if not deterministic:
-            return dq.copy_(dq_acc.mul_(scale)), dk, dv
+            return torch.mul(dq_acc, scale, out=dq), dk, dv  # (one pass: scaled, rounded to dq's dtype)
         dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale, softcap,
                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
                    *lse.stride()[1:3], lse.stride(0), Hq, *common)
