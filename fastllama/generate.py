@@ -1,8 +1,9 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 causal LM, or
-the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE (their parameters, no copies), with
+/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 / CWM /
+Seed-OSS causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their
+parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -262,8 +263,8 @@ class Generator:
     ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``MinistralForCausalLM`` / ``Qwen2ForCausalLM`` /
     ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM`` /
     ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` /
-    ``Olmo3ForCausalLM`` / ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` /
-    ``OlmoeForCausalLM``.
+    ``Olmo3ForCausalLM`` / ``CwmForCausalLM`` / ``SeedOssForCausalLM`` / ``MixtralForCausalLM`` /
+    ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -846,14 +847,16 @@ def load_tokenizer(path):
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
-                            "gemma2", "gemma3_text", "olmo2", "olmo3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+                            "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "mixtral", "qwen2_moe",
+                            "qwen3_moe", "olmoe", "flex_olmo")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
-    Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE model
+    Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or
+    FlexOlmo model
     (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path

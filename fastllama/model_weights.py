@@ -110,9 +110,10 @@ class RowBlocks:
 _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
                   "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
-                  "Olmo3ForCausalLM",
+                  "Olmo3ForCausalLM", "CwmForCausalLM", "SeedOssForCausalLM",
                   # mixtures of experts
-                  "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+                  "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+                  "FlexOlmoForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:

@@ -710,6 +710,13 @@ def _hf_model(arch):
             head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
         "olmoe-clip": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM, dict(
             pad_token_id=0, num_experts=4, num_experts_per_tok=2, clip_qkv=1.0)),
+        # CWM: Llama's layers, a window on some of them (Qwen2's layer_types); Seed-OSS: Llama's
+        # with q/k/v biases (its residual dropout is off in eval); FlexOlmo: OLMo 2's norms, experts
+        "cwm-window": (transformers.CwmConfig, transformers.CwmForCausalLM, dict(
+            sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+        "seed-oss-bias": (transformers.SeedOssConfig, transformers.SeedOssForCausalLM, dict(attention_bias=True)),
+        "flex-olmo": (transformers.FlexOlmoConfig, transformers.FlexOlmoForCausalLM, dict(
+            pad_token_id=0, num_experts=4, num_experts_per_tok=2)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -724,7 +731,8 @@ def _hf_model(arch):
                                   "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers", "smollm3-nope",
                                   "ministral-layer-window", "gemma", "gemma2-window-softcap", "gemma3-window-softcap",
                                   "olmo2", "olmo3-window",
-                                  "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip"])
+                                  "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip",
+                                  "cwm-window", "seed-oss-bias", "flex-olmo"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -1183,3 +1191,15 @@ def test_a_transformers_checkpoint_missing_a_tensor_or_misshapen_is_refused(tmp_
               metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"shape mismatches: .*{name}"):
         load_checkpoint(tmp_path, torch.float32, "cpu")
+
+
+def test_fastllama_generate_loads_every_family_the_generator_takes():
+    """``fastllama generate`` loads through transformers exactly the HF causal LMs the Generator
+    runs (a Llama loads into the reference model): the two lists stay one."""
+    import transformers
+
+    from fastllama import model_weights
+    from fastllama.generate import TRANSFORMERS_MODEL_TYPES
+
+    types = {getattr(transformers, name).config_class.model_type for name in model_weights._HF_CAUSAL_LMS}
+    assert types - {"llama"} == set(TRANSFORMERS_MODEL_TYPES)
