@@ -42,7 +42,8 @@ Under torch.compile that inspection would break the graph in every layer, so a m
 one custom op (:func:`masked_op`) that torch.compile does not look into: the mask is read and
 served as above when the compiled graph runs. It returns its flash calls' softmax statistics
 beside the output, and its backward replays the call with them: the flash backward runs on the
-forward's output, no attention forward runs again (rows served in PyTorch are computed again).
+forward's output, no attention forward runs again (rows served in PyTorch are computed again, and
+so is a flash call with more sequences x heads than one launch takes).
 HF builds no mask for unpadded
 batches (see ``forwards.hf_attention_mask``). Without a cache (``use_cache=False``, HF's choice
 in training with checkpointing) transformers checks position_ids for packed sequences, which it
@@ -463,7 +464,8 @@ def masked_op(q, k, v, mask, *, causal: bool = True, scale: float | None = None,
     (``fastllama::attend_masked_backward``), which replays the call with autograd: each flash
     call hands back its rows of the output as an autograd node whose backward is the flash
     backward (:class:`_FlashStats`), so no attention forward runs again; rows served in PyTorch
-    (a fallback, counted in :data:`FALLBACKS` by both passes) are computed again. Reading the
+    (a fallback, counted in :data:`FALLBACKS` by both passes) are computed again, and so is a
+    flash call too large for one launch (``ops.attention.MAX_GRID_Y``). Reading the
     mask syncs with the host, so the op is tagged ``cudagraph_unsafe``: inductor keeps it out of
     the CUDA graphs of ``mode="reduce-overhead"``. ``eager_blind``: then :func:`eager_blind_rows`
     (a model that ran HF's eager attention). q, k, v are first cast as :func:`attend` casts them
@@ -483,7 +485,8 @@ class _FlashStats:
     autograd and the forward's output ``out``: each flash call then returns its rows of ``out``
     as :func:`ops.attention.flash_attention_replayed` makes them, an autograd node whose backward
     is the flash backward, so no attention forward runs again. The PyTorch pieces (fallback
-    rows, :func:`eager_blind_rows`) are computed again, with autograd."""
+    rows, :func:`eager_blind_rows`) are computed again, with autograd, and so is a flash call that
+    runs in several launches (more sequences x heads than ``ops.attention.MAX_GRID_Y``)."""
 
     def __init__(self, stats: torch.Tensor, out: torch.Tensor | None = None):
         self.stats, self.out = stats, out
@@ -540,7 +543,7 @@ def _attend_masked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     """(out, the flash calls' statistics: :class:`_FlashStats`; with ``record`` False, for a call
     without autograd, an empty (2, 0, Hq))."""
     B, Hq, Tq = q.shape[:3]
-    keep = _FlashStats(torch.zeros(2, B * Tq, Hq, device=q.device)) if record else None
+    keep = _FlashStats(torch.zeros(2, B * Tq, Hq, device=q.device, dtype=torch.float32)) if record else None
     out = _masked_call(q, k, v, mask, causal, scale, has_window, left, right, deterministic, softcap, eager_blind,
                        keep)
     promised = _attend_masked_fake(q.to("meta"), k, v, mask, causal, scale, has_window, left, right, deterministic,

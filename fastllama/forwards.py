@@ -409,9 +409,11 @@ def _rotate(self, q, k, cos, sin):
     partial_ok = cos.shape[-1] == q.shape[-1] or _family(self) in PARTIAL_ROTARY_FAMILIES
     if self._fastllama["rope"] and partial_ok and cos.shape[-1] <= q.shape[-1] and cos.shape[-1] % 2 == 0:
         # under autocast q/k come out of the projections in bf16/fp16 while cos/sin follow the
-        # fp32 embeddings; rotating in q's dtype is what an autocast-aware fused op does
-        return ops.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype),
-                                        interleaved=_family(self) in ROTARY_INTERLEAVED_FAMILIES)
+        # fp32 embeddings; rotating in q's dtype is what an autocast-aware fused op does (except
+        # Ernie 4.5's: its tables stay fp32 and its rotary computes in fp32, as the kernel does)
+        if _family(self) not in ROTARY_FP32_FAMILIES:
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        return ops.apply_rotary_pos_emb(q, k, cos, sin, interleaved=_family(self) in ROTARY_INTERLEAVED_FAMILIES)
     return self._fastllama["original_rope"](q, k, cos, sin)
 
 
@@ -422,6 +424,10 @@ PARTIAL_ROTARY_FAMILIES = ("phi3", "glm", "glm4")
 #: HF families whose rotary rotates adjacent pairs (2i, 2i + 1) (GLM's rotate_half, cos/sin
 #: repeat_interleave'd): the op's ``interleaved=True``.
 ROTARY_INTERLEAVED_FAMILIES = ("helium", "ernie4_5", "glm", "glm4")
+
+#: HF families whose rotary embedding keeps cos/sin in fp32 and whose apply_rotary_pos_emb rotates
+#: in fp32 whatever q's dtype (rounding once): the kernel gets the fp32 tables as they are.
+ROTARY_FP32_FAMILIES = ("ernie4_5",)
 
 
 def uses_rope(attn) -> bool:

@@ -2,7 +2,7 @@
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 / CWM /
-Seed-OSS causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their
+Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their
 parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
@@ -258,12 +258,26 @@ class _Multipliers:
     logits: float
 
 
+def _branch_norms(layer) -> tuple:
+    """A decoder layer's (norm of the attention branch's output, the MLP input's norm, norm of the
+    MLP branch's output); None where the layer has none. Llama's: (None, post_attention_layernorm,
+    None). Gemma 2/3 and OLMo 2/3 norm each branch before it joins the stream, and the MLP's input
+    too (Gemma's pre_feedforward_layernorm) or not (OLMo); GLM-4 as Gemma, under other names."""
+    if hasattr(layer, "post_mlp_layernorm"):  # GLM-4
+        return layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm
+    if hasattr(layer, "post_feedforward_layernorm"):
+        return (layer.post_attention_layernorm, getattr(layer, "pre_feedforward_layernorm", None),
+                layer.post_feedforward_layernorm)
+    return None, layer.post_attention_layernorm, None
+
+
 class Generator:
     """Reusable fast generation for one :class:`~fastllama.reference.Llama` or transformers
     ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``MinistralForCausalLM`` / ``Qwen2ForCausalLM`` /
     ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM`` /
     ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` /
-    ``Olmo3ForCausalLM`` / ``CwmForCausalLM`` / ``SeedOssForCausalLM`` / ``MixtralForCausalLM`` /
+    ``Olmo3ForCausalLM`` / ``CwmForCausalLM`` / ``SeedOssForCausalLM`` / ``HeliumForCausalLM`` /
+    ``Ernie4_5ForCausalLM`` / ``GlmForCausalLM`` / ``Glm4ForCausalLM`` / ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM``.
 
     Args:
@@ -320,10 +334,13 @@ class Generator:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.clip_qkv = getattr(cfg, "clip_qkv", None)
-        # Gemma's norms compute (x * (1 + w)), OLMo 2/3's (x * w), in fp32 and round once
+        # Gemma's norms compute (x * (1 + w)), OLMo 2/3's, FlexOlmo's and Helium's (x * w), in
+        # fp32 and round once
         family = forwards._family(model)
         self.unit_offset = family in ("gemma", "gemma2", "gemma3")
-        self.round_once = family in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3")
+        self.round_once = family in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3", "flex_olmo", "helium")
+        # GLM's, GLM-4's, Helium's and Ernie 4.5's rotary turns adjacent pairs of dims
+        self.interleaved = family in forwards.ROTARY_INTERLEAVED_FAMILIES
         layers = model.model.layers
         # Each layer's rotary tables: one pair for the model, or one per layer type (Gemma 3's
         # local and global bases); SmolLM3's NoPE layers get a one-row table of cos 1, sin 0,
@@ -445,13 +462,9 @@ class Generator:
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             o = self._attend(i, q, k, v, slots, lengths, last, rings, scratch)
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
-            if hasattr(layer, "post_feedforward_layernorm"):
-                # Gemma 2/3, OLMo: each branch normed before it joins the stream; the MLP's input
-                # is normed (Gemma's pre_feedforward_layernorm) or not (OLMo)
-                o, mlp_norm = self._norm(o, layer.post_attention_layernorm), getattr(
-                    layer, "pre_feedforward_layernorm", None)
-            else:  # s = x + o; h = post_attention_norm(s)
-                o, mlp_norm = self._residual_branch(o), layer.post_attention_layernorm
+            attention_out_norm, mlp_norm, mlp_out_norm = _branch_norms(layer)
+            # s = x + o (o normed first where the layer norms its branches); h = mlp_norm(s)
+            o = self._residual_branch(o) if attention_out_norm is None else self._norm(o, attention_out_norm)
             x, h = self._add_and_norm(x, o, mlp_norm)
             if hasattr(m, "experts"):
                 mlp_out = self._experts(m, h, self.activations[i], self.shared_activations[i])
@@ -460,10 +473,7 @@ class Generator:
                 gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
                 mlp_out = F.linear(ops.swiglu(gate, up, activation=self.activations[i]), m.down_proj.weight,
                                    m.down_proj.bias)
-            if hasattr(layer, "post_feedforward_layernorm"):
-                mlp_out = self._norm(mlp_out, layer.post_feedforward_layernorm)
-            else:
-                mlp_out = self._residual_branch(mlp_out)
+            mlp_out = self._residual_branch(mlp_out) if mlp_out_norm is None else self._norm(mlp_out, mlp_out_norm)
         # the last residual add and the final norm in one kernel, at the rows that give logits
         rows = (torch.arange(B, device=x.device), last) if last is not None else (slice(None), -1)
         h, _ = self._norm(mlp_out[rows], self.model.model.norm, residual=x[rows])
@@ -493,7 +503,8 @@ class Generator:
             if ring not in rings:
                 rings[ring] = (slots % ring, torch.clamp(slots + 1, max=ring))
             ring_slots, ring_lengths = rings[ring]
-            q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, ring_slots, positions=slots)
+            q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, ring_slots, positions=slots,
+                                        interleaved=self.interleaved)
             return ops.decode_attention(q, kc, vc, ring_lengths, scale=scale, num_splits=self.num_splits,
                                         softcap=softcap)
         if ring is not None:  # a prefill on a ring: the whole prompt to a scratch cache, attended there
@@ -501,7 +512,7 @@ class Generator:
                 scratch.extend(torch.empty(B, self.n_kv_heads, T, self.head_dim, dtype=self.dtype,
                                            device=self.device) for _ in range(2))
             ring_k, ring_v, (kc, vc) = kc, vc, scratch
-        q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots)
+        q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots, interleaved=self.interleaved)
         if lengths is not None:
             o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window,
                                      softcap=softcap)
@@ -847,15 +858,16 @@ def load_tokenizer(path):
 # config.json model types that ``fastllama generate`` loads through transformers (the Generator
 # runs them as they are); "llama" loads into the reference model, without transformers.
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
-                            "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "mixtral", "qwen2_moe",
-                            "qwen3_moe", "olmoe", "flex_olmo")
+                            "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "helium", "ernie4_5",
+                            "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
-    Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or
+    Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4, Mixtral,
+    Qwen2-MoE, Qwen3-MoE, OLMoE or
     FlexOlmo model
     (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json

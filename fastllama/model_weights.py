@@ -110,7 +110,8 @@ class RowBlocks:
 _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
                   "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
-                  "Olmo3ForCausalLM", "CwmForCausalLM", "SeedOssForCausalLM",
+                  "Olmo3ForCausalLM", "CwmForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM",
+                  "Ernie4_5ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM",
                   # mixtures of experts
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM")
@@ -146,7 +147,7 @@ def rope_tables(model, max_seq_len: int, dtype, device, layer_type: str | None =
 def check_model(model) -> None:
     """The reference Llama, or one of the HF causal LMs of ``_HF_CAUSAL_LMS``, that the decode
     step computes exactly: a rotary table fixed in advance (not "dynamic"/"longrope" scaling;
-    partial rotary where the family's attention does it: Phi-3), causal attention (its scores
+    partial rotary where the family's attention does it: Phi-3, GLM), causal attention (its scores
     soft-capped or not: Gemma 2). (The MLP's activation, SiLU or GELU-tanh, is read from the
     modules: :func:`module_problem`.)"""
     if isinstance(model, Llama):
@@ -213,7 +214,8 @@ def module_problem(model) -> str | None:
         sys.modules[type(model).__module__], type(model).__name__.replace("ForCausalLM", "RMSNorm"), None)
     norms = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in layers
              for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                       "post_feedforward_layernorm") if hasattr(layer, n)] + [("norm", model.model.norm)]
+                       "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm")
+             if hasattr(layer, n)] + [("norm", model.model.norm)]
     norms += [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in layers
               for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]  # Qwen3's per-head q/k norms
     for name, norm in norms:

@@ -13,7 +13,9 @@ Rotary (HF convention, the head dim is two halves x1 | x2, ``rotate_half(x) = (-
     out[:half] = x1 * cos[:half] - x2 * sin[:half]
     out[half:] = x2 * cos[half:] + x1 * sin[half:]
 
-computed in fp32 and rounded once. Partial rotary (cos/sin of R < D dims, e.g. Phi-4-mini's 96
+computed in fp32 and rounded once. ``INTERLEAVED``: GLM's pairing instead, adjacent dims
+(x[2i], x[2i + 1]) rotated by cos[i], sin[i] (the tables' first half; see kernels/rotary.py).
+Partial rotary (cos/sin of R < D dims, e.g. Phi-4-mini's 96
 of 128): the first R dims are the two halves above (``HALF = R / 2``), the last D - R dims are
 copied as they are (``TAIL_HALF = (D - R) / 2``, a second pass over each row's tail; v is
 always all copy). cos/sin come either as a table (P, R) indexed by position
@@ -36,18 +38,25 @@ __all__ = ["rotary_cache_append_forward", "rotary_cache_kernel", "rotary_cache_g
 def _rotate_rows(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, stride_ot, n_heads, t0, r0, n_tok, start,
                  COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len,
                  offs_d, d_ok, HALF: tl.constexpr, BLOCK_R: tl.constexpr, ROTATE: tl.constexpr,
-                 TO_CACHE: tl.constexpr, TABLE: tl.constexpr, HAS_POS: tl.constexpr):
+                 TO_CACHE: tl.constexpr, TABLE: tl.constexpr, HAS_POS: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Rotates (ROTATE=False: copies) the (token, head) rows r0 .. r0 + BLOCK_R - 1 of the n_tok
     tokens starting at t0, row r = t * n_heads + h. TO_CACHE: the destination row is the cache
-    slot ``start + t`` (skipped past the cache end), else the token row t."""
+    slot ``start + t`` (skipped past the cache end), else the token row t. The pairs (x1, x2)
+    are dims (i, i + HALF), or (2i, 2i + 1) with INTERLEAVED (a copy moves the same dims either way)."""
     r = r0 + tl.arange(0, BLOCK_R)
     t = t0 + r // n_heads
     h = r % n_heads
     ok = (r < n_tok * n_heads) & (t < q_len)
     # the rows first: their loads do not wait for ``start`` (the cos/sin rows below may)
-    src = x_base + h[:, None].to(tl.int64) * stride_xh + t[:, None].to(tl.int64) * stride_xt + offs_d[None, :]
-    x1 = tl.load(src, mask=ok[:, None] & d_ok[None, :], other=0.0)
-    x2 = tl.load(src + HALF, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    if INTERLEAVED:
+        first = 2 * offs_d
+        second = first + 1
+    else:
+        first = offs_d
+        second = offs_d + HALF
+    src = x_base + h[:, None].to(tl.int64) * stride_xh + t[:, None].to(tl.int64) * stride_xt
+    x1 = tl.load(src + first[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+    x2 = tl.load(src + second[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
     if ROTATE:
         # cos/sin row of each token: the table row of its position, or HF's (b, t) row.
         if TABLE:
@@ -62,9 +71,13 @@ def _rotate_rows(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, stri
         s_ptrs = sin_base + c_row[:, None] * stride_st + offs_d[None, :]
         cs_ok = ok[:, None] & d_ok[None, :]  # rows past the last token have no (b, t) row
         c1 = tl.load(c_ptrs, mask=cs_ok, other=0.0).to(tl.float32)
-        c2 = tl.load(c_ptrs + HALF, mask=cs_ok, other=0.0).to(tl.float32)
         s1 = tl.load(s_ptrs, mask=cs_ok, other=0.0).to(tl.float32)
-        s2 = tl.load(s_ptrs + HALF, mask=cs_ok, other=0.0).to(tl.float32)
+        if INTERLEAVED:  # HF reads only the first half of the table
+            c2 = c1
+            s2 = s1
+        else:
+            c2 = tl.load(c_ptrs + HALF, mask=cs_ok, other=0.0).to(tl.float32)
+            s2 = tl.load(s_ptrs + HALF, mask=cs_ok, other=0.0).to(tl.float32)
         a = x1.to(tl.float32)
         bb = x2.to(tl.float32)
         x1 = a * c1 - bb * s1
@@ -75,9 +88,9 @@ def _rotate_rows(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, stri
         dst_row = tl.minimum(tl.maximum(dst_row, 0), max_len - 1)  # the address stays in bounds
     else:
         dst_row = t
-    dst = out_base + h[:, None].to(tl.int64) * stride_oh + dst_row[:, None].to(tl.int64) * stride_ot + offs_d[None, :]
-    tl.store(dst, x1.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
-    tl.store(dst + HALF, x2.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+    dst = out_base + h[:, None].to(tl.int64) * stride_oh + dst_row[:, None].to(tl.int64) * stride_ot
+    tl.store(dst + first[None, :], x1.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+    tl.store(dst + second[None, :], x2.to(OUT.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -85,19 +98,19 @@ def _rows_with_tail(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, s
                     start, COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len,
                     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr, ROTATE: tl.constexpr,
                     TO_CACHE: tl.constexpr, TABLE: tl.constexpr, HAS_POS: tl.constexpr, TAIL_HALF: tl.constexpr,
-                    TAIL_PAD: tl.constexpr):
+                    TAIL_PAD: tl.constexpr, INTERLEAVED: tl.constexpr):
     """One block of rows: the rotated (or copied) first 2 HALF dims, then, with partial rotary,
     the tail dims [2 HALF, 2 HALF + 2 TAIL_HALF) copied (as two halves: the same code)."""
     offs_d = tl.arange(0, HALF_PAD)
     _rotate_rows(X, OUT, x_base, out_base, stride_xh, stride_xt, stride_oh, stride_ot, n_heads, t0, r0, n_tok,
                  start, COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len,
-                 offs_d, offs_d < HALF, HALF, BLOCK_R, ROTATE, TO_CACHE, TABLE, HAS_POS)
+                 offs_d, offs_d < HALF, HALF, BLOCK_R, ROTATE, TO_CACHE, TABLE, HAS_POS, INTERLEAVED)
     if TAIL_HALF > 0:
         offs_t = tl.arange(0, TAIL_PAD)
         _rotate_rows(X, OUT, x_base + 2 * HALF, out_base + 2 * HALF, stride_xh, stride_xt, stride_oh, stride_ot,
                      n_heads, t0, r0, n_tok, start, COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b,
                      max_len, n_pos, q_len, offs_t, offs_t < TAIL_HALF, TAIL_HALF, BLOCK_R, False, TO_CACHE,
-                     TABLE, HAS_POS)
+                     TABLE, HAS_POS, False)
 
 
 # Lengths and head counts stay unspecialised at launch (see decode_attention.SPLIT_UNSPECIALISED);
@@ -116,6 +129,7 @@ def rotary_cache_kernel(
     n_q_heads, n_kv_heads, q_len, max_len, n_pos, tokens_per_program,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
     TABLE: tl.constexpr, HAS_POS: tl.constexpr, TAIL_HALF: tl.constexpr, TAIL_PAD: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     """Grid (B, cdiv(T, tokens_per_program), row blocks): one block of BLOCK_R (token, head) rows
     of q, of k or of v (``rotary_cache_grid``), of a run of new tokens of one sequence.
@@ -142,17 +156,17 @@ def rotary_cache_kernel(
         _rows_with_tail(Q, QO, Q + b64 * stride_qb, QO + b64 * stride_ob, stride_qh, stride_qt, stride_oh, stride_ot,
                         n_q_heads, t0, blk * BLOCK_R, tokens_per_program, start, COS, SIN, cos_base, sin_base,
                         stride_ct, stride_st, POS, b, max_len, n_pos, q_len, HALF, HALF_PAD, BLOCK_R, True, False,
-                        TABLE, HAS_POS, TAIL_HALF, TAIL_PAD)
+                        TABLE, HAS_POS, TAIL_HALF, TAIL_PAD, INTERLEAVED)
     elif blk < q_blocks + kv_blocks:
         _rows_with_tail(K, KC, K + b64 * stride_kb, KC + b64 * stride_kcb, stride_kh, stride_kt, stride_kch,
                         stride_kct, n_kv_heads, t0, (blk - q_blocks) * BLOCK_R, tokens_per_program, start, COS, SIN,
                         cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len, HALF, HALF_PAD,
-                        BLOCK_R, True, True, TABLE, HAS_POS, TAIL_HALF, TAIL_PAD)
+                        BLOCK_R, True, True, TABLE, HAS_POS, TAIL_HALF, TAIL_PAD, INTERLEAVED)
     else:  # v: copied into its cache, never rotated
         _rows_with_tail(V, VC, V + b64 * stride_vb, VC + b64 * stride_vcb, stride_vh, stride_vt, stride_vch,
                         stride_vct, n_kv_heads, t0, (blk - q_blocks - kv_blocks) * BLOCK_R, tokens_per_program,
                         start, COS, SIN, cos_base, sin_base, stride_ct, stride_st, POS, b, max_len, n_pos, q_len,
-                        HALF, HALF_PAD, BLOCK_R, False, True, TABLE, HAS_POS, TAIL_HALF, TAIL_PAD)
+                        HALF, HALF_PAD, BLOCK_R, False, True, TABLE, HAS_POS, TAIL_HALF, TAIL_PAD, False)
 
 
 def rotary_cache_grid(batch: int, q_len: int, n_q_heads: int, n_kv_heads: int, tokens_per_program: int,
@@ -177,7 +191,8 @@ def tail_pad(tail_half: int) -> int:
 
 
 def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions=None,
-                                tokens_per_program: int = 1, rows: int | None = None, num_warps: int = 4):
+                                tokens_per_program: int = 1, rows: int | None = None, num_warps: int = 4,
+                                interleaved: bool = False):
     """Rotates q (B, Hq, T, D) and k (B, Hk, T, D), writes rotated k and v into
     k_cache/v_cache (B, Hk, Tmax, D) at slots ``cache_seqlens[b] + t`` (in place); returns
     rotated q (a new tensor, same memory layout as q when q is dense).
@@ -186,7 +201,8 @@ def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqle
     (partial rotary: the last D - R dims are copied). ``positions`` (B,) int32:
     the position of each sequence's first new token when it differs from its cache slot (tables
     only). ``tokens_per_program`` new tokens per program (1 on a GPU; more under the interpreter,
-    where a program is a Python-level step); ``rows`` overrides :func:`block_r`.
+    where a program is a Python-level step); ``rows`` overrides :func:`block_r`. ``interleaved``:
+    adjacent pairs rotate (GLM's rotary).
     """
     B, Hq, T, D = q.shape
     Hk = k.shape[1]
@@ -213,6 +229,7 @@ def rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqle
             *k_cache.stride()[:3], *v_cache.stride()[:3], *cos_strides,
             Hq, Hk, T, k_cache.shape[2], cos.shape[0] if table else T, tokens_per_program,
             HALF=half, HALF_PAD=half_pad, BLOCK_R=rows, TABLE=table,
-            HAS_POS=positions is not None, TAIL_HALF=tail_half, TAIL_PAD=tail_pad(tail_half), num_warps=num_warps,
+            HAS_POS=positions is not None, TAIL_HALF=tail_half, TAIL_PAD=tail_pad(tail_half), INTERLEAVED=interleaved,
+            num_warps=num_warps,
         )
     return qo

@@ -267,6 +267,26 @@ def test_masked_op_backward_replays_the_flash_calls(monkeypatch, case, eager_bli
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["right padding", "packed"])
+def test_masked_op_statistics_are_fp32_whatever_the_default_dtype(kind):
+    """The statistics buffer was made in the default dtype: under torch.set_default_dtype(bf16)
+    right padding raised (index_copy_ of fp32 rows into bf16) and a packed mask's gradients came
+    out of 16-bit statistics, wrong by 1e-2."""
+    mask = padded_causal([11, 7], 11, 11, left=False) if kind == "right padding" else packed_mask([[5, 6], [2, 9]])
+    q, k, v = (t.requires_grad_() for t in qkv(B=2, Hq=4, Hk=2, Tq=11, Tk=11))
+    out = attend(q, k, v, mask)
+    grad = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v), grad)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = torch.autograd.grad(attention.masked_op(q, k, v, mask), (q, k, v), grad)
+    finally:
+        torch.set_default_dtype(previous)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
 def packed_mask(lengths_per_row, causal=True, window=None):
     """HF's mask for position_ids that restart: block diagonal, one block per sequence."""
     rows = []

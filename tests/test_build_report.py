@@ -452,9 +452,9 @@ def test_launch_build_reads_triton_launch_specialisation():
 
 def test_rotary_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch):
     """Dry-runs the rotary launches at Llama-family shapes, both cos/sin and position ids, forward
-    and backward (and partial rotary, and GLM's adjacent pairs), and requires each launched build to be a build config (so the report checked
-    it). The position-id builds were compiled with plain i32 strides; launched with their
-    multiple-of-16 hints, every sm_80 build spilled."""
+    and backward (and partial rotary, and GLM's adjacent pairs), and requires each launched build
+    to be a build config (so the report checked it). The position-id builds were compiled with
+    plain i32 strides; launched with their multiple-of-16 hints, every sm_80 build spilled."""
     from fastllama.ops import rotary as op
 
     launched = _dry_run(monkeypatch, op, {op._k: ["rotary_kernel"]})
@@ -532,6 +532,9 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
             if (hq, hk, d) == (32, 8, 128):  # partial rotary as Phi-4-mini's (96 of 128 dims): its own builds
                 partial_table = torch.empty(tmax, 96, dtype=dtype)
                 op.rotary_cache_append(q, k, k, k_cache, v_cache, partial_table, partial_table, seqlens)
+                # adjacent pairs: GLM-4's on half of each head, Helium's / Ernie 4.5's on all of it
+                for rotary in (table[:, :64], table):
+                    op.rotary_cache_append(q, k, k, k_cache, v_cache, rotary, rotary, seqlens, interleaved=True)
     assert len(launched) > 1000
     missing = _not_in_report(launched, ("decode_attention", "rotary_cache_append"), f"sm_{sm}")
     assert not missing, (len(missing), missing[:3])

@@ -291,7 +291,8 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     assert "transformers could not load the 'mistral' checkpoint" in capsys.readouterr().err
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
-                                      "types: gemma, gemma2, gemma3_text, granite, llama,"),
+                                      "types: cwm, ernie4_5, flex_olmo, gemma, gemma2, gemma3_text, glm, glm4, granite, "
+                                      "helium, llama,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -717,6 +718,12 @@ def _hf_model(arch):
         "seed-oss-bias": (transformers.SeedOssConfig, transformers.SeedOssForCausalLM, dict(attention_bias=True)),
         "flex-olmo": (transformers.FlexOlmoConfig, transformers.FlexOlmoForCausalLM, dict(
             pad_token_id=0, num_experts=4, num_experts_per_tok=2)),
+        # the rotary of adjacent pairs: Helium (its norms rounded once), Ernie 4.5 (biases), GLM
+        # (merged gate/up; rotary on half of each head) and GLM-4 (GLM's, each branch normed too)
+        "helium": (transformers.HeliumConfig, transformers.HeliumForCausalLM, dict(head_dim=16)),
+        "ernie4_5-bias": (transformers.Ernie4_5Config, transformers.Ernie4_5ForCausalLM, dict(use_bias=True)),
+        "glm": (transformers.GlmConfig, transformers.GlmForCausalLM, dict(pad_token_id=0)),
+        "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM, dict(pad_token_id=0)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -732,7 +739,8 @@ def _hf_model(arch):
                                   "ministral-layer-window", "gemma", "gemma2-window-softcap", "gemma3-window-softcap",
                                   "olmo2", "olmo3-window",
                                   "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip",
-                                  "cwm-window", "seed-oss-bias", "flex-olmo"])
+                                  "cwm-window", "seed-oss-bias", "flex-olmo", "helium", "ernie4_5-bias", "glm",
+                                  "glm4"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -753,9 +761,12 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         expected_logits = model(ids).logits[0, -1]
         slots = torch.zeros(1, dtype=torch.int32, device=DEVICE)
         torch.testing.assert_close(gen._forward(ids, slots, None)[0], expected_logits, rtol=1e-4, atol=1e-4)
-    if arch == "qwen3-qk-norm":  # the q/k norms are computed from their weights: a hooked one is refused
-        handle = model.model.layers[1].self_attn.k_norm.register_forward_hook(lambda *a: None)
-        with pytest.raises(ValueError, match="layers.1.self_attn.k_norm is a hooked Qwen3RMSNorm"):
+    # the norms are computed from their weights: a hooked one is refused
+    hooked = {"qwen3-qk-norm": ("self_attn.k_norm", "Qwen3RMSNorm"), "glm4": ("post_mlp_layernorm", "Glm4RMSNorm")}
+    if arch in hooked:
+        name, cls = hooked[arch]
+        handle = model.model.layers[1].get_submodule(name).register_forward_hook(lambda *a: None)
+        with pytest.raises(ValueError, match=f"layers.1.{name} is a hooked {cls}"):
             Generator(model, 1, 24).generate([[3, 4]], 2)
         handle.remove()
 
@@ -1203,3 +1214,20 @@ def test_fastllama_generate_loads_every_family_the_generator_takes():
 
     types = {getattr(transformers, name).config_class.model_type for name in model_weights._HF_CAUSAL_LMS}
     assert types - {"llama"} == set(TRANSFORMERS_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "olmo2", "flex-olmo", "helium", "glm4"])
+def test_the_generators_norms_round_as_the_models_own(arch):
+    """bf16: the generator computes each RMSNorm from its weight; it must round as the model's own
+    class does: Llama's rounds the normalised x, then multiplies by w (two roundings), Gemma's,
+    OLMo 2's, FlexOlmo's and Helium's compute in fp32 and round once (FlexOlmo's and Helium's
+    rounded twice: a last-bit difference in about a third of the elements, which bf16 decoding
+    can turn into another token)."""
+    model = _hf_model(arch).to(torch.bfloat16)
+    gen = Generator(model, 1, 8)
+    x = torch.randn(3, 5, model.config.hidden_size, device=DEVICE, dtype=torch.bfloat16)
+    norm = model.model.layers[0].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.add_(torch.randn_like(norm.weight))  # weights far from 1: rounding w * x matters
+        mismatched = (gen._norm(x, norm) != norm(x)).float().mean().item()
+    assert mismatched < 0.01, mismatched

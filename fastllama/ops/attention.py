@@ -430,9 +430,10 @@ def flash_attention_replayed(q, k, v, out: torch.Tensor, stats: torch.Tensor, ca
     n_seq, per = _sequences_per_launch(q, cu_seqlens)
     if n_seq > per:
         return None
-    if not (stats.is_contiguous() and stats.shape == (2, *q.shape[:3]) and out.shape == q.shape[:3] + v.shape[3:]):
-        raise ValueError(f"replayed flash attention: out {tuple(out.shape)} and stats {tuple(stats.shape)} "
-                         f"(contiguous) do not fit q {tuple(q.shape)}")
+    if not (stats.is_contiguous() and stats.dtype == torch.float32 and stats.shape == (2, *q.shape[:3])
+            and out.shape == q.shape[:3] + v.shape[3:] and out.dtype == q.dtype):
+        raise ValueError(f"replayed flash attention: out {tuple(out.shape)} {out.dtype} and stats "
+                         f"{tuple(stats.shape)} {stats.dtype} (fp32, contiguous) do not fit q {tuple(q.shape)} {q.dtype}")
     return _Replayed.apply(q, k, v, out, stats, cu_seqlens, cu_k, args)
 
 

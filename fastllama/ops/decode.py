@@ -198,15 +198,17 @@ def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, wind
 @torch.library.custom_op("fastllama::rotary_cache_append", mutates_args=("k_cache", "v_cache"))
 def _rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_seqlens: torch.Tensor,
-                         positions: Optional[torch.Tensor]) -> torch.Tensor:
+                         positions: Optional[torch.Tensor], interleaved: bool) -> torch.Tensor:
     if interpreter_active():
         return _rk.rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions,
-                                               tokens_per_program=_INTERPRETER_TOKENS, rows=1024)
-    return _rk.rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions)
+                                               tokens_per_program=_INTERPRETER_TOKENS, rows=1024,
+                                               interleaved=interleaved)
+    return _rk.rotary_cache_append_forward(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions,
+                                           interleaved=interleaved)
 
 
 @_rotary_cache_append.register_fake
-def _(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions):
+def _(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions, interleaved):
     return torch.empty_like(q)
 
 
@@ -402,7 +404,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_seqlens: torch.Tensor,
-                        positions: torch.Tensor | None = None) -> torch.Tensor:
+                        positions: torch.Tensor | None = None, interleaved: bool = False) -> torch.Tensor:
     """HF rotary on the new q/k plus the KV-cache write, one kernel; returns rotated q.
 
     Writes rotated k and raw v into ``k_cache``/``v_cache`` IN PLACE at slots
@@ -420,12 +422,16 @@ def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
         cache_seqlens: (B,) int32, the slot of each sequence's first new token.
         positions: optional (B,) int32, the rotary position of each sequence's first new token
             when it is not the slot (a left-padded cache); tables only. Default: the slot.
+        interleaved: adjacent pairs (2i, 2i + 1) rotate, by cos/sin[..., i] (GLM's, GLM-4's,
+            Helium's and Ernie 4.5's rotary; see :func:`fastllama.ops.apply_rotary_pos_emb`).
 
     Returns:
         rotated q, a new tensor shaped like q (q's memory layout when q is dense).
     """
     _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions)
-    return _rotary_cache_append(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions)
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {interleaved!r}")
+    return _rotary_cache_append(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions, interleaved)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,13 +546,14 @@ def _rotary_args(p: dict, dtype: torch.dtype, device: str):
     else:
         cos, sin = _ref.rope_cos_sin(torch.arange(p.get("P", Tmax), device=device)[None], inv_freq, dtype)
         cos, sin = cos[0], sin[0]
-    return (q, k, v, kc, vc, cos, sin, seqlens, pos), {}
+    return (q, k, v, kc, vc, cos, sin, seqlens, pos), ({"interleaved": True} if p.get("pairs") else {})
 
 
-def _rotary_op(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions=None):
+def _rotary_op(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions=None, interleaved=False):
     """Functional form for the table: appends into copies and returns (q, k_cache, v_cache)."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
-    return rotary_cache_append(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions), k_cache, v_cache
+    return (rotary_cache_append(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positions, interleaved),
+            k_cache, v_cache)
 
 
 _ROTARY_CASES = (
@@ -560,6 +567,11 @@ _ROTARY_CASES = (
     OpCase("partial-B2-H6/2-T1-D128-R96-table", dict(B=2, Hq=6, Hk=2, T=1, D=128, R=96, Tmax=40, seqlens=(0, 33))),
     OpCase("partial-B2-H4/1-T5-D64-R32-hf-per-token", dict(B=2, Hq=4, Hk=1, T=5, D=64, R=32, Tmax=20, seqlens=(3, 0),
                                                             positions=(3, 0), per_token=True)),
+    # adjacent pairs (GLM-4: half of each head; Helium, Ernie 4.5: all of it)
+    OpCase("pairs-B2-H4/2-T1-D128-R64-table", dict(B=2, Hq=4, Hk=2, T=1, D=128, R=64, Tmax=40, seqlens=(0, 33),
+                                                   pairs=True)),
+    OpCase("pairs-B2-H4/1-T5-D64-hf-per-token", dict(B=2, Hq=4, Hk=1, T=5, D=64, Tmax=20, seqlens=(3, 0),
+                                                     positions=(3, 0), per_token=True, pairs=True)),
     OpCase("B8-H32/8-T1-D128", dict(B=8, Hq=32, Hk=8, T=1, D=128, Tmax=4096, seqlens=(0, 1, 77, 1000, 4095, 7, 8, 9)),
            cuda_only=True),
     OpCase("B2-H32/8-T1024-D128", dict(B=2, Hq=32, Hk=8, T=1024, D=128, Tmax=2048, seqlens=(0, 1000)), cuda_only=True),
@@ -671,7 +683,7 @@ def _decode_builds() -> list[KernelBuild]:
 
 def _rotary_builds() -> list[KernelBuild]:
     """dtype x head dim (and the partial rotary dims of ``_PARTIAL_ROTARY``) x (table at the slot,
-    table at given positions, HF per-token cos/sin) x
+    table at given positions, HF per-token cos/sin) x pairing (halves, adjacent pairs) x
     (aligned, unaligned strides), plus the Tq = 1 decode step ("tq1", see ``_ONE``): q_len = 1
     as a constant, each cos/sin mode, aligned.
 
@@ -690,7 +702,7 @@ def _rotary_builds() -> list[KernelBuild]:
             partial = {"TAIL_HALF": tail, "TAIL_PAD": _rk.tail_pad(tail)}
             modes = ((True, False), (True, True), (False, False))  # (TABLE, HAS_POS)
             variants = [(False, aligned) for aligned in (True, False)] + [(True, True)]  # (tq1, aligned)
-            for (tq1, aligned), (table, has_pos) in itertools.product(variants, modes):
+            for (tq1, aligned), (table, has_pos), pairs in itertools.product(variants, modes, (False, True)):
                 st = "i32:16" if aligned else "i32"
                 sig = {"Q": ptr, "K": ptr, "V": ptr, "COS": ptr, "SIN": ptr, "QO": ptr, "KC": ptr, "VC": ptr,
                        "SEQLENS": "*i32", "POS": "*i32", **{n: st for n in names},
@@ -699,11 +711,11 @@ def _rotary_builds() -> list[KernelBuild]:
                 builds.append(KernelBuild(
                     _rk.rotary_cache_kernel, sig,
                     {"HALF": R // 2, "HALF_PAD": half_pad, "BLOCK_R": _rk.block_r(half_pad), "TABLE": table,
-                     "HAS_POS": has_pos, **partial, **(_ONE if tq1 else {})},
+                     "HAS_POS": has_pos, **partial, "INTERLEAVED": pairs, **(_ONE if tq1 else {})},
                     num_warps=4, num_stages=_DEFAULT_STAGES,
                     label=f"rotary_cache_append{' tq1' if tq1 else ''} {ptr[1:]} d{D}{f' r{R}' if tail else ''} "
                           f"{'table' if table else 'per-token'}{' positions' if has_pos else ''}"
-                          f"{'' if aligned else ' unaligned'}"))
+                          f"{'' if aligned else ' unaligned'}{' pairs' if pairs else ''}"))
     return builds
 
 

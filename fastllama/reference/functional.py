@@ -385,13 +385,15 @@ def rotary_cache_append(
     sin: torch.Tensor,
     cache_seqlens: torch.Tensor,
     positions: torch.Tensor | None = None,
+    interleaved: bool = False,
 ):
     """Rotary on new q (B, Hq, T, D) / k (B, Hk, T, D), then k/v written into the cache.
 
     Returns ``(q_rotated, k_cache_new, v_cache_new)`` without touching the given caches. Token t
     of sequence b goes to slot ``cache_seqlens[b] + t`` (slots past the cache end are dropped).
     cos/sin are (P, D) tables read at position ``positions[b] + t`` (default: the slot), or
-    per-token (B, T, D) tensors as HF's rotary embedding returns them.
+    per-token (B, T, D) tensors as HF's rotary embedding returns them. ``interleaved``: see
+    :func:`apply_rotary_pos_emb`.
     """
     B, _, T, _ = q.shape
     start = cache_seqlens.long()
@@ -399,7 +401,7 @@ def rotary_cache_append(
         first = start if positions is None else positions.long()
         pos = (first[:, None] + torch.arange(T, device=q.device)).clamp(0, cos.shape[0] - 1)
         cos, sin = cos[pos], sin[pos]
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, interleaved)
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     for b in range(B):
         for t in range(T):
