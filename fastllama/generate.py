@@ -1,9 +1,9 @@
 """Fast generation for Llama weights: static KV cache, Triton kernels, CUDA graph.
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
-/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 / CWM /
-Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their
-parameters, no copies), with
+/ Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
+/ CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 causal LM, or the mixtures of experts Mixtral /
+Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -866,10 +866,8 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
-    Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4, Mixtral,
-    Qwen2-MoE, Qwen3-MoE, OLMoE or
-    FlexOlmo model
-    (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
+    Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
+    Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path
 

@@ -129,9 +129,9 @@ def rotary_layer_types(model) -> list[str] | None:
 
 def rope_tables(model, max_seq_len: int, dtype, device, layer_type: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin (max_seq_len, D) exactly as the model computes them (fp32, then cast): the
-    reference's ``rope_cos_sin``, or an HF model's own rotary module (its rope scaling
-    included), for ``layer_type``'s layers when it keeps a table per type
+    """cos/sin (max_seq_len, D) exactly as the model computes them (fp32, then cast; Ernie 4.5's
+    rotary module keeps them fp32): the reference's ``rope_cos_sin``, or an HF model's own rotary
+    module (its rope scaling included), for ``layer_type``'s layers when it keeps a table per type
     (:func:`rotary_layer_types`)."""
     positions = torch.arange(max_seq_len, device=device)[None]
     if isinstance(model, Llama):

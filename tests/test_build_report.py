@@ -535,6 +535,8 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
                 # adjacent pairs: GLM-4's on half of each head, Helium's / Ernie 4.5's on all of it
                 for rotary in (table[:, :64], table):
                     op.rotary_cache_append(q, k, k, k_cache, v_cache, rotary, rotary, seqlens, interleaved=True)
+                wide = table.float()  # Ernie 4.5's fp32 tables beside 16-bit q
+                op.rotary_cache_append(q, k, k, k_cache, v_cache, wide, wide, seqlens, interleaved=True)
     assert len(launched) > 1000
     missing = _not_in_report(launched, ("decode_attention", "rotary_cache_append"), f"sm_{sm}")
     assert not missing, (len(missing), missing[:3])

@@ -1231,3 +1231,18 @@ def test_the_generators_norms_round_as_the_models_own(arch):
         norm.weight.add_(torch.randn_like(norm.weight))  # weights far from 1: rounding w * x matters
         mismatched = (gen._norm(x, norm) != norm(x)).float().mean().item()
     assert mismatched < 0.01, mismatched
+
+
+def test_ernie_generates_in_bf16_with_its_fp32_rotary_tables():
+    """Ernie 4.5's rotary module keeps cos/sin in fp32 whatever the model's dtype, and HF rotates
+    with them in fp32: the generator keeps them so (the rotary + cache-append kernel takes fp32
+    tables beside 16-bit q; it refused them, and a bf16 Ernie did not generate at all)."""
+    model = _hf_model("ernie4_5-bias").to(torch.bfloat16)
+    gen = Generator(model, 1, 24)
+    assert gen.rotary[0][0].dtype == torch.float32
+    ids = torch.tensor([list(range(10, 21))], device=DEVICE)
+    with torch.no_grad():
+        got = gen._forward(ids, torch.zeros(1, dtype=torch.int32, device=DEVICE), None)[0].float()
+        want = model(ids).logits[0, -1].float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+    assert len(gen.generate([[5, 6, 7]], 4, stop_tokens=[])[0]) == 7

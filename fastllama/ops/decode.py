@@ -325,7 +325,8 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
                         why=" (each cache slot by one program): writes would be lost")
     for name, t in (("cos", cos), ("sin", sin)):
         check_tensor(name, t, ndim=(2, 3))
-        check_same("q", q, name, t, "dtype")
+        if t.dtype != torch.float32:  # (fp32 tables with 16-bit q: Ernie 4.5's, kept in full precision)
+            check_same("q", q, name, t, "dtype")
         check_same("q", q, name, t, "device")
         check_last_dim_contiguous(name, t)
         R = t.shape[-1]
@@ -333,6 +334,7 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
             raise ValueError(f"{name} has shape {tuple(t.shape)}; accepted: a table (P, R) indexed by position, "
                              f"or per-token ({B}, {T}, R) as HF's rotary embedding returns, with R = {D} or an even "
                              f"R < {D} (partial rotary)")
+    check_same("cos", cos, "sin", sin, "dtype")
     if sin.shape != cos.shape:
         raise ValueError(f"sin has shape {tuple(sin.shape)} but cos has {tuple(cos.shape)}; they must match")
     _check_lengths("cache_seqlens", cache_seqlens, B, q)
@@ -415,7 +417,8 @@ def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cac
     Args:
         q: (B, Hq, T, D); k, v: (B, Hk, T, D); any strides with a unit last stride; D even.
         k_cache, v_cache: (B, Hk, Tmax, D), same dtype as q, any strides with unit last stride.
-        cos, sin: same dtype as q; a (P, R) table read at row ``position`` (clamped to P - 1),
+        cos, sin: q's dtype or fp32 (read as fp32 either way); a (P, R) table read at row
+            ``position`` (clamped to P - 1),
             or per-token (B, T, R) as HF's rotary embedding returns them. R = D, or an even
             R < D: partial rotary (Phi-4-mini), the first R dims rotated as HF's
             ``apply_rotary_pos_emb`` does, the rest written as they are.
@@ -546,6 +549,9 @@ def _rotary_args(p: dict, dtype: torch.dtype, device: str):
     else:
         cos, sin = _ref.rope_cos_sin(torch.arange(p.get("P", Tmax), device=device)[None], inv_freq, dtype)
         cos, sin = cos[0], sin[0]
+    if p.get("fp32_tables"):
+        cos, sin = _ref.rope_cos_sin(torch.arange(p.get("P", Tmax), device=device)[None], inv_freq, torch.float32)
+        cos, sin = cos[0], sin[0]
     return (q, k, v, kc, vc, cos, sin, seqlens, pos), ({"interleaved": True} if p.get("pairs") else {})
 
 
@@ -572,6 +578,9 @@ _ROTARY_CASES = (
                                                    pairs=True)),
     OpCase("pairs-B2-H4/1-T5-D64-hf-per-token", dict(B=2, Hq=4, Hk=1, T=5, D=64, Tmax=20, seqlens=(3, 0),
                                                      positions=(3, 0), per_token=True, pairs=True)),
+    # Ernie 4.5 keeps its tables in fp32 whatever the model's dtype
+    OpCase("pairs-B2-H4/2-T3-D64-fp32-table", dict(B=2, Hq=4, Hk=2, T=3, D=64, Tmax=24, seqlens=(4, 9), pairs=True,
+                                                   fp32_tables=True)),
     OpCase("B8-H32/8-T1-D128", dict(B=8, Hq=32, Hk=8, T=1, D=128, Tmax=4096, seqlens=(0, 1, 77, 1000, 4095, 7, 8, 9)),
            cuda_only=True),
     OpCase("B2-H32/8-T1024-D128", dict(B=2, Hq=32, Hk=8, T=1024, D=128, Tmax=2048, seqlens=(0, 1000)), cuda_only=True),
@@ -683,7 +692,8 @@ def _decode_builds() -> list[KernelBuild]:
 
 def _rotary_builds() -> list[KernelBuild]:
     """dtype x head dim (and the partial rotary dims of ``_PARTIAL_ROTARY``) x (table at the slot,
-    table at given positions, HF per-token cos/sin) x pairing (halves, adjacent pairs) x
+    table at given positions, HF per-token cos/sin) x pairing (halves, adjacent pairs) x table
+    dtype (q's, fp32) x
     (aligned, unaligned strides), plus the Tq = 1 decode step ("tq1", see ``_ONE``): q_len = 1
     as a constant, each cos/sin mode, aligned.
 
@@ -702,9 +712,11 @@ def _rotary_builds() -> list[KernelBuild]:
             partial = {"TAIL_HALF": tail, "TAIL_PAD": _rk.tail_pad(tail)}
             modes = ((True, False), (True, True), (False, False))  # (TABLE, HAS_POS)
             variants = [(False, aligned) for aligned in (True, False)] + [(True, True)]  # (tq1, aligned)
-            for (tq1, aligned), (table, has_pos), pairs in itertools.product(variants, modes, (False, True)):
+            # each pairing with tables of q's dtype, and of fp32 beside 16-bit q (Ernie 4.5's)
+            tables = [(pairs, t) for pairs in (False, True) for t in dict.fromkeys((ptr, "*fp32"))]
+            for (tq1, aligned), (table, has_pos), (pairs, cos_ptr) in itertools.product(variants, modes, tables):
                 st = "i32:16" if aligned else "i32"
-                sig = {"Q": ptr, "K": ptr, "V": ptr, "COS": ptr, "SIN": ptr, "QO": ptr, "KC": ptr, "VC": ptr,
+                sig = {"Q": ptr, "K": ptr, "V": ptr, "COS": cos_ptr, "SIN": cos_ptr, "QO": ptr, "KC": ptr, "VC": ptr,
                        "SEQLENS": "*i32", "POS": "*i32", **{n: st for n in names},
                        "n_q_heads": "i32", "n_kv_heads": "i32", "q_len": "constexpr" if tq1 else "i32",
                        "max_len": "i32", "n_pos": "i32", "tokens_per_program": "i32"}
@@ -715,7 +727,8 @@ def _rotary_builds() -> list[KernelBuild]:
                     num_warps=4, num_stages=_DEFAULT_STAGES,
                     label=f"rotary_cache_append{' tq1' if tq1 else ''} {ptr[1:]} d{D}{f' r{R}' if tail else ''} "
                           f"{'table' if table else 'per-token'}{' positions' if has_pos else ''}"
-                          f"{'' if aligned else ' unaligned'}{' pairs' if pairs else ''}"))
+                          f"{'' if aligned else ' unaligned'}{' pairs' if pairs else ''}"
+                          f"{' fp32-tables' if cos_ptr != ptr else ''}"))
     return builds
 
 

@@ -401,7 +401,8 @@ def rotary_cache_append(
         first = start if positions is None else positions.long()
         pos = (first[:, None] + torch.arange(T, device=q.device)).clamp(0, cos.shape[0] - 1)
         cos, sin = cos[pos], sin[pos]
-    q, k = apply_rotary_pos_emb(q, k, cos, sin, interleaved)
+    # (fp32 tables beside 16-bit q, Ernie 4.5's: computed in fp32, returned in q's dtype as HF does)
+    q, k = (t.to(q.dtype) for t in apply_rotary_pos_emb(q, k, cos, sin, interleaved))
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     for b in range(B):
         for t in range(T):
