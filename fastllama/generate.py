@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from . import forwards
+from . import forwards, patching
 from .forwards import attention_input_linears, gate_activation, mlp_input_linears, split_qkv
 from .ops._checks import check_attention_device
 from .checkpoint import CheckpointError
@@ -335,10 +335,10 @@ class Generator:
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.clip_qkv = getattr(cfg, "clip_qkv", None)
         # Gemma's norms compute (x * (1 + w)), OLMo 2/3's, FlexOlmo's and Helium's (x * w), in
-        # fp32 and round once
+        # fp32 and round once: the families patch serves with those norms
         family = forwards._family(model)
-        self.unit_offset = family in ("gemma", "gemma2", "gemma3")
-        self.round_once = family in ("gemma", "gemma2", "gemma3", "olmo2", "olmo3", "flex_olmo", "helium")
+        self.unit_offset = family in patching._GEMMA
+        self.round_once = family in (*patching._GEMMA, *patching._OLMO)
         # GLM's, GLM-4's, Helium's and Ernie 4.5's rotary turns adjacent pairs of dims
         self.interleaved = family in forwards.ROTARY_INTERLEAVED_FAMILIES
         layers = model.model.layers

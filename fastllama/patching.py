@@ -48,6 +48,7 @@ _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 # mixtures of experts: all but the router (HF's own)
                 "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
                 "granitemoe": "GraniteMoe", "dots1": "Dots1", "flex_olmo": "FlexOlmo", "minimax": "MiniMax"}
+# norms that scale by (1 + w) in fp32 and round once (fastllama.generate reads this and _OLMO too)
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "qwen3_5")
 _MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dots1", "flex_olmo", "minimax")
 # norms that multiply by w in fp32 and round once (Helium's: (w.float() * normed).to(dtype))

@@ -205,6 +205,8 @@ def test_rotary_cache_append_in_place_and_validation():
                                 lens, positions=lens)
     with pytest.raises(TypeError, match="cos has dtype"):
         ops.rotary_cache_append(q, k, v, kc, vc, cos.double(), sin, lens)
+    with pytest.raises(TypeError, match="interleaved must be a bool"):
+        ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, lens, interleaved="pairs")
     with pytest.raises(ValueError, match="k_cache has shape"):
         ops.rotary_cache_append(q, k, v, kc[:, :1], vc[:, :1], cos, sin, lens)
     with pytest.raises(ValueError, match="forward-only"):

@@ -85,6 +85,8 @@ def test_adjacent_pairs_match_the_families_own_rotary(family, rotary_dim):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
     for g, w in zip(reference.apply_rotary_pos_emb(q, k, cos, sin, interleaved=True), want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="interleaved must be a bool"):
+        ops.apply_rotary_pos_emb(q, k, cos, sin, interleaved=1)
     with torch.no_grad():
         qi, ki = q.detach().clone(), k.detach().clone()
         ops.apply_rotary_pos_emb(qi, ki, cos, sin, inplace=True, interleaved=True)
