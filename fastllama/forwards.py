@@ -187,6 +187,11 @@ def mlp_input_linears(mlp) -> tuple:
     return (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
 
 
+def gateless(mlp) -> bool:
+    """Whether the MLP is ``down(act(up(x)))`` with no gate (Arcee's ReLU^2, Apertus's xIELU)."""
+    return hasattr(mlp, "up_proj") and not hasattr(mlp, "gate_proj") and not hasattr(mlp, "gate_up_proj")
+
+
 def mlp_activation(mlp):
     """The MLP's activation module: ``act_fn`` (Llama ...) or ``activation_fn`` (Phi-3); None for
     the reference MLP, which has none (SiLU)."""

@@ -2,7 +2,8 @@
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
-/ CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 causal LM, or the mixtures of experts Mixtral /
+/ CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus causal LM, or the mixtures of
+experts Mixtral /
 Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
@@ -47,7 +48,8 @@ import torch.nn.functional as F
 
 from . import ops
 from . import forwards, patching
-from .forwards import attention_input_linears, gate_activation, mlp_input_linears, split_qkv
+from .forwards import (attention_input_linears, gate_activation, gateless, mlp_activation, mlp_input_linears,
+                       split_qkv)
 from .ops._checks import check_attention_device
 from .checkpoint import CheckpointError
 from .model_weights import (RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables,
@@ -258,11 +260,20 @@ class _Multipliers:
     logits: float
 
 
+def _input_norm(layer):
+    """A decoder layer's norm of the attention's input: ``input_layernorm`` (Apertus's
+    ``attention_layernorm``); None for OLMo 2/3, which have none."""
+    return layer.input_layernorm if hasattr(layer, "input_layernorm") else getattr(layer, "attention_layernorm", None)
+
+
 def _branch_norms(layer) -> tuple:
     """A decoder layer's (norm of the attention branch's output, the MLP input's norm, norm of the
     MLP branch's output); None where the layer has none. Llama's: (None, post_attention_layernorm,
-    None). Gemma 2/3 and OLMo 2/3 norm each branch before it joins the stream, and the MLP's input
-    too (Gemma's pre_feedforward_layernorm) or not (OLMo); GLM-4 as Gemma, under other names."""
+    None); Apertus's: Llama's, its norm named feedforward_layernorm. Gemma 2/3 and OLMo 2/3 norm
+    each branch before it joins the stream, and the MLP's input too (Gemma's
+    pre_feedforward_layernorm) or not (OLMo); GLM-4 as Gemma, under other names."""
+    if hasattr(layer, "feedforward_layernorm"):  # Apertus
+        return None, layer.feedforward_layernorm, None
     if hasattr(layer, "post_mlp_layernorm"):  # GLM-4
         return layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm
     if hasattr(layer, "post_feedforward_layernorm"):
@@ -277,7 +288,8 @@ class Generator:
     ``Qwen3ForCausalLM`` / ``SmolLM3ForCausalLM`` / ``Phi3ForCausalLM`` / ``GraniteForCausalLM`` /
     ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` /
     ``Olmo3ForCausalLM`` / ``CwmForCausalLM`` / ``SeedOssForCausalLM`` / ``HeliumForCausalLM`` /
-    ``Ernie4_5ForCausalLM`` / ``GlmForCausalLM`` / ``Glm4ForCausalLM`` / ``MixtralForCausalLM`` /
+    ``Ernie4_5ForCausalLM`` / ``GlmForCausalLM`` / ``Glm4ForCausalLM`` / ``ArceeForCausalLM`` /
+    ``ApertusForCausalLM`` / ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM``.
 
     Args:
@@ -389,8 +401,10 @@ class Generator:
                       else (RowBlocks(group) if RowBlocks.fusable(group) else None)
                       for old, group in zip(fused, self._layer_groups(layer)))
                 for fused, layer in zip(self._projections, layers)]
-        # (an MLP's activation swapped between SiLU and GELU-tanh changes the captured step too)
-        self.activations = [gate_activation(_gated(layer.mlp)) for layer in self.model.model.layers]
+        # (an MLP's activation swapped between SiLU and GELU-tanh changes the captured step too;
+        # a gateless MLP's is the module the step calls: Arcee's ReLU^2, Apertus's xIELU)
+        self.activations = [mlp_activation(layer.mlp) if gateless(layer.mlp) else gate_activation(_gated(layer.mlp))
+                            for layer in self.model.model.layers]
         # (and Qwen2-MoE's shared experts': captured like the others)
         self.shared_activations = [gate_activation(layer.mlp.shared_expert) if hasattr(layer.mlp, "shared_expert")
                                    else None for layer in self.model.model.layers]
@@ -411,8 +425,9 @@ class Generator:
     @staticmethod
     def _layer_groups(layer) -> tuple[list, list]:
         """The linears reading the attention's input (q, k, v) and the MLP's (gate, up); Phi-3's
-        are one merged linear each, already one GEMM. A mixture of experts has none of the latter."""
-        mlp = [] if hasattr(layer.mlp, "experts") else list(mlp_input_linears(layer.mlp))
+        are one merged linear each, already one GEMM. A mixture of experts has none of the latter,
+        nor a gateless MLP (its up_proj alone reads the input)."""
+        mlp = [] if hasattr(layer.mlp, "experts") or gateless(layer.mlp) else list(mlp_input_linears(layer.mlp))
         return list(attention_input_linears(layer.self_attn)), mlp
 
     @staticmethod
@@ -446,7 +461,7 @@ class Generator:
             qkv, gate_up = self._projections[i] if self._projections else (None, None)
             # x + the previous layer's MLP branch, and this layer's input norm: one kernel (OLMo
             # has no input norm: the sum itself goes in)
-            x, h = self._add_and_norm(x, mlp_out, getattr(layer, "input_layernorm", None))
+            x, h = self._add_and_norm(x, mlp_out, _input_norm(layer))
             # q/k/v as column views of one GEMM's output: the kernels below take any strides
             q, k, v = split_qkv(a, self._project(qkv, attention_in, h))
             over_all_heads = forwards.qk_norm_over_all_heads(a)
@@ -468,6 +483,9 @@ class Generator:
             x, h = self._add_and_norm(x, o, mlp_norm)
             if hasattr(m, "experts"):
                 mlp_out = self._experts(m, h, self.activations[i], self.shared_activations[i])
+            elif gateless(m):  # down(act(up(h))): the model's own activation module (no kernel of ours)
+                up = F.linear(h, m.up_proj.weight, m.up_proj.bias)
+                mlp_out = F.linear(self.activations[i](up), m.down_proj.weight, m.down_proj.bias)
             else:
                 projected = self._project(gate_up, mlp_in, h)
                 gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
@@ -859,7 +877,8 @@ def load_tokenizer(path):
 # runs them as they are); "llama" loads into the reference model, without transformers.
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
                             "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "helium", "ernie4_5",
-                            "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo")
+                            "glm", "glm4", "arcee", "apertus", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                            "flex_olmo")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -867,7 +886,7 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
-    Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
+    Arcee, Apertus, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path
 

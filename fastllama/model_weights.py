@@ -1,9 +1,10 @@
 """What :class:`fastllama.generate.Generator` reads from a model, and how it lays the weights out.
 
-The generator computes a model from its weights, not by calling its modules: the reference
-``Llama`` and transformers' Llama / Mistral / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 /
-Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 causal LMs (and the mixtures of experts Mixtral /
-Qwen2-MoE / Qwen3-MoE / OLMoE, whose experts hold 3-D weights) share the attribute names it reads
+The generator computes a model from its weights, not by calling its modules (except a gateless
+MLP's activation, Arcee's ReLU^2 or Apertus's xIELU, which it calls): the reference ``Llama`` and
+the transformers causal LMs of ``_HF_CAUSAL_LMS`` (Llama / Mistral / Ministral / Qwen2 / Qwen3 /
+SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 ..., and the mixtures of
+experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE ..., whose experts hold 3-D weights) share the attribute names it reads
 (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's
 attention adds ``q_norm``/``k_norm``,
 SmolLM3's ``use_rope`` (False: no rotary), Phi-3 merges q/k/v into ``qkv_proj`` and gate/up
@@ -111,7 +112,8 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM", "GraniteForCausalLM",
                   "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
                   "Olmo3ForCausalLM", "CwmForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM",
-                  "Ernie4_5ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM",
+                  "Ernie4_5ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "ArceeForCausalLM",
+                  "ApertusForCausalLM",
                   # mixtures of experts
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM")
@@ -186,8 +188,9 @@ def module_problem(model) -> str | None:
     is not a plain ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised
     layer has none to read; a forward set on the instance) or that has forward hooks (the
     generator would not run them); a norm that is not the model's own RMSNorm class (a subclass
-    with its own forward, a LayerNorm); an MLP activation swapped for one that is neither SiLU nor
-    GELU-tanh.
+    with its own forward, a LayerNorm); a gated MLP's activation swapped for one that is neither
+    SiLU nor GELU-tanh, or a gateless MLP's activation (Arcee's ReLU^2, Apertus's xIELU: the
+    generator calls that module) with hooks.
     None when fine."""
     from . import forwards
 
@@ -214,7 +217,8 @@ def module_problem(model) -> str | None:
         sys.modules[type(model).__module__], type(model).__name__.replace("ForCausalLM", "RMSNorm"), None)
     norms = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in layers
              for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                       "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm")
+                       "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm",
+                       "attention_layernorm", "feedforward_layernorm")  # (the last two: Apertus's)
              if hasattr(layer, n)] + [("norm", model.model.norm)]
     norms += [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in layers
               for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]  # Qwen3's per-head q/k norms
@@ -231,6 +235,12 @@ def module_problem(model) -> str | None:
         gated = [("mlp", layer.mlp)] if experts is None else [("mlp.experts", experts)] + (
             [("mlp.shared_expert", layer.mlp.shared_expert)] if hasattr(layer.mlp, "shared_expert") else [])
         for part, mlp in gated:
+            if forwards.gateless(mlp):  # Arcee, Apertus: the generator calls the activation module itself
+                act = forwards.mlp_activation(mlp)
+                if act._forward_pre_hooks or act._forward_hooks:
+                    return (f"layers.{i}.{part}.act_fn has forward hooks, which a captured decode step would not "
+                            f"run again")
+                continue
             if forwards.gate_activation(mlp) is None:
                 name = "act_fn" if hasattr(mlp, "act_fn") else "activation_fn"
                 return (f"layers.{i}.{part}.{name} is {type(forwards.mlp_activation(mlp)).__name__} (with its forward "

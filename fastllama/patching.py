@@ -80,7 +80,7 @@ def _check_activation(module) -> str | None:
     """Why the MLP's gate cannot run fused (None: it can): SiLU (SwiGLU) or GELU-tanh (GeGLU),
     as its activation module is (:func:`forwards.gate_activation`), on a gate projection (Arcee's
     and Apertus's MLPs have none: down(act(up(x))))."""
-    if not (hasattr(module, "gate_proj") or hasattr(module, "gate_up_proj")):
+    if forwards.gateless(module):
         return "the MLP has no gate projection (down(act(up(x)))): left as is"
     if forwards.gate_activation(module) is None:
         name = "act_fn" if hasattr(module, "act_fn") else "activation_fn"

@@ -291,8 +291,8 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     assert "transformers could not load the 'mistral' checkpoint" in capsys.readouterr().err
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
-                                      "types: cwm, ernie4_5, flex_olmo, gemma, gemma2, gemma3_text, glm, glm4, granite, "
-                                      "helium, llama,"),
+                                      "types: apertus, arcee, cwm, ernie4_5, flex_olmo, gemma, gemma2, gemma3_text, "
+                                      "glm, glm4, granite, helium, llama,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -724,6 +724,14 @@ def _hf_model(arch):
         "ernie4_5-bias": (transformers.Ernie4_5Config, transformers.Ernie4_5ForCausalLM, dict(use_bias=True)),
         "glm": (transformers.GlmConfig, transformers.GlmForCausalLM, dict(pad_token_id=0)),
         "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM, dict(pad_token_id=0)),
+        # gateless MLPs, down(act(up(x))): Arcee's ReLU^2 (with MLP biases and yarn rotary scaling);
+        # Apertus's xIELU (its own parameters), per-head q/k norms and norms named otherwise
+        "arcee-yarn-bias": (transformers.ArceeConfig, transformers.ArceeForCausalLM, dict(
+            mlp_bias=True, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                original_max_position_embeddings=16))),
+        "apertus": (transformers.ApertusConfig, transformers.ApertusForCausalLM, dict(
+            pad_token_id=0, rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                                 high_freq_factor=4.0, original_max_position_embeddings=16))),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -740,7 +748,7 @@ def _hf_model(arch):
                                   "olmo2", "olmo3-window",
                                   "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip",
                                   "cwm-window", "seed-oss-bias", "flex-olmo", "helium", "ernie4_5-bias", "glm",
-                                  "glm4"])
+                                  "glm4", "arcee-yarn-bias", "apertus"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -762,13 +770,33 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         slots = torch.zeros(1, dtype=torch.int32, device=DEVICE)
         torch.testing.assert_close(gen._forward(ids, slots, None)[0], expected_logits, rtol=1e-4, atol=1e-4)
     # the norms are computed from their weights: a hooked one is refused
-    hooked = {"qwen3-qk-norm": ("self_attn.k_norm", "Qwen3RMSNorm"), "glm4": ("post_mlp_layernorm", "Glm4RMSNorm")}
+    hooked = {"qwen3-qk-norm": ("self_attn.k_norm", "Qwen3RMSNorm"), "glm4": ("post_mlp_layernorm", "Glm4RMSNorm"),
+              "apertus": ("feedforward_layernorm", "ApertusRMSNorm")}
     if arch in hooked:
         name, cls = hooked[arch]
         handle = model.model.layers[1].get_submodule(name).register_forward_hook(lambda *a: None)
         with pytest.raises(ValueError, match=f"layers.1.{name} is a hooked {cls}"):
             Generator(model, 1, 24).generate([[3, 4]], 2)
         handle.remove()
+
+
+def test_a_gateless_mlps_activation_is_called_and_followed():
+    """Arcee's and Apertus's MLPs have no gate: the generator calls the model's own activation
+    module on up(x). A hooked one is refused (a captured decode step would not run the hook
+    again); one swapped for another module is what the next call computes."""
+    model = _hf_model("arcee-yarn-bias")
+    act = model.model.layers[1].mlp.act_fn
+    handle = act.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="layers.1.mlp.act_fn has forward hooks"):
+        Generator(model, 1, 24)
+    handle.remove()
+    gen, ids = Generator(model, 1, 24), torch.tensor([list(range(10, 21))], device=DEVICE)
+    slots = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    gen.generate([[3, 4]], 1)  # (each call binds the modules as they are now)
+    with torch.no_grad():
+        torch.testing.assert_close(gen._forward(ids, slots, None)[0], model(ids).logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_windowed_layers_hold_a_ring_of_their_window_and_keep_each_positions_key():
