@@ -2,7 +2,7 @@
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
-/ CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus causal LM, or the mixtures of
+/ CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 causal LM, or the mixtures of
 experts Mixtral /
 Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their parameters, no copies), with
 
@@ -289,7 +289,7 @@ class Generator:
     ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` /
     ``Olmo3ForCausalLM`` / ``CwmForCausalLM`` / ``SeedOssForCausalLM`` / ``HeliumForCausalLM`` /
     ``Ernie4_5ForCausalLM`` / ``GlmForCausalLM`` / ``Glm4ForCausalLM`` / ``ArceeForCausalLM`` /
-    ``ApertusForCausalLM`` / ``MixtralForCausalLM`` /
+    ``ApertusForCausalLM`` / ``Exaone4ForCausalLM`` / ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM``.
 
     Args:
@@ -355,13 +355,14 @@ class Generator:
         self.interleaved = family in forwards.ROTARY_INTERLEAVED_FAMILIES
         layers = model.model.layers
         # Each layer's rotary tables: one pair for the model, or one per layer type (Gemma 3's
-        # local and global bases); SmolLM3's NoPE layers get a one-row table of cos 1, sin 0,
+        # local and global bases); SmolLM3's NoPE layers (and EXAONE 4's global layers in a model
+        # with a window) get a one-row table of cos 1, sin 0,
         # with which x cos - y sin = x exactly (fp32 math), so the same kernel appends k unrotated.
         types = rotary_layer_types(model) or [None] * len(layers)
         tables = {t: rope_tables(model, max_seq_len, self.dtype, self.device, t) for t in dict.fromkeys(types)}
         cos = next(iter(tables.values()))[0]
         no_rotation = (torch.ones_like(cos[:1]), torch.zeros_like(cos[:1]))
-        self.rotary = [tables[t] if getattr(layer.self_attn, "use_rope", True) else no_rotation
+        self.rotary = [tables[t] if forwards.uses_rope(layer.self_attn) else no_rotation
                        for t, layer in zip(types, layers)]
         # Sliding windows (Mistral, Phi-3, Gemma 3's local layers ...): HF's W is (W - 1, 0)
         self.windows = [(w - 1, 0) if w else None for w in (forwards.sliding_window(layer.self_attn)
@@ -877,7 +878,7 @@ def load_tokenizer(path):
 # runs them as they are); "llama" loads into the reference model, without transformers.
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
                             "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "helium", "ernie4_5",
-                            "glm", "glm4", "arcee", "apertus", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                            "glm", "glm4", "arcee", "apertus", "exaone4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo")
 
 
@@ -886,7 +887,7 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
-    Arcee, Apertus, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
+    Arcee, Apertus, EXAONE 4, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path
 

@@ -113,7 +113,7 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
                   "Olmo3ForCausalLM", "CwmForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM",
                   "Ernie4_5ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "ArceeForCausalLM",
-                  "ApertusForCausalLM",
+                  "ApertusForCausalLM", "Exaone4ForCausalLM",
                   # mixtures of experts
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM")

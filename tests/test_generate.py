@@ -291,8 +291,8 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     assert "transformers could not load the 'mistral' checkpoint" in capsys.readouterr().err
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
-                                      "types: apertus, arcee, cwm, ernie4_5, flex_olmo, gemma, gemma2, gemma3_text, "
-                                      "glm, glm4, granite, helium, llama,"),
+                                      "types: apertus, arcee, cwm, ernie4_5, exaone4, flex_olmo, gemma, gemma2, "
+                                      "gemma3_text, glm, glm4, granite, helium, llama,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -732,6 +732,10 @@ def _hf_model(arch):
         "apertus": (transformers.ApertusConfig, transformers.ApertusForCausalLM, dict(
             pad_token_id=0, rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
                                                  high_freq_factor=4.0, original_max_position_embeddings=16))),
+        # EXAONE 4: OLMo 2's norm layout (Llama's norm), per-head q/k norms, windowed layers with
+        # rotary and global layers without (NoPE)
+        "exaone4-window": (transformers.Exaone4Config, transformers.Exaone4ForCausalLM, dict(
+            head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -748,7 +752,7 @@ def _hf_model(arch):
                                   "olmo2", "olmo3-window",
                                   "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip",
                                   "cwm-window", "seed-oss-bias", "flex-olmo", "helium", "ernie4_5-bias", "glm",
-                                  "glm4", "arcee-yarn-bias", "apertus"])
+                                  "glm4", "arcee-yarn-bias", "apertus", "exaone4-window"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
