@@ -2,9 +2,9 @@
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
-/ CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 causal LM, or the mixtures of
-experts Mixtral /
-Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their parameters, no copies), with
+/ CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma causal
+LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their
+parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -271,7 +271,8 @@ def _branch_norms(layer) -> tuple:
     MLP branch's output); None where the layer has none. Llama's: (None, post_attention_layernorm,
     None); Apertus's: Llama's, its norm named feedforward_layernorm. Gemma 2/3 and OLMo 2/3 norm
     each branch before it joins the stream, and the MLP's input too (Gemma's
-    pre_feedforward_layernorm) or not (OLMo); GLM-4 as Gemma, under other names."""
+    pre_feedforward_layernorm) or not (OLMo); GLM-4 as Gemma, under other names; VaultGemma norms
+    the MLP's input only (its pre_feedforward_layernorm)."""
     if hasattr(layer, "feedforward_layernorm"):  # Apertus
         return None, layer.feedforward_layernorm, None
     if hasattr(layer, "post_mlp_layernorm"):  # GLM-4
@@ -279,6 +280,8 @@ def _branch_norms(layer) -> tuple:
     if hasattr(layer, "post_feedforward_layernorm"):
         return (layer.post_attention_layernorm, getattr(layer, "pre_feedforward_layernorm", None),
                 layer.post_feedforward_layernorm)
+    if hasattr(layer, "pre_feedforward_layernorm"):  # VaultGemma: Gemma 2's, without the branch norms
+        return None, layer.pre_feedforward_layernorm, None
     return None, layer.post_attention_layernorm, None
 
 
@@ -289,7 +292,8 @@ class Generator:
     ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` / ``Olmo2ForCausalLM`` /
     ``Olmo3ForCausalLM`` / ``CwmForCausalLM`` / ``SeedOssForCausalLM`` / ``HeliumForCausalLM`` /
     ``Ernie4_5ForCausalLM`` / ``GlmForCausalLM`` / ``Glm4ForCausalLM`` / ``ArceeForCausalLM`` /
-    ``ApertusForCausalLM`` / ``Exaone4ForCausalLM`` / ``MixtralForCausalLM`` /
+    ``ApertusForCausalLM`` / ``Exaone4ForCausalLM`` / ``VaultGemmaForCausalLM`` /
+    ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM``.
 
     Args:
@@ -878,7 +882,7 @@ def load_tokenizer(path):
 # runs them as they are); "llama" loads into the reference model, without transformers.
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
                             "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "helium", "ernie4_5",
-                            "glm", "glm4", "arcee", "apertus", "exaone4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                            "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo")
 
 
@@ -887,7 +891,7 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
-    Arcee, Apertus, EXAONE 4, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
+    Arcee, Apertus, EXAONE 4, VaultGemma, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
     import json
     from pathlib import Path
 

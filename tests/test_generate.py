@@ -292,7 +292,7 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
                                       "types: apertus, arcee, cwm, ernie4_5, exaone4, flex_olmo, gemma, gemma2, "
-                                      "gemma3_text, glm, glm4, granite, helium, llama,"),
+                                      "gemma3_text, glm, glm4, granite, helium, llama, ministral,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -736,6 +736,12 @@ def _hf_model(arch):
         # rotary and global layers without (NoPE)
         "exaone4-window": (transformers.Exaone4Config, transformers.Exaone4ForCausalLM, dict(
             head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+        # VaultGemma: Gemma 2's attention (score soft-capping, a window, query_pre_attn_scalar) and
+        # final soft-capping, its layer without the branch norms (eager: as Gemma 2's)
+        "vaultgemma-window-softcap": (transformers.VaultGemmaConfig, transformers.VaultGemmaForCausalLM, dict(
+            head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24, attn_logit_softcapping=0.1, final_logit_softcapping=0.5,
+            attn_implementation="eager")),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -752,7 +758,8 @@ def _hf_model(arch):
                                   "olmo2", "olmo3-window",
                                   "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip",
                                   "cwm-window", "seed-oss-bias", "flex-olmo", "helium", "ernie4_5-bias", "glm",
-                                  "glm4", "arcee-yarn-bias", "apertus", "exaone4-window"])
+                                  "glm4", "arcee-yarn-bias", "apertus", "exaone4-window",
+                                  "vaultgemma-window-softcap"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
