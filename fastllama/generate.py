@@ -2,9 +2,9 @@
 
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
-/ CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma causal
-LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo (their
-parameters, no copies), with
+/ CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
+HyperCLOVA X causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
+FlexOlmo (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -252,12 +252,15 @@ class _State:
 
 @dataclasses.dataclass(frozen=True)
 class _Multipliers:
-    """Granite's scalars (1 for the other families): embeddings times ``embedding``, each
-    residual branch times ``residual``, logits divided by ``logits``."""
+    """Granite's and HyperCLOVA X's scalars (1 for the other families): embeddings times
+    ``embedding``, each residual branch times ``residual`` (after its norm, where the layer norms
+    its branches), logits divided by ``logits`` (Granite) or times it (``logits_multiplied``:
+    HyperCLOVA X)."""
 
     embedding: float
     residual: float
     logits: float
+    logits_multiplied: bool = False
 
 
 def _input_norm(layer):
@@ -275,6 +278,9 @@ def _branch_norms(layer) -> tuple:
     the MLP's input only (its pre_feedforward_layernorm)."""
     if hasattr(layer, "feedforward_layernorm"):  # Apertus
         return None, layer.feedforward_layernorm, None
+    if hasattr(layer, "post_norm1"):  # HyperCLOVA X: GLM-4's, or Llama's where use_post_norm is off
+        return tuple(None if isinstance(n, torch.nn.Identity) else n
+                     for n in (layer.post_norm1, layer.post_attention_layernorm, layer.post_norm2))
     if hasattr(layer, "post_mlp_layernorm"):  # GLM-4
         return layer.post_self_attn_layernorm, layer.post_attention_layernorm, layer.post_mlp_layernorm
     if hasattr(layer, "post_feedforward_layernorm"):
@@ -293,7 +299,7 @@ class Generator:
     ``Olmo3ForCausalLM`` / ``CwmForCausalLM`` / ``SeedOssForCausalLM`` / ``HeliumForCausalLM`` /
     ``Ernie4_5ForCausalLM`` / ``GlmForCausalLM`` / ``Glm4ForCausalLM`` / ``ArceeForCausalLM`` /
     ``ApertusForCausalLM`` / ``Exaone4ForCausalLM`` / ``VaultGemmaForCausalLM`` /
-    ``MixtralForCausalLM`` /
+    ``HyperCLOVAXForCausalLM`` / ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM``.
 
     Args:
@@ -345,7 +351,8 @@ class Generator:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.multipliers = _Multipliers(getattr(cfg, "embedding_multiplier", 1.0),
-                                        getattr(cfg, "residual_multiplier", 1.0), getattr(cfg, "logits_scaling", 1.0))
+                                        getattr(cfg, "residual_multiplier", 1.0), getattr(cfg, "logits_scaling", 1.0),
+                                        forwards._family(model) in forwards.LOGITS_MULTIPLIED)
         self.num_splits = num_splits
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
@@ -484,7 +491,7 @@ class Generator:
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
             attention_out_norm, mlp_norm, mlp_out_norm = _branch_norms(layer)
             # s = x + o (o normed first where the layer norms its branches); h = mlp_norm(s)
-            o = self._residual_branch(o) if attention_out_norm is None else self._norm(o, attention_out_norm)
+            o = self._residual_branch(o if attention_out_norm is None else self._norm(o, attention_out_norm))
             x, h = self._add_and_norm(x, o, mlp_norm)
             if hasattr(m, "experts"):
                 mlp_out = self._experts(m, h, self.activations[i], self.shared_activations[i])
@@ -496,13 +503,14 @@ class Generator:
                 gate, up = projected if len(projected) == 2 else projected[0].chunk(2, dim=-1)
                 mlp_out = F.linear(ops.swiglu(gate, up, activation=self.activations[i]), m.down_proj.weight,
                                    m.down_proj.bias)
-            mlp_out = self._residual_branch(mlp_out) if mlp_out_norm is None else self._norm(mlp_out, mlp_out_norm)
+            mlp_out = self._residual_branch(mlp_out if mlp_out_norm is None else self._norm(mlp_out, mlp_out_norm))
         # the last residual add and the final norm in one kernel, at the rows that give logits
         rows = (torch.arange(B, device=x.device), last) if last is not None else (slice(None), -1)
         h, _ = self._norm(mlp_out[rows], self.model.model.norm, residual=x[rows])
         logits = F.linear(h, self.model.lm_head.weight)
         if self.multipliers.logits != 1.0:
-            logits = logits / self.multipliers.logits
+            logits = (logits * self.multipliers.logits if self.multipliers.logits_multiplied
+                      else logits / self.multipliers.logits)
         if self.final_softcap is not None:  # Gemma's final soft-capping: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
@@ -583,7 +591,8 @@ class Generator:
         return s, h
 
     def _residual_branch(self, h: torch.Tensor) -> torch.Tensor:
-        """What a layer's attention or MLP adds to the residual stream (Granite scales it)."""
+        """What a layer's attention or MLP adds to the residual stream (Granite and HyperCLOVA X
+        scale it)."""
         return h if self.multipliers.residual == 1.0 else h * self.multipliers.residual
 
     def _advance(self, st: _State, logits: torch.Tensor, generator=None) -> None:
@@ -882,7 +891,8 @@ def load_tokenizer(path):
 # runs them as they are); "llama" loads into the reference model, without transformers.
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
                             "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "helium", "ernie4_5",
-                            "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                            "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "hyperclovax",
+                            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo")
 
 
@@ -891,7 +901,9 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
-    Arcee, Apertus, EXAONE 4, VaultGemma, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must then be installed."""
+    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or
+    FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
+    which must then be installed."""
     import json
     from pathlib import Path
 

@@ -114,7 +114,7 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "Olmo3ForCausalLM", "CwmForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM",
                   "Ernie4_5ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "ArceeForCausalLM",
                   "ApertusForCausalLM", "Exaone4ForCausalLM",
-                  "VaultGemmaForCausalLM",
+                  "VaultGemmaForCausalLM", "HyperCLOVAXForCausalLM",
                   # mixtures of experts
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM")
@@ -219,8 +219,9 @@ def module_problem(model) -> str | None:
     norms = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in layers
              for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                        "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm",
-                       "attention_layernorm", "feedforward_layernorm")  # (the last two: Apertus's)
-             if hasattr(layer, n)] + [("norm", model.model.norm)]
+                       "attention_layernorm", "feedforward_layernorm",  # (Apertus's)
+                       "post_norm1", "post_norm2")  # (HyperCLOVA X's, nn.Identity when it has none)
+             if hasattr(layer, n) and type(getattr(layer, n)) is not nn.Identity] + [("norm", model.model.norm)]
     norms += [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in layers
               for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]  # Qwen3's per-head q/k norms
     for name, norm in norms:

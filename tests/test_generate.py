@@ -292,7 +292,7 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
                                       "types: apertus, arcee, cwm, ernie4_5, exaone4, flex_olmo, gemma, gemma2, "
-                                      "gemma3_text, glm, glm4, granite, helium, llama, ministral,"),
+                                      "gemma3_text, glm, glm4, granite, helium, hyperclovax, llama,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -742,6 +742,12 @@ def _hf_model(arch):
             head_dim=16, pad_token_id=0, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
             query_pre_attn_scalar=24, attn_logit_softcapping=0.1, final_logit_softcapping=0.5,
             attn_implementation="eager")),
+        # HyperCLOVA X: Granite's multipliers (its logits multiplied, not divided), applied after
+        # the norm of each branch (use_post_norm) or with none
+        "hyperclovax-post-norm": (transformers.HyperCLOVAXConfig, transformers.HyperCLOVAXForCausalLM, dict(
+            embedding_multiplier=1.5, residual_multiplier=0.7, logits_scaling=0.5, attention_multiplier=0.2)),
+        "hyperclovax": (transformers.HyperCLOVAXConfig, transformers.HyperCLOVAXForCausalLM, dict(
+            use_post_norm=False, embedding_multiplier=1.5, residual_multiplier=0.7, logits_scaling=0.5)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -759,7 +765,7 @@ def _hf_model(arch):
                                   "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip",
                                   "cwm-window", "seed-oss-bias", "flex-olmo", "helium", "ernie4_5-bias", "glm",
                                   "glm4", "arcee-yarn-bias", "apertus", "exaone4-window",
-                                  "vaultgemma-window-softcap"])
+                                  "vaultgemma-window-softcap", "hyperclovax-post-norm", "hyperclovax"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
