@@ -712,3 +712,15 @@ def test_cli_refuses_an_output_or_cache_folder_it_cannot_make_before_compiling(t
         for path in ("afile", "afile/sub"):
             assert main(["build-report", "--op", "swiglu", "--arch", "sm_80", flag, str(tmp_path / path)]) == 2
             assert f"{flag}: cannot make the folder" in capsys.readouterr().err
+
+
+def test_the_readme_quotes_the_committed_reports_build_count():
+    """The README's "Now: N builds" is the committed report's count (it said 18857 for weeks after
+    the report grew to 21877)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    report = json.loads((root / "benchmarks/results/build/report.json").read_text())
+    quoted = re.search(r"Now: (\d+)\s+builds", (root / "README.md").read_text())
+    assert quoted, "README.md no longer says 'Now: N builds'"
+    assert int(quoted.group(1)) == len(report["rows"])
