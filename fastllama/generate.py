@@ -3,7 +3,7 @@
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
 / CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
-HyperCLOVA X causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
+HyperCLOVA X / Ministral 3 causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
 FlexOlmo (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
@@ -299,7 +299,7 @@ class Generator:
     ``Olmo3ForCausalLM`` / ``CwmForCausalLM`` / ``SeedOssForCausalLM`` / ``HeliumForCausalLM`` /
     ``Ernie4_5ForCausalLM`` / ``GlmForCausalLM`` / ``Glm4ForCausalLM`` / ``ArceeForCausalLM`` /
     ``ApertusForCausalLM`` / ``Exaone4ForCausalLM`` / ``VaultGemmaForCausalLM`` /
-    ``HyperCLOVAXForCausalLM`` / ``MixtralForCausalLM`` /
+    ``HyperCLOVAXForCausalLM`` / ``Ministral3ForCausalLM`` / ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM``.
 
     Args:
@@ -357,6 +357,14 @@ class Generator:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.clip_qkv = getattr(cfg, "clip_qkv", None)
+        # Ministral 3 scales q (after rotary) by Llama 4's factor of its position: HF's own
+        # function on every position, rounded to the model's dtype as HF rounds it
+        self.q_position_scale = None
+        if forwards._family(model) == "ministral3":
+            rope, positions = cfg.rope_parameters, torch.arange(max_seq_len, device=self.device)[None]
+            scale = sys.modules[type(model).__module__].get_llama_4_attn_scale(
+                positions, rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings"))
+            self.q_position_scale = scale.reshape(-1).to(self.dtype)
         # Gemma's norms compute (x * (1 + w)), OLMo 2/3's, FlexOlmo's and Helium's (x * w), in
         # fp32 and round once: the families patch serves with those norms
         family = forwards._family(model)
@@ -536,6 +544,7 @@ class Generator:
             ring_slots, ring_lengths = rings[ring]
             q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, ring_slots, positions=slots,
                                         interleaved=self.interleaved)
+            q = self._position_scaled(q, slots)
             return ops.decode_attention(q, kc, vc, ring_lengths, scale=scale, num_splits=self.num_splits,
                                         softcap=softcap)
         if ring is not None:  # a prefill on a ring: the whole prompt to a scratch cache, attended there
@@ -544,6 +553,7 @@ class Generator:
                                            device=self.device) for _ in range(2))
             ring_k, ring_v, (kc, vc) = kc, vc, scratch
         q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots, interleaved=self.interleaved)
+        q = self._position_scaled(q, slots)
         if lengths is not None:
             o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window,
                                      softcap=softcap)
@@ -555,6 +565,14 @@ class Generator:
             _fill_ring(ring_k, kc, prompt_lengths)
             _fill_ring(ring_v, vc, prompt_lengths)
         return o
+
+    def _position_scaled(self, q: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, D) of the tokens at positions ``slots[b] + t`` times Ministral 3's factor of
+        each position (:attr:`q_position_scale`); q itself for the other families."""
+        if self.q_position_scale is None:
+            return q
+        positions = slots.to(torch.long)[:, None] + torch.arange(q.shape[2], device=q.device)
+        return q * self.q_position_scale[positions][:, None, :, None]
 
     @staticmethod
     def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
@@ -891,7 +909,7 @@ def load_tokenizer(path):
 # runs them as they are); "llama" loads into the reference model, without transformers.
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
                             "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "helium", "ernie4_5",
-                            "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "hyperclovax",
+                            "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "hyperclovax", "ministral3",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo")
 
@@ -901,7 +919,7 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
-    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or
+    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or
     FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
     which must then be installed."""
     import json

@@ -292,7 +292,7 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
                                       "types: apertus, arcee, cwm, ernie4_5, exaone4, flex_olmo, gemma, gemma2, "
-                                      "gemma3_text, glm, glm4, granite, helium, hyperclovax, llama,"),
+                                      "gemma3_text, glm, glm4, granite, helium, hyperclovax, llama, ministral, ministral3,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -748,6 +748,12 @@ def _hf_model(arch):
             embedding_multiplier=1.5, residual_multiplier=0.7, logits_scaling=0.5, attention_multiplier=0.2)),
         "hyperclovax": (transformers.HyperCLOVAXConfig, transformers.HyperCLOVAXForCausalLM, dict(
             use_post_norm=False, embedding_multiplier=1.5, residual_multiplier=0.7, logits_scaling=0.5)),
+        # Ministral 3: q scaled by Llama 4's factor of its position (steps of 8 positions here,
+        # so prompt, decode and ring positions reach factors above 1), a window on every layer
+        "ministral3-window-llama4-scale": (transformers.Ministral3Config, transformers.Ministral3ForCausalLM, dict(
+            head_dim=16, sliding_window=6, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                original_max_position_embeddings=8,
+                                                                llama_4_scaling_beta=0.5))),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -765,7 +771,8 @@ def _hf_model(arch):
                                   "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip",
                                   "cwm-window", "seed-oss-bias", "flex-olmo", "helium", "ernie4_5-bias", "glm",
                                   "glm4", "arcee-yarn-bias", "apertus", "exaone4-window",
-                                  "vaultgemma-window-softcap", "hyperclovax-post-norm", "hyperclovax"])
+                                  "vaultgemma-window-softcap", "hyperclovax-post-norm", "hyperclovax",
+                                  "ministral3-window-llama4-scale"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
