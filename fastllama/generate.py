@@ -3,7 +3,7 @@
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
 / CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
-HyperCLOVA X / Ministral 3 causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
+HyperCLOVA X / Ministral 3 / HunYuan causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
 FlexOlmo (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
@@ -299,7 +299,8 @@ class Generator:
     ``Olmo3ForCausalLM`` / ``CwmForCausalLM`` / ``SeedOssForCausalLM`` / ``HeliumForCausalLM`` /
     ``Ernie4_5ForCausalLM`` / ``GlmForCausalLM`` / ``Glm4ForCausalLM`` / ``ArceeForCausalLM`` /
     ``ApertusForCausalLM`` / ``Exaone4ForCausalLM`` / ``VaultGemmaForCausalLM`` /
-    ``HyperCLOVAXForCausalLM`` / ``Ministral3ForCausalLM`` / ``MixtralForCausalLM`` /
+    ``HyperCLOVAXForCausalLM`` / ``Ministral3ForCausalLM`` / ``HunYuanDenseV1ForCausalLM`` /
+    ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM``.
 
     Args:
@@ -330,7 +331,7 @@ class Generator:
                  num_splits: int | None = None, fuse_projections: bool = True):
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size}, {max_seq_len}")
-        check_model(model)
+        check_model(model, max_seq_len)
         p = model.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
         if cuda_graph and self.device.type != "cuda":
@@ -380,7 +381,7 @@ class Generator:
         types = rotary_layer_types(model) or [None] * len(layers)
         tables = {t: rope_tables(model, max_seq_len, self.dtype, self.device, t) for t in dict.fromkeys(types)}
         cos = next(iter(tables.values()))[0]
-        no_rotation = (torch.ones_like(cos[:1]), torch.zeros_like(cos[:1]))
+        no_rotation = self._no_rotation = (torch.ones_like(cos[:1]), torch.zeros_like(cos[:1]))
         self.rotary = [tables[t] if forwards.uses_rope(layer.self_attn) else no_rotation
                        for t, layer in zip(types, layers)]
         # Sliding windows (Mistral, Phi-3, Gemma 3's local layers ...): HF's W is (W - 1, 0)
@@ -532,6 +533,14 @@ class Generator:
         B, T = q.shape[0], q.shape[2]
         kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]
         cos, sin = self.rotary[i]
+        attn = self.model.model.layers[i].self_attn
+        if hasattr(attn, "query_layernorm"):
+            # HunYuan norms each head's q and k AFTER rotary: rotate (tables read at each token's
+            # position), norm, then the cache append with the identity rotation (k copied exactly)
+            positions = slots.to(torch.long)[:, None] + torch.arange(T, device=q.device)
+            q, k = ops.apply_rotary_pos_emb(q, k, cos[positions], sin[positions], interleaved=self.interleaved)
+            q, k = self._norm(q, attn.query_layernorm), self._norm(k, attn.key_layernorm)
+            cos, sin = self._no_rotation
         scale, window = getattr(self.model.model.layers[i].self_attn, "scaling", None), self.windows[i]
         softcap = self.softcaps[i]
         ring = self.cache_lengths[i] if self.cache_lengths[i] < self.max_seq_len else None
@@ -910,6 +919,7 @@ def load_tokenizer(path):
 TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
                             "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "helium", "ernie4_5",
                             "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "hyperclovax", "ministral3",
+                            "hunyuan_v1_dense",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo")
 
@@ -919,7 +929,7 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
-    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or
+    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or
     FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
     which must then be installed."""
     import json

@@ -27,7 +27,7 @@ from torch import nn
 from .reference import functional as ref
 from .reference.model import Llama, RMSNorm, default_stop_and_pad
 
-__all__ = ["RowBlocks", "rope_tables", "check_model", "module_problem", "default_stop_and_pad"]
+__all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "check_model", "module_problem", "default_stop_and_pad"]
 
 
 class RowBlocks:
@@ -115,7 +115,7 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "Ernie4_5ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "ArceeForCausalLM",
                   "ApertusForCausalLM", "Exaone4ForCausalLM",
                   "VaultGemmaForCausalLM", "HyperCLOVAXForCausalLM",
-                  "Ministral3ForCausalLM",
+                  "Ministral3ForCausalLM", "HunYuanDenseV1ForCausalLM",
                   # mixtures of experts
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM")
@@ -144,16 +144,35 @@ def rope_tables(model, max_seq_len: int, dtype, device, layer_type: str | None =
         with torch.no_grad():
             x = torch.empty(0, dtype=dtype, device=device)
             by_type = () if layer_type is None else (layer_type,)
+            # (first one position: a "dynamic" module that a longer sequence grew goes back to its
+            # original tables, as HF's next shorter sequence sends it back)
+            model.model.rotary_emb(x, positions[:, :1], *by_type)
             cos, sin = model.model.rotary_emb(x, positions, *by_type)
     return cos[0].contiguous(), sin[0].contiguous()
 
 
-def check_model(model) -> None:
+def rope_length_limit(model, kind: str, layer_type: str | None = None) -> int | None:
+    """For a rotary scaling whose tables HF computes anew from the length of the sequence, the
+    longest sequence that still gets the original tables (None: the tables are fixed).
+    "dynamic" NTK (HF's test: the substring) grows its base past the rotary module's
+    ``original_max_seq_len`` (``max_position_embeddings``); "longrope" (Phi-3.5-mini,
+    Phi-4-mini) switches from its short to its long factors past
+    ``original_max_position_embeddings`` (4096 there)."""
+    if "dynamic" in kind:
+        return int(model.model.rotary_emb.original_max_seq_len)
+    if kind == "longrope":
+        params = model.config.rope_parameters
+        return int((params if layer_type is None else params[layer_type])["original_max_position_embeddings"])
+    return None
+
+
+def check_model(model, max_seq_len: int | None = None) -> None:
     """The reference Llama, or one of the HF causal LMs of ``_HF_CAUSAL_LMS``, that the decode
-    step computes exactly: a rotary table fixed in advance (not "dynamic"/"longrope" scaling;
-    partial rotary where the family's attention does it: Phi-3, GLM), causal attention (its scores
-    soft-capped or not: Gemma 2). (The MLP's activation, SiLU or GELU-tanh, is read from the
-    modules: :func:`module_problem`.)"""
+    step computes exactly: rotary tables fixed in advance ("dynamic"/"longrope" scaling only up
+    to :func:`rope_length_limit`, which ``max_seq_len`` must not pass; partial rotary where the
+    family's attention does it: Phi-3, GLM), causal attention (its scores soft-capped or not:
+    Gemma 2). (The MLP's activation, SiLU or GELU-tanh, is read from the modules:
+    :func:`module_problem`.)"""
     if isinstance(model, Llama):
         return
     cls = type(model)
@@ -165,9 +184,13 @@ def check_model(model) -> None:
                         f"{' / '.join(_HF_CAUSAL_LMS)}, got {cls.__name__}{peft}")
     cfg = model.config
     rope_type = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
-    for kind in rope_type.values() if isinstance(rope_type, dict) else (rope_type,):  # (Gemma 3: per layer type)
-        if kind in ("dynamic", "longrope"):  # their frequencies change with the length seen so far
-            raise ValueError(f"{cls.__name__} uses rope_type={kind!r}; the generator precomputes its rotary tables")
+    # (Gemma 3: one per layer type)
+    for layer_type, kind in rope_type.items() if isinstance(rope_type, dict) else ((None, rope_type),):
+        limit = rope_length_limit(model, kind, layer_type)
+        if limit is not None and (max_seq_len is None or max_seq_len > limit):
+            raise ValueError(f"{cls.__name__} uses rope_type={kind!r}, whose rotary tables HF computes anew for "
+                             f"sequences longer than {limit} tokens; the generator precomputes them: max_seq_len "
+                             f"must be <= {limit}, got {max_seq_len}")
     if not all(getattr(layer.self_attn, "is_causal", True) for layer in model.model.layers):
         raise ValueError(f"{cls.__name__} has bidirectional attention (use_bidirectional_attention); the generator "
                          f"decodes causally")
@@ -224,7 +247,8 @@ def module_problem(model) -> str | None:
                        "post_norm1", "post_norm2")  # (HyperCLOVA X's, nn.Identity when it has none)
              if hasattr(layer, n) and type(getattr(layer, n)) is not nn.Identity] + [("norm", model.model.norm)]
     norms += [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in layers
-              for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]  # Qwen3's per-head q/k norms
+              for n in ("q_norm", "k_norm", "query_layernorm", "key_layernorm")  # (per head: Qwen3's; HunYuan's)
+              if hasattr(layer.self_attn, n)]
     for name, norm in norms:
         replaced = forwards._forward_replaced(norm) and not forwards._patched_with(
             norm, *forwards.NORM_FORWARDS, forwards.olmo_rms_norm_forward)

@@ -292,7 +292,7 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
                                       "types: apertus, arcee, cwm, ernie4_5, exaone4, flex_olmo, gemma, gemma2, "
-                                      "gemma3_text, glm, glm4, granite, helium, hyperclovax, llama, ministral, ministral3,"),
+                                      "gemma3_text, glm, glm4, granite, helium, hunyuan_v1_dense, hyperclovax, llama,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -674,6 +674,13 @@ def _hf_model(arch):
         "phi3-merged-proj": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0)),
         "phi3-partial-rope": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0, rope_parameters=dict(
             rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75))),
+        # Phi-4-mini's rotary: partial, longrope (short factors up to original_max_position_embeddings,
+        # its attention factor on cos/sin), taken up to that length
+        "phi3-partial-longrope": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
+            pad_token_id=0, original_max_position_embeddings=32, rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                                                 short_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
+                                                 long_factor=[2.0, 3.0, 5.0, 8.0, 13.0, 21.0],
+                                                 original_max_position_embeddings=32))),
         "granite-multipliers": (transformers.GraniteConfig, transformers.GraniteForCausalLM, dict(
             embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=8.0)),
         "smollm3-nope": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM, dict(
@@ -754,6 +761,11 @@ def _hf_model(arch):
             head_dim=16, sliding_window=6, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                                 original_max_position_embeddings=8,
                                                                 llama_4_scaling_beta=0.5))),
+        # HunYuan: each head's q and k normed after rotary (its NTK-alpha rotary: "dynamic" with
+        # a fixed alpha, a fixed table), attention biases
+        "hunyuan-ntk-alpha": (transformers.HunYuanDenseV1Config, transformers.HunYuanDenseV1ForCausalLM, dict(
+            head_dim=16, attention_bias=True, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0,
+                                                                   alpha=4.0, factor=1.0))),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -765,14 +777,15 @@ def _hf_model(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3-rope-tied", "qwen2-bias", "mistral-window", "qwen3-qk-norm",
-                                  "phi3-merged-proj", "phi3-partial-rope", "granite-multipliers", "smollm3-nope",
+                                  "phi3-merged-proj", "phi3-partial-rope", "phi3-partial-longrope",
+                                  "granite-multipliers", "smollm3-nope",
                                   "ministral-layer-window", "gemma", "gemma2-window-softcap", "gemma3-window-softcap",
                                   "olmo2", "olmo3-window",
                                   "mixtral-window", "qwen2-moe-shared", "qwen3-moe", "olmoe-clip",
                                   "cwm-window", "seed-oss-bias", "flex-olmo", "helium", "ernie4_5-bias", "glm",
                                   "glm4", "arcee-yarn-bias", "apertus", "exaone4-window",
                                   "vaultgemma-window-softcap", "hyperclovax-post-norm", "hyperclovax",
-                                  "ministral3-window-llama4-scale"])
+                                  "ministral3-window-llama4-scale", "hunyuan-ntk-alpha"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -795,7 +808,8 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         torch.testing.assert_close(gen._forward(ids, slots, None)[0], expected_logits, rtol=1e-4, atol=1e-4)
     # the norms are computed from their weights: a hooked one is refused
     hooked = {"qwen3-qk-norm": ("self_attn.k_norm", "Qwen3RMSNorm"), "glm4": ("post_mlp_layernorm", "Glm4RMSNorm"),
-              "apertus": ("feedforward_layernorm", "ApertusRMSNorm")}
+              "apertus": ("feedforward_layernorm", "ApertusRMSNorm"),
+              "hunyuan-ntk-alpha": ("self_attn.key_layernorm", "HunYuanDenseV1RMSNorm")}
     if arch in hooked:
         name, cls = hooked[arch]
         handle = model.model.layers[1].get_submodule(name).register_forward_hook(lambda *a: None)
@@ -1098,10 +1112,37 @@ def test_unsupported_model_is_refused():
 
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         Generator(torch.nn.Linear(2, 2), 1, 8)
+
+
+def test_rotary_scaling_that_changes_with_the_length_is_taken_up_to_its_limit():
+    """"dynamic" NTK and "longrope" tables change once a sequence is longer than a limit (HF
+    computes them anew from the length): the generator precomputes one table, so it takes them
+    for a cache up to that limit (where HF's tables are the original ones: the same tokens), and
+    refuses a longer cache, naming the limit."""
+    import transformers
+
     cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    with pytest.raises(ValueError, match="dynamic"):
-        Generator(transformers.LlamaForCausalLM(cfg).to(DEVICE), 1, 8)
+                                   num_attention_heads=2, max_position_embeddings=16,
+                                   rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
+    model.generation_config.eos_token_id = None
+    with pytest.raises(ValueError, match="rope_type='dynamic'.* max_seq_len must be <= 16, got 17"):
+        Generator(model, 1, 17)
+    # a longer sequence first grows HF's tables (HF's next shorter one sends them back); the
+    # generator, built in between, takes the original ones all the same
+    model(torch.zeros(1, 40, dtype=torch.long, device=DEVICE))
+    gen = Generator(model, 1, 16)
+    prompt = [5, 6, 7, 8, 9]
+    expected = model.generate(torch.tensor([prompt], device=DEVICE), max_new_tokens=11, do_sample=False)
+    assert gen.generate([prompt], 11, stop_tokens=[])[0] == expected[0].tolist()
+    ids = torch.tensor([list(range(3, 19))], device=DEVICE)  # (and the logits, at all 16 positions)
+    with torch.no_grad():
+        torch.testing.assert_close(gen._forward(ids, torch.zeros(1, dtype=torch.int32, device=DEVICE), None)[0],
+                                   model(ids).logits[0, -1], rtol=1e-4, atol=1e-4)
+    longrope = _hf_model("phi3-partial-longrope")
+    with pytest.raises(ValueError, match="rope_type='longrope'.* max_seq_len must be <= 32, got 33"):
+        Generator(longrope, 1, 33)
 
 
 @pytest.mark.skipif(INTERPRETER, reason="real CUDA graphs need a GPU")
