@@ -17,12 +17,13 @@ FlexOlmo (their parameters, no copies), with
   batch of up to 16 tokens; right padding is invisible to the real tokens under a causal mask,
   and the padded slots are never read: each sequence's length says where its cache ends),
   logits only at each prompt's last token;
-* decode: per layer ``rms_norm`` (fused with the residual add; Gemma 2/3 and OLMo also norm each
-  branch, and OLMo has no norm before one), projections (q/k/v in one
-  GEMM, gate/up in one: see :class:`RowBlocks`), the fused rotary + cache append,
-  ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length, or the
-  layer's sliding window of it; Gemma 2's scores soft-capped), ``swiglu`` (GeGLU for Gemma; a
-  mixture of experts: the model's router, then ``ops.moe_experts``);
+* decode: per layer ``rms_norm`` (fused with the residual add; Gemma 2/3, OLMo 2/3, EXAONE 4,
+  GLM-4 and HyperCLOVA X also norm each branch, and OLMo and EXAONE 4 have no norm before one),
+  projections (q/k/v in one GEMM, gate/up in one: see :class:`RowBlocks`), the fused rotary +
+  cache append, ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length,
+  or the layer's sliding window of it; Gemma 2's scores soft-capped), ``swiglu`` (GeGLU for
+  Gemma; a mixture of experts: the model's router, then ``ops.moe_experts``; a gateless MLP,
+  Arcee's or Apertus's: its own activation module on up(x));
   then sampling (greedy, temperature, top-k, top-p) on the device, stop tokens, and the
   lengths advanced on the device. On CUDA the whole step is captured ONCE as a
   ``torch.cuda.CUDAGraph`` per (batch size, sampling settings) and replayed: no Python, no
@@ -317,7 +318,9 @@ class Generator:
             re-pointing them is fine: each call checks that the captured graphs still read the
             weights' memory, else captures again.
         max_batch_size, max_seq_len: cache capacity; a call needs ``batch <= max_batch_size``
-            and ``longest prompt + max_new_tokens <= max_seq_len``.
+            and ``longest prompt + max_new_tokens <= max_seq_len``. A model with "dynamic" or
+            "longrope" rotary scaling takes a ``max_seq_len`` up to the length where HF's
+            tables change (:func:`fastllama.model_weights.rope_length_limit`).
         cuda_graph: capture the decode step as a CUDA graph (default: True on CUDA, except for a
             mixture of experts whose grouped matmul syncs with the host: see
             :func:`fastllama.ops.experts.grouped_mm_syncs`). On the CPU the step always runs eagerly.

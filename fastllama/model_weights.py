@@ -171,8 +171,8 @@ def check_model(model, max_seq_len: int | None = None) -> None:
     step computes exactly: rotary tables fixed in advance ("dynamic"/"longrope" scaling only up
     to :func:`rope_length_limit`, which ``max_seq_len`` must not pass; partial rotary where the
     family's attention does it: Phi-3, GLM), causal attention (its scores soft-capped or not:
-    Gemma 2). (The MLP's activation, SiLU or GELU-tanh, is read from the modules:
-    :func:`module_problem`.)"""
+    Gemma 2). (The MLP's activation, SiLU or GELU-tanh for a gated MLP, any un-hooked module for
+    a gateless one, is read from the modules: :func:`module_problem`.)"""
     if isinstance(model, Llama):
         return
     cls = type(model)
