@@ -4,7 +4,7 @@
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
 / CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
 HyperCLOVA X / Ministral 3 / HunYuan causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
-FlexOlmo (their parameters, no copies), with
+FlexOlmo / GraniteMoE (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -53,7 +53,7 @@ from .forwards import (attention_input_linears, gate_activation, gateless, mlp_a
                        split_qkv)
 from .ops._checks import check_attention_device
 from .checkpoint import CheckpointError
-from .model_weights import (RowBlocks, check_model, default_stop_and_pad, module_problem, rope_tables,
+from .model_weights import (RowBlocks, check_model, default_stop_and_pad, mlp_of, module_problem, rope_tables,
                             rotary_layer_types)
 from .reference.model import Llama, check_sampling, filter_logits, token_id_set
 
@@ -302,7 +302,8 @@ class Generator:
     ``ApertusForCausalLM`` / ``Exaone4ForCausalLM`` / ``VaultGemmaForCausalLM`` /
     ``HyperCLOVAXForCausalLM`` / ``Ministral3ForCausalLM`` / ``HunYuanDenseV1ForCausalLM`` /
     ``MixtralForCausalLM`` /
-    ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM``.
+    ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM`` /
+    ``GraniteMoeForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -342,7 +343,8 @@ class Generator:
         check_attention_device(p)  # its prefill and decode steps run the attention kernels
         # A mixture of experts' grouped matmul syncs with the host outside its bf16 sm_90/sm_100
         # kernels: such a step cannot be captured, so it runs eagerly
-        experts = next((layer.mlp.experts for layer in model.model.layers if hasattr(layer.mlp, "experts")), None)
+        experts = next((mlp_of(layer)[1].experts for layer in model.model.layers
+                        if hasattr(mlp_of(layer)[1], "experts")), None)
         weight = getattr(experts, "gate_up_proj", None)  # (missing: refused with its reason at the call)
         syncs = isinstance(weight, torch.Tensor) and ops.experts.grouped_mm_syncs(weight)
         if cuda_graph and syncs:
@@ -427,11 +429,11 @@ class Generator:
                 for fused, layer in zip(self._projections, layers)]
         # (an MLP's activation swapped between SiLU and GELU-tanh changes the captured step too;
         # a gateless MLP's is the module the step calls: Arcee's ReLU^2, Apertus's xIELU)
-        self.activations = [mlp_activation(layer.mlp) if gateless(layer.mlp) else gate_activation(_gated(layer.mlp))
-                            for layer in self.model.model.layers]
+        mlps = [mlp_of(layer)[1] for layer in self.model.model.layers]
+        self.activations = [mlp_activation(mlp) if gateless(mlp) else gate_activation(_gated(mlp)) for mlp in mlps]
         # (and Qwen2-MoE's shared experts': captured like the others)
-        self.shared_activations = [gate_activation(layer.mlp.shared_expert) if hasattr(layer.mlp, "shared_expert")
-                                   else None for layer in self.model.model.layers]
+        self.shared_activations = [gate_activation(mlp.shared_expert) if hasattr(mlp, "shared_expert") else None
+                                   for mlp in mlps]
         # (and Gemma 2's attention score caps, read from the modules as HF's forward reads them)
         self.softcaps = [forwards.score_softcap(layer.self_attn) for layer in self.model.model.layers]
         too_big = [c for c in self.softcaps if not ops.decode.takes_softcap(c, self.dtype)]
@@ -451,7 +453,8 @@ class Generator:
         """The linears reading the attention's input (q, k, v) and the MLP's (gate, up); Phi-3's
         are one merged linear each, already one GEMM. A mixture of experts has none of the latter,
         nor a gateless MLP (its up_proj alone reads the input)."""
-        mlp = [] if hasattr(layer.mlp, "experts") or gateless(layer.mlp) else list(mlp_input_linears(layer.mlp))
+        block = mlp_of(layer)[1]
+        mlp = [] if hasattr(block, "experts") or gateless(block) else list(mlp_input_linears(block))
         return list(attention_input_linears(layer.self_attn)), mlp
 
     @staticmethod
@@ -480,7 +483,7 @@ class Generator:
         rings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ring size -> its write slots, lengths
         scratch: list[torch.Tensor] = []  # a prefill's full-length K/V for the ring layers, made once
         for i, layer in enumerate(layers):
-            a, m = layer.self_attn, layer.mlp
+            a, m = layer.self_attn, mlp_of(layer)[1]
             attention_in, mlp_in = self._layer_groups(layer)
             qkv, gate_up = self._projections[i] if self._projections else (None, None)
             # x + the previous layer's MLP branch, and this layer's input norm: one kernel (OLMo
@@ -588,11 +591,14 @@ class Generator:
 
     @staticmethod
     def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
-        """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE): the model's own router module
-        picks each token's experts, which run on ``ops.moe_experts``; Qwen2-MoE adds its shared
-        expert, scaled by a sigmoid gate. All on the device (no sync: the step stays capturable)."""
+        """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo, GraniteMoE): the model's
+        own router module picks each token's experts, which run on ``ops.moe_experts``; Qwen2-MoE
+        adds its shared expert, scaled by a sigmoid gate. All on the device (no sync: the step stays capturable)."""
         x = h.reshape(-1, h.shape[-1])
-        _, weights, index = block.gate(x)
+        # the router's outputs: (logits, weights, index); GraniteMoE's (its ``router``) in
+        # transformers before 5.2x: (index, weights, logits)
+        first, weights, last = block.gate(x) if hasattr(block, "gate") else block.router(x)
+        index = first if not first.is_floating_point() else last
         out = ops.moe_experts(x, index, weights, block.experts.gate_up_proj, block.experts.down_proj,
                               activation=activation)
         if hasattr(block, "shared_expert"):
@@ -924,7 +930,7 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "hyperclovax", "ministral3",
                             "hunyuan_v1_dense",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                            "flex_olmo")
+                            "flex_olmo", "granitemoe")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -932,8 +938,8 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
-    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or
-    FlexOlmo model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
+    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+    FlexOlmo or GraniteMoE model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
     which must then be installed."""
     import json
     from pathlib import Path

@@ -27,7 +27,7 @@ from torch import nn
 from .reference import functional as ref
 from .reference.model import Llama, RMSNorm, default_stop_and_pad
 
-__all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "check_model", "module_problem", "default_stop_and_pad"]
+__all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "mlp_of", "check_model", "module_problem", "default_stop_and_pad"]
 
 
 class RowBlocks:
@@ -118,7 +118,7 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "Ministral3ForCausalLM", "HunYuanDenseV1ForCausalLM",
                   # mixtures of experts
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
-                  "FlexOlmoForCausalLM")
+                  "FlexOlmoForCausalLM", "GraniteMoeForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:
@@ -208,6 +208,11 @@ def check_model(model, max_seq_len: int | None = None) -> None:
                              f"which its own attention does not handle (HF fails on them too)")
 
 
+def mlp_of(layer) -> tuple[str, nn.Module]:
+    """A decoder layer's MLP and its attribute name: ``mlp``, or GraniteMoE's ``block_sparse_moe``."""
+    return ("mlp", layer.mlp) if hasattr(layer, "mlp") else ("block_sparse_moe", layer.block_sparse_moe)
+
+
 def module_problem(model) -> str | None:
     """Why the weights alone do not compute the model, as its modules are NOW: a projection that
     is not a plain ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised
@@ -223,12 +228,13 @@ def module_problem(model) -> str | None:
     named = []
     for i, layer in layers:
         groups = [("self_attn", layer.self_attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"))]
-        if hasattr(layer.mlp, "experts"):  # a mixture of experts: Qwen2-MoE's shared expert and its gate
-            groups += [("mlp.shared_expert", getattr(layer.mlp, "shared_expert", None), ("gate_proj", "up_proj",
-                                                                                         "down_proj")),
-                       ("mlp", layer.mlp, ("shared_expert_gate",))]
+        part, mlp = mlp_of(layer)
+        if hasattr(mlp, "experts"):  # a mixture of experts: Qwen2-MoE's shared expert and its gate
+            groups += [(f"{part}.shared_expert", getattr(mlp, "shared_expert", None), ("gate_proj", "up_proj",
+                                                                                        "down_proj")),
+                       (part, mlp, ("shared_expert_gate",))]
         else:  # Phi-3's merged ones, or the others
-            groups.append(("mlp", layer.mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
+            groups.append((part, mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
         named += [(f"layers.{i}.{part}.{n}", getattr(m, n)) for part, m, names in groups for n in names
                   if hasattr(m, n)]
     for name, lin in named + [("lm_head", model.lm_head)]:
@@ -258,9 +264,10 @@ def module_problem(model) -> str | None:
             return (f"{name} is {what}{type(norm).__name__}, which the generator (computing the model's own "
                     f"RMSNorm from its weight) would not run")
     for i, layer in layers:
-        experts = getattr(layer.mlp, "experts", None)
-        gated = [("mlp", layer.mlp)] if experts is None else [("mlp.experts", experts)] + (
-            [("mlp.shared_expert", layer.mlp.shared_expert)] if hasattr(layer.mlp, "shared_expert") else [])
+        where, block = mlp_of(layer)
+        experts = getattr(block, "experts", None)
+        gated = [(where, block)] if experts is None else [(f"{where}.experts", experts)] + (
+            [(f"{where}.shared_expert", block.shared_expert)] if hasattr(block, "shared_expert") else [])
         for part, mlp in gated:
             if forwards.gateless(mlp):  # Arcee, Apertus: the generator calls the activation module itself
                 act = forwards.mlp_activation(mlp)
@@ -276,7 +283,7 @@ def module_problem(model) -> str | None:
         if experts is not None:
             problem = _experts_problem(experts)
             if problem:
-                return f"layers.{i}.mlp.experts: {problem}"
+                return f"layers.{i}.{where}.experts: {problem}"
     return None
 
 

@@ -292,7 +292,7 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
                                       "types: apertus, arcee, cwm, ernie4_5, exaone4, flex_olmo, gemma, gemma2, "
-                                      "gemma3_text, glm, glm4, granite, helium, hunyuan_v1_dense, hyperclovax, llama,"),
+                                      "gemma3_text, glm, glm4, granite, granitemoe, helium, hunyuan_v1_dense, hyperclovax, llama,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -766,6 +766,10 @@ def _hf_model(arch):
         "hunyuan-ntk-alpha": (transformers.HunYuanDenseV1Config, transformers.HunYuanDenseV1ForCausalLM, dict(
             head_dim=16, attention_bias=True, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0,
                                                                    alpha=4.0, factor=1.0))),
+        # GraniteMoE: Granite's multipliers, its experts in the layer's block_sparse_moe, picked by its router
+        "granitemoe-multipliers": (transformers.GraniteMoeConfig, transformers.GraniteMoeForCausalLM, dict(
+            num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+            attention_multiplier=0.05, logits_scaling=8.0)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -785,7 +789,7 @@ def _hf_model(arch):
                                   "cwm-window", "seed-oss-bias", "flex-olmo", "helium", "ernie4_5-bias", "glm",
                                   "glm4", "arcee-yarn-bias", "apertus", "exaone4-window",
                                   "vaultgemma-window-softcap", "hyperclovax-post-norm", "hyperclovax",
-                                  "ministral3-window-llama4-scale", "hunyuan-ntk-alpha"])
+                                  "ministral3-window-llama4-scale", "hunyuan-ntk-alpha", "granitemoe-multipliers"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -1339,3 +1343,22 @@ def test_ernie_generates_in_bf16_with_its_fp32_rotary_tables():
         want = model(ids).logits[0, -1].float()
     torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
     assert len(gen.generate([[5, 6, 7]], 4, stop_tokens=[])[0]) == 7
+
+
+def test_granitemoe_experts_are_named_where_the_layer_keeps_them():
+    """GraniteMoE's layer keeps its experts in ``block_sparse_moe`` (not ``mlp``): a hooked one is
+    refused under that name, and the generator reads the router's weights and indices whatever
+    order its transformers version returns them in."""
+    model = _hf_model("granitemoe-multipliers")
+    gen = Generator(model, 1, 16)
+    handle = model.model.layers[1].block_sparse_moe.experts.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="layers.1.block_sparse_moe.experts: hooked"):
+        gen.generate([[3, 4]], 2)
+    handle.remove()
+    router = model.model.layers[0].block_sparse_moe.router
+    logits, weights, index = router(torch.randn(5, model.config.hidden_size, device=DEVICE))
+    if logits.is_floating_point():  # (transformers 5.25's order; 5.17 returns index first)
+        router.forward = lambda x, f=router.forward: tuple(reversed(f(x)))  # the other order: same tokens
+        expected = Generator(model, 1, 16).generate([[3, 4, 5]], 4)
+        del router.forward
+        assert Generator(model, 1, 16).generate([[3, 4, 5]], 4) == expected
