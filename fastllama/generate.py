@@ -3,8 +3,8 @@
 :class:`Generator` runs a :class:`fastllama.reference.Llama`, or a transformers Llama / Mistral
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
 / CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
-HyperCLOVA X / Ministral 3 / HunYuan causal LM, or the mixtures of experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
-FlexOlmo / GraniteMoE (their parameters, no copies), with
+HyperCLOVA X / Ministral 3 / HunYuan / OLMo causal LM, or the mixtures of experts Mixtral /
+Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo / GraniteMoE (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -303,7 +303,7 @@ class Generator:
     ``HyperCLOVAXForCausalLM`` / ``Ministral3ForCausalLM`` / ``HunYuanDenseV1ForCausalLM`` /
     ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM`` /
-    ``GraniteMoeForCausalLM``.
+    ``GraniteMoeForCausalLM`` / ``OlmoForCausalLM`` (OLMo 1: its weightless LayerNorms called as they are).
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -355,7 +355,7 @@ class Generator:
         self.model, cfg = model, model.config
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
+        self.eps = getattr(cfg, "rms_norm_eps", None)  # (none for OLMo (1): its LayerNorms fix 1e-5)
         self.multipliers = _Multipliers(getattr(cfg, "embedding_multiplier", 1.0),
                                         getattr(cfg, "residual_multiplier", 1.0), getattr(cfg, "logits_scaling", 1.0),
                                         forwards._family(model) in forwards.LOGITS_MULTIPLIED)
@@ -376,6 +376,8 @@ class Generator:
         family = forwards._family(model)
         self.unit_offset = family in patching._GEMMA
         self.round_once = family in (*patching._GEMMA, *patching._OLMO)
+        # OLMo (1)'s norms are LayerNorms without weights: called as the model's own modules
+        self.weightless_norms = family == "olmo"
         # GLM's, GLM-4's, Helium's and Ernie 4.5's rotary turns adjacent pairs of dims
         self.interleaved = family in forwards.ROTARY_INTERLEAVED_FAMILIES
         layers = model.model.layers
@@ -611,7 +613,12 @@ class Generator:
     def _norm(self, x: torch.Tensor, norm, residual: torch.Tensor | None = None):
         """The model's RMSNorm ``norm`` of x from its weight, in one kernel (with ``residual``:
         ``(norm(x + residual), x + residual)``): Gemma's scales by ``1 + w``, Gemma's and OLMo's
-        round once."""
+        round once. OLMo (1)'s weightless LayerNorm: the module itself, after the add."""
+        if self.weightless_norms:
+            if residual is None:
+                return norm(x)
+            s = x + residual
+            return norm(s), s
         return ops.rms_norm(x, norm.weight, self.eps, residual=residual, unit_offset=self.unit_offset,
                             round_once=self.round_once)
 
@@ -930,7 +937,7 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "hyperclovax", "ministral3",
                             "hunyuan_v1_dense",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                            "flex_olmo", "granitemoe")
+                            "flex_olmo", "granitemoe", "olmo")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -939,7 +946,7 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
     Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-    FlexOlmo or GraniteMoE model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
+    FlexOlmo, GraniteMoE or OLMo (1) model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
     which must then be installed."""
     import json
     from pathlib import Path

@@ -118,7 +118,9 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "Ministral3ForCausalLM", "HunYuanDenseV1ForCausalLM",
                   # mixtures of experts
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
-                  "FlexOlmoForCausalLM", "GraniteMoeForCausalLM")
+                  "FlexOlmoForCausalLM", "GraniteMoeForCausalLM",
+                  # (and OLMo (1), its norms LayerNorms without weights)
+                  "OlmoForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:
@@ -244,8 +246,11 @@ def module_problem(model) -> str | None:
                     f"first (peft: merge_and_unload())")
         if lin._forward_pre_hooks or lin._forward_hooks:
             return f"{name} has forward hooks, which the generator (reading weights, not calling modules) would skip"
+    modeling = sys.modules[type(model).__module__]
+    # (OLMo (1)'s: a LayerNorm without weights, OlmoLayerNorm)
     rms_norm = RMSNorm if isinstance(model, Llama) else getattr(
-        sys.modules[type(model).__module__], type(model).__name__.replace("ForCausalLM", "RMSNorm"), None)
+        modeling, type(model).__name__.replace("ForCausalLM", "RMSNorm"),
+        getattr(modeling, type(model).__name__.replace("ForCausalLM", "LayerNorm"), None))
     norms = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in layers
              for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                        "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm",
@@ -262,7 +267,7 @@ def module_problem(model) -> str | None:
             what = ("a hooked " if norm._forward_pre_hooks or norm._forward_hooks
                     else "a forward-replaced " if replaced else "a ")
             return (f"{name} is {what}{type(norm).__name__}, which the generator (computing the model's own "
-                    f"RMSNorm from its weight) would not run")
+                    f"RMSNorm from its weight; OLMo's weightless LayerNorm in a captured step) would not run")
     for i, layer in layers:
         where, block = mlp_of(layer)
         experts = getattr(block, "experts", None)

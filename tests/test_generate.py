@@ -292,7 +292,8 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
                                       "types: apertus, arcee, cwm, ernie4_5, exaone4, flex_olmo, gemma, gemma2, "
-                                      "gemma3_text, glm, glm4, granite, granitemoe, helium, hunyuan_v1_dense, hyperclovax, llama,"),
+                                      "gemma3_text, glm, glm4, granite, granitemoe, helium, hunyuan_v1_dense, "
+                                      "hyperclovax, llama, ministral, ministral3, mistral, mixtral, olmo, olmo2,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -770,6 +771,8 @@ def _hf_model(arch):
         "granitemoe-multipliers": (transformers.GraniteMoeConfig, transformers.GraniteMoeForCausalLM, dict(
             num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0, residual_multiplier=0.22,
             attention_multiplier=0.05, logits_scaling=8.0)),
+        # OLMo (1): weightless LayerNorms, q/k/v clipped
+        "olmo-clip": (transformers.OlmoConfig, transformers.OlmoForCausalLM, dict(pad_token_id=0, clip_qkv=0.1)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -789,7 +792,8 @@ def _hf_model(arch):
                                   "cwm-window", "seed-oss-bias", "flex-olmo", "helium", "ernie4_5-bias", "glm",
                                   "glm4", "arcee-yarn-bias", "apertus", "exaone4-window",
                                   "vaultgemma-window-softcap", "hyperclovax-post-norm", "hyperclovax",
-                                  "ministral3-window-llama4-scale", "hunyuan-ntk-alpha", "granitemoe-multipliers"])
+                                  "ministral3-window-llama4-scale", "hunyuan-ntk-alpha", "granitemoe-multipliers",
+                                  "olmo-clip"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -813,7 +817,8 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     # the norms are computed from their weights: a hooked one is refused
     hooked = {"qwen3-qk-norm": ("self_attn.k_norm", "Qwen3RMSNorm"), "glm4": ("post_mlp_layernorm", "Glm4RMSNorm"),
               "apertus": ("feedforward_layernorm", "ApertusRMSNorm"),
-              "hunyuan-ntk-alpha": ("self_attn.key_layernorm", "HunYuanDenseV1RMSNorm")}
+              "hunyuan-ntk-alpha": ("self_attn.key_layernorm", "HunYuanDenseV1RMSNorm"),
+              "olmo-clip": ("post_attention_layernorm", "OlmoLayerNorm")}
     if arch in hooked:
         name, cls = hooked[arch]
         handle = model.model.layers[1].get_submodule(name).register_forward_hook(lambda *a: None)
