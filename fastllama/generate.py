@@ -4,7 +4,7 @@
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
 / CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
 HyperCLOVA X / Ministral 3 / HunYuan / OLMo causal LM, or the mixtures of experts Mixtral /
-Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo / GraniteMoE (their parameters, no copies), with
+Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo / GraniteMoE / dots.llm1 (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -54,7 +54,7 @@ from .forwards import (attention_input_linears, gate_activation, gateless, mlp_a
 from .ops._checks import check_attention_device
 from .checkpoint import CheckpointError
 from .model_weights import (RowBlocks, check_model, default_stop_and_pad, mlp_of, module_problem, rope_tables,
-                            rotary_layer_types)
+                            rotary_layer_types, shared_experts_of)
 from .reference.model import Llama, check_sampling, filter_logits, token_id_set
 
 __all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer",
@@ -303,7 +303,7 @@ class Generator:
     ``HyperCLOVAXForCausalLM`` / ``Ministral3ForCausalLM`` / ``HunYuanDenseV1ForCausalLM`` /
     ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM`` /
-    ``GraniteMoeForCausalLM`` / ``OlmoForCausalLM`` (OLMo 1: its weightless LayerNorms called as they are).
+    ``GraniteMoeForCausalLM`` / ``Dots1ForCausalLM`` / ``OlmoForCausalLM`` (OLMo 1: its weightless LayerNorms called as they are).
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -434,8 +434,8 @@ class Generator:
         mlps = [mlp_of(layer)[1] for layer in self.model.model.layers]
         self.activations = [mlp_activation(mlp) if gateless(mlp) else gate_activation(_gated(mlp)) for mlp in mlps]
         # (and Qwen2-MoE's shared experts': captured like the others)
-        self.shared_activations = [gate_activation(mlp.shared_expert) if hasattr(mlp, "shared_expert") else None
-                                   for mlp in mlps]
+        shared = [shared_experts_of(mlp)[1] for mlp in mlps]
+        self.shared_activations = [None if s is None else gate_activation(s) for s in shared]
         # (and Gemma 2's attention score caps, read from the modules as HF's forward reads them)
         self.softcaps = [forwards.score_softcap(layer.self_attn) for layer in self.model.model.layers]
         too_big = [c for c in self.softcaps if not ops.decode.takes_softcap(c, self.dtype)]
@@ -593,9 +593,10 @@ class Generator:
 
     @staticmethod
     def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
-        """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo, GraniteMoE): the model's
-        own router module picks each token's experts, which run on ``ops.moe_experts``; Qwen2-MoE
-        adds its shared expert, scaled by a sigmoid gate. All on the device (no sync: the step stays capturable)."""
+        """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1):
+        the model's own router module picks each token's experts, which run on
+        ``ops.moe_experts``; Qwen2-MoE adds its shared expert, scaled by a sigmoid gate, dots.llm1
+        its shared experts as they are. All on the device (no sync: the step stays capturable)."""
         x = h.reshape(-1, h.shape[-1])
         # the router's outputs: (logits, weights, index); GraniteMoE's (its ``router``) in
         # transformers before 5.2x: (index, weights, logits)
@@ -603,11 +604,13 @@ class Generator:
         index = first if not first.is_floating_point() else last
         out = ops.moe_experts(x, index, weights, block.experts.gate_up_proj, block.experts.down_proj,
                               activation=activation)
-        if hasattr(block, "shared_expert"):
-            s = block.shared_expert
+        _, s = shared_experts_of(block)
+        if s is not None:
             shared = F.linear(ops.swiglu(F.linear(x, s.gate_proj.weight), F.linear(x, s.up_proj.weight),
                                          activation=shared_activation), s.down_proj.weight)
-            out = out + torch.sigmoid(F.linear(x, block.shared_expert_gate.weight)) * shared
+            if hasattr(block, "shared_expert_gate"):  # Qwen2-MoE's: scaled by a sigmoid gate
+                shared = torch.sigmoid(F.linear(x, block.shared_expert_gate.weight)) * shared
+            out = out + shared
         return out.view_as(h)
 
     def _norm(self, x: torch.Tensor, norm, residual: torch.Tensor | None = None):
@@ -937,7 +940,7 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "hyperclovax", "ministral3",
                             "hunyuan_v1_dense",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                            "flex_olmo", "granitemoe", "olmo")
+                            "flex_olmo", "granitemoe", "olmo", "dots1")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -946,7 +949,7 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
     Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-    FlexOlmo, GraniteMoE or OLMo (1) model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
+    FlexOlmo, GraniteMoE, dots.llm1 or OLMo (1) model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
     which must then be installed."""
     import json
     from pathlib import Path

@@ -27,7 +27,7 @@ from torch import nn
 from .reference import functional as ref
 from .reference.model import Llama, RMSNorm, default_stop_and_pad
 
-__all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "mlp_of", "check_model", "module_problem", "default_stop_and_pad"]
+__all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "mlp_of", "shared_experts_of", "check_model", "module_problem", "default_stop_and_pad"]
 
 
 class RowBlocks:
@@ -120,7 +120,7 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM", "GraniteMoeForCausalLM",
                   # (and OLMo (1), its norms LayerNorms without weights)
-                  "OlmoForCausalLM")
+                  "OlmoForCausalLM", "Dots1ForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:
@@ -215,6 +215,14 @@ def mlp_of(layer) -> tuple[str, nn.Module]:
     return ("mlp", layer.mlp) if hasattr(layer, "mlp") else ("block_sparse_moe", layer.block_sparse_moe)
 
 
+def shared_experts_of(block) -> tuple[str | None, nn.Module | None]:
+    """A mixture of experts' always-on MLP and its attribute name: Qwen2-MoE's ``shared_expert``
+    (scaled by a sigmoid gate, ``shared_expert_gate``), dots.llm1's ``shared_experts`` (added as
+    it is); (None, None) when the block has none."""
+    name = next((n for n in ("shared_expert", "shared_experts") if hasattr(block, n)), None)
+    return name, getattr(block, name) if name else None
+
+
 def module_problem(model) -> str | None:
     """Why the weights alone do not compute the model, as its modules are NOW: a projection that
     is not a plain ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised
@@ -231,9 +239,9 @@ def module_problem(model) -> str | None:
     for i, layer in layers:
         groups = [("self_attn", layer.self_attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"))]
         part, mlp = mlp_of(layer)
-        if hasattr(mlp, "experts"):  # a mixture of experts: Qwen2-MoE's shared expert and its gate
-            groups += [(f"{part}.shared_expert", getattr(mlp, "shared_expert", None), ("gate_proj", "up_proj",
-                                                                                        "down_proj")),
+        if hasattr(mlp, "experts"):  # a mixture of experts: Qwen2-MoE's shared expert and its gate (dots1's)
+            shared, module = shared_experts_of(mlp)
+            groups += [(f"{part}.{shared}", module, ("gate_proj", "up_proj", "down_proj")),
                        (part, mlp, ("shared_expert_gate",))]
         else:  # Phi-3's merged ones, or the others
             groups.append((part, mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
@@ -271,8 +279,9 @@ def module_problem(model) -> str | None:
     for i, layer in layers:
         where, block = mlp_of(layer)
         experts = getattr(block, "experts", None)
+        shared, module = shared_experts_of(block)
         gated = [(where, block)] if experts is None else [(f"{where}.experts", experts)] + (
-            [(f"{where}.shared_expert", block.shared_expert)] if hasattr(block, "shared_expert") else [])
+            [(f"{where}.{shared}", module)] if module is not None else [])
         for part, mlp in gated:
             if forwards.gateless(mlp):  # Arcee, Apertus: the generator calls the activation module itself
                 act = forwards.mlp_activation(mlp)
