@@ -424,7 +424,7 @@ def _rotate(self, q, k, cos, sin):
 
 #: HF families (modeling module names) whose apply_rotary_pos_emb rotates the leading rotary
 #: dims only when cos/sin cover fewer than head_dim (the others' would fail on such tables).
-PARTIAL_ROTARY_FAMILIES = ("phi3", "glm", "glm4")
+PARTIAL_ROTARY_FAMILIES = ("phi3", "glm", "glm4", "glm4_moe")
 
 #: HF families whose rotary rotates adjacent pairs (2i, 2i + 1) (GLM's rotate_half, cos/sin
 #: repeat_interleave'd): the op's ``interleaved=True``.

@@ -120,7 +120,7 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM", "GraniteMoeForCausalLM",
                   # (and OLMo (1), its norms LayerNorms without weights)
-                  "OlmoForCausalLM", "Dots1ForCausalLM")
+                  "OlmoForCausalLM", "Dots1ForCausalLM", "Glm4MoeForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:

@@ -117,6 +117,11 @@ NEW_ARCHS = {
         first_k_dense_replace=1, n_group=1, topk_group=1, sliding_window=None)),
     "flex-olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM, dict(BASE, pad_token_id=0, num_experts=3,
                                                                   num_experts_per_tok=3)),
+    # GLM-4.5: dots.llm1's experts (shared ones too) and router, rotary on half of each head
+    # (rotate_half's pairs, not GLM's), per-head q/k norms
+    "glm4-moe-qk-norm": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM, dict(
+        BASE, n_routed_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, use_qk_norm=True)),
     # OLMo (1): LayerNorms without weights (left as they are) in Llama's layer, q/k/v clipping
     "olmo-clip": (tf.OlmoConfig, tf.OlmoForCausalLM, dict(BASE, pad_token_id=0, clip_qkv=2.0)),
     # MiniMax: lightning (linear) attention on some layers, scaled residuals (its layers run as they are)
@@ -1717,6 +1722,26 @@ def test_partial_rotary_tables_of_a_family_that_does_not_slice_fail_as_in_hf():
         model(x)
     with pytest.raises(ValueError, match="rotary tables of 32 of its 64 head dims"):
         Generator(model, 1, 8)
+
+
+@pytest.mark.parametrize("arch", ["phi3-window-partial-rope", "glm4-moe-qk-norm"])
+def test_partial_rotary_families_rotate_on_the_kernel(arch, monkeypatch):
+    """Phi-3's and GLM-4.5's attention rotates the leading dims of each head that their tables
+    cover (rotate_half's pairs): the patched model does that on the rotary kernel, never through
+    the family's own apply_rotary_pos_emb (which a family missing from PARTIAL_ROTARY_FAMILIES
+    would quietly fall back to)."""
+    import sys
+
+    model = build(arch).eval()
+    x = ids(batch=1, seq=6)
+    expected = model(x).logits
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the family's own apply_rotary_pos_emb ran")
+
+    monkeypatch.setattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb", refused)
+    fastllama.patch(model)  # (which keeps the family's function, here the refusing one, as its fallback)
+    torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_mixtral_router_jitter_trains_patched_as_hf():
