@@ -594,8 +594,8 @@ class Generator:
 
     @staticmethod
     def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
-        """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5):
-        the model's own router module picks each token's experts, which run on
+        """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1,
+        GLM-4.5): the model's own router module picks each token's experts, which run on
         ``ops.moe_experts``; Qwen2-MoE adds its shared expert, scaled by a sigmoid gate, dots.llm1
         and GLM-4.5 their shared experts as they are. All on the device (no sync: the step stays capturable)."""
         x = h.reshape(-1, h.shape[-1])
@@ -949,9 +949,10 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     it: a Llama into :class:`fastllama.reference.Llama` (strict, see
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
-    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-    FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5 or OLMo (1) model (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``,
-    which must then be installed."""
+    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral,
+    Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5 or OLMo (1) model
+    (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must
+    then be installed."""
     import json
     from pathlib import Path
 
