@@ -4,8 +4,8 @@
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
 / CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
 HyperCLOVA X / Ministral 3 / HunYuan / OLMo causal LM, or the mixtures of experts Mixtral /
-Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo / GraniteMoE / dots.llm1 / GLM-4.5 (their parameters, no
-copies), with
+Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo / GraniteMoE / dots.llm1 / GLM-4.5 / HunYuan MoE (their
+parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -304,7 +304,8 @@ class Generator:
     ``HyperCLOVAXForCausalLM`` / ``Ministral3ForCausalLM`` / ``HunYuanDenseV1ForCausalLM`` /
     ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM`` /
-    ``GraniteMoeForCausalLM`` / ``Dots1ForCausalLM`` / ``Glm4MoeForCausalLM`` / ``OlmoForCausalLM`` (OLMo 1: its weightless LayerNorms called as they are).
+    ``GraniteMoeForCausalLM`` / ``Dots1ForCausalLM`` / ``Glm4MoeForCausalLM`` /
+    ``HunYuanMoEV1ForCausalLM`` / ``OlmoForCausalLM`` (OLMo 1: its weightless LayerNorms called as they are).
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -595,9 +596,9 @@ class Generator:
     @staticmethod
     def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
         """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1,
-        GLM-4.5): the model's own router module picks each token's experts, which run on
+        GLM-4.5, HunYuan MoE): the model's own router module picks each token's experts, which run on
         ``ops.moe_experts``; Qwen2-MoE adds its shared expert, scaled by a sigmoid gate, dots.llm1
-        and GLM-4.5 their shared experts as they are. All on the device (no sync: the step stays capturable)."""
+        and GLM-4.5 their shared experts as they are, HunYuan MoE its shared MLP. All on the device (no sync: the step stays capturable)."""
         x = h.reshape(-1, h.shape[-1])
         # the router's outputs: (logits, weights, index); GraniteMoE's (its ``router``) in
         # transformers before 5.2x: (index, weights, logits)
@@ -941,7 +942,8 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "hyperclovax", "ministral3",
                             "hunyuan_v1_dense",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                            "flex_olmo", "granitemoe", "olmo", "dots1", "glm4_moe")
+                            "flex_olmo", "granitemoe", "olmo", "dots1", "glm4_moe",
+                            "hunyuan_v1_moe")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -950,7 +952,7 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
     Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral,
-    Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5 or OLMo (1) model
+    Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE or OLMo (1) model
     (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must
     then be installed."""
     import json

@@ -120,7 +120,8 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM", "GraniteMoeForCausalLM",
                   # (and OLMo (1), its norms LayerNorms without weights)
-                  "OlmoForCausalLM", "Dots1ForCausalLM", "Glm4MoeForCausalLM")
+                  "OlmoForCausalLM", "Dots1ForCausalLM", "Glm4MoeForCausalLM",
+                  "HunYuanMoEV1ForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:
@@ -217,9 +218,10 @@ def mlp_of(layer) -> tuple[str, nn.Module]:
 
 def shared_experts_of(block) -> tuple[str | None, nn.Module | None]:
     """A mixture of experts' always-on MLP and its attribute name: Qwen2-MoE's ``shared_expert``
-    (scaled by a sigmoid gate, ``shared_expert_gate``), dots.llm1's ``shared_experts`` (added as
-    it is); (None, None) when the block has none."""
-    name = next((n for n in ("shared_expert", "shared_experts") if hasattr(block, n)), None)
+    (scaled by a sigmoid gate, ``shared_expert_gate``), dots.llm1's and GLM-4.5's
+    ``shared_experts``, HunYuan MoE's ``shared_mlp`` (added as they are); (None, None) when the
+    block has none."""
+    name = next((n for n in ("shared_expert", "shared_experts", "shared_mlp") if hasattr(block, n)), None)
     return name, getattr(block, name) if name else None
 
 

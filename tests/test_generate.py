@@ -293,6 +293,7 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
                                       "types: apertus, arcee, cwm, dots1, ernie4_5, exaone4, flex_olmo, gemma, gemma2, "
                                       "gemma3_text, glm, glm4, glm4_moe, granite, granitemoe, helium, hunyuan_v1_dense, "
+                                      "hunyuan_v1_moe, "
                                       "hyperclovax, llama, ministral, ministral3, mistral, mixtral, olmo, olmo2,"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
@@ -782,6 +783,9 @@ def _hf_model(arch):
         "glm4-moe-qk-norm": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM, dict(
             head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
             first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True)),
+        # HunYuan MoE: HunYuan's attention, top-2 of 4 experts and a shared MLP added as it is
+        "hunyuan-moe-shared": (transformers.HunYuanMoEV1Config, transformers.HunYuanMoEV1ForCausalLM, dict(
+            head_dim=16, num_experts=4, moe_topk=2)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -802,7 +806,7 @@ def _hf_model(arch):
                                   "glm4", "arcee-yarn-bias", "apertus", "exaone4-window",
                                   "vaultgemma-window-softcap", "hyperclovax-post-norm", "hyperclovax",
                                   "ministral3-window-llama4-scale", "hunyuan-ntk-alpha", "granitemoe-multipliers",
-                                  "olmo-clip", "dots1-shared", "glm4-moe-qk-norm"])
+                                  "olmo-clip", "dots1-shared", "glm4-moe-qk-norm", "hunyuan-moe-shared"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,

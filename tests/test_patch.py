@@ -122,6 +122,9 @@ NEW_ARCHS = {
     "glm4-moe-qk-norm": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM, dict(
         BASE, n_routed_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, n_shared_experts=1,
         first_k_dense_replace=1, n_group=1, topk_group=1, use_qk_norm=True)),
+    # HunYuan MoE: HunYuan's attention (q/k norms after rotary), a shared MLP beside the experts
+    "hunyuan-moe-shared": (tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM, dict(
+        BASE, num_experts=3, moe_topk=3)),
     # OLMo (1): LayerNorms without weights (left as they are) in Llama's layer, q/k/v clipping
     "olmo-clip": (tf.OlmoConfig, tf.OlmoForCausalLM, dict(BASE, pad_token_id=0, clip_qkv=2.0)),
     # MiniMax: lightning (linear) attention on some layers, scaled residuals (its layers run as they are)
