@@ -428,11 +428,11 @@ PARTIAL_ROTARY_FAMILIES = ("phi3", "glm", "glm4", "glm4_moe")
 
 #: HF families whose rotary rotates adjacent pairs (2i, 2i + 1) (GLM's rotate_half, cos/sin
 #: repeat_interleave'd): the op's ``interleaved=True``.
-ROTARY_INTERLEAVED_FAMILIES = ("helium", "ernie4_5", "glm", "glm4")
+ROTARY_INTERLEAVED_FAMILIES = ("helium", "ernie4_5", "ernie4_5_moe", "glm", "glm4")
 
 #: HF families whose rotary embedding keeps cos/sin in fp32 and whose apply_rotary_pos_emb rotates
 #: in fp32 whatever q's dtype (rounding once): the kernel gets the fp32 tables as they are.
-ROTARY_FP32_FAMILIES = ("ernie4_5",)
+ROTARY_FP32_FAMILIES = ("ernie4_5", "ernie4_5_moe")
 
 
 def uses_rope(attn) -> bool:

@@ -4,8 +4,8 @@
 / Ministral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3
 / CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
 HyperCLOVA X / Ministral 3 / HunYuan / OLMo causal LM, or the mixtures of experts Mixtral /
-Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo / GraniteMoE / dots.llm1 / GLM-4.5 / HunYuan MoE (their
-parameters, no copies), with
+Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo / GraniteMoE / dots.llm1 / GLM-4.5 / HunYuan MoE / Ernie 4.5
+MoE (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -305,7 +305,7 @@ class Generator:
     ``MixtralForCausalLM`` /
     ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM`` /
     ``GraniteMoeForCausalLM`` / ``Dots1ForCausalLM`` / ``Glm4MoeForCausalLM`` /
-    ``HunYuanMoEV1ForCausalLM`` / ``OlmoForCausalLM`` (OLMo 1: its weightless LayerNorms called as they are).
+    ``HunYuanMoEV1ForCausalLM`` / ``Ernie4_5_MoeForCausalLM`` / ``OlmoForCausalLM`` (OLMo 1: its weightless LayerNorms called as they are).
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -526,7 +526,7 @@ class Generator:
         # the last residual add and the final norm in one kernel, at the rows that give logits
         rows = (torch.arange(B, device=x.device), last) if last is not None else (slice(None), -1)
         h, _ = self._norm(mlp_out[rows], self.model.model.norm, residual=x[rows])
-        logits = F.linear(h, self.model.lm_head.weight)
+        logits = F.linear(h, self.model.lm_head.weight, self.model.lm_head.bias)  # (Ernie 4.5 MoE: a bias)
         if self.multipliers.logits != 1.0:
             logits = (logits * self.multipliers.logits if self.multipliers.logits_multiplied
                       else logits / self.multipliers.logits)
@@ -596,9 +596,10 @@ class Generator:
     @staticmethod
     def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
         """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1,
-        GLM-4.5, HunYuan MoE): the model's own router module picks each token's experts, which run on
-        ``ops.moe_experts``; Qwen2-MoE adds its shared expert, scaled by a sigmoid gate, dots.llm1
-        and GLM-4.5 their shared experts as they are, HunYuan MoE its shared MLP. All on the device (no sync: the step stays capturable)."""
+        GLM-4.5, HunYuan MoE, Ernie 4.5 MoE): the model's own router module picks each token's
+        experts, which run on ``ops.moe_experts``; Qwen2-MoE adds its shared expert, scaled by a
+        sigmoid gate, the others that have one their shared experts (HunYuan MoE: shared MLP) as
+        they are. All on the device (no sync: the step stays capturable)."""
         x = h.reshape(-1, h.shape[-1])
         # the router's outputs: (logits, weights, index); GraniteMoE's (its ``router``) in
         # transformers before 5.2x: (index, weights, logits)
@@ -608,10 +609,13 @@ class Generator:
                               activation=activation)
         _, s = shared_experts_of(block)
         if s is not None:
-            shared = F.linear(ops.swiglu(F.linear(x, s.gate_proj.weight), F.linear(x, s.up_proj.weight),
-                                         activation=shared_activation), s.down_proj.weight)
+            # (with their biases: Ernie 4.5 MoE's use_bias)
+            shared = F.linear(ops.swiglu(F.linear(x, s.gate_proj.weight, s.gate_proj.bias),
+                                         F.linear(x, s.up_proj.weight, s.up_proj.bias), activation=shared_activation),
+                              s.down_proj.weight, s.down_proj.bias)
             if hasattr(block, "shared_expert_gate"):  # Qwen2-MoE's: scaled by a sigmoid gate
-                shared = torch.sigmoid(F.linear(x, block.shared_expert_gate.weight)) * shared
+                gate = block.shared_expert_gate
+                shared = torch.sigmoid(F.linear(x, gate.weight, gate.bias)) * shared
             out = out + shared
         return out.view_as(h)
 
@@ -943,7 +947,7 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "hunyuan_v1_dense",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo", "granitemoe", "olmo", "dots1", "glm4_moe",
-                            "hunyuan_v1_moe")
+                            "hunyuan_v1_moe", "ernie4_5_moe")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -952,7 +956,7 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
     Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral,
-    Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE or OLMo (1) model
+    Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE, Ernie 4.5 MoE or OLMo (1) model
     (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must
     then be installed."""
     import json

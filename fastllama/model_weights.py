@@ -121,7 +121,7 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "FlexOlmoForCausalLM", "GraniteMoeForCausalLM",
                   # (and OLMo (1), its norms LayerNorms without weights)
                   "OlmoForCausalLM", "Dots1ForCausalLM", "Glm4MoeForCausalLM",
-                  "HunYuanMoEV1ForCausalLM")
+                  "HunYuanMoEV1ForCausalLM", "Ernie4_5_MoeForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:
@@ -218,9 +218,9 @@ def mlp_of(layer) -> tuple[str, nn.Module]:
 
 def shared_experts_of(block) -> tuple[str | None, nn.Module | None]:
     """A mixture of experts' always-on MLP and its attribute name: Qwen2-MoE's ``shared_expert``
-    (scaled by a sigmoid gate, ``shared_expert_gate``), dots.llm1's and GLM-4.5's
-    ``shared_experts``, HunYuan MoE's ``shared_mlp`` (added as they are); (None, None) when the
-    block has none."""
+    (scaled by a sigmoid gate, ``shared_expert_gate``), dots.llm1's, GLM-4.5's and Ernie 4.5
+    MoE's ``shared_experts``, HunYuan MoE's ``shared_mlp`` (added as they are); (None, None) when
+    the block has none (Ernie 4.5 MoE's attribute may hold None: (name, None))."""
     name = next((n for n in ("shared_expert", "shared_experts", "shared_mlp") if hasattr(block, n)), None)
     return name, getattr(block, name) if name else None
 

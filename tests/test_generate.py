@@ -291,7 +291,7 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     assert "transformers could not load the 'mistral' checkpoint" in capsys.readouterr().err
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
-                                      "types: apertus, arcee, cwm, dots1, ernie4_5, exaone4, flex_olmo, gemma, gemma2, "
+                                      "types: apertus, arcee, cwm, dots1, ernie4_5, ernie4_5_moe, exaone4, flex_olmo, gemma, gemma2, "
                                       "gemma3_text, glm, glm4, glm4_moe, granite, granitemoe, helium, hunyuan_v1_dense, "
                                       "hunyuan_v1_moe, "
                                       "hyperclovax, llama, ministral, ministral3, mistral, mixtral, olmo, olmo2,"),
@@ -786,6 +786,10 @@ def _hf_model(arch):
         # HunYuan MoE: HunYuan's attention, top-2 of 4 experts and a shared MLP added as it is
         "hunyuan-moe-shared": (transformers.HunYuanMoEV1Config, transformers.HunYuanMoEV1ForCausalLM, dict(
             head_dim=16, num_experts=4, moe_topk=2)),
+        # Ernie 4.5 MoE: Ernie 4.5's attention and biases, top-2 of 4 experts, a shared expert, a dense first layer
+        "ernie4_5-moe-shared": (transformers.Ernie4_5_MoeConfig, transformers.Ernie4_5_MoeForCausalLM, dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+            moe_layer_start_index=1, use_bias=True)),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -806,7 +810,8 @@ def _hf_model(arch):
                                   "glm4", "arcee-yarn-bias", "apertus", "exaone4-window",
                                   "vaultgemma-window-softcap", "hyperclovax-post-norm", "hyperclovax",
                                   "ministral3-window-llama4-scale", "hunyuan-ntk-alpha", "granitemoe-multipliers",
-                                  "olmo-clip", "dots1-shared", "glm4-moe-qk-norm", "hunyuan-moe-shared"])
+                                  "olmo-clip", "dots1-shared", "glm4-moe-qk-norm", "hunyuan-moe-shared",
+                                  "ernie4_5-moe-shared"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,

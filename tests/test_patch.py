@@ -125,6 +125,10 @@ NEW_ARCHS = {
     # HunYuan MoE: HunYuan's attention (q/k norms after rotary), a shared MLP beside the experts
     "hunyuan-moe-shared": (tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM, dict(
         BASE, num_experts=3, moe_topk=3)),
+    # Ernie 4.5 MoE: Ernie 4.5's attention (adjacent pairs, fp32 rotary), a shared expert, a dense first layer
+    "ernie4_5-moe-shared": (tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM, dict(
+        BASE, num_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, moe_num_shared_experts=1,
+        moe_layer_start_index=1, use_bias=True)),
     # OLMo (1): LayerNorms without weights (left as they are) in Llama's layer, q/k/v clipping
     "olmo-clip": (tf.OlmoConfig, tf.OlmoForCausalLM, dict(BASE, pad_token_id=0, clip_qkv=2.0)),
     # MiniMax: lightning (linear) attention on some layers, scaled residuals (its layers run as they are)
@@ -218,7 +222,8 @@ def test_model_loss_and_all_gradients_match_under_parity_rule(arch):
     rows = report.modules[0][2].rows
     assert rows[0].name == "out0" and rows[0].kind == "output"  # the loss: judged on thirteen batches below
     assert all(r.passed for r in rows[1:]), report.table()
-    assert sum(r.kind == "grad" for r in rows) == len(list(model.parameters()))
+    # (every trained parameter: Ernie 4.5 MoE's routing bias is a Parameter that requires none)
+    assert sum(r.kind == "grad" for r in rows) == sum(p.requires_grad for p in model.parameters())
     assert not report.fallbacks, report.fallbacks  # windows included: each runs on the flash kernel
     losses = _losses_parity(model, [x] + [ids(seed=s) for s in range(2, 14)])
     assert losses.passed, losses.table()
