@@ -302,10 +302,11 @@ class Generator:
     ``Ernie4_5ForCausalLM`` / ``GlmForCausalLM`` / ``Glm4ForCausalLM`` / ``ArceeForCausalLM`` /
     ``ApertusForCausalLM`` / ``Exaone4ForCausalLM`` / ``VaultGemmaForCausalLM`` /
     ``HyperCLOVAXForCausalLM`` / ``Ministral3ForCausalLM`` / ``HunYuanDenseV1ForCausalLM`` /
-    ``MixtralForCausalLM`` /
-    ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` / ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM`` /
-    ``GraniteMoeForCausalLM`` / ``Dots1ForCausalLM`` / ``Glm4MoeForCausalLM`` /
-    ``HunYuanMoEV1ForCausalLM`` / ``Ernie4_5_MoeForCausalLM`` / ``OlmoForCausalLM`` (OLMo 1: its weightless LayerNorms called as they are).
+    ``OlmoForCausalLM`` (OLMo 1: its weightless LayerNorms called as they are) / the mixtures of
+    experts ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` /
+    ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM`` / ``GraniteMoeForCausalLM`` /
+    ``Dots1ForCausalLM`` / ``Glm4MoeForCausalLM`` / ``HunYuanMoEV1ForCausalLM`` /
+    ``Ernie4_5_MoeForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -551,7 +552,7 @@ class Generator:
             q, k = ops.apply_rotary_pos_emb(q, k, cos[positions], sin[positions], interleaved=self.interleaved)
             q, k = self._norm(q, attn.query_layernorm), self._norm(k, attn.key_layernorm)
             cos, sin = self._no_rotation
-        scale, window = getattr(self.model.model.layers[i].self_attn, "scaling", None), self.windows[i]
+        scale, window = getattr(attn, "scaling", None), self.windows[i]
         softcap = self.softcaps[i]
         ring = self.cache_lengths[i] if self.cache_lengths[i] < self.max_seq_len else None
         if ring is not None and T == 1:

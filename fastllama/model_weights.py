@@ -4,7 +4,8 @@ The generator computes a model from its weights, not by calling its modules (exc
 MLP's activation, Arcee's ReLU^2 or Apertus's xIELU, which it calls): the reference ``Llama`` and
 the transformers causal LMs of ``_HF_CAUSAL_LMS`` (Llama / Mistral / Ministral / Qwen2 / Qwen3 /
 SmolLM3 / Phi-3 / Granite / Gemma / Gemma 2 / Gemma 3 / OLMo 2 / OLMo 3 ..., and the mixtures of
-experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE ..., whose experts hold 3-D weights) share the attribute names it reads
+experts Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE ..., whose experts hold 3-D weights) share the
+attribute names it reads
 (``model.layers[i].self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm`` ...; Qwen3's
 attention adds ``q_norm``/``k_norm``,
 SmolLM3's ``use_rope`` (False: no rotary), Phi-3 merges q/k/v into ``qkv_proj`` and gate/up
@@ -27,7 +28,8 @@ from torch import nn
 from .reference import functional as ref
 from .reference.model import Llama, RMSNorm, default_stop_and_pad
 
-__all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "mlp_of", "shared_experts_of", "check_model", "module_problem", "default_stop_and_pad"]
+__all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "mlp_of", "shared_experts_of", "check_model",
+           "module_problem", "default_stop_and_pad"]
 
 
 class RowBlocks:
@@ -113,14 +115,12 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM",
                   "Olmo3ForCausalLM", "CwmForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM",
                   "Ernie4_5ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "ArceeForCausalLM",
-                  "ApertusForCausalLM", "Exaone4ForCausalLM",
-                  "VaultGemmaForCausalLM", "HyperCLOVAXForCausalLM",
+                  "ApertusForCausalLM", "Exaone4ForCausalLM", "VaultGemmaForCausalLM", "HyperCLOVAXForCausalLM",
                   "Ministral3ForCausalLM", "HunYuanDenseV1ForCausalLM",
-                  # mixtures of experts
+                  "OlmoForCausalLM",  # (OLMo (1): its norms are LayerNorms without weights)
+                  # mixtures of experts (GraniteMoE's in the layer's block_sparse_moe: mlp_of)
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
-                  "FlexOlmoForCausalLM", "GraniteMoeForCausalLM",
-                  # (and OLMo (1), its norms LayerNorms without weights)
-                  "OlmoForCausalLM", "Dots1ForCausalLM", "Glm4MoeForCausalLM",
+                  "FlexOlmoForCausalLM", "GraniteMoeForCausalLM", "Dots1ForCausalLM", "Glm4MoeForCausalLM",
                   "HunYuanMoEV1ForCausalLM", "Ernie4_5_MoeForCausalLM")
 
 
@@ -241,10 +241,10 @@ def module_problem(model) -> str | None:
     for i, layer in layers:
         groups = [("self_attn", layer.self_attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"))]
         part, mlp = mlp_of(layer)
-        if hasattr(mlp, "experts"):  # a mixture of experts: Qwen2-MoE's shared expert and its gate (dots1's)
+        if hasattr(mlp, "experts"):  # a mixture of experts: its shared experts, Qwen2-MoE's gate of them
             shared, module = shared_experts_of(mlp)
-            groups += [(f"{part}.{shared}", module, ("gate_proj", "up_proj", "down_proj")),
-                       (part, mlp, ("shared_expert_gate",))]
+            groups += [(f"{part}.{shared}", module, ("gate_proj", "up_proj", "down_proj"))] if module is not None else []
+            groups.append((part, mlp, ("shared_expert_gate",)))
         else:  # Phi-3's merged ones, or the others
             groups.append((part, mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
         named += [(f"layers.{i}.{part}.{n}", getattr(m, n)) for part, m, names in groups for n in names
