@@ -44,27 +44,28 @@ _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "helium": "Helium", "ernie4_5": "Ernie4_5", "glm": "Glm", "glm4": "Glm4", "seed_oss": "SeedOss",
                 "hunyuan_v1_dense": "HunYuanDenseV1", "apertus": "Apertus", "exaone4": "Exaone4",
                 "hyperclovax": "HyperCLOVAX", "vaultgemma": "VaultGemma", "bitnet": "BitNet",
-                "ministral3": "Ministral3", "olmo": "Olmo", "qwen3_5": "Qwen3_5",
+                "ministral3": "Ministral3", "olmo": "Olmo", "qwen3_5": "Qwen3_5", "qwen3_next": "Qwen3Next",
                 # mixtures of experts: all but the router (HF's own)
                 "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
                 "granitemoe": "GraniteMoe", "dots1": "Dots1", "flex_olmo": "FlexOlmo", "minimax": "MiniMax",
                 "glm4_moe": "Glm4Moe", "hunyuan_v1_moe": "HunYuanMoEV1",
                 "ernie4_5_moe": "Ernie4_5_Moe"}
 # norms that scale by (1 + w) in fp32 and round once (fastllama.generate reads this and _OLMO too)
-_GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "qwen3_5")
+_GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "qwen3_5", "qwen3_next")
 _MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dots1", "flex_olmo", "minimax", "glm4_moe",
-        "hunyuan_v1_moe", "ernie4_5_moe")
+        "hunyuan_v1_moe", "ernie4_5_moe", "qwen3_next")
 # norms that multiply by w in fp32 and round once (Helium's: (w.float() * normed).to(dtype))
 _OLMO = ("olmo2", "olmo3", "flex_olmo", "helium")
 _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # families whose RMSNorm is Llama's
 # decoder layers that run as they are (the patched modules inside): norms named otherwise (Apertus),
 # a norm after each branch (EXAONE 4: OLMo 2's layout; GLM-4 and HyperCLOVAX: before and after),
 # no `mlp` (GraniteMoE's block_sparse_moe); VaultGemma's (two norms, Gemma's) has no rule either
-_OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "qwen3_5")
+_OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "qwen3_5",
+                       "qwen3_next")
 # attention modules that run as they are, on the attention kernels through HF's interface (their
-# norms patched): Qwen 3.5's gates its output with half of its q_proj (and its other layers are
-# Gated DeltaNet, not attention)
-_OWN_ATTENTION = ("qwen3_5",)
+# norms patched): Qwen 3.5's and Qwen3-Next's gate their output with half of their q_proj (and
+# their other layers are Gated DeltaNet, not attention)
+_OWN_ATTENTION = ("qwen3_5", "qwen3_next")
 _LLAMA_LAYERS = tuple(m for m in (*_LLAMA_NORMS, "gemma", "helium") if m not in _OWN_DECODER_LAYERS)
 
 
@@ -303,8 +304,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     OLMo (its weightless LayerNorms left as they are), GraniteMoE, dots.llm1, GLM-4.5 (``glm4_moe``:
     dots.llm1's experts, partial rotary, optional q/k norms), HunYuan MoE (HunYuan's attention, a shared
     MLP beside the experts), Ernie 4.5 MoE (Ernie 4.5's attention), FlexOlmo, MiniMax
-    (its lightning-attention layers left as they are) and Qwen 3.5's text model (norms, MLP, loss and
-    the attention kernels; its gated attention and Gated DeltaNet modules left as they are); an MLP
+    (its lightning-attention layers left as they are), Qwen 3.5's text model and Qwen3-Next (norms, MLP
+    or experts, loss and the attention kernels; their gated attention and Gated DeltaNet modules left
+    as they are); an MLP
     without a gate (Arcee's, Apertus's) is left as is. All also inside a PEFT wrapper, and
     ``fastllama.reference.Llama``.
     Patch before wrapping for DDP or FSDP2 (``fully_shard``); both

@@ -141,6 +141,12 @@ NEW_ARCHS = {
         BASE, layer_types=["linear_attention", "full_attention"], linear_key_head_dim=32, linear_value_head_dim=32,
         linear_num_key_heads=2, linear_num_value_heads=4, rope_parameters=dict(
             rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))),
+    # Qwen3-Next: Qwen 3.5's layers (as they are) with Qwen2-MoE's experts, shared expert and its gate
+    "qwen3_next-hybrid-moe": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM, dict(
+        BASE, layer_types=["linear_attention", "full_attention"], linear_key_head_dim=32, linear_value_head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=4, num_experts=3, num_experts_per_tok=3,
+        moe_intermediate_size=64, shared_expert_intermediate_size=96, rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))),
 }
 ARCHS.update(NEW_ARCHS)
 
