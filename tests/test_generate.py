@@ -909,17 +909,24 @@ def test_fill_ring_copies_the_last_window_of_each_prompt():
     assert torch.equal(ring, expected)
 
 
+def _refuses_hooked_experts(model, block: str) -> Generator:
+    """A Generator over ``model`` that refuses the call while layer 1's experts (in its ``block``)
+    have a forward hook, and takes it again once the hook is gone."""
+    gen = Generator(model, 1, 16)
+    handle = model.model.layers[1].get_submodule(f"{block}.experts").register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match=f"layers.1.{block}.experts: hooked"):
+        gen.generate([[3, 4]], 2)
+    handle.remove()
+    return gen
+
+
 def test_moe_experts_the_generator_cannot_read_are_refused(monkeypatch):
     """A mixture of experts runs from the expert weights: hooked experts, a device where torch's
     grouped matmul does not run, and a swapped expert activation are refused at the call."""
     from fastllama.ops import experts as experts_op
 
     model = _hf_model("qwen3-moe")
-    gen = Generator(model, 1, 16)
-    handle = model.model.layers[1].mlp.experts.register_forward_hook(lambda *a: None)
-    with pytest.raises(ValueError, match="layers.1.mlp.experts: hooked"):
-        gen.generate([[3, 4]], 2)
-    handle.remove()
+    gen = _refuses_hooked_experts(model, "mlp")
     monkeypatch.setattr(experts_op, "grouped_mm_available", lambda device: False)
     with pytest.raises(ValueError, match="grouped matmul does not run"):
         gen.generate([[3, 4]], 2)
@@ -1373,11 +1380,7 @@ def test_granitemoe_experts_are_named_where_the_layer_keeps_them():
     refused under that name, and the generator reads the router's weights and indices whatever
     order its transformers version returns them in."""
     model = _hf_model("granitemoe-multipliers")
-    gen = Generator(model, 1, 16)
-    handle = model.model.layers[1].block_sparse_moe.experts.register_forward_hook(lambda *a: None)
-    with pytest.raises(ValueError, match="layers.1.block_sparse_moe.experts: hooked"):
-        gen.generate([[3, 4]], 2)
-    handle.remove()
+    _refuses_hooked_experts(model, "block_sparse_moe")
     router = model.model.layers[0].block_sparse_moe.router
     logits, weights, index = router(torch.randn(5, model.config.hidden_size, device=DEVICE))
     if logits.is_floating_point():  # (transformers 5.25's order; 5.17 returns index first)
