@@ -76,3 +76,22 @@ def test_submodules_in_the_readme_are_attributes_after_import_fastllama():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["load_tokenizer", "Llama", "assert_parity", "fastllama.checkpoint"]
+
+
+def test_the_models_table_is_the_codes_lists():
+    """docs/models.md says, per transformers family, whether ``patch`` serves it and whether the
+    Generator decodes it: the same sets as ``patching._HF_FAMILIES`` and ``_HF_CAUSAL_LMS``, each
+    row naming the family's own causal LM class."""
+    import transformers
+
+    from fastllama import model_weights, patching
+
+    rows = [[c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+            for line in (Path(__file__).resolve().parents[1] / "docs/models.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| family")]
+    patched = {family for family, _, patch, *_ in rows if patch == "yes"}
+    generated = {family for family, _, _, gen, *_ in rows if gen == "yes"}
+    assert patched == set(patching._HF_FAMILIES)
+    assert generated == {getattr(transformers, n).__module__.split(".")[2] for n in model_weights._HF_CAUSAL_LMS}
+    for family, cls, *_ in rows:
+        assert getattr(transformers, cls).__module__ == f"transformers.models.{family}.modeling_{family}", cls
