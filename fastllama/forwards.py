@@ -424,7 +424,7 @@ def _rotate(self, q, k, cos, sin):
 
 #: HF families (modeling module names) whose apply_rotary_pos_emb rotates the leading rotary
 #: dims only when cos/sin cover fewer than head_dim (the others' would fail on such tables).
-PARTIAL_ROTARY_FAMILIES = ("phi3", "glm", "glm4", "glm4_moe")
+PARTIAL_ROTARY_FAMILIES = ("phi3", "glm", "glm4", "glm4_moe", "minimax_m2")
 
 #: HF families whose rotary rotates adjacent pairs (2i, 2i + 1) (GLM's rotate_half, cos/sin
 #: repeat_interleave'd): the op's ``interleaved=True``.
@@ -437,10 +437,11 @@ ROTARY_FP32_FAMILIES = ("ernie4_5", "ernie4_5_moe")
 
 def uses_rope(attn) -> bool:
     """Whether an HF attention module rotates q and k: not SmolLM3's NoPE layers (``use_rope``),
-    nor EXAONE 4's full-attention layers in a model with a window (it rotates the windowed ones only)."""
+    nor EXAONE 4's (and EXAONE MoE's) full-attention layers in a model with a window (it rotates
+    the windowed ones only)."""
     if not getattr(attn, "use_rope", True):
         return False
-    if _family(attn) == "exaone4":
+    if _family(attn) in ("exaone4", "exaone_moe"):
         return attn.sliding_window is None or attn.is_sliding
     return True
 

@@ -5,7 +5,7 @@
 / CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
 HyperCLOVA X / Ministral 3 / HunYuan / OLMo causal LM, or the mixtures of experts Mixtral /
 Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo / GraniteMoE / dots.llm1 / GLM-4.5 / HunYuan MoE / Ernie 4.5
-MoE (their parameters, no copies), with
+MoE / Mellum / Solar Open / MiniMax-M2 / EXAONE MoE (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -306,7 +306,8 @@ class Generator:
     experts ``MixtralForCausalLM`` / ``Qwen2MoeForCausalLM`` / ``Qwen3MoeForCausalLM`` /
     ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM`` / ``GraniteMoeForCausalLM`` /
     ``Dots1ForCausalLM`` / ``Glm4MoeForCausalLM`` / ``HunYuanMoEV1ForCausalLM`` /
-    ``Ernie4_5_MoeForCausalLM``.
+    ``Ernie4_5_MoeForCausalLM`` / ``MellumForCausalLM`` / ``SolarOpenForCausalLM`` /
+    ``MiniMaxM2ForCausalLM`` / ``ExaoneMoeForCausalLM``.
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -596,15 +597,18 @@ class Generator:
 
     @staticmethod
     def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
-        """A mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1,
-        GLM-4.5, HunYuan MoE, Ernie 4.5 MoE): the model's own router module picks each token's
-        experts, which run on ``ops.moe_experts``; Qwen2-MoE adds its shared expert, scaled by a
-        sigmoid gate, the others that have one their shared experts (HunYuan MoE: shared MLP) as
-        they are. All on the device (no sync: the step stays capturable)."""
+        """A mixture-of-experts MLP (every mixture of ``_HF_CAUSAL_LMS``): the model's own router
+        module picks each token's experts, which run on ``ops.moe_experts``; Qwen2-MoE adds its
+        shared expert, scaled by a sigmoid gate, the others that have one their shared experts
+        (HunYuan MoE: shared MLP) as they are. All on the device (no sync: the step stays
+        capturable)."""
         x = h.reshape(-1, h.shape[-1])
         # the router's outputs: (logits, weights, index); GraniteMoE's (its ``router``) in
         # transformers before 5.2x: (index, weights, logits)
-        first, weights, last = block.gate(x) if hasattr(block, "gate") else block.router(x)
+        router = block.gate if hasattr(block, "gate") else block.router
+        # (MiniMax-M2's block keeps its router's score bias and passes it, as here)
+        bias = (block.e_score_correction_bias,) if hasattr(block, "e_score_correction_bias") else ()
+        first, weights, last = router(x, *bias)
         index = first if not first.is_floating_point() else last
         out = ops.moe_experts(x, index, weights, block.experts.gate_up_proj, block.experts.down_proj,
                               activation=activation)
@@ -948,7 +952,7 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "hunyuan_v1_dense",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo", "granitemoe", "olmo", "dots1", "glm4_moe",
-                            "hunyuan_v1_moe", "ernie4_5_moe")
+                            "hunyuan_v1_moe", "ernie4_5_moe", "mellum", "solar_open", "minimax_m2", "exaone_moe")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -957,7 +961,8 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
     Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral,
-    Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE, Ernie 4.5 MoE or OLMo (1) model
+    Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE, Ernie 4.5 MoE, Mellum,
+    Solar Open, MiniMax-M2, EXAONE MoE or OLMo (1) model
     (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must
     then be installed."""
     import json

@@ -121,7 +121,8 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   # mixtures of experts (GraniteMoE's in the layer's block_sparse_moe: mlp_of)
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM", "GraniteMoeForCausalLM", "Dots1ForCausalLM", "Glm4MoeForCausalLM",
-                  "HunYuanMoEV1ForCausalLM", "Ernie4_5_MoeForCausalLM")
+                  "HunYuanMoEV1ForCausalLM", "Ernie4_5_MoeForCausalLM", "MellumForCausalLM", "SolarOpenForCausalLM",
+                  "MiniMaxM2ForCausalLM", "ExaoneMoeForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:

@@ -49,11 +49,12 @@ _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
                 "granitemoe": "GraniteMoe", "dots1": "Dots1", "flex_olmo": "FlexOlmo", "minimax": "MiniMax",
                 "glm4_moe": "Glm4Moe", "hunyuan_v1_moe": "HunYuanMoEV1",
-                "ernie4_5_moe": "Ernie4_5_Moe"}
+                "ernie4_5_moe": "Ernie4_5_Moe", "mellum": "Mellum", "solar_open": "SolarOpen",
+                "minimax_m2": "MiniMaxM2", "exaone_moe": "ExaoneMoe"}
 # norms that scale by (1 + w) in fp32 and round once (fastllama.generate reads this and _OLMO too)
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "qwen3_5", "qwen3_next")
 _MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dots1", "flex_olmo", "minimax", "glm4_moe",
-        "hunyuan_v1_moe", "ernie4_5_moe", "qwen3_next")
+        "hunyuan_v1_moe", "ernie4_5_moe", "qwen3_next", "mellum", "solar_open", "minimax_m2", "exaone_moe")
 # norms that multiply by w in fp32 and round once (Helium's: (w.float() * normed).to(dtype))
 _OLMO = ("olmo2", "olmo3", "flex_olmo", "helium")
 _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # families whose RMSNorm is Llama's
@@ -303,7 +304,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     Seed-OSS, HunYuan dense, Apertus, EXAONE 4, HyperCLOVA X, VaultGemma, BitNet, Ministral 3,
     OLMo (its weightless LayerNorms left as they are), GraniteMoE, dots.llm1, GLM-4.5 (``glm4_moe``:
     dots.llm1's experts, partial rotary, optional q/k norms), HunYuan MoE (HunYuan's attention, a shared
-    MLP beside the experts), Ernie 4.5 MoE (Ernie 4.5's attention), FlexOlmo, MiniMax
+    MLP beside the experts), Ernie 4.5 MoE (Ernie 4.5's attention), Mellum, Solar Open, MiniMax-M2
+    (partial rotary, q/k norms over all heads), EXAONE MoE (EXAONE 4's attention), FlexOlmo, MiniMax
     (its lightning-attention layers left as they are), Qwen 3.5's text model and Qwen3-Next (norms, MLP
     or experts, loss and the attention kernels; their gated attention and Gated DeltaNet modules left
     as they are); an MLP

@@ -290,11 +290,11 @@ def test_cli_generate_rejects_bad_arguments_with_a_message(checkpoint, capsys, t
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
     assert "transformers could not load the 'mistral' checkpoint" in capsys.readouterr().err
     # a model type it does not take: named, with the ones it does (it said "supported: 'llama'")
+    from fastllama.generate import TRANSFORMERS_MODEL_TYPES
+
+    every_type = ", ".join(sorted(["llama", *TRANSFORMERS_MODEL_TYPES]))  # (sorted: one list, not two orders)
     for model_type, says in (("gpt2", "'gpt2' model, which fastllama generate does not take; supported model "
-                                      "types: apertus, arcee, cwm, dots1, ernie4_5, ernie4_5_moe, exaone4, flex_olmo, gemma, gemma2, "
-                                      "gemma3_text, glm, glm4, glm4_moe, granite, granitemoe, helium, hunyuan_v1_dense, "
-                                      "hunyuan_v1_moe, "
-                                      "hyperclovax, llama, ministral, ministral3, mistral, mixtral, olmo, olmo2,"),
+                                      f"types: {every_type}"),
                              ("gemma3", "the text model alone, model_type 'gemma3_text', is supported")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
         assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hi", "--device", DEVICE]) == 2
@@ -790,12 +790,31 @@ def _hf_model(arch):
         "ernie4_5-moe-shared": (transformers.Ernie4_5_MoeConfig, transformers.Ernie4_5_MoeForCausalLM, dict(
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, moe_num_shared_experts=1,
             moe_layer_start_index=1, use_bias=True)),
+        # Mellum (per-head q/k norms, a window and rotary base per layer type), Solar Open (GLM-4.5's
+        # router and shared experts), MiniMax-M2 (q/k norms over all heads, rotary on half of each
+        # head), EXAONE MoE (EXAONE 4's attention, shared experts): top-2 of 4 experts
+        "mellum-window": (transformers.MellumConfig, transformers.MellumForCausalLM, dict(
+            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"])),
+        "solar-open-shared": (transformers.SolarOpenConfig, transformers.SolarOpenForCausalLM, dict(
+            head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+            n_group=2, topk_group=1, routed_scaling_factor=2.5)),
+        "minimax-m2-partial-rope": (transformers.MiniMaxM2Config, transformers.MiniMaxM2ForCausalLM, dict(
+            head_dim=16, num_local_experts=4, num_experts_per_tok=2, rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+        "exaone-moe-window": (transformers.ExaoneMoeConfig, transformers.ExaoneMoeForCausalLM, dict(
+            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1,
+            first_k_dense_replace=1, n_group=2, topk_group=1, sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"])),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
-    with torch.no_grad():  # non-trivial norms and biases
+    with torch.no_grad():  # non-trivial norms and biases (the routers' score biases too, buffers in some)
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.add_(0.1 * torch.randn_like(b))
     model.generation_config.eos_token_id = None
     return model.to(DEVICE).eval()
 
@@ -811,7 +830,8 @@ def _hf_model(arch):
                                   "vaultgemma-window-softcap", "hyperclovax-post-norm", "hyperclovax",
                                   "ministral3-window-llama4-scale", "hunyuan-ntk-alpha", "granitemoe-multipliers",
                                   "olmo-clip", "dots1-shared", "glm4-moe-qk-norm", "hunyuan-moe-shared",
-                                  "ernie4_5-moe-shared"])
+                                  "ernie4_5-moe-shared", "mellum-window", "solar-open-shared",
+                                  "minimax-m2-partial-rope", "exaone-moe-window"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,

@@ -147,6 +147,21 @@ NEW_ARCHS = {
         linear_num_key_heads=2, linear_num_value_heads=4, num_experts=3, num_experts_per_tok=3,
         moe_intermediate_size=64, shared_expert_intermediate_size=96, rope_parameters=dict(
             rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))),
+    # Mellum: Qwen3-MoE's per-head q/k norms and experts, a window and rotary base per layer type
+    "mellum-window": (tf.MellumConfig, tf.MellumForCausalLM, dict(
+        BASE, num_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, **_WINDOWED)),
+    # Solar Open: GLM-4.5's router and shared experts, every layer a mixture
+    "solar-open-shared": (tf.SolarOpenConfig, tf.SolarOpenForCausalLM, dict(
+        {k: v for k, v in BASE.items() if k != "intermediate_size"}, n_routed_experts=3, num_experts_per_tok=3,
+        moe_intermediate_size=64, n_shared_experts=1, n_group=1, topk_group=1)),
+    # MiniMax-M2: q/k norms over all heads, rotary on half of each head, Mixtral's experts
+    "minimax-m2-partial-rope": (tf.MiniMaxM2Config, tf.MiniMaxM2ForCausalLM, dict(
+        BASE, num_local_experts=3, num_experts_per_tok=3, rope_parameters=dict(
+            rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+    # EXAONE MoE: EXAONE 4's attention (no rotary on its full layers) in Llama's layer, shared experts
+    "exaone-moe-window": (tf.ExaoneMoeConfig, tf.ExaoneMoeForCausalLM, dict(
+        BASE, num_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, num_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, **_WINDOWED)),
 }
 ARCHS.update(NEW_ARCHS)
 
@@ -1738,7 +1753,7 @@ def test_partial_rotary_tables_of_a_family_that_does_not_slice_fail_as_in_hf():
         Generator(model, 1, 8)
 
 
-@pytest.mark.parametrize("arch", ["phi3-window-partial-rope", "glm4-moe-qk-norm"])
+@pytest.mark.parametrize("arch", ["phi3-window-partial-rope", "glm4-moe-qk-norm", "minimax-m2-partial-rope"])
 def test_partial_rotary_families_rotate_on_the_kernel(arch, monkeypatch):
     """Phi-3's and GLM-4.5's attention rotates the leading dims of each head that their tables
     cover (rotate_half's pairs): the patched model does that on the rotary kernel, never through
