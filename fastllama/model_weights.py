@@ -230,7 +230,8 @@ def module_problem(model) -> str | None:
     """Why the weights alone do not compute the model, as its modules are NOW: a projection that
     is not a plain ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised
     layer has none to read; a forward set on the instance) or that has forward hooks (the
-    generator would not run them); a norm that is not the model's own RMSNorm class (a subclass
+    generator would not run them), nor may the modules it computes itself have any (a decoder
+    layer, its attention, its MLP or mixture-of-experts block and shared experts, the base model); a norm that is not the model's own RMSNorm class (a subclass
     with its own forward, a LayerNorm); a gated MLP's activation swapped for one that is neither
     SiLU nor GELU-tanh, or a gateless MLP's activation (Arcee's ReLU^2, Apertus's xIELU: the
     generator calls that module) with hooks.
@@ -250,6 +251,18 @@ def module_problem(model) -> str | None:
             groups.append((part, mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
         named += [(f"layers.{i}.{part}.{n}", getattr(m, n)) for part, m, names in groups for n in names
                   if hasattr(m, n)]
+    # the modules whose forwards the generator computes itself (it calls none of them): a hook on
+    # one would silently not run
+    containers = [("model", model.model)]
+    for i, layer in layers:
+        where, block = mlp_of(layer)
+        shared, module = shared_experts_of(block)
+        containers += [(f"layers.{i}", layer), (f"layers.{i}.self_attn", layer.self_attn),
+                       (f"layers.{i}.{where}", block)] + (
+            [(f"layers.{i}.{where}.{shared}", module)] if module is not None else [])
+    for name, m in containers:
+        if m._forward_pre_hooks or m._forward_hooks:
+            return f"{name} has forward hooks, which the generator (computing it from its weights) would not run"
     for name, lin in named + [("lm_head", model.lm_head)]:
         if type(lin) is not nn.Linear or forwards._forward_replaced(lin):
             what = "an nn.Linear with a forward set on the instance" if type(lin) is nn.Linear else f"a {type(lin).__name__}"
