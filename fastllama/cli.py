@@ -192,9 +192,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "tokenizer.json (used when present, as HF does) or tokenizer.model (sentencepiece); a Llama, "
                    "or a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite, Gemma, Gemma 2, Gemma 3 "
                    "(gemma3_text), OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4, Arcee, Apertus, "
-                   "EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE, Ernie 4.5 MoE, Mellum, Solar Open, "
-                   "MiniMax-M2, EXAONE MoE or OLMo (1) (loaded "
-                   "through transformers)")
+                   "EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), OLMo (1), or the mixtures of "
+                   "experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, "
+                   "HunYuan MoE, Ernie 4.5 MoE, Mellum, Solar Open, MiniMax-M2 or EXAONE MoE (loaded through "
+                   "transformers; docs/models.md)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

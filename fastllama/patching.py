@@ -303,14 +303,14 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     those modules: Arcee, CWM, Helium, Ernie 4.5, GLM, GLM-4 (their rotary of adjacent pairs included),
     Seed-OSS, HunYuan dense, Apertus, EXAONE 4, HyperCLOVA X, VaultGemma, BitNet, Ministral 3,
     OLMo (its weightless LayerNorms left as they are), GraniteMoE, dots.llm1, GLM-4.5 (``glm4_moe``:
-    dots.llm1's experts, partial rotary, optional q/k norms), HunYuan MoE (HunYuan's attention, a shared
-    MLP beside the experts), Ernie 4.5 MoE (Ernie 4.5's attention), Mellum, Solar Open, MiniMax-M2
-    (partial rotary, q/k norms over all heads), EXAONE MoE (EXAONE 4's attention), FlexOlmo, MiniMax
-    (its lightning-attention layers left as they are), Qwen 3.5's text model and Qwen3-Next (norms, MLP
-    or experts, loss and the attention kernels; their gated attention and Gated DeltaNet modules left
-    as they are); an MLP
-    without a gate (Arcee's, Apertus's) is left as is. All also inside a PEFT wrapper, and
-    ``fastllama.reference.Llama``.
+    dots.llm1's experts, partial rotary, optional q/k norms), HunYuan MoE (HunYuan's attention, a
+    shared MLP beside the experts), Ernie 4.5 MoE (Ernie 4.5's attention), Mellum, Solar Open,
+    MiniMax-M2 (partial rotary, q/k norms over all heads), EXAONE MoE (EXAONE 4's attention),
+    FlexOlmo, MiniMax (its lightning-attention layers left as they are), Qwen 3.5's text model and
+    Qwen3-Next (norms, MLP or experts, loss and the attention kernels; their gated attention and
+    Gated DeltaNet modules left as they are); an MLP without a gate (Arcee's, Apertus's) is left as
+    is. All also inside a PEFT wrapper, and ``fastllama.reference.Llama``. One table of them all:
+    docs/models.md.
     Patch before wrapping for DDP or FSDP2 (``fully_shard``); both
     also work when patched after wrapping. Each keyword turns one kernel family on or off. Idempotent: patching again re-applies with the new
     options. A module that cannot take a kernel (say, an unsupported head_dim) is skipped and the
