@@ -231,11 +231,11 @@ def module_problem(model) -> str | None:
     is not a plain ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised
     layer has none to read; a forward set on the instance) or that has forward hooks (the
     generator would not run them), nor may the modules it computes itself have any (a decoder
-    layer, its attention, its MLP or mixture-of-experts block and shared experts, the base model); a norm that is not the model's own RMSNorm class (a subclass
-    with its own forward, a LayerNorm); a gated MLP's activation swapped for one that is neither
-    SiLU nor GELU-tanh, or a gateless MLP's activation (Arcee's ReLU^2, Apertus's xIELU: the
-    generator calls that module) with hooks.
-    None when fine."""
+    layer, its attention, its MLP or mixture-of-experts block and shared experts, the base
+    model); a norm that is not the model's own RMSNorm class (a subclass with its own forward, a
+    LayerNorm); a gated MLP's activation swapped for one that is neither SiLU nor GELU-tanh, or a
+    gateless MLP's activation (Arcee's ReLU^2, Apertus's xIELU: the generator calls that module)
+    with hooks. None when fine."""
     from . import forwards
 
     layers = list(enumerate(model.model.layers))
@@ -245,7 +245,8 @@ def module_problem(model) -> str | None:
         part, mlp = mlp_of(layer)
         if hasattr(mlp, "experts"):  # a mixture of experts: its shared experts, Qwen2-MoE's gate of them
             shared, module = shared_experts_of(mlp)
-            groups += [(f"{part}.{shared}", module, ("gate_proj", "up_proj", "down_proj"))] if module is not None else []
+            if module is not None:
+                groups.append((f"{part}.{shared}", module, ("gate_proj", "up_proj", "down_proj")))
             groups.append((part, mlp, ("shared_expert_gate",)))
         else:  # Phi-3's merged ones, or the others
             groups.append((part, mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))

@@ -679,10 +679,10 @@ def _hf_model(arch):
         # Phi-4-mini's rotary: partial, longrope (short factors up to original_max_position_embeddings,
         # its attention factor on cos/sin), taken up to that length
         "phi3-partial-longrope": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
-            pad_token_id=0, original_max_position_embeddings=32, rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
-                                                 short_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
-                                                 long_factor=[2.0, 3.0, 5.0, 8.0, 13.0, 21.0],
-                                                 original_max_position_embeddings=32))),
+            pad_token_id=0, original_max_position_embeddings=32, rope_parameters=dict(
+                rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+                short_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0], long_factor=[2.0, 3.0, 5.0, 8.0, 13.0, 21.0],
+                original_max_position_embeddings=32))),
         "granite-multipliers": (transformers.GraniteConfig, transformers.GraniteForCausalLM, dict(
             embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=8.0)),
         "smollm3-nope": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM, dict(
@@ -739,8 +739,9 @@ def _hf_model(arch):
             mlp_bias=True, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                 original_max_position_embeddings=16))),
         "apertus": (transformers.ApertusConfig, transformers.ApertusForCausalLM, dict(
-            pad_token_id=0, rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
-                                                 high_freq_factor=4.0, original_max_position_embeddings=16))),
+            pad_token_id=0, rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                                 low_freq_factor=1.0, high_freq_factor=4.0,
+                                                 original_max_position_embeddings=16))),
         # EXAONE 4: OLMo 2's norm layout (Llama's norm), per-head q/k norms, windowed layers with
         # rotary and global layers without (NoPE)
         "exaone4-window": (transformers.Exaone4Config, transformers.Exaone4ForCausalLM, dict(
