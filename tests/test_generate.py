@@ -218,11 +218,13 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
     assert "no decode step" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma", "Gemma2", "Gemma3", "Olmo3"])
+@pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma", "Gemma2", "Gemma3", "Olmo3", "Apertus",
+                                    "Glm4Moe"])
 def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
-    """model_type "qwen3" / "phi3" / "granite" / "gemma" / "gemma2" / "gemma3_text" / "olmo3" (transformers'
-    save_pretrained, the fixture's tokenizer): the CLI loads it with transformers and streams the
-    text of HF's own greedy generate."""
+    """model_type "qwen3" / "phi3" / "granite" / "gemma" / "gemma2" / "gemma3_text" / "olmo3" /
+    "apertus" (xIELU's parameters and buffers) / "glm4_moe" (experts, the router's score bias)
+    (transformers' save_pretrained, the fixture's tokenizer): the CLI loads it with transformers
+    and streams the text of HF's own greedy generate."""
     import transformers
 
     from fastllama import Tokenizer
@@ -230,12 +232,17 @@ def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, caps
     (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
     torch.manual_seed(0)
     config = "Gemma3TextConfig" if family == "Gemma3" else f"{family}Config"
+    experts = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                   n_group=1, topk_group=1) if family == "Glm4Moe" else {}
     model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, config)(
         vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    with torch.no_grad():  # non-trivial norms
+        num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0, **experts))
+    with torch.no_grad():  # non-trivial norms (and routing biases: buffers)
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.add_(0.1 * torch.randn_like(b))
     model.save_pretrained(tmp_path)
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "The keeper counted",
                  "--max-new-tokens", "6", "--device", DEVICE, "--dtype", "float32"]) == 0
