@@ -486,7 +486,9 @@ class Generator:
             x = x * self.multipliers.embedding
         mlp_out = None
         lengths = slots + T if T <= ops.decode.MAX_QUERY_LEN else None
-        rings: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ring size -> its write slots, lengths
+        # what a forward computes once for every layer that needs it: ("ring", W) -> (write slots,
+        # lengths); "positions" (B, T); "q_scale" (Ministral 3); ("rows", id(table)) -> its rows there
+        once: dict = {}
         scratch: list[torch.Tensor] = []  # a prefill's full-length K/V for the ring layers, made once
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, mlp_of(layer)[1]
@@ -508,7 +510,7 @@ class Generator:
                 q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            o = self._attend(i, q, k, v, slots, lengths, last, rings, scratch)
+            o = self._attend(i, q, k, v, slots, lengths, last, once, scratch)
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
             attention_out_norm, mlp_norm, mlp_out_norm = _branch_norms(layer)
             # s = x + o (o normed first where the layer norms its branches); h = mlp_norm(s)
@@ -536,12 +538,12 @@ class Generator:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
-    def _attend(self, i: int, q, k, v, slots, lengths, last, rings: dict, scratch: list) -> torch.Tensor:
+    def _attend(self, i: int, q, k, v, slots, lengths, last, once: dict, scratch: list) -> torch.Tensor:
         """Layer i's attention of the new tokens' q (B, Hq, T, D) after the rotary + cache append of
         their k/v (see :meth:`_forward`). ``lengths``: the cached lengths after the append when
-        the decode kernel attends (T <= 16), else None; ``rings`` and ``scratch``: what one
-        forward computes once for every ring layer (their write slots and lengths by ring size;
-        a prefill's full-length K/V)."""
+        the decode kernel attends (T <= 16), else None; ``once`` and ``scratch``: what one
+        forward computes once for every layer (ring write slots and lengths by ring size, the
+        tokens' positions and what is read at them; a prefill's full-length K/V for the rings)."""
         B, T = q.shape[0], q.shape[2]
         kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]
         cos, sin = self.rotary[i]
@@ -549,8 +551,10 @@ class Generator:
         if hasattr(attn, "query_layernorm"):
             # HunYuan norms each head's q and k AFTER rotary: rotate (tables read at each token's
             # position), norm, then the cache append with the identity rotation (k copied exactly)
-            positions = slots.to(torch.long)[:, None] + torch.arange(T, device=q.device)
-            q, k = ops.apply_rotary_pos_emb(q, k, cos[positions], sin[positions], interleaved=self.interleaved)
+            if ("rows", id(cos)) not in once:
+                positions = self._positions(once, slots, T)
+                once["rows", id(cos)] = (cos[positions], sin[positions])
+            q, k = ops.apply_rotary_pos_emb(q, k, *once["rows", id(cos)], interleaved=self.interleaved)
             q, k = self._norm(q, attn.query_layernorm), self._norm(k, attn.key_layernorm)
             cos, sin = self._no_rotation
         scale, window = getattr(attn, "scaling", None), self.windows[i]
@@ -560,12 +564,12 @@ class Generator:
             # A decode step on a ring of W slots: position p = slots[b] goes to slot p mod W, and
             # the min(p + 1, W) slots filled are exactly p's window (the softmax does not care in
             # which order its keys sit), so no window mask is needed.
-            if ring not in rings:
-                rings[ring] = (slots % ring, torch.clamp(slots + 1, max=ring))
-            ring_slots, ring_lengths = rings[ring]
+            if ("ring", ring) not in once:
+                once["ring", ring] = (slots % ring, torch.clamp(slots + 1, max=ring))
+            ring_slots, ring_lengths = once["ring", ring]
             q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, ring_slots, positions=slots,
                                         interleaved=self.interleaved)
-            q = self._position_scaled(q, slots)
+            q = self._position_scaled(q, once, slots)
             return ops.decode_attention(q, kc, vc, ring_lengths, scale=scale, num_splits=self.num_splits,
                                         softcap=softcap)
         if ring is not None:  # a prefill on a ring: the whole prompt to a scratch cache, attended there
@@ -574,7 +578,7 @@ class Generator:
                                            device=self.device) for _ in range(2))
             ring_k, ring_v, (kc, vc) = kc, vc, scratch
         q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots, interleaved=self.interleaved)
-        q = self._position_scaled(q, slots)
+        q = self._position_scaled(q, once, slots)
         if lengths is not None:
             o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window,
                                      softcap=softcap)
@@ -587,13 +591,22 @@ class Generator:
             _fill_ring(ring_v, vc, prompt_lengths)
         return o
 
-    def _position_scaled(self, q: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _positions(once: dict, slots: torch.Tensor, T: int) -> torch.Tensor:
+        """The new tokens' positions ``slots[b] + t`` (B, T), made once per forward."""
+        if "positions" not in once:
+            once["positions"] = slots.to(torch.long)[:, None] + torch.arange(T, device=slots.device)
+        return once["positions"]
+
+    def _position_scaled(self, q: torch.Tensor, once: dict, slots: torch.Tensor) -> torch.Tensor:
         """q (B, H, T, D) of the tokens at positions ``slots[b] + t`` times Ministral 3's factor of
-        each position (:attr:`q_position_scale`); q itself for the other families."""
+        each position (:attr:`q_position_scale`, read once per forward); q itself for the other
+        families."""
         if self.q_position_scale is None:
             return q
-        positions = slots.to(torch.long)[:, None] + torch.arange(q.shape[2], device=q.device)
-        return q * self.q_position_scale[positions][:, None, :, None]
+        if "q_scale" not in once:
+            once["q_scale"] = self.q_position_scale[self._positions(once, slots, q.shape[2])][:, None, :, None]
+        return q * once["q_scale"]
 
     @staticmethod
     def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
