@@ -43,6 +43,8 @@ BENCH_PARAMS = {
     "rms_norm_residual_round_once": {"shape": (4, 4096, 4096), "residual": True, "round_once": True},
     "geglu": {"shape": (4, 4096, 15360), "gelu": True},
     "geglu_fused": {"shape": (4, 4096, 15360), "fused": True, "gelu": True},
+    # gpt-oss-20b: 64 / 8 heads of 64 dims, attention sinks, the 128-token window of half its layers
+    "flash_attention_sinks": {"B": 4, "Hq": 64, "Hk": 8, "Tq": 4096, "D": 64, "window": (127, 0), "sinks": 0.0},
     # GLM-4-9B: 32 / 2 heads of 128 dims, adjacent pairs of the first 64 rotated
     "rotary_pairs": {"b": 4, "hq": 32, "hk": 2, "t": 4096, "d": 128, "r": 64, "transposed": True},
 }

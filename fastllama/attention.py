@@ -296,11 +296,11 @@ def _classify_now(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Pl
     return plan
 
 
-def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal: bool, softcap) -> bool:
+def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal: bool, softcap, sinks=None) -> bool:
     """The decode kernel is forward-only and causal (bottom-right), and caps 16-bit scores at
     up to ``ops.decode.MAX_16BIT_SOFTCAP``; of a window it takes the left bound (the right one
     is the causal bound: 0, or -1 which causal makes 0)."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
     return (ops.decode.takes_softcap(softcap, q.dtype) and not needs_grad and (window is None or window[1] in (0, -1)) and q.shape[2] <= DECODE_MAX_QUERIES
             and (causal or q.shape[2] == 1) and k.shape[2] >= q.shape[2])
 
@@ -334,7 +334,7 @@ def _packing(plan: _Plan, B: int, Tq: int, Tk: int, device) -> tuple:
     return plan.packing[1]
 
 
-def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap, keep):
+def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap, keep, sinks=None):
     """Packs each row's run of keys (and, when Tq == Tk, of queries), runs varlen flash
     attention, and scatters the result back (0 for padding queries). ``keep``: see
     :class:`_FlashStats`."""
@@ -348,12 +348,12 @@ def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap,
 
     k_packed, v_packed = pack(k, idx_k), pack(v, idx_k)
     out = _flash(keep, idx_q, pack(q, idx_q), k_packed, v_packed, causal=causal, scale=scale, window=window,
-                 cu_seqlens=cu_q, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap)
+                 cu_seqlens=cu_q, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap, sinks=sinks)
     # (squeeze, not [0]: its backward is a view, where select's writes the gradient into zeros)
     full = out.new_zeros(B * Tq, Hq, D).index_copy_(0, idx_q, out.squeeze(0).transpose(0, 1))
     if plan.pad_rows is not None:  # padding queries that see their row's whole run: non-causal
         pads = _flash(keep, plan.pad_rows, pack(q, plan.pad_rows), k_packed, v_packed, causal=False, scale=scale,
-                      cu_seqlens=cu_p, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap)
+                      cu_seqlens=cu_p, cu_seqlens_k=cu_k, deterministic=deterministic, softcap=softcap, sinks=sinks)
         full.index_copy_(0, plan.pad_rows, pads.squeeze(0).transpose(0, 1))
     if plan.pad_window is not None:  # padding queries that see part of their row's run (a window)
         pw = plan.pad_window
@@ -361,69 +361,75 @@ def _varlen(q, k, v, plan: _Plan, causal, scale, window, deterministic, softcap,
         rows = torch.arange(B, device=q.device)[:, None]
         q_pad = q.new_zeros(B, pw.mask.shape[2], Hq, D).index_put((pw.batch, pw.rank), q[pw.batch, :, pw.slot])
         k_pad, v_pad = (t[rows, :, pw.keys].transpose(1, 2) for t in (k, v))  # (B, Hk, S, D)
-        pads = _sdpa(q_pad.transpose(1, 2), k_pad, v_pad, pw.mask, False, scale, 0.0, softcap)
+        pads = _sdpa(q_pad.transpose(1, 2), k_pad, v_pad, pw.mask, False, scale, 0.0, softcap, sinks)
         full.index_copy_(0, pw.batch * Tq + pw.slot, pads[pw.batch, :, pw.rank])
     return full.view(B, Tq, Hq, D).transpose(1, 2)
 
 
 def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, scale: float | None = None,
            window: tuple[int, int] | None = None, dropout: float = 0.0, deterministic: bool = True,
-           softcap: float | None = None) -> torch.Tensor:
+           softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention for patched models: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D) -> (B, Hq, Tq, D).
 
     ``mask`` is HF's boolean (B, 1, Tq, Tk) mask (any shape that broadcasts to (B, Hq, Tq, Tk)
     is accepted) or None (see the module docstring for how each shape of mask is served).
-    ``window``, ``deterministic`` and ``softcap`` are as in :func:`ops.flash_attention`.
+    ``window``, ``deterministic``, ``softcap`` and ``sinks`` (gpt-oss's attention sinks, (Hq,))
+    are as in :func:`ops.flash_attention`. With sinks, a masked call under torch.compile runs in
+    plain PyTorch (counted): :func:`masked_op` takes no sinks.
     """
     q, k, v = ops.attention.autocast_inputs(q, k, v)  # SDPA's dtypes under autocast (all paths below)
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     flash = lambda q, k, v, **kw: ops.flash_attention(q, k, v, scale=scale, window=window, softcap=softcap,
-                                                      deterministic=deterministic, **kw)
+                                                      deterministic=deterministic, sinks=sinks, **kw)
     if dropout > 0:
         _fall_back("attention dropout > 0")
         if mask is None and window is None and (Tq == Tk or not causal):
             # no mask for SDPA's flash backend: is_causal (top-left) is attend's causal when Tq == Tk
-            return _sdpa(q, k, v, None, causal and Tq > 1, scale, dropout, softcap)
+            return _sdpa(q, k, v, None, causal and Tq > 1, scale, dropout, softcap, sinks)
         if mask is None:  # the mask attend implies (bottom-right causal, window)
             mask = _implicit_mask(Tq, Tk, causal, window, q.device)
-        return _sdpa(q, k, v, mask, False, scale, dropout, softcap)
+        return _sdpa(q, k, v, mask, False, scale, dropout, softcap, sinks)
     if mask is not None and mask.dtype != torch.bool:
         _fall_back("non-boolean mask")
-        return _sdpa(q, k, v, mask, False, scale, 0.0, softcap)
+        return _sdpa(q, k, v, mask, False, scale, 0.0, softcap, sinks)
     if mask is None:
         if causal and Tq > 1 and Tk > Tq:  # HF: empty static cache prefill, keys past Tq are unwritten
             k, v = k[:, :, :Tq], v[:, :, :Tq]
-        if _decode_ok(q, k, v, window, causal, softcap):
+        if _decode_ok(q, k, v, window, causal, softcap, sinks):
             seqlens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
-            return ops.decode_attention(q, k, v, seqlens, scale=scale, window=_decode_window(window), softcap=softcap)
+            return ops.decode_attention(q, k, v, seqlens, scale=scale, window=_decode_window(window), softcap=softcap,
+                                        sinks=sinks)
         return flash(q, k, v, causal=causal and Tq > 1)
     if torch.compiler.is_compiling():
         # Reading a mask's contents is data-dependent: dynamo would break the graph in every
         # layer (an error under fullgraph=True). One opaque op reads it when the graph runs.
-        if masked_op_serves(q, k, v):
+        if sinks is None and masked_op_serves(q, k, v):
             return masked_op(q, k, v, mask, causal=causal, scale=scale, window=window, deterministic=deterministic,
                              softcap=softcap)
-        _fall_back("mask under torch.compile, decoding")
-        return _sdpa(q, k, v, mask, False, scale, 0.0, softcap)
-    return _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap)
+        _fall_back("mask under torch.compile, decoding" if sinks is None else
+                   "mask under torch.compile, with attention sinks")
+        return _sdpa(q, k, v, mask, False, scale, 0.0, softcap, sinks)
+    return _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap, sinks=sinks)
 
 
-def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap, keep: "_FlashStats | None" = None):
+def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap, keep: "_FlashStats | None" = None,
+                   sinks: torch.Tensor | None = None):
     """:func:`attend` for a boolean mask, dropout 0, outside torch.compile's tracing. ``keep``:
-    for :func:`masked_op`, which keeps the flash calls' statistics (see :class:`_FlashStats`)."""
+    for :func:`masked_op`, which keeps the flash calls' statistics (see :class:`_FlashStats`;
+    never with ``sinks``)."""
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     flash = lambda q, k, v, **kw: _flash(keep, None, q, k, v, scale=scale, window=window, softcap=softcap,
-                                         deterministic=deterministic, **kw)
+                                         deterministic=deterministic, sinks=sinks, **kw)
     plan = _classify(mask, (B, Hq, Tq, Tk), causal, window)
     if plan.key_end is not None:
         k, v = k[:, :, :plan.key_end], v[:, :, :plan.key_end]
     if plan.kind == "prefix":
         # (not while keeping statistics: the backward differentiates what the forward ran)
-        if keep is None and _decode_ok(q, k, v, window, True, softcap):
+        if keep is None and _decode_ok(q, k, v, window, True, softcap, sinks):
             return ops.decode_attention(q, k, v, plan.lengths, scale=scale, window=_decode_window(window),
-                                        softcap=softcap)
+                                        softcap=softcap, sinks=sinks)
         if plan.common_length is not None:
             n = plan.common_length
             return flash(q, k[:, :, :n], v[:, :, :n], causal=True)
@@ -433,13 +439,13 @@ def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap,
             plan.as_runs = dataclasses.replace(plan, kind="runs", starts=torch.zeros_like(plan.lengths))
         plan = plan.as_runs
     if plan.kind == "runs":
-        return _varlen(q, k, v, plan, causal, scale, window, deterministic, softcap, keep)
+        return _varlen(q, k, v, plan, causal, scale, window, deterministic, softcap, keep, sinks)
     if plan.kind == "packed":  # (B, H, T, D) -> (1, H, B * T, D) views, as projections lay them out
         out = flash(*(t.transpose(1, 2).reshape(1, -1, t.shape[1], t.shape[3]).transpose(1, 2) for t in (q, k, v)),
                     causal=causal, cu_seqlens=plan.cu_seqlens)
         return out.transpose(1, 2).reshape(B, Tq, Hq, -1).transpose(1, 2)
     _fall_back(plan.reason)
-    return _sdpa(q, k, v, mask, False, scale, 0.0, softcap)
+    return _sdpa(q, k, v, mask, False, scale, 0.0, softcap, sinks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,6 +504,8 @@ def _flash(keep: _FlashStats | None, rows: torch.Tensor | None, q, k, v, **kw) -
     call or the packed view of every row), recording or replaying them in ``keep``."""
     if keep is None:
         return ops.flash_attention(q, k, v, **kw)
+    if kw.pop("sinks", None) is not None:
+        raise AssertionError("masked_op keeps no statistics with sinks: attend runs such calls in PyTorch")
     B, Hq, T = q.shape[:3]
     if keep.out is None:
         out, stats = ops.attention.flash_attention_with_stats(q, k, v, **kw)
@@ -598,18 +606,21 @@ torch.library.register_autograd("fastllama::attend_masked", _masked_backward, se
 
 def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True,
                         scale: float | None = None, window: tuple[int, int] | None = None,
-                        dropout: float = 0.0, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        dropout: float = 0.0, softcap: float | None = None,
+                        sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend` in plain PyTorch, also returning the (B, Hq, Tq, Tk) attention probabilities:
     for ``output_attentions=True``, which no fused kernel can serve (they never form the matrix).
     Same mask conventions as :func:`attend`; probabilities as HF's eager attention makes them
-    (softmax in fp32, cast to q's dtype, dropout after; scores soft-capped before the mask).
-    Counted in :data:`FALLBACKS`."""
+    (softmax in fp32, cast to q's dtype, dropout after; scores soft-capped before the mask;
+    with ``sinks``, the keys' probabilities beside the sink's, which is left out as gpt-oss's
+    eager attention leaves it out). Counted in :data:`FALLBACKS`."""
     _fall_back("output_attentions (attention probabilities requested)")
-    return _eager(q, k, v, mask, causal, scale, window, dropout, softcap)
+    return _eager(q, k, v, mask, causal, scale, window, dropout, softcap, sinks)
 
 
 def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, dropout: float = 0.0,
-                    softcap: float | None = None, reason: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    softcap: float | None = None, reason: str | None = None,
+                    sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's eager attention exactly, ``(out, probabilities)``: the boolean ``mask`` (True =
     attend) becomes an additive one of the minimum of the mask's dtype, as transformers makes it
     for eager attention (the model's dtype: fp32 under autocast). The difference from
@@ -618,7 +629,8 @@ def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, 
     scores as if they counted), where this module gives 0. (An fp16 model's -65504 does not
     absorb every score: eager's row is not quite uniform there, and neither is this.) For models
     that ran eager attention before patching: :func:`eager_blind_rows`, and their masked calls
-    under torch.compile. ``reason``: counted in :data:`FALLBACKS` under it."""
+    under torch.compile. ``reason``: counted in :data:`FALLBACKS` under it. With ``sinks``
+    there is no difference: such a row puts all its mass on the sink, in eager attention too."""
     if reason is not None:
         _fall_back(reason)
     wide = torch.is_autocast_enabled(q.device.type)
@@ -626,7 +638,7 @@ def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, 
     if mask.dtype == torch.bool:
         dtype = torch.float32 if wide else q.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=q.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return _eager(q, k, v, mask, False, scale, None, dropout, softcap)
+    return _eager(q, k, v, mask, False, scale, None, dropout, softcap, sinks)
 
 
 def eager_blind_rows(out, q, k, v, mask: torch.Tensor, *, scale: float | None = None, dropout: float = 0.0,
@@ -661,8 +673,9 @@ def eager_blind_rows(out, q, k, v, mask: torch.Tensor, *, scale: float | None = 
     return torch.stack(outs), (None if weights is None else torch.stack(probs))
 
 
-def _eager(q, k, v, mask, causal, scale, window, dropout, softcap):
-    """(out, probabilities) in plain PyTorch, as HF's eager attention computes them."""
+def _eager(q, k, v, mask, causal, scale, window, dropout, softcap, sinks=None):
+    """(out, probabilities) in plain PyTorch, as HF's eager attention computes them (``sinks``: as
+    gpt-oss's does, one more score per head in the softmax, its column dropped after)."""
     Tq, Tk = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -674,7 +687,11 @@ def _eager(q, k, v, mask, causal, scale, window, dropout, softcap):
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     blind = sees_no_key(mask)
+    if sinks is not None:
+        sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        scores = torch.cat((scores, sink), dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).masked_fill(blind, 0.0).to(q.dtype)
+    probs = probs if sinks is None else probs[..., :-1]
     return (F.dropout(probs, p=dropout, training=dropout > 0) @ v).masked_fill(blind, 0.0), probs  # 0 * inf
 
 
@@ -687,11 +704,12 @@ def sees_no_key(mask: torch.Tensor) -> torch.Tensor:
     return torch.isneginf(mask).all(-1, keepdim=True)
 
 
-def _sdpa(q, k, v, mask, is_causal, scale, dropout, softcap=None):
-    if softcap is not None:  # SDPA has no soft-capping: plain PyTorch (the causal mask attend means)
+def _sdpa(q, k, v, mask, is_causal, scale, dropout, softcap=None, sinks=None):
+    if softcap is not None or sinks is not None:
+        # SDPA has neither soft-capping nor sinks: plain PyTorch (the causal mask attend means)
         if mask is None:
             mask = _implicit_mask(q.shape[2], k.shape[2], is_causal, None, q.device)
-        return _eager(q, k, v, mask, False, scale, None, dropout, softcap)[0]
+        return _eager(q, k, v, mask, False, scale, None, dropout, softcap, sinks)[0]
     if q.shape[1] != k.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)

@@ -407,6 +407,8 @@ def _residual_norm_mlp(norm, mlp, h, residual):
 
 
 def _rotate(self, q, k, cos, sin):
+    if _family(self) in ROTARY_HALF_TABLE_FAMILIES and 2 * cos.shape[-1] == q.shape[-1]:
+        cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)  # (B, T, D / 2) -> rotate_half's tables
     # A rotary dim below head_dim is partial rotary, which the op does as Phi-3's
     # apply_rotary_pos_emb does (Phi-4-mini). The other families' functions rotate the whole head
     # and fail on such tables (HF's rope init honours partial_rotary_factor for any family): their
@@ -429,6 +431,11 @@ PARTIAL_ROTARY_FAMILIES = ("phi3", "glm", "glm4", "glm4_moe", "minimax_m2")
 #: HF families whose rotary rotates adjacent pairs (2i, 2i + 1) (GLM's rotate_half, cos/sin
 #: repeat_interleave'd): the op's ``interleaved=True``.
 ROTARY_INTERLEAVED_FAMILIES = ("helium", "ernie4_5", "ernie4_5_moe", "glm", "glm4")
+
+#: HF families whose rotary tables hold each frequency once, (B, T, D / 2), and whose rotary turns
+#: the two halves of the head by them (gpt-oss's ``_apply_rotary_emb``): rotate_half's rotation
+#: with the tables repeated, which the op gets.
+ROTARY_HALF_TABLE_FAMILIES = ("gpt_oss",)
 
 #: HF families whose rotary embedding keeps cos/sin in fp32 and whose apply_rotary_pos_emb rotates
 #: in fp32 whatever q's dtype (rounding once): the kernel gets the fp32 tables as they are.
@@ -464,11 +471,13 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     """Registered with HF's ``AttentionInterface`` as "fastllama": HF's calling convention,
     q (B, Hq, Tq, D) and un-repeated k/v (B, Hk, Tk, D) in, ``(out (B, Tq, Hq, D), None)`` out."""
     softcap = kwargs.get("softcap")  # Gemma 2's attn_logit_softcapping
+    sinks = kwargs.get("s_aux")  # gpt-oss's attention sinks, one score per head
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
     options = getattr(module, "_fastllama_attention", {})
-    eager_mask = options.get("eager") and attention_mask is not None  # (left padding, as eager has it)
+    # (left padding, as eager has it; with sinks eager's blind rows are 0 too: the sink takes them)
+    eager_mask = options.get("eager") and attention_mask is not None and sinks is None
     if eager_mask and torch.compiler.is_compiling():  # the mask can only be read when the graph runs
         if dropout == 0 and not kwargs.get("output_attentions") and attention_mask.dtype == torch.bool and \
                 masked_op_serves(query, key, value):
@@ -482,10 +491,10 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     weights = None
     if kwargs.get("output_attentions"):  # the probabilities are asked for: plain PyTorch (counted)
         out, weights = attend_with_weights(query, key, value, attention_mask, causal=causal, scale=scaling,
-                                           window=window, dropout=dropout, softcap=softcap)
+                                           window=window, dropout=dropout, softcap=softcap, sinks=sinks)
     else:
         out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window,
-                     dropout=dropout, deterministic=options.get("deterministic", True), softcap=softcap)
+                     dropout=dropout, deterministic=options.get("deterministic", True), softcap=softcap, sinks=sinks)
     if eager_mask:
         out, weights = eager_blind_rows(out, query, key, value, attention_mask, scale=scaling, dropout=dropout,
                                         softcap=softcap, weights=weights)
@@ -600,6 +609,8 @@ def hf_attention_forward(self, hidden_states, position_embeddings=None, attentio
     softcap = score_softcap(self)
     if softcap is not None:
         kwargs["softcap"] = softcap
+    if getattr(self, "sinks", None) is not None:  # gpt-oss: attention sinks, passed as its own forward does
+        kwargs["s_aux"] = self.sinks
     out, weights = attention_interface(
         self, q, k, v, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,

@@ -50,19 +50,23 @@ _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "granitemoe": "GraniteMoe", "dots1": "Dots1", "flex_olmo": "FlexOlmo", "minimax": "MiniMax",
                 "glm4_moe": "Glm4Moe", "hunyuan_v1_moe": "HunYuanMoEV1",
                 "ernie4_5_moe": "Ernie4_5_Moe", "mellum": "Mellum", "solar_open": "SolarOpen",
-                "minimax_m2": "MiniMaxM2", "exaone_moe": "ExaoneMoe"}
+                "minimax_m2": "MiniMaxM2", "exaone_moe": "ExaoneMoe",
+                # attention sinks in the attention kernels; the experts (a clamped SwiGLU of interleaved
+                # gate/up columns, with biases) and the router stay HF's
+                "gpt_oss": "GptOss"}
 # norms that scale by (1 + w) in fp32 and round once (fastllama.generate reads this and _OLMO too)
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "qwen3_5", "qwen3_next")
 _MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dots1", "flex_olmo", "minimax", "glm4_moe",
         "hunyuan_v1_moe", "ernie4_5_moe", "qwen3_next", "mellum", "solar_open", "minimax_m2", "exaone_moe")
 # norms that multiply by w in fp32 and round once (Helium's: (w.float() * normed).to(dtype))
-_OLMO = ("olmo2", "olmo3", "flex_olmo", "helium")
+_OLMO = ("olmo2", "olmo3", "flex_olmo", "helium", "gpt_oss")
 _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # families whose RMSNorm is Llama's
 # decoder layers that run as they are (the patched modules inside): norms named otherwise (Apertus),
 # a norm after each branch (EXAONE 4: OLMo 2's layout; GLM-4 and HyperCLOVAX: before and after),
-# no `mlp` (GraniteMoE's block_sparse_moe); VaultGemma's (two norms, Gemma's) has no rule either
+# no `mlp` (GraniteMoE's block_sparse_moe), an MLP that returns a tuple (gpt-oss's experts, with their router's
+# scores); VaultGemma's (two norms, Gemma's) has no rule either
 _OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "qwen3_5",
-                       "qwen3_next")
+                       "qwen3_next", "gpt_oss")
 # attention modules that run as they are, on the attention kernels through HF's interface (their
 # norms patched): Qwen 3.5's and Qwen3-Next's gate their output with half of their q_proj (and
 # their other layers are Gated DeltaNet, not attention)
@@ -140,7 +144,9 @@ RULES: tuple[Rule, ...] = (
     Rule(("rms_norm",), _hf("DecoderLayer", _LLAMA_LAYERS), forwards.hf_decoder_layer_forward),
     Rule(("rms_norm",), _hf("DecoderLayer", ("gemma2", "gemma3")), forwards.gemma3_decoder_layer_forward),
     Rule(("rms_norm",), _ref("DecoderLayer"), forwards.reference_decoder_layer_forward),
-    Rule(("swiglu",), _hf("MLP") + _ref("MLP"), forwards.mlp_forward, _check_activation),
+    # (gpt-oss's MLP is its mixture of experts, which stays HF's: see _HF_FAMILIES)
+    Rule(("swiglu",), _hf("MLP", tuple(m for m in _HF_FAMILIES if m != "gpt_oss")) + _ref("MLP"), forwards.mlp_forward,
+         _check_activation),
     Rule(("swiglu",), _hf("Experts", _MOE), forwards.experts_forward, _check_experts),
     Rule(("rope",), _hf("Attention", tuple(m for m in _HF_FAMILIES if m not in _OWN_ATTENTION)),
          forwards.hf_attention_forward, _check_head_dim),
@@ -306,6 +312,7 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     dots.llm1's experts, partial rotary, optional q/k norms), HunYuan MoE (HunYuan's attention, a
     shared MLP beside the experts), Ernie 4.5 MoE (Ernie 4.5's attention), Mellum, Solar Open,
     MiniMax-M2 (partial rotary, q/k norms over all heads), EXAONE MoE (EXAONE 4's attention),
+    gpt-oss (its attention sinks in the attention kernels; its experts and router stay HF's),
     FlexOlmo, MiniMax (its lightning-attention layers left as they are), Qwen 3.5's text model and
     Qwen3-Next (norms, MLP or experts, loss and the attention kernels; their gated attention and
     Gated DeltaNet modules left as they are); an MLP without a gate (Arcee's, Apertus's) is left as

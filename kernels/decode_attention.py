@@ -286,7 +286,7 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
                              num_splits: int, window_left: int = -1, softcap: float = 0.0,
                              block_n: int, max_block_m: int = 64, num_warps: int = 4,
                              num_stages: int = 2,
-                             precision: str = "ieee", combine_rows: int = 1):
+                             precision: str = "ieee", combine_rows: int = 1, sinks=None):
     """Launches decode attention; returns out shaped like q (same memory layout when q is dense).
 
     ``cache_leftpad`` (B,) int32 or None: sequence b's keys are slots [leftpad_b, L_b).
@@ -298,6 +298,10 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
     ``block_n`` keys per block, ``max_block_m`` rows per tile at most; ``precision`` is tl.dot's
     input precision for fp32 ("ieee");
     ``combine_rows`` output rows per combine program (a power of two).
+    ``sinks`` (Hq,) or None: attention sinks, one more score per query head whose value is zero
+    (gpt-oss). They join the splits' log-sum-exps where the splits are merged, in PyTorch (the
+    combine kernel has no sink input), so every launch with sinks runs the split kernel, even
+    with ``num_splits`` 1.
     """
     B, Hq, Tq, D = q.shape
     Hk, Tmax = k_cache.shape[1], k_cache.shape[2]
@@ -319,7 +323,7 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
     meta["SOFTCAP"] = softcap > 0
     common = (scale, float(softcap), int(cache_leftpad is not None), max(window_left, 0), *strides)
     with torch.cuda.device_of(q):  # Triton launches on the current device
-        if num_splits == 1:
+        if num_splits == 1 and sinks is None:
             decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, out, out, *common,
                                       *out.stride()[:3], 0, 0, 0, 0, Tq, group, Tmax, m_tiles,
                                       SPLIT=False, **meta)
@@ -329,6 +333,13 @@ def decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad=N
         decode_split_kernel[grid](q, k_cache, v_cache, cache_seqlens, leftpad, part, lse, *common,
                                   *part.stride()[:4], *lse.stride()[:3], Tq, group, Tmax, m_tiles,
                                   SPLIT=True, **meta)
+        if sinks is not None:
+            # the sink is one more split whose output is zero:
+            #   lse = log(sum_s exp(lse_s) + exp(sink)),  out = sum_s exp(lse_s - lse) * out_s
+            total = torch.logaddexp(torch.logsumexp(lse, -1), sinks.float()[None, :, None])
+            weights = torch.where(lse == float("-inf"), 0.0, torch.exp(lse - total[..., None]))
+            out.copy_((part * weights[..., None]).sum(-2))
+            return out
         n_rows = B * Hq * Tq
         decode_combine_kernel[(triton.cdiv(n_rows, combine_rows),)](
             part, lse, out, *out.stride()[:3], n_rows, Hq, Tq, num_splits,

@@ -17,21 +17,25 @@ def qkv(B=2, Hq=4, Hk=2, Tq=9, Tk=9, D=64, seed=0):
     return q, k, v
 
 
-def truth(q, k, v, mask, softcap=None):
+def truth(q, k, v, mask, softcap=None, sinks=None):
     """float64 attention under a boolean mask broadcast to (B, Hq, Tq, Tk), scores soft-capped
-    (before the mask) when ``softcap`` is given."""
+    (before the mask) when ``softcap`` is given; ``sinks`` (Hq,): one more score per head whose
+    value is zero (gpt-oss's eager attention: a column appended, then dropped)."""
     q, k, v = (t.double() for t in (q, k, v))
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-    return probs @ v
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat((scores, sinks.double()[None, :, None, None].expand(*scores.shape[:3], 1)), -1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (probs if sinks is None else probs[..., :-1]) @ v
 
 
-def check(out, q, k, v, mask, softcap=None):
-    torch.testing.assert_close(out.double(), truth(q, k, v, mask, softcap), rtol=1e-4, atol=1e-5)
+def check(out, q, k, v, mask, softcap=None, sinks=None):
+    torch.testing.assert_close(out.double(), truth(q, k, v, mask, softcap, sinks), rtol=1e-4, atol=1e-5)
 
 
 def padded_causal(lengths, Tq, Tk, end=None, left=True):
@@ -557,6 +561,58 @@ def test_softcap_reaches_every_path(monkeypatch):
         out = attend(q16, k16, v16, None, softcap=2e4)
     assert not decode
     torch.testing.assert_close(out.double(), truth(q16, k16, v16, causal[:, :, -1:], 2e4), rtol=0, atol=2e-3)
+    assert set(FALLBACKS) == {"non-boolean mask", "attention dropout > 0",
+                              "output_attentions (attention probabilities requested)"}
+
+
+def test_sinks_reach_every_path(monkeypatch):
+    """Attention sinks (gpt-oss) on each of attend's paths, as test_softcap_reaches_every_path
+    takes them: flash attention with autograd (the sinks' gradient too), a decoding step and a
+    static cache's prefix (the decode kernel), left-padded rows and right-padded ones whose padding
+    queries see the whole run (varlen), packed sequences, and the PyTorch fallbacks (a float
+    mask; dropout; attend_with_weights, whose probabilities leave the sink's out, as gpt-oss's
+    eager attention does). Sinks of std 2: a rescale of the output by 0.1 to 0.9, which a path
+    that dropped them could not pass."""
+    decode, decode_attention = [], ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: decode.append(kw["sinks"]) or decode_attention(
+        *a, **kw))
+    q, k, v = qkv(Tq=9, Tk=9)
+    sinks = (2 * torch.randn(4, generator=torch.Generator().manual_seed(3))).to(DEVICE)
+    causal = padded_causal([9, 9], 9, 9)
+    assert (truth(q, k, v, causal, sinks=sinks) - truth(q, k, v, causal)).abs().max() > 0.1
+    qg, sg = q.clone().requires_grad_(), sinks.clone().requires_grad_()
+    out = attend(qg, k, v, None, sinks=sg)
+    check(out, q, k, v, causal, sinks=sinks)
+    w = torch.randn_like(out)
+    dq, ds = torch.autograd.grad((out * w).sum(), (qg, sg))
+    q64, s64 = q.double().requires_grad_(), sinks.double().requires_grad_()
+    dq64, ds64 = torch.autograd.grad((truth(q64, k, v, causal, sinks=s64) * w.double()).sum(), (q64, s64))
+    torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ds.double(), ds64, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        check(attend(q[:, :, -1:], k, v, None, sinks=sinks), q[:, :, -1:], k, v, causal[:, :, -1:], sinks=sinks)
+        static = torch.stack([padded_causal([n], 1, 12, end=n, left=False)[0] for n in (5, 9)])
+        kk, vv = (torch.cat([t, t[:, :, :3]], 2) for t in (k, v))
+        check(attend(q[:, :, :1], kk, vv, static, sinks=sinks), q[:, :, :1], kk, vv, static, sinks=sinks)
+    assert len(decode) == 2 and all(d is sinks for d in decode)
+    padded = padded_causal([9, 4], 9, 9)
+    check(attend(q, k, v, padded, sinks=sinks), q, k, v, padded, sinks=sinks)
+    right = padded_causal([9, 4], 9, 9, left=False)
+    right[1, :, 4:, :4] = True  # HF's causal mask: the padding queries after the run see all of it
+    check(attend(q, k, v, right, sinks=sinks), q, k, v, right, sinks=sinks)
+    segments = torch.zeros(2, 9, dtype=torch.long)
+    segments[:, 4:] = 1  # two sequences per row, each attending only to itself
+    i = torch.arange(9)
+    packed = ((segments[:, :, None] == segments[:, None, :]) & (i[None, :] <= i[:, None]))[:, None].to(DEVICE)
+    check(attend(q, k, v, packed, sinks=sinks), q, k, v, packed, sinks=sinks)
+    assert not FALLBACKS, FALLBACKS
+    additive = torch.zeros(padded.shape, device=DEVICE).masked_fill(~padded, float("-inf"))
+    check(attend(q, k, v, additive, sinks=sinks), q, k, v, padded, sinks=sinks)
+    check(attend(q, k, v, None, dropout=1e-12, sinks=sinks), q, k, v, causal, sinks=sinks)
+    check(attend(q, k, v, padded, dropout=1e-12, sinks=sinks), q, k, v, padded, sinks=sinks)
+    out, probs = attention.attend_with_weights(q, k, v, padded, sinks=sinks)
+    check(out, q, k, v, padded, sinks=sinks)
+    torch.testing.assert_close((probs.double() @ v.double().repeat_interleave(2, 1)), out.double())
     assert set(FALLBACKS) == {"non-boolean mask", "attention dropout > 0",
                               "output_attentions (attention probabilities requested)"}
 

@@ -126,6 +126,12 @@ def test_decode_attention_validation():
         ops.decode_attention(q, k, v, lens, window=(20, 3))
     with pytest.raises(ValueError, match="left bound must be >= 0 or -1"):
         ops.decode_attention(q, k, v, lens, window=(-2, 0))
+    with pytest.raises(ValueError, match="sinks has 4 entries but q has 8 heads"):
+        ops.decode_attention(q, k, v, lens, sinks=torch.zeros(4, device=DEVICE))
+    with pytest.raises(TypeError, match="sinks has dtype"):
+        ops.decode_attention(q, k, v, lens, sinks=torch.zeros(8, device=DEVICE, dtype=torch.int32))
+    with pytest.raises(ValueError, match="forward-only.*sinks requires grad"):
+        ops.decode_attention(q, k, v, lens, sinks=torch.zeros(8, device=DEVICE, requires_grad=True))
     with torch.no_grad():  # fine without grad mode
         ops.decode_attention(q.detach().requires_grad_(), k, v, torch.tensor([1, 1, 1], dtype=torch.int32,
                                                                                 device=DEVICE))

@@ -327,6 +327,24 @@ def test_torch_compile_fullgraph():
         assert torch.equal(a, b)
 
 
+def test_torch_compile_fullgraph_with_sinks():
+    """Attention sinks (an autograd Function around the custom ops) trace whole too, and the
+    compiled gradients, the sinks' included, are eager's bit for bit."""
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 4, 2, 40, 40, 64, torch.float32)
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
+
+    def step(q, k, v, sinks):
+        return (ops.flash_attention(q, k, v, window=(16, 0), sinks=sinks) * torch.arange(64, device=DEVICE)).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_grads = torch.autograd.grad(step(q, k, v, sinks), (q, k, v, sinks))
+    compiled_grads = torch.autograd.grad(compiled(q, k, v, sinks), (q, k, v, sinks))
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.equal(a, b)
+    assert eager_grads[3].abs().min() > 0
+
+
 def test_torch_compile_dynamic_with_a_module_float_scale():
     """Under torch.compile(dynamic=True) a module's float attribute (HF's self.scaling) is traced as
     a symbolic float: validation must not need its value (math.isfinite on it broke fullgraph)."""
@@ -703,6 +721,10 @@ _t = lambda *shape, dtype=torch.float32: torch.randn(*shape, device=DEVICE).to(d
     (dict(cu_seqlens_k=_cu(0, 8)), ValueError, "without cu_seqlens"),
     (dict(q=_t(2, 4, 8, 64), k=_t(2, 2, 8, 64), v=_t(2, 2, 8, 64), cu_seqlens=_cu(0, 8)), ValueError, "batch size 1"),
     (dict(k=_t(1, 2, 6, 64), v=_t(1, 2, 6, 64), cu_seqlens=_cu(0, 8)), ValueError, "pass cu_seqlens_k"),
+    (dict(sinks=_t(3)), ValueError, "sinks has 3 entries but q has 4 heads"),
+    (dict(sinks=_t(1, 4)), ValueError, "sinks must have 1 dims"),
+    (dict(sinks=_t(4, dtype=torch.int64)), TypeError, "sinks has dtype"),
+    (dict(sinks=0.5), TypeError, "sinks must be a torch.Tensor"),
 ])
 def test_bad_input(over, exc, match, monkeypatch):
     from fastllama.kernels import flash_attention_backward as kbwd

@@ -162,6 +162,12 @@ NEW_ARCHS = {
     "exaone-moe-window": (tf.ExaoneMoeConfig, tf.ExaoneMoeForCausalLM, dict(
         BASE, num_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, num_shared_experts=1,
         first_k_dense_replace=1, n_group=1, topk_group=1, **_WINDOWED)),
+    # gpt-oss: attention sinks (in the kernels), a window on every other layer, yarn rotary tables
+    # of half a head, norms rounded once; its experts (clamped SwiGLU, biases) stay HF's
+    "gpt-oss-sinks-window": (tf.GptOssConfig, tf.GptOssForCausalLM, dict(
+        BASE, num_local_experts=3, num_experts_per_tok=3, **_WINDOWED, rope_parameters=dict(
+            rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+            original_max_position_embeddings=64))),
 }
 ARCHS.update(NEW_ARCHS)
 

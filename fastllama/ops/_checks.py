@@ -208,3 +208,14 @@ def check_softcap(softcap, scale: float) -> float:
     if abs(scale) / softcap > fp32.max / 2:
         raise ValueError(f"softcap={softcap!r} with scale={scale!r}: scale / softcap overflows fp32; use a larger cap")
     return float(softcap)
+
+
+def check_sinks(sinks, q: torch.Tensor) -> None:
+    """``sinks`` (attention sinks) is None or a floating (Hq,) tensor on q's device."""
+    if sinks is None:
+        return
+    check_tensor("sinks", sinks, ndim=1)
+    check_same("q", q, "sinks", sinks, "device")
+    if sinks.shape[0] != q.shape[1]:
+        raise ValueError(f"sinks has {sinks.shape[0]} entries but q has {q.shape[1]} heads; attention sinks are one "
+                         f"score per query head, shape (Hq,)")

@@ -21,8 +21,8 @@ from ..optable import REPORT_ARCHS, KernelBuild, OpCase, OpSpec
 from ..reference.functional import attention_varlen
 from ..kernels import flash_attention as _fwd
 from ..kernels import flash_attention_backward as _bwd
-from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_softcap, check_tensor,
-                      check_window_form, tile_rows_fit_int32)
+from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_sinks, check_softcap,
+                      check_tensor, check_window_form, tile_rows_fit_int32)
 
 __all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
 
@@ -189,6 +189,71 @@ torch.library.register_autograd("fastllama::flash_attention_fwd", _backward, set
 
 
 # ----------------------------------------------------------------------------------------------
+# Attention sinks (gpt-oss): one more score per head in every row's softmax, with a zero value
+# ----------------------------------------------------------------------------------------------
+def _with_sinks(stats: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """The kernel's statistics (m, log2 l) (base 2, (2, B, Hq, Tq)) of a softmax that also had the
+    sinks: the sink adds 2^(sigma - m) to l, sigma = sink * log2 e,
+
+        log2 l' = log2(l + 2^(sigma - m)).
+
+    A row that sees no key (m = -inf, l = 0) puts everything on the sink: its statistics stay as
+    the kernel left them (the backward reads m = -inf as p = 0 for every key)."""
+    m, log2_l = stats[0], stats[1]
+    empty = m == float("-inf")
+    rel = torch.where(empty, 0.0, sinks.to(torch.float32)[None, :, None] * _fwd.LOG2E - m)  # (no inf - inf)
+    return torch.stack((m, torch.where(empty, log2_l, torch.logaddexp2(log2_l, rel))))
+
+
+def _sink_probability(stats: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """p_sink = 2^(sigma - m - log2 l') of each row, from :func:`_with_sinks`'s statistics (1 for
+    a row that sees no key)."""
+    m, log2_total = stats[0], stats[1]
+    empty = m == float("-inf")
+    rel = torch.where(empty, 0.0, sinks.to(torch.float32)[None, :, None] * _fwd.LOG2E - m)
+    return torch.where(empty, 1.0, torch.exp2(rel - log2_total))
+
+
+class _FlashWithSinks(torch.autograd.Function):
+    """One flash launch (``_flash_fwd``) whose rows' softmax also counts the sinks.
+
+    Forward: the kernel's output times l / l' (the share of the mass left on the keys), and the
+    statistics with l' in place of l. Those are exactly a softmax that had the sink, so the
+    backward is the flash backward on them unchanged (p = 2^(s - m - log2 l'), delta =
+    rowsum(dO * O) of the sink-scaled output), plus the sinks' own gradient:
+
+        d loss / d sink_h = sum over the rows of head h of  p_sink * (0 - delta)
+
+    (the sink's value vector is zero, so its dP is 0). One elementwise pass over the output more
+    than plain flash attention, and nothing more is saved for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, cu_q, cu_k, args):
+        scale, before, after, precision, deterministic, softcap = args
+        out, stats = _flash_fwd(q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic, softcap)
+        with_sinks = _with_sinks(stats, sinks)
+        out = (out.float() * torch.exp2(stats[1] - with_sinks[1])[..., None]).to(out.dtype)  # (keeps q's layout)
+        stats = with_sinks
+        ctx.save_for_backward(q, k, v, out, stats, cu_q, cu_k, sinks)
+        ctx.args = args
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return out, stats
+
+    @staticmethod
+    def backward(ctx, dout, _dstats):
+        if dout is None:
+            return (None,) * 7
+        q, k, v, out, stats, cu_q, cu_k, sinks = ctx.saved_tensors
+        scale, before, after, precision, deterministic, softcap = ctx.args
+        dq, dk, dv = _flash_bwd(dout, None, q, k, v, out, stats, scale, before, after, cu_q, cu_k, precision,
+                                deterministic, softcap)
+        delta = (dout.float() * out.float()).sum(-1)
+        dsinks = -(_sink_probability(stats, sinks) * delta).sum((0, 2))
+        return dq, dk, dv, dsinks.to(sinks.dtype), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
 def _check_cu_seqlens(name: str, cu, q: torch.Tensor) -> None:
@@ -315,7 +380,7 @@ def flash_attention_with_lse(q, k, v, causal: bool = True, scale: float | None =
 def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
                     window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
                     cu_seqlens_k: torch.Tensor | None = None, fp32_precision: str = "ieee",
-                    deterministic: bool = True, softcap: float | None = None):
+                    deterministic: bool = True, softcap: float | None = None, sinks: torch.Tensor | None = None):
     """Softmax attention in SDPA's layout, forward and backward in Triton (flash attention).
 
     Args:
@@ -352,6 +417,12 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
             softmax, s = q k^T * scale (Gemma 2's ``attn_logit_softcapping``; None: off). The
             backward is then always the deterministic one. GPU launches run one tile per kernel,
             untimed (``kernels.flash_attention.softcap_config``).
+        sinks: optional (Hq,) floating tensor on q's device, differentiable: attention sinks
+            (gpt-oss's ``sinks``): query head h's softmax also counts the score ``sinks[h]``
+            (not soft-capped), whose value vector is zero, so the keys' weights sum to less than
+            one. A row that sees no key returns 0. The kernels run as without sinks; the output
+            is then rescaled in one elementwise pass (``_FlashWithSinks``), and the backward is
+            the flash backward plus a small reduction for the sinks' gradient.
 
     Returns:
         out with q's shape and memory layout (a q viewed from (B, T, H, D) gives an out whose
@@ -365,7 +436,7 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
         TypeError / ValueError naming the argument, before any launch.
     """
     return _attention(q, k, v, causal, scale, window, cu_seqlens, cu_seqlens_k, fp32_precision, deterministic,
-                      softcap)[0]
+                      softcap, sinks)[0]
 
 
 def _prepared(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic, softcap):
@@ -437,8 +508,9 @@ def flash_attention_replayed(q, k, v, out: torch.Tensor, stats: torch.Tensor, ca
     return _Replayed.apply(q, k, v, out, stats, cu_seqlens, cu_k, args)
 
 
-def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic, softcap):
-    """Both public ops: validate, then ``_flash_fwd`` -> (out, stats). It runs on groups of
+def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic, softcap, sinks=None):
+    """Both public ops: validate, then ``_flash_fwd`` -> (out, stats) (with ``sinks``,
+    :class:`_FlashWithSinks`, whose stats have the sinks in them). It runs on groups of
     sequences when there are more (sequence, query head) pairs than the kernels' grid takes on
     its second axis (:data:`MAX_GRID_Y`; e.g. a varlen pack of 1M tokens in 512-token samples at
     32 heads): each group is an independent call on views (rebased ``cu_seqlens``), joined along
@@ -446,22 +518,27 @@ def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deter
     in that path only."""
     q, k, v, cu_k, args = _prepared(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deterministic,
                                     softcap)
-    scale, before, after, precision, deterministic, softcap = args
+    check_sinks(sinks, q)
+
+    def launch(q, k, v, cu_q, cu_k):
+        if sinks is None:
+            return _flash_fwd(q, k, v, *args[:3], cu_q, cu_k, *args[3:])
+        return _FlashWithSinks.apply(q, k, v, sinks, cu_q, cu_k, args)
+
     n_seq, per = _sequences_per_launch(q, cu_q)
     if n_seq <= per:
-        return _flash_fwd(q, k, v, scale, before, after, cu_q, cu_k, precision, deterministic, softcap)
+        return launch(q, k, v, cu_q, cu_k)
     parts = []
     if cu_q is None:
         for b in range(0, n_seq, per):
-            parts.append(_flash_fwd(q[b:b + per], k[b:b + per], v[b:b + per], scale, before, after, None, None,
-                                    precision, deterministic, softcap))
+            parts.append(launch(q[b:b + per], k[b:b + per], v[b:b + per], None, None))
         return torch.cat([o for o, _ in parts], 0), torch.cat([st for _, st in parts], 1)
     tq, tk = cu_q.tolist(), cu_k.tolist()
     for s0 in range(0, n_seq, per):
         s1 = min(s0 + per, n_seq)
         q0, q1, k0, k1 = tq[s0], tq[s1], tk[s0], tk[s1]
-        parts.append(_flash_fwd(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], scale, before, after,
-                                cu_q[s0:s1 + 1] - q0, cu_k[s0:s1 + 1] - k0, precision, deterministic, softcap))
+        parts.append(launch(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], cu_q[s0:s1 + 1] - q0,
+                            cu_k[s0:s1 + 1] - k0))
     return torch.cat([o for o, _ in parts], 2), torch.cat([st for _, st in parts], -1)
 
 
@@ -469,14 +546,23 @@ def _attention(q, k, v, causal, scale, window, cu_q, cu_k, fp32_precision, deter
 # Op table
 # ----------------------------------------------------------------------------------------------
 def _reference(q, k, v, causal=True, scale=None, window=None, cu_seqlens=None, cu_seqlens_k=None, return_lse=False,
-               flash_backward=False, softcap=None):
+               flash_backward=False, softcap=None, sinks=None):
     """The truth for both public ops: reference.attention, or its varlen form when packed."""
     if cu_seqlens is None:
         return reference.attention(q, k, v, causal=causal, scale=scale, window=window, return_lse=return_lse,
-                                   flash_backward=flash_backward, softcap=softcap)
+                                   flash_backward=flash_backward, softcap=softcap, sinks=sinks)
     return attention_varlen(q, k, v, cu_seqlens, causal=causal, scale=scale, window=window,
                             cu_seqlens_k=cu_seqlens_k, return_lse=return_lse, flash_backward=flash_backward,
-                            softcap=softcap)
+                            softcap=softcap, sinks=sinks)
+
+
+def _flash_attention_with_sinks(q, k, v, sinks, **kwargs):
+    """The sinks op-table entry: :func:`flash_attention` with the sinks as a positional input."""
+    return flash_attention(q, k, v, sinks=sinks, **kwargs)
+
+
+def _reference_with_sinks(q, k, v, sinks, **kwargs):
+    return _reference(q, k, v, sinks=sinks, **kwargs)
 
 
 def _reference_with_lse(q, k, v, **kwargs):
@@ -524,7 +610,10 @@ def _make_args(p: dict, dtype: torch.dtype, device: str):
         return (t if std == 1.0 else (t * std).detach()).requires_grad_()
 
     std = p.get("std", 1.0)
-    return (make(Hq, Tq, std), make(Hk, Tk, std), make(Hk, Tk)), kwargs
+    tensors = (make(Hq, Tq, std), make(Hk, Tk, std), make(Hk, Tk))
+    if "sinks" in p:  # (Hq,) sink scores around ``sinks`` (gpt-oss's are of order 1), std 1
+        tensors += ((torch.randn(Hq, device=device, dtype=dtype) + p["sinks"]).requires_grad_(),)
+    return tensors, kwargs
 
 
 def _case(id_, cuda_only=False, **params):
@@ -580,6 +669,22 @@ _CASES = (
 _LSE_CASES = (
     _case("B1-H4/2-Tq113-Tk60-D64-causal", Hq=4, Hk=2, Tq=113, Tk=60, D=64),  # 53 fully masked rows
     _case("B1-H4/2-Tq113-Tk60-D64-causal-softcap3", Hq=4, Hk=2, Tq=113, Tk=60, D=64, softcap=3.0, std=2.0),
+)
+
+
+# attention sinks (gpt-oss): sinks near the scores' scale and one that takes most of the mass,
+# GQA, a window (gpt-oss's 128 on every other layer), rows that see no key (Tq > Tk), varlen with
+# empty sequences, soft-capping alongside
+_SINK_CASES = (
+    _case("B2-H4/2-T77-D64-causal-sinks", B=2, Hq=4, Hk=2, Tq=77, D=64, sinks=0.0),
+    _case("B1-H4/1-T113-D64-window-sinks-heavy", Hq=4, Hk=1, Tq=113, D=64, window=(20, 0), sinks=4.0),
+    _case("B1-H2/1-Tq113-Tk60-D80-causal-sinks", Hq=2, Hk=1, Tq=113, Tk=60, D=80, sinks=1.0),
+    _case("B1-H2/2-T50-D128-full-sinks-softcap3", Hq=2, Tq=50, D=128, causal=False, softcap=3.0, std=2.0,
+          sinks=-1.0),
+    _case("varlen-0-1-77-30-sinks", Hq=4, Hk=2, D=64, seqlens=[0, 1, 77, 30], sinks=0.0),
+    _case("B2-H64/8-T1024-D64-window128-sinks", True, B=2, Hq=64, Hk=8, Tq=1024, D=64, window=(127, 0),
+          transposed=True, sinks=0.0),
+    _case("B1-H64/8-T2048-D64-causal-sinks", True, Hq=64, Hk=8, Tq=2048, D=64, sinks=2.0),
 )
 
 
@@ -688,4 +793,7 @@ OP_SPECS = [
     OpSpec("flash_attention_lse", flash_attention_with_lse, _reference_with_lse, _make_args, _LSE_CASES,
            kernels=("flash_attention", "flash_attention_backward"), names=("q", "k", "v"),
            output_names=("out", "lse"), torch_ops=(_flash_formulation_with_lse,)),
+    OpSpec("flash_attention_sinks", _flash_attention_with_sinks, _reference_with_sinks, _make_args, _SINK_CASES,
+           kernels=("flash_attention", "flash_attention_backward"), names=("q", "k", "v", "sinks"),
+           output_names=("out",)),
 ]

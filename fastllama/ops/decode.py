@@ -22,8 +22,8 @@ from ..kernels import rotary_cache as _rk
 from ..kernels.flash_attention import table_arch
 from ..optable import KernelBuild, OpCase, OpSpec, by_arch
 from ..reference import functional as _ref
-from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_softcap, check_tensor,
-                      check_window_form, check_write_targets, num_sms, tile_rows_fit_int32)
+from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_sinks, check_softcap,
+                      check_tensor, check_window_form, check_write_targets, num_sms, tile_rows_fit_int32)
 
 __all__ = ["decode_attention", "rotary_cache_append", "default_num_splits", "takes_softcap", "MAX_SPLITS",
            "MAX_QUERY_LEN", "MAX_HEAD_DIM", "MAX_16BIT_SOFTCAP"]
@@ -173,25 +173,27 @@ def default_num_splits(batch: int, kv_heads: int, m_tiles: int, max_len: int, de
 @torch.library.custom_op("fastllama::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                       cache_leftpad: Optional[torch.Tensor], scale: float, num_splits: int,
-                      window_left: int, softcap: float) -> torch.Tensor:
+                      window_left: int, softcap: float, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``softcap`` 0 means no soft-capping."""
     if interpreter_active():
         return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
                                             num_splits=num_splits, window_left=window_left,
                                             block_n=_INTERPRETER_BLOCK_N,
-                                            combine_rows=_INTERPRETER_ROWS, softcap=softcap)
+                                            combine_rows=_INTERPRETER_ROWS, softcap=softcap, sinks=sinks)
     group = q.shape[1] // k_cache.shape[1]
     aligned = _dk.strides_aligned(q, k_cache, v_cache)
     sm = table_arch(q.device)
+    split = num_splits > 1 or sinks is not None  # (sinks: always the split kernel, see the launcher)
     bm, bn, warps = _gpu_config(group, q.shape[2], _dk.padded_head_dim(q.shape[-1]), q.element_size(), aligned,
-                                sm, num_splits > 1, 0 <= window_left < k_cache.shape[2], softcap > 0)
+                                sm, split, 0 <= window_left < k_cache.shape[2], softcap > 0)
     return _dk.decode_attention_forward(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale=scale,
                                         num_splits=num_splits, window_left=window_left, block_n=bn, max_block_m=bm,
-                                        num_warps=warps, num_stages=_stages(q.element_size(), sm), softcap=softcap)
+                                        num_warps=warps, num_stages=_stages(q.element_size(), sm), softcap=softcap,
+                                        sinks=sinks)
 
 
 @_decode_attention.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, window_left, softcap):
+def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, window_left, softcap, sinks=None):
     return torch.empty_like(q)
 
 
@@ -352,7 +354,8 @@ def _validate_rotary(q, k, v, k_cache, v_cache, cos, sin, cache_seqlens, positio
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      scale: float | None = None, num_splits: int | None = None,
                      cache_leftpad: torch.Tensor | None = None,
-                     window: tuple[int, int] | None = None, softcap: float | None = None) -> torch.Tensor:
+                     window: tuple[int, int] | None = None, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a few new queries against a static KV cache (flash-decoding), forward only.
 
     Args:
@@ -379,6 +382,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         softcap: soft-caps the scores to ``softcap * tanh(s / softcap)`` before the mask (Gemma
             2's ``attn_logit_softcapping``, as in :func:`flash_attention`); None: off. With
             fp16/bf16 inputs at most ``MAX_16BIT_SOFTCAP`` (1e4; Gemma 2's is 50).
+        sinks: optional (Hq,) floating tensor on q's device: attention sinks, as in
+            :func:`flash_attention` (gpt-oss). They are merged with the key chunks' partial
+            results in PyTorch, so a call with sinks always runs the split kernel (also at
+            ``num_splits=1``) and a few small PyTorch ops in place of the combine kernel.
 
     Returns:
         (B, Hq, Tq, D) like q (q's memory layout when q is dense): query t of sequence b, at slot
@@ -387,6 +394,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         without one); a query with no key (``L_b == 0`` or ``p < 0``) gives zeros.
     """
     _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, softcap)
+    check_sinks(sinks, q)
+    _check_forward_only("decode_attention", sinks=sinks)
     window_left = _window_left(window)
     # the kernel addresses q's rows as head * stride + token * stride in int32: a q that could
     # pass 2**31 elements that way runs from a copy (a few tokens: cheap)
@@ -401,7 +410,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         keys = k_cache.shape[2] if window_left < 0 else min(k_cache.shape[2], window_left + q.shape[2])
         num_splits = default_num_splits(q.shape[0], k_cache.shape[1], m_tiles, keys, q.device)
     return _decode_attention(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, num_splits, window_left,
-                             float(softcap or 0.0))
+                             float(softcap or 0.0), sinks)
 
 
 def rotary_cache_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -471,13 +480,15 @@ def _decode_args(p: dict, dtype: torch.dtype, device: str):
             k[b, :, :n] = float("nan")
             v[b, :, :n] = float("nan")
         kwargs["cache_leftpad"] = torch.tensor(p["leftpad"], device=device, dtype=torch.int32)
+    if "sinks" in p:  # attention sinks (gpt-oss): (Hq,) scores around p["sinks"]
+        kwargs["sinks"] = torch.randn(Hq, device=device, dtype=dtype) + p["sinks"]
     return (q, k, v, lens), kwargs
 
 
 def _decode_reference(q, k_cache, v_cache, cache_seqlens, num_splits=None, scale=None, cache_leftpad=None,
-                      window=None, softcap=None):
+                      window=None, softcap=None, sinks=None):
     return _ref.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, cache_leftpad=cache_leftpad,
-                                 window=window, softcap=softcap)
+                                 window=window, softcap=softcap, sinks=sinks)
 
 
 def _dcase(id_, cuda_only=False, **p):
@@ -510,6 +521,17 @@ _DECODE_CASES = (
            splits=1, window=(50, 0), softcap=2.0, q_scale=3.0),
     _dcase("B2-H8/8-Tq2-D96-len300,1-softcap50-s3", B=2, Hq=8, Hk=8, Tq=2, D=96, lens=(300, 1), Tmax=300, splits=3,
            softcap=50.0),
+    # attention sinks (gpt-oss): one split (the split kernel all the same) and several, an empty
+    # sequence (all mass on the sink), a window, and the sink outweighing the keys
+    _dcase("B3-H8/2-Tq1-D64-len0,77,300-sinks-s1", B=3, Hq=8, Hk=2, Tq=1, D=64, lens=(0, 77, 300), Tmax=320,
+           splits=1, sinks=0.0),
+    _dcase("B2-H4/1-Tq3-D64-len9,200-window20-sinks-heavy-s4", B=2, Hq=4, Hk=1, Tq=3, D=64, lens=(9, 200), Tmax=256,
+           splits=4, window=(20, 0), sinks=4.0),
+    *(
+        _dcase(f"B4-H64/8-Tq{tq}-D64-window{w}-sinks-s{s}", cuda_only=True, B=4, Hq=64, Hk=8, Tq=tq, D=64,
+               lens=(0, 77, 1000, 4097), Tmax=4224, splits=s, window=None if w is None else (w, 0), sinks=0.0)
+        for tq in (1, 4) for w in (None, 127) for s in (1, 32, None)
+    ),
     *(
         _dcase(f"B4-H32/8-Tq{tq}-D128-window{w}-s{s}", cuda_only=True, B=4, Hq=32, Hk=8, Tq=tq, D=128,
                lens=(1, 77, 1000, 4097), Tmax=4224, splits=s, window=(w, 0))

@@ -223,6 +223,7 @@ def attention(
     return_lse: bool = False,
     flash_backward: bool = False,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """Softmax attention in the SDPA layout: q (B, Hq, Tq, D), k/v (B, Hk, Tk, D), Hq % Hk == 0.
 
@@ -232,6 +233,11 @@ def attention(
     :func:`attention_mask` for causal alignment, ``window`` and ``key_padding_mask``.
     ``softcap`` replaces the scores s by ``softcap * tanh(s / softcap)`` before the mask (Gemma
     2's attention; computed on the upcast scores).
+
+    ``sinks`` (Hq,): attention sinks (gpt-oss): query head h's softmax also runs over one more
+    score, ``sinks[h]``, whose value vector is zero, so it only takes probability mass off the
+    keys (as gpt-oss's eager attention appends it and drops its column). A row with no allowed
+    key then puts all its mass on the sink: out 0, lse = ``sinks[h]``.
 
     ``flash_backward=True`` keeps this forward but differentiates it the way flash-attention
     kernels do (SDPA's flash backend among them): probabilities recomputed in fp32 from the lse,
@@ -249,6 +255,11 @@ def attention(
         v = v.repeat_interleave(Hq // Hk, dim=1)
     scale = D ** -0.5 if scale is None else scale
     allowed = attention_mask(Tq, Tk, causal=causal, window=window, key_padding_mask=key_padding_mask, device=q.device)
+    if sinks is not None:
+        if flash_backward:
+            raise ValueError("flash_backward=True does not take sinks")
+        out, lse = _attention_forward(q, k, v, allowed, scale, softcap, sinks)
+        return (out, lse) if return_lse else out
     if flash_backward:
         out, lse = _FlashBackwardAttention.apply(q, k, v, allowed, scale, softcap)
     else:
@@ -265,11 +276,13 @@ def _probs(scores: torch.Tensor, allowed: torch.Tensor, lse: torch.Tensor) -> to
     return torch.where(allowed, torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0)), 0.0)
 
 
-def _attention_forward(q, k, v, allowed, scale, softcap=None):
+def _attention_forward(q, k, v, allowed, scale, softcap=None, sinks=None):
     """(out, lse) of :func:`attention` for repeated (MHA) k/v."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = _capped(scores.to(_stat_dtype(q.dtype)), softcap).masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    if sinks is not None:  # the sink's score joins the denominator (its value is zero)
+        lse = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None, None].expand_as(lse))
     out = torch.matmul(_probs(scores, allowed, lse).to(v.dtype), v)
     return out, lse.squeeze(-1)
 
@@ -317,6 +330,7 @@ def attention_varlen(
     return_lse: bool = False,
     flash_backward: bool = False,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """:func:`attention` over packed sequences (flash-attn's varlen form, SDPA layout).
 
@@ -334,7 +348,7 @@ def attention_varlen(
         (a, b), (c, d) = cu_q[i:i + 2], cu_k[i:i + 2]
         o, l = attention(q[:, :, a:b], k[:, :, c:d], v[:, :, c:d], causal=causal,
                          scale=q.shape[-1] ** -0.5 if scale is None else scale, window=window, return_lse=True,
-                         flash_backward=flash_backward, softcap=softcap)
+                         flash_backward=flash_backward, softcap=softcap, sinks=sinks)
         out = out.index_copy(2, torch.arange(a, b, device=q.device), o)
         lse[:, :, a:b] = l
     return (out, lse) if return_lse else out
@@ -352,6 +366,7 @@ def decode_attention(
     cache_leftpad: torch.Tensor | None = None,
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ):
     """:func:`attention` of new queries against a static cache, one sequence at a time.
 
@@ -361,7 +376,7 @@ def decode_attention(
     t sits at slot ``L - Tq + t``. A sequence without keys (or a query row before the first key)
     gives zeros. Slots outside ``[leftpad, L)`` are never read. ``window=(left, 0)``: the query
     at slot p sees keys ``p - left .. p`` only (:func:`attention_mask`'s convention);
-    ``softcap`` as in :func:`attention`.
+    ``softcap`` and ``sinks`` as in :func:`attention`.
     """
     outs = []
     starts = [0] * q.shape[0] if cache_leftpad is None else cache_leftpad.tolist()
@@ -371,7 +386,7 @@ def decode_attention(
         if window is not None and window[0] >= 0:  # keys older than every query's window: not read
             s = max(s, n - q.shape[2] - window[0])
         outs.append(attention(q[b:b + 1], k_cache[b:b + 1, :, s:n], v_cache[b:b + 1, :, s:n], causal=True,
-                              scale=scale, window=window, softcap=softcap))
+                              scale=scale, window=window, softcap=softcap, sinks=sinks))
     return torch.cat(outs) if outs else torch.zeros_like(q)
 
 
