@@ -235,6 +235,29 @@ def _fill_ring(ring: torch.Tensor, full: torch.Tensor, lengths: torch.Tensor) ->
     ring.copy_(torch.where((source >= 0)[:, None, :, None], taken, ring))
 
 
+def _grouped_experts(experts, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The experts of ``model_weights.grouped_layout_ok`` (gpt-oss's) from their weights, as HF's
+    grouped-matmul experts implementation computes them: the (token, expert) pairs sorted by
+    expert, one grouped matmul up (weights (E, H, 2I) when ``is_transposed``, else (E, 2I, H)),
+    the experts' biases, their own gate function on the (S, 2I) rows (gpt-oss's clamped SwiGLU of
+    interleaved columns, ``_apply_gate``, called as the module's), one grouped matmul down, the
+    routing weights, each token's k rows summed. No host sync: a decode step stays capturable."""
+    order, token, offs = ops.experts._sorted_pairs(index, experts.gate_up_proj.shape[0])
+    expert = index.reshape(-1)[order]
+    transposed = getattr(experts, "is_transposed", False)
+
+    def grouped_linear(rows, weight, bias):
+        out = ops.experts._grouped_matmul(rows, weight if transposed else weight.transpose(1, 2), offs)
+        return out if bias is None else out + bias[expert]
+
+    biased = getattr(experts, "has_bias", False)
+    u = grouped_linear(x.to(experts.gate_up_proj.dtype)[token], experts.gate_up_proj,
+                       experts.gate_up_proj_bias if biased else None)
+    y = grouped_linear(experts._apply_gate(u), experts.down_proj, experts.down_proj_bias if biased else None)
+    weighted = y * weights.reshape(-1)[order, None]
+    return ops.experts._unsort(weighted, order).view(*index.shape, -1).sum(1).to(x.dtype)
+
+
 def _gated(mlp):
     """The module holding the MLP's activation: the MLP, or a mixture of experts' experts."""
     return mlp.experts if hasattr(mlp, "experts") else mlp
@@ -307,7 +330,9 @@ class Generator:
     ``OlmoeForCausalLM`` / ``FlexOlmoForCausalLM`` / ``GraniteMoeForCausalLM`` /
     ``Dots1ForCausalLM`` / ``Glm4MoeForCausalLM`` / ``HunYuanMoEV1ForCausalLM`` /
     ``Ernie4_5_MoeForCausalLM`` / ``MellumForCausalLM`` / ``SolarOpenForCausalLM`` /
-    ``MiniMaxM2ForCausalLM`` / ``ExaoneMoeForCausalLM``.
+    ``MiniMaxM2ForCausalLM`` / ``ExaoneMoeForCausalLM`` / ``GptOssForCausalLM`` (attention sinks;
+    its experts on torch's grouped matmuls with their clamped gate, as HF's grouped-matmul
+    implementation runs them).
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -558,7 +583,7 @@ class Generator:
             q, k = self._norm(q, attn.query_layernorm), self._norm(k, attn.key_layernorm)
             cos, sin = self._no_rotation
         scale, window = getattr(attn, "scaling", None), self.windows[i]
-        softcap = self.softcaps[i]
+        softcap, sinks = self.softcaps[i], getattr(attn, "sinks", None)  # (gpt-oss: attention sinks)
         ring = self.cache_lengths[i] if self.cache_lengths[i] < self.max_seq_len else None
         if ring is not None and T == 1:
             # A decode step on a ring of W slots: position p = slots[b] goes to slot p mod W, and
@@ -571,7 +596,7 @@ class Generator:
                                         interleaved=self.interleaved)
             q = self._position_scaled(q, once, slots)
             return ops.decode_attention(q, kc, vc, ring_lengths, scale=scale, num_splits=self.num_splits,
-                                        softcap=softcap)
+                                        softcap=softcap, sinks=sinks)
         if ring is not None:  # a prefill on a ring: the whole prompt to a scratch cache, attended there
             if not scratch:
                 scratch.extend(torch.empty(B, self.n_kv_heads, T, self.head_dim, dtype=self.dtype,
@@ -581,10 +606,10 @@ class Generator:
         q = self._position_scaled(q, once, slots)
         if lengths is not None:
             o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window,
-                                     softcap=softcap)
+                                     softcap=softcap, sinks=sinks)
         else:
             o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale, window=window,
-                                    softcap=softcap)
+                                    softcap=softcap, sinks=sinks)
         if ring is not None:  # then each prompt's last W positions into the ring
             prompt_lengths = last + 1 if last is not None else torch.full_like(slots, T)
             _fill_ring(ring_k, kc, prompt_lengths)
@@ -623,8 +648,11 @@ class Generator:
         bias = (block.e_score_correction_bias,) if hasattr(block, "e_score_correction_bias") else ()
         first, weights, last = router(x, *bias)
         index = first if not first.is_floating_point() else last
-        out = ops.moe_experts(x, index, weights, block.experts.gate_up_proj, block.experts.down_proj,
-                              activation=activation)
+        if forwards.experts_layout_problem(block.experts) is None:
+            out = ops.moe_experts(x, index, weights, block.experts.gate_up_proj, block.experts.down_proj,
+                                  activation=activation)
+        else:  # another of HF's layouts (gpt-oss's): model_weights.grouped_layout_ok
+            out = _grouped_experts(block.experts, x, index, weights)
         _, s = shared_experts_of(block)
         if s is not None:
             # (with their biases: Ernie 4.5 MoE's use_bias)
@@ -965,7 +993,8 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "hunyuan_v1_dense",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo", "granitemoe", "olmo", "dots1", "glm4_moe",
-                            "hunyuan_v1_moe", "ernie4_5_moe", "mellum", "solar_open", "minimax_m2", "exaone_moe")
+                            "hunyuan_v1_moe", "ernie4_5_moe", "mellum", "solar_open", "minimax_m2", "exaone_moe",
+                            "gpt_oss")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -975,9 +1004,11 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
     Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral,
     Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE, Ernie 4.5 MoE, Mellum,
-    Solar Open, MiniMax-M2, EXAONE MoE or OLMo (1) model
+    Solar Open, MiniMax-M2, EXAONE MoE, gpt-oss or OLMo (1) model
     (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must
-    then be installed."""
+    then be installed. (gpt-oss's released weights are MXFP4-quantised experts: transformers
+    dequantises them to ``dtype`` where its MXFP4 kernels do not run; where they do, it keeps
+    quantised expert modules, which the generator refuses, naming them.)"""
     import json
     from pathlib import Path
 

@@ -29,7 +29,7 @@ from .reference import functional as ref
 from .reference.model import Llama, RMSNorm, default_stop_and_pad
 
 __all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "mlp_of", "shared_experts_of", "check_model",
-           "module_problem", "default_stop_and_pad"]
+           "module_problem", "grouped_layout_ok", "default_stop_and_pad"]
 
 
 class RowBlocks:
@@ -122,7 +122,9 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                   "FlexOlmoForCausalLM", "GraniteMoeForCausalLM", "Dots1ForCausalLM", "Glm4MoeForCausalLM",
                   "HunYuanMoEV1ForCausalLM", "Ernie4_5_MoeForCausalLM", "MellumForCausalLM", "SolarOpenForCausalLM",
-                  "MiniMaxM2ForCausalLM", "ExaoneMoeForCausalLM")
+                  "MiniMaxM2ForCausalLM", "ExaoneMoeForCausalLM",
+                  # attention sinks, experts of HF's other layout (transposed, biased, interleaved, their own gate)
+                  "GptOssForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str] | None:
@@ -152,6 +154,10 @@ def rope_tables(model, max_seq_len: int, dtype, device, layer_type: str | None =
             # original tables, as HF's next shorter sequence sends it back)
             model.model.rotary_emb(x, positions[:, :1], *by_type)
             cos, sin = model.model.rotary_emb(x, positions, *by_type)
+        from . import forwards
+
+        if forwards._family(model) in forwards.ROTARY_HALF_TABLE_FAMILIES:  # gpt-oss: each frequency once
+            cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
     return cos[0].contiguous(), sin[0].contiguous()
 
 
@@ -318,14 +324,26 @@ def module_problem(model) -> str | None:
     return None
 
 
+def grouped_layout_ok(experts) -> bool:
+    """Whether the generator computes these experts on torch's grouped matmuls and their own gate
+    function (:meth:`fastllama.generate.Generator._experts`), as HF's grouped-matmul experts
+    implementation does: the other layouts HF's experts take, which ``ops.moe_experts`` (HF's
+    default layout only) does not (gpt-oss's: weights (E, H, 2I) and (E, I, H), biases,
+    interleaved gate/up columns, its clamped gate ``_apply_gate``). Not: expert parallelism, a
+    norm after each expert, experts without a gate projection."""
+    return (hasattr(experts, "gate_up_proj") and getattr(experts, "has_gate", True)
+            and not getattr(experts, "_is_expert_parallel", False)
+            and not getattr(experts, "has_post_expert_norm", False))
+
+
 def _experts_problem(experts) -> str | None:
-    """Why the generator cannot run a mixture of experts' experts on ``ops.moe_experts`` from
-    their weights (None: it can)."""
+    """Why the generator cannot run a mixture of experts' experts from their weights (None: it
+    can): on ``ops.moe_experts``, or in the other layouts :func:`grouped_layout_ok` takes."""
     from . import forwards
     from .ops.experts import grouped_mm_problem
 
     problem = forwards.experts_layout_problem(experts)
-    if problem:
+    if problem and not grouped_layout_ok(experts):
         return problem
     if experts._forward_pre_hooks or experts._forward_hooks or (
             forwards._forward_replaced(experts) and not forwards._patched_with(experts, forwards.experts_forward)):

@@ -219,10 +219,11 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma", "Gemma2", "Gemma3", "Olmo3", "Apertus",
-                                    "Glm4Moe"])
+                                    "Glm4Moe", "GptOss"])
 def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
     """model_type "qwen3" / "phi3" / "granite" / "gemma" / "gemma2" / "gemma3_text" / "olmo3" /
-    "apertus" (xIELU's parameters and buffers) / "glm4_moe" (experts, the router's score bias)
+    "apertus" (xIELU's parameters and buffers) / "glm4_moe" (experts, the router's score bias) /
+    "gpt_oss" (attention sinks, experts of its own layout with biases)
     (transformers' save_pretrained, the fixture's tokenizer): the CLI loads it with transformers
     and streams the text of HF's own greedy generate."""
     import transformers
@@ -234,6 +235,8 @@ def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, caps
     config = "Gemma3TextConfig" if family == "Gemma3" else f"{family}Config"
     experts = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                    n_group=1, topk_group=1) if family == "Glm4Moe" else {}
+    if family == "GptOss":
+        experts = dict(num_local_experts=4, num_experts_per_tok=2)
     model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, config)(
         vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0, **experts))
@@ -243,6 +246,9 @@ def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, caps
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.add_(0.1 * torch.randn_like(b))
+        for name, p in model.named_parameters():
+            if name.endswith(".sinks"):  # (gpt-oss: sinks that take a good part of each row's mass)
+                p.normal_(0.0, 2.0)
     model.save_pretrained(tmp_path)
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "The keeper counted",
                  "--max-new-tokens", "6", "--device", DEVICE, "--dtype", "float32"]) == 0
@@ -814,6 +820,14 @@ def _hf_model(arch):
             head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1,
             first_k_dense_replace=1, n_group=2, topk_group=1, sliding_window=6,
             layer_types=["sliding_attention", "full_attention"])),
+        # gpt-oss: attention sinks (made large below), a window on every other layer, yarn rotary
+        # tables of half a head, attention biases; top-2 of 4 experts of its own layout (weights
+        # (E, H, 2I), biases, a clamped SwiGLU of interleaved columns: a limit the scores reach)
+        "gpt-oss-sinks-window": (transformers.GptOssConfig, transformers.GptOssForCausalLM, dict(
+            head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6, swiglu_limit=0.05,
+            layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
+                rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                original_max_position_embeddings=32))),
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**base, **extra))
@@ -823,6 +837,9 @@ def _hf_model(arch):
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.add_(0.1 * torch.randn_like(b))
+        for name, p in model.named_parameters():
+            if name.endswith(".sinks"):  # (gpt-oss: sinks that take a good part of each row's mass)
+                p.normal_(0.0, 2.0)
     model.generation_config.eos_token_id = None
     return model.to(DEVICE).eval()
 
@@ -839,7 +856,7 @@ def _hf_model(arch):
                                   "ministral3-window-llama4-scale", "hunyuan-ntk-alpha", "granitemoe-multipliers",
                                   "olmo-clip", "dots1-shared", "glm4-moe-qk-norm", "hunyuan-moe-shared",
                                   "ernie4_5-moe-shared", "mellum-window", "solar-open-shared",
-                                  "minimax-m2-partial-rope", "exaone-moe-window"])
+                                  "minimax-m2-partial-rope", "exaone-moe-window", "gpt-oss-sinks-window"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
