@@ -183,8 +183,16 @@ def split_qkv(attn, outputs) -> tuple:
 
 def mlp_input_linears(mlp) -> tuple:
     """The linears that read the MLP's input: ``(gate_proj, up_proj)``, or Phi-3's merged
-    ``(gate_up_proj,)`` (gate's rows first)."""
+    ``(gate_up_proj,)`` (gate's rows first), or the Granite MoE families' shared MLP's
+    ``(input_linear,)`` (laid out as Phi-3's)."""
+    if hasattr(mlp, "input_linear"):
+        return (mlp.input_linear,)
     return (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
+
+
+def mlp_output_linear(mlp):
+    """The MLP's last projection: ``down_proj``, or the Granite shared MLP's ``output_linear``."""
+    return mlp.output_linear if hasattr(mlp, "output_linear") else mlp.down_proj
 
 
 def gateless(mlp) -> bool:
@@ -193,9 +201,16 @@ def gateless(mlp) -> bool:
 
 
 def mlp_activation(mlp):
-    """The MLP's activation module: ``act_fn`` (Llama ...) or ``activation_fn`` (Phi-3); None for
-    the reference MLP, which has none (SiLU)."""
-    return getattr(mlp, "act_fn", None) if hasattr(mlp, "act_fn") else getattr(mlp, "activation_fn", None)
+    """The MLP's activation module: ``act_fn`` (Llama ...), ``activation_fn`` (Phi-3) or
+    ``activation`` (the Granite MoE families' shared MLP); None for the reference MLP, which has
+    none (SiLU)."""
+    name = mlp_activation_name(mlp)
+    return None if name is None else getattr(mlp, name)
+
+
+def mlp_activation_name(mlp) -> str | None:
+    """The attribute :func:`mlp_activation` reads (None: there is none)."""
+    return next((n for n in ("act_fn", "activation_fn", "activation") if hasattr(mlp, n)), None)
 
 
 def gate_activation(mlp) -> str | None:
@@ -227,6 +242,8 @@ def mlp_forward(self, x):
         return type(self).forward(self, x)
     if hasattr(self, "gate_up_proj"):  # Phi-3: the halves are read in place (no split copy)
         return self.down_proj(ops.swiglu_fused(self.gate_up_proj(x), activation=activation))
+    if hasattr(self, "input_linear"):  # Granite's shared MLP: Phi-3's layout under other names
+        return self.output_linear(ops.swiglu_fused(self.input_linear(x), activation=activation))
     h = ops.swiglu(self.gate_proj(x), self.up_proj(x), activation=activation)
     if hasattr(self, "ffn_sub_norm"):  # BitNet: an RMSNorm of the gated activation, before down_proj
         h = self.ffn_sub_norm(h)
@@ -445,11 +462,14 @@ ROTARY_FP32_FAMILIES = ("ernie4_5", "ernie4_5_moe")
 def uses_rope(attn) -> bool:
     """Whether an HF attention module rotates q and k: not SmolLM3's NoPE layers (``use_rope``),
     nor EXAONE 4's (and EXAONE MoE's) full-attention layers in a model with a window (it rotates
-    the windowed ones only)."""
+    the windowed ones only), nor Granite SWA's (and GraniteMoE SWA's) layers whose rotary base
+    ``layer_rope_theta`` is 0 (HF passes them no tables)."""
     if not getattr(attn, "use_rope", True):
         return False
     if _family(attn) in ("exaone4", "exaone_moe"):
         return attn.sliding_window is None or attn.is_sliding
+    if _family(attn) in ("granite_swa", "granitemoe_swa"):  # a rotary base per layer, 0 for none
+        return bool(attn.config.layer_rope_theta[attn.layer_idx])
     return True
 
 
@@ -492,6 +512,10 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     if kwargs.get("output_attentions"):  # the probabilities are asked for: plain PyTorch (counted)
         out, weights = attend_with_weights(query, key, value, attention_mask, causal=causal, scale=scaling,
                                            window=window, dropout=dropout, softcap=softcap, sinks=sinks)
+        if sinks is not None and _family(module) in SINKS_AFTER_SOFTMAX:
+            # (their eager attention returns the softmax over the keys, then scales the output)
+            total = weights.sum(-1, keepdim=True)
+            weights = torch.where(total > 0, weights / total, weights)
     else:
         out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window,
                      dropout=dropout, deterministic=options.get("deterministic", True), softcap=softcap, sinks=sinks)
@@ -527,6 +551,12 @@ def hf_attention_mask(**kwargs):
         return None
     return sdpa_mask(**kwargs)
 
+
+#: HF families with attention sinks whose eager attention returns the keys' softmax as it was
+#: before the sink's share is taken off (it scales the output by sigmoid(lse - sink) instead; the
+#: output is the same): what ``output_attentions`` gives for them. gpt-oss's drops the sink's
+#: column of one softmax over keys and sink.
+SINKS_AFTER_SOFTMAX = ("granite_swa", "granitemoe_swa")
 
 # HF families whose attention passes the config's sliding_window (see _family)
 _WINDOW_FROM_CONFIG = ("mistral", "phi3", "mixtral", "olmoe", "ministral3", "minimax")

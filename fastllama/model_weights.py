@@ -313,7 +313,7 @@ def module_problem(model) -> str | None:
                             f"run again")
                 continue
             if forwards.gate_activation(mlp) is None:
-                name = "act_fn" if hasattr(mlp, "act_fn") else "activation_fn"
+                name = forwards.mlp_activation_name(mlp)
                 return (f"layers.{i}.{part}.{name} is {type(forwards.mlp_activation(mlp)).__name__} (with its forward "
                         f"replaced or hooked, or neither SiLU nor GELU-tanh); the generator computes the gated MLP "
                         f"(SwiGLU or GeGLU) without calling it")

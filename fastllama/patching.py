@@ -53,11 +53,15 @@ _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "minimax_m2": "MiniMaxM2", "exaone_moe": "ExaoneMoe",
                 # attention sinks in the attention kernels; the experts (a clamped SwiGLU of interleaved
                 # gate/up columns, with biases) and the router stay HF's
-                "gpt_oss": "GptOss"}
+                "gpt_oss": "GptOss",
+                # Granite's layers with a shared MLP of other names (input_linear / output_linear) beside
+                # GraniteMoE's experts; attention sinks, windows and a rotary base per layer (0: none)
+                "granitemoeshared": "GraniteMoeShared", "granite_swa": "GraniteSWA", "granitemoe_swa": "GraniteMoeSWA"}
 # norms that scale by (1 + w) in fp32 and round once (fastllama.generate reads this and _OLMO too)
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "qwen3_5", "qwen3_next")
 _MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dots1", "flex_olmo", "minimax", "glm4_moe",
-        "hunyuan_v1_moe", "ernie4_5_moe", "qwen3_next", "mellum", "solar_open", "minimax_m2", "exaone_moe")
+        "hunyuan_v1_moe", "ernie4_5_moe", "qwen3_next", "mellum", "solar_open", "minimax_m2", "exaone_moe",
+        "granitemoeshared", "granitemoe_swa")
 # norms that multiply by w in fp32 and round once (Helium's: (w.float() * normed).to(dtype))
 _OLMO = ("olmo2", "olmo3", "flex_olmo", "helium", "gpt_oss")
 _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # families whose RMSNorm is Llama's
@@ -66,7 +70,7 @@ _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # f
 # no `mlp` (GraniteMoE's block_sparse_moe), an MLP that returns a tuple (gpt-oss's experts, with their router's
 # scores); VaultGemma's (two norms, Gemma's) has no rule either
 _OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "qwen3_5",
-                       "qwen3_next", "gpt_oss")
+                       "qwen3_next", "gpt_oss", "granitemoeshared", "granitemoe_swa")
 # attention modules that run as they are, on the attention kernels through HF's interface (their
 # norms patched): Qwen 3.5's and Qwen3-Next's gate their output with half of their q_proj (and
 # their other layers are Gated DeltaNet, not attention)
@@ -92,7 +96,7 @@ def _check_activation(module) -> str | None:
     if forwards.gateless(module):
         return "the MLP has no gate projection (down(act(up(x)))): left as is"
     if forwards.gate_activation(module) is None:
-        name = "act_fn" if hasattr(module, "act_fn") else "activation_fn"
+        name = forwards.mlp_activation_name(module)
         return (f"{name} is {type(forwards.mlp_activation(module)).__name__}, not a plain SiLU or GELU-tanh (the fused "
                 f"gated activation needs one, with no forward set on its instance and no hooks)")
     return None
@@ -313,6 +317,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     shared MLP beside the experts), Ernie 4.5 MoE (Ernie 4.5's attention), Mellum, Solar Open,
     MiniMax-M2 (partial rotary, q/k norms over all heads), EXAONE MoE (EXAONE 4's attention),
     gpt-oss (its attention sinks in the attention kernels; its experts and router stay HF's),
+    GraniteMoeShared (a shared MLP of other names beside the experts), Granite SWA and GraniteMoE
+    SWA (attention sinks, windows, a rotary base per layer, none on some),
     FlexOlmo, MiniMax (its lightning-attention layers left as they are), Qwen 3.5's text model and
     Qwen3-Next (norms, MLP or experts, loss and the attention kernels; their gated attention and
     Gated DeltaNet modules left as they are); an MLP without a gate (Arcee's, Apertus's) is left as

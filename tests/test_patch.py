@@ -168,6 +168,18 @@ NEW_ARCHS = {
         BASE, num_local_experts=3, num_experts_per_tok=3, **_WINDOWED, rope_parameters=dict(
             rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
             original_max_position_embeddings=64))),
+    # GraniteMoE with a shared MLP of other names (input_linear / output_linear) beside the
+    # experts; Granite SWA: attention sinks, a window and a rotary base per layer (0: no rotary);
+    # GraniteMoE SWA: both
+    "granitemoeshared-multipliers": (tf.GraniteMoeSharedConfig, tf.GraniteMoeSharedForCausalLM, dict(
+        BASE, num_local_experts=3, num_experts_per_tok=3, shared_intermediate_size=96, embedding_multiplier=12.0,
+        residual_multiplier=0.22, attention_multiplier=0.05, logits_scaling=8.0)),
+    "granite-swa-sinks-nope": (tf.GraniteSWAConfig, tf.GraniteSWAForCausalLM, dict(
+        BASE, **_WINDOWED, layer_rope_theta=[50000.0, 0.0], embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.05, logits_scaling=8.0)),
+    "granitemoe-swa-sinks-shared": (tf.GraniteMoeSWAConfig, tf.GraniteMoeSWAForCausalLM, dict(
+        BASE, **_WINDOWED, layer_rope_theta=[0.0, 10000.0], num_local_experts=3, num_experts_per_tok=3,
+        shared_intermediate_size=96)),
 }
 ARCHS.update(NEW_ARCHS)
 
@@ -1346,6 +1358,32 @@ def test_output_attentions_returns_the_eager_probabilities():
         got = model(input_ids=x, output_attentions=True)
     for a, b in zip(got.attentions, expected.attentions):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt-oss-sinks-window", "granite-swa-sinks-nope"])
+def test_output_attentions_with_attention_sinks_are_each_familys_own(arch):
+    """Attention sinks change what eager attention returns as the probabilities: gpt-oss's drop
+    the sink's column of one softmax over keys and sink (rows sum to less than 1), Granite SWA's
+    are the keys' softmax before the sink's share is taken off the output (rows sum to 1). The
+    patched model returns each family's own, and its outputs, under sinks large enough that the
+    two differ by far."""
+    cfg_cls, model_cls, kw = ARCHS[arch]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**kw, attn_implementation="eager")).to(DEVICE).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".sinks"):
+                p.normal_(0.0, 2.0)
+    x = ids()
+    with torch.no_grad():
+        expected = model(input_ids=x, output_attentions=True)
+        fastllama.patch(model)
+        got = model(input_ids=x, output_attentions=True)
+    sums = expected.attentions[0].sum(-1)
+    assert (sums < 0.9).any() if arch.startswith("gpt-oss") else torch.allclose(sums, torch.ones_like(sums))
+    for a, b in zip(got.attentions, expected.attentions):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-5)
 
 
 def test_deepcopy_of_a_patched_model_is_patched_and_unpatches():
