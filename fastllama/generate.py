@@ -54,8 +54,8 @@ from .forwards import (attention_input_linears, gate_activation, gateless, mlp_a
                        split_qkv)
 from .ops._checks import check_attention_device
 from .checkpoint import CheckpointError
-from .model_weights import (RowBlocks, check_model, default_stop_and_pad, mlp_of, module_problem, rope_tables,
-                            rotary_layer_types, shared_experts_of)
+from .model_weights import (RowBlocks, check_model, default_stop_and_pad, layer_shared_mlp, mlp_of, module_problem,
+                            rope_tables, rotary_layer_types, shared_experts_of)
 from .reference.model import Llama, check_sampling, filter_logits, token_id_set
 
 __all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer",
@@ -332,7 +332,8 @@ class Generator:
     ``Ernie4_5_MoeForCausalLM`` / ``MellumForCausalLM`` / ``SolarOpenForCausalLM`` /
     ``MiniMaxM2ForCausalLM`` / ``ExaoneMoeForCausalLM`` / ``GptOssForCausalLM`` (attention sinks;
     its experts on torch's grouped matmuls with their clamped gate, as HF's grouped-matmul
-    implementation runs them).
+    implementation runs them) / ``GraniteMoeSharedForCausalLM`` / ``GraniteSWAForCausalLM`` /
+    ``GraniteMoeSWAForCausalLM`` (attention sinks, a rotary module per base).
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -415,11 +416,15 @@ class Generator:
         # with a window) get a one-row table of cos 1, sin 0,
         # with which x cos - y sin = x exactly (fp32 math), so the same kernel appends k unrotated.
         types = rotary_layer_types(model) or [None] * len(layers)
-        tables = {t: rope_tables(model, max_seq_len, self.dtype, self.device, t) for t in dict.fromkeys(types)}
-        cos = next(iter(tables.values()))[0]
-        no_rotation = self._no_rotation = (torch.ones_like(cos[:1]), torch.zeros_like(cos[:1]))
-        self.rotary = [tables[t] if forwards.uses_rope(layer.self_attn) else no_rotation
-                       for t, layer in zip(types, layers)]
+        rotating = [forwards.uses_rope(layer.self_attn) for layer in layers]
+        tables = {t: rope_tables(model, max_seq_len, self.dtype, self.device, t)
+                  for t in dict.fromkeys(t for t, r in zip(types, rotating) if r)}
+        # (as a table is: its width, partial rotary's too, and dtype, Ernie 4.5's fp32)
+        like = next(iter(tables.values()))[0][:1] if tables else torch.empty(1, self.head_dim, dtype=self.dtype,
+                                                                               device=self.device)
+        ones = torch.ones_like(like)
+        no_rotation = self._no_rotation = (ones, torch.zeros_like(ones))
+        self.rotary = [tables[t] if r else no_rotation for t, r in zip(types, rotating)]
         # Sliding windows (Mistral, Phi-3, Gemma 3's local layers ...): HF's W is (W - 1, 0)
         self.windows = [(w - 1, 0) if w else None for w in (forwards.sliding_window(layer.self_attn)
                                                             for layer in layers)]
@@ -462,8 +467,9 @@ class Generator:
         # a gateless MLP's is the module the step calls: Arcee's ReLU^2, Apertus's xIELU)
         mlps = [mlp_of(layer)[1] for layer in self.model.model.layers]
         self.activations = [mlp_activation(mlp) if gateless(mlp) else gate_activation(_gated(mlp)) for mlp in mlps]
-        # (and Qwen2-MoE's shared experts': captured like the others)
-        shared = [shared_experts_of(mlp)[1] for mlp in mlps]
+        # (and Qwen2-MoE's shared experts': captured like the others; the Granite MoE families' shared MLP)
+        shared = [shared_experts_of(mlp)[1] or layer_shared_mlp(layer)
+                  for mlp, layer in zip(mlps, self.model.model.layers)]
         self.shared_activations = [None if s is None else gate_activation(s) for s in shared]
         # (and Gemma 2's attention score caps, read from the modules as HF's forward reads them)
         self.softcaps = [forwards.score_softcap(layer.self_attn) for layer in self.model.model.layers]
@@ -543,6 +549,11 @@ class Generator:
             x, h = self._add_and_norm(x, o, mlp_norm)
             if hasattr(m, "experts"):
                 mlp_out = self._experts(m, h, self.activations[i], self.shared_activations[i])
+                s = layer_shared_mlp(layer)
+                if s is not None:  # (Granite MoE families: a shared MLP beside the block, Phi-3's layout)
+                    gate_up = F.linear(h, s.input_linear.weight, s.input_linear.bias)
+                    mlp_out = mlp_out + F.linear(ops.swiglu_fused(gate_up, activation=self.shared_activations[i]),
+                                                 s.output_linear.weight, s.output_linear.bias)
             elif gateless(m):  # down(act(up(h))): the model's own activation module (no kernel of ours)
                 up = F.linear(h, m.up_proj.weight, m.up_proj.bias)
                 mlp_out = F.linear(self.activations[i](up), m.down_proj.weight, m.down_proj.bias)
@@ -994,7 +1005,7 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo", "granitemoe", "olmo", "dots1", "glm4_moe",
                             "hunyuan_v1_moe", "ernie4_5_moe", "mellum", "solar_open", "minimax_m2", "exaone_moe",
-                            "gpt_oss")
+                            "gpt_oss", "granitemoeshared", "granite_swa", "granitemoe_swa")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -1004,7 +1015,8 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
     Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral,
     Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE, Ernie 4.5 MoE, Mellum,
-    Solar Open, MiniMax-M2, EXAONE MoE, gpt-oss or OLMo (1) model
+    Solar Open, MiniMax-M2, EXAONE MoE, gpt-oss, GraniteMoeShared, Granite SWA, GraniteMoE SWA or
+    OLMo (1) model
     (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must
     then be installed. (gpt-oss's released weights are MXFP4-quantised experts: transformers
     dequantises them to ``dtype`` where its MXFP4 kernels do not run; where they do, it keeps

@@ -28,8 +28,8 @@ from torch import nn
 from .reference import functional as ref
 from .reference.model import Llama, RMSNorm, default_stop_and_pad
 
-__all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "mlp_of", "shared_experts_of", "check_model",
-           "module_problem", "grouped_layout_ok", "default_stop_and_pad"]
+__all__ = ["RowBlocks", "rope_tables", "rope_length_limit", "mlp_of", "shared_experts_of", "layer_shared_mlp",
+           "check_model", "module_problem", "grouped_layout_ok", "default_stop_and_pad"]
 
 
 class RowBlocks:
@@ -124,36 +124,53 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "HunYuanMoEV1ForCausalLM", "Ernie4_5_MoeForCausalLM", "MellumForCausalLM", "SolarOpenForCausalLM",
                   "MiniMaxM2ForCausalLM", "ExaoneMoeForCausalLM",
                   # attention sinks, experts of HF's other layout (transposed, biased, interleaved, their own gate)
-                  "GptOssForCausalLM")
+                  "GptOssForCausalLM",
+                  # Granite's multipliers; a shared MLP in the layer (input_linear / output_linear);
+                  # attention sinks, windows, a rotary module per base (none on some layers)
+                  "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "GraniteMoeSWAForCausalLM")
 
 
-def rotary_layer_types(model) -> list[str] | None:
-    """The layer type whose rotary table each layer reads, for a model whose rotary module
-    keeps one table per layer type (Gemma 3: "sliding_attention" layers a local base,
-    "full_attention" a global one, scaled); None when every layer reads the same table."""
-    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
-    if isinstance(model, Llama) or not hasattr(rotary, "layer_types"):
+def rotary_layer_types(model) -> list[str | float] | None:
+    """The key of the rotary table each layer reads, for a model whose layers read different
+    ones: the layer type, where the rotary module keeps one table per type (Gemma 3:
+    "sliding_attention" layers a local base, "full_attention" a global one, scaled); the rotary
+    base, where the model keeps one rotary module per base (Granite SWA's ``rotary_embs``, by
+    ``layer_rope_theta``; 0.0: the layer has no rotary). None when every layer reads the same table."""
+    base = getattr(model, "model", None)
+    if not isinstance(model, Llama) and hasattr(base, "rotary_embs") and hasattr(model.config, "layer_rope_theta"):
+        return [float(theta) for theta in model.config.layer_rope_theta]
+    if isinstance(model, Llama) or not hasattr(getattr(base, "rotary_emb", None), "layer_types"):
         return None
     return list(model.config.layer_types)
 
 
-def rope_tables(model, max_seq_len: int, dtype, device, layer_type: str | None = None
+def _rotary_of_base(model, theta: float):
+    """Granite SWA's rotary module of base ``theta`` (one of ``model.model.rotary_embs``)."""
+    for rotary in model.model.rotary_embs:
+        if float(rotary.config.rope_parameters["rope_theta"]) == theta:
+            return rotary
+    raise ValueError(f"{type(model).__name__} has no rotary module of base {theta}")
+
+
+def rope_tables(model, max_seq_len: int, dtype, device, layer_type: str | float | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin (max_seq_len, D) exactly as the model computes them (fp32, then cast; Ernie 4.5's
     rotary module keeps them fp32): the reference's ``rope_cos_sin``, or an HF model's own rotary
-    module (its rope scaling included), for ``layer_type``'s layers when it keeps a table per type
-    (:func:`rotary_layer_types`)."""
+    module (its rope scaling included), for ``layer_type``'s layers when it keeps a table per type,
+    or its module of that base (:func:`rotary_layer_types`)."""
     positions = torch.arange(max_seq_len, device=device)[None]
     if isinstance(model, Llama):
         cos, sin = ref.rope_cos_sin(positions, model.inv_freq, dtype)
     else:
+        rotary, by_type = model.model.rotary_emb, () if layer_type is None else (layer_type,)
+        if isinstance(layer_type, float):  # (Granite SWA: a module per base)
+            rotary, by_type = _rotary_of_base(model, layer_type), ()
         with torch.no_grad():
             x = torch.empty(0, dtype=dtype, device=device)
-            by_type = () if layer_type is None else (layer_type,)
             # (first one position: a "dynamic" module that a longer sequence grew goes back to its
             # original tables, as HF's next shorter sequence sends it back)
-            model.model.rotary_emb(x, positions[:, :1], *by_type)
-            cos, sin = model.model.rotary_emb(x, positions, *by_type)
+            rotary(x, positions[:, :1], *by_type)
+            cos, sin = rotary(x, positions, *by_type)
         from . import forwards
 
         if forwards._family(model) in forwards.ROTARY_HALF_TABLE_FAMILIES:  # gpt-oss: each frequency once
@@ -232,6 +249,13 @@ def shared_experts_of(block) -> tuple[str | None, nn.Module | None]:
     return name, getattr(block, name) if name else None
 
 
+def layer_shared_mlp(layer) -> nn.Module | None:
+    """The MLP that a mixture-of-experts decoder layer adds beside its experts block itself (the
+    Granite MoE families' ``shared_mlp``: ``input_linear`` to gate and up, ``output_linear``);
+    None when it has none (or keeps it in the block: :func:`shared_experts_of`)."""
+    return getattr(layer, "shared_mlp", None) if hasattr(layer, "block_sparse_moe") else None
+
+
 def module_problem(model) -> str | None:
     """Why the weights alone do not compute the model, as its modules are NOW: a projection that
     is not a plain ``nn.Linear`` (a LoRA layer's ``.weight`` is its base weight only; a quantised
@@ -254,6 +278,8 @@ def module_problem(model) -> str | None:
             if module is not None:
                 groups.append((f"{part}.{shared}", module, ("gate_proj", "up_proj", "down_proj")))
             groups.append((part, mlp, ("shared_expert_gate",)))
+            if layer_shared_mlp(layer) is not None:
+                groups.append(("shared_mlp", layer.shared_mlp, ("input_linear", "output_linear")))
         else:  # Phi-3's merged ones, or the others
             groups.append((part, mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
         named += [(f"layers.{i}.{part}.{n}", getattr(m, n)) for part, m, names in groups for n in names
@@ -266,7 +292,8 @@ def module_problem(model) -> str | None:
         shared, module = shared_experts_of(block)
         containers += [(f"layers.{i}", layer), (f"layers.{i}.self_attn", layer.self_attn),
                        (f"layers.{i}.{where}", block)] + (
-            [(f"layers.{i}.{where}.{shared}", module)] if module is not None else [])
+            [(f"layers.{i}.{where}.{shared}", module)] if module is not None else []) + (
+            [(f"layers.{i}.shared_mlp", layer.shared_mlp)] if layer_shared_mlp(layer) is not None else [])
     for name, m in containers:
         if m._forward_pre_hooks or m._forward_hooks:
             return f"{name} has forward hooks, which the generator (computing it from its weights) would not run"
@@ -304,7 +331,8 @@ def module_problem(model) -> str | None:
         experts = getattr(block, "experts", None)
         shared, module = shared_experts_of(block)
         gated = [(where, block)] if experts is None else [(f"{where}.experts", experts)] + (
-            [(f"{where}.{shared}", module)] if module is not None else [])
+            [(f"{where}.{shared}", module)] if module is not None else []) + (
+            [("shared_mlp", layer.shared_mlp)] if layer_shared_mlp(layer) is not None else [])
         for part, mlp in gated:
             if forwards.gateless(mlp):  # Arcee, Apertus: the generator calls the activation module itself
                 act = forwards.mlp_activation(mlp)

@@ -820,6 +820,21 @@ def _hf_model(arch):
             head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_shared_experts=1,
             first_k_dense_replace=1, n_group=2, topk_group=1, sliding_window=6,
             layer_types=["sliding_attention", "full_attention"])),
+        # GraniteMoeShared: GraniteMoE's with a shared MLP beside the experts (input_linear /
+        # output_linear); Granite SWA: attention sinks (made large below), windows, a rotary base
+        # per layer (0: none); GraniteMoE SWA: both
+        "granitemoeshared-multipliers": (transformers.GraniteMoeSharedConfig, transformers.GraniteMoeSharedForCausalLM,
+                                         dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96,
+                                              embedding_multiplier=12.0, residual_multiplier=0.22,
+                                              attention_multiplier=0.05, logits_scaling=8.0)),
+        "granite-swa-sinks-nope": (transformers.GraniteSWAConfig, transformers.GraniteSWAForCausalLM, dict(
+            head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            num_hidden_layers=3, layer_rope_theta=[10000.0, 0.0, 500.0], embedding_multiplier=1.5,
+            residual_multiplier=0.7, attention_multiplier=0.2, logits_scaling=0.5)),
+        "granitemoe-swa-sinks-shared": (transformers.GraniteMoeSWAConfig, transformers.GraniteMoeSWAForCausalLM, dict(
+            head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+            layer_rope_theta=[0.0, 10000.0], num_local_experts=4, num_experts_per_tok=2,
+            shared_intermediate_size=96)),
         # gpt-oss: attention sinks (made large below), a window on every other layer, yarn rotary
         # tables of half a head, attention biases; top-2 of 4 experts of its own layout (weights
         # (E, H, 2I), biases, a clamped SwiGLU of interleaved columns: a limit the scores reach)
@@ -830,7 +845,7 @@ def _hf_model(arch):
                 original_max_position_embeddings=32))),
     }[arch]
     torch.manual_seed(0)
-    model = model_cls(cfg_cls(**base, **extra))
+    model = model_cls(cfg_cls(**{**base, **extra}))  # (extra may override base: a third layer)
     with torch.no_grad():  # non-trivial norms and biases (the routers' score biases too, buffers in some)
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -856,7 +871,9 @@ def _hf_model(arch):
                                   "ministral3-window-llama4-scale", "hunyuan-ntk-alpha", "granitemoe-multipliers",
                                   "olmo-clip", "dots1-shared", "glm4-moe-qk-norm", "hunyuan-moe-shared",
                                   "ernie4_5-moe-shared", "mellum-window", "solar-open-shared",
-                                  "minimax-m2-partial-rope", "exaone-moe-window", "gpt-oss-sinks-window"])
+                                  "minimax-m2-partial-rope", "exaone-moe-window", "gpt-oss-sinks-window",
+                                  "granitemoeshared-multipliers", "granite-swa-sinks-nope",
+                                  "granitemoe-swa-sinks-shared"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -1261,7 +1278,9 @@ def test_generator_uses_the_models_rms_norm_eps():
 
 @pytest.mark.parametrize("arch, module", [("llama", "model.layers.1.mlp"), ("llama", "model.layers.0.self_attn"),
                                           ("llama", "model.layers.1"), ("glm4-moe-qk-norm", "model.layers.1.mlp"),
-                                          ("glm4-moe-qk-norm", "model.layers.1.mlp.shared_experts")])
+                                          ("glm4-moe-qk-norm", "model.layers.1.mlp.shared_experts"),
+                                          ("granitemoeshared-multipliers", "model.layers.1.shared_mlp"),
+                                          ("granitemoeshared-multipliers", "model.layers.0.shared_mlp.input_linear")])
 def test_hooks_on_the_modules_the_generator_computes_itself_are_refused(arch, module):
     """The generator computes each decoder layer, its attention, its MLP (or mixture-of-experts
     block and shared experts) from their weights, calling none of them: a hook there (which
