@@ -56,7 +56,13 @@ _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "gpt_oss": "GptOss",
                 # Granite's layers with a shared MLP of other names (input_linear / output_linear) beside
                 # GraniteMoE's experts; attention sinks, windows and a rotary base per layer (0: none)
-                "granitemoeshared": "GraniteMoeShared", "granite_swa": "GraniteSWA", "granitemoe_swa": "GraniteMoeSWA"}
+                "granitemoeshared": "GraniteMoeShared", "granite_swa": "GraniteSWA", "granitemoe_swa": "GraniteMoeSWA",
+                # Llama 4's text model (its modules are Llama4Text*, its causal LM Llama4ForCausalLM: _CAUSAL_LMS):
+                # chunked attention, whose masks the kernels serve; its attention (complex rotary, L2 q/k
+                # norms, temperature tuning) and routed experts (every expert on every token) stay HF's
+                "llama4": "Llama4Text"}
+# the causal LM class of a family whose modules' prefix is not its own
+_CAUSAL_LMS = {"llama4": "Llama4ForCausalLM"}
 # norms that scale by (1 + w) in fp32 and round once (fastllama.generate reads this and _OLMO too)
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "qwen3_5", "qwen3_next")
 _MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dots1", "flex_olmo", "minimax", "glm4_moe",
@@ -70,16 +76,19 @@ _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # f
 # no `mlp` (GraniteMoE's block_sparse_moe), an MLP that returns a tuple (gpt-oss's experts, with their router's
 # scores); VaultGemma's (two norms, Gemma's) has no rule either
 _OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "qwen3_5",
-                       "qwen3_next", "gpt_oss", "granitemoeshared", "granitemoe_swa")
+                       "qwen3_next", "gpt_oss", "granitemoeshared", "granitemoe_swa", "llama4")
 # attention modules that run as they are, on the attention kernels through HF's interface (their
 # norms patched): Qwen 3.5's and Qwen3-Next's gate their output with half of their q_proj (and
-# their other layers are Gated DeltaNet, not attention)
-_OWN_ATTENTION = ("qwen3_5", "qwen3_next")
+# their other layers are Gated DeltaNet, not attention); Llama 4's rotates with complex tables,
+# then L2-norms q and k, or scales q by its position where it has no rotary
+_OWN_ATTENTION = ("qwen3_5", "qwen3_next", "llama4")
 _LLAMA_LAYERS = tuple(m for m in (*_LLAMA_NORMS, "gemma", "helium") if m not in _OWN_DECODER_LAYERS)
 
 
 def _hf(kind: str, families=tuple(_HF_FAMILIES)) -> tuple[str, ...]:
-    return tuple(f"transformers.models.{m}.modeling_{m}.{_HF_FAMILIES[m]}{kind}" for m in families)
+    return tuple(f"transformers.models.{m}.modeling_{m}."
+                 f"{_CAUSAL_LMS[m] if kind == 'ForCausalLM' and m in _CAUSAL_LMS else _HF_FAMILIES[m] + kind}"
+                 for m in families)
 
 
 def _ref(name: str) -> tuple[str, ...]:
@@ -318,7 +327,9 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     MiniMax-M2 (partial rotary, q/k norms over all heads), EXAONE MoE (EXAONE 4's attention),
     gpt-oss (its attention sinks in the attention kernels; its experts and router stay HF's),
     GraniteMoeShared (a shared MLP of other names beside the experts), Granite SWA and GraniteMoE
-    SWA (attention sinks, windows, a rotary base per layer, none on some),
+    SWA (attention sinks, windows, a rotary base per layer, none on some), Llama 4's text model
+    (``Llama4ForCausalLM``: its chunked attention on the kernels; its attention module and routed
+    experts left as they are),
     FlexOlmo, MiniMax (its lightning-attention layers left as they are), Qwen 3.5's text model and
     Qwen3-Next (norms, MLP or experts, loss and the attention kernels; their gated attention and
     Gated DeltaNet modules left as they are); an MLP without a gate (Arcee's, Apertus's) is left as

@@ -177,6 +177,14 @@ NEW_ARCHS = {
     "granite-swa-sinks-nope": (tf.GraniteSWAConfig, tf.GraniteSWAForCausalLM, dict(
         BASE, **_WINDOWED, layer_rope_theta=[50000.0, 0.0], embedding_multiplier=12.0, residual_multiplier=0.22,
         attention_multiplier=0.05, logits_scaling=8.0)),
+    # Llama 4 (text): chunked attention (chunks of 8: several in a sequence) on its rotary layers
+    # (L2 q/k norms), full attention on its NoPE layers, whose q is scaled by position
+    # (temperature tuning; its attention module as it is), dense and MoE layers (a shared expert:
+    # Llama's MLP)
+    "llama4-chunked": (tf.Llama4TextConfig, tf.Llama4ForCausalLM, dict(
+        BASE, intermediate_size_mlp=160, num_local_experts=3, num_experts_per_tok=1, interleave_moe_layer_step=2,
+        no_rope_layers=[1, 0], attention_chunk_size=8, attn_temperature_tuning=True, floor_scale=4,
+        attn_scale=0.5, use_qk_norm=True)),
     "granitemoe-swa-sinks-shared": (tf.GraniteMoeSWAConfig, tf.GraniteMoeSWAForCausalLM, dict(
         BASE, **_WINDOWED, layer_rope_theta=[0.0, 10000.0], num_local_experts=3, num_experts_per_tok=3,
         shared_intermediate_size=96)),
