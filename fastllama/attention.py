@@ -22,8 +22,9 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   that sees no key equal weights over every key: for a patched model that ran eager attention,
   :func:`eager_blind_rows` recomputes those rows as eager does.)
 * several sequences in each row, each attending only to itself (position_ids that restart:
-  padding-free packing): varlen flash attention on the flattened batch, sequence boundaries
-  read off the mask.
+  padding-free packing; Llama 4's chunked attention, a sequence per chunk): varlen flash
+  attention on the flattened batch, sequence boundaries read off the mask; padding tokens that
+  see no key and that no query sees are left out of the packing (their rows 0).
 * anything else (custom masks, a mask that differs between heads, dropout): PyTorch SDPA
   with the mask, counted in :data:`FALLBACKS` (the first
   of each reason also logged as a warning) so nothing slow happens silently.
@@ -97,6 +98,9 @@ class _Plan:
     # cache): the plan is for k[:, :, :key_end]
     key_end: int | None = None
     cu_seqlens: torch.Tensor | None = None  # "packed": sequence boundaries in the flattened (B * T) tokens
+    # "packed" with tokens that see no key and no query sees (padding): the flat (b * T + t) indices
+    # of the others, which the sequences are packed from (cu_seqlens counts in them); None: every token
+    index: torch.Tensor | None = None
     packing: tuple | None = None  # "runs": what _varlen packs by, made by its first call (_packing)
     common_length: int | None = None  # "prefix": the length every row shares, None if they differ
     as_runs: "_Plan | None" = None  # "prefix" of differing lengths with autograd: the "runs" plan it takes
@@ -234,21 +238,30 @@ def _runs_plan(m, keep_k, n, s, causal, window) -> _Plan | None:
 
 def _packed_plan(m, causal, window) -> _Plan | None:
     """Several sequences packed in each row (HF's mask for position_ids that restart, as
-    padding-free training collators make): query i sees key j iff both are in the same sequence
-    (and causal / window allow it). A sequence starts where a query does not see the key before
-    it; the plan holds their boundaries in the flattened B * T tokens, for varlen attention."""
+    padding-free training collators make; Llama 4's chunked attention, a sequence per chunk):
+    query i sees key j iff both are in the same sequence (and causal / window allow it). A
+    sequence starts where a query does not see the key before it; the plan holds their
+    boundaries in the flattened B * T tokens, for varlen attention. Tokens that see no key and
+    that no query sees (padding: a padded batch's chunked attention) belong to no sequence: the
+    plan then packs the others (``index``) and those rows come out 0."""
     B, T, _ = m.shape
     i = torch.arange(T, device=m.device)
-    starts = torch.ones(B, T, dtype=torch.bool, device=m.device)
-    starts[:, 1:] = ~m[:, i[1:], i[1:] - 1]
-    seq = starts.cumsum(-1)
-    expected = (seq[:, :, None] == seq[:, None, :]) & _window_allows(i[:, None], i[None, :], window)
+    keep = m.any(-1)  # (B, T): the tokens of some sequence
+    padded = not bool(keep.all())
+    if padded and bool((m.any(1) & ~keep).any()):  # a query sees a token that sees nothing
+        return None
+    starts = keep.clone()
+    starts[:, 1:] &= ~m[:, i[1:], i[1:] - 1]
+    seq = torch.where(keep, starts.flatten().cumsum(0).view(B, T), -1)  # (one id per sequence, -1: none)
+    expected = (seq[:, :, None] == seq[:, None, :]) & keep[:, :, None] & _window_allows(i[:, None], i[None, :], window)
     if causal:
         expected &= i[None, :] <= i[:, None]
     if not torch.equal(m, expected):
         return None
-    cu = F.pad(starts.flatten().nonzero().squeeze(1), (0, 1), value=B * T).to(torch.int32)
-    return _Plan("packed", cu_seqlens=cu)
+    index = keep.flatten().nonzero().squeeze(1) if padded else None
+    kept_starts = starts.flatten() if index is None else starts.flatten()[index]
+    cu = F.pad(kept_starts.nonzero().squeeze(1), (0, 1), value=kept_starts.numel()).to(torch.int32)
+    return _Plan("packed", cu_seqlens=cu, index=index)
 
 
 def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
@@ -440,10 +453,18 @@ def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap,
         plan = plan.as_runs
     if plan.kind == "runs":
         return _varlen(q, k, v, plan, causal, scale, window, deterministic, softcap, keep, sinks)
-    if plan.kind == "packed":  # (B, H, T, D) -> (1, H, B * T, D) views, as projections lay them out
+    if plan.kind == "packed" and plan.index is None:  # (B, H, T, D) -> (1, H, B * T, D) views, as projections lay them out
         out = flash(*(t.transpose(1, 2).reshape(1, -1, t.shape[1], t.shape[3]).transpose(1, 2) for t in (q, k, v)),
                     causal=causal, cu_seqlens=plan.cu_seqlens)
         return out.transpose(1, 2).reshape(B, Tq, Hq, -1).transpose(1, 2)
+    if plan.kind == "packed":  # the tokens of some sequence gathered (padding left out), 0 for the others
+        rows = plan.index
+        packed = (t.transpose(1, 2).reshape(B * Tq, t.shape[1], t.shape[3])[rows].transpose(0, 1).unsqueeze(0)
+                  for t in (q, k, v))
+        out = _flash(keep, rows, *packed, scale=scale, window=window, softcap=softcap, deterministic=deterministic,
+                     sinks=sinks, causal=causal, cu_seqlens=plan.cu_seqlens)
+        full = out.new_zeros(B * Tq, Hq, out.shape[-1]).index_copy_(0, rows, out.squeeze(0).transpose(0, 1))
+        return full.view(B, Tq, Hq, -1).transpose(1, 2)
     _fall_back(plan.reason)
     return _sdpa(q, k, v, mask, False, scale, 0.0, softcap, sinks)
 

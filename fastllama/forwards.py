@@ -59,10 +59,16 @@ def _unit_last_stride(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def norm_eps(norm) -> float:
+    """An HF RMSNorm's epsilon: ``variance_epsilon`` (Llama's), or ``eps`` (Gemma's; Llama 4's
+    in transformers before 5.2x)."""
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
 def rms_norm_forward(self, hidden_states):
     """``LlamaRMSNorm.forward``: one fused kernel."""
     x, w = _promote(_unit_last_stride(hidden_states), self.weight)
-    return ops.rms_norm(x, w, self.variance_epsilon)
+    return ops.rms_norm(x, w, norm_eps(self))
 
 
 def _single_rounding_weight(weight, x):
@@ -83,7 +89,7 @@ def olmo_rms_norm_forward(self, hidden_states):
     """``Olmo2RMSNorm.forward`` (OLMo 2 and 3): ``(w * normed).to(x.dtype)``, rounded once, in one
     kernel (the output keeps x's dtype, as HF's ``.to(input_dtype)``)."""
     x = _unit_last_stride(hidden_states)
-    return ops.rms_norm(x, _single_rounding_weight(self.weight, x), self.variance_epsilon, round_once=True)
+    return ops.rms_norm(x, _single_rounding_weight(self.weight, x), norm_eps(self), round_once=True)
 
 
 # the patched norms a decoder layer fuses with the residual add or the projections after them
@@ -99,7 +105,7 @@ def _norm_args(norm, *tensors):
         tensors = _promote(*tensors)  # (a residual stream wider than h: their sum is)
         return (*tensors, _single_rounding_weight(norm.weight, tensors[0]), norm.eps, True)
     *tensors, w = _promote(*tensors, norm.weight)
-    return (*tensors, w, norm.variance_epsilon, False)
+    return (*tensors, w, norm_eps(norm), False)
 
 
 def _fused_residual_norm(norm, h, residual):

@@ -315,6 +315,43 @@ def test_packed_sequences_use_varlen(causal, window):
     assert q.grad is not None
 
 
+@pytest.mark.parametrize("sinks", [False, True])
+def test_chunked_attention_of_a_padded_batch_uses_varlen(sinks):
+    """Llama 4's chunked attention over a left-padded batch: each chunk a sequence of its own and
+    the padding tokens in none (they see no key, no query sees them). The sequences are packed
+    from the other tokens and the padding rows come out 0, on the kernels, with gradients (and
+    with attention sinks). A padding token that some query still sees is not such a mask."""
+    q, k, v = qkv(B=3, Tq=13, Tk=13)
+    mask = packed_mask([[4, 4, 4, 1], [4, 4, 4, 1], [4, 4, 4, 1]])
+    mask[1, :, :5] = False  # row 1: five tokens of left padding, row 2: two
+    mask[1, :, :, :5] = False
+    mask[2, :, :2] = False
+    mask[2, :, :, :2] = False
+    s = (2 * torch.randn(4, generator=torch.Generator().manual_seed(5))).to(DEVICE) if sinks else None
+    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    out = attend(qg, kg, v, mask, sinks=s)
+    check(out, q, k, v, mask, sinks=s)
+    assert not FALLBACKS, FALLBACKS
+    w = torch.randn_like(out)
+    dq, dk = torch.autograd.grad((out * w).sum(), (qg, kg))
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    dq64, dk64 = torch.autograd.grad((truth(q64, k64, v, mask, sinks=s) * w.double()).sum(), (q64, k64))
+    torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dk.double(), dk64, rtol=1e-4, atol=1e-5)
+    if not sinks:  # the same through the op torch.compile sees (its backward replays the flash call)
+        qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+        out = attention.masked_op(qg, kg, v, mask)
+        check(out, q, k, v, mask)
+        dq, dk = torch.autograd.grad((out * w).sum(), (qg, kg))
+        torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dk.double(), dk64, rtol=1e-4, atol=1e-5)
+        assert not FALLBACKS, FALLBACKS
+    seen = mask.clone()
+    seen[1, :, 7, 3] = True  # a query that sees a padding token
+    check(attend(q, k, v, seen, sinks=s), q, k, v, seen, sinks=s)
+    assert FALLBACKS["mask is not causal attention over one run of tokens per row"] == 1
+
+
 def test_packed_training_batch_matches_and_uses_the_kernels():
     """Padding-free training: two rows, each several sequences, position_ids restarting (HF
     builds the block-diagonal mask when there is no cache and no attention_mask)."""
