@@ -391,6 +391,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
     plain PyTorch (counted): :func:`masked_op` takes no sinks.
     """
     q, k, v = ops.attention.autocast_inputs(q, k, v)  # SDPA's dtypes under autocast (all paths below)
+    _check_sinks(sinks, q)
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     flash = lambda q, k, v, **kw: ops.flash_attention(q, k, v, scale=scale, window=window, softcap=softcap,
@@ -627,21 +628,24 @@ torch.library.register_autograd("fastllama::attend_masked", _masked_backward, se
 
 def attend_with_weights(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True,
                         scale: float | None = None, window: tuple[int, int] | None = None,
-                        dropout: float = 0.0, softcap: float | None = None,
-                        sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        dropout: float = 0.0, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                        sinks_after: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attend` in plain PyTorch, also returning the (B, Hq, Tq, Tk) attention probabilities:
     for ``output_attentions=True``, which no fused kernel can serve (they never form the matrix).
     Same mask conventions as :func:`attend`; probabilities as HF's eager attention makes them
     (softmax in fp32, cast to q's dtype, dropout after; scores soft-capped before the mask;
     with ``sinks``, the keys' probabilities beside the sink's, which is left out as gpt-oss's
-    eager attention leaves it out). Counted in :data:`FALLBACKS`."""
+    eager attention leaves it out, or with ``sinks_after`` the keys' own softmax, the sink's share
+    taken off the output instead, as Granite SWA's does: the same output). Counted in
+    :data:`FALLBACKS`."""
+    _check_sinks(sinks, q)
     _fall_back("output_attentions (attention probabilities requested)")
-    return _eager(q, k, v, mask, causal, scale, window, dropout, softcap, sinks)
+    return _eager(q, k, v, mask, causal, scale, window, dropout, softcap, sinks, sinks_after)
 
 
 def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, dropout: float = 0.0,
-                    softcap: float | None = None, reason: str | None = None,
-                    sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    softcap: float | None = None, reason: str | None = None, sinks: torch.Tensor | None = None,
+                    sinks_after: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's eager attention exactly, ``(out, probabilities)``: the boolean ``mask`` (True =
     attend) becomes an additive one of the minimum of the mask's dtype, as transformers makes it
     for eager attention (the model's dtype: fp32 under autocast). The difference from
@@ -650,8 +654,11 @@ def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, 
     scores as if they counted), where this module gives 0. (An fp16 model's -65504 does not
     absorb every score: eager's row is not quite uniform there, and neither is this.) For models
     that ran eager attention before patching: :func:`eager_blind_rows`, and their masked calls
-    under torch.compile. ``reason``: counted in :data:`FALLBACKS` under it. With ``sinks``
-    there is no difference: such a row puts all its mass on the sink, in eager attention too."""
+    under torch.compile. ``reason``: counted in :data:`FALLBACKS` under it. ``sinks`` and
+    ``sinks_after`` as in :func:`attend_with_weights`: such a row's output is then 0 in eager
+    attention too (all its mass on the sink; Granite SWA's scale of it, sigmoid(lse - sink), is 0),
+    and only Granite SWA's probabilities are still uniform."""
+    _check_sinks(sinks, q)
     if reason is not None:
         _fall_back(reason)
     wide = torch.is_autocast_enabled(q.device.type)
@@ -659,11 +666,12 @@ def attend_as_eager(q, k, v, mask: torch.Tensor, *, scale: float | None = None, 
     if mask.dtype == torch.bool:
         dtype = torch.float32 if wide else q.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=q.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return _eager(q, k, v, mask, False, scale, None, dropout, softcap, sinks)
+    return _eager(q, k, v, mask, False, scale, None, dropout, softcap, sinks, sinks_after)
 
 
 def eager_blind_rows(out, q, k, v, mask: torch.Tensor, *, scale: float | None = None, dropout: float = 0.0,
-                     softcap: float | None = None, weights: torch.Tensor | None = None):
+                     softcap: float | None = None, weights: torch.Tensor | None = None,
+                     sinks: torch.Tensor | None = None, sinks_after: bool = False):
     """``(out, weights)`` with the query rows that ``mask`` shows no key (left padding) computed as
     HF's eager attention computes them (:func:`attend_as_eager`), for a model that ran eager
     attention before patching (Gemma 2 always does): eager weighs every key equally there, where
@@ -688,15 +696,16 @@ def eager_blind_rows(out, q, k, v, mask: torch.Tensor, *, scale: float | None = 
             probs.append(None if weights is None else weights[b])
             continue
         o, p = attend_as_eager(q[b:b + 1, :, r], k[b:b + 1], v[b:b + 1], m[b:b + 1, :, r], scale=scale,
-                               dropout=dropout, softcap=softcap)
+                               dropout=dropout, softcap=softcap, sinks=sinks, sinks_after=sinks_after)
         outs.append(out[b].index_copy(1, r, o[0].to(out.dtype)))
         probs.append(None if weights is None else weights[b].index_copy(1, r, p[0].to(weights.dtype)))
     return torch.stack(outs), (None if weights is None else torch.stack(probs))
 
 
-def _eager(q, k, v, mask, causal, scale, window, dropout, softcap, sinks=None):
+def _eager(q, k, v, mask, causal, scale, window, dropout, softcap, sinks=None, sinks_after=False):
     """(out, probabilities) in plain PyTorch, as HF's eager attention computes them (``sinks``: as
-    gpt-oss's does, one more score per head in the softmax, its column dropped after)."""
+    gpt-oss's does, one more score per head in the softmax, its column dropped after; with
+    ``sinks_after`` as Granite SWA's: the keys' softmax, the output times sigmoid(lse - sink))."""
     Tq, Tk = q.shape[2], k.shape[2]
     if q.shape[1] != k.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -708,12 +717,23 @@ def _eager(q, k, v, mask, causal, scale, window, dropout, softcap, sinks=None):
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     blind = sees_no_key(mask)
-    if sinks is not None:
+    column = sinks is not None and not sinks_after
+    if column:
         sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
         scores = torch.cat((scores, sink), dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).masked_fill(blind, 0.0).to(q.dtype)
-    probs = probs if sinks is None else probs[..., :-1]
-    return (F.dropout(probs, p=dropout, training=dropout > 0) @ v).masked_fill(blind, 0.0), probs  # 0 * inf
+    probs = probs[..., :-1] if column else probs
+    out = (F.dropout(probs, p=dropout, training=dropout > 0) @ v).masked_fill(blind, 0.0)  # (0 * inf)
+    if sinks is not None and sinks_after:  # (blind rows: lse -inf, a scale of 0)
+        lse = torch.logsumexp(scores.float(), dim=-1, keepdim=True)
+        out = out * torch.sigmoid(lse - sinks.float()[None, :, None, None]).to(out.dtype)
+    return out, probs
+
+
+def _check_sinks(sinks, q) -> None:
+    """The op's check of ``sinks``, on every path (the PyTorch ones too)."""
+    if sinks is not None:
+        ops._checks.check_sinks(sinks, q)
 
 
 def sees_no_key(mask: torch.Tensor) -> torch.Tensor:

@@ -453,7 +453,8 @@ PARTIAL_ROTARY_FAMILIES = ("phi3", "glm", "glm4", "glm4_moe", "minimax_m2")
 
 #: HF families whose rotary rotates adjacent pairs (2i, 2i + 1) (GLM's rotate_half, cos/sin
 #: repeat_interleave'd): the op's ``interleaved=True``.
-ROTARY_INTERLEAVED_FAMILIES = ("helium", "ernie4_5", "ernie4_5_moe", "glm", "glm4")
+ROTARY_INTERLEAVED_FAMILIES = ("helium", "ernie4_5", "ernie4_5_moe", "glm", "glm4",
+                               "llama4")  # (Llama 4's complex rotary: the generator's; patch keeps its attention)
 
 #: HF families whose rotary tables hold each frequency once, (B, T, D / 2), and whose rotary turns
 #: the two halves of the head by them (gpt-oss's ``_apply_rotary_emb``): rotate_half's rotation
@@ -502,32 +503,32 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
     options = getattr(module, "_fastllama_attention", {})
-    # (left padding, as eager has it; with sinks eager's blind rows are 0 too: the sink takes them)
-    eager_mask = options.get("eager") and attention_mask is not None and sinks is None
+    sinks_after = sinks is not None and _family(module) in SINKS_AFTER_SOFTMAX
+    # Left padding as eager has it. With sinks, eager's rows that see no key are 0 too (the sink
+    # takes them), and only Granite SWA's probabilities differ (uniform): recomputed when asked for.
+    eager_mask = options.get("eager") and attention_mask is not None and (
+        sinks is None or sinks_after and kwargs.get("output_attentions"))
     if eager_mask and torch.compiler.is_compiling():  # the mask can only be read when the graph runs
         if dropout == 0 and not kwargs.get("output_attentions") and attention_mask.dtype == torch.bool and \
-                masked_op_serves(query, key, value):
+                sinks is None and masked_op_serves(query, key, value):
             out = masked_op(query, key, value, attention_mask, causal=causal, scale=scaling, window=window,
                             deterministic=options.get("deterministic", True), softcap=softcap, eager_blind=True)
             return out.transpose(1, 2).contiguous(), None
         out, weights = attend_as_eager(query, key, value, attention_mask, scale=scaling, dropout=dropout,
-                                       softcap=softcap,
+                                       softcap=softcap, sinks=sinks, sinks_after=sinks_after,
                                        reason="a model that ran eager attention, with a mask, under torch.compile")
         return out.transpose(1, 2).contiguous(), weights if kwargs.get("output_attentions") else None
     weights = None
     if kwargs.get("output_attentions"):  # the probabilities are asked for: plain PyTorch (counted)
         out, weights = attend_with_weights(query, key, value, attention_mask, causal=causal, scale=scaling,
-                                           window=window, dropout=dropout, softcap=softcap, sinks=sinks)
-        if sinks is not None and _family(module) in SINKS_AFTER_SOFTMAX:
-            # (their eager attention returns the softmax over the keys, then scales the output)
-            total = weights.sum(-1, keepdim=True)
-            weights = torch.where(total > 0, weights / total, weights)
+                                           window=window, dropout=dropout, softcap=softcap, sinks=sinks,
+                                           sinks_after=sinks_after)
     else:
         out = attend(query, key, value, attention_mask, causal=causal, scale=scaling, window=window,
                      dropout=dropout, deterministic=options.get("deterministic", True), softcap=softcap, sinks=sinks)
     if eager_mask:
         out, weights = eager_blind_rows(out, query, key, value, attention_mask, scale=scaling, dropout=dropout,
-                                        softcap=softcap, weights=weights)
+                                        softcap=softcap, weights=weights, sinks=sinks, sinks_after=sinks_after)
     return out.transpose(1, 2).contiguous(), weights
 
 

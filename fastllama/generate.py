@@ -258,6 +258,31 @@ def _grouped_experts(experts, x: torch.Tensor, index: torch.Tensor, weights: tor
     return ops.experts._unsort(weighted, order).view(*index.shape, -1).sum(1).to(x.dtype)
 
 
+def _llama4_routed_experts(block, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """Llama 4's routed experts from their weights: the router's top-k logits through a sigmoid
+    scale each chosen expert's INPUT (HF's routed_in * score), whose gated MLP (gate-up weights
+    (E, H, 2I), gate first; down (E, I, H)) runs on torch's grouped matmuls over the (token,
+    expert) pairs; each token's k outputs summed. HF runs every expert on every token, with the
+    other experts' inputs scaled to 0 (their outputs exactly 0)."""
+    experts = block.experts
+    top, index = torch.topk(F.linear(x, block.router.weight), block.router.top_k, dim=1)
+    scores = torch.sigmoid(top.float()).to(top.dtype)
+    order, token, offs = ops.experts._sorted_pairs(index, experts.gate_up_proj.shape[0])
+    u = ops.experts._grouped_matmul(x[token] * scores.reshape(-1)[order, None], experts.gate_up_proj, offs)
+    y = ops.experts._grouped_matmul(ops.swiglu_fused(u, activation=activation), experts.down_proj, offs)
+    return ops.experts._unsort(y, order).view(*index.shape, -1).sum(1)
+
+
+def _post_rotary_norms(attn) -> tuple | None:
+    """The norms of q and k that an attention applies AFTER rotary: HunYuan's (query_layernorm,
+    key_layernorm), Llama 4's weightless qk_norm for both; None for the others."""
+    if hasattr(attn, "query_layernorm"):
+        return attn.query_layernorm, attn.key_layernorm
+    if hasattr(attn, "qk_norm"):
+        return attn.qk_norm, attn.qk_norm
+    return None
+
+
 def _gated(mlp):
     """The module holding the MLP's activation: the MLP, or a mixture of experts' experts."""
     return mlp.experts if hasattr(mlp, "experts") else mlp
@@ -333,7 +358,9 @@ class Generator:
     ``MiniMaxM2ForCausalLM`` / ``ExaoneMoeForCausalLM`` / ``GptOssForCausalLM`` (attention sinks;
     its experts on torch's grouped matmuls with their clamped gate, as HF's grouped-matmul
     implementation runs them) / ``GraniteMoeSharedForCausalLM`` / ``GraniteSWAForCausalLM`` /
-    ``GraniteMoeSWAForCausalLM`` (attention sinks, a rotary module per base).
+    ``GraniteMoeSWAForCausalLM`` (attention sinks, a rotary module per base) /
+    ``Llama4ForCausalLM`` (its text model: chunked attention, complex rotary, L2 q/k norms after
+    it, temperature tuning, every chosen expert's input scaled by its sigmoid score).
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -393,14 +420,25 @@ class Generator:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
         self.clip_qkv = getattr(cfg, "clip_qkv", None)
-        # Ministral 3 scales q (after rotary) by Llama 4's factor of its position: HF's own
-        # function on every position, rounded to the model's dtype as HF rounds it
-        self.q_position_scale = None
+        # Each layer's factor of q by position, or None: Ministral 3 scales q (after rotary) by
+        # Llama 4's factor (HF's own function on every position, rounded to the model's dtype as
+        # HF rounds it); Llama 4 its NoPE layers' q by its temperature tuning (fp32, the product
+        # rounded as HF rounds it)
+        self.q_position_scales = [None] * len(model.model.layers)
+        positions = torch.arange(max_seq_len, device=self.device)
         if forwards._family(model) == "ministral3":
-            rope, positions = cfg.rope_parameters, torch.arange(max_seq_len, device=self.device)[None]
+            rope = cfg.rope_parameters
             scale = sys.modules[type(model).__module__].get_llama_4_attn_scale(
-                positions, rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings"))
-            self.q_position_scale = scale.reshape(-1).to(self.dtype)
+                positions[None], rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings"))
+            self.q_position_scales = [scale.reshape(-1).to(self.dtype)] * len(model.model.layers)
+        if forwards._family(model) == "llama4" and cfg.attn_temperature_tuning:
+            scale = torch.log1p(torch.floor((positions.float() + 1.0) / cfg.floor_scale)) * cfg.attn_scale + 1.0
+            self.q_position_scales = [None if forwards.uses_rope(layer.self_attn) else scale
+                                      for layer in model.model.layers]
+        # Llama 4's chunked attention: each layer's chunk (query p sees keys from the start of p's
+        # chunk of attention_chunk_size positions), or None
+        self.chunks = [cfg.attention_chunk_size if t == "chunked_attention" else None
+                       for t in getattr(cfg, "layer_types", None) or [None] * len(model.model.layers)]
         # Gemma's norms compute (x * (1 + w)), OLMo 2/3's, FlexOlmo's and Helium's (x * w), in
         # fp32 and round once: the families patch serves with those norms
         family = forwards._family(model)
@@ -408,6 +446,8 @@ class Generator:
         self.round_once = family in (*patching._GEMMA, *patching._OLMO)
         # OLMo (1)'s norms are LayerNorms without weights: called as the model's own modules
         self.weightless_norms = family == "olmo"
+        # (Llama 4's q/k norms have no weight either: an RMSNorm of weight 1, which rounds as they do)
+        self._unit_weight = torch.ones(self.head_dim, dtype=self.dtype, device=self.device)
         # GLM's, GLM-4's, Helium's and Ernie 4.5's rotary turns adjacent pairs of dims
         self.interleaved = family in forwards.ROTARY_INTERLEAVED_FAMILIES
         layers = model.model.layers
@@ -584,14 +624,15 @@ class Generator:
         kc, vc = self.k_cache[i][:B], self.v_cache[i][:B]
         cos, sin = self.rotary[i]
         attn = self.model.model.layers[i].self_attn
-        if hasattr(attn, "query_layernorm"):
-            # HunYuan norms each head's q and k AFTER rotary: rotate (tables read at each token's
-            # position), norm, then the cache append with the identity rotation (k copied exactly)
+        post_rotary = _post_rotary_norms(attn)
+        if post_rotary is not None:
+            # HunYuan and Llama 4 norm each head's q and k AFTER rotary: rotate (tables read at each
+            # token's position), norm, then the cache append with the identity rotation (k copied exactly)
             if ("rows", id(cos)) not in once:
                 positions = self._positions(once, slots, T)
                 once["rows", id(cos)] = (cos[positions], sin[positions])
             q, k = ops.apply_rotary_pos_emb(q, k, *once["rows", id(cos)], interleaved=self.interleaved)
-            q, k = self._norm(q, attn.query_layernorm), self._norm(k, attn.key_layernorm)
+            q, k = self._norm(q, post_rotary[0]), self._norm(k, post_rotary[1])
             cos, sin = self._no_rotation
         scale, window = getattr(attn, "scaling", None), self.windows[i]
         softcap, sinks = self.softcaps[i], getattr(attn, "sinks", None)  # (gpt-oss: attention sinks)
@@ -605,7 +646,7 @@ class Generator:
             ring_slots, ring_lengths = once["ring", ring]
             q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, ring_slots, positions=slots,
                                         interleaved=self.interleaved)
-            q = self._position_scaled(q, once, slots)
+            q = self._position_scaled(i, q, once, slots)
             return ops.decode_attention(q, kc, vc, ring_lengths, scale=scale, num_splits=self.num_splits,
                                         softcap=softcap, sinks=sinks)
         if ring is not None:  # a prefill on a ring: the whole prompt to a scratch cache, attended there
@@ -614,10 +655,17 @@ class Generator:
                                            device=self.device) for _ in range(2))
             ring_k, ring_v, (kc, vc) = kc, vc, scratch
         q = ops.rotary_cache_append(q, k, v, kc, vc, cos, sin, slots, interleaved=self.interleaved)
-        q = self._position_scaled(q, once, slots)
-        if lengths is not None:
+        q = self._position_scaled(i, q, once, slots)
+        chunk = self.chunks[i]
+        if chunk is not None and T > 1:  # a prefill (slots 0): each chunk of each prompt a sequence of its own
+            o = self._chunked_prefill(q, kc[:, :, :T], vc[:, :, :T], chunk, once, scale)
+        elif lengths is not None:
+            # (a chunked layer's decode step: the keys from the start of the token's chunk)
+            if chunk is not None and ("chunk", chunk) not in once:
+                once["chunk", chunk] = torch.div(slots, chunk, rounding_mode="floor") * chunk
             o = ops.decode_attention(q, kc, vc, lengths, scale=scale, num_splits=self.num_splits, window=window,
-                                     softcap=softcap, sinks=sinks)
+                                     softcap=softcap, sinks=sinks,
+                                     cache_leftpad=None if chunk is None else once["chunk", chunk])
         else:
             o = ops.flash_attention(q, kc[:, :, :T], vc[:, :, :T], causal=True, scale=scale, window=window,
                                     softcap=softcap, sinks=sinks)
@@ -634,15 +682,32 @@ class Generator:
             once["positions"] = slots.to(torch.long)[:, None] + torch.arange(T, device=slots.device)
         return once["positions"]
 
-    def _position_scaled(self, q: torch.Tensor, once: dict, slots: torch.Tensor) -> torch.Tensor:
-        """q (B, H, T, D) of the tokens at positions ``slots[b] + t`` times Ministral 3's factor of
-        each position (:attr:`q_position_scale`, read once per forward); q itself for the other
-        families."""
-        if self.q_position_scale is None:
+    def _position_scaled(self, i: int, q: torch.Tensor, once: dict, slots: torch.Tensor) -> torch.Tensor:
+        """Layer i's q (B, H, T, D) of the tokens at positions ``slots[b] + t`` times its factor of
+        each position (:attr:`q_position_scales`: Ministral 3's, Llama 4's NoPE layers'; read once
+        per forward and table), rounded to q's dtype; q itself where there is none."""
+        table = self.q_position_scales[i]
+        if table is None:
             return q
-        if "q_scale" not in once:
-            once["q_scale"] = self.q_position_scale[self._positions(once, slots, q.shape[2])][:, None, :, None]
-        return q * once["q_scale"]
+        if ("q_scale", id(table)) not in once:
+            once["q_scale", id(table)] = table[self._positions(once, slots, q.shape[2])][:, None, :, None]
+        return (q * once["q_scale", id(table)]).to(q.dtype)
+
+    @staticmethod
+    def _chunked_prefill(q, k, v, chunk: int, once: dict, scale) -> torch.Tensor:
+        """Llama 4's chunked attention over a prefill of T tokens (slots 0): each prompt's chunks of
+        ``chunk`` positions are sequences of one varlen flash attention over the B * T tokens."""
+        B, H, T, D = q.shape
+        if ("chunks", chunk, T) not in once:
+            starts = (torch.arange(B, device=q.device)[:, None] * T + torch.arange(0, T, chunk, device=q.device)).flatten()
+            once["chunks", chunk, T] = torch.cat([starts, starts.new_full((1,), B * T)]).to(torch.int32)
+
+        def packed(t):  # (B, h, T, D) -> (1, h, B * T, D)
+            return t.transpose(1, 2).reshape(1, B * T, t.shape[1], D).transpose(1, 2)
+
+        o = ops.flash_attention(packed(q), packed(k), packed(v), causal=True, scale=scale,
+                                cu_seqlens=once["chunks", chunk, T])
+        return o.transpose(1, 2).reshape(B, T, H, D).transpose(1, 2)
 
     @staticmethod
     def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
@@ -652,18 +717,21 @@ class Generator:
         (HunYuan MoE: shared MLP) as they are. All on the device (no sync: the step stays
         capturable)."""
         x = h.reshape(-1, h.shape[-1])
-        # the router's outputs: (logits, weights, index); GraniteMoE's (its ``router``) in
-        # transformers before 5.2x: (index, weights, logits)
-        router = block.gate if hasattr(block, "gate") else block.router
-        # (MiniMax-M2's block keeps its router's score bias and passes it, as here)
-        bias = (block.e_score_correction_bias,) if hasattr(block, "e_score_correction_bias") else ()
-        first, weights, last = router(x, *bias)
-        index = first if not first.is_floating_point() else last
-        if forwards.experts_layout_problem(block.experts) is None:
-            out = ops.moe_experts(x, index, weights, block.experts.gate_up_proj, block.experts.down_proj,
-                                  activation=activation)
-        else:  # another of HF's layouts (gpt-oss's): model_weights.grouped_layout_ok
-            out = _grouped_experts(block.experts, x, index, weights)
+        if forwards._family(block) == "llama4":  # (its router is read, not called: see the function)
+            out = _llama4_routed_experts(block, x, activation)
+        else:
+            # the router's outputs: (logits, weights, index); GraniteMoE's (its ``router``) in
+            # transformers before 5.2x: (index, weights, logits)
+            router = block.gate if hasattr(block, "gate") else block.router
+            # (MiniMax-M2's block keeps its router's score bias and passes it, as here)
+            bias = (block.e_score_correction_bias,) if hasattr(block, "e_score_correction_bias") else ()
+            first, weights, last = router(x, *bias)
+            index = first if not first.is_floating_point() else last
+            if forwards.experts_layout_problem(block.experts) is None:
+                out = ops.moe_experts(x, index, weights, block.experts.gate_up_proj, block.experts.down_proj,
+                                      activation=activation)
+            else:  # another of HF's layouts (gpt-oss's): model_weights.grouped_layout_ok
+                out = _grouped_experts(block.experts, x, index, weights)
         _, s = shared_experts_of(block)
         if s is not None:
             # (with their biases: Ernie 4.5 MoE's use_bias)
@@ -685,8 +753,9 @@ class Generator:
                 return norm(x)
             s = x + residual
             return norm(s), s
-        return ops.rms_norm(x, norm.weight, self.eps, residual=residual, unit_offset=self.unit_offset,
-                            round_once=self.round_once)
+        weight = getattr(norm, "weight", None)
+        return ops.rms_norm(x, self._unit_weight if weight is None else weight, self.eps, residual=residual,
+                            unit_offset=self.unit_offset, round_once=self.round_once)
 
     def _add_and_norm(self, x: torch.Tensor, branch: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, norm(s))`` for the residual stream ``s = x + branch`` (``x`` when there is no
@@ -1005,7 +1074,8 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
                             "flex_olmo", "granitemoe", "olmo", "dots1", "glm4_moe",
                             "hunyuan_v1_moe", "ernie4_5_moe", "mellum", "solar_open", "minimax_m2", "exaone_moe",
-                            "gpt_oss", "granitemoeshared", "granite_swa", "granitemoe_swa")
+                            "gpt_oss", "granitemoeshared", "granite_swa", "granitemoe_swa",
+                            "llama4_text")  # (Llama 4's text model alone: a multimodal "llama4" is not taken)
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -1015,8 +1085,8 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
     Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral,
     Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE, Ernie 4.5 MoE, Mellum,
-    Solar Open, MiniMax-M2, EXAONE MoE, gpt-oss, GraniteMoeShared, Granite SWA, GraniteMoE SWA or
-    OLMo (1) model
+    Solar Open, MiniMax-M2, EXAONE MoE, gpt-oss, GraniteMoeShared, Granite SWA, GraniteMoE SWA,
+    Llama 4 (text, ``llama4_text``) or OLMo (1) model
     (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must
     then be installed. (gpt-oss's released weights are MXFP4-quantised experts: transformers
     dequantises them to ``dtype`` where its MXFP4 kernels do not run; where they do, it keeps

@@ -127,7 +127,10 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "GptOssForCausalLM",
                   # Granite's multipliers; a shared MLP in the layer (input_linear / output_linear);
                   # attention sinks, windows, a rotary module per base (none on some layers)
-                  "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "GraniteMoeSWAForCausalLM")
+                  "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "GraniteMoeSWAForCausalLM",
+                  # Llama 4's text model: complex rotary tables, L2 q/k norms after rotary, chunked
+                  # attention, q scaled by position on its NoPE layers, every expert's input scaled
+                  "Llama4ForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str | float] | None:
@@ -170,7 +173,11 @@ def rope_tables(model, max_seq_len: int, dtype, device, layer_type: str | float 
             # (first one position: a "dynamic" module that a longer sequence grew goes back to its
             # original tables, as HF's next shorter sequence sends it back)
             rotary(x, positions[:, :1], *by_type)
-            cos, sin = rotary(x, positions, *by_type)
+            tables = rotary(x, positions, *by_type)
+        # (Llama 4's: complex, cos + i sin, one per pair of adjacent dims, applied in fp32; laid out
+        # as the others' cat(freqs, freqs), whose first half the interleaved rotary reads)
+        cos, sin = (torch.cat((tables.real, tables.real), -1), torch.cat((tables.imag, tables.imag), -1)) if (
+            isinstance(tables, torch.Tensor) and tables.is_complex()) else tables
         from . import forwards
 
         if forwards._family(model) in forwards.ROTARY_HALF_TABLE_FAMILIES:  # gpt-oss: each frequency once
@@ -236,8 +243,10 @@ def check_model(model, max_seq_len: int | None = None) -> None:
 
 
 def mlp_of(layer) -> tuple[str, nn.Module]:
-    """A decoder layer's MLP and its attribute name: ``mlp``, or GraniteMoE's ``block_sparse_moe``."""
-    return ("mlp", layer.mlp) if hasattr(layer, "mlp") else ("block_sparse_moe", layer.block_sparse_moe)
+    """A decoder layer's MLP and its attribute name: ``mlp``, GraniteMoE's ``block_sparse_moe`` or
+    Llama 4's ``feed_forward``."""
+    name = next(n for n in ("mlp", "block_sparse_moe", "feed_forward") if hasattr(layer, n))
+    return name, getattr(layer, name)
 
 
 def shared_experts_of(block) -> tuple[str | None, nn.Module | None]:
@@ -290,6 +299,10 @@ def module_problem(model) -> str | None:
     for i, layer in layers:
         where, block = mlp_of(layer)
         shared, module = shared_experts_of(block)
+        if hasattr(layer.self_attn, "qk_norm"):  # (Llama 4's weightless L2 norm, computed from nothing)
+            containers.append((f"layers.{i}.self_attn.qk_norm", layer.self_attn.qk_norm))
+        if forwards._family(block) == "llama4" and hasattr(block, "router"):  # (its weight read, not called)
+            containers.append((f"layers.{i}.{where}.router", block.router))
         containers += [(f"layers.{i}", layer), (f"layers.{i}.self_attn", layer.self_attn),
                        (f"layers.{i}.{where}", block)] + (
             [(f"layers.{i}.{where}.{shared}", module)] if module is not None else []) + (
@@ -305,10 +318,12 @@ def module_problem(model) -> str | None:
         if lin._forward_pre_hooks or lin._forward_hooks:
             return f"{name} has forward hooks, which the generator (reading weights, not calling modules) would skip"
     modeling = sys.modules[type(model).__module__]
-    # (OLMo (1)'s: a LayerNorm without weights, OlmoLayerNorm)
+    # (OLMo (1)'s: a LayerNorm without weights, OlmoLayerNorm; Llama 4's modules: Llama4Text*)
+    from .patching import _HF_FAMILIES
+
+    prefix = _HF_FAMILIES.get(forwards._family(model), type(model).__name__.replace("ForCausalLM", ""))
     rms_norm = RMSNorm if isinstance(model, Llama) else getattr(
-        modeling, type(model).__name__.replace("ForCausalLM", "RMSNorm"),
-        getattr(modeling, type(model).__name__.replace("ForCausalLM", "LayerNorm"), None))
+        modeling, f"{prefix}RMSNorm", getattr(modeling, f"{prefix}LayerNorm", None))
     norms = [(f"layers.{i}.{n}", getattr(layer, n)) for i, layer in layers
              for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                        "post_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm",
@@ -370,7 +385,7 @@ def _experts_problem(experts) -> str | None:
     from . import forwards
     from .ops.experts import grouped_mm_problem
 
-    problem = forwards.experts_layout_problem(experts)
+    problem = None if forwards._family(experts) == "llama4" else forwards.experts_layout_problem(experts)
     if problem and not grouped_layout_ok(experts):
         return problem
     if experts._forward_pre_hooks or experts._forward_hooks or (

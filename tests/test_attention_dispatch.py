@@ -652,6 +652,12 @@ def test_sinks_reach_every_path(monkeypatch):
     torch.testing.assert_close((probs.double() @ v.double().repeat_interleave(2, 1)), out.double())
     assert set(FALLBACKS) == {"non-boolean mask", "attention dropout > 0",
                               "output_attentions (attention probabilities requested)"}
+    # sinks of the wrong shape: refused on every path, the PyTorch ones too (they broadcast)
+    for call in (lambda: attend(q, k, v, None, sinks=sinks[:1]), lambda: attend(q, k, v, additive, sinks=sinks[:1]),
+                 lambda: attention.attend_with_weights(q, k, v, padded, sinks=sinks[:1]),
+                 lambda: attention.attend_as_eager(q, k, v, padded, sinks=sinks[:1])):
+        with pytest.raises(ValueError, match="sinks has 1 entries but q has 4 heads"):
+            call()
 
 
 def test_a_masked_decoding_step_under_torch_compile_stays_capturable():

@@ -219,11 +219,12 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma", "Gemma2", "Gemma3", "Olmo3", "Apertus",
-                                    "Glm4Moe", "GptOss"])
+                                    "Glm4Moe", "GptOss", "Llama4"])
 def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
     """model_type "qwen3" / "phi3" / "granite" / "gemma" / "gemma2" / "gemma3_text" / "olmo3" /
     "apertus" (xIELU's parameters and buffers) / "glm4_moe" (experts, the router's score bias) /
-    "gpt_oss" (attention sinks, experts of its own layout with biases)
+    "gpt_oss" (attention sinks, experts of its own layout with biases) / "llama4_text" (its experts,
+    chunked attention)
     (transformers' save_pretrained, the fixture's tokenizer): the CLI loads it with transformers
     and streams the text of HF's own greedy generate."""
     import transformers
@@ -232,11 +233,13 @@ def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, caps
 
     (tmp_path / "tokenizer.model").write_bytes((checkpoint / "tokenizer.model").read_bytes())
     torch.manual_seed(0)
-    config = "Gemma3TextConfig" if family == "Gemma3" else f"{family}Config"
+    config = {"Gemma3": "Gemma3TextConfig", "Llama4": "Llama4TextConfig"}.get(family, f"{family}Config")
     experts = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                    n_group=1, topk_group=1) if family == "Glm4Moe" else {}
     if family == "GptOss":
         experts = dict(num_local_experts=4, num_experts_per_tok=2)
+    if family == "Llama4":
+        experts = dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=160, attention_chunk_size=4)
     model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, config)(
         vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0, **experts))
@@ -835,6 +838,14 @@ def _hf_model(arch):
             head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
             layer_rope_theta=[0.0, 10000.0], num_local_experts=4, num_experts_per_tok=2,
             shared_intermediate_size=96)),
+        # Llama 4 (text): chunked attention (chunks of 4: prompts and decoding cross them) with
+        # complex rotary and L2 q/k norms after it, a NoPE layer of full attention whose q is
+        # scaled by position (temperature tuning: steps every 2 positions), a MoE layer (top-2
+        # of 4 experts, each chosen expert's input scaled by its sigmoid score, a shared expert)
+        "llama4-chunked": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM, dict(
+            head_dim=16, intermediate_size_mlp=160, num_local_experts=4, num_experts_per_tok=2,
+            interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=4, attn_temperature_tuning=True,
+            floor_scale=2, attn_scale=0.5, use_qk_norm=True)),
         # gpt-oss: attention sinks (made large below), a window on every other layer, yarn rotary
         # tables of half a head, attention biases; top-2 of 4 experts of its own layout (weights
         # (E, H, 2I), biases, a clamped SwiGLU of interleaved columns: a limit the scores reach)
@@ -873,7 +884,7 @@ def _hf_model(arch):
                                   "ernie4_5-moe-shared", "mellum-window", "solar-open-shared",
                                   "minimax-m2-partial-rope", "exaone-moe-window", "gpt-oss-sinks-window",
                                   "granitemoeshared-multipliers", "granite-swa-sinks-nope",
-                                  "granitemoe-swa-sinks-shared"])
+                                  "granitemoe-swa-sinks-shared", "llama4-chunked"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
