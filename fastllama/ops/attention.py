@@ -191,27 +191,30 @@ torch.library.register_autograd("fastllama::flash_attention_fwd", _backward, set
 # ----------------------------------------------------------------------------------------------
 # Attention sinks (gpt-oss): one more score per head in every row's softmax, with a zero value
 # ----------------------------------------------------------------------------------------------
+def _sink_exponent(m: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows that see no key, sigma - m): the sink's score in base 2, sigma = sink * log2 e, over
+    each row's max m of the kernel's statistics (0 where m = -inf: no inf - inf)."""
+    empty = m == float("-inf")
+    return empty, torch.where(empty, 0.0, sinks.to(torch.float32)[None, :, None] * _fwd.LOG2E - m)
+
+
 def _with_sinks(stats: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """The kernel's statistics (m, log2 l) (base 2, (2, B, Hq, Tq)) of a softmax that also had the
-    sinks: the sink adds 2^(sigma - m) to l, sigma = sink * log2 e,
+    sinks: the sink adds 2^(sigma - m) to l,
 
         log2 l' = log2(l + 2^(sigma - m)).
 
     A row that sees no key (m = -inf, l = 0) puts everything on the sink: its statistics stay as
     the kernel left them (the backward reads m = -inf as p = 0 for every key)."""
-    m, log2_l = stats[0], stats[1]
-    empty = m == float("-inf")
-    rel = torch.where(empty, 0.0, sinks.to(torch.float32)[None, :, None] * _fwd.LOG2E - m)  # (no inf - inf)
-    return torch.stack((m, torch.where(empty, log2_l, torch.logaddexp2(log2_l, rel))))
+    empty, rel = _sink_exponent(stats[0], sinks)
+    return torch.stack((stats[0], torch.where(empty, stats[1], torch.logaddexp2(stats[1], rel))))
 
 
 def _sink_probability(stats: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """p_sink = 2^(sigma - m - log2 l') of each row, from :func:`_with_sinks`'s statistics (1 for
     a row that sees no key)."""
-    m, log2_total = stats[0], stats[1]
-    empty = m == float("-inf")
-    rel = torch.where(empty, 0.0, sinks.to(torch.float32)[None, :, None] * _fwd.LOG2E - m)
-    return torch.where(empty, 1.0, torch.exp2(rel - log2_total))
+    empty, rel = _sink_exponent(stats[0], sinks)
+    return torch.where(empty, 1.0, torch.exp2(rel - stats[1]))
 
 
 class _FlashWithSinks(torch.autograd.Function):
