@@ -388,10 +388,16 @@ def attend(q, k, v, mask: torch.Tensor | None = None, *, causal: bool = True, sc
     is accepted) or None (see the module docstring for how each shape of mask is served).
     ``window``, ``deterministic``, ``softcap`` and ``sinks`` (gpt-oss's attention sinks, (Hq,))
     are as in :func:`ops.flash_attention`. With sinks, a masked call under torch.compile runs in
-    plain PyTorch (counted): :func:`masked_op` takes no sinks.
+    plain PyTorch (counted): :func:`masked_op` takes no sinks. v's heads may be narrower than q's
+    and k's (DeepSeek-V3's multi-head latent attention: 128 against 192): the kernels then get v
+    padded with zeros to q's head dim, and the output is cut back to v's.
     """
     q, k, v = ops.attention.autocast_inputs(q, k, v)  # SDPA's dtypes under autocast (all paths below)
     _check_sinks(sinks, q)
+    if v.shape[-1] < q.shape[-1] == k.shape[-1]:  # (zero columns of v: output columns of 0, cut off)
+        return attend(q, k, F.pad(v, (0, q.shape[-1] - v.shape[-1])), mask, causal=causal, scale=scale,
+                      window=window, dropout=dropout, deterministic=deterministic, softcap=softcap,
+                      sinks=sinks)[..., :v.shape[-1]]
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     flash = lambda q, k, v, **kw: ops.flash_attention(q, k, v, scale=scale, window=window, softcap=softcap,

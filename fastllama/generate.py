@@ -490,7 +490,12 @@ class Generator:
         problem = module_problem(self.model)
         if problem:
             raise ValueError(f"the generator computes with the weights directly, but {problem}")
-        moved = {(p.device, p.dtype) for p in self.model.parameters()} - {(self.device, self.dtype)}
+        # (the fp32 modules HF keeps under a 16-bit load, gpt-oss's norms, are fp32 by design: each
+        # such norm rounds once from its fp32 weight, as the kernel does with it)
+        kept = getattr(self.model, "_keep_in_fp32_modules", None) or ()
+        moved = {(p.device, p.dtype) for n, p in self.model.named_parameters()
+                 if not (p.dtype == torch.float32 and self.round_once and any(m in n.split(".") for m in kept))}
+        moved -= {(self.device, self.dtype)}
         if moved:
             raise ValueError(f"the model has parameters on {sorted(map(str, moved))} but this Generator was built "
                              f"for {self.device} / {self.dtype} (its cache and tables are); build a new Generator")

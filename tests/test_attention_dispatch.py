@@ -660,6 +660,28 @@ def test_sinks_reach_every_path(monkeypatch):
             call()
 
 
+def test_value_heads_narrower_than_query_heads():
+    """DeepSeek-V3's multi-head latent attention: v heads of 32 dims beside q/k heads of 48. Every
+    path (flash with gradients, decode, a padded batch's varlen) gives the narrower output, on the
+    kernels (v padded for them), as attention computes it."""
+    q, k, _ = qkv(Tq=9, Tk=9, D=48)
+    v = torch.randn(2, 2, 9, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    causal = padded_causal([9, 9], 9, 9)
+    vg = v.clone().requires_grad_()
+    out = attend(q, k, vg, None)
+    assert out.shape == (2, 4, 9, 32)
+    check(out, q, k, v, causal)
+    out.sum().backward()
+    v64 = v.double().requires_grad_()
+    truth(q, k, v64, causal).sum().backward()
+    torch.testing.assert_close(vg.grad.double(), v64.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        check(attend(q[:, :, -1:], k, v, None), q[:, :, -1:], k, v, causal[:, :, -1:])
+    padded = padded_causal([9, 4], 9, 9)
+    check(attend(q, k, v, padded), q, k, v, padded)
+    assert not FALLBACKS, FALLBACKS
+
+
 def test_a_masked_decoding_step_under_torch_compile_stays_capturable():
     """Under torch.compile a decoding step without autograd (Tq <= 16) with a mask takes SDPA,
     counted: the mask-reading op syncs with the host, which a CUDA graph cannot capture

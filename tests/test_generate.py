@@ -918,6 +918,26 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         handle.remove()
 
 
+def test_gpt_oss_loaded_in_fp16_keeps_its_fp32_norms(tmp_path):
+    """transformers loads gpt-oss in fp16 with its norms' weights in fp32 (_keep_in_fp32_modules):
+    the generator takes the model so (each norm rounds once from its fp32 weight, as HF's does)
+    and decodes HF's own fp16 greedy tokens."""
+    from fastllama.generate import load_checkpoint
+
+    _hf_model("gpt-oss-sinks-window").save_pretrained(tmp_path)
+    model = load_checkpoint(tmp_path, torch.float16, DEVICE)
+    assert model.model.norm.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float16
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 21))]
+    expected = [model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    got = Generator(model, 2, 24).generate(prompts, 6, stop_tokens=[])
+    assert [g[len(p):] for g, p in zip(got, prompts)] == expected
+    # (other parameters in another dtype are still refused)
+    model.lm_head.float()
+    with pytest.raises(ValueError, match="build a new Generator"):
+        Generator(model, 1, 24).generate([[3, 4]], 2)
+
+
 def test_a_gateless_mlps_activation_is_called_and_followed():
     """Arcee's and Apertus's MLPs have no gate: the generator calls the model's own activation
     module on up(x). A hooked one is refused (a captured decode step would not run the hook

@@ -185,6 +185,14 @@ NEW_ARCHS = {
         BASE, intermediate_size_mlp=160, num_local_experts=3, num_experts_per_tok=1, interleave_moe_layer_step=2,
         no_rope_layers=[1, 0], attention_chunk_size=8, attn_temperature_tuning=True, floor_scale=4,
         attn_scale=0.5, use_qk_norm=True)),
+    # DeepSeek-V3: multi-head latent attention (q through a low-rank projection and its norm,
+    # K/V expanded from a compressed latent, interleaved rotary on 16 of q/k's 48 dims, v heads
+    # of 32), its experts (shared ones too) after a dense first layer
+    "deepseek-v3-mla": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, dict(
+        {k: v for k, v in BASE.items() if k not in ("head_dim", "num_key_value_heads")}, num_key_value_heads=2,
+        n_routed_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32)),  # (K/V per head: HF's attention fails with fewer kv heads)
     "granitemoe-swa-sinks-shared": (tf.GraniteMoeSWAConfig, tf.GraniteMoeSWAForCausalLM, dict(
         BASE, **_WINDOWED, layer_rope_theta=[0.0, 10000.0], num_local_experts=3, num_experts_per_tok=3,
         shared_intermediate_size=96)),
