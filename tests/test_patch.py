@@ -193,6 +193,17 @@ NEW_ARCHS = {
         n_routed_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, n_shared_experts=1,
         first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32,
         qk_rope_head_dim=16, v_head_dim=32)),  # (K/V per head: HF's attention fails with fewer kv heads)
+    # DeepSeek-V2 (its MLA without a low-rank q: q_proj) and GLM-4.7-Flash (DeepSeek-V3's MLA)
+    "deepseek-v2-mla": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM, dict(
+        {k: v for k, v in BASE.items() if k not in ("head_dim", "num_key_value_heads")}, num_key_value_heads=2,
+        n_routed_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32)),
+    "glm4-moe-lite-mla": (tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM, dict(
+        {k: v for k, v in BASE.items() if k not in ("head_dim", "num_key_value_heads")}, num_key_value_heads=2,
+        n_routed_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32)),
     "granitemoe-swa-sinks-shared": (tf.GraniteMoeSWAConfig, tf.GraniteMoeSWAForCausalLM, dict(
         BASE, **_WINDOWED, layer_rope_theta=[0.0, 10000.0], num_local_experts=3, num_experts_per_tok=3,
         shared_intermediate_size=96)),
