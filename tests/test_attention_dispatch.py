@@ -38,6 +38,17 @@ def check(out, q, k, v, mask, softcap=None, sinks=None):
     torch.testing.assert_close(out.double(), truth(q, k, v, mask, softcap, sinks), rtol=1e-4, atol=1e-5)
 
 
+def check_grads(out, leaves, truth_of, seed=0):
+    """The gradients of a random weighting of ``out`` with respect to ``leaves`` (tensors that
+    require grad) are those of ``truth_of`` (called with float64 copies of them)."""
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    got = torch.autograd.grad((out * w).sum(), leaves)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad((truth_of(*leaves64) * w.double()).sum(), leaves64)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5)
+
+
 def padded_causal(lengths, Tq, Tk, end=None, left=True):
     """HF's mask for rows holding ``lengths`` real tokens, left- (or right-) padded so that
     every row's tokens end at slot ``end`` (default Tk), queries the last Tq of them."""
@@ -332,19 +343,12 @@ def test_chunked_attention_of_a_padded_batch_uses_varlen(sinks):
     out = attend(qg, kg, v, mask, sinks=s)
     check(out, q, k, v, mask, sinks=s)
     assert not FALLBACKS, FALLBACKS
-    w = torch.randn_like(out)
-    dq, dk = torch.autograd.grad((out * w).sum(), (qg, kg))
-    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
-    dq64, dk64 = torch.autograd.grad((truth(q64, k64, v, mask, sinks=s) * w.double()).sum(), (q64, k64))
-    torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(dk.double(), dk64, rtol=1e-4, atol=1e-5)
+    check_grads(out, (qg, kg), lambda q, k: truth(q, k, v, mask, sinks=s))
     if not sinks:  # the same through the op torch.compile sees (its backward replays the flash call)
         qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
         out = attention.masked_op(qg, kg, v, mask)
         check(out, q, k, v, mask)
-        dq, dk = torch.autograd.grad((out * w).sum(), (qg, kg))
-        torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(dk.double(), dk64, rtol=1e-4, atol=1e-5)
+        check_grads(out, (qg, kg), lambda q, k: truth(q, k, v, mask))
         assert not FALLBACKS, FALLBACKS
     seen = mask.clone()
     seen[1, :, 7, 3] = True  # a query that sees a padding token
@@ -620,12 +624,7 @@ def test_sinks_reach_every_path(monkeypatch):
     qg, sg = q.clone().requires_grad_(), sinks.clone().requires_grad_()
     out = attend(qg, k, v, None, sinks=sg)
     check(out, q, k, v, causal, sinks=sinks)
-    w = torch.randn_like(out)
-    dq, ds = torch.autograd.grad((out * w).sum(), (qg, sg))
-    q64, s64 = q.double().requires_grad_(), sinks.double().requires_grad_()
-    dq64, ds64 = torch.autograd.grad((truth(q64, k, v, causal, sinks=s64) * w.double()).sum(), (q64, s64))
-    torch.testing.assert_close(dq.double(), dq64, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ds.double(), ds64, rtol=1e-4, atol=1e-5)
+    check_grads(out, (qg, sg), lambda q, s: truth(q, k, v, causal, sinks=s))
     with torch.no_grad():
         check(attend(q[:, :, -1:], k, v, None, sinks=sinks), q[:, :, -1:], k, v, causal[:, :, -1:], sinks=sinks)
         static = torch.stack([padded_causal([n], 1, 12, end=n, left=False)[0] for n in (5, 9)])
@@ -667,14 +666,11 @@ def test_value_heads_narrower_than_query_heads():
     q, k, _ = qkv(Tq=9, Tk=9, D=48)
     v = torch.randn(2, 2, 9, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     causal = padded_causal([9, 9], 9, 9)
-    vg = v.clone().requires_grad_()
-    out = attend(q, k, vg, None)
+    qg, vg = q.clone().requires_grad_(), v.clone().requires_grad_()
+    out = attend(qg, k, vg, None)
     assert out.shape == (2, 4, 9, 32)
     check(out, q, k, v, causal)
-    out.sum().backward()
-    v64 = v.double().requires_grad_()
-    truth(q, k, v64, causal).sum().backward()
-    torch.testing.assert_close(vg.grad.double(), v64.grad, rtol=1e-4, atol=1e-5)
+    check_grads(out, (qg, vg), lambda q, v: truth(q, k, v, causal))
     with torch.no_grad():
         check(attend(q[:, :, -1:], k, v, None), q[:, :, -1:], k, v, causal[:, :, -1:])
     padded = padded_causal([9, 4], 9, 9)
