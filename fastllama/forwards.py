@@ -196,11 +196,6 @@ def mlp_input_linears(mlp) -> tuple:
     return (mlp.gate_up_proj,) if hasattr(mlp, "gate_up_proj") else (mlp.gate_proj, mlp.up_proj)
 
 
-def mlp_output_linear(mlp):
-    """The MLP's last projection: ``down_proj``, or the Granite shared MLP's ``output_linear``."""
-    return mlp.output_linear if hasattr(mlp, "output_linear") else mlp.down_proj
-
-
 def gateless(mlp) -> bool:
     """Whether the MLP is ``down(act(up(x)))`` with no gate (Arcee's ReLU^2, Apertus's xIELU)."""
     return hasattr(mlp, "up_proj") and not hasattr(mlp, "gate_proj") and not hasattr(mlp, "gate_up_proj")
