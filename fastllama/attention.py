@@ -460,7 +460,8 @@ def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap,
         plan = plan.as_runs
     if plan.kind == "runs":
         return _varlen(q, k, v, plan, causal, scale, window, deterministic, softcap, keep, sinks)
-    if plan.kind == "packed" and plan.index is None:  # (B, H, T, D) -> (1, H, B * T, D) views, as projections lay them out
+    if plan.kind == "packed" and plan.index is None:  # (B, H, T, D) -> (1, H, B * T, D) views, as the
+        # projections lay them out
         out = flash(*(t.transpose(1, 2).reshape(1, -1, t.shape[1], t.shape[3]).transpose(1, 2) for t in (q, k, v)),
                     causal=causal, cu_seqlens=plan.cu_seqlens)
         return out.transpose(1, 2).reshape(B, Tq, Hq, -1).transpose(1, 2)

@@ -704,7 +704,8 @@ class Generator:
         ``chunk`` positions are sequences of one varlen flash attention over the B * T tokens."""
         B, H, T, D = q.shape
         if ("chunks", chunk, T) not in once:
-            starts = (torch.arange(B, device=q.device)[:, None] * T + torch.arange(0, T, chunk, device=q.device)).flatten()
+            rows, firsts = torch.arange(B, device=q.device), torch.arange(0, T, chunk, device=q.device)
+            starts = (rows[:, None] * T + firsts).flatten()
             once["chunks", chunk, T] = torch.cat([starts, starts.new_full((1,), B * T)]).to(torch.int32)
 
         def packed(t):  # (B, h, T, D) -> (1, h, B * T, D)
