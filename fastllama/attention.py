@@ -98,9 +98,12 @@ class _Plan:
     # cache): the plan is for k[:, :, :key_end]
     key_end: int | None = None
     cu_seqlens: torch.Tensor | None = None  # "packed": sequence boundaries in the flattened (B * T) tokens
-    # "packed" with tokens that see no key and no query sees (padding): the flat (b * T + t) indices
-    # of the others, which the sequences are packed from (cu_seqlens counts in them); None: every token
+    # "packed" with tokens that no query sees (padding): the flat (b * T + t) indices of the others,
+    # which the sequences are packed from (cu_seqlens counts in them); None: every token
     index: torch.Tensor | None = None
+    # "packed", padding queries that see one whole sequence (pad_rows, grouped by it): their
+    # boundaries per sequence, for a non-causal varlen call against the sequences' keys
+    pad_cu: torch.Tensor | None = None
     packing: tuple | None = None  # "runs": what _varlen packs by, made by its first call (_packing)
     common_length: int | None = None  # "prefix": the length every row shares, None if they differ
     as_runs: "_Plan | None" = None  # "prefix" of differing lengths with autograd: the "runs" plan it takes
@@ -241,27 +244,40 @@ def _packed_plan(m, causal, window) -> _Plan | None:
     padding-free training collators make; Llama 4's chunked attention, a sequence per chunk):
     query i sees key j iff both are in the same sequence (and causal / window allow it). A
     sequence starts where a query does not see the key before it; the plan holds their
-    boundaries in the flattened B * T tokens, for varlen attention. Tokens that see no key and
-    that no query sees (padding: a padded batch's chunked attention) belong to no sequence: the
-    plan then packs the others (``index``) and those rows come out 0."""
+    boundaries in the flattened B * T tokens, for varlen attention. Tokens that no query sees
+    (padding in a padded batch's chunked attention) belong to no sequence: the plan then packs the
+    others (``index``); such a token's row is 0 where it sees no key (left padding), and where it
+    sees every key of one sequence (right padding: the real tokens of its chunk) it attends to
+    them in a second, non-causal call (``pad_rows``, ``pad_cu``)."""
     B, T, _ = m.shape
     i = torch.arange(T, device=m.device)
-    keep = m.any(-1)  # (B, T): the tokens of some sequence
-    padded = not bool(keep.all())
-    if padded and bool((m.any(1) & ~keep).any()):  # a query sees a token that sees nothing
+    sees, seen = m.any(-1), m.any(1)  # (B, T)
+    if bool((seen & ~sees).any()):  # a query sees a token that sees nothing
         return None
-    starts = keep.clone()
+    member = sees & seen  # the tokens of some sequence
+    pads = sees & ~seen  # padding queries that see keys
+    starts = member.clone()
     starts[:, 1:] &= ~m[:, i[1:], i[1:] - 1]
-    seq = torch.where(keep, starts.flatten().cumsum(0).view(B, T), -1)  # (one id per sequence, -1: none)
-    expected = (seq[:, :, None] == seq[:, None, :]) & keep[:, :, None] & _window_allows(i[:, None], i[None, :], window)
+    seq = torch.where(member, starts.flatten().cumsum(0).view(B, T), 0)  # (ids 1, 2, ... in token order; 0: none)
+    expected = (seq[:, :, None] == seq[:, None, :]) & member[:, :, None] & _window_allows(i[:, None], i[None, :],
+                                                                                          window)
     if causal:
         expected &= i[None, :] <= i[:, None]
+    pad_seq = torch.where(pads, seq.gather(1, m.int().argmax(-1)), 0)  # (the sequence of a pad's first key)
+    expected |= pads[:, :, None] & (seq[:, None, :] == pad_seq[:, :, None]) & member[:, None, :]
     if not torch.equal(m, expected):
         return None
-    index = keep.flatten().nonzero().squeeze(1) if padded else None
+    index = None if bool(member.all()) else member.flatten().nonzero().squeeze(1)
     kept_starts = starts.flatten() if index is None else starts.flatten()[index]
     cu = F.pad(kept_starts.nonzero().squeeze(1), (0, 1), value=kept_starts.numel()).to(torch.int32)
-    return _Plan("packed", cu_seqlens=cu, index=index)
+    pad_rows = pad_cu = None
+    if bool(pads.any()):
+        flat = pads.flatten().nonzero().squeeze(1)
+        their = pad_seq.flatten()[flat]
+        pad_rows = flat[torch.sort(their, stable=True).indices]
+        counts = torch.bincount(their - 1, minlength=cu.numel() - 1)
+        pad_cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return _Plan("packed", cu_seqlens=cu, index=index, pad_rows=pad_rows, pad_cu=pad_cu)
 
 
 def _classify(mask: torch.Tensor, shape: tuple, causal: bool, window) -> _Plan:
@@ -469,9 +485,16 @@ def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap,
         rows = plan.index
         packed = (t.transpose(1, 2).reshape(B * Tq, t.shape[1], t.shape[3])[rows].transpose(0, 1).unsqueeze(0)
                   for t in (q, k, v))
-        out = _flash(keep, rows, *packed, scale=scale, window=window, softcap=softcap, deterministic=deterministic,
-                     sinks=sinks, causal=causal, cu_seqlens=plan.cu_seqlens)
+        q_packed, k_packed, v_packed = packed
+        out = _flash(keep, rows, q_packed, k_packed, v_packed, scale=scale, window=window, softcap=softcap,
+                     deterministic=deterministic, sinks=sinks, causal=causal, cu_seqlens=plan.cu_seqlens)
         full = out.new_zeros(B * Tq, Hq, out.shape[-1]).index_copy_(0, rows, out.squeeze(0).transpose(0, 1))
+        if plan.pad_rows is not None:  # padding queries that see one whole sequence: non-causal over it
+            q_pads = q.transpose(1, 2).reshape(B * Tq, Hq, q.shape[3])[plan.pad_rows].transpose(0, 1).unsqueeze(0)
+            pads = _flash(keep, plan.pad_rows, q_pads, k_packed, v_packed, causal=False, scale=scale,
+                          softcap=softcap, deterministic=deterministic, sinks=sinks, cu_seqlens=plan.pad_cu,
+                          cu_seqlens_k=plan.cu_seqlens)
+            full.index_copy_(0, plan.pad_rows, pads.squeeze(0).transpose(0, 1))
         return full.view(B, Tq, Hq, -1).transpose(1, 2)
     _fall_back(plan.reason)
     return _sdpa(q, k, v, mask, False, scale, 0.0, softcap, sinks)

@@ -328,16 +328,19 @@ def test_packed_sequences_use_varlen(causal, window):
 
 @pytest.mark.parametrize("sinks", [False, True])
 def test_chunked_attention_of_a_padded_batch_uses_varlen(sinks):
-    """Llama 4's chunked attention over a left-padded batch: each chunk a sequence of its own and
-    the padding tokens in none (they see no key, no query sees them). The sequences are packed
-    from the other tokens and the padding rows come out 0, on the kernels, with gradients (and
-    with attention sinks). A padding token that some query still sees is not such a mask."""
-    q, k, v = qkv(B=3, Tq=13, Tk=13)
-    mask = packed_mask([[4, 4, 4, 1], [4, 4, 4, 1], [4, 4, 4, 1]])
+    """Llama 4's chunked attention over a padded batch: each chunk a sequence of its own and the
+    padding tokens in none (no query sees them). The sequences are packed from the other tokens;
+    left padding's rows (they see no key) come out 0, and right padding's rows see the real tokens
+    of their chunk (HF's mask masks padding keys only), a second, non-causal call, all on the
+    kernels, with gradients (and with attention sinks). A padding token that some query still
+    sees is not such a mask."""
+    q, k, v = qkv(B=4, Tq=13, Tk=13)
+    mask = packed_mask([[4, 4, 4, 1]] * 4)
     mask[1, :, :5] = False  # row 1: five tokens of left padding, row 2: two
     mask[1, :, :, :5] = False
     mask[2, :, :2] = False
     mask[2, :, :, :2] = False
+    mask[3, :, :, 6:] = False  # row 3: seven of right padding (their queries see their chunk's real keys)
     s = (2 * torch.randn(4, generator=torch.Generator().manual_seed(5))).to(DEVICE) if sinks else None
     qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
     out = attend(qg, kg, v, mask, sinks=s)
@@ -350,6 +353,8 @@ def test_chunked_attention_of_a_padded_batch_uses_varlen(sinks):
         check(out, q, k, v, mask)
         check_grads(out, (qg, kg), lambda q, k: truth(q, k, v, mask))
         assert not FALLBACKS, FALLBACKS
+    from fastllama.attention import _last_plan
+    assert _last_plan[2].kind == "packed" and _last_plan[2].pad_rows.numel() == 2  # (row 3's slots 6 and 7)
     seen = mask.clone()
     seen[1, :, 7, 3] = True  # a query that sees a padding token
     check(attend(q, k, v, seen, sinks=s), q, k, v, seen, sinks=s)
