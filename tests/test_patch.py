@@ -227,11 +227,12 @@ def ids(batch=2, seq=24, seed=1):
     return torch.randint(3, 300, (batch, seq), generator=g).to(DEVICE)
 
 
-def seeded_loss_and_grads(model, x, seed=5):
+def seeded_loss_and_grads(model, x, seed=5, **inputs):
     """The training loss on x and every parameter's gradient, with the RNG seeded first (a model
-    that draws random numbers in training, dropout or router jitter, draws the same ones)."""
+    that draws random numbers in training, dropout or router jitter, draws the same ones).
+    ``inputs``: more model inputs (labels default to x)."""
     torch.manual_seed(seed)
-    loss = model(input_ids=x, labels=x).loss
+    loss = model(input_ids=x, **{"labels": x, **inputs}).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -1425,6 +1426,28 @@ def test_output_attentions_with_attention_sinks_are_each_familys_own(arch):
         got = model(input_ids=x, output_attentions=True)
     for a, b in zip(got.attentions, expected.attentions):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_llama4_chunked_attention_of_a_padded_batch_stays_on_the_kernels(side):
+    """Llama 4's chunked layers over a padded training batch (right padding: HF/TRL collators'
+    default): HF's chunked mask masks the padding keys only, so right padding's queries see their
+    chunk's real keys. Loss and every gradient as unpatched, with no fallback to PyTorch."""
+    model = build("llama4-chunked").train()
+    x, mask = ids(), torch.ones(2, 24, dtype=torch.long, device=DEVICE)
+    if side == "left":
+        mask[1, :7] = 0
+    else:
+        mask[1, -7:] = 0
+    labels = x.masked_fill(mask == 0, -100)
+    expected, expected_grads = seeded_loss_and_grads(model, x, attention_mask=mask, labels=labels)
+    fastllama.patch(model)
+    FALLBACKS.clear()
+    got, grads = seeded_loss_and_grads(model, x, attention_mask=mask, labels=labels)
+    assert not FALLBACKS, FALLBACKS
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected_grads[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_deepcopy_of_a_patched_model_is_patched_and_unpatches():
