@@ -63,14 +63,15 @@ _HF_FAMILIES = {"llama": "Llama", "mistral": "Mistral", "ministral": "Ministral"
                 "llama4": "Llama4Text",
                 # DeepSeek-V3's multi-head latent attention (its module as it is; v heads narrower than
                 # q/k's, padded for the kernels), its experts on the kernels, router HF's
-                "deepseek_v3": "DeepseekV3", "deepseek_v2": "DeepseekV2", "glm4_moe_lite": "Glm4MoeLite"}
+                "deepseek_v3": "DeepseekV3", "deepseek_v2": "DeepseekV2", "glm4_moe_lite": "Glm4MoeLite",
+                "mistral4": "Mistral4", "minicpm3": "MiniCPM3"}
 # the causal LM class of a family whose modules' prefix is not its own
 _CAUSAL_LMS = {"llama4": "Llama4ForCausalLM"}
 # norms that scale by (1 + w) in fp32 and round once (fastllama.generate reads this and _OLMO too)
 _GEMMA = ("gemma", "gemma2", "gemma3", "vaultgemma", "qwen3_5", "qwen3_next")
 _MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dots1", "flex_olmo", "minimax", "glm4_moe",
         "hunyuan_v1_moe", "ernie4_5_moe", "qwen3_next", "mellum", "solar_open", "minimax_m2", "exaone_moe",
-        "granitemoeshared", "granitemoe_swa", "deepseek_v3", "deepseek_v2", "glm4_moe_lite")
+        "granitemoeshared", "granitemoe_swa", "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4")
 # norms that multiply by w in fp32 and round once (Helium's: (w.float() * normed).to(dtype))
 _OLMO = ("olmo2", "olmo3", "flex_olmo", "helium", "gpt_oss")
 _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # families whose RMSNorm is Llama's
@@ -80,13 +81,14 @@ _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # f
 # scores); VaultGemma's (two norms, Gemma's) has no rule either
 _OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "qwen3_5",
                        "qwen3_next", "gpt_oss", "granitemoeshared", "granitemoe_swa", "llama4", "deepseek_v3",
-                       "deepseek_v2", "glm4_moe_lite")
+                       "deepseek_v2", "glm4_moe_lite", "mistral4", "minicpm3")
 # attention modules that run as they are, on the attention kernels through HF's interface (their
 # norms patched): Qwen 3.5's and Qwen3-Next's gate their output with half of their q_proj (and
 # their other layers are Gated DeltaNet, not attention); Llama 4's rotates with complex tables,
 # then L2-norms q and k, or scales q by its position where it has no rotary; DeepSeek-V3's
 # expands its compressed latent K/V (multi-head latent attention)
-_OWN_ATTENTION = ("qwen3_5", "qwen3_next", "llama4", "deepseek_v3", "deepseek_v2", "glm4_moe_lite")
+_OWN_ATTENTION = ("qwen3_5", "qwen3_next", "llama4", "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4",
+                  "minicpm3")
 _LLAMA_LAYERS = tuple(m for m in (*_LLAMA_NORMS, "gemma", "helium") if m not in _OWN_DECODER_LAYERS)
 
 
@@ -333,8 +335,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     shared MLP beside the experts), Ernie 4.5 MoE (Ernie 4.5's attention), Mellum, Solar Open,
     MiniMax-M2 (partial rotary, q/k norms over all heads), EXAONE MoE (EXAONE 4's attention),
     gpt-oss (its attention sinks in the attention kernels; its experts and router stay HF's),
-    DeepSeek-V3, DeepSeek-V2 and GLM-4.7-Flash (``glm4_moe_lite``) (their multi-head latent
-    attention modules as they are, on the attention kernels),
+    DeepSeek-V3, DeepSeek-V2, GLM-4.7-Flash (``glm4_moe_lite``), Mistral 4 and MiniCPM3 (their
+    multi-head latent attention modules as they are, on the attention kernels),
     GraniteMoeShared (a shared MLP of other names beside the experts), Granite SWA and GraniteMoE
     SWA (attention sinks, windows, a rotary base per layer, none on some), Llama 4's text model
     (``Llama4ForCausalLM``: its chunked attention on the kernels; its attention module and routed

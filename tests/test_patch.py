@@ -204,6 +204,18 @@ NEW_ARCHS = {
         n_routed_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, n_shared_experts=1,
         first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32,
         qk_rope_head_dim=16, v_head_dim=32)),
+    # Mistral 4 (DeepSeek-V2's MLA with its experts) and MiniCPM3 (a dense MLA model, its embeddings,
+    # residual branches and hidden states before the head scaled)
+    "mistral4-mla": (tf.Mistral4Config, tf.Mistral4ForCausalLM, dict(
+        {k: v for k, v in BASE.items() if k not in ("head_dim", "num_key_value_heads")}, num_key_value_heads=2,
+        n_routed_experts=3, num_experts_per_tok=3, moe_intermediate_size=64, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, rope_parameters=dict(
+            type="yarn", rope_theta=10000.0, factor=32.0, original_max_position_embeddings=8, beta_fast=32.0,
+            beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0, llama_4_scaling_beta=0.1, partial_rotary_factor=1 / 3))),
+    "minicpm3-mla": (tf.MiniCPM3Config, tf.MiniCPM3ForCausalLM, dict(
+        {k: v for k, v in BASE.items() if k not in ("head_dim", "num_key_value_heads")}, num_key_value_heads=2,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)),
     "granitemoe-swa-sinks-shared": (tf.GraniteMoeSWAConfig, tf.GraniteMoeSWAForCausalLM, dict(
         BASE, **_WINDOWED, layer_rope_theta=[0.0, 10000.0], num_local_experts=3, num_experts_per_tok=3,
         shared_intermediate_size=96)),
