@@ -423,6 +423,28 @@ def test_gemma3_multimodal_model_runs_its_language_model_on_the_kernels():
     assert report.passed, report.table()
 
 
+def test_llama4_multimodal_model_runs_its_language_model_on_the_kernels():
+    """Llama 4's checkpoints are Llama4ForConditionalGeneration: on text its language model's
+    modules are patched and its chunked attention runs on the kernels (its loss stays HF's: the
+    causal-LM rule does not match); loss and every gradient under the parity rule."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2,
+                num_experts_per_tok=1, interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=8)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=64)
+    model = tf.Llama4ForConditionalGeneration(tf.Llama4Config(text_config=text, vision_config=vision,
+                                                                image_token_index=299))
+    model = fastllama.patch(model.to(DEVICE).train())
+    summary = fastllama.patch_summary(model)
+    assert "Llama4TextMLP" in summary and "Llama4TextRMSNorm" in summary and "skipped" not in summary
+    x = ids(seq=20)
+    FALLBACKS.clear()
+    report = fastllama.verify(model, {"input_ids": x, "labels": x}, modules=["<model>"], print_table=False)
+    assert report.passed, report.table()
+    assert not report.fallbacks, report.fallbacks
+
+
 @pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
 def test_logits_match_under_parity_rule(arch):
     model = fastllama.patch(build(arch, torch.bfloat16).eval())
