@@ -516,6 +516,10 @@ class Generator:
         shared = [shared_experts_of(mlp)[1] or layer_shared_mlp(layer)
                   for mlp, layer in zip(mlps, self.model.model.layers)]
         self.shared_activations = [None if s is None else gate_activation(s) for s in shared]
+        # (how each mixture of experts runs its experts, decided here, not in every step's layers)
+        self.expert_paths = [None if not hasattr(mlp, "experts") else "llama4" if forwards._family(mlp) == "llama4"
+                             else "moe_experts" if forwards.experts_layout_problem(mlp.experts) is None else "grouped"
+                             for mlp in mlps]
         # (and Gemma 2's attention score caps, read from the modules as HF's forward reads them)
         self.softcaps = [forwards.score_softcap(layer.self_attn) for layer in self.model.model.layers]
         too_big = [c for c in self.softcaps if not ops.decode.takes_softcap(c, self.dtype)]
@@ -593,7 +597,7 @@ class Generator:
             o = self._residual_branch(o if attention_out_norm is None else self._norm(o, attention_out_norm))
             x, h = self._add_and_norm(x, o, mlp_norm)
             if hasattr(m, "experts"):
-                mlp_out = self._experts(m, h, self.activations[i], self.shared_activations[i])
+                mlp_out = self._experts(m, h, self.expert_paths[i], self.activations[i], self.shared_activations[i])
                 s = layer_shared_mlp(layer)
                 if s is not None:  # (Granite MoE families: a shared MLP beside the block, Phi-3's layout)
                     gate_up = F.linear(h, s.input_linear.weight, s.input_linear.bias)
@@ -716,14 +720,16 @@ class Generator:
         return o.transpose(1, 2).reshape(B, T, H, D).transpose(1, 2)
 
     @staticmethod
-    def _experts(block, h: torch.Tensor, activation: str, shared_activation: str | None) -> torch.Tensor:
+    def _experts(block, h: torch.Tensor, path: str, activation: str, shared_activation: str | None) -> torch.Tensor:
         """A mixture-of-experts MLP (every mixture of ``_HF_CAUSAL_LMS``): the model's own router
-        module picks each token's experts, which run on ``ops.moe_experts``; Qwen2-MoE adds its
+        module picks each token's experts, which run on ``ops.moe_experts`` (``path``
+        "moe_experts"), or as :func:`_grouped_experts` ("grouped": gpt-oss's layout), or Llama
+        4's as :func:`_llama4_routed_experts` ("llama4"); Qwen2-MoE adds its
         shared expert, scaled by a sigmoid gate, the others that have one their shared experts
         (HunYuan MoE: shared MLP) as they are. All on the device (no sync: the step stays
         capturable)."""
         x = h.reshape(-1, h.shape[-1])
-        if forwards._family(block) == "llama4":  # (its router is read, not called: see the function)
+        if path == "llama4":  # (its router is read, not called: see the function)
             out = _llama4_routed_experts(block, x, activation)
         else:
             # the router's outputs: (logits, weights, index); GraniteMoE's (its ``router``) in
@@ -733,7 +739,7 @@ class Generator:
             bias = (block.e_score_correction_bias,) if hasattr(block, "e_score_correction_bias") else ()
             first, weights, last = router(x, *bias)
             index = first if not first.is_floating_point() else last
-            if forwards.experts_layout_problem(block.experts) is None:
+            if path == "moe_experts":
                 out = ops.moe_experts(x, index, weights, block.experts.gate_up_proj, block.experts.down_proj,
                                       activation=activation)
             else:  # another of HF's layouts (gpt-oss's): model_weights.grouped_layout_ok

@@ -75,20 +75,21 @@ _MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "dots1", "fl
 # norms that multiply by w in fp32 and round once (Helium's: (w.float() * normed).to(dtype))
 _OLMO = ("olmo2", "olmo3", "flex_olmo", "helium", "gpt_oss")
 _LLAMA_NORMS = tuple(m for m in _HF_FAMILIES if m not in (*_GEMMA, *_OLMO))  # families whose RMSNorm is Llama's
-# decoder layers that run as they are (the patched modules inside): norms named otherwise (Apertus),
-# a norm after each branch (EXAONE 4: OLMo 2's layout; GLM-4 and HyperCLOVAX: before and after),
-# no `mlp` (GraniteMoE's block_sparse_moe), an MLP that returns a tuple (gpt-oss's experts, with their router's
-# scores); VaultGemma's (two norms, Gemma's) has no rule either
-_OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "qwen3_5",
-                       "qwen3_next", "gpt_oss", "granitemoeshared", "granitemoe_swa", "llama4", "deepseek_v3",
-                       "deepseek_v2", "glm4_moe_lite", "mistral4", "minicpm3")
 # attention modules that run as they are, on the attention kernels through HF's interface (their
 # norms patched): Qwen 3.5's and Qwen3-Next's gate their output with half of their q_proj (and
 # their other layers are Gated DeltaNet, not attention); Llama 4's rotates with complex tables,
-# then L2-norms q and k, or scales q by its position where it has no rotary; DeepSeek-V3's
-# expands its compressed latent K/V (multi-head latent attention)
+# then L2-norms q and k, or scales q by its position where it has no rotary; DeepSeek-V3's (and
+# the other multi-head latent attention models') expands its compressed latent K/V
 _OWN_ATTENTION = ("qwen3_5", "qwen3_next", "llama4", "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4",
                   "minicpm3")
+# decoder layers that run as they are (the patched modules inside): norms named otherwise (Apertus),
+# a norm after each branch (EXAONE 4: OLMo 2's layout; GLM-4 and HyperCLOVAX: before and after),
+# no `mlp` (GraniteMoE's block_sparse_moe), an MLP that returns a tuple (gpt-oss's experts, with
+# their router's scores), and every layer of an attention of _OWN_ATTENTION (the patched layer
+# folds the input norm into q/k/v_proj, which those do not have); VaultGemma's (two norms,
+# Gemma's) has no rule either
+_OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "gpt_oss",
+                       "granitemoeshared", "granitemoe_swa", *_OWN_ATTENTION)
 _LLAMA_LAYERS = tuple(m for m in (*_LLAMA_NORMS, "gemma", "helium") if m not in _OWN_DECODER_LAYERS)
 
 

@@ -243,15 +243,7 @@ def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, caps
     model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, config)(
         vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0, **experts))
-    with torch.no_grad():  # non-trivial norms (and routing biases: buffers)
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.add_(0.1 * torch.randn_like(b))
-        for name, p in model.named_parameters():
-            if name.endswith(".sinks"):  # (gpt-oss: sinks that take a good part of each row's mass)
-                p.normal_(0.0, 2.0)
+    _nontrivial_weights(model)
     model.save_pretrained(tmp_path)
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "The keeper counted",
                  "--max-new-tokens", "6", "--device", DEVICE, "--dtype", "float32"]) == 0
@@ -676,6 +668,20 @@ def test_fused_projections_never_resize_a_shared_storage():
     assert [g[3:] for g in gen.generate([[5, 6, 7]], 4, stop_tokens=[])] == expected
 
 
+def _nontrivial_weights(model) -> None:
+    """Norms and biases off their initial values, the routers' score biases too (buffers in some
+    families), and attention sinks (gpt-oss, Granite SWA) that take a good part of each row's mass."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.add_(0.1 * torch.randn_like(b))
+        for name, p in model.named_parameters():
+            if name.endswith(".sinks"):
+                p.normal_(0.0, 2.0)
+
+
 def _hf_model(arch):
     import transformers
 
@@ -857,15 +863,7 @@ def _hf_model(arch):
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**{**base, **extra}))  # (extra may override base: a third layer)
-    with torch.no_grad():  # non-trivial norms and biases (the routers' score biases too, buffers in some)
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.add_(0.1 * torch.randn_like(b))
-        for name, p in model.named_parameters():
-            if name.endswith(".sinks"):  # (gpt-oss: sinks that take a good part of each row's mass)
-                p.normal_(0.0, 2.0)
+    _nontrivial_weights(model)
     model.generation_config.eos_token_id = None
     return model.to(DEVICE).eval()
 
