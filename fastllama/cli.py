@@ -195,7 +195,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), OLMo (1), or the mixtures of "
                    "experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, "
                    "HunYuan MoE, Ernie 4.5 MoE, Mellum, Solar Open, MiniMax-M2, EXAONE MoE, gpt-oss, GraniteMoeShared, "
-                   "Granite SWA, GraniteMoE SWA or Llama 4 (text: llama4_text) (loaded through "
+                   "Granite SWA, GraniteMoE SWA, Llama 4 (text: llama4_text), or the multi-head latent "
+                   "attention models DeepSeek-V3, DeepSeek-V2, GLM-4.7-Flash, Mistral 4, MiniCPM3 (loaded through "
                    "transformers; docs/models.md)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)

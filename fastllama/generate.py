@@ -5,7 +5,9 @@
 / CWM / Seed-OSS / Helium / Ernie 4.5 / GLM / GLM-4 / Arcee / Apertus / EXAONE 4 / VaultGemma /
 HyperCLOVA X / Ministral 3 / HunYuan / OLMo causal LM, or the mixtures of experts Mixtral /
 Qwen2-MoE / Qwen3-MoE / OLMoE / FlexOlmo / GraniteMoE / dots.llm1 / GLM-4.5 / HunYuan MoE / Ernie 4.5
-MoE / Mellum / Solar Open / MiniMax-M2 / EXAONE MoE (their parameters, no copies), with
+MoE / Mellum / Solar Open / MiniMax-M2 / EXAONE MoE / gpt-oss / GraniteMoeShared / Granite SWA /
+GraniteMoE SWA / Llama 4 (text), or the multi-head latent attention models DeepSeek-V3 /
+DeepSeek-V2 / GLM-4.7-Flash / Mistral 4 / MiniCPM3 (their parameters, no copies), with
 
 * a static KV cache per layer, preallocated for ``max_batch_size x max_seq_len``;
   sequence b's tokens sit in slots ``0 .. L_b - 1`` and ``cache_seqlens`` (B,) int32 on the
@@ -283,6 +285,19 @@ def _post_rotary_norms(attn) -> tuple | None:
     return None
 
 
+def _latent(attn) -> bool:
+    """Whether ``attn`` is DeepSeek-V2's multi-head latent attention (also DeepSeek-V3's,
+    GLM-4.7-Flash's, Mistral 4's, MiniCPM3's): K and V per head expanded from one compressed
+    latent per token (``kv_b_proj``), one rotary key shared by every head."""
+    return hasattr(attn, "kv_a_proj_with_mqa")
+
+
+def _latent_input_linears(attn) -> tuple:
+    """The two linears of a latent attention that read its input: q's (``q_proj``, or the
+    low-rank ``q_a_proj`` where ``q_lora_rank`` is set) and the latent's ``kv_a_proj_with_mqa``."""
+    return (attn.q_proj if attn.q_proj is not None else attn.q_a_proj), attn.kv_a_proj_with_mqa
+
+
 def _gated(mlp):
     """The module holding the MLP's activation: the MLP, or a mixture of experts' experts."""
     return mlp.experts if hasattr(mlp, "experts") else mlp
@@ -302,15 +317,25 @@ class _State:
 
 @dataclasses.dataclass(frozen=True)
 class _Multipliers:
-    """Granite's and HyperCLOVA X's scalars (1 for the other families): embeddings times
-    ``embedding``, each residual branch times ``residual`` (after its norm, where the layer norms
-    its branches), logits divided by ``logits`` (Granite) or times it (``logits_multiplied``:
-    HyperCLOVA X)."""
+    """Granite's, HyperCLOVA X's and MiniCPM3's scalars (1 for the other families): embeddings
+    times ``embedding``, each residual branch times ``residual`` (after its norm, where the layer
+    norms its branches), logits divided by ``logits`` (Granite) or times it
+    (``logits_multiplied``: HyperCLOVA X), or the head's input divided by it (``head_input``:
+    MiniCPM3, whose embedding module scales its own output)."""
 
     embedding: float
     residual: float
     logits: float
     logits_multiplied: bool = False
+    head_input: bool = False
+
+    @classmethod
+    def of(cls, model) -> "_Multipliers":
+        cfg, family = model.config, forwards._family(model)
+        if family == "minicpm3":  # (its layers' residual_scale: scale_depth / sqrt(layers))
+            return cls(1.0, model.model.layers[0].residual_scale, cfg.logits_scaling, head_input=True)
+        return cls(getattr(cfg, "embedding_multiplier", 1.0), getattr(cfg, "residual_multiplier", 1.0),
+                   getattr(cfg, "logits_scaling", 1.0), family in forwards.LOGITS_MULTIPLIED)
 
 
 def _input_norm(layer):
@@ -360,7 +385,12 @@ class Generator:
     implementation runs them) / ``GraniteMoeSharedForCausalLM`` / ``GraniteSWAForCausalLM`` /
     ``GraniteMoeSWAForCausalLM`` (attention sinks, a rotary module per base) /
     ``Llama4ForCausalLM`` (its text model: chunked attention, complex rotary, L2 q/k norms after
-    it, temperature tuning, every chosen expert's input scaled by its sigmoid score).
+    it, temperature tuning, every chosen expert's input scaled by its sigmoid score) /
+    ``DeepseekV3ForCausalLM`` / ``DeepseekV2ForCausalLM`` / ``Glm4MoeLiteForCausalLM`` /
+    ``Mistral4ForCausalLM`` / ``MiniCPM3ForCausalLM`` (multi-head latent attention: each head's
+    K and V expanded from the latent, as :meth:`_latent_qkv` lays them out, are what the cache
+    holds, ``2 x heads x max(qk_head_dim, v_head_dim)`` elements per token and layer; caching
+    the latent itself, 576 elements in DeepSeek-V2/V3, needs a decode kernel for heads that wide).
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -412,10 +442,16 @@ class Generator:
         self.model, cfg = model, model.config
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # Multi-head latent attention (DeepSeek-V2/V3 ...): the cache holds each head's K and V
+        # expanded from the latent, as transformers' caches before 5.2x did (rotary dims first:
+        # see _latent_qkv), q/k's width and v's padded to the wider of the two
+        attn = model.model.layers[0].self_attn
+        self.latent = _latent(attn)
+        if self.latent:
+            self.n_kv_heads = self.n_heads
+            self.head_dim = max(attn.qk_head_dim, attn.v_head_dim)
         self.eps = getattr(cfg, "rms_norm_eps", None)  # (none for OLMo (1): its LayerNorms fix 1e-5)
-        self.multipliers = _Multipliers(getattr(cfg, "embedding_multiplier", 1.0),
-                                        getattr(cfg, "residual_multiplier", 1.0), getattr(cfg, "logits_scaling", 1.0),
-                                        forwards._family(model) in forwards.LOGITS_MULTIPLIED)
+        self.multipliers = _Multipliers.of(model)
         self.num_splits = num_splits
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
@@ -426,7 +462,7 @@ class Generator:
         # rounded as HF rounds it)
         self.q_position_scales = [None] * len(model.model.layers)
         positions = torch.arange(max_seq_len, device=self.device)
-        if forwards._family(model) == "ministral3":
+        if forwards._family(model) in ("ministral3", "mistral4"):  # (Mistral 4: all of q, after the rotary)
             rope = cfg.rope_parameters
             scale = sys.modules[type(model).__module__].get_llama_4_attn_scale(
                 positions[None], rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings"))
@@ -448,8 +484,12 @@ class Generator:
         self.weightless_norms = family == "olmo"
         # (Llama 4's q/k norms have no weight either: an RMSNorm of weight 1, which rounds as they do)
         self._unit_weight = torch.ones(self.head_dim, dtype=self.dtype, device=self.device)
-        # GLM's, GLM-4's, Helium's and Ernie 4.5's rotary turns adjacent pairs of dims
-        self.interleaved = family in forwards.ROTARY_INTERLEAVED_FAMILIES
+        # GLM's, GLM-4's, Helium's and Ernie 4.5's rotary turns adjacent pairs of dims; so do
+        # DeepSeek-V2's complex tables and its successors' with rope_interleave (whose output
+        # lays the pairs' two halves apart: the same permutation of q's dims and k's, which a
+        # dot product does not see)
+        self.interleaved = family in forwards.ROTARY_INTERLEAVED_FAMILIES or (self.latent and (
+            family == "deepseek_v2" or getattr(cfg, "rope_interleave", False)))
         layers = model.model.layers
         # Each layer's rotary tables: one pair for the model, or one per layer type (Gemma 3's
         # local and global bases); SmolLM3's NoPE layers (and EXAONE 4's global layers in a model
@@ -539,9 +579,9 @@ class Generator:
         """The linears reading the attention's input (q, k, v) and the MLP's (gate, up); Phi-3's
         are one merged linear each, already one GEMM. A mixture of experts has none of the latter,
         nor a gateless MLP (its up_proj alone reads the input)."""
-        block = mlp_of(layer)[1]
+        block, a = mlp_of(layer)[1], layer.self_attn
         mlp = [] if hasattr(block, "experts") or gateless(block) else list(mlp_input_linears(block))
-        return list(attention_input_linears(layer.self_attn)), mlp
+        return list(_latent_input_linears(a) if _latent(a) else attention_input_linears(a)), mlp
 
     @staticmethod
     def _project(fused: RowBlocks | None, linears, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -577,20 +617,11 @@ class Generator:
             # x + the previous layer's MLP branch, and this layer's input norm: one kernel (OLMo
             # has no input norm: the sum itself goes in)
             x, h = self._add_and_norm(x, mlp_out, _input_norm(layer))
-            # q/k/v as column views of one GEMM's output: the kernels below take any strides
-            q, k, v = split_qkv(a, self._project(qkv, attention_in, h))
-            over_all_heads = forwards.qk_norm_over_all_heads(a)
-            if over_all_heads:  # OLMo 2/3, OLMoE: an RMSNorm over the whole q and k projections
-                q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
-            if self.clip_qkv is not None:  # OLMoE's option: q, k, v clamped after the norms
-                q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-            q = q.view(B, T, self.n_heads, self.head_dim)
-            k = k.view(B, T, self.n_kv_heads, self.head_dim)
-            if hasattr(a, "q_norm") and not over_all_heads:  # Qwen3, Gemma 3: over each head, before rotary
-                q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            projected = self._project(qkv, attention_in, h)
+            q, k, v = self._latent_qkv(a, *projected) if self.latent else self._qkv(a, projected)
             o = self._attend(i, q, k, v, slots, lengths, last, once, scratch)
+            if self.latent:  # (v's heads padded to q/k's width: the output's padding columns are 0)
+                o = o[..., :a.v_head_dim]
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
             attention_out_norm, mlp_norm, mlp_out_norm = _branch_norms(layer)
             # s = x + o (o normed first where the layer norms its branches); h = mlp_norm(s)
@@ -615,13 +646,59 @@ class Generator:
         # the last residual add and the final norm in one kernel, at the rows that give logits
         rows = (torch.arange(B, device=x.device), last) if last is not None else (slice(None), -1)
         h, _ = self._norm(mlp_out[rows], self.model.model.norm, residual=x[rows])
+        if self.multipliers.head_input:
+            h = h / self.multipliers.logits
         logits = F.linear(h, self.model.lm_head.weight, self.model.lm_head.bias)  # (Ernie 4.5 MoE: a bias)
-        if self.multipliers.logits != 1.0:
+        if self.multipliers.logits != 1.0 and not self.multipliers.head_input:
             logits = (logits * self.multipliers.logits if self.multipliers.logits_multiplied
                       else logits / self.multipliers.logits)
         if self.final_softcap is not None:  # Gemma's final soft-capping: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
+
+    def _qkv(self, a, projected: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, Hq, T, D), k and v (B, Hk, T, D) from the outputs of the attention's input
+        projections (B, T, *), with the family's q/k norms and clipping: transposed views, no
+        copies (the kernels take any strides)."""
+        q, k, v = split_qkv(a, projected)
+        B, T = q.shape[:2]
+        over_all_heads = forwards.qk_norm_over_all_heads(a)
+        if over_all_heads:  # OLMo 2/3, OLMoE: an RMSNorm over the whole q and k projections
+            q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
+        if self.clip_qkv is not None:  # OLMoE's option: q, k, v clamped after the norms
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(a, "q_norm") and not over_all_heads:  # Qwen3, Gemma 3: over each head, before rotary
+            q, k = self._norm(q, a.q_norm), self._norm(k, a.k_norm)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _latent_qkv(self, a, q: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v (B, H, T, D) of a multi-head latent attention from the outputs of
+        :func:`_latent_input_linears`: q through its low-rank norm and ``q_b_proj`` (where it has
+        one); the latent normed and expanded by ``kv_b_proj`` to each head's k_nope and v; the
+        rotary key shared by every head.
+
+        Each head's q and k are laid out ``(rotary dims, the others)``, HF's the other way round:
+        a dot product does not see the order, and the rotary + cache append kernel turns a
+        head's first dims (partial rotary, as Phi-3's). Where v's heads are narrower than q/k's
+        (128 of 192 in DeepSeek-V3) they are padded with zeros, and q/k's where v's are wider;
+        the attention output's first ``v_head_dim`` columns are the heads' outputs."""
+        B, T = q.shape[:2]
+        H, nope, rope, dv = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        if a.q_proj is None:  # (q_a_proj's output: its norm, then q_b_proj)
+            q = F.linear(self._norm(q, a.q_a_layernorm, forwards.norm_eps(a.q_a_layernorm)), a.q_b_proj.weight,
+                         a.q_b_proj.bias)
+        q = q.view(B, T, H, nope + rope)
+        latent, k_rot = latent.split([a.kv_lora_rank, rope], dim=-1)
+        kv = F.linear(self._norm(latent, a.kv_a_layernorm, forwards.norm_eps(a.kv_a_layernorm)), a.kv_b_proj.weight,
+                      a.kv_b_proj.bias).view(B, T, H, nope + dv)
+        pad_qk, pad_v = self.head_dim - nope - rope, self.head_dim - dv
+        q = F.pad(torch.cat((q[..., nope:], q[..., :nope]), dim=-1), (0, pad_qk))
+        k = F.pad(torch.cat((k_rot[:, :, None].expand(B, T, H, rope), kv[..., :nope]), dim=-1), (0, pad_qk))
+        v = F.pad(kv[..., nope:], (0, pad_v))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _attend(self, i: int, q, k, v, slots, lengths, last, once: dict, scratch: list) -> torch.Tensor:
         """Layer i's attention of the new tokens' q (B, Hq, T, D) after the rotary + cache append of
@@ -756,17 +833,20 @@ class Generator:
             out = out + shared
         return out.view_as(h)
 
-    def _norm(self, x: torch.Tensor, norm, residual: torch.Tensor | None = None):
+    def _norm(self, x: torch.Tensor, norm, eps: float | None = None, residual: torch.Tensor | None = None):
         """The model's RMSNorm ``norm`` of x from its weight, in one kernel (with ``residual``:
         ``(norm(x + residual), x + residual)``): Gemma's scales by ``1 + w``, Gemma's and OLMo's
-        round once. OLMo (1)'s weightless LayerNorm: the module itself, after the add."""
+        round once. ``eps``: the config's ``rms_norm_eps`` unless given (a latent attention's
+        norms keep their class's default). OLMo (1)'s weightless LayerNorm: the module itself,
+        after the add."""
         if self.weightless_norms:
             if residual is None:
                 return norm(x)
             s = x + residual
             return norm(s), s
         weight = getattr(norm, "weight", None)
-        return ops.rms_norm(x, self._unit_weight if weight is None else weight, self.eps, residual=residual,
+        return ops.rms_norm(x, self._unit_weight if weight is None else weight, self.eps if eps is None else eps,
+                            residual=residual,
                             unit_offset=self.unit_offset, round_once=self.round_once)
 
     def _add_and_norm(self, x: torch.Tensor, branch: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1087,7 +1167,8 @@ TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3",
                             "flex_olmo", "granitemoe", "olmo", "dots1", "glm4_moe",
                             "hunyuan_v1_moe", "ernie4_5_moe", "mellum", "solar_open", "minimax_m2", "exaone_moe",
                             "gpt_oss", "granitemoeshared", "granite_swa", "granitemoe_swa",
-                            "llama4_text")  # (Llama 4's text model alone: a multimodal "llama4" is not taken)
+                            "llama4_text",  # (Llama 4's text model alone: a multimodal "llama4" is not taken)
+                            "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4", "minicpm3")
 
 
 def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:

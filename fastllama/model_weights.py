@@ -130,7 +130,10 @@ _HF_CAUSAL_LMS = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalL
                   "GraniteMoeSharedForCausalLM", "GraniteSWAForCausalLM", "GraniteMoeSWAForCausalLM",
                   # Llama 4's text model: complex rotary tables, L2 q/k norms after rotary, chunked
                   # attention, q scaled by position on its NoPE layers, every expert's input scaled
-                  "Llama4ForCausalLM")
+                  "Llama4ForCausalLM",
+                  # multi-head latent attention (K/V per head expanded from a compressed latent)
+                  "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM", "Mistral4ForCausalLM",
+                  "MiniCPM3ForCausalLM")
 
 
 def rotary_layer_types(model) -> list[str | float] | None:
@@ -235,7 +238,13 @@ def check_model(model, max_seq_len: int | None = None) -> None:
     names = [f"{t}_inv_freq" for t in getattr(rotary_emb, "layer_types", ())] or ["inv_freq"]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     partial_ok = forwards._family(model) in forwards.PARTIAL_ROTARY_FAMILIES
+    attn = model.model.layers[0].self_attn
+    if hasattr(attn, "kv_a_proj_with_mqa"):  # (a latent attention rotates qk_rope_head_dim of each head)
+        head_dim, partial_ok = attn.qk_rope_head_dim, False
     for rotary in (getattr(rotary_emb, name, None) for name in names):
+        if rotary is not None and hasattr(attn, "kv_a_proj_with_mqa") and 2 * rotary.numel() != head_dim:
+            raise ValueError(f"{cls.__name__} has rotary tables of {2 * rotary.numel()} dims for its attention's "
+                             f"qk_rope_head_dim={head_dim} (its config's head_dim sets the tables: HF fails on them too)")
         if rotary is not None and 2 * rotary.numel() < head_dim and not partial_ok:
             # (HF's rope init makes such tables for any family; only Phi-3's attention slices for them)
             raise ValueError(f"{cls.__name__} has rotary tables of {2 * rotary.numel()} of its {head_dim} head dims, "
@@ -280,7 +289,9 @@ def module_problem(model) -> str | None:
     layers = list(enumerate(model.model.layers))
     named = []
     for i, layer in layers:
-        groups = [("self_attn", layer.self_attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"))]
+        groups = [("self_attn", layer.self_attn, ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj",
+                                                  # (a latent attention's: q_proj is None where q is low-rank)
+                                                  "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"))]
         part, mlp = mlp_of(layer)
         if hasattr(mlp, "experts"):  # a mixture of experts: its shared experts, Qwen2-MoE's gate of them
             shared, module = shared_experts_of(mlp)
@@ -292,7 +303,7 @@ def module_problem(model) -> str | None:
         else:  # Phi-3's merged ones, or the others
             groups.append((part, mlp, ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
         named += [(f"layers.{i}.{part}.{n}", getattr(m, n)) for part, m, names in groups for n in names
-                  if hasattr(m, n)]
+                  if getattr(m, n, None) is not None]
     # the modules whose forwards the generator computes itself (it calls none of them): a hook on
     # one would silently not run
     containers = [("model", model.model)]
@@ -331,8 +342,9 @@ def module_problem(model) -> str | None:
                        "post_norm1", "post_norm2")  # (HyperCLOVA X's, nn.Identity when it has none)
              if hasattr(layer, n) and type(getattr(layer, n)) is not nn.Identity] + [("norm", model.model.norm)]
     norms += [(f"layers.{i}.self_attn.{n}", getattr(layer.self_attn, n)) for i, layer in layers
-              for n in ("q_norm", "k_norm", "query_layernorm", "key_layernorm")  # (per head: Qwen3's; HunYuan's)
-              if hasattr(layer.self_attn, n)]
+              for n in ("q_norm", "k_norm", "query_layernorm", "key_layernorm",  # (per head: Qwen3's; HunYuan's)
+                        "q_a_layernorm", "kv_a_layernorm")  # (a latent attention's low-rank q and latent)
+              if getattr(layer.self_attn, n, None) is not None]
     for name, norm in norms:
         replaced = forwards._forward_replaced(norm) and not forwards._patched_with(
             norm, *forwards.NORM_FORWARDS, forwards.olmo_rms_norm_forward)

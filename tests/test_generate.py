@@ -219,12 +219,12 @@ def test_cli_generate_streams_the_reference_text(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("family", ["Qwen3", "Phi3", "Granite", "Gemma", "Gemma2", "Gemma3", "Olmo3", "Apertus",
-                                    "Glm4Moe", "GptOss", "Llama4"])
+                                    "Glm4Moe", "GptOss", "Llama4", "DeepseekV3"])
 def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, capsys, family):
     """model_type "qwen3" / "phi3" / "granite" / "gemma" / "gemma2" / "gemma3_text" / "olmo3" /
     "apertus" (xIELU's parameters and buffers) / "glm4_moe" (experts, the router's score bias) /
     "gpt_oss" (attention sinks, experts of its own layout with biases) / "llama4_text" (its experts,
-    chunked attention)
+    chunked attention) / "deepseek_v3" (multi-head latent attention, experts)
     (transformers' save_pretrained, the fixture's tokenizer): the CLI loads it with transformers
     and streams the text of HF's own greedy generate."""
     import transformers
@@ -240,9 +240,13 @@ def test_cli_generate_loads_a_transformers_checkpoint(checkpoint, tmp_path, caps
         experts = dict(num_local_experts=4, num_experts_per_tok=2)
     if family == "Llama4":
         experts = dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=160, attention_chunk_size=4)
-    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, config)(
-        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0, **experts))
+    if family == "DeepseekV3":
+        experts = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                       n_group=1, topk_group=1, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24,
+                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8)  # (its rotary width)
+    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, config)(**{
+        **dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0), **experts}))
     _nontrivial_weights(model)
     model.save_pretrained(tmp_path)
     assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "The keeper counted",
@@ -860,6 +864,30 @@ def _hf_model(arch):
             layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
                 rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
                 original_max_position_embeddings=32))),
+        # Multi-head latent attention: q through a low-rank projection and its norm (DeepSeek-V3,
+        # GLM-4.7-Flash, Mistral 4, MiniCPM3) or q_proj (DeepSeek-V2), K/V per head expanded from a
+        # latent of 24, rotary on 8 of q/k's 24 dims (interleaved pairs: DeepSeek-V3's
+        # rope_interleave, DeepSeek-V2's complex tables; GLM-4.7-Flash's and MiniCPM3's halves),
+        # v heads of 16 (DeepSeek-V2: 32, wider than q/k's); a dense first layer, then top-2 of 4
+        # experts and a shared one; Mistral 4: yarn tables (its mscale in the attention's scale)
+        # and q scaled by position (Llama 4's factor, steps every 8 positions)
+        **{name: (getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM"), {
+            **dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                   v_head_dim=16),
+            **({} if prefix == "MiniCPM3" else dict(
+                n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                first_k_dense_replace=1, n_group=1, topk_group=1)), **more})
+           for name, prefix, more in [
+               # (its config's eps far from the latent norms' own, which they keep)
+               ("deepseek-v3-mla", "DeepseekV3", dict(rope_interleave=True, rms_norm_eps=1e-2)),
+               ("deepseek-v2-mla-wide-v", "DeepseekV2", dict(q_lora_rank=None, v_head_dim=32)),
+               ("glm4-moe-lite-mla", "Glm4MoeLite", dict(rope_interleave=False)),
+               ("mistral4-mla-yarn", "Mistral4", dict(rope_interleave=True, max_position_embeddings=32,
+                                                      rope_parameters=dict(
+                   type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32.0,
+                   beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0, llama_4_scaling_beta=0.3,
+                   partial_rotary_factor=1 / 3))),
+               ("minicpm3-mla", "MiniCPM3", dict(scale_emb=2.5, scale_depth=1.4, dim_model_base=16))]},
     }[arch]
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**{**base, **extra}))  # (extra may override base: a third layer)
@@ -882,7 +910,9 @@ def _hf_model(arch):
                                   "ernie4_5-moe-shared", "mellum-window", "solar-open-shared",
                                   "minimax-m2-partial-rope", "exaone-moe-window", "gpt-oss-sinks-window",
                                   "granitemoeshared-multipliers", "granite-swa-sinks-nope",
-                                  "granitemoe-swa-sinks-shared", "llama4-chunked"])
+                                  "granitemoe-swa-sinks-shared", "llama4-chunked", "deepseek-v3-mla",
+                                  "deepseek-v2-mla-wide-v", "glm4-moe-lite-mla", "mistral4-mla-yarn",
+                                  "minicpm3-mla"])
 def test_hf_model_greedy_tokens_equal_hf_generate(arch):
     """An HF causal LM (its own weights and rotary module, rope scaling, q/k/v biases,
     Qwen3's per-head q/k norms, SmolLM3's layers without rotary, Phi-3's merged projections,
@@ -914,6 +944,39 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         with pytest.raises(ValueError, match=f"layers.1.{name} is a hooked {cls}"):
             Generator(model, 1, 24).generate([[3, 4]], 2)
         handle.remove()
+
+
+def test_latent_attention_prefills_with_flash_attention_into_expanded_heads():
+    """A multi-head latent attention model (DeepSeek-V3's) prefilled past the decode kernel's 16
+    tokens (flash attention, v's heads padded to q/k's) decodes HF's greedy tokens, and its cache
+    holds every head's K and V expanded from the latent: k's rotary dims first, v's padded with
+    zeros."""
+    model = _hf_model("deepseek-v3-mla")
+    prompts = [list(range(3, 23)), list(range(40, 57))]
+    expected = [model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=4, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    gen = Generator(model, 2, 32)
+    got = gen.generate(prompts, 4, stop_tokens=[])
+    assert [g[len(p):] for g, p in zip(got, prompts)] == expected
+    assert gen.k_cache[1].shape == (2, 4, 32, 24) and gen.v_cache[1].shape == (2, 4, 32, 24)
+    # the first prompt's K/V: k_nope and v as HF's kv_b_proj expands them from the latent, k's
+    # rotary dims (first) one key shared by the heads, v's padding 0
+    expanded = []
+    handle = model.model.layers[1].self_attn.kv_b_proj.register_forward_hook(lambda m, i, o: expanded.append(o))
+    with torch.no_grad():
+        model(torch.tensor([prompts[0]], device=DEVICE))
+    handle.remove()
+    kv = expanded[0].view(20, 4, 32).transpose(0, 1)  # (heads, tokens, k_nope 16 + v 16)
+    k, v = gen.k_cache[1][0, :, :20], gen.v_cache[1][0, :, :20]
+    torch.testing.assert_close(k[..., 8:], kv[..., :16], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v[..., :16], kv[..., 16:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(k[..., :8], k[:1, :, :8].expand(4, 20, 8)) and v[..., 16:].abs().max() == 0
+    # rotary tables of another width than the heads' rotary dims (a config's head_dim sets them):
+    # refused, as HF fails on them
+    model.config.head_dim = 16
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(DEVICE)
+    with pytest.raises(ValueError, match="rotary tables of 16 dims for its attention's qk_rope_head_dim=8"):
+        Generator(model, 1, 8)
 
 
 def test_gpt_oss_loaded_in_fp16_keeps_its_fp32_norms(tmp_path):
