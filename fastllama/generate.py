@@ -292,6 +292,14 @@ def _latent(attn) -> bool:
     return hasattr(attn, "kv_a_proj_with_mqa")
 
 
+def _absorbed(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent attention's ``kv_b_proj`` weight (H * (nope + v), rank) as each head's key rows
+    (H, nope, rank), which take q_nope into the latent space (q_latent = q_nope W_UK), and value
+    rows transposed (H, rank, v), which take an output out of it (o = o_latent W_UV^T): views."""
+    w = attn.kv_b_proj.weight.view(attn.config.num_attention_heads, -1, attn.kv_lora_rank)
+    return w[:, :attn.qk_nope_head_dim], w[:, attn.qk_nope_head_dim:].transpose(1, 2)
+
+
 def _latent_input_linears(attn) -> tuple:
     """The two linears of a latent attention that read its input: q's (``q_proj``, or the
     low-rank ``q_a_proj`` where ``q_lora_rank`` is set) and the latent's ``kv_a_proj_with_mqa``."""
@@ -387,10 +395,10 @@ class Generator:
     ``Llama4ForCausalLM`` (its text model: chunked attention, complex rotary, L2 q/k norms after
     it, temperature tuning, every chosen expert's input scaled by its sigmoid score) /
     ``DeepseekV3ForCausalLM`` / ``DeepseekV2ForCausalLM`` / ``Glm4MoeLiteForCausalLM`` /
-    ``Mistral4ForCausalLM`` / ``MiniCPM3ForCausalLM`` (multi-head latent attention: each head's
-    K and V expanded from the latent, as :meth:`_latent_qkv` lays them out, are what the cache
-    holds, ``2 x heads x max(qk_head_dim, v_head_dim)`` elements per token and layer; caching
-    the latent itself, 576 elements in DeepSeek-V2/V3, needs a decode kernel for heads that wide).
+    ``Mistral4ForCausalLM`` / ``MiniCPM3ForCausalLM`` (multi-head latent attention: the cache
+    holds each token's latent and rotary key, ``kv_lora_rank + qk_rope_head_dim`` elements per
+    token and layer, 576 in DeepSeek-V2/V3 where its expanded heads would take 2 x heads x 192;
+    decode attends over them directly: :meth:`_latent_attention`).
 
     Args:
         model: the reference model or an HF causal LM of those classes (any dtype; CUDA, or CPU
@@ -442,14 +450,10 @@ class Generator:
         self.model, cfg = model, model.config
         self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        # Multi-head latent attention (DeepSeek-V2/V3 ...): the cache holds each head's K and V
-        # expanded from the latent, as transformers' caches before 5.2x did (rotary dims first:
-        # see _latent_qkv), q/k's width and v's padded to the wider of the two
-        attn = model.model.layers[0].self_attn
-        self.latent = _latent(attn)
-        if self.latent:
-            self.n_kv_heads = self.n_heads
-            self.head_dim = max(attn.qk_head_dim, attn.v_head_dim)
+        # Multi-head latent attention (DeepSeek-V2/V3 ...): the cache holds each token's latent
+        # and rotary key, (max_batch_size, max_seq_len, kv_lora_rank + qk_rope_head_dim) a layer
+        # in k_cache (v_cache is empty); see _latent_attention
+        self.latent = _latent(model.model.layers[0].self_attn)
         self.eps = getattr(cfg, "rms_norm_eps", None)  # (none for OLMo (1): its LayerNorms fix 1e-5)
         self.multipliers = _Multipliers.of(model)
         self.num_splits = num_splits
@@ -511,8 +515,14 @@ class Generator:
         # Each layer's cache: max_seq_len slots, or a ring of W slots for a window of W keys (a
         # decode step's query reads exactly the last W positions, which are then every slot)
         self.cache_lengths = [min(max_seq_len, w[0] + 1) if w else max_seq_len for w in self.windows]
-        self.k_cache, self.v_cache = ([torch.zeros(max_batch_size, self.n_kv_heads, n, self.head_dim, dtype=self.dtype,
-                                                   device=self.device) for n in self.cache_lengths] for _ in range(2))
+        if self.latent:
+            self.k_cache = [torch.zeros(max_batch_size, max_seq_len, a.kv_lora_rank + a.qk_rope_head_dim,
+                                        dtype=self.dtype, device=self.device) for a in (l.self_attn for l in layers)]
+            self.v_cache = []
+        else:
+            self.k_cache, self.v_cache = ([torch.zeros(max_batch_size, self.n_kv_heads, n, self.head_dim,
+                                                       dtype=self.dtype, device=self.device)
+                                           for n in self.cache_lengths] for _ in range(2))
         self._states: dict[tuple, _State] = {}
         # One memory pool for every captured graph: they never replay at the same time, and no
         # graph output lives in the pool (outputs are the static buffers or clones of them).
@@ -560,6 +570,9 @@ class Generator:
         self.expert_paths = [None if not hasattr(mlp, "experts") else "llama4" if forwards._family(mlp) == "llama4"
                              else "moe_experts" if forwards.experts_layout_problem(mlp.experts) is None else "grouped"
                              for mlp in mlps]
+        # (a latent attention's key and value rows of kv_b_proj, per head: views of its weight,
+        # (H, qk_nope_head_dim, kv_lora_rank) and (H, kv_lora_rank, v_head_dim))
+        self.absorbed = [_absorbed(layer.self_attn) if self.latent else None for layer in self.model.model.layers]
         # (and Gemma 2's attention score caps, read from the modules as HF's forward reads them)
         self.softcaps = [forwards.score_softcap(layer.self_attn) for layer in self.model.model.layers]
         too_big = [c for c in self.softcaps if not ops.decode.takes_softcap(c, self.dtype)]
@@ -618,10 +631,10 @@ class Generator:
             # has no input norm: the sum itself goes in)
             x, h = self._add_and_norm(x, mlp_out, _input_norm(layer))
             projected = self._project(qkv, attention_in, h)
-            q, k, v = self._latent_qkv(a, *projected) if self.latent else self._qkv(a, projected)
-            o = self._attend(i, q, k, v, slots, lengths, last, once, scratch)
-            if self.latent:  # (v's heads padded to q/k's width: the output's padding columns are 0)
-                o = o[..., :a.v_head_dim]
+            if self.latent:
+                o = self._latent_attention(i, a, *projected, slots, lengths, once)
+            else:
+                o = self._attend(i, *self._qkv(a, projected), slots, lengths, last, once, scratch)
             o = F.linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias)
             attention_out_norm, mlp_norm, mlp_out_norm = _branch_norms(layer)
             # s = x + o (o normed first where the layer norms its branches); h = mlp_norm(s)
@@ -674,31 +687,52 @@ class Generator:
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _latent_qkv(self, a, q: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v (B, H, T, D) of a multi-head latent attention from the outputs of
-        :func:`_latent_input_linears`: q through its low-rank norm and ``q_b_proj`` (where it has
-        one); the latent normed and expanded by ``kv_b_proj`` to each head's k_nope and v; the
-        rotary key shared by every head.
+    def _latent_attention(self, i: int, a, q: torch.Tensor, latent: torch.Tensor, slots, lengths,
+                          once: dict) -> torch.Tensor:
+        """Layer i's multi-head latent attention (B, H, T, v_head_dim) from the outputs of
+        :func:`_latent_input_linears` (B, T, *): q through its low-rank norm and ``q_b_proj`` (where
+        it has one), the latent normed; q's and the key's rotary dims rotated at the tokens'
+        positions; each token's latent and rotary key written to its cache slot (``slots[b] + t``).
 
-        Each head's q and k are laid out ``(rotary dims, the others)``, HF's the other way round:
-        a dot product does not see the order, and the rotary + cache append kernel turns a
-        head's first dims (partial rotary, as Phi-3's). Where v's heads are narrower than q/k's
-        (128 of 192 in DeepSeek-V3) they are padded with zeros, and q/k's where v's are wider;
-        the attention output's first ``v_head_dim`` columns are the heads' outputs."""
+        Decode (``lengths`` given, T <= 16): attention over the cached latents themselves
+        (:func:`fastllama.ops.latent_decode_attention`), each head's q_nope absorbed into the
+        latent space by its key rows of ``kv_b_proj`` first and its output taken out of it by its
+        value rows after (:attr:`absorbed`): one cache row per token read for all heads.
+        Prefill (slots 0): the prompt's heads expanded by ``kv_b_proj``, as the model computes
+        them, through flash attention (there the work is the products, not the cache reads).
+        Each head is laid out ``(rotary dims, the others)``, HF's the other way round: a dot
+        product does not see the order; v's heads are padded to q/k's width (or q/k's to v's)."""
         B, T = q.shape[:2]
-        H, nope, rope, dv = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        H, nope, rope, dv, rank = self.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
         if a.q_proj is None:  # (q_a_proj's output: its norm, then q_b_proj)
             q = F.linear(self._norm(q, a.q_a_layernorm, forwards.norm_eps(a.q_a_layernorm)), a.q_b_proj.weight,
                          a.q_b_proj.bias)
-        q = q.view(B, T, H, nope + rope)
-        latent, k_rot = latent.split([a.kv_lora_rank, rope], dim=-1)
-        kv = F.linear(self._norm(latent, a.kv_a_layernorm, forwards.norm_eps(a.kv_a_layernorm)), a.kv_b_proj.weight,
-                      a.kv_b_proj.bias).view(B, T, H, nope + dv)
-        pad_qk, pad_v = self.head_dim - nope - rope, self.head_dim - dv
-        q = F.pad(torch.cat((q[..., nope:], q[..., :nope]), dim=-1), (0, pad_qk))
-        k = F.pad(torch.cat((k_rot[:, :, None].expand(B, T, H, rope), kv[..., :nope]), dim=-1), (0, pad_qk))
-        v = F.pad(kv[..., nope:], (0, pad_v))
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = q.view(B, T, H, nope + rope).transpose(1, 2)
+        latent, k_rot = latent.split([rank, rope], dim=-1)
+        latent = self._norm(latent, a.kv_a_layernorm, forwards.norm_eps(a.kv_a_layernorm))
+        positions = self._positions(once, slots, T)
+        cos, sin = self.rotary[i]
+        if ("rows", id(cos)) not in once:
+            once["rows", id(cos)] = (cos[positions], sin[positions])
+        q_rot, k_rot = ops.apply_rotary_pos_emb(q[..., nope:], k_rot[:, None], *once["rows", id(cos)],
+                                                interleaved=self.interleaved)
+        cache = self.k_cache[i]
+        if ("rows of", B) not in once:
+            once["rows of", B] = torch.arange(B, device=slots.device)[:, None]
+        cache[once["rows of", B], positions] = torch.cat((latent, k_rot[:, 0]), dim=-1)
+        if lengths is not None:
+            absorb_k, absorb_v = self.absorbed[i]
+            q_latent = self._position_scaled(i, torch.matmul(q[..., :nope], absorb_k), once, slots)
+            o = ops.latent_decode_attention(q_latent, self._position_scaled(i, q_rot, once, slots), cache[:B], lengths,
+                                            scale=a.scaling, num_splits=self.num_splits)
+            return torch.matmul(o, absorb_v)
+        kv = F.linear(latent, a.kv_b_proj.weight).view(B, T, H, nope + dv).transpose(1, 2)
+        width = max(nope + rope, dv)
+        q = F.pad(torch.cat((q_rot, q[..., :nope]), dim=-1), (0, width - nope - rope))
+        k = F.pad(torch.cat((k_rot.expand(B, H, T, rope), kv[..., :nope]), dim=-1), (0, width - nope - rope))
+        v = F.pad(kv[..., nope:], (0, width - dv))
+        o = ops.flash_attention(self._position_scaled(i, q, once, slots), k, v, causal=True, scale=a.scaling)
+        return o[..., :dv]
 
     def _attend(self, i: int, q, k, v, slots, lengths, last, once: dict, scratch: list) -> torch.Tensor:
         """Layer i's attention of the new tokens' q (B, Hq, T, D) after the rotary + cache append of

@@ -321,6 +321,11 @@ def module_problem(model) -> str | None:
     for name, m in containers:
         if m._forward_pre_hooks or m._forward_hooks:
             return f"{name} has forward hooks, which the generator (computing it from its weights) would not run"
+    for i, layer in layers:  # (a latent attention's kv_b_proj: its rows are absorbed, HF's have no bias)
+        kv_b = getattr(layer.self_attn, "kv_b_proj", None)
+        if kv_b is not None and getattr(kv_b, "bias", None) is not None:
+            return (f"layers.{i}.self_attn.kv_b_proj has a bias, which the generator's latent attention (its key "
+                    f"rows absorbed into q) does not take")
     for name, lin in named + [("lm_head", model.lm_head)]:
         if type(lin) is not nn.Linear or forwards._forward_replaced(lin):
             what = "an nn.Linear with a forward set on the instance" if type(lin) is nn.Linear else f"a {type(lin).__name__}"

@@ -182,6 +182,7 @@ _OP_MODULES.append("rotary")
 _OP_MODULES.append("swiglu")
 _OP_MODULES.append("fused_linear")
 _OP_MODULES.append("decode")
+_OP_MODULES.append("latent_decode")
 
 _CACHE: list[OpSpec] = []
 

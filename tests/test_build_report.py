@@ -542,6 +542,36 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
     assert not missing, (len(missing), missing[:3])
 
 
+@pytest.mark.parametrize("sm", [80, 90, 120])
+def test_latent_decode_launches_compile_the_reports_builds(monkeypatch, sm):
+    """Dry-runs latent decode attention as the generator launches it for DeepSeek-V2/V3,
+    GLM-4.7-Flash (latent 512, rotary 64) and MiniCPM3 (256, 32): heads 16 to 128, 1-16 new
+    tokens, batches 1 and 8, q_latent a matmul's output and q_rope a rotary op's, a cache of
+    (B, Tmax, latent + rotary); single pass and split + combine. Every launched build must be a
+    build config for the device's arch."""
+    from fastllama.ops import decode as decode_op
+    from fastllama.ops import latent_decode as op
+
+    launched = _dry_run(monkeypatch, [op, decode_op], {op._lk: ["latent_decode_kernel"],
+                                                        op._dk: ["decode_combine_kernel"]})
+    monkeypatch.setattr(op, "table_arch", lambda device: sm)
+    splits = op.default_num_splits  # its GPU choice: the device it sees is a CUDA one
+    monkeypatch.setattr(op, "default_num_splits", lambda *a: splits(*a[:4], torch.device("cuda")))
+    with _interp.wrong_bf16_values_ok():  # nothing runs
+        for dtype, (rank, rope), heads, b, tq, tmax in itertools.product(
+                (torch.bfloat16, torch.float16, torch.float32), ((512, 64), (256, 32)), (16, 20, 40, 128), (1, 8),
+                (1, 2, 5, 16), (1000, 4096)):
+            q_latent = torch.empty(b, heads, tq, rank, dtype=dtype)
+            q_rope = torch.empty(b, heads, tq, rope, dtype=dtype)
+            cache = torch.empty(b, tmax, rank + rope, dtype=dtype)
+            seqlens = torch.full((b,), tmax // 2, dtype=torch.int32)
+            op.latent_decode_attention(q_latent, q_rope, cache, seqlens, scale=0.1)
+            op.latent_decode_attention(q_latent, q_rope, cache, seqlens, scale=0.1, num_splits=1)
+    assert len(launched) > 500
+    missing = _not_in_report(launched, ("latent_decode_attention",), f"sm_{sm}")
+    assert not missing, (len(missing), missing[:3])
+
+
 @pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 def test_flash_attention_untuned_launches_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs flash attention forward and backward (deterministic and atomic dQ) with autotuning

@@ -946,11 +946,12 @@ def test_hf_model_greedy_tokens_equal_hf_generate(arch):
         handle.remove()
 
 
-def test_latent_attention_prefills_with_flash_attention_into_expanded_heads():
+def test_latent_attention_caches_the_latent_and_prefills_with_flash_attention():
     """A multi-head latent attention model (DeepSeek-V3's) prefilled past the decode kernel's 16
-    tokens (flash attention, v's heads padded to q/k's) decodes HF's greedy tokens, and its cache
-    holds every head's K and V expanded from the latent: k's rotary dims first, v's padded with
-    zeros."""
+    tokens (flash attention on the heads expanded from the latent, v's padded to q/k's) and
+    decoded over its latent cache (ops.latent_decode_attention) gives HF's greedy tokens; the
+    cache holds each token's normed latent (24 dims, HF's kv_a_layernorm output) and rotary key
+    (8): 32 elements per token and layer, where the expanded heads would take 4 x (24 + 16)."""
     model = _hf_model("deepseek-v3-mla")
     prompts = [list(range(3, 23)), list(range(40, 57))]
     expected = [model.generate(torch.tensor([p], device=DEVICE), max_new_tokens=4, do_sample=False,
@@ -958,19 +959,19 @@ def test_latent_attention_prefills_with_flash_attention_into_expanded_heads():
     gen = Generator(model, 2, 32)
     got = gen.generate(prompts, 4, stop_tokens=[])
     assert [g[len(p):] for g, p in zip(got, prompts)] == expected
-    assert gen.k_cache[1].shape == (2, 4, 32, 24) and gen.v_cache[1].shape == (2, 4, 32, 24)
-    # the first prompt's K/V: k_nope and v as HF's kv_b_proj expands them from the latent, k's
-    # rotary dims (first) one key shared by the heads, v's padding 0
-    expanded = []
-    handle = model.model.layers[1].self_attn.kv_b_proj.register_forward_hook(lambda m, i, o: expanded.append(o))
+    assert [tuple(c.shape) for c in gen.k_cache] == [(2, 32, 32)] * 2 and gen.v_cache == []
+    latents = []
+    handle = model.model.layers[1].self_attn.kv_a_layernorm.register_forward_hook(lambda m, i, o: latents.append(o))
     with torch.no_grad():
-        model(torch.tensor([prompts[0]], device=DEVICE))
+        model(torch.tensor([prompts[0] + got[0][20:23]], device=DEVICE))  # (the last token is not cached yet)
     handle.remove()
-    kv = expanded[0].view(20, 4, 32).transpose(0, 1)  # (heads, tokens, k_nope 16 + v 16)
-    k, v = gen.k_cache[1][0, :, :20], gen.v_cache[1][0, :, :20]
-    torch.testing.assert_close(k[..., 8:], kv[..., :16], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(v[..., :16], kv[..., 16:], rtol=1e-5, atol=1e-5)
-    assert torch.equal(k[..., :8], k[:1, :, :8].expand(4, 20, 8)) and v[..., 16:].abs().max() == 0
+    torch.testing.assert_close(gen.k_cache[1][0, :23, :24], latents[0].reshape(23, 24), rtol=1e-5, atol=1e-5)
+    # a bias on kv_b_proj (HF's have none) would not be absorbed: refused
+    kv_b = model.model.layers[0].self_attn.kv_b_proj
+    kv_b.bias = torch.nn.Parameter(torch.zeros(kv_b.out_features, device=DEVICE))
+    with pytest.raises(ValueError, match="layers.0.self_attn.kv_b_proj has a bias"):
+        Generator(model, 1, 8)
+    kv_b.bias = None
     # rotary tables of another width than the heads' rotary dims (a config's head_dim sets them):
     # refused, as HF fails on them
     model.config.head_dim = 16

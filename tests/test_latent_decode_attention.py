@@ -1,0 +1,132 @@
+"""latent_decode_attention beyond the op-table parity cases (tests/test_op_parity.py runs those:
+heads 4/5/16, Tq 1/2/3, latent 48/64/128 with rotary 8/16/32, lengths 0-300, 1 and 4 splits and the
+default, a strided cache view, fp32/fp16/bf16; DeepSeek's 512 + 64 at 16 and 128 heads is cuda_only).
+
+Here: that it IS multi-head latent attention (the expanded heads of a kv_b_proj give the same
+output), exact zeros for empty sequences, split-count invariance and determinism, lengths past the
+cache, validation messages, and torch.compile(fullgraph=True).
+"""
+import pytest
+import torch
+
+from conftest import DEVICE
+from fastllama import ops
+from fastllama.reference import functional as ref
+
+
+def _setup(B=2, H=4, Tq=1, R=32, P=16, Tmax=100, lens=(0, 77), dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q_latent = torch.randn(B, H, Tq, R, generator=g).to(DEVICE, dtype)
+    q_rope = torch.randn(B, H, Tq, P, generator=g).to(DEVICE, dtype)
+    cache = torch.randn(B, Tmax, R + P, generator=g).to(DEVICE, dtype)
+    for b, n in enumerate(lens):
+        cache[b, n:] = float("nan")  # past each length: never read
+    return q_latent, q_rope, cache, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+def test_it_is_attention_over_the_heads_expanded_from_the_latent():
+    """With q_latent = q_nope W_UK (per head) and the output taken back by W_UV, the op equals
+    float64 attention of q = [q_nope, q_rope] over each head's k = [W_UK c, k_rope], v = W_UV c."""
+    B, H, Tq, R, P, nope, dv, Tmax = 2, 3, 2, 32, 8, 12, 10, 40
+    g = torch.Generator().manual_seed(1)
+    q_nope, q_rope = torch.randn(B, H, Tq, nope, generator=g), torch.randn(B, H, Tq, P, generator=g)
+    cache = torch.randn(B, Tmax, R + P, generator=g)
+    w_uk, w_uv = torch.randn(H, nope, R, generator=g) / R ** 0.5, torch.randn(H, dv, R, generator=g) / R ** 0.5
+    lens = torch.tensor([40, 17], dtype=torch.int32)
+    scale = (nope + P) ** -0.5
+    o_latent = ops.latent_decode_attention((q_nope @ w_uk).to(DEVICE), q_rope.to(DEVICE), cache.to(DEVICE),
+                                           lens.to(DEVICE), scale=scale, num_splits=3)
+    got = o_latent.cpu() @ w_uv.transpose(1, 2)
+    c, k_rope = cache[..., :R].double(), cache[..., R:].double()
+    k = torch.cat((torch.einsum("hnr,btr->bhtn", w_uk.double(), c), k_rope[:, None].expand(B, H, Tmax, P)), -1)
+    v = torch.einsum("hdr,btr->bhtd", w_uv.double(), c)
+    q = torch.cat((q_nope, q_rope), -1).double()
+    want = ref.decode_attention(q, k, v, lens, scale=scale)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_empty_sequence_gives_exact_zeros(splits):
+    q_latent, q_rope, cache, lens = _setup(B=3, Tq=2, lens=(0, 5, 0))
+    out = ops.latent_decode_attention(q_latent, q_rope, cache, lens, scale=0.2, num_splits=splits)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    assert torch.isfinite(out).all()
+
+
+def test_split_counts_agree_and_are_deterministic_and_lengths_are_clamped():
+    q_latent, q_rope, cache, lens = _setup(H=5, Tq=3, lens=(77, 100))
+    base = ops.latent_decode_attention(q_latent, q_rope, cache, lens, scale=0.2, num_splits=1)
+    for s in (3, 32):
+        out = ops.latent_decode_attention(q_latent, q_rope, cache, lens, scale=0.2, num_splits=s)
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out, ops.latent_decode_attention(q_latent, q_rope, cache, lens, scale=0.2, num_splits=s))
+    # a length past the cache reads the whole cache, a negative one nothing
+    past = torch.tensor([77, 500], dtype=torch.int32, device=DEVICE)
+    torch.testing.assert_close(ops.latent_decode_attention(q_latent, q_rope, cache, past, scale=0.2), base)
+    negative = torch.tensor([-3, 100], dtype=torch.int32, device=DEVICE)
+    out = ops.latent_decode_attention(q_latent, q_rope, cache, negative, scale=0.2)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+def test_compile_fullgraph_matches_eager():
+    q_latent, q_rope, cache, lens = _setup()
+
+    def step(q_latent, q_rope, cache, lens):
+        return ops.latent_decode_attention(q_latent, q_rope, cache, lens + 0, scale=0.3, num_splits=2)
+
+    eager = step(q_latent, q_rope, cache, lens)
+    compiled = torch.compile(step, fullgraph=True)(q_latent, q_rope, cache, lens)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def _bad(case):
+    q_latent, q_rope, cache, lens = _setup()
+    kwargs = dict(scale=0.2)
+    if case == "rows":
+        q_latent, q_rope = q_latent.expand(2, 4, 17, 32), q_rope.expand(2, 4, 17, 16)
+    elif case == "latent":
+        q_latent, cache = torch.zeros(2, 4, 1, 520, device=DEVICE), torch.zeros(2, 100, 536, device=DEVICE)
+    elif case == "rope-shape":
+        q_rope = q_rope[:, :3]
+    elif case == "cache-width":
+        cache = cache[..., :40]
+    elif case == "cache-batch":
+        cache = cache[:1]
+    elif case == "dtype":
+        cache = cache.half()
+    elif case == "last-stride":
+        cache = cache.transpose(1, 2).contiguous().transpose(1, 2)
+    elif case == "lengths":
+        lens = lens.long()
+    elif case == "scale":
+        kwargs = dict(scale=float("nan"))
+    elif case == "splits":
+        kwargs["num_splits"] = 33
+    elif case == "grad":
+        q_latent = q_latent.requires_grad_()
+    return (q_latent, q_rope, cache, lens), kwargs
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("rows", ValueError, "q_latent has 17 query rows"),
+    ("latent", ValueError, "q_latent has 520 latent dims; accepted: 1 to 512"),
+    ("rope-shape", ValueError, r"q_rope has shape \(2, 3, 1, 16\); accepted: \(2, 4, 1, P\)"),
+    ("cache-width", ValueError, r"cache has shape \(2, 100, 40\); accepted: \(2, Tmax, 48\)"),
+    ("cache-batch", ValueError, r"cache has shape \(1, 100, 48\)"),
+    ("dtype", TypeError, "cache"),
+    ("last-stride", ValueError, "cache"),
+    ("lengths", TypeError, "cache_seqlens has dtype torch.int64"),
+    ("scale", ValueError, "scale must be a finite float"),
+    ("splits", ValueError, "num_splits must be None or an int in"),
+    ("grad", ValueError, "forward-only .* q_latent requires grad"),
+])
+def test_bad_input_is_refused_naming_the_argument(case, error, match):
+    args, kwargs = _bad(case)
+    with pytest.raises(error, match=match):
+        ops.latent_decode_attention(*args, **kwargs)
+
+
+def test_scale_is_required():
+    q_latent, q_rope, cache, lens = _setup()
+    with pytest.raises(TypeError, match="scale"):
+        ops.latent_decode_attention(q_latent, q_rope, cache, lens)
