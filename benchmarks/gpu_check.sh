@@ -186,7 +186,7 @@ run_stage() {
       --configs ${TRAIN_CONFIGS:-hf-sdpa hf+fastllama hf+fastllama-atomic hf-liger} ;;
     bench-attention) stage bench-attention "${ATTENTION_CAP_S:-110}" "${FL[@]}" bench ops --quick --only bench_attention ;;
     bench-ops) stage bench-ops "${OPS_CAP_S:-60}" "${FL[@]}" bench ops --quick \
-      --only bench_cross_entropy bench_norm_rope_swiglu bench_moe ;;
+      --only bench_cross_entropy bench_norm_rope_swiglu bench_moe bench_latent_decode ;;
     bench-decode) stage bench-decode "${DECODE_CAP_S:-90}" "${FL[@]}" bench decode --quick ;;
     pytest-benchmark) stage pytest-benchmark 30 env FASTLLAMA_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider benchmarks \
       --benchmark-only --benchmark-json="$OUT/pytest-benchmark.json" ;;

@@ -45,6 +45,9 @@ BENCH_PARAMS = {
     "geglu_fused": {"shape": (4, 4096, 15360), "fused": True, "gelu": True},
     # gpt-oss-20b: 64 / 8 heads of 64 dims, attention sinks, the 128-token window of half its layers
     "flash_attention_sinks": {"B": 4, "Hq": 64, "Hk": 8, "Tq": 4096, "D": 64, "window": (127, 0), "sinks": 0.0},
+    # DeepSeek-V2-Lite decoding: 16 heads over a latent cache (512 + 64 per token), batch 8, 4k tokens
+    "latent_decode_attention": {"B": 8, "H": 16, "Tq": 1, "R": 512, "P": 64, "lens": (4096,) * 8, "Tmax": 4224,
+                                "splits": 16},
     # GLM-4-9B: 32 / 2 heads of 128 dims, adjacent pairs of the first 64 rotated
     "rotary_pairs": {"b": 4, "hq": 32, "hk": 2, "t": 4096, "d": 128, "r": 64, "transposed": True},
 }

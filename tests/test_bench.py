@@ -465,7 +465,7 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))  # (--out sets it; restored after)
     assert main(["bench", "ops", "--out", str(tmp_path), "--no-progress"]) == 0
     assert main(["bench", "decode", "--out", str(tmp_path), "--no-progress"]) == 0
-    for name in ("bench_attention", "cross_entropy", "norm_rope_swiglu", "moe_experts", "decode"):
+    for name in ("bench_attention", "cross_entropy", "norm_rope_swiglu", "moe_experts", "latent_decode", "decode"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["rows"] and data["environment"]["measurement"] is False, name
         assert "not a measurement" in (tmp_path / f"{name}.md").read_text(), name
@@ -477,6 +477,9 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
 
     if importlib.util.find_spec("matplotlib"):  # (the plot is linked from its table)
         assert "![bench_attention](bench_attention.png)" in (tmp_path / "bench_attention.md").read_text()
+    latent = {r["method"]: r for r in json.loads((tmp_path / "latent_decode.json").read_text())["rows"]}
+    assert set(latent) == {"hf-expand", "expanded-cache", "fastllama"} and latent["fastllama"]["max_diff"] < 1e-5
+    assert latent["fastllama"]["cache KiB/token"] < latent["expanded-cache"]["cache KiB/token"] / 3
     decode = {r["impl"]: r for r in json.loads((tmp_path / "decode.json").read_text())["rows"]}
     assert decode["fastllama"]["tokens/s"] > 0 and "error" not in decode["fastllama"]
 
