@@ -397,7 +397,7 @@ class Generator:
     ``DeepseekV3ForCausalLM`` / ``DeepseekV2ForCausalLM`` / ``Glm4MoeLiteForCausalLM`` /
     ``Mistral4ForCausalLM`` / ``MiniCPM3ForCausalLM`` (multi-head latent attention: the cache
     holds each token's latent and rotary key, ``kv_lora_rank + qk_rope_head_dim`` elements per
-    token and layer, 576 in DeepSeek-V2/V3 where its expanded heads would take 2 x heads x 192;
+    token and layer, 576 in DeepSeek-V2/V3 where its expanded heads would take heads x (192 + 128);
     decode attends over them directly: :meth:`_latent_attention`).
 
     Args:
@@ -543,8 +543,16 @@ class Generator:
         # (the fp32 modules HF keeps under a 16-bit load, gpt-oss's norms, are fp32 by design: each
         # such norm rounds once from its fp32 weight, as the kernel does with it)
         kept = getattr(self.model, "_keep_in_fp32_modules", None) or ()
+        # (and the mixtures of experts' router weights, fp32 under a 16-bit load
+        # (_keep_in_fp32_modules_strict: DeepSeek's, GLM-4.5's, dots.llm1's ...): the generator
+        # calls the router modules, which compute in fp32 whatever the model's dtype; Llama 4's
+        # router weight it reads itself)
+        blocks = [mlp_of(layer)[1] for layer in self.model.model.layers]
+        routers = {id(p) for block in blocks if hasattr(block, "experts") and forwards._family(block) != "llama4"
+                   for p in (block.gate if hasattr(block, "gate") else block.router).parameters()}
         moved = {(p.device, p.dtype) for n, p in self.model.named_parameters()
-                 if not (p.dtype == torch.float32 and self.round_once and any(m in n.split(".") for m in kept))}
+                 if not (p.dtype == torch.float32 and (self.round_once and any(m in n.split(".") for m in kept)
+                                                       or id(p) in routers))}
         moved -= {(self.device, self.dtype)}
         if moved:
             raise ValueError(f"the model has parameters on {sorted(map(str, moved))} but this Generator was built "
@@ -697,7 +705,7 @@ class Generator:
         Decode (``lengths`` given, T <= 16): attention over the cached latents themselves
         (:func:`fastllama.ops.latent_decode_attention`), each head's q_nope absorbed into the
         latent space by its key rows of ``kv_b_proj`` first and its output taken out of it by its
-        value rows after (:attr:`absorbed`): one cache row per token read for all heads.
+        value rows after (:attr:`absorbed`): one cache row per token, read once per tile of heads.
         Prefill (slots 0): the prompt's heads expanded by ``kv_b_proj``, as the model computes
         them, through flash attention (there the work is the products, not the cache reads).
         Each head is laid out ``(rotary dims, the others)``, HF's the other way round: a dot
@@ -880,8 +888,7 @@ class Generator:
             return norm(s), s
         weight = getattr(norm, "weight", None)
         return ops.rms_norm(x, self._unit_weight if weight is None else weight, self.eps if eps is None else eps,
-                            residual=residual,
-                            unit_offset=self.unit_offset, round_once=self.round_once)
+                            residual=residual, unit_offset=self.unit_offset, round_once=self.round_once)
 
     def _add_and_norm(self, x: torch.Tensor, branch: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, norm(s))`` for the residual stream ``s = x + branch`` (``x`` when there is no
@@ -1213,8 +1220,9 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral,
     Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE, Ernie 4.5 MoE, Mellum,
     Solar Open, MiniMax-M2, EXAONE MoE, gpt-oss, GraniteMoeShared, Granite SWA, GraniteMoE SWA,
-    Llama 4 (text, ``llama4_text``) or OLMo (1) model
-    (``model_type`` in config.json) through transformers' ``AutoModelForCausalLM``, which must
+    Llama 4 (text, ``llama4_text``), DeepSeek-V3, DeepSeek-V2, GLM-4.7-Flash, Mistral 4, MiniCPM3
+    or OLMo (1) model (``model_type`` in config.json) through transformers'
+    ``AutoModelForCausalLM`` (Mistral 4's own causal LM class: no auto class maps it), which must
     then be installed. (gpt-oss's released weights are MXFP4-quantised experts: transformers
     dequantises them to ``dtype`` where its MXFP4 kernels do not run; where they do, it keeps
     quantised expert modules, which the generator refuses, naming them.)"""
@@ -1236,17 +1244,23 @@ def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
     if model_type not in TRANSFORMERS_MODEL_TYPES:
         return Llama.from_pretrained(path, dtype=dtype, device=device).eval()
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
         raise ValueError(f"{path} holds a {model_type!r} model, which loads through transformers: "
                          "pip install transformers") from None
     from safetensors import SafetensorError
 
+    from .model_weights import _HF_CAUSAL_LMS
+
+    loader = transformers.AutoModelForCausalLM
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # (Mistral 4's text model: no auto class maps it)
+        loader = next(getattr(transformers, name) for name in _HF_CAUSAL_LMS
+                      if getattr(transformers, name).config_class.model_type == model_type)
     try:
         # (ignore_mismatched_sizes: a tensor of the wrong shape is listed, not raised as an error
         # that names none; the check below refuses it)
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)
+        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, SafetensorError) as e:  # missing or unreadable weight files: the user's to fix
         raise ValueError(f"transformers could not load the {model_type!r} checkpoint {path}: {e}") from None
     # transformers initialises a weight the files lack (or one of the wrong shape) at random and

@@ -241,14 +241,37 @@ def check_model(model, max_seq_len: int | None = None) -> None:
     attn = model.model.layers[0].self_attn
     if hasattr(attn, "kv_a_proj_with_mqa"):  # (a latent attention rotates qk_rope_head_dim of each head)
         head_dim, partial_ok = attn.qk_rope_head_dim, False
+        _check_latent_attention(cls.__name__, cfg, attn)
     for rotary in (getattr(rotary_emb, name, None) for name in names):
         if rotary is not None and hasattr(attn, "kv_a_proj_with_mqa") and 2 * rotary.numel() != head_dim:
             raise ValueError(f"{cls.__name__} has rotary tables of {2 * rotary.numel()} dims for its attention's "
-                             f"qk_rope_head_dim={head_dim} (its config's head_dim sets the tables: HF fails on them too)")
+                             f"qk_rope_head_dim={head_dim} (its config's head_dim sets the tables: HF fails on them "
+                             f"too)")
         if rotary is not None and 2 * rotary.numel() < head_dim and not partial_ok:
             # (HF's rope init makes such tables for any family; only Phi-3's attention slices for them)
             raise ValueError(f"{cls.__name__} has rotary tables of {2 * rotary.numel()} of its {head_dim} head dims, "
                              f"which its own attention does not handle (HF fails on them too)")
+
+
+def _check_latent_attention(name: str, cfg, attn) -> None:
+    """A multi-head latent attention within what the generator's kernels take: the latent and
+    rotary widths of ``ops.latent_decode_attention`` (decode), a head of q/k or v within flash
+    attention's (prefill), and K/V per query head (HF's attention fails with fewer)."""
+    from .ops.attention import MAX_HEAD_DIM
+    from .ops.latent_decode import MAX_LATENT_DIM, MAX_ROPE_DIM
+
+    limits = (("kv_lora_rank", attn.kv_lora_rank, MAX_LATENT_DIM), ("qk_rope_head_dim", attn.qk_rope_head_dim,
+                                                                    MAX_ROPE_DIM),
+              ("qk_nope_head_dim + qk_rope_head_dim", attn.qk_head_dim, MAX_HEAD_DIM),
+              ("v_head_dim", attn.v_head_dim, MAX_HEAD_DIM))
+    for field, value, limit in limits:
+        if value > limit:
+            raise ValueError(f"{name} has {field} = {value}; the generator's latent attention kernels take at most "
+                             f"{limit}")
+    if cfg.num_key_value_heads != cfg.num_attention_heads:
+        raise ValueError(f"{name} has num_key_value_heads={cfg.num_key_value_heads} != num_attention_heads="
+                         f"{cfg.num_attention_heads}: its latent attention expands K/V per query head (HF's "
+                         f"attention fails on this config too)")
 
 
 def mlp_of(layer) -> tuple[str, nn.Module]:

@@ -13,11 +13,12 @@ what follows the attention turns each head's attention into one over the latent 
     q_lat_h = W_UK_h^T q_nope_h,   o_h = W_UV_h o_lat_h
 
 (the caller does both products). Every head reads the same cache rows, as in multi-query
-attention, so the heads (times the Tq new rows) are the rows of one tile and each block of the
-cache is read once per step for all of them; and the value is the latent itself, so the block
-loaded for the scores is the one the output sums (no second load). This is why the cache holds
-``RANK + ROPE`` elements per token and layer (576 in DeepSeek-V3) where expanded heads would need
-``2 x heads x head_dim`` (32768 in DeepSeek-V3).
+attention, so the heads (times the Tq new rows) are the rows of a tile and each block of the
+cache is read once per tile (of up to 32 rows on a GPU: DeepSeek-V2-Lite's 16 heads take one
+tile, DeepSeek-V3's 128 four); and the value is the latent itself, so the block loaded for the
+scores is the one the output sums (no second load). The cache holds ``RANK + ROPE`` elements per
+token and layer (576 in DeepSeek-V3) where expanded heads would need
+``heads x (qk_head_dim + v_head_dim)`` (128 x (192 + 128) = 40960 in DeepSeek-V3).
 
 Layout: q_lat (B, H, Tq, RANK), q_rope (B, H, Tq, ROPE) with unit last strides; the cache
 (B, Tmax, RANK + ROPE), latent first, rotary key after, unit last stride. ``cache_seqlens`` (B,)

@@ -545,8 +545,8 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
 @pytest.mark.parametrize("sm", [80, 90, 120])
 def test_latent_decode_launches_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs latent decode attention as the generator launches it for DeepSeek-V2/V3,
-    GLM-4.7-Flash (latent 512, rotary 64) and MiniCPM3 (256, 32): heads 16 to 128, 1-16 new
-    tokens, batches 1 and 8, q_latent a matmul's output and q_rope a rotary op's, a cache of
+    GLM-4.7-Flash (latent 512, rotary 64), Mistral 4 (256, 64) and MiniCPM3 (256, 32): heads 16
+    to 128, 1-16 new tokens, batches 1 and 8, q_latent a matmul's output and q_rope a rotary op's, a cache of
     (B, Tmax, latent + rotary); single pass and split + combine. Every launched build must be a
     build config for the device's arch."""
     from fastllama.ops import decode as decode_op
@@ -559,7 +559,8 @@ def test_latent_decode_launches_compile_the_reports_builds(monkeypatch, sm):
     monkeypatch.setattr(op, "default_num_splits", lambda *a: splits(*a[:4], torch.device("cuda")))
     with _interp.wrong_bf16_values_ok():  # nothing runs
         for dtype, (rank, rope), heads, b, tq, tmax in itertools.product(
-                (torch.bfloat16, torch.float16, torch.float32), ((512, 64), (256, 32)), (16, 20, 40, 128), (1, 8),
+                (torch.bfloat16, torch.float16, torch.float32), ((512, 64), (256, 64), (256, 32)), (16, 20, 40, 128),
+                (1, 8),
                 (1, 2, 5, 16), (1000, 4096)):
             q_latent = torch.empty(b, heads, tq, rank, dtype=dtype)
             q_rope = torch.empty(b, heads, tq, rope, dtype=dtype)

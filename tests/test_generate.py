@@ -980,6 +980,42 @@ def test_latent_attention_caches_the_latent_and_prefills_with_flash_attention():
         Generator(model, 1, 8)
 
 
+@pytest.mark.parametrize("arch", ["deepseek-v3-mla", "dots1-shared", "mistral4-mla-yarn"])
+def test_a_16_bit_checkpoint_with_fp32_routers_loads_and_decodes(tmp_path, arch):
+    """transformers loads DeepSeek's, GLM-4.5's, dots.llm1's ... routers in fp32 under a 16-bit
+    dtype (_keep_in_fp32_modules_strict), and computes them in fp32: the generator calls those
+    modules, so it takes them (it refused such a model before). Mistral 4's text model has no
+    AutoModelForCausalLM entry: load_checkpoint loads it with its own class."""
+    from fastllama.generate import load_checkpoint
+
+    _hf_model(arch).save_pretrained(tmp_path)
+    model = load_checkpoint(tmp_path, torch.float16, DEVICE)
+    if not arch.startswith("mistral4"):  # (transformers before 5.2x loads the router in fp16: as 5.2x does)
+        model.model.layers[1].mlp.gate.float()
+    routers = [n for n, p in model.named_parameters() if p.dtype == torch.float32]
+    assert routers == ([] if arch.startswith("mistral4") else ["model.layers.1.mlp.gate.weight"])
+    prompt = list(range(10, 21))
+    expected = model.generate(torch.tensor([prompt], device=DEVICE), max_new_tokens=5, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    assert Generator(model, 1, 24).generate([prompt], 5, stop_tokens=[])[0][len(prompt):] == expected
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(num_key_value_heads=2), "num_key_value_heads=2 != num_attention_heads=4"),
+    (dict(kv_lora_rank=520), "kv_lora_rank = 520; the generator's latent attention kernels take at most 512"),
+    (dict(qk_nope_head_dim=250), "qk_nope_head_dim \\+ qk_rope_head_dim = 258"),
+])
+def test_latent_attention_the_kernels_cannot_take_is_refused_up_front(change, match):
+    import transformers
+
+    cfg = transformers.DeepseekV3Config(**{**dict(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=8, q_lora_rank=None, kv_lora_rank=24, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1), **change})
+    with pytest.raises(ValueError, match=match):
+        Generator(transformers.DeepseekV3ForCausalLM(cfg).to(DEVICE), 1, 8)
+
+
 def test_gpt_oss_loaded_in_fp16_keeps_its_fp32_norms(tmp_path):
     """transformers loads gpt-oss in fp16 with its norms' weights in fp32 (_keep_in_fp32_modules):
     the generator takes the model so (each norm rounds once from its fp32 weight, as HF's does)

@@ -102,6 +102,10 @@ def _bad(case):
         kwargs = dict(scale=float("nan"))
     elif case == "splits":
         kwargs["num_splits"] = 33
+    elif case == "outputs":  # (stride-0 heads: the inputs are tiny, the outputs would not be)
+        q_latent = torch.zeros(2, 1, 1, 512, device=DEVICE).expand(2, 8192, 16, 512)
+        q_rope, cache = torch.zeros(2, 1, 1, 16, device=DEVICE).expand(2, 8192, 16, 16), cache.new_zeros(2, 100, 528)
+        kwargs["num_splits"] = 32
     elif case == "grad":
         q_latent = q_latent.requires_grad_()
     return (q_latent, q_rope, cache, lens), kwargs
@@ -118,6 +122,7 @@ def _bad(case):
     ("lengths", TypeError, "cache_seqlens has dtype torch.int64"),
     ("scale", ValueError, "scale must be a finite float"),
     ("splits", ValueError, "num_splits must be None or an int in"),
+    ("outputs", ValueError, r"with 32 splits needs per-sequence outputs past the kernel's int32 offsets"),
     ("grad", ValueError, "forward-only .* q_latent requires grad"),
 ])
 def test_bad_input_is_refused_naming_the_argument(case, error, match):

@@ -26,29 +26,35 @@ from .decode import (_DEFAULT_STAGES, _ONE, _PTR, _S_PADS, MAX_QUERY_LEN, MAX_SP
 
 __all__ = ["latent_decode_attention", "MAX_LATENT_DIM", "MAX_ROPE_DIM"]
 
-MAX_LATENT_DIM = 512  # DeepSeek-V2/V3's and GLM-4.7-Flash's kv_lora_rank (MiniCPM3's: 256)
+MAX_LATENT_DIM = 512  # DeepSeek-V2/V3's and GLM-4.7-Flash's kv_lora_rank (Mistral 4's, MiniCPM3's: 256)
 MAX_ROPE_DIM = 128  # their qk_rope_head_dim is 64 (MiniCPM3's 32)
 
 
-def _gpu_config(heads: int, q_len: int, r_pad: int, elem_bytes: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) on a GPU. The accumulator is BLOCK_M x RANK fp32 and each
-    key block a BLOCK_N x RANK tile, 2-4x a regular decode head's, so the tiles are small and the
-    warps many; sized from sm_80/86/90/100/120 compiles (ptxas registers, no spills on any):
+def _gpu_config(heads: int, q_len: int, r_pad: int, p_pad: int, elem_bytes: int, sm: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) on a GPU of table arch ``sm``. The accumulator is BLOCK_M x
+    RANK fp32 and each key block a BLOCK_N x (RANK + ROPE) tile, 2-4x a regular decode head's, so
+    the tiles are small and the warps many; sized from sm_80/86/90/100/120 compiles (ptxas
+    registers and shared memory; no spills on any):
 
     * 16-bit, RANK 512: 32 rows (heads x new tokens; fewer are padded) and 16 keys, 8 warps, at
       most 183 registers. 16 rows spilled 8 bytes on sm_90 (ptxas held them to 128 registers),
       and 32 keys on sm_100/120 (16 bytes); 4 warps spilled 8-40;
     * 16-bit, RANK 256 and below: 16 or 32 rows and 32 keys, 8 warps (at most 140 registers;
-      64 keys spilled 8 bytes on sm_100/120);
+      64 keys spilled 8 bytes on sm_100/120); 16 keys for 32 rows with a rotary key of 64 (32
+      spilled 8 bytes on sm_80);
     * fp32: 16 rows, 16 keys, 16 warps at RANK 512 (105 registers; 8 and 4 warps spilled 16-160
       bytes; 32 keys need 110 KB of shared memory, past the 99 KB of sm_86/120); 32 keys and 8
       warps below (127 registers; 16 keys spilled 8 bytes at ptxas's 80-register step, 16 warps
-      too)."""
+      too), but with a rotary key of 64 64 keys and 16 warps where 103 KB of shared memory fits
+      (32 keys spilled 16 bytes on sm_90; sm_86/120 keep 32, which do not spill there)."""
     if elem_bytes >= 4:
-        return (16, 16, 16) if r_pad >= 512 else (16, 32, 8)
+        if r_pad >= 512:
+            return 16, 16, 16
+        return (16, 64, 16) if p_pad >= 64 and sm not in (86, 120) else (16, 32, 8)
     if r_pad >= 512:
         return 32, 16, 8
-    return _lk.tile_rows(heads, q_len, 32), 32, 8
+    bm = _lk.tile_rows(heads, q_len, 32)
+    return bm, 16 if bm == 32 and p_pad >= 64 else 32, 8
 
 
 def _combine_warps(r_pad: int) -> int:
@@ -70,10 +76,12 @@ def _latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache
                                                    num_splits=num_splits, block_n=_INTERPRETER_BLOCK_N,
                                                    block_m=bm, num_warps=4, num_stages=1,
                                                    combine_rows=_INTERPRETER_ROWS)
-    bm, bn, warps = _gpu_config(q_latent.shape[1], q_latent.shape[2], r_pad, q_latent.element_size())
+    sm = table_arch(q_latent.device)
+    bm, bn, warps = _gpu_config(q_latent.shape[1], q_latent.shape[2], r_pad, _dk.padded_head_dim(q_rope.shape[-1]),
+                                q_latent.element_size(), sm)
     return _lk.latent_decode_attention_forward(q_latent, q_rope, cache, cache_seqlens, scale=scale,
                                                num_splits=num_splits, block_n=bn, block_m=bm, num_warps=warps,
-                                               num_stages=_stages(q_latent.element_size(), table_arch(q_latent.device)),
+                                               num_stages=_stages(q_latent.element_size(), sm),
                                                combine_warps=_combine_warps(r_pad))
 
 
@@ -107,7 +115,7 @@ def _validate(q_latent, q_rope, cache, cache_seqlens, scale, num_splits) -> None
         check_last_dim_contiguous(name, t)
     # the kernel's 32-bit offsets inside one sequence: a tile of 128 tokens, a row of heads x rows
     if (cache.stride(1) * 128 >= 2**31 or (H - 1) * max(q_latent.stride(1), q_rope.stride(1))
-            + (Tq - 1) * max(q_latent.stride(2), q_rope.stride(2)) + R >= 2**31):
+            + (Tq - 1) * max(q_latent.stride(2), q_rope.stride(2)) + max(R, P) >= 2**31):
         raise ValueError(f"q_latent, q_rope or cache has strides past the kernel's int32 offsets within a "
                          f"sequence (cache token stride {cache.stride(1)}); pass contiguous tensors")
     check_attention_device(q_latent)
@@ -131,7 +139,7 @@ def latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache:
     ``(q_latent[h] . c + q_rope[h] . k_rope) * scale`` over the cached tokens' latents c and
     rotary keys k_rope, and its output is the softmax-weighted sum of the latents (multiply it by
     the head's value rows of ``kv_b_proj`` to get the head's output). The same as attention over
-    the expanded heads, with every head reading one cache row per token.
+    the expanded heads, with one cache row per token read for a whole tile of heads.
 
     Args:
         q_latent: (B, H, Tq, R) with 1 <= Tq <= 16 and R <= :data:`MAX_LATENT_DIM`, fp32/fp16/bf16,
@@ -155,8 +163,13 @@ def latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache:
     _validate(q_latent, q_rope, cache, cache_seqlens, scale, num_splits)
     if num_splits is None:
         B, H, Tq, R = q_latent.shape
-        bm = _gpu_config(H, Tq, _dk.padded_head_dim(R), q_latent.element_size())[0]
+        bm = _gpu_config(H, Tq, _dk.padded_head_dim(R), _dk.padded_head_dim(q_rope.shape[-1]),
+                         q_latent.element_size(), table_arch(q_latent.device))[0]
         num_splits = default_num_splits(B, 1, triton.cdiv(H * Tq, bm), cache.shape[1], q_latent.device)
+    # (the output and the split partials, (H, Tq, splits, R) per sequence, in int32 offsets too)
+    if q_latent.shape[1] * q_latent.shape[2] * num_splits * q_latent.shape[3] >= 2**31:
+        raise ValueError(f"q_latent of shape {tuple(q_latent.shape)} with {num_splits} splits needs per-sequence "
+                         f"outputs past the kernel's int32 offsets; pass fewer heads or splits")
     return _latent_decode_attention(q_latent, q_rope, cache, cache_seqlens, float(scale), num_splits)
 
 
@@ -199,8 +212,8 @@ _CASES = (
       for h in (16, 128) for tq in (1, 4) for s in (1, 32, None)),
 )
 
-# (latent dims, rotary dims): DeepSeek-V2/V3's and GLM-4.7-Flash's, MiniCPM3's
-_LATENT_DIMS = ((512, 64), (256, 32))
+# (latent dims, rotary dims): DeepSeek-V2/V3's and GLM-4.7-Flash's, Mistral 4's, MiniCPM3's
+_LATENT_DIMS = ((512, 64), (256, 64), (256, 32))
 
 
 def _builds() -> list[KernelBuild]:
@@ -219,10 +232,10 @@ def _builds() -> list[KernelBuild]:
                    "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
                    **{f"stride_{n}{s}": st for n in "qro" for s in "bht"}, "stride_cb": st, "stride_ct": st,
                    "stride_os": st if split else "i32:16", **{f"stride_l{s}": "i32" for s in "bht"}, **lengths}
-            config = _gpu_config(rows, 1, r_pad, dtype.itemsize)
-            if config[0] != rows:  # (RANK 512 runs every head count on 32-row tiles)
-                continue
-            for (bm, bn, warps, stages), archs in by_arch(lambda sm: (*config, _stages(dtype.itemsize, sm))):
+            if _gpu_config(rows, 1, r_pad, p_pad, dtype.itemsize, 90)[0] != rows:
+                continue  # (RANK 512 runs every head count on 32-row tiles)
+            for (bm, bn, warps, stages), archs in by_arch(
+                    lambda sm: (*_gpu_config(rows, 1, r_pad, p_pad, dtype.itemsize, sm), _stages(dtype.itemsize, sm))):
                 builds.append(KernelBuild(
                     _lk.latent_decode_kernel, sig,
                     {"RANK": R, "R_PAD": r_pad, "ROPE": P, "P_PAD": p_pad, "BLOCK_M": bm, "BLOCK_N": bn,
@@ -230,6 +243,8 @@ def _builds() -> list[KernelBuild]:
                     num_warps=warps, num_stages=stages, archs=archs,
                     label=f"latent_decode_attention{' tq1' if tq1 else ''} {'split' if split else 'single'} "
                           f"{ptr[1:]} r{R} p{P} M{bm} N{bn}"))
+        if (R, P) != next(d for d in _LATENT_DIMS if d[0] == R):
+            continue  # (the combine's builds of this latent width are listed already)
         for s_pad, tq1 in itertools.product(_S_PADS, (True, False)):
             builds.append(KernelBuild(
                 _dk.decode_combine_kernel, _combine_signature(ptr, "i32:16", "constexpr" if tq1 else "i32"),
