@@ -44,8 +44,7 @@ import dataclasses
 import functools
 import sys
 import time
-import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +54,11 @@ from . import forwards, patching
 from .forwards import (attention_input_linears, gate_activation, gateless, mlp_activation, mlp_input_linears,
                        split_qkv)
 from .ops._checks import check_attention_device
-from .checkpoint import CheckpointError
+from .loading import TRANSFORMERS_MODEL_TYPES, _HFTokenizer, load_checkpoint, load_tokenizer  # noqa: F401  (API)
 from .model_weights import (RowBlocks, check_model, default_stop_and_pad, layer_shared_mlp, mlp_of, module_problem,
                             rope_tables, rotary_layer_types, shared_experts_of)
-from .reference.model import Llama, check_sampling, filter_logits, token_id_set
+from .reference.model import check_sampling, filter_logits, token_id_set
+from .streaming import TextStreamer, _HFStreamer, _HostReader
 
 __all__ = ["Generator", "generate", "sample_logits", "TextStreamer", "GenerationStats", "load_tokenizer",
            "load_checkpoint"]
@@ -109,108 +109,6 @@ class GenerationStats:
     def decode_tokens_per_s(self) -> float:
         """Tokens per second of the decode steps: batch x steps / decode time."""
         return self.batch * self.steps / self.decode_s if self.decode_s > 0 else 0.0
-
-
-class _HFStreamer:
-    """A transformers streamer (``BaseStreamer``) called as HF's ``generate`` calls it: ``put``
-    of the (B, T) prompt ids first (left-padded with the pad id when given as lists), then of
-    each step's (B,) ids, as CPU tensors; ``end`` at the end."""
-
-    stop = ()  # (not None: the Generator does not hand it stop tokens, as it does a TextStreamer)
-
-    def __init__(self, streamer):
-        self.streamer = streamer
-
-    @classmethod
-    def wrap(cls, streamer, input_ids, prompts, pad: int):
-        base = getattr(sys.modules.get("transformers.generation.streamers"), "BaseStreamer", None)
-        if streamer is None or base is None or not isinstance(streamer, base):
-            return streamer  # (a transformers streamer's class is loaded: its module is imported)
-        if not isinstance(input_ids, torch.Tensor):
-            longest = max(len(p) for p in prompts)
-            input_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-        streamer.put(input_ids.cpu())
-        return cls(streamer)
-
-    def put(self, ids: list[int]) -> None:
-        self.streamer.put(torch.tensor(ids))
-
-    def end(self) -> None:
-        self.streamer.end()
-
-
-class TextStreamer:
-    """Turns each step's tokens into text pieces of one sequence, for ``generate(streamer=...)``.
-
-    ``put(ids)`` gets the (B,) new token ids of a step; the text they add to sequence
-    ``sequence`` is passed to ``on_text`` (held back while it ends in an incomplete UTF-8
-    character). Stop tokens end the stream and are not printed; by default
-    (``stop_tokens=None``) they are those of the ``generate`` call the streamer is given to.
-
-    ``prompt``: that sequence's prompt ids (a list or 1-D tensor), or the (B, T) prompt given to
-    ``generate``, of which row ``sequence`` is taken (a padding token in it decodes as the
-    tokenizer decodes it: pass the row without padding if that is text). The pieces then
-    continue the prompt's text: a SentencePiece decoder drops the leading space of a text's
-    first word, so the generated tokens decoded on their own would lose the space after the
-    prompt ("hi" + "read").
-
-    Decoding is incremental: each step decodes only the tokens not yet printed plus the ones
-    printed last, as context (what a text's first word would lose), so a step costs the same
-    after 100k tokens as after 10. For valid text the pieces add up to the final decode; where
-    a tokenizer rewrites text already printed (HF's byte fallback turns a run of bytes that is
-    not UTF-8 into U+FFFD, earlier bytes included) the stream keeps what it printed and goes on.
-    """
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None, sequence: int = 0,
-                 stop_tokens: Iterable[int] | None = None, prompt: Sequence[int] = ()):
-        self.tokenizer = tokenizer
-        self.on_text = on_text or (lambda s: print(s, end="", flush=True))
-        self.sequence = sequence
-        self.stop = None if stop_tokens is None else token_id_set(stop_tokens)
-        if isinstance(prompt, torch.Tensor):
-            if prompt.dim() == 2:
-                prompt = prompt[sequence]
-            if prompt.dim() != 1:
-                raise ValueError(f"prompt must be token ids (a list, a 1-D tensor, or the (B, T) prompt of "
-                                 f"generate), got a tensor of shape {tuple(prompt.shape)}")
-            prompt = prompt.tolist()
-        self.ids: list[int] = [int(t) for t in prompt]
-        # ids[context:printed] were printed last (or end the prompt); ids[printed:] are not yet
-        self.printed = len(self.ids)
-        self.context = max(0, self.printed - 4)
-        self.done = False
-
-    def put(self, ids: Sequence[int]) -> None:
-        """Takes one decoding step's tokens (one per sequence; this streamer follows
-        ``sequence``) and passes on the text they complete; a stop token ends the stream."""
-        if self.done:
-            return
-        tok = int(ids[self.sequence])
-        if tok in (self.stop or ()):
-            self.done = True
-            return
-        self.ids.append(tok)
-        self._emit(final=False)
-
-    def end(self) -> None:
-        """Flushes text held back (an incomplete multi-byte character) at the end of generation."""
-        self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
-        # the text the new tokens add to their context's: held back while it ends in an incomplete
-        # UTF-8 character (the next token may complete it). The context must start cleanly: not
-        # inside a multi-byte character (HF's byte fallback would turn the whole byte run, new
-        # bytes too, into U+FFFD) and not with bare whitespace (which a decoder may strip).
-        before = self.tokenizer.decode(self.ids[self.context:self.printed])
-        for _ in range(16):
-            if self.context == 0 or (before and before[0] != "\ufffd" and not before[0].isspace()):
-                break
-            self.context -= 1
-            before = self.tokenizer.decode(self.ids[self.context:self.printed])
-        text = self.tokenizer.decode(self.ids[self.context:])
-        if len(text) > len(before) and (final or not text.endswith("\ufffd")):
-            self.on_text(text[len(before):])
-            self.context, self.printed = self.printed, len(self.ids)
 
 
 @dataclasses.dataclass
@@ -1105,27 +1003,6 @@ class Generator:
         return _Sampling(float(temperature), None if greedy else top_k, None if greedy else top_p, stop, int(pad))
 
 
-class _HostReader:
-    """Copies a step's (B,) tokens to pinned host memory without stalling the device: the copy is
-    queued, the next step is launched, and only then does the host wait (for the copy alone)."""
-
-    def __init__(self, like: torch.Tensor):
-        self.cuda = like.device.type == "cuda"
-        self.host = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.cuda)
-        self.event = torch.cuda.Event() if self.cuda else None
-        self.start(like)
-
-    def start(self, src: torch.Tensor) -> None:
-        self.host.copy_(src, non_blocking=self.cuda)
-        if self.cuda:
-            self.event.record()
-
-    def read(self) -> list[int]:
-        if self.cuda:
-            self.event.synchronize()
-        return self.host.tolist()
-
-
 def generate(model, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | None = None,
              num_splits: int | None = None, fuse_projections: bool = True, **kwargs):
     """One-shot :meth:`Generator.generate` with a cache sized for this call (see there for the
@@ -1144,142 +1021,9 @@ def generate(model, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | N
 # ----------------------------------------------------------------------------------------------
 # `fastllama generate` (registered in fastllama/cli.py)
 # ----------------------------------------------------------------------------------------------
-class _HFTokenizer:
-    """A ``tokenizer.json`` (HF ``tokenizers``) with fastllama.Tokenizer's encode/decode."""
-
-    def __init__(self, path):
-        from tokenizers import Tokenizer as _Tok
-
-        self.tok = _Tok.from_file(str(path))
-        self.eos_id = -1
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids  # BOS as the file's post-processor adds it
-
-    def decode(self, ids) -> str:
-        # ids outside the vocabulary (a checkpoint's vocab padded past the tokenizer's, -1 pads)
-        # are skipped, as sentencepiece's wrapper does
-        n = self.tok.get_vocab_size(with_added_tokens=True)
-        return self.tok.decode([int(i) for i in ids if 0 <= int(i) < n], skip_special_tokens=True)
-
-
-def load_tokenizer(path):
-    """The tokenizer of checkpoint directory ``path``, as ``fastllama generate`` loads it: its
-    ``tokenizer.json`` when present and ``tokenizers`` is installed (as HF does; Llama 3 ships
-    only this), else its sentencepiece ``tokenizer.model`` (:class:`fastllama.Tokenizer`). Both
-    have ``encode(text) -> ids`` (with the BOS the tokenizer adds) and ``decode(ids) -> text``.
-
-    Raises:
-        FileNotFoundError: neither file is there (or only a tokenizer.json without ``tokenizers``).
-        ValueError: the file is not a readable tokenizer (a bad tokenizer.json next to a good
-            tokenizer.model warns and uses the latter).
-    """
-    from pathlib import Path
-
-    from .tokenizer import Tokenizer
-
-    path = Path(path)
-    json_file, sp_file = path / "tokenizer.json", path / "tokenizer.model"
-    if json_file.is_file():
-        try:
-            return _HFTokenizer(json_file)
-        except ImportError:
-            pass
-        except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception on a bad file)
-            if not sp_file.is_file():
-                raise ValueError(f"{json_file} is not a readable tokenizer file: {e}") from None
-            warnings.warn(f"{json_file} is not a readable tokenizer file ({e}); using {sp_file}", stacklevel=2)
-    if sp_file.is_file():
-        try:
-            return Tokenizer(path)
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{sp_file} is not a sentencepiece model: {e}") from None
-    raise FileNotFoundError(f"{path}: no tokenizer.model (sentencepiece) nor a usable tokenizer.json "
-                            f"(needs the `tokenizers` package)")
-
-
-# config.json model types that ``fastllama generate`` loads through transformers (the Generator
-# runs them as they are); "llama" loads into the reference model, without transformers.
-TRANSFORMERS_MODEL_TYPES = ("mistral", "ministral", "qwen2", "qwen3", "smollm3", "phi3", "granite", "gemma",
-                            "gemma2", "gemma3_text", "olmo2", "olmo3", "cwm", "seed_oss", "helium", "ernie4_5",
-                            "glm", "glm4", "arcee", "apertus", "exaone4", "vaultgemma", "hyperclovax", "ministral3",
-                            "hunyuan_v1_dense",
-                            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                            "flex_olmo", "granitemoe", "olmo", "dots1", "glm4_moe",
-                            "hunyuan_v1_moe", "ernie4_5_moe", "mellum", "solar_open", "minimax_m2", "exaone_moe",
-                            "gpt_oss", "granitemoeshared", "granite_swa", "granitemoe_swa",
-                            "llama4_text",  # (Llama 4's text model alone: a multimodal "llama4" is not taken)
-                            "deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4", "minicpm3")
-
-
-def load_checkpoint(path, dtype: torch.dtype, device) -> torch.nn.Module:
-    """The model of checkpoint directory ``path`` in eval mode, as ``fastllama generate`` loads
-    it: a Llama into :class:`fastllama.reference.Llama` (strict, see
-    :mod:`fastllama.checkpoint`); a Mistral, Ministral, Qwen2, Qwen3, SmolLM3, Phi-3, Granite,
-    Gemma, Gemma 2, Gemma 3 text, OLMo 2, OLMo 3, CWM, Seed-OSS, Helium, Ernie 4.5, GLM, GLM-4,
-    Arcee, Apertus, EXAONE 4, VaultGemma, HyperCLOVA X, Ministral 3, HunYuan (dense), Mixtral,
-    Qwen2-MoE, Qwen3-MoE, OLMoE, FlexOlmo, GraniteMoE, dots.llm1, GLM-4.5, HunYuan MoE, Ernie 4.5 MoE, Mellum,
-    Solar Open, MiniMax-M2, EXAONE MoE, gpt-oss, GraniteMoeShared, Granite SWA, GraniteMoE SWA,
-    Llama 4 (text, ``llama4_text``), DeepSeek-V3, DeepSeek-V2, GLM-4.7-Flash, Mistral 4, MiniCPM3
-    or OLMo (1) model (``model_type`` in config.json) through transformers'
-    ``AutoModelForCausalLM`` (Mistral 4's own causal LM class: no auto class maps it), which must
-    then be installed. (gpt-oss's released weights are MXFP4-quantised experts: transformers
-    dequantises them to ``dtype`` where its MXFP4 kernels do not run; where they do, it keeps
-    quantised expert modules, which the generator refuses, naming them.)"""
-    import json
-    from pathlib import Path
-
-    config = Path(path) / "config.json"
-    model_type = None
-    if config.is_file():
-        try:
-            model_type = json.loads(config.read_text()).get("model_type")
-        except (ValueError, AttributeError):
-            pass  # the reference loader reports a malformed config.json
-    if isinstance(model_type, str) and model_type != "llama" and model_type not in TRANSFORMERS_MODEL_TYPES:
-        hint = (" (a Gemma 3 with its vision tower: the text model alone, model_type 'gemma3_text', is supported)"
-                if model_type == "gemma3" else "")
-        raise ValueError(f"{path} holds a {model_type!r} model, which fastllama generate does not take{hint}; "
-                         f"supported model types: {', '.join(sorted(['llama', *TRANSFORMERS_MODEL_TYPES]))}")
-    if model_type not in TRANSFORMERS_MODEL_TYPES:
-        return Llama.from_pretrained(path, dtype=dtype, device=device).eval()
-    try:
-        import transformers
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:
-        raise ValueError(f"{path} holds a {model_type!r} model, which loads through transformers: "
-                         "pip install transformers") from None
-    from safetensors import SafetensorError
-
-    from .model_weights import _HF_CAUSAL_LMS
-
-    loader = transformers.AutoModelForCausalLM
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # (Mistral 4's text model: no auto class maps it)
-        loader = next(getattr(transformers, name) for name in _HF_CAUSAL_LMS
-                      if getattr(transformers, name).config_class.model_type == model_type)
-    try:
-        # (ignore_mismatched_sizes: a tensor of the wrong shape is listed, not raised as an error
-        # that names none; the check below refuses it)
-        model, info = loader.from_pretrained(path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
-    except (OSError, SafetensorError) as e:  # missing or unreadable weight files: the user's to fix
-        raise ValueError(f"transformers could not load the {model_type!r} checkpoint {path}: {e}") from None
-    # transformers initialises a weight the files lack (or one of the wrong shape) at random and
-    # only logs it: as strict as the reference loader (fastllama.checkpoint) instead
-    def describe(entry):  # a mismatch is (name, checkpoint shape, model shape)
-        if isinstance(entry, tuple) and len(entry) == 3:
-            return f"{entry[0]} (checkpoint {tuple(entry[1])}, config {tuple(entry[2])})"
-        return str(entry)
-
-    problems = {what: sorted(describe(k) for k in info.get(key) or ())
-                for what, key in (("missing keys", "missing_keys"), ("shape mismatches", "mismatched_keys"))}
-    problems = {what: keys for what, keys in problems.items() if keys}
-    if problems:
-        raise CheckpointError(f"{path} does not match its {model_type!r} config: "
-                              + "; ".join(f"{what}: {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-                                          for what, keys in problems.items()))
-    return model.to(device).eval()
-
-
+# ----------------------------------------------------------------------------------------------
+# `fastllama generate` (registered in fastllama/cli.py)
+# ----------------------------------------------------------------------------------------------
 def run_cli(args) -> int:
     """``fastllama generate``: loads the checkpoint and tokenizer, streams the text of one
     prompt to stdout, then prints prefill time and decode tokens/s."""
