@@ -45,7 +45,7 @@ def _gpu_config(heads: int, q_len: int, r_pad: int, p_pad: int, elem_bytes: int,
     * fp32: 16 rows, 16 keys, 16 warps at RANK 512 (105 registers; 8 and 4 warps spilled 16-160
       bytes; 32 keys need 110 KB of shared memory, past the 99 KB of sm_86/120); 32 keys and 8
       warps below (127 registers; 16 keys spilled 8 bytes at ptxas's 80-register step, 16 warps
-      too), but with a rotary key of 64 64 keys and 16 warps where 103 KB of shared memory fits
+      too); with a 64-dim rotary key, 64 keys and 16 warps where 103 KB of shared memory fits
       (32 keys spilled 16 bytes on sm_90; sm_86/120 keep 32, which do not spill there)."""
     if elem_bytes >= 4:
         if r_pad >= 512:
