@@ -990,7 +990,7 @@ def test_a_16_bit_checkpoint_with_fp32_routers_loads_and_decodes(tmp_path, arch)
 
     _hf_model(arch).save_pretrained(tmp_path)
     model = load_checkpoint(tmp_path, torch.float16, DEVICE)
-    if not arch.startswith("mistral4"):  # (transformers before 5.2x loads the router in fp16: as 5.2x does)
+    if not arch.startswith("mistral4"):  # (fp32, as transformers >= 5.2x loads it; earlier ones load it fp16)
         model.model.layers[1].mlp.gate.float()
     routers = [n for n, p in model.named_parameters() if p.dtype == torch.float32]
     assert routers == ([] if arch.startswith("mistral4") else ["model.layers.1.mlp.gate.weight"])
