@@ -3,8 +3,11 @@
 Models: Llama-3.2-1B and Llama-3-8B shapes with random bf16 weights (the same weights in both
 implementations); on request (``--models gemma3-1b``) the Gemma-3-1B shape, a transformers
 ``Gemma3ForCausalLM`` that both run (5 of its 6 layers attend to a 512-token window, which
-fastllama's decode kernel reads alone), and (``--models gemma2-2b``) the Gemma-2-2B shape, whose
-attention scores are soft-capped (HF runs it with eager attention: its sdpa path has no cap). For each batch (1, 8, 32) and context (512, 4096): a random prompt of
+fastllama's decode kernel reads alone), (``--models gemma2-2b``) the Gemma-2-2B shape, whose
+attention scores are soft-capped (HF runs it with eager attention: its sdpa path has no cap), and
+(``--models minicpm3-4b``) the MiniCPM3-4B shape, dense multi-head latent attention (fastllama
+decodes over its latent cache with ``ops.latent_decode_attention``; HF expands the cached
+latents every step). For each batch (1, 8, 32) and context (512, 4096): a random prompt of
 ``context`` tokens, then ``--new-tokens`` greedy tokens (no stop token), timed after a warm-up
 call (which captures the CUDA graphs / compiles).
 
@@ -76,10 +79,18 @@ HF_SHAPES = {
     # Gemma-2-2B: 26 layers, every other one with a 4096-token window, scores capped at 50
     "gemma2-2b": PRESETS["gemma-2-2b"].config,
     "tiny-gemma2": dict(_TINY_GEMMA, model_type="gemma2", attn_logit_softcapping=0.5),
+    # MiniCPM3-4B (transformers' MiniCPM3Config defaults): dense multi-head latent attention, 40
+    # heads over a cache of 256 + 32 elements per token and layer (fastllama's latent cache)
+    "minicpm3-4b": dict(model_type="minicpm3"),
+    "tiny-minicpm3": dict(model_type="minicpm3", vocab_size=300, hidden_size=64, intermediate_size=160,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                          kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, head_dim=16,
+                          pad_token_id=0),
 }
 NAMES = {"1b": "Llama-3.2-1B", "8b": "Llama-3-8B", "tiny": "tiny (interpreter smoke)", "gemma3-1b": "Gemma-3-1B",
          "tiny-gemma3": "tiny Gemma 3 (interpreter smoke)", "gemma2-2b": "Gemma-2-2B",
-         "tiny-gemma2": "tiny Gemma 2 (interpreter smoke)"}
+         "tiny-gemma2": "tiny Gemma 2 (interpreter smoke)", "minicpm3-4b": "MiniCPM3-4B",
+         "tiny-minicpm3": "tiny MiniCPM3 (interpreter smoke)"}
 
 
 def build_model(shape: str, dtype, device):
@@ -122,8 +133,9 @@ def build_hf(model, dtype, device):
 
 def step_bytes(model, batch: int, context: float) -> float:
     """Bytes one decode step must read: every weight but the embedding table (its B rows are
-    negligible; a tied LM head is read as the head), plus K and V up to ``context`` (a layer
-    with a sliding window W: up to W)."""
+    negligible; a tied LM head is read as the head), plus the cache up to ``context`` (a layer
+    with a sliding window W: up to W): K and V per KV head, or a multi-head latent attention's
+    latent and rotary key per token (what fastllama's latent cache holds)."""
     cfg = model.config
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     if cfg.tie_word_embeddings:
@@ -131,8 +143,10 @@ def step_bytes(model, batch: int, context: float) -> float:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     windows = [forwards.sliding_window(layer.self_attn) for layer in model.model.layers]
     keys = sum(min(context, w) if w else context for w in windows)
-    kv = 2 * keys * batch * cfg.num_key_value_heads * head_dim
-    return weights + kv * model.lm_head.weight.element_size()
+    attn = model.model.layers[0].self_attn
+    per_token = (attn.kv_lora_rank + attn.qk_rope_head_dim if hasattr(attn, "kv_a_proj_with_mqa")
+                 else 2 * cfg.num_key_value_heads * head_dim)
+    return weights + keys * batch * per_token * model.lm_head.weight.element_size()
 
 
 def _sync():

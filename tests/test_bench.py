@@ -638,6 +638,22 @@ def test_decode_runs_a_transformers_gemma_and_counts_only_its_windows_keys(tmp_p
     assert bench_decode.step_bytes(model, 1, 100) - bench_decode.step_bytes(model, 1, 0) == (8 + 100) * per_key
 
 
+@smoke_run_only
+def test_decode_runs_a_latent_attention_model_and_counts_its_latent_cache(tmp_path, monkeypatch):
+    """``--models tiny-minicpm3``: multi-head latent attention decoded by both; a step reads the
+    latent and rotary key of each cached token (32 + 16 fp32 elements a layer), not K and V per
+    head."""
+    from benchmarks import bench_decode
+
+    monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))
+    assert bench_decode.main(["--models", "tiny-minicpm3", "--new-tokens", "4"]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"fastllama", "fastllama-unfused", "hf-static"}
+    assert all(r["tokens/s"] > 0 and "error" not in r for r in rows), rows
+    model = bench_decode.build_model("tiny-minicpm3", torch.float32, "cpu")
+    assert bench_decode.step_bytes(model, 1, 100) - bench_decode.step_bytes(model, 1, 0) == 2 * 100 * (32 + 16) * 4
+
+
 def test_decode_plot_has_a_panel_per_model_and_context(tmp_path, monkeypatch):
     # The decode sweep has two contexts per model: drawn into one panel, a line zigzagged between
     # them with nothing saying which point was which.
