@@ -441,16 +441,17 @@ class Generator:
         # (the fp32 modules HF keeps under a 16-bit load, gpt-oss's norms, are fp32 by design: each
         # such norm rounds once from its fp32 weight, as the kernel does with it)
         kept = getattr(self.model, "_keep_in_fp32_modules", None) or ()
-        # (and the mixtures of experts' router weights, fp32 under a 16-bit load
-        # (_keep_in_fp32_modules_strict: DeepSeek's, GLM-4.5's, dots.llm1's ...): the generator
-        # calls the router modules, which compute in fp32 whatever the model's dtype; Llama 4's
-        # router weight it reads itself)
+        # (and the mixtures of experts' router weights that transformers keeps fp32 under a 16-bit
+        # load (_keep_in_fp32_modules_strict, "gate.weight": DeepSeek's, GLM-4.5's, dots.llm1's
+        # ...): the generator calls those router modules, which compute in fp32 whatever the
+        # model's dtype; Llama 4's router weight it reads itself)
+        strict = tuple(getattr(self.model, "_keep_in_fp32_modules_strict", None) or ())
         blocks = [mlp_of(layer)[1] for layer in self.model.model.layers]
         routers = {id(p) for block in blocks if hasattr(block, "experts") and forwards._family(block) != "llama4"
                    for p in (block.gate if hasattr(block, "gate") else block.router).parameters()}
         moved = {(p.device, p.dtype) for n, p in self.model.named_parameters()
                  if not (p.dtype == torch.float32 and (self.round_once and any(m in n.split(".") for m in kept)
-                                                       or id(p) in routers))}
+                                                       or id(p) in routers and n.endswith(strict)))}
         moved -= {(self.device, self.dtype)}
         if moved:
             raise ValueError(f"the model has parameters on {sorted(map(str, moved))} but this Generator was built "

@@ -990,14 +990,18 @@ def test_a_16_bit_checkpoint_with_fp32_routers_loads_and_decodes(tmp_path, arch)
 
     _hf_model(arch).save_pretrained(tmp_path)
     model = load_checkpoint(tmp_path, torch.float16, DEVICE)
-    if not arch.startswith("mistral4"):  # (fp32, as transformers >= 5.2x loads it; earlier ones load it fp16)
-        model.model.layers[1].mlp.gate.float()
     routers = [n for n, p in model.named_parameters() if p.dtype == torch.float32]
-    assert routers == ([] if arch.startswith("mistral4") else ["model.layers.1.mlp.gate.weight"])
+    # (transformers >= 5.2x keeps "gate.weight" fp32; 5.17 loads it in fp16)
+    kept = "gate.weight" in (getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    assert routers == (["model.layers.1.mlp.gate.weight"] if kept else [])
     prompt = list(range(10, 21))
     expected = model.generate(torch.tensor([prompt], device=DEVICE), max_new_tokens=5, do_sample=False,
                               pad_token_id=0)[0, len(prompt):].tolist()
     assert Generator(model, 1, 24).generate([prompt], 5, stop_tokens=[])[0][len(prompt):] == expected
+    if routers:  # a router a model does not keep fp32 by design is refused (the generator reads it as is)
+        model._keep_in_fp32_modules_strict = []
+        with pytest.raises(ValueError, match="the model has parameters on"):
+            Generator(model, 1, 24)
 
 
 @pytest.mark.parametrize("change, match", [
