@@ -38,7 +38,8 @@ def _gpu_config(heads: int, q_len: int, r_pad: int, p_pad: int, elem_bytes: int,
 
     * 16-bit, RANK 512: 32 rows (heads x new tokens; fewer are padded) and 16 keys, 8 warps, at
       most 183 registers. 16 rows spilled 8 bytes on sm_90 (ptxas held them to 128 registers),
-      and 32 keys on sm_100/120 (16 bytes); 4 warps spilled 8-40;
+      and 32 keys on sm_100/120 (16 bytes); 4 warps spilled 8-40, and 64 rows 32-576 (8 or 16
+      warps, 16 or 32 keys): DeepSeek-V3's 128 heads take four tiles;
     * 16-bit, RANK 256 and below: 16 or 32 rows and 32 keys, 8 warps (at most 140 registers;
       64 keys spilled 8 bytes on sm_100/120); 16 keys for 32 rows with a rotary key of 64 (32
       spilled 8 bytes on sm_80);
