@@ -321,6 +321,15 @@ def test_training_flops_count_windows_and_active_experts():
     assert model_flops_per_step(get_preset("gemma-3-1b").config, 1, T) == pytest.approx(gemma3, rel=1e-3)
     qwen = count(2048, 0, 4, 32, 4, 128, 151936, [None] * 4, T, mlp=3 * 2048 * 8 * 768 + 2048 * 128)
     assert model_flops_per_step(get_preset("qwen3-30b-a3b").config, 1, T) == pytest.approx(qwen, rel=1e-3)
+    # DeepSeek-V2-Lite (4 layers): multi-head latent attention (q_proj, the latent's projection of
+    # 512 + 64, its expansion to 16 heads of 128 + 128, o_proj), a dense first layer, then 6 of
+    # 64 experts and 2 shared ones; attention 2 x 16 x (192 + 128) per pair
+    h, L = 2048, 4
+    attention_linears = h * 16 * 192 + h * (512 + 64) + 512 * 16 * (128 + 128) + 16 * 128 * h
+    linear = (L * attention_linears + 3 * h * 10944 + (L - 1) * (3 * h * 1408 * (6 + 2) + h * 64)
+              + h * 102400)
+    deepseek = 6 * linear * T + 3.5 * 2 * 16 * (192 + 128) * T * (T + 1) / 2 * L
+    assert model_flops_per_step(get_preset("deepseek-v2-lite").config, 1, T) == pytest.approx(deepseek, rel=1e-3)
 
 
 def test_decode_timing_drowned_in_noise_is_an_error_not_a_huge_speed(monkeypatch):
@@ -465,7 +474,8 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))  # (--out sets it; restored after)
     assert main(["bench", "ops", "--out", str(tmp_path), "--no-progress"]) == 0
     assert main(["bench", "decode", "--out", str(tmp_path), "--no-progress"]) == 0
-    for name in ("bench_attention", "cross_entropy", "norm_rope_swiglu", "moe_experts", "latent_decode", "decode"):
+    for name in ("bench_attention", "cross_entropy", "norm_rope_swiglu", "moe_experts", "latent_decode",
+                 "decode"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["rows"] and data["environment"]["measurement"] is False, name
         assert "not a measurement" in (tmp_path / f"{name}.md").read_text(), name

@@ -49,7 +49,7 @@ __all__ = ["SavedBytes", "measure_saved", "memory_report", "MODES", "DEFAULT_PRE
 
 MODES = ("hf-sdpa", "hf+fastllama", "reference+fastllama")
 DEFAULT_PRESETS = ("tiny", "llama-3.2-1b", "llama-3-8b", "qwen3-0.6b", "phi-4-mini", "gemma-3-1b", "olmo-2-1b",
-                   "qwen3-30b-a3b")
+                   "qwen3-30b-a3b", "deepseek-v2-lite")
 DEFAULT_TOKENS = (8, 16)
 # The step length at which the head + loss is also compared with its fixed bytes included (the
 # issues' training shape: sequences of 4k tokens)

@@ -1,6 +1,7 @@
 """Model shapes the benchmarks use: Llama-3.2-1B, Llama-3-8B (fewer layers), a tiny one, and
 the shapes of the other families ``fastllama.patch`` takes (Qwen3-0.6B, Phi-4-mini, Gemma-2-2B,
-Gemma-3-1B, OLMo-2-1B, and the mixture of experts Qwen3-30B-A3B).
+Gemma-3-1B, OLMo-2-1B, the mixture of experts Qwen3-30B-A3B, and DeepSeek-V2-Lite's multi-head latent
+attention with its experts).
 
 Each preset is an HF ``config.json`` dict (``model_type`` "llama" unless it says otherwise), so
 the same dict builds the transformers model and, for a Llama, fastllama's reference ``Llama``.
@@ -153,6 +154,20 @@ PRESETS: dict[str, Preset] = {
             seq_lens=(2048, 4096), quick_seq_lens=(4096,),
             note="Qwen3-30B-A3B layer shape (a mixture of 128 experts, 8 per token; the router stays HF's) "
                  "with 4 of its 48 layers (so weights, gradients and AdamW states fit one GPU), random weights",
+        ),
+        Preset(
+            "deepseek-v2-lite",
+            dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                 moe_intermediate_size=1408, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+                 first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                 routed_scaling_factor=1.0, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
+                 q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                 head_dim=64, max_position_embeddings=163840, rms_norm_eps=1e-6,
+                 rope_parameters=dict(rope_type="default", rope_theta=10000.0), tie_word_embeddings=False),
+            seq_lens=(2048, 4096), quick_seq_lens=(4096,),
+            note="DeepSeek-V2-Lite layer shape (multi-head latent attention: its module stays HF's, on the "
+                 "attention kernels; a dense first layer, then 64 experts, 6 per token, and 2 shared) with 4 of "
+                 "its 27 layers, random weights",
         ),
     )
 }

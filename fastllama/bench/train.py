@@ -210,21 +210,37 @@ def model_flops_per_step(cfg: dict, batch: int, seq: int) -> float:
     the LM head, plus attention per layer: forward 4*B*H*D per (query, key) pair it computes,
     backward 2.5x that. A causal layer has T^2/2 pairs (forward 2*B*H*T^2*D); a sliding-window
     layer of W keys W^2/2 + (T - W) W once T > W. A mixture of experts counts the experts a
-    token runs (``num_experts_per_tok`` of ``moe_intermediate_size``) and its router."""
+    token runs (``num_experts_per_tok`` of ``moe_intermediate_size``, plus DeepSeek's
+    ``n_shared_experts``) and its router; DeepSeek's first ``first_k_dense_replace`` layers are
+    dense. Multi-head latent attention (``kv_lora_rank``) counts its own projections (q directly
+    or through ``q_lora_rank``, the latent's, its expansion, the output) and 2*B*H*(qk + v) per
+    pair, qk = ``qk_nope_head_dim + qk_rope_head_dim``, v = ``v_head_dim``."""
     h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     hq, hk = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg.get("head_dim") or h // hq
+    dense = 3 * h * i
     if cfg.get("num_experts_per_tok"):
-        experts = cfg.get("num_experts") or cfg.get("num_local_experts", 0)  # (Qwen3-MoE, Mixtral)
-        mlp = 3 * h * cfg["num_experts_per_tok"] * cfg.get("moe_intermediate_size", i) + h * experts
+        # (Qwen3-MoE, Mixtral, DeepSeek)
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts", 0)
+        moe_i = cfg.get("moe_intermediate_size", i)
+        mlp = 3 * h * moe_i * (cfg["num_experts_per_tok"] + cfg.get("n_shared_experts", 0)) + h * experts
     else:
-        mlp = 3 * h * i
-    per_layer = h * (hq * d) * 2 + h * (hk * d) * 2 + mlp
+        mlp = dense
+    if cfg.get("kv_lora_rank"):  # multi-head latent attention
+        qk, v, rank = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+        q_rank = cfg.get("q_lora_rank")
+        q = h * hq * qk if not q_rank else h * q_rank + q_rank * hq * qk
+        projections = q + h * (rank + cfg["qk_rope_head_dim"]) + rank * hq * (cfg["qk_nope_head_dim"] + v) + hq * v * h
+        pair = 2 * hq * (qk + v)
+    else:
+        projections, pair = h * (hq * d) * 2 + h * (hk * d) * 2, 4 * hq * d
+    dense_layers = min(cfg.get("first_k_dense_replace", 0), L) if cfg.get("num_experts_per_tok") else 0
     tokens = batch * seq
     pairs = sum(seq * seq / 2 if w is None or seq <= w else w * w / 2 + (seq - w) * w
                 for w in layer_windows(cfg))
-    attention = 3.5 * 4 * batch * hq * d * pairs
-    return 6 * (per_layer * L + h * cfg["vocab_size"]) * tokens + attention
+    attention = 3.5 * batch * pair * pairs
+    linear = projections * L + mlp * (L - dense_layers) + dense * dense_layers
+    return 6 * (linear + h * cfg["vocab_size"]) * tokens + attention
 
 
 # ---------------------------------------------------------------------------------------------
