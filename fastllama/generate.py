@@ -446,8 +446,8 @@ class Generator:
         # ...): the generator calls those router modules, which compute in fp32 whatever the
         # model's dtype; Llama 4's router weight it reads itself)
         strict = tuple(getattr(self.model, "_keep_in_fp32_modules_strict", None) or ())
-        blocks = [mlp_of(layer)[1] for layer in self.model.model.layers]
-        routers = {id(p) for block in blocks if hasattr(block, "experts") and forwards._family(block) != "llama4"
+        mlps = [mlp_of(layer)[1] for layer in self.model.model.layers]
+        routers = {id(p) for block in mlps if hasattr(block, "experts") and forwards._family(block) != "llama4"
                    for p in (block.gate if hasattr(block, "gate") else block.router).parameters()}
         moved = {(p.device, p.dtype) for n, p in self.model.named_parameters()
                  if not (p.dtype == torch.float32 and (self.round_once and any(m in n.split(".") for m in kept)
@@ -467,7 +467,6 @@ class Generator:
                 for fused, layer in zip(self._projections, layers)]
         # (an MLP's activation swapped between SiLU and GELU-tanh changes the captured step too;
         # a gateless MLP's is the module the step calls: Arcee's ReLU^2, Apertus's xIELU)
-        mlps = [mlp_of(layer)[1] for layer in self.model.model.layers]
         self.activations = [mlp_activation(mlp) if gateless(mlp) else gate_activation(_gated(mlp)) for mlp in mlps]
         # (and Qwen2-MoE's shared experts': captured like the others; the Granite MoE families' shared MLP)
         shared = [shared_experts_of(mlp)[1] or layer_shared_mlp(layer)

@@ -245,6 +245,13 @@ def _check_cache(name: str, cache, q: torch.Tensor, kv_heads: int | None = None)
     check_last_dim_contiguous(name, cache)
 
 
+def _check_num_splits(num_splits) -> None:
+    """None, or an int in [1, MAX_SPLITS] (the split kernels' fixed bound)."""
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+
+
 def _window_left(window) -> int:
     """``window=(left, 0)`` as the kernel's ``window_left`` (-1: unlimited); refuses other forms."""
     if window is None:
@@ -286,9 +293,7 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, scale, n
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or (not torch.compiler.is_compiling() and not math.isfinite(scale))):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or not 1 <= num_splits <= MAX_SPLITS):
-        raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    _check_num_splits(num_splits)
     check_softcap(softcap, q.shape[-1] ** -0.5 if scale is None else scale)
     if not takes_softcap(softcap, q.dtype):
         raise ValueError(f"softcap={softcap} with {q.dtype} inputs; accepted: at most {MAX_16BIT_SOFTCAP:g} (the "

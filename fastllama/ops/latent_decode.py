@@ -21,8 +21,8 @@ from ..kernels.flash_attention import table_arch
 from ..optable import KernelBuild, OpCase, OpSpec, by_arch
 from ..reference import functional as _ref
 from ._checks import check_attention_device, check_last_dim_contiguous, check_same, check_tensor
-from .decode import (_DEFAULT_STAGES, _ONE, _PTR, _S_PADS, MAX_QUERY_LEN, MAX_SPLITS, _check_forward_only,
-                     _check_lengths, _combine_signature, _stages, default_num_splits)
+from .decode import (_DEFAULT_STAGES, _ONE, _PTR, _S_PADS, MAX_QUERY_LEN, _check_forward_only,
+                     _check_lengths, _check_num_splits, _combine_signature, _stages, default_num_splits)
 
 __all__ = ["latent_decode_attention", "MAX_LATENT_DIM", "MAX_ROPE_DIM"]
 
@@ -124,9 +124,7 @@ def _validate(q_latent, q_rope, cache, cache_seqlens, scale, num_splits) -> None
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or (
             not torch.compiler.is_compiling() and not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float (the unabsorbed heads' softmax scale), got {scale!r}")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or not 1 <= num_splits <= MAX_SPLITS):
-        raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    _check_num_splits(num_splits)
     _check_forward_only("latent_decode_attention", q_latent=q_latent, q_rope=q_rope, cache=cache)
 
 
