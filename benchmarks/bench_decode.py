@@ -17,7 +17,10 @@ Rows:
   gate/up as separate GEMVs), to measure what the fused projections give;
 - ``hf-static``: ``LlamaForCausalLM.generate(cache_implementation="static",
   disable_compile=True)``, sdpa attention;
-- ``hf-static-compile``: the same with HF's automatic ``torch.compile`` of the forward
+- ``hf-static-patched``: ``hf-static`` of the model after ``fastllama.patch`` (HF's generate
+  loop and cache, fastllama's kernels: the decode kernel, a latent attention's steps over its
+  cached latents), unpatched after;
+- ``hf-static-compile``: the same as ``hf-static`` with HF's automatic ``torch.compile`` of the forward
   (mode "reduce-overhead", i.e. CUDA graphs too), static shapes: dynamo starts afresh for each
   (batch, context), so every row times a graph compiled for its own shape, as the first does.
 
@@ -55,6 +58,7 @@ use_interpreter_if_no_gpu()
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+import fastllama  # noqa: E402
 from fastllama import forwards  # noqa: E402
 from fastllama.bench.presets import PRESETS, default_dtype, hf_model  # noqa: E402
 from fastllama.generate import Generator  # noqa: E402
@@ -205,6 +209,15 @@ def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
     return (full - first_step) / (new_tokens - 2), new_tokens - 2
 
 
+def time_hf_patched(hf, prompt, new_tokens, reps):
+    """:func:`time_hf` (no torch.compile) of ``hf`` patched by ``fastllama.patch``; unpatched after."""
+    fastllama.patch(hf)
+    try:
+        return time_hf(hf, prompt, new_tokens, reps, False)
+    finally:
+        fastllama.unpatch(hf)
+
+
 def main(argv=None) -> int:
     gpu = common.on_gpu()
     p = argparse.ArgumentParser(description=common.description(__doc__))
@@ -254,6 +267,8 @@ def main(argv=None) -> int:
                             model, prompt, args.new_tokens, args.reps, fuse_projections=False)))
                     if not args.skip_hf:
                         methods.append(("hf-static", lambda: time_hf(hf, prompt, args.new_tokens, args.reps, False)))
+                        methods.append(("hf-static-patched",
+                                        lambda: time_hf_patched(hf, prompt, args.new_tokens, args.reps)))
                         if gpu and not args.skip_compile:
                             methods.append(("hf-static-compile",
                                             lambda: time_hf(hf, prompt, args.new_tokens, args.reps, True)))

@@ -75,7 +75,8 @@ def _methods(dims: dict, q, cache, w, lengths):
 
     def fastllama():
         q_latent = torch.matmul(q[..., :nope], absorb_k)
-        o = ops.latent_decode_attention(q_latent, q[..., nope:], cache, lengths, scale=scale)
+        o = ops.latent_decode_attention(q_latent, q[..., nope:], cache[..., :rank], cache[..., rank:], lengths,
+                                        scale=scale)
         return torch.matmul(o, absorb_v)
 
     element = cache.element_size()

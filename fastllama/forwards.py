@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from . import ops
+from . import latent_attention, ops
 from .attention import attend, attend_as_eager, attend_with_weights, eager_blind_rows, masked_op, masked_op_serves
 from .ops.rms_norm import wide_weight
 from .reference import functional as ref
@@ -491,13 +491,21 @@ def _family(module) -> str:
 def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                           sliding_window=None, is_causal=None, **kwargs):
     """Registered with HF's ``AttentionInterface`` as "fastllama": HF's calling convention,
-    q (B, Hq, Tq, D) and un-repeated k/v (B, Hk, Tk, D) in, ``(out (B, Tq, Hq, D), None)`` out."""
+    q (B, Hq, Tq, D) and un-repeated k/v (B, Hk, Tk, D) in, ``(out (B, Tq, Hq, D), None)`` out.
+    For a patched multi-head latent attention, k/v may be stand-ins for its cached latents
+    (:mod:`fastllama.latent_attention`): a decode step attends over those, else they are expanded."""
+    options = getattr(module, "_fastllama_attention", {})
+    latents = module.__dict__.pop(latent_attention.PENDING, None)
+    if latents is not None and key is latents.key:
+        out = latent_attention.attend_latent(module, query, latents, attention_mask, scaling, dropout, kwargs, options)
+        if out is not None:
+            return out, None
+        key, value = latents.expand(module)
     softcap = kwargs.get("softcap")  # Gemma 2's attn_logit_softcapping
     sinks = kwargs.get("s_aux")  # gpt-oss's attention sinks, one score per head
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
-    options = getattr(module, "_fastllama_attention", {})
     sinks_after = sinks is not None and _family(module) in SINKS_AFTER_SOFTMAX
     # Left padding as eager has it. With sinks, eager's rows that see no key are 0 too (the sink
     # takes them), and only Granite SWA's probabilities differ (uniform): recomputed when asked for.

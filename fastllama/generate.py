@@ -54,6 +54,7 @@ from . import forwards, patching
 from .forwards import (attention_input_linears, gate_activation, gateless, mlp_activation, mlp_input_linears,
                        split_qkv)
 from .ops._checks import check_attention_device
+from .latent_attention import absorbed
 from .loading import TRANSFORMERS_MODEL_TYPES, _HFTokenizer, load_checkpoint, load_tokenizer  # noqa: F401  (API)
 from .model_weights import (RowBlocks, check_model, default_stop_and_pad, layer_shared_mlp, mlp_of, module_problem,
                             rope_tables, rotary_layer_types, shared_experts_of)
@@ -188,14 +189,6 @@ def _latent(attn) -> bool:
     GLM-4.7-Flash's, Mistral 4's, MiniCPM3's): K and V per head expanded from one compressed
     latent per token (``kv_b_proj``), one rotary key shared by every head."""
     return hasattr(attn, "kv_a_proj_with_mqa")
-
-
-def _absorbed(attn) -> tuple[torch.Tensor, torch.Tensor]:
-    """A latent attention's ``kv_b_proj`` weight (H * (nope + v), rank) as each head's key rows
-    (H, nope, rank), which take q_nope into the latent space (q_latent = q_nope W_UK), and value
-    rows transposed (H, rank, v), which take an output out of it (o = o_latent W_UV^T): views."""
-    w = attn.kv_b_proj.weight.view(attn.config.num_attention_heads, -1, attn.kv_lora_rank)
-    return w[:, :attn.qk_nope_head_dim], w[:, attn.qk_nope_head_dim:].transpose(1, 2)
 
 
 def _latent_input_linears(attn) -> tuple:
@@ -478,7 +471,7 @@ class Generator:
                              for mlp in mlps]
         # (a latent attention's key and value rows of kv_b_proj, per head: views of its weight,
         # (H, qk_nope_head_dim, kv_lora_rank) and (H, kv_lora_rank, v_head_dim))
-        self.absorbed = [_absorbed(layer.self_attn) if self.latent else None for layer in self.model.model.layers]
+        self.absorbed = [absorbed(layer.self_attn) if self.latent else None for layer in self.model.model.layers]
         # (and Gemma 2's attention score caps, read from the modules as HF's forward reads them)
         self.softcaps = [forwards.score_softcap(layer.self_attn) for layer in self.model.model.layers]
         too_big = [c for c in self.softcaps if not ops.decode.takes_softcap(c, self.dtype)]
@@ -629,8 +622,8 @@ class Generator:
         if lengths is not None:
             absorb_k, absorb_v = self.absorbed[i]
             q_latent = self._position_scaled(i, torch.matmul(q[..., :nope], absorb_k), once, slots)
-            o = ops.latent_decode_attention(q_latent, self._position_scaled(i, q_rot, once, slots), cache[:B], lengths,
-                                            scale=a.scaling, num_splits=self.num_splits)
+            o = ops.latent_decode_attention(q_latent, self._position_scaled(i, q_rot, once, slots), cache[:B, :, :rank],
+                                            cache[:B, :, rank:], lengths, scale=a.scaling, num_splits=self.num_splits)
             return torch.matmul(o, absorb_v)
         kv = F.linear(latent, a.kv_b_proj.weight).view(B, T, H, nope + dv).transpose(1, 2)
         width = max(nope + rope, dv)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from . import forwards
+from . import forwards, latent_attention
 
 __all__ = ["patch", "unpatch", "patch_summary", "is_patched", "RULES", "SUPPORTED"]
 
@@ -91,6 +91,9 @@ _OWN_ATTENTION = ("qwen3_5", "qwen3_next", "llama4", "deepseek_v3", "deepseek_v2
 _OWN_DECODER_LAYERS = ("apertus", "exaone4", "glm4", "hyperclovax", "granitemoe", "minimax", "gpt_oss",
                        "granitemoeshared", "granitemoe_swa", *_OWN_ATTENTION)
 _LLAMA_LAYERS = tuple(m for m in (*_LLAMA_NORMS, "gemma", "helium") if m not in _OWN_DECODER_LAYERS)
+# multi-head latent attention: HF's forward as it is, its decode steps over the cached latents
+# (fastllama.latent_attention)
+_LATENT_ATTENTION = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite", "mistral4", "minicpm3")
 
 
 def _hf(kind: str, families=tuple(_HF_FAMILIES)) -> tuple[str, ...]:
@@ -136,6 +139,20 @@ def _check_head_dim(module) -> str | None:
 
 
 
+def _check_latent_attention(module) -> str | None:
+    """Why a multi-head latent attention's decode steps cannot run over its cached latents (None:
+    they can): the latent kernel's widths, and HF's cache of latents (``expand_kv``)."""
+    if not hasattr(_original_class(module), "expand_kv"):
+        return ("this transformers version's latent attention has no expand_kv (it caches expanded heads): "
+                "left as is, on the attention kernels")
+    from .ops.latent_decode import MAX_LATENT_DIM, MAX_ROPE_DIM
+
+    if module.kv_lora_rank > MAX_LATENT_DIM or module.qk_rope_head_dim > MAX_ROPE_DIM:
+        return (f"kv_lora_rank={module.kv_lora_rank} / qk_rope_head_dim={module.qk_rope_head_dim} are past the latent "
+                f"decode kernel's {MAX_LATENT_DIM} / {MAX_ROPE_DIM}: left as is, on the attention kernels")
+    return None
+
+
 def _check_attention_kernels(module) -> str | None:
     """Why the model's attention cannot run on the flash/decode kernels (None: it can)."""
     return _check_head_dim(module)
@@ -174,6 +191,8 @@ RULES: tuple[Rule, ...] = (
     Rule(("rope",), _hf("Attention", tuple(m for m in _HF_FAMILIES if m not in _OWN_ATTENTION)),
          forwards.hf_attention_forward, _check_head_dim),
     Rule(("rope", "attention"), _ref("Attention"), forwards.reference_attention_forward, _check_head_dim),
+    Rule(("attention",), _hf("Attention", _LATENT_ATTENTION), latent_attention.latent_attention_forward,
+         _check_latent_attention),
     Rule(("cross_entropy",), _hf("ForCausalLM"), forwards.hf_causal_lm_forward, _check_lm_head),
     Rule(("cross_entropy",), _ref("Llama"), forwards.reference_llama_forward, _check_lm_head),
 )
@@ -337,7 +356,8 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, swiglu:
     MiniMax-M2 (partial rotary, q/k norms over all heads), EXAONE MoE (EXAONE 4's attention),
     gpt-oss (its attention sinks in the attention kernels; its experts and router stay HF's),
     DeepSeek-V3, DeepSeek-V2, GLM-4.7-Flash (``glm4_moe_lite``), Mistral 4 and MiniCPM3 (their
-    multi-head latent attention modules as they are, on the attention kernels),
+    multi-head latent attention modules as they are, on the attention kernels; their decode steps
+    over the cached latents with ``ops.latent_decode_attention``: :mod:`fastllama.latent_attention`),
     GraniteMoeShared (a shared MLP of other names beside the experts), Granite SWA and GraniteMoE
     SWA (attention sinks, windows, a rotary base per layer, none on some), Llama 4's text model
     (``Llama4ForCausalLM``: its chunked attention on the kernels; its attention module and routed

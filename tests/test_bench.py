@@ -639,7 +639,7 @@ def test_decode_runs_a_transformers_gemma_and_counts_only_its_windows_keys(tmp_p
     monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))
     assert bench_decode.main(["--models", shape, "--new-tokens", "4"]) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
-    assert {r["impl"] for r in rows} == {"fastllama", "fastllama-unfused", "hf-static"}
+    assert {r["impl"] for r in rows} == {"fastllama", "fastllama-unfused", "hf-static", "hf-static-patched"}
     assert all(r["tokens/s"] > 0 and "error" not in r for r in rows), rows
     model = bench_decode.build_model(shape, torch.float32, "cpu")
     assert model.config._attn_implementation == ("eager" if shape == "tiny-gemma2" else "sdpa")
@@ -658,7 +658,7 @@ def test_decode_runs_a_latent_attention_model_and_counts_its_latent_cache(tmp_pa
     monkeypatch.setenv("FASTLLAMA_RESULTS_DIR", str(tmp_path))
     assert bench_decode.main(["--models", "tiny-minicpm3", "--new-tokens", "4"]) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
-    assert {r["impl"] for r in rows} == {"fastllama", "fastllama-unfused", "hf-static"}
+    assert {r["impl"] for r in rows} == {"fastllama", "fastllama-unfused", "hf-static", "hf-static-patched"}
     assert all(r["tokens/s"] > 0 and "error" not in r for r in rows), rows
     model = bench_decode.build_model("tiny-minicpm3", torch.float32, "cpu")
     assert bench_decode.step_bytes(model, 1, 100) - bench_decode.step_bytes(model, 1, 0) == 2 * 100 * (32 + 16) * 4

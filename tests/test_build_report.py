@@ -546,8 +546,9 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
 def test_latent_decode_launches_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs latent decode attention as the generator launches it for DeepSeek-V2/V3,
     GLM-4.7-Flash (latent 512, rotary 64), Mistral 4 (256, 64) and MiniCPM3 (256, 32): heads 16
-    to 128, 1-16 new tokens, batches 1 and 8, q_latent a matmul's output and q_rope a rotary op's, a cache of
-    (B, Tmax, latent + rotary); single pass and split + combine. Every launched build must be a
+    to 128, 1-16 new tokens, batches 1 and 8, q_latent a matmul's output and q_rope a rotary op's, the
+    caches two views of one (B, Tmax, latent + rotary) buffer (the generator's) or two tensors with
+    left padding (HF's, as a patched model's decode step passes them); single pass and split + combine. Every launched build must be a
     build config for the device's arch."""
     from fastllama.ops import decode as decode_op
     from fastllama.ops import latent_decode as op
@@ -564,10 +565,13 @@ def test_latent_decode_launches_compile_the_reports_builds(monkeypatch, sm):
                 (1, 2, 5, 16), (1000, 4096)):
             q_latent = torch.empty(b, heads, tq, rank, dtype=dtype)
             q_rope = torch.empty(b, heads, tq, rope, dtype=dtype)
-            cache = torch.empty(b, tmax, rank + rope, dtype=dtype)
+            cache = torch.empty(b, tmax, rank + rope, dtype=dtype)  # (the generator's: one buffer)
+            caches = (cache[..., :rank], cache[..., rank:])
+            hf_caches = (torch.empty(b, tmax, rank, dtype=dtype), torch.empty(b, tmax, rope, dtype=dtype))
             seqlens = torch.full((b,), tmax // 2, dtype=torch.int32)
-            op.latent_decode_attention(q_latent, q_rope, cache, seqlens, scale=0.1)
-            op.latent_decode_attention(q_latent, q_rope, cache, seqlens, scale=0.1, num_splits=1)
+            op.latent_decode_attention(q_latent, q_rope, *caches, seqlens, scale=0.1)
+            op.latent_decode_attention(q_latent, q_rope, *caches, seqlens, scale=0.1, num_splits=1)
+            op.latent_decode_attention(q_latent, q_rope, *hf_caches, seqlens, scale=0.1, cache_leftpad=seqlens // 4)
     assert len(launched) > 500
     missing = _not_in_report(launched, ("latent_decode_attention",), f"sm_{sm}")
     assert not missing, (len(missing), missing[:3])

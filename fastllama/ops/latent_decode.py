@@ -43,14 +43,15 @@ def _gpu_config(heads: int, q_len: int, r_pad: int, p_pad: int, elem_bytes: int,
     * 16-bit, RANK 256 and below: 16 or 32 rows and 32 keys, 8 warps (at most 140 registers;
       64 keys spilled 8 bytes on sm_100/120); 16 keys for 32 rows with a rotary key of 64 (32
       spilled 8 bytes on sm_80);
-    * fp32: 16 rows, 16 keys, 16 warps at RANK 512 (105 registers; 8 and 4 warps spilled 16-160
-      bytes; 32 keys need 110 KB of shared memory, past the 99 KB of sm_86/120); 32 keys and 8
+    * fp32: 16 rows, 16 keys, 32 warps at RANK 512 (64 registers; 16 warps spilled 8-24 bytes on
+      sm_86/90/120 once the rotary keys had a pointer of their own, 8 and 4 warps 16-32; 32 keys
+      need 110 KB of shared memory, past the 99 KB of sm_86/120); 32 keys and 8
       warps below (127 registers; 16 keys spilled 8 bytes at ptxas's 80-register step, 16 warps
       too); with a 64-dim rotary key, 64 keys and 16 warps where 103 KB of shared memory fits
       (32 keys spilled 16 bytes on sm_90; sm_86/120 keep 32, which do not spill there)."""
     if elem_bytes >= 4:
         if r_pad >= 512:
-            return 16, 16, 16
+            return 16, 16, 32
         return (16, 64, 16) if p_pad >= 64 and sm not in (86, 120) else (16, 32, 8)
     if r_pad >= 512:
         return 32, 16, 8
@@ -68,30 +69,32 @@ _INTERPRETER_ROWS = 64
 
 
 @torch.library.custom_op("fastllama::latent_decode_attention", mutates_args=())
-def _latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
-                             cache_seqlens: torch.Tensor, scale: float, num_splits: int) -> torch.Tensor:
+def _latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor,
+                             rope_cache: torch.Tensor, cache_seqlens: torch.Tensor, cache_leftpad: torch.Tensor | None,
+                             scale: float, num_splits: int) -> torch.Tensor:
     r_pad = _dk.padded_head_dim(q_latent.shape[-1])
+    caches = (q_latent, q_rope, latent_cache, rope_cache, cache_seqlens)
     if interpreter_active():
         bm = _lk.tile_rows(q_latent.shape[1], q_latent.shape[2], 64)
-        return _lk.latent_decode_attention_forward(q_latent, q_rope, cache, cache_seqlens, scale=scale,
-                                                   num_splits=num_splits, block_n=_INTERPRETER_BLOCK_N,
+        return _lk.latent_decode_attention_forward(*caches, scale=scale, num_splits=num_splits,
+                                                   cache_leftpad=cache_leftpad, block_n=_INTERPRETER_BLOCK_N,
                                                    block_m=bm, num_warps=4, num_stages=1,
                                                    combine_rows=_INTERPRETER_ROWS)
     sm = table_arch(q_latent.device)
     bm, bn, warps = _gpu_config(q_latent.shape[1], q_latent.shape[2], r_pad, _dk.padded_head_dim(q_rope.shape[-1]),
                                 q_latent.element_size(), sm)
-    return _lk.latent_decode_attention_forward(q_latent, q_rope, cache, cache_seqlens, scale=scale,
-                                               num_splits=num_splits, block_n=bn, block_m=bm, num_warps=warps,
+    return _lk.latent_decode_attention_forward(*caches, scale=scale, num_splits=num_splits, cache_leftpad=cache_leftpad,
+                                               block_n=bn, block_m=bm, num_warps=warps,
                                                num_stages=_stages(q_latent.element_size(), sm),
                                                combine_warps=_combine_warps(r_pad))
 
 
 @_latent_decode_attention.register_fake
-def _(q_latent, q_rope, cache, cache_seqlens, scale, num_splits):
+def _(q_latent, q_rope, latent_cache, rope_cache, cache_seqlens, cache_leftpad, scale, num_splits):
     return q_latent.new_empty(q_latent.shape)
 
 
-def _validate(q_latent, q_rope, cache, cache_seqlens, scale, num_splits) -> None:
+def _validate(q_latent, q_rope, latent_cache, rope_cache, cache_seqlens, cache_leftpad, scale, num_splits) -> None:
     check_tensor("q_latent", q_latent, ndim=4)
     B, H, Tq, R = q_latent.shape
     if not 1 <= Tq <= MAX_QUERY_LEN:
@@ -106,30 +109,38 @@ def _validate(q_latent, q_rope, cache, cache_seqlens, scale, num_splits) -> None
         raise ValueError(f"q_rope has shape {tuple(q_rope.shape)}; accepted: ({B}, {H}, {Tq}, P) with 1 <= P <= "
                          f"{MAX_ROPE_DIM} (batch, heads and rows of q_latent)")
     P = q_rope.shape[3]
-    check_tensor("cache", cache, ndim=3)
-    check_same("q_latent", q_latent, "cache", cache, "dtype")
-    check_same("q_latent", q_latent, "cache", cache, "device")
-    if cache.shape[0] != B or cache.shape[2] != R + P:
-        raise ValueError(f"cache has shape {tuple(cache.shape)}; accepted: ({B}, Tmax, {R + P}) (each token's "
-                         f"latent of {R} then its rotary key of {P})")
-    for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("cache", cache)):
+    for name, cache, width, what in (("latent_cache", latent_cache, R, "latent"),
+                                     ("rope_cache", rope_cache, P, "rotary key")):
+        check_tensor(name, cache, ndim=3)
+        check_same("q_latent", q_latent, name, cache, "dtype")
+        check_same("q_latent", q_latent, name, cache, "device")
+        if cache.shape[0] != B or cache.shape[2] != width or cache.shape[1] != latent_cache.shape[1]:
+            raise ValueError(f"{name} has shape {tuple(cache.shape)}; accepted: ({B}, {latent_cache.shape[1]}, "
+                             f"{width}) (each token's {what}; batch and slots of latent_cache)")
+    for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("latent_cache", latent_cache),
+                    ("rope_cache", rope_cache)):
         check_last_dim_contiguous(name, t)
     # the kernel's 32-bit offsets inside one sequence: a tile of 128 tokens, a row of heads x rows
-    if (cache.stride(1) * 128 >= 2**31 or (H - 1) * max(q_latent.stride(1), q_rope.stride(1))
+    token_stride = max(latent_cache.stride(1), rope_cache.stride(1))
+    if (token_stride * 128 >= 2**31 or (H - 1) * max(q_latent.stride(1), q_rope.stride(1))
             + (Tq - 1) * max(q_latent.stride(2), q_rope.stride(2)) + max(R, P) >= 2**31):
-        raise ValueError(f"q_latent, q_rope or cache has strides past the kernel's int32 offsets within a "
-                         f"sequence (cache token stride {cache.stride(1)}); pass contiguous tensors")
+        raise ValueError(f"q_latent, q_rope or a cache has strides past the kernel's int32 offsets within a "
+                         f"sequence (cache token stride {token_stride}); pass contiguous tensors")
     check_attention_device(q_latent)
     _check_lengths("cache_seqlens", cache_seqlens, B, q_latent)
+    if cache_leftpad is not None:
+        _check_lengths("cache_leftpad", cache_leftpad, B, q_latent)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or (
             not torch.compiler.is_compiling() and not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float (the unabsorbed heads' softmax scale), got {scale!r}")
     _check_num_splits(num_splits)
-    _check_forward_only("latent_decode_attention", q_latent=q_latent, q_rope=q_rope, cache=cache)
+    _check_forward_only("latent_decode_attention", q_latent=q_latent, q_rope=q_rope, latent_cache=latent_cache,
+                        rope_cache=rope_cache)
 
 
-def latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
-                            cache_seqlens: torch.Tensor, *, scale: float, num_splits: int | None = None
+def latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, latent_cache: torch.Tensor,
+                            rope_cache: torch.Tensor, cache_seqlens: torch.Tensor, *, scale: float,
+                            num_splits: int | None = None, cache_leftpad: torch.Tensor | None = None
                             ) -> torch.Tensor:
     """Multi-head latent attention of a few new queries over a latent cache, forward only.
 
@@ -145,8 +156,10 @@ def latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache:
             unit last stride.
         q_rope: (B, H, Tq, P), P <= :data:`MAX_ROPE_DIM`: the rotary part of the queries (rotated),
             same dtype and device.
-        cache: (B, Tmax, R + P): token t's latent in ``[:R]`` (normed, as the model's
-            ``kv_a_layernorm`` gives it) and its rotated rotary key in ``[R:]``; unit last stride.
+        latent_cache: (B, Tmax, R): each token's latent (normed, as the model's ``kv_a_layernorm``
+            gives it); unit last stride.
+        rope_cache: (B, Tmax, P): each token's rotated rotary key; unit last stride. The two
+            caches may be views of one (B, Tmax, R + P) buffer (``buf[..., :R]``, ``buf[..., R:]``).
         cache_seqlens: (B,) int32 on the device, as :func:`decode_attention`'s: sequence b's first
             ``L_b`` slots, the new tokens included; query t sits at slot ``L_b - Tq + t`` and sees
             the slots up to it. Read on the device (no host sync); clamped to [0, Tmax].
@@ -154,50 +167,65 @@ def latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache:
             ``qk_head_dim ** -0.5`` times yarn's mscale^2): required, no default fits.
         num_splits: key chunks per sequence, 1 to ``MAX_SPLITS``; default from the shapes (as
             :func:`fastllama.ops.decode.default_num_splits`). Every split count is deterministic.
+        cache_leftpad: None (every sequence starts at slot 0), or (B,) int32 on the device: the
+            first slot of sequence b (a left-padded batch: its padding slots before it are never
+            read); clamped to [0, L_b]. A query whose slot is before it sees no key.
 
     Returns:
         (B, H, Tq, R) in q_latent's dtype: each head's softmax-weighted latent; zeros for a query
-        with no key (``L_b == 0``).
+        with no key (``L_b == 0``, or its slot before ``cache_leftpad[b]``).
     """
-    _validate(q_latent, q_rope, cache, cache_seqlens, scale, num_splits)
+    _validate(q_latent, q_rope, latent_cache, rope_cache, cache_seqlens, cache_leftpad, scale, num_splits)
     if num_splits is None:
         B, H, Tq, R = q_latent.shape
         bm = _gpu_config(H, Tq, _dk.padded_head_dim(R), _dk.padded_head_dim(q_rope.shape[-1]),
                          q_latent.element_size(), table_arch(q_latent.device))[0]
-        num_splits = default_num_splits(B, 1, triton.cdiv(H * Tq, bm), cache.shape[1], q_latent.device)
+        num_splits = default_num_splits(B, 1, triton.cdiv(H * Tq, bm), latent_cache.shape[1], q_latent.device)
     # (the output and the split partials, (H, Tq, splits, R) per sequence, in int32 offsets too)
     if q_latent.shape[1] * q_latent.shape[2] * num_splits * q_latent.shape[3] >= 2**31:
         raise ValueError(f"q_latent of shape {tuple(q_latent.shape)} with {num_splits} splits needs per-sequence "
                          f"outputs past the kernel's int32 offsets; pass fewer heads or splits")
-    return _latent_decode_attention(q_latent, q_rope, cache, cache_seqlens, float(scale), num_splits)
+    return _latent_decode_attention(q_latent, q_rope, latent_cache, rope_cache, cache_seqlens, cache_leftpad,
+                                    float(scale), num_splits)
 
 
 # ----------------------------------------------------------------------------------------------
 # Op table (forward only)
 # ----------------------------------------------------------------------------------------------
 def _args(p: dict, dtype: torch.dtype, device: str):
-    """Params: B, H, Tq, R, P, lens, Tmax, splits. Slots past each length hold NaN (never read);
-    ``view``: the cache is a slice of a wider (B, Tmax + 7, R + P + 16) buffer."""
+    """Params: B, H, Tq, R, P, lens, Tmax, splits, leftpad. Slots past each length and before
+    each left pad hold NaN (never read); ``view``: the caches are slices of a wider
+    (B, Tmax + 7, R + P + 16) buffer (as the generator's are of its (B, Tmax, R + P) one), else
+    two tensors (as HF's cache keeps them)."""
     B, H, Tq, R, P, Tmax = p["B"], p["H"], p["Tq"], p["R"], p["P"], p["Tmax"]
     q_latent = torch.randn(B, Tq, H, R, device=device, dtype=dtype).transpose(1, 2)
     q_rope = torch.randn(B, Tq, H, P, device=device, dtype=dtype).transpose(1, 2)
     if p.get("view"):
-        cache = torch.randn(B, Tmax + 7, R + P + 16, device=device, dtype=dtype)[:, 3:3 + Tmax, :R + P]
+        buffer = torch.randn(B, Tmax + 7, R + P + 16, device=device, dtype=dtype)[:, 3:3 + Tmax]
+        latent_cache, rope_cache = buffer[..., :R], buffer[..., R:R + P]
     else:
-        cache = torch.randn(B, Tmax, R + P, device=device, dtype=dtype)
+        latent_cache = torch.randn(B, Tmax, R, device=device, dtype=dtype)
+        rope_cache = torch.randn(B, Tmax, P, device=device, dtype=dtype)
+    leftpad = p.get("leftpad")
     for b, n in enumerate(p["lens"]):
-        cache[b, n:] = float("nan")
+        for cache in (latent_cache, rope_cache):
+            cache[b, n:] = float("nan")
+            cache[b, :leftpad[b] if leftpad else 0] = float("nan")
     lens = torch.tensor(p["lens"], device=device, dtype=torch.int32)
-    # (scores of about unit size, as a model's scale gives them)
-    return (q_latent, q_rope, cache, lens), {"scale": (R + P) ** -0.5, "num_splits": p.get("splits")}
+    kwargs = {"scale": (R + P) ** -0.5, "num_splits": p.get("splits")}  # (scores of about unit size)
+    if leftpad:
+        kwargs["cache_leftpad"] = torch.tensor(leftpad, device=device, dtype=torch.int32)
+    return (q_latent, q_rope, latent_cache, rope_cache, lens), kwargs
 
 
-def _reference(q_latent, q_rope, cache, cache_seqlens, scale, num_splits=None):
+def _reference(q_latent, q_rope, latent_cache, rope_cache, cache_seqlens, scale, num_splits=None,
+               cache_leftpad=None):
     """The same attention over the latent cache written as ordinary attention: one key head (the
     token's latent and rotary key), its value the latent, every query head reading it."""
-    R = q_latent.shape[-1]
     q = torch.cat((q_latent, q_rope), dim=-1)
-    return _ref.decode_attention(q, cache[:, None], cache[:, None, :, :R], cache_seqlens, scale=scale)
+    k = torch.cat((latent_cache, rope_cache), dim=-1)[:, None]
+    return _ref.decode_attention(q, k, latent_cache[:, None], cache_seqlens, scale=scale,
+                                 cache_leftpad=cache_leftpad)
 
 
 _CASES = (
@@ -206,6 +234,9 @@ _CASES = (
     OpCase("B2-H5-Tq3-R48-P8-len0,90-s1-view", dict(B=2, H=5, Tq=3, R=48, P=8, lens=(0, 90), Tmax=96, splits=1,
                                                      view=True)),
     OpCase("B2-H16-Tq2-R128-P32-len200,3-default", dict(B=2, H=16, Tq=2, R=128, P=32, lens=(200, 3), Tmax=256)),
+    # left padding: a padded prompt's step (pads 0, 50, 130 and 5 of 7: two rows see no key), splits
+    OpCase("B4-H3-Tq2-R64-P16-len77,150,131,7-leftpad-s3", dict(B=4, H=3, Tq=2, R=64, P=16, lens=(77, 150, 131, 7),
+                                                                 leftpad=(0, 50, 130, 5), Tmax=160, splits=3)),
     *(OpCase(f"B4-H{h}-Tq{tq}-R512-P64-s{s}", dict(B=4, H=h, Tq=tq, R=512, P=64, lens=(1, 77, 1000, 4097),
                                                    Tmax=4224, splits=s), cuda_only=True)
       for h in (16, 128) for tq in (1, 4) for s in (1, 32, None)),
@@ -227,10 +258,11 @@ def _builds() -> list[KernelBuild]:
         for rows, split, tq1 in itertools.product(rows_options, (False, True), (True, False)):
             lengths = {"q_len": "constexpr" if tq1 else "i32", "n_heads": "i32", "max_len": "i32"}
             st = "i32:16"
-            sig = {"QL": ptr, "QR": ptr, "C": ptr, "SEQLENS": "*i32", "O": "*fp32" if split else ptr,
-                   "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
+            sig = {"QL": ptr, "QR": ptr, "C": ptr, "KR": ptr, "SEQLENS": "*i32", "LEFTPAD": "*i32",
+                   "O": "*fp32" if split else ptr, "LSE": "*fp32" if split else ptr, "sm_scale": "fp32",
                    **{f"stride_{n}{s}": st for n in "qro" for s in "bht"}, "stride_cb": st, "stride_ct": st,
-                   "stride_os": st if split else "i32:16", **{f"stride_l{s}": "i32" for s in "bht"}, **lengths}
+                   "stride_kb": st, "stride_kt": st, "stride_os": st if split else "i32:16",
+                   **{f"stride_l{s}": "i32" for s in "bht"}, **lengths, "use_leftpad": "i32"}
             if _gpu_config(rows, 1, r_pad, p_pad, dtype.itemsize, 90)[0] != rows:
                 continue  # (RANK 512 runs every head count on 32-row tiles)
             for (bm, bn, warps, stages), archs in by_arch(
@@ -255,7 +287,7 @@ def _builds() -> list[KernelBuild]:
 
 OP_SPECS = [
     OpSpec("latent_decode_attention", latent_decode_attention, _reference, _args, _CASES,
-           kernels=("latent_decode_attention", "decode_attention"), names=("q_latent", "q_rope", "cache",
-                                                                           "cache_seqlens"),
+           kernels=("latent_decode_attention", "decode_attention"),
+           names=("q_latent", "q_rope", "latent_cache", "rope_cache", "cache_seqlens"),
            output_names=("out",), build_configs=_builds),
 ]
