@@ -15,8 +15,9 @@ families' differences stay HF's.
 Where the step is not a decode step the kernel serves (training or anything that needs
 gradients, more than 16 new tokens, a mask that is not causal attention over one run of keys
 per row ending at the last query, dropout, ``output_attentions``, a model that ran eager
-attention before it was patched, dtypes that differ), the attention function expands the latents
-as HF would and goes on as for any other model. Under torch.compile the module runs as it is.
+attention before it was patched, dtypes that differ, a ``kv_b_proj`` that is not a plain
+``nn.Linear`` without hooks or bias: a LoRA on it), the attention function expands the latents as
+HF would and goes on as for any other model. Under torch.compile the module runs as it is.
 """
 from __future__ import annotations
 
@@ -128,9 +129,18 @@ def attend_latent(attn, query: torch.Tensor, latents: _Latents, mask, scaling, d
     = q_nope W_UK), ``ops.latent_decode_attention`` attends over HF's cached latents and rotary
     keys, and the head's value rows take the output back (o = o_latent W_UV^T): the same
     attention as over the expanded heads, in another order of products."""
+    from .forwards import _bypassable, _plain_linear
+
     B, H, Tq, _ = query.shape
     latent, rope = latents.latent[:, 0], latents.rope[:, 0]  # (B, Tk, rank), (B, Tk, rope): HF's one "head"
-    weight = attn.kv_b_proj.weight
+    kv_b_proj = attn.kv_b_proj
+    weight = kv_b_proj.weight
+    # the products read kv_b_proj's weight: only a plain, unhooked nn.Linear without a bias computes
+    # nothing else (a LoRA on it, PEFT's or a forward set on the instance, a hook, an offloaded
+    # weight: the expansion calls the module)
+    if not (_plain_linear(kv_b_proj) and _bypassable(kv_b_proj) and kv_b_proj.bias is None
+            and weight.device == query.device):
+        return None
     if (Tq > DECODE_MAX_QUERIES or dropout > 0 or kwargs.get("output_attentions")
             or (mask is not None and (mask.dtype != torch.bool or options.get("eager")))
             or len({query.dtype, latent.dtype, rope.dtype, weight.dtype}) > 1 or latent.shape[1] < Tq):

@@ -101,6 +101,29 @@ def test_training_and_other_attention_implementations_expand_as_hf_does(latent_c
     assert torch.equal(model.generate(x, **kw), expected) and not latent_calls
 
 
+@pytest.mark.parametrize("change", ["hook", "forward"])
+def test_a_kv_b_proj_that_computes_more_than_its_weight_is_expanded(change, latent_calls):
+    """The absorbed products read kv_b_proj's weight: a forward hook on it (a LoRA's delta, say)
+    or a forward set on the instance would be left out, so those steps expand through the module
+    as HF does (the tokens stay HF's), and no step runs on the latent kernel."""
+    model = build("deepseek-v2-mla").eval()
+    x = ids(batch=2, seq=6)
+    for layer in model.model.layers:
+        proj = layer.self_attn.kv_b_proj
+        if change == "hook":
+            proj.register_forward_hook(lambda module, args, out: out * 1.5)
+        else:
+            proj.forward = lambda h, proj=proj: torch.nn.functional.linear(h, proj.weight) * 1.5
+    kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    expected = model.generate(x, **kw)
+    fastllama.patch(model)
+    got = model.generate(x, **kw)
+    assert torch.equal(got.sequences, expected.sequences) and not latent_calls
+    for a, b in zip(got.scores, expected.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_bf16_decode_steps_are_as_close_to_fp32_as_hf_bf16():
     """DESIGN.md's rule on the decode steps' logits (teacher-forced: a 20-token prompt, then 4
     tokens one at a time through the cache): the patched bf16 model's error against the fp32
