@@ -542,14 +542,14 @@ def test_decode_launches_at_llama_shapes_compile_the_reports_builds(monkeypatch,
     assert not missing, (len(missing), missing[:3])
 
 
-@pytest.mark.parametrize("sm", [80, 90, 120])
+@pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 def test_latent_decode_launches_compile_the_reports_builds(monkeypatch, sm):
-    """Dry-runs latent decode attention as the generator launches it for DeepSeek-V2/V3,
-    GLM-4.7-Flash (latent 512, rotary 64), Mistral 4 (256, 64) and MiniCPM3 (256, 32): heads 16
-    to 128, 1-16 new tokens, batches 1 and 8, q_latent a matmul's output and q_rope a rotary op's, the
-    caches two views of one (B, Tmax, latent + rotary) buffer (the generator's) or two tensors with
-    left padding (HF's, as a patched model's decode step passes them); single pass and split + combine. Every launched build must be a
-    build config for the device's arch."""
+    """Dry-runs latent decode attention as fastllama launches it for DeepSeek-V2/V3, GLM-4.7-Flash
+    (latent 512, rotary 64), Mistral 4 (256, 64) and MiniCPM3 (256, 32): heads 16 to 128, 1-16 new
+    tokens, batches 1 and 8, q_latent a matmul's output; the generator's q_rope (a rotary op's) and
+    caches (two views of one (B, Tmax, latent + rotary) buffer), and a patched HF model's (q_rope
+    the slice of HF's transposed query, two cache tensors, left padding); single pass and split +
+    combine. Every launched build must be a build config for the device's arch."""
     from fastllama.ops import decode as decode_op
     from fastllama.ops import latent_decode as op
 
@@ -571,7 +571,9 @@ def test_latent_decode_launches_compile_the_reports_builds(monkeypatch, sm):
             seqlens = torch.full((b,), tmax // 2, dtype=torch.int32)
             op.latent_decode_attention(q_latent, q_rope, *caches, seqlens, scale=0.1)
             op.latent_decode_attention(q_latent, q_rope, *caches, seqlens, scale=0.1, num_splits=1)
-            op.latent_decode_attention(q_latent, q_rope, *hf_caches, seqlens, scale=0.1, cache_leftpad=seqlens // 4)
+            nope = rank // 4  # (HF's query: (B, Tq, H, nope + rope) from q_b_proj, transposed)
+            hf_q_rope = torch.empty(b, tq, heads, nope + rope, dtype=dtype).transpose(1, 2)[..., nope:]
+            op.latent_decode_attention(q_latent, hf_q_rope, *hf_caches, seqlens, scale=0.1, cache_leftpad=seqlens // 4)
     assert len(launched) > 500
     missing = _not_in_report(launched, ("latent_decode_attention",), f"sm_{sm}")
     assert not missing, (len(missing), missing[:3])

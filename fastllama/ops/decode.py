@@ -225,9 +225,9 @@ def _check_forward_only(op: str, **tensors) -> None:
                                  f"call it under torch.no_grad() / torch.inference_mode() or detach {name}")
 
 
-def _check_lengths(name: str, t, batch: int, ref: torch.Tensor) -> None:
+def _check_lengths(name: str, t, batch: int, ref: torch.Tensor, ref_name: str = "q") -> None:
     check_tensor(name, t, dtypes=(torch.int32,), ndim=1)
-    check_same("q", ref, name, t, "device")
+    check_same(ref_name, ref, name, t, "device")
     if t.shape[0] != batch:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; accepted: ({batch},), one entry per sequence")
     if batch > 1 and t.stride(0) != 1:  # the kernels read entry b at base + b

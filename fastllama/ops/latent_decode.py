@@ -127,9 +127,9 @@ def _validate(q_latent, q_rope, latent_cache, rope_cache, cache_seqlens, cache_l
         raise ValueError(f"q_latent, q_rope or a cache has strides past the kernel's int32 offsets within a "
                          f"sequence (cache token stride {token_stride}); pass contiguous tensors")
     check_attention_device(q_latent)
-    _check_lengths("cache_seqlens", cache_seqlens, B, q_latent)
+    _check_lengths("cache_seqlens", cache_seqlens, B, q_latent, "q_latent")
     if cache_leftpad is not None:
-        _check_lengths("cache_leftpad", cache_leftpad, B, q_latent)
+        _check_lengths("cache_leftpad", cache_leftpad, B, q_latent, "q_latent")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or (
             not torch.compiler.is_compiling() and not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float (the unabsorbed heads' softmax scale), got {scale!r}")
