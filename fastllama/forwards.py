@@ -495,15 +495,16 @@ def hf_attention_function(module, query, key, value, attention_mask, dropout=0.0
     For a patched multi-head latent attention, k/v may be stand-ins for its cached latents
     (:mod:`fastllama.latent_attention`): a decode step attends over those, else they are expanded."""
     options = getattr(module, "_fastllama_attention", {})
-    latents = module.__dict__.pop(latent_attention.PENDING, None)
-    if latents is not None and key is latents.key:
-        out = latent_attention.attend_latent(module, query, latents, attention_mask, scaling, dropout, kwargs, options)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    latents = latent_attention.take_latents(module, key)
+    if latents is not None:
+        out = latent_attention.attend_latent(module, query, latents, attention_mask, scaling, dropout, causal, kwargs,
+                                             options)
         if out is not None:
             return out, None
         key, value = latents.expand(module)
     softcap = kwargs.get("softcap")  # Gemma 2's attn_logit_softcapping
     sinks = kwargs.get("s_aux")  # gpt-oss's attention sinks, one score per head
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # HF's sliding window W lets query p see keys p - W < k <= p
     window = (sliding_window - 1, 0) if sliding_window else None
     sinks_after = sinks is not None and _family(module) in SINKS_AFTER_SOFTMAX

@@ -13,7 +13,7 @@ does (q's projections, the family's rotary, Mistral 4's q scale, the cache updat
 families' differences stay HF's.
 
 Where the step is not a decode step the kernel serves (training or anything that needs
-gradients, more than 16 new tokens, a mask that is not causal attention over one run of keys
+gradients, autocast, attention made non-causal, more than 16 new tokens, a mask that is not causal attention over one run of keys
 per row ending at the last query, dropout, ``output_attentions``, a model that ran eager
 attention before it was patched, dtypes that differ, a ``kv_b_proj`` that is not a plain
 ``nn.Linear`` without hooks or bias: a LoRA on it), the attention function expands the latents as
@@ -23,15 +23,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 
 import torch
 
 from . import ops
 from .attention import DECODE_MAX_QUERIES, _classify, _memo
 
-__all__ = ["latent_attention_forward", "attend_latent", "absorbed", "PENDING"]
+__all__ = ["latent_attention_forward", "attend_latent", "take_latents", "absorbed"]
 
-PENDING = "_fastllama_latents"  # the instance attribute holding a deferred expansion's latents
+# Per thread (two threads may run one model: a server's requests), the patched modules whose
+# forward is running in it, and the latents each one's deferred expand_kv kept for its attention
+# function. The expand_kv that defers sits on the instance (HF's forward calls self.expand_kv)
+# while any thread runs the module's forward: counted under a lock, removed by the last one out.
+_LOCAL = threading.local()
+_LOCK = threading.Lock()
+_USERS = "_fastllama_latent_forwards"  # the instance attribute counting the forwards running
+
+
+def _thread_state():
+    if not hasattr(_LOCAL, "running"):
+        _LOCAL.running, _LOCAL.pending = set(), {}
+    return _LOCAL
 
 
 def absorbed(attn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,31 +81,51 @@ def latent_attention_forward(self, *args, **kwargs):
     from .patching import _original_class
 
     forward = _original_class(self).forward
-    if torch.compiler.is_compiling() or "expand_kv" in self.__dict__:  # (traced as it is; not re-entered)
+    local = _thread_state()
+    if torch.compiler.is_compiling() or id(self) in local.running:  # (traced as it is; not re-entered)
         return forward(self, *args, **kwargs)
-    self.__dict__["expand_kv"] = functools.partial(_deferred_expand_kv, self)
+    with _LOCK:
+        users = self.__dict__.get(_USERS, 0)
+        if not users:
+            self.__dict__["expand_kv"] = functools.partial(_deferred_expand_kv, self)
+        self.__dict__[_USERS] = users + 1
+    local.running.add(id(self))
     try:
         return forward(self, *args, **kwargs)
     finally:
-        del self.__dict__["expand_kv"]
-        self.__dict__.pop(PENDING, None)
+        local.running.discard(id(self))
+        local.pending.pop(id(self), None)
+        with _LOCK:
+            users = self.__dict__.pop(_USERS) - 1
+            if users:
+                self.__dict__[_USERS] = users
+            else:
+                del self.__dict__["expand_kv"]
+
+
+def take_latents(attn, key: torch.Tensor) -> "_Latents | None":
+    """The latents ``attn``'s deferred ``expand_kv`` kept in this thread, if ``key`` is the
+    stand-in it returned for them (else None: ``key`` is a real one)."""
+    latents = _thread_state().pending.pop(id(attn), None)
+    return latents if latents is not None and key is latents.key else None
 
 
 def _deferred_expand_kv(self, latent: torch.Tensor, rope: torch.Tensor):
     """``expand_kv`` while a patched forward runs: where the attention function may attend over
-    the latents (fastllama's attention is the model's, nothing needs gradients), it returns
-    stand-ins of the expanded shapes (one element, broadcast: no memory, no work) and keeps the
-    latents for it; else the expansion itself."""
+    the latents (fastllama's attention is the model's, nothing needs gradients, this thread runs
+    the patched forward), it returns stand-ins of the expanded shapes (one element, broadcast: no
+    memory, no work) and keeps the latents for it; else the expansion itself."""
     needs_grad = torch.is_grad_enabled() and (latent.requires_grad or rope.requires_grad
                                               or self.kv_b_proj.weight.requires_grad)
-    if self.config._attn_implementation != "fastllama" or needs_grad:
+    local = _thread_state()
+    if self.config._attn_implementation != "fastllama" or needs_grad or id(self) not in local.running:
         return _class_expand_kv(self)(latent, rope)
     B, _, T, _ = latent.shape
     H = self.config.num_attention_heads
     stand_in = latent.new_empty(())
     key = stand_in.expand(B, H, T, self.qk_nope_head_dim + self.qk_rope_head_dim)
     value = stand_in.expand(B, H, T, self.v_head_dim)
-    self.__dict__[PENDING] = _Latents(latent, rope, key, value)
+    local.pending[id(self)] = _Latents(latent, rope, key, value)
     return key, value
 
 
@@ -119,8 +152,8 @@ def _bounds(mask: torch.Tensor | None, B: int, H: int, Tq: int, Tk: int, device)
     return _memo(mask, ("latent bounds", B, H, Tq, Tk), compute)
 
 
-def attend_latent(attn, query: torch.Tensor, latents: _Latents, mask, scaling, dropout: float, kwargs: dict,
-                  options: dict) -> torch.Tensor | None:
+def attend_latent(attn, query: torch.Tensor, latents: _Latents, mask, scaling, dropout: float, causal: bool,
+                  kwargs: dict, options: dict) -> torch.Tensor | None:
     """A decode step of ``attn`` over its cached latents: the output (B, Tq, H, v_head_dim), as
     an attention function returns it, or None where the step is not one the latent kernel
     serves (see the module docstring; the caller then expands the latents).
@@ -141,7 +174,8 @@ def attend_latent(attn, query: torch.Tensor, latents: _Latents, mask, scaling, d
     if not (_plain_linear(kv_b_proj) and _bypassable(kv_b_proj) and kv_b_proj.bias is None
             and weight.device == query.device):
         return None
-    if (Tq > DECODE_MAX_QUERIES or dropout > 0 or kwargs.get("output_attentions")
+    if (Tq > DECODE_MAX_QUERIES or dropout > 0 or kwargs.get("output_attentions") or not causal
+            or (torch.is_grad_enabled() and query.requires_grad) or torch.is_autocast_enabled(query.device.type)
             or (mask is not None and (mask.dtype != torch.bool or options.get("eager")))
             or len({query.dtype, latent.dtype, rope.dtype, weight.dtype}) > 1 or latent.shape[1] < Tq):
         return None

@@ -150,7 +150,7 @@ def _check_latent_attention(module) -> str | None:
     if module.kv_lora_rank > MAX_LATENT_DIM or module.qk_rope_head_dim > MAX_ROPE_DIM:
         return (f"kv_lora_rank={module.kv_lora_rank} / qk_rope_head_dim={module.qk_rope_head_dim} are past the latent "
                 f"decode kernel's {MAX_LATENT_DIM} / {MAX_ROPE_DIM}: left as is, on the attention kernels")
-    return None
+    return _check_attention_kernels(module)  # (the model's attention stays HF's: so does this module)
 
 
 def _check_attention_kernels(module) -> str | None:

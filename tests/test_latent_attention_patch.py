@@ -1,14 +1,16 @@
 """A patched HF multi-head latent attention model (DeepSeek-V3/V2, GLM-4.7-Flash, Mistral 4,
 MiniCPM3) decodes over its cached latents (fastllama/latent_attention.py): the same tokens as HF,
 the latent kernel doing the decode steps, and HF's expansion everywhere else."""
+import threading
+
 import pytest
 import torch
 
 import fastllama
-from fastllama import ops
+from fastllama import latent_attention, ops
 from fastllama.attention import FALLBACKS
 from fastllama.forwards import _hf_cache_name
-from test_patch import build, ids
+from test_patch import ARCHS, build, ids
 
 LATENT_ARCHS = ["deepseek-v3-mla", "deepseek-v2-mla", "glm4-moe-lite-mla", "mistral4-mla", "minicpm3-mla"]
 
@@ -55,7 +57,8 @@ def test_left_padded_generation_decodes_over_the_latents(arch, cache, latent_cal
     slots = 25 if cache == "static" else None  # (a static cache: 20 + 6 - 1 slots; a dynamic one grows)
     assert latent_calls == [(1, slots or 21 + i, True) for i in range(5) for _ in range(layers)]
     assert not FALLBACKS, FALLBACKS
-    assert not any("_fastllama_latents" in m.__dict__ or "expand_kv" in m.__dict__ for m in model.modules())
+    assert not any("_fastllama_latent_forwards" in m.__dict__ or "expand_kv" in m.__dict__ for m in model.modules())
+    assert not latent_attention._thread_state().pending
 
 
 def test_short_prompts_and_unpadded_batches_take_the_latent_kernel_too(latent_calls):
@@ -124,6 +127,70 @@ def test_a_kv_b_proj_that_computes_more_than_its_weight_is_expanded(change, late
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_a_query_that_needs_gradients_is_never_sent_to_the_forward_only_kernel(latent_calls):
+    """Only q_proj trainable (a LoRA on q, say), a 12-token sequence: layer 0's latents need no
+    gradient, its query does; the step expands as HF does (loss and gradients HF's)."""
+    model, reference = build("deepseek-v2-mla").train(), build("deepseek-v2-mla").train()
+    for m in (model, reference):
+        for name, p in m.named_parameters():
+            p.requires_grad_(".q_proj." in name)
+    fastllama.patch(model, cross_entropy=False)
+    x = ids(batch=2, seq=12)
+    loss, expected = model(input_ids=x, labels=x).loss, reference(input_ids=x, labels=x).loss
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    grads = [(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()) if p.requires_grad]
+    assert grads and not latent_calls
+    for got, want in grads:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_autocast_and_non_causal_attention_are_expanded_as_hf_does(latent_calls):
+    """Under autocast the products would run in another dtype than the kernel's inputs; a module
+    made bidirectional (is_causal=False, an encoder's use) is not what the causal kernel computes:
+    both expand, and give what the unpatched model gives."""
+    model, reference = build("minicpm3-mla").eval(), build("minicpm3-mla").eval()
+    fastllama.patch(model)
+    x = ids(batch=2, seq=10)
+    with torch.no_grad():
+        truth = reference(x).logits
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):  # (DESIGN.md's rule against fp32)
+            error, hf_error = ((m(x).logits.float() - truth).abs().max() for m in (model, reference))
+    assert error <= 2 * hf_error, (error, hf_error)
+    for m in (model, reference):
+        for layer in m.model.layers:
+            layer.self_attn.is_causal = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, use_cache=False).logits, reference(x, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-5)
+    assert not latent_calls
+
+
+def test_a_forward_in_another_thread_between_a_deferral_and_its_attention(monkeypatch):
+    """Two threads running one patched model: thread B's whole forward runs after thread A's
+    layer-0 expand_kv deferred and before A's attention took its latents. Each thread keeps its
+    own: both outputs are the unpatched model's, and nothing is left on the modules."""
+    model, reference = build("deepseek-v3-mla").eval(), build("deepseek-v3-mla").eval()
+    fastllama.patch(model)
+    x, y = ids(batch=2, seq=6, seed=1), ids(batch=2, seq=6, seed=2)
+    take, other = latent_attention.take_latents, {}
+
+    def take_after_another_forward(attn, key):
+        if not other:
+            other["thread"] = threading.Thread(target=lambda: other.update(out=model(y).logits))
+            other["thread"].start()
+            other["thread"].join()
+        return take(attn, key)
+
+    monkeypatch.setattr(latent_attention, "take_latents", take_after_another_forward)
+    with torch.no_grad():
+        out = model(x).logits
+        torch.testing.assert_close(out, reference(x).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(other["out"], reference(y).logits, rtol=1e-4, atol=1e-5)
+    assert not any("_fastllama_latent_forwards" in m.__dict__ or "expand_kv" in m.__dict__ for m in model.modules())
+
+
 def test_bf16_decode_steps_are_as_close_to_fp32_as_hf_bf16():
     """DESIGN.md's rule on the decode steps' logits (teacher-forced: a 20-token prompt, then 4
     tokens one at a time through the cache): the patched bf16 model's error against the fp32
@@ -157,3 +224,15 @@ def test_patch_summary_names_the_latent_attention_and_unpatch_restores_it():
     fastllama.unpatch(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert torch.equal(model(x).logits, before)
+
+
+def test_a_latent_attention_whose_model_attention_stays_hf_is_reported_skipped():
+    """v heads wider than q/k's: the attention kernels refuse the model (its attention stays
+    HF's), so its latent attention modules are reported skipped, with the reason, not patched."""
+    cfg_cls, model_cls, kw = ARCHS["deepseek-v2-mla"]
+    model = model_cls(cfg_cls(**dict(kw, v_head_dim=64), attn_implementation="sdpa")).eval()
+    fastllama.patch(model)
+    rows = [status for _, cls, _, status in model.__dict__["_fastllama_patch"].summary if cls.endswith("Attention")]
+    assert rows and all(r.startswith("skipped: v_head_dim=64 is above q/k's head dim") for r in rows), rows
+    assert model.config._attn_implementation == "sdpa"
+
