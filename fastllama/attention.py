@@ -11,8 +11,10 @@ or None when plain causal attention is meant. The kernels do not take arbitrary 
   the decode kernel with per-sequence ``cache_seqlens`` (or flash attention on the prefix).
 * every row keeps one contiguous run of keys: left- or right-padded batches (Tq == Tk) and
   left-padded caches (Tq < Tk, the run ending at the last key, or for a static cache at the
-  same slot in every row, its unwritten end cut off): the padding is removed and the packed
-  sequences go through varlen flash attention. Padding queries get what the mask gives
+  same slot in every row, its unwritten end cut off). Tq <= 16 without autograd, every run
+  ending where the queries do (left padding: HF's batched ``generate``): the decode kernel
+  with each row's left pad, reading the cache in place. Otherwise the padding is removed and
+  the packed sequences go through varlen flash attention. Padding queries get what the mask gives
   them: 0 where it shows them no key (left padding), and attention over their row's whole run
   where it shows them all of it (right padding, causal: a second, non-causal varlen call), so
   a loss over padded positions matches HF's SDPA path too. Under a sliding window the mask
@@ -107,6 +109,7 @@ class _Plan:
     packing: tuple | None = None  # "runs": what _varlen packs by, made by its first call (_packing)
     common_length: int | None = None  # "prefix": the length every row shares, None if they differ
     as_runs: "_Plan | None" = None  # "prefix" of differing lengths with autograd: the "runs" plan it takes
+    bounds: tuple | bool | None = None  # decode_bounds' answer, once computed (False: none)
     reason: str = "mask is not causal attention over one run of tokens per row"  # "other": why
 
 
@@ -334,6 +337,23 @@ def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal
             and (causal or q.shape[2] == 1) and k.shape[2] >= q.shape[2])
 
 
+def decode_bounds(plan: _Plan, Tk: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(lengths, left pads or None), int32 (B,), with which the decode kernels serve ``plan``
+    over its first ``Tk`` keys (after ``key_end``), or None: a "prefix" plan, or a "runs" plan
+    whose queries sit at the end of every row's run (left padding: decoding, or a short padded
+    prefill whose padding queries see no key). Right padding puts queries past their run's end:
+    None. One host sync per plan (memoized per mask)."""
+    if plan.bounds is None:
+        plan.bounds = False
+        if plan.kind == "prefix":
+            plan.bounds = (plan.lengths.to(torch.int32), None)
+        elif plan.kind == "runs" and plan.pad_rows is None and plan.pad_window is None:
+            ends = plan.starts + plan.lengths
+            if bool((ends == Tk).all()):
+                plan.bounds = (ends.to(torch.int32), plan.starts.to(torch.int32))
+    return plan.bounds or None
+
+
 def _decode_window(window):
     """``window`` as decode attention takes it: ``(left, 0)``."""
     return None if window is None else (window[0], 0)
@@ -461,11 +481,15 @@ def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap,
     plan = _classify(mask, (B, Hq, Tq, Tk), causal, window)
     if plan.key_end is not None:
         k, v = k[:, :, :plan.key_end], v[:, :, :plan.key_end]
+    # a static cache's prefixes, and left-padded caches: the decode kernel reads the cache in
+    # place (varlen attention would gather every row's run first, a copy of K and V per layer).
+    # (not while keeping statistics: the backward differentiates what the forward ran)
+    bounds = decode_bounds(plan, k.shape[2]) if keep is None and _decode_ok(q, k, v, window, True, softcap,
+                                                                             sinks) else None
+    if bounds is not None:
+        return ops.decode_attention(q, k, v, bounds[0], cache_leftpad=bounds[1], scale=scale,
+                                    window=_decode_window(window), softcap=softcap, sinks=sinks)
     if plan.kind == "prefix":
-        # (not while keeping statistics: the backward differentiates what the forward ran)
-        if keep is None and _decode_ok(q, k, v, window, True, softcap, sinks):
-            return ops.decode_attention(q, k, v, plan.lengths, scale=scale, window=_decode_window(window),
-                                        softcap=softcap, sinks=sinks)
         if plan.common_length is not None:
             n = plan.common_length
             return flash(q, k[:, :, :n], v[:, :, :n], causal=True)

@@ -28,7 +28,7 @@ import threading
 import torch
 
 from . import ops
-from .attention import DECODE_MAX_QUERIES, _classify, _memo
+from .attention import DECODE_MAX_QUERIES, _classify, decode_bounds
 
 __all__ = ["latent_attention_forward", "attend_latent", "take_latents", "absorbed"]
 
@@ -132,24 +132,14 @@ def _deferred_expand_kv(self, latent: torch.Tensor, rope: torch.Tensor):
 def _bounds(mask: torch.Tensor | None, B: int, H: int, Tq: int, Tk: int, device):
     """(lengths, left pads or None) of each row's keys for the latent kernel, or None when the
     mask is not what it serves: causal attention over one run of keys per row, the queries at
-    its end. As :func:`fastllama.attention.attend` reads HF's masks: None is causal over all
-    keys, or over the first Tq of an empty static cache; a static cache's mask keeps a prefix
-    (decoding) or, for left-padded prompts, a run [s_b, e) ending at the same slot in every row."""
+    its end. As :func:`fastllama.attention.attend` reads HF's masks for the decode kernel: None is
+    causal over all keys, or over the first Tq of an empty static cache; a mask is read by
+    :func:`fastllama.attention.decode_bounds`."""
     if mask is None:
         n = Tq if Tq > 1 and Tk > Tq else Tk
         return torch.full((B,), n, dtype=torch.int32, device=device), None
-
-    def compute():
-        plan = _classify(mask, (B, H, Tq, Tk), True, None)
-        if plan.kind == "prefix":
-            return plan.lengths.to(torch.int32), None
-        if plan.kind == "runs" and plan.pad_rows is None and plan.pad_window is None:
-            ends = plan.starts + plan.lengths
-            if bool((ends == (plan.key_end or Tk)).all()):  # (right padding: its queries are not at the end)
-                return ends.to(torch.int32), plan.starts.to(torch.int32)
-        return None
-
-    return _memo(mask, ("latent bounds", B, H, Tq, Tk), compute)
+    plan = _classify(mask, (B, H, Tq, Tk), True, None)
+    return decode_bounds(plan, plan.key_end or Tk)
 
 
 def attend_latent(attn, query: torch.Tensor, latents: _Latents, mask, scaling, dropout: float, causal: bool,

@@ -79,6 +79,25 @@ def test_left_padded_static_cache_uses_the_kernels(Tq):
     assert not FALLBACKS, FALLBACKS
 
 
+@pytest.mark.parametrize("Tq, end, lengths", [(1, 16, [7, 4, 2]), (3, 16, [7, 4, 3]), (2, 10, [9, 4, 2]),
+                                              (7, 7, [7, 4, 2])])
+def test_left_padded_decoding_reads_the_cache_in_place(monkeypatch, Tq, end, lengths):
+    """Left-padded rows (HF's batched generate) without autograd, up to 16 queries: a dynamic
+    cache (the runs end at the last key), a static one (at the same slot e < Tk), a padded prompt
+    of 7 (its padding queries see no key): the decode kernel with each row's left pad, reading the
+    cache in place; no varlen flash call gathers the runs."""
+    q, k, v = qkv(B=3, Tq=Tq, Tk=16)
+    mask = padded_causal(lengths, Tq, 16, end=end)
+    decode, flash, calls = ops.decode_attention, ops.flash_attention, []
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: calls.append(
+        (a[1].shape[2], a[3].tolist(), kw["cache_leftpad"].tolist())) or decode(*a, **kw))
+    monkeypatch.setattr(ops, "flash_attention", lambda *a, **kw: calls.append("flash") or flash(*a, **kw))
+    with torch.no_grad():
+        out = attend(q, k, v, mask)
+    check(out, q, k, v, mask)
+    assert calls == [(end, [end] * 3, [end - n for n in lengths])] and not FALLBACKS
+
+
 def test_prefix_masks_of_different_lengths_with_grad_use_varlen():
     """A static cache's decode-shaped mask while autograd records (no decode kernel)."""
     q, k, v = qkv(Tq=3, Tk=12)
