@@ -484,7 +484,8 @@ def _attend_masked(q, k, v, mask, causal, scale, window, deterministic, softcap,
     # a static cache's prefixes, and left-padded caches: the decode kernel reads the cache in
     # place (varlen attention would gather every row's run first, a copy of K and V per layer).
     # (not while keeping statistics: the backward differentiates what the forward ran)
-    bounds = decode_bounds(plan, k.shape[2]) if keep is None and _decode_ok(q, k, v, window, True, softcap,
+    # (the kernel is causal: a bidirectional mask's runs take it only for one query, at the run's end)
+    bounds = decode_bounds(plan, k.shape[2]) if keep is None and _decode_ok(q, k, v, window, causal, softcap,
                                                                              sinks) else None
     if bounds is not None:
         return ops.decode_attention(q, k, v, bounds[0], cache_leftpad=bounds[1], scale=scale,

@@ -98,6 +98,18 @@ def test_left_padded_decoding_reads_the_cache_in_place(monkeypatch, Tq, end, len
     assert calls == [(end, [end] * 3, [end - n for n in lengths])] and not FALLBACKS
 
 
+@pytest.mark.parametrize("Tq, Tk, pads", [(8, 8, [0, 0]), (3, 12, [0, 4]), (1, 12, [0, 4])])
+def test_a_bidirectional_padding_mask_is_not_served_by_the_causal_decode_kernel(Tq, Tk, pads):
+    """Non-causal attention (an encoder: Gemma 3 with bidirectional attention) under a padding
+    mask, no autograd: every query sees its row's whole run, later keys too; the decode kernel
+    (causal) serves only a single query at the run's end."""
+    q, k, v = qkv(B=2, Tq=Tq, Tk=Tk)
+    keep = torch.stack([torch.arange(Tk) >= p for p in pads]).to(DEVICE)
+    mask = keep[:, None, None, :].expand(2, 1, Tq, Tk)
+    with torch.no_grad():
+        check(attend(q, k, v, mask, causal=False), q, k, v, mask)
+
+
 def test_prefix_masks_of_different_lengths_with_grad_use_varlen():
     """A static cache's decode-shaped mask while autograd records (no decode kernel)."""
     q, k, v = qkv(Tq=3, Tk=12)
