@@ -339,10 +339,11 @@ def _decode_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window, causal
 
 def decode_bounds(plan: _Plan, Tk: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(lengths, left pads or None), int32 (B,), with which the decode kernels serve ``plan``
-    over its first ``Tk`` keys (after ``key_end``), or None: a "prefix" plan, or a "runs" plan
-    whose queries sit at the end of every row's run (left padding: decoding, or a short padded
-    prefill whose padding queries see no key). Right padding puts queries past their run's end:
-    None. One host sync per plan (memoized per mask)."""
+    over its first ``Tk`` keys (after ``key_end``): a "prefix" plan, or a "runs" plan whose
+    queries sit at the end of every row's run (left padding: decoding, or a short padded prefill
+    whose padding queries see no key). None for any other (right padding puts queries past their
+    run's end). One host sync per plan (memoized per mask). The caller checks that the call is
+    one the kernel serves (:func:`_decode_ok`: causal, few queries, no autograd)."""
     if plan.bounds is None:
         plan.bounds = False
         if plan.kind == "prefix":

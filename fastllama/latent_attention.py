@@ -13,11 +13,12 @@ does (q's projections, the family's rotary, Mistral 4's q scale, the cache updat
 families' differences stay HF's.
 
 Where the step is not a decode step the kernel serves (training or anything that needs
-gradients, autocast, attention made non-causal, more than 16 new tokens, a mask that is not causal attention over one run of keys
-per row ending at the last query, dropout, ``output_attentions``, a model that ran eager
-attention before it was patched, dtypes that differ, a ``kv_b_proj`` that is not a plain
-``nn.Linear`` without hooks or bias: a LoRA on it), the attention function expands the latents as
-HF would and goes on as for any other model. Under torch.compile the module runs as it is.
+gradients, autocast, attention made non-causal, more than 16 new tokens, a mask that is not
+causal attention over one run of keys per row ending at the last query, dropout,
+``output_attentions``, a model that ran eager attention before it was patched, dtypes that
+differ, a ``kv_b_proj`` that is not a plain ``nn.Linear`` without hooks or bias: a LoRA on it),
+the attention function expands the latents as HF would and goes on as for any other model.
+Under torch.compile the module runs as it is.
 """
 from __future__ import annotations
 
