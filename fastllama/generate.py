@@ -53,8 +53,8 @@ from . import ops
 from . import forwards, patching
 from .forwards import (attention_input_linears, gate_activation, gateless, mlp_activation, mlp_input_linears,
                        split_qkv)
-from .ops._checks import check_attention_device
 from .latent_attention import absorbed
+from .ops._checks import check_attention_device
 from .loading import TRANSFORMERS_MODEL_TYPES, _HFTokenizer, load_checkpoint, load_tokenizer  # noqa: F401  (API)
 from .model_weights import (RowBlocks, check_model, default_stop_and_pad, layer_shared_mlp, mlp_of, module_problem,
                             rope_tables, rotary_layer_types, shared_experts_of)

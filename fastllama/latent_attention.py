@@ -106,7 +106,10 @@ def latent_attention_forward(self, *args, **kwargs):
 
 def take_latents(attn, key: torch.Tensor) -> "_Latents | None":
     """The latents ``attn``'s deferred ``expand_kv`` kept in this thread, if ``key`` is the
-    stand-in it returned for them (else None: ``key`` is a real one)."""
+    stand-in it returned for them (else None: ``key`` is a real one). Nothing is deferred under
+    torch.compile (:func:`latent_attention_forward`), so traced calls skip the lookup."""
+    if torch.compiler.is_compiling():
+        return None
     latents = _thread_state().pending.pop(id(attn), None)
     return latents if latents is not None and key is latents.key else None
 
