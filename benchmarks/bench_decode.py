@@ -12,7 +12,11 @@ latents every step). For each batch (1, 8, 32) and context (512, 4096): a random
 call (which captures the CUDA graphs / compiles).
 
 Rows:
-- ``fastllama``: ``fastllama.generate.Generator`` (decode step = one CUDA graph);
+- ``fastllama``: ``fastllama.generate.Generator`` (decode step = one CUDA graph); column ``step``:
+  which decode step its capture timed faster and kept, ``fused`` (each layer's linears through
+  ``ops.decode_linear``, the norms, SwiGLU and residual adds folded in) or ``cuBLAS``;
+- ``fastllama-fused-step`` / ``fastllama-cublas-step`` (batch 1 only, on models the fused step
+  serves): the same with ``fused_decode=True`` / ``False``, both timed in full;
 - ``fastllama-unfused`` (batch 1 only): the same with ``fuse_projections=False`` (q/k/v and
   gate/up as separate GEMVs), to measure what the fused projections give;
 - ``hf-static``: ``LlamaForCausalLM.generate(cache_implementation="static",
@@ -42,6 +46,7 @@ case to prove the script works: NOT a measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -158,9 +163,10 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def time_fastllama(model, prompt, new_tokens, reps, fuse_projections=True):
+def time_fastllama(model, prompt, new_tokens, reps, **generator_kwargs):
+    """(seconds per decode step, steps, {"step": the decode step that ran, "fused" or "cuBLAS"})."""
     B, T = prompt.shape
-    gen = Generator(model, B, T + new_tokens, fuse_projections=fuse_projections)
+    gen = Generator(model, B, T + new_tokens, **generator_kwargs)
     gen.generate(prompt, new_tokens, stop_tokens=[])  # warm-up: compiles, captures the graph
     per_step = []
     for _ in range(reps):
@@ -168,7 +174,7 @@ def time_fastllama(model, prompt, new_tokens, reps, fuse_projections=True):
         if gen.stats.steps < 1:
             raise ValueError(f"{new_tokens} new tokens took no decode step to time")
         per_step.append(gen.stats.decode_s / gen.stats.steps)
-    return statistics.median(per_step), gen.stats.steps
+    return statistics.median(per_step), gen.stats.steps, {"step": "fused" if gen.stats.fused_decode else "cuBLAS"}
 
 
 def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
@@ -265,6 +271,11 @@ def main(argv=None) -> int:
                     if batch == 1:
                         methods.append(("fastllama-unfused", lambda: time_fastllama(
                             model, prompt, args.new_tokens, args.reps, fuse_projections=False)))
+                        if Generator(model, 1, 2).fused_problem is None:
+                            for fused in (True, False):
+                                methods.append((f"fastllama-{'fused' if fused else 'cublas'}-step",
+                                                functools.partial(time_fastllama, model, prompt, args.new_tokens,
+                                                                  args.reps, fused_decode=fused)))
                     if not args.skip_hf:
                         methods.append(("hf-static", lambda: time_hf(hf, prompt, args.new_tokens, args.reps, False)))
                         methods.append(("hf-static-patched",
@@ -277,7 +288,8 @@ def main(argv=None) -> int:
                         try:
                             if name.startswith("hf") and hf is None:
                                 hf = build_hf(model, dtype, device)
-                            step_s, steps = fn()
+                            step_s, steps, *info = fn()
+                            row.update(*info)
                             gbps = nbytes / step_s / 1e9
                             row.update({"ms/step": step_s * 1e3, "tokens/s": batch / step_s, "GB/s": gbps,
                                         "% roofline": 100 * gbps / copy_gbps if gpu else None,
@@ -301,7 +313,7 @@ def main(argv=None) -> int:
         interrupted = True
         print("interrupted: writing the rows measured so far", flush=True)
 
-    columns = ["model", "batch", "context", "impl", "ms/step", "tokens/s", "GB/s", "% roofline", "% spec",
+    columns = ["model", "batch", "context", "impl", "step", "ms/step", "tokens/s", "GB/s", "% roofline", "% spec",
                "roofline tokens/s", "fastllama speed-up", "steps", "error"]
     print()
     print(common.markdown_table(rows, columns))

@@ -48,6 +48,8 @@ BENCH_PARAMS = {
     # DeepSeek-V2-Lite decoding: 16 heads over a latent cache (512 + 64 per token), batch 8, 4k tokens
     "latent_decode_attention": {"B": 8, "H": 16, "Tq": 1, "R": 512, "P": 64, "lens": (4096,) * 8, "Tmax": 4224,
                                 "splits": 16},
+    # Llama-3-8B decoding at batch 1: gate/up with the norm before and SwiGLU after (one GEMV)
+    "decode_linear": {"rows": (1,), "K": 4096, "N": 14336, "norm": "llama", "activation": "silu"},
     # GLM-4-9B: 32 / 2 heads of 128 dims, adjacent pairs of the first 64 rotated
     "rotary_pairs": {"b": 4, "hq": 32, "hk": 2, "t": 4096, "d": 128, "r": 64, "transposed": True},
 }

@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import sys
 import time
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -105,6 +106,7 @@ class GenerationStats:
     decode_s: float = 0.0  # every step after prefill
     steps: int = 0  # decode steps run after prefill (after an early stop, the one launched past it too)
     cuda_graph: bool = False
+    fused_decode: bool = False  # the decode step ran the layers' linears through ops.decode_linear
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -212,6 +214,7 @@ class _State:
         self.stop = torch.tensor(sampling.stop, dtype=torch.long, device=device)
         self.sampling = sampling
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.fused = False  # whether the step runs the layers' linears through ops.decode_linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,10 +318,18 @@ class Generator:
         fuse_projections: compute q/k/v with one GEMM and gate/up with one, by laying each
             layer's weights out as row blocks of one buffer (see :class:`RowBlocks`: the
             model's parameters become views of it: same values, no second copy). Default True.
+        fused_decode: run each layer's four linears in the decode step through
+            :func:`fastllama.ops.decode_linear`, the norms, the activation and the residual adds
+            folded into them: four kernels where the cuBLAS step launches seven (:meth:`_fused_layers`).
+            None (default): on CUDA with a CUDA graph, both steps are captured and timed at the
+            first capture of each batch size and sampling, and the faster one is kept
+            (:attr:`decode_timings`); otherwise off. True: always (a ValueError names what makes a
+            model unfit: a Llama-like layer is needed, an RMSNorm before attention and before a
+            gated MLP, nothing else around them). False: never.
     """
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, *, cuda_graph: bool | None = None,
-                 num_splits: int | None = None, fuse_projections: bool = True):
+                 num_splits: int | None = None, fuse_projections: bool = True, fused_decode: bool | None = None):
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size}, {max_seq_len}")
         check_model(model, max_seq_len)
@@ -422,6 +433,10 @@ class Generator:
         self.fuse_projections = fuse_projections
         self._projections: list[tuple[RowBlocks | None, RowBlocks | None]] = []
         self._weights_key: tuple[int, ...] = ()
+        self.fused_decode = fused_decode
+        self._fused_failure: str | None = None  # why the fused step failed on this GPU, if it did
+        # what the last timed capture measured: {"cuBLAS": ms per step, "fused": ms per step}
+        self.decode_timings: dict[str, float] = {}
         self._bind_weights()
 
     def _bind_weights(self) -> None:
@@ -479,6 +494,11 @@ class Generator:
             raise ValueError(f"the model's attn_logit_softcapping={too_big[0]} is above what the decode kernel takes "
                              f"with {self.dtype} ({ops.decode.MAX_16BIT_SOFTCAP:g}); fastllama.patch(model) and HF's "
                              f"generate run it")
+        # (what keeps the decode step from ops.decode_linear, or None)
+        self.fused_problem = self._fused_decode_problem()
+        if self.fused_decode and self.fused_problem:
+            raise ValueError(f"fused_decode=True, but {self.fused_problem}; build the Generator with fused_decode=None "
+                             f"(the default) or False")
         key = (*(p.data_ptr() for p in self.model.parameters()), *self.activations, *self.shared_activations,
                *self.softcaps)
         if key != self._weights_key:
@@ -495,13 +515,44 @@ class Generator:
         mlp = [] if hasattr(block, "experts") or gateless(block) else list(mlp_input_linears(block))
         return list(_latent_input_linears(a) if _latent(a) else attention_input_linears(a)), mlp
 
+    def _fused_decode_problem(self) -> str | None:
+        """Why the decode step cannot run on :meth:`_fused_layers`, or None: every layer must be
+        a Llama layer (an RMSNorm with a weight of the model's dtype before the attention and
+        before a gated SiLU/GELU-tanh MLP, plain residual adds), its q/k/v and gate/up laid out
+        as one buffer each; and the step must not have failed to run here before."""
+        if self._fused_failure:
+            return self._fused_failure
+        if self.latent:
+            return "its attention is multi-head latent attention (its decode step absorbs kv_b_proj)"
+        if self.weightless_norms or self.eps is None:
+            return "its norms are LayerNorms without weights"
+        if self.multipliers.residual != 1.0:
+            return "it scales its residual branches"
+        if not self.fuse_projections:
+            return "fuse_projections=False (the fused step reads q/k/v and gate/up as one weight each)"
+        for i, layer in enumerate(self.model.model.layers):
+            mlp = mlp_of(layer)[1]
+            if hasattr(mlp, "experts") or gateless(mlp) or self.activations[i] is None:
+                return f"layer {i}'s MLP is not a gated SiLU or GELU-tanh MLP"
+            attention_out_norm, mlp_norm, mlp_out_norm = _branch_norms(layer)
+            if attention_out_norm is not None or mlp_out_norm is not None:
+                return f"layer {i} norms its branches' outputs"
+            for norm in (_input_norm(layer), mlp_norm):
+                weight = getattr(norm, "weight", None)
+                if not isinstance(weight, torch.Tensor) or weight.dtype != self.dtype:
+                    return f"layer {i} has a norm that is not an RMSNorm with a {self.dtype} weight"
+            if None in self._projections[i]:
+                return f"layer {i}'s q/k/v or gate/up linears could not be laid out as one buffer"
+        return None
+
     @staticmethod
     def _project(fused: RowBlocks | None, linears, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs of ``linears`` on ``h``: one GEMM when they are fused."""
         return fused(h) if fused is not None else tuple(F.linear(h, lin.weight, lin.bias) for lin in linears)
 
     # -- the model, in fastllama ops --------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, slots: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, slots: torch.Tensor, last: torch.Tensor | None,
+                 fused: bool = False) -> torch.Tensor:
         """Logits (B, V) at position ``last`` (B,) of ``tokens`` (B, T) (default: the last one).
 
         Token t of sequence b goes to cache slot ``slots[b] + t``. T > 16 (prefill, slots all 0)
@@ -509,7 +560,8 @@ class Generator:
         over each sequence's ``slots[b] + T`` cached tokens. Both apply each layer's sliding
         window (:attr:`windows`). A layer whose cache is a ring (:attr:`cache_lengths`) takes
         T == 1 (a decode step: position ``slots[b]``) or a prefill (T > 1, slots all 0, sequence
-        b ``last[b] + 1`` tokens long, default T).
+        b ``last[b] + 1`` tokens long, default T). ``fused``: the layers of :meth:`_fused_layers`
+        (a decode step of a model :meth:`_fused_decode_problem` accepts).
         """
         B, T = tokens.shape
         layers = self.model.model.layers
@@ -522,6 +574,10 @@ class Generator:
         # lengths); "positions" (B, T); "q_scale" (Ministral 3); ("rows", id(table)) -> its rows there
         once: dict = {}
         scratch: list[torch.Tensor] = []  # a prefill's full-length K/V for the ring layers, made once
+        rows = (torch.arange(B, device=x.device), last) if last is not None else (slice(None), -1)
+        if fused:
+            h = self._norm(self._fused_layers(x, slots, lengths, last, once, scratch)[rows], self.model.model.norm)
+            return self._logits(h)
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, mlp_of(layer)[1]
             attention_in, mlp_in = self._layer_groups(layer)
@@ -556,8 +612,36 @@ class Generator:
                                    m.down_proj.bias)
             mlp_out = self._residual_branch(mlp_out if mlp_out_norm is None else self._norm(mlp_out, mlp_out_norm))
         # the last residual add and the final norm in one kernel, at the rows that give logits
-        rows = (torch.arange(B, device=x.device), last) if last is not None else (slice(None), -1)
         h, _ = self._norm(mlp_out[rows], self.model.model.norm, residual=x[rows])
+        return self._logits(h)
+
+    def _fused_layers(self, x: torch.Tensor, slots, lengths, last, once: dict, scratch: list) -> torch.Tensor:
+        """The residual stream after every layer, each layer's linears through
+        :func:`fastllama.ops.decode_linear` (arguments as :meth:`_attend`'s)::
+
+            q, k, v = qkv(norm(x))      attention          x = x + o_proj(attention)
+            m = act(gate) * up, (gate, up) = gate_up(norm(x))          x = x + down_proj(m)
+
+        Four kernels around the attention, where the cuBLAS layer launches seven (two norms,
+        each with its residual add, four GEMMs and the SwiGLU): the same roundings, other
+        summation orders."""
+        B, T = x.shape[:2]
+        norm = "unit_offset" if self.unit_offset else "round_once" if self.round_once else "llama"
+        for i, layer in enumerate(self.model.model.layers):
+            a, mlp = layer.self_attn, mlp_of(layer)[1]
+            qkv, gate_up = self._projections[i]
+            projected = ops.decode_linear(x, qkv.weight, qkv.bias, norm_weight=_input_norm(layer).weight, eps=self.eps,
+                                          norm=norm).split(qkv.sizes, dim=-1)
+            o = self._attend(i, *self._qkv(a, projected), slots, lengths, last, once, scratch)
+            x = ops.decode_linear(o.transpose(1, 2).reshape(B, T, -1), a.o_proj.weight, a.o_proj.bias, residual=x)
+            h = ops.decode_linear(x, gate_up.weight, gate_up.bias, norm_weight=_branch_norms(layer)[1].weight,
+                                  eps=self.eps, norm=norm, activation=self.activations[i])
+            x = ops.decode_linear(h, mlp.down_proj.weight, mlp.down_proj.bias, residual=x)
+        return x
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits (B, V) of the final norm's output ``h`` (B, hidden), with the
+        family's multipliers and soft cap."""
         if self.multipliers.head_input:
             h = h / self.multipliers.logits
         logits = F.linear(h, self.model.lm_head.weight, self.model.lm_head.bias)  # (Ernie 4.5 MoE: a bias)
@@ -814,11 +898,61 @@ class Generator:
         """One decode step on the static buffers: feed ``st.token``, sample the next one."""
         # A finished sequence's token is its pad, which need not be a valid id (-1 marks padding
         # for Tokenizer.decode): feed 0 instead; its logits are ignored anyway.
-        logits = self._forward(torch.where(st.done, 0, st.token)[:, None], st.seqlens, None)
+        logits = self._forward(torch.where(st.done, 0, st.token)[:, None], st.seqlens, None, fused=st.fused)
         self._advance(st, logits, generator)
         st.seqlens += 1
 
     def _capture(self, st: _State) -> None:
+        """Captures the decode step: with ``fused_decode=None`` and a model :meth:`_fused_layers`
+        serves, the cuBLAS step and the fused one, each timed (:meth:`_replay_ms`), keeping the
+        faster; else the one ``fused_decode`` asks for."""
+        if self.fused_decode is None and self.fused_problem is None:
+            graphs, ms = {}, {}
+            for fused in (False, True):
+                st.fused = fused
+                try:
+                    self._capture_step(st)
+                except Exception as e:  # noqa: BLE001
+                    if not fused:
+                        raise
+                    # (the optional step failing to build, say a compile error on this GPU, must
+                    # not stop decoding: the cuBLAS step runs, and this Generator stops trying)
+                    self._fused_failure = self.fused_problem = (f"the fused decode step failed to run: "
+                                                                f"{type(e).__name__}: {e}")
+                    warnings.warn(f"{self.fused_problem}; decoding with the cuBLAS step", RuntimeWarning,
+                                  stacklevel=3)
+                    break
+                graphs[fused], ms[fused] = st.graph, self._replay_ms(st)
+            st.fused = True in ms and ms[True] < ms[False]
+            st.graph = graphs[st.fused]
+            self.decode_timings = {"cuBLAS": ms[False], **({"fused": ms[True]} if True in ms else {})}
+        else:
+            st.fused = bool(self.fused_decode) and self.fused_problem is None
+            self._capture_step(st)
+
+    def _replay_ms(self, st: _State) -> float:
+        """Milliseconds per replay of ``st.graph``, over up to 10 replays after one to warm up
+        (from slot 0: each writes the next cache slot, which prefill overwrites). The CUDA RNG
+        state is restored after: sampling graphs draw from it, and the timing must not shift the
+        draws of the call that captured."""
+        n = min(10, self.max_seq_len - 3)
+        if n < 1:
+            return 0.0
+        rng = torch.cuda.get_rng_state(self.device)
+        st.seqlens.zero_()
+        st.graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            st.graph.replay()
+        end.record()
+        end.synchronize()
+        torch.cuda.set_rng_state(rng, self.device)
+        st.seqlens.zero_()
+        st.done.zero_()
+        return start.elapsed_time(end) / n
+
+    def _capture_step(self, st: _State) -> None:
         """Warms the step up (compiles every kernel) on a side stream, then captures it. The
         warm-up writes cache slots 0 and 1, which prefill overwrites or decode writes before
         reading; the state buffers are reset by the caller. The warm-up samples with its own
@@ -890,6 +1024,8 @@ class Generator:
         st = self._states.get(key)
         if st is None:
             st = self._states[key] = _State(B, self.device, sampling)
+        if not self.cuda_graph:  # (a captured step was chosen with its capture)
+            st.fused = bool(self.fused_decode) and self.fused_problem is None
         if self.cuda_graph and st.graph is None and max_new_tokens > 1:
             # before prefill: the warm-up writes cache slots. One new token needs no decode step
             # (no graph yet); a capture that failed is tried again, never skipped for eager.
@@ -940,7 +1076,8 @@ class Generator:
             streamer.end()
         # decode_s covers every step launched, the dropped one after an early stop included
         steps = len(out) - 1
-        self.stats = GenerationStats(B, int(lens.sum()), produced, t1 - t0, t2 - t1, steps, st.graph is not None)
+        self.stats = GenerationStats(B, int(lens.sum()), produced, t1 - t0, t2 - t1, steps, st.graph is not None,
+                                     st.fused)
         new = torch.stack(out[:n], dim=1).cpu()
         if not as_lists:
             return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
@@ -997,7 +1134,8 @@ class Generator:
 
 
 def generate(model, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | None = None,
-             num_splits: int | None = None, fuse_projections: bool = True, **kwargs):
+             num_splits: int | None = None, fuse_projections: bool = True, fused_decode: bool | None = None,
+             **kwargs):
     """One-shot :meth:`Generator.generate` with a cache sized for this call (see there for the
     arguments and return value). Reuse a :class:`Generator` to keep its cache and CUDA graphs."""
     if isinstance(input_ids, torch.Tensor):
@@ -1007,13 +1145,10 @@ def generate(model, input_ids, max_new_tokens: int = 20, *, cuda_graph: bool | N
     else:
         batch, longest = len(input_ids), max((len(p) for p in input_ids), default=0)
     gen = Generator(model, max(batch, 1), max(longest + max(max_new_tokens, 0), 1), cuda_graph=cuda_graph,
-                    num_splits=num_splits, fuse_projections=fuse_projections)
+                    num_splits=num_splits, fuse_projections=fuse_projections, fused_decode=fused_decode)
     return gen.generate(input_ids, max_new_tokens, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------
-# `fastllama generate` (registered in fastllama/cli.py)
-# ----------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------
 # `fastllama generate` (registered in fastllama/cli.py)
 # ----------------------------------------------------------------------------------------------

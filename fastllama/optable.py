@@ -183,6 +183,7 @@ _OP_MODULES.append("swiglu")
 _OP_MODULES.append("fused_linear")
 _OP_MODULES.append("decode")
 _OP_MODULES.append("latent_decode")
+_OP_MODULES.append("decode_gemv")
 
 _CACHE: list[OpSpec] = []
 

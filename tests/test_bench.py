@@ -492,6 +492,10 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
     assert latent["fastllama"]["cache KiB/token"] < latent["expanded-cache"]["cache KiB/token"] / 3
     decode = {r["impl"]: r for r in json.loads((tmp_path / "decode.json").read_text())["rows"]}
     assert decode["fastllama"]["tokens/s"] > 0 and "error" not in decode["fastllama"]
+    # (the tiny Llama takes the fused decode step: both steps forced have rows of their own, and
+    # each fastllama row says which step ran; off-GPU the default keeps the cuBLAS one)
+    assert [decode[f"fastllama{s}"]["step"] for s in ("", "-fused-step", "-cublas-step")] == ["cuBLAS", "fused", "cuBLAS"]
+    assert all(decode[f"fastllama-{s}-step"]["tokens/s"] > 0 for s in ("fused", "cublas"))
 
 
 def _run_pytest(*args: str, timeout: float):

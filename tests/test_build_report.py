@@ -579,6 +579,29 @@ def test_latent_decode_launches_compile_the_reports_builds(monkeypatch, sm):
     assert not missing, (len(missing), missing[:3])
 
 
+def test_decode_linear_launches_compile_the_reports_builds(monkeypatch):
+    """Dry-runs ops.decode_linear as the Generator's fused decode step launches it (1-16 rows;
+    hidden sizes of Llama-3.2-1B / 3-8B, Qwen2-0.5B's 896 and 100, not a multiple of 16; each norm, activation,
+    residual and bias; a strided row view) and a few 16-row tiles of more rows: every launched
+    build must be a build config (one for every arch)."""
+    from fastllama.ops import decode_gemv as op
+
+    launched = _dry_run(monkeypatch, op, {op._k: ["decode_linear_kernel"]})
+    with _interp.wrong_bf16_values_ok():  # nothing runs
+        for dtype, rows, K, norm, act, residual, bias in itertools.product(
+                (torch.bfloat16, torch.float16, torch.float32), (1, 5, 16, 40), (2048, 4096, 896, 100),
+                (None, *op.NORMS), op.ACTIVATIONS, (False, True), (False, True)):
+            n_out = 48
+            x = torch.empty(rows, 2 * K, dtype=dtype)[:, :K]  # (a row stride of its own)
+            w = torch.empty(2 * n_out if act else n_out, K, dtype=dtype)
+            op.decode_linear(x, w, torch.empty(w.shape[0], dtype=dtype) if bias else None,
+                             norm_weight=torch.empty(K, dtype=dtype) if norm else None, norm=norm or "llama",
+                             activation=act, residual=torch.empty(rows, n_out, dtype=dtype) if residual else None)
+    assert len(launched) > 1000
+    missing = _not_in_report(launched, ("decode_linear",), "sm_90")
+    assert not missing, (len(missing), missing[:3])
+
+
 @pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 def test_flash_attention_untuned_launches_compile_the_reports_builds(monkeypatch, sm):
     """Dry-runs flash attention forward and backward (deterministic and atomic dQ) with autotuning

@@ -473,7 +473,9 @@ class _FakeCudaGraphs:
     """Stand-ins for torch.cuda's streams and graphs, so the CUDA-graph branch of Generator runs
     on the CPU: a "capture" executes the step once (as a real capture records it), then restores
     every buffer and the RNG state (a real capture computes nothing and draws nothing); a replay
-    runs the recorded Python step again. ``fail`` makes the next capture raise."""
+    runs the recorded Python step again. ``fail`` makes the next capture raise. A model the fused
+    decode step serves has both steps captured (``fused_decode=None``); their timings stand in
+    as equal (the cuBLAS step is kept; tests/test_fused_decode.py scripts them)."""
 
     def __init__(self, monkeypatch):
         self.captures, self.fail, self.current, self.capture_streams = 0, False, None, []
@@ -488,6 +490,7 @@ class _FakeCudaGraphs:
             return original(gen, st)
 
         monkeypatch.setattr(Generator, "_capture", capture)
+        monkeypatch.setattr(Generator, "_replay_ms", lambda gen, st: 1.0)
 
     def wait_stream(self, other):
         pass
@@ -527,7 +530,8 @@ def test_cuda_graph_branch_with_stand_in_graphs(model, monkeypatch):
     equal the eager loop's; one capture per (batch, sampling) key and none for a single new token;
     sampling under one torch.manual_seed gives the same tokens on the call that captures as on
     later calls (the warm-up draws from its own generator); a failed capture is retried on the
-    next call, never silently replaced by the eager loop."""
+    next call, never silently replaced by the eager loop. (Two captures per key: the cuBLAS step
+    and the fused one, see test_fused_decode.)"""
     fake = _FakeCudaGraphs(monkeypatch)
     eager, graph = Generator(model, 3, 64), Generator(model, 3, 64)
     graph.cuda_graph = True  # the constructor refuses it for a CPU model; the stand-ins make it run
@@ -535,7 +539,7 @@ def test_cuda_graph_branch_with_stand_in_graphs(model, monkeypatch):
     assert graph.generate(prompts, 1, stop_tokens=[]) == eager.generate(prompts, 1, stop_tokens=[])
     assert fake.captures == 0 and not graph.stats.cuda_graph
     assert graph.generate(prompts, 6, stop_tokens=[]) == eager.generate(prompts, 6, stop_tokens=[])
-    assert fake.captures == 1 and graph.stats.cuda_graph
+    assert fake.captures == 2 and graph.stats.cuda_graph
     # captured on a stream of the model's device (torch's default capture stream is made on
     # whichever GPU was current at the process's first capture: empty graphs on any other GPU)
     assert isinstance(fake.capture_streams[-1], _FakeStream) and fake.capture_streams[-1].device == graph.device
@@ -546,13 +550,13 @@ def test_cuda_graph_branch_with_stand_in_graphs(model, monkeypatch):
         sampled.append(graph.generate([[5, 6, 7]] * 3, 6, temperature=1.0, stop_tokens=[]))
     torch.manual_seed(123)
     assert sampled[0] == sampled[1] == eager.generate([[5, 6, 7]] * 3, 6, temperature=1.0, stop_tokens=[])
-    assert fake.captures == 2
+    assert fake.captures == 4
 
     fake.fail = True
     with pytest.raises(RuntimeError, match="capture failed"):
         graph.generate([[5, 6]], 4, stop_tokens=[])
     assert graph.generate([[5, 6]], 4, stop_tokens=[]) == eager.generate([[5, 6]], 4, stop_tokens=[])
-    assert fake.captures == 3 and graph.stats.cuda_graph
+    assert fake.captures == 6 and graph.stats.cuda_graph
 
 
 def test_cli_generate_uses_tokenizer_json_when_present(checkpoint, tmp_path, capsys):
@@ -639,7 +643,8 @@ def test_fused_projections_share_the_models_weights_and_follow_them(tmp_path):
 
 def test_captured_graphs_are_dropped_when_a_weight_moves(monkeypatch):
     """A CUDA graph holds every weight's address: in-place writes keep the graph (it reads the
-    same memory), a parameter given new memory makes the next call capture again."""
+    same memory), a parameter given new memory makes the next call capture again (both the
+    cuBLAS and the fused step)."""
     fake = _FakeCudaGraphs(monkeypatch)
     model = _tiny_model(seed=4)
     gen = Generator(model, 1, 32)
@@ -648,10 +653,10 @@ def test_captured_graphs_are_dropped_when_a_weight_moves(monkeypatch):
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight.mul_(2.0)
     gen.generate([[5, 6, 7]], 4, stop_tokens=[])
-    assert fake.captures == 1
+    assert fake.captures == 2
     model.model.layers[0].self_attn.o_proj.weight.data = model.model.layers[0].self_attn.o_proj.weight.clone()
     gen.generate([[5, 6, 7]], 4, stop_tokens=[])
-    assert fake.captures == 2
+    assert fake.captures == 4
 
 
 def test_fused_projections_never_resize_a_shared_storage():
@@ -1481,12 +1486,12 @@ def test_row_blocks_not_intact_after_a_weight_shrinks():
     assert not blocks.intact()
 
 
-def _decode_step_launches(model):
+def _decode_step_launches(model, **generator_kwargs):
     """The device work of one decode step, as names: each Triton launch and each aten op that is
     not a view (the custom ops' own launches are the Triton ones)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.interpreter import InterpretedFunction
-    gen = Generator(model, 2, 64, cuda_graph=False)
+    gen = Generator(model, 2, 64, cuda_graph=False, **generator_kwargs)
     gen.generate([[5, 6, 7], [8]], 2)  # (greedy)
     st = next(iter(gen._states.values()))
     names = []

@@ -26,6 +26,8 @@ from .decode import decode_attention, rotary_cache_append  # noqa: E402
 __all__ += ["decode_attention", "rotary_cache_append"]
 from .latent_decode import latent_decode_attention  # noqa: E402
 __all__ += ["latent_decode_attention"]
+from .decode_gemv import decode_linear  # noqa: E402
+__all__ += ["decode_linear"]
 
 from .attention import flash_attention, flash_attention_with_lse  # noqa: E402
 __all__ += ["flash_attention", "flash_attention_with_lse"]
