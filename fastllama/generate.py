@@ -906,23 +906,25 @@ class Generator:
         """Captures the decode step: with ``fused_decode=None`` and a model :meth:`_fused_layers`
         serves, the cuBLAS step and the fused one, each timed (:meth:`_replay_ms`), keeping the
         faster; else the one ``fused_decode`` asks for."""
-        if self.fused_decode is None and self.fused_problem is None:
+        # (a cache of fewer than 4 slots leaves no replay to time: the cuBLAS step, untimed)
+        if self.fused_decode is None and self.fused_problem is None and self.max_seq_len >= 4:
             graphs, ms = {}, {}
             for fused in (False, True):
                 st.fused = fused
                 try:
                     self._capture_step(st)
+                    graphs[fused], ms[fused] = st.graph, self._replay_ms(st)
                 except Exception as e:  # noqa: BLE001
+                    st.graph = None  # (captured again by the next call)
                     if not fused:
                         raise
-                    # (the optional step failing to build, say a compile error on this GPU, must
-                    # not stop decoding: the cuBLAS step runs, and this Generator stops trying)
+                    # (the optional step failing to build or run, say a compile error on this GPU,
+                    # must not stop decoding: the cuBLAS step runs, and this Generator stops trying)
                     self._fused_failure = self.fused_problem = (f"the fused decode step failed to run: "
                                                                 f"{type(e).__name__}: {e}")
                     warnings.warn(f"{self.fused_problem}; decoding with the cuBLAS step", RuntimeWarning,
                                   stacklevel=3)
                     break
-                graphs[fused], ms[fused] = st.graph, self._replay_ms(st)
             st.fused = True in ms and ms[True] < ms[False]
             st.graph = graphs[st.fused]
             self.decode_timings = {"cuBLAS": ms[False], **({"fused": ms[True]} if True in ms else {})}
@@ -932,25 +934,26 @@ class Generator:
 
     def _replay_ms(self, st: _State) -> float:
         """Milliseconds per replay of ``st.graph``, over up to 10 replays after one to warm up
-        (from slot 0: each writes the next cache slot, which prefill overwrites). The CUDA RNG
+        (from slot 0: each writes the next cache slot, which prefill overwrites or decode writes
+        before reading). The CUDA RNG
         state is restored after: sampling graphs draw from it, and the timing must not shift the
         draws of the call that captured."""
-        n = min(10, self.max_seq_len - 3)
-        if n < 1:
-            return 0.0
+        n = min(10, self.max_seq_len - 3)  # (>= 1: _capture times caches of 4 slots and more)
         rng = torch.cuda.get_rng_state(self.device)
-        st.seqlens.zero_()
-        st.graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
+        try:
+            st.seqlens.zero_()
             st.graph.replay()
-        end.record()
-        end.synchronize()
-        torch.cuda.set_rng_state(rng, self.device)
-        st.seqlens.zero_()
-        st.done.zero_()
-        return start.elapsed_time(end) / n
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                st.graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / n
+        finally:
+            torch.cuda.set_rng_state(rng, self.device)
+            st.seqlens.zero_()
+            st.done.zero_()
 
     def _capture_step(self, st: _State) -> None:
         """Warms the step up (compiles every kernel) on a side stream, then captures it. The

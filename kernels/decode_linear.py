@@ -13,9 +13,9 @@ kernel folds them into the products that need them::
     gated      y = act(g) * u,  g = h @ W[:N]^T, u = h @ W[N:]^T   (W holds gate rows, then up rows)
     epilogue   y = (residual + y).to(dtype)
 
-with every rounding where the unfused modules round (HF's Llama: the normed row, each linear's
-output, the activation, the sum), so the result differs from theirs only in the summation order
-of the products.
+with every rounding where fastllama's unfused kernels round (the normed row as HF's RMSNorm
+rounds it, each linear's output, ``act(g) * u`` once as kernels/swiglu.py does, the sum), so the
+result differs from theirs only in the summation order of the products.
 
 One program computes BLOCK_N output columns for BLOCK_M rows: it streams its BLOCK_N weight rows
 (twice BLOCK_N when gated) once, K in steps of BLOCK_K. The rows are few (a decode batch), so
@@ -37,6 +37,8 @@ NO_NORM, LLAMA_NORM, UNIT_OFFSET_NORM, ROUND_ONCE_NORM = 0, 1, 2, 3
 # ACTIVATION: 0 none (plain linear), else the gated MLP's: SiLU (SwiGLU) or GELU-tanh (GeGLU)
 NO_ACTIVATION, SILU, GELU_TANH = 0, 1, 2
 
+NORM_BLOCK = 1024  # the norm's pass over x: elements per load (8 fp32 values a thread at 4 warps; 2048 spilled 8-16 B)
+
 # The integers that change from launch to launch or model to model, compiled as plain i32 (see
 # kernels/flash_attention.LAUNCH_VARYING_INTS): with ALIGNED the kernel restores the divisibility
 # the vector loads need itself, so the build report's builds are the launched ones.
@@ -51,7 +53,7 @@ def decode_linear_kernel(
     eps,
     NORM: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK: tl.constexpr,
 ):
     if ALIGNED:
         # The launcher checked these are multiples of 16 elements; written so the compiler sees
@@ -69,13 +71,21 @@ def decode_linear_kernel(
     w_rows = W + tl.minimum(cols, n_out - 1).to(tl.int64)[:, None] * stride_w
 
     if NORM != 0:
-        # rstd = 1 / sqrt(mean(x^2) + eps) per row, as kernels/rms_norm.py computes it
-        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, n_in, BLOCK_K):
-            k_ok = (k0 + offs_k) < n_in
-            x = tl.load(x_rows + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
-            sum_sq += tl.sum(x * x, axis=1)
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(sum_sq / n_in + eps))
+        # rstd = 1 / sqrt(mean(x^2) + eps) of each real row, as kernels/rms_norm.py computes it,
+        # before the weight streams. Row by row in NORM_BLOCK-wide vectors: at batch 1 that is
+        # K / NORM_BLOCK loads (4 at K = 4096), where (BLOCK_M, BLOCK_K) tiles of the padded
+        # rows took K / BLOCK_K dependent trips to L2 before the first weight byte moved.
+        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)  # (padding rows: 0, never stored)
+        offs_c = tl.arange(0, NORM_BLOCK)
+        row0 = tl.program_id(1) * BLOCK_M
+        for r in range(0, tl.minimum(BLOCK_M, n_rows - row0)):
+            x_row = X + (row0 + r).to(tl.int64) * stride_x
+            sum_sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
+            for k0 in range(0, n_in, NORM_BLOCK):
+                x = tl.load(x_row + k0 + offs_c, mask=k0 + offs_c < n_in, other=0.0).to(tl.float32)
+                sum_sq += x * x
+            row_rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.sum(sum_sq, axis=0) / n_in + eps))
+            rstd = tl.where(tl.arange(0, BLOCK_M) == r, row_rstd, rstd)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if ACTIVATION != 0:
@@ -142,6 +152,7 @@ def decode_linear_forward(x, weight, bias, norm_weight, residual, out, *, eps: f
             float(eps),
             NORM=norm, ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             ALIGNED=strides_aligned(x, weight), PRECISION="ieee", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            NORM_BLOCK=NORM_BLOCK,
             num_warps=num_warps, num_stages=num_stages,
         )
     return out

@@ -30,6 +30,9 @@ def _inputs(M=2, K=32, N=24, dtype=torch.float32):
     (dict(residual=torch.randn(2, 12)), ValueError, r"residual has shape \(2, 12\); it must be the output's, \(2, 24\)"),
     (dict(residual=torch.randn(2, 12), activation="silu"), None, None),  # (gated: 24 rows give 12 outputs)
     (dict(x=torch.randn(2, 32, dtype=torch.float64)), TypeError, "x has dtype torch.float64"),
+    # (the kernel reads bias and norm weight as contiguous vectors: a strided one read wrong values)
+    (dict(bias=torch.randn(48)[::2]), ValueError, "bias must be contiguous in its last dim"),
+    (dict(norm_weight=torch.randn(64)[::2]), ValueError, "norm_weight must be contiguous in its last dim"),
 ])
 def test_bad_inputs_are_refused_before_launch(kwargs, error, match):
     x, w = _inputs()
@@ -183,6 +186,48 @@ def test_the_default_captures_both_steps_and_keeps_the_faster(monkeypatch, fused
     torch.manual_seed(123)
     assert sampled[0] == sampled[1] == eager.generate([[5, 6, 7]] * 3, 6, temperature=1.0, stop_tokens=[])
     assert fake.captures == 4
+
+
+def test_a_step_that_fails_while_it_is_timed(monkeypatch):
+    """The fused graph failing in its timed replays (an error surfacing from the device) is
+    dropped like a failed build: the cuBLAS graph decodes, with a warning; the cuBLAS graph
+    failing there raises, and the next call captures again (nothing half-chosen is kept)."""
+    fake = _FakeCudaGraphs(monkeypatch)
+    model = _tiny_model()
+    eager = Generator(model, 1, 32, fused_decode=False).generate([[5, 6, 7]], 5, stop_tokens=[])
+    for failing in (True, False):
+        graph = Generator(model, 1, 32)
+        graph.cuda_graph = True
+
+        def replay_ms(gen, st):
+            if st.fused == failing:
+                raise RuntimeError("an illegal memory access was encountered")
+            return 1.0
+
+        monkeypatch.setattr(Generator, "_replay_ms", replay_ms)
+        if failing:
+            with pytest.warns(RuntimeWarning, match="fused decode step failed to run: .*illegal memory access"):
+                assert graph.generate([[5, 6, 7]], 5, stop_tokens=[]) == eager
+            assert not graph.stats.fused_decode and graph.stats.cuda_graph
+        else:
+            with pytest.raises(RuntimeError, match="illegal memory access"):
+                graph.generate([[5, 6, 7]], 5, stop_tokens=[])
+            assert next(iter(graph._states.values())).graph is None
+            monkeypatch.setattr(Generator, "_replay_ms", lambda gen, st: 2.0 - st.fused)
+            captures = fake.captures
+            assert graph.generate([[5, 6, 7]], 5, stop_tokens=[]) == eager
+            assert fake.captures == captures + 2 and graph.stats.fused_decode
+
+
+def test_a_cache_too_short_to_time_keeps_the_cublas_step(monkeypatch):
+    """A cache of 3 slots leaves no replay to time after the warm-up's: the cuBLAS step is
+    captured alone, and nothing is reported as measured."""
+    fake = _FakeCudaGraphs(monkeypatch)
+    monkeypatch.setattr(Generator, "_replay_ms", lambda gen, st: pytest.fail("timed a 3-slot cache"))
+    graph = Generator(_tiny_model(), 1, 3)
+    graph.cuda_graph = True
+    graph.generate([[5]], 2, stop_tokens=[])
+    assert fake.captures == 1 and not graph.stats.fused_decode and graph.decode_timings == {}
 
 
 def test_a_fused_step_that_fails_to_build_leaves_the_cublas_step(monkeypatch):

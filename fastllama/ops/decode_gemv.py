@@ -3,7 +3,7 @@ activation after it and the residual add after that in the same kernel (forward 
 
 The Generator's decode step (``fastllama.generate``) runs a Llama layer's four linears through it
 when that is faster on the GPU at hand (it times both ways when it captures the step): four
-kernels where the unfused layer launches nine. ``fastllama/kernels/decode_linear.py`` has the
+kernels where the unfused layer launches seven around the attention. ``fastllama/kernels/decode_linear.py`` has the
 math. One ``torch.library`` custom op (``fastllama::decode_linear``): capturable in a CUDA graph,
 opaque to torch.compile.
 """
@@ -34,19 +34,20 @@ def _gpu_config(elem_bytes: int, aligned: bool, gated: bool, normed: bool) -> tu
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU. 16 rows (a decode batch;
     more rows run more row tiles, each reading the weight again). 16 weight rows per program, so
     that even a 2048-row weight gives 128 programs to spread over the SMs; 256 columns per step
-    (128 in fp32) and 3 stages keep 8 KB (16 KB gated) of each program's weight loads in flight,
-    the bytes per SM a memory-bound stream needs. Unmeasured: chosen from the build report
-    (registers and spills on sm_80/86/90/100/120), not from timings. Where that tile spilled:
+    (128 in fp32) and 3 stages keep 8 KB of each program's weight loads in flight, the bytes per
+    SM a memory-bound stream needs. Unmeasured: chosen from the build report (registers and
+    spills on sm_80/86/90/100/120), not from timings. Where that tile spilled (8-104 B):
 
+    * gated (two weight tiles, two accumulators): 16-bit with the norm (gate/up: what the
+      Generator launches) on sm_90/120; without it on sm_120 and, at 128 columns and 4 warps,
+      sm_90 (at 78 registers); fp32 on sm_80/100/120. 128 columns instead, over 4 stages and 4
+      warps for the 16-bit normed tile (at most 121 registers), over 8 warps for the others;
     * unaligned (K or a row stride not a multiple of 16: no vector loads, an address per
-      element): gated 16-bit 32 B on sm_86 and 8 B on sm_90, fp32 104 B on sm_80. 64 columns a
-      step and 4 stages instead (rare shapes; at most 150 registers, no spills);
-    * gated without a norm (not what the Generator launches): 16 B on sm_120 (16-bit), 8 B on
-      sm_80 (fp32), and with 128 columns 8 B on sm_90 at 78 registers. 8 warps, 128 columns."""
+      element): 64 columns a step and 4 stages, 32 when gated (at most 150 registers)."""
     if not aligned:
-        return 16, 16, 64, 4, 4
-    if gated and not normed:
-        return 16, 16, 128, 8, 3
+        return 16, 16, 32 if gated else 64, 4, 4
+    if gated:
+        return (16, 16, 128, 4, 4) if normed and elem_bytes < 4 else (16, 16, 128, 8, 3)
     return (16, 16, 128, 4, 3) if elem_bytes >= 4 else (16, 16, 256, 4, 3)
 
 
@@ -111,7 +112,7 @@ def _validate(x, weight, bias, norm_weight, eps, norm, activation, residual) -> 
         if residual.shape != (*x.shape[:-1], n_out):
             raise ValueError(f"residual has shape {tuple(residual.shape)}; it must be the output's, "
                              f"{(*x.shape[:-1], n_out)}")
-    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("norm_weight", norm_weight), ("residual", residual)):
         if t is not None:
             check_last_dim_contiguous(name, t)
     if max(weight.shape[0], 1) * weight.stride(0) >= 2**62:  # (row offsets are int64; this is only a sanity bound)
@@ -138,17 +139,18 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                                     rows, then its up rows, in one weight)
         y = residual + y                           (when residual is given)
 
-    Every intermediate is rounded to x's dtype where HF's modules round it (the normed row, the
-    linear's output, the activation, the sum), so it equals those modules up to the order of the
-    products' sums. Meant for up to 16 rows: the weight is read once per 16 rows. Under
+    Every intermediate is rounded to x's dtype where fastllama's unfused ops round it (the normed
+    row as ``ops.rms_norm``, the linear's output, ``act(g) * u`` once as ``ops.swiglu``, the sum), so
+    it equals them up to the order of the products' sums (HF's MLP also rounds ``act(g)`` before
+    the product). Meant for up to 16 rows: the weight is read once per 16 rows. Under
     ``torch.compile`` it is one opaque op.
 
     Args:
         x: (..., K), fp32/fp16/bf16, unit last stride.
         weight: (N, K), or (2N, K) with ``activation`` (gate rows first), unit last stride; same
             dtype and device as x.
-        bias: (N,) or (2N,), optional.
-        norm_weight: (K,), the RMSNorm's weight, same dtype as x; None: no norm.
+        bias: (N,) or (2N,), contiguous, optional.
+        norm_weight: (K,), the RMSNorm's weight, same dtype as x, contiguous; None: no norm.
         eps: the RMSNorm's epsilon.
         norm: "llama" (``w * (x * rstd).to(dtype)``, HF's LlamaRMSNorm), "unit_offset" (Gemma's
             ``((x * rstd) * (1 + w)).to(dtype)``) or "round_once" (OLMo 2/3's ``((x * rstd) *
@@ -236,7 +238,7 @@ def _builds() -> list[KernelBuild]:
         builds.append(KernelBuild(
             _k.decode_linear_kernel, sig,
             {"NORM": norm, "ACTIVATION": act, "HAS_BIAS": bias, "HAS_RESIDUAL": residual, "ALIGNED": aligned,
-             "PRECISION": "ieee", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+             "PRECISION": "ieee", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "NORM_BLOCK": _k.NORM_BLOCK},
             num_warps=warps, num_stages=stages,
             label=f"decode_linear {ptr[1:]} norm{norm} act{act}{' residual' if residual else ''}"
                   f"{' bias' if bias else ''}{'' if aligned else ' unaligned'} N{bn} K{bk}"))
