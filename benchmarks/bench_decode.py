@@ -14,7 +14,8 @@ call (which captures the CUDA graphs / compiles).
 Rows:
 - ``fastllama``: ``fastllama.generate.Generator`` (decode step = one CUDA graph); column ``step``:
   which decode step its capture timed faster and kept, ``fused`` (each layer's linears through
-  ``ops.decode_linear``, the norms, SwiGLU and residual adds folded in) or ``cuBLAS``;
+  ``ops.decode_linear``, the norms, SwiGLU and residual adds folded in) or ``cuBLAS``; column
+  ``capture ms cuBLAS/fused``: the milliseconds per step its capture timed for each (GPU only);
 - ``fastllama-fused-step`` / ``fastllama-cublas-step`` (batch 1 only, on models the fused step
   serves): the same with ``fused_decode=True`` / ``False``, both timed in full;
 - ``fastllama-unfused`` (batch 1 only): the same with ``fuse_projections=False`` (q/k/v and
@@ -164,7 +165,8 @@ def _sync():
 
 
 def time_fastllama(model, prompt, new_tokens, reps, **generator_kwargs):
-    """(seconds per decode step, steps, {"step": the decode step that ran, "fused" or "cuBLAS"})."""
+    """(seconds per decode step, steps, {"step": the decode step that ran, "fused" or "cuBLAS", and
+    what the capture timed for each, where it timed both})."""
     B, T = prompt.shape
     gen = Generator(model, B, T + new_tokens, **generator_kwargs)
     gen.generate(prompt, new_tokens, stop_tokens=[])  # warm-up: compiles, captures the graph
@@ -174,7 +176,10 @@ def time_fastllama(model, prompt, new_tokens, reps, **generator_kwargs):
         if gen.stats.steps < 1:
             raise ValueError(f"{new_tokens} new tokens took no decode step to time")
         per_step.append(gen.stats.decode_s / gen.stats.steps)
-    return statistics.median(per_step), gen.stats.steps, {"step": "fused" if gen.stats.fused_decode else "cuBLAS"}
+    info = {"step": "fused" if gen.stats.fused_decode else "cuBLAS"}
+    if len(gen.decode_timings) == 2:  # what the capture timed (10 graph replays each, from slot 0)
+        info["capture ms cuBLAS/fused"] = "{cuBLAS:.3g} / {fused:.3g}".format(**gen.decode_timings)
+    return statistics.median(per_step), gen.stats.steps, info
 
 
 def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
@@ -271,11 +276,6 @@ def main(argv=None) -> int:
                     if batch == 1:
                         methods.append(("fastllama-unfused", lambda: time_fastllama(
                             model, prompt, args.new_tokens, args.reps, fuse_projections=False)))
-                        if Generator(model, 1, 2).fused_problem is None:
-                            for fused in (True, False):
-                                methods.append((f"fastllama-{'fused' if fused else 'cublas'}-step",
-                                                functools.partial(time_fastllama, model, prompt, args.new_tokens,
-                                                                  args.reps, fused_decode=fused)))
                     if not args.skip_hf:
                         methods.append(("hf-static", lambda: time_hf(hf, prompt, args.new_tokens, args.reps, False)))
                         methods.append(("hf-static-patched",
@@ -283,6 +283,13 @@ def main(argv=None) -> int:
                         if gpu and not args.skip_compile:
                             methods.append(("hf-static-compile",
                                             lambda: time_hf(hf, prompt, args.new_tokens, args.reps, True)))
+                    # (after the baselines: a --quick run's time limit cuts these first; the
+                    # fastllama row's capture timings hold both steps' already)
+                    if batch == 1 and Generator(model, 1, 2).fused_problem is None:
+                        for fused in (True, False):
+                            methods.append((f"fastllama-{'fused' if fused else 'cublas'}-step",
+                                            functools.partial(time_fastllama, model, prompt, args.new_tokens,
+                                                              args.reps, fused_decode=fused)))
                     for name, fn in methods:
                         row = {"model": NAMES[shape], "batch": batch, "context": context, "impl": name}
                         try:
@@ -313,7 +320,7 @@ def main(argv=None) -> int:
         interrupted = True
         print("interrupted: writing the rows measured so far", flush=True)
 
-    columns = ["model", "batch", "context", "impl", "step", "ms/step", "tokens/s", "GB/s", "% roofline", "% spec",
+    columns = ["model", "batch", "context", "impl", "step", "capture ms cuBLAS/fused", "ms/step", "tokens/s", "GB/s", "% roofline", "% spec",
                "roofline tokens/s", "fastllama speed-up", "steps", "error"]
     print()
     print(common.markdown_table(rows, columns))
