@@ -202,7 +202,8 @@ skipped_tests() {  # GPU_CHECK_SKIP_TESTS=1: the test stage is not run, and the 
   [ -n "${GPU_CHECK_SKIP_TESTS:-}" ] || return 1
   echo "| $1 | skipped (GPU_CHECK_SKIP_TESTS) | 0 |" >> "$SUMMARY"
 }
-TEST_FIRST=(tests/test_flash_attention.py tests/test_generate.py tests/test_decode_attention.py tests/test_compile.py)
+TEST_FIRST=(tests/test_flash_attention.py tests/test_generate.py tests/test_fused_decode.py tests/test_decode_attention.py
+  tests/test_compile.py)
 TEST_FILES=("${TEST_FIRST[@]}")
 for f in tests/test_*.py; do
   [[ " ${TEST_FIRST[*]} tests/test_build_report.py " == *" $f "* ]] || TEST_FILES+=("$f")

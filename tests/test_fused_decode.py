@@ -250,3 +250,19 @@ def test_a_fused_step_that_fails_to_build_leaves_the_cublas_step(monkeypatch):
     assert "no such instruction" in graph.fused_problem
     graph.generate([[5, 6]], 5, stop_tokens=[], temperature=0.5)  # (a new key: captured again, no warning)
     assert "no such instruction" in graph.fused_problem and not graph.stats.fused_decode
+
+
+@pytest.mark.skipif(INTERPRETER, reason="real CUDA graphs need a GPU")
+def test_real_cuda_graphs_of_both_steps():
+    """On a GPU: the default captures and times both steps for real (decode_timings holds two
+    positive times) and decodes the eager cuBLAS loop's tokens whichever it keeps; the fused step
+    forced into a graph does too."""
+    model = _tiny_model()
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40)), [3]]
+    eager = Generator(model, 3, 64, cuda_graph=False, fused_decode=False).generate(prompts, 8, stop_tokens=[])
+    default = Generator(model, 3, 64)
+    assert default.generate(prompts, 8, stop_tokens=[]) == eager and default.stats.cuda_graph
+    assert set(default.decode_timings) == {"cuBLAS", "fused"} and min(default.decode_timings.values()) > 0
+    assert default.stats.fused_decode == (default.decode_timings["fused"] < default.decode_timings["cuBLAS"])
+    forced = Generator(model, 3, 64, fused_decode=True)
+    assert forced.generate(prompts, 8, stop_tokens=[]) == eager and forced.stats.fused_decode
