@@ -21,7 +21,7 @@ One program computes BLOCK_N output columns for BLOCK_M rows: it streams its BLO
 (twice BLOCK_N when gated) once, K in steps of BLOCK_K. The rows are few (a decode batch), so
 each program also reads all of x (from L2) and, with the norm, first sums its squares: a pass
 over M x K elements, nothing next to the weight's N x K. The product is a ``tl.dot`` with the
-rows padded to 16 (tensor cores need 16; the padding rows repeat the last real row and are never
+rows padded to 16 (tensor cores need 16; the padding rows are masked zeros, never loaded or
 stored), which costs no memory traffic.
 """
 from __future__ import annotations
@@ -65,8 +65,11 @@ def decode_linear_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Clamped, not masked: padding rows and columns past the end repeat the last real one (no
-    # per-row predicates in the loop) and are never stored.
+    # Weight rows past the end are clamped, not masked (they repeat the last row, are never
+    # stored, and only the last program has them). The padding rows of x are masked instead: at
+    # batch 1, 15 of 16 rows, and a clamped row would be read again for each of them, as many
+    # bytes from L2 per step as the weight tile itself.
+    row_ok = rows < n_rows
     x_rows = X + tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None] * stride_x
     w_rows = W + tl.minimum(cols, n_out - 1).to(tl.int64)[:, None] * stride_w
 
@@ -93,7 +96,7 @@ def decode_linear_kernel(
     for k0 in range(0, n_in, BLOCK_K):
         k = k0 + offs_k
         k_ok = k < n_in
-        h = tl.load(x_rows + k[None, :], mask=k_ok[None, :], other=0.0)
+        h = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if NORM != 0:
             w_n = tl.load(NORM_W + k, mask=k_ok, other=0.0).to(tl.float32)
             xn = h.to(tl.float32) * rstd[:, None]
@@ -120,7 +123,7 @@ def decode_linear_kernel(
         g = y.to(tl.float32)
         s, _ = _gate(g, ACTIVATION == 2)
         y = (g * s * acc_up.to(Y.dtype.element_ty).to(tl.float32)).to(Y.dtype.element_ty)
-    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     if HAS_RESIDUAL:  # HF adds in the model's dtype: one rounding of the sum
         r = tl.load(RES + rows64 * stride_r + cols[None, :], mask=mask, other=0.0)

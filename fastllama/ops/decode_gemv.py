@@ -30,24 +30,32 @@ ACTIVATIONS = {None: _k.NO_ACTIVATION, "silu": _k.SILU, "gelu_tanh": _k.GELU_TAN
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def _gpu_config(elem_bytes: int, aligned: bool, gated: bool, normed: bool) -> tuple[int, int, int, int, int]:
+def _gpu_config(elem_bytes: int, aligned: bool, gated: bool, norm: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU. 16 rows (a decode batch;
     more rows run more row tiles, each reading the weight again). 16 weight rows per program, so
     that even a 2048-row weight gives 128 programs to spread over the SMs; 256 columns per step
-    (128 in fp32) and 3 stages keep 8 KB of each program's weight loads in flight, the bytes per
-    SM a memory-bound stream needs. Unmeasured: chosen from the build report (registers and
-    spills on sm_80/86/90/100/120), not from timings. Where that tile spilled (8-104 B):
+    (128 in fp32) and 3 stages keep 8 KB (16 KB gated) of each program's weight loads in flight,
+    the bytes per SM a memory-bound stream needs. Unmeasured: chosen from the build report
+    (registers and spills on sm_80/86/90/100/120), not from timings. Where that tile spilled
+    (8-104 B per thread):
 
-    * gated (two weight tiles, two accumulators): 16-bit with the norm (gate/up: what the
-      Generator launches) on sm_90/120; without it on sm_120 and, at 128 columns and 4 warps,
-      sm_90 (at 78 registers); fp32 on sm_80/100/120. 128 columns instead, over 4 stages and 4
-      warps for the 16-bit normed tile (at most 121 registers), over 8 warps for the others;
+    * gated without the norm (not what the Generator launches), 16-bit on sm_120, fp32 on
+      sm_80, and gated fp32 with it on sm_100/120: 128 columns over 8 warps instead (with 4
+      warps it spilled 8 B on sm_90 at 78 registers);
     * unaligned (K or a row stride not a multiple of 16: no vector loads, an address per
-      element): 64 columns a step and 4 stages, 32 when gated (at most 150 registers)."""
+      element): 64 columns a step and 4 stages, gated 32 over 8 warps (at 4 warps and 32-64
+      columns they spilled 8-32 B on sm_86/90/120).
+    The 16-bit gated tile with the norm (gate/up: what the Generator launches) keeps 256 columns
+    at 4 warps: 128 columns spilled 8 B on sm_90 (4 warps) and sm_120 (8 warps). With OLMo's
+    once-rounded norm (Helium's) bf16 spilled 8 B on sm_90 at 3 and 4 stages, 8 warps 16 B on
+    sm_100/120: 2 stages there.
+    ``norm`` is the kernel's NORM constant (``NORMS`` values, or 0)."""
     if not aligned:
-        return 16, 16, 32 if gated else 64, 4, 4
-    if gated:
-        return (16, 16, 128, 4, 4) if normed and elem_bytes < 4 else (16, 16, 128, 8, 3)
+        return (16, 16, 32, 8, 4) if gated else (16, 16, 64, 4, 4)
+    if gated and (elem_bytes >= 4 or norm == _k.NO_NORM):
+        return 16, 16, 128, 8, 3
+    if gated and norm == _k.ROUND_ONCE_NORM:
+        return 16, 16, 256, 4, 2
     return (16, 16, 128, 4, 3) if elem_bytes >= 4 else (16, 16, 256, 4, 3)
 
 
@@ -61,7 +69,7 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     n_out = weight.shape[0] // (2 if activation else 1)
     out = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)
     bm, bn, bk, warps, stages = _INTERPRETER_CONFIG if interpreter_active() else _gpu_config(
-        x.element_size(), _k.strides_aligned(x, weight), activation != _k.NO_ACTIVATION, norm != _k.NO_NORM)
+        x.element_size(), _k.strides_aligned(x, weight), activation != _k.NO_ACTIVATION, norm)
     return _k.decode_linear_forward(x, weight, bias, norm_weight, residual, out, eps=eps, norm=norm,
                                     activation=activation, block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
                                     num_stages=stages)
@@ -232,7 +240,7 @@ def _builds() -> list[KernelBuild]:
     for (dtype, ptr), norm, act, residual, bias, aligned in itertools.product(
             _PTR.items(), [_k.NO_NORM, *NORMS.values()], ACTIVATIONS.values(), (False, True), (False, True),
             (True, False)):
-        bm, bn, bk, warps, stages = _gpu_config(dtype.itemsize, aligned, act != _k.NO_ACTIVATION, norm != _k.NO_NORM)
+        bm, bn, bk, warps, stages = _gpu_config(dtype.itemsize, aligned, act != _k.NO_ACTIVATION, norm)
         sig = {"X": ptr, "NORM_W": ptr, "W": ptr, "BIAS": ptr, "RES": ptr, "Y": ptr,
                **{n: "i32" for n in _k.LAUNCH_VARYING_INTS}, "eps": "fp32"}
         builds.append(KernelBuild(
