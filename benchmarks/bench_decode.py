@@ -177,14 +177,14 @@ def time_fastllama(model, prompt, new_tokens, reps, **generator_kwargs):
             raise ValueError(f"{new_tokens} new tokens took no decode step to time")
         per_step.append(gen.stats.decode_s / gen.stats.steps)
     info = {"step": "fused" if gen.stats.fused_decode else "cuBLAS"}
-    if len(gen.decode_timings) == 2:  # what the capture timed (10 graph replays each, from slot 0)
+    if len(gen.decode_timings) == 2:  # what the capture timed (up to 10 graph replays each, from slot 0)
         info["capture ms cuBLAS/fused"] = "{cuBLAS:.3g} / {fused:.3g}".format(**gen.decode_timings)
     return statistics.median(per_step), gen.stats.steps, info
 
 
 def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
-    """Seconds per HF decode step: (t(new_tokens) - t(2)) / (new_tokens - 2). Subtracting a
-    two-token call (prefill + one decode step) rather than a one-token call also removes what
+    """(seconds per HF decode step, steps, {}): (t(new_tokens) - t(2)) / (new_tokens - 2).
+    Subtracting a two-token call (prefill + one decode step) rather than a one-token call also removes what
     each call pays once at its first decode step: HF builds a new static cache per call, and
     with torch.compile's CUDA graphs a new cache address re-records the graph."""
     # transformers sizes every new static cache to the largest it has made so far: after a
@@ -213,11 +213,11 @@ def time_hf(hf, prompt, new_tokens, reps, compile_: bool):
     full = statistics.median(run(new_tokens) for _ in range(reps))
     first_step = statistics.median(run(2) for _ in range(reps))
     if full <= first_step and not common.is_measurement():  # a smoke run's timings mean nothing anyway:
-        return full / new_tokens, new_tokens - 2  # the whole call per token, prefill included
+        return full / new_tokens, new_tokens - 2, {}  # the whole call per token, prefill included
     if full <= first_step:  # noise larger than the decode steps: no time to report (an error row)
         raise ValueError(f"t({new_tokens}) = {full * 1e3:.3g} ms is not above t(2) = {first_step * 1e3:.3g} ms: "
                          f"the decode steps drown in the calls' noise; use more --new-tokens or --reps")
-    return (full - first_step) / (new_tokens - 2), new_tokens - 2
+    return (full - first_step) / (new_tokens - 2), new_tokens - 2, {}
 
 
 def time_hf_patched(hf, prompt, new_tokens, reps):
@@ -268,6 +268,10 @@ def main(argv=None) -> int:
                 release()
                 continue
             hf = None
+            try:  # (whether the forced fused/cuBLAS rows apply; a failure here is the fastllama rows' to show)
+                fused_step_serves = Generator(model, 1, 2).fused_problem is None
+            except Exception:  # noqa: BLE001
+                fused_step_serves = False
             for batch in args.batches:
                 for context in args.contexts:
                     prompt = torch.randint(3, model.config.vocab_size, (batch, context), device=device)
@@ -285,7 +289,7 @@ def main(argv=None) -> int:
                                             lambda: time_hf(hf, prompt, args.new_tokens, args.reps, True)))
                     # (after the baselines: a --quick run's time limit cuts these first; the
                     # fastllama row's capture timings hold both steps' already)
-                    if batch == 1 and Generator(model, 1, 2).fused_problem is None:
+                    if batch == 1 and fused_step_serves:
                         for fused in (True, False):
                             methods.append((f"fastllama-{'fused' if fused else 'cublas'}-step",
                                             functools.partial(time_fastllama, model, prompt, args.new_tokens,
@@ -295,8 +299,8 @@ def main(argv=None) -> int:
                         try:
                             if name.startswith("hf") and hf is None:
                                 hf = build_hf(model, dtype, device)
-                            step_s, steps, *info = fn()
-                            row.update(*info)
+                            step_s, steps, info = fn()
+                            row.update(info)
                             gbps = nbytes / step_s / 1e9
                             row.update({"ms/step": step_s * 1e3, "tokens/s": batch / step_s, "GB/s": gbps,
                                         "% roofline": 100 * gbps / copy_gbps if gpu else None,
@@ -320,8 +324,8 @@ def main(argv=None) -> int:
         interrupted = True
         print("interrupted: writing the rows measured so far", flush=True)
 
-    columns = ["model", "batch", "context", "impl", "step", "capture ms cuBLAS/fused", "ms/step", "tokens/s", "GB/s", "% roofline", "% spec",
-               "roofline tokens/s", "fastllama speed-up", "steps", "error"]
+    columns = ["model", "batch", "context", "impl", "step", "capture ms cuBLAS/fused", "ms/step", "tokens/s", "GB/s",
+               "% roofline", "% spec", "roofline tokens/s", "fastllama speed-up", "steps", "error"]
     print()
     print(common.markdown_table(rows, columns))
     out = common.write_results("decode", rows, columns, extra={"copy_GBps": copy_gbps, "spec_GBps": spec_gbps,

@@ -26,7 +26,9 @@ DeepSeek-V2 / GLM-4.7-Flash / Mistral 4 / MiniCPM3 (their parameters, no copies)
   cache append, ``ops.decode_attention`` (split-KV flash-decoding over each sequence's length,
   or the layer's sliding window of it; Gemma 2's scores soft-capped), ``swiglu`` (GeGLU for
   Gemma; a mixture of experts: the model's router, then ``ops.moe_experts``; a gateless MLP,
-  Arcee's or Apertus's: its own activation module on up(x));
+  Arcee's or Apertus's: its own activation module on up(x)); or, for Llama-like layers where it
+  is faster, each layer's four linears through ``ops.decode_linear`` with the norms, the
+  activation and the residual adds folded in (``Generator(fused_decode=...)``);
   then sampling (greedy, temperature, top-k, top-p) on the device, stop tokens, and the
   lengths advanced on the device. On CUDA the whole step is captured ONCE as a
   ``torch.cuda.CUDAGraph`` per (batch size, sampling settings) and replayed: no Python, no
@@ -326,6 +328,11 @@ class Generator:
             (:attr:`decode_timings`); otherwise off. True: always (a ValueError names what makes a
             model unfit: a Llama-like layer is needed, an RMSNorm before attention and before a
             gated MLP, nothing else around them). False: never.
+
+    Attributes (besides the arguments): ``stats`` (:class:`GenerationStats` of the last call),
+    ``fused_problem`` (why the fused decode step does not serve this model, or None), and
+    ``decode_timings`` (the milliseconds per step the latest timed capture measured,
+    ``{"cuBLAS": ..., "fused": ...}``; empty until one ran).
     """
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, *, cuda_graph: bool | None = None,
@@ -500,7 +507,7 @@ class Generator:
             raise ValueError(f"fused_decode=True, but {self.fused_problem}; build the Generator with fused_decode=None "
                              f"(the default) or False")
         key = (*(p.data_ptr() for p in self.model.parameters()), *self.activations, *self.shared_activations,
-               *self.softcaps)
+               *self.softcaps, self.fused_decode, self.fuse_projections)  # (the last two: settable attributes)
         if key != self._weights_key:
             for st in self._states.values():
                 st.graph = None
@@ -906,8 +913,7 @@ class Generator:
         """Captures the decode step: with ``fused_decode=None`` and a model :meth:`_fused_layers`
         serves, the cuBLAS step and the fused one, each timed (:meth:`_replay_ms`), keeping the
         faster; else the one ``fused_decode`` asks for."""
-        # (a cache of fewer than 4 slots leaves no replay to time: the cuBLAS step, untimed)
-        if self.fused_decode is None and self.fused_problem is None and self.max_seq_len >= 4:
+        if self.fused_decode is None and self.fused_problem is None:
             graphs, ms = {}, {}
             for fused in (False, True):
                 st.fused = fused
@@ -916,29 +922,37 @@ class Generator:
                     graphs[fused], ms[fused] = st.graph, self._replay_ms(st)
                 except Exception as e:  # noqa: BLE001
                     st.graph = None  # (captured again by the next call)
-                    if not fused:
+                    # (a device error such as an illegal address leaves the CUDA context unusable,
+                    # the cuBLAS step's graph too: not something to fall back from)
+                    if not fused or isinstance(e, torch.AcceleratorError) or "CUDA error" in str(e):
                         raise
                     # (the optional step failing to build or run, say a compile error on this GPU,
                     # must not stop decoding: the cuBLAS step runs, and this Generator stops trying)
                     self._fused_failure = self.fused_problem = (f"the fused decode step failed to run: "
                                                                 f"{type(e).__name__}: {e}")
+                    # (stacklevel: _capture, generate, on_device, no_grad's wrapper, the caller)
                     warnings.warn(f"{self.fused_problem}; decoding with the cuBLAS step", RuntimeWarning,
-                                  stacklevel=3)
+                                  stacklevel=5)
                     break
-            st.fused = True in ms and ms[True] < ms[False]
+            # (within 2 % the cuBLAS step stays: 10 replays do not resolve less, and it is the
+            # path every other family runs)
+            st.fused = True in ms and ms[True] < 0.98 * ms[False]
             st.graph = graphs[st.fused]
             self.decode_timings = {"cuBLAS": ms[False], **({"fused": ms[True]} if True in ms else {})}
         else:
-            st.fused = bool(self.fused_decode) and self.fused_problem is None
+            st.fused = self._fused_forced()
             self._capture_step(st)
+
+    def _fused_forced(self) -> bool:
+        """Whether a step chosen without timing (eager, or ``fused_decode=True``) is the fused one."""
+        return bool(self.fused_decode) and self.fused_problem is None
 
     def _replay_ms(self, st: _State) -> float:
         """Milliseconds per replay of ``st.graph``, over up to 10 replays after one to warm up
         (from slot 0: each writes the next cache slot, which prefill overwrites or decode writes
-        before reading). The CUDA RNG
-        state is restored after: sampling graphs draw from it, and the timing must not shift the
-        draws of the call that captured."""
-        n = min(10, self.max_seq_len - 3)  # (>= 1: _capture times caches of 4 slots and more)
+        before reading). The CUDA RNG state is restored after: sampling graphs draw from it, and
+        the timing must not shift the draws of the call that captured."""
+        n = min(10, self.max_seq_len - 1)  # (slots 0 .. n; a capture needs max_seq_len >= 3)
         rng = torch.cuda.get_rng_state(self.device)
         try:
             st.seqlens.zero_()
@@ -1028,7 +1042,7 @@ class Generator:
         if st is None:
             st = self._states[key] = _State(B, self.device, sampling)
         if not self.cuda_graph:  # (a captured step was chosen with its capture)
-            st.fused = bool(self.fused_decode) and self.fused_problem is None
+            st.fused = self._fused_forced()
         if self.cuda_graph and st.graph is None and max_new_tokens > 1:
             # before prefill: the warm-up writes cache slots. One new token needs no decode step
             # (no graph yet); a capture that failed is tried again, never skipped for eager.
@@ -1080,7 +1094,7 @@ class Generator:
         # decode_s covers every step launched, the dropped one after an early stop included
         steps = len(out) - 1
         self.stats = GenerationStats(B, int(lens.sum()), produced, t1 - t0, t2 - t1, steps, st.graph is not None,
-                                     st.fused)
+                                     st.fused and steps > 0)
         new = torch.stack(out[:n], dim=1).cpu()
         if not as_lists:
             return torch.cat([input_ids, new.to(input_ids.device)], dim=1)

@@ -18,9 +18,10 @@ rounds it, each linear's output, ``act(g) * u`` once as kernels/swiglu.py does, 
 result differs from theirs only in the summation order of the products.
 
 One program computes BLOCK_N output columns for BLOCK_M rows: it streams its BLOCK_N weight rows
-(twice BLOCK_N when gated) once, K in steps of BLOCK_K. The rows are few (a decode batch), so
-each program also reads all of x (from L2) and, with the norm, first sums its squares: a pass
-over M x K elements, nothing next to the weight's N x K. The product is a ``tl.dot`` with the
+(twice BLOCK_N when gated) once, K in steps of BLOCK_K. Each program also reads all of x (from
+L2), twice with the norm (its squares first): M / BLOCK_N of the weight's bytes (M / 8 with the
+norm), little at batch 1, as much as the weight itself at 16 rows with the norm, where the
+weight's GEMV stops being the whole cost anyway. The product is a ``tl.dot`` with the
 rows padded to 16 (tensor cores need 16; the padding rows are masked zeros, never loaded or
 stored), which costs no memory traffic.
 """
@@ -66,9 +67,9 @@ def decode_linear_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # Weight rows past the end are clamped, not masked (they repeat the last row, are never
-    # stored, and only the last program has them). The padding rows of x are masked instead: at
-    # batch 1, 15 of 16 rows, and a clamped row would be read again for each of them, as many
-    # bytes from L2 per step as the weight tile itself.
+    # stored, and only the last program has them). The padding rows of x are masked too (their
+    # addresses clamped to stay in bounds): at batch 1, 15 of 16 rows, and each would re-read the
+    # real row, as many bytes from L2 per step as the weight tile itself.
     row_ok = rows < n_rows
     x_rows = X + tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None] * stride_x
     w_rows = W + tl.minimum(cols, n_out - 1).to(tl.int64)[:, None] * stride_w

@@ -345,7 +345,7 @@ def test_decode_timing_drowned_in_noise_is_an_error_not_a_huge_speed(monkeypatch
 
     prompt = torch.zeros(1, 4, dtype=torch.long)
     monkeypatch.setattr(bench_decode.common, "is_measurement", lambda: False)
-    step, steps = bench_decode.time_hf(SlowerWithFewerTokens(), prompt, 6, 1, False)
+    step, steps, _ = bench_decode.time_hf(SlowerWithFewerTokens(), prompt, 6, 1, False)
     assert 0.005 / 6 <= step < 0.02 / 6 and steps == 4
     monkeypatch.setattr(bench_decode.common, "is_measurement", lambda: True)
     with pytest.raises(ValueError, match="is not above t\\(2\\)"):
@@ -494,7 +494,8 @@ def test_op_and_decode_benchmark_scripts_smoke_run(tmp_path, capsys, monkeypatch
     assert decode["fastllama"]["tokens/s"] > 0 and "error" not in decode["fastllama"]
     # (the tiny Llama takes the fused decode step: both steps forced have rows of their own, and
     # each fastllama row says which step ran; off-GPU the default keeps the cuBLAS one)
-    assert [decode[f"fastllama{s}"]["step"] for s in ("", "-fused-step", "-cublas-step")] == ["cuBLAS", "fused", "cuBLAS"]
+    steps = [decode[f"fastllama{s}"]["step"] for s in ("", "-fused-step", "-cublas-step")]
+    assert steps == ["cuBLAS", "fused", "cuBLAS"]
     assert all(decode[f"fastllama-{s}-step"]["tokens/s"] > 0 for s in ("fused", "cublas"))
 
 

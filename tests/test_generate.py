@@ -483,13 +483,13 @@ class _FakeCudaGraphs:
                             ("current_stream", lambda *a: self), ("CUDAGraph", _FakeGraph),
                             ("graph", self.graph)):
             monkeypatch.setattr(torch.cuda, name, value)
-        original = Generator._capture
+        original = Generator._capture_step
 
         def capture(gen, st):
             self.current = (gen, st)
             return original(gen, st)
 
-        monkeypatch.setattr(Generator, "_capture", capture)
+        monkeypatch.setattr(Generator, "_capture_step", capture)
         monkeypatch.setattr(Generator, "_replay_ms", lambda gen, st: 1.0)
 
     def wait_stream(self, other):
@@ -508,7 +508,7 @@ class _FakeCudaGraphs:
         for t, v in zip(buffers, saved):
             t.copy_(v)
         torch.set_rng_state(rng)
-        graph.step = lambda: gen._step(st)
+        graph.step, graph.state, graph.fused = (lambda: gen._step(st)), st, st.fused
         self.captures += 1
 
 
@@ -522,6 +522,8 @@ class _FakeStream:
 
 class _FakeGraph:
     def replay(self):
+        # (the step recorded reads st.fused when it runs; a real graph runs the step it captured)
+        assert self.state.fused == self.fused, "replaying a graph captured for the other decode step"
         self.step()
 
 

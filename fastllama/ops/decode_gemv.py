@@ -3,9 +3,9 @@ activation after it and the residual add after that in the same kernel (forward 
 
 The Generator's decode step (``fastllama.generate``) runs a Llama layer's four linears through it
 when that is faster on the GPU at hand (it times both ways when it captures the step): four
-kernels where the unfused layer launches seven around the attention. ``fastllama/kernels/decode_linear.py`` has the
-math. One ``torch.library`` custom op (``fastllama::decode_linear``): capturable in a CUDA graph,
-opaque to torch.compile.
+kernels where the unfused layer launches seven around the attention.
+``fastllama/kernels/decode_linear.py`` has the math. One ``torch.library`` custom op
+(``fastllama::decode_linear``): capturable in a CUDA graph, opaque to torch.compile.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _gpu_config(elem_bytes: int, aligned: bool, gated: bool, norm: int) -> tuple
     The 16-bit gated tile with the norm (gate/up: what the Generator launches) keeps 256 columns
     at 4 warps: 128 columns spilled 8 B on sm_90 (4 warps) and sm_120 (8 warps). With OLMo's
     once-rounded norm (Helium's) bf16 spilled 8 B on sm_90 at 3 and 4 stages, 8 warps 16 B on
-    sm_100/120: 2 stages there.
+    sm_100/120: 2 stages for that tile (fp16 too, every arch: the tiles are the same for all).
     ``norm`` is the kernel's NORM constant (``NORMS`` values, or 0)."""
     if not aligned:
         return (16, 16, 32, 8, 4) if gated else (16, 16, 64, 4, 4)
