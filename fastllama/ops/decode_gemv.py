@@ -80,6 +80,17 @@ def _(x, weight, bias, norm_weight, residual, eps, norm, activation):
     return x.new_empty(x.shape[0], weight.shape[0] // (2 if activation else 1))
 
 
+def _check_operand(name: str, t: torch.Tensor, shape: tuple, x: torch.Tensor, what: str = "", why: str = "") -> None:
+    """An optional operand (bias, norm weight, residual): x's dtype and device, ``shape``, unit
+    last stride (the kernel reads its rows as contiguous vectors)."""
+    check_tensor(name, t)
+    check_same("x", x, name, t, "dtype")
+    check_same("x", x, name, t, "device")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; it must be {what}{shape}{why}")
+    check_last_dim_contiguous(name, t)
+
+
 def _validate(x, weight, bias, norm_weight, eps, norm, activation, residual) -> int:
     """Checks everything; returns the output features N."""
     check_tensor("x", x)
@@ -98,33 +109,17 @@ def _validate(x, weight, bias, norm_weight, eps, norm, activation, residual) -> 
                          f"count; got {weight.shape[0]} rows")
     n_out = weight.shape[0] // (2 if activation is not None else 1)
     if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-        check_same("x", x, "bias", bias, "dtype")
-        check_same("x", x, "bias", bias, "device")
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias has shape {tuple(bias.shape)}; it must be ({weight.shape[0]},), one per weight row")
+        _check_operand("bias", bias, (weight.shape[0],), x, why=", one per weight row")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
     if norm_weight is not None:
-        check_tensor("norm_weight", norm_weight, ndim=1)
-        check_same("x", x, "norm_weight", norm_weight, "dtype")
-        check_same("x", x, "norm_weight", norm_weight, "device")
-        if norm_weight.shape[0] != K:
-            raise ValueError(f"norm_weight has shape {tuple(norm_weight.shape)}; it must be ({K},)")
+        _check_operand("norm_weight", norm_weight, (K,), x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a float >= 0, got {eps!r}")
     if residual is not None:
-        check_tensor("residual", residual)
-        check_same("x", x, "residual", residual, "dtype")
-        check_same("x", x, "residual", residual, "device")
-        if residual.shape != (*x.shape[:-1], n_out):
-            raise ValueError(f"residual has shape {tuple(residual.shape)}; it must be the output's, "
-                             f"{(*x.shape[:-1], n_out)}")
-    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("norm_weight", norm_weight), ("residual", residual)):
-        if t is not None:
-            check_last_dim_contiguous(name, t)
-    if max(weight.shape[0], 1) * weight.stride(0) >= 2**62:  # (row offsets are int64; this is only a sanity bound)
-        raise ValueError(f"weight strides {weight.stride()} are too large")
+        _check_operand("residual", residual, (*x.shape[:-1], n_out), x, what="the output's, ")
+    check_last_dim_contiguous("x", x)
+    check_last_dim_contiguous("weight", weight)
     _check_forward_only("decode_linear", x=x, weight=weight, bias=bias, norm_weight=norm_weight, residual=residual)
     return n_out
 
@@ -132,7 +127,7 @@ def _validate(x, weight, bias, norm_weight, eps, norm, activation, residual) -> 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., C) as (M, C) with one row stride (a view where the leading dims allow, else a copy:
     a decode step's few rows)."""
-    return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t.reshape(-1, t.shape[-1])
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
