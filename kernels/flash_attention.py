@@ -686,10 +686,12 @@ _attn_fwd_tuned = ArchAutotuner(_attn_fwd, CONFIG_TABLES["fwd"], _TUNE_KEY)
 
 
 def untuned_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -> tuple:
-    """The first candidate of a launch's row ("fwd", "dq", "dkdv" or "dkdv_atomic"): what runs,
-    launched directly and untimed, when a launcher gets ``autotune=False``. (Pruning the
-    autotuner to one candidate is not enough: Triton before 3.7 still times a lone candidate.)"""
-    configs = {"fwd": fwd_configs, "dq": dq_configs, "dkdv": dkdv_configs, "dkdv_atomic": dkdv_atomic_configs}[which]
+    """The first candidate of a launch's row ("fwd", "dq", "dkdv", "dkdv_atomic" or
+    "dkdv_partials", which runs the atomic kernel's tiles): what runs, launched directly and
+    untimed, when a launcher gets ``autotune=False``. (Pruning the autotuner to one candidate is
+    not enough: Triton before 3.7 still times a lone candidate.)"""
+    configs = {"fwd": fwd_configs, "dq": dq_configs, "dkdv": dkdv_configs, "dkdv_atomic": dkdv_atomic_configs,
+               "dkdv_partials": dkdv_atomic_configs}[which]
     return configs(padded_head_dim(q.shape[-1]), q.element_size(), precision, aligned, table_arch(q.device))[0]
 
 

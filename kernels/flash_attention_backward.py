@@ -155,26 +155,16 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, stat_ptr, stride_lp, delta_ptr, dq_
     return dk, dv
 
 
-@triton.jit(do_not_specialize=LAUNCH_VARYING_INTS + ["n_kv_heads"])
-def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
-    sm_scale, softcap,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_dob, stride_doh, stride_dot,
-    stride_dkb, stride_dkh, stride_dkt,
-    stride_dvb, stride_dvh, stride_dvt,
-    stride_dqb, stride_dqh, stride_dqt,
-    stride_lb, stride_lh, stride_lp,
-    n_kv_heads, group, seqlen_q, seqlen_k, before, after,
-    Q_BUCKET, K_BUCKET,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-):
-    """One program: BLOCK_N keys of one (sequence, KV head); all query heads of its group.
-    ``ATOMIC_DQ``: also adds dS K into the fp32 buffer DQ (unscaled; DQ is unused otherwise).
+@triton.jit
+def _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, sm_scale, softcap,
+               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+               stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt,
+               stride_dvb, stride_dvh, stride_dvt, stride_dqb, stride_dqh, stride_dqt, stride_lb, stride_lh, stride_lp,
+               group, b, hk, q_start, q_len, k_start, k_len, start_n, before, after,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, SOFTCAP: tl.constexpr):
+    """dK and dV of the keys [start_n, start_n + BLOCK_N) of one (sequence, KV head), stored
+    (``ATOMIC_DQ``: their dS K added into DQ too).
 
     ONE loop runs over (query head of the group, query block) pairs, the edge blocks included:
     a loop per mask phase and per head (the obvious structure) made three copies of the body,
@@ -182,20 +172,6 @@ def _attn_bwd_dkdv(
     head loop. That cost 50-90 registers per thread and made every tile with 64 keys spill; as one
     loop the software pipeline also keeps streaming across the head boundary.
     """
-    stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
-    stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
-    stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
-    stride_dob, stride_doh, stride_dot = aligned16(stride_dob, stride_doh, stride_dot, ALIGNED)
-    stride_dkb, stride_dkh, stride_dkt = aligned16(stride_dkb, stride_dkh, stride_dkt, ALIGNED)
-    stride_dvb, stride_dvh, stride_dvt = aligned16(stride_dvb, stride_dvh, stride_dvt, ALIGNED)
-    stride_dqb, stride_dqh, stride_dqt = aligned16(stride_dqb, stride_dqh, stride_dqt, ALIGNED)
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1) // n_kv_heads
-    hk = tl.program_id(1) % n_kv_heads
-    b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
-    start_n = pid_n * BLOCK_N
-    if start_n >= k_len:
-        return
     b = b.to(tl.int64)
     k_row0 = (k_start + start_n).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -247,6 +223,68 @@ def _attn_bwd_dkdv(
                offs_n, stride_dkt, offs_d, k_len - start_n, HEAD_DIM)
     store_rows(DV + b * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvt, dv,
                offs_n, stride_dvt, offs_d, k_len - start_n, HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=LAUNCH_VARYING_INTS + ["n_kv_heads", "stride_dqs"])
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
+    sm_scale, softcap,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqs,
+    stride_lb, stride_lh, stride_lp,
+    n_kv_heads, group, seqlen_q, seqlen_k, before, after,
+    Q_BUCKET, K_BUCKET,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DQ_PARTIALS: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """One program: BLOCK_N keys of one (sequence, KV head); all query heads of its group.
+    ``ATOMIC_DQ``: also adds dS K into the fp32 buffer DQ (unscaled; DQ is unused otherwise).
+
+    ``DQ_PARTIALS`` (with ``ATOMIC_DQ``): program p of P along axis 0 owns the key blocks p,
+    p + P, p + 2P, ... and the fp32 partial p of DQ (``stride_dqs`` apart), which no other
+    program touches. Each element of a partial is added to by one thread only, in program order
+    (key block by key block, head by head), so the sums come out the same on every run without
+    any ordering between programs; the launcher sums the P partials in a fixed order. Five
+    matmuls per (query block, key block) pair like the atomic kernel, deterministic like the
+    separate dQ pass, for P partials of memory.
+    """
+    stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
+    stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
+    stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
+    stride_dob, stride_doh, stride_dot = aligned16(stride_dob, stride_doh, stride_dot, ALIGNED)
+    stride_dkb, stride_dkh, stride_dkt = aligned16(stride_dkb, stride_dkh, stride_dkt, ALIGNED)
+    stride_dvb, stride_dvh, stride_dvt = aligned16(stride_dvb, stride_dvh, stride_dvt, ALIGNED)
+    stride_dqb, stride_dqh, stride_dqt = aligned16(stride_dqb, stride_dqh, stride_dqt, ALIGNED)
+    pid_n = tl.program_id(0)
+    seq = tl.program_id(1) // n_kv_heads
+    hk = tl.program_id(1) % n_kv_heads
+    b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
+    if DQ_PARTIALS:
+        tl.static_assert(ATOMIC_DQ, "dQ partials are added by the atomic-dQ path")
+        dq_partial = DQ + pid_n.to(tl.int64) * stride_dqs
+        for start_n in range(pid_n * BLOCK_N, k_len, tl.num_programs(0) * BLOCK_N):
+            _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, dq_partial, sm_scale, softcap,
+                       stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                       stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt,
+                       stride_dvb, stride_dvh, stride_dvt, stride_dqb, stride_dqh, stride_dqt,
+                       stride_lb, stride_lh, stride_lp, group, b, hk, q_start, q_len, k_start, k_len, start_n,
+                       before, after, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, PRECISION, ATOMIC_DQ, SOFTCAP)
+    else:
+        start_n = pid_n * BLOCK_N
+        if start_n >= k_len:
+            return
+        _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, sm_scale, softcap,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                   stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt,
+                   stride_dvb, stride_dvh, stride_dvt, stride_dqb, stride_dqh, stride_dqt,
+                   stride_lb, stride_lh, stride_lp, group, b, hk, q_start, q_len, k_start, k_len, start_n,
+                   before, after, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, PRECISION, ATOMIC_DQ, SOFTCAP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +387,22 @@ _attn_bwd_dq_tuned = ArchAutotuner(_attn_bwd_dq, CONFIG_TABLES["dq"], _TUNE_KEY)
 # restore_value would add a clone and a copy-back of the fp32 buffer to every timed run).
 _attn_bwd_dkdv_atomic_tuned = ArchAutotuner(_attn_bwd_dkdv, CONFIG_TABLES["dkdv_atomic"], _TUNE_KEY,
                                             reset_to_zero=["DQ"])
+# The partials kernel runs the atomic kernel's tiles (its step is the same) under a tuner of its
+# own: its grid and key loop differ, so its best tile may too.
+_attn_bwd_dkdv_partials_tuned = ArchAutotuner(_attn_bwd_dkdv, CONFIG_TABLES["dkdv_atomic"], _TUNE_KEY,
+                                              reset_to_zero=["DQ"])
+
+
+def dq_partial_count(n_programs: int, max_keys: int, dq_elements: int, device: torch.device) -> int:
+    """How many fp32 dQ partials the partials backward (``dq_partials``) gives each (sequence, KV
+    head), i.e. its programs per (sequence, KV head): enough for about four programs per SM
+    across the ``n_programs`` (sequences x KV heads) (each program holds one SM's worth of
+    registers, and with four waves the last one idles at most a quarter of the GPU); at most one
+    per 64 keys (a program owns whole key blocks); at most 16, and at most 2 GiB of partials
+    beyond the first (each is ``dq_elements`` fp32 numbers). 1 off the GPU."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    wanted = triton.cdiv(4 * sms, max(n_programs, 1))
+    return max(1, min(wanted, 16, triton.cdiv(max_keys, 64), 1 + (2 << 30) // max(4 * dq_elements, 1)))
 
 
 def preprocess_block(d_pad: int, aligned: bool = True) -> int:
@@ -362,7 +416,7 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
                              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                              precision: str = "ieee", config_dq: tuple | None = None,
                              config_dkdv: tuple | None = None, autotune: bool = True,
-                             deterministic: bool = True, softcap: float = 0.0):
+                             deterministic: bool = True, softcap: float = 0.0, dq_partials: int = 0):
     """Launches the three backward kernels; returns (dq, dk, dv) with the layouts of q, k, v.
 
     ``do`` and ``out`` need a unit last stride; ``lse`` is the forward's (2, B, Hq, Tq) fp32
@@ -372,12 +426,18 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
     each kernel's first candidate instead. ``deterministic=False`` (fp16/bf16 only) adds dQ with
     atomics inside the dK/dV kernel (``config_dkdv`` then picks its tile; see the module doc).
     ``softcap`` > 0: the forward's soft-capped scores (deterministic only; tiles from
-    ``softcap_config``).
+    ``softcap_config``). ``dq_partials`` = P > 0 (fp16/bf16, deterministic, no softcap): the
+    deterministic alternative to the dQ pass, two kernels with five matmuls a block pair like the
+    atomic path: the dK/dV kernel runs P programs per (sequence, KV head), each adding its key
+    blocks' dS K into an fp32 partial of its own (P x dQ's size in fp32, zeroed), and the P
+    partials are summed in a fixed order (``dq_partial_count`` picks P; ``config_dkdv`` its tile).
     """
     if not deterministic and q.dtype == torch.float32:
         raise ValueError("deterministic=False needs fp16/bf16 inputs; fp32 runs the deterministic backward")
     if not deterministic and softcap > 0:
         raise ValueError("deterministic=False does not take softcap; soft-capped scores run the deterministic backward")
+    if dq_partials and (q.dtype == torch.float32 or softcap > 0 or not deterministic):
+        raise ValueError("dq_partials needs fp16/bf16 inputs, no softcap and deterministic=True")
     B, Hq, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -401,30 +461,39 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
         cu_q = cu_seqlens_q if varlen else delta
         cu_k = cu_seqlens_k if varlen else delta
         common = (Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), key_bucket(mk, mq, before, after))
-        # atomic: dS K accumulates unscaled in fp32 rows of D elements, converted once at the end
-        dq_acc = torch.zeros((*q.shape[:3], D), device=q.device, dtype=torch.float32) if not deterministic else dq
+        # atomic: dS K accumulates unscaled in fp32 rows of D elements, converted once at the end;
+        # partials: the same, in P buffers (P, B, Hq, Tq, D), one per program along the key axis
+        atomic = not deterministic or dq_partials > 0
+        dq_acc = torch.zeros((max(dq_partials, 1), *q.shape[:3], D), device=q.device,
+                             dtype=torch.float32) if atomic else dq[None]
         meta = dict(HEAD_DIM=D, D_PAD=d_pad, IS_VARLEN=varlen, PRECISION=precision,
-                    ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv, dq_acc), SOFTCAP=softcap > 0)
+                    ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv, dq_acc[0]), SOFTCAP=softcap > 0)
         dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, scale, softcap,
                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-                     *dv.stride()[:3], *dq_acc.stride()[:3], *lse.stride()[1:3], lse.stride(0), Hk, *common)
-        dkdv_kind = "dkdv" if deterministic else "dkdv_atomic"
+                     *dv.stride()[:3], *dq_acc.stride()[1:4], dq_acc.stride(0), *lse.stride()[1:3], lse.stride(0),
+                     Hk, *common)
+        dkdv_kind = "dkdv_partials" if dq_partials else "dkdv" if deterministic else "dkdv_atomic"
         if softcap > 0:
             config_dkdv = config_dkdv or softcap_config("dkdv", q, meta["ALIGNED"], precision)
             config_dq = config_dq or softcap_config("dq", q, meta["ALIGNED"], precision)
         if not autotune:
             config_dkdv = config_dkdv or untuned_config(dkdv_kind, q, meta["ALIGNED"], precision)
             config_dq = config_dq or untuned_config("dq", q, meta["ALIGNED"], precision)
+        # one program per key block, or (partials) P programs that stride over the key blocks
+        dkdv_grid = lambda block_n: (dq_partials or triton.cdiv(mk, block_n), n_seq * Hk)
         if config_dkdv is not None:
             bm, bn, w, s = config_dkdv
-            _attn_bwd_dkdv[(triton.cdiv(mk, bn), n_seq * Hk)](*dkdv_args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                                                              ATOMIC_DQ=not deterministic, num_warps=w, num_stages=s)
+            _attn_bwd_dkdv[dkdv_grid(bn)](*dkdv_args, **meta, ATOMIC_DQ=atomic, DQ_PARTIALS=dq_partials > 0,
+                                          BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
         else:
-            tuned = (_attn_bwd_dkdv_tuned if deterministic else _attn_bwd_dkdv_atomic_tuned).for_device(q.device)
-            tuned[lambda m: (triton.cdiv(mk, m["BLOCK_N"]), n_seq * Hk)](*dkdv_args, **meta,
-                                                                          ATOMIC_DQ=not deterministic)
-        if not deterministic:
-            return torch.mul(dq_acc, scale, out=dq), dk, dv  # (one pass: scaled, rounded to dq's dtype)
+            tuned = {"dkdv": _attn_bwd_dkdv_tuned, "dkdv_atomic": _attn_bwd_dkdv_atomic_tuned,
+                     "dkdv_partials": _attn_bwd_dkdv_partials_tuned}[dkdv_kind].for_device(q.device)
+            tuned[lambda m: dkdv_grid(m["BLOCK_N"])](*dkdv_args, **meta, ATOMIC_DQ=atomic,
+                                                     DQ_PARTIALS=dq_partials > 0)
+        if atomic:
+            # the partials summed in a fixed order (torch's sum over a leading axis: no atomics)
+            dq_sum = dq_acc.sum(0) if dq_partials > 1 else dq_acc[0]
+            return torch.mul(dq_sum, scale, out=dq), dk, dv  # (one pass: scaled, rounded to dq's dtype)
         dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale, softcap,
                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
                    *lse.stride()[1:3], lse.stride(0), Hq, *common)

@@ -29,8 +29,8 @@ __all__ += ["latent_decode_attention"]
 from .decode_gemv import decode_linear  # noqa: E402
 __all__ += ["decode_linear"]
 
-from .attention import flash_attention, flash_attention_with_lse  # noqa: E402
-__all__ += ["flash_attention", "flash_attention_with_lse"]
+from .attention import flash_attention, flash_attention_with_lse, set_deterministic_backward  # noqa: E402
+__all__ += ["flash_attention", "flash_attention_with_lse", "set_deterministic_backward"]
 
 from .cross_entropy import linear_cross_entropy  # noqa: E402
 __all__ += ["linear_cross_entropy"]

@@ -24,7 +24,7 @@ from ..kernels import flash_attention_backward as _bwd
 from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_sinks, check_softcap,
                       check_tensor, check_window_form, tile_rows_fit_int32)
 
-__all__ = ["flash_attention", "flash_attention_with_lse", "MAX_HEAD_DIM"]
+__all__ = ["flash_attention", "flash_attention_with_lse", "set_deterministic_backward", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256  # one padded head row (up to 256) lives in registers per query row
 MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis: (sequence, head) programs
@@ -41,24 +41,70 @@ _AUTOTUNE = os.environ.get("FASTLLAMA_AUTOTUNE", "1").strip().lower() not in ("0
 FORCE_CONFIG: dict | None = None
 
 
+# How the deterministic backward of fp16/bf16 inputs forms dQ: set_deterministic_backward.
+_DETERMINISTIC_BACKWARDS = ("recompute", "partials")
+_deterministic_backward = {"algorithm": "recompute", "partials": None}
+
+
+def set_deterministic_backward(algorithm: str, partials: int | None = None) -> tuple[str, int | None]:
+    """Chooses how flash attention's deterministic backward (``deterministic=True``, the default)
+    forms dQ for fp16/bf16 inputs, process-wide, from the next backward on; returns the previous
+    ``(algorithm, partials)``. Both give bit-identical gradients run to run; they differ in speed
+    and memory, and in dQ's last bits against each other.
+
+    - ``"recompute"`` (default): a dQ kernel of its own recomputes the probabilities, so each
+      (query block, key block) pair costs seven matmuls, and nothing is kept beyond dQ itself.
+    - ``"partials"``: the dK/dV kernel forms dQ too (five matmuls a pair, as the atomic
+      ``deterministic=False`` backward and SDPA's flash backend do), but each of its P programs
+      per (sequence, KV head) owns a set of key blocks and adds into an fp32 dQ partial of its
+      own; the P partials are then summed in a fixed order. It holds P fp32 copies of dQ during
+      the backward. ``partials`` fixes P; None picks it per launch
+      (``kernels.flash_attention_backward.dq_partial_count``: about four programs per SM, at
+      most 16, at most 2 GiB of partials beyond the first). P depends on the GPU's SM count and
+      the shape, and dQ's last bits on P.
+
+    Which is faster is not measured yet: ``fastllama bench ops`` times both (``fastllama`` and
+    ``fastllama-partials``) and ``fastllama bench train`` both with a patched model
+    (``hf+fastllama``, ``hf+fastllama-partials``). fp32 inputs and soft-capped scores always
+    recompute."""
+    if algorithm not in _DETERMINISTIC_BACKWARDS:
+        raise ValueError(f"algorithm must be one of {_DETERMINISTIC_BACKWARDS}, got {algorithm!r}")
+    if partials is not None and (isinstance(partials, bool) or not isinstance(partials, int) or partials < 1):
+        raise ValueError(f"partials must be a positive int or None, got {partials!r}")
+    previous = (_deterministic_backward["algorithm"], _deterministic_backward["partials"])
+    _deterministic_backward.update(algorithm=algorithm, partials=partials)
+    return previous
+
+
+def _dq_partials(q: torch.Tensor, k: torch.Tensor, n_seq: int, max_keys: int, deterministic: bool,
+                 softcap: float) -> int:
+    """The backward's ``dq_partials``: 0 (the dQ kernel, or atomics) unless the partials
+    algorithm is chosen and applies (deterministic, fp16/bf16, no softcap)."""
+    if (_deterministic_backward["algorithm"] != "partials" or not deterministic or q.dtype == torch.float32
+            or softcap > 0):
+        return 0
+    return _deterministic_backward["partials"] or _bwd.dq_partial_count(n_seq * k.shape[1], max_keys, q.numel(),
+                                                                        q.device)
+
+
 def _config(which: str, seqlen: int):
-    """A forced or interpreter tile for kernel ``which``, or None (autotune). "dkdv_atomic" takes
-    the "dkdv" entry unless it has one of its own."""
+    """A forced or interpreter tile for kernel ``which``, or None (autotune). "dkdv_atomic" and
+    "dkdv_partials" take the "dkdv" entry unless they have one of their own."""
     if FORCE_CONFIG is not None:
-        return FORCE_CONFIG.get(which) or FORCE_CONFIG[which.removesuffix("_atomic")]
+        return FORCE_CONFIG.get(which) or FORCE_CONFIG[which.split("_")[0]]
     if not interpreter_active():
         return None
     # Under the interpreter every tl op costs time in proportion to the tile's elements, so a
     # tile just large enough for the sequence (up to the default) is fastest: T=48 runs 2.5x
     # faster with 64-wide tiles than with 256-wide ones.
-    block_m, block_n, warps, stages = _fwd.INTERPRETER_CONFIG[which.removesuffix("_atomic")]
+    block_m, block_n, warps, stages = _fwd.INTERPRETER_CONFIG[which.split("_")[0]]
     fit = max(16, triton.next_power_of_2(max(seqlen, 1)))
     return min(block_m, fit), min(block_n, fit), warps, stages
 
 
 def _tuners() -> dict:
     return {"fwd": _fwd._attn_fwd_tuned, "dq": _bwd._attn_bwd_dq_tuned, "dkdv": _bwd._attn_bwd_dkdv_tuned,
-            "dkdv_atomic": _bwd._attn_bwd_dkdv_atomic_tuned}
+            "dkdv_atomic": _bwd._attn_bwd_dkdv_atomic_tuned, "dkdv_partials": _bwd._attn_bwd_dkdv_partials_tuned}
 
 
 def _config_name(c) -> str:
@@ -150,11 +196,14 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
         # so d loss / d lse = dstats[0] / ln 2.
         dlse = (dlse[0].to(torch.float32) * _fwd.LOG2E).contiguous()
     longest = max(mq or q.shape[2], mk or k.shape[2])
+    n_seq = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    partials = _dq_partials(q, k, n_seq, mk or k.shape[2], deterministic, softcap)
+    dkdv = "dkdv_partials" if partials else "dkdv" if deterministic else "dkdv_atomic"
     return _bwd.flash_attention_backward(do, q, k, v, out, lse, scale=scale, before=before, after=after, dlse=dlse,
                                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq,
                                          max_seqlen_k=mk, precision=precision, config_dq=_config("dq", longest),
-                                         config_dkdv=_config("dkdv" if deterministic else "dkdv_atomic", longest),
-                                         autotune=_AUTOTUNE, deterministic=deterministic, softcap=softcap)
+                                         config_dkdv=_config(dkdv, longest), autotune=_AUTOTUNE,
+                                         deterministic=deterministic, softcap=softcap, dq_partials=partials)
 
 
 @_flash_bwd.register_fake
@@ -703,8 +752,9 @@ def _softcap_row(name: str):
 def _build_configs() -> list[KernelBuild]:
     """Every GPU specialisation the op launches for the supported head dims: each autotune
     candidate of each kernel x head dim (64, 80, 96, 128, 256) x dtype (fp32 with ieee and tf32
-    dots) x dense/varlen x stride alignment, and the delta preprocess x head dim x dtype x
-    (with/without an lse gradient) x stride alignment.
+    dots) x dense/varlen x stride alignment (the kernels: forward, dQ, dK/dV, and for 16-bit inputs
+    dK/dV with atomic dQ and with dQ partials, both on the atomic tiles), and the delta preprocess
+    x head dim x dtype x (with/without an lse gradient) x stride alignment.
 
     ALIGNED=True builds have 16-element-aligned strides (what every HF layout of these head dims
     gives) and the tuned tables; ALIGNED=False builds (a stride not a multiple of 16: head dims
@@ -738,25 +788,28 @@ def _build_configs() -> list[KernelBuild]:
                     dkdv_signature = {
                         "Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
                         "DV": ptr, "DQ": ptr, "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", "softcap": "fp32",
-                        **typed3("q", "k", "v", "do", "dk", "dv", "dq"), "stride_lb": "i32", "stride_lh": "i32",
-                        "stride_lp": "i32", **{("n_kv_heads" if n == "n_heads" else n): t for n, t in tail.items()}}
+                        **typed3("q", "k", "v", "do", "dk", "dv", "dq"), "stride_dqs": "i32", "stride_lb": "i32",
+                        "stride_lh": "i32", "stride_lp": "i32", **{("n_kv_heads" if n == "n_heads" else n): t for n, t in tail.items()}}
                     kernels = [
                         ("fwd", _fwd._attn_fwd, _fwd.fwd_configs, {},
                          {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "CU_Q": cu, "CU_K": cu,
                           "sm_scale": "fp32", "softcap": "fp32", **typed3("q", "k", "v", "o"), "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32",
                           **tail}),
-                        ("dkdv", _bwd._attn_bwd_dkdv, _fwd.dkdv_configs, {"ATOMIC_DQ": False}, dkdv_signature),
+                        ("dkdv", _bwd._attn_bwd_dkdv, _fwd.dkdv_configs, {"ATOMIC_DQ": False, "DQ_PARTIALS": False},
+                         dkdv_signature),
                         ("dq", _bwd._attn_bwd_dq, _fwd.dq_configs, {},
                          {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
                           "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", "softcap": "fp32",
                           **typed3("q", "k", "v", "do", "dq"),
                           "stride_lb": "i32", "stride_lh": "i32", "stride_lp": "i32", **tail}),
                     ]
-                    if dtype != torch.float32:  # deterministic=False: dQ in fp32, added with atomics
-                        kernels.append(("dkdv_atomic", _bwd._attn_bwd_dkdv, _fwd.dkdv_atomic_configs,
-                                        {"ATOMIC_DQ": True}, dkdv_signature | {"DQ": "*fp32"}))
+                    if dtype != torch.float32:  # dQ in fp32, added with atomics (deterministic=False), or
+                        # into one fp32 partial per program (set_deterministic_backward("partials"))
+                        kernels += [(name, _bwd._attn_bwd_dkdv, _fwd.dkdv_atomic_configs,
+                                     {"ATOMIC_DQ": True, "DQ_PARTIALS": partials}, dkdv_signature | {"DQ": "*fp32"})
+                                    for name, partials in (("dkdv_atomic", False), ("dkdv_partials", True))]
                     for (name, kernel, configs, flags, signature), softcap in itertools.product(kernels, (False, True)):
-                        if softcap and name == "dkdv_atomic":
+                        if softcap and name in ("dkdv_atomic", "dkdv_partials"):
                             continue
                         if softcap:  # one tile per row and arch
                             configs = _softcap_row(name)
