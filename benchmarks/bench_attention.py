@@ -7,6 +7,10 @@ Sweep (issue 4): bf16, head dim 64 and 128, sequence 512 to 16k with batch * seq
   note names the tiles the autotuner chose);
 - ``fastllama-atomic``: the same with ``deterministic=False`` (dQ added with atomics in the dK/dV
   kernel, as sdpa-flash and flash-attn do; the forward is the same kernel as ``fastllama``'s);
+- ``fastllama-partials``: ``ops.flash_attention`` under
+  ``set_deterministic_backward("partials")``: the deterministic backward with dQ formed in the
+  dK/dV kernel (five matmuls a block pair, as ``fastllama-atomic``) into fp32 partials, one per
+  program, summed in a fixed order (the forward is ``fastllama``'s);
 - ``fastllama-softcap``: ``ops.flash_attention`` with Gemma 2's score soft-capping (``softcap=50``:
   a tanh per score, one untimed tile per kernel); its ratio to ``fastllama`` is what the cap costs
   (SDPA has no soft-capping, so HF runs Gemma 2's attention eagerly);
@@ -50,7 +54,7 @@ from fastllama import ops  # noqa: E402
 from fastllama.ops import attention as attention_ops  # noqa: E402
 
 
-PROVIDERS = ("fastllama", "fastllama-atomic", "fastllama-softcap", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
+PROVIDERS = ("fastllama", "fastllama-atomic", "fastllama-partials", "fastllama-softcap", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
              "flash-attn")
 
 
@@ -59,6 +63,7 @@ def _providers():
     out = {"fastllama": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal),
            "fastllama-atomic": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal,
                                                                            deterministic=False),
+           "fastllama-partials": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal),
            "fastllama-softcap": lambda q, k, v, causal: ops.flash_attention(q, k, v, causal=causal, softcap=50.0)}
     if not common.on_gpu():
         return out
@@ -117,7 +122,8 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
         aligned = strides_aligned(q, k, v)
         picks = {which: "M{} N{} w{} s{}".format(*softcap_config(which, q, aligned, "ieee"))
                  for which in ("fwd", "dkdv", "dq")}
-    bwd_kernels = ("dkdv_atomic",) if name == "fastllama-atomic" else ("dkdv", "dq")
+    bwd_kernels = {"fastllama-atomic": ("dkdv_atomic",), "fastllama-partials": ("dkdv_partials",)}.get(name,
+                                                                                                ("dkdv", "dq"))
     notes = {"fwd": picks.get("fwd", ""), "bwd": "; ".join(f"{k} {picks[k]}" for k in bwd_kernels if k in picks)}
     return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=notes["fwd"]),
             dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note=notes["bwd"])], tuning
@@ -200,7 +206,10 @@ def main(argv=None) -> int:
             for name, fn in _providers().items():
                 if name not in args.providers:
                     continue
-                case_rows, case_tuning = bench_case(name, fn, B, H, T, D, causal, torch.bfloat16)
+                # (the backward reads the setting when it runs: the whole case runs inside it)
+                algorithm = "partials" if name == "fastllama-partials" else "recompute"
+                with attention_ops.deterministic_backward(algorithm):
+                    case_rows, case_tuning = bench_case(name, fn, B, H, T, D, causal, torch.bfloat16)
                 rows += case_rows
                 tuning += case_tuning
                 print(rows[-2]["provider"], f"D{D} T{T} {'causal' if causal else 'full'}",

@@ -182,8 +182,8 @@ run_stage() {
     pytest-candidates) skipped_tests pytest-candidates || stage pytest-candidates "${CANDIDATES_CAP_S:-90}" \
       "$PY" -m pytest -q -p no:cacheprovider tests/test_flash_attention.py -k "$CANDIDATES" --durations=5 \
       --junitxml="$OUT/pytest-candidates-junit.xml" -o junit_family=xunit2 ;;
-    bench-train) stage bench-train "${TRAIN_CAP_S:-130}" "${FL[@]}" bench train --quick --profile --no-progress \
-      --configs ${TRAIN_CONFIGS:-hf-sdpa hf+fastllama hf+fastllama-atomic hf-liger} ;;
+    bench-train) stage bench-train "${TRAIN_CAP_S:-150}" "${FL[@]}" bench train --quick --profile --no-progress \
+      --configs ${TRAIN_CONFIGS:-hf-sdpa hf+fastllama hf+fastllama-atomic hf+fastllama-partials hf-liger} ;;
     bench-attention) stage bench-attention "${ATTENTION_CAP_S:-110}" "${FL[@]}" bench ops --quick --only bench_attention ;;
     bench-ops) stage bench-ops "${OPS_CAP_S:-60}" "${FL[@]}" bench ops --quick \
       --only bench_cross_entropy bench_norm_rope_swiglu bench_moe bench_latent_decode ;;

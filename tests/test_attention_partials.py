@@ -209,23 +209,6 @@ def test_candidates_are_the_atomic_kernels_and_built(sm, aligned, D):
         assert archs[label, w, s] is None or f"sm_{sm}" in archs[label, w, s]
 
 
-@pytest.mark.skipif(INTERPRETER, reason="GPU only: the tiles the autotuner may pick, P from the SM count")
-@pytest.mark.parametrize("D", [64, 128])
-def test_every_candidate_on_this_gpu(monkeypatch, partials, D):
-    torch.manual_seed(0)
-    sm = kfa.table_arch(torch.device(DEVICE))
-    qkv = _qkv(2, 4, 2, 333, 333, D)
-    partials()
-    for config in kfa.dkdv_atomic_configs(D, 2, "ieee", True, sm):
-        monkeypatch.setattr(A, "FORCE_CONFIG", {"fwd": kfa.fwd_configs(D, 2, "ieee", True, sm)[0],
-                                                "dq": kfa.dq_configs(D, 2, "ieee", True, sm)[0], "dkdv": config})
-        for causal in (True, False):
-            assert_parity(functools.partial(ops.flash_attention, causal=causal),
-                          functools.partial(A._reference, causal=causal),
-                          *(t.detach().clone().requires_grad_() for t in qkv), names=("q", "k", "v"),
-                          output_names=("out",), title=f"dQ partials {config} causal={causal}")
-
-
 def test_each_partial_holds_its_own_key_blocks(monkeypatch, partials):
     """Partial p holds dS K over the key blocks p, p + P, ... alone (computed here in float64 from
     the full softmax): a program that added into another's partial, or the wrong key blocks,

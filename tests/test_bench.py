@@ -379,6 +379,49 @@ def test_attention_providers_option_picks_rows(tmp_path, capsys):
     assert {r["provider"] for r in rows} == {"fastllama-atomic"} and len(rows) == 2
 
 
+def test_attention_partials_rows_run_the_partials_backward(tmp_path, monkeypatch):
+    """fastllama-partials times the backward under set_deterministic_backward("partials") (read
+    when the backward runs, so the whole case runs inside it), names the partials kernel's tile,
+    and leaves the process's choice as it was; fastllama's rows recompute."""
+    from benchmarks import bench_attention
+    from fastllama.kernels import flash_attention_backward as kbwd
+    from fastllama.ops import attention as attention_ops
+
+    launched = []
+    real = kbwd.flash_attention_backward
+    monkeypatch.setattr(kbwd, "flash_attention_backward",
+                        lambda *a, **kw: launched.append(kw["dq_partials"]) or real(*a, **kw))
+    monkeypatch.setattr(attention_ops, "autotuned_choices", lambda: {"dkdv_partials": "M2 N2 w2 s2", "dq": "M3"})
+    assert bench_attention.main(["--providers", "fastllama", "fastllama-partials", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_attention.json").read_text())["rows"]
+    assert [(r["provider"], r["direction"]) for r in rows] == [("fastllama", "fwd"), ("fastllama", "bwd"),
+                                                               ("fastllama-partials", "fwd"),
+                                                               ("fastllama-partials", "bwd")]
+    assert rows[3]["note"] == "dkdv_partials M2 N2 w2 s2"
+    split = launched.index(1)  # (one program per (sequence, KV head) off the GPU)
+    assert launched[:split] and set(launched[:split]) == {0} and set(launched[split:]) == {1}
+    assert attention_ops._deterministic_backward["algorithm"] == "recompute"
+
+
+def test_training_partials_configuration_runs_under_the_partials_backward(monkeypatch):
+    """hf+fastllama-partials: a patched model whose steps run with the partials backward chosen,
+    and the choice restored after (hf+fastllama, after it, recomputes)."""
+    from fastllama.ops import attention as attention_ops
+
+    seen = {}
+
+    def steps(model, forward, ids, *args, **kwargs):
+        seen[len(seen)] = (attention_ops._deterministic_backward["algorithm"], hasattr(model, "_fastllama_patch"))
+        return 1.0, None, 0.0, None
+
+    monkeypatch.setattr(train, "_train_steps", steps)
+    s = train.default_settings("tiny", quick=True, configs=("hf+fastllama-partials", "hf+fastllama"), layers=1)
+    rows = train.run_train(s, progress=False, log=lambda *a: None)
+    assert [(r["config"], r["status"]) for r in rows] == [("hf+fastllama", "ok"), ("hf+fastllama-partials", "ok")]
+    assert seen == {0: ("recompute", True), 1: ("partials", True)}
+    assert attention_ops._deterministic_backward["algorithm"] == "recompute"
+
+
 def test_attention_tuning_rows_and_no_plot_for_them(tmp_path, monkeypatch):
     """bench_attention's tuning table: a row per timed candidate, fastest first, relative to the
     fastest; a candidate that failed (inf) has no ratio; plot_missing draws nothing for it."""

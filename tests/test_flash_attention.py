@@ -795,25 +795,28 @@ def test_window_grid(dtype, window, Tq, Tk):
 
 @pytest.mark.skipif(INTERPRETER, reason="GPU only: every tile of this device's tables (16 cases, not the matrix)")
 @pytest.mark.parametrize("D", [64, 96, 128, 256])
-@pytest.mark.parametrize("which", ["fwd", "dq", "dkdv", "dkdv_atomic"])
+@pytest.mark.parametrize("which", ["fwd", "dq", "dkdv", "dkdv_atomic", "dkdv_partials"])
 def test_every_autotune_candidate_of_this_gpu(monkeypatch, which, D):
     """The autotuner may pick any candidate of the device's row (the Hopper-only tiles on an
     H100/H200), and the interpreter only ever runs its own large tile: each candidate, forced in
     turn, must pass the parity rule on an odd-length causal GQA case with edge blocks on both
-    axes (the other two kernels keep their row's first candidate)."""
+    axes (the other two kernels keep their row's first candidate). The dQ-partials kernel runs
+    the atomic kernel's tiles, with as many partials as this GPU's SM count gives."""
     torch.manual_seed(0)
     sm = kfa.table_arch(torch.device(DEVICE))
     tables = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs,
-              "dkdv_atomic": kfa.dkdv_atomic_configs}
+              "dkdv_atomic": kfa.dkdv_atomic_configs, "dkdv_partials": kfa.dkdv_atomic_configs}
     row = lambda name: tables[name](kfa.padded_head_dim(D), 2, "ieee", True, sm)
     qkv = _qkv(2, 4, 2, 333, 333, D, torch.bfloat16)
+    algorithm = "partials" if which == "dkdv_partials" else "recompute"
     for config in row(which):
         monkeypatch.setattr(A, "FORCE_CONFIG", {name: row(name)[0] for name in tables} | {which: config})
-        _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=True,
-                deterministic=which != "dkdv_atomic")
-        if which == "dkdv_atomic":  # interior blocks that see a partial key block's padding keys
-            _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=False,
-                    deterministic=False)
+        with A.deterministic_backward(algorithm):
+            _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=True,
+                    deterministic=which != "dkdv_atomic")
+            if which in ("dkdv_atomic", "dkdv_partials"):  # interior blocks that see a partial key block's padding keys
+                _parity(torch.bfloat16, *(t.detach().clone().requires_grad_() for t in qkv), causal=False,
+                        deterministic=which != "dkdv_atomic")
 
 
 def test_k_and_v_with_different_layouts():

@@ -31,7 +31,7 @@ QUICK_ARGS = {
     # (not the soft-capped kernels, Gemma 2's, nor SDPA's mem-efficient backend: two compiles and
     # a slow baseline less; the default run has them)
     "bench_attention": ["--dims", "128", "64", "--seqlens", "4096", "--masks", "causal", "--providers", "fastllama",
-                        "fastllama-atomic", "sdpa-flash", "sdpa-cudnn", "flash-attn"],
+                        "fastllama-atomic", "fastllama-partials", "sdpa-flash", "sdpa-cudnn", "flash-attn"],
     "bench_cross_entropy": ["--tokens", "4096", "16384"],
     "bench_moe": ["--tokens", "4096"],
     # batch 1 is the target; every other batch would be one more torch.compile of HF's forward

@@ -15,7 +15,8 @@ import dataclasses
 __all__ = ["Preset", "PRESETS", "CONFIGS", "get_preset", "hf_model", "reference_model", "default_dtype"]
 
 #: The training configurations compared (see fastllama.bench.train).
-CONFIGS = ("hf-sdpa", "hf-eager", "hf-compile", "hf-liger", "hf+fastllama", "hf+fastllama-atomic", "reference+fastllama")
+CONFIGS = ("hf-sdpa", "hf-eager", "hf-compile", "hf-liger", "hf+fastllama", "hf+fastllama-atomic",
+           "hf+fastllama-partials", "reference+fastllama")
 
 _LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
                     high_freq_factor=4.0, original_max_position_embeddings=8192)

@@ -17,6 +17,9 @@ configuration trains the same preset at the same (sequence length, batch):
 * ``hf+fastllama``: the same model after ``fastllama.patch(model)``;
 * ``hf+fastllama-atomic``: ``fastllama.patch(model, deterministic=False)``: the attention
   backward adds dQ with atomics, as SDPA's flash backend in ``hf-sdpa`` does;
+* ``hf+fastllama-partials``: ``fastllama.patch(model)`` with the deterministic attention backward
+  that forms dQ in fp32 partials (``fastllama.ops.set_deterministic_backward("partials")``, for
+  this configuration's steps only);
 * ``reference+fastllama``: fastllama's reference ``Llama`` after ``fastllama.patch(model)``
   (Llama presets only).
 
@@ -178,10 +181,10 @@ def build(config: str, settings: TrainSettings):
 
         getattr(liger, f"apply_liger_kernel_to_{settings.preset.model_type}")(model=model)
         return model, lambda ids: model(input_ids=ids, labels=ids).loss
-    if config in ("hf+fastllama", "hf+fastllama-atomic"):
+    if config in ("hf+fastllama", "hf+fastllama-atomic", "hf+fastllama-partials"):
         from ..patching import patch
 
-        patch(model, deterministic=config == "hf+fastllama")
+        patch(model, deterministic=config != "hf+fastllama-atomic")
         return model, lambda ids: model(input_ids=ids, labels=ids).loss
     raise ValueError(f"unknown configuration {config!r}; choose from {CONFIGS}")
 
@@ -333,6 +336,10 @@ def run_config(config: str, settings: TrainSettings, batches: dict[int, int], pr
     bar = common.progress_bar(total=len(settings.seq_lens) * (settings.warmup + settings.steps),
                               desc=f"{config:<20}", disable=not progress, leave=True)
     guard = _restored_modeling(p.model_type) if config == "hf-liger" else contextlib.nullcontext()
+    if config == "hf+fastllama-partials":
+        from ..ops.attention import deterministic_backward
+
+        guard = deterministic_backward("partials")
     model = forward = None
     try:
         with guard:
@@ -387,7 +394,8 @@ def add_ratios(rows: list[dict], baseline: str = "hf-sdpa") -> None:
 
 # Liger patches transformers' modeling module globally; run_config restores it afterwards, so its
 # place in the order is free: right after fastllama's rows, which the 1.1x target compares it with.
-RUN_ORDER = ("hf-sdpa", "hf-eager", "hf+fastllama", "hf+fastllama-atomic", "hf-liger", "reference+fastllama", "hf-compile")
+RUN_ORDER = ("hf-sdpa", "hf-eager", "hf+fastllama", "hf+fastllama-atomic", "hf+fastllama-partials", "hf-liger",
+             "reference+fastllama", "hf-compile")
 
 
 class _Interrupted(KeyboardInterrupt):

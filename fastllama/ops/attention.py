@@ -7,6 +7,7 @@ their autograd, plus the op-table entries. Kernels: ``fastllama.kernels.flash_at
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -24,7 +25,8 @@ from ..kernels import flash_attention_backward as _bwd
 from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_sinks, check_softcap,
                       check_tensor, check_window_form, tile_rows_fit_int32)
 
-__all__ = ["flash_attention", "flash_attention_with_lse", "set_deterministic_backward", "MAX_HEAD_DIM"]
+__all__ = ["flash_attention", "flash_attention_with_lse", "set_deterministic_backward", "deterministic_backward",
+           "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256  # one padded head row (up to 256) lives in registers per query row
 MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis: (sequence, head) programs
@@ -74,6 +76,17 @@ def set_deterministic_backward(algorithm: str, partials: int | None = None) -> t
     previous = (_deterministic_backward["algorithm"], _deterministic_backward["partials"])
     _deterministic_backward.update(algorithm=algorithm, partials=partials)
     return previous
+
+
+@contextlib.contextmanager
+def deterministic_backward(algorithm: str, partials: int | None = None):
+    """:func:`set_deterministic_backward` for the backwards run inside a ``with`` block (the
+    benchmarks time each algorithm this way); the previous choice comes back after it."""
+    previous = set_deterministic_backward(algorithm, partials)
+    try:
+        yield
+    finally:
+        set_deterministic_backward(*previous)
 
 
 def _dq_partials(q: torch.Tensor, k: torch.Tensor, n_seq: int, max_keys: int, deterministic: bool,
@@ -460,7 +473,8 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
             products: fp32 models and CPU tests compare tightly) or "tf32" (tensor cores, about
             3 decimal digits per product, much faster on a GPU). Ignored for fp16/bf16.
         deterministic: True (default): the backward gives bit-identical gradients run to run
-            (dQ in a kernel of its own, no atomics). False, for fp16/bf16: dQ is added with
+            (dQ in a kernel of its own, no atomics; or, after
+            ``set_deterministic_backward("partials")``, in fp32 partials summed in order). False, for fp16/bf16: dQ is added with
             atomics inside the dK/dV kernel, as flash-attn 2 and SDPA's flash backend do: two
             fewer matmuls per block pair (5 instead of 7), and dQ's last bits vary from run to
             run. fp32 inputs, and every input under ``torch.use_deterministic_algorithms(True)``,
