@@ -434,6 +434,30 @@ _DKDV_ATOMIC_UNALIGNED = {
 }
 _SM90_EXTRA_ATOMIC: dict = {}  # (sm_90's aligned 16-bit rows: _SM90_ROWS)
 
+# dK/dV with dQ partials (``set_deterministic_backward("partials")``, fp16/bf16 only): the atomic
+# kernel's step inside a loop over the program's key blocks, which keeps more registers live
+# than the step alone. On the atomic tiles it spilled 8-208 B on every arch (the worst: sm_90 d64
+# (64,64,8,2|3) 16-32 B and d128 (32,32,4,2) 40 B, sm_80 d80 (32,64,8,2) 8 B and (32,32,4,2)
+# 16 B, sm_90 d256 (32,32,8,2) 8 B). These tiles spill on no arch (sm_80/86/90/100/120, dense and
+# varlen, fp16; d80 and d128 for the middle row) and no sm_90 MMA is serialized. Registers worst
+# over the archs other than sm_90 / on sm_90:
+#   aligned   d64 (32,64,8,2|3) 255/212, (32,128,8,2) 255/214, (16,64,4,2) 255/240;
+#             d80-128 (32,32,8,2) 250/226, (64,16,8,2) 255/254, (16,64,8,2) 255/246;
+#             d256 (16,32,8,2) 247/238.
+#   unaligned d64 (16,32,4,2) 255/226, (32,32,8,2) 254/248; d80-128 (32,16,8,2) 255/186;
+#             d256 (32,16,8,2) 255/180, (16,16,4,2) 255/180.
+# Unmeasured, like the atomic rows: which is fastest, and whether this backward beats the dQ pass.
+_DKDV_PARTIALS = {
+    (64, "16-bit"): [(32, 64, 8, 2), (32, 128, 8, 2), (32, 64, 8, 3), (16, 64, 4, 2)],
+    (128, "16-bit"): [(32, 32, 8, 2), (64, 16, 8, 2), (16, 64, 8, 2)],
+    (256, "16-bit"): [(16, 32, 8, 2)],
+}
+_DKDV_PARTIALS_UNALIGNED = {
+    (64, "16-bit"): [(16, 32, 4, 2), (32, 32, 8, 2)],
+    (128, "16-bit"): [(32, 16, 8, 2)],
+    (256, "16-bit"): [(32, 16, 8, 2), (16, 16, 4, 2)],
+}
+
 # GPUs with 99 KB of shared memory per block (sm_86: A10, A40, RTX 30; sm_89: L4, L40S, RTX 40;
 # sm_120: RTX 50) run the tables above except where a row's tiles need more, which Triton refuses
 # to launch there ("out of resource: shared memory"): the 16-bit forward at d80-128 needed 112.5
@@ -470,6 +494,7 @@ _SM86_ROWS = {
              (True, 128, "ieee"): [(16, 32, 8, 1)],
              (True, 256, "ieee"): [(16, 16, 8, 1)]},
     "dkdv_atomic": {(True, 64, "16-bit"): [(32, 64, 8, 2), (16, 64, 4, 2)]},
+    "dkdv_partials": {},
 }
 
 # RTX 50 (sm_120) runs the 99 KB tables above, except where they spill there: its ptxas holds
@@ -484,6 +509,7 @@ _SM120_ROWS = {
     "dq": {(True, 64, "16-bit"): [(128, 32, 8, 2), (128, 32, 8, 3)]},
     "dkdv": {},
     "dkdv_atomic": {(False, 64, "16-bit"): [(16, 32, 8, 2)]},
+    "dkdv_partials": {},
 }
 
 # B200 (sm_100) runs the sm_80 tables (its 227 KB hold every tile), except where they spill there
@@ -495,7 +521,7 @@ _SM120_ROWS = {
 _SM100_ROWS = {
     "fwd": {(True, 128, "16-bit"): [(128, 64, 8, 3), (128, 64, 8, 4)],
             (False, 256, "tf32"): [(32, 32, 8, 2)]},
-    "dq": {}, "dkdv": {}, "dkdv_atomic": {},
+    "dq": {}, "dkdv": {}, "dkdv_atomic": {}, "dkdv_partials": {},
 }
 
 # Hopper (sm_90) rows that replace the shared ones where ptxas serialized the warpgroup MMAs of
@@ -535,6 +561,7 @@ _SM90_ROWS = {
              (False, 64, "tf32"): [(32, 32, 8, 2)]},
     "dkdv_atomic": {(True, 64, "16-bit"): [(64, 64, 8, 3), (64, 64, 8, 2)],
                     (True, 128, "16-bit"): [(64, 16, 8, 2), (64, 16, 8, 3), (32, 32, 4, 2)]},
+    "dkdv_partials": {},
 }
 
 # The replacement rows each table arch applies, in order, to the shared tables: sm_120 is a 99 KB
@@ -547,7 +574,8 @@ CONFIG_TABLES = {name: (aligned, unaligned, sm90, {sm: [rows[name] for rows in c
                  for name, aligned, unaligned, sm90 in (
     ("fwd", _FWD, _FWD_UNALIGNED, _SM90_EXTRA_16BIT["fwd"]), ("dq", _DQ, _DQ_UNALIGNED, _SM90_EXTRA_16BIT["dq"]),
     ("dkdv", _DKDV, _DKDV_UNALIGNED, _SM90_EXTRA_16BIT["dkdv"]),
-    ("dkdv_atomic", _DKDV_ATOMIC, _DKDV_ATOMIC_UNALIGNED, _SM90_EXTRA_ATOMIC))}
+    ("dkdv_atomic", _DKDV_ATOMIC, _DKDV_ATOMIC_UNALIGNED, _SM90_EXTRA_ATOMIC),
+    ("dkdv_partials", _DKDV_PARTIALS, _DKDV_PARTIALS_UNALIGNED, {}))}
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -612,6 +640,14 @@ def dkdv_atomic_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", al
     if elem_bytes >= 4:
         raise ValueError("the atomic-dQ backward runs fp16/bf16 only")
     return _lookup(CONFIG_TABLES["dkdv_atomic"], d_pad, elem_bytes, precision, aligned, sm)
+
+
+def dkdv_partials_configs(d_pad: int, elem_bytes: int, precision: str = "ieee", aligned: bool = True,
+                          sm: int = 80) -> list[tuple]:
+    """Candidates of the dK/dV kernel with dQ partials (16-bit inputs only); see :func:`fwd_configs`."""
+    if elem_bytes >= 4:
+        raise ValueError("the dQ-partials backward runs fp16/bf16 only")
+    return _lookup(CONFIG_TABLES["dkdv_partials"], d_pad, elem_bytes, precision, aligned, sm)
 
 
 @functools.lru_cache(maxsize=None)
@@ -687,11 +723,11 @@ _attn_fwd_tuned = ArchAutotuner(_attn_fwd, CONFIG_TABLES["fwd"], _TUNE_KEY)
 
 def untuned_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -> tuple:
     """The first candidate of a launch's row ("fwd", "dq", "dkdv", "dkdv_atomic" or
-    "dkdv_partials", which runs the atomic kernel's tiles): what runs, launched directly and
+    "dkdv_partials"): what runs, launched directly and
     untimed, when a launcher gets ``autotune=False``. (Pruning the autotuner to one candidate is
     not enough: Triton before 3.7 still times a lone candidate.)"""
     configs = {"fwd": fwd_configs, "dq": dq_configs, "dkdv": dkdv_configs, "dkdv_atomic": dkdv_atomic_configs,
-               "dkdv_partials": dkdv_atomic_configs}[which]
+               "dkdv_partials": dkdv_partials_configs}[which]
     return configs(padded_head_dim(q.shape[-1]), q.element_size(), precision, aligned, table_arch(q.device))[0]
 
 

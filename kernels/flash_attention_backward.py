@@ -267,6 +267,8 @@ def _attn_bwd_dkdv(
     b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
     if DQ_PARTIALS:
         tl.static_assert(ATOMIC_DQ, "dQ partials are added by the atomic-dQ path")
+        if ALIGNED:  # (B * Hq * Tq * D, a multiple of 16: without the hint the adds were scalar, not v4)
+            stride_dqs = (stride_dqs // 16) * 16
         dq_partial = DQ + pid_n.to(tl.int64) * stride_dqs
         for start_n in range(pid_n * BLOCK_N, k_len, tl.num_programs(0) * BLOCK_N):
             _dkdv_keys(Q, K, V, DO, LSE, DELTA, DK, DV, dq_partial, sm_scale, softcap,
@@ -387,22 +389,27 @@ _attn_bwd_dq_tuned = ArchAutotuner(_attn_bwd_dq, CONFIG_TABLES["dq"], _TUNE_KEY)
 # restore_value would add a clone and a copy-back of the fp32 buffer to every timed run).
 _attn_bwd_dkdv_atomic_tuned = ArchAutotuner(_attn_bwd_dkdv, CONFIG_TABLES["dkdv_atomic"], _TUNE_KEY,
                                             reset_to_zero=["DQ"])
-# The partials kernel runs the atomic kernel's tiles (its step is the same) under a tuner of its
-# own: its grid and key loop differ, so its best tile may too.
-_attn_bwd_dkdv_partials_tuned = ArchAutotuner(_attn_bwd_dkdv, CONFIG_TABLES["dkdv_atomic"], _TUNE_KEY,
+# The partials kernel: tiles and a tuning cache of its own (its loop over key blocks holds more
+# registers than the atomic kernel's step alone: see _DKDV_PARTIALS).
+_attn_bwd_dkdv_partials_tuned = ArchAutotuner(_attn_bwd_dkdv, CONFIG_TABLES["dkdv_partials"], _TUNE_KEY,
                                               reset_to_zero=["DQ"])
 
 
 def dq_partial_count(n_programs: int, max_keys: int, dq_elements: int, device: torch.device) -> int:
     """How many fp32 dQ partials the partials backward (``dq_partials``) gives each (sequence, KV
     head), i.e. its programs per (sequence, KV head): enough for about four programs per SM
-    across the ``n_programs`` (sequences x KV heads) (each program holds one SM's worth of
-    registers, and with four waves the last one idles at most a quarter of the GPU); at most one
-    per 64 keys (a program owns whole key blocks); at most 16, and at most 2 GiB of partials
-    beyond the first (each is ``dq_elements`` fp32 numbers). 1 off the GPU."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    across the ``n_programs`` (sequences x KV heads) (a program holds most of an SM's registers,
+    and with four waves the last one idles at most a quarter of the GPU); at most one per 64
+    keys (a program owns whole key blocks); at most 16, and at most 2 GiB of partials beyond the
+    first (each is ``dq_elements`` fp32 numbers). 0 where even that leaves SMs without a program
+    (long sequences of few heads: the recompute backward's one program per key block fills the
+    GPU there); 1 off the GPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     wanted = triton.cdiv(4 * sms, max(n_programs, 1))
-    return max(1, min(wanted, 16, triton.cdiv(max_keys, 64), 1 + (2 << 30) // max(4 * dq_elements, 1)))
+    count = max(1, min(wanted, 16, triton.cdiv(max_keys, 64), 1 + (2 << 30) // max(4 * dq_elements, 1)))
+    return count if count * n_programs >= sms else 0
 
 
 def preprocess_block(d_pad: int, aligned: bool = True) -> int:

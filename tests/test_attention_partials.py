@@ -137,6 +137,8 @@ def test_fp32_softcap_and_atomic_keep_their_backward(partials, launches):
         q, k, v = _qkv(1, 2, 1, 40, 40, 64, dtype)
         _grads(q, k, v, torch.ones_like(q), **kwargs)
     assert launches == [0, 0, 0]
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        kfa.dkdv_partials_configs(64, 4)
     q, k, v = _qkv(1, 2, 1, 40, 40, 64, torch.float32)
     lse = torch.zeros(2, 1, 2, 40)
     for dtype, kwargs in ((torch.float32, {}), (DTYPE, dict(softcap=5.0)), (DTYPE, dict(deterministic=False))):
@@ -170,10 +172,12 @@ class _Props:
 @pytest.mark.parametrize("n_programs,max_keys,dq_elements,expected", [
     (80, 4096, 10 * 32 * 4096 * 64, 7),   # Llama-3.2-1B training, batch 10: 4 x 132 SMs over 80 programs
     (64, 4096, 4 * 16 * 4096 * 128, 9),
-    (8, 8192, 32 * 8192 * 128, 16),       # batch 1, 8 KV heads: the cap of 16
-    (8, 300, 32 * 300 * 128, 5),          # one partial per 64 keys at most
+    (16, 8192, 2 * 32 * 8192 * 128, 9),   # batch 2, 8 KV heads: 2 GiB of 268 MB partials beyond the first
+    (16, 4096, 16 * 4096 * 64, 16),       # the cap of 16 (256 programs)
+    (80, 300, 10 * 32 * 300 * 64, 5),     # one partial per 64 keys at most
     (1000, 4096, 10 ** 6, 1),             # enough programs without partials
-    (8, 8192, 1 << 28, 3),                # 1 GiB each: two more than the first at most
+    (80, 8192, 1 << 28, 3),               # 1 GiB each: two more than the first at most
+    (8, 32768, 32 * 32768 * 128, 0),      # batch 1 at 32k: 5 x 8 programs leave SMs idle: recompute
 ])
 def test_partial_count(monkeypatch, n_programs, max_keys, dq_elements, expected):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props)
@@ -195,15 +199,15 @@ def test_autotuner_zeroes_every_partial():
 @pytest.mark.parametrize("sm", [80, 86, 90, 100, 120])
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("D", [64, 128, 256])
-def test_candidates_are_the_atomic_kernels_and_built(sm, aligned, D):
-    """The partials kernel's autotuner keeps the atomic kernel's row, and the build list compiles
-    each of its tiles (with DQ_PARTIALS) for this arch."""
+def test_candidates_are_the_partials_rows_and_built(sm, aligned, D):
+    """The partials kernel's autotuner keeps its own row of this arch, and the build list
+    compiles each of its tiles (with DQ_PARTIALS) for this arch."""
     archs = {(b.label, b.num_warps, b.num_stages): b.archs for b in A._build_configs()}
     q = torch.empty(1, 1, 1, D, dtype=torch.bfloat16)
     tuned = kbwd._attn_bwd_dkdv_partials_tuned.for_sm(sm)
     kept = tuned.early_config_prune(tuned.configs, {"Q": q}, D_PAD=D, PRECISION="ieee", ALIGNED=aligned)
     got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
-    assert got == set(kfa.dkdv_atomic_configs(D, 2, "ieee", aligned, sm)) and got
+    assert got == set(kfa.dkdv_partials_configs(D, 2, "ieee", aligned, sm)) and got
     for bm, bn, w, s in got:
         label = f"flash_attention dkdv_partials bf16 d{D}{'' if aligned else ' unaligned'} M{bm} N{bn}"
         assert archs[label, w, s] is None or f"sm_{sm}" in archs[label, w, s]

@@ -564,7 +564,7 @@ def test_replacement_rows_replace_only_their_own_rows():
             for aligned, row, kind in rows[name]:
                 assert (row, kind) in (aligned_table if aligned else unaligned_table), (name, aligned, row, kind)
         configs = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs,
-                   "dkdv_atomic": kfa.dkdv_atomic_configs}[name]
+                   "dkdv_atomic": kfa.dkdv_atomic_configs, "dkdv_partials": kfa.dkdv_partials_configs}[name]
         for aligned, table in ((True, aligned_table), (False, unaligned_table)):
             for row, kind in table:
                 elem, precision = (2, "ieee") if kind == "16-bit" else (4, kind)
@@ -801,11 +801,11 @@ def test_every_autotune_candidate_of_this_gpu(monkeypatch, which, D):
     H100/H200), and the interpreter only ever runs its own large tile: each candidate, forced in
     turn, must pass the parity rule on an odd-length causal GQA case with edge blocks on both
     axes (the other two kernels keep their row's first candidate). The dQ-partials kernel runs
-    the atomic kernel's tiles, with as many partials as this GPU's SM count gives."""
+    with as many partials as this GPU's SM count gives."""
     torch.manual_seed(0)
     sm = kfa.table_arch(torch.device(DEVICE))
     tables = {"fwd": kfa.fwd_configs, "dq": kfa.dq_configs, "dkdv": kfa.dkdv_configs,
-              "dkdv_atomic": kfa.dkdv_atomic_configs, "dkdv_partials": kfa.dkdv_atomic_configs}
+              "dkdv_atomic": kfa.dkdv_atomic_configs, "dkdv_partials": kfa.dkdv_partials_configs}
     row = lambda name: tables[name](kfa.padded_head_dim(D), 2, "ieee", True, sm)
     qkv = _qkv(2, 4, 2, 333, 333, D, torch.bfloat16)
     algorithm = "partials" if which == "dkdv_partials" else "recompute"

@@ -58,12 +58,15 @@ def set_deterministic_backward(algorithm: str, partials: int | None = None) -> t
       (query block, key block) pair costs seven matmuls, and nothing is kept beyond dQ itself.
     - ``"partials"``: the dK/dV kernel forms dQ too (five matmuls a pair, as the atomic
       ``deterministic=False`` backward and SDPA's flash backend do), but each of its P programs
-      per (sequence, KV head) owns a set of key blocks and adds into an fp32 dQ partial of its
-      own; the P partials are then summed in a fixed order. It holds P fp32 copies of dQ during
-      the backward. ``partials`` fixes P; None picks it per launch
-      (``kernels.flash_attention_backward.dq_partial_count``: about four programs per SM, at
-      most 16, at most 2 GiB of partials beyond the first). P depends on the GPU's SM count and
-      the shape, and dQ's last bits on P.
+      per (sequence, KV head) owns the key blocks p, p + P, ... and adds into an fp32 dQ partial
+      of its own; the P partials are then summed in a fixed order (torch's sum over their
+      axis). It holds P + 1 fp32 copies of dQ at its peak. ``partials`` fixes P; None picks it per
+      launch (``kernels.flash_attention_backward.dq_partial_count``: about four programs per
+      SM, at most one per 64 keys, at most 16, at most 2 GiB of partials beyond the first; and
+      where that cannot give every SM a program, long sequences of few heads, the launch
+      recomputes instead). dQ's last bits depend on P, so on the GPU's SM count and the shape
+      (batch, heads, length), and, as with every backward here, on the tile the autotuner
+      picked.
 
     Which is faster is not measured yet: ``fastllama bench ops`` times both (``fastllama`` and
     ``fastllama-partials``) and ``fastllama bench train`` both with a patched model
@@ -96,6 +99,7 @@ def _dq_partials(q: torch.Tensor, k: torch.Tensor, n_seq: int, max_keys: int, de
     if (_deterministic_backward["algorithm"] != "partials" or not deterministic or q.dtype == torch.float32
             or softcap > 0):
         return 0
+    # (0 from the count: too few programs for the GPU, the recompute backward runs)
     return _deterministic_backward["partials"] or _bwd.dq_partial_count(n_seq * k.shape[1], max_keys, q.numel(),
                                                                         q.device)
 
@@ -803,7 +807,8 @@ def _build_configs() -> list[KernelBuild]:
                         "Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr,
                         "DV": ptr, "DQ": ptr, "CU_Q": cu, "CU_K": cu, "sm_scale": "fp32", "softcap": "fp32",
                         **typed3("q", "k", "v", "do", "dk", "dv", "dq"), "stride_dqs": "i32", "stride_lb": "i32",
-                        "stride_lh": "i32", "stride_lp": "i32", **{("n_kv_heads" if n == "n_heads" else n): t for n, t in tail.items()}}
+                        "stride_lh": "i32", "stride_lp": "i32",
+                        **{("n_kv_heads" if n == "n_heads" else n): t for n, t in tail.items()}}
                     kernels = [
                         ("fwd", _fwd._attn_fwd, _fwd.fwd_configs, {},
                          {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "CU_Q": cu, "CU_K": cu,
@@ -819,9 +824,10 @@ def _build_configs() -> list[KernelBuild]:
                     ]
                     if dtype != torch.float32:  # dQ in fp32, added with atomics (deterministic=False), or
                         # into one fp32 partial per program (set_deterministic_backward("partials"))
-                        kernels += [(name, _bwd._attn_bwd_dkdv, _fwd.dkdv_atomic_configs,
-                                     {"ATOMIC_DQ": True, "DQ_PARTIALS": partials}, dkdv_signature | {"DQ": "*fp32"})
-                                    for name, partials in (("dkdv_atomic", False), ("dkdv_partials", True))]
+                        kernels += [(name, _bwd._attn_bwd_dkdv, configs, {"ATOMIC_DQ": True, "DQ_PARTIALS": partials},
+                                     dkdv_signature | {"DQ": "*fp32"})
+                                    for name, configs, partials in (("dkdv_atomic", _fwd.dkdv_atomic_configs, False),
+                                                                    ("dkdv_partials", _fwd.dkdv_partials_configs, True))]
                     for (name, kernel, configs, flags, signature), softcap in itertools.product(kernels, (False, True)):
                         if softcap and name in ("dkdv_atomic", "dkdv_partials"):
                             continue
