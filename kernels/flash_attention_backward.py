@@ -1,4 +1,5 @@
-"""Flash attention backward: three deterministic kernels by default, or two with atomic dQ adds.
+"""Flash attention backward: three deterministic kernels by default, or two with atomic dQ adds
+(or two, deterministic, with dQ partials).
 
 With s = q k^T * scale, p = exp(s - lse) (lse saved by the forward) and dO the upstream gradient:
 
@@ -24,6 +25,11 @@ dS K for each block of query rows it visits and adds it into an fp32 dQ buffer w
 and kernel 3 does not run: five matmuls per (query block, key block) pair instead of seven, as in
 flash-attn 2 and SDPA's flash backend. The key blocks add to a row in whatever order they
 finish, so dQ varies in its last bits from run to run.
+
+``dq_partials=P`` (16-bit inputs; ``set_deterministic_backward("partials")`` in the op) is the
+same five-matmul kernel made deterministic: P programs per (sequence, KV head), each owning the
+key blocks p, p + P, ..., add into P fp32 partials of dQ, one each, and the partials are summed
+in a fixed order (see ``_attn_bwd_dkdv``: why the adds into one partial land in a fixed order).
 
 Masks and block skipping are the forward's (see ``flash_attention.py``): the dK/dV kernel asks
 :func:`block_span` the transposed question (which query rows can see this key block).

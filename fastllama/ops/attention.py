@@ -478,7 +478,8 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
             3 decimal digits per product, much faster on a GPU). Ignored for fp16/bf16.
         deterministic: True (default): the backward gives bit-identical gradients run to run
             (dQ in a kernel of its own, no atomics; or, after
-            ``set_deterministic_backward("partials")``, in fp32 partials summed in order). False, for fp16/bf16: dQ is added with
+            ``set_deterministic_backward("partials")``, in fp32 partials summed in order).
+            False, for fp16/bf16: dQ is added with
             atomics inside the dK/dV kernel, as flash-attn 2 and SDPA's flash backend do: two
             fewer matmuls per block pair (5 instead of 7), and dQ's last bits vary from run to
             run. fp32 inputs, and every input under ``torch.use_deterministic_algorithms(True)``,
@@ -771,8 +772,8 @@ def _build_configs() -> list[KernelBuild]:
     """Every GPU specialisation the op launches for the supported head dims: each autotune
     candidate of each kernel x head dim (64, 80, 96, 128, 256) x dtype (fp32 with ieee and tf32
     dots) x dense/varlen x stride alignment (the kernels: forward, dQ, dK/dV, and for 16-bit inputs
-    dK/dV with atomic dQ and with dQ partials, both on the atomic tiles), and the delta preprocess
-    x head dim x dtype x (with/without an lse gradient) x stride alignment.
+    dK/dV with atomic dQ and with dQ partials, each on tiles of its own), and the delta
+    preprocess x head dim x dtype x (with/without an lse gradient) x stride alignment.
 
     ALIGNED=True builds have 16-element-aligned strides (what every HF layout of these head dims
     gives) and the tuned tables; ALIGNED=False builds (a stride not a multiple of 16: head dims
