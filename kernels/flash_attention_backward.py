@@ -483,8 +483,8 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
                     ALIGNED=strides_aligned(q, k, v, do, dq, dk, dv, dq_acc[0]), SOFTCAP=softcap > 0)
         dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, scale, softcap,
                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-                     *dv.stride()[:3], *dq_acc.stride()[1:4], dq_acc.stride(0), *lse.stride()[1:3], lse.stride(0),
-                     Hk, *common)
+                     *dv.stride()[:3], *dq_acc.stride()[1:4], dq_acc.stride(0) if dq_partials else 0,
+                     *lse.stride()[1:3], lse.stride(0), Hk, *common)
         dkdv_kind = "dkdv_partials" if dq_partials else "dkdv" if deterministic else "dkdv_atomic"
         if softcap > 0:
             config_dkdv = config_dkdv or softcap_config("dkdv", q, meta["ALIGNED"], precision)
