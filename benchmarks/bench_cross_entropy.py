@@ -82,6 +82,16 @@ def _methods(hidden, weight, labels, vocab):
     return methods
 
 
+def _weight_grad_gemm_note(vocab: int, hidden_size: int, dtype: torch.dtype) -> str:
+    """Which GEMM summed the chunked weight gradient at this shape and what both took, when
+    the chunked schedule ran (ops.cross_entropy.weight_grad_gemm_choices)."""
+    for (_, dt, v, h, rows), e in ce_ops.weight_grad_gemm_choices().items():
+        if (dt, v, h) == (dtype, vocab, hidden_size):
+            cublas = f"{e['cublas_ms']:.2f} ms" if e["cublas_ms"] is not None else e["why"]
+            return f"chunks of {rows}: weight-grad GEMM {e['gemm']} (triton {e['triton_ms']:.2f} ms, cublas {cublas})"
+    return ""
+
+
 def _measure(step, hidden, weight) -> tuple[float, float | None, float]:
     """(ms, peak GiB above the starting allocation or None off-GPU, loss value)."""
     def run():
@@ -187,6 +197,8 @@ def main(argv=None) -> list[dict]:
                     continue
                 row = {"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
                        "method": name, "ms": ms, "peak_GiB": peak, "loss": loss}
+                if name.startswith("fastllama"):
+                    row["note"] = _weight_grad_gemm_note(vocab, hidden_size, dtype)
                 if name == "hf":
                     base = row
                 elif base is not None and base.get("ms"):

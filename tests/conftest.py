@@ -83,9 +83,45 @@ def _install_bf16_rounding_shim() -> None:
     builder_cls.cast_impl = cast_impl
 
 
+def _install_cached_language_patching() -> None:
+    """Speeds the interpreter up; changes nothing it computes.
+
+    Before every launch, and again before every call of a jit helper (``load_rows``, ...), the
+    interpreter re-points each builtin of ``triton.language`` at its numpy version, finding
+    them with ``inspect.getmembers`` over the whole module: about 1 ms a call, a fifth of an
+    interpreted model's run time in this suite. The builtins of a module never change, so
+    the shim lists them once per module and patches exactly those the original would: the
+    ones still bound to their builtin (a member patched earlier is a plain function now, which
+    the original's ``is_builtin`` test skips too).
+    """
+    import inspect
+
+    from triton.language.core import is_builtin
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_builtin", None)
+    if original is None or getattr(original, "_fastllama_cached", False):
+        return
+    if list(inspect.signature(original).parameters) != ["pkg", "builder", "scope"]:
+        return  # (another triton: leave it alone rather than guess)
+    builtins: dict[int, tuple[object, list]] = {}
+
+    def _patch_builtin(pkg, builder, scope):
+        entry = builtins.get(id(pkg))
+        if entry is None or entry[0] is not pkg:
+            entry = builtins[id(pkg)] = (pkg, [(n, m) for n, m in inspect.getmembers(pkg) if is_builtin(m)])
+        for name, member in entry[1]:
+            if getattr(pkg, name, None) is member:
+                interpreter._patch_attr(pkg, name, member, builder, scope)
+
+    _patch_builtin._fastllama_cached = True
+    interpreter._patch_builtin = _patch_builtin
+
+
 if INTERPRETER:
     _install_bf16_dot_shim()
     _install_bf16_rounding_shim()
+    _install_cached_language_patching()
 
 
 @pytest.fixture

@@ -122,6 +122,20 @@ def test_no_tokens_by_vocab_tensor_forward_or_backward(reduction, dtype, v, chun
     assert hidden.grad is not None and weight.grad is not None
 
 
+@pytest.mark.parametrize("reduction,dtype", [("mean", torch.float32), ("sum", torch.bfloat16),
+                                             ("none", torch.float32), ("mean", torch.float16)])
+def test_gradients_are_plain_tensors(reduction, dtype):
+    """torch.autograd.grad returned the forward-computed gradients flagged requires_grad (they
+    were saved as the op's outputs): ``.numpy()`` on them raised."""
+    hidden, weight, labels = _inputs(t=20, dtype=dtype)
+    loss = ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    grads = torch.autograd.grad(loss.sum(), (hidden, weight))
+    assert [g.requires_grad for g in grads] == [False, False]
+    loss = ops.linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+    loss.sum().backward()
+    assert not hidden.grad.requires_grad and not weight.grad.requires_grad
+
+
 def test_memory_watch_catches_the_materialised_path():
     hidden, weight, labels = _inputs(v=1000)
     watch = _WatchAllocations(3 * 77 * 1000 // 4)
@@ -447,6 +461,132 @@ def test_accumulate_at_b_sums_chunks_in_fp32(config):
         kernels.accumulate_at_b(a.to(DEVICE), b.to(DEVICE), acc, accumulate=i > 0, **cfg)
     truth = sum(a.double().T @ b.double() for a, b in chunks)
     assert (acc.double().cpu() - truth).abs().max() <= 1e-5 * truth.abs().max()
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked weight gradient's GEMM: Triton's or cuBLAS's, whichever the GPU runs faster
+# ----------------------------------------------------------------------------------------------
+def _cublas_form_or_skip():
+    if DEVICE != "cuda":
+        pytest.skip("cuBLAS's fp32-output GEMM is CUDA-only (torch has no CPU kernel for it)")
+    a = torch.ones(16, 16, device=DEVICE, dtype=torch.bfloat16)
+    try:
+        ce_ops._cublas_accumulate_at_b(a, a, torch.zeros(16, 16, device=DEVICE), accumulate=True)
+    except RuntimeError as e:
+        pytest.skip(f"this torch has no addmm(out_dtype=float32) with an fp32 C: {e}")
+
+
+def test_cublas_weight_grad_gemm_sums_chunks_in_fp32():
+    """The cuBLAS form, where this torch has it: overwrite on the first chunk (the NaN start
+    is gone), add after, fp32-level error (as the Triton GEMM's test above)."""
+    _cublas_form_or_skip()
+    gen = torch.Generator().manual_seed(3)
+    chunks = [(torch.randn(40, 300, generator=gen).bfloat16(), torch.randn(40, 136, generator=gen).bfloat16())
+              for _ in range(4)]
+    acc = torch.full((300, 136), float("nan"), device=DEVICE)
+    for i, (a, b) in enumerate(chunks):
+        ce_ops._cublas_accumulate_at_b(a.to(DEVICE), b.to(DEVICE), acc, accumulate=i > 0)
+    truth = sum(a.double().T @ b.double() for a, b in chunks)
+    assert (acc.double().cpu() - truth).abs().max() <= 1e-5 * truth.abs().max()
+    assert ce_ops._cublas_form_agrees(*(t.to(DEVICE) for t in chunks[0]))
+
+
+def test_linear_cross_entropy_with_each_weight_grad_gemm(monkeypatch):
+    """Chunks of bf16 rows with the weight gradient summed by each GEMM, under the parity
+    rule (cuBLAS's where this torch has it: the GPU may pick either)."""
+    gemms = ["triton"]
+    if DEVICE == "cuda":
+        _cublas_form_or_skip()
+        gemms.append("cublas")
+    hidden, weight, labels = _inputs(b=2, t=300 if DEVICE == "cuda" else 77, h=64, v=3001, dtype=torch.bfloat16)
+    for gemm in gemms:
+        monkeypatch.setattr(ce_ops, "_FORCE_WEIGHT_GRAD_GEMM", gemm)
+        assert_parity(lambda x, w, y: ops.linear_cross_entropy(x, w, y, chunk_rows=64),
+                      reference.linear_cross_entropy, hidden, weight, labels, names=("hidden", "weight", "labels"),
+                      title=f"weight gradient by {gemm}")
+
+
+def test_the_chunk_loop_sums_with_the_chosen_gemm(monkeypatch):
+    """The choice is made once, on the first chunk (with the chunk rows of the schedule, not
+    a short last chunk's), and every chunk then goes to that GEMM: overwrite first, then add.
+    (cuBLAS stood in for by fp32 math on the CPU; the weight gradient is the Triton GEMM's.)"""
+    hidden, weight, labels = _inputs(h=32, v=1000, dtype=torch.bfloat16)
+    calls, asked = [], []
+
+    def cublas(a, b, c, accumulate):
+        calls.append((a.shape[0], accumulate))
+        product = a.float().t() @ b.float()
+        c.copy_(c + product if accumulate else product)
+
+    def choose(a, b, c, chunk_rows, gemm_cfg):
+        asked.append((a.shape, c.shape, chunk_rows))
+        return "cublas"
+
+    expected = torch.autograd.grad(ops.linear_cross_entropy(hidden, weight, labels, chunk_rows=64), weight)[0]
+    monkeypatch.setattr(ce_ops, "_cublas_accumulate_at_b", cublas)
+    monkeypatch.setattr(ce_ops, "_weight_grad_gemm", choose)
+    got = torch.autograd.grad(ops.linear_cross_entropy(hidden, weight, labels, chunk_rows=64), weight)[0]
+    assert asked == [((64, 1000), (1000, 32), 64)]
+    assert calls == [(64, False), (64, True), (64, True), (39, True)]  # 231 rows
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=2e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("case", ["cublas faster", "triton faster", "cublas wrong", "no cublas form", "cuda error"])
+def test_the_gemm_choice_keeps_the_faster_correct_one(monkeypatch, case):
+    """Both GEMMs are timed (Triton's first); cuBLAS's is kept only if faster AND its sums are
+    right on this torch; a torch without its form keeps Triton's and says why; a CUDA error is
+    raised, not fallen back from (the context is unusable)."""
+    times = {"cublas faster": [2.0, 1.0], "triton faster": [1.0, 2.0]}.get(case, [1.5, 1.0])
+    timed = []
+    monkeypatch.setattr(ce_ops, "_time_ms", lambda fn: timed.append(fn) or times[len(timed) - 1])
+
+    def agrees(a, b):
+        if case == "no cublas form":
+            raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+        if case == "cuda error":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return case != "cublas wrong"
+
+    monkeypatch.setattr(ce_ops, "_cublas_form_agrees", agrees)
+    a, b, c = torch.ones(8, 4), torch.ones(8, 2), torch.empty(4, 2)
+    if case == "cuda error":
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            ce_ops._choose_weight_grad_gemm(a, b, c, {})
+        return
+    entry = ce_ops._choose_weight_grad_gemm(a, b, c, {})
+    assert entry["gemm"] == ("cublas" if case == "cublas faster" else "triton")
+    assert entry["triton_ms"] == times[0]
+    if case in ("cublas faster", "triton faster"):
+        assert entry["cublas_ms"] == times[1] and entry["why"] == "" and len(timed) == 2
+    else:
+        assert entry["cublas_ms"] is None and len(timed) == 1
+        assert ("wrong sums" if case == "cublas wrong" else "unavailable (RuntimeError: self and mat2") in entry["why"]
+
+
+def test_cublas_form_check_catches_an_add_that_ignores_c(monkeypatch):
+    """The support check adds a chunk twice and wants twice the sum: a form that overwrote C
+    (beta ignored) fails it; fp32 math passes (cuBLAS stood in for on the CPU)."""
+    def overwrite(a, b, c, accumulate):
+        c.copy_(a.float().t() @ b.float())
+
+    def fp32(a, b, c, accumulate):
+        c.copy_((c if accumulate else 0) + a.float().t() @ b.float())
+
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(40, 70, generator=gen).bfloat16(), torch.randn(40, 90, generator=gen).bfloat16()
+    for form, ok in ((fp32, True), (overwrite, False)):
+        monkeypatch.setattr(ce_ops, "_cublas_accumulate_at_b", form)
+        assert ce_ops._cublas_form_agrees(a, b) is ok
+
+
+def test_the_gemm_choice_off_a_gpu_and_forced(monkeypatch):
+    """Off a GPU (the interpreter) there is nothing to time: Triton's, nothing recorded; the
+    test/benchmark override wins everywhere."""
+    a, b, c = torch.ones(8, 4), torch.ones(8, 2), torch.empty(4, 2)
+    before = ce_ops.weight_grad_gemm_choices()
+    assert ce_ops._weight_grad_gemm(a, b, c, 8, {}) == "triton" and ce_ops.weight_grad_gemm_choices() == before
+    monkeypatch.setattr(ce_ops, "_FORCE_WEIGHT_GRAD_GEMM", "cublas")
+    assert ce_ops._weight_grad_gemm(a, b, c, 8, {}) == "cublas"
 
 
 def test_chunk_kernel_gpu_config_matches_interpreter_config():

@@ -190,6 +190,8 @@ def test_the_default_captures_both_steps_and_keeps_the_faster(monkeypatch, fused
     assert graph.decode_timings == ({"cuBLAS": 2.0, "fused": 1.0} if fused_faster else {"cuBLAS": 1.0, "fused": 2.0})
     assert graph.generate(prompts, 4, stop_tokens=[]) == eager.generate(prompts, 4, stop_tokens=[])
     assert fake.captures == 2  # (captured once per key)
+    if not fused_faster:
+        return  # (the sampling below does not depend on which step won: run once)
     sampled = []
     for _ in range(2):
         torch.manual_seed(123)
@@ -252,7 +254,8 @@ def test_a_fused_step_that_fails_to_build_leaves_the_cublas_step(monkeypatch):
     monkeypatch.setattr(ops, "decode_linear", broken)
     with pytest.warns(RuntimeWarning, match="fused decode step failed to run: RuntimeError: no such instruction") as w:
         tokens = graph.generate([[5, 6, 7]], 5, stop_tokens=[])
-    assert Path(w[0].filename).resolve() == Path(__file__).resolve()
+    ours = [x for x in w if "fused decode step failed" in str(x.message)]  # (Triton 3.6 adds NumPy's)
+    assert Path(ours[0].filename).resolve() == Path(__file__).resolve()
     assert tokens == Generator(model, 1, 32, fused_decode=False).generate([[5, 6, 7]], 5, stop_tokens=[])
     assert not graph.stats.fused_decode and graph.decode_timings == {"cuBLAS": 1.0}
     assert "no such instruction" in graph.fused_problem
@@ -260,7 +263,8 @@ def test_a_fused_step_that_fails_to_build_leaves_the_cublas_step(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         graph.generate([[5, 6]], 5, stop_tokens=[], temperature=0.5)  # (a new key: the cuBLAS step alone)
-    assert not caught and fake.captures == captures + 1
+    assert not [x for x in caught if not issubclass(x.category, DeprecationWarning)]  # (NumPy's, under Triton 3.6)
+    assert fake.captures == captures + 1
     assert "no such instruction" in graph.fused_problem and not graph.stats.fused_decode
 
 

@@ -32,7 +32,8 @@ QUICK_ARGS = {
     # a slow baseline less; the default run has them)
     "bench_attention": ["--dims", "128", "64", "--seqlens", "4096", "--masks", "causal", "--providers", "fastllama",
                         "fastllama-atomic", "fastllama-partials", "sdpa-flash", "sdpa-cudnn", "flash-attn"],
-    "bench_cross_entropy": ["--tokens", "4096", "16384"],
+    # (32k: the chunked schedule, whose weight-gradient GEMM the rows' note names)
+    "bench_cross_entropy": ["--tokens", "4096", "16384", "32768"],
     "bench_moe": ["--tokens", "4096"],
     # batch 1 is the target; every other batch would be one more torch.compile of HF's forward
     "bench_decode": ["--models", "1b", "--batches", "1", "--contexts", "512", "--new-tokens", "64",
@@ -145,8 +146,14 @@ def _train(args, preset: str | None = None) -> int:
 
     def save(rows):
         interrupted = any(r.get("status") == train.INTERRUPTED for r in rows)
+        from ..ops.cross_entropy import weight_grad_gemm_choices
+
+        # (the chunked loss's weight-gradient GEMM, timed in the run: which form won, per shape)
+        gemms = [dict(device=dev, dtype=str(dtype).removeprefix("torch."), vocab=v, hidden=h, chunk_rows=rows, **entry)
+                 for (dev, dtype, v, h, rows), entry in weight_grad_gemm_choices().items()]
         return common.write_results(name, rows, columns, plot=train.TRAIN_PLOTS,
-                                    extra=dict(train.train_extra(settings), interrupted=interrupted))
+                                    extra=dict(train.train_extra(settings), interrupted=interrupted,
+                                               cross_entropy_weight_grad_gemm=gemms))
 
     profiles: list[dict] = []
 

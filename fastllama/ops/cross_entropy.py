@@ -11,7 +11,8 @@ Chunks of rows (many tokens: N > 4H in bf16):
 2. one kernel streams each row once for the log-sum-exp and the loss, and once more to overwrite
    the logits with their gradient ``scale * (softmax - onehot)``;
 3. ``grad_hidden[rows] = dlogits @ weight`` and ``grad_weight += dlogits.T @ hidden[rows]``,
-   the latter summed over chunks in an fp32 buffer.
+   the latter summed over chunks in an fp32 buffer (16-bit inputs: by a Triton GEMM or by
+   cuBLAS, whichever this GPU runs faster at the shape; :func:`weight_grad_gemm_choices`).
 
 Logits inside the weight gradient (fewer tokens, when the weight needs a gradient): the
 (V, H) buffer the weight gradient needs anyway holds the logits of H rows, transposed; the
@@ -46,7 +47,7 @@ from ..kernels import cross_entropy as _k
 from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec, by_arch, device_arch
 from ._checks import check_same, check_tensor, num_sms
 
-__all__ = ["linear_cross_entropy", "MIN_CHUNK_ROWS"]
+__all__ = ["linear_cross_entropy", "MIN_CHUNK_ROWS", "weight_grad_gemm_choices"]
 
 REDUCTIONS = ("mean", "sum", "none")
 LABEL_DTYPES = (torch.int64, torch.int32)
@@ -138,6 +139,104 @@ def _gemm_config(device: torch.device) -> dict:
     if interpreter_active():
         return dict(block_m=1024, block_n=128, block_k=128, group_m=8, num_warps=1, num_stages=1)
     return _gemm_gpu(device_arch(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# The weight gradient's GEMM over row chunks: Triton's or cuBLAS's, timed once per shape
+# ----------------------------------------------------------------------------------------------
+# Summing the weight gradient over chunks takes a GEMM with 16-bit inputs and an fp32 C that is
+# read and written in place (beta = 1). Triton's (``_k.accumulate_at_b``) runs wherever Triton
+# does. cuBLAS does the same where torch exposes it: ``torch.addmm(c, a, b, out_dtype=float32)``
+# with an fp32 ``c`` (newer torch, CUDA only). Its tiles are larger than the 64 x 128 one that
+# fits Triton's registers on every arch, but which is faster at a shape is the GPU's to say: at
+# the first chunk of each (device, dtype, V, H, chunk rows) both are timed and the faster is
+# kept for the process, as the attention kernels' autotuner keeps a tile. A torch without the
+# cuBLAS form, or one whose sums are wrong, keeps Triton's; so does a launch inside a CUDA-graph
+# capture (it cannot be timed there) until one outside it has chosen.
+WEIGHT_GRAD_GEMMS = ("triton", "cublas")
+_weight_grad_gemm_choices: dict[tuple, dict] = {}
+_FORCE_WEIGHT_GRAD_GEMM: str | None = None  # tests and benchmarks: one of WEIGHT_GRAD_GEMMS
+
+
+def weight_grad_gemm_choices() -> dict[tuple, dict]:
+    """What the chunked weight gradient's GEMM choice measured, per (device index, dtype, vocab,
+    hidden, chunk rows): ``{"gemm": "triton" | "cublas", "triton_ms", "cublas_ms", "why"}``
+    (a copy; ``cublas_ms`` is None with ``why`` saying so when cuBLAS's form was unusable)."""
+    return {key: dict(entry) for key, entry in _weight_grad_gemm_choices.items()}
+
+
+def _cublas_accumulate_at_b(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool) -> None:
+    """``c += a.T @ b`` (``c = a.T @ b`` without ``accumulate``) by cuBLAS: 16-bit ``a`` (K, M)
+    and ``b`` (K, N), fp32 ``c`` (M, N) in place."""
+    if accumulate:
+        torch.addmm(c, a.t(), b, out_dtype=torch.float32, out=c)
+    else:
+        torch.mm(a.t(), b, out_dtype=torch.float32, out=c)
+
+
+def _cublas_form_agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """cuBLAS's form on a 64 x 64 corner of this chunk's product, overwriting and then adding,
+    against float64: False if either sum is wrong (e.g. the add ignored C); raises if this torch
+    lacks the form. Both sides are fp32 sums of exact products: their gap is fp32 rounding."""
+    a, b = a[:, :64], b[:, :64]
+    truth = a.t().double() @ b.double()
+    c = torch.empty(truth.shape, device=a.device, dtype=torch.float32)
+    tol = 1e-3 * float(truth.abs().max()) + 1e-30
+    _cublas_accumulate_at_b(a, b, c, accumulate=False)
+    first = float((c.double() - truth).abs().max())
+    _cublas_accumulate_at_b(a, b, c, accumulate=True)
+    return first <= tol and float((c.double() - 2 * truth).abs().max()) <= 2 * tol
+
+
+def _time_ms(fn, reps: int = 2) -> float:
+    """Milliseconds per call of ``fn`` on the current CUDA stream, after one untimed call (a
+    Triton kernel's first launch compiles)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _choose_weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, gemm_cfg: dict) -> dict:
+    """Times both GEMMs on this chunk (``c``'s contents are garbage afterwards: the caller
+    writes it next, without accumulating)."""
+    entry = {"gemm": "triton", "triton_ms": None, "cublas_ms": None, "why": ""}
+    entry["triton_ms"] = _time_ms(lambda: _k.accumulate_at_b(a, b, c, accumulate=True, **gemm_cfg))
+    try:
+        agrees = _cublas_form_agrees(a, b)
+    except (RuntimeError, TypeError, NotImplementedError) as e:  # this torch lacks the form
+        if "CUDA error" in str(e):
+            raise  # (the context is unusable: nothing to fall back to)
+        entry["why"] = f"cuBLAS form unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return entry
+    if not agrees:
+        entry["why"] = "cuBLAS form gave wrong sums on this torch"
+        return entry
+    entry["cublas_ms"] = _time_ms(lambda: _cublas_accumulate_at_b(a, b, c, accumulate=True))
+    if entry["cublas_ms"] < entry["triton_ms"]:
+        entry["gemm"] = "cublas"
+    return entry
+
+
+def _weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk_rows: int, gemm_cfg: dict) -> str:
+    """The GEMM that sums this weight gradient's chunks (see above); at a new shape, times both
+    on the first chunk ``a`` (K, V), ``b`` (K, H) into the fp32 accumulator ``c``."""
+    if _FORCE_WEIGHT_GRAD_GEMM is not None:
+        return _FORCE_WEIGHT_GRAD_GEMM
+    if a.device.type != "cuda" or interpreter_active():
+        return "triton"
+    key = (a.device.index, a.dtype, c.shape[0], c.shape[1], chunk_rows)
+    entry = _weight_grad_gemm_choices.get(key)
+    if entry is None:
+        if torch.cuda.is_current_stream_capturing():
+            return "triton"
+        with torch.cuda.device_of(c):
+            entry = _weight_grad_gemm_choices[key] = _choose_weight_grad_gemm(a, b, c, gemm_cfg)
+    return entry["gemm"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +378,12 @@ def _chunk_loop(hidden, weight, labels, bias, scale, ignore_index, z_loss, softc
                 else:
                     gw.addmm_(dlogits.t(), hc)
             else:
-                _k.accumulate_at_b(dlogits, hc, acc, accumulate=i > 0, **gemm_cfg)
+                if i == 0:  # (which GEMM: timed on the first chunk of a new shape, see above)
+                    gemm = _weight_grad_gemm(dlogits, hc, acc, rows, gemm_cfg)
+                if gemm == "cublas":
+                    _cublas_accumulate_at_b(dlogits, hc, acc, accumulate=i > 0)
+                else:
+                    _k.accumulate_at_b(dlogits, hc, acc, accumulate=i > 0, **gemm_cfg)
         if want_gb:
             gb_acc += dlogits.sum(0, dtype=torch.float32)
         del logits, dlogits
@@ -379,7 +483,9 @@ def _backward(ctx, grad_loss, _g1, _g2, _g3):
                                "(a second backward through the graph, retain_graph=True); run the forward again, "
                                "or use reduction='none' and reduce the losses yourself")
         ctx.gradients_used = True
-        gh, gw, gb = (t.mul_(grad_loss) if t.numel() else t for t in ctx.saved_tensors)
+        # (detached: saved as the op's outputs they would come back flagged requires_grad, and
+        # torch.autograd.grad hands them to the caller as they are)
+        gh, gw, gb = (t.mul_(grad_loss).detach() if t.numel() else t for t in ctx.saved_tensors)
     return (gh if need_h else None, gw if need_w else None, None, gb if need_b else None,
             None, None, None, None, None, None, None, None, None, None)
 
