@@ -38,6 +38,7 @@ use_interpreter_if_no_gpu()
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from fastllama import ops  # noqa: E402
@@ -82,11 +83,14 @@ def _methods(hidden, weight, labels, vocab):
     return methods
 
 
-def _weight_grad_gemm_note(vocab: int, hidden_size: int, dtype: torch.dtype) -> str:
+def _weight_grad_gemm_note(tokens: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> str:
     """Which GEMM summed the chunked weight gradient at this shape and what both took, when
     the chunked schedule ran (ops.cross_entropy.weight_grad_gemm_choices)."""
-    for (_, dt, v, h, rows), e in ce_ops.weight_grad_gemm_choices().items():
-        if (dt, v, h) == (dtype, vocab, hidden_size):
+    rows = ce_ops.chunk_rows_for(tokens, hidden_size, vocab, dtype)
+    if rows >= tokens:
+        return ""  # (logits inside the weight gradient: no GEMM to choose)
+    for (_, dt, v, h, bucket), e in ce_ops.weight_grad_gemm_choices().items():
+        if (dt, v, h, bucket) == (dtype, vocab, hidden_size, triton.next_power_of_2(rows)):
             cublas = f"{e['cublas_ms']:.2f} ms" if e["cublas_ms"] is not None else e["why"]
             return f"chunks of {rows}: weight-grad GEMM {e['gemm']} (triton {e['triton_ms']:.2f} ms, cublas {cublas})"
     return ""
@@ -198,7 +202,7 @@ def main(argv=None) -> list[dict]:
                 row = {"tokens": b * t, "hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
                        "method": name, "ms": ms, "peak_GiB": peak, "loss": loss}
                 if name.startswith("fastllama"):
-                    row["note"] = _weight_grad_gemm_note(vocab, hidden_size, dtype)
+                    row["note"] = _weight_grad_gemm_note(b * t, vocab, hidden_size, dtype)
                 if name == "hf":
                     base = row
                 elif base is not None and base.get("ms"):

@@ -846,3 +846,21 @@ def test_memory_report_where_fake_execution_cannot_pick_a_kernel_is_an_error(mon
     monkeypatch.setattr(memory, "execution_for", lambda *a, **k: "fake")
     assert main(["bench", "memory", "--presets", "tiny", "--no-progress", "--out", str(tmp_path)]) == 2
     assert "fake execution cannot run hf-sdpa at [8, 16] tokens" in capsys.readouterr().err
+
+
+def test_cross_entropy_rows_name_the_weight_grad_gemm_of_the_chunked_schedule(monkeypatch):
+    """A fastllama row's note names the GEMM the chunked schedule timed and kept at its shape,
+    and is empty where the shape ran the logits-in-the-weight-gradient schedule (no GEMM to
+    choose), even when a chunked shape of the same V and H ran before it."""
+    from benchmarks import bench_cross_entropy as bench
+    from fastllama.ops import cross_entropy as ce_ops
+
+    bf16, v, h = torch.bfloat16, 128256, 4096
+    rows = ce_ops.chunk_rows_for(32768, h, v, bf16)
+    assert rows == 4096  # (32k tokens: chunks of H rows; 4k: one block inside the weight gradient)
+    monkeypatch.setattr(ce_ops, "_weight_grad_gemm_choices", {
+        (0, bf16, v, h, 4096): {"gemm": "cublas", "triton_ms": 3.0, "cublas_ms": 2.0, "why": ""}})
+    assert bench._weight_grad_gemm_note(32768, v, h, bf16) == (
+        "chunks of 4096: weight-grad GEMM cublas (triton 3.00 ms, cublas 2.00 ms)")
+    assert bench._weight_grad_gemm_note(4096, v, h, bf16) == ""
+    assert bench._weight_grad_gemm_note(32768, v, h, torch.float16) == ""

@@ -147,21 +147,29 @@ def _gemm_config(device: torch.device) -> dict:
 # Summing the weight gradient over chunks takes a GEMM with 16-bit inputs and an fp32 C that is
 # read and written in place (beta = 1). Triton's (``_k.accumulate_at_b``) runs wherever Triton
 # does. cuBLAS does the same where torch exposes it: ``torch.addmm(c, a, b, out_dtype=float32)``
-# with an fp32 ``c`` (newer torch, CUDA only). Its tiles are larger than the 64 x 128 one that
-# fits Triton's registers on every arch, but which is faster at a shape is the GPU's to say: at
-# the first chunk of each (device, dtype, V, H, chunk rows) both are timed and the faster is
-# kept for the process, as the attention kernels' autotuner keeps a tile. A torch without the
-# cuBLAS form, or one whose sums are wrong, keeps Triton's; so does a launch inside a CUDA-graph
-# capture (it cannot be timed there) until one outside it has chosen.
+# with an fp32 ``c`` (CUDA only; torch >= 2.8 has ``out_dtype``, and older releases of it refuse
+# an fp32 ``c``). Its tiles are larger than the 64 x 128 one that fits Triton's registers on
+# every arch, but which is faster at a shape is the GPU's to say. At the first chunk of each
+# (device, dtype, V, H, chunk rows rounded up to a power of two) both are timed, alternately,
+# and cuBLAS's is kept for the process only if it is at least 5% faster (a near tie keeps the
+# same GEMM from run to run), as the attention kernels' autotuner keeps a tile. First, once per
+# (device, dtype), cuBLAS's form must give the right sums on random data; a torch without it, or
+# whose sums are wrong, keeps Triton's. So does a launch inside a CUDA-graph capture (nothing can
+# be timed there) and ``torch.use_deterministic_algorithms(True)``: a timed choice could differ
+# between two runs, and with it the weight gradient's last bits.
 WEIGHT_GRAD_GEMMS = ("triton", "cublas")
+CUBLAS_MARGIN = 0.95  # cuBLAS's time must be below this fraction of Triton's
 _weight_grad_gemm_choices: dict[tuple, dict] = {}
+_cublas_form_checked: dict[tuple, str] = {}  # (device, dtype) -> "" if right, else why not
 _FORCE_WEIGHT_GRAD_GEMM: str | None = None  # tests and benchmarks: one of WEIGHT_GRAD_GEMMS
+_OOM = "out of memory"
 
 
 def weight_grad_gemm_choices() -> dict[tuple, dict]:
     """What the chunked weight gradient's GEMM choice measured, per (device index, dtype, vocab,
-    hidden, chunk rows): ``{"gemm": "triton" | "cublas", "triton_ms", "cublas_ms", "why"}``
-    (a copy; ``cublas_ms`` is None with ``why`` saying so when cuBLAS's form was unusable)."""
+    hidden, chunk rows rounded up to a power of two): ``{"gemm": "triton" | "cublas",
+    "triton_ms", "cublas_ms", "why"}`` (a copy; ``cublas_ms`` is None, and ``why`` says why,
+    when cuBLAS's form was unusable)."""
     return {key: dict(entry) for key, entry in _weight_grad_gemm_choices.items()}
 
 
@@ -174,52 +182,76 @@ def _cublas_accumulate_at_b(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a
         torch.mm(a.t(), b, out_dtype=torch.float32, out=c)
 
 
-def _cublas_form_agrees(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """cuBLAS's form on a 64 x 64 corner of this chunk's product, overwriting and then adding,
-    against float64: False if either sum is wrong (e.g. the add ignored C); raises if this torch
-    lacks the form. Both sides are fp32 sums of exact products: their gap is fp32 rounding."""
-    a, b = a[:, :64], b[:, :64]
+def _cublas_form_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    """cuBLAS's form on fixed random (96, 80) x (96, 72) operands (not the training data: an
+    inf there, or an all-ignored chunk's zeros, would decide nothing), overwriting and then
+    adding, against float64: False if either sum is wrong (e.g. the add ignored C); raises if
+    this torch lacks the form. Both sides are fp32 sums of exact products: the gap is fp32
+    rounding."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(96, n, generator=gen).to(device, dtype) for n in (80, 72))
     truth = a.t().double() @ b.double()
-    c = torch.empty(truth.shape, device=a.device, dtype=torch.float32)
-    tol = 1e-3 * float(truth.abs().max()) + 1e-30
+    c = torch.empty(truth.shape, device=device, dtype=torch.float32)
+    tol = 1e-3 * float(truth.abs().max())
     _cublas_accumulate_at_b(a, b, c, accumulate=False)
     first = float((c.double() - truth).abs().max())
     _cublas_accumulate_at_b(a, b, c, accumulate=True)
     return first <= tol and float((c.double() - 2 * truth).abs().max()) <= 2 * tol
 
 
-def _time_ms(fn, reps: int = 2) -> float:
-    """Milliseconds per call of ``fn`` on the current CUDA stream, after one untimed call (a
-    Triton kernel's first launch compiles)."""
-    fn()
+def _why_not_cublas(device: torch.device, dtype: torch.dtype) -> str:
+    """"" where cuBLAS's form gives right sums on this device and torch, else why not; checked
+    once per (device, dtype) (an out-of-memory is not remembered: it says nothing of the form)."""
+    key = (device.index, dtype)
+    if key not in _cublas_form_checked:
+        try:
+            why = "" if _cublas_form_agrees(device, dtype) else "cuBLAS form gave wrong sums on this torch"
+        except torch.OutOfMemoryError:
+            return _OOM + " while checking cuBLAS's form"
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # this torch lacks the form
+            if "CUDA error" in str(e):
+                raise  # (the context is unusable: nothing to fall back to)
+            why = f"cuBLAS form unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        _cublas_form_checked[key] = why
+    return _cublas_form_checked[key]
+
+
+def _time_ms(fn) -> float:
+    """Milliseconds of one call of ``fn`` on the current CUDA stream (events: work queued
+    before it does not count)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
-        fn()
+    fn()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / reps
+    return start.elapsed_time(end)
 
 
-def _choose_weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, gemm_cfg: dict) -> dict:
-    """Times both GEMMs on this chunk (``c``'s contents are garbage afterwards: the caller
-    writes it next, without accumulating)."""
-    entry = {"gemm": "triton", "triton_ms": None, "cublas_ms": None, "why": ""}
-    entry["triton_ms"] = _time_ms(lambda: _k.accumulate_at_b(a, b, c, accumulate=True, **gemm_cfg))
-    try:
-        agrees = _cublas_form_agrees(a, b)
-    except (RuntimeError, TypeError, NotImplementedError) as e:  # this torch lacks the form
-        if "CUDA error" in str(e):
-            raise  # (the context is unusable: nothing to fall back to)
-        entry["why"] = f"cuBLAS form unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-        return entry
-    if not agrees:
-        entry["why"] = "cuBLAS form gave wrong sums on this torch"
-        return entry
-    entry["cublas_ms"] = _time_ms(lambda: _cublas_accumulate_at_b(a, b, c, accumulate=True))
-    if entry["cublas_ms"] < entry["triton_ms"]:
+def _choose_weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, gemm_cfg: dict,
+                             rounds: int = 4) -> dict:
+    """Times both GEMMs on this chunk, alternately (a passing slowdown, another process's kernel,
+    then lands on both), best of ``rounds`` each, after an untimed call of each (Triton's first
+    launch compiles). ``c``'s contents are garbage afterwards: the caller overwrites it next."""
+    entry = {"gemm": "triton", "triton_ms": None, "cublas_ms": None, "why": _why_not_cublas(a.device, a.dtype)}
+    runs = {"triton": lambda: _k.accumulate_at_b(a, b, c, accumulate=True, **gemm_cfg)}
+    if not entry["why"]:
+        runs["cublas"] = lambda: _cublas_accumulate_at_b(a, b, c, accumulate=True)
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(_time_ms(run))
+    for name, ms in times.items():
+        entry[f"{name}_ms"] = min(ms)
+    if "cublas" in runs and entry["cublas_ms"] < CUBLAS_MARGIN * entry["triton_ms"]:
         entry["gemm"] = "cublas"
     return entry
+
+
+def _can_time(t: torch.Tensor) -> bool:
+    """Whether the GEMMs of ``t``'s device can be timed (a GPU, not the interpreter)."""
+    return t.device.type == "cuda" and not interpreter_active()
 
 
 def _weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk_rows: int, gemm_cfg: dict) -> str:
@@ -227,15 +259,19 @@ def _weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk_r
     on the first chunk ``a`` (K, V), ``b`` (K, H) into the fp32 accumulator ``c``."""
     if _FORCE_WEIGHT_GRAD_GEMM is not None:
         return _FORCE_WEIGHT_GRAD_GEMM
-    if a.device.type != "cuda" or interpreter_active():
+    if not _can_time(a) or torch.are_deterministic_algorithms_enabled():
         return "triton"
-    key = (a.device.index, a.dtype, c.shape[0], c.shape[1], chunk_rows)
+    # (chunk rows grow with the token count past N > V: a power-of-two bucket keeps a training
+    # run with varying token counts from timing again at every new count)
+    key = (a.device.index, a.dtype, c.shape[0], c.shape[1], triton.next_power_of_2(chunk_rows))
     entry = _weight_grad_gemm_choices.get(key)
     if entry is None:
-        if torch.cuda.is_current_stream_capturing():
-            return "triton"
         with torch.cuda.device_of(c):
-            entry = _weight_grad_gemm_choices[key] = _choose_weight_grad_gemm(a, b, c, gemm_cfg)
+            if torch.cuda.is_current_stream_capturing():
+                return "triton"
+            entry = _choose_weight_grad_gemm(a, b, c, gemm_cfg)
+        if not entry["why"].startswith(_OOM):  # (memory was short this once: choose again next time)
+            _weight_grad_gemm_choices[key] = entry
     return entry["gemm"]
 
 
