@@ -1965,10 +1965,29 @@ def test_newer_families_compile_a_padded_training_step_whole(arch):
     FALLBACKS.clear()
     torch._dynamo.reset()
     loss = torch.compile(model, backend="aot_eager", fullgraph=True)(**kw).loss
-    loss.backward()
+    try:
+        loss.backward()
+    except RuntimeError:
+        _skip_if_hf_itself_fails_compiled(arch, kw)
+        raise
     torch._dynamo.reset()
     assert not FALLBACKS, FALLBACKS
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def _skip_if_hf_itself_fails_compiled(arch, kw):
+    """Skips when the UNPATCHED model's compiled training step fails too: an upstream bug, not
+    fastllama's (transformers 5.17's Qwen 3.5 under torch 2.13: a view on softplus's gradient)."""
+    torch._dynamo.reset()
+    try:
+        torch.compile(build(arch).train(), backend="aot_eager", fullgraph=True)(**kw).loss.backward()
+    except RuntimeError as e:
+        import transformers
+
+        pytest.skip(f"HF's own {arch} fails this compiled step too (transformers {transformers.__version__}, "
+                    f"torch {torch.__version__}): {str(e).splitlines()[0][:120]}")
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("arch", ["helium", "ernie4_5-bias", "glm-full-rope", "glm4"])
