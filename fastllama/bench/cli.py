@@ -145,9 +145,9 @@ def _train(args, preset: str | None = None) -> int:
     columns = train.train_columns(settings.preset.baseline)
 
     def save(rows):
-        interrupted = any(r.get("status") == train.INTERRUPTED for r in rows)
         from ..ops.cross_entropy import weight_grad_gemm_choices
 
+        interrupted = any(r.get("status") == train.INTERRUPTED for r in rows)
         # (the chunked loss's weight-gradient GEMM, timed in the run: which form won, per shape)
         gemms = [dict(device=dev, dtype=str(dtype).removeprefix("torch."), vocab=v, hidden=h, chunk_rows=rows, **entry)
                  for (dev, dtype, v, h, rows), entry in weight_grad_gemm_choices().items()]
