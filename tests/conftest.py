@@ -104,13 +104,12 @@ def _install_cached_language_patching() -> None:
         return
     if list(inspect.signature(original).parameters) != ["pkg", "builder", "scope"]:
         return  # (another triton: leave it alone rather than guess)
-    builtins: dict[int, tuple[object, list]] = {}
+    builtins: dict[object, list] = {}  # module or class -> its (name, builtin) pairs
 
     def _patch_builtin(pkg, builder, scope):
-        entry = builtins.get(id(pkg))
-        if entry is None or entry[0] is not pkg:
-            entry = builtins[id(pkg)] = (pkg, [(n, m) for n, m in inspect.getmembers(pkg) if is_builtin(m)])
-        for name, member in entry[1]:
+        if pkg not in builtins:
+            builtins[pkg] = [(n, m) for n, m in inspect.getmembers(pkg) if is_builtin(m)]
+        for name, member in builtins[pkg]:
             if getattr(pkg, name, None) is member:
                 interpreter._patch_attr(pkg, name, member, builder, scope)
 

@@ -157,11 +157,10 @@ def _gemm_config(device: torch.device) -> dict:
 # whose sums are wrong, keeps Triton's. So does a launch inside a CUDA-graph capture (nothing can
 # be timed there) and ``torch.use_deterministic_algorithms(True)``: a timed choice could differ
 # between two runs, and with it the weight gradient's last bits.
-WEIGHT_GRAD_GEMMS = ("triton", "cublas")
 CUBLAS_MARGIN = 0.95  # cuBLAS's time must be below this fraction of Triton's
 _weight_grad_gemm_choices: dict[tuple, dict] = {}
 _cublas_form_checked: dict[tuple, str] = {}  # (device, dtype) -> "" if right, else why not
-_FORCE_WEIGHT_GRAD_GEMM: str | None = None  # tests and benchmarks: one of WEIGHT_GRAD_GEMMS
+_FORCE_WEIGHT_GRAD_GEMM: str | None = None  # tests and benchmarks: "triton" or "cublas"
 _OOM = "out of memory"
 
 
