@@ -4,7 +4,8 @@ Sweep (issue 4): bf16, head dim 64 and 128, sequence 512 to 16k with batch * seq
 2048 / head_dim heads (a 2048-wide model), causal and not. Rows per provider and direction:
 
 - ``fastllama``: ``ops.flash_attention`` (autotuned on first call; the tuning is not timed; the
-  note names the tiles the autotuner chose);
+  note names the tiles the autotuner chose, and on a GPU what the default deterministic backward,
+  ``"auto"``, measured when it chose between recomputing dQ and the partials below);
 - ``fastllama-atomic``: the same with ``deterministic=False`` (dQ added with atomics in the dK/dV
   kernel, as sdpa-flash and flash-attn do; the forward is the same kernel as ``fastllama``'s);
 - ``fastllama-partials``: ``ops.flash_attention`` under
@@ -99,8 +100,9 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
     fwd_flops, bwd_flops = _flops(B, H, T, D, causal)
     base = dict(provider=name, D=D, T=T, B=B, H=H, causal=causal)
     attention_ops.autotune_timings(clear=True)
+    known = set(attention_ops.deterministic_backward_choices())
     try:
-        out = fn(q, k, v, causal)  # warm-up: compiles, autotunes
+        out = fn(q, k, v, causal)  # warm-up: compiles, autotunes (and "auto" chooses its backward)
         dout = torch.randn_like(out)
         out.backward(dout, retain_graph=True)
         ms_f = common.time_ms(lambda: fn(q, k, v, causal))
@@ -122,11 +124,24 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
         aligned = strides_aligned(q, k, v)
         picks = {which: "M{} N{} w{} s{}".format(*softcap_config(which, q, aligned, "ieee"))
                  for which in ("fwd", "dkdv", "dq")}
-    bwd_kernels = {"fastllama-atomic": ("dkdv_atomic",), "fastllama-partials": ("dkdv_partials",)}.get(name,
-                                                                                                ("dkdv", "dq"))
-    notes = {"fwd": picks.get("fwd", ""), "bwd": "; ".join(f"{k} {picks[k]}" for k in bwd_kernels if k in picks)}
+    auto = [entry for key, entry in attention_ops.deterministic_backward_choices().items() if key not in known]
+    partials = name == "fastllama-partials" or (name == "fastllama" and auto and auto[0]["algorithm"] == "partials")
+    bwd_kernels = ("dkdv_atomic",) if name == "fastllama-atomic" else ("dkdv_partials",) if partials else ("dkdv", "dq")
+    bwd_note = "; ".join(f"{k} {picks[k]}" for k in bwd_kernels if k in picks)
+    if name == "fastllama" and auto:  # what the default ("auto") measured when it chose
+        bwd_note = "; ".join(filter(None, [_auto_note(auto[0]), bwd_note]))
+    notes = {"fwd": picks.get("fwd", ""), "bwd": bwd_note}
     return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=notes["fwd"]),
             dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note=notes["bwd"])], tuning
+
+
+def _auto_note(entry: dict) -> str:
+    """The default backward's choice, e.g. "auto: partials (P 7) 5.1 ms, recompute 6.3 ms"."""
+    chosen = entry["algorithm"]
+    other = "recompute" if chosen == "partials" else "partials"
+    label = lambda name: f"{name} (P {entry['partials']})" if name == "partials" else name
+    return (f"auto: {label(chosen)} {entry[chosen + '_ms']:.3g} ms, "
+            f"{label(other)} {entry[other + '_ms']:.3g} ms")
 
 
 def _tuning_rows(base):
@@ -207,7 +222,7 @@ def main(argv=None) -> int:
                 if name not in args.providers:
                     continue
                 # (the backward reads the setting when it runs: the whole case runs inside it)
-                algorithm = "partials" if name == "fastllama-partials" else "recompute"
+                algorithm = "partials" if name == "fastllama-partials" else "auto"
                 with attention_ops.deterministic_backward(algorithm):
                     case_rows, case_tuning = bench_case(name, fn, B, H, T, D, causal, torch.bfloat16)
                 rows += case_rows

@@ -183,7 +183,7 @@ run_stage() {
       "$PY" -m pytest -q -p no:cacheprovider tests/test_flash_attention.py -k "$CANDIDATES" --durations=5 \
       --junitxml="$OUT/pytest-candidates-junit.xml" -o junit_family=xunit2 ;;
     bench-train) stage bench-train "${TRAIN_CAP_S:-150}" "${FL[@]}" bench train --quick --profile --no-progress \
-      --configs ${TRAIN_CONFIGS:-hf-sdpa hf+fastllama hf+fastllama-atomic hf+fastllama-partials hf-liger} ;;
+      --configs ${TRAIN_CONFIGS:-hf-sdpa hf+fastllama hf+fastllama-atomic hf+fastllama-recompute hf-liger} ;;
     bench-attention) stage bench-attention "${ATTENTION_CAP_S:-110}" "${FL[@]}" bench ops --quick --only bench_attention ;;
     # (cross-entropy last: its 32k-token rows, the chunked schedule, are the ones a tight limit cuts)
     bench-ops) stage bench-ops "${OPS_CAP_S:-75}" "${FL[@]}" bench ops --quick \

@@ -7,6 +7,7 @@ idle programs; dK/dV bit for bit the recompute path's; identical bits run to run
 interpreter (programs run one after another) P = 1 is the atomic path bit for bit; the cases that
 keep recomputing; the choice of P; bad settings.
 """
+import contextlib
 import functools
 import itertools
 
@@ -17,6 +18,7 @@ from conftest import DEVICE, INTERPRETER
 from fastllama import ops
 from fastllama.kernels import flash_attention as kfa
 from fastllama.kernels import flash_attention_backward as kbwd
+from fastllama.ops import _timing as timing
 from fastllama.ops import attention as A
 from fastllama.testing import assert_parity
 
@@ -149,8 +151,10 @@ def test_fp32_softcap_and_atomic_keep_their_backward(partials, launches):
                                           dq_partials=2, **kwargs)
 
 
-def test_default_is_recompute_and_the_setting_is_checked(partials, launches):
-    assert A._deterministic_backward == {"algorithm": "recompute", "partials": None}
+def test_default_is_auto_and_the_setting_is_checked(partials, launches):
+    """"auto" by default, which off a GPU recomputes, untimed (the tests below stand in for the
+    GPU's timing)."""
+    assert A._deterministic_backward == {"algorithm": "auto", "partials": None}
     torch.manual_seed(0)
     q, k, v = _qkv(1, 2, 1, 40, 40, 64)
     _grads(q, k, v, torch.ones_like(q))
@@ -163,7 +167,163 @@ def test_default_is_recompute_and_the_setting_is_checked(partials, launches):
             ops.set_deterministic_backward(*bad)
     assert A._deterministic_backward == {"algorithm": "partials", "partials": 4}  # a refused call changes nothing
     _grads(q, k, v, torch.ones_like(q))
-    assert launches == [0, 4]
+    assert ops.set_deterministic_backward("auto") == ("partials", 4)
+    _grads(q, k, v, torch.ones_like(q))
+    assert launches == [0, 4, 0] and not A.deterministic_backward_choices()
+
+
+# ----------------------------------------------------------------------------------------------
+# "auto": recompute or partials, timed once per shape (the GPU's timing stood in for)
+# ----------------------------------------------------------------------------------------------
+class _StandInTimer:
+    """``_timing.time_ms`` on the CPU: runs the function, looks at which backward it launched
+    (the ``launches`` fixture's last entry: 0 recompute, P partials) and returns the next time
+    listed for it."""
+
+    def __init__(self, launches, recompute_ms, partials_ms):
+        self.launches, self.ms = launches, {"recompute": list(recompute_ms), "partials": list(partials_ms)}
+
+    def __call__(self, fn):
+        fn()
+        return self.ms["partials" if self.launches[-1] else "recompute"].pop(0)
+
+
+@pytest.fixture
+def gpu_like(monkeypatch, launches):
+    """"auto" as on a GPU whatever the device: timing allowed, no capture, memory to spare, no
+    choice made yet; returns ``set_times(recompute_ms, partials_ms)`` for the stand-in timer."""
+    monkeypatch.setattr(A, "_backward_choices", {})
+    monkeypatch.setattr(timing, "can_time", lambda t: True)
+    monkeypatch.setattr(timing, "capturing", lambda t: False)
+    monkeypatch.setattr(A, "_partials_fit", lambda q, partials: True)
+    return lambda recompute_ms, partials_ms: monkeypatch.setattr(
+        timing, "time_ms", _StandInTimer(launches, recompute_ms, partials_ms))
+
+
+@pytest.mark.parametrize("case", ["partials faster", "near tie", "recompute faster"])
+def test_auto_times_both_alternately_and_keeps_clearly_faster_partials(launches, gpu_like, case):
+    """Each runs once untimed (it autotunes), then best of three each, alternating (a passing
+    slowdown lands on both); the partials are kept only below 0.95x the recompute's time."""
+    partials_ms = {"partials faster": [0.9, 0.8, 3.0], "near tie": [0.97, 0.99, 0.96],
+                   "recompute faster": [2.0, 1.5, 1.6]}[case]
+    gpu_like([1.1, 1.0, 5.0], partials_ms)
+    entry = A._choose_backward(lambda p: launches.append(p), 6)
+    assert launches == [0, 6] + [0, 6] * 3
+    assert entry == {"algorithm": "partials" if case == "partials faster" else "recompute", "partials": 6,
+                     "recompute_ms": 1.0, "partials_ms": min(partials_ms)}
+
+
+def test_auto_chooses_at_the_first_backward_of_a_shape_and_keeps_it(monkeypatch, launches, gpu_like):
+    """The whole backward is timed both ways at the first launch of a shape, the faster kept for
+    the shape (later backwards run it untimed, bit for bit the forced algorithm's), a new shape (here
+    the mask kind) chooses again; fp32 never gets that far (it always recomputes). P is 1 (as off the GPU)."""
+    monkeypatch.setattr(A, "FORCE_CONFIG", {name: (32, 32, 4, 1) for name in ("fwd", "dq", "dkdv")})
+    monkeypatch.setattr(kbwd, "dq_partial_count", lambda *args: 1)
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 2, 1, 40, 40, 32)
+    dout = torch.randn_like(q)
+    with ops.attention.deterministic_backward("partials"):
+        forced = _grads(q, k, v, dout, causal=True)
+    del launches[:]
+    gpu_like([2.0] * 8, [1.0] * 8)
+    chosen = _grads(q, k, v, dout, causal=True)
+    assert launches == [0, 1] * 4 + [1]
+    assert all(torch.equal(a, b) for a, b in zip(chosen, forced))
+    _grads(q, k, v, dout, causal=True)
+    assert launches[9:] == [1]
+    key = (q.device.index, DTYPE, 32, 2, 1, 128, kfa.key_bucket(40, 40, *kfa.mask_bounds(True, None, 80)), False)
+    assert A.deterministic_backward_choices() == {key: {"algorithm": "partials", "partials": 1,
+                                                        "recompute_ms": 2.0, "partials_ms": 1.0}}
+    _grads(q, k, v, dout, causal=False)
+    assert len(launches) == 10 + 9 and len(A.deterministic_backward_choices()) == 2
+    q32, k32, v32 = _qkv(1, 2, 1, 40, 40, 32, torch.float32)
+    _grads(q32, k32, v32, torch.ones_like(q32), causal=True)
+    assert launches[-1] == 0 and len(launches) == 20
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="times the two backwards on the GPU")
+def test_auto_on_the_gpu_times_both_and_runs_its_choice(monkeypatch):
+    """The real thing: both backwards timed on the GPU (fixed tiles: no autotuning), the choice
+    recorded with both times, and the gradients bit for bit those of the algorithm chosen."""
+    monkeypatch.setattr(A, "FORCE_CONFIG", {name: (64, 64, 4, 2) for name in ("fwd", "dq", "dkdv")})
+    monkeypatch.setattr(A, "_AUTOTUNE", True)
+    monkeypatch.setattr(A, "_backward_choices", {})
+    torch.manual_seed(0)
+    q, k, v = _qkv(4, 8, 4, 1024, 1024, 64)
+    dout = torch.randn_like(q)
+    got = _grads(q, k, v, dout, causal=True)
+    (entry,) = A.deterministic_backward_choices().values()
+    assert entry["partials"] == kbwd.dq_partial_count(16, 1024, q.numel(), q.device) > 0
+    assert entry["recompute_ms"] > 0 and entry["partials_ms"] > 0
+    with ops.attention.deterministic_backward(entry["algorithm"]):
+        forced = _grads(q, k, v, dout, causal=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, forced))
+
+
+def test_auto_rules(monkeypatch, gpu_like):
+    """Recompute, untimed and unremembered: off a GPU, with FASTLLAMA_AUTOTUNE=0, under
+    torch.use_deterministic_algorithms, inside a CUDA-graph capture of a shape not chosen before,
+    when the partials would take more than half the free memory, after an out-of-memory while
+    timing. A remembered choice holds inside a capture; a remembered "partials" still yields to
+    the memory check; a remembered "recompute" needs no check."""
+    chosen = []
+
+    def choose(run, partials):
+        chosen.append(partials)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return {"algorithm": outcome[0], "partials": partials}
+
+    monkeypatch.setattr(A, "_choose_backward", choose)
+    outcome = [torch.OutOfMemoryError("CUDA out of memory")]
+    q, run = torch.empty(2, 4, 8, 16), None
+    auto = lambda key="k": A._auto_partials(q, 5, key, run)
+
+    monkeypatch.setattr(A, "_AUTOTUNE", False)
+    assert auto() == 0
+    monkeypatch.setattr(A, "_AUTOTUNE", True)
+    with _deterministic_algorithms():
+        assert auto() == 0
+    monkeypatch.setattr(timing, "capturing", lambda t: True)
+    assert auto() == 0
+    monkeypatch.setattr(timing, "capturing", lambda t: False)
+    monkeypatch.setattr(A, "_partials_fit", lambda q, p: False)
+    assert auto() == 0 and not chosen
+    monkeypatch.setattr(A, "_partials_fit", lambda q, p: True)
+    assert auto() == 0 and chosen == [5] and not A.deterministic_backward_choices()  # out of memory
+    outcome[0] = "partials"
+    assert [auto(), auto()] == [5, 5] and chosen == [5, 5]
+    monkeypatch.setattr(timing, "capturing", lambda t: True)
+    assert auto() == 5
+    monkeypatch.setattr(timing, "capturing", lambda t: False)
+    monkeypatch.setattr(A, "_partials_fit", lambda q, p: False)
+    assert auto() == 0 and A.deterministic_backward_choices()["k"]["algorithm"] == "partials"
+    monkeypatch.setattr(A, "_partials_fit", lambda q, p: pytest.fail("no memory check for a remembered recompute"))
+    A._backward_choices["r"] = {"algorithm": "recompute", "partials": 5}
+    assert auto("r") == 0
+    monkeypatch.setattr(timing, "can_time", lambda t: False)
+    assert auto("new") == 0 and len(chosen) == 2
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("free,reserved,allocated,fits", [
+    (64 * 2**20, 0, 0, True), (64 * 2**20 - 1, 0, 0, False), (32 * 2**20, 40 * 2**20, 8 * 2**20, True)])
+def test_partials_fit_in_half_the_free_memory(monkeypatch, free, reserved, allocated, fits):
+    """P = 3 partials of 2 Mi fp32 elements plus their sum: 32 MiB, against half of the driver's
+    free memory plus what torch's allocator holds unused."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 2**40))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: allocated)
+    assert A._partials_fit(torch.empty(2, 16, 1024, 64, dtype=torch.float16), 3) is fits
 
 
 class _Props:

@@ -280,7 +280,7 @@ def test_bench_default_smoke_run(tmp_path, monkeypatch, capsys):
     rows = {r["config"]: r for r in data["rows"]}
     assert rows["hf-sdpa"]["status"] == rows["hf+fastllama"]["status"] == "ok"
     assert rows["hf+fastllama"]["tokens/s"] > 0 and rows["hf+fastllama"]["vs hf-sdpa"] > 0
-    assert data["cross_entropy_weight_grad_gemm"] == []  # (off a GPU nothing is timed)
+    assert data["cross_entropy_weight_grad_gemm"] == data["attention_backward"] == []  # (off a GPU nothing is timed)
     for name, label in (("train-tiny", "not a measurement"), ("memory-tiny", "device-independent")):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
         md = (tmp_path / f"{name}.md").read_text()
@@ -383,7 +383,8 @@ def test_attention_providers_option_picks_rows(tmp_path, capsys):
 def test_attention_partials_rows_run_the_partials_backward(tmp_path, monkeypatch):
     """fastllama-partials times the backward under set_deterministic_backward("partials") (read
     when the backward runs, so the whole case runs inside it), names the partials kernel's tile,
-    and leaves the process's choice as it was; fastllama's rows recompute."""
+    and leaves the process's choice as it was; fastllama's rows run the default, "auto" (which
+    recomputes off the GPU)."""
     from benchmarks import bench_attention
     from fastllama.kernels import flash_attention_backward as kbwd
     from fastllama.ops import attention as attention_ops
@@ -401,12 +402,31 @@ def test_attention_partials_rows_run_the_partials_backward(tmp_path, monkeypatch
     assert rows[3]["note"] == "dkdv_partials M2 N2 w2 s2"
     split = launched.index(1)  # (one program per (sequence, KV head) off the GPU)
     assert launched[:split] and set(launched[:split]) == {0} and set(launched[split:]) == {1}
-    assert attention_ops._deterministic_backward["algorithm"] == "recompute"
+    assert attention_ops._deterministic_backward["algorithm"] == "auto"
 
 
-def test_training_partials_configuration_runs_under_the_partials_backward(monkeypatch):
-    """hf+fastllama-partials: a patched model whose steps run with the partials backward chosen,
-    and the choice restored after (hf+fastllama, after it, recomputes)."""
+@pytest.mark.parametrize("chosen", ["partials", "recompute"])
+def test_attention_default_rows_say_what_auto_chose(monkeypatch, chosen):
+    """On a GPU the default backward ("auto") chooses in the case's warm-up: fastllama's
+    backward row says which it chose, both times, and names the tiles of the kernels it ran."""
+    from benchmarks import bench_attention
+    from fastllama.ops import attention as attention_ops
+
+    entry = {"algorithm": chosen, "partials": 7, "recompute_ms": 6.3, "partials_ms": 5.1 if chosen == "partials" else 7}
+    calls = []
+    monkeypatch.setattr(attention_ops, "deterministic_backward_choices",
+                        lambda: calls.append(1) or ({"old": {}, "new": entry} if len(calls) > 1 else {"old": {}}))
+    monkeypatch.setattr(attention_ops, "autotuned_choices", lambda: {"dkdv_partials": "M2", "dkdv": "M3", "dq": "M4"})
+    monkeypatch.setattr(bench_attention.common, "time_ms", lambda fn, **kw: (fn(), 1.0)[1])  # one run
+    rows, _ = bench_attention.bench_case("fastllama", bench_attention._providers()["fastllama"], 1, 2, 16, 64, True,
+                                         torch.float32)
+    assert rows[1]["note"] == {"partials": "auto: partials (P 7) 5.1 ms, recompute 6.3 ms; dkdv_partials M2",
+                               "recompute": "auto: recompute 6.3 ms, partials (P 7) 7 ms; dkdv M3; dq M4"}[chosen]
+
+
+def test_training_recompute_configuration_runs_under_the_recompute_backward(monkeypatch):
+    """hf+fastllama-recompute: a patched model whose steps run with the recompute backward
+    chosen, and the default restored after (hf+fastllama, before it, runs "auto")."""
     from fastllama.ops import attention as attention_ops
 
     seen = {}
@@ -416,11 +436,11 @@ def test_training_partials_configuration_runs_under_the_partials_backward(monkey
         return 1.0, None, 0.0, None
 
     monkeypatch.setattr(train, "_train_steps", steps)
-    s = train.default_settings("tiny", quick=True, configs=("hf+fastllama-partials", "hf+fastllama"), layers=1)
+    s = train.default_settings("tiny", quick=True, configs=("hf+fastllama-recompute", "hf+fastllama"), layers=1)
     rows = train.run_train(s, progress=False, log=lambda *a: None)
-    assert [(r["config"], r["status"]) for r in rows] == [("hf+fastllama", "ok"), ("hf+fastllama-partials", "ok")]
-    assert seen == {0: ("recompute", True), 1: ("partials", True)}
-    assert attention_ops._deterministic_backward["algorithm"] == "recompute"
+    assert [(r["config"], r["status"]) for r in rows] == [("hf+fastllama", "ok"), ("hf+fastllama-recompute", "ok")]
+    assert seen == {0: ("auto", True), 1: ("recompute", True)}
+    assert attention_ops._deterministic_backward["algorithm"] == "auto"
 
 
 def test_attention_tuning_rows_and_no_plot_for_them(tmp_path, monkeypatch):

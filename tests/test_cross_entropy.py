@@ -13,6 +13,7 @@ from fastllama import ops, reference
 from fastllama.bench.common import NewStorages, cpu_peak_bytes
 from fastllama.kernels import cross_entropy as kernels
 from fastllama.ops import cross_entropy as ce_ops
+from fastllama.ops import _timing as timing
 from fastllama.testing import assert_parity
 
 
@@ -539,7 +540,7 @@ class _StandInGemms:
         monkeypatch.setattr(ce_ops, "_cublas_form_checked", {})
         monkeypatch.setattr(kernels, "accumulate_at_b", lambda *a, **k: setattr(self, "last", "triton"))
         monkeypatch.setattr(ce_ops, "_cublas_accumulate_at_b", lambda *a, **k: setattr(self, "last", "cublas"))
-        monkeypatch.setattr(ce_ops, "_time_ms", self.time)
+        monkeypatch.setattr(timing, "time_ms", self.time)
         monkeypatch.setattr(ce_ops, "_cublas_form_agrees", self.agrees)
         self.form = form
 
@@ -605,7 +606,7 @@ def test_the_gemm_choice_is_made_once_per_shape(monkeypatch):
     monkeypatch.setattr(ce_ops, "_choose_weight_grad_gemm",
                         lambda a, b, c, cfg: chosen.append(a.shape) or {"gemm": "cublas", "why": ""})
     assert ce_ops._weight_grad_gemm(a, b, c, 3000, {}) == "triton" and not chosen  # (a CPU tensor)
-    monkeypatch.setattr(ce_ops, "_can_time", lambda t: True)
+    monkeypatch.setattr(timing, "can_time", lambda t: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert ce_ops._weight_grad_gemm(a, b, c, 3000, {}) == "triton" and not chosen
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)

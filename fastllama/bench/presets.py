@@ -16,7 +16,7 @@ __all__ = ["Preset", "PRESETS", "CONFIGS", "get_preset", "hf_model", "reference_
 
 #: The training configurations compared (see fastllama.bench.train).
 CONFIGS = ("hf-sdpa", "hf-eager", "hf-compile", "hf-liger", "hf+fastllama", "hf+fastllama-atomic",
-           "hf+fastllama-partials", "reference+fastllama")
+           "hf+fastllama-recompute", "reference+fastllama")
 
 _LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
                     high_freq_factor=4.0, original_max_position_embeddings=8192)

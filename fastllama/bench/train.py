@@ -17,9 +17,11 @@ configuration trains the same preset at the same (sequence length, batch):
 * ``hf+fastllama``: the same model after ``fastllama.patch(model)``;
 * ``hf+fastllama-atomic``: ``fastllama.patch(model, deterministic=False)``: the attention
   backward adds dQ with atomics, as SDPA's flash backend in ``hf-sdpa`` does;
-* ``hf+fastllama-partials``: ``fastllama.patch(model)`` with the deterministic attention backward
-  that forms dQ in fp32 partials (``fastllama.ops.set_deterministic_backward("partials")``, for
-  this configuration's steps only);
+* ``hf+fastllama-recompute``: ``fastllama.patch(model)`` with the deterministic attention
+  backward that recomputes dQ in a kernel of its own
+  (``fastllama.ops.set_deterministic_backward("recompute")``, for this configuration's steps
+  only), not the default ``"auto"``, which times it against the partials at each new shape and
+  keeps the faster (the results JSON's ``attention_backward`` lists what it measured);
 * ``reference+fastllama``: fastllama's reference ``Llama`` after ``fastllama.patch(model)``
   (Llama presets only).
 
@@ -181,7 +183,7 @@ def build(config: str, settings: TrainSettings):
 
         getattr(liger, f"apply_liger_kernel_to_{settings.preset.model_type}")(model=model)
         return model, lambda ids: model(input_ids=ids, labels=ids).loss
-    if config in ("hf+fastllama", "hf+fastllama-atomic", "hf+fastllama-partials"):
+    if config in ("hf+fastllama", "hf+fastllama-atomic", "hf+fastllama-recompute"):
         from ..patching import patch
 
         patch(model, deterministic=config != "hf+fastllama-atomic")
@@ -336,10 +338,10 @@ def run_config(config: str, settings: TrainSettings, batches: dict[int, int], pr
     bar = common.progress_bar(total=len(settings.seq_lens) * (settings.warmup + settings.steps),
                               desc=f"{config:<20}", disable=not progress, leave=True)
     guard = _restored_modeling(p.model_type) if config == "hf-liger" else contextlib.nullcontext()
-    if config == "hf+fastllama-partials":
+    if config == "hf+fastllama-recompute":
         from ..ops.attention import deterministic_backward
 
-        guard = deterministic_backward("partials")
+        guard = deterministic_backward("recompute")
     model = forward = None
     try:
         with guard:
@@ -394,7 +396,7 @@ def add_ratios(rows: list[dict], baseline: str = "hf-sdpa") -> None:
 
 # Liger patches transformers' modeling module globally; run_config restores it afterwards, so its
 # place in the order is free: right after fastllama's rows, which the 1.1x target compares it with.
-RUN_ORDER = ("hf-sdpa", "hf-eager", "hf+fastllama", "hf+fastllama-atomic", "hf+fastllama-partials", "hf-liger",
+RUN_ORDER = ("hf-sdpa", "hf-eager", "hf+fastllama", "hf+fastllama-atomic", "hf+fastllama-recompute", "hf-liger",
              "reference+fastllama", "hf-compile")
 
 

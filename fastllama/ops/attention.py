@@ -22,11 +22,12 @@ from ..optable import REPORT_ARCHS, KernelBuild, OpCase, OpSpec
 from ..reference.functional import attention_varlen
 from ..kernels import flash_attention as _fwd
 from ..kernels import flash_attention_backward as _bwd
+from . import _timing
 from ._checks import (check_attention_device, check_last_dim_contiguous, check_same, check_sinks, check_softcap,
                       check_tensor, check_window_form, tile_rows_fit_int32)
 
 __all__ = ["flash_attention", "flash_attention_with_lse", "set_deterministic_backward", "deterministic_backward",
-           "MAX_HEAD_DIM"]
+           "deterministic_backward_choices", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256  # one padded head row (up to 256) lives in registers per query row
 MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis: (sequence, head) programs
@@ -44,18 +45,18 @@ FORCE_CONFIG: dict | None = None
 
 
 # How the deterministic backward of fp16/bf16 inputs forms dQ: set_deterministic_backward.
-_DETERMINISTIC_BACKWARDS = ("recompute", "partials")
-_deterministic_backward = {"algorithm": "recompute", "partials": None}
+_DETERMINISTIC_BACKWARDS = ("auto", "recompute", "partials")
+_deterministic_backward = {"algorithm": "auto", "partials": None}
 
 
 def set_deterministic_backward(algorithm: str, partials: int | None = None) -> tuple[str, int | None]:
     """Chooses how flash attention's deterministic backward (``deterministic=True``, the default)
     forms dQ for fp16/bf16 inputs, process-wide, from the next backward on; returns the previous
-    ``(algorithm, partials)``. Both give bit-identical gradients run to run; they differ in speed
-    and memory, and in dQ's last bits against each other.
+    ``(algorithm, partials)``. Each algorithm gives bit-identical gradients run to run; they
+    differ in speed and memory, and in dQ's last bits against each other.
 
-    - ``"recompute"`` (default): a dQ kernel of its own recomputes the probabilities, so each
-      (query block, key block) pair costs seven matmuls, and nothing is kept beyond dQ itself.
+    - ``"recompute"``: a dQ kernel of its own recomputes the probabilities, so each (query block,
+      key block) pair costs seven matmuls, and nothing is kept beyond dQ itself.
     - ``"partials"``: the dK/dV kernel forms dQ too (five matmuls a pair, as the atomic
       ``deterministic=False`` backward and SDPA's flash backend do), but each of its P programs
       per (sequence, KV head) owns the key blocks p, p + P, ... and adds into an fp32 dQ partial
@@ -67,11 +68,21 @@ def set_deterministic_backward(algorithm: str, partials: int | None = None) -> t
       recomputes instead). dQ's last bits depend on P, so on the GPU's SM count and the shape
       (batch, heads, length), and, as with every backward here, on the tile the autotuner
       picked.
+    - ``"auto"`` (default): on a GPU, the first backward of each shape (dtype, head dim, query
+      heads per KV head, P, bucketed lengths, mask kind, varlen) times both, alternately, best of
+      three each after an untimed run (which autotunes them), and keeps the partials for the
+      process only if they take less than :data:`PARTIALS_MARGIN` of the recompute's time
+      (:func:`deterministic_backward_choices` lists what was measured). It recomputes, untimed,
+      off the GPU, with ``FASTLLAMA_AUTOTUNE=0``, under ``torch.use_deterministic_algorithms(True)``
+      (a timed choice could differ between two runs, and dQ's last bits with it), inside a
+      CUDA-graph capture of a shape not chosen before, and for any launch whose partials would
+      take more than half of the GPU's free memory (so "auto" never runs out of memory where the
+      recompute would not).
 
-    Which is faster is not measured yet: ``fastllama bench ops`` times both (``fastllama`` and
-    ``fastllama-partials``) and ``fastllama bench train`` both with a patched model
-    (``hf+fastllama``, ``hf+fastllama-partials``). fp32 inputs and soft-capped scores always
-    recompute."""
+    ``fastllama bench ops`` times the default and the partials (``fastllama``, whose note says
+    what "auto" chose and both times, and ``fastllama-partials``), ``fastllama bench train`` the
+    default and the recompute with a patched model (``hf+fastllama``,
+    ``hf+fastllama-recompute``). fp32 inputs and soft-capped scores always recompute."""
     if algorithm not in _DETERMINISTIC_BACKWARDS:
         raise ValueError(f"algorithm must be one of {_DETERMINISTIC_BACKWARDS}, got {algorithm!r}")
     if partials is not None and (isinstance(partials, bool) or not isinstance(partials, int) or partials < 1):
@@ -94,14 +105,72 @@ def deterministic_backward(algorithm: str, partials: int | None = None):
 
 def _dq_partials(q: torch.Tensor, k: torch.Tensor, n_seq: int, max_keys: int, deterministic: bool,
                  softcap: float) -> int:
-    """The backward's ``dq_partials``: 0 (the dQ kernel, or atomics) unless the partials
-    algorithm is chosen and applies (deterministic, fp16/bf16, no softcap)."""
-    if (_deterministic_backward["algorithm"] != "partials" or not deterministic or q.dtype == torch.float32
+    """The partials the backward would run with (P > 0) unless recomputing is chosen, or is all
+    there is (fp32, softcap, or too few programs for the GPU: 0), or the backward is atomic (0)."""
+    if (_deterministic_backward["algorithm"] == "recompute" or not deterministic or q.dtype == torch.float32
             or softcap > 0):
         return 0
-    # (0 from the count: too few programs for the GPU, the recompute backward runs)
     return _deterministic_backward["partials"] or _bwd.dq_partial_count(n_seq * k.shape[1], max_keys, q.numel(),
                                                                         q.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# "auto": recompute or partials, timed once per shape
+# ----------------------------------------------------------------------------------------------
+# The partials save two of the seven matmuls per block pair, but zero, write and sum P fp32
+# copies of dQ, and run fewer, longer programs: which wins depends on the shape and the GPU. So,
+# as the autotuner picks a tile, the first backward of a shape times both (best of three each,
+# alternately) and the process keeps the partials only if they take less than this fraction of
+# the recompute's time (a near tie keeps the same algorithm from run to run).
+PARTIALS_MARGIN = 0.95
+_backward_choices: dict[tuple, dict] = {}
+
+
+def deterministic_backward_choices() -> dict[tuple, dict]:
+    """What the "auto" deterministic backward measured, per (device index, dtype, head dim,
+    query heads per KV head, partials P, query length bucket, key length bucket with the mask
+    kind (``kernels.flash_attention.key_bucket``), varlen): ``{"algorithm": "recompute" |
+    "partials", "partials": P, "recompute_ms", "partials_ms"}`` (a copy)."""
+    return {key: dict(entry) for key, entry in _backward_choices.items()}
+
+
+def _partials_fit(q: torch.Tensor, partials: int) -> bool:
+    """Whether the partials' fp32 buffers (P, plus their sum when P > 1) take at most half of
+    the device's free memory: the driver's free bytes plus what torch's allocator holds unused."""
+    need = (partials + (partials > 1)) * q.numel() * 4
+    free = torch.cuda.mem_get_info(q.device)[0]
+    free += torch.cuda.memory_reserved(q.device) - torch.cuda.memory_allocated(q.device)
+    return 2 * need <= free
+
+
+def _choose_backward(run, partials: int, rounds: int = 3) -> dict:
+    """Times ``run(partials)`` against ``run(0)`` (the recompute); see :data:`PARTIALS_MARGIN`."""
+    times = _timing.best_times({"recompute": lambda: run(0), "partials": lambda: run(partials)}, rounds)
+    faster = times["partials"] < PARTIALS_MARGIN * times["recompute"]
+    return {"algorithm": "partials" if faster else "recompute", "partials": partials,
+            "recompute_ms": times["recompute"], "partials_ms": times["partials"]}
+
+
+def _auto_partials(q: torch.Tensor, partials: int, key: tuple, run) -> int:
+    """``partials`` where "auto" takes them for this launch, else 0 (see set_deterministic_backward).
+    ``run(p)`` runs the whole backward with ``p`` partials (0: recompute)."""
+    if not (_AUTOTUNE and _timing.can_time(q)) or torch.are_deterministic_algorithms_enabled():
+        return 0
+    entry = _backward_choices.get(key)
+    if entry is not None and entry["algorithm"] == "recompute":
+        return 0
+    if _timing.capturing(q):  # (no timing, and the allocator's numbers are the graph pool's)
+        return 0 if entry is None else partials
+    if not _partials_fit(q, partials):
+        return 0
+    if entry is None:
+        try:
+            with torch.cuda.device_of(q):  # (the events time the current stream of q's device)
+                entry = _choose_backward(run, partials)
+        except torch.OutOfMemoryError:  # (memory was short this once: choose again next time)
+            return 0
+        _backward_choices[key] = entry
+    return partials if entry["algorithm"] == "partials" else 0
 
 
 def _config(which: str, seqlen: int):
@@ -214,13 +283,23 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
         dlse = (dlse[0].to(torch.float32) * _fwd.LOG2E).contiguous()
     longest = max(mq or q.shape[2], mk or k.shape[2])
     n_seq = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+
+    def run(partials: int):
+        dkdv = "dkdv_partials" if partials else "dkdv" if deterministic else "dkdv_atomic"
+        return _bwd.flash_attention_backward(do, q, k, v, out, lse, scale=scale, before=before, after=after,
+                                             dlse=dlse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                             max_seqlen_q=mq, max_seqlen_k=mk, precision=precision,
+                                             config_dq=_config("dq", longest), config_dkdv=_config(dkdv, longest),
+                                             autotune=_AUTOTUNE, deterministic=deterministic, softcap=softcap,
+                                             dq_partials=partials)
+
     partials = _dq_partials(q, k, n_seq, mk or k.shape[2], deterministic, softcap)
-    dkdv = "dkdv_partials" if partials else "dkdv" if deterministic else "dkdv_atomic"
-    return _bwd.flash_attention_backward(do, q, k, v, out, lse, scale=scale, before=before, after=after, dlse=dlse,
-                                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq,
-                                         max_seqlen_k=mk, precision=precision, config_dq=_config("dq", longest),
-                                         config_dkdv=_config(dkdv, longest), autotune=_AUTOTUNE,
-                                         deterministic=deterministic, softcap=softcap, dq_partials=partials)
+    if partials and _deterministic_backward["algorithm"] == "auto":
+        lq, lk = mq or q.shape[2], mk or k.shape[2]
+        key = (q.device.index, q.dtype, q.shape[-1], q.shape[1] // k.shape[1], partials, _fwd.seqlen_bucket(lq),
+               _fwd.key_bucket(lk, lq, before, after), cu_seqlens_q is not None)
+        partials = _auto_partials(q, partials, key, run)
+    return run(partials)
 
 
 @_flash_bwd.register_fake

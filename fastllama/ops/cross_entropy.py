@@ -44,6 +44,7 @@ import triton
 from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import cross_entropy as _k
+from . import _timing
 from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec, by_arch, device_arch
 from ._checks import check_same, check_tensor, num_sms
 
@@ -215,17 +216,6 @@ def _why_not_cublas(device: torch.device, dtype: torch.dtype) -> str:
     return _cublas_form_checked[key]
 
 
-def _time_ms(fn) -> float:
-    """Milliseconds of one call of ``fn`` on the current CUDA stream (events: work queued
-    before it does not count)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def _choose_weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, gemm_cfg: dict,
                              rounds: int = 4) -> dict:
     """Times both GEMMs on this chunk, alternately (a passing slowdown, another process's kernel,
@@ -235,22 +225,11 @@ def _choose_weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, 
     runs = {"triton": lambda: _k.accumulate_at_b(a, b, c, accumulate=True, **gemm_cfg)}
     if not entry["why"]:
         runs["cublas"] = lambda: _cublas_accumulate_at_b(a, b, c, accumulate=True)
-    for run in runs.values():
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            times[name].append(_time_ms(run))
-    for name, ms in times.items():
-        entry[f"{name}_ms"] = min(ms)
+    for name, ms in _timing.best_times(runs, rounds).items():
+        entry[f"{name}_ms"] = ms
     if "cublas" in runs and entry["cublas_ms"] < CUBLAS_MARGIN * entry["triton_ms"]:
         entry["gemm"] = "cublas"
     return entry
-
-
-def _can_time(t: torch.Tensor) -> bool:
-    """Whether the GEMMs of ``t``'s device can be timed (a GPU, not the interpreter)."""
-    return t.device.type == "cuda" and not interpreter_active()
 
 
 def _weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk_rows: int, gemm_cfg: dict) -> str:
@@ -258,16 +237,16 @@ def _weight_grad_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk_r
     on the first chunk ``a`` (K, V), ``b`` (K, H) into the fp32 accumulator ``c``."""
     if _FORCE_WEIGHT_GRAD_GEMM is not None:
         return _FORCE_WEIGHT_GRAD_GEMM
-    if not _can_time(a) or torch.are_deterministic_algorithms_enabled():
+    if not _timing.can_time(a) or torch.are_deterministic_algorithms_enabled():
         return "triton"
     # (chunk rows grow with the token count past N > V: a power-of-two bucket keeps a training
     # run with varying token counts from timing again at every new count)
     key = (a.device.index, a.dtype, c.shape[0], c.shape[1], triton.next_power_of_2(chunk_rows))
     entry = _weight_grad_gemm_choices.get(key)
     if entry is None:
+        if _timing.capturing(c):
+            return "triton"
         with torch.cuda.device_of(c):
-            if torch.cuda.is_current_stream_capturing():
-                return "triton"
             entry = _choose_weight_grad_gemm(a, b, c, gemm_cfg)
         if not entry["why"].startswith(_OOM):  # (memory was short this once: choose again next time)
             _weight_grad_gemm_choices[key] = entry
