@@ -5,6 +5,7 @@ conftest, before any test module imports fastllama.ops.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from fastllama._interpreter import use_interpreter_if_no_gpu
@@ -127,6 +128,17 @@ if INTERPRETER:
 def device() -> str:
     """"cuda" on a GPU machine, "cpu" (Triton interpreter) otherwise."""
     return DEVICE
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` inside a ``with`` block, restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -7,14 +7,13 @@ idle programs; dK/dV bit for bit the recompute path's; identical bits run to run
 interpreter (programs run one after another) P = 1 is the atomic path bit for bit; the cases that
 keep recomputing; the choice of P; bad settings.
 """
-import contextlib
 import functools
 import itertools
 
 import pytest
 import torch
 
-from conftest import DEVICE, INTERPRETER
+from conftest import DEVICE, INTERPRETER, deterministic_algorithms
 from fastllama import ops
 from fastllama.kernels import flash_attention as kfa
 from fastllama.kernels import flash_attention_backward as kbwd
@@ -282,7 +281,7 @@ def test_auto_rules(monkeypatch, gpu_like):
     monkeypatch.setattr(A, "_AUTOTUNE", False)
     assert auto() == 0
     monkeypatch.setattr(A, "_AUTOTUNE", True)
-    with _deterministic_algorithms():
+    with deterministic_algorithms():
         assert auto() == 0
     monkeypatch.setattr(timing, "capturing", lambda t: True)
     assert auto() == 0
@@ -303,16 +302,6 @@ def test_auto_rules(monkeypatch, gpu_like):
     assert auto("r") == 0
     monkeypatch.setattr(timing, "can_time", lambda t: False)
     assert auto("new") == 0 and len(chosen) == 2
-
-
-@contextlib.contextmanager
-def _deterministic_algorithms():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 @pytest.mark.parametrize("free,reserved,allocated,fits", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE
+from conftest import DEVICE, deterministic_algorithms
 from fastllama import ops, reference
 from fastllama.bench.common import NewStorages, cpu_peak_bytes
 from fastllama.kernels import cross_entropy as kernels
@@ -610,22 +610,12 @@ def test_the_gemm_choice_is_made_once_per_shape(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert ce_ops._weight_grad_gemm(a, b, c, 3000, {}) == "triton" and not chosen
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    with _deterministic_algorithms():
+    with deterministic_algorithms():
         assert ce_ops._weight_grad_gemm(a, b, c, 3000, {}) == "triton" and not chosen
     assert [ce_ops._weight_grad_gemm(a, b, c, rows, {}) for rows in (3000, 4000, 3000, 5000)] == ["cublas"] * 4
     assert len(chosen) == 2 and sorted(k[-1] for k in ce_ops.weight_grad_gemm_choices()) == [4096, 8192]
     monkeypatch.setattr(ce_ops, "_FORCE_WEIGHT_GRAD_GEMM", "triton")
     assert ce_ops._weight_grad_gemm(a, b, c, 3000, {}) == "triton"
-
-
-@contextlib.contextmanager
-def _deterministic_algorithms():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def test_cublas_form_check_catches_an_add_that_ignores_c(monkeypatch):
