@@ -136,7 +136,10 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
 
 
 def _auto_note(entry: dict) -> str:
-    """The default backward's choice, e.g. "auto: partials (P 7) 5.1 ms, recompute 6.3 ms"."""
+    """The default backward's choice, e.g. "auto: partials (P 7) 5.1 ms, recompute 6.3 ms", or why
+    it kept the recompute untimed."""
+    if entry.get("why"):
+        return f"auto: recompute ({entry['why']})"
     chosen = entry["algorithm"]
     other = "recompute" if chosen == "partials" else "partials"
     label = lambda name: f"{name} (P {entry['partials']})" if name == "partials" else name

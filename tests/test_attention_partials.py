@@ -7,6 +7,7 @@ idle programs; dK/dV bit for bit the recompute path's; identical bits run to run
 interpreter (programs run one after another) P = 1 is the atomic path bit for bit; the cases that
 keep recomputing; the choice of P; bad settings.
 """
+import contextlib
 import functools
 import itertools
 
@@ -192,6 +193,7 @@ def gpu_like(monkeypatch, launches):
     """"auto" as on a GPU whatever the device: timing allowed, no capture, memory to spare, no
     choice made yet; returns ``set_times(recompute_ms, partials_ms)`` for the stand-in timer."""
     monkeypatch.setattr(A, "_backward_choices", {})
+    monkeypatch.setattr(A, "_AUTOTUNE", True)  # (GPU test runs set FASTLLAMA_AUTOTUNE=0)
     monkeypatch.setattr(timing, "can_time", lambda t: True)
     monkeypatch.setattr(timing, "capturing", lambda t: False)
     monkeypatch.setattr(A, "_partials_fit", lambda q, partials: True)
@@ -201,15 +203,16 @@ def gpu_like(monkeypatch, launches):
 
 @pytest.mark.parametrize("case", ["partials faster", "near tie", "recompute faster"])
 def test_auto_times_both_alternately_and_keeps_clearly_faster_partials(launches, gpu_like, case):
-    """Each runs once untimed (it autotunes), then best of three each, alternating (a passing
-    slowdown lands on both); the partials are kept only below 0.95x the recompute's time."""
+    """The partials run once alone (a failure of theirs is caught there), each once untimed (it
+    autotunes), then best of three each, alternating (a passing slowdown lands on both); the
+    partials are kept only below 0.95x the recompute's time."""
     partials_ms = {"partials faster": [0.9, 0.8, 3.0], "near tie": [0.97, 0.99, 0.96],
                    "recompute faster": [2.0, 1.5, 1.6]}[case]
     gpu_like([1.1, 1.0, 5.0], partials_ms)
     entry = A._choose_backward(lambda p: launches.append(p), 6)
-    assert launches == [0, 6] + [0, 6] * 3
+    assert launches == [6, 0, 6] + [0, 6] * 3
     assert entry == {"algorithm": "partials" if case == "partials faster" else "recompute", "partials": 6,
-                     "recompute_ms": 1.0, "partials_ms": min(partials_ms)}
+                     "recompute_ms": 1.0, "partials_ms": min(partials_ms), "why": ""}
 
 
 def test_auto_chooses_at_the_first_backward_of_a_shape_and_keeps_it(monkeypatch, launches, gpu_like):
@@ -226,18 +229,29 @@ def test_auto_chooses_at_the_first_backward_of_a_shape_and_keeps_it(monkeypatch,
     del launches[:]
     gpu_like([2.0] * 8, [1.0] * 8)
     chosen = _grads(q, k, v, dout, causal=True)
-    assert launches == [0, 1] * 4 + [1]
+    assert launches == [1] + [0, 1] * 4 + [1]
     assert all(torch.equal(a, b) for a, b in zip(chosen, forced))
     _grads(q, k, v, dout, causal=True)
-    assert launches[9:] == [1]
+    assert launches[10:] == [1]
     key = (q.device.index, DTYPE, 32, 2, 1, 128, kfa.key_bucket(40, 40, *kfa.mask_bounds(True, None, 80)), False)
     assert A.deterministic_backward_choices() == {key: {"algorithm": "partials", "partials": 1,
-                                                        "recompute_ms": 2.0, "partials_ms": 1.0}}
+                                                        "recompute_ms": 2.0, "partials_ms": 1.0, "why": ""}}
     _grads(q, k, v, dout, causal=False)
-    assert len(launches) == 10 + 9 and len(A.deterministic_backward_choices()) == 2
+    assert len(launches) == 11 + 10 and len(A.deterministic_backward_choices()) == 2
     q32, k32, v32 = _qkv(1, 2, 1, 40, 40, 32, torch.float32)
     _grads(q32, k32, v32, torch.ones_like(q32), causal=True)
-    assert launches[-1] == 0 and len(launches) == 20
+    assert launches[-1] == 0 and len(launches) == 22
+
+
+def test_auto_shape_key():
+    """A shape is what the choice may depend on: P to a power of two (a varying count of packed
+    sequences gives nearby P), length buckets, the mask kind (causal, full, window), varlen."""
+    q, k = torch.empty(2, 8, 300, 64, dtype=torch.float16), torch.empty(2, 2, 300, 64, dtype=torch.float16)
+    key = lambda p=5, mq=300, mk=300, before=10**6, after=0, varlen=False: A._shape_key(q, k, p, mq, mk, before,
+                                                                                        after, varlen)
+    assert key() == (None, torch.float16, 64, 4, 8, 512, kfa.key_bucket(300, 300, 10**6, 0), False)
+    assert key() == key(p=7) == key(mq=257, mk=500) != key(p=9)
+    assert len({key(), key(after=10**6), key(before=30), key(varlen=True), key(mq=600)}) == 5
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="times the two backwards on the GPU")
@@ -260,48 +274,71 @@ def test_auto_on_the_gpu_times_both_and_runs_its_choice(monkeypatch):
 
 
 def test_auto_rules(monkeypatch, gpu_like):
-    """Recompute, untimed and unremembered: off a GPU, with FASTLLAMA_AUTOTUNE=0, under
-    torch.use_deterministic_algorithms, inside a CUDA-graph capture of a shape not chosen before,
-    when the partials would take more than half the free memory, after an out-of-memory while
-    timing. A remembered choice holds inside a capture; a remembered "partials" still yields to
-    the memory check; a remembered "recompute" needs no check."""
+    """Recompute, untimed and not remembered: off a GPU, with FASTLLAMA_AUTOTUNE=0, under
+    torch.use_deterministic_algorithms. Recompute, untimed and remembered for the shape (so its
+    later backwards agree): first met inside a CUDA-graph capture, or with the partials taking
+    more than half the free memory. A timed choice holds for the shape, capture or not, with no
+    memory check after it."""
     chosen = []
-
-    def choose(run, partials):
-        chosen.append(partials)
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return {"algorithm": outcome[0], "partials": partials}
-
-    monkeypatch.setattr(A, "_choose_backward", choose)
-    outcome = [torch.OutOfMemoryError("CUDA out of memory")]
+    monkeypatch.setattr(A, "_choose_backward", lambda run, partials: chosen.append(partials) or {
+        "algorithm": "partials", "partials": partials})
     q, run = torch.empty(2, 4, 8, 16), None
-    auto = lambda key="k": A._auto_partials(q, 5, key, run)
+    auto = lambda key: A._auto_partials(q, 5, key, run)
 
     monkeypatch.setattr(A, "_AUTOTUNE", False)
-    assert auto() == 0
+    assert auto("k") == 0
     monkeypatch.setattr(A, "_AUTOTUNE", True)
     with deterministic_algorithms():
-        assert auto() == 0
-    monkeypatch.setattr(timing, "capturing", lambda t: True)
-    assert auto() == 0
-    monkeypatch.setattr(timing, "capturing", lambda t: False)
-    monkeypatch.setattr(A, "_partials_fit", lambda q, p: False)
-    assert auto() == 0 and not chosen
-    monkeypatch.setattr(A, "_partials_fit", lambda q, p: True)
-    assert auto() == 0 and chosen == [5] and not A.deterministic_backward_choices()  # out of memory
-    outcome[0] = "partials"
-    assert [auto(), auto()] == [5, 5] and chosen == [5, 5]
-    monkeypatch.setattr(timing, "capturing", lambda t: True)
-    assert auto() == 5
-    monkeypatch.setattr(timing, "capturing", lambda t: False)
-    monkeypatch.setattr(A, "_partials_fit", lambda q, p: False)
-    assert auto() == 0 and A.deterministic_backward_choices()["k"]["algorithm"] == "partials"
-    monkeypatch.setattr(A, "_partials_fit", lambda q, p: pytest.fail("no memory check for a remembered recompute"))
-    A._backward_choices["r"] = {"algorithm": "recompute", "partials": 5}
-    assert auto("r") == 0
+        assert auto("k") == 0
     monkeypatch.setattr(timing, "can_time", lambda t: False)
-    assert auto("new") == 0 and len(chosen) == 2
+    assert auto("k") == 0 and not A.deterministic_backward_choices()
+    monkeypatch.setattr(timing, "can_time", lambda t: True)
+
+    monkeypatch.setattr(timing, "capturing", lambda t: True)
+    assert auto("captured") == 0
+    monkeypatch.setattr(timing, "capturing", lambda t: False)
+    assert auto("captured") == 0 and "capture" in A.deterministic_backward_choices()["captured"]["why"]
+    monkeypatch.setattr(A, "_partials_fit", lambda q, p: False)
+    assert [auto("short"), auto("short")] == [0, 0] and not chosen
+    assert "free memory" in A.deterministic_backward_choices()["short"]["why"]
+
+    monkeypatch.setattr(A, "_partials_fit", lambda q, p: True)
+    assert [auto("k"), auto("k")] == [5, 5] and chosen == [5]
+    monkeypatch.setattr(timing, "capturing", lambda t: True)
+    monkeypatch.setattr(A, "_partials_fit", lambda q, p: pytest.fail("no memory check after the choice"))
+    assert auto("k") == 5
+
+
+class _FailingTuner:
+    nargs = {"DQ": "the P partials"}
+
+
+@pytest.mark.parametrize("failure", ["out of memory", "compile error", "CUDA error"])
+def test_auto_keeps_the_recompute_when_the_partials_fail(monkeypatch, launches, gpu_like, failure):
+    """The partials run first, alone: an out-of-memory or any failure of theirs keeps the
+    recompute (remembered for the shape, with why; a failure warns), and the partials
+    autotuner lets go of the arguments a failed run left it; a CUDA error is raised (nothing
+    to fall back to)."""
+    error = {"out of memory": torch.OutOfMemoryError("CUDA out of memory"),
+             "compile error": RuntimeError("PassManager::run failed"),
+             "CUDA error": RuntimeError("CUDA error: an illegal memory access was encountered")}[failure]
+    tuner = _FailingTuner()
+    monkeypatch.setattr(kbwd._attn_bwd_dkdv_partials_tuned, "latest", tuner, raising=False)
+
+    def run(p):
+        launches.append(p)
+        if p:
+            raise error
+
+    if failure == "CUDA error":
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            A._choose_backward(run, 3)
+        return
+    with pytest.warns(RuntimeWarning, match="PassManager") if failure == "compile error" else contextlib.nullcontext():
+        entry = A._choose_backward(run, 3)
+    assert launches == [3] and tuner.nargs is None
+    assert entry["algorithm"] == "recompute" and entry["partials_ms"] is None
+    assert {"out of memory": "out of memory", "compile error": "RuntimeError: PassManager"}[failure] in entry["why"]
 
 
 @pytest.mark.parametrize("free,reserved,allocated,fits", [

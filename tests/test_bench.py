@@ -405,14 +405,17 @@ def test_attention_partials_rows_run_the_partials_backward(tmp_path, monkeypatch
     assert attention_ops._deterministic_backward["algorithm"] == "auto"
 
 
-@pytest.mark.parametrize("chosen", ["partials", "recompute"])
+@pytest.mark.parametrize("chosen", ["partials", "recompute", "untimed"])
 def test_attention_default_rows_say_what_auto_chose(monkeypatch, chosen):
     """On a GPU the default backward ("auto") chooses in the case's warm-up: fastllama's
     backward row says which it chose, both times, and names the tiles of the kernels it ran."""
     from benchmarks import bench_attention
     from fastllama.ops import attention as attention_ops
 
-    entry = {"algorithm": chosen, "partials": 7, "recompute_ms": 6.3, "partials_ms": 5.1 if chosen == "partials" else 7}
+    entry = {"algorithm": chosen, "partials": 7, "recompute_ms": 6.3, "partials_ms": 5.1 if chosen == "partials" else 7,
+             "why": ""}
+    if chosen == "untimed":
+        entry = {"algorithm": "recompute", "partials": 7, "recompute_ms": None, "partials_ms": None, "why": "no room"}
     calls = []
     monkeypatch.setattr(attention_ops, "deterministic_backward_choices",
                         lambda: calls.append(1) or ({"old": {}, "new": entry} if len(calls) > 1 else {"old": {}}))
@@ -421,7 +424,8 @@ def test_attention_default_rows_say_what_auto_chose(monkeypatch, chosen):
     rows, _ = bench_attention.bench_case("fastllama", bench_attention._providers()["fastllama"], 1, 2, 16, 64, True,
                                          torch.float32)
     assert rows[1]["note"] == {"partials": "auto: partials (P 7) 5.1 ms, recompute 6.3 ms; dkdv_partials M2",
-                               "recompute": "auto: recompute 6.3 ms, partials (P 7) 7 ms; dkdv M3; dq M4"}[chosen]
+                               "recompute": "auto: recompute 6.3 ms, partials (P 7) 7 ms; dkdv M3; dq M4",
+                               "untimed": "auto: recompute (no room); dkdv M3; dq M4"}[chosen]
 
 
 def test_training_recompute_configuration_runs_under_the_recompute_backward(monkeypatch):

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -69,15 +70,19 @@ def set_deterministic_backward(algorithm: str, partials: int | None = None) -> t
       (batch, heads, length), and, as with every backward here, on the tile the autotuner
       picked.
     - ``"auto"`` (default): on a GPU, the first backward of each shape (dtype, head dim, query
-      heads per KV head, P, bucketed lengths, mask kind, varlen) times both, alternately, best of
-      three each after an untimed run (which autotunes them), and keeps the partials for the
-      process only if they take less than :data:`PARTIALS_MARGIN` of the recompute's time
-      (:func:`deterministic_backward_choices` lists what was measured). It recomputes, untimed,
-      off the GPU, with ``FASTLLAMA_AUTOTUNE=0``, under ``torch.use_deterministic_algorithms(True)``
-      (a timed choice could differ between two runs, and dQ's last bits with it), inside a
-      CUDA-graph capture of a shape not chosen before, and for any launch whose partials would
-      take more than half of the GPU's free memory (so "auto" never runs out of memory where the
-      recompute would not).
+      heads per KV head, P to a power of two, bucketed lengths, mask kind, varlen) times both,
+      alternately, best of three each after an untimed run (which autotunes them), and keeps the
+      partials only if they take less than :data:`PARTIALS_MARGIN` of the recompute's time.
+      Whatever that first backward decides holds for the shape for the rest of the process
+      (:func:`deterministic_backward_choices` lists it), so every backward of the shape gives the
+      same bits. It keeps the recompute, untimed, off the GPU, with ``FASTLLAMA_AUTOTUNE=0`` and
+      under ``torch.use_deterministic_algorithms(True)``; and, for the process, for a shape first
+      met inside a CUDA-graph capture, whose partials would take more than half of the GPU's
+      free memory at its first backward, or whose partials failed (a warning says why) or ran
+      out of memory while timed. Two processes give the same bits where they choose alike; a
+      near tie, or memory that differs, can make them choose otherwise: fix the algorithm
+      (``"recompute"`` or ``"partials"``), or use ``torch.use_deterministic_algorithms(True)``,
+      where bits must match across runs.
 
     ``fastllama bench ops`` times the default and the partials (``fastllama``, whose note says
     what "auto" chose and both times, and ``fastllama-partials``), ``fastllama bench train`` the
@@ -122,15 +127,22 @@ def _dq_partials(q: torch.Tensor, k: torch.Tensor, n_seq: int, max_keys: int, de
 # as the autotuner picks a tile, the first backward of a shape times both (best of three each,
 # alternately) and the process keeps the partials only if they take less than this fraction of
 # the recompute's time (a near tie keeps the same algorithm from run to run).
+#
+# Whatever the first backward of a shape decides is kept for the process, so every later
+# backward of the shape runs the same algorithm (the same bits). That includes the reasons not to
+# time: memory too short for the partials (the first backward of a training step's shape comes at
+# its activation peak, so later steps have no more to spare), a first meeting inside a CUDA-graph
+# capture, an out-of-memory or a failure of the partials while timing.
 PARTIALS_MARGIN = 0.95
 _backward_choices: dict[tuple, dict] = {}
 
 
 def deterministic_backward_choices() -> dict[tuple, dict]:
-    """What the "auto" deterministic backward measured, per (device index, dtype, head dim,
-    query heads per KV head, partials P, query length bucket, key length bucket with the mask
-    kind (``kernels.flash_attention.key_bucket``), varlen): ``{"algorithm": "recompute" |
-    "partials", "partials": P, "recompute_ms", "partials_ms"}`` (a copy)."""
+    """What the "auto" deterministic backward decided, per (device index, dtype, head dim,
+    query heads per KV head, partials P rounded up to a power of two, query length bucket, key
+    length bucket with the mask kind (``kernels.flash_attention.key_bucket``), varlen):
+    ``{"algorithm": "recompute" | "partials", "partials": P, "recompute_ms", "partials_ms",
+    "why"}`` (a copy; the times are None and ``why`` says why where nothing was timed)."""
     return {key: dict(entry) for key, entry in _backward_choices.items()}
 
 
@@ -143,32 +155,59 @@ def _partials_fit(q: torch.Tensor, partials: int) -> bool:
     return 2 * need <= free
 
 
+def _recompute(partials: int, why: str) -> dict:
+    return {"algorithm": "recompute", "partials": partials, "recompute_ms": None, "partials_ms": None, "why": why}
+
+
 def _choose_backward(run, partials: int, rounds: int = 3) -> dict:
-    """Times ``run(partials)`` against ``run(0)`` (the recompute); see :data:`PARTIALS_MARGIN`."""
-    times = _timing.best_times({"recompute": lambda: run(0), "partials": lambda: run(partials)}, rounds)
+    """Times ``run(partials)`` against ``run(0)`` (the recompute); see :data:`PARTIALS_MARGIN`.
+    The partials run once first on their own: if they fail (other than with a CUDA error, which
+    leaves nothing to fall back to) the recompute is kept, and a warning says why."""
+    try:
+        run(partials)
+        times = _timing.best_times({"recompute": lambda: run(0), "partials": lambda: run(partials)}, rounds)
+    except torch.OutOfMemoryError:
+        return _recompute(partials, "out of memory while timing")
+    except Exception as e:  # noqa: BLE001  (the recompute runs next: it raises if it fails too)
+        if "CUDA error" in str(e):
+            raise
+        why = f"the partials failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        warnings.warn(f"fastllama: flash attention's deterministic backward recomputes dQ at this shape: {why}",
+                      RuntimeWarning, stacklevel=2)
+        return _recompute(partials, why)
+    finally:
+        # a failed autotuner run keeps its arguments, the P partials among them: let them go
+        tuner = getattr(_bwd._attn_bwd_dkdv_partials_tuned, "latest", None)
+        if tuner is not None and getattr(tuner, "nargs", None) is not None:
+            tuner.nargs = None
     faster = times["partials"] < PARTIALS_MARGIN * times["recompute"]
     return {"algorithm": "partials" if faster else "recompute", "partials": partials,
-            "recompute_ms": times["recompute"], "partials_ms": times["partials"]}
+            "recompute_ms": times["recompute"], "partials_ms": times["partials"], "why": ""}
+
+
+def _shape_key(q: torch.Tensor, k: torch.Tensor, partials: int, mq: int, mk: int, before: int, after: int,
+               varlen: bool) -> tuple:
+    """The shape "auto" decides for (see :func:`deterministic_backward_choices`). P is rounded up
+    to a power of two: packed batches whose number of sequences varies would otherwise time
+    again at each new P (P itself is still worked out per launch)."""
+    return (q.device.index, q.dtype, q.shape[-1], q.shape[1] // k.shape[1], triton.next_power_of_2(partials),
+            _fwd.seqlen_bucket(mq), _fwd.key_bucket(mk, mq, before, after), varlen)
 
 
 def _auto_partials(q: torch.Tensor, partials: int, key: tuple, run) -> int:
-    """``partials`` where "auto" takes them for this launch, else 0 (see set_deterministic_backward).
-    ``run(p)`` runs the whole backward with ``p`` partials (0: recompute)."""
+    """``partials`` where "auto" takes them for this shape, else 0 (see set_deterministic_backward
+    and above). ``run(p)`` runs the whole backward with ``p`` partials (0: recompute)."""
     if not (_AUTOTUNE and _timing.can_time(q)) or torch.are_deterministic_algorithms_enabled():
         return 0
     entry = _backward_choices.get(key)
-    if entry is not None and entry["algorithm"] == "recompute":
-        return 0
-    if _timing.capturing(q):  # (no timing, and the allocator's numbers are the graph pool's)
-        return 0 if entry is None else partials
-    if not _partials_fit(q, partials):
-        return 0
     if entry is None:
-        try:
+        if _timing.capturing(q):  # (nothing runs until the replay: no timing)
+            entry = _recompute(partials, "first met inside a CUDA-graph capture")
+        elif not _partials_fit(q, partials):
+            entry = _recompute(partials, "the partials would take more than half the free memory")
+        else:
             with torch.cuda.device_of(q):  # (the events time the current stream of q's device)
                 entry = _choose_backward(run, partials)
-        except torch.OutOfMemoryError:  # (memory was short this once: choose again next time)
-            return 0
         _backward_choices[key] = entry
     return partials if entry["algorithm"] == "partials" else 0
 
@@ -295,9 +334,7 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
 
     partials = _dq_partials(q, k, n_seq, mk or k.shape[2], deterministic, softcap)
     if partials and _deterministic_backward["algorithm"] == "auto":
-        lq, lk = mq or q.shape[2], mk or k.shape[2]
-        key = (q.device.index, q.dtype, q.shape[-1], q.shape[1] // k.shape[1], partials, _fwd.seqlen_bucket(lq),
-               _fwd.key_bucket(lk, lq, before, after), cu_seqlens_q is not None)
+        key = _shape_key(q, k, partials, mq or q.shape[2], mk or k.shape[2], before, after, cu_seqlens_q is not None)
         partials = _auto_partials(q, partials, key, run)
     return run(partials)
 
@@ -555,9 +592,11 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
         fp32_precision: ``tl.dot`` input precision for fp32 inputs: "ieee" (default, exact fp32
             products: fp32 models and CPU tests compare tightly) or "tf32" (tensor cores, about
             3 decimal digits per product, much faster on a GPU). Ignored for fp16/bf16.
-        deterministic: True (default): the backward gives bit-identical gradients run to run
-            (dQ in a kernel of its own, no atomics; or, after
-            ``set_deterministic_backward("partials")``, in fp32 partials summed in order).
+        deterministic: True (default): the backward gives bit-identical gradients run to run,
+            without atomics: dQ recomputed in a kernel of its own, or formed in fp32 partials
+            summed in order; by default, on a GPU, the first backward of each shape times both
+            and keeps the faster for the process (so two processes agree in dQ's last bits when
+            they choose alike; ``set_deterministic_backward`` fixes one).
             False, for fp16/bf16: dQ is added with
             atomics inside the dK/dV kernel, as flash-attn 2 and SDPA's flash backend do: two
             fewer matmuls per block pair (5 instead of 7), and dQ's last bits vary from run to
