@@ -47,12 +47,12 @@ LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)): the scale is folded i
 # dim 256 forward spilled with one query or key. (Strides of q/k/v/o/dO/dQ/dK/dV keep theirs:
 # the launcher checks they are multiples of 16 and the report compiles that variant.)
 LAUNCH_VARYING_INTS = ["stride_lb", "stride_lh", "stride_lp", "group", "seqlen_q", "seqlen_k", "before", "after",
-                       "Q_BUCKET", "K_BUCKET"]
+                       "head_group", "Q_BUCKET", "K_BUCKET"]
 
 __all__ = [
     "flash_attention_forward", "mask_bounds", "strides_aligned", "fwd_configs", "dkdv_configs", "dq_configs",
     "padded_head_dim", "seqlen_bucket", "INTERPRETER_CONFIG", "capped_scores", "softcap_config",
-    "softcap_tile",
+    "softcap_tile", "grouped_heads",
 ]
 
 
@@ -130,6 +130,34 @@ def sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr
 
 
 @triton.jit
+def ordered_program(head_group, REVERSE: tl.constexpr):
+    """This program's (tile, row) in a (tiles, rows) grid, rows being (sequence, head) pairs, so
+    that the GPU, which starts programs in grid order (axis 0 fastest), meets them in this order:
+
+        rows in groups of ``head_group``; within a group, tile by tile, each over the group's rows
+        (``REVERSE``: last tile first).
+
+    Under a causal mask the tiles of a row differ in length (query block i of the forward visits
+    i + 1 key blocks), and the grid should start the longest first and end on short ones, or the
+    other SMs wait out the last long one. With ``head_group`` = 1 (a row's tiles one after
+    another) only the last row's tiles are so ordered: the grid ends on that row's longest tiles
+    and the shorter ones left to start beside them (an SM-level simulation at B 4, 16 heads, 4k
+    tokens, 128-row tiles: 7% longer than perfectly balanced). A group of rows whose programs
+    fill the GPU twice over ends on short tiles only (0.1%), while the programs running together
+    still read only the group's rows' keys and values, which stay in L2 (every row at once would
+    not: :func:`grouped_heads` sizes the group)."""
+    n_tiles = tl.num_programs(0)
+    pid = tl.program_id(1) * n_tiles + tl.program_id(0)  # the order programs start in
+    first = (pid // (head_group * n_tiles)) * head_group  # the group's first row
+    rows = tl.minimum(head_group, tl.num_programs(1) - first)  # (the last group may be short)
+    within = pid - first * n_tiles
+    tile = within // rows
+    if REVERSE:
+        tile = n_tiles - 1 - tile
+    return tile, first + (within - (within // rows) * rows)
+
+
+@triton.jit
 def capped_scores(qk, sm_scale, softcap):
     """Soft-capped scores in the log2 domain, and the tanh they came from (for the backward):
 
@@ -155,7 +183,7 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh, stride_lp,
-    n_heads, group, seqlen_q, seqlen_k, before, after,
+    n_heads, group, seqlen_q, seqlen_k, before, after, head_group,
     Q_BUCKET, K_BUCKET,  # autotune key only (bucketed lengths)
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -163,20 +191,16 @@ def _attn_fwd(
     """One program: BLOCK_M query rows of one (sequence, query head); K/V stream through.
     ``SOFTCAP``: the scores are soft-capped first (see :func:`capped_scores`).
 
-    Query blocks run last-first within each (sequence, head): under a causal mask block i visits
-    i + 1 key blocks, and the GPU starts programs in grid order, so each head's longest programs
-    start first and the grid ends on short ones (in grid order it ended on the last head's
-    longest, which the other SMs waited out). Heads keep their order, so the programs running
-    together share one head's keys and values in L2. Longest-first across heads (blocks on the
-    slow grid axis) would trade that locality away: a GPU measurement should decide.
+    Query blocks run last-first (longest first under a causal mask), over groups of
+    ``head_group`` (sequence, head) pairs: see :func:`ordered_program`.
     """
     stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
     stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
     stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
     stride_ob, stride_oh, stride_ot = aligned16(stride_ob, stride_oh, stride_ot, ALIGNED)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first (see above)
-    seq = tl.program_id(1) // n_heads
-    h = tl.program_id(1) % n_heads
+    pid_m, row = ordered_program(head_group, True)
+    seq = row // n_heads
+    h = row % n_heads
     b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:  # varlen: this sequence is shorter than the longest one
@@ -588,6 +612,18 @@ def seqlen_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
 
 
+def grouped_heads(n_tiles: int, n_rows: int, row_bytes: int, sms: int, l2_bytes: int) -> int:
+    """The ``head_group`` of :func:`ordered_program`'s grouped order for a grid of ``n_tiles`` x
+    ``n_rows`` programs whose rows each stream ``row_bytes`` (a head's keys and values, shared by
+    the query heads of a GQA group): the fewest rows, a power of two, whose programs fill ``sms``
+    SMs twice over (a program holds most of an SM), but no more than keep their streamed bytes
+    within half of L2, and never more rows than there are. 1 where one row's tiles already fill
+    the GPU twice (plain grid order is then balanced), or where one row's bytes alone fill L2."""
+    want = triton.next_power_of_2(max(1, triton.cdiv(2 * sms, max(n_tiles, 1))))
+    fit = max(1, (l2_bytes // 2) // max(row_bytes, 1))
+    return max(1, min(want, 1 << (fit.bit_length() - 1), triton.next_power_of_2(max(n_rows, 1))))
+
+
 def key_bucket(mk: int, mq: int, before: int, after: int) -> int:
     """The K_BUCKET autotune key: the keys' length bucket, plus which sides of the mask bind (bit
     20: ``after``, i.e. causal; bit 21: ``before``, a window). Causal and full attention at one
@@ -803,7 +839,7 @@ def mask_bounds(causal: bool, window: tuple[int, int] | None, limit: int) -> tup
 def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, cu_seqlens_q=None,
                             cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                             precision: str = "ieee", config: tuple | None = None, autotune: bool = True,
-                            softcap: float = 0.0):
+                            softcap: float = 0.0, head_group: int = 1):
     """Launches the forward; returns (out like q, stats (2, B, Hq, Tq) fp32).
 
     ``stats[0]`` is the row max m of the scores in base 2 (s * scale * log2 e, soft-capped when
@@ -818,7 +854,9 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
     be > 0: 16-bit scores are scaled after the row max (``ops.flash_attention`` maps other scales).
     ``autotune=False`` launches the row's first candidate untimed (:func:`untuned_config`).
     ``softcap`` > 0 caps the scores to ``softcap * tanh(s / softcap)`` (0: off); such launches
-    run :func:`softcap_config`'s tile, untimed.
+    run :func:`softcap_config`'s tile, untimed. ``head_group``: the programs' order (see
+    :func:`ordered_program`; 1: a (sequence, head)'s query blocks one after another). It changes
+    when each program runs, never what it computes: the results are the same bits.
     """
     B, Hq, Tq, D = q.shape
     Hk, Tk = k.shape[1], k.shape[2]
@@ -835,7 +873,7 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
     cu_k = cu_seqlens_k if varlen else lse
     args = (q, k, v, out, lse, cu_q, cu_k, scale, softcap,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[1:3], lse.stride(0),
-            Hq, Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), key_bucket(mk, mq, before, after))
+            Hq, Hq // Hk, Tq, Tk, before, after, head_group, seqlen_bucket(mq), key_bucket(mk, mq, before, after))
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), IS_VARLEN=varlen, PRECISION=precision,
                 ALIGNED=strides_aligned(q, k, v, out), SOFTCAP=softcap > 0)
     with torch.cuda.device_of(q):  # Triton launches (and the autotuner times) on the current device

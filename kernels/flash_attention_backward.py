@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, LAUNCH_VARYING_INTS, ArchAutotuner, aligned16, block_span,
-                              capped_scores, key_bucket, load_rows, padded_head_dim, seqlen_bucket, sequence_bounds,
-                              softcap_config, store_rows, strides_aligned, untuned_config)
+                              capped_scores, key_bucket, load_rows, ordered_program, padded_head_dim, seqlen_bucket,
+                              sequence_bounds, softcap_config, store_rows, strides_aligned, untuned_config)
 
 __all__ = ["flash_attention_backward"]
 
@@ -243,7 +243,7 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvt,
     stride_dqb, stride_dqh, stride_dqt, stride_dqs,
     stride_lb, stride_lh, stride_lp,
-    n_kv_heads, group, seqlen_q, seqlen_k, before, after,
+    n_kv_heads, group, seqlen_q, seqlen_k, before, after, head_group,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
@@ -267,9 +267,13 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkt = aligned16(stride_dkb, stride_dkh, stride_dkt, ALIGNED)
     stride_dvb, stride_dvh, stride_dvt = aligned16(stride_dvb, stride_dvh, stride_dvt, ALIGNED)
     stride_dqb, stride_dqh, stride_dqt = aligned16(stride_dqb, stride_dqh, stride_dqt, ALIGNED)
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1) // n_kv_heads
-    hk = tl.program_id(1) % n_kv_heads
+    if DQ_PARTIALS:  # (P programs per row, each over key blocks across the sequence: no order to pick)
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1)
+    else:  # (key block 0 is the longest under a causal mask: most query rows see it)
+        pid_n, row = ordered_program(head_group, False)
+    seq = row // n_kv_heads
+    hk = row % n_kv_heads
     b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
     if DQ_PARTIALS:
         tl.static_assert(ATOMIC_DQ, "dQ partials are added by the atomic-dQ path")
@@ -308,7 +312,7 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     stride_lb, stride_lh, stride_lp,
-    n_heads, group, seqlen_q, seqlen_k, before, after,
+    n_heads, group, seqlen_q, seqlen_k, before, after, head_group,
     Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -320,17 +324,17 @@ def _attn_bwd_dq(
     One loop over the key blocks the rows can see; only the edge blocks (``block_span``) apply
     the mask, behind a uniform branch (one copy of the loop body: see ``_attn_bwd_dkdv``).
     16-bit inputs use lse2 = m + log2 l, fixed for the program's rows (see ``_dkdv_block``).
-    Query blocks run last-first like the forward's; dK/dV needs no reversal, its first key
-    blocks are already the ones most query rows see.
+    Query blocks run last-first like the forward's, in its order (``ordered_program``); dK/dV
+    needs no reversal, its first key blocks are already the ones most query rows see.
     """
     stride_qb, stride_qh, stride_qt = aligned16(stride_qb, stride_qh, stride_qt, ALIGNED)
     stride_kb, stride_kh, stride_kt = aligned16(stride_kb, stride_kh, stride_kt, ALIGNED)
     stride_vb, stride_vh, stride_vt = aligned16(stride_vb, stride_vh, stride_vt, ALIGNED)
     stride_dob, stride_doh, stride_dot = aligned16(stride_dob, stride_doh, stride_dot, ALIGNED)
     stride_dqb, stride_dqh, stride_dqt = aligned16(stride_dqb, stride_dqh, stride_dqt, ALIGNED)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as in the forward
-    seq = tl.program_id(1) // n_heads
-    h = tl.program_id(1) % n_heads
+    pid_m, row = ordered_program(head_group, True)  # longest first, as in the forward
+    seq = row // n_heads
+    h = row % n_heads
     b, q_start, q_len, k_start, k_len = sequence_bounds(CU_Q, CU_K, seq, seqlen_q, seqlen_k, IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= q_len:
@@ -429,7 +433,8 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
                              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                              precision: str = "ieee", config_dq: tuple | None = None,
                              config_dkdv: tuple | None = None, autotune: bool = True,
-                             deterministic: bool = True, softcap: float = 0.0, dq_partials: int = 0):
+                             deterministic: bool = True, softcap: float = 0.0, dq_partials: int = 0,
+                             head_groups: tuple[int, int] = (1, 1)):
     """Launches the three backward kernels; returns (dq, dk, dv) with the layouts of q, k, v.
 
     ``do`` and ``out`` need a unit last stride; ``lse`` is the forward's (2, B, Hq, Tq) fp32
@@ -444,6 +449,9 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
     atomic path: the dK/dV kernel runs P programs per (sequence, KV head), each adding its key
     blocks' dS K into an fp32 partial of its own (P x dQ's size in fp32, zeroed), and the P
     partials are summed in a fixed order (``dq_partial_count`` picks P; ``config_dkdv`` its tile).
+    ``head_groups``: the ``head_group`` of the dQ kernel's (query heads) and of the dK/dV
+    kernel's (KV heads) program order (``ordered_program``; the partials kernel keeps grid
+    order). It changes when each program runs, never what it computes.
     """
     if not deterministic and q.dtype == torch.float32:
         raise ValueError("deterministic=False needs fp16/bf16 inputs; fp32 runs the deterministic backward")
@@ -473,7 +481,9 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
 
         cu_q = cu_seqlens_q if varlen else delta
         cu_k = cu_seqlens_k if varlen else delta
-        common = (Hq // Hk, Tq, Tk, before, after, seqlen_bucket(mq), key_bucket(mk, mq, before, after))
+        buckets = (seqlen_bucket(mq), key_bucket(mk, mq, before, after))
+        common_q = (Hq // Hk, Tq, Tk, before, after, head_groups[0], *buckets)
+        common_kv = (Hq // Hk, Tq, Tk, before, after, head_groups[1], *buckets)
         # atomic: dS K accumulates unscaled in fp32 rows of D elements, converted once at the end;
         # partials: the same, in P buffers (P, B, Hq, Tq, D), one per program along the key axis
         atomic = not deterministic or dq_partials > 0
@@ -484,7 +494,7 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
         dkdv_args = (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, scale, softcap,
                      *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
                      *dv.stride()[:3], *dq_acc.stride()[1:4], dq_acc.stride(0) if dq_partials else 0,
-                     *lse.stride()[1:3], lse.stride(0), Hk, *common)
+                     *lse.stride()[1:3], lse.stride(0), Hk, *common_kv)
         dkdv_kind = "dkdv_partials" if dq_partials else "dkdv" if deterministic else "dkdv_atomic"
         if softcap > 0:
             config_dkdv = config_dkdv or softcap_config("dkdv", q, meta["ALIGNED"], precision)
@@ -509,7 +519,7 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
             return torch.mul(dq_sum, scale, out=dq), dk, dv  # (one pass: scaled, rounded to dq's dtype)
         dq_args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, scale, softcap,
                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-                   *lse.stride()[1:3], lse.stride(0), Hq, *common)
+                   *lse.stride()[1:3], lse.stride(0), Hq, *common_q)
         if config_dq is not None:
             bm, bn, w, s = config_dq
             _attn_bwd_dq[(triton.cdiv(mq, bm), n_seq * Hq)](*dq_args, **meta, BLOCK_M=bm, BLOCK_N=bn,

@@ -195,6 +195,8 @@ def gpu_like(monkeypatch, launches):
     monkeypatch.setattr(A, "_backward_choices", {})
     monkeypatch.setattr(A, "_AUTOTUNE", True)  # (GPU test runs set FASTLLAMA_AUTOTUNE=0)
     monkeypatch.setattr(timing, "can_time", lambda t: True)
+    monkeypatch.setattr(A, "_program_orders", {})  # (the forward's program order: plain, untimed)
+    monkeypatch.setattr(A, "_grouped_head_groups", lambda *args: (1, 1))
     monkeypatch.setattr(timing, "capturing", lambda t: False)
     monkeypatch.setattr(A, "_partials_fit", lambda q, partials: True)
     return lambda recompute_ms, partials_ms: monkeypatch.setattr(

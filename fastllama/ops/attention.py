@@ -28,7 +28,7 @@ from ._checks import (check_attention_device, check_last_dim_contiguous, check_s
                       check_tensor, check_window_form, tile_rows_fit_int32)
 
 __all__ = ["flash_attention", "flash_attention_with_lse", "set_deterministic_backward", "deterministic_backward",
-           "deterministic_backward_choices", "MAX_HEAD_DIM"]
+           "deterministic_backward_choices", "program_order_choices", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256  # one padded head row (up to 256) lives in registers per query row
 MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis: (sequence, head) programs
@@ -212,6 +212,77 @@ def _auto_partials(q: torch.Tensor, partials: int, key: tuple, run) -> int:
     return partials if entry["algorithm"] == "partials" else 0
 
 
+# ----------------------------------------------------------------------------------------------
+# Program order: each (sequence, head) in turn, or heads in groups; timed once per shape
+# ----------------------------------------------------------------------------------------------
+# Under a causal mask the programs of one head differ in length, and a grid that takes the heads
+# one after another ends on the last head's longest programs while the other SMs idle (about 7%
+# of the forward at B 4, 16 heads, 4k tokens, by an SM-level simulation). The grouped order
+# (``kernels.flash_attention.ordered_program``) goes longest-first across a group of heads small
+# enough that their keys and values stay in L2. It never changes a result (each program computes
+# the same tile either way), only when programs run, so the first forward of each shape simply
+# times both, best of three each, alternately, and the shape's forward, dQ and dK/dV kernels run
+# the grouped order if its forward took less than this fraction of the other's time.
+ORDER_MARGIN = 0.98
+_program_orders: dict[tuple, dict] = {}
+
+
+def program_order_choices() -> dict[tuple, dict]:
+    """What the program-order choice measured, per (device index, dtype, head dim, query heads
+    per KV head, sequences x query heads rounded up to a power of two, query length bucket, key
+    length bucket with the mask kind, varlen): ``{"order": "heads" | "grouped", "head_groups":
+    (forward and dQ's, dK/dV's), "heads_ms", "grouped_ms"}`` (a copy; no times where the grouped
+    order would be the plain one)."""
+    return {key: dict(entry) for key, entry in _program_orders.items()}
+
+
+def _order_key(q: torch.Tensor, k: torch.Tensor, n_seq: int, mq: int, mk: int, before: int, after: int,
+               varlen: bool) -> tuple:
+    return (q.device.index, q.dtype, q.shape[-1], q.shape[1] // k.shape[1],
+            triton.next_power_of_2(n_seq * q.shape[1]), _fwd.seqlen_bucket(mq),
+            _fwd.key_bucket(mk, mq, before, after), varlen)
+
+
+def _grouped_head_groups(q: torch.Tensor, k: torch.Tensor, n_seq: int, mq: int, mk: int) -> tuple[int, int]:
+    """The grouped order's ``head_group`` on q's GPU for the forward and dQ kernels (rows: query
+    heads, each streaming its share of a KV head's keys and values; query blocks of about 128
+    rows) and for the dK/dV kernel (rows: KV heads, each streaming the queries and output
+    gradients of its group's query heads; key blocks of about 64)."""
+    props = torch.cuda.get_device_properties(q.device)
+    l2 = getattr(props, "L2_cache_size", 0) or 40 << 20
+    group, row = q.shape[1] // k.shape[1], 2 * q.shape[-1] * q.element_size()
+    return (_fwd.grouped_heads(triton.cdiv(mq, 128), n_seq * q.shape[1], row * mk // group,
+                               props.multi_processor_count, l2),
+            _fwd.grouped_heads(triton.cdiv(mk, 64), n_seq * k.shape[1], row * mq * group,
+                               props.multi_processor_count, l2))
+
+
+def _program_order(q: torch.Tensor, k: torch.Tensor, key: tuple, n_seq: int, mq: int, mk: int,
+                   run_forward=None) -> tuple[int, int]:
+    """The ``head_group`` pair (forward and dQ's, dK/dV's) the shape ``key`` runs with: the
+    grouped order's if the shape's first forward ran faster with it, else (1, 1). Only a forward
+    (``run_forward(head_group)``) decides, on a GPU, with ``FASTLLAMA_AUTOTUNE`` on, outside a
+    CUDA-graph capture; until then the shape runs (1, 1)."""
+    entry = _program_orders.get(key)
+    if entry is None:
+        if run_forward is None or not (_AUTOTUNE and _timing.can_time(q)) or _timing.capturing(q):
+            return 1, 1
+        groups = _grouped_head_groups(q, k, n_seq, mq, mk)
+        entry = {"order": "heads", "head_groups": groups, "heads_ms": None, "grouped_ms": None}
+        if groups[0] > 1:
+            try:
+                with torch.cuda.device_of(q):
+                    times = _timing.best_times({"heads": lambda: run_forward(1),
+                                                "grouped": lambda: run_forward(groups[0])}, 3)
+            except torch.OutOfMemoryError:  # (memory was short this once: time again next time)
+                return 1, 1
+            entry.update(heads_ms=times["heads"], grouped_ms=times["grouped"])
+            if times["grouped"] < ORDER_MARGIN * times["heads"]:
+                entry["order"] = "grouped"
+        _program_orders[key] = entry
+    return entry["head_groups"] if entry["order"] == "grouped" else (1, 1)
+
+
 def _config(which: str, seqlen: int):
     """A forced or interpreter tile for kernel ``which``, or None (autotune). "dkdv_atomic" and
     "dkdv_partials" take the "dkdv" entry unless they have one of their own."""
@@ -290,10 +361,18 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
         mq = _max_seqlen(cu_seqlens_q, q.shape[2], "cu_seqlens")
         mk = mq if _same_boundaries(cu_seqlens_q, cu_seqlens_k, q, k) else _max_seqlen(cu_seqlens_k, k.shape[2],
                                                                                       "cu_seqlens_k")
-    return _fwd.flash_attention_forward(q, k, v, scale=scale, before=before, after=after, cu_seqlens_q=cu_seqlens_q,
-                                        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq, max_seqlen_k=mk,
-                                        precision=precision, autotune=_AUTOTUNE, softcap=softcap,
-                                        config=_config("fwd", max(mq or q.shape[2], mk or k.shape[2])))
+    lq, lk = mq or q.shape[2], mk or k.shape[2]
+
+    def run(head_group: int):
+        return _fwd.flash_attention_forward(q, k, v, scale=scale, before=before, after=after,
+                                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq,
+                                            max_seqlen_k=mk, precision=precision, autotune=_AUTOTUNE,
+                                            softcap=softcap, config=_config("fwd", max(lq, lk)),
+                                            head_group=head_group)
+
+    n_seq = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    key = _order_key(q, k, n_seq, lq, lk, before, after, cu_seqlens_q is not None)
+    return run(_program_order(q, k, key, n_seq, lq, lk, run)[0])
 
 
 @_flash_fwd.register_fake
@@ -330,8 +409,12 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
                                              max_seqlen_q=mq, max_seqlen_k=mk, precision=precision,
                                              config_dq=_config("dq", longest), config_dkdv=_config(dkdv, longest),
                                              autotune=_AUTOTUNE, deterministic=deterministic, softcap=softcap,
-                                             dq_partials=partials)
+                                             dq_partials=partials, head_groups=head_groups)
 
+    # (the order the shape's forward chose; the backward does not time it again)
+    lq, lk = mq or q.shape[2], mk or k.shape[2]
+    head_groups = _program_order(q, k, _order_key(q, k, n_seq, lq, lk, before, after, cu_seqlens_q is not None),
+                                 n_seq, lq, lk)
     partials = _dq_partials(q, k, n_seq, mk or k.shape[2], deterministic, softcap)
     if partials and _deterministic_backward["algorithm"] == "auto":
         key = _shape_key(q, k, partials, mq or q.shape[2], mk or k.shape[2], before, after, cu_seqlens_q is not None)
@@ -919,7 +1002,7 @@ def _build_configs() -> list[KernelBuild]:
                 for varlen in (False, True):
                     cu = "*i32" if varlen else "*fp32"
                     tail = {n: "i32" for n in ("n_heads", "group", "seqlen_q", "seqlen_k", "before", "after",
-                                               "Q_BUCKET", "K_BUCKET")}
+                                               "head_group", "Q_BUCKET", "K_BUCKET")}
                     tag = (f"{ptr[1:]}{'/' + precision if dtype == torch.float32 else ''} d{D}"
                            f"{' varlen' if varlen else ''}{'' if aligned else ' unaligned'}")
                     dkdv_signature = {
