@@ -5,7 +5,8 @@ Sweep (issue 4): bf16, head dim 64 and 128, sequence 512 to 16k with batch * seq
 
 - ``fastllama``: ``ops.flash_attention`` (autotuned on first call; the tuning is not timed; the
   note names the tiles the autotuner chose, and on a GPU what the default deterministic backward,
-  ``"auto"``, measured when it chose between recomputing dQ and the partials below);
+  ``"auto"``, measured when it chose between recomputing dQ and the partials below, and on the
+  forward row the program order the shape's first forward chose, with both times);
 - ``fastllama-atomic``: the same with ``deterministic=False`` (dQ added with atomics in the dK/dV
   kernel, as sdpa-flash and flash-attn do; the forward is the same kernel as ``fastllama``'s);
 - ``fastllama-partials``: ``ops.flash_attention`` under
@@ -101,6 +102,7 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
     base = dict(provider=name, D=D, T=T, B=B, H=H, causal=causal)
     attention_ops.autotune_timings(clear=True)
     known = set(attention_ops.deterministic_backward_choices())
+    known_orders = set(attention_ops.program_order_choices())
     try:
         out = fn(q, k, v, causal)  # warm-up: compiles, autotunes (and "auto" chooses its backward)
         dout = torch.randn_like(out)
@@ -130,7 +132,11 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
     bwd_note = "; ".join(f"{k} {picks[k]}" for k in bwd_kernels if k in picks)
     if name == "fastllama" and auto:  # what the default ("auto") measured when it chose
         bwd_note = "; ".join(filter(None, [_auto_note(auto[0]), bwd_note]))
-    notes = {"fwd": picks.get("fwd", ""), "bwd": bwd_note}
+    fwd_note = picks.get("fwd", "")
+    orders = [e for key, e in attention_ops.program_order_choices().items() if key not in known_orders]
+    if name.startswith("fastllama") and orders and orders[0]["grouped_ms"] is not None:  # (the shape's first forward)
+        fwd_note = "; ".join(filter(None, [_order_note(orders[0]), fwd_note]))
+    notes = {"fwd": fwd_note, "bwd": bwd_note}
     return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=notes["fwd"]),
             dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note=notes["bwd"])], tuning
 
@@ -145,6 +151,14 @@ def _auto_note(entry: dict) -> str:
     label = lambda name: f"{name} (P {entry['partials']})" if name == "partials" else name
     return (f"auto: {label(chosen)} {entry[chosen + '_ms']:.3g} ms, "
             f"{label(other)} {entry[other + '_ms']:.3g} ms")
+
+
+def _order_note(entry: dict) -> str:
+    """The program order the shape's first forward chose, e.g. "order: grouped (8, 4 heads)
+    0.62 ms, by head 0.67 ms" (see ops.attention.program_order_choices)."""
+    grouped = "grouped ({}, {} heads) {:.3g} ms".format(*entry["head_groups"], entry["grouped_ms"])
+    heads = f"by head {entry['heads_ms']:.3g} ms"
+    return "order: " + (f"{grouped}, {heads}" if entry["order"] == "grouped" else f"{heads}, {grouped}")
 
 
 def _tuning_rows(base):

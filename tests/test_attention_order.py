@@ -169,14 +169,3 @@ def test_no_choice_off_the_gpu_in_a_capture_or_for_a_plain_group(monkeypatch, or
     ops.flash_attention(q, k, v)
     (entry,) = A.program_order_choices().values()
     assert forward[-1] == 1 and entry["order"] == "heads" and entry["heads_ms"] is None
-
-
-def test_shapes_are_keyed_by_what_changes_the_balance():
-    """Sequences x heads to a power of two (packed batches vary in sequence count), length
-    buckets, the mask kind, GQA, head dim, dtype, varlen."""
-    q, k = torch.empty(3, 8, 300, 64, dtype=torch.float16), torch.empty(3, 2, 300, 64, dtype=torch.float16)
-    key = lambda n_seq=3, mq=300, mk=300, before=10**6, after=0, varlen=False: A._order_key(q, k, n_seq, mq, mk, before,
-                                                                                          after, varlen)
-    assert key() == (None, torch.float16, 64, 4, 32, 512, kfa.key_bucket(300, 300, 10**6, 0), False)
-    assert key() == key(n_seq=4) == key(mq=257, mk=400) != key(n_seq=5)
-    assert len({key(), key(after=10**6), key(before=30), key(varlen=True), key(mk=600)}) == 5

@@ -246,8 +246,9 @@ def test_auto_chooses_at_the_first_backward_of_a_shape_and_keeps_it(monkeypatch,
 
 
 def test_auto_shape_key():
-    """A shape is what the choice may depend on: P to a power of two (a varying count of packed
-    sequences gives nearby P), length buckets, the mask kind (causal, full, window), varlen."""
+    """A shape is what a timed choice may depend on (this one's and the program order's): a count
+    (P here; sequences x heads for the order) to a power of two (a varying count of packed
+    sequences gives nearby counts), length buckets, the mask kind (causal, full, window), varlen."""
     q, k = torch.empty(2, 8, 300, 64, dtype=torch.float16), torch.empty(2, 2, 300, 64, dtype=torch.float16)
     key = lambda p=5, mq=300, mk=300, before=10**6, after=0, varlen=False: A._shape_key(q, k, p, mq, mk, before,
                                                                                         after, varlen)

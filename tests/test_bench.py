@@ -280,7 +280,8 @@ def test_bench_default_smoke_run(tmp_path, monkeypatch, capsys):
     rows = {r["config"]: r for r in data["rows"]}
     assert rows["hf-sdpa"]["status"] == rows["hf+fastllama"]["status"] == "ok"
     assert rows["hf+fastllama"]["tokens/s"] > 0 and rows["hf+fastllama"]["vs hf-sdpa"] > 0
-    assert data["cross_entropy_weight_grad_gemm"] == data["attention_backward"] == []  # (off a GPU nothing is timed)
+    assert (data["cross_entropy_weight_grad_gemm"] == data["attention_backward"] == data["attention_program_order"]
+            == [])  # (off a GPU nothing is timed)
     for name, label in (("train-tiny", "not a measurement"), ("memory-tiny", "device-independent")):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
         md = (tmp_path / f"{name}.md").read_text()
@@ -423,9 +424,31 @@ def test_attention_default_rows_say_what_auto_chose(monkeypatch, chosen):
     monkeypatch.setattr(bench_attention.common, "time_ms", lambda fn, **kw: (fn(), 1.0)[1])  # one run
     rows, _ = bench_attention.bench_case("fastllama", bench_attention._providers()["fastllama"], 1, 2, 16, 64, True,
                                          torch.float32)
-    assert rows[1]["note"] == {"partials": "auto: partials (P 7) 5.1 ms, recompute 6.3 ms; dkdv_partials M2",
-                               "recompute": "auto: recompute 6.3 ms, partials (P 7) 7 ms; dkdv M3; dq M4",
-                               "untimed": "auto: recompute (no room); dkdv M3; dq M4"}[chosen]
+    assert rows[0]["note"] == "" and rows[1]["note"] == {
+        "partials": "auto: partials (P 7) 5.1 ms, recompute 6.3 ms; dkdv_partials M2",
+        "recompute": "auto: recompute 6.3 ms, partials (P 7) 7 ms; dkdv M3; dq M4",
+        "untimed": "auto: recompute (no room); dkdv M3; dq M4"}[chosen]
+
+
+@pytest.mark.parametrize("order", ["grouped", "heads", "untimed"])
+def test_attention_forward_rows_say_what_order_the_shape_chose(monkeypatch, order):
+    """The shape's first forward chooses the program order in the case's warm-up: fastllama's
+    forward row says which and both times (nothing where the grouped order was the plain one)."""
+    from benchmarks import bench_attention
+    from fastllama.ops import attention as attention_ops
+
+    entry = {"order": order if order != "untimed" else "heads", "head_groups": (8, 4),
+             "heads_ms": None if order == "untimed" else 0.67, "grouped_ms": None if order == "untimed" else 0.62}
+    calls = []
+    monkeypatch.setattr(attention_ops, "program_order_choices",
+                        lambda: calls.append(1) or ({"old": {}, "new": entry} if len(calls) > 1 else {"old": {}}))
+    monkeypatch.setattr(attention_ops, "autotuned_choices", lambda: {"fwd": "M1"})
+    monkeypatch.setattr(bench_attention.common, "time_ms", lambda fn, **kw: (fn(), 1.0)[1])  # one run
+    rows, _ = bench_attention.bench_case("fastllama", bench_attention._providers()["fastllama"], 1, 2, 16, 64, True,
+                                         torch.float32)
+    assert rows[0]["note"] == {"grouped": "order: grouped (8, 4 heads) 0.62 ms, by head 0.67 ms; M1",
+                               "heads": "order: by head 0.67 ms, grouped (8, 4 heads) 0.62 ms; M1",
+                               "untimed": "M1"}[order]
 
 
 def test_training_recompute_configuration_runs_under_the_recompute_backward(monkeypatch):

@@ -185,12 +185,15 @@ def _choose_backward(run, partials: int, rounds: int = 3) -> dict:
             "recompute_ms": times["recompute"], "partials_ms": times["partials"], "why": ""}
 
 
-def _shape_key(q: torch.Tensor, k: torch.Tensor, partials: int, mq: int, mk: int, before: int, after: int,
+def _shape_key(q: torch.Tensor, k: torch.Tensor, count: int, mq: int, mk: int, before: int, after: int,
                varlen: bool) -> tuple:
-    """The shape "auto" decides for (see :func:`deterministic_backward_choices`). P is rounded up
-    to a power of two: packed batches whose number of sequences varies would otherwise time
-    again at each new P (P itself is still worked out per launch)."""
-    return (q.device.index, q.dtype, q.shape[-1], q.shape[1] // k.shape[1], triton.next_power_of_2(partials),
+    """The shape a timed choice holds for: (device index, dtype, head dim, query heads per KV
+    head, ``count`` rounded up to a power of two, length buckets, mask kind, varlen). ``count``
+    is what else the choice depends on: P for the deterministic backward's algorithm, sequences
+    x query heads for the program order. Rounded, because packed batches whose number of
+    sequences varies would otherwise time again at each new count (the launches still use the
+    exact values)."""
+    return (q.device.index, q.dtype, q.shape[-1], q.shape[1] // k.shape[1], triton.next_power_of_2(count),
             _fwd.seqlen_bucket(mq), _fwd.key_bucket(mk, mq, before, after), varlen)
 
 
@@ -234,13 +237,6 @@ def program_order_choices() -> dict[tuple, dict]:
     (forward and dQ's, dK/dV's), "heads_ms", "grouped_ms"}`` (a copy; no times where the grouped
     order would be the plain one)."""
     return {key: dict(entry) for key, entry in _program_orders.items()}
-
-
-def _order_key(q: torch.Tensor, k: torch.Tensor, n_seq: int, mq: int, mk: int, before: int, after: int,
-               varlen: bool) -> tuple:
-    return (q.device.index, q.dtype, q.shape[-1], q.shape[1] // k.shape[1],
-            triton.next_power_of_2(n_seq * q.shape[1]), _fwd.seqlen_bucket(mq),
-            _fwd.key_bucket(mk, mq, before, after), varlen)
 
 
 def _grouped_head_groups(q: torch.Tensor, k: torch.Tensor, n_seq: int, mq: int, mk: int) -> tuple[int, int]:
@@ -371,7 +367,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
                                             head_group=head_group)
 
     n_seq = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
-    key = _order_key(q, k, n_seq, lq, lk, before, after, cu_seqlens_q is not None)
+    key = _shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None)
     return run(_program_order(q, k, key, n_seq, lq, lk, run)[0])
 
 
@@ -413,12 +409,12 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
 
     # (the order the shape's forward chose; the backward does not time it again)
     lq, lk = mq or q.shape[2], mk or k.shape[2]
-    head_groups = _program_order(q, k, _order_key(q, k, n_seq, lq, lk, before, after, cu_seqlens_q is not None),
-                                 n_seq, lq, lk)
+    key = _shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None)
+    head_groups = _program_order(q, k, key, n_seq, lq, lk)
     partials = _dq_partials(q, k, n_seq, mk or k.shape[2], deterministic, softcap)
     if partials and _deterministic_backward["algorithm"] == "auto":
-        key = _shape_key(q, k, partials, mq or q.shape[2], mk or k.shape[2], before, after, cu_seqlens_q is not None)
-        partials = _auto_partials(q, partials, key, run)
+        partials = _auto_partials(q, partials, _shape_key(q, k, partials, lq, lk, before, after,
+                                                          cu_seqlens_q is not None), run)
     return run(partials)
 
 
