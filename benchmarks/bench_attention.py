@@ -132,11 +132,12 @@ def bench_case(name, fn, B, H, T, D, causal, dtype):
     bwd_note = "; ".join(f"{k} {picks[k]}" for k in bwd_kernels if k in picks)
     if name == "fastllama" and auto:  # what the default ("auto") measured when it chose
         bwd_note = "; ".join(filter(None, [_auto_note(auto[0]), bwd_note]))
-    fwd_note = picks.get("fwd", "")
-    orders = [e for key, e in attention_ops.program_order_choices().items() if key not in known_orders]
-    if name.startswith("fastllama") and orders and orders[0]["grouped_ms"] is not None:  # (the shape's first forward)
-        fwd_note = "; ".join(filter(None, [_order_note(orders[0]), fwd_note]))
-    notes = {"fwd": fwd_note, "bwd": bwd_note}
+    notes = {"fwd": picks.get("fwd", ""), "bwd": bwd_note}
+    # the program order this case's first forward / backward chose (timed where there was a choice)
+    for key, entry in attention_ops.program_order_choices().items():
+        if key not in known_orders and entry["grouped_ms"] is not None:
+            direction = "fwd" if key[0] == "forward" else "bwd"
+            notes[direction] = "; ".join(filter(None, [_order_note(entry, direction), notes[direction]]))
     return [dict(base, direction="fwd", ms=ms_f, tflops=fwd_flops / ms_f / 1e9, note=notes["fwd"]),
             dict(base, direction="bwd", ms=ms_b, tflops=bwd_flops / ms_b / 1e9, note=notes["bwd"])], tuning
 
@@ -153,10 +154,12 @@ def _auto_note(entry: dict) -> str:
             f"{label(other)} {entry[other + '_ms']:.3g} ms")
 
 
-def _order_note(entry: dict) -> str:
-    """The program order the shape's first forward chose, e.g. "order: grouped (8, 4 heads)
-    0.62 ms, by head 0.67 ms" (see ops.attention.program_order_choices)."""
-    grouped = "grouped ({}, {} heads) {:.3g} ms".format(*entry["head_groups"], entry["grouped_ms"])
+def _order_note(entry: dict, direction: str) -> str:
+    """The program order the shape's first forward (or backward) chose, e.g. "order: grouped (8
+    heads) 0.62 ms, by head 0.67 ms" (see ops.attention.program_order_choices)."""
+    q_heads, kv_heads = entry["head_groups"]
+    size = f"{q_heads} heads" if direction == "fwd" else f"{q_heads} query / {kv_heads} KV heads"
+    grouped = f"grouped ({size}) {entry['grouped_ms']:.3g} ms"
     heads = f"by head {entry['heads_ms']:.3g} ms"
     return "order: " + (f"{grouped}, {heads}" if entry["order"] == "grouped" else f"{heads}, {grouped}")
 

@@ -52,7 +52,7 @@ LAUNCH_VARYING_INTS = ["stride_lb", "stride_lh", "stride_lp", "group", "seqlen_q
 __all__ = [
     "flash_attention_forward", "mask_bounds", "strides_aligned", "fwd_configs", "dkdv_configs", "dq_configs",
     "padded_head_dim", "seqlen_bucket", "INTERPRETER_CONFIG", "capped_scores", "softcap_config",
-    "softcap_tile", "grouped_heads",
+    "softcap_tile", "grouped_heads", "checked_head_group",
 ]
 
 
@@ -140,17 +140,20 @@ def ordered_program(head_group, REVERSE: tl.constexpr):
     Under a causal mask the tiles of a row differ in length (query block i of the forward visits
     i + 1 key blocks), and the grid should start the longest first and end on short ones, or the
     other SMs wait out the last long one. With ``head_group`` = 1 (a row's tiles one after
-    another) only the last row's tiles are so ordered: the grid ends on that row's longest tiles
-    and the shorter ones left to start beside them (an SM-level simulation at B 4, 16 heads, 4k
-    tokens, 128-row tiles: 7% longer than perfectly balanced). A group of rows whose programs
-    fill the GPU twice over ends on short tiles only (0.1%), while the programs running together
-    still read only the group's rows' keys and values, which stay in L2 (every row at once would
-    not: :func:`grouped_heads` sizes the group)."""
+    another) each row starts its longest tile first, but the last row's longest tile still starts
+    shortly before the end, when little else is left to run beside it (an SM-level simulation at
+    B 4, 16 heads, 4k tokens, 128-row tiles: 7% longer than perfectly balanced). A group of rows
+    whose programs fill the GPU twice over ends on short tiles only (0.1%), while the programs
+    running together still read only the group's rows' keys and values, which stay in L2 (every
+    row at once would not: :func:`grouped_heads` sizes the group)."""
     n_tiles = tl.num_programs(0)
-    pid = tl.program_id(1) * n_tiles + tl.program_id(0)  # the order programs start in
-    first = (pid // (head_group * n_tiles)) * head_group  # the group's first row
+    # Programs start in the order of program_id(1) * n_tiles + program_id(0); that product may
+    # pass 2**31 (a long varlen pack of many sequences), so the group is found from axis 1 alone
+    # and only the place within the group, below head_group * n_tiles (bounded by the launcher),
+    # is formed.
+    first = (tl.program_id(1) // head_group) * head_group  # the group's first row
     rows = tl.minimum(head_group, tl.num_programs(1) - first)  # (the last group may be short)
-    within = pid - first * n_tiles
+    within = (tl.program_id(1) - first) * n_tiles + tl.program_id(0)
     tile = within // rows
     if REVERSE:
         tile = n_tiles - 1 - tile
@@ -612,6 +615,15 @@ def seqlen_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(max(n, 1)), 128), 16384)
 
 
+def checked_head_group(head_group: int, n_rows: int, max_tiles: int) -> int:
+    """A launcher's ``head_group`` made safe for :func:`ordered_program`: at least 1 (0 would
+    divide by zero), at most the rows, and small enough that ``head_group * tiles`` stays in 32
+    bits for up to ``max_tiles`` tiles (the smallest block's count)."""
+    if isinstance(head_group, bool) or not isinstance(head_group, int) or head_group < 1:
+        raise ValueError(f"head_group must be a positive int, got {head_group!r}")
+    return max(1, min(head_group, n_rows, (2**31 - 1) // max(max_tiles, 1)))
+
+
 def grouped_heads(n_tiles: int, n_rows: int, row_bytes: int, sms: int, l2_bytes: int) -> int:
     """The ``head_group`` of :func:`ordered_program`'s grouped order for a grid of ``n_tiles`` x
     ``n_rows`` programs whose rows each stream ``row_bytes`` (a head's keys and values, shared by
@@ -873,7 +885,8 @@ def flash_attention_forward(q, k, v, *, scale: float, before: int, after: int, c
     cu_k = cu_seqlens_k if varlen else lse
     args = (q, k, v, out, lse, cu_q, cu_k, scale, softcap,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[1:3], lse.stride(0),
-            Hq, Hq // Hk, Tq, Tk, before, after, head_group, seqlen_bucket(mq), key_bucket(mk, mq, before, after))
+            Hq, Hq // Hk, Tq, Tk, before, after, checked_head_group(head_group, n_seq * Hq, triton.cdiv(mq, 16)),
+            seqlen_bucket(mq), key_bucket(mk, mq, before, after))
     meta = dict(HEAD_DIM=D, D_PAD=padded_head_dim(D), IS_VARLEN=varlen, PRECISION=precision,
                 ALIGNED=strides_aligned(q, k, v, out), SOFTCAP=softcap > 0)
     with torch.cuda.device_of(q):  # Triton launches (and the autotuner times) on the current device

@@ -41,8 +41,9 @@ import triton
 import triton.language as tl
 
 from .flash_attention import (_TUNE_KEY, CONFIG_TABLES, LAUNCH_VARYING_INTS, ArchAutotuner, aligned16, block_span,
-                              capped_scores, key_bucket, load_rows, ordered_program, padded_head_dim, seqlen_bucket,
-                              sequence_bounds, softcap_config, store_rows, strides_aligned, untuned_config)
+                              capped_scores, checked_head_group, key_bucket, load_rows, ordered_program,
+                              padded_head_dim, seqlen_bucket, sequence_bounds, softcap_config, store_rows,
+                              strides_aligned, untuned_config)
 
 __all__ = ["flash_attention_backward"]
 
@@ -482,8 +483,10 @@ def flash_attention_backward(do, q, k, v, out, lse, *, scale: float, before: int
         cu_q = cu_seqlens_q if varlen else delta
         cu_k = cu_seqlens_k if varlen else delta
         buckets = (seqlen_bucket(mq), key_bucket(mk, mq, before, after))
-        common_q = (Hq // Hk, Tq, Tk, before, after, head_groups[0], *buckets)
-        common_kv = (Hq // Hk, Tq, Tk, before, after, head_groups[1], *buckets)
+        common_q = (Hq // Hk, Tq, Tk, before, after,
+                    checked_head_group(head_groups[0], n_seq * Hq, triton.cdiv(mq, 16)), *buckets)
+        common_kv = (Hq // Hk, Tq, Tk, before, after,
+                     checked_head_group(head_groups[1], n_seq * Hk, triton.cdiv(mk, 16)), *buckets)
         # atomic: dS K accumulates unscaled in fp32 rows of D elements, converted once at the end;
         # partials: the same, in P buffers (P, B, Hq, Tq, D), one per program along the key axis
         atomic = not deterministic or dq_partials > 0

@@ -55,8 +55,9 @@ def _cu(lens):
 
 @pytest.mark.parametrize("varlen", [False, True])
 def test_every_order_gives_the_same_bits(varlen):
-    """Forward, dQ and dK/dV kernels launched in the grouped order (groups of 3 query heads, 2 KV
-    heads: uneven last groups) give exactly the plain order's outputs, causal with GQA 3:1."""
+    """Forward, dQ and dK/dV kernels launched in the grouped order (groups of 4 rows: 18 query
+    head rows and 6 KV head rows, both with a short last group) give exactly the plain order's
+    outputs, causal with GQA 3:1."""
     gen = torch.Generator().manual_seed(0)
     B, Hq, Hk, T, D = (1, 6, 2, 40, 32) if varlen else (3, 6, 2, 40, 32)
     q, k, v, do = (torch.randn(B, H, T, D, generator=gen).to(DEVICE, DTYPE) for H in (Hq, Hk, Hk, Hq))
@@ -65,7 +66,7 @@ def test_every_order_gives_the_same_bits(varlen):
     before, after = kfa.mask_bounds(True, None, 2 * T)
     tiles = dict(config=(16, 16, 4, 1))
     results = []
-    for groups in ((1, 1), (3, 2)):
+    for groups in ((1, 1), (4, 4)):
         out, lse = kfa.flash_attention_forward(q, k, v, scale=D ** -0.5, before=before, after=after, **cu, **tiles,
                                                head_group=groups[0])
         grads = kbwd.flash_attention_backward(do, q, k, v, out, lse, scale=D ** -0.5, before=before, after=after,
@@ -89,16 +90,26 @@ def test_group_size_fills_the_gpu_within_l2(n_tiles, n_rows, row_bytes, expected
     assert kfa.grouped_heads(n_tiles, n_rows, row_bytes, sms=132, l2_bytes=50 << 20) == expected
 
 
+def test_launchers_check_the_head_group():
+    """At least 1 (0 would divide by zero in the kernel), a plain positive int, at most the rows,
+    and small enough that head_group x tiles stays in 32 bits."""
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="head_group must be a positive int"):
+            kfa.checked_head_group(bad, 10, 10)
+    assert kfa.checked_head_group(8, 3, 10) == 3
+    assert kfa.checked_head_group(64, 1000, 2**26) == 31 and kfa.checked_head_group(4, 1000, 2**31) == 1
+
+
 class _StandInTimer:
     """``_timing.time_ms`` on the CPU: runs the function and returns the next time listed for the
-    order it launched (the last forward launch's head_group: 1 plain, more grouped)."""
+    order it launched (the last launch's head groups: all 1 plain, else grouped)."""
 
-    def __init__(self, groups, heads_ms, grouped_ms):
-        self.groups, self.ms = groups, {"heads": list(heads_ms), "grouped": list(grouped_ms)}
+    def __init__(self, launches, heads_ms, grouped_ms):
+        self.launches, self.ms = launches, {"heads": list(heads_ms), "grouped": list(grouped_ms)}
 
     def __call__(self, fn):
         fn()
-        return self.ms["grouped" if self.groups[-1] > 1 else "heads"].pop(0)
+        return self.ms["grouped" if max(self.launches[-1]) > 1 else "heads"].pop(0)
 
 
 @pytest.fixture
@@ -106,12 +117,21 @@ def order(monkeypatch):
     """The choice as on a GPU whatever the device (timing allowed, no capture, grouped head_group
     pair (4, 2)); records every forward launch's head_group and every backward's head_groups.
     Returns ``(forward groups, backward groups, set_times(heads_ms, grouped_ms))``."""
-    forward, backward = [], []
+    forward, backward, launches = [], [], []
     real_fwd, real_bwd = kfa.flash_attention_forward, kbwd.flash_attention_backward
-    monkeypatch.setattr(kfa, "flash_attention_forward",
-                        lambda *a, **kw: forward.append(kw["head_group"]) or real_fwd(*a, **kw))
-    monkeypatch.setattr(kbwd, "flash_attention_backward",
-                        lambda *a, **kw: backward.append(kw["head_groups"]) or real_bwd(*a, **kw))
+
+    def fwd(*a, **kw):
+        forward.append(kw["head_group"])
+        launches.append((kw["head_group"],))
+        return real_fwd(*a, **kw)
+
+    def bwd(*a, **kw):
+        backward.append(kw["head_groups"])
+        launches.append(kw["head_groups"])
+        return real_bwd(*a, **kw)
+
+    monkeypatch.setattr(kfa, "flash_attention_forward", fwd)
+    monkeypatch.setattr(kbwd, "flash_attention_backward", bwd)
     monkeypatch.setattr(A, "_program_orders", {})
     monkeypatch.setattr(A, "_AUTOTUNE", True)  # (GPU test runs set FASTLLAMA_AUTOTUNE=0)
     monkeypatch.setattr(A, "FORCE_CONFIG", {name: (16, 16, 4, 1) for name in ("fwd", "dq", "dkdv")})
@@ -121,7 +141,7 @@ def order(monkeypatch):
     monkeypatch.setattr(timing, "capturing", lambda t: False)
     monkeypatch.setattr(A, "_grouped_head_groups", lambda *args: (4, 2))
     return forward, backward, lambda heads_ms, grouped_ms: monkeypatch.setattr(
-        timing, "time_ms", _StandInTimer(forward, heads_ms, grouped_ms))
+        timing, "time_ms", _StandInTimer(launches, heads_ms, grouped_ms))
 
 
 def _qkv():
@@ -130,42 +150,53 @@ def _qkv():
 
 
 @pytest.mark.parametrize("faster", ["grouped", "heads", "near tie"])
-def test_the_first_forward_of_a_shape_chooses_the_order_for_its_kernels(order, faster):
-    """Both orders timed alternately, best of three after an untimed run each; the grouped one
-    kept only below 0.98x; then the forward, and the backward without timing again, run it; the
-    next forward of the shape does not time."""
+def test_the_first_launch_of_a_shape_chooses_the_order_each_way(order, faster):
+    """The first forward times both orders of the forward kernel, the first backward both of the
+    dQ and dK/dV kernels: alternately, best of three after an untimed run each; the grouped one
+    kept only below 0.98x; later launches of the shape run the choice untimed."""
     forward, backward, set_times = order
-    set_times([1.0, 1.0, 1.0, 1.0], {"grouped": [0.5] * 4, "heads": [2.0] * 4, "near tie": [0.99] * 4}[faster])
+    grouped_ms = {"grouped": [0.5] * 6, "heads": [2.0] * 6, "near tie": [0.99] * 6}[faster]
+    set_times([1.0] * 6, grouped_ms)
     q, k, v = _qkv()
     out = ops.flash_attention(q, k, v)
     groups = (4, 2) if faster == "grouped" else (1, 1)
     assert forward == [1, 4] * 4 + [groups[0]]
     out.sum().backward()
-    assert backward == [groups]
-    ops.flash_attention(q, k, v)
-    assert forward[9:] == [groups[0]]
-    (entry,) = A.program_order_choices().values()
-    assert entry["order"] == ("grouped" if faster == "grouped" else "heads") and entry["head_groups"] == (4, 2)
-    assert entry["heads_ms"] == 1.0 and entry["grouped_ms"] == {"grouped": 0.5, "heads": 2.0, "near tie": 0.99}[faster]
+    assert backward == [(1, 1), (4, 2)] * 4 + [groups]
+    ops.flash_attention(q, k, v).sum().backward()
+    assert forward[9:] == [groups[0]] and backward[9:] == [groups]
+    choices = A.program_order_choices()
+    assert sorted(key[0] for key in choices) == ["backward", "forward"]
+    for key, entry in choices.items():
+        assert entry == {"order": "grouped" if faster == "grouped" else "heads",
+                         "head_groups": (4, 1) if key[0] == "forward" else (4, 2), "heads_ms": 1.0,
+                         "grouped_ms": grouped_ms[0]}
 
 
 def test_no_choice_off_the_gpu_in_a_capture_or_for_a_plain_group(monkeypatch, order):
     """Plain order, untimed: off the GPU, with FASTLLAMA_AUTOTUNE=0, inside a CUDA-graph capture,
     after an out-of-memory while timing (none of these remembered), and where the grouped order
-    would be the plain one (remembered, untimed); a backward never times."""
+    would be the plain one (remembered, untimed); the partials backward has nothing to order."""
     forward, backward, set_times = order
     set_times([], [])  # (any timing would pop from an empty list)
     q, k, v = _qkv()
-    for patch in ((timing, "can_time", lambda t: False), (A, "_AUTOTUNE", False), (timing, "capturing", lambda t: True)):
+    untimed = ((timing, "can_time", lambda t: False), (A, "_AUTOTUNE", False), (timing, "capturing", lambda t: True))
+    for patch in untimed:
         with monkeypatch.context() as m:
             m.setattr(*patch)
-            out = ops.flash_attention(q, k, v)
-    out.sum().backward()
+            ops.flash_attention(q, k, v).sum().backward()
     with monkeypatch.context() as m:
         m.setattr(timing, "best_times", lambda runs, rounds: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
-        ops.flash_attention(q, k, v)
-    assert forward == [1] * 4 and backward == [(1, 1)] and not A.program_order_choices()
-    monkeypatch.setattr(A, "_grouped_head_groups", lambda *args: (1, 8))
-    ops.flash_attention(q, k, v)
-    (entry,) = A.program_order_choices().values()
-    assert forward[-1] == 1 and entry["order"] == "heads" and entry["heads_ms"] is None
+        ops.flash_attention(q, k, v).sum().backward()
+    assert forward == [1] * 4 and backward == [(1, 1)] * 4 and not A.program_order_choices()
+    with monkeypatch.context() as m:
+        m.setattr(A, "_dq_partials", lambda *args: 2)
+        m.setattr(A, "_auto_partials", lambda q, partials, key, run: partials)
+        m.setattr(timing, "best_times", lambda runs, rounds: {"heads": 1.0, "grouped": 2.0})  # (the forward's)
+        ops.flash_attention(q, k, v).sum().backward()
+    assert backward[-1] == (1, 1) and [key[0] for key in A.program_order_choices()] == ["forward"]
+    monkeypatch.setattr(A, "_program_orders", {})
+    monkeypatch.setattr(A, "_grouped_head_groups", lambda *args: (1, 1))
+    ops.flash_attention(q, k, v).sum().backward()
+    assert forward[-1] == 1 and backward[-1] == (1, 1)
+    assert [(e["order"], e["heads_ms"]) for e in A.program_order_choices().values()] == [("heads", None)] * 2

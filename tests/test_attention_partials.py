@@ -264,6 +264,7 @@ def test_auto_on_the_gpu_times_both_and_runs_its_choice(monkeypatch):
     monkeypatch.setattr(A, "FORCE_CONFIG", {name: (64, 64, 4, 2) for name in ("fwd", "dq", "dkdv")})
     monkeypatch.setattr(A, "_AUTOTUNE", True)
     monkeypatch.setattr(A, "_backward_choices", {})
+    monkeypatch.setattr(A, "_program_orders", {})
     torch.manual_seed(0)
     q, k, v = _qkv(4, 8, 4, 1024, 1024, 64)
     dout = torch.randn_like(q)

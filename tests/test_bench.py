@@ -431,24 +431,31 @@ def test_attention_default_rows_say_what_auto_chose(monkeypatch, chosen):
 
 
 @pytest.mark.parametrize("order", ["grouped", "heads", "untimed"])
-def test_attention_forward_rows_say_what_order_the_shape_chose(monkeypatch, order):
-    """The shape's first forward chooses the program order in the case's warm-up: fastllama's
-    forward row says which and both times (nothing where the grouped order was the plain one)."""
+def test_attention_rows_say_what_order_the_shape_chose(monkeypatch, order):
+    """The shape's first forward and first backward choose the program order in the case's
+    warm-up: fastllama's rows say which and both times (nothing where the grouped order was the
+    plain one)."""
     from benchmarks import bench_attention
     from fastllama.ops import attention as attention_ops
 
-    entry = {"order": order if order != "untimed" else "heads", "head_groups": (8, 4),
-             "heads_ms": None if order == "untimed" else 0.67, "grouped_ms": None if order == "untimed" else 0.62}
+    timed = order != "untimed"
+    entries = {(direction, 1): {"order": order if timed else "heads", "head_groups": (8, groups),
+                                "heads_ms": 0.67 * scale if timed else None,
+                                "grouped_ms": 0.62 * scale if timed else None}
+               for direction, groups, scale in (("forward", 1, 1), ("backward", 4, 3))}
     calls = []
     monkeypatch.setattr(attention_ops, "program_order_choices",
-                        lambda: calls.append(1) or ({"old": {}, "new": entry} if len(calls) > 1 else {"old": {}}))
-    monkeypatch.setattr(attention_ops, "autotuned_choices", lambda: {"fwd": "M1"})
+                        lambda: calls.append(1) or ({("old",): {}, **entries} if len(calls) > 1 else {("old",): {}}))
+    monkeypatch.setattr(attention_ops, "autotuned_choices", lambda: {"fwd": "M1", "dkdv": "M2", "dq": "M3"})
     monkeypatch.setattr(bench_attention.common, "time_ms", lambda fn, **kw: (fn(), 1.0)[1])  # one run
     rows, _ = bench_attention.bench_case("fastllama", bench_attention._providers()["fastllama"], 1, 2, 16, 64, True,
                                          torch.float32)
-    assert rows[0]["note"] == {"grouped": "order: grouped (8, 4 heads) 0.62 ms, by head 0.67 ms; M1",
-                               "heads": "order: by head 0.67 ms, grouped (8, 4 heads) 0.62 ms; M1",
-                               "untimed": "M1"}[order]
+    assert [r["note"] for r in rows] == {
+        "grouped": ["order: grouped (8 heads) 0.62 ms, by head 0.67 ms; M1",
+                    "order: grouped (8 query / 4 KV heads) 1.86 ms, by head 2.01 ms; dkdv M2; dq M3"],
+        "heads": ["order: by head 0.67 ms, grouped (8 heads) 0.62 ms; M1",
+                  "order: by head 2.01 ms, grouped (8 query / 4 KV heads) 1.86 ms; dkdv M2; dq M3"],
+        "untimed": ["M1", "dkdv M2; dq M3"]}[order]
 
 
 def test_training_recompute_configuration_runs_under_the_recompute_backward(monkeypatch):

@@ -223,53 +223,58 @@ def _auto_partials(q: torch.Tensor, partials: int, key: tuple, run) -> int:
 # of the forward at B 4, 16 heads, 4k tokens, by an SM-level simulation). The grouped order
 # (``kernels.flash_attention.ordered_program``) goes longest-first across a group of heads small
 # enough that their keys and values stay in L2. It never changes a result (each program computes
-# the same tile either way), only when programs run, so the first forward of each shape simply
-# times both, best of three each, alternately, and the shape's forward, dQ and dK/dV kernels run
-# the grouped order if its forward took less than this fraction of the other's time.
+# the same tile either way), only when programs run, so the first forward of each shape times
+# both orders for the forward kernel, and its first backward for the dQ and dK/dV kernels (with
+# the algorithm the backward runs), best of three each, alternately; each keeps the grouped
+# order if it took less than this fraction of the plain order's time.
 ORDER_MARGIN = 0.98
 _program_orders: dict[tuple, dict] = {}
 
 
 def program_order_choices() -> dict[tuple, dict]:
-    """What the program-order choice measured, per (device index, dtype, head dim, query heads
-    per KV head, sequences x query heads rounded up to a power of two, query length bucket, key
-    length bucket with the mask kind, varlen): ``{"order": "heads" | "grouped", "head_groups":
-    (forward and dQ's, dK/dV's), "heads_ms", "grouped_ms"}`` (a copy; no times where the grouped
-    order would be the plain one)."""
+    """What the program-order choice measured, per ("forward" | "backward", device index, dtype,
+    head dim, query heads per KV head, sequences x query heads rounded up to a power of two,
+    query length bucket, key length bucket with the mask kind, varlen, fp32 dot precision,
+    soft-capped, and for the backward deterministic): ``{"order": "heads" | "grouped",
+    "head_groups": (the forward's or dQ's,
+    dK/dV's), "heads_ms", "grouped_ms"}`` (a copy; no times where the grouped order would be the
+    plain one)."""
     return {key: dict(entry) for key, entry in _program_orders.items()}
 
 
 def _grouped_head_groups(q: torch.Tensor, k: torch.Tensor, n_seq: int, mq: int, mk: int) -> tuple[int, int]:
     """The grouped order's ``head_group`` on q's GPU for the forward and dQ kernels (rows: query
-    heads, each streaming its share of a KV head's keys and values; query blocks of about 128
-    rows) and for the dK/dV kernel (rows: KV heads, each streaming the queries and output
-    gradients of its group's query heads; key blocks of about 64)."""
+    heads, each streaming its share of a KV head's keys and values) and for the dK/dV kernel
+    (rows: KV heads, each streaming the queries and output gradients of its group's query
+    heads), for blocks of about 128 rows or keys (the 16-bit tiles' size; smaller tiles only
+    make more programs per row)."""
     props = torch.cuda.get_device_properties(q.device)
     l2 = getattr(props, "L2_cache_size", 0) or 40 << 20
     group, row = q.shape[1] // k.shape[1], 2 * q.shape[-1] * q.element_size()
     return (_fwd.grouped_heads(triton.cdiv(mq, 128), n_seq * q.shape[1], row * mk // group,
                                props.multi_processor_count, l2),
-            _fwd.grouped_heads(triton.cdiv(mk, 64), n_seq * k.shape[1], row * mq * group,
+            _fwd.grouped_heads(triton.cdiv(mk, 128), n_seq * k.shape[1], row * mq * group,
                                props.multi_processor_count, l2))
 
 
-def _program_order(q: torch.Tensor, k: torch.Tensor, key: tuple, n_seq: int, mq: int, mk: int,
-                   run_forward=None) -> tuple[int, int]:
-    """The ``head_group`` pair (forward and dQ's, dK/dV's) the shape ``key`` runs with: the
-    grouped order's if the shape's first forward ran faster with it, else (1, 1). Only a forward
-    (``run_forward(head_group)``) decides, on a GPU, with ``FASTLLAMA_AUTOTUNE`` on, outside a
-    CUDA-graph capture; until then the shape runs (1, 1)."""
+def _program_order(q: torch.Tensor, k: torch.Tensor, key: tuple, n_seq: int, mq: int, mk: int, run) -> tuple[int, int]:
+    """The ``head_group`` pair (the forward's or dQ's, dK/dV's) this launch runs with: the
+    grouped order's if the first launch of the shape ``key`` (whose first element says which
+    direction) ran faster with it, else (1, 1). ``run(head_groups)`` launches with a pair. It
+    decides on a GPU, with ``FASTLLAMA_AUTOTUNE`` on, outside a CUDA-graph capture; until then
+    the shape runs (1, 1)."""
     entry = _program_orders.get(key)
     if entry is None:
-        if run_forward is None or not (_AUTOTUNE and _timing.can_time(q)) or _timing.capturing(q):
+        if not (_AUTOTUNE and _timing.can_time(q)) or _timing.capturing(q):
             return 1, 1
         groups = _grouped_head_groups(q, k, n_seq, mq, mk)
+        if key[0] == "forward":
+            groups = (groups[0], 1)  # (one kernel)
         entry = {"order": "heads", "head_groups": groups, "heads_ms": None, "grouped_ms": None}
-        if groups[0] > 1:
+        if groups != (1, 1):
             try:
                 with torch.cuda.device_of(q):
-                    times = _timing.best_times({"heads": lambda: run_forward(1),
-                                                "grouped": lambda: run_forward(groups[0])}, 3)
+                    times = _timing.best_times({"heads": lambda: run((1, 1)), "grouped": lambda: run(groups)}, 3)
             except torch.OutOfMemoryError:  # (memory was short this once: time again next time)
                 return 1, 1
             entry.update(heads_ms=times["heads"], grouped_ms=times["grouped"])
@@ -359,16 +364,17 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
                                                                                       "cu_seqlens_k")
     lq, lk = mq or q.shape[2], mk or k.shape[2]
 
-    def run(head_group: int):
+    def run(head_groups: tuple[int, int]):
         return _fwd.flash_attention_forward(q, k, v, scale=scale, before=before, after=after,
                                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=mq,
                                             max_seqlen_k=mk, precision=precision, autotune=_AUTOTUNE,
                                             softcap=softcap, config=_config("fwd", max(lq, lk)),
-                                            head_group=head_group)
+                                            head_group=head_groups[0])
 
     n_seq = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
-    key = _shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None)
-    return run(_program_order(q, k, key, n_seq, lq, lk, run)[0])
+    key = ("forward", *_shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None),
+           precision, softcap > 0)
+    return run(_program_order(q, k, key, n_seq, lq, lk, run))
 
 
 @_flash_fwd.register_fake
@@ -398,7 +404,7 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
     longest = max(mq or q.shape[2], mk or k.shape[2])
     n_seq = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
 
-    def run(partials: int):
+    def run(partials: int, head_groups: tuple[int, int] = (1, 1)):
         dkdv = "dkdv_partials" if partials else "dkdv" if deterministic else "dkdv_atomic"
         return _bwd.flash_attention_backward(do, q, k, v, out, lse, scale=scale, before=before, after=after,
                                              dlse=dlse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -407,15 +413,16 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
                                              autotune=_AUTOTUNE, deterministic=deterministic, softcap=softcap,
                                              dq_partials=partials, head_groups=head_groups)
 
-    # (the order the shape's forward chose; the backward does not time it again)
     lq, lk = mq or q.shape[2], mk or k.shape[2]
-    key = _shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None)
-    head_groups = _program_order(q, k, key, n_seq, lq, lk)
-    partials = _dq_partials(q, k, n_seq, mk or k.shape[2], deterministic, softcap)
+    partials = _dq_partials(q, k, n_seq, lk, deterministic, softcap)
     if partials and _deterministic_backward["algorithm"] == "auto":
         partials = _auto_partials(q, partials, _shape_key(q, k, partials, lq, lk, before, after,
                                                           cu_seqlens_q is not None), run)
-    return run(partials)
+    if partials:  # (its dK/dV kernel strides over the key blocks, and there is no dQ kernel: no order)
+        return run(partials)
+    key = ("backward", *_shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None),
+           precision, softcap > 0, deterministic)
+    return run(0, _program_order(q, k, key, n_seq, lq, lk, lambda head_groups: run(0, head_groups)))
 
 
 @_flash_bwd.register_fake
