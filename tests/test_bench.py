@@ -458,6 +458,30 @@ def test_attention_rows_say_what_order_the_shape_chose(monkeypatch, order):
         "untimed": ["M1", "dkdv M2; dq M3"]}[order]
 
 
+def test_training_json_lists_the_timed_choices(monkeypatch):
+    """Each timed choice's shapes come out as named fields, from the keys the ops really make."""
+    from fastllama.ops import attention as attention_ops
+    from fastllama.ops import cross_entropy as ce_ops
+
+    q, k = torch.empty(2, 8, 300, 64, dtype=torch.bfloat16), torch.empty(2, 2, 300, 64, dtype=torch.bfloat16)
+    shape = attention_ops._shape_key(q, k, 16, 300, 300, 600, 0, False)
+    monkeypatch.setattr(ce_ops, "_weight_grad_gemm_choices", {(0, torch.bfloat16, 1000, 64, 4096): {"gemm": "triton"}})
+    monkeypatch.setattr(attention_ops, "_backward_choices", {shape: {"algorithm": "partials"}})
+    monkeypatch.setattr(attention_ops, "_program_orders", {("forward", *shape, "ieee", False): {"order": "grouped"},
+                                                           ("backward", *shape, "ieee", False, True): {"order": "heads"}})
+    choices = json.loads(json.dumps(train.timed_choices()))
+    common = {"device": None, "dtype": "bfloat16", "head_dim": 64, "group": 4, "q_bucket": 512,
+              "k_bucket": shape[6], "varlen": False}
+    assert choices == {
+        "cross_entropy_weight_grad_gemm": [{"device": 0, "dtype": "bfloat16", "vocab": 1000, "hidden": 64,
+                                            "chunk_rows_bucket": 4096, "gemm": "triton"}],
+        "attention_backward": [dict(common, partials_bucket=16, algorithm="partials")],
+        "attention_program_order": [
+            dict(common, direction="forward", rows_bucket=16, precision="ieee", softcap=False, order="grouped"),
+            dict(common, direction="backward", rows_bucket=16, precision="ieee", softcap=False, deterministic=True,
+                 order="heads")]}
+
+
 def test_training_recompute_configuration_runs_under_the_recompute_backward(monkeypatch):
     """hf+fastllama-recompute: a patched model whose steps run with the recompute backward
     chosen, and the default restored after (hf+fastllama, before it, runs "auto")."""

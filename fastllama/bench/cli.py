@@ -145,25 +145,11 @@ def _train(args, preset: str | None = None) -> int:
     columns = train.train_columns(settings.preset.baseline)
 
     def save(rows):
-        from ..ops.attention import deterministic_backward_choices, program_order_choices
-        from ..ops.cross_entropy import weight_grad_gemm_choices
-
         interrupted = any(r.get("status") == train.INTERRUPTED for r in rows)
-        # (the chunked loss's weight-gradient GEMM, timed in the run: which form won, per shape)
-        gemms = [dict(device=dev, dtype=str(dtype).removeprefix("torch."), vocab=v, hidden=h, chunk_rows=rows, **entry)
-                 for (dev, dtype, v, h, rows), entry in weight_grad_gemm_choices().items()]
-        # (and the attention backward's "auto": recompute or partials, per shape)
-        backwards = [dict(device=dev, dtype=str(dtype).removeprefix("torch."), head_dim=d, group=group, q_bucket=qb,
-                          k_bucket=kb, varlen=varlen, **entry)
-                     for (dev, dtype, d, group, _, qb, kb, varlen), entry in deterministic_backward_choices().items()]
-        # (and its program order: each head in turn or heads in groups, per shape)
-        orders = [dict(device=dev, dtype=str(dtype).removeprefix("torch."), head_dim=d, group=group, rows=rows,
-                       q_bucket=qb, k_bucket=kb, varlen=varlen, **entry)
-                  for (dev, dtype, d, group, rows, qb, kb, varlen), entry in program_order_choices().items()]
+        # (with what the run's timed choices decided: which GEMM, backward, order won per shape)
         return common.write_results(name, rows, columns, plot=train.TRAIN_PLOTS,
                                     extra=dict(train.train_extra(settings), interrupted=interrupted,
-                                               cross_entropy_weight_grad_gemm=gemms,
-                                               attention_backward=backwards, attention_program_order=orders))
+                                               **train.timed_choices()))
 
     profiles: list[dict] = []
 

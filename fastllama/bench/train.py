@@ -445,6 +445,39 @@ def run_train(settings: TrainSettings, progress: bool = True, log=print, on_rows
     return rows
 
 
+# The fields of the attention choices' shape keys (fastllama.ops.attention._shape_key); "count" is
+# what else the choice depends on, to a power of two.
+_SHAPE_FIELDS = ("device", "dtype", "head_dim", "group", "{count}", "q_bucket", "k_bucket", "varlen")
+
+
+def _shape_fields(key: tuple, names: tuple) -> dict:
+    fields = dict(zip(names, key))
+    fields["dtype"] = str(fields["dtype"]).removeprefix("torch.")
+    return fields
+
+
+def timed_choices() -> dict[str, list[dict]]:
+    """What the run's timed choices decided, one dict per shape, for the results JSON: the chunked
+    loss's weight-gradient GEMM (``cross_entropy_weight_grad_gemm``), the deterministic attention
+    backward's algorithm (``attention_backward``, "auto") and the attention programs' order
+    (``attention_program_order``). Empty off a GPU, where nothing is timed."""
+    from ..ops.attention import deterministic_backward_choices, program_order_choices
+    from ..ops.cross_entropy import weight_grad_gemm_choices
+
+    shape = lambda count: tuple(f.format(count=count) for f in _SHAPE_FIELDS)
+    return {
+        "cross_entropy_weight_grad_gemm": [
+            dict(_shape_fields(key, ("device", "dtype", "vocab", "hidden", "chunk_rows_bucket")), **entry)
+            for key, entry in weight_grad_gemm_choices().items()],
+        "attention_backward": [dict(_shape_fields(key, shape("partials_bucket")), **entry)
+                               for key, entry in deterministic_backward_choices().items()],
+        "attention_program_order": [
+            dict(_shape_fields(key, ("direction", *shape("rows_bucket"), "precision", "softcap", "deterministic")),
+                 **entry)
+            for key, entry in program_order_choices().items()],
+    }
+
+
 def train_extra(settings: TrainSettings) -> dict:
     """What goes into the JSON next to the rows: the settings and the preset."""
     return {
