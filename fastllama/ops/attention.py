@@ -236,9 +236,8 @@ def program_order_choices() -> dict[tuple, dict]:
     head dim, query heads per KV head, sequences x query heads rounded up to a power of two,
     query length bucket, key length bucket with the mask kind, varlen, fp32 dot precision,
     soft-capped, and for the backward deterministic): ``{"order": "heads" | "grouped",
-    "head_groups": (the forward's or dQ's,
-    dK/dV's), "heads_ms", "grouped_ms"}`` (a copy; no times where the grouped order would be the
-    plain one)."""
+    "head_groups": (the forward's or dQ's, dK/dV's), "heads_ms", "grouped_ms"}`` (a copy; no
+    times where the grouped order would be the plain one)."""
     return {key: dict(entry) for key, entry in _program_orders.items()}
 
 
