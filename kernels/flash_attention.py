@@ -374,8 +374,9 @@ _DKDV = {
 #   ieee     forward (16,32,4,1) 204/168 (d64: 16 B spill on sm_90 once the kernels took a soft-cap
 #            argument: (16,16,4,1)), d256 (16,16,4,1) 128/110 ((32,16,4,1) 56 B varlen on sm_80);
 #            dQ (32,32,4,1) 121/104 at d64, (16,32,4,1) 128/128 at d80-128 and 255/254 at d256
-#            ((16,16,4,1) spills 8 B there); dK/dV d64 (16,32,4,1) 203/120, d80-128 (16,16,4,1)
-#            168/128 ((16,32,4,1) 8-16 B on sm_90), d256 (16,32,8,1) 238/184.
+#            ((16,16,4,1) spills 8 B there); dK/dV d64 (16,32,4,1) 203/120, d80-128 (16,16,8,1)
+#            64/65 ((16,16,4,1), 168/128 before, spilled 8 B varlen on sm_80 once the kernels took
+#            the program order's head_group; (16,32,4,1) 8-16 B on sm_90), d256 (16,32,8,1) 238/184.
 #   tf32     forward (64,32,4,2) 254/252, d256 (64,32,8,2) 254/243; dQ (64,32,4,2) 254/255 (d80-128:
 #            24 B varlen on sm_90 with the soft-cap argument: (32,32,4,2), sm_86's tile before),
 #            d256 (16,32,8,2) 118/102; dK/dV d64 (32,64,8,2) 248/184, d80-128 (32,32,8,2) 128/128,
@@ -408,7 +409,7 @@ _DKDV_UNALIGNED = {
     (128, "16-bit"): [(32, 32, 8, 2)],
     (256, "16-bit"): [(32, 32, 8, 2)],
     (64, "ieee"): [(16, 32, 4, 1)],
-    (128, "ieee"): [(16, 16, 4, 1)],
+    (128, "ieee"): [(16, 16, 8, 1)],
     (256, "ieee"): [(16, 32, 8, 1)],
     (64, "tf32"): [(32, 64, 8, 2)],
     (128, "tf32"): [(32, 32, 8, 2)],
@@ -786,7 +787,9 @@ def untuned_config(which: str, q: torch.Tensor, aligned: bool, precision: str) -
 # What spilled with the cap (bytes of stack, dense/varlen) and took the tile below instead:
 #   forward  16-bit d64 (128,64,8,3) 8-16 B on sm_100.
 #   dQ       16-bit d64 (128,64,8,2) 8-24 B on sm_80/86 (128 keys x 64 rows of tanh held);
-#            d80-128 (64,64,4,2) 24 B on sm_120; unaligned tf32 d64 (64,32,4,2) 8 B on sm_120.
+#            d80-128 (64,64,4,2) 24 B on sm_120, and 8 B varlen on sm_100 once the kernels took
+#            the program order's head_group ((64,32,8,2): 73 registers there); unaligned tf32 d64
+#            (64,32,4,2) 8 B on sm_120.
 #   dK/dV    16-bit d64 (32,64,8,2) 8-16 B on sm_120; d80-128 (32,64,8,2) 16 B on sm_100; ieee
 #            d80/96 (16,32,4,1) 208-416 B on sm_90/100. (tf32 d80-128 on sm_90 ran (32,32,8,2) here
 #            until it spilled 8 B varlen once the kernel's body became a helper: it runs its row's
@@ -798,6 +801,7 @@ _SOFTCAP_TILES: dict[tuple, tuple] = {
     ("fwd", True, 64, "16-bit", 100): (64, 64, 4, 3),
     ("dq", True, 64, "16-bit"): (128, 32, 8, 2),
     ("dq", True, 128, "16-bit", 120): (64, 32, 8, 2),
+    ("dq", True, 128, "16-bit", 100): (64, 32, 8, 2),
     ("dq", False, 64, "tf32"): (32, 32, 4, 2),
     ("dkdv", True, 64, "16-bit", 120): (32, 32, 8, 2),
     ("dkdv", False, 64, "16-bit", 100): (32, 32, 8, 2),
