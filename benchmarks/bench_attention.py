@@ -5,8 +5,8 @@ Sweep (issue 4): bf16, head dim 64 and 128, sequence 512 to 16k with batch * seq
 
 - ``fastllama``: ``ops.flash_attention`` (autotuned on first call; the tuning is not timed; the
   note names the tiles the autotuner chose, and on a GPU what the default deterministic backward,
-  ``"auto"``, measured when it chose between recomputing dQ and the partials below, and on the
-  forward row the program order the shape's first forward chose, with both times);
+  ``"auto"``, measured when it chose between recomputing dQ and the partials below; on each
+  fastllama row, the program order that direction's first launch chose, with both times);
 - ``fastllama-atomic``: the same with ``deterministic=False`` (dQ added with atomics in the dK/dV
   kernel, as sdpa-flash and flash-attn do; the forward is the same kernel as ``fastllama``'s);
 - ``fastllama-partials``: ``ops.flash_attention`` under

@@ -1,12 +1,11 @@
 """The order flash attention's programs start in: each (sequence, head) in turn, or heads in groups
 (``kernels.flash_attention.ordered_program``), and the choice between them, timed on the first
-forward of each shape (``ops.attention.program_order_choices``).
+forward and, separately, the first backward of each shape (``ops.attention.program_order_choices``).
 
 The order never changes a result: every tile is computed once, by the same program body,
 whichever order; here the grid visits each (tile, row) exactly once in the order described,
 forward and backward give the same bits in every order, the group size follows the GPU's SMs and
-L2, and the choice (the GPU's timing stood in for) is made once per shape by the forward and
-followed by the backward.
+L2, and the choice (the GPU's timing stood in for) is made once per shape and direction.
 """
 import itertools
 

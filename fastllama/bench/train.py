@@ -21,7 +21,8 @@ configuration trains the same preset at the same (sequence length, batch):
   backward that recomputes dQ in a kernel of its own
   (``fastllama.ops.set_deterministic_backward("recompute")``, for this configuration's steps
   only), not the default ``"auto"``, which times it against the partials at each new shape and
-  keeps the faster (the results JSON's ``attention_backward`` lists what it measured);
+  keeps the partials only if at least 5% faster (the results JSON's ``attention_backward`` lists
+  what it measured);
 * ``reference+fastllama``: fastllama's reference ``Llama`` after ``fastllama.patch(model)``
   (Llama presets only).
 

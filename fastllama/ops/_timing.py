@@ -1,8 +1,9 @@
 """Choosing between two implementations of one step by timing them on the GPU, once per shape.
 
-Two ops make such a choice the first time they meet a shape: the chunked cross-entropy's weight
-gradient (Triton's GEMM or cuBLAS's) and the deterministic attention backward (dQ recomputed or
-summed from partials). Both follow the same rules, kept here:
+Three choices are made so, the first time an op meets a shape: the chunked cross-entropy's weight
+gradient (Triton's GEMM or cuBLAS's), the deterministic attention backward (dQ recomputed or
+summed from partials), and the order the attention kernels' programs start in (forward; dQ with
+dK/dV). All follow the same rules, kept here:
 
 - each candidate runs once untimed first (a first launch compiles and autotunes);
 - then the candidates are timed in turn, round after round, and each keeps its best time: a

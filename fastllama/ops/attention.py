@@ -680,8 +680,9 @@ def flash_attention(q, k, v, causal: bool = True, scale: float | None = None,
         deterministic: True (default): the backward gives bit-identical gradients run to run,
             without atomics: dQ recomputed in a kernel of its own, or formed in fp32 partials
             summed in order; by default, on a GPU, the first backward of each shape times both
-            and keeps the faster for the process (so two processes agree in dQ's last bits when
-            they choose alike; ``set_deterministic_backward`` fixes one).
+            and keeps the partials for the process only if at least 5% faster (so two processes
+            agree in dQ's last bits when they choose alike; ``set_deterministic_backward`` fixes
+            one).
             False, for fp16/bf16: dQ is added with
             atomics inside the dK/dV kernel, as flash-attn 2 and SDPA's flash backend do: two
             fewer matmuls per block pair (5 instead of 7), and dQ's last bits vary from run to

@@ -44,8 +44,8 @@ import triton
 from .. import reference
 from .._interpreter import interpreter_active
 from ..kernels import cross_entropy as _k
-from . import _timing
 from ..optable import INT_HINTS, KernelBuild, OpCase, OpSpec, by_arch, device_arch
+from . import _timing
 from ._checks import check_same, check_tensor, num_sms
 
 __all__ = ["linear_cross_entropy", "MIN_CHUNK_ROWS", "weight_grad_gemm_choices"]
