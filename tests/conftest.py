@@ -130,18 +130,22 @@ def _install_overflow_check() -> None:
     check, would wrap the value and silently compute something else (an address in another
     tensor, a mask bound of the wrong sign).
     """
+    from triton.language.semantic import TritonSemantic
     from triton.runtime import interpreter
 
-    semantic = getattr(interpreter, "interpreter_semantic", None)
-    impl = getattr(type(semantic), "binary_op_sanitize_overflow_impl", None)
-    if impl is None or getattr(semantic.binary_op_sanitize_overflow_impl, "_fastllama_checked", False):
+    original = getattr(TritonSemantic, "binary_op_sanitize_overflow_impl", None)
+    builder_cls = getattr(interpreter, "InterpreterBuilder", None)
+    if original is None or builder_cls is None or getattr(original, "_fastllama_checked", False):
         return
     exact = {"add": np.add, "sub": np.subtract, "mul": np.multiply}
 
-    def check(lhs, rhs, binary_op):
+    def check(self, lhs, rhs, binary_op):
+        # (one method for every builder: Triton 3.6 makes a TritonSemantic per call; compiling
+        # for a GPU keeps the original, which the GPU backends' options switch off)
         scalar = lhs.type.scalar
-        if scalar.int_bitwidth >= 64 or binary_op.__name__ not in exact:
-            return impl(semantic, lhs, rhs, binary_op)
+        if (not isinstance(self.builder, builder_cls) or not self.builder.options.sanitize_overflow
+                or scalar.int_bitwidth >= 64 or binary_op.__name__ not in exact):
+            return original(self, lhs, rhs, binary_op)
         result = exact[binary_op.__name__](np.asarray(lhs.handle.data, dtype=np.int64),
                                            np.asarray(rhs.handle.data, dtype=np.int64))
         low, high = scalar.get_int_min_value(), scalar.get_int_max_value()
@@ -151,7 +155,7 @@ def _install_overflow_check() -> None:
                                 f"the exact result {int(bad)} is outside [{low}, {high}] (the GPU would wrap it)")
 
     check._fastllama_checked = True
-    semantic.binary_op_sanitize_overflow_impl = check
+    TritonSemantic.binary_op_sanitize_overflow_impl = check
 
 
 if INTERPRETER:

@@ -31,6 +31,27 @@ def test_tl_dot_matches_torch(dtype):
     assert (_dot(a, b).double() - expected).abs().max() < 1e-3 * expected.abs().max()
 
 
+@triton.jit
+def _scaled_index_kernel(out_ptr, index, scale, shift):
+    tl.store(out_ptr, index * scale + shift)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the check is the interpreter's (tests/conftest.py)")
+def test_an_int32_overflow_in_a_kernel_raises_under_the_interpreter():
+    """tests/conftest.py's overflow check: int32 arithmetic that a GPU would wrap raises, at the
+    operation that overflows, and values at the bounds pass."""
+    out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    _scaled_index_kernel[(1,)](out, 2**16, 2**15 - 1, 2**16 - 1)  # (2**31 - 1, the largest int32)
+    assert out.item() == 2**31 - 1
+    _scaled_index_kernel[(1,)](out, -(2**15), 2**16, 0)  # (-2**31, the smallest)
+    assert out.item() == -(2**31)
+    # (the interpreter re-raises what a kernel raises as its InterpreterError, naming it)
+    with pytest.raises(Exception, match=r"OverflowError.*int32 overflow in a kernel's mul: the exact result 2147483648 "):
+        _scaled_index_kernel[(1,)](out, 2**15, 2**16, 0)
+    with pytest.raises(Exception, match=r"OverflowError.*int32 overflow in a kernel's add: the exact result -2147483649 "):
+        _scaled_index_kernel[(1,)](out, -(2**15), 2**16, -1)
+
+
 @pytest.mark.skipif(not INTERPRETER, reason="the shim only exists under the interpreter")
 def test_bf16_dot_shim_is_needed():
     """Without the shim, the interpreter's bf16 dot multiplies raw bits and is badly wrong."""
