@@ -5,7 +5,8 @@ forward and, separately, the first backward of each shape (``ops.attention.progr
 The order never changes a result: every tile is computed once, by the same program body,
 whichever order; here the grid visits each (tile, row) exactly once in the order described,
 forward and backward give the same bits in every order, the group size follows the GPU's SMs and
-L2, and the choice (the GPU's timing stood in for) is made once per shape and direction.
+L2, and the choice (the GPU's timing stood in for) is made once per shape and direction, the
+backward's before "auto" compares the recompute with the dQ partials.
 """
 import itertools
 
@@ -199,3 +200,40 @@ def test_no_choice_off_the_gpu_in_a_capture_or_for_a_plain_group(monkeypatch, or
     ops.flash_attention(q, k, v).sum().backward()
     assert forward[-1] == 1 and backward[-1] == (1, 1)
     assert [(e["order"], e["heads_ms"]) for e in A.program_order_choices().values()] == [("heads", None)] * 2
+
+
+def test_auto_compares_the_partials_with_the_recompute_in_its_own_order(monkeypatch, order):
+    """Under "auto" the first backward of a shape chooses the recompute's order first (at the
+    recompute's untimed first run), then times the partials against the recompute in that order.
+    Here the grouped recompute (1.0 ms) beats the partials (1.5 ms), which beat the plain-order
+    recompute (2.0 ms, under 0.95 x 1.5): the recompute is kept, grouped."""
+    forward, backward, set_times = order
+    partials = []
+    real_bwd = kbwd.flash_attention_backward  # (the order fixture's recorder)
+
+    def bwd(*a, **kw):
+        partials.append(kw["dq_partials"])
+        return real_bwd(*a, **kw)
+
+    def time_ms(fn):
+        fn()
+        return 1.5 if partials[-1] else 1.0 if max(backward[-1]) > 1 else 2.0
+
+    monkeypatch.setattr(kbwd, "flash_attention_backward", bwd)
+    monkeypatch.setattr(A, "_dq_partials", lambda *args: 2)
+    monkeypatch.setattr(A, "_partials_fit", lambda q, partials: True)
+    set_times([1.0] * 3, [2.0] * 3)  # (the forward's order, chosen first: plain)
+    q, k, v = _qkv()
+    out = ops.flash_attention(q, k, v)
+    monkeypatch.setattr(timing, "time_ms", time_ms)
+    out.sum().backward()
+    # partials alone; the recompute's first run: its order's untimed runs, three rounds, then
+    # itself grouped; the partials' untimed run; three rounds of both; the backward itself
+    assert list(zip(partials, backward)) == ([(2, (1, 1)), (0, (1, 1)), (0, (4, 2))] + [(0, (1, 1)), (0, (4, 2))] * 3
+                                            + [(0, (4, 2)), (2, (1, 1))] + [(0, (4, 2)), (2, (1, 1))] * 3
+                                            + [(0, (4, 2))])
+    (choice,) = A.deterministic_backward_choices().values()
+    assert choice == {"algorithm": "recompute", "partials": 2, "recompute_ms": 1.0, "partials_ms": 1.5, "why": ""}
+    (order_choice,) = [e for key, e in A.program_order_choices().items() if key[0] == "backward"]
+    assert order_choice == {"order": "grouped", "head_groups": (4, 2), "heads_ms": 2.0, "grouped_ms": 1.0}
+

@@ -126,7 +126,8 @@ def _dq_partials(q: torch.Tensor, k: torch.Tensor, n_seq: int, max_keys: int, de
 # copies of dQ, and run fewer, longer programs: which wins depends on the shape and the GPU. So,
 # as the autotuner picks a tile, the first backward of a shape times both (best of three each,
 # alternately) and the process keeps the partials only if they take less than this fraction of
-# the recompute's time (a near tie keeps the same algorithm from run to run).
+# the recompute's time (a near tie keeps the same algorithm from run to run). The recompute is
+# timed in its own program order (see below), chosen at its first, untimed, run.
 #
 # Whatever the first backward of a shape decides is kept for the process, so every later
 # backward of the shape runs the same algorithm (the same bits). That includes the reasons not to
@@ -413,15 +414,22 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
                                              dq_partials=partials, head_groups=head_groups)
 
     lq, lk = mq or q.shape[2], mk or k.shape[2]
+    order_key = ("backward", *_shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None),
+                 precision, softcap > 0, deterministic)
+
+    def recompute():  # (in its program order, chosen at its first run of the shape)
+        return run(0, _program_order(q, k, order_key, n_seq, lq, lk, lambda head_groups: run(0, head_groups)))
+
     partials = _dq_partials(q, k, n_seq, lk, deterministic, softcap)
     if partials and _deterministic_backward["algorithm"] == "auto":
+        # The recompute is compared in its own best order: its untimed first run (best_times')
+        # chooses that order before its timed runs.
         partials = _auto_partials(q, partials, _shape_key(q, k, partials, lq, lk, before, after,
-                                                          cu_seqlens_q is not None), run)
+                                                          cu_seqlens_q is not None),
+                                  lambda p: run(p) if p else recompute())
     if partials:  # (its dK/dV kernel strides over the key blocks, and there is no dQ kernel: no order)
         return run(partials)
-    key = ("backward", *_shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None),
-           precision, softcap > 0, deterministic)
-    return run(0, _program_order(q, k, key, n_seq, lq, lk, lambda head_groups: run(0, head_groups)))
+    return recompute()
 
 
 @_flash_bwd.register_fake
