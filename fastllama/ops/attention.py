@@ -417,7 +417,7 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
     order_key = ("backward", *_shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None),
                  precision, softcap > 0, deterministic)
 
-    def recompute():  # (in its program order, chosen at its first run of the shape)
+    def ordered():  # (the recompute, or the atomic dQ: in its program order, chosen at its first run)
         return run(0, _program_order(q, k, order_key, n_seq, lq, lk, lambda head_groups: run(0, head_groups)))
 
     partials = _dq_partials(q, k, n_seq, lk, deterministic, softcap)
@@ -426,10 +426,10 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
         # chooses that order before its timed runs.
         partials = _auto_partials(q, partials, _shape_key(q, k, partials, lq, lk, before, after,
                                                           cu_seqlens_q is not None),
-                                  lambda p: run(p) if p else recompute())
+                                  lambda p: run(p) if p else ordered())
     if partials:  # (its dK/dV kernel strides over the key blocks, and there is no dQ kernel: no order)
         return run(partials)
-    return recompute()
+    return ordered()
 
 
 @_flash_bwd.register_fake
