@@ -414,11 +414,11 @@ def _flash_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, 
                                              dq_partials=partials, head_groups=head_groups)
 
     lq, lk = mq or q.shape[2], mk or k.shape[2]
-    order_key = ("backward", *_shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None),
-                 precision, softcap > 0, deterministic)
 
     def ordered():  # (the recompute, or the atomic dQ: in its program order, chosen at its first run)
-        return run(0, _program_order(q, k, order_key, n_seq, lq, lk, lambda head_groups: run(0, head_groups)))
+        key = ("backward", *_shape_key(q, k, n_seq * q.shape[1], lq, lk, before, after, cu_seqlens_q is not None),
+               precision, softcap > 0, deterministic)
+        return run(0, _program_order(q, k, key, n_seq, lq, lk, lambda head_groups: run(0, head_groups)))
 
     partials = _dq_partials(q, k, n_seq, lk, deterministic, softcap)
     if partials and _deterministic_backward["algorithm"] == "auto":
